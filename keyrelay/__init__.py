@@ -1,0 +1,1 @@
+"""keyrelay command line: the local stack, the components, and the admin API from the shell."""

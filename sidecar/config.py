@@ -1,0 +1,166 @@
+"""Settings machinery: a frozen dataclass read once from CLI flag, then KEYRELAY_* variable, then default.
+
+Every component declares its settings as a dataclass whose fields are made with
+:func:`option`. The same declaration produces the argparse options, the
+environment variable names and the documentation, so the Kubernetes manifests
+and the README can be checked against it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
+
+from .errors import SettingsError
+
+__all__ = [
+    "ENV_PREFIX",
+    "Option",
+    "add_options",
+    "load",
+    "option",
+    "options_of",
+    "parse_bool",
+    "parse_duration",
+]
+
+ENV_PREFIX = "KEYRELAY_"
+_META = "keyrelay.option"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Option:
+    """One setting: its field, flag, environment variable, parser and help."""
+
+    name: str
+    flag: str
+    env: str
+    help: str
+    default: Any
+    parse: Callable[[str], Any]
+    choices: tuple[str, ...] | None
+    secret: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Spec:
+    help: str
+    parse: Callable[[str], Any]
+    choices: tuple[str, ...] | None
+    secret: bool
+
+
+def parse_duration(text: str) -> float:
+    """Parse `90d`, `24h`, `15m`, `30s`, `250ms` or plain seconds into seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 15m, 24h, 90d or seconds)")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_bool(text: str) -> bool:
+    """Parse the usual spellings of a boolean from an environment variable."""
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use true or false)")
+
+
+def option(
+    default: Any,
+    *,
+    help: str,
+    parse: Callable[[str], Any] = str,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+) -> Any:
+    """Declare a settings field; `parse` turns the flag's or variable's text into the value."""
+    spec = _Spec(help=help, parse=parse, choices=choices, secret=secret)
+    return dataclasses.field(default=default, metadata={_META: spec})
+
+
+def options_of(cls: type[Any]) -> Iterator[Option]:
+    """Yield every option a settings class declares, in declaration order."""
+    for field in dataclasses.fields(cls):
+        spec = field.metadata.get(_META)
+        if spec is None:
+            continue
+        yield Option(
+            name=field.name,
+            flag="--" + field.name.replace("_", "-"),
+            env=ENV_PREFIX + field.name.upper(),
+            help=spec.help,
+            default=field.default,
+            parse=spec.parse,
+            choices=spec.choices,
+            secret=spec.secret,
+        )
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """Add one argparse option per setting; values stay text until :func:`load` parses them."""
+    group = parser.add_argument_group(f"settings (each also read from its {ENV_PREFIX}* variable)")
+    for opt in options_of(cls):
+        default = "(hidden)" if opt.secret else _show(opt.default)
+        choices = f" One of: {', '.join(opt.choices)}." if opt.choices else ""
+        group.add_argument(
+            opt.flag,
+            dest=opt.name,
+            default=None,
+            metavar=opt.name.split("_")[-1].upper(),
+            help=f"{opt.help}{choices} [env {opt.env}; default {default}]",
+        )
+
+
+def load(
+    cls: type[T],
+    args: argparse.Namespace | Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> T:
+    """Build the frozen settings: keyword override, then flag, then environment, then default."""
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for opt in options_of(cls):
+        if opt.name in overrides:
+            values[opt.name] = overrides[opt.name]
+            continue
+        raw = given.get(opt.name)
+        if raw is None:
+            raw = env.get(opt.env)
+        if raw is None:
+            continue
+        values[opt.name] = _parse(opt, raw) if isinstance(raw, str) else raw
+    return cls(**values)
+
+
+def _parse(opt: Option, raw: str) -> Any:
+    if opt.choices and raw not in opt.choices:
+        raise SettingsError(flag=opt.flag, env=opt.env, value=raw, reason=f"must be one of {', '.join(opt.choices)}")
+    try:
+        return opt.parse(raw)
+    except ValueError as exc:
+        raise SettingsError(
+            flag=opt.flag, env=opt.env, value="(hidden)" if opt.secret else raw, reason=str(exc)
+        ) from None
+
+
+def _show(value: Any) -> str:
+    if value is None or value == "":
+        return "unset"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "unset"
+    return str(value)

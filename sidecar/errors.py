@@ -1,0 +1,37 @@
+"""The sidecar's exceptions: one root, each carrying the fields an operator needs."""
+
+from __future__ import annotations
+
+__all__ = ["BucketNotFound", "RecordError", "SettingsError", "SidecarError"]
+
+
+class SidecarError(Exception):
+    """Root of every error the sidecar package raises on purpose."""
+
+
+class SettingsError(SidecarError):
+    """A setting's value could not be used; names the flag and variable to fix."""
+
+    def __init__(self, *, flag: str, env: str, value: str, reason: str) -> None:
+        self.flag, self.env, self.value, self.reason = flag, env, value, reason
+        super().__init__(f"{flag} (or {env}) = {value!r}: {reason}")
+
+
+class RecordError(SidecarError):
+    """A key record from the bucket could not be decoded; it is skipped and counted."""
+
+    def __init__(self, reason: str, *, entry: str = "") -> None:
+        self.reason, self.entry = reason, entry
+        where = f" at {entry}" if entry else ""
+        super().__init__(f"undecodable key record{where}: {reason}")
+
+
+class BucketNotFound(SidecarError):
+    """The key bucket's stream does not exist on the NATS server the sidecar talks to."""
+
+    def __init__(self, *, stream: str, server: str) -> None:
+        self.stream, self.server = stream, server
+        super().__init__(
+            f"stream {stream} not found on {server}: start the publisher (it creates the bucket) "
+            f"or, in a region, run `keyrelay region init`"
+        )

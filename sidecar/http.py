@@ -1,0 +1,214 @@
+"""The sidecar's HTTP routes: the gateway subrequest, the JSON verify call, probes, metrics, status."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .metrics import Metrics
+from .settings import SidecarSettings
+from .sync import KeySync
+from .verify import Code, Verifier, parse_scopes
+
+__all__ = ["STATE", "SidecarState", "add_routes"]
+
+_JSON = "application/json"
+_DENY_STATUS = {Code.INSUFFICIENT_SCOPE: 403, Code.WRONG_REGION: 403}
+_MESSAGES = {
+    Code.VALID: "the key is valid",
+    Code.MISSING: "no key: send Authorization: Bearer <key> or X-API-Key",
+    Code.MALFORMED: "the key is malformed or its check characters are wrong",
+    Code.NOT_FOUND: "no such key",
+    Code.REVOKED: "the key was revoked",
+    Code.EXPIRED: "the key has expired",
+    Code.INSUFFICIENT_SCOPE: "the key lacks a required scope",
+    Code.WRONG_REGION: "the key is scoped to another region",
+}
+_BODIES = {code: json.dumps({"code": code.value, "message": msg}).encode() for code, msg in _MESSAGES.items()}
+_NOT_READY = json.dumps({"code": "NOT_READY", "message": "the key replica is not synced or is stale"}).encode()
+
+
+def _challenge(code: Code) -> str:
+    if code is Code.MISSING:
+        return 'Bearer realm="keyrelay"'
+    return f'Bearer realm="keyrelay", error="invalid_token", error_description="{code.value}"'
+
+
+_CHALLENGES = {code: _challenge(code) for code in _MESSAGES}
+
+
+@dataclass(slots=True)
+class SidecarState:
+    """What the handlers share: the verifier, the sync, the counters and the settings."""
+
+    settings: SidecarSettings
+    verifier: Verifier
+    sync: KeySync
+    metrics: Metrics
+
+    def ready(self) -> bool:
+        """Synced, and in contact with the stream within the staleness bound."""
+        return self.sync.synced and self.sync.seconds_since_contact() <= self.settings.max_staleness
+
+    def may_answer(self) -> bool:
+        """Whether /auth answers from the replica now (ready, or stale under the open policy)."""
+        if self.ready():
+            return True
+        return self.sync.synced and self.settings.stale_policy == "open"
+
+
+STATE = web.AppKey("keyrelay_sidecar_state", SidecarState)
+
+
+def _presented_key(headers: Any) -> str | None:
+    auth = headers.get("Authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return str(value.strip())
+    api_key = headers.get("X-API-Key")
+    return str(api_key.strip()) if api_key and api_key.strip() else None
+
+
+async def auth(request: web.Request) -> web.Response:
+    """Gateway subrequest: 200 with identity headers, 401/403 with a reason, 503 when not ready."""
+    state = request.app[STATE]
+    if not state.may_answer():
+        return web.Response(status=503, body=_NOT_READY, content_type=_JSON, headers={"Retry-After": "1"})
+    headers = request.headers
+    key = _presented_key(headers)
+    if key is None:
+        state.metrics.observe("auth", Code.MISSING, 0.0)
+        return _deny(Code.MISSING)
+    started = time.perf_counter()
+    code, n = state.verifier.verify(key, parse_scopes(headers.get("X-Required-Scopes", "")))
+    state.metrics.observe("auth", code, time.perf_counter() - started)
+    if code is not Code.VALID:
+        return _deny(code)
+    key_id, org, team, project, scopes, env = state.verifier.table.identity(n)
+    out = {
+        "X-Key-Id": key_id,
+        "X-Org-Id": org,
+        "X-Team-Id": team,
+        "X-Project-Id": project,
+        "X-Key-Scopes": scopes,
+        "X-Key-Env": env,
+    }
+    if not state.ready():
+        out["X-Keyrelay-Stale"] = "true"
+    return web.Response(status=200, body=_BODIES[Code.VALID], content_type=_JSON, headers=out)
+
+
+def _deny(code: Code) -> web.Response:
+    status = _DENY_STATUS.get(code, 401)
+    headers = {"WWW-Authenticate": _CHALLENGES[code]} if status == 401 else None
+    return web.Response(status=status, body=_BODIES[code], content_type=_JSON, headers=headers)
+
+
+def _bad_request(state: SidecarState, reason: str, message: str) -> web.Response:
+    state.metrics.bad_request(reason)
+    body = json.dumps({"code": "BAD_REQUEST", "message": message}).encode()
+    return web.Response(status=400, body=body, content_type=_JSON)
+
+
+async def verify(request: web.Request) -> web.Response:
+    """JSON verify: `{"key": ..., "scopes": [...]}` → 200 with the verdict, 400 for another body."""
+    state = request.app[STATE]
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        return _bad_request(state, "not_json", "the body must be a JSON object")
+    if not isinstance(body, dict):
+        return _bad_request(state, "not_object", "the body must be a JSON object")
+    unknown = set(body) - {"key", "scopes"}
+    key, scopes = body.get("key"), body.get("scopes", [])
+    if unknown:
+        return _bad_request(state, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))}")
+    if not isinstance(key, str) or not key:
+        return _bad_request(state, "no_key", '"key" must be a non-empty string')
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        return _bad_request(state, "bad_scopes", '"scopes" must be a list of strings')
+    if not state.may_answer():
+        return web.Response(status=503, body=_NOT_READY, content_type=_JSON, headers={"Retry-After": "1"})
+    started = time.perf_counter()
+    code, n = state.verifier.verify(key, frozenset(scopes))
+    state.metrics.observe("verify", code, time.perf_counter() - started)
+    answer: dict[str, Any] = {"valid": code is Code.VALID, "code": code.value}
+    if n >= 0:
+        view = state.verifier.table.view(n)
+        answer.update(
+            key_id=view.key_id,
+            org_id=view.org_id,
+            team_id=view.team_id,
+            project_id=view.project_id,
+            scopes=sorted(view.scopes),
+            expires_at=view.expires_at,
+        )
+    if not state.ready():
+        answer["stale"] = True
+    return web.json_response(answer)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 only when synced and within the staleness bound."""
+    state = request.app[STATE]
+    ready = state.ready()
+    body = {
+        "ready": ready,
+        "synced": state.sync.synced,
+        "seconds_since_contact": round(state.sync.seconds_since_contact(), 3),
+        "max_staleness": state.settings.max_staleness,
+    }
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus scrape."""
+    state = request.app[STATE]
+    text = state.metrics.render(state.sync, ready=state.ready())
+    return web.Response(
+        text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"}
+    )
+
+
+async def status(request: web.Request) -> web.Response:
+    """What an operator wants to know at a glance."""
+    state = request.app[STATE]
+    sync = state.sync
+    return web.json_response(
+        {
+            "region": state.settings.region,
+            "bucket": state.settings.bucket,
+            "keys": len(sync.table),
+            "last_revision": sync.last_revision,
+            "connected": sync.connected,
+            "synced": sync.synced,
+            "ready": state.ready(),
+            "lag": sync.pending,
+            "seconds_since_last_event": round(time.time() - sync.last_event, 3) if sync.last_event else None,
+            "seconds_since_contact": round(sync.seconds_since_contact(), 3),
+            "synced_after_seconds": round(sync.synced_after, 3) if sync.synced_after is not None else None,
+            "stale_policy": state.settings.stale_policy,
+            "decode_errors": sync.stats.decode_errors,
+        }
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    """Register every route of the sidecar contract."""
+    app.router.add_route("*", "/auth", auth)
+    app.router.add_route("*", "/auth/{tail:.*}", auth)
+    app.router.add_post("/v1/keys/verify", verify)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/status", status)

@@ -1,0 +1,111 @@
+"""Verification counters and latency histogram, rendered in the Prometheus text format."""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections.abc import Iterable
+
+from .sync import KeySync
+
+__all__ = ["LATENCY_BUCKETS", "Metrics"]
+
+# Seconds. A verify is a few microseconds; anything past a millisecond is worth seeing.
+LATENCY_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2)
+
+
+class Metrics:
+    """What the sidecar counts on the hot path; cheap to update, rendered on scrape."""
+
+    __slots__ = ("_buckets", "_count", "_sum", "bad_requests", "results")
+
+    def __init__(self) -> None:
+        self.results: dict[tuple[str, str], int] = {}
+        self.bad_requests: dict[str, int] = {}
+        self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._sum = 0.0
+        self._count = 0
+
+    def observe(self, route: str, code: str, seconds: float) -> None:
+        """Count one answered verification and its latency."""
+        key = (route, code)
+        self.results[key] = self.results.get(key, 0) + 1
+        self._buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self._sum += seconds
+        self._count += 1
+
+    def bad_request(self, reason: str) -> None:
+        """Count a request refused before verification (4xx for its shape)."""
+        self.bad_requests[reason] = self.bad_requests.get(reason, 0) + 1
+
+    def render(self, sync: KeySync, *, ready: bool) -> str:
+        """The whole exposition, with the sync's state as gauges."""
+        lines: list[str] = []
+        _family(
+            lines,
+            "keyrelay_verify_total",
+            "counter",
+            "Verifications answered, by route and result code",
+            ((f'route="{r}",code="{c}"', v) for (r, c), v in sorted(self.results.items())),
+        )
+        _family(
+            lines,
+            "keyrelay_bad_requests_total",
+            "counter",
+            "Requests refused for their shape",
+            ((f'reason="{r}"', v) for r, v in sorted(self.bad_requests.items())),
+        )
+        lines += [
+            "# HELP keyrelay_verify_duration_seconds Time to decide one verification (excluding HTTP)",
+            "# TYPE keyrelay_verify_duration_seconds histogram",
+        ]
+        cumulative = 0
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self._buckets, strict=True):
+            cumulative += count
+            le = "+Inf" if bound == float("inf") else repr(bound)
+            lines.append(f'keyrelay_verify_duration_seconds_bucket{{le="{le}"}} {cumulative}')
+        lines.append(f"keyrelay_verify_duration_seconds_sum {self._sum!r}")
+        lines.append(f"keyrelay_verify_duration_seconds_count {self._count}")
+        since_event = time.time() - sync.last_event if sync.last_event else -1.0
+        stats = sync.stats
+        gauges = [
+            ("keyrelay_keys", "gauge", "Keys held in the replica", len(sync.table)),
+            ("keyrelay_table_bytes", "gauge", "Bytes held by the key table's arrays", sync.table.nbytes()),
+            ("keyrelay_last_revision", "gauge", "Last applied stream sequence", sync.last_revision),
+            ("keyrelay_pending", "gauge", "Changes known to be waiting to be applied", sync.pending),
+            (
+                "keyrelay_seconds_since_last_event",
+                "gauge",
+                "Seconds since the last applied change (-1: none)",
+                round(since_event, 3),
+            ),
+            (
+                "keyrelay_seconds_since_contact",
+                "gauge",
+                "Seconds since the stream last proved alive",
+                round(sync.seconds_since_contact(), 3),
+            ),
+            ("keyrelay_connected", "gauge", "1 while connected to NATS", int(sync.connected)),
+            ("keyrelay_ready", "gauge", "1 while synced and within the staleness bound", int(ready)),
+            ("keyrelay_records_applied_total", "counter", "Key records applied", stats.applied),
+            ("keyrelay_records_removed_total", "counter", "Key records removed", stats.removed),
+            ("keyrelay_records_stale_total", "counter", "Records skipped as not newer than held", stats.stale_skipped),
+            ("keyrelay_decode_errors_total", "counter", "Undecodable records skipped", stats.decode_errors),
+            ("keyrelay_sync_errors_total", "counter", "Failed attempts to open the consumer", stats.sync_errors),
+            (
+                "keyrelay_consumer_resets_total",
+                "counter",
+                "Consumers replaced (gap, reconnect, heartbeat)",
+                stats.consumer_resets,
+            ),
+            ("keyrelay_reconnects_total", "counter", "Reconnections to NATS", stats.reconnects),
+        ]
+        for name, kind, help_text, value in gauges:
+            _family(lines, name, kind, help_text, [("", value)])
+        return "\n".join(lines) + "\n"
+
+
+def _family(lines: list[str], name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float | int]]) -> None:
+    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        lines.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")

@@ -1,0 +1,383 @@
+"""Keep a KeyTable equal to the key bucket: initial load, then every change as JetStream pushes it.
+
+The sidecar runs its own ordered consumer on the bucket's stream (nats-py's KV
+watch cannot resume): an ephemeral push consumer with flow control and idle
+heartbeats, started at the last applied stream sequence + 1. A gap in the
+consumer sequence, missed heartbeats, a reconnect or a server restart all lead
+to the same cure: a new consumer from the last applied revision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from .errors import BucketNotFound, RecordError
+from .table import KeyTable
+from .wire import KeyRecord, region_subjects, stream_name
+
+__all__ = ["KeySync", "SyncStats"]
+
+log = logging.getLogger("keyrelay.sidecar.sync")
+
+_NS = 1_000_000_000
+_STREAM_NOT_FOUND = 10059
+_MAX_BACKOFF = 2.0
+_MISSED_HEARTBEATS = 3
+
+
+@dataclass(slots=True)
+class SyncStats:
+    """Counters the sidecar exports as metrics."""
+
+    applied: int = 0
+    stale_skipped: int = 0
+    removed: int = 0
+    decode_errors: int = 0
+    consumer_resets: int = 0
+    reconnects: int = 0
+    sync_errors: int = 0
+
+
+@dataclass(slots=True)
+class _Generation:
+    """One consumer's life: its subscription and the next consumer sequence it must deliver."""
+
+    sub: Subscription | None = None
+    consumer: str = ""
+    expected: int = 1
+    resync_seen: set[str] | None = None
+
+
+@dataclass(slots=True)
+class _Reply:
+    stream_seq: int
+    consumer_seq: int
+    pending: int
+
+
+def _parse_ack_reply(reply: str) -> _Reply:
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>, or the v2 form with
+    # <domain>.<account hash> after $JS.ACK and a random token at the end.
+    tokens = reply.split(".")
+    base = 2 if len(tokens) == 9 else 4
+    return _Reply(int(tokens[base + 3]), int(tokens[base + 4]), int(tokens[base + 6]))
+
+
+@dataclass(slots=True)
+class KeySync:
+    """Mirrors one region's view of the key bucket into a table, and says how fresh it is."""
+
+    table: KeyTable
+    servers: Sequence[str]
+    bucket: str
+    region: str | None = None
+    heartbeat: float = 1.0
+    api_timeout: float = 2.0
+    name: str = "keyrelay-sidecar"
+    on_change: Callable[[], None] | None = None
+
+    stats: SyncStats = field(default_factory=SyncStats)
+    last_revision: int = 0
+    pending: int = 0
+    connected: bool = False
+    synced: bool = False
+    last_contact: float = field(default_factory=time.monotonic)
+    last_event: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    synced_after: float | None = None
+
+    _nc: Client | None = None
+    _gen: _Generation = field(default_factory=_Generation)
+    _reset: asyncio.Event = field(default_factory=asyncio.Event)
+    _synced_event: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _closing: bool = False
+
+    @property
+    def stream(self) -> str:
+        """The stream this sidecar reads."""
+        return stream_name(self.bucket)
+
+    def seconds_since_contact(self) -> float:
+        """Seconds since the stream last proved alive (a change or a heartbeat)."""
+        return time.monotonic() - self.last_contact
+
+    async def start(self) -> None:
+        """Start connecting and syncing in the background; returns at once."""
+        self._tasks = [
+            asyncio.create_task(self._run(), name="keyrelay-sync"),
+            asyncio.create_task(self._watchdog(), name="keyrelay-sync-watchdog"),
+        ]
+
+    async def wait_synced(self, timeout: float | None = None) -> None:
+        """Wait until the initial load has finished."""
+        await asyncio.wait_for(self._synced_event.wait(), timeout)
+
+    async def close(self) -> None:
+        """Stop syncing and close the connection."""
+        self._closing = True
+        self._reset.set()
+        # nats-py swallows CancelledError in places, so a cancelled task may carry on: the loops
+        # also check _closing, and close() never waits on them for long.
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._drop_consumer(self._gen)
+            await self._nc.close()
+
+    # -- connection and consumer lifecycle ---------------------------------------------------
+
+    async def _run(self) -> None:
+        self._nc = await self._connect()
+        self.connected = True
+        backoff = 0.1
+        while not self._closing:
+            self._reset.clear()
+            try:
+                await self._open_consumer(self._nc)
+                backoff = 0.1
+            except Exception as exc:
+                self.stats.sync_errors += 1
+                log.warning("cannot open a consumer on %s: %s (retrying in %.1fs)", self.stream, exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+                continue
+            await self._reset.wait()
+            if not self._closing:
+                self.stats.consumer_resets += 1
+
+    async def _connect(self) -> Client:
+        backoff = 0.1
+        while not self._closing:
+            try:
+                return await nats.connect(
+                    servers=list(self.servers),
+                    name=self.name,
+                    connect_timeout=2,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    ping_interval=5,
+                    max_outstanding_pings=2,
+                    disconnected_cb=self._on_disconnect,
+                    reconnected_cb=self._on_reconnect,
+                    error_cb=self._on_error,
+                )
+            except Exception as exc:
+                log.warning("cannot reach NATS at %s: %s (retrying)", ",".join(self.servers), exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+        raise asyncio.CancelledError
+
+    async def _on_disconnect(self) -> None:
+        self.connected = False
+        if not self._closing:
+            log.warning("disconnected from NATS; serving from the replica")
+
+    async def _on_reconnect(self) -> None:
+        self.connected = True
+        self.stats.reconnects += 1
+        log.info("reconnected to NATS; resuming from revision %d", self.last_revision)
+        self._reset.set()
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS client error: %s", exc)
+
+    async def _watchdog(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(self.heartbeat)
+            if self._gen.sub is not None and self.seconds_since_contact() > _MISSED_HEARTBEATS * self.heartbeat:
+                self._reset.set()
+
+    async def _api(self, nc: Client, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        payload = json.dumps(body).encode() if body is not None else b""
+        reply = await nc.request(f"$JS.API.{subject}", payload, timeout=self.api_timeout)
+        data: dict[str, Any] = json.loads(reply.data)
+        return data
+
+    async def _open_consumer(self, nc: Client) -> None:
+        await self._drop_consumer(self._gen)
+        self.connected = nc.is_connected
+        info = await self._api(nc, f"STREAM.INFO.{self.stream}")
+        if "error" in info:
+            if info["error"].get("err_code") == _STREAM_NOT_FOUND:
+                raise BucketNotFound(
+                    stream=self.stream, server=str(nc.connected_url.netloc if nc.connected_url else "?")
+                )
+            raise RuntimeError(info["error"].get("description", "stream info failed"))
+        last_seq = int(info["state"]["last_seq"])
+        gen = _Generation()
+        if self.last_revision > last_seq:
+            # The stream is younger than our replica: the bucket was recreated. Reload everything,
+            # then forget what the reload did not mention.
+            log.warning(
+                "bucket %s restarted at revision %d (held %d): full resync", self.bucket, last_seq, self.last_revision
+            )
+            self.last_revision = 0
+            gen.resync_seen = set()
+        start = self.last_revision + 1
+        inbox = nc.new_inbox()
+        gen.sub = await nc.subscribe(
+            inbox, cb=functools.partial(self._on_message, gen), pending_msgs_limit=0, pending_bytes_limit=0
+        )
+        self._gen = gen
+        subjects = region_subjects(self.bucket, self.region)
+        config: dict[str, Any] = {
+            "deliver_subject": inbox,
+            "deliver_policy": "by_start_sequence" if start > 1 else "all",
+            "ack_policy": "none",
+            "max_deliver": 1,
+            "flow_control": True,
+            "idle_heartbeat": int(self.heartbeat * _NS),
+            "inactive_threshold": int(max(30.0, 10 * self.heartbeat) * _NS),
+            "mem_storage": True,
+            "num_replicas": 1,
+            "replay_policy": "instant",
+        }
+        if start > 1:
+            config["opt_start_seq"] = start
+        if len(subjects) == 1:
+            config["filter_subject"] = subjects[0]
+        else:
+            config["filter_subjects"] = subjects
+        created = await self._api(nc, f"CONSUMER.CREATE.{self.stream}", {"stream_name": self.stream, "config": config})
+        if "error" in created:
+            await gen.sub.unsubscribe()
+            gen.sub = None
+            raise RuntimeError(created["error"].get("description", "consumer create failed"))
+        gen.consumer = created["name"]
+        self.last_contact = time.monotonic()
+        pending = int(created.get("num_pending", 0))
+        if pending:
+            self.table.reserve(len(self.table) + pending)
+        self.pending = pending
+        log.info("consumer %s on %s from revision %d, %d pending", gen.consumer, self.stream, start, pending)
+        if pending == 0:
+            self._caught_up(gen)
+
+    async def _drop_consumer(self, gen: _Generation) -> None:
+        if gen.sub is None:
+            return
+        sub, gen.sub = gen.sub, None
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        if gen.consumer and self._nc is not None and self._nc.is_connected:
+            with contextlib.suppress(Exception):
+                await self._api(self._nc, f"CONSUMER.DELETE.{self.stream}.{gen.consumer}")
+
+    def _caught_up(self, gen: _Generation) -> None:
+        if gen.resync_seen is not None:
+            seen, gen.resync_seen = gen.resync_seen, None
+            for key_id in self.table.key_ids():
+                if key_id not in seen:
+                    self.table.remove(key_id)
+                    self.stats.removed += 1
+        if not self.synced:
+            self.synced = True
+            self.synced_after = time.monotonic() - self.started
+            self._synced_event.set()
+            log.info(
+                "initial sync done: %d keys at revision %d in %.2fs",
+                len(self.table),
+                self.last_revision,
+                self.synced_after,
+            )
+
+    # -- messages ----------------------------------------------------------------------------
+
+    async def _on_message(self, gen: _Generation, msg: Msg) -> None:
+        if gen is not self._gen or gen.sub is None:
+            return  # a message for a consumer already replaced
+        headers = msg.headers
+        if headers and "Status" in headers:
+            await self._on_status(gen, msg, headers)
+            return
+        reply = _parse_ack_reply(msg.reply)
+        if reply.consumer_seq != gen.expected:
+            log.info(
+                "consumer sequence gap (got %d, expected %d): resuming from revision %d",
+                reply.consumer_seq,
+                gen.expected,
+                self.last_revision,
+            )
+            gen.sub = None
+            self._reset.set()
+            return
+        gen.expected += 1
+        self.last_contact = time.monotonic()
+        self._apply(gen, msg, headers)
+        self.last_revision = reply.stream_seq
+        self.pending = reply.pending
+        if reply.pending == 0 and (not self.synced or gen.resync_seen is not None):
+            self._caught_up(gen)
+
+    async def _on_status(self, gen: _Generation, msg: Msg, headers: dict[str, str]) -> None:
+        assert self._nc is not None
+        status = headers.get("Status")
+        if status == "100":
+            self.last_contact = time.monotonic()
+            if msg.reply:  # flow control request
+                await self._nc.publish(msg.reply)
+                return
+            stalled = headers.get("Nats-Consumer-Stalled")
+            if stalled:
+                await self._nc.publish(stalled)
+            last = headers.get("Nats-Last-Consumer")
+            if last is not None and int(last) != gen.expected - 1:
+                gen.sub = None
+                self._reset.set()
+            return
+        log.info(
+            "consumer status %s %s: resuming from revision %d",
+            status,
+            headers.get("Description", ""),
+            self.last_revision,
+        )
+        gen.sub = None
+        self._reset.set()
+
+    def _apply(self, gen: _Generation, msg: Msg, headers: dict[str, str] | None) -> None:
+        key_id = msg.subject.rsplit(".", 1)[-1]
+        operation = headers.get("KV-Operation") if headers else None
+        if operation in ("DEL", "PURGE"):
+            with contextlib.suppress(ValueError):
+                if self.table.remove(key_id):
+                    self.stats.removed += 1
+            self._changed()
+            return
+        try:
+            record = KeyRecord.decode(msg.data)
+            if record.key_id != key_id:
+                raise RecordError("id does not match the entry name")
+        except RecordError as exc:
+            self.stats.decode_errors += 1
+            log.warning("skipped record at %s: %s", msg.subject, exc.reason)
+            return
+        if gen.resync_seen is not None:
+            gen.resync_seen.add(key_id)
+            self.table.remove(key_id)  # a recreated bucket may carry older versions: take it as it is
+        if self.table.apply(record):
+            self.stats.applied += 1
+            self._changed()
+        else:
+            self.stats.stale_skipped += 1
+
+    def _changed(self) -> None:
+        self.last_event = time.time()
+        if self.on_change is not None:
+            self.on_change()

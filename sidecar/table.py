@@ -1,0 +1,326 @@
+"""The in-memory key table: SHA-256 digest → compact record, about 120 bytes a key.
+
+A dict of per-key objects costs 400+ bytes a key in CPython, so records live
+in flat arrays indexed by a record number, found through two open-addressing
+indexes (by digest for verification, by key id for updates and deletes).
+Repeated strings — orgs, teams, projects, scope sets, regions — are interned.
+"""
+
+from __future__ import annotations
+
+import uuid
+from array import array
+from dataclasses import dataclass
+from typing import Any, Final
+
+import xxhash
+
+from .wire import KeyRecord
+
+__all__ = ["KeyTable", "KeyView"]
+
+_EMPTY: Final = 0
+_TOMBSTONE: Final = -1
+_DIGEST: Final = 32
+_ID: Final = 16
+# Per-record string fields, as indexes into the interner.
+_ORG, _TEAM, _PROJECT, _SCOPES, _ENV, _REGION, _META = range(7)
+_NFIELDS: Final = 7
+_MAX_LOAD: Final = 0.6
+
+
+@dataclass(frozen=True, slots=True)
+class KeyView:
+    """A record as read back from the table (for JSON answers and tests, not the hot path)."""
+
+    key_id: str
+    org_id: str
+    team_id: str
+    project_id: str
+    scopes: frozenset[str]
+    env: str
+    region: str | None
+    expires_at: float | None
+    revoked_at: float | None
+    version: int
+    metadata: dict[str, str]
+
+
+class _Interner:
+    """Maps repeated values to small integers; index 0 is reserved for 'none'."""
+
+    __slots__ = ("_ids", "values")
+
+    def __init__(self) -> None:
+        self.values: list[Any] = [None]
+        self._ids: dict[object, int] = {}
+
+    def intern(self, value: object) -> int:
+        if value is None:
+            return 0
+        found = self._ids.get(value)
+        if found is None:
+            found = self._ids[value] = len(self.values)
+            self.values.append(value)
+        return found
+
+
+def _format_uuid(raw: bytes) -> str:
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class KeyTable:
+    """Every key a sidecar holds, keyed by digest, updated in place by key id."""
+
+    __slots__ = (
+        "_by_hash",
+        "_by_id",
+        "_digests",
+        "_fields",
+        "_free",
+        "_ids",
+        "_live",
+        "_mask",
+        "_strings",
+        "_times",
+        "_used",
+        "_versions",
+    )
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self._digests = bytearray()
+        self._ids = bytearray()
+        self._fields = array("I")
+        self._times = array("d")
+        self._versions = array("q")
+        self._strings = _Interner()
+        self._free: list[int] = []
+        self._live = 0
+        self._used = 0  # live entries plus tombstones in the indexes
+        self._by_hash = array("i")
+        self._by_id = array("i")
+        self._mask = 0
+        self._resize(_capacity_for(capacity))
+
+    def __len__(self) -> int:
+        return self._live
+
+    def reserve(self, count: int) -> None:
+        """Grow the indexes once for `count` keys, so a bulk load does not rehash repeatedly."""
+        wanted = _capacity_for(count)
+        if wanted > self._mask + 1:
+            self._resize(wanted)
+
+    def nbytes(self) -> int:
+        """Bytes held by the flat arrays (the interned strings are shared and not counted)."""
+        return sum(
+            len(buf) * buf.itemsize if isinstance(buf, array) else len(buf)
+            for buf in (self._digests, self._ids, self._fields, self._times, self._versions, self._by_hash, self._by_id)
+        )
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def find(self, digest: bytes) -> int:
+        """The record number holding `digest`, or -1."""
+        mask = self._mask
+        index = self._by_hash
+        digests = self._digests
+        slot = int.from_bytes(digest[:8], "little") & mask
+        while True:
+            entry = index[slot]
+            if entry == _EMPTY:
+                return -1
+            if entry > 0:
+                offset = (entry - 1) * _DIGEST
+                if digests[offset : offset + _DIGEST] == digest:
+                    return entry - 1
+            slot = (slot + 1) & mask
+
+    def find_id(self, key_id: str) -> int:
+        """The record number of `key_id`, or -1."""
+        return self._find_id(uuid.UUID(key_id).bytes)
+
+    def revoked_at(self, n: int) -> float:
+        """Revocation time of record `n` (0.0 when not revoked)."""
+        return self._times[2 * n + 1]
+
+    def expires_at(self, n: int) -> float:
+        """Expiry time of record `n` (0.0 when it never expires)."""
+        return self._times[2 * n]
+
+    def scopes(self, n: int) -> frozenset[str]:
+        """The scope set of record `n`."""
+        scopes: frozenset[str] = self._strings.values[self._fields[n * _NFIELDS + _SCOPES]][0]
+        return scopes
+
+    def identity(self, n: int) -> tuple[str, str, str, str, str, str]:
+        """Key id, org, team, project, space-joined scopes and env of record `n`."""
+        base = n * _NFIELDS
+        fields = self._fields
+        values = self._strings.values
+        offset = n * _ID
+        return (
+            _format_uuid(bytes(self._ids[offset : offset + _ID])),
+            values[fields[base + _ORG]],
+            values[fields[base + _TEAM]],
+            values[fields[base + _PROJECT]],
+            values[fields[base + _SCOPES]][1],
+            values[fields[base + _ENV]],
+        )
+
+    def view(self, n: int) -> KeyView:
+        """Record `n` as a readable object."""
+        base = n * _NFIELDS
+        values = self._strings.values
+        key_id, org, team, project, _, env = self.identity(n)
+        meta = values[self._fields[base + _META]]
+        expires, revoked = self._times[2 * n], self._times[2 * n + 1]
+        return KeyView(
+            key_id=key_id,
+            org_id=org,
+            team_id=team,
+            project_id=project,
+            scopes=self.scopes(n),
+            env=env,
+            region=values[self._fields[base + _REGION]],
+            expires_at=expires or None,
+            revoked_at=revoked or None,
+            version=self._versions[n],
+            metadata=dict(meta) if meta else {},
+        )
+
+    def get(self, key_id: str) -> KeyView | None:
+        """The record of `key_id`, if held."""
+        n = self.find_id(key_id)
+        return None if n < 0 else self.view(n)
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def apply(self, record: KeyRecord) -> bool:
+        """Insert or update from a record; False when the held version is as new or newer."""
+        raw_id = uuid.UUID(record.key_id).bytes
+        n = self._find_id(raw_id)
+        if n >= 0:
+            if self._versions[n] >= record.version:
+                return False
+            offset = n * _DIGEST
+            if self._digests[offset : offset + _DIGEST] != record.key_hash:
+                # A key's hash never changes; treat a new one as replace, so the old hash stops working.
+                self._remove(n, raw_id)
+                n = -1
+        if n < 0:
+            n = self._allocate(raw_id, record.key_hash)
+        self._store(n, record)
+        return True
+
+    def remove(self, key_id: str) -> bool:
+        """Forget a key (its entry was deleted from the bucket); False if it was not held."""
+        raw_id = uuid.UUID(key_id).bytes
+        n = self._find_id(raw_id)
+        if n < 0:
+            return False
+        self._remove(n, raw_id)
+        return True
+
+    def key_ids(self) -> list[str]:
+        """Every held key id (for resynchronisation sweeps and tests)."""
+        return [_format_uuid(bytes(self._ids[(e - 1) * _ID : e * _ID])) for e in self._by_id if e > 0]
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _find_id(self, raw_id: bytes) -> int:
+        mask = self._mask
+        index = self._by_id
+        ids = self._ids
+        slot = xxhash.xxh3_64_intdigest(raw_id) & mask
+        while True:
+            entry = index[slot]
+            if entry == _EMPTY:
+                return -1
+            if entry > 0:
+                offset = (entry - 1) * _ID
+                if ids[offset : offset + _ID] == raw_id:
+                    return entry - 1
+            slot = (slot + 1) & mask
+
+    def _store(self, n: int, record: KeyRecord) -> None:
+        intern = self._strings.intern
+        base = n * _NFIELDS
+        fields = self._fields
+        fields[base + _ORG] = intern(record.org_id)
+        fields[base + _TEAM] = intern(record.team_id)
+        fields[base + _PROJECT] = intern(record.project_id)
+        # Interned with its header form, so /auth never joins scopes per request.
+        fields[base + _SCOPES] = intern((frozenset(record.scopes), " ".join(sorted(set(record.scopes)))))
+        fields[base + _ENV] = intern(record.env)
+        fields[base + _REGION] = intern(record.region)
+        fields[base + _META] = intern(tuple(sorted(record.metadata.items())) if record.metadata else None)
+        self._times[2 * n] = record.expires_at or 0.0
+        self._times[2 * n + 1] = record.revoked_at or 0.0
+        self._versions[n] = record.version
+
+    def _allocate(self, raw_id: bytes, digest: bytes) -> int:
+        if (self._used + 1) > _MAX_LOAD * (self._mask + 1):
+            self._resize(_capacity_for(self._live + 1))
+        if self._free:
+            n = self._free.pop()
+            self._ids[n * _ID : (n + 1) * _ID] = raw_id
+            self._digests[n * _DIGEST : (n + 1) * _DIGEST] = digest
+        else:
+            n = len(self._versions)
+            self._ids += raw_id
+            self._digests += digest
+            self._fields.extend((0,) * _NFIELDS)
+            self._times.extend((0.0, 0.0))
+            self._versions.append(0)
+        self._insert_index(self._by_hash, int.from_bytes(digest[:8], "little"), n)
+        self._insert_index(self._by_id, xxhash.xxh3_64_intdigest(raw_id), n)
+        self._live += 1
+        self._used += 1
+        return n
+
+    def _remove(self, n: int, raw_id: bytes) -> None:
+        offset = n * _DIGEST
+        digest = bytes(self._digests[offset : offset + _DIGEST])
+        self._tombstone(self._by_hash, int.from_bytes(digest[:8], "little"), n)
+        self._tombstone(self._by_id, xxhash.xxh3_64_intdigest(raw_id), n)
+        self._digests[offset : offset + _DIGEST] = bytes(_DIGEST)
+        self._versions[n] = 0
+        self._free.append(n)
+        self._live -= 1
+
+    def _insert_index(self, index: array[int], start: int, n: int) -> None:
+        mask = self._mask
+        slot = start & mask
+        while index[slot] > 0:
+            slot = (slot + 1) & mask
+        index[slot] = n + 1
+
+    def _tombstone(self, index: array[int], start: int, n: int) -> None:
+        mask = self._mask
+        slot = start & mask
+        while index[slot] != n + 1:
+            slot = (slot + 1) & mask
+        index[slot] = _TOMBSTONE
+
+    def _resize(self, capacity: int) -> None:
+        self._mask = capacity - 1
+        self._by_hash = array("i", bytes(4 * capacity))
+        self._by_id = array("i", bytes(4 * capacity))
+        free = set(self._free)
+        for n in range(len(self._versions)):
+            if n in free:
+                continue
+            digest = bytes(self._digests[n * _DIGEST : (n + 1) * _DIGEST])
+            raw_id = bytes(self._ids[n * _ID : (n + 1) * _ID])
+            self._insert_index(self._by_hash, int.from_bytes(digest[:8], "little"), n)
+            self._insert_index(self._by_id, xxhash.xxh3_64_intdigest(raw_id), n)
+        self._used = self._live
+
+
+def _capacity_for(count: int) -> int:
+    capacity = 1024
+    while capacity * _MAX_LOAD < count + 1:
+        capacity *= 2
+    return capacity

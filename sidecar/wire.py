@@ -1,0 +1,251 @@
+"""The wire contract shared by sidecar and publisher: key format, key record, NATS names.
+
+Key format: ``<prefix>_<env>[_<region>]_<secret><check>`` where the secret is
+43 base62 characters (256 bits) and the check is the CRC32 of everything
+before it in 6 base62 characters, so garbage is refused without a lookup.
+Only SHA-256(key) is ever stored or replicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import uuid
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+
+from .errors import RecordError
+
+__all__ = [
+    "DEFAULT_BUCKET",
+    "DEFAULT_PREFIX",
+    "ENVS",
+    "GLOBAL_SCOPE",
+    "SCHEMA_VERSION",
+    "KeyRecord",
+    "ParsedKey",
+    "display_form",
+    "entry_name",
+    "generate_key",
+    "is_region_code",
+    "key_digest",
+    "parse_key",
+    "region_subjects",
+    "stream_name",
+    "subject_prefix",
+]
+
+DEFAULT_PREFIX: Final = "sk"
+DEFAULT_BUCKET: Final = "KEYS"
+GLOBAL_SCOPE: Final = "global"
+ENVS: Final = ("live", "test")
+SCHEMA_VERSION: Final = 1
+
+ALPHABET: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+SECRET_LEN: Final = 43
+CHECK_LEN: Final = 6
+MAX_KEY_LEN: Final = 128
+MAX_METADATA_BYTES: Final = 512
+
+_KEY_RE = re.compile(
+    rf"([a-z][a-z0-9]{{0,11}})_(live|test)(?:_([a-z][a-z0-9-]{{0,15}}))?_([0-9A-Za-z]{{{SECRET_LEN + CHECK_LEN}}})"
+)
+_REGION_RE = re.compile(r"[a-z][a-z0-9-]{0,15}")
+
+
+def _base62(number: int, width: int) -> str:
+    digits = []
+    for _ in range(width):
+        number, rem = divmod(number, 62)
+        digits.append(ALPHABET[rem])
+    return "".join(reversed(digits))
+
+
+def _check(body: str) -> str:
+    return _base62(zlib.crc32(body.encode()), CHECK_LEN)
+
+
+def is_region_code(text: str) -> bool:
+    """True for a lowercase region code such as `eu` or `us-east`; `global` is reserved."""
+    return text != GLOBAL_SCOPE and _REGION_RE.fullmatch(text) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedKey:
+    """The readable parts of a well-formed key (never the secret)."""
+
+    prefix: str
+    env: str
+    region: str | None
+
+
+def generate_key(*, prefix: str = DEFAULT_PREFIX, env: str = "live", region: str | None = None) -> str:
+    """Make a new key from the CSPRNG, with its check characters."""
+    secret = "".join(secrets.choice(ALPHABET) for _ in range(SECRET_LEN))
+    scope = f"_{region}" if region else ""
+    body = f"{prefix}_{env}{scope}_{secret}"
+    key = body + _check(body)
+    if parse_key(key, prefix=prefix) is None:
+        raise ValueError(f"cannot make a key with prefix={prefix!r} env={env!r} region={region!r}")
+    return key
+
+
+def parse_key(key: str, *, prefix: str = DEFAULT_PREFIX) -> ParsedKey | None:
+    """Parse and check a key; None when it is malformed or its check characters are wrong."""
+    if len(key) > MAX_KEY_LEN:
+        return None
+    match = _KEY_RE.fullmatch(key)
+    if match is None or match.group(1) != prefix:
+        return None
+    if _check(key[:-CHECK_LEN]) != key[-CHECK_LEN:]:
+        return None
+    return ParsedKey(prefix=prefix, env=match.group(2), region=match.group(3))
+
+
+def key_digest(key: str) -> bytes:
+    """SHA-256 of the key: the only form in which a key is stored or replicated."""
+    return hashlib.sha256(key.encode()).digest()
+
+
+def display_form(key: str) -> str:
+    """The masked form shown in lists: `sk_live_…abcd`."""
+    head = key[: key.rfind("_") + 1]
+    return f"{head}…{key[-4:]}"
+
+
+def stream_name(bucket: str) -> str:
+    """The JetStream stream behind a KV bucket."""
+    return f"KV_{bucket}"
+
+
+def subject_prefix(bucket: str) -> str:
+    """The subject prefix of a KV bucket's entries."""
+    return f"$KV.{bucket}."
+
+
+def entry_name(key_id: str, region: str | None) -> str:
+    """The KV entry of one key: `<scope>.<key_id>`, scope `global` or the region code."""
+    return f"{region or GLOBAL_SCOPE}.{key_id}"
+
+
+def region_subjects(bucket: str, region: str | None) -> list[str]:
+    """The subjects a region's sidecar (or mirror) holds: global keys plus its own region's."""
+    prefix = subject_prefix(bucket)
+    subjects = [f"{prefix}{GLOBAL_SCOPE}.>"]
+    if region:
+        subjects.append(f"{prefix}{region}.>")
+    return subjects
+
+
+def _optional_time(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RecordError(f"{name} must be a number of seconds or nil")
+    return float(value)
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise RecordError(f"{name} must be a non-empty string")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """One key's replicated state: hash, owners, scopes, limits. Never the plaintext."""
+
+    key_id: str
+    key_hash: bytes
+    org_id: str
+    team_id: str
+    project_id: str
+    scopes: tuple[str, ...]
+    env: str
+    region: str | None
+    expires_at: float | None
+    revoked_at: float | None
+    version: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def entry(self) -> str:
+        """This record's KV entry name."""
+        return entry_name(self.key_id, self.region)
+
+    def encode(self) -> bytes:
+        """Encode as the msgpack map that travels through JetStream."""
+        packed: bytes = msgpack.packb(
+            {
+                "v": SCHEMA_VERSION,
+                "id": self.key_id,
+                "hash": self.key_hash,
+                "org": self.org_id,
+                "team": self.team_id,
+                "project": self.project_id,
+                "scopes": list(self.scopes),
+                "env": self.env,
+                "region": self.region,
+                "expires": self.expires_at,
+                "revoked": self.revoked_at,
+                "ver": self.version,
+                "meta": dict(self.metadata),
+            },
+            use_bin_type=True,
+        )
+        return packed
+
+    @classmethod
+    def decode(cls, data: bytes) -> KeyRecord:
+        """Decode and validate a record; unknown fields are ignored, anything else wrong raises."""
+        try:
+            raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises several unrelated types
+            raise RecordError(f"not msgpack ({type(exc).__name__})") from None
+        if not isinstance(raw, dict):
+            raise RecordError("not a map")
+        version = raw.get("v")
+        if not isinstance(version, int) or version < 1:
+            raise RecordError("missing schema version")
+        key_hash = raw.get("hash")
+        if not isinstance(key_hash, bytes) or len(key_hash) != 32:
+            raise RecordError("hash must be 32 bytes")
+        key_id = _text(raw.get("id"), "id")
+        try:
+            uuid.UUID(key_id)
+        except ValueError:
+            raise RecordError("id must be a UUID") from None
+        scopes = raw.get("scopes")
+        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+            raise RecordError("scopes must be a list of strings")
+        env = raw.get("env")
+        if env not in ENVS:
+            raise RecordError(f"env must be one of {ENVS}")
+        region = raw.get("region")
+        if region is not None and not (isinstance(region, str) and is_region_code(region)):
+            raise RecordError("region must be a region code or nil")
+        ver = raw.get("ver")
+        if not isinstance(ver, int) or ver < 0:
+            raise RecordError("ver must be a non-negative integer")
+        meta = raw.get("meta") or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise RecordError("meta must map strings to strings")
+        return cls(
+            key_id=key_id,
+            key_hash=key_hash,
+            org_id=_text(raw.get("org"), "org"),
+            team_id=_text(raw.get("team"), "team"),
+            project_id=_text(raw.get("project"), "project"),
+            scopes=tuple(scopes),
+            env=env,
+            region=region,
+            expires_at=_optional_time(raw.get("expires"), "expires"),
+            revoked_at=_optional_time(raw.get("revoked"), "revoked"),
+            version=ver,
+            metadata=meta,
+        )

@@ -1,0 +1,123 @@
+"""Helpers the tests share: key records, a sidecar handle, waiting for a condition."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import aiohttp
+from aiohttp.test_utils import TestServer
+from nats.js.kv import KeyValue
+
+from sidecar.http import SidecarState
+from sidecar.wire import KeyRecord, generate_key, key_digest
+
+T = TypeVar("T")
+
+ORG = "0190c0de-0000-7000-8000-000000000001"
+TEAM = "0190c0de-0000-7000-8000-000000000002"
+PROJECT = "0190c0de-0000-7000-8000-000000000003"
+
+
+def make_key(
+    *,
+    region: str | None = None,
+    env: str = "live",
+    scopes: tuple[str, ...] = ("read",),
+    expires_at: float | None = None,
+    version: int = 1,
+    **fields: Any,
+) -> tuple[str, KeyRecord]:
+    """A fresh plaintext key and the record the publisher would replicate for it."""
+    key = generate_key(env=env, region=region)
+    record = KeyRecord(
+        key_id=str(uuid.uuid4()),
+        key_hash=key_digest(key),
+        org_id=ORG,
+        team_id=TEAM,
+        project_id=PROJECT,
+        scopes=scopes,
+        env=env,
+        region=region,
+        expires_at=expires_at,
+        revoked_at=None,
+        version=version,
+        **fields,
+    )
+    return key, record
+
+
+def revoked(record: KeyRecord) -> KeyRecord:
+    """The same record, revoked now, one version later."""
+    return replace(record, revoked_at=time.time(), version=record.version + 1)
+
+
+async def put(bucket: KeyValue, record: KeyRecord) -> int:
+    """Write a record to its entry; returns the bucket revision."""
+    return int(await bucket.put(record.entry, record.encode()))
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], accept: Callable[[T], bool], *, timeout: float = 5.0, interval: float = 0.002
+) -> tuple[T, float]:
+    """Poll `probe` until `accept` holds; returns the last value and the seconds it took."""
+    started = time.monotonic()
+    while True:
+        value = await probe()
+        elapsed = time.monotonic() - started
+        if accept(value):
+            return value, elapsed
+        if elapsed > timeout:
+            raise AssertionError(f"condition not met after {timeout}s; last value {value!r}")
+        await asyncio.sleep(interval)
+
+
+@dataclass
+class Sidecar:
+    """A running in-process sidecar and an HTTP client for it."""
+
+    url: str
+    state: SidecarState
+    http: aiohttp.ClientSession
+    server: TestServer
+
+    async def auth(
+        self,
+        key: str | None = None,
+        *,
+        scopes: str | None = None,
+        path: str = "/auth",
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, str], dict[str, Any]]:
+        """Call /auth as a gateway would; returns status, headers and the JSON body."""
+        sent = dict(headers or {})
+        if key is not None:
+            sent["Authorization"] = f"Bearer {key}"
+        if scopes is not None:
+            sent["X-Required-Scopes"] = scopes
+        async with self.http.get(self.url + path, headers=sent) as resp:
+            return resp.status, dict(resp.headers), await resp.json(content_type=None)
+
+    async def status_of(self, key: str) -> int:
+        """Just the /auth status for `key`."""
+        return (await self.auth(key))[0]
+
+    async def get(self, path: str) -> tuple[int, Any]:
+        """GET a route; returns status and body (JSON when it is JSON)."""
+        async with self.http.get(self.url + path) as resp:
+            if resp.content_type == "application/json":
+                return resp.status, await resp.json()
+            return resp.status, await resp.text()
+
+    async def post(self, path: str, data: bytes | str) -> tuple[int, Any]:
+        """POST raw bytes; returns status and JSON body."""
+        async with self.http.post(self.url + path, data=data) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async def ready(self, timeout: float = 10.0) -> None:
+        """Wait until /readyz says 200."""
+        await eventually(lambda: self.get("/readyz"), lambda r: r[0] == 200, timeout=timeout)

@@ -1,0 +1,132 @@
+"""The key table and the verification decision, without any network."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from sidecar.table import KeyTable
+from sidecar.verify import Code, Verifier
+from sidecar.wire import key_digest
+from tests.support import make_key, revoked
+
+
+def test_a_held_key_is_found_by_its_digest_and_reads_back_intact() -> None:
+    table = KeyTable()
+    key, record = make_key(scopes=("read", "write"), metadata={"team": "payments"})
+    assert table.apply(record)
+    n = table.find(key_digest(key))
+    assert n >= 0
+    view = table.view(n)
+    assert view.key_id == record.key_id
+    assert view.scopes == {"read", "write"}
+    assert view.metadata == {"team": "payments"}
+    assert table.identity(n) == (record.key_id, record.org_id, record.team_id, record.project_id, "read write", "live")
+
+
+def test_an_unknown_digest_is_not_found() -> None:
+    table = KeyTable()
+    table.apply(make_key()[1])
+    assert table.find(key_digest(make_key()[0])) == -1
+
+
+def test_an_older_or_equal_version_does_not_replace_a_newer_one() -> None:
+    table = KeyTable()
+    _, record = make_key(version=5)
+    table.apply(record)
+    assert not table.apply(dataclasses.replace(record, version=5, scopes=("admin",)))
+    assert not table.apply(dataclasses.replace(record, version=4, scopes=("admin",)))
+    assert table.get(record.key_id).scopes == {"read"}  # type: ignore[union-attr]
+    assert table.apply(dataclasses.replace(record, version=6, scopes=("admin",)))
+    assert table.get(record.key_id).scopes == {"admin"}  # type: ignore[union-attr]
+
+
+def test_removal_frees_the_key_and_others_stay_findable() -> None:
+    table = KeyTable()
+    keys = [make_key() for _ in range(50)]
+    for _, record in keys:
+        table.apply(record)
+    for _, record in keys[::2]:
+        assert table.remove(record.key_id)
+    assert not table.remove(keys[0][1].key_id)
+    assert len(table) == 25
+    for i, (key, _) in enumerate(keys):
+        assert (table.find(key_digest(key)) >= 0) == (i % 2 == 1)
+
+
+def test_the_table_grows_past_its_initial_capacity_and_reuses_freed_records() -> None:
+    table = KeyTable(capacity=4)
+    keys = [make_key() for _ in range(5000)]
+    for _, record in keys:
+        table.apply(record)
+    for _, record in keys[:2500]:
+        table.remove(record.key_id)
+    for _, record in [make_key() for _ in range(2500)]:
+        table.apply(record)
+    assert len(table) == 5000
+    assert all(table.find(key_digest(key)) >= 0 for key, _ in keys[2500:])
+
+
+def test_a_record_with_a_new_hash_for_the_same_id_retires_the_old_hash() -> None:
+    table = KeyTable()
+    old_key, record = make_key()
+    new_key, other = make_key()
+    table.apply(record)
+    table.apply(dataclasses.replace(record, key_hash=other.key_hash, version=2))
+    assert table.find(key_digest(old_key)) == -1
+    assert table.find(key_digest(new_key)) >= 0
+
+
+def test_repeated_strings_are_stored_once() -> None:
+    table = KeyTable()
+    for _ in range(1000):
+        table.apply(make_key()[1])
+    assert table.nbytes() / len(table) < 200
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_verifier_decides_every_code() -> None:
+    clock = FakeClock(1_000.0)
+    table = KeyTable()
+    verifier = Verifier(table=table, region="eu", clock=clock)
+    good, good_rec = make_key(scopes=("read", "write"))
+    gone, gone_rec = make_key()
+    late, late_rec = make_key(expires_at=1_500.0)
+    eu, eu_rec = make_key(region="eu")
+    us, _ = make_key(region="us")
+    unknown, _ = make_key()
+    for record in (good_rec, revoked(gone_rec), late_rec, eu_rec):
+        table.apply(record)
+
+    assert verifier.verify(good)[0] is Code.VALID
+    assert verifier.verify(good, frozenset({"read"}))[0] is Code.VALID
+    assert verifier.verify(good, frozenset({"read", "admin"}))[0] is Code.INSUFFICIENT_SCOPE
+    assert verifier.verify(gone)[0] is Code.REVOKED
+    assert verifier.verify(unknown)[0] is Code.NOT_FOUND
+    assert verifier.verify(eu)[0] is Code.VALID
+    assert verifier.verify(us)[0] is Code.WRONG_REGION
+    assert verifier.verify(good[:-1] + "x")[0] is Code.MALFORMED
+    assert verifier.verify(late)[0] is Code.VALID
+    clock.now = 1_500.0
+    assert verifier.verify(late)[0] is Code.EXPIRED
+
+
+def test_a_sidecar_without_a_region_refuses_every_regional_key() -> None:
+    table = KeyTable()
+    eu, record = make_key(region="eu")
+    table.apply(record)
+    assert Verifier(table=table).verify(eu)[0] is Code.WRONG_REGION
+
+
+def test_expiry_follows_the_real_clock_by_default() -> None:
+    table = KeyTable()
+    key, record = make_key(expires_at=time.time() - 1)
+    table.apply(record)
+    assert Verifier(table=table).verify(key)[0] is Code.EXPIRED

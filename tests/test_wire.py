@@ -1,0 +1,136 @@
+"""The key format and the key record: what both sides of the wire agree on."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from sidecar.errors import RecordError
+from sidecar.wire import (
+    ALPHABET,
+    KeyRecord,
+    display_form,
+    entry_name,
+    generate_key,
+    key_digest,
+    parse_key,
+    region_subjects,
+)
+from tests.support import make_key
+
+
+def test_a_generated_key_has_the_documented_shape_and_parses_back() -> None:
+    key = generate_key(env="test", region="eu")
+    prefix, env, region, body = key.split("_")
+    assert (prefix, env, region) == ("sk", "test", "eu")
+    assert len(body) == 43 + 6
+    assert set(body) <= set(ALPHABET)
+    parsed = parse_key(key)
+    assert parsed is not None
+    assert (parsed.env, parsed.region) == ("test", "eu")
+
+
+def test_a_global_key_has_no_region() -> None:
+    parsed = parse_key(generate_key())
+    assert parsed is not None
+    assert parsed.region is None
+
+
+def test_keys_are_unique() -> None:
+    assert len({generate_key() for _ in range(1000)}) == 1000
+
+
+@pytest.mark.parametrize("position", [8, 20, 40, -7, -1])
+def test_a_single_changed_character_fails_the_check(position: int) -> None:
+    key = generate_key()
+    replacement = "A" if key[position] != "A" else "B"
+    typo = key[:position] + replacement + key[position + 1 :]
+    assert parse_key(typo) is None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "sk_live_",
+        "Bearer sk_live_x",
+        "sk_prod_" + "a" * 49,
+        "sk_live_" + "a" * 48,
+        "sk_live_" + "-" * 49,
+        "x" * 10_000,
+        "sk_live_EU_" + "a" * 49,
+    ],
+)
+def test_garbage_is_malformed(text: str) -> None:
+    assert parse_key(text) is None
+
+
+def test_a_key_of_another_deployment_prefix_is_malformed() -> None:
+    key = generate_key(prefix="pk")
+    assert parse_key(key) is None
+    assert parse_key(key, prefix="pk") is not None
+
+
+def test_the_display_form_shows_only_the_last_four_characters() -> None:
+    key = generate_key(region="us")
+    assert display_form(key) == f"sk_live_us_…{key[-4:]}"
+
+
+def test_the_digest_is_sha256_of_the_key() -> None:
+    import hashlib
+
+    key = generate_key()
+    assert key_digest(key) == hashlib.sha256(key.encode()).digest()
+
+
+def test_a_record_survives_encoding() -> None:
+    _, record = make_key(region="eu", scopes=("a", "b"), expires_at=123.5, metadata={"owner": "payments"})
+    assert KeyRecord.decode(record.encode()) == record
+
+
+def test_a_record_never_carries_the_plaintext() -> None:
+    key, record = make_key()
+    assert key.encode() not in record.encode()
+    assert key.split("_")[-1].encode() not in record.encode()
+
+
+def test_unknown_record_fields_are_ignored() -> None:
+    _, record = make_key()
+    raw = msgpack.unpackb(record.encode())
+    raw["added_in_v2"] = {"anything": [1, 2]}
+    assert KeyRecord.decode(msgpack.packb(raw)) == record
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("hash", b"short"),
+        ("id", "not-a-uuid"),
+        ("scopes", "read"),
+        ("env", "prod"),
+        ("region", "EU"),
+        ("ver", -1),
+        ("expires", "tomorrow"),
+        ("v", None),
+        ("org", ""),
+    ],
+)
+def test_a_record_with_a_bad_field_is_refused(field: str, value: object) -> None:
+    _, record = make_key()
+    raw = msgpack.unpackb(record.encode())
+    raw[field] = value
+    with pytest.raises(RecordError):
+        KeyRecord.decode(msgpack.packb(raw))
+
+
+@pytest.mark.parametrize("data", [b"", b"\xc1", b"not msgpack at all", msgpack.packb([1, 2, 3])])
+def test_bytes_that_are_not_a_record_are_refused(data: bytes) -> None:
+    with pytest.raises(RecordError):
+        KeyRecord.decode(data)
+
+
+def test_entry_names_put_regional_keys_under_their_region() -> None:
+    assert entry_name("k1", None) == "global.k1"
+    assert entry_name("k1", "eu") == "eu.k1"
+    assert region_subjects("KEYS", "eu") == ["$KV.KEYS.global.>", "$KV.KEYS.eu.>"]
+    assert region_subjects("KEYS", None) == ["$KV.KEYS.global.>"]
