@@ -48,6 +48,7 @@ class Option:
     parse: Callable[[str], Any]
     choices: tuple[str, ...] | None
     secret: bool
+    duration: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class _Spec:
     parse: Callable[[str], Any]
     choices: tuple[str, ...] | None
     secret: bool
+    duration: bool
 
 
 def parse_duration(text: str) -> float:
@@ -83,9 +85,10 @@ def option(
     parse: Callable[[str], Any] = str,
     choices: tuple[str, ...] | None = None,
     secret: bool = False,
+    duration: bool = False,
 ) -> Any:
     """Declare a settings field; `parse` turns the flag's or variable's text into the value."""
-    spec = _Spec(help=help, parse=parse, choices=choices, secret=secret)
+    spec = _Spec(help=help, parse=parse, choices=choices, secret=secret, duration=duration)
     return dataclasses.field(default=default, metadata={_META: spec})
 
 
@@ -104,6 +107,7 @@ def options_of(cls: type[Any]) -> Iterator[Option]:
             parse=spec.parse,
             choices=spec.choices,
             secret=spec.secret,
+            duration=spec.duration,
         )
 
 
@@ -111,8 +115,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
     """Add one argparse option per setting; values stay text until :func:`load` parses them."""
     group = parser.add_argument_group(f"settings (each also read from its {ENV_PREFIX}* variable)")
     for opt in options_of(cls):
-        default = "(hidden)" if opt.secret else _show(opt.default)
-        choices = f" One of: {', '.join(opt.choices)}." if opt.choices else ""
+        default = "(hidden)" if opt.secret else _show(opt.default, duration=opt.duration)
+        choices = f" (one of: {', '.join(opt.choices)})" if opt.choices else ""
         group.add_argument(
             opt.flag,
             dest=opt.name,
@@ -156,7 +160,9 @@ def _parse(opt: Option, raw: str) -> Any:
         ) from None
 
 
-def _show(value: Any) -> str:
+def _show(value: Any, *, duration: bool = False) -> str:
+    if duration and isinstance(value, int | float):
+        return f"{value:g}s"
     if value is None or value == "":
         return "unset"
     if isinstance(value, bool):
