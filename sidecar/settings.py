@@ -62,6 +62,7 @@ class SidecarSettings:
     max_staleness: float = option(
         30.0,
         parse=_positive,
+        duration=True,
         help="how long the replica may go without contact with NATS before /readyz fails",
     )
     stale_policy: str = option(
@@ -73,6 +74,7 @@ class SidecarSettings:
     heartbeat: float = option(
         1.0,
         parse=_positive,
+        duration=True,
         help="JetStream idle heartbeat; three missed ones make the sidecar resubscribe",
     )
     max_header_size: int = option(
