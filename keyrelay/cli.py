@@ -11,6 +11,7 @@ from sidecar.config import add_options, load
 from sidecar.errors import SidecarError
 from sidecar.settings import SidecarSettings
 
+from .admin import add_admin_commands
 from .errors import KeyrelayError
 
 __all__ = ["build_parser", "main"]
@@ -25,14 +26,48 @@ def _run_sidecar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_publisher(args: argparse.Namespace) -> int:
+    from publisher.app import run
+    from publisher.settings import PublisherSettings
+
+    run(load(PublisherSettings, args))
+    return 0
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    from .operations import reconcile_command
+
+    return reconcile_command(args)
+
+
+def _up(args: argparse.Namespace) -> int:
+    from .up import up_command
+
+    return up_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; every command and option has help."""
+    from publisher.settings import PublisherSettings
+
+    from .up import UpSettings
+
     parser = argparse.ArgumentParser(
         prog="keyrelay",
         description="API keys managed centrally, verified at the edge, revoked everywhere in milliseconds.",
+        epilog="Every option also reads a KEYRELAY_* environment variable (shown in each command's --help).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('keyrelay')}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    up = commands.add_parser(
+        "up",
+        help="start a complete local stack: NATS, the publisher and a sidecar per region",
+        description="Start nats-server (JetStream), the publisher on SQLite and one sidecar per region under one "
+        "supervisor, wait until all are ready and print how to use them. Ctrl-C stops everything.",
+    )
+    add_options(up, UpSettings)
+    up.set_defaults(handler=_up)
 
     sidecar = commands.add_parser(
         "sidecar",
@@ -42,16 +77,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_options(sidecar, SidecarSettings)
     sidecar.set_defaults(handler=_run_sidecar)
+
+    publisher = commands.add_parser(
+        "publisher",
+        help="run the publisher: the admin API, the key store and the outbox relay into JetStream",
+        description="Run the publisher. With `reconcile`, compare the bucket with the database once, repair "
+        "it and exit.",
+    )
+    add_options(publisher, PublisherSettings)
+    publisher.set_defaults(handler=_run_publisher)
+    publisher_actions = publisher.add_subparsers(dest="publisher_command", metavar="ACTION")
+    reconcile = publisher_actions.add_parser(
+        "reconcile",
+        help="compare the bucket with the database, republish what differs, and exit",
+        description="Compare the key bucket with the database (count and xxhash digest per shard), republish "
+        "what differs through the outbox and delete entries of unknown keys; then wait until published.",
+    )
+    add_options(reconcile, PublisherSettings)
+    reconcile.add_argument("--json", action="store_true", help="print the report as JSON")
+    reconcile.set_defaults(handler=_reconcile)
+
+    add_admin_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `keyrelay` command."""
+    from publisher.errors import PublisherError
+
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:
         return handler(args)
-    except (KeyrelayError, SidecarError) as exc:
+    except (KeyrelayError, SidecarError, PublisherError) as exc:
         print(f"keyrelay: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -16,7 +17,7 @@ from .sync import KeySync
 from .table import KeyTable
 from .verify import Verifier
 
-__all__ = ["create_app", "run", "serve"]
+__all__ = ["create_app", "run", "run_forever", "serve", "serve_app"]
 
 log = logging.getLogger("keyrelay.sidecar")
 
@@ -51,42 +52,62 @@ async def _sync_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await sync.close()
 
 
-async def serve(settings: SidecarSettings, *, stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set, or SIGTERM/SIGINT arrives."""
+async def serve_app(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    stop: asyncio.Event | None = None,
+    on_started: Callable[[int], None] | None = None,
+    **runner_options: Any,
+) -> None:
+    """Serve an application until `stop` is set or SIGTERM/SIGINT arrives; port 0 picks a free one."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(
-        create_app(settings),
-        access_log=None,
-        handler_cancellation=True,
-        max_field_size=settings.max_header_size,
-        max_line_size=settings.max_header_size,
-    )
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, **runner_options)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, backlog=1024, reuse_address=True)
-    await site.start()
-    log.info(
-        "sidecar listening on http://%s:%d (region %s, bucket %s, NATS %s)",
-        settings.host,
-        settings.port,
-        settings.region or "global",
-        settings.bucket,
-        ",".join(settings.nats_url),
-    )
     try:
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        await site.start()
+        bound = runner.addresses[0][1] if runner.addresses else port
+        if on_started is not None:
+            on_started(bound)
         await stop.wait()
     finally:
         await runner.cleanup()
 
 
-def run(settings: SidecarSettings) -> None:
-    """Run the sidecar on uvloop (when installed) until signalled."""
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+async def serve(settings: SidecarSettings, *, stop: asyncio.Event | None = None) -> None:
+    """Serve the sidecar until `stop` is set, or SIGTERM/SIGINT arrives."""
+
+    def started(port: int) -> None:
+        log.info("sidecar listening on http://%s:%d (region %s, bucket %s, NATS %s)", settings.host, port,
+                 settings.region or "global", settings.bucket, ",".join(settings.nats_url))  # fmt: skip
+
+    await serve_app(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        stop=stop,
+        on_started=started,
+        max_field_size=settings.max_header_size,
+        max_line_size=settings.max_header_size,
+    )
+
+
+def run_forever(main: Coroutine[Any, Any, None], *, log_level: str) -> None:
+    """Configure logging and run `main` on uvloop (when installed)."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency everywhere but Windows
-        asyncio.run(serve(settings))
+        asyncio.run(main)
     else:
-        uvloop.run(serve(settings))
+        uvloop.run(main)
+
+
+def run(settings: SidecarSettings) -> None:
+    """Run the sidecar until signalled."""
+    run_forever(serve(settings), log_level=settings.log_level)

@@ -120,7 +120,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
         group.add_argument(
             opt.flag,
             dest=opt.name,
-            default=None,
+            # SUPPRESS: an option not given leaves no attribute, so a subcommand's parser cannot
+            # overwrite its parent's value with a default.
+            default=argparse.SUPPRESS,
             metavar=opt.name.split("_")[-1].upper(),
             help=f"{opt.help}{choices} [env {opt.env}; default {default}]",
         )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .config import option, parse_duration
 from .wire import DEFAULT_BUCKET, DEFAULT_PREFIX, is_region_code
 
-__all__ = ["LOG_LEVELS", "SidecarSettings", "parse_region"]
+__all__ = ["LOG_LEVELS", "SidecarSettings", "parse_port", "parse_positive_duration", "parse_region", "parse_servers"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -21,21 +21,24 @@ def parse_region(text: str) -> str | None:
     return text
 
 
-def _servers(text: str) -> tuple[str, ...]:
+def parse_servers(text: str) -> tuple[str, ...]:
+    """Comma-separated NATS URLs."""
     servers = tuple(s.strip() for s in text.split(",") if s.strip())
     if not servers:
         raise ValueError("give at least one nats:// URL")
     return servers
 
 
-def _port(text: str) -> int:
+def parse_port(text: str) -> int:
+    """A TCP port number (0 picks a free one)."""
     port = int(text)
     if not 0 <= port <= 65535:
         raise ValueError("a port is 0..65535")
     return port
 
 
-def _positive(text: str) -> float:
+def parse_positive_duration(text: str) -> float:
+    """A duration greater than zero, in seconds."""
     seconds = parse_duration(text)
     if seconds <= 0:
         raise ValueError("must be more than zero")
@@ -48,7 +51,7 @@ class SidecarSettings:
 
     nats_url: tuple[str, ...] = option(
         ("nats://127.0.0.1:4222",),
-        parse=_servers,
+        parse=parse_servers,
         help="NATS server(s) of this sidecar's region, comma separated",
     )
     bucket: str = option(DEFAULT_BUCKET, help="JetStream KV bucket that holds the key records")
@@ -58,10 +61,10 @@ class SidecarSettings:
         help="region this sidecar serves; it holds global keys and this region's keys (unset: global keys only)",
     )
     host: str = option("127.0.0.1", help="address to listen on (0.0.0.0 in a pod, for the kubelet's probes)")
-    port: int = option(8081, parse=_port, help="HTTP port for /auth, /v1/keys/verify, /readyz and /metrics")
+    port: int = option(8081, parse=parse_port, help="HTTP port for /auth, /v1/keys/verify, /readyz and /metrics")
     max_staleness: float = option(
         30.0,
-        parse=_positive,
+        parse=parse_positive_duration,
         duration=True,
         help="how long the replica may go without contact with NATS before /readyz fails",
     )
@@ -73,7 +76,7 @@ class SidecarSettings:
     key_prefix: str = option(DEFAULT_PREFIX, help="key prefix of this deployment (the `sk` in sk_live_...)")
     heartbeat: float = option(
         1.0,
-        parse=_positive,
+        parse=parse_positive_duration,
         duration=True,
         help="JetStream idle heartbeat; three missed ones make the sidecar resubscribe",
     )

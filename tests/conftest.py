@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,15 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from keyrelay.natsd import NatsServer, NatsSpec
+from publisher.api import SERVICES
+from publisher.app import create_app as create_publisher_app
+from publisher.settings import PublisherSettings
 from sidecar.app import create_app
 from sidecar.http import STATE, SidecarState
 from sidecar.settings import SidecarSettings
-from tests.support import Sidecar
+from tests.support import ADMIN_TOKEN, Admin, Publisher, Sidecar
+
+PG_ADMIN_URL = os.environ.get("KEYRELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture
@@ -83,6 +90,80 @@ async def start_sidecar(nats_server: NatsServer, http: aiohttp.ClientSession) ->
         servers.append(server)
         state: SidecarState = server.app[STATE]
         return Sidecar(url=str(server.make_url("")).rstrip("/"), state=state, http=http, server=server)
+
+    yield start
+    for server in reversed(servers):
+        with contextlib.suppress(Exception):
+            await server.close()
+
+
+async def _create_pg_database() -> str:
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        message = f"PostgreSQL at {PG_ADMIN_URL} is unreachable: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI has PostgreSQL: a missing server is a failure, never a skip
+        pytest.skip(message)
+    name = f"keyrelay_test_{uuid.uuid4().hex[:12]}"
+    try:
+        await conn.execute(f"CREATE DATABASE {name}")
+    finally:
+        await conn.close()
+    return name
+
+
+async def _drop_pg_database(name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    try:
+        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh, empty database: a SQLite file, or a new PostgreSQL database dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'keyrelay.db'}"
+        return
+    name = await _create_pg_database()
+    try:
+        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        await _drop_pg_database(name)
+
+
+StartPublisher = Callable[..., Awaitable[Publisher]]
+
+
+@pytest.fixture
+async def start_publisher(
+    nats_server: NatsServer, database_url: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> AsyncIterator[StartPublisher]:
+    """Start in-process publishers on free ports against the test NATS and database."""
+    servers: list[TestServer] = []
+
+    async def start(**overrides: Any) -> Publisher:
+        settings = PublisherSettings(**{
+            "database_url": database_url,
+            "nats_url": (nats_server.url,),
+            "admin_token": ADMIN_TOKEN,
+            "data_dir": tmp_path / "publisher",
+            "publish_wait": 2.0,
+            **overrides,
+        })  # fmt: skip
+        server = TestServer(create_publisher_app(settings), host="127.0.0.1", port=0)
+        await server.start_server()
+        servers.append(server)
+        url = str(server.make_url("")).rstrip("/")
+        publisher = Publisher(url=url, admin=Admin(url=url, http=http), services=server.app[SERVICES])
+        await publisher.services.broker.bucket_ready.wait()
+        return publisher
 
     yield start
     for server in reversed(servers):

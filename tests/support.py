@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -13,11 +14,13 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 from nats.js.kv import KeyValue
 
+from publisher.api import Services
 from sidecar.http import SidecarState
 from sidecar.wire import KeyRecord, generate_key, key_digest
 
 T = TypeVar("T")
 
+ADMIN_TOKEN = "krt_test-admin-token-for-the-suite"
 ORG = "0190c0de-0000-7000-8000-000000000001"
 TEAM = "0190c0de-0000-7000-8000-000000000002"
 PROJECT = "0190c0de-0000-7000-8000-000000000003"
@@ -121,3 +124,57 @@ class Sidecar:
     async def ready(self, timeout: float = 10.0) -> None:
         """Wait until /readyz says 200."""
         await eventually(lambda: self.get("/readyz"), lambda r: r[0] == 200, timeout=timeout)
+
+
+@dataclass
+class Admin:
+    """The admin API over HTTP, as a test client."""
+
+    url: str
+    http: aiohttp.ClientSession
+    token: str = ADMIN_TOKEN
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        token: str | None = None,
+        **query: Any,
+    ) -> tuple[int, Any]:
+        """One call; returns status and JSON body."""
+        auth = self.token if token is None else token
+        headers = {"Authorization": f"Bearer {auth}"} if auth else {}
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        params = {k: str(v) for k, v in query.items() if v is not None}
+        async with self.http.request(method, f"{self.url}/v1{path}", data=data, headers=headers, params=params) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def ok(self, method: str, path: str, body: Any = None, **query: Any) -> Any:
+        """A call that must succeed (2xx); returns the JSON body."""
+        status, answer = await self.call(method, path, body, **query)
+        assert 200 <= status < 300, (status, answer)
+        return answer
+
+    async def project(self, name: str = "payments") -> dict[str, Any]:
+        """A fresh org → team → project; returns the project."""
+        org = await self.ok("POST", "/orgs", {"name": f"org-{uuid.uuid4().hex[:8]}"})
+        team = await self.ok("POST", f"/orgs/{org['id']}/teams", {"name": "platform"})
+        project: dict[str, Any] = await self.ok("POST", f"/teams/{team['id']}/projects", {"name": name})
+        return project
+
+    async def create_key(self, project_id: str, **fields: Any) -> dict[str, Any]:
+        """A new key in the project (name defaults to `k`)."""
+        answer: dict[str, Any] = await self.ok("POST", f"/projects/{project_id}/keys", {"name": "k", **fields})
+        return answer
+
+
+@dataclass
+class Publisher:
+    """A running in-process publisher."""
+
+    url: str
+    admin: Admin
+    services: Services

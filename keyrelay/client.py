@@ -1,0 +1,83 @@
+"""A small synchronous client for the publisher's admin API (what the CLI commands use)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar.config import option
+
+from .errors import ApiError, KeyrelayError
+
+__all__ = ["AdminClient", "ClientSettings", "stack_file"]
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def stack_file(data_dir: Path) -> Path:
+    """Where `keyrelay up` records its URLs and admin token for the CLI to find."""
+    return data_dir / "stack.json"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """How the CLI reaches the admin API."""
+
+    url: str = option("", help=f"publisher URL (default: from a running `keyrelay up`, else {DEFAULT_URL})")
+    token: str = option("", secret=True, help="admin token (default: from a running `keyrelay up`)")
+    data_dir: Path = option(Path(".keyrelay"), parse=Path, help="where `keyrelay up` keeps its state")
+
+    def resolved(self) -> tuple[str, str]:
+        """URL and token: flag, then variable, then the local stack's state file, then defaults."""
+        url, token = self.url, self.token
+        state = stack_file(self.data_dir)
+        if (not url or not token) and state.exists():
+            data = json.loads(state.read_text())
+            url = url or data.get("publisher_url", "")
+            token = token or data.get("admin_token", "")
+        return (url or DEFAULT_URL).rstrip("/"), token
+
+
+class AdminClient:
+    """Calls /v1 with the admin token; API errors become ApiError with the API's message."""
+
+    def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: Any = None, **query: Any) -> Any:
+        """One API call; returns the decoded JSON answer."""
+        params = {k: v for k, v in query.items() if v is not None}
+        url = f"{self.url}/v1{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url, data=data, method=method)
+        request.add_header("Accept", "application/json")
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise _api_error(exc) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise KeyrelayError(
+                f"cannot reach the publisher at {self.url} ({reason}): start it with `keyrelay up`, "
+                "or point --url / KEYRELAY_URL at it"
+            ) from None
+
+
+def _api_error(exc: urllib.error.HTTPError) -> ApiError:
+    try:
+        error = json.loads(exc.read())["error"]
+        return ApiError(status=exc.code, code=error["code"], message=error["message"])
+    except (ValueError, KeyError, TypeError):
+        return ApiError(status=exc.code, code="http_error", message=str(exc.reason))

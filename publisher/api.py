@@ -1,0 +1,315 @@
+"""The admin API under /v1: bearer-token auth, JSON in and out, JSON errors, propagation status."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from . import validation as v
+from .broker import Broker
+from .errors import Forbidden, Invalid, PublisherError, Unauthorized
+from .models import Actor, ApiKey
+from .outbox import OutboxRelay
+from .reconcile import reconcile
+from .settings import PublisherSettings
+from .store import Created, KeyStore
+from .tokens import ROLES, TokenStore
+
+__all__ = ["SERVICES", "Services", "add_routes", "error_middleware"]
+
+log = logging.getLogger("keyrelay.publisher.api")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(slots=True)
+class Services:
+    """What the handlers use: settings, store, tokens, broker and relay."""
+
+    settings: PublisherSettings
+    store: KeyStore
+    tokens: TokenStore
+    broker: Broker
+    relay: OutboxRelay
+
+
+SERVICES = web.AppKey("keyrelay_publisher_services", Services)
+ACTOR = web.RequestKey("keyrelay_actor", Actor)
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> web.Response:
+    body = {"error": {"code": code, "message": message, **{k: v for k, v in extra.items() if v is not None}}}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes `{"error": {"code", "message"}}` with its status; nothing leaks a traceback."""
+    try:
+        return await handler(request)
+    except PublisherError as exc:
+        return _error(exc.status, exc.code, exc.message, field=getattr(exc, "field", None))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error(500, "internal", "internal error; the publisher log has the details")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Admin tokens guard /v1; members may only read."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("send Authorization: Bearer <admin token>")
+    actor = await request.app[SERVICES].tokens.find(token.strip())
+    if actor is None:
+        raise Unauthorized("the admin token is not valid")
+    if actor.role != "admin" and request.method not in ("GET", "HEAD"):
+        raise Forbidden(f"token {actor.name!r} has role {actor.role!r}; only admin tokens may change things")
+    request[ACTOR] = actor
+    return await handler(request)
+
+
+async def _body(request: web.Request) -> Any:
+    if not request.can_read_body:
+        return {}
+    try:
+        return json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError):
+        raise Invalid("the body is not valid JSON", code="invalid_json") from None
+
+
+async def _propagation(services: Services, outbox_ids: Sequence[int]) -> str:
+    if not outbox_ids:
+        return "published"
+    services.relay.wake()
+    published = await services.relay.wait_published(outbox_ids, services.settings.publish_wait)
+    return "published" if published else "pending"
+
+
+def _created_json(created: Created) -> dict[str, Any]:
+    return {**created.key.to_json(), "key": created.plaintext}
+
+
+def _actor(request: web.Request) -> Actor:
+    return request[ACTOR]
+
+
+# -- hierarchy ---------------------------------------------------------------------------------
+
+
+async def create_org(request: web.Request) -> web.Response:
+    """POST /v1/orgs {name}."""
+    body = v.fields(await _body(request), allowed={"name"}, required={"name"})
+    org = await request.app[SERVICES].store.create_org(_actor(request), v.name(body["name"]))
+    return web.json_response(org.to_json(), status=201)
+
+
+async def list_orgs(request: web.Request) -> web.Response:
+    """GET /v1/orgs."""
+    orgs = await request.app[SERVICES].store.list_orgs()
+    return web.json_response({"orgs": [o.to_json() for o in orgs]})
+
+
+async def create_team(request: web.Request) -> web.Response:
+    """POST /v1/orgs/{org_id}/teams {name}."""
+    org_id = v.path_id(request.match_info["org_id"], "organization")
+    body = v.fields(await _body(request), allowed={"name"}, required={"name"})
+    team = await request.app[SERVICES].store.create_team(_actor(request), org_id, v.name(body["name"]))
+    return web.json_response(team.to_json(), status=201)
+
+
+async def list_teams(request: web.Request) -> web.Response:
+    """GET /v1/orgs/{org_id}/teams."""
+    org_id = v.path_id(request.match_info["org_id"], "organization")
+    teams = await request.app[SERVICES].store.list_teams(org_id)
+    return web.json_response({"teams": [t.to_json() for t in teams]})
+
+
+async def create_project(request: web.Request) -> web.Response:
+    """POST /v1/teams/{team_id}/projects {name}."""
+    team_id = v.path_id(request.match_info["team_id"], "team")
+    body = v.fields(await _body(request), allowed={"name"}, required={"name"})
+    project = await request.app[SERVICES].store.create_project(_actor(request), team_id, v.name(body["name"]))
+    return web.json_response(project.to_json(), status=201)
+
+
+async def list_projects(request: web.Request) -> web.Response:
+    """GET /v1/teams/{team_id}/projects."""
+    team_id = v.path_id(request.match_info["team_id"], "team")
+    projects = await request.app[SERVICES].store.list_projects(team_id)
+    return web.json_response({"projects": [p.to_json() for p in projects]})
+
+
+async def decommission_project(request: web.Request) -> web.Response:
+    """DELETE /v1/projects/{project_id}: every key of the project is revoked."""
+    services = request.app[SERVICES]
+    project_id = v.path_id(request.match_info["project_id"], "project")
+    change = await services.store.decommission_project(_actor(request), project_id)
+    return web.json_response({
+        "project_id": project_id,
+        "revoked": [k.id for k in change.value.revoked],
+        "propagation": await _propagation(services, change.outbox_ids),
+    })  # fmt: skip
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+async def create_key(request: web.Request) -> web.Response:
+    """POST /v1/projects/{project_id}/keys: the plaintext key is in this answer only."""
+    services = request.app[SERVICES]
+    project_id = v.path_id(request.match_info["project_id"], "project")
+    spec = v.key_spec(await _body(request))
+    change = await services.store.create_keys(_actor(request), project_id, [spec])
+    answer = _created_json(change.value[0])
+    answer["propagation"] = await _propagation(services, change.outbox_ids)
+    return web.json_response(answer, status=201)
+
+
+async def create_keys_bulk(request: web.Request) -> web.Response:
+    """POST /v1/projects/{project_id}/keys/bulk {keys: [...]}: up to 1000 keys in one transaction."""
+    services = request.app[SERVICES]
+    project_id = v.path_id(request.match_info["project_id"], "project")
+    body = v.fields(await _body(request), allowed={"keys"}, required={"keys"})
+    items = body["keys"]
+    if not isinstance(items, list) or not items or len(items) > v.MAX_BULK:
+        raise Invalid(f"keys must be a list of 1 to {v.MAX_BULK} key requests", field="keys")
+    specs = [v.key_spec(item) for item in items]
+    change = await services.store.create_keys(_actor(request), project_id, specs)
+    return web.json_response(
+        {
+            "keys": [_created_json(c) for c in change.value],
+            "propagation": await _propagation(services, change.outbox_ids),
+        },
+        status=201,
+    )
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    """GET /v1/projects/{project_id}/keys?limit=&after=: masked, oldest first."""
+    project_id = v.path_id(request.match_info["project_id"], "project")
+    limit = v.query_int(request.query.get("limit"), "limit", default=100, maximum=1000)
+    after = request.query.get("after")
+    if after is not None:
+        after = v.path_id(after, "key")
+    keys = await request.app[SERVICES].store.list_keys(project_id, limit=limit, after=after)
+    next_after = keys[-1].id if len(keys) == limit else None
+    return web.json_response({"keys": [k.to_json() for k in keys], "next_after": next_after})
+
+
+async def show_key(request: web.Request) -> web.Response:
+    """GET /v1/keys/{key_id}: masked."""
+    key_id = v.path_id(request.match_info["key_id"], "key")
+    key = await request.app[SERVICES].store.get_key(key_id)
+    return web.json_response(key.to_json())
+
+
+async def _revoke(request: web.Request, key_ids: list[str], reason: str | None) -> tuple[list[ApiKey], Any, str]:
+    services = request.app[SERVICES]
+    change = await services.store.revoke_keys(_actor(request), key_ids, reason)
+    return list(change.value.revoked), change.value, await _propagation(services, change.outbox_ids)
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    """POST /v1/keys/{key_id}/revoke {reason?}."""
+    key_id = v.path_id(request.match_info["key_id"], "key")
+    body = v.fields(await _body(request), allowed={"reason"})
+    _, _, propagation = await _revoke(request, [key_id], v.reason(body.get("reason")))
+    key = await request.app[SERVICES].store.get_key(key_id)
+    return web.json_response({**key.to_json(), "propagation": propagation})
+
+
+async def revoke_keys(request: web.Request) -> web.Response:
+    """POST /v1/keys/revoke {ids, reason?}: one transaction; every id must exist."""
+    body = v.fields(await _body(request), allowed={"ids", "reason"}, required={"ids"})
+    revoked, result, propagation = await _revoke(request, v.key_ids(body["ids"]), v.reason(body.get("reason")))
+    return web.json_response({
+        "revoked": [k.id for k in revoked],
+        "already_revoked": list(result.already_revoked),
+        "propagation": propagation,
+    })  # fmt: skip
+
+
+async def rotate_key(request: web.Request) -> web.Response:
+    """POST /v1/keys/{key_id}/rotate {grace?}: a new key now, the old one expires after the grace."""
+    services = request.app[SERVICES]
+    key_id = v.path_id(request.match_info["key_id"], "key")
+    body = v.fields(await _body(request), allowed={"grace"})
+    grace = v.grace(body.get("grace"), services.settings.default_grace)
+    change = await services.store.rotate_key(_actor(request), key_id, grace)
+    answer = _created_json(change.value.new)
+    answer["old"] = change.value.old.to_json()
+    answer["propagation"] = await _propagation(services, change.outbox_ids)
+    return web.json_response(answer, status=201)
+
+
+# -- audit, tokens, operations -----------------------------------------------------------------
+
+
+async def audit(request: web.Request) -> web.Response:
+    """GET /v1/audit?org_id=&team_id=&project_id=&key_id=&limit=&before=: newest first."""
+    query = request.query
+    filters = {}
+    for param, kind in (("org_id", "organization"), ("team_id", "team"), ("project_id", "project"), ("key_id", "key")):
+        if query.get(param):
+            filters[param] = v.path_id(query[param], kind)
+    limit = v.query_int(query.get("limit"), "limit", default=100, maximum=1000)
+    before = v.query_int(query.get("before"), "before", default=0, maximum=2**62) or None
+    entries = await request.app[SERVICES].store.audit(**filters, limit=limit, before=before)
+    next_before = entries[-1].id if len(entries) == limit else None
+    return web.json_response({"entries": [e.to_json() for e in entries], "next_before": next_before})
+
+
+async def create_token(request: web.Request) -> web.Response:
+    """POST /v1/tokens {name, role}: a new admin (or read-only member) token, shown once."""
+    body = v.fields(await _body(request), allowed={"name", "role"}, required={"name"})
+    role = body.get("role", "member")
+    if role not in ROLES:
+        raise Invalid(f"role must be one of {', '.join(ROLES)}", field="role")
+    actor, token = await request.app[SERVICES].tokens.create(v.name(body["name"]), role)
+    return web.json_response({"name": actor.name, "role": actor.role, "token": token}, status=201)
+
+
+async def reconcile_now(request: web.Request) -> web.Response:
+    """POST /v1/reconcile: compare the bucket with the database and repair it now."""
+    services = request.app[SERVICES]
+    if not services.broker.bucket_ready.is_set():
+        raise PublisherError("NATS is not reachable; reconciliation needs the bucket")
+    report = await reconcile(store=services.store, broker=services.broker)
+    answer = report.to_json()
+    answer["propagation"] = await _propagation(services, report.outbox_ids)
+    return web.json_response(answer)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register every admin route."""
+    r = app.router
+    r.add_post("/v1/orgs", create_org)
+    r.add_get("/v1/orgs", list_orgs)
+    r.add_post("/v1/orgs/{org_id}/teams", create_team)
+    r.add_get("/v1/orgs/{org_id}/teams", list_teams)
+    r.add_post("/v1/teams/{team_id}/projects", create_project)
+    r.add_get("/v1/teams/{team_id}/projects", list_projects)
+    r.add_delete("/v1/projects/{project_id}", decommission_project)
+    r.add_post("/v1/projects/{project_id}/keys", create_key)
+    r.add_post("/v1/projects/{project_id}/keys/bulk", create_keys_bulk)
+    r.add_get("/v1/projects/{project_id}/keys", list_keys)
+    r.add_post("/v1/keys/revoke", revoke_keys)
+    r.add_get("/v1/keys/{key_id}", show_key)
+    r.add_post("/v1/keys/{key_id}/revoke", revoke_key)
+    r.add_post("/v1/keys/{key_id}/rotate", rotate_key)
+    r.add_get("/v1/audit", audit)
+    r.add_post("/v1/tokens", create_token)
+    r.add_post("/v1/reconcile", reconcile_now)

@@ -1,0 +1,153 @@
+"""Assemble and run the publisher: store, tokens, NATS broker, outbox relay and the admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from sidecar.app import run_forever, serve_app
+
+from .api import SERVICES, Services, add_routes, auth_middleware, error_middleware
+from .broker import Broker
+from .db import open_database, redact
+from .outbox import OutboxRelay
+from .reconcile import reconcile
+from .settings import PublisherSettings
+from .store import KeyStore
+from .tokens import TokenStore, generate_token
+
+__all__ = ["create_app", "open_services", "run", "serve"]
+
+log = logging.getLogger("keyrelay.publisher")
+
+BOOTSTRAP_TOKEN_NAME = "bootstrap"
+
+
+@contextlib.asynccontextmanager
+async def open_services(settings: PublisherSettings, *, bootstrap: bool = True) -> AsyncIterator[Services]:
+    """Database (migrated), bootstrap token, NATS connection and outbox relay, closed in reverse."""
+    db = await open_database(settings.resolved_database_url())
+    broker = Broker(servers=settings.nats_url, bucket=settings.bucket, replicas=settings.bucket_replicas)
+    outbox = OutboxRelay(db=db, broker=broker)
+    try:
+        tokens = TokenStore(db)
+        if bootstrap:
+            await _bootstrap_token(tokens, settings)
+        await broker.start()
+        await outbox.start()
+        yield Services(
+            settings=settings, store=KeyStore(db, key_prefix=settings.key_prefix), tokens=tokens, broker=broker,
+            relay=outbox,
+        )  # fmt: skip
+    finally:
+        await outbox.close()
+        await broker.close()
+        await db.close()
+
+
+async def _bootstrap_token(tokens: TokenStore, settings: PublisherSettings) -> None:
+    if settings.admin_token:
+        await tokens.ensure(BOOTSTRAP_TOKEN_NAME, settings.admin_token, "admin")
+    elif await tokens.count() == 0:
+        token = generate_token()
+        await tokens.ensure(BOOTSTRAP_TOKEN_NAME, token, "admin")
+        # Shown once, like a key: only its hash is kept.
+        print(f"keyrelay publisher: generated admin token (shown once, stored hashed): {token}", file=sys.stderr)
+
+
+async def _reconcile_at_start(services: Services) -> None:
+    try:
+        await services.broker.bucket_ready.wait()
+        if not await services.relay.drain(timeout=60.0):
+            log.warning("start-up reconciliation skipped: the outbox did not drain within 60s")
+            return
+        report = await reconcile(store=services.store, broker=services.broker)
+        if report.outbox_ids:
+            services.relay.wake()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.warning("start-up reconciliation failed: %s (run `keyrelay publisher reconcile` later)", exc)
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    async with open_services(settings) as services:
+        app[SERVICES] = services
+        task = asyncio.create_task(_reconcile_at_start(services)) if settings.reconcile_on_start else None
+        yield
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task], timeout=2.0)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the database answers (NATS may be down: changes then wait in the outbox)."""
+    services = request.app[SERVICES]
+    try:
+        depth = await services.relay.depth()
+    except Exception as exc:
+        return web.json_response({"ready": False, "database": str(exc)}, status=503)
+    return web.json_response(
+        {"ready": True, "nats_connected": services.broker.connected, "outbox_depth": depth,
+         "relay_leader": services.relay.leader}
+    )  # fmt: skip
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus scrape: outbox depth and relay counters."""
+    services = request.app[SERVICES]
+    stats = services.relay.stats
+    samples = [
+        ("keyrelay_outbox_depth", "gauge", "Committed changes not yet published", await services.relay.depth()),
+        ("keyrelay_outbox_published_total", "counter", "Outbox entries published and acked", stats.published),
+        ("keyrelay_outbox_publish_failures_total", "counter", "Publishes that failed and stay queued",
+         stats.publish_failures),
+        ("keyrelay_outbox_batch_seconds", "gauge", "Duration of the last publish batch", stats.last_publish_seconds),
+        ("keyrelay_relay_leader", "gauge", "1 when this publisher holds the relay lease", int(services.relay.leader)),
+        ("keyrelay_nats_connected", "gauge", "1 while connected to NATS", int(services.broker.connected)),
+    ]  # fmt: skip
+    lines: list[str] = []
+    for name, kind, help_text, value in samples:
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+
+SETTINGS = web.AppKey("keyrelay_publisher_settings", PublisherSettings)
+
+
+def create_app(settings: PublisherSettings) -> web.Application:
+    """The publisher as an aiohttp application."""
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=4 * 1024 * 1024)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    add_routes(app)
+    return app
+
+
+async def serve(settings: PublisherSettings, *, stop: asyncio.Event | None = None) -> None:
+    """Serve the admin API until `stop` is set, or SIGTERM/SIGINT arrives."""
+
+    def started(port: int) -> None:
+        log.info("publisher listening on http://%s:%d (database %s, NATS %s, bucket %s)", settings.host, port,
+                 redact(settings.resolved_database_url()), ",".join(settings.nats_url), settings.bucket)  # fmt: skip
+
+    await serve_app(create_app(settings), host=settings.host, port=settings.port, stop=stop, on_started=started)
+
+
+def run(settings: PublisherSettings) -> None:
+    """Run the publisher until signalled."""
+    run_forever(serve(settings), log_level=settings.log_level)

@@ -1,0 +1,125 @@
+"""The publisher's NATS connection: connects in the background and keeps the key bucket in place."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import nats
+from nats.aio.client import Client
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError, NotFoundError
+
+__all__ = ["Broker"]
+
+log = logging.getLogger("keyrelay.publisher.broker")
+
+_MAX_BACKOFF = 2.0
+
+
+class Broker:
+    """Owns one NATS connection; the API keeps working while it is down."""
+
+    def __init__(self, *, servers: Sequence[str], bucket: str, replicas: int = 1,
+                 name: str = "keyrelay-publisher") -> None:  # fmt: skip
+        self.servers = list(servers)
+        self.bucket = bucket
+        self.replicas = replicas
+        self.name = name
+        self.nc: Client | None = None
+        self._js: JetStreamContext | None = None
+        self.bucket_ready = asyncio.Event()
+        self.connected_event = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is up."""
+        return self.nc is not None and self.nc.is_connected
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context (only once connected)."""
+        if self._js is None:
+            raise RuntimeError("not connected to NATS yet")
+        return self._js
+
+    async def start(self) -> None:
+        """Begin connecting; returns at once."""
+        self._task = asyncio.create_task(self._connect_loop(), name="keyrelay-broker")
+
+    async def close(self) -> None:
+        """Close the connection."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=2.0)
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), 5.0)
+
+    async def ensure_bucket(self) -> None:
+        """Create the key bucket (history 1, file storage) when it does not exist."""
+        js = self.js
+        try:
+            await js.key_value(self.bucket)
+        except (BucketNotFoundError, NotFoundError):
+            await js.create_key_value(
+                KeyValueConfig(
+                    bucket=self.bucket,
+                    history=1,
+                    storage=StorageType.FILE,
+                    replicas=self.replicas,
+                    description="keyrelay key records: one entry per key, <scope>.<key id>",
+                )
+            )
+            log.info("created key bucket %s", self.bucket)
+        self.bucket_ready.set()
+
+    async def _connect_loop(self) -> None:
+        backoff = 0.1
+        while not self._closing:
+            try:
+                self.nc = await nats.connect(
+                    servers=self.servers,
+                    name=self.name,
+                    connect_timeout=2,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.25,
+                    ping_interval=5,
+                    max_outstanding_pings=2,
+                    disconnected_cb=self._on_disconnect,
+                    reconnected_cb=self._on_reconnect,
+                    error_cb=self._on_error,
+                )
+            except Exception as exc:
+                log.warning("cannot reach NATS at %s: %s (retrying)", ",".join(self.servers), exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+                continue
+            self._js = self.nc.jetstream(timeout=5.0, publish_async_max_pending=10_000)
+            self.connected_event.set()
+            break
+        while not self._closing and not self.bucket_ready.is_set():
+            try:
+                await self.ensure_bucket()
+            except Exception as exc:
+                log.warning("cannot create the key bucket %s: %s (retrying)", self.bucket, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    async def _on_disconnect(self) -> None:
+        self.connected_event.clear()
+        if not self._closing:
+            log.warning("disconnected from NATS; changes stay in the outbox until it is back")
+
+    async def _on_reconnect(self) -> None:
+        self.connected_event.set()
+        log.info("reconnected to NATS")
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS client error: %s", exc)

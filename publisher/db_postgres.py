@@ -1,0 +1,91 @@
+"""PostgreSQL back end (asyncpg): a pool whose connections speak the store's plain Python types."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from .db import Dialect, Row, redact
+from .errors import StoreError
+
+__all__ = ["PostgresDatabase"]
+
+# timestamptz travels as microseconds since 2000-01-01 UTC; the store speaks integer epoch
+# microseconds, so a time read back is exactly the time written.
+_PG_EPOCH_US = 946_684_800_000_000
+
+
+def _encode_time(micros: int) -> tuple[int]:
+    return (micros - _PG_EPOCH_US,)
+
+
+def _decode_time(value: tuple[int]) -> int:
+    return value[0] + _PG_EPOCH_US
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("uuid", encoder=str, decoder=str, schema="pg_catalog", format="text")
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text")
+    await conn.set_type_codec(
+        "timestamptz", encoder=_encode_time, decoder=_decode_time, schema="pg_catalog", format="tuple"
+    )
+
+
+class _PostgresTx:
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        return [dict(r) for r in await self._conn.fetch(sql, *args)]
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        row = await self._conn.fetchrow(sql, *args)
+        return None if row is None else dict(row)
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        return await self._conn.fetchval(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        status: str = await self._conn.execute(sql, *args)
+        tail = status.rsplit(" ", 1)[-1]
+        return int(tail) if tail.isdigit() else 0
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self._conn.executemany(sql, list(rows))
+
+
+class PostgresDatabase:
+    """The production store: PostgreSQL through an asyncpg pool."""
+
+    dialect: Dialect = "postgresql"
+
+    def __init__(self, url: str, pool: asyncpg.Pool) -> None:
+        self.url = url
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str, *, pool_size: int = 10) -> PostgresDatabase:
+        """Connect a pool; raises StoreError naming the (redacted) URL when the server is unreachable."""
+        try:
+            pool = await asyncpg.create_pool(
+                url, min_size=1, max_size=pool_size, init=_init_connection, command_timeout=30
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreError(f"cannot connect to {redact(url)}: {exc}") from None
+        return cls(url, pool)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[_PostgresTx]:
+        """A READ COMMITTED transaction on a pooled connection."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield _PostgresTx(conn)
+
+    async def close(self) -> None:
+        """Close the pool."""
+        await self._pool.close()

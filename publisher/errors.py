@@ -1,0 +1,68 @@
+"""The publisher's exceptions: one root; each knows its HTTP status and error code."""
+
+from __future__ import annotations
+
+__all__ = ["Conflict", "Forbidden", "Invalid", "NotFound", "PublisherError", "StoreError", "Unauthorized"]
+
+
+class PublisherError(Exception):
+    """Root of every error the publisher raises on purpose; rendered as the API's JSON error."""
+
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+class Invalid(PublisherError):
+    """A request carried a value that cannot be used; names the field."""
+
+    status = 400
+    code = "invalid"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
+        self.field = field
+        if code:
+            self.code = code
+        super().__init__(message)
+
+
+class Unauthorized(PublisherError):
+    """No valid admin token was presented."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(PublisherError):
+    """The token is valid but its role may not do this."""
+
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(PublisherError):
+    """A referenced org, team, project or key does not exist."""
+
+    status = 404
+    code = "not_found"
+
+    def __init__(self, kind: str, ident: str) -> None:
+        self.kind, self.ident = kind, ident
+        super().__init__(f"no {kind} with id {ident!r}")
+
+
+class Conflict(PublisherError):
+    """The change contradicts current state (a duplicate name, a decommissioned project)."""
+
+    status = 409
+    code = "conflict"
+
+
+class StoreError(PublisherError):
+    """The database could not be opened or migrated; says which URL and why."""
+
+    status = 503
+    code = "store_unavailable"

@@ -1,0 +1,262 @@
+"""The outbox relay: publish committed changes to the key bucket, in order per key, then forget them.
+
+Guarantees: an entry is deleted only after JetStream acknowledged it; a key's
+entries are published one after another (each after the previous one's ack),
+so the bucket never ends on an older state; `Nats-Msg-Id` is the entry id, so
+a republish after a crash is dropped as a duplicate. One relay per database
+publishes at a time (a lease row); others stand by.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nats.errors import NoRespondersError
+from nats.js.errors import NoStreamResponseError
+
+from sidecar.wire import subject_prefix
+
+from .broker import Broker
+from .db import Database
+from .models import OutboxEntry, now_us
+from .store import placeholders
+
+__all__ = ["OutboxRelay", "RelayStats"]
+
+log = logging.getLogger("keyrelay.publisher.outbox")
+
+_LEASE = "outbox"
+_MAX_BACKOFF = 2.0
+
+
+@dataclass(slots=True)
+class RelayStats:
+    """Counters exported as metrics."""
+
+    published: int = 0
+    publish_failures: int = 0
+    batches: int = 0
+    last_publish_seconds: float = 0.0
+
+
+class OutboxRelay:
+    """Drains the outbox into JetStream; wake() it after a commit for an immediate publish."""
+
+    def __init__(self, *, db: Database, broker: Broker, batch: int = 1000, lease_ttl: float = 5.0,
+                 poll_interval: float = 0.25, publish_timeout: float = 5.0) -> None:  # fmt: skip
+        self.db = db
+        self.broker = broker
+        self.batch = batch
+        self.lease_ttl = lease_ttl
+        self.poll_interval = poll_interval
+        self.publish_timeout = publish_timeout
+        self.holder = f"{socket.gethostname()[:40]}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.stats = RelayStats()
+        self.leader = False
+        self._wake = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._lease_renewed = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def wake(self) -> None:
+        """New entries were committed: publish now rather than at the next poll."""
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Run in the background."""
+        self._task = asyncio.create_task(self._run(), name="keyrelay-outbox-relay")
+
+    async def close(self) -> None:
+        """Stop, and give the lease up so another publisher can take over at once."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=2.0)
+        if self.leader:
+            with contextlib.suppress(Exception):
+                async with self.db.transaction() as tx:
+                    await tx.execute("DELETE FROM relay_lease WHERE name = $1 AND holder = $2", _LEASE, self.holder)
+
+    async def depth(self) -> int:
+        """Entries waiting to be published."""
+        async with self.db.transaction() as tx:
+            return int(await tx.fetchval("SELECT count(*) FROM outbox"))
+
+    async def wait_published(self, ids: Sequence[int], timeout: float) -> bool:
+        """Wait until every entry in `ids` is published; False on timeout or when NATS is unreachable."""
+        remaining = set(ids)
+        deadline = time.monotonic() + timeout
+        while remaining:
+            if not self.broker.connected:
+                return False
+            progress = self._progress
+            remaining = await self._still_queued(remaining)
+            if not remaining:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            # The local relay signals progress; a relay in another process is seen by polling.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(progress.wait(), min(left, 0.05))
+        return True
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until the outbox is empty (used before reconciling and by the CLI)."""
+        deadline = time.monotonic() + timeout
+        while await self.depth():
+            if time.monotonic() > deadline:
+                return False
+            self.wake()
+            await asyncio.sleep(0.05)
+        return True
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while not self._closing:
+            try:
+                if not await self._hold_lease():
+                    await self._sleep(self.lease_ttl / 3)
+                    continue
+                if not self.broker.bucket_ready.is_set() or not self.broker.connected:
+                    await self._sleep(self.poll_interval)
+                    continue
+                entries = await self._next_batch()
+                if not entries:
+                    await self._sleep(min(self.poll_interval, self.lease_ttl / 3))
+                    continue
+                done = await self._publish(entries)
+                await self._forget(done)
+                if len(done) < len(entries):
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _MAX_BACKOFF)
+                else:
+                    backoff = 0.1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox relay error: %s (retrying in %.1fs)", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    async def _hold_lease(self) -> bool:
+        now = time.monotonic()
+        if self.leader and now - self._lease_renewed < self.lease_ttl / 3:
+            return True
+        stamp = now_us()
+        async with self.db.transaction() as tx:
+            row = await tx.fetchrow(
+                "INSERT INTO relay_lease (name, holder, expires_at) VALUES ($1, $2, $3) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
+                "WHERE relay_lease.holder = $2 OR relay_lease.expires_at < $4 RETURNING holder",
+                _LEASE, self.holder, stamp + int(self.lease_ttl * 1_000_000), stamp,
+            )  # fmt: skip
+        was_leader, self.leader = self.leader, row is not None
+        if self.leader:
+            self._lease_renewed = now
+            if not was_leader:
+                log.info("outbox relay %s holds the lease", self.holder)
+        elif was_leader:
+            log.warning("outbox relay %s lost the lease", self.holder)
+        return self.leader
+
+    async def _next_batch(self) -> list[OutboxEntry]:
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(
+                "SELECT id, key_id, entry, operation, payload FROM outbox ORDER BY id LIMIT $1", self.batch
+            )
+        return [OutboxEntry.from_row(r) for r in rows]
+
+    async def _publish(self, entries: list[OutboxEntry]) -> list[OutboxEntry]:
+        """Publish in waves holding at most one entry per key; a key whose entry fails stops there."""
+        started = time.perf_counter()
+        prefix = subject_prefix(self.broker.bucket)
+        js = self.broker.js
+        done: list[OutboxEntry] = []
+        pending = entries
+        while pending:
+            wave: list[OutboxEntry] = []
+            rest: list[OutboxEntry] = []
+            in_wave: set[str] = set()
+            for entry in pending:
+                (rest if entry.key_id in in_wave else wave).append(entry)
+                in_wave.add(entry.key_id)
+            futures = []
+            for entry in wave:
+                headers = {"Nats-Msg-Id": str(entry.id)}
+                if entry.operation == "delete":
+                    headers["KV-Operation"] = "DEL"
+                futures.append(await js.publish_async(prefix + entry.entry, entry.payload or b"", headers=headers))
+            results = await _gather_with_timeout(futures, self.publish_timeout)
+            failed = {e.key_id for e, r in zip(wave, results, strict=True) if isinstance(r, BaseException)}
+            done += [e for e, r in zip(wave, results, strict=True) if not isinstance(r, BaseException)]
+            if failed:
+                self.stats.publish_failures += len(failed)
+                first = next(r for r in results if isinstance(r, BaseException))
+                log.warning("%d of %d publishes failed (%s); they stay in the outbox", len(failed), len(wave),
+                            type(first).__name__)  # fmt: skip
+                await self._repair_bucket(first)
+            pending = [e for e in rest if e.key_id not in failed]
+        self.stats.batches += 1
+        self.stats.last_publish_seconds = time.perf_counter() - started
+        return done
+
+    async def _repair_bucket(self, error: BaseException) -> None:
+        # No responders means the bucket's stream is gone: recreate it; reconciliation refills it.
+        if isinstance(error, NoStreamResponseError | NoRespondersError):
+            self.broker.bucket_ready.clear()
+            with contextlib.suppress(Exception):
+                await self.broker.ensure_bucket()
+
+    async def _forget(self, done: Iterable[OutboxEntry]) -> None:
+        ids = [e.id for e in done]
+        if not ids:
+            return
+        async with self.db.transaction() as tx:
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                await tx.execute(f"DELETE FROM outbox WHERE id IN ({placeholders(len(chunk))})", *chunk)
+        self.stats.published += len(ids)
+        progress, self._progress = self._progress, asyncio.Event()
+        progress.set()
+
+    async def _still_queued(self, ids: set[int]) -> set[int]:
+        ordered = sorted(ids)
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(f"SELECT id FROM outbox WHERE id IN ({placeholders(len(ordered))})", *ordered)
+        return {r["id"] for r in rows}
+
+
+async def _gather_with_timeout(futures: Sequence[asyncio.Future[Any]], timeout: float) -> list[object]:
+    """Results (or exceptions) of every future; those unfinished after `timeout` count as TimeoutError."""
+    if futures:
+        await asyncio.wait(futures, timeout=timeout)
+    results: list[object] = []
+    for future in futures:
+        if not future.done():
+            future.cancel()
+            results.append(TimeoutError("no JetStream ack in time"))
+        elif future.cancelled():
+            results.append(asyncio.CancelledError())
+        elif future.exception() is not None:
+            results.append(future.exception())
+        else:
+            results.append(future.result())
+    return results

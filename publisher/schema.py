@@ -1,0 +1,193 @@
+"""Versioned schema migrations, applied at start-up, idempotently, for SQLite and PostgreSQL.
+
+The schema follows the guide's "Database Design for Key Storage": organizations
+→ teams → projects → api_keys holding only SHA-256 hashes, a partial index over
+active hashes, and (PostgreSQL) api_keys hash-partitioned for millions of rows;
+plus the audit log, the outbox and the admin tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from .db import Database, Dialect
+
+__all__ = ["MIGRATIONS", "PARTITIONS", "Migration", "migrate"]
+
+log = logging.getLogger("keyrelay.publisher.schema")
+
+PARTITIONS = 16
+_LOCK_ID = 0x6B65_7972  # "keyr": serialises publishers migrating one database
+
+_TYPES: dict[Dialect, dict[str, str]] = {
+    "postgresql": {
+        "uuid": "UUID",
+        "ts": "TIMESTAMPTZ",
+        "text_array": "TEXT[]",
+        "text_array_empty": "'{}'",
+        "json": "JSONB",
+        "json_empty": "'{}'::jsonb",
+        "bytes": "BYTEA",
+        "serial_pk": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        "partitioned": "PARTITION BY HASH (id)",
+    },
+    "sqlite": {
+        "uuid": "TEXT",
+        "ts": "INTEGER",  # epoch microseconds
+        "text_array": "JSON",
+        "text_array_empty": "'[]'",
+        "json": "JSON",
+        "json_empty": "'{}'",
+        "bytes": "BLOB",
+        # AUTOINCREMENT: ids are never reused, so an outbox id stays a unique Nats-Msg-Id.
+        "serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "partitioned": "",
+    },
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    """One schema version: statements in both dialects' types, plus PostgreSQL-only extras."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+    postgresql_only: tuple[str, ...] = ()
+
+    def render(self, dialect: Dialect) -> list[str]:
+        """The statements to run on `dialect`."""
+        types = _TYPES[dialect]
+        rendered = [s.format(**types) for s in self.statements]
+        if dialect == "postgresql":
+            rendered += list(self.postgresql_only)
+        return rendered
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "organizations, teams, projects, api_keys, audit_log, outbox, admin_tokens",
+        (
+            """CREATE TABLE admin_tokens (
+                id {uuid} PRIMARY KEY,
+                name VARCHAR(255) NOT NULL UNIQUE,
+                token_hash {bytes} NOT NULL UNIQUE,
+                role VARCHAR(16) NOT NULL,
+                created_at {ts} NOT NULL,
+                revoked_at {ts}
+            )""",
+            """CREATE TABLE organizations (
+                id {uuid} PRIMARY KEY,
+                name VARCHAR(255) NOT NULL UNIQUE,
+                created_at {ts} NOT NULL
+            )""",
+            """CREATE TABLE teams (
+                id {uuid} PRIMARY KEY,
+                organization_id {uuid} NOT NULL REFERENCES organizations(id),
+                name VARCHAR(255) NOT NULL,
+                created_at {ts} NOT NULL,
+                UNIQUE (organization_id, name)
+            )""",
+            """CREATE TABLE projects (
+                id {uuid} PRIMARY KEY,
+                team_id {uuid} NOT NULL REFERENCES teams(id),
+                organization_id {uuid} NOT NULL REFERENCES organizations(id),
+                name VARCHAR(255) NOT NULL,
+                created_at {ts} NOT NULL,
+                decommissioned_at {ts},
+                UNIQUE (team_id, name)
+            )""",
+            """CREATE TABLE api_keys (
+                id {uuid} NOT NULL PRIMARY KEY,
+                key_prefix VARCHAR(40) NOT NULL,
+                key_hash {bytes} NOT NULL,
+                organization_id {uuid} NOT NULL REFERENCES organizations(id),
+                team_id {uuid} NOT NULL REFERENCES teams(id),
+                project_id {uuid} NOT NULL REFERENCES projects(id),
+                name VARCHAR(255) NOT NULL,
+                scopes {text_array} NOT NULL DEFAULT {text_array_empty},
+                env VARCHAR(8) NOT NULL,
+                region VARCHAR(16),
+                metadata {json} NOT NULL DEFAULT {json_empty},
+                created_at {ts} NOT NULL,
+                expires_at {ts},
+                last_used_at {ts},
+                revoked_at {ts},
+                revoked_reason VARCHAR(255),
+                rotated_to {uuid},
+                created_by {uuid} NOT NULL REFERENCES admin_tokens(id),
+                version BIGINT NOT NULL DEFAULT 1
+            ) {partitioned}""",
+            "CREATE INDEX idx_api_keys_hash ON api_keys (key_hash) WHERE revoked_at IS NULL",
+            "CREATE INDEX idx_api_keys_org ON api_keys (organization_id)",
+            "CREATE INDEX idx_api_keys_project ON api_keys (project_id, created_at)",
+            """CREATE TABLE audit_log (
+                id {serial_pk},
+                at {ts} NOT NULL,
+                actor VARCHAR(255) NOT NULL,
+                action VARCHAR(64) NOT NULL,
+                organization_id {uuid},
+                team_id {uuid},
+                project_id {uuid},
+                key_id {uuid},
+                details {json} NOT NULL DEFAULT {json_empty}
+            )""",
+            "CREATE INDEX idx_audit_org ON audit_log (organization_id, id)",
+            "CREATE INDEX idx_audit_team ON audit_log (team_id, id)",
+            "CREATE INDEX idx_audit_project ON audit_log (project_id, id)",
+            "CREATE INDEX idx_audit_key ON audit_log (key_id, id)",
+            """CREATE TABLE outbox (
+                id {serial_pk},
+                key_id {uuid} NOT NULL,
+                entry VARCHAR(64) NOT NULL,
+                operation VARCHAR(8) NOT NULL,
+                payload {bytes},
+                created_at {ts} NOT NULL
+            )""",
+            """CREATE TABLE relay_lease (
+                name VARCHAR(32) PRIMARY KEY,
+                holder VARCHAR(64) NOT NULL,
+                expires_at {ts} NOT NULL
+            )""",
+        ),
+        postgresql_only=tuple(
+            f"CREATE TABLE api_keys_p{i:02d} PARTITION OF api_keys "
+            f"FOR VALUES WITH (MODULUS {PARTITIONS}, REMAINDER {i})"
+            for i in range(PARTITIONS)
+        ),
+    ),
+)
+
+
+async def migrate(db: Database) -> list[int]:
+    """Apply every migration newer than the database; returns the versions applied."""
+    ts = _TYPES[db.dialect]["ts"]
+    async with db.transaction() as tx:
+        if db.dialect == "postgresql":
+            await tx.execute(f"SELECT pg_advisory_xact_lock({_LOCK_ID})")
+        await tx.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            f"version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at {ts} NOT NULL)"
+        )
+    applied: list[int] = []
+    for migration in MIGRATIONS:
+        async with db.transaction() as tx:
+            if db.dialect == "postgresql":
+                await tx.execute(f"SELECT pg_advisory_xact_lock({_LOCK_ID})")
+            done = await tx.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1", migration.version)
+            if done:
+                continue
+            for statement in migration.render(db.dialect):
+                await tx.execute(statement)
+            await tx.execute(
+                "INSERT INTO schema_migrations (version, description, applied_at) VALUES ($1, $2, $3)",
+                migration.version,
+                migration.description,
+                time.time_ns() // 1000,
+            )
+            applied.append(migration.version)
+            log.info("applied schema migration %d: %s", migration.version, migration.description)
+    return applied

@@ -1,0 +1,61 @@
+"""The publisher's settings, read once at start-up (flag, then KEYRELAY_* variable, then default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.config import option, parse_bool
+from sidecar.settings import LOG_LEVELS, parse_port, parse_positive_duration, parse_servers
+from sidecar.wire import DEFAULT_BUCKET, DEFAULT_PREFIX
+
+from .validation import MAX_GRACE
+
+__all__ = ["PublisherSettings"]
+
+
+def _grace(text: str) -> float:
+    seconds = parse_positive_duration(text)
+    if seconds > MAX_GRACE:
+        raise ValueError("at most 7d")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class PublisherSettings:
+    """Everything the publisher needs to know; all of it has a flag and a KEYRELAY_* variable."""
+
+    database_url: str = option(
+        "",
+        secret=True,
+        help="sqlite:///path.db or postgresql://user:pass@host/db (unset: SQLite in the data directory)",
+    )
+    data_dir: Path = option(Path(".keyrelay"), parse=Path, help="directory for the SQLite file and state")
+    nats_url: tuple[str, ...] = option(
+        ("nats://127.0.0.1:4222",), parse=parse_servers, help="NATS server(s) of the hub, comma separated"
+    )
+    bucket: str = option(DEFAULT_BUCKET, help="JetStream KV bucket the key records are published to")
+    bucket_replicas: int = option(1, parse=int, help="replicas of the bucket's stream (3 on a NATS cluster)")
+    host: str = option("127.0.0.1", help="address the admin API listens on")
+    port: int = option(8080, parse=parse_port, help="port of the admin API")
+    admin_token: str = option(
+        "", secret=True, help="bootstrap admin token (stored hashed); unset: one is generated and printed once"
+    )
+    key_prefix: str = option(DEFAULT_PREFIX, help="prefix of the keys this deployment issues (the `sk` in sk_live_)")
+    default_grace: float = option(
+        86400.0, parse=_grace, duration=True, help="how long a rotated key keeps working, unless the call says"
+    )
+    publish_wait: float = option(
+        2.0,
+        parse=parse_positive_duration,
+        duration=True,
+        help="how long a change waits for the JetStream ack before answering propagation: pending",
+    )
+    reconcile_on_start: bool = option(
+        True, parse=parse_bool, help="compare the bucket with the database at start-up and repair it"
+    )
+    log_level: str = option("info", choices=LOG_LEVELS, help="logging level")
+
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to SQLite in the data directory."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'keyrelay.db'}"

@@ -1,0 +1,454 @@
+"""The key store: every change commits its rows, an audit entry and an outbox entry together.
+
+Nothing here talks to NATS. A change returns the ids of the outbox entries it
+wrote, so the caller can wait for the relay to publish them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from sidecar.wire import DEFAULT_PREFIX, display_form, generate_key, is_uuid, key_digest
+
+from .db import Database, Tx
+from .errors import Conflict, NotFound
+from .models import Actor, ApiKey, AuditEntry, Org, Project, Team, new_id, now_us
+
+__all__ = ["Change", "KeySpec", "KeyStore", "placeholders"]
+
+T = TypeVar("T")
+
+KEY_COLUMNS = (
+    "id, key_prefix, key_hash, organization_id, team_id, project_id, name, scopes, env, region, metadata, "
+    "created_at, expires_at, last_used_at, revoked_at, revoked_reason, rotated_to, created_by, version"
+)
+_CHUNK = 500  # rows per multi-row statement: well under both back ends' parameter limits
+
+
+_NIL_UUID = "00000000-0000-0000-0000-000000000000"
+
+
+def placeholders(count: int, *, start: int = 1) -> str:
+    """`$1, $2, …` for an IN list."""
+    return ", ".join(f"${i}" for i in range(start, start + count))
+
+
+def _chunks(items: Sequence[T], size: int = _CHUNK) -> Iterable[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """A validated request for one new key."""
+
+    name: str
+    scopes: tuple[str, ...]
+    env: str = "live"
+    region: str | None = None
+    expires_in: float | None = None  # seconds
+    metadata: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Change(Generic[T]):
+    """The result of a committed change, and the outbox entries that will publish it."""
+
+    value: T
+    outbox_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """A new key with its plaintext (returned once, never stored)."""
+
+    key: ApiKey
+    plaintext: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rotation:
+    """A rotation: the new key (with plaintext) and the old one, now expiring after the grace."""
+
+    new: Created
+    old: ApiKey
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A (bulk) revocation: what was revoked now and what already was."""
+
+    revoked: tuple[ApiKey, ...]
+    already_revoked: tuple[str, ...]
+
+
+class KeyStore:
+    """Orgs, teams, projects and keys, with their audit trail and outbox, over a Database."""
+
+    def __init__(self, db: Database, *, key_prefix: str = DEFAULT_PREFIX) -> None:
+        self.db = db
+        self.key_prefix = key_prefix
+        self._for_update = " FOR UPDATE" if db.dialect == "postgresql" else ""
+
+    # -- hierarchy ----------------------------------------------------------------------------
+
+    async def create_org(self, actor: Actor, name: str) -> Org:
+        """A new organization; names are unique."""
+        org = Org(id=new_id(), name=name, created_at=now_us())
+        async with self.db.transaction() as tx:
+            if await tx.fetchval("SELECT 1 FROM organizations WHERE name = $1", name):
+                raise Conflict(f"an organization named {name!r} already exists")
+            await tx.execute(
+                "INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3)", org.id, name, org.created_at
+            )
+            await _audit(tx, actor, "org.create", org.created_at, [(org.id, None, None, None, {"name": name})])
+        return org
+
+    async def create_team(self, actor: Actor, org_id: str, name: str) -> Team:
+        """A new team in an org; names are unique within the org."""
+        team = Team(id=new_id(), org_id=org_id, name=name, created_at=now_us())
+        async with self.db.transaction() as tx:
+            await self._org(tx, org_id)
+            if await tx.fetchval("SELECT 1 FROM teams WHERE organization_id = $1 AND name = $2", org_id, name):
+                raise Conflict(f"a team named {name!r} already exists in this organization")
+            await tx.execute(
+                "INSERT INTO teams (id, organization_id, name, created_at) VALUES ($1, $2, $3, $4)",
+                team.id, org_id, name, team.created_at,
+            )  # fmt: skip
+            await _audit(tx, actor, "team.create", team.created_at, [(org_id, team.id, None, None, {"name": name})])
+        return team
+
+    async def create_project(self, actor: Actor, team_id: str, name: str) -> Project:
+        """A new project in a team; names are unique within the team."""
+        async with self.db.transaction() as tx:
+            team = await self._team(tx, team_id)
+            if await tx.fetchval("SELECT 1 FROM projects WHERE team_id = $1 AND name = $2", team_id, name):
+                raise Conflict(f"a project named {name!r} already exists in this team")
+            project = Project(
+                id=new_id(), team_id=team_id, org_id=team.org_id, name=name, created_at=now_us(), decommissioned_at=None
+            )
+            await tx.execute(
+                "INSERT INTO projects (id, team_id, organization_id, name, created_at) VALUES ($1, $2, $3, $4, $5)",
+                project.id, team_id, team.org_id, name, project.created_at,
+            )  # fmt: skip
+            await _audit(
+                tx, actor, "project.create", project.created_at,
+                [(team.org_id, team_id, project.id, None, {"name": name})],
+            )  # fmt: skip
+        return project
+
+    async def list_orgs(self) -> list[Org]:
+        """Every organization, oldest first."""
+        async with self.db.transaction() as tx:
+            return [Org.from_row(r) for r in await tx.fetch("SELECT * FROM organizations ORDER BY created_at, id")]
+
+    async def list_teams(self, org_id: str) -> list[Team]:
+        """The teams of an org."""
+        async with self.db.transaction() as tx:
+            await self._org(tx, org_id)
+            rows = await tx.fetch("SELECT * FROM teams WHERE organization_id = $1 ORDER BY created_at, id", org_id)
+        return [Team.from_row(r) for r in rows]
+
+    async def list_projects(self, team_id: str) -> list[Project]:
+        """The projects of a team."""
+        async with self.db.transaction() as tx:
+            await self._team(tx, team_id)
+            rows = await tx.fetch("SELECT * FROM projects WHERE team_id = $1 ORDER BY created_at, id", team_id)
+        return [Project.from_row(r) for r in rows]
+
+    async def decommission_project(self, actor: Actor, project_id: str) -> Change[Revocation]:
+        """Mark a project decommissioned and revoke every key it still has, in one transaction."""
+        now = now_us()
+        async with self.db.transaction() as tx:
+            project = await self._project(tx, project_id, lock=True)
+            if project.decommissioned_at is None:
+                await tx.execute("UPDATE projects SET decommissioned_at = $1 WHERE id = $2", now, project_id)
+            rows = await tx.fetch(
+                f"UPDATE api_keys SET revoked_at = $1, revoked_reason = $2, version = version + 1 "
+                f"WHERE project_id = $3 AND revoked_at IS NULL RETURNING {KEY_COLUMNS}",
+                now, "project decommissioned", project_id,
+            )  # fmt: skip
+            keys = [ApiKey.from_row(r) for r in rows]
+            outbox = await _enqueue(tx, keys, now)
+            await _audit(
+                tx, actor, "project.decommission", now,
+                [(project.org_id, project.team_id, project_id, None, {"keys_revoked": len(keys)})],
+            )  # fmt: skip
+            await _audit(
+                tx, actor, "key.revoke", now, [_key_audit(k, {"reason": "project decommissioned"}) for k in keys]
+            )
+        return Change(Revocation(revoked=tuple(keys), already_revoked=()), outbox)
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    async def create_keys(self, actor: Actor, project_id: str, specs: Sequence[KeySpec]) -> Change[list[Created]]:
+        """New keys in a project, all in one transaction; plaintexts are returned, only hashes kept."""
+        now = now_us()
+        async with self.db.transaction() as tx:
+            project = await self._project(tx, project_id)
+            if project.decommissioned_at is not None:
+                raise Conflict("the project is decommissioned; it cannot hold new keys")
+            created = [self._new_key(actor, project, spec, now) for spec in specs]
+            await _insert_keys(tx, [c.key for c in created])
+            outbox = await _enqueue(tx, [c.key for c in created], now)
+            await _audit(tx, actor, "key.create", now, [_key_audit(c.key, {"name": c.key.name}) for c in created])
+        return Change(created, outbox)
+
+    async def get_key(self, key_id: str) -> ApiKey:
+        """One key (masked)."""
+        async with self.db.transaction() as tx:
+            return await self._key(tx, key_id)
+
+    async def list_keys(self, project_id: str, *, limit: int = 100, after: str | None = None) -> list[ApiKey]:
+        """A project's keys in id (creation) order, `limit` at a time after the cursor `after`."""
+        async with self.db.transaction() as tx:
+            await self._project(tx, project_id)
+            if after is None:
+                rows = await tx.fetch(
+                    f"SELECT {KEY_COLUMNS} FROM api_keys WHERE project_id = $1 ORDER BY id LIMIT $2", project_id, limit
+                )
+            else:
+                rows = await tx.fetch(
+                    f"SELECT {KEY_COLUMNS} FROM api_keys WHERE project_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                    project_id, after, limit,
+                )  # fmt: skip
+        return [ApiKey.from_row(r) for r in rows]
+
+    async def revoke_keys(self, actor: Actor, key_ids: Sequence[str], reason: str | None) -> Change[Revocation]:
+        """Revoke keys in one transaction; all must exist, already-revoked ones are left as they are."""
+        now = now_us()
+        async with self.db.transaction() as tx:
+            found: set[str] = set()
+            for chunk in _chunks(key_ids):
+                rows = await tx.fetch(f"SELECT id FROM api_keys WHERE id IN ({placeholders(len(chunk))})", *chunk)
+                found.update(r["id"] for r in rows)
+            missing = [k for k in key_ids if k not in found]
+            if missing:
+                raise NotFound("key", missing[0]) if len(missing) == 1 else NotFound("keys", ", ".join(missing))
+            keys: list[ApiKey] = []
+            for chunk in _chunks(key_ids):
+                rows = await tx.fetch(
+                    f"UPDATE api_keys SET revoked_at = $1, revoked_reason = $2, version = version + 1 "
+                    f"WHERE id IN ({placeholders(len(chunk), start=3)}) AND revoked_at IS NULL "
+                    f"RETURNING {KEY_COLUMNS}",
+                    now, reason, *chunk,
+                )  # fmt: skip
+                keys += [ApiKey.from_row(r) for r in rows]
+            outbox = await _enqueue(tx, keys, now)
+            details = {"reason": reason} if reason else {}
+            await _audit(tx, actor, "key.revoke", now, [_key_audit(k, details) for k in keys])
+        revoked_ids = {k.id for k in keys}
+        already = tuple(k for k in dict.fromkeys(key_ids) if k not in revoked_ids)
+        return Change(Revocation(revoked=tuple(keys), already_revoked=already), outbox)
+
+    async def rotate_key(self, actor: Actor, key_id: str, grace: float) -> Change[Rotation]:
+        """A successor key with the same grants; the old key expires `grace` seconds from now."""
+        now = now_us()
+        async with self.db.transaction() as tx:
+            old = await self._key(tx, key_id, lock=True)
+            if old.revoked_at is not None:
+                raise Conflict("the key is revoked; create a new key instead of rotating it")
+            if old.rotated_to is not None:
+                raise Conflict(f"the key was already rotated to {old.rotated_to}; rotate that key instead")
+            if old.status(now) == "expired":
+                raise Conflict("the key has expired; create a new key instead of rotating it")
+            project = await self._project(tx, old.project_id)
+            if project.decommissioned_at is not None:
+                raise Conflict("the project is decommissioned; its keys cannot be rotated")
+            lifetime = None if old.expires_at is None else (old.expires_at - old.created_at) / 1_000_000
+            spec = KeySpec(old.name, old.scopes, old.env, old.region, lifetime, old.metadata)
+            new = self._new_key(actor, project, spec, now)
+            await _insert_keys(tx, [new.key])
+            deadline = now + int(grace * 1_000_000)
+            expires = deadline if old.expires_at is None else min(old.expires_at, deadline)
+            row = await tx.fetchrow(
+                f"UPDATE api_keys SET expires_at = $1, rotated_to = $2, version = version + 1 "
+                f"WHERE id = $3 RETURNING {KEY_COLUMNS}",
+                expires, new.key.id, key_id,
+            )  # fmt: skip
+            assert row is not None  # locked above
+            old = ApiKey.from_row(row)
+            outbox = await _enqueue(tx, [new.key, old], now)
+            await _audit(
+                tx, actor, "key.rotate", now,
+                [_key_audit(old, {"new_key_id": new.key.id, "old_expires_at": expires})],
+            )  # fmt: skip
+        return Change(Rotation(new=new, old=old), outbox)
+
+    async def audit(
+        self,
+        *,
+        org_id: str | None = None,
+        team_id: str | None = None,
+        project_id: str | None = None,
+        key_id: str | None = None,
+        limit: int = 100,
+        before: int | None = None,
+    ) -> list[AuditEntry]:
+        """Audit entries, newest first, filtered by any of org, team, project and key."""
+        conditions: list[str] = []
+        args: list[Any] = []
+        for column, value in (
+            ("organization_id", org_id),
+            ("team_id", team_id),
+            ("project_id", project_id),
+            ("key_id", key_id),
+            ("id <", before),
+        ):
+            if value is not None:
+                args.append(value)
+                op = "" if column.endswith("<") else " ="
+                conditions.append(f"{column}{op} ${len(args)}")
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        args.append(limit)
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(f"SELECT * FROM audit_log {where} ORDER BY id DESC LIMIT ${len(args)}", *args)
+        return [AuditEntry.from_row(r) for r in rows]
+
+    # -- reconciliation -----------------------------------------------------------------------
+
+    async def scan_keys(self, *, after: str = "", limit: int = 1000) -> list[ApiKey]:
+        """Keys in id order after `after`: one page of a full scan."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(
+                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id > $1 ORDER BY id LIMIT $2", after, limit
+            )
+        return [ApiKey.from_row(r) for r in rows]
+
+    async def republish(self, key_ids: Sequence[str]) -> tuple[int, ...]:
+        """Queue each key's current record again (rows locked, so it cannot race a change)."""
+        now = now_us()
+        outbox: list[int] = []
+        async with self.db.transaction() as tx:
+            for chunk in _chunks(key_ids):
+                rows = await tx.fetch(
+                    f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id IN ({placeholders(len(chunk))}){self._for_update}",
+                    *chunk,
+                )
+                outbox += await _enqueue(tx, [ApiKey.from_row(r) for r in rows], now)
+        return tuple(outbox)
+
+    async def unpublish(self, entries: Sequence[tuple[str, str]]) -> tuple[int, ...]:
+        """Queue deletes for bucket entries `(entry, key_id)` whose key is not in the database."""
+        now = now_us()
+        outbox: list[int] = []
+        async with self.db.transaction() as tx:
+            for chunk in _chunks(entries):
+                ids = [key_id for _, key_id in chunk if is_uuid(key_id)]
+                present: set[str] = set()
+                if ids:
+                    rows = await tx.fetch(f"SELECT id FROM api_keys WHERE id IN ({placeholders(len(ids))})", *ids)
+                    present = {r["id"] for r in rows}
+                for entry, key_id in chunk:
+                    if key_id in present:  # a key created since the scan is not an orphan
+                        continue
+                    outbox_id = await tx.fetchval(
+                        "INSERT INTO outbox (key_id, entry, operation, payload, created_at) "
+                        "VALUES ($1, $2, 'delete', NULL, $3) RETURNING id",
+                        key_id if is_uuid(key_id) else _NIL_UUID, entry, now,
+                    )  # fmt: skip
+                    outbox.append(outbox_id)
+        return tuple(outbox)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _new_key(self, actor: Actor, project: Project, spec: KeySpec, now: int) -> Created:
+        plaintext = generate_key(prefix=self.key_prefix, env=spec.env, region=spec.region)
+        key = ApiKey(
+            id=new_id(),
+            display=display_form(plaintext),
+            key_hash=key_digest(plaintext),
+            org_id=project.org_id,
+            team_id=project.team_id,
+            project_id=project.id,
+            name=spec.name,
+            scopes=spec.scopes,
+            env=spec.env,
+            region=spec.region,
+            metadata=dict(spec.metadata or {}),
+            created_at=now,
+            expires_at=None if spec.expires_in is None else now + int(spec.expires_in * 1_000_000),
+            last_used_at=None,
+            revoked_at=None,
+            revoked_reason=None,
+            rotated_to=None,
+            created_by=actor.token_id,
+            version=1,
+        )
+        return Created(key=key, plaintext=plaintext)
+
+    async def _org(self, tx: Tx, org_id: str) -> Org:
+        row = await tx.fetchrow("SELECT * FROM organizations WHERE id = $1", org_id)
+        if row is None:
+            raise NotFound("organization", org_id)
+        return Org.from_row(row)
+
+    async def _team(self, tx: Tx, team_id: str) -> Team:
+        row = await tx.fetchrow("SELECT * FROM teams WHERE id = $1", team_id)
+        if row is None:
+            raise NotFound("team", team_id)
+        return Team.from_row(row)
+
+    async def _project(self, tx: Tx, project_id: str, *, lock: bool = False) -> Project:
+        row = await tx.fetchrow(f"SELECT * FROM projects WHERE id = $1{self._for_update if lock else ''}", project_id)
+        if row is None:
+            raise NotFound("project", project_id)
+        return Project.from_row(row)
+
+    async def _key(self, tx: Tx, key_id: str, *, lock: bool = False) -> ApiKey:
+        row = await tx.fetchrow(
+            f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1{self._for_update if lock else ''}", key_id
+        )
+        if row is None:
+            raise NotFound("key", key_id)
+        return ApiKey.from_row(row)
+
+
+async def _insert_keys(tx: Tx, keys: Sequence[ApiKey]) -> None:
+    await tx.executemany(
+        f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES "
+        "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
+        [
+            (
+                k.id, k.display, k.key_hash, k.org_id, k.team_id, k.project_id, k.name, list(k.scopes), k.env,
+                k.region, k.metadata, k.created_at, k.expires_at, k.last_used_at, k.revoked_at, k.revoked_reason,
+                k.rotated_to, k.created_by, k.version,
+            )
+            for k in keys
+        ],
+    )  # fmt: skip
+
+
+async def _enqueue(tx: Tx, keys: Sequence[ApiKey], now: int) -> tuple[int, ...]:
+    """Outbox entries carrying each key's record exactly as committed; returns their ids."""
+    ids: list[int] = []
+    for chunk in _chunks(keys):
+        values = ", ".join(
+            f"(${5 * i + 1}, ${5 * i + 2}, ${5 * i + 3}, ${5 * i + 4}, ${5 * i + 5})" for i in range(len(chunk))
+        )
+        args: list[Any] = []
+        for key in chunk:
+            record = key.record()
+            args += [key.id, record.entry, "put", record.encode(), now]
+        rows = await tx.fetch(
+            f"INSERT INTO outbox (key_id, entry, operation, payload, created_at) VALUES {values} RETURNING id", *args
+        )
+        ids += [r["id"] for r in rows]
+    return tuple(ids)
+
+
+AuditRow = tuple[str | None, str | None, str | None, str | None, dict[str, Any]]
+
+
+def _key_audit(key: ApiKey, details: dict[str, Any]) -> AuditRow:
+    return (key.org_id, key.team_id, key.project_id, key.id, details)
+
+
+async def _audit(tx: Tx, actor: Actor, action: str, now: int, rows: Sequence[AuditRow]) -> None:
+    await tx.executemany(
+        "INSERT INTO audit_log (at, actor, action, organization_id, team_id, project_id, key_id, details) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        [(now, actor.name, action, org, team, project, key, details) for org, team, project, key, details in rows],
+    )

@@ -1,0 +1,162 @@
+"""Checking admin API input: every bad value is a 400 naming its field, and changes nothing."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+from typing import Any
+
+import msgpack
+
+from sidecar.config import parse_duration
+from sidecar.wire import ENVS, MAX_METADATA_BYTES, is_region_code, is_uuid
+
+from .errors import Invalid, NotFound
+from .store import KeySpec
+
+__all__ = [
+    "MAX_BULK",
+    "MAX_GRACE",
+    "fields",
+    "grace",
+    "key_ids",
+    "key_spec",
+    "name",
+    "path_id",
+    "query_int",
+    "reason",
+]
+
+MAX_NAME = 255
+MAX_SCOPES = 64
+MAX_BULK = 1000
+MAX_GRACE = 7 * 86400.0
+MAX_LIFETIME = 10 * 365 * 86400.0
+MAX_METADATA_ENTRIES = 16
+# Scopes travel space-separated in headers: no spaces, no commas; `:` `.` `/` `-` `_` `*` allowed.
+_SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._/*-]{0,63}")
+
+
+def fields(body: Any, *, allowed: Collection[str], required: Collection[str] = ()) -> dict[str, Any]:
+    """The body as a dict with only known fields and every required one."""
+    if not isinstance(body, dict):
+        raise Invalid("the body must be a JSON object", code="invalid_body")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise Invalid(f"unknown field(s): {', '.join(unknown)}", field=unknown[0], code="unknown_field")
+    missing = [f for f in required if f not in body]
+    if missing:
+        raise Invalid(f"missing field(s): {', '.join(missing)}", field=missing[0], code="missing_field")
+    return body
+
+
+def name(value: Any, field: str = "name") -> str:
+    """A display name: 1 to 255 characters, trimmed."""
+    if not isinstance(value, str) or not value.strip():
+        raise Invalid(f"{field} must be a non-empty string", field=field)
+    text = value.strip()
+    if len(text) > MAX_NAME:
+        raise Invalid(f"{field} is {len(text)} characters; at most {MAX_NAME}", field=field)
+    return text
+
+
+def scopes(value: Any) -> tuple[str, ...]:
+    """A list of scope names such as `orders:read`; duplicates dropped, order kept."""
+    if not isinstance(value, list):
+        raise Invalid("scopes must be a list of strings", field="scopes")
+    if len(value) > MAX_SCOPES:
+        raise Invalid(f"at most {MAX_SCOPES} scopes", field="scopes")
+    for scope in value:
+        if not isinstance(scope, str) or not _SCOPE.fullmatch(scope):
+            raise Invalid(
+                f"bad scope {scope!r}: 1-64 of letters, digits and : . / - _ *, starting with a letter or digit",
+                field="scopes",
+            )
+    return tuple(dict.fromkeys(value))
+
+
+def duration(value: Any, field: str, *, maximum: float, minimum: float = 0.0) -> float:
+    """A duration (`90d`, `24h`, `15m`, `30s` or seconds) within bounds, in seconds."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise Invalid(f"{field} must be a duration such as 90d, 24h, 15m or a number of seconds", field=field)
+    try:
+        seconds = parse_duration(str(value))
+    except ValueError as exc:
+        raise Invalid(f"{field}: {exc}", field=field) from None
+    if not minimum <= seconds <= maximum:
+        raise Invalid(f"{field} must be between {minimum:g}s and {maximum:g}s", field=field)
+    return seconds
+
+
+def grace(value: Any, default: float) -> float:
+    """The rotation grace period: default 24h, at most 7d."""
+    return default if value is None else duration(value, "grace", maximum=MAX_GRACE)
+
+
+def metadata(value: Any) -> dict[str, str]:
+    """Small string-to-string metadata, replicated to every sidecar (so kept under 512 bytes)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise Invalid("metadata must be an object of string values", field="metadata")
+    if len(value) > MAX_METADATA_ENTRIES:
+        raise Invalid(f"at most {MAX_METADATA_ENTRIES} metadata entries", field="metadata")
+    if len(msgpack.packb(value)) > MAX_METADATA_BYTES:
+        raise Invalid(f"metadata must encode to at most {MAX_METADATA_BYTES} bytes", field="metadata")
+    return dict(value)
+
+
+def key_spec(body: Any) -> KeySpec:
+    """A validated request for one key."""
+    data = fields(body, allowed={"name", "scopes", "expires_in", "env", "region", "metadata"}, required={"name"})
+    env = data.get("env", "live")
+    if env not in ENVS:
+        raise Invalid(f"env must be one of {', '.join(ENVS)}", field="env")
+    region = data.get("region")
+    if region is not None and not (isinstance(region, str) and is_region_code(region)):
+        raise Invalid("region must be a lowercase region code such as eu, or null for a global key", field="region")
+    expires_in = data.get("expires_in")
+    return KeySpec(
+        name=name(data["name"]),
+        scopes=scopes(data.get("scopes", [])),
+        env=env,
+        region=region,
+        expires_in=None if expires_in is None else duration(expires_in, "expires_in", maximum=MAX_LIFETIME,
+                                                              minimum=1.0),
+        metadata=metadata(data.get("metadata")),
+    )  # fmt: skip
+
+
+def reason(value: Any) -> str | None:
+    """An optional revocation reason."""
+    if value is None:
+        return None
+    return name(value, "reason")
+
+
+def key_ids(value: Any) -> list[str]:
+    """A non-empty list of at most 1000 key ids (UUIDs), duplicates dropped."""
+    if not isinstance(value, list) or not value:
+        raise Invalid("ids must be a non-empty list of key ids", field="ids")
+    if len(value) > MAX_BULK:
+        raise Invalid(f"at most {MAX_BULK} ids per call", field="ids")
+    for ident in value:
+        if not isinstance(ident, str) or not is_uuid(ident):
+            raise Invalid(f"not a key id: {ident!r}", field="ids")
+    return list(dict.fromkeys(v.lower() for v in value))
+
+
+def path_id(value: str, kind: str) -> str:
+    """An id from the URL path; anything that is not a UUID names nothing (404)."""
+    if not is_uuid(value):
+        raise NotFound(kind, value)
+    return value.lower()
+
+
+def query_int(value: str | None, field: str, *, default: int, maximum: int) -> int:
+    """A positive integer query parameter."""
+    if value is None:
+        return default
+    if not value.isdigit() or not 1 <= int(value) <= maximum:
+        raise Invalid(f"{field} must be an integer from 1 to {maximum}", field=field)
+    return int(value)
