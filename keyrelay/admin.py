@@ -35,12 +35,18 @@ def _client(args: argparse.Namespace) -> AdminClient:
 
 
 def _show(args: argparse.Namespace, data: Any, text: str) -> int:
-    print(dump_json(data) if args.json else text)
+    if args.print:
+        missing = [f for f in args.print.split(",") if not isinstance(data, dict) or f not in data]
+        if missing:
+            raise KeyrelayError(f"--print: the answer has no field {missing[0]!r}")
+        print(" ".join(str(data[f]) for f in args.print.split(",")))
+    else:
+        print(dump_json(data) if args.json else text)
     return 0
 
 
 def _created_key(args: argparse.Namespace, answer: dict[str, Any]) -> int:
-    if args.json:
+    if args.json or args.print:
         return _show(args, answer, "")
     print(f"key (shown once, store it now): {answer['key']}")
     print(details(answer, [*KEY_DETAILS[:10], ("expires", "expires_at"), ("propagation", "propagation")]))
@@ -195,7 +201,10 @@ def add_admin_commands(commands: Any) -> None:
     """Register orgs, teams, projects, keys, audit and tokens under the `keyrelay` parser."""
     common = argparse.ArgumentParser(add_help=False)
     add_options(common, ClientSettings)
-    common.add_argument("--json", action="store_true", help="print the API's JSON answer instead of a table")
+    output = common.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the API's JSON answer instead of a table")
+    output.add_argument("--print", metavar="FIELD[,FIELD]",
+                        help="print only these fields of the answer, space separated (for scripts)")  # fmt: skip
 
     def group(name: str, help_text: str) -> Any:
         parser = commands.add_parser(name, help=help_text, description=help_text)

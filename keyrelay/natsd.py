@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import sysconfig
@@ -13,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import KeyrelayError
+from .procs import ProcessError, spawn, stop, tail
 
 __all__ = ["NatsServer", "NatsSpec", "free_port", "nats_server_binary", "port_is_free", "wait_for_port"]
 
@@ -135,27 +134,21 @@ class NatsServer:
         config = self.log_dir / f"{self.spec.name}.conf"
         config.write_text(self.spec.render())
         log = self.log_dir / f"{self.spec.name}.log"
-        with log.open("ab") as out:
-            self.process = subprocess.Popen(
-                [str(nats_server_binary()), "-c", str(config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env={**os.environ},
-            )
-        wait_for_port(self.spec.port, host=self.spec.host, timeout=timeout, process=self.process)
+        self.process = spawn([str(nats_server_binary()), "-c", str(config)], log=log)
+        try:
+            wait_for_port(self.spec.port, host=self.spec.host, timeout=timeout, process=self.process)
+        except KeyrelayError as exc:
+            raise ProcessError(f"nats-server {self.spec.name}: {exc}; log:\n{tail(log)}") from None
 
     def stop(self, *, kill: bool = False, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, or SIGKILL when `kill`); returns once it has exited."""
         if self.process is None:
             return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if kill:
+            self.process.kill()
+            self.process.wait()
+        else:
+            stop(self.process, timeout=timeout)
         self.process = None
 
     def restart(self) -> None:

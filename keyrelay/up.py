@@ -1,18 +1,325 @@
-"""`keyrelay up`: a complete local stack under one supervisor."""
+"""`keyrelay up`: NATS, the publisher and one sidecar per region, under one supervisor.
+
+Single region: one nats-server (JetStream domain `hub`), the publisher on SQLite
+and a global sidecar. With `--regions eu,us`: the hub plus one leaf nats-server
+per region (its own JetStream domain, a filtered mirror of the bucket) and a
+sidecar per region connected to its region's NATS only. Ctrl-C or SIGTERM stops
+everything; children also die with the supervisor (PR_SET_PDEATHSIG).
+"""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
 
-__all__ = ["UpSettings", "up_command"]
+from sidecar.config import load, option, parse_bool
+from sidecar.settings import LOG_LEVELS, parse_port, parse_region
+
+from .client import AdminClient, stack_file
+from .errors import KeyrelayError
+from .natsd import NatsServer, NatsSpec, free_port, port_is_free
+from .procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
+from .region import HUB_DOMAIN, ensure_region_mirror
+
+__all__ = ["Stack", "UpSettings", "up_command"]
+
+_READY_TIMEOUT = 60.0
+
+
+def _regions(text: str) -> tuple[str, ...]:
+    regions = tuple(r.strip() for r in text.split(",") if r.strip())
+    for region in regions:
+        parse_region(region)
+    if len(set(regions)) != len(regions):
+        raise ValueError("a region is named twice")
+    return regions
 
 
 @dataclass(frozen=True, slots=True)
 class UpSettings:
     """Options of `keyrelay up`."""
 
+    data_dir: Path = option(Path(".keyrelay"), parse=Path, help="state: database, NATS store, logs; reused")
+    admin_token: str = option(
+        "", secret=True, help="admin token (default: generated on first run, kept in DATA_DIR/admin-token)"
+    )
+    publisher_port: int = option(8080, parse=parse_port, help="admin API port (the next free one if taken)")
+    sidecar_port: int = option(8081, parse=parse_port, help="first sidecar's port; more regions take the next ones")
+    nats_port: int = option(4222, parse=parse_port, help="hub NATS client port (the next free one if taken)")
+    regions: tuple[str, ...] = option(
+        (), parse=_regions, help="regions, e.g. eu,us: a leaf NATS and a sidecar each (default: one global sidecar)"
+    )
+    demo: bool = option(False, parse=parse_bool, help="seed an org, team, project and a key, and print the key")
+    log_level: str = option("info", choices=LOG_LEVELS, help="log level of the components (their logs: DATA_DIR/logs)")
+
+
+class _Stop(Exception):
+    """SIGINT or SIGTERM arrived."""
+
+
+class _Ports:
+    """Hands out ports: the one asked for when free, else the next free one (and says so)."""
+
+    def __init__(self) -> None:
+        self.taken: set[int] = set()
+        self.notes: list[str] = []
+
+    def pick(self, wanted: int, what: str) -> int:
+        port = wanted or free_port()
+        while port in self.taken or not port_is_free(port):
+            port += 1
+            if port > 65535:
+                raise KeyrelayError(f"no free port for {what} from {wanted} up")
+        if wanted and port != wanted:
+            self.notes.append(f"{what}: port {wanted} is taken, using {port}")
+        self.taken.add(port)
+        return port
+
+
+@dataclass(slots=True)
+class _Component:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+@dataclass(slots=True)
+class Stack:
+    """The processes of a local deployment, started in order and stopped in reverse."""
+
+    settings: UpSettings
+    token: str = ""
+    ports: _Ports = field(default_factory=_Ports)
+    nats: list[NatsServer] = field(default_factory=list)
+    components: list[_Component] = field(default_factory=list)
+    publisher_url: str = ""
+    sidecars: dict[str, str] = field(default_factory=dict)
+    demo: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def data_dir(self) -> Path:
+        """Absolute data directory."""
+        return self.settings.data_dir.resolve()
+
+    def start(self) -> None:
+        """Start every process and wait until each is ready."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.token = self.settings.admin_token or self._stored_token()
+        hub = self._start_nats()
+        self._start_publisher(hub.url)
+        self._wait_bucket()
+        regions = self.settings.regions or (None,)
+        for i, region in enumerate(regions):
+            nats_url = self.nats[i + 1].url if region else hub.url
+            if region:
+                asyncio.run(self._mirror(nats_url, region))
+            self._start_sidecar(region, nats_url)
+        for component in self.components:
+            if component.name.startswith("sidecar"):
+                port = int(component.url.rsplit(":", 1)[1])
+                wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log)
+        if self.settings.demo:
+            self.demo = _seed_demo(AdminClient(self.publisher_url, self.token))
+        stack_file(self.data_dir).write_text(json.dumps(self.describe_json(), indent=2))
+
+    def _stored_token(self) -> str:
+        path = self.data_dir / "admin-token"
+        if path.exists():
+            return path.read_text().strip()
+        token = "krt_" + secrets.token_urlsafe(32)
+        path.touch(mode=0o600)
+        path.write_text(token + "\n")
+        return token
+
+    def _start_nats(self) -> NatsServer:
+        logs = self.data_dir / "logs"
+        leaf_port = self.ports.pick(7422, "hub leaf-node listener") if self.settings.regions else None
+        hub = NatsServer(
+            NatsSpec(name="hub", store_dir=self.data_dir / "nats" / "hub", port=self.ports.pick(
+                self.settings.nats_port, "hub NATS"), domain=HUB_DOMAIN, leafnode_port=leaf_port),
+            log_dir=logs,
+        )  # fmt: skip
+        hub.start()
+        self.nats.append(hub)
+        for region in self.settings.regions:
+            leaf = NatsServer(
+                NatsSpec(name=f"leaf-{region}", store_dir=self.data_dir / "nats" / region,
+                         port=self.ports.pick(self.settings.nats_port and self.settings.nats_port + 1,
+                                              f"{region} NATS"), domain=region,
+                         remotes=[f"nats-leaf://127.0.0.1:{leaf_port}"]),
+                log_dir=logs,
+            )  # fmt: skip
+            leaf.start()
+            self.nats.append(leaf)
+        return hub
+
+    def _child(self, name: str, args: list[str], port: int) -> _Component:
+        log = self.data_dir / "logs" / f"{name}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+        process = spawn([sys.executable, "-m", "keyrelay", *args, "--log-level", self.settings.log_level],
+                        log=log, env=env)  # fmt: skip
+        component = _Component(name=name, url=f"http://127.0.0.1:{port}", process=process, log=log)
+        self.components.append(component)
+        return component
+
+    def _start_publisher(self, nats_url: str) -> None:
+        port = self.ports.pick(self.settings.publisher_port, "publisher")
+        component = self._child("publisher", [
+            "publisher", "--port", str(port), "--nats-url", nats_url, "--data-dir", str(self.data_dir),
+            "--database-url", f"sqlite:///{self.data_dir / 'keyrelay.db'}", "--admin-token", self.token,
+        ], port)  # fmt: skip
+        wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log)
+        self.publisher_url = component.url
+
+    def _wait_bucket(self) -> None:
+        publisher = self.components[0]
+        deadline = time.monotonic() + _READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if publisher.process.poll() is not None:
+                raise ProcessError(f"the publisher exited; log:\n{tail(publisher.log)}")
+            answer = http_get(int(publisher.url.rsplit(":", 1)[1]), "/readyz")
+            if answer and answer[0] == 200 and json.loads(answer[1]).get("bucket_ready"):
+                return
+            time.sleep(0.05)
+        raise ProcessError(f"the publisher did not create the bucket in time; log:\n{tail(publisher.log)}")
+
+    async def _mirror(self, nats_url: str, region: str) -> None:
+        import nats
+
+        nc = await nats.connect(nats_url, connect_timeout=5)
+        try:
+            await ensure_region_mirror(nc, region=region, bucket="KEYS")
+        finally:
+            await nc.close()
+
+    def _start_sidecar(self, region: str | None, nats_url: str) -> None:
+        wanted = self.settings.sidecar_port and self.settings.sidecar_port + len(self.sidecars)
+        port = self.ports.pick(wanted, f"sidecar {region or 'global'}")
+        args = ["sidecar", "--port", str(port), "--nats-url", nats_url]
+        if region:
+            args += ["--region", region]
+        component = self._child(f"sidecar-{region or 'global'}", args, port)
+        self.sidecars[region or "global"] = component.url
+
+    def describe_json(self) -> dict[str, Any]:
+        """What the CLI and scripts need: URLs, token, NATS, logs, and the demo key if any."""
+        return {
+            "publisher_url": self.publisher_url,
+            "admin_token": self.token,
+            "sidecars": self.sidecars,
+            "nats": {n.spec.name: n.url for n in self.nats},
+            "logs": str(self.data_dir / "logs"),
+            "pid": os.getpid(),
+            **({"demo": self.demo} if self.demo else {}),
+        }
+
+    def describe(self) -> str:
+        """The human summary printed once everything is ready."""
+        first = next(iter(self.sidecars.values()))
+        lines = [f"keyrelay is up (state in {self.data_dir}, logs in {self.data_dir / 'logs'})", ""]
+        lines += [f"  note: {note}" for note in self.ports.notes]
+        lines += [f"  admin API   {self.publisher_url}", f"  admin token {self.token}"]
+        lines += [f"  sidecar     {url}   ({region})" for region, url in self.sidecars.items()]
+        lines += [f"  NATS        {n.url}   ({n.spec.name}, JetStream domain {n.spec.domain})" for n in self.nats]
+        lines += ["", "The keyrelay CLI run from this directory finds the stack by itself; elsewhere:",
+                  f"  export KEYRELAY_URL={self.publisher_url} KEYRELAY_TOKEN={self.token}", ""]  # fmt: skip
+        if self.demo:
+            lines += [
+                f"Demo key (project {self.demo['project_id']}, shown once): {self.demo['key']}",
+                f'  curl -i {first}/auth -H "Authorization: Bearer {self.demo["key"]}"',
+                f"  keyrelay keys revoke {self.demo['key_id']}",
+                "",
+            ]
+        else:
+            lines += [
+                "Try it:",
+                "  ORG=$(keyrelay orgs create acme --print id)",
+                "  TEAM=$(keyrelay teams create --org $ORG platform --print id)",
+                "  PROJECT=$(keyrelay projects create --team $TEAM payments --print id)",
+                "  read KEY_ID KEY < <(keyrelay keys create --project $PROJECT --name demo --scope orders:read "
+                "--print id,key)",
+                f'  curl -i {first}/auth -H "Authorization: Bearer $KEY"   # 200',
+                "  keyrelay keys revoke $KEY_ID",
+                f'  curl -i {first}/auth -H "Authorization: Bearer $KEY"   # 401',
+                "",
+            ]
+        lines.append("Ctrl-C stops everything.")
+        return "\n".join(lines)
+
+    def supervise(self) -> int:
+        """Wait for a signal (0) or for a process to die (1)."""
+        while True:
+            for component in self.components:
+                if component.process.poll() is not None:
+                    print(f"keyrelay up: {component.name} exited with {component.process.returncode}; "
+                          f"log tail:\n{tail(component.log)}", file=sys.stderr)  # fmt: skip
+                    return 1
+            for server in self.nats:
+                if not server.running:
+                    print(f"keyrelay up: nats-server {server.spec.name} exited", file=sys.stderr)
+                    return 1
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        """Stop everything, newest first."""
+        for component in reversed(self.components):
+            stop(component.process)
+        for server in reversed(self.nats):
+            server.stop()
+        stack_file(self.data_dir).unlink(missing_ok=True)
+
+
+def _seed_demo(client: AdminClient) -> dict[str, Any]:
+    orgs = client.call("GET", "/orgs")["orgs"]
+    org = next((o for o in orgs if o["name"] == "demo"), None) or client.call("POST", "/orgs", {"name": "demo"})
+    teams = client.call("GET", f"/orgs/{org['id']}/teams")["teams"]
+    team = teams[0] if teams else client.call("POST", f"/orgs/{org['id']}/teams", {"name": "platform"})
+    projects = client.call("GET", f"/teams/{team['id']}/projects")["projects"]
+    live = [p for p in projects if p["decommissioned_at"] is None]
+    project = (
+        live[0]
+        if live
+        else client.call("POST", f"/teams/{team['id']}/projects", {"name": f"payments-{len(projects) + 1}"})
+    )
+    key = client.call("POST", f"/projects/{project['id']}/keys", {"name": "demo", "scopes": ["orders:read"]})
+    return {"org_id": org["id"], "team_id": team["id"], "project_id": project["id"], "key_id": key["id"],
+            "key": key["key"]}  # fmt: skip
+
 
 def up_command(args: argparse.Namespace) -> int:
-    """Start the stack and supervise it until interrupted."""
-    raise NotImplementedError
+    """Start the stack, print how to use it, and supervise it until interrupted."""
+    settings = load(UpSettings, args)
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise _Stop
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stack = Stack(settings)
+    code = 0
+    try:
+        print("keyrelay up: starting NATS, the publisher and the sidecars ...", file=sys.stderr, flush=True)
+        stack.start()
+        print(stack.describe(), flush=True)
+        code = stack.supervise()
+    except _Stop:
+        print("\nkeyrelay up: stopping ...", file=sys.stderr, flush=True)
+    finally:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        stack.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print("keyrelay up: stopped", file=sys.stderr, flush=True)
+    return code

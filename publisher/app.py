@@ -98,10 +98,13 @@ async def readyz(request: web.Request) -> web.Response:
         depth = await services.relay.depth()
     except Exception as exc:
         return web.json_response({"ready": False, "database": str(exc)}, status=503)
-    return web.json_response(
-        {"ready": True, "nats_connected": services.broker.connected, "outbox_depth": depth,
-         "relay_leader": services.relay.leader}
-    )  # fmt: skip
+    return web.json_response({
+        "ready": True,
+        "nats_connected": services.broker.connected,
+        "bucket_ready": services.broker.bucket_ready.is_set(),
+        "outbox_depth": depth,
+        "relay_leader": services.relay.leader,
+    })  # fmt: skip
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -117,14 +117,15 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
     for opt in options_of(cls):
         default = "(hidden)" if opt.secret else _show(opt.default, duration=opt.duration)
         choices = f" (one of: {', '.join(opt.choices)})" if opt.choices else ""
+        help_text = f"{opt.help}{choices} [env {opt.env}; default {default}]"
+        # SUPPRESS: an option not given leaves no attribute, so a subcommand's parser cannot
+        # overwrite its parent's value with a default.
+        if isinstance(opt.default, bool):
+            group.add_argument(opt.flag, dest=opt.name, default=argparse.SUPPRESS, help=help_text,
+                               action=argparse.BooleanOptionalAction)  # fmt: skip
+            continue
         group.add_argument(
-            opt.flag,
-            dest=opt.name,
-            # SUPPRESS: an option not given leaves no attribute, so a subcommand's parser cannot
-            # overwrite its parent's value with a default.
-            default=argparse.SUPPRESS,
-            metavar=opt.name.split("_")[-1].upper(),
-            help=f"{opt.help}{choices} [env {opt.env}; default {default}]",
+            opt.flag, dest=opt.name, default=argparse.SUPPRESS, metavar=opt.name.split("_")[-1].upper(), help=help_text
         )
 
 

@@ -1,0 +1,74 @@
+"""A region's copy of the key bucket: a JetStream mirror on the region's leaf node, filtered by subject.
+
+The mirror has the bucket's stream name in the region's own JetStream domain,
+so sidecars there read and watch it locally. Its subject filters carry only
+global keys and that region's keys: another region's key hashes never arrive.
+Mirrors keep the hub's sequence numbers, so a sidecar's revision means the
+same thing in every region.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from sidecar.wire import region_subjects, stream_name
+
+from .errors import KeyrelayError
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+
+__all__ = ["HUB_DOMAIN", "ensure_region_mirror", "mirror_config"]
+
+HUB_DOMAIN = "hub"
+
+
+def mirror_config(*, region: str, bucket: str, hub_domain: str = HUB_DOMAIN) -> dict[str, Any]:
+    """The stream configuration of a region's mirror of the bucket."""
+    name = stream_name(bucket)
+    return {
+        "name": name,
+        "description": f"keyrelay: {bucket} keys for region {region} (global and {region}.*), mirrored from "
+        f"domain {hub_domain}",
+        "storage": "file",
+        "num_replicas": 1,
+        "max_msgs_per_subject": 1,
+        "allow_direct": True,
+        "mirror_direct": True,
+        "deny_delete": True,
+        "allow_rollup_hdrs": True,
+        "discard": "new",
+        "mirror": {
+            "name": name,
+            "external": {"api": f"$JS.{hub_domain}.API", "deliver": ""},
+            "subject_transforms": [{"src": s, "dest": s} for s in region_subjects(bucket, region)],
+        },
+    }
+
+
+async def ensure_region_mirror(nc: Client, *, region: str, bucket: str, hub_domain: str = HUB_DOMAIN,
+                               timeout: float = 5.0) -> dict[str, Any]:  # fmt: skip
+    """Create the region's mirror on the NATS `nc` is connected to; a no-op when it is already right."""
+    name = stream_name(bucket)
+    wanted = mirror_config(region=region, bucket=bucket, hub_domain=hub_domain)
+    info = await _api(nc, f"STREAM.INFO.{name}", None, timeout)
+    if "error" not in info:
+        mirror = info["config"].get("mirror") or {}
+        have = sorted(t["src"] for t in mirror.get("subject_transforms") or [])
+        if mirror.get("name") == name and have == sorted(region_subjects(bucket, region)):
+            return info
+        raise KeyrelayError(
+            f"stream {name} on this region's NATS exists but is not a mirror of {bucket} for region {region}: "
+            f"delete it (nats stream rm {name}) and run this again"
+        )
+    created = await _api(nc, f"STREAM.CREATE.{name}", wanted, timeout)
+    if "error" in created:
+        raise KeyrelayError(f"cannot create the mirror {name} for region {region}: {created['error']['description']}")
+    return created
+
+
+async def _api(nc: Client, subject: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+    reply = await nc.request(f"$JS.API.{subject}", json.dumps(body).encode() if body else b"", timeout=timeout)
+    data: dict[str, Any] = json.loads(reply.data)
+    return data
