@@ -21,6 +21,8 @@ __all__ = [
     "ENV_PREFIX",
     "Option",
     "add_options",
+    "format_duration",
+    "markdown_table",
     "load",
     "option",
     "options_of",
@@ -163,9 +165,27 @@ def _parse(opt: Option, raw: str) -> Any:
         ) from None
 
 
+def markdown_table(cls: type[Any]) -> str:
+    """The settings of `cls` as the Markdown table the README shows (a test keeps them equal)."""
+    rows = ["| flag | variable | default | meaning |", "|---|---|---|---|"]
+    for opt in options_of(cls):
+        default = "(secret)" if opt.secret else _show(opt.default, duration=opt.duration)
+        choices = f" (one of: {', '.join(opt.choices)})" if opt.choices else ""
+        rows.append(f"| `{opt.flag}` | `{opt.env}` | {default} | {opt.help}{choices} |")
+    return "\n".join(rows)
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact spelling of a duration: 24h, 15m, 30s, 1.5s."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 def _show(value: Any, *, duration: bool = False) -> str:
     if duration and isinstance(value, int | float):
-        return f"{value:g}s"
+        return format_duration(value)
     if value is None or value == "":
         return "unset"
     if isinstance(value, bool):

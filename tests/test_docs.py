@@ -1,0 +1,40 @@
+"""The README stays true to the code: every setting documented as the code declares it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from keyrelay.client import ClientSettings
+from keyrelay.up import UpSettings
+from publisher.settings import PublisherSettings
+from sidecar.config import markdown_table
+from sidecar.settings import SidecarSettings
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.mark.parametrize("settings", [SidecarSettings, PublisherSettings, UpSettings, ClientSettings])
+def test_the_readme_documents_every_setting_exactly(settings: type) -> None:
+    assert markdown_table(settings) in README.read_text()
+
+
+def test_every_command_has_help() -> None:
+    from keyrelay.cli import build_parser
+
+    parser = build_parser()
+    seen = 0
+    stack = [parser]
+    while stack:
+        current = stack.pop()
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    assert choice.help, f"{current.prog} {choice.dest} has no help"
+                stack.extend(action.choices.values())
+                seen += len(action.choices)
+            else:
+                assert action.help, f"{current.prog}: {action.dest} has no help"
+    assert seen > 20
