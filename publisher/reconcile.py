@@ -19,11 +19,13 @@ from typing import Any
 import xxhash
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
+from nats.js.errors import NotFoundError
 
-from sidecar.wire import stream_name, subject_prefix
+from sidecar.errors import RecordError
+from sidecar.wire import KeyRecord, stream_name, subject_prefix
 
 from .broker import Broker
-from .store import KeyStore
+from .store import NIL_UUID, KeyStore
 
 __all__ = ["ReconcileReport", "reconcile"]
 
@@ -50,18 +52,22 @@ class _Side:
     counts: list[int] = field(default_factory=list)
     sums: list[int] = field(default_factory=list)
     entries: dict[str, int] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.counts = [0] * self.shards
         self.sums = [0] * self.shards
 
-    def add(self, entry: str, payload: bytes) -> None:
+    def add(self, entry: str, payload: bytes) -> bool:
+        """Count an entry; True when its shard is one to keep entry by entry."""
         shard = _shard(entry, self.shards)
         fingerprint = _fingerprint(entry, payload)
         self.counts[shard] += 1
         self.sums[shard] = (self.sums[shard] + fingerprint) & _MASK
         if shard in self.keep:
             self.entries[entry] = fingerprint
+            return True
+        return False
 
 
 @dataclass(slots=True)
@@ -88,7 +94,7 @@ class ReconcileReport:
 async def _database_side(store: KeyStore, shards: int, keep: frozenset[int]) -> tuple[_Side, dict[str, str]]:
     side = _Side(shards, keep)
     ids: dict[str, str] = {}
-    after = ""
+    after = NIL_UUID
     while page := await store.scan_keys(after=after, limit=2000):
         for key in page:
             record = key.record()
@@ -104,7 +110,11 @@ async def _bucket_side(broker: Broker, shards: int, keep: frozenset[int], timeou
     side = _Side(shards, keep)
     js = broker.js
     stream = stream_name(broker.bucket)
-    info = await js.stream_info(stream)
+    try:
+        info = await js.stream_info(stream)
+    except NotFoundError:
+        await broker.ensure_bucket()  # the bucket was lost: recreate it, and everything differs
+        return side
     if not info.state.messages:
         return side
     prefix = subject_prefix(broker.bucket)
@@ -112,8 +122,9 @@ async def _bucket_side(broker: Broker, shards: int, keep: frozenset[int], timeou
 
     async def on_message(msg: Msg) -> None:
         operation = msg.headers.get("KV-Operation") if msg.headers else None
-        if operation not in ("DEL", "PURGE"):
-            side.add(msg.subject.removeprefix(prefix), msg.data)
+        entry = msg.subject.removeprefix(prefix)
+        if operation not in ("DEL", "PURGE") and side.add(entry, msg.data):
+            side.versions[entry] = _version(msg.data)
         if msg.metadata.num_pending == 0:
             done.set()
 
@@ -126,6 +137,13 @@ async def _bucket_side(broker: Broker, shards: int, keep: frozenset[int], timeou
     finally:
         await sub.unsubscribe()
     return side
+
+
+def _version(payload: bytes) -> int:
+    try:
+        return KeyRecord.decode(payload).version
+    except RecordError:
+        return 0
 
 
 def _differing(a: _Side, b: _Side) -> frozenset[int]:
@@ -151,7 +169,11 @@ async def reconcile(
         say(f"reconcile: {len(differing)} of {shards} shards differ; comparing their entries")
         db_detail, key_ids = await _database_side(store, shards, differing)
         bucket_detail = await _bucket_side(broker, shards, differing, timeout)
-        stale = [key_ids[e] for e, f in db_detail.entries.items() if bucket_detail.entries.get(e) != f]
+        stale = {
+            key_ids[e]: bucket_detail.versions.get(e, 0)
+            for e, f in db_detail.entries.items()
+            if bucket_detail.entries.get(e) != f
+        }
         orphans = [(e, e.rsplit(".", 1)[-1]) for e in bucket_detail.entries if e not in db_detail.entries]
         republished = await store.republish(stale)
         deleted = await store.unpublish(orphans)

@@ -6,7 +6,8 @@ wrote, so the caller can wait for the relay to publish them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -27,7 +28,7 @@ KEY_COLUMNS = (
 _CHUNK = 500  # rows per multi-row statement: well under both back ends' parameter limits
 
 
-_NIL_UUID = "00000000-0000-0000-0000-000000000000"
+NIL_UUID = "00000000-0000-0000-0000-000000000000"
 
 
 def placeholders(count: int, *, start: int = 1) -> str:
@@ -309,7 +310,7 @@ class KeyStore:
 
     # -- reconciliation -----------------------------------------------------------------------
 
-    async def scan_keys(self, *, after: str = "", limit: int = 1000) -> list[ApiKey]:
+    async def scan_keys(self, *, after: str = NIL_UUID, limit: int = 1000) -> list[ApiKey]:
         """Keys in id order after `after`: one page of a full scan."""
         async with self.db.transaction() as tx:
             rows = await tx.fetch(
@@ -317,9 +318,14 @@ class KeyStore:
             )
         return [ApiKey.from_row(r) for r in rows]
 
-    async def republish(self, key_ids: Sequence[str]) -> tuple[int, ...]:
-        """Queue each key's current record again (rows locked, so it cannot race a change)."""
+    async def republish(self, bucket_versions: Mapping[str, int]) -> tuple[int, ...]:
+        """Queue keys' current records again, versioned above what the bucket holds for them.
+
+        `bucket_versions` maps key id → the version of the (wrong) record in the bucket; a record
+        edited by hand may claim any version, and sidecars only take newer ones.
+        """
         now = now_us()
+        key_ids = list(bucket_versions)
         outbox: list[int] = []
         async with self.db.transaction() as tx:
             for chunk in _chunks(key_ids):
@@ -327,7 +333,14 @@ class KeyStore:
                     f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id IN ({placeholders(len(chunk))}){self._for_update}",
                     *chunk,
                 )
-                outbox += await _enqueue(tx, [ApiKey.from_row(r) for r in rows], now)
+                keys = []
+                for key in map(ApiKey.from_row, rows):
+                    if bucket_versions[key.id] >= key.version:
+                        version = bucket_versions[key.id] + 1
+                        await tx.execute("UPDATE api_keys SET version = $1 WHERE id = $2", version, key.id)
+                        key = dataclasses.replace(key, version=version)
+                    keys.append(key)
+                outbox += await _enqueue(tx, keys, now)
         return tuple(outbox)
 
     async def unpublish(self, entries: Sequence[tuple[str, str]]) -> tuple[int, ...]:
@@ -347,7 +360,7 @@ class KeyStore:
                     outbox_id = await tx.fetchval(
                         "INSERT INTO outbox (key_id, entry, operation, payload, created_at) "
                         "VALUES ($1, $2, 'delete', NULL, $3) RETURNING id",
-                        key_id if is_uuid(key_id) else _NIL_UUID, entry, now,
+                        key_id if is_uuid(key_id) else NIL_UUID, entry, now,
                     )  # fmt: skip
                     outbox.append(outbox_id)
         return tuple(outbox)

@@ -134,3 +134,14 @@ def test_entry_names_put_regional_keys_under_their_region() -> None:
     assert entry_name("k1", "eu") == "eu.k1"
     assert region_subjects("KEYS", "eu") == ["$KV.KEYS.global.>", "$KV.KEYS.eu.>"]
     assert region_subjects("KEYS", None) == ["$KV.KEYS.global.>"]
+
+
+def test_the_check_characters_are_the_crc32_of_the_rest_in_six_base62_digits() -> None:
+    import zlib
+
+    key = generate_key(region="eu")
+    number, digits = zlib.crc32(key[:-6].encode()), []
+    for _ in range(6):
+        number, rem = divmod(number, 62)
+        digits.append(ALPHABET[rem])
+    assert key[-6:] == "".join(reversed(digits))

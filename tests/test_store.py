@@ -1,0 +1,184 @@
+"""The store's schema and outbox mechanics, on both back ends."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+from nats.js.client import JetStreamContext
+
+from keyrelay.natsd import NatsServer
+from publisher.broker import Broker
+from publisher.db import open_database
+from publisher.models import Actor
+from publisher.outbox import OutboxRelay
+from publisher.schema import MIGRATIONS, PARTITIONS, migrate
+from publisher.store import KeySpec, KeyStore
+from publisher.tokens import TokenStore
+from sidecar.wire import KeyRecord
+from tests.support import ADMIN_TOKEN, eventually
+
+
+async def test_migrations_apply_once_and_are_idempotent(database_url: str) -> None:
+    db = await open_database(database_url)
+    try:
+        assert await migrate(db) == []
+        async with db.transaction() as tx:
+            versions = [r["version"] for r in await tx.fetch("SELECT version FROM schema_migrations")]
+        assert versions == [m.version for m in MIGRATIONS]
+    finally:
+        await db.close()
+    again = await open_database(database_url)
+    await again.close()
+
+
+async def test_active_key_hashes_have_a_partial_index_and_postgres_partitions_keys(database_url: str) -> None:
+    db = await open_database(database_url)
+    try:
+        async with db.transaction() as tx:
+            if db.dialect == "postgresql":
+                definition = await tx.fetchval("SELECT indexdef FROM pg_indexes WHERE indexname = 'idx_api_keys_hash'")
+                partitions = await tx.fetchval(
+                    "SELECT count(*) FROM pg_inherits WHERE inhparent = 'api_keys'::regclass"
+                )
+                strategy = await tx.fetchval(
+                    "SELECT partstrat::text FROM pg_partitioned_table WHERE partrelid = 'api_keys'::regclass"
+                )
+                assert (partitions, strategy) == (PARTITIONS, "h")
+            else:
+                definition = await tx.fetchval("SELECT sql FROM sqlite_master WHERE name = 'idx_api_keys_hash'")
+        assert "WHERE" in definition.upper()
+        assert "revoked_at IS NULL" in definition.replace("(", "").replace(")", "")
+    finally:
+        await db.close()
+
+
+async def test_outbox_ids_are_never_reused(database_url: str) -> None:
+    db = await open_database(database_url)
+    try:
+        insert = "INSERT INTO outbox (key_id, entry, operation, created_at) VALUES ($1, $2, 'put', $3) RETURNING id"
+        key_id = "0190c0de-0000-7000-8000-000000000009"
+        async with db.transaction() as tx:
+            first = await tx.fetchval(insert, key_id, "global.x", 0)
+            await tx.execute("DELETE FROM outbox")
+        async with db.transaction() as tx:
+            second = await tx.fetchval(insert, key_id, "global.x", 0)
+        assert second > first
+    finally:
+        await db.close()
+
+
+async def _store(database_url: str) -> tuple[KeyStore, Actor, str]:
+    db = await open_database(database_url)
+    actor = await TokenStore(db).ensure("bootstrap", ADMIN_TOKEN)
+    store = KeyStore(db)
+    org = await store.create_org(actor, "o")
+    team = await store.create_team(actor, org.id, "t")
+    project = await store.create_project(actor, team.id, "p")
+    return store, actor, project.id
+
+
+async def test_the_relay_publishes_a_keys_changes_in_commit_order(
+    database_url: str, nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    store, actor, project = await _store(database_url)
+    broker = Broker(servers=[nats_server.url], bucket="KEYS")
+    relay = OutboxRelay(db=store.db, broker=broker)
+    seen: list[tuple[str, int]] = []
+    watcher = await nats.connect(nats_server.url)
+    try:
+        await broker.start()
+        await broker.bucket_ready.wait()
+
+        async def record(msg: nats.aio.msg.Msg) -> None:
+            seen.append((msg.subject, msg.header.get("Nats-Msg-Id", "") if msg.header else ""))  # type: ignore[arg-type]
+
+        await watcher.subscribe("$KV.KEYS.>", cb=record)
+        await watcher.flush()
+        # Commit several changes to the same keys before the relay runs: one batch, several per key.
+        created = (await store.create_keys(actor, project, [KeySpec("a", ()), KeySpec("b", ())])).value
+        a, b = (c.key.id for c in created)
+        await store.rotate_key(actor, a, 60)
+        await store.revoke_keys(actor, [b], "x")
+        await store.revoke_keys(actor, [a], "y")
+        async with store.db.transaction() as tx:
+            queued = [(r["entry"], r["id"]) for r in await tx.fetch("SELECT entry, id FROM outbox ORDER BY id")]
+        await relay.start()
+        await eventually(relay.depth, lambda d: d == 0)
+        await eventually(lambda: asyncio.sleep(0, len(seen)), lambda n: n >= len(queued))
+        for entry in (f"global.{a}", f"global.{b}"):
+            published = [int(mid) for subject, mid in seen if subject.endswith(entry)]
+            committed = [i for e, i in queued if e == entry]
+            assert published == committed
+        kv = await js.key_value("KEYS")
+        final = KeyRecord.decode((await kv.get(f"global.{a}")).value)
+        assert final == (await store.get_key(a)).record()
+        assert final.revoked_at is not None
+    finally:
+        await relay.close()
+        await broker.close()
+        await watcher.close()
+        await store.db.close()
+
+
+async def test_a_republished_entry_is_dropped_as_a_duplicate(
+    database_url: str, nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    store, actor, project = await _store(database_url)
+    broker = Broker(servers=[nats_server.url], bucket="KEYS")
+    relay = OutboxRelay(db=store.db, broker=broker)
+    try:
+        await broker.start()
+        await broker.bucket_ready.wait()
+        change = await store.create_keys(actor, project, [KeySpec("a", ())])
+        async with store.db.transaction() as tx:
+            row = await tx.fetchrow("SELECT * FROM outbox")
+        assert row is not None
+        await relay.start()
+        await eventually(relay.depth, lambda d: d == 0)
+        last = (await js.stream_info("KV_KEYS")).state.last_seq
+        # As if the relay had crashed after the publish but before deleting the entry.
+        override = " OVERRIDING SYSTEM VALUE" if store.db.dialect == "postgresql" else ""
+        async with store.db.transaction() as tx:
+            await tx.execute(
+                "INSERT INTO outbox (id, key_id, entry, operation, payload, created_at)"
+                f"{override} VALUES ($1, $2, $3, $4, $5, $6)",
+                row["id"], row["key_id"], row["entry"], row["operation"], row["payload"], row["created_at"],
+            )  # fmt: skip
+        relay.wake()
+        await eventually(relay.depth, lambda d: d == 0)
+        assert (await js.stream_info("KV_KEYS")).state.last_seq == last
+        assert change.outbox_ids == (row["id"],)
+    finally:
+        await relay.close()
+        await broker.close()
+        await store.db.close()
+
+
+async def test_one_relay_per_database_publishes_and_another_takes_over(
+    database_url: str, nats_server: NatsServer
+) -> None:
+    store, actor, project = await _store(database_url)
+    brokers = [Broker(servers=[nats_server.url], bucket="KEYS") for _ in range(2)]
+    relays = [OutboxRelay(db=store.db, broker=b, lease_ttl=1.0) for b in brokers]
+    try:
+        for broker, relay in zip(brokers, relays, strict=True):
+            await broker.start()
+            await broker.bucket_ready.wait()
+            await relay.start()
+        await eventually(lambda: asyncio.sleep(0, [r.leader for r in relays]), lambda ls: any(ls))
+        await asyncio.sleep(0.5)
+        assert sorted(r.leader for r in relays) == [False, True]
+        leader = next(r for r in relays if r.leader)
+        standby = next(r for r in relays if not r.leader)
+        await leader.close()
+        await eventually(lambda: asyncio.sleep(0, standby.leader), bool, timeout=5)
+        await store.create_keys(actor, project, [KeySpec("after-failover", ())])
+        standby.wake()
+        await eventually(standby.depth, lambda d: d == 0)
+    finally:
+        for relay in relays:
+            await relay.close()
+        for broker in brokers:
+            await broker.close()
+        await store.db.close()
