@@ -40,6 +40,12 @@ def _reconcile(args: argparse.Namespace) -> int:
     return reconcile_command(args)
 
 
+def _region_init(args: argparse.Namespace) -> int:
+    from .region import region_init_command
+
+    return region_init_command(args)
+
+
 def _up(args: argparse.Namespace) -> int:
     from .up import up_command
 
@@ -96,6 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(reconcile, PublisherSettings)
     reconcile.add_argument("--json", action="store_true", help="print the report as JSON")
     reconcile.set_defaults(handler=_reconcile)
+
+    from .region import RegionSettings
+
+    region = commands.add_parser(
+        "region",
+        help="set up a region: its NATS leaf node's filtered mirror of the key bucket",
+        description="Regions run their own NATS leaf node (own JetStream domain); sidecars there read a mirror "
+        "of the hub's bucket that carries only global keys and the region's own keys.",
+    )
+    region_actions = region.add_subparsers(dest="region_command", metavar="ACTION", required=True)
+    region_init = region_actions.add_parser(
+        "init",
+        help="create (or check) the region's mirror of the key bucket; safe to run again",
+        description="Create the stream KV_<bucket> on the region's NATS as a mirror of the hub's bucket, "
+        "filtered to global.> and <region>.>. Running it again checks and changes nothing.",
+    )
+    add_options(region_init, RegionSettings)
+    region_init.set_defaults(handler=_region_init)
 
     add_admin_commands(commands)
     return parser

@@ -9,17 +9,29 @@ same thing in every region.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sidecar.wire import region_subjects, stream_name
+from sidecar.config import load, option
+from sidecar.settings import parse_region, parse_servers
+from sidecar.wire import DEFAULT_BUCKET, region_subjects, stream_name
 
 from .errors import KeyrelayError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
-__all__ = ["HUB_DOMAIN", "ensure_region_mirror", "mirror_config"]
+__all__ = [
+    "HUB_DOMAIN",
+    "RegionSettings",
+    "ensure_region_mirror",
+    "init_region",
+    "mirror_config",
+    "region_init_command",
+]
 
 HUB_DOMAIN = "hub"
 
@@ -72,3 +84,49 @@ async def _api(nc: Client, subject: str, body: dict[str, Any] | None, timeout: f
     reply = await nc.request(f"$JS.API.{subject}", json.dumps(body).encode() if body else b"", timeout=timeout)
     data: dict[str, Any] = json.loads(reply.data)
     return data
+
+
+def _required_region(text: str) -> str:
+    region = parse_region(text)
+    if region is None:
+        raise ValueError("name the region, e.g. eu")
+    return region
+
+
+@dataclass(frozen=True, slots=True)
+class RegionSettings:
+    """Options of `keyrelay region init`."""
+
+    region: str = option("", parse=_required_region, help="the region's code, e.g. eu (required)")
+    nats_url: tuple[str, ...] = option(
+        ("nats://127.0.0.1:4222",), parse=parse_servers, help="the region's NATS (its leaf node), comma separated"
+    )
+    bucket: str = option(DEFAULT_BUCKET, help="the key bucket on the hub")
+    hub_domain: str = option(HUB_DOMAIN, help="the hub's JetStream domain")
+
+
+def region_init_command(args: argparse.Namespace) -> int:
+    """`keyrelay region init`: create (or check) the region's filtered mirror of the bucket."""
+    settings = load(RegionSettings, args)
+    if not settings.region:
+        raise KeyrelayError("--region (or KEYRELAY_REGION) is required")
+    info = asyncio.run(init_region(settings))
+    state = info.get("state", {})
+    print(f"region {settings.region}: mirror {info['config']['name']} of {settings.bucket} from domain "
+          f"{settings.hub_domain} is in place ({state.get('messages', 0)} entries so far)")  # fmt: skip
+    return 0
+
+
+async def init_region(settings: RegionSettings) -> dict[str, Any]:
+    """Connect to the region's NATS and make sure its mirror is in place."""
+    import nats
+
+    try:
+        nc = await nats.connect(servers=list(settings.nats_url), connect_timeout=5, max_reconnect_attempts=2)
+    except Exception as exc:
+        raise KeyrelayError(f"cannot reach the region's NATS at {','.join(settings.nats_url)}: {exc}") from None
+    try:
+        return await ensure_region_mirror(nc, region=settings.region, bucket=settings.bucket,
+                                          hub_domain=settings.hub_domain)  # fmt: skip
+    finally:
+        await nc.close()

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from .client import AdminClient, stack_file
 from .errors import KeyrelayError
 from .natsd import NatsServer, NatsSpec, free_port, port_is_free
 from .procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
-from .region import HUB_DOMAIN, ensure_region_mirror
+from .region import HUB_DOMAIN, RegionSettings, init_region
 
 __all__ = ["Stack", "UpSettings", "up_command"]
 
@@ -124,7 +126,7 @@ class Stack:
         for i, region in enumerate(regions):
             nats_url = self.nats[i + 1].url if region else hub.url
             if region:
-                asyncio.run(self._mirror(nats_url, region))
+                asyncio.run(init_region(RegionSettings(region=region, nats_url=(nats_url,))))
             self._start_sidecar(region, nats_url)
         for component in self.components:
             if component.name.startswith("sidecar"):
@@ -195,15 +197,6 @@ class Stack:
             time.sleep(0.05)
         raise ProcessError(f"the publisher did not create the bucket in time; log:\n{tail(publisher.log)}")
 
-    async def _mirror(self, nats_url: str, region: str) -> None:
-        import nats
-
-        nc = await nats.connect(nats_url, connect_timeout=5)
-        try:
-            await ensure_region_mirror(nc, region=region, bucket="KEYS")
-        finally:
-            await nc.close()
-
     def _start_sidecar(self, region: str | None, nats_url: str) -> None:
         wanted = self.settings.sidecar_port and self.settings.sidecar_port + len(self.sidecars)
         port = self.ports.pick(wanted, f"sidecar {region or 'global'}")
@@ -228,30 +221,31 @@ class Stack:
     def describe(self) -> str:
         """The human summary printed once everything is ready."""
         first = next(iter(self.sidecars.values()))
+        cli = _cli_name()
         lines = [f"keyrelay is up (state in {self.data_dir}, logs in {self.data_dir / 'logs'})", ""]
         lines += [f"  note: {note}" for note in self.ports.notes]
         lines += [f"  admin API   {self.publisher_url}", f"  admin token {self.token}"]
         lines += [f"  sidecar     {url}   ({region})" for region, url in self.sidecars.items()]
         lines += [f"  NATS        {n.url}   ({n.spec.name}, JetStream domain {n.spec.domain})" for n in self.nats]
-        lines += ["", "The keyrelay CLI run from this directory finds the stack by itself; elsewhere:",
+        lines += ["", f"The {cli} CLI run from this directory finds the stack by itself; elsewhere:",
                   f"  export KEYRELAY_URL={self.publisher_url} KEYRELAY_TOKEN={self.token}", ""]  # fmt: skip
         if self.demo:
             lines += [
                 f"Demo key (project {self.demo['project_id']}, shown once): {self.demo['key']}",
                 f'  curl -i {first}/auth -H "Authorization: Bearer {self.demo["key"]}"',
-                f"  keyrelay keys revoke {self.demo['key_id']}",
+                f"  {cli} keys revoke {self.demo['key_id']}",
                 "",
             ]
         else:
             lines += [
                 "Try it:",
-                "  ORG=$(keyrelay orgs create acme --print id)",
-                "  TEAM=$(keyrelay teams create --org $ORG platform --print id)",
-                "  PROJECT=$(keyrelay projects create --team $TEAM payments --print id)",
-                "  read KEY_ID KEY < <(keyrelay keys create --project $PROJECT --name demo --scope orders:read "
+                f"  ORG=$({cli} orgs create acme --print id)",
+                f"  TEAM=$({cli} teams create --org $ORG platform --print id)",
+                f"  PROJECT=$({cli} projects create --team $TEAM payments --print id)",
+                f"  read KEY_ID KEY < <({cli} keys create --project $PROJECT --name demo --scope orders:read "
                 "--print id,key)",
                 f'  curl -i {first}/auth -H "Authorization: Bearer $KEY"   # 200',
-                "  keyrelay keys revoke $KEY_ID",
+                f"  {cli} keys revoke $KEY_ID",
                 f'  curl -i {first}/auth -H "Authorization: Bearer $KEY"   # 401',
                 "",
             ]
@@ -279,6 +273,17 @@ class Stack:
         for server in reversed(self.nats):
             server.stop()
         stack_file(self.data_dir).unlink(missing_ok=True)
+
+
+def _cli_name() -> str:
+    """How to call this keyrelay from the user's shell: `keyrelay` if that is on PATH, else its path."""
+    ours = Path(sys.executable).parent / "keyrelay"
+    found = shutil.which("keyrelay")
+    if found and Path(found).resolve() == ours.resolve():
+        return "keyrelay"
+    with contextlib.suppress(ValueError):
+        return str(ours.relative_to(Path.cwd()))
+    return str(ours)
 
 
 def _seed_demo(client: AdminClient) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from keyrelay.client import ClientSettings
+from keyrelay.region import RegionSettings
 from keyrelay.up import UpSettings
 from publisher.settings import PublisherSettings
 from sidecar.config import markdown_table
@@ -16,7 +17,7 @@ from sidecar.settings import SidecarSettings
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-@pytest.mark.parametrize("settings", [SidecarSettings, PublisherSettings, UpSettings, ClientSettings])
+@pytest.mark.parametrize("settings", [SidecarSettings, PublisherSettings, UpSettings, ClientSettings, RegionSettings])
 def test_the_readme_documents_every_setting_exactly(settings: type) -> None:
     assert markdown_table(settings) in README.read_text()
 
