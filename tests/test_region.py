@@ -53,8 +53,9 @@ async def test_a_region_mirror_carries_global_and_regional_keys_only_and_init_is
                     break
                 await asyncio.sleep(0.05)
             assert info["state"]["messages"] == 2
-            subjects = json.loads((await leaf_nc.request(
-                "$JS.API.STREAM.INFO.KV_KEYS", json.dumps({"subjects_filter": ">"}).encode())).data)["state"]["subjects"]  # fmt: skip
+            query = json.dumps({"subjects_filter": ">"}).encode()
+            reply = await leaf_nc.request("$JS.API.STREAM.INFO.KV_KEYS", query)
+            subjects = json.loads(reply.data)["state"]["subjects"]
             assert sorted(subjects) == sorted(f"$KV.KEYS.{r.entry}" for r in records[:2])
             with pytest.raises(KeyrelayError, match="not a mirror"):
                 await init_region(RegionSettings(region="us", nats_url=(leaf.url,)))
