@@ -46,6 +46,12 @@ def _region_init(args: argparse.Namespace) -> int:
     return region_init_command(args)
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    from loadtest.multiregion import loadtest_command
+
+    return loadtest_command(args)
+
+
 def _up(args: argparse.Namespace) -> int:
     from .up import up_command
 
@@ -120,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_options(region_init, RegionSettings)
     region_init.set_defaults(handler=_region_init)
+
+    from loadtest.multiregion import add_arguments as add_loadtest_arguments
+
+    loadtest = commands.add_parser(
+        "loadtest",
+        help="multi-region load test on loopback: WAN delays, verify load, key churn, a partition",
+        description="Build a hub and one NATS leaf per region behind delaying links, preload keys, drive open-loop "
+        "verify load at every region while churning keys, and report throughput, latency, revocation "
+        "propagation, false accepts and false rejects (report.json, plot.png).",
+    )
+    add_loadtest_arguments(loadtest)
+    loadtest.set_defaults(handler=_loadtest)
 
     add_admin_commands(commands)
     return parser

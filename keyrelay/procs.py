@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .errors import KeyrelayError
 
@@ -78,7 +79,7 @@ def wait_http_ok(process: subprocess.Popen[bytes], port: int, path: str, *, time
     raise ProcessError(f"{path} on port {port} not 200 after {timeout:.0f}s; log:\n{tail(log)}")
 
 
-def stop(process: subprocess.Popen[bytes], *, timeout: float = 10.0) -> None:
+def stop(process: subprocess.Popen[Any], *, timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)

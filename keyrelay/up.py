@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -95,6 +96,8 @@ class _Component:
     url: str
     process: subprocess.Popen[bytes]
     log: Path
+    command: list[str]
+    env: dict[str, str]
 
 
 @dataclass(slots=True)
@@ -109,6 +112,9 @@ class Stack:
     publisher_url: str = ""
     sidecars: dict[str, str] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)
+    # Hooks for the load test: route a region's leaf link (hub leaf port → port to dial), add sidecar flags.
+    leaf_link: Callable[[str, int], int] | None = None
+    sidecar_args: list[str] = field(default_factory=list)
 
     @property
     def data_dir(self) -> Path:
@@ -156,11 +162,13 @@ class Stack:
         hub.start()
         self.nats.append(hub)
         for region in self.settings.regions:
+            assert leaf_port is not None
+            dial = self.leaf_link(region, leaf_port) if self.leaf_link else leaf_port
             leaf = NatsServer(
                 NatsSpec(name=f"leaf-{region}", store_dir=self.data_dir / "nats" / region,
                          port=self.ports.pick(self.settings.nats_port and self.settings.nats_port + 1,
                                               f"{region} NATS"), domain=region,
-                         remotes=[f"nats-leaf://127.0.0.1:{leaf_port}"]),
+                         remotes=[f"nats-leaf://127.0.0.1:{dial}"]),
                 log_dir=logs,
             )  # fmt: skip
             leaf.start()
@@ -170,9 +178,10 @@ class Stack:
     def _child(self, name: str, args: list[str], port: int) -> _Component:
         log = self.data_dir / "logs" / f"{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
-        process = spawn([sys.executable, "-m", "keyrelay", *args, "--log-level", self.settings.log_level],
-                        log=log, env=env)  # fmt: skip
-        component = _Component(name=name, url=f"http://127.0.0.1:{port}", process=process, log=log)
+        command = [sys.executable, "-m", "keyrelay", *args, "--log-level", self.settings.log_level]
+        process = spawn(command, log=log, env=env)
+        component = _Component(name=name, url=f"http://127.0.0.1:{port}", process=process, log=log, command=command,
+                               env=env)  # fmt: skip
         self.components.append(component)
         return component
 
@@ -200,11 +209,20 @@ class Stack:
     def _start_sidecar(self, region: str | None, nats_url: str) -> None:
         wanted = self.settings.sidecar_port and self.settings.sidecar_port + len(self.sidecars)
         port = self.ports.pick(wanted, f"sidecar {region or 'global'}")
-        args = ["sidecar", "--port", str(port), "--nats-url", nats_url]
+        args = ["sidecar", "--port", str(port), "--nats-url", nats_url, *self.sidecar_args]
         if region:
             args += ["--region", region]
         component = self._child(f"sidecar-{region or 'global'}", args, port)
         self.sidecars[region or "global"] = component.url
+
+    def restart(self, name: str) -> float:
+        """Stop one component (e.g. `sidecar-eu`) and start it again; returns seconds until it was ready."""
+        component = next(c for c in self.components if c.name == name)
+        stop(component.process)
+        started = time.monotonic()
+        component.process = spawn(component.command, log=component.log, env=component.env)
+        port = int(component.url.rsplit(":", 1)[1])
+        return wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log) - started
 
     def describe_json(self) -> dict[str, Any]:
         """What the CLI and scripts need: URLs, token, NATS, logs, and the demo key if any."""

@@ -8,12 +8,15 @@ TCP would retransmit them. `cut(reset=True)` instead drops every connection.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["LinkProxy"]
+__all__ = ["LinkProxy", "main"]
 
 _CHUNK = 64 * 1024
 
@@ -120,3 +123,34 @@ class LinkProxy:
         finally:
             dst.transport.abort()
             self._writers.discard(dst)
+
+
+async def _serve(target_port: int, delay: float, listen_port: int) -> None:
+    proxy = LinkProxy(target_port=target_port, delay=delay, listen_port=listen_port)
+    await proxy.start()
+    print(proxy.port, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, proxy.cut)
+    loop.add_signal_handler(signal.SIGHUP, lambda: proxy.cut(reset=True))
+    loop.add_signal_handler(signal.SIGUSR2, proxy.heal)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await proxy.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one link as its own process: SIGUSR1 cuts it silently, SIGHUP cuts it dropping connections,
+    SIGUSR2 heals it, SIGTERM stops it."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.linkproxy", description=main.__doc__)
+    parser.add_argument("--target-port", type=int, required=True, help="port to forward to on 127.0.0.1")
+    parser.add_argument("--delay", type=float, default=0.0, help="one-way delay in seconds, each direction")
+    parser.add_argument("--listen-port", type=int, default=0, help="port to listen on (0: any; printed)")
+    args = parser.parse_args(argv)
+    asyncio.run(_serve(args.target_port, args.delay, args.listen_port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""`keyrelay loadtest`: regions on loopback with WAN delays, open-loop verify load, key churn, a partition.
+
+Builds the hub and one leaf NATS per region (each behind a link proxy adding a
+one-way delay), the publisher and a sidecar per region; preloads N keys; then
+for S seconds drives R verify requests per second at every region's sidecar
+(valid, revoked, unknown and malformed keys) while creating, rotating and
+revoking keys through the API. Prints a live progress line, then a summary;
+writes report.json and plot.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sidecar.config import add_options, load, option, parse_bool, parse_duration
+from sidecar.settings import parse_region
+
+from .report import judge, plot, summary_table, write_json
+from .topology import Topology
+from .workload import Partition, Workload
+
+__all__ = ["LoadtestSettings", "add_arguments", "main", "run"]
+
+
+def _regions(text: str) -> tuple[str, ...]:
+    regions = tuple(r.strip() for r in text.split(",") if r.strip())
+    if not regions:
+        raise ValueError("name at least one region, e.g. eu,us")
+    for region in regions:
+        if parse_region(region) is None:
+            raise ValueError(f"bad region {region!r}")
+    return regions
+
+
+def _delays(text: str) -> tuple[tuple[str, float], ...]:
+    delays = []
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        region, _, value = item.partition(":")
+        delays.append((region, parse_duration(value)))
+    return tuple(delays)
+
+
+def _partition(text: str) -> tuple[str, float] | None:
+    if not text:
+        return None
+    region, _, value = text.partition(":")
+    return region, parse_duration(value or "10s")
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be more than zero")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class LoadtestSettings:
+    """Options of `keyrelay loadtest`."""
+
+    regions: tuple[str, ...] = option(("eu", "us", "ap"), parse=_regions, help="regions to build, comma separated")
+    keys: int = option(10_000, parse=int, help="keys to preload (20% of them region-scoped)")
+    duration: float = option(60.0, parse=parse_duration, duration=True, help="how long to drive load")
+    rate: float = option(500.0, parse=_positive, help="verify requests per second at each region's sidecar")
+    churn: float = option(6.0, parse=float, help="key changes per second through the API (create, rotate, revoke)")
+    delays: tuple[tuple[str, float], ...] = option(
+        (), parse=_delays, help="one-way link delay per region, e.g. eu:40ms,us:60ms (default: 40ms, +20ms each)"
+    )
+    partition: tuple[str, float] | None = option(
+        None, parse=_partition, help="cut one region from the hub for a while, e.g. eu:10s (30% into the run)"
+    )
+    max_staleness: str = option("", help="the sidecars' --max-staleness (default: theirs)")
+    stale_policy: str = option("", help="the sidecars' --stale-policy (default: theirs)")
+    out: Path = option(Path("loadtest/results/latest"), parse=Path, help="where report.json, plot.png and logs go")
+    plot: bool = option(True, parse=parse_bool, help="draw plot.png (needs matplotlib)")
+    seed: int = option(1, parse=int, help="seed of the request mix")
+
+    def link_delays(self) -> dict[str, float]:
+        """Every region's one-way delay: given, or 40 ms plus 20 ms per region after the first."""
+        given = dict(self.delays)
+        return {r: given.get(r, 0.040 + 0.020 * i) for i, r in enumerate(self.regions)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load test's options, on `keyrelay loadtest` or `python -m loadtest.multiregion`."""
+    add_options(parser, LoadtestSettings)
+
+
+def _say(text: str) -> None:
+    print(f"\r\033[K{text}", file=sys.stderr, flush=True)
+
+
+async def run(settings: LoadtestSettings) -> dict[str, Any]:
+    """Build, load, judge and tear down; returns the report."""
+    delays = settings.link_delays()
+    sidecar_args = []
+    if settings.max_staleness:
+        sidecar_args += ["--max-staleness", settings.max_staleness]
+    if settings.stale_policy:
+        sidecar_args += ["--stale-policy", settings.stale_policy]
+    out = settings.out.resolve()
+    topology = Topology(settings.regions, delays, out / "stack", sidecar_args)
+    _say(f"building {len(settings.regions)} regions ({', '.join(f'{r} {d * 1000:.0f}ms' for r, d in delays.items())})")
+    started = time.perf_counter()
+    await topology.start()
+    _say(f"topology up in {time.perf_counter() - started:.1f}s")
+    workload = Workload(topology, rate=settings.rate, duration=settings.duration, churn_rate=settings.churn,
+                        seed=settings.seed)  # fmt: skip
+    if settings.partition:
+        region, seconds = settings.partition
+        if region not in settings.regions:
+            raise SystemExit(f"--partition names {region!r}, which is not among --regions")
+        workload.partition = Partition(region, seconds)
+    try:
+        preload = await workload.preload(settings.keys, _say)
+
+        def progress(elapsed: float) -> None:
+            parts = []
+            for region in settings.regions:
+                count, p99 = workload.last_second(region)
+                parts.append(f"{region} {count}/s p99 {p99 * 1000:.1f}ms")
+            revoked = sum(1 for k in workload.keys if k.revoked is not None)
+            cut = ""
+            plan = workload.partition
+            if plan and plan.cut_at and not plan.healed_at:
+                cut = f" | {plan.region} CUT"
+            print(f"\r\033[K{elapsed:5.0f}/{settings.duration:.0f}s | {' | '.join(parts)} | revoked {revoked}{cut}",
+                  end="", file=sys.stderr, flush=True)  # fmt: skip
+
+        await workload.run(progress)
+        print(file=sys.stderr)
+        report = judge(workload, delays)
+        report["preload_s"] = round(preload, 2)
+        report["keys_preloaded"] = settings.keys
+        report["topology"] = topology.describe()
+        write_json(report, out / "report.json")
+        if settings.plot:
+            plot(workload, report, out / "plot.png")
+        return report
+    finally:
+        await workload.close()
+        await topology.stop()
+
+
+def loadtest_command(args: argparse.Namespace) -> int:
+    """Run the load test from parsed arguments; non-zero when any false accept or reject happened."""
+    settings = load(LoadtestSettings, args)
+    try:
+        import uvloop
+
+        report = uvloop.run(run(settings))
+    except ImportError:  # pragma: no cover
+        report = asyncio.run(run(settings))
+    print(summary_table(report))
+    print(f"report: {settings.out / 'report.json'}" + (f", plot: {settings.out / 'plot.png'}" if settings.plot else ""))
+    clean = report["false_accepts"] == 0 and report["false_rejects"] == 0 and report["revocations_unobserved"] == 0
+    return 0 if clean else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m loadtest.multiregion`, the same as `keyrelay loadtest`."""
+    parser = argparse.ArgumentParser(prog="keyrelay loadtest", description=__doc__)
+    add_arguments(parser)
+    return loadtest_command(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

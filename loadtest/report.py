@@ -1,0 +1,194 @@
+"""Judging a multi-region run: throughput, latency, propagation, false accepts and rejects, partition."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .openloop import percentiles
+from .workload import Verify, Workload
+
+__all__ = ["judge", "plot", "summary_table"]
+
+BOUND_SLACK = 0.050  # the target: propagation p99 within the link delay + 50 ms
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def _verdict(record: Verify) -> str | None:
+    """`false_accept`, `false_reject`, `not_ready` or None for a record that is right."""
+    key = record.key
+    answered = record.due + record.latency
+    if record.status == 503:
+        return "not_ready"
+    if record.status == 200:
+        if record.kind in ("unknown", "malformed", "revoked"):
+            return "false_accept"
+        if key is not None and record.region in key.refused and record.due > key.refused[record.region]:
+            return "false_accept"
+        return None
+    if record.kind == "valid" and key is not None and (key.revoke_started is None or answered < key.revoke_started):
+        return "false_reject"
+    return None
+
+
+def _in_cut(workload: Workload, region: str, moment: float) -> bool:
+    plan = workload.partition
+    return (plan is not None and plan.region == region and plan.cut_at is not None and plan.healed_at is not None
+            and plan.cut_at <= moment <= plan.healed_at)  # fmt: skip
+
+
+def _propagation(workload: Workload, region: str) -> list[float]:
+    """API call returned → first 401 in `region`, for revocations outside a partition of that region."""
+    return [
+        key.refused[region] - key.revoked
+        for key in workload.keys
+        if key.revoked is not None and region in key.refused and not _in_cut(workload, region, key.revoked)
+    ]
+
+
+def judge(workload: Workload, delays: dict[str, float]) -> dict[str, Any]:
+    """Every figure of the run, as a JSON-ready dict."""
+    plan = workload.partition
+    regions: dict[str, Any] = {}
+    for region in workload.regions:
+        records = [r for r in workload.records if r.region == region]
+        latency = percentiles([r.latency for r in records])
+        verdicts = [_verdict(r) for r in records]
+        propagation = _propagation(workload, region)
+        spread = percentiles(propagation)
+        bound = delays[region] + BOUND_SLACK
+        statuses: dict[str, int] = {}
+        for r in records:
+            statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
+        regions[region] = {
+            "requests": len(records),
+            "throughput_rps": round(len(records) / workload.duration, 1),
+            "latency_ms": {
+                "p50": _ms(latency.p50),
+                "p99": _ms(latency.p99),
+                "p999": _ms(latency.p999),
+                "max": _ms(latency.max),
+            },
+            "statuses": statuses,
+            "revocations_observed": len(propagation),
+            "propagation_ms": {"p50": _ms(spread.p50), "p99": _ms(spread.p99), "max": _ms(spread.max)},
+            "propagation_bound_ms": _ms(bound),
+            "propagation_within_bound": spread.p99 <= bound,
+            "visibility_ms": {
+                "p50": _ms(percentiles(workload.visibility[region]).p50),
+                "p99": _ms(percentiles(workload.visibility[region]).p99),
+            },
+            "false_accepts": verdicts.count("false_accept"),
+            "false_rejects": verdicts.count("false_reject"),
+            "not_ready_answers": verdicts.count("not_ready"),
+        }
+    report: dict[str, Any] = {
+        "duration_s": workload.duration,
+        "rate_per_region": workload.rate,
+        "churn_per_s": workload.churn_rate,
+        "keys_tracked": len(workload.keys),
+        "revocations": sum(1 for k in workload.keys if k.revoked is not None),
+        "revocations_unobserved": sum(
+            1
+            for k in workload.keys
+            if k.revoked is not None
+            for r in workload.regions
+            if k.applies_to(r) and r not in k.refused
+        ),
+        "churn_errors": workload.churn_errors,
+        "regions": regions,
+        "false_accepts": sum(r["false_accepts"] for r in regions.values()),
+        "false_rejects": sum(r["false_rejects"] for r in regions.values()),
+    }
+    if plan is not None and plan.cut_at is not None and plan.healed_at is not None:
+        report["partition"] = _partition_figures(workload, plan.region, plan.cut_at, plan.healed_at,
+                                                 plan.readiness)  # fmt: skip
+    return report
+
+
+def _partition_figures(workload: Workload, region: str, cut: float, healed: float,
+                       readiness: list[tuple[float, int]]) -> dict[str, Any]:  # fmt: skip
+    during = [r for r in workload.records if r.region == region and cut <= r.due <= healed and r.kind == "valid"]
+    revoked_in_cut = [k for k in workload.keys if k.revoked is not None and cut <= k.revoked <= healed
+                      and k.applies_to(region)]  # fmt: skip
+    caught_up = [k.refused[region] - healed for k in revoked_in_cut if region in k.refused]
+    return {
+        "region": region,
+        "seconds": round(healed - cut, 2),
+        "valid_answers_during_cut": len(during),
+        "valid_accepted_during_cut": sum(1 for r in during if r.status == 200),
+        "readiness_during_cut": sorted({status for t, status in readiness if cut <= t <= healed}),
+        "readiness_after_heal": sorted({status for t, status in readiness if t > healed}),
+        "revoked_during_cut": len(revoked_in_cut),
+        "refused_after_heal": len(caught_up),
+        "catch_up_s": round(max(caught_up), 3) if caught_up else None,
+    }
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The end-of-run table."""
+    header = (f"{'region':8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p999 ms':>8} {'revoked':>8} "
+              f"{'prop p50':>9} {'prop p99':>9} {'prop max':>9} {'bound':>7} {'FA':>4} {'FR':>4}")  # fmt: skip
+    lines = [header, "-" * len(header)]
+    for region, f in report["regions"].items():
+        lat, prop = f["latency_ms"], f["propagation_ms"]
+        ok = "" if f["propagation_within_bound"] else " !"
+        lines.append(
+            f"{region:8} {f['throughput_rps']:>8.0f} {lat['p50']:>8.2f} {lat['p99']:>8.2f} {lat['p999']:>8.2f} "
+            f"{f['revocations_observed']:>8} {prop['p50']:>9.1f} {prop['p99']:>9.1f} {prop['max']:>9.1f} "
+            f"{f['propagation_bound_ms']:>7.0f} {f['false_accepts']:>4} {f['false_rejects']:>4}{ok}"
+        )
+    lines.append(f"false accepts: {report['false_accepts']}   false rejects: {report['false_rejects']}   "
+                 f"revocations: {report['revocations']} (unobserved: {report['revocations_unobserved']})")  # fmt: skip
+    part = report.get("partition")
+    if part:
+        lines.append(
+            f"partition {part['region']} for {part['seconds']}s: {part['valid_accepted_during_cut']}/"
+            f"{part['valid_answers_during_cut']} valid keys accepted during the cut; readiness during cut "
+            f"{part['readiness_during_cut']}, after {part['readiness_after_heal']}; {part['refused_after_heal']}/"
+            f"{part['revoked_during_cut']} keys revoked during the cut refused after heal, catch-up "
+            f"{part['catch_up_s']}s"
+        )
+    return "\n".join(lines)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    """Every figure, as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+
+
+def plot(workload: Workload, report: dict[str, Any], path: Path) -> None:
+    """Latency histograms and propagation CDFs per region, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 8))
+    for region in workload.regions:
+        latencies = [r.latency * 1000 for r in workload.records if r.region == region]
+        if latencies:
+            top.hist(latencies, bins=[0.05 * 1.15**i for i in range(70)], histtype="step", label=region)
+        propagation = sorted(p * 1000 for p in _propagation(workload, region))
+        if propagation:
+            cdf = [(i + 1) / len(propagation) for i in range(len(propagation))]
+            line = bottom.plot(propagation, cdf, label=region)[0]
+            bottom.axvline(report["regions"][region]["propagation_bound_ms"], color=line.get_color(), linestyle=":")
+    top.set_xscale("log")
+    top.set_xlabel("verify latency at the sidecar, open loop (ms)")
+    top.set_ylabel("requests")
+    top.legend()
+    top.set_title(f"keyrelay multi-region load: {workload.rate:.0f} req/s per region for {workload.duration:.0f}s")
+    bottom.set_xlabel("revocation propagation: API call returned → first 401 in the region (ms); dotted: bound")
+    bottom.set_ylabel("fraction of revocations")
+    bottom.set_ylim(0, 1.02)
+    bottom.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
