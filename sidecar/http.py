@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 
 from .metrics import Metrics
 from .settings import SidecarSettings
 from .sync import KeySync
-from .verify import Code, Verifier, parse_scopes
+from .verify import NO_SCOPES, Code, Verifier, parse_scopes
 
 __all__ = ["STATE", "SidecarState", "add_routes"]
 
@@ -30,6 +32,7 @@ _MESSAGES = {
 }
 _BODIES = {code: json.dumps({"code": code.value, "message": msg}).encode() for code, msg in _MESSAGES.items()}
 _NOT_READY = json.dumps({"code": "NOT_READY", "message": "the key replica is not synced or is stale"}).encode()
+_VALID, _VALID_BODY = Code.VALID, _BODIES[Code.VALID]
 
 
 def _challenge(code: Code) -> str:
@@ -64,33 +67,43 @@ class SidecarState:
 STATE = web.AppKey("keyrelay_sidecar_state", SidecarState)
 
 
-def _presented_key(headers: Any) -> str | None:
+def _presented_key(headers: CIMultiDictProxy[str]) -> str | None:
     auth = headers.get("Authorization")
     if auth:
         scheme, _, value = auth.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return str(value.strip())
+        if scheme.lower() == "bearer":
+            value = value.strip()
+            if value:
+                return value
     api_key = headers.get("X-API-Key")
-    return str(api_key.strip()) if api_key and api_key.strip() else None
+    if api_key:
+        api_key = api_key.strip()
+    return api_key or None
 
 
 async def auth(request: web.Request) -> web.Response:
     """Gateway subrequest: 200 with identity headers, 401/403 with a reason, 503 when not ready."""
+    # Every gateway request passes through here: each step is as cheap as it can be made, and
+    # readiness is computed once.
     state = request.app[STATE]
-    if not state.may_answer():
+    ready = state.ready()
+    if not ready and not state.may_answer():
         return web.Response(status=503, body=_NOT_READY, content_type=_JSON, headers={"Retry-After": "1"})
     headers = request.headers
     key = _presented_key(headers)
     if key is None:
         state.metrics.observe("auth", Code.MISSING, 0.0)
         return _deny(Code.MISSING)
-    started = time.perf_counter()
-    code, n = state.verifier.verify(key, parse_scopes(headers.get("X-Required-Scopes", "")))
-    state.metrics.observe("auth", code, time.perf_counter() - started)
-    if code is not Code.VALID:
+    wanted = headers.get("X-Required-Scopes")
+    verifier = state.verifier
+    started = perf_counter()
+    code, n = verifier.verify(key, parse_scopes(wanted) if wanted else NO_SCOPES)
+    state.metrics.observe("auth", code, perf_counter() - started)
+    if code is not _VALID:
         return _deny(code)
-    key_id, org, team, project, scopes, env = state.verifier.table.identity(n)
+    key_id, org, team, project, scopes, env = verifier.table.identity(n)
     out = {
+        "Content-Type": _JSON,
         "X-Key-Id": key_id,
         "X-Org-Id": org,
         "X-Team-Id": team,
@@ -98,9 +111,9 @@ async def auth(request: web.Request) -> web.Response:
         "X-Key-Scopes": scopes,
         "X-Key-Env": env,
     }
-    if not state.ready():
+    if not ready:
         out["X-Keyrelay-Stale"] = "true"
-    return web.Response(status=200, body=_BODIES[Code.VALID], content_type=_JSON, headers=out)
+    return web.Response(status=200, body=_VALID_BODY, headers=out)
 
 
 def _deny(code: Code) -> web.Response:

@@ -17,14 +17,13 @@ LATENCY_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1
 class Metrics:
     """What the sidecar counts on the hot path; cheap to update, rendered on scrape."""
 
-    __slots__ = ("_buckets", "_count", "_sum", "bad_requests", "results")
+    __slots__ = ("_buckets", "_sum", "bad_requests", "results")
 
     def __init__(self) -> None:
         self.results: dict[tuple[str, str], int] = {}
         self.bad_requests: dict[str, int] = {}
         self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self._sum = 0.0
-        self._count = 0
 
     def observe(self, route: str, code: str, seconds: float) -> None:
         """Count one answered verification and its latency."""
@@ -32,7 +31,6 @@ class Metrics:
         self.results[key] = self.results.get(key, 0) + 1
         self._buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self._sum += seconds
-        self._count += 1
 
     def bad_request(self, reason: str) -> None:
         """Count a request refused before verification (4xx for its shape)."""
@@ -65,7 +63,7 @@ class Metrics:
             le = "+Inf" if bound == float("inf") else repr(bound)
             lines.append(f'keyrelay_verify_duration_seconds_bucket{{le="{le}"}} {cumulative}')
         lines.append(f"keyrelay_verify_duration_seconds_sum {self._sum!r}")
-        lines.append(f"keyrelay_verify_duration_seconds_count {self._count}")
+        lines.append(f"keyrelay_verify_duration_seconds_count {cumulative}")
         since_event = time.time() - sync.last_event if sync.last_event else -1.0
         stats = sync.stats
         gauges = [

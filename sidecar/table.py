@@ -65,7 +65,7 @@ class _Interner:
         return found
 
 
-def _format_uuid(raw: bytes) -> str:
+def _format_uuid(raw: bytes | bytearray) -> str:
     h = raw.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
@@ -126,15 +126,14 @@ class KeyTable:
         mask = self._mask
         index = self._by_hash
         digests = self._digests
-        slot = int.from_bytes(digest[:8], "little") & mask
+        slot = hash(digest) & mask
         while True:
             entry = index[slot]
             if entry == _EMPTY:
                 return -1
-            if entry > 0:
-                offset = (entry - 1) * _DIGEST
-                if digests[offset : offset + _DIGEST] == digest:
-                    return entry - 1
+            # startswith at an offset compares in place, where a slice would copy.
+            if entry > 0 and digests.startswith(digest, (entry - 1) * _DIGEST):
+                return entry - 1
             slot = (slot + 1) & mask
 
     def find_id(self, key_id: str) -> int:
@@ -161,7 +160,7 @@ class KeyTable:
         values = self._strings.values
         offset = n * _ID
         return (
-            _format_uuid(bytes(self._ids[offset : offset + _ID])),
+            _format_uuid(self._ids[offset : offset + _ID]),
             values[fields[base + _ORG]],
             values[fields[base + _TEAM]],
             values[fields[base + _PROJECT]],
@@ -274,7 +273,7 @@ class KeyTable:
             self._fields.extend((0,) * _NFIELDS)
             self._times.extend((0.0, 0.0))
             self._versions.append(0)
-        self._insert_index(self._by_hash, int.from_bytes(digest[:8], "little"), n)
+        self._insert_index(self._by_hash, hash(digest), n)
         self._insert_index(self._by_id, xxhash.xxh3_64_intdigest(raw_id), n)
         self._live += 1
         self._used += 1
@@ -283,7 +282,7 @@ class KeyTable:
     def _remove(self, n: int, raw_id: bytes) -> None:
         offset = n * _DIGEST
         digest = bytes(self._digests[offset : offset + _DIGEST])
-        self._tombstone(self._by_hash, int.from_bytes(digest[:8], "little"), n)
+        self._tombstone(self._by_hash, hash(digest), n)
         self._tombstone(self._by_id, xxhash.xxh3_64_intdigest(raw_id), n)
         self._digests[offset : offset + _DIGEST] = bytes(_DIGEST)
         self._versions[n] = 0
@@ -314,7 +313,7 @@ class KeyTable:
                 continue
             digest = bytes(self._digests[n * _DIGEST : (n + 1) * _DIGEST])
             raw_id = bytes(self._ids[n * _ID : (n + 1) * _ID])
-            self._insert_index(self._by_hash, int.from_bytes(digest[:8], "little"), n)
+            self._insert_index(self._by_hash, hash(digest), n)
             self._insert_index(self._by_id, xxhash.xxh3_64_intdigest(raw_id), n)
         self._used = self._live
 

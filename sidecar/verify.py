@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
+from hashlib import sha256
+from typing import Final
 
 from .table import KeyTable
-from .wire import DEFAULT_PREFIX, parse_key
+from .wire import DEFAULT_PREFIX, match_key
 
-__all__ = ["Code", "Verifier", "parse_scopes"]
+__all__ = ["NO_SCOPES", "Code", "Verifier", "parse_scopes"]
 
 
 class Code(StrEnum):
@@ -26,6 +27,14 @@ class Code(StrEnum):
     EXPIRED = "EXPIRED"
     INSUFFICIENT_SCOPE = "INSUFFICIENT_SCOPE"
     WRONG_REGION = "WRONG_REGION"
+
+
+NO_SCOPES: Final[frozenset[str]] = frozenset()
+# The answers without a record, built once: verify runs on every gateway subrequest.
+_MALFORMED: Final = (Code.MALFORMED, -1)
+_WRONG_REGION: Final = (Code.WRONG_REGION, -1)
+_NOT_FOUND: Final = (Code.NOT_FOUND, -1)
+_VALID, _REVOKED, _EXPIRED, _INSUFFICIENT_SCOPE = Code.VALID, Code.REVOKED, Code.EXPIRED, Code.INSUFFICIENT_SCOPE
 
 
 @lru_cache(maxsize=4096)
@@ -43,22 +52,23 @@ class Verifier:
     prefix: str = DEFAULT_PREFIX
     clock: Callable[[], float] = field(default=time.time)
 
-    def verify(self, key: str, required: frozenset[str] = frozenset()) -> tuple[Code, int]:
+    def verify(self, key: str, required: frozenset[str] = NO_SCOPES) -> tuple[Code, int]:
         """The code, and the record number when the key is known (else -1)."""
-        parsed = parse_key(key, prefix=self.prefix)
-        if parsed is None:
-            return Code.MALFORMED, -1
-        if parsed.region is not None and parsed.region != self.region:
-            return Code.WRONG_REGION, -1
+        match = match_key(key, self.prefix)
+        if match is None:
+            return _MALFORMED
+        region = match[3]
+        if region is not None and region != self.region:
+            return _WRONG_REGION
         table = self.table
-        n = table.find(hashlib.sha256(key.encode()).digest())
+        n = table.find(sha256(key.encode()).digest())
         if n < 0:
-            return Code.NOT_FOUND, -1
+            return _NOT_FOUND
         if table.revoked_at(n):
-            return Code.REVOKED, n
+            return _REVOKED, n
         expires = table.expires_at(n)
         if expires and expires <= self.clock():
-            return Code.EXPIRED, n
+            return _EXPIRED, n
         if required and not required <= table.scopes(n):
-            return Code.INSUFFICIENT_SCOPE, n
-        return Code.VALID, n
+            return _INSUFFICIENT_SCOPE, n
+        return _VALID, n
