@@ -35,6 +35,8 @@ log = logging.getLogger("keyrelay.publisher.outbox")
 
 _LEASE = "outbox"
 _MAX_BACKOFF = 2.0
+_FOLLOWER_POLL = 0.05  # how often a waiter looks at the database while another process publishes
+_LEADER_RECHECK = 0.25  # ... and while this process publishes (it is told; this only covers a lost lease)
 
 
 @dataclass(slots=True)
@@ -45,6 +47,22 @@ class RelayStats:
     publish_failures: int = 0
     batches: int = 0
     last_publish_seconds: float = 0.0
+
+
+class _Waiter:
+    """Outbox ids a caller waits for; the local relay crosses them off as it deletes them."""
+
+    __slots__ = ("done", "remaining")
+
+    def __init__(self, ids: set[int]) -> None:
+        self.remaining = ids
+        self.done = asyncio.Event()
+
+    def cross_off(self, published: set[int]) -> None:
+        """These entries are published (and gone from the outbox)."""
+        self.remaining -= published
+        if not self.remaining:
+            self.done.set()
 
 
 class OutboxRelay:
@@ -62,7 +80,7 @@ class OutboxRelay:
         self.stats = RelayStats()
         self.leader = False
         self._wake = asyncio.Event()
-        self._progress = asyncio.Event()
+        self._waiters: set[_Waiter] = set()
         self._lease_renewed = 0.0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -94,22 +112,30 @@ class OutboxRelay:
 
     async def wait_published(self, ids: Sequence[int], timeout: float) -> bool:
         """Wait until every entry in `ids` is published; False on timeout or when NATS is unreachable."""
-        remaining = set(ids)
+        waiter = _Waiter(set(ids))
         deadline = time.monotonic() + timeout
-        while remaining:
-            if not self.broker.connected:
-                return False
-            progress = self._progress
-            remaining = await self._still_queued(remaining)
-            if not remaining:
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            # The local relay signals progress; a relay in another process is seen by polling.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(progress.wait(), min(left, 0.05))
-        return True
+        self._waiters.add(waiter)
+        try:
+            check_at = 0.0  # entries published before the waiter was registered are seen only in the database
+            while waiter.remaining:
+                if not self.broker.connected:
+                    return False
+                now = time.monotonic()
+                if now >= check_at:
+                    waiter.remaining &= await self._still_queued(waiter.remaining)
+                    if not waiter.remaining:
+                        break
+                    # The local relay crosses entries off as it forgets them, so while it holds the lease the
+                    # database is only asked now and then; a relay in another process is seen by polling alone.
+                    check_at = now + (_LEADER_RECHECK if self.leader else _FOLLOWER_POLL)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.done.wait(), min(left, _FOLLOWER_POLL))
+            return True
+        finally:
+            self._waiters.discard(waiter)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until the outbox is empty (used before reconciling and by the CLI)."""
@@ -234,8 +260,9 @@ class OutboxRelay:
                 chunk = ids[i : i + 500]
                 await tx.execute(f"DELETE FROM outbox WHERE id IN ({placeholders(len(chunk))})", *chunk)
         self.stats.published += len(ids)
-        progress, self._progress = self._progress, asyncio.Event()
-        progress.set()
+        gone = set(ids)
+        for waiter in self._waiters:
+            waiter.cross_off(gone)
 
     async def _still_queued(self, ids: set[int]) -> set[int]:
         ordered = sorted(ids)
