@@ -35,6 +35,12 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Hand a connection back as it is; the pool has already rolled back any open transaction."""
+    # The store never changes session state (no SET, LISTEN, session advisory locks or cursors outside a
+    # transaction), so asyncpg's default reset query would cost a round trip per transaction for nothing.
+
+
 class _PostgresTx:
     __slots__ = ("_conn",)
 
@@ -74,7 +80,7 @@ class PostgresDatabase:
         """Connect a pool; raises StoreError naming the (redacted) URL when the server is unreachable."""
         try:
             pool = await asyncpg.create_pool(
-                url, min_size=1, max_size=pool_size, init=_init_connection, command_timeout=30
+                url, min_size=1, max_size=pool_size, init=_init_connection, reset=_keep_session, command_timeout=30
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreError(f"cannot connect to {redact(url)}: {exc}") from None
