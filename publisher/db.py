@@ -38,6 +38,9 @@ class Tx(Protocol):
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         """Run a statement once per row of arguments."""
 
+    async def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Insert rows (values in `columns` order) into `table`; for many rows, faster than executemany."""
+
 
 class Database(Protocol):
     """A connection (pool) to the key store."""

@@ -65,6 +65,11 @@ class _SqliteTx:
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._conn.executemany(_translate(sql), (_bind(r) for r in rows))
 
+    async def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        # One prepared statement stepped per row in C is already SQLite's bulk path.
+        sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        self._conn.executemany(sql, (_bind(r) for r in rows))
+
 
 class SqliteDatabase:
     """The default store: a single SQLite file, no server needed."""

@@ -25,6 +25,8 @@ KEY_COLUMNS = (
     "id, key_prefix, key_hash, organization_id, team_id, project_id, name, scopes, env, region, metadata, "
     "created_at, expires_at, last_used_at, revoked_at, revoked_reason, rotated_to, created_by, version"
 )
+_KEY_COLUMN_NAMES = tuple(c.strip() for c in KEY_COLUMNS.split(","))
+_AUDIT_COLUMNS = ("at", "actor", "action", "organization_id", "team_id", "project_id", "key_id", "details")
 _CHUNK = 500  # rows per multi-row statement: well under both back ends' parameter limits
 
 
@@ -420,18 +422,14 @@ class KeyStore:
 
 
 async def _insert_keys(tx: Tx, keys: Sequence[ApiKey]) -> None:
-    await tx.executemany(
-        f"INSERT INTO api_keys ({KEY_COLUMNS}) VALUES "
-        "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)",
-        [
-            (
-                k.id, k.display, k.key_hash, k.org_id, k.team_id, k.project_id, k.name, list(k.scopes), k.env,
-                k.region, k.metadata, k.created_at, k.expires_at, k.last_used_at, k.revoked_at, k.revoked_reason,
-                k.rotated_to, k.created_by, k.version,
-            )
-            for k in keys
-        ],
-    )  # fmt: skip
+    await tx.insert_many("api_keys", _KEY_COLUMN_NAMES, [
+        (
+            k.id, k.display, k.key_hash, k.org_id, k.team_id, k.project_id, k.name, list(k.scopes), k.env,
+            k.region, k.metadata, k.created_at, k.expires_at, k.last_used_at, k.revoked_at, k.revoked_reason,
+            k.rotated_to, k.created_by, k.version,
+        )
+        for k in keys
+    ])  # fmt: skip
 
 
 async def _enqueue(tx: Tx, keys: Sequence[ApiKey], now: int) -> tuple[int, ...]:
@@ -460,8 +458,8 @@ def _key_audit(key: ApiKey, details: dict[str, Any]) -> AuditRow:
 
 
 async def _audit(tx: Tx, actor: Actor, action: str, now: int, rows: Sequence[AuditRow]) -> None:
-    await tx.executemany(
-        "INSERT INTO audit_log (at, actor, action, organization_id, team_id, project_id, key_id, details) "
-        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    await tx.insert_many(
+        "audit_log",
+        _AUDIT_COLUMNS,
         [(now, actor.name, action, org, team, project, key, details) for org, team, project, key, details in rows],
     )
