@@ -14,9 +14,12 @@ and project through the admin API, and measures:
   /auth is polled with that key in a tight (bounded) loop from the moment the
   call returns until the first 401. "propagation" is the time from the call
   returning to that 401 arriving (so it includes one /auth round trip), "API"
-  the call's own latency. First sequentially, one revocation at a time (clean
+  the call's own latency, which already covers the JetStream ack (the call
+  answers `"propagation": "published"` only after it), and "call start -> 401"
+  the two together. First sequentially, one revocation at a time (clean
   latency), then with `--concurrency` revocations in flight (each with its own
-  poller); each mode uses `--revocations` fresh keys.
+  poller, all in this one client process); each mode uses `--revocations`
+  fresh keys. The revocation target is judged on both modes, separately.
 
 Everything (processes, temporary directories, the PostgreSQL database) is
 removed at the end, also on Ctrl-C or an error.
@@ -120,6 +123,7 @@ class Revocations:
     seconds: float = 0.0
     api: list[float] = field(default_factory=list)
     propagation: list[float] = field(default_factory=list)
+    end_to_end: list[float] = field(default_factory=list)
     refused_at_first_poll: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     complete: bool = True
@@ -139,6 +143,7 @@ class Revocations:
             "revocations_per_second": self.rate,
             "api_ms": _stats_ms(self.api),
             "propagation_ms": _stats_ms(self.propagation),
+            "call_start_to_401_ms": _stats_ms(self.end_to_end),
             "refused_at_first_poll": self.refused_at_first_poll,
             "errors": self.errors,
             "complete": self.complete,
@@ -482,6 +487,7 @@ async def _revoke_one(api: AdminApi, sidecar: SidecarAuth, key_id: str, key: str
     result.ok += 1
     result.api.append(returned - started)
     result.propagation.append(now - returned)
+    result.end_to_end.append(now - started)
     if polls == 1:
         result.refused_at_first_poll += 1
 
@@ -623,6 +629,7 @@ def _table(results: list[BackendResult], config: Config) -> list[str]:
         row("  propagation max", pct(lambda r: r.sequential.propagation, 1.0)),
         row("  API revoke latency p50", pct(lambda r: r.sequential.api, 0.50)),
         row("  API revoke latency p99", pct(lambda r: r.sequential.api, 0.99)),
+        row("  call start -> 401 p99", pct(lambda r: r.sequential.end_to_end, 0.99)),
         row("  refused at the first poll", lambda r: f"{r.sequential.refused_at_first_poll}/{r.sequential.ok}"),
         row(f"revocations/s ({c} in flight)", rate(lambda r: r.concurrent)),
         row("  propagation p50", pct(lambda r: r.concurrent.propagation, 0.50)),
@@ -630,6 +637,7 @@ def _table(results: list[BackendResult], config: Config) -> list[str]:
         row("  propagation max", pct(lambda r: r.concurrent.propagation, 1.0)),
         row("  API revoke latency p50", pct(lambda r: r.concurrent.api, 0.50)),
         row("  API revoke latency p99", pct(lambda r: r.concurrent.api, 0.99)),
+        row("  call start -> 401 p99", pct(lambda r: r.concurrent.end_to_end, 0.99)),
         row("  refused at the first poll", lambda r: f"{r.concurrent.refused_at_first_poll}/{r.concurrent.ok}"),
         row("keys at the sidecar / outbox depth at end", lambda r: f"{r.sidecar_keys} / {r.outbox_depth}"),
     ]
