@@ -26,7 +26,7 @@ from nats.aio.subscription import Subscription
 
 from .errors import BucketNotFound, RecordError
 from .table import KeyTable
-from .wire import KeyRecord, region_subjects, stream_name
+from .wire import decode_fields, region_subjects, stream_name
 
 __all__ = ["KeySync", "SyncStats"]
 
@@ -61,19 +61,13 @@ class _Generation:
     resync_seen: set[str] | None = None
 
 
-@dataclass(slots=True)
-class _Reply:
-    stream_seq: int
-    consumer_seq: int
-    pending: int
-
-
-def _parse_ack_reply(reply: str) -> _Reply:
+def _parse_ack_reply(reply: str) -> tuple[int, int, int]:
+    """Stream sequence, consumer sequence and pending count from a JetStream delivery's reply subject."""
     # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>, or the v2 form with
     # <domain>.<account hash> after $JS.ACK and a random token at the end.
     tokens = reply.split(".")
     base = 2 if len(tokens) == 9 else 4
-    return _Reply(int(tokens[base + 3]), int(tokens[base + 4]), int(tokens[base + 6]))
+    return int(tokens[base + 3]), int(tokens[base + 4]), int(tokens[base + 6])
 
 
 @dataclass(slots=True)
@@ -307,11 +301,11 @@ class KeySync:
         if headers and "Status" in headers:
             await self._on_status(gen, msg, headers)
             return
-        reply = _parse_ack_reply(msg.reply)
-        if reply.consumer_seq != gen.expected:
+        stream_seq, consumer_seq, pending = _parse_ack_reply(msg.reply)
+        if consumer_seq != gen.expected:
             log.info(
                 "consumer sequence gap (got %d, expected %d): resuming from revision %d",
-                reply.consumer_seq,
+                consumer_seq,
                 gen.expected,
                 self.last_revision,
             )
@@ -321,9 +315,9 @@ class KeySync:
         gen.expected += 1
         self.last_contact = time.monotonic()
         self._apply(gen, msg, headers)
-        self.last_revision = reply.stream_seq
-        self.pending = reply.pending
-        if reply.pending == 0 and (not self.synced or gen.resync_seen is not None):
+        self.last_revision = stream_seq
+        self.pending = pending
+        if pending == 0 and (not self.synced or gen.resync_seen is not None):
             self._caught_up(gen)
 
     async def _on_status(self, gen: _Generation, msg: Msg, headers: dict[str, str]) -> None:
@@ -361,8 +355,8 @@ class KeySync:
             self._changed()
             return
         try:
-            record = KeyRecord.decode(msg.data)
-            if record.key_id != key_id:
+            fields = decode_fields(msg.data)  # no KeyRecord object: this runs once per key on a full load
+            if fields[0] != key_id:
                 raise RecordError("id does not match the entry name")
         except RecordError as exc:
             self.stats.decode_errors += 1
@@ -371,7 +365,7 @@ class KeySync:
         if gen.resync_seen is not None:
             gen.resync_seen.add(key_id)
             self.table.remove(key_id)  # a recreated bucket may carry older versions: take it as it is
-        if self.table.apply(record):
+        if self.table.apply_fields(fields):
             self.stats.applied += 1
             self._changed()
         else:

@@ -8,21 +8,23 @@ Repeated strings — orgs, teams, projects, scope sets, regions — are interned
 
 from __future__ import annotations
 
+import re
 import uuid
 from array import array
 from dataclasses import dataclass
 from typing import Any, Final
 
-import xxhash
-
-from .wire import KeyRecord
+from .wire import KeyRecord, RecordFields
 
 __all__ = ["KeyTable", "KeyView"]
 
 _EMPTY: Final = 0
 _TOMBSTONE: Final = -1
 _DIGEST: Final = 32
-_ID: Final = 16
+# Key ids are kept in their canonical text form: /auth sends them as they are, and the bulk load
+# stores them without parsing a UUID. 20 bytes a key more than the 16 raw bytes.
+_ID: Final = 36
+_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # Per-record string fields, as indexes into the interner.
 _ORG, _TEAM, _PROJECT, _SCOPES, _ENV, _REGION, _META = range(7)
 _NFIELDS: Final = 7
@@ -49,25 +51,27 @@ class KeyView:
 class _Interner:
     """Maps repeated values to small integers; index 0 is reserved for 'none'."""
 
-    __slots__ = ("_ids", "values")
+    __slots__ = ("index", "values")
 
     def __init__(self) -> None:
         self.values: list[Any] = [None]
-        self._ids: dict[object, int] = {}
+        self.index: dict[object, int] = {}  # value → its number (never 0)
 
     def intern(self, value: object) -> int:
         if value is None:
             return 0
-        found = self._ids.get(value)
+        found = self.index.get(value)
         if found is None:
-            found = self._ids[value] = len(self.values)
+            found = self.index[value] = len(self.values)
             self.values.append(value)
         return found
 
 
-def _format_uuid(raw: bytes | bytearray) -> str:
-    h = raw.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+def _id_bytes(key_id: str) -> bytes:
+    """A key id as stored: lowercase with dashes, whatever form of the UUID it came in; ValueError if none."""
+    if _CANONICAL_ID.fullmatch(key_id) is None:
+        key_id = str(uuid.UUID(key_id))
+    return key_id.encode()
 
 
 class KeyTable:
@@ -82,6 +86,7 @@ class KeyTable:
         "_ids",
         "_live",
         "_mask",
+        "_scope_sets",
         "_strings",
         "_times",
         "_used",
@@ -95,6 +100,7 @@ class KeyTable:
         self._times = array("d")
         self._versions = array("q")
         self._strings = _Interner()
+        self._scope_sets: dict[tuple[str, ...], int] = {}  # scopes as sent → their interned set
         self._free: list[int] = []
         self._live = 0
         self._used = 0  # live entries plus tombstones in the indexes
@@ -138,7 +144,7 @@ class KeyTable:
 
     def find_id(self, key_id: str) -> int:
         """The record number of `key_id`, or -1."""
-        return self._find_id(uuid.UUID(key_id).bytes)
+        return self._find_id(_id_bytes(key_id))
 
     def revoked_at(self, n: int) -> float:
         """Revocation time of record `n` (0.0 when not revoked)."""
@@ -160,7 +166,7 @@ class KeyTable:
         values = self._strings.values
         offset = n * _ID
         return (
-            _format_uuid(self._ids[offset : offset + _ID]),
+            self._ids[offset : offset + _ID].decode(),
             values[fields[base + _ORG]],
             values[fields[base + _TEAM]],
             values[fields[base + _PROJECT]],
@@ -198,24 +204,48 @@ class KeyTable:
 
     def apply(self, record: KeyRecord) -> bool:
         """Insert or update from a record; False when the held version is as new or newer."""
-        raw_id = uuid.UUID(record.key_id).bytes
+        return self.apply_fields(record.fields())
+
+    def apply_fields(self, fields: RecordFields) -> bool:
+        """`apply` for a record as the plain tuple `decode_fields` returns (the sync's path)."""
+        key_id, key_hash, org, team, project, scopes, env, region, expires, revoked, version, meta = fields
+        raw_id = _id_bytes(key_id)
         n = self._find_id(raw_id)
         if n >= 0:
-            if self._versions[n] >= record.version:
+            if self._versions[n] >= version:
                 return False
-            offset = n * _DIGEST
-            if self._digests[offset : offset + _DIGEST] != record.key_hash:
+            if not self._digests.startswith(key_hash, n * _DIGEST):
                 # A key's hash never changes; treat a new one as replace, so the old hash stops working.
                 self._remove(n, raw_id)
                 n = -1
+        intern = self._strings.intern
+        known = self._strings.index.get  # a held value costs a dict lookup, not a method call
+        scope_set = self._scope_sets.get(scopes)
+        if scope_set is None:
+            # Interned with its header form, so /auth never joins scopes per request.
+            scope_set = intern((frozenset(scopes), " ".join(sorted(set(scopes)))))
+            self._scope_sets[scopes] = scope_set
+        values = (
+            known(org) or intern(org),
+            known(team) or intern(team),
+            known(project) or intern(project),
+            scope_set,
+            known(env) or intern(env),
+            0 if region is None else known(region) or intern(region),
+            intern(tuple(sorted(meta.items()))) if meta else 0,
+        )
         if n < 0:
-            n = self._allocate(raw_id, record.key_hash)
-        self._store(n, record)
+            self._allocate(raw_id, key_hash, values, expires or 0.0, revoked or 0.0, version)
+        else:
+            self._fields[n * _NFIELDS : (n + 1) * _NFIELDS] = array("I", values)
+            self._times[2 * n] = expires or 0.0
+            self._times[2 * n + 1] = revoked or 0.0
+            self._versions[n] = version
         return True
 
     def remove(self, key_id: str) -> bool:
         """Forget a key (its entry was deleted from the bucket); False if it was not held."""
-        raw_id = uuid.UUID(key_id).bytes
+        raw_id = _id_bytes(key_id)
         n = self._find_id(raw_id)
         if n < 0:
             return False
@@ -224,7 +254,7 @@ class KeyTable:
 
     def key_ids(self) -> list[str]:
         """Every held key id (for resynchronisation sweeps and tests)."""
-        return [_format_uuid(bytes(self._ids[(e - 1) * _ID : e * _ID])) for e in self._by_id if e > 0]
+        return [self._ids[(e - 1) * _ID : e * _ID].decode() for e in self._by_id if e > 0]
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -232,58 +262,56 @@ class KeyTable:
         mask = self._mask
         index = self._by_id
         ids = self._ids
-        slot = xxhash.xxh3_64_intdigest(raw_id) & mask
+        slot = hash(raw_id) & mask
         while True:
             entry = index[slot]
             if entry == _EMPTY:
                 return -1
-            if entry > 0:
-                offset = (entry - 1) * _ID
-                if ids[offset : offset + _ID] == raw_id:
-                    return entry - 1
+            if entry > 0 and ids.startswith(raw_id, (entry - 1) * _ID):
+                return entry - 1
             slot = (slot + 1) & mask
 
-    def _store(self, n: int, record: KeyRecord) -> None:
-        intern = self._strings.intern
-        base = n * _NFIELDS
-        fields = self._fields
-        fields[base + _ORG] = intern(record.org_id)
-        fields[base + _TEAM] = intern(record.team_id)
-        fields[base + _PROJECT] = intern(record.project_id)
-        # Interned with its header form, so /auth never joins scopes per request.
-        fields[base + _SCOPES] = intern((frozenset(record.scopes), " ".join(sorted(set(record.scopes)))))
-        fields[base + _ENV] = intern(record.env)
-        fields[base + _REGION] = intern(record.region)
-        fields[base + _META] = intern(tuple(sorted(record.metadata.items())) if record.metadata else None)
-        self._times[2 * n] = record.expires_at or 0.0
-        self._times[2 * n + 1] = record.revoked_at or 0.0
-        self._versions[n] = record.version
-
-    def _allocate(self, raw_id: bytes, digest: bytes) -> int:
+    def _allocate(
+        self, raw_id: bytes, digest: bytes, values: tuple[int, ...], expires: float, revoked: float, version: int
+    ) -> None:
         if (self._used + 1) > _MAX_LOAD * (self._mask + 1):
             self._resize(_capacity_for(self._live + 1))
         if self._free:
             n = self._free.pop()
             self._ids[n * _ID : (n + 1) * _ID] = raw_id
             self._digests[n * _DIGEST : (n + 1) * _DIGEST] = digest
+            self._fields[n * _NFIELDS : (n + 1) * _NFIELDS] = array("I", values)
+            self._times[2 * n] = expires
+            self._times[2 * n + 1] = revoked
+            self._versions[n] = version
         else:
             n = len(self._versions)
             self._ids += raw_id
             self._digests += digest
-            self._fields.extend((0,) * _NFIELDS)
-            self._times.extend((0.0, 0.0))
-            self._versions.append(0)
-        self._insert_index(self._by_hash, hash(digest), n)
-        self._insert_index(self._by_id, xxhash.xxh3_64_intdigest(raw_id), n)
+            self._fields.extend(values)
+            self._times.append(expires)
+            self._times.append(revoked)
+            self._versions.append(version)
+        # Both index inserts inline: this runs once per key of the initial load.
+        mask = self._mask
+        index = self._by_hash
+        slot = hash(digest) & mask
+        while index[slot] > 0:
+            slot = (slot + 1) & mask
+        index[slot] = n + 1
+        index = self._by_id
+        slot = hash(raw_id) & mask
+        while index[slot] > 0:
+            slot = (slot + 1) & mask
+        index[slot] = n + 1
         self._live += 1
         self._used += 1
-        return n
 
     def _remove(self, n: int, raw_id: bytes) -> None:
         offset = n * _DIGEST
         digest = bytes(self._digests[offset : offset + _DIGEST])
         self._tombstone(self._by_hash, hash(digest), n)
-        self._tombstone(self._by_id, xxhash.xxh3_64_intdigest(raw_id), n)
+        self._tombstone(self._by_id, hash(raw_id), n)
         self._digests[offset : offset + _DIGEST] = bytes(_DIGEST)
         self._versions[n] = 0
         self._free.append(n)
@@ -314,7 +342,7 @@ class KeyTable:
             digest = bytes(self._digests[n * _DIGEST : (n + 1) * _DIGEST])
             raw_id = bytes(self._ids[n * _ID : (n + 1) * _ID])
             self._insert_index(self._by_hash, hash(digest), n)
-            self._insert_index(self._by_id, xxhash.xxh3_64_intdigest(raw_id), n)
+            self._insert_index(self._by_id, hash(raw_id), n)
         self._used = self._live
 
 

@@ -29,6 +29,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "KeyRecord",
     "ParsedKey",
+    "RecordFields",
+    "decode_fields",
     "display_form",
     "entry_name",
     "generate_key",
@@ -60,6 +62,7 @@ _KEY_RE = re.compile(
     rf"([a-z][a-z0-9]{{0,11}})_(live|test)(?:_([a-z][a-z0-9-]{{0,15}}))?_([0-9A-Za-z]{{{SECRET_LEN + CHECK_LEN}}})"
 )
 _REGION_RE = re.compile(r"[a-z][a-z0-9-]{0,15}")
+_LOWER_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _PAIRS: Final = tuple(a + b for a in ALPHABET for b in ALPHABET)
 _PAIR_BASE: Final = len(_PAIRS)
 
@@ -85,6 +88,8 @@ def is_uuid(text: str) -> bool:
     """True for a canonical UUID string: the form of every id keyrelay hands out."""
     if len(text) != 36:
         return False
+    if _LOWER_UUID_RE.fullmatch(text) is not None:
+        return True  # the form ids are written in, checked without building a UUID
     try:
         uuid.UUID(text)
     except ValueError:
@@ -231,47 +236,86 @@ class KeyRecord:
     @classmethod
     def decode(cls, data: bytes) -> KeyRecord:
         """Decode and validate a record; unknown fields are ignored, anything else wrong raises."""
-        try:
-            raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
-        except Exception as exc:  # msgpack raises several unrelated types
-            raise RecordError(f"not msgpack ({type(exc).__name__})") from None
-        if not isinstance(raw, dict):
-            raise RecordError("not a map")
-        version = raw.get("v")
-        if not isinstance(version, int) or version < 1:
-            raise RecordError("missing schema version")
-        key_hash = raw.get("hash")
-        if not isinstance(key_hash, bytes) or len(key_hash) != 32:
-            raise RecordError("hash must be 32 bytes")
-        key_id = _text(raw.get("id"), "id")
-        if not is_uuid(key_id):
-            raise RecordError("id must be a UUID")
-        scopes = raw.get("scopes")
-        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
-            raise RecordError("scopes must be a list of strings")
-        env = raw.get("env")
-        if env not in ENVS:
-            raise RecordError(f"env must be one of {ENVS}")
-        region = raw.get("region")
-        if region is not None and not (isinstance(region, str) and is_region_code(region)):
-            raise RecordError("region must be a region code or nil")
-        ver = raw.get("ver")
-        if not isinstance(ver, int) or ver < 0:
-            raise RecordError("ver must be a non-negative integer")
-        meta = raw.get("meta") or {}
-        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise RecordError("meta must map strings to strings")
-        return cls(
-            key_id=key_id,
-            key_hash=key_hash,
-            org_id=_text(raw.get("org"), "org"),
-            team_id=_text(raw.get("team"), "team"),
-            project_id=_text(raw.get("project"), "project"),
-            scopes=tuple(scopes),
-            env=env,
-            region=region,
-            expires_at=_optional_time(raw.get("expires"), "expires"),
-            revoked_at=_optional_time(raw.get("revoked"), "revoked"),
-            version=ver,
-            metadata=meta,
+        return cls(*decode_fields(data))
+
+    def fields(self) -> RecordFields:
+        """The record as the plain tuple `decode_fields` returns."""
+        return (
+            self.key_id,
+            self.key_hash,
+            self.org_id,
+            self.team_id,
+            self.project_id,
+            self.scopes,
+            self.env,
+            self.region,
+            self.expires_at,
+            self.revoked_at,
+            self.version,
+            self.metadata,
         )
+
+
+# KeyRecord's fields in declaration order: what the sidecar's bulk path handles instead of objects.
+RecordFields = tuple[
+    str, bytes, str, str, str, tuple[str, ...], str, str | None, float | None, float | None, int, Mapping[str, str]
+]
+
+
+def decode_fields(data: bytes) -> RecordFields:
+    """Decode and validate a record as KeyRecord.decode does, without building the object (the sync's hot path)."""
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise RecordError(f"not msgpack ({type(exc).__name__})") from None
+    if not isinstance(raw, dict):
+        raise RecordError("not a map")
+    get = raw.get
+    version = get("v")
+    if not isinstance(version, int) or version < 1:
+        raise RecordError("missing schema version")
+    key_hash = get("hash")
+    if not isinstance(key_hash, bytes) or len(key_hash) != 32:
+        raise RecordError("hash must be 32 bytes")
+    key_id = get("id")
+    if not isinstance(key_id, str) or not is_uuid(key_id):
+        _text(key_id, "id")  # raises for what is not a string at all
+        raise RecordError("id must be a UUID")
+    scopes = get("scopes")
+    if not isinstance(scopes, list):
+        raise RecordError("scopes must be a list of strings")
+    for scope in scopes:
+        if not isinstance(scope, str):
+            raise RecordError("scopes must be a list of strings")
+    env = get("env")
+    if env not in ENVS:
+        raise RecordError(f"env must be one of {ENVS}")
+    region = get("region")
+    if region is not None and not (isinstance(region, str) and is_region_code(region)):
+        raise RecordError("region must be a region code or nil")
+    ver = get("ver")
+    if not isinstance(ver, int) or ver < 0:
+        raise RecordError("ver must be a non-negative integer")
+    meta = get("meta") or {}
+    if not isinstance(meta, dict) or (
+        meta and not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
+        raise RecordError("meta must map strings to strings")
+    org, team, project = get("org"), get("team"), get("project")
+    if not (isinstance(org, str) and org and isinstance(team, str) and team and isinstance(project, str) and project):
+        org, team, project = _text(org, "org"), _text(team, "team"), _text(project, "project")  # raises
+    expires, revoked = get("expires"), get("revoked")
+    return (
+        key_id,
+        key_hash,
+        org,
+        team,
+        project,
+        tuple(scopes),
+        env,
+        region,
+        None if expires is None else _optional_time(expires, "expires"),
+        None if revoked is None else _optional_time(revoked, "revoked"),
+        ver,
+        meta,
+    )
