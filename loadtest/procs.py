@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import os
 import signal
 import subprocess
 import time
@@ -12,7 +13,16 @@ from pathlib import Path
 
 from .wrk import pinned
 
-__all__ = ["ProcessError", "memory_of", "spawn", "stop", "wait_http_ok"]
+__all__ = [
+    "ProcessError",
+    "cpu_seconds",
+    "machine_cpu",
+    "memory_of",
+    "spawn",
+    "stop",
+    "wait_http_ok",
+    "wait_quiet",
+]
 
 
 class ProcessError(RuntimeError):
@@ -78,3 +88,31 @@ def _tail(log: Path, lines: int = 20) -> str:
     with contextlib.suppress(OSError):
         return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
     return "(no log)"
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def machine_cpu() -> tuple[float, float]:
+    """CPU seconds the whole machine has been busy, and stolen by the hypervisor, since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq) / _TICK, steal / _TICK
+
+
+def wait_quiet(*, threshold: float, longest: float, sample: float = 0.5) -> tuple[float, float]:
+    """Wait (at most `longest` s) until the machine's busy CPU is below `threshold` cores; returns (load, waited)."""
+    started = time.monotonic()
+    while True:
+        busy_before, _ = machine_cpu()
+        time.sleep(sample)
+        load = (machine_cpu()[0] - busy_before) / sample
+        waited = time.monotonic() - started
+        if load < threshold or waited >= longest:
+            return load, waited
