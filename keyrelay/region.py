@@ -36,7 +36,7 @@ __all__ = [
 HUB_DOMAIN = "hub"
 
 
-def mirror_config(*, region: str, bucket: str, hub_domain: str = HUB_DOMAIN) -> dict[str, Any]:
+def mirror_config(*, region: str, bucket: str, hub_domain: str = HUB_DOMAIN, replicas: int = 1) -> dict[str, Any]:
     """The stream configuration of a region's mirror of the bucket."""
     name = stream_name(bucket)
     return {
@@ -44,7 +44,7 @@ def mirror_config(*, region: str, bucket: str, hub_domain: str = HUB_DOMAIN) -> 
         "description": f"keyrelay: {bucket} keys for region {region} (global and {region}.*), mirrored from "
         f"domain {hub_domain}",
         "storage": "file",
-        "num_replicas": 1,
+        "num_replicas": replicas,
         "max_msgs_per_subject": 1,
         "allow_direct": True,
         "mirror_direct": True,
@@ -60,10 +60,10 @@ def mirror_config(*, region: str, bucket: str, hub_domain: str = HUB_DOMAIN) -> 
 
 
 async def ensure_region_mirror(nc: Client, *, region: str, bucket: str, hub_domain: str = HUB_DOMAIN,
-                               timeout: float = 5.0) -> dict[str, Any]:  # fmt: skip
+                               replicas: int = 1, timeout: float = 5.0) -> dict[str, Any]:  # fmt: skip
     """Create the region's mirror on the NATS `nc` is connected to; a no-op when it is already right."""
     name = stream_name(bucket)
-    wanted = mirror_config(region=region, bucket=bucket, hub_domain=hub_domain)
+    wanted = mirror_config(region=region, bucket=bucket, hub_domain=hub_domain, replicas=replicas)
     info = await _api(nc, f"STREAM.INFO.{name}", None, timeout)
     if "error" not in info:
         mirror = info["config"].get("mirror") or {}
@@ -103,6 +103,7 @@ class RegionSettings:
     )
     bucket: str = option(DEFAULT_BUCKET, help="the key bucket on the hub")
     hub_domain: str = option(HUB_DOMAIN, help="the hub's JetStream domain")
+    replicas: int = option(1, parse=int, help="replicas of the mirror (3 on a 3-server leaf cluster)")
 
 
 def region_init_command(args: argparse.Namespace) -> int:
@@ -127,6 +128,6 @@ async def init_region(settings: RegionSettings) -> dict[str, Any]:
         raise KeyrelayError(f"cannot reach the region's NATS at {','.join(settings.nats_url)}: {exc}") from None
     try:
         return await ensure_region_mirror(nc, region=settings.region, bucket=settings.bucket,
-                                          hub_domain=settings.hub_domain)  # fmt: skip
+                                          hub_domain=settings.hub_domain, replicas=settings.replicas)  # fmt: skip
     finally:
         await nc.close()
