@@ -699,9 +699,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace) -> Config:
+def _config(parser: argparse.ArgumentParser, argv: list[str] | None) -> Config:
+    args = parser.parse_args(argv)
     if args.bulk_size > 1000:
-        raise SystemExit("--bulk-size: the bulk route takes at most 1000 keys per call")
+        parser.error("--bulk-size: the bulk route takes at most 1000 keys per call")
+    if args.phase_timeout <= 0:
+        parser.error("--phase-timeout must be positive")
     return Config(
         backends=BACKENDS if args.backend == "both" else (args.backend,),
         api_keys=args.api_keys,
@@ -734,27 +737,30 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; 0 when it completed (targets are reported, not enforced), 1 on failure."""
-    config = _config(_parser().parse_args(argv))
+    """Run the benchmark; 0 when it completed (targets are reported, not enforced), 1 on failure, 130 if stopped."""
+    config = _config(_parser(), argv)
     previous = signal.signal(signal.SIGTERM, _terminate)
     results: list[BackendResult] = []
+    failed = False
     try:
         for backend in config.backends:
-            results.append(run_backend(backend, config))
+            try:
+                results.append(run_backend(backend, config))
+            except Exception as exc:
+                _say(f"benchmark failed on {backend}: {type(exc).__name__}: {exc}")
+                failed = True
     except KeyboardInterrupt:
         _say("interrupted; everything it started is stopped and removed")
         return 130
-    except Exception as exc:
-        _say(f"benchmark failed: {type(exc).__name__}: {exc}")
-        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    for line in report(results, config):
-        _say(line)
-    if config.json is not None:
-        _write_json(config.json, results, config)
-        _say(f"figures written to {config.json}")
-    return 0
+    if results:
+        for line in report(results, config):
+            _say(line)
+        if config.json is not None:
+            _write_json(config.json, results, config)
+            _say(f"figures written to {config.json}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
