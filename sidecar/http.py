@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
-from aiohttp import web
-from multidict import CIMultiDictProxy
+from aiohttp import hdrs, web
+from multidict import CIMultiDictProxy, istr
 
 from .metrics import Metrics
 from .settings import SidecarSettings
@@ -33,6 +34,10 @@ _MESSAGES = {
 _BODIES = {code: json.dumps({"code": code.value, "message": msg}).encode() for code, msg in _MESSAGES.items()}
 _NOT_READY = json.dumps({"code": "NOT_READY", "message": "the key replica is not synced or is stale"}).encode()
 _VALID, _VALID_BODY = Code.VALID, _BODIES[Code.VALID]
+# Header names as istr: multidict then skips case-folding them on every request.
+_API_KEY, _REQUIRED_SCOPES = istr("X-API-Key"), istr("X-Required-Scopes")
+_KEY_ID, _ORG_ID, _TEAM_ID, _PROJECT_ID = istr("X-Key-Id"), istr("X-Org-Id"), istr("X-Team-Id"), istr("X-Project-Id")
+_KEY_SCOPES, _KEY_ENV, _STALE = istr("X-Key-Scopes"), istr("X-Key-Env"), istr("X-Keyrelay-Stale")
 
 
 def _challenge(code: Code) -> str:
@@ -68,33 +73,37 @@ STATE = web.AppKey("keyrelay_sidecar_state", SidecarState)
 
 
 def _presented_key(headers: CIMultiDictProxy[str]) -> str | None:
-    auth = headers.get("Authorization")
+    auth = headers.get(hdrs.AUTHORIZATION)
     if auth:
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer":
             value = value.strip()
             if value:
                 return value
-    api_key = headers.get("X-API-Key")
+    api_key = headers.get(_API_KEY)
     if api_key:
         api_key = api_key.strip()
     return api_key or None
 
 
-async def auth(request: web.Request) -> web.Response:
+async def auth(state: SidecarState, request: web.Request) -> web.Response:
     """Gateway subrequest: 200 with identity headers, 401/403 with a reason, 503 when not ready."""
-    # Every gateway request passes through here: each step is as cheap as it can be made, and
-    # readiness is computed once.
-    state = request.app[STATE]
+    # Every gateway request passes through here: each step is as cheap as it can be made, the
+    # state comes bound (add_routes) rather than looked up through the request, and readiness is
+    # computed once.
     ready = state.ready()
     if not ready and not state.may_answer():
         return web.Response(status=503, body=_NOT_READY, content_type=_JSON, headers={"Retry-After": "1"})
     headers = request.headers
-    key = _presented_key(headers)
-    if key is None:
-        state.metrics.observe("auth", Code.MISSING, 0.0)
-        return _deny(Code.MISSING)
-    wanted = headers.get("X-Required-Scopes")
+    key = headers.get(hdrs.AUTHORIZATION)
+    # What gateways send, `Bearer <key>`, without partitioning; anything else the general way.
+    key = key[7:].strip() if key is not None and key.startswith("Bearer ") else None
+    if not key:
+        key = _presented_key(headers)
+        if key is None:
+            state.metrics.observe("auth", Code.MISSING, 0.0)
+            return _deny(Code.MISSING)
+    wanted = headers.get(_REQUIRED_SCOPES)
     verifier = state.verifier
     started = perf_counter()
     code, n = verifier.verify(key, parse_scopes(wanted) if wanted else NO_SCOPES)
@@ -103,16 +112,16 @@ async def auth(request: web.Request) -> web.Response:
         return _deny(code)
     key_id, org, team, project, scopes, env = verifier.table.identity(n)
     out = {
-        "Content-Type": _JSON,
-        "X-Key-Id": key_id,
-        "X-Org-Id": org,
-        "X-Team-Id": team,
-        "X-Project-Id": project,
-        "X-Key-Scopes": scopes,
-        "X-Key-Env": env,
+        hdrs.CONTENT_TYPE: _JSON,
+        _KEY_ID: key_id,
+        _ORG_ID: org,
+        _TEAM_ID: team,
+        _PROJECT_ID: project,
+        _KEY_SCOPES: scopes,
+        _KEY_ENV: env,
     }
     if not ready:
-        out["X-Keyrelay-Stale"] = "true"
+        out[_STALE] = "true"
     return web.Response(status=200, body=_VALID_BODY, headers=out)
 
 
@@ -217,9 +226,10 @@ async def status(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    """Register every route of the sidecar contract."""
-    app.router.add_route("*", "/auth", auth)
-    app.router.add_route("*", "/auth/{tail:.*}", auth)
+    """Register every route of the sidecar contract; `app[STATE]` must be set already."""
+    bound_auth = functools.partial(auth, app[STATE])
+    app.router.add_route("*", "/auth", bound_auth)
+    app.router.add_route("*", "/auth/{tail:.*}", bound_auth)
     app.router.add_post("/v1/keys/verify", verify)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -29,6 +29,7 @@ _CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-
 _ORG, _TEAM, _PROJECT, _SCOPES, _ENV, _REGION, _META = range(7)
 _NFIELDS: Final = 7
 _MAX_LOAD: Final = 0.6
+_MISSING: Final = (-1, 0.0, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +130,10 @@ class KeyTable:
 
     def find(self, digest: bytes) -> int:
         """The record number holding `digest`, or -1."""
+        return self.lookup(digest)[0]
+
+    def lookup(self, digest: bytes) -> tuple[int, float, float]:
+        """The record number holding `digest` (or -1), its expiry and its revocation time (0.0: none)."""
         mask = self._mask
         index = self._by_hash
         digests = self._digests
@@ -136,23 +141,17 @@ class KeyTable:
         while True:
             entry = index[slot]
             if entry == _EMPTY:
-                return -1
+                return _MISSING
             # startswith at an offset compares in place, where a slice would copy.
             if entry > 0 and digests.startswith(digest, (entry - 1) * _DIGEST):
-                return entry - 1
+                n = entry - 1
+                times = self._times
+                return n, times[2 * n], times[2 * n + 1]
             slot = (slot + 1) & mask
 
     def find_id(self, key_id: str) -> int:
         """The record number of `key_id`, or -1."""
         return self._find_id(_id_bytes(key_id))
-
-    def revoked_at(self, n: int) -> float:
-        """Revocation time of record `n` (0.0 when not revoked)."""
-        return self._times[2 * n + 1]
-
-    def expires_at(self, n: int) -> float:
-        """Expiry time of record `n` (0.0 when it never expires)."""
-        return self._times[2 * n]
 
     def scopes(self, n: int) -> frozenset[str]:
         """The scope set of record `n`."""

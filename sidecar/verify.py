@@ -60,15 +60,13 @@ class Verifier:
         region = match[3]
         if region is not None and region != self.region:
             return _WRONG_REGION
-        table = self.table
-        n = table.find(sha256(key.encode()).digest())
+        n, expires, revoked = self.table.lookup(sha256(key.encode()).digest())
         if n < 0:
             return _NOT_FOUND
-        if table.revoked_at(n):
+        if revoked:
             return _REVOKED, n
-        expires = table.expires_at(n)
         if expires and expires <= self.clock():
             return _EXPIRED, n
-        if required and not required <= table.scopes(n):
+        if required and not required <= self.table.scopes(n):
             return _INSUFFICIENT_SCOPE, n
         return _VALID, n
