@@ -130,3 +130,42 @@ def test_expiry_follows_the_real_clock_by_default() -> None:
     key, record = make_key(expires_at=time.time() - 1)
     table.apply(record)
     assert Verifier(table=table).verify(key)[0] is Code.EXPIRED
+
+
+def test_a_key_verified_before_is_refused_once_removed_replaced_or_revoked() -> None:
+    table = KeyTable()
+    verifier = Verifier(table=table)
+    gone, gone_rec = make_key()
+    rotated, rotated_rec = make_key()
+    revoked_key, revoked_rec = make_key()
+    for record in (gone_rec, rotated_rec, revoked_rec):
+        table.apply(record)
+    for key in (gone, rotated, revoked_key):  # twice: the second answer comes from the remembered digest
+        assert verifier.verify(key)[0] is Code.VALID
+        assert verifier.verify(key)[0] is Code.VALID
+
+    table.remove(gone_rec.key_id)
+    newcomer, newcomer_rec = make_key()
+    table.apply(newcomer_rec)  # takes the freed record
+    assert verifier.verify(gone)[0] is Code.NOT_FOUND
+    assert verifier.verify(newcomer)[0] is Code.VALID
+
+    new_key, new_rec = make_key()
+    table.apply(dataclasses.replace(rotated_rec, key_hash=new_rec.key_hash, version=2))
+    assert verifier.verify(rotated)[0] is Code.NOT_FOUND
+    assert verifier.verify(new_key)[0] is Code.VALID
+
+    table.apply(revoked(revoked_rec))
+    assert verifier.verify(revoked_key)[0] is Code.REVOKED
+
+
+def test_a_remembered_key_still_gets_its_scope_and_expiry_checked() -> None:
+    clock = FakeClock(1_000.0)
+    table = KeyTable()
+    verifier = Verifier(table=table, clock=clock)
+    key, record = make_key(scopes=("read",), expires_at=1_500.0)
+    table.apply(record)
+    assert verifier.verify(key)[0] is Code.VALID
+    assert verifier.verify(key, frozenset({"write"}))[0] is Code.INSUFFICIENT_SCOPE
+    clock.now = 1_500.0
+    assert verifier.verify(key)[0] is Code.EXPIRED
