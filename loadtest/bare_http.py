@@ -23,8 +23,12 @@ async def _ok(request: web.Request) -> web.Response:
 
 
 def create_app() -> web.Application:
-    """One catch-all route that returns 200 with an empty body."""
+    """Routes shaped like the sidecar's /auth (plus a catch-all) that return 200 with an empty body."""
     app = web.Application(client_max_size=64 * 1024)
+    # The same route kinds as the sidecar: a plain /auth resolves faster than a catch-all pattern,
+    # and a slower baseline would flatter the sidecar.
+    app.router.add_route("*", "/auth", _ok)
+    app.router.add_route("*", "/auth/{tail:.*}", _ok)
     app.router.add_route("*", "/{tail:.*}", _ok)
     return app
 
