@@ -1,14 +1,17 @@
-"""The in-memory key table: SHA-256 digest → compact record, about 120 bytes a key.
+"""The in-memory key table: SHA-256 digest → compact record, about 120 bytes a key with its indexes.
 
 A dict of per-key objects costs 400+ bytes a key in CPython, so records live
-in flat arrays indexed by a record number, found through two open-addressing
-indexes (by digest for verification, by key id for updates and deletes).
-Repeated strings — orgs, teams, projects, scope sets, regions — are interned.
+in flat arrays indexed by a record number (104 bytes: digest, key id, three
+interned fields, expiry, revocation, version), found through two
+open-addressing indexes (by digest for verification, by key id for updates
+and deletes). Repeated values — profiles (org, team, project, env, region),
+scope sets, metadata — are interned.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 import uuid
 from array import array
 from dataclasses import dataclass
@@ -25,9 +28,10 @@ _DIGEST: Final = 32
 # stores them without parsing a UUID. 20 bytes a key more than the 16 raw bytes.
 _ID: Final = 36
 _CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-# Per-record string fields, as indexes into the interner.
-_ORG, _TEAM, _PROJECT, _SCOPES, _ENV, _REGION, _META = range(7)
-_NFIELDS: Final = 7
+# Per-record fields, as indexes into the interner: the profile (org, team, project, env, region),
+# shared by every key of a project and env, so one lookup finds all five; the scope set; metadata.
+_PROFILE, _SCOPES, _META = range(3)
+_NFIELDS: Final = 3
 _MAX_LOAD: Final = 0.6
 _MISSING: Final = (-1, 0.0, 0.0)
 
@@ -66,6 +70,10 @@ class _Interner:
             found = self.index[value] = len(self.values)
             self.values.append(value)
         return found
+
+
+def _share(text: str | None) -> str | None:
+    return None if text is None else sys.intern(text)
 
 
 def _id_bytes(key_id: str) -> bytes:
@@ -172,31 +180,25 @@ class KeyTable:
         base = n * _NFIELDS
         fields = self._fields
         values = self._strings.values
+        org, team, project, env, _ = values[fields[base + _PROFILE]]
         offset = n * _ID
-        return (
-            self._ids[offset : offset + _ID].decode(),
-            values[fields[base + _ORG]],
-            values[fields[base + _TEAM]],
-            values[fields[base + _PROJECT]],
-            values[fields[base + _SCOPES]][1],
-            values[fields[base + _ENV]],
-        )
+        return (self._ids[offset : offset + _ID].decode(), org, team, project, values[fields[base + _SCOPES]][1], env)
 
     def view(self, n: int) -> KeyView:
         """Record `n` as a readable object."""
         base = n * _NFIELDS
         values = self._strings.values
-        key_id, org, team, project, _, env = self.identity(n)
+        org, team, project, env, region = values[self._fields[base + _PROFILE]]
         meta = values[self._fields[base + _META]]
         expires, revoked = self._times[2 * n], self._times[2 * n + 1]
         return KeyView(
-            key_id=key_id,
+            key_id=self._ids[n * _ID : (n + 1) * _ID].decode(),
             org_id=org,
             team_id=team,
             project_id=project,
             scopes=self.scopes(n),
             env=env,
-            region=values[self._fields[base + _REGION]],
+            region=region,
             expires_at=expires or None,
             revoked_at=revoked or None,
             version=self._versions[n],
@@ -233,15 +235,12 @@ class KeyTable:
             # Interned with its header form, so /auth never joins scopes per request.
             scope_set = intern((frozenset(scopes), " ".join(sorted(set(scopes)))))
             self._scope_sets[scopes] = scope_set
-        values = (
-            known(org) or intern(org),
-            known(team) or intern(team),
-            known(project) or intern(project),
-            scope_set,
-            known(env) or intern(env),
-            0 if region is None else known(region) or intern(region),
-            intern(tuple(sorted(meta.items()))) if meta else 0,
-        )
+        profile = (org, team, project, env, region)
+        profile_id = known(profile)
+        if profile_id is None:
+            # Share the strings too: every profile of an org then holds the same org string.
+            profile_id = intern(tuple(map(_share, profile)))
+        values = (profile_id, scope_set, intern(tuple(sorted(meta.items()))) if meta else 0)
         if n < 0:
             self._allocate(raw_id, key_hash, values, expires or 0.0, revoked or 0.0, version)
         else:
