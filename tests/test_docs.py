@@ -10,6 +10,7 @@ import pytest
 from keyrelay.client import ClientSettings
 from keyrelay.region import RegionSettings
 from keyrelay.up import UpSettings
+from loadtest.multiregion import LoadtestSettings
 from publisher.settings import PublisherSettings
 from sidecar.config import markdown_table
 from sidecar.settings import SidecarSettings
