@@ -71,6 +71,13 @@ class Metrics:
             ("keyrelay_table_bytes", "gauge", "Bytes held by the key table's arrays", sync.table.nbytes()),
             ("keyrelay_last_revision", "gauge", "Last applied stream sequence", sync.last_revision),
             ("keyrelay_pending", "gauge", "Changes known to be waiting to be applied", sync.pending),
+            ("keyrelay_mirror_lag", "gauge", "Messages the regional mirror is behind the hub", sync.mirror_lag),
+            (
+                "keyrelay_seconds_since_upstream",
+                "gauge",
+                "Seconds since the regional mirror heard from the hub (-1: not a mirror or unknown)",
+                round(upstream, 3) if (upstream := sync.seconds_since_upstream()) is not None else -1,
+            ),
             (
                 "keyrelay_seconds_since_last_event",
                 "gauge",

@@ -36,6 +36,8 @@ _NS = 1_000_000_000
 _STREAM_NOT_FOUND = 10059
 _MAX_BACKOFF = 2.0
 _MISSED_HEARTBEATS = 3
+# The age of a replica whose mirror has not (yet) reported hearing from the hub: stale, finite for JSON.
+_UNKNOWN_AGE = 1e9
 
 
 @dataclass(slots=True)
@@ -93,6 +95,12 @@ class KeySync:
     started: float = field(default_factory=time.monotonic)
     synced_after: float | None = None
 
+    # A regional sidecar reads a mirror: its replica is only as fresh as the mirror's last word
+    # from the hub. None until known; the mirror's own lag in messages.
+    mirror: bool = False
+    upstream_contact: float | None = None
+    mirror_lag: int = 0
+
     _nc: Client | None = None
     _gen: _Generation = field(default_factory=_Generation)
     _reset: asyncio.Event = field(default_factory=asyncio.Event)
@@ -106,7 +114,21 @@ class KeySync:
         return stream_name(self.bucket)
 
     def seconds_since_contact(self) -> float:
-        """Seconds since the stream last proved alive (a change or a heartbeat)."""
+        """Age of the replica's freshest proof: the later of the stream's and (for a mirror) the hub's word."""
+        local = self._since_local_contact()
+        if not self.mirror:
+            return local
+        if self.upstream_contact is None:
+            return _UNKNOWN_AGE
+        return max(local, time.monotonic() - self.upstream_contact)
+
+    def seconds_since_upstream(self) -> float | None:
+        """For a mirror: seconds since it last heard from the hub (None when not a mirror or unknown)."""
+        if not self.mirror or self.upstream_contact is None:
+            return None
+        return time.monotonic() - self.upstream_contact
+
+    def _since_local_contact(self) -> float:
         return time.monotonic() - self.last_contact
 
     async def start(self) -> None:
@@ -195,8 +217,22 @@ class KeySync:
     async def _watchdog(self) -> None:
         while not self._closing:
             await asyncio.sleep(self.heartbeat)
-            if self._gen.sub is not None and self.seconds_since_contact() > _MISSED_HEARTBEATS * self.heartbeat:
+            if self._gen.sub is not None and self._since_local_contact() > _MISSED_HEARTBEATS * self.heartbeat:
                 self._reset.set()
+            if self.mirror and self._nc is not None and self._nc.is_connected:
+                with contextlib.suppress(Exception):  # the next tick tries again; staleness grows meanwhile
+                    self._note_mirror(await self._api(self._nc, f"STREAM.INFO.{self.stream}"))
+
+    def _note_mirror(self, info: dict[str, Any]) -> None:
+        """Record how recently a mirror heard from its source (`active`: nanoseconds ago, -1 never)."""
+        mirror = info.get("mirror")
+        self.mirror = mirror is not None
+        if mirror is None:
+            return
+        active = mirror.get("active", -1)
+        self.mirror_lag = int(mirror.get("lag", 0))
+        if isinstance(active, int) and active >= 0:
+            self.upstream_contact = time.monotonic() - active / _NS
 
     async def _api(self, nc: Client, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         payload = json.dumps(body).encode() if body is not None else b""
@@ -214,6 +250,7 @@ class KeySync:
                     stream=self.stream, server=str(nc.connected_url.netloc if nc.connected_url else "?")
                 )
             raise RuntimeError(info["error"].get("description", "stream info failed"))
+        self._note_mirror(info)
         last_seq = int(info["state"]["last_seq"])
         gen = _Generation()
         if self.last_revision > last_seq:

@@ -18,7 +18,9 @@ from sidecar.settings import SidecarSettings
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-@pytest.mark.parametrize("settings", [SidecarSettings, PublisherSettings, UpSettings, ClientSettings, RegionSettings])
+@pytest.mark.parametrize(
+    "settings", [SidecarSettings, PublisherSettings, UpSettings, ClientSettings, RegionSettings, LoadtestSettings]
+)
 def test_the_readme_documents_every_setting_exactly(settings: type) -> None:
     assert markdown_table(settings) in README.read_text()
 

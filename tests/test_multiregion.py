@@ -88,3 +88,34 @@ async def test_a_region_cut_from_the_hub_keeps_serving_restarts_and_catches_up(r
         took = await _until(lambda: _status(http, regions, "eu", doomed["key"]), lambda s: s == 401, 2.0)
         assert took < 2.0
         assert await _status(http, regions, "eu", kept["key"]) == 200
+
+
+@pytest.mark.parametrize("policy", ["closed", "open"])
+async def test_a_region_cut_longer_than_the_staleness_bound_is_not_ready_and_recovers(
+    tmp_path: Path, policy: str
+) -> None:
+    topology = Topology(("eu",), {"eu": 0.005}, tmp_path / "stack",
+                        sidecar_args=["--max-staleness", "2s", "--stale-policy", policy])  # fmt: skip
+    await topology.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            admin = Admin(url=topology.publisher_url, http=http, token=topology.token)
+            project = await admin.project()
+            key = await admin.create_key(project["id"])
+            await _until(lambda: _status(http, topology, "eu", key["key"]), lambda s: s == 200, 5)
+            ready = f"http://127.0.0.1:{topology.sidecar_port('eu')}/readyz"
+
+            async def readiness() -> int:
+                async with http.get(ready) as response:
+                    return response.status
+
+            topology.cut("eu")
+            took = await _until(readiness, lambda s: s == 503, 10)
+            assert took >= 1.0  # not before the mirror has been silent for the bound
+            expected = 503 if policy == "closed" else 200
+            assert await _status(http, topology, "eu", key["key"]) == expected
+            topology.heal("eu")
+            await _until(readiness, lambda s: s == 200, 5)
+            assert await _status(http, topology, "eu", key["key"]) == 200
+    finally:
+        await topology.stop()
