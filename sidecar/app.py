@@ -33,6 +33,8 @@ def create_app(settings: SidecarSettings) -> web.Application:
         region=settings.region,
         heartbeat=settings.heartbeat,
         name=f"keyrelay-sidecar-{settings.region or 'global'}",
+        snapshot_store=(settings.snapshot_bucket or f"{settings.bucket}_SNAPSHOTS") if settings.snapshots else None,
+        snapshot_interval=settings.snapshot_interval,
     )
     app[STATE] = SidecarState(
         settings=settings,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BucketNotFound", "RecordError", "SettingsError", "SidecarError"]
+__all__ = ["BucketNotFound", "RecordError", "SettingsError", "SidecarError", "SnapshotError"]
 
 
 class SidecarError(Exception):
@@ -35,3 +35,11 @@ class BucketNotFound(SidecarError):
             f"stream {stream} not found on {server}: start the publisher (it creates the bucket) "
             f"or, in a region, run `keyrelay region init`"
         )
+
+
+class SnapshotError(SidecarError):
+    """A table snapshot cannot be used here; the sidecar replays the bucket instead."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"unusable snapshot: {reason}")

@@ -73,6 +73,18 @@ class Metrics:
             ("keyrelay_pending", "gauge", "Changes known to be waiting to be applied", sync.pending),
             ("keyrelay_mirror_lag", "gauge", "Messages the regional mirror is behind the hub", sync.mirror_lag),
             (
+                "keyrelay_snapshot_loaded_revision",
+                "gauge",
+                "Revision of the snapshot this sidecar started from (0: replayed the bucket)",
+                sync.loaded_snapshot.revision if sync.loaded_snapshot else 0,
+            ),
+            (
+                "keyrelay_snapshots_written_total",
+                "counter",
+                "Region snapshots this sidecar wrote",
+                sync.snapshots_written,
+            ),
+            (
                 "keyrelay_seconds_since_upstream",
                 "gauge",
                 "Seconds since the regional mirror heard from the hub (-1: not a mirror or unknown)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import option, parse_duration
+from .config import option, parse_bool, parse_duration
 from .wire import DEFAULT_BUCKET, DEFAULT_PREFIX, is_region_code
 
 __all__ = ["LOG_LEVELS", "SidecarSettings", "parse_port", "parse_positive_duration", "parse_region", "parse_servers"]
@@ -86,3 +86,15 @@ class SidecarSettings:
         help="longest request header line accepted; longer ones get 400",
     )
     log_level: str = option("info", choices=LOG_LEVELS, help="logging level")
+    snapshots: bool = option(
+        True,
+        parse=parse_bool,
+        help="start from the region's table snapshot (an object store on the same NATS) and keep it fresh",
+    )
+    snapshot_interval: float = option(
+        600.0,
+        parse=parse_positive_duration,
+        duration=True,
+        help="how old the region's snapshot may get before a sidecar writes a new one",
+    )
+    snapshot_bucket: str = option("", help="object store bucket of the snapshots (default: <bucket>_SNAPSHOTS)")

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from .errors import BucketNotFound, RecordError
+from .snapshot import Snapshot, SnapshotStore
 from .table import KeyTable
 from .wire import decode_fields, region_subjects, stream_name
 
@@ -100,6 +102,12 @@ class KeySync:
     mirror: bool = False
     upstream_contact: float | None = None
     mirror_lag: int = 0
+    # Snapshots: the object store holding them (None: off), how often a region's is refreshed.
+    snapshot_store: str | None = None
+    snapshot_interval: float = 600.0
+    loaded_snapshot: Snapshot | None = None
+    written_snapshot: Snapshot | None = None
+    snapshots_written: int = 0
 
     _nc: Client | None = None
     _gen: _Generation = field(default_factory=_Generation)
@@ -162,6 +170,9 @@ class KeySync:
     async def _run(self) -> None:
         self._nc = await self._connect()
         self.connected = True
+        if self.snapshot_store:
+            await self._load_snapshot(self._nc)
+            self._tasks.append(asyncio.create_task(self._refresh_snapshots(), name="keyrelay-snapshots"))
         backoff = 0.1
         while not self._closing:
             self._reset.clear()
@@ -199,6 +210,65 @@ class KeySync:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
         raise asyncio.CancelledError
+
+    def _snapshots(self, nc: Client) -> SnapshotStore:
+        assert self.snapshot_store is not None
+        return SnapshotStore(nc.jetstream(timeout=30.0), bucket=self.bucket, store=self.snapshot_store,
+                             region=self.region)  # fmt: skip
+
+    async def _load_snapshot(self, nc: Client) -> None:
+        """Start from the region's snapshot when there is a usable one; else the consumer replays everything."""
+        started = time.monotonic()
+        try:
+            info = await self._api(nc, f"STREAM.INFO.{self.stream}")
+            if "error" in info:
+                return
+            snapshot = await self._snapshots(nc).load(self.table)
+        except Exception as exc:
+            self.table.clear()
+            log.warning("could not load a snapshot (%s); replaying the bucket instead", exc)
+            return
+        if snapshot is None:
+            return
+        last_seq = int(info["state"]["last_seq"])
+        if snapshot.revision > last_seq:
+            # The stream is younger than the snapshot: the bucket was recreated since it was taken.
+            self.table.clear()
+            log.warning("ignored a snapshot at revision %d: the bucket only reaches %d", snapshot.revision, last_seq)
+            return
+        self.last_revision = snapshot.revision
+        self.loaded_snapshot = snapshot
+        log.info(
+            "loaded a snapshot of %d keys at revision %d (%d MB) in %.2fs; replaying from %d",
+            snapshot.keys,
+            snapshot.revision,
+            snapshot.size // 2**20,
+            time.monotonic() - started,
+            snapshot.revision + 1,
+        )
+
+    async def _refresh_snapshots(self) -> None:
+        """Write the region's snapshot when it is missing or older than the interval (checked with jitter)."""
+        await self._synced_event.wait()
+        while not self._closing:
+            nc = self._nc
+            fresh = self.pending == 0 and self.seconds_since_contact() <= max(5.0, _MISSED_HEARTBEATS * self.heartbeat)
+            if nc is not None and nc.is_connected and fresh:
+                try:
+                    store = self._snapshots(nc)
+                    age = await store.age()
+                    if age is None or age >= self.snapshot_interval:
+                        self.written_snapshot = await store.save(self.table, lambda: self.last_revision)
+                        self.snapshots_written += 1
+                        log.info(
+                            "wrote a snapshot of %d keys at revision %d",
+                            self.written_snapshot.keys,
+                            self.written_snapshot.revision,
+                        )
+                except Exception as exc:
+                    log.warning("could not write a snapshot: %s", exc)
+            # Jitter, so a region's sidecars do not all check (and write) at once.
+            await asyncio.sleep(self.snapshot_interval * random.uniform(0.5, 1.0))
 
     async def _on_disconnect(self) -> None:
         self.connected = False

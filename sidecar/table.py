@@ -33,6 +33,10 @@ _CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-
 _PROFILE, _SCOPES, _META = range(3)
 _NFIELDS: Final = 3
 _MAX_LOAD: Final = 0.6
+_I_SIZE, _D_SIZE, _Q_SIZE = array("I").itemsize, array("d").itemsize, array("q").itemsize
+# What a snapshot's arrays must match to be loaded by this build.
+_LAYOUT: Final = {"digest": _DIGEST, "id": _ID, "fields": _NFIELDS, "I": _I_SIZE, "d": _D_SIZE, "q": _Q_SIZE,
+                  "byteorder": sys.byteorder}  # fmt: skip
 _MISSING: Final = (-1, 0.0, 0.0)
 
 
@@ -103,6 +107,9 @@ class KeyTable:
     )
 
     def __init__(self, capacity: int = 1024) -> None:
+        self._reset(capacity)
+
+    def _reset(self, capacity: int) -> None:
         self._digests = bytearray()
         self._ids = bytearray()
         self._fields = array("I")
@@ -120,6 +127,10 @@ class KeyTable:
 
     def __len__(self) -> int:
         return self._live
+
+    def clear(self) -> None:
+        """Forget every key."""
+        self._reset(1024)
 
     def reserve(self, count: int) -> None:
         """Grow the indexes once for `count` keys, so a bulk load does not rehash repeatedly."""
@@ -262,6 +273,68 @@ class KeyTable:
     def key_ids(self) -> list[str]:
         """Every held key id (for resynchronisation sweeps and tests)."""
         return [self._ids[(e - 1) * _ID : e * _ID].decode() for e in self._by_id if e > 0]
+
+    # -- snapshots -----------------------------------------------------------------------------
+
+    def export(self) -> tuple[dict[str, Any], list[memoryview]]:
+        """The table's state for a snapshot: a small header and its arrays (views, valid until changed)."""
+        values: list[Any] = []
+        for value in self._strings.values[1:]:
+            if isinstance(value[0], frozenset):
+                values.append(["s", value[1]])
+            elif value and isinstance(value[0], tuple):
+                values.append(["m", [list(pair) for pair in value]])
+            else:
+                values.append(["p", list(value)])
+        header = {
+            "records": len(self._versions),
+            "live": self._live,
+            "free": list(self._free),
+            "values": values,
+            "layout": _LAYOUT,
+        }
+        arrays: list[bytearray | array[Any]] = [self._digests, self._ids, self._fields, self._times, self._versions]
+        return header, [memoryview(a).cast("B") for a in arrays]
+
+    def restore(self, header: dict[str, Any], payload: memoryview) -> None:
+        """Replace the state with an exported one; ValueError if it does not fit this build."""
+        if header.get("layout") != _LAYOUT:
+            raise ValueError(f"snapshot layout {header.get('layout')} is not this table's {_LAYOUT}")
+        records = int(header["records"])
+        sizes = [records * _DIGEST, records * _ID, records * _NFIELDS * _I_SIZE, records * 2 * _D_SIZE,
+                 records * _Q_SIZE]  # fmt: skip
+        if len(payload) != sum(sizes):
+            raise ValueError(f"snapshot holds {len(payload)} bytes of arrays, expected {sum(sizes)}")
+        strings = _Interner()
+        for kind, data in header["values"]:
+            value: Any
+            if kind == "s":
+                value = (frozenset(data.split()), data)
+            elif kind == "m":
+                value = tuple((k, v) for k, v in data)
+            elif kind == "p":
+                value = tuple(map(_share, data))
+            else:
+                raise ValueError(f"snapshot holds an interned value of unknown kind {kind!r}")
+            strings.index[value] = len(strings.values)
+            strings.values.append(value)
+        offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        digests = bytearray(payload[offsets[0] : offsets[1]])
+        ids = bytearray(payload[offsets[1] : offsets[2]])
+        fields, times, versions = array("I"), array("d"), array("q")
+        fields.frombytes(payload[offsets[2] : offsets[3]])
+        times.frombytes(payload[offsets[3] : offsets[4]])
+        versions.frombytes(payload[offsets[4] : offsets[5]])
+        if fields and max(fields) >= len(strings.values):
+            raise ValueError("snapshot records refer to interned values it does not hold")
+        self._digests, self._ids, self._fields, self._times, self._versions = digests, ids, fields, times, versions
+        self._strings = strings
+        self._scope_sets = {tuple(sorted(v[0])): i for i, v in enumerate(strings.values) if i and
+                            isinstance(v[0], frozenset)}  # fmt: skip
+        self._free = [int(n) for n in header["free"]]
+        self._live = int(header["live"])
+        # The indexes hash with hash(), which differs per process: they are rebuilt, not stored.
+        self._resize(_capacity_for(self._live))
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -1,0 +1,149 @@
+"""Table snapshots: a second sidecar starts from the region's snapshot and replays only what changed."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+from nats.js.client import JetStreamContext
+from nats.js.kv import KeyValue
+
+from sidecar.errors import SnapshotError
+from sidecar.snapshot import decode, encode
+from sidecar.table import KeyTable
+from sidecar.wire import key_digest
+from tests.conftest import StartSidecar
+from tests.support import eventually, make_key, put, revoked
+
+
+def _filled() -> tuple[KeyTable, list[tuple[str, object]]]:
+    table = KeyTable()
+    keys = [
+        make_key(),
+        make_key(scopes=("a", "b"), metadata={"team": "x"}),
+        make_key(region="eu", expires_at=time.time() + 60),
+        make_key(scopes=()),
+    ]
+    keys += [make_key() for _ in range(300)]
+    for _, record in keys:
+        table.apply(record)
+    for _, record in keys[10:60]:
+        table.remove(record.key_id)  # freed record numbers travel too
+    return table, keys  # type: ignore[return-value]
+
+
+def test_a_snapshot_restores_the_table_exactly() -> None:
+    table, keys = _filled()
+    data = encode(table, revision=42, bucket="KEYS", region="eu")
+    copy = KeyTable()
+    snapshot = decode(data, copy, bucket="KEYS", region="eu")
+    assert (snapshot.revision, snapshot.keys) == (42, len(table))
+    assert sorted(copy.key_ids()) == sorted(table.key_ids())
+    for key, _ in keys:
+        n = table.find(key_digest(key))
+        m = copy.find(key_digest(key))
+        assert (n >= 0) == (m >= 0)
+        if n >= 0:
+            assert copy.view(m) == table.view(n)
+            assert copy.identity(m) == table.identity(n)
+    fresh, record = make_key(scopes=("a", "b"))
+    assert copy.apply(record)  # the restored table keeps working: freed records, interned sets
+    assert copy.view(copy.find(key_digest(fresh))).scopes == {"a", "b"}
+    assert len(copy) == len(table) + 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda d: b"garbage" + d, "not a keyrelay snapshot"),
+        (lambda d: d[:-7], "bytes of arrays"),
+        (lambda d: d[:40], "unreadable header"),
+    ],
+)
+def test_a_damaged_snapshot_is_refused_and_the_table_left_alone(mutate, reason: str) -> None:  # type: ignore[no-untyped-def]
+    table, _ = _filled()
+    target = KeyTable()
+    _, record = make_key()
+    target.apply(record)
+    with pytest.raises(SnapshotError, match=reason):
+        decode(mutate(encode(table, revision=1, bucket="KEYS", region=None)), target, bucket="KEYS", region=None)
+    assert target.key_ids() == [record.key_id]
+
+
+def test_a_snapshot_of_another_region_or_bucket_is_refused() -> None:
+    table, _ = _filled()
+    data = encode(table, revision=1, bucket="KEYS", region="eu")
+    with pytest.raises(SnapshotError, match="made for"):
+        decode(data, KeyTable(), bucket="KEYS", region="us")
+    with pytest.raises(SnapshotError, match="made for"):
+        decode(data, KeyTable(), bucket="OTHER", region="eu")
+
+
+async def test_a_new_sidecar_starts_from_the_snapshot_and_replays_only_later_changes(
+    bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
+    keys = [make_key() for _ in range(200)]
+    for _, record in keys:
+        await put(bucket, record)
+    first = await start_sidecar(snapshot_interval=3600.0)
+    await first.ready()
+    await eventually(lambda: _value(first.state.sync.snapshots_written), lambda n: n == 1)
+    snapshot_revision = first.state.sync.written_snapshot.revision  # type: ignore[union-attr]
+    assert snapshot_revision == 200
+
+    await put(bucket, revoked(keys[0][1]))
+    await bucket.delete(keys[1][1].entry)
+    late_key, late = make_key()
+    await put(bucket, late)
+    await put(bucket, dataclasses.replace(keys[2][1], scopes=("admin",), version=2))
+
+    second = await start_sidecar(snapshot_interval=3600.0)
+    await second.ready()
+    sync = second.state.sync
+    assert sync.loaded_snapshot is not None
+    assert sync.loaded_snapshot.revision == snapshot_revision
+    # Only the four later changes are replayed: a revocation, a new key and an update (puts), a delete.
+    assert (sync.stats.applied, sync.stats.removed) == (3, 1)
+    assert (await second.auth(keys[0][0]))[2]["code"] == "REVOKED"
+    assert (await second.auth(keys[1][0]))[2]["code"] == "NOT_FOUND"
+    assert await second.status_of(late_key) == 200
+    assert (await second.auth(keys[2][0], scopes="admin"))[0] == 200
+    assert await second.status_of(keys[3][0]) == 200
+    assert len(sync.table) == len(first.state.sync.table)
+    assert sync.snapshots_written == 0  # the region's snapshot is fresh: no second writer
+
+
+async def test_a_snapshot_newer_than_a_recreated_bucket_is_ignored(
+    js: JetStreamContext, bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
+    from nats.js.api import KeyValueConfig
+
+    for _, record in [make_key() for _ in range(20)]:
+        await put(bucket, record)
+    first = await start_sidecar()
+    await first.ready()
+    await eventually(lambda: _value(first.state.sync.snapshots_written), lambda n: n == 1)
+    await js.delete_key_value("KEYS")
+    fresh = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+    key, record = make_key()
+    await put(fresh, record)
+    second = await start_sidecar()
+    await second.ready()
+    assert second.state.sync.loaded_snapshot is None
+    assert len(second.state.sync.table) == 1
+    assert await second.status_of(key) == 200
+
+
+async def test_snapshots_can_be_turned_off(bucket: KeyValue, start_sidecar: StartSidecar) -> None:
+    await put(bucket, make_key()[1])
+    sidecar = await start_sidecar(snapshots=False)
+    await sidecar.ready()
+    await asyncio.sleep(0.2)
+    assert sidecar.state.sync.snapshots_written == 0
+    assert sidecar.state.sync.loaded_snapshot is None
+
+
+async def _value(value: object) -> object:
+    return value
