@@ -169,6 +169,32 @@ def _start_sidecar(
     return process, port, SidecarRun(ready - started, memory["VmRSS"], memory["VmHWM"], status)
 
 
+def _snapshots_written(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("keyrelay_snapshots_written_total "):
+                return int(float(line.split()[1]))
+    return 0
+
+
+def _warm_start(nats_url: str, cold_port: int, args: argparse.Namespace, pin: Pinning, work: Path) -> SidecarRun:
+    """A second sidecar, started once the first has written the region's snapshot: what every later pod sees."""
+    deadline = time.monotonic() + args.ready_timeout
+    while _snapshots_written(cold_port) < 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the first sidecar wrote no snapshot")
+        time.sleep(0.2)
+    wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
+    process, _, warm = _start_sidecar(nats_url, cpus=pin.server, log=work / "sidecar-warm.log",
+                                      ready_timeout=args.ready_timeout)  # fmt: skip
+    stop(process)
+    if warm.status.get("keys") != args.keys:
+        raise RuntimeError(f"the warm sidecar holds {warm.status.get('keys')} keys, expected {args.keys}")
+    _say(f"second sidecar, from the region's snapshot: ready in {warm.ready_seconds:.2f}s, "
+         f"RSS {warm.rss / 2**20:.1f} MiB")  # fmt: skip
+    return warm
+
+
 async def _create_bucket(url: str) -> None:
     nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
     try:
@@ -384,6 +410,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sample = _check_pool(port, fill.pool[:200])
             if set(sample) != {200}:
                 raise RuntimeError(f"pool keys did not all verify: {sample}")
+            warm = _warm_start(nats_server.url, port, args, pin, work)
 
             bare_port = free_port()
             bare_command = [sys.executable, "-m", "loadtest.bare_http", "--port", str(bare_port)]
@@ -450,6 +477,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "empty_rss_bytes": empty.rss,
                 "empty_ready_seconds": empty.ready_seconds,
                 "bytes_per_key": per_key,
+                "warm_ready_seconds": warm.ready_seconds,
+                "warm_rss_bytes": warm.rss,
             },
             "saturated": {name: _runs_json(runs) for name, runs in saturated.items()},
             "paced": {
@@ -471,8 +500,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 },
                 "ready_seconds": {
                     "target": TARGET_READY,
-                    "value": loaded.ready_seconds,
-                    "pass": loaded.ready_seconds <= TARGET_READY,
+                    "value": warm.ready_seconds,
+                    "pass": warm.ready_seconds <= TARGET_READY,
                 },
                 "sidecar_errors": {"target": 0, "value": errors, "pass": errors == 0},
             },
@@ -529,7 +558,9 @@ def _report(
         f"sidecar RSS: {sidecar['rss_bytes'] / mib:.1f} MiB at ready (peak {sidecar['peak_rss_bytes'] / mib:.1f} MiB, "
         f"{sidecar['rss_after_load_bytes'] / mib:.1f} MiB after the load); "
         f"empty-bucket sidecar {sidecar['empty_rss_bytes'] / mib:.1f} MiB",
-        f"sidecar start to /readyz 200: {sidecar['ready_seconds']:.2f}s (initial sync {sidecar['sync_seconds']}s)",
+        f"sidecar start to /readyz 200: {sidecar['warm_ready_seconds']:.2f}s from the region's snapshot; "
+        f"{sidecar['ready_seconds']:.2f}s for the region's first sidecar, replaying the bucket "
+        f"(initial sync {sidecar['sync_seconds']}s)",
         f"at saturation Little's law puts the mean /auth latency at {_ms(floor)} "
         f"({config['connections']} connections / throughput), whatever the server",
         "",
@@ -548,7 +579,7 @@ def _report(
             targets["bytes_per_key"]["pass"],
         ),
         _target(
-            "start to ready",
+            "start to ready (from snapshot)",
             f"{targets['ready_seconds']['value']:.2f} s",
             f"<= {TARGET_READY:g} s",
             targets["ready_seconds"]["pass"],

@@ -15,6 +15,7 @@ region, the table's header), then the table's arrays back to back.
 
 from __future__ import annotations
 
+import io
 import logging
 import struct
 import time
@@ -127,14 +128,15 @@ class SnapshotStore:
         store = await self._open(create=False)
         if store is None:
             return None
+        # Into a buffer: without `writeinto`, nats-py grows the object by bytes concatenation, which
+        # is quadratic (8.7 s instead of under one for a million keys' 100 MB).
+        buffer = io.BytesIO()
         try:
-            result = await store.get(self.name)
+            await store.get(self.name, writeinto=buffer)
         except (ObjectNotFoundError, NotFoundError):
             return None
-        if result.data is None:
-            return None
         try:
-            return decode(result.data, table, bucket=self.bucket, region=self.region)
+            return decode(buffer.getvalue(), table, bucket=self.bucket, region=self.region)
         except SnapshotError as exc:
             log.warning("ignored the snapshot %s/%s: %s", self.store_name, self.name, exc)
             return None

@@ -397,13 +397,6 @@ class KeyTable:
         self._free.append(n)
         self._live -= 1
 
-    def _insert_index(self, index: array[int], start: int, n: int) -> None:
-        mask = self._mask
-        slot = start & mask
-        while index[slot] > 0:
-            slot = (slot + 1) & mask
-        index[slot] = n + 1
-
     def _tombstone(self, index: array[int], start: int, n: int) -> None:
         mask = self._mask
         slot = start & mask
@@ -412,17 +405,24 @@ class KeyTable:
         index[slot] = _TOMBSTONE
 
     def _resize(self, capacity: int) -> None:
-        self._mask = capacity - 1
-        self._by_hash = array("i", bytes(4 * capacity))
-        self._by_id = array("i", bytes(4 * capacity))
+        self._mask = mask = capacity - 1
+        self._by_hash = by_hash = array("i", bytes(4 * capacity))
+        self._by_id = by_id = array("i", bytes(4 * capacity))
+        # One immutable copy of each array, so every key's digest and id is one slice (a restored
+        # million-key table rebuilds its indexes here).
+        digests, ids = bytes(self._digests), bytes(self._ids)
         free = set(self._free)
         for n in range(len(self._versions)):
-            if n in free:
+            if free and n in free:
                 continue
-            digest = bytes(self._digests[n * _DIGEST : (n + 1) * _DIGEST])
-            raw_id = bytes(self._ids[n * _ID : (n + 1) * _ID])
-            self._insert_index(self._by_hash, hash(digest), n)
-            self._insert_index(self._by_id, hash(raw_id), n)
+            slot = hash(digests[n * _DIGEST : (n + 1) * _DIGEST]) & mask
+            while by_hash[slot] > 0:
+                slot = (slot + 1) & mask
+            by_hash[slot] = n + 1
+            slot = hash(ids[n * _ID : (n + 1) * _ID]) & mask
+            while by_id[slot] > 0:
+                slot = (slot + 1) & mask
+            by_id[slot] = n + 1
         self._used = self._live
 
 
