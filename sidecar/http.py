@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
@@ -13,6 +13,7 @@ from aiohttp import hdrs, web
 from multidict import CIMultiDictProxy, istr
 
 from .metrics import Metrics
+from .routes import RouteScopes
 from .settings import SidecarSettings
 from .sync import KeySync
 from .verify import NO_SCOPES, Code, Verifier, parse_scopes
@@ -38,6 +39,13 @@ _VALID, _VALID_BODY = Code.VALID, _BODIES[Code.VALID]
 _API_KEY, _REQUIRED_SCOPES = istr("X-API-Key"), istr("X-Required-Scopes")
 _KEY_ID, _ORG_ID, _TEAM_ID, _PROJECT_ID = istr("X-Key-Id"), istr("X-Org-Id"), istr("X-Team-Id"), istr("X-Project-Id")
 _KEY_SCOPES, _KEY_ENV, _STALE = istr("X-Key-Scopes"), istr("X-Key-Env"), istr("X-Keyrelay-Stale")
+# Where gateways put the original request: nginx sets X-Original-*, Traefik and Caddy X-Forwarded-*.
+_ORIGINAL_URI, _ORIGINAL_METHOD = istr("X-Original-URI"), istr("X-Original-Method")
+_FORWARDED_URI, _FORWARDED_METHOD = istr("X-Forwarded-Uri"), istr("X-Forwarded-Method")
+# nginx's auth_request passes only the status of a denial to the client; this header lets its
+# config pick the reason up (auth_request_set) and answer with it.
+_CODE = istr("X-Keyrelay-Code")
+_AUTH_PREFIX = len("/auth")
 
 
 def _challenge(code: Code) -> str:
@@ -46,7 +54,16 @@ def _challenge(code: Code) -> str:
     return f'Bearer realm="keyrelay", error="invalid_token", error_description="{code.value}"'
 
 
-_CHALLENGES = {code: _challenge(code) for code in _MESSAGES}
+def _deny_headers(code: Code) -> dict[str, str]:
+    headers: dict[str, str] = {hdrs.CONTENT_TYPE: _JSON, _CODE: code.value}
+    if _DENY_STATUS.get(code, 401) == 401:
+        headers[hdrs.WWW_AUTHENTICATE] = _challenge(code)
+    return headers
+
+
+# Built once; aiohttp copies a response's headers, so sharing them between responses is safe.
+_DENIALS = {code: (_DENY_STATUS.get(code, 401), _BODIES[code], _deny_headers(code)) for code in _MESSAGES}
+_NOT_READY_HEADERS = {hdrs.CONTENT_TYPE: _JSON, hdrs.RETRY_AFTER: "1", _CODE: "NOT_READY"}
 
 
 @dataclass(slots=True)
@@ -57,6 +74,12 @@ class SidecarState:
     verifier: Verifier
     sync: KeySync
     metrics: Metrics
+    routes: RouteScopes | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Read once, at app creation: a bad file stops the start, naming its line.
+        path = self.settings.route_scopes
+        self.routes = RouteScopes.load(path) if path is not None else None
 
     def ready(self) -> bool:
         """Synced, and in contact with the stream within the staleness bound."""
@@ -93,7 +116,7 @@ async def auth(state: SidecarState, request: web.Request) -> web.Response:
     # computed once.
     ready = state.ready()
     if not ready and not state.may_answer():
-        return web.Response(status=503, body=_NOT_READY, content_type=_JSON, headers={"Retry-After": "1"})
+        return web.Response(status=503, body=_NOT_READY, headers=_NOT_READY_HEADERS)
     headers = request.headers
     key = headers.get(hdrs.AUTHORIZATION)
     # What gateways send, `Bearer <key>`, without partitioning; anything else the general way.
@@ -104,9 +127,14 @@ async def auth(state: SidecarState, request: web.Request) -> web.Response:
             state.metrics.observe("auth", Code.MISSING, 0.0)
             return _deny(Code.MISSING)
     wanted = headers.get(_REQUIRED_SCOPES)
+    routes = state.routes
+    if routes is None:
+        required = parse_scopes(wanted) if wanted else NO_SCOPES
+    else:
+        required = routes.required(*_original_request(request, headers), wanted)
     verifier = state.verifier
     started = perf_counter()
-    code, n = verifier.verify(key, parse_scopes(wanted) if wanted else NO_SCOPES)
+    code, n = verifier.verify(key, required)
     state.metrics.observe("auth", code, perf_counter() - started)
     if code is not _VALID:
         return _deny(code)
@@ -125,10 +153,21 @@ async def auth(state: SidecarState, request: web.Request) -> web.Response:
     return web.Response(status=200, body=_VALID_BODY, headers=out)
 
 
+def _original_request(request: web.Request, headers: CIMultiDictProxy[str]) -> tuple[str, str]:
+    """Method and URI of the request the gateway asks about (nginx, then Traefik/Caddy, then Envoy's path)."""
+    uri = headers.get(_ORIGINAL_URI)
+    if uri is not None:
+        return headers.get(_ORIGINAL_METHOD) or request.method, uri
+    uri = headers.get(_FORWARDED_URI)
+    if uri is not None:
+        return headers.get(_FORWARDED_METHOD) or request.method, uri
+    # Envoy's ext_authz (path_prefix /auth) sends the original method and /auth + the original path.
+    return request.method, request.raw_path[_AUTH_PREFIX:] or "/"
+
+
 def _deny(code: Code) -> web.Response:
-    status = _DENY_STATUS.get(code, 401)
-    headers = {"WWW-Authenticate": _CHALLENGES[code]} if status == 401 else None
-    return web.Response(status=status, body=_BODIES[code], content_type=_JSON, headers=headers)
+    status, body, headers = _DENIALS[code]
+    return web.Response(status=status, body=body, headers=headers)
 
 
 def _bad_request(state: SidecarState, reason: str, message: str) -> web.Response:
@@ -155,7 +194,7 @@ async def verify(request: web.Request) -> web.Response:
     if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
         return _bad_request(state, "bad_scopes", '"scopes" must be a list of strings')
     if not state.may_answer():
-        return web.Response(status=503, body=_NOT_READY, content_type=_JSON, headers={"Retry-After": "1"})
+        return web.Response(status=503, body=_NOT_READY, headers=_NOT_READY_HEADERS)
     started = time.perf_counter()
     code, n = state.verifier.verify(key, frozenset(scopes))
     state.metrics.observe("verify", code, time.perf_counter() - started)
@@ -220,6 +259,7 @@ async def status(request: web.Request) -> web.Response:
             "seconds_since_contact": round(sync.seconds_since_contact(), 3),
             "synced_after_seconds": round(sync.synced_after, 3) if sync.synced_after is not None else None,
             "stale_policy": state.settings.stale_policy,
+            "route_rules": len(state.routes) if state.routes is not None else None,
             "decode_errors": sync.stats.decode_errors,
         }
     )

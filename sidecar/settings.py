@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import option, parse_bool, parse_duration
 from .wire import DEFAULT_BUCKET, DEFAULT_PREFIX, is_region_code
 
-__all__ = ["LOG_LEVELS", "SidecarSettings", "parse_port", "parse_positive_duration", "parse_region", "parse_servers"]
+__all__ = [
+    "LOG_LEVELS",
+    "SidecarSettings",
+    "parse_optional_path",
+    "parse_port",
+    "parse_positive_duration",
+    "parse_region",
+    "parse_servers",
+]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -27,6 +36,11 @@ def parse_servers(text: str) -> tuple[str, ...]:
     if not servers:
         raise ValueError("give at least one nats:// URL")
     return servers
+
+
+def parse_optional_path(text: str) -> Path | None:
+    """A file path, or None for an empty value."""
+    return Path(text) if text.strip() else None
 
 
 def parse_port(text: str) -> int:
@@ -98,3 +112,9 @@ class SidecarSettings:
         help="how old the region's snapshot may get before a sidecar writes a new one",
     )
     snapshot_bucket: str = option("", help="object store bucket of the snapshots (default: <bucket>_SNAPSHOTS)")
+    route_scopes: Path | None = option(
+        None,
+        parse=parse_optional_path,
+        help="file of `METHOD /path-prefix scope ...` lines: the scopes each route requires, on top of "
+        "X-Required-Scopes (format: deploy/gateways/README.md)",
+    )
