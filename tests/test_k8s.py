@@ -836,7 +836,7 @@ async def test_the_example_gateway_authorises_through_a_real_sidecar(
         (f"server 127.0.0.1:{settings.port};", f"server 127.0.0.1:{urlsplit(sidecar.url).port};"),
         ("listen 8080;", f"listen 127.0.0.1:{front};"),
         ("listen 127.0.0.1:8082;", f"listen 127.0.0.1:{backend};"),
-        ("proxy_pass http://127.0.0.1:8082;", f"proxy_pass http://127.0.0.1:{backend};"),
+        ("server 127.0.0.1:8082;", f"server 127.0.0.1:{backend};"),
         ("/tmp/", f"{tmp_path}/"),
     ]
     for old, new in replacements:
