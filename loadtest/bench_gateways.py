@@ -1,0 +1,374 @@
+"""Gateway benchmark: each shipped gateway config in front of a one-handler aiohttp upstream, with and without auth.
+
+One run starts a nats-server, fills the `KEYS` bucket with `--keys` records,
+starts a sidecar (with a route-scopes file, as the shipped configs expect) and
+the echo upstream (loadtest.upstream) as child processes, and then, gateway by
+gateway, starts the gateway from its deploy/gateways config and measures two
+routes through it to the same upstream: `/public/…` (no auth) and `/api/…`
+(every request checked by the sidecar), both sent the same key headers:
+
+* saturation: wrk, the same connections, duration and key pool both ways;
+* added latency: open loop (loadtest.openloop) at `--rate` requests/s — request
+  i is due at start + i/rate and its latency counts from then, so queueing is
+  not hidden — p50 and p99 of each route; auth adds the difference.
+
+Target: auth adds at most 1 ms at p99 at the fixed rate, through every gateway.
+With `--rounds` above 1 the two routes alternate in order and medians count.
+Nothing is pinned: on a small machine the gateway, the sidecar, the upstream
+and the load generator share the CPUs, as they would on one host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats
+import uvloop
+from nats.js.api import KeyValueConfig
+
+from keyrelay.errors import KeyrelayError
+from keyrelay.natsd import NatsServer, NatsSpec, free_port
+from keyrelay.procs import spawn, stop, wait_http_ok
+from sidecar.wire import DEFAULT_BUCKET
+
+from .gateways import GATEWAYS, Addresses, gateway_version, start_gateway
+from .keyfill import fill_bucket
+from .openloop import LoadResult, percentiles, render_get, run_open_loop
+from .procs import wait_quiet
+from .wrk import WrkResult, header_pool_script, run_wrk, wrk_binary
+
+__all__ = ["main"]
+
+TARGET_ADDED_P99 = 0.001
+AUTH_PATH, OPEN_PATH = "/api/bench", "/public/bench"
+# The sidecar's route map for the run: the /api/ routes need a valid key and no particular scope
+# (the key pool mixes scope sets), so every request goes through the map and comes back 200.
+_ROUTE_SCOPES = "# bench: a valid key, no particular scope\n*  /api/\n"
+_QUIET_CORES = 0.15
+
+
+@dataclass(frozen=True, slots=True)
+class OpenLoop:
+    """One open-loop run's figures, latencies in seconds."""
+
+    offered: float
+    completed: int
+    errors: int
+    non_200: int
+    p50: float
+    p99: float
+    p999: float
+    throughput: float
+
+
+@dataclass(slots=True)
+class GatewayFigures:
+    """Everything measured through one gateway."""
+
+    name: str
+    version: str
+    saturated: dict[str, list[WrkResult]]
+    paced: dict[str, list[OpenLoop]]
+
+    def rps(self, route: str) -> float:
+        """Median requests/s at saturation."""
+        return statistics.median(r.requests_per_second for r in self.saturated[route])
+
+    def latency(self, route: str, which: str) -> float:
+        """Median p50 or p99 of the open-loop runs, in seconds."""
+        values: list[float] = [getattr(r, which) for r in self.paced[route]]
+        return statistics.median(values)
+
+    def added(self, which: str) -> float:
+        """What auth adds at the fixed rate (with minus without), in seconds."""
+        return self.latency("auth", which) - self.latency("none", which)
+
+    def errors(self) -> int:
+        """Errors and non-200 answers on either route, in every run."""
+        wrk = sum(r.errors for runs in self.saturated.values() for r in runs)
+        paced = sum(r.errors + r.non_200 for runs in self.paced.values() for r in runs)
+        return wrk + paced
+
+    def passed(self) -> bool:
+        """Auth adds at most the target at p99, and nothing failed."""
+        return self.added("p99") <= TARGET_ADDED_P99 and self.errors() == 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench_gateways", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--gateways", default=",".join(GATEWAYS), help=f"comma separated, of {','.join(GATEWAYS)} (default: all)"
+    )
+    parser.add_argument("--rate", type=float, default=2000.0, help="open-loop requests/s (default 2000)")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured run (default 10)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs per route and gateway; medians count (default 1)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load per route (default 2)")
+    parser.add_argument("--keys", type=int, default=10_000, help="records in the bucket (default 10000)")
+    parser.add_argument("--pool", type=int, default=2_000, help="valid keys the load cycles through (default 2000)")
+    parser.add_argument("--connections", type=int, default=64, help="wrk keep-alive connections (default 64)")
+    parser.add_argument("--quiet-wait", type=float, default=30.0, help="longest wait for a quiet machine (s)")
+    parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
+    return parser
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _gateways(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in GATEWAYS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown gateway(s) {', '.join(unknown)}; choose from {', '.join(GATEWAYS)}")
+    return names
+
+
+async def _create_bucket(url: str) -> None:
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        await nc.jetstream().create_key_value(KeyValueConfig(bucket=DEFAULT_BUCKET, history=1))
+    finally:
+        await nc.close()
+
+
+def _keyrelay_command() -> list[str]:
+    script = Path(sys.executable).parent / "keyrelay"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "keyrelay"]
+
+
+def _statuses(port: int, path: str, keys: list[str]) -> dict[int, int]:
+    seen: dict[int, int] = {}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        for key in keys:
+            conn.request("GET", path, headers={"Authorization": f"Bearer {key}"})
+            resp = conn.getresponse()
+            resp.read()
+            seen[resp.status] = seen.get(resp.status, 0) + 1
+    finally:
+        conn.close()
+    return seen
+
+
+def _open_loop(port: int, path: str, keys: list[str], *, rate: float, duration: float) -> OpenLoop:
+    requests = [render_get(path, {"Authorization": f"Bearer {key}"}) for key in keys]
+    result: LoadResult = uvloop.run(
+        run_open_loop(
+            port=port, rate=rate, duration=duration, make_request=lambda i: requests[i % len(requests)], timeout=5.0
+        )
+    )
+    spread = percentiles(result.latencies)
+    return OpenLoop(
+        offered=rate,
+        completed=result.completed,
+        errors=result.errors,
+        non_200=result.completed - result.statuses.get(200, 0),
+        p50=spread.p50,
+        p99=spread.p99,
+        p999=spread.p999,
+        throughput=result.throughput,
+    )
+
+
+def _quiet(args: argparse.Namespace) -> None:
+    load, waited = wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
+    if waited >= 1:
+        _say(f"    (waited {waited:.0f}s for a quiet machine; {load:.2f} cores busy)")
+
+
+def _measure(name: str, port: int, keys: list[str], script: Path, args: argparse.Namespace) -> GatewayFigures:
+    routes = {"none": OPEN_PATH, "auth": AUTH_PATH}
+    base = f"http://127.0.0.1:{port}"
+    for path in routes.values():
+        _open_loop(port, path, keys, rate=args.rate, duration=args.warmup)
+    figures = GatewayFigures(name, gateway_version(name), {"none": [], "auth": []}, {"none": [], "auth": []})
+    for round_no in range(args.rounds):
+        # Alternate the order, so neither route always runs first.
+        order = list(routes.items()) if round_no % 2 == 0 else list(routes.items())[::-1]
+        for route, path in order:
+            _quiet(args)
+            wrk = run_wrk(base + path, connections=args.connections, duration=args.duration, script=script)
+            figures.saturated[route].append(wrk)
+            _say(f"  {name:<8} {route:<4} wrk       {wrk.requests_per_second:>9,.0f} req/s  errors {wrk.errors}")
+        for route, path in order:
+            _quiet(args)
+            paced = _open_loop(port, path, keys, rate=args.rate, duration=args.duration)
+            figures.paced[route].append(paced)
+            _say(
+                f"  {name:<8} {route:<4} open loop {paced.throughput:>9,.0f} req/s  p50 {paced.p50 * 1e3:.3f} ms  "
+                f"p99 {paced.p99 * 1e3:.3f} ms  errors {paced.errors}  non-200 {paced.non_200}"
+            )
+    return figures
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f}"
+
+
+def table(results: list[GatewayFigures], rate: float) -> str:
+    """The results as the Markdown table the README shows."""
+    lines = [
+        f"| gateway | version | req/s at saturation, no auth | with auth "
+        f"| p50 / p99 at {rate:,.0f} req/s, no auth (ms) | with auth (ms) | auth adds p50 / p99 (ms) "
+        "| target: adds ≤ 1 ms at p99 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for f in results:
+        verdict = "PASS" if f.passed() else "FAIL"
+        if f.errors():
+            verdict += f" ({f.errors()} errors)"
+        lines.append(
+            f"| {f.name} | {f.version} | {f.rps('none'):,.0f} | {f.rps('auth'):,.0f} "
+            f"| {_ms(f.latency('none', 'p50'))} / {_ms(f.latency('none', 'p99'))} "
+            f"| {_ms(f.latency('auth', 'p50'))} / {_ms(f.latency('auth', 'p99'))} "
+            f"| {_ms(f.added('p50'))} / {_ms(f.added('p99'))} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def _as_json(f: GatewayFigures) -> dict[str, Any]:
+    return {
+        "version": f.version,
+        "saturated": {
+            route: [
+                {
+                    "requests_per_second": r.requests_per_second,
+                    "p50_ms": r.p50 * 1e3,
+                    "p99_ms": r.p99 * 1e3,
+                    "errors": r.errors,
+                }
+                for r in runs
+            ]
+            for route, runs in f.saturated.items()
+        },
+        "open_loop": {
+            route: [
+                {
+                    "offered": r.offered,
+                    "throughput": r.throughput,
+                    "completed": r.completed,
+                    "errors": r.errors,
+                    "non_200": r.non_200,
+                    "p50_ms": r.p50 * 1e3,
+                    "p99_ms": r.p99 * 1e3,
+                    "p999_ms": r.p999 * 1e3,
+                }
+                for r in runs
+            ]
+            for route, runs in f.paced.items()
+        },
+        "added_p50_ms": f.added("p50") * 1e3,
+        "added_p99_ms": f.added("p99") * 1e3,
+        "errors": f.errors(),
+        "pass": f.passed(),
+    }
+
+
+def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
+    """The whole benchmark; returns the figures per gateway."""
+    wrk_binary()  # fail before the fill if wrk is missing
+    results: list[GatewayFigures] = []
+    with tempfile.TemporaryDirectory(prefix="keyrelay-bench-gw-") as tmp:
+        work = Path(tmp)
+        nats_server = NatsServer(NatsSpec(name="bench-hub", store_dir=work / "nats"))
+        nats_server.start()
+        children: list[subprocess.Popen[bytes]] = []
+        try:
+            asyncio.run(_create_bucket(nats_server.url))
+            _say(f"filling {DEFAULT_BUCKET} with {args.keys:,} records")
+            fill = asyncio.run(
+                fill_bucket(nats_server.url, DEFAULT_BUCKET, args.keys, pool_size=min(args.pool, args.keys), seed=1)
+            )
+            keys = fill.pool
+            routes = work / "route-scopes.txt"
+            routes.write_text(_ROUTE_SCOPES)
+            sidecar_port, upstream_port = free_port(), free_port()
+            sidecar_log = work / "sidecar.log"
+            sidecar_proc = spawn(
+                [*_keyrelay_command(), "sidecar", "--nats-url", nats_server.url, "--port", str(sidecar_port),
+                 "--route-scopes", str(routes), "--log-level", "warning"],
+                log=sidecar_log,
+            )  # fmt: skip
+            children.append(sidecar_proc)
+            wait_http_ok(sidecar_proc, sidecar_port, "/readyz", timeout=120, log=sidecar_log)
+            upstream_log = work / "upstream.log"
+            upstream = spawn(
+                [sys.executable, "-m", "loadtest.upstream", "--port", str(upstream_port)], log=upstream_log
+            )
+            children.append(upstream)
+            wait_http_ok(upstream, upstream_port, "/", timeout=30, log=upstream_log)
+            _say(f"sidecar :{sidecar_port} ({args.keys:,} keys, route map {_ROUTE_SCOPES.splitlines()[1].strip()!r}), "
+                 f"upstream :{upstream_port}, pool of {len(keys):,} valid keys")  # fmt: skip
+            script = header_pool_script(work / "wrk", "Authorization", keys, prefix="Bearer ")
+            for name in names:
+                addresses = Addresses(gateway_port=free_port(), sidecar_port=sidecar_port, upstream_port=upstream_port)
+                gateway = start_gateway(name, addresses, work / name)
+                try:
+                    checked = _statuses(gateway.port, AUTH_PATH, keys[:200])
+                    if set(checked) != {200}:
+                        raise RuntimeError(f"{name}: pool keys did not all pass through: {checked}")
+                    if _statuses(gateway.port, AUTH_PATH, ["sk_live_nope"]) != {401: 1}:
+                        raise RuntimeError(f"{name}: a malformed key was not refused")
+                    results.append(_measure(name, gateway.port, keys, script, args))
+                finally:
+                    gateway.stop()
+        finally:
+            for child in children:
+                stop(child)
+            nats_server.stop()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; 0 when it completed (targets are reported, not enforced), 1 on failure."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        names = _gateways(args.gateways)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    if args.rate <= 0 or args.duration <= 0 or args.rounds < 1 or args.keys < 1 or args.pool < 1:
+        parser.error("--rate, --duration, --rounds, --keys and --pool must be positive")
+    started = time.monotonic()
+    try:
+        results = run(args, names)
+    except (KeyrelayError, RuntimeError, OSError) as exc:
+        _say(f"benchmark failed: {type(exc).__name__}: {exc}")
+        return 1
+    _say("")
+    _say(
+        f"keyrelay gateway benchmark: {args.keys:,} keys, wrk {args.connections} connections, open loop at "
+        f"{args.rate:,.0f} req/s, {args.duration:g}s per run, {args.rounds} round(s), "
+        f"{len(names)} gateway(s) in {time.monotonic() - started:.0f}s"
+    )
+    _say(f"machine: {platform.platform()}, Python {platform.python_version()}, nothing pinned")
+    _say("")
+    _say(table(results, args.rate))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        document = {
+            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "target_added_p99_ms": TARGET_ADDED_P99 * 1e3,
+            "gateways": {f.name: _as_json(f) for f in results},
+        }
+        args.json.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+        _say(f"figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
