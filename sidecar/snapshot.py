@@ -111,8 +111,8 @@ class SnapshotStore:
                 )  # fmt: skip
         return self._store
 
-    async def age(self) -> float | None:
-        """Seconds since the region's snapshot was written (None: there is none)."""
+    async def current(self) -> tuple[float, int] | None:
+        """Age in seconds and revision of the region's snapshot (None: there is none)."""
         store = await self._open(create=False)
         if store is None:
             return None
@@ -120,8 +120,11 @@ class SnapshotStore:
             info = await store.get_info(self.name)
         except (ObjectNotFoundError, NotFoundError):
             return None
-        created = (info.headers or {}).get("Keyrelay-Created")
-        return time.time() - float(created) if created else None
+        headers = info.headers or {}
+        created, revision = headers.get("Keyrelay-Created"), headers.get("Keyrelay-Revision")
+        if not created or not revision:
+            return None
+        return time.time() - float(created), int(revision)
 
     async def load(self, table: KeyTable) -> Snapshot | None:
         """Fill `table` from the region's snapshot; None when there is none or it cannot be used."""

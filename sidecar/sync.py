@@ -40,6 +40,8 @@ _MAX_BACKOFF = 2.0
 _MISSED_HEARTBEATS = 3
 # The age of a replica whose mirror has not (yet) reported hearing from the hub: stale, finite for JSON.
 _UNKNOWN_AGE = 1e9
+# A snapshot more than this many revisions (or a tenth of the table) behind is replaced early.
+_SNAPSHOT_MIN_CHANGES = 10_000
 
 
 @dataclass(slots=True)
@@ -247,6 +249,14 @@ class KeySync:
             snapshot.revision + 1,
         )
 
+    def _snapshot_due(self, current: tuple[float, int] | None) -> bool:
+        """A region's snapshot is due when missing, older than the interval, or far behind this replica."""
+        if current is None:
+            return True
+        age, revision = current
+        behind = self.last_revision - revision
+        return age >= self.snapshot_interval or behind > max(_SNAPSHOT_MIN_CHANGES, len(self.table) // 10)
+
     async def _refresh_snapshots(self) -> None:
         """Write the region's snapshot when it is missing or older than the interval (checked with jitter)."""
         await self._synced_event.wait()
@@ -256,8 +266,8 @@ class KeySync:
             if nc is not None and nc.is_connected and fresh:
                 try:
                     store = self._snapshots(nc)
-                    age = await store.age()
-                    if age is None or age >= self.snapshot_interval:
+                    current = await store.current()
+                    if self._snapshot_due(current):
                         self.written_snapshot = await store.save(self.table, lambda: self.last_revision)
                         self.snapshots_written += 1
                         log.info(
@@ -266,7 +276,9 @@ class KeySync:
                             self.written_snapshot.revision,
                         )
                 except Exception as exc:
-                    log.warning("could not write a snapshot: %s", exc)
+                    log.warning("could not write a snapshot: %s: %s (retrying soon)", type(exc).__name__, exc)
+                    await asyncio.sleep(min(self.snapshot_interval, 15.0) * random.uniform(0.5, 1.0))
+                    continue
             # Jitter, so a region's sidecars do not all check (and write) at once.
             await asyncio.sleep(self.snapshot_interval * random.uniform(0.5, 1.0))
 

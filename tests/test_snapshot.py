@@ -147,3 +147,14 @@ async def test_snapshots_can_be_turned_off(bucket: KeyValue, start_sidecar: Star
 
 async def _value(value: object) -> object:
     return value
+
+
+def test_a_snapshot_is_due_when_missing_old_or_far_behind() -> None:
+    from sidecar.sync import KeySync
+
+    sync = KeySync(table=KeyTable(), servers=["nats://127.0.0.1:1"], bucket="KEYS", snapshot_interval=600.0)
+    sync.last_revision = 50_000
+    assert sync._snapshot_due(None)
+    assert not sync._snapshot_due((10.0, 49_000))
+    assert sync._snapshot_due((10.0, 30_000))  # 20,000 revisions behind
+    assert sync._snapshot_due((601.0, 50_000))
