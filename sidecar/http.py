@@ -46,6 +46,9 @@ _FORWARDED_URI, _FORWARDED_METHOD = istr("X-Forwarded-Uri"), istr("X-Forwarded-M
 # config pick the reason up (auth_request_set) and answer with it.
 _CODE = istr("X-Keyrelay-Code")
 _AUTH_PREFIX = len("/auth")
+# RFC 7240: a gateway that never reads a 200's body asks for none. Go clients (Caddy) drop a
+# connection whose body went unread, and a new connection costs the sidecar more than the check.
+_PREFER, _PREFERENCE_APPLIED, _MINIMAL = istr("Prefer"), istr("Preference-Applied"), "return=minimal"
 
 
 def _challenge(code: Code) -> str:
@@ -150,6 +153,10 @@ async def auth(state: SidecarState, request: web.Request) -> web.Response:
     }
     if not ready:
         out[_STALE] = "true"
+    prefer = headers.get(_PREFER)
+    if prefer is not None and _MINIMAL in prefer:
+        out[_PREFERENCE_APPLIED] = _MINIMAL
+        return web.Response(status=200, headers=out)
     return web.Response(status=200, body=_VALID_BODY, headers=out)
 
 

@@ -1,4 +1,4 @@
-"""Route scopes: the file's format and matching, and /auth reading the original request as each gateway sends it."""
+"""Route scopes (the file's format and matching), and /auth answering each gateway the way it asks."""
 
 from __future__ import annotations
 
@@ -142,6 +142,9 @@ async def test_auth_reads_the_original_request_from_each_gateways_headers(
     # X-Original-* comes first, then X-Forwarded-*, then the path.
     assert await status(reader_key, "/auth/api/orders", "POST", X_Forwarded_Method="GET", X_Forwarded_Uri="/x") == 200
     assert await status(reader_key, "/auth/x", "GET", X_Forwarded_Uri="/x", **post_orders) == 403
+    # nginx asks with HEAD (so its connections stay alive); the original method still decides.
+    assert await status(reader_key, "/auth", "HEAD", **post_orders) == 403
+    assert await status(writer_key, "/auth", "HEAD", **post_orders) == 200
     # A URI without a method header takes the request's method.
     assert await status(reader_key, "/auth", "POST", X_Original_URI="/api/orders") == 403
     # The gateway's X-Required-Scopes is required on top.
@@ -181,3 +184,23 @@ async def test_not_ready_names_its_code_in_a_header_too(js: JetStreamContext, st
     status, headers, body = await sidecar.auth(make_key()[0])
     assert (status, headers["X-Keyrelay-Code"], body["code"]) == (503, "NOT_READY", "NOT_READY")
     assert headers["Retry-After"] == "1"
+
+
+async def test_a_gateway_that_reads_no_body_can_ask_for_none(bucket: KeyValue, start_sidecar: StartSidecar) -> None:
+    """Prefer: return=minimal (RFC 7240) empties a 200, so a Go client can keep the connection."""
+    key, record = make_key()
+    await put(bucket, record)
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    async with sidecar.http.get(
+        sidecar.url + "/auth", headers={"Authorization": f"Bearer {key}", "Prefer": "return=minimal"}
+    ) as resp:
+        assert (resp.status, await resp.read()) == (200, b"")
+        assert resp.headers["Preference-Applied"] == "return=minimal"
+        assert resp.headers["X-Key-Id"] == record.key_id
+    status, headers, body = await sidecar.auth(key)
+    assert (status, body["code"]) == (200, "VALID")
+    assert "Preference-Applied" not in headers
+    # A denial keeps its body: gateways hand it to the client.
+    status, _, body = await sidecar.auth("sk_live_nope", headers={"Prefer": "return=minimal"})
+    assert (status, body["code"]) == (401, "MALFORMED")
