@@ -260,27 +260,33 @@ class KeySync:
     async def _refresh_snapshots(self) -> None:
         """Write the region's snapshot when it is missing or older than the interval (checked with jitter)."""
         await self._synced_event.wait()
+        backoff = 1.0
         while not self._closing:
+            # Jitter, so a region's sidecars do not all check (and write) at once.
+            delay = self.snapshot_interval * random.uniform(0.5, 1.0)
             nc = self._nc
             fresh = self.pending == 0 and self.seconds_since_contact() <= max(5.0, _MISSED_HEARTBEATS * self.heartbeat)
-            if nc is not None and nc.is_connected and fresh:
+            if nc is None or not nc.is_connected or not fresh:
+                # Not now is not never: a replica that is catching up or reconnecting is asked again soon.
+                delay = min(delay, 1.0)
+            else:
                 try:
-                    store = self._snapshots(nc)
-                    current = await store.current()
-                    if self._snapshot_due(current):
-                        self.written_snapshot = await store.save(self.table, lambda: self.last_revision)
-                        self.snapshots_written += 1
-                        log.info(
-                            "wrote a snapshot of %d keys at revision %d",
-                            self.written_snapshot.keys,
-                            self.written_snapshot.revision,
-                        )
+                    await self._write_snapshot_if_due(self._snapshots(nc))
+                    backoff = 1.0
                 except Exception as exc:
-                    log.warning("could not write a snapshot: %s: %s (retrying soon)", type(exc).__name__, exc)
-                    await asyncio.sleep(min(self.snapshot_interval, 15.0) * random.uniform(0.5, 1.0))
-                    continue
-            # Jitter, so a region's sidecars do not all check (and write) at once.
-            await asyncio.sleep(self.snapshot_interval * random.uniform(0.5, 1.0))
+                    log.warning("could not write a snapshot: %s: %s (retrying in %.0fs)", type(exc).__name__, exc,
+                                backoff)  # fmt: skip
+                    delay = min(delay, backoff)
+                    backoff = min(backoff * 2, 15.0)
+            await asyncio.sleep(delay)
+
+    async def _write_snapshot_if_due(self, store: SnapshotStore) -> None:
+        if not self._snapshot_due(await store.current()):
+            return
+        self.written_snapshot = await store.save(self.table, lambda: self.last_revision)
+        self.snapshots_written += 1
+        log.info("wrote a snapshot of %d keys at revision %d", self.written_snapshot.keys,
+                 self.written_snapshot.revision)  # fmt: skip
 
     async def _on_disconnect(self) -> None:
         self.connected = False
