@@ -119,7 +119,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
     for opt in options_of(cls):
         default = "(hidden)" if opt.secret else _show(opt.default, duration=opt.duration)
         choices = f" (one of: {', '.join(opt.choices)})" if opt.choices else ""
-        help_text = f"{opt.help}{choices} [env {opt.env}; default {default}]"
+        # argparse %-formats help text: a literal "20%" would break --help.
+        help_text = f"{opt.help}{choices} [env {opt.env}; default {default}]".replace("%", "%%")
         # SUPPRESS: an option not given leaves no attribute, so a subcommand's parser cannot
         # overwrite its parent's value with a default.
         if isinstance(opt.default, bool):

@@ -25,7 +25,7 @@ def test_the_readme_documents_every_setting_exactly(settings: type) -> None:
     assert markdown_table(settings) in README.read_text()
 
 
-def test_every_command_has_help() -> None:
+def test_every_command_has_help_that_prints() -> None:
     from keyrelay.cli import build_parser
 
     parser = build_parser()
@@ -33,6 +33,7 @@ def test_every_command_has_help() -> None:
     stack = [parser]
     while stack:
         current = stack.pop()
+        assert current.format_help().strip(), f"{current.prog} prints no help"
         for action in current._actions:
             if isinstance(action, argparse._SubParsersAction):
                 for choice in action._choices_actions:
