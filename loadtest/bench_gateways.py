@@ -9,8 +9,10 @@ routes through it to the same upstream: `/public/…` (no auth) and `/api/…`
 
 * saturation: wrk, the same connections, duration and key pool both ways;
 * added latency: open loop (loadtest.openloop) at `--rate` requests/s — request
-  i is due at start + i/rate and its latency counts from then, so queueing is
-  not hidden — p50 and p99 of each route; auth adds the difference.
+  i leaves at start + i/rate whatever the gateway is doing (on a new connection
+  if every open one is busy), so queueing is not hidden — p50 and p99 of each
+  route; auth adds the difference. How late the generator sent (its p99) is
+  shown beside, so a run where the generator fell behind can be told apart.
 
 Target: auth adds at most 1 ms at p99 at the fixed rate, through every gateway.
 With `--rounds` above 1 the two routes alternate in order and medians count.
@@ -75,6 +77,7 @@ class OpenLoop:
     p999: float
     throughput: float
     steal: float  # CPU the hypervisor took from this machine during the run, in cores
+    late_p99: float  # how late the generator sent its requests (p99), in seconds
 
 
 @dataclass(slots=True)
@@ -211,6 +214,7 @@ def _open_loop(port: int, path: str, keys: list[str], *, rate: float, duration: 
         p999=spread.p999,
         throughput=result.throughput,
         steal=steal,
+        late_p99=percentiles(result.lateness).p99,
     )
 
 
@@ -241,7 +245,7 @@ def _measure(name: str, port: int, keys: list[str], script: Path, args: argparse
             _say(
                 f"  {name:<8} {route:<4} open loop {paced.throughput:>9,.0f} req/s  p50 {paced.p50 * 1e3:.3f} ms  "
                 f"p99 {paced.p99 * 1e3:.3f} ms  errors {paced.errors}  non-200 {paced.non_200}  "
-                f"steal {paced.steal:.2f} cores"
+                f"steal {paced.steal:.2f} cores  sent late p99 {paced.late_p99 * 1e3:.2f} ms"
             )
     return figures
 
@@ -296,6 +300,7 @@ def _as_json(f: GatewayFigures) -> dict[str, Any]:
                     "p99_ms": r.p99 * 1e3,
                     "p999_ms": r.p999 * 1e3,
                     "steal_cores": r.steal,
+                    "sent_late_p99_ms": r.late_p99 * 1e3,
                 }
                 for r in runs
             ]

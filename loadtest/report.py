@@ -21,13 +21,13 @@ def _ms(seconds: float) -> float:
 def _verdict(record: Verify) -> str | None:
     """`false_accept`, `false_reject`, `not_ready` or None for a record that is right."""
     key = record.key
-    answered = record.due + record.latency
+    answered = record.sent + record.latency
     if record.status == 503:
         return "not_ready"
     if record.status == 200:
         if record.kind in ("unknown", "malformed", "revoked"):
             return "false_accept"
-        if key is not None and record.region in key.refused and record.due > key.refused[record.region]:
+        if key is not None and record.region in key.refused and record.sent > key.refused[record.region]:
             return "false_accept"
         return None
     if record.kind == "valid" and key is not None and (key.revoke_started is None or answered < key.revoke_started):
@@ -112,7 +112,7 @@ def judge(workload: Workload, delays: dict[str, float]) -> dict[str, Any]:
 
 def _partition_figures(workload: Workload, region: str, cut: float, healed: float,
                        readiness: list[tuple[float, int]]) -> dict[str, Any]:  # fmt: skip
-    during = [r for r in workload.records if r.region == region and cut <= r.due <= healed and r.kind == "valid"]
+    during = [r for r in workload.records if r.region == region and cut <= r.sent <= healed and r.kind == "valid"]
     revoked_in_cut = [k for k in workload.keys if k.revoked is not None and cut <= k.revoked <= healed
                       and k.applies_to(region)]  # fmt: skip
     caught_up = [k.refused[region] - healed for k in revoked_in_cut if region in k.refused]

@@ -55,7 +55,7 @@ class Verify:
     region: str
     kind: str  # valid, revoked, unknown, malformed
     key: KeyLife | None
-    due: float
+    sent: float  # when the request left (time.perf_counter())
     status: int
     latency: float
 
@@ -215,9 +215,9 @@ class Workload:
             chosen[index] = ("malformed", None)
             return malformed
 
-        def answered(index: int, status: int, due: float, latency: float) -> None:
+        def answered(index: int, status: int, sent: float, latency: float) -> None:
             kind, key = chosen.pop(index)
-            self.records.append(Verify(region, kind, key, due, status, latency))
+            self.records.append(Verify(region, kind, key, sent, status, latency))
 
         await run_open_loop(port=self.topology.sidecar_port(region), rate=self.rate, duration=self.duration,
                             make_request=request, on_result=answered)  # fmt: skip
@@ -344,5 +344,5 @@ class Workload:
         """Answers in the last second for a region and their p99 (for the live progress line)."""
         cutoff = time.perf_counter() - 1.0
         recent = [r.latency for r in self.records[-int(self.rate * len(self.regions) * 2) :]
-                  if r.region == region and r.due >= cutoff]  # fmt: skip
+                  if r.region == region and r.sent >= cutoff]  # fmt: skip
         return len(recent), percentiles(recent).p99
