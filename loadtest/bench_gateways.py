@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import http.client
 import json
 import platform
@@ -50,7 +49,7 @@ from sidecar.wire import DEFAULT_BUCKET
 
 from .gateways import GATEWAYS, Addresses, gateway_version, start_gateway
 from .keyfill import fill_bucket
-from .openloop import LoadResult, percentiles, render_get, run_open_loop
+from .openloop import LoadResult, collector_paused, percentiles, render_get, run_open_loop
 from .procs import machine_cpu, wait_quiet
 from .wrk import WrkResult, header_pool_script, run_wrk, wrk_binary
 
@@ -186,22 +185,14 @@ def _statuses(port: int, path: str, keys: list[str]) -> dict[int, int]:
 
 def _open_loop(port: int, path: str, keys: list[str], *, rate: float, duration: float) -> OpenLoop:
     requests = [render_get(path, {"Authorization": f"Bearer {key}"}) for key in keys]
-    # The generator's own garbage collections would stall its loop and count as the servers'
-    # latency (measured here: p99 straight at the upstream 7-9 ms with them, 2-4 ms without).
-    gc.collect()
-    gc.freeze()
-    gc.disable()
     _, steal0 = machine_cpu()
     started = time.monotonic()
-    try:
+    with collector_paused():
         result: LoadResult = uvloop.run(
             run_open_loop(
                 port=port, rate=rate, duration=duration, make_request=lambda i: requests[i % len(requests)], timeout=5.0
             )
         )
-    finally:
-        gc.enable()
-        gc.unfreeze()
     steal = (machine_cpu()[1] - steal0) / (time.monotonic() - started)
     spread = percentiles(result.latencies)
     return OpenLoop(

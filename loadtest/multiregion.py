@@ -21,6 +21,7 @@ from typing import Any
 from sidecar.config import add_options, load, option, parse_bool, parse_duration
 from sidecar.settings import parse_region
 
+from .openloop import collector_paused
 from .report import judge, plot, summary_table, write_json
 from .topology import Topology
 from .workload import Partition, Workload
@@ -133,7 +134,8 @@ async def run(settings: LoadtestSettings) -> dict[str, Any]:
             print(f"\r\033[K{elapsed:5.0f}/{settings.duration:.0f}s | {' | '.join(parts)} | revoked {revoked}{cut}",
                   end="", file=sys.stderr, flush=True)  # fmt: skip
 
-        await workload.run(progress)
+        with collector_paused():
+            await workload.run(progress)
         print(file=sys.stderr)
         report = judge(workload, delays)
         report["preload_s"] = round(preload, 2)
