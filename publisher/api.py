@@ -278,7 +278,7 @@ async def create_token(request: web.Request) -> web.Response:
     role = body.get("role", "member")
     if role not in ROLES:
         raise Invalid(f"role must be one of {', '.join(ROLES)}", field="role")
-    actor, token = await request.app[SERVICES].tokens.create(v.name(body["name"]), role)
+    actor, token = await request.app[SERVICES].tokens.create(_actor(request), v.name(body["name"]), role)
     return web.json_response({"name": actor.name, "role": actor.role, "token": token}, status=201)
 
 

@@ -25,9 +25,13 @@ from sidecar.errors import RecordError
 from sidecar.wire import KeyRecord, stream_name, subject_prefix
 
 from .broker import Broker
+from .models import Actor
 from .store import NIL_UUID, KeyStore
 
-__all__ = ["ReconcileReport", "reconcile"]
+__all__ = ["RECONCILE", "ReconcileReport", "reconcile"]
+
+# The audit trail's actor for repairs: reconciliation runs on its own (at start-up) as well as on request.
+RECONCILE = Actor(token_id=NIL_UUID, name="reconcile", role="admin")
 
 log = logging.getLogger("keyrelay.publisher.reconcile")
 
@@ -175,8 +179,8 @@ async def reconcile(
             if bucket_detail.entries.get(e) != f
         }
         orphans = [(e, e.rsplit(".", 1)[-1]) for e in bucket_detail.entries if e not in db_detail.entries]
-        republished = await store.republish(stale)
-        deleted = await store.unpublish(orphans)
+        summary = {"differing_shards": len(differing), "shards": shards}
+        republished, deleted = await store.repair(RECONCILE, stale, orphans, summary)
         report.republished, report.deleted = len(republished), len(deleted)
         report.outbox_ids = republished + deleted
     report.seconds = time.perf_counter() - started

@@ -17,7 +17,7 @@ from .db import Database, Tx
 from .errors import Conflict, NotFound
 from .models import Actor, ApiKey, AuditEntry, Org, Project, Team, new_id, now_us
 
-__all__ = ["Change", "KeySpec", "KeyStore", "placeholders"]
+__all__ = ["AuditRow", "Change", "KeySpec", "KeyStore", "placeholders", "record_audit"]
 
 T = TypeVar("T")
 
@@ -28,9 +28,12 @@ KEY_COLUMNS = (
 _KEY_COLUMN_NAMES = tuple(c.strip() for c in KEY_COLUMNS.split(","))
 _AUDIT_COLUMNS = ("at", "actor", "action", "organization_id", "team_id", "project_id", "key_id", "details")
 _CHUNK = 500  # rows per multi-row statement: well under both back ends' parameter limits
+_AUDIT_IDS = 100  # ids a repair's audit entry names; a lost bucket repairs every key, the counts say how many
 
 
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
+
+_Queued = tuple[tuple[int, ...], list[str]]  # outbox ids, and the key ids or entries they (re)publish
 
 
 def placeholders(count: int, *, start: int = 1) -> str:
@@ -106,7 +109,7 @@ class KeyStore:
             await tx.execute(
                 "INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3)", org.id, name, org.created_at
             )
-            await _audit(tx, actor, "org.create", org.created_at, [(org.id, None, None, None, {"name": name})])
+            await record_audit(tx, actor, "org.create", org.created_at, [(org.id, None, None, None, {"name": name})])
         return org
 
     async def create_team(self, actor: Actor, org_id: str, name: str) -> Team:
@@ -120,7 +123,9 @@ class KeyStore:
                 "INSERT INTO teams (id, organization_id, name, created_at) VALUES ($1, $2, $3, $4)",
                 team.id, org_id, name, team.created_at,
             )  # fmt: skip
-            await _audit(tx, actor, "team.create", team.created_at, [(org_id, team.id, None, None, {"name": name})])
+            await record_audit(
+                tx, actor, "team.create", team.created_at, [(org_id, team.id, None, None, {"name": name})]
+            )
         return team
 
     async def create_project(self, actor: Actor, team_id: str, name: str) -> Project:
@@ -136,7 +141,7 @@ class KeyStore:
                 "INSERT INTO projects (id, team_id, organization_id, name, created_at) VALUES ($1, $2, $3, $4, $5)",
                 project.id, team_id, team.org_id, name, project.created_at,
             )  # fmt: skip
-            await _audit(
+            await record_audit(
                 tx, actor, "project.create", project.created_at,
                 [(team.org_id, team_id, project.id, None, {"name": name})],
             )  # fmt: skip
@@ -175,11 +180,11 @@ class KeyStore:
             )  # fmt: skip
             keys = [ApiKey.from_row(r) for r in rows]
             outbox = await _enqueue(tx, keys, now)
-            await _audit(
+            await record_audit(
                 tx, actor, "project.decommission", now,
                 [(project.org_id, project.team_id, project_id, None, {"keys_revoked": len(keys)})],
             )  # fmt: skip
-            await _audit(
+            await record_audit(
                 tx, actor, "key.revoke", now, [_key_audit(k, {"reason": "project decommissioned"}) for k in keys]
             )
         return Change(Revocation(revoked=tuple(keys), already_revoked=()), outbox)
@@ -196,7 +201,7 @@ class KeyStore:
             created = [self._new_key(actor, project, spec, now) for spec in specs]
             await _insert_keys(tx, [c.key for c in created])
             outbox = await _enqueue(tx, [c.key for c in created], now)
-            await _audit(tx, actor, "key.create", now, [_key_audit(c.key, {"name": c.key.name}) for c in created])
+            await record_audit(tx, actor, "key.create", now, [_key_audit(c.key, {"name": c.key.name}) for c in created])
         return Change(created, outbox)
 
     async def get_key(self, key_id: str) -> ApiKey:
@@ -241,7 +246,7 @@ class KeyStore:
                 keys += [ApiKey.from_row(r) for r in rows]
             outbox = await _enqueue(tx, keys, now)
             details = {"reason": reason} if reason else {}
-            await _audit(tx, actor, "key.revoke", now, [_key_audit(k, details) for k in keys])
+            await record_audit(tx, actor, "key.revoke", now, [_key_audit(k, details) for k in keys])
         revoked_ids = {k.id for k in keys}
         already = tuple(k for k in dict.fromkeys(key_ids) if k not in revoked_ids)
         return Change(Revocation(revoked=tuple(keys), already_revoked=already), outbox)
@@ -274,7 +279,7 @@ class KeyStore:
             assert row is not None  # locked above
             old = ApiKey.from_row(row)
             outbox = await _enqueue(tx, [new.key, old], now)
-            await _audit(
+            await record_audit(
                 tx, actor, "key.rotate", now,
                 [_key_audit(old, {"new_key_id": new.key.id, "old_expires_at": expires})],
             )  # fmt: skip
@@ -320,52 +325,47 @@ class KeyStore:
             )
         return [ApiKey.from_row(r) for r in rows]
 
-    async def republish(self, bucket_versions: Mapping[str, int]) -> tuple[int, ...]:
-        """Queue keys' current records again, versioned above what the bucket holds for them.
-
-        `bucket_versions` maps key id → the version of the (wrong) record in the bucket; a record
-        edited by hand may claim any version, and sidecars only take newer ones.
-        """
+    async def repair(
+        self,
+        actor: Actor,
+        bucket_versions: Mapping[str, int],
+        orphans: Sequence[tuple[str, str]],
+        summary: Mapping[str, Any],
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Queue a reconciliation's fixes and one audit entry for them in one transaction; returns the outbox ids."""
+        # bucket_versions: key id → version of the wrong record in the bucket (republished above it);
+        # orphans: (entry, key_id) of bucket entries whose key the database does not know (deleted).
         now = now_us()
+        async with self.db.transaction() as tx:
+            republished, key_ids = await self._republish(tx, bucket_versions, now)
+            deleted, entries = await _unpublish(tx, orphans, now)
+            if republished or deleted:
+                details = {**summary, "republished": len(republished), "deleted": len(deleted),
+                           "republished_key_ids": key_ids[:_AUDIT_IDS],
+                           "deleted_entries": entries[:_AUDIT_IDS]}  # fmt: skip
+                await record_audit(tx, actor, "bucket.repair", now, [(None, None, None, None, details)])
+        return republished, deleted
+
+    async def _republish(self, tx: Tx, bucket_versions: Mapping[str, int], now: int) -> _Queued:
+        # A record edited by hand may claim any version, and sidecars only take newer ones: go above it.
         key_ids = list(bucket_versions)
         outbox: list[int] = []
-        async with self.db.transaction() as tx:
-            for chunk in _chunks(key_ids):
-                rows = await tx.fetch(
-                    f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id IN ({placeholders(len(chunk))}){self._for_update}",
-                    *chunk,
-                )
-                keys = []
-                for key in map(ApiKey.from_row, rows):
-                    if bucket_versions[key.id] >= key.version:
-                        version = bucket_versions[key.id] + 1
-                        await tx.execute("UPDATE api_keys SET version = $1 WHERE id = $2", version, key.id)
-                        key = dataclasses.replace(key, version=version)
-                    keys.append(key)
-                outbox += await _enqueue(tx, keys, now)
-        return tuple(outbox)
-
-    async def unpublish(self, entries: Sequence[tuple[str, str]]) -> tuple[int, ...]:
-        """Queue deletes for bucket entries `(entry, key_id)` whose key is not in the database."""
-        now = now_us()
-        outbox: list[int] = []
-        async with self.db.transaction() as tx:
-            for chunk in _chunks(entries):
-                ids = [key_id for _, key_id in chunk if is_uuid(key_id)]
-                present: set[str] = set()
-                if ids:
-                    rows = await tx.fetch(f"SELECT id FROM api_keys WHERE id IN ({placeholders(len(ids))})", *ids)
-                    present = {r["id"] for r in rows}
-                for entry, key_id in chunk:
-                    if key_id in present:  # a key created since the scan is not an orphan
-                        continue
-                    outbox_id = await tx.fetchval(
-                        "INSERT INTO outbox (key_id, entry, operation, payload, created_at) "
-                        "VALUES ($1, $2, 'delete', NULL, $3) RETURNING id",
-                        key_id if is_uuid(key_id) else NIL_UUID, entry, now,
-                    )  # fmt: skip
-                    outbox.append(outbox_id)
-        return tuple(outbox)
+        found: list[str] = []
+        for chunk in _chunks(key_ids):
+            rows = await tx.fetch(
+                f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id IN ({placeholders(len(chunk))}){self._for_update}",
+                *chunk,
+            )
+            keys = []
+            for key in map(ApiKey.from_row, rows):
+                if bucket_versions[key.id] >= key.version:
+                    version = bucket_versions[key.id] + 1
+                    await tx.execute("UPDATE api_keys SET version = $1 WHERE id = $2", version, key.id)
+                    key = dataclasses.replace(key, version=version)
+                keys.append(key)
+            outbox += await _enqueue(tx, keys, now)
+            found += [k.id for k in keys]
+        return tuple(outbox), found
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -432,6 +432,29 @@ async def _insert_keys(tx: Tx, keys: Sequence[ApiKey]) -> None:
     ])  # fmt: skip
 
 
+async def _unpublish(tx: Tx, entries: Sequence[tuple[str, str]], now: int) -> _Queued:
+    """Queue deletes for bucket entries `(entry, key_id)` whose key is not in the database."""
+    outbox: list[int] = []
+    queued: list[str] = []
+    for chunk in _chunks(entries):
+        ids = [key_id for _, key_id in chunk if is_uuid(key_id)]
+        present: set[str] = set()
+        if ids:
+            rows = await tx.fetch(f"SELECT id FROM api_keys WHERE id IN ({placeholders(len(ids))})", *ids)
+            present = {r["id"] for r in rows}
+        for entry, key_id in chunk:
+            if key_id in present:  # a key created since the scan is not an orphan
+                continue
+            outbox_id = await tx.fetchval(
+                "INSERT INTO outbox (key_id, entry, operation, payload, created_at) "
+                "VALUES ($1, $2, 'delete', NULL, $3) RETURNING id",
+                key_id if is_uuid(key_id) else NIL_UUID, entry, now,
+            )  # fmt: skip
+            outbox.append(outbox_id)
+            queued.append(entry)
+    return tuple(outbox), queued
+
+
 async def _enqueue(tx: Tx, keys: Sequence[ApiKey], now: int) -> tuple[int, ...]:
     """Outbox entries carrying each key's record exactly as committed; returns their ids."""
     ids: list[int] = []
@@ -457,7 +480,8 @@ def _key_audit(key: ApiKey, details: dict[str, Any]) -> AuditRow:
     return (key.org_id, key.team_id, key.project_id, key.id, details)
 
 
-async def _audit(tx: Tx, actor: Actor, action: str, now: int, rows: Sequence[AuditRow]) -> None:
+async def record_audit(tx: Tx, actor: Actor, action: str, now: int, rows: Sequence[AuditRow]) -> None:
+    """Audit entries for a change, written in the change's own transaction."""
     await tx.insert_many(
         "audit_log",
         _AUDIT_COLUMNS,

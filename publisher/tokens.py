@@ -5,14 +5,18 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from .db import Database
+from .db import Database, Tx
 from .errors import Conflict
 from .models import Actor, new_id, now_us
+from .store import NIL_UUID, record_audit
 
-__all__ = ["ROLES", "TokenStore", "generate_token", "token_digest"]
+__all__ = ["CONFIGURATION", "ROLES", "TokenStore", "generate_token", "token_digest"]
 
 ROLES = ("admin", "member")
 _TOKEN_PREFIX = "krt_"
+
+# The audit trail's actor for tokens the publisher's own configuration sets at start-up.
+CONFIGURATION = Actor(token_id=NIL_UUID, name="configuration", role="admin")
 
 
 def generate_token() -> str:
@@ -34,31 +38,20 @@ class TokenStore:
 
     async def ensure(self, name: str, token: str, role: str = "admin") -> Actor:
         """Make `token` valid under `name` (replacing that name's previous token): the bootstrap path."""
-        digest = token_digest(token)
         async with self.db.transaction() as tx:
-            row = await tx.fetchrow("SELECT id FROM admin_tokens WHERE name = $1", name)
-            if row is None:
-                token_id = new_id()
-                await tx.execute(
-                    "INSERT INTO admin_tokens (id, name, token_hash, role, created_at) VALUES ($1, $2, $3, $4, $5)",
-                    token_id, name, digest, role, now_us(),
-                )  # fmt: skip
-            else:
-                token_id = row["id"]
-                await tx.execute(
-                    "UPDATE admin_tokens SET token_hash = $1, role = $2, revoked_at = NULL WHERE id = $3",
-                    digest, role, token_id,
-                )  # fmt: skip
+            actor = await _put(tx, CONFIGURATION, name, token_digest(token), role)
         self._cache.clear()
-        return Actor(token_id=token_id, name=name, role=role)
+        return actor
 
-    async def create(self, name: str, role: str) -> tuple[Actor, str]:
-        """A new named token; returns it in plaintext, this once."""
+    async def create(self, actor: Actor, name: str, role: str) -> tuple[Actor, str]:
+        """A new named token made by `actor`; returns it in plaintext, this once."""
         token = generate_token()
         async with self.db.transaction() as tx:
+            # Checked in the transaction that inserts, so two concurrent creates cannot both pass.
             if await tx.fetchval("SELECT 1 FROM admin_tokens WHERE name = $1", name):
                 raise Conflict(f"a token named {name!r} already exists")
-        return await self.ensure(name, token, role), token
+            created = await _put(tx, actor, name, token_digest(token), role)
+        return created, token
 
     async def find(self, token: str) -> Actor | None:
         """The actor a presented token stands for, or None."""
@@ -80,3 +73,27 @@ class TokenStore:
         """How many tokens are valid."""
         async with self.db.transaction() as tx:
             return int(await tx.fetchval("SELECT count(*) FROM admin_tokens WHERE revoked_at IS NULL"))
+
+
+async def _put(tx: Tx, actor: Actor, name: str, digest: bytes, role: str) -> Actor:
+    """Insert or replace the token `name`, with an audit entry when anything changed."""
+    row = await tx.fetchrow("SELECT id, token_hash, role, revoked_at FROM admin_tokens WHERE name = $1", name)
+    now = now_us()
+    if row is None:
+        token_id, action = new_id(), "token.create"
+        await tx.execute(
+            "INSERT INTO admin_tokens (id, name, token_hash, role, created_at) VALUES ($1, $2, $3, $4, $5)",
+            token_id, name, digest, role, now,
+        )  # fmt: skip
+    else:
+        token_id, action = row["id"], "token.replace"
+        if bytes(row["token_hash"]) == digest and row["role"] == role and row["revoked_at"] is None:
+            return Actor(token_id=token_id, name=name, role=role)  # every restart with the same token: no change
+        await tx.execute(
+            "UPDATE admin_tokens SET token_hash = $1, role = $2, revoked_at = NULL WHERE id = $3",
+            digest, role, token_id,
+        )  # fmt: skip
+    # Never the token or its hash: the id and name identify it.
+    await record_audit(tx, actor, action, now, [(None, None, None, None, {"token_id": token_id, "name": name,
+                                                                          "role": role})])  # fmt: skip
+    return Actor(token_id=token_id, name=name, role=role)

@@ -241,6 +241,25 @@ async def test_every_change_leaves_an_audit_entry(start_publisher: StartPublishe
     assert "org.create" not in {e["action"] for e in by_project}
 
 
+async def test_creating_a_token_leaves_an_audit_entry_naming_who_created_it(start_publisher: StartPublisher) -> None:
+    publisher = await start_publisher()
+    admin = publisher.admin
+    created = await admin.ok("POST", "/tokens", {"name": "ci-pipeline", "role": "member"})
+    assert (await admin.call("POST", "/tokens", {"name": "ci-pipeline"}))[0] == 409
+
+    entries = (await admin.ok("GET", "/audit"))["entries"]
+    tokens = [(e["actor"], e["action"], e["details"]["name"], e["details"]["role"]) for e in entries]
+    assert tokens == [
+        ("bootstrap", "token.create", "ci-pipeline", "member"),  # who: the token that called POST /v1/tokens
+        ("configuration", "token.create", "bootstrap", "admin"),  # the start-up token, set by configuration
+    ]
+    assert all(e["at"] and e["details"]["token_id"] for e in entries)
+    assert created["token"] not in str(entries)
+
+    again = await start_publisher()  # same database, same configured token: nothing changed, nothing audited
+    assert (await again.admin.ok("GET", "/audit"))["entries"] == entries
+
+
 @pytest.mark.parametrize(
     ("path", "body", "field", "code"),
     [
@@ -290,13 +309,14 @@ async def test_wrong_parent_ids_give_404_and_change_nothing(start_publisher: Sta
     publisher = await start_publisher()
     admin = publisher.admin
     ghost = "0190c0de-0000-7000-8000-00000000beef"
+    audit_before = await admin.ok("GET", "/audit")
     for path in (f"/orgs/{ghost}/teams", f"/teams/{ghost}/projects", f"/projects/{ghost}/keys",
                  "/orgs/not-an-id/teams", f"/keys/{ghost}/revoke", f"/keys/{ghost}/rotate"):  # fmt: skip
         status, answer = await admin.call("POST", path, {"name": "x"} if "keys/" not in path else {})
         assert (status, answer["error"]["code"]) == (404, "not_found"), path
     status, _ = await admin.call("GET", f"/keys/{ghost}")
     assert status == 404
-    assert (await admin.ok("GET", "/audit"))["entries"] == []
+    assert await admin.ok("GET", "/audit") == audit_before
 
 
 async def test_duplicate_names_conflict(start_publisher: StartPublisher) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from typing import Any
 
 from nats.js.client import JetStreamContext
 
@@ -29,12 +30,24 @@ async def _keys(publisher: Publisher, count: int) -> list[dict[str, str]]:
     return list(answer["keys"])
 
 
+async def _repair_entry(publisher: Publisher) -> dict[str, Any]:
+    """The one audit entry the last reconciliation wrote: actor `reconcile`, newest of all."""
+    entries = (await publisher.admin.ok("GET", "/audit"))["entries"]
+    assert [e["actor"] for e in entries].count("reconcile") == 1
+    newest: dict[str, Any] = entries[0]
+    assert (newest["actor"], newest["action"]) == ("reconcile", "bucket.repair")
+    assert newest["at"]
+    return newest
+
+
 async def test_a_consistent_bucket_needs_nothing(start_publisher: StartPublisher) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
     await _keys(publisher, 50)
+    audit_before = await publisher.admin.ok("GET", "/audit")
     report = await publisher.admin.ok("POST", "/reconcile")
     assert report["keys_in_database"] == report["entries_in_bucket"] == 50
     assert (report["differing_shards"], report["republished"], report["deleted"]) == (0, 0, 0)
+    assert await publisher.admin.ok("GET", "/audit") == audit_before  # nothing repaired: nothing to audit
 
 
 async def test_a_lost_bucket_is_recreated_and_refilled(
@@ -51,6 +64,8 @@ async def test_a_lost_bucket_is_recreated_and_refilled(
     assert report["entries_in_bucket"] == 0
     assert report["republished"] == 40
     assert report["propagation"] == "published"
+    repair = await _repair_entry(publisher)
+    assert sorted(repair["details"]["republished_key_ids"]) == sorted(k["id"] for k in keys)
     await _bucket_matches_database(publisher, js)
     await eventually(lambda: sidecar.status_of(keys[1]["key"]), lambda s: s == 200, timeout=10)
     assert (await sidecar.auth(keys[0]["key"]))[2]["code"] == "REVOKED"
@@ -71,6 +86,9 @@ async def test_an_entry_edited_by_hand_is_put_back_even_with_a_higher_version(
 
     report = await publisher.admin.ok("POST", "/reconcile")
     assert report["republished"] == 1
+    repair = await _repair_entry(publisher)
+    assert (repair["details"]["republished"], repair["details"]["deleted"]) == (1, 0)
+    assert repair["details"]["republished_key_ids"] == [target["id"]]
     repaired = KeyRecord.decode((await kv.get(entry)).value)
     assert repaired.revoked_at is not None
     assert repaired.version > forged.version
@@ -95,6 +113,9 @@ async def test_entries_of_keys_the_database_does_not_know_are_deleted(
 
     report = await publisher.admin.ok("POST", "/reconcile")
     assert report["deleted"] == 2
+    repair = await _repair_entry(publisher)
+    assert (repair["details"]["republished"], repair["details"]["deleted"]) == (0, 2)
+    assert stray.entry in repair["details"]["deleted_entries"]
     await eventually(lambda: sidecar.status_of(stray_key), lambda s: s == 401)
     await _bucket_matches_database(publisher, js)
 
@@ -109,6 +130,7 @@ async def test_the_publisher_repairs_the_bucket_at_start_up(
     kv = await js.key_value("KEYS")
     await eventually(lambda: _count(kv), lambda n: n == 20, timeout=15)
     await _bucket_matches_database(second, js)
+    assert (await _repair_entry(second))["details"]["republished"] == 20  # no one asked: the actor is reconcile
 
 
 async def _count(kv) -> int:  # type: ignore[no-untyped-def]
