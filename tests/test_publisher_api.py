@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 
+import nats
 import pytest
+from nats.aio.msg import Msg
 
+from keyrelay.natsd import NatsServer
+from sidecar.wire import KeyRecord
 from tests.conftest import StartPublisher, StartSidecar
-from tests.support import eventually
+from tests.support import Publisher, eventually
 
 PUSH_BOUND = 0.1
 
@@ -353,20 +357,23 @@ async def test_an_expiring_key_stops_working_by_the_clock(
 
 
 async def test_changes_made_while_nats_is_down_are_pending_then_published_in_order(
-    nats_server,
-    start_publisher: StartPublisher,
-    start_sidecar: StartSidecar,  # type: ignore[no-untyped-def]
+    nats_server: NatsServer, start_publisher: StartPublisher, start_sidecar: StartSidecar
 ) -> None:
     publisher = await start_publisher(publish_wait=1.0)
     sidecar = await start_sidecar()
     await sidecar.ready()
-    admin = publisher.admin
+    admin, relay = publisher.admin, publisher.services.relay
     project = await admin.project()
     survivor = await admin.create_key(project["id"], name="survivor")
     doomed = await admin.create_key(project["id"], name="doomed")
 
     nats_server.stop()
     await eventually(lambda: _value(publisher.services.broker.connected), lambda c: not c)
+    # A standby relay's lease holds this one back once NATS is up again, until the watcher below
+    # listens: the bucket keeps one entry per key, so only a watcher that sees every publish can
+    # tell the order in which a key's changes went out.
+    await _set_lease(publisher, holder="standby", seconds=60)
+    await eventually(lambda: _value(relay.leader), lambda leader: not leader)
     late = await admin.create_key(project["id"], name="late")
     assert late["propagation"] == "pending"
     assert (await admin.ok("POST", f"/keys/{doomed['id']}/revoke"))["propagation"] == "pending"
@@ -374,17 +381,49 @@ async def test_changes_made_while_nats_is_down_are_pending_then_published_in_ord
     assert rotated["propagation"] == "pending"
     revoked_late = await admin.ok("POST", f"/keys/{late['id']}/revoke")
     assert revoked_late["propagation"] == "pending"
-    assert await publisher.services.relay.depth() == 5
+    assert await relay.depth() == 5
 
     nats_server.start()
-    await eventually(lambda: publisher.services.relay.depth(), lambda d: d == 0, timeout=15)
+    published: list[KeyRecord] = []
+    watcher = await nats.connect(nats_server.url)
+    try:
+
+        async def record(msg: Msg) -> None:
+            published.append(KeyRecord.decode(msg.data))
+
+        await watcher.subscribe("$KV.KEYS.>", cb=record)
+        await watcher.flush()
+        await _set_lease(publisher, holder="standby", seconds=-1)  # the standby is gone: ours takes over
+        relay.wake()
+        await eventually(lambda: relay.depth(), lambda d: d == 0, timeout=15)
+        await eventually(lambda: _value(len(published)), lambda n: n >= 5)
+    finally:
+        await watcher.close()
+
+    # Each pending change went out exactly once, and a key's changes in the order they were committed.
+    versions: dict[str, list[int]] = {}
+    for change in published:
+        versions.setdefault(change.key_id, []).append(change.version)
+    assert versions == {late["id"]: [1, 2], doomed["id"]: [2], survivor["id"]: [2], rotated["id"]: [1]}
+    # The bucket now holds, record for record, what the database holds.
+    kv = await publisher.services.broker.js.key_value("KEYS")
+    database = {k.record().entry: k.record() for k in await publisher.services.store.scan_keys()}
+    bucket = {entry: KeyRecord.decode((await kv.get(entry)).value or b"") for entry in await kv.keys()}
+    assert bucket == database
+
     await eventually(lambda: sidecar.status_of(doomed["key"]), lambda s: s == 401, timeout=15)
     assert await sidecar.status_of(rotated["key"]) == 200
     assert await sidecar.status_of(survivor["key"]) == 200  # within its grace
-    assert (await sidecar.auth(late["key"]))[2]["code"] == "REVOKED"  # created, then revoked: in that order
-    held = sidecar.state.sync.table.get(survivor["id"])
-    assert held is not None
-    assert held.expires_at is not None
+    assert (await sidecar.auth(late["key"]))[2]["code"] == "REVOKED"
+
+
+async def _set_lease(publisher: Publisher, *, holder: str, seconds: float) -> None:
+    """Give the outbox relay's lease to `holder` for `seconds` (negative: it has lapsed)."""
+    async with publisher.services.store.db.transaction() as tx:
+        await tx.execute(
+            "UPDATE relay_lease SET holder = $1, expires_at = $2 WHERE name = 'outbox'",
+            holder, time.time_ns() // 1000 + int(seconds * 1_000_000),
+        )  # fmt: skip
 
 
 async def _value(value: object) -> object:
