@@ -97,6 +97,13 @@ COMMAND_SETTINGS: dict[tuple[str, ...], type] = {
     ("region", "init"): RegionSettings,
 }
 SERVERS: dict[tuple[str, ...], Any] = {("sidecar",): create_sidecar_app, ("publisher",): create_publisher_app}
+# The probes of each server. Liveness only asks whether the process answers: a NATS outage must
+# restart nothing. Startup and readiness ask whether it can serve: a sidecar once its replica is synced
+# (its startupProbe holds the gateway back until then), the publisher while its database answers,
+# NATS or not (test_each_images_commands_start_with_only_what_the_image_holds sees it ready without).
+PROBE_PATHS: dict[tuple[str, ...], dict[str, str]] = {
+    server: {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"} for server in SERVERS
+}
 
 KUSTOMIZATIONS = kustomizations()
 
@@ -393,7 +400,7 @@ def test_every_env_var_and_flag_is_a_setting_and_every_value_parses(name: str) -
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_ports_probes_and_scrape_annotations_match_what_the_code_serves(name: str) -> None:
     objs = rendered(name)
-    for obj, _, c, init in _keyrelay_containers(objs):
+    for obj, _, c, _ in _keyrelay_containers(objs):
         path, settings, _ = _settings(c, objs)
         if path not in SERVERS:
             assert "ports" not in c, f"{c['name']} serves nothing, yet has ports"
@@ -404,11 +411,8 @@ def test_ports_probes_and_scrape_annotations_match_what_the_code_serves(name: st
         assert [p["containerPort"] for p in c["ports"]] == [settings.port]
         app = _app(path, settings)
         probes = _probes(c)
-        assert probes.get("livenessProbe", {}).get("httpGet", {}).get("path") == "/healthz"
-        assert probes.get("readinessProbe", {}).get("httpGet", {}).get("path") == "/readyz"
-        if init:
-            # The native sidecar's startupProbe is what holds the gateway back until the replica is synced.
-            assert probes.get("startupProbe", {}).get("httpGet", {}).get("path") == "/readyz"
+        paths = {kind: probe.get("httpGet", {}).get("path") for kind, probe in probes.items()}
+        assert paths == PROBE_PATHS[path], f"{name}: {c['name']} probes {paths}"
         for kind, probe in probes.items():
             get = probe["httpGet"]
             assert _port(c, get["port"]) == settings.port, f"{c['name']} {kind} probes another port"
