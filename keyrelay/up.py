@@ -140,15 +140,15 @@ class Stack:
                 wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log)
         if self.settings.demo:
             self.demo = _seed_demo(AdminClient(self.publisher_url, self.token))
-        stack_file(self.data_dir).write_text(json.dumps(self.describe_json(), indent=2))
+        _write_private(stack_file(self.data_dir), json.dumps(self.describe_json(), indent=2))
 
     def _stored_token(self) -> str:
         path = self.data_dir / "admin-token"
         if path.exists():
+            path.chmod(0o600)  # a copy made by hand, or an older release, may have left it readable by all
             return path.read_text().strip()
         token = "krt_" + secrets.token_urlsafe(32)
-        path.touch(mode=0o600)
-        path.write_text(token + "\n")
+        _write_private(path, token + "\n")
         return token
 
     def _start_nats(self) -> NatsServer:
@@ -225,7 +225,7 @@ class Stack:
         return wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log) - started
 
     def describe_json(self) -> dict[str, Any]:
-        """What the CLI and scripts need: URLs, token, NATS, logs, and the demo key if any."""
+        """What the CLI and scripts need: URLs, token, NATS, logs, and the demo key's ids (its plaintext: never)."""
         return {
             "publisher_url": self.publisher_url,
             "admin_token": self.token,
@@ -233,7 +233,7 @@ class Stack:
             "nats": {n.spec.name: n.url for n in self.nats},
             "logs": str(self.data_dir / "logs"),
             "pid": os.getpid(),
-            **({"demo": self.demo} if self.demo else {}),
+            **({"demo": {k: v for k, v in self.demo.items() if k != "key"}} if self.demo else {}),
         }
 
     def describe(self) -> str:
@@ -291,6 +291,16 @@ class Stack:
         for server in reversed(self.nats):
             server.stop()
         stack_file(self.data_dir).unlink(missing_ok=True)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Replace `path` with `text`, readable by this user only (it holds the admin token)."""
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover file from a crashed run
+        out.write(text)
+    os.replace(partial, path)  # readers (the CLI) never see half a file
 
 
 def _cli_name() -> str:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
+import re
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -17,6 +22,8 @@ import pytest
 from keyrelay.procs import http_get
 
 pytestmark = pytest.mark.slow
+
+PUSH_BOUND = 0.1
 
 
 def _children_of(pid: int) -> set[int]:
@@ -41,23 +48,31 @@ def _alive(pid: int) -> bool:
 
 
 class Stack:
-    """A `keyrelay up` subprocess and what it wrote to its state file."""
+    """A `keyrelay up` subprocess, what it printed and what it wrote to its state file."""
 
     def __init__(self, process: subprocess.Popen[str], data_dir: Path) -> None:
         self.process = process
         self.data_dir = data_dir
+        self.output = ""
         self.state: dict[str, Any] = {}
 
-    def wait_up(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        state_file = self.data_dir / "stack.json"
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.communicate()[1]
-            if state_file.exists():
-                self.state = json.loads(state_file.read_text())
+    def wait_up(self) -> None:
+        """Read stdout until the summary is complete (printed once all is ready), then the state file."""
+        assert self.process.stdout is not None
+        for line in self.process.stdout:  # the suite's timeout bounds this
+            self.output += line
+            if line.startswith("Ctrl-C stops everything."):
+                self.state = json.loads((self.data_dir / "stack.json").read_text())
                 return
-            time.sleep(0.1)
-        raise AssertionError("keyrelay up did not come up")
+        raise AssertionError(f"keyrelay up exited with {self.process.wait()}: {self.process.communicate()[1]}")
+
+    @property
+    def demo_key(self) -> str:
+        """The demo key, from what `keyrelay up` printed (the only place it is)."""
+        found = re.search(r"^Demo key \(project (\S+), shown once\): (\S+)$", self.output, re.MULTILINE)
+        assert found, self.output
+        assert found[1] == self.state["demo"]["project_id"]
+        return found[2]
 
     def cli(self, *args: str) -> str:
         result = subprocess.run(
@@ -67,16 +82,30 @@ class Stack:
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()
 
-    def auth(self, region: str, key: str) -> int:
-        port = int(self.state["sidecars"][region].rsplit(":", 1)[1])
-        import http.client
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        """One admin API call over HTTP with the stack's token; must succeed."""
+        conn = http.client.HTTPConnection("127.0.0.1", _port(self.state["publisher_url"]), timeout=10)
+        try:
+            headers = {"Authorization": f"Bearer {self.state['admin_token']}", "Content-Type": "application/json"}
+            conn.request(method, f"/v1{path}", body=None if body is None else json.dumps(body), headers=headers)
+            response = conn.getresponse()
+            answer = json.loads(response.read())
+            assert 200 <= response.status < 300, answer
+            return answer
+        finally:
+            conn.close()
 
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    def auth(self, region: str, key: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", _port(self.state["sidecars"][region]), timeout=5)
         try:
             conn.request("GET", "/auth", headers={"Authorization": f"Bearer {key}"})
             return conn.getresponse().status
         finally:
             conn.close()
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
 
 
 def _env() -> dict[str, str]:
@@ -93,6 +122,7 @@ def start_stack(tmp_path: Path) -> Iterator[Any]:
             [sys.executable, "-m", "keyrelay", "up", "--data-dir", str(data_dir), "--publisher-port", "0",
              "--sidecar-port", "0", "--nats-port", "0", *flags],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+            start_new_session=True,  # its own process group, so a Ctrl-C can go to it alone
         )  # fmt: skip
         stack = Stack(process, data_dir)
         stacks.append(stack)
@@ -106,10 +136,13 @@ def start_stack(tmp_path: Path) -> Iterator[Any]:
             stack.process.wait()
 
 
-def _stop_and_check_nothing_is_left(stack: Stack) -> None:
+def _stop_and_check_nothing_is_left(stack: Stack, how: signal.Signals) -> None:
     children = _children_of(stack.process.pid)
     assert len(children) >= 3  # nats-server, publisher, sidecar(s)
-    stack.process.send_signal(signal.SIGTERM)
+    if how == signal.SIGINT:
+        os.killpg(stack.process.pid, how)  # as Ctrl-C in a terminal: to the whole foreground group
+    else:
+        stack.process.send_signal(how)  # as a service manager: to the supervisor alone
     stack.process.wait(timeout=30)
     assert stack.process.returncode == 0
     deadline = time.monotonic() + 5
@@ -119,21 +152,53 @@ def _stop_and_check_nothing_is_left(stack: Stack) -> None:
     assert not (stack.data_dir / "stack.json").exists()
 
 
-def test_up_with_a_demo_key_serves_auth_and_the_cli_creates_and_revokes_keys(start_stack: Any) -> None:
-    stack = start_stack("--demo")
-    out = stack.process.stdout
-    assert out is not None
-    demo = stack.state["demo"]
-    assert stack.auth("global", demo["key"]) == 200
-    assert http_get(int(stack.state["publisher_url"].rsplit(":", 1)[1]), "/readyz") is not None
+def _only_owner_may_read(path: Path) -> None:
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600, oct(path.stat().st_mode)
 
-    key_id, key = stack.cli("keys", "create", "--project", demo["project_id"], "--name", "cli",
-                            "--scope", "orders:read", "--print", "id,key").split()  # fmt: skip
+
+def _files_holding(directory: Path, secret: str) -> list[Path]:
+    return [f for f in directory.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
+
+
+def test_up_with_a_demo_key_prints_how_to_use_it_and_a_revocation_reaches_the_sidecar_within_100ms(
+    start_stack: Any,
+) -> None:
+    stack = start_stack("--demo")
+    demo, sidecar, key = stack.state["demo"], stack.state["sidecars"]["global"], stack.demo_key
+    for printed in (
+        f"admin API   {stack.state['publisher_url']}",
+        f"admin token {stack.state['admin_token']}",
+        f"sidecar     {sidecar}   (global)",
+        f"export KEYRELAY_URL={stack.state['publisher_url']} KEYRELAY_TOKEN={stack.state['admin_token']}",
+        f'curl -i {sidecar}/auth -H "Authorization: Bearer {key}"',
+        f"keys revoke {demo['key_id']}",
+    ):
+        assert printed in stack.output
     assert stack.auth("global", key) == 200
+    assert http_get(_port(stack.state["publisher_url"]), "/readyz") is not None
+    # The state file keeps the admin token for the CLI, so only its owner may read it; the key: nowhere.
+    _only_owner_may_read(stack.data_dir / "stack.json")
+    _only_owner_may_read(stack.data_dir / "admin-token")
+    assert "key" not in demo
+    assert _files_holding(stack.data_dir, key) == []
+
+    key_id, cli_key = stack.cli("keys", "create", "--project", demo["project_id"], "--name", "cli",
+                                "--scope", "orders:read", "--print", "id,key").split()  # fmt: skip
+    assert stack.auth("global", cli_key) == 200
     assert "revoked" in stack.cli("keys", "revoke", key_id)
-    assert stack.auth("global", key) == 401
-    assert stack.auth("global", demo["key"]) == 200
-    _stop_and_check_nothing_is_left(stack)
+    assert stack.auth("global", cli_key) == 401
+    assert stack.auth("global", key) == 200
+
+    # Across processes: the API answers once NATS has the revocation; the sidecar is pushed it from there.
+    assert stack.api("POST", f"/keys/{demo['key_id']}/revoke")["propagation"] == "published"
+    returned = time.monotonic()
+    while stack.auth("global", key) != 401:
+        assert time.monotonic() - returned < 5, "the revocation never reached the sidecar"
+    took = time.monotonic() - returned
+    assert took < PUSH_BOUND, f"the revocation took {took * 1000:.1f} ms to reach the sidecar"
+
+    _stop_and_check_nothing_is_left(stack, signal.SIGINT)
+    assert _files_holding(stack.data_dir, key) == []  # nor in the database, the NATS store or any log
 
 
 def test_up_with_two_regions_keeps_regional_keys_regional_and_revokes_everywhere(start_stack: Any) -> None:
@@ -152,12 +217,38 @@ def test_up_with_two_regions_keeps_regional_keys_regional_and_revokes_everywhere
 
     stack.cli("keys", "revoke", global_id)
     _until(lambda: stack.auth("eu", global_key) == 401 and stack.auth("us", global_key) == 401)
-    _stop_and_check_nothing_is_left(stack)
+    for region, url in stack.state["sidecars"].items():
+        assert f"sidecar     {url}   ({region})" in stack.output
+    _stop_and_check_nothing_is_left(stack, signal.SIGTERM)
+
+
+def test_up_moves_off_taken_ports_to_the_next_free_ones_and_says_so(start_stack: Any) -> None:
+    with contextlib.ExitStack() as held:
+        taken: dict[str, int] = {}
+        for what in ("publisher", "sidecar", "nats"):
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            taken[what] = sock.getsockname()[1]
+        stack = start_stack("--publisher-port", str(taken["publisher"]), "--sidecar-port", str(taken["sidecar"]),
+                            "--nats-port", str(taken["nats"]))  # fmt: skip
+
+        used = {
+            "publisher": _port(stack.state["publisher_url"]),
+            "sidecar global": _port(stack.state["sidecars"]["global"]),
+            "hub NATS": _port(stack.state["nats"]["hub"]),
+        }
+        for (what, port), wanted in zip(used.items(), taken.values(), strict=True):
+            assert port > wanted
+            assert f"note: {what}: port {wanted} is taken, using {port}" in stack.output
+        assert http_get(used["publisher"], "/readyz") is not None
+        assert stack.auth("global", "sk_live_nonsense") == 401
+    _stop_and_check_nothing_is_left(stack, signal.SIGTERM)
 
 
 def test_a_second_run_reuses_the_data_directory(start_stack: Any) -> None:
     first = start_stack("--demo")
-    token, key = first.state["admin_token"], first.state["demo"]["key"]
+    token, key = first.state["admin_token"], first.demo_key
     first.process.send_signal(signal.SIGTERM)
     first.process.wait(timeout=30)
     second = start_stack()
