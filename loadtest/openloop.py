@@ -23,12 +23,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import cast
 
-__all__ = ["LoadResult", "Percentiles", "collector_paused", "percentiles", "render_get", "run_open_loop"]
+__all__ = ["NO_ANSWER", "LoadResult", "Percentiles", "collector_paused", "percentiles", "render_get", "run_open_loop"]
 
 _MIN_SLEEP = 0.001
 
 MakeRequest = Callable[[int], bytes]
-OnResult = Callable[[int, int, float, float], None]  # index, status, time sent, latency
+# index, status, time sent, latency. Called once for every due request, before run_open_loop returns:
+# status 0 when no answer came (connection failed or closed, timed out, or never sent because
+# max_connections were in flight), so a caller can account for every request it made.
+OnResult = Callable[[int, int, float, float], None]
+NO_ANSWER = 0
 
 
 def render_get(path: str, headers: dict[str, str], host: str = "127.0.0.1") -> bytes:
@@ -153,7 +157,10 @@ async def run_open_loop(
     result = LoadResult()
     idle: list[_Connection] = []
     alive: set[_Connection] = set()
-    in_flight: set[asyncio.Task[None]] = set()
+    in_flight: dict[asyncio.Task[None], int] = {}  # task -> request index
+
+    def forget(task: asyncio.Task[None]) -> None:
+        in_flight.pop(task, None)
 
     def closed(conn: _Connection) -> None:
         alive.discard(conn)
@@ -173,11 +180,14 @@ async def run_open_loop(
     async def one(index: int, due: float) -> None:
         sent = time.perf_counter()
         result.lateness.append(sent - due)
+        data = make_request(index)  # before connecting: a request whose connection fails was still made
         try:
             conn = await connection()
-            status = await asyncio.wait_for(conn.request(make_request(index)), timeout)
+            status = await asyncio.wait_for(conn.request(data), timeout)
         except (OSError, TimeoutError, ConnectionError):
             result.errors += 1
+            if on_result is not None:
+                on_result(index, NO_ANSWER, sent, time.perf_counter() - sent)
             return
         latency = time.perf_counter() - sent
         idle.append(conn)
@@ -196,18 +206,30 @@ async def run_open_loop(
         while index < total and start + index * interval <= now:
             if len(in_flight) >= max_connections:
                 result.errors += 1  # the server is so far behind that we refuse to queue more
+                if on_result is not None:
+                    make_request(index)  # made, so the caller's bookkeeping sees it, but never sent
+                    on_result(index, NO_ANSWER, now, 0.0)
             else:
                 task = loop.create_task(one(index, start + index * interval))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
+                in_flight[task] = index
+                task.add_done_callback(forget)
                 result.sent += 1
             index += 1
         # At least a millisecond: uvloop rounds a shorter timer to zero, and the loop would spin a
         # whole core that the servers under test need. What falls due meanwhile leaves together at
         # the next wake-up.
         await asyncio.sleep(max(_MIN_SLEEP, start + index * interval - time.perf_counter()))
+    pending: set[asyncio.Task[None]] = set()
     if in_flight:
-        await asyncio.wait(in_flight, timeout=timeout + 1)
+        _, pending = await asyncio.wait(in_flight, timeout=timeout + 1)
+    # Still waiting (a connect the OS has not given up on): no answer, reported now rather than never.
+    for task in pending:
+        index = in_flight[task]
+        task.cancel()
+        result.errors += 1
+        if on_result is not None:
+            due = start + index * interval
+            on_result(index, NO_ANSWER, due, time.perf_counter() - due)
     result.elapsed = time.perf_counter() - start
     for conn in list(alive):
         if conn.transport is not None:

@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .openloop import percentiles
+from .openloop import NO_ANSWER, percentiles
 from .workload import Verify, Workload
 
-__all__ = ["judge", "plot", "summary_table"]
+__all__ = ["failures", "judge", "plot", "summary_table"]
+
+KINDS = ("valid", "revoked", "unknown", "malformed")
 
 BOUND_SLACK = 0.050  # the target: propagation p99 within the link delay + 50 ms
 
@@ -19,9 +21,11 @@ def _ms(seconds: float) -> float:
 
 
 def _verdict(record: Verify) -> str | None:
-    """`false_accept`, `false_reject`, `not_ready` or None for a record that is right."""
+    """`error`, `false_accept`, `false_reject`, `not_ready` or None for a record that is right."""
     key = record.key
     answered = record.sent + record.latency
+    if record.status == NO_ANSWER:
+        return "error"
     if record.status == 503:
         return "not_ready"
     if record.status == 200:
@@ -30,7 +34,12 @@ def _verdict(record: Verify) -> str | None:
         if key is not None and record.region in key.refused and record.sent > key.refused[record.region]:
             return "false_accept"
         return None
-    if record.kind == "valid" and key is not None and (key.revoke_started is None or answered < key.revoke_started):
+    if record.kind != "valid" or key is None:
+        return None
+    # Only a key the region had already accepted (its probe saw a 200 before this request left) can be
+    # falsely refused: before that, a refusal is propagation, not a fault.
+    visible = key.visible.get(record.region)
+    if visible is not None and record.sent >= visible and (key.revoke_started is None or answered < key.revoke_started):
         return "false_reject"
     return None
 
@@ -56,17 +65,23 @@ def judge(workload: Workload, delays: dict[str, float]) -> dict[str, Any]:
     regions: dict[str, Any] = {}
     for region in workload.regions:
         records = [r for r in workload.records if r.region == region]
-        latency = percentiles([r.latency for r in records])
+        answered = [r for r in records if r.status != NO_ANSWER]
+        latency = percentiles([r.latency for r in answered])  # a timeout is not a latency; counted apart
         verdicts = [_verdict(r) for r in records]
+        errors_by_kind = dict.fromkeys(KINDS, 0)
+        for r in records:
+            if r.status == NO_ANSWER:
+                errors_by_kind[r.kind] = errors_by_kind.get(r.kind, 0) + 1
         propagation = _propagation(workload, region)
         spread = percentiles(propagation)
         bound = delays[region] + BOUND_SLACK
         statuses: dict[str, int] = {}
-        for r in records:
+        for r in answered:
             statuses[str(r.status)] = statuses.get(str(r.status), 0) + 1
         regions[region] = {
             "requests": len(records),
-            "throughput_rps": round(len(records) / workload.duration, 1),
+            "answered": len(answered),
+            "throughput_rps": round(len(answered) / workload.duration, 1),
             "latency_ms": {
                 "p50": _ms(latency.p50),
                 "p99": _ms(latency.p99),
@@ -85,6 +100,10 @@ def judge(workload: Workload, delays: dict[str, float]) -> dict[str, Any]:
             "false_accepts": verdicts.count("false_accept"),
             "false_rejects": verdicts.count("false_reject"),
             "not_ready_answers": verdicts.count("not_ready"),
+            # Requests that got no answer (connection error, timeout, never sent); a valid key among
+            # them is a verify the region failed to serve.
+            "errors": verdicts.count("error"),
+            "errors_by_kind": errors_by_kind,
         }
     report: dict[str, Any] = {
         "duration_s": workload.duration,
@@ -103,6 +122,7 @@ def judge(workload: Workload, delays: dict[str, float]) -> dict[str, Any]:
         "regions": regions,
         "false_accepts": sum(r["false_accepts"] for r in regions.values()),
         "false_rejects": sum(r["false_rejects"] for r in regions.values()),
+        "errors": sum(r["errors"] for r in regions.values()),
     }
     if plan is not None and plan.cut_at is not None and plan.healed_at is not None:
         report["partition"] = _partition_figures(workload, plan.region, plan.cut_at, plan.healed_at,
@@ -113,14 +133,16 @@ def judge(workload: Workload, delays: dict[str, float]) -> dict[str, Any]:
 def _partition_figures(workload: Workload, region: str, cut: float, healed: float,
                        readiness: list[tuple[float, int]]) -> dict[str, Any]:  # fmt: skip
     during = [r for r in workload.records if r.region == region and cut <= r.sent <= healed and r.kind == "valid"]
+    answered = [r for r in during if r.status != NO_ANSWER]
     revoked_in_cut = [k for k in workload.keys if k.revoked is not None and cut <= k.revoked <= healed
                       and k.applies_to(region)]  # fmt: skip
     caught_up = [k.refused[region] - healed for k in revoked_in_cut if region in k.refused]
     return {
         "region": region,
         "seconds": round(healed - cut, 2),
-        "valid_answers_during_cut": len(during),
-        "valid_accepted_during_cut": sum(1 for r in during if r.status == 200),
+        "valid_answers_during_cut": len(answered),
+        "valid_accepted_during_cut": sum(1 for r in answered if r.status == 200),
+        "valid_errors_during_cut": len(during) - len(answered),
         "readiness_during_cut": sorted({status for t, status in readiness if cut <= t <= healed}),
         "readiness_after_heal": sorted({status for t, status in readiness if t > healed}),
         "revoked_during_cut": len(revoked_in_cut),
@@ -131,8 +153,8 @@ def _partition_figures(workload: Workload, region: str, cut: float, healed: floa
 
 def summary_table(report: dict[str, Any]) -> str:
     """The end-of-run table."""
-    header = (f"{'region':8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p999 ms':>8} {'revoked':>8} "
-              f"{'prop p50':>9} {'prop p99':>9} {'prop max':>9} {'bound':>7} {'FA':>4} {'FR':>4}")  # fmt: skip
+    header = (f"{'region':8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p999 ms':>8} {'revoked':>8} {'prop p50':>9} "
+              f"{'prop p99':>9} {'prop max':>9} {'bound':>7} {'FA':>4} {'FR':>4} {'err':>5}")  # fmt: skip
     lines = [header, "-" * len(header)]
     for region, f in report["regions"].items():
         lat, prop = f["latency_ms"], f["propagation_ms"]
@@ -140,20 +162,40 @@ def summary_table(report: dict[str, Any]) -> str:
         lines.append(
             f"{region:8} {f['throughput_rps']:>8.0f} {lat['p50']:>8.2f} {lat['p99']:>8.2f} {lat['p999']:>8.2f} "
             f"{f['revocations_observed']:>8} {prop['p50']:>9.1f} {prop['p99']:>9.1f} {prop['max']:>9.1f} "
-            f"{f['propagation_bound_ms']:>7.0f} {f['false_accepts']:>4} {f['false_rejects']:>4}{ok}"
+            f"{f['propagation_bound_ms']:>7.0f} {f['false_accepts']:>4} {f['false_rejects']:>4} {f['errors']:>5}{ok}"
         )
+    unserved = sum(f["errors_by_kind"]["valid"] for f in report["regions"].values())
     lines.append(f"false accepts: {report['false_accepts']}   false rejects: {report['false_rejects']}   "
+                 f"errors: {report['errors']} (valid keys unserved: {unserved})   "
                  f"revocations: {report['revocations']} (unobserved: {report['revocations_unobserved']})")  # fmt: skip
     part = report.get("partition")
     if part:
         lines.append(
             f"partition {part['region']} for {part['seconds']}s: {part['valid_accepted_during_cut']}/"
-            f"{part['valid_answers_during_cut']} valid keys accepted during the cut; readiness during cut "
+            f"{part['valid_answers_during_cut']} valid keys accepted during the cut "
+            f"({part['valid_errors_during_cut']} unanswered); readiness during cut "
             f"{part['readiness_during_cut']}, after {part['readiness_after_heal']}; {part['refused_after_heal']}/"
             f"{part['revoked_during_cut']} keys revoked during the cut refused after heal, catch-up "
             f"{part['catch_up_s']}s"
         )
     return "\n".join(lines)
+
+
+def failures(report: dict[str, Any]) -> list[str]:
+    """Why the run does not pass, one reason a line; empty when it passes."""
+    reasons = []
+    if report["false_accepts"]:
+        reasons.append(f"{report['false_accepts']} false accepts")
+    if report["false_rejects"]:
+        reasons.append(f"{report['false_rejects']} false rejects")
+    for region, f in report["regions"].items():
+        if f["errors"]:
+            kinds = ", ".join(f"{n} for {kind} keys" for kind, n in f["errors_by_kind"].items() if n)
+            reasons.append(f"{region}: {f['errors']} verify requests got no answer (connection error or "
+                           f"timeout): {kinds}")  # fmt: skip
+    if report["revocations_unobserved"]:
+        reasons.append(f"{report['revocations_unobserved']} revocations never refused in a region they apply to")
+    return reasons
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:

@@ -1,9 +1,10 @@
 """The multi-region workload: open-loop verify load per region, key churn, and propagation probes.
 
-Every verify answer is recorded with the key it asked about, and every key's
-life is tracked: when it became visible in each region, when its revocation
-was asked for, when the API call returned, and when each region first refused
-it. The report judges false accepts and false rejects from these records.
+Every verify request is recorded with the key it asked about and its answer,
+or that none came (status 0), and every key's life is tracked: when it became
+visible in each region, when its revocation was asked for, when the API call
+returned, and when each region first refused it. The report judges false
+accepts, false rejects and unanswered requests from these records.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import aiohttp
 
 from sidecar.wire import generate_key
 
-from .openloop import percentiles, render_get, run_open_loop
+from .openloop import NO_ANSWER, percentiles, render_get, run_open_loop
 from .topology import Topology
 
 __all__ = ["KeyLife", "Partition", "Verify", "Workload"]
@@ -54,14 +55,14 @@ class KeyLife:
 
 @dataclass(slots=True)
 class Verify:
-    """One verify answer."""
+    """One verify request and its answer (status 0: none came)."""
 
     region: str
     kind: str  # valid, revoked, unknown, malformed
     key: KeyLife | None
     sent: float  # when the request left (time.perf_counter())
-    status: int
-    latency: float
+    status: int  # the HTTP status, or NO_ANSWER: connection error, timeout, or never sent
+    latency: float  # until the answer, or until it was given up on
 
 
 @dataclass(slots=True)
@@ -219,6 +220,8 @@ class Workload:
             chosen[index] = ("malformed", None)
             return malformed
 
+        # Called for every request, answered or not (status NO_ANSWER), so a sidecar that hangs or
+        # drops connections shows up in the records instead of vanishing from them.
         def answered(index: int, status: int, sent: float, latency: float) -> None:
             kind, key = chosen.pop(index)
             self.records.append(Verify(region, kind, key, sent, status, latency))
@@ -349,5 +352,5 @@ class Workload:
         """Answers in the last second for a region and their p99 (for the live progress line)."""
         cutoff = time.perf_counter() - 1.0
         recent = [r.latency for r in self.records[-int(self.rate * len(self.regions) * 2) :]
-                  if r.region == region and r.sent >= cutoff]  # fmt: skip
+                  if r.region == region and r.sent >= cutoff and r.status != NO_ANSWER]  # fmt: skip
         return len(recent), percentiles(recent).p99

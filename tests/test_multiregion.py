@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,7 +12,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from loadtest.multiregion import LoadtestSettings, run
+from loadtest.multiregion import LoadtestSettings, main, run
+from loadtest.openloop import NO_ANSWER, render_get, run_open_loop
 from loadtest.topology import Topology
 from tests.support import Admin
 
@@ -25,6 +28,7 @@ async def test_the_load_test_runs_end_to_end_with_no_false_accepts_or_rejects(tm
     assert report["false_rejects"] == 0
     assert report["revocations"] >= 5
     assert report["revocations_unobserved"] == 0  # every revocation reached every region it applies to
+    assert report["errors"] == 0  # every request answered
     for region, figures in report["regions"].items():
         assert figures["revocations_observed"] >= 1, region
         assert figures["requests"] >= 500, region
@@ -32,6 +36,89 @@ async def test_the_load_test_runs_end_to_end_with_no_false_accepts_or_rejects(tm
         assert figures["statuses"].get("401", 0) > 0, region
     assert (tmp_path / "report.json").exists()
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_a_partitioned_region_keeps_serving_and_refuses_the_keys_revoked_during_the_cut_soon_after_the_heal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Through the command line, so the option's parsing, the summary and the exit code are exercised too.
+    code = main(["--regions", "eu,us", "--keys", "200", "--duration", "6s", "--rate", "60", "--churn", "12", "--delays",
+                 "eu:10ms,us:10ms", "--partition", "eu:2s", "--out", str(tmp_path), "--no-plot"])  # fmt: skip
+    shown = capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    part = report["partition"]
+    assert code == 0, shown
+    assert part["region"] == "eu"
+    assert 1.9 <= part["seconds"] <= 2.5
+    assert part["valid_answers_during_cut"] >= 60  # 75% of 60/s for 2s, less what was revoked meanwhile
+    assert part["valid_accepted_during_cut"] == part["valid_answers_during_cut"]  # served from the mirror
+    assert part["valid_errors_during_cut"] == 0
+    assert part["readiness_during_cut"] == [200]  # within the default staleness bound: still ready
+    assert part["readiness_after_heal"] == [200]
+    assert part["revoked_during_cut"] >= 2
+    assert part["refused_after_heal"] == part["revoked_during_cut"]
+    assert part["catch_up_s"] is not None
+    assert 0 <= part["catch_up_s"] < 2.0  # after the heal, not before: the cut held the revocations back
+    assert (report["false_accepts"], report["false_rejects"], report["errors"]) == (0, 0, 0)
+    assert f"partition eu for {part['seconds']}s" in shown
+    assert "FAILED" not in shown
+
+
+async def _misbehaving_server(handlers: set[asyncio.Task[None]]) -> asyncio.Server:
+    """An HTTP server that answers /ok, closes the connection on /close, and never answers /hang."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        handlers.add(task)  # so the test can wait for them: Python 3.11's server does not
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while request := await reader.readuntil(b"\r\n\r\n"):
+                if request.startswith(b"GET /ok "):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                elif request.startswith(b"GET /hang "):
+                    await reader.read()  # until the generator gives up and closes
+                    break
+                else:
+                    break
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("max_connections", [512, 4], ids=["answered-dropped-or-timed-out", "too-many-in-flight"])
+async def test_the_generator_reports_every_request_it_made_including_those_that_got_no_answer(
+    max_connections: int,
+) -> None:
+    handlers: set[asyncio.Task[None]] = set()
+    server = await _misbehaving_server(handlers)
+    port = server.sockets[0].getsockname()[1]
+    paths = ("/ok", "/close", "/hang")
+    made: list[int] = []
+    reported: dict[int, int] = {}
+
+    def request(index: int) -> bytes:
+        made.append(index)
+        return render_get(paths[index % 3], {})
+
+    def on_result(index: int, status: int, sent: float, latency: float) -> None:
+        assert index not in reported, f"request {index} reported twice"
+        reported[index] = status
+
+    try:
+        result = await run_open_loop(port=port, rate=100, duration=0.3, make_request=request, timeout=0.3,
+                                     max_connections=max_connections, on_result=on_result)  # fmt: skip
+    finally:
+        server.close()
+        await asyncio.wait(handlers, timeout=2)
+    assert sorted(made) == sorted(reported) == list(range(30))
+    assert result.errors == sum(1 for status in reported.values() if status == NO_ANSWER)
+    assert all(reported[i] == NO_ANSWER for i in range(30) if i % 3)
+    if max_connections == 512:
+        assert all(reported[i] == 200 for i in range(0, 30, 3))
+        assert result.errors == 20
+    else:  # the hung requests fill the connections, so later ones are never sent, yet still reported
+        assert result.sent < 30
+        assert result.errors > 20
 
 
 @pytest.fixture
