@@ -2,40 +2,53 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 
 from keyrelay.errors import KeyrelayError
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.region import RegionSettings, init_region
-from tests.support import make_key, put
+from tests.support import eventually, make_key, put
 
 
 @pytest.fixture
-def hub_and_leaf(tmp_path: Path) -> Iterator[tuple[NatsServer, NatsServer]]:
+def hub_and_leaves(tmp_path: Path) -> Iterator[tuple[NatsServer, dict[str, NatsServer]]]:
+    """A hub and a leaf node per region (eu, us), each leaf its own JetStream domain."""
     leaf_port = free_port()
     hub = NatsServer(NatsSpec(name="hub", store_dir=tmp_path / "hub", domain="hub", leafnode_port=leaf_port))
-    leaf = NatsServer(NatsSpec(name="leaf-eu", store_dir=tmp_path / "eu", domain="eu",
-                               remotes=[f"nats-leaf://127.0.0.1:{leaf_port}"]))  # fmt: skip
+    remotes = [f"nats-leaf://127.0.0.1:{leaf_port}"]
+    leaves = {r: NatsServer(NatsSpec(name=f"leaf-{r}", store_dir=tmp_path / r, domain=r, remotes=remotes))
+              for r in ("eu", "us")}  # fmt: skip
     hub.start()
-    leaf.start()
     try:
-        yield hub, leaf
+        for leaf in leaves.values():
+            leaf.start()
+        yield hub, leaves
     finally:
-        leaf.stop()
+        for leaf in leaves.values():
+            leaf.stop()
         hub.stop()
 
 
+async def _stream_info(nc: Client, query: dict[str, Any] | None = None) -> dict[str, Any]:
+    reply = await nc.request("$JS.API.STREAM.INFO.KV_KEYS", json.dumps(query).encode() if query else b"")
+    info: dict[str, Any] = json.loads(reply.data)
+    return info
+
+
 async def test_a_region_mirror_carries_global_and_regional_keys_only_and_init_is_idempotent(
-    hub_and_leaf: tuple[NatsServer, NatsServer],
+    hub_and_leaves: tuple[NatsServer, dict[str, NatsServer]],
 ) -> None:
-    hub, leaf = hub_and_leaf
+    hub, leaves = hub_and_leaves
+    leaf = leaves["eu"]
     nc = await nats.connect(hub.url)
     try:
         bucket = await nc.jetstream().create_key_value(KeyValueConfig(bucket="KEYS", history=1))
@@ -47,19 +60,51 @@ async def test_a_region_mirror_carries_global_and_regional_keys_only_and_init_is
         await init_region(settings)  # again: a no-op
         leaf_nc = await nats.connect(leaf.url)
         try:
-            for _ in range(100):
-                info = json.loads((await leaf_nc.request("$JS.API.STREAM.INFO.KV_KEYS", b"")).data)
-                if info["state"]["messages"] == 2:
-                    break
-                await asyncio.sleep(0.05)
-            assert info["state"]["messages"] == 2
-            query = json.dumps({"subjects_filter": ">"}).encode()
-            reply = await leaf_nc.request("$JS.API.STREAM.INFO.KV_KEYS", query)
-            subjects = json.loads(reply.data)["state"]["subjects"]
+            await eventually(lambda: _stream_info(leaf_nc), lambda info: info["state"]["messages"] == 2, interval=0.05)
+            subjects = (await _stream_info(leaf_nc, {"subjects_filter": ">"}))["state"]["subjects"]
             assert sorted(subjects) == sorted(f"$KV.KEYS.{r.entry}" for r in records[:2])
             with pytest.raises(KeyrelayError, match="not a mirror"):
                 await init_region(RegionSettings(region="us", nats_url=(leaf.url,)))
         finally:
             await leaf_nc.close()
+    finally:
+        await nc.close()
+
+
+async def test_a_regional_key_reaches_its_own_regions_mirror_and_never_another_regions(
+    hub_and_leaves: tuple[NatsServer, dict[str, NatsServer]],
+) -> None:
+    hub, leaves = hub_and_leaves
+    nc = await nats.connect(hub.url)
+    try:
+        bucket = await nc.jetstream().create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+        records = {scope: make_key(region=region)[1] for scope, region in (("eu", "eu"), ("us", "us"))}
+        records["global"] = make_key()[1]
+        revisions = {scope: await put(bucket, record) for scope, record in records.items()}
+        last = revisions["global"]
+        for region, leaf in leaves.items():
+            await init_region(RegionSettings(region=region, nats_url=(leaf.url,)))
+        for region, leaf in leaves.items():
+            other = "us" if region == "eu" else "eu"
+            leaf_nc = await nats.connect(leaf.url)
+            try:
+                # Mirrors keep the hub's order: once the global key, put last, is there, the mirror has
+                # seen every earlier entry and kept or dropped each.
+                await eventually(partial(_stream_info, leaf_nc), lambda info: info["state"]["last_seq"] == last,
+                                 interval=0.05)  # fmt: skip
+                held = (await _stream_info(leaf_nc, {"subjects_filter": ">"}))["state"].get("subjects", {})
+                assert sorted(held) == sorted(f"$KV.KEYS.{records[s].entry}" for s in ("global", region)), region
+                assert not any(subject.startswith(f"$KV.KEYS.{other}.") for subject in held)
+                foreign = await _stream_info(leaf_nc, {"subjects_filter": f"$KV.KEYS.{other}.>"})
+                assert foreign["state"].get("subjects", {}) == {}
+                # Not even stored and filtered out of the listing: the other region's sequence is a gap.
+                reply = await leaf_nc.request("$JS.API.STREAM.MSG.GET.KV_KEYS",
+                                              json.dumps({"seq": revisions[other]}).encode())  # fmt: skip
+                assert json.loads(reply.data)["error"]["err_code"] == 10037  # no message found
+                reply = await leaf_nc.request("$JS.API.STREAM.MSG.GET.KV_KEYS",
+                                              json.dumps({"seq": revisions[region]}).encode())  # fmt: skip
+                assert json.loads(reply.data)["message"]["subject"] == f"$KV.KEYS.{records[region].entry}"
+            finally:
+                await leaf_nc.close()
     finally:
         await nc.close()
