@@ -149,7 +149,7 @@ def _keys_show(args: argparse.Namespace) -> int:
 def _keys_rotate(args: argparse.Namespace) -> int:
     body = {} if args.grace is None else {"grace": args.grace}
     answer = _client(args).call("POST", f"/keys/{args.key_id}/rotate", body)
-    if not args.json:
+    if not args.json and not args.print:  # scripts read `--print id,key` as the only line
         print(f"old key {answer['old']['id']} now expires at {answer['old']['expires_at']}")
     return _created_key(args, answer)
 

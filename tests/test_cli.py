@@ -1,0 +1,318 @@
+"""The admin commands (`keyrelay orgs|teams|projects|keys|audit|tokens`) against a real publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from keyrelay.cli import main
+from keyrelay.natsd import free_port
+from tests.conftest import StartPublisher
+from tests.support import ADMIN_TOKEN, Publisher
+
+GHOST = "0190c0de-0000-7000-8000-00000000beef"
+KEYS_TABLE = ["ID", "NAME", "DISPLAY", "STATUS", "SCOPES", "REGION", "EXPIRES", "LAST USED"]
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: the commands talk HTTP, and both back ends are tested under the API."""
+    return f"sqlite:///{tmp_path / 'keyrelay.db'}"
+
+
+@dataclass(frozen=True, slots=True)
+class Ran:
+    """One command's exit code and output."""
+
+    code: int
+    out: str
+    err: str
+
+
+def _run(argv: list[str], stdin: str) -> Ran:
+    out, err = io.StringIO(), io.StringIO()
+    saved, sys.stdin = sys.stdin, io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+    finally:
+        sys.stdin = saved
+    return Ran(code, out.getvalue(), err.getvalue())
+
+
+@dataclass(frozen=True, slots=True)
+class Shell:
+    """Runs `keyrelay ...` in a thread (the publisher serves on this test's event loop meanwhile)."""
+
+    publisher: Publisher
+
+    async def run(self, *argv: str, auth: bool = True, stdin: str = "") -> Ran:
+        """The command, with --url and --token of the test publisher unless `auth` is False."""
+        flags = ["--url", self.publisher.url, "--token", ADMIN_TOKEN] if auth else []
+        return await asyncio.to_thread(_run, [*argv, *flags], stdin)
+
+    async def ok(self, *argv: str, stdin: str = "") -> str:
+        """A command that must succeed and print nothing on stderr; its stdout."""
+        ran = await self.run(*argv, stdin=stdin)
+        assert (ran.code, ran.err) == (0, ""), ran
+        return ran.out
+
+    async def json(self, *argv: str) -> Any:
+        """A command's --json answer, parsed."""
+        return json.loads(await self.ok(*argv, "--json"))
+
+    async def fails(self, *argv: str, auth: bool = True) -> str:
+        """A command that must fail with a message on stderr and nothing on stdout; the message."""
+        ran = await self.run(*argv, auth=auth)
+        assert ran.code != 0, ran
+        assert ran.out == "", ran
+        return ran.err
+
+
+@pytest.fixture
+async def shell(start_publisher: StartPublisher, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Shell:
+    """A publisher, and a shell where no KEYRELAY_* variable or `keyrelay up` state file is found by accident."""
+    for name in ("KEYRELAY_URL", "KEYRELAY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KEYRELAY_DATA_DIR", str(tmp_path / "no-stack-here"))
+    return Shell(await start_publisher())
+
+
+def _table(text: str) -> list[dict[str, str]]:
+    """A printed table as rows keyed by header; asserts the columns line up under their headers."""
+    header, *rows = text.rstrip("\n").splitlines()
+    starts = [(m.start(), m.group()) for m in re.finditer(r"\S+(?: \S+)*", header)]
+    parsed = []
+    for row in rows:
+        if row == "(none)":
+            continue
+        cells = {}
+        for i, (start, name) in enumerate(starts):
+            end = starts[i + 1][0] if i + 1 < len(starts) else None
+            assert start == 0 or row[start - 1] == " ", (header, row)  # a cell begins under its header
+            cells[name] = row[start:end].strip()
+        parsed.append(cells)
+    return parsed
+
+
+def _columns(text: str) -> list[str]:
+    return re.split(r" {2,}", text.splitlines()[0].strip())
+
+
+def _details(text: str) -> dict[str, str]:
+    """`label  value` lines as a dict."""
+    pairs = (re.split(r" {2,}", line.strip(), maxsplit=1) for line in text.strip().splitlines())
+    return {pair[0]: pair[1] if len(pair) > 1 else "" for pair in pairs}
+
+
+async def _project(shell: Shell) -> tuple[str, str, str]:
+    """Org, team and project ids, made with --print id."""
+    org = (await shell.ok("orgs", "create", "acme", "--print", "id")).strip()
+    team = (await shell.ok("teams", "create", "--org", org, "platform", "--print", "id")).strip()
+    project = (await shell.ok("projects", "create", "--team", team, "payments", "--print", "id")).strip()
+    return org, team, project
+
+
+async def test_orgs_teams_and_projects_are_created_and_listed_and_decommissioning_revokes_every_key(
+    shell: Shell,
+) -> None:
+    admin = shell.publisher.admin
+    org, team, project = await _project(shell)
+    assert [o["id"] for o in (await admin.ok("GET", "/orgs"))["orgs"]] == [org]
+
+    shown = _details(await shell.ok("orgs", "create", "globex"))
+    assert list(shown) == ["id", "name", "created"]
+    assert shown["name"] == "globex"
+    listed = await shell.ok("orgs", "list")
+    assert _columns(listed) == ["ID", "NAME", "CREATED"]
+    assert [(r["ID"], r["NAME"]) for r in _table(listed)] == [(org, "acme"), (shown["id"], "globex")]
+    assert await shell.json("orgs", "list") == await admin.ok("GET", "/orgs")
+    team_answer = await shell.json("teams", "create", "--org", org, "search")
+    assert team_answer in (await admin.ok("GET", f"/orgs/{org}/teams"))["teams"]
+    assert [r["NAME"] for r in _table(await shell.ok("teams", "list", "--org", org))] == ["platform", "search"]
+
+    keys = [(await shell.ok("keys", "create", "--project", project, "--name", f"k{i}", "--print", "id")).strip()
+            for i in range(2)]  # fmt: skip
+    said = await shell.ok("projects", "decommission", project)
+    assert said.strip() == f"project {project} decommissioned; 2 key(s) revoked (published)"
+    assert {(await admin.ok("GET", f"/keys/{k}"))["status"] for k in keys} == {"revoked"}
+    projects = await shell.ok("projects", "list", "--team", team)
+    assert _columns(projects) == ["ID", "NAME", "DECOMMISSIONED"]
+    assert _table(projects)[0]["DECOMMISSIONED"].startswith("20")
+    assert await shell.json("projects", "list", "--team", team) == await admin.ok("GET", f"/teams/{team}/projects")
+
+
+async def test_a_key_is_created_listed_shown_rotated_and_revoked_from_the_shell(shell: Shell) -> None:
+    admin = shell.publisher.admin
+    _, _, project = await _project(shell)
+
+    created = await shell.ok("keys", "create", "--project", project, "--name", "payments-prod", "--scope",
+                             "orders:read,orders:write", "--expires-in", "90d", "--meta", "owner=billing")  # fmt: skip
+    first, rest = created.split("\n", 1)
+    plaintext = first.removeprefix("key (shown once, store it now): ")
+    assert plaintext.startswith("sk_live_"), first
+    fields = _details(rest)
+    assert fields["scopes"] == "orders:read orders:write"
+    assert fields["propagation"] == "published"
+    key_id = fields["id"]
+
+    listed = await shell.ok("keys", "list", "--project", project)
+    assert _columns(listed) == KEYS_TABLE
+    (row,) = _table(listed)
+    assert (row["ID"], row["NAME"], row["STATUS"]) == (key_id, "payments-prod", "active")
+    assert row["DISPLAY"] == f"sk_live_…{plaintext[-4:]}"
+    assert (row["REGION"], row["LAST USED"]) == ("-", "-")
+    assert plaintext not in listed
+    api_list = await admin.ok("GET", f"/projects/{project}/keys")
+    assert await shell.json("keys", "list", "--project", project) == {"keys": api_list["keys"]}
+
+    shown = await shell.ok("keys", "show", key_id)
+    assert list(_details(shown))[:4] == ["id", "name", "display", "status"]
+    assert (_details(shown)["project"], _details(shown)["metadata"]) == (project, "owner=billing")
+    assert await shell.json("keys", "show", key_id) == await admin.ok("GET", f"/keys/{key_id}")
+
+    new_id, new_key = (await shell.ok("keys", "rotate", key_id, "--grace", "1h", "--print", "id,key")).split()
+    assert new_key.startswith("sk_live_")
+    assert new_id != key_id
+    old = await admin.ok("GET", f"/keys/{key_id}")
+    assert old["rotated_to"] == new_id
+    rotated = await shell.ok("keys", "rotate", new_id)
+    assert rotated.startswith(f"old key {new_id} now expires at ")
+    assert "key (shown once, store it now): sk_live_" in rotated
+
+    revoked = await shell.ok("keys", "revoke", key_id, "--reason", "leaked")
+    assert revoked.strip() == f"revoked {key_id} ({row['DISPLAY']}); propagation: published"
+    answer = await shell.json("keys", "revoke", new_id)
+    assert answer == {**await admin.ok("GET", f"/keys/{new_id}"), "propagation": "published"}
+    assert (await admin.ok("GET", f"/keys/{key_id}"))["revoked_reason"] == "leaked"
+
+
+async def test_keys_listed_in_a_file_or_on_stdin_are_revoked_in_one_call(shell: Shell, tmp_path: Path) -> None:
+    admin = shell.publisher.admin
+    _, _, project = await _project(shell)
+    created = await shell.json("keys", "create", "--project", project, "--name", "batch", "--count", "4")
+    ids = [k["id"] for k in created["keys"]]
+    assert [k["name"] for k in created["keys"]] == ["batch-1", "batch-2", "batch-3", "batch-4"]
+    await admin.ok("POST", f"/keys/{ids[0]}/revoke")
+    listing = tmp_path / "ids.txt"
+    listing.write_text(f"# leaked in the incident\n{ids[0]}\n\n{ids[1]}  # ci\n{ids[2]}\n")
+
+    said = await shell.ok("keys", "revoke", "--bulk", str(listing), "--reason", "incident")
+    assert said.strip() == ("revoked 2 key(s) in one transaction; 1 were already revoked; propagation: published")
+    statuses = [(await admin.ok("GET", f"/keys/{k}"))["status"] for k in ids]
+    assert statuses == ["revoked", "revoked", "revoked", "active"]
+    answer = json.loads(await shell.ok("keys", "revoke", "--bulk", "-", "--json", stdin=f"{ids[3]}\n"))
+    assert answer == {"revoked": [ids[3]], "already_revoked": [], "propagation": "published"}
+    assert "name key ids" in await shell.fails("keys", "revoke")
+
+
+async def test_the_audit_trail_is_printed_as_a_table_or_as_the_apis_json(shell: Shell) -> None:
+    admin = shell.publisher.admin
+    _, _, project = await _project(shell)
+    key_id = (await shell.ok("keys", "create", "--project", project, "--name", "k", "--print", "id")).strip()
+    await shell.ok("keys", "revoke", key_id, "--reason", "done")
+
+    trail = await shell.ok("audit", "--project", project)
+    assert _columns(trail) == ["AT", "ACTOR", "ACTION", "PROJECT", "KEY", "DETAILS"]
+    rows = _table(trail)
+    assert [(r["ACTOR"], r["ACTION"], r["KEY"]) for r in rows] == [
+        ("bootstrap", "key.revoke", key_id), ("bootstrap", "key.create", key_id), ("bootstrap", "project.create", "-"),
+    ]  # fmt: skip
+    assert rows[0]["DETAILS"] == "reason=done"
+    assert {r["PROJECT"] for r in rows} == {project}
+    assert await shell.json("audit", "--key", key_id) == await admin.ok("GET", "/audit", key_id=key_id)
+    assert len((await shell.json("audit", "--limit", "2"))["entries"]) == 2
+
+
+async def test_print_gives_just_the_fields_asked_for_or_says_which_one_is_missing(shell: Shell) -> None:
+    _, _, project = await _project(shell)
+    out = await shell.ok("keys", "create", "--project", project, "--name", "k", "--print", "id,name,status")
+    key_id, name, status = out.split()
+    assert (name, status) == ("k", "active")
+    assert (await shell.ok("keys", "show", key_id, "--print", "display")).strip().startswith("sk_live_…")
+    assert await shell.fails("keys", "show", key_id, "--print", "id,colour") == (
+        "keyrelay: --print: the answer has no field 'colour'\n"
+    )
+
+
+async def test_the_url_and_token_come_from_flags_before_variables_before_the_stack_file(
+    shell: Shell, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    url, dead = shell.publisher.url, f"http://127.0.0.1:{free_port()}"
+    await shell.ok("orgs", "create", "acme")
+    expected = await shell.publisher.admin.ok("GET", "/orgs")
+
+    async def orgs(*flags: str) -> Ran:
+        return await shell.run("orgs", "list", "--json", *flags, auth=False)
+
+    stack = tmp_path / "stack"
+    stack.mkdir()
+    (stack / "stack.json").write_text(json.dumps({"publisher_url": url, "admin_token": ADMIN_TOKEN}))
+    found = await orgs("--data-dir", str(stack))  # how the CLI finds a running `keyrelay up`
+    assert (found.code, json.loads(found.out)) == (0, expected)
+
+    monkeypatch.setenv("KEYRELAY_URL", url)
+    monkeypatch.setenv("KEYRELAY_TOKEN", ADMIN_TOKEN)
+    from_env = await orgs()
+    assert (from_env.code, json.loads(from_env.out)) == (0, expected)
+
+    monkeypatch.setenv("KEYRELAY_URL", dead)
+    monkeypatch.setenv("KEYRELAY_TOKEN", "krt_stale")
+    flags_win = await orgs("--url", url, "--token", ADMIN_TOKEN)
+    assert (flags_win.code, json.loads(flags_win.out)) == (0, expected)
+    over_stack = await orgs("--data-dir", str(stack))  # variables, even wrong ones, come before the stack file
+    assert over_stack.code != 0
+    assert over_stack.err.startswith(f"keyrelay: cannot reach the publisher at {dead}")
+
+    monkeypatch.setenv("KEYRELAY_URL", url)
+    monkeypatch.setenv("KEYRELAY_TOKEN", ADMIN_TOKEN)
+    wrong_flag = await orgs("--token", "krt_wrong")  # a flag wins even when the variable would have worked
+    assert (wrong_flag.code, wrong_flag.out) == (1, "")
+    assert wrong_flag.err == "keyrelay: the admin token is not valid (unauthorized, HTTP 401)\n"
+
+
+async def test_the_installed_command_reads_its_url_and_token_from_the_environment(shell: Shell, tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "KEYRELAY_URL": shell.publisher.url, "KEYRELAY_TOKEN": ADMIN_TOKEN,
+           "KEYRELAY_DATA_DIR": str(tmp_path / "no-stack-here")}  # fmt: skip
+    command = Path(sys.executable).parent / "keyrelay"
+    process = await asyncio.create_subprocess_exec(
+        str(command), "orgs", "create", "from-env", "--json", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert (process.returncode, err) == (0, b"")
+    assert json.loads(out) in (await shell.publisher.admin.ok("GET", "/orgs"))["orgs"]
+
+
+async def test_an_api_error_is_printed_on_stderr_with_the_apis_message_and_a_non_zero_exit(shell: Shell) -> None:
+    admin = shell.publisher.admin
+    for argv, path in (
+        (("keys", "show", GHOST), f"/keys/{GHOST}"),
+        (("keys", "show", "not-an-id"), "/keys/not-an-id"),
+        (("teams", "list", "--org", GHOST), f"/orgs/{GHOST}/teams"),
+    ):
+        status, answer = await admin.call("GET", path)
+        error = answer["error"]
+        assert await shell.fails(*argv) == f"keyrelay: {error['message']} ({error['code']}, HTTP {status})\n"
+    status, answer = await admin.call("POST", f"/keys/{GHOST}/revoke", {})
+    assert answer["error"]["message"] in await shell.fails("keys", "revoke", GHOST)
+
+    bad_token = await shell.fails("orgs", "list", "--url", shell.publisher.url, "--token", "krt_wrong", auth=False)
+    assert bad_token == "keyrelay: the admin token is not valid (unauthorized, HTTP 401)\n"
+    member = (await shell.ok("tokens", "create", "dashboard", "--role", "member", "--print", "token")).strip()
+    read = await shell.run("orgs", "list", "--json", "--url", shell.publisher.url, "--token", member, auth=False)
+    assert read.code == 0
+    refused = await shell.fails("orgs", "create", "x", "--url", shell.publisher.url, "--token", member, auth=False)
+    assert refused.endswith("only admin tokens may change things (forbidden, HTTP 403)\n")
+    assert (await admin.ok("GET", "/orgs"))["orgs"] == []  # a refused command changed nothing
+    nobody = await shell.fails("orgs", "list", "--url", f"http://127.0.0.1:{free_port()}", auth=False)
+    assert "cannot reach the publisher" in nobody
