@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import uuid
+from typing import Any
 
 from sidecar.table import KeyTable
 from sidecar.verify import Code, Verifier
-from sidecar.wire import key_digest
+from sidecar.wire import KeyRecord, decode_fields, key_digest
 from tests.support import make_key, revoked
 
 
@@ -79,9 +81,37 @@ def test_a_record_with_a_new_hash_for_the_same_id_retires_the_old_hash() -> None
 
 def test_repeated_strings_are_stored_once() -> None:
     table = KeyTable()
-    for _ in range(1000):
-        table.apply(make_key()[1])
-    assert table.nbytes() / len(table) < 200
+
+    def applied(record: KeyRecord) -> int:
+        # Decoded from its bytes, as the sync applies it: equal strings, but new objects each time.
+        assert table.apply_fields(decode_fields(record.encode()))
+        return table.find_id(record.key_id)
+
+    def shaped(**fields: Any) -> KeyRecord:
+        record = make_key(scopes=("orders:read", "orders:write"), metadata={"tier": "gold"})[1]
+        return dataclasses.replace(record, **fields)
+
+    first, second = shaped(), shaped()
+    assert decode_fields(first.encode())[2] is not decode_fields(second.encode())[2]  # what the table must undo
+    a, b = applied(first), applied(second)
+    one, two = table.view(a), table.view(b)
+    for name in ("org_id", "team_id", "project_id", "env"):
+        assert getattr(one, name) is getattr(two, name), name
+    assert table.scopes(a) is table.scopes(b)
+    assert table.identity(a)[4] is table.identity(b)[4]  # the scopes header, joined once
+    assert next(iter(one.metadata.values())) is next(iter(two.metadata.values()))
+
+    pool, scope_sets = len(table._strings.values), len(table._scope_sets)
+    for _ in range(100):
+        applied(shaped())
+    assert (len(table._strings.values), len(table._scope_sets)) == (pool, scope_sets)
+
+    # Another project of the same org and team is one new profile, holding the same org and team strings.
+    other = table.view(applied(shaped(project_id=str(uuid.uuid4()))))
+    assert len(table._strings.values) == pool + 1
+    assert other.org_id is one.org_id
+    assert other.team_id is one.team_id
+    assert len(table) == 103
 
 
 class FakeClock:
