@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -14,8 +15,11 @@ import aiohttp
 from aiohttp.test_utils import TestServer
 from nats.js.kv import KeyValue
 
+from keyrelay.natsd import free_port
 from publisher.api import Services
+from sidecar.app import serve
 from sidecar.http import SidecarState
+from sidecar.settings import SidecarSettings
 from sidecar.wire import KeyRecord, generate_key, key_digest
 
 T = TypeVar("T")
@@ -178,3 +182,55 @@ class Publisher:
     url: str
     admin: Admin
     services: Services
+
+
+@dataclass
+class Scrape:
+    """A Prometheus text exposition, parsed: each sample by `name{labels}` and each family's TYPE."""
+
+    samples: dict[str, float]
+    types: dict[str, str]
+
+    @classmethod
+    def parse(cls, text: str) -> Scrape:
+        """Parse the text a /metrics route answers; a malformed line fails the test."""
+        samples: dict[str, float] = {}
+        types: dict[str, str] = {}
+        for line in text.splitlines():
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split(" ")
+                types[name] = kind
+            elif line and not line.startswith("#"):
+                series, _, value = line.rpartition(" ")
+                assert series not in samples, f"{series} appears twice"
+                samples[series] = float(value)
+        return cls(samples=samples, types=types)
+
+    def family(self, name: str) -> dict[str, float]:
+        """The samples of one family (without suffixes such as _bucket), by their labels."""
+        return {s[len(name) :]: v for s, v in self.samples.items() if s == name or s.startswith(name + "{")}
+
+
+@contextlib.asynccontextmanager
+async def served_sidecar(settings: SidecarSettings, http: aiohttp.ClientSession) -> AsyncIterator[str]:
+    """The sidecar as `keyrelay sidecar` serves it (sidecar.app.serve, a free port); yields its URL once it answers."""
+    settings = replace(settings, host="127.0.0.1", port=free_port())
+    url = f"http://127.0.0.1:{settings.port}"
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(settings, stop=stop))
+
+    async def answers() -> bool:
+        if task.done():
+            task.result()  # a sidecar that failed to start fails the test with its own error
+        try:
+            async with http.get(url + "/healthz") as resp:
+                return resp.status == 200
+        except aiohttp.ClientConnectionError:
+            return False
+
+    try:
+        await eventually(answers, bool, timeout=10)
+        yield url
+    finally:
+        stop.set()
+        await task
