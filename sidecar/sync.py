@@ -382,10 +382,14 @@ class KeySync:
         gen.consumer = created["name"]
         self.last_contact = time.monotonic()
         pending = int(created.get("num_pending", 0))
+        log.info("consumer %s on %s from revision %d, %d pending", gen.consumer, self.stream, start, pending)
+        if gen.expected > 1:
+            # Deliveries can overtake CONSUMER.CREATE's reply; each carries a fresher pending count
+            # than the reply, which must not overwrite it (lag stuck, snapshots never due).
+            return
         if pending:
             self.table.reserve(len(self.table) + pending)
         self.pending = pending
-        log.info("consumer %s on %s from revision %d, %d pending", gen.consumer, self.stream, start, pending)
         if pending == 0:
             self._caught_up(gen)
 

@@ -79,14 +79,9 @@ async def start_sidecar(nats_server: NatsServer, http: aiohttp.ClientSession) ->
 
     async def start(**overrides: Any) -> Sidecar:
         settings = SidecarSettings(**{"nats_url": (nats_server.url,), "heartbeat": 0.5, **overrides})
-        server = TestServer(
-            create_app(settings),
-            host="127.0.0.1",
-            port=0,
-            max_field_size=settings.max_header_size,
-            max_line_size=settings.max_header_size,
-        )
-        await server.start_server()
+        server = TestServer(create_app(settings), host="127.0.0.1", port=0)
+        # Runner options go to start_server: TestServer's constructor drops them silently.
+        await server.start_server(max_field_size=settings.max_header_size, max_line_size=settings.max_header_size)
         servers.append(server)
         state: SidecarState = server.app[STATE]
         return Sidecar(url=str(server.make_url("")).rstrip("/"), state=state, http=http, server=server)

@@ -345,12 +345,6 @@ async def test_metrics_and_status_report_every_documented_field_after_a_known_se
     assert status["decode_errors"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sidecar/sync.py _open_consumer sets self.pending from CONSUMER.CREATE's num_pending after awaiting the "
-    "reply, which often arrives after the deliveries it counts: their pending 0 is overwritten, and /v1/status lag "
-    "(and keyrelay_pending) stay at the initial count until the next change",
-)
 async def test_a_sidecar_that_has_applied_every_change_reports_no_lag(
     bucket: KeyValue, start_sidecar: StartSidecar
 ) -> None:
