@@ -7,9 +7,11 @@ from bisect import bisect_left
 from collections.abc import Iterable
 
 from .sync import KeySync
+from .verify import Code
 
-__all__ = ["LATENCY_BUCKETS", "Metrics"]
+__all__ = ["CODES", "LATENCY_BUCKETS", "Metrics"]
 
+CODES = tuple(code.value for code in Code)
 # Seconds. A verify is a few microseconds; anything past a millisecond is worth seeing.
 LATENCY_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2)
 
@@ -17,20 +19,22 @@ LATENCY_BUCKETS = (5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1
 class Metrics:
     """What the sidecar counts on the hot path; cheap to update, rendered on scrape."""
 
-    __slots__ = ("_buckets", "_sum", "bad_requests", "results")
+    __slots__ = ("auth", "bad_requests", "buckets", "seconds", "verify")
 
     def __init__(self) -> None:
-        self.results: dict[tuple[str, str], int] = {}
+        # Answers by code, per route; every code present from the start, so /auth adds one
+        # without a lookup-or-insert and a scrape shows zeros rather than missing series.
+        self.auth: dict[str, int] = dict.fromkeys(CODES, 0)
+        self.verify: dict[str, int] = dict.fromkeys(CODES, 0)
         self.bad_requests: dict[str, int] = {}
-        self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self._sum = 0.0
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.seconds = 0.0
 
     def observe(self, route: str, code: str, seconds: float) -> None:
-        """Count one answered verification and its latency."""
-        key = (route, code)
-        self.results[key] = self.results.get(key, 0) + 1
-        self._buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self._sum += seconds
+        """Count one answered verification and its latency (/auth does this inline)."""
+        (self.auth if route == "auth" else self.verify)[code] += 1
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.seconds += seconds
 
     def bad_request(self, reason: str) -> None:
         """Count a request refused before verification (4xx for its shape)."""
@@ -44,7 +48,11 @@ class Metrics:
             "keyrelay_verify_total",
             "counter",
             "Verifications answered, by route and result code",
-            ((f'route="{r}",code="{c}"', v) for (r, c), v in sorted(self.results.items())),
+            (
+                (f'route="{route}",code="{code}"', count)
+                for route, counts in (("auth", self.auth), ("verify", self.verify))
+                for code, count in sorted(counts.items())
+            ),
         )
         _family(
             lines,
@@ -58,11 +66,11 @@ class Metrics:
             "# TYPE keyrelay_verify_duration_seconds histogram",
         ]
         cumulative = 0
-        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self._buckets, strict=True):
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.buckets, strict=True):
             cumulative += count
             le = "+Inf" if bound == float("inf") else repr(bound)
             lines.append(f'keyrelay_verify_duration_seconds_bucket{{le="{le}"}} {cumulative}')
-        lines.append(f"keyrelay_verify_duration_seconds_sum {self._sum!r}")
+        lines.append(f"keyrelay_verify_duration_seconds_sum {self.seconds!r}")
         lines.append(f"keyrelay_verify_duration_seconds_count {cumulative}")
         since_event = time.time() - sync.last_event if sync.last_event else -1.0
         stats = sync.stats

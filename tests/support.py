@@ -99,15 +99,16 @@ class Sidecar:
         scopes: str | None = None,
         path: str = "/auth",
         headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, str], dict[str, Any]]:
-        """Call /auth as a gateway would; returns status, headers and the JSON body."""
+    ) -> tuple[int, dict[str, str], dict[str, Any] | None]:
+        """Call /auth as a gateway would; returns status, headers and the JSON body (None: no body, as on 200)."""
         sent = dict(headers or {})
         if key is not None:
             sent["Authorization"] = f"Bearer {key}"
         if scopes is not None:
             sent["X-Required-Scopes"] = scopes
         async with self.http.get(self.url + path, headers=sent) as resp:
-            return resp.status, dict(resp.headers), await resp.json(content_type=None)
+            raw = await resp.read()
+            return resp.status, dict(resp.headers), json.loads(raw) if raw else None
 
     async def status_of(self, key: str) -> int:
         """Just the /auth status for `key`."""

@@ -18,6 +18,7 @@ from nats.js.kv import KeyValue
 from keyrelay.natsd import NatsServer
 from loadtest.linkproxy import LinkProxy
 from sidecar.settings import SidecarSettings
+from sidecar.verify import Code
 from tests.conftest import StartSidecar
 from tests.support import Scrape, eventually, make_key, put, revoked, served_sidecar
 
@@ -71,8 +72,7 @@ async def test_the_identity_of_a_valid_key_comes_back_in_headers(bucket: KeyValu
     sidecar = await start_sidecar()
     await sidecar.ready()
     status, headers, body = await sidecar.auth(key, scopes="orders:read")
-    assert status == 200
-    assert body["code"] == "VALID"
+    assert (status, body, headers["Content-Length"]) == (200, None, "0")  # the headers say it all
     assert headers["X-Key-Id"] == record.key_id
     assert headers["X-Org-Id"] == record.org_id
     assert headers["X-Team-Id"] == record.team_id
@@ -312,12 +312,15 @@ async def test_metrics_and_status_report_every_documented_field_after_a_known_se
         "keyrelay_sync_errors_total": "counter",
     }
     assert {name: scrape.types.get(name) for name in documented} == documented
-    assert scrape.family("keyrelay_verify_total") == {
+    counted = {labels: n for labels, n in scrape.family("keyrelay_verify_total").items() if n}
+    assert counted == {
         '{route="auth",code="MISSING"}': 1,
         '{route="auth",code="REVOKED"}': 1,
         '{route="auth",code="VALID"}': 1,
         '{route="verify",code="VALID"}': 1,
     }
+    # Every code of both routes is exported from the start, zero until it happens.
+    assert len(scrape.family("keyrelay_verify_total")) == 2 * len(Code)
     buckets = list(scrape.family("keyrelay_verify_duration_seconds_bucket").values())
     assert buckets == sorted(buckets)
     assert buckets[-1] == scrape.samples['keyrelay_verify_duration_seconds_bucket{le="+Inf"}'] == 4
@@ -508,3 +511,21 @@ async def _alive(bucket: KeyValue) -> bool:
 async def _status(http: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None) -> int:
     async with http.get(url, headers=headers) as resp:
         return resp.status
+
+
+async def test_a_key_that_is_not_text_is_malformed_never_a_500(bucket: KeyValue, start_sidecar: StartSidecar) -> None:
+    await put(bucket, make_key()[1])
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    # JSON allows a lone surrogate, which no encoder accepts.
+    status, body = await sidecar.post("/v1/keys/verify", b'{"key": "sk_live_\\ud800"}')
+    assert (status, body["valid"], body["code"]) == (200, False, "MALFORMED")
+    # A header byte that is not UTF-8 reaches the handler as a surrogate escape.
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
+    writer.write(b"GET /auth HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk_live_\xff\xfe\r\n")
+    writer.write(b"Connection: close\r\n\r\n")
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert b"MALFORMED" in answer
