@@ -41,8 +41,12 @@ _VALID = Code.VALID
 _API_KEY, _REQUIRED_SCOPES = istr("X-API-Key"), istr("X-Required-Scopes")
 # Response header names as plain str: aiohttp's serializer copies an istr into a str on every
 # response, and these are written on every 200 (their case-folding happens once, in the cache).
-_IDENTITY = ("X-Key-Id", "X-Org-Id", "X-Team-Id", "X-Project-Id", "X-Key-Scopes", "X-Key-Env")
+_KEY_ID = "X-Key-Id"
+_SHARED_IDENTITY = ("X-Org-Id", "X-Team-Id", "X-Project-Id", "X-Key-Scopes", "X-Key-Env")
 _STALE = "X-Keyrelay-Stale"
+# Instead of aiohttp's default, which names the Python and aiohttp versions to every client.
+SERVER = "keyrelay"
+_SHARED_HEADERS = 65_536  # distinct projects' header sets kept; all forgotten when full
 # Where gateways put the original request: nginx sets X-Original-*, Traefik and Caddy X-Forwarded-*.
 _ORIGINAL_URI, _ORIGINAL_METHOD = istr("X-Original-URI"), istr("X-Original-Method")
 _FORWARDED_URI, _FORWARDED_METHOD = istr("X-Forwarded-Uri"), istr("X-Forwarded-Method")
@@ -59,7 +63,7 @@ def _challenge(code: Code) -> str:
 
 
 def _deny_headers(code: Code) -> dict[str, str]:
-    headers: dict[str, str] = {hdrs.CONTENT_TYPE: _JSON, _CODE: code.value}
+    headers: dict[str, str] = {hdrs.CONTENT_TYPE: _JSON, _CODE: code.value, hdrs.SERVER: SERVER}
     if _DENY_STATUS.get(code, 401) == 401:
         headers[hdrs.WWW_AUTHENTICATE] = _challenge(code)
     return headers
@@ -67,7 +71,7 @@ def _deny_headers(code: Code) -> dict[str, str]:
 
 # Built once; aiohttp copies a response's headers, so sharing them between responses is safe.
 _DENIALS = {code: (_DENY_STATUS.get(code, 401), _BODIES[code], _deny_headers(code)) for code in _MESSAGES}
-_NOT_READY_HEADERS = {hdrs.CONTENT_TYPE: _JSON, hdrs.RETRY_AFTER: "1", _CODE: "NOT_READY"}
+_NOT_READY_HEADERS = {hdrs.CONTENT_TYPE: _JSON, hdrs.RETRY_AFTER: "1", _CODE: "NOT_READY", hdrs.SERVER: SERVER}
 
 
 @dataclass(slots=True)
@@ -83,12 +87,28 @@ class SidecarState:
     # the staleness bound. /auth compares against it instead of recomputing readiness per request;
     # only a new proof of contact can move it, so it is exact, not a cache with a lag.
     ready_until: float = field(default=0.0, init=False)
+    # The identity headers every key of a project (and env and scope set) shares, built once: a
+    # hot key holds these and its own id, not a copy of its own.
+    _shared_headers: dict[tuple[str, ...], CIMultiDict[str]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         # Read once, at app creation: a bad file stops the start, naming its line.
         path = self.settings.route_scopes
         self.routes = RouteScopes.load(path) if path is not None else None
-        self.verifier.derive = _identity_headers
+        self.verifier.derive = self._identity
+
+    def _identity(self, table: KeyTable, n: int) -> tuple[CIMultiDict[str], str]:
+        """Record `n`'s identity headers as the Verifier keeps them: those its project shares, and its key id."""
+        key_id, *shared = table.identity(n)
+        profile = tuple(shared)
+        headers = self._shared_headers.get(profile)
+        if headers is None:
+            if len(self._shared_headers) >= _SHARED_HEADERS:
+                self._shared_headers.clear()
+            headers = CIMultiDict(zip(_SHARED_IDENTITY, shared, strict=True))
+            headers[hdrs.SERVER] = SERVER
+            self._shared_headers[profile] = headers
+        return headers, key_id
 
     def ready(self) -> bool:
         """Synced, and in contact with the stream within the staleness bound."""
@@ -158,15 +178,12 @@ async def auth(state: SidecarState, request: web.Request) -> web.Response:
     assert hot is not None
     # No body: gateways read a 2xx's headers only, and Go clients (Traefik, Caddy) drop a
     # connection whose body went unread.
-    response = web.Response(status=200, headers=hot[6])
+    shared, key_id = hot[6]
+    response = web.Response(status=200, headers=shared)
+    response.headers.add(_KEY_ID, key_id)
     if not ready:
         response.headers[_STALE] = "true"
     return response
-
-
-def _identity_headers(table: KeyTable, n: int) -> CIMultiDict[str]:
-    """The identity headers of record `n`, built once per record version (the Verifier keeps them)."""
-    return CIMultiDict(zip(_IDENTITY, table.identity(n), strict=True))
 
 
 def _original_request(request: web.Request, headers: CIMultiDictProxy[str]) -> tuple[str, str]:

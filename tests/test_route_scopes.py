@@ -201,6 +201,8 @@ async def test_a_valid_key_gets_a_200_without_a_body_and_a_denial_keeps_its_body
             assert (resp.status, await resp.read(), resp.headers["Content-Length"]) == (200, b"", "0")
             assert resp.headers["X-Key-Id"] == record.key_id
             assert "Content-Type" not in resp.headers
+            assert resp.headers["Server"] == "keyrelay"  # not the Python and aiohttp versions
     # A denial keeps its body: gateways hand it to the client.
     status, headers, body = await sidecar.auth("sk_live_nope")
     assert (status, body["code"], headers["Content-Type"]) == (401, "MALFORMED", "application/json")
+    assert headers["Server"] == "keyrelay"
