@@ -16,7 +16,10 @@ judged on the paced run at the highest fraction.
 
 On a shared machine other work skews the figures: before each measured run the
 benchmark waits (bounded) for the machine to be quiet, and it reports the CPU
-used by everything else during each run, and the server's CPU per request.
+used by everything else during each run, and the server's CPU per request. On a
+virtual machine the neighbours still move them by 10-20% from run to run, so
+`--instructions` also counts, under valgrind's callgrind, the user-space
+instructions each server runs per request: a figure no neighbour can move.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from nats.js.api import KeyValueConfig
 from keyrelay.natsd import NatsServer, NatsSpec, free_port, wait_for_port
 from sidecar.wire import DEFAULT_BUCKET, stream_name
 
+from .callgrind import count_instructions
 from .keyfill import FillResult, fill_bucket
 from .procs import cpu_seconds, machine_cpu, memory_of, spawn, stop, wait_http_ok, wait_quiet
 from .wrk import WrkResult, header_pool_script, run_wrk, wrk_binary
@@ -49,6 +53,9 @@ from .wrk import WrkResult, header_pool_script, run_wrk, wrk_binary
 __all__ = ["main"]
 
 TARGET_RATIO = 0.85
+# Under callgrind: keys cycled (few enough that the warm-up sees each several times) and connections.
+_INSTRUCTION_POOL = 1_000
+_INSTRUCTION_CONNECTIONS = 16
 TARGET_P99 = 0.002
 TARGET_BYTES_PER_KEY = 200
 TARGET_READY = 15.0
@@ -126,6 +133,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ready-timeout", type=float, default=180.0, help="give up on /readyz after this (s)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the record mix (keys are random anyway)")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count user-space instructions per request of both servers under valgrind's callgrind "
+        "(noise-free; adds a few minutes)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     return parser
 
@@ -443,6 +456,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     targets, paced_script, args, pin, nats_pid=nats_server.process.pid, label=f"paced ~{rate:,.0f}/s"
                 )
             after = memory_of(proc.pid)
+            counted = _count_instructions(nats_server.url, fill.pool, work) if args.instructions else None
         finally:
             for child in children:
                 stop(child)
@@ -490,6 +504,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             "ratio": ratio,
             "cpu_ratio": cpu_ratio,
+            "instructions": counted,
             "targets": {
                 "ratio": {"target": TARGET_RATIO, "value": ratio, "pass": ratio >= TARGET_RATIO},
                 "p99_ms": {"target": TARGET_P99 * 1000, "value": p99 * 1000, "pass": p99 <= TARGET_P99},
@@ -509,6 +524,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     _report(results, saturated, paced, pin)
     return results
+
+
+def _count_instructions(nats_url: str, pool: list[str], work: Path) -> dict[str, Any]:
+    """Both servers under callgrind, one after the other, on the same keys: instructions per request."""
+    keys = pool[:_INSTRUCTION_POOL]  # a pool the slowed server cycles through several times in its warm-up
+    script = header_pool_script(work / "wrk-callgrind", "Authorization", keys, prefix="Bearer ")
+    figures: dict[str, Any] = {"pool": len(keys), "connections": _INSTRUCTION_CONNECTIONS}
+    for name in ("bare", "sidecar"):
+        port = free_port()
+        command = (
+            [sys.executable, "-m", "loadtest.bare_http", "--port", str(port)]
+            if name == "bare"
+            else [sys.executable, "-m", "keyrelay.cli", "sidecar", "--nats-url", nats_url, "--port", str(port),
+                  "--log-level", "warning"]
+        )  # fmt: skip
+        _say(f"  callgrind -> {name}")
+        counted = count_instructions(
+            command,
+            port=port,
+            ready_path="/readyz" if name == "sidecar" else "/auth",
+            url_path="/auth",
+            script=script,
+            work=work,
+            connections=_INSTRUCTION_CONNECTIONS,
+        )
+        figures[name] = counted.per_request
+        figures[f"{name}_requests"] = counted.requests
+    figures["ratio"] = figures["bare"] / figures["sidecar"]
+    return figures
 
 
 def _target(label: str, value: str, target: str, ok: bool) -> str:
@@ -551,6 +595,17 @@ def _report(
             header,
             _row("bare aiohttp 200", by_server["bare"]),
             _row("sidecar /auth", by_server["sidecar"]),
+        ]
+    counted = results.get("instructions")
+    if counted:
+        lines += [
+            "",
+            f"user-space instructions per request under callgrind ({counted['pool']:,} keys cycled, "
+            f"{counted['connections']} connections; the kernel's socket work is not counted):",
+            f"  bare aiohttp 200 {counted['bare']:>12,.0f}",
+            f"  sidecar /auth    {counted['sidecar']:>12,.0f}",
+            f"  ratio bare / sidecar: {counted['ratio']:.3f} (what the throughput ratio would be if nothing but "
+            "these instructions took time)",
         ]
     floor = config["connections"] / statistics.median(m.wrk.requests_per_second for m in saturated["sidecar"])
     lines += [

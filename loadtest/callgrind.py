@@ -1,0 +1,108 @@
+"""Instructions a server executes per request, counted by valgrind's callgrind: a figure that noise cannot move.
+
+On a shared or virtual machine, requests per second and CPU time per request
+move by 10-20% from run to run with what the neighbours do; the number of
+instructions a server runs to answer a request does not. This module starts a
+server under `valgrind --tool=callgrind`, drives it with wrk (warm-up first),
+zeroes the counters, drives it again for a measured stretch, dumps the counts,
+and divides by the requests wrk completed. Under valgrind a server runs about
+50 times slower, so the request counts are small, but a keep-alive request
+costs the same instructions at any speed. Instructions in the kernel (the
+socket calls) are not counted: the figure compares user-space work.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .wrk import run_wrk
+
+__all__ = ["CallgrindError", "Instructions", "count_instructions"]
+
+_SUMMARY = re.compile(r"^summary: (\d+)", re.M)
+
+
+class CallgrindError(RuntimeError):
+    """valgrind is missing, or the server under it did not come up or report."""
+
+
+@dataclass(frozen=True, slots=True)
+class Instructions:
+    """One measured stretch: requests answered and user-space instructions executed for them."""
+
+    requests: int
+    instructions: int
+
+    @property
+    def per_request(self) -> float:
+        """Instructions per request."""
+        return self.instructions / self.requests
+
+
+def _wait_ok(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise CallgrindError(f"the server under valgrind exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise CallgrindError(f"{url} not 200 under valgrind after {timeout:.0f}s")
+
+
+def count_instructions(
+    command: Sequence[str],
+    *,
+    port: int,
+    ready_path: str,
+    url_path: str,
+    script: Path,
+    work: Path,
+    connections: int = 16,
+    warmup: float = 5.0,
+    duration: float = 10.0,
+    ready_timeout: float = 300.0,
+) -> Instructions:
+    """Start `command` (which must listen on `port`) under callgrind and count a measured stretch of wrk load."""
+    valgrind, control = shutil.which("valgrind"), shutil.which("callgrind_control")
+    if valgrind is None or control is None:
+        raise CallgrindError("valgrind not found: install it (Debian: apt-get install -y valgrind)")
+    out = work / f"callgrind.{port}"
+    process = subprocess.Popen(
+        [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}.%p", *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_ok(base + ready_path, process, ready_timeout)
+        # Slow under valgrind: a generous timeout, and few connections so none times out.
+        run_wrk(base + url_path, connections=connections, duration=warmup, script=script, timeout=10.0)
+        subprocess.run([control, "--zero", str(process.pid)], capture_output=True, check=True, timeout=60)
+        measured = run_wrk(base + url_path, connections=connections, duration=duration, script=script, timeout=10.0)
+        subprocess.run([control, "--dump", str(process.pid)], capture_output=True, check=True, timeout=60)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    # The dump made on request is part 1; part 2 is what ran after it, until exit.
+    dumps = sorted(work.glob(f"callgrind.{port}.{process.pid}.1"))
+    if not dumps:
+        raise CallgrindError("callgrind wrote no dump")
+    found = _SUMMARY.search(dumps[-1].read_text(errors="replace"))
+    if found is None or measured.requests == 0 or measured.errors:
+        raise CallgrindError(f"no usable count (requests {measured.requests}, errors {measured.errors})")
+    return Instructions(requests=measured.requests, instructions=int(found.group(1)))
