@@ -250,8 +250,11 @@ class Stack:
         if self.demo:
             lines += [
                 f"Demo key (project {self.demo['project_id']}, shown once): {self.demo['key']}",
-                f'  curl -i {first}/auth -H "Authorization: Bearer {self.demo["key"]}"',
+                f'  curl -i {first}/auth -H "Authorization: Bearer {self.demo["key"]}"   # 200',
                 f"  {cli} keys revoke {self.demo['key_id']}",
+                f'  curl -i {first}/auth -H "Authorization: Bearer {self.demo["key"]}"   # 401',
+                "Another key in the demo project:",
+                f"  {cli} keys create --project {self.demo['project_id']} --name mine --scope orders:read",
                 "",
             ]
         else:
