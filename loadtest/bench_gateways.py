@@ -38,9 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nats
 import uvloop
-from nats.js.api import KeyValueConfig
 
 from keyrelay.errors import KeyrelayError
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
@@ -48,9 +46,9 @@ from keyrelay.procs import spawn, stop, wait_http_ok
 from sidecar.wire import DEFAULT_BUCKET
 
 from .gateways import GATEWAYS, Addresses, gateway_version, start_gateway
-from .keyfill import fill_bucket
+from .keyfill import create_bucket, fill_bucket
 from .openloop import LoadResult, collector_paused, percentiles, render_get, run_open_loop
-from .procs import machine_cpu, wait_quiet
+from .procs import keyrelay_command, machine_cpu, wait_quiet
 from .wrk import WrkResult, header_pool_script, run_wrk, wrk_binary
 
 __all__ = ["main"]
@@ -154,19 +152,6 @@ def _gateways(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown gateway(s) {', '.join(unknown)}; choose from {', '.join(GATEWAYS)}")
     return names
-
-
-async def _create_bucket(url: str) -> None:
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
-    try:
-        await nc.jetstream().create_key_value(KeyValueConfig(bucket=DEFAULT_BUCKET, history=1))
-    finally:
-        await nc.close()
-
-
-def _keyrelay_command() -> list[str]:
-    script = Path(sys.executable).parent / "keyrelay"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "keyrelay"]
 
 
 def _statuses(port: int, path: str, keys: list[str]) -> dict[int, int]:
@@ -315,7 +300,7 @@ def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
         nats_server.start()
         children: list[subprocess.Popen[bytes]] = []
         try:
-            asyncio.run(_create_bucket(nats_server.url))
+            asyncio.run(create_bucket(nats_server.url))
             _say(f"filling {DEFAULT_BUCKET} with {args.keys:,} records")
             fill = asyncio.run(
                 fill_bucket(nats_server.url, DEFAULT_BUCKET, args.keys, pool_size=min(args.pool, args.keys), seed=1)
@@ -326,7 +311,7 @@ def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
             sidecar_port, upstream_port = free_port(), free_port()
             sidecar_log = work / "sidecar.log"
             sidecar_proc = spawn(
-                [*_keyrelay_command(), "sidecar", "--nats-url", nats_server.url, "--port", str(sidecar_port),
+                [*keyrelay_command(), "sidecar", "--nats-url", nats_server.url, "--port", str(sidecar_port),
                  "--route-scopes", str(routes), "--log-level", "warning"],
                 log=sidecar_log,
             )  # fmt: skip

@@ -40,14 +40,13 @@ from pathlib import Path
 from typing import Any
 
 import nats
-from nats.js.api import KeyValueConfig
 
 from keyrelay.natsd import NatsServer, NatsSpec, free_port, wait_for_port
 from sidecar.wire import DEFAULT_BUCKET, stream_name
 
 from .callgrind import count_instructions
-from .keyfill import FillResult, fill_bucket
-from .procs import cpu_seconds, machine_cpu, memory_of, spawn, stop, wait_http_ok, wait_quiet
+from .keyfill import FillResult, create_bucket, fill_bucket
+from .procs import cpu_seconds, keyrelay_command, machine_cpu, memory_of, spawn, stop, wait_http_ok, wait_quiet
 from .wrk import WrkResult, header_pool_script, run_wrk, wrk_binary
 
 __all__ = ["main"]
@@ -155,9 +154,7 @@ def _say(text: str = "") -> None:
 
 
 def _sidecar_command(nats_url: str, port: int) -> list[str]:
-    script = Path(sys.executable).parent / "keyrelay"
-    base = [str(script)] if script.exists() else [sys.executable, "-m", "keyrelay.cli"]
-    return [*base, "sidecar", "--nats-url", nats_url, "--port", str(port), "--log-level", "warning"]
+    return [*keyrelay_command(), "sidecar", "--nats-url", nats_url, "--port", str(port), "--log-level", "warning"]
 
 
 def _get_json(port: int, path: str) -> dict[str, Any]:
@@ -206,14 +203,6 @@ def _warm_start(nats_url: str, cold_port: int, args: argparse.Namespace, pin: Pi
     _say(f"second sidecar, from the region's snapshot: ready in {warm.ready_seconds:.2f}s, "
          f"RSS {warm.rss / 2**20:.1f} MiB")  # fmt: skip
     return warm
-
-
-async def _create_bucket(url: str) -> None:
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
-    try:
-        await nc.jetstream().create_key_value(KeyValueConfig(bucket=DEFAULT_BUCKET, history=1))
-    finally:
-        await nc.close()
 
 
 async def _stream_messages(url: str) -> int:
@@ -397,7 +386,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         assert nats_server.process is not None
         children: list[subprocess.Popen[bytes]] = []
         try:
-            asyncio.run(_create_bucket(nats_server.url))
+            asyncio.run(create_bucket(nats_server.url))
             _say(f"nats-server {nats_server.url}; {pin.describe()}")
 
             empty_proc, _, empty = _start_sidecar(
@@ -536,9 +525,8 @@ def _count_instructions(nats_url: str, pool: list[str], work: Path) -> dict[str,
         command = (
             [sys.executable, "-m", "loadtest.bare_http", "--port", str(port)]
             if name == "bare"
-            else [sys.executable, "-m", "keyrelay.cli", "sidecar", "--nats-url", nats_url, "--port", str(port),
-                  "--log-level", "warning"]
-        )  # fmt: skip
+            else _sidecar_command(nats_url, port)
+        )
         _say(f"  callgrind -> {name}")
         counted = count_instructions(
             command,

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import nats
-from nats.js.api import PubAck
+from nats.js.api import KeyValueConfig, PubAck
 
-from sidecar.wire import KeyRecord, generate_key, key_digest, subject_prefix
+from sidecar.wire import DEFAULT_BUCKET, KeyRecord, generate_key, key_digest, subject_prefix
 
-__all__ = ["FillResult", "KeyMix", "fill_bucket"]
+__all__ = ["FillResult", "KeyMix", "create_bucket", "fill_bucket"]
 
 _SCOPE_SETS = (
     ("read",),
@@ -103,6 +103,15 @@ class KeyMix:
             metadata=rng.choice(self.metadata) if rng.random() < 0.2 else {},
         )
         return key, record, state
+
+
+async def create_bucket(url: str, bucket: str = DEFAULT_BUCKET) -> None:
+    """Create the key bucket as the publisher does (history 1)."""
+    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        await nc.jetstream().create_key_value(KeyValueConfig(bucket=bucket, history=1))
+    finally:
+        await nc.close()
 
 
 async def fill_bucket(

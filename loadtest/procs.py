@@ -1,21 +1,23 @@
-"""Child processes for benchmarks: start pinned, wait until an HTTP probe answers 200, read memory, stop."""
+"""Child processes for benchmarks: keyrelay.procs' start/wait/stop, plus pinning, memory and CPU readings."""
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import os
-import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from keyrelay.procs import ProcessError, stop, wait_http_ok
+from keyrelay.procs import spawn as _spawn
 
 from .wrk import pinned
 
 __all__ = [
     "ProcessError",
     "cpu_seconds",
+    "keyrelay_command",
     "machine_cpu",
     "memory_of",
     "spawn",
@@ -25,39 +27,15 @@ __all__ = [
 ]
 
 
-class ProcessError(RuntimeError):
-    """A benchmark's child process died, or never became ready."""
+def keyrelay_command() -> list[str]:
+    """The `keyrelay` command of this interpreter's environment (its script, else `python -m keyrelay`)."""
+    script = Path(sys.executable).parent / "keyrelay"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "keyrelay"]
 
 
 def spawn(command: Sequence[str], *, cpus: str | None, log: Path) -> subprocess.Popen[bytes]:
     """Start `command` (pinned to `cpus` when given) with its output appended to `log`."""
-    with log.open("ab") as out:
-        return subprocess.Popen(pinned(command, cpus), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-def _status(port: int, path: str) -> int | None:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
-    try:
-        conn.request("GET", path)
-        return conn.getresponse().status
-    except OSError:
-        return None
-    finally:
-        conn.close()
-
-
-def wait_http_ok(
-    process: subprocess.Popen[bytes], port: int, path: str, *, timeout: float, interval: float = 0.01, log: Path
-) -> float:
-    """Poll `path` until it answers 200; returns the monotonic time it first did."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ProcessError(f"exited with {process.returncode} before {path} said 200; log:\n{_tail(log)}")
-        if _status(port, path) == 200:
-            return time.monotonic()
-        time.sleep(interval)
-    raise ProcessError(f"{path} on port {port} not 200 after {timeout:.0f}s; log:\n{_tail(log)}")
+    return _spawn(pinned(command, cpus), log=log)
 
 
 def memory_of(pid: int) -> dict[str, int]:
@@ -71,23 +49,6 @@ def memory_of(pid: int) -> dict[str, int]:
                 raise ProcessError(f"unexpected unit {unit!r} in /proc/{pid}/status")
             found[name] = int(number) * 1024
     return found
-
-
-def stop(process: subprocess.Popen[bytes], *, timeout: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within `timeout`."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _tail(log: Path, lines: int = 20) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    return "(no log)"
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
