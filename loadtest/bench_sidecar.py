@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,11 +165,11 @@ def _get_json(port: int, path: str) -> dict[str, Any]:
 
 
 def _start_sidecar(
-    nats_url: str, *, cpus: str | None, log: Path, ready_timeout: float
+    nats_url: str, *, cpus: str | None, log: Path, ready_timeout: float, extra: Sequence[str] = ()
 ) -> tuple[subprocess.Popen[bytes], int, SidecarRun]:
     port = free_port()
     started = time.monotonic()
-    process = spawn(_sidecar_command(nats_url, port), cpus=cpus, log=log)
+    process = spawn([*_sidecar_command(nats_url, port), *extra], cpus=cpus, log=log)
     try:
         ready = wait_http_ok(process, port, "/readyz", timeout=ready_timeout, log=log)
         memory = memory_of(process.pid)
@@ -389,9 +390,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             asyncio.run(create_bucket(nats_server.url))
             _say(f"nats-server {nats_server.url}; {pin.describe()}")
 
+            # Without snapshots: an empty table's snapshot would pass for the region's, and spare the
+            # loaded sidecar (whose snapshot the warm start needs) from writing one.
             empty_proc, _, empty = _start_sidecar(
-                nats_server.url, cpus=pin.server, log=work / "sidecar-empty.log", ready_timeout=args.ready_timeout
-            )
+                nats_server.url, cpus=pin.server, log=work / "sidecar-empty.log", ready_timeout=args.ready_timeout,
+                extra=["--no-snapshots"],
+            )  # fmt: skip
             stop(empty_proc)
             _say(f"empty-bucket sidecar: ready in {empty.ready_seconds:.2f}s, RSS {empty.rss / 2**20:.1f} MiB")
 
