@@ -16,11 +16,11 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from keyrelay.procs import spawn, stop, wait_http_ok
 
 from .wrk import run_wrk
 
@@ -46,20 +46,6 @@ class Instructions:
         return self.instructions / self.requests
 
 
-def _wait_ok(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise CallgrindError(f"the server under valgrind exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise CallgrindError(f"{url} not 200 under valgrind after {timeout:.0f}s")
-
-
 def count_instructions(
     command: Sequence[str],
     *,
@@ -78,26 +64,18 @@ def count_instructions(
     if valgrind is None or control is None:
         raise CallgrindError("valgrind not found: install it (Debian: apt-get install -y valgrind)")
     out = work / f"callgrind.{port}"
-    process = subprocess.Popen(
-        [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}.%p", *command],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = work / f"callgrind.{port}.log"
+    process = spawn([valgrind, "--tool=callgrind", f"--callgrind-out-file={out}.%p", *command], log=log)
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_ok(base + ready_path, process, ready_timeout)
+        wait_http_ok(process, port, ready_path, timeout=ready_timeout, log=log, interval=0.5)
         # Slow under valgrind: a generous timeout, and few connections so none times out.
         run_wrk(base + url_path, connections=connections, duration=warmup, script=script, timeout=10.0)
         subprocess.run([control, "--zero", str(process.pid)], capture_output=True, check=True, timeout=60)
         measured = run_wrk(base + url_path, connections=connections, duration=duration, script=script, timeout=10.0)
         subprocess.run([control, "--dump", str(process.pid)], capture_output=True, check=True, timeout=60)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout=60)
     # The dump made on request is part 1; part 2 is what ran after it, until exit.
     dumps = sorted(work.glob(f"callgrind.{port}.{process.pid}.1"))
     if not dumps:

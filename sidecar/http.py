@@ -24,8 +24,8 @@ __all__ = ["STATE", "SidecarState", "add_routes"]
 
 _JSON = "application/json"
 _DENY_STATUS = {Code.INSUFFICIENT_SCOPE: 403, Code.WRONG_REGION: 403}
+# The denials' messages (a 200 has no body).
 _MESSAGES = {
-    Code.VALID: "the key is valid",
     Code.MISSING: "no key: send Authorization: Bearer <key> or X-API-Key",
     Code.MALFORMED: "the key is malformed or its check characters are wrong",
     Code.NOT_FOUND: "no such key",

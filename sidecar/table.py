@@ -168,15 +168,6 @@ class KeyTable:
                 return n, times[2 * n], times[2 * n + 1]
             slot = (slot + 1) & mask
 
-    def recheck(self, n: int, digest: bytes) -> tuple[int, float, float]:
-        """`lookup` for a record number found earlier: as lookup answers, or -1 if `n` no longer holds `digest`."""
-        # A removed record's digest is zeroed and a reused one holds another key's digest, so a
-        # match here means the record is still this key's, whatever has changed in it since.
-        if n < len(self._versions) and self._digests.startswith(digest, n * _DIGEST):
-            times = self._times
-            return n, times[2 * n], times[2 * n + 1]
-        return _MISSING
-
     def find_id(self, key_id: str) -> int:
         """The record number of `key_id`, or -1."""
         return self._find_id(_id_bytes(key_id))
