@@ -14,12 +14,13 @@ import re
 import sys
 import uuid
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .wire import KeyRecord, RecordFields
+from .wire import KeyRecord, RecordFields, header_safe
 
-__all__ = ["KeyTable", "KeyView"]
+__all__ = ["ALL", "KeyTable", "KeyView"]
 
 _EMPTY: Final = 0
 _TOMBSTONE: Final = -1
@@ -38,6 +39,7 @@ _I_SIZE, _D_SIZE, _Q_SIZE = array("I").itemsize, array("d").itemsize, array("q")
 _LAYOUT: Final = {"digest": _DIGEST, "id": _ID, "fields": _NFIELDS, "I": _I_SIZE, "d": _D_SIZE, "q": _Q_SIZE,
                   "byteorder": sys.byteorder}  # fmt: skip
 _MISSING: Final = (-1, 0.0, 0.0)
+ALL: Final = -1  # what watchers are told when every record may have changed (cleared, restored)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,12 +106,27 @@ class KeyTable:
         "_times",
         "_used",
         "_versions",
+        "_watchers",
     )
 
     def __init__(self, capacity: int = 1024) -> None:
+        self._watchers: tuple[Callable[[int], None], ...] = ()
         self._reset(capacity)
 
+    def watch(self, changed: Callable[[int], None]) -> None:
+        """Call `changed(n)` before record `n` is updated or removed, and `changed(ALL)` when all are replaced.
+
+        A record number is never told about when it is first filled: nothing can have been
+        derived from it before. Whoever caches what a record says must watch the table.
+        """
+        self._watchers += (changed,)
+
+    def _changed(self, n: int) -> None:
+        for changed in self._watchers:
+            changed(n)
+
     def _reset(self, capacity: int) -> None:
+        self._changed(ALL)
         self._digests = bytearray()
         self._ids = bytearray()
         self._fields = array("I")
@@ -246,6 +263,7 @@ class KeyTable:
         if n < 0:
             self._allocate(raw_id, key_hash, values, expires or 0.0, revoked or 0.0, version)
         else:
+            self._changed(n)
             self._fields[n * _NFIELDS : (n + 1) * _NFIELDS] = array("I", values)
             self._times[2 * n] = expires or 0.0
             self._times[2 * n + 1] = revoked or 0.0
@@ -307,6 +325,10 @@ class KeyTable:
                 value = tuple(map(_share, data))
             else:
                 raise ValueError(f"snapshot holds an interned value of unknown kind {kind!r}")
+            # As decode_fields demands of a record: these become /auth headers as they are.
+            texts = (data,) if kind == "s" else value if kind == "p" else ()
+            if not all(text is None or (isinstance(text, str) and header_safe(text)) for text in texts):
+                raise ValueError("snapshot holds an org, team, project or scope that is not printable ASCII")
             strings.index[value] = len(strings.values)
             strings.values.append(value)
         offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
@@ -318,6 +340,7 @@ class KeyTable:
         versions.frombytes(payload[offsets[4] : offsets[5]])
         if fields and max(fields) >= len(strings.values):
             raise ValueError("snapshot records refer to interned values it does not hold")
+        self._changed(ALL)
         self._digests, self._ids, self._fields, self._times, self._versions = digests, ids, fields, times, versions
         self._strings = strings
         self._scope_sets = {tuple(sorted(v[0])): i for i, v in enumerate(strings.values) if i and
@@ -379,6 +402,7 @@ class KeyTable:
         self._used += 1
 
     def _remove(self, n: int, raw_id: bytes) -> None:
+        self._changed(n)
         offset = n * _DIGEST
         digest = bytes(self._digests[offset : offset + _DIGEST])
         self._tombstone(self._by_hash, hash(digest), n)

@@ -10,7 +10,7 @@ from functools import lru_cache
 from hashlib import blake2s, sha256
 from typing import Any, Final
 
-from .table import _DIGEST, KeyTable
+from .table import ALL, KeyTable
 from .wire import DEFAULT_PREFIX, match_key
 
 __all__ = ["NO_SCOPES", "Code", "Hot", "Verifier", "parse_scopes"]
@@ -44,9 +44,9 @@ def parse_scopes(header: str) -> frozenset[str]:
     return frozenset(header.split())
 
 
-# What a hot entry holds: the record number, the key's SHA-256, the record's version, its expiry
-# and revocation, its scope set, and what the caller derived from the record (e.g. /auth headers).
-Hot = tuple[int, bytes, int, float, float, frozenset[str], Any]
+# What a hot entry holds: the record number, its expiry and revocation, its scope set, and what
+# the caller derived from the record (e.g. the /auth identity headers).
+Hot = tuple[int, float, float, frozenset[str], Any]
 
 
 @dataclass(slots=True)
@@ -64,10 +64,14 @@ class Verifier:
     # same keys over and over: a hit skips the format check, the SHA-256 (a 57-byte key is two
     # SHA-256 blocks; BLAKE2s hashes it in one, at less than half the cost) and the index probe.
     # BLAKE2s is a 256-bit cryptographic hash, and an entry is only ever made from a full SHA-256
-    # match, so a hit is that same key; the entry is used only while the record still holds the
-    # key's SHA-256 at the same version, so a changed, removed or replaced record is never
-    # answered from here. Only found keys are remembered, at most _HOT_KEYS of them.
+    # match, so a hit is that same key. The table tells the verifier (watch) before a record
+    # changes or goes, and its entry goes with it: a hit reads nothing of the table, and what it
+    # holds is the record as it is. Only found keys are remembered, at most _HOT_KEYS of them.
     _hot: dict[bytes, Hot] = field(default_factory=dict, init=False, repr=False)
+    _hot_of: dict[int, bytes] = field(default_factory=dict, init=False, repr=False)  # record → its entry's key
+
+    def __post_init__(self) -> None:
+        self.table.watch(self._forget)
 
     def verify(self, key: str, required: frozenset[str] = NO_SCOPES) -> tuple[Code, int]:
         """The code, and the record number when the key is known (else -1)."""
@@ -86,18 +90,7 @@ class Verifier:
             code, hot = self._find(key, raw, fingerprint)
             if hot is None:
                 return code, None
-        else:
-            # The table's arrays are read in place: this runs on every gateway subrequest, and
-            # a method call would cost more than the check. Both tests: an updated record has a
-            # new version, a removed one a zeroed digest, and a reused one (which may carry the
-            # same version number) another key's digest.
-            table = self.table
-            n = hot[0]
-            if table._versions[n] != hot[2] or not table._digests.startswith(hot[1], n * _DIGEST):
-                code, hot = self._find(key, raw, fingerprint)
-                if hot is None:
-                    return code, None
-        _, _, _, expires, revoked, scopes, _ = hot
+        _, expires, revoked, scopes, _ = hot
         if revoked:
             return _REVOKED, hot
         if expires and expires <= self.clock():
@@ -108,20 +101,30 @@ class Verifier:
 
     def _find(self, key: str, raw: bytes, fingerprint: bytes) -> tuple[Code, Hot | None]:
         """The slow path: format, region, index; the refusal, or VALID with the (now remembered) entry."""
-        self._hot.pop(fingerprint, None)
         match = match_key(key, self.prefix)  # also bounds the length (MAX_KEY_LEN)
         if match is None:
             return _MALFORMED
         region = match[3]
         if region is not None and region != self.region:
             return _WRONG_REGION
-        digest = sha256(raw).digest()
         table = self.table
-        n, expires, revoked = table.lookup(digest)
+        n, expires, revoked = table.lookup(sha256(raw).digest())
         if n < 0:
             return _NOT_FOUND
-        hot: Hot = (n, digest, table._versions[n], expires, revoked, table.scopes(n), self.derive(table, n))
+        hot: Hot = (n, expires, revoked, table.scopes(n), self.derive(table, n))
         if len(self._hot) >= _HOT_KEYS:
             self._hot.clear()
+            self._hot_of.clear()
         self._hot[fingerprint] = hot
+        self._hot_of[n] = fingerprint
         return _VALID, hot
+
+    def _forget(self, n: int) -> None:
+        """The table is about to change record `n` (or all, ALL): drop what was remembered of it."""
+        if n == ALL:
+            self._hot.clear()
+            self._hot_of.clear()
+            return
+        fingerprint = self._hot_of.pop(n, None)
+        if fingerprint is not None:
+            del self._hot[fingerprint]

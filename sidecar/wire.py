@@ -34,6 +34,7 @@ __all__ = [
     "display_form",
     "entry_name",
     "generate_key",
+    "header_safe",
     "is_region_code",
     "is_uuid",
     "key_digest",
@@ -266,6 +267,11 @@ RecordFields = tuple[
 ]
 
 
+def header_safe(text: str) -> bool:
+    """Whether `text` may go into an HTTP header as it is: printable ASCII, so no CR, LF or control byte."""
+    return text.isascii() and text.isprintable()
+
+
 def decode_fields(data: bytes) -> RecordFields:
     """Decode and validate a record as KeyRecord.decode does, without building the object (the sync's hot path)."""
     try:
@@ -308,6 +314,11 @@ def decode_fields(data: bytes) -> RecordFields:
     org, team, project = get("org"), get("team"), get("project")
     if not (isinstance(org, str) and org and isinstance(team, str) and team and isinstance(project, str) and project):
         org, team, project = _text(org, "org"), _text(team, "team"), _text(project, "project")  # raises
+    # These go into /auth's identity headers as they are (serialized once per key), so none may
+    # carry a CR or LF into a response; scopes are space-separated there, so hold no space.
+    scope_text = "".join(scopes)
+    if not header_safe(org + team + project + scope_text) or " " in scope_text:
+        raise RecordError("org, team, project and scopes must be printable ASCII, scopes without spaces")
     expires, revoked = get("expires"), get("revoked")
     return (
         key_id,

@@ -81,6 +81,37 @@ async def test_the_identity_of_a_valid_key_comes_back_in_headers(bucket: KeyValu
     assert headers["X-Key-Env"] == "test"
 
 
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+async def test_a_granted_answer_is_one_well_formed_head_with_each_header_once(
+    bucket: KeyValue, start_sidecar: StartSidecar, version: str
+) -> None:
+    key, record = make_key(scopes=("orders:read",))
+    await put(bucket, record)
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    host, port = sidecar.server.host, sidecar.server.port
+    assert port is not None
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET /auth HTTP/{version}\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode()
+        writer.write(f"GET /auth HTTP/{version}\r\nHost: x\r\n\r\n".encode())  # still open after a 200 on 1.1
+        after = await asyncio.wait_for(reader.read(65536), 5)
+    finally:
+        writer.close()
+    status, *lines = head[: -len("\r\n\r\n")].split("\r\n")
+    names = [line.split(":", 1)[0].lower() for line in lines]
+    fields = dict(line.split(": ", 1) for line in lines)
+    assert status == f"HTTP/{version} 200 OK"
+    assert sorted(names) == sorted(set(names))  # none twice
+    assert {"x-key-id", "x-org-id", "x-team-id", "x-project-id", "x-key-scopes", "x-key-env"} <= set(names)
+    identity = (fields["X-Key-Id"], fields["X-Project-Id"], fields["Server"])
+    assert identity == (record.key_id, record.project_id, "keyrelay")
+    assert fields["Content-Length"] == "0"
+    # HTTP/1.1 keeps the connection (the next answer is the 401); HTTP/1.0 without keep-alive closes it.
+    assert after.startswith(b"HTTP/1.1 401") if version == "1.1" else after == b""
+
+
 async def test_a_sidecar_resumes_after_nats_server_restarts_and_replays_nothing_it_held(
     nats_server: NatsServer, bucket: KeyValue, start_sidecar: StartSidecar
 ) -> None:

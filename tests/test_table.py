@@ -7,7 +7,9 @@ import time
 import uuid
 from typing import Any
 
-from sidecar.table import KeyTable
+import pytest
+
+from sidecar.table import ALL, KeyTable
 from sidecar.verify import Code, Verifier
 from sidecar.wire import KeyRecord, decode_fields, key_digest
 from tests.support import make_key, revoked
@@ -199,3 +201,80 @@ def test_a_remembered_key_still_gets_its_scope_and_expiry_checked() -> None:
     assert verifier.verify(key, frozenset({"write"}))[0] is Code.INSUFFICIENT_SCOPE
     clock.now = 1_500.0
     assert verifier.verify(key)[0] is Code.EXPIRED
+
+
+def test_a_watcher_hears_of_every_update_and_removal_before_it_happens_but_not_of_new_keys() -> None:
+    table = KeyTable()
+    heard: list[tuple[int, int]] = []  # (record told about, its version at that moment)
+    table.watch(lambda n: heard.append((n, table._versions[n] if n != ALL else -1)))
+    _, one = make_key()
+    _, two = make_key()
+    first, second = applied_to(table, one), applied_to(table, two)
+    assert heard == []
+
+    table.apply(revoked(one))
+    table.apply(dataclasses.replace(two, key_hash=make_key()[1].key_hash, version=2))  # a new hash: replaced
+    assert heard == [(first, 1), (second, 1)]
+
+    table.remove(one.key_id)
+    assert heard[-1] == (first, 2)
+    table.clear()
+    assert heard[-1] == (ALL, -1)
+
+
+def test_a_remembered_key_is_forgotten_when_the_table_is_cleared_or_restored() -> None:
+    table = KeyTable()
+    verifier = Verifier(table=table)
+    key, record = make_key()
+    table.apply(record)
+    header, arrays = table.export()
+    payload = memoryview(b"".join(bytes(a) for a in arrays))
+    assert verifier.verify(key)[0] is Code.VALID
+
+    table.clear()
+    assert verifier.verify(key)[0] is Code.NOT_FOUND
+    table.restore(header, payload)
+    assert verifier.verify(key)[0] is Code.VALID
+    table.restore(KeyTable().export()[0], memoryview(b""))  # an empty snapshot
+    assert verifier.verify(key)[0] is Code.NOT_FOUND
+
+
+def test_a_remembered_key_answers_with_its_updated_scopes_and_identity() -> None:
+    table = KeyTable()
+    seen: list[tuple[str, ...]] = []
+
+    def derive(t: KeyTable, n: int) -> tuple[str, ...]:
+        seen.append(t.identity(n))
+        return seen[-1]
+
+    verifier = Verifier(table=table, derive=derive)
+    key, record = make_key(scopes=("read", "write"))
+    table.apply(record)
+    assert verifier.check(key, frozenset({"write"}))[0] is Code.VALID
+    assert verifier.check(key, frozenset({"write"}))[0] is Code.VALID
+    assert len(seen) == 1  # derived once, then remembered
+
+    moved = str(uuid.uuid4())
+    table.apply(dataclasses.replace(record, scopes=("read",), project_id=moved, version=2))
+    code, hot = verifier.check(key, frozenset({"write"}))
+    assert code is Code.INSUFFICIENT_SCOPE
+    assert hot is not None
+    assert hot[4][3] == moved
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"), [("p", ["acme\r\nX-Admin: yes", "t", "p", "live", None]), ("s", "read\nwrite")]
+)
+def test_a_snapshot_with_values_unfit_for_a_header_is_refused(kind: str, value: Any) -> None:
+    table = KeyTable()
+    _, record = make_key()
+    table.apply(record)
+    header, arrays = table.export()
+    header["values"].append([kind, value])
+    with pytest.raises(ValueError, match="printable ASCII"):
+        KeyTable().restore(header, memoryview(b"".join(bytes(a) for a in arrays)))
+
+
+def applied_to(table: KeyTable, record: KeyRecord) -> int:
+    assert table.apply(record)
+    return table.find(record.key_hash)

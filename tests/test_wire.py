@@ -113,6 +113,12 @@ def test_unknown_record_fields_are_ignored() -> None:
         ("expires", "tomorrow"),
         ("v", None),
         ("org", ""),
+        # What would let a record write a header of its own into /auth's identity headers.
+        ("org", "acme\r\nX-Admin: yes"),
+        ("team", "team\n"),
+        ("project", "caf\u00e9"),
+        ("scopes", ["read\r\nX-Admin: yes"]),
+        ("scopes", ["read write"]),
     ],
 )
 def test_a_record_with_a_bad_field_is_refused(field: str, value: object) -> None:
