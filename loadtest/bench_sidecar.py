@@ -59,6 +59,7 @@ _INSTRUCTION_CONNECTIONS = 16
 TARGET_P99 = 0.002
 TARGET_BYTES_PER_KEY = 200
 TARGET_READY = 15.0
+TARGET_KEYS = 1_000_000  # the table size the memory and start-up targets are set for
 _QUIET_CORES = 0.15  # busy CPU (in cores) below which the machine counts as quiet before a run
 
 
@@ -336,7 +337,9 @@ def _runs_json(runs: list[Measured]) -> dict[str, Any]:
     }
 
 
-def _verdict(ok: bool) -> str:
+def _verdict(ok: bool | None) -> str:
+    if ok is None:
+        return f"not judged below {TARGET_KEYS:,} keys"
     return "PASS" if ok else "FAIL"
 
 
@@ -469,6 +472,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         m.server_cpu_us for m in saturated["sidecar"]
     )
     judged = paced[max(paced)] if paced else saturated
+    at_scale = args.keys >= TARGET_KEYS  # memory and start-up are judged at the size they are set for
     p99 = statistics.median(m.wrk.p99 for m in judged["sidecar"])
     errors = sum(m.wrk.errors for runs in [saturated, *paced.values()] for m in runs["sidecar"])
     results.update(
@@ -512,12 +516,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "bytes_per_key": {
                     "target": TARGET_BYTES_PER_KEY,
                     "value": per_key,
-                    "pass": per_key <= TARGET_BYTES_PER_KEY,
+                    "pass": per_key <= TARGET_BYTES_PER_KEY if at_scale else None,
                 },
                 "ready_seconds": {
                     "target": TARGET_READY,
                     "value": warm.ready_seconds,
-                    "pass": warm.ready_seconds <= TARGET_READY,
+                    "pass": warm.ready_seconds <= TARGET_READY if at_scale else None,
+                },
+                "replay_ready_seconds": {
+                    "target": TARGET_READY,
+                    "value": loaded.ready_seconds,
+                    "pass": loaded.ready_seconds <= TARGET_READY if at_scale else None,
                 },
                 "sidecar_errors": {"target": 0, "value": errors, "pass": errors == 0},
             },
@@ -555,8 +564,8 @@ def _count_instructions(nats_url: str, pool: list[str], work: Path) -> dict[str,
     return figures
 
 
-def _target(label: str, value: str, target: str, ok: bool) -> str:
-    return f"  {label:<24} {value:>10}   target {target:<8} {_verdict(ok)}"
+def _target(label: str, value: str, target: str, ok: bool | None) -> str:
+    return f"  {label:<32} {value:>10}   target {target:<8} {_verdict(ok)}"
 
 
 def _report(
@@ -639,6 +648,12 @@ def _report(
             f"{targets['ready_seconds']['value']:.2f} s",
             f"<= {TARGET_READY:g} s",
             targets["ready_seconds"]["pass"],
+        ),
+        _target(
+            "start to ready (replaying)",
+            f"{targets['replay_ready_seconds']['value']:.2f} s",
+            f"<= {TARGET_READY:g} s",
+            targets["replay_ready_seconds"]["pass"],
         ),
         _target(
             "sidecar non-200 answers",
