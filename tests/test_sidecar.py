@@ -81,9 +81,9 @@ async def test_the_identity_of_a_valid_key_comes_back_in_headers(bucket: KeyValu
     assert headers["X-Key-Env"] == "test"
 
 
-@pytest.mark.parametrize("version", ["1.1", "1.0"])
+@pytest.mark.parametrize(("method", "version"), [("GET", "1.1"), ("HEAD", "1.1"), ("GET", "1.0")])
 async def test_a_granted_answer_is_one_well_formed_head_with_each_header_once(
-    bucket: KeyValue, start_sidecar: StartSidecar, version: str
+    bucket: KeyValue, start_sidecar: StartSidecar, method: str, version: str
 ) -> None:
     key, record = make_key(scopes=("orders:read",))
     await put(bucket, record)
@@ -93,7 +93,7 @@ async def test_a_granted_answer_is_one_well_formed_head_with_each_header_once(
     assert port is not None
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(f"GET /auth HTTP/{version}\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
+        writer.write(f"{method} /auth HTTP/{version}\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
         head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode()
         writer.write(f"GET /auth HTTP/{version}\r\nHost: x\r\n\r\n".encode())  # still open after a 200 on 1.1
         after = await asyncio.wait_for(reader.read(65536), 5)
@@ -107,7 +107,7 @@ async def test_a_granted_answer_is_one_well_formed_head_with_each_header_once(
     assert {"x-key-id", "x-org-id", "x-team-id", "x-project-id", "x-key-scopes", "x-key-env"} <= set(names)
     identity = (fields["X-Key-Id"], fields["X-Project-Id"], fields["Server"])
     assert identity == (record.key_id, record.project_id, "keyrelay")
-    assert fields["Content-Length"] == "0"
+    assert fields.get("Content-Length", "0" if method == "HEAD" else None) == "0"  # aiohttp drops it on HEAD
     # HTTP/1.1 keeps the connection (the next answer is the 401); HTTP/1.0 without keep-alive closes it.
     assert after.startswith(b"HTTP/1.1 401") if version == "1.1" else after == b""
 
