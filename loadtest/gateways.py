@@ -143,6 +143,9 @@ class GatewayKind:
         return written
 
 
+# Envoy, Traefik and Caddy run one worker (Envoy --concurrency, Go's GOMAXPROCS): next to a sidecar
+# and an upstream on a small host, a worker per CPU fights them for every core (deploy/gateways/
+# README.md, "How many workers"). nginx keeps its config's `worker_processes auto`.
 KINDS: Final = {
     kind.name: kind
     for kind in (
@@ -166,18 +169,29 @@ KINDS: Final = {
             "envoy",
             ("envoy.yaml",),
             # No hot restart: it needs shared memory keyed by a base id, and several Envoys run here.
-            lambda binary, d: [str(binary), "-c", f"{d}/envoy.yaml", "--log-level", "warn", "--disable-hot-restart"],
+            lambda binary, d: [
+                str(binary),
+                "-c",
+                f"{d}/envoy.yaml",
+                "--log-level",
+                "warn",
+                "--disable-hot-restart",
+                "--concurrency",
+                "1",
+            ],
         ),
         GatewayKind(
             "traefik",
             ("traefik.yml", "dynamic.yml"),
             lambda binary, d: [str(binary), f"--configFile={d}/traefik.yml"],
+            env={"GOMAXPROCS": "1"},
             moved_paths=("/etc/traefik/",),
         ),
         GatewayKind(
             "caddy",
             ("Caddyfile",),
             lambda binary, d: [str(binary), "run", "--adapter", "caddyfile", "--config", f"{d}/Caddyfile"],
+            env={"GOMAXPROCS": "1"},
         ),
     )
 }

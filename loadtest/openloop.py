@@ -105,6 +105,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
         self.waiter: asyncio.Future[int] | None = None
+        self.reusable = True  # False once the server said `Connection: close`
         self._closed = closed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -131,6 +132,10 @@ class _Connection(asyncio.Protocol):
         if len(self.buffer) < end + 4 + length:
             return
         status = int(self.buffer[9:12])
+        # nginx closes a keep-alive connection after keepalive_requests answers, saying so in the
+        # last one: a request sent on it next would meet the close and count as an error.
+        if b"\r\nconnection: close" in head:
+            self.reusable = False
         del self.buffer[: end + 4 + length]
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(status)
@@ -190,7 +195,10 @@ async def run_open_loop(
                 on_result(index, NO_ANSWER, sent, time.perf_counter() - sent)
             return
         latency = time.perf_counter() - sent
-        idle.append(conn)
+        if conn.reusable:
+            idle.append(conn)
+        elif conn.transport is not None:
+            conn.transport.close()
         result.completed += 1
         result.statuses[status] = result.statuses.get(status, 0) + 1
         result.latencies.append(latency)
