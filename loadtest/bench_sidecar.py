@@ -69,7 +69,6 @@ class SidecarRun:
 
     ready_seconds: float
     rss: int
-    peak_rss: int
     status: dict[str, Any]
 
 
@@ -159,6 +158,10 @@ def _sidecar_command(nats_url: str, port: int) -> list[str]:
     return [*keyrelay_command(), "sidecar", "--nats-url", nats_url, "--port", str(port), "--log-level", "warning"]
 
 
+def _bare_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "loadtest.bare_http", "--port", str(port)]
+
+
 def _get_json(port: int, path: str) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
         body: dict[str, Any] = json.loads(resp.read())
@@ -178,7 +181,7 @@ def _start_sidecar(
     except BaseException:
         stop(process)
         raise
-    return process, port, SidecarRun(ready - started, memory["VmRSS"], memory["VmHWM"], status)
+    return process, port, SidecarRun(ready - started, memory["VmRSS"], status)
 
 
 def _snapshots_written(port: int) -> int:
@@ -429,8 +432,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
 
             bare_port = free_port()
-            bare_command = [sys.executable, "-m", "loadtest.bare_http", "--port", str(bare_port)]
-            bare = spawn(bare_command, cpus=pin.server, log=work / "bare.log")
+            bare = spawn(_bare_command(bare_port), cpus=pin.server, log=work / "bare.log")
             children.append(bare)
             wait_for_port(bare_port, timeout=20, process=bare)
 
@@ -543,11 +545,7 @@ def _count_instructions(nats_url: str, pool: list[str], work: Path) -> dict[str,
     figures: dict[str, Any] = {"pool": len(keys), "connections": _INSTRUCTION_CONNECTIONS}
     for name in ("bare", "sidecar"):
         port = free_port()
-        command = (
-            [sys.executable, "-m", "loadtest.bare_http", "--port", str(port)]
-            if name == "bare"
-            else _sidecar_command(nats_url, port)
-        )
+        command = _bare_command(port) if name == "bare" else _sidecar_command(nats_url, port)
         _say(f"  callgrind -> {name}")
         counted = count_instructions(
             command,

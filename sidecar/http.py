@@ -115,7 +115,7 @@ STATE = web.AppKey("keyrelay_sidecar_state", SidecarState)
 def identity_block(table: KeyTable, n: int) -> bytes:
     """Record `n`'s identity headers, serialized as they go on the wire, ending the header block."""
     # The table only holds values that are printable ASCII without CR or LF (wire.decode_fields
-    # refuses others), so the block cannot smuggle a header in.
+    # and KeyTable.restore refuse others), so the block cannot smuggle a header in.
     lines = "".join(f"{name}: {value}\r\n" for name, value in zip(_IDENTITY, table.identity(n), strict=True))
     return f"{lines}\r\n".encode()
 
