@@ -16,15 +16,13 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import nats
-from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from .direct import DirectClient
 from .errors import BucketNotFound, RecordError
 from .snapshot import Snapshot, SnapshotStore
 from .table import KeyTable
@@ -67,11 +65,11 @@ class _Generation:
     resync_seen: set[str] | None = None
 
 
-def _parse_ack_reply(reply: str) -> tuple[int, int, int]:
+def _parse_ack_reply(reply: bytes) -> tuple[int, int, int]:
     """Stream sequence, consumer sequence and pending count from a JetStream delivery's reply subject."""
     # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>, or the v2 form with
     # <domain>.<account hash> after $JS.ACK and a random token at the end.
-    tokens = reply.split(".")
+    tokens = reply.split(b".")
     base = 2 if len(tokens) == 9 else 4
     return int(tokens[base + 3]), int(tokens[base + 4]), int(tokens[base + 6])
 
@@ -111,7 +109,7 @@ class KeySync:
     written_snapshot: Snapshot | None = None
     snapshots_written: int = 0
 
-    _nc: Client | None = None
+    _nc: DirectClient | None = None
     _gen: _Generation = field(default_factory=_Generation)
     _reset: asyncio.Event = field(default_factory=asyncio.Event)
     _synced_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -191,34 +189,36 @@ class KeySync:
             if not self._closing:
                 self.stats.consumer_resets += 1
 
-    async def _connect(self) -> Client:
+    async def _connect(self) -> DirectClient:
         backoff = 0.1
         while not self._closing:
+            nc = DirectClient()
             try:
-                return await nats.connect(
+                await nc.connect(
                     servers=list(self.servers),
                     name=self.name,
                     connect_timeout=2,
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,
+                    reconnect_time_wait=0.25,  # type: ignore[arg-type]  # seconds; nats-py says int, takes float
                     ping_interval=5,
                     max_outstanding_pings=2,
                     disconnected_cb=self._on_disconnect,
                     reconnected_cb=self._on_reconnect,
                     error_cb=self._on_error,
                 )
+                return nc
             except Exception as exc:
                 log.warning("cannot reach NATS at %s: %s (retrying)", ",".join(self.servers), exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
         raise asyncio.CancelledError
 
-    def _snapshots(self, nc: Client) -> SnapshotStore:
+    def _snapshots(self, nc: DirectClient) -> SnapshotStore:
         assert self.snapshot_store is not None
         return SnapshotStore(nc.jetstream(timeout=30.0), bucket=self.bucket, store=self.snapshot_store,
                              region=self.region)  # fmt: skip
 
-    async def _load_snapshot(self, nc: Client) -> None:
+    async def _load_snapshot(self, nc: DirectClient) -> None:
         """Start from the region's snapshot when there is a usable one; else the consumer replays everything."""
         started = time.monotonic()
         try:
@@ -322,13 +322,13 @@ class KeySync:
         if isinstance(active, int) and active >= 0:
             self.upstream_contact = time.monotonic() - active / _NS
 
-    async def _api(self, nc: Client, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def _api(self, nc: DirectClient, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         payload = json.dumps(body).encode() if body is not None else b""
         reply = await nc.request(f"$JS.API.{subject}", payload, timeout=self.api_timeout)
         data: dict[str, Any] = json.loads(reply.data)
         return data
 
-    async def _open_consumer(self, nc: Client) -> None:
+    async def _open_consumer(self, nc: DirectClient) -> None:
         await self._drop_consumer(self._gen)
         self.connected = nc.is_connected
         info = await self._api(nc, f"STREAM.INFO.{self.stream}")
@@ -351,9 +351,7 @@ class KeySync:
             gen.resync_seen = set()
         start = self.last_revision + 1
         inbox = nc.new_inbox()
-        gen.sub = await nc.subscribe(
-            inbox, cb=functools.partial(self._on_message, gen), pending_msgs_limit=0, pending_bytes_limit=0
-        )
+        gen.sub = await nc.subscribe_direct(inbox, functools.partial(self._on_message, gen))
         self._gen = gen
         subjects = region_subjects(self.bucket, self.region)
         config: dict[str, Any] = {
@@ -423,14 +421,14 @@ class KeySync:
 
     # -- messages ----------------------------------------------------------------------------
 
-    async def _on_message(self, gen: _Generation, msg: Msg) -> None:
+    def _on_message(
+        self, gen: _Generation, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> Awaitable[None] | None:
         if gen is not self._gen or gen.sub is None:
-            return  # a message for a consumer already replaced
-        headers = msg.headers
+            return None  # a message for a consumer already replaced
         if headers and "Status" in headers:
-            await self._on_status(gen, msg, headers)
-            return
-        stream_seq, consumer_seq, pending = _parse_ack_reply(msg.reply)
+            return self._on_status(gen, reply, headers)
+        stream_seq, consumer_seq, pending = _parse_ack_reply(reply)
         if consumer_seq != gen.expected:
             log.info(
                 "consumer sequence gap (got %d, expected %d): resuming from revision %d",
@@ -440,22 +438,23 @@ class KeySync:
             )
             gen.sub = None
             self._reset.set()
-            return
+            return None
         gen.expected += 1
         self.last_contact = time.monotonic()
-        self._apply(gen, msg, headers)
+        self._apply(gen, subject, data, headers)
         self.last_revision = stream_seq
         self.pending = pending
         if pending == 0 and (not self.synced or gen.resync_seen is not None):
             self._caught_up(gen)
+        return None
 
-    async def _on_status(self, gen: _Generation, msg: Msg, headers: dict[str, str]) -> None:
+    async def _on_status(self, gen: _Generation, reply: bytes, headers: dict[str, str]) -> None:
         assert self._nc is not None
         status = headers.get("Status")
         if status == "100":
             self.last_contact = time.monotonic()
-            if msg.reply:  # flow control request
-                await self._nc.publish(msg.reply)
+            if reply:  # flow control request
+                await self._nc.publish(reply.decode())
                 return
             stalled = headers.get("Nats-Consumer-Stalled")
             if stalled:
@@ -474,8 +473,8 @@ class KeySync:
         gen.sub = None
         self._reset.set()
 
-    def _apply(self, gen: _Generation, msg: Msg, headers: dict[str, str] | None) -> None:
-        key_id = msg.subject.rsplit(".", 1)[-1]
+    def _apply(self, gen: _Generation, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+        key_id = subject[subject.rfind(b".") + 1 :].decode()
         operation = headers.get("KV-Operation") if headers else None
         if operation in ("DEL", "PURGE"):
             with contextlib.suppress(ValueError):
@@ -484,17 +483,18 @@ class KeySync:
             self._changed()
             return
         try:
-            fields = decode_fields(msg.data)  # no KeyRecord object: this runs once per key on a full load
+            fields = decode_fields(data)  # no KeyRecord object: this runs once per key on a full load
             if fields[0] != key_id:
                 raise RecordError("id does not match the entry name")
+            if gen.resync_seen is not None:
+                gen.resync_seen.add(key_id)
+                self.table.remove(key_id)  # a recreated bucket may carry older versions: take it as it is
+            applied = self.table.apply_fields(fields)
         except RecordError as exc:
             self.stats.decode_errors += 1
-            log.warning("skipped record at %s: %s", msg.subject, exc.reason)
+            log.warning("skipped record at %s: %s", subject.decode(errors="replace"), exc.reason)
             return
-        if gen.resync_seen is not None:
-            gen.resync_seen.add(key_id)
-            self.table.remove(key_id)  # a recreated bucket may carry older versions: take it as it is
-        if self.table.apply_fields(fields):
+        if applied:
             self.stats.applied += 1
             self._changed()
         else:

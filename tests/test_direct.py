@@ -1,0 +1,102 @@
+"""DirectClient against a real nats-server: raw parts in order, other subscriptions untouched, failures contained."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import pytest
+
+from keyrelay.natsd import NatsServer
+from sidecar.direct import DirectClient
+from tests.support import eventually
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    async def probe() -> bool:
+        return condition()
+
+    await eventually(probe, bool)
+
+
+async def _connect(nats_server: NatsServer) -> DirectClient:
+    nc = DirectClient()
+    await nc.connect(servers=[nats_server.url], connect_timeout=5, max_reconnect_attempts=0)
+    return nc
+
+
+async def test_a_direct_subscription_gets_each_message_raw_and_in_order(nats_server: NatsServer) -> None:
+    nc = await _connect(nats_server)
+    seen: list[tuple[bytes, bytes, bytes, dict[str, str] | None]] = []
+    try:
+        await nc.subscribe_direct("direct.>", lambda *parts: seen.append(parts))
+        for i in range(100):
+            await nc.publish(f"direct.{i}", str(i).encode(), reply="answer.here" if i == 0 else "")
+        await nc.publish("direct.h", b"", headers={"KV-Operation": "DEL"})
+        await nc.flush()
+        await _until(lambda: len(seen) == 101)
+        assert seen[0] == (b"direct.0", b"answer.here", b"0", None)
+        assert [data for _, _, data, _ in seen[:100]] == [str(i).encode() for i in range(100)]
+        assert seen[100][0] == b"direct.h"
+        assert seen[100][3] is not None
+        assert seen[100][3]["KV-Operation"] == "DEL"
+    finally:
+        await nc.close()
+
+
+async def test_ordinary_subscriptions_and_requests_still_go_through_nats_py(nats_server: NatsServer) -> None:
+    nc = await _connect(nats_server)
+    try:
+        await nc.subscribe_direct("direct.x", lambda *parts: None)
+
+        async def answer(msg: object) -> None:
+            await msg.respond(b"pong")  # type: ignore[attr-defined]
+
+        await nc.subscribe("ping", cb=answer)
+        reply = await nc.request("ping", b"", timeout=2)
+        assert reply.data == b"pong"
+    finally:
+        await nc.close()
+
+
+async def test_an_unsubscribed_direct_handler_is_not_called_again(nats_server: NatsServer) -> None:
+    nc = await _connect(nats_server)
+    seen: list[bytes] = []
+    try:
+        sub = await nc.subscribe_direct("direct.y", lambda subject, reply, data, headers: seen.append(data))
+        await nc.publish("direct.y", b"one")
+        await nc.flush()
+        await _until(lambda: seen == [b"one"])
+        await sub.unsubscribe()
+        await nc.publish("direct.y", b"two")
+        await nc.flush()
+        await asyncio.sleep(0.1)
+        assert seen == [b"one"]
+    finally:
+        await nc.close()
+
+
+async def test_a_failing_handler_is_logged_and_the_connection_carries_on(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await _connect(nats_server)
+    seen: list[bytes] = []
+
+    def handler(subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+        if data == b"bad":
+            raise RuntimeError("boom")
+        seen.append(data)
+
+    try:
+        await nc.subscribe_direct("direct.z", handler)
+        with caplog.at_level(logging.ERROR, logger="keyrelay.sidecar.direct"):
+            for data in (b"a", b"bad", b"b"):
+                await nc.publish("direct.z", data)
+            await nc.flush()
+            await _until(lambda: seen == [b"a", b"b"])
+        assert nc.is_connected
+        assert "direct.z" in caplog.text
+        assert "boom" in caplog.text
+    finally:
+        await nc.close()
