@@ -69,9 +69,11 @@ def _parse_ack_reply(reply: bytes) -> tuple[int, int, int]:
     """Stream sequence, consumer sequence and pending count from a JetStream delivery's reply subject."""
     # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>, or the v2 form with
     # <domain>.<account hash> after $JS.ACK and a random token at the end.
+    if reply.count(b".") == 8:  # the v1 form, what a server without a domain sends: five tokens split off
+        _, stream_seq, consumer_seq, _, pending = reply.rsplit(b".", 4)
+        return int(stream_seq), int(consumer_seq), int(pending)
     tokens = reply.split(b".")
-    base = 2 if len(tokens) == 9 else 4
-    return int(tokens[base + 3]), int(tokens[base + 4]), int(tokens[base + 6])
+    return int(tokens[7]), int(tokens[8]), int(tokens[10])
 
 
 @dataclass(slots=True)

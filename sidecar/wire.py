@@ -272,8 +272,18 @@ def header_safe(text: str) -> bool:
     return text.isascii() and text.isprintable()
 
 
+def _canonical_id(value: Any) -> str:
+    """A record's id in the form ids are written in (lowercase, dashed); RecordError if it is no UUID."""
+    if not is_uuid(_text(value, "id")):
+        raise RecordError("id must be a UUID")
+    return str(uuid.UUID(value))
+
+
 def decode_fields(data: bytes) -> RecordFields:
-    """Decode and validate a record as KeyRecord.decode does, without building the object (the sync's hot path)."""
+    """Decode and validate a record as KeyRecord.decode does, without building the object (the sync's hot path).
+
+    The key id comes back in canonical form (lowercase, dashed), as KeyTable.apply_fields expects it.
+    """
     try:
         raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
@@ -288,9 +298,8 @@ def decode_fields(data: bytes) -> RecordFields:
     if not isinstance(key_hash, bytes) or len(key_hash) != 32:
         raise RecordError("hash must be 32 bytes")
     key_id = get("id")
-    if not isinstance(key_id, str) or not is_uuid(key_id):
-        _text(key_id, "id")  # raises for what is not a string at all
-        raise RecordError("id must be a UUID")
+    if not isinstance(key_id, str) or _LOWER_UUID_RE.fullmatch(key_id) is None:
+        key_id = _canonical_id(key_id)
     scopes = get("scopes")
     if not isinstance(scopes, list):
         raise RecordError("scopes must be a list of strings")

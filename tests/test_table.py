@@ -278,3 +278,16 @@ def test_a_snapshot_with_values_unfit_for_a_header_is_refused(kind: str, value: 
 def applied_to(table: KeyTable, record: KeyRecord) -> int:
     assert table.apply(record)
     return table.find(record.key_hash)
+
+
+def test_a_record_keyed_by_an_uppercase_id_is_found_by_its_canonical_one() -> None:
+    table = KeyTable()
+    _, record = make_key()
+    assert table.apply(dataclasses.replace(record, key_id=record.key_id.upper()))
+    assert table.find_id(record.key_id) == table.find(record.key_hash) >= 0
+
+
+def test_fields_with_an_id_that_is_not_canonical_are_refused() -> None:
+    _, record = make_key()
+    with pytest.raises(ValueError, match="canonical"):
+        KeyTable().apply_fields(dataclasses.replace(record, key_id="{" + record.key_id + "}").fields())

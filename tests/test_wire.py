@@ -9,6 +9,7 @@ from sidecar.errors import RecordError
 from sidecar.wire import (
     ALPHABET,
     KeyRecord,
+    decode_fields,
     display_form,
     entry_name,
     generate_key,
@@ -151,3 +152,10 @@ def test_the_check_characters_are_the_crc32_of_the_rest_in_six_base62_digits() -
         number, rem = divmod(number, 62)
         digits.append(ALPHABET[rem])
     assert key[-6:] == "".join(reversed(digits))
+
+
+def test_a_record_id_in_another_uuid_form_comes_back_canonical() -> None:
+    _, record = make_key()
+    raw = msgpack.unpackb(record.encode())
+    raw["id"] = record.key_id.upper()
+    assert decode_fields(msgpack.packb(raw))[0] == record.key_id
