@@ -143,9 +143,10 @@ class GatewayKind:
         return written
 
 
-# Envoy, Traefik and Caddy run one worker (Envoy --concurrency, Go's GOMAXPROCS): next to a sidecar
-# and an upstream on a small host, a worker per CPU fights them for every core (deploy/gateways/
-# README.md, "How many workers"). nginx keeps its config's `worker_processes auto`.
+# Envoy runs one worker (--concurrency 1): next to a sidecar and an upstream on a small host, a
+# worker per CPU fights them for every core. Traefik and Caddy keep Go's default (GOMAXPROCS = the
+# CPUs, or a cgroup's limit), which measured better than one here; nginx its config's
+# `worker_processes auto` (deploy/gateways/README.md, "How many workers").
 KINDS: Final = {
     kind.name: kind
     for kind in (
@@ -184,14 +185,12 @@ KINDS: Final = {
             "traefik",
             ("traefik.yml", "dynamic.yml"),
             lambda binary, d: [str(binary), f"--configFile={d}/traefik.yml"],
-            env={"GOMAXPROCS": "1"},
             moved_paths=("/etc/traefik/",),
         ),
         GatewayKind(
             "caddy",
             ("Caddyfile",),
             lambda binary, d: [str(binary), "run", "--adapter", "caddyfile", "--config", f"{d}/Caddyfile"],
-            env={"GOMAXPROCS": "1"},
         ),
     )
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -22,8 +23,10 @@ __all__ = [
     "memory_of",
     "spawn",
     "stop",
+    "time_wait_sockets",
     "wait_http_ok",
     "wait_quiet",
+    "wait_time_wait",
 ]
 
 
@@ -77,3 +80,24 @@ def wait_quiet(*, threshold: float, longest: float, sample: float = 0.5) -> tupl
         waited = time.monotonic() - started
         if load < threshold or waited >= longest:
             return load, waited
+
+
+def time_wait_sockets() -> int:
+    """TCP sockets (IPv4 and IPv6) in TIME_WAIT on this machine, from /proc/net."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines, None)
+            count += sum(1 for line in lines if line.split(None, 4)[3] == "06")
+    return count
+
+
+def wait_time_wait(*, below: int, longest: float) -> tuple[int, float]:
+    """Wait (at most `longest` s) until fewer than `below` sockets are in TIME_WAIT; returns (count, waited)."""
+    started = time.monotonic()
+    while True:
+        count = time_wait_sockets()
+        waited = time.monotonic() - started
+        if count < below or waited >= longest:
+            return count, waited
+        time.sleep(1.0)
