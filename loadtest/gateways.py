@@ -145,7 +145,7 @@ class GatewayKind:
 
 # Envoy runs one worker (--concurrency 1): next to a sidecar and an upstream on a small host, a
 # worker per CPU fights them for every core. Traefik and Caddy keep Go's default (GOMAXPROCS = the
-# CPUs, or a cgroup's limit), which measured better than one here; nginx its config's
+# CPUs; Go 1.25 and later, a cgroup's limit), which measured better than one here; nginx its config's
 # `worker_processes auto` (deploy/gateways/README.md, "How many workers").
 KINDS: Final = {
     kind.name: kind

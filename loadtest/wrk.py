@@ -21,6 +21,7 @@ _TIME = r"([\d.]+)(us|ms|s|m|h)"
 _PERCENTILE_RE = re.compile(rf"^\s+([\d.]+)%\s+{_TIME}\s*$", re.M)
 _TOTAL_RE = re.compile(rf"^\s+(\d+) requests in {_TIME}", re.M)
 _RPS_RE = re.compile(r"^Requests/sec:\s+([\d.]+)", re.M)
+_MEAN_RE = re.compile(rf"^\s+Latency\s+{_TIME}\s", re.M)  # the thread stats' Avg column
 _NON_2XX_RE = re.compile(r"^\s+Non-2xx or 3xx responses: (\d+)", re.M)
 _SOCKET_RE = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 
@@ -69,6 +70,7 @@ class WrkResult:
     seconds: float
     requests_per_second: float
     percentiles: dict[float, float]
+    mean: float  # latency, seconds
     non_2xx_3xx: int
     socket_errors: dict[str, int]
     output: str
@@ -116,8 +118,9 @@ def parse_wrk(output: str) -> WrkResult:
     """Read the summary wrk prints with `--latency`."""
     total = _TOTAL_RE.search(output)
     rps = _RPS_RE.search(output)
+    mean = _MEAN_RE.search(output)
     percentiles = {float(p): _seconds(v, u) for p, v, u in _PERCENTILE_RE.findall(output)}
-    if total is None or rps is None or 50.0 not in percentiles or 99.0 not in percentiles:
+    if total is None or rps is None or mean is None or 50.0 not in percentiles or 99.0 not in percentiles:
         raise WrkError(f"cannot read wrk's output (was --latency given?):\n{output}")
     non_2xx = _NON_2XX_RE.search(output)
     socket = _SOCKET_RE.search(output)
@@ -129,6 +132,7 @@ def parse_wrk(output: str) -> WrkResult:
         seconds=_seconds(total.group(2), total.group(3)),
         requests_per_second=float(rps.group(1)),
         percentiles=percentiles,
+        mean=_seconds(mean.group(1), mean.group(2)),
         non_2xx_3xx=int(non_2xx.group(1)) if non_2xx else 0,
         socket_errors=socket_errors,
         output=output,

@@ -7,10 +7,11 @@ replay. A direct subscription is called from the reader itself with the
 message's raw parts; everything else (connect, reconnect, resubscribe,
 requests, publishing) stays nats-py's own.
 
-It overrides one private method, `Client._process_msg(sid, subject, reply,
-data, headers)`, and calls `Client._process_headers`: the pinned nats-py
-range in pyproject.toml is the one this was checked against, and the sync
-tests run every delivery through it.
+It overrides two private methods, `Client._process_msg(sid, subject, reply,
+data, headers)` and `Client._remove_sub`, reads a subscription's `_id`,
+`_received` and `_max_msgs`, and calls `Client._process_headers`: the nats-py
+range pinned in pyproject.toml (2.16.x) is the one this was checked against,
+and the sync tests run every delivery through it.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ class DirectClient(Client):
     def __init__(self) -> None:
         super().__init__()
         self._direct: dict[int, DirectHandler] = {}
+        self.handler_errors = 0
 
     async def subscribe_direct(self, subject: str, handler: DirectHandler) -> Subscription:
         """Subscribe so that `handler` gets every message on the reader's own turn; unsubscribe as usual."""
-        # No callback: nats-py keeps an idle queue for next_msg, which is never filled.
+        # No callback: nats-py keeps an idle queue for next_msg, which is never filled. The handler
+        # is registered after SUB is queued, before the next read: nats-py's subscribe does not
+        # yield to the reader in between.
         sub = await self.subscribe(subject)
         self._direct[sub._id] = handler
         return sub
@@ -53,11 +57,27 @@ class DirectClient(Client):
         if handler is None:
             await super()._process_msg(sid, subject, reply, data, headers)
             return
+        # nats-py's own bookkeeping: the counters, and unsubscribe(limit) taking effect.
+        stats = self.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        sub = self._subs.get(sid)
+        if sub is not None:
+            sub._received += 1
+            if sub._max_msgs > 0 and sub._received >= sub._max_msgs:
+                self._remove_sub(sid)
         try:
             result = handler(subject, reply, data, await self._process_headers(headers) if headers else None)
             if result is not None:
                 await result
         except Exception:
-            # As nats-py treats a callback's exception: logged, and the connection carries on (raised
-            # here, it would end the read loop and reconnect, and the same message would come back).
-            log.exception("a direct subscription's handler failed on a message to %s", subject.decode(errors="replace"))
+            # As nats-py treats a callback's exception: logged, and the connection carries on. Raised
+            # here, it would end nats-py's read loop and leave a connection that looks connected and
+            # reads nothing until its pings go unanswered. Logged in full once, then counted, so a
+            # bug that fails every record of a replay does not write a million tracebacks.
+            self.handler_errors += 1
+            if self.handler_errors == 1:
+                where = subject.decode(errors="replace")
+                log.exception("a direct subscription's handler failed on a message to %s", where)
+            elif self.handler_errors % 1000 == 0:
+                log.error("direct subscription handlers have failed %d times", self.handler_errors)

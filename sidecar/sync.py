@@ -63,6 +63,9 @@ class _Generation:
     consumer: str = ""
     expected: int = 1
     resync_seen: set[str] | None = None
+    # Set when its stream went wrong (a gap, a status): later messages are ignored until
+    # _open_consumer drops it (unsubscribes, deletes the consumer) and starts the next one.
+    abandoned: bool = False
 
 
 def _parse_ack_reply(reply: bytes) -> tuple[int, int, int]:
@@ -426,8 +429,8 @@ class KeySync:
     def _on_message(
         self, gen: _Generation, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
     ) -> Awaitable[None] | None:
-        if gen is not self._gen or gen.sub is None:
-            return None  # a message for a consumer already replaced
+        if gen is not self._gen or gen.abandoned or gen.sub is None:
+            return None  # a message for a consumer replaced or about to be
         if headers and "Status" in headers:
             return self._on_status(gen, reply, headers)
         stream_seq, consumer_seq, pending = _parse_ack_reply(reply)
@@ -438,7 +441,7 @@ class KeySync:
                 gen.expected,
                 self.last_revision,
             )
-            gen.sub = None
+            gen.abandoned = True
             self._reset.set()
             return None
         gen.expected += 1
@@ -463,7 +466,7 @@ class KeySync:
                 await self._nc.publish(stalled)
             last = headers.get("Nats-Last-Consumer")
             if last is not None and int(last) != gen.expected - 1:
-                gen.sub = None
+                gen.abandoned = True
                 self._reset.set()
             return
         log.info(
@@ -472,7 +475,7 @@ class KeySync:
             headers.get("Description", ""),
             self.last_revision,
         )
-        gen.sub = None
+        gen.abandoned = True
         self._reset.set()
 
     def _apply(self, gen: _Generation, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
@@ -486,7 +489,7 @@ class KeySync:
             return
         try:
             fields = decode_fields(data)  # no KeyRecord object: this runs once per key on a full load
-            if fields[0] != key_id:
+            if fields[0] != key_id and fields[0] != key_id.lower():  # the id comes back canonical
                 raise RecordError("id does not match the entry name")
             if gen.resync_seen is not None:
                 gen.resync_seen.add(key_id)

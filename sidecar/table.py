@@ -243,10 +243,11 @@ class KeyTable:
         """`apply` for a record as the plain tuple `decode_fields` returns, its key id canonical (the sync's path)."""
         key_id, key_hash, org, team, project, scopes, env, region, expires, revoked, version, meta = fields
         # decode_fields has checked the id and put it in canonical form: a second regex here cost
-        # a twentieth of a million-key replay. The length still guards the fixed-width id array.
+        # a twentieth of a million-key replay. Length and case still guard the fixed-width array
+        # and the lookups by id (find_id, remove), which look for the canonical form.
         raw_id = key_id.encode()
-        if len(raw_id) != _ID:
-            raise ValueError(f"key id {key_id!r} is not a canonical UUID: pass records through decode_fields")
+        if len(raw_id) != _ID or key_id.lower() != key_id:
+            raise ValueError(f"key id {key_id!r} is not in canonical form: pass records through decode_fields")
         n = self._find_id(raw_id)
         if n >= 0:
             if self._versions[n] >= version:

