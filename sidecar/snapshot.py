@@ -15,6 +15,7 @@ region, the table's header), then the table's arrays back to back.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import mmap
@@ -69,28 +70,46 @@ def encode(table: KeyTable, *, revision: int, bucket: str, region: str | None) -
     return b"".join(_pieces(table, revision=revision, bucket=bucket, region=region))
 
 
-def _encode_mapped(table: KeyTable, *, revision: int, bucket: str, region: str | None) -> mmap.mmap:
-    """`encode` into anonymous memory of its own, which close() gives back to the system at once.
+# Room for the header (and a little growth) in a mapping made before the copy: a tenth of the
+# arrays, at least this. At 1M keys the header is 5 MB of 104.
+_HEADER_ROOM = 8 << 20
+
+
+def _mapping(size: int) -> mmap.mmap:
+    """Anonymous memory of `size` bytes, its pages already faulted in (MAP_POPULATE)."""
+    return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0))
+
+
+def _encode_mapped(
+    table: KeyTable, *, revision: int, bucket: str, region: str | None, into: mmap.mmap | None = None
+) -> tuple[mmap.mmap, int]:
+    """`encode` into anonymous memory of its own (`into`, when it is large enough); returns it and the length.
 
     A million keys make a 100 MB snapshot; as a bytes object it would come from the heap, which
     the allocator may keep long after the upload, so the sidecar's resident memory would stay
-    that much higher."""
+    that much higher. Faulting in fresh pages while copying took 75 ms at 1M keys, on the event
+    loop: a mapping made beforehand (off the loop) takes the copy down to about 10 ms."""
     pieces = _pieces(table, revision=revision, bucket=bucket, region=region)
-    mapped = mmap.mmap(-1, sum(len(piece) for piece in pieces))
+    size = sum(len(piece) for piece in pieces)
+    mapped = into if into is not None and len(into) >= size else _mapping(size)
+    if mapped is not into and into is not None:
+        into.close()
     for piece in pieces:
         mapped.write(piece)
     mapped.seek(0)
-    return mapped
+    return mapped, size
 
 
 class _Reader:
-    """What the object store's put reads chunks from (readinto), over a mapped snapshot."""
+    """What the object store's put reads chunks from (readinto), over the first `size` bytes of a mapping."""
 
-    def __init__(self, mapped: mmap.mmap) -> None:
+    def __init__(self, mapped: mmap.mmap, size: int) -> None:
         self._mapped = mapped
+        self._left = size
 
     def readinto(self, buffer: bytearray) -> int:
-        chunk = self._mapped.read(len(buffer))
+        chunk = self._mapped.read(min(len(buffer), self._left))
+        self._left -= len(chunk)
         buffer[: len(chunk)] = chunk
         return len(chunk)
 
@@ -180,10 +199,13 @@ class SnapshotStore:
         """Write the table as the region's snapshot, as of the revision `revision()` names when copied."""
         store = await self._open(create=True)
         assert store is not None
+        # The memory for the copy is made (and faulted in) in a thread, with room for some growth,
+        # so the part that must not await, below, is only the copy itself.
+        arrays = table.array_bytes()
+        into = await asyncio.to_thread(_mapping, arrays + max(_HEADER_ROOM, arrays // 10))
         # No await between reading the revision and copying the table: they must describe one state.
         at = revision()
-        mapped = _encode_mapped(table, revision=at, bucket=self.bucket, region=self.region)
-        size = len(mapped)
+        mapped, size = _encode_mapped(table, revision=at, bucket=self.bucket, region=self.region, into=into)
         revision_text = str(at)
         created = time.time()
         meta = ObjectMeta(
@@ -194,7 +216,7 @@ class SnapshotStore:
         )
         try:
             # nats-py reads any object with readinto (its annotation says BufferedIOBase).
-            await store.put(self.name, _Reader(mapped), meta=meta)  # type: ignore[arg-type]
+            await store.put(self.name, _Reader(mapped, size), meta=meta)  # type: ignore[arg-type]
         finally:
             mapped.close()
         return Snapshot(revision=at, keys=len(table), created=created, size=size)

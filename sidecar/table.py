@@ -156,6 +156,14 @@ class KeyTable:
         if wanted > self._mask + 1:
             self._resize(wanted)
 
+    def array_bytes(self) -> int:
+        """Bytes of the arrays export() hands out (what a snapshot copies besides its header)."""
+        return (
+            len(self._digests)
+            + len(self._ids)
+            + sum(len(a) * a.itemsize for a in (self._fields, self._times, self._versions))
+        )
+
     def nbytes(self) -> int:
         """Bytes held by the flat arrays (the interned strings are shared and not counted)."""
         return sum(

@@ -11,7 +11,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from sidecar.errors import SnapshotError
-from sidecar.snapshot import decode, encode
+from sidecar.snapshot import _encode_mapped, _mapping, _Reader, decode, encode
 from sidecar.table import KeyTable
 from sidecar.wire import key_digest
 from tests.conftest import StartSidecar
@@ -158,3 +158,24 @@ def test_a_snapshot_is_due_when_missing_old_or_far_behind() -> None:
     assert not sync._snapshot_due((10.0, 49_000))
     assert sync._snapshot_due((10.0, 30_000))  # 20,000 revisions behind
     assert sync._snapshot_due((601.0, 50_000))
+
+
+@pytest.mark.parametrize("room", [0, 64, 1 << 20])
+def test_a_snapshot_copied_into_premade_memory_is_the_encoded_snapshot_whatever_the_room(room: int) -> None:
+    table = KeyTable()
+    for _ in range(50):
+        table.apply(make_key()[1])
+    expected = encode(table, revision=7, bucket="KEYS", region=None)
+    into = _mapping(room) if room else None
+    mapped, size = _encode_mapped(table, revision=7, bucket="KEYS", region=None, into=into)
+    try:
+        assert size == len(expected)
+        assert table.array_bytes() == sum(len(a) for a in table.export()[1])
+        reader, read, buffer = _Reader(mapped, size), bytearray(), bytearray(4096)
+        while count := reader.readinto(buffer):
+            read += buffer[:count]
+    finally:
+        mapped.close()
+    assert len(read) == size  # the reader stops at the snapshot's end, not the mapping's
+    # The header holds its creation time: compare the arrays that follow it.
+    assert read[-table.array_bytes() :] == expected[-table.array_bytes() :]
