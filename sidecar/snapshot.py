@@ -57,12 +57,30 @@ class Snapshot:
 
 def _pieces(table: KeyTable, *, revision: int, bucket: str, region: str | None) -> list[bytes | memoryview]:
     """A snapshot's parts in order: magic, header length, header, then the table's arrays (views)."""
-    table_header, arrays = table.export()
-    header = msgpack.packb({
-        "format": FORMAT, "revision": revision, "bucket": bucket, "region": region, "created": time.time(),
-        "keys": len(table), "table": table_header,
-    })  # fmt: skip
-    return [MAGIC, _LENGTH.pack(len(header)), header, *arrays]
+    table_header, values, count = table.export_packed()
+    outer = {"format": FORMAT, "revision": revision, "bucket": bucket, "region": region, "created": time.time(),
+             "keys": len(table)}  # fmt: skip
+    # The header is the msgpack map {**outer, "table": {**table_header, "values": [...]}}, put
+    # together around the values the table packed already (most of the header's bytes).
+    pack = msgpack.Packer().pack
+    head = bytearray(_map_header(len(outer) + 1))
+    for name, value in outer.items():
+        head += pack(name) + pack(value)
+    head += pack("table") + _map_header(len(table_header) + 1)
+    for name, value in table_header.items():
+        head += pack(name) + pack(value)
+    head += pack("values") + _array_header(count)
+    return [MAGIC, _LENGTH.pack(len(head) + len(values)), bytes(head), values, *table.array_views()]
+
+
+def _map_header(size: int) -> bytes:
+    header: bytes = msgpack.Packer().pack_map_header(size)
+    return header
+
+
+def _array_header(size: int) -> bytes:
+    header: bytes = msgpack.Packer().pack_array_header(size)
+    return header
 
 
 def encode(table: KeyTable, *, revision: int, bucket: str, region: str | None) -> bytes:
@@ -73,6 +91,7 @@ def encode(table: KeyTable, *, revision: int, bucket: str, region: str | None) -
 # Room for the header (and a little growth) in a mapping made before the copy: a tenth of the
 # arrays, at least this. At 1M keys the header is 5 MB of 104.
 _HEADER_ROOM = 8 << 20
+_VALUES_PER_TURN = 2_000  # interned values packed between two turns of the event loop (a few ms)
 
 
 def _mapping(size: int) -> mmap.mmap:
@@ -203,6 +222,12 @@ class SnapshotStore:
         # so the part that must not await, below, is only the copy itself.
         arrays = table.array_bytes()
         into = await asyncio.to_thread(_mapping, arrays + max(_HEADER_ROOM, arrays // 10))
+        # Most of the header is the interned values, which only grow: packed now, a slice per turn
+        # of the loop, they leave the copy below only those interned since.
+        left = table.pack_values(limit=_VALUES_PER_TURN)
+        while left:
+            await asyncio.sleep(0)
+            left = table.pack_values(limit=_VALUES_PER_TURN)
         # No await between reading the revision and copying the table: they must describe one state.
         at = revision()
         mapped, size = _encode_mapped(table, revision=at, bucket=self.bucket, region=self.region, into=into)

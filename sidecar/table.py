@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import msgpack
+
 from .wire import KeyRecord, RecordFields, header_safe
 
 __all__ = ["ALL", "KeyTable", "KeyView"]
@@ -102,6 +104,8 @@ class KeyTable:
         "_ids",
         "_live",
         "_mask",
+        "_packed",
+        "_packed_count",
         "_scope_sets",
         "_strings",
         "_times",
@@ -109,6 +113,10 @@ class KeyTable:
         "_versions",
         "_watchers",
     )
+
+    # What export_packed hands out: the first _packed_count interned values, packed.
+    _packed: bytearray
+    _packed_count: int
 
     def __init__(self, capacity: int = 1024) -> None:
         self._watchers: tuple[Callable[[int], None], ...] = ()
@@ -134,6 +142,7 @@ class KeyTable:
         self._times = array("d")
         self._versions = array("q")
         self._strings = _Interner()
+        self._forget_packed()
         self._scope_sets: dict[tuple[str, ...], int] = {}  # scopes as sent → their interned set
         self._free: list[int] = []
         self._live = 0
@@ -304,23 +313,38 @@ class KeyTable:
 
     def export(self) -> tuple[dict[str, Any], list[memoryview]]:
         """The table's state for a snapshot: a small header and its arrays (views, valid until changed)."""
-        values: list[Any] = []
-        for value in self._strings.values[1:]:
-            if isinstance(value[0], frozenset):
-                values.append(["s", value[1]])
-            elif value and isinstance(value[0], tuple):
-                values.append(["m", [list(pair) for pair in value]])
-            else:
-                values.append(["p", list(value)])
-        header = {
-            "records": len(self._versions),
-            "live": self._live,
-            "free": list(self._free),
-            "values": values,
-            "layout": _LAYOUT,
-        }
+        header, _, _ = self.export_packed()
+        header["values"] = [_value_form(value) for value in self._strings.values[1:]]
+        return header, self.array_views()
+
+    def export_packed(self) -> tuple[dict[str, Any], bytes, int]:
+        """`export`'s header without "values", and the values as their msgpack items and count.
+
+        The interned values only ever grow, so what pack_values() packed earlier stays valid: a
+        snapshot packs the bulk of them with the event loop free and only the rest here.
+        """
+        self.pack_values()
+        header = {"records": len(self._versions), "live": self._live, "free": list(self._free), "layout": _LAYOUT}
+        return header, bytes(self._packed), self._packed_count
+
+    def pack_values(self, limit: int | None = None) -> int:
+        """Pack up to `limit` more interned values (all when None) for export_packed; returns how many are left."""
+        values = self._strings.values
+        stop = len(values) - 1 if limit is None else min(len(values) - 1, self._packed_count + limit)
+        pack = msgpack.Packer().pack
+        for value in values[self._packed_count + 1 : stop + 1]:
+            self._packed += pack(_value_form(value))
+        self._packed_count = stop
+        return len(values) - 1 - stop
+
+    def _forget_packed(self) -> None:
+        self._packed = bytearray()
+        self._packed_count = 0
+
+    def array_views(self) -> list[memoryview]:
+        """The arrays a snapshot copies (views, valid until the table changes)."""
         arrays: list[bytearray | array[Any]] = [self._digests, self._ids, self._fields, self._times, self._versions]
-        return header, [memoryview(a).cast("B") for a in arrays]
+        return [memoryview(a).cast("B") for a in arrays]
 
     def restore(self, header: dict[str, Any], payload: memoryview) -> None:
         """Replace the state with an exported one; ValueError if it does not fit this build."""
@@ -360,6 +384,7 @@ class KeyTable:
         self._changed(ALL)
         self._digests, self._ids, self._fields, self._times, self._versions = digests, ids, fields, times, versions
         self._strings = strings
+        self._forget_packed()
         self._scope_sets = {tuple(sorted(v[0])): i for i, v in enumerate(strings.values) if i and
                             isinstance(v[0], frozenset)}  # fmt: skip
         self._free = [int(n) for n in header["free"]]
@@ -456,6 +481,15 @@ class KeyTable:
                 slot = (slot + 1) & mask
             by_id[slot] = n + 1
         self._used = self._live
+
+
+def _value_form(value: Any) -> list[Any]:
+    """An interned value as a snapshot holds it: ["s", scopes text], ["m", metadata pairs], ["p", profile]."""
+    if isinstance(value[0], frozenset):
+        return ["s", value[1]]
+    if value and isinstance(value[0], tuple):
+        return ["m", [list(pair) for pair in value]]
+    return ["p", list(value)]
 
 
 def _capacity_for(count: int) -> int:

@@ -54,6 +54,25 @@ def test_a_snapshot_restores_the_table_exactly() -> None:
     assert len(copy) == len(table) + 1
 
 
+def test_values_packed_ahead_of_a_snapshot_and_those_interned_since_make_the_same_snapshot() -> None:
+    table, keys = _filled()
+    assert table.pack_values(limit=5) > 0  # what a snapshot packs ahead, a slice at a time
+    later = [make_key(metadata={"late": str(i)}) for i in range(20)]  # new interned values since
+    for _, record in later:
+        table.apply(record)
+    copy = KeyTable()
+    copy.apply(make_key(metadata={"gone": "after the restore"})[1])
+    copy.pack_values()
+    decode(encode(table, revision=9, bucket="KEYS", region=None), copy, bucket="KEYS", region=None)
+    for key, _ in keys + later:
+        n = table.find(key_digest(key))
+        if n >= 0:
+            assert copy.view(copy.find(key_digest(key))) == table.view(n)
+    # What the copy packs comes from its own values, not from what the restored-over table had.
+    assert copy.pack_values() == 0
+    assert copy.export_packed()[1:] == table.export_packed()[1:]
+
+
 @pytest.mark.parametrize(
     ("mutate", "reason"),
     [
