@@ -23,7 +23,7 @@ import msgpack
 
 from .wire import KeyRecord, RecordFields, header_safe
 
-__all__ = ["ALL", "KeyTable", "KeyView"]
+__all__ = ["ALL", "RECORD_WIDTHS", "KeyTable", "KeyView"]
 
 _EMPTY: Final = 0
 _TOMBSTONE: Final = -1
@@ -43,6 +43,8 @@ _LAYOUT: Final = {"digest": _DIGEST, "id": _ID, "fields": _NFIELDS, "I": _I_SIZE
                   "byteorder": sys.byteorder}  # fmt: skip
 _MISSING: Final = (-1, 0.0, 0.0)
 ALL: Final = -1  # what watchers are told when every record may have changed (cleared, restored)
+# Bytes a record takes in each array, in export's order: digest, id, fields, times, version.
+RECORD_WIDTHS: Final = (_DIGEST, _ID, _NFIELDS * _I_SIZE, 2 * _D_SIZE, _Q_SIZE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +127,15 @@ class KeyTable:
     def watch(self, changed: Callable[[int], None]) -> None:
         """Call `changed(n)` before record `n` is updated or removed, and `changed(ALL)` when all are replaced.
 
-        A record number is never told about when it is first filled: nothing can have been
-        derived from it before. Whoever caches what a record says must watch the table.
+        A record number is not told about when it is first filled (appended): nothing can have
+        been derived from it before. A freed one is, when it is filled again. Whoever caches or
+        copies what a record says must watch the table.
         """
         self._watchers += (changed,)
+
+    def unwatch(self, changed: Callable[[int], None]) -> None:
+        """Stop calling `changed` (a no-op if it was not watching)."""
+        self._watchers = tuple(w for w in self._watchers if w is not changed)
 
     def _changed(self, n: int) -> None:
         for changed in self._watchers:
@@ -341,6 +348,16 @@ class KeyTable:
         self._packed = bytearray()
         self._packed_count = 0
 
+    def records(self) -> int:
+        """Record numbers in use or freed: what the arrays hold, each RECORD_WIDTHS[i] bytes a record."""
+        return len(self._versions)
+
+    def read_array(self, which: int, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of array `which` (in export's order), copied."""
+        arrays = (self._digests, self._ids, self._fields, self._times, self._versions)
+        with memoryview(arrays[which]) as view, view.cast("B") as flat:
+            return flat[start:stop].tobytes()
+
     def array_views(self) -> list[memoryview]:
         """The arrays a snapshot copies (views, valid until the table changes)."""
         arrays: list[bytearray | array[Any]] = [self._digests, self._ids, self._fields, self._times, self._versions]
@@ -414,6 +431,7 @@ class KeyTable:
             self._resize(_capacity_for(self._live + 1))
         if self._free:
             n = self._free.pop()
+            self._changed(n)  # a freed record refilled: whoever copies records (snapshots) must know
             self._ids[n * _ID : (n + 1) * _ID] = raw_id
             self._digests[n * _DIGEST : (n + 1) * _DIGEST] = digest
             self._fields[n * _NFIELDS : (n + 1) * _NFIELDS] = array("I", values)

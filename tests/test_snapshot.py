@@ -11,7 +11,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from sidecar.errors import SnapshotError
-from sidecar.snapshot import _encode_mapped, _mapping, _Reader, decode, encode
+from sidecar.snapshot import _BLOCK, _LiveReader, _pieces, decode, encode
 from sidecar.table import KeyTable
 from sidecar.wire import key_digest
 from tests.conftest import StartSidecar
@@ -179,22 +179,67 @@ def test_a_snapshot_is_due_when_missing_old_or_far_behind() -> None:
     assert sync._snapshot_due((601.0, 50_000))
 
 
-@pytest.mark.parametrize("room", [0, 64, 1 << 20])
-def test_a_snapshot_copied_into_premade_memory_is_the_encoded_snapshot_whatever_the_room(room: int) -> None:
-    table = KeyTable()
-    for _ in range(50):
+def _live_reader(table: KeyTable) -> _LiveReader:
+    head = b"".join(_pieces(table, revision=5, bucket="KEYS", region=None, arrays=False))
+    return _LiveReader(table, head)
+
+
+def _read(reader: _LiveReader, chunk: int, stop: int | None = None) -> bytes:
+    read, buffer = bytearray(), bytearray(chunk)
+    while (stop is None or len(read) < stop) and (count := reader.readinto(buffer)):
+        read += buffer[:count]
+    return bytes(read)
+
+
+def _views(table: KeyTable) -> dict[str, object]:
+    return {key_id: table.get(key_id) for key_id in table.key_ids()}
+
+
+def test_a_snapshot_read_from_the_live_table_is_the_table_as_it_was_when_the_reader_was_made() -> None:
+    table, keys = _filled()
+    for _ in range(2 * _BLOCK):  # three blocks of records
         table.apply(make_key()[1])
-    expected = encode(table, revision=7, bucket="KEYS", region=None)
-    into = _mapping(room) if room else None
-    mapped, size = _encode_mapped(table, revision=7, bucket="KEYS", region=None, into=into)
+    before = _views(table)
+    expected = encode(table, revision=5, bucket="KEYS", region=None)
+    reader = _live_reader(table)
     try:
-        assert size == len(expected)
-        assert table.array_bytes() == sum(len(a) for a in table.export()[1])
-        reader, read, buffer = _Reader(mapped, size), bytearray(), bytearray(4096)
-        while count := reader.readinto(buffer):
-            read += buffer[:count]
+        assert reader.size == len(expected)
+        first = _read(reader, 7_000, stop=len(expected) // 2)  # half way: digests and ids sent
+        # Changes while the rest is on its way: an update, a removal, a freed record refilled,
+        # an appended record, in blocks sent, half sent and not sent yet.
+        _, moved = keys[0]
+        assert table.apply(dataclasses.replace(moved, version=moved.version + 1, scopes=("changed",)))
+        table.remove(keys[100][1].key_id)
+        table.apply(make_key()[1])  # refills a record freed by _filled
+        for _, record in keys[200:203]:
+            table.apply(revoked(record))
+        table.apply(make_key()[1])
+        data = first + _read(reader, 7_000)
     finally:
-        mapped.close()
-    assert len(read) == size  # the reader stops at the snapshot's end, not the mapping's
-    # The header holds its creation time: compare the arrays that follow it.
-    assert read[-table.array_bytes() :] == expected[-table.array_bytes() :]
+        reader.close()
+    assert len(data) == len(expected)
+    copy = KeyTable()
+    decode(data, copy, bucket="KEYS", region=None)
+    assert _views(copy) == before
+    assert table.records() > copy.records()
+
+
+def test_a_snapshot_whose_table_is_replaced_during_the_upload_fails() -> None:
+    table, _ = _filled()
+    reader = _live_reader(table)
+    try:
+        _read(reader, 512, stop=1024)
+        table.clear()
+        with pytest.raises(SnapshotError, match="replaced"):
+            _read(reader, 512)
+    finally:
+        reader.close()
+
+
+def test_a_finished_reader_no_longer_watches_the_table() -> None:
+    table, keys = _filled()
+    reader = _live_reader(table)
+    _read(reader, 1 << 16)
+    reader.close()
+    table.remove(keys[0][1].key_id)
+    assert reader._saved == {}
