@@ -63,28 +63,19 @@ def _pieces(
              "keys": len(table)}  # fmt: skip
     # The header is the msgpack map {**outer, "table": {**table_header, "values": [...]}}, put
     # together around the values the table packed already (most of the header's bytes).
-    pack = msgpack.Packer().pack
-    head = bytearray(_map_header(len(outer) + 1))
+    packer = msgpack.Packer()
+    pack = packer.pack
+    head = bytearray(packer.pack_map_header(len(outer) + 1))
     for name, value in outer.items():
         head += pack(name) + pack(value)
-    head += pack("table") + _map_header(len(table_header) + 1)
+    head += pack("table") + packer.pack_map_header(len(table_header) + 1)
     for name, value in table_header.items():
         head += pack(name) + pack(value)
-    head += pack("values") + _array_header(count)
+    head += pack("values") + packer.pack_array_header(count)
     parts: list[bytes | memoryview] = [MAGIC, _LENGTH.pack(len(head) + len(values)), bytes(head), values]
     if arrays:
         parts.extend(table.array_views())
     return parts
-
-
-def _map_header(size: int) -> bytes:
-    header: bytes = msgpack.Packer().pack_map_header(size)
-    return header
-
-
-def _array_header(size: int) -> bytes:
-    header: bytes = msgpack.Packer().pack_array_header(size)
-    return header
 
 
 def encode(table: KeyTable, *, revision: int, bucket: str, region: str | None) -> bytes:

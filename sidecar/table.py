@@ -172,19 +172,11 @@ class KeyTable:
         if wanted > self._mask + 1:
             self._resize(wanted)
 
-    def array_bytes(self) -> int:
-        """Bytes of the arrays export() hands out (what a snapshot copies besides its header)."""
-        return (
-            len(self._digests)
-            + len(self._ids)
-            + sum(len(a) * a.itemsize for a in (self._fields, self._times, self._versions))
-        )
-
     def nbytes(self) -> int:
         """Bytes held by the flat arrays (the interned strings are shared and not counted)."""
         return sum(
             len(buf) * buf.itemsize if isinstance(buf, array) else len(buf)
-            for buf in (self._digests, self._ids, self._fields, self._times, self._versions, self._by_hash, self._by_id)
+            for buf in (*self._arrays(), self._by_hash, self._by_id)
         )
 
     # -- lookups -------------------------------------------------------------------------------
@@ -354,14 +346,16 @@ class KeyTable:
 
     def read_array(self, which: int, start: int, stop: int) -> bytes:
         """Bytes [start, stop) of array `which` (in export's order), copied."""
-        arrays = (self._digests, self._ids, self._fields, self._times, self._versions)
-        with memoryview(arrays[which]) as view, view.cast("B") as flat:
+        with memoryview(self._arrays()[which]) as view, view.cast("B") as flat:
             return flat[start:stop].tobytes()
 
     def array_views(self) -> list[memoryview]:
         """The arrays a snapshot copies (views, valid until the table changes)."""
-        arrays: list[bytearray | array[Any]] = [self._digests, self._ids, self._fields, self._times, self._versions]
-        return [memoryview(a).cast("B") for a in arrays]
+        return [memoryview(a).cast("B") for a in self._arrays()]
+
+    def _arrays(self) -> tuple[bytearray, bytearray, array[int], array[float], array[int]]:
+        """The per-record arrays, in export's order (RECORD_WIDTHS')."""
+        return self._digests, self._ids, self._fields, self._times, self._versions
 
     def restore(self, header: dict[str, Any], payload: memoryview) -> None:
         """Replace the state with an exported one; ValueError if it does not fit this build."""
