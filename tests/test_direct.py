@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -19,64 +19,56 @@ async def _until(condition: Callable[[], bool]) -> None:
     await eventually(probe, bool)
 
 
-async def _connect(nats_server: NatsServer) -> DirectClient:
-    nc = DirectClient()
-    await nc.connect(servers=[nats_server.url], connect_timeout=5, max_reconnect_attempts=0)
-    return nc
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[DirectClient]:
+    """A DirectClient connected to the test server (no reconnects: a dropped connection shows)."""
+    client = DirectClient()
+    await client.connect(servers=[nats_server.url], connect_timeout=5, max_reconnect_attempts=0)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
-async def test_a_direct_subscription_gets_each_message_raw_and_in_order(nats_server: NatsServer) -> None:
-    nc = await _connect(nats_server)
+async def test_a_direct_subscription_gets_each_message_raw_and_in_order(nc: DirectClient) -> None:
     seen: list[tuple[bytes, bytes, bytes, dict[str, str] | None]] = []
-    try:
-        await nc.subscribe_direct("direct.>", lambda *parts: seen.append(parts))
-        for i in range(100):
-            await nc.publish(f"direct.{i}", str(i).encode(), reply="answer.here" if i == 0 else "")
-        await nc.publish("direct.h", b"", headers={"KV-Operation": "DEL"})
-        await nc.flush()
-        await _until(lambda: len(seen) == 101)
-        assert seen[0] == (b"direct.0", b"answer.here", b"0", None)
-        assert [data for _, _, data, _ in seen[:100]] == [str(i).encode() for i in range(100)]
-        assert seen[100][0] == b"direct.h"
-        assert seen[100][3] is not None
-        assert seen[100][3]["KV-Operation"] == "DEL"
-    finally:
-        await nc.close()
+    await nc.subscribe_direct("direct.>", lambda *parts: seen.append(parts))
+    for i in range(100):
+        await nc.publish(f"direct.{i}", str(i).encode(), reply="answer.here" if i == 0 else "")
+    await nc.publish("direct.h", b"", headers={"KV-Operation": "DEL"})
+    await nc.flush()
+    await _until(lambda: len(seen) == 101)
+    assert seen[0] == (b"direct.0", b"answer.here", b"0", None)
+    assert [data for _, _, data, _ in seen[:100]] == [str(i).encode() for i in range(100)]
+    assert seen[100][0] == b"direct.h"
+    assert seen[100][3] is not None
+    assert seen[100][3]["KV-Operation"] == "DEL"
 
 
-async def test_ordinary_subscriptions_and_requests_still_go_through_nats_py(nats_server: NatsServer) -> None:
-    nc = await _connect(nats_server)
-    try:
-        await nc.subscribe_direct("direct.x", lambda *parts: None)
+async def test_ordinary_subscriptions_and_requests_still_go_through_nats_py(nc: DirectClient) -> None:
+    await nc.subscribe_direct("direct.x", lambda *parts: None)
 
-        async def answer(msg: object) -> None:
-            await msg.respond(b"pong")  # type: ignore[attr-defined]
+    async def answer(msg: object) -> None:
+        await msg.respond(b"pong")  # type: ignore[attr-defined]
 
-        await nc.subscribe("ping", cb=answer)
-        reply = await nc.request("ping", b"", timeout=2)
-        assert reply.data == b"pong"
-    finally:
-        await nc.close()
+    await nc.subscribe("ping", cb=answer)
+    reply = await nc.request("ping", b"", timeout=2)
+    assert reply.data == b"pong"
 
 
-async def test_an_unsubscribed_direct_handler_is_forgotten(nats_server: NatsServer) -> None:
-    nc = await _connect(nats_server)
+async def test_an_unsubscribed_direct_handler_is_forgotten(nc: DirectClient) -> None:
     seen: list[bytes] = []
-    try:
-        sub = await nc.subscribe_direct("direct.y", lambda subject, reply, data, headers: seen.append(data))
-        await nc.publish("direct.y", b"one")
-        await nc.flush()
-        await _until(lambda: seen == [b"one"])
-        await sub.unsubscribe()
-        assert sub._id not in nc._direct  # nothing left to call, or to leak
-    finally:
-        await nc.close()
+    sub = await nc.subscribe_direct("direct.y", lambda subject, reply, data, headers: seen.append(data))
+    await nc.publish("direct.y", b"one")
+    await nc.flush()
+    await _until(lambda: seen == [b"one"])
+    await sub.unsubscribe()
+    assert sub._id not in nc._direct  # nothing left to call, or to leak
 
 
 async def test_a_failing_handler_is_logged_and_the_connection_carries_on(
-    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+    nc: DirectClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    nc = await _connect(nats_server)
     seen: list[bytes] = []
 
     def handler(subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None) -> None:
@@ -84,34 +76,27 @@ async def test_a_failing_handler_is_logged_and_the_connection_carries_on(
             raise RuntimeError("boom")
         seen.append(data)
 
-    try:
-        await nc.subscribe_direct("direct.z", handler)
-        with caplog.at_level(logging.ERROR, logger="keyrelay.sidecar.direct"):
-            for data in (b"a", b"bad", b"b"):
-                await nc.publish("direct.z", data)
-            await nc.flush()
-            await _until(lambda: seen == [b"a", b"b"])
-        assert nc.is_connected
-        assert nc.handler_errors == 1
-        assert "direct.z" in caplog.text
-        assert "boom" in caplog.text
-    finally:
-        await nc.close()
+    await nc.subscribe_direct("direct.z", handler)
+    with caplog.at_level(logging.ERROR, logger="keyrelay.sidecar.direct"):
+        for data in (b"a", b"bad", b"b"):
+            await nc.publish("direct.z", data)
+        await nc.flush()
+        await _until(lambda: seen == [b"a", b"b"])
+    assert nc.is_connected
+    assert nc.handler_errors == 1
+    assert "direct.z" in caplog.text
+    assert "boom" in caplog.text
 
 
-async def test_a_direct_subscription_with_a_limit_ends_after_that_many_messages(nats_server: NatsServer) -> None:
-    nc = await _connect(nats_server)
+async def test_a_direct_subscription_with_a_limit_ends_after_that_many_messages(nc: DirectClient) -> None:
     seen: list[bytes] = []
-    try:
-        sub = await nc.subscribe_direct("direct.l", lambda subject, reply, data, headers: seen.append(data))
-        await sub.unsubscribe(limit=2)
-        for data in (b"1", b"2", b"3"):
-            await nc.publish("direct.l", data)
-        await nc.flush()
-        await _until(lambda: len(seen) >= 2)
-        await nc.flush()
-        assert seen == [b"1", b"2"]
-        assert sub._id not in nc._direct
-        assert nc.stats["in_msgs"] >= 2
-    finally:
-        await nc.close()
+    sub = await nc.subscribe_direct("direct.l", lambda subject, reply, data, headers: seen.append(data))
+    await sub.unsubscribe(limit=2)
+    for data in (b"1", b"2", b"3"):
+        await nc.publish("direct.l", data)
+    await nc.flush()
+    await _until(lambda: len(seen) >= 2)
+    await nc.flush()
+    assert seen == [b"1", b"2"]
+    assert sub._id not in nc._direct
+    assert nc.stats["in_msgs"] >= 2
