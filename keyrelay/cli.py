@@ -46,6 +46,18 @@ def _region_init(args: argparse.Namespace) -> int:
     return region_init_command(args)
 
 
+def _snapshot_seed(args: argparse.Namespace) -> int:
+    from .snapshots import seed_command
+
+    return seed_command(args)
+
+
+def _snapshot_show(args: argparse.Namespace) -> int:
+    from .snapshots import show_command
+
+    return show_command(args)
+
+
 def _loadtest(args: argparse.Namespace) -> int:
     from loadtest.multiregion import loadtest_command
 
@@ -165,6 +177,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_options(region_init, RegionSettings)
     region_init.set_defaults(handler=_region_init)
+
+    from .snapshots import SnapshotSettings
+
+    snapshot = commands.add_parser(
+        "snapshot",
+        help="seed or list the sidecars' table snapshots, so a region's first sidecar need not replay the bucket",
+        description="Sidecars start from their region's table snapshot (an object store on their NATS) and keep "
+        "it fresh. `seed` writes one before any sidecar runs; `show` lists them.",
+    )
+    snapshot_actions = snapshot.add_subparsers(dest="snapshot_command", metavar="ACTION", required=True)
+    snapshot_seed = snapshot_actions.add_parser(
+        "seed",
+        help="sync the region's table as a sidecar would, write it as the region's snapshot, and exit",
+        description="Replay the region's keys (from its current snapshot when there is one) and write the "
+        "region's snapshot, unless it is fresh. Safe to run again. Needs memory for the table: about 250 MB "
+        "for a million keys.",
+    )
+    add_options(snapshot_seed, SnapshotSettings)
+    snapshot_seed.set_defaults(handler=_snapshot_seed)
+    snapshot_show = snapshot_actions.add_parser(
+        "show",
+        help="list the snapshots in the store: region, revision, age, size",
+        description="List every region's snapshot in the snapshot store on the given NATS.",
+    )
+    add_options(snapshot_show, SnapshotSettings)
+    snapshot_show.add_argument("--json", action="store_true", help="print the list as JSON")
+    snapshot_show.set_defaults(handler=_snapshot_show)
 
     _add_loadtest(commands)
     add_admin_commands(commands)

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sidecar.config import load, option
-from sidecar.settings import parse_region, parse_servers
+from sidecar.config import load, option, parse_bool
+from sidecar.settings import parse_positive_duration, parse_region, parse_servers
 from sidecar.wire import DEFAULT_BUCKET, region_subjects, stream_name
 
 from .errors import KeyrelayError
@@ -31,6 +33,7 @@ __all__ = [
     "init_region",
     "mirror_config",
     "region_init_command",
+    "wait_for_mirror",
 ]
 
 HUB_DOMAIN = "hub"
@@ -86,6 +89,36 @@ async def _api(nc: Client, subject: str, body: dict[str, Any] | None, timeout: f
     return data
 
 
+async def wait_for_mirror(
+    nc: Client,
+    *,
+    bucket: str,
+    timeout: float,
+    progress: Callable[[int, float], None] | None = None,
+    every: float = 2.0,
+) -> dict[str, Any]:
+    """Wait until the region's mirror has heard from the hub and is not behind it; its stream info."""
+    name = stream_name(bucket)
+    started = time.monotonic()
+    reported = started
+    while True:
+        info = await _api(nc, f"STREAM.INFO.{name}", None, 5.0)
+        mirror = info.get("mirror") or {}
+        if "error" not in info and mirror.get("active", -1) >= 0 and mirror.get("lag", 0) == 0:
+            return info
+        now = time.monotonic()
+        if now - started > timeout:
+            raise KeyrelayError(
+                f"the mirror {name} did not catch up with the hub within {timeout:g}s (lag {mirror.get('lag', '?')}, "
+                "heard from the hub: " + ("yes" if mirror.get("active", -1) >= 0 else "never") + "): is the leaf "
+                "node connected to the hub? Run this again, or pass --timeout"
+            )
+        if progress is not None and now - reported >= every:
+            progress(int(mirror.get("lag", 0)), now - started)
+            reported = now
+        await asyncio.sleep(0.1)
+
+
 def _required_region(text: str) -> str:
     region = parse_region(text)
     if region is None:
@@ -104,6 +137,19 @@ class RegionSettings:
     bucket: str = option(DEFAULT_BUCKET, help="the key bucket on the hub")
     hub_domain: str = option(HUB_DOMAIN, help="the hub's JetStream domain")
     replicas: int = option(1, parse=int, help="replicas of the mirror (3 on a 3-server leaf cluster)")
+    seed_snapshot: bool = option(
+        True,
+        parse=parse_bool,
+        help="then wait for the mirror to catch up and seed the region's table snapshot, so that its first "
+        "sidecar starts from it instead of replaying every key",
+    )
+    snapshot_bucket: str = option("", help="object store bucket of the snapshots (default: <bucket>_SNAPSHOTS)")
+    timeout: float = option(
+        600.0,
+        parse=parse_positive_duration,
+        duration=True,
+        help="how long to wait for the mirror to catch up, and again for the snapshot's table to sync",
+    )
 
 
 def region_init_command(args: argparse.Namespace) -> int:
@@ -114,8 +160,31 @@ def region_init_command(args: argparse.Namespace) -> int:
     info = asyncio.run(init_region(settings))
     state = info.get("state", {})
     print(f"region {settings.region}: mirror {info['config']['name']} of {settings.bucket} from domain "
-          f"{settings.hub_domain} is in place ({state.get('messages', 0)} entries so far)")  # fmt: skip
+          f"{settings.hub_domain} is in place ({state.get('messages', 0)} entries so far)", flush=True)  # fmt: skip
+    if settings.seed_snapshot:
+        asyncio.run(seed_region_snapshot(settings))
     return 0
+
+
+async def seed_region_snapshot(settings: RegionSettings) -> None:
+    """Wait for the region's mirror to catch up, then seed the region's snapshot (printing progress)."""
+    import nats
+
+    from .snapshots import SnapshotSettings, describe_seed, print_progress, seed
+
+    def lagging(lag: int, seconds: float) -> None:
+        print(f"  {seconds:5.0f}s: the mirror is {lag:,} records behind the hub", flush=True)
+
+    nc = await nats.connect(servers=list(settings.nats_url), connect_timeout=5, max_reconnect_attempts=2)
+    try:
+        await wait_for_mirror(nc, bucket=settings.bucket, timeout=settings.timeout, progress=lagging)
+    finally:
+        await nc.close()
+    print(f"region {settings.region}: the mirror has caught up; seeding the region's snapshot", flush=True)
+    snapshot = SnapshotSettings(nats_url=settings.nats_url, bucket=settings.bucket, region=settings.region,
+                                snapshot_bucket=settings.snapshot_bucket, timeout=settings.timeout)  # fmt: skip
+    result = await seed(snapshot, progress=print_progress())
+    print(describe_seed(result, region=settings.region))
 
 
 async def init_region(settings: RegionSettings) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from aiohttp import web
 from .http import STATE, SidecarState, add_routes
 from .metrics import Metrics
 from .settings import SidecarSettings
+from .snapshot import snapshot_store_name
 from .sync import KeySync
 from .table import KeyTable
 from .verify import Verifier
@@ -33,7 +34,7 @@ def create_app(settings: SidecarSettings) -> web.Application:
         region=settings.region,
         heartbeat=settings.heartbeat,
         name=f"keyrelay-sidecar-{settings.region or 'global'}",
-        snapshot_store=(settings.snapshot_bucket or f"{settings.bucket}_SNAPSHOTS") if settings.snapshots else None,
+        snapshot_store=snapshot_store_name(settings.bucket, settings.snapshot_bucket) if settings.snapshots else None,
         snapshot_interval=settings.snapshot_interval,
     )
     app[STATE] = SidecarState(

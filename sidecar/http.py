@@ -17,6 +17,7 @@ from multidict import CIMultiDictProxy, istr
 from .metrics import LATENCY_BUCKETS, Metrics
 from .routes import RouteScopes
 from .settings import SidecarSettings
+from .snapshot import snapshot_summary
 from .sync import KeySync
 from .table import KeyTable
 from .verify import NO_SCOPES, Code, Verifier, parse_scopes
@@ -306,6 +307,8 @@ async def status(request: web.Request) -> web.Response:
             "stale_policy": state.settings.stale_policy,
             "route_rules": len(state.routes) if state.routes is not None else None,
             "decode_errors": sync.stats.decode_errors,
+            "loaded_snapshot": snapshot_summary(sync.loaded_snapshot) if sync.loaded_snapshot else None,
+            "written_snapshot": snapshot_summary(sync.written_snapshot) if sync.written_snapshot else None,
         }
     )
 

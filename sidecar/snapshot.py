@@ -33,7 +33,7 @@ from nats.js.object_store import ObjectStore
 from .errors import SnapshotError
 from .table import ALL, RECORD_WIDTHS, KeyTable
 
-__all__ = ["FORMAT", "Snapshot", "SnapshotStore", "decode", "encode"]
+__all__ = ["FORMAT", "Snapshot", "SnapshotStore", "decode", "encode", "snapshot_store_name"]
 
 log = logging.getLogger("keyrelay.sidecar.snapshot")
 
@@ -42,6 +42,11 @@ FORMAT = 1
 # Chunks stay well under NATS's default 1 MB max_payload.
 _CHUNK = 512 * 1024
 _LENGTH = struct.Struct(">I")
+
+
+def snapshot_store_name(bucket: str, configured: str = "") -> str:
+    """The object store holding a bucket's snapshots: `configured`, else `<bucket>_SNAPSHOTS`."""
+    return configured or f"{bucket}_SNAPSHOTS"
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,6 +110,8 @@ class KeySync:
     # Snapshots: the object store holding them (None: off), how often a region's is refreshed.
     snapshot_store: str | None = None
     snapshot_interval: float = 600.0
+    # False: load the region's snapshot but leave writing it to the owner (`keyrelay snapshot seed`).
+    snapshot_refresh: bool = True
     loaded_snapshot: Snapshot | None = None
     written_snapshot: Snapshot | None = None
     snapshots_written: int = 0
@@ -177,7 +179,8 @@ class KeySync:
         self.connected = True
         if self.snapshot_store:
             await self._load_snapshot(self._nc)
-            self._tasks.append(asyncio.create_task(self._refresh_snapshots(), name="keyrelay-snapshots"))
+            if self.snapshot_refresh:
+                self._tasks.append(asyncio.create_task(self._refresh_snapshots(), name="keyrelay-snapshots"))
         backoff = 0.1
         while not self._closing:
             self._reset.clear()
@@ -276,7 +279,7 @@ class KeySync:
                 delay = min(delay, 1.0)
             else:
                 try:
-                    await self._write_snapshot_if_due(self._snapshots(nc))
+                    await self.write_snapshot()
                     backoff = 1.0
                 except Exception as exc:
                     log.warning("could not write a snapshot: %s: %s (retrying in %.0fs)", type(exc).__name__, exc,
@@ -285,13 +288,18 @@ class KeySync:
                     backoff = min(backoff * 2, 15.0)
             await asyncio.sleep(delay)
 
-    async def _write_snapshot_if_due(self, store: SnapshotStore) -> None:
-        if not self._snapshot_due(await store.current()):
-            return
+    async def write_snapshot(self, *, force: bool = False) -> Snapshot | None:
+        """Write the region's snapshot from this replica if it is due (or `force`); None when it was not due."""
+        if self._nc is None or self.snapshot_store is None:
+            raise RuntimeError("write_snapshot needs a started sync with a snapshot store")
+        store = self._snapshots(self._nc)
+        if not force and not self._snapshot_due(await store.current()):
+            return None
         self.written_snapshot = await store.save(self.table, lambda: self.last_revision)
         self.snapshots_written += 1
         log.info("wrote a snapshot of %d keys at revision %d", self.written_snapshot.keys,
                  self.written_snapshot.revision)  # fmt: skip
+        return self.written_snapshot
 
     async def _on_disconnect(self) -> None:
         self.connected = False

@@ -9,6 +9,7 @@ import pytest
 
 from keyrelay.client import ClientSettings
 from keyrelay.region import RegionSettings
+from keyrelay.snapshots import SnapshotSettings
 from keyrelay.up import UpSettings
 from loadtest.multiregion import LoadtestSettings
 from publisher.settings import PublisherSettings
@@ -19,7 +20,16 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 @pytest.mark.parametrize(
-    "settings", [SidecarSettings, PublisherSettings, UpSettings, ClientSettings, RegionSettings, LoadtestSettings]
+    "settings",
+    [
+        SidecarSettings,
+        PublisherSettings,
+        UpSettings,
+        ClientSettings,
+        RegionSettings,
+        SnapshotSettings,
+        LoadtestSettings,
+    ],
 )
 def test_the_readme_documents_every_setting_exactly(settings: type) -> None:
     assert markdown_table(settings) in README.read_text()

@@ -1,0 +1,155 @@
+"""`keyrelay snapshot seed|show`: write a region's table snapshot before its first sidecar starts; list them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.config import load, option, parse_bool
+from sidecar.seed import SeedProgress, SeedResult, seed_snapshot
+from sidecar.settings import parse_positive_duration, parse_region, parse_servers
+from sidecar.snapshot import snapshot_store_name
+from sidecar.wire import DEFAULT_BUCKET
+
+from .errors import KeyrelayError
+
+__all__ = [
+    "SnapshotSettings",
+    "describe_seed",
+    "list_snapshots",
+    "print_progress",
+    "seed",
+    "seed_command",
+    "show_command",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotSettings:
+    """Options of `keyrelay snapshot seed` and `keyrelay snapshot show`."""
+
+    nats_url: tuple[str, ...] = option(
+        ("nats://127.0.0.1:4222",),
+        parse=parse_servers,
+        help="the NATS the region's sidecars read (its leaf node, or the hub), comma separated",
+    )
+    bucket: str = option(DEFAULT_BUCKET, help="JetStream KV bucket that holds the key records")
+    region: str | None = option(
+        None, parse=parse_region, help="region whose snapshot to seed (unset: the one sidecars without --region read)"
+    )
+    snapshot_bucket: str = option("", help="object store bucket of the snapshots (default: <bucket>_SNAPSHOTS)")
+    snapshot_interval: float = option(
+        600.0,
+        parse=parse_positive_duration,
+        duration=True,
+        help="the sidecars' --snapshot-interval: a snapshot younger than this, and not far behind, is left as it is",
+    )
+    force: bool = option(False, parse=parse_bool, help="write a new snapshot even when the region's is fresh")
+    timeout: float = option(
+        600.0, parse=parse_positive_duration, duration=True, help="give up when the table has not synced by then"
+    )
+
+
+def print_progress(prefix: str = "  ") -> Callable[[SeedProgress], None]:
+    """A progress callback that prints one line per report."""
+
+    def report(step: SeedProgress) -> None:
+        if not step.connected:
+            print(f"{prefix}{step.seconds:5.0f}s: connecting to NATS...", flush=True)
+            return
+        if step.keys == 0 and step.pending == 0:
+            print(f"{prefix}{step.seconds:5.0f}s: loading the region's current snapshot...", flush=True)
+            return
+        rate = step.applied / step.seconds if step.seconds > 0 else 0.0
+        print(f"{prefix}{step.seconds:5.0f}s: {step.keys:,} keys, {step.pending:,} records to go "
+              f"({rate:,.0f} records/s)", flush=True)  # fmt: skip
+
+    return report
+
+
+async def seed(settings: SnapshotSettings, *, progress: Callable[[SeedProgress], None] | None = None) -> SeedResult:
+    """Seed the region's snapshot as `settings` say."""
+    return await seed_snapshot(servers=settings.nats_url, bucket=settings.bucket, region=settings.region,
+                               store=snapshot_store_name(settings.bucket, settings.snapshot_bucket),
+                               interval=settings.snapshot_interval, force=settings.force, timeout=settings.timeout,
+                               progress=progress)  # fmt: skip
+
+
+def describe_seed(result: SeedResult, *, region: str | None) -> str:
+    """One line saying what seeding did."""
+    name = region or "global"
+    start = (f"from the snapshot at revision {result.loaded.revision:,} plus {result.replayed:,} records"
+             if result.loaded is not None else f"replaying {result.replayed:,} records")  # fmt: skip
+    errors = f"; {result.decode_errors:,} undecodable records skipped" if result.decode_errors else ""
+    if result.written is None:
+        return (f"snapshot {name}: fresh ({result.keys:,} keys, revision {result.revision:,}), left as it is "
+                f"(--force writes a new one){errors}")  # fmt: skip
+    return (f"snapshot {name}: wrote {result.keys:,} keys at revision {result.revision:,} "
+            f"({result.written.size / 2**20:.1f} MiB) in {result.seconds:.1f}s, {start} in {result.sync_seconds:.1f}s"
+            f"{errors}; the region's sidecars now start from it")  # fmt: skip
+
+
+def seed_command(args: argparse.Namespace) -> int:
+    """`keyrelay snapshot seed`."""
+    settings = load(SnapshotSettings, args)
+    print(f"seeding snapshot {settings.region or 'global'} of {settings.bucket} from {','.join(settings.nats_url)}",
+          flush=True)  # fmt: skip
+    result = asyncio.run(seed(settings, progress=print_progress()))
+    print(describe_seed(result, region=settings.region))
+    return 0
+
+
+async def list_snapshots(settings: SnapshotSettings) -> list[dict[str, Any]]:
+    """Every snapshot in the store: name, keys, revision, age, size."""
+    import nats
+    from nats.js.errors import BucketNotFoundError, NotFoundError
+
+    store_name = snapshot_store_name(settings.bucket, settings.snapshot_bucket)
+    try:
+        nc = await nats.connect(servers=list(settings.nats_url), connect_timeout=5, max_reconnect_attempts=2)
+    except Exception as exc:
+        raise KeyrelayError(f"cannot reach NATS at {','.join(settings.nats_url)}: {exc}") from None
+    try:
+        try:
+            store = await nc.jetstream().object_store(store_name)
+            infos = await store.list()
+        except (BucketNotFoundError, NotFoundError):
+            return []
+    finally:
+        await nc.close()
+    rows = []
+    for info in sorted(infos, key=lambda i: i.name):
+        headers = info.headers or {}
+        created = headers.get("Keyrelay-Created")
+        rows.append({
+            "name": info.name,
+            "description": info.description,
+            "revision": int(headers["Keyrelay-Revision"]) if "Keyrelay-Revision" in headers else None,
+            "age_seconds": round(time.time() - float(created), 1) if created else None,
+            "bytes": info.size,
+        })  # fmt: skip
+    return rows
+
+
+def show_command(args: argparse.Namespace) -> int:
+    """`keyrelay snapshot show`."""
+    settings = load(SnapshotSettings, args)
+    rows = asyncio.run(list_snapshots(settings))
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=2))
+        return 0
+    store = snapshot_store_name(settings.bucket, settings.snapshot_bucket)
+    if not rows:
+        print(f"no snapshots in {store}: sidecars replay the bucket (keyrelay snapshot seed writes one)")
+        return 0
+    print(f"{'snapshot':<12} {'revision':>12} {'age':>10} {'MiB':>8}  description")
+    for row in rows:
+        age = "?" if row["age_seconds"] is None else f"{row['age_seconds']:.0f}s"
+        revision = "?" if row["revision"] is None else f"{row['revision']:,}"
+        print(f"{row['name']:<12} {revision:>12} {age:>10} {row['bytes'] / 2**20:>8.1f}  {row['description']}")
+    return 0

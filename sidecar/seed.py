@@ -1,0 +1,104 @@
+"""Seed a region's table snapshot without serving: sync a table as a sidecar would, write it, stop.
+
+Sidecars keep their region's snapshot fresh, but only once one of them has
+replayed the whole bucket: a region's first sidecar would spend that replay
+(tens of seconds at a million keys) unready. `keyrelay region init` and
+`keyrelay snapshot seed` spend it instead, before any sidecar starts, so every
+sidecar, the first included, starts from a snapshot. The seeder starts from the
+region's current snapshot itself when there is one, so seeding again is cheap;
+a snapshot that is still fresh is left as it is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .errors import SyncTimeout
+from .snapshot import Snapshot
+from .sync import KeySync
+from .table import KeyTable
+
+__all__ = ["SeedProgress", "SeedResult", "seed_snapshot"]
+
+
+@dataclass(frozen=True, slots=True)
+class SeedProgress:
+    """How far the seeder's sync has come."""
+
+    seconds: float
+    keys: int
+    applied: int
+    pending: int
+    connected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SeedResult:
+    """What the seeder found and did."""
+
+    keys: int
+    revision: int
+    seconds: float
+    sync_seconds: float
+    loaded: Snapshot | None  # the region's snapshot it started from, if any
+    written: Snapshot | None  # None: the region's snapshot was fresh, nothing written
+    replayed: int  # records applied after the loaded snapshot (all of them without one)
+    decode_errors: int
+
+
+async def seed_snapshot(
+    *,
+    servers: Sequence[str],
+    bucket: str,
+    region: str | None,
+    store: str,
+    interval: float = 600.0,
+    force: bool = False,
+    timeout: float = 600.0,
+    progress: Callable[[SeedProgress], None] | None = None,
+    progress_every: float = 2.0,
+) -> SeedResult:
+    """Sync the region's table from its NATS and write it as the region's snapshot when due (or `force`)."""
+    started = time.monotonic()
+    sync = KeySync(table=KeyTable(), servers=servers, bucket=bucket, region=region,
+                   name=f"keyrelay-seed-{region or 'global'}", snapshot_store=store, snapshot_interval=interval,
+                   snapshot_refresh=False)  # fmt: skip
+    await sync.start()
+    try:
+        await _wait_synced(sync, timeout=timeout, progress=progress, every=progress_every)
+        synced = time.monotonic() - started
+        written = await sync.write_snapshot(force=force)
+    finally:
+        await sync.close()
+    return SeedResult(
+        keys=len(sync.table),
+        revision=written.revision if written is not None else sync.last_revision,
+        seconds=time.monotonic() - started,
+        sync_seconds=synced,
+        loaded=sync.loaded_snapshot,
+        written=written,
+        replayed=sync.stats.applied + sync.stats.removed,
+        decode_errors=sync.stats.decode_errors,
+    )
+
+
+async def _wait_synced(
+    sync: KeySync, *, timeout: float, progress: Callable[[SeedProgress], None] | None, every: float
+) -> None:
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise SyncTimeout(servers=tuple(sync.servers), stream=sync.stream, waited=timeout,
+                              connected=sync.connected, keys=len(sync.table), pending=sync.pending)  # fmt: skip
+        try:
+            await sync.wait_synced(min(every, left))
+            return
+        except TimeoutError:
+            if progress is not None:
+                progress(SeedProgress(seconds=time.monotonic() - started, keys=len(sync.table),
+                                      applied=sync.stats.applied, pending=sync.pending,
+                                      connected=sync.connected))  # fmt: skip
