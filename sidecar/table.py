@@ -23,7 +23,7 @@ import msgpack
 
 from .wire import KeyRecord, RecordFields, header_safe
 
-__all__ = ["ALL", "RECORD_WIDTHS", "KeyTable", "KeyView"]
+__all__ = ["ALL", "RECORD_WIDTHS", "KeyTable", "KeyView", "array_sizes"]
 
 _EMPTY: Final = 0
 _TOMBSTONE: Final = -1
@@ -45,6 +45,7 @@ _MISSING: Final = (-1, 0.0, 0.0)
 ALL: Final = -1  # what watchers are told when every record may have changed (cleared, restored)
 # Bytes a record takes in each array, in export's order: digest, id, fields, times, version.
 RECORD_WIDTHS: Final = (_DIGEST, _ID, _NFIELDS * _I_SIZE, 2 * _D_SIZE, _Q_SIZE)
+_RESIZE_BLOCK: Final = 65_536  # records whose digests and ids a rebuild of the indexes copies at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,13 +360,26 @@ class KeyTable:
 
     def restore(self, header: dict[str, Any], payload: memoryview) -> None:
         """Replace the state with an exported one; ValueError if it does not fit this build."""
-        if header.get("layout") != _LAYOUT:
-            raise ValueError(f"snapshot layout {header.get('layout')} is not this table's {_LAYOUT}")
-        records = int(header["records"])
-        sizes = [records * _DIGEST, records * _ID, records * _NFIELDS * _I_SIZE, records * 2 * _D_SIZE,
-                 records * _Q_SIZE]  # fmt: skip
+        sizes = array_sizes(header)
         if len(payload) != sum(sizes):
             raise ValueError(f"snapshot holds {len(payload)} bytes of arrays, expected {sum(sizes)}")
+        offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        fields, times, versions = array("I"), array("d"), array("q")
+        fields.frombytes(payload[offsets[2] : offsets[3]])
+        times.frombytes(payload[offsets[3] : offsets[4]])
+        versions.frombytes(payload[offsets[4] : offsets[5]])
+        arrays = (bytearray(payload[offsets[0] : offsets[1]]), bytearray(payload[offsets[1] : offsets[2]]), fields,
+                  times, versions)  # fmt: skip
+        self.restore_arrays(header, arrays)
+
+    def restore_arrays(
+        self, header: dict[str, Any], arrays: tuple[bytearray, bytearray, array[int], array[float], array[int]]
+    ) -> None:
+        """`restore` from the arrays themselves (in export's order), taken over as they are, not copied."""
+        sizes = array_sizes(header)
+        got = [len(a) * a.itemsize if isinstance(a, array) else len(a) for a in arrays]
+        if got != sizes:
+            raise ValueError(f"snapshot arrays hold {got} bytes, expected {sizes}")
         strings = _Interner()
         for kind, data in header["values"]:
             value: Any
@@ -383,13 +397,7 @@ class KeyTable:
                 raise ValueError("snapshot holds an org, team, project or scope that is not printable ASCII")
             strings.index[value] = len(strings.values)
             strings.values.append(value)
-        offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        digests = bytearray(payload[offsets[0] : offsets[1]])
-        ids = bytearray(payload[offsets[1] : offsets[2]])
-        fields, times, versions = array("I"), array("d"), array("q")
-        fields.frombytes(payload[offsets[2] : offsets[3]])
-        times.frombytes(payload[offsets[3] : offsets[4]])
-        versions.frombytes(payload[offsets[4] : offsets[5]])
+        digests, ids, fields, times, versions = arrays
         if fields and max(fields) >= len(strings.values):
             raise ValueError("snapshot records refer to interned values it does not hold")
         self._changed(ALL)
@@ -477,21 +485,26 @@ class KeyTable:
         self._mask = mask = capacity - 1
         self._by_hash = by_hash = array("i", bytes(4 * capacity))
         self._by_id = by_id = array("i", bytes(4 * capacity))
-        # One immutable copy of each array, so every key's digest and id is one slice (a restored
-        # million-key table rebuilds its indexes here).
-        digests, ids = bytes(self._digests), bytes(self._ids)
         free = set(self._free)
-        for n in range(len(self._versions)):
-            if free and n in free:
-                continue
-            slot = hash(digests[n * _DIGEST : (n + 1) * _DIGEST]) & mask
-            while by_hash[slot] > 0:
-                slot = (slot + 1) & mask
-            by_hash[slot] = n + 1
-            slot = hash(ids[n * _ID : (n + 1) * _ID]) & mask
-            while by_id[slot] > 0:
-                slot = (slot + 1) & mask
-            by_id[slot] = n + 1
+        # Immutable copies of a block of digests and ids at a time, so each key's is one hashable
+        # slice (a restored million-key table rebuilds its indexes here) and the copy stays small.
+        records = len(self._versions)
+        for first in range(0, records, _RESIZE_BLOCK):
+            last = min(records, first + _RESIZE_BLOCK)
+            digests = bytes(self._digests[first * _DIGEST : last * _DIGEST])
+            ids = bytes(self._ids[first * _ID : last * _ID])
+            for n in range(first, last):
+                if free and n in free:
+                    continue
+                i = n - first
+                slot = hash(digests[i * _DIGEST : (i + 1) * _DIGEST]) & mask
+                while by_hash[slot] > 0:
+                    slot = (slot + 1) & mask
+                by_hash[slot] = n + 1
+                slot = hash(ids[i * _ID : (i + 1) * _ID]) & mask
+                while by_id[slot] > 0:
+                    slot = (slot + 1) & mask
+                by_id[slot] = n + 1
         self._used = self._live
 
 
@@ -502,6 +515,14 @@ def _value_form(value: Any) -> list[Any]:
     if value and isinstance(value[0], tuple):
         return ["m", [list(pair) for pair in value]]
     return ["p", list(value)]
+
+
+def array_sizes(header: dict[str, Any]) -> list[int]:
+    """The byte size of each array (in export's order) an exported table's header announces; ValueError if foreign."""
+    if header.get("layout") != _LAYOUT:
+        raise ValueError(f"snapshot layout {header.get('layout')} is not this table's {_LAYOUT}")
+    records = int(header["records"])
+    return [records * width for width in RECORD_WIDTHS]
 
 
 def _capacity_for(count: int) -> int:

@@ -100,3 +100,45 @@ async def test_a_direct_subscription_with_a_limit_ends_after_that_many_messages(
     assert seen == [b"1", b"2"]
     assert sub._id not in nc._direct
     assert nc.stats["in_msgs"] >= 2
+
+
+async def test_many_messages_of_every_size_arrive_whole_and_in_order_across_reads(nc: DirectClient) -> None:
+    seen: list[tuple[bytes, bytes, dict[str, str] | None]] = []
+    others: list[bytes] = []
+    await nc.subscribe_direct("direct.m.>", lambda subject, reply, data, headers: seen.append((subject, data, headers)))
+
+    async def other(msg: object) -> None:
+        others.append(msg.data)  # type: ignore[attr-defined]
+
+    await nc.subscribe("plain.m", cb=other)
+    sent = []
+    for i in range(3000):
+        data = bytes([65 + i % 26]) * (i * 7 % 2900)  # 0 to 2.9 KB: reads of 32 KB cut frames anywhere
+        headers = {"KV-Operation": "DEL"} if i % 97 == 0 else None
+        await nc.publish(f"direct.m.{i}", data, headers=headers)
+        sent.append((f"direct.m.{i}".encode(), data, headers))
+        if i % 101 == 0:
+            await nc.publish("plain.m", str(i).encode())
+    await nc.flush()
+    await _until(lambda: len(seen) == len(sent))
+    assert [(s, d) for s, d, _ in seen] == [(s, d) for s, d, _ in sent]
+    assert [i for i, (_, _, h) in enumerate(seen) if h and h.get("KV-Operation") == "DEL"] == list(range(0, 3000, 97))
+    await _until(lambda: len(others) == 30)
+    assert others == [str(i).encode() for i in range(0, 3000, 101)]
+
+
+async def test_a_stream_of_frames_cut_at_any_byte_gives_the_same_messages(nc: DirectClient) -> None:
+    seen: list[tuple[bytes, bytes, bytes]] = []
+    sub = await nc.subscribe_direct("cut.>", lambda subject, reply, data, headers: seen.append((subject, reply, data)))
+    sid = sub._id
+    stream = (
+        f"MSG cut.a {sid} reply.to 3\r\nabc\r\n+OK\r\nHMSG cut.h {sid} 12 15\r\nNATS/1.0\r\n\r\nxyz\r\n"
+        f"MSG cut.b {sid} 2\r\nhi\r\nMSG other 999999 1\r\nz\r\nMSG cut.e {sid} 0\r\n\r\n"
+    ).encode()
+    expected = [(b"cut.a", b"reply.to", b"abc"), (b"cut.h", b"", b"xyz"), (b"cut.b", b"", b"hi"), (b"cut.e", b"", b"")]
+    for cut in range(len(stream) + 1):
+        seen.clear()
+        await nc._ps.parse(stream[:cut])
+        await nc._ps.parse(stream[cut:])
+        assert seen == expected, cut
+        assert not nc._ps.buf

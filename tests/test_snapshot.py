@@ -11,7 +11,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from sidecar.errors import SnapshotError
-from sidecar.snapshot import _BLOCK, _LiveReader, _pieces, decode, encode
+from sidecar.snapshot import _BLOCK, _LiveReader, _pieces, _Sink, decode, encode
 from sidecar.table import KeyTable
 from sidecar.wire import key_digest
 from tests.conftest import StartSidecar
@@ -77,8 +77,10 @@ def test_values_packed_ahead_of_a_snapshot_and_those_interned_since_make_the_sam
     ("mutate", "reason"),
     [
         (lambda d: b"garbage" + d, "not a keyrelay snapshot"),
-        (lambda d: d[:-7], "bytes of arrays"),
-        (lambda d: d[:40], "unreadable header"),
+        (lambda d: d[:-7], "truncated: .* bytes of arrays"),
+        (lambda d: d[:40], "truncated in its header"),
+        (lambda d: d + b"x", "longer than its header says"),
+        (lambda d: d[:12] + b"\xc1" + d[13:], "unreadable header"),
     ],
 )
 def test_a_damaged_snapshot_is_refused_and_the_table_left_alone(mutate, reason: str) -> None:  # type: ignore[no-untyped-def]
@@ -89,6 +91,27 @@ def test_a_damaged_snapshot_is_refused_and_the_table_left_alone(mutate, reason: 
     with pytest.raises(SnapshotError, match=reason):
         decode(mutate(encode(table, revision=1, bucket="KEYS", region=None)), target, bucket="KEYS", region=None)
     assert target.key_ids() == [record.key_id]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4093, 512 * 1024])
+def test_a_snapshot_read_in_chunks_of_any_size_restores_the_same_table(chunk: int) -> None:
+    table, keys = _filled()
+    data = encode(table, revision=9, bucket="KEYS", region=None)
+    sink = _Sink(bucket="KEYS", region=None)
+    for start in range(0, len(data), chunk):
+        sink.write(data[start : start + chunk])
+    copy = KeyTable()
+    snapshot = sink.load_into(copy)
+    assert (snapshot.revision, snapshot.keys, snapshot.size) == (9, len(table), len(data))
+    assert sorted(copy.key_ids()) == sorted(table.key_ids())
+    for key, _ in keys:
+        n = table.find(key_digest(key))
+        assert (copy.view(copy.find(key_digest(key))) if n >= 0 else None) == (table.view(n) if n >= 0 else None)
+    late_key = ""
+    for _ in range(3):  # the loaded arrays grow (nothing holds their buffers any more)
+        late_key, late = make_key()
+        assert copy.apply(late)
+    assert copy.find(key_digest(late_key)) >= 0
 
 
 def test_a_snapshot_of_another_region_or_bucket_is_refused() -> None:
