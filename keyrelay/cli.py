@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import version
+from typing import Any
 
 from sidecar.config import add_options, load
 from sidecar.errors import SidecarError
@@ -17,6 +18,7 @@ from .errors import KeyrelayError
 __all__ = ["build_parser", "main"]
 
 Handler = Callable[[argparse.Namespace], int]
+Subcommands = argparse._SubParsersAction  # what add_subparsers returns
 
 
 def _run_sidecar(args: argparse.Namespace) -> int:
@@ -71,7 +73,7 @@ def _loadtest_missing(args: argparse.Namespace) -> int:
     raise KeyrelayError(LOADTEST_MISSING)
 
 
-def _add_loadtest(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_loadtest(commands: Subcommands[argparse.ArgumentParser]) -> None:
     """`keyrelay loadtest`: the load test where its package is installed, a clear refusal where not."""
     help_text = "multi-region load test on loopback: WAN delays, verify load, key churn, a partition"
     try:
@@ -109,10 +111,28 @@ def _up(args: argparse.Namespace) -> int:
     return up_command(args)
 
 
+def _command(
+    parent: Subcommands[argparse.ArgumentParser],
+    name: str,
+    *,
+    help: str,
+    description: str,
+    settings: type[Any],
+    handler: Handler,
+) -> argparse.ArgumentParser:
+    """One command: its help, its settings as options, and what runs it."""
+    command = parent.add_parser(name, help=help, description=description)
+    add_options(command, settings)
+    command.set_defaults(handler=handler)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; every command and option has help."""
     from publisher.settings import PublisherSettings
 
+    from .region import RegionSettings
+    from .snapshots import SnapshotSettings
     from .up import UpSettings
 
     parser = argparse.ArgumentParser(
@@ -123,62 +143,65 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('keyrelay')}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    up = commands.add_parser(
+    _command(
+        commands,
         "up",
+        settings=UpSettings,
+        handler=_up,
         help="start a complete local stack: NATS, the publisher and a sidecar per region",
-        description="Start nats-server (JetStream), the publisher on SQLite and one sidecar per region under one "
-        "supervisor, wait until all are ready and print how to use them. Ctrl-C stops everything.",
+        description="Start nats-server (JetStream), the publisher on SQLite and one sidecar per region under "
+        "one supervisor, wait until all are ready and print how to use them. Ctrl-C stops everything.",
     )
-    add_options(up, UpSettings)
-    up.set_defaults(handler=_up)
-
-    sidecar = commands.add_parser(
+    _command(
+        commands,
         "sidecar",
+        settings=SidecarSettings,
+        handler=_run_sidecar,
         help="run a sidecar: replicate the region's keys and answer gateway auth subrequests",
         description="Run one sidecar next to a gateway. It mirrors the key bucket from its region's NATS "
         "and answers /auth and /v1/keys/verify from memory.",
     )
-    add_options(sidecar, SidecarSettings)
-    sidecar.set_defaults(handler=_run_sidecar)
 
-    publisher = commands.add_parser(
+    publisher = _command(
+        commands,
         "publisher",
+        settings=PublisherSettings,
+        handler=_run_publisher,
         help="run the publisher: the admin API, the key store and the outbox relay into JetStream",
-        description="Run the publisher. With `reconcile`, compare the bucket with the database once, repair "
-        "it and exit.",
+        description="Run the publisher. With `reconcile`, compare the bucket with the database "
+        "once, repair it and exit.",
     )
-    add_options(publisher, PublisherSettings)
-    publisher.set_defaults(handler=_run_publisher)
     publisher_actions = publisher.add_subparsers(dest="publisher_command", metavar="ACTION")
-    reconcile = publisher_actions.add_parser(
+    reconcile = _command(
+        publisher_actions,
         "reconcile",
+        settings=PublisherSettings,
+        handler=_reconcile,
         help="compare the bucket with the database, republish what differs, and exit",
-        description="Compare the key bucket with the database (count and xxhash digest per shard), republish "
-        "what differs through the outbox and delete entries of unknown keys; then wait until published.",
+        description="Compare the key bucket with the database (count and xxhash digest per shard), "
+        "republish what differs through the outbox and delete entries of unknown keys; then wait "
+        "until published.",
     )
-    add_options(reconcile, PublisherSettings)
     reconcile.add_argument("--json", action="store_true", help="print the report as JSON")
-    reconcile.set_defaults(handler=_reconcile)
-
-    from .region import RegionSettings
 
     region = commands.add_parser(
         "region",
-        help="set up a region: its NATS leaf node's filtered mirror of the key bucket",
+        help="set up a region: its NATS leaf node's filtered mirror of the key bucket, and its first snapshot",
         description="Regions run their own NATS leaf node (own JetStream domain); sidecars there read a mirror "
         "of the hub's bucket that carries only global keys and the region's own keys.",
     )
     region_actions = region.add_subparsers(dest="region_command", metavar="ACTION", required=True)
-    region_init = region_actions.add_parser(
+    _command(
+        region_actions,
         "init",
-        help="create (or check) the region's mirror of the key bucket; safe to run again",
+        settings=RegionSettings,
+        handler=_region_init,
+        help="create (or check) the region's mirror of the key bucket, then seed its snapshot; safe to run again",
         description="Create the stream KV_<bucket> on the region's NATS as a mirror of the hub's bucket, "
-        "filtered to global.> and <region>.>. Running it again checks and changes nothing.",
+        "filtered to global.> and <region>.>; then wait for the mirror to catch up and seed the region's "
+        "table snapshot (as `keyrelay snapshot seed` does), so the region's first sidecar starts from it. "
+        "Running it again checks the mirror and leaves a fresh snapshot as it is.",
     )
-    add_options(region_init, RegionSettings)
-    region_init.set_defaults(handler=_region_init)
-
-    from .snapshots import SnapshotSettings
 
     snapshot = commands.add_parser(
         "snapshot",
@@ -187,23 +210,25 @@ def build_parser() -> argparse.ArgumentParser:
         "it fresh. `seed` writes one before any sidecar runs; `show` lists them.",
     )
     snapshot_actions = snapshot.add_subparsers(dest="snapshot_command", metavar="ACTION", required=True)
-    snapshot_seed = snapshot_actions.add_parser(
+    _command(
+        snapshot_actions,
         "seed",
+        settings=SnapshotSettings,
+        handler=_snapshot_seed,
         help="sync the region's table as a sidecar would, write it as the region's snapshot, and exit",
         description="Replay the region's keys (from its current snapshot when there is one) and write the "
-        "region's snapshot, unless it is fresh. Safe to run again. Needs memory for the table: about 250 MB "
-        "for a million keys.",
+        "region's snapshot, unless it is fresh. Safe to run again. Needs memory for the table: about 200 MiB "
+        "at its peak for a million keys.",
     )
-    add_options(snapshot_seed, SnapshotSettings)
-    snapshot_seed.set_defaults(handler=_snapshot_seed)
-    snapshot_show = snapshot_actions.add_parser(
+    show = _command(
+        snapshot_actions,
         "show",
+        settings=SnapshotSettings,
+        handler=_snapshot_show,
         help="list the snapshots in the store: region, revision, age, size",
         description="List every region's snapshot in the snapshot store on the given NATS.",
     )
-    add_options(snapshot_show, SnapshotSettings)
-    snapshot_show.add_argument("--json", action="store_true", help="print the list as JSON")
-    snapshot_show.set_defaults(handler=_snapshot_show)
+    show.add_argument("--json", action="store_true", help="print the list as JSON")
 
     _add_loadtest(commands)
     add_admin_commands(commands)
