@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     from publisher.settings import PublisherSettings
 
     from .region import RegionSettings
-    from .snapshots import SnapshotSettings
+    from .snapshots import SnapshotSettings, SnapshotStoreSettings
     from .up import UpSettings
 
     parser = argparse.ArgumentParser(
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = _command(
         snapshot_actions,
         "show",
-        settings=SnapshotSettings,
+        settings=SnapshotStoreSettings,
         handler=_snapshot_show,
         help="list the snapshots in the store: region, revision, age, size",
         description="List every region's snapshot in the snapshot store on the given NATS.",

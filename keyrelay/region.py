@@ -89,32 +89,50 @@ async def _api(nc: Client, subject: str, body: dict[str, Any] | None, timeout: f
     return data
 
 
+# A mirror counts as in touch with the hub when it heard from it this recently (nanoseconds): its
+# lag is only updated by what arrives, so a mirror cut off long ago still reports its last lag.
+_RECENT_CONTACT_NS = 5_000_000_000
+
+
 async def wait_for_mirror(
     nc: Client,
     *,
     bucket: str,
     timeout: float,
-    progress: Callable[[int, float], None] | None = None,
+    progress: Callable[[str, float], None] | None = None,
     every: float = 2.0,
 ) -> dict[str, Any]:
-    """Wait until the region's mirror has heard from the hub and is not behind it; its stream info."""
+    """Wait until the region's mirror is in touch with the hub and not behind it; its stream info."""
     name = stream_name(bucket)
     started = time.monotonic()
     reported = started
+    state = "has not answered yet"
     while True:
-        info = await _api(nc, f"STREAM.INFO.{name}", None, 5.0)
-        mirror = info.get("mirror") or {}
-        if "error" not in info and mirror.get("active", -1) >= 0 and mirror.get("lag", 0) == 0:
-            return info
+        try:
+            info = await _api(nc, f"STREAM.INFO.{name}", None, 5.0)
+        except Exception as exc:  # a slow or restarting server: asked again until the deadline
+            info, state = {}, f"did not answer STREAM.INFO ({type(exc).__name__})"
+        mirror = info.get("mirror")
+        if "error" in info:
+            state = f"is not there ({info['error'].get('description', info['error'])})"
+        elif mirror is not None:
+            active, lag = mirror.get("active", -1), mirror.get("lag", 0)
+            if 0 <= active < _RECENT_CONTACT_NS and lag == 0:
+                return info
+            error = mirror.get("error")
+            problem = f" ({error.get('description', error)})" if isinstance(error, dict) else ""
+            if active < 0:
+                state = f"has never heard from the hub{problem}"
+            else:
+                state = f"is {lag:,} records behind the hub, which it last heard from {active / 1e9:.0f}s ago{problem}"
         now = time.monotonic()
         if now - started > timeout:
             raise KeyrelayError(
-                f"the mirror {name} did not catch up with the hub within {timeout:g}s (lag {mirror.get('lag', '?')}, "
-                "heard from the hub: " + ("yes" if mirror.get("active", -1) >= 0 else "never") + "): is the leaf "
-                "node connected to the hub? Run this again, or pass --timeout"
+                f"the mirror {name} did not catch up with the hub within {timeout:g}s: it {state}. Is the leaf node "
+                "connected to the hub? Run this again, or pass --timeout"
             )
         if progress is not None and now - reported >= every:
-            progress(int(mirror.get("lag", 0)), now - started)
+            progress(state, now - started)
             reported = now
         await asyncio.sleep(0.1)
 
@@ -172,12 +190,12 @@ async def seed_region_snapshot(settings: RegionSettings) -> None:
 
     from .snapshots import SnapshotSettings, describe_seed, print_progress, seed
 
-    def lagging(lag: int, seconds: float) -> None:
-        print(f"  {seconds:5.0f}s: the mirror is {lag:,} records behind the hub", flush=True)
+    def waiting(state: str, seconds: float) -> None:
+        print(f"  {seconds:5.0f}s: the mirror {state}", flush=True)
 
     nc = await nats.connect(servers=list(settings.nats_url), connect_timeout=5, max_reconnect_attempts=2)
     try:
-        await wait_for_mirror(nc, bucket=settings.bucket, timeout=settings.timeout, progress=lagging)
+        await wait_for_mirror(nc, bucket=settings.bucket, timeout=settings.timeout, progress=waiting)
     finally:
         await nc.close()
     print(f"region {settings.region}: the mirror has caught up; seeding the region's snapshot", flush=True)

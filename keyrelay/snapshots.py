@@ -20,6 +20,7 @@ from .errors import KeyrelayError
 
 __all__ = [
     "SnapshotSettings",
+    "SnapshotStoreSettings",
     "describe_seed",
     "list_snapshots",
     "print_progress",
@@ -30,8 +31,8 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
-class SnapshotSettings:
-    """Options of `keyrelay snapshot seed` and `keyrelay snapshot show`."""
+class SnapshotStoreSettings:
+    """Options of `keyrelay snapshot show`: where the snapshots are."""
 
     nats_url: tuple[str, ...] = option(
         ("nats://127.0.0.1:4222",),
@@ -39,10 +40,16 @@ class SnapshotSettings:
         help="the NATS the region's sidecars read (its leaf node, or the hub), comma separated",
     )
     bucket: str = option(DEFAULT_BUCKET, help="JetStream KV bucket that holds the key records")
+    snapshot_bucket: str = option("", help="object store bucket of the snapshots (default: <bucket>_SNAPSHOTS)")
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotSettings(SnapshotStoreSettings):
+    """Options of `keyrelay snapshot seed`: those of `show`, and which snapshot, and when to write it."""
+
     region: str | None = option(
         None, parse=parse_region, help="region whose snapshot to seed (unset: the one sidecars without --region read)"
     )
-    snapshot_bucket: str = option("", help="object store bucket of the snapshots (default: <bucket>_SNAPSHOTS)")
     snapshot_interval: float = option(
         600.0,
         parse=parse_positive_duration,
@@ -104,7 +111,7 @@ def seed_command(args: argparse.Namespace) -> int:
     return 0
 
 
-async def list_snapshots(settings: SnapshotSettings) -> list[dict[str, Any]]:
+async def list_snapshots(settings: SnapshotStoreSettings) -> list[dict[str, Any]]:
     """Every snapshot in the store: name, keys, revision, age, size."""
     import nats
     from nats.js.errors import BucketNotFoundError, NotFoundError
@@ -117,7 +124,7 @@ async def list_snapshots(settings: SnapshotSettings) -> list[dict[str, Any]]:
     try:
         try:
             store = await nc.jetstream().object_store(store_name)
-            infos = await store.list()
+            infos = await store.list(ignore_deletes=True)
         except (BucketNotFoundError, NotFoundError):
             return []
     finally:
@@ -138,7 +145,7 @@ async def list_snapshots(settings: SnapshotSettings) -> list[dict[str, Any]]:
 
 def show_command(args: argparse.Namespace) -> int:
     """`keyrelay snapshot show`."""
-    settings = load(SnapshotSettings, args)
+    settings = load(SnapshotStoreSettings, args)
     rows = asyncio.run(list_snapshots(settings))
     if getattr(args, "json", False):
         print(json.dumps(rows, indent=2))

@@ -208,13 +208,21 @@ class SeedRun:
     peak_rss: int
 
 
-def _seed(nats_url: str, pin: Pinning, work: Path) -> SeedRun:
+def _seed(nats_url: str, pin: Pinning, work: Path, *, timeout: float) -> SeedRun:
     """Seed the region's snapshot as `keyrelay region init` does before a region's first sidecar starts."""
     log = work / "seed.log"
     started = time.monotonic()
-    process = spawn([*keyrelay_command(), "snapshot", "seed", "--nats-url", nats_url], cpus=pin.server, log=log)
+    command = [*keyrelay_command(), "snapshot", "seed", "--nats-url", nats_url, "--timeout", f"{timeout:g}s"]
+    process = spawn(command, cpus=pin.server, log=log)
     # wait4, not wait: the child's own peak RSS, which getrusage would mix with every other child's.
-    _, status, usage = os.wait4(process.pid, 0)
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() - started > timeout + 30:  # its own --timeout should have ended it
+            stop(process)
+            raise RuntimeError(f"keyrelay snapshot seed still running after {timeout + 30:g}s: {tail(log)}")
+        time.sleep(0.05)
     process.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.monotonic() - started
     if process.returncode != 0:
@@ -442,7 +450,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _say(f"empty-bucket sidecar: ready in {empty.ready_seconds:.2f}s, RSS {empty.rss / 2**20:.1f} MiB")
 
             fill = _fill(nats_server.url, args)
-            seeded = _seed(nats_server.url, pin, work)
+            seeded = _seed(nats_server.url, pin, work, timeout=args.ready_timeout)
             load_before, _ = wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
             proc, port, loaded = _start_sidecar(
                 nats_server.url, cpus=pin.server, log=work / "sidecar.log", ready_timeout=args.ready_timeout

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 
 from nats.aio.client import Client
 from nats.aio.subscription import Subscription
+from nats.errors import ProtocolError
 from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 __all__ = ["DirectClient", "DirectHandler"]
@@ -123,9 +124,14 @@ class _DirectParser(Parser):
 
     async def parse(self, data: bytes = b"") -> None:
         self.buf.extend(data)
-        if self.state != AWAITING_CONTROL_LINE:  # only nats-py's own parse leaves it mid-frame
-            await super().parse()
-        while self.buf and self.state == AWAITING_CONTROL_LINE:
+        while self.buf:
+            if self.state != AWAITING_CONTROL_LINE:
+                # nats-py's parser is mid-frame (it read a control line that disagreed with ours):
+                # it finishes the frame, or waits for more.
+                await super().parse()
+                if self.state != AWAITING_CONTROL_LINE:
+                    return
+                continue
             pending = self._direct_frames()
             if pending is not None:
                 await pending
@@ -139,7 +145,11 @@ class _DirectParser(Parser):
             await super().parse()
             if self.buf is not alone:
                 return  # the parser was reset meanwhile (a reconnect): what was read is void
-            buf[:0] = alone  # empty, unless nats-py's parser left part of the operation
+            if len(alone) == end:
+                # nats-py's parser took none of it (it raises on an unknown operation only when
+                # shorter than its control line limit): end the connection, as it would.
+                raise ProtocolError
+            buf[:0] = alone  # empty, unless nats-py's parser stopped inside the operation
             self.buf = buf
 
     def _direct_frames(self) -> Awaitable[None] | None:

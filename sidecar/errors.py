@@ -60,4 +60,4 @@ class SyncTimeout(SidecarError):
             hint = f"is there a stream {stream} on {where}? (the publisher makes it; in a region, region init)"
         else:
             hint = f"{keys} keys loaded, {pending} still pending: give it longer (--timeout)"
-        super().__init__(f"the initial sync of {stream} did not finish within {waited:g}s: {hint}")
+        super().__init__(f"the initial sync of {stream} did not finish within {waited:.0f}s: {hint}")

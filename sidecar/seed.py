@@ -57,6 +57,7 @@ async def seed_snapshot(
     interval: float = 600.0,
     force: bool = False,
     timeout: float = 600.0,
+    connect_timeout: float = 30.0,
     progress: Callable[[SeedProgress], None] | None = None,
     progress_every: float = 2.0,
 ) -> SeedResult:
@@ -67,7 +68,8 @@ async def seed_snapshot(
                    snapshot_refresh=False)  # fmt: skip
     await sync.start()
     try:
-        await _wait_synced(sync, timeout=timeout, progress=progress, every=progress_every)
+        await _wait_synced(sync, timeout=timeout, connect_timeout=min(timeout, connect_timeout), progress=progress,
+                           every=progress_every)  # fmt: skip
         synced = time.monotonic() - started
         written = await sync.write_snapshot(force=force)
     finally:
@@ -85,17 +87,24 @@ async def seed_snapshot(
 
 
 async def _wait_synced(
-    sync: KeySync, *, timeout: float, progress: Callable[[SeedProgress], None] | None, every: float
+    sync: KeySync,
+    *,
+    timeout: float,
+    connect_timeout: float,
+    progress: Callable[[SeedProgress], None] | None,
+    every: float,
 ) -> None:
     started = time.monotonic()
     deadline = started + timeout
     while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise SyncTimeout(servers=tuple(sync.servers), stream=sync.stream, waited=timeout,
+        now = time.monotonic()
+        left = deadline - now
+        # An unreachable NATS is said soon; a slow sync gets the whole timeout.
+        if left <= 0 or (not sync.connected and now - started >= connect_timeout):
+            raise SyncTimeout(servers=tuple(sync.servers), stream=sync.stream, waited=now - started,
                               connected=sync.connected, keys=len(sync.table), pending=sync.pending)  # fmt: skip
         try:
-            await sync.wait_synced(min(every, left))
+            await sync.wait_synced(min(every, left, max(0.05, connect_timeout - (now - started))))
             return
         except TimeoutError:
             if progress is not None:

@@ -181,8 +181,9 @@ class _Sink:
     calls `write` in an executor thread, and the object store read should run to its end.
     """
 
-    def __init__(self, *, bucket: str, region: str | None) -> None:
+    def __init__(self, *, bucket: str, region: str | None, size: int) -> None:
         self._bucket, self._region = bucket, region
+        self._expected = size  # the object's size, which the header's figures must add up to
         self._head = bytearray()
         self._header: dict[str, Any] | None = None
         self._arrays: list[bytearray | array[Any]] = []
@@ -200,6 +201,8 @@ class _Sink:
                 self._take(memoryview(data))
             except SnapshotError as exc:
                 self.error = exc.reason
+            except Exception as exc:  # whatever a damaged header leads to, it must not escape into nats-py
+                self.error = f"unreadable ({type(exc).__name__}: {exc})"
         return len(data)
 
     def _take(self, data: memoryview) -> None:
@@ -211,36 +214,59 @@ class _Sink:
             view[self._filled : self._filled + len(piece)] = piece
             data = data[len(piece) :]
             self._filled += len(piece)
-            if self._filled == len(view):
-                self._which, self._filled = self._which + 1, 0
+            self._next_array()
         if data:
             raise SnapshotError("longer than its header says")
+
+    def _next_array(self) -> None:
+        """Move past the arrays that are full (an empty table's are full from the start)."""
+        while self._which < len(self._views) and self._filled == len(self._views[self._which]):
+            self._which, self._filled = self._which + 1, 0
 
     def _take_head(self, data: memoryview) -> memoryview:
         """Gather magic, length and header; the bytes after the header (empty while it is incomplete)."""
         fixed = len(MAGIC) + _LENGTH.size
-        wanted = fixed if len(self._head) < fixed else fixed + _LENGTH.unpack_from(self._head, len(MAGIC))[0]
+        if len(self._head) < fixed:
+            taken = data[: fixed - len(self._head)]
+            self._head += taken
+            data = data[len(taken) :]
+            if len(self._head) < fixed:
+                return data
+            if not self._head.startswith(MAGIC):
+                raise SnapshotError("not a keyrelay snapshot")
+            (length,) = _LENGTH.unpack_from(self._head, len(MAGIC))
+            if not 0 < length <= self._expected - fixed:
+                raise SnapshotError(
+                    f"unreadable header (announced as {length} bytes of a {self._expected}-byte object)"
+                )
+        wanted = fixed + _LENGTH.unpack_from(self._head, len(MAGIC))[0]
         taken = data[: wanted - len(self._head)]
         self._head += taken
         data = data[len(taken) :]
-        if len(self._head) == fixed and wanted == fixed:
-            if not self._head.startswith(MAGIC):
-                raise SnapshotError("not a keyrelay snapshot")
-            return self._take_head(data)
         if len(self._head) < wanted:
-            return data[:0]
+            return data
+        self._start_arrays(self._parse_header(self._head[fixed:]), head=wanted)
+        return data
+
+    def _parse_header(self, raw: bytearray) -> dict[str, Any]:
         try:
-            header = msgpack.unpackb(self._head[fixed:])
+            header = msgpack.unpackb(raw)
         except Exception as exc:  # msgpack raises several unrelated types
             raise SnapshotError(f"unreadable header ({type(exc).__name__})") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise SnapshotError(f"format {header.get('format') if isinstance(header, dict) else '?'} is not {FORMAT}")
         if header.get("bucket") != self._bucket or header.get("region") != self._region:
             raise SnapshotError(f"made for bucket {header.get('bucket')} region {header.get('region')}")
+        return header
+
+    def _start_arrays(self, header: dict[str, Any], *, head: int) -> None:
         try:
             sizes = array_sizes(header["table"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SnapshotError(str(exc)) from None
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise SnapshotError(f"unreadable table header ({exc})") from None
+        if head + sum(sizes) != self._expected:
+            # Checked before allocating: a damaged record count must not claim gigabytes.
+            raise SnapshotError(f"its header announces {head + sum(sizes)} bytes, the object holds {self._expected}")
         self._header = header
         # Allocated whole up front: arrays grown chunk by chunk keep their growth slack (20 MiB at
         # a million keys) for the sidecar's life.
@@ -248,7 +274,7 @@ class _Sink:
                    for code, size in zip("Idq", sizes[2:], strict=True)]  # fmt: skip
         self._arrays = [bytearray(sizes[0]), bytearray(sizes[1]), *numbers]
         self._views = [memoryview(a).cast("B") for a in self._arrays]
-        return data
+        self._next_array()
 
     def load_into(self, table: KeyTable) -> Snapshot:
         """Hand the arrays to `table`; SnapshotError (table untouched) when the snapshot was not whole or not ours."""
@@ -281,7 +307,7 @@ class _Sink:
 
 def decode(data: bytes, table: KeyTable, *, bucket: str, region: str | None) -> Snapshot:
     """Load a snapshot into `table`; SnapshotError (table untouched) when it is not one for here."""
-    sink = _Sink(bucket=bucket, region=region)
+    sink = _Sink(bucket=bucket, region=region, size=len(data))
     sink.write(data)
     return sink.load_into(table)
 
@@ -333,8 +359,9 @@ class SnapshotStore:
             return None
         # Through `writeinto`: without it, nats-py grows the object by bytes concatenation, which is
         # quadratic (8.7 s instead of under one for a million keys' 100 MB).
-        sink = _Sink(bucket=self.bucket, region=self.region)
         try:
+            info = await store.get_info(self.name)
+            sink = _Sink(bucket=self.bucket, region=self.region, size=info.size or 0)
             await store.get(self.name, writeinto=sink)  # type: ignore[arg-type]  # it only calls write
         except (ObjectNotFoundError, NotFoundError):
             return None

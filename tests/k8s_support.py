@@ -137,8 +137,11 @@ def container_env(c: Obj, objs: tuple[Obj, ...], secrets: dict[str, dict[str, st
             continue
         ref = var["valueFrom"]
         if "configMapKeyRef" in ref:
-            data = one(objs, "ConfigMap", ref["configMapKeyRef"]["name"])["data"]
-            env[var["name"]] = data[ref["configMapKeyRef"]["key"]]
+            key_ref = ref["configMapKeyRef"]
+            data = one(objs, "ConfigMap", key_ref["name"])["data"]
+            if key_ref["key"] not in data and key_ref.get("optional"):
+                continue  # the kubelet leaves the variable unset
+            env[var["name"]] = data[key_ref["key"]]
         elif "secretKeyRef" in ref:
             env[var["name"]] = secrets[ref["secretKeyRef"]["name"]][ref["secretKeyRef"]["key"]]
         else:

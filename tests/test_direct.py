@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+from nats.errors import ProtocolError
 
 from keyrelay.natsd import NatsServer
 from sidecar.direct import DirectClient
@@ -127,18 +129,28 @@ async def test_many_messages_of_every_size_arrive_whole_and_in_order_across_read
     assert others == [str(i).encode() for i in range(0, 3000, 101)]
 
 
-async def test_a_stream_of_frames_cut_at_any_byte_gives_the_same_messages(nc: DirectClient) -> None:
+async def test_a_stream_of_frames_cut_at_any_byte_gives_the_same_messages() -> None:
+    # The parser alone, fed by hand: a client with no connection, so no read loop parses beside the test.
     seen: list[tuple[bytes, bytes, bytes]] = []
-    sub = await nc.subscribe_direct("cut.>", lambda subject, reply, data, headers: seen.append((subject, reply, data)))
-    sid = sub._id
+    client = DirectClient()
+    sid = 7
+    client._direct[sid] = lambda subject, reply, data, headers: seen.append((subject, reply, data))
     stream = (
         f"MSG cut.a {sid} reply.to 3\r\nabc\r\n+OK\r\nHMSG cut.h {sid} 12 15\r\nNATS/1.0\r\n\r\nxyz\r\n"
-        f"MSG cut.b {sid} 2\r\nhi\r\nMSG other 999999 1\r\nz\r\nMSG cut.e {sid} 0\r\n\r\n"
+        f"MSG cut.b {sid} 2\r\nhi\r\nMSG other 999999 1\r\nz\r\n+OK\r\nMSG cut.e {sid} 0\r\n\r\n"
     ).encode()
     expected = [(b"cut.a", b"reply.to", b"abc"), (b"cut.h", b"", b"xyz"), (b"cut.b", b"", b"hi"), (b"cut.e", b"", b"")]
     for cut in range(len(stream) + 1):
-        seen.clear()
-        await nc._ps.parse(stream[:cut])
-        await nc._ps.parse(stream[cut:])
-        assert seen == expected, cut
-        assert not nc._ps.buf
+        for second in (cut, (cut + len(stream)) // 2):
+            seen.clear()
+            for piece in (stream[:cut], stream[cut:second], stream[second:]):
+                await client._ps.parse(piece)
+            assert seen == expected, (cut, second)
+            assert not client._ps.buf
+
+
+async def test_an_operation_nats_py_cannot_parse_ends_the_connection_instead_of_stalling_the_reader() -> None:
+    client = DirectClient()
+    client._direct[1] = lambda *parts: None
+    with pytest.raises(ProtocolError):
+        await asyncio.wait_for(client._ps.parse(b"MSG a 1 x y 5000\r\n" + b"z" * 5000 + b"\r\n"), 5)

@@ -9,7 +9,7 @@ import pytest
 
 from keyrelay.client import ClientSettings
 from keyrelay.region import RegionSettings
-from keyrelay.snapshots import SnapshotSettings
+from keyrelay.snapshots import SnapshotSettings, SnapshotStoreSettings
 from keyrelay.up import UpSettings
 from loadtest.multiregion import LoadtestSettings
 from publisher.settings import PublisherSettings
@@ -27,6 +27,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
         UpSettings,
         ClientSettings,
         RegionSettings,
+        SnapshotStoreSettings,
         SnapshotSettings,
         LoadtestSettings,
     ],

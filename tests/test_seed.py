@@ -13,10 +13,12 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from keyrelay.cli import main
+from keyrelay.errors import KeyrelayError
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.region import RegionSettings, init_region, seed_region_snapshot
 from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
 from sidecar.errors import SyncTimeout
+from sidecar.seed import seed_snapshot
 from sidecar.sync import KeySync
 from sidecar.table import KeyTable
 from tests.conftest import StartSidecar
@@ -81,10 +83,11 @@ async def test_seeding_a_bucket_that_does_not_exist_gives_up_and_says_where_to_l
     assert raised.value.keys == 0
 
 
-async def test_seeding_without_a_reachable_nats_gives_up_and_says_so() -> None:
-    settings = SnapshotSettings(nats_url=(f"nats://127.0.0.1:{free_port()}",), timeout=1.0)
+async def test_seeding_without_a_reachable_nats_gives_up_soon_and_says_so() -> None:
+    seeding = seed_snapshot(servers=[f"nats://127.0.0.1:{free_port()}"], bucket="KEYS", region=None, store="S",
+                            timeout=600.0, connect_timeout=1.0)  # fmt: skip
     with pytest.raises(SyncTimeout, match="was not reachable: check --nats-url"):
-        await seed(settings)
+        await asyncio.wait_for(seeding, 15)  # long before the sync's own timeout
 
 
 async def test_the_snapshot_commands_seed_and_list_from_the_shell(nats_server: NatsServer, bucket: KeyValue) -> None:
@@ -147,3 +150,18 @@ async def test_region_init_seeds_the_regions_snapshot_once_its_mirror_has_caught
     finally:
         leaf.stop()
         hub.stop()
+
+
+async def test_region_init_gives_up_on_a_mirror_that_never_hears_from_the_hub(tmp_path: Path) -> None:
+    # A leaf whose hub is not there: the mirror is created, and never catches up.
+    leaf = NatsServer(NatsSpec(name="leaf-eu", store_dir=tmp_path / "eu", domain="eu",
+                               remotes=[f"nats-leaf://127.0.0.1:{free_port()}"]))  # fmt: skip
+    leaf.start()
+    try:
+        settings = RegionSettings(region="eu", nats_url=(leaf.url,), timeout=1.0)
+        await init_region(settings)
+        with pytest.raises(KeyrelayError, match="did not catch up with the hub within 1s: it has never heard from"):
+            await seed_region_snapshot(settings)
+        assert await list_snapshots(SnapshotSettings(nats_url=(leaf.url,))) == []  # nothing seeded
+    finally:
+        leaf.stop()
