@@ -81,9 +81,18 @@ async def test_the_identity_of_a_valid_key_comes_back_in_headers(bucket: KeyValu
     assert headers["X-Key-Env"] == "test"
 
 
-@pytest.mark.parametrize(("method", "version"), [("GET", "1.1"), ("HEAD", "1.1"), ("GET", "1.0")])
+@pytest.mark.parametrize(
+    ("method", "version", "connection", "kept"),
+    [
+        ("GET", "1.1", None, True),
+        ("HEAD", "1.1", None, True),
+        ("GET", "1.0", None, False),
+        ("GET", "1.0", "keep-alive", True),
+        ("GET", "1.1", "close", False),
+    ],
+)
 async def test_a_granted_answer_is_one_well_formed_head_with_each_header_once(
-    bucket: KeyValue, start_sidecar: StartSidecar, method: str, version: str
+    bucket: KeyValue, start_sidecar: StartSidecar, method: str, version: str, connection: str | None, kept: bool
 ) -> None:
     key, record = make_key(scopes=("orders:read",))
     await put(bucket, record)
@@ -92,10 +101,11 @@ async def test_a_granted_answer_is_one_well_formed_head_with_each_header_once(
     host, port = sidecar.server.host, sidecar.server.port
     assert port is not None
     reader, writer = await asyncio.open_connection(host, port)
+    asked = f"Connection: {connection}\r\n" if connection else ""
     try:
-        writer.write(f"{method} /auth HTTP/{version}\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode())
+        writer.write(f"{method} /auth HTTP/{version}\r\nHost: x\r\n{asked}Authorization: Bearer {key}\r\n\r\n".encode())
         head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).decode()
-        writer.write(f"GET /auth HTTP/{version}\r\nHost: x\r\n\r\n".encode())  # still open after a 200 on 1.1
+        writer.write(f"GET /auth HTTP/{version}\r\nHost: x\r\n{asked}\r\n".encode())  # answered if still open
         after = await asyncio.wait_for(reader.read(65536), 5)
     finally:
         writer.close()
@@ -104,12 +114,15 @@ async def test_a_granted_answer_is_one_well_formed_head_with_each_header_once(
     fields = dict(line.split(": ", 1) for line in lines)
     assert status == f"HTTP/{version} 200 OK"
     assert sorted(names) == sorted(set(names))  # none twice
-    assert {"x-key-id", "x-org-id", "x-team-id", "x-project-id", "x-key-scopes", "x-key-env"} <= set(names)
+    assert {"x-key-id", "x-org-id", "x-team-id", "x-project-id", "x-key-scopes", "x-key-env", "date"} <= set(names)
     identity = (fields["X-Key-Id"], fields["X-Project-Id"], fields["Server"])
     assert identity == (record.key_id, record.project_id, "keyrelay")
-    assert fields.get("Content-Length", "0" if method == "HEAD" else None) == "0"  # aiohttp drops it on HEAD
-    # HTTP/1.1 keeps the connection (the next answer is the 401); HTTP/1.0 without keep-alive closes it.
-    assert after.startswith(b"HTTP/1.1 401") if version == "1.1" else after == b""
+    assert fields.get("Content-Length", "0" if method == "HEAD" else None) == "0"  # none on HEAD, as aiohttp does
+    # The connection header says what happens next: HTTP/1.0 keeps the connection only when asked
+    # to (and says so), HTTP/1.1 unless asked to close (and says so).
+    said = {"1.0": "keep-alive" if kept else None, "1.1": None if kept else "close"}[version]
+    assert fields.get("Connection") == said
+    assert after.startswith(f"HTTP/{version} 401".encode()) if kept else after == b""
 
 
 async def test_a_sidecar_resumes_after_nats_server_restarts_and_replays_nothing_it_held(
