@@ -11,6 +11,7 @@ from time import perf_counter
 from typing import Any
 
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http_writer import HttpVersion10, HttpVersion11, StreamWriter
 from multidict import CIMultiDictProxy, istr
@@ -128,20 +129,23 @@ class _Granted(web.StreamResponse):
     headers and serialize them on every 200; the identity headers are serialized once per key
     (when first verified) and the rest of the head is the same for every grant. What varies is
     only what aiohttp itself would vary: the HTTP version, the Date, keep-alive, and no
-    Content-Length for HEAD.
+    Content-Length for HEAD. Of what may be set on a response, it sends X-Keyrelay-Stale and
+    honours force_close(); it runs no on_response_prepare signal (the sidecar registers none).
     """
 
     __slots__ = ("identity",)
     identity: bytes
 
-    async def prepare(self, request: web.BaseRequest) -> StreamWriter | None:
-        if self._eof_sent or self._payload_writer is not None:
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self._eof_sent:
             return None
+        if self._payload_writer is not None:
+            return self._payload_writer
         writer = request._payload_writer
         assert isinstance(writer, StreamWriter)
         self._req, self._payload_writer = request, writer
         version = request.version
-        keep_alive = self._keep_alive = request.keep_alive
+        keep_alive = self._keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
         head = _OK_11 if version == HttpVersion11 else f"HTTP/{version[0]}.{version[1]} 200 OK\r\n"
         head += f"Date: {rfc822_formatted_time()}\r\nServer: {SERVER}\r\n"
         if request.method != hdrs.METH_HEAD:
