@@ -127,6 +127,14 @@ def _command(
     return command
 
 
+def _group(
+    parent: Subcommands[argparse.ArgumentParser], name: str, *, help: str, description: str
+) -> Subcommands[argparse.ArgumentParser]:
+    """A command that is only a group of actions (`keyrelay region init`): where its actions go."""
+    group = parent.add_parser(name, help=help, description=description)
+    return group.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; every command and option has help."""
     from publisher.settings import PublisherSettings
@@ -184,13 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    region = commands.add_parser(
+    region_actions = _group(
+        commands,
         "region",
         help="set up a region: its NATS leaf node's filtered mirror of the key bucket, and its first snapshot",
         description="Regions run their own NATS leaf node (own JetStream domain); sidecars there read a mirror "
         "of the hub's bucket that carries only global keys and the region's own keys.",
     )
-    region_actions = region.add_subparsers(dest="region_command", metavar="ACTION", required=True)
     _command(
         region_actions,
         "init",
@@ -203,13 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
         "Running it again checks the mirror and leaves a fresh snapshot as it is.",
     )
 
-    snapshot = commands.add_parser(
+    snapshot_actions = _group(
+        commands,
         "snapshot",
         help="seed or list the sidecars' table snapshots, so a region's first sidecar need not replay the bucket",
         description="Sidecars start from their region's table snapshot (an object store on their NATS) and keep "
         "it fresh. `seed` writes one before any sidecar runs; `show` lists them.",
     )
-    snapshot_actions = snapshot.add_subparsers(dest="snapshot_command", metavar="ACTION", required=True)
     _command(
         snapshot_actions,
         "seed",
