@@ -29,10 +29,12 @@ if TYPE_CHECKING:
 __all__ = [
     "HUB_DOMAIN",
     "RegionSettings",
+    "connect_nats",
     "ensure_region_mirror",
     "init_region",
     "mirror_config",
     "region_init_command",
+    "seed_region_snapshot",
     "wait_for_mirror",
 ]
 
@@ -186,14 +188,12 @@ def region_init_command(args: argparse.Namespace) -> int:
 
 async def seed_region_snapshot(settings: RegionSettings) -> None:
     """Wait for the region's mirror to catch up, then seed the region's snapshot (printing progress)."""
-    import nats
-
     from .snapshots import SnapshotSettings, describe_seed, print_progress, seed
 
     def waiting(state: str, seconds: float) -> None:
         print(f"  {seconds:5.0f}s: the mirror {state}", flush=True)
 
-    nc = await nats.connect(servers=list(settings.nats_url), connect_timeout=5, max_reconnect_attempts=2)
+    nc = await connect_nats(settings.nats_url, what="the region's NATS")
     try:
         await wait_for_mirror(nc, bucket=settings.bucket, timeout=settings.timeout, progress=waiting)
     finally:
@@ -205,14 +205,19 @@ async def seed_region_snapshot(settings: RegionSettings) -> None:
     print(describe_seed(result, region=settings.region))
 
 
-async def init_region(settings: RegionSettings) -> dict[str, Any]:
-    """Connect to the region's NATS and make sure its mirror is in place."""
+async def connect_nats(servers: tuple[str, ...], *, what: str) -> Client:
+    """A connection to `what` (the region's NATS, say) at `servers`; KeyrelayError naming them if unreachable."""
     import nats
 
     try:
-        nc = await nats.connect(servers=list(settings.nats_url), connect_timeout=5, max_reconnect_attempts=2)
+        return await nats.connect(servers=list(servers), connect_timeout=5, max_reconnect_attempts=2)
     except Exception as exc:
-        raise KeyrelayError(f"cannot reach the region's NATS at {','.join(settings.nats_url)}: {exc}") from None
+        raise KeyrelayError(f"cannot reach {what} at {','.join(servers)}: {exc}") from None
+
+
+async def init_region(settings: RegionSettings) -> dict[str, Any]:
+    """Connect to the region's NATS and make sure its mirror is in place."""
+    nc = await connect_nats(settings.nats_url, what="the region's NATS")
     try:
         return await ensure_region_mirror(nc, region=settings.region, bucket=settings.bucket,
                                           hub_domain=settings.hub_domain, replicas=settings.replicas)  # fmt: skip

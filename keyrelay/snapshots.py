@@ -16,7 +16,7 @@ from sidecar.settings import parse_positive_duration, parse_region, parse_server
 from sidecar.snapshot import snapshot_store_name
 from sidecar.wire import DEFAULT_BUCKET
 
-from .errors import KeyrelayError
+from .region import connect_nats
 
 __all__ = [
     "SnapshotSettings",
@@ -113,14 +113,10 @@ def seed_command(args: argparse.Namespace) -> int:
 
 async def list_snapshots(settings: SnapshotStoreSettings) -> list[dict[str, Any]]:
     """Every snapshot in the store: name, keys, revision, age, size."""
-    import nats
     from nats.js.errors import BucketNotFoundError, NotFoundError
 
     store_name = snapshot_store_name(settings.bucket, settings.snapshot_bucket)
-    try:
-        nc = await nats.connect(servers=list(settings.nats_url), connect_timeout=5, max_reconnect_attempts=2)
-    except Exception as exc:
-        raise KeyrelayError(f"cannot reach NATS at {','.join(settings.nats_url)}: {exc}") from None
+    nc = await connect_nats(settings.nats_url, what="NATS")
     try:
         try:
             store = await nc.jetstream().object_store(store_name)

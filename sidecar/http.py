@@ -129,12 +129,13 @@ class _Granted(web.StreamResponse):
     headers and serialize them on every 200; the identity headers are serialized once per key
     (when first verified) and the rest of the head is the same for every grant. What varies is
     only what aiohttp itself would vary: the HTTP version, the Date, keep-alive, and no
-    Content-Length for HEAD. Of what may be set on a response, it sends X-Keyrelay-Stale and
-    honours force_close(); it runs no on_response_prepare signal (the sidecar registers none).
+    Content-Length for HEAD. Of what may be set on a response, it honours force_close() only;
+    it runs no on_response_prepare signal (the sidecar registers none).
     """
 
-    __slots__ = ("identity",)
+    __slots__ = ("identity", "stale")
     identity: bytes
+    stale: bool  # answered from a replica past its staleness bound (--stale-policy open)
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self._eof_sent:
@@ -154,9 +155,8 @@ class _Granted(web.StreamResponse):
             head += "Connection: keep-alive\r\n"
         elif not keep_alive and version == HttpVersion11:
             head += "Connection: close\r\n"
-        stale = self._headers.get(_STALE)
-        if stale is not None:
-            head += f"{_STALE}: {stale}\r\n"
+        if self.stale:
+            head += f"{_STALE}: true\r\n"
         # Sent with write_eof, as aiohttp sends a head it buffered (http_writer.StreamWriter).
         writer._headers_buf = head.encode() + self.identity
         writer._headers_written = False
@@ -215,8 +215,7 @@ async def auth(state: SidecarState, request: web.Request) -> web.StreamResponse:
     # connection whose body went unread.
     response = _Granted()
     response.identity = hot[4]
-    if not ready:
-        response.headers[_STALE] = "true"
+    response.stale = not ready
     return response
 
 
