@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["BucketNotFound", "RecordError", "SettingsError", "SidecarError", "SnapshotError", "SyncTimeout"]
+__all__ = [
+    "BucketNotFound",
+    "RecordError",
+    "SettingsError",
+    "SidecarError",
+    "SignatureError",
+    "SnapshotError",
+    "SyncTimeout",
+]
 
 
 class SidecarError(Exception):
@@ -24,6 +32,19 @@ class RecordError(SidecarError):
         self.reason, self.entry = reason, entry
         where = f" at {entry}" if entry else ""
         super().__init__(f"undecodable key record{where}: {reason}")
+
+
+class SignatureError(RecordError):
+    """A value from NATS is not signed by a trusted key for where it was found; refused and counted.
+
+    `reason` is a short code, the label of keyrelay_record_rejected_total: unsigned, malformed,
+    unknown_signer, bad_signature, expired (signed longer ago than the replay horizon), future.
+    """
+
+    def __init__(self, reason: str, *, entry: str = "") -> None:
+        self.reason, self.entry = reason, entry
+        where = f" at {entry!r}" if entry else ""
+        SidecarError.__init__(self, f"refused a value{where}: {reason}")
 
 
 class BucketNotFound(SidecarError):

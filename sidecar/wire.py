@@ -26,12 +26,18 @@ __all__ = [
     "DEFAULT_PREFIX",
     "ENVS",
     "GLOBAL_SCOPE",
+    "HEARTBEAT_ENTRY",
+    "MAX_VERSION",
     "SCHEMA_VERSION",
     "KeyRecord",
     "ParsedKey",
     "RecordFields",
     "decode_fields",
+    "decode_heartbeat",
+    "decode_tombstone",
     "display_form",
+    "encode_heartbeat",
+    "encode_tombstone",
     "entry_name",
     "generate_key",
     "header_safe",
@@ -56,6 +62,13 @@ SECRET_LEN: Final = 43
 CHECK_LEN: Final = 6
 MAX_KEY_LEN: Final = 128
 MAX_METADATA_BYTES: Final = 512
+# Versions and times are stored in 64-bit slots: a record outside these bounds is refused whole.
+MAX_VERSION: Final = 2**63 - 1
+MAX_SCOPES: Final = 64
+MAX_FIELD_CHARS: Final = 256
+MAX_METADATA_ENTRIES: Final = 32
+# The entry the publisher's signed heartbeat is written to: `global`, so every region's mirror carries it.
+HEARTBEAT_ENTRY: Final = "global.heartbeat"
 # Random bytes below this map onto the alphabet with no bias (4 x 62); the rest are drawn again.
 _UNBIASED_BELOW: Final = 4 * len(ALPHABET)
 
@@ -183,8 +196,9 @@ def region_subjects(bucket: str, region: str | None) -> list[str]:
 def _optional_time(value: Any, name: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise RecordError(f"{name} must be a number of seconds or nil")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 2**53:
+        # NaN and infinities fail the range test too.
+        raise RecordError(f"{name} must be a finite, non-negative number of seconds or nil")
     return float(value)
 
 
@@ -301,11 +315,11 @@ def decode_fields(data: bytes) -> RecordFields:
     if not isinstance(key_id, str) or _LOWER_UUID_RE.fullmatch(key_id) is None:
         key_id = _canonical_id(key_id)
     scopes = get("scopes")
-    if not isinstance(scopes, list):
-        raise RecordError("scopes must be a list of strings")
+    if not isinstance(scopes, list) or len(scopes) > MAX_SCOPES:
+        raise RecordError(f"scopes must be a list of at most {MAX_SCOPES} strings")
     for scope in scopes:
-        if not isinstance(scope, str):
-            raise RecordError("scopes must be a list of strings")
+        if not isinstance(scope, str) or len(scope) > MAX_FIELD_CHARS:
+            raise RecordError(f"scopes must be strings of at most {MAX_FIELD_CHARS} characters")
     env = get("env")
     if env not in ENVS:
         raise RecordError(f"env must be one of {ENVS}")
@@ -313,16 +327,24 @@ def decode_fields(data: bytes) -> RecordFields:
     if region is not None and not (isinstance(region, str) and is_region_code(region)):
         raise RecordError("region must be a region code or nil")
     ver = get("ver")
-    if not isinstance(ver, int) or ver < 0:
-        raise RecordError("ver must be a non-negative integer")
+    if isinstance(ver, bool) or not isinstance(ver, int) or not 0 <= ver <= MAX_VERSION:
+        raise RecordError("ver must be an integer from 0 to 2**63-1")
     meta = get("meta") or {}
     if not isinstance(meta, dict) or (
-        meta and not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+        meta
+        and (
+            len(meta) > MAX_METADATA_ENTRIES
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+            or sum(len(k) + len(v) for k, v in meta.items()) > MAX_METADATA_BYTES
+        )
     ):
-        raise RecordError("meta must map strings to strings")
+        raise RecordError(f"meta must map at most {MAX_METADATA_ENTRIES} strings to strings, {MAX_METADATA_BYTES} "
+                          "characters in all")  # fmt: skip
     org, team, project = get("org"), get("team"), get("project")
     if not (isinstance(org, str) and org and isinstance(team, str) and team and isinstance(project, str) and project):
         org, team, project = _text(org, "org"), _text(team, "team"), _text(project, "project")  # raises
+    if len(org) > MAX_FIELD_CHARS or len(team) > MAX_FIELD_CHARS or len(project) > MAX_FIELD_CHARS:
+        raise RecordError(f"org, team and project must be at most {MAX_FIELD_CHARS} characters")
     # These go into /auth's identity headers as they are (serialized once per key), so none may
     # carry a CR or LF into a response; scopes are space-separated there, so hold no space.
     scope_text = "".join(scopes)
@@ -343,3 +365,42 @@ def decode_fields(data: bytes) -> RecordFields:
         ver,
         meta,
     )
+
+
+def encode_tombstone(key_id: str, version: int) -> bytes:
+    """The payload of a signed delete: the key (never to be served again) and the version it ends at."""
+    packed: bytes = msgpack.packb({"v": SCHEMA_VERSION, "id": key_id, "ver": version}, use_bin_type=True)
+    return packed
+
+
+def decode_tombstone(data: bytes) -> tuple[str, int]:
+    """The key id (canonical) and version of a delete's payload; RecordError if it is not one."""
+    raw = _small_map(data)
+    ver = raw.get("ver")
+    if isinstance(ver, bool) or not isinstance(ver, int) or not 0 <= ver <= MAX_VERSION:
+        raise RecordError("ver must be an integer from 0 to 2**63-1")
+    return _canonical_id(raw.get("id")), ver
+
+
+def encode_heartbeat(acked: int) -> bytes:
+    """The payload of the publisher's heartbeat: the last stream sequence JetStream acknowledged to it."""
+    packed: bytes = msgpack.packb({"v": SCHEMA_VERSION, "acked": acked}, use_bin_type=True)
+    return packed
+
+
+def decode_heartbeat(data: bytes) -> int:
+    """The acknowledged sequence a heartbeat's payload reports; RecordError if it is not one."""
+    acked = _small_map(data).get("acked")
+    if isinstance(acked, bool) or not isinstance(acked, int) or not 0 <= acked <= MAX_VERSION:
+        raise RecordError("acked must be a stream sequence")
+    return acked
+
+
+def _small_map(data: bytes) -> dict[str, Any]:
+    try:
+        raw = msgpack.unpackb(data, raw=False, strict_map_key=True, max_map_len=16, max_str_len=256)
+    except Exception:  # msgpack raises several unrelated types
+        raise RecordError("not msgpack") from None
+    if not isinstance(raw, dict):
+        raise RecordError("not a map")
+    return raw
