@@ -15,10 +15,20 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sidecar.config import load, option, parse_bool
-from sidecar.settings import parse_positive_duration, parse_region, parse_servers
+from sidecar.settings import (
+    deployment_option,
+    horizon_option,
+    insecure_option,
+    parse_optional_path,
+    parse_positive_duration,
+    parse_region,
+    parse_servers,
+    trusted_keys_option,
+)
 from sidecar.wire import DEFAULT_BUCKET, region_subjects, stream_name
 
 from .errors import KeyrelayError
@@ -170,6 +180,15 @@ class RegionSettings:
         duration=True,
         help="how long to wait for the mirror to catch up, and again for the snapshot's table to sync",
     )
+    snapshot_signing_key: Path | None = option(
+        None,
+        parse=parse_optional_path,
+        help="file of the region's snapshot signing key, for seeding (unset: no snapshot is seeded)",
+    )
+    trusted_keys: tuple[str, ...] = trusted_keys_option()
+    insecure_accept_unsigned: bool = insecure_option()
+    deployment_id: str = deployment_option()
+    replay_horizon: float = horizon_option()
 
 
 def region_init_command(args: argparse.Namespace) -> int:
@@ -181,7 +200,10 @@ def region_init_command(args: argparse.Namespace) -> int:
     state = info.get("state", {})
     print(f"region {settings.region}: mirror {info['config']['name']} of {settings.bucket} from domain "
           f"{settings.hub_domain} is in place ({state.get('messages', 0)} entries so far)", flush=True)  # fmt: skip
-    if settings.seed_snapshot:
+    if settings.seed_snapshot and settings.snapshot_signing_key is None:
+        print(f"region {settings.region}: no --snapshot-signing-key, so no snapshot seeded: the region's first "
+              "sidecar replays the bucket", flush=True)  # fmt: skip
+    elif settings.seed_snapshot:
         asyncio.run(seed_region_snapshot(settings))
     return 0
 
@@ -200,7 +222,11 @@ async def seed_region_snapshot(settings: RegionSettings) -> None:
         await nc.close()
     print(f"region {settings.region}: the mirror has caught up; seeding the region's snapshot", flush=True)
     snapshot = SnapshotSettings(nats_url=settings.nats_url, bucket=settings.bucket, region=settings.region,
-                                snapshot_bucket=settings.snapshot_bucket, timeout=settings.timeout)  # fmt: skip
+                                snapshot_bucket=settings.snapshot_bucket, timeout=settings.timeout,
+                                snapshot_signing_key=settings.snapshot_signing_key,
+                                trusted_keys=settings.trusted_keys, deployment_id=settings.deployment_id,
+                                replay_horizon=settings.replay_horizon,
+                                insecure_accept_unsigned=settings.insecure_accept_unsigned)  # fmt: skip
     result = await seed(snapshot, progress=print_progress())
     print(describe_seed(result, region=settings.region))
 

@@ -5,17 +5,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from sidecar.config import load, option, parse_bool
+from sidecar.config import format_duration, load, option, parse_bool
 from sidecar.seed import SeedProgress, SeedResult, seed_snapshot
-from sidecar.settings import parse_positive_duration, parse_region, parse_servers
+from sidecar.settings import (
+    deployment_option,
+    horizon_option,
+    insecure_option,
+    parse_optional_path,
+    parse_positive_duration,
+    parse_region,
+    parse_servers,
+    trusted_keys_option,
+)
 from sidecar.snapshot import snapshot_store_name
+from sidecar.trust import Signer, Trust, load_signer, parse_trusted_keys
 from sidecar.wire import DEFAULT_BUCKET
 
+from .errors import KeyrelayError
 from .region import connect_nats
 
 __all__ = [
@@ -26,6 +39,7 @@ __all__ = [
     "print_progress",
     "seed",
     "seed_command",
+    "seeder_trust",
     "show_command",
 ]
 
@@ -54,11 +68,31 @@ class SnapshotSettings(SnapshotStoreSettings):
         600.0,
         parse=parse_positive_duration,
         duration=True,
-        help="the sidecars' --snapshot-interval: a snapshot younger than this, and not far behind, is left as it is",
+        help="a snapshot younger than this, and not far behind, is left as it is (with --keep-running: how often "
+        "a new one is written)",
     )
     force: bool = option(False, parse=parse_bool, help="write a new snapshot even when the region's is fresh")
     timeout: float = option(
         600.0, parse=parse_positive_duration, duration=True, help="give up when the table has not synced by then"
+    )
+    snapshot_signing_key: Path | None = option(
+        None,
+        parse=parse_optional_path,
+        help="file holding this region's snapshot signing key (`keyrelay signing-key generate`); the region's "
+        "sidecars list its public key in --trusted-snapshot-keys (required)",
+    )
+    trusted_keys: tuple[str, ...] = trusted_keys_option()
+    trusted_snapshot_keys: tuple[str, ...] = option(
+        (), parse=parse_trusted_keys, help="other snapshot signers whose snapshot of the region may be started from"
+    )
+    insecure_accept_unsigned: bool = insecure_option()
+    deployment_id: str = deployment_option()
+    replay_horizon: float = horizon_option()
+    keep_running: bool = option(
+        False,
+        parse=parse_bool,
+        help="after the first snapshot, keep running and write a new one whenever the region's is due "
+        "(--snapshot-interval), until SIGTERM or Ctrl-C: how a region's snapshot stays fresh",
     )
 
 
@@ -79,12 +113,36 @@ def print_progress(prefix: str = "  ") -> Callable[[SeedProgress], None]:
     return report
 
 
-async def seed(settings: SnapshotSettings, *, progress: Callable[[SeedProgress], None] | None = None) -> SeedResult:
-    """Seed the region's snapshot as `settings` say."""
+def seeder_trust(settings: SnapshotSettings) -> tuple[Trust, Signer]:
+    """The seeder's trust (the publisher's keys) and its snapshot signer; KeyrelayError saying what is missing."""
+    if settings.snapshot_signing_key is None:
+        raise KeyrelayError("--snapshot-signing-key (or KEYRELAY_SNAPSHOT_SIGNING_KEY) is required: the file of this "
+                            "region's snapshot key (`keyrelay signing-key generate --out FILE` makes one)")  # fmt: skip
+    if not settings.trusted_keys and not settings.insecure_accept_unsigned:
+        raise KeyrelayError("--trusted-keys (or KEYRELAY_TRUSTED_KEYS) is required: the publisher's public keys "
+                            "(`keyrelay signing-keys`); a snapshot holds only what they signed")  # fmt: skip
+    try:
+        signer = load_signer(settings.snapshot_signing_key, settings.deployment_id)
+    except ValueError as exc:
+        raise KeyrelayError(f"--snapshot-signing-key: {exc}") from None
+    trust = Trust.of(records=settings.trusted_keys, snapshots=settings.trusted_snapshot_keys,
+                     deployment=settings.deployment_id, horizon=settings.replay_horizon,
+                     accept_unsigned=settings.insecure_accept_unsigned)  # fmt: skip
+    return trust, signer
+
+
+async def seed(
+    settings: SnapshotSettings,
+    *,
+    progress: Callable[[SeedProgress], None] | None = None,
+    keep_fresh: asyncio.Event | None = None,
+) -> SeedResult:
+    """Seed the region's snapshot as `settings` say (and, with `keep_fresh`, keep it fresh until it is set)."""
+    trust, signer = seeder_trust(settings)
     return await seed_snapshot(servers=settings.nats_url, bucket=settings.bucket, region=settings.region,
-                               store=snapshot_store_name(settings.bucket, settings.snapshot_bucket),
-                               interval=settings.snapshot_interval, force=settings.force, timeout=settings.timeout,
-                               progress=progress)  # fmt: skip
+                               store=snapshot_store_name(settings.bucket, settings.snapshot_bucket), trust=trust,
+                               signer=signer, interval=settings.snapshot_interval, force=settings.force,
+                               timeout=settings.timeout, progress=progress, keep_fresh=keep_fresh)  # fmt: skip
 
 
 def describe_seed(result: SeedResult, *, region: str | None) -> str:
@@ -106,8 +164,21 @@ def seed_command(args: argparse.Namespace) -> int:
     settings = load(SnapshotSettings, args)
     print(f"seeding snapshot {settings.region or 'global'} of {settings.bucket} from {','.join(settings.nats_url)}",
           flush=True)  # fmt: skip
-    result = asyncio.run(seed(settings, progress=print_progress()))
-    print(describe_seed(result, region=settings.region))
+    if not settings.keep_running:
+        print(describe_seed(asyncio.run(seed(settings, progress=print_progress())), region=settings.region))
+        return 0
+
+    async def keep_fresh() -> SeedResult:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await seed(settings, progress=print_progress(), keep_fresh=stop)
+
+    print(f"keeping snapshot {settings.region or 'global'} fresh (a new one every "
+          f"{format_duration(settings.snapshot_interval)}, or sooner when far behind); SIGTERM or Ctrl-C stops",
+          flush=True)  # fmt: skip
+    print(describe_seed(asyncio.run(keep_fresh()), region=settings.region) + "; stopped")
     return 0
 
 

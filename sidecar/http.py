@@ -329,8 +329,27 @@ async def status(request: web.Request) -> web.Response:
             "decode_errors": sync.stats.decode_errors,
             "loaded_snapshot": snapshot_summary(sync.loaded_snapshot) if sync.loaded_snapshot else None,
             "written_snapshot": snapshot_summary(sync.written_snapshot) if sync.written_snapshot else None,
+            "trust": trust_status(sync),
         }
     )
+
+
+def trust_status(sync: KeySync) -> dict[str, Any]:
+    """What /v1/status says of signatures: whose are trusted, what was refused, the last heartbeat."""
+    trust = sync.trust
+    return {
+        "insecure_accept_unsigned": trust.accept_unsigned,
+        "deployment_id": trust.deployment,
+        "trusted_keys": trust.records.ids(),
+        "trusted_snapshot_keys": trust.snapshots.ids(),
+        "replay_horizon_seconds": trust.horizon,
+        "rejected": dict(sync.stats.rejected),
+        "quarantined": sync.stats.quarantined,
+        "recent_quarantines": list(sync.recent_quarantines),
+        "version_floors": sync.table.floors(),
+        "heartbeat_signed_at": sync.heartbeat_at,
+        "heartbeat_acked_revision": sync.heartbeat_acked,
+    }
 
 
 def add_routes(app: web.Application) -> None:

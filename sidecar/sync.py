@@ -5,6 +5,14 @@ watch cannot resume): an ephemeral push consumer with flow control and idle
 heartbeats, started at the last applied stream sequence + 1. A gap in the
 consumer sequence, missed heartbeats, a reconnect or a server restart all lead
 to the same cure: a new consumer from the last applied revision.
+
+Every value must carry the publisher's signature (sidecar/trust.py) for its
+entry. A record that fails verification quarantines its key (refused until a
+valid newer record arrives); an unsigned delete or purge marker is refused and
+the key kept as held; only signed tombstones remove keys, leaving a version
+floor. No path lowers a key's version: not a resync, a reconnect, a recreated
+stream, nor a snapshot. Freshness is the age of the publisher's last signed
+heartbeat, which the stream delivers in order after everything before it.
 """
 
 from __future__ import annotations
@@ -23,10 +31,19 @@ from typing import Any
 from nats.aio.subscription import Subscription
 
 from .direct import DirectClient
-from .errors import BucketNotFound, RecordError
+from .errors import BucketNotFound, RecordError, SignatureError
 from .snapshot import Snapshot, SnapshotStore
 from .table import KeyTable
-from .wire import decode_fields, region_subjects, stream_name
+from .trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer, Trust
+from .wire import (
+    HEARTBEAT_ENTRY,
+    decode_fields,
+    decode_heartbeat,
+    decode_tombstone,
+    region_subjects,
+    stream_name,
+    subject_prefix,
+)
 
 __all__ = ["KeySync", "SyncStats"]
 
@@ -40,6 +57,14 @@ _MISSED_HEARTBEATS = 3
 _UNKNOWN_AGE = 1e9
 # A snapshot more than this many revisions (or a tenth of the table) behind is replaced early.
 _SNAPSHOT_MIN_CHANGES = 10_000
+_PUT_KINDS = frozenset({KIND_RECORD})
+_DELETE_KINDS = frozenset({KIND_TOMBSTONE})
+_HEARTBEAT_KINDS = frozenset({KIND_HEARTBEAT})
+# Rejections are logged at most this many times a minute (then counted only): forged traffic
+# must not flood the log.
+_REJECTION_LOGS_PER_MINUTE = 10
+_RECENT_QUARANTINES = 20
+_FLOOR_PRUNE_EVERY = 60.0
 
 
 @dataclass(slots=True)
@@ -53,6 +78,11 @@ class SyncStats:
     consumer_resets: int = 0
     reconnects: int = 0
     sync_errors: int = 0
+    # Values refused by verification, by reason (keyrelay_record_rejected_total{reason}).
+    rejected: dict[str, int] = field(default_factory=dict)
+    quarantined: int = 0
+    apply_errors: int = 0
+    heartbeats: int = 0
 
 
 @dataclass(slots=True)
@@ -62,7 +92,6 @@ class _Generation:
     sub: Subscription | None = None
     consumer: str = ""
     expected: int = 1
-    resync_seen: set[str] | None = None
     # Set when its stream went wrong (a gap, a status): later messages are ignored until
     # _open_consumer drops it (unsubscribes, deletes the consumer) and starts the next one.
     abandoned: bool = False
@@ -91,6 +120,9 @@ class KeySync:
     api_timeout: float = 2.0
     name: str = "keyrelay-sidecar"
     on_change: Callable[[], None] | None = None
+    # Whose signatures count. The default takes values as they are: only for tests of the sync
+    # itself; the sidecar and the seeder always pass their configured trust.
+    trust: Trust = field(default_factory=lambda: Trust.of(accept_unsigned=True))
 
     stats: SyncStats = field(default_factory=SyncStats)
     last_revision: int = 0
@@ -115,6 +147,14 @@ class KeySync:
     loaded_snapshot: Snapshot | None = None
     written_snapshot: Snapshot | None = None
     snapshots_written: int = 0
+    # Writes the region's snapshots (the seeder's key); sidecars have none and never write.
+    snapshot_signer: Signer | None = None
+    # The stream's identity (its creation time): another one means another incarnation of the bucket.
+    stream_created: str = ""
+    # The publisher's last verified heartbeat: when it was signed (wall clock), what it had acked.
+    heartbeat_at: float | None = None
+    heartbeat_acked: int = 0
+    recent_quarantines: list[dict[str, Any]] = field(default_factory=list)
 
     _nc: DirectClient | None = None
     _gen: _Generation = field(default_factory=_Generation)
@@ -122,14 +162,34 @@ class KeySync:
     _synced_event: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _closing: bool = False
+    _log_window: tuple[float, int] = (0.0, 0)  # start of this minute's rejection log lines, and their count
+    _floors_pruned: float = 0.0
 
     @property
     def stream(self) -> str:
         """The stream this sidecar reads."""
         return stream_name(self.bucket)
 
+    @property
+    def _prefix(self) -> str:
+        return subject_prefix(self.bucket)
+
+    @property
+    def verifying(self) -> bool:
+        """True unless values are taken unsigned (--insecure-accept-unsigned)."""
+        return not self.trust.accept_unsigned
+
     def seconds_since_contact(self) -> float:
-        """Age of the replica's freshest proof: the later of the stream's and (for a mirror) the hub's word."""
+        """Age of the replica's freshest proof that it holds the publisher's latest word.
+
+        Verifying: the age of the publisher's last verified heartbeat (the stream delivered
+        everything before it first). Otherwise the later of the stream's and (for a mirror)
+        the hub's last word.
+        """
+        if self.verifying:
+            if self.heartbeat_at is None:
+                return _UNKNOWN_AGE
+            return max(0.0, time.time() - self.heartbeat_at)
         local = self._since_local_contact()
         if not self.mirror:
             return local
@@ -179,7 +239,7 @@ class KeySync:
         self.connected = True
         if self.snapshot_store:
             await self._load_snapshot(self._nc)
-            if self.snapshot_refresh:
+            if self.snapshot_refresh and self.snapshot_signer is not None:
                 self._tasks.append(asyncio.create_task(self._refresh_snapshots(), name="keyrelay-snapshots"))
         backoff = 0.1
         while not self._closing:
@@ -228,12 +288,16 @@ class KeySync:
 
     async def _load_snapshot(self, nc: DirectClient) -> None:
         """Start from the region's snapshot when there is a usable one; else the consumer replays everything."""
+        if not self.trust.snapshots:
+            log.info("no trusted snapshot keys (--trusted-snapshot-keys): replaying the bucket")
+            return
         started = time.monotonic()
         try:
             info = await self._api(nc, f"STREAM.INFO.{self.stream}")
             if "error" in info:
                 return
-            snapshot = await self._snapshots(nc).load(self.table)
+            self.stream_created = str(info.get("created", ""))
+            snapshot = await self._snapshots(nc).load(self.table, trust=self.trust, stream_created=self.stream_created)
         except Exception as exc:
             self.table.clear()
             log.warning("could not load a snapshot (%s); replaying the bucket instead", exc)
@@ -290,12 +354,13 @@ class KeySync:
 
     async def write_snapshot(self, *, force: bool = False) -> Snapshot | None:
         """Write the region's snapshot from this replica if it is due (or `force`); None when it was not due."""
-        if self._nc is None or self.snapshot_store is None:
-            raise RuntimeError("write_snapshot needs a started sync with a snapshot store")
+        if self._nc is None or self.snapshot_store is None or self.snapshot_signer is None:
+            raise RuntimeError("write_snapshot needs a started sync with a snapshot store and a snapshot signer")
         store = self._snapshots(self._nc)
         if not force and not self._snapshot_due(await store.current()):
             return None
-        self.written_snapshot = await store.save(self.table, lambda: self.last_revision)
+        self.written_snapshot = await store.save(self.table, lambda: self.last_revision, signer=self.snapshot_signer,
+                                                 stream_created=self.stream_created)  # fmt: skip
         self.snapshots_written += 1
         log.info("wrote a snapshot of %d keys at revision %d", self.written_snapshot.keys,
                  self.written_snapshot.revision)  # fmt: skip
@@ -318,6 +383,10 @@ class KeySync:
     async def _watchdog(self) -> None:
         while not self._closing:
             await asyncio.sleep(self.heartbeat)
+            now = time.time()
+            if now - self._floors_pruned > _FLOOR_PRUNE_EVERY:
+                self._floors_pruned = now
+                self.table.prune_floors(now)
             if self._gen.sub is not None and self._since_local_contact() > _MISSED_HEARTBEATS * self.heartbeat:
                 self._reset.set()
             if self.mirror and self._nc is not None and self._nc.is_connected:
@@ -353,15 +422,15 @@ class KeySync:
             raise RuntimeError(info["error"].get("description", "stream info failed"))
         self._note_mirror(info)
         last_seq = int(info["state"]["last_seq"])
+        incarnation = str(info.get("created", ""))
         gen = _Generation()
-        if self.last_revision > last_seq:
-            # The stream is younger than our replica: the bucket was recreated. Reload everything,
-            # then forget what the reload did not mention.
-            log.warning(
-                "bucket %s restarted at revision %d (held %d): full resync", self.bucket, last_seq, self.last_revision
-            )
+        if self.last_revision > last_seq or (self.stream_created and incarnation != self.stream_created):
+            # Another incarnation of the stream (recreated, or younger than our replica): its revisions
+            # mean other records. Read it all again; versions and floors keep anything older out.
+            log.warning("bucket %s is another stream now (created %s, at revision %d; held %d): full resync",
+                        self.bucket, incarnation, last_seq, self.last_revision)  # fmt: skip
             self.last_revision = 0
-            gen.resync_seen = set()
+        self.stream_created = incarnation
         start = self.last_revision + 1
         inbox = nc.new_inbox()
         gen.sub = await nc.subscribe_direct(inbox, functools.partial(self._on_message, gen))
@@ -402,7 +471,7 @@ class KeySync:
             self.table.reserve(len(self.table) + pending)
         self.pending = pending
         if pending == 0:
-            self._caught_up(gen)
+            self._caught_up()
 
     async def _drop_consumer(self, gen: _Generation) -> None:
         if gen.sub is None:
@@ -414,13 +483,7 @@ class KeySync:
             with contextlib.suppress(Exception):
                 await self._api(self._nc, f"CONSUMER.DELETE.{self.stream}.{gen.consumer}")
 
-    def _caught_up(self, gen: _Generation) -> None:
-        if gen.resync_seen is not None:
-            seen, gen.resync_seen = gen.resync_seen, None
-            for key_id in self.table.key_ids():
-                if key_id not in seen:
-                    self.table.remove(key_id)
-                    self.stats.removed += 1
+    def _caught_up(self) -> None:
         if not self.synced:
             self.synced = True
             self.synced_after = time.monotonic() - self.started
@@ -454,11 +517,20 @@ class KeySync:
             return None
         gen.expected += 1
         self.last_contact = time.monotonic()
-        self._apply(gen, subject, data, headers)
+        try:
+            self._apply(subject, data, headers)
+        except Exception as exc:
+            # Not a bad record (those are refused and counted in _apply): a fault of ours. Read the
+            # stream again from the last revision; versions and floors still hold.
+            self.stats.apply_errors += 1
+            log.exception("could not apply the value at revision %d: %s: resyncing", stream_seq, type(exc).__name__)
+            gen.abandoned = True
+            self._reset.set()
+            return None
         self.last_revision = stream_seq
         self.pending = pending
-        if pending == 0 and (not self.synced or gen.resync_seen is not None):
-            self._caught_up(gen)
+        if pending == 0 and not self.synced:
+            self._caught_up()
         return None
 
     async def _on_status(self, gen: _Generation, reply: bytes, headers: dict[str, str]) -> None:
@@ -486,10 +558,43 @@ class KeySync:
         gen.abandoned = True
         self._reset.set()
 
-    def _apply(self, gen: _Generation, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
-        key_id = subject[subject.rfind(b".") + 1 :].decode()
+    def _apply(self, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+        entry = subject.decode(errors="replace").removeprefix(self._prefix)
+        key_id = entry[entry.rfind(".") + 1 :]
         operation = headers.get("KV-Operation") if headers else None
-        if operation in ("DEL", "PURGE"):
+        deleting = operation in ("DEL", "PURGE")
+        if entry == HEARTBEAT_ENTRY:
+            self._heartbeat(entry, data, headers)
+            return
+        if not self.verifying:
+            self._apply_unsigned(key_id, subject, data, deleting)
+            return
+        signature = headers.get(SIGNATURE_HEADER) if headers else None
+        try:
+            verified = self.trust.verify(signature, data, entry=entry, kinds=_DELETE_KINDS if deleting else _PUT_KINDS)
+            if deleting:
+                tombstone_id, version = decode_tombstone(data)
+                if tombstone_id != key_id.lower():
+                    raise SignatureError("wrong_entry", entry=entry)
+                if self.table.tombstone(tombstone_id, version, until=verified.signed_at + self.trust.horizon):
+                    self.stats.removed += 1
+                    self._changed()
+                return
+            fields = decode_fields(data)
+            if fields[0] != key_id.lower():  # the id comes back canonical
+                raise SignatureError("wrong_entry", entry=entry)
+        except RecordError as exc:
+            self._refuse(entry, key_id, exc, deleting=deleting)
+            return
+        if self.table.apply_fields(fields):
+            self.stats.applied += 1
+            self._changed()
+        else:
+            self.stats.stale_skipped += 1
+
+    def _apply_unsigned(self, key_id: str, subject: bytes, data: bytes, deleting: bool) -> None:
+        """--insecure-accept-unsigned: values as they are, deletes included (versions still only rise)."""
+        if deleting:
             with contextlib.suppress(ValueError):
                 if self.table.remove(key_id):
                     self.stats.removed += 1
@@ -499,19 +604,67 @@ class KeySync:
             fields = decode_fields(data)  # no KeyRecord object: this runs once per key on a full load
             if fields[0] != key_id and fields[0] != key_id.lower():  # the id comes back canonical
                 raise RecordError("id does not match the entry name")
-            if gen.resync_seen is not None:
-                gen.resync_seen.add(key_id)
-                self.table.remove(key_id)  # a recreated bucket may carry older versions: take it as it is
-            applied = self.table.apply_fields(fields)
         except RecordError as exc:
             self.stats.decode_errors += 1
-            log.warning("skipped record at %s: %s", subject.decode(errors="replace"), exc.reason)
+            self._log_refusal("skipped record at %r: %s", subject.decode(errors="replace"), exc.reason)
             return
-        if applied:
+        if self.table.apply_fields(fields):
             self.stats.applied += 1
             self._changed()
         else:
             self.stats.stale_skipped += 1
+
+    def _refuse(self, entry: str, key_id: str, exc: RecordError, *, deleting: bool) -> None:
+        """Count and log a refused value; a refused record (not a refused delete) quarantines its key."""
+        reason = exc.reason if isinstance(exc, SignatureError) else "undecodable"
+        if not isinstance(exc, SignatureError):
+            self.stats.decode_errors += 1
+        if deleting and reason == "unsigned":
+            reason = "unsigned_delete"  # a plain KV DEL or PURGE: the key stays as held
+        self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+        quarantined = False
+        if not deleting:
+            with contextlib.suppress(ValueError):  # an entry name that is no key id: nothing to quarantine
+                quarantined = self.table.quarantine(key_id)
+                self.stats.quarantined += 1
+                self.recent_quarantines = [*self.recent_quarantines[-(_RECENT_QUARANTINES - 1) :],
+                                           {"entry": entry, "reason": reason, "at": round(time.time(), 3)}]  # fmt: skip
+        if quarantined:
+            self._changed()
+        self._log_refusal("refused the value at %r (%s)%s", entry, reason,
+                          ": its key is refused until a valid newer record arrives" if not deleting else
+                          ": the key stays as held")  # fmt: skip
+
+    def _log_refusal(self, message: str, *args: object) -> None:
+        """Log at most _REJECTION_LOGS_PER_MINUTE refusals a minute; the metrics count every one."""
+        now = time.monotonic()
+        start, count = self._log_window
+        if now - start >= 60.0:
+            start, count = now, 0
+        self._log_window = (start, count + 1)
+        if count < _REJECTION_LOGS_PER_MINUTE:
+            log.warning(message, *args)
+        elif count == _REJECTION_LOGS_PER_MINUTE:
+            log.warning("more refused values this minute: counted (keyrelay_record_rejected_total), not logged")
+
+    def _heartbeat(self, entry: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """The publisher's heartbeat: verified, it proves the replica fresh as of its signing time."""
+        try:
+            if self.verifying:
+                verified = self.trust.verify(headers.get(SIGNATURE_HEADER) if headers else None, data, entry=entry,
+                                             kinds=_HEARTBEAT_KINDS)  # fmt: skip
+                signed_at = verified.signed_at
+            else:
+                signed_at = time.time()
+            acked = decode_heartbeat(data)
+        except RecordError as exc:
+            reason = exc.reason if isinstance(exc, SignatureError) else "undecodable"
+            self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
+            self._log_refusal("refused the heartbeat at %r (%s)", entry, reason)
+            return
+        if self.heartbeat_at is None or signed_at >= self.heartbeat_at:
+            self.heartbeat_at, self.heartbeat_acked = signed_at, acked
+        self.stats.heartbeats += 1
 
     def _changed(self) -> None:
         self.last_event = time.time()

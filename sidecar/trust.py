@@ -48,6 +48,7 @@ __all__ = [
     "SIGNATURE_HEADER",
     "SIGNING_KEY_PREFIX",
     "Signer",
+    "Trust",
     "TrustedKeys",
     "Verified",
     "generate_signing_key",
@@ -180,6 +181,38 @@ class TrustedKeys:
     def ids(self) -> list[str]:
         """The trusted key ids, sorted."""
         return sorted(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Trust:
+    """What a sidecar (or a snapshot seeder) believes: whose signatures, for which deployment, how old at most.
+
+    `records` verify the bucket's values (the publisher's keys); `snapshots` verify table
+    snapshots (the region's snapshot signers). `accept_unsigned` takes the bucket's values as
+    they are, signed or not: --insecure-accept-unsigned, shown in /v1/status, a metric and the log.
+    """
+
+    records: TrustedKeys
+    snapshots: TrustedKeys
+    deployment: str
+    horizon: float
+    accept_unsigned: bool = False
+
+    @classmethod
+    def of(cls, *, records: Iterable[str] = (), snapshots: Iterable[str] = (), deployment: str = "default",
+           horizon: float = 7 * 86400.0, accept_unsigned: bool = False) -> Trust:  # fmt: skip
+        """Trust from base64url public keys."""
+        return cls(TrustedKeys.of(records), TrustedKeys.of(snapshots), deployment, horizon, accept_unsigned)
+
+    def verify(self, signature: str | None, body: bytes, *, entry: str, kinds: frozenset[str] = KINDS) -> Verified:
+        """`verify` a bucket value with the record keys."""
+        return verify(signature, body, entry=entry, trusted=self.records, deployment=self.deployment,
+                      horizon=self.horizon, kinds=kinds)  # fmt: skip
+
+    def verify_snapshot(self, signature: str | None, digest: bytes, *, entry: str) -> Verified:
+        """`verify` a snapshot's digest with the snapshot keys."""
+        return verify(signature, digest, entry=entry, trusted=self.snapshots, deployment=self.deployment,
+                      horizon=self.horizon, kinds=frozenset({KIND_SNAPSHOT}))  # fmt: skip
 
 
 def parse_trusted_keys(text: str) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp.test_utils import TestServer
+from nacl.signing import SigningKey
 from nats.js.kv import KeyValue
 
 from keyrelay.natsd import free_port
@@ -20,7 +21,16 @@ from publisher.api import Services
 from sidecar.app import serve
 from sidecar.http import SidecarState
 from sidecar.settings import SidecarSettings
-from sidecar.wire import KeyRecord, generate_key, key_digest
+from sidecar.trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer
+from sidecar.wire import (
+    HEARTBEAT_ENTRY,
+    MAX_VERSION,
+    KeyRecord,
+    encode_heartbeat,
+    encode_tombstone,
+    generate_key,
+    key_digest,
+)
 
 T = TypeVar("T")
 
@@ -58,14 +68,59 @@ def make_key(
     return key, record
 
 
+# The suite's publisher key (fixed, so failures reproduce) and one nobody trusts.
+SIGNER = Signer(SigningKey(bytes(range(32))), "default")
+FORGER = Signer(SigningKey(bytes(range(32, 64))), "default")
+TRUSTED = (SIGNER.public_key,)
+
+
 def revoked(record: KeyRecord) -> KeyRecord:
     """The same record, revoked now, one version later."""
     return replace(record, revoked_at=time.time(), version=record.version + 1)
 
 
-async def put(bucket: KeyValue, record: KeyRecord) -> int:
-    """Write a record to its entry; returns the bucket revision."""
-    return int(await bucket.put(record.entry, record.encode()))
+def _subject(bucket: KeyValue, entry: str) -> str:
+    return f"$KV.{bucket._name}.{entry}"  # KeyValue keeps its bucket's name in _name (nats-py 2.16)
+
+
+async def put(
+    bucket: KeyValue, record: KeyRecord, *, signer: Signer | None = SIGNER, signed_at: float | None = None
+) -> int:
+    """Write a record to its entry, signed as the publisher signs it (unsigned with signer=None); the revision."""
+    return await put_raw(bucket, record.entry, record.encode(), signer=signer, signed_at=signed_at)
+
+
+async def put_raw(
+    bucket: KeyValue,
+    entry: str,
+    data: bytes,
+    *,
+    signer: Signer | None = SIGNER,
+    kind: str = KIND_RECORD,
+    signed_at: float | None = None,
+    headers: dict[str, str] | None = None,
+) -> int:
+    """Write any bytes to an entry, signed by `signer` (None: unsigned) as `kind`; the bucket revision."""
+    headers = dict(headers or {})
+    if signer is not None:
+        headers[SIGNATURE_HEADER] = signer.sign(kind, entry, data, signed_at=signed_at)
+    # KeyValue.put takes no headers: published on the entry's subject as KeyValue itself does (its _js).
+    ack = await bucket._js.publish(_subject(bucket, entry), data, headers=headers or None)
+    return int(ack.seq)
+
+
+async def delete(bucket: KeyValue, record: KeyRecord, *, signer: Signer | None = SIGNER,
+                 version: int = MAX_VERSION) -> int:  # fmt: skip
+    """Delete a record's entry with a signed tombstone, as the publisher does; the bucket revision."""
+    return await put_raw(bucket, record.entry, encode_tombstone(record.key_id, version), signer=signer,
+                         kind=KIND_TOMBSTONE, headers={"KV-Operation": "DEL"})  # fmt: skip
+
+
+async def heartbeat(bucket: KeyValue, acked: int = 0, *, signer: Signer | None = SIGNER,
+                    signed_at: float | None = None) -> int:  # fmt: skip
+    """The publisher's signed heartbeat; the bucket revision."""
+    return await put_raw(bucket, HEARTBEAT_ENTRY, encode_heartbeat(acked), signer=signer, kind=KIND_HEARTBEAT,
+                         signed_at=signed_at)  # fmt: skip
 
 
 async def eventually(
