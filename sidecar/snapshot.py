@@ -317,8 +317,8 @@ class _Sink:
         signature = self._expected - head - sum(sizes)
         if not _LENGTH.size < signature <= _LENGTH.size + _MAX_SIGNATURE:
             # Checked before allocating: a damaged record count must not claim gigabytes.
-            raise SnapshotError(f"its header announces {head + sum(sizes)} bytes of {self._expected}, which leaves "
-                                f"no room for a signature (unsigned snapshots are not loaded)")  # fmt: skip
+            raise SnapshotError(f"its header announces {head + sum(sizes)} bytes of the object's {self._expected}: "
+                                f"not a whole signed snapshot (unsigned ones are not loaded)")  # fmt: skip
         self._header = header
         # Allocated whole up front: arrays grown chunk by chunk keep their growth slack (20 MiB at
         # a million keys) for the sidecar's life.
@@ -366,7 +366,7 @@ class _Sink:
             return "no signature (unsigned snapshots are not loaded)"
         (length,) = _LENGTH.unpack_from(self._trailer)
         if length != len(self._trailer) - _LENGTH.size:
-            return "its signature is cut short"
+            return "its signature is not whole"
         try:
             signature = bytes(self._trailer[_LENGTH.size :]).decode("ascii")
             self._trust.verify_snapshot(

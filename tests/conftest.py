@@ -24,7 +24,7 @@ from publisher.settings import PublisherSettings
 from sidecar.app import create_app
 from sidecar.http import STATE, SidecarState
 from sidecar.settings import SidecarSettings
-from tests.support import ADMIN_TOKEN, TRUSTED, Admin, Publisher, Sidecar, heartbeat
+from tests.support import ADMIN_TOKEN, SNAPSHOT_SIGNER, TRUSTED, Admin, Publisher, Sidecar, heartbeat
 
 PG_ADMIN_URL = os.environ.get("KEYRELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -84,7 +84,7 @@ async def start_sidecar(nats_server: NatsServer, http: aiohttp.ClientSession) ->
 
     async def start(**overrides: Any) -> Sidecar:
         settings = SidecarSettings(**{"nats_url": (nats_server.url,), "heartbeat": 0.5, "trusted_keys": TRUSTED,
-                                      **overrides})  # fmt: skip
+                                      "trusted_snapshot_keys": (SNAPSHOT_SIGNER.public_key,), **overrides})  # fmt: skip
         server = TestServer(create_app(settings), host="127.0.0.1", port=0)
         # Runner options go to start_server: TestServer's constructor drops them silently.
         await server.start_server(max_field_size=settings.max_header_size, max_line_size=settings.max_header_size)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
@@ -20,8 +22,17 @@ from keyrelay.natsd import free_port
 from publisher.api import Services
 from sidecar.app import serve
 from sidecar.http import SidecarState
+from sidecar.seed import SeedResult, seed_snapshot
 from sidecar.settings import SidecarSettings
-from sidecar.trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer
+from sidecar.trust import (
+    KIND_HEARTBEAT,
+    KIND_RECORD,
+    KIND_TOMBSTONE,
+    SIGNATURE_HEADER,
+    SIGNING_KEY_PREFIX,
+    Signer,
+    Trust,
+)
 from sidecar.wire import (
     HEARTBEAT_ENTRY,
     MAX_VERSION,
@@ -68,10 +79,26 @@ def make_key(
     return key, record
 
 
-# The suite's publisher key (fixed, so failures reproduce) and one nobody trusts.
+# The suite's publisher key (fixed, so failures reproduce), its snapshot key, and one nobody trusts.
 SIGNER = Signer(SigningKey(bytes(range(32))), "default")
+SNAPSHOT_SIGNER = Signer(SigningKey(bytes(range(64, 96))), "default")
 FORGER = Signer(SigningKey(bytes(range(32, 64))), "default")
 TRUSTED = (SIGNER.public_key,)
+TRUST = Trust.of(records=TRUSTED, snapshots=(SNAPSHOT_SIGNER.public_key,))
+
+
+async def seed(nats_url: str, *, region: str | None = None, force: bool = True, trust: Trust = TRUST,
+               signer: Signer = SNAPSHOT_SIGNER) -> SeedResult:  # fmt: skip
+    """Seed the region's snapshot with the suite's snapshot key, as `keyrelay snapshot seed` does."""
+    return await seed_snapshot(servers=[nats_url], bucket="KEYS", region=region, store="KEYS_SNAPSHOTS", trust=trust,
+                               signer=signer, force=force, timeout=30.0)  # fmt: skip
+
+
+def key_file(path: Path, signer: Signer) -> Path:
+    """Write `signer`'s key as `keyrelay signing-key generate` writes one; its path."""
+    path.write_text(SIGNING_KEY_PREFIX + base64.urlsafe_b64encode(bytes(signer.key)).rstrip(b"=").decode() + "\n")
+    path.chmod(0o600)
+    return path
 
 
 def revoked(record: KeyRecord) -> KeyRecord:
