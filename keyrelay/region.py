@@ -27,6 +27,7 @@ from sidecar.settings import (
     parse_positive_duration,
     parse_region,
     parse_servers,
+    publish_delay_option,
     trusted_keys_option,
 )
 from sidecar.wire import DEFAULT_BUCKET, region_subjects, stream_name
@@ -189,6 +190,7 @@ class RegionSettings:
     insecure_accept_unsigned: bool = insecure_option()
     deployment_id: str = deployment_option()
     replay_horizon: float = horizon_option()
+    max_publish_delay: float = publish_delay_option()
 
 
 def region_init_command(args: argparse.Namespace) -> int:
@@ -226,7 +228,8 @@ async def seed_region_snapshot(settings: RegionSettings) -> None:
                                 snapshot_signing_key=settings.snapshot_signing_key,
                                 trusted_keys=settings.trusted_keys, deployment_id=settings.deployment_id,
                                 replay_horizon=settings.replay_horizon,
-                                insecure_accept_unsigned=settings.insecure_accept_unsigned)  # fmt: skip
+                                insecure_accept_unsigned=settings.insecure_accept_unsigned,
+                                max_publish_delay=settings.max_publish_delay)  # fmt: skip
     result = await seed(snapshot, progress=print_progress())
     print(describe_seed(result, region=settings.region))
 

@@ -22,6 +22,7 @@ from sidecar.settings import (
     parse_positive_duration,
     parse_region,
     parse_servers,
+    publish_delay_option,
     trusted_keys_option,
 )
 from sidecar.snapshot import snapshot_store_name
@@ -88,6 +89,7 @@ class SnapshotSettings(SnapshotStoreSettings):
     insecure_accept_unsigned: bool = insecure_option()
     deployment_id: str = deployment_option()
     replay_horizon: float = horizon_option()
+    max_publish_delay: float = publish_delay_option()
     keep_running: bool = option(
         False,
         parse=parse_bool,
@@ -127,7 +129,8 @@ def seeder_trust(settings: SnapshotSettings) -> tuple[Trust, Signer]:
         raise KeyrelayError(f"--snapshot-signing-key: {exc}") from None
     trust = Trust.of(records=settings.trusted_keys, snapshots=settings.trusted_snapshot_keys,
                      deployment=settings.deployment_id, horizon=settings.replay_horizon,
-                     accept_unsigned=settings.insecure_accept_unsigned)  # fmt: skip
+                     accept_unsigned=settings.insecure_accept_unsigned,
+                     max_publish_delay=settings.max_publish_delay)  # fmt: skip
     return trust, signer
 
 

@@ -41,7 +41,8 @@ def trust_of(settings: SidecarSettings) -> Trust:
                     "keys that this sidecar accepts")  # fmt: skip
     return Trust.of(records=settings.trusted_keys, snapshots=settings.trusted_snapshot_keys,
                     deployment=settings.deployment_id, horizon=settings.replay_horizon,
-                    accept_unsigned=settings.insecure_accept_unsigned)  # fmt: skip
+                    accept_unsigned=settings.insecure_accept_unsigned,
+                    max_publish_delay=settings.max_publish_delay)  # fmt: skip
 
 
 def create_app(settings: SidecarSettings) -> web.Application:

@@ -23,6 +23,7 @@ __all__ = [
     "parse_positive_duration",
     "parse_region",
     "parse_servers",
+    "publish_delay_option",
     "trusted_keys_option",
 ]
 
@@ -94,6 +95,17 @@ def deployment_option() -> Any:
     return option(DEFAULT_DEPLOYMENT, help="this deployment's name, as the publisher's --deployment-id")
 
 
+def publish_delay_option() -> Any:
+    """The declaration of --max-publish-delay."""
+    return option(
+        60.0,
+        parse=parse_positive_duration,
+        duration=True,
+        help="a value the stream stored longer than this after it was signed is a replay and refused (the "
+        "publisher signs as it publishes; allow for clock skew between it and NATS)",
+    )
+
+
 def horizon_option() -> Any:
     """The declaration of --replay-horizon."""
     return option(
@@ -131,6 +143,7 @@ class SidecarSettings:
     insecure_accept_unsigned: bool = insecure_option()
     deployment_id: str = deployment_option()
     replay_horizon: float = horizon_option()
+    max_publish_delay: float = publish_delay_option()
     max_staleness: float = option(
         30.0,
         parse=parse_positive_duration,

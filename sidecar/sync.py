@@ -34,7 +34,7 @@ from .direct import DirectClient
 from .errors import BucketNotFound, RecordError, SignatureError
 from .snapshot import Snapshot, SnapshotStore
 from .table import KeyTable
-from .trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer, Trust
+from .trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer, Trust, Verified
 from .wire import (
     HEARTBEAT_ENTRY,
     decode_fields,
@@ -97,15 +97,15 @@ class _Generation:
     abandoned: bool = False
 
 
-def _parse_ack_reply(reply: bytes) -> tuple[int, int, int]:
-    """Stream sequence, consumer sequence and pending count from a JetStream delivery's reply subject."""
+def _parse_ack_reply(reply: bytes) -> tuple[int, int, int, int]:
+    """Stream sequence, consumer sequence, pending count and stored time (ns) from a delivery's reply subject."""
     # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>, or the v2 form with
     # <domain>.<account hash> after $JS.ACK and a random token at the end.
     if reply.count(b".") == 8:  # the v1 form, what a server without a domain sends: five tokens split off
-        _, stream_seq, consumer_seq, _, pending = reply.rsplit(b".", 4)
-        return int(stream_seq), int(consumer_seq), int(pending)
+        _, stream_seq, consumer_seq, stored, pending = reply.rsplit(b".", 4)
+        return int(stream_seq), int(consumer_seq), int(pending), int(stored)
     tokens = reply.split(b".")
-    return int(tokens[7]), int(tokens[8]), int(tokens[10])
+    return int(tokens[7]), int(tokens[8]), int(tokens[10]), int(tokens[9])
 
 
 @dataclass(slots=True)
@@ -504,7 +504,7 @@ class KeySync:
             return None  # a message for a consumer replaced or about to be
         if headers and "Status" in headers:
             return self._on_status(gen, reply, headers)
-        stream_seq, consumer_seq, pending = _parse_ack_reply(reply)
+        stream_seq, consumer_seq, pending, stored = _parse_ack_reply(reply)
         if consumer_seq != gen.expected:
             log.info(
                 "consumer sequence gap (got %d, expected %d): resuming from revision %d",
@@ -518,7 +518,7 @@ class KeySync:
         gen.expected += 1
         self.last_contact = time.monotonic()
         try:
-            self._apply(subject, data, headers)
+            self._apply(subject, data, headers, stored / _NS)
         except Exception as exc:
             # Not a bad record (those are refused and counted in _apply): a fault of ours. Read the
             # stream again from the last revision; versions and floors still hold.
@@ -558,13 +558,13 @@ class KeySync:
         gen.abandoned = True
         self._reset.set()
 
-    def _apply(self, subject: bytes, data: bytes, headers: dict[str, str] | None) -> None:
+    def _apply(self, subject: bytes, data: bytes, headers: dict[str, str] | None, stored: float) -> None:
         entry = subject.decode(errors="replace").removeprefix(self._prefix)
         key_id = entry[entry.rfind(".") + 1 :]
         operation = headers.get("KV-Operation") if headers else None
         deleting = operation in ("DEL", "PURGE")
         if entry == HEARTBEAT_ENTRY:
-            self._heartbeat(entry, data, headers)
+            self._heartbeat(entry, data, headers, stored)
             return
         if not self.verifying:
             self._apply_unsigned(key_id, subject, data, deleting)
@@ -572,6 +572,7 @@ class KeySync:
         signature = headers.get(SIGNATURE_HEADER) if headers else None
         try:
             verified = self.trust.verify(signature, data, entry=entry, kinds=_DELETE_KINDS if deleting else _PUT_KINDS)
+            self._check_stored(verified, stored, entry)
             if deleting:
                 tombstone_id, version = decode_tombstone(data)
                 if tombstone_id != key_id.lower():
@@ -647,12 +648,24 @@ class KeySync:
         elif count == _REJECTION_LOGS_PER_MINUTE:
             log.warning("more refused values this minute: counted (keyrelay_record_rejected_total), not logged")
 
-    def _heartbeat(self, entry: str, data: bytes, headers: dict[str, str] | None) -> None:
+    def _check_stored(self, verified: Verified, stored: float, entry: str) -> None:
+        """Refuse a value the stream stored longer after its signing than the publisher ever takes to publish.
+
+        The publisher signs as it publishes; the stream's time is the server's, which no publisher
+        sets. A genuine old value published again (a replay by whoever can write to the stream) is
+        stored long after it was signed: refused, so that even a sidecar with no memory of the newer
+        value, starting without a snapshot, does not take it.
+        """
+        if stored - verified.signed_at > self.trust.max_publish_delay:
+            raise SignatureError("replayed", entry=entry)
+
+    def _heartbeat(self, entry: str, data: bytes, headers: dict[str, str] | None, stored: float) -> None:
         """The publisher's heartbeat: verified, it proves the replica fresh as of its signing time."""
         try:
             if self.verifying:
                 verified = self.trust.verify(headers.get(SIGNATURE_HEADER) if headers else None, data, entry=entry,
                                              kinds=_HEARTBEAT_KINDS)  # fmt: skip
+                self._check_stored(verified, stored, entry)
                 signed_at = verified.signed_at
             else:
                 signed_at = time.time()

@@ -197,12 +197,23 @@ class Trust:
     deployment: str
     horizon: float
     accept_unsigned: bool = False
+    # The longest a genuine value waits between its signing and its storing in the stream (seconds).
+    max_publish_delay: float = 60.0
 
     @classmethod
-    def of(cls, *, records: Iterable[str] = (), snapshots: Iterable[str] = (), deployment: str = "default",
-           horizon: float = 7 * 86400.0, accept_unsigned: bool = False) -> Trust:  # fmt: skip
+    def of(
+        cls,
+        *,
+        records: Iterable[str] = (),
+        snapshots: Iterable[str] = (),
+        deployment: str = "default",
+        horizon: float = 7 * 86400.0,
+        accept_unsigned: bool = False,
+        max_publish_delay: float = 60.0,
+    ) -> Trust:
         """Trust from base64url public keys."""
-        return cls(TrustedKeys.of(records), TrustedKeys.of(snapshots), deployment, horizon, accept_unsigned)
+        return cls(TrustedKeys.of(records), TrustedKeys.of(snapshots), deployment, horizon, accept_unsigned,
+                   max_publish_delay)  # fmt: skip
 
     def verify(self, signature: str | None, body: bytes, *, entry: str, kinds: frozenset[str] = KINDS) -> Verified:
         """`verify` a bucket value with the record keys."""

@@ -22,7 +22,7 @@ from sidecar.seed import seed_snapshot
 from sidecar.sync import KeySync
 from sidecar.table import KeyTable
 from tests.conftest import StartSidecar
-from tests.support import SNAPSHOT_SIGNER, TRUST, TRUSTED, key_file, make_key, put, revoked
+from tests.support import SNAPSHOT_SIGNER, TRUST, TRUSTED, heartbeat, key_file, make_key, put, revoked
 
 
 @pytest.fixture
@@ -50,6 +50,7 @@ async def test_a_seeded_snapshot_lets_the_first_sidecar_start_without_replaying_
     assert (result.keys, result.revision, result.replayed) == (200, 202, 200)  # after the heartbeat
 
     sidecar = await start_sidecar()
+    await heartbeat(bucket)  # freshness comes from the publisher's live word, never from a snapshot
     await sidecar.ready()
     sync = sidecar.state.sync
     assert sync.loaded_snapshot is not None
