@@ -126,8 +126,13 @@ async def test_a_tampered_genuine_record_quarantines_its_key_until_a_newer_valid
     await _marker(bucket, sidecar)
     assert (await sidecar.auth(key))[0] == 401  # fails safe: neither the tampered nor the last good record
     assert sidecar.state.sync.stats.rejected == {"bad_signature": 1}
-    assert sidecar.state.sync.table.floor(record.key_id) == (2, float("inf"))
+    assert sidecar.state.sync.table.floor(record.key_id) == (1, float("inf"))  # nothing older than it held
 
+    await put(bucket, record)  # the version before it held: still refused
+    await _marker(bucket, sidecar)
+    assert (await sidecar.auth(key))[2]["code"] == "NOT_FOUND"
+    await genuine.replay(bucket)  # its latest genuine word again (as a re-signing publishes it): taken
+    await eventually(lambda: sidecar.auth(key), lambda r: r[2].get("code") == "REVOKED")
     await put(bucket, dataclasses.replace(record, scopes=("orders:read",), version=3))  # the publisher repairs it
     await eventually(lambda: sidecar.status_of(key), lambda s: s == 200)
     assert (await sidecar.auth(key, scopes="admin"))[0] == 403
