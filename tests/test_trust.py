@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import struct
 import time
 
 import pytest
@@ -16,9 +17,10 @@ from nats.js.kv import KeyValue
 
 from keyrelay.natsd import NatsServer
 from sidecar.app import create_app
-from sidecar.errors import SettingsError, SignatureError
+from sidecar.errors import SettingsError, SignatureError, SnapshotError
 from sidecar.settings import SidecarSettings
-from sidecar.table import KeyTable
+from sidecar.snapshot import decode, encode
+from sidecar.table import RECORD_WIDTHS, KeyTable
 from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Trust, verify
 from sidecar.wire import MAX_VERSION, KeyRecord
 from tests.conftest import StartSidecar
@@ -26,6 +28,7 @@ from tests.support import (
     FORGER,
     SIGNER,
     SNAPSHOT_SIGNER,
+    TRUST,
     TRUSTED,
     Scrape,
     Sidecar,
@@ -316,3 +319,30 @@ def test_a_signed_tombstone_leaves_a_floor_that_keeps_older_records_out_until_it
     assert table.tombstone(record.key_id, MAX_VERSION, until=time.time() - 1)
     assert table.prune_floors(time.time()) == 1
     assert table.apply(record)
+
+
+def test_a_snapshot_written_before_signing_is_discarded() -> None:
+    table = KeyTable()
+    table.apply(make_key()[1])
+    signed = encode(table, revision=3, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
+    (head,) = struct.unpack_from(">I", signed, 8)  # after the magic
+    unsigned = signed[: 12 + head + table.records() * sum(RECORD_WIDTHS)]  # no signature: as written before signing
+    old_format = unsigned.replace(b"\xa6format\x02", b"\xa6format\x01", 1)
+    for data, reason in ((old_format, "format 1 is not 2"), (unsigned, "not a whole signed snapshot")):
+        with pytest.raises(SnapshotError, match=reason):
+            decode(data, KeyTable(), bucket="KEYS", region=None, trust=TRUST)
+
+
+async def test_untrusting_a_signing_key_refuses_what_only_it_signed_until_the_new_key_signs_it(
+    bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
+    old_key, old = make_key()
+    await put(bucket, old, signer=FORGER)  # FORGER stands for the retired key here
+    new_key, new = make_key()
+    await put(bucket, new)
+    sidecar = await start_sidecar(trusted_keys=TRUSTED)  # the retired key is no longer trusted
+    await sidecar.ready()
+    assert (await sidecar.auth(old_key))[2]["code"] == "NOT_FOUND"
+    assert await sidecar.status_of(new_key) == 200
+    await put(bucket, old)  # `keyrelay publisher resign --all` signs it again with the current key
+    await eventually(lambda: sidecar.status_of(old_key), lambda s: s == 200)
