@@ -192,6 +192,11 @@ class Sidecar:
             raw = await resp.read()
             return resp.status, dict(resp.headers), json.loads(raw) if raw else None
 
+    async def code_of(self, key: str) -> str:
+        """The code /auth answers for `key`: VALID for a 200, else the denial's code."""
+        status, _, body = await self.auth(key)
+        return "VALID" if status == 200 else str((body or {}).get("code"))
+
     async def status_of(self, key: str) -> int:
         """Just the /auth status for `key`."""
         return (await self.auth(key))[0]

@@ -103,7 +103,7 @@ async def test_forged_and_unsigned_records_are_refused_counted_and_shown(
     await put(bucket, staging, signer=other_deployment)
     await _marker(bucket, sidecar)
     for key in (forged_key, unsigned_key, staging_key):
-        assert (await sidecar.auth(key))[2]["code"] == "NOT_FOUND"
+        assert await sidecar.code_of(key) == "NOT_FOUND"
     assert sidecar.state.sync.stats.rejected == {"unknown_signer": 1, "unsigned": 1, "bad_signature": 1}
     _, text = await sidecar.get("/metrics")
     family = Scrape.parse(text).family("keyrelay_record_rejected_total")
@@ -122,7 +122,7 @@ async def test_a_tampered_genuine_record_quarantines_its_key_until_a_newer_valid
     key, record = make_key(scopes=("orders:read",))
     genuine = Captured.of(revoked(record))
     await genuine.replay(bucket)
-    await eventually(lambda: sidecar.auth(key), lambda r: r[2].get("code") == "REVOKED")
+    await eventually(lambda: sidecar.code_of(key), lambda c: c == "REVOKED")
     # Revocation cleared and scopes raised, under the genuine record's signature.
     tampered = dataclasses.replace(genuine.record, revoked_at=None, scopes=("admin",), version=3)
     await put_raw(bucket, record.entry, tampered.encode(), signer=None, headers={SIGNATURE_HEADER: genuine.signature})
@@ -133,9 +133,9 @@ async def test_a_tampered_genuine_record_quarantines_its_key_until_a_newer_valid
 
     await put(bucket, record)  # the version before it held: still refused
     await _marker(bucket, sidecar)
-    assert (await sidecar.auth(key))[2]["code"] == "NOT_FOUND"
+    assert await sidecar.code_of(key) == "NOT_FOUND"
     await genuine.replay(bucket)  # its latest genuine word again (as a re-signing publishes it): taken
-    await eventually(lambda: sidecar.auth(key), lambda r: r[2].get("code") == "REVOKED")
+    await eventually(lambda: sidecar.code_of(key), lambda c: c == "REVOKED")
     await put(bucket, dataclasses.replace(record, scopes=("orders:read",), version=3))  # the publisher repairs it
     await eventually(lambda: sidecar.status_of(key), lambda s: s == 200)
     assert (await sidecar.auth(key, scopes="admin"))[0] == 403
@@ -147,19 +147,19 @@ async def test_a_captured_record_replayed_to_a_running_sidecar_is_refused_also_a
     sidecar = await start_sidecar()
     key, captured, issued_key = await _issued_then_revoked(bucket)
     await sidecar.ready()
-    assert (await sidecar.auth(key))[2]["code"] == "REVOKED"
+    assert await sidecar.code_of(key) == "REVOKED"
 
     await captured.replay(bucket)  # (a) as it is
     await _marker(bucket, sidecar)
-    assert (await sidecar.auth(key))[2]["code"] == "REVOKED"
+    assert await sidecar.code_of(key) == "REVOKED"
     await bucket.delete(captured.record.entry)  # (b) after an unsigned DEL
     await captured.replay(bucket)
     await _marker(bucket, sidecar)
-    assert (await sidecar.auth(key))[2]["code"] == "REVOKED"
+    assert await sidecar.code_of(key) == "REVOKED"
     await bucket.purge(captured.record.entry)  # (c) after a PURGE
     await captured.replay(bucket)
     await _marker(bucket, sidecar)
-    assert (await sidecar.auth(key))[2]["code"] == "REVOKED"
+    assert await sidecar.code_of(key) == "REVOKED"
     assert sidecar.state.sync.stats.rejected == {"unsigned_delete": 2}
     await _refuses_revoked_accepts_issued(sidecar, key, issued_key)
 
@@ -282,7 +282,7 @@ async def test_a_link_that_withholds_deliveries_but_keeps_the_connection_alive_m
         assert proxy.dropped >= 10
         status, body = await sidecar.get("/readyz")  # ...but the publisher's word is too old
         assert (status, body["ready"]) == (503, False)
-        assert (await sidecar.auth(key))[2]["code"] == "NOT_READY"
+        assert await sidecar.code_of(key) == "NOT_READY"
     finally:
         await proxy.close()
 
@@ -342,7 +342,7 @@ async def test_untrusting_a_signing_key_refuses_what_only_it_signed_until_the_ne
     await put(bucket, new)
     sidecar = await start_sidecar(trusted_keys=TRUSTED)  # the retired key is no longer trusted
     await sidecar.ready()
-    assert (await sidecar.auth(old_key))[2]["code"] == "NOT_FOUND"
+    assert await sidecar.code_of(old_key) == "NOT_FOUND"
     assert await sidecar.status_of(new_key) == 200
     await put(bucket, old)  # `keyrelay publisher resign --all` signs it again with the current key
     await eventually(lambda: sidecar.status_of(old_key), lambda s: s == 200)
