@@ -37,6 +37,7 @@ from .table import KeyTable
 from .trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer, Trust, Verified
 from .wire import (
     HEARTBEAT_ENTRY,
+    RecordFields,
     decode_fields,
     decode_heartbeat,
     decode_tombstone,
@@ -587,6 +588,10 @@ class KeySync:
         except RecordError as exc:
             self._refuse(entry, key_id, exc, deleting=deleting)
             return
+        self._take(fields)
+
+    def _take(self, fields: RecordFields) -> None:
+        """Apply a record that passed every check (a held version as new or newer wins)."""
         if self.table.apply_fields(fields):
             self.stats.applied += 1
             self._changed()
@@ -609,11 +614,7 @@ class KeySync:
             self.stats.decode_errors += 1
             self._log_refusal("skipped record at %r: %s", subject.decode(errors="replace"), exc.reason)
             return
-        if self.table.apply_fields(fields):
-            self.stats.applied += 1
-            self._changed()
-        else:
-            self.stats.stale_skipped += 1
+        self._take(fields)
 
     def _refuse(self, entry: str, key_id: str, exc: RecordError, *, deleting: bool) -> None:
         """Count and log a refused value; a refused record (not a refused delete) quarantines its key."""
