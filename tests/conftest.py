@@ -24,6 +24,7 @@ from publisher.settings import PublisherSettings
 from sidecar.app import create_app
 from sidecar.http import STATE, SidecarState
 from sidecar.settings import SidecarSettings
+from sidecar.trust import write_signing_key
 from tests.support import ADMIN_TOKEN, Admin, Publisher, Sidecar
 
 PG_ADMIN_URL = os.environ.get("KEYRELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -133,12 +134,20 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         await _drop_pg_database(name)
 
 
+@pytest.fixture
+def signing_key(tmp_path: Path) -> Path:
+    """A publisher signing key file (0600) under tmp_path, as `keyrelay signing-key generate` writes it."""
+    path = tmp_path / "signing-key"
+    write_signing_key(path)
+    return path
+
+
 StartPublisher = Callable[..., Awaitable[Publisher]]
 
 
 @pytest.fixture
 async def start_publisher(
-    nats_server: NatsServer, database_url: str, tmp_path: Path, http: aiohttp.ClientSession
+    nats_server: NatsServer, database_url: str, tmp_path: Path, http: aiohttp.ClientSession, signing_key: Path
 ) -> AsyncIterator[StartPublisher]:
     """Start in-process publishers on free ports against the test NATS and database."""
     servers: list[TestServer] = []
@@ -150,6 +159,7 @@ async def start_publisher(
             "admin_token": ADMIN_TOKEN,
             "data_dir": tmp_path / "publisher",
             "publish_wait": 2.0,
+            "signing_key": signing_key,
             **overrides,
         })  # fmt: skip
         server = TestServer(create_publisher_app(settings), host="127.0.0.1", port=0)
