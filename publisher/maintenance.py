@@ -40,6 +40,7 @@ class Maintenance:
         self.services = services
         self.reconciles = 0
         self.resigns = 0
+        self.resigned = asyncio.Event()  # set after each re-signing pass, the start-up one first
         self._tasks: list[asyncio.Task[None]] = []
         self._one_at_a_time = asyncio.Lock()  # two whole-bucket passes at once would only double the load
 
@@ -74,7 +75,10 @@ class Maintenance:
     async def resign(self) -> None:
         """One re-signing pass, its values then published."""
         s = self.services
-        report = await resign(store=s.store, broker=s.broker, keys=s.keys, horizon=s.settings.replay_horizon)
+        try:
+            report = await resign(store=s.store, broker=s.broker, keys=s.keys, horizon=s.settings.replay_horizon)
+        finally:
+            self.resigned.set()
         self.resigns += 1
         if report.outbox_ids:
             s.relay.wake()

@@ -90,6 +90,7 @@ class OutboxRelay:
         self.holder = f"{socket.gethostname()[:40]}:{os.getpid()}:{os.urandom(3).hex()}"
         self.stats = RelayStats()
         self.leader = False
+        self.lease_checked = asyncio.Event()  # set once this relay has asked for the lease: `leader` means something
         self._wake = asyncio.Event()
         self._waiters: set[_Waiter] = set()
         self._lease_renewed = 0.0
@@ -206,6 +207,7 @@ class OutboxRelay:
                 _LEASE, self.holder, stamp + int(self.lease_ttl * 1_000_000), stamp,
             )  # fmt: skip
         was_leader, self.leader = self.leader, row is not None
+        self.lease_checked.set()
         if self.leader:
             self._lease_renewed = now
             if not was_leader:

@@ -15,6 +15,7 @@ signed tombstone.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
@@ -131,12 +132,13 @@ async def _database_side(store: KeyStore, digest: _Digest, keep: frozenset[int])
     side = _Side(digest, keep)
     ids: dict[str, str] = {}
     after = NIL_UUID
-    while page := await store.scan_keys(after=after, limit=2000):
+    while page := await store.scan_keys(after=after, limit=500):
         for key in page:
             record = key.record()
             if side.add(record.entry, record.encode()):
                 ids[record.entry] = key.id
         after = page[-1].id
+        await asyncio.sleep(0)  # SQLite answers without yielding: let the API and the relay in between pages
     return side, ids
 
 

@@ -6,8 +6,8 @@ bucket's latest value per entry and verifies each with the publisher's current
 key; those that do not verify (unsigned, another key, tampered) or were signed
 more than half the horizon ago get the database's current record queued through
 the outbox at the same version, and the relay signs it as it publishes. Entries
-whose key the database does not know get a fresh tombstone. With `everything`,
-every entry is re-signed (after a key rotation).
+whose key the database does not know get a tombstone, signed now. With
+`everything`, every entry is re-signed (after a key rotation).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ log = logging.getLogger("keyrelay.publisher.resign")
 
 Progress = Callable[[str], None]
 _REPORT_EVERY = 100_000  # values between progress lines
+_QUEUE_EVERY = 5000  # keys queued a transaction (and an audit entry)
 
 
 @dataclass(slots=True)
@@ -68,11 +69,12 @@ class _Pass:
         self.say = say
         self.report = ResignReport()
         self.outbox: list[int] = []
+        # What to sign again: each key id's record when the database has it, else a tombstone for its entry.
+        self.stale: dict[str, int] = {}  # key id -> 0: republished at the database's version
+        self.gone: list[tuple[str, str]] = []  # (entry, key id)
 
     async def consume(self, values: list[BucketValue]) -> None:
-        """Count a batch and queue what in it needs signing again (one transaction a batch)."""
-        stale: dict[str, int] = {}
-        gone: list[tuple[str, str]] = []
+        """Count a batch, and queue what needs signing again once enough has gathered."""
         for value in values:
             self.report.entries_in_bucket += 1
             verified = value.check.verified
@@ -87,22 +89,27 @@ class _Pass:
             key_id = value.entry.rsplit(".", 1)[-1]
             if not is_uuid(key_id):
                 self.report.skipped += 1
-            elif value.deleted:
-                gone.append((value.entry, key_id))
-            else:
-                stale[key_id] = 0  # the same version: nothing about the key changes
-        if stale or gone:
-            summary = {"everything": self.everything, "batch": len(values)}
-            # Keys the database does not know (a stray entry) are reconciliation's to tombstone.
-            republished, deleted = await self.store.repair(RESIGN, stale, gone, summary, action="bucket.resign")
-            self.report.republished += len(republished)
-            self.report.tombstoned += len(deleted)
-            self.outbox += [*republished, *deleted]
-        if (
-            self.report.entries_in_bucket // _REPORT_EVERY
-            != (self.report.entries_in_bucket - len(values)) // _REPORT_EVERY
-        ):
-            self.say(f"resign: {self.report.entries_in_bucket} values checked, {len(self.outbox)} queued")
+                continue
+            # Whatever the entry holds, it gets what the database says: the key's record (at the same
+            # version: nothing about the key changes) when it knows the key, else a tombstone.
+            self.stale[key_id] = 0
+            self.gone.append((value.entry, key_id))
+        if len(self.stale) + len(self.gone) >= _QUEUE_EVERY:
+            await self.flush()
+        seen = self.report.entries_in_bucket
+        if seen // _REPORT_EVERY != (seen - len(values)) // _REPORT_EVERY:
+            self.say(f"resign: {seen} values checked, {len(self.outbox)} queued")
+
+    async def flush(self) -> None:
+        """Queue what has gathered, with one audit entry, in one transaction."""
+        if not self.stale and not self.gone:
+            return
+        summary = {"everything": self.everything}
+        republished, deleted = await self.store.repair(RESIGN, self.stale, self.gone, summary, action="bucket.resign")
+        self.report.republished += len(republished)
+        self.report.tombstoned += len(deleted)
+        self.outbox += [*republished, *deleted]
+        self.stale, self.gone = {}, []
 
 
 async def resign(
@@ -121,6 +128,7 @@ async def resign(
     run = _Pass(store, horizon, everything, say)
     say("resign: verifying every value in the bucket" + (" (re-signing all of them)" if everything else ""))
     await scan_bucket(broker, keys, run.consume, timeout=timeout)
+    await run.flush()
     report = run.report
     report.outbox_ids = tuple(run.outbox)
     report.seconds = time.perf_counter() - started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import uuid
@@ -19,6 +20,7 @@ from nats.js.kv import KeyValue
 
 from keyrelay.natsd import NatsServer, NatsSpec
 from publisher.api import SERVICES
+from publisher.app import MAINTENANCE
 from publisher.app import create_app as create_publisher_app
 from publisher.settings import PublisherSettings
 from sidecar.app import create_app
@@ -166,8 +168,13 @@ async def start_publisher(
         await server.start_server()
         servers.append(server)
         url = str(server.make_url("")).rstrip("/")
-        publisher = Publisher(url=url, admin=Admin(url=url, http=http), services=server.app[SERVICES])
+        publisher = Publisher(url=url, admin=Admin(url=url, http=http), services=server.app[SERVICES],
+                              maintenance=server.app[MAINTENANCE])  # fmt: skip
         await publisher.services.broker.bucket_ready.wait()
+        # The relay leader re-signs the bucket as it starts: let that pass end before the test plants anything.
+        await publisher.services.relay.lease_checked.wait()
+        if publisher.services.relay.leader:
+            await asyncio.wait_for(publisher.maintenance.resigned.wait(), 30)
         return publisher
 
     yield start

@@ -13,14 +13,17 @@ from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp.test_utils import TestServer
+from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from keyrelay.natsd import free_port
 from publisher.api import Services
+from publisher.maintenance import Maintenance
 from sidecar.app import serve
 from sidecar.http import SidecarState
 from sidecar.settings import SidecarSettings
-from sidecar.wire import KeyRecord, generate_key, key_digest
+from sidecar.trust import SIGNATURE_HEADER, Signer, TrustedKeys, Verified, verify
+from sidecar.wire import KeyRecord, generate_key, key_digest, subject_prefix
 
 T = TypeVar("T")
 
@@ -183,6 +186,7 @@ class Publisher:
     url: str
     admin: Admin
     services: Services
+    maintenance: Maintenance
 
 
 @dataclass
@@ -235,3 +239,36 @@ async def served_sidecar(settings: SidecarSettings, http: aiohttp.ClientSession)
     finally:
         stop.set()
         await task
+
+
+@dataclass(frozen=True)
+class BucketMessage:
+    """An entry's latest message in the KEYS bucket, headers included."""
+
+    entry: str
+    data: bytes
+    headers: dict[str, str]
+    seq: int
+
+    @property
+    def signature(self) -> str | None:
+        """Its Keyrelay-Sig header."""
+        return self.headers.get(SIGNATURE_HEADER)
+
+    def verify(self, signer: Signer, *, horizon: float = 7 * 86400) -> Verified:
+        """Verify it with `signer`'s public key alone, as a sidecar trusting only that key would."""
+        return verify(self.signature, self.data, entry=self.entry, trusted=TrustedKeys.of([signer.public_key]),
+                      deployment=signer.deployment, horizon=horizon)  # fmt: skip
+
+
+async def last_message(js: JetStreamContext, entry: str) -> BucketMessage:
+    """The latest message of one entry of the KEYS bucket (a delete too)."""
+    msg = await js.get_last_msg("KV_KEYS", subject_prefix("KEYS") + entry)
+    assert msg.seq is not None
+    return BucketMessage(entry=entry, data=msg.data or b"", headers=dict(msg.headers or {}), seq=msg.seq)
+
+
+async def plant(js: JetStreamContext, entry: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+    """Write a value into the KEYS bucket behind the publisher's back (as anyone on NATS could); its sequence."""
+    ack = await js.publish(subject_prefix("KEYS") + entry, data, headers=headers)
+    return int(ack.seq)
