@@ -24,6 +24,8 @@ __all__ = ["Heartbeat", "HeartbeatStats"]
 
 log = logging.getLogger("keyrelay.publisher.heartbeat")
 
+_STANDBY_CHECK = 0.25  # how often a replica that does not beat looks whether it should
+
 
 @dataclass(slots=True)
 class HeartbeatStats:
@@ -75,7 +77,10 @@ class Heartbeat:
 
     async def _run(self) -> None:
         while True:
+            if not (self.relay.leader and self.broker.connected and self.broker.bucket_ready.is_set()):
+                # A replica that takes the lease over beats at once: sidecars are counting the silence.
+                await asyncio.sleep(min(self.interval, _STANDBY_CHECK))
+                continue
             started = time.monotonic()
-            if self.relay.leader and self.broker.connected and self.broker.bucket_ready.is_set():
-                await self.beat()
+            await self.beat()
             await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))

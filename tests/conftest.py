@@ -169,7 +169,7 @@ async def start_publisher(
         servers.append(server)
         url = str(server.make_url("")).rstrip("/")
         publisher = Publisher(url=url, admin=Admin(url=url, http=http), services=server.app[SERVICES],
-                              maintenance=server.app[MAINTENANCE])  # fmt: skip
+                              maintenance=server.app[MAINTENANCE], server=server)  # fmt: skip
         await publisher.services.broker.bucket_ready.wait()
         # The relay leader re-signs the bucket as it starts: let that pass end before the test plants anything.
         await publisher.services.relay.lease_checked.wait()

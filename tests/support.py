@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp.test_utils import TestServer
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -187,6 +189,11 @@ class Publisher:
     admin: Admin
     services: Services
     maintenance: Maintenance
+    server: TestServer
+
+    async def stop(self) -> None:
+        """Shut it down as SIGTERM would: the relay gives its lease up."""
+        await self.server.close()
 
 
 @dataclass
@@ -259,6 +266,28 @@ class BucketMessage:
         """Verify it with `signer`'s public key alone, as a sidecar trusting only that key would."""
         return verify(self.signature, self.data, entry=self.entry, trusted=TrustedKeys.of([signer.public_key]),
                       deployment=signer.deployment, horizon=horizon)  # fmt: skip
+
+
+async def every_message(js: JetStreamContext) -> dict[str, BucketMessage]:
+    """The latest message of every entry of the KEYS bucket (deletes and the heartbeat too), by entry."""
+    prefix = subject_prefix("KEYS")
+    found: dict[str, BucketMessage] = {}
+    done = asyncio.Event()
+
+    async def collect(msg: Msg) -> None:
+        entry = msg.subject.removeprefix(prefix)
+        found[entry] = BucketMessage(entry=entry, data=msg.data, headers=dict(msg.headers or {}),
+                                     seq=msg.metadata.sequence.stream)  # fmt: skip
+        if msg.metadata.num_pending == 0:
+            done.set()
+
+    sub = await js.subscribe(prefix + ">", cb=collect, ordered_consumer=True,
+                             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)  # fmt: skip
+    try:
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        await sub.unsubscribe()
+    return found
 
 
 async def last_message(js: JetStreamContext, entry: str) -> BucketMessage:
