@@ -28,6 +28,7 @@ from typing import Any
 
 from sidecar.config import load, option, parse_bool
 from sidecar.settings import LOG_LEVELS, parse_port, parse_region
+from sidecar.trust import load_signer, write_signing_key
 
 from .client import AdminClient, stack_file
 from .errors import KeyrelayError
@@ -110,6 +111,7 @@ class Stack:
     nats: list[NatsServer] = field(default_factory=list)
     components: list[_Component] = field(default_factory=list)
     publisher_url: str = ""
+    public_key: str = ""  # the publisher's signing key's public half: what sidecars trust
     sidecars: dict[str, str] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)
     # Hooks for the load test: route a region's leaf link (hub leaf port → port to dial), add sidecar flags.
@@ -175,9 +177,19 @@ class Stack:
             self.nats.append(leaf)
         return hub
 
-    def _child(self, name: str, args: list[str], port: int) -> _Component:
+    def _signing_key(self) -> Path:
+        """DATA_DIR/signing-key, made (0600) on the first run; its public key noted for the sidecars."""
+        path = self.data_dir / "signing-key"
+        if path.exists():
+            path.chmod(0o600)  # as with the admin token: a copy made by hand may be readable by all
+        else:
+            write_signing_key(path)
+        self.public_key = load_signer(path, "default").public_key
+        return path
+
+    def _child(self, name: str, args: list[str], port: int, env_extra: dict[str, str] | None = None) -> _Component:
         log = self.data_dir / "logs" / f"{name}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")} | (env_extra or {})
         command = [sys.executable, "-m", "keyrelay", *args, "--log-level", self.settings.log_level]
         process = spawn(command, log=log, env=env)
         component = _Component(name=name, url=f"http://127.0.0.1:{port}", process=process, log=log, command=command,
@@ -190,7 +202,7 @@ class Stack:
         component = self._child("publisher", [
             "publisher", "--port", str(port), "--nats-url", nats_url, "--data-dir", str(self.data_dir),
             "--database-url", f"sqlite:///{self.data_dir / 'keyrelay.db'}", "--admin-token", self.token,
-        ], port)  # fmt: skip
+        ], port, {"KEYRELAY_SIGNING_KEY": str(self._signing_key())})  # fmt: skip
         wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log)
         self.publisher_url = component.url
 
@@ -229,6 +241,7 @@ class Stack:
         return {
             "publisher_url": self.publisher_url,
             "admin_token": self.token,
+            "trusted_keys": [self.public_key],
             "sidecars": self.sidecars,
             "nats": {n.spec.name: n.url for n in self.nats},
             "logs": str(self.data_dir / "logs"),
