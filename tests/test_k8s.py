@@ -74,7 +74,7 @@ from tests.k8s_support import (
     selects,
     tool,
 )
-from tests.support import make_key, put, revoked
+from tests.support import TRUSTED, make_key, put, revoked
 
 # Native sidecars (initContainers with restartPolicy: Always) are GA from 1.33: the oldest version
 # the manifests support; and the newest schemas the pinned kubernetes-validate bundles.
@@ -779,7 +779,8 @@ def test_each_images_commands_start_with_only_what_the_image_holds(target: str, 
             key = tmp_path / f"signing-key-{'-'.join(path)}"
             write_signing_key(key)
             env = {"KEYRELAY_HOST": "127.0.0.1", "KEYRELAY_PORT": str(port), "KEYRELAY_NATS_URL": closed,
-                   "KEYRELAY_DATA_DIR": str(tmp_path / "data"), "KEYRELAY_SIGNING_KEY": str(key)}  # fmt: skip
+                   "KEYRELAY_DATA_DIR": str(tmp_path / "data"), "KEYRELAY_SIGNING_KEY": str(key),
+                   "KEYRELAY_TRUSTED_KEYS": TRUSTED[0]}  # fmt: skip
             with _run(target, argv, absent, env, log) as proc:
                 # The publisher is ready on its database alone; a sidecar without NATS is alive, not ready.
                 _wait_http(f"http://127.0.0.1:{port}/{'readyz' if path == ('publisher',) else 'healthz'}", proc, log)
