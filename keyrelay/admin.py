@@ -194,6 +194,14 @@ def _tokens_create(args: argparse.Namespace) -> int:
     return _show(args, answer, f"token for {answer['name']} ({answer['role']}), shown once: {answer['token']}")
 
 
+def _signing_keys(args: argparse.Namespace) -> int:
+    answer = _client(args).call("GET", "/signing-keys")
+    if args.print:  # `--print public_key`: the current key's fields
+        return _show(args, answer["keys"][0], "")
+    columns: list[Column] = [("id", "id"), ("algorithm", "algorithm"), ("public key", "public_key")]
+    return _show(args, answer, table(answer["keys"], columns))
+
+
 # -- parser ------------------------------------------------------------------------------------
 
 
@@ -272,6 +280,15 @@ def add_admin_commands(commands: Any) -> None:
     for flag in ("org", "team", "project", "key"):
         p.add_argument(f"--{flag}", help=f"only entries of this {flag} id")
     p.add_argument("--limit", type=int, default=100, help="at most this many entries (default 100)")
+
+    p = commands.add_parser(
+        "signing-keys",
+        help="list the public keys the publisher signs bucket values with, the current one first",
+        parents=[common],
+        description="List the publisher's signing keys (current first, then earlier ones still listed during a "
+        "rotation): what the sidecars' --trusted-keys take. `--print public_key` prints the current one.",
+    )
+    p.set_defaults(handler=_signing_keys)
 
     tokens = group("tokens", "admin tokens for the API")
     p = action(tokens, "create", "create a token (shown once)", _tokens_create)

@@ -42,6 +42,18 @@ def _reconcile(args: argparse.Namespace) -> int:
     return reconcile_command(args)
 
 
+def _resign(args: argparse.Namespace) -> int:
+    from .operations import resign_command
+
+    return resign_command(args)
+
+
+def _generate_signing_key(args: argparse.Namespace) -> int:
+    from .operations import generate_key_command
+
+    return generate_key_command(args)
+
+
 def _region_init(args: argparse.Namespace) -> int:
     from .region import region_init_command
 
@@ -177,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         handler=_run_publisher,
         help="run the publisher: the admin API, the key store and the outbox relay into JetStream",
         description="Run the publisher. With `reconcile`, compare the bucket with the database "
-        "once, repair it and exit.",
+        "once, repair it and exit; with `resign`, sign the bucket's old values afresh and exit.",
     )
     publisher_actions = publisher.add_subparsers(dest="publisher_command", metavar="ACTION")
     reconcile = _command(
@@ -186,11 +198,41 @@ def build_parser() -> argparse.ArgumentParser:
         settings=PublisherSettings,
         handler=_reconcile,
         help="compare the bucket with the database, republish what differs, and exit",
-        description="Compare the key bucket with the database (count and xxhash digest per shard), "
-        "republish what differs through the outbox and delete entries of unknown keys; then wait "
-        "until published.",
+        description="Compare the key bucket with the database (count and keyed BLAKE2b digest per shard, "
+        "every value's signature verified), republish what differs or is not signed by the current key "
+        "through the outbox and tombstone entries of unknown keys; then wait until published.",
     )
     reconcile.add_argument("--json", action="store_true", help="print the report as JSON")
+    resign = _command(
+        publisher_actions,
+        "resign",
+        settings=PublisherSettings,
+        handler=_resign,
+        help="sign bucket values signed over half the replay horizon ago (or not by the current key) afresh",
+        description="Verify every value in the key bucket with the current signing key; queue those signed "
+        "more than half the replay horizon ago, unsigned or signed by another key through the outbox at "
+        "the same version, so the relay signs them now; then wait until published. The relay leader also "
+        "runs this every few hours.",
+    )
+    resign.add_argument("--all", action="store_true", help="re-sign every value (after a signing key rotation)")
+    resign.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    signing_actions = _group(
+        commands,
+        "signing-key",
+        help="make the publisher's Ed25519 signing key",
+        description="The publisher signs every value it writes to the key bucket; sidecars verify them "
+        "against its public key (docs/signing.md).",
+    )
+    generate = signing_actions.add_parser(
+        "generate",
+        help="write a new signing key to a file (0600) and print its public key and key id",
+        description="Write a new Ed25519 signing key (krsk1_...) to FILE, readable by its owner only, and print "
+        "the public key (for the sidecars' --trusted-keys) and its key id. Never overwrites a file.",
+    )
+    generate.add_argument("--out", required=True, metavar="FILE", help="where to write the key (must not exist)")
+    generate.add_argument("--json", action="store_true", help="print file, key id and public key as JSON")
+    generate.set_defaults(handler=_generate_signing_key)
 
     region_actions = _group(
         commands,

@@ -1,25 +1,60 @@
-"""One-shot operations on a deployment: reconciling the bucket with the database."""
+"""One-shot operations on a deployment: reconciling the bucket with the database, re-signing it, signing keys."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sidecar.config import load
+from sidecar.trust import key_id, parse_public_key, write_signing_key
 
 from .errors import KeyrelayError
 from .output import details, dump_json
 
-__all__ = ["reconcile_command"]
+if TYPE_CHECKING:
+    from publisher.api import Services
+
+__all__ = ["generate_key_command", "reconcile_command", "resign_command"]
+
+# A pass over the bucket, given the services and a progress printer; returns its report as JSON.
+_Pass = Callable[["Services", Callable[[str], None]], Awaitable[tuple[dict[str, Any], tuple[int, ...]]]]
 
 
 def reconcile_command(args: argparse.Namespace) -> int:
     """`keyrelay publisher reconcile`: repair the bucket from the database, wait until published."""
+
+    async def run(services: Services, say: Callable[[str], None]) -> tuple[dict[str, Any], tuple[int, ...]]:
+        from publisher.reconcile import reconcile
+
+        report = await reconcile(store=services.store, broker=services.broker, keys=services.keys,
+                                 horizon=services.settings.replay_horizon, progress=say)  # fmt: skip
+        return report.to_json(), report.outbox_ids
+
+    return _one_pass(args, run)
+
+
+def resign_command(args: argparse.Namespace) -> int:
+    """`keyrelay publisher resign [--all]`: sign old (or all) bucket values afresh, wait until published."""
+
+    async def run(services: Services, say: Callable[[str], None]) -> tuple[dict[str, Any], tuple[int, ...]]:
+        from publisher.resign import resign
+
+        report = await resign(store=services.store, broker=services.broker, keys=services.keys,
+                              horizon=services.settings.replay_horizon, everything=args.all, progress=say)  # fmt: skip
+        return report.to_json(), report.outbox_ids
+
+    return _one_pass(args, run)
+
+
+def _one_pass(args: argparse.Namespace, run: _Pass) -> int:
     from publisher.settings import PublisherSettings
 
     settings = load(PublisherSettings, args)
-    report = asyncio.run(_reconcile(settings))
+    report = asyncio.run(_with_services(settings, run))
     if args.json:
         print(dump_json(report))
     else:
@@ -27,20 +62,36 @@ def reconcile_command(args: argparse.Namespace) -> int:
     return 0 if report["propagation"] == "published" else 2
 
 
-async def _reconcile(settings: object) -> dict[str, object]:
+async def _with_services(settings: Any, run: _Pass) -> dict[str, Any]:
     from publisher.app import open_services
-    from publisher.reconcile import reconcile
-    from publisher.settings import PublisherSettings
 
-    assert isinstance(settings, PublisherSettings)
     async with open_services(settings, bootstrap=False) as services:
         try:
             await asyncio.wait_for(services.broker.bucket_ready.wait(), 30)
         except TimeoutError:
             raise KeyrelayError(f"cannot reach NATS at {','.join(settings.nats_url)} within 30s") from None
-        report = await reconcile(store=services.store, broker=services.broker,
-                                 progress=lambda text: print(text, file=sys.stderr))  # fmt: skip
+        report, outbox_ids = await run(services, lambda text: print(text, file=sys.stderr))
         services.relay.wake()
         # Another publisher may hold the relay lease; then its relay publishes and we only wait.
-        published = await services.relay.wait_published(report.outbox_ids, timeout=300)
-        return {**report.to_json(), "propagation": "published" if published else "pending"}
+        published = await services.relay.wait_published(outbox_ids, timeout=max(300.0, len(outbox_ids) / 1000))
+        return {**report, "propagation": "published" if published else "pending"}
+
+
+def generate_key_command(args: argparse.Namespace) -> int:
+    """`keyrelay signing-key generate --out FILE`: a new signing key in FILE (0600); prints its public key."""
+    out = Path(args.out)
+    try:
+        public = write_signing_key(out)
+    except FileExistsError:
+        raise KeyrelayError(f"{out} exists: keyrelay never overwrites a signing key; choose another path") from None
+    except OSError as exc:
+        raise KeyrelayError(f"cannot write {out}: {exc.strerror}") from None
+    answer = {"file": str(out), "id": key_id(parse_public_key(public)), "algorithm": "Ed25519", "public_key": public}
+    if args.json:
+        print(dump_json(answer))
+    else:
+        print(details(answer, [("file", "file"), ("key id", "id"), ("algorithm", "algorithm"),
+                               ("public key", "public_key")]))  # fmt: skip
+        print("The file is the private key: give it to every publisher replica (--signing-key), and the public key "
+              "to every sidecar (--trusted-keys).", file=sys.stderr)  # fmt: skip
+    return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Any
 from sidecar.config import format_duration, load, option, parse_bool
 from sidecar.seed import SeedProgress, SeedResult, seed_snapshot
 from sidecar.settings import (
+    LOG_LEVELS,
     deployment_option,
     horizon_option,
     insecure_option,
@@ -90,6 +92,7 @@ class SnapshotSettings(SnapshotStoreSettings):
     deployment_id: str = deployment_option()
     replay_horizon: float = horizon_option()
     max_publish_delay: float = publish_delay_option()
+    log_level: str = option("warning", choices=LOG_LEVELS, help="logging level (progress is printed regardless)")
     keep_running: bool = option(
         False,
         parse=parse_bool,
@@ -165,6 +168,7 @@ def describe_seed(result: SeedResult, *, region: str | None) -> str:
 def seed_command(args: argparse.Namespace) -> int:
     """`keyrelay snapshot seed`."""
     settings = load(SnapshotSettings, args)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"seeding snapshot {settings.region or 'global'} of {settings.bucket} from {','.join(settings.nats_url)}",
           flush=True)  # fmt: skip
     if not settings.keep_running:

@@ -27,7 +27,8 @@ from types import FrameType
 from typing import Any
 
 from sidecar.config import load, option, parse_bool
-from sidecar.settings import LOG_LEVELS, parse_port, parse_region
+from sidecar.settings import DEFAULT_DEPLOYMENT, LOG_LEVELS, parse_port, parse_region
+from sidecar.trust import load_signer, write_signing_key
 
 from .client import AdminClient, stack_file
 from .errors import KeyrelayError
@@ -110,6 +111,7 @@ class Stack:
     nats: list[NatsServer] = field(default_factory=list)
     components: list[_Component] = field(default_factory=list)
     publisher_url: str = ""
+    public_key: str = ""  # the publisher's signing key's public half: what sidecars trust
     sidecars: dict[str, str] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)
     # Hooks for the load test: route a region's leaf link (hub leaf port → port to dial), add sidecar flags.
@@ -129,6 +131,7 @@ class Stack:
         self._start_publisher(hub.url)
         self._wait_bucket()
         regions = self.settings.regions or (None,)
+        snapshot_key = self._key_file("snapshot-key")
         for i, region in enumerate(regions):
             nats_url = self.nats[i + 1].url if region else hub.url
             if region:
@@ -138,6 +141,11 @@ class Stack:
             if component.name.startswith("sidecar"):
                 port = int(component.url.rsplit(":", 1)[1])
                 wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log)
+        # Once the sidecars are up (a first run has no snapshot to start from): one seeder per
+        # region keeps its signed snapshot fresh, as `keyrelay snapshot seed --keep-running` does
+        # in production; sidecars hold no snapshot key.
+        for i, region in enumerate(regions):
+            self._start_seeder(region, self.nats[i + 1].url if region else hub.url, snapshot_key)
         if self.settings.demo:
             self.demo = _seed_demo(AdminClient(self.publisher_url, self.token))
         _write_private(stack_file(self.data_dir), json.dumps(self.describe_json(), indent=2))
@@ -175,9 +183,24 @@ class Stack:
             self.nats.append(leaf)
         return hub
 
-    def _child(self, name: str, args: list[str], port: int) -> _Component:
+    def _signing_key(self) -> Path:
+        """DATA_DIR/signing-key, made (0600) on the first run; its public key noted for the sidecars."""
+        path = self._key_file("signing-key")
+        self.public_key = load_signer(path, DEFAULT_DEPLOYMENT).public_key
+        return path
+
+    def _key_file(self, name: str) -> Path:
+        """DATA_DIR/<name>, a signing key made (0600) on the first run and kept for the next ones."""
+        path = self.data_dir / name
+        if path.exists():
+            path.chmod(0o600)  # as with the admin token: a copy made by hand may be readable by all
+        else:
+            write_signing_key(path)
+        return path
+
+    def _child(self, name: str, args: list[str], port: int, env_extra: dict[str, str] | None = None) -> _Component:
         log = self.data_dir / "logs" / f"{name}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")} | (env_extra or {})
         command = [sys.executable, "-m", "keyrelay", *args, "--log-level", self.settings.log_level]
         process = spawn(command, log=log, env=env)
         component = _Component(name=name, url=f"http://127.0.0.1:{port}", process=process, log=log, command=command,
@@ -190,7 +213,7 @@ class Stack:
         component = self._child("publisher", [
             "publisher", "--port", str(port), "--nats-url", nats_url, "--data-dir", str(self.data_dir),
             "--database-url", f"sqlite:///{self.data_dir / 'keyrelay.db'}", "--admin-token", self.token,
-        ], port)  # fmt: skip
+        ], port, {"KEYRELAY_SIGNING_KEY": str(self._signing_key())})  # fmt: skip
         wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log)
         self.publisher_url = component.url
 
@@ -209,11 +232,23 @@ class Stack:
     def _start_sidecar(self, region: str | None, nats_url: str) -> None:
         wanted = self.settings.sidecar_port and self.settings.sidecar_port + len(self.sidecars)
         port = self.ports.pick(wanted, f"sidecar {region or 'global'}")
-        args = ["sidecar", "--port", str(port), "--nats-url", nats_url, *self.sidecar_args]
+        args = ["sidecar", "--port", str(port), "--nats-url", nats_url, "--trusted-keys", self.public_key,
+                "--trusted-snapshot-keys", self.snapshot_public_key, *self.sidecar_args]  # fmt: skip
         if region:
             args += ["--region", region]
         component = self._child(f"sidecar-{region or 'global'}", args, port)
         self.sidecars[region or "global"] = component.url
+
+    def _start_seeder(self, region: str | None, nats_url: str, key: Path) -> None:
+        args = ["snapshot", "seed", "--keep-running", "--nats-url", nats_url, "--trusted-keys", self.public_key]
+        if region:
+            args += ["--region", region]
+        self._child(f"seeder-{region or 'global'}", args, 0, {"KEYRELAY_SNAPSHOT_SIGNING_KEY": str(key)})
+
+    @property
+    def snapshot_public_key(self) -> str:
+        """The public key of the snapshot key the stack's seeders sign with."""
+        return load_signer(self.data_dir / "snapshot-key", DEFAULT_DEPLOYMENT).public_key
 
     def restart(self, name: str) -> float:
         """Stop one component (e.g. `sidecar-eu`) and start it again; returns seconds until it was ready."""
@@ -229,6 +264,8 @@ class Stack:
         return {
             "publisher_url": self.publisher_url,
             "admin_token": self.token,
+            "trusted_keys": [self.public_key],
+            "trusted_snapshot_keys": [self.snapshot_public_key],
             "sidecars": self.sidecars,
             "nats": {n.spec.name: n.url for n in self.nats},
             "logs": str(self.data_dir / "logs"),

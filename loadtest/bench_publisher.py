@@ -50,6 +50,7 @@ import aiohttp
 
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
+from sidecar.trust import write_signing_key
 
 __all__ = ["main"]
 
@@ -328,10 +329,13 @@ def start_stack(stack: contextlib.ExitStack, work: Path, database_url: str, log_
     stack.callback(nats_server.stop)
     nats_server.start()
     token = "krt_bench_" + secrets.token_urlsafe(24)
+    signing_key = work / "signing-key"
+    write_signing_key(signing_key)
     publisher_port = free_port()
     process, log = _start_component(stack, "publisher", [
         "publisher", "--port", str(publisher_port), "--nats-url", nats_server.url, "--database-url", database_url,
         "--admin-token", token, "--data-dir", str(work / "publisher"), "--log-level", log_level,
+        "--signing-key", str(signing_key),
     ], publisher_port, logs)  # fmt: skip
     _wait_bucket(process, publisher_port, log)
     sidecar_port = free_port()

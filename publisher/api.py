@@ -13,10 +13,12 @@ from aiohttp import web
 from . import validation as v
 from .broker import Broker
 from .errors import Forbidden, Invalid, PublisherError, Unauthorized
+from .heartbeat import Heartbeat
 from .models import Actor, ApiKey
 from .outbox import OutboxRelay
 from .reconcile import reconcile
 from .settings import PublisherSettings
+from .signing import SigningKeys
 from .store import Created, KeyStore
 from .tokens import ROLES, TokenStore
 
@@ -29,13 +31,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 @dataclass(slots=True)
 class Services:
-    """What the handlers use: settings, store, tokens, broker and relay."""
+    """What the handlers use: settings, store, tokens, broker, relay, signing keys and heartbeat."""
 
     settings: PublisherSettings
     store: KeyStore
     tokens: TokenStore
     broker: Broker
     relay: OutboxRelay
+    keys: SigningKeys
+    heartbeat: Heartbeat
 
 
 SERVICES = web.AppKey("keyrelay_publisher_services", Services)
@@ -287,10 +291,16 @@ async def reconcile_now(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     if not services.broker.bucket_ready.is_set():
         raise PublisherError("NATS is not reachable; reconciliation needs the bucket")
-    report = await reconcile(store=services.store, broker=services.broker)
+    report = await reconcile(store=services.store, broker=services.broker, keys=services.keys,
+                             horizon=services.settings.replay_horizon)  # fmt: skip
     answer = report.to_json()
     answer["propagation"] = await _propagation(services, report.outbox_ids)
     return web.json_response(answer)
+
+
+async def signing_keys(request: web.Request) -> web.Response:
+    """GET /v1/signing-keys: the public keys bucket values are signed with, the current one first."""
+    return web.json_response({"keys": request.app[SERVICES].keys.listing()})
 
 
 def add_routes(app: web.Application) -> None:
@@ -313,3 +323,4 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/audit", audit)
     r.add_post("/v1/tokens", create_token)
     r.add_post("/v1/reconcile", reconcile_now)
+    r.add_get("/v1/signing-keys", signing_keys)

@@ -15,9 +15,11 @@ from sidecar.app import run_forever, serve_app
 from .api import SERVICES, Services, add_routes, auth_middleware, error_middleware
 from .broker import Broker
 from .db import open_database, redact
+from .heartbeat import Heartbeat
+from .maintenance import Maintenance
 from .outbox import OutboxRelay
-from .reconcile import reconcile
 from .settings import PublisherSettings
+from .signing import load_signing_keys
 from .store import KeyStore
 from .tokens import TokenStore, generate_token
 
@@ -30,21 +32,28 @@ BOOTSTRAP_TOKEN_NAME = "bootstrap"
 
 @contextlib.asynccontextmanager
 async def open_services(settings: PublisherSettings, *, bootstrap: bool = True) -> AsyncIterator[Services]:
-    """Database (migrated), bootstrap token, NATS connection and outbox relay, closed in reverse."""
+    """Signing key, database (migrated), bootstrap token, NATS connection, outbox relay and heartbeat.
+
+    Closed in reverse. Without a usable signing key nothing starts: SigningKeyError says how to make one.
+    """
+    keys = load_signing_keys(settings)
     db = await open_database(settings.resolved_database_url())
     broker = Broker(servers=settings.nats_url, bucket=settings.bucket, replicas=settings.bucket_replicas)
-    outbox = OutboxRelay(db=db, broker=broker)
+    outbox = OutboxRelay(db=db, broker=broker, signer=keys.signer)
+    heartbeat = Heartbeat(broker=broker, relay=outbox, signer=keys.signer, interval=settings.heartbeat_interval)
     try:
         tokens = TokenStore(db)
         if bootstrap:
             await _bootstrap_token(tokens, settings)
         await broker.start()
         await outbox.start()
+        await heartbeat.start()
         yield Services(
             settings=settings, store=KeyStore(db, key_prefix=settings.key_prefix), tokens=tokens, broker=broker,
-            relay=outbox,
+            relay=outbox, keys=keys, heartbeat=heartbeat,
         )  # fmt: skip
     finally:
+        await heartbeat.close()
         await outbox.close()
         await broker.close()
         await db.close()
@@ -60,30 +69,15 @@ async def _bootstrap_token(tokens: TokenStore, settings: PublisherSettings) -> N
         print(f"keyrelay publisher: generated admin token (shown once, stored hashed): {token}", file=sys.stderr)
 
 
-async def _reconcile_at_start(services: Services) -> None:
-    try:
-        await services.broker.bucket_ready.wait()
-        if not await services.relay.drain(timeout=60.0):
-            log.warning("start-up reconciliation skipped: the outbox did not drain within 60s")
-            return
-        report = await reconcile(store=services.store, broker=services.broker)
-        if report.outbox_ids:
-            services.relay.wake()
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        log.warning("start-up reconciliation failed: %s (run `keyrelay publisher reconcile` later)", exc)
-
-
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with open_services(settings) as services:
         app[SERVICES] = services
-        task = asyncio.create_task(_reconcile_at_start(services)) if settings.reconcile_on_start else None
+        maintenance = Maintenance(services)
+        app[MAINTENANCE] = maintenance
+        maintenance.start(reconcile_on_start=settings.reconcile_on_start)
         yield
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task], timeout=2.0)
+        await maintenance.close()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -111,6 +105,8 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus scrape: outbox depth and relay counters."""
     services = request.app[SERVICES]
     stats = services.relay.stats
+    beats = services.heartbeat.stats
+    maintenance = request.app[MAINTENANCE]
     samples = [
         ("keyrelay_outbox_depth", "gauge", "Committed changes not yet published", await services.relay.depth()),
         ("keyrelay_outbox_published_total", "counter", "Outbox entries published and acked", stats.published),
@@ -119,6 +115,17 @@ async def metrics(request: web.Request) -> web.Response:
         ("keyrelay_outbox_batch_seconds", "gauge", "Duration of the last publish batch", stats.last_publish_seconds),
         ("keyrelay_relay_leader", "gauge", "1 when this publisher holds the relay lease", int(services.relay.leader)),
         ("keyrelay_nats_connected", "gauge", "1 while connected to NATS", int(services.broker.connected)),
+        ("keyrelay_outbox_skipped_total", "counter", "Deletes dropped unpublished: their entry names no key",
+         stats.skipped),
+        ("keyrelay_last_acked_sequence", "gauge", "Highest stream sequence JetStream acknowledged to this publisher",
+         stats.last_acked_seq),
+        ("keyrelay_heartbeats_total", "counter", "Signed heartbeats published and acked", beats.published),
+        ("keyrelay_heartbeat_failures_total", "counter", "Heartbeats NATS did not take", beats.failures),
+        ("keyrelay_last_heartbeat_timestamp_seconds", "gauge", "When the last heartbeat was acked (epoch seconds)",
+         beats.last_published),
+        ("keyrelay_reconcile_passes_total", "counter", "Periodic and start-up reconciliations completed",
+         maintenance.reconciles),
+        ("keyrelay_resign_passes_total", "counter", "Periodic re-signing passes completed", maintenance.resigns),
     ]  # fmt: skip
     lines: list[str] = []
     for name, kind, help_text, value in samples:
@@ -127,6 +134,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 SETTINGS = web.AppKey("keyrelay_publisher_settings", PublisherSettings)
+MAINTENANCE = web.AppKey("keyrelay_publisher_maintenance", Maintenance)
 
 
 def create_app(settings: PublisherSettings) -> web.Application:
@@ -152,5 +160,6 @@ async def serve(settings: PublisherSettings, *, stop: asyncio.Event | None = Non
 
 
 def run(settings: PublisherSettings) -> None:
-    """Run the publisher until signalled."""
+    """Run the publisher until signalled; SigningKeyError at once when it has no usable signing key."""
+    load_signing_keys(settings)
     run_forever(serve(settings), log_level=settings.log_level)

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-__all__ = ["Conflict", "Forbidden", "Invalid", "NotFound", "PublisherError", "StoreError", "Unauthorized"]
+__all__ = [
+    "Conflict",
+    "Forbidden",
+    "Invalid",
+    "NotFound",
+    "PublisherError",
+    "SigningKeyError",
+    "StoreError",
+    "Unauthorized",
+]
 
 
 class PublisherError(Exception):
@@ -66,3 +75,17 @@ class StoreError(PublisherError):
 
     status = 503
     code = "store_unavailable"
+
+
+class SigningKeyError(PublisherError):
+    """The publisher has no usable signing key; says which file and how to make one (never the key)."""
+
+    code = "signing_key"
+
+    def __init__(self, *, path: str | None, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(
+            f"{reason}: the publisher signs every bucket value; make a key with "
+            "`keyrelay signing-key generate --out FILE` (once, shared by every replica) and pass its path "
+            "with --signing-key or KEYRELAY_SIGNING_KEY"
+        )

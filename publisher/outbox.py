@@ -22,7 +22,8 @@ from typing import Any
 from nats.errors import NoRespondersError
 from nats.js.errors import NoStreamResponseError
 
-from sidecar.wire import subject_prefix
+from sidecar.trust import KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer
+from sidecar.wire import MAX_VERSION, encode_tombstone, is_uuid, subject_prefix
 
 from .broker import Broker
 from .db import Database
@@ -47,6 +48,15 @@ class RelayStats:
     publish_failures: int = 0
     batches: int = 0
     last_publish_seconds: float = 0.0
+    skipped: int = 0  # deletes of entries not named <scope>.<key id>: nothing a sidecar could verify
+    last_acked_seq: int = 0  # the highest stream sequence JetStream acknowledged to this publisher
+
+    def acked(self, results: Iterable[object]) -> None:
+        """Note the sequences of the publish acks among `results`."""
+        for result in results:
+            seq = getattr(result, "seq", None)
+            if isinstance(seq, int) and seq > self.last_acked_seq:
+                self.last_acked_seq = seq
 
 
 class _Waiter:
@@ -68,10 +78,11 @@ class _Waiter:
 class OutboxRelay:
     """Drains the outbox into JetStream; wake() it after a commit for an immediate publish."""
 
-    def __init__(self, *, db: Database, broker: Broker, batch: int = 1000, lease_ttl: float = 5.0,
+    def __init__(self, *, db: Database, broker: Broker, signer: Signer, batch: int = 1000, lease_ttl: float = 5.0,
                  poll_interval: float = 0.25, publish_timeout: float = 5.0) -> None:  # fmt: skip
         self.db = db
         self.broker = broker
+        self.signer = signer
         self.batch = batch
         self.lease_ttl = lease_ttl
         self.poll_interval = poll_interval
@@ -79,6 +90,7 @@ class OutboxRelay:
         self.holder = f"{socket.gethostname()[:40]}:{os.getpid()}:{os.urandom(3).hex()}"
         self.stats = RelayStats()
         self.leader = False
+        self.lease_checked = asyncio.Event()  # set once this relay has asked for the lease: `leader` means something
         self._wake = asyncio.Event()
         self._waiters: set[_Waiter] = set()
         self._lease_renewed = 0.0
@@ -195,6 +207,7 @@ class OutboxRelay:
                 _LEASE, self.holder, stamp + int(self.lease_ttl * 1_000_000), stamp,
             )  # fmt: skip
         was_leader, self.leader = self.leader, row is not None
+        self.lease_checked.set()
         if self.leader:
             self._lease_renewed = now
             if not was_leader:
@@ -225,12 +238,17 @@ class OutboxRelay:
                 (rest if entry.key_id in in_wave else wave).append(entry)
                 in_wave.add(entry.key_id)
             futures = []
+            sent: list[OutboxEntry] = []
             for entry in wave:
-                headers = {"Nats-Msg-Id": str(entry.id)}
-                if entry.operation == "delete":
-                    headers["KV-Operation"] = "DEL"
-                futures.append(await js.publish_async(prefix + entry.entry, entry.payload or b"", headers=headers))
+                message = self._signed(entry)
+                if message is None:
+                    done.append(entry)
+                    continue
+                futures.append(await js.publish_async(prefix + entry.entry, message[0], headers=message[1]))
+                sent.append(entry)
+            wave = sent
             results = await _gather_with_timeout(futures, self.publish_timeout)
+            self.stats.acked(results)
             failed = {e.key_id for e, r in zip(wave, results, strict=True) if isinstance(r, BaseException)}
             done += [e for e, r in zip(wave, results, strict=True) if not isinstance(r, BaseException)]
             if failed:
@@ -243,6 +261,24 @@ class OutboxRelay:
         self.stats.batches += 1
         self.stats.last_publish_seconds = time.perf_counter() - started
         return done
+
+    def _signed(self, entry: OutboxEntry) -> tuple[bytes, dict[str, str]] | None:
+        """The payload and headers to publish for `entry`, signed now; None for a delete nobody could verify."""
+        headers = {"Nats-Msg-Id": str(entry.id)}
+        if entry.operation != "delete":
+            body = entry.payload or b""
+            headers[SIGNATURE_HEADER] = self.signer.sign(KIND_RECORD, entry.entry, body)
+            return body, headers
+        key_id = entry.entry.rsplit(".", 1)[-1]
+        if not is_uuid(key_id):
+            self.stats.skipped += 1
+            log.warning("outbox entry %d deletes %r, which names no key: dropped unpublished", entry.id, entry.entry)
+            return None
+        # A key the database does not know is never served again: its tombstone ends it at the top version.
+        body = encode_tombstone(key_id, MAX_VERSION)
+        headers["KV-Operation"] = "DEL"
+        headers[SIGNATURE_HEADER] = self.signer.sign(KIND_TOMBSTONE, entry.entry, body)
+        return body, headers
 
     async def _repair_bucket(self, error: BaseException) -> None:
         # No responders means the bucket's stream is gone: recreate it; reconciliation refills it.

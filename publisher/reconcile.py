@@ -1,31 +1,37 @@
-"""Anti-entropy: compare the bucket with the database and republish what differs.
+"""Anti-entropy: compare the bucket with the database, and repair what differs or is not genuine.
 
-Both sides are summarised per shard (entry count plus the wrapping sum of an
-xxhash of each entry's name and record), so two equal sides cost one scan each
-and little memory. Only differing shards are compared entry by entry; what the
-database has differently is republished through the outbox, and bucket entries
-for keys the database does not know are deleted.
+Both sides are summarised per shard (entry count plus the sum, modulo 2^256,
+of a keyed BLAKE2b of each entry's name and value, keyed afresh on every pass
+so nobody outside can make two sets of entries sum alike), so two equal sides
+cost one scan each and little memory. A bucket value counts only when its
+signature verifies with the publisher's current key within the replay horizon:
+an unsigned or badly signed value makes its shard differ whatever it says.
+Only differing shards are compared entry by entry. What the database has
+differently is republished through the outbox (above the bucket's version
+only when that version is a verified one: a forged claim of 2^63 moves
+nothing), and bucket entries for keys the database does not know get a
+signed tombstone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import xxhash
-from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
-from nats.js.errors import NotFoundError
-
 from sidecar.errors import RecordError
-from sidecar.wire import KeyRecord, stream_name, subject_prefix
+from sidecar.wire import KeyRecord, is_uuid
 
 from .broker import Broker
 from .models import Actor
+from .scan import BucketValue, scan_bucket
+from .signing import SigningKeys
 from .store import NIL_UUID, KeyStore
 
 __all__ = ["RECONCILE", "ReconcileReport", "reconcile"]
@@ -35,43 +41,67 @@ RECONCILE = Actor(token_id=NIL_UUID, name="reconcile", role="admin")
 
 log = logging.getLogger("keyrelay.publisher.reconcile")
 
-_MASK = (1 << 64) - 1
+_MASK = (1 << 256) - 1
+_GENUINE, _UNVERIFIED = b"\0", b"\1"  # what separates name and value in a fingerprint: never alike
 Progress = Callable[[str], None]
 
 
-def _shard(entry: str, shards: int) -> int:
-    return xxhash.xxh3_64_intdigest(entry.encode()) % shards
+@dataclass(frozen=True, slots=True)
+class _Digest:
+    """The keyed hashes of one reconciliation pass."""
 
+    shards: int
+    key: bytes = field(default_factory=lambda: os.urandom(32))
 
-def _fingerprint(entry: str, payload: bytes) -> int:
-    return xxhash.xxh3_64_intdigest(entry.encode() + b"\0" + payload)
+    def shard(self, entry: str) -> int:
+        return int.from_bytes(hashlib.blake2b(entry.encode(), key=self.key, digest_size=8).digest()) % self.shards
+
+    def fingerprint(self, entry: str, payload: bytes, *, genuine: bool = True) -> int:
+        data = entry.encode() + (_GENUINE if genuine else _UNVERIFIED) + payload
+        return int.from_bytes(hashlib.blake2b(data, key=self.key, digest_size=32).digest())
 
 
 @dataclass(slots=True)
 class _Side:
     """One side's per-shard summary, and (for the shards asked for) each entry's fingerprint."""
 
-    shards: int
+    digest: _Digest
     keep: frozenset[int] = frozenset()
     counts: list[int] = field(default_factory=list)
     sums: list[int] = field(default_factory=list)
     entries: dict[str, int] = field(default_factory=dict)
-    versions: dict[str, int] = field(default_factory=dict)
+    versions: dict[str, int] = field(default_factory=dict)  # bucket side: the verified version of kept entries
+    unsigned: int = 0
+    bad_signature: int = 0
 
     def __post_init__(self) -> None:
-        self.counts = [0] * self.shards
-        self.sums = [0] * self.shards
+        self.counts = [0] * self.digest.shards
+        self.sums = [0] * self.digest.shards
 
-    def add(self, entry: str, payload: bytes) -> bool:
+    def add(self, entry: str, payload: bytes, *, genuine: bool = True) -> bool:
         """Count an entry; True when its shard is one to keep entry by entry."""
-        shard = _shard(entry, self.shards)
-        fingerprint = _fingerprint(entry, payload)
+        shard = self.digest.shard(entry)
+        fingerprint = self.digest.fingerprint(entry, payload, genuine=genuine)
         self.counts[shard] += 1
         self.sums[shard] = (self.sums[shard] + fingerprint) & _MASK
         if shard in self.keep:
             self.entries[entry] = fingerprint
             return True
         return False
+
+    async def add_values(self, values: list[BucketValue]) -> None:
+        """Count a batch of bucket values (deletes are absent entries)."""
+        for value in values:
+            if value.deleted:
+                continue
+            genuine = value.check.verified is not None
+            if not genuine:
+                if value.check.reason == "unsigned":
+                    self.unsigned += 1
+                else:
+                    self.bad_signature += 1
+            if self.add(value.entry, value.payload, genuine=genuine):
+                self.versions[value.entry] = _version(value.payload) if genuine else 0
 
 
 @dataclass(slots=True)
@@ -80,10 +110,13 @@ class ReconcileReport:
 
     keys_in_database: int = 0
     entries_in_bucket: int = 0
+    unsigned: int = 0
+    bad_signature: int = 0
     shards: int = 0
     differing_shards: int = 0
     republished: int = 0
     deleted: int = 0
+    skipped: int = 0
     seconds: float = 0.0
     outbox_ids: tuple[int, ...] = ()
 
@@ -95,51 +128,26 @@ class ReconcileReport:
         return data
 
 
-async def _database_side(store: KeyStore, shards: int, keep: frozenset[int]) -> tuple[_Side, dict[str, str]]:
-    side = _Side(shards, keep)
+async def _database_side(store: KeyStore, digest: _Digest, keep: frozenset[int]) -> tuple[_Side, dict[str, str]]:
+    side = _Side(digest, keep)
     ids: dict[str, str] = {}
     after = NIL_UUID
-    while page := await store.scan_keys(after=after, limit=2000):
+    while page := await store.scan_keys(after=after, limit=500):
         for key in page:
             record = key.record()
-            side.add(record.entry, record.encode())
-            if keep:
+            if side.add(record.entry, record.encode()):
                 ids[record.entry] = key.id
         after = page[-1].id
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # SQLite answers without yielding: let the API and the relay in between pages
     return side, ids
 
 
-async def _bucket_side(broker: Broker, shards: int, keep: frozenset[int], timeout: float) -> _Side:
-    side = _Side(shards, keep)
-    js = broker.js
-    stream = stream_name(broker.bucket)
-    try:
-        info = await js.stream_info(stream)
-    except NotFoundError:
-        await broker.ensure_bucket()  # the bucket was lost: recreate it, and everything differs
-        return side
-    if not info.state.messages:
-        return side
-    prefix = subject_prefix(broker.bucket)
-    done = asyncio.Event()
-
-    async def on_message(msg: Msg) -> None:
-        operation = msg.headers.get("KV-Operation") if msg.headers else None
-        entry = msg.subject.removeprefix(prefix)
-        if operation not in ("DEL", "PURGE") and side.add(entry, msg.data):
-            side.versions[entry] = _version(msg.data)
-        if msg.metadata.num_pending == 0:
-            done.set()
-
-    sub = await js.subscribe(
-        prefix + ">", stream=stream, cb=on_message, ordered_consumer=True,
-        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, pending_msgs_limit=0, pending_bytes_limit=0,
-    )  # fmt: skip
-    try:
-        await asyncio.wait_for(done.wait(), timeout)
-    finally:
-        await sub.unsubscribe()
+async def _bucket_side(
+    broker: Broker, keys: SigningKeys, digest: _Digest, keep: frozenset[int], horizon: float, timeout: float
+) -> _Side:
+    side = _Side(digest, keep)
+    want = (lambda entry: digest.shard(entry) in keep) if keep else None
+    await scan_bucket(broker, keys, side.add_values, want=want, horizon=horizon, timeout=timeout)
     return side
 
 
@@ -151,41 +159,57 @@ def _version(payload: bytes) -> int:
 
 
 def _differing(a: _Side, b: _Side) -> frozenset[int]:
-    return frozenset(i for i in range(a.shards) if a.counts[i] != b.counts[i] or a.sums[i] != b.sums[i])
+    return frozenset(i for i in range(a.digest.shards) if a.counts[i] != b.counts[i] or a.sums[i] != b.sums[i])
 
 
 async def reconcile(
-    *, store: KeyStore, broker: Broker, shards: int = 64, timeout: float = 600.0, progress: Progress | None = None
+    *,
+    store: KeyStore,
+    broker: Broker,
+    keys: SigningKeys,
+    horizon: float = math.inf,
+    shards: int = 64,
+    timeout: float = 600.0,
+    progress: Progress | None = None,
 ) -> ReconcileReport:
-    """Make the bucket equal to the database; the fixes go through the outbox (wake the relay after)."""
+    """Make the bucket equal to the database, every value signed; the fixes go through the outbox (wake the relay)."""
     say = progress or (lambda text: log.info("%s", text))
     started = time.perf_counter()
+    digest = _Digest(shards)
     say("reconcile: summarising the database")
-    db_side, _ = await _database_side(store, shards, frozenset())
-    say(f"reconcile: {sum(db_side.counts)} keys in the database; summarising the bucket")
-    bucket_side = await _bucket_side(broker, shards, frozenset(), timeout)
+    db_side, _ = await _database_side(store, digest, frozenset())
+    say(f"reconcile: {sum(db_side.counts)} keys in the database; summarising and verifying the bucket")
+    bucket_side = await _bucket_side(broker, keys, digest, frozenset(), horizon, timeout)
     report = ReconcileReport(
-        keys_in_database=sum(db_side.counts), entries_in_bucket=sum(bucket_side.counts), shards=shards
-    )
+        keys_in_database=sum(db_side.counts), entries_in_bucket=sum(bucket_side.counts), shards=shards,
+        unsigned=bucket_side.unsigned, bad_signature=bucket_side.bad_signature,
+    )  # fmt: skip
     differing = _differing(db_side, bucket_side)
     report.differing_shards = len(differing)
     if differing:
         say(f"reconcile: {len(differing)} of {shards} shards differ; comparing their entries")
-        db_detail, key_ids = await _database_side(store, shards, differing)
-        bucket_detail = await _bucket_side(broker, shards, differing, timeout)
+        db_detail, key_ids = await _database_side(store, digest, differing)
+        bucket_detail = await _bucket_side(broker, keys, digest, differing, horizon, timeout)
         stale = {
             key_ids[e]: bucket_detail.versions.get(e, 0)
             for e, f in db_detail.entries.items()
             if bucket_detail.entries.get(e) != f
         }
         orphans = [(e, e.rsplit(".", 1)[-1]) for e in bucket_detail.entries if e not in db_detail.entries]
-        summary = {"differing_shards": len(differing), "shards": shards}
-        republished, deleted = await store.repair(RECONCILE, stale, orphans, summary)
+        named = [(e, key_id) for e, key_id in orphans if is_uuid(key_id)]
+        if len(named) < len(orphans):
+            # Nothing is published that a sidecar could not verify, and a tombstone names a key id.
+            report.skipped = len(orphans) - len(named)
+            log.warning("reconcile: %d bucket entries are not named <scope>.<key id>; left alone", report.skipped)
+        summary = {"differing_shards": len(differing), "shards": shards, "unsigned": report.unsigned,
+                   "bad_signature": report.bad_signature}  # fmt: skip
+        republished, deleted = await store.repair(RECONCILE, stale, named, summary)
         report.republished, report.deleted = len(republished), len(deleted)
         report.outbox_ids = republished + deleted
     report.seconds = time.perf_counter() - started
     say(
-        f"reconcile: done in {report.seconds:.2f}s: {report.republished} republished, "
-        f"{report.deleted} deleted, {report.differing_shards} shards differed"
+        f"reconcile: done in {report.seconds:.2f}s: {report.republished} republished, {report.deleted} deleted, "
+        f"{report.differing_shards} shards differed; {report.unsigned} unsigned and {report.bad_signature} "
+        f"badly signed values"
     )
     return report

@@ -6,12 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.config import option, parse_bool
-from sidecar.settings import LOG_LEVELS, parse_port, parse_positive_duration, parse_servers
+from sidecar.settings import LOG_LEVELS, parse_optional_path, parse_port, parse_positive_duration, parse_servers
+from sidecar.trust import parse_trusted_keys
 from sidecar.wire import DEFAULT_BUCKET, DEFAULT_PREFIX
 
 from .validation import MAX_GRACE
 
-__all__ = ["PublisherSettings"]
+__all__ = ["RECONCILE_INTERVAL", "PublisherSettings"]
+
+# A reconcile pass verifies every signature in the bucket: about 70 s of one CPU at a million keys
+# (docs/signing.md), so every 15 minutes costs the leader under a tenth of a CPU.
+RECONCILE_INTERVAL = 900.0
 
 
 def _grace(text: str) -> float:
@@ -19,6 +24,13 @@ def _grace(text: str) -> float:
     if seconds > MAX_GRACE:
         raise ValueError("at most 7d")
     return seconds
+
+
+def _deployment(text: str) -> str:
+    name = text.strip()
+    if not name or len(name) > 64 or not name.isascii() or not name.isprintable():
+        raise ValueError("1 to 64 printable ASCII characters")
+    return name
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +65,38 @@ class PublisherSettings:
     )
     reconcile_on_start: bool = option(
         True, parse=parse_bool, help="compare the bucket with the database at start-up and repair it"
+    )
+    signing_key: Path | None = option(
+        None,
+        parse=parse_optional_path,
+        help="file with the Ed25519 key every bucket value is signed with, shared by every replica (required; "
+        "make one with `keyrelay signing-key generate --out FILE`)",
+    )
+    previous_signing_keys: tuple[str, ...] = option(
+        (),
+        parse=parse_trusted_keys,
+        help="public keys of earlier signing keys, comma separated: listed by /v1/signing-keys during a rotation",
+    )
+    deployment_id: str = option(
+        "default", parse=_deployment, help="deployment every signature is bound to; the sidecars' must be the same"
+    )
+    replay_horizon: float = option(
+        7 * 86400.0,
+        parse=parse_positive_duration,
+        duration=True,
+        help="sidecars refuse values signed longer ago: older ones are re-signed once half of it has passed",
+    )
+    heartbeat_interval: float = option(
+        2.0,
+        parse=parse_positive_duration,
+        duration=True,
+        help="how often the relay leader publishes its signed heartbeat (the sidecars' measure of staleness)",
+    )
+    reconcile_interval: float = option(
+        RECONCILE_INTERVAL,
+        parse=parse_positive_duration,
+        duration=True,
+        help="how often the relay leader compares the bucket with the database and repairs it",
     )
     log_level: str = option("info", choices=LOG_LEVELS, help="logging level")
 

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sidecar.wire import DEFAULT_PREFIX, display_form, generate_key, is_uuid, key_digest
+from sidecar.wire import DEFAULT_PREFIX, MAX_VERSION, display_form, generate_key, is_uuid, key_digest
 
 from .db import Database, Tx
 from .errors import Conflict, NotFound
@@ -331,10 +331,16 @@ class KeyStore:
         bucket_versions: Mapping[str, int],
         orphans: Sequence[tuple[str, str]],
         summary: Mapping[str, Any],
+        *,
+        action: str = "bucket.repair",
     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Queue a reconciliation's fixes and one audit entry for them in one transaction; returns the outbox ids."""
-        # bucket_versions: key id → version of the wrong record in the bucket (republished above it);
-        # orphans: (entry, key_id) of bucket entries whose key the database does not know (deleted).
+        """Queue a reconciliation's (or re-signing's) fixes and one audit entry for them in one transaction.
+
+        Returns the outbox ids of the republished records and of the tombstones.
+        """
+        # bucket_versions: key id → verified version of the wrong record in the bucket (republished above
+        # it; 0 when it did not verify); orphans: (entry, key_id) of bucket entries whose key the database
+        # does not know (tombstoned).
         now = now_us()
         async with self.db.transaction() as tx:
             republished, key_ids = await self._republish(tx, bucket_versions, now)
@@ -343,11 +349,13 @@ class KeyStore:
                 details = {**summary, "republished": len(republished), "deleted": len(deleted),
                            "republished_key_ids": key_ids[:_AUDIT_IDS],
                            "deleted_entries": entries[:_AUDIT_IDS]}  # fmt: skip
-                await record_audit(tx, actor, "bucket.repair", now, [(None, None, None, None, details)])
+                await record_audit(tx, actor, action, now, [(None, None, None, None, details)])
         return republished, deleted
 
     async def _republish(self, tx: Tx, bucket_versions: Mapping[str, int], now: int) -> _Queued:
-        # A record edited by hand may claim any version, and sidecars only take newer ones: go above it.
+        # A genuine record newer than the database (a database restored from a backup) is held by sidecars,
+        # and they only take newer ones: go above it. Unverified claims never count (reconcile passes 0), and
+        # a version at the very top cannot be exceeded: the database's own goes out, sidecars sort it out.
         key_ids = list(bucket_versions)
         outbox: list[int] = []
         found: list[str] = []
@@ -358,7 +366,7 @@ class KeyStore:
             )
             keys = []
             for key in map(ApiKey.from_row, rows):
-                if bucket_versions[key.id] >= key.version:
+                if key.version <= bucket_versions[key.id] < MAX_VERSION:
                     version = bucket_versions[key.id] + 1
                     await tx.execute("UPDATE api_keys SET version = $1 WHERE id = $2", version, key.id)
                     key = dataclasses.replace(key, version=version)
@@ -433,22 +441,20 @@ async def _insert_keys(tx: Tx, keys: Sequence[ApiKey]) -> None:
 
 
 async def _unpublish(tx: Tx, entries: Sequence[tuple[str, str]], now: int) -> _Queued:
-    """Queue deletes for bucket entries `(entry, key_id)` whose key is not in the database."""
+    """Queue tombstones for bucket entries `(entry, key_id)` whose key is not in the database."""
     outbox: list[int] = []
     queued: list[str] = []
-    for chunk in _chunks(entries):
-        ids = [key_id for _, key_id in chunk if is_uuid(key_id)]
-        present: set[str] = set()
-        if ids:
-            rows = await tx.fetch(f"SELECT id FROM api_keys WHERE id IN ({placeholders(len(ids))})", *ids)
-            present = {r["id"] for r in rows}
+    for chunk in _chunks([(entry, key_id) for entry, key_id in entries if is_uuid(key_id)]):
+        ids = [key_id for _, key_id in chunk]
+        rows = await tx.fetch(f"SELECT id FROM api_keys WHERE id IN ({placeholders(len(ids))})", *ids)
+        present = {r["id"] for r in rows}
         for entry, key_id in chunk:
             if key_id in present:  # a key created since the scan is not an orphan
                 continue
             outbox_id = await tx.fetchval(
                 "INSERT INTO outbox (key_id, entry, operation, payload, created_at) "
                 "VALUES ($1, $2, 'delete', NULL, $3) RETURNING id",
-                key_id if is_uuid(key_id) else NIL_UUID, entry, now,
+                key_id, entry, now,
             )  # fmt: skip
             outbox.append(outbox_id)
             queued.append(entry)

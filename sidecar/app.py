@@ -58,7 +58,6 @@ def create_app(settings: SidecarSettings) -> web.Application:
         heartbeat=settings.heartbeat,
         name=f"keyrelay-sidecar-{settings.region or 'global'}",
         snapshot_store=snapshot_store_name(settings.bucket, settings.snapshot_bucket) if settings.snapshots else None,
-        snapshot_refresh=False,  # sidecars hold no snapshot key: the region's seeder writes snapshots
         trust=trust,
     )
     app[STATE] = SidecarState(

@@ -80,7 +80,7 @@ async def seed_snapshot(
     trust = dataclasses.replace(trust, snapshots=TrustedKeys({**trust.snapshots.keys, **own.keys}))
     sync = KeySync(table=KeyTable(), servers=servers, bucket=bucket, region=region,
                    name=f"keyrelay-seed-{region or 'global'}", snapshot_store=store, snapshot_interval=interval,
-                   snapshot_refresh=keep_fresh is not None, snapshot_signer=signer, trust=trust)  # fmt: skip
+                   snapshot_signer=signer, trust=trust)  # fmt: skip
     await sync.start()
     try:
         await _wait_synced(sync, timeout=timeout, connect_timeout=min(timeout, connect_timeout), progress=progress,
@@ -88,6 +88,7 @@ async def seed_snapshot(
         synced = time.monotonic() - started
         written = await sync.write_snapshot(force=force)
         if keep_fresh is not None:
+            sync.keep_snapshots_fresh()
             await keep_fresh.wait()
     finally:
         await sync.close()

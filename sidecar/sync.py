@@ -37,6 +37,7 @@ from .table import KeyTable
 from .trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer, Trust, Verified
 from .wire import (
     HEARTBEAT_ENTRY,
+    RecordFields,
     decode_fields,
     decode_heartbeat,
     decode_tombstone,
@@ -139,11 +140,9 @@ class KeySync:
     mirror: bool = False
     upstream_contact: float | None = None
     mirror_lag: int = 0
-    # Snapshots: the object store holding them (None: off), how often a region's is refreshed.
+    # Snapshots: the object store holding them (None: off), how often a seeder writes a new one.
     snapshot_store: str | None = None
     snapshot_interval: float = 600.0
-    # False: load the region's snapshot but leave writing it to the owner (`keyrelay snapshot seed`).
-    snapshot_refresh: bool = True
     loaded_snapshot: Snapshot | None = None
     written_snapshot: Snapshot | None = None
     snapshots_written: int = 0
@@ -239,8 +238,6 @@ class KeySync:
         self.connected = True
         if self.snapshot_store:
             await self._load_snapshot(self._nc)
-            if self.snapshot_refresh and self.snapshot_signer is not None:
-                self._tasks.append(asyncio.create_task(self._refresh_snapshots(), name="keyrelay-snapshots"))
         backoff = 0.1
         while not self._closing:
             self._reset.clear()
@@ -329,28 +326,35 @@ class KeySync:
         behind = self.last_revision - revision
         return age >= self.snapshot_interval or behind > max(_SNAPSHOT_MIN_CHANGES, len(self.table) // 10)
 
+    def keep_snapshots_fresh(self) -> None:
+        """From now on, write the region's snapshot whenever it is due (the seeder's loop; needs a signer)."""
+        if self.snapshot_signer is None:
+            raise RuntimeError("keep_snapshots_fresh needs a snapshot signer")
+        self._tasks.append(asyncio.create_task(self._refresh_snapshots(), name="keyrelay-snapshots"))
+
     async def _refresh_snapshots(self) -> None:
-        """Write the region's snapshot when it is missing or older than the interval (checked with jitter)."""
+        """Write the region's snapshot whenever it is missing, older than the interval or far behind (with jitter)."""
         await self._synced_event.wait()
         backoff = 1.0
+        delay = self.snapshot_interval * random.uniform(0.5, 1.0)  # whoever started the loop has just written one
         while not self._closing:
-            # Jitter, so a region's sidecars do not all check (and write) at once.
+            await asyncio.sleep(delay)
+            # Jitter, so that a region's seeders (one per cluster, say) do not all check at once.
             delay = self.snapshot_interval * random.uniform(0.5, 1.0)
             nc = self._nc
             fresh = self.pending == 0 and self.seconds_since_contact() <= max(5.0, _MISSED_HEARTBEATS * self.heartbeat)
             if nc is None or not nc.is_connected or not fresh:
                 # Not now is not never: a replica that is catching up or reconnecting is asked again soon.
                 delay = min(delay, 1.0)
-            else:
-                try:
-                    await self.write_snapshot()
-                    backoff = 1.0
-                except Exception as exc:
-                    log.warning("could not write a snapshot: %s: %s (retrying in %.0fs)", type(exc).__name__, exc,
-                                backoff)  # fmt: skip
-                    delay = min(delay, backoff)
-                    backoff = min(backoff * 2, 15.0)
-            await asyncio.sleep(delay)
+                continue
+            try:
+                await self.write_snapshot()
+                backoff = 1.0
+            except Exception as exc:
+                log.warning("could not write a snapshot: %s: %s (retrying in %.0fs)", type(exc).__name__, exc,
+                            backoff)  # fmt: skip
+                delay = min(delay, backoff)
+                backoff = min(backoff * 2, 15.0)
 
     async def write_snapshot(self, *, force: bool = False) -> Snapshot | None:
         """Write the region's snapshot from this replica if it is due (or `force`); None when it was not due."""
@@ -587,6 +591,10 @@ class KeySync:
         except RecordError as exc:
             self._refuse(entry, key_id, exc, deleting=deleting)
             return
+        self._take(fields)
+
+    def _take(self, fields: RecordFields) -> None:
+        """Apply a record that passed every check (a held version as new or newer wins)."""
         if self.table.apply_fields(fields):
             self.stats.applied += 1
             self._changed()
@@ -609,11 +617,7 @@ class KeySync:
             self.stats.decode_errors += 1
             self._log_refusal("skipped record at %r: %s", subject.decode(errors="replace"), exc.reason)
             return
-        if self.table.apply_fields(fields):
-            self.stats.applied += 1
-            self._changed()
-        else:
-            self.stats.stale_skipped += 1
+        self._take(fields)
 
     def _refuse(self, entry: str, key_id: str, exc: RecordError, *, deleting: bool) -> None:
         """Count and log a refused value; a refused record (not a refused delete) quarantines its key."""

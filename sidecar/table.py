@@ -345,16 +345,17 @@ class KeyTable:
         return True
 
     def quarantine(self, key_id: str) -> bool:
-        """Refuse a key whose newest record failed verification: forget it, and take no record of it at or below
-        the version it held until a newer one arrives. False if it was not held."""
+        """Refuse a key whose newest record failed verification: forget it until a valid record at least as new as
+        the one it held arrives (the same version re-signed ends it too). False if it was not held."""
         raw_id = _id_bytes(key_id)
-        canonical = raw_id.decode()
         n = self._find_id(raw_id)
-        held = self._versions[n] if n >= 0 else 0
-        floor = self._floors.get(canonical)
-        self._floors[canonical] = (max(held, floor[0] if floor else 0), float("inf"))
         if n < 0:
             return False
+        canonical = raw_id.decode()
+        below = self._versions[n] - 1  # floors refuse their own version and older
+        floor = self._floors.get(canonical)
+        if below >= 0 and (floor is None or floor[0] < below):
+            self._floors[canonical] = (below, float("inf"))
         self._remove(n, raw_id)
         return True
 

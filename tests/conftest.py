@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import uuid
@@ -19,12 +20,13 @@ from nats.js.kv import KeyValue
 
 from keyrelay.natsd import NatsServer, NatsSpec
 from publisher.api import SERVICES
+from publisher.app import MAINTENANCE
 from publisher.app import create_app as create_publisher_app
 from publisher.settings import PublisherSettings
 from sidecar.app import create_app
 from sidecar.http import STATE, SidecarState
 from sidecar.settings import SidecarSettings
-from tests.support import ADMIN_TOKEN, SNAPSHOT_SIGNER, TRUSTED, Admin, Publisher, Sidecar, heartbeat
+from tests.support import ADMIN_TOKEN, SIGNER, SNAPSHOT_SIGNER, TRUSTED, Admin, Publisher, Sidecar, heartbeat, key_file
 
 PG_ADMIN_URL = os.environ.get("KEYRELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -139,12 +141,18 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         await _drop_pg_database(name)
 
 
+@pytest.fixture
+def signing_key(tmp_path: Path) -> Path:
+    """The suite's publisher key (tests.support.SIGNER, which sidecars trust) in a 0600 file under tmp_path."""
+    return key_file(tmp_path / "signing-key", SIGNER)
+
+
 StartPublisher = Callable[..., Awaitable[Publisher]]
 
 
 @pytest.fixture
 async def start_publisher(
-    nats_server: NatsServer, database_url: str, tmp_path: Path, http: aiohttp.ClientSession
+    nats_server: NatsServer, database_url: str, tmp_path: Path, http: aiohttp.ClientSession, signing_key: Path
 ) -> AsyncIterator[StartPublisher]:
     """Start in-process publishers on free ports against the test NATS and database."""
     servers: list[TestServer] = []
@@ -156,14 +164,20 @@ async def start_publisher(
             "admin_token": ADMIN_TOKEN,
             "data_dir": tmp_path / "publisher",
             "publish_wait": 2.0,
+            "signing_key": signing_key,
             **overrides,
         })  # fmt: skip
         server = TestServer(create_publisher_app(settings), host="127.0.0.1", port=0)
         await server.start_server()
         servers.append(server)
         url = str(server.make_url("")).rstrip("/")
-        publisher = Publisher(url=url, admin=Admin(url=url, http=http), services=server.app[SERVICES])
+        publisher = Publisher(url=url, admin=Admin(url=url, http=http), services=server.app[SERVICES],
+                              maintenance=server.app[MAINTENANCE], server=server)  # fmt: skip
         await publisher.services.broker.bucket_ready.wait()
+        # The relay leader re-signs the bucket as it starts: let that pass end before the test plants anything.
+        await publisher.services.relay.lease_checked.wait()
+        if publisher.services.relay.leader:
+            await asyncio.wait_for(publisher.maintenance.resigned.wait(), 30)
         return publisher
 
     yield start

@@ -16,10 +16,14 @@ from typing import Any, TypeVar
 import aiohttp
 from aiohttp.test_utils import TestServer
 from nacl.signing import SigningKey
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from keyrelay.natsd import free_port
 from publisher.api import Services
+from publisher.maintenance import Maintenance
 from sidecar.app import serve
 from sidecar.http import SidecarState
 from sidecar.seed import SeedResult, seed_snapshot
@@ -32,6 +36,9 @@ from sidecar.trust import (
     SIGNING_KEY_PREFIX,
     Signer,
     Trust,
+    TrustedKeys,
+    Verified,
+    verify,
 )
 from sidecar.wire import (
     HEARTBEAT_ENTRY,
@@ -41,6 +48,7 @@ from sidecar.wire import (
     encode_tombstone,
     generate_key,
     key_digest,
+    subject_prefix,
 )
 
 T = TypeVar("T")
@@ -192,6 +200,11 @@ class Sidecar:
             raw = await resp.read()
             return resp.status, dict(resp.headers), json.loads(raw) if raw else None
 
+    async def code_of(self, key: str) -> str:
+        """The code /auth answers for `key`: VALID for a 200, else the denial's code."""
+        status, _, body = await self.auth(key)
+        return "VALID" if status == 200 else str((body or {}).get("code"))
+
     async def status_of(self, key: str) -> int:
         """Just the /auth status for `key`."""
         return (await self.auth(key))[0]
@@ -265,6 +278,12 @@ class Publisher:
     url: str
     admin: Admin
     services: Services
+    maintenance: Maintenance
+    server: TestServer
+
+    async def stop(self) -> None:
+        """Shut it down as SIGTERM would: the relay gives its lease up."""
+        await self.server.close()
 
 
 @dataclass
@@ -317,3 +336,58 @@ async def served_sidecar(settings: SidecarSettings, http: aiohttp.ClientSession)
     finally:
         stop.set()
         await task
+
+
+@dataclass(frozen=True)
+class BucketMessage:
+    """An entry's latest message in the KEYS bucket, headers included."""
+
+    entry: str
+    data: bytes
+    headers: dict[str, str]
+    seq: int
+
+    @property
+    def signature(self) -> str | None:
+        """Its Keyrelay-Sig header."""
+        return self.headers.get(SIGNATURE_HEADER)
+
+    def verify(self, signer: Signer, *, horizon: float = 7 * 86400) -> Verified:
+        """Verify it with `signer`'s public key alone, as a sidecar trusting only that key would."""
+        return verify(self.signature, self.data, entry=self.entry, trusted=TrustedKeys.of([signer.public_key]),
+                      deployment=signer.deployment, horizon=horizon)  # fmt: skip
+
+
+async def every_message(js: JetStreamContext) -> dict[str, BucketMessage]:
+    """The latest message of every entry of the KEYS bucket (deletes and the heartbeat too), by entry."""
+    prefix = subject_prefix("KEYS")
+    found: dict[str, BucketMessage] = {}
+    done = asyncio.Event()
+
+    async def collect(msg: Msg) -> None:
+        entry = msg.subject.removeprefix(prefix)
+        found[entry] = BucketMessage(entry=entry, data=msg.data, headers=dict(msg.headers or {}),
+                                     seq=msg.metadata.sequence.stream)  # fmt: skip
+        if msg.metadata.num_pending == 0:
+            done.set()
+
+    sub = await js.subscribe(prefix + ">", cb=collect, ordered_consumer=True,
+                             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)  # fmt: skip
+    try:
+        await asyncio.wait_for(done.wait(), 10)
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+async def last_message(js: JetStreamContext, entry: str) -> BucketMessage:
+    """The latest message of one entry of the KEYS bucket (a delete too)."""
+    msg = await js.get_last_msg("KV_KEYS", subject_prefix("KEYS") + entry)
+    assert msg.seq is not None
+    return BucketMessage(entry=entry, data=msg.data or b"", headers=dict(msg.headers or {}), seq=msg.seq)
+
+
+async def plant(js: JetStreamContext, entry: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+    """Write a value into the KEYS bucket behind the publisher's back (as anyone on NATS could); its sequence."""
+    ack = await js.publish(subject_prefix("KEYS") + entry, data, headers=headers)
+    return int(ack.seq)

@@ -28,12 +28,12 @@ pytestmark = pytest.mark.slow
 class PublisherProcess:
     """`keyrelay publisher` in its own process, restartable on the same port and database."""
 
-    def __init__(self, database_url: str, nats_url: str, log: Path) -> None:
+    def __init__(self, database_url: str, nats_url: str, log: Path, signing_key: Path) -> None:
         self.port = free_port()
         self.command = [
             sys.executable, "-m", "keyrelay", "publisher", "--port", str(self.port), "--database-url", database_url,
             "--nats-url", nats_url, "--admin-token", ADMIN_TOKEN, "--data-dir", str(log.parent),
-            "--publish-wait", "1s",
+            "--publish-wait", "1s", "--signing-key", str(signing_key),
         ]  # fmt: skip
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
@@ -58,8 +58,10 @@ class PublisherProcess:
 
 
 @pytest.fixture
-def publisher_process(database_url: str, nats_server: NatsServer, tmp_path: Path) -> Iterator[PublisherProcess]:
-    process = PublisherProcess(database_url, nats_server.url, tmp_path / "publisher.log")
+def publisher_process(
+    database_url: str, nats_server: NatsServer, tmp_path: Path, signing_key: Path
+) -> Iterator[PublisherProcess]:
+    process = PublisherProcess(database_url, nats_server.url, tmp_path / "publisher.log", signing_key)
     process.start()
     try:
         yield process
@@ -132,7 +134,7 @@ async def _outbox_depth(database_url: str) -> int:
 
 async def test_the_reconcile_command_repairs_a_lost_bucket(
     publisher_process: PublisherProcess, database_url: str, nats_server: NatsServer, js: JetStreamContext,
-    http: aiohttp.ClientSession,
+    http: aiohttp.ClientSession, signing_key: Path,
 ) -> None:  # fmt: skip
     admin = Admin(url=publisher_process.url, http=http)
     project = await admin.project()
@@ -142,7 +144,7 @@ async def test_the_reconcile_command_repairs_a_lost_bucket(
     result = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "keyrelay", "publisher", "reconcile", "--database-url", database_url,
-         "--nats-url", nats_server.url, "--json"],
+         "--nats-url", nats_server.url, "--signing-key", str(signing_key), "--json"],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

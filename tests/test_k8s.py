@@ -43,6 +43,7 @@ from publisher.settings import PublisherSettings
 from sidecar.app import create_app as create_sidecar_app
 from sidecar.config import load, options_of
 from sidecar.settings import SidecarSettings
+from sidecar.trust import write_signing_key
 from tests.conftest import StartSidecar
 from tests.k8s_support import (
     DOCKERFILE,
@@ -73,7 +74,7 @@ from tests.k8s_support import (
     selects,
     tool,
 )
-from tests.support import make_key, put, revoked
+from tests.support import TRUSTED, make_key, put, revoked
 
 # Native sidecars (initContainers with restartPolicy: Always) are GA from 1.33: the oldest version
 # the manifests support; and the newest schemas the pinned kubernetes-validate bundles.
@@ -354,13 +355,40 @@ def test_the_secret_example_validates_and_has_exactly_the_keys_the_publisher_rea
         _validate(doc, "secret.example.yaml")
     referenced: dict[str, set[str]] = {}
     for name in KUSTOMIZATIONS:
-        for _, _, c, _ in _keyrelay_containers(rendered(name)):
+        for _, spec, c, _ in _keyrelay_containers(rendered(name)):
             for var in c.get("env", []):
                 ref = var.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     referenced.setdefault(ref["name"], set()).add(ref["key"])
+            for volume, _ in _secret_mounts(spec, c):
+                referenced.setdefault(volume["secretName"], set()).update(i["key"] for i in volume["items"])
     assert referenced, "the publisher reads its database URL and admin token from a Secret"
     assert {name: set(keys) for name, keys in SECRETS.items()} == referenced
+
+
+def _secret_mounts(spec: Obj, c: Obj) -> Iterator[tuple[Obj, str]]:
+    """(secret volume source, mount path) of every Secret the container mounts."""
+    volumes = {v["name"]: v["secret"] for v in spec.get("volumes", []) if "secret" in v}
+    for mount in c.get("volumeMounts", []):
+        if mount["name"] in volumes:
+            yield volumes[mount["name"]], mount["mountPath"]
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_publisher_reads_its_signing_key_from_the_secret_file_it_mounts(name: str) -> None:
+    objs = rendered(name)
+    for _, spec, c, _ in _keyrelay_containers(objs):
+        path, settings, _ = _settings(c, objs)
+        if path[0] != "publisher":
+            continue
+        assert "KEYRELAY_SIGNING_KEY" not in {v["name"] for v in c.get("env", []) if "valueFrom" in v}, (
+            "the signing key is a mounted file, never the value of a variable"
+        )
+        files = {f"{at}/{item['path']}": volume for volume, at in _secret_mounts(spec, c) for item in volume["items"]}
+        assert str(settings.signing_key) in files, f"{name}: {settings.signing_key} is not mounted from a Secret"
+        volume = files[str(settings.signing_key)]
+        assert volume["secretName"] in SECRETS
+        assert volume["defaultMode"] & 0o227 == 0, "read only, and nothing for others"
 
 
 # ---- the manifests against the code ----------------------------------------------------------
@@ -748,8 +776,11 @@ def test_each_images_commands_start_with_only_what_the_image_holds(target: str, 
         log = tmp_path / f"{'-'.join(path)}.log"
         if path in SERVERS:
             port = _free_port()
+            key = tmp_path / f"signing-key-{'-'.join(path)}"
+            write_signing_key(key)
             env = {"KEYRELAY_HOST": "127.0.0.1", "KEYRELAY_PORT": str(port), "KEYRELAY_NATS_URL": closed,
-                   "KEYRELAY_DATA_DIR": str(tmp_path / "data")}  # fmt: skip
+                   "KEYRELAY_DATA_DIR": str(tmp_path / "data"), "KEYRELAY_SIGNING_KEY": str(key),
+                   "KEYRELAY_TRUSTED_KEYS": TRUSTED[0]}  # fmt: skip
             with _run(target, argv, absent, env, log) as proc:
                 # The publisher is ready on its database alone; a sidecar without NATS is alive, not ready.
                 _wait_http(f"http://127.0.0.1:{port}/{'readyz' if path == ('publisher',) else 'healthz'}", proc, log)

@@ -6,11 +6,14 @@ import dataclasses
 import uuid
 from typing import Any
 
+import msgpack
+from nacl.signing import SigningKey
 from nats.js.client import JetStreamContext
 
-from sidecar.wire import KeyRecord
+from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Signer
+from sidecar.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord
 from tests.conftest import StartPublisher, StartSidecar
-from tests.support import Publisher, eventually, make_key, put
+from tests.support import BucketMessage, Publisher, eventually, last_message, make_key, plant, put
 
 
 async def _bucket_matches_database(publisher: Publisher, js: JetStreamContext) -> None:
@@ -71,7 +74,7 @@ async def test_a_lost_bucket_is_recreated_and_refilled(
     assert (await sidecar.auth(keys[0]["key"]))[2]["code"] == "REVOKED"
 
 
-async def test_an_entry_edited_by_hand_is_put_back_even_with_a_higher_version(
+async def test_an_unsigned_entry_edited_by_hand_is_put_back_at_the_database_version_whatever_it_claims(
     start_publisher: StartPublisher, start_sidecar: StartSidecar, js: JetStreamContext
 ) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
@@ -91,7 +94,8 @@ async def test_an_entry_edited_by_hand_is_put_back_even_with_a_higher_version(
     assert repair["details"]["republished_key_ids"] == [target["id"]]
     repaired = KeyRecord.decode((await kv.get(entry)).value)
     assert repaired.revoked_at is not None
-    assert repaired.version > forged.version
+    # Sidecars never applied the unsigned claim, so the database's version is the one to go out.
+    assert repaired.version == genuine.version
     sidecar = await start_sidecar()
     await sidecar.ready()
     assert (await sidecar.auth(target["key"]))[2]["code"] == "REVOKED"
@@ -138,3 +142,137 @@ async def _count(kv) -> int:  # type: ignore[no-untyped-def]
         return len(await kv.keys())
     except Exception:
         return 0
+
+
+async def _genuine(publisher: Publisher, js: JetStreamContext, key_id: str) -> BucketMessage:
+    message = await last_message(js, f"global.{key_id}")
+    message.verify(publisher.services.keys.signer)
+    return message
+
+
+async def test_forged_records_unsigned_or_badly_signed_are_counted_and_repaired(
+    start_publisher: StartPublisher, js: JetStreamContext
+) -> None:
+    publisher = await start_publisher(reconcile_on_start=False)
+    keys = await _keys(publisher, 6)
+    signer = publisher.services.keys.signer
+    unsigned_target, badly_signed_target = keys[0]["id"], keys[1]["id"]
+    genuine = KeyRecord.decode((await _genuine(publisher, js, unsigned_target)).data)
+    raised = dataclasses.replace(genuine, scopes=("admin",), version=genuine.version + 5)
+    await plant(js, raised.entry, raised.encode())  # no signature at all
+    other = await _genuine(publisher, js, badly_signed_target)
+    moved = KeyRecord.decode(other.data)
+    # A genuine signature, but over another entry's bytes: it does not verify here.
+    stolen = signer.sign(KIND_RECORD, raised.entry, raised.encode())
+    forged = dataclasses.replace(moved, scopes=("admin",))
+    await plant(js, moved.entry, forged.encode(), {SIGNATURE_HEADER: stolen})
+    _, minted = make_key(scopes=("admin",))
+    await plant(js, minted.entry, minted.encode(), {SIGNATURE_HEADER: Signer(SigningKey.generate(), "default").sign(
+        KIND_RECORD, minted.entry, minted.encode())})  # fmt: skip
+
+    report = await publisher.admin.ok("POST", "/reconcile")
+    assert (report["unsigned"], report["bad_signature"]) == (1, 2)
+    assert (report["republished"], report["deleted"], report["propagation"]) == (2, 1, "published")
+    repair = await _repair_entry(publisher)
+    assert (repair["details"]["unsigned"], repair["details"]["bad_signature"]) == (1, 2)
+    for key_id in (unsigned_target, badly_signed_target):
+        repaired = KeyRecord.decode((await _genuine(publisher, js, key_id)).data)
+        assert repaired.scopes == ("read",)
+        assert repaired.version == 1  # above no unverified claim
+    assert (await last_message(js, minted.entry)).verify(signer).kind == "d"
+    await _bucket_matches_database(publisher, js)
+    again = await publisher.admin.ok("POST", "/reconcile")
+    assert (again["unsigned"], again["bad_signature"], again["differing_shards"]) == (0, 0, 0)
+
+
+async def test_a_genuine_record_with_its_scopes_raised_is_put_back(
+    start_publisher: StartPublisher, start_sidecar: StartSidecar, js: JetStreamContext
+) -> None:
+    publisher = await start_publisher(reconcile_on_start=False)
+    target = (await _keys(publisher, 3))[2]
+    genuine = await _genuine(publisher, js, target["id"])
+    record = KeyRecord.decode(genuine.data)
+    tampered = dataclasses.replace(record, scopes=("admin", "read"))
+    assert genuine.signature is not None
+    await plant(js, record.entry, tampered.encode(), {SIGNATURE_HEADER: genuine.signature})  # the genuine one
+
+    report = await publisher.admin.ok("POST", "/reconcile")
+    assert (report["bad_signature"], report["republished"]) == (1, 1)
+    assert KeyRecord.decode((await _genuine(publisher, js, target["id"])).data) == record
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    assert (await sidecar.auth(target["key"]))[1]["X-Key-Scopes"] == "read"
+
+
+async def test_a_record_claiming_version_2_to_the_63_is_repaired_without_a_500(
+    start_publisher: StartPublisher, js: JetStreamContext
+) -> None:
+    publisher = await start_publisher(reconcile_on_start=False)
+    target = (await _keys(publisher, 4))[1]
+    raw = msgpack.unpackb((await _genuine(publisher, js, target["id"])).data, raw=False)
+    raw.update(ver=2**63, scopes=["admin"])
+    await plant(js, f"global.{target['id']}", msgpack.packb(raw, use_bin_type=True))
+
+    status, report = await publisher.admin.call("POST", "/reconcile")
+    assert status == 200, report
+    assert (report["unsigned"], report["republished"], report["propagation"]) == (1, 1, "published")
+    repaired = KeyRecord.decode((await _genuine(publisher, js, target["id"])).data)
+    assert (repaired.version, repaired.scopes) == (1, ("read",))
+    assert (await publisher.admin.ok("GET", f"/keys/{target['id']}"))["status"] == "active"
+
+
+async def test_a_genuine_record_newer_than_the_database_is_exceeded_and_one_at_the_top_version_is_not(
+    start_publisher: StartPublisher, js: JetStreamContext
+) -> None:
+    publisher = await start_publisher(reconcile_on_start=False)
+    signer = publisher.services.keys.signer
+    newer, top = await _keys(publisher, 2)
+    for key, version in ((newer, 50), (top, MAX_VERSION)):
+        # As after restoring the database from an old backup: the bucket holds later genuine versions.
+        record = dataclasses.replace(KeyRecord.decode((await _genuine(publisher, js, key["id"])).data),
+                                     scopes=("old",), version=version)  # fmt: skip
+        await plant(js, record.entry, record.encode(), {SIGNATURE_HEADER: signer.sign(KIND_RECORD, record.entry,
+                                                                                      record.encode())})  # fmt: skip
+
+    report = await publisher.admin.ok("POST", "/reconcile")
+    assert (report["unsigned"], report["bad_signature"], report["republished"]) == (0, 0, 2)
+    assert KeyRecord.decode((await _genuine(publisher, js, newer["id"])).data).version == 51
+    # Nothing exceeds the top version: the database's own goes out, and sidecars treat it as they must.
+    assert KeyRecord.decode((await _genuine(publisher, js, top["id"])).data).version == 1
+    await _bucket_matches_database(publisher, js)
+
+
+async def test_the_heartbeat_entry_is_not_an_orphan_and_names_that_are_no_key_are_left_alone(
+    start_publisher: StartPublisher, js: JetStreamContext
+) -> None:
+    publisher = await start_publisher(reconcile_on_start=False, heartbeat_interval=0.1)
+    await _keys(publisher, 3)
+
+    async def heartbeats() -> int:
+        return publisher.services.heartbeat.stats.published
+
+    await eventually(heartbeats, lambda n: n >= 1)
+    await plant(js, "global.not-a-key-id", b"junk")
+
+    report = await publisher.admin.ok("POST", "/reconcile")
+    assert (report["entries_in_bucket"], report["deleted"], report["skipped"]) == (4, 0, 1)
+    assert (await last_message(js, HEARTBEAT_ENTRY)).verify(publisher.services.keys.signer).kind == "h"
+    assert (await last_message(js, "global.not-a-key-id")).data == b"junk"  # nothing a sidecar could verify
+
+
+async def test_the_relay_leader_reconciles_every_interval_on_its_own(
+    start_publisher: StartPublisher, js: JetStreamContext
+) -> None:
+    publisher = await start_publisher(reconcile_on_start=False, reconcile_interval=0.3)
+    target = (await _keys(publisher, 2))[0]
+    genuine = await _genuine(publisher, js, target["id"])
+    forged = dataclasses.replace(KeyRecord.decode(genuine.data), scopes=("admin",))
+    await plant(js, forged.entry, forged.encode())
+
+    async def repaired() -> bool:
+        message = await last_message(js, forged.entry)
+        return message.signature is not None and KeyRecord.decode(message.data).scopes == ("read",)
+
+    await eventually(repaired, bool, timeout=20, interval=0.05)
+    assert publisher.maintenance.reconciles >= 1
+    assert (await _repair_entry(publisher))["details"]["unsigned"] == 1

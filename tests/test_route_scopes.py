@@ -14,7 +14,7 @@ from sidecar.config import load
 from sidecar.routes import RouteScopes, RouteScopesError, normalize_path
 from sidecar.settings import SidecarSettings
 from tests.conftest import StartSidecar
-from tests.support import make_key, put
+from tests.support import TRUSTED, make_key, put
 
 RULES = """\
 # METHOD  PREFIX          SCOPES
@@ -103,7 +103,8 @@ def test_the_sidecar_will_not_start_on_a_bad_or_missing_file(tmp_path: Path) -> 
     bad.write_text("* /api/ read\nPOST orders write\n")
     for path, expected in ((bad, f"{bad}:2: 'orders' is not a path prefix"), (tmp_path / "gone.txt", "cannot read")):
         done = subprocess.run(
-            [sys.executable, "-m", "keyrelay", "sidecar", "--route-scopes", str(path), "--port", "0"],
+            [sys.executable, "-m", "keyrelay", "sidecar", "--route-scopes", str(path), "--port", "0", "--trusted-keys",
+                 TRUSTED[0]],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert done.returncode == 1, done.stderr

@@ -22,7 +22,7 @@ from sidecar.seed import seed_snapshot
 from sidecar.sync import KeySync
 from sidecar.table import KeyTable
 from tests.conftest import StartSidecar
-from tests.support import SNAPSHOT_SIGNER, TRUST, TRUSTED, heartbeat, key_file, make_key, put, revoked
+from tests.support import SNAPSHOT_SIGNER, TRUST, TRUSTED, eventually, heartbeat, key_file, make_key, put, revoked
 
 
 @pytest.fixture
@@ -180,3 +180,24 @@ async def test_region_init_gives_up_on_a_mirror_that_never_hears_from_the_hub(tm
         assert await list_snapshots(SnapshotSettings(nats_url=(leaf.url,))) == []  # nothing seeded
     finally:
         leaf.stop()
+
+
+async def test_a_seeder_that_keeps_running_writes_a_new_snapshot_whenever_the_regions_is_due(
+    nats_server: NatsServer, bucket: KeyValue
+) -> None:
+    await put(bucket, make_key()[1])
+    stop = asyncio.Event()
+    seeding = asyncio.create_task(seed_snapshot(servers=[nats_server.url], bucket="KEYS", region=None,
+                                                store="KEYS_SNAPSHOTS", trust=TRUST, signer=SNAPSHOT_SIGNER,
+                                                interval=0.5, keep_fresh=stop))  # fmt: skip
+    try:
+        settings = SnapshotSettings(nats_url=(nats_server.url,))
+        await eventually(lambda: list_snapshots(settings), lambda rows: len(rows) == 1 and rows[0]["revision"] == 2)
+        late = await put(bucket, make_key()[1])
+        await heartbeat(bucket)  # fresh: the seeder writes only while it holds the publisher's latest word
+        await eventually(lambda: list_snapshots(settings), lambda rows: rows[0]["revision"] >= late, timeout=10)
+    finally:
+        stop.set()
+        result = await asyncio.wait_for(seeding, 10)
+    assert result.written is not None
+    assert result.written.revision == 2  # what it reports: the first write, before it kept going

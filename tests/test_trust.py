@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import struct
 import time
 
 import pytest
@@ -16,9 +17,10 @@ from nats.js.kv import KeyValue
 
 from keyrelay.natsd import NatsServer
 from sidecar.app import create_app
-from sidecar.errors import SettingsError, SignatureError
+from sidecar.errors import SettingsError, SignatureError, SnapshotError
 from sidecar.settings import SidecarSettings
-from sidecar.table import KeyTable
+from sidecar.snapshot import decode, encode
+from sidecar.table import RECORD_WIDTHS, KeyTable
 from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Trust, verify
 from sidecar.wire import MAX_VERSION, KeyRecord
 from tests.conftest import StartSidecar
@@ -26,6 +28,7 @@ from tests.support import (
     FORGER,
     SIGNER,
     SNAPSHOT_SIGNER,
+    TRUST,
     TRUSTED,
     Scrape,
     Sidecar,
@@ -100,7 +103,7 @@ async def test_forged_and_unsigned_records_are_refused_counted_and_shown(
     await put(bucket, staging, signer=other_deployment)
     await _marker(bucket, sidecar)
     for key in (forged_key, unsigned_key, staging_key):
-        assert (await sidecar.auth(key))[2]["code"] == "NOT_FOUND"
+        assert await sidecar.code_of(key) == "NOT_FOUND"
     assert sidecar.state.sync.stats.rejected == {"unknown_signer": 1, "unsigned": 1, "bad_signature": 1}
     _, text = await sidecar.get("/metrics")
     family = Scrape.parse(text).family("keyrelay_record_rejected_total")
@@ -119,15 +122,20 @@ async def test_a_tampered_genuine_record_quarantines_its_key_until_a_newer_valid
     key, record = make_key(scopes=("orders:read",))
     genuine = Captured.of(revoked(record))
     await genuine.replay(bucket)
-    await eventually(lambda: sidecar.auth(key), lambda r: r[2].get("code") == "REVOKED")
+    await eventually(lambda: sidecar.code_of(key), lambda c: c == "REVOKED")
     # Revocation cleared and scopes raised, under the genuine record's signature.
     tampered = dataclasses.replace(genuine.record, revoked_at=None, scopes=("admin",), version=3)
     await put_raw(bucket, record.entry, tampered.encode(), signer=None, headers={SIGNATURE_HEADER: genuine.signature})
     await _marker(bucket, sidecar)
     assert (await sidecar.auth(key))[0] == 401  # fails safe: neither the tampered nor the last good record
     assert sidecar.state.sync.stats.rejected == {"bad_signature": 1}
-    assert sidecar.state.sync.table.floor(record.key_id) == (2, float("inf"))
+    assert sidecar.state.sync.table.floor(record.key_id) == (1, float("inf"))  # nothing older than it held
 
+    await put(bucket, record)  # the version before it held: still refused
+    await _marker(bucket, sidecar)
+    assert await sidecar.code_of(key) == "NOT_FOUND"
+    await genuine.replay(bucket)  # its latest genuine word again (as a re-signing publishes it): taken
+    await eventually(lambda: sidecar.code_of(key), lambda c: c == "REVOKED")
     await put(bucket, dataclasses.replace(record, scopes=("orders:read",), version=3))  # the publisher repairs it
     await eventually(lambda: sidecar.status_of(key), lambda s: s == 200)
     assert (await sidecar.auth(key, scopes="admin"))[0] == 403
@@ -139,19 +147,19 @@ async def test_a_captured_record_replayed_to_a_running_sidecar_is_refused_also_a
     sidecar = await start_sidecar()
     key, captured, issued_key = await _issued_then_revoked(bucket)
     await sidecar.ready()
-    assert (await sidecar.auth(key))[2]["code"] == "REVOKED"
+    assert await sidecar.code_of(key) == "REVOKED"
 
     await captured.replay(bucket)  # (a) as it is
     await _marker(bucket, sidecar)
-    assert (await sidecar.auth(key))[2]["code"] == "REVOKED"
+    assert await sidecar.code_of(key) == "REVOKED"
     await bucket.delete(captured.record.entry)  # (b) after an unsigned DEL
     await captured.replay(bucket)
     await _marker(bucket, sidecar)
-    assert (await sidecar.auth(key))[2]["code"] == "REVOKED"
+    assert await sidecar.code_of(key) == "REVOKED"
     await bucket.purge(captured.record.entry)  # (c) after a PURGE
     await captured.replay(bucket)
     await _marker(bucket, sidecar)
-    assert (await sidecar.auth(key))[2]["code"] == "REVOKED"
+    assert await sidecar.code_of(key) == "REVOKED"
     assert sidecar.state.sync.stats.rejected == {"unsigned_delete": 2}
     await _refuses_revoked_accepts_issued(sidecar, key, issued_key)
 
@@ -274,7 +282,7 @@ async def test_a_link_that_withholds_deliveries_but_keeps_the_connection_alive_m
         assert proxy.dropped >= 10
         status, body = await sidecar.get("/readyz")  # ...but the publisher's word is too old
         assert (status, body["ready"]) == (503, False)
-        assert (await sidecar.auth(key))[2]["code"] == "NOT_READY"
+        assert await sidecar.code_of(key) == "NOT_READY"
     finally:
         await proxy.close()
 
@@ -311,3 +319,30 @@ def test_a_signed_tombstone_leaves_a_floor_that_keeps_older_records_out_until_it
     assert table.tombstone(record.key_id, MAX_VERSION, until=time.time() - 1)
     assert table.prune_floors(time.time()) == 1
     assert table.apply(record)
+
+
+def test_a_snapshot_written_before_signing_is_discarded() -> None:
+    table = KeyTable()
+    table.apply(make_key()[1])
+    signed = encode(table, revision=3, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
+    (head,) = struct.unpack_from(">I", signed, 8)  # after the magic
+    unsigned = signed[: 12 + head + table.records() * sum(RECORD_WIDTHS)]  # no signature: as written before signing
+    old_format = unsigned.replace(b"\xa6format\x02", b"\xa6format\x01", 1)
+    for data, reason in ((old_format, "format 1 is not 2"), (unsigned, "not a whole signed snapshot")):
+        with pytest.raises(SnapshotError, match=reason):
+            decode(data, KeyTable(), bucket="KEYS", region=None, trust=TRUST)
+
+
+async def test_untrusting_a_signing_key_refuses_what_only_it_signed_until_the_new_key_signs_it(
+    bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
+    old_key, old = make_key()
+    await put(bucket, old, signer=FORGER)  # FORGER stands for the retired key here
+    new_key, new = make_key()
+    await put(bucket, new)
+    sidecar = await start_sidecar(trusted_keys=TRUSTED)  # the retired key is no longer trusted
+    await sidecar.ready()
+    assert await sidecar.code_of(old_key) == "NOT_FOUND"
+    assert await sidecar.status_of(new_key) == 200
+    await put(bucket, old)  # `keyrelay publisher resign --all` signs it again with the current key
+    await eventually(lambda: sidecar.status_of(old_key), lambda s: s == 200)

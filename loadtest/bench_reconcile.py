@@ -1,0 +1,169 @@
+"""Measure a publisher's bucket passes at scale: sign-and-publish, reconcile and resign over N keys.
+
+Starts nats-server and a SQLite database in a temporary directory, creates N
+keys through the key store (one project, 5,000 keys a transaction), lets the
+outbox relay sign and publish them all, then times one reconciliation of the
+consistent bucket, one after tampering with 1,000 entries, and one re-signing
+pass; each with wall time, the process's CPU time and the event loop's longest
+stall (a 10 ms ticker's worst lateness), which is what the admin API and the
+heartbeat would feel. Prints the figures and writes them as JSON.
+
+    python -m loadtest.bench_reconcile --keys 1000000 --out docs/benchmarks/reconcile-1m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from keyrelay.natsd import NatsServer, NatsSpec
+from publisher.broker import Broker
+from publisher.db import open_database
+from publisher.models import Actor
+from publisher.outbox import OutboxRelay
+from publisher.reconcile import reconcile
+from publisher.resign import resign
+from publisher.signing import SigningKeys
+from publisher.store import KeySpec, KeyStore
+from publisher.tokens import TokenStore, generate_token
+from sidecar.trust import KIND_RECORD, Signer, load_signer, write_signing_key
+from sidecar.wire import subject_prefix
+
+__all__ = ["main"]
+
+Step = Callable[[], Awaitable[Any]]
+_BATCH = 5000
+_TAMPERED = 1000
+
+
+@contextlib.contextmanager
+def _loop_stalls() -> Iterator[list[float]]:
+    """The worst lateness of a 10 ms ticker while the block runs (seconds), in a one-element list."""
+    worst = [0.0]
+
+    async def tick() -> None:
+        while True:
+            due = time.perf_counter() + 0.01
+            await asyncio.sleep(0.01)
+            worst[0] = max(worst[0], time.perf_counter() - due)
+
+    task = asyncio.get_running_loop().create_task(tick())
+    try:
+        yield worst
+    finally:
+        task.cancel()
+
+
+async def _timed(what: str, step: Step, figures: dict[str, Any]) -> Any:
+    started, cpu = time.perf_counter(), time.process_time()
+    with _loop_stalls() as worst:
+        result = await step()
+    figures[what] = {"seconds": round(time.perf_counter() - started, 2),
+                     "cpu_seconds": round(time.process_time() - cpu, 2),
+                     "worst_loop_stall_ms": round(worst[0] * 1000, 1)}  # fmt: skip
+    print(f"{what}: {figures[what]}", flush=True)
+    return result
+
+
+def _sign_cost(signer: Signer, keys: SigningKeys, payload: bytes, rounds: int = 20_000) -> dict[str, float]:
+    started = time.perf_counter()
+    for _ in range(rounds):
+        header = signer.sign(KIND_RECORD, "global.x", payload)
+    signed = time.perf_counter()
+    for _ in range(rounds):
+        keys.check(header, payload, entry="global.x")
+    verified = time.perf_counter()
+    return {"sign_us": round((signed - started) / rounds * 1e6, 1),
+            "verify_us": round((verified - signed) / rounds * 1e6, 1)}  # fmt: skip
+
+
+async def _fill(store: KeyStore, actor: Actor, project_id: str, count: int, relay: OutboxRelay) -> None:
+    for start in range(0, count, _BATCH):
+        specs = [KeySpec(name=f"k{i}", scopes=("orders:read",)) for i in range(start, min(count, start + _BATCH))]
+        await store.create_keys(actor, project_id, specs)
+        relay.wake()
+    await relay.drain(timeout=3600)
+
+
+async def _tamper(nats_url: str, store: KeyStore) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    for key in await store.scan_keys(limit=_TAMPERED):
+        record = dataclasses.replace(key.record(), scopes=("admin",))
+        await js.publish(subject_prefix("KEYS") + record.entry, record.encode())  # unsigned
+    await nc.close()
+
+
+async def run(count: int, work: Path) -> dict[str, Any]:
+    """Every figure of one run over `count` keys, in `work`."""
+    figures: dict[str, Any] = {"keys": count, "python": platform.python_version(), "machine": platform.processor()}
+    server = NatsServer(NatsSpec(name="bench", store_dir=work / "nats"), log_dir=work / "logs")
+    server.start()
+    db = await open_database(f"sqlite:///{work / 'keyrelay.db'}")
+    broker = Broker(servers=[server.url], bucket="KEYS")
+    write_signing_key(work / "signing-key")
+    keys = SigningKeys(load_signer(work / "signing-key", "default"))
+    relay = OutboxRelay(db=db, broker=broker, signer=keys.signer)
+    try:
+        await broker.start()
+        await broker.bucket_ready.wait()
+        await relay.start()
+        store = KeyStore(db)
+        actor = await TokenStore(db).ensure("bench", generate_token())
+        org = await store.create_org(actor, "bench")
+        team = await store.create_team(actor, org.id, "bench")
+        project = await store.create_project(actor, team.id, "bench")
+        await _timed("create, sign and publish", lambda: _fill(store, actor, project.id, count, relay), figures)
+        payload = (await store.scan_keys(limit=1))[0].record().encode()
+        figures["per_value"] = _sign_cost(keys.signer, keys, payload)
+        print(f"per value: {figures['per_value']}", flush=True)
+        report = await _timed("reconcile, consistent", lambda: reconcile(store=store, broker=broker, keys=keys,
+                                                                          horizon=7 * 86400), figures)  # fmt: skip
+        figures["reconcile, consistent"]["report"] = report.to_json()
+        await _tamper(server.url, store)
+        report = await _timed("reconcile, 1000 tampered", lambda: reconcile(store=store, broker=broker, keys=keys,
+                                                                             horizon=7 * 86400), figures)  # fmt: skip
+        figures["reconcile, 1000 tampered"]["report"] = report.to_json()
+        await relay.drain(timeout=600)
+        report = await _timed("resign, nothing due", lambda: resign(store=store, broker=broker, keys=keys,
+                                                                     horizon=7 * 86400), figures)  # fmt: skip
+        figures["resign, nothing due"]["report"] = report.to_json()
+    finally:
+        await relay.close()
+        await broker.close()
+        await db.close()
+        server.stop()
+    return figures
+
+
+def main() -> None:
+    """Parse the command line, run, print and write the figures."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_reconcile", description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
+    parser.add_argument("--keys", type=int, default=100_000, help="keys to create (default 100000)")
+    parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="keyrelay-bench-reconcile-") as work:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency everywhere but Windows
+            figures = asyncio.run(run(args.keys, Path(work)))
+        else:
+            figures = uvloop.run(run(args.keys, Path(work)))
+    if args.out:
+        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The relay leader's signed heartbeat: how every sidecar tells a live publisher from a silent or cut-off one.
+
+While this replica holds the relay lease and NATS answers, it publishes to
+`<bucket>.global.heartbeat` every interval the last stream sequence JetStream
+acknowledged to it, signed (kind `h`). A sidecar measures its staleness as the
+age of the last heartbeat it verified; the heartbeat runs beside the relay, so
+a long outbox backlog does not hold it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+from sidecar.trust import KIND_HEARTBEAT, SIGNATURE_HEADER, Signer
+from sidecar.wire import HEARTBEAT_ENTRY, encode_heartbeat, subject_prefix
+
+from .broker import Broker
+from .outbox import OutboxRelay
+
+__all__ = ["Heartbeat", "HeartbeatStats"]
+
+log = logging.getLogger("keyrelay.publisher.heartbeat")
+
+_STANDBY_CHECK = 0.25  # how often a replica that does not beat looks whether it should
+
+
+@dataclass(slots=True)
+class HeartbeatStats:
+    """Counters exported as metrics."""
+
+    published: int = 0
+    failures: int = 0
+    last_published: float = 0.0  # epoch seconds of the last acknowledged heartbeat (0: none yet)
+
+
+class Heartbeat:
+    """Publishes the signed heartbeat every `interval` seconds while `relay` leads; start() then close()."""
+
+    def __init__(self, *, broker: Broker, relay: OutboxRelay, signer: Signer, interval: float) -> None:
+        self.broker = broker
+        self.relay = relay
+        self.signer = signer
+        self.interval = interval
+        self.stats = HeartbeatStats()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Run in the background."""
+        self._task = asyncio.create_task(self._run(), name="keyrelay-heartbeat")
+
+    async def close(self) -> None:
+        """Stop beating."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=2.0)
+
+    async def beat(self) -> bool:
+        """Publish one heartbeat now and wait for its ack; False when NATS did not take it."""
+        body = encode_heartbeat(self.relay.stats.last_acked_seq)
+        headers = {SIGNATURE_HEADER: self.signer.sign(KIND_HEARTBEAT, HEARTBEAT_ENTRY, body)}
+        try:
+            ack = await self.broker.js.publish(
+                subject_prefix(self.broker.bucket) + HEARTBEAT_ENTRY, body, headers=headers,
+                timeout=max(self.interval, 1.0),
+            )  # fmt: skip
+        except Exception as exc:
+            self.stats.failures += 1
+            log.warning("heartbeat not published: %s", exc or type(exc).__name__)
+            return False
+        self.relay.stats.acked([ack])  # the next heartbeat reports this one too
+        self.stats.published += 1
+        self.stats.last_published = time.time()
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            if not (self.relay.leader and self.broker.connected and self.broker.bucket_ready.is_set()):
+                # A replica that takes the lease over beats at once: sidecars are counting the silence.
+                await asyncio.sleep(min(self.interval, _STANDBY_CHECK))
+                continue
+            started = time.monotonic()
+            await self.beat()
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))

@@ -1,0 +1,118 @@
+"""The relay leader's background passes: reconciliation every `--reconcile-interval`, re-signing every few hours.
+
+Both passes read and verify the whole bucket, so only the replica holding the
+relay lease runs them; any replica still reconciles once at start-up (the
+outbox drained first), as a repair after an outage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from .api import Services
+from .reconcile import reconcile
+from .resign import resign
+
+__all__ = ["RESIGN_EVERY", "Maintenance", "resign_every"]
+
+log = logging.getLogger("keyrelay.publisher.maintenance")
+
+RESIGN_EVERY = 6 * 3600.0
+_DRAIN = 60.0  # how long a pass waits for the outbox to empty before it gives this round up
+_IDLE = 1.0  # how often a replica that does not lead looks again
+
+
+def resign_every(horizon: float) -> float:
+    """How often to re-sign: every six hours, or often enough that a value is re-signed well within the horizon."""
+    return min(RESIGN_EVERY, horizon / 8)
+
+
+Job = Callable[[], Awaitable[None]]
+
+
+class Maintenance:
+    """Start-up reconciliation, then the leader's periodic reconcile and resign passes."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self.reconciles = 0
+        self.resigns = 0
+        self.resigned = asyncio.Event()  # set after each re-signing pass, the start-up one first
+        self._tasks: list[asyncio.Task[None]] = []
+        self._one_at_a_time = asyncio.Lock()  # two whole-bucket passes at once would only double the load
+
+    def start(self, *, reconcile_on_start: bool) -> None:
+        """Run in the background."""
+        settings = self.services.settings
+        if reconcile_on_start:
+            self._tasks.append(asyncio.create_task(self._at_start(), name="keyrelay-reconcile-at-start"))
+        self._tasks.append(asyncio.create_task(
+            self._every(settings.reconcile_interval, self.reconcile, first=settings.reconcile_interval),
+            name="keyrelay-reconcile",
+        ))  # fmt: skip
+        self._tasks.append(asyncio.create_task(
+            self._every(resign_every(settings.replay_horizon), self.resign, first=0.0), name="keyrelay-resign"
+        ))  # fmt: skip
+
+    async def close(self) -> None:
+        """Stop every pass."""
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2.0)
+
+    async def reconcile(self) -> None:
+        """One reconciliation, its fixes then published."""
+        s = self.services
+        report = await reconcile(store=s.store, broker=s.broker, keys=s.keys, horizon=s.settings.replay_horizon)
+        self.reconciles += 1
+        if report.outbox_ids:
+            s.relay.wake()
+
+    async def resign(self) -> None:
+        """One re-signing pass, its values then published."""
+        s = self.services
+        try:
+            report = await resign(store=s.store, broker=s.broker, keys=s.keys, horizon=s.settings.replay_horizon)
+        finally:
+            self.resigned.set()
+        self.resigns += 1
+        if report.outbox_ids:
+            s.relay.wake()
+
+    async def _ready(self) -> bool:
+        await self.services.broker.bucket_ready.wait()
+        if await self.services.relay.drain(timeout=_DRAIN):
+            return True
+        log.warning("a bucket pass is put off: the outbox did not drain within %.0fs", _DRAIN)
+        return False
+
+    async def _at_start(self) -> None:
+        try:
+            async with self._one_at_a_time:
+                if await self._ready():
+                    await self.reconcile()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("start-up reconciliation failed: %s (run `keyrelay publisher reconcile` later)", exc)
+
+    async def _every(self, interval: float, job: Job, *, first: float) -> None:
+        due = time.monotonic() + first
+        while True:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            if not self.services.relay.leader:
+                due = time.monotonic() + _IDLE
+                continue
+            try:
+                async with self._one_at_a_time:
+                    if await self._ready():
+                        await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("%s failed: %s (retried in %.0fs)", getattr(job, "__name__", "a pass"), exc, interval)
+            due = time.monotonic() + interval

@@ -1,0 +1,193 @@
+"""Re-signing: old values, values of an earlier or compromised key, and a bucket from before signing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from keyrelay.natsd import NatsServer
+from sidecar.errors import SignatureError
+from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Signer, load_signer
+from sidecar.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord, decode_tombstone
+from tests.conftest import StartPublisher
+from tests.support import BucketMessage, Publisher, eventually, every_message, last_message, make_key, plant
+
+DAY = 86400.0
+
+
+async def _keys(publisher: Publisher, count: int) -> list[dict[str, Any]]:
+    project = await publisher.admin.project()
+    body = {"keys": [{"name": f"k{i}", "scopes": ["read"]} for i in range(count)]}
+    return list((await publisher.admin.ok("POST", f"/projects/{project['id']}/keys/bulk", body))["keys"])
+
+
+async def _resign(database_url: str, nats: NatsServer, key: Path, *flags: str) -> tuple[dict[str, Any], str]:
+    """`keyrelay publisher resign` in its own process; its JSON report and its progress output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "keyrelay", "publisher", "resign", "--database-url", database_url,
+         "--nats-url", nats.url, "--signing-key", str(key), "--json", *flags],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report, result.stderr
+
+
+def _signed_by_only(messages: dict[str, BucketMessage], signer: Signer, others: list[Signer]) -> None:
+    """Every value verifies with `signer`, within a minute of now, and with none of `others`."""
+    for message in messages.values():
+        assert message.verify(signer, horizon=60).kid == signer.kid, message.entry
+        for other in others:
+            try:
+                message.verify(other)
+            except SignatureError:
+                continue
+            raise AssertionError(f"{message.entry} still verifies with {other.kid}")
+
+
+async def test_values_signed_over_half_the_horizon_ago_are_signed_again_at_the_same_version(
+    start_publisher: StartPublisher, js: JetStreamContext, database_url: str, nats_server: NatsServer,
+    signing_key: Path,
+) -> None:  # fmt: skip
+    publisher = await start_publisher(reconcile_on_start=False)
+    signer = publisher.services.keys.signer
+    keys = await _keys(publisher, 4)
+    old, recent = keys[:2], keys[2]
+    for key, age in [*((k, 4 * DAY) for k in old), (recent, 1 * DAY)]:
+        entry = f"global.{key['id']}"
+        data = (await last_message(js, entry)).data
+        await plant(js, entry, data, {SIGNATURE_HEADER: signer.sign(KIND_RECORD, entry, data,
+                                                                    signed_at=time.time() - age)})  # fmt: skip
+    recent_signature = (await last_message(js, f"global.{recent['id']}")).signature
+
+    report, progress = await _resign(database_url, nats_server, signing_key)
+    assert (report["entries_in_bucket"], report["old"], report["unverified"]) == (4, 2, 0)
+    assert (report["republished"], report["tombstoned"], report["propagation"]) == (2, 0, "published")
+    assert "resign: verifying every value in the bucket" in progress
+    assert "resign: done" in progress
+    for key in old:
+        message = await last_message(js, f"global.{key['id']}")
+        assert message.verify(signer, horizon=60).kind == KIND_RECORD  # signed just now
+        assert KeyRecord.decode(message.data).version == 1  # nothing about the key changed
+    assert (await last_message(js, f"global.{recent['id']}")).signature == recent_signature
+    audit = (await publisher.admin.ok("GET", "/audit"))["entries"][0]
+    assert (audit["actor"], audit["action"], audit["details"]["republished"]) == ("resign", "bucket.resign", 2)
+
+
+async def test_resign_all_after_a_key_rotation_signs_every_value_with_the_new_key(
+    start_publisher: StartPublisher, js: JetStreamContext, database_url: str, nats_server: NatsServer,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    first = await start_publisher(reconcile_on_start=False)
+    old = first.services.keys.signer
+    keys = await _keys(first, 5)
+    await first.admin.ok("POST", f"/keys/{keys[0]['id']}/revoke")
+    await first.stop()
+    new_key = tmp_path / "signing-key-2"
+    assert (
+        await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "keyrelay", "signing-key", "generate", "--out", str(new_key)],
+            capture_output=True,
+        )
+    ).returncode == 0
+    new = load_signer(new_key, "default")
+    # The replacement lists the old key for operators while the sidecars move over; it signs with the new one.
+    second = await start_publisher(reconcile_on_start=False, signing_key=new_key,
+                                   previous_signing_keys=(old.public_key,))  # fmt: skip
+    assert [k["id"] for k in (await second.admin.ok("GET", "/signing-keys"))["keys"]] == [new.kid, old.kid]
+    signed_before = {e: m.signature for e, m in (await every_message(js)).items()}
+
+    report, _ = await _resign(database_url, nats_server, new_key, "--all")
+    assert (report["entries_in_bucket"], report["republished"], report["propagation"]) == (5, 5, "published")
+    messages = await every_message(js)
+    _signed_by_only(messages, new, [old])
+    assert all(messages[e].signature != s for e, s in signed_before.items() if e != HEARTBEAT_ENTRY)
+    assert KeyRecord.decode(messages[f"global.{keys[0]['id']}"].data).revoked_at is not None
+
+
+async def test_the_compromised_key_runbook_leaves_a_bucket_that_verifies_with_the_new_key_only(
+    start_publisher: StartPublisher, js: JetStreamContext, database_url: str, nats_server: NatsServer,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    first = await start_publisher(reconcile_on_start=False)
+    stolen = first.services.keys.signer
+    keys = await _keys(first, 4)
+    await first.admin.ok("POST", f"/keys/{keys[1]['id']}/revoke")
+    # Whoever holds the stolen key mints an admin key and un-revokes a revoked one, signed as the publisher.
+    _, minted = make_key(scopes=("admin",))
+    revived = KeyRecord.decode((await last_message(js, f"global.{keys[1]['id']}")).data)
+    revived = KeyRecord(**{**{f: getattr(revived, f) for f in revived.__dataclass_fields__}, "revoked_at": None,
+                           "version": 1000})  # fmt: skip
+    for record in (minted, revived):
+        await plant(js, record.entry, record.encode(),
+                    {SIGNATURE_HEADER: stolen.sign(KIND_RECORD, record.entry, record.encode())})  # fmt: skip
+
+    # The runbook: a new key, the publisher restarted on it (the stolen one listed nowhere), resign --all.
+    await first.stop()
+    new_key = tmp_path / "signing-key-after-compromise"
+    code = (
+        await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "keyrelay", "signing-key", "generate", "--out", str(new_key)],
+            capture_output=True,
+        )
+    ).returncode
+    assert code == 0
+    await start_publisher(reconcile_on_start=False, signing_key=new_key, heartbeat_interval=0.2)
+    report, _ = await _resign(database_url, nats_server, new_key, "--all")
+    assert report["propagation"] == "published"
+
+    new = load_signer(new_key, "default")
+
+    async def heartbeat_signer() -> str:
+        try:
+            return (await last_message(js, HEARTBEAT_ENTRY)).verify(new).kid
+        except (NotFoundError, SignatureError):  # none yet, or still the one signed with the stolen key
+            return ""
+
+    await eventually(heartbeat_signer, lambda kid: kid == new.kid, timeout=10)
+    messages = await every_message(js)
+    _signed_by_only(messages, new, [stolen])
+    assert set(messages) == {HEARTBEAT_ENTRY, minted.entry, *(f"global.{k['id']}" for k in keys)}
+    assert messages[minted.entry].headers["KV-Operation"] == "DEL"
+    assert decode_tombstone(messages[minted.entry].data) == (minted.key_id, MAX_VERSION)
+    assert KeyRecord.decode(messages[revived.entry].data).revoked_at is not None
+
+
+async def test_resign_signs_a_whole_bucket_written_before_signing(
+    start_publisher: StartPublisher, js: JetStreamContext, database_url: str, nats_server: NatsServer,
+    signing_key: Path,
+) -> None:  # fmt: skip
+    publisher = await start_publisher(reconcile_on_start=False)
+    signer = publisher.services.keys.signer
+    keys = await _keys(publisher, 6)
+    await publisher.admin.ok("POST", f"/keys/{keys[2]['id']}/revoke")
+    await publisher.stop()
+    # The old publisher wrote records without Keyrelay-Sig, and deletes as bare KV delete markers.
+    for key in keys:
+        entry = f"global.{key['id']}"
+        await plant(js, entry, (await last_message(js, entry)).data)
+    _, gone = make_key()
+    await plant(js, gone.entry, gone.encode())
+    await plant(js, gone.entry, b"", {"KV-Operation": "DEL"})
+
+    report, progress = await _resign(database_url, nats_server, signing_key)
+    assert (report["unverified"], report["republished"], report["tombstoned"]) == (7, 6, 1)
+    assert report["propagation"] == "published"
+    assert "resign: done" in progress
+    messages = await every_message(js)
+    assert set(messages) - {HEARTBEAT_ENTRY} == {gone.entry, *(f"global.{k['id']}" for k in keys)}
+    _signed_by_only({e: m for e, m in messages.items() if e != HEARTBEAT_ENTRY}, signer, [])
+    assert decode_tombstone(messages[gone.entry].data) == (gone.key_id, MAX_VERSION)
