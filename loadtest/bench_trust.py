@@ -24,7 +24,10 @@ machine's neighbours weigh on both alike. Measured:
   against both sidecars alternately (throughput ratio);
 * /auth user-space instructions per request under valgrind's callgrind
   (unless --no-instructions): each tree's sidecar over a bucket of
-  `--instruction-keys` signed records, the same 1,000 keys cycled.
+  `--instruction-keys` signed records, the same 1,000 keys cycled;
+* the publisher's bulk create rate (unless --no-publisher): each tree's own
+  loadtest/bench_publisher.py on SQLite, `--publisher-keys` keys through the
+  bulk path (1,000 a call), alternating; the current publisher signs every record.
 
 The bucket the sidecars read is signed (the publisher's signed heartbeat goes
 in every second); the baseline's sidecar ignores the signature header (and
@@ -106,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-e2e", action="store_true", help="skip seeding and the end-to-end sidecars at --keys")
     parser.add_argument("--no-instructions", action="store_true", help="skip the callgrind counts")
+    parser.add_argument("--no-publisher", action="store_true", help="skip the publisher's bulk create rate")
+    parser.add_argument("--publisher-keys", type=int, default=20_000, help="keys through the bulk path (20000)")
+    parser.add_argument("--publisher-rounds", type=int, default=2, help="bench_publisher runs per tree (2)")
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="longest wait for a sidecar (s, 300)")
     parser.add_argument("--quiet-wait", type=float, default=20.0, help="longest wait for a quiet machine (s, 20)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the record mix")
@@ -513,13 +519,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if heartbeats is not None:
                 heartbeats.close()
             nats_server.stop()
-    results["publisher_bulk_create"] = {
-        "measured": False,
-        "why": "the publisher on this branch does not sign yet (branch publisher-signing has not landed on main)",
-    }
+        if args.no_publisher:
+            results["publisher"] = None
+        else:
+            _say(f"publisher bulk create, {args.publisher_keys:,} keys, {args.publisher_rounds} round(s) per tree")
+            results["publisher"] = _publisher(trees, args)
     results["targets"] = _targets(results)
     _report(results)
     return results
+
+
+def _publisher(trees: Sequence[Tree], args: argparse.Namespace) -> dict[str, Any]:
+    """Each tree's bench_publisher (SQLite), run from its own directory so that it and its children are that tree."""
+    runs: dict[str, list[float]] = {t.name: [] for t in trees}
+    with tempfile.TemporaryDirectory(prefix="keyrelay-bench-trust-pub-") as tmp:
+        for n, tree in enumerate(_alternating(trees, args.publisher_rounds)):
+            wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
+            out, log = Path(tmp) / f"publisher-{n}.json", Path(tmp) / f"publisher-{n}.log"
+            env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+            env["PYTHONPATH"] = str(tree.path)
+            command = [sys.executable, "-m", "loadtest.bench_publisher", "--backend", "sqlite", "--keys",
+                       str(args.publisher_keys), "--api-keys", "200", "--revocations", "50",
+                       "--json", str(out)]  # fmt: skip
+            with log.open("wb") as sink:
+                done = subprocess.run(command, cwd=tree.path, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                      timeout=900, check=False)  # fmt: skip
+            if done.returncode != 0 or not out.exists():
+                raise RuntimeError(f"{tree.name} bench_publisher exited with {done.returncode}: {tail(log)}")
+            bulk = json.loads(out.read_text())["backends"]["sqlite"]["bulk"]
+            if not bulk["complete"] or bulk["failed"]:
+                raise RuntimeError(f"{tree.name} bench_publisher: bulk path incomplete ({bulk['failed']} failed)")
+            runs[tree.name].append(bulk["keys_per_second"])
+            _say(f"  bench_publisher, {tree.name:<8}: bulk {bulk['keys_per_second']:,.0f} keys/s")
+    result: dict[str, Any] = {"backend": "sqlite", "keys": args.publisher_keys, "runs": runs}
+    for tree in trees:
+        result[tree.name] = {"bulk_keys_per_second": statistics.median(runs[tree.name])}
+    result["ratio"] = result["current"]["bulk_keys_per_second"] / result["baseline"]["bulk_keys_per_second"]
+    return result
 
 
 def _fill_existing(url: str, bucket: str, count: int, *, seed: int) -> FillResult:
@@ -555,7 +591,9 @@ def _targets(results: dict[str, Any]) -> dict[str, Any]:
     ratio = counted["ratio"] if counted else None
     targets["instructions_ratio"] = {"target": TARGET_INSTRUCTIONS_RATIO, "value": ratio,
                                      "pass": ratio_verdict(ratio, TARGET_INSTRUCTIONS_RATIO)}  # fmt: skip
-    targets["publisher_bulk_create"] = {"target": None, "value": None, "pass": None}
+    publisher = results.get("publisher")
+    targets["publisher_bulk_ratio"] = {"target": None, "value": publisher["ratio"] if publisher else None,
+                                       "pass": None}  # fmt: skip
     return targets
 
 
@@ -594,7 +632,11 @@ def _report(results: dict[str, Any]) -> None:
         rows.append(("/auth instructions per request", f"{counted['baseline']:,.0f}", f"{counted['current']:,.0f}",
                      f"{counted['ratio']:.3f}", f"<= {TARGET_INSTRUCTIONS_RATIO}",
                      _verdict(targets["instructions_ratio"]["pass"])))  # fmt: skip
-    rows.append(("publisher bulk create", "-", "-", "-", "-", "not measured (publisher does not sign yet)"))
+    publisher = results.get("publisher")
+    if publisher:
+        rows.append(("publisher bulk create (SQLite)", f"{publisher['baseline']['bulk_keys_per_second']:,.0f}/s",
+                     f"{publisher['current']['bulk_keys_per_second']:,.0f}/s", f"{publisher['ratio']:.2f}", "-",
+                     "info"))  # fmt: skip
     header = ("measure", "baseline", "current", "ratio", "target", "verdict")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
     _say("")
@@ -609,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when it completed (targets are reported, not enforced), 1 on failure, 2 on bad options."""
     args = _parser().parse_args(argv)
     counts = (args.keys, args.replay_keys, args.replay_rounds, args.snapshot_rounds, args.snapshot_repeats,
-              args.sign_records, args.instruction_keys, args.wrk_rounds, args.connections)  # fmt: skip
+              args.sign_records, args.instruction_keys, args.wrk_rounds, args.connections, args.publisher_keys,
+              args.publisher_rounds)  # fmt: skip
     if min(counts) < 1 or args.wrk_duration <= 0:
         _say("counts, rounds and durations must be positive")
         return 2
