@@ -8,7 +8,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from keyrelay.natsd import NatsServer
-from loadtest.bench_trust import ratio_verdict, write_records
+from loadtest.bench_trust import parse_seed_summary, ratio_verdict, write_records
 from loadtest.signing import BENCH_SIGNER, BENCH_SNAPSHOT_SIGNER, Heartbeats, sidecar_trust_args, write_key_file
 from loadtest.trust_probe import read_records
 from sidecar.trust import KIND_HEARTBEAT, SIGNATURE_HEADER, Trust, load_signer
@@ -56,3 +56,13 @@ async def test_heartbeats_are_signed_heartbeats_a_sidecar_verifies(
     )
     assert verified.kind == KIND_HEARTBEAT
     assert decode_heartbeat(message.data or b"") == 0
+
+
+def test_the_seeders_summary_line_gives_its_replay() -> None:
+    line = ("snapshot global: wrote 1,000,000 keys at revision 1,000,404 (103.9 MiB) in 169.0s, replaying 1,000,000 "
+            "records in 167.6s; the region's sidecars now start from it")  # fmt: skip
+    assert parse_seed_summary("starting\n" + line + "\n") == {
+        "keys": 1_000_000, "revision": 1_000_404, "mib": 103.9, "seconds": 169.0, "replayed": 1_000_000,
+        "replay_seconds": 167.6,
+    }  # fmt: skip
+    assert parse_seed_summary("snapshot global is fresh: nothing written") is None
