@@ -154,7 +154,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quiet-wait", type=float, default=60.0, help="longest wait for a quiet machine before each run (s)"
     )
-    parser.add_argument("--ready-timeout", type=float, default=180.0, help="give up on /readyz after this (s)")
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=600.0,
+        help="give up on /readyz, and on seeding, after this (s; a signed 1M replay takes about 3 minutes here)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the record mix (keys are random anyway)")
     parser.add_argument(
         "--instructions",
