@@ -8,9 +8,11 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sidecar.config import load, option, parse_bool
+from sidecar.nats_connect import NatsConnect, identity_name, nats_option
 from sidecar.seed import SeedProgress, SeedResult, seed_snapshot
 from sidecar.settings import parse_positive_duration, parse_region, parse_servers
 from sidecar.snapshot import snapshot_store_name
@@ -39,17 +41,28 @@ class SnapshotStoreSettings:
         parse=parse_servers,
         help="the NATS the region's sidecars read (its leaf node, or the hub), comma separated",
     )
+    nats_creds: Path | None = nats_option("nats_creds")
+    nats_tls_ca: Path | None = nats_option("nats_tls_ca")
+    nats_tls_cert: Path | None = nats_option("nats_tls_cert")
+    nats_tls_key: Path | None = nats_option("nats_tls_key")
     bucket: str = option(DEFAULT_BUCKET, help="JetStream KV bucket that holds the key records")
     snapshot_bucket: str = option("", help="object store bucket of the snapshots (default: <bucket>_SNAPSHOTS)")
+    region: str | None = option(
+        None,
+        parse=parse_region,
+        help="the region whose snapshot this is (unset: the one sidecars without --region read); --nats-creds "
+        "holds its region-init identity",
+    )
+
+    def nats(self) -> NatsConnect:
+        """How to reach the region's NATS, as its region-init identity."""
+        return NatsConnect.of(self, identity=identity_name("region-init", self.region))
 
 
 @dataclass(frozen=True, slots=True)
 class SnapshotSettings(SnapshotStoreSettings):
     """Options of `keyrelay snapshot seed`: those of `show`, and which snapshot, and when to write it."""
 
-    region: str | None = option(
-        None, parse=parse_region, help="region whose snapshot to seed (unset: the one sidecars without --region read)"
-    )
     snapshot_interval: float = option(
         600.0,
         parse=parse_positive_duration,
@@ -81,7 +94,7 @@ def print_progress(prefix: str = "  ") -> Callable[[SeedProgress], None]:
 
 async def seed(settings: SnapshotSettings, *, progress: Callable[[SeedProgress], None] | None = None) -> SeedResult:
     """Seed the region's snapshot as `settings` say."""
-    return await seed_snapshot(servers=settings.nats_url, bucket=settings.bucket, region=settings.region,
+    return await seed_snapshot(nats=settings.nats(), bucket=settings.bucket, region=settings.region,
                                store=snapshot_store_name(settings.bucket, settings.snapshot_bucket),
                                interval=settings.snapshot_interval, force=settings.force, timeout=settings.timeout,
                                progress=progress)  # fmt: skip
@@ -104,7 +117,7 @@ def describe_seed(result: SeedResult, *, region: str | None) -> str:
 def seed_command(args: argparse.Namespace) -> int:
     """`keyrelay snapshot seed`."""
     settings = load(SnapshotSettings, args)
-    print(f"seeding snapshot {settings.region or 'global'} of {settings.bucket} from {','.join(settings.nats_url)}",
+    print(f"seeding snapshot {settings.region or 'global'} of {settings.bucket} from {settings.nats().describe()}",
           flush=True)  # fmt: skip
     result = asyncio.run(seed(settings, progress=print_progress()))
     print(describe_seed(result, region=settings.region))
@@ -116,7 +129,7 @@ async def list_snapshots(settings: SnapshotStoreSettings) -> list[dict[str, Any]
     from nats.js.errors import BucketNotFoundError, NotFoundError
 
     store_name = snapshot_store_name(settings.bucket, settings.snapshot_bucket)
-    nc = await connect_nats(settings.nats_url, what="NATS")
+    nc = await connect_nats(settings.nats(), what="NATS")
     try:
         try:
             store = await nc.jetstream().object_store(store_name)

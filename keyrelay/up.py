@@ -27,10 +27,13 @@ from types import FrameType
 from typing import Any
 
 from sidecar.config import load, option, parse_bool
+from sidecar.nats_connect import identity_name
 from sidecar.settings import LOG_LEVELS, parse_port, parse_region
 
 from .client import AdminClient, stack_file
 from .errors import KeyrelayError
+from .localauth import LocalCredentials, write_private
+from .nats_auth import hub_settings, leaf_remote, leaf_settings
 from .natsd import NatsServer, NatsSpec, free_port, port_is_free
 from .procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
 from .region import HUB_DOMAIN, RegionSettings, init_region
@@ -115,6 +118,15 @@ class Stack:
     # Hooks for the load test: route a region's leaf link (hub leaf port → port to dial), add sidecar flags.
     leaf_link: Callable[[str, int], int] | None = None
     sidecar_args: list[str] = field(default_factory=list)
+    # The NKEY seed of every NATS identity (DATA_DIR/nats/creds/<identity>.nk): each child gets its own.
+    credentials: LocalCredentials = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.credentials = LocalCredentials(self.data_dir / "nats" / "creds")
+
+    def creds(self, role: str, region: str | None = None) -> Path:
+        """The seed file of the identity `role` has in `region` (publisher, sidecar, region-init)."""
+        return self.credentials.seed_file(identity_name(role, region))
 
     @property
     def data_dir(self) -> Path:
@@ -132,7 +144,8 @@ class Stack:
         for i, region in enumerate(regions):
             nats_url = self.nats[i + 1].url if region else hub.url
             if region:
-                asyncio.run(init_region(RegionSettings(region=region, nats_url=(nats_url,))))
+                asyncio.run(init_region(RegionSettings(region=region, nats_url=(nats_url,),
+                                                       nats_creds=self.creds("region-init", region))))  # fmt: skip
             self._start_sidecar(region, nats_url)
         for component in self.components:
             if component.name.startswith("sidecar"):
@@ -140,7 +153,7 @@ class Stack:
                 wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log)
         if self.settings.demo:
             self.demo = _seed_demo(AdminClient(self.publisher_url, self.token))
-        _write_private(stack_file(self.data_dir), json.dumps(self.describe_json(), indent=2))
+        write_private(stack_file(self.data_dir), json.dumps(self.describe_json(), indent=2))
 
     def _stored_token(self) -> str:
         path = self.data_dir / "admin-token"
@@ -148,7 +161,7 @@ class Stack:
             path.chmod(0o600)  # a copy made by hand, or an older release, may have left it readable by all
             return path.read_text().strip()
         token = "krt_" + secrets.token_urlsafe(32)
-        _write_private(path, token + "\n")
+        write_private(path, token + "\n")
         return token
 
     def _start_nats(self) -> NatsServer:
@@ -156,7 +169,8 @@ class Stack:
         leaf_port = self.ports.pick(7422, "hub leaf-node listener") if self.settings.regions else None
         hub = NatsServer(
             NatsSpec(name="hub", store_dir=self.data_dir / "nats" / "hub", port=self.ports.pick(
-                self.settings.nats_port, "hub NATS"), domain=HUB_DOMAIN, leafnode_port=leaf_port),
+                self.settings.nats_port, "hub NATS"), domain=HUB_DOMAIN, leafnode_port=leaf_port,
+                blocks=hub_settings(self.settings.regions, self.credentials.public_key)),
             log_dir=logs,
         )  # fmt: skip
         hub.start()
@@ -168,7 +182,9 @@ class Stack:
                 NatsSpec(name=f"leaf-{region}", store_dir=self.data_dir / "nats" / region,
                          port=self.ports.pick(self.settings.nats_port and self.settings.nats_port + 1,
                                               f"{region} NATS"), domain=region,
-                         remotes=[f"nats-leaf://127.0.0.1:{dial}"]),
+                         remotes=[f"nats-leaf://127.0.0.1:{dial}"],
+                         blocks=leaf_settings(region, self.credentials.public_key),
+                         remote_options=leaf_remote(region, self.credentials.seed(identity_name("leaf", region)))),
                 log_dir=logs,
             )  # fmt: skip
             leaf.start()
@@ -188,7 +204,8 @@ class Stack:
     def _start_publisher(self, nats_url: str) -> None:
         port = self.ports.pick(self.settings.publisher_port, "publisher")
         component = self._child("publisher", [
-            "publisher", "--port", str(port), "--nats-url", nats_url, "--data-dir", str(self.data_dir),
+            "publisher", "--port", str(port), "--nats-url", nats_url, "--nats-creds", str(self.creds("publisher")),
+            "--data-dir", str(self.data_dir),
             "--database-url", f"sqlite:///{self.data_dir / 'keyrelay.db'}", "--admin-token", self.token,
         ], port)  # fmt: skip
         wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log)
@@ -209,7 +226,8 @@ class Stack:
     def _start_sidecar(self, region: str | None, nats_url: str) -> None:
         wanted = self.settings.sidecar_port and self.settings.sidecar_port + len(self.sidecars)
         port = self.ports.pick(wanted, f"sidecar {region or 'global'}")
-        args = ["sidecar", "--port", str(port), "--nats-url", nats_url, *self.sidecar_args]
+        args = ["sidecar", "--port", str(port), "--nats-url", nats_url,
+                "--nats-creds", str(self.creds("sidecar", region)), *self.sidecar_args]  # fmt: skip
         if region:
             args += ["--region", region]
         component = self._child(f"sidecar-{region or 'global'}", args, port)
@@ -231,6 +249,7 @@ class Stack:
             "admin_token": self.token,
             "sidecars": self.sidecars,
             "nats": {n.spec.name: n.url for n in self.nats},
+            "nats_creds": str(self.credentials.directory),
             "logs": str(self.data_dir / "logs"),
             "pid": os.getpid(),
             **({"demo": {k: v for k, v in self.demo.items() if k != "key"}} if self.demo else {}),
@@ -294,16 +313,6 @@ class Stack:
         for server in reversed(self.nats):
             server.stop()
         stack_file(self.data_dir).unlink(missing_ok=True)
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Replace `path` with `text`, readable by this user only (it holds the admin token)."""
-    partial = path.with_name(path.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover file from a crashed run
-        out.write(text)
-    os.replace(partial, path)  # readers (the CLI) never see half a file
 
 
 def _cli_name() -> str:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from .http import STATE, SidecarState, add_routes
 from .metrics import Metrics
+from .nats_connect import NatsConnect, identity_name
 from .settings import SidecarSettings
 from .snapshot import snapshot_store_name
 from .sync import KeySync
@@ -27,15 +28,18 @@ def create_app(settings: SidecarSettings) -> web.Application:
     """The sidecar as an aiohttp application; syncing starts and stops with it."""
     app = web.Application(client_max_size=64 * 1024)
     table = KeyTable()
+    nats = NatsConnect.of(settings, identity=identity_name("sidecar", settings.region))
     sync = KeySync(
         table=table,
         servers=settings.nats_url,
+        connect=nats,
         bucket=settings.bucket,
         region=settings.region,
         heartbeat=settings.heartbeat,
         name=f"keyrelay-sidecar-{settings.region or 'global'}",
         snapshot_store=snapshot_store_name(settings.bucket, settings.snapshot_bucket) if settings.snapshots else None,
         snapshot_interval=settings.snapshot_interval,
+        snapshot_refresh=settings.snapshot_write,
     )
     app[STATE] = SidecarState(
         settings=settings,
@@ -87,7 +91,8 @@ async def serve(settings: SidecarSettings, *, stop: asyncio.Event | None = None)
 
     def started(port: int) -> None:
         log.info("sidecar listening on http://%s:%d (region %s, bucket %s, NATS %s)", settings.host, port,
-                 settings.region or "global", settings.bucket, ",".join(settings.nats_url))  # fmt: skip
+                 settings.region or "global", settings.bucket,
+                 NatsConnect.of(settings, identity="").describe())  # fmt: skip
 
     await serve_app(
         create_app(settings),

@@ -12,10 +12,11 @@ a snapshot that is still fresh is left as it is.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import SyncTimeout
+from .nats_connect import NatsConnect
 from .snapshot import Snapshot
 from .sync import KeySync
 from .table import KeyTable
@@ -50,7 +51,7 @@ class SeedResult:
 
 async def seed_snapshot(
     *,
-    servers: Sequence[str],
+    nats: NatsConnect,
     bucket: str,
     region: str | None,
     store: str,
@@ -63,7 +64,7 @@ async def seed_snapshot(
 ) -> SeedResult:
     """Sync the region's table from its NATS and write it as the region's snapshot when due (or `force`)."""
     started = time.monotonic()
-    sync = KeySync(table=KeyTable(), servers=servers, bucket=bucket, region=region,
+    sync = KeySync(table=KeyTable(), servers=nats.servers, connect=nats, bucket=bucket, region=region,
                    name=f"keyrelay-seed-{region or 'global'}", snapshot_store=store, snapshot_interval=interval,
                    snapshot_refresh=False)  # fmt: skip
     await sync.start()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import option, parse_bool, parse_duration
+from .config import option, parse_bool, parse_duration, parse_optional_path
+from .nats_connect import nats_option
 from .wire import DEFAULT_BUCKET, DEFAULT_PREFIX, is_region_code
 
 __all__ = [
@@ -38,11 +39,6 @@ def parse_servers(text: str) -> tuple[str, ...]:
     return servers
 
 
-def parse_optional_path(text: str) -> Path | None:
-    """A file path, or None for an empty value."""
-    return Path(text) if text.strip() else None
-
-
 def parse_port(text: str) -> int:
     """A TCP port number (0 picks a free one)."""
     port = int(text)
@@ -68,6 +64,10 @@ class SidecarSettings:
         parse=parse_servers,
         help="NATS server(s) of this sidecar's region, comma separated",
     )
+    nats_creds: Path | None = nats_option("nats_creds")
+    nats_tls_ca: Path | None = nats_option("nats_tls_ca")
+    nats_tls_cert: Path | None = nats_option("nats_tls_cert")
+    nats_tls_key: Path | None = nats_option("nats_tls_key")
     bucket: str = option(DEFAULT_BUCKET, help="JetStream KV bucket that holds the key records")
     region: str | None = option(
         None,
@@ -109,7 +109,13 @@ class SidecarSettings:
         600.0,
         parse=parse_positive_duration,
         duration=True,
-        help="how old the region's snapshot may get before a sidecar writes a new one",
+        help="how old the region's snapshot may get before it is written again (with --snapshot-write)",
+    )
+    snapshot_write: bool = option(
+        False,
+        parse=parse_bool,
+        help="also write the region's snapshot when due; needs NATS credentials that may write the snapshot "
+        "store, which a sidecar's own do not (`keyrelay snapshot seed` writes it: docs/nats-security.md)",
     )
     snapshot_bucket: str = option("", help="object store bucket of the snapshots (default: <bucket>_SNAPSHOTS)")
     route_scopes: Path | None = option(

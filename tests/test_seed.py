@@ -18,6 +18,7 @@ from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.region import RegionSettings, init_region, seed_region_snapshot
 from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
 from sidecar.errors import SyncTimeout
+from sidecar.nats_connect import NatsConnect
 from sidecar.seed import seed_snapshot
 from sidecar.sync import KeySync
 from sidecar.table import KeyTable
@@ -84,8 +85,9 @@ async def test_seeding_a_bucket_that_does_not_exist_gives_up_and_says_where_to_l
 
 
 async def test_seeding_without_a_reachable_nats_gives_up_soon_and_says_so() -> None:
-    seeding = seed_snapshot(servers=[f"nats://127.0.0.1:{free_port()}"], bucket="KEYS", region=None, store="S",
-                            timeout=600.0, connect_timeout=1.0)  # fmt: skip
+    unreachable = NatsConnect((f"nats://127.0.0.1:{free_port()}",), identity="region-init-global")
+    seeding = seed_snapshot(nats=unreachable, bucket="KEYS", region=None, store="S", timeout=600.0,
+                            connect_timeout=1.0)  # fmt: skip
     with pytest.raises(SyncTimeout, match="was not reachable: check --nats-url"):
         await asyncio.wait_for(seeding, 15)  # long before the sync's own timeout
 

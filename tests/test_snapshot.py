@@ -146,7 +146,7 @@ async def test_a_new_sidecar_starts_from_the_snapshot_and_replays_only_later_cha
     keys = [make_key() for _ in range(200)]
     for _, record in keys:
         await put(bucket, record)
-    first = await start_sidecar(snapshot_interval=3600.0)
+    first = await start_sidecar(snapshot_interval=3600.0, snapshot_write=True)
     await first.ready()
     await eventually(lambda: _value(first.state.sync.snapshots_written), lambda n: n == 1)
     snapshot_revision = first.state.sync.written_snapshot.revision  # type: ignore[union-attr]
@@ -158,7 +158,7 @@ async def test_a_new_sidecar_starts_from_the_snapshot_and_replays_only_later_cha
     await put(bucket, late)
     await put(bucket, dataclasses.replace(keys[2][1], scopes=("admin",), version=2))
 
-    second = await start_sidecar(snapshot_interval=3600.0)
+    second = await start_sidecar(snapshot_interval=3600.0, snapshot_write=True)
     await second.ready()
     sync = second.state.sync
     assert sync.loaded_snapshot is not None
@@ -181,7 +181,7 @@ async def test_a_snapshot_newer_than_a_recreated_bucket_is_ignored(
 
     for _, record in [make_key() for _ in range(20)]:
         await put(bucket, record)
-    first = await start_sidecar()
+    first = await start_sidecar(snapshot_write=True)
     await first.ready()
     await eventually(lambda: _value(first.state.sync.snapshots_written), lambda n: n == 1)
     await js.delete_key_value("KEYS")
@@ -195,9 +195,19 @@ async def test_a_snapshot_newer_than_a_recreated_bucket_is_ignored(
     assert await second.status_of(key) == 200
 
 
+async def test_a_sidecar_leaves_writing_snapshots_to_the_seeder_unless_told(
+    bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
+    await put(bucket, make_key()[1])
+    sidecar = await start_sidecar(snapshot_interval=0.2)
+    await sidecar.ready()
+    await asyncio.sleep(0.5)
+    assert sidecar.state.sync.snapshots_written == 0
+
+
 async def test_snapshots_can_be_turned_off(bucket: KeyValue, start_sidecar: StartSidecar) -> None:
     await put(bucket, make_key()[1])
-    sidecar = await start_sidecar(snapshots=False)
+    sidecar = await start_sidecar(snapshots=False, snapshot_write=True)
     await sidecar.ready()
     await asyncio.sleep(0.2)
     assert sidecar.state.sync.snapshots_written == 0
