@@ -101,11 +101,15 @@ class Grants:
                 f"$JS.FC.{kv}.>"]  # fmt: skip
 
     def snapshot_read(self) -> list[str]:
-        """Read the snapshot store: its info, metadata and chunks (through ordered consumers)."""
+        """Read the snapshot store: its info, metadata and chunks (through ordered consumers).
+
+        nats-py's object store looks its stream up by subject first (STREAM.NAMES): that lists the
+        names of the account's streams, nothing in them.
+        """
         obj = self.obj
-        return [*_api(f"STREAM.INFO.{obj}", f"STREAM.MSG.GET.{obj}", f"DIRECT.GET.{obj}", f"DIRECT.GET.{obj}.>",
-                      f"CONSUMER.CREATE.{obj}", f"CONSUMER.CREATE.{obj}.>", f"CONSUMER.DELETE.{obj}.*",
-                      f"CONSUMER.INFO.{obj}.*"), f"$JS.FC.{obj}.>"]  # fmt: skip
+        return [*_api("STREAM.NAMES", f"STREAM.INFO.{obj}", f"STREAM.MSG.GET.{obj}", f"DIRECT.GET.{obj}",
+                      f"DIRECT.GET.{obj}.>", f"CONSUMER.CREATE.{obj}", f"CONSUMER.CREATE.{obj}.>",
+                      f"CONSUMER.DELETE.{obj}.*", f"CONSUMER.INFO.{obj}.*"), f"$JS.FC.{obj}.>"]  # fmt: skip
 
     def snapshot_write(self) -> list[str]:
         """Own the snapshot store: create, replace and delete it, and put objects."""
