@@ -38,12 +38,13 @@ from .natsd import NatsServer, NatsSpec, free_port, port_is_free
 from .procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
 from .region import HUB_DOMAIN, RegionSettings, init_region
 
-__all__ = ["Stack", "UpSettings", "up_command"]
+__all__ = ["Stack", "UpSettings", "parse_regions", "up_command"]
 
 _READY_TIMEOUT = 60.0
 
 
-def _regions(text: str) -> tuple[str, ...]:
+def parse_regions(text: str) -> tuple[str, ...]:
+    """Comma-separated region codes, each once."""
     regions = tuple(r.strip() for r in text.split(",") if r.strip())
     for region in regions:
         parse_region(region)
@@ -64,7 +65,9 @@ class UpSettings:
     sidecar_port: int = option(8081, parse=parse_port, help="first sidecar's port; more regions take the next ones")
     nats_port: int = option(4222, parse=parse_port, help="hub NATS client port (the next free one if taken)")
     regions: tuple[str, ...] = option(
-        (), parse=_regions, help="regions, e.g. eu,us: a leaf NATS and a sidecar each (default: one global sidecar)"
+        (),
+        parse=parse_regions,
+        help="regions, e.g. eu,us: a leaf NATS and a sidecar each (default: one global sidecar)",
     )
     demo: bool = option(False, parse=parse_bool, help="seed an org, team, project and a key, and print the key")
     log_level: str = option("info", choices=LOG_LEVELS, help="log level of the components (their logs: DATA_DIR/logs)")
