@@ -33,6 +33,7 @@ from sidecar.settings import LOG_LEVELS, parse_port, parse_region
 from .client import AdminClient, stack_file
 from .errors import KeyrelayError
 from .localauth import LocalCredentials, write_private
+from .localtls import LocalTls
 from .nats_auth import hub_settings, leaf_remote, leaf_settings
 from .natsd import NatsServer, NatsSpec, free_port, port_is_free
 from .procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
@@ -64,6 +65,12 @@ class UpSettings:
     publisher_port: int = option(8080, parse=parse_port, help="admin API port (the next free one if taken)")
     sidecar_port: int = option(8081, parse=parse_port, help="first sidecar's port; more regions take the next ones")
     nats_port: int = option(4222, parse=parse_port, help="hub NATS client port (the next free one if taken)")
+    nats_tls: bool = option(
+        False,
+        parse=parse_bool,
+        help="NATS with TLS on every port and leaf link: a local CA and certificate in DATA_DIR/nats/tls "
+        "(needs the up-tls extra)",
+    )
     regions: tuple[str, ...] = option(
         (),
         parse=parse_regions,
@@ -123,9 +130,16 @@ class Stack:
     sidecar_args: list[str] = field(default_factory=list)
     # The NKEY seed of every NATS identity (DATA_DIR/nats/creds/<identity>.nk): each child gets its own.
     credentials: LocalCredentials = field(init=False)
+    tls: LocalTls | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.credentials = LocalCredentials(self.data_dir / "nats" / "creds")
+        self.tls = LocalTls(self.data_dir / "nats" / "tls") if self.settings.nats_tls else None
+
+    def nats_args(self, role: str, region: str | None = None) -> list[str]:
+        """The NATS options of a child of `role` in `region`: its own seed file, the CA with --nats-tls."""
+        args = ["--nats-creds", str(self.creds(role, region))]
+        return args + (["--nats-tls-ca", str(self.tls.ca)] if self.tls else [])
 
     def creds(self, role: str, region: str | None = None) -> Path:
         """The seed file of the identity `role` has in `region` (publisher, sidecar, region-init)."""
@@ -139,6 +153,8 @@ class Stack:
     def start(self) -> None:
         """Start every process and wait until each is ready."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.tls is not None:
+            self.tls.ensure()
         self.token = self.settings.admin_token or self._stored_token()
         hub = self._start_nats()
         self._start_publisher(hub.url)
@@ -148,7 +164,8 @@ class Stack:
             nats_url = self.nats[i + 1].url if region else hub.url
             if region:
                 asyncio.run(init_region(RegionSettings(region=region, nats_url=(nats_url,),
-                                                       nats_creds=self.creds("region-init", region))))  # fmt: skip
+                                                       nats_creds=self.creds("region-init", region),
+                                                       nats_tls_ca=self.tls.ca if self.tls else None)))  # fmt: skip
             self._start_sidecar(region, nats_url)
         for component in self.components:
             if component.name.startswith("sidecar"):
@@ -173,7 +190,8 @@ class Stack:
         hub = NatsServer(
             NatsSpec(name="hub", store_dir=self.data_dir / "nats" / "hub", port=self.ports.pick(
                 self.settings.nats_port, "hub NATS"), domain=HUB_DOMAIN, leafnode_port=leaf_port,
-                blocks=hub_settings(self.settings.regions, self.credentials.public_key)),
+                blocks={**hub_settings(self.settings.regions, self.credentials.public_key), **self._tls_block()},
+                leafnode_tls=self.tls.server_block() if self.tls else None),
             log_dir=logs,
         )  # fmt: skip
         hub.start()
@@ -186,13 +204,17 @@ class Stack:
                          port=self.ports.pick(self.settings.nats_port and self.settings.nats_port + 1,
                                               f"{region} NATS"), domain=region,
                          remotes=[f"nats-leaf://127.0.0.1:{dial}"],
-                         blocks=leaf_settings(region, self.credentials.public_key),
-                         remote_options=leaf_remote(region, self.credentials.seed(identity_name("leaf", region)))),
+                         blocks={**leaf_settings(region, self.credentials.public_key), **self._tls_block()},
+                         remote_options={**leaf_remote(region, self.credentials.seed(identity_name("leaf", region))),
+                                         **({"tls": self.tls.remote_block()} if self.tls else {})}),
                 log_dir=logs,
             )  # fmt: skip
             leaf.start()
             self.nats.append(leaf)
         return hub
+
+    def _tls_block(self) -> dict[str, Any]:
+        return {"tls": self.tls.server_block()} if self.tls else {}
 
     def _child(self, name: str, args: list[str], port: int) -> _Component:
         log = self.data_dir / "logs" / f"{name}.log"
@@ -207,7 +229,7 @@ class Stack:
     def _start_publisher(self, nats_url: str) -> None:
         port = self.ports.pick(self.settings.publisher_port, "publisher")
         component = self._child("publisher", [
-            "publisher", "--port", str(port), "--nats-url", nats_url, "--nats-creds", str(self.creds("publisher")),
+            "publisher", "--port", str(port), "--nats-url", nats_url, *self.nats_args("publisher"),
             "--data-dir", str(self.data_dir),
             "--database-url", f"sqlite:///{self.data_dir / 'keyrelay.db'}", "--admin-token", self.token,
         ], port)  # fmt: skip
@@ -230,7 +252,7 @@ class Stack:
         wanted = self.settings.sidecar_port and self.settings.sidecar_port + len(self.sidecars)
         port = self.ports.pick(wanted, f"sidecar {region or 'global'}")
         args = ["sidecar", "--port", str(port), "--nats-url", nats_url,
-                "--nats-creds", str(self.creds("sidecar", region)), *self.sidecar_args]  # fmt: skip
+                *self.nats_args("sidecar", region), *self.sidecar_args]  # fmt: skip
         if region:
             args += ["--region", region]
         component = self._child(f"sidecar-{region or 'global'}", args, port)

@@ -1,10 +1,11 @@
 """Seed a region's table snapshot without serving: sync a table as a sidecar would, write it, stop.
 
-Sidecars keep their region's snapshot fresh, but only once one of them has
-replayed the whole bucket: a region's first sidecar would spend that replay
-(tens of seconds at a million keys) unready. `keyrelay region init` and
-`keyrelay snapshot seed` spend it instead, before any sidecar starts, so every
-sidecar, the first included, starts from a snapshot. The seeder starts from the
+Sidecars only read their region's snapshot; without one, a region's first
+sidecar would replay the whole bucket (tens of seconds at a million keys)
+unready. `keyrelay region init` and `keyrelay snapshot seed`, with the region's
+region-init credentials, spend that replay instead, before any sidecar starts,
+so every sidecar, the first included, starts from a snapshot; running the
+seeder again refreshes it. The seeder starts from the
 region's current snapshot itself when there is one, so seeding again is cheap;
 a snapshot that is still fresh is left as it is.
 """

@@ -103,7 +103,7 @@ class SidecarSettings:
     snapshots: bool = option(
         True,
         parse=parse_bool,
-        help="start from the region's table snapshot (an object store on the same NATS) and keep it fresh",
+        help="start from the region's table snapshot (an object store on the same NATS)",
     )
     snapshot_interval: float = option(
         600.0,

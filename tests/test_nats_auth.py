@@ -302,3 +302,34 @@ def test_the_stack_keeps_each_seed_private(stack: Stack) -> None:
     for conf in (stack.data_dir / "logs").glob("*.conf"):
         assert conf.stat().st_mode & 0o777 == 0o600, conf
     assert free_port()  # the stack left ports to the rest of the suite
+
+
+async def test_with_nats_tls_the_stack_serves_and_a_client_without_the_local_ca_is_refused(tmp_path: Path) -> None:
+    settings = UpSettings(data_dir=tmp_path / "up", publisher_port=0, sidecar_port=0, nats_port=0, regions=("eu",),
+                          nats_tls=True, log_level="warning")  # fmt: skip
+    running = Stack(settings)
+    try:
+        await asyncio.to_thread(running.start)
+        assert running.tls is not None
+        for url in running.sidecars.values():
+            answer = http_get(int(url.rsplit(":", 1)[1]), "/readyz")
+            assert answer is not None
+            assert answer[0] == 200
+        eu = NatsConnect((_url(running, "leaf-eu"),), identity="region-init-eu",
+                         creds=running.creds("region-init", "eu"), tls_ca=running.tls.ca)  # fmt: skip
+        nc = await nats.connect(**eu.kwargs(), max_reconnect_attempts=0)
+        try:
+            reply = await nc.request("$JS.API.STREAM.INFO.KV_KEYS", b"", timeout=5.0)
+            assert json.loads(reply.data)["config"]["mirror"]["name"] == "KV_KEYS"
+        finally:
+            await nc.close()
+        # The system's roots do not know the local CA; without TLS the server refuses too.
+        untrusted = NatsConnect((f"tls://{_url(running, 'hub').removeprefix('nats://')}",), identity="publisher",
+                                creds=running.creds("publisher"))  # fmt: skip
+        with pytest.raises(Exception, match=r"(?i)certificate"):
+            await nats.connect(**untrusted.kwargs(), max_reconnect_attempts=0, allow_reconnect=False)
+        with pytest.raises(Exception):  # noqa: B017, PT011  # nats-py raises several kinds here
+            await nats.connect(_url(running, "hub"), max_reconnect_attempts=0, allow_reconnect=False,
+                               connect_timeout=2)  # fmt: skip
+    finally:
+        await asyncio.to_thread(running.stop)
