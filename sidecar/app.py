@@ -92,7 +92,7 @@ async def serve(settings: SidecarSettings, *, stop: asyncio.Event | None = None)
     def started(port: int) -> None:
         log.info("sidecar listening on http://%s:%d (region %s, bucket %s, NATS %s)", settings.host, port,
                  settings.region or "global", settings.bucket,
-                 NatsConnect.of(settings, identity="").describe())  # fmt: skip
+                 NatsConnect.of(settings, identity=identity_name("sidecar", settings.region)).describe())  # fmt: skip
 
     await serve_app(
         create_app(settings),
