@@ -36,6 +36,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from keyrelay.cli import build_parser
+from keyrelay.nats_config import NatsConfigSettings, helm_values
 from keyrelay.region import HUB_DOMAIN, RegionSettings
 from loadtest.multiregion import LoadtestSettings
 from publisher.app import create_app as create_publisher_app
@@ -589,7 +590,7 @@ def test_the_nats_values_match_the_domains_the_code_uses() -> None:
 NATS_CHART_KEYS = {
     "global", "fullnameOverride", "namespaceOverride", "nameOverride", "config", "container", "reloader",
     "promExporter", "service", "statefulSet", "podTemplate", "headlessService", "configMap", "natsBox",
-    "podDisruptionBudget", "serviceAccount", "ingress", "extraResources", "imagePullSecrets",
+    "podDisruptionBudget", "serviceAccount", "ingress", "extraResources", "imagePullSecrets", "tlsCA",
 }  # fmt: skip
 
 
@@ -601,6 +602,90 @@ def test_the_nats_values_use_the_charts_keys_and_the_readme_installs_them_under_
         release, namespace = _nats_service(values)
         install = rf"helm upgrade --install {release} nats/nats --namespace {namespace}\b[^\n]*\\?\n?[^\n]*{file}"
         assert re.search(install, readme), f"deploy/k8s/README.md does not install {file} as release {release}"
+
+
+def _leaf_regions() -> list[str]:
+    return sorted(f.removeprefix("values-leaf-").removesuffix(".yaml") for f in _nats_values() if "leaf" in f)
+
+
+def test_the_nats_values_hold_the_accounts_and_permissions_the_code_writes() -> None:
+    # The drift test: the values are `keyrelay nats-config --format helm`'s output for each server.
+    values = _nats_values()
+    regions = tuple(_leaf_regions())
+    hub = helm_values(NatsConfigSettings(role="hub", regions=regions))
+    assert values["values-hub.yaml"]["config"]["merge"]["accounts"] == hub["config"]["merge"]["accounts"]
+    for region in regions:
+        leaf = values[f"values-leaf-{region}.yaml"]
+        want = helm_values(NatsConfigSettings(role="leaf", region=region))
+        assert leaf["config"]["merge"]["accounts"] == want["config"]["merge"]["accounts"], region
+        (remote,) = leaf["config"]["leafnodes"]["merge"]["remotes"]
+        (wanted,) = want["config"]["leafnodes"]["merge"]["remotes"]
+        assert {k: remote[k] for k in wanted} == wanted, region
+
+
+def test_every_nkey_and_seed_the_nats_values_name_comes_from_a_secret() -> None:
+    for file, values in _nats_values().items():
+        names = set(re.findall(r"<< \$(\w+) >>", yaml.safe_dump(values)))
+        assert names, file
+        env = values["container"]["env"]
+        assert set(env) == names, f"{file}: env {sorted(set(env) ^ names)}"
+        for name in names:
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert ref["key"] == name
+            assert ref["name"].startswith("keyrelay-nats-"), f"{file}: {name} from {ref['name']}"
+        assert "nkey: S" not in yaml.safe_dump(values), f"{file}: an inline seed"
+
+
+def test_the_nats_servers_run_tls_on_every_port_and_no_nats_box() -> None:
+    for file, values in _nats_values().items():
+        config = values["config"]
+        assert config["nats"]["tls"]["enabled"], file
+        assert config["cluster"]["tls"]["enabled"], file
+        assert values["tlsCA"]["enabled"], file
+        assert values["natsBox"]["enabled"] is False, file
+        if "leaf" in file:
+            for remote in config["leafnodes"]["merge"]["remotes"]:
+                assert remote["tls"]["ca_file"].endswith("ca.crt"), file
+        else:
+            assert config["leafnodes"]["tls"]["enabled"], file
+
+
+def _ingress_ports(policy: Obj) -> dict[int, list[Obj]]:
+    ports: dict[int, list[Obj]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            ports.setdefault(port["port"], []).extend(rule["from"])
+    return ports
+
+
+def test_the_nats_network_policies_admit_keyrelay_leaf_links_routes_and_monitoring_only() -> None:
+    overlays = {k.removeprefix("overlays/"): k for k in KUSTOMIZATIONS if k.startswith("overlays/")}
+    for file, values in _nats_values().items():
+        release, _ = _nats_service(values)
+        (policy,) = [r for r in values["extraResources"] if r["kind"] == "NetworkPolicy"]
+        _validate(policy, file)
+        selected = policy["spec"]["podSelector"]["matchLabels"]
+        assert selected == {"app.kubernetes.io/name": "nats", "app.kubernetes.io/instance": release}
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        ports = _ingress_ports(policy)
+        leaf = "leaf" in file
+        assert set(ports) == ({4222, 6222, 8222, 7777} if leaf else {4222, 6222, 7422, 8222, 7777}), file
+        # Clients: keyrelay's pods in the namespaces of the overlays that use this server.
+        region = file.removeprefix("values-leaf-").removesuffix(".yaml") if leaf else "hub"
+        namespace = next(o["metadata"]["namespace"] for o in rendered(overlays[region]) if "namespace" in o["metadata"])
+        (clients,) = ports[4222]
+        assert clients["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "keyrelay"}
+        assert clients["namespaceSelector"]["matchExpressions"][0]["values"] == [namespace], file
+        # Routes: the release's own pods; leaf links (hub): the regions' releases.
+        assert ports[6222] == [{"podSelector": {"matchLabels": selected}}]
+        if not leaf:
+            (links,) = ports[7422]
+            instances = next(e for e in links["podSelector"]["matchExpressions"] if e["key"].endswith("instance"))
+            assert sorted(instances["values"]) == [f"nats-{r}" for r in _leaf_regions()]
+        for port in (8222, 7777):
+            assert ports[port] == [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+            ]
 
 
 # ---- the Dockerfile --------------------------------------------------------------------------
