@@ -27,6 +27,7 @@ from keyrelay.procs import http_get
 from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
 from keyrelay.up import Stack, UpSettings
 from sidecar.nats_connect import NatsConnect, identity_name
+from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Trust, load_signer
 from sidecar.wire import subject_prefix
 from tests.support import make_key
 
@@ -99,10 +100,12 @@ async def connect(stack: Stack) -> AsyncIterator[Any]:
 
 
 async def _put(stack: Stack, connect: Any, *, region: str | None) -> str:
-    """Publish a key record of `region` as the publisher; its entry name."""
+    """Publish a key record of `region` as the publisher does, signed with the stack's key; its entry name."""
     publisher = await connect("hub", "publisher")
     _, record = make_key(region=region)
-    await publisher.nc.jetstream().publish(subject_prefix("KEYS") + record.entry, record.encode())
+    signature = load_signer(stack.data_dir / "signing-key", "default").sign(KIND_RECORD, record.entry, record.encode())
+    await publisher.nc.jetstream().publish(subject_prefix("KEYS") + record.entry, record.encode(),
+                                           headers={SIGNATURE_HEADER: signature})  # fmt: skip
     return str(record.entry)
 
 
@@ -257,7 +260,8 @@ async def test_the_legitimate_paths_work_with_accounts_on(stack: Stack, connect:
     eu_url = _url(stack, "leaf-eu")
     await init_region(RegionSettings(region="eu", nats_url=(eu_url,), nats_creds=stack.creds("region-init", "eu")))
     settings = SnapshotSettings(nats_url=(eu_url,), nats_creds=stack.creds("region-init", "eu"), region="eu",
-                                force=True, timeout=60.0)  # fmt: skip
+                                force=True, timeout=60.0, snapshot_signing_key=stack.data_dir / "snapshot-key",
+                                trusted_keys=(stack.public_key,))  # fmt: skip
     result = await seed(settings)
     assert result.written is not None
     assert result.keys >= 2
@@ -278,10 +282,13 @@ async def test_a_sidecar_starts_from_the_seeded_snapshot_with_read_only_credenti
     eu_url = _url(stack, "leaf-eu")
     await _put(stack, connect, region="eu")
     seeder = NatsConnect((eu_url,), identity="region-init-eu", creds=stack.creds("region-init", "eu"))
-    await seed_snapshot(nats=seeder, bucket="KEYS", region="eu", store="KEYS_SNAPSHOTS", force=True, timeout=60.0)
+    trust = Trust.of(records=(stack.public_key,), snapshots=(stack.snapshot_public_key,))
+    signer = load_signer(stack.data_dir / "snapshot-key", "default")
+    await seed_snapshot(nats=seeder, bucket="KEYS", region="eu", store="KEYS_SNAPSHOTS", trust=trust, signer=signer,
+                        force=True, timeout=60.0)  # fmt: skip
     reader = NatsConnect((eu_url,), identity="sidecar-eu", creds=stack.creds("sidecar", "eu"))
     sync = KeySync(table=KeyTable(), servers=reader.servers, connect=reader, bucket="KEYS", region="eu",
-                   snapshot_store="KEYS_SNAPSHOTS", snapshot_refresh=False)  # fmt: skip
+                   snapshot_store="KEYS_SNAPSHOTS", trust=trust)  # fmt: skip
     await sync.start()
     try:
         await sync.wait_synced(30.0)
