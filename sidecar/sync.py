@@ -315,6 +315,8 @@ class KeySync:
             return
         self.last_revision = snapshot.revision
         self.loaded_snapshot = snapshot
+        with contextlib.suppress(Exception):  # without it, the next heartbeat the stream delivers will do
+            await self._recall_heartbeat(nc)
         log.info(
             "loaded a snapshot of %d keys at revision %d (%d MB) in %.2fs; replaying from %d",
             snapshot.keys,
@@ -323,6 +325,41 @@ class KeySync:
             time.monotonic() - started,
             snapshot.revision + 1,
         )
+
+    async def _recall_heartbeat(self, nc: DirectClient) -> None:
+        """Read the publisher's latest heartbeat once, when the snapshot just loaded already covers it.
+
+        The consumer resumes after the snapshot's revision, so it would not deliver that heartbeat
+        again: a sidecar started from a snapshot while its region is cut off from the hub would
+        never be ready, though it holds everything the publisher had said by then.
+        """
+        subject = self._prefix + HEARTBEAT_ENTRY
+        inbox = nc.new_inbox()
+        received: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def take(msg: Any) -> None:
+            if not received.done():
+                received.set_result(msg)
+
+        sub = await nc.subscribe(inbox, cb=take, max_msgs=1)
+        name = f"keyrelay-heartbeat-{secrets.token_hex(8)}"
+        config = {"name": name, "deliver_subject": inbox, "deliver_policy": "last_per_subject",
+                  "filter_subject": subject, "ack_policy": "none", "max_deliver": 1, "mem_storage": True,
+                  "num_replicas": 1, "inactive_threshold": 5 * _NS}  # fmt: skip
+        try:
+            created = await self._api(nc, f"CONSUMER.CREATE.{self.stream}.{name}.{subject}",
+                                      {"stream_name": self.stream, "config": config})  # fmt: skip
+            if "error" in created or not created.get("num_pending"):
+                return
+            msg = await asyncio.wait_for(received, self.api_timeout)
+            stream_seq, _, _, stored = _parse_ack_reply(msg.reply.encode())
+            if stream_seq <= self.last_revision:  # a later one is the stream's to deliver, in order
+                self._heartbeat(HEARTBEAT_ENTRY, msg.data, msg.headers, stored / _NS)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await self._api(nc, f"CONSUMER.DELETE.{self.stream}.{name}")
 
     def _snapshot_due(self, current: tuple[float, int] | None) -> bool:
         """A region's snapshot is due when missing, older than the interval, or far behind this replica."""
