@@ -38,6 +38,7 @@ from packaging.version import Version
 from keyrelay.cli import build_parser
 from keyrelay.nats_config import NatsConfigSettings, helm_values
 from keyrelay.region import HUB_DOMAIN, RegionSettings
+from keyrelay.snapshots import SnapshotSettings
 from loadtest.multiregion import LoadtestSettings
 from publisher.app import create_app as create_publisher_app
 from publisher.settings import PublisherSettings
@@ -70,12 +71,13 @@ from tests.k8s_support import (
     parse_dockerfile,
     pod_labels,
     pod_spec,
+    pod_template,
     rendered,
     secret_values,
     selects,
     tool,
 )
-from tests.support import TRUSTED, make_key, put, revoked
+from tests.support import SNAPSHOT_SIGNER, TRUSTED, key_file, make_key, put, revoked
 
 # Native sidecars (initContainers with restartPolicy: Always) are GA from 1.33: the oldest version
 # the manifests support; and the newest schemas the pinned kubernetes-validate bundles.
@@ -97,6 +99,7 @@ COMMAND_SETTINGS: dict[tuple[str, ...], type] = {
     ("publisher",): PublisherSettings,
     ("publisher", "reconcile"): PublisherSettings,
     ("region", "init"): RegionSettings,
+    ("snapshot", "seed"): SnapshotSettings,
 }
 SERVERS: dict[tuple[str, ...], Any] = {("sidecar",): create_sidecar_app, ("publisher",): create_publisher_app}
 # The probes of each server. Liveness only asks whether the process answers: a NATS outage must
@@ -362,9 +365,12 @@ def test_the_secret_example_validates_and_has_exactly_the_keys_the_publisher_rea
                 if ref:
                     referenced.setdefault(ref["name"], set()).add(ref["key"])
             for volume, _ in _secret_mounts(spec, c):
-                referenced.setdefault(volume["secretName"], set()).update(i["key"] for i in volume["items"])
+                referenced.setdefault(volume["secretName"], set()).update(i["key"] for i in volume.get("items", []))
     assert referenced, "the publisher reads its database URL and admin token from a Secret"
-    assert {name: set(keys) for name, keys in SECRETS.items()} == referenced
+    assert set(SECRETS) == set(referenced), "every Secret the manifests use has an example, and only those"
+    for name, keys in referenced.items():
+        # A Secret mounted whole (NATS credentials) names no keys; one read key by key, exactly its example's.
+        assert not keys or keys == set(SECRETS[name]), name
 
 
 def _secret_mounts(spec: Obj, c: Obj) -> Iterator[tuple[Obj, str]]:
@@ -385,7 +391,9 @@ def test_every_publisher_reads_its_signing_key_from_the_secret_file_it_mounts(na
         assert "KEYRELAY_SIGNING_KEY" not in {v["name"] for v in c.get("env", []) if "valueFrom" in v}, (
             "the signing key is a mounted file, never the value of a variable"
         )
-        files = {f"{at}/{item['path']}": volume for volume, at in _secret_mounts(spec, c) for item in volume["items"]}
+        files = {
+            f"{at}/{item['path']}": volume for volume, at in _secret_mounts(spec, c) for item in volume.get("items", [])
+        }
         assert str(settings.signing_key) in files, f"{name}: {settings.signing_key} is not mounted from a Secret"
         volume = files[str(settings.signing_key)]
         assert volume["secretName"] in SECRETS
@@ -446,13 +454,13 @@ def test_ports_probes_and_scrape_annotations_match_what_the_code_serves(name: st
             get = probe["httpGet"]
             assert _port(c, get["port"]) == settings.port, f"{c['name']} {kind} probes another port"
             assert _serves(app, "GET", get["path"]), f"{c['name']} {kind}: no GET {get['path']} route"
-        annotations = obj["spec"]["template"]["metadata"].get("annotations", {})
+        annotations = pod_template(obj)["metadata"].get("annotations", {})
         if int(annotations.get("prometheus.io/port", -1)) == settings.port:
             assert annotations["prometheus.io/scrape"] == "true"
             assert _serves(app, "GET", annotations["prometheus.io/path"])
     # Every scrape annotation points at a keyrelay container's /metrics.
     for obj in objs:
-        annotations = obj["spec"]["template"]["metadata"].get("annotations", {}) if pod_spec(obj) else {}
+        annotations = pod_template(obj)["metadata"].get("annotations", {}) if pod_spec(obj) else {}
         if "prometheus.io/port" in annotations:
             _check_scrape(objs, obj, int(annotations["prometheus.io/port"]), annotations["prometheus.io/path"])
 
@@ -823,7 +831,7 @@ def test_the_images_hold_only_the_packages_their_dockerfile_stages_copy_and_inst
     assert {"loadtest", "asyncpg", "matplotlib", "pytest", "yaml"} <= absent_from_sidecar
     assert publisher == sidecar | {"asyncpg"}
     assert {"loadtest", "matplotlib", "pytest", "yaml"} <= absent_from_publisher
-    assert set(_image_commands("sidecar")) == {("sidecar",), ("region", "init")}
+    assert set(_image_commands("sidecar")) == {("sidecar",), ("region", "init"), ("snapshot", "seed")}
     assert set(_image_commands("publisher")) == {("publisher",)}
 
 
@@ -871,6 +879,13 @@ def test_each_images_commands_start_with_only_what_the_image_holds(target: str, 
                 _wait_http(f"http://127.0.0.1:{port}/{'readyz' if path == ('publisher',) else 'healthz'}", proc, log)
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(timeout=15) == 0, log.read_text()
+        elif path == ("snapshot", "seed"):
+            key = key_file(tmp_path / "snapshot-key", SNAPSHOT_SIGNER)
+            env = {"KEYRELAY_SNAPSHOT_SIGNING_KEY": str(key), "KEYRELAY_TRUSTED_KEYS": TRUSTED[0],
+                   "KEYRELAY_TIMEOUT": "2s"}  # fmt: skip
+            with _run(target, argv, absent, env, log) as proc:
+                assert proc.wait(timeout=60) == 1
+            assert "was not reachable: check --nats-url" in log.read_text(), log.read_text()
         else:
             assert path == ("region", "init"), f"`keyrelay {' '.join(path)}`: no test knows how to run it"
             with _run(target, argv, absent, {}, log) as proc:
@@ -942,7 +957,7 @@ def test_every_container_has_resources_probes_and_a_locked_down_security_context
         for c, init in containers(spec):
             at = f"{where} container {c['name']}"
             sc = c.get("securityContext", {})
-            long_running = obj["kind"] != "Job" and (not init or c.get("restartPolicy") == "Always")
+            long_running = obj["kind"] not in ("Job", "CronJob") and (not init or c.get("restartPolicy") == "Always")
             requests = c.get("resources", {}).get("requests", {})
             if not {"cpu", "memory"} <= set(requests) or "memory" not in c.get("resources", {}).get("limits", {}):
                 problems.append(f"{at}: needs cpu and memory requests and a memory limit")
