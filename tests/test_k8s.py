@@ -95,6 +95,7 @@ COMMAND_SETTINGS: dict[tuple[str, ...], type] = {
     ("sidecar",): SidecarSettings,
     ("publisher",): PublisherSettings,
     ("publisher", "reconcile"): PublisherSettings,
+    ("publisher", "resign"): PublisherSettings,
     ("region", "init"): RegionSettings,
 }
 SERVERS: dict[tuple[str, ...], Any] = {("sidecar",): create_sidecar_app, ("publisher",): create_publisher_app}
