@@ -98,6 +98,7 @@ COMMAND_SETTINGS: dict[tuple[str, ...], type] = {
     ("sidecar",): SidecarSettings,
     ("publisher",): PublisherSettings,
     ("publisher", "reconcile"): PublisherSettings,
+    ("publisher", "resign"): PublisherSettings,
     ("region", "init"): RegionSettings,
     ("snapshot", "seed"): SnapshotSettings,
 }
