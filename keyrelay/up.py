@@ -274,8 +274,9 @@ class Stack:
     def _start_sidecar(self, region: str | None, nats_url: str) -> None:
         wanted = self.settings.sidecar_port and self.settings.sidecar_port + len(self.sidecars)
         port = self.ports.pick(wanted, f"sidecar {region or 'global'}")
-        args = ["sidecar", "--port", str(port), "--nats-url", nats_url, "--trusted-keys", self.public_key,
-                "--trusted-snapshot-keys", self.snapshot_public_key, *self.nats_args("sidecar", region),
+        # KEY=VALUE: a base64url key may start with '-', which argparse would take for an option.
+        args = ["sidecar", "--port", str(port), "--nats-url", nats_url, f"--trusted-keys={self.public_key}",
+                f"--trusted-snapshot-keys={self.snapshot_public_key}", *self.nats_args("sidecar", region),
                 *self.sidecar_args]  # fmt: skip
         if region:
             args += ["--region", region]
@@ -283,7 +284,7 @@ class Stack:
         self.sidecars[region or "global"] = component.url
 
     def _start_seeder(self, region: str | None, nats_url: str, key: Path) -> None:
-        args = ["snapshot", "seed", "--keep-running", "--nats-url", nats_url, "--trusted-keys", self.public_key,
+        args = ["snapshot", "seed", "--keep-running", "--nats-url", nats_url, f"--trusted-keys={self.public_key}",
                 *self.nats_args("region-init", region)]  # fmt: skip
         if region:
             args += ["--region", region]

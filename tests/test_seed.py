@@ -109,7 +109,8 @@ async def test_the_snapshot_commands_seed_and_list_from_the_shell(
         await put(bucket, record)
 
     def run(*argv: str) -> tuple[int, str]:
-        extra = ["--snapshot-signing-key", str(snapshot_key), "--trusted-keys", TRUSTED[0]] if argv[0] == "seed" else []
+        seeding = ["--snapshot-signing-key", str(snapshot_key), f"--trusted-keys={TRUSTED[0]}"]
+        extra = seeding if argv[0] == "seed" else []
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             code = main(["snapshot", *argv, "--nats-url", nats_server.url, *extra])
