@@ -346,3 +346,18 @@ async def test_untrusting_a_signing_key_refuses_what_only_it_signed_until_the_ne
     assert await sidecar.status_of(new_key) == 200
     await put(bucket, old)  # `keyrelay publisher resign --all` signs it again with the current key
     await eventually(lambda: sidecar.status_of(old_key), lambda s: s == 200)
+
+
+async def test_an_insecure_sidecar_takes_unsigned_records_and_says_so_everywhere(
+    bucket: KeyValue, start_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    sidecar = await start_sidecar(trusted_keys=(), insecure_accept_unsigned=True)
+    await sidecar.ready()
+    key, record = make_key()
+    await put(bucket, record, signer=None)
+    await eventually(lambda: sidecar.status_of(key), lambda s: s == 200)
+    _, status = await sidecar.get("/v1/status")
+    assert status["trust"]["insecure_accept_unsigned"] is True
+    _, text = await sidecar.get("/metrics")
+    assert Scrape.parse(text).samples["keyrelay_insecure"] == 1
+    assert any("--insecure-accept-unsigned" in r.getMessage() for r in caplog.records)
