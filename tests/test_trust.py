@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import struct
 import time
+from typing import Any
 
 import pytest
 from nats.js.api import KeyValueConfig
@@ -361,3 +362,26 @@ async def test_an_insecure_sidecar_takes_unsigned_records_and_says_so_everywhere
     _, text = await sidecar.get("/metrics")
     assert Scrape.parse(text).samples["keyrelay_insecure"] == 1
     assert any("--insecure-accept-unsigned" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_unexpected_fault_while_applying_is_counted_and_the_sync_reads_again_from_that_record(
+    bucket: KeyValue, start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    revoked_key, _, _ = await _issued_then_revoked(bucket)
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    apply_fields = KeyTable.apply_fields
+    faults = [RuntimeError("a bug of ours")]
+
+    def faulty(table: KeyTable, fields: Any) -> bool:
+        if faults:
+            raise faults.pop()
+        return apply_fields(table, fields)
+
+    monkeypatch.setattr(KeyTable, "apply_fields", faulty)  # one fault, the next record
+    key, record = make_key()
+    await put(bucket, record)
+    await eventually(lambda: sidecar.status_of(key), lambda s: s == 200)  # applied on the read that followed
+    sync = sidecar.state.sync
+    assert (sync.stats.apply_errors, sync.stats.consumer_resets) == (1, 1)
+    assert await sidecar.code_of(revoked_key) == "REVOKED"
