@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.config import format_duration, load, option, parse_bool
+from sidecar.nats_connect import NatsConnect, identity_name, nats_option
 from sidecar.seed import SeedProgress, SeedResult, seed_snapshot
 from sidecar.settings import (
     LOG_LEVELS,
@@ -56,17 +57,28 @@ class SnapshotStoreSettings:
         parse=parse_servers,
         help="the NATS the region's sidecars read (its leaf node, or the hub), comma separated",
     )
+    nats_creds: Path | None = nats_option("nats_creds")
+    nats_tls_ca: Path | None = nats_option("nats_tls_ca")
+    nats_tls_cert: Path | None = nats_option("nats_tls_cert")
+    nats_tls_key: Path | None = nats_option("nats_tls_key")
     bucket: str = option(DEFAULT_BUCKET, help="JetStream KV bucket that holds the key records")
     snapshot_bucket: str = option("", help="object store bucket of the snapshots (default: <bucket>_SNAPSHOTS)")
+    region: str | None = option(
+        None,
+        parse=parse_region,
+        help="the region whose snapshot this is (unset: the one sidecars without --region read); --nats-creds "
+        "holds its region-init identity",
+    )
+
+    def nats(self) -> NatsConnect:
+        """How to reach the region's NATS, as its region-init identity."""
+        return NatsConnect.of(self, identity=identity_name("region-init", self.region))
 
 
 @dataclass(frozen=True, slots=True)
 class SnapshotSettings(SnapshotStoreSettings):
     """Options of `keyrelay snapshot seed`: those of `show`, and which snapshot, and when to write it."""
 
-    region: str | None = option(
-        None, parse=parse_region, help="region whose snapshot to seed (unset: the one sidecars without --region read)"
-    )
     snapshot_interval: float = option(
         600.0,
         parse=parse_positive_duration,
@@ -145,7 +157,7 @@ async def seed(
 ) -> SeedResult:
     """Seed the region's snapshot as `settings` say (and, with `keep_fresh`, keep it fresh until it is set)."""
     trust, signer = seeder_trust(settings)
-    return await seed_snapshot(servers=settings.nats_url, bucket=settings.bucket, region=settings.region,
+    return await seed_snapshot(nats=settings.nats(), bucket=settings.bucket, region=settings.region,
                                store=snapshot_store_name(settings.bucket, settings.snapshot_bucket), trust=trust,
                                signer=signer, interval=settings.snapshot_interval, force=settings.force,
                                timeout=settings.timeout, progress=progress, keep_fresh=keep_fresh)  # fmt: skip
@@ -169,7 +181,7 @@ def seed_command(args: argparse.Namespace) -> int:
     """`keyrelay snapshot seed`."""
     settings = load(SnapshotSettings, args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"seeding snapshot {settings.region or 'global'} of {settings.bucket} from {','.join(settings.nats_url)}",
+    print(f"seeding snapshot {settings.region or 'global'} of {settings.bucket} from {settings.nats().describe()}",
           flush=True)  # fmt: skip
     if not settings.keep_running:
         print(describe_seed(asyncio.run(seed(settings, progress=print_progress())), region=settings.region))
@@ -194,7 +206,7 @@ async def list_snapshots(settings: SnapshotStoreSettings) -> list[dict[str, Any]
     from nats.js.errors import BucketNotFoundError, NotFoundError
 
     store_name = snapshot_store_name(settings.bucket, settings.snapshot_bucket)
-    nc = await connect_nats(settings.nats_url, what="NATS")
+    nc = await connect_nats(settings.nats(), what="NATS")
     try:
         try:
             store = await nc.jetstream().object_store(store_name)

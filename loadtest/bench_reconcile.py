@@ -4,9 +4,10 @@ Starts nats-server and a SQLite database in a temporary directory, creates N
 keys through the key store (one project, 5,000 keys a transaction), lets the
 outbox relay sign and publish them all, then times one reconciliation of the
 consistent bucket, one after tampering with 1,000 entries, and one re-signing
-pass; each with wall time, the process's CPU time and the event loop's longest
-stall (a 10 ms ticker's worst lateness), which is what the admin API and the
-heartbeat would feel. Prints the figures and writes them as JSON.
+pass; each with wall time, the process's CPU time, its peak resident memory and
+the event loop's longest stall (a 10 ms ticker's worst lateness), which is what
+the admin API and the heartbeat would feel. Prints the figures and writes them
+as JSON.
 
     python -m loadtest.bench_reconcile --keys 1000000 --out docs/benchmarks/reconcile-1m.json
 """
@@ -17,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import platform
 import tempfile
@@ -65,13 +67,27 @@ def _loop_stalls() -> Iterator[list[float]]:
         task.cancel()
 
 
+def _peak_rss_mib(reset: bool = False) -> float:
+    """The process's peak resident memory since the last reset (Linux; 0 elsewhere)."""
+    with contextlib.suppress(OSError):
+        if reset:
+            Path("/proc/self/clear_refs").write_text("5")
+            return 0.0
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
 async def _timed(what: str, step: Step, figures: dict[str, Any]) -> Any:
+    gc.collect()
+    _peak_rss_mib(reset=True)
     started, cpu = time.perf_counter(), time.process_time()
     with _loop_stalls() as worst:
         result = await step()
     figures[what] = {"seconds": round(time.perf_counter() - started, 2),
                      "cpu_seconds": round(time.process_time() - cpu, 2),
-                     "worst_loop_stall_ms": round(worst[0] * 1000, 1)}  # fmt: skip
+                     "worst_loop_stall_ms": round(worst[0] * 1000, 1), "peak_rss_mib": _peak_rss_mib()}  # fmt: skip
     print(f"{what}: {figures[what]}", flush=True)
     return result
 

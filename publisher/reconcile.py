@@ -42,6 +42,10 @@ RECONCILE = Actor(token_id=NIL_UUID, name="reconcile", role="admin")
 log = logging.getLogger("keyrelay.publisher.reconcile")
 
 _MASK = (1 << 256) - 1
+_MIN_SHARDS = 64
+# Entries a shard holds on average: a difference costs comparing its shard's entries one by one, so a
+# few forged values among a million cost a few thousand entries held, not the million.
+_PER_SHARD = 16
 _GENUINE, _UNVERIFIED = b"\0", b"\1"  # what separates name and value in a fingerprint: never alike
 Progress = Callable[[str], None]
 
@@ -168,13 +172,15 @@ async def reconcile(
     broker: Broker,
     keys: SigningKeys,
     horizon: float = math.inf,
-    shards: int = 64,
+    shards: int | None = None,
     timeout: float = 600.0,
     progress: Progress | None = None,
 ) -> ReconcileReport:
     """Make the bucket equal to the database, every value signed; the fixes go through the outbox (wake the relay)."""
     say = progress or (lambda text: log.info("%s", text))
     started = time.perf_counter()
+    if shards is None:
+        shards = max(_MIN_SHARDS, await store.count_keys() // _PER_SHARD)
     digest = _Digest(shards)
     say("reconcile: summarising the database")
     db_side, _ = await _database_side(store, digest, frozenset())

@@ -2,20 +2,23 @@
 
 Reconciliation and re-signing both read the whole bucket and verify every
 signature in it: about 62 µs a value with libsodium, a minute at a million
-keys. Values are handed to a worker thread in batches (libsodium releases the
-GIL), so the admin API, the relay and the heartbeat keep running meanwhile.
+keys. A pull consumer fetches a batch at a time, and each batch is verified in
+a worker thread (libsodium releases the GIL) before the next is asked for: the
+admin API, the relay and the heartbeat keep running meanwhile, and memory holds
+one batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from sidecar.trust import SIGNATURE_HEADER
@@ -27,6 +30,9 @@ from .signing import Check, SigningKeys
 __all__ = ["BATCH", "BucketValue", "scan_bucket"]
 
 BATCH = 500  # values verified per hand-off to the worker thread: ~30 ms of its work, and of the loop's after it
+
+_FETCH_TIMEOUT = 10.0  # a batch the server has not delivered by then: NATS is in trouble, the pass fails
+_INACTIVE = 60.0  # a scan consumer left behind by a crash is removed by the server after this
 
 _Raw = tuple[str, bytes, str | None, bool]  # entry, payload, signature header, deleted
 
@@ -73,33 +79,36 @@ async def scan_bucket(
     if not info.state.messages:
         return True
     prefix = subject_prefix(broker.bucket)
-    done = asyncio.Event()
-    pending: list[_Raw] = []
-
-    async def flush() -> None:
-        batch = pending.copy()
-        pending.clear()
-        if batch:
-            await consume(await asyncio.to_thread(_check_all, keys, batch, horizon))
-
-    async def on_message(msg: Msg) -> None:
-        entry = msg.subject.removeprefix(prefix)
-        if entry != HEARTBEAT_ENTRY and (want is None or want(entry)):
-            headers = msg.headers or {}
-            deleted = headers.get("KV-Operation") in ("DEL", "PURGE")
-            pending.append((entry, msg.data, headers.get(SIGNATURE_HEADER), deleted))
-        last = msg.metadata.num_pending == 0
-        if len(pending) >= BATCH or last:
-            await flush()
-        if last:
-            done.set()
-
-    sub = await js.subscribe(
-        prefix + ">", stream=stream, cb=on_message, ordered_consumer=True,
-        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, pending_msgs_limit=0, pending_bytes_limit=0,
+    # A pull consumer: the next batch is asked for only once this one is verified, so memory holds one
+    # batch however large the bucket (a push consumer outruns verification and queues the bucket).
+    name = f"keyrelay-scan-{os.urandom(6).hex()}"
+    config = ConsumerConfig(
+        name=name, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
+        filter_subject=prefix + ">", inactive_threshold=_INACTIVE, mem_storage=True,
     )  # fmt: skip
+    await js.add_consumer(stream, config=config)
+    deadline = time.monotonic() + timeout
     try:
-        await asyncio.wait_for(done.wait(), timeout)
+        sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
+        try:
+            while True:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"reading the bucket took over {timeout:.0f}s")
+                messages = await sub.fetch(BATCH, timeout=_FETCH_TIMEOUT)
+                raw: list[_Raw] = []
+                for msg in messages:
+                    entry = msg.subject.removeprefix(prefix)
+                    if entry != HEARTBEAT_ENTRY and (want is None or want(entry)):
+                        headers = msg.headers or {}
+                        deleted = headers.get("KV-Operation") in ("DEL", "PURGE")
+                        raw.append((entry, msg.data, headers.get(SIGNATURE_HEADER), deleted))
+                if raw:
+                    await consume(await asyncio.to_thread(_check_all, keys, raw, horizon))
+                if messages[-1].metadata.num_pending == 0:
+                    break
+        finally:
+            await sub.unsubscribe()
     finally:
-        await sub.unsubscribe()
+        with contextlib.suppress(Exception):  # unused, it goes by itself after _INACTIVE
+            await js.delete_consumer(stream, name)
     return True

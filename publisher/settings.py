@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from sidecar.config import option, parse_bool
-from sidecar.settings import LOG_LEVELS, parse_optional_path, parse_port, parse_positive_duration, parse_servers
+from sidecar.config import option, parse_bool, parse_optional_path
+from sidecar.nats_connect import nats_option
+from sidecar.settings import LOG_LEVELS, parse_port, parse_positive_duration, parse_servers
 from sidecar.trust import parse_trusted_keys
 from sidecar.wire import DEFAULT_BUCKET, DEFAULT_PREFIX
 
@@ -33,6 +35,11 @@ def _deployment(text: str) -> str:
     return name
 
 
+def _duration(default: float, *, help: str) -> Any:
+    """A setting that is a duration greater than zero."""
+    return option(default, parse=parse_positive_duration, duration=True, help=help)
+
+
 @dataclass(frozen=True, slots=True)
 class PublisherSettings:
     """Everything the publisher needs to know; all of it has a flag and a KEYRELAY_* variable."""
@@ -46,6 +53,10 @@ class PublisherSettings:
     nats_url: tuple[str, ...] = option(
         ("nats://127.0.0.1:4222",), parse=parse_servers, help="NATS server(s) of the hub, comma separated"
     )
+    nats_creds: Path | None = nats_option("nats_creds")
+    nats_tls_ca: Path | None = nats_option("nats_tls_ca")
+    nats_tls_cert: Path | None = nats_option("nats_tls_cert")
+    nats_tls_key: Path | None = nats_option("nats_tls_key")
     bucket: str = option(DEFAULT_BUCKET, help="JetStream KV bucket the key records are published to")
     bucket_replicas: int = option(1, parse=int, help="replicas of the bucket's stream (3 on a NATS cluster)")
     host: str = option("127.0.0.1", help="address the admin API listens on")
@@ -57,10 +68,8 @@ class PublisherSettings:
     default_grace: float = option(
         86400.0, parse=_grace, duration=True, help="how long a rotated key keeps working, unless the call says"
     )
-    publish_wait: float = option(
+    publish_wait: float = _duration(
         2.0,
-        parse=parse_positive_duration,
-        duration=True,
         help="how long a change waits for the JetStream ack before answering propagation: pending",
     )
     reconcile_on_start: bool = option(
@@ -80,22 +89,16 @@ class PublisherSettings:
     deployment_id: str = option(
         "default", parse=_deployment, help="deployment every signature is bound to; the sidecars' must be the same"
     )
-    replay_horizon: float = option(
+    replay_horizon: float = _duration(
         7 * 86400.0,
-        parse=parse_positive_duration,
-        duration=True,
         help="sidecars refuse values signed longer ago: older ones are re-signed once half of it has passed",
     )
-    heartbeat_interval: float = option(
+    heartbeat_interval: float = _duration(
         2.0,
-        parse=parse_positive_duration,
-        duration=True,
         help="how often the relay leader publishes its signed heartbeat (the sidecars' measure of staleness)",
     )
-    reconcile_interval: float = option(
+    reconcile_interval: float = _duration(
         RECONCILE_INTERVAL,
-        parse=parse_positive_duration,
-        duration=True,
         help="how often the relay leader compares the bucket with the database and repairs it",
     )
     log_level: str = option("info", choices=LOG_LEVELS, help="logging level")

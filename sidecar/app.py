@@ -13,6 +13,7 @@ from aiohttp import web
 from .errors import SettingsError
 from .http import STATE, SidecarState, add_routes
 from .metrics import Metrics
+from .nats_connect import NatsConnect, identity_name
 from .settings import SidecarSettings
 from .snapshot import snapshot_store_name
 from .sync import KeySync
@@ -50,9 +51,11 @@ def create_app(settings: SidecarSettings) -> web.Application:
     trust = trust_of(settings)
     app = web.Application(client_max_size=64 * 1024)
     table = KeyTable()
+    nats = NatsConnect.of(settings, identity=identity_name("sidecar", settings.region))
     sync = KeySync(
         table=table,
         servers=settings.nats_url,
+        connect=nats,
         bucket=settings.bucket,
         region=settings.region,
         heartbeat=settings.heartbeat,
@@ -110,7 +113,8 @@ async def serve(settings: SidecarSettings, *, stop: asyncio.Event | None = None)
 
     def started(port: int) -> None:
         log.info("sidecar listening on http://%s:%d (region %s, bucket %s, NATS %s)", settings.host, port,
-                 settings.region or "global", settings.bucket, ",".join(settings.nats_url))  # fmt: skip
+                 settings.region or "global", settings.bucket,
+                 NatsConnect.of(settings, identity=identity_name("sidecar", settings.region)).describe())  # fmt: skip
 
     await serve_app(
         create_app(settings),

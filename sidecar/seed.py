@@ -1,12 +1,13 @@
 """Seed a region's table snapshot without serving: sync a table as a sidecar would, sign it, write it.
 
-Sidecars hold no key that can write snapshots; the region's seeder does. It
-syncs a table exactly as a sidecar does (every value verified against the
-publisher's keys), signs the snapshot with the region's snapshot key, and
-writes it. `keyrelay region init` seeds once before a region's first sidecar
-starts, so every sidecar, the first included, starts from a snapshot instead
-of replaying the bucket; `keyrelay snapshot seed --every 10m` keeps running
-and writes a new one whenever the region's is due. The seeder starts from the
+Sidecars hold no key or credential that can write snapshots; the region's
+seeder does. It syncs a table exactly as a sidecar does (every value verified
+against the publisher's keys), signs the snapshot with the region's snapshot
+key, and writes it with the region-init NATS credentials. `keyrelay region
+init` seeds once before a region's first sidecar starts, so every sidecar, the
+first included, starts from a snapshot instead of replaying the bucket;
+`keyrelay snapshot seed --keep-running` keeps running and writes a new one
+whenever the region's is due. The seeder starts from the
 region's current snapshot itself when there is one, so seeding again is cheap;
 a snapshot that is still fresh is left as it is.
 """
@@ -16,10 +17,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import SyncTimeout
+from .nats_connect import NatsConnect
 from .snapshot import Snapshot
 from .sync import KeySync
 from .table import KeyTable
@@ -55,7 +57,7 @@ class SeedResult:
 
 async def seed_snapshot(
     *,
-    servers: Sequence[str],
+    nats: NatsConnect,
     bucket: str,
     region: str | None,
     store: str,
@@ -78,7 +80,7 @@ async def seed_snapshot(
     # The seeder loads the region's current snapshot too: one it signed itself is trusted.
     own = TrustedKeys.of([signer.public_key])
     trust = dataclasses.replace(trust, snapshots=TrustedKeys({**trust.snapshots.keys, **own.keys}))
-    sync = KeySync(table=KeyTable(), servers=servers, bucket=bucket, region=region,
+    sync = KeySync(table=KeyTable(), servers=nats.servers, connect=nats, bucket=bucket, region=region,
                    name=f"keyrelay-seed-{region or 'global'}", snapshot_store=store, snapshot_interval=interval,
                    snapshot_signer=signer, trust=trust)  # fmt: skip
     await sync.start()

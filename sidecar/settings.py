@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import option, parse_bool, parse_duration
+from .config import option, parse_bool, parse_duration, parse_optional_path
+from .nats_connect import nats_option
 from .trust import parse_trusted_keys
 from .wire import DEFAULT_BUCKET, DEFAULT_PREFIX, is_region_code
 
@@ -47,11 +48,6 @@ def parse_servers(text: str) -> tuple[str, ...]:
     if not servers:
         raise ValueError("give at least one nats:// URL")
     return servers
-
-
-def parse_optional_path(text: str) -> Path | None:
-    """A file path, or None for an empty value."""
-    return Path(text) if text.strip() else None
 
 
 def parse_port(text: str) -> int:
@@ -125,6 +121,10 @@ class SidecarSettings:
         parse=parse_servers,
         help="NATS server(s) of this sidecar's region, comma separated",
     )
+    nats_creds: Path | None = nats_option("nats_creds")
+    nats_tls_ca: Path | None = nats_option("nats_tls_ca")
+    nats_tls_cert: Path | None = nats_option("nats_tls_cert")
+    nats_tls_key: Path | None = nats_option("nats_tls_key")
     bucket: str = option(DEFAULT_BUCKET, help="JetStream KV bucket that holds the key records")
     region: str | None = option(
         None,

@@ -6,8 +6,9 @@ at a stream revision; a sidecar that loads one resumes its consumer at the
 next revision, so it ends exactly where a full replay would (the bucket keeps
 every key's latest record and delete markers). Snapshots live in an object
 store on the NATS the sidecar reads — the region's own, for a regional
-sidecar — under the region's name, and sidecars keep them fresh themselves:
-one whose region's snapshot is older than the interval writes a new one.
+sidecar — under the region's name. The region's seeder writes them, with the
+region-init NATS identity and the region's snapshot key (`keyrelay region
+init`, `keyrelay snapshot seed`); sidecars hold neither, and only read them.
 
 Format: MAGIC, a 4-byte header length, a msgpack header (revision, bucket,
 region, the stream's identity, the table's header with its version floors),

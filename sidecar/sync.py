@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import random
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from nats.aio.subscription import Subscription
 
 from .direct import DirectClient
 from .errors import BucketNotFound, RecordError, SignatureError
+from .nats_connect import NatsConnect, identity_name
 from .snapshot import Snapshot, SnapshotStore
 from .table import KeyTable
 from .trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer, Trust, Verified
@@ -124,6 +126,8 @@ class KeySync:
     # Whose signatures count. The default takes values as they are: only for tests of the sync
     # itself; the sidecar and the seeder always pass their configured trust.
     trust: Trust = field(default_factory=lambda: Trust.of(accept_unsigned=True))
+    # Credentials, TLS and inbox prefix (None: `servers` as they are, the identity of a sidecar of `region`).
+    connect: NatsConnect | None = None
 
     stats: SyncStats = field(default_factory=SyncStats)
     last_revision: int = 0
@@ -256,11 +260,13 @@ class KeySync:
 
     async def _connect(self) -> DirectClient:
         backoff = 0.1
+        nats = self.connect or NatsConnect(tuple(self.servers), identity=identity_name("sidecar", self.region))
+        options = nats.kwargs()  # a missing or malformed credentials file is said once, not retried
         while not self._closing:
             nc = DirectClient()
             try:
                 await nc.connect(
-                    servers=list(self.servers),
+                    **options,
                     name=self.name,
                     connect_timeout=2,
                     max_reconnect_attempts=-1,
@@ -273,7 +279,7 @@ class KeySync:
                 )
                 return nc
             except Exception as exc:
-                log.warning("cannot reach NATS at %s: %s (retrying)", ",".join(self.servers), exc)
+                log.warning("cannot reach NATS at %s: %s (retrying)", nats.describe(), exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
         raise asyncio.CancelledError
@@ -309,6 +315,8 @@ class KeySync:
             return
         self.last_revision = snapshot.revision
         self.loaded_snapshot = snapshot
+        with contextlib.suppress(Exception):  # without it, the next heartbeat the stream delivers will do
+            await self._recall_heartbeat(nc)
         log.info(
             "loaded a snapshot of %d keys at revision %d (%d MB) in %.2fs; replaying from %d",
             snapshot.keys,
@@ -317,6 +325,41 @@ class KeySync:
             time.monotonic() - started,
             snapshot.revision + 1,
         )
+
+    async def _recall_heartbeat(self, nc: DirectClient) -> None:
+        """Read the publisher's latest heartbeat once, when the snapshot just loaded already covers it.
+
+        The consumer resumes after the snapshot's revision, so it would not deliver that heartbeat
+        again: a sidecar started from a snapshot while its region is cut off from the hub would
+        never be ready, though it holds everything the publisher had said by then.
+        """
+        subject = self._prefix + HEARTBEAT_ENTRY
+        inbox = nc.new_inbox()
+        received: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        async def take(msg: Any) -> None:
+            if not received.done():
+                received.set_result(msg)
+
+        sub = await nc.subscribe(inbox, cb=take, max_msgs=1)
+        name = f"keyrelay-heartbeat-{secrets.token_hex(8)}"
+        config = {"name": name, "deliver_subject": inbox, "deliver_policy": "last_per_subject",
+                  "filter_subject": subject, "ack_policy": "none", "max_deliver": 1, "mem_storage": True,
+                  "num_replicas": 1, "inactive_threshold": 5 * _NS}  # fmt: skip
+        try:
+            created = await self._api(nc, f"CONSUMER.CREATE.{self.stream}.{name}.{subject}",
+                                      {"stream_name": self.stream, "config": config})  # fmt: skip
+            if "error" in created or not created.get("num_pending"):
+                return
+            msg = await asyncio.wait_for(received, self.api_timeout)
+            stream_seq, _, _, stored = _parse_ack_reply(msg.reply.encode())
+            if stream_seq <= self.last_revision:  # a later one is the stream's to deliver, in order
+                self._heartbeat(HEARTBEAT_ENTRY, msg.data, msg.headers, stored / _NS)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            with contextlib.suppress(Exception):
+                await self._api(nc, f"CONSUMER.DELETE.{self.stream}.{name}")
 
     def _snapshot_due(self, current: tuple[float, int] | None) -> bool:
         """A region's snapshot is due when missing, older than the interval, or far behind this replica."""
@@ -455,10 +498,15 @@ class KeySync:
         if start > 1:
             config["opt_start_seq"] = start
         if len(subjects) == 1:
+            # The filter in the subject (CONSUMER.CREATE.<stream>.<name>.<filter>), which the server holds
+            # to the body's: NATS permissions can then admit a global sidecar to global keys only.
+            config["name"] = f"keyrelay-{secrets.token_hex(8)}"
             config["filter_subject"] = subjects[0]
+            create = f"CONSUMER.CREATE.{self.stream}.{config['name']}.{subjects[0]}"
         else:
             config["filter_subjects"] = subjects
-        created = await self._api(nc, f"CONSUMER.CREATE.{self.stream}", {"stream_name": self.stream, "config": config})
+            create = f"CONSUMER.CREATE.{self.stream}"
+        created = await self._api(nc, create, {"stream_name": self.stream, "config": config})
         if "error" in created:
             await gen.sub.unsubscribe()
             gen.sub = None

@@ -16,7 +16,8 @@ another deployment or another kind fails verification.
 Key formats (both fit secret scanners and are told apart at a glance):
 a signing key file holds ``krsk1_`` + base64url of the 32-byte Ed25519 seed;
 a public key is the base64url of its 32 raw bytes (no padding), its key id
-the first 8 bytes of its SHA-256 in hex.
+the first 8 bytes of its SHA-256 in hex. A public key may start with '-': on a
+command line, give it as `--trusted-keys=KEY`.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from publisher.api import Services
 from publisher.maintenance import Maintenance
 from sidecar.app import serve
 from sidecar.http import SidecarState
+from sidecar.nats_connect import NatsConnect, identity_name
 from sidecar.seed import SeedResult, seed_snapshot
 from sidecar.settings import SidecarSettings
 from sidecar.trust import (
@@ -98,8 +99,9 @@ TRUST = Trust.of(records=TRUSTED, snapshots=(SNAPSHOT_SIGNER.public_key,))
 async def seed(nats_url: str, *, region: str | None = None, force: bool = True, trust: Trust = TRUST,
                signer: Signer = SNAPSHOT_SIGNER) -> SeedResult:  # fmt: skip
     """Seed the region's snapshot with the suite's snapshot key, as `keyrelay snapshot seed` does."""
-    return await seed_snapshot(servers=[nats_url], bucket="KEYS", region=region, store="KEYS_SNAPSHOTS", trust=trust,
-                               signer=signer, force=force, timeout=30.0)  # fmt: skip
+    return await seed_snapshot(nats=NatsConnect((nats_url,), identity=identity_name("region-init", region)),
+                               bucket="KEYS", region=region, store="KEYS_SNAPSHOTS", trust=trust, signer=signer,
+                               force=force, timeout=30.0)  # fmt: skip
 
 
 def key_file(path: Path, signer: Signer) -> Path:

@@ -233,6 +233,17 @@ async def test_the_audit_trail_is_printed_as_a_table_or_as_the_apis_json(shell: 
     assert len((await shell.json("audit", "--limit", "2"))["entries"]) == 2
 
 
+async def test_signing_keys_prints_the_publishers_public_keys_as_a_table_json_or_just_the_current_one(
+    shell: Shell,
+) -> None:
+    signer = shell.publisher.services.keys.signer
+    assert (await shell.ok("signing-keys", "--print", "public_key")).strip() == signer.public_key
+    assert await shell.json("signing-keys") == await shell.publisher.admin.ok("GET", "/signing-keys")
+    listed = await shell.ok("signing-keys")
+    assert _columns(listed) == ["ID", "ALGORITHM", "PUBLIC KEY"]
+    assert _table(listed) == [{"ID": signer.kid, "ALGORITHM": "Ed25519", "PUBLIC KEY": signer.public_key}]
+
+
 async def test_print_gives_just_the_fields_asked_for_or_says_which_one_is_missing(shell: Shell) -> None:
     _, _, project = await _project(shell)
     out = await shell.ok("keys", "create", "--project", project, "--name", "k", "--print", "id,name,status")

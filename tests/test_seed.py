@@ -18,6 +18,7 @@ from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.region import RegionSettings, init_region, seed_region_snapshot
 from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
 from sidecar.errors import SyncTimeout
+from sidecar.nats_connect import NatsConnect
 from sidecar.seed import seed_snapshot
 from sidecar.sync import KeySync
 from sidecar.table import KeyTable
@@ -94,8 +95,9 @@ async def test_seeding_a_bucket_that_does_not_exist_gives_up_and_says_where_to_l
 
 
 async def test_seeding_without_a_reachable_nats_gives_up_soon_and_says_so() -> None:
-    seeding = seed_snapshot(servers=[f"nats://127.0.0.1:{free_port()}"], bucket="KEYS", region=None, store="S",
-                            trust=TRUST, signer=SNAPSHOT_SIGNER, timeout=600.0, connect_timeout=1.0)  # fmt: skip
+    unreachable = NatsConnect((f"nats://127.0.0.1:{free_port()}",), identity="region-init-global")
+    seeding = seed_snapshot(nats=unreachable, bucket="KEYS", region=None, store="S", trust=TRUST,
+                            signer=SNAPSHOT_SIGNER, timeout=600.0, connect_timeout=1.0)  # fmt: skip
     with pytest.raises(SyncTimeout, match="was not reachable: check --nats-url"):
         await asyncio.wait_for(seeding, 15)  # long before the sync's own timeout
 
@@ -107,7 +109,8 @@ async def test_the_snapshot_commands_seed_and_list_from_the_shell(
         await put(bucket, record)
 
     def run(*argv: str) -> tuple[int, str]:
-        extra = ["--snapshot-signing-key", str(snapshot_key), "--trusted-keys", TRUSTED[0]] if argv[0] == "seed" else []
+        seeding = ["--snapshot-signing-key", str(snapshot_key), f"--trusted-keys={TRUSTED[0]}"]
+        extra = seeding if argv[0] == "seed" else []
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             code = main(["snapshot", *argv, "--nats-url", nats_server.url, *extra])
@@ -187,7 +190,8 @@ async def test_a_seeder_that_keeps_running_writes_a_new_snapshot_whenever_the_re
 ) -> None:
     await put(bucket, make_key()[1])
     stop = asyncio.Event()
-    seeding = asyncio.create_task(seed_snapshot(servers=[nats_server.url], bucket="KEYS", region=None,
+    seeding = asyncio.create_task(seed_snapshot(nats=NatsConnect((nats_server.url,), identity="region-init-global"),
+                                                bucket="KEYS", region=None,
                                                 store="KEYS_SNAPSHOTS", trust=TRUST, signer=SNAPSHOT_SIGNER,
                                                 interval=0.5, keep_fresh=stop))  # fmt: skip
     try:

@@ -305,3 +305,18 @@ def test_a_finished_reader_no_longer_watches_the_table() -> None:
     reader.close()
     table.remove(keys[0][1].key_id)
     assert reader._saved == {}
+
+
+async def test_a_sidecar_started_from_a_snapshot_covering_the_last_heartbeat_is_ready_without_another(
+    nats_server: NatsServer, bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
+    key, record = make_key()
+    await put(bucket, record)
+    await heartbeat(bucket)  # the publisher's last word before, say, the region was cut off from the hub
+    seeded = await seed(nats_server.url)
+    assert seeded.written is not None
+    sidecar = await start_sidecar()
+    await sidecar.ready()  # no heartbeat after the snapshot: the one it covers was read back
+    assert sidecar.state.sync.loaded_snapshot is not None
+    assert sidecar.state.sync.stats.heartbeats == 1
+    assert await sidecar.status_of(key) == 200

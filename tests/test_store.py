@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import nats
+from nacl.signing import SigningKey
 from nats.js.client import JetStreamContext
 
 from keyrelay.natsd import NatsServer
@@ -15,8 +16,11 @@ from publisher.outbox import OutboxRelay
 from publisher.schema import MIGRATIONS, PARTITIONS, migrate
 from publisher.store import KeySpec, KeyStore
 from publisher.tokens import TokenStore
+from sidecar.trust import Signer
 from sidecar.wire import KeyRecord
 from tests.support import ADMIN_TOKEN, eventually
+
+SIGNER = Signer(SigningKey.generate(), "default")
 
 
 async def test_migrations_apply_once_and_are_idempotent(database_url: str) -> None:
@@ -83,7 +87,7 @@ async def test_the_relay_publishes_a_keys_changes_in_commit_order(
 ) -> None:
     store, actor, project = await _store(database_url)
     broker = Broker(servers=[nats_server.url], bucket="KEYS")
-    relay = OutboxRelay(db=store.db, broker=broker)
+    relay = OutboxRelay(db=store.db, broker=broker, signer=SIGNER)
     seen: list[tuple[str, int]] = []
     watcher = await nats.connect(nats_server.url)
     try:
@@ -126,7 +130,7 @@ async def test_a_republished_entry_is_dropped_as_a_duplicate(
 ) -> None:
     store, actor, project = await _store(database_url)
     broker = Broker(servers=[nats_server.url], bucket="KEYS")
-    relay = OutboxRelay(db=store.db, broker=broker)
+    relay = OutboxRelay(db=store.db, broker=broker, signer=SIGNER)
     try:
         await broker.start()
         await broker.bucket_ready.wait()
@@ -160,7 +164,7 @@ async def test_one_relay_per_database_publishes_and_another_takes_over(
 ) -> None:
     store, actor, project = await _store(database_url)
     brokers = [Broker(servers=[nats_server.url], bucket="KEYS") for _ in range(2)]
-    relays = [OutboxRelay(db=store.db, broker=b, lease_ttl=1.0) for b in brokers]
+    relays = [OutboxRelay(db=store.db, broker=b, signer=SIGNER, lease_ttl=1.0) for b in brokers]
     try:
         for broker, relay in zip(brokers, relays, strict=True):
             await broker.start()

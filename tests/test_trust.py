@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import struct
 import time
+from typing import Any
 
 import pytest
 from nats.js.api import KeyValueConfig
@@ -346,3 +347,41 @@ async def test_untrusting_a_signing_key_refuses_what_only_it_signed_until_the_ne
     assert await sidecar.status_of(new_key) == 200
     await put(bucket, old)  # `keyrelay publisher resign --all` signs it again with the current key
     await eventually(lambda: sidecar.status_of(old_key), lambda s: s == 200)
+
+
+async def test_an_insecure_sidecar_takes_unsigned_records_and_says_so_everywhere(
+    bucket: KeyValue, start_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    sidecar = await start_sidecar(trusted_keys=(), insecure_accept_unsigned=True)
+    await sidecar.ready()
+    key, record = make_key()
+    await put(bucket, record, signer=None)
+    await eventually(lambda: sidecar.status_of(key), lambda s: s == 200)
+    _, status = await sidecar.get("/v1/status")
+    assert status["trust"]["insecure_accept_unsigned"] is True
+    _, text = await sidecar.get("/metrics")
+    assert Scrape.parse(text).samples["keyrelay_insecure"] == 1
+    assert any("--insecure-accept-unsigned" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_unexpected_fault_while_applying_is_counted_and_the_sync_reads_again_from_that_record(
+    bucket: KeyValue, start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    revoked_key, _, _ = await _issued_then_revoked(bucket)
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    apply_fields = KeyTable.apply_fields
+    faults = [RuntimeError("a bug of ours")]
+
+    def faulty(table: KeyTable, fields: Any) -> bool:
+        if faults:
+            raise faults.pop()
+        return apply_fields(table, fields)
+
+    monkeypatch.setattr(KeyTable, "apply_fields", faulty)  # one fault, the next record
+    key, record = make_key()
+    await put(bucket, record)
+    await eventually(lambda: sidecar.status_of(key), lambda s: s == 200)  # applied on the read that followed
+    sync = sidecar.state.sync
+    assert (sync.stats.apply_errors, sync.stats.consumer_resets) == (1, 1)
+    assert await sidecar.code_of(revoked_key) == "REVOKED"

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from keyrelay.procs import http_get
+from sidecar.trust import load_signer
 
 pytestmark = pytest.mark.slow
 
@@ -249,11 +250,34 @@ def test_up_moves_off_taken_ports_to_the_next_free_ones_and_says_so(start_stack:
 def test_a_second_run_reuses_the_data_directory(start_stack: Any) -> None:
     first = start_stack("--demo")
     token, key = first.state["admin_token"], first.demo_key
+    trusted = first.state["trusted_keys"]
     first.process.send_signal(signal.SIGTERM)
     first.process.wait(timeout=30)
     second = start_stack()
     assert second.state["admin_token"] == token
+    assert second.state["trusted_keys"] == trusted  # the same signing key: what sidecars trust stays true
     _until(lambda: second.auth("global", key) == 200)
+
+
+def test_up_makes_the_publishers_signing_key_once_passes_it_by_environment_and_publishes_its_public_key(
+    start_stack: Any,
+) -> None:
+    stack = start_stack()
+    key_file = stack.data_dir / "signing-key"
+    _only_owner_may_read(key_file)
+    signer = load_signer(key_file, "default")
+    assert stack.state["trusted_keys"] == [signer.public_key]
+    assert stack.api("GET", "/signing-keys")["keys"][0]["public_key"] == signer.public_key
+    publisher = next(pid for pid in _children_of(stack.process.pid) if b"publisher" in _cmdline(pid).split(b"\0"))
+    assert b"signing-key" not in _cmdline(publisher)  # neither the key nor where it lies, on any command line
+    environ = Path(f"/proc/{publisher}/environ").read_bytes().split(b"\0")
+    assert f"KEYRELAY_SIGNING_KEY={key_file}".encode() in environ
+    assert key_file.read_text().strip() not in stack.output
+    _stop_and_check_nothing_is_left(stack, signal.SIGTERM)
+
+
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def _until(condition: Any, timeout: float = 5.0) -> None:
