@@ -38,11 +38,14 @@ from .snapshot import Snapshot, SnapshotStore
 from .table import KeyTable
 from .trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer, Trust, Verified
 from .wire import (
+    GLOBAL_SCOPE,
     HEARTBEAT_ENTRY,
     RecordFields,
     decode_fields,
     decode_heartbeat,
     decode_tombstone,
+    entry_name,
+    is_canonical_id,
     region_subjects,
     stream_name,
     subject_prefix,
@@ -176,6 +179,11 @@ class KeySync:
     @property
     def _prefix(self) -> str:
         return subject_prefix(self.bucket)
+
+    @property
+    def _scopes(self) -> tuple[str, ...]:
+        """The entry scopes this sidecar's keys are written under: global, and its region's."""
+        return (GLOBAL_SCOPE, self.region) if self.region else (GLOBAL_SCOPE,)
 
     @property
     def verifying(self) -> bool:
@@ -612,30 +620,36 @@ class KeySync:
 
     def _apply(self, subject: bytes, data: bytes, headers: dict[str, str] | None, stored: float) -> None:
         entry = subject.decode(errors="replace").removeprefix(self._prefix)
-        key_id = entry[entry.rfind(".") + 1 :]
         operation = headers.get("KV-Operation") if headers else None
         deleting = operation in ("DEL", "PURGE")
         if entry == HEARTBEAT_ENTRY:
             self._heartbeat(entry, data, headers, stored)
             return
+        scope, _, key_id = entry.partition(".")
         if not self.verifying:
             self._apply_unsigned(key_id, subject, data, deleting)
+            return
+        if scope not in self._scopes or not is_canonical_id(key_id):
+            # No key of this sidecar is ever written there: nothing to apply, nothing to quarantine.
+            self._count_refusal("bad_entry")
+            self._log_refusal("refused the value at %r (bad_entry): not an entry of this region's keys", entry)
             return
         signature = headers.get(SIGNATURE_HEADER) if headers else None
         try:
             verified = self.trust.verify(signature, data, entry=entry, kinds=_DELETE_KINDS if deleting else _PUT_KINDS)
-            self._check_stored(verified, stored, entry)
             if deleting:
                 tombstone_id, version = decode_tombstone(data)
-                if tombstone_id != key_id.lower():
+                if tombstone_id != key_id:
                     raise SignatureError("wrong_entry", entry=entry)
-                if self.table.tombstone(tombstone_id, version, until=verified.signed_at + self.trust.horizon):
+                self._check_stored(verified, stored, entry)
+                if self.table.tombstone(key_id, version, until=verified.signed_at + self.trust.horizon):
                     self.stats.removed += 1
                     self._changed()
                 return
             fields = decode_fields(data)
-            if fields[0] != key_id.lower():  # the id comes back canonical
+            if fields[0] != key_id:  # decode_fields hands the id back canonical
                 raise SignatureError("wrong_entry", entry=entry)
+            self._check_stored(verified, stored, entry)
         except RecordError as exc:
             self._refuse(entry, key_id, exc, deleting=deleting)
             return
@@ -668,25 +682,42 @@ class KeySync:
         self._take(fields)
 
     def _refuse(self, entry: str, key_id: str, exc: RecordError, *, deleting: bool) -> None:
-        """Count and log a refused value; a refused record (not a refused delete) quarantines its key."""
+        """Count and log a refused value at a key's own entry, and quarantine the key when the refusal says so.
+
+        A refused record quarantines its key: its latest word cannot be verified. A refused delete
+        marker keeps what the sidecar held while it is caught up (it has applied the record the marker
+        replaced), and quarantines it while catching up (the marker may have replaced a record, a
+        revocation say, that this sidecar never saw). A genuine record stored long after its signing
+        (a replay) is refused and changes nothing.
+        """
         reason = exc.reason if isinstance(exc, SignatureError) else "undecodable"
         if not isinstance(exc, SignatureError):
             self.stats.decode_errors += 1
         if deleting and reason == "unsigned":
-            reason = "unsigned_delete"  # a plain KV DEL or PURGE: the key stays as held
+            reason = "unsigned_delete"
+        self._count_refusal(reason)
+        catching_up = not self.synced or self.pending > 0
+        quarantine = reason != "replayed" and (not deleting or catching_up)
+        if quarantine and self._quarantine(entry, key_id, reason):
+            outcome = ": its key is refused until a valid record at least as new as the one held arrives"
+        else:
+            outcome = ": the key stays as held"
+        self._log_refusal("refused the value at %r (%s)%s", entry, reason, outcome)
+
+    def _count_refusal(self, reason: str) -> None:
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
-        quarantined = False
-        if not deleting:
-            with contextlib.suppress(ValueError):  # an entry name that is no key id: nothing to quarantine
-                quarantined = self.table.quarantine(key_id)
-                self.stats.quarantined += 1
-                self.recent_quarantines = [*self.recent_quarantines[-(_RECENT_QUARANTINES - 1) :],
-                                           {"entry": entry, "reason": reason, "at": round(time.time(), 3)}]  # fmt: skip
-        if quarantined:
-            self._changed()
-        self._log_refusal("refused the value at %r (%s)%s", entry, reason,
-                          ": its key is refused until a valid newer record arrives" if not deleting else
-                          ": the key stays as held")  # fmt: skip
+
+    def _quarantine(self, entry: str, key_id: str, reason: str) -> bool:
+        """Quarantine a held key whose own entry (its scope's) this is; False when it was not held there."""
+        n = self.table.find_id(key_id)
+        if n < 0 or entry != entry_name(key_id, self.table.view(n).region):
+            return False
+        self.table.quarantine(key_id)
+        self.stats.quarantined += 1
+        self.recent_quarantines = [*self.recent_quarantines[-(_RECENT_QUARANTINES - 1) :],
+                                   {"entry": entry, "reason": reason, "at": round(time.time(), 3)}]  # fmt: skip
+        self._changed()
+        return True
 
     def _log_refusal(self, message: str, *args: object) -> None:
         """Log at most _REJECTION_LOGS_PER_MINUTE refusals a minute; the metrics count every one."""
@@ -727,6 +758,8 @@ class KeySync:
             self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
             self._log_refusal("refused the heartbeat at %r (%s)", entry, reason)
             return
+        # Never fresher than now: a publisher clock running ahead must not stretch the bound.
+        signed_at = min(signed_at, time.time())
         if self.heartbeat_at is None or signed_at >= self.heartbeat_at:
             self.heartbeat_at, self.heartbeat_acked = signed_at, acked
         self.stats.heartbeats += 1
