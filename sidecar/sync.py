@@ -308,7 +308,10 @@ class KeySync:
             if "error" in info:
                 return
             self.stream_created = str(info.get("created", ""))
-            snapshot = await self._snapshots(nc).load(self.table, trust=self.trust, stream_created=self.stream_created)
+            # Records come from the stream's messages (a freed one from a tombstone's): no more than these.
+            most = 2 * int(info["state"]["messages"]) + 65_536
+            snapshot = await self._snapshots(nc).load(self.table, trust=self.trust, stream_created=self.stream_created,
+                                                      max_records=most)  # fmt: skip
         except Exception as exc:
             self.table.clear()
             log.warning("could not load a snapshot (%s); replaying the bucket instead", exc)
