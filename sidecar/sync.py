@@ -31,21 +31,20 @@ from typing import Any
 
 from nats.aio.subscription import Subscription
 
+from .admit import Elsewhere, Heartbeat, Record, Refused, Tombstone, Verdict, examine
 from .direct import DirectClient
-from .errors import BucketNotFound, RecordError, SignatureError
+from .errors import BucketNotFound, RecordError
 from .nats_connect import NatsConnect, identity_name
 from .snapshot import Snapshot, SnapshotStore
 from .table import KeyTable
-from .trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer, Trust, Verified
+from .trust import Signer, Trust
 from .wire import (
     GLOBAL_SCOPE,
     HEARTBEAT_ENTRY,
     RecordFields,
     decode_fields,
     decode_heartbeat,
-    decode_tombstone,
     entry_name,
-    is_canonical_id,
     region_subjects,
     stream_name,
     subject_prefix,
@@ -63,9 +62,6 @@ _MISSED_HEARTBEATS = 3
 _UNKNOWN_AGE = 1e9
 # A snapshot more than this many revisions (or a tenth of the table) behind is replaced early.
 _SNAPSHOT_MIN_CHANGES = 10_000
-_PUT_KINDS = frozenset({KIND_RECORD})
-_DELETE_KINDS = frozenset({KIND_TOMBSTONE})
-_HEARTBEAT_KINDS = frozenset({KIND_HEARTBEAT})
 # Rejections are logged at most this many times a minute (then counted only): forged traffic
 # must not flood the log.
 _REJECTION_LOGS_PER_MINUTE = 10
@@ -365,7 +361,7 @@ class KeySync:
             msg = await asyncio.wait_for(received, self.api_timeout)
             stream_seq, _, _, stored = _parse_ack_reply(msg.reply.encode())
             if stream_seq <= self.last_revision:  # a later one is the stream's to deliver, in order
-                self._heartbeat(HEARTBEAT_ENTRY, msg.data, msg.headers, stored / _NS)
+                self._apply(subject.encode(), msg.data, msg.headers, stored / _NS)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -623,40 +619,29 @@ class KeySync:
 
     def _apply(self, subject: bytes, data: bytes, headers: dict[str, str] | None, stored: float) -> None:
         entry = subject.decode(errors="replace").removeprefix(self._prefix)
+        if self.verifying:
+            self._commit(examine(self.trust, self._scopes, entry, data, headers, stored))
+            return
         operation = headers.get("KV-Operation") if headers else None
-        deleting = operation in ("DEL", "PURGE")
-        if entry == HEARTBEAT_ENTRY:
-            self._heartbeat(entry, data, headers, stored)
-            return
-        scope, _, key_id = entry.partition(".")
-        if not self.verifying:
-            self._apply_unsigned(key_id, subject, data, deleting)
-            return
-        if scope not in self._scopes or not is_canonical_id(key_id):
-            # No key of this sidecar is ever written there: nothing to apply, nothing to quarantine.
-            self._count_refusal("bad_entry")
-            self._log_refusal("refused the value at %r (bad_entry): not an entry of this region's keys", entry)
-            return
-        signature = headers.get(SIGNATURE_HEADER) if headers else None
-        try:
-            verified = self.trust.verify(signature, data, entry=entry, kinds=_DELETE_KINDS if deleting else _PUT_KINDS)
-            if deleting:
-                tombstone_id, version = decode_tombstone(data)
-                if tombstone_id != key_id:
-                    raise SignatureError("wrong_entry", entry=entry)
-                self._check_stored(verified, stored, entry)
-                if self.table.tombstone(key_id, version, until=verified.signed_at + self.trust.horizon):
+        self._apply_unsigned(entry, data, operation in ("DEL", "PURGE"))
+
+    def _commit(self, verdict: Verdict) -> None:
+        """Do to the table what a value's verdict says, in stream order."""
+        match verdict:
+            case Record(fields):
+                self._take(fields)
+            case Tombstone(key_id, version, until):
+                if self.table.tombstone(key_id, version, until=until):
                     self.stats.removed += 1
                     self._changed()
-                return
-            fields = decode_fields(data)
-            if fields[0] != key_id:  # decode_fields hands the id back canonical
-                raise SignatureError("wrong_entry", entry=entry)
-            self._check_stored(verified, stored, entry)
-        except RecordError as exc:
-            self._refuse(entry, key_id, exc, deleting=deleting)
-            return
-        self._take(fields)
+            case Heartbeat(signed_at, acked):
+                self._note_heartbeat(signed_at, acked)
+            case Refused():
+                self._refuse(verdict)
+            case Elsewhere(entry):
+                # No key of this sidecar is ever written there: nothing to apply, nothing to quarantine.
+                self._count_refusal("bad_entry")
+                self._log_refusal("refused the value at %r (bad_entry): not an entry of this region's keys", entry)
 
     def _take(self, fields: RecordFields) -> None:
         """Apply a record that passed every check (a held version as new or newer wins)."""
@@ -666,8 +651,13 @@ class KeySync:
         else:
             self.stats.stale_skipped += 1
 
-    def _apply_unsigned(self, key_id: str, subject: bytes, data: bytes, deleting: bool) -> None:
+    def _apply_unsigned(self, entry: str, data: bytes, deleting: bool) -> None:
         """--insecure-accept-unsigned: values as they are, deletes included (versions still only rise)."""
+        key_id = entry[entry.rfind(".") + 1 :]
+        if entry == HEARTBEAT_ENTRY:
+            with contextlib.suppress(RecordError):
+                self._note_heartbeat(time.time(), decode_heartbeat(data))
+            return
         if deleting:
             with contextlib.suppress(ValueError):
                 if self.table.remove(key_id):
@@ -680,32 +670,33 @@ class KeySync:
                 raise RecordError("id does not match the entry name")
         except RecordError as exc:
             self.stats.decode_errors += 1
-            self._log_refusal("skipped record at %r: %s", subject.decode(errors="replace"), exc.reason)
+            self._log_refusal("skipped record at %r: %s", self._prefix + entry, exc.reason)
             return
         self._take(fields)
 
-    def _refuse(self, entry: str, key_id: str, exc: RecordError, *, deleting: bool) -> None:
-        """Count and log a refused value at a key's own entry, and quarantine the key when the refusal says so.
+    def _refuse(self, refused: Refused) -> None:
+        """Count and log a refused value, and quarantine the key when the refusal says so.
 
         A refused record quarantines its key: its latest word cannot be verified. A refused delete
         marker keeps what the sidecar held while it is caught up (it has applied the record the marker
         replaced), and quarantines it while catching up (the marker may have replaced a record, a
         revocation say, that this sidecar never saw). A genuine record stored long after its signing
-        (a replay) is refused and changes nothing.
+        (a replay) is refused and changes nothing; so is a refused heartbeat.
         """
-        reason = exc.reason if isinstance(exc, SignatureError) else "undecodable"
-        if not isinstance(exc, SignatureError):
+        reason = refused.reason
+        if reason == "undecodable":
             self.stats.decode_errors += 1
-        if deleting and reason == "unsigned":
-            reason = "unsigned_delete"
         self._count_refusal(reason)
+        if refused.entry == HEARTBEAT_ENTRY:
+            self._log_refusal("refused the heartbeat at %r (%s)", refused.entry, reason)
+            return
         catching_up = not self.synced or self.pending > 0
-        quarantine = reason != "replayed" and (not deleting or catching_up)
-        if quarantine and self._quarantine(entry, key_id, reason):
+        quarantine = reason != "replayed" and (not refused.deleting or catching_up)
+        if quarantine and self._quarantine(refused.entry, refused.key_id, reason):
             outcome = ": its key is refused until a valid record at least as new as the one held arrives"
         else:
             outcome = ": the key stays as held"
-        self._log_refusal("refused the value at %r (%s)%s", entry, reason, outcome)
+        self._log_refusal("refused the value at %r (%s)%s", refused.entry, reason, outcome)
 
     def _count_refusal(self, reason: str) -> None:
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
@@ -734,33 +725,9 @@ class KeySync:
         elif count == _REJECTION_LOGS_PER_MINUTE:
             log.warning("more refused values this minute: counted (keyrelay_record_rejected_total), not logged")
 
-    def _check_stored(self, verified: Verified, stored: float, entry: str) -> None:
-        """Refuse a value the stream stored longer after its signing than the publisher ever takes to publish.
-
-        The publisher signs as it publishes; the stream's time is the server's, which no publisher
-        sets. A genuine old value published again (a replay by whoever can write to the stream) is
-        stored long after it was signed: refused, so that even a sidecar with no memory of the newer
-        value, starting without a snapshot, does not take it.
-        """
-        if stored - verified.signed_at > self.trust.max_publish_delay:
-            raise SignatureError("replayed", entry=entry)
-
-    def _heartbeat(self, entry: str, data: bytes, headers: dict[str, str] | None, stored: float) -> None:
-        """The publisher's heartbeat: verified, it proves the replica fresh as of its signing time."""
-        try:
-            if self.verifying:
-                verified = self.trust.verify(headers.get(SIGNATURE_HEADER) if headers else None, data, entry=entry,
-                                             kinds=_HEARTBEAT_KINDS)  # fmt: skip
-                self._check_stored(verified, stored, entry)
-                signed_at = verified.signed_at
-            else:
-                signed_at = time.time()
-            acked = decode_heartbeat(data)
-        except RecordError as exc:
-            reason = exc.reason if isinstance(exc, SignatureError) else "undecodable"
-            self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
-            self._log_refusal("refused the heartbeat at %r (%s)", entry, reason)
-            return
+    def _note_heartbeat(self, signed_at: float, acked: int) -> None:
+        """The publisher's heartbeat proves the replica fresh as of its signing time (the stream delivered
+        everything before it first)."""
         # Never fresher than now: a publisher clock running ahead must not stretch the bound.
         signed_at = min(signed_at, time.time())
         if self.heartbeat_at is None or signed_at >= self.heartbeat_at:
