@@ -26,6 +26,7 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,9 @@ _SNAPSHOT_MIN_CHANGES = 10_000
 # must not flood the log.
 _REJECTION_LOGS_PER_MINUTE = 10
 _RECENT_QUARANTINES = 20
+# Deliveries verified together while catching up: half on each of two threads, then committed in
+# order. Large enough that a thread hop is a small part of it, small enough to apply promptly.
+_BATCH = 128
 _FLOOR_PRUNE_EVERY = 60.0
 
 
@@ -97,6 +101,20 @@ class _Generation:
     # Set when its stream went wrong (a gap, a status): later messages are ignored until
     # _open_consumer drops it (unsubscribes, deletes the consumer) and starts the next one.
     abandoned: bool = False
+    # Deliveries received, not yet verified and committed (while catching up).
+    batch: list[_Delivered] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Delivered:
+    """One delivery waiting in a batch: what `_apply` takes, and where it leaves the replica."""
+
+    subject: bytes
+    data: bytes
+    headers: dict[str, str] | None
+    stream_seq: int
+    pending: int
+    stored: float
 
 
 def _parse_ack_reply(reply: bytes) -> tuple[int, int, int, int]:
@@ -164,6 +182,10 @@ class KeySync:
     _synced_event: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _closing: bool = False
+    # Two threads: a replay's signatures are checked two at a time (libsodium releases the GIL).
+    _verifiers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="keyrelay-verify")
+    )
     _log_window: tuple[float, int] = (0.0, 0)  # start of this minute's rejection log lines, and their count
     _floors_pruned: float = 0.0
 
@@ -238,6 +260,7 @@ class KeySync:
             with contextlib.suppress(Exception):
                 await self._drop_consumer(self._gen)
             await self._nc.close()
+        self._verifiers.shutdown(wait=False, cancel_futures=True)
 
     # -- connection and consumer lifecycle ---------------------------------------------------
 
@@ -562,6 +585,8 @@ class KeySync:
         if gen is not self._gen or gen.abandoned or gen.sub is None:
             return None  # a message for a consumer replaced or about to be
         if headers and "Status" in headers:
+            if gen.batch:  # what came before the status first, in order
+                return self._commit_batch(gen, then=self._on_status(gen, reply, headers))
             return self._on_status(gen, reply, headers)
         stream_seq, consumer_seq, pending, stored = _parse_ack_reply(reply)
         if consumer_seq != gen.expected:
@@ -576,21 +601,71 @@ class KeySync:
             return None
         gen.expected += 1
         self.last_contact = time.monotonic()
+        if self.verifying and (pending or gen.batch):
+            # Catching up: verify the values of a run on worker threads, then commit them in order.
+            gen.batch.append(_Delivered(subject, data, headers, stream_seq, pending, stored / _NS))
+            if pending and len(gen.batch) < _BATCH:
+                return None
+            return self._commit_batch(gen)
+        self._commit_one(gen, subject, data, headers, stream_seq, pending, stored / _NS)
+        return None
+
+    def _commit_one(self, gen: _Generation, subject: bytes, data: bytes, headers: dict[str, str] | None,
+                    stream_seq: int, pending: int, stored: float) -> bool:  # fmt: skip
+        """Apply one delivery and advance the replica to it; False when a fault made the sync start over."""
         try:
-            self._apply(subject, data, headers, stored / _NS)
+            self._apply(subject, data, headers, stored)
         except Exception as exc:
-            # Not a bad record (those are refused and counted in _apply): a fault of ours. Read the
-            # stream again from the last revision; versions and floors still hold.
+            # Not a bad record (those are refused and counted): a fault of ours. Read the stream again
+            # from the last revision; versions and floors still hold.
             self.stats.apply_errors += 1
             log.exception("could not apply the value at revision %d: %s: resyncing", stream_seq, type(exc).__name__)
             gen.abandoned = True
             self._reset.set()
-            return None
+            return False
+        self._advance(stream_seq, pending)
+        return True
+
+    def _advance(self, stream_seq: int, pending: int) -> None:
         self.last_revision = stream_seq
         self.pending = pending
         if pending == 0 and not self.synced:
             self._caught_up()
-        return None
+
+    async def _commit_batch(self, gen: _Generation, then: Awaitable[None] | None = None) -> None:
+        """Verify a run of deliveries on worker threads, commit their verdicts in stream order, then await `then`."""
+        await self._commit_verdicts(gen)
+        if then is not None:
+            await then
+
+    async def _commit_verdicts(self, gen: _Generation) -> None:
+        batch, gen.batch = gen.batch, []
+        entries = [d.subject.decode(errors="replace").removeprefix(self._prefix) for d in batch]
+        half = (len(batch) + 1) // 2
+        loop = asyncio.get_running_loop()
+        examined = await asyncio.gather(*(
+            loop.run_in_executor(self._verifiers, self._examine_all, entries[part], batch[part])
+            for part in (slice(0, half), slice(half, None))
+        ))  # fmt: skip
+        for delivery, verdict in zip(batch, (v for part in examined for v in part), strict=True):
+            if gen is not self._gen or gen.abandoned:
+                return  # replaced meanwhile: the next consumer delivers these again
+            try:
+                self._commit(verdict)
+            except Exception as exc:
+                self.stats.apply_errors += 1
+                log.exception("could not apply the value at revision %d: %s: resyncing", delivery.stream_seq,
+                              type(exc).__name__)  # fmt: skip
+                gen.abandoned = True
+                self._reset.set()
+                return
+            self._advance(delivery.stream_seq, delivery.pending)
+
+    def _examine_all(self, entries: list[str], batch: list[_Delivered]) -> list[Verdict]:
+        """The verdicts on a part of a batch (on a worker thread: examine reads nothing but its arguments)."""
+        scopes = self._scopes
+        return [examine(self.trust, scopes, entry, d.data, d.headers, d.stored)
+                for entry, d in zip(entries, batch, strict=True)]  # fmt: skip
 
     async def _on_status(self, gen: _Generation, reply: bytes, headers: dict[str, str]) -> None:
         assert self._nc is not None
