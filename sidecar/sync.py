@@ -7,12 +7,16 @@ consumer sequence, missed heartbeats, a reconnect or a server restart all lead
 to the same cure: a new consumer from the last applied revision.
 
 Every value must carry the publisher's signature (sidecar/trust.py) for its
-entry. A record that fails verification quarantines its key (refused until a
-valid newer record arrives); an unsigned delete or purge marker is refused and
-the key kept as held; only signed tombstones remove keys, leaving a version
-floor. No path lowers a key's version: not a resync, a reconnect, a recreated
-stream, nor a snapshot. Freshness is the age of the publisher's last signed
-heartbeat, which the stream delivers in order after everything before it.
+entry; what a value says is decided by sidecar/admit.py (on two worker threads
+for a run of deliveries while catching up) and committed here in stream order.
+A record that fails verification quarantines its key (refused until a valid
+record at least as new as the one held arrives); an unsigned delete or purge
+marker is refused, the key kept as held while caught up and quarantined while
+catching up; only signed tombstones remove keys, leaving a version floor. No
+path lowers a key's version: not a resync, a reconnect, a recreated stream, nor
+a snapshot. Freshness is the age of the publisher's last signed heartbeat,
+which the stream delivers in order after everything before it
+(docs/trust-model.md).
 """
 
 from __future__ import annotations
