@@ -155,6 +155,7 @@ class Stack:
     def start(self) -> None:
         """Start every process and wait until each is ready."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # the database, keys and seeds: nobody else's to read
         if self.tls is not None:
             self.tls.ensure()
         self.token = self.settings.admin_token or self._stored_token()
@@ -254,8 +255,10 @@ class Stack:
         component = self._child("publisher", [
             "publisher", "--port", str(port), "--nats-url", nats_url, *self.nats_args("publisher"),
             "--data-dir", str(self.data_dir),
-            "--database-url", f"sqlite:///{self.data_dir / 'keyrelay.db'}", "--admin-token", self.token,
-        ], port, {"KEYRELAY_SIGNING_KEY": str(self._signing_key())})  # fmt: skip
+            "--database-url", f"sqlite:///{self.data_dir / 'keyrelay.db'}",
+        ], port, {"KEYRELAY_SIGNING_KEY": str(self._signing_key()),
+                  # In the child's environment, never its command line, which every local user can read.
+                  "KEYRELAY_ADMIN_TOKEN": self.token})  # fmt: skip
         wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log)
         self.publisher_url = component.url
 

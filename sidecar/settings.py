@@ -181,3 +181,8 @@ class SidecarSettings:
         help="file of `METHOD /path-prefix scope ...` lines: the scopes each route requires, on top of "
         "X-Required-Scopes (format: deploy/gateways/README.md)",
     )
+    route_scopes_ignore_case: bool = option(
+        False,
+        parse=parse_bool,
+        help="match --route-scopes paths without regard to case, for upstreams that do (IIS, some frameworks)",
+    )

@@ -50,6 +50,8 @@ log = logging.getLogger("keyrelay.sidecar.snapshot")
 MAGIC = b"KRSNAP1\n"
 FORMAT = 2
 _MAX_SIGNATURE = 256
+# A header is the interned values (5 MB at a million keys) and the version floors: far below this.
+_MAX_HEAD = 256 * 2**20
 # Chunks stay well under NATS's default 1 MB max_payload.
 _CHUNK = 512 * 1024
 _LENGTH = struct.Struct(">I")
@@ -217,8 +219,12 @@ class _Sink:
     calls `write` in an executor thread, and the object store read should run to its end.
     """
 
-    def __init__(self, *, bucket: str, region: str | None, size: int, trust: Trust, stream_created: str) -> None:
+    def __init__(self, *, bucket: str, region: str | None, size: int, trust: Trust, stream_created: str,
+                 max_records: int | None = None) -> None:  # fmt: skip
         self._bucket, self._region = bucket, region
+        # The signature is checked at the end; what the header may make us allocate before that is
+        # bounded by what the stream could have filled (records come from its messages).
+        self._max_records = max_records
         self._trust = trust
         self._stream_created = stream_created  # the identity of the stream this sidecar reads
         self._expected = size  # the object's size, which the header's figures and signature must add up to
@@ -278,7 +284,7 @@ class _Sink:
             if not self._head.startswith(MAGIC):
                 raise SnapshotError("not a keyrelay snapshot")
             (length,) = _LENGTH.unpack_from(self._head, len(MAGIC))
-            if not 0 < length <= self._expected - fixed:
+            if not 0 < length <= min(self._expected - fixed, _MAX_HEAD):
                 raise SnapshotError(
                     f"unreadable header (announced as {length} bytes of a {self._expected}-byte object)"
                 )
@@ -315,6 +321,10 @@ class _Sink:
             sizes = array_sizes(header["table"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SnapshotError(f"unreadable table header ({exc})") from None
+        records = int(header["table"]["records"])
+        if self._max_records is not None and records > self._max_records:
+            raise SnapshotError(f"its header announces {records:,} records, more than the stream could have made "
+                                f"({self._max_records:,})")  # fmt: skip
         signature = self._expected - head - sum(sizes)
         if not _LENGTH.size < signature <= _LENGTH.size + _MAX_SIGNATURE:
             # Checked before allocating: a damaged record count must not claim gigabytes.
@@ -428,7 +438,8 @@ class SnapshotStore:
             return None
         return time.time() - float(created), int(revision)
 
-    async def load(self, table: KeyTable, *, trust: Trust, stream_created: str) -> Snapshot | None:
+    async def load(self, table: KeyTable, *, trust: Trust, stream_created: str,
+                   max_records: int | None = None) -> Snapshot | None:  # fmt: skip
         """Fill `table` from the region's snapshot; None when there is none or it cannot be used.
 
         Used only when signed by one of `trust`'s snapshot keys within its horizon, for this
@@ -442,7 +453,7 @@ class SnapshotStore:
         try:
             info = await store.get_info(self.name)
             sink = _Sink(bucket=self.bucket, region=self.region, size=info.size or 0, trust=trust,
-                         stream_created=stream_created)  # fmt: skip
+                         stream_created=stream_created, max_records=max_records)  # fmt: skip
             await store.get(self.name, writeinto=sink)  # type: ignore[arg-type]  # it only calls write
         except (ObjectNotFoundError, NotFoundError):
             return None

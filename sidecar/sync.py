@@ -7,12 +7,16 @@ consumer sequence, missed heartbeats, a reconnect or a server restart all lead
 to the same cure: a new consumer from the last applied revision.
 
 Every value must carry the publisher's signature (sidecar/trust.py) for its
-entry. A record that fails verification quarantines its key (refused until a
-valid newer record arrives); an unsigned delete or purge marker is refused and
-the key kept as held; only signed tombstones remove keys, leaving a version
-floor. No path lowers a key's version: not a resync, a reconnect, a recreated
-stream, nor a snapshot. Freshness is the age of the publisher's last signed
-heartbeat, which the stream delivers in order after everything before it.
+entry; what a value says is decided by sidecar/admit.py (on two worker threads
+for a run of deliveries while catching up) and committed here in stream order.
+A record that fails verification quarantines its key (refused until a valid
+record at least as new as the one held arrives); an unsigned delete or purge
+marker is refused, the key kept as held while caught up and quarantined while
+catching up; only signed tombstones remove keys, leaving a version floor. No
+path lowers a key's version: not a resync, a reconnect, a recreated stream, nor
+a snapshot. Freshness is the age of the publisher's last signed heartbeat,
+which the stream delivers in order after everything before it
+(docs/trust-model.md).
 """
 
 from __future__ import annotations
@@ -26,23 +30,26 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.subscription import Subscription
 
+from .admit import Elsewhere, Heartbeat, Record, Refused, Tombstone, Verdict, examine
 from .direct import DirectClient
-from .errors import BucketNotFound, RecordError, SignatureError
+from .errors import BucketNotFound, RecordError
 from .nats_connect import NatsConnect, identity_name
 from .snapshot import Snapshot, SnapshotStore
 from .table import KeyTable
-from .trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer, Trust, Verified
+from .trust import Signer, Trust
 from .wire import (
+    GLOBAL_SCOPE,
     HEARTBEAT_ENTRY,
     RecordFields,
     decode_fields,
     decode_heartbeat,
-    decode_tombstone,
+    entry_name,
     region_subjects,
     stream_name,
     subject_prefix,
@@ -60,13 +67,13 @@ _MISSED_HEARTBEATS = 3
 _UNKNOWN_AGE = 1e9
 # A snapshot more than this many revisions (or a tenth of the table) behind is replaced early.
 _SNAPSHOT_MIN_CHANGES = 10_000
-_PUT_KINDS = frozenset({KIND_RECORD})
-_DELETE_KINDS = frozenset({KIND_TOMBSTONE})
-_HEARTBEAT_KINDS = frozenset({KIND_HEARTBEAT})
 # Rejections are logged at most this many times a minute (then counted only): forged traffic
 # must not flood the log.
 _REJECTION_LOGS_PER_MINUTE = 10
 _RECENT_QUARANTINES = 20
+# Deliveries verified together while catching up: half on each of two threads, then committed in
+# order. Large enough that a thread hop is a small part of it, small enough to apply promptly.
+_BATCH = 128
 _FLOOR_PRUNE_EVERY = 60.0
 
 
@@ -98,6 +105,20 @@ class _Generation:
     # Set when its stream went wrong (a gap, a status): later messages are ignored until
     # _open_consumer drops it (unsubscribes, deletes the consumer) and starts the next one.
     abandoned: bool = False
+    # Deliveries received, not yet verified and committed (while catching up).
+    batch: list[_Delivered] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Delivered:
+    """One delivery waiting in a batch: what `_apply` takes, and where it leaves the replica."""
+
+    subject: bytes
+    data: bytes
+    headers: dict[str, str] | None
+    stream_seq: int
+    pending: int
+    stored: float
 
 
 def _parse_ack_reply(reply: bytes) -> tuple[int, int, int, int]:
@@ -165,6 +186,10 @@ class KeySync:
     _synced_event: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _closing: bool = False
+    # Two threads: a replay's signatures are checked two at a time (libsodium releases the GIL).
+    _verifiers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="keyrelay-verify")
+    )
     _log_window: tuple[float, int] = (0.0, 0)  # start of this minute's rejection log lines, and their count
     _floors_pruned: float = 0.0
 
@@ -176,6 +201,11 @@ class KeySync:
     @property
     def _prefix(self) -> str:
         return subject_prefix(self.bucket)
+
+    @property
+    def _scopes(self) -> tuple[str, ...]:
+        """The entry scopes this sidecar's keys are written under: global, and its region's."""
+        return (GLOBAL_SCOPE, self.region) if self.region else (GLOBAL_SCOPE,)
 
     @property
     def verifying(self) -> bool:
@@ -234,6 +264,7 @@ class KeySync:
             with contextlib.suppress(Exception):
                 await self._drop_consumer(self._gen)
             await self._nc.close()
+        self._verifiers.shutdown(wait=False, cancel_futures=True)
 
     # -- connection and consumer lifecycle ---------------------------------------------------
 
@@ -300,7 +331,10 @@ class KeySync:
             if "error" in info:
                 return
             self.stream_created = str(info.get("created", ""))
-            snapshot = await self._snapshots(nc).load(self.table, trust=self.trust, stream_created=self.stream_created)
+            # Records come from the stream's messages (a freed one from a tombstone's): no more than these.
+            most = 2 * int(info["state"]["messages"]) + 65_536
+            snapshot = await self._snapshots(nc).load(self.table, trust=self.trust, stream_created=self.stream_created,
+                                                      max_records=most)  # fmt: skip
         except Exception as exc:
             self.table.clear()
             log.warning("could not load a snapshot (%s); replaying the bucket instead", exc)
@@ -354,7 +388,7 @@ class KeySync:
             msg = await asyncio.wait_for(received, self.api_timeout)
             stream_seq, _, _, stored = _parse_ack_reply(msg.reply.encode())
             if stream_seq <= self.last_revision:  # a later one is the stream's to deliver, in order
-                self._heartbeat(HEARTBEAT_ENTRY, msg.data, msg.headers, stored / _NS)
+                self._apply(subject.encode(), msg.data, msg.headers, stored / _NS)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -555,6 +589,8 @@ class KeySync:
         if gen is not self._gen or gen.abandoned or gen.sub is None:
             return None  # a message for a consumer replaced or about to be
         if headers and "Status" in headers:
+            if gen.batch:  # what came before the status first, in order
+                return self._commit_batch(gen, then=self._on_status(gen, reply, headers))
             return self._on_status(gen, reply, headers)
         stream_seq, consumer_seq, pending, stored = _parse_ack_reply(reply)
         if consumer_seq != gen.expected:
@@ -569,21 +605,71 @@ class KeySync:
             return None
         gen.expected += 1
         self.last_contact = time.monotonic()
+        if self.verifying and (pending or gen.batch):
+            # Catching up: verify the values of a run on worker threads, then commit them in order.
+            gen.batch.append(_Delivered(subject, data, headers, stream_seq, pending, stored / _NS))
+            if pending and len(gen.batch) < _BATCH:
+                return None
+            return self._commit_batch(gen)
+        self._commit_one(gen, subject, data, headers, stream_seq, pending, stored / _NS)
+        return None
+
+    def _commit_one(self, gen: _Generation, subject: bytes, data: bytes, headers: dict[str, str] | None,
+                    stream_seq: int, pending: int, stored: float) -> bool:  # fmt: skip
+        """Apply one delivery and advance the replica to it; False when a fault made the sync start over."""
         try:
-            self._apply(subject, data, headers, stored / _NS)
+            self._apply(subject, data, headers, stored)
         except Exception as exc:
-            # Not a bad record (those are refused and counted in _apply): a fault of ours. Read the
-            # stream again from the last revision; versions and floors still hold.
+            # Not a bad record (those are refused and counted): a fault of ours. Read the stream again
+            # from the last revision; versions and floors still hold.
             self.stats.apply_errors += 1
             log.exception("could not apply the value at revision %d: %s: resyncing", stream_seq, type(exc).__name__)
             gen.abandoned = True
             self._reset.set()
-            return None
+            return False
+        self._advance(stream_seq, pending)
+        return True
+
+    def _advance(self, stream_seq: int, pending: int) -> None:
         self.last_revision = stream_seq
         self.pending = pending
         if pending == 0 and not self.synced:
             self._caught_up()
-        return None
+
+    async def _commit_batch(self, gen: _Generation, then: Awaitable[None] | None = None) -> None:
+        """Verify a run of deliveries on worker threads, commit their verdicts in stream order, then await `then`."""
+        await self._commit_verdicts(gen)
+        if then is not None:
+            await then
+
+    async def _commit_verdicts(self, gen: _Generation) -> None:
+        batch, gen.batch = gen.batch, []
+        entries = [d.subject.decode(errors="replace").removeprefix(self._prefix) for d in batch]
+        half = (len(batch) + 1) // 2
+        loop = asyncio.get_running_loop()
+        examined = await asyncio.gather(*(
+            loop.run_in_executor(self._verifiers, self._examine_all, entries[part], batch[part])
+            for part in (slice(0, half), slice(half, None))
+        ))  # fmt: skip
+        for delivery, verdict in zip(batch, (v for part in examined for v in part), strict=True):
+            if gen is not self._gen or gen.abandoned:
+                return  # replaced meanwhile: the next consumer delivers these again
+            try:
+                self._commit(verdict)
+            except Exception as exc:
+                self.stats.apply_errors += 1
+                log.exception("could not apply the value at revision %d: %s: resyncing", delivery.stream_seq,
+                              type(exc).__name__)  # fmt: skip
+                gen.abandoned = True
+                self._reset.set()
+                return
+            self._advance(delivery.stream_seq, delivery.pending)
+
+    def _examine_all(self, entries: list[str], batch: list[_Delivered]) -> list[Verdict]:
+        """The verdicts on a part of a batch (on a worker thread: examine reads nothing but its arguments)."""
+        scopes = self._scopes
+        return [examine(self.trust, scopes, entry, d.data, d.headers, d.stored)
+                for entry, d in zip(entries, batch, strict=True)]  # fmt: skip
 
     async def _on_status(self, gen: _Generation, reply: bytes, headers: dict[str, str]) -> None:
         assert self._nc is not None
@@ -612,34 +698,29 @@ class KeySync:
 
     def _apply(self, subject: bytes, data: bytes, headers: dict[str, str] | None, stored: float) -> None:
         entry = subject.decode(errors="replace").removeprefix(self._prefix)
-        key_id = entry[entry.rfind(".") + 1 :]
+        if self.verifying:
+            self._commit(examine(self.trust, self._scopes, entry, data, headers, stored))
+            return
         operation = headers.get("KV-Operation") if headers else None
-        deleting = operation in ("DEL", "PURGE")
-        if entry == HEARTBEAT_ENTRY:
-            self._heartbeat(entry, data, headers, stored)
-            return
-        if not self.verifying:
-            self._apply_unsigned(key_id, subject, data, deleting)
-            return
-        signature = headers.get(SIGNATURE_HEADER) if headers else None
-        try:
-            verified = self.trust.verify(signature, data, entry=entry, kinds=_DELETE_KINDS if deleting else _PUT_KINDS)
-            self._check_stored(verified, stored, entry)
-            if deleting:
-                tombstone_id, version = decode_tombstone(data)
-                if tombstone_id != key_id.lower():
-                    raise SignatureError("wrong_entry", entry=entry)
-                if self.table.tombstone(tombstone_id, version, until=verified.signed_at + self.trust.horizon):
+        self._apply_unsigned(entry, data, operation in ("DEL", "PURGE"))
+
+    def _commit(self, verdict: Verdict) -> None:
+        """Do to the table what a value's verdict says, in stream order."""
+        match verdict:
+            case Record(fields):
+                self._take(fields)
+            case Tombstone(key_id, version, until):
+                if self.table.tombstone(key_id, version, until=until):
                     self.stats.removed += 1
                     self._changed()
-                return
-            fields = decode_fields(data)
-            if fields[0] != key_id.lower():  # the id comes back canonical
-                raise SignatureError("wrong_entry", entry=entry)
-        except RecordError as exc:
-            self._refuse(entry, key_id, exc, deleting=deleting)
-            return
-        self._take(fields)
+            case Heartbeat(signed_at, acked):
+                self._note_heartbeat(signed_at, acked)
+            case Refused():
+                self._refuse(verdict)
+            case Elsewhere(entry):
+                # No key of this sidecar is ever written there: nothing to apply, nothing to quarantine.
+                self._count_refusal("bad_entry")
+                self._log_refusal("refused the value at %r (bad_entry): not an entry of this region's keys", entry)
 
     def _take(self, fields: RecordFields) -> None:
         """Apply a record that passed every check (a held version as new or newer wins)."""
@@ -649,8 +730,13 @@ class KeySync:
         else:
             self.stats.stale_skipped += 1
 
-    def _apply_unsigned(self, key_id: str, subject: bytes, data: bytes, deleting: bool) -> None:
+    def _apply_unsigned(self, entry: str, data: bytes, deleting: bool) -> None:
         """--insecure-accept-unsigned: values as they are, deletes included (versions still only rise)."""
+        key_id = entry[entry.rfind(".") + 1 :]
+        if entry == HEARTBEAT_ENTRY:
+            with contextlib.suppress(RecordError):
+                self._note_heartbeat(time.time(), decode_heartbeat(data))
+            return
         if deleting:
             with contextlib.suppress(ValueError):
                 if self.table.remove(key_id):
@@ -663,30 +749,48 @@ class KeySync:
                 raise RecordError("id does not match the entry name")
         except RecordError as exc:
             self.stats.decode_errors += 1
-            self._log_refusal("skipped record at %r: %s", subject.decode(errors="replace"), exc.reason)
+            self._log_refusal("skipped record at %r: %s", self._prefix + entry, exc.reason)
             return
         self._take(fields)
 
-    def _refuse(self, entry: str, key_id: str, exc: RecordError, *, deleting: bool) -> None:
-        """Count and log a refused value; a refused record (not a refused delete) quarantines its key."""
-        reason = exc.reason if isinstance(exc, SignatureError) else "undecodable"
-        if not isinstance(exc, SignatureError):
+    def _refuse(self, refused: Refused) -> None:
+        """Count and log a refused value, and quarantine the key when the refusal says so.
+
+        A refused record quarantines its key: its latest word cannot be verified. A refused delete
+        marker keeps what the sidecar held while it is caught up (it has applied the record the marker
+        replaced), and quarantines it while catching up (the marker may have replaced a record, a
+        revocation say, that this sidecar never saw). A genuine record stored long after its signing
+        (a replay) is refused and changes nothing; so is a refused heartbeat.
+        """
+        reason = refused.reason
+        if reason == "undecodable":
             self.stats.decode_errors += 1
-        if deleting and reason == "unsigned":
-            reason = "unsigned_delete"  # a plain KV DEL or PURGE: the key stays as held
+        self._count_refusal(reason)
+        if refused.entry == HEARTBEAT_ENTRY:
+            self._log_refusal("refused the heartbeat at %r (%s)", refused.entry, reason)
+            return
+        catching_up = not self.synced or self.pending > 0
+        quarantine = reason != "replayed" and (not refused.deleting or catching_up)
+        if quarantine and self._quarantine(refused.entry, refused.key_id, reason):
+            outcome = ": its key is refused until a valid record at least as new as the one held arrives"
+        else:
+            outcome = ": the key stays as held"
+        self._log_refusal("refused the value at %r (%s)%s", refused.entry, reason, outcome)
+
+    def _count_refusal(self, reason: str) -> None:
         self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
-        quarantined = False
-        if not deleting:
-            with contextlib.suppress(ValueError):  # an entry name that is no key id: nothing to quarantine
-                quarantined = self.table.quarantine(key_id)
-                self.stats.quarantined += 1
-                self.recent_quarantines = [*self.recent_quarantines[-(_RECENT_QUARANTINES - 1) :],
-                                           {"entry": entry, "reason": reason, "at": round(time.time(), 3)}]  # fmt: skip
-        if quarantined:
-            self._changed()
-        self._log_refusal("refused the value at %r (%s)%s", entry, reason,
-                          ": its key is refused until a valid newer record arrives" if not deleting else
-                          ": the key stays as held")  # fmt: skip
+
+    def _quarantine(self, entry: str, key_id: str, reason: str) -> bool:
+        """Quarantine a held key whose own entry (its scope's) this is; False when it was not held there."""
+        n = self.table.find_id(key_id)
+        if n < 0 or entry != entry_name(key_id, self.table.view(n).region):
+            return False
+        self.table.quarantine(key_id)
+        self.stats.quarantined += 1
+        self.recent_quarantines = [*self.recent_quarantines[-(_RECENT_QUARANTINES - 1) :],
+                                   {"entry": entry, "reason": reason, "at": round(time.time(), 3)}]  # fmt: skip
+        self._changed()
+        return True
 
     def _log_refusal(self, message: str, *args: object) -> None:
         """Log at most _REJECTION_LOGS_PER_MINUTE refusals a minute; the metrics count every one."""
@@ -700,33 +804,11 @@ class KeySync:
         elif count == _REJECTION_LOGS_PER_MINUTE:
             log.warning("more refused values this minute: counted (keyrelay_record_rejected_total), not logged")
 
-    def _check_stored(self, verified: Verified, stored: float, entry: str) -> None:
-        """Refuse a value the stream stored longer after its signing than the publisher ever takes to publish.
-
-        The publisher signs as it publishes; the stream's time is the server's, which no publisher
-        sets. A genuine old value published again (a replay by whoever can write to the stream) is
-        stored long after it was signed: refused, so that even a sidecar with no memory of the newer
-        value, starting without a snapshot, does not take it.
-        """
-        if stored - verified.signed_at > self.trust.max_publish_delay:
-            raise SignatureError("replayed", entry=entry)
-
-    def _heartbeat(self, entry: str, data: bytes, headers: dict[str, str] | None, stored: float) -> None:
-        """The publisher's heartbeat: verified, it proves the replica fresh as of its signing time."""
-        try:
-            if self.verifying:
-                verified = self.trust.verify(headers.get(SIGNATURE_HEADER) if headers else None, data, entry=entry,
-                                             kinds=_HEARTBEAT_KINDS)  # fmt: skip
-                self._check_stored(verified, stored, entry)
-                signed_at = verified.signed_at
-            else:
-                signed_at = time.time()
-            acked = decode_heartbeat(data)
-        except RecordError as exc:
-            reason = exc.reason if isinstance(exc, SignatureError) else "undecodable"
-            self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
-            self._log_refusal("refused the heartbeat at %r (%s)", entry, reason)
-            return
+    def _note_heartbeat(self, signed_at: float, acked: int) -> None:
+        """The publisher's heartbeat proves the replica fresh as of its signing time (the stream delivered
+        everything before it first)."""
+        # Never fresher than now: a publisher clock running ahead must not stretch the bound.
+        signed_at = min(signed_at, time.time())
         if self.heartbeat_at is None or signed_at >= self.heartbeat_at:
             self.heartbeat_at, self.heartbeat_acked = signed_at, acked
         self.stats.heartbeats += 1

@@ -337,6 +337,10 @@ class KeyTable:
         if held >= version:
             return False
         floor = self._floors.get(canonical)
+        if n < 0 and floor is None:
+            # Never held here: no floor (whoever sends tombstones for keys nobody has must not grow the
+            # table); an older record of it, replayed, is refused for its stored time or its age.
+            return False
         if floor is None or floor[0] < version or floor[1] < until:
             self._floors[canonical] = (max(version, floor[0] if floor else 0), max(until, floor[1] if floor else 0))
         if n < 0:

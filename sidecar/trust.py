@@ -118,6 +118,13 @@ class Signer:
         """The key id carried by everything this key signs."""
         return key_id(bytes(self.key.verify_key))
 
+    def message_id(self, name: str) -> str:
+        """A `Nats-Msg-Id` for `name` that only this key's holder can compute: the same for every retry of one
+        publish (JetStream drops a duplicate), and unguessable, so nobody can publish first under it and
+        have the real one dropped as a duplicate."""
+        secret = hashlib.sha256(b"keyrelay-message-id\x00" + bytes(self.key)).digest()
+        return hashlib.blake2b(name.encode(), key=secret, digest_size=16).hexdigest()
+
     def sign(self, kind: str, entry: str, body: bytes, *, signed_at: float | None = None) -> str:
         """The `Keyrelay-Sig` header value for `body` at `entry`; signed now unless `signed_at` (seconds) is given."""
         at = int((time.time() if signed_at is None else signed_at) * 1000)

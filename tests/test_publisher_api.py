@@ -181,6 +181,9 @@ async def test_bulk_creation_makes_many_keys_in_one_call(
     assert len(answer["keys"]) == 300
     assert answer["propagation"] == "published"
     assert len({k["key"] for k in answer["keys"]}) == 300
+    # Published means JetStream has them; the sidecar verifies the burst's 300 signatures just after.
+    last = answer["keys"][-1]["key"]
+    await eventually(lambda: sidecar.status_of(last), lambda s: s == 200)
     assert all([await sidecar.status_of(k["key"]) == 200 for k in answer["keys"][::30]])
     listed = await publisher.admin.ok("GET", f"/projects/{project['id']}/keys", limit=1000)
     assert len(listed["keys"]) == 300

@@ -320,3 +320,12 @@ async def test_a_sidecar_started_from_a_snapshot_covering_the_last_heartbeat_is_
     assert sidecar.state.sync.loaded_snapshot is not None
     assert sidecar.state.sync.stats.heartbeats == 1
     assert await sidecar.status_of(key) == 200
+
+
+def test_a_snapshot_claiming_more_records_than_its_stream_could_have_made_is_refused_before_allocating() -> None:
+    table, _ = _filled()
+    data = encode(table, revision=1, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
+    sink = _Sink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="", max_records=100)
+    sink.write(data)
+    with pytest.raises(SnapshotError, match="more than the stream could have made"):
+        sink.load_into(KeyTable())

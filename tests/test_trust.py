@@ -22,8 +22,8 @@ from sidecar.errors import SettingsError, SignatureError, SnapshotError
 from sidecar.settings import SidecarSettings
 from sidecar.snapshot import decode, encode
 from sidecar.table import RECORD_WIDTHS, KeyTable
-from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Trust, verify
-from sidecar.wire import MAX_VERSION, KeyRecord
+from sidecar.trust import KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Trust, verify
+from sidecar.wire import MAX_VERSION, KeyRecord, encode_tombstone
 from tests.conftest import StartSidecar
 from tests.support import (
     FORGER,
@@ -33,6 +33,7 @@ from tests.support import (
     TRUSTED,
     Scrape,
     Sidecar,
+    delete,
     eventually,
     heartbeat,
     make_key,
@@ -95,23 +96,27 @@ async def test_forged_and_unsigned_records_are_refused_counted_and_shown(
 ) -> None:
     sidecar = await start_sidecar()
     await sidecar.ready()
-    forged_key, forged = make_key(scopes=("admin",))
-    await put(bucket, forged, signer=FORGER)
+    held_key, held = make_key()
+    await put(bucket, held)
+    await eventually(lambda: sidecar.status_of(held_key), lambda s: s == 200)
+    await put(bucket, dataclasses.replace(held, scopes=("admin",), version=2), signer=FORGER)  # a forged update
     unsigned_key, unsigned = make_key(scopes=("admin",))
     await put(bucket, unsigned, signer=None)
     other_deployment = dataclasses.replace(SIGNER, deployment="staging")
     staging_key, staging = make_key()
     await put(bucket, staging, signer=other_deployment)
+    await put_raw(bucket, f"global.{held.key_id.upper()}", b"junk", signer=None)  # no key is written there
     await _marker(bucket, sidecar)
-    for key in (forged_key, unsigned_key, staging_key):
+    for key in (held_key, unsigned_key, staging_key):
         assert await sidecar.code_of(key) == "NOT_FOUND"
-    assert sidecar.state.sync.stats.rejected == {"unknown_signer": 1, "unsigned": 1, "bad_signature": 1}
+    rejected = {"unknown_signer": 1, "unsigned": 1, "bad_signature": 1, "bad_entry": 1}
+    assert sidecar.state.sync.stats.rejected == rejected
     _, text = await sidecar.get("/metrics")
     family = Scrape.parse(text).family("keyrelay_record_rejected_total")
-    assert family == {'{reason="bad_signature"}': 1, '{reason="unknown_signer"}': 1, '{reason="unsigned"}': 1}
+    assert family == {f'{{reason="{reason}"}}': n for reason, n in rejected.items()}
     _, status = await sidecar.get("/v1/status")
-    assert status["trust"]["quarantined"] == 3
-    assert {q["entry"] for q in status["trust"]["recent_quarantines"]} == {forged.entry, unsigned.entry, staging.entry}
+    assert status["trust"]["quarantined"] == 1  # the held key: the others were never served
+    assert [q["entry"] for q in status["trust"]["recent_quarantines"]] == [held.entry]
     assert status["trust"]["trusted_keys"] == [SIGNER.kid]
 
 
@@ -385,3 +390,53 @@ async def test_an_unexpected_fault_while_applying_is_counted_and_the_sync_reads_
     sync = sidecar.state.sync
     assert (sync.stats.apply_errors, sync.stats.consumer_resets) == (1, 1)
     assert await sidecar.code_of(revoked_key) == "REVOKED"
+
+
+async def test_an_unsigned_delete_met_while_catching_up_from_an_older_snapshot_refuses_the_key(
+    nats_server: NatsServer, bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
+    key, record = make_key()
+    await put(bucket, record)
+    await seed(nats_server.url)  # holds the key as valid
+    await put(bucket, revoked(record))
+    await bucket.delete(record.entry)  # pushes the signed revocation out of the stream (history 1)
+    await heartbeat(bucket)
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    assert sidecar.state.sync.loaded_snapshot is not None
+    assert await sidecar.code_of(key) == "NOT_FOUND"  # quarantined: it cannot know what the marker replaced
+    assert sidecar.state.sync.stats.rejected == {"unsigned_delete": 1}
+
+
+async def test_a_genuine_record_published_again_later_is_refused_and_changes_nothing(
+    bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
+    key, record = make_key()
+    current = Captured.of(record)
+    await current.replay(bucket)
+    sidecar = await start_sidecar(max_publish_delay=1.0)
+    await sidecar.ready()
+    await asyncio.sleep(1.2)
+    await current.replay(bucket)  # its current word, stored again long after its signing
+    await _marker(bucket, sidecar)
+    assert sidecar.state.sync.stats.rejected == {"replayed": 1}
+    assert await sidecar.status_of(key) == 200  # refused, but not quarantined: nothing newer was lost
+
+
+async def test_tombstones_outside_a_keys_own_entry_or_for_keys_never_held_change_nothing(
+    bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar()
+    key, record = make_key()
+    await put(bucket, record)
+    await sidecar.ready()
+    # Signed by the publisher, but at an entry no key is written to (its id in upper case).
+    upper = f"global.{record.key_id.upper()}"
+    await put_raw(bucket, upper, encode_tombstone(record.key_id.upper(), MAX_VERSION), kind=KIND_TOMBSTONE,
+                  headers={"KV-Operation": "DEL"})  # fmt: skip
+    never_held = make_key()[1]
+    await delete(bucket, never_held)
+    await _marker(bucket, sidecar)
+    assert await sidecar.status_of(key) == 200
+    assert sidecar.state.sync.stats.rejected == {"bad_entry": 1}
+    assert sidecar.state.sync.table.floors() == 0
