@@ -12,8 +12,11 @@ Modes:
   snapshot  build a table from a file of encoded records, encode it as a
             snapshot (signed when the tree signs), then time `decode` of it
             into a fresh table `repeats` times.
-  replay    a real KeySync replays a real bucket from the start until synced;
-            its `_apply` (the per-record path: verify, decode, apply) is timed.
+  replay    a real KeySync replays a real bucket from the start until synced
+            (wall and process CPU, worker threads included); its `_apply` (the
+            per-record path: verify, decode, apply) is timed where the catch-up
+            goes through it (a sync that verifies batches on worker threads
+            uses it only for live deliveries: then its figure is left out).
 """
 
 from __future__ import annotations
