@@ -34,7 +34,7 @@ BATCH = 500  # values verified per hand-off to the worker thread: ~30 ms of its 
 _FETCH_TIMEOUT = 10.0  # a batch the server has not delivered by then: NATS is in trouble, the pass fails
 _INACTIVE = 60.0  # a scan consumer left behind by a crash is removed by the server after this
 
-_Raw = tuple[str, bytes, str | None, bool]  # entry, payload, signature header, deleted
+_Raw = tuple[str, bytes, str | None, bool, float]  # entry, payload, signature header, deleted, stored (s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +45,14 @@ class BucketValue:
     payload: bytes
     deleted: bool
     check: Check
+    stored: float  # when the stream stored it (seconds): long after its signing, sidecars take it for a replay
 
 
 def _check_all(keys: SigningKeys, raw: Sequence[_Raw], horizon: float) -> list[BucketValue]:
     now = time.time()
     return [
-        BucketValue(entry, payload, deleted, keys.check(header, payload, entry=entry, horizon=horizon, now=now))
-        for entry, payload, header, deleted in raw
+        BucketValue(entry, payload, deleted, keys.check(header, payload, entry=entry, horizon=horizon, now=now), stored)
+        for entry, payload, header, deleted, stored in raw
     ]
 
 
@@ -101,7 +102,8 @@ async def scan_bucket(
                     if entry != HEARTBEAT_ENTRY and (want is None or want(entry)):
                         headers = msg.headers or {}
                         deleted = headers.get("KV-Operation") in ("DEL", "PURGE")
-                        raw.append((entry, msg.data, headers.get(SIGNATURE_HEADER), deleted))
+                        stored = msg.metadata.timestamp.timestamp()
+                        raw.append((entry, msg.data, headers.get(SIGNATURE_HEADER), deleted, stored))
                 if raw:
                     await consume(await asyncio.to_thread(_check_all, keys, raw, horizon))
                 if messages[-1].metadata.num_pending == 0:
