@@ -26,6 +26,7 @@ from sidecar.trust import SIGNATURE_HEADER
 from sidecar.wire import HEARTBEAT_ENTRY, stream_name, subject_prefix
 
 from .broker import Broker
+from .errors import PublisherError
 from .signing import Check, SigningKeys
 
 __all__ = ["BATCH", "BucketValue", "scan_bucket"]
@@ -106,8 +107,13 @@ async def scan_bucket(
         try:
             while True:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"reading the bucket took over {timeout:.0f}s")
-                messages = await sub.fetch(BATCH, timeout=_FETCH_TIMEOUT)
+                    raise PublisherError(f"reading the key bucket took over {timeout:.0f}s: is NATS overloaded?")
+                try:
+                    messages = await sub.fetch(BATCH, timeout=_FETCH_TIMEOUT)
+                except TimeoutError:  # nats-py's own TimeoutError is one too
+                    raise PublisherError(
+                        f"NATS sent no part of the key bucket within {_FETCH_TIMEOUT:.0f}s: check that it is reachable"
+                    ) from None
                 raw = _wanted(messages, prefix, want)
                 if checking is not None:
                     await consume(await checking)
