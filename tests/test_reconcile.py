@@ -10,6 +10,7 @@ import msgpack
 from nacl.signing import SigningKey
 from nats.js.client import JetStreamContext
 
+from publisher.reconcile import reconcile
 from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Signer
 from sidecar.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord
 from tests.conftest import StartPublisher, StartSidecar
@@ -276,3 +277,27 @@ async def test_the_relay_leader_reconciles_every_interval_on_its_own(
     await eventually(repaired, bool, timeout=20, interval=0.05)
     assert publisher.maintenance.reconciles >= 1
     assert (await _repair_entry(publisher))["details"]["unsigned"] == 1
+
+
+async def test_many_differing_shards_are_compared_in_rounds_of_bounded_size(
+    start_publisher: StartPublisher, js: JetStreamContext
+) -> None:
+    publisher = await start_publisher(reconcile_on_start=False)
+    await _keys(publisher, 40)
+    await js.delete_key_value("KEYS")
+    services = publisher.services
+
+    lines: list[str] = []
+    report = await reconcile(store=services.store, broker=services.broker, keys=services.keys, round_entries=10,
+                             progress=lines.append)  # fmt: skip
+    assert report.republished == 40
+    rounds = [line for line in lines if "comparing the entries of" in line]
+    assert len(rounds) >= 4
+    assert rounds[-1].endswith(f"(round {len(rounds)} of {len(rounds)})")
+    entries = (await publisher.admin.ok("GET", "/audit"))["entries"]
+    repairs = [e for e in entries if e["action"] == "bucket.repair"]
+    assert len(repairs) == len(rounds)  # one audit entry a round, each naming what it republished
+    assert sum(e["details"]["republished"] for e in repairs) == 40
+    services.relay.wake()
+    assert await services.relay.wait_published(report.outbox_ids, timeout=15)
+    await _bucket_matches_database(publisher, js)
