@@ -15,8 +15,8 @@ from .validation import MAX_GRACE
 
 __all__ = ["RECONCILE_INTERVAL", "PublisherSettings"]
 
-# A reconcile pass reads and verifies the whole bucket: about 2.5 minutes of one CPU at a million keys
-# (loadtest/bench_reconcile.py, docs/signing.md), so every 30 minutes costs the relay leader under a tenth
+# A reconcile pass reads and verifies the whole bucket: 2.5 to 3 minutes of one CPU at a million keys
+# (loadtest/bench_reconcile.py, docs/signing.md), so every 30 minutes costs the relay leader about a tenth
 # of a CPU on average, and a replayed old value is put back within half an hour.
 RECONCILE_INTERVAL = 1800.0
 
