@@ -34,6 +34,14 @@ async def _keys(publisher: Publisher, count: int) -> list[dict[str, str]]:
     return list(answer["keys"])
 
 
+async def _lost_bucket(start_publisher: StartPublisher, js: JetStreamContext, count: int) -> Publisher:
+    """A publisher (not reconciling at start) with `count` keys, whose bucket was then deleted."""
+    publisher = await start_publisher(reconcile_on_start=False)
+    await _keys(publisher, count)
+    await js.delete_key_value("KEYS")
+    return publisher
+
+
 async def _repair_entry(publisher: Publisher) -> dict[str, Any]:
     """The one audit entry the last reconciliation wrote: actor `reconcile`, newest of all."""
     entries = (await publisher.admin.ok("GET", "/audit"))["entries"]
@@ -128,9 +136,7 @@ async def test_entries_of_keys_the_database_does_not_know_are_deleted(
 async def test_the_publisher_repairs_the_bucket_at_start_up(
     start_publisher: StartPublisher, js: JetStreamContext
 ) -> None:
-    first = await start_publisher(reconcile_on_start=False)
-    await _keys(first, 20)
-    await js.delete_key_value("KEYS")
+    await _lost_bucket(start_publisher, js, 20)
     second = await start_publisher()  # same database; reconciles on start
     kv = await js.key_value("KEYS")
     await eventually(lambda: _count(kv), lambda n: n == 20, timeout=15)
@@ -282,9 +288,7 @@ async def test_the_relay_leader_reconciles_every_interval_on_its_own(
 async def test_many_differing_shards_are_compared_in_rounds_of_bounded_size(
     start_publisher: StartPublisher, js: JetStreamContext
 ) -> None:
-    publisher = await start_publisher(reconcile_on_start=False)
-    await _keys(publisher, 40)
-    await js.delete_key_value("KEYS")
+    publisher = await _lost_bucket(start_publisher, js, 40)
     services = publisher.services
 
     lines: list[str] = []
