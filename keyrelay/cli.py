@@ -72,6 +72,12 @@ def _snapshot_show(args: argparse.Namespace) -> int:
     return show_command(args)
 
 
+def _nats_config(args: argparse.Namespace) -> int:
+    from .nats_config import nats_config_command
+
+    return nats_config_command(args)
+
+
 def _loadtest(args: argparse.Namespace) -> int:
     from loadtest.multiregion import loadtest_command
 
@@ -151,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; every command and option has help."""
     from publisher.settings import PublisherSettings
 
+    from .nats_config import NatsConfigSettings
     from .region import RegionSettings
     from .snapshots import SnapshotSettings, SnapshotStoreSettings
     from .up import UpSettings
@@ -257,8 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         commands,
         "snapshot",
         help="seed or list the sidecars' table snapshots, so a region's first sidecar need not replay the bucket",
-        description="Sidecars start from their region's table snapshot (an object store on their NATS) and keep "
-        "it fresh. `seed` writes one before any sidecar runs; `show` lists them.",
+        description="Sidecars start from their region's table snapshot (an object store on their NATS), which "
+        "they only read. `seed` writes it, with the region's region-init credentials; `show` lists them.",
     )
     _command(
         snapshot_actions,
@@ -280,6 +287,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--json", action="store_true", help="print the list as JSON")
 
+    _command(
+        commands,
+        "nats-config",
+        settings=NatsConfigSettings,
+        handler=_nats_config,
+        help="print the NATS accounts, users and permissions of the hub or of a region's leaf node",
+        description="Print the account block a nats-server needs for keyrelay: one NKEY user per identity "
+        "(publisher, sidecar-<region>, region-init-<region>, leaf-<region>) with least-privilege permissions, "
+        "each public key read from $KEYRELAY_NKEY_<IDENTITY> when the server loads it. keyrelay up uses the "
+        "same blocks; docs/nats-security.md explains them.",
+    )
     _add_loadtest(commands)
     add_admin_commands(commands)
     return parser

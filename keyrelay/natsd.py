@@ -9,8 +9,10 @@ import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import KeyrelayError
+from .nats_auth import render_conf
 from .procs import ProcessError, spawn, stop, tail
 
 __all__ = ["NatsServer", "NatsSpec", "free_port", "nats_server_binary", "port_is_free", "wait_for_port"]
@@ -73,6 +75,10 @@ class NatsSpec:
     leafnode_port: int | None = None  # accept leaf connections (a hub)
     remotes: list[str] = field(default_factory=list)  # leaf URLs to connect to (a leaf)
     http_port: int | None = None
+    # More top-level blocks (accounts, tls, ...), and what each leaf remote adds to its URL (credentials).
+    blocks: dict[str, Any] = field(default_factory=dict)
+    remote_options: dict[str, Any] = field(default_factory=dict)
+    leafnode_tls: dict[str, Any] | None = None
 
     def render(self) -> str:
         """The server's configuration file."""
@@ -93,13 +99,14 @@ class NatsSpec:
             lines.append("leafnodes {")
             if self.leafnode_port is not None:
                 lines += [f'  host: "{self.host}"', f"  port: {self.leafnode_port}"]
+            if self.leafnode_tls is not None:
+                lines.append(render_conf({"tls": self.leafnode_tls}))
             if self.remotes:
                 lines.append("  reconnect: 1")
-                lines.append("  remotes: [")
-                lines += [f'    {{ url: "{url}" }}' for url in self.remotes]
-                lines.append("  ]")
+                remotes = [{"url": url, **self.remote_options} for url in self.remotes]
+                lines.append(render_conf({"remotes": remotes}))
             lines.append("}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n" + render_conf(self.blocks)
 
 
 class NatsServer:
@@ -132,6 +139,9 @@ class NatsServer:
         self.spec.store_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         config = self.log_dir / f"{self.spec.name}.conf"
+        # It may hold the leaf link's seed: readable by this user only.
+        config.touch(mode=0o600)
+        config.chmod(0o600)
         config.write_text(self.spec.render())
         log = self.log_dir / f"{self.spec.name}.log"
         self.process = spawn([str(nats_server_binary()), "-c", str(config)], log=log)

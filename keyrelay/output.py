@@ -6,19 +6,29 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Column", "details", "dump_json", "table"]
+__all__ = ["Column", "details", "dump_json", "escape", "table"]
 
 Column = tuple[str, str]  # (header, field)
+
+
+# C0 and C1 control characters (and DEL): a name holding ESC sequences or CR/LF must not move the
+# cursor, recolour the terminal or forge lines of a listing.
+_CONTROLS = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
+def escape(text: str) -> str:
+    """`text` with control characters shown as \\xNN escapes: safe to print to a terminal."""
+    return text.translate(_CONTROLS)
 
 
 def _text(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, list):
-        return " ".join(map(str, value)) or "-"
+        return escape(" ".join(map(str, value))) or "-"
     if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
-    return str(value)
+        return escape(", ".join(f"{k}={v}" for k, v in value.items())) or "-"
+    return escape(str(value))
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:

@@ -15,13 +15,25 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sidecar.config import load, option, parse_bool
-from sidecar.settings import parse_positive_duration, parse_region, parse_servers
+from sidecar.config import load, option, parse_bool, parse_optional_path
+from sidecar.nats_connect import NatsConnect, identity_name, nats_option
+from sidecar.settings import (
+    deployment_option,
+    horizon_option,
+    insecure_option,
+    parse_positive_duration,
+    parse_region,
+    parse_servers,
+    publish_delay_option,
+    trusted_keys_option,
+)
 from sidecar.wire import DEFAULT_BUCKET, region_subjects, stream_name
 
 from .errors import KeyrelayError
+from .nats_auth import mirror_deliver_prefix
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -58,7 +70,8 @@ def mirror_config(*, region: str, bucket: str, hub_domain: str = HUB_DOMAIN, rep
         "discard": "new",
         "mirror": {
             "name": name,
-            "external": {"api": f"$JS.{hub_domain}.API", "deliver": ""},
+            # Its own deliver prefix: the hub admits a region's leaf link to that region's deliveries only.
+            "external": {"api": f"$JS.{hub_domain}.API", "deliver": mirror_deliver_prefix(region)},
             "subject_transforms": [{"src": s, "dest": s} for s in region_subjects(bucket, region)],
         },
     }
@@ -73,11 +86,14 @@ async def ensure_region_mirror(nc: Client, *, region: str, bucket: str, hub_doma
     if "error" not in info:
         mirror = info["config"].get("mirror") or {}
         have = sorted(t["src"] for t in mirror.get("subject_transforms") or [])
-        if mirror.get("name") == name and have == sorted(region_subjects(bucket, region)):
+        deliver = (mirror.get("external") or {}).get("deliver")
+        if mirror.get("name") == name and have == sorted(region_subjects(bucket, region)) \
+                and deliver == mirror_deliver_prefix(region):  # fmt: skip
             return info
         raise KeyrelayError(
-            f"stream {name} on this region's NATS exists but is not a mirror of {bucket} for region {region}: "
-            f"delete it (nats stream rm {name}) and run this again"
+            f"stream {name} on this region's NATS exists but is not a mirror of {bucket} for region {region} "
+            f"delivered to {mirror_deliver_prefix(region)}: delete it (nats stream rm {name}, as this region's "
+            "region-init identity) and run this again"
         )
     created = await _api(nc, f"STREAM.CREATE.{name}", wanted, timeout)
     if "error" in created:
@@ -154,6 +170,10 @@ class RegionSettings:
     nats_url: tuple[str, ...] = option(
         ("nats://127.0.0.1:4222",), parse=parse_servers, help="the region's NATS (its leaf node), comma separated"
     )
+    nats_creds: Path | None = nats_option("nats_creds")
+    nats_tls_ca: Path | None = nats_option("nats_tls_ca")
+    nats_tls_cert: Path | None = nats_option("nats_tls_cert")
+    nats_tls_key: Path | None = nats_option("nats_tls_key")
     bucket: str = option(DEFAULT_BUCKET, help="the key bucket on the hub")
     hub_domain: str = option(HUB_DOMAIN, help="the hub's JetStream domain")
     replicas: int = option(1, parse=int, help="replicas of the mirror (3 on a 3-server leaf cluster)")
@@ -170,6 +190,16 @@ class RegionSettings:
         duration=True,
         help="how long to wait for the mirror to catch up, and again for the snapshot's table to sync",
     )
+    snapshot_signing_key: Path | None = option(
+        None,
+        parse=parse_optional_path,
+        help="file of the region's snapshot signing key, for seeding (unset: no snapshot is seeded)",
+    )
+    trusted_keys: tuple[str, ...] = trusted_keys_option()
+    insecure_accept_unsigned: bool = insecure_option()
+    deployment_id: str = deployment_option()
+    replay_horizon: float = horizon_option()
+    max_publish_delay: float = publish_delay_option()
 
 
 def region_init_command(args: argparse.Namespace) -> int:
@@ -181,7 +211,10 @@ def region_init_command(args: argparse.Namespace) -> int:
     state = info.get("state", {})
     print(f"region {settings.region}: mirror {info['config']['name']} of {settings.bucket} from domain "
           f"{settings.hub_domain} is in place ({state.get('messages', 0)} entries so far)", flush=True)  # fmt: skip
-    if settings.seed_snapshot:
+    if settings.seed_snapshot and settings.snapshot_signing_key is None:
+        print(f"region {settings.region}: no --snapshot-signing-key, so no snapshot seeded: the region's first "
+              "sidecar replays the bucket", flush=True)  # fmt: skip
+    elif settings.seed_snapshot:
         asyncio.run(seed_region_snapshot(settings))
     return 0
 
@@ -193,31 +226,42 @@ async def seed_region_snapshot(settings: RegionSettings) -> None:
     def waiting(state: str, seconds: float) -> None:
         print(f"  {seconds:5.0f}s: the mirror {state}", flush=True)
 
-    nc = await connect_nats(settings.nats_url, what="the region's NATS")
+    nc = await connect_nats(_nats(settings), what="the region's NATS")
     try:
         await wait_for_mirror(nc, bucket=settings.bucket, timeout=settings.timeout, progress=waiting)
     finally:
         await nc.close()
     print(f"region {settings.region}: the mirror has caught up; seeding the region's snapshot", flush=True)
-    snapshot = SnapshotSettings(nats_url=settings.nats_url, bucket=settings.bucket, region=settings.region,
-                                snapshot_bucket=settings.snapshot_bucket, timeout=settings.timeout)  # fmt: skip
+    snapshot = SnapshotSettings(nats_url=settings.nats_url, nats_creds=settings.nats_creds,
+                                nats_tls_ca=settings.nats_tls_ca, nats_tls_cert=settings.nats_tls_cert,
+                                nats_tls_key=settings.nats_tls_key, bucket=settings.bucket, region=settings.region,
+                                snapshot_bucket=settings.snapshot_bucket, timeout=settings.timeout,
+                                snapshot_signing_key=settings.snapshot_signing_key,
+                                trusted_keys=settings.trusted_keys, deployment_id=settings.deployment_id,
+                                replay_horizon=settings.replay_horizon,
+                                insecure_accept_unsigned=settings.insecure_accept_unsigned,
+                                max_publish_delay=settings.max_publish_delay)  # fmt: skip
     result = await seed(snapshot, progress=print_progress())
     print(describe_seed(result, region=settings.region))
 
 
-async def connect_nats(servers: tuple[str, ...], *, what: str) -> Client:
-    """A connection to `what` (the region's NATS, say) at `servers`; KeyrelayError naming them if unreachable."""
+def _nats(settings: RegionSettings) -> NatsConnect:
+    return NatsConnect.of(settings, identity=identity_name("region-init", settings.region))
+
+
+async def connect_nats(nats_connect: NatsConnect, *, what: str) -> Client:
+    """A connection to `what` (the region's NATS, say); KeyrelayError naming its servers if unreachable."""
     import nats
 
     try:
-        return await nats.connect(servers=list(servers), connect_timeout=5, max_reconnect_attempts=2)
+        return await nats.connect(**nats_connect.kwargs(), connect_timeout=5, max_reconnect_attempts=2)
     except Exception as exc:
-        raise KeyrelayError(f"cannot reach {what} at {','.join(servers)}: {exc}") from None
+        raise KeyrelayError(f"cannot reach {what} at {nats_connect.describe()}: {exc}") from None
 
 
 async def init_region(settings: RegionSettings) -> dict[str, Any]:
     """Connect to the region's NATS and make sure its mirror is in place."""
-    nc = await connect_nats(settings.nats_url, what="the region's NATS")
+    nc = await connect_nats(_nats(settings), what="the region's NATS")
     try:
         return await ensure_region_mirror(nc, region=settings.region, bucket=settings.bucket,
                                           hub_domain=settings.hub_domain, replicas=settings.replicas)  # fmt: skip

@@ -5,17 +5,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from sidecar.config import load, option, parse_bool
+from sidecar.config import format_duration, load, option, parse_bool
+from sidecar.nats_connect import NatsConnect, identity_name, nats_option
 from sidecar.seed import SeedProgress, SeedResult, seed_snapshot
-from sidecar.settings import parse_positive_duration, parse_region, parse_servers
+from sidecar.settings import (
+    LOG_LEVELS,
+    deployment_option,
+    horizon_option,
+    insecure_option,
+    parse_optional_path,
+    parse_positive_duration,
+    parse_region,
+    parse_servers,
+    publish_delay_option,
+    trusted_keys_option,
+)
 from sidecar.snapshot import snapshot_store_name
+from sidecar.trust import Signer, Trust, load_signer, parse_trusted_keys
 from sidecar.wire import DEFAULT_BUCKET
 
+from .errors import KeyrelayError
 from .region import connect_nats
 
 __all__ = [
@@ -26,6 +43,7 @@ __all__ = [
     "print_progress",
     "seed",
     "seed_command",
+    "seeder_trust",
     "show_command",
 ]
 
@@ -39,26 +57,59 @@ class SnapshotStoreSettings:
         parse=parse_servers,
         help="the NATS the region's sidecars read (its leaf node, or the hub), comma separated",
     )
+    nats_creds: Path | None = nats_option("nats_creds")
+    nats_tls_ca: Path | None = nats_option("nats_tls_ca")
+    nats_tls_cert: Path | None = nats_option("nats_tls_cert")
+    nats_tls_key: Path | None = nats_option("nats_tls_key")
     bucket: str = option(DEFAULT_BUCKET, help="JetStream KV bucket that holds the key records")
     snapshot_bucket: str = option("", help="object store bucket of the snapshots (default: <bucket>_SNAPSHOTS)")
+    region: str | None = option(
+        None,
+        parse=parse_region,
+        help="the region whose snapshot this is (unset: the one sidecars without --region read); --nats-creds "
+        "holds its region-init identity",
+    )
+
+    def nats(self) -> NatsConnect:
+        """How to reach the region's NATS, as its region-init identity."""
+        return NatsConnect.of(self, identity=identity_name("region-init", self.region))
 
 
 @dataclass(frozen=True, slots=True)
 class SnapshotSettings(SnapshotStoreSettings):
     """Options of `keyrelay snapshot seed`: those of `show`, and which snapshot, and when to write it."""
 
-    region: str | None = option(
-        None, parse=parse_region, help="region whose snapshot to seed (unset: the one sidecars without --region read)"
-    )
     snapshot_interval: float = option(
         600.0,
         parse=parse_positive_duration,
         duration=True,
-        help="the sidecars' --snapshot-interval: a snapshot younger than this, and not far behind, is left as it is",
+        help="a snapshot younger than this, and not far behind, is left as it is (with --keep-running: how often "
+        "a new one is written)",
     )
     force: bool = option(False, parse=parse_bool, help="write a new snapshot even when the region's is fresh")
     timeout: float = option(
         600.0, parse=parse_positive_duration, duration=True, help="give up when the table has not synced by then"
+    )
+    snapshot_signing_key: Path | None = option(
+        None,
+        parse=parse_optional_path,
+        help="file holding this region's snapshot signing key (`keyrelay signing-key generate`); the region's "
+        "sidecars list its public key in --trusted-snapshot-keys (required)",
+    )
+    trusted_keys: tuple[str, ...] = trusted_keys_option()
+    trusted_snapshot_keys: tuple[str, ...] = option(
+        (), parse=parse_trusted_keys, help="other snapshot signers whose snapshot of the region may be started from"
+    )
+    insecure_accept_unsigned: bool = insecure_option()
+    deployment_id: str = deployment_option()
+    replay_horizon: float = horizon_option()
+    max_publish_delay: float = publish_delay_option()
+    log_level: str = option("warning", choices=LOG_LEVELS, help="logging level (progress is printed regardless)")
+    keep_running: bool = option(
+        False,
+        parse=parse_bool,
+        help="after the first snapshot, keep running and write a new one whenever the region's is due "
+        "(--snapshot-interval), until SIGTERM or Ctrl-C: how a region's snapshot stays fresh",
     )
 
 
@@ -79,12 +130,37 @@ def print_progress(prefix: str = "  ") -> Callable[[SeedProgress], None]:
     return report
 
 
-async def seed(settings: SnapshotSettings, *, progress: Callable[[SeedProgress], None] | None = None) -> SeedResult:
-    """Seed the region's snapshot as `settings` say."""
-    return await seed_snapshot(servers=settings.nats_url, bucket=settings.bucket, region=settings.region,
-                               store=snapshot_store_name(settings.bucket, settings.snapshot_bucket),
-                               interval=settings.snapshot_interval, force=settings.force, timeout=settings.timeout,
-                               progress=progress)  # fmt: skip
+def seeder_trust(settings: SnapshotSettings) -> tuple[Trust, Signer]:
+    """The seeder's trust (the publisher's keys) and its snapshot signer; KeyrelayError saying what is missing."""
+    if settings.snapshot_signing_key is None:
+        raise KeyrelayError("--snapshot-signing-key (or KEYRELAY_SNAPSHOT_SIGNING_KEY) is required: the file of this "
+                            "region's snapshot key (`keyrelay signing-key generate --out FILE` makes one)")  # fmt: skip
+    if not settings.trusted_keys and not settings.insecure_accept_unsigned:
+        raise KeyrelayError("--trusted-keys (or KEYRELAY_TRUSTED_KEYS) is required: the publisher's public keys "
+                            "(`keyrelay signing-keys`); a snapshot holds only what they signed")  # fmt: skip
+    try:
+        signer = load_signer(settings.snapshot_signing_key, settings.deployment_id)
+    except ValueError as exc:
+        raise KeyrelayError(f"--snapshot-signing-key: {exc}") from None
+    trust = Trust.of(records=settings.trusted_keys, snapshots=settings.trusted_snapshot_keys,
+                     deployment=settings.deployment_id, horizon=settings.replay_horizon,
+                     accept_unsigned=settings.insecure_accept_unsigned,
+                     max_publish_delay=settings.max_publish_delay)  # fmt: skip
+    return trust, signer
+
+
+async def seed(
+    settings: SnapshotSettings,
+    *,
+    progress: Callable[[SeedProgress], None] | None = None,
+    keep_fresh: asyncio.Event | None = None,
+) -> SeedResult:
+    """Seed the region's snapshot as `settings` say (and, with `keep_fresh`, keep it fresh until it is set)."""
+    trust, signer = seeder_trust(settings)
+    return await seed_snapshot(nats=settings.nats(), bucket=settings.bucket, region=settings.region,
+                               store=snapshot_store_name(settings.bucket, settings.snapshot_bucket), trust=trust,
+                               signer=signer, interval=settings.snapshot_interval, force=settings.force,
+                               timeout=settings.timeout, progress=progress, keep_fresh=keep_fresh)  # fmt: skip
 
 
 def describe_seed(result: SeedResult, *, region: str | None) -> str:
@@ -104,10 +180,24 @@ def describe_seed(result: SeedResult, *, region: str | None) -> str:
 def seed_command(args: argparse.Namespace) -> int:
     """`keyrelay snapshot seed`."""
     settings = load(SnapshotSettings, args)
-    print(f"seeding snapshot {settings.region or 'global'} of {settings.bucket} from {','.join(settings.nats_url)}",
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    print(f"seeding snapshot {settings.region or 'global'} of {settings.bucket} from {settings.nats().describe()}",
           flush=True)  # fmt: skip
-    result = asyncio.run(seed(settings, progress=print_progress()))
-    print(describe_seed(result, region=settings.region))
+    if not settings.keep_running:
+        print(describe_seed(asyncio.run(seed(settings, progress=print_progress())), region=settings.region))
+        return 0
+
+    async def keep_fresh() -> SeedResult:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        return await seed(settings, progress=print_progress(), keep_fresh=stop)
+
+    print(f"keeping snapshot {settings.region or 'global'} fresh (a new one every "
+          f"{format_duration(settings.snapshot_interval)}, or sooner when far behind); SIGTERM or Ctrl-C stops",
+          flush=True)  # fmt: skip
+    print(describe_seed(asyncio.run(keep_fresh()), region=settings.region) + "; stopped")
     return 0
 
 
@@ -116,7 +206,7 @@ async def list_snapshots(settings: SnapshotStoreSettings) -> list[dict[str, Any]
     from nats.js.errors import BucketNotFoundError, NotFoundError
 
     store_name = snapshot_store_name(settings.bucket, settings.snapshot_bucket)
-    nc = await connect_nats(settings.nats_url, what="NATS")
+    nc = await connect_nats(settings.nats(), what="NATS")
     try:
         try:
             store = await nc.jetstream().object_store(store_name)

@@ -27,21 +27,26 @@ from types import FrameType
 from typing import Any
 
 from sidecar.config import load, option, parse_bool
-from sidecar.settings import LOG_LEVELS, parse_port, parse_region
+from sidecar.nats_connect import identity_name
+from sidecar.settings import DEFAULT_DEPLOYMENT, LOG_LEVELS, parse_port, parse_region
 from sidecar.trust import load_signer, write_signing_key
 
 from .client import AdminClient, stack_file
 from .errors import KeyrelayError
+from .localauth import LocalCredentials, write_private
+from .localtls import LocalTls
+from .nats_auth import hub_settings, leaf_remote, leaf_settings
 from .natsd import NatsServer, NatsSpec, free_port, port_is_free
 from .procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
 from .region import HUB_DOMAIN, RegionSettings, init_region
 
-__all__ = ["Stack", "UpSettings", "up_command"]
+__all__ = ["Stack", "UpSettings", "parse_regions", "up_command"]
 
 _READY_TIMEOUT = 60.0
 
 
-def _regions(text: str) -> tuple[str, ...]:
+def parse_regions(text: str) -> tuple[str, ...]:
+    """Comma-separated region codes, each once."""
     regions = tuple(r.strip() for r in text.split(",") if r.strip())
     for region in regions:
         parse_region(region)
@@ -61,8 +66,16 @@ class UpSettings:
     publisher_port: int = option(8080, parse=parse_port, help="admin API port (the next free one if taken)")
     sidecar_port: int = option(8081, parse=parse_port, help="first sidecar's port; more regions take the next ones")
     nats_port: int = option(4222, parse=parse_port, help="hub NATS client port (the next free one if taken)")
+    nats_tls: bool = option(
+        False,
+        parse=parse_bool,
+        help="NATS with TLS on every port and leaf link: a local CA and certificate in DATA_DIR/nats/tls "
+        "(needs the up-tls extra)",
+    )
     regions: tuple[str, ...] = option(
-        (), parse=_regions, help="regions, e.g. eu,us: a leaf NATS and a sidecar each (default: one global sidecar)"
+        (),
+        parse=parse_regions,
+        help="regions, e.g. eu,us: a leaf NATS and a sidecar each (default: one global sidecar)",
     )
     demo: bool = option(False, parse=parse_bool, help="seed an org, team, project and a key, and print the key")
     log_level: str = option("info", choices=LOG_LEVELS, help="log level of the components (their logs: DATA_DIR/logs)")
@@ -117,6 +130,22 @@ class Stack:
     # Hooks for the load test: route a region's leaf link (hub leaf port → port to dial), add sidecar flags.
     leaf_link: Callable[[str, int], int] | None = None
     sidecar_args: list[str] = field(default_factory=list)
+    # The NKEY seed of every NATS identity (DATA_DIR/nats/creds/<identity>.nk): each child gets its own.
+    credentials: LocalCredentials = field(init=False)
+    tls: LocalTls | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.credentials = LocalCredentials(self.data_dir / "nats" / "creds")
+        self.tls = LocalTls(self.data_dir / "nats" / "tls") if self.settings.nats_tls else None
+
+    def nats_args(self, role: str, region: str | None = None) -> list[str]:
+        """The NATS options of a child of `role` in `region`: its own seed file, the CA with --nats-tls."""
+        args = ["--nats-creds", str(self.creds(role, region))]
+        return args + (["--nats-tls-ca", str(self.tls.ca)] if self.tls else [])
+
+    def creds(self, role: str, region: str | None = None) -> Path:
+        """The seed file of the identity `role` has in `region` (publisher, sidecar, region-init)."""
+        return self.credentials.seed_file(identity_name(role, region))
 
     @property
     def data_dir(self) -> Path:
@@ -126,23 +155,34 @@ class Stack:
     def start(self) -> None:
         """Start every process and wait until each is ready."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.chmod(0o700)  # the database, keys and seeds: nobody else's to read
+        if self.tls is not None:
+            self.tls.ensure()
         self.token = self.settings.admin_token or self._stored_token()
         hub = self._start_nats()
         self._start_publisher(hub.url)
         self._wait_bucket()
         regions = self.settings.regions or (None,)
+        snapshot_key = self._key_file("snapshot-key")
         for i, region in enumerate(regions):
             nats_url = self.nats[i + 1].url if region else hub.url
             if region:
-                asyncio.run(init_region(RegionSettings(region=region, nats_url=(nats_url,))))
+                asyncio.run(init_region(RegionSettings(region=region, nats_url=(nats_url,),
+                                                       nats_creds=self.creds("region-init", region),
+                                                       nats_tls_ca=self.tls.ca if self.tls else None)))  # fmt: skip
             self._start_sidecar(region, nats_url)
         for component in self.components:
             if component.name.startswith("sidecar"):
                 port = int(component.url.rsplit(":", 1)[1])
                 wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log)
+        # Once the sidecars are up (a first run has no snapshot to start from): one seeder per
+        # region keeps its signed snapshot fresh, as `keyrelay snapshot seed --keep-running` does
+        # in production; sidecars hold no snapshot key.
+        for i, region in enumerate(regions):
+            self._start_seeder(region, self.nats[i + 1].url if region else hub.url, snapshot_key)
         if self.settings.demo:
             self.demo = _seed_demo(AdminClient(self.publisher_url, self.token))
-        _write_private(stack_file(self.data_dir), json.dumps(self.describe_json(), indent=2))
+        write_private(stack_file(self.data_dir), json.dumps(self.describe_json(), indent=2))
 
     def _stored_token(self) -> str:
         path = self.data_dir / "admin-token"
@@ -150,7 +190,7 @@ class Stack:
             path.chmod(0o600)  # a copy made by hand, or an older release, may have left it readable by all
             return path.read_text().strip()
         token = "krt_" + secrets.token_urlsafe(32)
-        _write_private(path, token + "\n")
+        write_private(path, token + "\n")
         return token
 
     def _start_nats(self) -> NatsServer:
@@ -158,7 +198,9 @@ class Stack:
         leaf_port = self.ports.pick(7422, "hub leaf-node listener") if self.settings.regions else None
         hub = NatsServer(
             NatsSpec(name="hub", store_dir=self.data_dir / "nats" / "hub", port=self.ports.pick(
-                self.settings.nats_port, "hub NATS"), domain=HUB_DOMAIN, leafnode_port=leaf_port),
+                self.settings.nats_port, "hub NATS"), domain=HUB_DOMAIN, leafnode_port=leaf_port,
+                blocks={**hub_settings(self.settings.regions, self.credentials.public_key), **self._tls_block()},
+                leafnode_tls=self.tls.server_block() if self.tls else None),
             log_dir=logs,
         )  # fmt: skip
         hub.start()
@@ -170,21 +212,32 @@ class Stack:
                 NatsSpec(name=f"leaf-{region}", store_dir=self.data_dir / "nats" / region,
                          port=self.ports.pick(self.settings.nats_port and self.settings.nats_port + 1,
                                               f"{region} NATS"), domain=region,
-                         remotes=[f"nats-leaf://127.0.0.1:{dial}"]),
+                         remotes=[f"nats-leaf://127.0.0.1:{dial}"],
+                         blocks={**leaf_settings(region, self.credentials.public_key), **self._tls_block()},
+                         remote_options={**leaf_remote(region, self.credentials.seed(identity_name("leaf", region))),
+                                         **({"tls": self.tls.remote_block()} if self.tls else {})}),
                 log_dir=logs,
             )  # fmt: skip
             leaf.start()
             self.nats.append(leaf)
         return hub
 
+    def _tls_block(self) -> dict[str, Any]:
+        return {"tls": self.tls.server_block()} if self.tls else {}
+
     def _signing_key(self) -> Path:
         """DATA_DIR/signing-key, made (0600) on the first run; its public key noted for the sidecars."""
-        path = self.data_dir / "signing-key"
+        path = self._key_file("signing-key")
+        self.public_key = load_signer(path, DEFAULT_DEPLOYMENT).public_key
+        return path
+
+    def _key_file(self, name: str) -> Path:
+        """DATA_DIR/<name>, a signing key made (0600) on the first run and kept for the next ones."""
+        path = self.data_dir / name
         if path.exists():
             path.chmod(0o600)  # as with the admin token: a copy made by hand may be readable by all
         else:
             write_signing_key(path)
-        self.public_key = load_signer(path, "default").public_key
         return path
 
     def _child(self, name: str, args: list[str], port: int, env_extra: dict[str, str] | None = None) -> _Component:
@@ -200,9 +253,12 @@ class Stack:
     def _start_publisher(self, nats_url: str) -> None:
         port = self.ports.pick(self.settings.publisher_port, "publisher")
         component = self._child("publisher", [
-            "publisher", "--port", str(port), "--nats-url", nats_url, "--data-dir", str(self.data_dir),
-            "--database-url", f"sqlite:///{self.data_dir / 'keyrelay.db'}", "--admin-token", self.token,
-        ], port, {"KEYRELAY_SIGNING_KEY": str(self._signing_key())})  # fmt: skip
+            "publisher", "--port", str(port), "--nats-url", nats_url, *self.nats_args("publisher"),
+            "--data-dir", str(self.data_dir),
+            "--database-url", f"sqlite:///{self.data_dir / 'keyrelay.db'}",
+        ], port, {"KEYRELAY_SIGNING_KEY": str(self._signing_key()),
+                  # In the child's environment, never its command line, which every local user can read.
+                  "KEYRELAY_ADMIN_TOKEN": self.token})  # fmt: skip
         wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log)
         self.publisher_url = component.url
 
@@ -221,11 +277,26 @@ class Stack:
     def _start_sidecar(self, region: str | None, nats_url: str) -> None:
         wanted = self.settings.sidecar_port and self.settings.sidecar_port + len(self.sidecars)
         port = self.ports.pick(wanted, f"sidecar {region or 'global'}")
-        args = ["sidecar", "--port", str(port), "--nats-url", nats_url, *self.sidecar_args]
+        # KEY=VALUE: a base64url key may start with '-', which argparse would take for an option.
+        args = ["sidecar", "--port", str(port), "--nats-url", nats_url, f"--trusted-keys={self.public_key}",
+                f"--trusted-snapshot-keys={self.snapshot_public_key}", *self.nats_args("sidecar", region),
+                *self.sidecar_args]  # fmt: skip
         if region:
             args += ["--region", region]
         component = self._child(f"sidecar-{region or 'global'}", args, port)
         self.sidecars[region or "global"] = component.url
+
+    def _start_seeder(self, region: str | None, nats_url: str, key: Path) -> None:
+        args = ["snapshot", "seed", "--keep-running", "--nats-url", nats_url, f"--trusted-keys={self.public_key}",
+                *self.nats_args("region-init", region)]  # fmt: skip
+        if region:
+            args += ["--region", region]
+        self._child(f"seeder-{region or 'global'}", args, 0, {"KEYRELAY_SNAPSHOT_SIGNING_KEY": str(key)})
+
+    @property
+    def snapshot_public_key(self) -> str:
+        """The public key of the snapshot key the stack's seeders sign with."""
+        return load_signer(self.data_dir / "snapshot-key", DEFAULT_DEPLOYMENT).public_key
 
     def restart(self, name: str) -> float:
         """Stop one component (e.g. `sidecar-eu`) and start it again; returns seconds until it was ready."""
@@ -242,8 +313,10 @@ class Stack:
             "publisher_url": self.publisher_url,
             "admin_token": self.token,
             "trusted_keys": [self.public_key],
+            "trusted_snapshot_keys": [self.snapshot_public_key],
             "sidecars": self.sidecars,
             "nats": {n.spec.name: n.url for n in self.nats},
+            "nats_creds": str(self.credentials.directory),
             "logs": str(self.data_dir / "logs"),
             "pid": os.getpid(),
             **({"demo": {k: v for k, v in self.demo.items() if k != "key"}} if self.demo else {}),
@@ -307,16 +380,6 @@ class Stack:
         for server in reversed(self.nats):
             server.stop()
         stack_file(self.data_dir).unlink(missing_ok=True)
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Replace `path` with `text`, readable by this user only (it holds the admin token)."""
-    partial = path.with_name(path.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover file from a crashed run
-        out.write(text)
-    os.replace(partial, path)  # readers (the CLI) never see half a file
 
 
 def _cli_name() -> str:

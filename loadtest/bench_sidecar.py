@@ -49,14 +49,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nats
-
 from keyrelay.natsd import NatsServer, NatsSpec, free_port, wait_for_port
 from keyrelay.procs import tail
 from sidecar.wire import DEFAULT_BUCKET, stream_name
 
 from .callgrind import count_instructions
-from .keyfill import FillResult, create_bucket, fill_bucket
+from .keyfill import FillResult, connect, create_bucket, fill_bucket
 from .procs import cpu_seconds, keyrelay_command, machine_cpu, memory_of, spawn, stop, wait_http_ok, wait_quiet
 from .wrk import WrkResult, header_pool_script, run_wrk, wrk_binary
 
@@ -246,7 +244,7 @@ def _replay_start(nats_url: str, args: argparse.Namespace, pin: Pinning, work: P
 
 
 async def _stream_messages(url: str) -> int:
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    nc = await connect(url)
     try:
         info = await nc.jetstream().stream_info(stream_name(DEFAULT_BUCKET))
         return int(info.state.messages)

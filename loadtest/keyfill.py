@@ -16,13 +16,16 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import nats
+from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, PubAck
 
+from sidecar.nats_connect import NatsConnect
 from sidecar.wire import DEFAULT_BUCKET, KeyRecord, generate_key, key_digest, subject_prefix
 
-__all__ = ["FillResult", "KeyMix", "create_bucket", "fill_bucket"]
+__all__ = ["FillResult", "KeyMix", "connect", "create_bucket", "fill_bucket"]
 
 _SCOPE_SETS = (
     ("read",),
@@ -105,9 +108,15 @@ class KeyMix:
         return key, record, state
 
 
-async def create_bucket(url: str, bucket: str = DEFAULT_BUCKET) -> None:
+async def connect(url: str, *, creds: Path | None = None) -> Client:
+    """A connection to the NATS at `url`, as the publisher identity when `creds` is its seed file."""
+    options = NatsConnect((url,), identity="publisher", creds=creds).kwargs()
+    return await nats.connect(**options, connect_timeout=5, max_reconnect_attempts=0)
+
+
+async def create_bucket(url: str, bucket: str = DEFAULT_BUCKET, *, creds: Path | None = None) -> None:
     """Create the key bucket as the publisher does (history 1)."""
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    nc = await connect(url, creds=creds)
     try:
         await nc.jetstream().create_key_value(KeyValueConfig(bucket=bucket, history=1))
     finally:
@@ -124,11 +133,12 @@ async def fill_bucket(
     batch: int = 2000,
     ack_timeout: float = 60.0,
     progress: Callable[[int, float], None] | None = None,
+    creds: Path | None = None,
 ) -> FillResult:
     """Publish `count` records (at most two batches unacknowledged) and sample `pool_size` valid keys."""
     rng = random.Random(seed)
     mix = KeyMix(count=count, rng=rng)
-    nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
+    nc = await connect(url, creds=creds)
     try:
         js = nc.jetstream(publish_async_max_pending=3 * batch)
         prefix = subject_prefix(bucket)

@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from sidecar.app import run_forever, serve_app
+from sidecar.nats_connect import NatsConnect, redact
 
 from .api import SERVICES, Services, add_routes, auth_middleware, error_middleware
 from .broker import Broker
-from .db import open_database, redact
+from .db import open_database
 from .heartbeat import Heartbeat
 from .maintenance import Maintenance
 from .outbox import OutboxRelay
@@ -38,7 +39,12 @@ async def open_services(settings: PublisherSettings, *, bootstrap: bool = True) 
     """
     keys = load_signing_keys(settings)
     db = await open_database(settings.resolved_database_url())
-    broker = Broker(servers=settings.nats_url, bucket=settings.bucket, replicas=settings.bucket_replicas)
+    broker = Broker(
+        servers=settings.nats_url,
+        bucket=settings.bucket,
+        replicas=settings.bucket_replicas,
+        connect=NatsConnect.of(settings, identity="publisher"),
+    )
     outbox = OutboxRelay(db=db, broker=broker, signer=keys.signer)
     heartbeat = Heartbeat(broker=broker, relay=outbox, signer=keys.signer, interval=settings.heartbeat_interval)
     try:
@@ -154,7 +160,8 @@ async def serve(settings: PublisherSettings, *, stop: asyncio.Event | None = Non
 
     def started(port: int) -> None:
         log.info("publisher listening on http://%s:%d (database %s, NATS %s, bucket %s)", settings.host, port,
-                 redact(settings.resolved_database_url()), ",".join(settings.nats_url), settings.bucket)  # fmt: skip
+                 redact(settings.resolved_database_url()), NatsConnect.of(settings, identity="publisher").describe(),
+                 settings.bucket)  # fmt: skip
 
     await serve_app(create_app(settings), host=settings.host, port=settings.port, stop=stop, on_started=started)
 

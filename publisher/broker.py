@@ -13,6 +13,8 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from sidecar.nats_connect import NatsConnect
+
 __all__ = ["Broker"]
 
 log = logging.getLogger("keyrelay.publisher.broker")
@@ -23,9 +25,11 @@ _MAX_BACKOFF = 2.0
 class Broker:
     """Owns one NATS connection; the API keeps working while it is down."""
 
-    def __init__(self, *, servers: Sequence[str], bucket: str, replicas: int = 1,
-                 name: str = "keyrelay-publisher") -> None:  # fmt: skip
+    def __init__(self, *, servers: Sequence[str], bucket: str, replicas: int = 1, name: str = "keyrelay-publisher",
+                 connect: NatsConnect | None = None) -> None:  # fmt: skip
         self.servers = list(servers)
+        # Credentials, TLS and inbox prefix; None: the servers as they are, with the publisher's inbox prefix.
+        self.connect = connect or NatsConnect(tuple(servers), identity="publisher")
         self.bucket = bucket
         self.replicas = replicas
         self.name = name
@@ -82,10 +86,11 @@ class Broker:
 
     async def _connect_loop(self) -> None:
         backoff = 0.1
+        options = self.connect.kwargs()  # a missing or malformed credentials file fails here, once
         while not self._closing:
             try:
                 self.nc = await nats.connect(
-                    servers=self.servers,
+                    **options,
                     name=self.name,
                     connect_timeout=2,
                     max_reconnect_attempts=-1,
@@ -97,7 +102,7 @@ class Broker:
                     error_cb=self._on_error,
                 )
             except Exception as exc:
-                log.warning("cannot reach NATS at %s: %s (retrying)", ",".join(self.servers), exc)
+                log.warning("cannot reach NATS at %s: %s (retrying)", self.connect.describe(), exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
                 continue

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
+from sidecar.nats_connect import redact
+
 from .errors import StoreError
 
 __all__ = ["Database", "Dialect", "Row", "Tx", "open_database"]
@@ -53,16 +55,6 @@ class Database(Protocol):
 
     async def close(self) -> None:
         """Close every connection."""
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced, for logs and errors."""
-    scheme, sep, rest = url.partition("://")
-    if "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}" if ":" in credentials else url
 
 
 async def open_database(url: str, *, pool_size: int = 10, options: Mapping[str, Any] | None = None) -> Database:

@@ -9,7 +9,9 @@ from typing import Any
 
 import asyncpg
 
-from .db import Dialect, Row, redact
+from sidecar.nats_connect import redact
+
+from .db import Dialect, Row
 from .errors import StoreError
 
 __all__ = ["PostgresDatabase"]

@@ -2,8 +2,9 @@
 
 Guarantees: an entry is deleted only after JetStream acknowledged it; a key's
 entries are published one after another (each after the previous one's ack),
-so the bucket never ends on an older state; `Nats-Msg-Id` is the entry id, so
-a republish after a crash is dropped as a duplicate. One relay per database
+so the bucket never ends on an older state; `Nats-Msg-Id` is derived from the
+entry id with the signing key (unguessable, so nobody can claim it first), so a
+republish after a crash is dropped as a duplicate. One relay per database
 publishes at a time (a lease row); others stand by.
 """
 
@@ -23,7 +24,7 @@ from nats.errors import NoRespondersError
 from nats.js.errors import NoStreamResponseError
 
 from sidecar.trust import KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer
-from sidecar.wire import MAX_VERSION, encode_tombstone, is_uuid, subject_prefix
+from sidecar.wire import MAX_VERSION, encode_tombstone, is_canonical_id, subject_prefix
 
 from .broker import Broker
 from .db import Database
@@ -264,13 +265,13 @@ class OutboxRelay:
 
     def _signed(self, entry: OutboxEntry) -> tuple[bytes, dict[str, str]] | None:
         """The payload and headers to publish for `entry`, signed now; None for a delete nobody could verify."""
-        headers = {"Nats-Msg-Id": str(entry.id)}
+        headers = {"Nats-Msg-Id": self.signer.message_id(f"outbox.{entry.id}")}
         if entry.operation != "delete":
             body = entry.payload or b""
             headers[SIGNATURE_HEADER] = self.signer.sign(KIND_RECORD, entry.entry, body)
             return body, headers
         key_id = entry.entry.rsplit(".", 1)[-1]
-        if not is_uuid(key_id):
+        if not is_canonical_id(key_id):  # a sidecar takes a tombstone only at a key's own, canonical entry
             self.stats.skipped += 1
             log.warning("outbox entry %d deletes %r, which names no key: dropped unpublished", entry.id, entry.entry)
             return None

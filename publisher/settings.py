@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import option, parse_bool
-from sidecar.settings import LOG_LEVELS, parse_optional_path, parse_port, parse_positive_duration, parse_servers
+from sidecar.config import option, parse_bool, parse_optional_path
+from sidecar.nats_connect import nats_option
+from sidecar.settings import LOG_LEVELS, parse_port, parse_positive_duration, parse_servers
 from sidecar.trust import parse_trusted_keys
 from sidecar.wire import DEFAULT_BUCKET, DEFAULT_PREFIX
 
@@ -53,6 +54,10 @@ class PublisherSettings:
     nats_url: tuple[str, ...] = option(
         ("nats://127.0.0.1:4222",), parse=parse_servers, help="NATS server(s) of the hub, comma separated"
     )
+    nats_creds: Path | None = nats_option("nats_creds")
+    nats_tls_ca: Path | None = nats_option("nats_tls_ca")
+    nats_tls_cert: Path | None = nats_option("nats_tls_cert")
+    nats_tls_key: Path | None = nats_option("nats_tls_key")
     bucket: str = option(DEFAULT_BUCKET, help="JetStream KV bucket the key records are published to")
     bucket_replicas: int = option(1, parse=int, help="replicas of the bucket's stream (3 on a NATS cluster)")
     host: str = option("127.0.0.1", help="address the admin API listens on")

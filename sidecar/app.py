@@ -10,32 +10,58 @@ from typing import Any
 
 from aiohttp import web
 
+from .errors import SettingsError
 from .http import STATE, SidecarState, add_routes
 from .metrics import Metrics
+from .nats_connect import NatsConnect, identity_name
 from .settings import SidecarSettings
 from .snapshot import snapshot_store_name
 from .sync import KeySync
 from .table import KeyTable
+from .trust import Trust
 from .verify import Verifier
 
-__all__ = ["create_app", "run", "run_forever", "serve", "serve_app"]
+__all__ = ["create_app", "run", "run_forever", "serve", "serve_app", "trust_of"]
 
 log = logging.getLogger("keyrelay.sidecar")
 
 
+def trust_of(settings: SidecarSettings) -> Trust:
+    """Whose signatures the sidecar accepts; SettingsError when it has no key to check them with."""
+    if not settings.trusted_keys and not settings.insecure_accept_unsigned:
+        raise SettingsError(
+            flag="--trusted-keys",
+            env="KEYRELAY_TRUSTED_KEYS",
+            value="",
+            reason="a sidecar serves only what the publisher signed: give it the publisher's public key(s), listed by "
+            "`keyrelay signing-keys` or GET /v1/signing-keys on the publisher (or, knowing that anyone who can "
+            "write to NATS can then mint keys, --insecure-accept-unsigned)",
+        )
+    if settings.insecure_accept_unsigned:
+        log.warning("--insecure-accept-unsigned: serving values nobody signed; anyone who can write to NATS can mint "
+                    "keys that this sidecar accepts")  # fmt: skip
+    return Trust.of(records=settings.trusted_keys, snapshots=settings.trusted_snapshot_keys,
+                    deployment=settings.deployment_id, horizon=settings.replay_horizon,
+                    accept_unsigned=settings.insecure_accept_unsigned,
+                    max_publish_delay=settings.max_publish_delay)  # fmt: skip
+
+
 def create_app(settings: SidecarSettings) -> web.Application:
     """The sidecar as an aiohttp application; syncing starts and stops with it."""
+    trust = trust_of(settings)
     app = web.Application(client_max_size=64 * 1024)
     table = KeyTable()
+    nats = NatsConnect.of(settings, identity=identity_name("sidecar", settings.region))
     sync = KeySync(
         table=table,
         servers=settings.nats_url,
+        connect=nats,
         bucket=settings.bucket,
         region=settings.region,
         heartbeat=settings.heartbeat,
         name=f"keyrelay-sidecar-{settings.region or 'global'}",
         snapshot_store=snapshot_store_name(settings.bucket, settings.snapshot_bucket) if settings.snapshots else None,
-        snapshot_interval=settings.snapshot_interval,
+        trust=trust,
     )
     app[STATE] = SidecarState(
         settings=settings,
@@ -87,7 +113,8 @@ async def serve(settings: SidecarSettings, *, stop: asyncio.Event | None = None)
 
     def started(port: int) -> None:
         log.info("sidecar listening on http://%s:%d (region %s, bucket %s, NATS %s)", settings.host, port,
-                 settings.region or "global", settings.bucket, ",".join(settings.nats_url))  # fmt: skip
+                 settings.region or "global", settings.bucket,
+                 NatsConnect.of(settings, identity=identity_name("sidecar", settings.region)).describe())  # fmt: skip
 
     await serve_app(
         create_app(settings),

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import SettingsError
@@ -28,6 +29,7 @@ __all__ = [
     "options_of",
     "parse_bool",
     "parse_duration",
+    "parse_optional_path",
 ]
 
 ENV_PREFIX = "KEYRELAY_"
@@ -68,6 +70,11 @@ def parse_duration(text: str) -> float:
     if not match:
         raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 15m, 24h, 90d or seconds)")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_optional_path(text: str) -> Path | None:
+    """A file path, or None for an empty value."""
+    return Path(text) if text.strip() else None
 
 
 def parse_bool(text: str) -> bool:

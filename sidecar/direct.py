@@ -9,11 +9,12 @@ requests, publishing) stays nats-py's own.
 
 It overrides two private methods, `Client._process_msg(sid, subject, reply,
 data, headers)` and `Client._remove_sub`, reads a subscription's `_id`,
-`_received` and `_max_msgs`, and calls `Client._process_headers`. It also
-replaces the client's parser (`Client._ps`) with a subclass whose `parse`
-first takes the plain MSG frames of direct subscriptions off the head of the
-buffer (`Parser.buf`, `Parser.state`), without nats-py's regex and coroutine
-per message: a third of the transport's cost in a replay. The nats-py range
+`_received` and `_max_msgs`, and calls `Client._process_headers` and the
+static `Client._parse_header_lines`. It also replaces the client's parser
+(`Client._ps`) with a subclass whose `parse` first takes the MSG frames, and
+the HMSG frames without an inline status, of direct subscriptions off the head
+of the buffer (`Parser.buf`, `Parser.state`), without nats-py's regex and
+coroutine per message: a third of the transport's cost in a replay. The nats-py range
 pinned in pyproject.toml (2.16.x) is the one this was checked against, and
 the sync tests run every delivery through it.
 """
@@ -39,6 +40,7 @@ DirectHandler = Callable[[bytes, bytes, bytes, dict[str, str] | None], Awaitable
 _MSG = b"MSG "
 _HMSG = b"HMSG "
 _CRLF = b"\r\n"
+_PLAIN_HEADER = b"NATS/1.0\r\n"  # a header block with no inline status
 
 
 class DirectClient(Client):
@@ -111,11 +113,12 @@ class DirectClient(Client):
 
 
 class _DirectParser(Parser):
-    """nats-py's parser, but the plain MSG frames of direct subscriptions skip its regex and coroutine each.
+    """nats-py's parser, but the message frames of direct subscriptions skip its regex and coroutine each.
 
-    A replay is a run of such frames, 70 to a read. Any other operation (HMSG, PING, INFO, another
-    subscription's message) is handed to nats-py's parser alone, once it is whole, so that the
-    frames after it, and a frame cut by the end of a read, still take the short way.
+    A replay is a run of such frames (HMSG, each record carrying its signature in a header), 70 to
+    a read. Any other operation (a status message, PING, INFO, another subscription's message) is
+    handed to nats-py's parser alone, once it is whole, so that the frames after it, and a frame
+    cut by the end of a read, still take the short way.
     """
 
     def __init__(self, nc: DirectClient) -> None:
@@ -153,35 +156,54 @@ class _DirectParser(Parser):
             self.buf = buf
 
     def _direct_frames(self) -> Awaitable[None] | None:
-        """Deliver the complete direct MSG frames at the head of the buffer; an awaitable a handler returned."""
+        """Deliver the complete direct MSG and HMSG frames at the head of the buffer; an awaitable a handler returned.
+
+        An HMSG frame takes this way only when its header block is plain (`NATS/1.0` then header
+        lines, as a signed record's): one with an inline status (heartbeats, flow control) is
+        nats-py's to parse, as is anything malformed.
+        """
         buf = self.buf
         client = self._client
         direct = client._direct
         size = len(buf)
         pos = 0
         result: Awaitable[None] | None = None
-        while buf.startswith(_MSG, pos):
+        while True:
+            if buf.startswith(_MSG, pos):
+                skip, fields = len(_MSG), 3
+            elif buf.startswith(_HMSG, pos):
+                skip, fields = len(_HMSG), 4
+            else:
+                break
             end = buf.find(_CRLF, pos)
             if end < 0:
                 break
-            args = bytes(buf[pos + 4 : end]).split()
-            if len(args) == 4:
-                subject, sid_text, reply, length = args
-            elif len(args) == 3:
-                subject, sid_text, length = args
+            args = bytes(buf[pos + skip : end]).split()
+            if len(args) == fields + 1:
+                subject, sid_text, reply, *lengths = args
+            elif len(args) == fields:
+                subject, sid_text, *lengths = args
                 reply = b""
             else:
                 break  # malformed: nats-py's parser says so
-            if not (sid_text.isdigit() and length.isdigit()):
+            if not (sid_text.isdigit() and all(n.isdigit() for n in lengths)):
                 break
             sid = int(sid_text)
             start = end + 2
-            stop = start + int(length)
+            stop = start + int(lengths[-1])
             if sid not in direct or stop + 2 > size:
                 break
+            headers: dict[str, str] | None = None
+            if len(lengths) == 2:
+                header_end = start + int(lengths[0])
+                if header_end > stop or not buf.startswith(_PLAIN_HEADER, start):
+                    break
+                # nats-py's own header-line parser (a static method; nats-py 2.16), as its reader uses it.
+                headers = Client._parse_header_lines(bytes(buf[start + len(_PLAIN_HEADER) : header_end])) or None
+                start = header_end
             data = bytes(buf[start:stop])
             pos = stop + 2
-            returned = client._deliver(sid, subject, reply, data, None)
+            returned = client._deliver(sid, subject, reply, data, headers)
             if returned is not None:
                 result = client._finish(returned, subject)
                 break

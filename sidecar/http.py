@@ -93,7 +93,8 @@ class SidecarState:
     def __post_init__(self) -> None:
         # Read once, at app creation: a bad file stops the start, naming its line.
         path = self.settings.route_scopes
-        self.routes = RouteScopes.load(path) if path is not None else None
+        ignore_case = self.settings.route_scopes_ignore_case
+        self.routes = RouteScopes.load(path, ignore_case=ignore_case) if path is not None else None
         self.verifier.derive = identity_block
 
     def ready(self) -> bool:
@@ -198,10 +199,15 @@ async def auth(state: SidecarState, request: web.Request) -> web.StreamResponse:
     wanted = headers.get(_REQUIRED_SCOPES)
     routes = state.routes
     if routes is None:
-        required = parse_scopes(wanted) if wanted else NO_SCOPES
+        code, hot = state.verifier.check(key, parse_scopes(wanted) if wanted else NO_SCOPES)
     else:
-        required = routes.required(*_original_request(request, headers), wanted)
-    code, hot = state.verifier.check(key, required)
+        # The key first: a route is looked up (and cached) only for a key that exists and is valid.
+        code, hot = state.verifier.check(key, NO_SCOPES)
+        if code is _VALID:
+            assert hot is not None
+            required = routes.required(*_original_request(request, headers), wanted)
+            if required and not required <= hot[3]:
+                code = Code.INSUFFICIENT_SCOPE
     # Metrics.observe, inline: a Python call costs as much as the counting.
     metrics = state.metrics
     metrics.auth[code] += 1
@@ -247,7 +253,7 @@ async def verify(request: web.Request) -> web.Response:
     state = request.app[STATE]
     try:
         body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep ([[[[...)
         return _bad_request(state, "not_json", "the body must be a JSON object")
     if not isinstance(body, dict):
         return _bad_request(state, "not_object", "the body must be a JSON object")
@@ -329,8 +335,27 @@ async def status(request: web.Request) -> web.Response:
             "decode_errors": sync.stats.decode_errors,
             "loaded_snapshot": snapshot_summary(sync.loaded_snapshot) if sync.loaded_snapshot else None,
             "written_snapshot": snapshot_summary(sync.written_snapshot) if sync.written_snapshot else None,
+            "trust": trust_status(sync),
         }
     )
+
+
+def trust_status(sync: KeySync) -> dict[str, Any]:
+    """What /v1/status says of signatures: whose are trusted, what was refused, the last heartbeat."""
+    trust = sync.trust
+    return {
+        "insecure_accept_unsigned": trust.accept_unsigned,
+        "deployment_id": trust.deployment,
+        "trusted_keys": trust.records.ids(),
+        "trusted_snapshot_keys": trust.snapshots.ids(),
+        "replay_horizon_seconds": trust.horizon,
+        "rejected": dict(sync.stats.rejected),
+        "quarantined": sync.stats.quarantined,
+        "recent_quarantines": list(sync.recent_quarantines),
+        "version_floors": sync.table.floors(),
+        "heartbeat_signed_at": sync.heartbeat_at,
+        "heartbeat_acked_revision": sync.heartbeat_acked,
+    }
 
 
 def add_routes(app: web.Application) -> None:

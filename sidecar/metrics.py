@@ -124,9 +124,20 @@ class Metrics:
                 stats.consumer_resets,
             ),
             ("keyrelay_reconnects_total", "counter", "Reconnections to NATS", stats.reconnects),
-        ]
+            ("keyrelay_quarantined_total", "counter", "Keys refused because their newest record failed verification",
+             stats.quarantined),
+            ("keyrelay_apply_errors_total", "counter", "Faults while applying a value (each led to a resync)",
+             stats.apply_errors),
+            ("keyrelay_heartbeats_total", "counter", "Publisher heartbeats verified", stats.heartbeats),
+            ("keyrelay_version_floors", "gauge", "Version floors kept for removed or quarantined keys",
+             sync.table.floors()),
+            ("keyrelay_insecure", "gauge", "1 when values are taken unsigned (--insecure-accept-unsigned)",
+             int(sync.trust.accept_unsigned)),
+        ]  # fmt: skip
         for name, kind, help_text, value in gauges:
             _family(lines, name, kind, help_text, [("", value)])
+        _family(lines, "keyrelay_record_rejected_total", "counter", "Values refused by verification, by reason",
+                [(f'reason="{reason}"', count) for reason, count in sorted(stats.rejected.items())])  # fmt: skip
         return "\n".join(lines) + "\n"
 
 

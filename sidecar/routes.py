@@ -16,9 +16,14 @@ no rule matches needs no scope beyond what `X-Required-Scopes` asks for. Blank
 lines and anything from a `#` token on are ignored.
 
 Request paths are normalised before matching — query and fragment dropped,
-percent-escapes decoded, empty and `.` segments dropped, `..` resolved — so
-`/api/public/../admin` or `/api/%61dmin` cannot slip past a rule for
-`/api/admin`.
+percent-escapes decoded, everything from a NUL on dropped, backslashes read as
+slashes, `;parameters` dropped from each segment (as servlet containers do),
+empty and `.` segments dropped, `..` resolved — so `/api/public/../admin`,
+`/api/%61dmin`, `/api/admin;x=1` or `/api/admin%00` cannot slip past a rule
+for `/api/admin`. With `ignore_case` (`--route-scopes-ignore-case`, for
+upstreams that match paths without regard to case) rules and paths are
+compared case-folded. Only a valid key's request is matched, and the answers
+for paths up to 2,048 characters are cached.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ __all__ = ["RouteRule", "RouteScopes", "RouteScopesError", "normalize_path"]
 
 _METHOD: Final = re.compile(r"^(\*|[A-Za-z]+)$")
 _CACHE_SIZE: Final = 8192  # distinct (method, path, header) triples remembered; gateways repeat themselves
+_CACHED_PATH: Final = 2048  # longer paths are matched every time, never cached (8192 x 2 KB at most)
 
 
 class RouteScopesError(SidecarError):
@@ -67,9 +73,10 @@ def normalize_path(uri: str) -> str:
         # Absolute form (http://host/path) keeps only its path.
         _, scheme, rest = path.partition("://")
         path = "/" + rest.partition("/")[2] if scheme else "/" + path
-    path = unquote(path)
+    path = unquote(path).partition("\x00")[0].replace("\\", "/")
     segments: list[str] = []
-    for segment in path.split("/"):
+    for raw in path.split("/"):
+        segment = raw.partition(";")[0]  # a path parameter, which servlet containers drop
         if segment in ("", "."):
             continue
         if segment == "..":
@@ -99,29 +106,32 @@ def _candidates(path: str) -> Iterator[str]:
 class RouteScopes:
     """An immutable route → scopes map; `required()` answers from a bounded cache."""
 
-    __slots__ = ("_cached", "_rules", "_table", "source")
+    __slots__ = ("_cached", "_rules", "_table", "ignore_case", "source")
 
-    def __init__(self, rules: list[RouteRule], *, source: str = "<rules>") -> None:
+    def __init__(self, rules: list[RouteRule], *, source: str = "<rules>", ignore_case: bool = False) -> None:
         self.source = source
+        self.ignore_case = ignore_case
         self._rules = tuple(rules)
         table: dict[tuple[str, str], frozenset[str]] = {}
         for rule in self._rules:
-            table[rule.method, rule.prefix] = rule.scopes
+            prefix = rule.prefix.casefold() if ignore_case else rule.prefix
+            # Two rules one prefix apart only by case: under ignore_case, both scopes sets apply.
+            table[rule.method, prefix] = table.get((rule.method, prefix), frozenset()) | rule.scopes
         self._table: Mapping[tuple[str, str], frozenset[str]] = MappingProxyType(table)
         # Per instance: the cache must not outlive the map, nor be shared between maps.
         self._cached: Callable[[str, str, str | None], frozenset[str]] = lru_cache(maxsize=_CACHE_SIZE)(self._required)
 
     @classmethod
-    def load(cls, path: Path) -> RouteScopes:
+    def load(cls, path: Path, *, ignore_case: bool = False) -> RouteScopes:
         """Read and check the file; RouteScopesError names the file and line of any problem."""
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise RouteScopesError(str(path), 0, f"cannot read it: {exc}") from None
-        return cls.parse(text, source=str(path))
+        return cls.parse(text, source=str(path), ignore_case=ignore_case)
 
     @classmethod
-    def parse(cls, text: str, *, source: str = "<rules>") -> RouteScopes:
+    def parse(cls, text: str, *, source: str = "<rules>", ignore_case: bool = False) -> RouteScopes:
         """Build the map from the file's text."""
         rules: list[RouteRule] = []
         seen: dict[tuple[str, str], int] = {}
@@ -138,7 +148,7 @@ class RouteScopes:
             if first != number:
                 raise RouteScopesError(source, number, f"{rule.method} {rule.prefix} is already given on line {first}")
             rules.append(rule)
-        return cls(rules, source=source)
+        return cls(rules, source=source, ignore_case=ignore_case)
 
     @property
     def rules(self) -> tuple[RouteRule, ...]:
@@ -154,7 +164,8 @@ class RouteScopes:
         if method == "HEAD":
             method = "GET"
         table = self._table
-        for prefix in _candidates(normalize_path(uri)):
+        path = normalize_path(uri)
+        for prefix in _candidates(path.casefold() if self.ignore_case else path):
             scopes = table.get((method, prefix))
             if scopes is None:
                 scopes = table.get(("*", prefix))
@@ -165,7 +176,10 @@ class RouteScopes:
     def required(self, method: str, uri: str, header: str | None) -> frozenset[str]:
         """The route's scopes plus those of an `X-Required-Scopes` header: all of them are required."""
         # Without the query: a query that differs on every request would only churn the cache.
-        return self._cached(method, uri.partition("?")[0], header)
+        path = uri.partition("?")[0]
+        if len(path) > _CACHED_PATH:
+            return self._required(method, path, header)
+        return self._cached(method, path, header)
 
     def _required(self, method: str, uri: str, header: str | None) -> frozenset[str]:
         scopes = self.scopes_for(method, uri)

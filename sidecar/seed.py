@@ -1,24 +1,31 @@
-"""Seed a region's table snapshot without serving: sync a table as a sidecar would, write it, stop.
+"""Seed a region's table snapshot without serving: sync a table as a sidecar would, sign it, write it.
 
-Sidecars keep their region's snapshot fresh, but only once one of them has
-replayed the whole bucket: a region's first sidecar would spend that replay
-(tens of seconds at a million keys) unready. `keyrelay region init` and
-`keyrelay snapshot seed` spend it instead, before any sidecar starts, so every
-sidecar, the first included, starts from a snapshot. The seeder starts from the
+Sidecars hold no key or credential that can write snapshots; the region's
+seeder does. It syncs a table exactly as a sidecar does (every value verified
+against the publisher's keys), signs the snapshot with the region's snapshot
+key, and writes it with the region-init NATS credentials. `keyrelay region
+init` seeds once before a region's first sidecar starts, so every sidecar, the
+first included, starts from a snapshot instead of replaying the bucket;
+`keyrelay snapshot seed --keep-running` keeps running and writes a new one
+whenever the region's is due. The seeder starts from the
 region's current snapshot itself when there is one, so seeding again is cheap;
 a snapshot that is still fresh is left as it is.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import SyncTimeout
+from .nats_connect import NatsConnect
 from .snapshot import Snapshot
 from .sync import KeySync
 from .table import KeyTable
+from .trust import Signer, Trust, TrustedKeys
 
 __all__ = ["SeedProgress", "SeedResult", "seed_snapshot"]
 
@@ -50,28 +57,41 @@ class SeedResult:
 
 async def seed_snapshot(
     *,
-    servers: Sequence[str],
+    nats: NatsConnect,
     bucket: str,
     region: str | None,
     store: str,
+    trust: Trust,
+    signer: Signer,
     interval: float = 600.0,
     force: bool = False,
     timeout: float = 600.0,
     connect_timeout: float = 30.0,
     progress: Callable[[SeedProgress], None] | None = None,
     progress_every: float = 2.0,
+    keep_fresh: asyncio.Event | None = None,
 ) -> SeedResult:
-    """Sync the region's table from its NATS and write it as the region's snapshot when due (or `force`)."""
+    """Sync the region's table from its NATS and write it, signed, as the region's snapshot when due (or `force`).
+
+    With `keep_fresh`, carry on after that first write, writing a new snapshot whenever the region's
+    is due, until the event is set.
+    """
     started = time.monotonic()
-    sync = KeySync(table=KeyTable(), servers=servers, bucket=bucket, region=region,
+    # The seeder loads the region's current snapshot too: one it signed itself is trusted.
+    own = TrustedKeys.of([signer.public_key])
+    trust = dataclasses.replace(trust, snapshots=TrustedKeys({**trust.snapshots.keys, **own.keys}))
+    sync = KeySync(table=KeyTable(), servers=nats.servers, connect=nats, bucket=bucket, region=region,
                    name=f"keyrelay-seed-{region or 'global'}", snapshot_store=store, snapshot_interval=interval,
-                   snapshot_refresh=False)  # fmt: skip
+                   snapshot_signer=signer, trust=trust)  # fmt: skip
     await sync.start()
     try:
         await _wait_synced(sync, timeout=timeout, connect_timeout=min(timeout, connect_timeout), progress=progress,
                            every=progress_every)  # fmt: skip
         synced = time.monotonic() - started
         written = await sync.write_snapshot(force=force)
+        if keep_fresh is not None:
+            sync.keep_snapshots_fresh()
+            await keep_fresh.wait()
     finally:
         await sync.close()
     return SeedResult(

@@ -4,21 +4,33 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .config import option, parse_bool, parse_duration
+from .config import option, parse_bool, parse_duration, parse_optional_path
+from .nats_connect import nats_option
+from .trust import parse_trusted_keys
 from .wire import DEFAULT_BUCKET, DEFAULT_PREFIX, is_region_code
 
 __all__ = [
+    "DEFAULT_DEPLOYMENT",
+    "DEFAULT_REPLAY_HORIZON",
     "LOG_LEVELS",
     "SidecarSettings",
+    "deployment_option",
+    "horizon_option",
+    "insecure_option",
     "parse_optional_path",
     "parse_port",
     "parse_positive_duration",
     "parse_region",
     "parse_servers",
+    "publish_delay_option",
+    "trusted_keys_option",
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+DEFAULT_DEPLOYMENT = "default"
+DEFAULT_REPLAY_HORIZON = 7 * 86400.0
 
 
 def parse_region(text: str) -> str | None:
@@ -38,11 +50,6 @@ def parse_servers(text: str) -> tuple[str, ...]:
     return servers
 
 
-def parse_optional_path(text: str) -> Path | None:
-    """A file path, or None for an empty value."""
-    return Path(text) if text.strip() else None
-
-
 def parse_port(text: str) -> int:
     """A TCP port number (0 picks a free one)."""
     port = int(text)
@@ -59,6 +66,52 @@ def parse_positive_duration(text: str) -> float:
     return seconds
 
 
+def trusted_keys_option() -> Any:
+    """The declaration of --trusted-keys, shared by every reader of the bucket (sidecar, seeder)."""
+    return option(
+        (),
+        parse=parse_trusted_keys,
+        help="the publisher's public signing keys, comma separated (base64url; `keyrelay signing-keys` or "
+        "GET /v1/signing-keys lists them): only values they signed are taken",
+    )
+
+
+def insecure_option() -> Any:
+    """The declaration of --insecure-accept-unsigned."""
+    return option(
+        False,
+        parse=parse_bool,
+        help="take values nobody signed: anyone who can write to NATS can then mint keys (shown in /v1/status, "
+        "keyrelay_insecure and the log)",
+    )
+
+
+def deployment_option() -> Any:
+    """The declaration of --deployment-id (signatures name the deployment, so one's never verify in another)."""
+    return option(DEFAULT_DEPLOYMENT, help="this deployment's name, as the publisher's --deployment-id")
+
+
+def publish_delay_option() -> Any:
+    """The declaration of --max-publish-delay."""
+    return option(
+        60.0,
+        parse=parse_positive_duration,
+        duration=True,
+        help="a value the stream stored longer than this after it was signed is a replay and refused (the "
+        "publisher signs as it publishes; allow for clock skew between it and NATS)",
+    )
+
+
+def horizon_option() -> Any:
+    """The declaration of --replay-horizon."""
+    return option(
+        DEFAULT_REPLAY_HORIZON,
+        parse=parse_positive_duration,
+        duration=True,
+        help="values and snapshots signed longer ago are refused; the publisher re-signs before then",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class SidecarSettings:
     """Everything a sidecar needs to know; all of it has a flag and a KEYRELAY_* variable."""
@@ -68,6 +121,10 @@ class SidecarSettings:
         parse=parse_servers,
         help="NATS server(s) of this sidecar's region, comma separated",
     )
+    nats_creds: Path | None = nats_option("nats_creds")
+    nats_tls_ca: Path | None = nats_option("nats_tls_ca")
+    nats_tls_cert: Path | None = nats_option("nats_tls_cert")
+    nats_tls_key: Path | None = nats_option("nats_tls_key")
     bucket: str = option(DEFAULT_BUCKET, help="JetStream KV bucket that holds the key records")
     region: str | None = option(
         None,
@@ -76,11 +133,23 @@ class SidecarSettings:
     )
     host: str = option("127.0.0.1", help="address to listen on (0.0.0.0 in a pod, for the kubelet's probes)")
     port: int = option(8081, parse=parse_port, help="HTTP port for /auth, /v1/keys/verify, /readyz and /metrics")
+    trusted_keys: tuple[str, ...] = trusted_keys_option()
+    trusted_snapshot_keys: tuple[str, ...] = option(
+        (),
+        parse=parse_trusted_keys,
+        help="public keys of this region's snapshot signers, comma separated (unset: no snapshot is loaded; "
+        "the sidecar replays the bucket)",
+    )
+    insecure_accept_unsigned: bool = insecure_option()
+    deployment_id: str = deployment_option()
+    replay_horizon: float = horizon_option()
+    max_publish_delay: float = publish_delay_option()
     max_staleness: float = option(
         30.0,
         parse=parse_positive_duration,
         duration=True,
-        help="how long the replica may go without contact with NATS before /readyz fails",
+        help="how old the publisher's last verified heartbeat may get before /readyz fails (with "
+        "--insecure-accept-unsigned: how long without contact with NATS)",
     )
     stale_policy: str = option(
         "closed",
@@ -103,13 +172,7 @@ class SidecarSettings:
     snapshots: bool = option(
         True,
         parse=parse_bool,
-        help="start from the region's table snapshot (an object store on the same NATS) and keep it fresh",
-    )
-    snapshot_interval: float = option(
-        600.0,
-        parse=parse_positive_duration,
-        duration=True,
-        help="how old the region's snapshot may get before a sidecar writes a new one",
+        help="start from the region's signed table snapshot (an object store on the same NATS), when there is one",
     )
     snapshot_bucket: str = option("", help="object store bucket of the snapshots (default: <bucket>_SNAPSHOTS)")
     route_scopes: Path | None = option(
@@ -117,4 +180,9 @@ class SidecarSettings:
         parse=parse_optional_path,
         help="file of `METHOD /path-prefix scope ...` lines: the scopes each route requires, on top of "
         "X-Required-Scopes (format: deploy/gateways/README.md)",
+    )
+    route_scopes_ignore_case: bool = option(
+        False,
+        parse=parse_bool,
+        help="match --route-scopes paths without regard to case, for upstreams that do (IIS, some frameworks)",
     )

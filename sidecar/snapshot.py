@@ -6,11 +6,17 @@ at a stream revision; a sidecar that loads one resumes its consumer at the
 next revision, so it ends exactly where a full replay would (the bucket keeps
 every key's latest record and delete markers). Snapshots live in an object
 store on the NATS the sidecar reads — the region's own, for a regional
-sidecar — under the region's name, and sidecars keep them fresh themselves:
-one whose region's snapshot is older than the interval writes a new one.
+sidecar — under the region's name. The region's seeder writes them, with the
+region-init NATS identity and the region's snapshot key (`keyrelay region
+init`, `keyrelay snapshot seed`); sidecars hold neither, and only read them.
 
 Format: MAGIC, a 4-byte header length, a msgpack header (revision, bucket,
-region, the table's header), then the table's arrays back to back.
+region, the stream's identity, the table's header with its version floors),
+the table's arrays back to back, then the signature: a 4-byte length and a
+`Keyrelay-Sig` value (sidecar/trust.py) of kind `s` over the SHA-256 of
+everything before it, for the entry `snapshot.<bucket>.<region or global>`.
+Sidecars load only snapshots signed by a key in their `--trusted-snapshot-keys`,
+signed within the replay horizon, made from the stream they read.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import logging
 import struct
 import time
@@ -32,15 +39,19 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
-from .errors import SnapshotError
+from .errors import SignatureError, SnapshotError
 from .table import ALL, RECORD_WIDTHS, KeyTable, array_sizes
+from .trust import KIND_SNAPSHOT, Signer, Trust
 
-__all__ = ["FORMAT", "Snapshot", "SnapshotStore", "decode", "encode", "snapshot_store_name"]
+__all__ = ["FORMAT", "Snapshot", "SnapshotStore", "decode", "encode", "snapshot_entry", "snapshot_store_name"]
 
 log = logging.getLogger("keyrelay.sidecar.snapshot")
 
 MAGIC = b"KRSNAP1\n"
-FORMAT = 1
+FORMAT = 2
+_MAX_SIGNATURE = 256
+# A header is the interned values (5 MB at a million keys) and the version floors: far below this.
+_MAX_HEAD = 256 * 2**20
 # Chunks stay well under NATS's default 1 MB max_payload.
 _CHUNK = 512 * 1024
 _LENGTH = struct.Struct(">I")
@@ -51,6 +62,11 @@ def snapshot_store_name(bucket: str, configured: str = "") -> str:
     return configured or f"{bucket}_SNAPSHOTS"
 
 
+def snapshot_entry(bucket: str, region: str | None) -> str:
+    """What a snapshot's signature names: the bucket and region it is for."""
+    return f"snapshot.{bucket}.{region or 'global'}"
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """What a snapshot says about itself."""
@@ -59,15 +75,16 @@ class Snapshot:
     keys: int
     created: float
     size: int
+    stream_created: str = ""
 
 
 def _pieces(
-    table: KeyTable, *, revision: int, bucket: str, region: str | None, arrays: bool = True
+    table: KeyTable, *, revision: int, bucket: str, region: str | None, stream_created: str, arrays: bool = True
 ) -> list[bytes | memoryview]:
     """A snapshot's parts in order: magic, header length, header, then (unless not `arrays`) the table's arrays."""
     table_header, values, count = table.export_packed()
     outer = {"format": FORMAT, "revision": revision, "bucket": bucket, "region": region, "created": time.time(),
-             "keys": len(table)}  # fmt: skip
+             "keys": len(table), "stream_created": stream_created}  # fmt: skip
     # The header is the msgpack map {**outer, "table": {**table_header, "values": [...]}}, put
     # together around the values the table packed already (most of the header's bytes).
     packer = msgpack.Packer()
@@ -85,9 +102,17 @@ def _pieces(
     return parts
 
 
-def encode(table: KeyTable, *, revision: int, bucket: str, region: str | None) -> bytes:
-    """One snapshot of `table` as of stream `revision` (a copy: the table may change right after)."""
-    return b"".join(_pieces(table, revision=revision, bucket=bucket, region=region))
+def _signature_trailer(signer: Signer, digest: bytes, *, bucket: str, region: str | None) -> bytes:
+    signature = signer.sign(KIND_SNAPSHOT, snapshot_entry(bucket, region), digest).encode()
+    return _LENGTH.pack(len(signature)) + signature
+
+
+def encode(
+    table: KeyTable, *, revision: int, bucket: str, region: str | None, signer: Signer, stream_created: str = ""
+) -> bytes:
+    """One signed snapshot of `table` as of stream `revision` (a copy: the table may change right after)."""
+    body = b"".join(_pieces(table, revision=revision, bucket=bucket, region=region, stream_created=stream_created))
+    return body + _signature_trailer(signer, hashlib.sha256(body).digest(), bucket=bucket, region=region)
 
 
 _VALUES_PER_TURN = 2_000  # interned values packed between two turns of the event loop (a few ms)
@@ -103,9 +128,12 @@ class _LiveReader:
     its block's bytes are saved, if part of them is still to be sent, and sent from there.
     """
 
-    def __init__(self, table: KeyTable, head: bytes) -> None:
+    def __init__(self, table: KeyTable, head: bytes, trailer: Callable[[bytes], bytes]) -> None:
         self._table = table
         self._head = head
+        self._hash = hashlib.sha256()
+        self._trailer = trailer  # the signature's bytes, from the digest of all before it
+        self._tail = b""
         self._records = records = table.records()
         # Where each array starts in the snapshot, after the head.
         self._starts = [len(head)]
@@ -150,12 +178,22 @@ class _LiveReader:
         return data[within:]
 
     def readinto(self, buffer: bytearray) -> int:
-        """Fill `buffer` with the next bytes of the snapshot; 0 at its end."""
+        """Fill `buffer` with the next bytes of the snapshot, its signature last; 0 at its end."""
         if self._replaced:
             raise SnapshotError("the table was replaced during the upload")
+        body = self._starts[-1]
         filled = 0
-        while filled < len(buffer) and self._position < self.size:
+        while filled < len(buffer) and self._position < body:
             piece = self._piece(self._position)[: len(buffer) - filled]
+            buffer[filled : filled + len(piece)] = piece
+            self._hash.update(piece)
+            filled += len(piece)
+            self._position += len(piece)
+        if self._position >= body and filled < len(buffer):
+            if not self._tail:
+                self._tail = self._trailer(self._hash.digest())
+                self.size = body + len(self._tail)
+            piece = self._tail[self._position - body :][: len(buffer) - filled]
             buffer[filled : filled + len(piece)] = piece
             filled += len(piece)
             self._position += len(piece)
@@ -181,9 +219,17 @@ class _Sink:
     calls `write` in an executor thread, and the object store read should run to its end.
     """
 
-    def __init__(self, *, bucket: str, region: str | None, size: int) -> None:
+    def __init__(self, *, bucket: str, region: str | None, size: int, trust: Trust, stream_created: str,
+                 max_records: int | None = None) -> None:  # fmt: skip
         self._bucket, self._region = bucket, region
-        self._expected = size  # the object's size, which the header's figures must add up to
+        # The signature is checked at the end; what the header may make us allocate before that is
+        # bounded by what the stream could have filled (records come from its messages).
+        self._max_records = max_records
+        self._trust = trust
+        self._stream_created = stream_created  # the identity of the stream this sidecar reads
+        self._expected = size  # the object's size, which the header's figures and signature must add up to
+        self._hash = hashlib.sha256()
+        self._trailer = bytearray()
         self._head = bytearray()
         self._header: dict[str, Any] | None = None
         self._arrays: list[bytearray | array[Any]] = []
@@ -212,11 +258,14 @@ class _Sink:
             view = self._views[self._which]
             piece = data[: len(view) - self._filled]
             view[self._filled : self._filled + len(piece)] = piece
+            self._hash.update(piece)
             data = data[len(piece) :]
             self._filled += len(piece)
             self._next_array()
         if data:
-            raise SnapshotError("longer than its header says")
+            if len(self._trailer) + len(data) > _LENGTH.size + _MAX_SIGNATURE:
+                raise SnapshotError("longer than its header and a signature")
+            self._trailer += data
 
     def _next_array(self) -> None:
         """Move past the arrays that are full (an empty table's are full from the start)."""
@@ -235,7 +284,7 @@ class _Sink:
             if not self._head.startswith(MAGIC):
                 raise SnapshotError("not a keyrelay snapshot")
             (length,) = _LENGTH.unpack_from(self._head, len(MAGIC))
-            if not 0 < length <= self._expected - fixed:
+            if not 0 < length <= min(self._expected - fixed, _MAX_HEAD):
                 raise SnapshotError(
                     f"unreadable header (announced as {length} bytes of a {self._expected}-byte object)"
                 )
@@ -245,6 +294,7 @@ class _Sink:
         data = data[len(taken) :]
         if len(self._head) < wanted:
             return data
+        self._hash.update(self._head)
         self._start_arrays(self._parse_header(self._head[fixed:]), head=wanted)
         return data
 
@@ -256,7 +306,14 @@ class _Sink:
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise SnapshotError(f"format {header.get('format') if isinstance(header, dict) else '?'} is not {FORMAT}")
         if header.get("bucket") != self._bucket or header.get("region") != self._region:
-            raise SnapshotError(f"made for bucket {header.get('bucket')} region {header.get('region')}")
+            raise SnapshotError(f"made for bucket {header.get('bucket')!r} region {header.get('region')!r}")
+        if header.get("stream_created") != self._stream_created:
+            # Another incarnation of the stream: its revisions mean other records.
+            raise SnapshotError(f"made from a stream created at {header.get('stream_created')!r}, not the one this "
+                                f"sidecar reads ({self._stream_created!r})")  # fmt: skip
+        for name, kind in (("revision", int), ("created", float | int)):
+            if not isinstance(header.get(name), kind) or isinstance(header.get(name), bool) or header[name] < 0:
+                raise SnapshotError(f"its {name} is not a non-negative number")
         return header
 
     def _start_arrays(self, header: dict[str, Any], *, head: int) -> None:
@@ -264,9 +321,15 @@ class _Sink:
             sizes = array_sizes(header["table"])
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise SnapshotError(f"unreadable table header ({exc})") from None
-        if head + sum(sizes) != self._expected:
+        records = int(header["table"]["records"])
+        if self._max_records is not None and records > self._max_records:
+            raise SnapshotError(f"its header announces {records:,} records, more than the stream could have made "
+                                f"({self._max_records:,})")  # fmt: skip
+        signature = self._expected - head - sum(sizes)
+        if not _LENGTH.size < signature <= _LENGTH.size + _MAX_SIGNATURE:
             # Checked before allocating: a damaged record count must not claim gigabytes.
-            raise SnapshotError(f"its header announces {head + sum(sizes)} bytes, the object holds {self._expected}")
+            raise SnapshotError(f"its header announces {head + sum(sizes)} bytes of the object's {self._expected}: "
+                                f"not a whole signed snapshot (unsigned ones are not loaded)")  # fmt: skip
         self._header = header
         # Allocated whole up front: arrays grown chunk by chunk keep their growth slack (20 MiB at
         # a million keys) for the sidecar's life.
@@ -286,7 +349,10 @@ class _Sink:
         for view in self._views:
             view.release()  # an exported buffer would stop the table growing its arrays
         self._views = []
+        if self.error is None:
+            self.error = self._check_signature()
         if self.error is not None:
+            self._arrays = []
             raise SnapshotError(self.error)
         assert self._header is not None
         digests, ids, fields, times, versions = self._arrays
@@ -302,12 +368,32 @@ class _Sink:
         self._arrays = []
         _return_free_memory()
         return Snapshot(revision=int(self._header["revision"]), keys=len(table),
-                        created=float(self._header["created"]), size=self.size)  # fmt: skip
+                        created=float(self._header["created"]), size=self.size,
+                        stream_created=self._stream_created)  # fmt: skip
+
+    def _check_signature(self) -> str | None:
+        """Why the signature does not vouch for these bytes (None: it does)."""
+        if len(self._trailer) < _LENGTH.size:
+            return "no signature (unsigned snapshots are not loaded)"
+        (length,) = _LENGTH.unpack_from(self._trailer)
+        if length != len(self._trailer) - _LENGTH.size:
+            return "its signature is not whole"
+        try:
+            signature = bytes(self._trailer[_LENGTH.size :]).decode("ascii")
+            self._trust.verify_snapshot(
+                signature, self._hash.digest(), entry=snapshot_entry(self._bucket, self._region)
+            )
+        except UnicodeDecodeError:
+            return "its signature is not text"
+        except SignatureError as exc:
+            return f"its signature is refused ({exc.reason})"
+        return None
 
 
-def decode(data: bytes, table: KeyTable, *, bucket: str, region: str | None) -> Snapshot:
+def decode(data: bytes, table: KeyTable, *, bucket: str, region: str | None, trust: Trust,
+           stream_created: str = "") -> Snapshot:  # fmt: skip
     """Load a snapshot into `table`; SnapshotError (table untouched) when it is not one for here."""
-    sink = _Sink(bucket=bucket, region=region, size=len(data))
+    sink = _Sink(bucket=bucket, region=region, size=len(data), trust=trust, stream_created=stream_created)
     sink.write(data)
     return sink.load_into(table)
 
@@ -352,8 +438,13 @@ class SnapshotStore:
             return None
         return time.time() - float(created), int(revision)
 
-    async def load(self, table: KeyTable) -> Snapshot | None:
-        """Fill `table` from the region's snapshot; None when there is none or it cannot be used."""
+    async def load(self, table: KeyTable, *, trust: Trust, stream_created: str,
+                   max_records: int | None = None) -> Snapshot | None:  # fmt: skip
+        """Fill `table` from the region's snapshot; None when there is none or it cannot be used.
+
+        Used only when signed by one of `trust`'s snapshot keys within its horizon, for this
+        bucket and region, from the stream created at `stream_created`, and valid throughout.
+        """
         store = await self._open(create=False)
         if store is None:
             return None
@@ -361,7 +452,8 @@ class SnapshotStore:
         # quadratic (8.7 s instead of under one for a million keys' 100 MB).
         try:
             info = await store.get_info(self.name)
-            sink = _Sink(bucket=self.bucket, region=self.region, size=info.size or 0)
+            sink = _Sink(bucket=self.bucket, region=self.region, size=info.size or 0, trust=trust,
+                         stream_created=stream_created, max_records=max_records)  # fmt: skip
             await store.get(self.name, writeinto=sink)  # type: ignore[arg-type]  # it only calls write
         except (ObjectNotFoundError, NotFoundError):
             return None
@@ -371,8 +463,9 @@ class SnapshotStore:
             log.warning("ignored the snapshot %s/%s: %s", self.store_name, self.name, exc)
             return None
 
-    async def save(self, table: KeyTable, revision: Callable[[], int]) -> Snapshot:
-        """Write the table as the region's snapshot, as of the revision `revision()` names when copied."""
+    async def save(self, table: KeyTable, revision: Callable[[], int], *, signer: Signer,
+                   stream_created: str) -> Snapshot:  # fmt: skip
+        """Write the table as the region's snapshot, signed by `signer`, as of the revision `revision()` names."""
         store = await self._open(create=True)
         assert store is not None
         # Most of the header is the interned values, which only grow: packed now, a slice per turn
@@ -383,9 +476,10 @@ class SnapshotStore:
             left = table.pack_values(limit=_VALUES_PER_TURN)
         # No await between reading the revision and starting the reader: they describe one state.
         at = revision()
-        reader = _LiveReader(table, b"".join(_pieces(table, revision=at, bucket=self.bucket, region=self.region,
-                                                     arrays=False)))  # fmt: skip
-        size = reader.size
+        head = b"".join(_pieces(table, revision=at, bucket=self.bucket, region=self.region,
+                                stream_created=stream_created, arrays=False))  # fmt: skip
+        reader = _LiveReader(table, head, lambda digest: _signature_trailer(signer, digest, bucket=self.bucket,
+                                                                            region=self.region))  # fmt: skip
         revision_text = str(at)
         created = time.time()
         meta = ObjectMeta(
@@ -399,7 +493,7 @@ class SnapshotStore:
             await store.put(self.name, reader, meta=meta)  # type: ignore[arg-type]
         finally:
             reader.close()
-        return Snapshot(revision=at, keys=len(table), created=created, size=size)
+        return Snapshot(revision=at, keys=len(table), created=created, size=reader.size, stream_created=stream_created)
 
 
 def snapshot_summary(snapshot: Snapshot) -> dict[str, Any]:

@@ -11,6 +11,7 @@ scope sets, metadata — are interned.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import sys
 import uuid
@@ -21,7 +22,7 @@ from typing import Any, Final
 
 import msgpack
 
-from .wire import KeyRecord, RecordFields, header_safe
+from .wire import MAX_VERSION, KeyRecord, RecordFields, header_safe
 
 __all__ = ["ALL", "RECORD_WIDTHS", "KeyTable", "KeyView", "array_sizes"]
 
@@ -103,6 +104,7 @@ class KeyTable:
         "_by_id",
         "_digests",
         "_fields",
+        "_floors",
         "_free",
         "_ids",
         "_live",
@@ -123,6 +125,9 @@ class KeyTable:
 
     def __init__(self, capacity: int = 1024) -> None:
         self._watchers: tuple[Callable[[int], None], ...] = ()
+        # Key id → (version, until): the version below which no record of a removed or quarantined
+        # key is taken again, until that wall-clock time (inf: until a newer record is taken).
+        self._floors: dict[str, tuple[int, float]] = {}
         self._reset(capacity)
 
     def watch(self, changed: Callable[[int], None]) -> None:
@@ -164,8 +169,9 @@ class KeyTable:
         return self._live
 
     def clear(self) -> None:
-        """Forget every key."""
+        """Forget every key (and every version floor)."""
         self._reset(1024)
+        self._floors = {}
 
     def reserve(self, count: int) -> None:
         """Grow the indexes once for `count` keys, so a bulk load does not rehash repeatedly."""
@@ -257,7 +263,11 @@ class KeyTable:
         return self.apply_fields(record.fields())
 
     def apply_fields(self, fields: RecordFields) -> bool:
-        """`apply` for a record as the plain tuple `decode_fields` returns, its key id canonical (the sync's path)."""
+        """`apply` for a record as the plain tuple `decode_fields` returns, its key id canonical (the sync's path).
+
+        False when the held version, or the key's version floor, is as new or newer. All or
+        nothing: a record that cannot be stored raises ValueError before anything changes.
+        """
         key_id, key_hash, org, team, project, scopes, env, region, expires, revoked, version, meta = fields
         # decode_fields has checked the id and put it in canonical form: a second regex here cost
         # a twentieth of a million-key replay. Length and case still guard the fixed-width array
@@ -265,7 +275,17 @@ class KeyTable:
         raw_id = key_id.encode()
         if len(raw_id) != _ID or key_id.lower() != key_id:
             raise ValueError(f"key id {key_id!r} is not in canonical form: pass records through decode_fields")
+        # Checked before any array changes: a version the 64-bit array refuses half-way through a
+        # write would leave the arrays out of step (records answering for other keys).
+        if not 0 <= version <= MAX_VERSION or len(key_hash) != _DIGEST:
+            raise ValueError(f"version {version} or hash length {len(key_hash)} out of range")
         n = self._find_id(raw_id)
+        if n < 0 and self._floors:
+            floor = self._floors.get(key_id)
+            if floor is not None:
+                if version <= floor[0]:
+                    return False
+                del self._floors[key_id]  # a newer record: the floor has done its work
         if n >= 0:
             if self._versions[n] >= version:
                 return False
@@ -297,13 +317,66 @@ class KeyTable:
         return True
 
     def remove(self, key_id: str) -> bool:
-        """Forget a key (its entry was deleted from the bucket); False if it was not held."""
+        """Forget a key, leaving no floor (tests and insecure mode); False if it was not held."""
         raw_id = _id_bytes(key_id)
         n = self._find_id(raw_id)
         if n < 0:
             return False
         self._remove(n, raw_id)
         return True
+
+    def tombstone(self, key_id: str, version: int, until: float) -> bool:
+        """A signed delete: forget the key unless it holds `version` or newer, and take no record of it at or
+        below `version` until `until` (wall clock). False when it changed nothing the table serves."""
+        if not 0 <= version <= MAX_VERSION:
+            raise ValueError(f"version {version} out of range")
+        raw_id = _id_bytes(key_id)
+        canonical = raw_id.decode()
+        n = self._find_id(raw_id)
+        held = self._versions[n] if n >= 0 else -1
+        if held >= version:
+            return False
+        floor = self._floors.get(canonical)
+        if n < 0 and floor is None:
+            # Never held here: no floor (whoever sends tombstones for keys nobody has must not grow the
+            # table); an older record of it, replayed, is refused for its stored time or its age.
+            return False
+        if floor is None or floor[0] < version or floor[1] < until:
+            self._floors[canonical] = (max(version, floor[0] if floor else 0), max(until, floor[1] if floor else 0))
+        if n < 0:
+            return False
+        self._remove(n, raw_id)
+        return True
+
+    def quarantine(self, key_id: str) -> bool:
+        """Refuse a key whose newest record failed verification: forget it until a valid record at least as new as
+        the one it held arrives (the same version re-signed ends it too). False if it was not held."""
+        raw_id = _id_bytes(key_id)
+        n = self._find_id(raw_id)
+        if n < 0:
+            return False
+        canonical = raw_id.decode()
+        below = self._versions[n] - 1  # floors refuse their own version and older
+        floor = self._floors.get(canonical)
+        if below >= 0 and (floor is None or floor[0] < below):
+            self._floors[canonical] = (below, float("inf"))
+        self._remove(n, raw_id)
+        return True
+
+    def floor(self, key_id: str) -> tuple[int, float] | None:
+        """The version floor of a key that is not held, and until when it holds; None when it has none."""
+        return self._floors.get(_id_bytes(key_id).decode())
+
+    def floors(self) -> int:
+        """How many version floors the table keeps."""
+        return len(self._floors)
+
+    def prune_floors(self, now: float) -> int:
+        """Drop the floors that ran out before `now` (records signed before then are refused anyway)."""
+        expired = [key_id for key_id, (_, until) in self._floors.items() if until < now]
+        for key_id in expired:
+            del self._floors[key_id]
+        return len(expired)
 
     def key_ids(self) -> list[str]:
         """Every held key id (for resynchronisation sweeps and tests)."""
@@ -324,7 +397,9 @@ class KeyTable:
         snapshot packs the bulk of them with the event loop free and only the rest here.
         """
         self.pack_values()
-        header = {"records": len(self._versions), "live": self._live, "free": list(self._free), "layout": _LAYOUT}
+        floors = [[key_id, version, until] for key_id, (version, until) in self._floors.items()]
+        header = {"records": len(self._versions), "live": self._live, "free": list(self._free), "layout": _LAYOUT,
+                  "floors": floors}  # fmt: skip
         return header, bytes(self._packed), self._packed_count
 
     def pack_values(self, limit: int | None = None) -> int:
@@ -380,34 +455,18 @@ class KeyTable:
         got = [len(a) * a.itemsize if isinstance(a, array) else len(a) for a in arrays]
         if got != sizes:
             raise ValueError(f"snapshot arrays hold {got} bytes, expected {sizes}")
-        strings = _Interner()
-        for kind, data in header["values"]:
-            value: Any
-            if kind == "s":
-                value = (frozenset(data.split()), data)
-            elif kind == "m":
-                value = tuple((k, v) for k, v in data)
-            elif kind == "p":
-                value = tuple(map(_share, data))
-            else:
-                raise ValueError(f"snapshot holds an interned value of unknown kind {kind!r}")
-            # As decode_fields demands of a record: these become /auth headers as they are.
-            texts = (data,) if kind == "s" else value if kind == "p" else ()
-            if not all(text is None or (isinstance(text, str) and header_safe(text)) for text in texts):
-                raise ValueError("snapshot holds an org, team, project or scope that is not printable ASCII")
-            strings.index[value] = len(strings.values)
-            strings.values.append(value)
+        strings, kinds = _restore_values(header["values"])
         digests, ids, fields, times, versions = arrays
-        if fields and max(fields) >= len(strings.values):
-            raise ValueError("snapshot records refer to interned values it does not hold")
+        free, live, floors = _check_arrays(header, ids, fields, times, versions, kinds)
         self._changed(ALL)
         self._digests, self._ids, self._fields, self._times, self._versions = digests, ids, fields, times, versions
         self._strings = strings
         self._forget_packed()
         self._scope_sets = {tuple(sorted(v[0])): i for i, v in enumerate(strings.values) if i and
                             isinstance(v[0], frozenset)}  # fmt: skip
-        self._free = [int(n) for n in header["free"]]
-        self._live = int(header["live"])
+        self._free = free
+        self._live = live
+        self._floors = floors
         # The indexes hash with hash(), which differs per process: they are rebuilt, not stored.
         self._resize(_capacity_for(self._live))
 
@@ -506,6 +565,96 @@ class KeyTable:
                     slot = (slot + 1) & mask
                 by_id[slot] = n + 1
         self._used = self._live
+
+
+_PROFILE_WIDTH: Final = 5  # org, team, project, env, region
+_DASHES: Final = (8, 13, 18, 23)  # where a canonical UUID has its dashes
+
+
+def _canonical_ids(ids: bytearray) -> bool:
+    """Whether `ids` is canonical UUIDs back to back: lowercase hex, dashes exactly where they belong.
+
+    Whole-buffer operations (a regex over a million ids takes a second; this, 30 ms).
+    """
+    records, rest = divmod(len(ids), _ID)
+    if rest or ids.translate(None, b"0123456789abcdef-"):
+        return False
+    return ids.count(b"-") == 4 * records and all(ids[at::_ID].count(b"-") == records for at in _DASHES)
+
+
+def _text_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and header_safe(value))
+
+
+def _restore_values(forms: Any) -> tuple[_Interner, bytes]:
+    """The interned values of a snapshot, and each one's kind (b"-" for slot 0); ValueError if any is malformed."""
+    if not isinstance(forms, list):
+        raise ValueError("snapshot values are not a list")
+    strings = _Interner()
+    kinds = bytearray(b"-")
+    for form in forms:
+        if not (isinstance(form, list) and len(form) == 2 and form[0] in ("s", "m", "p")):
+            raise ValueError("snapshot holds an interned value of unknown form")
+        kind, data = form
+        value: Any
+        # Each as decode_fields demands of a record: scopes and profiles become /auth headers as they are.
+        if kind == "s" and isinstance(data, str) and header_safe(data):
+            value = (frozenset(data.split()), data)
+        elif (
+            kind == "m"
+            and isinstance(data, list)
+            and all(
+                isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair) for pair in data
+            )
+        ):
+            value = tuple((k, v) for k, v in data)
+        elif kind == "p" and isinstance(data, list) and len(data) == _PROFILE_WIDTH and all(map(_text_or_none, data)):
+            value = tuple(map(_share, data))
+        else:
+            raise ValueError(f"snapshot holds a malformed interned value of kind {kind!r} (not printable ASCII?)")
+        strings.index[value] = len(strings.values)
+        strings.values.append(value)
+        kinds += kind.encode()
+    return strings, bytes(kinds)
+
+
+def _check_arrays(
+    header: dict[str, Any], ids: bytearray, fields: array[int], times: array[float], versions: array[int], kinds: bytes
+) -> tuple[list[int], int, dict[str, tuple[int, float]]]:
+    """Free list, live count and floors of a snapshot, each record checked as strictly as a record from NATS.
+
+    Done with whole-array operations (the ids' characters and dashes, min and a sum over the numbers,
+    the distinct field values): a million records are checked in about a tenth of a second.
+    """
+    records = len(versions)
+    free = header.get("free")
+    if not isinstance(free, list) or not all(isinstance(n, int) and 0 <= n < records for n in free) \
+            or len(set(free)) != len(free):  # fmt: skip
+        raise ValueError("snapshot's free list is not a set of its record numbers")
+    live = header.get("live")
+    if live != records - len(free):
+        raise ValueError(f"snapshot says {live} live records, its arrays and free list make {records - len(free)}")
+    if not _canonical_ids(ids):
+        raise ValueError("snapshot holds a key id that is not a canonical UUID")
+    if versions and (min(versions) < 0):
+        raise ValueError("snapshot holds a negative version")
+    # NaN and infinities make the sum non-finite; every time is a finite, non-negative number of seconds.
+    if times and (min(times) < 0 or not math.isfinite(math.fsum(times))):
+        raise ValueError("snapshot holds a time that is negative or not finite")
+    expected = (b"p", b"s", b"m")
+    for which in range(_NFIELDS):
+        for index in set(fields[which::_NFIELDS]):
+            kind = kinds[index : index + 1] if index < len(kinds) else b"?"
+            if kind != expected[which] and not (which == _META and index == 0):
+                raise ValueError("snapshot records refer to interned values they do not hold, or of the wrong kind")
+    floors: dict[str, tuple[int, float]] = {}
+    for item in header.get("floors", []):
+        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                and _CANONICAL_ID.fullmatch(item[0]) and isinstance(item[1], int) and 0 <= item[1] <= MAX_VERSION
+                and isinstance(item[2], float | int) and item[2] >= 0):  # fmt: skip
+            raise ValueError("snapshot holds a malformed version floor")
+        floors[item[0]] = (item[1], float(item[2]))
+    return sorted(free), records - len(free), floors
 
 
 def _value_form(value: Any) -> list[Any]:

@@ -16,7 +16,8 @@ another deployment or another kind fails verification.
 Key formats (both fit secret scanners and are told apart at a glance):
 a signing key file holds ``krsk1_`` + base64url of the 32-byte Ed25519 seed;
 a public key is the base64url of its 32 raw bytes (no padding), its key id
-the first 8 bytes of its SHA-256 in hex.
+the first 8 bytes of its SHA-256 in hex. A public key may start with '-': on a
+command line, give it as `--trusted-keys=KEY`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ __all__ = [
     "SIGNATURE_HEADER",
     "SIGNING_KEY_PREFIX",
     "Signer",
+    "Trust",
     "TrustedKeys",
     "Verified",
     "generate_signing_key",
@@ -116,6 +118,13 @@ class Signer:
         """The key id carried by everything this key signs."""
         return key_id(bytes(self.key.verify_key))
 
+    def message_id(self, name: str) -> str:
+        """A `Nats-Msg-Id` for `name` that only this key's holder can compute: the same for every retry of one
+        publish (JetStream drops a duplicate), and unguessable, so nobody can publish first under it and
+        have the real one dropped as a duplicate."""
+        secret = hashlib.sha256(b"keyrelay-message-id\x00" + bytes(self.key)).digest()
+        return hashlib.blake2b(name.encode(), key=secret, digest_size=16).hexdigest()
+
     def sign(self, kind: str, entry: str, body: bytes, *, signed_at: float | None = None) -> str:
         """The `Keyrelay-Sig` header value for `body` at `entry`; signed now unless `signed_at` (seconds) is given."""
         at = int((time.time() if signed_at is None else signed_at) * 1000)
@@ -180,6 +189,49 @@ class TrustedKeys:
     def ids(self) -> list[str]:
         """The trusted key ids, sorted."""
         return sorted(self.keys)
+
+
+@dataclass(frozen=True, slots=True)
+class Trust:
+    """What a sidecar (or a snapshot seeder) believes: whose signatures, for which deployment, how old at most.
+
+    `records` verify the bucket's values (the publisher's keys); `snapshots` verify table
+    snapshots (the region's snapshot signers). `accept_unsigned` takes the bucket's values as
+    they are, signed or not: --insecure-accept-unsigned, shown in /v1/status, a metric and the log.
+    """
+
+    records: TrustedKeys
+    snapshots: TrustedKeys
+    deployment: str
+    horizon: float
+    accept_unsigned: bool = False
+    # The longest a genuine value waits between its signing and its storing in the stream (seconds).
+    max_publish_delay: float = 60.0
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        records: Iterable[str] = (),
+        snapshots: Iterable[str] = (),
+        deployment: str = "default",
+        horizon: float = 7 * 86400.0,
+        accept_unsigned: bool = False,
+        max_publish_delay: float = 60.0,
+    ) -> Trust:
+        """Trust from base64url public keys."""
+        return cls(TrustedKeys.of(records), TrustedKeys.of(snapshots), deployment, horizon, accept_unsigned,
+                   max_publish_delay)  # fmt: skip
+
+    def verify(self, signature: str | None, body: bytes, *, entry: str, kinds: frozenset[str] = KINDS) -> Verified:
+        """`verify` a bucket value with the record keys."""
+        return verify(signature, body, entry=entry, trusted=self.records, deployment=self.deployment,
+                      horizon=self.horizon, kinds=kinds)  # fmt: skip
+
+    def verify_snapshot(self, signature: str | None, digest: bytes, *, entry: str) -> Verified:
+        """`verify` a snapshot's digest with the snapshot keys."""
+        return verify(signature, digest, entry=entry, trusted=self.snapshots, deployment=self.deployment,
+                      horizon=self.horizon, kinds=frozenset({KIND_SNAPSHOT}))  # fmt: skip
 
 
 def parse_trusted_keys(text: str) -> tuple[str, ...]:

@@ -41,6 +41,7 @@ __all__ = [
     "entry_name",
     "generate_key",
     "header_safe",
+    "is_canonical_id",
     "is_region_code",
     "is_uuid",
     "key_digest",
@@ -109,6 +110,11 @@ def is_uuid(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def is_canonical_id(text: str) -> bool:
+    """True for a key id exactly as keyrelay writes it: a lowercase UUID with dashes (entry names hold no other)."""
+    return len(text) == 36 and _LOWER_UUID_RE.fullmatch(text) is not None
 
 
 def is_region_code(text: str) -> bool:

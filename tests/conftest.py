@@ -26,8 +26,7 @@ from publisher.settings import PublisherSettings
 from sidecar.app import create_app
 from sidecar.http import STATE, SidecarState
 from sidecar.settings import SidecarSettings
-from sidecar.trust import write_signing_key
-from tests.support import ADMIN_TOKEN, Admin, Publisher, Sidecar
+from tests.support import ADMIN_TOKEN, SIGNER, SNAPSHOT_SIGNER, TRUSTED, Admin, Publisher, Sidecar, heartbeat, key_file
 
 PG_ADMIN_URL = os.environ.get("KEYRELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -61,8 +60,13 @@ async def _quiet(*_: object) -> None:
 
 @pytest.fixture
 async def bucket(js: JetStreamContext) -> KeyValue:
-    """The KEYS bucket, as the publisher creates it (history 1, file storage)."""
-    return await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+    """The KEYS bucket, as the publisher creates it (history 1, file storage), with one publisher heartbeat.
+
+    The heartbeat (revision 1) keeps a sidecar fresh for its --max-staleness; tests of staleness send their own.
+    """
+    kv = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+    await heartbeat(kv)
+    return kv
 
 
 @pytest.fixture
@@ -81,7 +85,8 @@ async def start_sidecar(nats_server: NatsServer, http: aiohttp.ClientSession) ->
     servers: list[TestServer] = []
 
     async def start(**overrides: Any) -> Sidecar:
-        settings = SidecarSettings(**{"nats_url": (nats_server.url,), "heartbeat": 0.5, **overrides})
+        settings = SidecarSettings(**{"nats_url": (nats_server.url,), "heartbeat": 0.5, "trusted_keys": TRUSTED,
+                                      "trusted_snapshot_keys": (SNAPSHOT_SIGNER.public_key,), **overrides})  # fmt: skip
         server = TestServer(create_app(settings), host="127.0.0.1", port=0)
         # Runner options go to start_server: TestServer's constructor drops them silently.
         await server.start_server(max_field_size=settings.max_header_size, max_line_size=settings.max_header_size)
@@ -138,10 +143,8 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 
 @pytest.fixture
 def signing_key(tmp_path: Path) -> Path:
-    """A publisher signing key file (0600) under tmp_path, as `keyrelay signing-key generate` writes it."""
-    path = tmp_path / "signing-key"
-    write_signing_key(path)
-    return path
+    """The suite's publisher key (tests.support.SIGNER, which sidecars trust) in a 0600 file under tmp_path."""
+    return key_file(tmp_path / "signing-key", SIGNER)
 
 
 StartPublisher = Callable[..., Awaitable[Publisher]]

@@ -29,7 +29,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 Obj = dict[str, Any]
 
 # Kinds whose spec carries a pod template, and where the template sits.
-WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 
 
 def tool(name: str) -> Path:
@@ -96,14 +96,21 @@ def pod_spec(obj: Obj) -> Obj | None:
     """The pod spec of a workload, or None for other kinds."""
     if obj["kind"] not in WORKLOAD_KINDS:
         return None
-    spec: Obj = obj["spec"]["template"]["spec"]
+    spec: Obj = pod_template(obj)["spec"]
     return spec
 
 
 def pod_labels(obj: Obj) -> dict[str, str]:
     """The labels of a workload's pods."""
-    labels: dict[str, str] = obj["spec"]["template"]["metadata"].get("labels", {})
+    labels: dict[str, str] = pod_template(obj)["metadata"].get("labels", {})
     return labels
+
+
+def pod_template(obj: Obj) -> Obj:
+    """A workload's pod template (a CronJob's is in its job template)."""
+    spec: Obj = obj["spec"]["jobTemplate"]["spec"] if obj["kind"] == "CronJob" else obj["spec"]
+    template: Obj = spec["template"]
+    return template
 
 
 def containers(spec: Obj) -> Iterator[tuple[Obj, bool]]:

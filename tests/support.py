@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp.test_utils import TestServer
+from nacl.signing import SigningKey
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
@@ -23,9 +26,31 @@ from publisher.api import Services
 from publisher.maintenance import Maintenance
 from sidecar.app import serve
 from sidecar.http import SidecarState
+from sidecar.nats_connect import NatsConnect, identity_name
+from sidecar.seed import SeedResult, seed_snapshot
 from sidecar.settings import SidecarSettings
-from sidecar.trust import SIGNATURE_HEADER, Signer, TrustedKeys, Verified, verify
-from sidecar.wire import KeyRecord, generate_key, key_digest, subject_prefix
+from sidecar.trust import (
+    KIND_HEARTBEAT,
+    KIND_RECORD,
+    KIND_TOMBSTONE,
+    SIGNATURE_HEADER,
+    SIGNING_KEY_PREFIX,
+    Signer,
+    Trust,
+    TrustedKeys,
+    Verified,
+    verify,
+)
+from sidecar.wire import (
+    HEARTBEAT_ENTRY,
+    MAX_VERSION,
+    KeyRecord,
+    encode_heartbeat,
+    encode_tombstone,
+    generate_key,
+    key_digest,
+    subject_prefix,
+)
 
 T = TypeVar("T")
 
@@ -63,14 +88,76 @@ def make_key(
     return key, record
 
 
+# The suite's publisher key (fixed, so failures reproduce), its snapshot key, and one nobody trusts.
+SIGNER = Signer(SigningKey(bytes(range(32))), "default")
+SNAPSHOT_SIGNER = Signer(SigningKey(bytes(range(64, 96))), "default")
+FORGER = Signer(SigningKey(bytes(range(32, 64))), "default")
+TRUSTED = (SIGNER.public_key,)
+TRUST = Trust.of(records=TRUSTED, snapshots=(SNAPSHOT_SIGNER.public_key,))
+
+
+async def seed(nats_url: str, *, region: str | None = None, force: bool = True, trust: Trust = TRUST,
+               signer: Signer = SNAPSHOT_SIGNER) -> SeedResult:  # fmt: skip
+    """Seed the region's snapshot with the suite's snapshot key, as `keyrelay snapshot seed` does."""
+    return await seed_snapshot(nats=NatsConnect((nats_url,), identity=identity_name("region-init", region)),
+                               bucket="KEYS", region=region, store="KEYS_SNAPSHOTS", trust=trust, signer=signer,
+                               force=force, timeout=30.0)  # fmt: skip
+
+
+def key_file(path: Path, signer: Signer) -> Path:
+    """Write `signer`'s key as `keyrelay signing-key generate` writes one; its path."""
+    path.write_text(SIGNING_KEY_PREFIX + base64.urlsafe_b64encode(bytes(signer.key)).rstrip(b"=").decode() + "\n")
+    path.chmod(0o600)
+    return path
+
+
 def revoked(record: KeyRecord) -> KeyRecord:
     """The same record, revoked now, one version later."""
     return replace(record, revoked_at=time.time(), version=record.version + 1)
 
 
-async def put(bucket: KeyValue, record: KeyRecord) -> int:
-    """Write a record to its entry; returns the bucket revision."""
-    return int(await bucket.put(record.entry, record.encode()))
+def _subject(bucket: KeyValue, entry: str) -> str:
+    return f"$KV.{bucket._name}.{entry}"  # KeyValue keeps its bucket's name in _name (nats-py 2.16)
+
+
+async def put(
+    bucket: KeyValue, record: KeyRecord, *, signer: Signer | None = SIGNER, signed_at: float | None = None
+) -> int:
+    """Write a record to its entry, signed as the publisher signs it (unsigned with signer=None); the revision."""
+    return await put_raw(bucket, record.entry, record.encode(), signer=signer, signed_at=signed_at)
+
+
+async def put_raw(
+    bucket: KeyValue,
+    entry: str,
+    data: bytes,
+    *,
+    signer: Signer | None = SIGNER,
+    kind: str = KIND_RECORD,
+    signed_at: float | None = None,
+    headers: dict[str, str] | None = None,
+) -> int:
+    """Write any bytes to an entry, signed by `signer` (None: unsigned) as `kind`; the bucket revision."""
+    headers = dict(headers or {})
+    if signer is not None:
+        headers[SIGNATURE_HEADER] = signer.sign(kind, entry, data, signed_at=signed_at)
+    # KeyValue.put takes no headers: published on the entry's subject as KeyValue itself does (its _js).
+    ack = await bucket._js.publish(_subject(bucket, entry), data, headers=headers or None)
+    return int(ack.seq)
+
+
+async def delete(bucket: KeyValue, record: KeyRecord, *, signer: Signer | None = SIGNER,
+                 version: int = MAX_VERSION) -> int:  # fmt: skip
+    """Delete a record's entry with a signed tombstone, as the publisher does; the bucket revision."""
+    return await put_raw(bucket, record.entry, encode_tombstone(record.key_id, version), signer=signer,
+                         kind=KIND_TOMBSTONE, headers={"KV-Operation": "DEL"})  # fmt: skip
+
+
+async def heartbeat(bucket: KeyValue, acked: int = 0, *, signer: Signer | None = SIGNER,
+                    signed_at: float | None = None) -> int:  # fmt: skip
+    """The publisher's signed heartbeat; the bucket revision."""
+    return await put_raw(bucket, HEARTBEAT_ENTRY, encode_heartbeat(acked), signer=signer, kind=KIND_HEARTBEAT,
+                         signed_at=signed_at)  # fmt: skip
 
 
 async def eventually(
@@ -114,6 +201,11 @@ class Sidecar:
         async with self.http.get(self.url + path, headers=sent) as resp:
             raw = await resp.read()
             return resp.status, dict(resp.headers), json.loads(raw) if raw else None
+
+    async def code_of(self, key: str) -> str:
+        """The code /auth answers for `key`: VALID for a 200, else the denial's code."""
+        status, _, body = await self.auth(key)
+        return "VALID" if status == 200 else str((body or {}).get("code"))
 
     async def status_of(self, key: str) -> int:
         """Just the /auth status for `key`."""

@@ -327,3 +327,13 @@ async def test_an_api_error_is_printed_on_stderr_with_the_apis_message_and_a_non
     assert (await admin.ok("GET", "/orgs"))["orgs"] == []  # a refused command changed nothing
     nobody = await shell.fails("orgs", "list", "--url", f"http://127.0.0.1:{free_port()}", auth=False)
     assert "cannot reach the publisher" in nobody
+
+
+def test_names_holding_control_characters_are_printed_escaped_never_raw() -> None:
+    from keyrelay.output import details, table
+
+    row = {"id": "x", "name": "evil\r\nX-Injected: 1 \x1b[31mred\x1b[0m é"}
+    printed = table([row], [("id", "id"), ("name", "name")]) + details(row, [("name", "name")])
+    assert "\r" not in printed
+    assert "\x1b" not in printed
+    assert "evil\\x0d\\x0aX-Injected: 1 \\x1b[31mred\\x1b[0m é" in printed  # security review L4

@@ -154,3 +154,28 @@ async def test_an_operation_nats_py_cannot_parse_ends_the_connection_instead_of_
     client._direct[1] = lambda *parts: None
     with pytest.raises(ProtocolError):
         await asyncio.wait_for(client._ps.parse(b"MSG a 1 x y 5000\r\n" + b"z" * 5000 + b"\r\n"), 5)
+
+
+async def test_headered_frames_take_the_short_way_with_the_headers_nats_py_would_give_and_status_ones_its_way() -> None:
+    seen: list[tuple[bytes, bytes, dict[str, str] | None]] = []
+    client = DirectClient()
+    sid = 3
+    client._direct[sid] = lambda subject, reply, data, headers: seen.append((subject, data, headers))
+    plain = b"NATS/1.0\r\nKeyrelay-Sig: 1.r.abc.5.sig\r\nKV-Operation: DEL\r\n\r\n"
+    status = b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 4\r\n\r\n"
+    stream = b"HMSG a.b %d $JS.ACK.x %d %d\r\n%sbody\r\n" % (
+        sid,
+        len(plain),
+        len(plain) + 4,
+        plain,
+    ) + b"HMSG hb %d %d %d\r\n%s\r\n" % (sid, len(status), len(status), status)
+    for cut in range(len(stream) + 1):
+        seen.clear()
+        for piece in (stream[:cut], stream[cut:]):
+            await client._ps.parse(piece)
+        assert seen[0] == (b"a.b", b"body", {"Keyrelay-Sig": "1.r.abc.5.sig", "KV-Operation": "DEL"}), cut
+        assert len(seen) == 2
+        status_headers = seen[1][2]
+        assert status_headers is not None
+        assert status_headers["Status"] == "100", cut  # an inline status: nats-py's parse
+        assert status_headers["Nats-Last-Consumer"] == "4"

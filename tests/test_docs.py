@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from keyrelay.client import ClientSettings
+from keyrelay.nats_config import NatsConfigSettings
 from keyrelay.region import RegionSettings
 from keyrelay.snapshots import SnapshotSettings, SnapshotStoreSettings
 from keyrelay.up import UpSettings
@@ -30,6 +31,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
         SnapshotStoreSettings,
         SnapshotSettings,
         LoadtestSettings,
+        NatsConfigSettings,
     ],
 )
 def test_the_readme_documents_every_setting_exactly(settings: type) -> None:

@@ -36,7 +36,9 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from keyrelay.cli import build_parser
+from keyrelay.nats_config import NatsConfigSettings, helm_values
 from keyrelay.region import HUB_DOMAIN, RegionSettings
+from keyrelay.snapshots import SnapshotSettings
 from loadtest.multiregion import LoadtestSettings
 from publisher.app import create_app as create_publisher_app
 from publisher.settings import PublisherSettings
@@ -69,12 +71,13 @@ from tests.k8s_support import (
     parse_dockerfile,
     pod_labels,
     pod_spec,
+    pod_template,
     rendered,
     secret_values,
     selects,
     tool,
 )
-from tests.support import make_key, put, revoked
+from tests.support import SNAPSHOT_SIGNER, TRUSTED, key_file, make_key, put, revoked
 
 # Native sidecars (initContainers with restartPolicy: Always) are GA from 1.33: the oldest version
 # the manifests support; and the newest schemas the pinned kubernetes-validate bundles.
@@ -97,6 +100,7 @@ COMMAND_SETTINGS: dict[tuple[str, ...], type] = {
     ("publisher", "reconcile"): PublisherSettings,
     ("publisher", "resign"): PublisherSettings,
     ("region", "init"): RegionSettings,
+    ("snapshot", "seed"): SnapshotSettings,
 }
 SERVERS: dict[tuple[str, ...], Any] = {("sidecar",): create_sidecar_app, ("publisher",): create_publisher_app}
 # The probes of each server. Liveness only asks whether the process answers: a NATS outage must
@@ -362,9 +366,12 @@ def test_the_secret_example_validates_and_has_exactly_the_keys_the_publisher_rea
                 if ref:
                     referenced.setdefault(ref["name"], set()).add(ref["key"])
             for volume, _ in _secret_mounts(spec, c):
-                referenced.setdefault(volume["secretName"], set()).update(i["key"] for i in volume["items"])
+                referenced.setdefault(volume["secretName"], set()).update(i["key"] for i in volume.get("items", []))
     assert referenced, "the publisher reads its database URL and admin token from a Secret"
-    assert {name: set(keys) for name, keys in SECRETS.items()} == referenced
+    assert set(SECRETS) == set(referenced), "every Secret the manifests use has an example, and only those"
+    for name, keys in referenced.items():
+        # A Secret mounted whole (NATS credentials) names no keys; one read key by key, exactly its example's.
+        assert not keys or keys == set(SECRETS[name]), name
 
 
 def _secret_mounts(spec: Obj, c: Obj) -> Iterator[tuple[Obj, str]]:
@@ -385,7 +392,9 @@ def test_every_publisher_reads_its_signing_key_from_the_secret_file_it_mounts(na
         assert "KEYRELAY_SIGNING_KEY" not in {v["name"] for v in c.get("env", []) if "valueFrom" in v}, (
             "the signing key is a mounted file, never the value of a variable"
         )
-        files = {f"{at}/{item['path']}": volume for volume, at in _secret_mounts(spec, c) for item in volume["items"]}
+        files = {
+            f"{at}/{item['path']}": volume for volume, at in _secret_mounts(spec, c) for item in volume.get("items", [])
+        }
         assert str(settings.signing_key) in files, f"{name}: {settings.signing_key} is not mounted from a Secret"
         volume = files[str(settings.signing_key)]
         assert volume["secretName"] in SECRETS
@@ -446,13 +455,13 @@ def test_ports_probes_and_scrape_annotations_match_what_the_code_serves(name: st
             get = probe["httpGet"]
             assert _port(c, get["port"]) == settings.port, f"{c['name']} {kind} probes another port"
             assert _serves(app, "GET", get["path"]), f"{c['name']} {kind}: no GET {get['path']} route"
-        annotations = obj["spec"]["template"]["metadata"].get("annotations", {})
+        annotations = pod_template(obj)["metadata"].get("annotations", {})
         if int(annotations.get("prometheus.io/port", -1)) == settings.port:
             assert annotations["prometheus.io/scrape"] == "true"
             assert _serves(app, "GET", annotations["prometheus.io/path"])
     # Every scrape annotation points at a keyrelay container's /metrics.
     for obj in objs:
-        annotations = obj["spec"]["template"]["metadata"].get("annotations", {}) if pod_spec(obj) else {}
+        annotations = pod_template(obj)["metadata"].get("annotations", {}) if pod_spec(obj) else {}
         if "prometheus.io/port" in annotations:
             _check_scrape(objs, obj, int(annotations["prometheus.io/port"]), annotations["prometheus.io/path"])
 
@@ -590,7 +599,7 @@ def test_the_nats_values_match_the_domains_the_code_uses() -> None:
 NATS_CHART_KEYS = {
     "global", "fullnameOverride", "namespaceOverride", "nameOverride", "config", "container", "reloader",
     "promExporter", "service", "statefulSet", "podTemplate", "headlessService", "configMap", "natsBox",
-    "podDisruptionBudget", "serviceAccount", "ingress", "extraResources", "imagePullSecrets",
+    "podDisruptionBudget", "serviceAccount", "ingress", "extraResources", "imagePullSecrets", "tlsCA",
 }  # fmt: skip
 
 
@@ -602,6 +611,90 @@ def test_the_nats_values_use_the_charts_keys_and_the_readme_installs_them_under_
         release, namespace = _nats_service(values)
         install = rf"helm upgrade --install {release} nats/nats --namespace {namespace}\b[^\n]*\\?\n?[^\n]*{file}"
         assert re.search(install, readme), f"deploy/k8s/README.md does not install {file} as release {release}"
+
+
+def _leaf_regions() -> list[str]:
+    return sorted(f.removeprefix("values-leaf-").removesuffix(".yaml") for f in _nats_values() if "leaf" in f)
+
+
+def test_the_nats_values_hold_the_accounts_and_permissions_the_code_writes() -> None:
+    # The drift test: the values are `keyrelay nats-config --format helm`'s output for each server.
+    values = _nats_values()
+    regions = tuple(_leaf_regions())
+    hub = helm_values(NatsConfigSettings(role="hub", regions=regions))
+    assert values["values-hub.yaml"]["config"]["merge"]["accounts"] == hub["config"]["merge"]["accounts"]
+    for region in regions:
+        leaf = values[f"values-leaf-{region}.yaml"]
+        want = helm_values(NatsConfigSettings(role="leaf", region=region))
+        assert leaf["config"]["merge"]["accounts"] == want["config"]["merge"]["accounts"], region
+        (remote,) = leaf["config"]["leafnodes"]["merge"]["remotes"]
+        (wanted,) = want["config"]["leafnodes"]["merge"]["remotes"]
+        assert {k: remote[k] for k in wanted} == wanted, region
+
+
+def test_every_nkey_and_seed_the_nats_values_name_comes_from_a_secret() -> None:
+    for file, values in _nats_values().items():
+        names = set(re.findall(r"<< \$(\w+) >>", yaml.safe_dump(values)))
+        assert names, file
+        env = values["container"]["env"]
+        assert set(env) == names, f"{file}: env {sorted(set(env) ^ names)}"
+        for name in names:
+            ref = env[name]["valueFrom"]["secretKeyRef"]
+            assert ref["key"] == name
+            assert ref["name"].startswith("keyrelay-nats-"), f"{file}: {name} from {ref['name']}"
+        assert "nkey: S" not in yaml.safe_dump(values), f"{file}: an inline seed"
+
+
+def test_the_nats_servers_run_tls_on_every_port_and_no_nats_box() -> None:
+    for file, values in _nats_values().items():
+        config = values["config"]
+        assert config["nats"]["tls"]["enabled"], file
+        assert config["cluster"]["tls"]["enabled"], file
+        assert values["tlsCA"]["enabled"], file
+        assert values["natsBox"]["enabled"] is False, file
+        if "leaf" in file:
+            for remote in config["leafnodes"]["merge"]["remotes"]:
+                assert remote["tls"]["ca_file"].endswith("ca.crt"), file
+        else:
+            assert config["leafnodes"]["tls"]["enabled"], file
+
+
+def _ingress_ports(policy: Obj) -> dict[int, list[Obj]]:
+    ports: dict[int, list[Obj]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for port in rule["ports"]:
+            ports.setdefault(port["port"], []).extend(rule["from"])
+    return ports
+
+
+def test_the_nats_network_policies_admit_keyrelay_leaf_links_routes_and_monitoring_only() -> None:
+    overlays = {k.removeprefix("overlays/"): k for k in KUSTOMIZATIONS if k.startswith("overlays/")}
+    for file, values in _nats_values().items():
+        release, _ = _nats_service(values)
+        (policy,) = [r for r in values["extraResources"] if r["kind"] == "NetworkPolicy"]
+        _validate(policy, file)
+        selected = policy["spec"]["podSelector"]["matchLabels"]
+        assert selected == {"app.kubernetes.io/name": "nats", "app.kubernetes.io/instance": release}
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        ports = _ingress_ports(policy)
+        leaf = "leaf" in file
+        assert set(ports) == ({4222, 6222, 8222, 7777} if leaf else {4222, 6222, 7422, 8222, 7777}), file
+        # Clients: keyrelay's pods in the namespaces of the overlays that use this server.
+        region = file.removeprefix("values-leaf-").removesuffix(".yaml") if leaf else "hub"
+        namespace = next(o["metadata"]["namespace"] for o in rendered(overlays[region]) if "namespace" in o["metadata"])
+        (clients,) = ports[4222]
+        assert clients["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "keyrelay"}
+        assert clients["namespaceSelector"]["matchExpressions"][0]["values"] == [namespace], file
+        # Routes: the release's own pods; leaf links (hub): the regions' releases.
+        assert ports[6222] == [{"podSelector": {"matchLabels": selected}}]
+        if not leaf:
+            (links,) = ports[7422]
+            instances = next(e for e in links["podSelector"]["matchExpressions"] if e["key"].endswith("instance"))
+            assert sorted(instances["values"]) == [f"nats-{r}" for r in _leaf_regions()]
+        for port in (8222, 7777):
+            assert ports[port] == [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+            ]
 
 
 # ---- the Dockerfile --------------------------------------------------------------------------
@@ -739,7 +832,7 @@ def test_the_images_hold_only_the_packages_their_dockerfile_stages_copy_and_inst
     assert {"loadtest", "asyncpg", "matplotlib", "pytest", "yaml"} <= absent_from_sidecar
     assert publisher == sidecar | {"asyncpg"}
     assert {"loadtest", "matplotlib", "pytest", "yaml"} <= absent_from_publisher
-    assert set(_image_commands("sidecar")) == {("sidecar",), ("region", "init")}
+    assert set(_image_commands("sidecar")) == {("sidecar",), ("region", "init"), ("snapshot", "seed")}
     assert set(_image_commands("publisher")) == {("publisher",)}
 
 
@@ -780,12 +873,20 @@ def test_each_images_commands_start_with_only_what_the_image_holds(target: str, 
             key = tmp_path / f"signing-key-{'-'.join(path)}"
             write_signing_key(key)
             env = {"KEYRELAY_HOST": "127.0.0.1", "KEYRELAY_PORT": str(port), "KEYRELAY_NATS_URL": closed,
-                   "KEYRELAY_DATA_DIR": str(tmp_path / "data"), "KEYRELAY_SIGNING_KEY": str(key)}  # fmt: skip
+                   "KEYRELAY_DATA_DIR": str(tmp_path / "data"), "KEYRELAY_SIGNING_KEY": str(key),
+                   "KEYRELAY_TRUSTED_KEYS": TRUSTED[0]}  # fmt: skip
             with _run(target, argv, absent, env, log) as proc:
                 # The publisher is ready on its database alone; a sidecar without NATS is alive, not ready.
                 _wait_http(f"http://127.0.0.1:{port}/{'readyz' if path == ('publisher',) else 'healthz'}", proc, log)
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(timeout=15) == 0, log.read_text()
+        elif path == ("snapshot", "seed"):
+            key = key_file(tmp_path / "snapshot-key", SNAPSHOT_SIGNER)
+            env = {"KEYRELAY_SNAPSHOT_SIGNING_KEY": str(key), "KEYRELAY_TRUSTED_KEYS": TRUSTED[0],
+                   "KEYRELAY_TIMEOUT": "2s"}  # fmt: skip
+            with _run(target, argv, absent, env, log) as proc:
+                assert proc.wait(timeout=60) == 1
+            assert "was not reachable: check --nats-url" in log.read_text(), log.read_text()
         else:
             assert path == ("region", "init"), f"`keyrelay {' '.join(path)}`: no test knows how to run it"
             with _run(target, argv, absent, {}, log) as proc:
@@ -857,7 +958,7 @@ def test_every_container_has_resources_probes_and_a_locked_down_security_context
         for c, init in containers(spec):
             at = f"{where} container {c['name']}"
             sc = c.get("securityContext", {})
-            long_running = obj["kind"] != "Job" and (not init or c.get("restartPolicy") == "Always")
+            long_running = obj["kind"] not in ("Job", "CronJob") and (not init or c.get("restartPolicy") == "Always")
             requests = c.get("resources", {}).get("requests", {})
             if not {"cpu", "memory"} <= set(requests) or "memory" not in c.get("resources", {}).get("limits", {}):
                 problems.append(f"{at}: needs cpu and memory requests and a memory limit")

@@ -14,7 +14,7 @@ from sidecar.config import load
 from sidecar.routes import RouteScopes, RouteScopesError, normalize_path
 from sidecar.settings import SidecarSettings
 from tests.conftest import StartSidecar
-from tests.support import make_key, put
+from tests.support import TRUSTED, make_key, put
 
 RULES = """\
 # METHOD  PREFIX          SCOPES
@@ -51,10 +51,33 @@ def routes() -> RouteScopes:
         ("GET", "/api/%61dmin", {"admin"}),
         ("GET", "//api//./admin/", {"admin"}),
         ("GET", "http://example.test/api/admin?x=1#f", {"admin"}),
+        # What servlet containers, C-string upstreams and Windows servers read (security review M5).
+        ("POST", "/api/orders;jsessionid=1", {"orders:write"}),
+        ("POST", "/api/orders;/7", {"orders:write"}),
+        ("POST", "/api/orders%3Bx=1", {"orders:write"}),
+        ("GET", "/api/public/..;/admin", {"admin"}),
+        ("POST", "/api/orders%00", {"orders:write"}),
+        ("GET", "/api\\admin", {"admin"}),
+        ("POST", "/api/ORDERS", {"read"}),  # case counts, unless the map ignores it (below)
     ],
 )
 def test_the_longest_matching_rule_decides(routes: RouteScopes, method: str, uri: str, scopes: set[str]) -> None:
     assert routes.scopes_for(method, uri) == scopes
+
+
+def test_a_map_that_ignores_case_matches_paths_in_any_case() -> None:
+    routes = RouteScopes.parse(RULES, ignore_case=True)
+    assert routes.scopes_for("POST", "/api/ORDERS") == {"orders:write"}
+    assert routes.scopes_for("POST", "/API/Orders/7") == {"orders:write"}
+    assert routes.scopes_for("DELETE", "/Api/Admin") == {"admin"}
+
+
+def test_paths_too_long_to_cache_are_matched_every_time_and_never_cached(routes: RouteScopes) -> None:
+    long_path = "/api/admin/" + "x" * 5000
+    assert routes.required("GET", long_path, None) == {"admin"}
+    assert routes._cached.cache_info().currsize == 0  # type: ignore[attr-defined]  # functools' lru_cache
+    assert routes.required("GET", "/api/admin/x", None) == {"admin"}
+    assert routes._cached.cache_info().currsize == 1  # type: ignore[attr-defined]
 
 
 def test_a_gateways_header_adds_to_the_routes_scopes(routes: RouteScopes) -> None:
@@ -103,7 +126,8 @@ def test_the_sidecar_will_not_start_on_a_bad_or_missing_file(tmp_path: Path) -> 
     bad.write_text("* /api/ read\nPOST orders write\n")
     for path, expected in ((bad, f"{bad}:2: 'orders' is not a path prefix"), (tmp_path / "gone.txt", "cannot read")):
         done = subprocess.run(
-            [sys.executable, "-m", "keyrelay", "sidecar", "--route-scopes", str(path), "--port", "0"],
+            [sys.executable, "-m", "keyrelay", "sidecar", "--route-scopes", str(path), "--port", "0", "--trusted-keys",
+                 TRUSTED[0]],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert done.returncode == 1, done.stderr
@@ -151,6 +175,13 @@ async def test_auth_reads_the_original_request_from_each_gateways_headers(
     assert await status(writer_key, X_Required_Scopes="admin", **post_orders) == 403
     _, answer = await sidecar.get("/v1/status")
     assert answer["route_rules"] == 5
+    # A key that is not valid is refused before any route is looked up: junk keys fill no cache.
+    routes = sidecar.state.routes
+    assert routes is not None
+    cached = routes._cached.cache_info().currsize  # type: ignore[attr-defined]  # functools' lru_cache
+    for n in range(50):
+        assert await status(make_key()[0], X_Original_URI=f"/api/junk/{n}") == 401
+    assert routes._cached.cache_info().currsize == cached  # type: ignore[attr-defined]
 
 
 async def test_without_a_route_map_only_the_header_asks_for_scopes(

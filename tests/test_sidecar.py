@@ -20,7 +20,18 @@ from loadtest.linkproxy import LinkProxy
 from sidecar.settings import SidecarSettings
 from sidecar.verify import Code
 from tests.conftest import StartSidecar
-from tests.support import Scrape, eventually, make_key, put, revoked, served_sidecar
+from tests.support import (
+    TRUSTED,
+    Scrape,
+    delete,
+    eventually,
+    heartbeat,
+    make_key,
+    put,
+    put_raw,
+    revoked,
+    served_sidecar,
+)
 
 T = TypeVar("T")
 
@@ -36,7 +47,7 @@ async def test_a_sidecar_loads_every_key_already_in_the_bucket(bucket: KeyValue,
     assert [await sidecar.status_of(key) for key, _ in keys] == [200] * 200
     _, status = await sidecar.get("/v1/status")
     assert status["keys"] == 200
-    assert status["last_revision"] == 200
+    assert status["last_revision"] == 201  # the heartbeat, then 200 keys
     assert status["synced"] is True
 
 
@@ -60,7 +71,7 @@ async def test_a_put_a_revocation_and_a_delete_each_reach_auth_within_100ms(
     other_key, other = make_key()
     await put(bucket, other)
     await eventually(lambda: sidecar.status_of(other_key), lambda s: s == 200)
-    await bucket.delete(other.entry)
+    await delete(bucket, other)
     (_, _, body), took = await eventually(lambda: sidecar.auth(other_key), lambda r: r[0] == 401)
     assert took < PUSH_BOUND
     assert body["code"] == "NOT_FOUND"
@@ -152,7 +163,7 @@ async def test_a_sidecar_resumes_after_nats_server_restarts_and_replays_nothing_
         await put(bucket, revoked_record)
         late_key, late = make_key()
         await put(bucket, late)
-        await bucket.delete(before[1][1].entry)
+        await delete(bucket, before[1][1])
         await asyncio.sleep(0.3)
         assert not sync.connected
         assert await sidecar.status_of(before[0][0]) == 200  # the sidecar cannot know yet
@@ -212,7 +223,7 @@ async def test_a_corrupt_record_is_counted_logged_by_subject_and_skipped_and_syn
     # A record cut short: its bytes hold a real key's digest and identity, none of which may be logged.
     corrupt_record = make_key()[1]
     corrupt = corrupt_record.encode()[:-7]
-    await bucket.put(corrupt_entry, corrupt)
+    await put_raw(bucket, corrupt_entry, corrupt)  # signed: only the record itself is wrong
     key, record = make_key()
     await put(bucket, record)
     await eventually(lambda: sidecar.status_of(key), lambda s: s == 200)
@@ -221,10 +232,11 @@ async def test_a_corrupt_record_is_counted_logged_by_subject_and_skipped_and_syn
     assert sidecar.state.sync.stats.decode_errors == 1
     _, text = await sidecar.get("/metrics")
     assert "keyrelay_decode_errors_total 1" in text
-    skips = [r for r in caplog.records if r.name.startswith("keyrelay.sidecar") and "skipped" in r.getMessage()]
+    skips = [r for r in caplog.records if r.name.startswith("keyrelay.sidecar") and "refused" in r.getMessage()]
     assert len(skips) == 1
     assert skips[0].levelno == logging.WARNING
-    assert f"$KV.KEYS.{corrupt_entry}" in skips[0].getMessage()
+    assert repr(corrupt_entry) in skips[0].getMessage()
+    assert "undecodable" in skips[0].getMessage()
     logged = caplog.text + "\n".join(r.getMessage() for r in caplog.records)
     for plaintext in (held_key, key):
         secret = plaintext.rsplit("_", 1)[-1]
@@ -241,12 +253,12 @@ async def test_a_record_whose_id_disagrees_with_its_entry_is_refused(
     sidecar = await start_sidecar()
     await sidecar.ready()
     key, record = make_key()
-    await bucket.put(f"global.{uuid.uuid4()}", record.encode())
+    await put_raw(bucket, f"global.{uuid.uuid4()}", record.encode())  # signed, but for another entry
     marker_key, marker = make_key()
     await put(bucket, marker)
     await eventually(lambda: sidecar.status_of(marker_key), lambda s: s == 200)
     assert await sidecar.status_of(key) == 401
-    assert sidecar.state.sync.stats.decode_errors == 1
+    assert sidecar.state.sync.stats.rejected == {"wrong_entry": 1}
 
 
 async def test_a_key_expires_by_the_clock_without_any_event(bucket: KeyValue, start_sidecar: StartSidecar) -> None:
@@ -312,7 +324,8 @@ async def test_an_oversized_header_gets_400_as_documented_not_431_or_a_500(
     nats_server: NatsServer, bucket: KeyValue, http: aiohttp.ClientSession
 ) -> None:
     # Served as `keyrelay sidecar` serves it: the limit is an option of the server, not of the app.
-    settings = SidecarSettings(nats_url=(nats_server.url,), heartbeat=0.5, max_header_size=1024, snapshots=False)
+    settings = SidecarSettings(nats_url=(nats_server.url,), heartbeat=0.5, max_header_size=1024, snapshots=False,
+                               trusted_keys=TRUSTED)  # fmt: skip
     async with served_sidecar(settings, http) as url:
         await eventually(lambda: _status(http, url + "/readyz"), lambda s: s == 200)
         assert await _status(http, url + "/auth", {"Authorization": "Bearer " + "a" * 5000}) == 400
@@ -327,15 +340,16 @@ async def test_metrics_and_status_report_every_documented_field_after_a_known_se
     sync = sidecar.state.sync
     await eventually(lambda: _async(sync.stats.sync_errors), lambda n: n >= 1)  # no bucket yet
     bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
-    await put(bucket, make_key(region="us")[1])  # revision 1: another region's, never delivered here
+    await heartbeat(bucket)  # revision 1
+    await put(bucket, make_key(region="us")[1])  # revision 2: another region's, never delivered here
     valid_key, valid = make_key(region="eu")
     gone_key, gone = make_key()
     await put(bucket, valid)
     changed = time.time()
     await put(bucket, revoked(gone))
-    await bucket.put(f"global.{uuid.uuid4()}", b"\x93 not a record")  # revision 4, skipped
+    await put_raw(bucket, f"global.{uuid.uuid4()}", b"\x93 not a record")  # revision 5, signed, refused
     await sidecar.ready()
-    await eventually(lambda: _async(sync.last_revision), lambda r: r == 4)
+    await eventually(lambda: _async(sync.last_revision), lambda r: r == 5)
     assert await sidecar.status_of(valid_key) == 200
     assert (await sidecar.auth(gone_key))[2]["code"] == "REVOKED"
     assert (await sidecar.auth())[2]["code"] == "MISSING"
@@ -371,7 +385,7 @@ async def test_metrics_and_status_report_every_documented_field_after_a_known_se
     assert scrape.samples["keyrelay_verify_duration_seconds_count"] == 4
     assert 0 <= scrape.samples["keyrelay_verify_duration_seconds_sum"] < 1
     assert scrape.samples["keyrelay_keys"] == 2
-    assert scrape.samples["keyrelay_last_revision"] == 4
+    assert scrape.samples["keyrelay_last_revision"] == 5
     assert 0.25 <= scrape.samples["keyrelay_seconds_since_last_event"] <= read - changed + 0.001
     assert 0 <= scrape.samples["keyrelay_seconds_since_contact"] < 2.0
     assert scrape.samples["keyrelay_decode_errors_total"] == 1
@@ -383,7 +397,7 @@ async def test_metrics_and_status_report_every_documented_field_after_a_known_se
         "region": "eu",
         "bucket": "KEYS",
         "keys": 2,
-        "last_revision": 4,
+        "last_revision": 5,
         "connected": True,
     }
     assert isinstance(status["lag"], int)  # its value: test_a_sidecar_that_has_applied_every_change_reports_no_lag
@@ -413,6 +427,7 @@ async def test_a_sidecar_on_another_bucket_syncs_from_that_bucket_only(
     js: JetStreamContext, bucket: KeyValue, start_sidecar: StartSidecar
 ) -> None:
     team = await js.create_key_value(KeyValueConfig(bucket="TEAM_KEYS", history=1))
+    await heartbeat(team)
     ours_key, ours = make_key()
     theirs_key, theirs = make_key()
     await put(team, ours)
@@ -467,6 +482,7 @@ async def test_the_verify_call_answers_json_and_refuses_bad_bodies(
         b'{"key": "x", "scopes": "read"}',
         b'{"key": "x", "extra": 1}',
         b"\xff\xfe",
+        b"[" * 5000,  # nested too deep for the JSON parser: a 400, not a 500 with a traceback
     ]:
         status, body = await sidecar.post("/v1/keys/verify", bad)
         assert status == 400, bad
@@ -486,6 +502,9 @@ async def test_a_sidecar_is_not_ready_until_the_bucket_exists_and_is_loaded(
     bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     key, record = make_key()
     await put(bucket, record)
+    await eventually(lambda: _async(sidecar.state.sync.synced), bool)
+    assert (await sidecar.get("/readyz"))[0] == 503  # loaded, but no word from the publisher yet
+    await heartbeat(bucket)
     await sidecar.ready()
     assert await sidecar.status_of(key) == 200
 
@@ -496,12 +515,15 @@ async def test_a_stale_sidecar_fails_closed_by_default_and_recovers(
     key, record = make_key()
     await put(bucket, record)
     sidecar = await start_sidecar(max_staleness=1.0, heartbeat=0.2)
+    await heartbeat(bucket)
     await sidecar.ready()
     nats_server.stop()
     await eventually(lambda: sidecar.get("/readyz"), lambda r: r[0] == 503, timeout=5)
     status, _, body = await sidecar.auth(key)
     assert (status, body["code"]) == (503, "NOT_READY")
     nats_server.start()
+    await eventually(lambda: _alive(bucket), bool, timeout=10)
+    await heartbeat(bucket)  # the publisher's word again: fresh
     await sidecar.ready(timeout=10)
     assert await sidecar.status_of(key) == 200
 
@@ -512,6 +534,7 @@ async def test_a_stale_sidecar_under_the_open_policy_answers_and_says_so(
     key, record = make_key()
     await put(bucket, record)
     sidecar = await start_sidecar(max_staleness=1.0, heartbeat=0.2, stale_policy="open")
+    await heartbeat(bucket)
     await sidecar.ready()
     nats_server.stop()
     await eventually(lambda: sidecar.get("/readyz"), lambda r: r[0] == 503, timeout=5)
@@ -519,25 +542,30 @@ async def test_a_stale_sidecar_under_the_open_policy_answers_and_says_so(
     assert status == 200
     assert headers["X-Keyrelay-Stale"] == "true"
     nats_server.start()
+    await eventually(lambda: _alive(bucket), bool, timeout=10)
+    await heartbeat(bucket)
     await sidecar.ready(timeout=10)
     assert "X-Keyrelay-Stale" not in (await sidecar.auth(key))[1]
 
 
-async def test_a_recreated_bucket_is_reloaded_and_what_it_lacks_is_forgotten(
+async def test_a_recreated_bucket_is_read_again_and_no_version_goes_down(
     js: JetStreamContext, bucket: KeyValue, start_sidecar: StartSidecar
 ) -> None:
     kept_key, kept = make_key()
-    lost_key, lost = make_key()
-    for record in (kept, lost, *[make_key()[1] for _ in range(5)]):
+    rolled_key, rolled = make_key()
+    gone_key, gone = make_key()
+    for record in (kept, revoked(rolled), gone, *[make_key()[1] for _ in range(5)]):
         await put(bucket, record)
     sidecar = await start_sidecar(heartbeat=0.2)
     await sidecar.ready()
     await js.delete_key_value("KEYS")
     fresh = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
-    await put(fresh, kept)
-    await eventually(lambda: sidecar.status_of(lost_key), lambda s: s == 401, timeout=10)
-    assert await sidecar.status_of(kept_key) == 200
-    assert len(sidecar.state.sync.table) == 1
+    await put(fresh, rolled)  # the genuine record from before its revocation
+    await delete(fresh, gone)
+    await eventually(lambda: sidecar.status_of(gone_key), lambda s: s == 401, timeout=10)
+    assert (await sidecar.auth(rolled_key))[2]["code"] == "REVOKED"  # an older version is never taken
+    assert await sidecar.status_of(kept_key) == 200  # only a signed tombstone removes a key
+    assert len(sidecar.state.sync.table) == 7
 
 
 async def _async(value: T) -> T:

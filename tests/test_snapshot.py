@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 
@@ -10,12 +9,13 @@ import pytest
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from keyrelay.natsd import NatsServer
 from sidecar.errors import SnapshotError
-from sidecar.snapshot import _BLOCK, _LiveReader, _pieces, _Sink, decode, encode
+from sidecar.snapshot import _BLOCK, _LiveReader, _pieces, _signature_trailer, _Sink, decode, encode
 from sidecar.table import KeyTable
 from sidecar.wire import key_digest
 from tests.conftest import StartSidecar
-from tests.support import eventually, make_key, put, revoked
+from tests.support import SNAPSHOT_SIGNER, TRUST, delete, heartbeat, make_key, put, revoked, seed
 
 
 def _filled() -> tuple[KeyTable, list[tuple[str, object]]]:
@@ -36,9 +36,9 @@ def _filled() -> tuple[KeyTable, list[tuple[str, object]]]:
 
 def test_a_snapshot_restores_the_table_exactly() -> None:
     table, keys = _filled()
-    data = encode(table, revision=42, bucket="KEYS", region="eu")
+    data = encode(table, revision=42, bucket="KEYS", region="eu", signer=SNAPSHOT_SIGNER)
     copy = KeyTable()
-    snapshot = decode(data, copy, bucket="KEYS", region="eu")
+    snapshot = decode(data, copy, bucket="KEYS", region="eu", trust=TRUST)
     assert (snapshot.revision, snapshot.keys) == (42, len(table))
     assert sorted(copy.key_ids()) == sorted(table.key_ids())
     for key, _ in keys:
@@ -63,7 +63,13 @@ def test_values_packed_ahead_of_a_snapshot_and_those_interned_since_make_the_sam
     copy = KeyTable()
     copy.apply(make_key(metadata={"gone": "after the restore"})[1])
     copy.pack_values()
-    decode(encode(table, revision=9, bucket="KEYS", region=None), copy, bucket="KEYS", region=None)
+    decode(
+        encode(table, revision=9, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER),
+        copy,
+        bucket="KEYS",
+        region=None,
+        trust=TRUST,
+    )
     for key, _ in keys + later:
         n = table.find(key_digest(key))
         if n >= 0:
@@ -77,9 +83,12 @@ def test_values_packed_ahead_of_a_snapshot_and_those_interned_since_make_the_sam
     ("mutate", "reason"),
     [
         (lambda d: b"garbage" + d, "not a keyrelay snapshot"),
-        (lambda d: d[:-7], "its header announces .* bytes, the object holds"),
+        (lambda d: d[:-7], "its signature is not whole"),
+        (lambda d: d[:-1000], "not a whole signed snapshot"),
         (lambda d: d[:40], "unreadable header"),
-        (lambda d: d + b"x", "its header announces .* bytes, the object holds"),
+        (lambda d: d + b"x", "its signature is not whole"),
+        (lambda d: d + b"x" * 300, "not a whole signed snapshot"),
+        (lambda d: d[:-200] + bytes([d[-200] ^ 1]) + d[-199:], "its signature is refused \\(bad_signature\\)"),
         (lambda d: d[:12] + b"\xc1" + d[13:], "unreadable header"),
         (lambda d: d[:8] + bytes(4) + d[12:], "unreadable header"),
     ],
@@ -90,15 +99,21 @@ def test_a_damaged_snapshot_is_refused_and_the_table_left_alone(mutate, reason: 
     _, record = make_key()
     target.apply(record)
     with pytest.raises(SnapshotError, match=reason):
-        decode(mutate(encode(table, revision=1, bucket="KEYS", region=None)), target, bucket="KEYS", region=None)
+        decode(
+            mutate(encode(table, revision=1, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)),
+            target,
+            bucket="KEYS",
+            region=None,
+            trust=TRUST,
+        )
     assert target.key_ids() == [record.key_id]
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 4093, 512 * 1024])
 def test_a_snapshot_read_in_chunks_of_any_size_restores_the_same_table(chunk: int) -> None:
     table, keys = _filled()
-    data = encode(table, revision=9, bucket="KEYS", region=None)
-    sink = _Sink(bucket="KEYS", region=None, size=len(data))
+    data = encode(table, revision=9, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
+    sink = _Sink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="")
     for start in range(0, len(data), chunk):
         sink.write(data[start : start + chunk])
     copy = KeyTable()
@@ -118,89 +133,96 @@ def test_a_snapshot_read_in_chunks_of_any_size_restores_the_same_table(chunk: in
 def test_a_snapshot_of_an_empty_table_restores_an_empty_table() -> None:
     copy = KeyTable()
     copy.apply(make_key()[1])
-    snapshot = decode(encode(KeyTable(), revision=3, bucket="KEYS", region=None), copy, bucket="KEYS", region=None)
+    snapshot = decode(
+        encode(KeyTable(), revision=3, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER),
+        copy,
+        bucket="KEYS",
+        region=None,
+        trust=TRUST,
+    )
     assert (snapshot.revision, snapshot.keys, len(copy)) == (3, 0, 0)
 
 
 def test_a_snapshot_cut_short_in_its_arrays_is_refused() -> None:
     table, _ = _filled()
-    data = encode(table, revision=1, bucket="KEYS", region=None)
-    sink = _Sink(bucket="KEYS", region=None, size=len(data))
-    sink.write(data[:-100])
+    data = encode(table, revision=1, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
+    sink = _Sink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="")
+    sink.write(data[:-1000])
     with pytest.raises(SnapshotError, match=r"truncated: \d+ of \d+ bytes of arrays"):
         sink.load_into(KeyTable())
 
 
 def test_a_snapshot_of_another_region_or_bucket_is_refused() -> None:
     table, _ = _filled()
-    data = encode(table, revision=1, bucket="KEYS", region="eu")
+    data = encode(table, revision=1, bucket="KEYS", region="eu", signer=SNAPSHOT_SIGNER)
     with pytest.raises(SnapshotError, match="made for"):
-        decode(data, KeyTable(), bucket="KEYS", region="us")
+        decode(data, KeyTable(), bucket="KEYS", region="us", trust=TRUST)
     with pytest.raises(SnapshotError, match="made for"):
-        decode(data, KeyTable(), bucket="OTHER", region="eu")
+        decode(data, KeyTable(), bucket="OTHER", region="eu", trust=TRUST)
 
 
 async def test_a_new_sidecar_starts_from_the_snapshot_and_replays_only_later_changes(
-    bucket: KeyValue, start_sidecar: StartSidecar
+    nats_server: NatsServer, bucket: KeyValue, start_sidecar: StartSidecar
 ) -> None:
     keys = [make_key() for _ in range(200)]
     for _, record in keys:
         await put(bucket, record)
-    first = await start_sidecar(snapshot_interval=3600.0)
-    await first.ready()
-    await eventually(lambda: _value(first.state.sync.snapshots_written), lambda n: n == 1)
-    snapshot_revision = first.state.sync.written_snapshot.revision  # type: ignore[union-attr]
-    assert snapshot_revision == 200
+    seeded = await seed(nats_server.url)
+    assert seeded.written is not None
+    assert seeded.written.revision == 201  # the heartbeat and 200 keys
 
     await put(bucket, revoked(keys[0][1]))
-    await bucket.delete(keys[1][1].entry)
+    await delete(bucket, keys[1][1])
     late_key, late = make_key()
     await put(bucket, late)
     await put(bucket, dataclasses.replace(keys[2][1], scopes=("admin",), version=2))
+    await heartbeat(bucket)
 
-    second = await start_sidecar(snapshot_interval=3600.0)
-    await second.ready()
-    sync = second.state.sync
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    sync = sidecar.state.sync
     assert sync.loaded_snapshot is not None
-    assert sync.loaded_snapshot.revision == snapshot_revision
+    assert sync.loaded_snapshot.revision == 201
     # Only the four later changes are replayed: a revocation, a new key and an update (puts), a delete.
     assert (sync.stats.applied, sync.stats.removed) == (3, 1)
-    assert (await second.auth(keys[0][0]))[2]["code"] == "REVOKED"
-    assert (await second.auth(keys[1][0]))[2]["code"] == "NOT_FOUND"
-    assert await second.status_of(late_key) == 200
-    assert (await second.auth(keys[2][0], scopes="admin"))[0] == 200
-    assert await second.status_of(keys[3][0]) == 200
-    assert len(sync.table) == len(first.state.sync.table)
-    assert sync.snapshots_written == 0  # the region's snapshot is fresh: no second writer
+    assert (await sidecar.auth(keys[0][0]))[2]["code"] == "REVOKED"
+    assert (await sidecar.auth(keys[1][0]))[2]["code"] == "NOT_FOUND"
+    assert await sidecar.status_of(late_key) == 200
+    assert (await sidecar.auth(keys[2][0], scopes="admin"))[0] == 200
+    assert await sidecar.status_of(keys[3][0]) == 200
+    assert len(sync.table) == 200
+    assert sync.snapshots_written == 0  # a sidecar never writes one: it holds no snapshot key
 
 
-async def test_a_snapshot_newer_than_a_recreated_bucket_is_ignored(
-    js: JetStreamContext, bucket: KeyValue, start_sidecar: StartSidecar
+async def test_a_snapshot_of_another_incarnation_of_the_stream_is_ignored(
+    nats_server: NatsServer, js: JetStreamContext, bucket: KeyValue, start_sidecar: StartSidecar
 ) -> None:
     from nats.js.api import KeyValueConfig
 
     for _, record in [make_key() for _ in range(20)]:
         await put(bucket, record)
-    first = await start_sidecar()
-    await first.ready()
-    await eventually(lambda: _value(first.state.sync.snapshots_written), lambda n: n == 1)
+    await seed(nats_server.url)
     await js.delete_key_value("KEYS")
     fresh = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+    for _, record in [make_key() for _ in range(30)]:  # past the snapshot's revision: only the identity tells
+        await put(fresh, record)
     key, record = make_key()
     await put(fresh, record)
-    second = await start_sidecar()
-    await second.ready()
-    assert second.state.sync.loaded_snapshot is None
-    assert len(second.state.sync.table) == 1
-    assert await second.status_of(key) == 200
+    await heartbeat(fresh)
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    assert sidecar.state.sync.loaded_snapshot is None
+    assert len(sidecar.state.sync.table) == 31
+    assert await sidecar.status_of(key) == 200
 
 
-async def test_snapshots_can_be_turned_off(bucket: KeyValue, start_sidecar: StartSidecar) -> None:
+async def test_snapshots_can_be_turned_off(
+    nats_server: NatsServer, bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
     await put(bucket, make_key()[1])
+    await seed(nats_server.url)
     sidecar = await start_sidecar(snapshots=False)
     await sidecar.ready()
-    await asyncio.sleep(0.2)
-    assert sidecar.state.sync.snapshots_written == 0
     assert sidecar.state.sync.loaded_snapshot is None
 
 
@@ -220,8 +242,9 @@ def test_a_snapshot_is_due_when_missing_old_or_far_behind() -> None:
 
 
 def _live_reader(table: KeyTable) -> _LiveReader:
-    head = b"".join(_pieces(table, revision=5, bucket="KEYS", region=None, arrays=False))
-    return _LiveReader(table, head)
+    head = b"".join(_pieces(table, revision=5, bucket="KEYS", region=None, stream_created="", arrays=False))
+    return _LiveReader(table, head, lambda digest: _signature_trailer(SNAPSHOT_SIGNER, digest, bucket="KEYS",
+                                                                      region=None))  # fmt: skip
 
 
 def _read(reader: _LiveReader, chunk: int, stop: int | None = None) -> bytes:
@@ -240,10 +263,9 @@ def test_a_snapshot_read_from_the_live_table_is_the_table_as_it_was_when_the_rea
     for _ in range(2 * _BLOCK):  # three blocks of records
         table.apply(make_key()[1])
     before = _views(table)
-    expected = encode(table, revision=5, bucket="KEYS", region=None)
+    expected = encode(table, revision=5, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
     reader = _live_reader(table)
     try:
-        assert reader.size == len(expected)
         first = _read(reader, 7_000, stop=len(expected) // 2)  # half way: digests and ids sent
         # Changes while the rest is on its way: an update, a removal, a freed record refilled,
         # an appended record, in blocks sent, half sent and not sent yet.
@@ -257,9 +279,9 @@ def test_a_snapshot_read_from_the_live_table_is_the_table_as_it_was_when_the_rea
         data = first + _read(reader, 7_000)
     finally:
         reader.close()
-    assert len(data) == len(expected)
+    assert len(data) == len(expected) == reader.size  # the same signed length: same head and arrays
     copy = KeyTable()
-    decode(data, copy, bucket="KEYS", region=None)
+    decode(data, copy, bucket="KEYS", region=None, trust=TRUST)
     assert _views(copy) == before
     assert table.records() > copy.records()
 
@@ -283,3 +305,27 @@ def test_a_finished_reader_no_longer_watches_the_table() -> None:
     reader.close()
     table.remove(keys[0][1].key_id)
     assert reader._saved == {}
+
+
+async def test_a_sidecar_started_from_a_snapshot_covering_the_last_heartbeat_is_ready_without_another(
+    nats_server: NatsServer, bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
+    key, record = make_key()
+    await put(bucket, record)
+    await heartbeat(bucket)  # the publisher's last word before, say, the region was cut off from the hub
+    seeded = await seed(nats_server.url)
+    assert seeded.written is not None
+    sidecar = await start_sidecar()
+    await sidecar.ready()  # no heartbeat after the snapshot: the one it covers was read back
+    assert sidecar.state.sync.loaded_snapshot is not None
+    assert sidecar.state.sync.stats.heartbeats == 1
+    assert await sidecar.status_of(key) == 200
+
+
+def test_a_snapshot_claiming_more_records_than_its_stream_could_have_made_is_refused_before_allocating() -> None:
+    table, _ = _filled()
+    data = encode(table, revision=1, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
+    sink = _Sink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="", max_records=100)
+    sink.write(data)
+    with pytest.raises(SnapshotError, match="more than the stream could have made"):
+        sink.load_into(KeyTable())

@@ -88,7 +88,7 @@ async def test_the_relay_publishes_a_keys_changes_in_commit_order(
     store, actor, project = await _store(database_url)
     broker = Broker(servers=[nats_server.url], bucket="KEYS")
     relay = OutboxRelay(db=store.db, broker=broker, signer=SIGNER)
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, str]] = []
     watcher = await nats.connect(nats_server.url)
     try:
         await broker.start()
@@ -111,8 +111,8 @@ async def test_the_relay_publishes_a_keys_changes_in_commit_order(
         await eventually(relay.depth, lambda d: d == 0)
         await eventually(lambda: asyncio.sleep(0, len(seen)), lambda n: n >= len(queued))
         for entry in (f"global.{a}", f"global.{b}"):
-            published = [int(mid) for subject, mid in seen if subject.endswith(entry)]
-            committed = [i for e, i in queued if e == entry]
+            published = [mid for subject, mid in seen if subject.endswith(entry)]
+            committed = [SIGNER.message_id(f"outbox.{i}") for e, i in queued if e == entry]
             assert published == committed
         kv = await js.key_value("KEYS")
         final = KeyRecord.decode((await kv.get(f"global.{a}")).value)
@@ -185,4 +185,30 @@ async def test_one_relay_per_database_publishes_and_another_takes_over(
             await relay.close()
         for broker in brokers:
             await broker.close()
+        await store.db.close()
+
+
+async def test_whoever_publishes_first_under_a_guessed_message_id_cannot_have_a_change_dropped(
+    database_url: str, nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    store, actor, project = await _store(database_url)
+    broker = Broker(servers=[nats_server.url], bucket="KEYS")
+    relay = OutboxRelay(db=store.db, broker=broker, signer=SIGNER)
+    try:
+        await broker.start()
+        await broker.bucket_ready.wait()
+        async with store.db.transaction() as tx:
+            last = int(await tx.fetchval("SELECT count(*) FROM outbox"))
+        for guess in range(1, last + 50):  # outbox ids, and what a scheme built on them would send
+            for mid in (str(guess), f"outbox.{guess}"):
+                await js.publish("$KV.KEYS.global.squat", b"junk", headers={"Nats-Msg-Id": mid})
+        created = (await store.create_keys(actor, project, [KeySpec("a", ())])).value
+        await relay.start()
+        await eventually(relay.depth, lambda d: d == 0)
+        kv = await js.key_value("KEYS")
+        record = created[0].key.record()
+        assert (await kv.get(record.entry)).value == record.encode()
+    finally:
+        await relay.close()
+        await broker.close()
         await store.db.close()

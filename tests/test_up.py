@@ -285,3 +285,13 @@ def _until(condition: Any, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_up_keeps_the_admin_token_off_every_command_line_and_its_data_directory_private(start_stack: Any) -> None:
+    stack = start_stack()
+    token = stack.state["admin_token"].encode()
+    for pid in _children_of(stack.process.pid):
+        assert token not in _cmdline(pid), _cmdline(pid).split(b"\0")[:4]  # security review M7: ps shows argv
+    assert stack.api("GET", "/orgs") is not None  # the publisher has it all the same (from its environment)
+    assert stack.data_dir.stat().st_mode & 0o777 == 0o700  # review L10
+    _stop_and_check_nothing_is_left(stack, signal.SIGTERM)

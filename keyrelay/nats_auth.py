@@ -1,0 +1,231 @@
+"""Who may do what on NATS: every keyrelay identity's permissions, and the account blocks that grant them.
+
+The one place the NATS permissions are written down. `keyrelay up` renders
+them with its generated NKEY users, `keyrelay nats-config` prints them for
+other deployments (the Helm values under deploy/k8s/nats are its output, which
+tests/test_nats_auth.py holds them to), and the tests attack them.
+
+One account, `KEYRELAY`, on the hub and on each region's leaf node. Users:
+
+- on the hub: `publisher` (owns the bucket), `sidecar-global` (global keys
+  only), `region-init-global` (writes the global snapshot), and `leaf-<region>`
+  per region: the leaf node's link, which may only run its mirror's consumer;
+- on a region's leaf node: `sidecar-<region>` (reads the region's mirror and
+  snapshot) and `region-init-<region>` (creates the mirror and the snapshot
+  store, writes snapshots).
+
+No one connected to a leaf node may publish into another JetStream domain's
+API (`$JS.<domain>.API.>`): their permissions only name the local `$JS.API`.
+docs/nats-security.md explains each grant and what a stolen credential allows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar.nats_connect import identity_name, inbox_prefix
+from sidecar.snapshot import snapshot_store_name
+from sidecar.wire import DEFAULT_BUCKET, GLOBAL_SCOPE, stream_name, subject_prefix
+
+__all__ = [
+    "ACCOUNT",
+    "HUB_ROLES",
+    "LEAF_ROLES",
+    "EnvRef",
+    "Grants",
+    "env_name",
+    "hub_identities",
+    "hub_settings",
+    "leaf_identities",
+    "leaf_remote",
+    "leaf_settings",
+    "mirror_deliver_prefix",
+    "permissions",
+    "render_conf",
+]
+
+ACCOUNT = "KEYRELAY"
+HUB_ROLES = ("publisher", "sidecar", "region-init")
+LEAF_ROLES = ("sidecar", "region-init")
+_LEAF_ROLE = "leaf"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvRef:
+    """A value nats-server reads from its environment when it loads the config (`$NAME`)."""
+
+    name: str
+
+
+def env_name(identity: str, what: str = "NKEY") -> str:
+    """The variable holding an identity's public NKEY (or, `what="SEED"`, its seed): KEYRELAY_NKEY_SIDECAR_EU."""
+    return f"KEYRELAY_{what}_{identity.upper().replace('-', '_')}"
+
+
+def mirror_deliver_prefix(region: str) -> str:
+    """Where a region's mirror has the hub deliver its records: only that region's leaf link may subscribe."""
+    return f"keyrelay.mirror.{region}"
+
+
+@dataclass(frozen=True, slots=True)
+class Grants:
+    """The streams and subjects permissions are written for: the key bucket and its snapshot store."""
+
+    bucket: str = DEFAULT_BUCKET
+    snapshot_bucket: str = ""
+    hub_domain: str = "hub"
+
+    @property
+    def kv(self) -> str:
+        """The key bucket's stream."""
+        return stream_name(self.bucket)
+
+    @property
+    def obj(self) -> str:
+        """The snapshot store's stream."""
+        return f"OBJ_{snapshot_store_name(self.bucket, self.snapshot_bucket)}"
+
+    def kv_read(self, region: str | None) -> list[str]:
+        """Read a region's records: on a leaf its whole mirror; on the hub (region None) global keys only."""
+        kv = self.kv
+        if region is None:
+            # Only the extended create, whose subject carries the filter the server holds the request to.
+            create = [f"CONSUMER.CREATE.{kv}.*.{subject_prefix(self.bucket)}{GLOBAL_SCOPE}.>"]
+        else:
+            create = [f"CONSUMER.CREATE.{kv}", f"CONSUMER.CREATE.{kv}.>"]
+        return [*_api(f"STREAM.INFO.{kv}", *create, f"CONSUMER.DELETE.{kv}.*", f"CONSUMER.INFO.{kv}.*"),
+                f"$JS.FC.{kv}.>"]  # fmt: skip
+
+    def snapshot_read(self) -> list[str]:
+        """Read the snapshot store: its info, metadata and chunks (through ordered consumers).
+
+        nats-py's object store looks its stream up by subject first (STREAM.NAMES): that lists the
+        names of the account's streams, nothing in them.
+        """
+        obj = self.obj
+        return [*_api("STREAM.NAMES", f"STREAM.INFO.{obj}", f"STREAM.MSG.GET.{obj}", f"DIRECT.GET.{obj}",
+                      f"DIRECT.GET.{obj}.>", f"CONSUMER.CREATE.{obj}", f"CONSUMER.CREATE.{obj}.>",
+                      f"CONSUMER.DELETE.{obj}.*", f"CONSUMER.INFO.{obj}.*"), f"$JS.FC.{obj}.>"]  # fmt: skip
+
+    def snapshot_write(self) -> list[str]:
+        """Own the snapshot store: create, replace and delete it, and put objects."""
+        obj = self.obj
+        owner = _api(f"STREAM.CREATE.{obj}", f"STREAM.UPDATE.{obj}", f"STREAM.DELETE.{obj}", f"STREAM.PURGE.{obj}",
+                     f"STREAM.MSG.DELETE.{obj}")  # fmt: skip
+        return [*self.snapshot_read(), *owner, f"$O.{snapshot_store_name(self.bucket, self.snapshot_bucket)}.>"]
+
+    def publisher(self) -> list[str]:
+        """Own the key bucket: create and check it, write every entry, read it back for reconcile."""
+        kv = self.kv
+        return [*_api(f"STREAM.CREATE.{kv}", f"STREAM.UPDATE.{kv}", f"STREAM.INFO.{kv}", f"STREAM.MSG.GET.{kv}",
+                      f"DIRECT.GET.{kv}", f"DIRECT.GET.{kv}.>", f"CONSUMER.CREATE.{kv}", f"CONSUMER.CREATE.{kv}.>",
+                      f"CONSUMER.DELETE.{kv}.*", f"CONSUMER.INFO.{kv}.*"),
+                f"{subject_prefix(self.bucket)}>", f"$JS.FC.{kv}.>"]  # fmt: skip
+
+    def mirror_owner(self) -> list[str]:
+        """Create, replace and delete a region's mirror of the bucket (on its leaf node)."""
+        kv = self.kv
+        return _api(f"STREAM.CREATE.{kv}", f"STREAM.UPDATE.{kv}", f"STREAM.DELETE.{kv}")
+
+    def leaf_link(self, region: str) -> dict[str, Any]:
+        """A region's leaf-node link at the hub, as the leaf sees it: what it may send and receive.
+
+        A mirror with two subject filters creates its consumer with the plain
+        CONSUMER.CREATE (the filters are in the body, out of the permissions'
+        reach); it receives on its own deliver prefix and `$JSC.R` replies.
+        """
+        api = f"$JS.{self.hub_domain}.API."
+        publish = [f"{api}CONSUMER.CREATE.{self.kv}", f"{api}CONSUMER.DELETE.{self.kv}.*", f"$JS.FC.{self.kv}.>"]
+        receive = ["$JSC.R.>", f"{mirror_deliver_prefix(region)}.>"]
+        return {"publish": {"allow": publish}, "subscribe": {"allow": receive}}
+
+
+def _api(*subjects: str) -> list[str]:
+    return [f"$JS.API.{s}" for s in subjects]
+
+
+def permissions(role: str, region: str | None, grants: Grants | None = None) -> dict[str, Any]:
+    """The permissions block of one identity: `role` is publisher, sidecar, region-init or leaf."""
+    g = grants or Grants()
+    if role == _LEAF_ROLE:
+        if region is None:
+            raise ValueError("a leaf link belongs to a region")
+        return g.leaf_link(region)
+    if role == "publisher":
+        publish = g.publisher()
+    elif role == "sidecar":
+        publish = [*g.kv_read(region), *g.snapshot_read()]
+    elif role == "region-init":
+        # On a leaf it owns the mirror; on the hub the bucket is the publisher's, read like a global sidecar.
+        publish = [*g.kv_read(region), *(g.mirror_owner() if region else []), *g.snapshot_write()]
+    else:
+        raise ValueError(f"no such role: {role}")
+    identity = identity_name(role, region)
+    return {"publish": {"allow": _unique(publish)}, "subscribe": {"allow": [f"{inbox_prefix(identity)}.>"]}}
+
+
+def _unique(subjects: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(subjects))
+
+
+def hub_identities(regions: Iterable[str]) -> list[tuple[str, str | None]]:
+    """(role, region) of every user of the hub: its own components, then one leaf link per region."""
+    return [(role, None) for role in HUB_ROLES] + [(_LEAF_ROLE, region) for region in regions]
+
+
+def leaf_identities(region: str) -> list[tuple[str, str | None]]:
+    """(role, region) of every user of a region's leaf node."""
+    return [(role, region) for role in LEAF_ROLES]
+
+
+NkeyOf = Callable[[str], Any]
+
+
+def _account(identities: list[tuple[str, str | None]], nkey: NkeyOf, grants: Grants) -> dict[str, Any]:
+    users = []
+    for role, region in identities:
+        identity = identity_name(role, region)
+        users.append({
+            "nkey": nkey(identity),
+            "permissions": permissions(role, region, grants),
+            # A leaf link's user cannot log in as a client, nor a client's as a leaf node.
+            "allowed_connection_types": ["LEAFNODE"] if role == _LEAF_ROLE else ["STANDARD"],
+        })  # fmt: skip
+    return {"accounts": {ACCOUNT: {"jetstream": "enabled", "users": users}}}
+
+
+def hub_settings(regions: Iterable[str], nkey: NkeyOf, grants: Grants | None = None) -> dict[str, Any]:
+    """The hub's `accounts` block: its users, each identified by `nkey(identity)` (a public key or a reference)."""
+    return _account(hub_identities(regions), nkey, grants or Grants())
+
+
+def leaf_settings(region: str, nkey: NkeyOf, grants: Grants | None = None) -> dict[str, Any]:
+    """A region's leaf node's `accounts` block."""
+    return _account(leaf_identities(region), nkey, grants or Grants())
+
+
+def leaf_remote(region: str, seed: Any) -> dict[str, Any]:
+    """What a leaf node's remote adds to its URL: the local account it links, and the link's seed."""
+    return {"account": ACCOUNT, "nkey": seed}
+
+
+_ENV = re.compile(r'"\\u0000ENV:([A-Za-z0-9_]+)"')
+
+
+def render_conf(blocks: dict[str, Any]) -> str:
+    """nats-server configuration text for `blocks` (JSON, which it reads; EnvRef values bare, as `$NAME`)."""
+
+    def encode(value: Any) -> Any:
+        if isinstance(value, EnvRef):
+            return f"\0ENV:{value.name}"
+        raise TypeError(f"cannot render {type(value).__name__}")
+
+    lines = []
+    for key, value in blocks.items():
+        text = json.dumps(value, indent=2, default=encode)
+        lines.append(f"{key}: {_ENV.sub(lambda m: '$' + m.group(1), text)}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,342 @@
+"""NATS is locked down: attacks with real credentials against a real `keyrelay up --regions eu,us` stack.
+
+Each identity's credentials are the seed files `keyrelay up` wrote. An attack
+"fails" when the server refuses it (a permissions violation, or an
+authorization error) and the state it aimed at is unchanged afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import NoStreamResponseError
+
+from keyrelay.nats_auth import leaf_remote
+from keyrelay.natsd import NatsServer, NatsSpec, free_port
+from keyrelay.procs import http_get
+from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
+from keyrelay.up import Stack, UpSettings
+from sidecar.nats_connect import NatsConnect, identity_name
+from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Trust, load_signer
+from sidecar.wire import subject_prefix
+from tests.support import make_key
+
+pytestmark = pytest.mark.slow
+
+_REFUSED = (NatsTimeout, NoRespondersError, NoStreamResponseError, TimeoutError)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`keyrelay up --regions eu,us` on free ports, accounts on (the default)."""
+    settings = UpSettings(data_dir=tmp_path_factory.mktemp("up"), publisher_port=0, sidecar_port=0, nats_port=0,
+                          regions=("eu", "us"), log_level="warning")  # fmt: skip
+    running = Stack(settings)
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+def _url(stack: Stack, server: str) -> str:
+    return next(n.url for n in stack.nats if n.spec.name == server)
+
+
+class Client_:
+    """A connection as one identity, and the permission errors the server sent it."""
+
+    def __init__(self, nc: Client, errors: list[str]) -> None:
+        self.nc = nc
+        self.errors = errors
+
+    async def refused(self, subject: str, body: Any = b"", *, headers: dict[str, str] | None = None) -> None:
+        """Send `subject` as a request; the server must refuse it as a permissions violation."""
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        with pytest.raises(_REFUSED):
+            await self.nc.request(subject, payload, timeout=1.0, headers=headers)
+        for _ in range(100):
+            if any("permissions violation" in e.lower() and subject.lower() in e.lower() for e in self.errors):
+                return
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"no permissions violation for {subject}: {self.errors}")
+
+    async def api(self, subject: str, body: Any = None) -> dict[str, Any]:
+        """A JetStream API request that must be answered."""
+        reply = await self.nc.request(subject, json.dumps(body).encode() if body is not None else b"", timeout=5.0)
+        answer: dict[str, Any] = json.loads(reply.data)
+        return answer
+
+
+@pytest.fixture
+async def connect(stack: Stack) -> AsyncIterator[Any]:
+    opened: list[Client] = []
+
+    async def open_as(server: str, role: str, region: str | None = None) -> Client_:
+        identity = identity_name(role, region)
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        nats_connect = NatsConnect((_url(stack, server),), identity=identity, creds=stack.creds(role, region))
+        nc = await nats.connect(**nats_connect.kwargs(), error_cb=on_error, max_reconnect_attempts=0)
+        opened.append(nc)
+        return Client_(nc, errors)
+
+    yield open_as
+    for nc in opened:
+        await nc.close()
+
+
+async def _put(stack: Stack, connect: Any, *, region: str | None) -> str:
+    """Publish a key record of `region` as the publisher does, signed with the stack's key; its entry name."""
+    publisher = await connect("hub", "publisher")
+    _, record = make_key(region=region)
+    signature = load_signer(stack.data_dir / "signing-key", "default").sign(KIND_RECORD, record.entry, record.encode())
+    await publisher.nc.jetstream().publish(subject_prefix("KEYS") + record.entry, record.encode(),
+                                           headers={SIGNATURE_HEADER: signature})  # fmt: skip
+    return str(record.entry)
+
+
+async def _hub_bucket(connect: Any) -> dict[str, Any]:
+    publisher = await connect("hub", "publisher")
+    return await publisher.api("$JS.API.STREAM.INFO.KV_KEYS")
+
+
+async def test_an_anonymous_client_is_refused_by_the_hub_and_by_every_leaf(stack: Stack) -> None:
+    for server in ("hub", "leaf-eu", "leaf-us"):
+        with pytest.raises(Exception, match=r"(?i)authorization"):
+            await nats.connect(_url(stack, server), max_reconnect_attempts=0, allow_reconnect=False)
+
+
+async def test_a_leaf_links_credentials_cannot_log_in_as_a_client(stack: Stack) -> None:
+    link = NatsConnect((_url(stack, "hub"),), identity="leaf-us", creds=stack.creds("leaf", "us"))
+    with pytest.raises(Exception, match=r"(?i)authorization"):
+        await nats.connect(**link.kwargs(), max_reconnect_attempts=0, allow_reconnect=False)
+
+
+@pytest.mark.parametrize("role", ["sidecar", "region-init"])
+async def test_a_us_leaf_client_cannot_create_a_hub_consumer_filtered_to_eu(
+    stack: Stack, connect: Any, role: str
+) -> None:
+    us = await connect("leaf-us", role, "us")
+    config = {"deliver_subject": f"_INBOX.{identity_name(role, 'us')}.x", "filter_subject": "$KV.KEYS.eu.>"}
+    await us.refused("$JS.hub.API.CONSUMER.CREATE.KV_KEYS", {"stream_name": "KV_KEYS", "config": config})
+    named = {**config, "name": "steal"}
+    await us.refused("$JS.hub.API.CONSUMER.CREATE.KV_KEYS.steal.$KV.KEYS.eu.>", {"stream_name": "KV_KEYS",
+                                                                                   "config": named})  # fmt: skip
+
+
+@pytest.mark.parametrize("role", ["sidecar", "region-init"])
+async def test_a_us_leaf_client_cannot_direct_get_an_eu_entry(stack: Stack, connect: Any, role: str) -> None:
+    entry = await _put(stack, connect, region="eu")
+    us = await connect("leaf-us", role, "us")
+    await us.refused(f"$JS.hub.API.DIRECT.GET.KV_KEYS.$KV.KEYS.{entry}")
+    await us.refused("$JS.hub.API.DIRECT.GET.KV_KEYS", {"last_by_subj": f"$KV.KEYS.{entry}"})
+    await us.refused("$JS.hub.API.STREAM.MSG.GET.KV_KEYS", {"last_by_subj": f"$KV.KEYS.{entry}"})
+
+
+@pytest.mark.parametrize("role", ["sidecar", "region-init"])
+async def test_a_us_leaf_client_cannot_delete_the_eu_mirror(stack: Stack, connect: Any, role: str) -> None:
+    us = await connect("leaf-us", role, "us")
+    await us.refused("$JS.eu.API.STREAM.DELETE.KV_KEYS")
+    await us.refused("$JS.eu.API.STREAM.INFO.KV_KEYS")
+    eu = await connect("leaf-eu", "region-init", "eu")
+    assert (await eu.api("$JS.API.STREAM.INFO.KV_KEYS"))["config"]["mirror"]["name"] == "KV_KEYS"
+
+
+@pytest.mark.parametrize("role", ["sidecar", "region-init"])
+async def test_a_us_leaf_client_cannot_add_sources_to_the_hub_bucket(stack: Stack, connect: Any, role: str) -> None:
+    before = (await _hub_bucket(connect))["config"]
+    us = await connect("leaf-us", role, "us")
+    evil = {"name": "EVIL", "external": {"api": "$JS.us.API"},
+            "subject_transforms": [{"src": "evil.>", "dest": "$KV.KEYS.eu.>"}]}  # fmt: skip
+    hijacked = {**before, "sources": [evil]}
+    await us.refused("$JS.hub.API.STREAM.UPDATE.KV_KEYS", hijacked)
+    await us.refused("$JS.hub.API.STREAM.DELETE.KV_KEYS")
+    await us.refused("$JS.hub.API.STREAM.PURGE.KV_KEYS")
+    after = (await _hub_bucket(connect))["config"]
+    assert "sources" not in after
+    assert after == before
+
+
+@pytest.mark.parametrize(("server", "region"), [("hub", None), ("leaf-eu", "eu")])
+async def test_a_sidecars_credentials_cannot_write_anything(
+    stack: Stack, connect: Any, server: str, region: str | None
+) -> None:
+    sidecar = await connect(server, "sidecar", region)
+    _, record = make_key(region=region)
+    entry = f"$KV.KEYS.{record.entry}"
+    await sidecar.refused(entry, record.encode())
+    await sidecar.refused(entry, b"", headers={"KV-Operation": "DEL"})
+    await sidecar.refused(entry, b"", headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
+    for action in ("DELETE", "PURGE", "UPDATE", "CREATE"):
+        await sidecar.refused(f"$JS.API.STREAM.{action}.KV_KEYS", {"name": "KV_KEYS"})
+    await sidecar.refused("$JS.API.STREAM.MSG.DELETE.KV_KEYS", {"seq": 1})
+    # The snapshot store: no object put (chunks, then metadata), no replacing or deleting the store.
+    await sidecar.refused(f"$O.KEYS_SNAPSHOTS.C.{uuid.uuid4().hex}", b"forged chunk")
+    await sidecar.refused(f"$O.KEYS_SNAPSHOTS.M.{region or 'global'}", b"{}")
+    for action in ("CREATE", "DELETE", "PURGE", "UPDATE"):
+        await sidecar.refused(f"$JS.API.STREAM.{action}.OBJ_KEYS_SNAPSHOTS", {"name": "OBJ_KEYS_SNAPSHOTS"})
+    # Nor any other domain's API: the hub's from a leaf, a region's from the hub.
+    await sidecar.refused(f"$JS.{'eu' if region is None else 'hub'}.API.STREAM.INFO.KV_KEYS")
+
+
+async def test_a_sidecars_credentials_read_only_global_keys_on_the_hub(stack: Stack, connect: Any) -> None:
+    sidecar = await connect("hub", "sidecar")
+    config = {"deliver_subject": "_INBOX.sidecar-global.x", "filter_subjects": ["$KV.KEYS.eu.>"]}
+    await sidecar.refused("$JS.API.CONSUMER.CREATE.KV_KEYS", {"stream_name": "KV_KEYS", "config": config})
+    named = {"name": "steal", "deliver_subject": "_INBOX.sidecar-global.y", "filter_subject": "$KV.KEYS.eu.>"}
+    await sidecar.refused("$JS.API.CONSUMER.CREATE.KV_KEYS.steal.$KV.KEYS.eu.>", {"stream_name": "KV_KEYS",
+                                                                                  "config": named})  # fmt: skip
+    # The filter in the subject is the one the server holds the request to.
+    mismatch = {**named, "name": "sly", "filter_subject": "$KV.KEYS.eu.>"}
+    answer = await sidecar.api("$JS.API.CONSUMER.CREATE.KV_KEYS.sly.$KV.KEYS.global.>",
+                               {"stream_name": "KV_KEYS", "config": mismatch})  # fmt: skip
+    assert "error" in answer
+    await sidecar.refused("$JS.API.DIRECT.GET.KV_KEYS", {"seq": 1})
+
+
+async def test_a_rogue_leaf_node_with_a_regions_link_credentials_cannot_change_the_hub(
+    stack: Stack, connect: Any, tmp_path: Path
+) -> None:
+    # A leaf server someone runs with the us link's seed and no local permissions at all.
+    leaf_port = int(next(n for n in stack.nats if n.spec.name == "hub").spec.leafnode_port or 0)
+    remote = {**leaf_remote("us", stack.credentials.seed("leaf-us")), "account": "$G"}
+    rogue = NatsServer(NatsSpec(name="rogue", store_dir=tmp_path / "rogue", domain="rogue",
+                                remotes=[f"nats-leaf://127.0.0.1:{leaf_port}"], remote_options=remote))  # fmt: skip
+    rogue.start()
+    try:
+        nc = await nats.connect(rogue.url, max_reconnect_attempts=0)
+        try:
+            before = (await _hub_bucket(connect))["config"]
+            for subject in ("$JS.hub.API.STREAM.UPDATE.KV_KEYS", "$JS.hub.API.STREAM.DELETE.KV_KEYS",
+                            "$JS.hub.API.DIRECT.GET.KV_KEYS", "$JS.hub.API.STREAM.MSG.GET.KV_KEYS"):  # fmt: skip
+                with pytest.raises(_REFUSED):
+                    await nc.request(subject, json.dumps({**before, "seq": 1}).encode(), timeout=1.0)
+            with pytest.raises(_REFUSED):
+                await nc.jetstream(domain="hub").publish("$KV.KEYS.global.x", b"forged", timeout=1.0)
+            assert (await _hub_bucket(connect))["config"] == before
+        finally:
+            await nc.close()
+    finally:
+        rogue.stop()
+
+
+async def test_the_publisher_cannot_reach_a_regions_mirror(stack: Stack, connect: Any) -> None:
+    publisher = await connect("hub", "publisher")
+    await publisher.refused("$JS.eu.API.STREAM.DELETE.KV_KEYS")
+    await publisher.refused("$JS.API.STREAM.DELETE.KV_KEYS")
+
+
+async def test_the_legitimate_paths_work_with_accounts_on(stack: Stack, connect: Any) -> None:
+    # The publisher writes; each region's mirror carries global keys and its own, nothing else.
+    entries = {scope: await _put(stack, connect, region=None if scope == "global" else scope)
+               for scope in ("global", "eu", "us")}  # fmt: skip
+    for region, other in (("eu", "us"), ("us", "eu")):
+        init = await connect(f"leaf-{region}", "region-init", region)
+        for scope, present in (("global", True), (region, True), (other, False)):
+            subject = f"$KV.KEYS.{entries[scope]}"
+            for _ in range(250):
+                info = await init.api("$JS.API.STREAM.INFO.KV_KEYS", {"subjects_filter": subject})
+                if bool(info["state"].get("subjects")) == present or not present:
+                    break
+                await asyncio.sleep(0.02)
+            assert bool(info["state"].get("subjects")) == present, (region, scope)
+    # Region init (idempotent) and a snapshot seeded with the region's region-init credentials.
+    from keyrelay.region import RegionSettings, init_region
+
+    eu_url = _url(stack, "leaf-eu")
+    await init_region(RegionSettings(region="eu", nats_url=(eu_url,), nats_creds=stack.creds("region-init", "eu")))
+    settings = SnapshotSettings(nats_url=(eu_url,), nats_creds=stack.creds("region-init", "eu"), region="eu",
+                                force=True, timeout=60.0, snapshot_signing_key=stack.data_dir / "snapshot-key",
+                                trusted_keys=(stack.public_key,))  # fmt: skip
+    result = await seed(settings)
+    assert result.written is not None
+    assert result.keys >= 2
+    [row] = await list_snapshots(settings)
+    assert row["name"] == "eu"
+    # The sidecars sync and answer.
+    for region, url in stack.sidecars.items():
+        answer = http_get(int(url.rsplit(":", 1)[1]), "/readyz")
+        assert answer is not None
+        assert answer[0] == 200, region
+
+
+async def test_a_sidecar_starts_from_the_seeded_snapshot_with_read_only_credentials(stack: Stack, connect: Any) -> None:
+    from sidecar.seed import seed_snapshot
+    from sidecar.sync import KeySync
+    from sidecar.table import KeyTable
+
+    eu_url = _url(stack, "leaf-eu")
+    await _put(stack, connect, region="eu")
+    seeder = NatsConnect((eu_url,), identity="region-init-eu", creds=stack.creds("region-init", "eu"))
+    trust = Trust.of(records=(stack.public_key,), snapshots=(stack.snapshot_public_key,))
+    signer = load_signer(stack.data_dir / "snapshot-key", "default")
+    await seed_snapshot(nats=seeder, bucket="KEYS", region="eu", store="KEYS_SNAPSHOTS", trust=trust, signer=signer,
+                        force=True, timeout=60.0)  # fmt: skip
+    reader = NatsConnect((eu_url,), identity="sidecar-eu", creds=stack.creds("sidecar", "eu"))
+    sync = KeySync(table=KeyTable(), servers=reader.servers, connect=reader, bucket="KEYS", region="eu",
+                   snapshot_store="KEYS_SNAPSHOTS", trust=trust)  # fmt: skip
+    await sync.start()
+    try:
+        await sync.wait_synced(30.0)
+        assert sync.loaded_snapshot is not None
+        assert sync.stats.sync_errors == 0
+    finally:
+        await sync.close()
+
+
+def test_the_stack_keeps_each_seed_private(stack: Stack) -> None:
+    directory = stack.credentials.directory
+    assert directory.stat().st_mode & 0o777 == 0o700
+    seeds = sorted(p.name for p in directory.iterdir())
+    assert "publisher.nk" in seeds
+    assert "leaf-eu.nk" in seeds
+    for path in directory.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    for conf in (stack.data_dir / "logs").glob("*.conf"):
+        assert conf.stat().st_mode & 0o777 == 0o600, conf
+    assert free_port()  # the stack left ports to the rest of the suite
+
+
+async def test_with_nats_tls_the_stack_serves_and_a_client_without_the_local_ca_is_refused(tmp_path: Path) -> None:
+    settings = UpSettings(data_dir=tmp_path / "up", publisher_port=0, sidecar_port=0, nats_port=0, regions=("eu",),
+                          nats_tls=True, log_level="warning")  # fmt: skip
+    running = Stack(settings)
+    try:
+        await asyncio.to_thread(running.start)
+        assert running.tls is not None
+        for url in running.sidecars.values():
+            answer = http_get(int(url.rsplit(":", 1)[1]), "/readyz")
+            assert answer is not None
+            assert answer[0] == 200
+        eu = NatsConnect((_url(running, "leaf-eu"),), identity="region-init-eu",
+                         creds=running.creds("region-init", "eu"), tls_ca=running.tls.ca)  # fmt: skip
+        nc = await nats.connect(**eu.kwargs(), max_reconnect_attempts=0)
+        try:
+            reply = await nc.request("$JS.API.STREAM.INFO.KV_KEYS", b"", timeout=5.0)
+            assert json.loads(reply.data)["config"]["mirror"]["name"] == "KV_KEYS"
+        finally:
+            await nc.close()
+        # The system's roots do not know the local CA; without TLS the server refuses too.
+        untrusted = NatsConnect((f"tls://{_url(running, 'hub').removeprefix('nats://')}",), identity="publisher",
+                                creds=running.creds("publisher"))  # fmt: skip
+        with pytest.raises(Exception, match=r"(?i)certificate"):
+            await nats.connect(**untrusted.kwargs(), max_reconnect_attempts=0, allow_reconnect=False)
+        with pytest.raises(Exception):  # noqa: B017, PT011  # nats-py raises several kinds here
+            await nats.connect(_url(running, "hub"), max_reconnect_attempts=0, allow_reconnect=False,
+                               connect_timeout=2)  # fmt: skip
+    finally:
+        await asyncio.to_thread(running.stop)
