@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sidecar.errors import RecordError
-from sidecar.wire import KeyRecord, is_uuid
+from sidecar.wire import KeyRecord, is_canonical_id
 
 from .broker import Broker
 from .models import Actor
@@ -199,7 +199,7 @@ async def _repair(
         if bucket_detail.entries.get(e) != f
     }
     orphans = [(e, e.rsplit(".", 1)[-1]) for e in bucket_detail.entries if e not in db_detail.entries]
-    named = [(e, key_id) for e, key_id in orphans if is_uuid(key_id)]
+    named = [(e, key_id) for e, key_id in orphans if is_canonical_id(key_id)]
     if len(named) < len(orphans):
         # Nothing is published that a sidecar could not verify, and a tombstone names a key id.
         report.skipped += len(orphans) - len(named)

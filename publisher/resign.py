@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sidecar.wire import is_uuid
+from sidecar.wire import is_canonical_id
 
 from .broker import Broker
 from .models import Actor
@@ -87,7 +87,7 @@ class _Pass:
                 if not self.everything:
                     continue
             key_id = value.entry.rsplit(".", 1)[-1]
-            if not is_uuid(key_id):
+            if not is_canonical_id(key_id):
                 self.report.skipped += 1
                 continue
             # Whatever the entry holds, it gets what the database says: the key's record (at the same
