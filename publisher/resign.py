@@ -102,7 +102,7 @@ class _Pass:
             # version: nothing about the key changes) when it knows the key, else a tombstone.
             self.stale[key_id] = 0
             self.gone.append((value.entry, key_id))
-        if len(self.stale) + len(self.gone) >= _QUEUE_EVERY:
+        if len(self.gone) >= _QUEUE_EVERY:
             await self.flush()
         seen = self.report.entries_in_bucket
         if seen // _REPORT_EVERY != (seen - len(values)) // _REPORT_EVERY:
