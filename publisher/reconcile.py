@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import RecordError
@@ -30,7 +30,7 @@ from sidecar.wire import KeyRecord, is_canonical_id
 
 from .broker import Broker
 from .models import Actor
-from .scan import BucketValue, scan_bucket
+from .scan import BucketValue, report_json, scan_bucket
 from .signing import SigningKeys
 from .store import NIL_UUID, KeyStore
 
@@ -129,10 +129,7 @@ class ReconcileReport:
 
     def to_json(self) -> dict[str, Any]:
         """The report without the internal outbox ids."""
-        data = asdict(self)
-        data.pop("outbox_ids")
-        data["seconds"] = round(self.seconds, 3)
-        return data
+        return report_json(self)
 
 
 async def _database_side(store: KeyStore, digest: _Digest, keep: frozenset[int]) -> tuple[_Side, dict[str, str]]:

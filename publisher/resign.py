@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from sidecar.settings import DEFAULT_MAX_PUBLISH_DELAY
@@ -23,7 +23,7 @@ from sidecar.wire import is_canonical_id
 
 from .broker import Broker
 from .models import Actor
-from .scan import BucketValue, scan_bucket
+from .scan import BucketValue, report_json, scan_bucket
 from .signing import SigningKeys
 from .store import NIL_UUID, KeyStore
 
@@ -55,10 +55,7 @@ class ResignReport:
 
     def to_json(self) -> dict[str, Any]:
         """The report without the internal outbox ids."""
-        data = asdict(self)
-        data.pop("outbox_ids")
-        data["seconds"] = round(self.seconds, 3)
-        return data
+        return report_json(self)
 
 
 class _Pass:

@@ -16,7 +16,8 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -29,7 +30,12 @@ from .broker import Broker
 from .errors import PublisherError
 from .signing import Check, SigningKeys
 
-__all__ = ["BATCH", "BucketValue", "scan_bucket"]
+__all__ = [
+    "BATCH",
+    "BucketValue",
+    "report_json",
+    "scan_bucket",
+]
 
 BATCH = 500  # values verified per hand-off to the worker thread: ~30 ms of its work, and of the loop's after it
 
@@ -134,3 +140,11 @@ async def scan_bucket(
         with contextlib.suppress(Exception):  # unused, it goes by itself after _INACTIVE
             await js.delete_consumer(stream, name)
     return True
+
+
+def report_json(report: Any) -> dict[str, Any]:
+    """A bucket pass's report (a dataclass with `seconds` and `outbox_ids`) as its JSON answer, without the ids."""
+    data: dict[str, Any] = asdict(report)
+    data.pop("outbox_ids")
+    data["seconds"] = round(report.seconds, 3)
+    return data
