@@ -1,4 +1,4 @@
-"""The admin commands: orgs, teams, projects, keys, audit and tokens, over the admin API."""
+"""The admin commands: orgs, teams, projects, keys, audit, tokens and signing keys, over the admin API."""
 
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def _signing_keys(args: argparse.Namespace) -> int:
 
 
 def add_admin_commands(commands: Any) -> None:
-    """Register orgs, teams, projects, keys, audit and tokens under the `keyrelay` parser."""
+    """Register orgs, teams, projects, keys, audit, tokens and signing-keys under the `keyrelay` parser."""
     common = argparse.ArgumentParser(add_help=False)
     add_options(common, ClientSettings)
     output = common.add_mutually_exclusive_group()

@@ -41,20 +41,21 @@ class Maintenance:
         self.reconciles = 0
         self.resigns = 0
         self.resigned = asyncio.Event()  # set after each re-signing pass, the start-up one first
+        self.settled = asyncio.Event()  # set once this replica's start-up passes are over
         self._tasks: list[asyncio.Task[None]] = []
         self._one_at_a_time = asyncio.Lock()  # two whole-bucket passes at once would only double the load
 
     def start(self, *, reconcile_on_start: bool) -> None:
         """Run in the background."""
         settings = self.services.settings
-        if reconcile_on_start:
-            self._tasks.append(asyncio.create_task(self._at_start(), name="keyrelay-reconcile-at-start"))
+        self._tasks.append(asyncio.create_task(self._at_start(reconcile_on_start), name="keyrelay-at-start"))
         self._tasks.append(asyncio.create_task(
             self._every(settings.reconcile_interval, self.reconcile, first=settings.reconcile_interval),
             name="keyrelay-reconcile",
         ))  # fmt: skip
         self._tasks.append(asyncio.create_task(
-            self._every(resign_every(settings.replay_horizon), self.resign, first=0.0), name="keyrelay-resign"
+            self._every(resign_every(settings.replay_horizon), self.resign, first=0.0, done=self.resigned),
+            name="keyrelay-resign",
         ))  # fmt: skip
 
     async def close(self) -> None:
@@ -75,10 +76,7 @@ class Maintenance:
     async def resign(self) -> None:
         """One re-signing pass, its values then published."""
         s = self.services
-        try:
-            report = await resign(store=s.store, broker=s.broker, keys=s.keys, horizon=s.settings.replay_horizon)
-        finally:
-            self.resigned.set()
+        report = await resign(store=s.store, broker=s.broker, keys=s.keys, horizon=s.settings.replay_horizon)
         self.resigns += 1
         if report.outbox_ids:
             s.relay.wake()
@@ -90,18 +88,28 @@ class Maintenance:
         log.warning("a bucket pass is put off: the outbox did not drain within %.0fs", _DRAIN)
         return False
 
-    async def _at_start(self) -> None:
+    async def _at_start(self, reconcile_on_start: bool) -> None:
+        relay = self.services.relay
         try:
-            async with self._one_at_a_time:
-                if await self._ready():
-                    await self.reconcile()
+            await relay.lease_checked.wait()
+            if relay.leader:
+                # The leader re-signs first: a bucket written before signing is then re-signed in passing,
+                # rather than compared entry by entry as a bucket full of forgeries.
+                await self.resigned.wait()
+            if reconcile_on_start:
+                async with self._one_at_a_time:
+                    if await self._ready():
+                        await self.reconcile()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("start-up reconciliation failed: %s (run `keyrelay publisher reconcile` later)", exc)
+        finally:
+            self.settled.set()
 
-    async def _every(self, interval: float, job: Job, *, first: float) -> None:
+    async def _every(self, interval: float, job: Job, *, first: float, done: asyncio.Event | None = None) -> None:
         due = time.monotonic() + first
+        await self.services.relay.lease_checked.wait()
         while True:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
             if not self.services.relay.leader:
@@ -115,4 +123,7 @@ class Maintenance:
                 raise
             except Exception as exc:
                 log.warning("%s failed: %s (retried in %.0fs)", getattr(job, "__name__", "a pass"), exc, interval)
+            finally:
+                if done is not None:
+                    done.set()  # run, put off or failed: who waits for it goes on
             due = time.monotonic() + interval

@@ -22,19 +22,19 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import RecordError
-from sidecar.wire import KeyRecord, is_uuid
+from sidecar.wire import KeyRecord, is_canonical_id
 
 from .broker import Broker
 from .models import Actor
-from .scan import BucketValue, scan_bucket
+from .scan import BucketValue, report_json, scan_bucket
 from .signing import SigningKeys
 from .store import NIL_UUID, KeyStore
 
-__all__ = ["RECONCILE", "ReconcileReport", "reconcile"]
+__all__ = ["RECONCILE", "ROUND_ENTRIES", "ReconcileReport", "reconcile"]
 
 # The audit trail's actor for repairs: reconciliation runs on its own (at start-up) as well as on request.
 RECONCILE = Actor(token_id=NIL_UUID, name="reconcile", role="admin")
@@ -46,6 +46,9 @@ _MIN_SHARDS = 64
 # Entries a shard holds on average: a difference costs comparing its shard's entries one by one, so a
 # few forged values among a million cost a few thousand entries held, not the million.
 _PER_SHARD = 16
+# Entries one comparison round holds (each side): many differing shards (a bucket written before signing,
+# or lost) are compared in rounds of this size, each reading the bucket again, so memory stays bounded.
+ROUND_ENTRIES = 100_000
 _GENUINE, _UNVERIFIED = b"\0", b"\1"  # what separates name and value in a fingerprint: never alike
 Progress = Callable[[str], None]
 
@@ -126,10 +129,7 @@ class ReconcileReport:
 
     def to_json(self) -> dict[str, Any]:
         """The report without the internal outbox ids."""
-        data = asdict(self)
-        data.pop("outbox_ids")
-        data["seconds"] = round(self.seconds, 3)
-        return data
+        return report_json(self)
 
 
 async def _database_side(store: KeyStore, digest: _Digest, keep: frozenset[int]) -> tuple[_Side, dict[str, str]]:
@@ -166,6 +166,51 @@ def _differing(a: _Side, b: _Side) -> frozenset[int]:
     return frozenset(i for i in range(a.digest.shards) if a.counts[i] != b.counts[i] or a.sums[i] != b.sums[i])
 
 
+def _rounds(differing: frozenset[int], a: _Side, b: _Side, limit: int) -> list[frozenset[int]]:
+    """The differing shards in groups of at most `limit` entries (a side): what one comparison round holds."""
+    rounds: list[frozenset[int]] = []
+    group: set[int] = set()
+    size = 0
+    for shard in sorted(differing):
+        weight = max(a.counts[shard], b.counts[shard])
+        if group and size + weight > limit:
+            rounds.append(frozenset(group))
+            group, size = set(), 0
+        group.add(shard)
+        size += weight
+    if group:
+        rounds.append(frozenset(group))
+    return rounds
+
+
+async def _repair(
+    store: KeyStore, broker: Broker, keys: SigningKeys, digest: _Digest, group: frozenset[int], horizon: float,
+    timeout: float, report: ReconcileReport,
+) -> None:  # fmt: skip
+    """Compare the entries of the shards in `group` one by one and queue the repairs (one audit entry)."""
+    db_detail, key_ids = await _database_side(store, digest, group)
+    bucket_detail = await _bucket_side(broker, keys, digest, group, horizon, timeout)
+    stale = {
+        key_ids[e]: bucket_detail.versions.get(e, 0)
+        for e, f in db_detail.entries.items()
+        if bucket_detail.entries.get(e) != f
+    }
+    orphans = [(e, e.rsplit(".", 1)[-1]) for e in bucket_detail.entries if e not in db_detail.entries]
+    named = [(e, key_id) for e, key_id in orphans if is_canonical_id(key_id)]
+    if len(named) < len(orphans):
+        # Nothing is published that a sidecar could not verify, and a tombstone names a key id.
+        report.skipped += len(orphans) - len(named)
+        log.warning(
+            "reconcile: %d bucket entries are not named <scope>.<key id>; left alone", len(orphans) - len(named)
+        )
+    summary = {"differing_shards": report.differing_shards, "shards": digest.shards, "unsigned": report.unsigned,
+               "bad_signature": report.bad_signature}  # fmt: skip
+    republished, deleted = await store.repair(RECONCILE, stale, named, summary)
+    report.republished += len(republished)
+    report.deleted += len(deleted)
+    report.outbox_ids += republished + deleted
+
+
 async def reconcile(
     *,
     store: KeyStore,
@@ -173,6 +218,7 @@ async def reconcile(
     keys: SigningKeys,
     horizon: float = math.inf,
     shards: int | None = None,
+    round_entries: int = ROUND_ENTRIES,
     timeout: float = 600.0,
     progress: Progress | None = None,
 ) -> ReconcileReport:
@@ -192,26 +238,11 @@ async def reconcile(
     )  # fmt: skip
     differing = _differing(db_side, bucket_side)
     report.differing_shards = len(differing)
-    if differing:
-        say(f"reconcile: {len(differing)} of {shards} shards differ; comparing their entries")
-        db_detail, key_ids = await _database_side(store, digest, differing)
-        bucket_detail = await _bucket_side(broker, keys, digest, differing, horizon, timeout)
-        stale = {
-            key_ids[e]: bucket_detail.versions.get(e, 0)
-            for e, f in db_detail.entries.items()
-            if bucket_detail.entries.get(e) != f
-        }
-        orphans = [(e, e.rsplit(".", 1)[-1]) for e in bucket_detail.entries if e not in db_detail.entries]
-        named = [(e, key_id) for e, key_id in orphans if is_uuid(key_id)]
-        if len(named) < len(orphans):
-            # Nothing is published that a sidecar could not verify, and a tombstone names a key id.
-            report.skipped = len(orphans) - len(named)
-            log.warning("reconcile: %d bucket entries are not named <scope>.<key id>; left alone", report.skipped)
-        summary = {"differing_shards": len(differing), "shards": shards, "unsigned": report.unsigned,
-                   "bad_signature": report.bad_signature}  # fmt: skip
-        republished, deleted = await store.repair(RECONCILE, stale, named, summary)
-        report.republished, report.deleted = len(republished), len(deleted)
-        report.outbox_ids = republished + deleted
+    rounds = _rounds(differing, db_side, bucket_side, round_entries)
+    for number, group in enumerate(rounds, 1):
+        of = f" (round {number} of {len(rounds)})" if len(rounds) > 1 else ""
+        say(f"reconcile: {len(differing)} of {shards} shards differ; comparing the entries of {len(group)}{of}")
+        await _repair(store, broker, keys, digest, group, horizon, timeout, report)
     report.seconds = time.perf_counter() - started
     say(
         f"reconcile: done in {report.seconds:.2f}s: {report.republished} republished, {report.deleted} deleted, "

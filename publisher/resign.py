@@ -15,14 +15,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-from sidecar.wire import is_uuid
+from sidecar.settings import DEFAULT_MAX_PUBLISH_DELAY
+from sidecar.wire import is_canonical_id
 
 from .broker import Broker
 from .models import Actor
-from .scan import BucketValue, scan_bucket
+from .scan import BucketValue, report_json, scan_bucket
 from .signing import SigningKeys
 from .store import NIL_UUID, KeyStore
 
@@ -44,6 +45,7 @@ class ResignReport:
     entries_in_bucket: int = 0
     current: int = 0  # verified with the current key and signed recently: left alone
     old: int = 0  # verified, but signed more than half the horizon ago
+    late: int = 0  # verified, but stored so long after its signing that sidecars take it for a replay
     unverified: int = 0  # unsigned, signed by another key, or not matching their signature
     republished: int = 0
     tombstoned: int = 0
@@ -53,18 +55,17 @@ class ResignReport:
 
     def to_json(self) -> dict[str, Any]:
         """The report without the internal outbox ids."""
-        data = asdict(self)
-        data.pop("outbox_ids")
-        data["seconds"] = round(self.seconds, 3)
-        return data
+        return report_json(self)
 
 
 class _Pass:
     """One pass's state: counts, and the entries waiting to be queued."""
 
-    def __init__(self, store: KeyStore, horizon: float, everything: bool, say: Progress) -> None:
+    def __init__(self, store: KeyStore, horizon: float, everything: bool, say: Progress,
+                 max_publish_delay: float) -> None:  # fmt: skip
         self.store = store
         self.cutoff = time.time() - horizon / 2
+        self.max_publish_delay = max_publish_delay
         self.everything = everything
         self.say = say
         self.report = ResignReport()
@@ -82,19 +83,23 @@ class _Pass:
                 self.report.unverified += 1
             elif verified.signed_at < self.cutoff:
                 self.report.old += 1
+            elif value.stored - verified.signed_at > self.max_publish_delay:
+                # Published again by whoever can write to the bucket (or stored late): sidecars refuse it
+                # as a replay, so a sidecar that does not hold the key yet would never get it.
+                self.report.late += 1
             else:
                 self.report.current += 1
                 if not self.everything:
                     continue
             key_id = value.entry.rsplit(".", 1)[-1]
-            if not is_uuid(key_id):
+            if not is_canonical_id(key_id):  # sidecars take values only at a key's own, canonical entry
                 self.report.skipped += 1
                 continue
             # Whatever the entry holds, it gets what the database says: the key's record (at the same
             # version: nothing about the key changes) when it knows the key, else a tombstone.
             self.stale[key_id] = 0
             self.gone.append((value.entry, key_id))
-        if len(self.stale) + len(self.gone) >= _QUEUE_EVERY:
+        if len(self.gone) >= _QUEUE_EVERY:
             await self.flush()
         seen = self.report.entries_in_bucket
         if seen // _REPORT_EVERY != (seen - len(values)) // _REPORT_EVERY:
@@ -119,13 +124,14 @@ async def resign(
     keys: SigningKeys,
     horizon: float,
     everything: bool = False,
+    max_publish_delay: float = DEFAULT_MAX_PUBLISH_DELAY,
     timeout: float = 3600.0,
     progress: Progress | None = None,
 ) -> ResignReport:
     """Queue a fresh signature for every bucket value that needs one (all with `everything`); wake the relay after."""
     say = progress or (lambda text: log.info("%s", text))
     started = time.perf_counter()
-    run = _Pass(store, horizon, everything, say)
+    run = _Pass(store, horizon, everything, say, max_publish_delay)
     say("resign: verifying every value in the bucket" + (" (re-signing all of them)" if everything else ""))
     await scan_bucket(broker, keys, run.consume, timeout=timeout)
     await run.flush()
@@ -134,6 +140,7 @@ async def resign(
     report.seconds = time.perf_counter() - started
     say(
         f"resign: done in {report.seconds:.2f}s: {report.entries_in_bucket} values, {report.old} signed long ago, "
+        f"{report.late} stored long after their signing, "
         f"{report.unverified} not verified; {report.republished} republished, {report.tombstoned} tombstoned"
     )
     return report

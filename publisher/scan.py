@@ -2,10 +2,10 @@
 
 Reconciliation and re-signing both read the whole bucket and verify every
 signature in it: about 62 µs a value with libsodium, a minute at a million
-keys. A pull consumer fetches a batch at a time, and each batch is verified in
-a worker thread (libsodium releases the GIL) before the next is asked for: the
-admin API, the relay and the heartbeat keep running meanwhile, and memory holds
-one batch.
+keys. A pull consumer fetches a batch at a time; each is verified in a worker
+thread (libsodium releases the GIL) while the next is fetched, and the one after
+is asked for only then: the admin API, the relay and the heartbeat keep running
+meanwhile, and memory holds two batches.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
@@ -25,16 +27,22 @@ from sidecar.trust import SIGNATURE_HEADER
 from sidecar.wire import HEARTBEAT_ENTRY, stream_name, subject_prefix
 
 from .broker import Broker
+from .errors import PublisherError
 from .signing import Check, SigningKeys
 
-__all__ = ["BATCH", "BucketValue", "scan_bucket"]
+__all__ = [
+    "BATCH",
+    "BucketValue",
+    "report_json",
+    "scan_bucket",
+]
 
 BATCH = 500  # values verified per hand-off to the worker thread: ~30 ms of its work, and of the loop's after it
 
 _FETCH_TIMEOUT = 10.0  # a batch the server has not delivered by then: NATS is in trouble, the pass fails
 _INACTIVE = 60.0  # a scan consumer left behind by a crash is removed by the server after this
 
-_Raw = tuple[str, bytes, str | None, bool]  # entry, payload, signature header, deleted
+_Raw = tuple[str, bytes, str | None, bool, float]  # entry, payload, signature header, deleted, stored (s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,14 +53,27 @@ class BucketValue:
     payload: bytes
     deleted: bool
     check: Check
+    stored: float  # when the stream stored it (seconds): long after its signing, sidecars take it for a replay
 
 
 def _check_all(keys: SigningKeys, raw: Sequence[_Raw], horizon: float) -> list[BucketValue]:
     now = time.time()
     return [
-        BucketValue(entry, payload, deleted, keys.check(header, payload, entry=entry, horizon=horizon, now=now))
-        for entry, payload, header, deleted in raw
+        BucketValue(entry, payload, deleted, keys.check(header, payload, entry=entry, horizon=horizon, now=now), stored)
+        for entry, payload, header, deleted, stored in raw
     ]
+
+
+def _wanted(messages: Sequence[Msg], prefix: str, want: Callable[[str], bool] | None) -> list[_Raw]:
+    raw: list[_Raw] = []
+    for msg in messages:
+        entry = msg.subject.removeprefix(prefix)
+        if entry != HEARTBEAT_ENTRY and (want is None or want(entry)):
+            headers = msg.headers or {}
+            deleted = headers.get("KV-Operation") in ("DEL", "PURGE")
+            stored = msg.metadata.timestamp.timestamp()
+            raw.append((entry, msg.data, headers.get(SIGNATURE_HEADER), deleted, stored))
+    return raw
 
 
 async def scan_bucket(
@@ -79,8 +100,8 @@ async def scan_bucket(
     if not info.state.messages:
         return True
     prefix = subject_prefix(broker.bucket)
-    # A pull consumer: the next batch is asked for only once this one is verified, so memory holds one
-    # batch however large the bucket (a push consumer outruns verification and queues the bucket).
+    # A pull consumer: a batch is fetched while the one before is verified, and the next only after that,
+    # so memory holds two batches however large the bucket (a push consumer outruns verification).
     name = f"keyrelay-scan-{os.urandom(6).hex()}"
     config = ConsumerConfig(
         name=name, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
@@ -88,27 +109,42 @@ async def scan_bucket(
     )  # fmt: skip
     await js.add_consumer(stream, config=config)
     deadline = time.monotonic() + timeout
+    checking: asyncio.Task[list[BucketValue]] | None = None  # the previous batch, verified meanwhile
     try:
         sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
         try:
             while True:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"reading the bucket took over {timeout:.0f}s")
-                messages = await sub.fetch(BATCH, timeout=_FETCH_TIMEOUT)
-                raw: list[_Raw] = []
-                for msg in messages:
-                    entry = msg.subject.removeprefix(prefix)
-                    if entry != HEARTBEAT_ENTRY and (want is None or want(entry)):
-                        headers = msg.headers or {}
-                        deleted = headers.get("KV-Operation") in ("DEL", "PURGE")
-                        raw.append((entry, msg.data, headers.get(SIGNATURE_HEADER), deleted))
+                    raise PublisherError(f"reading the key bucket took over {timeout:.0f}s: is NATS overloaded?")
+                try:
+                    messages = await sub.fetch(BATCH, timeout=_FETCH_TIMEOUT)
+                except TimeoutError:  # nats-py's own TimeoutError is one too
+                    raise PublisherError(
+                        f"NATS sent no part of the key bucket within {_FETCH_TIMEOUT:.0f}s: check that it is reachable"
+                    ) from None
+                raw = _wanted(messages, prefix, want)
+                if checking is not None:
+                    await consume(await checking)
+                    checking = None
                 if raw:
-                    await consume(await asyncio.to_thread(_check_all, keys, raw, horizon))
+                    checking = asyncio.create_task(asyncio.to_thread(_check_all, keys, raw, horizon))
                 if messages[-1].metadata.num_pending == 0:
                     break
+            if checking is not None:
+                await consume(await checking)
         finally:
+            if checking is not None:
+                checking.cancel()
             await sub.unsubscribe()
     finally:
         with contextlib.suppress(Exception):  # unused, it goes by itself after _INACTIVE
             await js.delete_consumer(stream, name)
     return True
+
+
+def report_json(report: Any) -> dict[str, Any]:
+    """A bucket pass's report (a dataclass with `seconds` and `outbox_ids`) as its JSON answer, without the ids."""
+    data: dict[str, Any] = asdict(report)
+    data.pop("outbox_ids")
+    data["seconds"] = round(report.seconds, 3)
+    return data

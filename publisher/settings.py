@@ -16,9 +16,10 @@ from .validation import MAX_GRACE
 
 __all__ = ["RECONCILE_INTERVAL", "PublisherSettings"]
 
-# A reconcile pass verifies every signature in the bucket: about 70 s of one CPU at a million keys
-# (docs/signing.md), so every 15 minutes costs the leader under a tenth of a CPU.
-RECONCILE_INTERVAL = 900.0
+# A reconcile pass reads and verifies the whole bucket: 2.5 to 3 minutes of one CPU at a million keys
+# (loadtest/bench_reconcile.py, docs/signing.md), so every 30 minutes costs the relay leader about a tenth
+# of a CPU on average, and a replayed old value is put back within half an hour.
+RECONCILE_INTERVAL = 1800.0
 
 
 def _grace(text: str) -> float:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sidecar.wire import DEFAULT_PREFIX, MAX_VERSION, display_form, generate_key, is_uuid, key_digest
+from sidecar.wire import DEFAULT_PREFIX, MAX_VERSION, display_form, generate_key, is_canonical_id, key_digest
 
 from .db import Database, Tx
 from .errors import Conflict, NotFound
@@ -449,7 +449,7 @@ async def _unpublish(tx: Tx, entries: Sequence[tuple[str, str]], now: int) -> _Q
     """Queue tombstones for bucket entries `(entry, key_id)` whose key is not in the database."""
     outbox: list[int] = []
     queued: list[str] = []
-    for chunk in _chunks([(entry, key_id) for entry, key_id in entries if is_uuid(key_id)]):
+    for chunk in _chunks([(entry, key_id) for entry, key_id in entries if is_canonical_id(key_id)]):
         ids = [key_id for _, key_id in chunk]
         rows = await tx.fetch(f"SELECT id FROM api_keys WHERE id IN ({placeholders(len(ids))})", *ids)
         present = {r["id"] for r in rows}

@@ -13,6 +13,7 @@ from .wire import DEFAULT_BUCKET, DEFAULT_PREFIX, is_region_code
 
 __all__ = [
     "DEFAULT_DEPLOYMENT",
+    "DEFAULT_MAX_PUBLISH_DELAY",
     "DEFAULT_REPLAY_HORIZON",
     "LOG_LEVELS",
     "SidecarSettings",
@@ -31,6 +32,7 @@ __all__ = [
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_DEPLOYMENT = "default"
 DEFAULT_REPLAY_HORIZON = 7 * 86400.0
+DEFAULT_MAX_PUBLISH_DELAY = 60.0
 
 
 def parse_region(text: str) -> str | None:
@@ -94,7 +96,7 @@ def deployment_option() -> Any:
 def publish_delay_option() -> Any:
     """The declaration of --max-publish-delay."""
     return option(
-        60.0,
+        DEFAULT_MAX_PUBLISH_DELAY,
         parse=parse_positive_duration,
         duration=True,
         help="a value the stream stored longer than this after it was signed is a replay and refused (the "

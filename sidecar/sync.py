@@ -647,10 +647,19 @@ class KeySync:
         entries = [d.subject.decode(errors="replace").removeprefix(self._prefix) for d in batch]
         half = (len(batch) + 1) // 2
         loop = asyncio.get_running_loop()
-        examined = await asyncio.gather(*(
-            loop.run_in_executor(self._verifiers, self._examine_all, entries[part], batch[part])
-            for part in (slice(0, half), slice(half, None))
-        ))  # fmt: skip
+        try:
+            examined = await asyncio.gather(*(
+                loop.run_in_executor(self._verifiers, self._examine_all, entries[part], batch[part])
+                for part in (slice(0, half), slice(half, None))
+            ))  # fmt: skip
+        except Exception as exc:
+            # A fault of ours (examine refuses bad values, it does not raise): none of the batch was
+            # applied, so read the stream again from the last revision rather than skip it.
+            self.stats.apply_errors += 1
+            log.exception("could not examine %d values: %s: resyncing", len(batch), type(exc).__name__)
+            gen.abandoned = True
+            self._reset.set()
+            return
         for delivery, verdict in zip(batch, (v for part in examined for v in part), strict=True):
             if gen is not self._gen or gen.abandoned:
                 return  # replaced meanwhile: the next consumer delivers these again

@@ -174,10 +174,8 @@ async def start_publisher(
         publisher = Publisher(url=url, admin=Admin(url=url, http=http), services=server.app[SERVICES],
                               maintenance=server.app[MAINTENANCE], server=server)  # fmt: skip
         await publisher.services.broker.bucket_ready.wait()
-        # The relay leader re-signs the bucket as it starts: let that pass end before the test plants anything.
-        await publisher.services.relay.lease_checked.wait()
-        if publisher.services.relay.leader:
-            await asyncio.wait_for(publisher.maintenance.resigned.wait(), 30)
+        # The start-up passes (the leader's re-signing, the reconciliation) end before the test plants anything.
+        await asyncio.wait_for(publisher.maintenance.settled.wait(), 30)
         return publisher
 
     yield start

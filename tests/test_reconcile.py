@@ -10,6 +10,7 @@ import msgpack
 from nacl.signing import SigningKey
 from nats.js.client import JetStreamContext
 
+from publisher.reconcile import reconcile
 from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Signer
 from sidecar.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord
 from tests.conftest import StartPublisher, StartSidecar
@@ -31,6 +32,14 @@ async def _keys(publisher: Publisher, count: int) -> list[dict[str, str]]:
     body = {"keys": [{"name": f"k{i}", "scopes": ["read"]} for i in range(count)]}
     answer = await publisher.admin.ok("POST", f"/projects/{project['id']}/keys/bulk", body)
     return list(answer["keys"])
+
+
+async def _lost_bucket(start_publisher: StartPublisher, js: JetStreamContext, count: int) -> Publisher:
+    """A publisher (not reconciling at start) with `count` keys, whose bucket was then deleted."""
+    publisher = await start_publisher(reconcile_on_start=False)
+    await _keys(publisher, count)
+    await js.delete_key_value("KEYS")
+    return publisher
 
 
 async def _repair_entry(publisher: Publisher) -> dict[str, Any]:
@@ -127,9 +136,7 @@ async def test_entries_of_keys_the_database_does_not_know_are_deleted(
 async def test_the_publisher_repairs_the_bucket_at_start_up(
     start_publisher: StartPublisher, js: JetStreamContext
 ) -> None:
-    first = await start_publisher(reconcile_on_start=False)
-    await _keys(first, 20)
-    await js.delete_key_value("KEYS")
+    await _lost_bucket(start_publisher, js, 20)
     second = await start_publisher()  # same database; reconciles on start
     kv = await js.key_value("KEYS")
     await eventually(lambda: _count(kv), lambda n: n == 20, timeout=15)
@@ -276,3 +283,25 @@ async def test_the_relay_leader_reconciles_every_interval_on_its_own(
     await eventually(repaired, bool, timeout=20, interval=0.05)
     assert publisher.maintenance.reconciles >= 1
     assert (await _repair_entry(publisher))["details"]["unsigned"] == 1
+
+
+async def test_many_differing_shards_are_compared_in_rounds_of_bounded_size(
+    start_publisher: StartPublisher, js: JetStreamContext
+) -> None:
+    publisher = await _lost_bucket(start_publisher, js, 40)
+    services = publisher.services
+
+    lines: list[str] = []
+    report = await reconcile(store=services.store, broker=services.broker, keys=services.keys, round_entries=10,
+                             progress=lines.append)  # fmt: skip
+    assert report.republished == 40
+    rounds = [line for line in lines if "comparing the entries of" in line]
+    assert len(rounds) >= 4
+    assert rounds[-1].endswith(f"(round {len(rounds)} of {len(rounds)})")
+    entries = (await publisher.admin.ok("GET", "/audit"))["entries"]
+    repairs = [e for e in entries if e["action"] == "bucket.repair"]
+    assert len(repairs) == len(rounds)  # one audit entry a round, each naming what it republished
+    assert sum(e["details"]["republished"] for e in repairs) == 40
+    services.relay.wake()
+    assert await services.relay.wait_published(report.outbox_ids, timeout=15)
+    await _bucket_matches_database(publisher, js)

@@ -15,7 +15,9 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from keyrelay.cli import main
-from sidecar.errors import SignatureError
+from publisher.settings import PublisherSettings
+from sidecar.config import load
+from sidecar.errors import SettingsError, SignatureError
 from sidecar.trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, Signer, TrustedKeys, load_signer, verify
 from sidecar.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord, decode_heartbeat, decode_tombstone
 from tests.conftest import StartPublisher
@@ -179,3 +181,28 @@ async def test_the_signing_keys_route_lists_the_current_key_first_then_the_previ
     member = await publisher.admin.ok("POST", "/tokens", {"name": f"m-{uuid.uuid4().hex[:6]}", "role": "member"})
     assert (await publisher.admin.call("GET", "/signing-keys", token=member["token"]))[0] == 200
     assert (await publisher.admin.call("GET", "/signing-keys", token=""))[0] == 401
+
+
+def test_the_signing_settings_are_read_from_the_environment_and_bad_values_are_refused_by_name(
+    tmp_path: Path,
+) -> None:
+    previous = Signer(SigningKey.generate(), "default").public_key
+    settings = load(PublisherSettings, {}, {
+        "KEYRELAY_SIGNING_KEY": str(tmp_path / "k"), "KEYRELAY_PREVIOUS_SIGNING_KEYS": f" {previous} ,",
+        "KEYRELAY_DEPLOYMENT_ID": "prod-eu", "KEYRELAY_REPLAY_HORIZON": "3d", "KEYRELAY_HEARTBEAT_INTERVAL": "500ms",
+        "KEYRELAY_RECONCILE_INTERVAL": "5m",
+    })  # fmt: skip
+    assert (settings.signing_key, settings.previous_signing_keys, settings.deployment_id) == (
+        tmp_path / "k",
+        (previous,),
+        "prod-eu",
+    )
+    assert (settings.replay_horizon, settings.heartbeat_interval, settings.reconcile_interval) == (259200, 0.5, 300)
+    defaults = PublisherSettings()
+    assert (defaults.signing_key, defaults.deployment_id, defaults.replay_horizon) == (None, "default", 7 * 86400)
+    assert (defaults.heartbeat_interval, defaults.reconcile_interval) == (2.0, 1800.0)
+    for variable, value in (("KEYRELAY_PREVIOUS_SIGNING_KEYS", "not-a-public-key"), ("KEYRELAY_DEPLOYMENT_ID", " "),
+                            ("KEYRELAY_HEARTBEAT_INTERVAL", "0s")):  # fmt: skip
+        with pytest.raises(SettingsError) as refused:
+            load(PublisherSettings, {}, {variable: value})
+        assert refused.value.env == variable

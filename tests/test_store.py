@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import nats
 from nacl.signing import SigningKey
@@ -128,12 +130,7 @@ async def test_the_relay_publishes_a_keys_changes_in_commit_order(
 async def test_a_republished_entry_is_dropped_as_a_duplicate(
     database_url: str, nats_server: NatsServer, js: JetStreamContext
 ) -> None:
-    store, actor, project = await _store(database_url)
-    broker = Broker(servers=[nats_server.url], bucket="KEYS")
-    relay = OutboxRelay(db=store.db, broker=broker, signer=SIGNER)
-    try:
-        await broker.start()
-        await broker.bucket_ready.wait()
+    async with _relaying(database_url, nats_server.url) as (store, actor, project, relay):
         change = await store.create_keys(actor, project, [KeySpec("a", ())])
         async with store.db.transaction() as tx:
             row = await tx.fetchrow("SELECT * FROM outbox")
@@ -153,10 +150,6 @@ async def test_a_republished_entry_is_dropped_as_a_duplicate(
         await eventually(relay.depth, lambda d: d == 0)
         assert (await js.stream_info("KV_KEYS")).state.last_seq == last
         assert change.outbox_ids == (row["id"],)
-    finally:
-        await relay.close()
-        await broker.close()
-        await store.db.close()
 
 
 async def test_one_relay_per_database_publishes_and_another_takes_over(
@@ -188,15 +181,26 @@ async def test_one_relay_per_database_publishes_and_another_takes_over(
         await store.db.close()
 
 
-async def test_whoever_publishes_first_under_a_guessed_message_id_cannot_have_a_change_dropped(
-    database_url: str, nats_server: NatsServer, js: JetStreamContext
-) -> None:
+@contextlib.asynccontextmanager
+async def _relaying(database_url: str, nats_url: str) -> AsyncIterator[tuple[KeyStore, Actor, str, OutboxRelay]]:
+    """A store with a project, and a relay (not started) on a broker whose bucket is ready; all closed after."""
     store, actor, project = await _store(database_url)
-    broker = Broker(servers=[nats_server.url], bucket="KEYS")
+    broker = Broker(servers=[nats_url], bucket="KEYS")
     relay = OutboxRelay(db=store.db, broker=broker, signer=SIGNER)
     try:
         await broker.start()
         await broker.bucket_ready.wait()
+        yield store, actor, project, relay
+    finally:
+        await relay.close()
+        await broker.close()
+        await store.db.close()
+
+
+async def test_whoever_publishes_first_under_a_guessed_message_id_cannot_have_a_change_dropped(
+    database_url: str, nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    async with _relaying(database_url, nats_server.url) as (store, actor, project, relay):
         async with store.db.transaction() as tx:
             last = int(await tx.fetchval("SELECT count(*) FROM outbox"))
         for guess in range(1, last + 50):  # outbox ids, and what a scheme built on them would send
@@ -208,7 +212,3 @@ async def test_whoever_publishes_first_under_a_guessed_message_id_cannot_have_a_
         kv = await js.key_value("KEYS")
         record = created[0].key.record()
         assert (await kv.get(record.entry)).value == record.encode()
-    finally:
-        await relay.close()
-        await broker.close()
-        await store.db.close()

@@ -440,3 +440,27 @@ async def test_tombstones_outside_a_keys_own_entry_or_for_keys_never_held_change
     assert await sidecar.status_of(key) == 200
     assert sidecar.state.sync.stats.rejected == {"bad_entry": 1}
     assert sidecar.state.sync.table.floors() == 0
+
+
+async def test_a_fault_while_verifying_a_batch_is_counted_and_the_batch_read_again_not_skipped(
+    bucket: KeyValue, start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sidecar.sync
+
+    keys = [make_key() for _ in range(300)]
+    for _, record in keys:
+        await put(bucket, record)  # a replay: verified in batches on worker threads
+    faults = [RuntimeError("a bug of ours")]
+    original = sidecar.sync.examine
+
+    def faulty(*args: Any) -> Any:
+        if faults:
+            raise faults.pop()
+        return original(*args)
+
+    monkeypatch.setattr(sidecar.sync, "examine", faulty)
+    started = await start_sidecar()
+    await started.ready()
+    assert started.state.sync.stats.apply_errors == 1
+    assert [await started.status_of(key) for key, _ in keys[::25]] == [200] * 12
+    assert len(started.state.sync.table) == 300
