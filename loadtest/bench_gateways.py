@@ -49,6 +49,7 @@ from .gateways import GATEWAYS, Addresses, gateway_version, start_gateway
 from .keyfill import create_bucket, fill_bucket
 from .openloop import LoadResult, collector_paused, percentiles, render_get, run_open_loop
 from .procs import keyrelay_command, machine_cpu, wait_quiet, wait_time_wait
+from .signing import BENCH_SIGNER, Heartbeats, sidecar_trust_args
 from .wrk import WrkResult, header_pool_script, run_wrk, wrk_binary
 
 __all__ = ["main"]
@@ -305,12 +306,14 @@ def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
         nats_server = NatsServer(NatsSpec(name="bench-hub", store_dir=work / "nats"))
         nats_server.start()
         children: list[subprocess.Popen[bytes]] = []
+        heartbeats = Heartbeats(nats_server.url, [DEFAULT_BUCKET])
         try:
             asyncio.run(create_bucket(nats_server.url))
-            _say(f"filling {DEFAULT_BUCKET} with {args.keys:,} records")
-            fill = asyncio.run(
-                fill_bucket(nats_server.url, DEFAULT_BUCKET, args.keys, pool_size=min(args.pool, args.keys), seed=1)
-            )
+            heartbeats.start()  # signed publisher heartbeats: what keeps the sidecar fresh
+            _say(f"filling {DEFAULT_BUCKET} with {args.keys:,} signed records")
+            filling = fill_bucket(nats_server.url, DEFAULT_BUCKET, args.keys, pool_size=min(args.pool, args.keys),
+                                  seed=1, signer=BENCH_SIGNER)  # fmt: skip
+            fill = asyncio.run(filling)
             keys = fill.pool
             routes = work / "route-scopes.txt"
             routes.write_text(_ROUTE_SCOPES)
@@ -318,7 +321,7 @@ def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
             sidecar_log = work / "sidecar.log"
             sidecar_proc = spawn(
                 [*keyrelay_command(), "sidecar", "--nats-url", nats_server.url, "--port", str(sidecar_port),
-                 "--route-scopes", str(routes), "--log-level", "warning"],
+                 "--route-scopes", str(routes), "--log-level", "warning", *sidecar_trust_args(snapshots=None)],
                 log=sidecar_log,
             )  # fmt: skip
             children.append(sidecar_proc)
@@ -352,6 +355,7 @@ def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
         finally:
             for child in children:
                 stop(child)
+            heartbeats.close()
             nats_server.stop()
     return results
 

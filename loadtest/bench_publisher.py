@@ -330,7 +330,7 @@ def start_stack(stack: contextlib.ExitStack, work: Path, database_url: str, log_
     nats_server.start()
     token = "krt_bench_" + secrets.token_urlsafe(24)
     signing_key = work / "signing-key"
-    write_signing_key(signing_key)
+    public_key = write_signing_key(signing_key)
     publisher_port = free_port()
     process, log = _start_component(stack, "publisher", [
         "publisher", "--port", str(publisher_port), "--nats-url", nats_server.url, "--database-url", database_url,
@@ -341,6 +341,7 @@ def start_stack(stack: contextlib.ExitStack, work: Path, database_url: str, log_
     sidecar_port = free_port()
     _start_component(stack, "sidecar", [
         "sidecar", "--port", str(sidecar_port), "--nats-url", nats_server.url, "--log-level", log_level,
+        "--trusted-keys", public_key,
     ], sidecar_port, logs)  # fmt: skip
     return Endpoints(
         publisher_url=f"http://127.0.0.1:{publisher_port}",

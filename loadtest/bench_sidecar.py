@@ -14,6 +14,12 @@ from it; then a sidecar with `--no-snapshots` replays the whole bucket, the
 fallback when a region has no snapshot. Both are reported, and the seeding's
 own time and peak memory.
 
+Every record is signed as the publisher signs it (a fixed bench key, see
+loadtest/signing.py); the sidecars trust that key (`--trusted-keys`) and the
+bench snapshot key (`--trusted-snapshot-keys`), the seeder signs the snapshot
+with it, and a signed publisher heartbeat goes into the bucket every second,
+as the publisher's does, so the sidecars stay fresh.
+
 Two latency figures are reported: at saturation (wrk's closed loop, as fast as
 the server answers), and paced (the same connections, each waiting a random
 think time so that together they offer a fixed fraction of the bare handler's
@@ -56,6 +62,7 @@ from sidecar.wire import DEFAULT_BUCKET, stream_name
 from .callgrind import count_instructions
 from .keyfill import FillResult, connect, create_bucket, fill_bucket
 from .procs import cpu_seconds, keyrelay_command, machine_cpu, memory_of, spawn, stop, wait_http_ok, wait_quiet
+from .signing import BENCH_SIGNER, BENCH_SNAPSHOT_SIGNER, Heartbeats, sidecar_trust_args, write_key_file
 from .wrk import WrkResult, header_pool_script, run_wrk, wrk_binary
 
 __all__ = ["main"]
@@ -145,7 +152,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quiet-wait", type=float, default=60.0, help="longest wait for a quiet machine before each run (s)"
     )
-    parser.add_argument("--ready-timeout", type=float, default=180.0, help="give up on /readyz after this (s)")
+    parser.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=600.0,
+        help="give up on /readyz, and on seeding, after this (s; a signed 1M replay takes about 3 minutes here)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the record mix (keys are random anyway)")
     parser.add_argument(
         "--instructions",
@@ -169,7 +181,8 @@ def _say(text: str = "") -> None:
 
 
 def _sidecar_command(nats_url: str, port: int) -> list[str]:
-    return [*keyrelay_command(), "sidecar", "--nats-url", nats_url, "--port", str(port), "--log-level", "warning"]
+    return [*keyrelay_command(), "sidecar", "--nats-url", nats_url, "--port", str(port), "--log-level", "warning",
+            *sidecar_trust_args()]  # fmt: skip
 
 
 def _bare_command(port: int) -> list[str]:
@@ -210,7 +223,9 @@ def _seed(nats_url: str, pin: Pinning, work: Path, *, timeout: float) -> SeedRun
     """Seed the region's snapshot as `keyrelay region init` does before a region's first sidecar starts."""
     log = work / "seed.log"
     started = time.monotonic()
-    command = [*keyrelay_command(), "snapshot", "seed", "--nats-url", nats_url, "--timeout", f"{timeout:g}s"]
+    key = write_key_file(work / "snapshot-signing-key", BENCH_SNAPSHOT_SIGNER)
+    command = [*keyrelay_command(), "snapshot", "seed", "--nats-url", nats_url, "--timeout", f"{timeout:g}s",
+               "--snapshot-signing-key", str(key), "--trusted-keys", BENCH_SIGNER.public_key]  # fmt: skip
     process = spawn(command, cpus=pin.server, log=log)
     # wait4, not wait: the child's own peak RSS, which getrusage would mix with every other child's.
     while True:
@@ -399,11 +414,12 @@ def _fill(url: str, args: argparse.Namespace) -> FillResult:
             pool_size=min(args.pool, args.keys),
             seed=args.seed,
             progress=_progress(args.keys),
+            signer=BENCH_SIGNER,
         )
     )
     stored = asyncio.run(_stream_messages(url))
-    if stored != args.keys:
-        raise RuntimeError(f"the stream holds {stored} messages, expected {args.keys}")
+    if stored != args.keys + 1:  # and the publisher's latest heartbeat
+        raise RuntimeError(f"the stream holds {stored} messages, expected {args.keys} records and a heartbeat")
     _say(
         f"filled in {fill.seconds:.1f}s ({args.keys / fill.seconds:,.0f}/s): {fill.revoked:,} revoked, "
         f"{fill.expired:,} expired, {fill.with_expiry:,} with an expiry, {fill.with_metadata:,} with metadata"
@@ -435,8 +451,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         nats_server.start()
         assert nats_server.process is not None
         children: list[subprocess.Popen[bytes]] = []
+        heartbeats = Heartbeats(nats_server.url, [DEFAULT_BUCKET])
         try:
             asyncio.run(create_bucket(nats_server.url))
+            heartbeats.start()  # the publisher's signed heartbeat, every second: what keeps sidecars fresh
             _say(f"nats-server {nats_server.url}; {pin.describe()}")
 
             # Without snapshots: an empty table's snapshot would pass for the region's one.
@@ -513,6 +531,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for child in children:
                 stop(child)
+            heartbeats.close()
             nats_server.stop()
 
     bare_rps = statistics.median(m.wrk.requests_per_second for m in saturated["bare"])

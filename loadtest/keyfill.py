@@ -4,7 +4,8 @@ The mix, per key: an org/team/project tree (1 org per 1000 keys, 1 team per
 200, 1 project per 50), one of a few scope sets, 20% `test` env, 30% with an
 expiry months ahead, 2% expired, 2% revoked, 20% with metadata drawn from 500
 variants. Every record goes to `$KV.<bucket>.global.<key_id>` with JetStream
-publish acks, a bounded number in flight.
+publish acks, a bounded number in flight, each signed as the publisher signs
+it (`Keyrelay-Sig`, sidecar/trust.py) when a signer is given.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, PubAck
 
 from sidecar.nats_connect import NatsConnect
+from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Signer
 from sidecar.wire import DEFAULT_BUCKET, KeyRecord, generate_key, key_digest, subject_prefix
 
 __all__ = ["FillResult", "KeyMix", "connect", "create_bucket", "fill_bucket"]
@@ -134,8 +136,12 @@ async def fill_bucket(
     ack_timeout: float = 60.0,
     progress: Callable[[int, float], None] | None = None,
     creds: Path | None = None,
+    signer: Signer | None = None,
 ) -> FillResult:
-    """Publish `count` records (at most two batches unacknowledged) and sample `pool_size` valid keys."""
+    """Publish `count` records (at most two batches unacknowledged) and sample `pool_size` valid keys.
+
+    With `signer`, every record carries its signature (signed as it is published); without, none does.
+    """
     rng = random.Random(seed)
     mix = KeyMix(count=count, rng=rng)
     nc = await connect(url, creds=creds)
@@ -150,7 +156,9 @@ async def fill_bucket(
             sent: list[asyncio.Future[PubAck]] = []
             for _ in range(first, min(count, first + batch)):
                 key, record, state = mix.make()
-                sent.append(await js.publish_async(prefix + record.entry, record.encode()))
+                body = record.encode()
+                headers = None if signer is None else {SIGNATURE_HEADER: signer.sign(KIND_RECORD, record.entry, body)}
+                sent.append(await js.publish_async(prefix + record.entry, body, headers=headers))
                 with_expiry += record.expires_at is not None
                 with_metadata += bool(record.metadata)
                 if state == "revoked":

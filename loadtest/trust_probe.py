@@ -1,0 +1,207 @@
+"""One measurement inside one source tree, for loadtest/bench_trust.py (run as a script, never imported by it).
+
+    python loadtest/trust_probe.py TREE MODE PARAMS_JSON
+
+TREE is a checkout of keyrelay (this one, or the baseline's worktree): its
+directory goes first on sys.path, so `sidecar` is that tree's code whatever
+the interpreter's environment has installed. The same file runs against the
+current code (with sidecar/trust.py) and against the baseline (without): it
+looks the API up at run time. It writes its figures as JSON to PARAMS' `out`.
+
+Modes:
+  snapshot  build a table from a file of encoded records, encode it as a
+            snapshot (signed when the tree signs), then time `decode` of it
+            into a fresh table `repeats` times.
+  replay    a real KeySync replays a real bucket from the start until synced
+            (wall and process CPU, worker threads included); its `_apply` (the
+            per-record path: verify, decode, apply) is timed where the catch-up
+            goes through it (a sync that verifies batches on worker threads
+            uses it only for live deliveries: then its figure is left out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import hashlib
+import importlib
+import json
+import resource
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+_LENGTH = struct.Struct(">I")
+
+
+def _rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def read_records(path: Path) -> list[bytes]:
+    """The encoded records of a file written by bench_trust: each a 4-byte big-endian length, then the bytes."""
+    data = path.read_bytes()
+    records, at = [], 0
+    while at < len(data):
+        (length,) = _LENGTH.unpack_from(data, at)
+        records.append(data[at + 4 : at + 4 + length])
+        at += 4 + length
+    return records
+
+
+def _tree_signs() -> bool:
+    """Whether the tree under test has the trust chain (its own file: no finder may answer for it)."""
+    return (Path(sys.path[0]) / "sidecar" / "trust.py").exists()
+
+
+def _signing(tree_signs: bool, label: str) -> Any:
+    if not tree_signs:
+        return None
+    from nacl.signing import SigningKey
+
+    trust = importlib.import_module("sidecar.trust")
+    return trust.Signer(SigningKey(hashlib.sha256(label.encode()).digest()), "default")
+
+
+def snapshot(params: dict[str, Any]) -> dict[str, Any]:
+    """Build, encode, then time decoding the snapshot `repeats` times."""
+    wire = importlib.import_module("sidecar.wire")
+    table_mod = importlib.import_module("sidecar.table")
+    snap = importlib.import_module("sidecar.snapshot")
+    signs = _tree_signs()
+    records = read_records(Path(params["records"]))
+    table = table_mod.KeyTable()
+    table.reserve(len(records))
+    started, cpu0 = time.perf_counter(), _cpu()
+    for body in records:
+        table.apply_fields(wire.decode_fields(body))
+    build = time.perf_counter() - started
+    build_cpu = _cpu() - cpu0
+    del records
+    keys = len(table)
+    common: dict[str, Any] = {"revision": keys, "bucket": "KEYS", "region": None}
+    extra: dict[str, Any] = {}
+    if signs:
+        signer = _signing(True, params["snapshot_label"])
+        trust = importlib.import_module("sidecar.trust").Trust.of(snapshots=[signer.public_key])
+        data = snap.encode(table, signer=signer, stream_created="bench", **common)
+        extra = {"trust": trust, "stream_created": "bench"}
+    else:
+        data = snap.encode(table, **common)
+    del table
+    gc.collect()
+    seconds, cpus = [], []
+    nbytes = 0
+    loaded_keys = 0
+    rss_before = rss_after = 0
+    for _ in range(int(params["repeats"])):
+        target = table_mod.KeyTable()
+        gc.collect()
+        rss_before = _rss()
+        cpu0 = _cpu()
+        started = time.perf_counter()
+        snap.decode(data, target, bucket="KEYS", region=None, **extra)
+        seconds.append(time.perf_counter() - started)
+        cpus.append(_cpu() - cpu0)
+        rss_after = _rss()
+        nbytes, loaded_keys = target.nbytes(), len(target)
+        del target
+        gc.collect()
+    sha = time.perf_counter()
+    hashlib.sha256(data).digest()
+    sha_seconds = time.perf_counter() - sha
+    return {
+        "signed": signs,
+        "keys": keys,
+        "loaded_keys": loaded_keys,
+        "snapshot_bytes": len(data),
+        "build_seconds": build,
+        "build_cpu_seconds": build_cpu,
+        "decode_seconds": seconds,
+        "decode_cpu_seconds": cpus,
+        "table_array_bytes": nbytes,
+        "rss_growth_bytes": rss_after - rss_before,
+        "sha256_seconds": sha_seconds,
+    }
+
+
+async def _replay(params: dict[str, Any]) -> dict[str, Any]:
+    sync_mod = importlib.import_module("sidecar.sync")
+    table_mod = importlib.import_module("sidecar.table")
+    signs = _tree_signs()
+    cls = sync_mod.KeySync
+    spent = [0.0, 0]
+    original = cls._apply
+
+    def timed(*args: Any) -> None:
+        started = time.perf_counter()
+        try:
+            original(*args)
+        finally:
+            spent[0] += time.perf_counter() - started
+            spent[1] += 1
+
+    cls._apply = timed
+    kwargs: dict[str, Any] = {}
+    if signs:
+        kwargs["trust"] = importlib.import_module("sidecar.trust").Trust.of(records=[params["trusted_key"]])
+    table = table_mod.KeyTable()
+    sync = cls(table=table, servers=[params["url"]], bucket=params["bucket"], name="bench-trust-replay", **kwargs)
+    rss0, cpu0 = _rss(), _cpu()
+    started = time.perf_counter()
+    await sync.start()
+    try:
+        await sync.wait_synced(float(params["timeout"]))
+        seconds = time.perf_counter() - started
+        cpu = _cpu() - cpu0
+    finally:
+        await sync.close()
+    stats = sync.stats
+    return {
+        "signed": signs,
+        "keys": len(table),
+        "applied": stats.applied,
+        "decode_errors": stats.decode_errors,
+        "rejected": dict(getattr(stats, "rejected", {})),
+        "sync_seconds": seconds,
+        "sync_cpu_seconds": cpu,
+        "apply_seconds": spent[0],
+        "apply_calls": spent[1],
+        "rss_growth_bytes": _rss() - rss0,
+    }
+
+
+def replay(params: dict[str, Any]) -> dict[str, Any]:
+    """A KeySync of this tree replaying the bucket from its first revision (on uvloop, as the sidecar runs)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - a dependency everywhere but Windows
+        return asyncio.run(_replay(params))
+    return uvloop.run(_replay(params))
+
+
+def main(argv: list[str]) -> int:
+    """Run one mode in one tree; the figures go to PARAMS' `out`."""
+    tree, mode, raw = argv
+    sys.path.insert(0, str(Path(tree).resolve()))
+    # An editable install's finder would answer for modules the tree lacks (sidecar.trust in the baseline).
+    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "").lower()]
+    params: dict[str, Any] = json.loads(raw)
+    figures = {"snapshot": snapshot, "replay": replay}[mode](params)
+    figures["tree"] = tree
+    Path(params["out"]).write_text(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
