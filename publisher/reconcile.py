@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sidecar.errors import RecordError
+from sidecar.settings import DEFAULT_MAX_PUBLISH_DELAY
 from sidecar.wire import KeyRecord, is_canonical_id
 
 from .broker import Broker
@@ -80,6 +81,7 @@ class _Side:
     versions: dict[str, int] = field(default_factory=dict)  # bucket side: the verified version of kept entries
     unsigned: int = 0
     bad_signature: int = 0
+    late: int = 0
 
     def __post_init__(self) -> None:
         self.counts = [0] * self.digest.shards
@@ -101,12 +103,18 @@ class _Side:
         for value in values:
             if value.deleted:
                 continue
-            genuine = value.check.verified is not None
-            if not genuine:
+            verified = value.check.verified
+            genuine = verified is not None
+            if verified is None:
                 if value.check.reason == "unsigned":
                     self.unsigned += 1
                 else:
                     self.bad_signature += 1
+            elif value.stored - verified.signed_at > DEFAULT_MAX_PUBLISH_DELAY:
+                # Genuine, but stored long after its signing (published again by someone who can write
+                # the bucket): sidecars refuse it as a replay. Put back, freshly signed, like a bad one.
+                self.late += 1
+                genuine = False
             if self.add(value.entry, value.payload, genuine=genuine):
                 self.versions[value.entry] = _version(value.payload) if genuine else 0
 
@@ -119,6 +127,7 @@ class ReconcileReport:
     entries_in_bucket: int = 0
     unsigned: int = 0
     bad_signature: int = 0
+    late: int = 0
     shards: int = 0
     differing_shards: int = 0
     republished: int = 0
@@ -234,7 +243,7 @@ async def reconcile(
     bucket_side = await _bucket_side(broker, keys, digest, frozenset(), horizon, timeout)
     report = ReconcileReport(
         keys_in_database=sum(db_side.counts), entries_in_bucket=sum(bucket_side.counts), shards=shards,
-        unsigned=bucket_side.unsigned, bad_signature=bucket_side.bad_signature,
+        unsigned=bucket_side.unsigned, bad_signature=bucket_side.bad_signature, late=bucket_side.late,
     )  # fmt: skip
     differing = _differing(db_side, bucket_side)
     report.differing_shards = len(differing)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from typing import Any
 
@@ -305,3 +306,22 @@ async def test_many_differing_shards_are_compared_in_rounds_of_bounded_size(
     services.relay.wake()
     assert await services.relay.wait_published(report.outbox_ids, timeout=15)
     await _bucket_matches_database(publisher, js)
+
+
+async def test_a_current_record_published_again_long_after_its_signing_is_put_back_freshly_signed(
+    start_publisher: StartPublisher, js: JetStreamContext
+) -> None:
+    publisher = await start_publisher(reconcile_on_start=False)
+    keys = await _keys(publisher, 3)
+    signer = publisher.services.keys.signer
+    target = await _genuine(publisher, js, keys[0]["id"])
+    entry = f"global.{keys[0]['id']}"
+    old = signer.sign(KIND_RECORD, entry, target.data, signed_at=time.time() - 3600)
+    await plant(js, entry, target.data, {SIGNATURE_HEADER: old})  # its current word, an hour after signing
+
+    report = await publisher.admin.ok("POST", "/reconcile")
+    assert (report["late"], report["unsigned"], report["bad_signature"]) == (1, 0, 0)
+    assert (report["republished"], report["propagation"]) == (1, "published")
+    repaired = await last_message(js, entry)
+    assert repaired.data == target.data  # the same record, at the same version
+    assert repaired.verify(signer, horizon=60).kind == KIND_RECORD  # signed just now: sidecars take it
