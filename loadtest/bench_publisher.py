@@ -301,10 +301,12 @@ def _child_env() -> dict[str, str]:
 
 
 def _start_component(
-    stack: contextlib.ExitStack, name: str, args: list[str], port: int, logs: Path
-) -> tuple[subprocess.Popen[bytes], Path]:
+    stack: contextlib.ExitStack, name: str, args: list[str], port: int, logs: Path,
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen[bytes], Path]:  # fmt: skip
     log = logs / f"{name}.log"
-    process = spawn([sys.executable, "-m", "keyrelay", *args], log=log, env=_child_env())
+    # Secrets go in the child's environment: a command line is readable by every local user.
+    process = spawn([sys.executable, "-m", "keyrelay", *args], log=log, env=_child_env() | (env or {}))
     stack.callback(stop, process)
     wait_http_ok(process, port, "/readyz", timeout=_READY_TIMEOUT, log=log)
     return process, log
@@ -333,15 +335,14 @@ def start_stack(stack: contextlib.ExitStack, work: Path, database_url: str, log_
     public_key = write_signing_key(signing_key)
     publisher_port = free_port()
     process, log = _start_component(stack, "publisher", [
-        "publisher", "--port", str(publisher_port), "--nats-url", nats_server.url, "--database-url", database_url,
-        "--admin-token", token, "--data-dir", str(work / "publisher"), "--log-level", log_level,
-        "--signing-key", str(signing_key),
-    ], publisher_port, logs)  # fmt: skip
+        "publisher", "--port", str(publisher_port), "--nats-url", nats_server.url,
+        "--data-dir", str(work / "publisher"), "--log-level", log_level, "--signing-key", str(signing_key),
+    ], publisher_port, logs, {"KEYRELAY_ADMIN_TOKEN": token, "KEYRELAY_DATABASE_URL": database_url})  # fmt: skip
     _wait_bucket(process, publisher_port, log)
     sidecar_port = free_port()
     _start_component(stack, "sidecar", [
         "sidecar", "--port", str(sidecar_port), "--nats-url", nats_server.url, "--log-level", log_level,
-        "--trusted-keys", public_key,
+        f"--trusted-keys={public_key}",  # KEY=VALUE: a base64url key may start with '-'
     ], sidecar_port, logs)  # fmt: skip
     return Endpoints(
         publisher_url=f"http://127.0.0.1:{publisher_port}",

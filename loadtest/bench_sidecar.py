@@ -225,7 +225,7 @@ def _seed(nats_url: str, pin: Pinning, work: Path, *, timeout: float) -> SeedRun
     started = time.monotonic()
     key = write_key_file(work / "snapshot-signing-key", BENCH_SNAPSHOT_SIGNER)
     command = [*keyrelay_command(), "snapshot", "seed", "--nats-url", nats_url, "--timeout", f"{timeout:g}s",
-               "--snapshot-signing-key", str(key), "--trusted-keys", BENCH_SIGNER.public_key]  # fmt: skip
+               "--snapshot-signing-key", str(key), f"--trusted-keys={BENCH_SIGNER.public_key}"]  # fmt: skip
     process = spawn(command, cpus=pin.server, log=log)
     # wait4, not wait: the child's own peak RSS, which getrusage would mix with every other child's.
     while True:

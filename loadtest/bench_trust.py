@@ -366,7 +366,7 @@ def _seed_command(tree: Tree, url: str, work: Path) -> list[str]:
                "--timeout", "600s"]  # fmt: skip
     if tree.signs:
         key = write_key_file(work / "snapshot-signing-key", BENCH_SNAPSHOT_SIGNER)
-        return [*command, "--snapshot-signing-key", str(key), "--trusted-keys", BENCH_SIGNER.public_key]
+        return [*command, "--snapshot-signing-key", str(key), f"--trusted-keys={BENCH_SIGNER.public_key}"]
     return [*command, "--snapshot-bucket", _BASE_SNAPSHOTS]
 
 
