@@ -60,6 +60,7 @@ from keyrelay.procs import tail
 from sidecar.wire import DEFAULT_BUCKET, stream_name
 
 from .callgrind import count_instructions
+from .figures import run_and_write, say
 from .keyfill import FillResult, connect, create_bucket, fill_bucket
 from .procs import cpu_seconds, keyrelay_command, machine_cpu, memory_of, spawn, stop, wait_http_ok, wait_quiet
 from .signing import BENCH_SIGNER, BENCH_SNAPSHOT_SIGNER, Heartbeats, sidecar_trust_args, write_key_file
@@ -176,10 +177,6 @@ def _fractions(text: str) -> tuple[float, ...]:
     return fractions
 
 
-def _say(text: str = "") -> None:
-    print(text, flush=True)
-
-
 def _sidecar_command(nats_url: str, port: int) -> list[str]:
     return [*keyrelay_command(), "sidecar", "--nats-url", nats_url, "--port", str(port), "--log-level", "warning",
             *sidecar_trust_args()]  # fmt: skip
@@ -240,7 +237,7 @@ def _seed(nats_url: str, pin: Pinning, work: Path, *, timeout: float) -> SeedRun
     seconds = time.monotonic() - started
     if process.returncode != 0:
         raise RuntimeError(f"keyrelay snapshot seed exited with {process.returncode}: {tail(log)}")
-    _say(f"seeded the region's snapshot (keyrelay snapshot seed, what region init runs) in {seconds:.2f}s, "
+    say(f"seeded the region's snapshot (keyrelay snapshot seed, what region init runs) in {seconds:.2f}s, "
          f"peak RSS {usage.ru_maxrss / 2**10:.1f} MiB: {tail(log, lines=1)}")  # fmt: skip
     return SeedRun(seconds=seconds, peak_rss=usage.ru_maxrss * 1024)
 
@@ -253,7 +250,7 @@ def _replay_start(nats_url: str, args: argparse.Namespace, pin: Pinning, work: P
     stop(process)
     if run.status.get("keys") != args.keys:
         raise RuntimeError(f"the replaying sidecar holds {run.status.get('keys')} keys, expected {args.keys}")
-    _say(f"sidecar without a snapshot, replaying the bucket: ready in {run.ready_seconds:.2f}s "
+    say(f"sidecar without a snapshot, replaying the bucket: ready in {run.ready_seconds:.2f}s "
          f"(sync {run.status.get('synced_after_seconds')}s), RSS {run.rss / 2**20:.1f} MiB")  # fmt: skip
     return run
 
@@ -273,7 +270,7 @@ def _progress(total: int) -> Any:
 
     def report(done: int, seconds: float) -> None:
         if done >= mark[0] or done == total:
-            _say(f"  filled {done:>9,} / {total:,}  ({done / max(seconds, 1e-9):,.0f} records/s)")
+            say(f"  filled {done:>9,} / {total:,}  ({done / max(seconds, 1e-9):,.0f} records/s)")
             mark[0] = (done // step + 1) * step
 
     return report
@@ -300,7 +297,7 @@ def _measure(
 ) -> Measured:
     load_before, waited = wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
     note = f" (waited {waited:.0f}s for a quiet machine)" if waited >= 1 else ""
-    _say(f"  wrk -> {target.name:<8} {label}{note}")
+    say(f"  wrk -> {target.name:<8} {label}{note}")
     busy0, steal0 = machine_cpu()
     server0, nats0 = cpu_seconds(target.pid), cpu_seconds(nats_pid)
     children0 = os.times()
@@ -405,7 +402,7 @@ def _verdict(ok: bool | None) -> str:
 
 
 def _fill(url: str, args: argparse.Namespace) -> FillResult:
-    _say(f"filling bucket {DEFAULT_BUCKET} with {args.keys:,} records")
+    say(f"filling bucket {DEFAULT_BUCKET} with {args.keys:,} records")
     fill: FillResult = asyncio.run(
         fill_bucket(
             url,
@@ -420,7 +417,7 @@ def _fill(url: str, args: argparse.Namespace) -> FillResult:
     stored = asyncio.run(_stream_messages(url))
     if stored != args.keys + 1:  # and the publisher's latest heartbeat
         raise RuntimeError(f"the stream holds {stored} messages, expected {args.keys} records and a heartbeat")
-    _say(
+    say(
         f"filled in {fill.seconds:.1f}s ({args.keys / fill.seconds:,.0f}/s): {fill.revoked:,} revoked, "
         f"{fill.expired:,} expired, {fill.with_expiry:,} with an expiry, {fill.with_metadata:,} with metadata"
     )
@@ -455,7 +452,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             asyncio.run(create_bucket(nats_server.url))
             heartbeats.start()  # the publisher's signed heartbeat, every second: what keeps sidecars fresh
-            _say(f"nats-server {nats_server.url}; {pin.describe()}")
+            say(f"nats-server {nats_server.url}; {pin.describe()}")
 
             # Without snapshots: an empty table's snapshot would pass for the region's one.
             empty_proc, _, empty = _start_sidecar(
@@ -463,7 +460,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 extra=["--no-snapshots"],
             )  # fmt: skip
             stop(empty_proc)
-            _say(f"empty-bucket sidecar: ready in {empty.ready_seconds:.2f}s, RSS {empty.rss / 2**20:.1f} MiB")
+            say(f"empty-bucket sidecar: ready in {empty.ready_seconds:.2f}s, RSS {empty.rss / 2**20:.1f} MiB")
 
             fill = _fill(nats_server.url, args)
             seeded = _seed(nats_server.url, pin, work, timeout=args.ready_timeout)
@@ -476,7 +473,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError(f"the sidecar holds {loaded.status.get('keys')} keys, expected {args.keys}")
             if not loaded.status.get("loaded_snapshot"):
                 raise RuntimeError("the region's first sidecar did not start from the seeded snapshot")
-            _say(
+            say(
                 f"the region's first sidecar, from the seeded snapshot: ready in {loaded.ready_seconds:.2f}s (sync "
                 f"{loaded.status.get('synced_after_seconds')}s, machine load before start {load_before:.2f} cores), "
                 f"RSS {loaded.rss / 2**20:.1f} MiB"
@@ -491,7 +488,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             per_key_loaded = (settled["VmRSS"] - empty.rss) / args.keys
             per_key_replayed = (replay.rss - empty.rss) / args.keys
             per_key = max(per_key_loaded, per_key_replayed)
-            _say(
+            say(
                 f"memory: {per_key_loaded:.0f} bytes/key loaded from the snapshot (RSS {settled['VmRSS'] / 2**20:.1f} "
                 f"MiB, peak {settled['VmHWM'] / 2**20:.1f} MiB), {per_key_replayed:.0f} bytes/key replayed, over the "
                 f"empty sidecar's {empty.rss / 2**20:.1f} MiB"
@@ -626,7 +623,7 @@ def _count_instructions(nats_url: str, pool: list[str], work: Path) -> dict[str,
     for name in ("bare", "sidecar"):
         port = free_port()
         command = _bare_command(port) if name == "bare" else _sidecar_command(nats_url, port)
-        _say(f"  callgrind -> {name}")
+        say(f"  callgrind -> {name}")
         counted = count_instructions(
             command,
             port=port,
@@ -751,25 +748,16 @@ def _report(
         "=" * 96,
     ]
     for line in lines:
-        _say(line)
+        say(line)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when it completed (targets are reported, not enforced), 1 on failure."""
     args = _parser().parse_args(argv)
     if args.keys < 1 or args.connections < 1 or args.duration <= 0 or args.rounds < 1:
-        _say("--keys, --connections, --duration and --rounds must be positive")
+        say("--keys, --connections, --duration and --rounds must be positive")
         return 2
-    try:
-        results = run(args)
-    except Exception as exc:
-        _say(f"benchmark failed: {type(exc).__name__}: {exc}")
-        return 1
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        _say(f"figures written to {args.json}")
-    return 0
+    return run_and_write(run, args)
 
 
 if __name__ == "__main__":

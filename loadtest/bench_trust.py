@@ -62,6 +62,7 @@ from keyrelay.procs import tail
 from sidecar.trust import KIND_RECORD, Trust
 
 from .callgrind import count_instructions
+from .figures import run_and_write, say
 from .keyfill import FillResult, KeyMix, create_bucket, fill_bucket
 from .procs import memory_of, stop, wait_http_ok, wait_quiet
 from .signing import BENCH_SIGNER, BENCH_SNAPSHOT_SIGNER, Heartbeats, write_key_file
@@ -84,10 +85,6 @@ _QUIET_CORES = 0.3
 _LENGTH = struct.Struct(">I")
 _BUCKET = "KEYS"
 _BASE_SNAPSHOTS = "KEYS_BASELINE_SNAPSHOTS"
-
-
-def _say(text: str = "") -> None:
-    print(text, flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -263,7 +260,7 @@ def _snapshot_load(trees: Sequence[Tree], args: argparse.Namespace, work: Path) 
     mix = KeyMix(count=args.keys, rng=random.Random(args.seed))
     started = time.monotonic()
     written = write_records(records, (mix.make()[1].encode() for _ in range(args.keys)))
-    _say(f"wrote {written:,} encoded records for the snapshot probes in {time.monotonic() - started:.1f}s")
+    say(f"wrote {written:,} encoded records for the snapshot probes in {time.monotonic() - started:.1f}s")
     runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in trees}
     for tree in _alternating(trees, args.snapshot_rounds):
         wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
@@ -272,7 +269,7 @@ def _snapshot_load(trees: Sequence[Tree], args: argparse.Namespace, work: Path) 
         if figures["loaded_keys"] != args.keys:
             raise RuntimeError(f"{tree.name} loaded {figures['loaded_keys']} keys of {args.keys}")
         runs[tree.name].append(figures)
-        _say(f"  snapshot load, {tree.name:<8}: decode {_list(figures['decode_seconds'])} s wall, "
+        say(f"  snapshot load, {tree.name:<8}: decode {_list(figures['decode_seconds'])} s wall, "
              f"{_list(figures['decode_cpu_seconds'])} s CPU ({figures['snapshot_bytes'] / 2**20:.1f} MiB snapshot; "
              f"table built in {figures['build_seconds']:.1f}s)")  # fmt: skip
     records.unlink()
@@ -301,7 +298,7 @@ def _fill(url: str, bucket: str, count: int, *, seed: int, signed: bool, pool: i
     fill = asyncio.run(
         fill_bucket(url, bucket, count, pool_size=min(pool, count), seed=seed, signer=BENCH_SIGNER if signed else None)
     )
-    _say(f"filled {bucket} with {count:,} {'signed' if signed else 'unsigned'} records in {fill.seconds:.1f}s "
+    say(f"filled {bucket} with {count:,} {'signed' if signed else 'unsigned'} records in {fill.seconds:.1f}s "
          f"({count / fill.seconds:,.0f}/s)")  # fmt: skip
     return fill
 
@@ -321,7 +318,7 @@ def _replay(trees: Sequence[Tree], url: str, args: argparse.Namespace, work: Pat
             raise RuntimeError(f"{tree.name} replay holds {figures['keys']} keys (rejected {figures['rejected']})")
         runs[tree.name].append(figures)
         apply = _apply_cost(figures, args.replay_keys)
-        _say(f"  replay {args.replay_keys:,}, {tree.name:<8}: synced in {figures['sync_seconds']:.2f}s "
+        say(f"  replay {args.replay_keys:,}, {tree.name:<8}: synced in {figures['sync_seconds']:.2f}s "
              f"({figures['sync_cpu_seconds']:.2f}s CPU), _apply "
              f"{'not on the catch-up path' if apply is None else f'{apply:.1f} us/record'}")  # fmt: skip
     result: dict[str, Any] = {"runs": runs, "records": args.replay_keys}
@@ -423,7 +420,7 @@ def _e2e(trees: Sequence[Tree], url: str, fill: FillResult, args: argparse.Names
             raise RuntimeError(f"{tree.name} seeding exited with {code}: {tail(log)}")
         result[tree.name]["seed_seconds"] = time.monotonic() - started
         result[tree.name]["seed_summary"] = parse_seed_summary(log.read_text(errors="replace"))
-        _say(f"  seeded the {tree.name} snapshot in {result[tree.name]['seed_seconds']:.1f}s: {tail(log, lines=1)}")
+        say(f"  seeded the {tree.name} snapshot in {result[tree.name]['seed_seconds']:.1f}s: {tail(log, lines=1)}")
     for tree in trees:
         process, _, ready = _start(tree, url, "EMPTY", work, snapshots=False, cpus=server_cpu,
                                    timeout=args.ready_timeout, tag="empty")  # fmt: skip
@@ -443,7 +440,7 @@ def _e2e(trees: Sequence[Tree], url: str, fill: FillResult, args: argparse.Names
                 raise RuntimeError(f"{tree.name} sidecar: {status.get('keys')} keys, snapshot "
                                    f"{status.get('loaded_snapshot')}")  # fmt: skip
             starts[tree.name].append(ready)
-            _say(f"  {tree.name} sidecar from its seeded snapshot: ready in {ready:.2f}s")
+            say(f"  {tree.name} sidecar from its seeded snapshot: ready in {ready:.2f}s")
             if tree.name in running:
                 stop(running[tree.name][0])
             running[tree.name] = (process, port)
@@ -469,7 +466,7 @@ def _e2e(trees: Sequence[Tree], url: str, fill: FillResult, args: argparse.Names
             if measured.errors:
                 raise RuntimeError(f"{tree.name} sidecar answered {measured.errors} requests with errors")
             rps[tree.name].append(measured.requests_per_second)
-            _say(f"  wrk -> {tree.name:<8} {measured.requests_per_second:,.0f} requests/s")
+            say(f"  wrk -> {tree.name:<8} {measured.requests_per_second:,.0f} requests/s")
     finally:
         for process, _ in running.values():
             stop(process)
@@ -489,12 +486,12 @@ def _instructions(trees: Sequence[Tree], url: str, pool: list[str], work: Path) 
     result: dict[str, Any] = {"pool": len(keys)}
     for tree in trees:
         port = free_port()
-        _say(f"  callgrind -> {tree.name} sidecar")
+        say(f"  callgrind -> {tree.name} sidecar")
         counted = count_instructions(_sidecar_command(tree, url, port, "IKEYS", snapshots=False), port=port,
                                      ready_path="/readyz", url_path="/auth", script=script, work=work)  # fmt: skip
         result[tree.name] = counted.per_request
         result[f"{tree.name}_requests"] = counted.requests
-        _say(f"    {counted.per_request:,.0f} instructions per request ({counted.requests} requests)")
+        say(f"    {counted.per_request:,.0f} instructions per request ({counted.requests} requests)")
     result["ratio"] = result["current"] / result["baseline"]
     return result
 
@@ -518,16 +515,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         trees = [baseline, current]
         results["baseline"] = {"path": str(baseline.path), "commit": args.baseline_commit if args.baseline is None
                                else None}  # fmt: skip
-        _say(f"baseline tree {baseline.path}; current tree {current.path}")
+        say(f"baseline tree {baseline.path}; current tree {current.path}")
 
-        _say(f"signing and verifying {args.sign_records:,} records (PyNaCl)")
+        say(f"signing and verifying {args.sign_records:,} records (PyNaCl)")
         results["sign_verify"] = sv = _sign_verify(args.sign_records, args.seed)
-        _say(
+        say(
             f"  sign {sv['sign_us']:.1f} us, verify {sv['verify_us']:.1f} us per record (raw PyNaCl: sign "
             f"{sv['nacl_sign_us']:.1f}, verify {sv['nacl_verify_us']:.1f}); header {sv['signature_header_bytes']} B"
         )
 
-        _say(f"snapshot load at {args.keys:,} keys, {args.snapshot_rounds} round(s) x {args.snapshot_repeats} decodes")
+        say(f"snapshot load at {args.keys:,} keys, {args.snapshot_rounds} round(s) x {args.snapshot_repeats} decodes")
         results["snapshot"] = _snapshot_load(trees, args, work)
 
         nats_server = NatsServer(NatsSpec(name="bench-trust", store_dir=work / "nats"))
@@ -535,7 +532,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         heartbeats: Heartbeats | None = None
         try:
             url = nats_server.url
-            _say(f"nats-server {url}; replay of {args.replay_keys:,} records, {args.replay_rounds} round(s)")
+            say(f"nats-server {url}; replay of {args.replay_keys:,} records, {args.replay_rounds} round(s)")
             results["replay"] = _replay(trees, url, args, work)
             for bucket in ("REPLAY_UNSIGNED", "REPLAY_SIGNED"):
                 asyncio.run(_delete_bucket(url, bucket))
@@ -544,11 +541,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             asyncio.run(create_bucket(url, "IKEYS"))
             heartbeats = Heartbeats(url, ["EMPTY", _BUCKET, "IKEYS"]).start()
             if not args.no_e2e:
-                _say(f"end to end at {args.keys:,} keys")
+                say(f"end to end at {args.keys:,} keys")
                 fill = _fill_existing(url, _BUCKET, args.keys, seed=args.seed)
                 results["e2e"] = _e2e(trees, url, fill, args, work)
             if not args.no_instructions:
-                _say(f"/auth instructions under callgrind ({args.instruction_keys:,} keys)")
+                say(f"/auth instructions under callgrind ({args.instruction_keys:,} keys)")
                 ifill = _fill_existing(url, "IKEYS", args.instruction_keys, seed=args.seed + 1)
                 results["instructions"] = _instructions(trees, url, ifill.pool, work)
         finally:
@@ -558,7 +555,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.no_publisher:
             results["publisher"] = None
         else:
-            _say(f"publisher bulk create, {args.publisher_keys:,} keys, {args.publisher_rounds} round(s) per tree")
+            say(f"publisher bulk create, {args.publisher_keys:,} keys, {args.publisher_rounds} round(s) per tree")
             results["publisher"] = _publisher(trees, args)
     results["targets"] = _targets(results)
     _report(results)
@@ -586,7 +583,7 @@ def _publisher(trees: Sequence[Tree], args: argparse.Namespace) -> dict[str, Any
             if not bulk["complete"] or bulk["failed"]:
                 raise RuntimeError(f"{tree.name} bench_publisher: bulk path incomplete ({bulk['failed']} failed)")
             runs[tree.name].append(bulk["keys_per_second"])
-            _say(f"  bench_publisher, {tree.name:<8}: bulk {bulk['keys_per_second']:,.0f} keys/s")
+            say(f"  bench_publisher, {tree.name:<8}: bulk {bulk['keys_per_second']:,.0f} keys/s")
     result: dict[str, Any] = {"backend": "sqlite", "keys": args.publisher_keys, "runs": runs}
     for tree in trees:
         result[tree.name] = {"bulk_keys_per_second": statistics.median(runs[tree.name])}
@@ -596,7 +593,7 @@ def _publisher(trees: Sequence[Tree], args: argparse.Namespace) -> dict[str, Any
 
 def _fill_existing(url: str, bucket: str, count: int, *, seed: int) -> FillResult:
     fill = asyncio.run(fill_bucket(url, bucket, count, pool_size=min(10_000, count), seed=seed, signer=BENCH_SIGNER))
-    _say(f"  filled {bucket} with {count:,} signed records in {fill.seconds:.1f}s ({count / fill.seconds:,.0f}/s)")
+    say(f"  filled {bucket} with {count:,} signed records in {fill.seconds:.1f}s ({count / fill.seconds:,.0f}/s)")
     return fill
 
 
@@ -685,12 +682,12 @@ def _report(results: dict[str, Any]) -> None:
                      "info"))  # fmt: skip
     header = ("measure", "baseline", "current", "ratio", "target", "verdict")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
-    _say("")
-    _say("=" * 100)
-    _say(f"keyrelay trust-chain benchmark: current tree vs baseline ({results['baseline']['path']}), same run")
+    say("")
+    say("=" * 100)
+    say(f"keyrelay trust-chain benchmark: current tree vs baseline ({results['baseline']['path']}), same run")
     for row in [header, *rows]:
-        _say("  " + "  ".join(cell.ljust(widths[i]) if i < 5 else cell for i, cell in enumerate(row)))
-    _say("=" * 100)
+        say("  " + "  ".join(cell.ljust(widths[i]) if i < 5 else cell for i, cell in enumerate(row)))
+    say("=" * 100)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -700,18 +697,9 @@ def main(argv: list[str] | None = None) -> int:
               args.sign_records, args.instruction_keys, args.wrk_rounds, args.connections, args.publisher_keys,
               args.publisher_rounds)  # fmt: skip
     if min(counts) < 1 or args.wrk_duration <= 0:
-        _say("counts, rounds and durations must be positive")
+        say("counts, rounds and durations must be positive")
         return 2
-    try:
-        results = run(args)
-    except Exception as exc:
-        _say(f"benchmark failed: {type(exc).__name__}: {exc}")
-        return 1
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        _say(f"figures written to {args.json}")
-    return 0
+    return run_and_write(run, args)
 
 
 if __name__ == "__main__":
