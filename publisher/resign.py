@@ -61,11 +61,9 @@ class ResignReport:
 class _Pass:
     """One pass's state: counts, and the entries waiting to be queued."""
 
-    def __init__(self, store: KeyStore, horizon: float, everything: bool, say: Progress,
-                 max_publish_delay: float) -> None:  # fmt: skip
+    def __init__(self, store: KeyStore, horizon: float, everything: bool, say: Progress) -> None:
         self.store = store
         self.cutoff = time.time() - horizon / 2
-        self.max_publish_delay = max_publish_delay
         self.everything = everything
         self.say = say
         self.report = ResignReport()
@@ -83,7 +81,7 @@ class _Pass:
                 self.report.unverified += 1
             elif verified.signed_at < self.cutoff:
                 self.report.old += 1
-            elif value.stored - verified.signed_at > self.max_publish_delay:
+            elif value.stored - verified.signed_at > DEFAULT_MAX_PUBLISH_DELAY:
                 # Published again by whoever can write to the bucket (or stored late): sidecars refuse it
                 # as a replay, so a sidecar that does not hold the key yet would never get it.
                 self.report.late += 1
@@ -124,14 +122,13 @@ async def resign(
     keys: SigningKeys,
     horizon: float,
     everything: bool = False,
-    max_publish_delay: float = DEFAULT_MAX_PUBLISH_DELAY,
     timeout: float = 3600.0,
     progress: Progress | None = None,
 ) -> ResignReport:
     """Queue a fresh signature for every bucket value that needs one (all with `everything`); wake the relay after."""
     say = progress or (lambda text: log.info("%s", text))
     started = time.perf_counter()
-    run = _Pass(store, horizon, everything, say, max_publish_delay)
+    run = _Pass(store, horizon, everything, say)
     say("resign: verifying every value in the bucket" + (" (re-signing all of them)" if everything else ""))
     await scan_bucket(broker, keys, run.consume, timeout=timeout)
     await run.flush()
