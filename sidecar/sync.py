@@ -615,20 +615,22 @@ class KeySync:
         return None
 
     def _commit_one(self, gen: _Generation, subject: bytes, data: bytes, headers: dict[str, str] | None,
-                    stream_seq: int, pending: int, stored: float) -> bool:  # fmt: skip
-        """Apply one delivery and advance the replica to it; False when a fault made the sync start over."""
+                    stream_seq: int, pending: int, stored: float) -> None:  # fmt: skip
+        """Apply one delivery and advance the replica to it (or start over, on a fault of ours)."""
         try:
             self._apply(subject, data, headers, stored)
         except Exception as exc:
-            # Not a bad record (those are refused and counted): a fault of ours. Read the stream again
-            # from the last revision; versions and floors still hold.
-            self.stats.apply_errors += 1
-            log.exception("could not apply the value at revision %d: %s: resyncing", stream_seq, type(exc).__name__)
-            gen.abandoned = True
-            self._reset.set()
-            return False
+            self._fault(gen, f"apply the value at revision {stream_seq}", exc)
+            return
         self._advance(stream_seq, pending)
-        return True
+
+    def _fault(self, gen: _Generation, what: str, exc: Exception) -> None:
+        """A fault of ours, not a bad value (those are refused and counted): counted, and the stream read again
+        from the last revision, where versions and floors still hold, so nothing is skipped."""
+        self.stats.apply_errors += 1
+        log.exception("could not %s: %s: resyncing", what, type(exc).__name__)
+        gen.abandoned = True
+        self._reset.set()
 
     def _advance(self, stream_seq: int, pending: int) -> None:
         self.last_revision = stream_seq
@@ -652,13 +654,8 @@ class KeySync:
                 loop.run_in_executor(self._verifiers, self._examine_all, entries[part], batch[part])
                 for part in (slice(0, half), slice(half, None))
             ))  # fmt: skip
-        except Exception as exc:
-            # A fault of ours (examine refuses bad values, it does not raise): none of the batch was
-            # applied, so read the stream again from the last revision rather than skip it.
-            self.stats.apply_errors += 1
-            log.exception("could not examine %d values: %s: resyncing", len(batch), type(exc).__name__)
-            gen.abandoned = True
-            self._reset.set()
+        except Exception as exc:  # examine refuses bad values; it raises only on a fault of ours
+            self._fault(gen, f"examine {len(batch)} values", exc)
             return
         for delivery, verdict in zip(batch, (v for part in examined for v in part), strict=True):
             if gen is not self._gen or gen.abandoned:
@@ -666,11 +663,7 @@ class KeySync:
             try:
                 self._commit(verdict)
             except Exception as exc:
-                self.stats.apply_errors += 1
-                log.exception("could not apply the value at revision %d: %s: resyncing", delivery.stream_seq,
-                              type(exc).__name__)  # fmt: skip
-                gen.abandoned = True
-                self._reset.set()
+                self._fault(gen, f"apply the value at revision {delivery.stream_seq}", exc)
                 return
             self._advance(delivery.stream_seq, delivery.pending)
 
