@@ -382,6 +382,18 @@ async def every_message(js: JetStreamContext) -> dict[str, BucketMessage]:
     return found
 
 
+async def bucket_entries(js: JetStreamContext) -> set[str]:
+    """The entries of the KEYS bucket whose latest message is a value (not a delete), heartbeat excluded.
+
+    Read from the stream's per-subject state on the server, not with `KeyValue.keys()`, whose watcher can
+    report an empty bucket when its ordered consumer is recreated under load."""
+    prefix = subject_prefix("KEYS")
+    info = await js.stream_info("KV_KEYS", subjects_filter=prefix + ">")
+    entries = {subject.removeprefix(prefix) for subject in info.state.subjects or {}} - {HEARTBEAT_ENTRY}
+    latest = [await last_message(js, entry) for entry in sorted(entries)]
+    return {m.entry for m in latest if m.headers.get("KV-Operation") not in ("DEL", "PURGE")}
+
+
 async def last_message(js: JetStreamContext, entry: str) -> BucketMessage:
     """The latest message of one entry of the KEYS bucket (a delete too)."""
     msg = await js.get_last_msg("KV_KEYS", subject_prefix("KEYS") + entry)

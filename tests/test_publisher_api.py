@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from keyrelay.natsd import NatsServer
 from sidecar.wire import HEARTBEAT_ENTRY, KeyRecord
 from tests.conftest import StartPublisher, StartSidecar
-from tests.support import Publisher, eventually
+from tests.support import Publisher, bucket_entries, eventually
 
 PUSH_BOUND = 0.1
 
@@ -156,17 +156,21 @@ async def test_bulk_revocation_is_one_transaction(start_publisher: StartPublishe
     keys = [await admin.create_key(project["id"], name=f"k{i}") for i in range(4)]
     ids = [k["id"] for k in keys]
 
+    async def codes() -> list[int]:
+        return [await sidecar.status_of(k["key"]) for k in keys]
+
+    await eventually(codes, lambda found: found == [200] * 4, timeout=10)
     unknown = "0190c0de-dead-7000-8000-000000000000"
     status, error = await admin.call("POST", "/keys/revoke", {"ids": [*ids, unknown]})
     assert (status, error["error"]["code"]) == (404, "not_found")
-    assert [await sidecar.status_of(k["key"]) for k in keys] == [200] * 4  # nothing changed
+    assert await codes() == [200] * 4  # nothing changed
 
     await admin.ok("POST", f"/keys/{ids[0]}/revoke")
     answer = await admin.ok("POST", "/keys/revoke", {"ids": ids, "reason": "incident 42"})
     assert sorted(answer["revoked"]) == sorted(ids[1:])
     assert answer["already_revoked"] == [ids[0]]
     assert answer["propagation"] == "published"
-    assert [await sidecar.status_of(k["key"]) for k in keys] == [401] * 4
+    await eventually(codes, lambda found: found == [401] * 4, timeout=10)
 
 
 async def test_bulk_creation_makes_many_keys_in_one_call(
@@ -412,7 +416,7 @@ async def test_changes_made_while_nats_is_down_are_pending_then_published_in_ord
     # The bucket now holds, record for record, what the database holds.
     kv = await publisher.services.broker.js.key_value("KEYS")
     database = {k.record().entry: k.record() for k in await publisher.services.store.scan_keys()}
-    entries = set(await kv.keys()) - {HEARTBEAT_ENTRY}
+    entries = await bucket_entries(publisher.services.broker.js)
     bucket = {entry: KeyRecord.decode((await kv.get(entry)).value or b"") for entry in entries}
     assert bucket == database
 

@@ -15,7 +15,7 @@ from publisher.reconcile import reconcile
 from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Signer
 from sidecar.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord
 from tests.conftest import StartPublisher, StartSidecar
-from tests.support import BucketMessage, Publisher, eventually, last_message, make_key, plant, put
+from tests.support import BucketMessage, Publisher, bucket_entries, eventually, last_message, make_key, plant, put
 
 
 async def _bucket_matches_database(publisher: Publisher, js: JetStreamContext) -> None:
@@ -25,7 +25,7 @@ async def _bucket_matches_database(publisher: Publisher, js: JetStreamContext) -
     for key in keys:
         entry = await kv.get(key.record().entry)
         assert entry.value == key.record().encode()
-    assert set(await kv.keys()) - {HEARTBEAT_ENTRY} == {key.record().entry for key in keys}
+    assert await bucket_entries(js) == {key.record().entry for key in keys}
 
 
 async def _keys(publisher: Publisher, count: int) -> list[dict[str, str]]:
@@ -139,17 +139,9 @@ async def test_the_publisher_repairs_the_bucket_at_start_up(
 ) -> None:
     await _lost_bucket(start_publisher, js, 20)
     second = await start_publisher()  # same database; reconciles on start
-    kv = await js.key_value("KEYS")
-    await eventually(lambda: _count(kv), lambda n: n == 20, timeout=15)
+    await eventually(lambda: bucket_entries(js), lambda entries: len(entries) == 20, timeout=15)
     await _bucket_matches_database(second, js)
     assert (await _repair_entry(second))["details"]["republished"] == 20  # no one asked: the actor is reconcile
-
-
-async def _count(kv) -> int:  # type: ignore[no-untyped-def]
-    try:
-        return len(set(await kv.keys()) - {HEARTBEAT_ENTRY})
-    except Exception:
-        return 0
 
 
 async def _genuine(publisher: Publisher, js: JetStreamContext, key_id: str) -> BucketMessage:
