@@ -39,7 +39,8 @@ class ClientSettings:
         if (not url or not token) and state.exists():
             data = json.loads(state.read_text())
             url = url or data.get("publisher_url", "")
-            token = token or data.get("admin_token", "")
+            if not token and data.get("admin_token_file"):
+                token = Path(data["admin_token_file"]).read_text().strip()
         return (url or DEFAULT_URL).rstrip("/"), token
 
 

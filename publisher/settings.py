@@ -63,7 +63,9 @@ class PublisherSettings:
     host: str = option("127.0.0.1", help="address the admin API listens on")
     port: int = option(8080, parse=parse_port, help="port of the admin API")
     admin_token: str = option(
-        "", secret=True, help="bootstrap admin token (stored hashed); unset: one is generated and printed once"
+        "",
+        secret=True,
+        help="bootstrap admin token (stored hashed); unset: one is generated into DATA_DIR/generated-admin-token",
     )
     key_prefix: str = option(DEFAULT_PREFIX, help="prefix of the keys this deployment issues (the `sk` in sk_live_)")
     default_grace: float = option(

@@ -68,6 +68,11 @@ class Stack:
         raise AssertionError(f"keyrelay up exited with {self.process.wait()}: {self.process.communicate()[1]}")
 
     @property
+    def token(self) -> str:
+        """The admin token, from the file the state file names (the one place it is written)."""
+        return Path(self.state["admin_token_file"]).read_text().strip()
+
+    @property
     def demo_key(self) -> str:
         """The demo key, from what `keyrelay up` printed (the only place it is)."""
         found = re.search(r"^Demo key \(project (\S+), shown once\): (\S+)$", self.output, re.MULTILINE)
@@ -87,7 +92,7 @@ class Stack:
         """One admin API call over HTTP with the stack's token; must succeed."""
         conn = http.client.HTTPConnection("127.0.0.1", _port(self.state["publisher_url"]), timeout=10)
         try:
-            headers = {"Authorization": f"Bearer {self.state['admin_token']}", "Content-Type": "application/json"}
+            headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
             conn.request(method, f"/v1{path}", body=None if body is None else json.dumps(body), headers=headers)
             response = conn.getresponse()
             answer = json.loads(response.read())
@@ -168,18 +173,20 @@ def test_up_with_a_demo_key_prints_how_to_use_it_and_a_revocation_reaches_the_si
     demo, sidecar, key = stack.state["demo"], stack.state["sidecars"]["global"], stack.demo_key
     for printed in (
         f"admin API   {stack.state['publisher_url']}",
-        f"admin token {stack.state['admin_token']}",
+        f"admin token in {stack.data_dir / 'admin-token'}",
         f"sidecar     {sidecar}   (global)",
-        f"export KEYRELAY_URL={stack.state['publisher_url']} KEYRELAY_TOKEN={stack.state['admin_token']}",
+        f"export KEYRELAY_URL={stack.state['publisher_url']} KEYRELAY_TOKEN_FILE={stack.data_dir / 'admin-token'}",
         f'curl -i {sidecar}/auth -H "Authorization: Bearer {key}"',
         f"keys revoke {demo['key_id']}",
     ):
         assert printed in stack.output
     assert stack.auth("global", key) == 200
     assert http_get(_port(stack.state["publisher_url"]), "/readyz") is not None
-    # The state file keeps the admin token for the CLI, so only its owner may read it; the key: nowhere.
+    # The admin token is in one file only its owner may read (the state file names it); the key: nowhere.
     _only_owner_may_read(stack.data_dir / "stack.json")
     _only_owner_may_read(stack.data_dir / "admin-token")
+    assert _files_holding(stack.data_dir, stack.token) == [stack.data_dir / "admin-token"]
+    assert stack.token not in stack.output
     assert "key" not in demo
     assert _files_holding(stack.data_dir, key) == []
 
@@ -249,12 +256,12 @@ def test_up_moves_off_taken_ports_to_the_next_free_ones_and_says_so(start_stack:
 
 def test_a_second_run_reuses_the_data_directory(start_stack: Any) -> None:
     first = start_stack("--demo")
-    token, key = first.state["admin_token"], first.demo_key
+    token, key = first.token, first.demo_key
     trusted = first.state["trusted_keys"]
     first.process.send_signal(signal.SIGTERM)
     first.process.wait(timeout=30)
     second = start_stack()
-    assert second.state["admin_token"] == token
+    assert second.token == token
     assert second.state["trusted_keys"] == trusted  # the same signing key: what sidecars trust stays true
     _until(lambda: second.auth("global", key) == 200)
 
@@ -289,7 +296,7 @@ def _until(condition: Any, timeout: float = 5.0) -> None:
 
 def test_up_keeps_the_admin_token_off_every_command_line_and_its_data_directory_private(start_stack: Any) -> None:
     stack = start_stack()
-    token = stack.state["admin_token"].encode()
+    token = stack.token.encode()
     for pid in _children_of(stack.process.pid):
         assert token not in _cmdline(pid), _cmdline(pid).split(b"\0")[:4]  # security review M7: ps shows argv
     assert stack.api("GET", "/orgs") is not None  # the publisher has it all the same (from its environment)
