@@ -79,6 +79,7 @@ class AdminClient:
 def _api_error(exc: urllib.error.HTTPError) -> ApiError:
     try:
         error = json.loads(exc.read())["error"]
-        return ApiError(status=exc.code, code=error["code"], message=error["message"])
+        details = {k: v for k, v in error.items() if k not in ("code", "message")}
+        return ApiError(status=exc.code, code=error["code"], message=error["message"], details=details)
     except (ValueError, KeyError, TypeError):
         return ApiError(status=exc.code, code="http_error", message=str(exc.reason))

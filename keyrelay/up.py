@@ -127,6 +127,7 @@ class Stack:
     public_key: str = ""  # the publisher's signing key's public half: what sidecars trust
     sidecars: dict[str, str] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)
+    first_run: bool = False  # no database and no token in the data directory yet: the publisher creates them
     # Hooks for the load test: route a region's leaf link (hub leaf port → port to dial), add sidecar flags.
     leaf_link: Callable[[str, int], int] | None = None
     sidecar_args: list[str] = field(default_factory=list)
@@ -158,6 +159,9 @@ class Stack:
         self.data_dir.chmod(0o700)  # the database, keys and seeds: nobody else's to read
         if self.tls is not None:
             self.tls.ensure()
+        # A data directory with neither a database nor a token is new; one with a token but no
+        # database lost it, which the publisher reports rather than starting empty.
+        self.first_run = not (self.data_dir / "keyrelay.db").exists() and not self.token_file.exists()
         self.token = self.settings.admin_token or self._stored_token()
         if self.settings.admin_token:
             write_private(self.token_file, self.token + "\n")  # where the CLI looks for it
@@ -259,10 +263,13 @@ class Stack:
 
     def _start_publisher(self, nats_url: str) -> None:
         port = self.ports.pick(self.settings.publisher_port, "publisher")
+        database = self.data_dir / "keyrelay.db"
         component = self._child("publisher", [
             "publisher", "--port", str(port), "--nats-url", nats_url, *self.nats_args("publisher"),
             "--data-dir", str(self.data_dir),
-            "--database-url", f"sqlite:///{self.data_dir / 'keyrelay.db'}",
+            "--database-url", f"sqlite:///{database}",
+            # The first run creates the database; later runs find it, and a lost one is an error, not a new start.
+            *(["--init"] if self.first_run else []),
         ], port, {"KEYRELAY_SIGNING_KEY": str(self._signing_key()),
                   # In the child's environment, never its command line, which every local user can read.
                   "KEYRELAY_ADMIN_TOKEN": self.token})  # fmt: skip

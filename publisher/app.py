@@ -39,7 +39,7 @@ async def open_services(settings: PublisherSettings, *, bootstrap: bool = True) 
     Closed in reverse. Without a usable signing key nothing starts: SigningKeyError says how to make one.
     """
     keys = load_signing_keys(settings)
-    db = await open_database(settings.resolved_database_url())
+    db = await open_database(settings.resolved_database_url(), create=settings.init)
     broker = Broker(
         servers=settings.nats_url,
         bucket=settings.bucket,
@@ -139,6 +139,8 @@ async def metrics(request: web.Request) -> web.Response:
          beats.last_published),
         ("keyrelay_reconcile_passes_total", "counter", "Periodic and start-up reconciliations completed",
          maintenance.reconciles),
+        ("keyrelay_reconcile_refused_total", "counter", "Automatic reconciliations refused: their plan changed or "
+         "deleted more signed values than --reconcile-max-changes", maintenance.refusals),
         ("keyrelay_resign_passes_total", "counter", "Periodic re-signing passes completed", maintenance.resigns),
     ]  # fmt: skip
     lines: list[str] = []

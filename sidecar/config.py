@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -135,10 +135,14 @@ def options_of(cls: type[Any]) -> Iterator[Option]:
         )
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
-    """Add one argparse option per setting; values stay text until :func:`load` parses them."""
-    group = parser.add_argument_group(f"settings (each also read from its {ENV_PREFIX}* variable)")
+def add_options(
+    parser: argparse.ArgumentParser, cls: type[Any], *, title: str = "settings", exclude: Collection[str] = ()
+) -> None:
+    """Add one argparse option per setting (but those in `exclude`); values stay text until :func:`load` parses them."""
+    group = parser.add_argument_group(f"{title} (each also read from its {ENV_PREFIX}* variable)")
     for opt in options_of(cls):
+        if opt.name in exclude:
+            continue
         default = "(hidden)" if opt.secret else _show(opt.default, duration=opt.duration)
         choices = f" (one of: {', '.join(opt.choices)})" if opt.choices else ""
         # argparse %-formats help text: a literal "20%" would break --help.

@@ -166,6 +166,7 @@ async def start_publisher(
             "data_dir": tmp_path / "publisher",
             "publish_wait": 2.0,
             "signing_key": signing_key,
+            "init": True,
             **overrides,
         })  # fmt: skip
         server = TestServer(create_publisher_app(settings), host="127.0.0.1", port=0)
