@@ -153,11 +153,22 @@ def _group(
     return group.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
 
 
+def _offline_pass_options(command: argparse.ArgumentParser, publisher_settings: type[Any]) -> None:
+    """A bucket pass's options: the running publisher to ask, or with --offline the database and NATS."""
+    from .client import ClientSettings
+
+    command.add_argument("--offline", action="store_true",
+                         help="work on the database and NATS directly (the publisher settings below), not through "
+                         "a running publisher; a SQLite database must not be in use")  # fmt: skip
+    command.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_options(command, ClientSettings, title="the running publisher")
+    add_options(command, publisher_settings, title="with --offline: the database and NATS", exclude={"data_dir"})
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; every command and option has help."""
     from publisher.settings import PublisherSettings
 
-    from .client import ClientSettings
     from .nats_config import NatsConfigSettings
     from .region import RegionSettings
     from .snapshots import SnapshotSettings, SnapshotStoreSettings
@@ -212,26 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reconcile.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     reconcile.add_argument("--force", action="store_true", help="apply a plan over the bound or from an empty database")
-    reconcile.add_argument("--offline", action="store_true",
-                           help="work on the database and NATS directly (the publisher settings below), not "
-                           "through a running publisher")  # fmt: skip
-    reconcile.add_argument("--json", action="store_true", help="print the report as JSON")
-    add_options(reconcile, ClientSettings, title="the running publisher")
-    add_options(reconcile, PublisherSettings, title="with --offline: the database and NATS", exclude={"data_dir"})
+    _offline_pass_options(reconcile, PublisherSettings)
     reconcile.set_defaults(handler=_reconcile)
-    resign = _command(
-        publisher_actions,
+    resign = publisher_actions.add_parser(
         "resign",
-        settings=PublisherSettings,
-        handler=_resign,
         help="sign bucket values signed over half the replay horizon ago (or not by the current key) afresh",
         description="Verify every value in the key bucket with the current signing key; queue those signed "
         "more than half the replay horizon ago, unsigned or signed by another key through the outbox at "
         "the same version, so the relay signs them now; then wait until published. The relay leader also "
-        "runs this every few hours.",
+        "runs this every few hours. The running publisher does the work (POST /v1/resign); --offline opens "
+        "the database and NATS directly instead.",
     )
     resign.add_argument("--all", action="store_true", help="re-sign every value (after a signing key rotation)")
-    resign.add_argument("--json", action="store_true", help="print the report as JSON")
+    _offline_pass_options(resign, PublisherSettings)
+    resign.set_defaults(handler=_resign)
 
     signing_actions = _group(
         commands,

@@ -41,19 +41,24 @@ def reconcile_command(args: argparse.Namespace) -> int:
 
 
 def _reconcile_online(args: argparse.Namespace) -> int:
-    from .client import AdminClient, ClientSettings
-
-    url, token = load(ClientSettings, args).resolved()
-    print(f"keyrelay: asking the publisher at {url} to reconcile", file=sys.stderr)
     try:
-        # A pass over a million keys takes minutes: the client waits for as long as the publisher works.
-        report = AdminClient(url, token, timeout=3600).call("POST", "/reconcile",
-                                                            {"dry_run": args.dry_run, "force": args.force})  # fmt: skip
+        report = _ask_publisher(args, "/reconcile", {"dry_run": args.dry_run, "force": args.force}, "reconcile")
     except ApiError as exc:
         if exc.code != "reconcile_refused":
             raise
         return _print_report(args, exc.details.get("plan") or {"refused": exc.message})
     return _print_report(args, report)
+
+
+def _ask_publisher(args: argparse.Namespace, path: str, body: dict[str, Any], what: str) -> dict[str, Any]:
+    """One bucket pass run by the publisher the CLI's settings point at; its report."""
+    from .client import AdminClient, ClientSettings
+
+    url, token = load(ClientSettings, args).resolved()
+    print(f"keyrelay: asking the publisher at {url} to {what}", file=sys.stderr)
+    # A pass over a million keys takes minutes: the client waits for as long as the publisher works.
+    report: dict[str, Any] = AdminClient(url, token, timeout=3600).call("POST", path, body)
+    return report
 
 
 def _print_report(args: argparse.Namespace, report: dict[str, Any]) -> int:
@@ -68,6 +73,8 @@ def _print_report(args: argparse.Namespace, report: dict[str, Any]) -> int:
 
 def resign_command(args: argparse.Namespace) -> int:
     """`keyrelay publisher resign [--all]`: sign old (or all) bucket values afresh, wait until published."""
+    if not args.offline:
+        return _print_report(args, _ask_publisher(args, "/resign", {"all": args.all}, "re-sign the bucket"))
 
     async def run(services: Services, say: Callable[[str], None]) -> tuple[dict[str, Any], tuple[int, ...]]:
         from publisher.resign import resign

@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from publisher.lock import FileLock
 from publisher.tokens import generate_token
 from sidecar.config import load, option, parse_bool
 from sidecar.nats_connect import identity_name
@@ -431,12 +432,16 @@ def up_command(args: argparse.Namespace) -> int:
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise _Stop
 
-    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     stack = Stack(settings)
+    # Before anything is started or cleaned up: a second `up` on this directory leaves the first alone.
+    lock = FileLock.acquire(stack.data_dir / "up.lock", {"what": "keyrelay up"}, guarded=stack.data_dir)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     code = 0
     try:
         print("keyrelay up: starting NATS, the publisher and the sidecars ...", file=sys.stderr, flush=True)
         stack.start()
+        lock.describe({"what": "keyrelay up", "admin API": stack.publisher_url,
+                       "sidecars": " ".join(stack.sidecars.values())})  # fmt: skip
         print(stack.describe(), flush=True)
         code = stack.supervise()
     except _Stop:
@@ -447,5 +452,6 @@ def up_command(args: argparse.Namespace) -> int:
         stack.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        lock.release()
     print("keyrelay up: stopped", file=sys.stderr, flush=True)
     return code

@@ -17,6 +17,7 @@ from .heartbeat import Heartbeat
 from .models import Actor, ApiKey
 from .outbox import OutboxRelay
 from .reconcile import reconcile
+from .resign import resign
 from .settings import PublisherSettings
 from .signing import SigningKeys
 from .store import Created, KeyStore
@@ -308,6 +309,20 @@ async def reconcile_now(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
+async def resign_now(request: web.Request) -> web.Response:
+    """POST /v1/resign {all?}: sign bucket values that need it (every value with `all`) afresh, now."""
+    services = request.app[SERVICES]
+    body = v.fields(await _body(request), allowed={"all"})
+    everything = v.boolean(body.get("all", False), "all")
+    if not services.broker.bucket_ready.is_set():
+        raise PublisherError("NATS is not reachable; re-signing needs the bucket")
+    report = await resign(store=services.store, broker=services.broker, keys=services.keys,
+                          horizon=services.settings.replay_horizon, everything=everything)  # fmt: skip
+    answer = report.to_json()
+    answer["propagation"] = await _propagation(services, report.outbox_ids)
+    return web.json_response(answer)
+
+
 async def signing_keys(request: web.Request) -> web.Response:
     """GET /v1/signing-keys: the public keys bucket values are signed with, the current one first."""
     return web.json_response({"keys": request.app[SERVICES].keys.listing()})
@@ -333,4 +348,5 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/audit", audit)
     r.add_post("/v1/tokens", create_token)
     r.add_post("/v1/reconcile", reconcile_now)
+    r.add_post("/v1/resign", resign_now)
     r.add_get("/v1/signing-keys", signing_keys)

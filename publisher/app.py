@@ -39,7 +39,8 @@ async def open_services(settings: PublisherSettings, *, bootstrap: bool = True) 
     Closed in reverse. Without a usable signing key nothing starts: SigningKeyError says how to make one.
     """
     keys = load_signing_keys(settings)
-    db = await open_database(settings.resolved_database_url(), create=settings.init)
+    holder = {"what": "a keyrelay publisher", "admin API": f"{settings.host}:{settings.port}"}
+    db = await open_database(settings.resolved_database_url(), create=settings.init, holder=holder)
     broker = Broker(
         servers=settings.nats_url,
         bucket=settings.bucket,

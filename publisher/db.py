@@ -58,13 +58,20 @@ class Database(Protocol):
 
 
 async def open_database(
-    url: str, *, pool_size: int = 10, options: Mapping[str, Any] | None = None, create: bool = True
+    url: str,
+    *,
+    pool_size: int = 10,
+    options: Mapping[str, Any] | None = None,
+    create: bool = True,
+    holder: Mapping[str, Any] | None = None,
 ) -> Database:
     """Open `sqlite:///path` or `postgresql://...` and apply pending migrations.
 
     With `create` false, a database keyrelay has not initialised (a missing SQLite file, or no schema
     in it or in the PostgreSQL database) is a NotInitialised error instead of a new, empty store: a
     publisher pointed at the wrong place must not look like a deployment whose keys were all deleted.
+    With `holder` (what this process is, where it listens), a SQLite file is locked for this process:
+    PostgreSQL serves many publishers, a SQLite file exactly one.
     """
     from .schema import initialised, migrate
 
@@ -72,7 +79,7 @@ async def open_database(
     if url.startswith("sqlite:"):
         from .db_sqlite import SqliteDatabase
 
-        db = SqliteDatabase.open(url, create=create)
+        db = SqliteDatabase.open(url, create=create, holder=holder)
     elif url.startswith(("postgresql:", "postgres:")):
         from .db_postgres import PostgresDatabase
 

@@ -12,7 +12,7 @@ import asyncio
 import json
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any
 
 from .db import Dialect, Row
 from .errors import NotInitialised, StoreError
+from .lock import FileLock, lock_file_of
 
 __all__ = ["SqliteDatabase"]
 
@@ -76,21 +77,29 @@ class SqliteDatabase:
 
     dialect: Dialect = "sqlite"
 
-    def __init__(self, url: str, conn: sqlite3.Connection) -> None:
+    def __init__(self, url: str, conn: sqlite3.Connection, file_lock: FileLock | None = None) -> None:
         self.url = url
         self._conn = conn
         self._lock = asyncio.Lock()
+        self._file_lock = file_lock
 
     @classmethod
-    def open(cls, url: str, *, create: bool = True) -> SqliteDatabase:
-        """Open `sqlite:///relative.db` or `sqlite:////absolute.db`; with `create`, making file and directory."""
+    def open(cls, url: str, *, create: bool = True, holder: Mapping[str, Any] | None = None) -> SqliteDatabase:
+        """Open `sqlite:///relative.db` or `sqlite:////absolute.db`; with `create`, making file and directory.
+
+        With `holder`, the file is this process's alone until closed (FileLock): a second publisher on
+        it is refused with `holder`'s description of the first.
+        """
         path = url.removeprefix("sqlite:///")
         if path == url or not path:
             raise StoreError("a SQLite URL names a file: sqlite:///relative/path.db or sqlite:////absolute/path.db")
+        file_lock = None
         if path != ":memory:":
             if not create and not Path(path).is_file():
                 raise NotInitialised(url)
             Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if holder is not None:
+                file_lock = FileLock.acquire(lock_file_of(Path(path)), holder, guarded=Path(path))
         try:
             conn = sqlite3.connect(
                 path, isolation_level=None, detect_types=sqlite3.PARSE_DECLTYPES, check_same_thread=False
@@ -101,8 +110,10 @@ class SqliteDatabase:
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA busy_timeout=10000")
         except sqlite3.Error as exc:
+            if file_lock is not None:
+                file_lock.release()
             raise StoreError(f"cannot open SQLite database {path!r}: {exc}") from None
-        return cls(url, conn)
+        return cls(url, conn, file_lock)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_SqliteTx]:
@@ -117,5 +128,7 @@ class SqliteDatabase:
             self._conn.execute("COMMIT")
 
     async def close(self) -> None:
-        """Close the file."""
+        """Close the file, then let others have it."""
         self._conn.close()
+        if self._file_lock is not None:
+            self._file_lock.release()

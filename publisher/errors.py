@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "Conflict",
     "Forbidden",
+    "InUse",
     "Invalid",
     "NotFound",
     "NotInitialised",
@@ -88,6 +91,18 @@ class NotInitialised(StoreError):
             "place would otherwise start empty, and reconciling would delete every key from the bucket); pass "
             "--init to create a new one there."
         )
+
+
+class InUse(StoreError):
+    """Another process holds the store (a data directory, a SQLite file); names it and how to reach it."""
+
+    def __init__(self, path: str, holder: dict[str, Any]) -> None:
+        self.path, self.holder = path, holder
+        what = holder.get("what", "another keyrelay process")
+        pid = f"PID {holder['pid']}" if "pid" in holder else "PID unknown"
+        where = ", ".join(f"{k} {v}" for k, v in holder.items() if k not in ("what", "pid"))
+        super().__init__(f"{path} is in use by {what} ({pid}{', ' + where if where else ''}): stop it first, or "
+                         "point this one at another data directory or database")  # fmt: skip
 
 
 class SigningKeyError(PublisherError):

@@ -141,10 +141,12 @@ async def test_the_reconcile_command_repairs_a_lost_bucket(
     project = await admin.project()
     await admin.ok("POST", f"/projects/{project['id']}/keys/bulk", {"keys": [{"name": f"k{i}"} for i in range(30)]})
     await js.delete_key_value("KEYS")
+    await asyncio.to_thread(publisher_process.stop)  # offline: the command opens the database itself, alone
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+    env["KEYRELAY_DATABASE_URL"] = database_url
     result = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "keyrelay", "publisher", "reconcile", "--offline", "--database-url", database_url,
+        [sys.executable, "-m", "keyrelay", "publisher", "reconcile", "--offline",
          "--nats-url", nats_server.url, "--signing-key", str(signing_key), "--json"],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip

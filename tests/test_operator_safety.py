@@ -20,6 +20,7 @@ from publisher.errors import NotInitialised
 from sidecar.trust import KIND_TOMBSTONE
 from tests.conftest import StartPublisher
 from tests.support import ADMIN_TOKEN, SIGNER, Publisher, bucket_entries, last_message, plant
+from tests.up_support import StartStack, start_stack_process
 
 
 async def _tables(database_url: str) -> list[str]:
@@ -112,6 +113,7 @@ async def test_a_plan_changing_more_signed_values_than_the_bound_is_refused_and_
     assert "keyrelay_reconcile_refused_total 1" in metrics.splitlines()
     assert await bucket_entries(js) == before
 
+    await other.server.close()  # one publisher to a SQLite file
     within = await start_publisher(reconcile_on_start=False, database_url=f"sqlite:///{tmp_path / 'other.db'}",
                                    reconcile_max_changes=12)  # fmt: skip
     assert (await within.admin.ok("POST", "/reconcile"))["deleted"] == 12
@@ -175,3 +177,24 @@ async def test_the_reconcile_command_asks_the_running_publisher_and_prints_its_p
     assert dry.returncode == 0, dry.stderr
     assert (json.loads(dry.stdout)["plan_deleted"], json.loads(dry.stdout)["deleted"]) == (5, 0)
     assert await bucket_entries(js) == before
+
+
+@pytest.mark.slow
+def test_a_second_up_on_a_data_directory_in_use_refuses_naming_the_first_which_keeps_serving(
+    start_stack: StartStack, tmp_path: Path
+) -> None:
+    first = start_stack("--demo")
+    second = start_stack_process(first.data_dir)
+    _, err = second.process.communicate(timeout=60)
+    assert second.process.returncode == 1
+    assert f"is in use by keyrelay up (PID {first.process.pid}, admin API {first.state['publisher_url']}" in err
+    assert "Traceback" not in err
+    assert (first.data_dir / "stack.json").exists()  # the second touched nothing of the first's
+    assert first.auth("global", first.demo_key) == 200
+
+    # A publisher started by hand on the same data directory is refused the SQLite file the same way.
+    publisher = _keyrelay("publisher", "--data-dir", str(first.data_dir), "--port", "0", "--signing-key",
+                          str(first.data_dir / "signing-key"), cwd=tmp_path)  # fmt: skip
+    assert publisher.returncode == 1
+    assert "keyrelay.db is in use by a keyrelay publisher (PID" in publisher.stderr
+    assert first.auth("global", first.demo_key) == 200

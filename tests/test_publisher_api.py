@@ -267,6 +267,7 @@ async def test_creating_a_token_leaves_an_audit_entry_naming_who_created_it(star
     assert all(e["at"] and e["details"]["token_id"] for e in entries)
     assert created["token"] not in str(entries)
 
+    await publisher.stop()
     again = await start_publisher()  # same database, same configured token: nothing changed, nothing audited
     assert (await again.admin.ok("GET", "/audit"))["entries"] == entries
 

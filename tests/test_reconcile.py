@@ -137,7 +137,7 @@ async def test_entries_of_keys_the_database_does_not_know_are_deleted(
 async def test_the_publisher_repairs_the_bucket_at_start_up(
     start_publisher: StartPublisher, js: JetStreamContext
 ) -> None:
-    await _lost_bucket(start_publisher, js, 20)
+    await (await _lost_bucket(start_publisher, js, 20)).stop()
     second = await start_publisher()  # same database; reconciles on start
     await eventually(lambda: bucket_entries(js), lambda entries: len(entries) == 20, timeout=15)
     await _bucket_matches_database(second, js)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,16 @@ from sidecar.errors import SignatureError
 from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Signer, load_signer
 from sidecar.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord, decode_tombstone
 from tests.conftest import StartPublisher
-from tests.support import BucketMessage, Publisher, eventually, every_message, last_message, make_key, plant
+from tests.support import (
+    ADMIN_TOKEN,
+    BucketMessage,
+    Publisher,
+    eventually,
+    every_message,
+    last_message,
+    make_key,
+    plant,
+)
 
 DAY = 86400.0
 
@@ -31,12 +41,28 @@ async def _keys(publisher: Publisher, count: int) -> list[dict[str, Any]]:
 
 
 async def _resign(database_url: str, nats: NatsServer, key: Path, *flags: str) -> tuple[dict[str, Any], str]:
-    """`keyrelay publisher resign` in its own process; its JSON report and its progress output."""
+    """`keyrelay publisher resign --offline` in its own process (no publisher running); report and progress."""
+    return await _run_resign("--offline", "--database-url-file", _secret_file(key.parent, database_url),
+                             "--nats-url", nats.url, "--signing-key", str(key), *flags)  # fmt: skip
+
+
+async def _resign_by(publisher: Publisher, *flags: str) -> tuple[dict[str, Any], str]:
+    """`keyrelay publisher resign`, which asks the running `publisher` to do it; its report and output."""
+    token = _secret_file(publisher.services.settings.data_dir, ADMIN_TOKEN)
+    return await _run_resign("--url", publisher.url, "--token-file", token, *flags)
+
+
+def _secret_file(directory: Path, secret: str) -> str:
+    path = directory / f"secret-{uuid.uuid4().hex}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(secret)
+    return str(path)
+
+
+async def _run_resign(*args: str) -> tuple[dict[str, Any], str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
     result = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "keyrelay", "publisher", "resign", "--database-url", database_url,
-         "--nats-url", nats.url, "--signing-key", str(key), "--json", *flags],
+        subprocess.run, [sys.executable, "-m", "keyrelay", "publisher", "resign", "--json", *args],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -71,12 +97,11 @@ async def test_values_signed_long_ago_or_stored_long_after_signing_are_signed_ag
                                                                     signed_at=time.time() - age)})  # fmt: skip
     recent_signature = (await last_message(js, f"global.{recent['id']}")).signature
 
-    report, progress = await _resign(database_url, nats_server, signing_key)
+    report, output = await _resign_by(publisher)
     # `late` was signed a day ago but stored now: sidecars would take it for a replay. Signed again too.
     assert (report["entries_in_bucket"], report["old"], report["late"], report["unverified"]) == (4, 2, 1, 0)
     assert (report["republished"], report["tombstoned"], report["propagation"]) == (3, 0, "published")
-    assert "resign: verifying every value in the bucket" in progress
-    assert "resign: done" in progress
+    assert f"asking the publisher at {publisher.url} to re-sign the bucket" in output
     for key in [*old, late]:
         message = await last_message(js, f"global.{key['id']}")
         assert message.verify(signer, horizon=60).kind == KIND_RECORD  # signed just now
@@ -110,7 +135,7 @@ async def test_resign_all_after_a_key_rotation_signs_every_value_with_the_new_ke
     assert [k["id"] for k in (await second.admin.ok("GET", "/signing-keys"))["keys"]] == [new.kid, old.kid]
     signed_before = {e: m.signature for e, m in (await every_message(js)).items()}
 
-    report, _ = await _resign(database_url, nats_server, new_key, "--all")
+    report, _ = await _resign_by(second, "--all")
     assert (report["entries_in_bucket"], report["republished"], report["propagation"]) == (5, 5, "published")
     messages = await every_message(js)
     _signed_by_only(messages, new, [old])
@@ -146,8 +171,8 @@ async def test_the_compromised_key_runbook_leaves_a_bucket_that_verifies_with_th
         )
     ).returncode
     assert code == 0
-    await start_publisher(reconcile_on_start=False, signing_key=new_key, heartbeat_interval=0.2)
-    report, _ = await _resign(database_url, nats_server, new_key, "--all")
+    restarted = await start_publisher(reconcile_on_start=False, signing_key=new_key, heartbeat_interval=0.2)
+    report, _ = await _resign_by(restarted, "--all")
     assert report["propagation"] == "published"
 
     new = load_signer(new_key, "default")

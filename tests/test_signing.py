@@ -111,6 +111,7 @@ async def test_the_leader_publishes_a_signed_heartbeat_every_interval_with_the_l
     assert beats.samples["keyrelay_heartbeat_failures_total"] == 0
 
 
+@pytest.mark.parametrize("database_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
 async def test_a_replica_that_does_not_hold_the_relay_lease_publishes_no_heartbeat(
     start_publisher: StartPublisher,
 ) -> None:
