@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from publisher.token_format import generate_token
 from sidecar.config import load, option, parse_bool
 from sidecar.nats_connect import identity_name
 from sidecar.settings import DEFAULT_DEPLOYMENT, LOG_LEVELS, parse_port, parse_region
@@ -189,7 +189,7 @@ class Stack:
         if path.exists():
             path.chmod(0o600)  # a copy made by hand, or an older release, may have left it readable by all
             return path.read_text().strip()
-        token = "krt_" + secrets.token_urlsafe(32)
+        token = generate_token()
         write_private(path, token + "\n")
         return token
 

@@ -8,6 +8,7 @@ __all__ = [
     "Invalid",
     "NotFound",
     "PublisherError",
+    "SchemaTooNew",
     "SigningKeyError",
     "StoreError",
     "Unauthorized",
@@ -75,6 +76,18 @@ class StoreError(PublisherError):
 
     status = 503
     code = "store_unavailable"
+
+
+class SchemaTooNew(StoreError):
+    """The database was migrated by a newer keyrelay release than this one; nothing is written to it."""
+
+    def __init__(self, *, database_version: int, description: str, known_version: int) -> None:
+        self.database_version, self.known_version = database_version, known_version
+        super().__init__(
+            f"the database has schema version {database_version} ({description}), but this publisher knows "
+            f"versions up to {known_version}: a newer keyrelay release upgraded it. Run that release or a "
+            "newer one; a database is never migrated back (docs/migrations.md)"
+        )
 
 
 class SigningKeyError(PublisherError):

@@ -23,8 +23,8 @@ async def test_a_key_is_created_shown_once_and_listed_masked(start_publisher: St
     project = await admin.project()
     created = await admin.create_key(project["id"], name="payments-prod", scopes=["orders:read"], expires_in="90d")
     key = created["key"]
-    assert key.startswith("sk_live_")
-    assert created["display"] == f"sk_live_…{key[-4:]}"
+    assert key.startswith("kr_live_")
+    assert created["display"] == f"kr_live_…{key[-4:]}"
     assert created["propagation"] == "published"
     assert created["scopes"] == ["orders:read"]
     assert created["status"] == "active"
@@ -220,7 +220,7 @@ async def test_a_regional_key_works_only_in_its_region(
     project = await publisher.admin.project()
     regional = await publisher.admin.create_key(project["id"], region="eu")
     everywhere = await publisher.admin.create_key(project["id"])
-    assert regional["key"].startswith("sk_live_eu_")
+    assert regional["key"].startswith("kr_live_eu_")
     assert await eu.status_of(regional["key"]) == 200
     assert (await us.auth(regional["key"]))[2]["code"] == "WRONG_REGION"
     assert us.state.sync.table.get(regional["id"]) is None
