@@ -80,10 +80,11 @@ class Shell:
 
 @pytest.fixture
 async def shell(start_publisher: StartPublisher, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Shell:
-    """A publisher, and a shell where no KEYRELAY_* variable or `keyrelay up` state file is found by accident."""
+    """A publisher, and a shell where no KEYRELAY_* variable, login or `keyrelay up` state file is found by accident."""
     for name in ("KEYRELAY_URL", "KEYRELAY_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("KEYRELAY_DATA_DIR", str(tmp_path / "no-stack-here"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     return Shell(await start_publisher())
 
 
@@ -293,7 +294,8 @@ async def test_the_url_and_token_come_from_flags_before_variables_before_the_sta
 
 async def test_the_installed_command_reads_its_url_and_token_from_the_environment(shell: Shell, tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "KEYRELAY_URL": shell.publisher.url, "KEYRELAY_TOKEN": ADMIN_TOKEN,
-           "KEYRELAY_DATA_DIR": str(tmp_path / "no-stack-here")}  # fmt: skip
+           "KEYRELAY_DATA_DIR": str(tmp_path / "no-stack-here"),
+           "XDG_CONFIG_HOME": str(tmp_path / "config")}  # fmt: skip
     command = Path(sys.executable).parent / "keyrelay"
     process = await asyncio.create_subprocess_exec(
         str(command), "orgs", "create", "from-env", "--json", env=env,
