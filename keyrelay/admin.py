@@ -189,9 +189,37 @@ def _audit(args: argparse.Namespace) -> int:
     return _show(args, answer, table(answer["entries"], columns))
 
 
+TOKEN_COLUMNS: list[Column] = [
+    ("id", "id"), ("name", "name"), ("role", "role"), ("status", "status"), ("display", "display"),
+    ("created", "created_at"), ("expires", "expires_at"), ("revoked", "revoked_at"),
+]  # fmt: skip
+
+
 def _tokens_create(args: argparse.Namespace) -> int:
-    answer = _client(args).call("POST", "/tokens", {"name": args.name, "role": args.role})
-    return _show(args, answer, f"token for {answer['name']} ({answer['role']}), shown once: {answer['token']}")
+    body = {"name": args.name, "role": args.role}
+    if args.expires_in is not None:
+        body["expires_in"] = args.expires_in
+    answer = _client(args).call("POST", "/tokens", body)
+    expiry = f", expires {answer['expires_at']}" if answer.get("expires_at") else ""
+    return _show(args, answer, f"token for {answer['name']} ({answer['role']}{expiry}), shown once: {answer['token']}")
+
+
+def _tokens_list(args: argparse.Namespace) -> int:
+    client = _client(args)
+    tokens: list[dict[str, Any]] = []
+    cursor = None
+    while len(tokens) < args.limit:
+        answer = client.call("GET", "/tokens", limit=min(args.limit - len(tokens), 1000), cursor=cursor)
+        tokens += answer["tokens"]
+        cursor = answer["next_cursor"]
+        if cursor is None:
+            break
+    return _show(args, {"tokens": tokens}, table(tokens, TOKEN_COLUMNS))
+
+
+def _tokens_revoke(args: argparse.Namespace) -> int:
+    token = _client(args).call("DELETE", f"/tokens/{args.token_id}")
+    return _show(args, token, f"revoked token {token['id']} ({token['name']}, {token['role']})")
 
 
 def _signing_keys(args: argparse.Namespace) -> int:
@@ -290,8 +318,13 @@ def add_admin_commands(commands: Any) -> None:
     )
     p.set_defaults(handler=_signing_keys)
 
-    tokens = group("tokens", "admin tokens for the API")
+    tokens = group("tokens", "admin tokens for the API: create, list, revoke")
     p = action(tokens, "create", "create a token (shown once)", _tokens_create)
     p.add_argument("name", help="unique token name, e.g. ci-pipeline")
     p.add_argument("--role", choices=("admin", "member"), default="member",
                    help="admin may change things, member may only read (default member)")  # fmt: skip
+    p.add_argument("--expires-in", help="lifetime, e.g. 90d, 24h, 15m (default: never expires)")
+    p = action(tokens, "list", "list tokens (never their secrets): status, expiry, revocation", _tokens_list)
+    p.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    action(tokens, "revoke", "revoke a token: every publisher replica refuses it within --token-cache-ttl",
+           _tokens_revoke).add_argument("token_id", help="token id (from `keyrelay tokens list`)")  # fmt: skip

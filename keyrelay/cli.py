@@ -14,6 +14,7 @@ from sidecar.settings import SidecarSettings
 
 from .admin import add_admin_commands
 from .errors import KeyrelayError
+from .login import add_login_commands
 
 __all__ = ["build_parser", "main"]
 
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_loadtest(commands)
     add_admin_commands(commands)
+    add_login_commands(commands)
     return parser
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from sidecar.config import option
 
+from .credentials import recall
 from .errors import ApiError, KeyrelayError
 
 __all__ = ["AdminClient", "ClientSettings", "stack_file"]
@@ -28,13 +29,26 @@ def stack_file(data_dir: Path) -> Path:
 class ClientSettings:
     """How the CLI reaches the admin API."""
 
-    url: str = option("", help=f"publisher URL (default: from a running `keyrelay up`, else {DEFAULT_URL})")
-    token: str = option("", secret=True, help="admin token (default: from a running `keyrelay up`)")
+    url: str = option(
+        "", help=f"publisher URL (default: from `keyrelay login`, else a running `keyrelay up`, else {DEFAULT_URL})"
+    )
+    token: str = option(
+        "", secret=True, help="admin token (default: from `keyrelay login`, else a running `keyrelay up`)"
+    )
     data_dir: Path = option(Path(".keyrelay"), parse=Path, help="where `keyrelay up` keeps its state")
 
     def resolved(self) -> tuple[str, str]:
-        """URL and token: flag, then variable, then the local stack's state file, then defaults."""
+        """URL and token: flag, then variable, then `keyrelay login`'s file, then the local stack's, then defaults.
+
+        The login's token only ever goes to the login's URL: given another URL, it is not sent.
+        """
         url, token = self.url, self.token
+        login = recall() if not (url and token) else None
+        if login is not None:
+            if not url:
+                url = login.url
+            if not token and url.rstrip("/") == login.url.rstrip("/"):
+                token = login.token
         state = stack_file(self.data_dir)
         if (not url or not token) and state.exists():
             data = json.loads(state.read_text())

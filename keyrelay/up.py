@@ -26,7 +26,7 @@ from types import FrameType
 from typing import Any
 
 from publisher.lock import FileLock
-from publisher.tokens import generate_token
+from publisher.token_format import generate_token
 from sidecar.config import load, option, parse_bool
 from sidecar.nats_connect import identity_name
 from sidecar.settings import DEFAULT_DEPLOYMENT, LOG_LEVELS, parse_port, parse_region

@@ -347,7 +347,7 @@ def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
                     checked = _statuses(gateway.port, AUTH_PATH, keys[:200])
                     if set(checked) != {200}:
                         raise RuntimeError(f"{name}: pool keys did not all pass through: {checked}")
-                    if _statuses(gateway.port, AUTH_PATH, ["sk_live_nope"]) != {401: 1}:
+                    if _statuses(gateway.port, AUTH_PATH, ["kr_live_nope"]) != {401: 1}:
                         raise RuntimeError(f"{name}: a malformed key was not refused")
                     results.append(_measure(name, gateway.port, keys, script, args))
                 finally:

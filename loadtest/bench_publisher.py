@@ -50,6 +50,7 @@ import aiohttp
 
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
+from publisher.token_format import generate_token
 from sidecar.trust import write_signing_key
 
 __all__ = ["main"]
@@ -330,7 +331,7 @@ def start_stack(stack: contextlib.ExitStack, work: Path, database_url: str, log_
     nats_server = NatsServer(NatsSpec(name="bench-hub", store_dir=work / "nats"), log_dir=logs)
     stack.callback(nats_server.stop)
     nats_server.start()
-    token = "krt_bench_" + secrets.token_urlsafe(24)
+    token = generate_token()
     signing_key = work / "signing-key"
     public_key = write_signing_key(signing_key)
     publisher_port = free_port()

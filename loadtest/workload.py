@@ -205,7 +205,7 @@ class Workload:
         rng = random.Random(self.seed * 7919 + zlib.crc32(region.encode()))
         valid, revoked = self._valid[region], self._revoked[region]
         chosen: dict[int, tuple[str, KeyLife | None]] = {}
-        malformed = render_get("/auth", {"Authorization": "Bearer sk_live_not-a-key"})
+        malformed = render_get("/auth", {"Authorization": "Bearer kr_live_not-a-key"})
         unknown = [render_get("/auth", {"Authorization": f"Bearer {generate_key()}"}) for _ in range(64)]
 
         def request(index: int) -> bytes:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from . import validation as v
 from .broker import Broker
+from .cursor import decode_cursor, encode_cursor
 from .errors import Forbidden, Invalid, PublisherError, Unauthorized
 from .heartbeat import Heartbeat
 from .models import Actor, ApiKey
@@ -278,13 +279,39 @@ async def audit(request: web.Request) -> web.Response:
 
 
 async def create_token(request: web.Request) -> web.Response:
-    """POST /v1/tokens {name, role}: a new admin (or read-only member) token, shown once."""
-    body = v.fields(await _body(request), allowed={"name", "role"}, required={"name"})
+    """POST /v1/tokens {name, role?, expires_in?}: a new admin (or read-only member) token, shown once."""
+    body = v.fields(await _body(request), allowed={"name", "role", "expires_in"}, required={"name"})
     role = body.get("role", "member")
     if role not in ROLES:
         raise Invalid(f"role must be one of {', '.join(ROLES)}", field="role")
-    actor, token = await request.app[SERVICES].tokens.create(_actor(request), v.name(body["name"]), role)
-    return web.json_response({"name": actor.name, "role": actor.role, "token": token}, status=201)
+    expires_in = body.get("expires_in")
+    if expires_in is not None:
+        expires_in = v.duration(expires_in, "expires_in", maximum=v.MAX_LIFETIME, minimum=1.0)
+    created, token = await request.app[SERVICES].tokens.create(_actor(request), v.name(body["name"]), role,
+                                                               expires_in)  # fmt: skip
+    return web.json_response({**created.to_json(), "token": token}, status=201)
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    """GET /v1/tokens?limit=&cursor=: every token (revoked and expired too), oldest first, never a hash."""
+    limit = v.query_int(request.query.get("limit"), "limit", default=100, maximum=1000)
+    after = decode_cursor(request.query.get("cursor"))
+    tokens = await request.app[SERVICES].tokens.page(limit=limit, after=after)
+    next_cursor = encode_cursor(tokens[-1].id) if len(tokens) == limit else None
+    return web.json_response({"tokens": [t.to_json() for t in tokens], "next_cursor": next_cursor})
+
+
+async def show_token(request: web.Request) -> web.Response:
+    """GET /v1/tokens/{token_id}."""
+    token_id = v.path_id(request.match_info["token_id"], "token")
+    return web.json_response((await request.app[SERVICES].tokens.get(token_id)).to_json())
+
+
+async def revoke_token(request: web.Request) -> web.Response:
+    """DELETE /v1/tokens/{token_id}: refused from now on (by other replicas within --token-cache-ttl)."""
+    token_id = v.path_id(request.match_info["token_id"], "token")
+    token = await request.app[SERVICES].tokens.revoke(_actor(request), token_id)
+    return web.json_response(token.to_json())
 
 
 async def reconcile_now(request: web.Request) -> web.Response:
@@ -347,6 +374,9 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/v1/keys/{key_id}/rotate", rotate_key)
     r.add_get("/v1/audit", audit)
     r.add_post("/v1/tokens", create_token)
+    r.add_get("/v1/tokens", list_tokens)
+    r.add_get("/v1/tokens/{token_id}", show_token)
+    r.add_delete("/v1/tokens/{token_id}", revoke_token)
     r.add_post("/v1/reconcile", reconcile_now)
     r.add_post("/v1/resign", resign_now)
     r.add_get("/v1/signing-keys", signing_keys)

@@ -16,13 +16,15 @@ from sidecar.nats_connect import NatsConnect, redact
 from .api import SERVICES, Services, add_routes, auth_middleware, error_middleware
 from .broker import Broker
 from .db import open_database
+from .errors import PublisherError
 from .heartbeat import Heartbeat
 from .maintenance import Maintenance
 from .outbox import OutboxRelay
 from .settings import PublisherSettings
 from .signing import load_signing_keys
 from .store import KeyStore
-from .tokens import TokenStore, generate_token
+from .token_format import check_configured_token
+from .tokens import TokenRevoked, TokenStore, generate_token
 
 __all__ = ["create_app", "open_services", "run", "serve"]
 
@@ -50,7 +52,7 @@ async def open_services(settings: PublisherSettings, *, bootstrap: bool = True) 
     outbox = OutboxRelay(db=db, broker=broker, signer=keys.signer)
     heartbeat = Heartbeat(broker=broker, relay=outbox, signer=keys.signer, interval=settings.heartbeat_interval)
     try:
-        tokens = TokenStore(db)
+        tokens = TokenStore(db, cache_ttl=settings.token_cache_ttl)
         if bootstrap:
             await _bootstrap_token(tokens, settings)
         await broker.start()
@@ -69,7 +71,15 @@ async def open_services(settings: PublisherSettings, *, bootstrap: bool = True) 
 
 async def _bootstrap_token(tokens: TokenStore, settings: PublisherSettings) -> None:
     if settings.admin_token:
-        await tokens.ensure(BOOTSTRAP_TOKEN_NAME, settings.admin_token, "admin")
+        try:
+            check_configured_token(settings.admin_token)
+        except ValueError as exc:  # settings read from flags and variables were checked already
+            raise PublisherError(f"--admin-token (or KEYRELAY_ADMIN_TOKEN): {exc}") from None
+        try:
+            await tokens.ensure(BOOTSTRAP_TOKEN_NAME, settings.admin_token, "admin")
+        except TokenRevoked:
+            log.warning("the configured admin token (%r) was revoked and stays so: set a new value to have a "
+                        "configuration token again", BOOTSTRAP_TOKEN_NAME)  # fmt: skip
     elif await tokens.count() == 0:
         token = generate_token()
         path = settings.data_dir / GENERATED_TOKEN_FILE
@@ -143,6 +153,10 @@ async def metrics(request: web.Request) -> web.Response:
         ("keyrelay_reconcile_refused_total", "counter", "Automatic reconciliations refused: their plan changed or "
          "deleted more signed values than --reconcile-max-changes", maintenance.refusals),
         ("keyrelay_resign_passes_total", "counter", "Periodic re-signing passes completed", maintenance.resigns),
+        ("keyrelay_admin_token_lookups_total", "counter", "Admin tokens looked up in the database (cache misses)",
+         services.tokens.stats.lookups),
+        ("keyrelay_admin_tokens_malformed_total", "counter", "Admin tokens refused by their form, with no lookup",
+         services.tokens.stats.malformed),
     ]  # fmt: skip
     lines: list[str] = []
     for name, kind, help_text, value in samples:

@@ -12,6 +12,7 @@ __all__ = [
     "NotFound",
     "NotInitialised",
     "PublisherError",
+    "SchemaTooNew",
     "SigningKeyError",
     "StoreError",
     "Unauthorized",
@@ -103,6 +104,18 @@ class InUse(StoreError):
         where = ", ".join(f"{k} {v}" for k, v in holder.items() if k not in ("what", "pid"))
         super().__init__(f"{path} is in use by {what} ({pid}{', ' + where if where else ''}): stop it first, or "
                          "point this one at another data directory or database")  # fmt: skip
+
+
+class SchemaTooNew(StoreError):
+    """The database was migrated by a newer keyrelay release than this one; nothing is written to it."""
+
+    def __init__(self, *, database_version: int, description: str, known_version: int) -> None:
+        self.database_version, self.known_version = database_version, known_version
+        super().__init__(
+            f"the database has schema version {database_version} ({description}), but this publisher knows "
+            f"versions up to {known_version}: a newer keyrelay release upgraded it. Run that release or a "
+            "newer one; a database is never migrated back (docs/migrations.md)"
+        )
 
 
 class SigningKeyError(PublisherError):

@@ -12,7 +12,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from .db import Database, Dialect
+from .db import Database, Dialect, Tx
+from .errors import SchemaTooNew
 
 __all__ = ["MIGRATIONS", "PARTITIONS", "Migration", "initialised", "migrate"]
 
@@ -159,6 +160,17 @@ MIGRATIONS: tuple[Migration, ...] = (
             for i in range(PARTITIONS)
         ),
     ),
+    Migration(
+        2,
+        "admin_tokens: expiry, display hint, and the org, team and user a token may later be limited to",
+        (
+            "ALTER TABLE admin_tokens ADD COLUMN expires_at {ts}",
+            "ALTER TABLE admin_tokens ADD COLUMN hint VARCHAR(8)",
+            "ALTER TABLE admin_tokens ADD COLUMN org_id {uuid} REFERENCES organizations(id)",
+            "ALTER TABLE admin_tokens ADD COLUMN team_id {uuid} REFERENCES teams(id)",
+            "ALTER TABLE admin_tokens ADD COLUMN user_id {uuid}",
+        ),
+    ),
 )
 
 
@@ -174,21 +186,24 @@ async def initialised(db: Database) -> bool:
         return bool(await tx.fetchval("SELECT count(*) FROM schema_migrations"))
 
 
-async def migrate(db: Database) -> list[int]:
-    """Apply every migration newer than the database; returns the versions applied."""
+async def migrate(db: Database, *, migrations: tuple[Migration, ...] = MIGRATIONS) -> list[int]:
+    """Apply every migration newer than the database; returns the versions applied.
+
+    SchemaTooNew when the database holds a version this release does not know: a newer release
+    migrated it, and this one must not write to a schema it does not understand.
+    """
     ts = _TYPES[db.dialect]["ts"]
     async with db.transaction() as tx:
-        if db.dialect == "postgresql":
-            await tx.execute(f"SELECT pg_advisory_xact_lock({_LOCK_ID})")
+        await _lock(db, tx)
         await tx.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations ("
             f"version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at {ts} NOT NULL)"
         )
+        await _refuse_newer(tx, migrations)
     applied: list[int] = []
-    for migration in MIGRATIONS:
+    for migration in migrations:
         async with db.transaction() as tx:
-            if db.dialect == "postgresql":
-                await tx.execute(f"SELECT pg_advisory_xact_lock({_LOCK_ID})")
+            await _lock(db, tx)
             done = await tx.fetchval("SELECT 1 FROM schema_migrations WHERE version = $1", migration.version)
             if done:
                 continue
@@ -203,3 +218,21 @@ async def migrate(db: Database) -> list[int]:
             applied.append(migration.version)
             log.info("applied schema migration %d: %s", migration.version, migration.description)
     return applied
+
+
+async def _lock(db: Database, tx: Tx) -> None:
+    # PostgreSQL: publishers starting together take turns (the lock ends with the transaction).
+    # SQLite's transactions already are one writer at a time (BEGIN IMMEDIATE).
+    if db.dialect == "postgresql":
+        await tx.execute(f"SELECT pg_advisory_xact_lock({_LOCK_ID})")
+
+
+async def _refuse_newer(tx: Tx, migrations: tuple[Migration, ...]) -> None:
+    known = {m.version for m in migrations}
+    rows = await tx.fetch("SELECT version, description FROM schema_migrations ORDER BY version")
+    unknown = [r for r in rows if r["version"] not in known]
+    if unknown:
+        newest = unknown[-1]
+        raise SchemaTooNew(
+            database_version=newest["version"], description=newest["description"], known_version=max(known)
+        )

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import option, parse_bool, parse_optional_path
+from sidecar.config import option, parse_bool, parse_duration, parse_optional_path
 from sidecar.nats_connect import nats_option
-from sidecar.settings import LOG_LEVELS, parse_port, parse_positive_duration, parse_servers
+from sidecar.settings import LOG_LEVELS, parse_key_prefix, parse_port, parse_positive_duration, parse_servers
 from sidecar.trust import parse_trusted_keys
 from sidecar.wire import DEFAULT_BUCKET, DEFAULT_PREFIX
 
+from .token_format import check_configured_token
 from .validation import MAX_GRACE
 
 __all__ = ["DEFAULT_RECONCILE_MAX_CHANGES", "RECONCILE_INTERVAL", "PublisherSettings", "parse_count"]
@@ -79,10 +80,24 @@ class PublisherSettings:
     port: int = option(8080, parse=parse_port, help="port of the admin API")
     admin_token: str = option(
         "",
+        parse=check_configured_token,
         secret=True,
-        help="bootstrap admin token (stored hashed); unset: one is generated into DATA_DIR/generated-admin-token",
+        help="bootstrap admin token, at least 32 characters (stored hashed; revoking it lasts until it is set to a "
+        "new value); unset: one is generated into DATA_DIR/generated-admin-token",
     )
-    key_prefix: str = option(DEFAULT_PREFIX, help="prefix of the keys this deployment issues (the `sk` in sk_live_)")
+    token_cache_ttl: float = option(
+        1.0,
+        parse=parse_duration,
+        duration=True,
+        help="how long a replica trusts an admin token it looked up: a token revoked elsewhere is refused "
+        "everywhere within this (0: look every request up)",
+    )
+    key_prefix: str = option(
+        DEFAULT_PREFIX,
+        parse=parse_key_prefix,
+        help="prefix of the keys this deployment issues (the `kr` in kr_live_); sidecars accept it and their "
+        "--accepted-key-prefixes",
+    )
     default_grace: float = option(
         86400.0, parse=_grace, duration=True, help="how long a rotated key keeps working, unless the call says"
     )

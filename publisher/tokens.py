@@ -1,99 +1,252 @@
-"""Admin tokens: stored as SHA-256 only, each with a role (admin changes things, member reads)."""
+"""Admin tokens: stored as SHA-256 only, each with a role (admin changes things, member reads).
+
+A token can expire and be revoked. Lookups are cached for `cache_ttl` seconds at most, so a token
+revoked through one publisher replica is refused by every replica within that time.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-from .db import Database, Tx
-from .errors import Conflict
-from .models import Actor, new_id, now_us
+from .db import Database, Row, Tx
+from .errors import Conflict, NotFound
+from .models import Actor, iso, new_id, now_us
 from .store import NIL_UUID, record_audit
+from .token_format import TOKEN_PREFIX, generate_token, token_digest, token_hint, well_formed
 
-__all__ = ["CONFIGURATION", "ROLES", "TokenStore", "generate_token", "token_digest"]
+__all__ = [
+    "CONFIGURATION",
+    "ROLES",
+    "AdminToken",
+    "TokenRevoked",
+    "TokenStats",
+    "TokenStore",
+    "generate_token",
+    "token_digest",
+]
 
 ROLES = ("admin", "member")
-_TOKEN_PREFIX = "krt_"
 
 # The audit trail's actor for tokens the publisher's own configuration sets at start-up.
 CONFIGURATION = Actor(token_id=NIL_UUID, name="configuration", role="admin")
 
-
-def generate_token() -> str:
-    """A new admin token (256 bits from the CSPRNG)."""
-    return _TOKEN_PREFIX + secrets.token_urlsafe(32)
+_COLUMNS = "id, name, role, hint, created_at, expires_at, revoked_at, org_id, team_id, user_id"
+_CACHE_MAX = 4096  # valid tokens remembered; only found tokens are, so this bounds a burst of distinct ones
 
 
-def token_digest(token: str) -> bytes:
-    """SHA-256 of a token: the only form in which tokens are stored."""
-    return hashlib.sha256(token.encode()).digest()
+class TokenRevoked(Conflict):
+    """A configured token was revoked: restarting with the same value does not bring it back."""
 
 
+@dataclass(frozen=True, slots=True)
+class AdminToken:
+    """One admin token as listed: never its hash."""
+
+    id: str
+    name: str
+    role: str
+    hint: str | None
+    created_at: int
+    expires_at: int | None
+    revoked_at: int | None
+    org_id: str | None
+    team_id: str | None
+    user_id: str | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> AdminToken:
+        """Build from a database row."""
+        return cls(**{name: row[name] for name in _COLUMNS.split(", ")})
+
+    def status(self, now: int | None = None) -> str:
+        """`active`, `revoked` or `expired`."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= (now if now is not None else now_us()):
+            return "expired"
+        return "active"
+
+    def to_json(self) -> dict[str, Any]:
+        """The API form."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "role": self.role,
+            "display": f"{TOKEN_PREFIX}…{self.hint}" if self.hint else None,
+            "status": self.status(),
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "revoked_at": iso(self.revoked_at),
+            "org_id": self.org_id,
+            "team_id": self.team_id,
+            "user_id": self.user_id,
+        }
+
+
+@dataclass(slots=True)
+class TokenStats:
+    """What token checks cost: database lookups, and tokens refused by their form alone."""
+
+    lookups: int = 0
+    malformed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    actor: Actor
+    expires_at: int | None  # the token's own expiry (epoch µs)
+    until: float  # monotonic time after which the database is asked again
+
+
+@dataclass(slots=True)
 class TokenStore:
-    """Look up and create admin tokens; lookups are cached (a token's role never changes)."""
+    """Look up, create, list and revoke admin tokens."""
 
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self._cache: dict[bytes, Actor] = {}
+    db: Database
+    cache_ttl: float = 1.0  # 0: every request asks the database
+    clock: Callable[[], float] = time.monotonic
+    stats: TokenStats = field(default_factory=TokenStats)
+    _cache: dict[bytes, _Cached] = field(default_factory=dict, init=False, repr=False)
 
     async def ensure(self, name: str, token: str, role: str = "admin") -> Actor:
-        """Make `token` valid under `name` (replacing that name's previous token): the bootstrap path."""
+        """Make `token` valid under `name` (replacing that name's previous token): the bootstrap path.
+
+        TokenRevoked when this very token was revoked: a revocation outlives restarts, so only a new
+        value gives the name a token again.
+        """
         async with self.db.transaction() as tx:
-            actor = await _put(tx, CONFIGURATION, name, token_digest(token), role)
+            actor = await _put(tx, CONFIGURATION, name, token, role, None)
         self._cache.clear()
+        if actor is None:
+            raise TokenRevoked(f"the token {name!r} was revoked; set a new value to have a token of that name")
         return actor
 
-    async def create(self, actor: Actor, name: str, role: str) -> tuple[Actor, str]:
+    async def create(
+        self, actor: Actor, name: str, role: str, expires_in: float | None = None
+    ) -> tuple[AdminToken, str]:
         """A new named token made by `actor`; returns it in plaintext, this once."""
         token = generate_token()
+        expires_at = None if expires_in is None else now_us() + int(expires_in * 1_000_000)
         async with self.db.transaction() as tx:
             # Checked in the transaction that inserts, so two concurrent creates cannot both pass.
             if await tx.fetchval("SELECT 1 FROM admin_tokens WHERE name = $1", name):
-                raise Conflict(f"a token named {name!r} already exists")
-            created = await _put(tx, actor, name, token_digest(token), role)
-        return created, token
+                raise Conflict(f"a token named {name!r} already exists; pick another name or revoke that one")
+            created = await _put(tx, actor, name, token, role, expires_at)
+            assert created is not None  # a new row is never revoked
+            row = await tx.fetchrow(f"SELECT {_COLUMNS} FROM admin_tokens WHERE id = $1", created.token_id)
+        assert row is not None
+        return AdminToken.from_row(row), token
 
     async def find(self, token: str) -> Actor | None:
-        """The actor a presented token stands for, or None."""
+        """The actor a presented token stands for, or None (malformed, unknown, revoked or expired)."""
+        if not well_formed(token):
+            self.stats.malformed += 1  # refused by its form: no lookup
+            return None
         digest = token_digest(token)
-        actor = self._cache.get(digest)
-        if actor is not None:
-            return actor
+        cached = self._cache.get(digest)
+        if cached is not None and cached.until > self.clock():
+            return cached.actor if _alive(cached.expires_at, now_us()) else None
+        self.stats.lookups += 1
+        now = now_us()
         async with self.db.transaction() as tx:
             row = await tx.fetchrow(
-                "SELECT id, name, role FROM admin_tokens WHERE token_hash = $1 AND revoked_at IS NULL", digest
-            )
+                "SELECT id, name, role, expires_at FROM admin_tokens "
+                "WHERE token_hash = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $2)",
+                digest, now,
+            )  # fmt: skip
         if row is None:
+            self._cache.pop(digest, None)
             return None
         actor = Actor(token_id=row["id"], name=row["name"], role=row["role"])
-        self._cache[digest] = actor
+        if self.cache_ttl > 0:
+            if len(self._cache) >= _CACHE_MAX:
+                self._cache.clear()
+            self._cache[digest] = _Cached(
+                actor=actor, expires_at=row["expires_at"], until=self.clock() + self.cache_ttl
+            )
         return actor
+
+    async def get(self, token_id: str) -> AdminToken:
+        """One token (never its hash); NotFound if there is none with that id."""
+        async with self.db.transaction() as tx:
+            return await _token(tx, token_id)
+
+    async def page(self, *, limit: int = 100, after: str | None = None) -> list[AdminToken]:
+        """Tokens in id (creation) order, `limit` at a time after the token id `after`."""
+        async with self.db.transaction() as tx:
+            rows = await tx.fetch(
+                f"SELECT {_COLUMNS} FROM admin_tokens WHERE id > $1 ORDER BY id LIMIT $2", after or NIL_UUID, limit
+            )
+        return [AdminToken.from_row(r) for r in rows]
+
+    async def revoke(self, actor: Actor, token_id: str) -> AdminToken:
+        """Revoke a token now, everywhere (within the replicas' cache TTL); revoking it again changes nothing."""
+        now = now_us()
+        async with self.db.transaction() as tx:
+            token = await _token(tx, token_id)
+            if token.revoked_at is None:
+                await tx.execute("UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2", now, token_id)
+                await record_audit(tx, actor, "token.revoke", now, [
+                    (None, None, None, None, {"token_id": token_id, "name": token.name, "role": token.role})
+                ])  # fmt: skip
+                token = await _token(tx, token_id)
+        self._cache.clear()  # this replica refuses it at once; the others within cache_ttl
+        return token
 
     async def count(self) -> int:
         """How many tokens are valid."""
         async with self.db.transaction() as tx:
-            return int(await tx.fetchval("SELECT count(*) FROM admin_tokens WHERE revoked_at IS NULL"))
+            valid = await tx.fetchval(
+                "SELECT count(*) FROM admin_tokens "
+                "WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $1)",
+                now_us(),
+            )
+        return int(valid)
 
 
-async def _put(tx: Tx, actor: Actor, name: str, digest: bytes, role: str) -> Actor:
-    """Insert or replace the token `name`, with an audit entry when anything changed."""
-    row = await tx.fetchrow("SELECT id, token_hash, role, revoked_at FROM admin_tokens WHERE name = $1", name)
+def _alive(expires_at: int | None, now: int) -> bool:
+    return expires_at is None or expires_at > now
+
+
+async def _token(tx: Tx, token_id: str) -> AdminToken:
+    row = await tx.fetchrow(f"SELECT {_COLUMNS} FROM admin_tokens WHERE id = $1", token_id)
+    if row is None:
+        raise NotFound("token", token_id)
+    return AdminToken.from_row(row)
+
+
+async def _put(tx: Tx, actor: Actor, name: str, token: str, role: str, expires_at: int | None) -> Actor | None:
+    """Insert or replace the token `name`, with an audit entry when anything changed; None if it is revoked."""
+    digest = token_digest(token)
+    row = await tx.fetchrow(
+        "SELECT id, token_hash, role, revoked_at, expires_at FROM admin_tokens WHERE name = $1", name
+    )
     now = now_us()
     if row is None:
         token_id, action = new_id(), "token.create"
         await tx.execute(
-            "INSERT INTO admin_tokens (id, name, token_hash, role, created_at) VALUES ($1, $2, $3, $4, $5)",
-            token_id, name, digest, role, now,
+            "INSERT INTO admin_tokens (id, name, token_hash, role, created_at, expires_at, hint) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            token_id, name, digest, role, now, expires_at, token_hint(token),
         )  # fmt: skip
     else:
         token_id, action = row["id"], "token.replace"
-        if bytes(row["token_hash"]) == digest and row["role"] == role and row["revoked_at"] is None:
-            return Actor(token_id=token_id, name=name, role=role)  # every restart with the same token: no change
+        if bytes(row["token_hash"]) == digest:
+            if row["revoked_at"] is not None:
+                return None  # revoked: a restart with the same configured value must not revive it
+            if row["role"] == role and row["expires_at"] == expires_at:
+                return Actor(token_id=token_id, name=name, role=role)  # every restart with the same token
         await tx.execute(
-            "UPDATE admin_tokens SET token_hash = $1, role = $2, revoked_at = NULL WHERE id = $3",
-            digest, role, token_id,
+            "UPDATE admin_tokens SET token_hash = $1, role = $2, revoked_at = NULL, expires_at = $3, hint = $4 "
+            "WHERE id = $5",
+            digest, role, expires_at, token_hint(token), token_id,
         )  # fmt: skip
     # Never the token or its hash: the id and name identify it.
-    await record_audit(tx, actor, action, now, [(None, None, None, None, {"token_id": token_id, "name": name,
-                                                                          "role": role})])  # fmt: skip
+    details: dict[str, Any] = {"token_id": token_id, "name": name, "role": role}
+    if expires_at is not None:
+        details["expires_at"] = iso(expires_at)
+    await record_audit(tx, actor, action, now, [(None, None, None, None, details)])
     return Actor(token_id=token_id, name=name, role=role)

@@ -65,7 +65,7 @@ def create_app(settings: SidecarSettings) -> web.Application:
     )
     app[STATE] = SidecarState(
         settings=settings,
-        verifier=Verifier(table=table, region=settings.region, prefix=settings.key_prefix),
+        verifier=Verifier(table=table, region=settings.region, prefixes=settings.key_prefixes()),
         sync=sync,
         metrics=Metrics(),
     )

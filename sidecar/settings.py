@@ -9,7 +9,7 @@ from typing import Any
 from .config import option, parse_bool, parse_duration, parse_optional_path
 from .nats_connect import nats_option
 from .trust import parse_trusted_keys
-from .wire import DEFAULT_BUCKET, DEFAULT_PREFIX, is_region_code
+from .wire import DEFAULT_BUCKET, DEFAULT_PREFIX, is_key_prefix, is_region_code
 
 __all__ = [
     "DEFAULT_DEPLOYMENT",
@@ -20,6 +20,8 @@ __all__ = [
     "deployment_option",
     "horizon_option",
     "insecure_option",
+    "parse_key_prefix",
+    "parse_key_prefixes",
     "parse_optional_path",
     "parse_port",
     "parse_positive_duration",
@@ -42,6 +44,19 @@ def parse_region(text: str) -> str | None:
     if not is_region_code(text):
         raise ValueError("a region is a lowercase code such as eu or us-east (letters, digits, '-')")
     return text
+
+
+def parse_key_prefix(text: str) -> str:
+    """A key prefix: the `kr` of kr_live_..."""
+    prefix = text.strip()
+    if not is_key_prefix(prefix):
+        raise ValueError("a key prefix is a lowercase letter, then up to 11 lowercase letters or digits (e.g. kr)")
+    return prefix
+
+
+def parse_key_prefixes(text: str) -> tuple[str, ...]:
+    """Comma-separated key prefixes (none for an empty value)."""
+    return tuple(dict.fromkeys(parse_key_prefix(p) for p in text.split(",") if p.strip()))
 
 
 def parse_servers(text: str) -> tuple[str, ...]:
@@ -158,7 +173,15 @@ class SidecarSettings:
         choices=("closed", "open"),
         help="what /auth does when stale: closed answers 503, open keeps answering from the replica",
     )
-    key_prefix: str = option(DEFAULT_PREFIX, help="key prefix of this deployment (the `sk` in sk_live_...)")
+    key_prefix: str = option(
+        DEFAULT_PREFIX, parse=parse_key_prefix, help="key prefix of this deployment (the `kr` in kr_live_...)"
+    )
+    accepted_key_prefixes: tuple[str, ...] = option(
+        (),
+        parse=parse_key_prefixes,
+        help="earlier key prefixes whose keys are still accepted, comma separated, while a deployment moves to a "
+        "new --key-prefix (docs/secret-formats.md)",
+    )
     heartbeat: float = option(
         1.0,
         parse=parse_positive_duration,
@@ -188,3 +211,7 @@ class SidecarSettings:
         parse=parse_bool,
         help="match --route-scopes paths without regard to case, for upstreams that do (IIS, some frameworks)",
     )
+
+    def key_prefixes(self) -> frozenset[str]:
+        """Every key prefix this sidecar accepts: its own and the earlier ones still in use."""
+        return frozenset((self.key_prefix, *self.accepted_key_prefixes))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
@@ -11,7 +12,7 @@ from hashlib import blake2s, sha256
 from typing import Any, Final
 
 from .table import ALL, KeyTable
-from .wire import DEFAULT_PREFIX, match_key
+from .wire import DEFAULT_PREFIXES, match_key
 
 __all__ = ["NO_SCOPES", "Code", "Hot", "Verifier", "parse_scopes"]
 
@@ -55,7 +56,7 @@ class Verifier:
 
     table: KeyTable
     region: str | None = None
-    prefix: str = DEFAULT_PREFIX
+    prefixes: AbstractSet[str] = DEFAULT_PREFIXES  # the key prefixes accepted (any other is MALFORMED)
     clock: Callable[[], float] = field(default=time.time)
     # What callers want of a record besides the decision (the /auth identity headers), computed
     # once per record version and kept in its hot entry.
@@ -101,7 +102,7 @@ class Verifier:
 
     def _find(self, key: str, raw: bytes, fingerprint: bytes) -> tuple[Code, Hot | None]:
         """The slow path: format, region, index; the refusal, or VALID with the (now remembered) entry."""
-        match = match_key(key, self.prefix)  # also bounds the length (MAX_KEY_LEN)
+        match = match_key(key, self.prefixes)  # also bounds the length (MAX_KEY_LEN)
         if match is None:
             return _MALFORMED
         region = match[3]

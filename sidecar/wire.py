@@ -3,7 +3,8 @@
 Key format: ``<prefix>_<env>[_<region>]_<secret><check>`` where the secret is
 43 base62 characters (256 bits) and the check is the CRC32 of everything
 before it in 6 base62 characters, so garbage is refused without a lookup.
-Only SHA-256(key) is ever stored or replicated.
+Only SHA-256(key) is ever stored or replicated. The publisher's admin tokens
+use the same secret and check characters (`random_base62`, `check_chars`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import secrets
 import uuid
 import zlib
 from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -22,16 +24,20 @@ import msgpack
 from .errors import RecordError
 
 __all__ = [
+    "CHECK_LEN",
     "DEFAULT_BUCKET",
     "DEFAULT_PREFIX",
+    "DEFAULT_PREFIXES",
     "ENVS",
     "GLOBAL_SCOPE",
     "HEARTBEAT_ENTRY",
     "MAX_VERSION",
     "SCHEMA_VERSION",
+    "SECRET_LEN",
     "KeyRecord",
     "ParsedKey",
     "RecordFields",
+    "check_chars",
     "decode_fields",
     "decode_heartbeat",
     "decode_tombstone",
@@ -42,17 +48,21 @@ __all__ = [
     "generate_key",
     "header_safe",
     "is_canonical_id",
+    "is_key_prefix",
     "is_region_code",
     "is_uuid",
     "key_digest",
     "match_key",
     "parse_key",
+    "random_base62",
     "region_subjects",
     "stream_name",
     "subject_prefix",
 ]
 
-DEFAULT_PREFIX: Final = "sk"
+# `kr_live_...`: distinctive for secret scanners, and unlike any other vendor's key (Stripe's are sk_live_).
+DEFAULT_PREFIX: Final = "kr"
+DEFAULT_PREFIXES: Final = frozenset({DEFAULT_PREFIX})
 DEFAULT_BUCKET: Final = "KEYS"
 GLOBAL_SCOPE: Final = "global"
 ENVS: Final = ("live", "test")
@@ -76,13 +86,15 @@ _UNBIASED_BELOW: Final = 4 * len(ALPHABET)
 _KEY_RE = re.compile(
     rf"([a-z][a-z0-9]{{0,11}})_(live|test)(?:_([a-z][a-z0-9-]{{0,15}}))?_([0-9A-Za-z]{{{SECRET_LEN + CHECK_LEN}}})"
 )
+_PREFIX_RE = re.compile(r"[a-z][a-z0-9]{0,11}")
 _REGION_RE = re.compile(r"[a-z][a-z0-9-]{0,15}")
 _LOWER_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _PAIRS: Final = tuple(a + b for a in ALPHABET for b in ALPHABET)
 _PAIR_BASE: Final = len(_PAIRS)
 
 
-def _random_base62(length: int) -> str:
+def random_base62(length: int) -> str:
+    """`length` characters of ALPHABET from the CSPRNG, each uniform and independent."""
     # One urandom call per key instead of one per character (secrets.choice), each character
     # still uniform and independent: rejection sampling keeps b % 62 unbiased.
     chars: list[str] = []
@@ -91,7 +103,8 @@ def _random_base62(length: int) -> str:
     return "".join(chars[:length])
 
 
-def _check(body: str) -> str:
+def check_chars(body: str) -> str:
+    """The CHECK_LEN check characters of a key's (or token's) `body`: its CRC32 in base62."""
     # The CRC32 in six base62 digits, taken as three base-3844 digits of two characters each:
     # a third of the divisions, since every verification computes this (match_key inlines it).
     high, low = divmod(zlib.crc32(body.encode()), _PAIR_BASE)
@@ -117,6 +130,11 @@ def is_canonical_id(text: str) -> bool:
     return len(text) == 36 and _LOWER_UUID_RE.fullmatch(text) is not None
 
 
+def is_key_prefix(text: str) -> bool:
+    """True for a usable key prefix: a lowercase letter, then up to 11 lowercase letters or digits."""
+    return _PREFIX_RE.fullmatch(text) is not None
+
+
 def is_region_code(text: str) -> bool:
     """True for a lowercase region code such as `eu` or `us-east`; `global` is reserved."""
     return text != GLOBAL_SCOPE and _REGION_RE.fullmatch(text) is not None
@@ -133,35 +151,38 @@ class ParsedKey:
 
 def generate_key(*, prefix: str = DEFAULT_PREFIX, env: str = "live", region: str | None = None) -> str:
     """Make a new key from the CSPRNG, with its check characters."""
-    secret = _random_base62(SECRET_LEN)
+    secret = random_base62(SECRET_LEN)
     scope = f"_{region}" if region else ""
     body = f"{prefix}_{env}{scope}_{secret}"
-    key = body + _check(body)
-    if parse_key(key, prefix=prefix) is None:
+    key = body + check_chars(body)
+    if parse_key(key, prefixes=frozenset({prefix})) is None:
         raise ValueError(f"cannot make a key with prefix={prefix!r} env={env!r} region={region!r}")
     return key
 
 
-def match_key(key: str, prefix: str = DEFAULT_PREFIX) -> re.Match[str] | None:
-    """The match of a well-formed key with the right check characters (group 2: env, 3: region), else None."""
+def match_key(key: str, prefixes: AbstractSet[str] = DEFAULT_PREFIXES) -> re.Match[str] | None:
+    """The match of a well-formed key under one of `prefixes` with the right check characters, else None.
+
+    Group 1 is the prefix, 2 the env, 3 the region.
+    """
     if len(key) > MAX_KEY_LEN:
         return None
     match = _KEY_RE.fullmatch(key)
-    if match is None or match[1] != prefix:
+    if match is None or match[1] not in prefixes:
         return None
-    high, low = divmod(zlib.crc32(key[:-CHECK_LEN].encode()), _PAIR_BASE)  # _check, inlined
+    high, low = divmod(zlib.crc32(key[:-CHECK_LEN].encode()), _PAIR_BASE)  # check_chars, inlined
     top, middle = divmod(high, _PAIR_BASE)
     if _PAIRS[top] + _PAIRS[middle] + _PAIRS[low] != key[-CHECK_LEN:]:
         return None
     return match
 
 
-def parse_key(key: str, *, prefix: str = DEFAULT_PREFIX) -> ParsedKey | None:
-    """Parse and check a key; None when it is malformed or its check characters are wrong."""
-    match = match_key(key, prefix)
+def parse_key(key: str, *, prefixes: AbstractSet[str] = DEFAULT_PREFIXES) -> ParsedKey | None:
+    """Parse and check a key; None when it is malformed, of another prefix, or its check characters are wrong."""
+    match = match_key(key, prefixes)
     if match is None:
         return None
-    return ParsedKey(prefix=prefix, env=match[2], region=match[3])
+    return ParsedKey(prefix=match[1], env=match[2], region=match[3])
 
 
 def key_digest(key: str) -> bytes:
@@ -170,7 +191,7 @@ def key_digest(key: str) -> bytes:
 
 
 def display_form(key: str) -> str:
-    """The masked form shown in lists: `sk_live_…abcd`."""
+    """The masked form shown in lists: `kr_live_…abcd`."""
     head = key[: key.rfind("_") + 1]
     return f"{head}…{key[-4:]}"
 

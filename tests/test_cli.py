@@ -80,10 +80,11 @@ class Shell:
 
 @pytest.fixture
 async def shell(start_publisher: StartPublisher, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Shell:
-    """A publisher, and a shell where no KEYRELAY_* variable or `keyrelay up` state file is found by accident."""
+    """A publisher, and a shell where no KEYRELAY_* variable, login or `keyrelay up` state file is found by accident."""
     for name in ("KEYRELAY_URL", "KEYRELAY_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("KEYRELAY_DATA_DIR", str(tmp_path / "no-stack-here"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     return Shell(await start_publisher())
 
 
@@ -159,7 +160,7 @@ async def test_a_key_is_created_listed_shown_rotated_and_revoked_from_the_shell(
                              "orders:read,orders:write", "--expires-in", "90d", "--meta", "owner=billing")  # fmt: skip
     first, rest = created.split("\n", 1)
     plaintext = first.removeprefix("key (shown once, store it now): ")
-    assert plaintext.startswith("sk_live_"), first
+    assert plaintext.startswith("kr_live_"), first
     fields = _details(rest)
     assert fields["scopes"] == "orders:read orders:write"
     assert fields["propagation"] == "published"
@@ -169,7 +170,7 @@ async def test_a_key_is_created_listed_shown_rotated_and_revoked_from_the_shell(
     assert _columns(listed) == KEYS_TABLE
     (row,) = _table(listed)
     assert (row["ID"], row["NAME"], row["STATUS"]) == (key_id, "payments-prod", "active")
-    assert row["DISPLAY"] == f"sk_live_…{plaintext[-4:]}"
+    assert row["DISPLAY"] == f"kr_live_…{plaintext[-4:]}"
     assert (row["REGION"], row["LAST USED"]) == ("-", "-")
     assert plaintext not in listed
     api_list = await admin.ok("GET", f"/projects/{project}/keys")
@@ -181,13 +182,13 @@ async def test_a_key_is_created_listed_shown_rotated_and_revoked_from_the_shell(
     assert await shell.json("keys", "show", key_id) == await admin.ok("GET", f"/keys/{key_id}")
 
     new_id, new_key = (await shell.ok("keys", "rotate", key_id, "--grace", "1h", "--print", "id,key")).split()
-    assert new_key.startswith("sk_live_")
+    assert new_key.startswith("kr_live_")
     assert new_id != key_id
     old = await admin.ok("GET", f"/keys/{key_id}")
     assert old["rotated_to"] == new_id
     rotated = await shell.ok("keys", "rotate", new_id)
     assert rotated.startswith(f"old key {new_id} now expires at ")
-    assert "key (shown once, store it now): sk_live_" in rotated
+    assert "key (shown once, store it now): kr_live_" in rotated
 
     revoked = await shell.ok("keys", "revoke", key_id, "--reason", "leaked")
     assert revoked.strip() == f"revoked {key_id} ({row['DISPLAY']}); propagation: published"
@@ -249,7 +250,7 @@ async def test_print_gives_just_the_fields_asked_for_or_says_which_one_is_missin
     out = await shell.ok("keys", "create", "--project", project, "--name", "k", "--print", "id,name,status")
     key_id, name, status = out.split()
     assert (name, status) == ("k", "active")
-    assert (await shell.ok("keys", "show", key_id, "--print", "display")).strip().startswith("sk_live_…")
+    assert (await shell.ok("keys", "show", key_id, "--print", "display")).strip().startswith("kr_live_…")
     assert await shell.fails("keys", "show", key_id, "--print", "id,colour") == (
         "keyrelay: --print: the answer has no field 'colour'\n"
     )
@@ -296,7 +297,8 @@ async def test_the_url_and_token_come_from_flags_before_variables_before_the_sta
 
 async def test_the_installed_command_reads_its_url_and_token_from_the_environment(shell: Shell, tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "KEYRELAY_URL": shell.publisher.url, "KEYRELAY_TOKEN": ADMIN_TOKEN,
-           "KEYRELAY_DATA_DIR": str(tmp_path / "no-stack-here")}  # fmt: skip
+           "KEYRELAY_DATA_DIR": str(tmp_path / "no-stack-here"),
+           "XDG_CONFIG_HOME": str(tmp_path / "config")}  # fmt: skip
     command = Path(sys.executable).parent / "keyrelay"
     process = await asyncio.create_subprocess_exec(
         str(command), "orgs", "create", "from-env", "--json", env=env,

@@ -106,7 +106,7 @@ async def test_the_gateway_lets_through_exactly_the_keys_the_sidecar_accepts(
         unknown = generate_key()
         for key, code in (
             (None, "MISSING"),
-            ("sk_live_not-a-key", "MALFORMED"),
+            ("kr_live_not-a-key", "MALFORMED"),
             (unknown, "NOT_FOUND"),
             (revoked_key, "REVOKED"),
             (expired_key, "EXPIRED"),

@@ -24,7 +24,7 @@ def _workload(*keys: KeyLife) -> Workload:
 
 def _key(name: str, region: str | None = None, **life: Any) -> KeyLife:
     """A key created at T0 and visible everywhere it applies from T0 + 0.1, unless `life` says otherwise."""
-    key = KeyLife(key=f"sk_live_{name}", key_id=name, region=region, created=T0, **life)
+    key = KeyLife(key=f"kr_live_{name}", key_id=name, region=region, created=T0, **life)
     if "visible" not in life:
         key.visible = {r: T0 + 0.1 for r in REGIONS if key.applies_to(r)}
     return key

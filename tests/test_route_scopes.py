@@ -203,7 +203,7 @@ async def test_without_a_route_map_only_the_header_asks_for_scopes(
 async def test_every_denial_names_its_code_in_a_header_for_nginx(bucket: KeyValue, start_sidecar: StartSidecar) -> None:
     sidecar = await start_sidecar()
     await sidecar.ready()
-    for key, code in ((None, "MISSING"), ("sk_live_nope", "MALFORMED")):
+    for key, code in ((None, "MISSING"), ("kr_live_nope", "MALFORMED")):
         status, headers, body = await sidecar.auth(key)
         assert (status, headers["X-Keyrelay-Code"], body["code"]) == (401, code, code)
         assert headers["WWW-Authenticate"].startswith('Bearer realm="keyrelay"')
@@ -234,6 +234,6 @@ async def test_a_valid_key_gets_a_200_without_a_body_and_a_denial_keeps_its_body
             assert "Content-Type" not in resp.headers
             assert resp.headers["Server"] == "keyrelay"  # not the Python and aiohttp versions
     # A denial keeps its body: gateways hand it to the client.
-    status, headers, body = await sidecar.auth("sk_live_nope")
+    status, headers, body = await sidecar.auth("kr_live_nope")
     assert (status, body["code"], headers["Content-Type"]) == (401, "MALFORMED", "application/json")
     assert headers["Server"] == "keyrelay"

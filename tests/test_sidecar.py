@@ -304,7 +304,7 @@ async def test_every_refusal_of_auth_has_its_status_and_code(bucket: KeyValue, s
     cases = {
         "missing": (None, {}, 401, "MISSING"),
         "basic auth only": (None, {"Authorization": "Basic dXNlcjpwYXNz"}, 401, "MISSING"),
-        "malformed": ("sk_live_nonsense", {}, 401, "MALFORMED"),
+        "malformed": ("kr_live_nonsense", {}, 401, "MALFORMED"),
         "unknown": (make_key()[0], {}, 401, "NOT_FOUND"),
         "revoked": (gone, {}, 401, "REVOKED"),
         "expired": (old, {}, 401, "EXPIRED"),
@@ -590,11 +590,11 @@ async def test_a_key_that_is_not_text_is_malformed_never_a_500(bucket: KeyValue,
     sidecar = await start_sidecar()
     await sidecar.ready()
     # JSON allows a lone surrogate, which no encoder accepts.
-    status, body = await sidecar.post("/v1/keys/verify", b'{"key": "sk_live_\\ud800"}')
+    status, body = await sidecar.post("/v1/keys/verify", b'{"key": "kr_live_\\ud800"}')
     assert (status, body["valid"], body["code"]) == (200, False, "MALFORMED")
     # A header byte that is not UTF-8 reaches the handler as a surrogate escape.
     reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.server.port)
-    writer.write(b"GET /auth HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk_live_\xff\xfe\r\n")
+    writer.write(b"GET /auth HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer kr_live_\xff\xfe\r\n")
     writer.write(b"Connection: close\r\n\r\n")
     await writer.drain()
     answer = await reader.read()

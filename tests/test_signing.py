@@ -145,7 +145,7 @@ def test_the_publisher_refuses_to_start_without_a_signing_key_and_says_how_to_ma
     assert not (tmp_path / "k.db").exists()  # refused before anything was opened
 
     not_a_key = tmp_path / "not-a-key"
-    not_a_key.write_text("sk_live_this-is-no-signing-key\n")
+    not_a_key.write_text("kr_live_this-is-no-signing-key\n")
     code, _, err = _cli(*base, "--signing-key", str(not_a_key))
     assert code == 1
     assert f"{not_a_key} is not a keyrelay signing key" in err

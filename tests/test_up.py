@@ -130,7 +130,7 @@ def test_up_moves_off_taken_ports_to_the_next_free_ones_and_says_so(start_stack:
             assert port > wanted
             assert f"note: {what}: port {wanted} is taken, using {port}" in stack.output
         assert http_get(used["publisher"], "/readyz") is not None
-        assert stack.auth("global", "sk_live_nonsense") == 401
+        assert stack.auth("global", "kr_live_nonsense") == 401
     _stop_and_check_nothing_is_left(stack, signal.SIGTERM)
 
 

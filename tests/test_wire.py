@@ -23,7 +23,7 @@ from tests.support import make_key
 def test_a_generated_key_has_the_documented_shape_and_parses_back() -> None:
     key = generate_key(env="test", region="eu")
     prefix, env, region, body = key.split("_")
-    assert (prefix, env, region) == ("sk", "test", "eu")
+    assert (prefix, env, region) == ("kr", "test", "eu")
     assert len(body) == 43 + 6
     assert set(body) <= set(ALPHABET)
     parsed = parse_key(key)
@@ -53,13 +53,13 @@ def test_a_single_changed_character_fails_the_check(position: int) -> None:
     "text",
     [
         "",
-        "sk_live_",
-        "Bearer sk_live_x",
-        "sk_prod_" + "a" * 49,
-        "sk_live_" + "a" * 48,
-        "sk_live_" + "-" * 49,
+        "kr_live_",
+        "Bearer kr_live_x",
+        "kr_prod_" + "a" * 49,
+        "kr_live_" + "a" * 48,
+        "kr_live_" + "-" * 49,
         "x" * 10_000,
-        "sk_live_EU_" + "a" * 49,
+        "kr_live_EU_" + "a" * 49,
     ],
 )
 def test_garbage_is_malformed(text: str) -> None:
@@ -69,12 +69,12 @@ def test_garbage_is_malformed(text: str) -> None:
 def test_a_key_of_another_deployment_prefix_is_malformed() -> None:
     key = generate_key(prefix="pk")
     assert parse_key(key) is None
-    assert parse_key(key, prefix="pk") is not None
+    assert parse_key(key, prefixes=frozenset({"pk"})) is not None
 
 
 def test_the_display_form_shows_only_the_last_four_characters() -> None:
     key = generate_key(region="us")
-    assert display_form(key) == f"sk_live_us_…{key[-4:]}"
+    assert display_form(key) == f"kr_live_us_…{key[-4:]}"
 
 
 def test_the_digest_is_sha256_of_the_key() -> None:

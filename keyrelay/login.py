@@ -1,0 +1,62 @@
+"""`keyrelay login` and `keyrelay logout`: keep a publisher URL and admin token for the admin commands.
+
+The token is read from standard input or a prompt, never from the command line (argv is visible to
+every user of the machine and lands in shell history).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from typing import Any
+
+from .client import DEFAULT_URL, AdminClient
+from .credentials import Credentials, credentials_path, forget, remember
+from .errors import KeyrelayError
+
+__all__ = ["add_login_commands"]
+
+
+def _read_token() -> str:
+    if sys.stdin.isatty():
+        return getpass.getpass("admin token (input hidden): ").strip()
+    return sys.stdin.readline().strip()
+
+
+def _login(args: argparse.Namespace) -> int:
+    url = (args.url or os.environ.get("KEYRELAY_URL") or DEFAULT_URL).rstrip("/")
+    token = _read_token()
+    if not token:
+        raise KeyrelayError("no token given: type it at the prompt, or pipe it in (`keyrelay login < token-file`)")
+    AdminClient(url, token).call("GET", "/tokens", limit=1)  # refused (401) or unreachable: nothing is stored
+    path = remember(Credentials(url=url, token=token))
+    print(f"logged in to {url}; the token is in {path} (readable by you only)")
+    return 0
+
+
+def _logout(args: argparse.Namespace) -> int:
+    path = credentials_path()
+    print(f"removed {path}" if forget(path) else f"not logged in ({path} does not exist)")
+    return 0
+
+
+def add_login_commands(commands: Any) -> None:
+    """Register `keyrelay login` and `keyrelay logout`."""
+    login = commands.add_parser(
+        "login",
+        help="check an admin token and keep it, with the publisher URL, for the admin commands",
+        description="Read an admin token from standard input (or a hidden prompt), check it against the "
+        "publisher and write URL and token to $XDG_CONFIG_HOME/keyrelay/credentials (0600). The admin "
+        "commands then use them unless --token / KEYRELAY_TOKEN is given. The token is never an argument.",
+    )
+    login.add_argument("--url", help=f"publisher URL (default: $KEYRELAY_URL, else {DEFAULT_URL})")
+    login.set_defaults(handler=_login)
+    logout = commands.add_parser(
+        "logout",
+        help="forget the URL and token `keyrelay login` kept",
+        description="Remove $XDG_CONFIG_HOME/keyrelay/credentials. The token itself stays valid: revoke it "
+        "with `keyrelay tokens revoke` if it should stop working.",
+    )
+    logout.set_defaults(handler=_logout)

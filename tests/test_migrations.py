@@ -1,0 +1,206 @@
+"""Schema upgrades, on SQLite and PostgreSQL: a database of the previous release is migrated with its data intact.
+
+The previous release applied migration 1 only. Its rows are written here with the SQL that release ran,
+frozen in this file, so a later change to the store cannot make this test write what the old code never did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from publisher.db import Database
+from publisher.errors import SchemaTooNew
+from publisher.models import Actor, now_us
+from publisher.schema import MIGRATIONS, migrate
+from publisher.store import KeyStore
+from publisher.token_format import token_digest
+from publisher.tokens import TokenStore
+from sidecar.wire import KeyRecord, display_form, generate_key, key_digest
+from tests.conftest import StartPublisher
+from tests.support import ADMIN_TOKEN
+
+PREVIOUS_RELEASE = 1
+OLD_TOKEN = "krt_" + "Zq3-_" * 8 + "abc"  # a `krt_` token as the previous release made them
+
+
+async def _open(url: str) -> Database:
+    """The database, unmigrated."""
+    if url.startswith("sqlite:"):
+        from publisher.db_sqlite import SqliteDatabase
+
+        return SqliteDatabase.open(url)
+    from publisher.db_postgres import PostgresDatabase
+
+    return await PostgresDatabase.open(url, pool_size=2)
+
+
+def _id() -> str:
+    return str(uuid.uuid4())
+
+
+async def _previous_release_database(url: str) -> dict[str, Any]:
+    """Migration 1 only, and the rows the previous release wrote: hierarchy, keys, tokens, audit, outbox."""
+    db = await _open(url)
+    try:
+        assert await migrate(db, migrations=MIGRATIONS[:PREVIOUS_RELEASE]) == [1]
+        now = now_us()
+        ids = {"org": _id(), "team": _id(), "project": _id(), "bootstrap": _id(), "ci": _id(), "key": _id()}
+        key = generate_key(region="eu")
+        record = KeyRecord(key_id=ids["key"], key_hash=key_digest(key), org_id=ids["org"], team_id=ids["team"],
+                           project_id=ids["project"], scopes=("orders:read",), env="live", region="eu",
+                           expires_at=None, revoked_at=None, version=1, metadata={"owner": "payments"})  # fmt: skip
+        async with db.transaction() as tx:
+            for name, token, role in (("bootstrap", ADMIN_TOKEN, "admin"), ("ci", OLD_TOKEN, "member")):
+                await tx.execute(
+                    "INSERT INTO admin_tokens (id, name, token_hash, role, created_at) VALUES ($1, $2, $3, $4, $5)",
+                    ids[name], name, token_digest(token), role, now,
+                )  # fmt: skip
+            await tx.execute("INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3)",
+                             ids["org"], "acme", now)  # fmt: skip
+            await tx.execute("INSERT INTO teams (id, organization_id, name, created_at) VALUES ($1, $2, $3, $4)",
+                             ids["team"], ids["org"], "platform", now)  # fmt: skip
+            await tx.execute(
+                "INSERT INTO projects (id, team_id, organization_id, name, created_at) VALUES ($1, $2, $3, $4, $5)",
+                ids["project"], ids["team"], ids["org"], "payments", now,
+            )  # fmt: skip
+            await tx.execute(
+                "INSERT INTO api_keys (id, key_prefix, key_hash, organization_id, team_id, project_id, name, scopes, "
+                "env, region, metadata, created_at, created_by, version) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                ids["key"], display_form(key), key_digest(key), ids["org"], ids["team"], ids["project"], "k",
+                ["orders:read"], "live", "eu", {"owner": "payments"}, now, ids["bootstrap"], 1,
+            )  # fmt: skip
+            await tx.execute(
+                "INSERT INTO audit_log (at, actor, action, organization_id, team_id, project_id, key_id, details) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                now, "bootstrap", "key.create", ids["org"], ids["team"], ids["project"], ids["key"], {"name": "k"},
+            )  # fmt: skip
+            await tx.execute(
+                "INSERT INTO outbox (key_id, entry, operation, payload, created_at) VALUES ($1, $2, $3, $4, $5)",
+                ids["key"], record.entry, "put", record.encode(), now,
+            )  # fmt: skip
+        return {**ids, "plaintext": key, "record": record}
+    finally:
+        await db.close()
+
+
+async def test_a_previous_release_database_is_migrated_with_every_row_intact_and_the_new_columns_work(
+    database_url: str,
+) -> None:
+    old = await _previous_release_database(database_url)
+    db = await _open(database_url)
+    try:
+        assert await migrate(db) == [2]
+        assert await migrate(db) == []  # a second start changes nothing
+        async with db.transaction() as tx:
+            versions = [r["version"] for r in await tx.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
+            outbox = await tx.fetch("SELECT key_id, entry, operation, payload FROM outbox")
+            audit = await tx.fetch("SELECT actor, action, key_id, details FROM audit_log")
+            tokens = await tx.fetch("SELECT name, role, expires_at, org_id, team_id, user_id, hint FROM admin_tokens "
+                                    "ORDER BY name")  # fmt: skip
+        assert versions == [m.version for m in MIGRATIONS]
+        assert [(r["key_id"], r["entry"], r["operation"], bytes(r["payload"])) for r in outbox] == [
+            (old["key"], old["record"].entry, "put", old["record"].encode())
+        ]
+        assert [(r["actor"], r["action"], r["key_id"], r["details"]) for r in audit] == [
+            ("bootstrap", "key.create", old["key"], {"name": "k"})
+        ]
+        assert [tuple(r.values()) for r in tokens] == [
+            ("bootstrap", "admin", None, None, None, None, None),
+            ("ci", "member", None, None, None, None, None),
+        ]
+
+        store = KeyStore(db)
+        key = await store.get_key(old["key"])
+        assert (key.record(), key.display) == (old["record"], display_form(old["plaintext"]))
+        assert [o.name for o in await store.list_orgs()] == ["acme"]
+
+        tokens_store = TokenStore(db)
+        ci = await tokens_store.find(OLD_TOKEN)
+        assert ci == Actor(token_id=old["ci"], name="ci", role="member")
+        admin = await tokens_store.find(ADMIN_TOKEN)
+        assert admin is not None
+        created, _ = await tokens_store.create(admin, "expiring", "member", expires_in=3600)
+        assert created.expires_at is not None
+        async with db.transaction() as tx:  # the columns access control will use take the ids they name
+            await tx.execute("UPDATE admin_tokens SET org_id = $1, team_id = $2, user_id = $3 WHERE id = $4",
+                             old["org"], old["team"], _id(), old["ci"])  # fmt: skip
+        assert (await tokens_store.get(old["ci"])).org_id == old["org"]
+        with pytest.raises(Exception, match=r"(?i)foreign key"):
+            async with db.transaction() as tx:
+                await tx.execute("UPDATE admin_tokens SET org_id = $1 WHERE id = $2", _id(), old["ci"])
+    finally:
+        await db.close()
+
+
+async def test_a_publisher_of_this_release_serves_a_migrated_database_and_its_old_tokens(
+    database_url: str, start_publisher: StartPublisher
+) -> None:
+    old = await _previous_release_database(database_url)
+    publisher = await start_publisher()
+    admin = publisher.admin
+    key = await admin.ok("GET", f"/keys/{old['key']}")
+    assert (key["status"], key["scopes"], key["region"]) == ("active", ["orders:read"], "eu")
+    status, _ = await admin.call("GET", "/orgs", token=OLD_TOKEN)
+    assert status == 200
+    listed = {t["name"]: t["status"] for t in (await admin.ok("GET", "/tokens"))["tokens"]}
+    assert listed == {"bootstrap": "active", "ci": "active"}
+    audit = (await admin.ok("GET", "/audit", key_id=old["key"]))["entries"]
+    assert [e["action"] for e in audit] == ["key.create"]
+
+
+async def _newer_release_database(url: str) -> None:
+    db = await _open(url)
+    try:
+        await migrate(db)
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO schema_migrations (version, description, applied_at) VALUES ($1, $2, $3)",
+                             99, "something a later release added", now_us())  # fmt: skip
+    finally:
+        await db.close()
+
+
+async def test_a_database_migrated_by_a_newer_release_is_refused_with_a_clear_error(database_url: str) -> None:
+    await _newer_release_database(database_url)
+    db = await _open(database_url)
+    try:
+        with pytest.raises(SchemaTooNew) as refused:
+            await migrate(db)
+    finally:
+        await db.close()
+    assert (refused.value.database_version, refused.value.known_version) == (99, MIGRATIONS[-1].version)
+    message = str(refused.value)
+    assert "schema version 99 (something a later release added)" in message
+    assert f"knows versions up to {MIGRATIONS[-1].version}" in message
+    assert "Run that release or a newer one" in message
+
+
+async def test_the_publisher_does_not_start_on_a_database_of_a_newer_release(
+    database_url: str, signing_key: Path, tmp_path: Path
+) -> None:
+    await _newer_release_database(database_url)
+    env = {"PATH": "/usr/bin:/bin", "KEYRELAY_ADMIN_TOKEN": ADMIN_TOKEN, "KEYRELAY_DATABASE_URL": database_url}
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).parent / "keyrelay"), "publisher", "--signing-key", str(signing_key),
+        "--data-dir", str(tmp_path), "--port", "0", "--nats-url", "nats://127.0.0.1:1",
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 1
+    assert "keyrelay: the database has schema version 99" in err.decode()
+    assert ADMIN_TOKEN not in (out + err).decode()
+
+
+def test_docs_migrations_lists_every_migration_and_the_lock_the_code_takes() -> None:
+    from publisher.schema import _LOCK_ID
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "migrations.md").read_text()
+    rows = [line.split("|")[1].strip() for line in doc.splitlines() if line.startswith("| ") and "|" in line[2:]]
+    assert [r for r in rows if r.isdigit()] == [str(m.version) for m in MIGRATIONS]
+    assert f"0x{_LOCK_ID:X}" in doc
