@@ -18,6 +18,7 @@ from multidict import CIMultiDictProxy, istr
 
 from .metrics import LATENCY_BUCKETS, Metrics
 from .routes import RouteScopes
+from .serving import SERVER, malformed_metric
 from .settings import SidecarSettings
 from .snapshot import snapshot_summary
 from .sync import KeySync
@@ -45,8 +46,6 @@ _VALID = Code.VALID
 _API_KEY, _REQUIRED_SCOPES = istr("X-API-Key"), istr("X-Required-Scopes")
 _IDENTITY = ("X-Key-Id", "X-Org-Id", "X-Team-Id", "X-Project-Id", "X-Key-Scopes", "X-Key-Env")
 _STALE = "X-Keyrelay-Stale"
-# Instead of aiohttp's default, which names the Python and aiohttp versions to every client.
-SERVER = "keyrelay"
 _OK_11 = "HTTP/1.1 200 OK\r\n"
 # Where gateways put the original request: nginx sets X-Original-*, Traefik and Caddy X-Forwarded-*.
 _ORIGINAL_URI, _ORIGINAL_METHOD = istr("X-Original-URI"), istr("X-Original-Method")
@@ -131,7 +130,8 @@ class _Granted(web.StreamResponse):
     (when first verified) and the rest of the head is the same for every grant. What varies is
     only what aiohttp itself would vary: the HTTP version, the Date, keep-alive, and no
     Content-Length for HEAD. Of what may be set on a response, it honours force_close() only;
-    it runs no on_response_prepare signal (the sidecar registers none).
+    it runs no on_response_prepare signal (the one the sidecar registers, serving.harden's,
+    sets the Server header this head has already).
     """
 
     __slots__ = ("identity", "stale")
@@ -307,7 +307,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus scrape."""
     state = request.app[STATE]
-    text = state.metrics.render(state.sync, ready=state.ready())
+    text = state.metrics.render(state.sync, ready=state.ready()) + malformed_metric(request.app)
     return web.Response(
         text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"}
     )
