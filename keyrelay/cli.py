@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command tree; every command and option has help."""
     from publisher.settings import PublisherSettings
 
+    from .client import ClientSettings
     from .nats_config import NatsConfigSettings
     from .region import RegionSettings
     from .snapshots import SnapshotSettings, SnapshotStoreSettings
@@ -199,17 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
         "once, repair it and exit; with `resign`, sign the bucket's old values afresh and exit.",
     )
     publisher_actions = publisher.add_subparsers(dest="publisher_command", metavar="ACTION")
-    reconcile = _command(
-        publisher_actions,
+    reconcile = publisher_actions.add_parser(
         "reconcile",
-        settings=PublisherSettings,
-        handler=_reconcile,
-        help="compare the bucket with the database, republish what differs, and exit",
+        help="compare the bucket with the database, show the plan, repair what differs (bounded), and exit",
         description="Compare the key bucket with the database (count and keyed BLAKE2b digest per shard, "
-        "every value's signature verified), republish what differs or is not signed by the current key "
-        "through the outbox and tombstone entries of unknown keys; then wait until published.",
+        "every value's signature verified) and print the plan: entries to add, signed entries to change or "
+        "delete, and values not genuinely signed to put right. A plan that changes or deletes more signed "
+        "values than --reconcile-max-changes, or deletes them because the database is empty, is refused "
+        "unless --force. The running publisher does the work (POST /v1/reconcile); --offline opens the "
+        "database and NATS directly instead. Then it waits until the repairs are published.",
     )
+    reconcile.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    reconcile.add_argument("--force", action="store_true", help="apply a plan over the bound or from an empty database")
+    reconcile.add_argument("--offline", action="store_true",
+                           help="work on the database and NATS directly (the publisher settings below), not "
+                           "through a running publisher")  # fmt: skip
     reconcile.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_options(reconcile, ClientSettings, title="the running publisher")
+    add_options(reconcile, PublisherSettings, title="with --offline: the database and NATS", exclude={"data_dir"})
+    reconcile.set_defaults(handler=_reconcile)
     resign = _command(
         publisher_actions,
         "resign",

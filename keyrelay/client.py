@@ -39,7 +39,8 @@ class ClientSettings:
         if (not url or not token) and state.exists():
             data = json.loads(state.read_text())
             url = url or data.get("publisher_url", "")
-            token = token or data.get("admin_token", "")
+            if not token and data.get("admin_token_file"):
+                token = Path(data["admin_token_file"]).read_text().strip()
         return (url or DEFAULT_URL).rstrip("/"), token
 
 
@@ -78,6 +79,7 @@ class AdminClient:
 def _api_error(exc: urllib.error.HTTPError) -> ApiError:
     try:
         error = json.loads(exc.read())["error"]
-        return ApiError(status=exc.code, code=error["code"], message=error["message"])
+        details = {k: v for k, v in error.items() if k not in ("code", "message")}
+        return ApiError(status=exc.code, code=error["code"], message=error["message"], details=details)
     except (ValueError, KeyError, TypeError):
         return ApiError(status=exc.code, code="http_error", message=str(exc.reason))

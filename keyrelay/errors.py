@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["ApiError", "KeyrelayError"]
 
 
@@ -10,8 +12,9 @@ class KeyrelayError(Exception):
 
 
 class ApiError(KeyrelayError):
-    """The admin API refused a call; carries its status, code and message."""
+    """The admin API refused a call; carries its status, code, message and the error's other fields."""
 
-    def __init__(self, *, status: int, code: str, message: str) -> None:
+    def __init__(self, *, status: int, code: str, message: str, details: dict[str, Any] | None = None) -> None:
         self.status, self.code, self.message = status, code, message
+        self.details = details or {}
         super().__init__(f"{message} ({code}, HTTP {status})")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sidecar.config import load
 from sidecar.trust import key_id, parse_public_key, write_signing_key
 
-from .errors import KeyrelayError
+from .errors import ApiError, KeyrelayError
 from .output import details, dump_json
 
 if TYPE_CHECKING:
@@ -25,16 +25,45 @@ _Pass = Callable[["Services", Callable[[str], None]], Awaitable[tuple[dict[str, 
 
 
 def reconcile_command(args: argparse.Namespace) -> int:
-    """`keyrelay publisher reconcile`: repair the bucket from the database, wait until published."""
+    """`keyrelay publisher reconcile`: plan, then (within the bound or --force) repair; wait until published."""
+    if not args.offline:
+        return _reconcile_online(args)
 
     async def run(services: Services, say: Callable[[str], None]) -> tuple[dict[str, Any], tuple[int, ...]]:
         from publisher.reconcile import reconcile
 
         report = await reconcile(store=services.store, broker=services.broker, keys=services.keys,
-                                 horizon=services.settings.replay_horizon, progress=say)  # fmt: skip
+                                 horizon=services.settings.replay_horizon, progress=say, dry_run=args.dry_run,
+                                 force=args.force, max_changes=services.settings.reconcile_max_changes)  # fmt: skip
         return report.to_json(), report.outbox_ids
 
     return _one_pass(args, run)
+
+
+def _reconcile_online(args: argparse.Namespace) -> int:
+    from .client import AdminClient, ClientSettings
+
+    url, token = load(ClientSettings, args).resolved()
+    print(f"keyrelay: asking the publisher at {url} to reconcile", file=sys.stderr)
+    try:
+        # A pass over a million keys takes minutes: the client waits for as long as the publisher works.
+        report = AdminClient(url, token, timeout=3600).call("POST", "/reconcile",
+                                                            {"dry_run": args.dry_run, "force": args.force})  # fmt: skip
+    except ApiError as exc:
+        if exc.code != "reconcile_refused":
+            raise
+        return _print_report(args, exc.details.get("plan") or {"refused": exc.message})
+    return _print_report(args, report)
+
+
+def _print_report(args: argparse.Namespace, report: dict[str, Any]) -> int:
+    if args.json:
+        print(dump_json(report))
+    else:
+        print(details(report, [(k.replace("_", " "), k) for k in report]))
+    if report.get("refused"):
+        raise KeyrelayError(f"{report['refused']}; nothing changed. --dry-run shows the plan, --force applies it")
+    return 0 if report.get("propagation", "published") == "published" else 2
 
 
 def resign_command(args: argparse.Namespace) -> int:
@@ -54,12 +83,7 @@ def _one_pass(args: argparse.Namespace, run: _Pass) -> int:
     from publisher.settings import PublisherSettings
 
     settings = load(PublisherSettings, args)
-    report = asyncio.run(_with_services(settings, run))
-    if args.json:
-        print(dump_json(report))
-    else:
-        print(details(report, [(k.replace("_", " "), k) for k in report]))
-    return 0 if report["propagation"] == "published" else 2
+    return _print_report(args, asyncio.run(_with_services(settings, run)))
 
 
 async def _with_services(settings: Any, run: _Pass) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from publisher.tokens import generate_token
 from sidecar.config import load, option, parse_bool
 from sidecar.nats_connect import identity_name
 from sidecar.settings import DEFAULT_DEPLOYMENT, LOG_LEVELS, parse_port, parse_region
@@ -127,6 +127,7 @@ class Stack:
     public_key: str = ""  # the publisher's signing key's public half: what sidecars trust
     sidecars: dict[str, str] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)
+    first_run: bool = False  # no database and no token in the data directory yet: the publisher creates them
     # Hooks for the load test: route a region's leaf link (hub leaf port → port to dial), add sidecar flags.
     leaf_link: Callable[[str, int], int] | None = None
     sidecar_args: list[str] = field(default_factory=list)
@@ -162,7 +163,12 @@ class Stack:
     def _start(self) -> None:
         if self.tls is not None:
             self.tls.ensure()
+        # A data directory with neither a database nor a token is new; one with a token but no
+        # database lost it, which the publisher reports rather than starting empty.
+        self.first_run = not (self.data_dir / "keyrelay.db").exists() and not self.token_file.exists()
         self.token = self.settings.admin_token or self._stored_token()
+        if self.settings.admin_token:
+            write_private(self.token_file, self.token + "\n")  # where the CLI looks for it
         hub = self._start_nats()
         self._start_publisher(hub.url)
         self._wait_bucket()
@@ -188,12 +194,17 @@ class Stack:
             self.demo = _seed_demo(AdminClient(self.publisher_url, self.token))
         write_private(stack_file(self.data_dir), json.dumps(self.describe_json(), indent=2))
 
+    @property
+    def token_file(self) -> Path:
+        """Where the admin token is kept: the one place it is written (stack.json names this file)."""
+        return self.data_dir / "admin-token"
+
     def _stored_token(self) -> str:
-        path = self.data_dir / "admin-token"
+        path = self.token_file
         if path.exists():
             path.chmod(0o600)  # a copy made by hand, or an older release, may have left it readable by all
             return path.read_text().strip()
-        token = "krt_" + secrets.token_urlsafe(32)
+        token = generate_token()
         write_private(path, token + "\n")
         return token
 
@@ -256,10 +267,13 @@ class Stack:
 
     def _start_publisher(self, nats_url: str) -> None:
         port = self.ports.pick(self.settings.publisher_port, "publisher")
+        database = self.data_dir / "keyrelay.db"
         component = self._child("publisher", [
             "publisher", "--port", str(port), "--nats-url", nats_url, *self.nats_args("publisher"),
             "--data-dir", str(self.data_dir),
-            "--database-url", f"sqlite:///{self.data_dir / 'keyrelay.db'}",
+            "--database-url", f"sqlite:///{database}",
+            # The first run creates the database; later runs find it, and a lost one is an error, not a new start.
+            *(["--init"] if self.first_run else []),
         ], port, {"KEYRELAY_SIGNING_KEY": str(self._signing_key()),
                   # In the child's environment, never its command line, which every local user can read.
                   "KEYRELAY_ADMIN_TOKEN": self.token})  # fmt: skip
@@ -313,10 +327,10 @@ class Stack:
         return wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log) - started
 
     def describe_json(self) -> dict[str, Any]:
-        """What the CLI and scripts need: URLs, token, NATS, logs, and the demo key's ids (its plaintext: never)."""
+        """What the CLI and scripts need: URLs, the token's file, NATS, logs, the demo's ids (never the key)."""
         return {
             "publisher_url": self.publisher_url,
-            "admin_token": self.token,
+            "admin_token_file": str(self.token_file),
             "trusted_keys": [self.public_key],
             "trusted_snapshot_keys": [self.snapshot_public_key],
             "sidecars": self.sidecars,
@@ -333,11 +347,11 @@ class Stack:
         cli = _cli_name()
         lines = [f"keyrelay is up (state in {self.data_dir}, logs in {self.data_dir / 'logs'})", ""]
         lines += [f"  note: {note}" for note in self.ports.notes]
-        lines += [f"  admin API   {self.publisher_url}", f"  admin token {self.token}"]
+        lines += [f"  admin API   {self.publisher_url}", f"  admin token in {self.token_file}"]
         lines += [f"  sidecar     {url}   ({region})" for region, url in self.sidecars.items()]
         lines += [f"  NATS        {n.url}   ({n.spec.name}, JetStream domain {n.spec.domain})" for n in self.nats]
         lines += ["", f"The {cli} CLI run from this directory finds the stack by itself; elsewhere:",
-                  f"  export KEYRELAY_URL={self.publisher_url} KEYRELAY_TOKEN={self.token}", ""]  # fmt: skip
+                  f"  export KEYRELAY_URL={self.publisher_url} KEYRELAY_TOKEN_FILE={self.token_file}", ""]  # fmt: skip
         if self.demo:
             lines += [
                 f"Demo key (project {self.demo['project_id']}, shown once): {self.demo['key']}",

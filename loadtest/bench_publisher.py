@@ -336,7 +336,7 @@ def start_stack(stack: contextlib.ExitStack, work: Path, database_url: str, log_
     publisher_port = free_port()
     process, log = _start_component(stack, "publisher", [
         "publisher", "--port", str(publisher_port), "--nats-url", nats_server.url,
-        "--data-dir", str(work / "publisher"), "--log-level", log_level, "--signing-key", str(signing_key),
+        "--data-dir", str(work / "publisher"), "--log-level", log_level, "--signing-key", str(signing_key), "--init",
     ], publisher_port, logs, {"KEYRELAY_ADMIN_TOKEN": token, "KEYRELAY_DATABASE_URL": database_url})  # fmt: skip
     _wait_bucket(process, publisher_port, log)
     sidecar_port = free_port()

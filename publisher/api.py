@@ -287,13 +287,23 @@ async def create_token(request: web.Request) -> web.Response:
 
 
 async def reconcile_now(request: web.Request) -> web.Response:
-    """POST /v1/reconcile: compare the bucket with the database and repair it now."""
+    """POST /v1/reconcile {dry_run?, force?}: compare the bucket with the database and repair it now.
+
+    The plan comes first: one that changes or deletes more signed values than the bound, or empties
+    the bucket from an empty database, is refused with 409 and the plan, unless `force` is true.
+    """
     services = request.app[SERVICES]
+    body = v.fields(await _body(request), allowed={"dry_run", "force"})
+    dry_run, force = (v.boolean(body.get(name, False), name) for name in ("dry_run", "force"))
     if not services.broker.bucket_ready.is_set():
         raise PublisherError("NATS is not reachable; reconciliation needs the bucket")
     report = await reconcile(store=services.store, broker=services.broker, keys=services.keys,
-                             horizon=services.settings.replay_horizon)  # fmt: skip
+                             horizon=services.settings.replay_horizon, dry_run=dry_run, force=force,
+                             max_changes=services.settings.reconcile_max_changes)  # fmt: skip
     answer = report.to_json()
+    if report.refused is not None:
+        return _error(409, "reconcile_refused", f"{report.refused}; nothing changed. Send force: true to apply it",
+                      plan=answer)  # fmt: skip
     answer["propagation"] = await _propagation(services, report.outbox_ids)
     return web.json_response(answer)
 

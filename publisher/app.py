@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
-import sys
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -31,6 +31,7 @@ __all__ = ["create_app", "open_services", "run", "serve", "tls_context"]
 log = logging.getLogger("keyrelay.publisher")
 
 BOOTSTRAP_TOKEN_NAME = "bootstrap"
+GENERATED_TOKEN_FILE = "generated-admin-token"  # in the data directory, when no token is configured
 
 
 @contextlib.asynccontextmanager
@@ -40,7 +41,7 @@ async def open_services(settings: PublisherSettings, *, bootstrap: bool = True) 
     Closed in reverse. Without a usable signing key nothing starts: SigningKeyError says how to make one.
     """
     keys = load_signing_keys(settings)
-    db = await open_database(settings.resolved_database_url())
+    db = await open_database(settings.resolved_database_url(), create=settings.init)
     broker = Broker(
         servers=settings.nats_url,
         bucket=settings.bucket,
@@ -72,9 +73,16 @@ async def _bootstrap_token(tokens: TokenStore, settings: PublisherSettings) -> N
         await tokens.ensure(BOOTSTRAP_TOKEN_NAME, settings.admin_token, "admin")
     elif await tokens.count() == 0:
         token = generate_token()
+        path = settings.data_dir / GENERATED_TOKEN_FILE
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # Never into the log (logs are shipped and kept): into a file only this user can read, once.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file left by an earlier start
+            out.write(token + "\n")
         await tokens.ensure(BOOTSTRAP_TOKEN_NAME, token, "admin")
-        # Shown once, like a key: only its hash is kept.
-        print(f"keyrelay publisher: generated admin token (shown once, stored hashed): {token}", file=sys.stderr)
+        log.warning("no admin token was configured: generated one into %s (mode 0600, stored hashed); "
+                    "read it, keep it in a secret store and delete the file", path)  # fmt: skip
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -135,6 +143,8 @@ async def metrics(request: web.Request) -> web.Response:
          beats.last_published),
         ("keyrelay_reconcile_passes_total", "counter", "Periodic and start-up reconciliations completed",
          maintenance.reconciles),
+        ("keyrelay_reconcile_refused_total", "counter", "Automatic reconciliations refused: their plan changed or "
+         "deleted more signed values than --reconcile-max-changes", maintenance.refusals),
         ("keyrelay_resign_passes_total", "counter", "Periodic re-signing passes completed", maintenance.resigns),
     ]  # fmt: skip
     lines: list[str] = []

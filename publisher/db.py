@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol
 
 from sidecar.nats_connect import redact
 
-from .errors import StoreError
+from .errors import NotInitialised, StoreError
 
 __all__ = ["Database", "Dialect", "Row", "Tx", "open_database"]
 
@@ -57,15 +57,22 @@ class Database(Protocol):
         """Close every connection."""
 
 
-async def open_database(url: str, *, pool_size: int = 10, options: Mapping[str, Any] | None = None) -> Database:
-    """Open `sqlite:///path` or `postgresql://...` and apply pending migrations."""
-    from .schema import migrate
+async def open_database(
+    url: str, *, pool_size: int = 10, options: Mapping[str, Any] | None = None, create: bool = True
+) -> Database:
+    """Open `sqlite:///path` or `postgresql://...` and apply pending migrations.
+
+    With `create` false, a database keyrelay has not initialised (a missing SQLite file, or no schema
+    in it or in the PostgreSQL database) is a NotInitialised error instead of a new, empty store: a
+    publisher pointed at the wrong place must not look like a deployment whose keys were all deleted.
+    """
+    from .schema import initialised, migrate
 
     db: Database
     if url.startswith("sqlite:"):
         from .db_sqlite import SqliteDatabase
 
-        db = SqliteDatabase.open(url)
+        db = SqliteDatabase.open(url, create=create)
     elif url.startswith(("postgresql:", "postgres:")):
         from .db_postgres import PostgresDatabase
 
@@ -73,8 +80,10 @@ async def open_database(url: str, *, pool_size: int = 10, options: Mapping[str, 
     else:
         raise StoreError(f"unsupported database URL {redact(url)!r}: use sqlite:///PATH or postgresql://...")
     try:
+        if not create and not await initialised(db):
+            raise NotInitialised(redact(url))
         await migrate(db)
-    except Exception:
+    except BaseException:
         await db.close()
         raise
     return db

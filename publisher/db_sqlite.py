@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .db import Dialect, Row
-from .errors import StoreError
+from .errors import NotInitialised, StoreError
 
 __all__ = ["SqliteDatabase"]
 
@@ -82,13 +82,15 @@ class SqliteDatabase:
         self._lock = asyncio.Lock()
 
     @classmethod
-    def open(cls, url: str) -> SqliteDatabase:
-        """Open `sqlite:///relative.db` or `sqlite:////absolute.db`, creating file and directory."""
+    def open(cls, url: str, *, create: bool = True) -> SqliteDatabase:
+        """Open `sqlite:///relative.db` or `sqlite:////absolute.db`; with `create`, making file and directory."""
         path = url.removeprefix("sqlite:///")
         if path == url or not path:
             raise StoreError("a SQLite URL names a file: sqlite:///relative/path.db or sqlite:////absolute/path.db")
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if not create and not Path(path).is_file():
+                raise NotInitialised(url)
+            Path(path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             conn = sqlite3.connect(
                 path, isolation_level=None, detect_types=sqlite3.PARSE_DECLTYPES, check_same_thread=False

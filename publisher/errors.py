@@ -7,6 +7,7 @@ __all__ = [
     "Forbidden",
     "Invalid",
     "NotFound",
+    "NotInitialised",
     "PublisherError",
     "SigningKeyError",
     "StoreError",
@@ -75,6 +76,18 @@ class StoreError(PublisherError):
 
     status = 503
     code = "store_unavailable"
+
+
+class NotInitialised(StoreError):
+    """The database is not one keyrelay made (missing, or without its schema); nothing was created."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        super().__init__(
+            f"{url} holds no keyrelay database. Check --database-url / --data-dir (a publisher pointed at the wrong "
+            "place would otherwise start empty, and reconciling would delete every key from the bucket); pass "
+            "--init to create a new one there."
+        )
 
 
 class SigningKeyError(PublisherError):

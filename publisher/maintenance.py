@@ -39,6 +39,7 @@ class Maintenance:
     def __init__(self, services: Services) -> None:
         self.services = services
         self.reconciles = 0
+        self.refusals = 0  # reconciliations whose plan exceeded the bound: changed nothing
         self.resigns = 0
         self.resigned = asyncio.Event()  # set after each re-signing pass, the start-up one first
         self.settled = asyncio.Event()  # set once this replica's start-up passes are over
@@ -68,8 +69,13 @@ class Maintenance:
     async def reconcile(self) -> None:
         """One reconciliation, its fixes then published."""
         s = self.services
-        report = await reconcile(store=s.store, broker=s.broker, keys=s.keys, horizon=s.settings.replay_horizon)
+        report = await reconcile(store=s.store, broker=s.broker, keys=s.keys, horizon=s.settings.replay_horizon,
+                                 max_changes=s.settings.reconcile_max_changes)  # fmt: skip
         self.reconciles += 1
+        if report.refused is not None:
+            self.refusals += 1
+            log.error("reconciliation refused, the bucket is left as it is: %s. Look at the plan with "
+                      "`keyrelay publisher reconcile --dry-run`; `--force` applies it", report.refused)  # fmt: skip
         if report.outbox_ids:
             s.relay.wake()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import socket
@@ -31,7 +32,19 @@ from .db import Database
 from .models import OutboxEntry, now_us
 from .store import placeholders
 
-__all__ = ["OutboxRelay", "RelayStats"]
+__all__ = ["OutboxRelay", "RelayStats", "message_name"]
+
+
+def message_name(entry: OutboxEntry) -> str:
+    """What an outbox entry's `Nats-Msg-Id` is derived from: its id and exactly what it publishes.
+
+    The same for every retry of one entry, so JetStream drops a duplicate. With the content in it, a
+    second database signing with the same key (a restored backup, a new one after a loss) that reuses
+    an outbox id within the duplicate window is not mistaken for a retry and silently dropped.
+    """
+    digest = hashlib.sha256(entry.payload or b"").hexdigest()
+    return f"outbox.{entry.id}.{entry.operation}.{entry.entry}.{digest}"
+
 
 log = logging.getLogger("keyrelay.publisher.outbox")
 
@@ -265,7 +278,7 @@ class OutboxRelay:
 
     def _signed(self, entry: OutboxEntry) -> tuple[bytes, dict[str, str]] | None:
         """The payload and headers to publish for `entry`, signed now; None for a delete nobody could verify."""
-        headers = {"Nats-Msg-Id": self.signer.message_id(f"outbox.{entry.id}")}
+        headers = {"Nats-Msg-Id": self.signer.message_id(message_name(entry))}
         if entry.operation != "delete":
             body = entry.payload or b""
             headers[SIGNATURE_HEADER] = self.signer.sign(KIND_RECORD, entry.entry, body)

@@ -32,6 +32,7 @@ from sidecar.wire import KeyRecord, is_canonical_id
 from .broker import Broker
 from .models import Actor
 from .scan import BucketValue, report_json, scan_bucket
+from .settings import DEFAULT_RECONCILE_MAX_CHANGES
 from .signing import SigningKeys
 from .store import NIL_UUID, KeyStore
 
@@ -133,6 +134,11 @@ class ReconcileReport:
     republished: int = 0
     deleted: int = 0
     skipped: int = 0
+    plan_added: int = 0
+    plan_changed: int = 0
+    plan_deleted: int = 0
+    dry_run: bool = False
+    refused: str | None = None
     seconds: float = 0.0
     outbox_ids: tuple[int, ...] = ()
 
@@ -192,32 +198,66 @@ def _rounds(differing: frozenset[int], a: _Side, b: _Side, limit: int) -> list[f
     return rounds
 
 
-async def _repair(
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """The repairs of one round: what to republish (key id → verified bucket version) and to tombstone."""
+
+    stale: dict[str, int]
+    orphans: list[tuple[str, str]]
+    skipped: int
+    added: int  # entries the bucket lacks
+    changed: int  # genuine bucket values the database contradicts
+    deleted: int  # genuine bucket entries of keys the database does not know
+
+    @property
+    def destructive(self) -> int:
+        """How many values the publisher itself signed this plan replaces or removes."""
+        return self.changed + self.deleted
+
+
+async def _plan(
     store: KeyStore, broker: Broker, keys: SigningKeys, digest: _Digest, group: frozenset[int], horizon: float,
-    timeout: float, report: ReconcileReport,
-) -> None:  # fmt: skip
-    """Compare the entries of the shards in `group` one by one and queue the repairs (one audit entry)."""
+    timeout: float,
+) -> _Plan:  # fmt: skip
+    """Compare the entries of the shards in `group` one by one: what a repair would change."""
     db_detail, key_ids = await _database_side(store, digest, group)
-    bucket_detail = await _bucket_side(broker, keys, digest, group, horizon, timeout)
-    stale = {
-        key_ids[e]: bucket_detail.versions.get(e, 0)
-        for e, f in db_detail.entries.items()
-        if bucket_detail.entries.get(e) != f
-    }
-    orphans = [(e, e.rsplit(".", 1)[-1]) for e in bucket_detail.entries if e not in db_detail.entries]
+    bucket = await _bucket_side(broker, keys, digest, group, horizon, timeout)
+    differing = [e for e, f in db_detail.entries.items() if bucket.entries.get(e) != f]
+    stale = {key_ids[e]: bucket.versions.get(e, 0) for e in differing}
+    orphans = [(e, e.rsplit(".", 1)[-1]) for e in bucket.entries if e not in db_detail.entries]
     named = [(e, key_id) for e, key_id in orphans if is_canonical_id(key_id)]
-    if len(named) < len(orphans):
+    return _Plan(
+        stale=stale, orphans=named, skipped=len(orphans) - len(named),
+        added=sum(1 for e in differing if e not in bucket.entries),
+        # A forged, unsigned or replayed value (version 0 here) is always put right: only what the
+        # publisher signed itself counts against the bound.
+        changed=sum(1 for e in differing if bucket.versions.get(e, 0) > 0),
+        deleted=sum(1 for e, _ in named if bucket.versions.get(e, 0) > 0),
+    )  # fmt: skip
+
+
+async def _apply(store: KeyStore, plan: _Plan, digest: _Digest, report: ReconcileReport) -> None:
+    """Queue one round's repairs and its audit entry, in one transaction."""
+    if plan.skipped:
         # Nothing is published that a sidecar could not verify, and a tombstone names a key id.
-        report.skipped += len(orphans) - len(named)
-        log.warning(
-            "reconcile: %d bucket entries are not named <scope>.<key id>; left alone", len(orphans) - len(named)
-        )
+        log.warning("reconcile: %d bucket entries are not named <scope>.<key id>; left alone", plan.skipped)
     summary = {"differing_shards": report.differing_shards, "shards": digest.shards, "unsigned": report.unsigned,
                "bad_signature": report.bad_signature}  # fmt: skip
-    republished, deleted = await store.repair(RECONCILE, stale, named, summary)
+    republished, deleted = await store.repair(RECONCILE, plan.stale, plan.orphans, summary)
     report.republished += len(republished)
     report.deleted += len(deleted)
     report.outbox_ids += republished + deleted
+
+
+def _refusal(report: ReconcileReport, max_changes: int) -> str | None:
+    """Why the plan must not run without --force, or None."""
+    if report.keys_in_database == 0 and report.plan_deleted:
+        return (f"the database holds no keys: the plan would delete all {report.plan_deleted} signed entries "
+                "from the bucket. Is this the right database?")  # fmt: skip
+    if report.plan_changed + report.plan_deleted > max_changes:
+        return (f"the plan changes {report.plan_changed} and deletes {report.plan_deleted} entries the publisher "
+                f"signed, more than the bound of {max_changes} (--reconcile-max-changes)")  # fmt: skip
+    return None
 
 
 async def reconcile(
@@ -226,12 +266,20 @@ async def reconcile(
     broker: Broker,
     keys: SigningKeys,
     horizon: float = math.inf,
+    max_changes: int = DEFAULT_RECONCILE_MAX_CHANGES,
+    force: bool = False,
+    dry_run: bool = False,
     shards: int | None = None,
     round_entries: int = ROUND_ENTRIES,
     timeout: float = 600.0,
     progress: Progress | None = None,
 ) -> ReconcileReport:
-    """Make the bucket equal to the database, every value signed; the fixes go through the outbox (wake the relay)."""
+    """Make the bucket equal to the database, every value signed; the fixes go through the outbox (wake the relay).
+
+    The plan comes first: without `force`, one that would change or delete more than `max_changes`
+    values the publisher signed, or delete signed entries because the database is empty, is refused
+    (`report.refused` says why) and nothing changes. `dry_run` returns the plan and changes nothing.
+    """
     say = progress or (lambda text: log.info("%s", text))
     started = time.perf_counter()
     if shards is None:
@@ -244,14 +292,34 @@ async def reconcile(
     report = ReconcileReport(
         keys_in_database=sum(db_side.counts), entries_in_bucket=sum(bucket_side.counts), shards=shards,
         unsigned=bucket_side.unsigned, bad_signature=bucket_side.bad_signature, late=bucket_side.late,
+        dry_run=dry_run,
     )  # fmt: skip
     differing = _differing(db_side, bucket_side)
     report.differing_shards = len(differing)
     rounds = _rounds(differing, db_side, bucket_side, round_entries)
+    plans: list[_Plan] = []
     for number, group in enumerate(rounds, 1):
         of = f" (round {number} of {len(rounds)})" if len(rounds) > 1 else ""
         say(f"reconcile: {len(differing)} of {shards} shards differ; comparing the entries of {len(group)}{of}")
-        await _repair(store, broker, keys, digest, group, horizon, timeout, report)
+        plan = await _plan(store, broker, keys, digest, group, horizon, timeout)
+        report.plan_added += plan.added
+        report.plan_changed += plan.changed
+        report.plan_deleted += plan.deleted
+        report.skipped += plan.skipped
+        if len(rounds) == 1:
+            plans.append(plan)  # one round is small enough to keep: applied without comparing again
+    say(f"reconcile: the plan adds {report.plan_added}, changes {report.plan_changed} and deletes "
+        f"{report.plan_deleted} signed entries, and puts right {report.unsigned + report.bad_signature + report.late}"
+        " values not genuinely signed")  # fmt: skip
+    report.refused = None if force else _refusal(report, max_changes)
+    if report.refused is not None:
+        say(f"reconcile: refused, nothing changed: {report.refused}; --force runs it anyway")
+    elif not dry_run:
+        for number, group in enumerate(rounds, 1):
+            if len(rounds) > 1:
+                say(f"reconcile: repairing (round {number} of {len(rounds)})")
+            plan = plans[0] if plans else await _plan(store, broker, keys, digest, group, horizon, timeout)
+            await _apply(store, plan, digest, report)
     report.seconds = time.perf_counter() - started
     say(
         f"reconcile: done in {report.seconds:.2f}s: {report.republished} republished, {report.deleted} deleted, "

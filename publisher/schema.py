@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .db import Database, Dialect
 
-__all__ = ["MIGRATIONS", "PARTITIONS", "Migration", "migrate"]
+__all__ = ["MIGRATIONS", "PARTITIONS", "Migration", "initialised", "migrate"]
 
 log = logging.getLogger("keyrelay.publisher.schema")
 
@@ -160,6 +160,18 @@ MIGRATIONS: tuple[Migration, ...] = (
         ),
     ),
 )
+
+
+async def initialised(db: Database) -> bool:
+    """Whether keyrelay's schema is in the database (its migrations table has a row)."""
+    if db.dialect == "postgresql":
+        exists = "SELECT to_regclass('schema_migrations') IS NOT NULL"
+    else:
+        exists = "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    async with db.transaction() as tx:
+        if not await tx.fetchval(exists):
+            return False
+        return bool(await tx.fetchval("SELECT count(*) FROM schema_migrations"))
 
 
 async def migrate(db: Database) -> list[int]:

@@ -15,12 +15,21 @@ from sidecar.wire import DEFAULT_BUCKET, DEFAULT_PREFIX
 
 from .validation import MAX_GRACE
 
-__all__ = ["RECONCILE_INTERVAL", "PublisherSettings"]
+__all__ = ["DEFAULT_RECONCILE_MAX_CHANGES", "RECONCILE_INTERVAL", "PublisherSettings", "parse_count"]
 
+# Values the publisher signed that one reconciliation may change or delete without --force.
+DEFAULT_RECONCILE_MAX_CHANGES = 100
 # A reconcile pass reads and verifies the whole bucket: 2.5 to 3 minutes of one CPU at a million keys
 # (loadtest/bench_reconcile.py, docs/signing.md), so every 30 minutes costs the relay leader about a tenth
 # of a CPU on average, and a replayed old value is put back within half an hour.
 RECONCILE_INTERVAL = 1800.0
+
+
+def parse_count(text: str) -> int:
+    """A whole number, zero or more, in ASCII digits."""
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
+        raise ValueError(f"not a count: {text!r} (use a whole number such as 100)")
+    return int(text)
 
 
 def _grace(text: str) -> float:
@@ -52,6 +61,12 @@ class PublisherSettings:
         help="sqlite:///path.db or postgresql://user:pass@host/db (unset: SQLite in the data directory)",
     )
     data_dir: Path = option(Path(".keyrelay"), parse=Path, help="directory for the SQLite file and state")
+    init: bool = option(
+        False,
+        parse=parse_bool,
+        help="create the database if keyrelay has not initialised it (a new SQLite file, or the schema in an "
+        "empty PostgreSQL database); without it such a database is an error, never a new empty store",
+    )
     nats_url: tuple[str, ...] = option(
         ("nats://127.0.0.1:4222",), parse=parse_servers, help="NATS server(s) of the hub, comma separated"
     )
@@ -71,7 +86,9 @@ class PublisherSettings:
     )
     tls_key_file: Path | None = option(None, parse=parse_optional_path, help="PEM private key of --tls-cert-file")
     admin_token: str = option(
-        "", secret=True, help="bootstrap admin token (stored hashed); unset: one is generated and printed once"
+        "",
+        secret=True,
+        help="bootstrap admin token (stored hashed); unset: one is generated into DATA_DIR/generated-admin-token",
     )
     key_prefix: str = option(DEFAULT_PREFIX, help="prefix of the keys this deployment issues (the `sk` in sk_live_)")
     default_grace: float = option(
@@ -105,6 +122,12 @@ class PublisherSettings:
     heartbeat_interval: float = _duration(
         2.0,
         help="how often the relay leader publishes its signed heartbeat (the sidecars' measure of staleness)",
+    )
+    reconcile_max_changes: int = option(
+        DEFAULT_RECONCILE_MAX_CHANGES,
+        parse=parse_count,
+        help="signed bucket values one reconciliation may change or delete; a bigger plan needs --force "
+        "(an automatic pass logs it, counts it and changes nothing)",
     )
     reconcile_interval: float = _duration(
         RECONCILE_INTERVAL,

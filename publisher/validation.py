@@ -17,6 +17,7 @@ from .store import KeySpec
 __all__ = [
     "MAX_BULK",
     "MAX_GRACE",
+    "boolean",
     "fields",
     "grace",
     "key_ids",
@@ -35,6 +36,13 @@ MAX_LIFETIME = 10 * 365 * 86400.0
 MAX_METADATA_ENTRIES = 16
 # Scopes travel space-separated in headers: no spaces, no commas; `:` `.` `/` `-` `_` `*` allowed.
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._/*-]{0,63}")
+
+
+def boolean(value: Any, field: str) -> bool:
+    """A JSON true or false."""
+    if not isinstance(value, bool):
+        raise Invalid(f"{field} must be true or false", field=field)
+    return value
 
 
 def fields(body: Any, *, allowed: Collection[str], required: Collection[str] = ()) -> dict[str, Any]:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,14 +31,18 @@ __all__ = [
     "parse_bool",
     "parse_duration",
     "parse_optional_path",
+    "read_secret_file",
 ]
 
 ENV_PREFIX = "KEYRELAY_"
+MAX_SECRET_FILE = 64 * 1024  # a token, a URL or a key: anything larger is the wrong file
 _META = "keyrelay.option"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 T = TypeVar("T")
+
+log = logging.getLogger("keyrelay.settings")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -53,6 +58,16 @@ class Option:
     choices: tuple[str, ...] | None
     secret: bool
     duration: bool
+
+    @property
+    def file_flag(self) -> str:
+        """A secret's `--NAME-file` flag: the value is read from that file."""
+        return self.flag + "-file"
+
+    @property
+    def file_env(self) -> str:
+        """A secret's `KEYRELAY_NAME_FILE` variable: the value is read from that file."""
+        return self.env + "_FILE"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,10 +135,14 @@ def options_of(cls: type[Any]) -> Iterator[Option]:
         )
 
 
-def add_options(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
-    """Add one argparse option per setting; values stay text until :func:`load` parses them."""
-    group = parser.add_argument_group(f"settings (each also read from its {ENV_PREFIX}* variable)")
+def add_options(
+    parser: argparse.ArgumentParser, cls: type[Any], *, title: str = "settings", exclude: Collection[str] = ()
+) -> None:
+    """Add one argparse option per setting (but those in `exclude`); values stay text until :func:`load` parses them."""
+    group = parser.add_argument_group(f"{title} (each also read from its {ENV_PREFIX}* variable)")
     for opt in options_of(cls):
+        if opt.name in exclude:
+            continue
         default = "(hidden)" if opt.secret else _show(opt.default, duration=opt.duration)
         choices = f" (one of: {', '.join(opt.choices)})" if opt.choices else ""
         # argparse %-formats help text: a literal "20%" would break --help.
@@ -134,6 +153,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
             group.add_argument(opt.flag, dest=opt.name, default=argparse.SUPPRESS, help=help_text,
                                action=argparse.BooleanOptionalAction)  # fmt: skip
             continue
+        if opt.secret:
+            # The value itself on a command line is readable by every local user (/proc/PID/cmdline).
+            group.add_argument(opt.file_flag, dest=_file_dest(opt), default=argparse.SUPPRESS, metavar="FILE",
+                               help=f"{opt.help}, read from FILE [env {opt.file_env} or {opt.env}]")  # fmt: skip
+            help_text = f"deprecated: the secret is visible in the process list; use {opt.file_flag} or {opt.env}"
         group.add_argument(
             opt.flag, dest=opt.name, default=argparse.SUPPRESS, metavar=opt.name.split("_")[-1].upper(), help=help_text
         )
@@ -145,7 +169,11 @@ def load(
     environ: Mapping[str, str] | None = None,
     **overrides: Any,
 ) -> T:
-    """Build the frozen settings: keyword override, then flag, then environment, then default."""
+    """Build the frozen settings: keyword override, then flag, then environment, then default.
+
+    A secret is also read from the file its `--NAME-file` flag or `KEYRELAY_NAME_FILE` variable
+    names; given as a flag value it still works, with a warning that it shows in the process list.
+    """
     given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
@@ -154,12 +182,56 @@ def load(
             values[opt.name] = overrides[opt.name]
             continue
         raw = given.get(opt.name)
-        if raw is None:
+        if opt.secret:
+            raw = _secret(opt, given, env, argv=isinstance(args, argparse.Namespace))
+        elif raw is None:
             raw = env.get(opt.env)
         if raw is None:
             continue
         values[opt.name] = _parse(opt, raw) if isinstance(raw, str) else raw
     return cls(**values)
+
+
+def _file_dest(opt: Option) -> str:
+    return opt.name + "_file"
+
+
+def _secret(opt: Option, given: Mapping[str, Any], env: Mapping[str, str], *, argv: bool) -> Any:
+    """A secret's value: flag, then its file flag, then variable, then its file variable."""
+    if given.get(opt.name) is not None:
+        if argv:
+            log.warning("%s on the command line is deprecated: every local user can read it in the process list; "
+                        "use %s or the variable %s", opt.flag, opt.file_flag, opt.env)  # fmt: skip
+        return given[opt.name]
+    path = given.get(_file_dest(opt))
+    if path is not None:
+        return read_secret_file(opt, Path(path))
+    if env.get(opt.env) is not None:
+        return env[opt.env]
+    path = env.get(opt.file_env)
+    return None if path is None else read_secret_file(opt, Path(path))
+
+
+def read_secret_file(opt: Option, path: Path) -> str:
+    """The secret in `path`: its text without the trailing newline; errors name the file, never its content."""
+
+    def refuse(reason: str) -> SettingsError:
+        return SettingsError(flag=opt.file_flag, env=opt.file_env, value=str(path), reason=reason)
+
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_SECRET_FILE + 1)
+    except OSError as exc:
+        raise refuse(f"cannot read it: {exc.strerror or exc}") from None
+    if len(data) > MAX_SECRET_FILE:
+        raise refuse(f"larger than {MAX_SECRET_FILE} bytes; is it the right file?")
+    try:
+        text = data.decode().rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise refuse("not UTF-8 text") from None
+    if not text.strip():
+        raise refuse("the file is empty")
+    return text
 
 
 def _parse(opt: Option, raw: str) -> Any:
@@ -179,6 +251,10 @@ def markdown_table(cls: type[Any]) -> str:
     for opt in options_of(cls):
         default = "(secret)" if opt.secret else _show(opt.default, duration=opt.duration)
         choices = f" (one of: {', '.join(opt.choices)})" if opt.choices else ""
+        if opt.secret:
+            how = f"from a file or the variable (`{opt.flag}` VALUE works but is deprecated: argv is public)"
+            rows.append(f"| `{opt.file_flag}` | `{opt.env}` or `{opt.file_env}` | {default} | {opt.help}, {how} |")
+            continue
         rows.append(f"| `{opt.flag}` | `{opt.env}` | {default} | {opt.help}{choices} |")
     return "\n".join(rows)
 

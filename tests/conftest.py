@@ -27,6 +27,7 @@ from sidecar.app import create_app
 from sidecar.http import STATE, SidecarState
 from sidecar.settings import SidecarSettings
 from tests.support import ADMIN_TOKEN, SIGNER, SNAPSHOT_SIGNER, TRUSTED, Admin, Publisher, Sidecar, heartbeat, key_file
+from tests.up_support import Stack, StartStack, start_stack_process
 
 PG_ADMIN_URL = os.environ.get("KEYRELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -165,6 +166,7 @@ async def start_publisher(
             "data_dir": tmp_path / "publisher",
             "publish_wait": 2.0,
             "signing_key": signing_key,
+            "init": True,
             **overrides,
         })  # fmt: skip
         server = TestServer(create_publisher_app(settings), host="127.0.0.1", port=0)
@@ -182,3 +184,21 @@ async def start_publisher(
     for server in reversed(servers):
         with contextlib.suppress(Exception):
             await server.close()
+
+
+@pytest.fixture
+def start_stack(tmp_path: Path) -> Iterator[StartStack]:
+    """Start `keyrelay up` (flags as given) with its state in tmp_path; killed at the end if still running."""
+    stacks: list[Stack] = []
+
+    def start(*flags: str) -> Stack:
+        stack = start_stack_process(tmp_path / "state", *flags)
+        stacks.append(stack)
+        stack.wait_up()
+        return stack
+
+    yield start
+    for stack in stacks:
+        if stack.process.poll() is None:
+            stack.process.kill()
+            stack.process.wait()

@@ -267,7 +267,10 @@ async def test_the_url_and_token_come_from_flags_before_variables_before_the_sta
 
     stack = tmp_path / "stack"
     stack.mkdir()
-    (stack / "stack.json").write_text(json.dumps({"publisher_url": url, "admin_token": ADMIN_TOKEN}))
+    (stack / "admin-token").write_text(ADMIN_TOKEN + "\n")
+    (stack / "stack.json").write_text(
+        json.dumps({"publisher_url": url, "admin_token_file": str(stack / "admin-token")})
+    )
     found = await orgs("--data-dir", str(stack))  # how the CLI finds a running `keyrelay up`
     assert (found.code, json.loads(found.out)) == (0, expected)
 

@@ -32,7 +32,7 @@ class PublisherProcess:
         self.port = free_port()
         self.command = [
             sys.executable, "-m", "keyrelay", "publisher", "--port", str(self.port), "--database-url", database_url,
-            "--nats-url", nats_url, "--admin-token", ADMIN_TOKEN, "--data-dir", str(log.parent),
+            "--nats-url", nats_url, "--data-dir", str(log.parent), "--init",
             "--publish-wait", "1s", "--signing-key", str(signing_key),
         ]  # fmt: skip
         self.log = log
@@ -44,6 +44,7 @@ class PublisherProcess:
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+        env["KEYRELAY_ADMIN_TOKEN"] = ADMIN_TOKEN  # a secret goes by environment, never argv
         self.process = spawn(self.command, log=self.log, env=env)
         wait_http_ok(self.process, self.port, "/readyz", timeout=30, log=self.log)
 
@@ -143,7 +144,7 @@ async def test_the_reconcile_command_repairs_a_lost_bucket(
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
     result = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "keyrelay", "publisher", "reconcile", "--database-url", database_url,
+        [sys.executable, "-m", "keyrelay", "publisher", "reconcile", "--offline", "--database-url", database_url,
          "--nats-url", nats_server.url, "--signing-key", str(signing_key), "--json"],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip

@@ -893,7 +893,7 @@ def test_each_images_commands_start_with_only_what_the_image_holds(target: str, 
             write_signing_key(key)
             env = {"KEYRELAY_HOST": "127.0.0.1", "KEYRELAY_PORT": str(port), "KEYRELAY_NATS_URL": closed,
                    "KEYRELAY_DATA_DIR": str(tmp_path / "data"), "KEYRELAY_SIGNING_KEY": str(key),
-                   "KEYRELAY_TRUSTED_KEYS": TRUSTED[0]}  # fmt: skip
+                   "KEYRELAY_INIT": "true", "KEYRELAY_TRUSTED_KEYS": TRUSTED[0]}  # fmt: skip
             with _run(target, argv, absent, env, log) as proc:
                 # The publisher is ready on its database alone; a sidecar without NATS is alive, not ready.
                 _wait_http(f"http://127.0.0.1:{port}/{'readyz' if path == ('publisher',) else 'healthz'}", proc, log)

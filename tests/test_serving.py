@@ -49,8 +49,9 @@ async def services(
 ) -> AsyncIterator[dict[str, str]]:
     """The sidecar and the publisher, served as their commands serve them; their URLs by name."""
     sidecar = SidecarSettings(nats_url=(nats_server.url,), trusted_keys=TRUSTED)
-    publisher = PublisherSettings(database_url=f"sqlite:///{tmp_path / 'keyrelay.db'}", nats_url=(nats_server.url,),
-                                  admin_token=ADMIN_TOKEN, data_dir=tmp_path, signing_key=signing_key)  # fmt: skip
+    publisher = PublisherSettings(database_url=f"sqlite:///{tmp_path / 'keyrelay.db'}", init=True,
+                                  nats_url=(nats_server.url,), admin_token=ADMIN_TOKEN, data_dir=tmp_path,
+                                  signing_key=signing_key)  # fmt: skip
     async with served_sidecar(sidecar, http) as sidecar_url, served_publisher(publisher, http) as publisher_url:
         yield {"sidecar": sidecar_url, "publisher": publisher_url}
 

@@ -1,13 +1,16 @@
-"""Sidecar settings as `keyrelay sidecar` reads them: flag over KEYRELAY_* variable over default, then frozen."""
+"""Settings as the commands read them: flag over KEYRELAY_* variable over default, then frozen; secrets from files."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
+from pathlib import Path
 
 import pytest
 
 from keyrelay.cli import build_parser
+from publisher.settings import PublisherSettings
 from sidecar.config import load
 from sidecar.errors import SettingsError
 from sidecar.settings import SidecarSettings
@@ -82,3 +85,63 @@ def test_settings_cannot_be_changed_once_loaded() -> None:
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(settings, field.name, field.default)
     assert settings.bucket == "TEAM_KEYS"
+
+
+def publisher_args(*flags: str) -> argparse.Namespace:
+    """The command line `keyrelay publisher <flags>`, parsed by the real CLI."""
+    return build_parser().parse_args(["publisher", *flags])
+
+
+TOKEN = "krat_" + "t" * 40
+
+
+def test_a_secret_is_read_from_the_file_its_file_flag_or_file_variable_names(tmp_path: Path) -> None:
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")  # as `echo` or a Kubernetes Secret writes it: the newline is not the token's
+    from_flag = load(PublisherSettings, publisher_args("--admin-token-file", str(secret)), {})
+    from_variable = load(PublisherSettings, publisher_args(), {"KEYRELAY_ADMIN_TOKEN_FILE": str(secret)})
+    assert from_flag.admin_token == from_variable.admin_token == TOKEN
+    assert load(PublisherSettings, publisher_args(), {"KEYRELAY_ADMIN_TOKEN": TOKEN}).admin_token == TOKEN
+
+
+def test_a_secret_given_as_a_flag_value_still_works_but_warns_without_echoing_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="keyrelay.settings"):
+        settings = load(PublisherSettings, publisher_args("--admin-token", TOKEN), {})
+    assert settings.admin_token == TOKEN
+    assert "--admin-token on the command line is deprecated" in caplog.text
+    assert "--admin-token-file" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+def test_a_secret_read_from_the_environment_or_a_file_warns_about_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "url").write_text("postgresql://keyrelay:hunter2@db/keys")
+    with caplog.at_level(logging.WARNING, logger="keyrelay.settings"):
+        settings = load(PublisherSettings, publisher_args("--database-url-file", str(tmp_path / "url")), {})
+    assert settings.database_url == "postgresql://keyrelay:hunter2@db/keys"
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(None, "cannot read it"), (b"", "the file is empty"), (b"\xff\xfe", "not UTF-8"), (b"x" * 70_000, "larger than")],
+    ids=["missing", "empty", "binary", "too large"],
+)
+def test_an_unusable_secret_file_is_refused_naming_the_file_never_its_content(
+    tmp_path: Path, content: bytes | None, reason: str
+) -> None:
+    path = tmp_path / "token"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SettingsError) as caught:
+        load(PublisherSettings, publisher_args(), {"KEYRELAY_ADMIN_TOKEN_FILE": str(path)})
+    assert (caught.value.flag, caught.value.env, caught.value.value) == (
+        "--admin-token-file",
+        "KEYRELAY_ADMIN_TOKEN_FILE",
+        str(path),
+    )
+    assert reason in caught.value.reason
+    assert "xxxx" not in str(caught.value)

@@ -13,8 +13,8 @@ from nats.js.client import JetStreamContext
 from keyrelay.natsd import NatsServer
 from publisher.broker import Broker
 from publisher.db import open_database
-from publisher.models import Actor
-from publisher.outbox import OutboxRelay
+from publisher.models import Actor, OutboxEntry
+from publisher.outbox import OutboxRelay, message_name
 from publisher.schema import MIGRATIONS, PARTITIONS, migrate
 from publisher.store import KeySpec, KeyStore
 from publisher.tokens import TokenStore
@@ -108,13 +108,14 @@ async def test_the_relay_publishes_a_keys_changes_in_commit_order(
         await store.revoke_keys(actor, [b], "x")
         await store.revoke_keys(actor, [a], "y")
         async with store.db.transaction() as tx:
-            queued = [(r["entry"], r["id"]) for r in await tx.fetch("SELECT entry, id FROM outbox ORDER BY id")]
+            rows = await tx.fetch("SELECT id, key_id, entry, operation, payload FROM outbox ORDER BY id")
+            queued = [(r["entry"], message_name(OutboxEntry.from_row(r))) for r in rows]
         await relay.start()
         await eventually(relay.depth, lambda d: d == 0)
         await eventually(lambda: asyncio.sleep(0, len(seen)), lambda n: n >= len(queued))
         for entry in (f"global.{a}", f"global.{b}"):
             published = [mid for subject, mid in seen if subject.endswith(entry)]
-            committed = [SIGNER.message_id(f"outbox.{i}") for e, i in queued if e == entry]
+            committed = [SIGNER.message_id(name) for e, name in queued if e == entry]
             assert published == committed
         kv = await js.key_value("KEYS")
         final = KeyRecord.decode((await kv.get(f"global.{a}")).value)

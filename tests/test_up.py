@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
-import json
 import os
-import re
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,124 +15,15 @@ import pytest
 
 from keyrelay.procs import http_get
 from sidecar.trust import load_signer
+from tests.up_support import Stack, StartStack, alive, children_of, port_of
 
 pytestmark = pytest.mark.slow
 
 PUSH_BOUND = 0.1
 
 
-def _children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.add(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-class Stack:
-    """A `keyrelay up` subprocess, what it printed and what it wrote to its state file."""
-
-    def __init__(self, process: subprocess.Popen[str], data_dir: Path) -> None:
-        self.process = process
-        self.data_dir = data_dir
-        self.output = ""
-        self.state: dict[str, Any] = {}
-
-    def wait_up(self) -> None:
-        """Read stdout until the summary is complete (printed once all is ready), then the state file."""
-        assert self.process.stdout is not None
-        for line in self.process.stdout:  # the suite's timeout bounds this
-            self.output += line
-            if line.startswith("Ctrl-C stops everything."):
-                self.state = json.loads((self.data_dir / "stack.json").read_text())
-                return
-        raise AssertionError(f"keyrelay up exited with {self.process.wait()}: {self.process.communicate()[1]}")
-
-    @property
-    def demo_key(self) -> str:
-        """The demo key, from what `keyrelay up` printed (the only place it is)."""
-        found = re.search(r"^Demo key \(project (\S+), shown once\): (\S+)$", self.output, re.MULTILINE)
-        assert found, self.output
-        assert found[1] == self.state["demo"]["project_id"]
-        return found[2]
-
-    def cli(self, *args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "-m", "keyrelay", *args, "--data-dir", str(self.data_dir)],
-            capture_output=True, text=True, timeout=60, env=_env(),
-        )  # fmt: skip
-        assert result.returncode == 0, result.stderr
-        return result.stdout.strip()
-
-    def api(self, method: str, path: str, body: Any = None) -> Any:
-        """One admin API call over HTTP with the stack's token; must succeed."""
-        conn = http.client.HTTPConnection("127.0.0.1", _port(self.state["publisher_url"]), timeout=10)
-        try:
-            headers = {"Authorization": f"Bearer {self.state['admin_token']}", "Content-Type": "application/json"}
-            conn.request(method, f"/v1{path}", body=None if body is None else json.dumps(body), headers=headers)
-            response = conn.getresponse()
-            answer = json.loads(response.read())
-            assert 200 <= response.status < 300, answer
-            return answer
-        finally:
-            conn.close()
-
-    def auth(self, region: str, key: str) -> int:
-        conn = http.client.HTTPConnection("127.0.0.1", _port(self.state["sidecars"][region]), timeout=5)
-        try:
-            conn.request("GET", "/auth", headers={"Authorization": f"Bearer {key}"})
-            return conn.getresponse().status
-        finally:
-            conn.close()
-
-
-def _port(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
-
-
-def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
-
-
-@pytest.fixture
-def start_stack(tmp_path: Path) -> Iterator[Any]:
-    stacks: list[Stack] = []
-
-    def start(*flags: str) -> Stack:
-        data_dir = tmp_path / "state"
-        process = subprocess.Popen(
-            [sys.executable, "-m", "keyrelay", "up", "--data-dir", str(data_dir), "--publisher-port", "0",
-             "--sidecar-port", "0", "--nats-port", "0", *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-            start_new_session=True,  # its own process group, so a Ctrl-C can go to it alone
-        )  # fmt: skip
-        stack = Stack(process, data_dir)
-        stacks.append(stack)
-        stack.wait_up()
-        return stack
-
-    yield start
-    for stack in stacks:
-        if stack.process.poll() is None:
-            stack.process.kill()
-            stack.process.wait()
-
-
 def _stop_and_check_nothing_is_left(stack: Stack, how: signal.Signals) -> None:
-    children = _children_of(stack.process.pid)
+    children = children_of(stack.process.pid)
     assert len(children) >= 3  # nats-server, publisher, sidecar(s)
     if how == signal.SIGINT:
         os.killpg(stack.process.pid, how)  # as Ctrl-C in a terminal: to the whole foreground group
@@ -147,9 +32,9 @@ def _stop_and_check_nothing_is_left(stack: Stack, how: signal.Signals) -> None:
     stack.process.wait(timeout=30)
     assert stack.process.returncode == 0
     deadline = time.monotonic() + 5
-    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert [pid for pid in children if _alive(pid)] == []
+    assert [pid for pid in children if alive(pid)] == []
     assert not (stack.data_dir / "stack.json").exists()
 
 
@@ -162,24 +47,26 @@ def _files_holding(directory: Path, secret: str) -> list[Path]:
 
 
 def test_up_with_a_demo_key_prints_how_to_use_it_and_a_revocation_reaches_the_sidecar_within_100ms(
-    start_stack: Any,
+    start_stack: StartStack,
 ) -> None:
     stack = start_stack("--demo")
     demo, sidecar, key = stack.state["demo"], stack.state["sidecars"]["global"], stack.demo_key
     for printed in (
         f"admin API   {stack.state['publisher_url']}",
-        f"admin token {stack.state['admin_token']}",
+        f"admin token in {stack.data_dir / 'admin-token'}",
         f"sidecar     {sidecar}   (global)",
-        f"export KEYRELAY_URL={stack.state['publisher_url']} KEYRELAY_TOKEN={stack.state['admin_token']}",
+        f"export KEYRELAY_URL={stack.state['publisher_url']} KEYRELAY_TOKEN_FILE={stack.data_dir / 'admin-token'}",
         f'curl -i {sidecar}/auth -H "Authorization: Bearer {key}"',
         f"keys revoke {demo['key_id']}",
     ):
         assert printed in stack.output
     assert stack.auth("global", key) == 200
-    assert http_get(_port(stack.state["publisher_url"]), "/readyz") is not None
-    # The state file keeps the admin token for the CLI, so only its owner may read it; the key: nowhere.
+    assert http_get(port_of(stack.state["publisher_url"]), "/readyz") is not None
+    # The admin token is in one file only its owner may read (the state file names it); the key: nowhere.
     _only_owner_may_read(stack.data_dir / "stack.json")
     _only_owner_may_read(stack.data_dir / "admin-token")
+    assert _files_holding(stack.data_dir, stack.token) == [stack.data_dir / "admin-token"]
+    assert stack.token not in stack.output
     assert "key" not in demo
     assert _files_holding(stack.data_dir, key) == []
 
@@ -202,7 +89,7 @@ def test_up_with_a_demo_key_prints_how_to_use_it_and_a_revocation_reaches_the_si
     assert _files_holding(stack.data_dir, key) == []  # nor in the database, the NATS store or any log
 
 
-def test_up_with_two_regions_keeps_regional_keys_regional_and_revokes_everywhere(start_stack: Any) -> None:
+def test_up_with_two_regions_keeps_regional_keys_regional_and_revokes_everywhere(start_stack: StartStack) -> None:
     stack = start_stack("--regions", "eu,us", "--demo")
     project = stack.state["demo"]["project_id"]
     assert set(stack.state["sidecars"]) == {"eu", "us"}
@@ -223,7 +110,7 @@ def test_up_with_two_regions_keeps_regional_keys_regional_and_revokes_everywhere
     _stop_and_check_nothing_is_left(stack, signal.SIGTERM)
 
 
-def test_up_moves_off_taken_ports_to_the_next_free_ones_and_says_so(start_stack: Any) -> None:
+def test_up_moves_off_taken_ports_to_the_next_free_ones_and_says_so(start_stack: StartStack) -> None:
     with contextlib.ExitStack() as held:
         taken: dict[str, int] = {}
         for what in ("publisher", "sidecar", "nats"):
@@ -235,9 +122,9 @@ def test_up_moves_off_taken_ports_to_the_next_free_ones_and_says_so(start_stack:
                             "--nats-port", str(taken["nats"]))  # fmt: skip
 
         used = {
-            "publisher": _port(stack.state["publisher_url"]),
-            "sidecar global": _port(stack.state["sidecars"]["global"]),
-            "hub NATS": _port(stack.state["nats"]["hub"]),
+            "publisher": port_of(stack.state["publisher_url"]),
+            "sidecar global": port_of(stack.state["sidecars"]["global"]),
+            "hub NATS": port_of(stack.state["nats"]["hub"]),
         }
         for (what, port), wanted in zip(used.items(), taken.values(), strict=True):
             assert port > wanted
@@ -247,20 +134,20 @@ def test_up_moves_off_taken_ports_to_the_next_free_ones_and_says_so(start_stack:
     _stop_and_check_nothing_is_left(stack, signal.SIGTERM)
 
 
-def test_a_second_run_reuses_the_data_directory(start_stack: Any) -> None:
+def test_a_second_run_reuses_the_data_directory(start_stack: StartStack) -> None:
     first = start_stack("--demo")
-    token, key = first.state["admin_token"], first.demo_key
+    token, key = first.token, first.demo_key
     trusted = first.state["trusted_keys"]
     first.process.send_signal(signal.SIGTERM)
     first.process.wait(timeout=30)
     second = start_stack()
-    assert second.state["admin_token"] == token
+    assert second.token == token
     assert second.state["trusted_keys"] == trusted  # the same signing key: what sidecars trust stays true
     _until(lambda: second.auth("global", key) == 200)
 
 
 def test_up_makes_the_publishers_signing_key_once_passes_it_by_environment_and_publishes_its_public_key(
-    start_stack: Any,
+    start_stack: StartStack,
 ) -> None:
     stack = start_stack()
     key_file = stack.data_dir / "signing-key"
@@ -268,7 +155,7 @@ def test_up_makes_the_publishers_signing_key_once_passes_it_by_environment_and_p
     signer = load_signer(key_file, "default")
     assert stack.state["trusted_keys"] == [signer.public_key]
     assert stack.api("GET", "/signing-keys")["keys"][0]["public_key"] == signer.public_key
-    publisher = next(pid for pid in _children_of(stack.process.pid) if b"publisher" in _cmdline(pid).split(b"\0"))
+    publisher = next(pid for pid in children_of(stack.process.pid) if b"publisher" in _cmdline(pid).split(b"\0"))
     assert b"signing-key" not in _cmdline(publisher)  # neither the key nor where it lies, on any command line
     environ = Path(f"/proc/{publisher}/environ").read_bytes().split(b"\0")
     assert f"KEYRELAY_SIGNING_KEY={key_file}".encode() in environ
@@ -287,10 +174,12 @@ def _until(condition: Any, timeout: float = 5.0) -> None:
         time.sleep(0.02)
 
 
-def test_up_keeps_the_admin_token_off_every_command_line_and_its_data_directory_private(start_stack: Any) -> None:
+def test_up_keeps_the_admin_token_off_every_command_line_and_its_data_directory_private(
+    start_stack: StartStack,
+) -> None:
     stack = start_stack()
-    token = stack.state["admin_token"].encode()
-    for pid in _children_of(stack.process.pid):
+    token = stack.token.encode()
+    for pid in children_of(stack.process.pid):
         assert token not in _cmdline(pid), _cmdline(pid).split(b"\0")[:4]  # security review M7: ps shows argv
     assert stack.api("GET", "/orgs") is not None  # the publisher has it all the same (from its environment)
     assert stack.data_dir.stat().st_mode & 0o777 == 0o700  # review L10
