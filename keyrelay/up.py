@@ -19,7 +19,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -41,7 +41,7 @@ from .natsd import NatsServer, NatsSpec, free_port, port_is_free
 from .procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
 from .region import HUB_DOMAIN, RegionSettings, init_region
 
-__all__ = ["Stack", "UpSettings", "parse_regions", "up_command"]
+__all__ = ["Stack", "UpSettings", "make_private", "parse_regions", "private_files", "up_command"]
 
 _READY_TIMEOUT = 60.0
 
@@ -155,9 +155,13 @@ class Stack:
         return self.settings.data_dir.resolve()
 
     def start(self) -> None:
-        """Start every process and wait until each is ready."""
+        """Start every process and wait until each is ready; all they write in the data directory is private."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.data_dir.chmod(0o700)  # the database, keys and seeds: nobody else's to read
+        make_private(self.data_dir)  # what an earlier run, or a copy made by hand, left readable by others
+        with private_files():
+            self._start()
+
+    def _start(self) -> None:
         if self.tls is not None:
             self.tls.ensure()
         # A data directory with neither a database nor a token is new; one with a token but no
@@ -318,7 +322,8 @@ class Stack:
         component = next(c for c in self.components if c.name == name)
         stop(component.process)
         started = time.monotonic()
-        component.process = spawn(component.command, log=component.log, env=component.env)
+        with private_files():
+            component.process = spawn(component.command, log=component.log, env=component.env)
         port = int(component.url.rsplit(":", 1)[1])
         return wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log) - started
 
@@ -395,6 +400,31 @@ class Stack:
         for server in reversed(self.nats):
             server.stop()
         stack_file(self.data_dir).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def private_files() -> Iterator[None]:
+    """Meanwhile, files are made 0600 and directories 0700: by this process and by every child it starts.
+
+    A child keeps the umask for its life, so what the publisher (SQLite's database, -wal and -shm)
+    and nats-server (its store) create later is private too. The umask is the process's: in-process
+    callers (the load test) get it back afterwards.
+    """
+    previous = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def make_private(directory: Path) -> None:
+    """Make `directory` and everything under it 0700 (directories) and 0600 (files); symlinks are left alone."""
+    directory.chmod(0o700)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            path = Path(root, name)
+            if not path.is_symlink():
+                path.chmod(0o700 if name in dirs else 0o600)
 
 
 def _cli_name() -> str:

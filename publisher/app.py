@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from sidecar.app import run_forever, serve_app
+from sidecar.errors import SettingsError
 from sidecar.nats_connect import NatsConnect, redact
+from sidecar.serving import harden, malformed_metric, run_forever, serve_app, server_tls_context
 
 from .api import SERVICES, Services, add_routes, auth_middleware, error_middleware
 from .broker import Broker
@@ -26,7 +28,7 @@ from .store import KeyStore
 from .token_format import check_configured_token
 from .tokens import TokenRevoked, TokenStore, generate_token
 
-__all__ = ["create_app", "open_services", "run", "serve"]
+__all__ = ["create_app", "open_services", "run", "serve", "tls_context"]
 
 log = logging.getLogger("keyrelay.publisher")
 
@@ -116,7 +118,9 @@ async def readyz(request: web.Request) -> web.Response:
     try:
         depth = await services.relay.depth()
     except Exception as exc:
-        return web.json_response({"ready": False, "database": str(exc)}, status=503)
+        # The error's text may name the database's host and user: the log has it, the probe a fixed reason.
+        log.warning("readiness: the database did not answer: %s", exc)
+        return web.json_response({"ready": False, "database": "database unreachable"}, status=503)
     return web.json_response({
         "ready": True,
         "nats_connected": services.broker.connected,
@@ -161,7 +165,8 @@ async def metrics(request: web.Request) -> web.Response:
     lines: list[str] = []
     for name, kind, help_text, value in samples:
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    text = "\n".join(lines) + "\n" + malformed_metric(request.app)
+    return web.Response(text=text, content_type="text/plain")
 
 
 SETTINGS = web.AppKey("keyrelay_publisher_settings", PublisherSettings)
@@ -177,21 +182,41 @@ def create_app(settings: PublisherSettings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     add_routes(app)
-    return app
+    return harden(app)
 
 
 async def serve(settings: PublisherSettings, *, stop: asyncio.Event | None = None) -> None:
     """Serve the admin API until `stop` is set, or SIGTERM/SIGINT arrives."""
 
-    def started(port: int) -> None:
-        log.info("publisher listening on http://%s:%d (database %s, NATS %s, bucket %s)", settings.host, port,
-                 redact(settings.resolved_database_url()), NatsConnect.of(settings, identity="publisher").describe(),
-                 settings.bucket)  # fmt: skip
+    context = tls_context(settings)
 
-    await serve_app(create_app(settings), host=settings.host, port=settings.port, stop=stop, on_started=started)
+    def started(port: int) -> None:
+        log.info("publisher listening on %s://%s:%d (database %s, NATS %s, bucket %s)",
+                 "https" if context else "http", settings.host, port, redact(settings.resolved_database_url()),
+                 NatsConnect.of(settings, identity="publisher").describe(), settings.bucket)  # fmt: skip
+
+    await serve_app(create_app(settings), host=settings.host, port=settings.port, stop=stop, on_started=started,
+                    ssl_context=context)  # fmt: skip
+
+
+def tls_context(settings: PublisherSettings) -> ssl.SSLContext | None:
+    """The admin API's server TLS context (None: plain HTTP); SettingsError when the files cannot be used."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    try:
+        return server_tls_context(settings.tls_cert_file, settings.tls_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(
+            flag="--tls-cert-file",
+            env="KEYRELAY_TLS_CERT_FILE",
+            value=f"{settings.tls_cert_file} (key {settings.tls_key_file})",
+            reason=f"cannot serve HTTPS with them: {exc}; give a PEM certificate and the PEM private key it was "
+            "made for, both readable by the publisher",
+        ) from None
 
 
 def run(settings: PublisherSettings) -> None:
-    """Run the publisher until signalled; SigningKeyError at once when it has no usable signing key."""
+    """Run the publisher until signalled; SigningKeyError or SettingsError at once for unusable key or TLS files."""
     load_signing_keys(settings)
+    tls_context(settings)
     run_forever(serve(settings), log_level=settings.log_level)

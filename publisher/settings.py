@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import option, parse_bool, parse_duration, parse_optional_path
+from sidecar.config import ENV_PREFIX, option, parse_bool, parse_duration, parse_optional_path
+from sidecar.errors import SettingsError
 from sidecar.nats_connect import nats_option
 from sidecar.settings import LOG_LEVELS, parse_key_prefix, parse_port, parse_positive_duration, parse_servers
 from sidecar.trust import parse_trusted_keys
@@ -78,6 +79,13 @@ class PublisherSettings:
     bucket_replicas: int = option(1, parse=int, help="replicas of the bucket's stream (3 on a NATS cluster)")
     host: str = option("127.0.0.1", help="address the admin API listens on")
     port: int = option(8080, parse=parse_port, help="port of the admin API")
+    tls_cert_file: Path | None = option(
+        None,
+        parse=parse_optional_path,
+        help="PEM certificate (chain) the admin API serves HTTPS with, TLS 1.2 and later (with --tls-key-file; "
+        "unset: plain HTTP, for behind a mesh with mTLS: docs/transport-security.md)",
+    )
+    tls_key_file: Path | None = option(None, parse=parse_optional_path, help="PEM private key of --tls-cert-file")
     admin_token: str = option(
         "",
         parse=check_configured_token,
@@ -141,6 +149,21 @@ class PublisherSettings:
         help="how often the relay leader compares the bucket with the database and repairs it",
     )
     log_level: str = option("info", choices=LOG_LEVELS, help="logging level")
+
+    def __post_init__(self) -> None:
+        """HTTPS needs both the certificate and its key: SettingsError, naming the one missing, for one alone."""
+        if (self.tls_cert_file is None) == (self.tls_key_file is None):
+            return
+        missing, given = (
+            ("tls_key_file", "tls_cert_file") if self.tls_key_file is None else ("tls_cert_file", "tls_key_file")
+        )
+        raise SettingsError(
+            flag="--" + missing.replace("_", "-"),
+            env=ENV_PREFIX + missing.upper(),
+            value="",
+            reason=f"--{given.replace('_', '-')} is set: HTTPS needs the certificate and its private key "
+            "(or neither, for plain HTTP)",
+        )
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite in the data directory."""

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -14,6 +12,7 @@ from .errors import SettingsError
 from .http import STATE, SidecarState, add_routes
 from .metrics import Metrics
 from .nats_connect import NatsConnect, identity_name
+from .serving import harden, run_forever, serve_app
 from .settings import SidecarSettings
 from .snapshot import snapshot_store_name
 from .sync import KeySync
@@ -21,7 +20,7 @@ from .table import KeyTable
 from .trust import Trust
 from .verify import Verifier
 
-__all__ = ["create_app", "run", "run_forever", "serve", "serve_app", "trust_of"]
+__all__ = ["create_app", "run", "serve", "trust_of"]
 
 log = logging.getLogger("keyrelay.sidecar")
 
@@ -71,7 +70,7 @@ def create_app(settings: SidecarSettings) -> web.Application:
     )
     app.cleanup_ctx.append(_sync_lifecycle)
     add_routes(app)
-    return app
+    return harden(app)
 
 
 async def _sync_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -79,33 +78,6 @@ async def _sync_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await sync.start()
     yield
     await sync.close()
-
-
-async def serve_app(
-    app: web.Application,
-    *,
-    host: str,
-    port: int,
-    stop: asyncio.Event | None = None,
-    on_started: Callable[[int], None] | None = None,
-    **runner_options: Any,
-) -> None:
-    """Serve an application until `stop` is set or SIGTERM/SIGINT arrives; port 0 picks a free one."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, **runner_options)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
-        await site.start()
-        bound = runner.addresses[0][1] if runner.addresses else port
-        if on_started is not None:
-            on_started(bound)
-        await stop.wait()
-    finally:
-        await runner.cleanup()
 
 
 async def serve(settings: SidecarSettings, *, stop: asyncio.Event | None = None) -> None:
@@ -125,17 +97,6 @@ async def serve(settings: SidecarSettings, *, stop: asyncio.Event | None = None)
         max_field_size=settings.max_header_size,
         max_line_size=settings.max_header_size,
     )
-
-
-def run_forever(main: Coroutine[Any, Any, None], *, log_level: str) -> None:
-    """Configure logging and run `main` on uvloop (when installed)."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency everywhere but Windows
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
 
 
 def run(settings: SidecarSettings) -> None:

@@ -18,6 +18,7 @@ from multidict import CIMultiDictProxy, istr
 
 from .metrics import LATENCY_BUCKETS, Metrics
 from .routes import RouteScopes
+from .serving import SERVER, malformed_metric
 from .settings import SidecarSettings
 from .snapshot import snapshot_summary
 from .sync import KeySync
@@ -45,12 +46,18 @@ _VALID = Code.VALID
 _API_KEY, _REQUIRED_SCOPES = istr("X-API-Key"), istr("X-Required-Scopes")
 _IDENTITY = ("X-Key-Id", "X-Org-Id", "X-Team-Id", "X-Project-Id", "X-Key-Scopes", "X-Key-Env")
 _STALE = "X-Keyrelay-Stale"
-# Instead of aiohttp's default, which names the Python and aiohttp versions to every client.
-SERVER = "keyrelay"
 _OK_11 = "HTTP/1.1 200 OK\r\n"
 # Where gateways put the original request: nginx sets X-Original-*, Traefik and Caddy X-Forwarded-*.
-_ORIGINAL_URI, _ORIGINAL_METHOD = istr("X-Original-URI"), istr("X-Original-Method")
-_FORWARDED_URI, _FORWARDED_METHOD = istr("X-Forwarded-Uri"), istr("X-Forwarded-Method")
+# --original-uri-header names the one pair to read (or none: the path after /auth, Envoy's way);
+# unset, the first pair present is taken.
+_ORIGINAL = (istr("X-Original-URI"), istr("X-Original-Method"))
+_FORWARDED = (istr("X-Forwarded-Uri"), istr("X-Forwarded-Method"))
+_URI_HEADERS: dict[str, tuple[tuple[istr, istr], ...]] = {
+    "": (_ORIGINAL, _FORWARDED),
+    "X-Original-URI": (_ORIGINAL,),
+    "X-Forwarded-Uri": (_FORWARDED,),
+    "none": (),
+}
 # nginx's auth_request passes only the status of a denial to the client; this header lets its
 # config pick the reason up (auth_request_set) and answer with it.
 _CODE = istr("X-Keyrelay-Code")
@@ -84,6 +91,8 @@ class SidecarState:
     sync: KeySync
     metrics: Metrics
     routes: RouteScopes | None = field(init=False)
+    # The (URI, method) header pairs the original request is read from, in order (--original-uri-header).
+    uri_headers: tuple[tuple[istr, istr], ...] = field(init=False)
     # Until when (time.perf_counter, the clock /auth reads anyway) the replica is known to be
     # fresh: the last proof of contact plus the staleness bound. /auth compares against it instead
     # of recomputing readiness per request; only a new proof of contact can move it, so it is
@@ -96,6 +105,7 @@ class SidecarState:
         ignore_case = self.settings.route_scopes_ignore_case
         self.routes = RouteScopes.load(path, ignore_case=ignore_case) if path is not None else None
         self.verifier.derive = identity_block
+        self.uri_headers = _URI_HEADERS[self.settings.original_uri_header]
 
     def ready(self) -> bool:
         """Synced, and in contact with the stream within the staleness bound."""
@@ -131,7 +141,8 @@ class _Granted(web.StreamResponse):
     (when first verified) and the rest of the head is the same for every grant. What varies is
     only what aiohttp itself would vary: the HTTP version, the Date, keep-alive, and no
     Content-Length for HEAD. Of what may be set on a response, it honours force_close() only;
-    it runs no on_response_prepare signal (the sidecar registers none).
+    it runs no on_response_prepare signal (the one the sidecar registers, serving.harden's,
+    sets the Server header this head has already).
     """
 
     __slots__ = ("identity", "stale")
@@ -205,7 +216,7 @@ async def auth(state: SidecarState, request: web.Request) -> web.StreamResponse:
         code, hot = state.verifier.check(key, NO_SCOPES)
         if code is _VALID:
             assert hot is not None
-            required = routes.required(*_original_request(request, headers), wanted)
+            required = routes.required(*_original_request(request, headers, state.uri_headers), wanted)
             if required and not required <= hot[3]:
                 code = Code.INSUFFICIENT_SCOPE
     # Metrics.observe, inline: a Python call costs as much as the counting.
@@ -225,14 +236,14 @@ async def auth(state: SidecarState, request: web.Request) -> web.StreamResponse:
     return response
 
 
-def _original_request(request: web.Request, headers: CIMultiDictProxy[str]) -> tuple[str, str]:
-    """Method and URI of the request the gateway asks about (nginx, then Traefik/Caddy, then Envoy's path)."""
-    uri = headers.get(_ORIGINAL_URI)
-    if uri is not None:
-        return headers.get(_ORIGINAL_METHOD) or request.method, uri
-    uri = headers.get(_FORWARDED_URI)
-    if uri is not None:
-        return headers.get(_FORWARDED_METHOD) or request.method, uri
+def _original_request(
+    request: web.Request, headers: CIMultiDictProxy[str], trusted: tuple[tuple[istr, istr], ...]
+) -> tuple[str, str]:
+    """Method and URI of the request the gateway asks about: from the first `trusted` header present, else the path."""
+    for uri_header, method_header in trusted:
+        uri = headers.get(uri_header)
+        if uri is not None:
+            return headers.get(method_header) or request.method, uri
     # Envoy's ext_authz (path_prefix /auth) sends the original method and /auth + the original path.
     return request.method, request.raw_path[_AUTH_PREFIX:] or "/"
 
@@ -307,7 +318,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus scrape."""
     state = request.app[STATE]
-    text = state.metrics.render(state.sync, ready=state.ready())
+    text = state.metrics.render(state.sync, ready=state.ready()) + malformed_metric(request.app)
     return web.Response(
         text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"}
     )

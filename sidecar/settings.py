@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_MAX_PUBLISH_DELAY",
     "DEFAULT_REPLAY_HORIZON",
     "LOG_LEVELS",
+    "ORIGINAL_URI_HEADERS",
     "SidecarSettings",
     "deployment_option",
     "horizon_option",
@@ -32,6 +33,7 @@ __all__ = [
 ]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ORIGINAL_URI_HEADERS = ("X-Original-URI", "X-Forwarded-Uri", "none")
 DEFAULT_DEPLOYMENT = "default"
 DEFAULT_REPLAY_HORIZON = 7 * 86400.0
 DEFAULT_MAX_PUBLISH_DELAY = 60.0
@@ -205,6 +207,13 @@ class SidecarSettings:
         parse=parse_optional_path,
         help="file of `METHOD /path-prefix scope ...` lines: the scopes each route requires, on top of "
         "X-Required-Scopes (format: deploy/gateways/README.md)",
+    )
+    original_uri_header: str = option(
+        "",
+        choices=ORIGINAL_URI_HEADERS,
+        help="the one place --route-scopes takes the original request from: X-Original-URI (nginx) or "
+        "X-Forwarded-Uri (Traefik, Caddy) with its -Method header, or none: the method and the path after /auth "
+        "(Envoy); the others are ignored. Unset: the first present of the two headers, else the path",
     )
     route_scopes_ignore_case: bool = option(
         False,

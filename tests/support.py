@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import ssl as ssl_module
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,7 +24,9 @@ from nats.js.kv import KeyValue
 
 from keyrelay.natsd import free_port
 from publisher.api import Services
+from publisher.app import serve as serve_publisher
 from publisher.maintenance import Maintenance
+from publisher.settings import PublisherSettings
 from sidecar.app import serve
 from sidecar.http import SidecarState
 from sidecar.nats_connect import NatsConnect, identity_name
@@ -319,15 +322,41 @@ class Scrape:
 async def served_sidecar(settings: SidecarSettings, http: aiohttp.ClientSession) -> AsyncIterator[str]:
     """The sidecar as `keyrelay sidecar` serves it (sidecar.app.serve, a free port); yields its URL once it answers."""
     settings = replace(settings, host="127.0.0.1", port=free_port())
-    url = f"http://127.0.0.1:{settings.port}"
+    async with _served(lambda stop: serve(settings, stop=stop), f"http://127.0.0.1:{settings.port}", http) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def served_publisher(
+    settings: PublisherSettings, http: aiohttp.ClientSession, *, ssl: ssl_module.SSLContext | None = None
+) -> AsyncIterator[str]:
+    """The publisher as `keyrelay publisher` serves it (publisher.app.serve, a free port); yields its URL.
+
+    With TLS settings the URL is https://127.0.0.1 and `ssl` is what the probe trusts.
+    """
+    settings = replace(settings, host="127.0.0.1", port=free_port())
+    scheme = "https" if settings.tls_cert_file else "http"
+    url = f"{scheme}://127.0.0.1:{settings.port}"
+    async with _served(lambda stop: serve_publisher(settings, stop=stop), url, http, ssl=ssl) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def _served(
+    serving: Callable[[asyncio.Event], Awaitable[None]],
+    url: str,
+    http: aiohttp.ClientSession,
+    *,
+    ssl: ssl_module.SSLContext | None = None,
+) -> AsyncIterator[str]:
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(settings, stop=stop))
+    task = asyncio.ensure_future(serving(stop))
 
     async def answers() -> bool:
         if task.done():
-            task.result()  # a sidecar that failed to start fails the test with its own error
+            task.result()  # a server that failed to start fails the test with its own error
         try:
-            async with http.get(url + "/healthz") as resp:
+            async with http.get(url + "/healthz", ssl=ssl if ssl is not None else True) as resp:
                 return resp.status == 200
         except aiohttp.ClientConnectionError:
             return False

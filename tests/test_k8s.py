@@ -492,6 +492,25 @@ def test_services_and_network_policies_name_ports_the_pods_have(name: str) -> No
                         assert port["port"] in names, f"{policy['metadata']['name']}: no port {port['port']}"
 
 
+ADMIN_CLIENT = {"keyrelay.io/admin-client": "true"}
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_the_publisher_admits_only_labelled_admin_clients_and_monitoring(name: str) -> None:
+    # Security review M6: `podSelector: {}` let every pod of the namespace (the gateways too) call the admin API.
+    policies = [p for p in find(rendered(name), "NetworkPolicy") if "publisher" in p["metadata"]["name"]]
+    for policy in policies:
+        peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+        assert peers == [
+            {"podSelector": {"matchLabels": ADMIN_CLIENT}},
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+        ], f"{name}: {policy['metadata']['name']}"
+        workloads = [o for o in rendered(name) if pod_spec(o)]
+        assert not [w for w in workloads if selects(peers[0]["podSelector"], pod_labels(w))], "no shipped pod is one"
+    assert policies or (name.startswith("overlays/") and name != "overlays/hub"), f"{name} runs no publisher policy"
+    assert 'keyrelay.io/admin-client: "true"' in (Path(__file__).parent.parent / "deploy/k8s/README.md").read_text()
+
+
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_the_gateway_starts_after_its_native_sidecar_and_reaches_it_on_its_port(name: str) -> None:
     objs = rendered(name)

@@ -184,3 +184,33 @@ def test_up_keeps_the_admin_token_off_every_command_line_and_its_data_directory_
     assert stack.api("GET", "/orgs") is not None  # the publisher has it all the same (from its environment)
     assert stack.data_dir.stat().st_mode & 0o777 == 0o700  # review L10
     _stop_and_check_nothing_is_left(stack, signal.SIGTERM)
+
+
+def _not_private(directory: Path) -> list[str]:
+    """Every path under `directory` that another user could read: files not 0600, directories not 0700."""
+    found = []
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_symlink():
+            continue
+        wanted = 0o700 if path.is_dir() else 0o600
+        if stat.S_IMODE(path.stat().st_mode) != wanted:
+            found.append(f"{oct(stat.S_IMODE(path.stat().st_mode))} {path.relative_to(directory)}")
+    return found
+
+
+def test_everything_up_writes_in_its_data_directory_is_the_users_alone(start_stack: Any, tmp_path: Path) -> None:
+    # Security review L10: the database and its WAL were 0644, directories 0755.
+    data_dir = tmp_path / "state"
+    (data_dir / "logs").mkdir(parents=True)
+    data_dir.chmod(0o755)
+    leftover = data_dir / "logs" / "publisher.log"  # as an earlier release left it
+    leftover.write_text("an earlier run\n")
+    leftover.chmod(0o644)
+    stack = start_stack("--demo")
+    stack.api("POST", "/orgs", {"name": "acme"})  # a write: the database's -wal and -shm are in use
+    assert stack.auth("global", stack.demo_key) == 200
+    names = {p.name for p in data_dir.rglob("*")}
+    assert {"keyrelay.db", "keyrelay.db-wal", "keyrelay.db-shm", "jetstream", "stack.json"} <= names, sorted(names)
+    assert _not_private(data_dir) == []
+    _stop_and_check_nothing_is_left(stack, signal.SIGTERM)
+    assert _not_private(data_dir) == []
