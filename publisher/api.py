@@ -14,8 +14,9 @@ from . import validation as v
 from .broker import Broker
 from .errors import Forbidden, Invalid, PublisherError, Unauthorized
 from .heartbeat import Heartbeat
-from .models import Actor, ApiKey
+from .models import Actor, ApiKey, AuditEntry, Org, Project, Team
 from .outbox import OutboxRelay
+from .pagination import Order, PageRequest, page_request
 from .reconcile import reconcile
 from .settings import PublisherSettings
 from .signing import SigningKeys
@@ -76,6 +77,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send Authorization: Bearer <admin token>")
+    if not token.isascii():  # tokens are URL-safe base64; a header of other bytes is no token (and not hashable)
+        raise Unauthorized("the admin token is not valid")
     actor = await request.app[SERVICES].tokens.find(token.strip())
     if actor is None:
         raise Unauthorized("the admin token is not valid")
@@ -90,8 +93,8 @@ async def _body(request: web.Request) -> Any:
         return {}
     try:
         return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise Invalid("the body is not valid JSON", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep ([[[[...)
+        raise Invalid("the body is not valid JSON (or nested too deep)", code="invalid_json") from None
 
 
 async def _propagation(services: Services, outbox_ids: Sequence[int]) -> str:
@@ -110,6 +113,19 @@ def _actor(request: web.Request) -> Actor:
     return request[ACTOR]
 
 
+# Each list's sort key (publisher/pagination.py): what its cursors carry.
+ORGS = Order("orgs", ("int", "id"))
+TEAMS = Order("teams", ("int", "id"))
+PROJECTS = Order("projects", ("int", "id"))
+KEYS = Order("keys", ("id",))
+AUDIT = Order("audit", ("int",))
+MAX_AUDIT_ID = 2**62
+
+
+def _created_key(page: PageRequest) -> tuple[int, str] | None:
+    return None if page.after is None else (int(page.after[0]), str(page.after[1]))
+
+
 # -- hierarchy ---------------------------------------------------------------------------------
 
 
@@ -121,9 +137,10 @@ async def create_org(request: web.Request) -> web.Response:
 
 
 async def list_orgs(request: web.Request) -> web.Response:
-    """GET /v1/orgs."""
-    orgs = await request.app[SERVICES].store.list_orgs()
-    return web.json_response({"orgs": [o.to_json() for o in orgs]})
+    """GET /v1/orgs?limit=&cursor=: oldest first."""
+    page = page_request(request.query, ORGS)
+    orgs = await request.app[SERVICES].store.list_orgs(limit=page.fetch, after=_created_key(page))
+    return web.json_response(page.answer("orgs", orgs, lambda o: (o.created_at, o.id), Org.to_json))
 
 
 async def create_team(request: web.Request) -> web.Response:
@@ -135,10 +152,11 @@ async def create_team(request: web.Request) -> web.Response:
 
 
 async def list_teams(request: web.Request) -> web.Response:
-    """GET /v1/orgs/{org_id}/teams."""
+    """GET /v1/orgs/{org_id}/teams?limit=&cursor=: oldest first."""
     org_id = v.path_id(request.match_info["org_id"], "organization")
-    teams = await request.app[SERVICES].store.list_teams(org_id)
-    return web.json_response({"teams": [t.to_json() for t in teams]})
+    page = page_request(request.query, TEAMS)
+    teams = await request.app[SERVICES].store.list_teams(org_id, limit=page.fetch, after=_created_key(page))
+    return web.json_response(page.answer("teams", teams, lambda t: (t.created_at, t.id), Team.to_json))
 
 
 async def create_project(request: web.Request) -> web.Response:
@@ -150,10 +168,11 @@ async def create_project(request: web.Request) -> web.Response:
 
 
 async def list_projects(request: web.Request) -> web.Response:
-    """GET /v1/teams/{team_id}/projects."""
+    """GET /v1/teams/{team_id}/projects?limit=&cursor=: oldest first."""
     team_id = v.path_id(request.match_info["team_id"], "team")
-    projects = await request.app[SERVICES].store.list_projects(team_id)
-    return web.json_response({"projects": [p.to_json() for p in projects]})
+    page = page_request(request.query, PROJECTS)
+    projects = await request.app[SERVICES].store.list_projects(team_id, limit=page.fetch, after=_created_key(page))
+    return web.json_response(page.answer("projects", projects, lambda p: (p.created_at, p.id), Project.to_json))
 
 
 async def decommission_project(request: web.Request) -> web.Response:
@@ -202,15 +221,14 @@ async def create_keys_bulk(request: web.Request) -> web.Response:
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    """GET /v1/projects/{project_id}/keys?limit=&after=: masked, oldest first."""
+    """GET /v1/projects/{project_id}/keys?limit=&cursor=: masked, oldest first (`after`: deprecated cursor)."""
     project_id = v.path_id(request.match_info["project_id"], "project")
-    limit = v.query_int(request.query.get("limit"), "limit", default=100, maximum=1000)
-    after = request.query.get("after")
-    if after is not None:
-        after = v.path_id(after, "key")
-    keys = await request.app[SERVICES].store.list_keys(project_id, limit=limit, after=after)
-    next_after = keys[-1].id if len(keys) == limit else None
-    return web.json_response({"keys": [k.to_json() for k in keys], "next_after": next_after})
+    page = page_request(request.query, KEYS, legacy=("after", lambda text: (v.query_id(text, "after"),)))
+    after = None if page.after is None else str(page.after[0])
+    keys = await request.app[SERVICES].store.list_keys(project_id, limit=page.fetch, after=after)
+    answer = page.answer("keys", keys, lambda k: (k.id,), ApiKey.to_json)
+    answer["next_after"] = page.shown(keys)[-1].id if page.more(keys) else None  # deprecated: next_cursor
+    return web.json_response(answer)
 
 
 async def show_key(request: web.Request) -> web.Response:
@@ -263,17 +281,20 @@ async def rotate_key(request: web.Request) -> web.Response:
 
 
 async def audit(request: web.Request) -> web.Response:
-    """GET /v1/audit?org_id=&team_id=&project_id=&key_id=&limit=&before=: newest first."""
+    """GET /v1/audit?org_id=&team_id=&project_id=&key_id=&limit=&cursor=: newest first (`before`: deprecated)."""
     query = request.query
-    filters = {}
-    for param, kind in (("org_id", "organization"), ("team_id", "team"), ("project_id", "project"), ("key_id", "key")):
-        if query.get(param):
-            filters[param] = v.path_id(query[param], kind)
-    limit = v.query_int(query.get("limit"), "limit", default=100, maximum=1000)
-    before = v.query_int(query.get("before"), "before", default=0, maximum=2**62) or None
-    entries = await request.app[SERVICES].store.audit(**filters, limit=limit, before=before)
-    next_before = entries[-1].id if len(entries) == limit else None
-    return web.json_response({"entries": [e.to_json() for e in entries], "next_before": next_before})
+    filters = {param: v.query_id(query[param], param) for param in ("org_id", "team_id", "project_id", "key_id")
+               if query.get(param)}  # fmt: skip
+    page = page_request(query, AUDIT, legacy=("before", lambda text: (_audit_id(text),)))
+    before = None if page.after is None else int(page.after[0])
+    entries = await request.app[SERVICES].store.audit(**filters, limit=page.fetch, before=before)
+    answer = page.answer("entries", entries, lambda e: (e.id,), AuditEntry.to_json)
+    answer["next_before"] = page.shown(entries)[-1].id if page.more(entries) else None  # deprecated: next_cursor
+    return web.json_response(answer)
+
+
+def _audit_id(text: str) -> int:
+    return v.query_int(text, "before", default=0, maximum=MAX_AUDIT_ID)
 
 
 async def create_token(request: web.Request) -> web.Response:
