@@ -10,11 +10,13 @@ from typing import Any
 
 from aiohttp import web
 
+from . import api_schemas as s
 from . import validation as v
 from .broker import Broker
-from .errors import Forbidden, Invalid, PublisherError, Unauthorized
+from .errors import Forbidden, Invalid, PublisherError, Unauthorized, Unavailable
 from .heartbeat import Heartbeat
 from .models import Actor, ApiKey, AuditEntry, Org, Project, Team
+from .openapi import OPENAPI_PATH, Param, Route, openapi_json
 from .outbox import OutboxRelay
 from .pagination import Order, PageRequest, page_request
 from .reconcile import reconcile
@@ -23,7 +25,7 @@ from .signing import SigningKeys
 from .store import Created, KeyStore
 from .tokens import ROLES, TokenStore
 
-__all__ = ["SERVICES", "Services", "add_routes", "error_middleware"]
+__all__ = ["ROUTES", "SERVICES", "UNAUTHENTICATED", "Services", "auth_middleware", "error_middleware"]
 
 log = logging.getLogger("keyrelay.publisher.api")
 
@@ -70,8 +72,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Admin tokens guard /v1; members may only read."""
-    if not request.path.startswith("/v1/"):
+    """Admin tokens guard /v1 (except UNAUTHENTICATED routes); members may only read."""
+    if not request.path.startswith("/v1/") or (request.method == "GET" and request.path in UNAUTHENTICATED):
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -311,7 +313,7 @@ async def reconcile_now(request: web.Request) -> web.Response:
     """POST /v1/reconcile: compare the bucket with the database and repair it now."""
     services = request.app[SERVICES]
     if not services.broker.bucket_ready.is_set():
-        raise PublisherError("NATS is not reachable; reconciliation needs the bucket")
+        raise Unavailable("NATS is not reachable; reconciliation needs the bucket: try again once it is")
     report = await reconcile(store=services.store, broker=services.broker, keys=services.keys,
                              horizon=services.settings.replay_horizon)  # fmt: skip
     answer = report.to_json()
@@ -324,24 +326,60 @@ async def signing_keys(request: web.Request) -> web.Response:
     return web.json_response({"keys": request.app[SERVICES].keys.listing()})
 
 
-def add_routes(app: web.Application) -> None:
-    """Register every admin route."""
-    r = app.router
-    r.add_post("/v1/orgs", create_org)
-    r.add_get("/v1/orgs", list_orgs)
-    r.add_post("/v1/orgs/{org_id}/teams", create_team)
-    r.add_get("/v1/orgs/{org_id}/teams", list_teams)
-    r.add_post("/v1/teams/{team_id}/projects", create_project)
-    r.add_get("/v1/teams/{team_id}/projects", list_projects)
-    r.add_delete("/v1/projects/{project_id}", decommission_project)
-    r.add_post("/v1/projects/{project_id}/keys", create_key)
-    r.add_post("/v1/projects/{project_id}/keys/bulk", create_keys_bulk)
-    r.add_get("/v1/projects/{project_id}/keys", list_keys)
-    r.add_post("/v1/keys/revoke", revoke_keys)
-    r.add_get("/v1/keys/{key_id}", show_key)
-    r.add_post("/v1/keys/{key_id}/revoke", revoke_key)
-    r.add_post("/v1/keys/{key_id}/rotate", rotate_key)
-    r.add_get("/v1/audit", audit)
-    r.add_post("/v1/tokens", create_token)
-    r.add_post("/v1/reconcile", reconcile_now)
-    r.add_get("/v1/signing-keys", signing_keys)
+# -- the routes, declared once: registered from here and documented from here (GET /v1/openapi.json) ----------
+
+# The only routes answered without a token. Everything else under /v1 answers 401 before anything else, unknown
+# paths included; the probes (/healthz, /readyz, /metrics) are outside /v1 and listed here too.
+UNAUTHENTICATED = frozenset({"/healthz", "/readyz", "/metrics", OPENAPI_PATH})
+
+_PAGE = (
+    Param("limit", s.LIMIT, "at most this many items (1-1000, default 100)"),
+    Param("cursor", s.CURSOR, "next_cursor of the previous page; omit for the first page"),
+)
+_HIERARCHY, _KEYS, _OPS = ("hierarchy",), ("keys",), ("operations",)
+
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/v1/orgs", create_org, "Create an organization", {201: s.ORG}, s.NAME_BODY,
+          errors=(409,), tags=_HIERARCHY),
+    Route("GET", "/v1/orgs", list_orgs, "List organizations", {200: s.ORG_PAGE}, query=_PAGE, errors=(400,),
+          tags=_HIERARCHY),
+    Route("POST", "/v1/orgs/{org_id}/teams", create_team, "Create a team in an organization", {201: s.TEAM},
+          s.NAME_BODY, errors=(404, 409), tags=_HIERARCHY),
+    Route("GET", "/v1/orgs/{org_id}/teams", list_teams, "List an organization's teams", {200: s.TEAM_PAGE},
+          query=_PAGE, errors=(400, 404), tags=_HIERARCHY),
+    Route("POST", "/v1/teams/{team_id}/projects", create_project, "Create a project in a team", {201: s.PROJECT},
+          s.NAME_BODY, errors=(404, 409), tags=_HIERARCHY),
+    Route("GET", "/v1/teams/{team_id}/projects", list_projects, "List a team's projects", {200: s.PROJECT_PAGE},
+          query=_PAGE, errors=(400, 404), tags=_HIERARCHY),
+    Route("DELETE", "/v1/projects/{project_id}", decommission_project, "Decommission a project, revoking its keys",
+          {200: s.DECOMMISSIONED}, errors=(404,), tags=_HIERARCHY),
+    Route("POST", "/v1/projects/{project_id}/keys", create_key, "Create a key (its plaintext is in this answer only)",
+          {201: s.CREATED_KEY}, s.KEY_REQUEST, errors=(404, 409), tags=_KEYS),
+    Route("POST", "/v1/projects/{project_id}/keys/bulk", create_keys_bulk, "Create up to 1000 keys at once",
+          {201: s.BULK_CREATED}, s.BULK_REQUEST, errors=(404, 409), tags=_KEYS),
+    Route("GET", "/v1/projects/{project_id}/keys", list_keys, "List a project's keys, masked", {200: s.KEY_PAGE},
+          query=(*_PAGE, Param("after", s.ID, "deprecated: use cursor (a key id: the keys after it)", True)),
+          errors=(400, 404), tags=_KEYS),
+    Route("POST", "/v1/keys/revoke", revoke_keys, "Revoke many keys in one transaction", {200: s.BULK_REVOKED},
+          s.BULK_REVOKE_REQUEST, errors=(404,), tags=_KEYS),
+    Route("GET", "/v1/keys/{key_id}", show_key, "Show a key, masked", {200: s.KEY}, errors=(404,), tags=_KEYS),
+    Route("POST", "/v1/keys/{key_id}/revoke", revoke_key, "Revoke a key everywhere", {200: s.REVOKED_KEY},
+          s.REVOKE_REQUEST, errors=(404,), tags=_KEYS),
+    Route("POST", "/v1/keys/{key_id}/rotate", rotate_key, "Rotate a key: a new one now, the old one after a grace",
+          {201: s.ROTATED_KEY}, s.ROTATE_REQUEST, errors=(404, 409), tags=_KEYS),
+    Route("GET", "/v1/audit", audit, "The audit trail, newest first", {200: s.AUDIT_PAGE}, query=(
+        *(Param(name, s.ID, f"only entries of this {name[:-3]}") for name in ("org_id", "team_id", "project_id",
+                                                                             "key_id")),
+        *_PAGE,
+        Param("before", {"type": "integer", "minimum": 1, "maximum": MAX_AUDIT_ID},
+              "deprecated: use cursor (an entry id: the entries before it)", True),
+    ), errors=(400,), tags=_OPS),
+    Route("POST", "/v1/tokens", create_token, "Create an admin or member token (shown once)", {201: s.NEW_TOKEN},
+          s.TOKEN_REQUEST, errors=(409,), tags=_OPS),
+    Route("POST", "/v1/reconcile", reconcile_now, "Compare the bucket with the database and repair it now",
+          {200: s.RECONCILE_REPORT}, errors=(503,), tags=_OPS),
+    Route("GET", "/v1/signing-keys", signing_keys, "The public keys bucket values are signed with",
+          {200: s.SIGNING_KEYS}, tags=_OPS),
+    Route("GET", OPENAPI_PATH, openapi_json, "This document (no token needed)", {200: {"type": "object"}},
+          tags=_OPS),
+)  # fmt: skip

@@ -11,6 +11,7 @@ __all__ = [
     "SigningKeyError",
     "StoreError",
     "Unauthorized",
+    "Unavailable",
 ]
 
 
@@ -68,6 +69,13 @@ class Conflict(PublisherError):
 
     status = 409
     code = "conflict"
+
+
+class Unavailable(PublisherError):
+    """Something the request needs (NATS) is unreachable right now; the request may be repeated later."""
+
+    status = 503
+    code = "unavailable"
 
 
 class StoreError(PublisherError):
