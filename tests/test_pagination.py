@@ -17,33 +17,33 @@ from tests.support import Admin
 COUNT = 7
 
 # Each list: how to make COUNT more items in a fresh hierarchy, and its path, items field and query.
-Make = Callable[[Admin, dict[str, Any]], Awaitable[tuple[str, str, dict[str, str]]]]
+Make = Callable[[Admin, dict[str, Any]], Awaitable[tuple[str, str, dict[str, Any]]]]
 
 
-async def _orgs(admin: Admin, project: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+async def _orgs(admin: Admin, project: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     for i in range(COUNT):
         await admin.ok("POST", "/orgs", {"name": f"org-{i}"})
     return "/orgs", "orgs", {}
 
 
-async def _teams(admin: Admin, project: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+async def _teams(admin: Admin, project: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     for i in range(COUNT):
         await admin.ok("POST", f"/orgs/{project['org_id']}/teams", {"name": f"team-{i}"})
     return f"/orgs/{project['org_id']}/teams", "teams", {}
 
 
-async def _projects(admin: Admin, project: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+async def _projects(admin: Admin, project: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     for i in range(COUNT):
         await admin.ok("POST", f"/teams/{project['team_id']}/projects", {"name": f"project-{i}"})
     return f"/teams/{project['team_id']}/projects", "projects", {}
 
 
-async def _keys(admin: Admin, project: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+async def _keys(admin: Admin, project: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     await admin.ok("POST", f"/projects/{project['id']}/keys/bulk", {"keys": [{"name": f"k{i}"} for i in range(COUNT)]})
     return f"/projects/{project['id']}/keys", "keys", {}
 
 
-async def _audit(admin: Admin, project: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+async def _audit(admin: Admin, project: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     for i in range(COUNT):
         await admin.ok("POST", f"/orgs/{project['org_id']}/teams", {"name": f"audited-{i}"})
     return "/audit", "entries", {"org_id": project["org_id"]}
@@ -52,7 +52,7 @@ async def _audit(admin: Admin, project: dict[str, Any]) -> tuple[str, str, dict[
 LISTS = {"orgs": _orgs, "teams": _teams, "projects": _projects, "keys": _keys, "audit": _audit}
 
 
-async def _walk(admin: Admin, path: str, items: str, query: dict[str, str], limit: int) -> list[dict[str, Any]]:
+async def _walk(admin: Admin, path: str, items: str, query: dict[str, Any], limit: int) -> list[dict[str, Any]]:
     """Every page of a list, `limit` at a time; asserts each page's size and where next_cursor is null."""
     pages: list[list[dict[str, Any]]] = []
     cursor = None
