@@ -62,7 +62,7 @@ def _orgs_create(args: argparse.Namespace) -> int:
 
 
 def _orgs_list(args: argparse.Namespace) -> int:
-    answer = _client(args).call("GET", "/orgs")
+    answer = _client(args).collect("/orgs", "orgs", limit=args.limit)
     return _show(args, answer, table(answer["orgs"], [("id", "id"), ("name", "name"), ("created", "created_at")]))
 
 
@@ -72,7 +72,7 @@ def _teams_create(args: argparse.Namespace) -> int:
 
 
 def _teams_list(args: argparse.Namespace) -> int:
-    answer = _client(args).call("GET", f"/orgs/{args.org}/teams")
+    answer = _client(args).collect(f"/orgs/{args.org}/teams", "teams", limit=args.limit)
     return _show(args, answer, table(answer["teams"], [("id", "id"), ("name", "name"), ("created", "created_at")]))
 
 
@@ -82,7 +82,7 @@ def _projects_create(args: argparse.Namespace) -> int:
 
 
 def _projects_list(args: argparse.Namespace) -> int:
-    answer = _client(args).call("GET", f"/teams/{args.team}/projects")
+    answer = _client(args).collect(f"/teams/{args.team}/projects", "projects", limit=args.limit)
     columns: list[Column] = [("id", "id"), ("name", "name"), ("decommissioned", "decommissioned_at")]
     return _show(args, answer, table(answer["projects"], columns))
 
@@ -128,17 +128,8 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    client = _client(args)
-    keys: list[dict[str, Any]] = []
-    after = None
-    while True:
-        answer = client.call("GET", f"/projects/{args.project}/keys", limit=min(args.limit - len(keys), 1000),
-                             after=after)  # fmt: skip
-        keys += answer["keys"]
-        after = answer["next_after"]
-        if after is None or len(keys) >= args.limit:
-            break
-    return _show(args, {"keys": keys}, table(keys, KEY_COLUMNS))
+    answer = _client(args).collect(f"/projects/{args.project}/keys", "keys", limit=args.limit)
+    return _show(args, answer, table(answer["keys"], KEY_COLUMNS))
 
 
 def _keys_show(args: argparse.Namespace) -> int:
@@ -180,10 +171,8 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    answer = _client(args).call(
-        "GET", "/audit", org_id=args.org, team_id=args.team, project_id=args.project, key_id=args.key,
-        limit=args.limit,
-    )  # fmt: skip
+    answer = _client(args).collect("/audit", "entries", limit=args.limit, org_id=args.org, team_id=args.team,
+                                   project_id=args.project, key_id=args.key)  # fmt: skip
     columns: list[Column] = [("at", "at"), ("actor", "actor"), ("action", "action"), ("project", "project_id"),
                              ("key", "key_id"), ("details", "details")]  # fmt: skip
     return _show(args, answer, table(answer["entries"], columns))
@@ -233,6 +222,13 @@ def _signing_keys(args: argparse.Namespace) -> int:
 # -- parser ------------------------------------------------------------------------------------
 
 
+def _limit(parser: argparse.ArgumentParser, items: str, *, default: int = 1000) -> argparse.ArgumentParser:
+    """`--limit N` on a listing command: how many items to fetch, page after page."""
+    parser.add_argument("--limit", type=int, default=default,
+                        help=f"at most this many {items}, fetched a page at a time (default {default})")  # fmt: skip
+    return parser
+
+
 def add_admin_commands(commands: Any) -> None:
     """Register orgs, teams, projects, keys, audit, tokens and signing-keys under the `keyrelay` parser."""
     common = argparse.ArgumentParser(add_help=False)
@@ -254,23 +250,21 @@ def add_admin_commands(commands: Any) -> None:
 
     orgs = group("orgs", "organizations: the top of the hierarchy")
     action(orgs, "create", "create an organization", _orgs_create).add_argument("name", help="unique name")
-    action(orgs, "list", "list organizations", _orgs_list)
+    _limit(action(orgs, "list", "list organizations, oldest first", _orgs_list), "organizations")
 
     teams = group("teams", "teams: own projects, belong to an organization")
     p = action(teams, "create", "create a team in an organization", _teams_create)
     p.add_argument("--org", required=True, help="organization id")
     p.add_argument("name", help="name, unique in the organization")
-    action(teams, "list", "list an organization's teams", _teams_list).add_argument(
-        "--org", required=True, help="organization id"
-    )
+    p = _limit(action(teams, "list", "list an organization's teams, oldest first", _teams_list), "teams")
+    p.add_argument("--org", required=True, help="organization id")
 
     projects = group("projects", "projects (services): hold keys")
     p = action(projects, "create", "create a project in a team", _projects_create)
     p.add_argument("--team", required=True, help="team id")
     p.add_argument("name", help="name, unique in the team")
-    action(projects, "list", "list a team's projects", _projects_list).add_argument(
-        "--team", required=True, help="team id"
-    )
+    p = _limit(action(projects, "list", "list a team's projects, oldest first", _projects_list), "projects")
+    p.add_argument("--team", required=True, help="team id")
     action(projects, "decommission", "decommission a project: every key of it is revoked", _projects_decommission
            ).add_argument("project_id", help="project id")  # fmt: skip
 
@@ -285,9 +279,8 @@ def add_admin_commands(commands: Any) -> None:
     p.add_argument("--region", help="region code: the key then works only in that region (default: global)")
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata entry (repeatable)")
     p.add_argument("--count", type=int, default=1, help="create this many keys through the bulk path")
-    p = action(keys, "list", "list a project's keys (masked)", _keys_list)
+    p = _limit(action(keys, "list", "list a project's keys (masked), oldest first", _keys_list), "keys")
     p.add_argument("--project", required=True, help="project id")
-    p.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
     action(keys, "show", "show one key (masked)", _keys_show).add_argument("key_id", help="key id")
     p = action(keys, "rotate", "rotate a key: a new key now, the old one expires after the grace", _keys_rotate)
     p.add_argument("key_id", help="key id")
@@ -307,7 +300,7 @@ def add_admin_commands(commands: Any) -> None:
     p.set_defaults(handler=_audit)
     for flag in ("org", "team", "project", "key"):
         p.add_argument(f"--{flag}", help=f"only entries of this {flag} id")
-    p.add_argument("--limit", type=int, default=100, help="at most this many entries (default 100)")
+    _limit(p, "entries", default=100)
 
     p = commands.add_parser(
         "signing-keys",

@@ -18,6 +18,7 @@ from .errors import ApiError, KeyrelayError
 __all__ = ["AdminClient", "ClientSettings", "stack_file"]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+PAGE_MAX = 1000  # the most items the admin API puts on one page
 
 
 def stack_file(data_dir: Path) -> Path:
@@ -88,6 +89,23 @@ class AdminClient:
                 f"cannot reach the publisher at {self.url} ({reason}): start it with `keyrelay up`, "
                 "or point --url / KEYRELAY_URL at it"
             ) from None
+
+    def collect(self, path: str, items: str, *, limit: int, **query: Any) -> dict[str, Any]:
+        """Up to `limit` items of a paginated list, following `next_cursor` page by page (docs/api.md).
+
+        Answers as one page would: `{items: [...], "next_cursor": ...}`, the cursor continuing after the
+        last item returned (null when the list is exhausted).
+        """
+        if limit < 1:
+            raise KeyrelayError(f"--limit must be at least 1, not {limit}")
+        found: list[Any] = []
+        cursor = None
+        while True:
+            answer = self.call("GET", path, limit=min(limit - len(found), PAGE_MAX), cursor=cursor, **query)
+            found += answer[items]
+            cursor = answer["next_cursor"]
+            if cursor is None or len(found) >= limit:
+                return {items: found, "next_cursor": cursor}
 
 
 def _api_error(exc: urllib.error.HTTPError) -> ApiError:

@@ -439,7 +439,7 @@ def _cli_name() -> str:
 
 
 def _seed_demo(client: AdminClient) -> dict[str, Any]:
-    orgs = client.call("GET", "/orgs")["orgs"]
+    orgs = client.collect("/orgs", "orgs", limit=100_000)["orgs"]
     org = next((o for o in orgs if o["name"] == "demo"), None) or client.call("POST", "/orgs", {"name": "demo"})
     teams = client.call("GET", f"/orgs/{org['id']}/teams")["teams"]
     team = teams[0] if teams else client.call("POST", f"/orgs/{org['id']}/teams", {"name": "platform"})

@@ -10,21 +10,23 @@ from typing import Any
 
 from aiohttp import web
 
+from . import api_schemas as s
 from . import validation as v
 from .broker import Broker
-from .cursor import decode_cursor, encode_cursor
-from .errors import Forbidden, Invalid, PublisherError, Unauthorized
+from .errors import Forbidden, Invalid, PublisherError, Unauthorized, Unavailable
 from .heartbeat import Heartbeat
-from .models import Actor, ApiKey
+from .models import Actor, ApiKey, AuditEntry, Org, Project, Team
+from .openapi import OPENAPI_PATH, Param, Route, openapi_json
 from .outbox import OutboxRelay
+from .pagination import Order, PageRequest, page_request
 from .reconcile import reconcile
 from .resign import resign
 from .settings import PublisherSettings
 from .signing import SigningKeys
 from .store import Created, KeyStore
-from .tokens import ROLES, TokenStore
+from .tokens import ROLES, AdminToken, TokenStore
 
-__all__ = ["SERVICES", "Services", "add_routes", "error_middleware"]
+__all__ = ["ROUTES", "SERVICES", "UNAUTHENTICATED", "Services", "auth_middleware", "error_middleware"]
 
 log = logging.getLogger("keyrelay.publisher.api")
 
@@ -71,13 +73,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Admin tokens guard /v1; members may only read."""
-    if not request.path.startswith("/v1/"):
+    """Admin tokens guard /v1 (except UNAUTHENTICATED routes); members may only read."""
+    if not request.path.startswith("/v1/") or (request.method == "GET" and request.path in UNAUTHENTICATED):
         return await handler(request)
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("send Authorization: Bearer <admin token>")
+    # find() refuses by form first (counted, no lookup): other bytes than printable ASCII are no token.
     actor = await request.app[SERVICES].tokens.find(token.strip())
     if actor is None:
         raise Unauthorized("the admin token is not valid")
@@ -92,8 +95,8 @@ async def _body(request: web.Request) -> Any:
         return {}
     try:
         return json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError):
-        raise Invalid("the body is not valid JSON", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep ([[[[...)
+        raise Invalid("the body is not valid JSON (or nested too deep)", code="invalid_json") from None
 
 
 async def _propagation(services: Services, outbox_ids: Sequence[int]) -> str:
@@ -112,6 +115,20 @@ def _actor(request: web.Request) -> Actor:
     return request[ACTOR]
 
 
+# Each list's sort key (publisher/pagination.py): what its cursors carry.
+ORGS = Order("orgs", ("int", "id"))
+TEAMS = Order("teams", ("int", "id"))
+PROJECTS = Order("projects", ("int", "id"))
+KEYS = Order("keys", ("id",))
+AUDIT = Order("audit", ("int",))
+TOKENS = Order("tokens", ("id",))
+MAX_AUDIT_ID = 2**62
+
+
+def _created_key(page: PageRequest) -> tuple[int, str] | None:
+    return None if page.after is None else (int(page.after[0]), str(page.after[1]))
+
+
 # -- hierarchy ---------------------------------------------------------------------------------
 
 
@@ -123,9 +140,10 @@ async def create_org(request: web.Request) -> web.Response:
 
 
 async def list_orgs(request: web.Request) -> web.Response:
-    """GET /v1/orgs."""
-    orgs = await request.app[SERVICES].store.list_orgs()
-    return web.json_response({"orgs": [o.to_json() for o in orgs]})
+    """GET /v1/orgs?limit=&cursor=: oldest first."""
+    page = page_request(request.query, ORGS)
+    orgs = await request.app[SERVICES].store.list_orgs(limit=page.fetch, after=_created_key(page))
+    return web.json_response(page.answer("orgs", orgs, lambda o: (o.created_at, o.id), Org.to_json))
 
 
 async def create_team(request: web.Request) -> web.Response:
@@ -137,10 +155,11 @@ async def create_team(request: web.Request) -> web.Response:
 
 
 async def list_teams(request: web.Request) -> web.Response:
-    """GET /v1/orgs/{org_id}/teams."""
+    """GET /v1/orgs/{org_id}/teams?limit=&cursor=: oldest first."""
     org_id = v.path_id(request.match_info["org_id"], "organization")
-    teams = await request.app[SERVICES].store.list_teams(org_id)
-    return web.json_response({"teams": [t.to_json() for t in teams]})
+    page = page_request(request.query, TEAMS)
+    teams = await request.app[SERVICES].store.list_teams(org_id, limit=page.fetch, after=_created_key(page))
+    return web.json_response(page.answer("teams", teams, lambda t: (t.created_at, t.id), Team.to_json))
 
 
 async def create_project(request: web.Request) -> web.Response:
@@ -152,10 +171,11 @@ async def create_project(request: web.Request) -> web.Response:
 
 
 async def list_projects(request: web.Request) -> web.Response:
-    """GET /v1/teams/{team_id}/projects."""
+    """GET /v1/teams/{team_id}/projects?limit=&cursor=: oldest first."""
     team_id = v.path_id(request.match_info["team_id"], "team")
-    projects = await request.app[SERVICES].store.list_projects(team_id)
-    return web.json_response({"projects": [p.to_json() for p in projects]})
+    page = page_request(request.query, PROJECTS)
+    projects = await request.app[SERVICES].store.list_projects(team_id, limit=page.fetch, after=_created_key(page))
+    return web.json_response(page.answer("projects", projects, lambda p: (p.created_at, p.id), Project.to_json))
 
 
 async def decommission_project(request: web.Request) -> web.Response:
@@ -204,15 +224,14 @@ async def create_keys_bulk(request: web.Request) -> web.Response:
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    """GET /v1/projects/{project_id}/keys?limit=&after=: masked, oldest first."""
+    """GET /v1/projects/{project_id}/keys?limit=&cursor=: masked, oldest first (`after`: deprecated cursor)."""
     project_id = v.path_id(request.match_info["project_id"], "project")
-    limit = v.query_int(request.query.get("limit"), "limit", default=100, maximum=1000)
-    after = request.query.get("after")
-    if after is not None:
-        after = v.path_id(after, "key")
-    keys = await request.app[SERVICES].store.list_keys(project_id, limit=limit, after=after)
-    next_after = keys[-1].id if len(keys) == limit else None
-    return web.json_response({"keys": [k.to_json() for k in keys], "next_after": next_after})
+    page = page_request(request.query, KEYS, legacy=("after", lambda text: (v.query_id(text, "after"),)))
+    after = None if page.after is None else str(page.after[0])
+    keys = await request.app[SERVICES].store.list_keys(project_id, limit=page.fetch, after=after)
+    answer = page.answer("keys", keys, lambda k: (k.id,), ApiKey.to_json)
+    answer["next_after"] = page.shown(keys)[-1].id if page.more(keys) else None  # deprecated: next_cursor
+    return web.json_response(answer)
 
 
 async def show_key(request: web.Request) -> web.Response:
@@ -265,17 +284,20 @@ async def rotate_key(request: web.Request) -> web.Response:
 
 
 async def audit(request: web.Request) -> web.Response:
-    """GET /v1/audit?org_id=&team_id=&project_id=&key_id=&limit=&before=: newest first."""
+    """GET /v1/audit?org_id=&team_id=&project_id=&key_id=&limit=&cursor=: newest first (`before`: deprecated)."""
     query = request.query
-    filters = {}
-    for param, kind in (("org_id", "organization"), ("team_id", "team"), ("project_id", "project"), ("key_id", "key")):
-        if query.get(param):
-            filters[param] = v.path_id(query[param], kind)
-    limit = v.query_int(query.get("limit"), "limit", default=100, maximum=1000)
-    before = v.query_int(query.get("before"), "before", default=0, maximum=2**62) or None
-    entries = await request.app[SERVICES].store.audit(**filters, limit=limit, before=before)
-    next_before = entries[-1].id if len(entries) == limit else None
-    return web.json_response({"entries": [e.to_json() for e in entries], "next_before": next_before})
+    filters = {param: v.query_id(query[param], param) for param in ("org_id", "team_id", "project_id", "key_id")
+               if query.get(param)}  # fmt: skip
+    page = page_request(query, AUDIT, legacy=("before", lambda text: (_audit_id(text),)))
+    before = None if page.after is None else int(page.after[0])
+    entries = await request.app[SERVICES].store.audit(**filters, limit=page.fetch, before=before)
+    answer = page.answer("entries", entries, lambda e: (e.id,), AuditEntry.to_json)
+    answer["next_before"] = page.shown(entries)[-1].id if page.more(entries) else None  # deprecated: next_cursor
+    return web.json_response(answer)
+
+
+def _audit_id(text: str) -> int:
+    return v.query_int(text, "before", default=0, maximum=MAX_AUDIT_ID)
 
 
 async def create_token(request: web.Request) -> web.Response:
@@ -294,11 +316,10 @@ async def create_token(request: web.Request) -> web.Response:
 
 async def list_tokens(request: web.Request) -> web.Response:
     """GET /v1/tokens?limit=&cursor=: every token (revoked and expired too), oldest first, never a hash."""
-    limit = v.query_int(request.query.get("limit"), "limit", default=100, maximum=1000)
-    after = decode_cursor(request.query.get("cursor"))
-    tokens = await request.app[SERVICES].tokens.page(limit=limit, after=after)
-    next_cursor = encode_cursor(tokens[-1].id) if len(tokens) == limit else None
-    return web.json_response({"tokens": [t.to_json() for t in tokens], "next_cursor": next_cursor})
+    page = page_request(request.query, TOKENS)
+    after = None if page.after is None else str(page.after[0])
+    tokens = await request.app[SERVICES].tokens.page(limit=page.fetch, after=after)
+    return web.json_response(page.answer("tokens", tokens, lambda t: (t.id,), AdminToken.to_json))
 
 
 async def show_token(request: web.Request) -> web.Response:
@@ -324,7 +345,7 @@ async def reconcile_now(request: web.Request) -> web.Response:
     body = v.fields(await _body(request), allowed={"dry_run", "force"})
     dry_run, force = (v.boolean(body.get(name, False), name) for name in ("dry_run", "force"))
     if not services.broker.bucket_ready.is_set():
-        raise PublisherError("NATS is not reachable; reconciliation needs the bucket")
+        raise Unavailable("NATS is not reachable; reconciliation needs the bucket: try again once it is")
     report = await reconcile(store=services.store, broker=services.broker, keys=services.keys,
                              horizon=services.settings.replay_horizon, dry_run=dry_run, force=force,
                              max_changes=services.settings.reconcile_max_changes)  # fmt: skip
@@ -342,7 +363,7 @@ async def resign_now(request: web.Request) -> web.Response:
     body = v.fields(await _body(request), allowed={"all"})
     everything = v.boolean(body.get("all", False), "all")
     if not services.broker.bucket_ready.is_set():
-        raise PublisherError("NATS is not reachable; re-signing needs the bucket")
+        raise Unavailable("NATS is not reachable; re-signing needs the bucket: try again once it is")
     report = await resign(store=services.store, broker=services.broker, keys=services.keys,
                           horizon=services.settings.replay_horizon, everything=everything)  # fmt: skip
     answer = report.to_json()
@@ -355,28 +376,68 @@ async def signing_keys(request: web.Request) -> web.Response:
     return web.json_response({"keys": request.app[SERVICES].keys.listing()})
 
 
-def add_routes(app: web.Application) -> None:
-    """Register every admin route."""
-    r = app.router
-    r.add_post("/v1/orgs", create_org)
-    r.add_get("/v1/orgs", list_orgs)
-    r.add_post("/v1/orgs/{org_id}/teams", create_team)
-    r.add_get("/v1/orgs/{org_id}/teams", list_teams)
-    r.add_post("/v1/teams/{team_id}/projects", create_project)
-    r.add_get("/v1/teams/{team_id}/projects", list_projects)
-    r.add_delete("/v1/projects/{project_id}", decommission_project)
-    r.add_post("/v1/projects/{project_id}/keys", create_key)
-    r.add_post("/v1/projects/{project_id}/keys/bulk", create_keys_bulk)
-    r.add_get("/v1/projects/{project_id}/keys", list_keys)
-    r.add_post("/v1/keys/revoke", revoke_keys)
-    r.add_get("/v1/keys/{key_id}", show_key)
-    r.add_post("/v1/keys/{key_id}/revoke", revoke_key)
-    r.add_post("/v1/keys/{key_id}/rotate", rotate_key)
-    r.add_get("/v1/audit", audit)
-    r.add_post("/v1/tokens", create_token)
-    r.add_get("/v1/tokens", list_tokens)
-    r.add_get("/v1/tokens/{token_id}", show_token)
-    r.add_delete("/v1/tokens/{token_id}", revoke_token)
-    r.add_post("/v1/reconcile", reconcile_now)
-    r.add_post("/v1/resign", resign_now)
-    r.add_get("/v1/signing-keys", signing_keys)
+# -- the routes, declared once: registered from here and documented from here (GET /v1/openapi.json) ----------
+
+# The only routes answered without a token. Everything else under /v1 answers 401 before anything else, unknown
+# paths included; the probes (/healthz, /readyz, /metrics) are outside /v1 and listed here too.
+UNAUTHENTICATED = frozenset({"/healthz", "/readyz", "/metrics", OPENAPI_PATH})
+
+_PAGE = (
+    Param("limit", s.LIMIT, "at most this many items (1-1000, default 100)"),
+    Param("cursor", s.CURSOR, "next_cursor of the previous page; omit for the first page"),
+)
+_HIERARCHY, _KEYS, _OPS = ("hierarchy",), ("keys",), ("operations",)
+
+ROUTES: tuple[Route, ...] = (
+    Route("POST", "/v1/orgs", create_org, "Create an organization", {201: s.ORG}, s.NAME_BODY,
+          errors=(409,), tags=_HIERARCHY),
+    Route("GET", "/v1/orgs", list_orgs, "List organizations", {200: s.ORG_PAGE}, query=_PAGE, errors=(400,),
+          tags=_HIERARCHY),
+    Route("POST", "/v1/orgs/{org_id}/teams", create_team, "Create a team in an organization", {201: s.TEAM},
+          s.NAME_BODY, errors=(404, 409), tags=_HIERARCHY),
+    Route("GET", "/v1/orgs/{org_id}/teams", list_teams, "List an organization's teams", {200: s.TEAM_PAGE},
+          query=_PAGE, errors=(400, 404), tags=_HIERARCHY),
+    Route("POST", "/v1/teams/{team_id}/projects", create_project, "Create a project in a team", {201: s.PROJECT},
+          s.NAME_BODY, errors=(404, 409), tags=_HIERARCHY),
+    Route("GET", "/v1/teams/{team_id}/projects", list_projects, "List a team's projects", {200: s.PROJECT_PAGE},
+          query=_PAGE, errors=(400, 404), tags=_HIERARCHY),
+    Route("DELETE", "/v1/projects/{project_id}", decommission_project, "Decommission a project, revoking its keys",
+          {200: s.DECOMMISSIONED}, errors=(404,), tags=_HIERARCHY),
+    Route("POST", "/v1/projects/{project_id}/keys", create_key, "Create a key (its plaintext is in this answer only)",
+          {201: s.CREATED_KEY}, s.KEY_REQUEST, errors=(404, 409), tags=_KEYS),
+    Route("POST", "/v1/projects/{project_id}/keys/bulk", create_keys_bulk, "Create up to 1000 keys at once",
+          {201: s.BULK_CREATED}, s.BULK_REQUEST, errors=(404, 409), tags=_KEYS),
+    Route("GET", "/v1/projects/{project_id}/keys", list_keys, "List a project's keys, masked", {200: s.KEY_PAGE},
+          query=(*_PAGE, Param("after", s.ID, "deprecated: use cursor (a key id: the keys after it)", True)),
+          errors=(400, 404), tags=_KEYS),
+    Route("POST", "/v1/keys/revoke", revoke_keys, "Revoke many keys in one transaction", {200: s.BULK_REVOKED},
+          s.BULK_REVOKE_REQUEST, errors=(404,), tags=_KEYS),
+    Route("GET", "/v1/keys/{key_id}", show_key, "Show a key, masked", {200: s.KEY}, errors=(404,), tags=_KEYS),
+    Route("POST", "/v1/keys/{key_id}/revoke", revoke_key, "Revoke a key everywhere", {200: s.REVOKED_KEY},
+          s.REVOKE_REQUEST, errors=(404,), tags=_KEYS),
+    Route("POST", "/v1/keys/{key_id}/rotate", rotate_key, "Rotate a key: a new one now, the old one after a grace",
+          {201: s.ROTATED_KEY}, s.ROTATE_REQUEST, errors=(404, 409), tags=_KEYS),
+    Route("GET", "/v1/audit", audit, "The audit trail, newest first", {200: s.AUDIT_PAGE}, query=(
+        *(Param(name, s.ID, f"only entries of this {name[:-3]}") for name in ("org_id", "team_id", "project_id",
+                                                                             "key_id")),
+        *_PAGE,
+        Param("before", {"type": "integer", "minimum": 1, "maximum": MAX_AUDIT_ID},
+              "deprecated: use cursor (an entry id: the entries before it)", True),
+    ), errors=(400,), tags=_OPS),
+    Route("POST", "/v1/tokens", create_token, "Create an admin or member token (shown once)", {201: s.NEW_TOKEN},
+          s.TOKEN_REQUEST, errors=(409,), tags=_OPS),
+    Route("GET", "/v1/tokens", list_tokens, "List admin tokens (revoked and expired too), never a secret",
+          {200: s.TOKEN_PAGE}, query=_PAGE, errors=(400,), tags=_OPS),
+    Route("GET", "/v1/tokens/{token_id}", show_token, "Show an admin token", {200: s.TOKEN}, errors=(404,),
+          tags=_OPS),
+    Route("DELETE", "/v1/tokens/{token_id}", revoke_token, "Revoke an admin token (every replica within the cache "
+          "TTL)", {200: s.TOKEN}, errors=(404,), tags=_OPS),
+    Route("POST", "/v1/reconcile", reconcile_now, "Plan, then repair, the bucket from the database (bounded)",
+          {200: s.RECONCILE_REPORT}, s.RECONCILE_REQUEST, errors=(409, 503), tags=_OPS),
+    Route("POST", "/v1/resign", resign_now, "Sign old, unsigned or foreign-key values (all with `all`) afresh",
+          {200: s.RESIGN_REPORT}, s.RESIGN_REQUEST, errors=(503,), tags=_OPS),
+    Route("GET", "/v1/signing-keys", signing_keys, "The public keys bucket values are signed with",
+          {200: s.SIGNING_KEYS}, tags=_OPS),
+    Route("GET", OPENAPI_PATH, openapi_json, "This document (no token needed)", {200: {"type": "object"}},
+          tags=_OPS),
+)  # fmt: skip

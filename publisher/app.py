@@ -15,12 +15,14 @@ from sidecar.errors import SettingsError
 from sidecar.nats_connect import NatsConnect, redact
 from sidecar.serving import harden, malformed_metric, run_forever, serve_app, server_tls_context
 
-from .api import SERVICES, Services, add_routes, auth_middleware, error_middleware
+from . import api_schemas as s
+from .api import ROUTES, SERVICES, UNAUTHENTICATED, Services, auth_middleware, error_middleware
 from .broker import Broker
 from .db import open_database
 from .errors import PublisherError
 from .heartbeat import Heartbeat
 from .maintenance import Maintenance
+from .openapi import Route, register
 from .outbox import OutboxRelay
 from .settings import PublisherSettings
 from .signing import load_signing_keys
@@ -169,6 +171,16 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="text/plain")
 
 
+_READY = s.obj({"ready": {"const": True}, "nats_connected": {"type": "boolean"}, "bucket_ready": {"type": "boolean"},
+               "outbox_depth": {"type": "integer"}, "relay_leader": {"type": "boolean"}})  # fmt: skip
+_NOT_READY = s.obj({"ready": {"const": False}, "database": {"type": "string"}})
+PROBES = (
+    Route("GET", "/healthz", healthz, "Liveness", {200: s.obj({"status": {"const": "ok"}})}, tags=("probes",)),
+    Route("GET", "/readyz", readyz, "Readiness: the database answers", {200: _READY, 503: _NOT_READY},
+          tags=("probes",)),
+    Route("GET", "/metrics", metrics, "Prometheus metrics", {200: "Prometheus text exposition"}, tags=("probes",)),
+)  # fmt: skip
+
 SETTINGS = web.AppKey("keyrelay_publisher_settings", PublisherSettings)
 MAINTENANCE = web.AppKey("keyrelay_publisher_maintenance", Maintenance)
 
@@ -178,10 +190,7 @@ def create_app(settings: PublisherSettings) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=4 * 1024 * 1024)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_lifecycle)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    add_routes(app)
+    register(app, (*PROBES, *ROUTES), public=UNAUTHENTICATED)
     return harden(app)
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "SigningKeyError",
     "StoreError",
     "Unauthorized",
+    "Unavailable",
 ]
 
 
@@ -63,9 +64,12 @@ class NotFound(PublisherError):
     status = 404
     code = "not_found"
 
-    def __init__(self, kind: str, ident: str) -> None:
+    def __init__(self, kind: str, ident: str | None) -> None:
+        # `ident` None: what was asked for is no id at all (a key pasted where its id belongs, say), so
+        # it is not repeated: an error body is no place for what may be a secret.
         self.kind, self.ident = kind, ident
-        super().__init__(f"no {kind} with id {ident!r}")
+        super().__init__(f"no {kind} with id {ident!r}" if ident is not None else f"no {kind} has that id: an id is "
+                         "a UUID such as 0190c0de-0000-7000-8000-000000000001")  # fmt: skip
 
 
 class Conflict(PublisherError):
@@ -73,6 +77,13 @@ class Conflict(PublisherError):
 
     status = 409
     code = "conflict"
+
+
+class Unavailable(PublisherError):
+    """Something the request needs (NATS) is unreachable right now; the request may be repeated later."""
+
+    status = 503
+    code = "unavailable"
 
 
 class StoreError(PublisherError):

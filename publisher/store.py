@@ -147,23 +147,37 @@ class KeyStore:
             )  # fmt: skip
         return project
 
-    async def list_orgs(self) -> list[Org]:
-        """Every organization, oldest first."""
+    async def list_orgs(self, *, limit: int, after: tuple[int, str] | None = None) -> list[Org]:
+        """Organizations, oldest first: `limit` of them after the sort key `after` (created_at, id)."""
+        where, args = _after_created(after)
         async with self.db.transaction() as tx:
-            return [Org.from_row(r) for r in await tx.fetch("SELECT * FROM organizations ORDER BY created_at, id")]
+            rows = await tx.fetch(
+                f"SELECT * FROM organizations {where} ORDER BY created_at, id LIMIT ${len(args) + 1}", *args, limit
+            )
+        return [Org.from_row(r) for r in rows]
 
-    async def list_teams(self, org_id: str) -> list[Team]:
-        """The teams of an org."""
+    async def list_teams(self, org_id: str, *, limit: int, after: tuple[int, str] | None = None) -> list[Team]:
+        """The teams of an org, oldest first: `limit` of them after the sort key `after` (created_at, id)."""
+        where, args = _after_created(after, start=2)
         async with self.db.transaction() as tx:
             await self._org(tx, org_id)
-            rows = await tx.fetch("SELECT * FROM teams WHERE organization_id = $1 ORDER BY created_at, id", org_id)
+            rows = await tx.fetch(
+                f"SELECT * FROM teams WHERE organization_id = $1 {where.replace('WHERE', 'AND')} "
+                f"ORDER BY created_at, id LIMIT ${len(args) + 2}",
+                org_id, *args, limit,
+            )  # fmt: skip
         return [Team.from_row(r) for r in rows]
 
-    async def list_projects(self, team_id: str) -> list[Project]:
-        """The projects of a team."""
+    async def list_projects(self, team_id: str, *, limit: int, after: tuple[int, str] | None = None) -> list[Project]:
+        """The projects of a team, oldest first: `limit` of them after the sort key `after` (created_at, id)."""
+        where, args = _after_created(after, start=2)
         async with self.db.transaction() as tx:
             await self._team(tx, team_id)
-            rows = await tx.fetch("SELECT * FROM projects WHERE team_id = $1 ORDER BY created_at, id", team_id)
+            rows = await tx.fetch(
+                f"SELECT * FROM projects WHERE team_id = $1 {where.replace('WHERE', 'AND')} "
+                f"ORDER BY created_at, id LIMIT ${len(args) + 2}",
+                team_id, *args, limit,
+            )  # fmt: skip
         return [Project.from_row(r) for r in rows]
 
     async def decommission_project(self, actor: Actor, project_id: str) -> Change[Revocation]:
@@ -432,6 +446,14 @@ class KeyStore:
         if row is None:
             raise NotFound("key", key_id)
         return ApiKey.from_row(row)
+
+
+def _after_created(after: tuple[int, str] | None, *, start: int = 1) -> tuple[str, list[Any]]:
+    """The condition (and its arguments, numbered from `start`) for rows after the sort key (created_at, id)."""
+    if after is None:
+        return "", []
+    created, ident = f"${start}", f"${start + 1}"
+    return f"WHERE (created_at > {created} OR (created_at = {created} AND id > {ident}))", [after[0], after[1]]
 
 
 async def _insert_keys(tx: Tx, keys: Sequence[ApiKey]) -> None:

@@ -24,8 +24,10 @@ __all__ = [
     "key_spec",
     "name",
     "path_id",
+    "query_id",
     "query_int",
     "reason",
+    "text",
 ]
 
 MAX_NAME = 255
@@ -36,6 +38,11 @@ MAX_LIFETIME = 10 * 365 * 86400.0
 MAX_METADATA_ENTRIES = 16
 # Scopes travel space-separated in headers: no spaces, no commas; `:` `.` `/` `-` `_` `*` allowed.
 _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._/*-]{0,63}")
+# C0 and C1 control characters and DEL: CR/LF, NUL and ESC sequences in a name could forge lines or
+# recolour a terminal that prints it, and PostgreSQL text refuses NUL.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Decimal ASCII digits only: str.isdigit() also takes `²`, which int() then refuses.
+_QUERY_INT = re.compile(r"[0-9]{1,19}")
 
 
 def boolean(value: Any, field: str) -> bool:
@@ -58,14 +65,30 @@ def fields(body: Any, *, allowed: Collection[str], required: Collection[str] = (
     return body
 
 
+def text(value: str, field: str) -> str:
+    """`value` if it can be stored and printed as it is: valid UTF-8 (no lone surrogates), no control characters."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise Invalid(f"{field} is not valid Unicode text (it holds a lone surrogate)", field=field) from None
+    found = _CONTROL.search(value)
+    if found is not None:
+        raise Invalid(
+            f"{field} holds the control character U+{ord(found.group()):04X} at {found.start()}; "
+            "use printable characters only",
+            field=field,
+        )
+    return value
+
+
 def name(value: Any, field: str = "name") -> str:
-    """A display name: 1 to 255 characters, trimmed."""
+    """A display name: 1 to 255 printable characters, trimmed."""
     if not isinstance(value, str) or not value.strip():
         raise Invalid(f"{field} must be a non-empty string", field=field)
-    text = value.strip()
-    if len(text) > MAX_NAME:
-        raise Invalid(f"{field} is {len(text)} characters; at most {MAX_NAME}", field=field)
-    return text
+    stripped = value.strip()
+    if len(stripped) > MAX_NAME:
+        raise Invalid(f"{field} is {len(stripped)} characters; at most {MAX_NAME}", field=field)
+    return text(stripped, field)
 
 
 def scopes(value: Any) -> tuple[str, ...]:
@@ -109,6 +132,9 @@ def metadata(value: Any) -> dict[str, str]:
         raise Invalid("metadata must be an object of string values", field="metadata")
     if len(value) > MAX_METADATA_ENTRIES:
         raise Invalid(f"at most {MAX_METADATA_ENTRIES} metadata entries", field="metadata")
+    for key, item in value.items():
+        text(key, "metadata")
+        text(item, "metadata")
     if len(msgpack.packb(value)) > MAX_METADATA_BYTES:
         raise Invalid(f"metadata must encode to at most {MAX_METADATA_BYTES} bytes", field="metadata")
     return dict(value)
@@ -150,21 +176,28 @@ def key_ids(value: Any) -> list[str]:
         raise Invalid(f"at most {MAX_BULK} ids per call", field="ids")
     for ident in value:
         if not isinstance(ident, str) or not is_uuid(ident):
-            raise Invalid(f"not a key id: {ident!r}", field="ids")
+            raise Invalid("ids holds something that is not a key id (a UUID): it is not repeated here", field="ids")
     return list(dict.fromkeys(v.lower() for v in value))
 
 
 def path_id(value: str, kind: str) -> str:
-    """An id from the URL path; anything that is not a UUID names nothing (404)."""
+    """An id from the URL path, canonical (lowercase); anything that is not a UUID names nothing (404)."""
     if not is_uuid(value):
-        raise NotFound(kind, value)
+        raise NotFound(kind, None)
+    return value.lower()
+
+
+def query_id(value: str, field: str) -> str:
+    """An id from the query string, canonical (lowercase); anything else is a 400 naming the parameter."""
+    if not is_uuid(value):
+        raise Invalid(f"{field} must be an id (a UUID such as 0190c0de-0000-7000-8000-000000000001)", field=field)
     return value.lower()
 
 
 def query_int(value: str | None, field: str, *, default: int, maximum: int) -> int:
-    """A positive integer query parameter."""
+    """A positive integer query parameter: ASCII digits from 1 to `maximum`."""
     if value is None:
         return default
-    if not value.isdigit() or not 1 <= int(value) <= maximum:
+    if _QUERY_INT.fullmatch(value) is None or not 1 <= int(value) <= maximum:
         raise Invalid(f"{field} must be an integer from 1 to {maximum}", field=field)
     return int(value)

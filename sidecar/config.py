@@ -21,6 +21,7 @@ from .errors import SettingsError
 
 __all__ = [
     "ENV_PREFIX",
+    "MAX_DURATION_CHARS",
     "Option",
     "add_options",
     "format_duration",
@@ -37,7 +38,11 @@ __all__ = [
 ENV_PREFIX = "KEYRELAY_"
 MAX_SECRET_FILE = 64 * 1024  # a token, a URL or a key: anything larger is the wrong file
 _META = "keyrelay.option"
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+# Linear: one number, one optional unit, nothing around them (stripped first); ASCII digits only, since
+# `\d` takes other scripts' digits that float() would then have to refuse.
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)?")
+# Longer than any real duration; refused before the regex so no input can make it slow.
+MAX_DURATION_CHARS = 32
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 T = TypeVar("T")
@@ -81,9 +86,11 @@ class _Spec:
 
 def parse_duration(text: str) -> float:
     """Parse `90d`, `24h`, `15m`, `30s`, `250ms` or plain seconds into seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 30s, 15m, 24h, 90d or seconds)")
+    stripped = text.strip()
+    match = _DURATION.fullmatch(stripped) if len(stripped) <= MAX_DURATION_CHARS else None
+    if match is None:
+        shown = text if len(text) <= MAX_DURATION_CHARS else text[:MAX_DURATION_CHARS] + "..."
+        raise ValueError(f"not a duration: {shown!r} (use e.g. 30s, 15m, 24h, 90d or seconds)")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 

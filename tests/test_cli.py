@@ -174,7 +174,7 @@ async def test_a_key_is_created_listed_shown_rotated_and_revoked_from_the_shell(
     assert (row["REGION"], row["LAST USED"]) == ("-", "-")
     assert plaintext not in listed
     api_list = await admin.ok("GET", f"/projects/{project}/keys")
-    assert await shell.json("keys", "list", "--project", project) == {"keys": api_list["keys"]}
+    assert await shell.json("keys", "list", "--project", project) == {"keys": api_list["keys"], "next_cursor": None}
 
     shown = await shell.ok("keys", "show", key_id)
     assert list(_details(shown))[:4] == ["id", "name", "display", "status"]
@@ -230,7 +230,8 @@ async def test_the_audit_trail_is_printed_as_a_table_or_as_the_apis_json(shell: 
     ]  # fmt: skip
     assert rows[0]["DETAILS"] == "reason=done"
     assert {r["PROJECT"] for r in rows} == {project}
-    assert await shell.json("audit", "--key", key_id) == await admin.ok("GET", "/audit", key_id=key_id)
+    audit = await admin.ok("GET", "/audit", key_id=key_id)
+    assert await shell.json("audit", "--key", key_id) == {"entries": audit["entries"], "next_cursor": None}
     assert len((await shell.json("audit", "--limit", "2"))["entries"]) == 2
 
 
@@ -342,3 +343,24 @@ def test_names_holding_control_characters_are_printed_escaped_never_raw() -> Non
     assert "\r" not in printed
     assert "\x1b" not in printed
     assert "evil\\x0d\\x0aX-Injected: 1 \\x1b[31mred\\x1b[0m é" in printed  # security review L4
+
+
+async def test_listing_commands_follow_cursors_page_after_page_up_to_their_limit(shell: Shell) -> None:
+    admin = shell.publisher.admin
+    org, _, project = await _project(shell)
+    for name in ("b", "c", "d"):
+        await admin.ok("POST", "/orgs", {"name": name})
+    orgs = (await admin.ok("GET", "/orgs"))["orgs"]
+    two = await shell.json("orgs", "list", "--limit", "2")
+    assert two["orgs"] == orgs[:2]
+    assert two["next_cursor"] == (await admin.ok("GET", "/orgs", limit=2))["next_cursor"]
+    assert await shell.json("orgs", "list") == {"orgs": orgs, "next_cursor": None}
+
+    for _ in range(2):  # two bulk calls: more keys than the API puts on one page
+        await admin.ok("POST", f"/projects/{project}/keys/bulk", {"keys": [{"name": "k"}] * 501})
+    listed = await shell.json("keys", "list", "--project", project, "--limit", "1002")
+    assert len(listed["keys"]) == len({k["id"] for k in listed["keys"]}) == 1002
+    assert listed["next_cursor"] is None
+    assert len((await shell.json("keys", "list", "--project", project))["keys"]) == 1000  # the default limit
+    assert len(_table(await shell.ok("audit", "--org", org, "--limit", "2"))) == 2
+    assert "at least 1" in await shell.fails("orgs", "list", "--limit", "0")

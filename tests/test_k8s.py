@@ -797,7 +797,7 @@ def test_the_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
 # Runs the console script an image's ENTRYPOINT is, with what the image lacks made unimportable.
 # argv[1]: the absent top-level modules; argv[2]: the script's name; the rest: its arguments.
 _IMAGE_PYTHON = """
-import importlib.abc, importlib.metadata, sys
+import importlib.abc, importlib.metadata, importlib.util, sys
 ABSENT = set(sys.argv[1].split(","))
 class Absent(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
@@ -805,6 +805,10 @@ class Absent(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r} (not in this image)", name=name)
         return None
 sys.meta_path.insert(0, Absent())
+# Probing for an optional module (yarl asks for pydantic_core) finds nothing, as in the image, rather than raising.
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name.split(".")[0] in ABSENT else _find_spec(name, package))
 # .pth files of this venv (setuptools') import some at start-up; the image has none of them.
 for loaded in [m for m in sys.modules if m.split(".")[0] in ABSENT]:
     del sys.modules[loaded]

@@ -1,0 +1,181 @@
+"""JSON Schemas (2020-12, as OpenAPI 3.1 takes them) of what the admin API takes and answers.
+
+Answers are closed (`additionalProperties: false`): a field added to an answer without its schema fails
+the conformance tests. Request schemas state what validation.py accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sidecar.wire import ENVS
+
+from .pagination import MAX_LIMIT
+from .tokens import ROLES
+from .validation import MAX_BULK, MAX_METADATA_ENTRIES, MAX_NAME, MAX_SCOPES
+
+__all__ = ["COMPONENTS", "ERROR", "ID", "nullable", "obj", "page", "ref"]
+
+Schema = dict[str, Any]
+
+COMPONENTS: dict[str, Schema] = {}
+
+
+def ref(name: str) -> Schema:
+    """A reference to the component `name` (which must exist)."""
+    if name not in COMPONENTS:
+        raise KeyError(f"no schema component {name!r}")
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _component(name: str, schema: Schema) -> Schema:
+    COMPONENTS[name] = schema
+    return ref(name)
+
+
+def nullable(schema: Schema) -> Schema:
+    """`schema` or null."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def obj(properties: dict[str, Schema], *, optional: tuple[str, ...] = (), description: str = "") -> Schema:
+    """A closed object: every property required unless named in `optional`, no others."""
+    required = [p for p in properties if p not in optional]
+    schema: Schema = {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+    if description:
+        schema["description"] = description
+    return schema
+
+
+# -- scalars -----------------------------------------------------------------------------------
+
+_UUID = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+ID = _component("Id", {"type": "string", "format": "uuid", "pattern": _UUID, "description": "a UUID, 8-4-4-4-12 hex"})
+TIME = _component("Timestamp", {"type": "string", "format": "date-time", "description": "ISO 8601, UTC"})
+_PRINTABLE = "[^\\x00-\\x1f\\x7f-\\x9f]"
+NAME = _component("Name", {
+    "type": "string", "minLength": 1, "maxLength": MAX_NAME,
+    "pattern": f"^{_PRINTABLE}*[^\\s\\x00-\\x1f\\x7f-\\x9f]{_PRINTABLE}*$",
+    "description": "1-255 characters after trimming; no control characters (C0, DEL, C1)",
+})  # fmt: skip
+DURATION = _component("Duration", {
+    "anyOf": [{"type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?(ms|s|m|h|d)?\\s*$", "maxLength": 32},
+              {"type": "number", "minimum": 0}],
+    "description": "90d, 24h, 15m, 30s, 250ms or a number of seconds",
+})  # fmt: skip
+SCOPE = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9:._/*-]{0,63}$"}
+PROPAGATION = _component("Propagation", {
+    "type": "string", "enum": ["published", "pending"],
+    "description": "published: JetStream acknowledged the change; pending: the outbox publishes it once NATS is back",
+})  # fmt: skip
+CURSOR = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[A-Za-z0-9_-]+$"}
+NEXT_CURSOR = nullable({"type": "string"})
+LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100}
+
+ERROR = _component("Error", obj({"error": obj({
+    "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"},
+    "plan": {"type": "object", "description": "with reconcile_refused: the plan refused (a ReconcileReport)"},
+}, optional=("field", "plan"))}))  # fmt: skip
+
+# -- objects -----------------------------------------------------------------------------------
+
+ORG = _component("Org", obj({"id": ID, "name": {"type": "string"}, "created_at": TIME}))
+TEAM = _component("Team", obj({"id": ID, "org_id": ID, "name": {"type": "string"}, "created_at": TIME}))
+PROJECT = _component("Project", obj({"id": ID, "team_id": ID, "org_id": ID, "name": {"type": "string"},
+                                     "created_at": TIME, "decommissioned_at": nullable(TIME)}))  # fmt: skip
+_KEY: dict[str, Schema] = {
+    "id": ID, "name": {"type": "string"}, "display": {"type": "string", "description": "masked: sk_live_…abcd"},
+    "org_id": ID, "team_id": ID, "project_id": ID, "scopes": {"type": "array", "items": {"type": "string"}},
+    "env": {"type": "string", "enum": list(ENVS)}, "region": nullable({"type": "string"}),
+    "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+    "status": {"type": "string", "enum": ["active", "revoked", "expired"]},
+    "created_at": TIME, "expires_at": nullable(TIME), "last_used_at": nullable(TIME), "revoked_at": nullable(TIME),
+    "revoked_reason": nullable({"type": "string"}), "rotated_to": nullable(ID), "created_by": nullable(ID),
+    "version": {"type": "integer", "minimum": 1},
+}  # fmt: skip
+_PLAINTEXT = {"type": "string", "description": "the key in plaintext: shown in this answer only"}
+KEY = _component("Key", obj(_KEY, description="a key, masked"))
+NEW_KEY = _component("NewKey", obj({**_KEY, "key": _PLAINTEXT}))
+CREATED_KEY = _component("CreatedKey", obj({**_KEY, "key": _PLAINTEXT, "propagation": PROPAGATION}))
+ROTATED_KEY = _component("RotatedKey", obj({**_KEY, "key": _PLAINTEXT, "old": KEY, "propagation": PROPAGATION}))
+REVOKED_KEY = _component("RevokedKey", obj({**_KEY, "propagation": PROPAGATION}))
+AUDIT_ENTRY = _component("AuditEntry", obj({
+    "id": {"type": "integer"}, "at": TIME, "actor": {"type": "string"}, "action": {"type": "string"},
+    "org_id": nullable(ID), "team_id": nullable(ID), "project_id": nullable(ID), "key_id": nullable(ID),
+    "details": {"type": "object"},
+}))  # fmt: skip
+
+
+def page(name: str, items: str, item: Schema, **deprecated: Schema) -> Schema:
+    """A page of a list (publisher/pagination.py): the items and `next_cursor`, plus deprecated cursor fields."""
+    fields = {items: {"type": "array", "items": item}, "next_cursor": NEXT_CURSOR,
+              **{k: {**v, "deprecated": True} for k, v in deprecated.items()}}  # fmt: skip
+    return _component(name, obj(fields, description="one page; next_cursor is null on the last"))
+
+
+ORG_PAGE = page("OrgPage", "orgs", ORG)
+TEAM_PAGE = page("TeamPage", "teams", TEAM)
+PROJECT_PAGE = page("ProjectPage", "projects", PROJECT)
+KEY_PAGE = page("KeyPage", "keys", KEY, next_after=nullable(ID))
+AUDIT_PAGE = page("AuditPage", "entries", AUDIT_ENTRY, next_before=nullable({"type": "integer"}))
+
+DECOMMISSIONED = _component("Decommissioned", obj({"project_id": ID, "revoked": {"type": "array", "items": ID},
+                                                   "propagation": PROPAGATION}))  # fmt: skip
+BULK_CREATED = _component("BulkCreated", obj({"keys": {"type": "array", "items": NEW_KEY},
+                                              "propagation": PROPAGATION}))  # fmt: skip
+BULK_REVOKED = _component("BulkRevoked", obj({"revoked": {"type": "array", "items": ID},
+                                              "already_revoked": {"type": "array", "items": ID},
+                                              "propagation": PROPAGATION}))  # fmt: skip
+_TOKEN: dict[str, Schema] = {
+    "id": ID, "name": {"type": "string"}, "role": {"type": "string", "enum": list(ROLES)},
+    "display": nullable({"type": "string", "description": "krat_… and the last 4 characters (check characters)"}),
+    "status": {"type": "string", "enum": ["active", "revoked", "expired"]},
+    "created_at": TIME, "expires_at": nullable(TIME), "revoked_at": nullable(TIME),
+    "org_id": nullable(ID), "team_id": nullable(ID), "user_id": nullable(ID),
+}  # fmt: skip
+TOKEN = _component("Token", obj(_TOKEN, description="an admin token, never its secret or hash"))
+NEW_TOKEN = _component("NewToken", obj({**_TOKEN, "token": {"type": "string",
+                                                            "description": "shown in this answer only"}}))  # fmt: skip
+TOKEN_PAGE = page("TokenPage", "tokens", TOKEN)
+_COUNT = {"type": "integer", "minimum": 0}
+RECONCILE_REPORT = _component("ReconcileReport", obj({
+    **dict.fromkeys(("keys_in_database", "entries_in_bucket", "unsigned", "bad_signature", "late", "shards",
+                     "differing_shards", "republished", "deleted", "skipped", "plan_added", "plan_changed",
+                     "plan_deleted"), _COUNT),
+    "dry_run": {"type": "boolean"}, "refused": nullable({"type": "string"}),
+    "seconds": {"type": "number"}, "propagation": PROPAGATION,
+}, optional=("propagation",)))  # fmt: skip
+RESIGN_REPORT = _component("ResignReport", obj({
+    **dict.fromkeys(("entries_in_bucket", "current", "old", "late", "unverified", "republished", "tombstoned",
+                     "skipped"), _COUNT),
+    "seconds": {"type": "number"}, "propagation": PROPAGATION,
+}))  # fmt: skip
+SIGNING_KEYS = _component("SigningKeys", obj({"keys": {"type": "array", "items": obj({
+    "id": {"type": "string"}, "algorithm": {"type": "string", "enum": ["Ed25519"]}, "public_key": {"type": "string"},
+})}}))  # fmt: skip
+
+# -- request bodies ----------------------------------------------------------------------------
+
+NAME_BODY = _component("NameRequest", obj({"name": NAME}))
+KEY_REQUEST = _component("KeyRequest", obj({
+    "name": NAME,
+    "scopes": {"type": "array", "items": SCOPE, "maxItems": MAX_SCOPES},
+    "expires_in": nullable(DURATION),
+    "env": {"type": "string", "enum": list(ENVS)},
+    "region": nullable({"type": "string", "pattern": "^[a-z][a-z0-9-]{0,15}$", "not": {"const": "global"}}),
+    "metadata": {"type": "object", "additionalProperties": {"type": "string"}, "maxProperties": MAX_METADATA_ENTRIES,
+                 "description": "string values, at most 512 bytes as msgpack, no control characters"},
+}, optional=("scopes", "expires_in", "env", "region", "metadata")))  # fmt: skip
+BULK_REQUEST = _component("BulkKeyRequest", obj({"keys": {"type": "array", "items": KEY_REQUEST, "minItems": 1,
+                                                          "maxItems": MAX_BULK}}))  # fmt: skip
+REVOKE_REQUEST = _component("RevokeRequest", obj({"reason": nullable(NAME)}, optional=("reason",)))
+BULK_REVOKE_REQUEST = _component("BulkRevokeRequest", obj({
+    "ids": {"type": "array", "items": ID, "minItems": 1, "maxItems": MAX_BULK}, "reason": nullable(NAME),
+}, optional=("reason",)))  # fmt: skip
+ROTATE_REQUEST = _component("RotateRequest", obj({"grace": nullable(DURATION)}, optional=("grace",)))
+TOKEN_REQUEST = _component("TokenRequest", obj({"name": NAME, "role": {"type": "string", "enum": list(ROLES)},
+                                                "expires_in": nullable(DURATION)},
+                                               optional=("role", "expires_in")))  # fmt: skip
+RECONCILE_REQUEST = _component("ReconcileRequest", obj({"dry_run": {"type": "boolean"}, "force": {"type": "boolean"}},
+                                                       optional=("dry_run", "force")))  # fmt: skip
+RESIGN_REQUEST = _component("ResignRequest", obj({"all": {"type": "boolean"}}, optional=("all",)))

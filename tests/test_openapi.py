@@ -1,0 +1,98 @@
+"""The admin API describes itself: GET /v1/openapi.json is a valid OpenAPI 3.1 document of exactly the routes
+the publisher serves, and every /v1 route not listed as unauthenticated answers 401 without a token."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from openapi_spec_validator import validate
+
+from publisher.api import UNAUTHENTICATED
+from publisher.openapi import OPENAPI_PATH
+from tests.conftest import StartPublisher
+from tests.support import Publisher
+
+METHODS = {"get", "post", "put", "patch", "delete", "head", "options"}
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """SQLite only: the document and the auth layer do not depend on the back end."""
+    return f"sqlite:///{tmp_path / 'keyrelay.db'}"
+
+
+async def _document(publisher: Publisher, http: aiohttp.ClientSession) -> dict[str, Any]:
+    async with http.get(publisher.url + OPENAPI_PATH) as resp:  # no token
+        assert resp.status == 200
+        assert resp.content_type == "application/json"
+        document: dict[str, Any] = await resp.json()
+    return document
+
+
+def _operations(document: dict[str, Any]) -> set[tuple[str, str]]:
+    return {(method.upper(), path) for path, item in document["paths"].items() for method in item if method in METHODS}
+
+
+async def test_the_document_is_valid_openapi_3_1_and_needs_no_token(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    document = await _document(await start_publisher(), http)
+    validate(document)
+    assert document["openapi"].startswith("3.1")
+    for (method, path), operation in _each(document):
+        assert operation["summary"], (method, path)
+        assert operation["operationId"], (method, path)
+        for status, response in operation["responses"].items():
+            if int(status) >= 400 and path != "/readyz":  # a 503 from /readyz says what is not ready
+                assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+
+
+def _each(document: dict[str, Any]) -> list[tuple[tuple[str, str], dict[str, Any]]]:
+    return [((m.upper(), p), op) for p, item in document["paths"].items() for m, op in item.items() if m in METHODS]
+
+
+async def test_every_registered_route_is_documented_and_every_documented_route_is_registered(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher()
+    registered = {(r.method, r.resource.canonical) for r in publisher.server.app.router.routes() if r.resource}
+    assert _operations(await _document(publisher, http)) == registered
+    assert ("GET", "/v1/orgs") in registered
+
+
+async def test_the_unauthenticated_routes_are_exactly_the_listed_ones(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher()
+    document = await _document(publisher, http)
+    public = {path for (_, path), op in _each(document) if op.get("security") == []}
+    assert public == set(UNAUTHENTICATED)
+    outside_v1 = {path for _, path in _operations(document) if not path.startswith("/v1/")}
+    assert outside_v1 <= UNAUTHENTICATED  # nothing outside /v1 escapes the token without being listed
+    for path in sorted(UNAUTHENTICATED):
+        async with http.get(publisher.url + path) as resp:
+            assert resp.status == 200, path
+
+
+async def test_every_other_v1_route_and_any_unknown_v1_path_answers_401_without_a_token(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher()
+    document = await _document(publisher, http)
+    calls = [(m, re.sub(r"\{[a-z_]+\}", str(uuid.uuid4()), p)) for m, p in sorted(_operations(document))
+             if p.startswith("/v1/") and p not in UNAUTHENTICATED]  # fmt: skip
+    assert len(calls) >= 18
+    unknown = [("GET", "/v1/nope"), ("POST", "/v1/orgs/x/y"), ("DELETE", "/v1/orgs"), ("PUT", "/v1/orgs"),
+               ("GET", OPENAPI_PATH + "/"), ("GET", OPENAPI_PATH + "x"), ("GET", "/v1//openapi.json"),
+               ("POST", OPENAPI_PATH), ("DELETE", OPENAPI_PATH), ("GET", "/v1/OPENAPI.json")]  # fmt: skip
+    for method, path in calls + unknown:
+        for headers in ({}, {"Authorization": "Bearer krt_wrong"}, {"Authorization": "Basic eDp5"}):
+            async with http.request(method, publisher.url + path, headers=headers, json={"name": "x"}) as resp:
+                body = await resp.json()
+                assert (resp.status, body["error"]["code"]) == (401, "unauthorized"), (method, path, headers)
+    assert (await publisher.admin.ok("GET", "/orgs"))["orgs"] == []  # nothing was created on the way
