@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from sidecar.config import add_options, load
 
-from .client import AdminClient, ClientSettings
-from .errors import KeyrelayError
-from .output import Column, details, dump_json, table
+from .client import PAGE_MAX, AdminClient, ClientSettings
+from .errors import ApiError, KeyrelayError
+from .names import Resolver
+from .output import Column, details, dump_json, fields_line, table
 
 __all__ = ["add_admin_commands"]
 
@@ -34,15 +36,101 @@ def _client(args: argparse.Namespace) -> AdminClient:
     return AdminClient(url, token)
 
 
-def _show(args: argparse.Namespace, data: Any, text: str) -> int:
+# Exit codes (README, "Exit codes"): 0 done; 1 failed or refused; 2 usage; 3 done, but NATS has not yet
+# acknowledged the change (propagation: pending: it is committed and goes out when NATS answers).
+PENDING = 3
+
+
+def _outcome(data: Any) -> int:
+    return PENDING if isinstance(data, dict) and data.get("propagation") == "pending" else 0
+
+
+def _fields(args: argparse.Namespace) -> list[str]:
+    return [f for f in args.print.split(",") if f]
+
+
+def _show(args: argparse.Namespace, data: Any, text: str, *, items: str | None = None) -> int:
+    """Print an answer: `text` (a table or details), its JSON, or with --print the chosen fields.
+
+    With `items`, the answer is a list: --print prints one tab-separated line per item.
+    """
     if args.print:
-        missing = [f for f in args.print.split(",") if not isinstance(data, dict) or f not in data]
+        rows = data[items] if items else [data]
+        fields = _fields(args)
+        known = set().union(*(row.keys() for row in rows)) if rows else set(fields)
+        missing = [f for f in fields if f not in known]
         if missing:
-            raise KeyrelayError(f"--print: the answer has no field {missing[0]!r}")
-        print(" ".join(str(data[f]) for f in args.print.split(",")))
+            raise KeyrelayError(f"--print: no field {missing[0]!r}; there are: {', '.join(sorted(known))}")
+        for row in rows:
+            print(fields_line(row, fields))
     else:
         print(dump_json(data) if args.json else text)
-    return 0
+    return _outcome(data)
+
+
+def _listing(args: argparse.Namespace, path: str, items: str, columns: list[Column], **query: Any) -> int:
+    """A list command: `--limit` items (or `--all`, page by page), from `--cursor` on; never cut off silently."""
+    client = _client(args)
+    if args.all and (args.print or not args.json):
+        # Streams: each page is printed as it arrives, so --all over a large list starts at once.
+        for number, page in enumerate(_pages(client, path, items, args.cursor, **query)):
+            if args.print:
+                _show(args, page, "", items=items)
+            else:
+                print(table(page[items], columns) if number == 0 else table(page[items], columns).split("\n", 1)[-1])
+        return 0
+    limit = 10**9 if args.all else args.limit
+    if args.cursor:
+        query["cursor"] = args.cursor
+    answer = client.collect(path, items, limit=limit, **query)
+    code = _show(args, answer, table(answer[items], columns), items=items)
+    if answer.get("next_cursor") and not args.json:
+        print(f"keyrelay: {len(answer[items])} {items} shown, and there are more: --all for every one, or "
+              f"--cursor {answer['next_cursor']} for the next", file=sys.stderr)  # fmt: skip
+    return code
+
+
+def _pages(client: AdminClient, path: str, items: str, cursor: str | None, **query: Any) -> Iterator[dict[str, Any]]:
+    while True:
+        page: dict[str, Any] = client.call("GET", path, limit=PAGE_MAX, cursor=cursor, **query)
+        yield page
+        cursor = page["next_cursor"]
+        if cursor is None:
+            return
+
+
+def _confirm(args: argparse.Namespace, change: str) -> None:
+    """Ask before a change that cannot be undone: on a terminal, y/N; elsewhere only `--yes` goes ahead."""
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise KeyrelayError(f"refusing to {change} without --yes: there is no terminal to ask on "
+                            "(--dry-run shows what would change)")  # fmt: skip
+    print(f"About to {change}. This cannot be undone. Continue? [y/N] ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+        raise KeyrelayError("nothing changed")
+
+
+def _create(args: argparse.Namespace, path: str, kind: str, parent_query: str | None = None) -> dict[str, Any]:
+    """POST a new org, team or project; with --if-not-exists, an existing one of that name is handed back."""
+    client = _client(args)
+    try:
+        created: dict[str, Any] = client.call("POST", path, {"name": args.name})
+        return created
+    except ApiError as exc:
+        if exc.code != "conflict" or not args.if_not_exists:
+            raise
+        existing = exc.details.get("existing_id")
+    if not existing:  # a publisher that does not say which: look it up by name where it was to be made
+        resolver = Resolver(client)
+        if kind == "organization":
+            existing = resolver.org(args.name)
+        elif kind == "team":
+            existing = resolver.team(args.name, org=parent_query)
+        else:
+            existing = resolver.project(args.name, team=parent_query)
+    print(f"keyrelay: the {kind} {args.name!r} exists already ({existing})", file=sys.stderr)
+    return {"id": existing, "name": args.name, "existed": True}
 
 
 def _created_key(args: argparse.Namespace, answer: dict[str, Any]) -> int:
@@ -57,41 +145,53 @@ def _created_key(args: argparse.Namespace, answer: dict[str, Any]) -> int:
 
 
 def _orgs_create(args: argparse.Namespace) -> int:
-    org = _client(args).call("POST", "/orgs", {"name": args.name})
+    org = _create(args, "/orgs", "organization")
     return _show(args, org, details(org, [("id", "id"), ("name", "name"), ("created", "created_at")]))
 
 
 def _orgs_list(args: argparse.Namespace) -> int:
-    answer = _client(args).collect("/orgs", "orgs", limit=args.limit)
-    return _show(args, answer, table(answer["orgs"], [("id", "id"), ("name", "name"), ("created", "created_at")]))
+    return _listing(args, "/orgs", "orgs", [("id", "id"), ("name", "name"), ("created", "created_at")])
 
 
 def _teams_create(args: argparse.Namespace) -> int:
-    team = _client(args).call("POST", f"/orgs/{args.org}/teams", {"name": args.name})
+    org = Resolver(_client(args)).org(args.org)
+    team = _create(args, f"/orgs/{org}/teams", "team", org)
     return _show(args, team, details(team, [("id", "id"), ("name", "name"), ("org", "org_id")]))
 
 
 def _teams_list(args: argparse.Namespace) -> int:
-    answer = _client(args).collect(f"/orgs/{args.org}/teams", "teams", limit=args.limit)
-    return _show(args, answer, table(answer["teams"], [("id", "id"), ("name", "name"), ("created", "created_at")]))
+    org = Resolver(_client(args)).org(args.org)
+    return _listing(args, f"/orgs/{org}/teams", "teams", [("id", "id"), ("name", "name"), ("created", "created_at")])
 
 
 def _projects_create(args: argparse.Namespace) -> int:
-    project = _client(args).call("POST", f"/teams/{args.team}/projects", {"name": args.name})
+    team = Resolver(_client(args)).team(args.team, org=args.org)
+    project = _create(args, f"/teams/{team}/projects", "project", team)
     return _show(args, project, details(project, [("id", "id"), ("name", "name"), ("team", "team_id")]))
 
 
 def _projects_list(args: argparse.Namespace) -> int:
-    answer = _client(args).collect(f"/teams/{args.team}/projects", "projects", limit=args.limit)
+    team = Resolver(_client(args)).team(args.team, org=args.org)
     columns: list[Column] = [("id", "id"), ("name", "name"), ("decommissioned", "decommissioned_at")]
-    return _show(args, answer, table(answer["projects"], columns))
+    return _listing(args, f"/teams/{team}/projects", "projects", columns)
+
+
+def _project(args: argparse.Namespace, value: str) -> str:
+    return Resolver(_client(args)).project(value, team=args.team, org=args.org)
 
 
 def _projects_decommission(args: argparse.Namespace) -> int:
-    answer = _client(args).call("DELETE", f"/projects/{args.project_id}")
-    text = (
-        f"project {args.project_id} decommissioned; {len(answer['revoked'])} key(s) revoked ({answer['propagation']})"
-    )
+    client = _client(args)
+    project_id = _project(args, args.project)
+    keys = client.collect(f"/projects/{project_id}/keys", "keys", limit=10**9)["keys"]
+    active = [k for k in keys if k["status"] == "active"]
+    change = f"decommission project {args.project} ({project_id}) and revoke its {len(active)} active key(s)"
+    if args.dry_run:
+        plan = {"project_id": project_id, "would_revoke": [k["id"] for k in active], "dry_run": True}
+        return _show(args, plan, f"would {change}" + "".join(f"\n  {k['id']}  {k['name']}" for k in active))
+    _confirm(args, change)
+    answer = client.call("DELETE", f"/projects/{project_id}")
+    text = f"project {project_id} decommissioned; {len(answer['revoked'])} key(s) revoked ({answer['propagation']})"
     return _show(args, answer, text)
 
 
@@ -113,23 +213,24 @@ def _key_request(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 def _keys_create(args: argparse.Namespace) -> int:
     client = _client(args)
+    project = _project(args, args.project)
     if args.count == 1:
-        return _created_key(args, client.call("POST", f"/projects/{args.project}/keys", _key_request(args, args.name)))
+        return _created_key(args, client.call("POST", f"/projects/{project}/keys", _key_request(args, args.name)))
     requests = [_key_request(args, f"{args.name}-{i + 1}") for i in range(args.count)]
     created: list[dict[str, Any]] = []
+    pending = False
     for start in range(0, len(requests), 1000):
-        answer = client.call("POST", f"/projects/{args.project}/keys/bulk", {"keys": requests[start : start + 1000]})
+        answer = client.call("POST", f"/projects/{project}/keys/bulk", {"keys": requests[start : start + 1000]})
         created += answer["keys"]
-    if args.json:
-        return _show(args, {"keys": created}, "")
-    print("keys (shown once, store them now):")
-    print(table(created, [("id", "id"), ("name", "name"), ("key", "key")]))
-    return 0
+        pending = pending or answer["propagation"] == "pending"
+    result = {"keys": created, "propagation": "pending" if pending else "published"}
+    if not args.json and not args.print:
+        print("keys (shown once, store them now):")
+    return _show(args, result, table(created, [("id", "id"), ("name", "name"), ("key", "key")]), items="keys")
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    answer = _client(args).collect(f"/projects/{args.project}/keys", "keys", limit=args.limit)
-    return _show(args, answer, table(answer["keys"], KEY_COLUMNS))
+    return _listing(args, f"/projects/{_project(args, args.project)}/keys", "keys", KEY_COLUMNS)
 
 
 def _keys_show(args: argparse.Namespace) -> int:
@@ -156,9 +257,19 @@ def _keys_revoke(args: argparse.Namespace) -> int:
         raise KeyrelayError("name key ids, or --bulk FILE with one id per line")
     client = _client(args)
     body: dict[str, Any] = {"reason": args.reason} if args.reason else {}
-    if len(ids) == 1 and not args.bulk:
+    if len(ids) == 1 and not args.bulk and not args.dry_run:
         key = client.call("POST", f"/keys/{ids[0]}/revoke", body)
+        if key.get("already_revoked"):
+            return _show(args, key, f"{key['id']} ({key['display']}) was already revoked, at {key['revoked_at']}")
         return _show(args, key, f"revoked {key['id']} ({key['display']}); propagation: {key['propagation']}")
+    if args.dry_run:
+        keys = [client.call("GET", f"/keys/{key_id}") for key_id in dict.fromkeys(ids)]
+        would = [k["id"] for k in keys if k["status"] != "revoked"]
+        already = [k["id"] for k in keys if k["status"] == "revoked"]
+        plan = {"would_revoke": would, "already_revoked": already, "dry_run": True}
+        text = f"would revoke {len(would)} key(s) in one transaction; {len(already)} already are"
+        return _show(args, plan, text + "".join(f"\n  {k['id']}  {k['name']}  {k['status']}" for k in keys))
+    _confirm(args, f"revoke {len(ids)} keys everywhere")
     answer = client.call("POST", "/keys/revoke", {**body, "ids": ids})
     text = (
         f"revoked {len(answer['revoked'])} key(s) in one transaction; {len(answer['already_revoked'])} were "
@@ -171,11 +282,14 @@ def _keys_revoke(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    answer = _client(args).collect("/audit", "entries", limit=args.limit, org_id=args.org, team_id=args.team,
-                                   project_id=args.project, key_id=args.key)  # fmt: skip
+    resolver = Resolver(_client(args))
+    org = resolver.org(args.org) if args.org else None
+    team = resolver.team(args.team, org=args.org) if args.team else None
+    project = resolver.project(args.project, team=args.team, org=args.org) if args.project else None
     columns: list[Column] = [("at", "at"), ("actor", "actor"), ("action", "action"), ("project", "project_id"),
                              ("key", "key_id"), ("details", "details")]  # fmt: skip
-    return _show(args, answer, table(answer["entries"], columns))
+    return _listing(args, "/audit", "entries", columns, org_id=org, team_id=team, project_id=project, key_id=args.key,
+                    before=args.before)  # fmt: skip
 
 
 TOKEN_COLUMNS: list[Column] = [
@@ -194,16 +308,7 @@ def _tokens_create(args: argparse.Namespace) -> int:
 
 
 def _tokens_list(args: argparse.Namespace) -> int:
-    client = _client(args)
-    tokens: list[dict[str, Any]] = []
-    cursor = None
-    while len(tokens) < args.limit:
-        answer = client.call("GET", "/tokens", limit=min(args.limit - len(tokens), 1000), cursor=cursor)
-        tokens += answer["tokens"]
-        cursor = answer["next_cursor"]
-        if cursor is None:
-            break
-    return _show(args, {"tokens": tokens}, table(tokens, TOKEN_COLUMNS))
+    return _listing(args, "/tokens", "tokens", TOKEN_COLUMNS)
 
 
 def _tokens_revoke(args: argparse.Namespace) -> int:
@@ -222,11 +327,32 @@ def _signing_keys(args: argparse.Namespace) -> int:
 # -- parser ------------------------------------------------------------------------------------
 
 
-def _limit(parser: argparse.ArgumentParser, items: str, *, default: int = 1000) -> argparse.ArgumentParser:
-    """`--limit N` on a listing command: how many items to fetch, page after page."""
+def _list_options(parser: argparse.ArgumentParser, items: str, *, default: int = 100) -> argparse.ArgumentParser:
+    """A listing command's paging: `--limit N`, `--all` (streamed), `--cursor C` (where the last one stopped)."""
     parser.add_argument("--limit", type=int, default=default,
-                        help=f"at most this many {items}, fetched a page at a time (default {default})")  # fmt: skip
+                        help=f"at most this many {items}, fetched a page at a time (default {default}); when there "
+                        "are more, a note on stderr says how to go on")  # fmt: skip
+    parser.add_argument("--all", action="store_true", help=f"every one of the {items}, printed page by page")
+    parser.add_argument("--cursor", help="go on from where a listing stopped (its next_cursor)")
     return parser
+
+
+def _destructive(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`--yes` and `--dry-run` on a command that cannot be undone."""
+    parser.add_argument(
+        "--yes",
+        action="store_true",
+        help="do it without asking (needed where there is no terminal to ask on, as in scripts)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print what would change, and change nothing")
+    return parser
+
+
+def _where(parser: argparse.ArgumentParser, *levels: str) -> None:
+    """Optional `--team`/`--org` that narrow a name down (ids need none)."""
+    for level in levels:
+        kind = {"org": "organization", "team": "team"}[level]
+        parser.add_argument(f"--{level}", help=f"the {kind} (id or name) to look a name up in")
 
 
 def add_admin_commands(commands: Any) -> None:
@@ -248,29 +374,39 @@ def add_admin_commands(commands: Any) -> None:
         parser.set_defaults(handler=handler)
         return parser
 
+    exists = "with --if-not-exists, one of that name is handed back (and named on stderr) instead of a conflict"
     orgs = group("orgs", "organizations: the top of the hierarchy")
-    action(orgs, "create", "create an organization", _orgs_create).add_argument("name", help="unique name")
-    _limit(action(orgs, "list", "list organizations, oldest first", _orgs_list), "organizations")
+    p = action(orgs, "create", "create an organization", _orgs_create)
+    p.add_argument("name", help="unique name")
+    p.add_argument("--if-not-exists", action="store_true", help=exists)
+    _list_options(action(orgs, "list", "list organizations, oldest first", _orgs_list), "organizations")
 
     teams = group("teams", "teams: own projects, belong to an organization")
     p = action(teams, "create", "create a team in an organization", _teams_create)
-    p.add_argument("--org", required=True, help="organization id")
+    p.add_argument("--org", required=True, help="organization (id or name)")
     p.add_argument("name", help="name, unique in the organization")
-    p = _limit(action(teams, "list", "list an organization's teams, oldest first", _teams_list), "teams")
-    p.add_argument("--org", required=True, help="organization id")
+    p.add_argument("--if-not-exists", action="store_true", help=exists)
+    p = _list_options(action(teams, "list", "list an organization's teams, oldest first", _teams_list), "teams")
+    p.add_argument("--org", required=True, help="organization (id or name)")
 
     projects = group("projects", "projects (services): hold keys")
     p = action(projects, "create", "create a project in a team", _projects_create)
-    p.add_argument("--team", required=True, help="team id")
+    p.add_argument("--team", required=True, help="team (id or name)")
+    _where(p, "org")
     p.add_argument("name", help="name, unique in the team")
-    p = _limit(action(projects, "list", "list a team's projects, oldest first", _projects_list), "projects")
-    p.add_argument("--team", required=True, help="team id")
-    action(projects, "decommission", "decommission a project: every key of it is revoked", _projects_decommission
-           ).add_argument("project_id", help="project id")  # fmt: skip
+    p.add_argument("--if-not-exists", action="store_true", help=exists)
+    p = _list_options(action(projects, "list", "list a team's projects, oldest first", _projects_list), "projects")
+    p.add_argument("--team", required=True, help="team (id or name)")
+    _where(p, "org")
+    p = _destructive(action(projects, "decommission", "decommission a project: every key of it is revoked; asks "
+                            "first", _projects_decommission))  # fmt: skip
+    p.add_argument("project", help="project (id or name)")
+    _where(p, "team", "org")
 
     keys = group("keys", "API keys: create, list, show, rotate, revoke")
     p = action(keys, "create", "create a key (or --count N keys in bulk); the plaintext is shown once", _keys_create)
-    p.add_argument("--project", required=True, help="project id")
+    p.add_argument("--project", required=True, help="project (id or name)")
+    _where(p, "team", "org")
     p.add_argument("--name", required=True, help="key name (with --count: the prefix of each name)")
     p.add_argument("--scope", action="append", default=[], metavar="SCOPE",
                    help="a scope the key grants (repeat, or comma separate), e.g. orders:read")  # fmt: skip
@@ -279,13 +415,15 @@ def add_admin_commands(commands: Any) -> None:
     p.add_argument("--region", help="region code: the key then works only in that region (default: global)")
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata entry (repeatable)")
     p.add_argument("--count", type=int, default=1, help="create this many keys through the bulk path")
-    p = _limit(action(keys, "list", "list a project's keys (masked), oldest first", _keys_list), "keys")
-    p.add_argument("--project", required=True, help="project id")
+    p = _list_options(action(keys, "list", "list a project's keys (masked), oldest first", _keys_list), "keys")
+    p.add_argument("--project", required=True, help="project (id or name)")
+    _where(p, "team", "org")
     action(keys, "show", "show one key (masked)", _keys_show).add_argument("key_id", help="key id")
     p = action(keys, "rotate", "rotate a key: a new key now, the old one expires after the grace", _keys_rotate)
     p.add_argument("key_id", help="key id")
     p.add_argument("--grace", help="how long the old key keeps working (default 24h, at most 7d)")
-    p = action(keys, "revoke", "revoke keys at once, everywhere", _keys_revoke)
+    p = _destructive(action(keys, "revoke", "revoke keys at once, everywhere; more than one: asks first",
+                            _keys_revoke))  # fmt: skip
     p.add_argument("key_ids", nargs="*", metavar="KEY_ID", help="key ids")
     p.add_argument("--bulk", metavar="FILE", help="also revoke the ids in FILE (one per line, - for stdin), "
                    "all in one transaction")  # fmt: skip
@@ -298,9 +436,11 @@ def add_admin_commands(commands: Any) -> None:
         description="Show who changed what and when, filtered by org, team, project or key.",
     )
     p.set_defaults(handler=_audit)
-    for flag in ("org", "team", "project", "key"):
-        p.add_argument(f"--{flag}", help=f"only entries of this {flag} id")
-    _limit(p, "entries", default=100)
+    for flag in ("org", "team", "project"):
+        p.add_argument(f"--{flag}", help=f"only entries of this {flag} (id or name)")
+    p.add_argument("--key", help="only entries of this key id")
+    p.add_argument("--before", type=int, metavar="ENTRY_ID", help="only entries older than this entry id")
+    _list_options(p, "entries", default=100)
 
     p = commands.add_parser(
         "signing-keys",
@@ -317,7 +457,7 @@ def add_admin_commands(commands: Any) -> None:
     p.add_argument("--role", choices=("admin", "member"), default="member",
                    help="admin may change things, member may only read (default member)")  # fmt: skip
     p.add_argument("--expires-in", help="lifetime, e.g. 90d, 24h, 15m (default: never expires)")
-    p = action(tokens, "list", "list tokens (never their secrets): status, expiry, revocation", _tokens_list)
-    p.add_argument("--limit", type=int, default=1000, help="at most this many (default 1000)")
+    _list_options(action(tokens, "list", "list tokens (never their secrets): status, expiry, revocation",
+                         _tokens_list), "tokens")  # fmt: skip
     action(tokens, "revoke", "revoke a token: every publisher replica refuses it within --token-cache-ttl",
            _tokens_revoke).add_argument("token_id", help="token id (from `keyrelay tokens list`)")  # fmt: skip

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["Column", "details", "dump_json", "escape", "table"]
+__all__ = ["Column", "details", "dump_json", "escape", "fields_line", "plain", "table"]
 
 Column = tuple[str, str]  # (header, field)
 
@@ -51,3 +51,21 @@ def details(item: dict[str, Any], fields: Sequence[Column]) -> str:
 def dump_json(data: Any) -> str:
     """Indented JSON."""
     return json.dumps(data, indent=2, sort_keys=False)
+
+
+def plain(value: Any) -> str:
+    """One value as a script reads it: empty for null, true/false, lists comma separated, objects as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(plain(v) for v in value)
+    if isinstance(value, dict):
+        return escape(json.dumps(value, separators=(",", ":"), sort_keys=True))
+    return escape(str(value))
+
+
+def fields_line(item: dict[str, Any], fields: Sequence[str]) -> str:
+    """The `fields` of `item`, tab separated (`read A B < <(...)` splits on tabs as on spaces)."""
+    return "\t".join(plain(item.get(f)) for f in fields)

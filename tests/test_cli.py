@@ -143,7 +143,7 @@ async def test_orgs_teams_and_projects_are_created_and_listed_and_decommissionin
 
     keys = [(await shell.ok("keys", "create", "--project", project, "--name", f"k{i}", "--print", "id")).strip()
             for i in range(2)]  # fmt: skip
-    said = await shell.ok("projects", "decommission", project)
+    said = await shell.ok("projects", "decommission", project, "--yes")
     assert said.strip() == f"project {project} decommissioned; 2 key(s) revoked (published)"
     assert {(await admin.ok("GET", f"/keys/{k}"))["status"] for k in keys} == {"revoked"}
     projects = await shell.ok("projects", "list", "--team", team)
@@ -207,11 +207,11 @@ async def test_keys_listed_in_a_file_or_on_stdin_are_revoked_in_one_call(shell: 
     listing = tmp_path / "ids.txt"
     listing.write_text(f"# leaked in the incident\n{ids[0]}\n\n{ids[1]}  # ci\n{ids[2]}\n")
 
-    said = await shell.ok("keys", "revoke", "--bulk", str(listing), "--reason", "incident")
+    said = await shell.ok("keys", "revoke", "--bulk", str(listing), "--reason", "incident", "--yes")
     assert said.strip() == ("revoked 2 key(s) in one transaction; 1 were already revoked; propagation: published")
     statuses = [(await admin.ok("GET", f"/keys/{k}"))["status"] for k in ids]
     assert statuses == ["revoked", "revoked", "revoked", "active"]
-    answer = json.loads(await shell.ok("keys", "revoke", "--bulk", "-", "--json", stdin=f"{ids[3]}\n"))
+    answer = json.loads(await shell.ok("keys", "revoke", "--bulk", "-", "--json", "--yes", stdin=f"{ids[3]}\n"))
     assert answer == {"revoked": [ids[3]], "already_revoked": [], "propagation": "published"}
     assert "name key ids" in await shell.fails("keys", "revoke")
 
@@ -252,9 +252,9 @@ async def test_print_gives_just_the_fields_asked_for_or_says_which_one_is_missin
     key_id, name, status = out.split()
     assert (name, status) == ("k", "active")
     assert (await shell.ok("keys", "show", key_id, "--print", "display")).strip().startswith("kr_live_…")
-    assert await shell.fails("keys", "show", key_id, "--print", "id,colour") == (
-        "keyrelay: --print: the answer has no field 'colour'\n"
-    )
+    missing = await shell.fails("keys", "show", key_id, "--print", "id,colour")
+    assert missing.startswith("keyrelay: --print: no field 'colour'; there are: ")
+    assert "display" in missing
 
 
 async def test_the_url_and_token_come_from_flags_before_variables_before_the_stack_file(
@@ -361,6 +361,72 @@ async def test_listing_commands_follow_cursors_page_after_page_up_to_their_limit
     listed = await shell.json("keys", "list", "--project", project, "--limit", "1002")
     assert len(listed["keys"]) == len({k["id"] for k in listed["keys"]}) == 1002
     assert listed["next_cursor"] is None
-    assert len((await shell.json("keys", "list", "--project", project))["keys"]) == 1000  # the default limit
-    assert len(_table(await shell.ok("audit", "--org", org, "--limit", "2"))) == 2
+    assert len((await shell.json("keys", "list", "--project", project))["keys"]) == 100  # the default limit
+    cut = await shell.run("audit", "--org", org, "--limit", "2")
+    assert (cut.code, len(_table(cut.out))) == (0, 2)
+    assert "2 entries shown, and there are more: --all for every one, or --cursor " in cut.err  # never silently
     assert "at least 1" in await shell.fails("orgs", "list", "--limit", "0")
+
+
+async def test_destructive_commands_ask_need_yes_without_a_terminal_and_dry_run_changes_nothing(
+    shell: Shell,
+) -> None:
+    admin = shell.publisher.admin
+    _, _, project = await _project(shell)
+    ids = [(await shell.ok("keys", "create", "--project", project, "--name", f"k{i}", "--print", "id")).strip()
+           for i in range(3)]  # fmt: skip
+    audit = await admin.ok("GET", "/audit")
+
+    for argv in (("projects", "decommission", project), ("keys", "revoke", *ids)):
+        refused = await shell.fails(*argv)
+        assert "without --yes: there is no terminal to ask on (--dry-run shows what would change)" in refused
+    plan = await shell.json("projects", "decommission", project, "--dry-run")
+    assert (sorted(plan["would_revoke"]), plan["dry_run"]) == (sorted(ids), True)
+    shown = await shell.ok("keys", "revoke", *ids, "--dry-run")
+    assert shown.startswith("would revoke 3 key(s) in one transaction; 0 already are")
+    assert await admin.ok("GET", "/audit") == audit  # neither changed a thing
+    assert {(await admin.ok("GET", f"/keys/{k}"))["status"] for k in ids} == {"active"}
+
+
+async def test_names_work_wherever_ids_do_and_an_ambiguous_name_lists_the_candidates(shell: Shell) -> None:
+    org, _, project = await _project(shell)  # acme / platform / payments
+    await shell.json("orgs", "create", "globex")
+    await shell.json("teams", "create", "--org", "globex", "platform")
+    assert (await shell.ok("teams", "create", "--org", "acme", "search", "--print", "org_id")).strip() == org
+    key = await shell.json("keys", "create", "--project", "payments", "--name", "by-name")
+    assert key["project_id"] == project
+
+    ambiguous = await shell.fails("projects", "list", "--team", "platform")
+    assert "2 teams are named 'platform': acme/platform (" in ambiguous
+    assert "globex/platform (" in ambiguous
+    assert "narrow it with --org" in ambiguous
+    listed = await shell.json("projects", "list", "--team", "platform", "--org", "acme")
+    assert [p["id"] for p in listed["projects"]] == [project]
+    unknown = await shell.fails("keys", "list", "--project", "payroll")
+    assert unknown == "keyrelay: no project named 'payroll'; there are: payments\n"
+
+
+async def test_print_gives_one_tab_separated_line_per_item_and_no_python_reprs(shell: Shell) -> None:
+    _, _, project = await _project(shell)
+    created = await shell.ok("keys", "create", "--project", project, "--name", "b", "--count", "3",
+                             "--print", "id,name,scopes,region")  # fmt: skip
+    lines = [line.split("\t") for line in created.splitlines()]
+    assert [(name, scopes, region) for _, name, scopes, region in lines] == [
+        ("b-1", "", ""), ("b-2", "", ""), ("b-3", "", ""),  # an empty list and a null are empty, never [] or None
+    ]  # fmt: skip
+    listed = await shell.ok("keys", "list", "--project", project, "--print", "id,status")
+    assert sorted(listed.splitlines()) == sorted(f"{key_id}\tactive" for key_id, *_ in lines)
+    every = await shell.ok("keys", "list", "--project", project, "--all", "--print", "name")
+    assert sorted(every.split()) == ["b-1", "b-2", "b-3"]
+
+
+async def test_creating_what_exists_can_hand_back_the_existing_one(shell: Shell) -> None:
+    org, team, project = await _project(shell)
+    assert "conflict" in await shell.fails("orgs", "create", "acme")
+    again = await shell.run("orgs", "create", "acme", "--if-not-exists", "--print", "id")
+    assert (again.code, again.out.strip()) == (0, org)
+    assert again.err == f"keyrelay: the organization 'acme' exists already ({org})\n"
+    team_again = await shell.run("teams", "create", "--org", "acme", "platform", "--if-not-exists", "--print", "id")
+    project_again = await shell.run("projects", "create", "--team", team, "payments", "--if-not-exists",
+                                    "--print", "id")  # fmt: skip
+    assert (team_again.out.strip(), project_again.out.strip()) == (team, project)
