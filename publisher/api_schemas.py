@@ -84,7 +84,7 @@ TEAM = _component("Team", obj({"id": ID, "org_id": ID, "name": {"type": "string"
 PROJECT = _component("Project", obj({"id": ID, "team_id": ID, "org_id": ID, "name": {"type": "string"},
                                      "created_at": TIME, "decommissioned_at": nullable(TIME)}))  # fmt: skip
 _KEY: dict[str, Schema] = {
-    "id": ID, "name": {"type": "string"}, "display": {"type": "string", "description": "masked: sk_live_…abcd"},
+    "id": ID, "name": {"type": "string"}, "display": {"type": "string", "description": "masked: kr_live_…abcd"},
     "org_id": ID, "team_id": ID, "project_id": ID, "scopes": {"type": "array", "items": {"type": "string"}},
     "env": {"type": "string", "enum": list(ENVS)}, "region": nullable({"type": "string"}),
     "metadata": {"type": "object", "additionalProperties": {"type": "string"}},

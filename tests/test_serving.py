@@ -28,7 +28,7 @@ from sidecar import serving
 from sidecar.settings import SidecarSettings
 from tests.support import ADMIN_TOKEN, TRUSTED, Scrape, served_publisher, served_sidecar
 
-KEY = "sk_live_SECRETKEYSECRETKEYSECRETKEYSECRETKEYSECRETK9z1x2y"
+KEY = "kr_live_SECRETKEYSECRETKEYSECRETKEYSECRETKEYSECRETK9z1x2y"
 TOKEN = "krt_SECRETTOKENSECRETTOKENSECRETTOKEN1234567"
 _HEAD = "GET /auth HTTP/1.1\r\nHost: keyrelay\r\n"
 # What aiohttp's parser refuses, each with the key and the token in or next to the offending line.
