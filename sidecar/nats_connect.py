@@ -10,6 +10,7 @@ travel as file paths, and URLs are logged through :func:`redact`.
 
 from __future__ import annotations
 
+import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, Protocol
 
 from .config import option, parse_optional_path
 from .errors import SettingsError
+
+_log = logging.getLogger("keyrelay.nats")
 
 __all__ = ["NatsClientSettings", "NatsConnect", "identity_name", "inbox_prefix", "nats_option", "redact"]
 
@@ -94,7 +97,8 @@ class NatsConnect:
 
     def kwargs(self) -> dict[str, Any]:
         """Arguments of nats-py's `connect`: servers, inbox prefix, credentials and TLS."""
-        args: dict[str, Any] = {"servers": list(self.servers), "inbox_prefix": inbox_prefix(self.identity)}
+        args: dict[str, Any] = {"servers": list(self.servers), "inbox_prefix": inbox_prefix(self.identity),
+                                "error_cb": _one_line}  # fmt: skip
         if self.creds is not None:
             args.update(_credentials(self.creds))
         context = self.tls_context()
@@ -110,6 +114,11 @@ class NatsConnect:
         if self.tls_cert is not None:
             context.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
         return context
+
+
+async def _one_line(error: Exception) -> None:
+    # nats-py's default logs every connection error with a traceback; a refused connect is one line.
+    _log.warning("NATS: %s: %s", type(error).__name__, error)
 
 
 def _credentials(path: Path) -> dict[str, Any]:

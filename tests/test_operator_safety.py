@@ -198,3 +198,16 @@ def test_a_second_up_on_a_data_directory_in_use_refuses_naming_the_first_which_k
     assert publisher.returncode == 1
     assert "keyrelay.db is in use by a keyrelay publisher (PID" in publisher.stderr
     assert first.auth("global", first.demo_key) == 200
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("snapshot", "show"), ("region", "init", "--region", "eu")],
+)
+def test_a_command_that_cannot_reach_nats_names_the_server_it_asked_in_one_line(
+    command: tuple[str, ...], tmp_path: Path
+) -> None:
+    ran = _keyrelay(*command, "--nats-url", "nats://127.0.0.1:1", cwd=tmp_path)
+    assert ran.returncode == 1
+    assert "nats://127.0.0.1:1" in ran.stderr.splitlines()[-1]
+    assert "Traceback" not in ran.stderr
