@@ -104,8 +104,9 @@ class KeyStore:
         """A new organization; names are unique."""
         org = Org(id=new_id(), name=name, created_at=now_us())
         async with self.db.transaction() as tx:
-            if await tx.fetchval("SELECT 1 FROM organizations WHERE name = $1", name):
-                raise Conflict(f"an organization named {name!r} already exists")
+            existing = await tx.fetchval("SELECT id FROM organizations WHERE name = $1", name)
+            if existing is not None:
+                raise Conflict(f"an organization named {name!r} already exists (id {existing})", existing_id=existing)
             await tx.execute(
                 "INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3)", org.id, name, org.created_at
             )
@@ -117,8 +118,11 @@ class KeyStore:
         team = Team(id=new_id(), org_id=org_id, name=name, created_at=now_us())
         async with self.db.transaction() as tx:
             await self._org(tx, org_id)
-            if await tx.fetchval("SELECT 1 FROM teams WHERE organization_id = $1 AND name = $2", org_id, name):
-                raise Conflict(f"a team named {name!r} already exists in this organization")
+            existing = await tx.fetchval("SELECT id FROM teams WHERE organization_id = $1 AND name = $2", org_id, name)
+            if existing is not None:
+                raise Conflict(
+                    f"a team named {name!r} already exists in this organization (id {existing})", existing_id=existing
+                )
             await tx.execute(
                 "INSERT INTO teams (id, organization_id, name, created_at) VALUES ($1, $2, $3, $4)",
                 team.id, org_id, name, team.created_at,
@@ -129,11 +133,19 @@ class KeyStore:
         return team
 
     async def create_project(self, actor: Actor, team_id: str, name: str) -> Project:
-        """A new project in a team; names are unique within the team."""
+        """A new project in a team; names are unique among the team's projects that are not decommissioned."""
         async with self.db.transaction() as tx:
             team = await self._team(tx, team_id)
-            if await tx.fetchval("SELECT 1 FROM projects WHERE team_id = $1 AND name = $2", team_id, name):
-                raise Conflict(f"a project named {name!r} already exists in this team")
+            # A decommissioned project keeps its name in the audit trail but not to itself: it can be reused.
+            existing = await tx.fetchval(
+                "SELECT id FROM projects WHERE team_id = $1 AND name = $2 AND decommissioned_at IS NULL", team_id, name
+            )
+            if existing is not None:
+                raise Conflict(
+                    f"a project named {name!r} already exists in this team (id {existing}); decommission it first "
+                    "to reuse the name",
+                    existing_id=existing,
+                )
             project = Project(
                 id=new_id(), team_id=team_id, org_id=team.org_id, name=name, created_at=now_us(), decommissioned_at=None
             )
