@@ -8,6 +8,7 @@ says so. Against a real publisher on SQLite and PostgreSQL, with a real nats-ser
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import datetime
 
@@ -177,6 +178,23 @@ async def test_creating_an_org_team_or_project_that_exists_answers_409_with_the_
     # The same name elsewhere is another object.
     other_org = await admin.ok("POST", "/orgs", {"name": "globex"})
     assert (await admin.ok("POST", f"/orgs/{other_org['id']}/teams", {"name": "platform"}))["id"] != team["id"]
+
+
+async def test_creating_one_name_many_times_at_once_makes_one_and_answers_the_rest_409_with_its_id(
+    start_publisher: StartPublisher,
+) -> None:
+    publisher = await start_publisher()
+    admin = publisher.admin
+    org = await admin.ok("POST", "/orgs", {"name": "acme"})
+    team = await admin.ok("POST", f"/orgs/{org['id']}/teams", {"name": "platform"})
+    for path, name in (("/orgs", "initech"), (f"/orgs/{org['id']}/teams", "payments"),
+                       (f"/teams/{team['id']}/projects", "checkout")):  # fmt: skip
+        answers = await asyncio.gather(*(admin.call("POST", path, {"name": name}) for _ in range(8)))
+        made = [answer["id"] for status, answer in answers if status == 201]
+        assert len(made) == 1, answers
+        assert {(status, answer["error"]["existing_id"]) for status, answer in answers if status != 201} == {
+            (409, made[0])
+        }
 
 
 async def test_a_decommissioned_projects_name_can_be_taken_by_a_new_project_and_only_once(
