@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sidecar.config import load, option, parse_bool, parse_optional_path
+from sidecar.config import format_duration, load, option, parse_bool, parse_optional_path
 from sidecar.nats_connect import NatsConnect, identity_name, nats_option
 from sidecar.settings import (
     deployment_option,
@@ -142,12 +142,13 @@ async def wait_for_mirror(
             if active < 0:
                 state = f"has never heard from the hub{problem}"
             else:
-                state = f"is {lag:,} records behind the hub, which it last heard from {active / 1e9:.0f}s ago{problem}"
+                heard = format_duration(round(active / 1e9))
+                state = f"is {lag:,} records behind the hub, which it last heard from {heard} ago{problem}"
         now = time.monotonic()
         if now - started > timeout:
             raise KeyrelayError(
-                f"the mirror {name} did not catch up with the hub within {timeout:g}s: it {state}. Is the leaf node "
-                "connected to the hub? Run this again, or pass --timeout"
+                f"the mirror {name} did not catch up with the hub within {format_duration(timeout)}: it {state}. "
+                "Is the leaf node connected to the hub? Run this again, or pass --timeout"
             )
         if progress is not None and now - reported >= every:
             progress(state, now - started)

@@ -242,7 +242,7 @@ def show_command(args: argparse.Namespace) -> int:
         return 0
     print(f"{'snapshot':<12} {'revision':>12} {'age':>10} {'MiB':>8}  description")
     for row in rows:
-        age = "?" if row["age_seconds"] is None else f"{row['age_seconds']:.0f}s"
+        age = "?" if row["age_seconds"] is None else format_duration(round(row["age_seconds"]))
         revision = "?" if row["revision"] is None else f"{row['revision']:,}"
         print(f"{row['name']:<12} {revision:>12} {age:>10} {row['bytes'] / 2**20:>8.1f}  {row['description']}")
     return 0

@@ -29,7 +29,7 @@ from publisher.lock import FileLock
 from publisher.token_format import generate_token
 from sidecar.config import load, option, parse_bool
 from sidecar.nats_connect import identity_name
-from sidecar.settings import DEFAULT_DEPLOYMENT, LOG_LEVELS, parse_port, parse_region
+from sidecar.settings import DEFAULT_DEPLOYMENT, LOG_LEVELS, parse_port, parse_regions
 from sidecar.trust import load_signer, write_signing_key
 
 from .client import AdminClient, stack_file
@@ -44,16 +44,6 @@ from .region import HUB_DOMAIN, RegionSettings, init_region
 __all__ = ["Stack", "UpSettings", "make_private", "parse_regions", "private_files", "up_command"]
 
 _READY_TIMEOUT = 60.0
-
-
-def parse_regions(text: str) -> tuple[str, ...]:
-    """Comma-separated region codes, each once."""
-    regions = tuple(r.strip() for r in text.split(",") if r.strip())
-    for region in regions:
-        parse_region(region)
-    if len(set(regions)) != len(regions):
-        raise ValueError("a region is named twice")
-    return regions
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +66,8 @@ class UpSettings:
     regions: tuple[str, ...] = option(
         (),
         parse=parse_regions,
-        help="regions, e.g. eu,us: a leaf NATS and a sidecar each (default: one global sidecar)",
+        help="regions, e.g. eu,us: a leaf NATS and a sidecar each (default: one global sidecar); the publisher is "
+        "given the same list and refuses keys for any other region",
     )
     demo: bool = option(False, parse=parse_bool, help="seed an org, team, project and a key, and print the key")
     log_level: str = option("info", choices=LOG_LEVELS, help="log level of the components (their logs: DATA_DIR/logs)")
@@ -273,6 +264,8 @@ class Stack:
             "publisher", "--port", str(port), "--nats-url", nats_url, *self.nats_args("publisher"),
             "--data-dir", str(self.data_dir),
             "--database-url", f"sqlite:///{database}",
+            # The regions this stack has sidecars for (global only without --regions): keys for others are refused.
+            "--regions", ",".join(self.settings.regions) or "global",
             # The first run creates the database; later runs find it, and a lost one is an error, not a new start.
             *(["--init"] if self.first_run else []),
         ], port, {"KEYRELAY_SIGNING_KEY": str(self._signing_key()),

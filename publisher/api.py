@@ -61,7 +61,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except PublisherError as exc:
-        return _error(exc.status, exc.code, exc.message, field=getattr(exc, "field", None))
+        return _error(exc.status, exc.code, exc.message, field=getattr(exc, "field", None),
+                      existing_id=getattr(exc, "existing_id", None))  # fmt: skip
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -197,7 +198,7 @@ async def create_key(request: web.Request) -> web.Response:
     """POST /v1/projects/{project_id}/keys: the plaintext key is in this answer only."""
     services = request.app[SERVICES]
     project_id = v.path_id(request.match_info["project_id"], "project")
-    spec = v.key_spec(await _body(request))
+    spec = v.key_spec(await _body(request), regions=services.settings.regions)
     change = await services.store.create_keys(_actor(request), project_id, [spec])
     answer = _created_json(change.value[0])
     answer["propagation"] = await _propagation(services, change.outbox_ids)
@@ -212,7 +213,7 @@ async def create_keys_bulk(request: web.Request) -> web.Response:
     items = body["keys"]
     if not isinstance(items, list) or not items or len(items) > v.MAX_BULK:
         raise Invalid(f"keys must be a list of 1 to {v.MAX_BULK} key requests", field="keys")
-    specs = [v.key_spec(item) for item in items]
+    specs = [v.key_spec(item, regions=services.settings.regions) for item in items]
     change = await services.store.create_keys(_actor(request), project_id, specs)
     return web.json_response(
         {
@@ -248,12 +249,13 @@ async def _revoke(request: web.Request, key_ids: list[str], reason: str | None) 
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    """POST /v1/keys/{key_id}/revoke {reason?}."""
+    """POST /v1/keys/{key_id}/revoke {reason?}: `already_revoked` true when it was before (left as it was)."""
     key_id = v.path_id(request.match_info["key_id"], "key")
     body = v.fields(await _body(request), allowed={"reason"})
-    _, _, propagation = await _revoke(request, [key_id], v.reason(body.get("reason")))
+    _, result, propagation = await _revoke(request, [key_id], v.reason(body.get("reason")))
     key = await request.app[SERVICES].store.get_key(key_id)
-    return web.json_response({**key.to_json(), "propagation": propagation})
+    already = key_id in result.already_revoked
+    return web.json_response({**key.to_json(), "already_revoked": already, "propagation": propagation})
 
 
 async def revoke_keys(request: web.Request) -> web.Response:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sidecar.config import DURATION_HELP, duration_pattern
 from sidecar.wire import ENVS
 
 from .pagination import MAX_LIMIT
@@ -59,9 +60,11 @@ NAME = _component("Name", {
     "description": "1-255 characters after trimming; no control characters (C0, DEL, C1)",
 })  # fmt: skip
 DURATION = _component("Duration", {
-    "anyOf": [{"type": "string", "pattern": "^\\s*[0-9]+(\\.[0-9]+)?(ms|s|m|h|d)?\\s*$", "maxLength": 32},
+    "anyOf": [{"type": "string", "pattern": f"^\\s*({duration_pattern(named=False)})\\s*$", "maxLength": 32},
               {"type": "number", "minimum": 0}],
-    "description": "90d, 24h, 15m, 30s, 250ms or a number of seconds",
+    "description": f"{DURATION_HELP} (a JSON number too). Compound parts go largest unit first, each once "
+                   "(1h30m, not 30m1h); w is 7 days, y 365 days. Durations in errors are shown as days, hours, "
+                   "minutes, seconds (90d, 1h30m, 1.5s)",
 })  # fmt: skip
 SCOPE = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9:._/*-]{0,63}$"}
 PROPAGATION = _component("Propagation", {
@@ -75,7 +78,9 @@ LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100}
 ERROR = _component("Error", obj({"error": obj({
     "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"},
     "plan": {"type": "object", "description": "with reconcile_refused: the plan refused (a ReconcileReport)"},
-}, optional=("field", "plan"))}))  # fmt: skip
+    "existing_id": {**ID, "description": "with conflict on creating an organization, team or project: the id of the "
+                                         "one of that name, to carry on with"},
+}, optional=("field", "plan", "existing_id"))}))  # fmt: skip
 
 # -- objects -----------------------------------------------------------------------------------
 
@@ -98,7 +103,13 @@ KEY = _component("Key", obj(_KEY, description="a key, masked"))
 NEW_KEY = _component("NewKey", obj({**_KEY, "key": _PLAINTEXT}))
 CREATED_KEY = _component("CreatedKey", obj({**_KEY, "key": _PLAINTEXT, "propagation": PROPAGATION}))
 ROTATED_KEY = _component("RotatedKey", obj({**_KEY, "key": _PLAINTEXT, "old": KEY, "propagation": PROPAGATION}))
-REVOKED_KEY = _component("RevokedKey", obj({**_KEY, "propagation": PROPAGATION}))
+REVOKED_KEY = _component("RevokedKey", obj({
+    **_KEY,
+    "already_revoked": {"type": "boolean", "description": "true: the key was revoked before this call, which "
+                                                          "changed nothing (revoked_at and revoked_reason are the "
+                                                          "first revocation's)"},
+    "propagation": PROPAGATION,
+}))  # fmt: skip
 AUDIT_ENTRY = _component("AuditEntry", obj({
     "id": {"type": "integer"}, "at": TIME, "actor": {"type": "string"}, "action": {"type": "string"},
     "org_id": nullable(ID), "team_id": nullable(ID), "project_id": nullable(ID), "key_id": nullable(ID),

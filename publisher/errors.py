@@ -73,10 +73,18 @@ class NotFound(PublisherError):
 
 
 class Conflict(PublisherError):
-    """The change contradicts current state (a duplicate name, a decommissioned project)."""
+    """The change contradicts current state (a duplicate name, a decommissioned project).
+
+    `existing_id`: the id of what is in the way (the organization, team or project of that name), so
+    a script creating what may already exist can carry on with it.
+    """
 
     status = 409
     code = "conflict"
+
+    def __init__(self, message: str, *, existing_id: str | None = None) -> None:
+        self.existing_id = existing_id
+        super().__init__(message)
 
 
 class Unavailable(PublisherError):

@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
+from sidecar.config import format_duration
 from sidecar.trust import SIGNATURE_HEADER
 from sidecar.wire import HEARTBEAT_ENTRY, stream_name, subject_prefix
 
@@ -115,12 +116,14 @@ async def scan_bucket(
         try:
             while True:
                 if time.monotonic() > deadline:
-                    raise PublisherError(f"reading the key bucket took over {timeout:.0f}s: is NATS overloaded?")
+                    took = format_duration(timeout)
+                    raise PublisherError(f"reading the key bucket took over {took}: is NATS overloaded?")
                 try:
                     messages = await sub.fetch(BATCH, timeout=_FETCH_TIMEOUT)
                 except TimeoutError:  # nats-py's own TimeoutError is one too
                     raise PublisherError(
-                        f"NATS sent no part of the key bucket within {_FETCH_TIMEOUT:.0f}s: check that it is reachable"
+                        f"NATS sent no part of the key bucket within {format_duration(_FETCH_TIMEOUT)}: "
+                        "check that it is reachable"
                     ) from None
                 raw = _wanted(messages, prefix, want)
                 if checking is not None:

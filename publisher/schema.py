@@ -57,15 +57,19 @@ class Migration:
     description: str
     statements: tuple[str, ...]
     postgresql_only: tuple[str, ...] = ()
+    sqlite_only: tuple[str, ...] = ()
 
     def render(self, dialect: Dialect) -> list[str]:
-        """The statements to run on `dialect`."""
+        """The statements to run on `dialect`: the shared ones, then that dialect's own."""
         types = _TYPES[dialect]
         rendered = [s.format(**types) for s in self.statements]
-        if dialect == "postgresql":
-            rendered += list(self.postgresql_only)
-        return rendered
+        own = self.postgresql_only if dialect == "postgresql" else self.sqlite_only
+        return rendered + [s.format(**types) for s in own]
 
+
+_ACTIVE_PROJECT_NAMES = (
+    "CREATE UNIQUE INDEX idx_projects_active_name ON projects (team_id, name) WHERE decommissioned_at IS NULL"
+)
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -169,6 +173,35 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE admin_tokens ADD COLUMN org_id {uuid} REFERENCES organizations(id)",
             "ALTER TABLE admin_tokens ADD COLUMN team_id {uuid} REFERENCES teams(id)",
             "ALTER TABLE admin_tokens ADD COLUMN user_id {uuid}",
+        ),
+    ),
+    Migration(
+        3,
+        "projects: a name is unique among a team's projects that are not decommissioned, so it can be reused",
+        (),
+        postgresql_only=(
+            "ALTER TABLE projects DROP CONSTRAINT projects_team_id_name_key",
+            _ACTIVE_PROJECT_NAMES,
+        ),
+        # SQLite cannot drop a table's UNIQUE constraint: the table is rebuilt. The keys referring to it
+        # are orphans between the DROP and the INSERT, so their foreign key is checked at COMMIT instead.
+        sqlite_only=(
+            "PRAGMA defer_foreign_keys = ON",
+            "CREATE TABLE projects_v2 AS SELECT id, team_id, organization_id, name, created_at, decommissioned_at "
+            "FROM projects",
+            "DROP TABLE projects",
+            """CREATE TABLE projects (
+                id {uuid} PRIMARY KEY,
+                team_id {uuid} NOT NULL REFERENCES teams(id),
+                organization_id {uuid} NOT NULL REFERENCES organizations(id),
+                name VARCHAR(255) NOT NULL,
+                created_at {ts} NOT NULL,
+                decommissioned_at {ts}
+            )""",
+            "INSERT INTO projects (id, team_id, organization_id, name, created_at, decommissioned_at) "
+            "SELECT id, team_id, organization_id, name, created_at, decommissioned_at FROM projects_v2",
+            "DROP TABLE projects_v2",
+            _ACTIVE_PROJECT_NAMES,
         ),
     ),
 )

@@ -6,17 +6,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import ENV_PREFIX, option, parse_bool, parse_duration, parse_optional_path
+from sidecar.config import ENV_PREFIX, format_duration, option, parse_bool, parse_duration, parse_optional_path
 from sidecar.errors import SettingsError
 from sidecar.nats_connect import nats_option
-from sidecar.settings import LOG_LEVELS, parse_key_prefix, parse_port, parse_positive_duration, parse_servers
+from sidecar.settings import (
+    LOG_LEVELS,
+    parse_key_prefix,
+    parse_port,
+    parse_positive_duration,
+    parse_regions,
+    parse_servers,
+)
 from sidecar.trust import parse_trusted_keys
-from sidecar.wire import DEFAULT_BUCKET, DEFAULT_PREFIX
+from sidecar.wire import DEFAULT_BUCKET, DEFAULT_PREFIX, GLOBAL_SCOPE
 
 from .token_format import check_configured_token
 from .validation import MAX_GRACE
 
-__all__ = ["DEFAULT_RECONCILE_MAX_CHANGES", "RECONCILE_INTERVAL", "PublisherSettings", "parse_count"]
+__all__ = [
+    "DEFAULT_RECONCILE_MAX_CHANGES",
+    "RECONCILE_INTERVAL",
+    "PublisherSettings",
+    "parse_count",
+    "parse_served_regions",
+]
 
 # Values the publisher signed that one reconciliation may change or delete without --force.
 DEFAULT_RECONCILE_MAX_CHANGES = 100
@@ -36,8 +49,15 @@ def parse_count(text: str) -> int:
 def _grace(text: str) -> float:
     seconds = parse_positive_duration(text)
     if seconds > MAX_GRACE:
-        raise ValueError("at most 7d")
+        raise ValueError(f"{format_duration(seconds)} is too long; at most {format_duration(MAX_GRACE)}")
     return seconds
+
+
+def parse_served_regions(text: str) -> tuple[str, ...] | None:
+    """The regions sidecars serve: codes, comma separated; `global` alone for global keys only; empty for unset."""
+    if not text.strip():
+        return None
+    return parse_regions(",".join(r for r in text.split(",") if r.strip() != GLOBAL_SCOPE))
 
 
 def _deployment(text: str) -> str:
@@ -105,6 +125,12 @@ class PublisherSettings:
         parse=parse_key_prefix,
         help="prefix of the keys this deployment issues (the `kr` in kr_live_); sidecars accept it and their "
         "--accepted-key-prefixes",
+    )
+    regions: tuple[str, ...] | None = option(
+        None,
+        parse=parse_served_regions,
+        help="the region codes this deployment's sidecars serve, comma separated (e.g. eu,us; `global` alone: global "
+        "keys only): a key for any other region is refused with this list; unset: any region is accepted",
     )
     default_grace: float = option(
         86400.0, parse=_grace, duration=True, help="how long a rotated key keeps working, unless the call says"

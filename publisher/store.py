@@ -101,46 +101,56 @@ class KeyStore:
     # -- hierarchy ----------------------------------------------------------------------------
 
     async def create_org(self, actor: Actor, name: str) -> Org:
-        """A new organization; names are unique."""
+        """A new organization; names are unique (Conflict with the existing one's id)."""
         org = Org(id=new_id(), name=name, created_at=now_us())
         async with self.db.transaction() as tx:
-            if await tx.fetchval("SELECT 1 FROM organizations WHERE name = $1", name):
-                raise Conflict(f"an organization named {name!r} already exists")
-            await tx.execute(
-                "INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3)", org.id, name, org.created_at
-            )
+            existing = await _insert_unless_named(
+                tx, "organizations (id, name, created_at)", (org.id, name, org.created_at),
+                "SELECT id FROM organizations WHERE name = $1", (name,),
+            )  # fmt: skip
+            if existing is not None:
+                raise Conflict(f"an organization named {name!r} already exists (id {existing})", existing_id=existing)
             await record_audit(tx, actor, "org.create", org.created_at, [(org.id, None, None, None, {"name": name})])
         return org
 
     async def create_team(self, actor: Actor, org_id: str, name: str) -> Team:
-        """A new team in an org; names are unique within the org."""
+        """A new team in an org; names are unique within the org (Conflict with the existing one's id)."""
         team = Team(id=new_id(), org_id=org_id, name=name, created_at=now_us())
         async with self.db.transaction() as tx:
             await self._org(tx, org_id)
-            if await tx.fetchval("SELECT 1 FROM teams WHERE organization_id = $1 AND name = $2", org_id, name):
-                raise Conflict(f"a team named {name!r} already exists in this organization")
-            await tx.execute(
-                "INSERT INTO teams (id, organization_id, name, created_at) VALUES ($1, $2, $3, $4)",
-                team.id, org_id, name, team.created_at,
+            existing = await _insert_unless_named(
+                tx, "teams (id, organization_id, name, created_at)", (team.id, org_id, name, team.created_at),
+                "SELECT id FROM teams WHERE organization_id = $1 AND name = $2", (org_id, name),
             )  # fmt: skip
+            if existing is not None:
+                raise Conflict(
+                    f"a team named {name!r} already exists in this organization (id {existing})", existing_id=existing
+                )
             await record_audit(
                 tx, actor, "team.create", team.created_at, [(org_id, team.id, None, None, {"name": name})]
             )
         return team
 
     async def create_project(self, actor: Actor, team_id: str, name: str) -> Project:
-        """A new project in a team; names are unique within the team."""
+        """A new project in a team; names are unique among the team's projects that are not decommissioned."""
         async with self.db.transaction() as tx:
             team = await self._team(tx, team_id)
-            if await tx.fetchval("SELECT 1 FROM projects WHERE team_id = $1 AND name = $2", team_id, name):
-                raise Conflict(f"a project named {name!r} already exists in this team")
             project = Project(
                 id=new_id(), team_id=team_id, org_id=team.org_id, name=name, created_at=now_us(), decommissioned_at=None
             )
-            await tx.execute(
-                "INSERT INTO projects (id, team_id, organization_id, name, created_at) VALUES ($1, $2, $3, $4, $5)",
-                project.id, team_id, team.org_id, name, project.created_at,
+            # A decommissioned project keeps its name in the audit trail but not to itself: it can be reused.
+            existing = await _insert_unless_named(
+                tx, "projects (id, team_id, organization_id, name, created_at)",
+                (project.id, team_id, team.org_id, name, project.created_at),
+                "SELECT id FROM projects WHERE team_id = $1 AND name = $2 AND decommissioned_at IS NULL",
+                (team_id, name),
             )  # fmt: skip
+            if existing is not None:
+                raise Conflict(
+                    f"a project named {name!r} already exists in this team (id {existing}); decommission it first "
+                    "to reuse the name",
+                    existing_id=existing,
+                )
             await record_audit(
                 tx, actor, "project.create", project.created_at,
                 [(team.org_id, team_id, project.id, None, {"name": name})],
@@ -454,6 +464,25 @@ def _after_created(after: tuple[int, str] | None, *, start: int = 1) -> tuple[st
         return "", []
     created, ident = f"${start}", f"${start + 1}"
     return f"WHERE (created_at > {created} OR (created_at = {created} AND id > {ident}))", [after[0], after[1]]
+
+
+async def _insert_unless_named(
+    tx: Tx, into: str, values: Sequence[Any], existing_sql: str, existing_args: Sequence[Any]
+) -> str | None:
+    """Insert the row, or return the id of the one holding its name (nothing inserted).
+
+    ON CONFLICT rather than a check first: two callers creating the same name at once (two CI jobs
+    running the same setup) get one 201 and one 409 with the winner's id, never a 500 from the
+    unique index. On PostgreSQL the second waits for the first to commit, then reads its row.
+    """
+    marks = placeholders(len(values))
+    inserted = await tx.fetchval(f"INSERT INTO {into} VALUES ({marks}) ON CONFLICT DO NOTHING RETURNING id", *values)
+    if inserted is not None:
+        return None
+    existing = await tx.fetchval(existing_sql, *existing_args)
+    if existing is None:  # the other holder was decommissioned between the two statements
+        raise Conflict("that name was taken and freed again while this was being created: try again")
+    return str(existing)
 
 
 async def _insert_keys(tx: Tx, keys: Sequence[ApiKey]) -> None:

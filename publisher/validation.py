@@ -8,7 +8,7 @@ from typing import Any
 
 import msgpack
 
-from sidecar.config import parse_duration
+from sidecar.config import DURATION_HELP, format_duration, parse_duration
 from sidecar.wire import ENVS, MAX_METADATA_BYTES, is_region_code, is_uuid
 
 from .errors import Invalid, NotFound
@@ -17,7 +17,9 @@ from .store import KeySpec
 __all__ = [
     "MAX_BULK",
     "MAX_GRACE",
+    "MAX_LIFETIME",
     "boolean",
+    "duration",
     "fields",
     "grace",
     "key_ids",
@@ -27,6 +29,7 @@ __all__ = [
     "query_id",
     "query_int",
     "reason",
+    "region",
     "text",
 ]
 
@@ -107,20 +110,26 @@ def scopes(value: Any) -> tuple[str, ...]:
 
 
 def duration(value: Any, field: str, *, maximum: float, minimum: float = 0.0) -> float:
-    """A duration (`90d`, `24h`, `15m`, `30s` or seconds) within bounds, in seconds."""
+    """A duration (`90d`, `1h30m`, `2w`, `1y`, `250ms`, or a number of seconds) within bounds, in seconds.
+
+    Refusals give the value and the bound in the same units (`expires_in is 4000d; at most 3650d`).
+    """
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise Invalid(f"{field} must be a duration such as 90d, 24h, 15m or a number of seconds", field=field)
+        raise Invalid(f"{field} must be {DURATION_HELP}", field=field)
     try:
         seconds = parse_duration(str(value))
-    except ValueError as exc:
-        raise Invalid(f"{field}: {exc}", field=field) from None
-    if not minimum <= seconds <= maximum:
-        raise Invalid(f"{field} must be between {minimum:g}s and {maximum:g}s", field=field)
+    except ValueError:
+        # Not repeated: a pasted secret is as likely here as a typo.
+        raise Invalid(f"{field} is not {DURATION_HELP}", field=field) from None
+    if seconds > maximum:
+        raise Invalid(f"{field} is {format_duration(seconds)}; at most {format_duration(maximum)}", field=field)
+    if seconds < minimum:
+        raise Invalid(f"{field} is {format_duration(seconds)}; at least {format_duration(minimum)}", field=field)
     return seconds
 
 
 def grace(value: Any, default: float) -> float:
-    """The rotation grace period: default 24h, at most 7d."""
+    """The rotation grace period: the publisher's --default-grace unless given, at most 7d."""
     return default if value is None else duration(value, "grace", maximum=MAX_GRACE)
 
 
@@ -140,25 +149,39 @@ def metadata(value: Any) -> dict[str, str]:
     return dict(value)
 
 
-def key_spec(body: Any) -> KeySpec:
-    """A validated request for one key."""
+def key_spec(body: Any, *, regions: Collection[str] | None = None) -> KeySpec:
+    """A validated request for one key; with `regions` (the publisher's --regions), its region must be one."""
     data = fields(body, allowed={"name", "scopes", "expires_in", "env", "region", "metadata"}, required={"name"})
     env = data.get("env", "live")
     if env not in ENVS:
         raise Invalid(f"env must be one of {', '.join(ENVS)}", field="env")
-    region = data.get("region")
-    if region is not None and not (isinstance(region, str) and is_region_code(region)):
-        raise Invalid("region must be a lowercase region code such as eu, or null for a global key", field="region")
     expires_in = data.get("expires_in")
     return KeySpec(
         name=name(data["name"]),
         scopes=scopes(data.get("scopes", [])),
         env=env,
-        region=region,
+        region=region(data.get("region"), regions),
         expires_in=None if expires_in is None else duration(expires_in, "expires_in", maximum=MAX_LIFETIME,
                                                               minimum=1.0),
         metadata=metadata(data.get("metadata")),
     )  # fmt: skip
+
+
+def region(value: Any, known: Collection[str] | None = None) -> str | None:
+    """A key's region: null (global) or a region code, one of `known` (the publisher's --regions) when given."""
+    if value is None:
+        return None
+    if not (isinstance(value, str) and is_region_code(value)):
+        raise Invalid("region must be a lowercase region code such as eu, or null for a global key", field="region")
+    if known is not None and value not in known:
+        # A region code is no secret (lowercase letters, digits and dashes): repeating it helps spot the typo.
+        served = f"its regions are {', '.join(known)}" if known else "it serves global keys only"
+        raise Invalid(
+            f"no sidecar of this deployment serves region {value!r}: {served} (the publisher's --regions); "
+            f"use {'one of them, or ' if known else ''}null for a global key",
+            field="region",
+        )
+    return value
 
 
 def reason(value: Any) -> str | None:

@@ -20,10 +20,13 @@ from typing import Any, TypeVar
 from .errors import SettingsError
 
 __all__ = [
+    "DURATION_HELP",
+    "DURATION_NOTE",
     "ENV_PREFIX",
     "MAX_DURATION_CHARS",
     "Option",
     "add_options",
+    "duration_pattern",
     "format_duration",
     "load",
     "markdown_table",
@@ -38,12 +41,30 @@ __all__ = [
 ENV_PREFIX = "KEYRELAY_"
 MAX_SECRET_FILE = 64 * 1024  # a token, a URL or a key: anything larger is the wrong file
 _META = "keyrelay.option"
-# Linear: one number, one optional unit, nothing around them (stripped first); ASCII digits only, since
-# `\d` takes other scripts' digits that float() would then have to refuse.
-_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)?")
+# Largest first: the order a compound duration's parts come in, each unit at most once.
+_UNIT_SECONDS = {"y": 365 * 86400.0, "w": 7 * 86400.0, "d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_NUMBER = "[0-9]+(?:\\.[0-9]+)?"
+
+
+def duration_pattern(*, named: bool = True) -> str:
+    """The grammar of a duration: a bare number, or number-unit parts largest unit first (`1d12h`, `1h30m`).
+
+    Linear to match: ASCII digits only (`\\d` takes other scripts' digits that float() would refuse), and
+    each optional part starts with digits and ends in its own unit. `named=False`: without Python's named
+    groups, for a JSON Schema `pattern`.
+    """
+    parts = "".join(f"(?:(?P<{u}>{_NUMBER}){u})?" if named else f"(?:{_NUMBER}{u})?" for u in _UNIT_SECONDS)
+    bare = f"(?P<bare>{_NUMBER})" if named else _NUMBER
+    return f"{bare}|(?=[0-9]){parts}"
+
+
+_DURATION = re.compile(duration_pattern())
 # Longer than any real duration; refused before the regex so no input can make it slow.
 MAX_DURATION_CHARS = 32
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+# What every place that takes a duration says about its spelling.
+DURATION_HELP = "a duration such as 90d, 1h30m, 2w, 1y (365d), 1.5s or 250ms; a bare number is seconds"
+# The same, short, for each duration setting's help and README row.
+DURATION_NOTE = "a duration: 1h30m, 90d, 250ms, ...; a bare number is seconds"
 
 T = TypeVar("T")
 
@@ -85,13 +106,18 @@ class _Spec:
 
 
 def parse_duration(text: str) -> float:
-    """Parse `90d`, `24h`, `15m`, `30s`, `250ms` or plain seconds into seconds."""
+    """Seconds from `90d`, `1h30m`, `2w`, `1y` (365 days), `1.5s`, `250ms`, or a bare number of seconds.
+
+    Compound parts go from the largest unit to the smallest, each unit once (`1h30m`, not `30m1h`).
+    """
     stripped = text.strip()
     match = _DURATION.fullmatch(stripped) if len(stripped) <= MAX_DURATION_CHARS else None
     if match is None:
         shown = text if len(text) <= MAX_DURATION_CHARS else text[:MAX_DURATION_CHARS] + "..."
-        raise ValueError(f"not a duration: {shown!r} (use e.g. 30s, 15m, 24h, 90d or seconds)")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        raise ValueError(f"not a duration: {shown!r} ({DURATION_HELP}; parts largest unit first)")
+    if match["bare"] is not None:
+        return float(match["bare"])
+    return sum(float(match[unit]) * size for unit, size in _UNIT_SECONDS.items() if match[unit] is not None)
 
 
 def parse_optional_path(text: str) -> Path | None:
@@ -151,7 +177,7 @@ def add_options(
         if opt.name in exclude:
             continue
         default = "(hidden)" if opt.secret else _show(opt.default, duration=opt.duration)
-        choices = f" (one of: {', '.join(opt.choices)})" if opt.choices else ""
+        choices = _accepts(opt)
         # argparse %-formats help text: a literal "20%" would break --help.
         help_text = f"{opt.help}{choices} [env {opt.env}; default {default}]".replace("%", "%%")
         # SUPPRESS: an option not given leaves no attribute, so a subcommand's parser cannot
@@ -257,7 +283,7 @@ def markdown_table(cls: type[Any]) -> str:
     rows = ["| flag | variable | default | meaning |", "|---|---|---|---|"]
     for opt in options_of(cls):
         default = "(secret)" if opt.secret else _show(opt.default, duration=opt.duration)
-        choices = f" (one of: {', '.join(opt.choices)})" if opt.choices else ""
+        choices = _accepts(opt)
         if opt.secret:
             how = f"from a file or the variable (`{opt.flag}` VALUE works but is deprecated: argv is public)"
             rows.append(f"| `{opt.file_flag}` | `{opt.env}` or `{opt.file_env}` | {default} | {opt.help}, {how} |")
@@ -266,12 +292,33 @@ def markdown_table(cls: type[Any]) -> str:
     return "\n".join(rows)
 
 
+def _accepts(opt: Option) -> str:
+    """What the help says about the spelling a setting takes: its choices, or how a duration is written."""
+    if opt.choices:
+        return f" (one of: {', '.join(opt.choices)})"
+    return f" ({DURATION_NOTE})" if opt.duration else ""
+
+
 def format_duration(seconds: float) -> str:
-    """The shortest exact spelling of a duration: 24h, 15m, 30s, 1.5s."""
+    """The one spelling every duration is shown in: days, hours, minutes, seconds, largest first.
+
+    `5400` is `1h30m`, `7776000` is `90d`, `1.5` is `1.5s`, `0.25` is `250ms`, `0` is `0s`; weeks and
+    years are read (:func:`parse_duration`) but never written, so a limit reads the same everywhere.
+    """
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
+    if 0 < seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    whole = int(seconds)
+    fraction = seconds - whole
+    parts = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
+        count, whole = divmod(whole, size)
+        if count:
+            parts.append(f"{count}{unit}")
+    if whole or fraction or not parts:
+        parts.append(f"{round(whole + fraction, 6):g}s")
+    return "".join(parts)
 
 
 def _show(value: Any, *, duration: bool = False) -> str:

@@ -27,6 +27,7 @@ __all__ = [
     "parse_port",
     "parse_positive_duration",
     "parse_region",
+    "parse_regions",
     "parse_servers",
     "publish_delay_option",
     "trusted_keys_option",
@@ -46,6 +47,16 @@ def parse_region(text: str) -> str | None:
     if not is_region_code(text):
         raise ValueError("a region is a lowercase code such as eu or us-east (letters, digits, '-')")
     return text
+
+
+def parse_regions(text: str) -> tuple[str, ...]:
+    """Comma-separated region codes, each once (none for an empty value)."""
+    regions = tuple(r.strip() for r in text.split(",") if r.strip())
+    for region in regions:
+        parse_region(region)
+    if len(set(regions)) != len(regions):
+        raise ValueError("a region is named twice")
+    return regions
 
 
 def parse_key_prefix(text: str) -> str:

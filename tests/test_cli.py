@@ -193,7 +193,7 @@ async def test_a_key_is_created_listed_shown_rotated_and_revoked_from_the_shell(
     revoked = await shell.ok("keys", "revoke", key_id, "--reason", "leaked")
     assert revoked.strip() == f"revoked {key_id} ({row['DISPLAY']}); propagation: published"
     answer = await shell.json("keys", "revoke", new_id)
-    assert answer == {**await admin.ok("GET", f"/keys/{new_id}"), "propagation": "published"}
+    assert answer == {**await admin.ok("GET", f"/keys/{new_id}"), "already_revoked": False, "propagation": "published"}
     assert (await admin.ok("GET", f"/keys/{key_id}"))["revoked_reason"] == "leaked"
 
 

@@ -435,6 +435,20 @@ def test_every_env_var_and_flag_is_a_setting_and_every_value_parses(name: str) -
     assert seen, f"{name} runs no keyrelay container"
 
 
+def test_the_publisher_takes_keys_for_exactly_the_regions_the_overlays_run_sidecars_in() -> None:
+    overlays = sorted(k.removeprefix("overlays/") for k in KUSTOMIZATIONS if k.startswith("overlays/"))
+    overlays.remove("hub")
+    publishers = 0
+    for name in KUSTOMIZATIONS:
+        objs = rendered(name)
+        for _, _, c, _ in _keyrelay_containers(objs):
+            path, settings, _ = _settings(c, objs)
+            if path == ("publisher",):
+                assert sorted(settings.regions or ()) == overlays, f"{name}: KEYRELAY_REGIONS is not the overlays"
+                publishers += 1
+    assert publishers
+
+
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_ports_probes_and_scrape_annotations_match_what_the_code_serves(name: str) -> None:
     objs = rendered(name)

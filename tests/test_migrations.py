@@ -96,7 +96,7 @@ async def test_a_previous_release_database_is_migrated_with_every_row_intact_and
     old = await _previous_release_database(database_url)
     db = await _open(database_url)
     try:
-        assert await migrate(db) == [2]
+        assert await migrate(db) == [2, 3]
         assert await migrate(db) == []  # a second start changes nothing
         async with db.transaction() as tx:
             versions = [r["version"] for r in await tx.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
@@ -135,6 +135,39 @@ async def test_a_previous_release_database_is_migrated_with_every_row_intact_and
         with pytest.raises(Exception, match=r"(?i)foreign key"):
             async with db.transaction() as tx:
                 await tx.execute("UPDATE admin_tokens SET org_id = $1 WHERE id = $2", _id(), old["ci"])
+    finally:
+        await db.close()
+
+
+async def test_after_migration_3_a_decommissioned_projects_name_is_free_and_an_active_ones_is_still_unique(
+    database_url: str,
+) -> None:
+    old = await _previous_release_database(database_url)
+    db = await _open(database_url)
+    try:
+        assert await migrate(db, migrations=MIGRATIONS[:2]) == [2]
+        async with db.transaction() as tx:  # what migration 2's release did to decommission a project
+            await tx.execute("UPDATE projects SET decommissioned_at = $1 WHERE id = $2", now_us(), old["project"])
+            await tx.execute("UPDATE api_keys SET revoked_at = $1, version = 2 WHERE id = $2", now_us(), old["key"])
+        assert await migrate(db) == [3]
+
+        store = KeyStore(db)
+        admin = Actor(token_id=old["bootstrap"], name="bootstrap", role="admin")
+        reused = await store.create_project(admin, old["team"], "payments")
+        assert reused.id != old["project"]
+        projects = await store.list_projects(old["team"], limit=10)
+        assert [(p.id, p.decommissioned_at is None) for p in projects] == [(old["project"], False), (reused.id, True)]
+        key = await store.get_key(old["key"])
+        assert (key.project_id, key.status(now_us())) == (old["project"], "revoked")
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"):  # the index holds even without the check
+            async with db.transaction() as tx:
+                await tx.execute(
+                    "INSERT INTO projects (id, team_id, organization_id, name, created_at) VALUES ($1, $2, $3, $4, $5)",
+                    _id(), old["team"], old["org"], "payments", now_us(),
+                )  # fmt: skip
+        with pytest.raises(Exception, match=r"(?i)foreign key"):  # keys still refer to projects that exist
+            async with db.transaction() as tx:
+                await tx.execute("UPDATE api_keys SET project_id = $1 WHERE id = $2", _id(), old["key"])
     finally:
         await db.close()
 

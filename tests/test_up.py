@@ -73,6 +73,8 @@ def test_up_with_a_demo_key_prints_how_to_use_it_and_a_revocation_reaches_the_si
     key_id, cli_key = stack.cli("keys", "create", "--project", demo["project_id"], "--name", "cli",
                                 "--scope", "orders:read", "--print", "id,key").split()  # fmt: skip
     assert stack.auth("global", cli_key) == 200
+    with pytest.raises(AssertionError, match=r"it serves global keys only"):  # a global sidecar only
+        stack.api("POST", f"/projects/{demo['project_id']}/keys", {"name": "e", "region": "eu"})
     assert "revoked" in stack.cli("keys", "revoke", key_id)
     assert stack.auth("global", cli_key) == 401
     assert stack.auth("global", key) == 200
@@ -102,6 +104,8 @@ def test_up_with_two_regions_keeps_regional_keys_regional_and_revokes_everywhere
     _until(lambda: stack.auth("eu", global_key) == 200 and stack.auth("us", global_key) == 200)
     _until(lambda: stack.auth("eu", eu_key) == 200)
     assert stack.auth("us", eu_key) == 403
+    with pytest.raises(AssertionError, match=r"its regions are eu, us"):  # no sidecar would ever take it
+        stack.api("POST", f"/projects/{project}/keys", {"name": "a", "region": "ap"})
 
     stack.cli("keys", "revoke", global_id)
     _until(lambda: stack.auth("eu", global_key) == 401 and stack.auth("us", global_key) == 401)
