@@ -86,7 +86,9 @@ class Broker:
 
     async def _connect_loop(self) -> None:
         backoff = 0.1
-        options = self.connect.kwargs()  # a missing or malformed credentials file fails here, once
+        options = self.connect.kwargs(
+            error_cb=self._on_error
+        )  # a missing or malformed credentials file fails here, once
         while not self._closing:
             try:
                 self.nc = await nats.connect(
@@ -99,7 +101,6 @@ class Broker:
                     max_outstanding_pings=2,
                     disconnected_cb=self._on_disconnect,
                     reconnected_cb=self._on_reconnect,
-                    error_cb=self._on_error,
                 )
             except Exception as exc:
                 log.warning("cannot reach NATS at %s: %s (retrying)", self.connect.describe(), exc)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +21,8 @@ from .config import option, parse_optional_path
 from .errors import SettingsError
 
 _log = logging.getLogger("keyrelay.nats")
+
+ErrorCallback = Callable[[Exception], Awaitable[None]]
 
 __all__ = ["NatsClientSettings", "NatsConnect", "identity_name", "inbox_prefix", "nats_option", "redact"]
 
@@ -95,10 +98,11 @@ class NatsConnect:
         """The servers, comma separated, credentials in URLs hidden."""
         return ",".join(redact(s, token=True) for s in self.servers)
 
-    def kwargs(self) -> dict[str, Any]:
-        """Arguments of nats-py's `connect`: servers, inbox prefix, credentials and TLS."""
+    def kwargs(self, *, error_cb: ErrorCallback | None = None) -> dict[str, Any]:
+        """Arguments of nats-py's `connect`: servers, inbox prefix, credentials, TLS and the error callback
+        (by default one log line per error)."""
         args: dict[str, Any] = {"servers": list(self.servers), "inbox_prefix": inbox_prefix(self.identity),
-                                "error_cb": _one_line}  # fmt: skip
+                                "error_cb": error_cb or _one_line}  # fmt: skip
         if self.creds is not None:
             args.update(_credentials(self.creds))
         context = self.tls_context()

@@ -292,7 +292,9 @@ class KeySync:
     async def _connect(self) -> DirectClient:
         backoff = 0.1
         nats = self.connect or NatsConnect(tuple(self.servers), identity=identity_name("sidecar", self.region))
-        options = nats.kwargs()  # a missing or malformed credentials file is said once, not retried
+        options = nats.kwargs(
+            error_cb=self._on_error
+        )  # a missing or malformed credentials file is said once, not retried
         while not self._closing:
             nc = DirectClient()
             try:
@@ -306,7 +308,6 @@ class KeySync:
                     max_outstanding_pings=2,
                     disconnected_cb=self._on_disconnect,
                     reconnected_cb=self._on_reconnect,
-                    error_cb=self._on_error,
                 )
                 return nc
             except Exception as exc:

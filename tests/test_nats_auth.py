@@ -90,7 +90,7 @@ async def connect(stack: Stack) -> AsyncIterator[Any]:
             errors.append(str(exc))
 
         nats_connect = NatsConnect((_url(stack, server),), identity=identity, creds=stack.creds(role, region))
-        nc = await nats.connect(**nats_connect.kwargs(), error_cb=on_error, max_reconnect_attempts=0)
+        nc = await nats.connect(**nats_connect.kwargs(error_cb=on_error), max_reconnect_attempts=0)
         opened.append(nc)
         return Client_(nc, errors)
 
