@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.config import option
 
 from .credentials import recall
 from .errors import ApiError, KeyrelayError
+
+if TYPE_CHECKING:
+    import urllib.error
 
 __all__ = ["AdminClient", "ClientSettings", "stack_file"]
 
@@ -69,6 +70,10 @@ class AdminClient:
 
     def call(self, method: str, path: str, body: Any = None, **query: Any) -> Any:
         """One API call; returns the decoded JSON answer."""
+        # Imported here: http.client and email cost the CLI's start-up more than a call's first use.
+        import urllib.error
+        import urllib.request
+
         params = {k: v for k, v in query.items() if v is not None}
         url = f"{self.url}/v1{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
         data = None if body is None else json.dumps(body).encode()

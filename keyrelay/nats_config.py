@@ -23,7 +23,7 @@ from sidecar.wire import DEFAULT_BUCKET
 from .errors import KeyrelayError
 from .nats_auth import EnvRef, Grants, env_name, hub_settings, leaf_remote, leaf_settings, render_conf
 from .region import HUB_DOMAIN
-from .up import parse_regions
+from .up_settings import parse_regions
 
 __all__ = ["NatsConfigSettings", "helm_values", "nats_config_command", "server_blocks"]
 

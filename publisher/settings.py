@@ -9,12 +9,17 @@ from typing import Any
 from sidecar.config import ENV_PREFIX, option, parse_bool, parse_duration, parse_optional_path
 from sidecar.errors import SettingsError
 from sidecar.nats_connect import nats_option
-from sidecar.settings import LOG_LEVELS, parse_key_prefix, parse_port, parse_positive_duration, parse_servers
-from sidecar.trust import parse_trusted_keys
+from sidecar.settings import (
+    LOG_LEVELS,
+    parse_key_prefix,
+    parse_port,
+    parse_positive_duration,
+    parse_public_keys,
+    parse_servers,
+)
 from sidecar.wire import DEFAULT_BUCKET, DEFAULT_PREFIX
 
 from .token_format import check_configured_token
-from .validation import MAX_GRACE
 
 __all__ = ["DEFAULT_RECONCILE_MAX_CHANGES", "RECONCILE_INTERVAL", "PublisherSettings", "parse_count"]
 
@@ -34,6 +39,8 @@ def parse_count(text: str) -> int:
 
 
 def _grace(text: str) -> float:
+    from .validation import MAX_GRACE  # here: validation loads the store, which building the CLI's parser needs not
+
     seconds = parse_positive_duration(text)
     if seconds > MAX_GRACE:
         raise ValueError("at most 7d")
@@ -124,7 +131,7 @@ class PublisherSettings:
     )
     previous_signing_keys: tuple[str, ...] = option(
         (),
-        parse=parse_trusted_keys,
+        parse=parse_public_keys,
         help="public keys of earlier signing keys, comma separated: listed by /v1/signing-keys during a rotation",
     )
     deployment_id: str = option(
