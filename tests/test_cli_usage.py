@@ -163,6 +163,16 @@ def test_a_missing_file_or_a_bad_argument_is_one_line_on_stderr_and_exit_1(
     assert ran.err.count("\n") == 1, ran  # one line, no traceback
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_exit_1(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+    process = subprocess.Popen([sys.executable, "-m", "keyrelay", "nats-config", "--role", "hub"], env=env,
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert process.stdout is not None
+    process.stdout.close()  # `| head -0`: nobody reads what it prints
+    _, err = process.communicate(timeout=60)
+    assert (process.returncode, err) == (ExitCode.FAILURE, b"")
+
+
 @pytest.mark.parametrize("argv", [["--version"], ["--help"], ["orgs", "list", "--help"]])
 def test_version_and_help_load_no_networking_crypto_or_database_module(argv: list[str], tmp_path: Path) -> None:
     ran = keyrelay(*argv, home=tmp_path, python_flags=("-X", "importtime"))
