@@ -11,7 +11,7 @@ from typing import Any
 from sidecar.config import add_options, load
 
 from .client import PAGE_MAX, AdminClient, ClientSettings
-from .errors import ApiError, KeyrelayError
+from .errors import ApiError, ExitCode, KeyrelayError
 from .names import Resolver
 from .output import Column, details, dump_json, fields_line, table
 
@@ -36,13 +36,9 @@ def _client(args: argparse.Namespace) -> AdminClient:
     return AdminClient(url, token)
 
 
-# Exit codes (README, "Exit codes"): 0 done; 1 failed or refused; 2 usage; 3 done, but NATS has not yet
-# acknowledged the change (propagation: pending: it is committed and goes out when NATS answers).
-PENDING = 3
-
-
 def _outcome(data: Any) -> int:
-    return PENDING if isinstance(data, dict) and data.get("propagation") == "pending" else 0
+    pending = isinstance(data, dict) and data.get("propagation") == "pending"
+    return ExitCode.PENDING if pending else ExitCode.OK
 
 
 def _fields(args: argparse.Namespace) -> list[str]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from collections.abc import Callable, Sequence
-from importlib.metadata import version
 from typing import Any
 
 from sidecar.config import add_options, load
@@ -13,8 +14,10 @@ from sidecar.errors import SidecarError
 from sidecar.settings import SidecarSettings
 
 from .admin import add_admin_commands
-from .errors import KeyrelayError
+from .client import ClientSettings
+from .errors import ExitCode, KeyrelayError, describe_os_error
 from .login import add_login_commands
+from .parsing import Parser, VersionAction, share_global_options
 
 __all__ = ["build_parser", "main"]
 
@@ -92,7 +95,7 @@ def _loadtest_missing(args: argparse.Namespace) -> int:
     raise KeyrelayError(LOADTEST_MISSING)
 
 
-def _add_loadtest(commands: Subcommands[argparse.ArgumentParser]) -> None:
+def _add_loadtest(commands: Subcommands[Parser]) -> None:
     """`keyrelay loadtest`: the load test where its package is installed, a clear refusal where not."""
     help_text = "multi-region load test on loopback: WAN delays, verify load, key churn, a partition"
     try:
@@ -131,7 +134,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _command(
-    parent: Subcommands[argparse.ArgumentParser],
+    parent: Subcommands[Parser],
     name: str,
     *,
     help: str,
@@ -146,9 +149,7 @@ def _command(
     return command
 
 
-def _group(
-    parent: Subcommands[argparse.ArgumentParser], name: str, *, help: str, description: str
-) -> Subcommands[argparse.ArgumentParser]:
+def _group(parent: Subcommands[Parser], name: str, *, help: str, description: str) -> Subcommands[Parser]:
     """A command that is only a group of actions (`keyrelay region init`): where its actions go."""
     group = parent.add_parser(name, help=help, description=description)
     return group.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
@@ -173,14 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .nats_config import NatsConfigSettings
     from .region import RegionSettings
     from .snapshots import SnapshotSettings, SnapshotStoreSettings
-    from .up import UpSettings
+    from .up_settings import UpSettings
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="keyrelay",
         description="API keys managed centrally, verified at the edge, revoked everywhere in milliseconds.",
-        epilog="Every option also reads a KEYRELAY_* environment variable (shown in each command's --help).",
+        epilog="Every option also reads a KEYRELAY_* environment variable (shown in each command's --help). "
+        "The options above may also follow the command (`keyrelay orgs list --url URL`). Exit status: 0 done, "
+        "1 failed, 2 wrong usage, 3 done but not yet propagated through NATS, 130 interrupted.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {version('keyrelay')}")
+    parser.add_argument("--version", action=VersionAction, help="print the installed version and exit")
+    add_options(parser, ClientSettings, title="the admin API, for every command that calls it")
+    parser.add_argument("--json", action="store_true", help="print answers and reports as JSON")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     _command(
@@ -316,22 +321,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loadtest(commands)
     add_admin_commands(commands)
     add_login_commands(commands)
+    share_global_options(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `keyrelay` command."""
+    """Entry point of the `keyrelay` command; its exit status follows :class:`ExitCode`."""
     from publisher.errors import PublisherError
 
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a reader that went away shows here, not as a traceback at the interpreter's exit
+        return code
     except (KeyrelayError, SidecarError, PublisherError) as exc:
-        print(f"keyrelay: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc))
+    except BrokenPipeError:
+        # The reader went away (`keyrelay keys list | head -1`): nobody is left to tell.
+        _detach_stdout()
+        return ExitCode.FAILURE
+    except OSError as exc:
+        # A file named on the command line (--bulk, --out, a data directory) that cannot be used.
+        return _fail(describe_os_error(exc))
+    except UnicodeDecodeError as exc:
+        return _fail(f"a file given to this command is not UTF-8 text ({exc.reason} at byte {exc.start})")
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
+
+
+def _fail(message: str) -> int:
+    print(f"keyrelay: {message}", file=sys.stderr)
+    return ExitCode.FAILURE
+
+
+def _detach_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe too."""
+    with contextlib.suppress(OSError, ValueError):  # stdout may be no file at all (a StringIO in tests)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.config import option
 
 from .credentials import recall
 from .errors import ApiError, KeyrelayError
+
+if TYPE_CHECKING:
+    import urllib.error
 
 __all__ = ["AdminClient", "ClientSettings", "stack_file"]
 
@@ -52,7 +53,7 @@ class ClientSettings:
                 token = login.token
         state = stack_file(self.data_dir)
         if (not url or not token) and state.exists():
-            data = json.loads(state.read_text())
+            data = _stack_state(state)
             url = url or data.get("publisher_url", "")
             if not token and data.get("admin_token_file"):
                 token = Path(data["admin_token_file"]).read_text().strip()
@@ -69,9 +70,15 @@ class AdminClient:
 
     def call(self, method: str, path: str, body: Any = None, **query: Any) -> Any:
         """One API call; returns the decoded JSON answer."""
+        # Imported here: http.client and email cost the CLI's start-up more than a call's first use.
+        import urllib.error
+        import urllib.request
+
         params = {k: v for k, v in query.items() if v is not None}
         url = f"{self.url}/v1{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
         data = None if body is None else json.dumps(body).encode()
+        if urllib.parse.urlsplit(self.url).scheme not in ("http", "https"):
+            raise KeyrelayError(f"--url {self.url!r} is not an http:// or https:// URL")
         request = urllib.request.Request(url, data=data, method=method)
         request.add_header("Accept", "application/json")
         if data is not None:
@@ -80,7 +87,13 @@ class AdminClient:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read() or b"null")
+                raw = response.read()
+            return json.loads(raw or b"null")
+        except ValueError:  # JSONDecodeError or UnicodeDecodeError: whatever answered is not the admin API
+            raise KeyrelayError(
+                f"{self.url} answered {method} /v1{path} with something other than JSON: is --url (or "
+                "KEYRELAY_URL) the publisher's admin API?"
+            ) from None
         except urllib.error.HTTPError as exc:
             raise _api_error(exc) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
@@ -106,6 +119,17 @@ class AdminClient:
             cursor = answer["next_cursor"]
             if cursor is None or len(found) >= limit:
                 return {items: found, "next_cursor": cursor}
+
+
+def _stack_state(path: Path) -> dict[str, Any]:
+    """What `keyrelay up` wrote to `path`; KeyrelayError naming the file if it is not that."""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise KeyrelayError(f"{path} is not a `keyrelay up` state file: remove it, or pass --data-dir or --url")
+    return data
 
 
 def _api_error(exc: urllib.error.HTTPError) -> ApiError:

@@ -1,10 +1,22 @@
-"""The CLI's exceptions: one root, printed as a one-line message and a non-zero exit."""
+"""The CLI's exceptions and exit codes: every failure is a one-line message and a non-zero exit."""
 
 from __future__ import annotations
 
+import errno
+from enum import IntEnum
 from typing import Any
 
-__all__ = ["ApiError", "KeyrelayError"]
+__all__ = ["ApiError", "ExitCode", "KeyrelayError", "describe_os_error"]
+
+
+class ExitCode(IntEnum):
+    """What `keyrelay`'s exit status means (the README's CLI section documents the same list)."""
+
+    OK = 0
+    FAILURE = 1  # an API error, a refusal, a service out of reach, a file that cannot be read or written
+    USAGE = 2  # the command line itself is wrong (argparse's own convention)
+    PENDING = 3  # the change is made, but its propagation through NATS is not yet confirmed
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 
 
 class KeyrelayError(Exception):
@@ -18,3 +30,23 @@ class ApiError(KeyrelayError):
         self.status, self.code, self.message = status, code, message
         self.details = details or {}
         super().__init__(f"{message} ({code}, HTTP {status})")
+
+
+_ADVICE = {
+    errno.ENOENT: "check the path",
+    errno.EACCES: "check its permissions",
+    errno.EPERM: "check its permissions",
+    errno.EISDIR: "a file is needed here",
+    errno.ENOTDIR: "a part of the path is not a directory",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An OSError as one line naming the file, e.g. `/x/ids: No such file or directory (check the path)`."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    advice = _ADVICE.get(exc.errno or 0)
+    tail = f" ({advice})" if advice else ""
+    if exc.filename is None:
+        return f"{reason}{tail}"
+    target = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+    return f"{exc.filename}{target}: {reason}{tail}"

@@ -12,8 +12,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nkeys
-
 __all__ = ["LocalCredentials", "write_private"]
 
 
@@ -40,6 +38,8 @@ class LocalCredentials:
         if not path.exists():
             self.directory.mkdir(parents=True, exist_ok=True)
             self.directory.chmod(0o700)
+            import nkeys  # here, not at the top: the CLI's parser imports this module through the client
+
             write_private(path, nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode() + "\n")
         return path
 
@@ -50,6 +50,8 @@ class LocalCredentials:
     def public_key(self, identity: str) -> str:
         """The identity's public NKEY, as the server's user list names it."""
         if identity not in self._public:
+            import nkeys
+
             pair = nkeys.from_seed(bytearray(self.seed(identity).encode()))
             self._public[identity] = pair.public_key.decode()
             pair.wipe()

@@ -26,7 +26,8 @@ def _read_token() -> str:
 
 
 def _login(args: argparse.Namespace) -> int:
-    url = (args.url or os.environ.get("KEYRELAY_URL") or DEFAULT_URL).rstrip("/")
+    # --url may come before `login` or after it, or not at all (then the parser leaves no attribute).
+    url = (getattr(args, "url", None) or os.environ.get("KEYRELAY_URL") or DEFAULT_URL).rstrip("/")
     token = _read_token()
     if not token:
         raise KeyrelayError("no token given: type it at the prompt, or pipe it in (`keyrelay login < token-file`)")

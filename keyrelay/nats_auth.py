@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.nats_connect import identity_name, inbox_prefix
-from sidecar.snapshot import snapshot_store_name
-from sidecar.wire import DEFAULT_BUCKET, GLOBAL_SCOPE, stream_name, subject_prefix
+from sidecar.wire import DEFAULT_BUCKET, GLOBAL_SCOPE, snapshot_store_name, stream_name, subject_prefix
 
 __all__ = [
     "ACCOUNT",

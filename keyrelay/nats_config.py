@@ -17,13 +17,12 @@ from typing import Any
 
 from sidecar.config import load, option
 from sidecar.nats_connect import identity_name
-from sidecar.settings import parse_region
+from sidecar.settings import parse_region, parse_regions
 from sidecar.wire import DEFAULT_BUCKET
 
 from .errors import KeyrelayError
 from .nats_auth import EnvRef, Grants, env_name, hub_settings, leaf_remote, leaf_settings, render_conf
 from .region import HUB_DOMAIN
-from .up import parse_regions
 
 __all__ = ["NatsConfigSettings", "helm_values", "nats_config_command", "server_blocks"]
 

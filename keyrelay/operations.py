@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sidecar.config import load
 from sidecar.trust import key_id, parse_public_key, write_signing_key
 
-from .errors import ApiError, KeyrelayError
+from .errors import ApiError, ExitCode, KeyrelayError
 from .output import details, dump_json
 
 if TYPE_CHECKING:
@@ -68,7 +68,8 @@ def _print_report(args: argparse.Namespace, report: dict[str, Any]) -> int:
         print(details(report, [(k.replace("_", " "), k) for k in report]))
     if report.get("refused"):
         raise KeyrelayError(f"{report['refused']}; nothing changed. --dry-run shows the plan, --force applies it")
-    return 0 if report.get("propagation", "published") == "published" else 2
+    published = report.get("propagation", "published") == "published"
+    return ExitCode.OK if published else ExitCode.PENDING
 
 
 def resign_command(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ same thing in every region.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -121,6 +120,8 @@ async def wait_for_mirror(
     every: float = 2.0,
 ) -> dict[str, Any]:
     """Wait until the region's mirror is in touch with the hub and not behind it; its stream info."""
+    import asyncio  # asyncio is imported where it runs: `keyrelay --help` imports this module for RegionSettings
+
     name = stream_name(bucket)
     started = time.monotonic()
     reported = started
@@ -205,6 +206,8 @@ class RegionSettings:
 
 def region_init_command(args: argparse.Namespace) -> int:
     """`keyrelay region init`: create (or check) the region's filtered mirror of the bucket."""
+    import asyncio
+
     settings = load(RegionSettings, args)
     if not settings.region:
         raise KeyrelayError("--region (or KEYRELAY_REGION) is required")

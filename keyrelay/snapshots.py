@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import signal
@@ -11,11 +10,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.config import format_duration, load, option, parse_bool
 from sidecar.nats_connect import NatsConnect, identity_name, nats_option
-from sidecar.seed import SeedProgress, SeedResult, seed_snapshot
 from sidecar.settings import (
     LOG_LEVELS,
     deployment_option,
@@ -23,17 +21,22 @@ from sidecar.settings import (
     insecure_option,
     parse_optional_path,
     parse_positive_duration,
+    parse_public_keys,
     parse_region,
     parse_servers,
     publish_delay_option,
     trusted_keys_option,
 )
-from sidecar.snapshot import snapshot_store_name
-from sidecar.trust import Signer, Trust, load_signer, parse_trusted_keys
-from sidecar.wire import DEFAULT_BUCKET
+from sidecar.wire import DEFAULT_BUCKET, snapshot_store_name
 
 from .errors import KeyrelayError
 from .region import connect_nats
+
+if TYPE_CHECKING:  # asyncio and the seeder (nats-py, NaCl) load when a command runs, not with the CLI's parser
+    import asyncio
+
+    from sidecar.seed import SeedProgress, SeedResult
+    from sidecar.trust import Signer, Trust
 
 __all__ = [
     "SnapshotSettings",
@@ -98,7 +101,7 @@ class SnapshotSettings(SnapshotStoreSettings):
     )
     trusted_keys: tuple[str, ...] = trusted_keys_option()
     trusted_snapshot_keys: tuple[str, ...] = option(
-        (), parse=parse_trusted_keys, help="other snapshot signers whose snapshot of the region may be started from"
+        (), parse=parse_public_keys, help="other snapshot signers whose snapshot of the region may be started from"
     )
     insecure_accept_unsigned: bool = insecure_option()
     deployment_id: str = deployment_option()
@@ -132,6 +135,8 @@ def print_progress(prefix: str = "  ") -> Callable[[SeedProgress], None]:
 
 def seeder_trust(settings: SnapshotSettings) -> tuple[Trust, Signer]:
     """The seeder's trust (the publisher's keys) and its snapshot signer; KeyrelayError saying what is missing."""
+    from sidecar.trust import Trust, load_signer
+
     if settings.snapshot_signing_key is None:
         raise KeyrelayError("--snapshot-signing-key (or KEYRELAY_SNAPSHOT_SIGNING_KEY) is required: the file of this "
                             "region's snapshot key (`keyrelay signing-key generate --out FILE` makes one)")  # fmt: skip
@@ -156,6 +161,8 @@ async def seed(
     keep_fresh: asyncio.Event | None = None,
 ) -> SeedResult:
     """Seed the region's snapshot as `settings` say (and, with `keep_fresh`, keep it fresh until it is set)."""
+    from sidecar.seed import seed_snapshot
+
     trust, signer = seeder_trust(settings)
     return await seed_snapshot(nats=settings.nats(), bucket=settings.bucket, region=settings.region,
                                store=snapshot_store_name(settings.bucket, settings.snapshot_bucket), trust=trust,
@@ -179,6 +186,8 @@ def describe_seed(result: SeedResult, *, region: str | None) -> str:
 
 def seed_command(args: argparse.Namespace) -> int:
     """`keyrelay snapshot seed`."""
+    import asyncio
+
     settings = load(SnapshotSettings, args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     print(f"seeding snapshot {settings.region or 'global'} of {settings.bucket} from {settings.nats().describe()}",
@@ -231,6 +240,8 @@ async def list_snapshots(settings: SnapshotStoreSettings) -> list[dict[str, Any]
 
 def show_command(args: argparse.Namespace) -> int:
     """`keyrelay snapshot show`."""
+    import asyncio
+
     settings = load(SnapshotStoreSettings, args)
     rows = asyncio.run(list_snapshots(settings))
     if getattr(args, "json", False):

@@ -27,9 +27,9 @@ from typing import Any
 
 from publisher.lock import FileLock
 from publisher.token_format import generate_token
-from sidecar.config import load, option, parse_bool
+from sidecar.config import load
 from sidecar.nats_connect import identity_name
-from sidecar.settings import DEFAULT_DEPLOYMENT, LOG_LEVELS, parse_port, parse_regions
+from sidecar.settings import DEFAULT_DEPLOYMENT
 from sidecar.trust import load_signer, write_signing_key
 
 from .client import AdminClient, stack_file
@@ -40,37 +40,11 @@ from .nats_auth import hub_settings, leaf_remote, leaf_settings
 from .natsd import NatsServer, NatsSpec, free_port, port_is_free
 from .procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
 from .region import HUB_DOMAIN, RegionSettings, init_region
+from .up_settings import UpSettings
 
-__all__ = ["Stack", "UpSettings", "make_private", "parse_regions", "private_files", "up_command"]
+__all__ = ["Stack", "UpSettings", "make_private", "private_files", "up_command"]
 
 _READY_TIMEOUT = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class UpSettings:
-    """Options of `keyrelay up`."""
-
-    data_dir: Path = option(Path(".keyrelay"), parse=Path, help="state: database, NATS store, logs; reused")
-    admin_token: str = option(
-        "", secret=True, help="admin token (default: generated on first run, kept in DATA_DIR/admin-token)"
-    )
-    publisher_port: int = option(8080, parse=parse_port, help="admin API port (the next free one if taken)")
-    sidecar_port: int = option(8081, parse=parse_port, help="first sidecar's port; more regions take the next ones")
-    nats_port: int = option(4222, parse=parse_port, help="hub NATS client port (the next free one if taken)")
-    nats_tls: bool = option(
-        False,
-        parse=parse_bool,
-        help="NATS with TLS on every port and leaf link: a local CA and certificate in DATA_DIR/nats/tls "
-        "(needs the up-tls extra)",
-    )
-    regions: tuple[str, ...] = option(
-        (),
-        parse=parse_regions,
-        help="regions, e.g. eu,us: a leaf NATS and a sidecar each (default: one global sidecar); the publisher is "
-        "given the same list and refuses keys for any other region",
-    )
-    demo: bool = option(False, parse=parse_bool, help="seed an org, team, project and a key, and print the key")
-    log_level: str = option("info", choices=LOG_LEVELS, help="log level of the components (their logs: DATA_DIR/logs)")
 
 
 class _Stop(Exception):

@@ -11,7 +11,6 @@ writes report.json and plot.png.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from dataclasses import dataclass
@@ -21,10 +20,8 @@ from typing import Any
 from sidecar.config import add_options, load, option, parse_bool, parse_duration
 from sidecar.settings import parse_region
 
-from .openloop import collector_paused
-from .report import failures, judge, plot, summary_table, write_json
-from .topology import Topology
-from .workload import Partition, Workload
+# asyncio and the machinery (aiohttp, matplotlib) are imported by run() and loadtest_command(), not here:
+# `keyrelay --help` imports this module for add_arguments.
 
 __all__ = ["LoadtestSettings", "add_arguments", "main", "run"]
 
@@ -99,6 +96,11 @@ def _say(text: str) -> None:
 
 async def run(settings: LoadtestSettings) -> dict[str, Any]:
     """Build, load, judge and tear down; returns the report."""
+    from .openloop import collector_paused
+    from .report import judge, plot, write_json
+    from .topology import Topology
+    from .workload import Partition, Workload
+
     delays = settings.link_delays()
     sidecar_args = []
     if settings.max_staleness:
@@ -152,12 +154,16 @@ async def run(settings: LoadtestSettings) -> dict[str, Any]:
 
 def loadtest_command(args: argparse.Namespace) -> int:
     """Run the load test from parsed arguments; non-zero, saying why, when the run did not pass (see failures)."""
+    from .report import failures, summary_table
+
     settings = load(LoadtestSettings, args)
     try:
         import uvloop
 
         report = uvloop.run(run(settings))
     except ImportError:  # pragma: no cover
+        import asyncio
+
         report = asyncio.run(run(settings))
     print(summary_table(report))
     print(f"report: {settings.out / 'report.json'}" + (f", plot: {settings.out / 'plot.png'}" if settings.plot else ""))

@@ -14,14 +14,13 @@ from sidecar.settings import (
     parse_key_prefix,
     parse_port,
     parse_positive_duration,
+    parse_public_keys,
     parse_regions,
     parse_servers,
 )
-from sidecar.trust import parse_trusted_keys
 from sidecar.wire import DEFAULT_BUCKET, DEFAULT_PREFIX, GLOBAL_SCOPE
 
 from .token_format import check_configured_token
-from .validation import MAX_GRACE
 
 __all__ = [
     "DEFAULT_RECONCILE_MAX_CHANGES",
@@ -47,6 +46,8 @@ def parse_count(text: str) -> int:
 
 
 def _grace(text: str) -> float:
+    from .validation import MAX_GRACE  # here: validation loads the store, which building the CLI's parser needs not
+
     seconds = parse_positive_duration(text)
     if seconds > MAX_GRACE:
         raise ValueError(f"{format_duration(seconds)} is too long; at most {format_duration(MAX_GRACE)}")
@@ -150,7 +151,7 @@ class PublisherSettings:
     )
     previous_signing_keys: tuple[str, ...] = option(
         (),
-        parse=parse_trusted_keys,
+        parse=parse_public_keys,
         help="public keys of earlier signing keys, comma separated: listed by /v1/signing-keys during a rotation",
     )
     deployment_id: str = option(

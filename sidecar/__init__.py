@@ -1,10 +1,20 @@
-"""keyrelay sidecar: a replicated key table that verifies API keys locally, pushed by NATS JetStream."""
+"""keyrelay sidecar: a replicated key table that verifies API keys locally, pushed by NATS JetStream.
 
-from .errors import BucketNotFound, RecordError, SettingsError, SidecarError
-from .settings import SidecarSettings
-from .table import KeyTable, KeyView
-from .verify import Code, Verifier
-from .wire import KeyRecord, ParsedKey, display_form, generate_key, key_digest, parse_key
+The names below load their module on first use (PEP 562): importing `sidecar.config` or
+`sidecar.errors`, as the `keyrelay` command does to build its parser, then costs no msgpack or NaCl.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import BucketNotFound, RecordError, SettingsError, SidecarError
+    from .settings import SidecarSettings
+    from .table import KeyTable, KeyView
+    from .verify import Code, Verifier
+    from .wire import KeyRecord, ParsedKey, display_form, generate_key, key_digest, parse_key
 
 __all__ = [
     "BucketNotFound",
@@ -23,3 +33,20 @@ __all__ = [
     "key_digest",
     "parse_key",
 ]
+
+_HOME = {
+    **dict.fromkeys(("BucketNotFound", "RecordError", "SettingsError", "SidecarError"), "errors"),
+    "SidecarSettings": "settings",
+    **dict.fromkeys(("KeyTable", "KeyView"), "table"),
+    **dict.fromkeys(("Code", "Verifier"), "verify"),
+    **dict.fromkeys(("KeyRecord", "ParsedKey", "display_form", "generate_key", "key_digest", "parse_key"), "wire"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value  # later look-ups find it directly
+    return value

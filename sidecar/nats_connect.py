@@ -11,11 +11,10 @@ travel as file paths, and URLs are logged through :func:`redact`.
 from __future__ import annotations
 
 import logging
-import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import option, parse_optional_path
 from .errors import SettingsError
@@ -23,6 +22,9 @@ from .errors import SettingsError
 _log = logging.getLogger("keyrelay.nats")
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["NatsClientSettings", "NatsConnect", "identity_name", "inbox_prefix", "nats_option", "redact"]
 
@@ -114,6 +116,8 @@ class NatsConnect:
         """A client TLS context when a CA or a client certificate is set, or a server URL says tls://."""
         if self.tls_ca is None and self.tls_cert is None and not any(s.startswith("tls://") for s in self.servers):
             return None
+        import ssl  # here, not at the top: the CLI imports this module to build its parser
+
         context = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
         if self.tls_cert is not None:
             context.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)

@@ -8,7 +8,6 @@ from typing import Any
 
 from .config import option, parse_bool, parse_duration, parse_optional_path
 from .nats_connect import nats_option
-from .trust import parse_trusted_keys
 from .wire import DEFAULT_BUCKET, DEFAULT_PREFIX, is_key_prefix, is_region_code
 
 __all__ = [
@@ -26,6 +25,7 @@ __all__ = [
     "parse_optional_path",
     "parse_port",
     "parse_positive_duration",
+    "parse_public_keys",
     "parse_region",
     "parse_regions",
     "parse_servers",
@@ -96,11 +96,19 @@ def parse_positive_duration(text: str) -> float:
     return seconds
 
 
+def parse_public_keys(text: str) -> tuple[str, ...]:
+    """Comma-separated Ed25519 public keys, each checked (sidecar.trust.parse_trusted_keys)."""
+    # Imported when a value is parsed, not with the settings: building the CLI's parser loads no NaCl.
+    from .trust import parse_trusted_keys
+
+    return parse_trusted_keys(text)
+
+
 def trusted_keys_option() -> Any:
     """The declaration of --trusted-keys, shared by every reader of the bucket (sidecar, seeder)."""
     return option(
         (),
-        parse=parse_trusted_keys,
+        parse=parse_public_keys,
         help="the publisher's public signing keys, comma separated (base64url; `keyrelay signing-keys` or "
         "GET /v1/signing-keys lists them): only values they signed are taken",
     )
@@ -166,7 +174,7 @@ class SidecarSettings:
     trusted_keys: tuple[str, ...] = trusted_keys_option()
     trusted_snapshot_keys: tuple[str, ...] = option(
         (),
-        parse=parse_trusted_keys,
+        parse=parse_public_keys,
         help="public keys of this region's snapshot signers, comma separated (unset: no snapshot is loaded; "
         "the sidecar replays the bucket)",
     )

@@ -42,6 +42,7 @@ from nats.js.object_store import ObjectStore
 from .errors import SignatureError, SnapshotError
 from .table import ALL, RECORD_WIDTHS, KeyTable, array_sizes
 from .trust import KIND_SNAPSHOT, Signer, Trust
+from .wire import snapshot_store_name  # named with the other streams and stores; still importable from here
 
 __all__ = ["FORMAT", "Snapshot", "SnapshotStore", "decode", "encode", "snapshot_entry", "snapshot_store_name"]
 
@@ -55,11 +56,6 @@ _MAX_HEAD = 256 * 2**20
 # Chunks stay well under NATS's default 1 MB max_payload.
 _CHUNK = 512 * 1024
 _LENGTH = struct.Struct(">I")
-
-
-def snapshot_store_name(bucket: str, configured: str = "") -> str:
-    """The object store holding a bucket's snapshots: `configured`, else `<bucket>_SNAPSHOTS`."""
-    return configured or f"{bucket}_SNAPSHOTS"
 
 
 def snapshot_entry(bucket: str, region: str | None) -> str:

@@ -56,6 +56,7 @@ __all__ = [
     "parse_key",
     "random_base62",
     "region_subjects",
+    "snapshot_store_name",
     "stream_name",
     "subject_prefix",
 ]
@@ -190,6 +191,11 @@ def display_form(key: str) -> str:
     """The masked form shown in lists: `kr_live_…abcd`."""
     head = key[: key.rfind("_") + 1]
     return f"{head}…{key[-4:]}"
+
+
+def snapshot_store_name(bucket: str, configured: str = "") -> str:
+    """The object store holding a bucket's snapshots: `configured`, else `<bucket>_SNAPSHOTS`."""
+    return configured or f"{bucket}_SNAPSHOTS"
 
 
 def stream_name(bucket: str) -> str:

@@ -35,6 +35,7 @@ from nats.js.kv import KeyValue
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+import keyrelay
 from keyrelay.cli import build_parser
 from keyrelay.nats_config import NatsConfigSettings, helm_values
 from keyrelay.region import HUB_DOMAIN, RegionSettings
@@ -88,7 +89,7 @@ CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("monitoring.coreos
 
 SECRETS = secret_values(K8S / "base" / "publisher" / "secret.example.yaml")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-VERSION = PYPROJECT["project"]["version"]
+VERSION = keyrelay.__version__  # pyproject.toml takes its version from there
 DOCKER_ARGS, STAGES = parse_dockerfile(DOCKERFILE.read_text())
 IMAGE_REPOSITORY = "keyrelay/"
 
