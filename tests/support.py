@@ -194,8 +194,8 @@ class Sidecar:
         scopes: str | None = None,
         path: str = "/auth",
         headers: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, str], dict[str, Any] | None]:
-        """Call /auth as a gateway would; returns status, headers and the JSON body (None: no body, as on 200)."""
+    ) -> tuple[int, dict[str, str], dict[str, Any]]:
+        """Call /auth as a gateway would; returns status, headers and the JSON body ({}: no body, as on 200)."""
         sent = dict(headers or {})
         if key is not None:
             sent["Authorization"] = f"Bearer {key}"
@@ -203,7 +203,7 @@ class Sidecar:
             sent["X-Required-Scopes"] = scopes
         async with self.http.get(self.url + path, headers=sent) as resp:
             raw = await resp.read()
-            return resp.status, dict(resp.headers), json.loads(raw) if raw else None
+            return resp.status, dict(resp.headers), json.loads(raw) if raw else {}
 
     async def code_of(self, key: str) -> str:
         """The code /auth answers for `key`: VALID for a 200, else the denial's code."""

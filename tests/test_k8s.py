@@ -258,7 +258,7 @@ def _pinned(dist: str) -> str:
     for req in PYPROJECT["project"]["optional-dependencies"]["test"]:
         name, _, version = req.partition("==")
         if name.strip() == dist:
-            return version.strip()
+            return str(version).strip()
     raise AssertionError(f"{dist} is not pinned (==) in the test extra")
 
 

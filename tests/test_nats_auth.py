@@ -111,7 +111,8 @@ async def _put(stack: Stack, connect: Any, *, region: str | None) -> str:
 
 async def _hub_bucket(connect: Any) -> dict[str, Any]:
     publisher = await connect("hub", "publisher")
-    return await publisher.api("$JS.API.STREAM.INFO.KV_KEYS")
+    info: dict[str, Any] = await publisher.api("$JS.API.STREAM.INFO.KV_KEYS")
+    return info
 
 
 async def test_an_anonymous_client_is_refused_by_the_hub_and_by_every_leaf(stack: Stack) -> None:

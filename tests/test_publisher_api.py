@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+from typing import TypeVar
 
 import nats
 import pytest
@@ -13,6 +15,8 @@ from keyrelay.natsd import NatsServer
 from sidecar.wire import HEARTBEAT_ENTRY, KeyRecord
 from tests.conftest import StartPublisher, StartSidecar
 from tests.support import Publisher, bucket_entries, eventually
+
+T = TypeVar("T")
 
 PUSH_BOUND = 0.1
 
@@ -100,7 +104,8 @@ async def test_rotation_gives_a_new_key_and_the_old_one_expires_after_the_grace(
     assert rotated["old"]["rotated_to"] == rotated["id"]
     assert rotated["old"]["expires_at"] is not None
     assert rotated["propagation"] == "published"
-    assert await sidecar.status_of(rotated["key"]) == 200
+    # Acked by JetStream when the API answered; at the sidecar a moment later.
+    await eventually(functools.partial(sidecar.status_of, rotated["key"]), lambda s: s == 200, timeout=5)
     assert await sidecar.status_of(old["key"]) == 200  # still within its grace
     (_, _, body), _ = await eventually(lambda: sidecar.auth(old["key"]), lambda r: r[0] == 401, timeout=3)
     assert body["code"] == "EXPIRED"
@@ -141,7 +146,7 @@ async def test_decommissioning_a_project_revokes_every_key_and_closes_it(
     assert sorted(answer["revoked"]) == sorted(k["id"] for k in keys)
     assert answer["propagation"] == "published"
     for key in keys:  # acked by JetStream when the API answered; at the sidecar a moment later
-        await eventually(lambda k=key: sidecar.code_of(k["key"]), lambda code: code == "REVOKED", timeout=10)
+        await eventually(functools.partial(sidecar.code_of, key["key"]), lambda code: code == "REVOKED", timeout=10)
     assert await sidecar.status_of(bystander["key"]) == 200
     status, error = await admin.call("POST", f"/projects/{project['id']}/keys", {"name": "late"})
     assert (status, error["error"]["code"]) == (409, "conflict")
@@ -436,6 +441,6 @@ async def _set_lease(publisher: Publisher, *, holder: str, seconds: float) -> No
         )  # fmt: skip
 
 
-async def _value(value: object) -> object:
+async def _value(value: T) -> T:
     await asyncio.sleep(0)
     return value

@@ -93,7 +93,7 @@ async def test_an_unsigned_entry_edited_by_hand_is_put_back_at_the_database_vers
     await publisher.admin.ok("POST", f"/keys/{target['id']}/revoke")
     kv = await js.key_value("KEYS")
     entry = f"global.{target['id']}"
-    genuine = KeyRecord.decode((await kv.get(entry)).value)
+    genuine = KeyRecord.decode((await kv.get(entry)).value or b"")
     forged = dataclasses.replace(genuine, revoked_at=None, scopes=("admin",), version=genuine.version + 100)
     await kv.put(entry, forged.encode())
 
@@ -102,7 +102,7 @@ async def test_an_unsigned_entry_edited_by_hand_is_put_back_at_the_database_vers
     repair = await _repair_entry(publisher)
     assert (repair["details"]["republished"], repair["details"]["deleted"]) == (1, 0)
     assert repair["details"]["republished_key_ids"] == [target["id"]]
-    repaired = KeyRecord.decode((await kv.get(entry)).value)
+    repaired = KeyRecord.decode((await kv.get(entry)).value or b"")
     assert repaired.revoked_at is not None
     # Sidecars never applied the unsigned claim, so the database's version is the one to go out.
     assert repaired.version == genuine.version

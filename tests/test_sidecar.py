@@ -83,7 +83,7 @@ async def test_the_identity_of_a_valid_key_comes_back_in_headers(bucket: KeyValu
     sidecar = await start_sidecar()
     await sidecar.ready()
     status, headers, body = await sidecar.auth(key, scopes="orders:read")
-    assert (status, body, headers["Content-Length"]) == (200, None, "0")  # the headers say it all
+    assert (status, body, headers["Content-Length"]) == (200, {}, "0")  # the headers say it all
     assert headers["X-Key-Id"] == record.key_id
     assert headers["X-Org-Id"] == record.org_id
     assert headers["X-Team-Id"] == record.team_id

@@ -13,12 +13,12 @@ from keyrelay.natsd import NatsServer
 from sidecar.errors import SnapshotError
 from sidecar.snapshot import _BLOCK, _LiveReader, _pieces, _signature_trailer, _Sink, decode, encode
 from sidecar.table import KeyTable
-from sidecar.wire import key_digest
+from sidecar.wire import KeyRecord, key_digest
 from tests.conftest import StartSidecar
 from tests.support import SNAPSHOT_SIGNER, TRUST, delete, heartbeat, make_key, put, revoked, seed
 
 
-def _filled() -> tuple[KeyTable, list[tuple[str, object]]]:
+def _filled() -> tuple[KeyTable, list[tuple[str, KeyRecord]]]:
     table = KeyTable()
     keys = [
         make_key(),
@@ -31,7 +31,7 @@ def _filled() -> tuple[KeyTable, list[tuple[str, object]]]:
         table.apply(record)
     for _, record in keys[10:60]:
         table.remove(record.key_id)  # freed record numbers travel too
-    return table, keys  # type: ignore[return-value]
+    return table, keys
 
 
 def test_a_snapshot_restores_the_table_exactly() -> None:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import nats
 from nacl.signing import SigningKey
+from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
 from keyrelay.natsd import NatsServer
@@ -96,8 +97,8 @@ async def test_the_relay_publishes_a_keys_changes_in_commit_order(
         await broker.start()
         await broker.bucket_ready.wait()
 
-        async def record(msg: nats.aio.msg.Msg) -> None:
-            seen.append((msg.subject, msg.header.get("Nats-Msg-Id", "") if msg.header else ""))  # type: ignore[arg-type]
+        async def record(msg: Msg) -> None:
+            seen.append((msg.subject, msg.header.get("Nats-Msg-Id", "") if msg.header else ""))
 
         await watcher.subscribe("$KV.KEYS.>", cb=record)
         await watcher.flush()
@@ -118,7 +119,7 @@ async def test_the_relay_publishes_a_keys_changes_in_commit_order(
             committed = [SIGNER.message_id(name) for e, name in queued if e == entry]
             assert published == committed
         kv = await js.key_value("KEYS")
-        final = KeyRecord.decode((await kv.get(f"global.{a}")).value)
+        final = KeyRecord.decode((await kv.get(f"global.{a}")).value or b"")
         assert final == (await store.get_key(a)).record()
         assert final.revoked_at is not None
     finally:

@@ -451,7 +451,7 @@ async def test_a_fault_while_verifying_a_batch_is_counted_and_the_batch_read_aga
     for _, record in keys:
         await put(bucket, record)  # a replay: verified in batches on worker threads
     faults = [RuntimeError("a bug of ours")]
-    original = sidecar.sync.examine
+    original = sidecar.sync.examine  # type: ignore[attr-defined]  # the name sync calls, replaced below
 
     def faulty(*args: Any) -> Any:
         if faults:

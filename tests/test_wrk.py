@@ -28,7 +28,8 @@ def test_wrk_s_summary_gives_totals_percentiles_the_mean_and_errors() -> None:
     result = parse_wrk(_OUTPUT)
     assert (result.requests, result.seconds, result.requests_per_second) == (25277, 5.0, 5054.49)
     assert result.mean == pytest.approx(1.54e-3)
-    assert (result.p50, result.p99) == (pytest.approx(1.43e-3), pytest.approx(3.10e-3))
+    assert result.p50 == pytest.approx(1.43e-3)
+    assert result.p99 == pytest.approx(3.10e-3)
     assert result.errors == 4 + 2 + 1
 
 
