@@ -226,7 +226,25 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    return _listing(args, f"/projects/{_project(args, args.project)}/keys", "keys", KEY_COLUMNS)
+    if args.project:
+        return _listing(args, f"/projects/{_project(args, args.project)}/keys", "keys", KEY_COLUMNS)
+    # Every project the token may see (within --team/--org if given), project after project.
+    if args.cursor:
+        raise KeyrelayError("--cursor goes on within one project's keys: give --project too")
+    client = _client(args)
+    limit = 10**9 if args.all else args.limit
+    keys: list[dict[str, Any]] = []
+    projects = Resolver(client).projects(team=args.team, org=args.org)
+    for project in projects:
+        keys += client.collect(f"/projects/{project['id']}/keys", "keys", limit=limit - len(keys))["keys"]
+        if len(keys) >= limit:
+            break
+    more = len(keys) >= limit and not args.all
+    code = _show(args, {"keys": keys}, table(keys, [("project", "project_id"), *KEY_COLUMNS]), items="keys")
+    if more and not args.json:
+        print(f"keyrelay: {len(keys)} keys shown, and there may be more: --all for every one, or --project",
+              file=sys.stderr)  # fmt: skip
+    return code
 
 
 def _keys_show(args: argparse.Namespace) -> int:
@@ -411,8 +429,9 @@ def add_admin_commands(commands: Any) -> None:
     p.add_argument("--region", help="region code: the key then works only in that region (default: global)")
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata entry (repeatable)")
     p.add_argument("--count", type=int, default=1, help="create this many keys through the bulk path")
-    p = _list_options(action(keys, "list", "list a project's keys (masked), oldest first", _keys_list), "keys")
-    p.add_argument("--project", required=True, help="project (id or name)")
+    p = _list_options(action(keys, "list", "list keys (masked), oldest first: a project's, or every one the token "
+                             "may see, project by project", _keys_list), "keys")  # fmt: skip
+    p.add_argument("--project", help="project (id or name); without it, every project's (within --team/--org)")
     _where(p, "team", "org")
     action(keys, "show", "show one key (masked)", _keys_show).add_argument("key_id", help="key id")
     p = action(keys, "rotate", "rotate a key: a new key now, the old one expires after the grace", _keys_rotate)

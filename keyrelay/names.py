@@ -61,6 +61,10 @@ class Resolver:
         active = [m for m in matches if not m[0].get("decommissioned_at")]
         return _one("project", value, active or matches, [p["name"] for p in projects], narrow="--team or --org")
 
+    def projects(self, *, team: str | None = None, org: str | None = None) -> list[dict[str, Any]]:
+        """Every project in `team` or `org` (ids or names) if given, else every one the token may list."""
+        return self._projects(team, org)
+
     def _teams(self, org: str | None) -> list[dict[str, Any]]:
         orgs = [{"id": self.org(org), "name": org}] if org else _everything(self.client, "/orgs", "orgs")
         teams = []

@@ -430,3 +430,21 @@ async def test_creating_what_exists_can_hand_back_the_existing_one(shell: Shell)
     project_again = await shell.run("projects", "create", "--team", team, "payments", "--if-not-exists",
                                     "--print", "id")  # fmt: skip
     assert (team_again.out.strip(), project_again.out.strip()) == (team, project)
+
+
+async def test_keys_list_without_a_project_lists_every_key_the_token_may_see_project_by_project(
+    shell: Shell,
+) -> None:
+    _, _, payments = await _project(shell)
+    search = await shell.json("projects", "create", "--team", "platform", "search")
+    made = {(await shell.json("keys", "create", "--project", project, "--name", name))["id"]: project
+            for project, name in ((payments, "p"), (search["id"], "s1"), (search["id"], "s2"))}  # fmt: skip
+    listed = await shell.json("keys", "list")
+    assert {k["id"]: k["project_id"] for k in listed["keys"]} == made
+    assert [k["id"] for k in (await shell.json("keys", "list", "--team", "platform", "--org", "acme"))["keys"]] == [
+        k["id"] for k in listed["keys"]
+    ]
+    cut = await shell.run("keys", "list", "--limit", "2")
+    assert len(_table(cut.out)) == 2
+    assert "2 keys shown, and there may be more: --all for every one, or --project" in cut.err
+    assert "--cursor goes on within one project's keys" in await shell.fails("keys", "list", "--cursor", "x")
