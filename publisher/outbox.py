@@ -30,7 +30,7 @@ from .models import OutboxEntry, now_us
 from .relay_health import PublishHealth
 from .store import placeholders
 
-__all__ = ["OutboxRelay", "RelayStats", "message_name"]
+__all__ = ["LEASE_TTL", "OutboxRelay", "RelayStats", "message_name"]
 
 
 def message_name(entry: OutboxEntry) -> str:
@@ -47,6 +47,8 @@ def message_name(entry: OutboxEntry) -> str:
 log = logging.getLogger("keyrelay.publisher.outbox")
 
 _LEASE = "outbox"
+# Seconds a relay lease lives past its last renewal: a replica that dies holding it is replaced after at most this.
+LEASE_TTL = 5.0
 # A relay failing for longer than this before a change was made answers it `pending` without waiting.
 _BLOCKED_FOR = 0.5
 _FOLLOWER_POLL = 0.05  # how often a waiter looks at the database while another process publishes
@@ -92,7 +94,7 @@ class _Waiter:
 class OutboxRelay:
     """Drains the outbox into JetStream; wake() it after a commit for an immediate publish."""
 
-    def __init__(self, *, db: Database, broker: Broker, signer: Signer, batch: int = 1000, lease_ttl: float = 5.0,
+    def __init__(self, *, db: Database, broker: Broker, signer: Signer, batch: int = 1000, lease_ttl: float = LEASE_TTL,
                  poll_interval: float = 0.25, publish_timeout: float = 5.0) -> None:  # fmt: skip
         self.db = db
         self.broker = broker
