@@ -315,13 +315,17 @@ class OutboxRelay:
         """Make the bucket again if, and only if, JetStream says its stream does not exist."""
         if await self.broker.stream_state() is not StreamState.MISSING:
             return  # present (a slow ack), or not answering (a leader election): retrying is the cure
-        log.warning("the key bucket's stream %s does not exist: creating it again (reconciliation refills it)",
-                    stream_name(self.broker.bucket))  # fmt: skip
+        # Said once per blockage: a stream that cannot be made (no quorum for its replicas) is retried quietly.
+        say = log.warning if self.health.retries == 0 else log.debug
+        say(
+            "the key bucket's stream %s does not exist: creating it again (reconciliation refills it)",
+            stream_name(self.broker.bucket),
+        )
         try:
             await self.broker.ensure_bucket()
         except Exception as exc:
-            log.warning("could not create the key bucket %s: %s (the next attempt tries again)",
-                        self.broker.bucket, exc)  # fmt: skip
+            say("could not create the key bucket %s: %s (the next attempt tries again; check that the NATS "
+                "cluster has --bucket-replicas nodes with JetStream)", self.broker.bucket, exc)  # fmt: skip
             return
         self.stats.stream_repairs += 1
 

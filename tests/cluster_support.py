@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,6 +22,15 @@ __all__ = ["NatsCluster", "cluster_client"]
 CLUSTER_NAME = "keyrelay-test"
 
 
+def _distinct_free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` ports nothing listens on, all different: bound together, so the kernel cannot hand one out twice."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
 async def _quiet(*_: object) -> None:
     """Tests kill nodes on purpose: the client's complaints about it are noise."""
 
@@ -34,9 +44,10 @@ class NatsCluster:
     @classmethod
     def create(cls, root: Path, size: int = 3) -> NatsCluster:
         """Nodes n1..n<size> under `root`, on free client and route ports (not started)."""
-        specs = [NatsSpec(name=f"n{i + 1}", store_dir=root / f"n{i + 1}", cluster_name=CLUSTER_NAME)
-                 for i in range(size)]  # fmt: skip
-        nodes = [NatsServer(spec, log_dir=root / "logs") for spec in specs]  # free ports chosen here
+        ports = _distinct_free_ports(2 * size)
+        specs = [NatsSpec(name=f"n{i + 1}", store_dir=root / f"n{i + 1}", cluster_name=CLUSTER_NAME,
+                          port=ports[2 * i], cluster_port=ports[2 * i + 1]) for i in range(size)]  # fmt: skip
+        nodes = [NatsServer(spec, log_dir=root / "logs") for spec in specs]
         for spec in specs:
             spec.routes = [other.route_url for other in specs if other is not spec]
         return cls(nodes)
