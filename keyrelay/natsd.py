@@ -79,6 +79,15 @@ class NatsSpec:
     blocks: dict[str, Any] = field(default_factory=dict)
     remote_options: dict[str, Any] = field(default_factory=dict)
     leafnode_tls: dict[str, Any] | None = None
+    # A JetStream cluster: its name, this node's route port (0: a free one) and the routes to its peers.
+    cluster_name: str | None = None
+    cluster_port: int = 0
+    routes: list[str] = field(default_factory=list)
+
+    @property
+    def route_url(self) -> str:
+        """The URL other nodes of the cluster list among their routes."""
+        return f"nats-route://{self.host}:{self.cluster_port}"
 
     def render(self) -> str:
         """The server's configuration file."""
@@ -95,6 +104,9 @@ class NatsSpec:
         lines.append("}")
         if self.http_port:
             lines.append(f"http_port: {self.http_port}")
+        if self.cluster_name:
+            lines += ["cluster {", f'  name: "{self.cluster_name}"', f'  host: "{self.host}"',
+                      f"  port: {self.cluster_port}", render_conf({"routes": self.routes}), "}"]  # fmt: skip
         if self.leafnode_port is not None or self.remotes:
             lines.append("leafnodes {")
             if self.leafnode_port is not None:
@@ -115,6 +127,8 @@ class NatsServer:
     def __init__(self, spec: NatsSpec, *, log_dir: Path | None = None) -> None:
         if spec.port == 0:
             spec.port = free_port(spec.host)
+        if spec.cluster_name and spec.cluster_port == 0:
+            spec.cluster_port = free_port(spec.host)
         self.spec = spec
         self.log_dir = log_dir or spec.store_dir
         self.process: subprocess.Popen[bytes] | None = None

@@ -129,6 +129,7 @@ async def readyz(request: web.Request) -> web.Response:
         "bucket_ready": services.broker.bucket_ready.is_set(),
         "outbox_depth": depth,
         "relay_leader": services.relay.leader,
+        "publish_blocked_seconds": round(services.relay.health.blocked_seconds(), 3),
     })  # fmt: skip
 
 
@@ -136,6 +137,7 @@ async def metrics(request: web.Request) -> web.Response:
     """Prometheus scrape: outbox depth and relay counters."""
     services = request.app[SERVICES]
     stats = services.relay.stats
+    health = services.relay.health
     beats = services.heartbeat.stats
     maintenance = request.app[MAINTENANCE]
     samples = [
@@ -143,6 +145,12 @@ async def metrics(request: web.Request) -> web.Response:
         ("keyrelay_outbox_published_total", "counter", "Outbox entries published and acked", stats.published),
         ("keyrelay_outbox_publish_failures_total", "counter", "Publishes that failed and stay queued",
          stats.publish_failures),
+        ("keyrelay_outbox_publish_blocked_seconds", "gauge", "How long the relay has been unable to publish "
+         "(0 while it publishes; it retries every 0.1-2s meanwhile)", round(health.blocked_seconds(), 3)),
+        ("keyrelay_outbox_publish_blockages_total", "counter", "Times the relay began failing to publish",
+         health.blockages),
+        ("keyrelay_outbox_stream_repairs_total", "counter", "Times the bucket's stream was found missing and made "
+         "again", stats.stream_repairs),
         ("keyrelay_outbox_batch_seconds", "gauge", "Duration of the last publish batch", stats.last_publish_seconds),
         ("keyrelay_relay_leader", "gauge", "1 when this publisher holds the relay lease", int(services.relay.leader)),
         ("keyrelay_nats_connected", "gauge", "1 while connected to NATS", int(services.broker.connected)),
@@ -172,7 +180,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 _READY = s.obj({"ready": {"const": True}, "nats_connected": {"type": "boolean"}, "bucket_ready": {"type": "boolean"},
-               "outbox_depth": {"type": "integer"}, "relay_leader": {"type": "boolean"}})  # fmt: skip
+               "outbox_depth": {"type": "integer"}, "relay_leader": {"type": "boolean"},
+               "publish_blocked_seconds": {"type": "number"}})  # fmt: skip
 _NOT_READY = s.obj({"ready": {"const": False}, "database": {"type": "string"}})
 PROBES = (
     Route("GET", "/healthz", healthz, "Liveness", {200: s.obj({"status": {"const": "ok"}})}, tags=("probes",)),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import json
 import logging
 from collections.abc import Sequence
 
@@ -14,12 +16,23 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from sidecar.nats_connect import NatsConnect
+from sidecar.wire import stream_name
 
-__all__ = ["Broker"]
+__all__ = ["Broker", "StreamState"]
 
 log = logging.getLogger("keyrelay.publisher.broker")
 
 _MAX_BACKOFF = 2.0
+_STREAM_NOT_FOUND = 10059  # JetStream's error code for "stream not found" (and only that)
+_PROBE_TIMEOUT = 1.0
+
+
+class StreamState(enum.Enum):
+    """What JetStream says of the bucket's stream when asked directly."""
+
+    PRESENT = "present"  # its leader answered with the stream's info
+    MISSING = "missing"  # JetStream answered: no such stream (error 10059); recreating it is right
+    UNAVAILABLE = "unavailable"  # no answer, or another error: a leader election, a lost node, no quorum
 
 
 class Broker:
@@ -83,6 +96,28 @@ class Broker:
             )
             log.info("created key bucket %s", self.bucket)
         self.bucket_ready.set()
+
+    async def stream_state(self, timeout: float = _PROBE_TIMEOUT) -> StreamState:
+        """Ask JetStream for the bucket's stream: present, missing, or not answering right now.
+
+        Only MISSING justifies creating the stream again. A stream whose leader is being elected (a
+        node of the cluster lost) answers nothing, or an error other than "not found", for a few
+        seconds; recreating it then would be wrong, and fails anyway.
+        """
+        nc = self.nc
+        if nc is None or not nc.is_connected:
+            return StreamState.UNAVAILABLE
+        try:
+            reply = await nc.request(f"$JS.API.STREAM.INFO.{stream_name(self.bucket)}", b"", timeout=timeout)
+            answer = json.loads(reply.data)
+        except Exception:  # no responders, a timeout, a reconnect in progress, an unreadable answer
+            return StreamState.UNAVAILABLE
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if error is None:
+            return StreamState.PRESENT
+        if isinstance(error, dict) and error.get("err_code") == _STREAM_NOT_FOUND:
+            return StreamState.MISSING
+        return StreamState.UNAVAILABLE
 
     async def _connect_loop(self) -> None:
         backoff = 0.1

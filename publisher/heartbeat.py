@@ -46,6 +46,7 @@ class Heartbeat:
         self.interval = interval
         self.stats = HeartbeatStats()
         self._task: asyncio.Task[None] | None = None
+        self._failing_since: float | None = None
 
     async def start(self) -> None:
         """Run in the background."""
@@ -68,8 +69,15 @@ class Heartbeat:
             )  # fmt: skip
         except Exception as exc:
             self.stats.failures += 1
-            log.warning("heartbeat not published: %s", exc or type(exc).__name__)
+            # One line when beating stops (and one when it resumes), not one per interval of a long fault.
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+                log.warning("heartbeat not published: %s (sidecars grow stale until it is; retrying every %.1fs)",
+                            str(exc) or type(exc).__name__, self.interval)  # fmt: skip
             return False
+        if self._failing_since is not None:
+            log.info("heartbeat published again after %.1fs", time.monotonic() - self._failing_since)
+            self._failing_since = None
         self.relay.stats.acked([ack])  # the next heartbeat reports this one too
         self.stats.published += 1
         self.stats.last_published = time.time()

@@ -21,18 +21,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nats.errors import NoRespondersError
-from nats.js.errors import NoStreamResponseError
-
 from sidecar.trust import KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer
-from sidecar.wire import MAX_VERSION, encode_tombstone, is_canonical_id, subject_prefix
+from sidecar.wire import MAX_VERSION, encode_tombstone, is_canonical_id, stream_name, subject_prefix
 
-from .broker import Broker
+from .broker import Broker, StreamState
 from .db import Database
 from .models import OutboxEntry, now_us
+from .relay_health import PublishHealth
 from .store import placeholders
 
-__all__ = ["OutboxRelay", "RelayStats", "message_name"]
+__all__ = ["LEASE_TTL", "OutboxRelay", "RelayStats", "message_name"]
 
 
 def message_name(entry: OutboxEntry) -> str:
@@ -49,7 +47,10 @@ def message_name(entry: OutboxEntry) -> str:
 log = logging.getLogger("keyrelay.publisher.outbox")
 
 _LEASE = "outbox"
-_MAX_BACKOFF = 2.0
+# Seconds a relay lease lives past its last renewal: a replica that dies holding it is replaced after at most this.
+LEASE_TTL = 5.0
+# A relay failing for longer than this before a change was made answers it `pending` without waiting.
+_BLOCKED_FOR = 0.5
 _FOLLOWER_POLL = 0.05  # how often a waiter looks at the database while another process publishes
 _LEADER_RECHECK = 0.25  # ... and while this process publishes (it is told; this only covers a lost lease)
 
@@ -64,6 +65,7 @@ class RelayStats:
     last_publish_seconds: float = 0.0
     skipped: int = 0  # deletes of entries not named <scope>.<key id>: nothing a sidecar could verify
     last_acked_seq: int = 0  # the highest stream sequence JetStream acknowledged to this publisher
+    stream_repairs: int = 0  # times the bucket's stream was found missing (error 10059) and created again
 
     def acked(self, results: Iterable[object]) -> None:
         """Note the sequences of the publish acks among `results`."""
@@ -92,7 +94,7 @@ class _Waiter:
 class OutboxRelay:
     """Drains the outbox into JetStream; wake() it after a commit for an immediate publish."""
 
-    def __init__(self, *, db: Database, broker: Broker, signer: Signer, batch: int = 1000, lease_ttl: float = 5.0,
+    def __init__(self, *, db: Database, broker: Broker, signer: Signer, batch: int = 1000, lease_ttl: float = LEASE_TTL,
                  poll_interval: float = 0.25, publish_timeout: float = 5.0) -> None:  # fmt: skip
         self.db = db
         self.broker = broker
@@ -103,6 +105,8 @@ class OutboxRelay:
         self.publish_timeout = publish_timeout
         self.holder = f"{socket.gethostname()[:40]}:{os.getpid()}:{os.urandom(3).hex()}"
         self.stats = RelayStats()
+        self.health = PublishHealth()
+        self._last_failure = ""
         self.leader = False
         self.lease_checked = asyncio.Event()  # set once this relay has asked for the lease: `leader` means something
         self._wake = asyncio.Event()
@@ -137,15 +141,24 @@ class OutboxRelay:
             return int(await tx.fetchval("SELECT count(*) FROM outbox"))
 
     async def wait_published(self, ids: Sequence[int], timeout: float) -> bool:
-        """Wait until every entry in `ids` is published; False on timeout or when NATS is unreachable."""
+        """Wait until every entry in `ids` is published; False on timeout or when NATS is unreachable.
+
+        False at once, too, when this relay was already failing to publish before the wait began: during
+        a fault each change answers `pending` without waiting out `timeout`, while a change made as the
+        fault begins (or ends) still waits for the outcome.
+        """
         waiter = _Waiter(set(ids))
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         self._waiters.add(waiter)
         try:
             check_at = 0.0  # entries published before the waiter was registered are seen only in the database
             while waiter.remaining:
                 if not self.broker.connected:
                     return False
+                blocked_since = self.health.blocked_since
+                if self.leader and blocked_since is not None and blocked_since < started - _BLOCKED_FOR:
+                    return not await self._still_queued(waiter.remaining)
                 now = time.monotonic()
                 if now >= check_at:
                     waiter.remaining &= await self._still_queued(waiter.remaining)
@@ -176,32 +189,36 @@ class OutboxRelay:
     # -- the loop -----------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = 0.1
         while not self._closing:
             try:
                 if not await self._hold_lease():
+                    self.health.standby()
                     await self._sleep(self.lease_ttl / 3)
-                    continue
-                if not self.broker.bucket_ready.is_set() or not self.broker.connected:
-                    await self._sleep(self.poll_interval)
                     continue
                 entries = await self._next_batch()
                 if not entries:
                     await self._sleep(min(self.poll_interval, self.lease_ttl / 3))
                     continue
+                if not self.broker.connected or not self.broker.bucket_ready.is_set():
+                    # The broker reconnects (and makes the bucket) by itself: wait for it, counted as blocked.
+                    reason = "not connected to NATS" if not self.broker.connected else "the key bucket is not made yet"
+                    await asyncio.sleep(self.health.failed(reason, waiting=len(entries)))
+                    continue
                 done = await self._publish(entries)
                 await self._forget(done)
                 if len(done) < len(entries):
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, _MAX_BACKOFF)
+                    # Never give up and never stop: the next attempt after a bounded pause. A stream that
+                    # is gone is made again first; one that merely has no leader for now is left alone.
+                    await self._repair_if_missing()
+                    await asyncio.sleep(self.health.failed(self._last_failure, waiting=len(entries) - len(done)))
                 else:
-                    backoff = 0.1
+                    self.health.succeeded(published=len(done))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("outbox relay error: %s (retrying in %.1fs)", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
+                pause = self.health.failed(_describe(exc))
+                log.debug("outbox relay error: %s (retrying in %.1fs)", exc, pause)
+                await asyncio.sleep(pause)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -268,9 +285,9 @@ class OutboxRelay:
             if failed:
                 self.stats.publish_failures += len(failed)
                 first = next(r for r in results if isinstance(r, BaseException))
-                log.warning("%d of %d publishes failed (%s); they stay in the outbox", len(failed), len(wave),
-                            type(first).__name__)  # fmt: skip
-                await self._repair_bucket(first)
+                self._last_failure = f"{len(failed)} of {len(wave)} publishes failed: {_describe(first)}"
+                # Logged once per blockage by PublishHealth; each failed attempt only at debug level.
+                log.debug("%s; they stay in the outbox", self._last_failure)
             pending = [e for e in rest if e.key_id not in failed]
         self.stats.batches += 1
         self.stats.last_publish_seconds = time.perf_counter() - started
@@ -294,12 +311,23 @@ class OutboxRelay:
         headers[SIGNATURE_HEADER] = self.signer.sign(KIND_TOMBSTONE, entry.entry, body)
         return body, headers
 
-    async def _repair_bucket(self, error: BaseException) -> None:
-        # No responders means the bucket's stream is gone: recreate it; reconciliation refills it.
-        if isinstance(error, NoStreamResponseError | NoRespondersError):
-            self.broker.bucket_ready.clear()
-            with contextlib.suppress(Exception):
-                await self.broker.ensure_bucket()
+    async def _repair_if_missing(self) -> None:
+        """Make the bucket again if, and only if, JetStream says its stream does not exist."""
+        if await self.broker.stream_state() is not StreamState.MISSING:
+            return  # present (a slow ack), or not answering (a leader election): retrying is the cure
+        # Said once per blockage: a stream that cannot be made (no quorum for its replicas) is retried quietly.
+        say = log.warning if self.health.retries == 0 else log.debug
+        say(
+            "the key bucket's stream %s does not exist: creating it again (reconciliation refills it)",
+            stream_name(self.broker.bucket),
+        )
+        try:
+            await self.broker.ensure_bucket()
+        except Exception as exc:
+            say("could not create the key bucket %s: %s (the next attempt tries again; check that the NATS "
+                "cluster has --bucket-replicas nodes with JetStream)", self.broker.bucket, exc)  # fmt: skip
+            return
+        self.stats.stream_repairs += 1
 
     async def _forget(self, done: Iterable[OutboxEntry]) -> None:
         ids = [e.id for e in done]
@@ -319,6 +347,11 @@ class OutboxRelay:
         async with self.db.transaction() as tx:
             rows = await tx.fetch(f"SELECT id FROM outbox WHERE id IN ({placeholders(len(ordered))})", *ordered)
         return {r["id"] for r in rows}
+
+
+def _describe(error: object) -> str:
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 async def _gather_with_timeout(futures: Sequence[asyncio.Future[Any]], timeout: float) -> list[object]:

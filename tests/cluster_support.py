@@ -1,0 +1,143 @@
+"""A JetStream cluster of nats-server processes on loopback, whose nodes a test can kill and restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig
+from nats.js.client import JetStreamContext
+
+from keyrelay.natsd import NatsServer, NatsSpec
+
+__all__ = ["NatsCluster", "cluster_client"]
+
+CLUSTER_NAME = "keyrelay-test"
+
+
+def _distinct_free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` ports nothing listens on, all different: bound together, so the kernel cannot hand one out twice."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
+async def _quiet(*_: object) -> None:
+    """Tests kill nodes on purpose: the client's complaints about it are noise."""
+
+
+@dataclass
+class NatsCluster:
+    """`size` nats-server nodes with JetStream, routed to each other; each with its own ports and store."""
+
+    nodes: list[NatsServer]
+
+    @classmethod
+    def create(cls, root: Path, size: int = 3) -> NatsCluster:
+        """Nodes n1..n<size> under `root`, on free client and route ports (not started)."""
+        ports = _distinct_free_ports(2 * size)
+        specs = [NatsSpec(name=f"n{i + 1}", store_dir=root / f"n{i + 1}", cluster_name=CLUSTER_NAME,
+                          port=ports[2 * i], cluster_port=ports[2 * i + 1]) for i in range(size)]  # fmt: skip
+        nodes = [NatsServer(spec, log_dir=root / "logs") for spec in specs]
+        for spec in specs:
+            spec.routes = [other.route_url for other in specs if other is not spec]
+        return cls(nodes)
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every node's client URL."""
+        return tuple(node.url for node in self.nodes)
+
+    def node(self, name: str) -> NatsServer:
+        """The node whose server_name is `name`."""
+        return next(node for node in self.nodes if node.spec.name == name)
+
+    def node_at(self, url: str) -> NatsServer:
+        """The node a client connected to `url` talks to."""
+        port = int(url.rsplit(":", 1)[1].rstrip("/"))
+        return next(node for node in self.nodes if node.port == port)
+
+    def start(self) -> None:
+        """Start every node (each waits until it accepts clients)."""
+        for node in self.nodes:
+            node.start()
+
+    def stop(self) -> None:
+        """Stop every node that still runs."""
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.stop(kill=True)
+
+    async def wait_jetstream(self, js: JetStreamContext, timeout: float = 30.0) -> float:
+        """Wait until the cluster's JetStream answers (a meta leader is elected); the seconds it took."""
+        started = time.monotonic()
+        while True:
+            try:
+                await js.account_info()
+                return time.monotonic() - started
+            except Exception:
+                if time.monotonic() - started > timeout:
+                    raise
+                await asyncio.sleep(0.1)
+
+    async def stream_leader(self, js: JetStreamContext, stream: str, timeout: float = 30.0) -> tuple[str, float]:
+        """The name of the node leading `stream` once it has one with every replica current; the seconds it took."""
+        started = time.monotonic()
+        while True:
+            with contextlib.suppress(Exception):
+                info = await js.stream_info(stream)
+                cluster = info.cluster
+                if (
+                    cluster is not None
+                    and cluster.leader
+                    and all(r.current and not r.offline for r in cluster.replicas or [])
+                ):
+                    return cluster.leader, time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"stream {stream} has no leader with current replicas after {timeout}s")
+            await asyncio.sleep(0.05)
+
+    async def serves_consumers(self, js: JetStreamContext, stream: str, timeout: float = 30.0) -> float:
+        """Wait until a consumer can be created on `stream` (a stream leader and a meta leader); the seconds."""
+        started = time.monotonic()
+        while True:
+            with contextlib.suppress(Exception):
+                info = await js.add_consumer(stream, ConsumerConfig(inactive_threshold=5.0, deliver_subject="x"))
+                with contextlib.suppress(Exception):
+                    await js.delete_consumer(stream, info.name)
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"no consumer could be created on {stream} in {timeout}s")
+            await asyncio.sleep(0.05)
+
+    async def any_stream_leader(self, js: JetStreamContext, stream: str, timeout: float = 30.0) -> tuple[str, float]:
+        """The name of the node leading `stream` as soon as one is elected; the seconds it took."""
+        started = time.monotonic()
+        while True:
+            with contextlib.suppress(Exception):
+                info = await js.stream_info(stream)
+                if info.cluster is not None and info.cluster.leader:
+                    return info.cluster.leader, time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"stream {stream} elected no leader in {timeout}s")
+            await asyncio.sleep(0.05)
+
+
+@contextlib.asynccontextmanager
+async def cluster_client(cluster: NatsCluster) -> AsyncIterator[tuple[Client, JetStreamContext]]:
+    """A test's own connection to the cluster (every URL), which rides out the loss of a node."""
+    nc = await nats.connect(list(cluster.urls), max_reconnect_attempts=-1, reconnect_time_wait=0.1,
+                            connect_timeout=2, error_cb=_quiet, disconnected_cb=_quiet)  # fmt: skip
+    try:
+        yield nc, nc.jetstream(timeout=2.0)
+    finally:
+        await nc.close()
