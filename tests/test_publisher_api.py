@@ -73,7 +73,9 @@ async def test_a_created_key_works_at_a_sidecar_and_a_revocation_reaches_it_with
     await sidecar.ready()
     project = await publisher.admin.project()
     created = await publisher.admin.create_key(project["id"], scopes=["orders:read"])
-    status, headers, _ = await sidecar.auth(created["key"], scopes="orders:read")
+    # Acked by JetStream when the API answered; at the sidecar a moment later.
+    (status, headers, _), _ = await eventually(lambda: sidecar.auth(created["key"], scopes="orders:read"),
+                                               lambda r: r[0] == 200, timeout=5)  # fmt: skip
     assert status == 200
     assert headers["X-Key-Id"] == created["id"]
     assert headers["X-Project-Id"] == project["id"]
@@ -362,9 +364,9 @@ async def test_an_expiring_key_stops_working_by_the_clock(
     sidecar = await start_sidecar()
     await sidecar.ready()
     project = await publisher.admin.project()
-    key = await publisher.admin.create_key(project["id"], expires_in="1s")
-    assert await sidecar.status_of(key["key"]) == 200
-    (_, _, body), _ = await eventually(lambda: sidecar.auth(key["key"]), lambda r: r[0] == 401, timeout=3)
+    key = await publisher.admin.create_key(project["id"], expires_in="2s")
+    await eventually(functools.partial(sidecar.status_of, key["key"]), lambda s: s == 200, timeout=1.5)
+    (_, _, body), _ = await eventually(lambda: sidecar.auth(key["key"]), lambda r: r[0] == 401, timeout=4)
     assert body["code"] == "EXPIRED"
     assert (await publisher.admin.ok("GET", f"/keys/{key['id']}"))["status"] == "expired"
 
