@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import add_options, load
+from sidecar.config import add_options
 
-from .client import PAGE_MAX, AdminClient, ClientSettings
-from .errors import ApiError, ExitCode, KeyrelayError
+from .answers import client_of, confirm, create_named, listing, show
+from .client import ClientSettings
+from .errors import KeyrelayError
 from .names import Resolver
-from .output import Column, details, dump_json, fields_line, table
+from .output import Column, details, table
 
 __all__ = ["add_admin_commands"]
 
@@ -31,107 +32,9 @@ KEY_DETAILS: list[Column] = [
 Handler = Callable[[argparse.Namespace], int]
 
 
-def _client(args: argparse.Namespace) -> AdminClient:
-    url, token = load(ClientSettings, args).resolved()
-    return AdminClient(url, token)
-
-
-def _outcome(data: Any) -> int:
-    pending = isinstance(data, dict) and data.get("propagation") == "pending"
-    return ExitCode.PENDING if pending else ExitCode.OK
-
-
-def _fields(args: argparse.Namespace) -> list[str]:
-    return [f for f in args.print.split(",") if f]
-
-
-def _show(args: argparse.Namespace, data: Any, text: str, *, items: str | None = None) -> int:
-    """Print an answer: `text` (a table or details), its JSON, or with --print the chosen fields.
-
-    With `items`, the answer is a list: --print prints one tab-separated line per item.
-    """
-    if args.print:
-        rows = data[items] if items else [data]
-        fields = _fields(args)
-        known = set().union(*(row.keys() for row in rows)) if rows else set(fields)
-        missing = [f for f in fields if f not in known]
-        if missing:
-            raise KeyrelayError(f"--print: no field {missing[0]!r}; there are: {', '.join(sorted(known))}")
-        for row in rows:
-            print(fields_line(row, fields))
-    else:
-        print(dump_json(data) if args.json else text)
-    return _outcome(data)
-
-
-def _listing(args: argparse.Namespace, path: str, items: str, columns: list[Column], **query: Any) -> int:
-    """A list command: `--limit` items (or `--all`, page by page), from `--cursor` on; never cut off silently."""
-    client = _client(args)
-    if args.all and (args.print or not args.json):
-        # Streams: each page is printed as it arrives, so --all over a large list starts at once.
-        for number, page in enumerate(_pages(client, path, items, args.cursor, **query)):
-            if args.print:
-                _show(args, page, "", items=items)
-            else:
-                print(table(page[items], columns) if number == 0 else table(page[items], columns).split("\n", 1)[-1])
-        return 0
-    limit = 10**9 if args.all else args.limit
-    if args.cursor:
-        query["cursor"] = args.cursor
-    answer = client.collect(path, items, limit=limit, **query)
-    code = _show(args, answer, table(answer[items], columns), items=items)
-    if answer.get("next_cursor") and not args.json:
-        print(f"keyrelay: {len(answer[items])} {items} shown, and there are more: --all for every one, or "
-              f"--cursor {answer['next_cursor']} for the next", file=sys.stderr)  # fmt: skip
-    return code
-
-
-def _pages(client: AdminClient, path: str, items: str, cursor: str | None, **query: Any) -> Iterator[dict[str, Any]]:
-    while True:
-        page: dict[str, Any] = client.call("GET", path, limit=PAGE_MAX, cursor=cursor, **query)
-        yield page
-        cursor = page["next_cursor"]
-        if cursor is None:
-            return
-
-
-def _confirm(args: argparse.Namespace, change: str) -> None:
-    """Ask before a change that cannot be undone: on a terminal, y/N; elsewhere only `--yes` goes ahead."""
-    if args.yes:
-        return
-    if not sys.stdin.isatty():
-        raise KeyrelayError(f"refusing to {change} without --yes: there is no terminal to ask on "
-                            "(--dry-run shows what would change)")  # fmt: skip
-    print(f"About to {change}. This cannot be undone. Continue? [y/N] ", end="", file=sys.stderr, flush=True)
-    if sys.stdin.readline().strip().lower() not in ("y", "yes"):
-        raise KeyrelayError("nothing changed")
-
-
-def _create(args: argparse.Namespace, path: str, kind: str, parent_query: str | None = None) -> dict[str, Any]:
-    """POST a new org, team or project; with --if-not-exists, an existing one of that name is handed back."""
-    client = _client(args)
-    try:
-        created: dict[str, Any] = client.call("POST", path, {"name": args.name})
-        return created
-    except ApiError as exc:
-        if exc.code != "conflict" or not args.if_not_exists:
-            raise
-        existing = exc.details.get("existing_id")
-    if not existing:  # a publisher that does not say which: look it up by name where it was to be made
-        resolver = Resolver(client)
-        if kind == "organization":
-            existing = resolver.org(args.name)
-        elif kind == "team":
-            existing = resolver.team(args.name, org=parent_query)
-        else:
-            existing = resolver.project(args.name, team=parent_query)
-    print(f"keyrelay: the {kind} {args.name!r} exists already ({existing})", file=sys.stderr)
-    return {"id": existing, "name": args.name, "existed": True}
-
-
 def _created_key(args: argparse.Namespace, answer: dict[str, Any]) -> int:
     if args.json or args.print:
-        return _show(args, answer, "")
+        return show(args, answer, "")
     print(f"key (shown once, store it now): {answer['key']}")
     print(details(answer, [*KEY_DETAILS[:10], ("expires", "expires_at"), ("propagation", "propagation")]))
     return 0
@@ -141,54 +44,54 @@ def _created_key(args: argparse.Namespace, answer: dict[str, Any]) -> int:
 
 
 def _orgs_create(args: argparse.Namespace) -> int:
-    org = _create(args, "/orgs", "organization")
-    return _show(args, org, details(org, [("id", "id"), ("name", "name"), ("created", "created_at")]))
+    org = create_named(args, "/orgs", "organization")
+    return show(args, org, details(org, [("id", "id"), ("name", "name"), ("created", "created_at")]))
 
 
 def _orgs_list(args: argparse.Namespace) -> int:
-    return _listing(args, "/orgs", "orgs", [("id", "id"), ("name", "name"), ("created", "created_at")])
+    return listing(args, "/orgs", "orgs", [("id", "id"), ("name", "name"), ("created", "created_at")])
 
 
 def _teams_create(args: argparse.Namespace) -> int:
-    org = Resolver(_client(args)).org(args.org)
-    team = _create(args, f"/orgs/{org}/teams", "team", org)
-    return _show(args, team, details(team, [("id", "id"), ("name", "name"), ("org", "org_id")]))
+    org = Resolver(client_of(args)).org(args.org)
+    team = create_named(args, f"/orgs/{org}/teams", "team", org)
+    return show(args, team, details(team, [("id", "id"), ("name", "name"), ("org", "org_id")]))
 
 
 def _teams_list(args: argparse.Namespace) -> int:
-    org = Resolver(_client(args)).org(args.org)
-    return _listing(args, f"/orgs/{org}/teams", "teams", [("id", "id"), ("name", "name"), ("created", "created_at")])
+    org = Resolver(client_of(args)).org(args.org)
+    return listing(args, f"/orgs/{org}/teams", "teams", [("id", "id"), ("name", "name"), ("created", "created_at")])
 
 
 def _projects_create(args: argparse.Namespace) -> int:
-    team = Resolver(_client(args)).team(args.team, org=args.org)
-    project = _create(args, f"/teams/{team}/projects", "project", team)
-    return _show(args, project, details(project, [("id", "id"), ("name", "name"), ("team", "team_id")]))
+    team = Resolver(client_of(args)).team(args.team, org=args.org)
+    project = create_named(args, f"/teams/{team}/projects", "project", team)
+    return show(args, project, details(project, [("id", "id"), ("name", "name"), ("team", "team_id")]))
 
 
 def _projects_list(args: argparse.Namespace) -> int:
-    team = Resolver(_client(args)).team(args.team, org=args.org)
+    team = Resolver(client_of(args)).team(args.team, org=args.org)
     columns: list[Column] = [("id", "id"), ("name", "name"), ("decommissioned", "decommissioned_at")]
-    return _listing(args, f"/teams/{team}/projects", "projects", columns)
+    return listing(args, f"/teams/{team}/projects", "projects", columns)
 
 
 def _project(args: argparse.Namespace, value: str) -> str:
-    return Resolver(_client(args)).project(value, team=args.team, org=args.org)
+    return Resolver(client_of(args)).project(value, team=args.team, org=args.org)
 
 
 def _projects_decommission(args: argparse.Namespace) -> int:
-    client = _client(args)
+    client = client_of(args)
     project_id = _project(args, args.project)
     keys = client.collect(f"/projects/{project_id}/keys", "keys", limit=10**9)["keys"]
     active = [k for k in keys if k["status"] == "active"]
     change = f"decommission project {args.project} ({project_id}) and revoke its {len(active)} active key(s)"
     if args.dry_run:
         plan = {"project_id": project_id, "would_revoke": [k["id"] for k in active], "dry_run": True}
-        return _show(args, plan, f"would {change}" + "".join(f"\n  {k['id']}  {k['name']}" for k in active))
-    _confirm(args, change)
+        return show(args, plan, f"would {change}" + "".join(f"\n  {k['id']}  {k['name']}" for k in active))
+    confirm(args, change)
     answer = client.call("DELETE", f"/projects/{project_id}")
     text = f"project {project_id} decommissioned; {len(answer['revoked'])} key(s) revoked ({answer['propagation']})"
-    return _show(args, answer, text)
+    return show(args, answer, text)
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -208,7 +111,7 @@ def _key_request(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 
 def _keys_create(args: argparse.Namespace) -> int:
-    client = _client(args)
+    client = client_of(args)
     project = _project(args, args.project)
     if args.count == 1:
         return _created_key(args, client.call("POST", f"/projects/{project}/keys", _key_request(args, args.name)))
@@ -222,16 +125,16 @@ def _keys_create(args: argparse.Namespace) -> int:
     result = {"keys": created, "propagation": "pending" if pending else "published"}
     if not args.json and not args.print:
         print("keys (shown once, store them now):")
-    return _show(args, result, table(created, [("id", "id"), ("name", "name"), ("key", "key")]), items="keys")
+    return show(args, result, table(created, [("id", "id"), ("name", "name"), ("key", "key")]), items="keys")
 
 
 def _keys_list(args: argparse.Namespace) -> int:
     if args.project:
-        return _listing(args, f"/projects/{_project(args, args.project)}/keys", "keys", KEY_COLUMNS)
+        return listing(args, f"/projects/{_project(args, args.project)}/keys", "keys", KEY_COLUMNS)
     # Every project the token may see (within --team/--org if given), project after project.
     if args.cursor:
         raise KeyrelayError("--cursor goes on within one project's keys: give --project too")
-    client = _client(args)
+    client = client_of(args)
     limit = 10**9 if args.all else args.limit
     keys: list[dict[str, Any]] = []
     projects = Resolver(client).projects(team=args.team, org=args.org)
@@ -240,7 +143,7 @@ def _keys_list(args: argparse.Namespace) -> int:
         if len(keys) >= limit:
             break
     more = len(keys) >= limit and not args.all
-    code = _show(args, {"keys": keys}, table(keys, [("project", "project_id"), *KEY_COLUMNS]), items="keys")
+    code = show(args, {"keys": keys}, table(keys, [("project", "project_id"), *KEY_COLUMNS]), items="keys")
     if more and not args.json:
         print(f"keyrelay: {len(keys)} keys shown, and there may be more: --all for every one, or --project",
               file=sys.stderr)  # fmt: skip
@@ -248,13 +151,13 @@ def _keys_list(args: argparse.Namespace) -> int:
 
 
 def _keys_show(args: argparse.Namespace) -> int:
-    key = _client(args).call("GET", f"/keys/{args.key_id}")
-    return _show(args, key, details(key, KEY_DETAILS))
+    key = client_of(args).call("GET", f"/keys/{args.key_id}")
+    return show(args, key, details(key, KEY_DETAILS))
 
 
 def _keys_rotate(args: argparse.Namespace) -> int:
     body = {} if args.grace is None else {"grace": args.grace}
-    answer = _client(args).call("POST", f"/keys/{args.key_id}/rotate", body)
+    answer = client_of(args).call("POST", f"/keys/{args.key_id}/rotate", body)
     if not args.json and not args.print:  # scripts read `--print id,key` as the only line
         print(f"old key {answer['old']['id']} now expires at {answer['old']['expires_at']}")
     return _created_key(args, answer)
@@ -269,40 +172,40 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     ids = list(args.key_ids) + (_read_ids(args.bulk) if args.bulk else [])
     if not ids:
         raise KeyrelayError("name key ids, or --bulk FILE with one id per line")
-    client = _client(args)
+    client = client_of(args)
     body: dict[str, Any] = {"reason": args.reason} if args.reason else {}
     if len(ids) == 1 and not args.bulk and not args.dry_run:
         key = client.call("POST", f"/keys/{ids[0]}/revoke", body)
         if key.get("already_revoked"):
-            return _show(args, key, f"{key['id']} ({key['display']}) was already revoked, at {key['revoked_at']}")
-        return _show(args, key, f"revoked {key['id']} ({key['display']}); propagation: {key['propagation']}")
+            return show(args, key, f"{key['id']} ({key['display']}) was already revoked, at {key['revoked_at']}")
+        return show(args, key, f"revoked {key['id']} ({key['display']}); propagation: {key['propagation']}")
     if args.dry_run:
         keys = [client.call("GET", f"/keys/{key_id}") for key_id in dict.fromkeys(ids)]
         would = [k["id"] for k in keys if k["status"] != "revoked"]
         already = [k["id"] for k in keys if k["status"] == "revoked"]
         plan = {"would_revoke": would, "already_revoked": already, "dry_run": True}
         text = f"would revoke {len(would)} key(s) in one transaction; {len(already)} already are"
-        return _show(args, plan, text + "".join(f"\n  {k['id']}  {k['name']}  {k['status']}" for k in keys))
-    _confirm(args, f"revoke {len(ids)} keys everywhere")
+        return show(args, plan, text + "".join(f"\n  {k['id']}  {k['name']}  {k['status']}" for k in keys))
+    confirm(args, f"revoke {len(ids)} keys everywhere")
     answer = client.call("POST", "/keys/revoke", {**body, "ids": ids})
     text = (
         f"revoked {len(answer['revoked'])} key(s) in one transaction; {len(answer['already_revoked'])} were "
         f"already revoked; propagation: {answer['propagation']}"
     )
-    return _show(args, answer, text)
+    return show(args, answer, text)
 
 
 # -- audit and tokens --------------------------------------------------------------------------
 
 
 def _audit(args: argparse.Namespace) -> int:
-    resolver = Resolver(_client(args))
+    resolver = Resolver(client_of(args))
     org = resolver.org(args.org) if args.org else None
     team = resolver.team(args.team, org=args.org) if args.team else None
     project = resolver.project(args.project, team=args.team, org=args.org) if args.project else None
     columns: list[Column] = [("at", "at"), ("actor", "actor"), ("action", "action"), ("project", "project_id"),
                              ("key", "key_id"), ("details", "details")]  # fmt: skip
-    return _listing(args, "/audit", "entries", columns, org_id=org, team_id=team, project_id=project, key_id=args.key,
+    return listing(args, "/audit", "entries", columns, org_id=org, team_id=team, project_id=project, key_id=args.key,
                     before=args.before)  # fmt: skip
 
 
@@ -316,26 +219,26 @@ def _tokens_create(args: argparse.Namespace) -> int:
     body = {"name": args.name, "role": args.role}
     if args.expires_in is not None:
         body["expires_in"] = args.expires_in
-    answer = _client(args).call("POST", "/tokens", body)
+    answer = client_of(args).call("POST", "/tokens", body)
     expiry = f", expires {answer['expires_at']}" if answer.get("expires_at") else ""
-    return _show(args, answer, f"token for {answer['name']} ({answer['role']}{expiry}), shown once: {answer['token']}")
+    return show(args, answer, f"token for {answer['name']} ({answer['role']}{expiry}), shown once: {answer['token']}")
 
 
 def _tokens_list(args: argparse.Namespace) -> int:
-    return _listing(args, "/tokens", "tokens", TOKEN_COLUMNS)
+    return listing(args, "/tokens", "tokens", TOKEN_COLUMNS)
 
 
 def _tokens_revoke(args: argparse.Namespace) -> int:
-    token = _client(args).call("DELETE", f"/tokens/{args.token_id}")
-    return _show(args, token, f"revoked token {token['id']} ({token['name']}, {token['role']})")
+    token = client_of(args).call("DELETE", f"/tokens/{args.token_id}")
+    return show(args, token, f"revoked token {token['id']} ({token['name']}, {token['role']})")
 
 
 def _signing_keys(args: argparse.Namespace) -> int:
-    answer = _client(args).call("GET", "/signing-keys")
+    answer = client_of(args).call("GET", "/signing-keys")
     if args.print:  # `--print public_key`: the current key's fields
-        return _show(args, answer["keys"][0], "")
+        return show(args, answer["keys"][0], "")
     columns: list[Column] = [("id", "id"), ("algorithm", "algorithm"), ("public key", "public_key")]
-    return _show(args, answer, table(answer["keys"], columns))
+    return show(args, answer, table(answer["keys"], columns))
 
 
 # -- parser ------------------------------------------------------------------------------------
