@@ -12,17 +12,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sidecar.config import write_private
+
 __all__ = ["LocalCredentials", "write_private"]
-
-
-def write_private(path: Path, text: str) -> None:
-    """Replace `path` with `text`, readable by this user only (tokens, seeds)."""
-    partial = path.with_name(path.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover file from a crashed run
-        out.write(text)
-    os.replace(partial, path)  # readers never see half a file
 
 
 @dataclass(slots=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import ssl
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from sidecar.config import write_private
 from sidecar.errors import SettingsError
 from sidecar.nats_connect import NatsConnect, redact
 from sidecar.serving import harden, malformed_metric, run_forever, serve_app, server_tls_context
@@ -89,10 +89,7 @@ async def _bootstrap_token(tokens: TokenStore, settings: PublisherSettings) -> N
         path = settings.data_dir / GENERATED_TOKEN_FILE
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Never into the log (logs are shipped and kept): into a file only this user can read, once.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file left by an earlier start
-            out.write(token + "\n")
+        write_private(path, token + "\n")
         await tokens.ensure(BOOTSTRAP_TOKEN_NAME, token, "admin")
         log.warning("no admin token was configured: generated one into %s (mode 0600, stored hashed); "
                     "read it, keep it in a secret store and delete the file", path)  # fmt: skip

@@ -22,6 +22,7 @@ __all__ = [
     "Project",
     "Team",
     "iso",
+    "lifecycle_status",
     "new_id",
     "now_us",
 ]
@@ -30,6 +31,15 @@ __all__ = [
 def now_us() -> int:
     """Now, in integer epoch microseconds (the store's unit of time)."""
     return time.time_ns() // 1000
+
+
+def lifecycle_status(revoked_at: int | None, expires_at: int | None, now: int | None = None) -> str:
+    """`active`, `revoked` or `expired`: what a key's or a token's revocation and expiry (epoch µs) make it."""
+    if revoked_at is not None:
+        return "revoked"
+    if expires_at is not None and expires_at <= (now if now is not None else now_us()):
+        return "expired"
+    return "active"
 
 
 def iso(micros: int | None) -> str | None:
@@ -185,11 +195,7 @@ class ApiKey:
 
     def status(self, now: int | None = None) -> str:
         """`active`, `revoked` or `expired`."""
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.expires_at is not None and self.expires_at <= (now if now is not None else now_us()):
-            return "expired"
-        return "active"
+        return lifecycle_status(self.revoked_at, self.expires_at, now)
 
     def record(self) -> KeyRecord:
         """The replicated form: what every sidecar of its region holds."""

@@ -13,7 +13,7 @@ from typing import Any
 
 from .db import Database, Row, Tx
 from .errors import Conflict, NotFound
-from .models import Actor, iso, new_id, now_us
+from .models import Actor, iso, lifecycle_status, new_id, now_us
 from .store import NIL_UUID, record_audit
 from .token_format import TOKEN_PREFIX, generate_token, token_digest, token_hint, well_formed
 
@@ -63,11 +63,7 @@ class AdminToken:
 
     def status(self, now: int | None = None) -> str:
         """`active`, `revoked` or `expired`."""
-        if self.revoked_at is not None:
-            return "revoked"
-        if self.expires_at is not None and self.expires_at <= (now if now is not None else now_us()):
-            return "expired"
-        return "active"
+        return lifecycle_status(self.revoked_at, self.expires_at, now)
 
     def to_json(self) -> dict[str, Any]:
         """The API form."""

@@ -6,8 +6,9 @@ The names below load their module on first use (PEP 562): importing `sidecar.con
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .errors import BucketNotFound, RecordError, SettingsError, SidecarError
@@ -42,11 +43,4 @@ _HOME = {
     **dict.fromkeys(("KeyRecord", "ParsedKey", "display_form", "generate_key", "key_digest", "parse_key"), "wire"),
 }
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value  # later look-ups find it directly
-    return value
+__getattr__ = lazy_exports(__name__, _HOME)

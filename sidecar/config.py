@@ -36,6 +36,7 @@ __all__ = [
     "parse_duration",
     "parse_optional_path",
     "read_secret_file",
+    "write_private",
 ]
 
 ENV_PREFIX = "KEYRELAY_"
@@ -276,6 +277,16 @@ def _parse(opt: Option, raw: str) -> Any:
         raise SettingsError(
             flag=opt.flag, env=opt.env, value="(hidden)" if opt.secret else raw, reason=str(exc)
         ) from None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` with `text`, readable by this user only (tokens, seeds)."""
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover file from a crashed run
+        out.write(text)
+    os.replace(partial, path)  # readers never see half a file
 
 
 def markdown_table(cls: type[Any]) -> str:
