@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +19,11 @@ from nats.js.client import JetStreamContext
 
 from keyrelay.natsd import NatsServer
 from publisher.outbox import LEASE_TTL
-from tests.conftest import PG_ADMIN_URL, StartSidecar, _create_pg_database, _drop_pg_database
+from tests.conftest import StartSidecar
 from tests.support import Admin, eventually
 from tests.test_crash import PublisherProcess, _bucket_equals_database, _outbox_depth
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
-
-
-@pytest.fixture
-async def database_url() -> AsyncIterator[str]:
-    """A fresh PostgreSQL database (a SQLite file is locked to one publisher)."""
-    name = await _create_pg_database()
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        await _drop_pg_database(name)
 
 
 @pytest.fixture
@@ -60,6 +50,8 @@ async def _leads(http: aiohttp.ClientSession, process: PublisherProcess) -> bool
         return bool(body.get("relay_leader"))
 
 
+# PostgreSQL only: a SQLite file is locked to one publisher.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_killing_the_replica_that_holds_the_relay_lease_hands_it_over_within_its_ttl(
     replicas: list[PublisherProcess], database_url: str, js: JetStreamContext, start_sidecar: StartSidecar,
     http: aiohttp.ClientSession,
