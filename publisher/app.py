@@ -147,7 +147,7 @@ async def metrics(request: web.Request) -> web.Response:
         ("keyrelay_outbox_publish_blockages_total", "counter", "Times the relay began failing to publish",
          health.blockages),
         ("keyrelay_outbox_stream_repairs_total", "counter", "Times the bucket's stream was found missing and made "
-         "again", stats.stream_repairs),
+         "again", services.broker.stream_repairs),
         ("keyrelay_outbox_batch_seconds", "gauge", "Duration of the last publish batch", stats.last_publish_seconds),
         ("keyrelay_relay_leader", "gauge", "1 when this publisher holds the relay lease", int(services.relay.leader)),
         ("keyrelay_nats_connected", "gauge", "1 while connected to NATS", int(services.broker.connected)),

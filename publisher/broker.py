@@ -50,6 +50,11 @@ class Broker:
         self._js: JetStreamContext | None = None
         self.bucket_ready = asyncio.Event()
         self.connected_event = asyncio.Event()
+        self.stream_repairs = 0  # times the bucket's stream was found missing (error 10059) and created again
+        # Set on each such repair: the stream is empty, a reconciliation refills it from the database.
+        self.recreated = asyncio.Event()
+        self._repairing = asyncio.Lock()  # the relay and the heartbeat may both find it missing at once
+        self._repair_failing = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -118,6 +123,31 @@ class Broker:
         if isinstance(error, dict) and error.get("err_code") == _STREAM_NOT_FOUND:
             return StreamState.MISSING
         return StreamState.UNAVAILABLE
+
+    async def repair_if_missing(self) -> bool:
+        """Make the bucket again if, and only if, JetStream says its stream does not exist; True when it did.
+
+        Whoever fails to publish asks this: the relay after a failed publish, the heartbeat after a failed
+        beat (so a stream lost while nothing changes is made again within a heartbeat interval, too).
+        """
+        async with self._repairing:
+            if await self.stream_state() is not StreamState.MISSING:
+                return False  # present (a slow ack), or not answering (a leader election): retrying is the cure
+            # Said once per fault: a stream that cannot be made (no quorum for its replicas) is retried quietly.
+            say = log.debug if self._repair_failing else log.warning
+            say("the key bucket's stream %s does not exist: creating it again (a reconciliation then refills it "
+                "from the database)", stream_name(self.bucket))  # fmt: skip
+            try:
+                await self.ensure_bucket()
+            except Exception as exc:
+                self._repair_failing = True
+                say("could not create the key bucket %s: %s (the next failed publish tries again; check that the "
+                    "NATS cluster has --bucket-replicas nodes with JetStream)", self.bucket, exc)  # fmt: skip
+                return False
+            self._repair_failing = False
+            self.stream_repairs += 1
+            self.recreated.set()
+            return True
 
     async def _connect_loop(self) -> None:
         backoff = 0.1

@@ -4,7 +4,9 @@ While this replica holds the relay lease and NATS answers, it publishes to
 `<bucket>.global.heartbeat` every interval the last stream sequence JetStream
 acknowledged to it, signed (kind `h`). A sidecar measures its staleness as the
 age of the last heartbeat it verified; the heartbeat runs beside the relay, so
-a long outbox backlog does not hold it back.
+a long outbox backlog does not hold it back. A beat that fails because the
+stream is gone (JetStream error 10059) has it made again, and the maintenance
+then refills it from the database.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ class Heartbeat:
                 self._failing_since = time.monotonic()
                 log.warning("heartbeat not published: %s (sidecars grow stale until it is; retrying every %.1fs)",
                             str(exc) or type(exc).__name__, self.interval)  # fmt: skip
+            # A stream deleted or lost while the outbox is empty: nothing else would notice until the next change.
+            await self.broker.repair_if_missing()
             return False
         if self._failing_since is not None:
             log.info("heartbeat published again after %.1fs", time.monotonic() - self._failing_since)

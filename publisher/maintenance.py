@@ -2,7 +2,8 @@
 
 Both passes read and verify the whole bucket, so only the replica holding the
 relay lease runs them; any replica still reconciles once at start-up (the
-outbox drained first), as a repair after an outage.
+outbox drained first), as a repair after an outage, and at once after it made
+the bucket's stream again (the broker found it missing): that refills it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Maintenance:
             self._every(resign_every(settings.replay_horizon), self.resign, first=0.0, done=self.resigned),
             name="keyrelay-resign",
         ))  # fmt: skip
+        self._tasks.append(asyncio.create_task(self._refill(), name="keyrelay-refill"))
 
     async def close(self) -> None:
         """Stop every pass."""
@@ -112,6 +114,22 @@ class Maintenance:
             log.warning("start-up reconciliation failed: %s (run `keyrelay publisher reconcile` later)", exc)
         finally:
             self.settled.set()
+
+    async def _refill(self) -> None:
+        """Reconcile each time the broker made the stream again: it is empty until then, sidecars fresh on it."""
+        recreated = self.services.broker.recreated
+        while True:
+            await recreated.wait()
+            recreated.clear()
+            try:
+                async with self._one_at_a_time:
+                    if await self._ready():
+                        await self.reconcile()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reconciliation after the bucket was recreated failed: %s (run `keyrelay publisher "
+                            "reconcile`; the periodic pass retries too)", exc)  # fmt: skip
 
     async def _every(self, interval: float, job: Job, *, first: float, done: asyncio.Event | None = None) -> None:
         due = time.monotonic() + first

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sidecar.trust import KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer
-from sidecar.wire import MAX_VERSION, encode_tombstone, is_canonical_id, stream_name, subject_prefix
+from sidecar.wire import MAX_VERSION, encode_tombstone, is_canonical_id, subject_prefix
 
-from .broker import Broker, StreamState
+from .broker import Broker
 from .db import Database
 from .models import OutboxEntry, now_us
 from .relay_health import PublishHealth
@@ -65,7 +65,6 @@ class RelayStats:
     last_publish_seconds: float = 0.0
     skipped: int = 0  # deletes of entries not named <scope>.<key id>: nothing a sidecar could verify
     last_acked_seq: int = 0  # the highest stream sequence JetStream acknowledged to this publisher
-    stream_repairs: int = 0  # times the bucket's stream was found missing (error 10059) and created again
 
     def acked(self, results: Iterable[object]) -> None:
         """Note the sequences of the publish acks among `results`."""
@@ -209,7 +208,7 @@ class OutboxRelay:
                 if len(done) < len(entries):
                     # Never give up and never stop: the next attempt after a bounded pause. A stream that
                     # is gone is made again first; one that merely has no leader for now is left alone.
-                    await self._repair_if_missing()
+                    await self.broker.repair_if_missing()
                     await asyncio.sleep(self.health.failed(self._last_failure, waiting=len(entries) - len(done)))
                 else:
                     self.health.succeeded(published=len(done))
@@ -310,24 +309,6 @@ class OutboxRelay:
         headers["KV-Operation"] = "DEL"
         headers[SIGNATURE_HEADER] = self.signer.sign(KIND_TOMBSTONE, entry.entry, body)
         return body, headers
-
-    async def _repair_if_missing(self) -> None:
-        """Make the bucket again if, and only if, JetStream says its stream does not exist."""
-        if await self.broker.stream_state() is not StreamState.MISSING:
-            return  # present (a slow ack), or not answering (a leader election): retrying is the cure
-        # Said once per blockage: a stream that cannot be made (no quorum for its replicas) is retried quietly.
-        say = log.warning if self.health.retries == 0 else log.debug
-        say(
-            "the key bucket's stream %s does not exist: creating it again (reconciliation refills it)",
-            stream_name(self.broker.bucket),
-        )
-        try:
-            await self.broker.ensure_bucket()
-        except Exception as exc:
-            say("could not create the key bucket %s: %s (the next attempt tries again; check that the NATS "
-                "cluster has --bucket-replicas nodes with JetStream)", self.broker.bucket, exc)  # fmt: skip
-            return
-        self.stats.stream_repairs += 1
 
     async def _forget(self, done: Iterable[OutboxEntry]) -> None:
         ids = [e.id for e in done]
