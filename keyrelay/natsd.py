@@ -83,6 +83,8 @@ class NatsSpec:
     cluster_name: str | None = None
     cluster_port: int = 0
     routes: list[str] = field(default_factory=list)
+    # How other nodes are told to reach this one when they learn of it from a third (None: its route port).
+    cluster_advertise: str | None = None
 
     @property
     def route_url(self) -> str:
@@ -106,7 +108,10 @@ class NatsSpec:
             lines.append(f"http_port: {self.http_port}")
         if self.cluster_name:
             lines += ["cluster {", f'  name: "{self.cluster_name}"', f'  host: "{self.host}"',
-                      f"  port: {self.cluster_port}", render_conf({"routes": self.routes}), "}"]  # fmt: skip
+                      f"  port: {self.cluster_port}", render_conf({"routes": self.routes})]  # fmt: skip
+            if self.cluster_advertise:
+                lines.append(f'  advertise: "{self.cluster_advertise}"')
+            lines.append("}")
         if self.leafnode_port is not None or self.remotes:
             lines.append("leafnodes {")
             if self.leafnode_port is not None:

@@ -12,11 +12,17 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["LinkProxy", "main"]
+from keyrelay.errors import KeyrelayError
+from keyrelay.natsd import free_port, wait_for_port
+from keyrelay.procs import spawn, stop
+
+__all__ = ["LinkProcess", "LinkProxy", "main"]
 
 _CHUNK = 64 * 1024
 
@@ -125,18 +131,54 @@ class LinkProxy:
             self._writers.discard(dst)
 
 
+@dataclass
+class LinkProcess:
+    """A LinkProxy in a process of its own (no caller's event loop adds to its delay), cut and healed by signals.
+
+    The process dies with its parent, however that ends.
+    """
+
+    process: subprocess.Popen[bytes]
+    port: int
+
+    @classmethod
+    def spawn(cls, target_port: int, *, log: Path, delay: float = 0.0) -> LinkProcess:
+        """Start a link to 127.0.0.1:`target_port`, its output appended to `log`; returns once it listens."""
+        port = free_port()
+        process = spawn([sys.executable, "-m", "loadtest.linkproxy", "--target-port", str(target_port),
+                         "--delay", str(delay), "--listen-port", str(port)], log=log)  # fmt: skip
+        try:
+            wait_for_port(port, process=process)
+        except KeyrelayError:
+            stop(process)
+            raise
+        return cls(process, port)
+
+    def cut(self, *, reset: bool = False) -> None:
+        """Stop forwarding: silently (bytes held), or dropping every connection."""
+        self.process.send_signal(signal.SIGHUP if reset else signal.SIGUSR1)
+
+    def heal(self) -> None:
+        """Forward again."""
+        self.process.send_signal(signal.SIGUSR2)
+
+    def stop(self) -> None:
+        """Stop the process."""
+        stop(self.process)
+
+
 async def _serve(target_port: int, delay: float, listen_port: int) -> None:
     proxy = LinkProxy(target_port=target_port, delay=delay, listen_port=listen_port)
-    await proxy.start()
-    print(proxy.port, flush=True)
-    stop = asyncio.Event()
+    stopped = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, proxy.cut)
     loop.add_signal_handler(signal.SIGHUP, lambda: proxy.cut(reset=True))
     loop.add_signal_handler(signal.SIGUSR2, proxy.heal)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, stopped.set)
+    await proxy.start()  # handlers first: whoever started it may signal it as soon as it listens
+    print(proxy.port, flush=True)
+    await stopped.wait()
     await proxy.close()
 
 

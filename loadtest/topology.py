@@ -9,15 +9,13 @@ generator's event loop never adds to the link's delay.
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keyrelay.procs import stop
 from keyrelay.up import Stack, UpSettings
+
+from .linkproxy import LinkProcess
 
 __all__ = ["Topology"]
 
@@ -30,7 +28,7 @@ class Topology:
     delays: dict[str, float]
     data_dir: Path
     sidecar_args: list[str] = field(default_factory=list)
-    proxies: dict[str, subprocess.Popen[str]] = field(default_factory=dict)
+    proxies: dict[str, LinkProcess] = field(default_factory=dict)
     stack: Stack | None = None
 
     async def start(self) -> None:
@@ -41,30 +39,24 @@ class Topology:
         await asyncio.to_thread(self.stack.start)
 
     def _link(self, region: str, hub_leaf_port: int) -> int:
-        proxy = subprocess.Popen(
-            [sys.executable, "-m", "loadtest.linkproxy", "--target-port", str(hub_leaf_port),
-             "--delay", str(self.delays.get(region, 0.0))],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert proxy.stdout is not None
-        port = int(proxy.stdout.readline())
-        self.proxies[region] = proxy
-        return port
+        self.proxies[region] = LinkProcess.spawn(hub_leaf_port, delay=self.delays.get(region, 0.0),
+                                                 log=self.data_dir / f"link-{region}.log")  # fmt: skip
+        return self.proxies[region].port
 
     async def stop(self) -> None:
         """Stop every process and proxy."""
         if self.stack is not None:
             await asyncio.to_thread(self.stack.stop)
         for proxy in self.proxies.values():
-            stop(proxy)
+            proxy.stop()
 
     def cut(self, region: str, *, reset: bool = False) -> None:
         """Partition a region from the hub: silently (bytes held), or dropping its connections."""
-        self.proxies[region].send_signal(signal.SIGHUP if reset else signal.SIGUSR1)
+        self.proxies[region].cut(reset=reset)
 
     def heal(self, region: str) -> None:
         """Restore a region's link."""
-        self.proxies[region].send_signal(signal.SIGUSR2)
+        self.proxies[region].heal()
 
     @property
     def publisher_url(self) -> str:

@@ -151,6 +151,8 @@ async def metrics(request: web.Request) -> web.Response:
         ("keyrelay_outbox_batch_seconds", "gauge", "Duration of the last publish batch", stats.last_publish_seconds),
         ("keyrelay_relay_leader", "gauge", "1 when this publisher holds the relay lease", int(services.relay.leader)),
         ("keyrelay_nats_connected", "gauge", "1 while connected to NATS", int(services.broker.connected)),
+        ("keyrelay_nats_server_moves_total", "counter", "Servers left because their JetStream did not serve the "
+         "stream (cut off from their cluster)", services.broker.choice.moves),
         ("keyrelay_outbox_skipped_total", "counter", "Deletes dropped unpublished: their entry names no key",
          stats.skipped),
         ("keyrelay_last_acked_sequence", "gauge", "Highest stream sequence JetStream acknowledged to this publisher",

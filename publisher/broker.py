@@ -16,6 +16,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from sidecar.nats_connect import NatsConnect
+from sidecar.server_choice import ServerChoice, stream_serves
 from sidecar.wire import stream_name
 
 __all__ = ["Broker", "StreamState"]
@@ -30,7 +31,7 @@ _PROBE_TIMEOUT = 1.0
 class StreamState(enum.Enum):
     """What JetStream says of the bucket's stream when asked directly."""
 
-    PRESENT = "present"  # its leader answered with the stream's info
+    PRESENT = "present"  # its leader answered with the stream's info, and hears from a quorum of its replicas
     MISSING = "missing"  # JetStream answered: no such stream (error 10059); recreating it is right
     UNAVAILABLE = "unavailable"  # no answer, or another error: a leader election, a lost node, no quorum
 
@@ -54,6 +55,11 @@ class Broker:
         # Set on each such repair: the stream is empty, a reconciliation refills it from the database.
         self.recreated = asyncio.Event()
         self._repairing = asyncio.Lock()  # the relay and the heartbeat may both find it missing at once
+        self.choice = ServerChoice()  # which server to reconnect to; leaving one cut off from its cluster
+        # When the latest publish JetStream acknowledged was sent (monotonic), and an event set at each ack:
+        # a publish sent earlier and still unacknowledged is lost, and whoever waits to retry can go now.
+        self.last_acked_sent = 0.0
+        self.acked = asyncio.Event()
         self._repair_failing = False
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -119,20 +125,38 @@ class Broker:
             return StreamState.UNAVAILABLE
         error = answer.get("error") if isinstance(answer, dict) else None
         if error is None:
-            return StreamState.PRESENT
+            # A leader cut off from its followers answers too, but takes no publish: not PRESENT.
+            return StreamState.PRESENT if stream_serves(answer) else StreamState.UNAVAILABLE
         if isinstance(error, dict) and error.get("err_code") == _STREAM_NOT_FOUND:
             return StreamState.MISSING
         return StreamState.UNAVAILABLE
 
-    async def repair_if_missing(self) -> bool:
-        """Make the bucket again if, and only if, JetStream says its stream does not exist; True when it did.
+    async def publish_failed(self) -> None:
+        """A publish got no ack: find out why, and do what helps.
 
-        Whoever fails to publish asks this: the relay after a failed publish, the heartbeat after a failed
-        beat (so a stream lost while nothing changes is made again within a heartbeat interval, too).
+        Whoever publishes calls this: the relay after a failed publish, the heartbeat after a failed beat
+        (so a stream lost while nothing changes is made again within a heartbeat interval, too). A stream
+        JetStream says is gone (error 10059) is made again; one that does not answer for a while on this
+        server (a partition cut it off, or the cluster lost its quorum) makes the connection move to
+        another server of the cluster.
         """
+        state = await self._repair_if_missing()
+        nc = self.nc
+        if state is StreamState.UNAVAILABLE and nc is not None and nc.is_connected:
+            await self.choice.failed(nc, f"serve the stream {stream_name(self.bucket)}")
+
+    def published(self, sent_at: float) -> None:
+        """A publish sent at `sent_at` (time.monotonic()) was acknowledged: the server serves."""
+        self.choice.served()
+        self.last_acked_sent = max(self.last_acked_sent, sent_at)
+        self.acked.set()
+
+    async def _repair_if_missing(self) -> StreamState:
+        """Make the bucket again if, and only if, JetStream says its stream does not exist; the state it was in."""
         async with self._repairing:
-            if await self.stream_state() is not StreamState.MISSING:
-                return False  # present (a slow ack), or not answering (a leader election): retrying is the cure
+            state = await self.stream_state()
+            if state is not StreamState.MISSING:
+                return state  # present (a slow ack), or not answering (a leader election): retrying is the cure
             # Said once per fault: a stream that cannot be made (no quorum for its replicas) is retried quietly.
             say = log.debug if self._repair_failing else log.warning
             say("the key bucket's stream %s does not exist: creating it again (a reconciliation then refills it "
@@ -143,11 +167,11 @@ class Broker:
                 self._repair_failing = True
                 say("could not create the key bucket %s: %s (the next failed publish tries again; check that the "
                     "NATS cluster has --bucket-replicas nodes with JetStream)", self.bucket, exc)  # fmt: skip
-                return False
+                return state
             self._repair_failing = False
             self.stream_repairs += 1
             self.recreated.set()
-            return True
+            return state
 
     async def _connect_loop(self) -> None:
         backoff = 0.1
@@ -161,7 +185,8 @@ class Broker:
                     name=self.name,
                     connect_timeout=2,
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,
+                    reconnect_time_wait=self.choice.wait,
+                    reconnect_to_server_handler=self.choice,
                     ping_interval=5,
                     max_outstanding_pings=2,
                     disconnected_cb=self._on_disconnect,

@@ -62,6 +62,7 @@ class Heartbeat:
 
     async def beat(self) -> bool:
         """Publish one heartbeat now and wait for its ack; False when NATS did not take it."""
+        sent_at = time.monotonic()
         body = encode_heartbeat(self.relay.stats.last_acked_seq)
         headers = {SIGNATURE_HEADER: self.signer.sign(KIND_HEARTBEAT, HEARTBEAT_ENTRY, body)}
         try:
@@ -76,12 +77,14 @@ class Heartbeat:
                 self._failing_since = time.monotonic()
                 log.warning("heartbeat not published: %s (sidecars grow stale until it is; retrying every %.1fs)",
                             str(exc) or type(exc).__name__, self.interval)  # fmt: skip
-            # A stream deleted or lost while the outbox is empty: nothing else would notice until the next change.
-            await self.broker.repair_if_missing()
+            # A stream lost while the outbox is empty, or a server cut off from its cluster: nothing else would
+            # notice until the next change.
+            await self.broker.publish_failed()
             return False
         if self._failing_since is not None:
             log.info("heartbeat published again after %.1fs", time.monotonic() - self._failing_since)
             self._failing_since = None
+        self.broker.published(sent_at)
         self.relay.stats.acked([ack])  # the next heartbeat reports this one too
         self.stats.published += 1
         self.stats.last_published = time.time()

@@ -53,6 +53,7 @@ LEASE_TTL = 5.0
 _BLOCKED_FOR = 0.5
 _FOLLOWER_POLL = 0.05  # how often a waiter looks at the database while another process publishes
 _LEADER_RECHECK = 0.25  # ... and while this process publishes (it is told; this only covers a lost lease)
+_ACK_RECHECK = 0.25  # how often a wait for acks looks whether a later publish was acknowledged meanwhile
 
 
 @dataclass(slots=True)
@@ -203,14 +204,16 @@ class OutboxRelay:
                     reason = "not connected to NATS" if not self.broker.connected else "the key bucket is not made yet"
                     await asyncio.sleep(self.health.failed(reason, waiting=len(entries)))
                     continue
+                sent_at = time.monotonic()
                 done = await self._publish(entries)
                 await self._forget(done)
                 if len(done) < len(entries):
                     # Never give up and never stop: the next attempt after a bounded pause. A stream that
                     # is gone is made again first; one that merely has no leader for now is left alone.
-                    await self.broker.repair_if_missing()
-                    await asyncio.sleep(self.health.failed(self._last_failure, waiting=len(entries) - len(done)))
+                    await self.broker.publish_failed()
+                    await self._pause(self.health.failed(self._last_failure, waiting=len(entries) - len(done)))
                 else:
+                    self.broker.published(sent_at)
                     self.health.succeeded(published=len(done))
             except asyncio.CancelledError:
                 raise
@@ -218,6 +221,14 @@ class OutboxRelay:
                 pause = self.health.failed(_describe(exc))
                 log.debug("outbox relay error: %s (retrying in %.1fs)", exc, pause)
                 await asyncio.sleep(pause)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait before the next attempt; cut short once JetStream acknowledges a publish (the heartbeat's,
+        say): the stream takes publishes again."""
+        acked = self.broker.acked
+        acked.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(acked.wait(), seconds)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -277,7 +288,7 @@ class OutboxRelay:
                 futures.append(await js.publish_async(prefix + entry.entry, message[0], headers=message[1]))
                 sent.append(entry)
             wave = sent
-            results = await _gather_with_timeout(futures, self.publish_timeout)
+            results = await self._acks(futures, sent_at=time.monotonic())
             self.stats.acked(results)
             failed = {e.key_id for e, r in zip(wave, results, strict=True) if isinstance(r, BaseException)}
             done += [e for e, r in zip(wave, results, strict=True) if not isinstance(r, BaseException)]
@@ -291,6 +302,22 @@ class OutboxRelay:
         self.stats.batches += 1
         self.stats.last_publish_seconds = time.perf_counter() - started
         return done
+
+    async def _acks(self, futures: Sequence[asyncio.Future[Any]], *, sent_at: float) -> list[object]:
+        """The outcome of each publish sent at `sent_at`: its ack, or an error.
+
+        Waits up to `publish_timeout`, but no longer once JetStream acknowledged a publish sent later
+        (a heartbeat's): it acknowledges one connection's publishes to a stream in order, so ours were
+        lost (sent to a stream without a leader, or to a server that was then left) and are retried now.
+        """
+        deadline = sent_at + self.publish_timeout
+        waiting: set[asyncio.Future[Any]] = set(futures)
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.broker.last_acked_sent > sent_at:
+                break
+            _, waiting = await asyncio.wait(waiting, timeout=min(left, _ACK_RECHECK))
+        return _outcomes(futures)
 
     def _signed(self, entry: OutboxEntry) -> tuple[bytes, dict[str, str]] | None:
         """The payload and headers to publish for `entry`, signed now; None for a delete nobody could verify."""
@@ -335,10 +362,8 @@ def _describe(error: object) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-async def _gather_with_timeout(futures: Sequence[asyncio.Future[Any]], timeout: float) -> list[object]:
-    """Results (or exceptions) of every future; those unfinished after `timeout` count as TimeoutError."""
-    if futures:
-        await asyncio.wait(futures, timeout=timeout)
+def _outcomes(futures: Sequence[asyncio.Future[Any]]) -> list[object]:
+    """Results (or exceptions) of every future; those unfinished count as TimeoutError (and are cancelled)."""
     results: list[object] = []
     for future in futures:
         if not future.done():

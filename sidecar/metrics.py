@@ -124,6 +124,8 @@ class Metrics:
                 stats.consumer_resets,
             ),
             ("keyrelay_reconnects_total", "counter", "Reconnections to NATS", stats.reconnects),
+            ("keyrelay_nats_server_moves_total", "counter", "Servers left because their JetStream did not serve the "
+             "stream (cut off from their cluster)", sync.choice.moves),
             ("keyrelay_quarantined_total", "counter", "Keys refused because their newest record failed verification",
              stats.quarantined),
             ("keyrelay_apply_errors_total", "counter", "Faults while applying a value (each led to a resync)",

@@ -40,6 +40,7 @@ from .admit import Elsewhere, Heartbeat, Record, Refused, Tombstone, Verdict, ex
 from .direct import DirectClient
 from .errors import BucketNotFound, RecordError
 from .nats_connect import NatsConnect, identity_name
+from .server_choice import ServerChoice, stream_serves
 from .snapshot import Snapshot, SnapshotStore
 from .table import KeyTable
 from .trust import Signer, Trust
@@ -63,6 +64,11 @@ _NS = 1_000_000_000
 _STREAM_NOT_FOUND = 10059
 _MAX_BACKOFF = 2.0
 _MISSED_HEARTBEATS = 3
+# How often the publisher is taken to beat until two heartbeats told (its --heartbeat-interval default).
+_ASSUMED_HEARTBEAT_INTERVAL = 2.0
+_MAX_HEARTBEAT_GAP = 60.0  # a gap this long is an outage, not the publisher's interval
+_MAX_DELETING = 4  # deletions of replaced consumers in flight at once
+_PROBE_TIMEOUT = 1.0  # a stream's leader answers STREAM.INFO in milliseconds: longer is no answer
 # The age of a replica whose mirror has not (yet) reported hearing from the hub: stale, finite for JSON.
 _UNKNOWN_AGE = 1e9
 # A snapshot more than this many revisions (or a tenth of the table) behind is replaced early.
@@ -151,6 +157,8 @@ class KeySync:
     connect: NatsConnect | None = None
 
     stats: SyncStats = field(default_factory=SyncStats)
+    # Which server to reconnect to; leaving one whose JetStream does not serve (cut off from its cluster).
+    choice: ServerChoice = field(default_factory=ServerChoice)
     last_revision: int = 0
     pending: int = 0
     connected: bool = False
@@ -178,6 +186,7 @@ class KeySync:
     # The publisher's last verified heartbeat: when it was signed (wall clock), what it had acked.
     heartbeat_at: float | None = None
     heartbeat_acked: int = 0
+    heartbeat_gap: float = 0.0  # seconds between the last two heartbeats: how often the publisher beats (0: unknown)
     recent_quarantines: list[dict[str, Any]] = field(default_factory=list)
 
     _nc: DirectClient | None = None
@@ -191,6 +200,8 @@ class KeySync:
         default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="keyrelay-verify")
     )
     _log_window: tuple[float, int] = (0.0, 0)  # start of this minute's rejection log lines, and their count
+    _next_probe: float = 0.0  # when a late heartbeat may next make the sidecar ask its server for the stream
+    _deleting: set[asyncio.Task[None]] = field(default_factory=set)  # old consumers being deleted
     _floors_pruned: float = 0.0
 
     @property
@@ -263,6 +274,8 @@ class KeySync:
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(Exception):
                 await self._drop_consumer(self._gen)
+            for task in list(self._deleting):
+                task.cancel()
             await self._nc.close()
         self._verifiers.shutdown(wait=False, cancel_futures=True)
 
@@ -279,9 +292,14 @@ class KeySync:
             try:
                 await self._open_consumer(self._nc)
                 backoff = 0.1
+                self.choice.served()
             except Exception as exc:
                 self.stats.sync_errors += 1
                 log.warning("cannot open a consumer on %s: %s (retrying in %.1fs)", self.stream, exc, backoff)
+                if isinstance(exc, BucketNotFound):
+                    self.choice.served()  # the server answered: it is the bucket that is missing
+                elif await self.choice.failed(self._nc, f"open a consumer on {self.stream}"):
+                    continue  # another server now: try there at once
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
                 continue
@@ -303,7 +321,8 @@ class KeySync:
                     name=self.name,
                     connect_timeout=2,
                     max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,  # type: ignore[arg-type]  # seconds; nats-py says int, takes float
+                    reconnect_time_wait=self.choice.wait,  # type: ignore[arg-type]  # seconds; nats-py says int
+                    reconnect_to_server_handler=self.choice,
                     ping_interval=5,
                     max_outstanding_pings=2,
                     disconnected_cb=self._on_disconnect,
@@ -471,9 +490,44 @@ class KeySync:
                 self.table.prune_floors(now)
             if self._gen.sub is not None and self._since_local_contact() > _MISSED_HEARTBEATS * self.heartbeat:
                 self._reset.set()
+            nc = self._nc
+            late = self._heartbeat_late()
+            if late and nc is not None and nc.is_connected and time.monotonic() >= self._next_probe:
+                self._next_probe = time.monotonic() + late
+                await self._probe_server(nc)
             if self.mirror and self._nc is not None and self._nc.is_connected:
                 with contextlib.suppress(Exception):  # the next tick tries again; staleness grows meanwhile
                     self._note_mirror(await self._api(self._nc, f"STREAM.INFO.{self.stream}"))
+
+    def _heartbeat_late(self) -> float:
+        """The publisher's heartbeat interval once three of them passed without one (0 until then).
+
+        The interval is the gap between the last two heartbeats (the publisher's default until two arrived),
+        never less than the consumer's own idle heartbeat.
+        """
+        every = max(self.heartbeat_gap or _ASSUMED_HEARTBEAT_INTERVAL, self.heartbeat)
+        last = self.heartbeat_at
+        age = time.time() - last if last is not None else time.monotonic() - self.started
+        return every if age > _MISSED_HEARTBEATS * every else 0.0
+
+    async def _probe_server(self, nc: DirectClient) -> None:
+        """The publisher's heartbeat is late: does this server still answer for the stream?
+
+        The publisher may simply be down; then the server answers, and the sidecar stays. A server cut
+        off from the rest of its cluster (a partition) keeps delivering idle heartbeats from its own stale
+        copy of the stream, and answers nothing for it or (as its leader still) hears from no quorum: the
+        sidecar then moves to another server.
+        """
+        try:
+            info = await self._api(nc, f"STREAM.INFO.{self.stream}", timeout=min(self.api_timeout, _PROBE_TIMEOUT))
+            error = info.get("error")
+            serves = stream_serves(info) if error is None else error.get("err_code") == _STREAM_NOT_FOUND
+        except Exception:  # a timeout, no responders
+            serves = False
+        if serves:
+            self.choice.served()
+        else:
+            await self.choice.failed(nc, f"serve the stream {self.stream} while the publisher's heartbeat is late")
 
     def _note_mirror(self, info: dict[str, Any]) -> None:
         """Record how recently a mirror heard from its source (`active`: nanoseconds ago, -1 never)."""
@@ -486,14 +540,15 @@ class KeySync:
         if isinstance(active, int) and active >= 0:
             self.upstream_contact = time.monotonic() - active / _NS
 
-    async def _api(self, nc: DirectClient, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def _api(self, nc: DirectClient, subject: str, body: dict[str, Any] | None = None, *,
+                   timeout: float | None = None) -> dict[str, Any]:  # fmt: skip
         payload = json.dumps(body).encode() if body is not None else b""
-        reply = await nc.request(f"$JS.API.{subject}", payload, timeout=self.api_timeout)
+        reply = await nc.request(f"$JS.API.{subject}", payload, timeout=timeout or self.api_timeout)
         data: dict[str, Any] = json.loads(reply.data)
         return data
 
     async def _open_consumer(self, nc: DirectClient) -> None:
-        await self._drop_consumer(self._gen)
+        await self._drop_consumer(self._gen, wait=False)
         self.connected = nc.is_connected
         info = await self._api(nc, f"STREAM.INFO.{self.stream}")
         if "error" in info:
@@ -560,15 +615,32 @@ class KeySync:
         if pending == 0:
             self._caught_up()
 
-    async def _drop_consumer(self, gen: _Generation) -> None:
+    async def _drop_consumer(self, gen: _Generation, *, wait: bool = True) -> None:
+        """Unsubscribe from a consumer's deliveries and delete it (in the background unless `wait`).
+
+        The next consumer must not wait for the deletion: after a lost node or a leader election the
+        old consumer may answer nothing until the request times out, and its inactivity threshold
+        removes it anyway.
+        """
         if gen.sub is None:
             return
         sub, gen.sub = gen.sub, None
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
         if gen.consumer and self._nc is not None and self._nc.is_connected:
-            with contextlib.suppress(Exception):
-                await self._api(self._nc, f"CONSUMER.DELETE.{self.stream}.{gen.consumer}")
+            deleting = self._delete_consumer(self._nc, gen.consumer)
+            if wait:
+                await deleting
+            elif len(self._deleting) < _MAX_DELETING:
+                task = asyncio.create_task(deleting, name="keyrelay-consumer-delete")
+                self._deleting.add(task)
+                task.add_done_callback(self._deleting.discard)
+            else:
+                deleting.close()  # enough deletions wait already: the inactivity threshold removes this one
+
+    async def _delete_consumer(self, nc: DirectClient, consumer: str) -> None:
+        with contextlib.suppress(Exception):
+            await self._api(nc, f"CONSUMER.DELETE.{self.stream}.{consumer}")
 
     def _caught_up(self) -> None:
         if not self.synced:
@@ -813,6 +885,8 @@ class KeySync:
         # Never fresher than now: a publisher clock running ahead must not stretch the bound.
         signed_at = min(signed_at, time.time())
         if self.heartbeat_at is None or signed_at >= self.heartbeat_at:
+            if self.heartbeat_at is not None and signed_at > self.heartbeat_at:
+                self.heartbeat_gap = min(signed_at - self.heartbeat_at, _MAX_HEARTBEAT_GAP)
             self.heartbeat_at, self.heartbeat_acked = signed_at, acked
         self.stats.heartbeats += 1
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
@@ -16,6 +17,7 @@ from nats.js.api import ConsumerConfig
 from nats.js.client import JetStreamContext
 
 from keyrelay.natsd import NatsServer, NatsSpec
+from loadtest.linkproxy import LinkProcess
 
 __all__ = ["NatsCluster", "cluster_client"]
 
@@ -35,22 +37,53 @@ async def _quiet(*_: object) -> None:
     """Tests kill nodes on purpose: the client's complaints about it are noise."""
 
 
+# Where a node tells others to reach it when they learn of it from a third node: nowhere (nothing listens
+# on port 1), so linked nodes route only through their links, never around a cut one.
+_NOWHERE = "127.0.0.1:1"
+
+
 @dataclass
 class NatsCluster:
-    """`size` nats-server nodes with JetStream, routed to each other; each with its own ports and store."""
+    """`size` nats-server nodes with JetStream, routed to each other; each with its own ports and store.
+
+    With links, each node dials each other one through a LinkProxy process of its own (the route between
+    two nodes is whichever of their two links won), so a test can partition nodes by cutting links and heal them.
+    """
 
     nodes: list[NatsServer]
+    links: dict[tuple[str, str], LinkProcess] = field(default_factory=dict)
 
     @classmethod
-    def create(cls, root: Path, size: int = 3) -> NatsCluster:
-        """Nodes n1..n<size> under `root`, on free client and route ports (not started)."""
+    def create(cls, root: Path, size: int = 3, *, linked: bool = False) -> NatsCluster:
+        """Nodes n1..n<size> under `root`, on free client and route ports (not started; the links are)."""
         ports = _distinct_free_ports(2 * size)
         specs = [NatsSpec(name=f"n{i + 1}", store_dir=root / f"n{i + 1}", cluster_name=CLUSTER_NAME,
                           port=ports[2 * i], cluster_port=ports[2 * i + 1]) for i in range(size)]  # fmt: skip
         nodes = [NatsServer(spec, log_dir=root / "logs") for spec in specs]
+        cluster = cls(nodes)
         for spec in specs:
-            spec.routes = [other.route_url for other in specs if other is not spec]
-        return cls(nodes)
+            if not linked:
+                spec.routes = [other.route_url for other in specs if other is not spec]
+                continue
+            spec.cluster_advertise = _NOWHERE
+            for other in specs:
+                if other is not spec:
+                    log = root / "logs" / f"link-{spec.name}-{other.name}.log"
+                    link = LinkProcess.spawn(other.cluster_port, log=log)
+                    cluster.links[(spec.name, other.name)] = link
+                    spec.routes.append(f"nats-route://127.0.0.1:{link.port}")
+        return cluster
+
+    def isolate(self, name: str, *, reset: bool = False) -> None:
+        """Cut every link of node `name`: a partition of it from the rest (silent, or dropping connections)."""
+        for pair, link in self.links.items():
+            if name in pair:
+                link.cut(reset=reset)
+
+    def heal(self) -> None:
+        """Heal every link."""
+        for link in self.links.values():
+            link.heal()
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -72,10 +105,12 @@ class NatsCluster:
             node.start()
 
     def stop(self) -> None:
-        """Stop every node that still runs."""
+        """Stop every node that still runs, and every link."""
         for node in self.nodes:
             with contextlib.suppress(Exception):
                 node.stop(kill=True)
+        for link in self.links.values():
+            link.stop()
 
     async def wait_jetstream(self, js: JetStreamContext, timeout: float = 30.0) -> float:
         """Wait until the cluster's JetStream answers (a meta leader is elected); the seconds it took."""
@@ -119,24 +154,45 @@ class NatsCluster:
                 raise AssertionError(f"no consumer could be created on {stream} in {timeout}s")
             await asyncio.sleep(0.05)
 
-    async def any_stream_leader(self, js: JetStreamContext, stream: str, timeout: float = 30.0) -> tuple[str, float]:
-        """The name of the node leading `stream` as soon as one is elected; the seconds it took."""
+    async def any_stream_leader(self, js: JetStreamContext, stream: str, timeout: float = 30.0, *,
+                                not_in: Collection[str] = ()) -> tuple[str, float]:  # fmt: skip
+        """The name of the node leading `stream` as soon as one (not in `not_in`) is elected; the seconds it took."""
         started = time.monotonic()
         while True:
             with contextlib.suppress(Exception):
                 info = await js.stream_info(stream)
-                if info.cluster is not None and info.cluster.leader:
+                if info.cluster is not None and info.cluster.leader and info.cluster.leader not in not_in:
                     return info.cluster.leader, time.monotonic() - started
             if time.monotonic() - started > timeout:
                 raise AssertionError(f"stream {stream} elected no leader in {timeout}s")
             await asyncio.sleep(0.05)
 
+    async def move_leader(self, js: JetStreamContext, stream: str, name: str, timeout: float = 30.0) -> None:
+        """Have node `name` lead `stream` (a leader step-down preferring it), and wait until it does."""
+        request = json.dumps({"placement": {"preferred": name}}).encode()
+        started = time.monotonic()
+        while (await self.stream_leader(js, stream, timeout=timeout))[0] != name:
+            if time.monotonic() - started > timeout:
+                raise AssertionError(f"{name} did not take the lead of {stream} in {timeout}s")
+            with contextlib.suppress(Exception):
+                await js._nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{stream}", request, timeout=5)
+
+    async def serves_again(self, stream: str, *, lost: Collection[str], timeout: float = 30.0) -> None:
+        """Wait until the nodes not in `lost` serve `stream`: one of them leads it, and a consumer can be made."""
+        async with cluster_client(self, avoid=lost) as (_, js):
+            await self.any_stream_leader(js, stream, timeout=timeout, not_in=lost)
+            await self.serves_consumers(js, stream, timeout=timeout)
+
 
 @contextlib.asynccontextmanager
-async def cluster_client(cluster: NatsCluster) -> AsyncIterator[tuple[Client, JetStreamContext]]:
-    """A test's own connection to the cluster (every URL), which rides out the loss of a node."""
-    nc = await nats.connect(list(cluster.urls), max_reconnect_attempts=-1, reconnect_time_wait=0.1,
-                            connect_timeout=2, error_cb=_quiet, disconnected_cb=_quiet)  # fmt: skip
+async def cluster_client(
+    cluster: NatsCluster, *, avoid: Collection[str] = ()
+) -> AsyncIterator[tuple[Client, JetStreamContext]]:
+    """A test's own connection to the cluster (every URL but those of the nodes to `avoid`), which rides out the
+    loss of a node."""
+    urls = [node.url for node in cluster.nodes if node.spec.name not in avoid]
+    nc = await nats.connect(urls, max_reconnect_attempts=-1, reconnect_time_wait=0.1, connect_timeout=2,
+                            error_cb=_quiet, disconnected_cb=_quiet)  # fmt: skip
     try:
         yield nc, nc.jetstream(timeout=2.0)
     finally:
