@@ -73,12 +73,14 @@ class NatsSpec:
     host: str = "127.0.0.1"
     domain: str | None = None
     leafnode_port: int | None = None  # accept leaf connections (a hub)
-    remotes: list[str] = field(default_factory=list)  # leaf URLs to connect to (a leaf)
+    remotes: list[str] = field(default_factory=list)  # the hub's leaf URLs (a leaf): one link, to any of them
     http_port: int | None = None
     # More top-level blocks (accounts, tls, ...), and what each leaf remote adds to its URL (credentials).
     blocks: dict[str, Any] = field(default_factory=dict)
     remote_options: dict[str, Any] = field(default_factory=dict)
     leafnode_tls: dict[str, Any] | None = None
+    # Whether a hub node tells leaf nodes of its cluster peers' leaf listeners (they then dial them directly).
+    leafnode_advertise: bool = True
     # A JetStream cluster: its name, this node's route port (0: a free one) and the routes to its peers.
     cluster_name: str | None = None
     cluster_port: int = 0
@@ -116,12 +118,15 @@ class NatsSpec:
             lines.append("leafnodes {")
             if self.leafnode_port is not None:
                 lines += [f'  host: "{self.host}"', f"  port: {self.leafnode_port}"]
+                if not self.leafnode_advertise:
+                    lines.append("  no_advertise: true")
             if self.leafnode_tls is not None:
                 lines.append(render_conf({"tls": self.leafnode_tls}))
             if self.remotes:
                 lines.append("  reconnect: 1")
-                remotes = [{"url": url, **self.remote_options} for url in self.remotes]
-                lines.append(render_conf({"remotes": remotes}))
+                # One remote: the leaf links once, to whichever of a clustered hub's nodes answers.
+                remote = {"urls": self.remotes} if len(self.remotes) > 1 else {"url": self.remotes[0]}
+                lines.append(render_conf({"remotes": [{**remote, **self.remote_options}]}))
             lines.append("}")
         return "\n".join(lines) + "\n" + render_conf(self.blocks)
 

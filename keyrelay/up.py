@@ -3,7 +3,8 @@
 Single region: one nats-server (JetStream domain `hub`), the publisher on SQLite
 and a global sidecar. With `--regions eu,us`: the hub plus one leaf nats-server
 per region (its own JetStream domain, a filtered mirror of the bucket) and a
-sidecar per region connected to its region's NATS only. Ctrl-C or SIGTERM stops
+sidecar per region connected to its region's NATS only. With `--hub-nodes 3` the
+hub is a 3-node JetStream cluster on loopback holding the bucket at 3 replicas. Ctrl-C or SIGTERM stops
 everything; children also die with the supervisor (PR_SET_PDEATHSIG).
 """
 
@@ -135,13 +136,14 @@ class Stack:
         self.token = self.settings.admin_token or self._stored_token()
         if self.settings.admin_token:
             write_private(self.token_file, self.token + "\n")  # where the CLI looks for it
-        hub = self._start_nats()
-        self._start_publisher(hub.url)
+        hub_url = ",".join(node.url for node in self._start_nats())
+        self._start_publisher(hub_url)
         self._wait_bucket()
         regions = self.settings.regions or (None,)
         snapshot_key = self._key_file("snapshot-key")
+        leaves = self.nats[self.settings.hub_nodes :]
         for i, region in enumerate(regions):
-            nats_url = self.nats[i + 1].url if region else hub.url
+            nats_url = leaves[i].url if region else hub_url
             if region:
                 asyncio.run(init_region(RegionSettings(region=region, nats_url=(nats_url,),
                                                        nats_creds=self.creds("region-init", region),
@@ -155,7 +157,7 @@ class Stack:
         # region keeps its signed snapshot fresh, as `keyrelay snapshot seed --keep-running` does
         # in production; sidecars hold no snapshot key.
         for i, region in enumerate(regions):
-            self._start_seeder(region, self.nats[i + 1].url if region else hub.url, snapshot_key)
+            self._start_seeder(region, leaves[i].url if region else hub_url, snapshot_key)
         if self.settings.demo:
             self.demo = _seed_demo(AdminClient(self.publisher_url, self.token))
         write_private(stack_file(self.data_dir), json.dumps(self.describe_json(), indent=2))
@@ -174,26 +176,39 @@ class Stack:
         write_private(path, token + "\n")
         return token
 
-    def _start_nats(self) -> NatsServer:
+    def _start_nats(self) -> list[NatsServer]:
+        """The hub (its nodes, routed to each other when it is a cluster), then a leaf per region; the hub's nodes."""
         logs = self.data_dir / "logs"
-        leaf_port = self.ports.pick(7422, "hub leaf-node listener") if self.settings.regions else None
-        hub = NatsServer(
-            NatsSpec(name="hub", store_dir=self.data_dir / "nats" / "hub", port=self.ports.pick(
-                self.settings.nats_port, "hub NATS"), domain=HUB_DOMAIN, leafnode_port=leaf_port,
-                blocks={**hub_settings(self.settings.regions, self.credentials.public_key), **self._tls_block()},
-                leafnode_tls=self.tls.server_block() if self.tls else None),
-            log_dir=logs,
-        )  # fmt: skip
-        hub.start()
-        self.nats.append(hub)
+        count = self.settings.hub_nodes
+        leaf_ports = [self.ports.pick(7422 if i == 0 else 0, "hub leaf-node listener") for i in range(count)
+                      ] if self.settings.regions else []  # fmt: skip
+        specs = [
+            NatsSpec(name="hub" if count == 1 else f"hub-{i + 1}", store_dir=self.data_dir / "nats" / f"hub{i or ''}",
+                     port=self.ports.pick(self.settings.nats_port if i == 0 else 0, "hub NATS"), domain=HUB_DOMAIN,
+                     leafnode_port=leaf_ports[i] if leaf_ports else None,
+                     blocks={**hub_settings(self.settings.regions, self.credentials.public_key), **self._tls_block()},
+                     leafnode_tls=self.tls.server_block() if self.tls else None)
+            for i in range(count)
+        ]  # fmt: skip
+        if count > 1:
+            for spec in specs:
+                spec.cluster_name = "keyrelay-hub"
+                spec.cluster_port = self.ports.pick(0, "hub cluster routes")
+                # Leaf nodes are given every hub node (through the load test's links): none learns a way around.
+                spec.leafnode_advertise = False
+            for spec in specs:
+                spec.routes = [other.route_url for other in specs if other is not spec]
+        hubs = [NatsServer(spec, log_dir=logs) for spec in specs]
+        for hub in hubs:
+            hub.start()
+            self.nats.append(hub)
         for region in self.settings.regions:
-            assert leaf_port is not None
-            dial = self.leaf_link(region, leaf_port) if self.leaf_link else leaf_port
+            dial = [self.leaf_link(region, port) if self.leaf_link else port for port in leaf_ports]
             leaf = NatsServer(
                 NatsSpec(name=f"leaf-{region}", store_dir=self.data_dir / "nats" / region,
                          port=self.ports.pick(self.settings.nats_port and self.settings.nats_port + 1,
                                               f"{region} NATS"), domain=region,
-                         remotes=[f"nats-leaf://127.0.0.1:{dial}"],
+                         remotes=[f"nats-leaf://127.0.0.1:{port}" for port in dial],
                          blocks={**leaf_settings(region, self.credentials.public_key), **self._tls_block()},
                          remote_options={**leaf_remote(region, self.credentials.seed(identity_name("leaf", region))),
                                          **({"tls": self.tls.remote_block()} if self.tls else {})}),
@@ -201,7 +216,7 @@ class Stack:
             )  # fmt: skip
             leaf.start()
             self.nats.append(leaf)
-        return hub
+        return hubs
 
     def _tls_block(self) -> dict[str, Any]:
         return {"tls": self.tls.server_block()} if self.tls else {}
@@ -240,6 +255,7 @@ class Stack:
             "--database-url", f"sqlite:///{database}",
             # The regions this stack has sidecars for (global only without --regions): keys for others are refused.
             "--regions", ",".join(self.settings.regions) or "global",
+            "--bucket-replicas", str(min(self.settings.hub_nodes, 3)),
             # The first run creates the database; later runs find it, and a lost one is an error, not a new start.
             *(["--init"] if self.first_run else []),
         ], port, {"KEYRELAY_SIGNING_KEY": str(self._signing_key()),

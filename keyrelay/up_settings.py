@@ -11,6 +11,13 @@ from sidecar.settings import LOG_LEVELS, parse_port, parse_regions
 __all__ = ["UpSettings"]
 
 
+def _hub_nodes(text: str) -> int:
+    nodes = int(text)
+    if nodes not in (1, 3, 5):
+        raise ValueError("1, 3 or 5: a JetStream cluster needs an odd number of nodes for a quorum")
+    return nodes
+
+
 @dataclass(frozen=True, slots=True)
 class UpSettings:
     """Options of `keyrelay up`."""
@@ -22,6 +29,12 @@ class UpSettings:
     publisher_port: int = option(8080, parse=parse_port, help="admin API port (the next free one if taken)")
     sidecar_port: int = option(8081, parse=parse_port, help="first sidecar's port; more regions take the next ones")
     nats_port: int = option(4222, parse=parse_port, help="hub NATS client port (the next free one if taken)")
+    hub_nodes: int = option(
+        1,
+        parse=_hub_nodes,
+        help="hub NATS nodes: 1, or 3 or 5 for a JetStream cluster on loopback with the key bucket at 3 replicas "
+        "(docs/high-availability.md)",
+    )
     nats_tls: bool = option(
         False,
         parse=parse_bool,

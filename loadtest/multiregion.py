@@ -1,11 +1,12 @@
-"""`keyrelay loadtest`: regions on loopback with WAN delays, open-loop verify load, key churn, a partition.
+"""`keyrelay loadtest`: regions on loopback with WAN delays, open-loop verify load, key churn, faults.
 
 Builds the hub and one leaf NATS per region (each behind a link proxy adding a
 one-way delay), the publisher and a sidecar per region; preloads N keys; then
 for S seconds drives R verify requests per second at every region's sidecar
 (valid, revoked, unknown and malformed keys) while creating, rotating and
-revoking keys through the API. Prints a live progress line, then a summary;
-writes report.json and plot.png.
+revoking keys through the API, optionally cutting a region off (--partition) or
+killing hub nodes of a clustered hub (--hub-nodes 3 --node-faults N). Prints a
+live progress line, then a summary; writes report.json and plot.png.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any
 
 from sidecar.config import add_options, load, option, parse_bool, parse_duration
 from sidecar.settings import parse_region
+
+_MAX_NODE_FAULTS = 10
 
 # asyncio and the machinery (aiohttp, matplotlib) are imported by run() and loadtest_command(), not here:
 # `keyrelay --help` imports this module for add_arguments.
@@ -51,6 +54,13 @@ def _partition(text: str) -> tuple[str, float] | None:
     return region, parse_duration(value or "10s")
 
 
+def _node_faults(text: str) -> int:
+    faults = int(text)
+    if not 0 <= faults <= _MAX_NODE_FAULTS:
+        raise ValueError(f"from 0 to {_MAX_NODE_FAULTS}")
+    return faults
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -73,11 +83,32 @@ class LoadtestSettings:
     partition: tuple[str, float] | None = option(
         None, parse=_partition, help="cut one region from the hub for a while, e.g. eu:10s (30% into the run)"
     )
+    hub_nodes: int = option(
+        1, parse=int, help="hub NATS nodes: 1, or a JetStream cluster of 3 or 5 (keyrelay up --hub-nodes)"
+    )
+    node_faults: int = option(
+        0,
+        parse=_node_faults,
+        help="hub nodes to kill (SIGKILL), one at a time, each started "
+        "again after --node-down; spread over the middle of the run (needs --hub-nodes 3 or 5)",
+    )
+    node_down: float = option(3.0, parse=parse_duration, duration=True, help="how long each killed hub node stays down")
     max_staleness: str = option("", help="the sidecars' --max-staleness (default: theirs)")
     stale_policy: str = option("", help="the sidecars' --stale-policy (default: theirs)")
     out: Path = option(Path("loadtest/results/latest"), parse=Path, help="where report.json, plot.png and logs go")
     plot: bool = option(True, parse=parse_bool, help="draw plot.png (needs matplotlib)")
     seed: int = option(1, parse=int, help="seed of the request mix")
+
+    def fault_plan(self) -> list[tuple[int, float]]:
+        """Which hub node (by index) is killed when (seconds into the run): evenly over 20-80% of it, in turn."""
+        if self.node_faults and self.hub_nodes < 3:
+            raise SystemExit("--node-faults needs --hub-nodes 3 or 5: a hub of one node has nothing to fail over to")
+        spacing = self.duration * 0.6 / max(self.node_faults, 1)
+        if self.node_faults and spacing < self.node_down + 5:
+            raise SystemExit(f"--node-faults {self.node_faults} with --node-down {self.node_down:.0f}s do not fit "
+                             f"in --duration {self.duration:.0f}s: each needs its downtime plus 5s, in 60% of the "
+                             "run")  # fmt: skip
+        return [(i % self.hub_nodes, self.duration * 0.2 + i * spacing) for i in range(self.node_faults)]
 
     def link_delays(self) -> dict[str, float]:
         """Every region's one-way delay: given, or 40 ms plus 20 ms per region after the first."""
@@ -99,7 +130,7 @@ async def run(settings: LoadtestSettings) -> dict[str, Any]:
     from .openloop import collector_paused
     from .report import judge, plot, write_json
     from .topology import Topology
-    from .workload import Partition, Workload
+    from .workload import NodeFault, Partition, Workload
 
     delays = settings.link_delays()
     sidecar_args = []
@@ -108,7 +139,8 @@ async def run(settings: LoadtestSettings) -> dict[str, Any]:
     if settings.stale_policy:
         sidecar_args += ["--stale-policy", settings.stale_policy]
     out = settings.out.resolve()
-    topology = Topology(settings.regions, delays, out / "stack", sidecar_args)
+    plan = settings.fault_plan()
+    topology = Topology(settings.regions, delays, out / "stack", sidecar_args, hub_nodes=settings.hub_nodes)
     _say(f"building {len(settings.regions)} regions ({', '.join(f'{r} {d * 1000:.0f}ms' for r, d in delays.items())})")
     started = time.perf_counter()
     await topology.start()
@@ -120,6 +152,7 @@ async def run(settings: LoadtestSettings) -> dict[str, Any]:
         if region not in settings.regions:
             raise SystemExit(f"--partition names {region!r}, which is not among --regions")
         workload.partition = Partition(region, seconds)
+    workload.node_faults = [NodeFault(topology.hub[i].spec.name, at, settings.node_down) for i, at in plan]
     try:
         preload = await workload.preload(settings.keys, _say)
 
@@ -130,9 +163,10 @@ async def run(settings: LoadtestSettings) -> dict[str, Any]:
                 parts.append(f"{region} {count}/s p99 {p99 * 1000:.1f}ms")
             revoked = sum(1 for k in workload.keys if k.revoked is not None)
             cut = ""
-            plan = workload.partition
-            if plan and plan.cut_at and not plan.healed_at:
-                cut = f" | {plan.region} CUT"
+            partition = workload.partition
+            if partition and partition.cut_at and not partition.healed_at:
+                cut = f" | {partition.region} CUT"
+            cut += "".join(f" | {f.node} DOWN" for f in workload.node_faults if f.killed_at and not f.revived_at)
             print(f"\r\033[K{elapsed:5.0f}/{settings.duration:.0f}s | {' | '.join(parts)} | revoked {revoked}{cut}",
                   end="", file=sys.stderr, flush=True)  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Judging a multi-region run: throughput, latency, propagation, false accepts and rejects, partition."""
+"""Judging a multi-region run: throughput, latency, propagation, false accepts and rejects, partition, node losses."""
 
 from __future__ import annotations
 
@@ -50,13 +50,19 @@ def _in_cut(workload: Workload, region: str, moment: float) -> bool:
             and plan.cut_at <= moment <= plan.healed_at)  # fmt: skip
 
 
+def _in_fault(workload: Workload, moment: float) -> bool:
+    return any(fault.spans(moment) for fault in workload.node_faults)
+
+
 def _propagation(workload: Workload, region: str) -> list[float]:
-    """API call returned → first 401 in `region`, for revocations outside a partition of that region."""
+    """API call returned → first 401 in `region`, for revocations outside a partition of that region and outside
+    a hub node's loss (those are reported on their own)."""
     return [
         key.refused[region] - key.revoked
         for key in workload.keys
         if key.revoked is not None and region in key.refused and not _in_cut(workload, region, key.revoked)
-    ]
+        and not _in_fault(workload, key.revoked)
+    ]  # fmt: skip
 
 
 def judge(workload: Workload, delays: dict[str, float]) -> dict[str, Any]:
@@ -127,7 +133,41 @@ def judge(workload: Workload, delays: dict[str, float]) -> dict[str, Any]:
     if plan is not None and plan.cut_at is not None and plan.healed_at is not None:
         report["partition"] = _partition_figures(workload, plan.region, plan.cut_at, plan.healed_at,
                                                  plan.readiness)  # fmt: skip
+    if workload.node_faults:
+        report["node_faults"] = _node_fault_figures(workload)
     return report
+
+
+def _node_fault_figures(workload: Workload) -> list[dict[str, Any]]:
+    """Per hub node lost: revocation propagation (API call returned → first 401, every region it applies to)
+    for revocations made while the node was down, and for those made after it was back until the next loss."""
+    end = workload.started + workload.duration
+    windows = [(f.node, f.killed_at, f.revived_at) for f in workload.node_faults
+               if f.killed_at is not None and f.revived_at is not None]  # fmt: skip
+    figures = []
+    for i, (node, killed, revived) in enumerate(windows):
+        after_until = windows[i + 1][1] if i + 1 < len(windows) else end
+        phases = {"during": (killed, revived), "after": (revived, after_until)}
+        entry: dict[str, Any] = {"node": node, "killed_at_s": round(killed - workload.started, 2),
+                                 "down_s": round(revived - killed, 2)}  # fmt: skip
+        for phase, (start, stop) in phases.items():
+            revoked = [k for k in workload.keys if k.revoked is not None and start <= k.revoked < stop]
+            seen = [k.refused[r] - k.revoked for k in revoked for r in workload.regions
+                    if k.applies_to(r) and r in k.refused and k.revoked is not None]  # fmt: skip
+            unseen = sum(1 for k in revoked for r in workload.regions if k.applies_to(r) and r not in k.refused)
+            spread = percentiles(seen)
+            records = [r for r in workload.records if start <= r.sent < stop]
+            verdicts = [_verdict(r) for r in records]
+            entry[phase] = {
+                "revocations": len(revoked),
+                "propagation_ms": {"p50": _ms(spread.p50), "p99": _ms(spread.p99), "max": _ms(spread.max)},
+                "unobserved": unseen,
+                "false_accepts": verdicts.count("false_accept"),
+                "not_ready_answers": verdicts.count("not_ready"),
+                "errors": verdicts.count("error"),
+            }
+        figures.append(entry)
+    return figures
 
 
 def _partition_figures(workload: Workload, region: str, cut: float, healed: float,
@@ -177,6 +217,16 @@ def summary_table(report: dict[str, Any]) -> str:
             f"{part['readiness_during_cut']}, after {part['readiness_after_heal']}; {part['refused_after_heal']}/"
             f"{part['revoked_during_cut']} keys revoked during the cut refused after heal, catch-up "
             f"{part['catch_up_s']}s"
+        )
+    for fault in report.get("node_faults", []):
+        during, after = fault["during"], fault["after"]
+        lines.append(
+            f"hub node {fault['node']} killed at {fault['killed_at_s']}s for {fault['down_s']}s: "
+            f"{during['revocations']} revocations meanwhile, refused everywhere within "
+            f"{during['propagation_ms']['max'] / 1000:.2f}s (p50 {during['propagation_ms']['p50']:.0f}ms); "
+            f"{after['revocations']} after it was back, within {after['propagation_ms']['max'] / 1000:.2f}s "
+            f"(p50 {after['propagation_ms']['p50']:.0f}ms); false accepts {during['false_accepts']} during, "
+            f"{after['false_accepts']} after"
         )
     return "\n".join(lines)
 

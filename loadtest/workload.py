@@ -25,7 +25,7 @@ from sidecar.wire import generate_key
 from .openloop import NO_ANSWER, percentiles, render_get, run_open_loop
 from .topology import Topology
 
-__all__ = ["KeyLife", "Partition", "Verify", "Workload"]
+__all__ = ["KeyLife", "NodeFault", "Partition", "Verify", "Workload"]
 
 _PROBE_INTERVAL = 0.002
 # A probe still waiting after this long (a cut region) polls every _SLOW_PROBE_INTERVAL instead: a
@@ -63,6 +63,22 @@ class Verify:
     sent: float  # when the request left (time.perf_counter())
     status: int  # the HTTP status, or NO_ANSWER: connection error, timeout, or never sent
     latency: float  # until the answer, or until it was given up on
+
+
+@dataclass(slots=True)
+class NodeFault:
+    """A planned loss of one hub node: SIGKILLed `at` seconds into the run, started again `down` seconds later."""
+
+    node: str
+    at: float
+    down: float
+    killed_at: float | None = None
+    revived_at: float | None = None
+
+    def spans(self, moment: float, *, settle: float = 0.0) -> bool:
+        """Whether `moment` falls between the kill and `settle` seconds after the restart."""
+        return (self.killed_at is not None and self.revived_at is not None
+                and self.killed_at <= moment <= self.revived_at + settle)  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -115,6 +131,7 @@ class Workload:
     records: list[Verify] = field(default_factory=list)
     visibility: dict[str, list[float]] = field(default_factory=dict)
     partition: Partition | None = None
+    node_faults: list[NodeFault] = field(default_factory=list)
     churn_errors: int = 0
     started: float = 0.0
     _valid: dict[str, _Pool] = field(default_factory=dict)
@@ -197,6 +214,8 @@ class Workload:
         jobs += [self._churn(), self._ticker(progress)]
         if self.partition is not None:
             jobs.append(self._partition(self.partition))
+        if self.node_faults:
+            jobs.append(self._kill_nodes(self.node_faults))
         await asyncio.gather(*jobs)
         if self._tasks:  # the probes of the last changes
             await asyncio.wait(self._tasks, timeout=self._probe_timeout() + 1)
@@ -289,7 +308,10 @@ class Workload:
         await asyncio.gather(*(self._probe_refused(key, r) for r in self.regions if key.applies_to(r)))
 
     def _probe_timeout(self) -> float:
-        return 5.0 + (self.partition.seconds + 10.0 if self.partition else 0.0)
+        # A regional mirror whose hub-side consumer was lost retries it on NATS's own schedule: a 10 s check,
+        # then 10 s more per failed attempt (docs/high-availability.md).
+        longest_fault = max((f.down + 90.0 for f in self.node_faults), default=0.0)
+        return 5.0 + max(self.partition.seconds + 10.0 if self.partition else 0.0, longest_fault)
 
     async def _first(self, region: str, key: KeyLife, accept: Callable[[int], bool]) -> float | None:
         """Poll the region's /auth for `key` until `accept(status)`; the time it first did, or None."""
@@ -332,6 +354,17 @@ class Workload:
         await asyncio.sleep(min(10.0, max(0.0, self.duration - (plan.healed_at - self.started))))
         sampler.cancel()
         await asyncio.wait([sampler])
+
+    async def _kill_nodes(self, plan: list[NodeFault]) -> None:
+        """Each planned hub node killed at its time and started again after its downtime, one at a time."""
+        nodes = {node.spec.name: node for node in self.topology.hub}
+        for fault in plan:
+            await asyncio.sleep(max(0.0, self.started + fault.at - time.perf_counter()))
+            fault.killed_at = time.perf_counter()
+            await self.topology.kill(nodes[fault.node])
+            await asyncio.sleep(fault.down)
+            await self.topology.revive(nodes[fault.node])
+            fault.revived_at = time.perf_counter()
 
     async def _sample_readiness(self, plan: Partition, port: int) -> None:
         assert self._http is not None

@@ -211,6 +211,38 @@ async def test_a_region_cut_longer_than_the_staleness_bound_is_not_ready_and_rec
         await topology.stop()
 
 
+async def test_a_clustered_hub_losing_a_node_keeps_a_region_verifying_and_revoking(tmp_path: Path) -> None:
+    # `keyrelay up --hub-nodes 3`, one region whose leaf node reaches each hub node through its own link.
+    topology = Topology(("eu",), {"eu": 0.005}, tmp_path / "stack", hub_nodes=3)
+    await topology.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            admin = Admin(url=topology.publisher_url, http=http, token=topology.token)
+            project = await admin.project()
+            kept, doomed, cut_off = [await admin.create_key(project["id"], name=n) for n in ("kept", "doomed", "cut")]
+            for key in (kept, doomed, cut_off):
+                await _until(lambda k=key: _status(http, topology, "eu", k["key"]), lambda s: s == 200, 10)
+            # The leaf reaches the hub through its links only: cut them (dropping its connection, so that it
+            # dials again) and nothing gets through.
+            topology.cut("eu", reset=True)
+            await admin.ok("POST", f"/keys/{cut_off['id']}/revoke")
+            await asyncio.sleep(1.0)
+            assert await _status(http, topology, "eu", cut_off["key"]) == 200
+            topology.heal("eu")
+            await _until(lambda: _status(http, topology, "eu", cut_off["key"]), lambda s: s == 401, 20)
+
+            first = topology.hub[0]
+            await topology.kill(first)  # the node the leaf and the publisher dialled first
+            await admin.ok("POST", f"/keys/{doomed['id']}/revoke")
+            # NATS retries the region's mirror on its own schedule (10 s checks): a generous bound.
+            took = await _until(lambda: _status(http, topology, "eu", doomed["key"]), lambda s: s == 401, 60)
+            print(f"HA: clustered hub, {first.spec.name} killed: a revocation reached eu after {took:.2f}s")
+            assert await _status(http, topology, "eu", kept["key"]) == 200
+            await topology.revive(first)
+    finally:
+        await topology.stop()
+
+
 async def test_records_a_region_receives_long_after_their_signing_are_taken_mirrors_keep_the_stored_time(
     tmp_path: Path,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from loadtest.report import failures, judge, summary_table
 from loadtest.topology import Topology
-from loadtest.workload import KeyLife, Partition, Verify, Workload
+from loadtest.workload import KeyLife, NodeFault, Partition, Verify, Workload
 
 REGIONS = ("eu", "us")
 DELAYS = {"eu": 0.04, "us": 0.06}
@@ -158,3 +158,23 @@ def test_a_partition_reports_serving_during_the_cut_and_the_catch_up_after_the_h
     assert (part["readiness_during_cut"], part["readiness_after_heal"]) == ([503], [200])
     assert (report["false_accepts"], report["errors"]) == (0, 1)
     assert "catch-up 0.3s" in summary_table(report)
+
+
+def test_a_hub_node_lost_reports_propagation_while_it_was_down_and_after_it_was_back() -> None:
+    during = _key("during", revoke_started=T0 + 2.0, revoked=T0 + 2.1, refused={"eu": T0 + 5.1, "us": T0 + 3.1})
+    after = _key("after", revoke_started=T0 + 6.0, revoked=T0 + 6.1, refused={"eu": T0 + 6.2, "us": T0 + 6.3})
+    lost = _key("lost", revoke_started=T0 + 7.0, revoked=T0 + 7.1, refused={"us": T0 + 7.2})  # eu never refused it
+    workload = _workload(during, after, lost)
+    workload.started = T0
+    workload.node_faults = [NodeFault("hub-2", at=1.0, down=3.0, killed_at=T0 + 1.0, revived_at=T0 + 4.0)]
+    report = _judged(workload, _verify("eu", "valid", during, T0 + 2.5, 200), _verify("eu", "valid", during,
+                     T0 + 5.5, 200))  # fmt: skip
+    fault = report["node_faults"][0]
+    assert (fault["node"], fault["killed_at_s"], fault["down_s"]) == ("hub-2", 1.0, 3.0)
+    assert fault["during"]["revocations"] == 1
+    assert fault["during"]["propagation_ms"]["max"] == 3000.0  # eu refused it 3 s after the API call returned
+    assert (fault["during"]["false_accepts"], fault["after"]["false_accepts"]) == (0, 1)  # after eu had refused it
+    assert (fault["after"]["revocations"], fault["after"]["unobserved"]) == (2, 1)
+    # The steady-state figures leave out what was revoked while the node was down.
+    assert report["regions"]["eu"]["revocations_observed"] == 1
+    assert "hub node hub-2 killed at 1.0s for 3.0s: 1 revocations meanwhile" in summary_table(report)
