@@ -565,11 +565,13 @@ def test_each_kustomization_points_at_its_regions_nats_and_nothing_else(name: st
         want = hub if region is None or path[0] == "publisher" else values.get(f"values-leaf-{region}.yaml")
         assert want is not None, f"{name}: region {region} has no nats/values-leaf-{region}.yaml"
         service, namespace = _nats_service(want)
-        for url in settings.nats_url:
-            parts = urlsplit(url)
-            assert parts.scheme == "nats"
-            assert parts.hostname in (f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local")
-            assert parts.port == want.get("config", {}).get("nats", {}).get("port", 4222)
+        port = want.get("config", {}).get("nats", {}).get("port", 4222)
+        # Every server of the release (the chart's StatefulSet pods behind its headless Service), so that a
+        # client whose server is lost or cut off from its cluster has the others to move to.
+        pods = [f"nats://{service}-{i}.{service}-headless.{namespace}.svc.cluster.local:{port}"
+                for i in range(want["config"]["cluster"]["replicas"])]  # fmt: skip
+        assert list(settings.nats_url) == pods, f"{name}: {path} is given {settings.nats_url}"
+        assert {urlsplit(url).scheme for url in settings.nats_url} == {"nats"}
         if path == ("region", "init"):
             assert settings.hub_domain == hub["config"]["jetstream"]["merge"]["domain"]
     assert len(regions - {None}) <= 1, f"{name} mixes regions {regions}"
