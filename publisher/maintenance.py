@@ -105,15 +105,19 @@ class Maintenance:
                 # rather than compared entry by entry as a bucket full of forgeries.
                 await self.resigned.wait()
             if reconcile_on_start:
-                async with self._one_at_a_time:
-                    if await self._ready():
-                        await self.reconcile()
+                await self._reconcile_drained()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.warning("start-up reconciliation failed: %s (run `keyrelay publisher reconcile` later)", exc)
         finally:
             self.settled.set()
+
+    async def _reconcile_drained(self) -> None:
+        """One reconciliation once the outbox has drained (put off if it does not), one bucket pass at a time."""
+        async with self._one_at_a_time:
+            if await self._ready():
+                await self.reconcile()
 
     async def _refill(self) -> None:
         """Reconcile each time the broker made the stream again: it is empty until then, sidecars fresh on it."""
@@ -122,9 +126,7 @@ class Maintenance:
             await recreated.wait()
             recreated.clear()
             try:
-                async with self._one_at_a_time:
-                    if await self._ready():
-                        await self.reconcile()
+                await self._reconcile_drained()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
