@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import add_options
+from keyrelay.core.config import add_options
 
 from .answers import client_of, confirm, create_named, listing, show
 from .client import ClientSettings

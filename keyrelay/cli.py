@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sidecar.config import add_options, load
+from keyrelay.core.config import add_options, load
 from sidecar.errors import SidecarError
 from sidecar.settings import SidecarSettings
 

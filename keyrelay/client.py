@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sidecar.config import option
+from keyrelay.core.config import option
 
 from .credentials import recall
 from .errors import ApiError, KeyrelayError

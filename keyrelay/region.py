@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sidecar.config import format_duration, load, option, parse_bool, parse_optional_path
-from sidecar.nats_connect import NatsConnect, identity_name, nats_option
+from keyrelay.core.config import format_duration, load, option, parse_bool, parse_optional_path
+from keyrelay.core.nats_connect import NatsConnect, identity_name, nats_option
+from keyrelay.core.wire import DEFAULT_BUCKET, region_subjects, stream_name
 from sidecar.settings import (
     deployment_option,
     horizon_option,
@@ -29,7 +30,6 @@ from sidecar.settings import (
     publish_delay_option,
     trusted_keys_option,
 )
-from sidecar.wire import DEFAULT_BUCKET, region_subjects, stream_name
 
 from .errors import KeyrelayError
 from .nats_auth import mirror_deliver_prefix

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sidecar.config import format_duration, load, option, parse_bool
-from sidecar.nats_connect import NatsConnect, identity_name, nats_option
+from keyrelay.core.config import format_duration, load, option, parse_bool
+from keyrelay.core.nats_connect import NatsConnect, identity_name, nats_option
+from keyrelay.core.wire import DEFAULT_BUCKET, snapshot_store_name
 from sidecar.settings import (
     LOG_LEVELS,
     deployment_option,
@@ -27,7 +28,6 @@ from sidecar.settings import (
     publish_delay_option,
     trusted_keys_option,
 )
-from sidecar.wire import DEFAULT_BUCKET, snapshot_store_name
 
 from .errors import KeyrelayError
 from .region import connect_nats
@@ -35,8 +35,8 @@ from .region import connect_nats
 if TYPE_CHECKING:  # asyncio and the seeder (nats-py, NaCl) load when a command runs, not with the CLI's parser
     import asyncio
 
+    from keyrelay.core.trust import Signer, Trust
     from sidecar.seed import SeedProgress, SeedResult
-    from sidecar.trust import Signer, Trust
 
 __all__ = [
     "SnapshotSettings",
@@ -135,7 +135,7 @@ def print_progress(prefix: str = "  ") -> Callable[[SeedProgress], None]:
 
 def seeder_trust(settings: SnapshotSettings) -> tuple[Trust, Signer]:
     """The seeder's trust (the publisher's keys) and its snapshot signer; KeyrelayError saying what is missing."""
-    from sidecar.trust import Trust, load_signer
+    from keyrelay.core.trust import Trust, load_signer
 
     if settings.snapshot_signing_key is None:
         raise KeyrelayError("--snapshot-signing-key (or KEYRELAY_SNAPSHOT_SIGNING_KEY) is required: the file of this "

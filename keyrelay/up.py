@@ -25,12 +25,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from keyrelay.core.config import load
+from keyrelay.core.nats_connect import identity_name
+from keyrelay.core.trust import load_signer, write_signing_key
 from publisher.lock import FileLock
 from publisher.token_format import generate_token
-from sidecar.config import load
-from sidecar.nats_connect import identity_name
 from sidecar.settings import DEFAULT_DEPLOYMENT
-from sidecar.trust import load_signer, write_signing_key
 
 from .client import AdminClient, stack_file
 from .errors import KeyrelayError

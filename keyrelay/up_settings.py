@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.config import option, parse_bool
+from keyrelay.core.config import option, parse_bool
 from sidecar.settings import LOG_LEVELS, parse_port, parse_regions
 
 __all__ = ["UpSettings"]

@@ -40,10 +40,10 @@ from typing import Any
 
 import uvloop
 
+from keyrelay.core.wire import DEFAULT_BUCKET
 from keyrelay.errors import KeyrelayError
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import spawn, stop, wait_http_ok
-from sidecar.wire import DEFAULT_BUCKET
 
 from .gateways import GATEWAYS, Addresses, gateway_version, start_gateway
 from .keyfill import create_bucket, fill_bucket

@@ -48,10 +48,10 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from keyrelay.core.trust import write_signing_key
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
 from publisher.token_format import generate_token
-from sidecar.trust import write_signing_key
 
 __all__ = ["main"]
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import nats
 
+from keyrelay.core.trust import KIND_RECORD, Signer, load_signer, write_signing_key
+from keyrelay.core.wire import subject_prefix
 from keyrelay.natsd import NatsServer, NatsSpec
 from publisher.broker import Broker
 from publisher.db import open_database
@@ -39,8 +41,6 @@ from publisher.resign import resign
 from publisher.signing import SigningKeys
 from publisher.store import KeySpec, KeyStore
 from publisher.tokens import TokenStore, generate_token
-from sidecar.trust import KIND_RECORD, Signer, load_signer, write_signing_key
-from sidecar.wire import subject_prefix
 
 __all__ = ["main"]
 

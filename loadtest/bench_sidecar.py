@@ -55,9 +55,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keyrelay.core.wire import DEFAULT_BUCKET, stream_name
 from keyrelay.natsd import NatsServer, NatsSpec, free_port, wait_for_port
 from keyrelay.procs import tail
-from sidecar.wire import DEFAULT_BUCKET, stream_name
 
 from .callgrind import count_instructions
 from .figures import run_and_write, say

@@ -56,10 +56,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keyrelay.core.trust import KIND_RECORD, Trust
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import spawn as spawn_env
 from keyrelay.procs import tail
-from sidecar.trust import KIND_RECORD, Trust
 
 from .callgrind import count_instructions
 from .figures import run_and_write, say
@@ -130,7 +130,7 @@ class Tree:
     @property
     def signs(self) -> bool:
         """Whether this tree has the trust chain."""
-        return (self.path / "sidecar" / "trust.py").exists()
+        return any((self.path / where / "trust.py").exists() for where in ("keyrelay/core", "sidecar"))
 
     def keyrelay(self) -> list[str]:
         """`python -m keyrelay` with this tree first on sys.path (an editable install must not win)."""
@@ -155,7 +155,7 @@ def _baseline(args: argparse.Namespace, work: Path) -> Tree:
     if not (path / "sidecar" / "snapshot.py").exists():
         raise RuntimeError(f"{path} is no keyrelay checkout")
     if tree.signs:
-        raise RuntimeError(f"{path} has sidecar/trust.py: not a baseline from before the trust chain")
+        raise RuntimeError(f"{path} has a trust.py: not a baseline from before the trust chain")
     return tree
 
 

@@ -23,9 +23,9 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, PubAck
 
-from sidecar.nats_connect import NatsConnect
-from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Signer
-from sidecar.wire import DEFAULT_BUCKET, KeyRecord, generate_key, key_digest, subject_prefix
+from keyrelay.core.nats_connect import NatsConnect
+from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Signer
+from keyrelay.core.wire import DEFAULT_BUCKET, KeyRecord, generate_key, key_digest, subject_prefix
 
 __all__ = ["FillResult", "KeyMix", "connect", "create_bucket", "fill_bucket"]
 

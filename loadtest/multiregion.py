@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import add_options, load, option, parse_bool, parse_duration
+from keyrelay.core.config import add_options, load, option, parse_bool, parse_duration
 from sidecar.settings import parse_region
 
 # asyncio and the machinery (aiohttp, matplotlib) are imported by run() and loadtest_command(), not here:

@@ -22,8 +22,8 @@ from types import TracebackType
 import nats
 from nacl.signing import SigningKey
 
-from sidecar.trust import KIND_HEARTBEAT, SIGNATURE_HEADER, SIGNING_KEY_PREFIX, Signer
-from sidecar.wire import HEARTBEAT_ENTRY, encode_heartbeat, subject_prefix
+from keyrelay.core.trust import KIND_HEARTBEAT, SIGNATURE_HEADER, SIGNING_KEY_PREFIX, Signer
+from keyrelay.core.wire import HEARTBEAT_ENTRY, encode_heartbeat, subject_prefix
 
 __all__ = [
     "BENCH_SIGNER",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from sidecar.serving import run_forever, serve_app
+from keyrelay.core.serving import run_forever, serve_app
 
 __all__ = ["HITS", "Hits", "create_app", "main"]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from sidecar.wire import generate_key
+from keyrelay.core.wire import generate_key
 
 from .openloop import NO_ANSWER, percentiles, render_get, run_open_loop
 from .topology import Topology

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from sidecar.lazy import lazy_exports
+from keyrelay.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .errors import Conflict, Forbidden, Invalid, NotFound, PublisherError, StoreError, Unauthorized

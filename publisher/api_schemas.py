@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sidecar.config import DURATION_HELP, duration_pattern
-from sidecar.wire import ENVS
+from keyrelay.core.config import DURATION_HELP, duration_pattern
+from keyrelay.core.wire import ENVS
 
 from .pagination import MAX_LIMIT
 from .tokens import ROLES

@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from sidecar.config import write_private
+from keyrelay.core.config import write_private
+from keyrelay.core.nats_connect import NatsConnect, redact
+from keyrelay.core.serving import harden, malformed_metric, run_forever, serve_app, server_tls_context
 from sidecar.errors import SettingsError
-from sidecar.nats_connect import NatsConnect, redact
-from sidecar.serving import harden, malformed_metric, run_forever, serve_app, server_tls_context
 
 from . import api_schemas as s
 from .api import ROUTES, SERVICES, UNAUTHENTICATED, Services, auth_middleware, error_middleware

@@ -15,8 +15,8 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from sidecar.nats_connect import NatsConnect
-from sidecar.wire import stream_name
+from keyrelay.core.nats_connect import NatsConnect
+from keyrelay.core.wire import stream_name
 
 __all__ = ["Broker", "StreamState"]
 

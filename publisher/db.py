@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
-from sidecar.nats_connect import redact
+from keyrelay.core.nats_connect import redact
 
 from .errors import NotInitialised, StoreError
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sidecar.wire import KeyRecord
+from keyrelay.core.wire import KeyRecord
 
 from .db import Row
 

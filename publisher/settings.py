@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import ENV_PREFIX, format_duration, option, parse_bool, parse_duration, parse_optional_path
+from keyrelay.core.config import ENV_PREFIX, format_duration, option, parse_bool, parse_duration, parse_optional_path
+from keyrelay.core.nats_connect import nats_option
+from keyrelay.core.wire import DEFAULT_BUCKET, DEFAULT_PREFIX, GLOBAL_SCOPE
 from sidecar.errors import SettingsError
-from sidecar.nats_connect import nats_option
 from sidecar.settings import (
     LOG_LEVELS,
     parse_key_prefix,
@@ -18,7 +19,6 @@ from sidecar.settings import (
     parse_regions,
     parse_servers,
 )
-from sidecar.wire import DEFAULT_BUCKET, DEFAULT_PREFIX, GLOBAL_SCOPE
 
 from .token_format import check_configured_token
 

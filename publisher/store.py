@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sidecar.wire import DEFAULT_PREFIX, MAX_VERSION, display_form, generate_key, is_canonical_id, key_digest
+from keyrelay.core.wire import DEFAULT_PREFIX, MAX_VERSION, display_form, generate_key, is_canonical_id, key_digest
 
 from .db import Database, Tx
 from .errors import Conflict, NotFound

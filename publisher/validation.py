@@ -8,8 +8,8 @@ from typing import Any
 
 import msgpack
 
-from sidecar.config import DURATION_HELP, format_duration, parse_duration
-from sidecar.wire import ENVS, MAX_METADATA_BYTES, is_region_code, is_uuid
+from keyrelay.core.config import DURATION_HELP, format_duration, parse_duration
+from keyrelay.core.wire import ENVS, MAX_METADATA_BYTES, is_region_code, is_uuid
 
 from .errors import Invalid, NotFound
 from .store import KeySpec

@@ -1,6 +1,6 @@
 """keyrelay sidecar: a replicated key table that verifies API keys locally, pushed by NATS JetStream.
 
-The names below load their module on first use (PEP 562): importing `sidecar.config` or
+The names below load their module on first use (PEP 562): importing `keyrelay.core.config` or
 `sidecar.errors`, as the `keyrelay` command does to build its parser, then costs no msgpack or NaCl.
 """
 
@@ -8,31 +8,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .lazy import lazy_exports
+from keyrelay.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .errors import BucketNotFound, RecordError, SettingsError, SidecarError
     from .settings import SidecarSettings
     from .table import KeyTable, KeyView
     from .verify import Code, Verifier
-    from .wire import KeyRecord, ParsedKey, display_form, generate_key, key_digest, parse_key
 
 __all__ = [
     "BucketNotFound",
     "Code",
-    "KeyRecord",
     "KeyTable",
     "KeyView",
-    "ParsedKey",
     "RecordError",
     "SettingsError",
     "SidecarError",
     "SidecarSettings",
     "Verifier",
-    "display_form",
-    "generate_key",
-    "key_digest",
-    "parse_key",
 ]
 
 _HOME = {
@@ -40,7 +33,6 @@ _HOME = {
     "SidecarSettings": "settings",
     **dict.fromkeys(("KeyTable", "KeyView"), "table"),
     **dict.fromkeys(("Code", "Verifier"), "verify"),
-    **dict.fromkeys(("KeyRecord", "ParsedKey", "display_form", "generate_key", "key_digest", "parse_key"), "wire"),
 }
 
 __getattr__ = lazy_exports(__name__, _HOME)

@@ -8,16 +8,17 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from keyrelay.core.nats_connect import NatsConnect, identity_name
+from keyrelay.core.serving import harden, run_forever, serve_app
+from keyrelay.core.trust import Trust
+
 from .errors import SettingsError
 from .http import STATE, SidecarState, add_routes
 from .metrics import Metrics
-from .nats_connect import NatsConnect, identity_name
-from .serving import harden, run_forever, serve_app
 from .settings import SidecarSettings
 from .snapshot import snapshot_store_name
 from .sync import KeySync
 from .table import KeyTable
-from .trust import Trust
 from .verify import Verifier
 
 __all__ = ["create_app", "run", "serve", "trust_of"]

@@ -81,6 +81,6 @@ class SyncTimeout(SidecarError):
             hint = f"is there a stream {stream} on {where}? (the publisher makes it; in a region, region init)"
         else:
             hint = f"{keys} keys loaded, {pending} still pending: give it longer (--timeout)"
-        from .config import format_duration  # here: config imports this module's SettingsError
+        from keyrelay.core.config import format_duration  # here: config imports this module's SettingsError
 
         super().__init__(f"the initial sync of {stream} did not finish within {format_duration(round(waited))}: {hint}")

@@ -16,9 +16,10 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http_writer import HttpVersion10, HttpVersion11, StreamWriter
 from multidict import CIMultiDictProxy, istr
 
+from keyrelay.core.serving import SERVER, malformed_metric
+
 from .metrics import LATENCY_BUCKETS, Metrics
 from .routes import RouteScopes
-from .serving import SERVER, malformed_metric
 from .settings import SidecarSettings
 from .snapshot import snapshot_summary
 from .sync import KeySync

@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from keyrelay.core.nats_connect import NatsConnect
+from keyrelay.core.trust import Signer, Trust, TrustedKeys
+
 from .errors import SyncTimeout
-from .nats_connect import NatsConnect
 from .snapshot import Snapshot
 from .sync import KeySync
 from .table import KeyTable
-from .trust import Signer, Trust, TrustedKeys
 
 __all__ = ["SeedProgress", "SeedResult", "seed_snapshot"]
 

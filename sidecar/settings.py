@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import option, parse_bool, parse_duration, parse_optional_path
-from .nats_connect import nats_option
-from .wire import DEFAULT_BUCKET, DEFAULT_PREFIX, is_key_prefix, is_region_code
+from keyrelay.core.config import option, parse_bool, parse_duration, parse_optional_path
+from keyrelay.core.nats_connect import nats_option
+from keyrelay.core.wire import DEFAULT_BUCKET, DEFAULT_PREFIX, is_key_prefix, is_region_code
 
 __all__ = [
     "DEFAULT_DEPLOYMENT",
@@ -97,9 +97,9 @@ def parse_positive_duration(text: str) -> float:
 
 
 def parse_public_keys(text: str) -> tuple[str, ...]:
-    """Comma-separated Ed25519 public keys, each checked (sidecar.trust.parse_trusted_keys)."""
+    """Comma-separated Ed25519 public keys, each checked (keyrelay.core.trust.parse_trusted_keys)."""
     # Imported when a value is parsed, not with the settings: building the CLI's parser loads no NaCl.
-    from .trust import parse_trusted_keys
+    from keyrelay.core.trust import parse_trusted_keys
 
     return parse_trusted_keys(text)
 

@@ -36,14 +36,9 @@ from typing import Any
 
 from nats.aio.subscription import Subscription
 
-from .admit import Elsewhere, Heartbeat, Record, Refused, Tombstone, Verdict, examine
-from .direct import DirectClient
-from .errors import BucketNotFound, RecordError
-from .nats_connect import NatsConnect, identity_name
-from .snapshot import Snapshot, SnapshotStore
-from .table import KeyTable
-from .trust import Signer, Trust
-from .wire import (
+from keyrelay.core.nats_connect import NatsConnect, identity_name
+from keyrelay.core.trust import Signer, Trust
+from keyrelay.core.wire import (
     GLOBAL_SCOPE,
     HEARTBEAT_ENTRY,
     RecordFields,
@@ -54,6 +49,12 @@ from .wire import (
     stream_name,
     subject_prefix,
 )
+
+from .admit import Elsewhere, Heartbeat, Record, Refused, Tombstone, Verdict, examine
+from .direct import DirectClient
+from .errors import BucketNotFound, RecordError
+from .snapshot import Snapshot, SnapshotStore
+from .table import KeyTable
 
 __all__ = ["KeySync", "SyncStats"]
 

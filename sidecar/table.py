@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import msgpack
 
-from .wire import MAX_VERSION, KeyRecord, RecordFields, header_safe
+from keyrelay.core.wire import MAX_VERSION, KeyRecord, RecordFields, header_safe
 
 __all__ = ["ALL", "RECORD_WIDTHS", "KeyTable", "KeyView", "array_sizes"]
 

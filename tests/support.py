@@ -22,17 +22,8 @@ from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from keyrelay.natsd import free_port
-from publisher.api import Services
-from publisher.app import serve as serve_publisher
-from publisher.maintenance import Maintenance
-from publisher.settings import PublisherSettings
-from sidecar.app import serve
-from sidecar.http import SidecarState
-from sidecar.nats_connect import NatsConnect, identity_name
-from sidecar.seed import SeedResult, seed_snapshot
-from sidecar.settings import SidecarSettings
-from sidecar.trust import (
+from keyrelay.core.nats_connect import NatsConnect, identity_name
+from keyrelay.core.trust import (
     KIND_HEARTBEAT,
     KIND_RECORD,
     KIND_TOMBSTONE,
@@ -44,7 +35,7 @@ from sidecar.trust import (
     Verified,
     verify,
 )
-from sidecar.wire import (
+from keyrelay.core.wire import (
     HEARTBEAT_ENTRY,
     MAX_VERSION,
     KeyRecord,
@@ -54,6 +45,15 @@ from sidecar.wire import (
     key_digest,
     subject_prefix,
 )
+from keyrelay.natsd import free_port
+from publisher.api import Services
+from publisher.app import serve as serve_publisher
+from publisher.maintenance import Maintenance
+from publisher.settings import PublisherSettings
+from sidecar.app import serve
+from sidecar.http import SidecarState
+from sidecar.seed import SeedResult, seed_snapshot
+from sidecar.settings import SidecarSettings
 
 T = TypeVar("T")
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from nats.js.kv import KeyValue
 
-from sidecar.config import parse_duration
-from sidecar.wire import is_uuid
+from keyrelay.core.config import parse_duration
+from keyrelay.core.wire import is_uuid
 from tests.conftest import StartPublisher, StartSidecar
 from tests.support import Admin, Publisher
 

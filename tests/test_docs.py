@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from keyrelay.client import ClientSettings
+from keyrelay.core.config import markdown_table
 from keyrelay.nats_config import NatsConfigSettings
 from keyrelay.region import RegionSettings
 from keyrelay.snapshots import SnapshotSettings, SnapshotStoreSettings
 from keyrelay.up import UpSettings
 from loadtest.multiregion import LoadtestSettings
 from publisher.settings import PublisherSettings
-from sidecar.config import markdown_table
 from sidecar.settings import SidecarSettings
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -37,6 +37,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from keyrelay.core.wire import KeyRecord, decode_fields, decode_heartbeat, decode_tombstone
 from keyrelay.natsd import NatsServer, NatsSpec
 from publisher.api import ROUTES, UNAUTHENTICATED
 from publisher.app import PROBES
@@ -46,7 +47,6 @@ from publisher.settings import PublisherSettings
 from sidecar.app import create_app as create_sidecar_app
 from sidecar.errors import RecordError
 from sidecar.settings import SidecarSettings
-from sidecar.wire import KeyRecord, decode_fields, decode_heartbeat, decode_tombstone
 from tests.support import ADMIN_TOKEN, SIGNER, SNAPSHOT_SIGNER, TRUSTED, heartbeat, key_file, make_key, put
 from tests.threaded import ThreadedApp
 

@@ -20,11 +20,11 @@ import pytest
 from aiohttp.test_utils import TestServer
 from nats.js.kv import KeyValue
 
+from keyrelay.core.wire import generate_key
 from keyrelay.natsd import NatsServer, free_port
 from loadtest.gateways import DEPLOY_DIR, GATEWAYS, Addresses, Gateway, gateway_version, start_gateway
 from loadtest.upstream import HITS, Hits
 from loadtest.upstream import create_app as create_upstream
-from sidecar.wire import generate_key
 from tests.conftest import StartSidecar
 from tests.gateway_support import Answer, call, require_gateway
 from tests.nginx_conf import Directive

@@ -37,6 +37,8 @@ from packaging.version import Version
 
 import keyrelay
 from keyrelay.cli import build_parser
+from keyrelay.core.config import load, options_of
+from keyrelay.core.trust import write_signing_key
 from keyrelay.nats_config import NatsConfigSettings, helm_values
 from keyrelay.region import HUB_DOMAIN, RegionSettings
 from keyrelay.snapshots import SnapshotSettings
@@ -44,9 +46,7 @@ from loadtest.multiregion import LoadtestSettings
 from publisher.app import create_app as create_publisher_app
 from publisher.settings import PublisherSettings
 from sidecar.app import create_app as create_sidecar_app
-from sidecar.config import load, options_of
 from sidecar.settings import SidecarSettings
-from sidecar.trust import write_signing_key
 from tests.conftest import StartSidecar
 from tests.k8s_support import (
     DOCKERFILE,

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from keyrelay.core.wire import KeyRecord, display_form, generate_key, key_digest
 from publisher.db import Database
 from publisher.errors import SchemaTooNew
 from publisher.models import Actor, now_us
@@ -21,7 +22,6 @@ from publisher.schema import MIGRATIONS, migrate
 from publisher.store import KeyStore
 from publisher.token_format import token_digest
 from publisher.tokens import TokenStore
-from sidecar.wire import KeyRecord, display_form, generate_key, key_digest
 from tests.conftest import StartPublisher
 from tests.support import ADMIN_TOKEN
 

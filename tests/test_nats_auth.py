@@ -21,14 +21,14 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NoStreamResponseError
 
+from keyrelay.core.nats_connect import NatsConnect, identity_name
+from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Trust, load_signer
+from keyrelay.core.wire import subject_prefix
 from keyrelay.nats_auth import leaf_remote
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import http_get
 from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
 from keyrelay.up import Stack, UpSettings
-from sidecar.nats_connect import NatsConnect, identity_name
-from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Trust, load_signer
-from sidecar.wire import subject_prefix
 from tests.support import make_key
 
 pytestmark = pytest.mark.slow

@@ -14,10 +14,10 @@ import asyncpg
 import pytest
 from nats.js.client import JetStreamContext
 
+from keyrelay.core.trust import KIND_TOMBSTONE
 from keyrelay.natsd import NatsServer
 from publisher.db import open_database
 from publisher.errors import NotInitialised
-from sidecar.trust import KIND_TOMBSTONE
 from tests.conftest import StartPublisher
 from tests.support import ADMIN_TOKEN, SIGNER, Publisher, bucket_entries, last_message, plant
 from tests.up_support import StartStack, start_stack_process

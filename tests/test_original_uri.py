@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from nats.js.kv import KeyValue
 
-from sidecar.config import load
+from keyrelay.core.config import load
 from sidecar.errors import SettingsError
 from sidecar.settings import SidecarSettings
 from tests.conftest import StartSidecar

@@ -11,8 +11,8 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
+from keyrelay.core.wire import HEARTBEAT_ENTRY, KeyRecord
 from keyrelay.natsd import NatsServer
-from sidecar.wire import HEARTBEAT_ENTRY, KeyRecord
 from tests.conftest import StartPublisher, StartSidecar
 from tests.support import Publisher, bucket_entries, eventually
 

@@ -10,7 +10,7 @@ import pytest
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from sidecar.config import load
+from keyrelay.core.config import load
 from sidecar.routes import RouteScopes, RouteScopesError, normalize_path
 from sidecar.settings import SidecarSettings
 from tests.conftest import StartSidecar

@@ -16,8 +16,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keyrelay.core.config import (
+    DURATION_HELP,
+    DURATION_NOTE,
+    format_duration,
+    markdown_table,
+    options_of,
+    parse_duration,
+)
 from publisher.settings import PublisherSettings, parse_served_regions
-from sidecar.config import DURATION_HELP, DURATION_NOTE, format_duration, markdown_table, options_of, parse_duration
 from sidecar.settings import SidecarSettings
 from tests.conftest import StartPublisher
 

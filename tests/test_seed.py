@@ -13,12 +13,12 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from keyrelay.cli import main
+from keyrelay.core.nats_connect import NatsConnect
 from keyrelay.errors import KeyrelayError
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.region import RegionSettings, init_region, seed_region_snapshot
 from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
 from sidecar.errors import SyncTimeout
-from sidecar.nats_connect import NatsConnect
 from sidecar.seed import seed_snapshot
 from sidecar.sync import KeySync
 from sidecar.table import KeyTable

@@ -22,9 +22,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiohttp.web_protocol import RequestHandler
 
+from keyrelay.core import serving
 from keyrelay.natsd import NatsServer
 from publisher.settings import PublisherSettings
-from sidecar import serving
 from sidecar.settings import SidecarSettings
 from tests.support import ADMIN_TOKEN, TRUSTED, Scrape, served_publisher, served_sidecar
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from keyrelay.cli import build_parser
+from keyrelay.core.config import load
 from publisher.settings import PublisherSettings
-from sidecar.config import load
 from sidecar.errors import SettingsError
 from sidecar.settings import SidecarSettings
 

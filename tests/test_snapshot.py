@@ -9,11 +9,11 @@ import pytest
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from keyrelay.core.wire import KeyRecord, key_digest
 from keyrelay.natsd import NatsServer
 from sidecar.errors import SnapshotError
 from sidecar.snapshot import _BLOCK, _LiveReader, _pieces, _signature_trailer, _Sink, decode, encode
 from sidecar.table import KeyTable
-from sidecar.wire import KeyRecord, key_digest
 from tests.conftest import StartSidecar
 from tests.support import SNAPSHOT_SIGNER, TRUST, delete, heartbeat, make_key, put, revoked, seed
 

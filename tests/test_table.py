@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from keyrelay.core.wire import KeyRecord, decode_fields, key_digest
 from sidecar.table import ALL, KeyTable
 from sidecar.verify import Code, Verifier
-from sidecar.wire import KeyRecord, decode_fields, key_digest
 from tests.support import make_key, revoked
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from keyrelay.core.trust import load_signer
 from keyrelay.procs import http_get
-from sidecar.trust import load_signer
 from tests.up_support import Stack, StartStack, alive, children_of, port_of
 
 pytestmark = pytest.mark.slow

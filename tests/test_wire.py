@@ -5,8 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from sidecar.errors import RecordError
-from sidecar.wire import (
+from keyrelay.core.wire import (
     ALPHABET,
     KeyRecord,
     decode_fields,
@@ -17,6 +16,7 @@ from sidecar.wire import (
     parse_key,
     region_subjects,
 )
+from sidecar.errors import RecordError
 from tests.support import make_key
 
 

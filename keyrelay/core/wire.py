@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import msgpack
 
-from .errors import RecordError
+from sidecar.errors import RecordError
 
 __all__ = [
     "CHECK_LEN",

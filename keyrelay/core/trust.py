@@ -37,7 +37,7 @@ import msgpack
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from .errors import SignatureError
+from sidecar.errors import SignatureError
 
 __all__ = [
     "CONTEXT",

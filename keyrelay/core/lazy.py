@@ -1,6 +1,6 @@
 """Names a package exports, loaded from their module on first use (PEP 562).
 
-`keyrelay --help` imports `sidecar.config` and `publisher.settings` to build its parser; a package
+`keyrelay --help` imports `keyrelay.core.config` and `publisher.settings` to build its parser; a package
 `__init__` that imported everything it exports would load msgpack, NaCl and the store with them.
 """
 
