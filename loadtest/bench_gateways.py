@@ -2,7 +2,7 @@
 
 One run starts a nats-server, fills the `KEYS` bucket with `--keys` records,
 starts a sidecar (with a route-scopes file, as the shipped configs expect) and
-the echo upstream (loadtest.upstream) as child processes, and then, gateway by
+the echo upstream (testbed.upstream) as child processes, and then, gateway by
 gateway, starts the gateway from its deploy/gateways config and measures two
 routes through it to the same upstream: `/public/…` (no auth) and `/api/…`
 (every request checked by the sidecar), both sent the same key headers:
@@ -44,8 +44,8 @@ from keyrelay.core.wire import DEFAULT_BUCKET
 from keyrelay.errors import KeyrelayError
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import spawn, stop, wait_http_ok
+from testbed.gateways import GATEWAYS, Addresses, gateway_version, start_gateway
 
-from .gateways import GATEWAYS, Addresses, gateway_version, start_gateway
 from .keyfill import create_bucket, fill_bucket
 from .openloop import LoadResult, collector_paused, percentiles, render_get, run_open_loop
 from .procs import keyrelay_command, machine_cpu, wait_quiet, wait_time_wait
@@ -327,9 +327,7 @@ def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
             children.append(sidecar_proc)
             wait_http_ok(sidecar_proc, sidecar_port, "/readyz", timeout=120, log=sidecar_log)
             upstream_log = work / "upstream.log"
-            upstream = spawn(
-                [sys.executable, "-m", "loadtest.upstream", "--port", str(upstream_port)], log=upstream_log
-            )
+            upstream = spawn([sys.executable, "-m", "testbed.upstream", "--port", str(upstream_port)], log=upstream_log)
             children.append(upstream)
             wait_http_ok(upstream, upstream_port, "/", timeout=30, log=upstream_log)
             _say(f"sidecar :{sidecar_port} ({args.keys:,} keys, route map {_ROUTE_SCOPES.splitlines()[1].strip()!r}), "

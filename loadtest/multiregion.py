@@ -96,9 +96,10 @@ def _say(text: str) -> None:
 
 async def run(settings: LoadtestSettings) -> dict[str, Any]:
     """Build, load, judge and tear down; returns the report."""
+    from testbed.topology import Topology
+
     from .openloop import collector_paused
     from .report import judge, plot, write_json
-    from .topology import Topology
     from .workload import Partition, Workload
 
     delays = settings.link_delays()

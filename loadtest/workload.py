@@ -21,9 +21,9 @@ from typing import Any
 import aiohttp
 
 from keyrelay.core.wire import generate_key
+from testbed.topology import Topology
 
 from .openloop import NO_ANSWER, percentiles, render_get, run_open_loop
-from .topology import Topology
 
 __all__ = ["KeyLife", "Partition", "Verify", "Workload"]
 

@@ -22,9 +22,9 @@ from nats.js.kv import KeyValue
 
 from keyrelay.core.wire import generate_key
 from keyrelay.natsd import NatsServer, free_port
-from loadtest.gateways import DEPLOY_DIR, GATEWAYS, Addresses, Gateway, gateway_version, start_gateway
-from loadtest.upstream import HITS, Hits
-from loadtest.upstream import create_app as create_upstream
+from testbed.gateways import DEPLOY_DIR, GATEWAYS, Addresses, Gateway, gateway_version, start_gateway
+from testbed.upstream import HITS, Hits
+from testbed.upstream import create_app as create_upstream
 from tests.conftest import StartSidecar
 from tests.gateway_support import Answer, call, require_gateway
 from tests.nginx_conf import Directive

@@ -14,7 +14,7 @@ import pytest
 
 from loadtest.multiregion import LoadtestSettings, main, run
 from loadtest.openloop import NO_ANSWER, render_get, run_open_loop
-from loadtest.topology import Topology
+from testbed.topology import Topology
 from tests.support import Admin
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.report import failures, judge, summary_table
-from loadtest.topology import Topology
 from loadtest.workload import KeyLife, Partition, Verify, Workload
+from testbed.topology import Topology
 
 REGIONS = ("eu", "us")
 DELAYS = {"eu": 0.04, "us": 0.06}

@@ -16,9 +16,9 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from keyrelay.natsd import NatsServer
-from loadtest.linkproxy import LinkProxy
 from sidecar.settings import SidecarSettings
 from sidecar.verify import Code
+from testbed.linkproxy import LinkProxy
 from tests.conftest import StartSidecar
 from tests.support import (
     TRUSTED,

@@ -47,8 +47,8 @@ def create_app() -> web.Application:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: `python -m loadtest.upstream --port N` (serves until SIGTERM or SIGINT)."""
-    parser = argparse.ArgumentParser(prog="python -m loadtest.upstream", description=__doc__)
+    """Entry point: `python -m testbed.upstream --port N` (serves until SIGTERM or SIGINT)."""
+    parser = argparse.ArgumentParser(prog="python -m testbed.upstream", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, required=True, help="port to listen on")
     args = parser.parse_args(argv)

@@ -42,7 +42,7 @@ class Topology:
 
     def _link(self, region: str, hub_leaf_port: int) -> int:
         proxy = subprocess.Popen(
-            [sys.executable, "-m", "loadtest.linkproxy", "--target-port", str(hub_leaf_port),
+            [sys.executable, "-m", "testbed.linkproxy", "--target-port", str(hub_leaf_port),
              "--delay", str(self.delays.get(region, 0.0))],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip

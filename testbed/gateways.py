@@ -23,8 +23,7 @@ from typing import Final
 
 from keyrelay.errors import KeyrelayError
 from keyrelay.procs import spawn, stop, wait_http_ok
-
-from .wrk import pinned
+from loadtest.wrk import pinned
 
 __all__ = [
     "DEPLOY_DIR",

@@ -143,7 +143,7 @@ async def _serve(target_port: int, delay: float, listen_port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one link as its own process: SIGUSR1 cuts it silently, SIGHUP cuts it dropping connections,
     SIGUSR2 heals it, SIGTERM stops it."""
-    parser = argparse.ArgumentParser(prog="python -m loadtest.linkproxy", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m testbed.linkproxy", description=main.__doc__)
     parser.add_argument("--target-port", type=int, required=True, help="port to forward to on 127.0.0.1")
     parser.add_argument("--delay", type=float, default=0.0, help="one-way delay in seconds, each direction")
     parser.add_argument("--listen-port", type=int, default=0, help="port to listen on (0: any; printed)")
