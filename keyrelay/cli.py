@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from keyrelay.core.config import add_options, load
+from keyrelay.core.errors import CoreError
 from sidecar.errors import SidecarError
 from sidecar.settings import SidecarSettings
 
@@ -335,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = handler(args)
         sys.stdout.flush()  # a reader that went away shows here, not as a traceback at the interpreter's exit
         return code
-    except (KeyrelayError, SidecarError, PublisherError) as exc:
+    except (KeyrelayError, CoreError, SidecarError, PublisherError) as exc:
         return _fail(str(exc))
     except BrokenPipeError:
         # The reader went away (`keyrelay keys list | head -1`): nobody is left to tell.

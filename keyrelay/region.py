@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from keyrelay.core.config import format_duration, load, option, parse_bool, parse_optional_path
 from keyrelay.core.nats_connect import NatsConnect, identity_name, nats_option
-from keyrelay.core.wire import DEFAULT_BUCKET, region_subjects, stream_name
-from sidecar.settings import (
+from keyrelay.core.options import (
     deployment_option,
     horizon_option,
     insecure_option,
@@ -30,6 +29,7 @@ from sidecar.settings import (
     publish_delay_option,
     trusted_keys_option,
 )
+from keyrelay.core.wire import DEFAULT_BUCKET, region_subjects, stream_name
 
 from .errors import KeyrelayError
 from .nats_auth import mirror_deliver_prefix

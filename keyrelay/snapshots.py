@@ -12,15 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from keyrelay.core.config import format_duration, load, option, parse_bool
+from keyrelay.core.config import format_duration, load, option, parse_bool, parse_optional_path
 from keyrelay.core.nats_connect import NatsConnect, identity_name, nats_option
-from keyrelay.core.wire import DEFAULT_BUCKET, snapshot_store_name
-from sidecar.settings import (
+from keyrelay.core.options import (
     LOG_LEVELS,
     deployment_option,
     horizon_option,
     insecure_option,
-    parse_optional_path,
     parse_positive_duration,
     parse_public_keys,
     parse_region,
@@ -28,6 +26,7 @@ from sidecar.settings import (
     publish_delay_option,
     trusted_keys_option,
 )
+from keyrelay.core.wire import DEFAULT_BUCKET, snapshot_store_name
 
 from .errors import KeyrelayError
 from .region import connect_nats

@@ -27,10 +27,10 @@ from typing import Any
 
 from keyrelay.core.config import load
 from keyrelay.core.nats_connect import identity_name
+from keyrelay.core.options import DEFAULT_DEPLOYMENT
 from keyrelay.core.trust import load_signer, write_signing_key
 from publisher.lock import FileLock
 from publisher.token_format import generate_token
-from sidecar.settings import DEFAULT_DEPLOYMENT
 
 from .client import AdminClient, stack_file
 from .errors import KeyrelayError

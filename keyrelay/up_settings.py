@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keyrelay.core.config import option, parse_bool
-from sidecar.settings import LOG_LEVELS, parse_port, parse_regions
+from keyrelay.core.options import LOG_LEVELS, parse_port, parse_regions
 
 __all__ = ["UpSettings"]
 

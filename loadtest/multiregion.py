@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from keyrelay.core.config import add_options, load, option, parse_bool, parse_duration
-from sidecar.settings import parse_region
+from keyrelay.core.options import parse_region
 
 # asyncio and the machinery (aiohttp, matplotlib) are imported by run() and loadtest_command(), not here:
 # `keyrelay --help` imports this module for add_arguments.

@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from keyrelay.core.config import write_private
+from keyrelay.core.errors import SettingsError
 from keyrelay.core.nats_connect import NatsConnect, redact
 from keyrelay.core.serving import harden, malformed_metric, run_forever, serve_app, server_tls_context
-from sidecar.errors import SettingsError
 
 from . import api_schemas as s
 from .api import ROUTES, SERVICES, UNAUTHENTICATED, Services, auth_middleware, error_middleware

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from keyrelay.core.errors import RecordError
+from keyrelay.core.options import DEFAULT_MAX_PUBLISH_DELAY
 from keyrelay.core.wire import KeyRecord, is_canonical_id
-from sidecar.errors import RecordError
-from sidecar.settings import DEFAULT_MAX_PUBLISH_DELAY
 
 from .broker import Broker
 from .models import Actor

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from keyrelay.core.options import DEFAULT_MAX_PUBLISH_DELAY
 from keyrelay.core.wire import is_canonical_id
-from sidecar.settings import DEFAULT_MAX_PUBLISH_DELAY
 
 from .broker import Broker
 from .models import Actor

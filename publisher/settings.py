@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from keyrelay.core.config import ENV_PREFIX, format_duration, option, parse_bool, parse_duration, parse_optional_path
+from keyrelay.core.errors import SettingsError
 from keyrelay.core.nats_connect import nats_option
-from keyrelay.core.wire import DEFAULT_BUCKET, DEFAULT_PREFIX, GLOBAL_SCOPE
-from sidecar.errors import SettingsError
-from sidecar.settings import (
+from keyrelay.core.options import (
     LOG_LEVELS,
     parse_key_prefix,
     parse_port,
@@ -19,6 +18,7 @@ from sidecar.settings import (
     parse_regions,
     parse_servers,
 )
+from keyrelay.core.wire import DEFAULT_BUCKET, DEFAULT_PREFIX, GLOBAL_SCOPE
 
 from .token_format import check_configured_token
 

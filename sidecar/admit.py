@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from keyrelay.core.errors import RecordError, SignatureError
 from keyrelay.core.trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Trust, Verified
 from keyrelay.core.wire import (
     HEARTBEAT_ENTRY,
@@ -21,8 +22,6 @@ from keyrelay.core.wire import (
     decode_tombstone,
     is_canonical_id,
 )
-
-from .errors import RecordError, SignatureError
 
 __all__ = ["Elsewhere", "Heartbeat", "Record", "Refused", "Tombstone", "Verdict", "examine"]
 

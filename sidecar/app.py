@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from keyrelay.core.errors import SettingsError
 from keyrelay.core.nats_connect import NatsConnect, identity_name
 from keyrelay.core.serving import harden, run_forever, serve_app
 from keyrelay.core.trust import Trust
 
-from .errors import SettingsError
 from .http import STATE, SidecarState, add_routes
 from .metrics import Metrics
 from .settings import SidecarSettings

@@ -39,12 +39,13 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
+from keyrelay.core.errors import SignatureError
 from keyrelay.core.trust import KIND_SNAPSHOT, Signer, Trust
 from keyrelay.core.wire import (
     snapshot_store_name,  # named with the other streams and stores; still importable from here
 )
 
-from .errors import SignatureError, SnapshotError
+from .errors import SnapshotError
 from .table import ALL, RECORD_WIDTHS, KeyTable, array_sizes
 
 __all__ = ["FORMAT", "Snapshot", "SnapshotStore", "decode", "encode", "snapshot_entry", "snapshot_store_name"]

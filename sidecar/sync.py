@@ -36,6 +36,7 @@ from typing import Any
 
 from nats.aio.subscription import Subscription
 
+from keyrelay.core.errors import RecordError
 from keyrelay.core.nats_connect import NatsConnect, identity_name
 from keyrelay.core.trust import Signer, Trust
 from keyrelay.core.wire import (
@@ -52,7 +53,7 @@ from keyrelay.core.wire import (
 
 from .admit import Elsewhere, Heartbeat, Record, Refused, Tombstone, Verdict, examine
 from .direct import DirectClient
-from .errors import BucketNotFound, RecordError
+from .errors import BucketNotFound
 from .snapshot import Snapshot, SnapshotStore
 from .table import KeyTable
 

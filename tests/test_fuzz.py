@@ -37,6 +37,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from keyrelay.core.errors import RecordError
 from keyrelay.core.wire import KeyRecord, decode_fields, decode_heartbeat, decode_tombstone
 from keyrelay.natsd import NatsServer, NatsSpec
 from publisher.api import ROUTES, UNAUTHENTICATED
@@ -45,7 +46,6 @@ from publisher.app import create_app as create_publisher_app
 from publisher.openapi import OPENAPI_PATH, document
 from publisher.settings import PublisherSettings
 from sidecar.app import create_app as create_sidecar_app
-from sidecar.errors import RecordError
 from sidecar.settings import SidecarSettings
 from tests.support import ADMIN_TOKEN, SIGNER, SNAPSHOT_SIGNER, TRUSTED, heartbeat, key_file, make_key, put
 from tests.threaded import ThreadedApp

@@ -9,10 +9,10 @@ import nkeys
 import pytest
 
 from keyrelay.core.config import load
+from keyrelay.core.errors import SettingsError
 from keyrelay.core.nats_connect import NatsConnect, identity_name, inbox_prefix, redact
 from keyrelay.localauth import LocalCredentials
 from publisher.settings import PublisherSettings
-from sidecar.errors import SettingsError
 
 
 def test_a_seed_file_and_a_creds_file_are_told_apart_by_their_content(tmp_path: Path) -> None:

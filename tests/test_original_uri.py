@@ -8,7 +8,7 @@ import pytest
 from nats.js.kv import KeyValue
 
 from keyrelay.core.config import load
-from sidecar.errors import SettingsError
+from keyrelay.core.errors import SettingsError
 from sidecar.settings import SidecarSettings
 from tests.conftest import StartSidecar
 from tests.support import Sidecar, make_key, put

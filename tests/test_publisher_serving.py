@@ -12,11 +12,11 @@ import aiohttp
 import pytest
 
 from keyrelay.core.config import load
+from keyrelay.core.errors import SettingsError
 from keyrelay.localtls import LocalTls
 from keyrelay.natsd import NatsServer
 from publisher.app import tls_context
 from publisher.settings import PublisherSettings
-from sidecar.errors import SettingsError
 from tests.conftest import PG_ADMIN_URL, StartPublisher
 from tests.support import ADMIN_TOKEN, served_publisher
 

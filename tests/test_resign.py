@@ -15,10 +15,10 @@ from typing import Any
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from keyrelay.core.errors import SignatureError
 from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Signer, load_signer
 from keyrelay.core.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord, decode_tombstone
 from keyrelay.natsd import NatsServer
-from sidecar.errors import SignatureError
 from tests.conftest import StartPublisher
 from tests.support import (
     ADMIN_TOKEN,

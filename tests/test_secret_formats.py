@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from keyrelay.core.config import load
+from keyrelay.core.errors import SettingsError
 from keyrelay.core.trust import generate_signing_key
 from keyrelay.core.wire import CHECK_LEN, check_chars, generate_key
 from publisher.settings import PublisherSettings
 from publisher.token_format import generate_token, well_formed
-from sidecar.errors import SettingsError
 from sidecar.settings import SidecarSettings
 from tests.conftest import StartPublisher, StartSidecar
 from tests.support import eventually

@@ -11,8 +11,8 @@ import pytest
 
 from keyrelay.cli import build_parser
 from keyrelay.core.config import load
+from keyrelay.core.errors import SettingsError
 from publisher.settings import PublisherSettings
-from sidecar.errors import SettingsError
 from sidecar.settings import SidecarSettings
 
 

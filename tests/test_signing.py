@@ -16,10 +16,10 @@ from nats.js.errors import NotFoundError
 
 from keyrelay.cli import main
 from keyrelay.core.config import load
+from keyrelay.core.errors import SettingsError, SignatureError
 from keyrelay.core.trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, Signer, TrustedKeys, load_signer, verify
 from keyrelay.core.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord, decode_heartbeat, decode_tombstone
 from publisher.settings import PublisherSettings
-from sidecar.errors import SettingsError, SignatureError
 from tests.conftest import StartPublisher
 from tests.support import Publisher, Scrape, eventually, last_message, make_key, plant
 

@@ -16,11 +16,12 @@ from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from keyrelay.core.errors import SettingsError, SignatureError
 from keyrelay.core.trust import KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Trust, verify
 from keyrelay.core.wire import MAX_VERSION, KeyRecord, encode_tombstone
 from keyrelay.natsd import NatsServer
 from sidecar.app import create_app
-from sidecar.errors import SettingsError, SignatureError, SnapshotError
+from sidecar.errors import SnapshotError
 from sidecar.settings import SidecarSettings
 from sidecar.snapshot import decode, encode
 from sidecar.table import RECORD_WIDTHS, KeyTable

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from keyrelay.core.errors import RecordError
 from keyrelay.core.wire import (
     ALPHABET,
     KeyRecord,
@@ -16,7 +17,6 @@ from keyrelay.core.wire import (
     parse_key,
     region_subjects,
 )
-from sidecar.errors import RecordError
 from tests.support import make_key
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sidecar.errors import SettingsError
+from .errors import SettingsError
 
 __all__ = [
     "DURATION_HELP",

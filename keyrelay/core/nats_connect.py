@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sidecar.errors import SettingsError
-
 from .config import option, parse_optional_path
+from .errors import SettingsError
 
 _log = logging.getLogger("keyrelay.nats")
 

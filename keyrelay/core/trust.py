@@ -37,7 +37,7 @@ import msgpack
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from sidecar.errors import SignatureError
+from .errors import SignatureError
 
 __all__ = [
     "CONTEXT",

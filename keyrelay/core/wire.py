@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import msgpack
 
-from sidecar.errors import RecordError
+from .errors import RecordError
 
 __all__ = [
     "CHECK_LEN",
