@@ -60,13 +60,14 @@ from keyrelay.core.trust import KIND_RECORD, Trust
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import spawn as spawn_env
 from keyrelay.procs import tail
+from testbed.cpus import pinned
 
 from .callgrind import count_instructions
 from .figures import run_and_write, say
 from .keyfill import FillResult, KeyMix, create_bucket, fill_bucket
 from .procs import memory_of, stop, wait_http_ok, wait_quiet
 from .signing import BENCH_SIGNER, BENCH_SNAPSHOT_SIGNER, Heartbeats, write_key_file
-from .wrk import header_pool_script, pinned, run_wrk, wrk_binary
+from .wrk import header_pool_script, run_wrk, wrk_binary
 
 __all__ = ["main", "parse_seed_summary", "ratio_verdict", "write_records"]
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-__all__ = ["WrkError", "WrkResult", "header_pool_script", "parse_wrk", "pinned", "run_wrk", "wrk_binary"]
+from testbed.cpus import pinned
+
+__all__ = ["WrkError", "WrkResult", "header_pool_script", "parse_wrk", "run_wrk", "wrk_binary"]
 
 _UNITS: Final = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _TIME = r"([\d.]+)(us|ms|s|m|h)"
@@ -97,17 +99,6 @@ def wrk_binary() -> str:
     if found is None:
         raise WrkError("wrk not found: install it (Debian: apt-get install -y wrk)")
     return found
-
-
-def pinned(command: Sequence[str], cpus: str | None) -> list[str]:
-    """`command` prefixed with `taskset -c cpus` when a CPU list is given and taskset exists."""
-    if cpus is None:
-        return list(command)
-    taskset = shutil.which("taskset")
-    if taskset is None:
-        raise WrkError("taskset not found (util-linux): install it or run without pinning")
-    # taskset execs the command, so the child's pid stays the command's pid.
-    return [taskset, "-c", cpus, *command]
 
 
 def _seconds(value: str, unit: str) -> float:

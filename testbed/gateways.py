@@ -23,7 +23,8 @@ from typing import Final
 
 from keyrelay.errors import KeyrelayError
 from keyrelay.procs import spawn, stop, wait_http_ok
-from loadtest.wrk import pinned
+
+from .cpus import pinned
 
 __all__ = [
     "DEPLOY_DIR",
