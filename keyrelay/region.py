@@ -33,6 +33,7 @@ from keyrelay.core.wire import DEFAULT_BUCKET, region_subjects, stream_name
 
 from .errors import KeyrelayError
 from .nats_auth import mirror_deliver_prefix
+from .nats_client import connect_nats
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 __all__ = [
     "HUB_DOMAIN",
     "RegionSettings",
-    "connect_nats",
     "ensure_region_mirror",
     "init_region",
     "mirror_config",
@@ -251,16 +251,6 @@ async def seed_region_snapshot(settings: RegionSettings) -> None:
 
 def _nats(settings: RegionSettings) -> NatsConnect:
     return NatsConnect.of(settings, identity=identity_name("region-init", settings.region))
-
-
-async def connect_nats(nats_connect: NatsConnect, *, what: str) -> Client:
-    """A connection to `what` (the region's NATS, say); KeyrelayError naming its servers if unreachable."""
-    import nats
-
-    try:
-        return await nats.connect(**nats_connect.kwargs(), connect_timeout=5, max_reconnect_attempts=2)
-    except Exception as exc:
-        raise KeyrelayError(f"cannot reach {what} at {nats_connect.describe()}: {exc}") from None
 
 
 async def init_region(settings: RegionSettings) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from keyrelay.core.options import (
 from keyrelay.core.wire import DEFAULT_BUCKET, snapshot_store_name
 
 from .errors import KeyrelayError
-from .region import connect_nats
+from .nats_client import connect_nats
 
 if TYPE_CHECKING:  # asyncio and the seeder (nats-py, NaCl) load when a command runs, not with the CLI's parser
     import asyncio

@@ -33,7 +33,7 @@ from keyrelay.core.trust import KIND_RECORD, Signer, load_signer, write_signing_
 from keyrelay.core.wire import subject_prefix
 from keyrelay.natsd import NatsServer, NatsSpec
 from publisher.broker import Broker
-from publisher.db import open_database
+from publisher.db_open import open_database
 from publisher.models import Actor
 from publisher.outbox import OutboxRelay
 from publisher.reconcile import reconcile

@@ -18,7 +18,7 @@ from keyrelay.core.serving import harden, malformed_metric, run_forever, serve_a
 from . import api_schemas as s
 from .api import ROUTES, SERVICES, UNAUTHENTICATED, Services, auth_middleware, error_middleware
 from .broker import Broker
-from .db import open_database
+from .db_open import open_database
 from .errors import PublisherError
 from .heartbeat import Heartbeat
 from .maintenance import Maintenance

@@ -17,7 +17,7 @@ from nats.js.client import JetStreamContext
 
 from keyrelay.natsd import NatsServer, free_port
 from keyrelay.procs import spawn, stop, wait_http_ok
-from publisher.db import open_database
+from publisher.db_open import open_database
 from publisher.store import KeyStore
 from tests.conftest import StartSidecar
 from tests.support import ADMIN_TOKEN, Admin, eventually

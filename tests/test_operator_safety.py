@@ -16,7 +16,7 @@ from nats.js.client import JetStreamContext
 
 from keyrelay.core.trust import KIND_TOMBSTONE
 from keyrelay.natsd import NatsServer
-from publisher.db import open_database
+from publisher.db_open import open_database
 from publisher.errors import NotInitialised
 from tests.conftest import StartPublisher
 from tests.support import ADMIN_TOKEN, SIGNER, Publisher, bucket_entries, last_message, plant

@@ -15,7 +15,7 @@ from keyrelay.core.trust import Signer
 from keyrelay.core.wire import KeyRecord
 from keyrelay.natsd import NatsServer
 from publisher.broker import Broker
-from publisher.db import open_database
+from publisher.db_open import open_database
 from publisher.models import Actor, OutboxEntry
 from publisher.outbox import OutboxRelay, message_name
 from publisher.schema import MIGRATIONS, PARTITIONS, migrate
