@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from keyrelay.core.config import add_options, load
 from keyrelay.core.errors import CoreError
@@ -18,7 +19,7 @@ from .admin import add_admin_commands
 from .client import ClientSettings
 from .errors import ExitCode, KeyrelayError, describe_os_error
 from .login import add_login_commands
-from .parsing import Parser, VersionAction, share_global_options
+from .parsing import Commands, Parser, VersionAction, share_global_options
 
 __all__ = ["build_parser", "main"]
 
@@ -83,49 +84,12 @@ def _nats_config(args: argparse.Namespace) -> int:
     return nats_config_command(args)
 
 
-def _loadtest(args: argparse.Namespace) -> int:
-    from loadtest.multiregion import loadtest_command
+def _add_installed_commands(commands: Subcommands[Parser], parser: argparse.ArgumentParser) -> None:
+    """The commands other installed packages add (`keyrelay loadtest`); the product never imports them."""
+    from .plugins import add_installed_commands
 
-    return loadtest_command(args)
-
-
-LOADTEST_MISSING = "keyrelay loadtest needs a source checkout: pip install -e '.[loadtest]'"
-
-
-def _loadtest_missing(args: argparse.Namespace) -> int:
-    raise KeyrelayError(LOADTEST_MISSING)
-
-
-def _add_loadtest(commands: Subcommands[Parser]) -> None:
-    """`keyrelay loadtest`: the load test where its package is installed, a clear refusal where not."""
-    help_text = "multi-region load test on loopback: WAN delays, verify load, key churn, a partition"
-    try:
-        from loadtest.multiregion import add_arguments
-    except ModuleNotFoundError as exc:
-        # The images install sidecar/, publisher/ and keyrelay/ only; any other missing module is a real bug.
-        if exc.name is None or exc.name.partition(".")[0] != "loadtest":
-            raise
-        # No option prefix: every argument, --help included, lands in `ignored`, so whatever follows
-        # `keyrelay loadtest` the answer is this message rather than an argparse error about an option.
-        missing = commands.add_parser(
-            "loadtest",
-            help=f"{help_text} (source checkout only)",
-            description=f"{LOADTEST_MISSING}.",
-            prefix_chars="\0",
-            add_help=False,
-        )
-        missing.add_argument("ignored", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        missing.set_defaults(handler=_loadtest_missing)
-        return
-    loadtest = commands.add_parser(
-        "loadtest",
-        help=help_text,
-        description="Build a hub and one NATS leaf per region behind delaying links, preload keys, drive open-loop "
-        "verify load at every region while churning keys, and report throughput, latency, revocation "
-        "propagation, false accepts and false rejects (report.json, plot.png).",
-    )
-    add_arguments(loadtest)
-    loadtest.set_defaults(handler=_loadtest)
+    add_installed_commands(commands)
+    share_global_options(parser)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -187,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=VersionAction, help="print the installed version and exit")
     add_options(parser, ClientSettings, title="the admin API, for every command that calls it")
     parser.add_argument("--json", action="store_true", help="print answers and reports as JSON")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = cast(Commands, parser.add_subparsers(dest="command", metavar="COMMAND", required=True, action=Commands))
+    commands.more = functools.partial(_add_installed_commands, commands, parser)
 
     _command(
         commands,
@@ -319,7 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
         "each public key read from $KEYRELAY_NKEY_<IDENTITY> when the server loads it. keyrelay up uses the "
         "same blocks; docs/nats-security.md explains them.",
     )
-    _add_loadtest(commands)
     add_admin_commands(commands)
     add_login_commands(commands)
     share_global_options(parser)
