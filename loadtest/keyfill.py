@@ -5,7 +5,7 @@ The mix, per key: an org/team/project tree (1 org per 1000 keys, 1 team per
 expiry months ahead, 2% expired, 2% revoked, 20% with metadata drawn from 500
 variants. Every record goes to `$KV.<bucket>.global.<key_id>` with JetStream
 publish acks, a bounded number in flight, each signed as the publisher signs
-it (`Keyrelay-Sig`, sidecar/trust.py) when a signer is given.
+it (`Keyrelay-Sig`, keyrelay/core/trust.py) when a signer is given.
 """
 
 from __future__ import annotations

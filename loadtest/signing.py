@@ -1,7 +1,7 @@
 """The benchmarks' stand-in for the publisher's keys: fixed signers, key files, and signed heartbeats.
 
 A benchmark fills the key bucket itself, so it signs what it writes as the
-publisher does (sidecar/trust.py) with a fixed bench key (deployment
+publisher does (keyrelay/core/trust.py) with a fixed bench key (deployment
 `default`), seeds snapshots with a fixed bench snapshot key, and keeps the
 sidecars it starts fresh with the publisher's signed heartbeat (entry
 `global.heartbeat`, kind `h`) — a sidecar's freshness is that heartbeat's age.

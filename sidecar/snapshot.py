@@ -13,7 +13,7 @@ init`, `keyrelay snapshot seed`); sidecars hold neither, and only read them.
 Format: MAGIC, a 4-byte header length, a msgpack header (revision, bucket,
 region, the stream's identity, the table's header with its version floors),
 the table's arrays back to back, then the signature: a 4-byte length and a
-`Keyrelay-Sig` value (sidecar/trust.py) of kind `s` over the SHA-256 of
+`Keyrelay-Sig` value (keyrelay/core/trust.py) of kind `s` over the SHA-256 of
 everything before it, for the entry `snapshot.<bucket>.<region or global>`.
 Sidecars load only snapshots signed by a key in their `--trusted-snapshot-keys`,
 signed within the replay horizon, made from the stream they read.

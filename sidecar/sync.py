@@ -6,7 +6,7 @@ heartbeats, started at the last applied stream sequence + 1. A gap in the
 consumer sequence, missed heartbeats, a reconnect or a server restart all lead
 to the same cure: a new consumer from the last applied revision.
 
-Every value must carry the publisher's signature (sidecar/trust.py) for its
+Every value must carry the publisher's signature (keyrelay/core/trust.py) for its
 entry; what a value says is decided by sidecar/admit.py (on two worker threads
 for a run of deliveries while catching up) and committed here in stream order.
 A record that fails verification quarantines its key (refused until a valid

@@ -1,4 +1,4 @@
-"""How both services serve HTTP (sidecar/serving.py): malformed requests, the Server header, the aiohttp it relies on.
+"""How both services serve HTTP (keyrelay/core/serving.py): malformed requests, the Server header, its aiohttp.
 
 Each service runs as `keyrelay sidecar` / `keyrelay publisher` run it (their
 `serve`, on a free port); malformed requests go over raw sockets, since no
@@ -160,7 +160,7 @@ async def test_every_answer_of_both_services_says_server_keyrelay_and_no_version
 
 
 def test_the_aiohttp_internals_serving_overrides_are_the_ones_it_was_checked_against() -> None:
-    # sidecar/serving.py overrides RequestHandler.handle_error and AppRunner._make_server and reads
+    # keyrelay/core/serving.py overrides RequestHandler.handle_error and AppRunner._make_server and reads
     # web.Server's _loop and _kwargs: when aiohttp changes any of that, this fails before a request does.
     with (Path(__file__).parent.parent / "pyproject.toml").open("rb") as f:
         deps = tomllib.load(f)["project"]["dependencies"]
