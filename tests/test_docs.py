@@ -32,6 +32,8 @@ _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 _LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 _CODE_SPAN = re.compile(r"`[^`]*`")
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
+# A code span naming a path of the repository: `sidecar/admit.py`, `deploy/k8s/nats/values-*.yaml`.
+_PATH_SPAN = re.compile(r"`((?:keyrelay|sidecar|publisher|loadtest|testbed|tests|deploy|docs|\.ci)/[^`\s]*)`")
 
 
 def markdown_files() -> list[Path]:
@@ -142,6 +144,25 @@ def test_the_link_check_refuses_what_it_must() -> None:
     assert link_problem(readme, "docs/semantics.md#staleness") is None
     assert link_problem(readme, "#quickstart") is None
     assert link_problem(DOCS / "api.md", "../deploy/gateways/") is None
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """`a/{b,c}.py` as `a/b.py` and `a/c.py` (one level of braces, as the docs write them)."""
+    found = re.search(r"\{([^{}]*)\}", pattern)
+    if found is None:
+        return [pattern]
+    return [pattern[: found.start()] + choice + pattern[found.end() :] for choice in found[1].split(",")]
+
+
+def test_every_file_the_readme_and_docs_name_in_code_exists() -> None:
+    missing = [
+        f"{source.relative_to(ROOT)}: {path}"
+        for source in markdown_files()
+        for span in _PATH_SPAN.findall(source.read_text())
+        for path in expand_braces(span)
+        if not any(ROOT.glob(path.rstrip("/"))) and not (ROOT / path).exists()
+    ]
+    assert not missing, "\n".join(missing)
 
 
 def test_nothing_in_the_readme_or_docs_mentions_a_place_outside_the_clone() -> None:
