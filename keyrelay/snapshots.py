@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # asyncio and the seeder (nats-py, NaCl) load when a command 
     import asyncio
 
     from keyrelay.core.trust import Signer, Trust
-    from sidecar.seed import SeedProgress, SeedResult
+
+    from .seeder import SeedProgress, SeedResult
 
 __all__ = [
     "SnapshotSettings",
@@ -160,7 +161,7 @@ async def seed(
     keep_fresh: asyncio.Event | None = None,
 ) -> SeedResult:
     """Seed the region's snapshot as `settings` say (and, with `keep_fresh`, keep it fresh until it is set)."""
-    from sidecar.seed import seed_snapshot
+    from .seeder import seed_snapshot
 
     trust, signer = seeder_trust(settings)
     return await seed_snapshot(nats=settings.nats(), bucket=settings.bucket, region=settings.region,

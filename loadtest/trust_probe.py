@@ -13,10 +13,11 @@ Modes:
             snapshot (signed when the tree signs), then time `decode` of it
             into a fresh table `repeats` times.
   replay    a real KeySync replays a real bucket from the start until synced
-            (wall and process CPU, worker threads included); its `_apply` (the
-            per-record path: verify, decode, apply) is timed where the catch-up
-            goes through it (a sync that verifies batches on worker threads
-            uses it only for live deliveries: then its figure is left out).
+            (wall and process CPU, worker threads included); its `_apply`, or
+            the applier's `apply` (the per-record path: verify, decode, apply),
+            is timed where the catch-up goes through it (a sync that verifies
+            batches on worker threads uses it only for live deliveries: then
+            its figure is left out).
 """
 
 from __future__ import annotations
@@ -79,11 +80,17 @@ def _signing(tree_signs: bool, label: str) -> Any:
     return trust.Signer(SigningKey(hashlib.sha256(label.encode()).digest()), "default")
 
 
+def _snapshot_codec() -> Any:
+    """The module of the tree's whole-snapshot `encode` and `decode`: testbed's, or sidecar's in older trees."""
+    found = (Path(sys.path[0]) / "testbed" / "snapshot_oracle.py").exists()
+    return importlib.import_module("testbed.snapshot_oracle" if found else "sidecar.snapshot")
+
+
 def snapshot(params: dict[str, Any]) -> dict[str, Any]:
     """Build, encode, then time decoding the snapshot `repeats` times."""
     wire = importlib.import_module(_core("wire"))
     table_mod = importlib.import_module("sidecar.table")
-    snap = importlib.import_module("sidecar.snapshot")
+    snap = _snapshot_codec()
     signs = _tree_signs()
     records = read_records(Path(params["records"]))
     table = table_mod.KeyTable()
@@ -146,8 +153,11 @@ async def _replay(params: dict[str, Any]) -> dict[str, Any]:
     table_mod = importlib.import_module("sidecar.table")
     signs = _tree_signs()
     cls = sync_mod.KeySync
+    # The per-record path: the applier's in trees whose sync is split by job, else the sync's own.
+    split = hasattr(sync_mod, "SyncConfig")
+    timed_class, timed_name = (importlib.import_module("sidecar.apply").Applier, "apply") if split else (cls, "_apply")
     spent = [0.0, 0]
-    original = cls._apply
+    original = getattr(timed_class, timed_name)
 
     def timed(*args: Any) -> None:
         started = time.perf_counter()
@@ -157,12 +167,14 @@ async def _replay(params: dict[str, Any]) -> dict[str, Any]:
             spent[0] += time.perf_counter() - started
             spent[1] += 1
 
-    cls._apply = timed
+    setattr(timed_class, timed_name, timed)
     kwargs: dict[str, Any] = {}
     if signs:
         kwargs["trust"] = importlib.import_module(_core("trust")).Trust.of(records=[params["trusted_key"]])
     table = table_mod.KeyTable()
-    sync = cls(table=table, servers=[params["url"]], bucket=params["bucket"], name="bench-trust-replay", **kwargs)
+    where = {"servers": [params["url"]], "bucket": params["bucket"], "name": "bench-trust-replay", **kwargs}
+    # A frozen configuration and the table, or (older trees) one dataclass of both.
+    sync = cls(sync_mod.SyncConfig(**where), table) if split else cls(table=table, **where)
     rss0, cpu0 = _rss(), _cpu()
     started = time.perf_counter()
     await sync.start()

@@ -12,12 +12,12 @@ from keyrelay.core.errors import SettingsError
 from keyrelay.core.nats_connect import NatsConnect, identity_name
 from keyrelay.core.serving import harden, run_forever, serve_app
 from keyrelay.core.trust import Trust
+from keyrelay.core.wire import snapshot_store_name
 
 from .http import STATE, SidecarState, add_routes
 from .metrics import Metrics
 from .settings import SidecarSettings
-from .snapshot import snapshot_store_name
-from .sync import KeySync
+from .sync import KeySync, SyncConfig
 from .table import KeyTable
 from .verify import Verifier
 
@@ -52,8 +52,7 @@ def create_app(settings: SidecarSettings) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
     table = KeyTable()
     nats = NatsConnect.of(settings, identity=identity_name("sidecar", settings.region))
-    sync = KeySync(
-        table=table,
+    config = SyncConfig(
         servers=settings.nats_url,
         connect=nats,
         bucket=settings.bucket,
@@ -63,6 +62,7 @@ def create_app(settings: SidecarSettings) -> web.Application:
         snapshot_store=snapshot_store_name(settings.bucket, settings.snapshot_bucket) if settings.snapshots else None,
         trust=trust,
     )
+    sync = KeySync(config, table)
     app[STATE] = SidecarState(
         settings=settings,
         verifier=Verifier(table=table, region=settings.region, prefixes=settings.key_prefixes()),

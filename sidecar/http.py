@@ -346,7 +346,7 @@ async def status(request: web.Request) -> web.Response:
             "route_rules": len(state.routes) if state.routes is not None else None,
             "decode_errors": sync.stats.decode_errors,
             "loaded_snapshot": snapshot_summary(sync.loaded_snapshot) if sync.loaded_snapshot else None,
-            "written_snapshot": snapshot_summary(sync.written_snapshot) if sync.written_snapshot else None,
+            "written_snapshot": None,  # sidecars only read snapshots: the region's seeder writes them
             "trust": trust_status(sync),
         }
     )
@@ -363,10 +363,10 @@ def trust_status(sync: KeySync) -> dict[str, Any]:
         "replay_horizon_seconds": trust.horizon,
         "rejected": dict(sync.stats.rejected),
         "quarantined": sync.stats.quarantined,
-        "recent_quarantines": list(sync.recent_quarantines),
+        "recent_quarantines": list(sync.applier.recent_quarantines),
         "version_floors": sync.table.floors(),
-        "heartbeat_signed_at": sync.heartbeat_at,
-        "heartbeat_acked_revision": sync.heartbeat_acked,
+        "heartbeat_signed_at": sync.freshness.heartbeat_at,
+        "heartbeat_acked_revision": sync.freshness.heartbeat_acked,
     }
 
 

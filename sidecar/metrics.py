@@ -74,12 +74,13 @@ class Metrics:
         lines.append(f"keyrelay_verify_duration_seconds_count {cumulative}")
         since_event = time.time() - sync.last_event if sync.last_event else -1.0
         stats = sync.stats
+        mirror_lag = sync.freshness.mirror_lag
         gauges = [
             ("keyrelay_keys", "gauge", "Keys held in the replica", len(sync.table)),
             ("keyrelay_table_bytes", "gauge", "Bytes held by the key table's arrays", sync.table.nbytes()),
             ("keyrelay_last_revision", "gauge", "Last applied stream sequence", sync.last_revision),
             ("keyrelay_pending", "gauge", "Changes known to be waiting to be applied", sync.pending),
-            ("keyrelay_mirror_lag", "gauge", "Messages the regional mirror is behind the hub", sync.mirror_lag),
+            ("keyrelay_mirror_lag", "gauge", "Messages the regional mirror is behind the hub", mirror_lag),
             (
                 "keyrelay_snapshot_loaded_revision",
                 "gauge",
@@ -90,7 +91,7 @@ class Metrics:
                 "keyrelay_snapshots_written_total",
                 "counter",
                 "Region snapshots this sidecar wrote",
-                sync.snapshots_written,
+                0,  # sidecars only read snapshots: the region's seeder writes them
             ),
             (
                 "keyrelay_seconds_since_upstream",

@@ -46,13 +46,13 @@ from keyrelay.core.wire import (
     subject_prefix,
 )
 from keyrelay.natsd import free_port
+from keyrelay.seeder import SeedResult, seed_snapshot
 from publisher.api import Services
 from publisher.app import serve as serve_publisher
 from publisher.maintenance import Maintenance
 from publisher.settings import PublisherSettings
 from sidecar.app import serve
 from sidecar.http import SidecarState
-from sidecar.seed import SeedResult, seed_snapshot
 from sidecar.settings import SidecarSettings
 
 T = TypeVar("T")

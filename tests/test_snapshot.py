@@ -11,9 +11,12 @@ from nats.js.kv import KeyValue
 
 from keyrelay.core.wire import KeyRecord, key_digest
 from keyrelay.natsd import NatsServer
+from keyrelay.snapshot_writer import _BLOCK, LiveReader, signature_trailer, snapshot_due, snapshot_head
+from keyrelay.snapshots import SnapshotStoreSettings, list_snapshots
 from sidecar.errors import SnapshotError
-from sidecar.snapshot import _BLOCK, _LiveReader, _pieces, _signature_trailer, _Sink, decode, encode
+from sidecar.snapshot import SnapshotSink
 from sidecar.table import KeyTable
+from testbed.snapshot_oracle import decode, encode
 from tests.conftest import StartSidecar
 from tests.support import SNAPSHOT_SIGNER, TRUST, delete, heartbeat, make_key, put, revoked, seed
 
@@ -113,7 +116,7 @@ def test_a_damaged_snapshot_is_refused_and_the_table_left_alone(mutate, reason: 
 def test_a_snapshot_read_in_chunks_of_any_size_restores_the_same_table(chunk: int) -> None:
     table, keys = _filled()
     data = encode(table, revision=9, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
-    sink = _Sink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="")
+    sink = SnapshotSink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="")
     for start in range(0, len(data), chunk):
         sink.write(data[start : start + chunk])
     copy = KeyTable()
@@ -146,7 +149,7 @@ def test_a_snapshot_of_an_empty_table_restores_an_empty_table() -> None:
 def test_a_snapshot_cut_short_in_its_arrays_is_refused() -> None:
     table, _ = _filled()
     data = encode(table, revision=1, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
-    sink = _Sink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="")
+    sink = SnapshotSink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="")
     sink.write(data[:-1000])
     with pytest.raises(SnapshotError, match=r"truncated: \d+ of \d+ bytes of arrays"):
         sink.load_into(KeyTable())
@@ -191,7 +194,9 @@ async def test_a_new_sidecar_starts_from_the_snapshot_and_replays_only_later_cha
     assert (await sidecar.auth(keys[2][0], scopes="admin"))[0] == 200
     assert await sidecar.status_of(keys[3][0]) == 200
     assert len(sync.table) == 200
-    assert sync.snapshots_written == 0  # a sidecar never writes one: it holds no snapshot key
+    # A sidecar never writes one: it holds no snapshot key. The region's is still the one seeded.
+    rows = await list_snapshots(SnapshotStoreSettings(nats_url=(nats_server.url,)))
+    assert [row["revision"] for row in rows] == [201]
 
 
 async def test_a_snapshot_of_another_incarnation_of_the_stream_is_ignored(
@@ -231,23 +236,22 @@ async def _value(value: object) -> object:
 
 
 def test_a_snapshot_is_due_when_missing_old_or_far_behind() -> None:
-    from sidecar.sync import KeySync
+    def due(current: tuple[float, int] | None) -> bool:  # a replica of an empty table at revision 50,000
+        return snapshot_due(current, revision=50_000, keys=len(KeyTable()), interval=600.0)
 
-    sync = KeySync(table=KeyTable(), servers=["nats://127.0.0.1:1"], bucket="KEYS", snapshot_interval=600.0)
-    sync.last_revision = 50_000
-    assert sync._snapshot_due(None)
-    assert not sync._snapshot_due((10.0, 49_000))
-    assert sync._snapshot_due((10.0, 30_000))  # 20,000 revisions behind
-    assert sync._snapshot_due((601.0, 50_000))
-
-
-def _live_reader(table: KeyTable) -> _LiveReader:
-    head = b"".join(_pieces(table, revision=5, bucket="KEYS", region=None, stream_created="", arrays=False))
-    return _LiveReader(table, head, lambda digest: _signature_trailer(SNAPSHOT_SIGNER, digest, bucket="KEYS",
-                                                                      region=None))  # fmt: skip
+    assert due(None)
+    assert not due((10.0, 49_000))
+    assert due((10.0, 30_000))  # 20,000 revisions behind
+    assert due((601.0, 50_000))
 
 
-def _read(reader: _LiveReader, chunk: int, stop: int | None = None) -> bytes:
+def _live_reader(table: KeyTable) -> LiveReader:
+    head = snapshot_head(table, revision=5, bucket="KEYS", region=None, stream_created="")
+    return LiveReader(table, head, lambda digest: signature_trailer(SNAPSHOT_SIGNER, digest, bucket="KEYS",
+                                                                    region=None))  # fmt: skip
+
+
+def _read(reader: LiveReader, chunk: int, stop: int | None = None) -> bytes:
     read, buffer = bytearray(), bytearray(chunk)
     while (stop is None or len(read) < stop) and (count := reader.readinto(buffer)):
         read += buffer[:count]
@@ -325,7 +329,7 @@ async def test_a_sidecar_started_from_a_snapshot_covering_the_last_heartbeat_is_
 def test_a_snapshot_claiming_more_records_than_its_stream_could_have_made_is_refused_before_allocating() -> None:
     table, _ = _filled()
     data = encode(table, revision=1, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
-    sink = _Sink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="", max_records=100)
+    sink = SnapshotSink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="", max_records=100)
     sink.write(data)
     with pytest.raises(SnapshotError, match="more than the stream could have made"):
         sink.load_into(KeyTable())

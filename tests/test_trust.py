@@ -23,8 +23,8 @@ from keyrelay.natsd import NatsServer
 from sidecar.app import create_app
 from sidecar.errors import SnapshotError
 from sidecar.settings import SidecarSettings
-from sidecar.snapshot import decode, encode
 from sidecar.table import RECORD_WIDTHS, KeyTable
+from testbed.snapshot_oracle import decode, encode
 from tests.conftest import StartSidecar
 from tests.support import (
     FORGER,
@@ -446,20 +446,20 @@ async def test_tombstones_outside_a_keys_own_entry_or_for_keys_never_held_change
 async def test_a_fault_while_verifying_a_batch_is_counted_and_the_batch_read_again_not_skipped(
     bucket: KeyValue, start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sidecar.sync
+    import sidecar.deliveries
 
     keys = [make_key() for _ in range(300)]
     for _, record in keys:
         await put(bucket, record)  # a replay: verified in batches on worker threads
     faults = [RuntimeError("a bug of ours")]
-    original = sidecar.sync.examine  # type: ignore[attr-defined]  # the name sync calls, replaced below
+    original = sidecar.deliveries.examine  # type: ignore[attr-defined]  # the name a batch calls, replaced below
 
     def faulty(*args: Any) -> Any:
         if faults:
             raise faults.pop()
         return original(*args)
 
-    monkeypatch.setattr(sidecar.sync, "examine", faulty)
+    monkeypatch.setattr(sidecar.deliveries, "examine", faulty)
     started = await start_sidecar()
     await started.ready()
     assert started.state.sync.stats.apply_errors == 1

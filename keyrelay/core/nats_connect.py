@@ -10,6 +10,7 @@ travel as file paths, and URLs are logged through :func:`redact`.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,7 +27,17 @@ ErrorCallback = Callable[[Exception], Awaitable[None]]
 if TYPE_CHECKING:
     import ssl
 
-__all__ = ["NatsClientSettings", "NatsConnect", "identity_name", "inbox_prefix", "nats_option", "redact"]
+    from nats.aio.client import Client
+
+__all__ = [
+    "NatsClientSettings",
+    "NatsConnect",
+    "identity_name",
+    "inbox_prefix",
+    "jetstream_api",
+    "nats_option",
+    "redact",
+]
 
 _HELP = {
     "nats_creds": "file with this component's NATS credentials: a .creds file or an NKEY seed file (keyrelay up "
@@ -122,6 +133,16 @@ class NatsConnect:
         if self.tls_cert is not None:
             context.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
         return context
+
+
+async def jetstream_api(
+    nc: Client, subject: str, body: dict[str, Any] | None = None, *, timeout: float
+) -> dict[str, Any]:
+    """The JSON answer of JetStream's API to one request on `$JS.API.<subject>` (a refusal says so in "error")."""
+    payload = json.dumps(body).encode() if body is not None else b""
+    reply = await nc.request(f"$JS.API.{subject}", payload, timeout=timeout)
+    answer: dict[str, Any] = json.loads(reply.data)
+    return answer
 
 
 async def _one_line(error: Exception) -> None:
