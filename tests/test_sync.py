@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
-from nats.js.api import ConsumerInfo
+from nats.js.api import ConsumerInfo, KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from keyrelay.core.wire import key_digest
 from keyrelay.natsd import NatsServer
 from sidecar.sync import KeySync, SyncConfig
 from sidecar.table import KeyTable
-from tests.support import eventually
+from tests.support import eventually, make_key, put, put_raw
+
+T = TypeVar("T")
 
 
 async def _consumers(js: JetStreamContext) -> AsyncIterator[ConsumerInfo]:
@@ -42,3 +46,39 @@ async def test_a_consumer_abandoned_after_a_bad_status_is_deleted_when_the_next_
         assert sync.stats.consumer_resets == 1
     finally:
         await sync.close()
+
+
+async def test_a_full_resync_keeps_a_key_whose_entry_names_it_in_uppercase(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    """Values taken unsigned may name their key in any case; the table knows every key by its canonical id.
+
+    A recreated bucket is read again from its first revision (a full resync): a key it still holds
+    must stay held, whatever the case its entry is written in.
+    """
+    shouted_key, shouted = make_key()
+    entry = f"global.{shouted.key_id.upper()}"
+    first = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+    await put_raw(first, entry, shouted.encode(), signer=None)
+    for _, record in [make_key() for _ in range(3)]:  # the new stream will be shorter than this one
+        await put(first, record, signer=None)
+    table = KeyTable()
+    sync = KeySync(SyncConfig(servers=[nats_server.url], bucket="KEYS", heartbeat=0.2), table)
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        assert table.lookup(key_digest(shouted_key))[0] >= 0
+        await js.delete_key_value("KEYS")
+        fresh = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+        await put_raw(fresh, entry, shouted.encode(), signer=None)
+        _, last = make_key()
+        await put(fresh, last, signer=None)
+        await eventually(lambda: _async(table.find_id(last.key_id)), lambda n: n >= 0, timeout=10)  # read to its end
+        assert table.find_id(shouted.key_id) >= 0
+        assert table.lookup(key_digest(shouted_key))[0] >= 0
+    finally:
+        await sync.close()
+
+
+async def _async(value: T) -> T:
+    return value
