@@ -29,7 +29,7 @@ from sidecar.sync import KeySync, SyncConfig
 from sidecar.table import KeyTable
 
 from .errors import SyncTimeout
-from .snapshot_writer import SnapshotWriter, snapshot_due
+from .snapshot_writer import SnapshotWriter, ValuePacker, snapshot_due
 
 __all__ = ["SeedProgress", "SeedResult", "Seeder", "seed_snapshot"]
 
@@ -72,6 +72,7 @@ class Seeder:
         self.signer = signer
         self.interval = interval  # a snapshot younger than this (and not far behind) is fresh
         self.written: Snapshot | None = None  # the last snapshot written
+        self._packer = ValuePacker(sync.table)  # the table's values, packed once for every snapshot
 
     async def write(self, *, force: bool = False) -> Snapshot | None:
         """Write the region's snapshot from the replica if it is due (or `force`); None when it was not due."""
@@ -86,7 +87,7 @@ class Seeder:
                                           interval=self.interval):  # fmt: skip
             return None
         self.written = await writer.save(sync.table, lambda: sync.last_revision, signer=self.signer,
-                                         stream_created=sync.stream_created)  # fmt: skip
+                                         stream_created=sync.stream_created, packer=self._packer)  # fmt: skip
         log.info("wrote a snapshot of %d keys at revision %d", self.written.keys, self.written.revision)
         return self.written
 

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgpack
 from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
@@ -22,9 +23,10 @@ from nats.js.object_store import ObjectStore
 from keyrelay.core.trust import KIND_SNAPSHOT, Signer
 from sidecar.errors import SnapshotError
 from sidecar.snapshot import FORMAT, LENGTH, MAGIC, Snapshot, snapshot_entry
-from sidecar.table import ALL, RECORD_WIDTHS, KeyTable
+from sidecar.snapshot_layout import LAYOUT
+from sidecar.table import ALL, KIND_META, KIND_SCOPES, RECORD_WIDTHS, KeyTable
 
-__all__ = ["SnapshotWriter", "signature_trailer", "snapshot_due", "snapshot_head"]
+__all__ = ["LiveReader", "SnapshotWriter", "ValuePacker", "signature_trailer", "snapshot_due", "snapshot_head"]
 
 # Chunks stay well under NATS's default 1 MB max_payload.
 _CHUNK = 512 * 1024
@@ -44,22 +46,78 @@ def snapshot_due(current: tuple[float, int] | None, *, revision: int, keys: int,
     return age >= interval or behind > max(_SNAPSHOT_MIN_CHANGES, keys // 10)
 
 
-def snapshot_head(table: KeyTable, *, revision: int, bucket: str, region: str | None, stream_created: str) -> bytes:
-    """A snapshot's bytes before the table's arrays: magic, header length, header."""
-    table_header, values, count = table.export_packed()
+_SCOPES, _META = KIND_SCOPES[0], KIND_META[0]
+
+
+def _value_form(value: Any, kind: int) -> list[Any]:
+    """An interned value as a snapshot holds it (sidecar/snapshot_layout.py): [kind, data]."""
+    if kind == _SCOPES:
+        return ["s", value[1]]  # its header form: the scopes, space-joined
+    if kind == _META:
+        return ["m", [list(pair) for pair in value]]
+    return ["p", list(value)]
+
+
+class ValuePacker:
+    """A table's interned values as a snapshot's header holds them, packed ahead, a slice at a time.
+
+    Interned values only ever grow, so what was packed stays valid, and a snapshot packs the bulk of
+    them with the event loop free and only the rest when it starts; a table cleared or restored has
+    a new list of values, packed again from the first.
+    """
+
+    def __init__(self, table: KeyTable) -> None:
+        self._table = table
+        self._values: list[Any] | None = None  # the table's values that _packed is of
+        self._packed = bytearray()
+        self._count = 0
+
+    def pack(self, limit: int | None = None) -> int:
+        """Pack up to `limit` more interned values (all when None); how many are left to pack."""
+        state = self._table.state()
+        values, kinds = state.values, state.kinds
+        if values is not self._values:
+            self._values, self._packed, self._count = values, bytearray(), 0
+        stop = len(values) - 1 if limit is None else min(len(values) - 1, self._count + limit)
+        pack = msgpack.Packer().pack
+        for n in range(self._count + 1, stop + 1):
+            self._packed += pack(_value_form(values[n], kinds[n]))
+        self._count = stop
+        return len(values) - 1 - stop
+
+    def packed(self) -> tuple[bytes, int]:
+        """Every interned value, packed back to back, and how many."""
+        self.pack()
+        return bytes(self._packed), self._count
+
+
+def _table_header(table: KeyTable) -> dict[str, Any]:
+    """The table's part of a snapshot's header, but its values."""
+    state = table.state()
+    floors = [[key_id, version, until] for key_id, (version, until) in state.floors.items()]
+    records = len(state.arrays[-1])
+    return {"records": records, "live": len(table), "free": list(state.free), "layout": LAYOUT, "floors": floors}
+
+
+def snapshot_head(
+    table: KeyTable, packer: ValuePacker, *, revision: int, bucket: str, region: str | None, stream_created: str
+) -> bytes:
+    """A snapshot's bytes before the table's arrays: magic, header length, header (values from `packer`)."""
+    table_header = _table_header(table)
+    values, count = packer.packed()
     outer = {"format": FORMAT, "revision": revision, "bucket": bucket, "region": region, "created": time.time(),
              "keys": len(table), "stream_created": stream_created}  # fmt: skip
     # The header is the msgpack map {**outer, "table": {**table_header, "values": [...]}}, put
-    # together around the values the table packed already (most of the header's bytes).
-    packer = msgpack.Packer()
-    pack = packer.pack
-    head = bytearray(packer.pack_map_header(len(outer) + 1))
+    # together around the values packed already (most of the header's bytes).
+    msg = msgpack.Packer()
+    pack = msg.pack
+    head = bytearray(msg.pack_map_header(len(outer) + 1))
     for name, value in outer.items():
         head += pack(name) + pack(value)
-    head += pack("table") + packer.pack_map_header(len(table_header) + 1)
+    head += pack("table") + msg.pack_map_header(len(table_header) + 1)
     for name, value in table_header.items():
         head += pack(name) + pack(value)
-    head += pack("values") + packer.pack_array_header(count)
+    head += pack("values") + msg.pack_array_header(count)
     return b"".join((MAGIC, LENGTH.pack(len(head) + len(values)), bytes(head), values))
 
 
@@ -84,7 +142,8 @@ class LiveReader:
         self._hash = hashlib.sha256()
         self._trailer = trailer  # the signature's bytes, from the digest of all before it
         self._tail = b""
-        self._records = records = table.records()
+        self._arrays = table.state().arrays  # the same objects until the table is replaced (ALL)
+        self._records = records = len(self._arrays[-1])
         # Where each array starts in the snapshot, after the head.
         self._starts = [len(head)]
         for width in RECORD_WIDTHS:
@@ -112,8 +171,11 @@ class LiveReader:
         self._saved[block] = [self._block(which, block) for which in range(len(RECORD_WIDTHS))]
 
     def _block(self, which: int, block: int) -> bytes:
+        """Block `block` of array `which`, copied (a view held would stop the table growing the array)."""
         width = RECORD_WIDTHS[which]
-        return self._table.read_array(which, block * _BLOCK * width, min((block + 1) * _BLOCK, self._records) * width)
+        start, stop = block * _BLOCK * width, min((block + 1) * _BLOCK, self._records) * width
+        with memoryview(self._arrays[which]) as view, view.cast("B") as flat:
+            return flat[start:stop].tobytes()
 
     def _piece(self, position: int) -> bytes:
         """The snapshot's bytes from `position` to the end of the head or of a block."""
@@ -192,19 +254,23 @@ class SnapshotWriter:
             return None
         return time.time() - float(created), int(revision)
 
-    async def save(self, table: KeyTable, revision: Callable[[], int], *, signer: Signer,
-                   stream_created: str) -> Snapshot:  # fmt: skip
-        """Write the table as the region's snapshot, signed by `signer`, as of the revision `revision()` names."""
+    async def save(self, table: KeyTable, revision: Callable[[], int], *, signer: Signer, stream_created: str,
+                   packer: ValuePacker) -> Snapshot:  # fmt: skip
+        """Write the table as the region's snapshot, signed by `signer`, as of the revision `revision()` names.
+
+        `packer` packs the table's values (kept from one snapshot of the table to the next).
+        """
         store = await self._open()
         # Most of the header is the interned values, which only grow: packed now, a slice per turn
         # of the loop, they leave the step below only those interned since.
-        left = table.pack_values(limit=_VALUES_PER_TURN)
+        left = packer.pack(limit=_VALUES_PER_TURN)
         while left:
             await asyncio.sleep(0)
-            left = table.pack_values(limit=_VALUES_PER_TURN)
+            left = packer.pack(limit=_VALUES_PER_TURN)
         # No await between reading the revision and starting the reader: they describe one state.
         at = revision()
-        head = snapshot_head(table, revision=at, bucket=self.bucket, region=self.region, stream_created=stream_created)
+        head = snapshot_head(table, packer, revision=at, bucket=self.bucket, region=self.region,
+                             stream_created=stream_created)  # fmt: skip
         reader = LiveReader(table, head, lambda digest: signature_trailer(signer, digest, bucket=self.bucket,
                                                                           region=self.region))  # fmt: skip
         revision_text = str(at)

@@ -41,7 +41,8 @@ from keyrelay.core.errors import SignatureError
 from keyrelay.core.trust import Trust
 
 from .errors import SnapshotError
-from .table import KeyTable, array_sizes
+from .snapshot_layout import array_sizes, restore
+from .table import KeyTable
 
 __all__ = [
     "FORMAT",
@@ -242,7 +243,7 @@ class SnapshotSink:
         assert isinstance(times, array)
         assert isinstance(versions, array)
         try:
-            table.restore_arrays(self._header["table"], (digests, ids, fields, times, versions))
+            restore(table, self._header["table"], (digests, ids, fields, times, versions))
         except (ValueError, KeyError, TypeError) as exc:
             raise SnapshotError(str(exc)) from None
         self._arrays = []

@@ -54,6 +54,7 @@ from publisher.settings import PublisherSettings
 from sidecar.app import serve
 from sidecar.http import SidecarState
 from sidecar.settings import SidecarSettings
+from sidecar.table import KeyTable
 
 T = TypeVar("T")
 
@@ -105,6 +106,11 @@ async def seed(nats_url: str, *, region: str | None = None, force: bool = True, 
     return await seed_snapshot(nats=NatsConnect((nats_url,), identity=identity_name("region-init", region)),
                                bucket="KEYS", region=region, store="KEYS_SNAPSHOTS", trust=trust, signer=signer,
                                force=force, timeout=30.0)  # fmt: skip
+
+
+def find(table: KeyTable, digest: bytes) -> int:
+    """The record number holding `digest` in `table`, or -1."""
+    return table.lookup(digest)[0]
 
 
 def key_file(path: Path, signer: Signer) -> Path:

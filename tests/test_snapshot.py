@@ -11,14 +11,14 @@ from nats.js.kv import KeyValue
 
 from keyrelay.core.wire import KeyRecord, key_digest
 from keyrelay.natsd import NatsServer
-from keyrelay.snapshot_writer import _BLOCK, LiveReader, signature_trailer, snapshot_due, snapshot_head
+from keyrelay.snapshot_writer import _BLOCK, LiveReader, ValuePacker, signature_trailer, snapshot_due, snapshot_head
 from keyrelay.snapshots import SnapshotStoreSettings, list_snapshots
 from sidecar.errors import SnapshotError
 from sidecar.snapshot import SnapshotSink
 from sidecar.table import KeyTable
-from testbed.snapshot_oracle import decode, encode
+from testbed.snapshot_oracle import decode, encode, records
 from tests.conftest import StartSidecar
-from tests.support import SNAPSHOT_SIGNER, TRUST, delete, heartbeat, make_key, put, revoked, seed
+from tests.support import SNAPSHOT_SIGNER, TRUST, delete, find, heartbeat, make_key, put, revoked, seed
 
 
 def _filled() -> tuple[KeyTable, list[tuple[str, KeyRecord]]]:
@@ -45,41 +45,43 @@ def test_a_snapshot_restores_the_table_exactly() -> None:
     assert (snapshot.revision, snapshot.keys) == (42, len(table))
     assert sorted(copy.key_ids()) == sorted(table.key_ids())
     for key, _ in keys:
-        n = table.find(key_digest(key))
-        m = copy.find(key_digest(key))
+        n = find(table, key_digest(key))
+        m = find(copy, key_digest(key))
         assert (n >= 0) == (m >= 0)
         if n >= 0:
             assert copy.view(m) == table.view(n)
             assert copy.identity(m) == table.identity(n)
     fresh, record = make_key(scopes=("a", "b"))
     assert copy.apply(record)  # the restored table keeps working: freed records, interned sets
-    assert copy.view(copy.find(key_digest(fresh))).scopes == {"a", "b"}
+    assert copy.view(find(copy, key_digest(fresh))).scopes == {"a", "b"}
     assert len(copy) == len(table) + 1
 
 
 def test_values_packed_ahead_of_a_snapshot_and_those_interned_since_make_the_same_snapshot() -> None:
     table, keys = _filled()
-    assert table.pack_values(limit=5) > 0  # what a snapshot packs ahead, a slice at a time
+    packer = ValuePacker(table)
+    assert packer.pack(limit=5) > 0  # what a snapshot packs ahead, a slice at a time
     later = [make_key(metadata={"late": str(i)}) for i in range(20)]  # new interned values since
     for _, record in later:
         table.apply(record)
     copy = KeyTable()
     copy.apply(make_key(metadata={"gone": "after the restore"})[1])
-    copy.pack_values()
+    copy_packer = ValuePacker(copy)
+    copy_packer.pack()
     decode(
-        encode(table, revision=9, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER),
+        encode(table, revision=9, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER, packer=packer),
         copy,
         bucket="KEYS",
         region=None,
         trust=TRUST,
     )
     for key, _ in keys + later:
-        n = table.find(key_digest(key))
+        n = find(table, key_digest(key))
         if n >= 0:
-            assert copy.view(copy.find(key_digest(key))) == table.view(n)
+            assert copy.view(find(copy, key_digest(key))) == table.view(n)
     # What the copy packs comes from its own values, not from what the restored-over table had.
-    assert copy.pack_values() == 0
-    assert copy.export_packed()[1:] == table.export_packed()[1:]
+    assert copy_packer.pack() == 0
+    assert copy_packer.packed() == packer.packed()
 
 
 @pytest.mark.parametrize(
@@ -124,13 +126,13 @@ def test_a_snapshot_read_in_chunks_of_any_size_restores_the_same_table(chunk: in
     assert (snapshot.revision, snapshot.keys, snapshot.size) == (9, len(table), len(data))
     assert sorted(copy.key_ids()) == sorted(table.key_ids())
     for key, _ in keys:
-        n = table.find(key_digest(key))
-        assert (copy.view(copy.find(key_digest(key))) if n >= 0 else None) == (table.view(n) if n >= 0 else None)
+        n = find(table, key_digest(key))
+        assert (copy.view(find(copy, key_digest(key))) if n >= 0 else None) == (table.view(n) if n >= 0 else None)
     late_key = ""
     for _ in range(len(table._free) + 3):  # past the freed records: the loaded arrays grow, no view holds them
         late_key, late = make_key()
         assert copy.apply(late)
-    assert copy.find(key_digest(late_key)) >= 0
+    assert find(copy, key_digest(late_key)) >= 0
 
 
 def test_a_snapshot_of_an_empty_table_restores_an_empty_table() -> None:
@@ -246,7 +248,7 @@ def test_a_snapshot_is_due_when_missing_old_or_far_behind() -> None:
 
 
 def _live_reader(table: KeyTable) -> LiveReader:
-    head = snapshot_head(table, revision=5, bucket="KEYS", region=None, stream_created="")
+    head = snapshot_head(table, ValuePacker(table), revision=5, bucket="KEYS", region=None, stream_created="")
     return LiveReader(table, head, lambda digest: signature_trailer(SNAPSHOT_SIGNER, digest, bucket="KEYS",
                                                                     region=None))  # fmt: skip
 
@@ -287,7 +289,7 @@ def test_a_snapshot_read_from_the_live_table_is_the_table_as_it_was_when_the_rea
     copy = KeyTable()
     decode(data, copy, bucket="KEYS", region=None, trust=TRUST)
     assert _views(copy) == before
-    assert table.records() > copy.records()
+    assert records(table) > records(copy)
 
 
 def test_a_snapshot_whose_table_is_replaced_during_the_upload_fails() -> None:

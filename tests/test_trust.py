@@ -24,7 +24,7 @@ from sidecar.app import create_app
 from sidecar.errors import SnapshotError
 from sidecar.settings import SidecarSettings
 from sidecar.table import RECORD_WIDTHS, KeyTable
-from testbed.snapshot_oracle import decode, encode
+from testbed.snapshot_oracle import decode, encode, records
 from tests.conftest import StartSidecar
 from tests.support import (
     FORGER,
@@ -333,7 +333,7 @@ def test_a_snapshot_written_before_signing_is_discarded() -> None:
     table.apply(make_key()[1])
     signed = encode(table, revision=3, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
     (head,) = struct.unpack_from(">I", signed, 8)  # after the magic
-    unsigned = signed[: 12 + head + table.records() * sum(RECORD_WIDTHS)]  # no signature: as written before signing
+    unsigned = signed[: 12 + head + records(table) * sum(RECORD_WIDTHS)]  # no signature: as written before signing
     old_format = unsigned.replace(b"\xa6format\x02", b"\xa6format\x01", 1)
     for data, reason in ((old_format, "format 1 is not 2"), (unsigned, "not a whole signed snapshot")):
         with pytest.raises(SnapshotError, match=reason):
