@@ -14,8 +14,9 @@ from keyrelay.core.serving import harden, run_forever, serve_app
 from keyrelay.core.trust import Trust
 from keyrelay.core.wire import snapshot_store_name
 
-from .http import STATE, SidecarState, add_routes
+from .http import STATE, SidecarState, add_routes, identity_block
 from .metrics import Metrics
+from .routes import RouteScopes
 from .settings import SidecarSettings
 from .sync import KeySync, SyncConfig
 from .table import KeyTable
@@ -63,12 +64,11 @@ def create_app(settings: SidecarSettings) -> web.Application:
         trust=trust,
     )
     sync = KeySync(config, table)
-    app[STATE] = SidecarState(
-        settings=settings,
-        verifier=Verifier(table=table, region=settings.region, prefixes=settings.key_prefixes()),
-        sync=sync,
-        metrics=Metrics(),
-    )
+    # Read once, at app creation: a bad file stops the start, naming its line.
+    path = settings.route_scopes
+    routes = RouteScopes.load(path, ignore_case=settings.route_scopes_ignore_case) if path is not None else None
+    verifier = Verifier(table=table, region=settings.region, prefixes=settings.key_prefixes(), derive=identity_block)
+    app[STATE] = SidecarState(settings=settings, verifier=verifier, sync=sync, metrics=Metrics(), routes=routes)
     app.cleanup_ctx.append(_sync_lifecycle)
     add_routes(app)
     return harden(app)

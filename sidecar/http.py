@@ -26,7 +26,7 @@ from .sync import KeySync
 from .table import KeyTable
 from .verify import NO_SCOPES, Code, Verifier, parse_scopes
 
-__all__ = ["STATE", "SidecarState", "add_routes"]
+__all__ = ["STATE", "SidecarState", "add_routes", "identity_block"]
 
 _JSON = "application/json"
 _DENY_STATUS = {Code.INSUFFICIENT_SCOPE: 403, Code.WRONG_REGION: 403}
@@ -85,13 +85,17 @@ _NOT_READY_HEADERS = {hdrs.CONTENT_TYPE: _JSON, hdrs.RETRY_AFTER: "1", _CODE: "N
 
 @dataclass(slots=True)
 class SidecarState:
-    """What the handlers share: the verifier, the sync, the counters and the settings."""
+    """What the handlers share: the verifier, the sync, the counters, the settings and the route scopes.
+
+    create_app builds each part and hands it in: the verifier deriving `identity_block`, the route
+    scopes read from --route-scopes (None: none).
+    """
 
     settings: SidecarSettings
     verifier: Verifier
     sync: KeySync
     metrics: Metrics
-    routes: RouteScopes | None = field(init=False)
+    routes: RouteScopes | None
     # The (URI, method) header pairs the original request is read from, in order (--original-uri-header).
     uri_headers: tuple[tuple[istr, istr], ...] = field(init=False)
     # Until when (time.perf_counter, the clock /auth reads anyway) the replica is known to be
@@ -101,11 +105,6 @@ class SidecarState:
     ready_until: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
-        # Read once, at app creation: a bad file stops the start, naming its line.
-        path = self.settings.route_scopes
-        ignore_case = self.settings.route_scopes_ignore_case
-        self.routes = RouteScopes.load(path, ignore_case=ignore_case) if path is not None else None
-        self.verifier.derive = identity_block
         self.uri_headers = _URI_HEADERS[self.settings.original_uri_header]
 
     def ready(self) -> bool:
