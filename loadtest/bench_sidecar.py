@@ -350,10 +350,6 @@ def _was_delivered(by_server: dict[str, list[Measured]], rate: float, connection
     return True
 
 
-def _median_run(runs: list[Measured]) -> Measured:
-    return sorted(runs, key=lambda m: m.wrk.requests_per_second)[len(runs) // 2]
-
-
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f} ms"
 

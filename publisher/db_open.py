@@ -18,7 +18,6 @@ async def open_database(
     url: str,
     *,
     pool_size: int = 10,
-    options: Mapping[str, Any] | None = None,
     create: bool = True,
     holder: Mapping[str, Any] | None = None,
 ) -> Database:

@@ -214,8 +214,7 @@ async def auth(state: SidecarState, request: web.Request) -> web.StreamResponse:
     else:
         # The key first: a route is looked up (and cached) only for a key that exists and is valid.
         code, hot = state.verifier.check(key, NO_SCOPES)
-        if code is _VALID:
-            assert hot is not None
+        if code is _VALID and hot is not None:  # check hands a hot entry with every VALID
             required = routes.required(*_original_request(request, headers, state.uri_headers), wanted)
             if required and not required <= hot[3]:
                 code = Code.INSUFFICIENT_SCOPE
@@ -225,9 +224,8 @@ async def auth(state: SidecarState, request: web.Request) -> web.StreamResponse:
     elapsed = perf_counter() - started
     metrics.buckets[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
     metrics.seconds += elapsed
-    if code is not _VALID:
+    if code is not _VALID or hot is None:  # (never VALID without its hot entry)
         return _deny(code)
-    assert hot is not None
     # No body: gateways read a 2xx's headers only, and Go clients (Traefik, Caddy) drop a
     # connection whose body went unread.
     response = _Granted()

@@ -42,7 +42,7 @@ from keyrelay.core.trust import Trust
 
 from .errors import SnapshotError
 from .snapshot_layout import array_sizes, restore
-from .table import KeyTable
+from .table import KeyTable, TableArrays
 
 __all__ = [
     "FORMAT",
@@ -113,7 +113,7 @@ class SnapshotSink:
         self._trailer = bytearray()
         self._head = bytearray()
         self._header: dict[str, Any] | None = None
-        self._arrays: list[bytearray | array[Any]] = []
+        self._arrays: TableArrays | None = None  # made, to fill, once the header is read
         self._views: list[memoryview] = []  # each array as bytes, written in place
         self._filled = 0  # bytes of the current array taken so far
         self._which = 0  # the array being filled
@@ -214,15 +214,19 @@ class SnapshotSink:
         self._header = header
         # Allocated whole up front: arrays grown chunk by chunk keep their growth slack (20 MiB at
         # a million keys) for the sidecar's life.
-        numbers = [array(code, [0]) * (size // array(code).itemsize)
-                   for code, size in zip("Idq", sizes[2:], strict=True)]  # fmt: skip
-        self._arrays = [bytearray(sizes[0]), bytearray(sizes[1]), *numbers]
-        self._views = [memoryview(a).cast("B") for a in self._arrays]
+        # (`array * n` allocates exactly n items; `*=` would resize, with slack.)
+        fields, times, versions = array("I", [0]), array("d", [0.0]), array("q", [0])
+        fields = fields * (sizes[2] // fields.itemsize)
+        times = times * (sizes[3] // times.itemsize)
+        versions = versions * (sizes[4] // versions.itemsize)
+        self._arrays = arrays = (bytearray(sizes[0]), bytearray(sizes[1]), fields, times, versions)
+        self._views = [memoryview(a).cast("B") for a in arrays]
         self._next_array()
 
     def load_into(self, table: KeyTable) -> Snapshot:
         """Hand the arrays to `table`; SnapshotError (table untouched) when the snapshot was not whole or not ours."""
-        if self.error is None and self._header is None:
+        header, arrays = self._header, self._arrays
+        if self.error is None and (header is None or arrays is None):
             self.error = f"truncated in its header ({len(self._head)} bytes)"
         elif self.error is None and self._which < len(self._views):
             taken = sum(len(v) for v in self._views[: self._which]) + self._filled
@@ -232,25 +236,16 @@ class SnapshotSink:
         self._views = []
         if self.error is None:
             self.error = self._check_signature()
-        if self.error is not None:
-            self._arrays = []
-            raise SnapshotError(self.error)
-        assert self._header is not None
-        digests, ids, fields, times, versions = self._arrays
-        assert isinstance(digests, bytearray)
-        assert isinstance(ids, bytearray)
-        assert isinstance(fields, array)
-        assert isinstance(times, array)
-        assert isinstance(versions, array)
+        self._arrays = None
+        if self.error is not None or header is None or arrays is None:  # the header read means the arrays made
+            raise SnapshotError(self.error or "no header")
         try:
-            restore(table, self._header["table"], (digests, ids, fields, times, versions))
+            restore(table, header["table"], arrays)
         except (ValueError, KeyError, TypeError) as exc:
             raise SnapshotError(str(exc)) from None
-        self._arrays = []
         _return_free_memory()
-        return Snapshot(revision=int(self._header["revision"]), keys=len(table),
-                        created=float(self._header["created"]), size=self.size,
-                        stream_created=self._stream_created)  # fmt: skip
+        return Snapshot(revision=int(header["revision"]), keys=len(table), created=float(header["created"]),
+                        size=self.size, stream_created=self._stream_created)  # fmt: skip
 
     def _check_signature(self) -> str | None:
         """Why the signature does not vouch for these bytes (None: it does)."""

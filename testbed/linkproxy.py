@@ -40,11 +40,6 @@ class LinkProxy:
         """The port clients connect to."""
         return self.listen_port
 
-    @property
-    def is_cut(self) -> bool:
-        """True while the link is cut."""
-        return not self._open.is_set()
-
     async def start(self) -> None:
         """Listen; the link starts healed."""
         self._open.set()
