@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+import pytest
 from nats.js.api import ConsumerInfo, KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
@@ -13,7 +15,8 @@ from keyrelay.core.wire import key_digest
 from keyrelay.natsd import NatsServer
 from sidecar.sync import KeySync, SyncConfig
 from sidecar.table import KeyTable
-from tests.support import eventually, make_key, put, put_raw
+from tests.support import TRUST, eventually, heartbeat, make_key, put, put_raw
+from tests.withholding_proxy import WithholdingProxy
 
 T = TypeVar("T")
 
@@ -82,3 +85,59 @@ async def test_a_full_resync_keeps_a_key_whose_entry_names_it_in_uppercase(
 
 async def _async(value: T) -> T:
     return value
+
+
+async def test_a_delivery_lost_on_the_way_is_noticed_by_the_next_ones_consumer_sequence_and_read_again(
+    nats_server: NatsServer, js: JetStreamContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="keyrelay.sidecar.sync")
+    proxy = WithholdingProxy(target_port=nats_server.port)
+    await proxy.start()
+    bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+    await heartbeat(bucket)
+    table = KeyTable()
+    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.5, trust=TRUST), table)
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        proxy.lose_deliveries(1)
+        _, lost = make_key()
+        await put(bucket, lost)  # never reaches the sync: the stream keeps it
+        _, next_one = make_key()
+        await put(bucket, next_one)  # its consumer sequence is one past the one the sync expects
+        await eventually(lambda: _async(table.find_id(lost.key_id)), lambda n: n >= 0, timeout=10)
+        assert table.find_id(next_one.key_id) >= 0
+        assert proxy.dropped == 1
+        assert "consumer sequence gap (got 3, expected 2)" in caplog.text
+        assert sync.stats.consumer_resets >= 1
+    finally:
+        await sync.close()
+        await proxy.close()
+
+
+async def test_a_consumer_stalled_by_a_lost_flow_control_reply_is_resumed_when_its_heartbeat_says_so(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+    # About 2 KB a delivery, 3 MB in all: past the server's first flow-control window (2 MiB of a
+    # 32 MiB limit in nats-server 2.15, a request at half of it).
+    wide = tuple(f"scope-{n:02d}-" + "x" * 180 for n in range(8))
+    records = [make_key(scopes=wide, metadata={"note": "y" * 400})[1] for _ in range(1500)]
+    for record in records:
+        await put(bucket, record)
+    await heartbeat(bucket)
+    proxy = WithholdingProxy(target_port=nats_server.port)
+    await proxy.start()
+    proxy.lose_flow_control_replies(1)  # the server waits for it, then stops delivering
+    table = KeyTable()
+    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.5, trust=TRUST), table)
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=30)
+        assert len(table) == len(records)
+        assert proxy.replies_dropped == 1
+        assert proxy.stalled_heartbeats >= 1  # the consumer stalled, and said so
+        assert sync.stats.consumer_resets == 0  # answering the stall resumed it: no new consumer
+    finally:
+        await sync.close()
+        await proxy.close()
