@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import random
 import secrets
@@ -37,7 +36,8 @@ from typing import Any
 from nats.aio.subscription import Subscription
 
 from keyrelay.core.errors import RecordError
-from keyrelay.core.nats_connect import NatsConnect, identity_name
+from keyrelay.core.jetstream import jetstream_api
+from keyrelay.core.nats_connect import NatsConnect, connect_retrying, identity_name
 from keyrelay.core.trust import Signer, Trust
 from keyrelay.core.wire import (
     GLOBAL_SCOPE,
@@ -292,31 +292,19 @@ class KeySync:
                 self.stats.consumer_resets += 1
 
     async def _connect(self) -> DirectClient:
-        backoff = 0.1
         nats = self.connect or NatsConnect(tuple(self.servers), identity=identity_name("sidecar", self.region))
-        options = nats.kwargs(
-            error_cb=self._on_error
-        )  # a missing or malformed credentials file is said once, not retried
-        while not self._closing:
-            nc = DirectClient()
-            try:
-                await nc.connect(
-                    **options,
-                    name=self.name,
-                    connect_timeout=2,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,  # type: ignore[arg-type]  # seconds; nats-py says int, takes float
-                    ping_interval=5,
-                    max_outstanding_pings=2,
-                    disconnected_cb=self._on_disconnect,
-                    reconnected_cb=self._on_reconnect,
-                )
-                return nc
-            except Exception as exc:
-                log.warning("cannot reach NATS at %s: %s (retrying)", nats.describe(), exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-        raise asyncio.CancelledError
+        nc = await connect_retrying(
+            nats,
+            DirectClient,
+            name=self.name,
+            closing=lambda: self._closing,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnect,
+            reconnected_cb=self._on_reconnect,
+        )
+        if nc is None:
+            raise asyncio.CancelledError
+        return nc
 
     def _snapshots(self, nc: DirectClient) -> SnapshotStore:
         assert self.snapshot_store is not None
@@ -489,10 +477,7 @@ class KeySync:
             self.upstream_contact = time.monotonic() - active / _NS
 
     async def _api(self, nc: DirectClient, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        payload = json.dumps(body).encode() if body is not None else b""
-        reply = await nc.request(f"$JS.API.{subject}", payload, timeout=self.api_timeout)
-        data: dict[str, Any] = json.loads(reply.data)
-        return data
+        return await jetstream_api(nc, subject, body, timeout=self.api_timeout)
 
     async def _open_consumer(self, nc: DirectClient) -> None:
         await self._drop_consumer(self._gen)
