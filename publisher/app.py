@@ -13,7 +13,8 @@ from aiohttp import web
 from keyrelay.core.config import write_private
 from keyrelay.core.errors import SettingsError
 from keyrelay.core.nats_connect import NatsConnect, redact
-from keyrelay.core.serving import harden, malformed_metric, run_forever, serve_app, server_tls_context
+from keyrelay.core.prometheus import Single, exposition, singles
+from keyrelay.core.serving import harden, healthz, malformed_metric, run_forever, serve_app, server_tls_context
 
 from . import api_schemas as s
 from .api import ROUTES, SERVICES, UNAUTHENTICATED, Services, auth_middleware, error_middleware
@@ -106,11 +107,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await maintenance.close()
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process answers."""
-    return web.json_response({"status": "ok"})
-
-
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: the database answers (NATS may be down: changes then wait in the outbox)."""
     services = request.app[SERVICES]
@@ -137,7 +133,7 @@ async def metrics(request: web.Request) -> web.Response:
     health = services.relay.health
     beats = services.heartbeat.stats
     maintenance = request.app[MAINTENANCE]
-    samples = [
+    samples: list[Single] = [
         ("keyrelay_outbox_depth", "gauge", "Committed changes not yet published", await services.relay.depth()),
         ("keyrelay_outbox_published_total", "counter", "Outbox entries published and acked", stats.published),
         ("keyrelay_outbox_publish_failures_total", "counter", "Publishes that failed and stay queued",
@@ -169,10 +165,7 @@ async def metrics(request: web.Request) -> web.Response:
         ("keyrelay_admin_tokens_malformed_total", "counter", "Admin tokens refused by their form, with no lookup",
          services.tokens.stats.malformed),
     ]  # fmt: skip
-    lines: list[str] = []
-    for name, kind, help_text, value in samples:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    text = "\n".join(lines) + "\n" + malformed_metric(request.app)
+    text = exposition(singles(samples)) + malformed_metric(request.app)
     return web.Response(text=text, content_type="text/plain")
 
 
