@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import sys
 import uuid
 from array import array
@@ -22,7 +21,7 @@ from typing import Any, Final
 
 import msgpack
 
-from keyrelay.core.wire import MAX_VERSION, KeyRecord, RecordFields, header_safe
+from keyrelay.core.wire import MAX_VERSION, KeyRecord, RecordFields, header_safe, is_canonical_id
 
 __all__ = ["ALL", "RECORD_WIDTHS", "KeyTable", "KeyView", "array_sizes"]
 
@@ -32,7 +31,6 @@ _DIGEST: Final = 32
 # Key ids are kept in their canonical text form: /auth sends them as they are, and the bulk load
 # stores them without parsing a UUID. 20 bytes a key more than the 16 raw bytes.
 _ID: Final = 36
-_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # Per-record fields, as indexes into the interner: the profile (org, team, project, env, region),
 # shared by every key of a project and env, so one lookup finds all five; the scope set; metadata.
 _PROFILE, _SCOPES, _META = range(3)
@@ -91,7 +89,7 @@ def _share(text: str | None) -> str | None:
 
 def _id_bytes(key_id: str) -> bytes:
     """A key id as stored: lowercase with dashes, whatever form of the UUID it came in; ValueError if none."""
-    if _CANONICAL_ID.fullmatch(key_id) is None:
+    if not is_canonical_id(key_id):
         key_id = str(uuid.UUID(key_id))
     return key_id.encode()
 
@@ -650,7 +648,7 @@ def _check_arrays(
     floors: dict[str, tuple[int, float]] = {}
     for item in header.get("floors", []):
         if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-                and _CANONICAL_ID.fullmatch(item[0]) and isinstance(item[1], int) and 0 <= item[1] <= MAX_VERSION
+                and is_canonical_id(item[0]) and isinstance(item[1], int) and 0 <= item[1] <= MAX_VERSION
                 and isinstance(item[2], float | int) and item[2] >= 0):  # fmt: skip
             raise ValueError("snapshot holds a malformed version floor")
         floors[item[0]] = (item[1], float(item[2]))
