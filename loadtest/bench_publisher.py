@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from keyrelay.core.config import environ_without_settings
 from keyrelay.core.trust import write_signing_key
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
@@ -296,18 +297,14 @@ class Endpoints:
     token: str
 
 
-def _child_env() -> dict[str, str]:
-    # KEYRELAY_* from the caller's shell must not change what is measured.
-    return {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
-
-
 def _start_component(
     stack: contextlib.ExitStack, name: str, args: list[str], port: int, logs: Path,
     env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], Path]:  # fmt: skip
     log = logs / f"{name}.log"
-    # Secrets go in the child's environment: a command line is readable by every local user.
-    process = spawn([sys.executable, "-m", "keyrelay", *args], log=log, env=_child_env() | (env or {}))
+    # Secrets go in the child's environment: a command line is readable by every local user. The
+    # caller's KEYRELAY_* variables must not change what is measured.
+    process = spawn([sys.executable, "-m", "keyrelay", *args], log=log, env=environ_without_settings() | (env or {}))
     stack.callback(stop, process)
     wait_http_ok(process, port, "/readyz", timeout=_READY_TIMEOUT, log=log)
     return process, log

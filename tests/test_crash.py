@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import aiohttp
 import pytest
 from nats.js.client import JetStreamContext
 
+from keyrelay.core.config import environ_without_settings
 from keyrelay.natsd import NatsServer, free_port
 from keyrelay.procs import spawn, stop, wait_http_ok
 from publisher.db_open import open_database
@@ -43,7 +43,7 @@ class PublisherProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+        env = environ_without_settings()
         env["KEYRELAY_ADMIN_TOKEN"] = ADMIN_TOKEN  # a secret goes by environment, never argv
         self.process = spawn(self.command, log=self.log, env=env)
         wait_http_ok(self.process, self.port, "/readyz", timeout=30, log=self.log)
@@ -142,7 +142,7 @@ async def test_the_reconcile_command_repairs_a_lost_bucket(
     await admin.ok("POST", f"/projects/{project['id']}/keys/bulk", {"keys": [{"name": f"k{i}"} for i in range(30)]})
     await js.delete_key_value("KEYS")
     await asyncio.to_thread(publisher_process.stop)  # offline: the command opens the database itself, alone
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+    env = environ_without_settings()
     env["KEYRELAY_DATABASE_URL"] = database_url
     result = await asyncio.to_thread(
         subprocess.run,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from keyrelay.core.config import environ_without_settings
 from tests.up_support import StartStack
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def test_the_readmes_tour_runs_as_written_and_runs_again(start_stack: StartStack
     assert script.startswith(ACTIVATE)  # the README says how to get `keyrelay` on PATH; here it already is
     work = tmp_path / "tour"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+    env = environ_without_settings()
     env |= {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "KEYRELAY_DATA_DIR": str(stack.data_dir),
             "SIDECAR": stack.state["sidecars"]["global"]}  # fmt: skip
     runs = []

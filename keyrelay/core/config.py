@@ -27,6 +27,7 @@ __all__ = [
     "Option",
     "add_options",
     "duration_pattern",
+    "environ_without_settings",
     "format_duration",
     "load",
     "markdown_table",
@@ -277,6 +278,16 @@ def _parse(opt: Option, raw: str) -> Any:
         raise SettingsError(
             flag=opt.flag, env=opt.env, value="(hidden)" if opt.secret else raw, reason=str(exc)
         ) from None
+
+
+def environ_without_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment (this process's by default) without its KEYRELAY_* variables.
+
+    For a child process whose settings are all given on purpose: whatever the caller's shell
+    exports must not change what it does.
+    """
+    env = os.environ if environ is None else environ
+    return {name: value for name, value in env.items() if not name.startswith(ENV_PREFIX)}
 
 
 def write_private(path: Path, text: str) -> None:
