@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from .client import ClientSettings
 from .errors import KeyrelayError
 from .names import Resolver
 from .output import Column, details, table
+from .parsing import Handler, Subcommands, add_command, add_group
 
 __all__ = ["add_admin_commands"]
 
@@ -28,8 +28,6 @@ KEY_DETAILS: list[Column] = [
     ("metadata", "metadata"), ("created", "created_at"), ("expires", "expires_at"), ("last used", "last_used_at"),
     ("revoked", "revoked_at"), ("reason", "revoked_reason"), ("rotated to", "rotated_to"),
 ]  # fmt: skip
-
-Handler = Callable[[argparse.Namespace], int]
 
 
 def _created_key(args: argparse.Namespace, answer: dict[str, Any]) -> int:
@@ -272,7 +270,7 @@ def _where(parser: argparse.ArgumentParser, *levels: str) -> None:
         parser.add_argument(f"--{level}", help=f"the {kind} (id or name) to look a name up in")
 
 
-def add_admin_commands(commands: Any) -> None:
+def add_admin_commands(commands: Subcommands) -> None:
     """Register orgs, teams, projects, keys, audit, tokens and signing-keys under the `keyrelay` parser."""
     common = argparse.ArgumentParser(add_help=False)
     add_options(common, ClientSettings)
@@ -281,15 +279,11 @@ def add_admin_commands(commands: Any) -> None:
     output.add_argument("--print", metavar="FIELD[,FIELD]",
                         help="print only these fields of the answer, space separated (for scripts)")  # fmt: skip
 
-    def group(name: str, help_text: str) -> Any:
-        parser = commands.add_parser(name, help=help_text, description=help_text)
-        return parser.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
+    def group(name: str, help_text: str) -> Subcommands:
+        return add_group(commands, name, help=help_text)
 
-    def action(sub: Any, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text,
-                                                         parents=[common])  # fmt: skip
-        parser.set_defaults(handler=handler)
-        return parser
+    def action(sub: Subcommands, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
+        return add_command(sub, name, help=help_text, handler=handler, parents=[common])
 
     exists = "with --if-not-exists, one of that name is handed back (and named on stderr) instead of a conflict"
     orgs = group("orgs", "organizations: the top of the hierarchy")
@@ -347,27 +341,29 @@ def add_admin_commands(commands: Any) -> None:
                    "all in one transaction")  # fmt: skip
     p.add_argument("--reason", help="why (kept in the audit trail)")
 
-    p = commands.add_parser(
+    p = add_command(
+        commands,
         "audit",
+        handler=_audit,
         help="show the audit trail, newest first",
         parents=[common],
         description="Show who changed what and when, filtered by org, team, project or key.",
     )
-    p.set_defaults(handler=_audit)
     for flag in ("org", "team", "project"):
         p.add_argument(f"--{flag}", help=f"only entries of this {flag} (id or name)")
     p.add_argument("--key", help="only entries of this key id")
     p.add_argument("--before", type=int, metavar="ENTRY_ID", help="only entries older than this entry id")
     _list_options(p, "entries", default=100)
 
-    p = commands.add_parser(
+    p = add_command(
+        commands,
         "signing-keys",
+        handler=_signing_keys,
         help="list the public keys the publisher signs bucket values with, the current one first",
         parents=[common],
         description="List the publisher's signing keys (current first, then earlier ones still listed during a "
         "rotation): what the sidecars' --trusted-keys take. `--print public_key` prints the current one.",
     )
-    p.set_defaults(handler=_signing_keys)
 
     tokens = group("tokens", "admin tokens for the API: create, list, revoke")
     p = action(tokens, "create", "create a token (shown once)", _tokens_create)

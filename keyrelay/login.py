@@ -10,11 +10,11 @@ import argparse
 import getpass
 import os
 import sys
-from typing import Any
 
 from .client import DEFAULT_URL, AdminClient
 from .credentials import Credentials, credentials_path, forget, remember
 from .errors import KeyrelayError
+from .parsing import Subcommands, add_command
 
 __all__ = ["add_login_commands"]
 
@@ -43,21 +43,23 @@ def _logout(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_login_commands(commands: Any) -> None:
+def add_login_commands(commands: Subcommands) -> None:
     """Register `keyrelay login` and `keyrelay logout`."""
-    login = commands.add_parser(
+    login = add_command(
+        commands,
         "login",
+        handler=_login,
         help="check an admin token and keep it, with the publisher URL, for the admin commands",
         description="Read an admin token from standard input (or a hidden prompt), check it against the "
         "publisher and write URL and token to $XDG_CONFIG_HOME/keyrelay/credentials (0600). The admin "
         "commands then use them unless --token / KEYRELAY_TOKEN is given. The token is never an argument.",
     )
     login.add_argument("--url", help=f"publisher URL (default: $KEYRELAY_URL, else {DEFAULT_URL})")
-    login.set_defaults(handler=_login)
-    logout = commands.add_parser(
+    add_command(
+        commands,
         "logout",
+        handler=_logout,
         help="forget the URL and token `keyrelay login` kept",
         description="Remove $XDG_CONFIG_HOME/keyrelay/credentials. The token itself stays valid: revoke it "
         "with `keyrelay tokens revoke` if it should stop working.",
     )
-    logout.set_defaults(handler=_logout)
