@@ -16,7 +16,7 @@ from nats.js.kv import KeyValue
 from keyrelay.core.config import parse_duration
 from keyrelay.core.wire import is_uuid
 from tests.conftest import StartPublisher, StartSidecar
-from tests.support import Admin, Publisher
+from tests.support import PROMPTLY, Admin, Publisher
 
 DEEP = b"[" * 5000
 
@@ -44,7 +44,7 @@ def test_the_duration_parser_is_linear_and_refuses_padding_and_foreign_digits() 
     for text in ("1" + " " * 1_000_000 + "x", " " * 4_000_000, "1" * 100_000 + "s"):
         with pytest.raises(ValueError, match="not a duration"):
             parse_duration(text)
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < PROMPTLY  # linear: a quadratic parser takes hours on these
     for text in ("\uff13\uff10s", "٣s", "30 s", "1e3", "-1s", "", "s"):
         with pytest.raises(ValueError, match="not a duration"):
             parse_duration(text)
@@ -62,8 +62,9 @@ async def test_a_padded_duration_is_refused_at_once_and_the_publisher_keeps_answ
     before = await _state(admin)
     started = time.perf_counter()
     status, answer = await admin.call("POST", f"/projects/{project['id']}/keys",
-                                      {"name": "k", "expires_in": "1" + " " * 30000 + "x"})  # fmt: skip
-    assert time.perf_counter() - started < 1.0  # was 4.2 s (review M2)
+                                      {"name": "k", "expires_in": "1" + " " * 300_000 + "x"})  # fmt: skip
+    # At once: a pattern that backtracks over the padding took 4.2 s on a tenth of it (review M2), so minutes here.
+    assert time.perf_counter() - started < PROMPTLY
     assert (status, answer["error"]["field"]) == (400, "expires_in")
     assert len(answer["error"]["message"]) < 200
     assert await _state(admin) == before

@@ -14,11 +14,9 @@ from nats.aio.msg import Msg
 from keyrelay.core.wire import HEARTBEAT_ENTRY, KeyRecord
 from keyrelay.natsd import NatsServer
 from tests.conftest import StartPublisher, StartSidecar
-from tests.support import Publisher, bucket_entries, eventually
+from tests.support import PROMPTLY, Publisher, bucket_entries, eventually
 
 T = TypeVar("T")
-
-PUSH_BOUND = 0.1
 
 
 async def test_a_key_is_created_shown_once_and_listed_masked(start_publisher: StartPublisher) -> None:
@@ -81,12 +79,11 @@ async def test_a_created_key_works_at_a_sidecar_and_a_revocation_reaches_it_with
     assert headers["X-Project-Id"] == project["id"]
 
     revoked = await publisher.admin.ok("POST", f"/keys/{created['id']}/revoke", {"reason": "leaked"})
-    returned = time.monotonic()
     assert revoked["propagation"] == "published"
     assert revoked["status"] == "revoked"
     assert revoked["revoked_reason"] == "leaked"
-    (_, _, body), _ = await eventually(lambda: sidecar.auth(created["key"]), lambda r: r[0] == 401)
-    assert time.monotonic() - returned < PUSH_BOUND
+    # Refused promptly after the API answered (pushed, not waited out; the benchmark measures how soon).
+    (_, _, body), _ = await eventually(lambda: sidecar.auth(created["key"]), lambda r: r[0] == 401, timeout=PROMPTLY)
     assert body["code"] == "REVOKED"
 
 
