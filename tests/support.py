@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import ssl as ssl_module
 import time
 import uuid
@@ -58,6 +59,8 @@ from sidecar.settings import SidecarSettings
 T = TypeVar("T")
 
 ADMIN_TOKEN = "krt_test-admin-token-for-the-suite"
+# The PostgreSQL server the publisher tests create their databases on (conftest.database_url).
+PG_ADMIN_URL = os.environ.get("KEYRELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 ORG = "0190c0de-0000-7000-8000-000000000001"
 TEAM = "0190c0de-0000-7000-8000-000000000002"
 PROJECT = "0190c0de-0000-7000-8000-000000000003"
@@ -300,6 +303,11 @@ class Publisher:
     async def stop(self) -> None:
         """Shut it down as SIGTERM would: the relay gives its lease up."""
         await self.server.close()
+
+
+# The conftest fixtures start_sidecar and start_publisher: keyword settings in, a running server out.
+StartSidecar = Callable[..., Awaitable[Sidecar]]
+StartPublisher = Callable[..., Awaitable[Publisher]]
 
 
 @dataclass

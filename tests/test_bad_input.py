@@ -15,8 +15,7 @@ from nats.js.kv import KeyValue
 
 from keyrelay.core.config import parse_duration
 from keyrelay.core.wire import is_uuid
-from tests.conftest import StartPublisher, StartSidecar
-from tests.support import PROMPTLY, Admin, Publisher
+from tests.support import PROMPTLY, Admin, Publisher, StartPublisher, StartSidecar
 
 DEEP = b"[" * 5000
 

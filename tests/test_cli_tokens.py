@@ -9,25 +9,8 @@ from pathlib import Path
 import pytest
 
 from keyrelay.cli import main
-from tests.conftest import StartPublisher
+from tests.cli_support import Shell, table_columns, table_rows
 from tests.support import ADMIN_TOKEN
-from tests.test_cli import Shell, _columns, _table
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """SQLite only: the commands talk HTTP, and both back ends are tested under the API."""
-    return f"sqlite:///{tmp_path / 'keyrelay.db'}"
-
-
-@pytest.fixture
-async def shell(start_publisher: StartPublisher, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Shell:
-    """A publisher, and a shell with its own config directory and no KEYRELAY_* variable or stack file."""
-    for name in ("KEYRELAY_URL", "KEYRELAY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("KEYRELAY_DATA_DIR", str(tmp_path / "no-stack-here"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    return Shell(await start_publisher())
 
 
 def _credentials(tmp_path: Path) -> Path:
@@ -42,8 +25,8 @@ async def test_tokens_are_created_with_an_expiry_listed_and_revoked_from_the_cli
     assert said.startswith("token for dashboard (member), shown once: krat_")
 
     listed = await shell.ok("tokens", "list")
-    assert _columns(listed) == ["ID", "NAME", "ROLE", "STATUS", "DISPLAY", "CREATED", "EXPIRES", "REVOKED"]
-    rows = {r["NAME"]: r for r in _table(listed)}
+    assert table_columns(listed) == ["ID", "NAME", "ROLE", "STATUS", "DISPLAY", "CREATED", "EXPIRES", "REVOKED"]
+    rows = {r["NAME"]: r for r in table_rows(listed)}
     assert set(rows) == {"bootstrap", "ci", "dashboard"}
     assert rows["ci"]["DISPLAY"] == f"krat_…{created['token'][-4:]}"
     assert rows["ci"]["EXPIRES"].startswith("20")
@@ -55,7 +38,7 @@ async def test_tokens_are_created_with_an_expiry_listed_and_revoked_from_the_cli
 
     revoked = await shell.ok("tokens", "revoke", created["id"])
     assert revoked.strip() == f"revoked token {created['id']} (ci, admin)"
-    assert {r["NAME"]: r["STATUS"] for r in _table(await shell.ok("tokens", "list"))}["ci"] == "revoked"
+    assert {r["NAME"]: r["STATUS"] for r in table_rows(await shell.ok("tokens", "list"))}["ci"] == "revoked"
     refused = await shell.fails("orgs", "list", "--url", shell.publisher.url, "--token", created["token"], auth=False)
     assert refused == "keyrelay: the admin token is not valid (unauthorized, HTTP 401)\n"
     missing = await shell.fails("tokens", "revoke", "0190c0de-0000-7000-8000-00000000beef")

@@ -22,8 +22,7 @@ from keyrelay.errors import ExitCode
 from keyrelay.natsd import free_port
 from keyrelay.operations import _print_report
 from keyrelay.parsing import GLOBAL_FLAGS
-from tests.conftest import StartPublisher
-from tests.support import ADMIN_TOKEN
+from tests.support import ADMIN_TOKEN, StartPublisher
 
 # Modules that only running a component needs; `keyrelay --version` and `--help` must load none of them.
 HEAVY = ("aiohttp", "nats", "asyncpg", "nacl", "asyncio", "urllib.request", "importlib.metadata")

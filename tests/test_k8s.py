@@ -47,7 +47,6 @@ from publisher.app import create_app as create_publisher_app
 from publisher.settings import PublisherSettings
 from sidecar.app import create_app as create_sidecar_app
 from sidecar.settings import SidecarSettings
-from tests.conftest import StartSidecar
 from tests.k8s_support import (
     DOCKERFILE,
     K8S,
@@ -78,7 +77,7 @@ from tests.k8s_support import (
     selects,
     tool,
 )
-from tests.support import SNAPSHOT_SIGNER, TRUSTED, key_file, make_key, put, revoked
+from tests.support import SNAPSHOT_SIGNER, TRUSTED, StartSidecar, key_file, make_key, put, revoked
 
 # Native sidecars (initContainers with restartPolicy: Always) are GA from 1.33: the oldest version
 # the manifests support; and the newest schemas the pinned kubernetes-validate bundles.

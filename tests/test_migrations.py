@@ -22,8 +22,7 @@ from publisher.schema import MIGRATIONS, migrate
 from publisher.store import KeyStore
 from publisher.token_format import token_digest
 from publisher.tokens import TokenStore
-from tests.conftest import StartPublisher
-from tests.support import ADMIN_TOKEN
+from tests.support import ADMIN_TOKEN, StartPublisher
 
 PREVIOUS_RELEASE = 1
 OLD_TOKEN = "krt_" + "Zq3-_" * 8 + "abc"  # a `krt_` token as the previous release made them

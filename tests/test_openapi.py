@@ -14,8 +14,7 @@ from openapi_spec_validator import validate
 
 from publisher.api import UNAUTHENTICATED
 from publisher.openapi import OPENAPI_PATH
-from tests.conftest import StartPublisher
-from tests.support import Publisher
+from tests.support import Publisher, StartPublisher
 
 METHODS = {"get", "post", "put", "patch", "delete", "head", "options"}
 

@@ -18,8 +18,7 @@ from keyrelay.core.trust import KIND_TOMBSTONE
 from keyrelay.natsd import NatsServer
 from publisher.db_open import open_database
 from publisher.errors import NotInitialised
-from tests.conftest import StartPublisher
-from tests.support import ADMIN_TOKEN, SIGNER, Publisher, bucket_entries, last_message, plant
+from tests.support import ADMIN_TOKEN, SIGNER, Publisher, StartPublisher, bucket_entries, last_message, plant
 from tests.up_support import StartStack, start_stack_process
 
 

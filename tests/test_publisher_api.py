@@ -13,8 +13,7 @@ from nats.aio.msg import Msg
 
 from keyrelay.core.wire import HEARTBEAT_ENTRY, KeyRecord
 from keyrelay.natsd import NatsServer
-from tests.conftest import StartPublisher, StartSidecar
-from tests.support import PROMPTLY, Publisher, bucket_entries, eventually
+from tests.support import PROMPTLY, Publisher, StartPublisher, StartSidecar, bucket_entries, eventually
 
 T = TypeVar("T")
 

@@ -19,11 +19,11 @@ from keyrelay.core.errors import SignatureError
 from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Signer, load_signer
 from keyrelay.core.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord, decode_tombstone
 from keyrelay.natsd import NatsServer
-from tests.conftest import StartPublisher
 from tests.support import (
     ADMIN_TOKEN,
     BucketMessage,
     Publisher,
+    StartPublisher,
     eventually,
     every_message,
     last_message,

@@ -26,8 +26,7 @@ from keyrelay.core.config import (
 )
 from publisher.settings import PublisherSettings, parse_served_regions
 from sidecar.settings import SidecarSettings
-from tests.conftest import StartPublisher
-from tests.support import PROMPTLY
+from tests.support import PROMPTLY, StartPublisher
 
 
 def _timestamp(text: str) -> float:

@@ -15,8 +15,7 @@ from keyrelay.core.wire import CHECK_LEN, check_chars, generate_key
 from publisher.settings import PublisherSettings
 from publisher.token_format import generate_token, well_formed
 from sidecar.settings import SidecarSettings
-from tests.conftest import StartPublisher, StartSidecar
-from tests.support import eventually
+from tests.support import StartPublisher, StartSidecar, eventually
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "secret-formats.md"
 

@@ -22,8 +22,18 @@ from sidecar.errors import SyncTimeout
 from sidecar.seed import seed_snapshot
 from sidecar.sync import KeySync
 from sidecar.table import KeyTable
-from tests.conftest import StartSidecar
-from tests.support import SNAPSHOT_SIGNER, TRUST, TRUSTED, eventually, heartbeat, key_file, make_key, put, revoked
+from tests.support import (
+    SNAPSHOT_SIGNER,
+    TRUST,
+    TRUSTED,
+    StartSidecar,
+    eventually,
+    heartbeat,
+    key_file,
+    make_key,
+    put,
+    revoked,
+)
 
 
 @pytest.fixture

@@ -19,11 +19,11 @@ from keyrelay.natsd import NatsServer
 from sidecar.settings import SidecarSettings
 from sidecar.verify import Code
 from testbed.linkproxy import LinkProxy
-from tests.conftest import StartSidecar
 from tests.support import (
     PROMPTLY,
     TRUSTED,
     Scrape,
+    StartSidecar,
     delete,
     eventually,
     heartbeat,

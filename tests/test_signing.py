@@ -20,8 +20,7 @@ from keyrelay.core.errors import SettingsError, SignatureError
 from keyrelay.core.trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, Signer, TrustedKeys, load_signer, verify
 from keyrelay.core.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord, decode_heartbeat, decode_tombstone
 from publisher.settings import PublisherSettings
-from tests.conftest import StartPublisher
-from tests.support import Publisher, Scrape, eventually, last_message, make_key, plant
+from tests.support import Publisher, Scrape, StartPublisher, eventually, last_message, make_key, plant
 
 
 def _another_key_with_the_same_id(signer: Signer) -> TrustedKeys:

@@ -14,8 +14,7 @@ from keyrelay.natsd import NatsServer
 from sidecar.errors import SnapshotError
 from sidecar.snapshot import _BLOCK, _LiveReader, _pieces, _signature_trailer, _Sink, decode, encode
 from sidecar.table import KeyTable
-from tests.conftest import StartSidecar
-from tests.support import SNAPSHOT_SIGNER, TRUST, delete, heartbeat, make_key, put, revoked, seed
+from tests.support import SNAPSHOT_SIGNER, TRUST, StartSidecar, delete, heartbeat, make_key, put, revoked, seed
 
 
 def _filled() -> tuple[KeyTable, list[tuple[str, KeyRecord]]]:

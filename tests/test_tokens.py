@@ -13,8 +13,7 @@ import pytest
 from keyrelay.cli import main
 from publisher.models import new_id, now_us
 from publisher.token_format import token_digest
-from tests.conftest import StartPublisher
-from tests.support import ADMIN_TOKEN, Publisher, Scrape, eventually
+from tests.support import ADMIN_TOKEN, Publisher, Scrape, StartPublisher, eventually
 
 TOKEN_RE = re.compile(r"krat_[0-9A-Za-z]{49}")
 GHOST = "0190c0de-0000-7000-8000-00000000beef"

@@ -25,7 +25,6 @@ from sidecar.errors import SnapshotError
 from sidecar.settings import SidecarSettings
 from sidecar.snapshot import decode, encode
 from sidecar.table import RECORD_WIDTHS, KeyTable
-from tests.conftest import StartSidecar
 from tests.support import (
     FORGER,
     SIGNER,
@@ -34,6 +33,7 @@ from tests.support import (
     TRUSTED,
     Scrape,
     Sidecar,
+    StartSidecar,
     delete,
     eventually,
     heartbeat,
