@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from .errors import SettingsError
 
@@ -137,6 +137,29 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r} (use true or false)")
 
 
+@overload
+def option(
+    default: str,
+    *,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+    duration: bool = False,
+) -> str: ...
+
+
+@overload
+def option(
+    default: T,
+    *,
+    help: str,
+    parse: Callable[[str], T],
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+    duration: bool = False,
+) -> T: ...
+
+
 def option(
     default: Any,
     *,
@@ -146,7 +169,11 @@ def option(
     secret: bool = False,
     duration: bool = False,
 ) -> Any:
-    """Declare a settings field; `parse` turns the flag's or variable's text into the value."""
+    """Declare a settings field; `parse` turns the flag's or variable's text into the value.
+
+    Typed as the value (the overloads) so that mypy checks the default and the parser against the
+    field's annotation; what it returns is the dataclass field that carries the declaration.
+    """
     spec = _Spec(help=help, parse=parse, choices=choices, secret=secret, duration=duration)
     return dataclasses.field(default=default, metadata={_META: spec})
 

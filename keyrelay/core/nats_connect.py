@@ -54,7 +54,7 @@ _HELP = {
 }
 
 
-def nats_option(name: str) -> Any:
+def nats_option(name: str) -> Path | None:
     """The declaration of one NATS client setting (`nats_creds`, `nats_tls_ca`, ...), shared by every component."""
     return option(None, parse=parse_optional_path, help=_HELP[name])
 
