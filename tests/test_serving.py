@@ -166,7 +166,9 @@ def test_the_aiohttp_internals_serving_overrides_are_the_ones_it_was_checked_aga
     with (Path(__file__).parent.parent / "pyproject.toml").open("rb") as f:
         deps = tomllib.load(f)["project"]["dependencies"]
     (spec,) = [d for d in deps if d.startswith("aiohttp")]
-    low, high = re.fullmatch(r"aiohttp>=([\d.]+),<([\d.]+)", spec.split(";")[0].strip()).groups()  # type: ignore[union-attr]
+    pinned = re.fullmatch(r"aiohttp>=([\d.]+),<([\d.]+)", spec.split(";")[0].strip())
+    assert pinned is not None, spec
+    low, high = pinned.groups()
     installed = tuple(map(int, importlib.metadata.version("aiohttp").split(".")[:3]))
     assert tuple(map(int, low.split("."))) <= installed < tuple(map(int, high.split("."))), spec
     assert list(inspect.signature(RequestHandler.handle_error).parameters) == ["self", "request", "status", "exc",

@@ -173,7 +173,9 @@ async def test_a_sidecar_resumes_after_nats_server_restarts_and_replays_nothing_
         assert (await sidecar.auth(before[0][0]))[2]["code"] == "REVOKED"
         assert await sidecar.status_of(late_key) == 200
         assert [await sidecar.status_of(key) for key, _ in before[2:]] == [200] * 18
-        assert sync.table.get(before[0][1].key_id).version == revoked_record.version  # type: ignore[union-attr]
+        held_record = sync.table.get(before[0][1].key_id)
+        assert held_record is not None
+        assert held_record.version == revoked_record.version
         assert sync.last_revision == revision + 3
         # Only the new records were applied: a replay from the start would count the 20 held ones again.
         assert sync.stats.applied == held.applied + 2
