@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import platform
 import statistics
@@ -51,7 +50,7 @@ from .keyfill import create_bucket, fill_bucket
 from .openloop import LoadResult, collector_paused, percentiles, render_get, run_open_loop
 from .procs import keyrelay_command, machine_cpu, wait_quiet, wait_time_wait
 from .signing import BENCH_SIGNER, Heartbeats, sidecar_trust_args
-from .wrk import WrkResult, header_pool_script, run_wrk, wrk_binary
+from .wrk import WrkResult, header_pool_script, pool_statuses, run_wrk, wrk_binary
 
 __all__ = ["main"]
 
@@ -152,20 +151,6 @@ def _gateways(text: str) -> list[str]:
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown gateway(s) {', '.join(unknown)}; choose from {', '.join(GATEWAYS)}")
     return names
-
-
-def _statuses(port: int, path: str, keys: list[str]) -> dict[int, int]:
-    seen: dict[int, int] = {}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        for key in keys:
-            conn.request("GET", path, headers={"Authorization": f"Bearer {key}"})
-            resp = conn.getresponse()
-            resp.read()
-            seen[resp.status] = seen.get(resp.status, 0) + 1
-    finally:
-        conn.close()
-    return seen
 
 
 def _open_loop(port: int, path: str, keys: list[str], *, rate: float, duration: float) -> OpenLoop:
@@ -335,10 +320,10 @@ def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
                 addresses = Addresses(gateway_port=free_port(), sidecar_port=sidecar_port, upstream_port=upstream_port)
                 gateway = start_gateway(name, addresses, work / name)
                 try:
-                    checked = _statuses(gateway.port, AUTH_PATH, keys[:200])
+                    checked = pool_statuses(gateway.port, keys[:200], path=AUTH_PATH)
                     if set(checked) != {200}:
                         raise RuntimeError(f"{name}: pool keys did not all pass through: {checked}")
-                    if _statuses(gateway.port, AUTH_PATH, ["kr_live_nope"]) != {401: 1}:
+                    if pool_statuses(gateway.port, ["kr_live_nope"], path=AUTH_PATH) != {401: 1}:
                         raise RuntimeError(f"{name}: a malformed key was not refused")
                     results.append(_measure(name, gateway.port, keys, script, args))
                 finally:

@@ -64,7 +64,7 @@ from .figures import ms, run_and_write, say
 from .keyfill import FillResult, connect, create_bucket, fill_bucket
 from .procs import cpu_seconds, keyrelay_command, machine_cpu, memory_of, spawn, stop, wait_http_ok, wait_quiet
 from .signing import BENCH_SIGNER, BENCH_SNAPSHOT_SIGNER, Heartbeats, sidecar_trust_args, write_key_file
-from .wrk import WrkResult, header_pool_script, run_wrk, wrk_binary
+from .wrk import WrkResult, header_pool_script, pool_statuses, run_wrk, wrk_binary
 
 __all__ = ["main"]
 
@@ -276,22 +276,6 @@ def _progress(total: int) -> Any:
     return report
 
 
-def _check_pool(port: int, keys: list[str]) -> dict[int, int]:
-    import http.client
-
-    seen: dict[int, int] = {}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        for key in keys:
-            conn.request("GET", "/auth", headers={"Authorization": f"Bearer {key}"})
-            resp = conn.getresponse()
-            resp.read()
-            seen[resp.status] = seen.get(resp.status, 0) + 1
-    finally:
-        conn.close()
-    return seen
-
-
 def _measure(
     target: Target, script: Path, args: argparse.Namespace, pin: Pinning, *, nats_pid: int, label: str
 ) -> Measured:
@@ -468,7 +452,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{loaded.status.get('synced_after_seconds')}s, machine load before start {load_before:.2f} cores), "
                 f"RSS {loaded.rss / 2**20:.1f} MiB"
             )
-            sample = _check_pool(port, fill.pool[:200])
+            sample = pool_statuses(port, fill.pool[:200])
             if set(sample) != {200}:
                 raise RuntimeError(f"pool keys did not all verify: {sample}")
             replay = _replay_start(nats_server.url, args, pin, work)
