@@ -45,7 +45,7 @@ def _files_holding(directory: Path, secret: str) -> list[Path]:
     return [f for f in directory.rglob("*") if f.is_file() and secret.encode() in f.read_bytes()]
 
 
-def test_up_with_a_demo_key_prints_how_to_use_it_and_a_revocation_reaches_the_sidecar_within_100ms(
+def test_up_with_a_demo_key_prints_how_to_use_it_and_a_revocation_reaches_the_sidecar_promptly(
     start_stack: StartStack,
 ) -> None:
     stack = start_stack("--demo")
