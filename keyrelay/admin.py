@@ -18,6 +18,10 @@ from .output import Column, details, table
 
 __all__ = ["add_admin_commands"]
 
+# The roles a token may hold (publisher/policy.py), and `personal` for a user's token that holds what they hold.
+ROLES = ("platform-admin", "platform-reader", "owner", "admin", "member", "provisioner", "maintainer", "developer",
+         "viewer", "personal")  # fmt: skip
+
 KEY_COLUMNS: list[Column] = [
     ("id", "id"), ("name", "name"), ("display", "display"), ("status", "status"), ("scopes", "scopes"),
     ("region", "region"), ("expires", "expires_at"), ("last used", "last_used_at"),
@@ -372,8 +376,10 @@ def add_admin_commands(commands: Any) -> None:
     tokens = group("tokens", "admin tokens for the API: create, list, revoke")
     p = action(tokens, "create", "create a token (shown once)", _tokens_create)
     p.add_argument("name", help="unique token name, e.g. ci-pipeline")
-    p.add_argument("--role", choices=("admin", "member"), default="member",
-                   help="admin may change things, member may only read (default member)")  # fmt: skip
+    p.add_argument("--role", choices=ROLES, default="platform-reader", metavar="ROLE",
+                   help="platform-admin may change anything, platform-reader read everything (both across every "
+                   f"organization); with --org or --team, a role there ({', '.join(ROLES[2:])}); personal: every "
+                   "role its --user holds (default platform-reader)")  # fmt: skip
     p.add_argument("--expires-in", help="lifetime, e.g. 90d, 24h, 15m (default: never expires)")
     _list_options(action(tokens, "list", "list tokens (never their secrets): status, expiry, revocation",
                          _tokens_list), "tokens")  # fmt: skip

@@ -24,7 +24,7 @@ from .resign import resign
 from .settings import PublisherSettings
 from .signing import SigningKeys
 from .store import Created, KeyStore
-from .tokens import ROLES, AdminToken, TokenStore
+from .tokens import LEGACY_ROLES, ROLES, AdminToken, TokenStore
 
 __all__ = ["ROUTES", "SERVICES", "UNAUTHENTICATED", "Services", "auth_middleware", "error_middleware"]
 
@@ -85,7 +85,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     actor = await request.app[SERVICES].tokens.find(token.strip())
     if actor is None:
         raise Unauthorized("the admin token is not valid")
-    if actor.role != "admin" and request.method not in ("GET", "HEAD"):
+    if actor.role != "platform-admin" and request.method not in ("GET", "HEAD"):
         raise Forbidden(f"token {actor.name!r} has role {actor.role!r}; only admin tokens may change things")
     request[ACTOR] = actor
     return await handler(request)
@@ -305,7 +305,7 @@ def _audit_id(text: str) -> int:
 async def create_token(request: web.Request) -> web.Response:
     """POST /v1/tokens {name, role?, expires_in?}: a new admin (or read-only member) token, shown once."""
     body = v.fields(await _body(request), allowed={"name", "role", "expires_in"}, required={"name"})
-    role = body.get("role", "member")
+    role = LEGACY_ROLES.get(body.get("role", "member"), body.get("role"))
     if role not in ROLES:
         raise Invalid(f"role must be one of {', '.join(ROLES)}", field="role")
     expires_in = body.get("expires_in")

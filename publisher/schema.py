@@ -204,6 +204,56 @@ MIGRATIONS: tuple[Migration, ...] = (
             _ACTIVE_PROJECT_NAMES,
         ),
     ),
+    Migration(
+        4,
+        "people: users, org and team memberships, org policies; tenant roles for tokens (admin -> platform-admin, "
+        "member -> platform-reader); who created a key and which team owns it; the audit actor, source and request",
+        (
+            """CREATE TABLE users (
+                id {uuid} PRIMARY KEY,
+                email VARCHAR(320) NOT NULL,
+                display_name VARCHAR(255),
+                external_id VARCHAR(255) UNIQUE,
+                created_at {ts} NOT NULL,
+                deactivated_at {ts}
+            )""",
+            "CREATE UNIQUE INDEX idx_users_email ON users (lower(email))",
+            """CREATE TABLE org_members (
+                organization_id {uuid} NOT NULL REFERENCES organizations(id),
+                user_id {uuid} NOT NULL REFERENCES users(id),
+                role VARCHAR(16) NOT NULL,
+                created_at {ts} NOT NULL,
+                PRIMARY KEY (organization_id, user_id)
+            )""",
+            "CREATE INDEX idx_org_members_user ON org_members (user_id)",
+            """CREATE TABLE team_members (
+                team_id {uuid} NOT NULL REFERENCES teams(id),
+                user_id {uuid} NOT NULL REFERENCES users(id),
+                role VARCHAR(16) NOT NULL,
+                created_at {ts} NOT NULL,
+                PRIMARY KEY (team_id, user_id)
+            )""",
+            "CREATE INDEX idx_team_members_user ON team_members (user_id)",
+            """CREATE TABLE org_policies (
+                organization_id {uuid} PRIMARY KEY REFERENCES organizations(id),
+                policy {json} NOT NULL DEFAULT {json_empty},
+                updated_at {ts} NOT NULL
+            )""",
+            "CREATE INDEX idx_admin_tokens_user ON admin_tokens (user_id)",
+            # Old rows keep NULL: a key without an owner_team_id is owned by its project's team (read as such).
+            "ALTER TABLE api_keys ADD COLUMN created_by_user {uuid} REFERENCES users(id)",
+            "ALTER TABLE api_keys ADD COLUMN owner_team_id {uuid} REFERENCES teams(id)",
+            "CREATE INDEX idx_api_keys_team ON api_keys (team_id, id)",
+            "ALTER TABLE audit_log ADD COLUMN actor_kind VARCHAR(8)",
+            "ALTER TABLE audit_log ADD COLUMN actor_id {uuid}",
+            "ALTER TABLE audit_log ADD COLUMN source VARCHAR(16)",
+            "ALTER TABLE audit_log ADD COLUMN request_id VARCHAR(64)",
+            "CREATE INDEX idx_audit_actor ON audit_log (actor_id, id)",
+            # Tokens are few: renamed here, so every replica of this release reads one vocabulary.
+            "UPDATE admin_tokens SET role = 'platform-admin' WHERE role = 'admin'",
+            "UPDATE admin_tokens SET role = 'platform-reader' WHERE role = 'member'",
+        ),
+    ),
 )
 
 

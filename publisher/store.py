@@ -23,10 +23,12 @@ T = TypeVar("T")
 
 KEY_COLUMNS = (
     "id, key_prefix, key_hash, organization_id, team_id, project_id, name, scopes, env, region, metadata, "
-    "created_at, expires_at, last_used_at, revoked_at, revoked_reason, rotated_to, created_by, version"
+    "created_at, expires_at, last_used_at, revoked_at, revoked_reason, rotated_to, created_by, version, "
+    "created_by_user, owner_team_id"
 )
 _KEY_COLUMN_NAMES = tuple(c.strip() for c in KEY_COLUMNS.split(","))
-_AUDIT_COLUMNS = ("at", "actor", "action", "organization_id", "team_id", "project_id", "key_id", "details")
+_AUDIT_COLUMNS = ("at", "actor", "action", "organization_id", "team_id", "project_id", "key_id", "details",
+                  "actor_kind", "actor_id", "source", "request_id")  # fmt: skip
 _CHUNK = 500  # rows per multi-row statement: well under both back ends' parameter limits
 _AUDIT_IDS = 100  # ids a repair's audit entry names; a lost bucket repairs every key, the counts say how many
 
@@ -428,6 +430,8 @@ class KeyStore:
             rotated_to=None,
             created_by=actor.token_id,
             version=1,
+            created_by_user=actor.user_id,
+            owner_team_id=project.team_id,
         )
         return Created(key=key, plaintext=plaintext)
 
@@ -490,7 +494,7 @@ async def _insert_keys(tx: Tx, keys: Sequence[ApiKey]) -> None:
         (
             k.id, k.display, k.key_hash, k.org_id, k.team_id, k.project_id, k.name, list(k.scopes), k.env,
             k.region, k.metadata, k.created_at, k.expires_at, k.last_used_at, k.revoked_at, k.revoked_reason,
-            k.rotated_to, k.created_by, k.version,
+            k.rotated_to, k.created_by, k.version, k.created_by_user, k.owner_team_id,
         )
         for k in keys
     ])  # fmt: skip
@@ -547,5 +551,21 @@ async def record_audit(tx: Tx, actor: Actor, action: str, now: int, rows: Sequen
     await tx.insert_many(
         "audit_log",
         _AUDIT_COLUMNS,
-        [(now, actor.name, action, org, team, project, key, details) for org, team, project, key, details in rows],
+        [
+            (
+                now,
+                actor.name,
+                action,
+                org,
+                team,
+                project,
+                key,
+                details,
+                actor.kind,
+                actor.actor_id,
+                actor.source,
+                actor.request_id,
+            )
+            for org, team, project, key, details in rows
+        ],
     )

@@ -35,11 +35,11 @@ def _credentials(tmp_path: Path) -> Path:
 
 
 async def test_tokens_are_created_with_an_expiry_listed_and_revoked_from_the_cli(shell: Shell) -> None:
-    created = await shell.json("tokens", "create", "ci", "--role", "admin", "--expires-in", "1h")
-    assert (created["name"], created["role"], created["status"]) == ("ci", "admin", "active")
+    created = await shell.json("tokens", "create", "ci", "--role", "platform-admin", "--expires-in", "1h")
+    assert (created["name"], created["role"], created["status"]) == ("ci", "platform-admin", "active")
     assert created["expires_at"] is not None
     said = await shell.ok("tokens", "create", "dashboard")
-    assert said.startswith("token for dashboard (member), shown once: krat_")
+    assert said.startswith("token for dashboard (platform-reader), shown once: krat_")
 
     listed = await shell.ok("tokens", "list")
     assert _columns(listed) == ["ID", "NAME", "ROLE", "STATUS", "DISPLAY", "CREATED", "EXPIRES", "REVOKED"]
@@ -54,7 +54,7 @@ async def test_tokens_are_created_with_an_expiry_listed_and_revoked_from_the_cli
     assert [t["name"] for t in few["tokens"]] == ["bootstrap", "ci"]
 
     revoked = await shell.ok("tokens", "revoke", created["id"])
-    assert revoked.strip() == f"revoked token {created['id']} (ci, admin)"
+    assert revoked.strip() == f"revoked token {created['id']} (ci, platform-admin)"
     assert {r["NAME"]: r["STATUS"] for r in _table(await shell.ok("tokens", "list"))}["ci"] == "revoked"
     refused = await shell.fails("orgs", "list", "--url", shell.publisher.url, "--token", created["token"], auth=False)
     assert refused == "keyrelay: the admin token is not valid (unauthorized, HTTP 401)\n"
