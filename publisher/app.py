@@ -24,6 +24,7 @@ from .heartbeat import Heartbeat
 from .maintenance import Maintenance
 from .openapi import Route, register
 from .outbox import OutboxRelay
+from .people import PeopleStore
 from .settings import PublisherSettings
 from .signing import load_signing_keys
 from .store import KeyStore
@@ -64,7 +65,7 @@ async def open_services(settings: PublisherSettings, *, bootstrap: bool = True) 
         await heartbeat.start()
         yield Services(
             settings=settings, store=KeyStore(db, key_prefix=settings.key_prefix), tokens=tokens, broker=broker,
-            relay=outbox, keys=keys, heartbeat=heartbeat,
+            relay=outbox, keys=keys, heartbeat=heartbeat, people=PeopleStore(db, on_change=tokens.forget),
         )  # fmt: skip
     finally:
         await heartbeat.close()

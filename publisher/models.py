@@ -107,15 +107,18 @@ class Org:
     id: str
     name: str
     created_at: int
+    decommissioned_at: int | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> Org:
         """Build from a database row."""
-        return cls(id=row["id"], name=row["name"], created_at=row["created_at"])
+        return cls(id=row["id"], name=row["name"], created_at=row["created_at"],
+                   decommissioned_at=row.get("decommissioned_at"))  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         """The API form."""
-        return {"id": self.id, "name": self.name, "created_at": iso(self.created_at)}
+        return {"id": self.id, "name": self.name, "created_at": iso(self.created_at),
+                "decommissioned_at": iso(self.decommissioned_at)}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,15 +129,18 @@ class Team:
     org_id: str
     name: str
     created_at: int
+    decommissioned_at: int | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> Team:
         """Build from a database row."""
-        return cls(id=row["id"], org_id=row["organization_id"], name=row["name"], created_at=row["created_at"])
+        return cls(id=row["id"], org_id=row["organization_id"], name=row["name"], created_at=row["created_at"],
+                   decommissioned_at=row.get("decommissioned_at"))  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         """The API form."""
-        return {"id": self.id, "org_id": self.org_id, "name": self.name, "created_at": iso(self.created_at)}
+        return {"id": self.id, "org_id": self.org_id, "name": self.name, "created_at": iso(self.created_at),
+                "decommissioned_at": iso(self.decommissioned_at)}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,8 +38,10 @@ __all__ = [
     "cap",
     "decide",
     "markdown_table",
+    "may_grant",
     "reach",
     "role_scope",
+    "team_equivalent",
 ]
 
 PLATFORM_ROLES = ("platform-admin", "platform-reader")
@@ -193,6 +195,16 @@ def cap(token_role: str, user_role: str) -> str:
 def team_equivalent(org_role: str) -> str | None:
     """The team role an org role amounts to within one of its teams (owner, admin: maintainer)."""
     return _TEAM_EQUIVALENT.get(org_role)
+
+
+def may_grant(caller: Caller, role: str, org_id: str) -> bool:
+    """Whether the caller may give someone the org role `role` in `org_id`: no role above its own there
+    (platform-admin: any; owner: any; admin and provisioner: admin or member)."""
+    if any(g.role == "platform-admin" for g in caller.grants):
+        return True
+    held = [g.role for g in caller.grants if g.team_id is None and g.org_id == org_id]
+    ceiling = max((_RANK.get("admin" if r == "provisioner" else r, 0) for r in held), default=0)
+    return _RANK.get(role, 99) <= ceiling
 
 
 def _matches(grant: Grant, rule: Rule, caller: Caller, target: Target) -> bool:

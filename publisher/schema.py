@@ -240,6 +240,8 @@ MIGRATIONS: tuple[Migration, ...] = (
                 updated_at {ts} NOT NULL
             )""",
             "CREATE INDEX idx_admin_tokens_user ON admin_tokens (user_id)",
+            "ALTER TABLE organizations ADD COLUMN decommissioned_at {ts}",
+            "ALTER TABLE teams ADD COLUMN decommissioned_at {ts}",
             # Old rows keep NULL: a key without an owner_team_id is owned by its project's team (read as such).
             "ALTER TABLE api_keys ADD COLUMN created_by_user {uuid} REFERENCES users(id)",
             "ALTER TABLE api_keys ADD COLUMN owner_team_id {uuid} REFERENCES teams(id)",

@@ -249,8 +249,11 @@ class TokenStore:
             token = await _token(tx, token_id)
             if token.revoked_at is None:
                 await tx.execute("UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2", now, token_id)
+                team_org = None if token.team_id is None else await tx.fetchval(
+                    "SELECT organization_id FROM teams WHERE id = $1", token.team_id)  # fmt: skip
                 await record_audit(tx, actor, "token.revoke", now, [
-                    (None, None, None, None, {"token_id": token_id, "name": token.name, "role": token.role})
+                    (token.org_id or team_org, token.team_id, None, None,
+                     {"token_id": token_id, "name": token.name, "role": token.role})
                 ])  # fmt: skip
                 token = await _token(tx, token_id)
         self._cache.clear()  # this replica refuses it at once; the others within cache_ttl

@@ -116,7 +116,9 @@ async def test_a_variable_wins_over_the_login_and_the_login_over_a_running_stack
     assert (await shell.run("login", "--url", url, auth=False, stdin=member)).code == 0
     assert (await shell.run("orgs", "list", auth=False)).code == 0  # the login, over the stack file
     refused = await shell.run("orgs", "create", "x", auth=False)
-    assert refused.err.endswith("only admin tokens may change things (forbidden, HTTP 403)\n")  # the member
+    assert refused.err.endswith(
+        "may not org.create here; docs/permissions.md lists who may (forbidden, HTTP 403)\n"
+    )  # the member
 
     monkeypatch.setenv("KEYRELAY_TOKEN", ADMIN_TOKEN)  # the variable, over the login
     assert (await shell.run("orgs", "create", "globex", auth=False)).code == 0
