@@ -159,20 +159,38 @@ async def list_orgs(request: web.Request) -> web.Response:
 
 async def rename_org(request: web.Request) -> web.Response:
     """PATCH /v1/orgs/{org_id} {name}."""
-    org = await _org(request)
-    await guard(request, "org.update", org_target(org), kind="org", ident=org.id)
-    body = v.fields(await body_of(request), allowed={"name"}, required={"name"})
-    renamed = await request.app[SERVICES].store.rename(actor_of(request), "org", org.id, v.name(body["name"]))
-    return web.json_response(renamed.to_json())
+    return await _rename(request, "org")
 
 
 async def decommission_org(request: web.Request) -> web.Response:
     """DELETE /v1/orgs/{org_id}: every team and project of it decommissioned, every key revoked."""
+    return await _decommission(request, "org")
+
+
+async def _guarded(request: web.Request, kind: str, action: str) -> str:
+    """The id of the org or team the path names, once the caller may take `action` on it."""
+    if kind == "org":
+        org = await _org(request)
+        await guard(request, action, org_target(org), kind="org", ident=org.id)
+        return org.id
+    team = await _team(request)
+    await guard(request, action, team_target(team), kind="team", ident=team.id)
+    return team.id
+
+
+async def _rename(request: web.Request, kind: str) -> web.Response:
+    ident = await _guarded(request, kind, f"{kind}.update")
+    body = v.fields(await body_of(request), allowed={"name"}, required={"name"})
+    renamed = await request.app[SERVICES].store.rename(actor_of(request), kind, ident, v.name(body["name"]))
+    return web.json_response(renamed.to_json())
+
+
+async def _decommission(request: web.Request, kind: str) -> web.Response:
     services = request.app[SERVICES]
-    org = await _org(request)
-    await guard(request, "org.delete", org_target(org), kind="org", ident=org.id)
-    change = await services.store.decommission_org(actor_of(request), org.id)
-    return await _decommissioned(services, {"org_id": org.id}, change)
+    ident = await _guarded(request, kind, f"{kind}.delete")
+    store = services.store
+    change = await (store.decommission_org if kind == "org" else store.decommission_team)(actor_of(request), ident)
+    return await _decommissioned(services, {f"{kind}_id": ident}, change)
 
 
 async def create_team(request: web.Request) -> web.Response:
@@ -198,20 +216,12 @@ async def list_teams(request: web.Request) -> web.Response:
 
 async def rename_team(request: web.Request) -> web.Response:
     """PATCH /v1/teams/{team_id} {name}."""
-    team = await _team(request)
-    await guard(request, "team.update", team_target(team), kind="team", ident=team.id)
-    body = v.fields(await body_of(request), allowed={"name"}, required={"name"})
-    renamed = await request.app[SERVICES].store.rename(actor_of(request), "team", team.id, v.name(body["name"]))
-    return web.json_response(renamed.to_json())
+    return await _rename(request, "team")
 
 
 async def decommission_team(request: web.Request) -> web.Response:
     """DELETE /v1/teams/{team_id}: every project of the team decommissioned, every key of it revoked."""
-    services = request.app[SERVICES]
-    team = await _team(request)
-    await guard(request, "team.delete", team_target(team), kind="team", ident=team.id)
-    change = await services.store.decommission_team(actor_of(request), team.id)
-    return await _decommissioned(services, {"team_id": team.id}, change)
+    return await _decommission(request, "team")
 
 
 async def create_project(request: web.Request) -> web.Response:

@@ -71,6 +71,17 @@ _ACTIVE_PROJECT_NAMES = (
     "CREATE UNIQUE INDEX idx_projects_active_name ON projects (team_id, name) WHERE decommissioned_at IS NULL"
 )
 
+
+def _memberships(table: str, column: str, parent: str) -> tuple[str, str]:
+    """A membership table (one role per user in each org or team), and its index by user."""
+    return (
+        f"CREATE TABLE {table} ({column} {{uuid}} NOT NULL REFERENCES {parent}(id), "
+        "user_id {uuid} NOT NULL REFERENCES users(id), role VARCHAR(16) NOT NULL, created_at {ts} NOT NULL, "
+        f"PRIMARY KEY ({column}, user_id))",
+        f"CREATE INDEX idx_{table}_user ON {table} (user_id)",
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -218,22 +229,8 @@ MIGRATIONS: tuple[Migration, ...] = (
                 deactivated_at {ts}
             )""",
             "CREATE UNIQUE INDEX idx_users_email ON users (lower(email))",
-            """CREATE TABLE org_members (
-                organization_id {uuid} NOT NULL REFERENCES organizations(id),
-                user_id {uuid} NOT NULL REFERENCES users(id),
-                role VARCHAR(16) NOT NULL,
-                created_at {ts} NOT NULL,
-                PRIMARY KEY (organization_id, user_id)
-            )""",
-            "CREATE INDEX idx_org_members_user ON org_members (user_id)",
-            """CREATE TABLE team_members (
-                team_id {uuid} NOT NULL REFERENCES teams(id),
-                user_id {uuid} NOT NULL REFERENCES users(id),
-                role VARCHAR(16) NOT NULL,
-                created_at {ts} NOT NULL,
-                PRIMARY KEY (team_id, user_id)
-            )""",
-            "CREATE INDEX idx_team_members_user ON team_members (user_id)",
+            *_memberships("org_members", "organization_id", "organizations"),
+            *_memberships("team_members", "team_id", "teams"),
             """CREATE TABLE org_policies (
                 organization_id {uuid} PRIMARY KEY REFERENCES organizations(id),
                 policy {json} NOT NULL DEFAULT {json_empty},
