@@ -89,6 +89,8 @@ async def create_token(request: web.Request) -> web.Response:
         if user.deactivated_at is not None:
             raise Conflict("the user is deactivated: their tokens would not work")
         target = dataclasses.replace(target, creator_user=user.id)
+        if user.id != actor.user_id:  # acting as someone else: an org owner's (or a platform admin's) call only
+            target, kind, ident = dataclasses.replace(target, team_id=None), kind and "org", target.org_id
     await guard(request, "token.create", target, kind=kind, ident=ident)
     created, token = await services.tokens.create(actor, name, role, expires_in, org_id=org_id, team_id=team_id,
                                                   user_id=user_id)  # fmt: skip

@@ -271,6 +271,11 @@ def test_a_personal_token_holds_its_users_roles_now_capped_by_its_own_and_stops_
     user = api.ok("POST", f"/orgs/{world.org}/members", {"email": f"Dev-{_name()}@Example.com", "role": "member"})
     api.ok("POST", f"/teams/{world.team}/members", {"user_id": user["user_id"], "role": "developer"})
     mine = api.token("personal", user_id=user["user_id"])
+    maintainer = api.token("maintainer", team_id=world.team)
+    as_her = {"name": _name(), "role": "developer", "team_id": world.team, "user_id": user["user_id"]}
+    assert api.call("POST", "/tokens", as_her, maintainer)[0] == 404  # a team lead sees no users, acts as none
+    owner = api.token("owner", org_id=world.org)
+    assert api.call("POST", "/tokens", as_her, owner)[0] == 201
     capped = api.token("viewer", team_id=world.team, user_id=user["user_id"])
     made = api.ok("POST", f"/projects/{world.project}/keys", {"name": "own"}, token=mine)
     assert (made["created_by_user"], made["owner_team_id"]) == (user["user_id"], world.team)
