@@ -11,12 +11,16 @@ from keyrelay.core.config import add_options
 
 from .answers import client_of, confirm, create_named, listing, show
 from .client import ClientSettings
-from .errors import KeyrelayError
-from .names import Resolver
+from .errors import ApiError, KeyrelayError
+from .names import Resolver, is_id
 from .output import Column, details, table
 from .parsing import Handler, Subcommands, add_command, add_group
 
 __all__ = ["add_admin_commands"]
+
+# The roles a token may hold (publisher/policy.py), and `personal` for a user's token that holds what they hold.
+ROLES = ("platform-admin", "platform-reader", "owner", "admin", "member", "provisioner", "maintainer", "developer",
+         "viewer", "personal")  # fmt: skip
 
 KEY_COLUMNS: list[Column] = [
     ("id", "id"), ("name", "name"), ("display", "display"), ("status", "status"), ("scopes", "scopes"),
@@ -137,7 +141,12 @@ def _keys_list(args: argparse.Namespace) -> int:
     keys: list[dict[str, Any]] = []
     projects = Resolver(client).projects(team=args.team, org=args.org)
     for project in projects:
-        keys += client.collect(f"/projects/{project['id']}/keys", "keys", limit=limit - len(keys))["keys"]
+        try:
+            keys += client.collect(f"/projects/{project['id']}/keys", "keys", limit=limit - len(keys))["keys"]
+        except ApiError as exc:
+            if exc.code != "forbidden":
+                raise
+            continue  # a project the token sees but whose keys it may not read (an org member's, another team's)
         if len(keys) >= limit:
             break
     more = len(keys) >= limit and not args.all
@@ -208,13 +217,21 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 TOKEN_COLUMNS: list[Column] = [
-    ("id", "id"), ("name", "name"), ("role", "role"), ("status", "status"), ("display", "display"),
+    ("id", "id"), ("name", "name"), ("role", "role"), ("org", "org_id"), ("team", "team_id"), ("user", "user_id"),
+    ("status", "status"), ("display", "display"),
     ("created", "created_at"), ("expires", "expires_at"), ("revoked", "revoked_at"),
 ]  # fmt: skip
 
 
 def _tokens_create(args: argparse.Namespace) -> int:
-    body = {"name": args.name, "role": args.role}
+    resolver = Resolver(client_of(args))
+    body: dict[str, Any] = {"name": args.name, "role": args.role}
+    if args.team:
+        body["team_id"] = resolver.team(args.team, org=args.org)
+    elif args.org:
+        body["org_id"] = resolver.org(args.org)
+    if args.user:
+        body["user_id"] = _user(args, args.user)
     if args.expires_in is not None:
         body["expires_in"] = args.expires_in
     answer = client_of(args).call("POST", "/tokens", body)
@@ -223,12 +240,120 @@ def _tokens_create(args: argparse.Namespace) -> int:
 
 
 def _tokens_list(args: argparse.Namespace) -> int:
-    return listing(args, "/tokens", "tokens", TOKEN_COLUMNS)
+    code = listing(args, "/tokens", "tokens", TOKEN_COLUMNS)
+    if not args.json and not args.print:
+        tokens = client_of(args).collect("/tokens", "tokens", limit=1000)["tokens"]
+        readers = [t["name"] for t in tokens if t["role"] == "platform-reader" and t["status"] == "active"]
+        if readers:
+            print(f"keyrelay: warning: {len(readers)} active platform-reader token(s) ({', '.join(readers[:5])}) "
+                  "read every organization's keys and audit trail (cross-tenant); scope them with --org or "
+                  "--team where you can", file=sys.stderr)  # fmt: skip
+    return code
 
 
 def _tokens_revoke(args: argparse.Namespace) -> int:
     token = client_of(args).call("DELETE", f"/tokens/{args.token_id}")
     return show(args, token, f"revoked token {token['id']} ({token['name']}, {token['role']})")
+
+
+# -- people ------------------------------------------------------------------------------------
+
+MEMBER_ROLES = ("owner", "admin", "member", "maintainer", "developer", "viewer")
+USER_COLUMNS: list[Column] = [("id", "id"), ("email", "email"), ("name", "display_name"), ("status", "status"),
+                              ("created", "created_at")]  # fmt: skip
+MEMBER_COLUMNS: list[Column] = [("user", "user_id"), ("email", "email"), ("name", "display_name"), ("role", "role"),
+                                ("status", "status"), ("since", "since")]  # fmt: skip
+
+
+def _user(args: argparse.Namespace, value: str) -> str:
+    """A user's id from an id or an email address."""
+    if is_id(value):
+        return value
+    users = client_of(args).collect("/users", "users", limit=1_000_000)["users"]
+    found = [u for u in users if u["email"].lower() == value.lower()]
+    if not found:
+        raise KeyrelayError(f"no user with the email {value!r} that this token may see")
+    return str(found[0]["id"])
+
+
+def _users_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"email": args.email}
+    if args.name:
+        body["display_name"] = args.name
+    if args.org:
+        body["org_id"] = Resolver(client_of(args)).org(args.org)
+        body["role"] = args.role
+    user = client_of(args).call("POST", "/users", body)
+    return show(args, user, details(user, USER_COLUMNS))
+
+
+def _users_list(args: argparse.Namespace) -> int:
+    return listing(args, "/users", "users", USER_COLUMNS)
+
+
+def _users_show(args: argparse.Namespace) -> int:
+    user = client_of(args).call("GET", f"/users/{_user(args, args.user)}")
+    return show(args, user, details(user, USER_COLUMNS))
+
+
+def _users_deactivate(args: argparse.Namespace) -> int:
+    user_id = _user(args, args.user)
+    confirm(args, f"deactivate user {args.user} ({user_id}): their tokens stop, their keys follow the offboarding "
+            "policy")  # fmt: skip
+    answer = client_of(args).call("POST", f"/users/{user_id}/deactivate")
+    return show(args, answer, f"deactivated {answer['email']}; {len(answer['revoked'])} key(s) revoked "
+                f"({answer['propagation']})")  # fmt: skip
+
+
+def _scope_path(args: argparse.Namespace) -> str:
+    resolver = Resolver(client_of(args))
+    if args.team:
+        return f"/teams/{resolver.team(args.team, org=args.org)}/members"
+    if args.org:
+        return f"/orgs/{resolver.org(args.org)}/members"
+    raise KeyrelayError("give --org (organization members) or --team (team members)")
+
+
+def _members_list(args: argparse.Namespace) -> int:
+    return listing(args, _scope_path(args), "members", MEMBER_COLUMNS)
+
+
+def _members_add(args: argparse.Namespace) -> int:
+    key = "user_id" if is_id(args.user) else "email"
+    member = client_of(args).call("POST", _scope_path(args), {key: args.user, "role": args.role})
+    return show(args, member, f"{member['email']} is now {member['role']}")
+
+
+def _members_remove(args: argparse.Namespace) -> int:
+    path = _scope_path(args)
+    answer = client_of(args).call("DELETE", f"{path}/{_user(args, args.user)}")
+    return show(args, answer, f"removed {args.user}")
+
+
+def _rename(kind: str) -> Handler:
+    def rename(args: argparse.Namespace) -> int:
+        resolver = Resolver(client_of(args))
+        ident = resolver.org(args.current) if kind == "orgs" else resolver.team(args.current, org=args.org)
+        answer = client_of(args).call("PATCH", f"/{kind}/{ident}", {"name": args.name})
+        return show(args, answer, f"renamed {args.current} to {answer['name']} ({answer['id']})")
+
+    return rename
+
+
+def _delete(kind: str) -> Handler:
+    def delete(args: argparse.Namespace) -> int:
+        resolver = Resolver(client_of(args))
+        ident = resolver.org(args.current) if kind == "orgs" else resolver.team(args.current, org=args.org)
+        what = "organization" if kind == "orgs" else "team"
+        change = f"decommission {what} {args.current} ({ident}): every project of it, revoking every key"
+        if args.dry_run:
+            return show(args, {"id": ident, "dry_run": True}, f"would {change}")
+        confirm(args, change)
+        answer = client_of(args).call("DELETE", f"/{kind}/{ident}")
+        return show(args, answer, f"{what} {ident} decommissioned; {len(answer['revoked'])} key(s) revoked "
+                    f"({answer['propagation']})")  # fmt: skip
+
+    return delete
 
 
 def _signing_keys(args: argparse.Namespace) -> int:
@@ -291,6 +416,12 @@ def add_admin_commands(commands: Subcommands) -> None:
     p.add_argument("name", help="unique name")
     p.add_argument("--if-not-exists", action="store_true", help=exists)
     _list_options(action(orgs, "list", "list organizations, oldest first", _orgs_list), "organizations")
+    p = action(orgs, "rename", "rename an organization", _rename("orgs"))
+    p.add_argument("current", metavar="ORG", help="organization (id or name)")
+    p.add_argument("name", help="its new name")
+    p = _destructive(action(orgs, "delete", "decommission an organization: every team and project of it, "
+                            "revoking every key; asks first", _delete("orgs")))  # fmt: skip
+    p.add_argument("current", metavar="ORG", help="organization (id or name)")
 
     teams = group("teams", "teams: own projects, belong to an organization")
     p = action(teams, "create", "create a team in an organization", _teams_create)
@@ -299,6 +430,14 @@ def add_admin_commands(commands: Subcommands) -> None:
     p.add_argument("--if-not-exists", action="store_true", help=exists)
     p = _list_options(action(teams, "list", "list an organization's teams, oldest first", _teams_list), "teams")
     p.add_argument("--org", required=True, help="organization (id or name)")
+    p = action(teams, "rename", "rename a team", _rename("teams"))
+    p.add_argument("current", metavar="TEAM", help="team (id or name)")
+    p.add_argument("name", help="its new name")
+    _where(p, "org")
+    p = _destructive(action(teams, "delete", "decommission a team: every project of it, revoking every key; asks "
+                            "first", _delete("teams")))  # fmt: skip
+    p.add_argument("current", metavar="TEAM", help="team (id or name)")
+    _where(p, "org")
 
     projects = group("projects", "projects (services): hold keys")
     p = action(projects, "create", "create a project in a team", _projects_create)
@@ -368,10 +507,45 @@ def add_admin_commands(commands: Subcommands) -> None:
     tokens = group("tokens", "admin tokens for the API: create, list, revoke")
     p = action(tokens, "create", "create a token (shown once)", _tokens_create)
     p.add_argument("name", help="unique token name, e.g. ci-pipeline")
-    p.add_argument("--role", choices=("admin", "member"), default="member",
-                   help="admin may change things, member may only read (default member)")  # fmt: skip
+    p.add_argument("--role", choices=ROLES, default="platform-reader", metavar="ROLE",
+                   help="platform-admin may change anything, platform-reader read everything (both across every "
+                   f"organization); with --org or --team, a role there ({', '.join(ROLES[2:])}); personal: every "
+                   "role its --user holds (default platform-reader)")  # fmt: skip
     p.add_argument("--expires-in", help="lifetime, e.g. 90d, 24h, 15m (default: never expires)")
+    p.add_argument("--org", help="the organization (id or name) an org role is held in")
+    p.add_argument("--team", help="the team (id or name) a team role is held in")
+    p.add_argument("--user", help="the user (id or email) the token belongs to: a personal access token, never "
+                   "more than the user may")  # fmt: skip
     _list_options(action(tokens, "list", "list tokens (never their secrets): status, expiry, revocation",
                          _tokens_list), "tokens")  # fmt: skip
     action(tokens, "revoke", "revoke a token: every publisher replica refuses it within --token-cache-ttl",
            _tokens_revoke).add_argument("token_id", help="token id (from `keyrelay tokens list`)")  # fmt: skip
+
+    users = group("users", "people: add by email, list, show, deactivate")
+    p = action(users, "create", "add a user by email (into --org with --role)", _users_create)
+    p.add_argument("email", help="email address (unique, whatever its case)")
+    p.add_argument("--name", help="display name")
+    p.add_argument("--org", help="organization (id or name) to add the user to")
+    p.add_argument("--role", choices=("owner", "admin", "member"), default="member", help="role in --org")
+    _list_options(action(users, "list", "list the users this token may see", _users_list), "users")
+    action(users, "show", "show a user", _users_show).add_argument("user", help="user (id or email)")
+    p = _destructive(action(users, "deactivate", "deactivate a user: their tokens stop, their keys follow "
+                            "the offboarding policy; asks first", _users_deactivate))  # fmt: skip
+    p.add_argument("user", help="user (id or email)")
+
+    members = group("members", "org and team members: list, add (or change a role), remove")
+    for name, handler, text in (
+        ("list", _members_list, "list the members of --org or --team"),
+        ("add", _members_add, "give a user (by email or id) a role in --org or --team"),
+        ("remove", _members_remove, "take a user's role in --org or --team away"),
+    ):
+        p = action(members, name, text, handler)
+        p.add_argument("--org", help="organization (id or name)")
+        p.add_argument("--team", help="team (id or name)")
+        if name != "list":
+            p.add_argument("user", help="user (email or id)")
+        if name == "add":
+            p.add_argument("--role", required=True, choices=MEMBER_ROLES, help="org role with --org, team role "
+                           "with --team")  # fmt: skip
+        if name == "list":
+            _list_options(p, "members")

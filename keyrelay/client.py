@@ -81,6 +81,7 @@ class AdminClient:
             raise KeyrelayError(f"--url {self.url!r} is not an http:// or https:// URL")
         request = urllib.request.Request(url, data=data, method=method)
         request.add_header("Accept", "application/json")
+        request.add_header("Keyrelay-Source", "cli")  # the audit trail says where a change came from
         if data is not None:
             request.add_header("Content-Type", "application/json")
         if self.token:

@@ -10,7 +10,7 @@ __all__ = ["ApiError", "ExitCode", "KeyrelayError", "describe_os_error"]
 
 
 class ExitCode(IntEnum):
-    """What `keyrelay`'s exit status means (the README's CLI section documents the same list)."""
+    """What `keyrelay`'s exit status means (docs/cli-tour.md documents the same list)."""
 
     OK = 0
     FAILURE = 1  # an API error, a refusal, a service out of reach, a file that cannot be read or written

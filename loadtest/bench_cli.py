@@ -17,7 +17,7 @@ Two settings of the bytecode cache, each a block of figures:
 It also lists which of the modules only a running component needs (aiohttp, nats, asyncpg, nacl,
 asyncio, urllib.request, importlib.metadata) `--version` and `--help` import: none is the goal.
 
-    python -m loadtest.bench_cli --runs 40 --json docs/benchmarks/cli-startup.json
+    python -m loadtest.bench_cli --runs 40 --json docs/benchmarks/cli-startup-YYYY-MM-DD.json
 """
 
 from __future__ import annotations

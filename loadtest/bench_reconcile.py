@@ -9,7 +9,7 @@ the event loop's longest stall (a 10 ms ticker's worst lateness), which is what
 the admin API and the heartbeat would feel. Prints the figures and writes them
 as JSON.
 
-    python -m loadtest.bench_reconcile --keys 1000000 --out docs/benchmarks/reconcile-1m.json
+    python -m loadtest.bench_reconcile --keys 1000000 --out docs/benchmarks/reconcile-1m-YYYY-MM-DD.json
 """
 
 from __future__ import annotations

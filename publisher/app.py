@@ -25,6 +25,7 @@ from .heartbeat import Heartbeat
 from .maintenance import Maintenance
 from .openapi import Route, register
 from .outbox import OutboxRelay
+from .people import PeopleStore
 from .settings import PublisherSettings
 from .signing import load_signing_keys
 from .store import KeyStore
@@ -65,7 +66,7 @@ async def open_services(settings: PublisherSettings, *, bootstrap: bool = True) 
         await heartbeat.start()
         yield Services(
             settings=settings, store=KeyStore(db, key_prefix=settings.key_prefix), tokens=tokens, broker=broker,
-            relay=outbox, keys=keys, heartbeat=heartbeat,
+            relay=outbox, keys=keys, heartbeat=heartbeat, people=PeopleStore(db, on_change=tokens.forget),
         )  # fmt: skip
     finally:
         await heartbeat.close()
@@ -81,7 +82,7 @@ async def _bootstrap_token(tokens: TokenStore, settings: PublisherSettings) -> N
         except ValueError as exc:  # settings read from flags and variables were checked already
             raise PublisherError(f"--admin-token (or KEYRELAY_ADMIN_TOKEN): {exc}") from None
         try:
-            await tokens.ensure(BOOTSTRAP_TOKEN_NAME, settings.admin_token, "admin")
+            await tokens.ensure(BOOTSTRAP_TOKEN_NAME, settings.admin_token, "platform-admin")
         except TokenRevoked:
             log.warning("the configured admin token (%r) was revoked and stays so: set a new value to have a "
                         "configuration token again", BOOTSTRAP_TOKEN_NAME)  # fmt: skip
@@ -91,7 +92,7 @@ async def _bootstrap_token(tokens: TokenStore, settings: PublisherSettings) -> N
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Never into the log (logs are shipped and kept): into a file only this user can read, once.
         write_private(path, token + "\n")
-        await tokens.ensure(BOOTSTRAP_TOKEN_NAME, token, "admin")
+        await tokens.ensure(BOOTSTRAP_TOKEN_NAME, token, "platform-admin")
         log.warning("no admin token was configured: generated one into %s (mode 0600, stored hashed); "
                     "read it, keep it in a secret store and delete the file", path)  # fmt: skip
 

@@ -71,6 +71,17 @@ _ACTIVE_PROJECT_NAMES = (
     "CREATE UNIQUE INDEX idx_projects_active_name ON projects (team_id, name) WHERE decommissioned_at IS NULL"
 )
 
+
+def _memberships(table: str, column: str, parent: str) -> tuple[str, str]:
+    """A membership table (one role per user in each org or team), and its index by user."""
+    return (
+        f"CREATE TABLE {table} ({column} {{uuid}} NOT NULL REFERENCES {parent}(id), "
+        "user_id {uuid} NOT NULL REFERENCES users(id), role VARCHAR(16) NOT NULL, created_at {ts} NOT NULL, "
+        f"PRIMARY KEY ({column}, user_id))",
+        f"CREATE INDEX idx_{table}_user ON {table} (user_id)",
+    )
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -202,6 +213,44 @@ MIGRATIONS: tuple[Migration, ...] = (
             "SELECT id, team_id, organization_id, name, created_at, decommissioned_at FROM projects_v2",
             "DROP TABLE projects_v2",
             _ACTIVE_PROJECT_NAMES,
+        ),
+    ),
+    Migration(
+        4,
+        "people: users, org and team memberships, org policies; tenant roles for tokens (admin -> platform-admin, "
+        "member -> platform-reader); who created a key and which team owns it; the audit actor, source and request",
+        (
+            """CREATE TABLE users (
+                id {uuid} PRIMARY KEY,
+                email VARCHAR(320) NOT NULL,
+                display_name VARCHAR(255),
+                external_id VARCHAR(255) UNIQUE,
+                created_at {ts} NOT NULL,
+                deactivated_at {ts}
+            )""",
+            "CREATE UNIQUE INDEX idx_users_email ON users (lower(email))",
+            *_memberships("org_members", "organization_id", "organizations"),
+            *_memberships("team_members", "team_id", "teams"),
+            """CREATE TABLE org_policies (
+                organization_id {uuid} PRIMARY KEY REFERENCES organizations(id),
+                policy {json} NOT NULL DEFAULT {json_empty},
+                updated_at {ts} NOT NULL
+            )""",
+            "CREATE INDEX idx_admin_tokens_user ON admin_tokens (user_id)",
+            "ALTER TABLE organizations ADD COLUMN decommissioned_at {ts}",
+            "ALTER TABLE teams ADD COLUMN decommissioned_at {ts}",
+            # Old rows keep NULL: a key without an owner_team_id is owned by its project's team (read as such).
+            "ALTER TABLE api_keys ADD COLUMN created_by_user {uuid} REFERENCES users(id)",
+            "ALTER TABLE api_keys ADD COLUMN owner_team_id {uuid} REFERENCES teams(id)",
+            "CREATE INDEX idx_api_keys_team ON api_keys (team_id, id)",
+            "ALTER TABLE audit_log ADD COLUMN actor_kind VARCHAR(8)",
+            "ALTER TABLE audit_log ADD COLUMN actor_id {uuid}",
+            "ALTER TABLE audit_log ADD COLUMN source VARCHAR(16)",
+            "ALTER TABLE audit_log ADD COLUMN request_id VARCHAR(64)",
+            "CREATE INDEX idx_audit_actor ON audit_log (actor_id, id)",
+            # Tokens are few: renamed here, so every replica of this release reads one vocabulary.
+            "UPDATE admin_tokens SET role = 'platform-admin' WHERE role = 'admin'",
+            "UPDATE admin_tokens SET role = 'platform-reader' WHERE role = 'member'",
         ),
     ),
 )

@@ -76,7 +76,7 @@ async def test_a_member_asking_for_a_superscript_limit_gets_400_not_500(
     publisher = await _started(start_publisher, caplog)
     admin = publisher.admin
     project = await admin.project()
-    member = (await admin.ok("POST", "/tokens", {"name": "m1", "role": "member"}))["token"]
+    member = (await admin.ok("POST", "/tokens", {"name": "m1", "role": "platform-reader"}))["token"]
     before = await _state(admin)
     cases: list[tuple[str, dict[str, Any]]] = [
         ("/audit", {"limit": "²"}), ("/audit", {"before": "¹"}), (f"/projects/{project['id']}/keys", {"limit": "²"}),
@@ -93,7 +93,7 @@ async def test_a_member_asking_for_a_superscript_limit_gets_400_not_500(
     ("path", "body", "field"),
     [
         ("/orgs", '{"name": "a\\ud800"}', "name"),
-        ("/tokens", '{"name": "\\udfff", "role": "member"}', "name"),
+        ("/tokens", '{"name": "\\udfff", "role": "platform-reader"}', "name"),
         ("KEYS", '{"name": "k", "metadata": {"owner\\ud800": "x"}}', "metadata"),
         ("KEYS", '{"name": "k", "metadata": {"owner": "x\\udc00y"}}', "metadata"),
         ("REVOKE", '{"reason": "leaked \\ud800"}', "reason"),

@@ -234,11 +234,11 @@ async def test_an_api_error_is_printed_on_stderr_with_the_apis_message_and_a_non
 
     bad_token = await shell.fails("orgs", "list", "--url", shell.publisher.url, "--token", "krt_wrong", auth=False)
     assert bad_token == "keyrelay: the admin token is not valid (unauthorized, HTTP 401)\n"
-    member = (await shell.ok("tokens", "create", "dashboard", "--role", "member", "--print", "token")).strip()
+    member = (await shell.ok("tokens", "create", "dashboard", "--role", "platform-reader", "--print", "token")).strip()
     read = await shell.run("orgs", "list", "--json", "--url", shell.publisher.url, "--token", member, auth=False)
     assert read.code == 0
     refused = await shell.fails("orgs", "create", "x", "--url", shell.publisher.url, "--token", member, auth=False)
-    assert refused.endswith("only admin tokens may change things (forbidden, HTTP 403)\n")
+    assert refused.endswith("may not org.create here; docs/permissions.md lists who may (forbidden, HTTP 403)\n")
     assert (await admin.ok("GET", "/orgs"))["orgs"] == []  # a refused command changed nothing
     nobody = await shell.fails("orgs", "list", "--url", f"http://127.0.0.1:{free_port()}", auth=False)
     assert "cannot reach the publisher" in nobody

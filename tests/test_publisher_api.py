@@ -258,14 +258,14 @@ async def test_every_change_leaves_an_audit_entry(start_publisher: StartPublishe
 async def test_creating_a_token_leaves_an_audit_entry_naming_who_created_it(start_publisher: StartPublisher) -> None:
     publisher = await start_publisher()
     admin = publisher.admin
-    created = await admin.ok("POST", "/tokens", {"name": "ci-pipeline", "role": "member"})
+    created = await admin.ok("POST", "/tokens", {"name": "ci-pipeline", "role": "platform-reader"})
     assert (await admin.call("POST", "/tokens", {"name": "ci-pipeline"}))[0] == 409
 
     entries = (await admin.ok("GET", "/audit"))["entries"]
     tokens = [(e["actor"], e["action"], e["details"]["name"], e["details"]["role"]) for e in entries]
     assert tokens == [
-        ("bootstrap", "token.create", "ci-pipeline", "member"),  # who: the token that called POST /v1/tokens
-        ("configuration", "token.create", "bootstrap", "admin"),  # the start-up token, set by configuration
+        ("bootstrap", "token.create", "ci-pipeline", "platform-reader"),  # who: the token that called POST /v1/tokens
+        ("configuration", "token.create", "bootstrap", "platform-admin"),  # the start-up token, set by configuration
     ]
     assert all(e["at"] and e["details"]["token_id"] for e in entries)
     assert created["token"] not in str(entries)
@@ -347,7 +347,7 @@ async def test_the_api_needs_a_valid_token_and_members_may_only_read(start_publi
     assert (await admin.call("GET", "/orgs", token=""))[0] == 401
     status, answer = await admin.call("GET", "/orgs", token="krt_wrong")
     assert (status, answer["error"]["code"]) == (401, "unauthorized")
-    member = await admin.ok("POST", "/tokens", {"name": "dashboard", "role": "member"})
+    member = await admin.ok("POST", "/tokens", {"name": "dashboard", "role": "platform-reader"})
     assert (await admin.call("GET", "/orgs", token=member["token"]))[0] == 200
     status, answer = await admin.call("POST", "/orgs", {"name": "x"}, token=member["token"])
     assert (status, answer["error"]["code"]) == (403, "forbidden")

@@ -178,7 +178,8 @@ async def test_the_signing_keys_route_lists_the_current_key_first_then_the_previ
         {"id": current.kid, "algorithm": "Ed25519", "public_key": current.public_key},
         {"id": previous.kid, "algorithm": "Ed25519", "public_key": previous.public_key},
     ]}  # fmt: skip
-    member = await publisher.admin.ok("POST", "/tokens", {"name": f"m-{uuid.uuid4().hex[:6]}", "role": "member"})
+    reader = {"name": f"m-{uuid.uuid4().hex[:6]}", "role": "platform-reader"}
+    member = await publisher.admin.ok("POST", "/tokens", reader)
     assert (await publisher.admin.call("GET", "/signing-keys", token=member["token"]))[0] == 200
     assert (await publisher.admin.call("GET", "/signing-keys", token=""))[0] == 401
 
