@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .db import Database, Tx
+from .db import Database, Row, Tx
 from .errors import Conflict
 from .models import Actor, Team, now_us
 from .people import User
@@ -38,13 +38,10 @@ class ScimStore:
 
     async def users(self, org_id: str, where: tuple[str, str] | None, start: int, count: int) -> tuple[int, list[User]]:
         """The org's members matching `where` (attribute, value), `count` from the 1-based `start`, and the total."""
-        clause, args = "", [org_id]
-        if where is not None:
-            clause, args = f" AND {_USER_FILTERS[where[0]]}", [org_id, where[1]]
+        clause, args = _where(org_id, where, _USER_FILTERS)
         base = f"FROM users u JOIN org_members m ON m.user_id = u.id WHERE m.organization_id = $1{clause}"
         async with self.db.transaction() as tx:
-            total = int(await tx.fetchval(f"SELECT count(*) {base}", *args))
-            rows = await tx.fetch(f"SELECT {_USER} {base} ORDER BY u.id LIMIT {count} OFFSET {start - 1}", *args)
+            total, rows = await _window(tx, _USER, base, "u.id", args, start, count)
         return total, [User.from_row(r) for r in rows]
 
     async def user(self, org_id: str, user_id: str) -> User | None:
@@ -93,13 +90,10 @@ class ScimStore:
     async def teams(self, org_id: str, where: tuple[str, str] | None, start: int, count: int,
                     *, members: bool = True) -> tuple[int, list[TeamView]]:  # fmt: skip
         """The org's teams (not decommissioned) matching `where`, `count` from the 1-based `start`, and the total."""
-        clause, args = "", [org_id]
-        if where is not None:
-            clause, args = f" AND {_TEAM_FILTERS[where[0]]}", [org_id, where[1]]
+        clause, args = _where(org_id, where, _TEAM_FILTERS)
         base = f"FROM teams WHERE organization_id = $1 AND decommissioned_at IS NULL{clause}"
         async with self.db.transaction() as tx:
-            total = int(await tx.fetchval(f"SELECT count(*) {base}", *args))
-            rows = await tx.fetch(f"SELECT * {base} ORDER BY id LIMIT {count} OFFSET {start - 1}", *args)
+            total, rows = await _window(tx, "*", base, "id", args, start, count)
             views = [TeamView(Team.from_row(r), r["external_id"], await _members(tx, r["id"]) if members else [])
                      for r in rows]  # fmt: skip
         return total, views
@@ -119,6 +113,18 @@ class ScimStore:
         async with self.db.transaction() as tx:
             return int(await tx.fetchval("SELECT count(*) FROM api_keys WHERE team_id = $1 AND revoked_at IS NULL",
                                          team_id))  # fmt: skip
+
+
+def _where(org_id: str, where: tuple[str, str] | None, filters: dict[str, str]) -> tuple[str, list[str]]:
+    return ("", [org_id]) if where is None else (f" AND {filters[where[0]]}", [org_id, where[1]])
+
+
+async def _window(tx: Tx, columns: str, base: str, order: str, args: list[str], start: int,
+                  count: int) -> tuple[int, list[Row]]:  # fmt: skip
+    """The total of `base` and `count` rows of it from the 1-based `start` (both ints: checked by the caller)."""
+    total = int(await tx.fetchval(f"SELECT count(*) {base}", *args))
+    rows = await tx.fetch(f"SELECT {columns} {base} ORDER BY {order} LIMIT {int(count)} OFFSET {int(start) - 1}", *args)
+    return total, rows
 
 
 async def _members(tx: Tx, team_id: str) -> list[tuple[str, str]]:
