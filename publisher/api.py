@@ -33,6 +33,7 @@ from .pagination import Order, PageRequest, page_request
 from .reconcile import reconcile
 from .resign import resign
 from .store import Change, Created, Revocation
+from .web_proxy import proxy_actor
 
 __all__ = ["ROUTES", "SERVICES", "UNAUTHENTICATED", "Services", "auth_middleware", "error_middleware"]
 
@@ -75,11 +76,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if not request.path.startswith("/v1/") or (request.method == "GET" and request.path in UNAUTHENTICATED):
         return await handler(request)
     header = request.headers.get("Authorization", "")
+    proxied = None if header else await proxy_actor(request)  # a trusted proxy's user; other peers' headers: none
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    if proxied is None and (scheme.lower() != "bearer" or not token.strip()):
         raise Unauthorized("send Authorization: Bearer <admin token>")
     # find() refuses by form first (counted, no lookup): other bytes than printable ASCII are no token.
-    actor = await request.app[SERVICES].tokens.find(token.strip())
+    actor = proxied or await request.app[SERVICES].tokens.find(token.strip())
     if actor is None:
         raise Unauthorized("the admin token is not valid")
     source = request.headers.get("Keyrelay-Source", "api")

@@ -13,9 +13,10 @@ from . import validation as v
 from .access import SERVICES, actor_of, body_of, guard, org_target, team_target, token_target
 from .errors import Conflict, Forbidden, Invalid, NotFound
 from .models import Org, Team
+from .offboard import offboard, require_manual
 from .openapi import PAGE, Route
 from .pagination import Order, page_request
-from .people import OFFBOARDING, Member, User
+from .people import MEMBERSHIP_SOURCES, OFFBOARDING, Member, User
 from .tokens import LEGACY_ROLES, ROLES, AdminToken
 
 __all__ = ["PEOPLE_ROUTES"]
@@ -197,17 +198,8 @@ async def deactivate_user(request: web.Request) -> web.Response:
             await guard(request, "user.deactivate", policy.Target())
         for org_id in orgs:  # every organization of the user's: deactivating reaches all of them
             await guard(request, "user.deactivate", policy.Target(org_id=org_id), kind="org", ident=org_id)
-    deactivated, revoke = await services.people.deactivate_user(actor, user.id)
-    services.tokens.forget()
-    revoked: list[str] = []
-    propagation = "published"
-    if revoke:
-        change = await services.store.revoke_keys(actor, revoke, "user deactivated (offboarding: revoke)")
-        revoked = [k.id for k in change.value.revoked]
-        services.relay.wake()
-        done = await services.relay.wait_published(change.outbox_ids, services.settings.publish_wait)
-        propagation = "published" if done else "pending"
-    return web.json_response({**deactivated.to_json(), "revoked": revoked, "propagation": propagation})
+    done = await offboard(services, actor, user.id)
+    return web.json_response({**done.user.to_json(), "revoked": done.revoked, "propagation": done.propagation})
 
 
 # -- members -----------------------------------------------------------------------------------
@@ -259,6 +251,7 @@ async def _put_member(request: web.Request, kind: str) -> web.Response:
     body = v.fields(await body_of(request), allowed={"email", "user_id", "display_name", "role"}, required={"role"})
     role = _member_role(body["role"], kind)
     org_id = scope.id if isinstance(scope, Org) else scope.org_id
+    await require_manual(services, actor_of(request), org_id)
     if kind == "org":
         _may_grant(request, role, org_id)
     user = await _member_user(request, body, kind)
@@ -278,6 +271,7 @@ async def _remove_member(request: web.Request, kind: str) -> web.Response:
     services = request.app[SERVICES]
     scope = await _scope(request, kind, f"{kind}.members.update")
     user_id = v.path_id(request.match_info["user_id"], "member")
+    await require_manual(services, actor_of(request), scope.id if isinstance(scope, Org) else scope.org_id)
     await _protect_owner(request, kind, scope.id, user_id)
     await services.people.remove_member(actor_of(request), kind, scope.id, user_id)
     services.tokens.forget()
@@ -325,13 +319,16 @@ async def show_policy(request: web.Request) -> web.Response:
 
 
 async def put_policy(request: web.Request) -> web.Response:
-    """PUT /v1/orgs/{org_id}/policy {developers_may_create_keys?, offboarding?}: fields left out take defaults."""
+    """PUT /v1/orgs/{org_id}/policy {developers_may_create_keys?, offboarding?, memberships?, jit_users?}: fields
+    left out take defaults."""
     org = await _scope(request, "org", "org.policy.update")
-    body = v.fields(await body_of(request), allowed={"developers_may_create_keys", "offboarding"})
-    document: dict[str, Any] = {}
-    if "developers_may_create_keys" in body:
-        document["developers_may_create_keys"] = v.boolean(body["developers_may_create_keys"],
-                                                           "developers_may_create_keys")  # fmt: skip
+    flags = ("developers_may_create_keys", "jit_users")
+    body = v.fields(await body_of(request), allowed={*flags, "offboarding", "memberships"})
+    document: dict[str, Any] = {flag: v.boolean(body[flag], flag) for flag in flags if flag in body}
+    if body.get("memberships", "manual") not in MEMBERSHIP_SOURCES:
+        raise Invalid(f"memberships must be one of {', '.join(MEMBERSHIP_SOURCES)}", field="memberships")
+    if "memberships" in body:
+        document["memberships"] = body["memberships"]
     if "offboarding" in body:
         if body["offboarding"] not in OFFBOARDING:
             raise Invalid(f"offboarding must be one of {', '.join(OFFBOARDING)}", field="offboarding")

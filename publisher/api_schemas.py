@@ -13,7 +13,7 @@ from keyrelay.core.wire import ENVS
 
 from .models import SOURCES
 from .pagination import MAX_LIMIT
-from .people import OFFBOARDING
+from .people import MEMBERSHIP_SOURCES, OFFBOARDING
 from .policy import ORG_ROLES, TEAM_ROLES
 from .tokens import ROLES
 from .validation import MAX_BULK, MAX_METADATA_ENTRIES, MAX_NAME, MAX_SCOPES
@@ -171,6 +171,11 @@ ORG_POLICY = _component("OrgPolicy", obj({
                                                                      "team's projects (default true)"},
     "offboarding": {"type": "string", "enum": list(OFFBOARDING), "description": "what happens to the keys a "
                     "deactivated user created: revoke them (default), reassign them to their team, or keep them"},
+    "memberships": {"type": "string", "enum": list(MEMBERSHIP_SOURCES), "description": "where memberships come "
+                    "from: manual (the admin API, default), scim (the identity provider's SCIM pushes) or claims "
+                    "(the groups claim at each sign-in); those a provider manages are read-only elsewhere"},
+    "jit_users": {"type": "boolean", "description": "a person signing in for the first time with a group mapped "
+                                                    "to this organization becomes a user (default false)"},
 }))  # fmt: skip
 BULK_CREATED = _component("BulkCreated", obj({"keys": {"type": "array", "items": NEW_KEY},
                                               "propagation": PROPAGATION}))  # fmt: skip
@@ -244,7 +249,8 @@ MEMBER_REQUEST = _component("MemberRequest", obj({
 }, optional=("email", "user_id", "display_name")))  # fmt: skip
 POLICY_REQUEST = _component("PolicyRequest", obj({
     "developers_may_create_keys": {"type": "boolean"}, "offboarding": {"type": "string", "enum": list(OFFBOARDING)},
-}, optional=("developers_may_create_keys", "offboarding")))  # fmt: skip
+    "memberships": {"type": "string", "enum": list(MEMBERSHIP_SOURCES)}, "jit_users": {"type": "boolean"},
+}, optional=("developers_may_create_keys", "offboarding", "memberships", "jit_users")))  # fmt: skip
 RECONCILE_REQUEST = _component("ReconcileRequest", obj({"dry_run": {"type": "boolean"}, "force": {"type": "boolean"}},
                                                        optional=("dry_run", "force")))  # fmt: skip
 RESIGN_REQUEST = _component("ResignRequest", obj({"all": {"type": "boolean"}}, optional=("all",)))

@@ -26,6 +26,7 @@ from .maintenance import Maintenance
 from .openapi import Route, register
 from .outbox import OutboxRelay
 from .people import PeopleStore
+from .scim_api import add_scim_routes
 from .settings import PublisherSettings
 from .signing import load_signing_keys
 from .store import KeyStore
@@ -191,6 +192,7 @@ def create_app(settings: PublisherSettings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_lifecycle)
     register(app, (*PROBES, *ROUTES), public=UNAUTHENTICATED)
+    add_scim_routes(app)
     return harden(app)
 
 

@@ -20,6 +20,7 @@ from .store import AuditRow, record_audit
 
 __all__ = [
     "DEFAULT_POLICY",
+    "MEMBERSHIP_SOURCES",
     "OFFBOARDING",
     "Member",
     "PeopleStore",
@@ -28,7 +29,11 @@ __all__ = [
 ]
 
 OFFBOARDING = ("revoke", "reassign", "keep")
-DEFAULT_POLICY: dict[str, Any] = {"developers_may_create_keys": True, "offboarding": "revoke"}
+# Where an org's memberships come from: its identity provider's SCIM pushes, the groups claim at each
+# sign-in, or the admin API (manual). Those an identity provider manages are read-only elsewhere.
+MEMBERSHIP_SOURCES = ("manual", "scim", "claims")
+DEFAULT_POLICY: dict[str, Any] = {"developers_may_create_keys": True, "offboarding": "revoke",
+                                  "memberships": "manual", "jit_users": False}  # fmt: skip
 _USER_COLUMNS = "id, email, display_name, external_id, created_at, deactivated_at"
 
 

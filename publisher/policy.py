@@ -168,6 +168,8 @@ PERMISSIONS: dict[str, dict[str, Rule]] = {
     "token.revoke": _rules("admin", _each("owner", _ORG), _each("maintainer", _TEAM), own=True),
     "operations.run": _rules("admin"),
     "signing_keys.read": _rules("both", _each(ORG_ROLES, _ORG), _each(TEAM_ROLES, _ORG)),
+    # SCIM (/scim/v2/): an org's identity provider provisions its users and teams with a provisioner token.
+    "scim.provision": _rules("", _each("provisioner", _ORG)),
 }
 ACTIONS = tuple(PERMISSIONS)
 

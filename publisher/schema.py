@@ -253,6 +253,31 @@ MIGRATIONS: tuple[Migration, ...] = (
             "UPDATE admin_tokens SET role = 'platform-reader' WHERE role = 'member'",
         ),
     ),
+    Migration(
+        5,
+        "sign-in and provisioning: browser sessions (hashed), OpenID Connect sign-ins in progress (hashed state), "
+        "the identity provider's id of a team (a SCIM group)",
+        (
+            """CREATE TABLE web_sessions (
+                id {uuid} PRIMARY KEY,
+                token_hash {bytes} NOT NULL UNIQUE,
+                user_id {uuid} NOT NULL REFERENCES users(id),
+                created_at {ts} NOT NULL,
+                expires_at {ts} NOT NULL,
+                last_seen_at {ts} NOT NULL,
+                via VARCHAR(16) NOT NULL,
+                user_agent VARCHAR(255)
+            )""",
+            "CREATE INDEX idx_web_sessions_user ON web_sessions (user_id)",
+            """CREATE TABLE oidc_logins (
+                state_hash {bytes} PRIMARY KEY,
+                nonce VARCHAR(128) NOT NULL,
+                code_verifier VARCHAR(128) NOT NULL,
+                created_at {ts} NOT NULL
+            )""",
+            "ALTER TABLE teams ADD COLUMN external_id VARCHAR(255)",
+        ),
+    ),
 )
 
 
