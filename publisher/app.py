@@ -13,7 +13,7 @@ from aiohttp import web
 from keyrelay.core.config import write_private
 from keyrelay.core.errors import SettingsError
 from keyrelay.core.nats_connect import NatsConnect, redact
-from keyrelay.core.prometheus import Single, exposition, singles
+from keyrelay.core.prometheus import Single, exposition, family, singles
 from keyrelay.core.serving import harden, healthz, malformed_metric, run_forever, serve_app, server_tls_context
 
 from . import api_schemas as s
@@ -167,7 +167,10 @@ async def metrics(request: web.Request) -> web.Response:
         ("keyrelay_admin_tokens_malformed_total", "counter", "Admin tokens refused by their form, with no lookup",
          services.tokens.stats.malformed),
     ]  # fmt: skip
-    text = exposition(singles(samples)) + malformed_metric(request.app)
+    refused = family("keyrelay_admin_tokens_refused_total", "counter", "Well-formed admin tokens refused, by reason "
+                     "(unknown ones are counted, not audited)",
+                     [(f'reason="{r}"', n) for r, n in services.tokens.stats.refused.items()])  # fmt: skip
+    text = exposition([*singles(samples), *refused]) + malformed_metric(request.app)
     return web.Response(text=text, content_type="text/plain")
 
 

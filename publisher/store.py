@@ -17,7 +17,7 @@ from .db import Database, Tx
 from .errors import Conflict, NotFound
 from .models import Actor, ApiKey, AuditEntry, Org, Project, Team, new_id, now_us
 
-__all__ = ["AuditRow", "Change", "KeySpec", "KeyStore", "placeholders", "record_audit"]
+__all__ = ["AuditRow", "Change", "KeySpec", "KeyStore", "placeholders", "record_audit", "revoke_in"]
 
 T = TypeVar("T")
 
@@ -371,18 +371,7 @@ class KeyStore:
             missing = [k for k in key_ids if k not in found]
             if missing:
                 raise NotFound("key", missing[0]) if len(missing) == 1 else NotFound("keys", ", ".join(missing))
-            keys: list[ApiKey] = []
-            for chunk in _chunks(key_ids):
-                rows = await tx.fetch(
-                    f"UPDATE api_keys SET revoked_at = $1, revoked_reason = $2, version = version + 1 "
-                    f"WHERE id IN ({placeholders(len(chunk), start=3)}) AND revoked_at IS NULL "
-                    f"RETURNING {KEY_COLUMNS}",
-                    now, reason, *chunk,
-                )  # fmt: skip
-                keys += [ApiKey.from_row(r) for r in rows]
-            outbox = await _enqueue(tx, keys, now)
-            details = {"reason": reason} if reason else {}
-            await record_audit(tx, actor, "key.revoke", now, [_key_audit(k, details) for k in keys])
+            keys, outbox = await revoke_in(tx, actor, key_ids, reason, now)
         revoked_ids = {k.id for k in keys}
         already = tuple(k for k in dict.fromkeys(key_ids) if k not in revoked_ids)
         return Change(Revocation(revoked=tuple(keys), already_revoked=already), outbox)
@@ -630,6 +619,25 @@ async def _insert_keys(tx: Tx, keys: Sequence[ApiKey]) -> None:
         )
         for k in keys
     ])  # fmt: skip
+
+
+async def revoke_in(tx: Tx, actor: Actor, key_ids: Sequence[str], reason: str | None,
+                    now: int) -> tuple[list[ApiKey], tuple[int, ...]]:  # fmt: skip
+    """Revoke the keys of these ids not revoked yet, in the caller's transaction: their outbox entries queued,
+    each audited. Returns the keys it revoked and the outbox ids that publish them."""
+    keys: list[ApiKey] = []
+    for chunk in _chunks(key_ids):
+        rows = await tx.fetch(
+            f"UPDATE api_keys SET revoked_at = $1, revoked_reason = $2, version = version + 1 "
+            f"WHERE id IN ({placeholders(len(chunk), start=3)}) AND revoked_at IS NULL "
+            f"RETURNING {KEY_COLUMNS}",
+            now, reason, *chunk,
+        )  # fmt: skip
+        keys += [ApiKey.from_row(r) for r in rows]
+    outbox = await _enqueue(tx, keys, now)
+    details = {"reason": reason} if reason else {}
+    await record_audit(tx, actor, "key.revoke", now, [_key_audit(k, details) for k in keys])
+    return keys, outbox
 
 
 async def _unpublish(tx: Tx, entries: Sequence[tuple[str, str]], now: int) -> _Queued:
