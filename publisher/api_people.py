@@ -16,7 +16,7 @@ from .models import Org, Team
 from .offboard import leave, offboard, require_manual
 from .openapi import PAGE, Route
 from .pagination import Order, page_request
-from .people import MEMBERSHIP_SOURCES, OFFBOARDING, Member, User
+from .people import MEMBERSHIP_SOURCES, NOT_IN_ORG, OFFBOARDING, Member, User
 from .tokens import LEGACY_ROLES, ROLES, AdminToken
 
 __all__ = ["PEOPLE_ROUTES"]
@@ -241,8 +241,8 @@ async def _member_user(request: web.Request, body: dict[str, Any], kind: str) ->
     found = await people.user_by_email(email)
     if found is not None:
         return found
-    if kind == "team":
-        raise NotFound("user", None) from None
+    if kind == "team":  # what put_member says of a user outside the org: whether the email is known is not told
+        raise Conflict(NOT_IN_ORG)
     display_name = v.optional_name(body.get("display_name"), "display_name")
     return await people.create_user(actor_of(request), email, display_name, None)
 

@@ -21,6 +21,7 @@ from .store import AuditRow, Change, Revocation, record_audit, revoke_in
 __all__ = [
     "DEFAULT_POLICY",
     "MEMBERSHIP_SOURCES",
+    "NOT_IN_ORG",
     "OFFBOARDING",
     "Member",
     "PeopleStore",
@@ -32,6 +33,7 @@ OFFBOARDING = ("revoke", "reassign", "keep")
 # Where an org's memberships come from: its identity provider's SCIM pushes, the groups claim at each
 # sign-in, or the admin API (manual). Those an identity provider manages are read-only elsewhere.
 MEMBERSHIP_SOURCES = ("manual", "scim", "claims")
+NOT_IN_ORG = "the user is not a member of the team's organization: add them there first"
 DEFAULT_POLICY: dict[str, Any] = {"developers_may_create_keys": True, "offboarding": "revoke",
                                   "memberships": "manual", "jit_users": False}  # fmt: skip
 _USER_COLUMNS = "id, email, display_name, external_id, created_at, deactivated_at"
@@ -269,7 +271,7 @@ class PeopleStore:
                 org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
                 if not await tx.fetchval("SELECT 1 FROM org_members WHERE organization_id = $1 AND user_id = $2",
                                          org_id, user_id):  # fmt: skip
-                    raise Conflict("the user is not a member of the team's organization: add them there first")
+                    raise Conflict(NOT_IN_ORG)
             member = await self._put_member(tx, actor, kind, scope_id, user, role)
         self.on_change()
         return member
