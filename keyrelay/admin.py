@@ -225,7 +225,9 @@ TOKEN_COLUMNS: list[Column] = [
 
 def _tokens_create(args: argparse.Namespace) -> int:
     resolver = Resolver(client_of(args))
-    body: dict[str, Any] = {"name": args.name, "role": args.role}
+    body: dict[str, Any] = {"name": args.name}
+    if args.role:
+        body["role"] = args.role
     if args.team:
         body["team_id"] = resolver.team(args.team, org=args.org)
     elif args.org:
@@ -521,10 +523,10 @@ def add_admin_commands(commands: Subcommands) -> None:
     tokens = group("tokens", "admin tokens for the API: create, list, revoke")
     p = action(tokens, "create", "create a token (shown once)", _tokens_create)
     p.add_argument("name", help="unique token name, e.g. ci-pipeline")
-    p.add_argument("--role", choices=ROLES, default="platform-reader", metavar="ROLE",
+    p.add_argument("--role", choices=ROLES, metavar="ROLE",
                    help="platform-admin may change anything, platform-reader read everything (both across every "
                    f"organization); with --org or --team, a role there ({', '.join(ROLES[2:])}); personal: every "
-                   "role its --user holds (default platform-reader)")  # fmt: skip
+                   "role its --user holds (default: personal with --user, else platform-reader)")  # fmt: skip
     p.add_argument("--expires-in", help="lifetime, e.g. 90d, 24h, 15m (default: never expires)")
     p.add_argument("--org", help="the organization (id or name) an org role is held in")
     p.add_argument("--team", help="the team (id or name) a team role is held in")
