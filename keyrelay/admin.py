@@ -306,14 +306,18 @@ def _dry_run_or_confirm(args: argparse.Namespace, change: str, ident: str) -> in
     return None
 
 
+def _revoked(answer: dict[str, Any]) -> str:
+    """What a change's answer says it revoked, and whether the sidecars have heard."""
+    return f"{len(answer['revoked'])} key(s) revoked ({answer['propagation']})"
+
+
 def _users_deactivate(args: argparse.Namespace) -> int:
     user_id = _user(args, args.user)
     change = f"deactivate user {args.user} ({user_id}): their tokens stop, their keys follow the offboarding policy"
     if (planned := _dry_run_or_confirm(args, change, user_id)) is not None:
         return planned
     answer = client_of(args).call("POST", f"/users/{user_id}/deactivate")
-    return show(args, answer, f"deactivated {answer['email']}; {len(answer['revoked'])} key(s) revoked "
-                f"({answer['propagation']})")  # fmt: skip
+    return show(args, answer, f"deactivated {answer['email']}; {_revoked(answer)}")
 
 
 def _scope_path(args: argparse.Namespace) -> str:
@@ -343,8 +347,7 @@ def _members_remove(args: argparse.Namespace) -> int:
         if (planned := _dry_run_or_confirm(args, change, user_id)) is not None:
             return planned
     answer = client_of(args).call("DELETE", f"{path}/{user_id}")
-    return show(args, answer, f"removed {args.user}; {len(answer['revoked'])} key(s) revoked "
-                f"({answer['propagation']})")  # fmt: skip
+    return show(args, answer, f"removed {args.user}; {_revoked(answer)}")
 
 
 def _rename(kind: str) -> Handler:
@@ -366,8 +369,7 @@ def _delete(kind: str) -> Handler:
         if (planned := _dry_run_or_confirm(args, change, ident)) is not None:
             return planned
         answer = client_of(args).call("DELETE", f"/{kind}/{ident}")
-        return show(args, answer, f"{what} {ident} decommissioned; {len(answer['revoked'])} key(s) revoked "
-                    f"({answer['propagation']})")  # fmt: skip
+        return show(args, answer, f"{what} {ident} decommissioned; {_revoked(answer)}")
 
     return delete
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from publisher.models import now_us
@@ -37,22 +38,36 @@ async def _key(admin: Admin, project: dict[str, Any], token: str) -> dict[str, A
     return dict(key)
 
 
-async def _works(sidecar: Sidecar, *keys: dict[str, Any]) -> None:
+@dataclass(frozen=True, slots=True)
+class Leaver:
+    """A developer in two orgs' teams who made a key in each (both working at the sidecar)."""
+
+    admin: Admin
+    sidecar: Sidecar
+    user: str
+    projects: tuple[dict[str, Any], dict[str, Any]]
+    keys: tuple[dict[str, Any], dict[str, Any]]
+
+
+async def _leaver(start_publisher: StartPublisher, start_sidecar: StartSidecar, first: str, second: str) -> Leaver:
+    """A publisher, a sidecar, two orgs whose offboarding policies are `first` and `second`, and their Leaver."""
+    admin = (await start_publisher()).admin
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    projects = await _org(admin, first), await _org(admin, second)
+    user, token = await _developer(admin, f"{first}-{second}@example.com", *projects)
+    keys = await _key(admin, projects[0], token), await _key(admin, projects[1], token)
     for key in keys:
         await eventually(functools.partial(sidecar.status_of, key["key"]), lambda s: s == 200)
+    return Leaver(admin, sidecar, user, projects, keys)
 
 
 async def test_leaving_an_org_revokes_the_keys_made_there_and_deactivation_the_rest_refused_at_the_sidecar(
     start_publisher: StartPublisher, start_sidecar: StartSidecar
 ) -> None:
-    publisher = await start_publisher()
-    admin = publisher.admin
-    sidecar = await start_sidecar()
-    await sidecar.ready()
-    left, stays = await _org(admin, "revoke"), await _org(admin, "revoke")
-    user, token = await _developer(admin, "leaver@example.com", left, stays)
-    here, there = await _key(admin, left, token), await _key(admin, stays, token)
-    await _works(sidecar, here, there)
+    leaver = await _leaver(start_publisher, start_sidecar, "revoke", "revoke")
+    admin, sidecar, user = leaver.admin, leaver.sidecar, leaver.user
+    (left, stays), (here, there) = leaver.projects, leaver.keys
 
     removed = await admin.ok("DELETE", f"/orgs/{left['org_id']}/members/{user}")
     assert (removed["revoked"], removed["propagation"]) == ([here["id"]], "published")
@@ -76,14 +91,9 @@ async def test_leaving_an_org_revokes_the_keys_made_there_and_deactivation_the_r
 async def test_with_reassign_a_leavers_keys_go_to_their_team_and_with_keep_they_stay_theirs_and_keep_working(
     start_publisher: StartPublisher, start_sidecar: StartSidecar
 ) -> None:
-    publisher = await start_publisher()
-    admin = publisher.admin
-    sidecar = await start_sidecar()
-    await sidecar.ready()
-    handed, kept = await _org(admin, "reassign"), await _org(admin, "keep")
-    user, token = await _developer(admin, "mover@example.com", handed, kept)
-    reassigned, own = await _key(admin, handed, token), await _key(admin, kept, token)
-    await _works(sidecar, reassigned, own)
+    leaver = await _leaver(start_publisher, start_sidecar, "reassign", "keep")
+    admin, sidecar, user = leaver.admin, leaver.sidecar, leaver.user
+    (handed, _), (reassigned, own) = leaver.projects, leaver.keys
 
     assert (await admin.ok("DELETE", f"/orgs/{handed['org_id']}/members/{user}"))["revoked"] == []
     shown = await admin.ok("GET", f"/keys/{reassigned['id']}")
