@@ -24,6 +24,7 @@ __all__ = [
     "CONFIGURATION",
     "REFUSALS",
     "ROLES",
+    "SIGN_IN_REFUSALS",
     "AdminToken",
     "TokenRevoked",
     "TokenStats",
@@ -92,6 +93,8 @@ class AdminToken:
 
 # Why a well-formed token was refused: the `reason` label of keyrelay_admin_tokens_refused_total.
 REFUSALS = ("unknown", "revoked", "expired", "user_deactivated")
+# Why a sign-in was refused: the `reason` label of keyrelay_sign_ins_refused_total.
+SIGN_IN_REFUSALS = ("unknown_user", "user_deactivated")
 
 
 @dataclass(slots=True)
@@ -103,6 +106,8 @@ class TokenStats:
     lookups: int = 0
     malformed: int = 0
     refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSALS, 0))
+    # Sign-ins refused (behind a trusted proxy): counted with the tokens, the other credential a request carries.
+    sign_ins_refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIGN_IN_REFUSALS, 0))
 
 
 @dataclass(frozen=True, slots=True)
