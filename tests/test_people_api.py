@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import functools
 import uuid
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from publisher.models import now_us
 from publisher.tokens import generate_token
@@ -38,8 +37,7 @@ async def _key(admin: Admin, project: dict[str, Any], token: str) -> dict[str, A
     return dict(key)
 
 
-@dataclass(frozen=True, slots=True)
-class Leaver:
+class Leaver(NamedTuple):
     """A developer in two orgs' teams who made a key in each (both working at the sidecar)."""
 
     admin: Admin
@@ -65,9 +63,9 @@ async def _leaver(start_publisher: StartPublisher, start_sidecar: StartSidecar, 
 async def test_leaving_an_org_revokes_the_keys_made_there_and_deactivation_the_rest_refused_at_the_sidecar(
     start_publisher: StartPublisher, start_sidecar: StartSidecar
 ) -> None:
-    leaver = await _leaver(start_publisher, start_sidecar, "revoke", "revoke")
-    admin, sidecar, user = leaver.admin, leaver.sidecar, leaver.user
-    (left, stays), (here, there) = leaver.projects, leaver.keys
+    admin, sidecar, user, (left, stays), (here, there) = await _leaver(
+        start_publisher, start_sidecar, "revoke", "revoke"
+    )
 
     removed = await admin.ok("DELETE", f"/orgs/{left['org_id']}/members/{user}")
     assert (removed["revoked"], removed["propagation"]) == ([here["id"]], "published")
@@ -91,9 +89,9 @@ async def test_leaving_an_org_revokes_the_keys_made_there_and_deactivation_the_r
 async def test_with_reassign_a_leavers_keys_go_to_their_team_and_with_keep_they_stay_theirs_and_keep_working(
     start_publisher: StartPublisher, start_sidecar: StartSidecar
 ) -> None:
-    leaver = await _leaver(start_publisher, start_sidecar, "reassign", "keep")
-    admin, sidecar, user = leaver.admin, leaver.sidecar, leaver.user
-    (handed, _), (reassigned, own) = leaver.projects, leaver.keys
+    admin, sidecar, user, (handed, _), (reassigned, own) = await _leaver(
+        start_publisher, start_sidecar, "reassign", "keep"
+    )
 
     assert (await admin.ok("DELETE", f"/orgs/{handed['org_id']}/members/{user}"))["revoked"] == []
     shown = await admin.ok("GET", f"/keys/{reassigned['id']}")
