@@ -7,7 +7,7 @@ import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, cast
 
 from keyrelay.core.config import add_options, load
@@ -19,12 +19,18 @@ from .admin import add_admin_commands
 from .client import ClientSettings
 from .errors import ExitCode, KeyrelayError, describe_os_error
 from .login import add_login_commands
-from .parsing import Commands, Parser, VersionAction, share_global_options
+from .parsing import (
+    Commands,
+    Handler,
+    Parser,
+    Subcommands,
+    VersionAction,
+    add_command,
+    add_group,
+    share_global_options,
+)
 
 __all__ = ["build_parser", "main"]
-
-Handler = Callable[[argparse.Namespace], int]
-Subcommands = argparse._SubParsersAction  # what add_subparsers returns
 
 
 def _run_sidecar(args: argparse.Namespace) -> int:
@@ -84,7 +90,7 @@ def _nats_config(args: argparse.Namespace) -> int:
     return nats_config_command(args)
 
 
-def _add_installed_commands(commands: Subcommands[Parser], parser: argparse.ArgumentParser) -> None:
+def _add_installed_commands(commands: Subcommands, parser: argparse.ArgumentParser) -> None:
     """The commands other installed packages add (`keyrelay loadtest`); the product never imports them."""
     from .plugins import add_installed_commands
 
@@ -96,28 +102,6 @@ def _up(args: argparse.Namespace) -> int:
     from .up import up_command
 
     return up_command(args)
-
-
-def _command(
-    parent: Subcommands[Parser],
-    name: str,
-    *,
-    help: str,
-    description: str,
-    settings: type[Any],
-    handler: Handler,
-) -> argparse.ArgumentParser:
-    """One command: its help, its settings as options, and what runs it."""
-    command = parent.add_parser(name, help=help, description=description)
-    add_options(command, settings)
-    command.set_defaults(handler=handler)
-    return command
-
-
-def _group(parent: Subcommands[Parser], name: str, *, help: str, description: str) -> Subcommands[Parser]:
-    """A command that is only a group of actions (`keyrelay region init`): where its actions go."""
-    group = parent.add_parser(name, help=help, description=description)
-    return group.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
 
 
 def _offline_pass_options(command: argparse.ArgumentParser, publisher_settings: type[Any]) -> None:
@@ -154,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = cast(Commands, parser.add_subparsers(dest="command", metavar="COMMAND", required=True, action=Commands))
     commands.more = functools.partial(_add_installed_commands, commands, parser)
 
-    _command(
+    add_command(
         commands,
         "up",
         settings=UpSettings,
@@ -163,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start nats-server (JetStream), the publisher on SQLite and one sidecar per region under "
         "one supervisor, wait until all are ready and print how to use them. Ctrl-C stops everything.",
     )
-    _command(
+    add_command(
         commands,
         "sidecar",
         settings=SidecarSettings,
@@ -173,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and answers /auth and /v1/keys/verify from memory.",
     )
 
-    publisher = _command(
+    publisher = add_command(
         commands,
         "publisher",
         settings=PublisherSettings,
@@ -183,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         "once, repair it and exit; with `resign`, sign the bucket's old values afresh and exit.",
     )
     publisher_actions = publisher.add_subparsers(dest="publisher_command", metavar="ACTION")
-    reconcile = publisher_actions.add_parser(
+    reconcile = add_command(
+        publisher_actions,
         "reconcile",
+        handler=_reconcile,
         help="compare the bucket with the database, show the plan, repair what differs (bounded), and exit",
         description="Compare the key bucket with the database (count and keyed BLAKE2b digest per shard, "
         "every value's signature verified) and print the plan: entries to add, signed entries to change or "
@@ -196,9 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     reconcile.add_argument("--force", action="store_true", help="apply a plan over the bound or from an empty database")
     _offline_pass_options(reconcile, PublisherSettings)
-    reconcile.set_defaults(handler=_reconcile)
-    resign = publisher_actions.add_parser(
+    resign = add_command(
+        publisher_actions,
         "resign",
+        handler=_resign,
         help="sign bucket values signed over half the replay horizon ago (or not by the current key) afresh",
         description="Verify every value in the key bucket with the current signing key; queue those signed "
         "more than half the replay horizon ago, unsigned or signed by another key through the outbox at "
@@ -208,33 +195,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resign.add_argument("--all", action="store_true", help="re-sign every value (after a signing key rotation)")
     _offline_pass_options(resign, PublisherSettings)
-    resign.set_defaults(handler=_resign)
 
-    signing_actions = _group(
+    signing_actions = add_group(
         commands,
         "signing-key",
         help="make the publisher's Ed25519 signing key",
         description="The publisher signs every value it writes to the key bucket; sidecars verify them "
         "against its public key (docs/signing.md).",
     )
-    generate = signing_actions.add_parser(
+    generate = add_command(
+        signing_actions,
         "generate",
+        handler=_generate_signing_key,
         help="write a new signing key to a file (0600) and print its public key and key id",
         description="Write a new Ed25519 signing key (krsk1_...) to FILE, readable by its owner only, and print "
         "the public key (for the sidecars' --trusted-keys) and its key id. Never overwrites a file.",
     )
     generate.add_argument("--out", required=True, metavar="FILE", help="where to write the key (must not exist)")
     generate.add_argument("--json", action="store_true", help="print file, key id and public key as JSON")
-    generate.set_defaults(handler=_generate_signing_key)
 
-    region_actions = _group(
+    region_actions = add_group(
         commands,
         "region",
         help="set up a region: its NATS leaf node's filtered mirror of the key bucket, and its first snapshot",
         description="Regions run their own NATS leaf node (own JetStream domain); sidecars there read a mirror "
         "of the hub's bucket that carries only global keys and the region's own keys.",
     )
-    _command(
+    add_command(
         region_actions,
         "init",
         settings=RegionSettings,
@@ -246,14 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Running it again checks the mirror and leaves a fresh snapshot as it is.",
     )
 
-    snapshot_actions = _group(
+    snapshot_actions = add_group(
         commands,
         "snapshot",
         help="seed or list the sidecars' table snapshots, so a region's first sidecar need not replay the bucket",
         description="Sidecars start from their region's table snapshot (an object store on their NATS), which "
         "they only read. `seed` writes it, with the region's region-init credentials; `show` lists them.",
     )
-    _command(
+    add_command(
         snapshot_actions,
         "seed",
         settings=SnapshotSettings,
@@ -263,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "region's snapshot, unless it is fresh. Safe to run again. Needs memory for the table: about 200 MiB "
         "at its peak for a million keys.",
     )
-    show = _command(
+    show = add_command(
         snapshot_actions,
         "show",
         settings=SnapshotStoreSettings,
@@ -273,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--json", action="store_true", help="print the list as JSON")
 
-    _command(
+    add_command(
         commands,
         "nats-config",
         settings=NatsConfigSettings,

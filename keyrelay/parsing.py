@@ -13,7 +13,20 @@ import difflib
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["GLOBAL_FLAGS", "Commands", "Parser", "VersionAction", "closest", "share_global_options"]
+from keyrelay.core.config import add_options
+
+__all__ = [
+    "GLOBAL_FLAGS",
+    "Commands",
+    "Handler",
+    "Parser",
+    "Subcommands",
+    "VersionAction",
+    "add_command",
+    "add_group",
+    "closest",
+    "share_global_options",
+]
 
 # Options the top-level parser declares that every subcommand may repeat after its name
 # (`keyrelay --url X orgs list` is `keyrelay orgs list --url X`).
@@ -30,10 +43,14 @@ def closest(word: str, candidates: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+# Subcommands: where a command's subcommands (or a group's actions) go, what add_subparsers returns.
 if TYPE_CHECKING:
     _SubParsers = argparse._SubParsersAction["Parser"]
+    Subcommands = argparse._SubParsersAction[Any]
 else:
-    _SubParsers = argparse._SubParsersAction
+    _SubParsers = Subcommands = argparse._SubParsersAction
+
+Handler = Callable[[argparse.Namespace], int]  # what runs a command; its exit status
 
 
 class Commands(_SubParsers):
@@ -140,3 +157,30 @@ def share_global_options(parser: argparse.ArgumentParser) -> None:
                     if GLOBAL_FLAGS.intersection(own.option_strings):
                         own.default = argparse.SUPPRESS
                 share_global_options(sub)
+
+
+def add_command(
+    parent: Subcommands,
+    name: str,
+    *,
+    help: str,
+    handler: Handler,
+    description: str | None = None,
+    settings: type[Any] | None = None,
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> argparse.ArgumentParser:
+    """One command, or one action of a group: its help (also its description unless one is given), the
+    options of `parents`, its `settings` as options, and the handler that runs it."""
+    command: argparse.ArgumentParser = parent.add_parser(
+        name, help=help, description=description or help, parents=list(parents)
+    )
+    if settings is not None:
+        add_options(command, settings)
+    command.set_defaults(handler=handler)
+    return command
+
+
+def add_group(parent: Subcommands, name: str, *, help: str, description: str | None = None) -> Subcommands:
+    """A command that is only a group of actions (`keyrelay keys create`): where its actions go."""
+    group: argparse.ArgumentParser = parent.add_parser(name, help=help, description=description or help)
+    return group.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)

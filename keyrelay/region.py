@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from keyrelay.core.config import format_duration, load, option, parse_bool, parse_optional_path
-from keyrelay.core.nats_connect import NatsConnect, identity_name, jetstream_api, nats_option
+from keyrelay.core.jetstream import jetstream_api
+from keyrelay.core.nats_connect import NatsConnect, identity_name, nats_option
 from keyrelay.core.options import (
     deployment_option,
     horizon_option,

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keyrelay.core.config import environ_without_settings
 from keyrelay.core.trust import KIND_RECORD, Trust
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import spawn as spawn_env
@@ -570,7 +571,7 @@ def _publisher(trees: Sequence[Tree], args: argparse.Namespace) -> dict[str, Any
         for n, tree in enumerate(_alternating(trees, args.publisher_rounds)):
             wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
             out, log = Path(tmp) / f"publisher-{n}.json", Path(tmp) / f"publisher-{n}.log"
-            env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+            env = environ_without_settings()
             env["PYTHONPATH"] = str(tree.path)
             command = [sys.executable, "-m", "loadtest.bench_publisher", "--backend", "sqlite", "--keys",
                        str(args.publisher_keys), "--api-keys", "200", "--revocations", "50",

@@ -7,10 +7,8 @@ reads, so the product's packages never import this one.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from keyrelay.parsing import Parser
+from keyrelay.parsing import Subcommands, add_command
 
 __all__ = ["register"]
 
@@ -21,16 +19,17 @@ def _loadtest(args: argparse.Namespace) -> int:
     return loadtest_command(args)
 
 
-def register(commands: argparse._SubParsersAction[Parser]) -> None:
+def register(commands: Subcommands) -> None:
     """Add `keyrelay loadtest` to the command's subcommands."""
     from .multiregion import add_arguments
 
-    loadtest = commands.add_parser(
+    loadtest = add_command(
+        commands,
         "loadtest",
+        handler=_loadtest,
         help="multi-region load test on loopback: WAN delays, verify load, key churn, a partition",
         description="Build a hub and one NATS leaf per region behind delaying links, preload keys, drive open-loop "
         "verify load at every region while churning keys, and report throughput, latency, revocation "
         "propagation, false accepts and false rejects (report.json, plot.png).",
     )
     add_arguments(loadtest)
-    loadtest.set_defaults(handler=_loadtest)

@@ -6,6 +6,7 @@ goes through here, so they pin, run and parse wrk the same way.
 
 from __future__ import annotations
 
+import http.client
 import re
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ from typing import Final
 
 from testbed.cpus import pinned
 
-__all__ = ["WrkError", "WrkResult", "header_pool_script", "parse_wrk", "run_wrk", "wrk_binary"]
+__all__ = ["WrkError", "WrkResult", "header_pool_script", "parse_wrk", "pool_statuses", "run_wrk", "wrk_binary"]
 
 _UNITS: Final = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _TIME = r"([\d.]+)(us|ms|s|m|h)"
@@ -156,6 +157,21 @@ def header_pool_script(
         }
     )
     return script
+
+
+def pool_statuses(port: int, keys: Iterable[str], *, path: str = "/auth") -> dict[int, int]:
+    """How many of `keys` each status answers on one keep-alive connection: a pool checked before wrk sends it."""
+    seen: dict[int, int] = {}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        for key in keys:
+            conn.request("GET", path, headers={"Authorization": f"Bearer {key}"})
+            resp = conn.getresponse()
+            resp.read()
+            seen[resp.status] = seen.get(resp.status, 0) + 1
+    finally:
+        conn.close()
+    return seen
 
 
 def run_wrk(

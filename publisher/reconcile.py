@@ -39,7 +39,7 @@ from .store import NIL_UUID, KeyStore
 __all__ = ["RECONCILE", "ROUND_ENTRIES", "ReconcileReport", "reconcile"]
 
 # The audit trail's actor for repairs: reconciliation runs on its own (at start-up) as well as on request.
-RECONCILE = Actor(token_id=NIL_UUID, name="reconcile", role="admin")
+RECONCILE = Actor(token_id=NIL_UUID, name="reconcile", role="platform-admin", source="scheduler")
 
 log = logging.getLogger("keyrelay.publisher.reconcile")
 

@@ -29,7 +29,7 @@ from .store import NIL_UUID, KeyStore
 
 __all__ = ["RESIGN", "ResignReport", "resign"]
 
-RESIGN = Actor(token_id=NIL_UUID, name="resign", role="admin")
+RESIGN = Actor(token_id=NIL_UUID, name="resign", role="platform-admin", source="scheduler")
 
 log = logging.getLogger("keyrelay.publisher.resign")
 

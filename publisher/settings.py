@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "RECONCILE_INTERVAL",
     "PublisherSettings",
     "parse_count",
+    "parse_networks",
     "parse_served_regions",
 ]
 
@@ -65,6 +67,21 @@ def _deployment(text: str) -> str:
     name = text.strip()
     if not name or len(name) > 64 or not name.isascii() or not name.isprintable():
         raise ValueError("1 to 64 printable ASCII characters")
+    return name
+
+
+def parse_networks(text: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Networks in CIDR notation (127.0.0.1/32, 10.0.0.0/8, ::1/128), comma separated; empty for none."""
+    try:
+        return tuple(ip_network(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise ValueError(f"{exc}: give networks such as 10.0.0.0/8,127.0.0.1/32 (host bits zero)") from None
+
+
+def _header_name(text: str) -> str:
+    name = text.strip()
+    if not 1 <= len(name) <= 64 or not all(c.isascii() and (c.isalnum() or c == "-") for c in name):
+        raise ValueError("a header name: 1 to 64 letters, digits and dashes")
     return name
 
 
@@ -174,6 +191,21 @@ class PublisherSettings:
     reconcile_interval: float = _duration(
         RECONCILE_INTERVAL,
         help="how often the relay leader compares the bucket with the database and repairs it",
+    )
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = option(
+        (),
+        parse=parse_networks,
+        help="networks of the authenticating proxies whose identity headers are believed, comma separated CIDRs "
+        "(judged by the TCP peer address only; the headers of any other peer are ignored); unset: none",
+    )
+    proxy_user_header: str = option(
+        "X-Forwarded-User", parse=_header_name, help="header a trusted proxy names the signed-in user in"
+    )
+    proxy_email_header: str = option(
+        "X-Forwarded-Email", parse=_header_name, help="header a trusted proxy gives the user's email in"
+    )
+    proxy_groups_header: str = option(
+        "X-Forwarded-Groups", parse=_header_name, help="header a trusted proxy lists the user's groups in"
     )
     log_level: str = option("info", choices=LOG_LEVELS, help="logging level")
 

@@ -16,7 +16,7 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http_writer import HttpVersion10, HttpVersion11, StreamWriter
 from multidict import CIMultiDictProxy, istr
 
-from keyrelay.core.serving import SERVER, malformed_metric
+from keyrelay.core.serving import SERVER, healthz, malformed_metric
 
 from .metrics import LATENCY_BUCKETS, Metrics
 from .routes import RouteScopes
@@ -293,11 +293,6 @@ async def verify(request: web.Request) -> web.Response:
     if not state.ready():
         answer["stale"] = True
     return web.json_response(answer)
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process answers."""
-    return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterable
+
+from keyrelay.core.prometheus import exposition, family, singles
 
 from .sync import KeySync
 from .verify import Code
@@ -42,9 +43,7 @@ class Metrics:
 
     def render(self, sync: KeySync, *, ready: bool) -> str:
         """The whole exposition, with the sync's state as gauges."""
-        lines: list[str] = []
-        _family(
-            lines,
+        lines = family(
             "keyrelay_verify_total",
             "counter",
             "Verifications answered, by route and result code",
@@ -54,8 +53,7 @@ class Metrics:
                 for code, count in sorted(counts.items())
             ),
         )
-        _family(
-            lines,
+        lines += family(
             "keyrelay_bad_requests_total",
             "counter",
             "Requests refused for their shape",
@@ -135,14 +133,9 @@ class Metrics:
             ("keyrelay_insecure", "gauge", "1 when values are taken unsigned (--insecure-accept-unsigned)",
              int(sync.trust.accept_unsigned)),
         ]  # fmt: skip
-        for name, kind, help_text, value in gauges:
-            _family(lines, name, kind, help_text, [("", value)])
-        _family(lines, "keyrelay_record_rejected_total", "counter", "Values refused by verification, by reason",
-                [(f'reason="{reason}"', count) for reason, count in sorted(stats.rejected.items())])  # fmt: skip
-        return "\n".join(lines) + "\n"
-
-
-def _family(lines: list[str], name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float | int]]) -> None:
-    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    for labels, value in samples:
-        lines.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
+        lines += singles(gauges)
+        rejected = [(f'reason="{reason}"', count) for reason, count in sorted(stats.rejected.items())]
+        lines += family(
+            "keyrelay_record_rejected_total", "counter", "Values refused by verification, by reason", rejected
+        )
+        return exposition(lines)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from keyrelay.core.nats_connect import jetstream_api
+from keyrelay.core.jetstream import jetstream_api
 from keyrelay.core.trust import Trust
 from keyrelay.core.wire import HEARTBEAT_ENTRY, stream_name, subject_prefix
 

@@ -32,7 +32,8 @@ from typing import Any
 
 from nats.aio.client import Client
 
-from keyrelay.core.nats_connect import NatsConnect, identity_name, jetstream_api
+from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
+from keyrelay.core.nats_connect import NatsConnect, connect_retrying, identity_name
 from keyrelay.core.trust import Trust
 from keyrelay.core.wire import GLOBAL_SCOPE, region_subjects, stream_name, subject_prefix
 
@@ -50,7 +51,6 @@ __all__ = ["KeySync", "SyncConfig", "SyncStats"]
 log = logging.getLogger("keyrelay.sidecar.sync")
 
 _NS = 1_000_000_000
-_STREAM_NOT_FOUND = 10059
 _MAX_BACKOFF = 2.0
 _MISSED_HEARTBEATS = 3
 _FLOOR_PRUNE_EVERY = 60.0
@@ -234,32 +234,20 @@ class KeySync:
                 self.stats.consumer_resets += 1
 
     async def _connect(self) -> DirectClient:
-        backoff = 0.1
         config = self.config
         nats = config.connect or NatsConnect(tuple(config.servers), identity=identity_name("sidecar", config.region))
-        options = nats.kwargs(
-            error_cb=self._on_error
-        )  # a missing or malformed credentials file is said once, not retried
-        while not self._closing:
-            nc = DirectClient()
-            try:
-                await nc.connect(
-                    **options,
-                    name=config.name,
-                    connect_timeout=2,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.25,  # type: ignore[arg-type]  # seconds; nats-py says int, takes float
-                    ping_interval=5,
-                    max_outstanding_pings=2,
-                    disconnected_cb=self._on_disconnect,
-                    reconnected_cb=self._on_reconnect,
-                )
-                return nc
-            except Exception as exc:
-                log.warning("cannot reach NATS at %s: %s (retrying)", nats.describe(), exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-        raise asyncio.CancelledError
+        nc = await connect_retrying(
+            nats,
+            DirectClient,
+            name=config.name,
+            closing=lambda: self._closing,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnect,
+            reconnected_cb=self._on_reconnect,
+        )
+        if nc is None:
+            raise asyncio.CancelledError
+        return nc
 
     async def _start_from_snapshot(self, nc: Client, store: str) -> None:
         """Start from the region's snapshot when there is a usable one; else the consumer replays everything."""
@@ -307,7 +295,7 @@ class KeySync:
         self.connected = nc.is_connected
         info = await self._api(nc, f"STREAM.INFO.{self.stream}")
         if "error" in info:
-            if info["error"].get("err_code") == _STREAM_NOT_FOUND:
+            if info["error"].get("err_code") == STREAM_NOT_FOUND:
                 raise BucketNotFound(
                     stream=self.stream, server=str(nc.connected_url.netloc if nc.connected_url else "?")
                 )

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import ssl as ssl_module
 import time
 import uuid
@@ -59,6 +60,8 @@ from sidecar.table import KeyTable
 T = TypeVar("T")
 
 ADMIN_TOKEN = "krt_test-admin-token-for-the-suite"
+# The PostgreSQL server the publisher tests create their databases on (conftest.database_url).
+PG_ADMIN_URL = os.environ.get("KEYRELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 ORG = "0190c0de-0000-7000-8000-000000000001"
 TEAM = "0190c0de-0000-7000-8000-000000000002"
 PROJECT = "0190c0de-0000-7000-8000-000000000003"
@@ -169,8 +172,19 @@ async def heartbeat(bucket: KeyValue, acked: int = 0, *, signer: Signer | None =
                          signed_at=signed_at)  # fmt: skip
 
 
+# How soon "at once" is in a functional test: generous, so that a loaded two-core machine never trips it,
+# yet it tells a change pushed or a request refused at once from one that waits out a TTL, a timeout or a
+# quadratic blow-up. The real figures are measured by the benchmarks (loadtest/bench_publisher.py:
+# revocation p99 from the API's answer to a sidecar's 401), against their targets, not asserted here.
+PROMPTLY = 5.0
+
+
 async def eventually(
-    probe: Callable[[], Awaitable[T]], accept: Callable[[T], bool], *, timeout: float = 5.0, interval: float = 0.002
+    probe: Callable[[], Awaitable[T]],
+    accept: Callable[[T], bool],
+    *,
+    timeout: float = PROMPTLY,
+    interval: float = 0.002,
 ) -> tuple[T, float]:
     """Poll `probe` until `accept` holds; returns the last value and the seconds it took."""
     started = time.monotonic()
@@ -295,6 +309,11 @@ class Publisher:
     async def stop(self) -> None:
         """Shut it down as SIGTERM would: the relay gives its lease up."""
         await self.server.close()
+
+
+# The conftest fixtures start_sidecar and start_publisher: keyword settings in, a running server out.
+StartSidecar = Callable[..., Awaitable[Sidecar]]
+StartPublisher = Callable[..., Awaitable[Publisher]]
 
 
 @dataclass

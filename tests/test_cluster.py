@@ -21,8 +21,7 @@ from nats.js.client import JetStreamContext
 
 from keyrelay.natsd import NatsServer
 from tests.cluster_support import NatsCluster, cluster_client
-from tests.conftest import StartPublisher, StartSidecar
-from tests.support import Publisher, Sidecar, eventually
+from tests.support import Publisher, Sidecar, StartPublisher, StartSidecar, eventually
 
 pytestmark = pytest.mark.slow
 

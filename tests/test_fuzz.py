@@ -208,7 +208,7 @@ def _no_traceback_but_parser_errors(caplog: pytest.LogCaptureFixture) -> None:
     how they are logged is the serving layer's (one line, no traceback: security review M1/L6, branch
     hard-serve); once merged, this can assert on every record."""
     tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.ERROR]
-    assert [r for r in tracebacks if not isinstance(r.exc_info[1], HttpProcessingError)] == []  # type: ignore[index]
+    assert [r for r in tracebacks if r.exc_info and not isinstance(r.exc_info[1], HttpProcessingError)] == []
 
 
 _JSON = st.recursive(

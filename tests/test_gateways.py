@@ -25,11 +25,10 @@ from keyrelay.natsd import NatsServer, free_port
 from testbed.gateways import DEPLOY_DIR, GATEWAYS, Addresses, Gateway, gateway_version, start_gateway
 from testbed.upstream import HITS, Hits
 from testbed.upstream import create_app as create_upstream
-from tests.conftest import StartSidecar
 from tests.gateway_support import Answer, call, require_gateway
 from tests.nginx_conf import Directive
 from tests.nginx_conf import parse as parse_nginx
-from tests.support import eventually, make_key, put, revoked
+from tests.support import StartSidecar, eventually, make_key, put, revoked
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,7 @@ from keyrelay.localtls import LocalTls
 from keyrelay.natsd import NatsServer
 from publisher.app import tls_context
 from publisher.settings import PublisherSettings
-from tests.conftest import PG_ADMIN_URL, StartPublisher
-from tests.support import ADMIN_TOKEN, served_publisher
+from tests.support import ADMIN_TOKEN, PG_ADMIN_URL, StartPublisher, served_publisher
 
 
 @pytest.fixture

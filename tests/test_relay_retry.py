@@ -14,8 +14,7 @@ from nats.js.client import JetStreamContext
 from keyrelay.natsd import NatsServer
 from publisher.broker import StreamState
 from publisher.relay_health import MAX_BACKOFF
-from tests.conftest import StartPublisher
-from tests.support import Publisher, Scrape, eventually
+from tests.support import Publisher, Scrape, StartPublisher, eventually
 
 _OUTBOX_LOG = "keyrelay.publisher.outbox"
 

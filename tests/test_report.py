@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+from loadtest.figures import ms, percentile
+from loadtest.openloop import percentiles
 from loadtest.report import failures, judge, summary_table
 from loadtest.workload import KeyLife, Partition, Verify, Workload
 from testbed.topology import Topology
@@ -158,3 +161,13 @@ def test_a_partition_reports_serving_during_the_cut_and_the_catch_up_after_the_h
     assert (part["readiness_during_cut"], part["readiness_after_heal"]) == ([503], [200])
     assert (report["false_accepts"], report["errors"]) == (0, 1)
     assert "catch-up 0.3s" in summary_table(report)
+
+
+def test_every_benchmark_takes_nearest_rank_percentiles_and_shows_milliseconds_one_way() -> None:
+    hundred = [float(n) for n in range(100, 0, -1)]
+    assert [percentile(hundred, q) for q in (0.5, 0.9, 0.99, 0.999, 1.0)] == [50, 90, 99, 100, 100]
+    assert percentile([3.0], 0.01) == 3.0
+    assert math.isnan(percentile([], 0.5))
+    spread = percentiles(hundred)
+    assert (spread.p50, spread.p99, spread.p999, spread.max) == (50, 99, 100, 100)
+    assert (ms(0.0013), ms(0.0013, digits=1, unit=""), ms(math.nan)) == ("1.30 ms", "1.3", "n/a")

@@ -21,8 +21,18 @@ from keyrelay.seeder import seed_snapshot
 from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
 from sidecar.sync import KeySync, SyncConfig
 from sidecar.table import KeyTable
-from tests.conftest import StartSidecar
-from tests.support import SNAPSHOT_SIGNER, TRUST, TRUSTED, eventually, heartbeat, key_file, make_key, put, revoked
+from tests.support import (
+    SNAPSHOT_SIGNER,
+    TRUST,
+    TRUSTED,
+    StartSidecar,
+    eventually,
+    heartbeat,
+    key_file,
+    make_key,
+    put,
+    revoked,
+)
 
 
 @pytest.fixture

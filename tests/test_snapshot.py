@@ -17,8 +17,7 @@ from sidecar.errors import SnapshotError
 from sidecar.snapshot import SnapshotSink
 from sidecar.table import KeyTable
 from testbed.snapshot_oracle import decode, encode, records
-from tests.conftest import StartSidecar
-from tests.support import SNAPSHOT_SIGNER, TRUST, delete, find, heartbeat, make_key, put, revoked, seed
+from tests.support import SNAPSHOT_SIGNER, TRUST, StartSidecar, delete, find, heartbeat, make_key, put, revoked, seed
 
 
 def _filled() -> tuple[KeyTable, list[tuple[str, KeyRecord]]]:

@@ -5,7 +5,6 @@ The README shows a short tour: the same lines, in the same order, so running the
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from keyrelay.core.config import environ_without_settings
 from tests.up_support import StartStack
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +50,7 @@ def test_the_tour_runs_as_written_and_runs_again(start_stack: StartStack, tmp_pa
     assert script.startswith(ACTIVATE)  # the tour says how to get `keyrelay` on PATH; here it already is
     work = tmp_path / "tour"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+    env = environ_without_settings()
     env |= {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "KEYRELAY_DATA_DIR": str(stack.data_dir),
             "SIDECAR": stack.state["sidecars"]["global"]}  # fmt: skip
     runs = []

@@ -25,7 +25,6 @@ from sidecar.errors import SnapshotError
 from sidecar.settings import SidecarSettings
 from sidecar.table import RECORD_WIDTHS, KeyTable
 from testbed.snapshot_oracle import decode, encode, records
-from tests.conftest import StartSidecar
 from tests.support import (
     FORGER,
     SIGNER,
@@ -34,6 +33,7 @@ from tests.support import (
     TRUSTED,
     Scrape,
     Sidecar,
+    StartSidecar,
     delete,
     eventually,
     heartbeat,

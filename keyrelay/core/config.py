@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from .errors import SettingsError
 
@@ -27,6 +27,7 @@ __all__ = [
     "Option",
     "add_options",
     "duration_pattern",
+    "environ_without_settings",
     "format_duration",
     "load",
     "markdown_table",
@@ -136,6 +137,29 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r} (use true or false)")
 
 
+@overload
+def option(
+    default: str,
+    *,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+    duration: bool = False,
+) -> str: ...
+
+
+@overload
+def option(
+    default: T,
+    *,
+    help: str,
+    parse: Callable[[str], T],
+    choices: tuple[str, ...] | None = None,
+    secret: bool = False,
+    duration: bool = False,
+) -> T: ...
+
+
 def option(
     default: Any,
     *,
@@ -145,7 +169,11 @@ def option(
     secret: bool = False,
     duration: bool = False,
 ) -> Any:
-    """Declare a settings field; `parse` turns the flag's or variable's text into the value."""
+    """Declare a settings field; `parse` turns the flag's or variable's text into the value.
+
+    Typed as the value (the overloads) so that mypy checks the default and the parser against the
+    field's annotation; what it returns is the dataclass field that carries the declaration.
+    """
     spec = _Spec(help=help, parse=parse, choices=choices, secret=secret, duration=duration)
     return dataclasses.field(default=default, metadata={_META: spec})
 
@@ -277,6 +305,16 @@ def _parse(opt: Option, raw: str) -> Any:
         raise SettingsError(
             flag=opt.flag, env=opt.env, value="(hidden)" if opt.secret else raw, reason=str(exc)
         ) from None
+
+
+def environ_without_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment (this process's by default) without its KEYRELAY_* variables.
+
+    For a child process whose settings are all given on purpose: whatever the caller's shell
+    exports must not change what it does.
+    """
+    env = os.environ if environ is None else environ
+    return {name: value for name, value in env.items() if not name.startswith(ENV_PREFIX)}
 
 
 def write_private(path: Path, text: str) -> None:

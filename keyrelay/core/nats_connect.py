@@ -3,19 +3,19 @@
 Each component declares `--nats-creds`, `--nats-tls-ca`, `--nats-tls-cert` and
 `--nats-tls-key` with :func:`nats_option`, and turns its settings into
 :class:`NatsConnect`, whose :meth:`NatsConnect.kwargs` are the arguments of
-nats-py's `connect`. The credentials file is a `.creds` file (a user JWT and
-its seed) or a bare NKEY seed file; its content tells which. Secrets only ever
-travel as file paths, and URLs are logged through :func:`redact`.
+nats-py's `connect`; the services connect through :func:`connect_retrying`.
+The credentials file is a `.creds` file (a user JWT and its seed) or a bare
+NKEY seed file; its content tells which. Secrets only ever travel as file
+paths, and URLs are logged through :func:`redact`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .config import option, parse_optional_path
 from .errors import SettingsError
@@ -23,21 +23,27 @@ from .errors import SettingsError
 _log = logging.getLogger("keyrelay.nats")
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
+Callback = Callable[[], Awaitable[None]]
 
 if TYPE_CHECKING:
     import ssl
 
     from nats.aio.client import Client
 
+    C = TypeVar("C", bound=Client)
+
 __all__ = [
     "NatsClientSettings",
     "NatsConnect",
+    "connect_retrying",
     "identity_name",
     "inbox_prefix",
-    "jetstream_api",
     "nats_option",
     "redact",
 ]
+
+# A service keeps trying to reach NATS this often, doubling from the first to the last.
+_FIRST_RETRY, _LAST_RETRY = 0.1, 2.0
 
 _HELP = {
     "nats_creds": "file with this component's NATS credentials: a .creds file or an NKEY seed file (keyrelay up "
@@ -48,7 +54,7 @@ _HELP = {
 }
 
 
-def nats_option(name: str) -> Any:
+def nats_option(name: str) -> Path | None:
     """The declaration of one NATS client setting (`nats_creds`, `nats_tls_ca`, ...), shared by every component."""
     return option(None, parse=parse_optional_path, help=_HELP[name])
 
@@ -135,14 +141,49 @@ class NatsConnect:
         return context
 
 
-async def jetstream_api(
-    nc: Client, subject: str, body: dict[str, Any] | None = None, *, timeout: float
-) -> dict[str, Any]:
-    """The JSON answer of JetStream's API to one request on `$JS.API.<subject>` (a refusal says so in "error")."""
-    payload = json.dumps(body).encode() if body is not None else b""
-    reply = await nc.request(f"$JS.API.{subject}", payload, timeout=timeout)
-    answer: dict[str, Any] = json.loads(reply.data)
-    return answer
+async def connect_retrying(
+    nats: NatsConnect,
+    client: Callable[[], C],
+    *,
+    name: str,
+    closing: Callable[[], bool],
+    error_cb: ErrorCallback | None = None,
+    disconnected_cb: Callback | None = None,
+    reconnected_cb: Callback | None = None,
+) -> C | None:
+    """A service's connection: `client()`, connected once NATS answers, however long that takes.
+
+    nats-py itself retries an unreachable server every 0.25 s (one log line each, through
+    `error_cb`); whatever it gives up on is tried again here, every 0.1 s to 2 s, until it works
+    or `closing()` says the service is stopping (then None). Once connected, the client reconnects
+    by itself for ever and pings every 5 s, so a dead server is noticed within 15 s. A missing or
+    malformed credentials file raises SettingsError at once: retrying cannot mend it.
+    """
+    import asyncio  # here, not at the top: the CLI imports this module to build its parser
+
+    options = nats.kwargs(error_cb=error_cb)
+    backoff = _FIRST_RETRY
+    while not closing():
+        nc = client()
+        try:
+            await nc.connect(
+                **options,
+                name=name,
+                connect_timeout=2,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,  # type: ignore[arg-type]  # seconds; nats-py says int, takes float
+                ping_interval=5,
+                max_outstanding_pings=2,
+                disconnected_cb=disconnected_cb,
+                reconnected_cb=reconnected_cb,
+            )
+        except Exception as exc:
+            _log.warning("cannot reach NATS at %s: %s (retrying)", nats.describe(), exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _LAST_RETRY)
+            continue
+        return nc
+    return None
 
 
 async def _one_line(error: Exception) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from .config import option, parse_bool, parse_duration
 from .wire import is_key_prefix, is_region_code
 
@@ -97,7 +95,7 @@ def parse_public_keys(text: str) -> tuple[str, ...]:
     return parse_trusted_keys(text)
 
 
-def trusted_keys_option() -> Any:
+def trusted_keys_option() -> tuple[str, ...]:
     """The declaration of --trusted-keys, shared by every reader of the bucket (sidecar, seeder)."""
     return option(
         (),
@@ -107,7 +105,7 @@ def trusted_keys_option() -> Any:
     )
 
 
-def insecure_option() -> Any:
+def insecure_option() -> bool:
     """The declaration of --insecure-accept-unsigned."""
     return option(
         False,
@@ -117,12 +115,12 @@ def insecure_option() -> Any:
     )
 
 
-def deployment_option() -> Any:
+def deployment_option() -> str:
     """The declaration of --deployment-id (signatures name the deployment, so one's never verify in another)."""
     return option(DEFAULT_DEPLOYMENT, help="this deployment's name, as the publisher's --deployment-id")
 
 
-def publish_delay_option() -> Any:
+def publish_delay_option() -> float:
     """The declaration of --max-publish-delay."""
     return option(
         DEFAULT_MAX_PUBLISH_DELAY,
@@ -133,7 +131,7 @@ def publish_delay_option() -> Any:
     )
 
 
-def horizon_option() -> Any:
+def horizon_option() -> float:
     """The declaration of --replay-horizon."""
     return option(
         DEFAULT_REPLAY_HORIZON,

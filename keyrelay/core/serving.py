@@ -44,6 +44,8 @@ from aiohttp import hdrs, web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
+from .prometheus import exposition, family
+
 __all__ = [
     "MALFORMED",
     "MALFORMED_BODY",
@@ -51,6 +53,7 @@ __all__ = [
     "MalformedRequestFilter",
     "MalformedRequests",
     "harden",
+    "healthz",
     "install_log_filter",
     "malformed_metric",
     "run_forever",
@@ -78,11 +81,14 @@ MALFORMED = web.AppKey("keyrelay_malformed_requests", MalformedRequests)
 def malformed_metric(app: web.Application) -> str:
     """The `keyrelay_malformed_requests_total` family, in the Prometheus text format."""
     malformed = app.get(MALFORMED)
-    return (
-        "# HELP keyrelay_malformed_requests_total Requests the HTTP parser refused (answered 400, logged as one line)\n"
-        "# TYPE keyrelay_malformed_requests_total counter\n"
-        f"keyrelay_malformed_requests_total {malformed.count if malformed is not None else 0}\n"
-    )
+    count = malformed.count if malformed is not None else 0
+    help_text = "Requests the HTTP parser refused (answered 400, logged as one line)"
+    return exposition(family("keyrelay_malformed_requests_total", "counter", help_text, [("", count)]))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
 
 
 class MalformedRequestFilter(logging.Filter):
