@@ -16,13 +16,12 @@ from typing import Any
 
 import msgpack
 from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
-from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
 from keyrelay.core.trust import KIND_SNAPSHOT, Signer
 from sidecar.errors import SnapshotError
-from sidecar.snapshot import FORMAT, LENGTH, MAGIC, Snapshot, snapshot_entry
+from sidecar.snapshot import FORMAT, LENGTH, MAGIC, Snapshot, SnapshotStore, snapshot_entry
 from sidecar.snapshot_layout import LAYOUT
 from sidecar.table import ALL, KIND_META, KIND_SCOPES, RECORD_WIDTHS, KeyTable
 
@@ -212,27 +211,11 @@ class LiveReader:
         return filled
 
 
-class SnapshotWriter:
+class SnapshotWriter(SnapshotStore):
     """A region's snapshot in an object store bucket (created on first use), as its seeder writes it."""
 
-    def __init__(self, js: JetStreamContext, *, bucket: str, store: str, region: str | None) -> None:
-        self.js = js
-        self.bucket = bucket
-        self.store_name = store
-        self.region = region
-        self.name = region or "global"
-        self._store: ObjectStore | None = None
-
-    async def _find(self) -> ObjectStore | None:
-        if self._store is None:
-            try:
-                self._store = await self.js.object_store(self.store_name)
-            except (BucketNotFoundError, NotFoundError):
-                return None
-        return self._store
-
-    async def _open(self) -> ObjectStore:
-        store = await self._find()
+    async def _create(self) -> ObjectStore:
+        store = await self._open()
         if store is None:
             config = ObjectStoreConfig(description="keyrelay sidecar table snapshots, one per region",
                                        storage=StorageType.FILE)  # fmt: skip
@@ -241,7 +224,7 @@ class SnapshotWriter:
 
     async def current(self) -> tuple[float, int] | None:
         """Age in seconds and revision of the region's snapshot (None: there is none)."""
-        store = await self._find()
+        store = await self._open()
         if store is None:
             return None
         try:
@@ -260,7 +243,7 @@ class SnapshotWriter:
 
         `packer` packs the table's values (kept from one snapshot of the table to the next).
         """
-        store = await self._open()
+        store = await self._create()
         # Most of the header is the interned values, which only grow: packed now, a slice per turn
         # of the loop, they leave the step below only those interned since.
         left = packer.pack(limit=_VALUES_PER_TURN)

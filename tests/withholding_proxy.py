@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["WithholdingProxy"]
@@ -70,42 +71,44 @@ class WithholdingProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers |= {writer, up_writer}
-        for task in (asyncio.create_task(self._client_ops(reader, up_writer)),
-                     asyncio.create_task(self._filter(up_reader, writer))):  # fmt: skip
+        for task in (asyncio.create_task(_relay(reader, up_writer, self._to_server)),
+                     asyncio.create_task(_relay(up_reader, writer, self._to_client))):  # fmt: skip
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _client_ops(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        """Client to server, one protocol operation at a time: PUB and HPUB frames read whole."""
-        with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError):
-            while line := await src.readuntil(b"\r\n"):
-                frame = line
-                words = line.split()
-                if words and words[0] in (b"PUB", b"HPUB"):
-                    frame += await src.readexactly(int(words[-1]) + 2)
-                    if self.replies_to_lose and words[1].startswith(b"$JS.FC."):
-                        self.replies_to_lose -= 1
-                        self.replies_dropped += 1
-                        continue
-                dst.write(frame)
-                await dst.drain()
-        dst.transport.abort()
+    def _to_server(self, words: list[bytes], frame: bytes) -> bool:
+        """Whether a client's operation goes on to the server (not a flow-control reply to lose)."""
+        if self.replies_to_lose and words[:1] == [b"PUB"] and words[1].startswith(b"$JS.FC."):
+            self.replies_to_lose -= 1
+            self.replies_dropped += 1
+            return False
+        return True
 
-    async def _filter(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        """Server to client, one protocol operation at a time: MSG and HMSG frames read whole."""
-        with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError):
-            while line := await src.readuntil(b"\r\n"):
-                frame = line
-                words = line.split()
-                if words and words[0] in (b"MSG", b"HMSG"):
-                    frame += await src.readexactly(int(words[-1]) + 2)
-                    reply = words[3] if len(words) == (5 if words[0] == b"MSG" else 6) else b""
-                    if reply.startswith(b"$JS.ACK.") and (self.withholding or self.to_lose):
-                        self.to_lose = max(0, self.to_lose - 1)
-                        self.dropped += 1
-                        continue
-                    if b"\r\nNats-Consumer-Stalled:" in frame:
-                        self.stalled_heartbeats += 1
+    def _to_client(self, words: list[bytes], frame: bytes) -> bool:
+        """Whether a server's operation goes on to the client (not a JetStream delivery to drop)."""
+        if words[:1] not in ([b"MSG"], [b"HMSG"]):
+            return True
+        reply = words[3] if len(words) == (5 if words[0] == b"MSG" else 6) else b""
+        if reply.startswith(b"$JS.ACK.") and (self.withholding or self.to_lose):
+            self.to_lose = max(0, self.to_lose - 1)
+            self.dropped += 1
+            return False
+        if b"\r\nNats-Consumer-Stalled:" in frame:
+            self.stalled_heartbeats += 1
+        return True
+
+
+async def _relay(
+    src: asyncio.StreamReader, dst: asyncio.StreamWriter, passes: Callable[[list[bytes], bytes], bool]
+) -> None:
+    """Forward one protocol operation at a time (those with a payload read whole) when `passes` says so."""
+    with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError):
+        while line := await src.readuntil(b"\r\n"):
+            frame = line
+            words = line.split()
+            if words and words[0] in (b"PUB", b"HPUB", b"MSG", b"HMSG"):
+                frame += await src.readexactly(int(words[-1]) + 2)
+            if passes(words, frame):
                 dst.write(frame)
                 await dst.drain()
-        dst.transport.abort()
+    dst.transport.abort()
