@@ -32,6 +32,7 @@ from .signing import load_signing_keys
 from .store import KeyStore
 from .token_format import check_configured_token
 from .tokens import TokenRevoked, TokenStore, generate_token
+from .web_signin import add_signin_routes
 
 __all__ = ["create_app", "open_services", "run", "serve", "tls_context"]
 
@@ -193,6 +194,7 @@ def create_app(settings: PublisherSettings) -> web.Application:
     app.cleanup_ctx.append(_lifecycle)
     register(app, (*PROBES, *ROUTES), public=UNAUTHENTICATED)
     add_scim_routes(app)
+    add_signin_routes(app, settings)
     return harden(app)
 
 
