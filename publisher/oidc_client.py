@@ -111,12 +111,13 @@ class OidcClient:
         metadata = await self.metadata()
         form = {"grant_type": "authorization_code", "code": code, "redirect_uri": self.redirect_uri,
                 "code_verifier": verifier}  # fmt: skip
-        auth = None
+        headers = {}
         if self._secret:  # client_secret_basic (RFC 6749 §2.3.1: each part form-encoded first)
-            auth = aiohttp.BasicAuth(quote(self.client_id, safe=""), quote(self._secret, safe=""))
+            headers["Authorization"] = aiohttp.encode_basic_auth(quote(self.client_id, safe=""),
+                                                                 quote(self._secret, safe=""))  # fmt: skip
         else:
             form["client_id"] = self.client_id
-        answer = await self._request("POST", metadata.token_endpoint, data=form, auth=auth)
+        answer = await self._request("POST", metadata.token_endpoint, data=form, headers=headers)
         token = answer.get("id_token")
         if not isinstance(token, str):
             raise ProviderError("the provider's token answer holds no id_token (is openid among --oidc-scopes?)")
