@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from keyrelay.core.config import read_bounded
+
 from . import policy
 
 __all__ = ["MAPPED_ORG_ROLES", "GroupMap", "Mapping", "Wanted", "load_group_map", "parse_group_map"]
@@ -87,15 +89,7 @@ def load_group_map(text: str) -> GroupMap | None:
     """The group map in the file `text` names (None for an empty value); ValueError naming the entry and the reason."""
     if not text.strip():
         return None
-    path = Path(text.strip())
-    try:
-        with path.open("rb") as file:
-            data = file.read(_MAX_FILE + 1)
-    except OSError as exc:
-        raise ValueError(f"cannot read it: {exc.strerror or exc}") from None
-    if len(data) > _MAX_FILE:
-        raise ValueError(f"larger than {_MAX_FILE} bytes; is it the right file?")
-    return parse_group_map(data)
+    return parse_group_map(read_bounded(Path(text.strip()), _MAX_FILE))
 
 
 def parse_group_map(data: bytes) -> GroupMap:

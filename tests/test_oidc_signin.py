@@ -281,6 +281,13 @@ async def test_sessions_are_listed_and_revoked_by_whom_the_policy_says_and_end_w
     assert status == 404  # not bob's to see
     status, _ = await _api(gil, world, "DELETE", f"/sessions/{laptop['id']}", headers=_csrf(gil, world))
     assert status == 404  # another organization's owner
+    reader = (await admin.ok("POST", "/tokens", {"name": "dashboards", "role": "platform-reader"}))["token"]
+    status, body = await admin.call("GET", "/sessions", token=reader)
+    assert (status, len(body["sessions"])) == (200, 4)  # read-only across tenants: sees them all...
+    status, body = await admin.call("DELETE", f"/sessions/{phone['id']}", token=reader)
+    assert (status, body["error"]["code"]) == (403, "forbidden")  # ...and revokes none
+    refused = await _audit(world, "access.refused")
+    assert [e["details"] for e in refused] == [{"action": "session.revoke", "target": phone["id"]}]
     status, body = await _api(ann_laptop, world, "DELETE", f"/sessions/{phone['id']}", headers=_csrf(ann_laptop, world))
     assert (status, body["revoked"], body["current"]) == (200, True, False)  # her own other session
     assert (await _api(ann_phone, world, "GET", "/orgs"))[0] == 401
