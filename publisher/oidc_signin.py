@@ -1,10 +1,11 @@
 """Who a validated id token's person is in keyrelay, and what their groups give them.
 
 The person is found by email (any case). An unknown person becomes a user only when an organization their
-groups map to allows it (policy `jit_users`); a deactivated user is refused. At each sign-in, in every
-organization whose policy says memberships come from `claims`, the user's org and team roles are set to what
-the group map gives their groups now (removed where it gives nothing). A user who then holds no role anywhere
-is refused with an explanation: signing in would show them nothing."""
+groups map to allows it (policy `jit_users`), and joins those organizations whose memberships are `manual`
+with the roles the map gives (the admin API manages them from then on); a deactivated user is refused. At each
+sign-in, in every organization whose policy says memberships come from `claims`, the user's org and team roles
+are set to what the group map gives their groups now (removed where it gives nothing). A user who then holds
+no role anywhere is refused with an explanation: signing in would show them nothing."""
 
 from __future__ import annotations
 
@@ -102,7 +103,8 @@ async def sign_in(services: Services, groups: GroupMap | None, person: Person) -
 
 async def _just_in_time(services: Services, person: Person, wanted: dict[str, Wanted]) -> User:
     people = services.people
-    allowing = [org for org in wanted if (await people.policy(org))["jit_users"]]
+    policies = {org: await people.policy(org) for org in wanted}
+    allowing = [org for org, document in policies.items() if document["jit_users"]]
     if not allowing:
         why = (
             "none of your groups is mapped to a keyrelay organization"
@@ -112,11 +114,15 @@ async def _just_in_time(services: Services, person: Person, wanted: dict[str, Wa
         raise SignInRefused(f"there is no keyrelay user {person.email}, and {why}. Ask an organization owner to "
                             "add you", reason="no_user", email=person.email)  # fmt: skip
     try:
-        return await people.create_user(CLAIMS_ACTOR, person.email, person.name, None)
+        user = await people.create_user(CLAIMS_ACTOR, person.email, person.name, None)
     except Conflict:  # signed in twice at once: the other sign-in made the user
-        user = await people.user_by_email(person.email)
-        assert user is not None
-        return user
+        made = await people.user_by_email(person.email)
+        assert made is not None
+        return made
+    for org in allowing:
+        if policies[org]["memberships"] == "manual":
+            await _set_roles(services, user, org, wanted[org])
+    return user
 
 
 async def _resolve(services: Services, groups: GroupMap | None, claimed: tuple[str, ...]) -> dict[str, Wanted]:
@@ -150,22 +156,26 @@ async def _apply_claims(services: Services, user: User, wanted: dict[str, Wanted
     """In each organization whose memberships come from `claims`, make the user's roles what `wanted` says."""
     people = services.people
     for org in {*await people.user_orgs(user.id), *wanted}:
-        if (await people.policy(org))["memberships"] != "claims":
-            continue
-        want = wanted.get(org)
-        held = await people.member_role("org", org, user.id)
-        if want is None:
-            if held is not None:
-                await people.remove_member(CLAIMS_ACTOR, "org", org, user.id)  # and its teams
-            continue
-        if held != want.org_role:
-            await people.put_member(CLAIMS_ACTOR, "org", org, user.id, want.org_role)
-        async with people.db.transaction() as tx:
-            rows = await tx.fetch("SELECT m.team_id, m.role FROM team_members m JOIN teams t ON t.id = m.team_id "
-                                  "WHERE m.user_id = $1 AND t.organization_id = $2", user.id, org)  # fmt: skip
-        teams = {r["team_id"]: r["role"] for r in rows}
-        for team in teams.keys() - want.teams.keys():
-            await people.remove_member(CLAIMS_ACTOR, "team", team, user.id)
-        for team, role in want.teams.items():
-            if teams.get(team) != role:
-                await people.put_member(CLAIMS_ACTOR, "team", team, user.id, role)
+        if (await people.policy(org))["memberships"] == "claims":
+            await _set_roles(services, user, org, wanted.get(org))
+
+
+async def _set_roles(services: Services, user: User, org: str, want: Wanted | None) -> None:
+    """Make the user's roles in `org` and its teams exactly `want` (none at all for None)."""
+    people = services.people
+    held = await people.member_role("org", org, user.id)
+    if want is None:
+        if held is not None:
+            await people.remove_member(CLAIMS_ACTOR, "org", org, user.id)  # and its teams
+        return
+    if held != want.org_role:
+        await people.put_member(CLAIMS_ACTOR, "org", org, user.id, want.org_role)
+    async with people.db.transaction() as tx:
+        rows = await tx.fetch("SELECT m.team_id, m.role FROM team_members m JOIN teams t ON t.id = m.team_id "
+                              "WHERE m.user_id = $1 AND t.organization_id = $2", user.id, org)  # fmt: skip
+    teams = {r["team_id"]: r["role"] for r in rows}
+    for team in teams.keys() - want.teams.keys():
+        await people.remove_member(CLAIMS_ACTOR, "team", team, user.id)
+    for team, role in want.teams.items():
+        if teams.get(team) != role:
+            await people.put_member(CLAIMS_ACTOR, "team", team, user.id, role)

@@ -398,6 +398,16 @@ async def test_people_without_a_mapped_group_or_a_role_are_told_why_and_just_in_
     status, body = await _api(eve, world, "GET", "/orgs")
     assert (status, [o["id"] for o in body["orgs"]]) == (200, [world.globex])
 
+    # Just in time into an organization with manual memberships: the map's roles at first, the admin's after.
+    await admin.ok("PUT", f"/orgs/{world.globex}/policy", {"memberships": "manual", "jit_users": True})
+    await provider.set_user(http, "fay", email="fay@example.com", groups=["globex-owners"])
+    assert (await sign_in(browsers(), world, "fay")).status == 200
+    members = (await admin.ok("GET", f"/orgs/{world.globex}/members"))["members"]
+    assert sorted((m["email"], m["role"]) for m in members) == [("eve@example.com", "member"),
+                                                                 ("fay@example.com", "owner")]  # fmt: skip
+    await provider.set_user(http, "fay", email="fay@example.com", groups=[])
+    assert (await sign_in(browsers(), world, "fay")).status == 200  # manual: the groups claim changes nothing now
+
     reasons = [e["details"]["reason"] for e in reversed(await _audit(world, "signin.refused"))]
     assert reasons == ["no_user", "no_user", "no_role"]
     removed = await _audit(world, "org.member.remove")
