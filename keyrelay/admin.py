@@ -225,7 +225,9 @@ TOKEN_COLUMNS: list[Column] = [
 
 def _tokens_create(args: argparse.Namespace) -> int:
     resolver = Resolver(client_of(args))
-    body: dict[str, Any] = {"name": args.name, "role": args.role}
+    body: dict[str, Any] = {"name": args.name}
+    if args.role:
+        body["role"] = args.role
     if args.team:
         body["team_id"] = resolver.team(args.team, org=args.org)
     elif args.org:
@@ -276,7 +278,7 @@ def _user(args: argparse.Namespace, value: str) -> str:
     return str(found[0]["id"])
 
 
-def _users_create(args: argparse.Namespace) -> int:
+def _users_add(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"email": args.email}
     if args.name:
         body["display_name"] = args.name
@@ -296,13 +298,26 @@ def _users_show(args: argparse.Namespace) -> int:
     return show(args, user, details(user, USER_COLUMNS))
 
 
+def _dry_run_or_confirm(args: argparse.Namespace, change: str, ident: str) -> int | None:
+    """With --dry-run, print what would change and return the exit code; else ask (or take --yes) and go on."""
+    if args.dry_run:
+        return show(args, {"id": ident, "dry_run": True}, f"would {change}")
+    confirm(args, change)
+    return None
+
+
+def _revoked(answer: dict[str, Any]) -> str:
+    """What a change's answer says it revoked, and whether the sidecars have heard."""
+    return f"{len(answer['revoked'])} key(s) revoked ({answer['propagation']})"
+
+
 def _users_deactivate(args: argparse.Namespace) -> int:
     user_id = _user(args, args.user)
-    confirm(args, f"deactivate user {args.user} ({user_id}): their tokens stop, their keys follow the offboarding "
-            "policy")  # fmt: skip
+    change = f"deactivate user {args.user} ({user_id}): their tokens stop, their keys follow the offboarding policy"
+    if (planned := _dry_run_or_confirm(args, change, user_id)) is not None:
+        return planned
     answer = client_of(args).call("POST", f"/users/{user_id}/deactivate")
-    return show(args, answer, f"deactivated {answer['email']}; {len(answer['revoked'])} key(s) revoked "
-                f"({answer['propagation']})")  # fmt: skip
+    return show(args, answer, f"deactivated {answer['email']}; {_revoked(answer)}")
 
 
 def _scope_path(args: argparse.Namespace) -> str:
@@ -326,8 +341,13 @@ def _members_add(args: argparse.Namespace) -> int:
 
 def _members_remove(args: argparse.Namespace) -> int:
     path = _scope_path(args)
-    answer = client_of(args).call("DELETE", f"{path}/{_user(args, args.user)}")
-    return show(args, answer, f"removed {args.user}")
+    user_id = _user(args, args.user)
+    if not args.team:  # leaving an organization: the keys the user made there follow its offboarding policy
+        change = f"remove {args.user} ({user_id}) from organization {args.org}: their keys there follow its policy"
+        if (planned := _dry_run_or_confirm(args, change, user_id)) is not None:
+            return planned
+    answer = client_of(args).call("DELETE", f"{path}/{user_id}")
+    return show(args, answer, f"removed {args.user}; {_revoked(answer)}")
 
 
 def _rename(kind: str) -> Handler:
@@ -346,12 +366,10 @@ def _delete(kind: str) -> Handler:
         ident = resolver.org(args.current) if kind == "orgs" else resolver.team(args.current, org=args.org)
         what = "organization" if kind == "orgs" else "team"
         change = f"decommission {what} {args.current} ({ident}): every project of it, revoking every key"
-        if args.dry_run:
-            return show(args, {"id": ident, "dry_run": True}, f"would {change}")
-        confirm(args, change)
+        if (planned := _dry_run_or_confirm(args, change, ident)) is not None:
+            return planned
         answer = client_of(args).call("DELETE", f"/{kind}/{ident}")
-        return show(args, answer, f"{what} {ident} decommissioned; {len(answer['revoked'])} key(s) revoked "
-                    f"({answer['propagation']})")  # fmt: skip
+        return show(args, answer, f"{what} {ident} decommissioned; {_revoked(answer)}")
 
     return delete
 
@@ -507,10 +525,10 @@ def add_admin_commands(commands: Subcommands) -> None:
     tokens = group("tokens", "admin tokens for the API: create, list, revoke")
     p = action(tokens, "create", "create a token (shown once)", _tokens_create)
     p.add_argument("name", help="unique token name, e.g. ci-pipeline")
-    p.add_argument("--role", choices=ROLES, default="platform-reader", metavar="ROLE",
+    p.add_argument("--role", choices=ROLES, metavar="ROLE",
                    help="platform-admin may change anything, platform-reader read everything (both across every "
                    f"organization); with --org or --team, a role there ({', '.join(ROLES[2:])}); personal: every "
-                   "role its --user holds (default platform-reader)")  # fmt: skip
+                   "role its --user holds (default: personal with --user, else platform-reader)")  # fmt: skip
     p.add_argument("--expires-in", help="lifetime, e.g. 90d, 24h, 15m (default: never expires)")
     p.add_argument("--org", help="the organization (id or name) an org role is held in")
     p.add_argument("--team", help="the team (id or name) a team role is held in")
@@ -522,7 +540,7 @@ def add_admin_commands(commands: Subcommands) -> None:
            _tokens_revoke).add_argument("token_id", help="token id (from `keyrelay tokens list`)")  # fmt: skip
 
     users = group("users", "people: add by email, list, show, deactivate")
-    p = action(users, "create", "add a user by email (into --org with --role)", _users_create)
+    p = action(users, "add", "add a user by email (into --org with --role)", _users_add)
     p.add_argument("email", help="email address (unique, whatever its case)")
     p.add_argument("--name", help="display name")
     p.add_argument("--org", help="organization (id or name) to add the user to")
@@ -537,9 +555,12 @@ def add_admin_commands(commands: Subcommands) -> None:
     for name, handler, text in (
         ("list", _members_list, "list the members of --org or --team"),
         ("add", _members_add, "give a user (by email or id) a role in --org or --team"),
-        ("remove", _members_remove, "take a user's role in --org or --team away"),
-    ):
+        ("remove", _members_remove, "take a user's role in --team, or in --org and its teams away (their keys "
+                                    "there follow its offboarding policy: asks first)"),
+    ):  # fmt: skip
         p = action(members, name, text, handler)
+        if name == "remove":
+            _destructive(p)  # leaving an organization may revoke the keys the user made there
         p.add_argument("--org", help="organization (id or name)")
         p.add_argument("--team", help="team (id or name)")
         if name != "list":

@@ -59,6 +59,13 @@ class ClientSettings:
                 token = Path(data["admin_token_file"]).read_text().strip()
         return (url or DEFAULT_URL).rstrip("/"), token
 
+    def login_url(self) -> str:
+        """Where `keyrelay login` checks a token: flag, then variable, then a running `keyrelay up`'s publisher,
+        then the default (never a previous login's: logging in replaces it)."""
+        state = stack_file(self.data_dir)
+        url = self.url or (_stack_state(state).get("publisher_url", "") if state.exists() else "")
+        return (url or DEFAULT_URL).rstrip("/")
+
 
 class AdminClient:
     """Calls /v1 with the admin token; API errors become ApiError with the API's message."""

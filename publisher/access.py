@@ -4,8 +4,9 @@ publisher/policy.py and turns its answer into 404 (not the caller's to see), 403
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 
@@ -31,6 +32,8 @@ __all__ = [
     "key_target",
     "org_target",
     "project_target",
+    "propagation",
+    "refuse",
     "team_target",
     "token_target",
 ]
@@ -78,11 +81,27 @@ async def guard(request: web.Request, action: str, target: policy.Target, *, kin
         return
     if kind is not None and not policy.allowed(actor, policy.SEES[kind], target):
         raise NotFound(kind if kind != "org" else "organization", ident)
-    await request.app[SERVICES].store.record(
-        actor, "access.refused", (target.org_id, target.team_id, None, None, {"action": action, "target": ident})
-    )
     roles = ", ".join(sorted({g.role for g in actor.grants})) or "none"
-    raise Forbidden(f"{actor.name!r} (roles: {roles}) may not {action} here; docs/permissions.md lists who may")
+    message = f"{actor.name!r} (roles: {roles}) may not {action} here; docs/permissions.md lists who may"
+    await refuse(request, action, target, ident, message)
+
+
+async def refuse(request: web.Request, action: str, target: policy.Target, ident: str | None, message: str,
+                 **details: str) -> NoReturn:  # fmt: skip
+    """Audit the refusal of `action` on `target` (`access.refused`, with `details`), then raise Forbidden."""
+    row = (target.org_id, target.team_id, None, None, {"action": action, "target": ident, **details})
+    await request.app[SERVICES].store.record(actor_of(request), "access.refused", row)
+    raise Forbidden(message)
+
+
+async def propagation(services: Services, outbox_ids: Sequence[int]) -> str:
+    """`published` once JetStream acked these outbox entries (or there are none), else `pending` after the
+    publisher's --publish-wait."""
+    if not outbox_ids:
+        return "published"
+    services.relay.wake()
+    published = await services.relay.wait_published(outbox_ids, services.settings.publish_wait)
+    return "published" if published else "pending"
 
 
 def org_target(org: Org, policy_document: dict[str, Any] | None = None) -> policy.Target:

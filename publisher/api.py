@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +23,7 @@ from .access import (
     key_target,
     org_target,
     project_target,
+    propagation,
     team_target,
 )
 from .api_people import PEOPLE_ROUTES
@@ -96,14 +97,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     response = await handler(request)
     response.headers["X-Request-Id"] = request_id
     return response
-
-
-async def _propagation(services: Services, outbox_ids: Sequence[int]) -> str:
-    if not outbox_ids:
-        return "published"
-    services.relay.wake()
-    published = await services.relay.wait_published(outbox_ids, services.settings.publish_wait)
-    return "published" if published else "pending"
 
 
 def _created_json(created: Created) -> dict[str, Any]:
@@ -260,7 +253,7 @@ async def _decommissioned(services: Services, what: dict[str, str], change: Chan
     return web.json_response({
         **what,
         "revoked": [k.id for k in change.value.revoked],
-        "propagation": await _propagation(services, change.outbox_ids),
+        "propagation": await propagation(services, change.outbox_ids),
     })  # fmt: skip
 
 
@@ -281,7 +274,7 @@ async def create_key(request: web.Request) -> web.Response:
     spec = v.key_spec(await body_of(request), regions=services.settings.regions)
     change = await services.store.create_keys(actor_of(request), project.id, [spec])
     answer = _created_json(change.value[0])
-    answer["propagation"] = await _propagation(services, change.outbox_ids)
+    answer["propagation"] = await propagation(services, change.outbox_ids)
     return web.json_response(answer, status=201)
 
 
@@ -298,7 +291,7 @@ async def create_keys_bulk(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "keys": [_created_json(c) for c in change.value],
-            "propagation": await _propagation(services, change.outbox_ids),
+            "propagation": await propagation(services, change.outbox_ids),
         },
         status=201,
     )
@@ -324,7 +317,7 @@ async def show_key(request: web.Request) -> web.Response:
 async def _revoke(request: web.Request, key_ids: list[str], reason: str | None) -> tuple[list[ApiKey], Any, str]:
     services = request.app[SERVICES]
     change = await services.store.revoke_keys(actor_of(request), key_ids, reason)
-    return list(change.value.revoked), change.value, await _propagation(services, change.outbox_ids)
+    return list(change.value.revoked), change.value, await propagation(services, change.outbox_ids)
 
 
 async def revoke_key(request: web.Request) -> web.Response:
@@ -365,7 +358,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     change = await services.store.rotate_key(actor_of(request), key_id, grace)
     answer = _created_json(change.value.new)
     answer["old"] = change.value.old.to_json()
-    answer["propagation"] = await _propagation(services, change.outbox_ids)
+    answer["propagation"] = await propagation(services, change.outbox_ids)
     return web.json_response(answer, status=201)
 
 
@@ -413,7 +406,7 @@ async def reconcile_now(request: web.Request) -> web.Response:
     if report.refused is not None:
         return _error(409, "reconcile_refused", f"{report.refused}; nothing changed. Send force: true to apply it",
                       plan=answer)  # fmt: skip
-    answer["propagation"] = await _propagation(services, report.outbox_ids)
+    answer["propagation"] = await propagation(services, report.outbox_ids)
     return web.json_response(answer)
 
 
@@ -428,7 +421,7 @@ async def resign_now(request: web.Request) -> web.Response:
     report = await resign(store=services.store, broker=services.broker, keys=services.keys,
                           horizon=services.settings.replay_horizon, everything=everything)  # fmt: skip
     answer = report.to_json()
-    answer["propagation"] = await _propagation(services, report.outbox_ids)
+    answer["propagation"] = await propagation(services, report.outbox_ids)
     return web.json_response(answer)
 
 

@@ -10,13 +10,13 @@ from aiohttp import web
 from . import api_schemas as s
 from . import policy
 from . import validation as v
-from .access import SERVICES, actor_of, body_of, guard, org_target, team_target, token_target
-from .errors import Conflict, Forbidden, Invalid, NotFound
+from .access import SERVICES, actor_of, body_of, guard, org_target, refuse, team_target, token_target
+from .errors import Conflict, Invalid, NotFound
 from .models import Org, Team
-from .offboard import offboard, require_manual
+from .offboard import leave, offboard, require_manual
 from .openapi import PAGE, Route
 from .pagination import Order, page_request
-from .people import MEMBERSHIP_SOURCES, OFFBOARDING, Member, User
+from .people import MEMBERSHIP_SOURCES, NOT_IN_ORG, OFFBOARDING, Member, User
 from .tokens import LEGACY_ROLES, ROLES, AdminToken
 
 __all__ = ["PEOPLE_ROUTES"]
@@ -142,9 +142,11 @@ async def _visible_user(request: web.Request, user_id: str) -> User:
     return user
 
 
-def _may_grant(request: web.Request, role: str, org_id: str) -> None:
+async def _may_grant(request: web.Request, role: str, org_id: str) -> None:
+    """Return if the caller may give the org role `role` in `org_id`; else Forbidden, audited."""
     if not policy.may_grant(actor_of(request), role, org_id):
-        raise Forbidden(f"giving the role {role!r} needs that role or a higher one in the organization")
+        message = f"giving the role {role!r} needs that role or a higher one in the organization"
+        await refuse(request, "org.members.update", policy.Target(org_id=org_id), org_id, message, role=role)
 
 
 async def create_user(request: web.Request) -> web.Response:
@@ -165,7 +167,7 @@ async def create_user(request: web.Request) -> web.Response:
         await guard(request, "org.members.update", org_target(org), kind="org", ident=org.id)
     role = _member_role(body.get("role", "member"), "org")
     if org is not None:
-        _may_grant(request, role, org.id)
+        await _may_grant(request, role, org.id)
     user = await services.people.create_user(actor_of(request), email, display_name, external_id,
                                              org=None if org is None else (org.id, role))  # fmt: skip
     return web.json_response(user.to_json(), status=201)
@@ -239,8 +241,8 @@ async def _member_user(request: web.Request, body: dict[str, Any], kind: str) ->
     found = await people.user_by_email(email)
     if found is not None:
         return found
-    if kind == "team":
-        raise NotFound("user", None) from None
+    if kind == "team":  # what put_member says of a user outside the org: whether the email is known is not told
+        raise Conflict(NOT_IN_ORG)
     display_name = v.optional_name(body.get("display_name"), "display_name")
     return await people.create_user(actor_of(request), email, display_name, None)
 
@@ -253,7 +255,7 @@ async def _put_member(request: web.Request, kind: str) -> web.Response:
     org_id = scope.id if isinstance(scope, Org) else scope.org_id
     await require_manual(services, actor_of(request), org_id)
     if kind == "org":
-        _may_grant(request, role, org_id)
+        await _may_grant(request, role, org_id)
     user = await _member_user(request, body, kind)
     await _protect_owner(request, kind, scope.id, user.id)
     member = await services.people.put_member(actor_of(request), kind, scope.id, user.id, role)
@@ -264,7 +266,7 @@ async def _put_member(request: web.Request, kind: str) -> web.Response:
 async def _protect_owner(request: web.Request, kind: str, scope_id: str, user_id: str) -> None:
     """Only an owner (or a platform admin) changes or removes an owner."""
     if kind == "org" and await request.app[SERVICES].people.member_role("org", scope_id, user_id) == "owner":
-        _may_grant(request, "owner", scope_id)
+        await _may_grant(request, "owner", scope_id)
 
 
 async def _remove_member(request: web.Request, kind: str) -> web.Response:
@@ -273,9 +275,9 @@ async def _remove_member(request: web.Request, kind: str) -> web.Response:
     user_id = v.path_id(request.match_info["user_id"], "member")
     await require_manual(services, actor_of(request), scope.id if isinstance(scope, Org) else scope.org_id)
     await _protect_owner(request, kind, scope.id, user_id)
-    await services.people.remove_member(actor_of(request), kind, scope.id, user_id)
-    services.tokens.forget()
-    return web.json_response({f"{kind}_id": scope.id, "user_id": user_id, "removed": True})
+    revoked, propagation = await leave(services, actor_of(request), kind, scope.id, user_id)
+    return web.json_response({f"{kind}_id": scope.id, "user_id": user_id, "removed": True, "revoked": revoked,
+                              "propagation": propagation})  # fmt: skip
 
 
 async def list_org_members(request: web.Request) -> web.Response:
@@ -338,8 +340,7 @@ async def put_policy(request: web.Request) -> web.Response:
 
 
 _PEOPLE, _OPS = ("people",), ("operations",)
-_REMOVED = {200: s.obj({"org_id": s.ID, "team_id": s.ID, "user_id": s.ID, "removed": {"const": True}},
-                       optional=("org_id", "team_id"))}  # fmt: skip
+_REMOVED = {200: s.REMOVED_MEMBER}
 
 PEOPLE_ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/tokens", create_token, "Create a token (shown once): platform-wide, scoped to an org or a "

@@ -155,11 +155,15 @@ _USER: dict[str, Schema] = {
 }  # fmt: skip
 USER = _component("User", obj(_USER, description="a person"))
 USER_PAGE = page("UserPage", "users", USER)
-DEACTIVATED_USER = _component("DeactivatedUser", obj({
-    **_USER, "revoked": {"type": "array", "items": ID, "description": "keys the user created, revoked by their "
-                                                                      "organizations' offboarding policy"},
+_OFFBOARDED: dict[str, Schema] = {
+    "revoked": {"type": "array", "items": ID, "description": "keys the user created, revoked by their "
+                                                            "organizations' offboarding policy"},
     "propagation": PROPAGATION,
-}))  # fmt: skip
+}  # fmt: skip
+DEACTIVATED_USER = _component("DeactivatedUser", obj({**_USER, **_OFFBOARDED}))
+REMOVED_MEMBER = _component("RemovedMember", obj({"org_id": ID, "team_id": ID, "user_id": ID,
+                                                  "removed": {"const": True}, **_OFFBOARDED},
+                                                 optional=("org_id", "team_id")))  # fmt: skip
 MEMBER = _component("Member", obj({
     "user_id": ID, "email": {"type": "string"}, "display_name": nullable({"type": "string"}), "status": _STATUS,
     "role": {"type": "string", "enum": [*ORG_ROLES, *TEAM_ROLES]}, "since": TIME,
@@ -179,7 +183,8 @@ ORG_POLICY = _component("OrgPolicy", obj({
     "developers_may_create_keys": {"type": "boolean", "description": "team developers may create keys in their "
                                                                      "team's projects (default true)"},
     "offboarding": {"type": "string", "enum": list(OFFBOARDING), "description": "what happens to the keys a "
-                    "deactivated user created: revoke them (default), reassign them to their team, or keep them"},
+                    "user created when they are deactivated or leave the organization: revoke them (default), "
+                    "reassign them to their team, or keep them"},
     "memberships": {"type": "string", "enum": list(MEMBERSHIP_SOURCES), "description": "where memberships come "
                     "from: manual (the admin API, default), scim (the identity provider's SCIM pushes) or claims "
                     "(the groups claim at each sign-in); those a provider manages are read-only elsewhere"},

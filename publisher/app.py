@@ -13,7 +13,7 @@ from aiohttp import web
 from keyrelay.core.config import write_private
 from keyrelay.core.errors import SettingsError
 from keyrelay.core.nats_connect import NatsConnect, redact
-from keyrelay.core.prometheus import Single, exposition, singles
+from keyrelay.core.prometheus import Single, exposition, family, singles
 from keyrelay.core.serving import harden, healthz, malformed_metric, run_forever, serve_app, server_tls_context
 
 from . import api_schemas as s
@@ -168,8 +168,18 @@ async def metrics(request: web.Request) -> web.Response:
         ("keyrelay_admin_tokens_malformed_total", "counter", "Admin tokens refused by their form, with no lookup",
          services.tokens.stats.malformed),
     ]  # fmt: skip
-    text = exposition(singles(samples)) + malformed_metric(request.app)
+    checks = services.tokens.stats
+    refused = family("keyrelay_admin_tokens_refused_total", "counter", "Well-formed admin tokens refused, by reason "
+                     "(unknown ones are counted, not audited)", _by_reason(checks.refused))  # fmt: skip
+    refused += family("keyrelay_sign_ins_refused_total", "counter", "Sign-ins refused behind a trusted proxy, by "
+                      "reason (unknown users are counted, not audited)",
+                      _by_reason(checks.sign_ins_refused))  # fmt: skip
+    text = exposition([*singles(samples), *refused]) + malformed_metric(request.app)
     return web.Response(text=text, content_type="text/plain")
+
+
+def _by_reason(counts: dict[str, int]) -> list[tuple[str, int]]:
+    return [(f'reason="{reason}"', n) for reason, n in counts.items()]
 
 
 _READY = s.obj({"ready": {"const": True}, "nats_connected": {"type": "boolean"}, "bucket_ready": {"type": "boolean"},

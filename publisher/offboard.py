@@ -1,18 +1,20 @@
-"""Offboarding, shared by every way a person leaves: the admin API's deactivate, SCIM `active: false` and SCIM
-DELETE. The user's tokens and browser sessions stop at once; the keys they created follow each organization's
-`offboarding` policy (revoked here and published like any revocation, reassigned, or kept); and memberships an
-identity provider manages are read-only to everyone else (`require_manual`)."""
+"""Offboarding, shared by every way a person leaves: the admin API's deactivate and member removal, SCIM
+`active: false` and SCIM DELETE. The user's tokens and browser sessions stop at once; the keys they created
+follow each organization's `offboarding` policy (revoked in the transaction that deactivates or removes them
+and published like any revocation, reassigned, or kept); and memberships an identity provider manages are
+read-only to everyone else (`require_manual`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .access import Services
+from .access import Services, propagation
 from .errors import Conflict
 from .models import Actor
 from .people import User
+from .store import Change, Revocation
 
-__all__ = ["Offboarded", "offboard", "require_manual"]
+__all__ = ["Offboarded", "leave", "offboard", "require_manual"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,19 +28,23 @@ class Offboarded:
 
 async def offboard(services: Services, actor: Actor, user_id: str) -> Offboarded:
     """Deactivate a user and apply its organizations' offboarding policies (deactivating twice changes nothing)."""
-    deactivated, revoke = await services.people.deactivate_user(actor, user_id)
+    deactivated, change = await services.people.deactivate_user(actor, user_id)
     services.tokens.forget()
     async with services.people.db.transaction() as tx:  # browser sessions end with their user
         await tx.execute("DELETE FROM web_sessions WHERE user_id = $1", user_id)
-    revoked: list[str] = []
-    propagation = "published"
-    if revoke:
-        change = await services.store.revoke_keys(actor, revoke, "user deactivated (offboarding: revoke)")
-        revoked = [k.id for k in change.value.revoked]
-        services.relay.wake()
-        done = await services.relay.wait_published(change.outbox_ids, services.settings.publish_wait)
-        propagation = "published" if done else "pending"
-    return Offboarded(deactivated, revoked, propagation)
+    return Offboarded(deactivated, *await _published(services, change))
+
+
+async def leave(services: Services, actor: Actor, kind: str, scope_id: str, user_id: str) -> tuple[list[str], str]:
+    """Take a user out of an org (and its teams) or a team; leaving an org, the keys the user made there follow
+    its offboarding policy. Returns the keys revoked and whether the revocations reached JetStream."""
+    change = await services.people.remove_member(actor, kind, scope_id, user_id)
+    services.tokens.forget()
+    return await _published(services, change)
+
+
+async def _published(services: Services, change: Change[Revocation]) -> tuple[list[str], str]:
+    return [k.id for k in change.value.revoked], await propagation(services, change.outbox_ids)
 
 
 async def require_manual(services: Services, actor: Actor, org_id: str) -> None:

@@ -16,11 +16,12 @@ from . import policy
 from .db import Database, Row, Tx
 from .errors import Conflict, Invalid, NotFound
 from .models import Actor, iso, new_id, now_us
-from .store import AuditRow, record_audit
+from .store import AuditRow, Change, Revocation, record_audit, revoke_in
 
 __all__ = [
     "DEFAULT_POLICY",
     "MEMBERSHIP_SOURCES",
+    "NOT_IN_ORG",
     "OFFBOARDING",
     "Member",
     "PeopleStore",
@@ -32,6 +33,7 @@ OFFBOARDING = ("revoke", "reassign", "keep")
 # Where an org's memberships come from: its identity provider's SCIM pushes, the groups claim at each
 # sign-in, or the admin API (manual). Those an identity provider manages are read-only elsewhere.
 MEMBERSHIP_SOURCES = ("manual", "scim", "claims")
+NOT_IN_ORG = "the user is not a member of the team's organization: add them there first"
 DEFAULT_POLICY: dict[str, Any] = {"developers_may_create_keys": True, "offboarding": "revoke",
                                   "memberships": "manual", "jit_users": False}  # fmt: skip
 _USER_COLUMNS = "id, email, display_name, external_id, created_at, deactivated_at"
@@ -217,13 +219,13 @@ class PeopleStore:
                                   *args)  # fmt: skip
         return [User.from_row(r) for r in rows]
 
-    async def deactivate_user(self, actor: Actor, user_id: str) -> tuple[User, list[str]]:
-        """Deactivate a user: its tokens stop at once. Returns the user and the ids of the keys its orgs'
-        offboarding policy says to revoke (`revoke`); `reassign` hands its keys to their teams."""
+    async def deactivate_user(self, actor: Actor, user_id: str) -> tuple[User, Change[Revocation]]:
+        """Deactivate a user: its tokens stop at once, and the keys it created follow each of their orgs'
+        offboarding policy, in the same transaction. Returns the user and the keys revoked (`revoke`)."""
         now = now_us()
+        offboarded: Change[Revocation] = Change(Revocation((), ()), ())
         async with self.db.transaction() as tx:
             user = await _user(tx, user_id)
-            revoke: list[str] = []
             if user.deactivated_at is None:
                 await tx.execute("UPDATE users SET deactivated_at = $1 WHERE id = $2", now, user_id)
                 await record_audit(
@@ -233,21 +235,10 @@ class PeopleStore:
                     now,
                     [(None, None, None, None, {"user_id": user_id, "email": user.email})],
                 )
-                keys = await tx.fetch("SELECT id, organization_id FROM api_keys WHERE created_by_user = $1 "
-                                      "AND revoked_at IS NULL", user_id)  # fmt: skip
-                policies = {o: await _policy(tx, o) for o in {k["organization_id"] for k in keys}}
-                revoke = [k["id"] for k in keys if policies[k["organization_id"]]["offboarding"] == "revoke"]
-                handed = [k["id"] for k in keys if policies[k["organization_id"]]["offboarding"] == "reassign"]
-                for key_id in handed:
-                    await tx.execute("UPDATE api_keys SET created_by_user = NULL, owner_team_id = "
-                                     "COALESCE(owner_team_id, team_id) WHERE id = $1", key_id)  # fmt: skip
-                if handed:
-                    await record_audit(tx, actor, "key.reassign", now,
-                                       [(None, None, None, None, {"user_id": user_id, "keys": handed[:100],
-                                                                  "count": len(handed)})])  # fmt: skip
+                offboarded = await _offboard(tx, actor, user_id, None, now, "user deactivated")
                 user = await _user(tx, user_id)
         self.on_change()
-        return user, revoke
+        return user, offboarded
 
     # -- memberships --------------------------------------------------------------------------
 
@@ -280,15 +271,18 @@ class PeopleStore:
                 org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
                 if not await tx.fetchval("SELECT 1 FROM org_members WHERE organization_id = $1 AND user_id = $2",
                                          org_id, user_id):  # fmt: skip
-                    raise Conflict("the user is not a member of the team's organization: add them there first")
+                    raise Conflict(NOT_IN_ORG)
             member = await self._put_member(tx, actor, kind, scope_id, user, role)
         self.on_change()
         return member
 
-    async def remove_member(self, actor: Actor, kind: str, scope_id: str, user_id: str) -> None:
-        """Take a user's role in an org (and its teams) or a team away; NotFound if they held none."""
+    async def remove_member(self, actor: Actor, kind: str, scope_id: str, user_id: str) -> Change[Revocation]:
+        """Take a user's role in an org (and its teams) or a team away; NotFound if they held none. Leaving an
+        org, the keys the user created in it follow its offboarding policy, in the same transaction: returns
+        the keys revoked (`revoke`). Leaving a team changes no key: the team owns them."""
         table, column = _membership(kind)
         now = now_us()
+        offboarded: Change[Revocation] = Change(Revocation((), ()), ())
         async with self.db.transaction() as tx:
             removed = await tx.execute(f"DELETE FROM {table} WHERE {column} = $1 AND user_id = $2", scope_id, user_id)
             if not removed:
@@ -302,7 +296,10 @@ class PeopleStore:
                 org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
             await record_audit(tx, actor, f"{kind}.member.remove", now,
                                [(org_id, team_id, None, None, {"user_id": user_id})])  # fmt: skip
+            if kind == "org":
+                offboarded = await _offboard(tx, actor, user_id, org_id, now, "user removed from the organization")
         self.on_change()
+        return offboarded
 
     async def _put_member(self, tx: Tx, actor: Actor, kind: str, scope_id: str, user: User, role: str) -> Member:
         table, column = _membership(kind)
@@ -357,6 +354,32 @@ async def _user(tx: Tx, user_id: str) -> User:
     if row is None:
         raise NotFound("user", user_id)
     return User.from_row(row)
+
+
+async def _offboard(tx: Tx, actor: Actor, user_id: str, org_id: str | None, now: int,
+                    why: str) -> Change[Revocation]:  # fmt: skip
+    """The keys `user_id` created that are not revoked (in `org_id` only, if given), as each one's org policy
+    says (`offboarding`): `revoke` them; `reassign` them to their team (no longer the user's own); `keep` them."""
+    sql = "SELECT id, organization_id FROM api_keys WHERE created_by_user = $1 AND revoked_at IS NULL"
+    keys = await (tx.fetch(sql, user_id) if org_id is None else tx.fetch(f"{sql} AND organization_id = $2",
+                                                                          user_id, org_id))  # fmt: skip
+    by_org: dict[str, list[str]] = {}
+    for key in keys:
+        by_org.setdefault(key["organization_id"], []).append(key["id"])
+    revoke: list[str] = []
+    for org, ids in sorted(by_org.items()):
+        rule = (await _policy(tx, org))["offboarding"]
+        if rule == "revoke":
+            revoke += ids
+        elif rule == "reassign":
+            for key_id in ids:
+                await tx.execute("UPDATE api_keys SET created_by_user = NULL, owner_team_id = "
+                                 "COALESCE(owner_team_id, team_id) WHERE id = $1", key_id)  # fmt: skip
+            await record_audit(tx, actor, "key.reassign", now,
+                               [(org, None, None, None, {"user_id": user_id, "keys": ids[:100],
+                                                         "count": len(ids), "why": why})])  # fmt: skip
+    revoked, outbox = await revoke_in(tx, actor, revoke, f"{why} (offboarding: revoke)", now)
+    return Change(Revocation(tuple(revoked), ()), outbox)
 
 
 async def _policy(tx: Tx, org_id: str) -> dict[str, Any]:

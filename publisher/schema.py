@@ -70,6 +70,11 @@ class Migration:
 _ACTIVE_PROJECT_NAMES = (
     "CREATE UNIQUE INDEX idx_projects_active_name ON projects (team_id, name) WHERE decommissioned_at IS NULL"
 )
+_ACTIVE_TEAM_NAMES = (
+    "CREATE UNIQUE INDEX idx_teams_active_name ON teams (organization_id, name) WHERE decommissioned_at IS NULL"
+)
+_TEAM_COLUMNS = "id, organization_id, name, created_at, decommissioned_at, external_id"
+_TEAMS_BY_ORG = "CREATE INDEX idx_teams_org ON teams (organization_id, created_at, id)"  # listings: every team
 
 
 def _memberships(table: str, column: str, parent: str) -> tuple[str, str]:
@@ -276,6 +281,34 @@ MIGRATIONS: tuple[Migration, ...] = (
                 created_at {ts} NOT NULL
             )""",
             "ALTER TABLE teams ADD COLUMN external_id VARCHAR(255)",
+        ),
+    ),
+    Migration(
+        6,
+        "teams: a name is unique among an organization's teams that are not decommissioned, so it can be reused",
+        (),
+        postgresql_only=(
+            "ALTER TABLE teams DROP CONSTRAINT teams_organization_id_name_key",
+            _ACTIVE_TEAM_NAMES,
+            _TEAMS_BY_ORG,
+        ),
+        # As migration 3 does for projects: SQLite rebuilds the table, its foreign keys checked at COMMIT.
+        sqlite_only=(
+            "PRAGMA defer_foreign_keys = ON",
+            f"CREATE TABLE teams_v2 AS SELECT {_TEAM_COLUMNS} FROM teams",
+            "DROP TABLE teams",
+            """CREATE TABLE teams (
+                id {uuid} PRIMARY KEY,
+                organization_id {uuid} NOT NULL REFERENCES organizations(id),
+                name VARCHAR(255) NOT NULL,
+                created_at {ts} NOT NULL,
+                decommissioned_at {ts},
+                external_id VARCHAR(255)
+            )""",
+            f"INSERT INTO teams ({_TEAM_COLUMNS}) SELECT {_TEAM_COLUMNS} FROM teams_v2",
+            "DROP TABLE teams_v2",
+            _ACTIVE_TEAM_NAMES,
+            _TEAMS_BY_ORG,
         ),
     ),
 )

@@ -19,7 +19,7 @@ from . import validation as v
 from .access import ACTOR, SERVICES, Services, actor_of
 from .errors import Conflict, Forbidden, Invalid, NotFound, PublisherError, Unauthorized
 from .models import Actor, iso, new_id
-from .offboard import offboard, require_manual
+from .offboard import leave, offboard, require_manual
 from .people import User
 from .scim_protocol import (
     GROUP_SCHEMA,
@@ -232,8 +232,7 @@ async def _leave(services: Services, actor: Actor, org: str, user_id: str) -> No
     if set(await services.people.user_orgs(user_id)) <= {org}:
         await offboard(services, actor, user_id)
     else:
-        await services.people.remove_member(actor, "org", org, user_id)
-        services.tokens.forget()
+        await leave(services, actor, "org", org, user_id)
 
 
 async def list_users(request: web.Request) -> web.StreamResponse:

@@ -17,7 +17,7 @@ from .db import Database, Tx
 from .errors import Conflict, NotFound
 from .models import Actor, ApiKey, AuditEntry, Org, Project, Team, new_id, now_us
 
-__all__ = ["AuditRow", "Change", "KeySpec", "KeyStore", "placeholders", "record_audit"]
+__all__ = ["AuditRow", "Change", "KeySpec", "KeyStore", "placeholders", "record_audit", "revoke_in"]
 
 T = TypeVar("T")
 
@@ -116,18 +116,23 @@ class KeyStore:
         return org
 
     async def create_team(self, actor: Actor, org_id: str, name: str) -> Team:
-        """A new team in an org; names are unique within the org (Conflict with the existing one's id)."""
+        """A new team in an org; names are unique among the org's teams that are not decommissioned (Conflict
+        with the existing one's id)."""
         team = Team(id=new_id(), org_id=org_id, name=name, created_at=now_us())
         async with self.db.transaction() as tx:
             if (await self._org(tx, org_id)).decommissioned_at is not None:
                 raise Conflict("the organization is decommissioned; it cannot hold new teams")
+            # As for projects: a decommissioned team keeps its name in the audit trail, and frees it for reuse.
             existing = await _insert_unless_named(
                 tx, "teams (id, organization_id, name, created_at)", (team.id, org_id, name, team.created_at),
-                "SELECT id FROM teams WHERE organization_id = $1 AND name = $2", (org_id, name),
+                "SELECT id FROM teams WHERE organization_id = $1 AND name = $2 AND decommissioned_at IS NULL",
+                (org_id, name),
             )  # fmt: skip
             if existing is not None:
                 raise Conflict(
-                    f"a team named {name!r} already exists in this organization (id {existing})", existing_id=existing
+                    f"a team named {name!r} already exists in this organization (id {existing}); decommission it "
+                    "first to reuse the name",
+                    existing_id=existing,
                 )
             await record_audit(
                 tx, actor, "team.create", team.created_at, [(org_id, team.id, None, None, {"name": name})]
@@ -244,7 +249,9 @@ class KeyStore:
         now = now_us()
         async with self.db.transaction() as tx:
             current = await (self._org(tx, ident) if kind == "org" else self._team(tx, ident))
-            parent = ("", ()) if kind == "org" else (" AND organization_id = $2", (current.org_id,))  # type: ignore[union-attr]
+            # Org names are unique for good; a team's only among the org's teams that are not decommissioned.
+            parent = ("", ()) if kind == "org" else (" AND organization_id = $2 AND decommissioned_at IS NULL",
+                                                     (current.org_id,))  # type: ignore[union-attr]  # fmt: skip
             holder = await tx.fetchval(f"SELECT id FROM {table} WHERE name = $1{parent[0]}", name, *parent[1])
             if holder is not None and holder != ident:
                 raise Conflict(f"the name {name!r} is taken (id {holder})", existing_id=str(holder))
@@ -364,18 +371,7 @@ class KeyStore:
             missing = [k for k in key_ids if k not in found]
             if missing:
                 raise NotFound("key", missing[0]) if len(missing) == 1 else NotFound("keys", ", ".join(missing))
-            keys: list[ApiKey] = []
-            for chunk in _chunks(key_ids):
-                rows = await tx.fetch(
-                    f"UPDATE api_keys SET revoked_at = $1, revoked_reason = $2, version = version + 1 "
-                    f"WHERE id IN ({placeholders(len(chunk), start=3)}) AND revoked_at IS NULL "
-                    f"RETURNING {KEY_COLUMNS}",
-                    now, reason, *chunk,
-                )  # fmt: skip
-                keys += [ApiKey.from_row(r) for r in rows]
-            outbox = await _enqueue(tx, keys, now)
-            details = {"reason": reason} if reason else {}
-            await record_audit(tx, actor, "key.revoke", now, [_key_audit(k, details) for k in keys])
+            keys, outbox = await revoke_in(tx, actor, key_ids, reason, now)
         revoked_ids = {k.id for k in keys}
         already = tuple(k for k in dict.fromkeys(key_ids) if k not in revoked_ids)
         return Change(Revocation(revoked=tuple(keys), already_revoked=already), outbox)
@@ -623,6 +619,25 @@ async def _insert_keys(tx: Tx, keys: Sequence[ApiKey]) -> None:
         )
         for k in keys
     ])  # fmt: skip
+
+
+async def revoke_in(tx: Tx, actor: Actor, key_ids: Sequence[str], reason: str | None,
+                    now: int) -> tuple[list[ApiKey], tuple[int, ...]]:  # fmt: skip
+    """Revoke the keys of these ids not revoked yet, in the caller's transaction: their outbox entries queued,
+    each audited. Returns the keys it revoked and the outbox ids that publish them."""
+    keys: list[ApiKey] = []
+    for chunk in _chunks(key_ids):
+        rows = await tx.fetch(
+            f"UPDATE api_keys SET revoked_at = $1, revoked_reason = $2, version = version + 1 "
+            f"WHERE id IN ({placeholders(len(chunk), start=3)}) AND revoked_at IS NULL "
+            f"RETURNING {KEY_COLUMNS}",
+            now, reason, *chunk,
+        )  # fmt: skip
+        keys += [ApiKey.from_row(r) for r in rows]
+    outbox = await _enqueue(tx, keys, now)
+    details = {"reason": reason} if reason else {}
+    await record_audit(tx, actor, "key.revoke", now, [_key_audit(k, details) for k in keys])
+    return keys, outbox
 
 
 async def _unpublish(tx: Tx, entries: Sequence[tuple[str, str]], now: int) -> _Queued:

@@ -22,7 +22,9 @@ from .token_format import TOKEN_PREFIX, generate_token, token_digest, token_hint
 
 __all__ = [
     "CONFIGURATION",
+    "REFUSALS",
     "ROLES",
+    "SIGN_IN_REFUSALS",
     "AdminToken",
     "TokenRevoked",
     "TokenStats",
@@ -89,13 +91,23 @@ class AdminToken:
         }
 
 
+# Why a well-formed token was refused: the `reason` label of keyrelay_admin_tokens_refused_total.
+REFUSALS = ("unknown", "revoked", "expired", "user_deactivated")
+# Why a sign-in was refused: the `reason` label of keyrelay_sign_ins_refused_total.
+SIGN_IN_REFUSALS = ("unknown_user", "user_deactivated")
+
+
 @dataclass(slots=True)
 class TokenStats:
-    """What token checks cost: database lookups, and tokens refused by their form alone."""
+    """What token checks cost: database lookups, tokens refused by their form alone, and well-formed tokens
+    refused, by reason (REFUSALS). Only refusals of tokens that exist are audited: an unknown one names no
+    actor, and auditing it would let anyone without a token fill the audit log; it is counted instead."""
 
     lookups: int = 0
     malformed: int = 0
-    refused: int = 0  # well-formed tokens that name a row, refused (revoked, expired, user deactivated)
+    refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSALS, 0))
+    # Sign-ins refused (behind a trusted proxy): counted with the tokens, the other credential a request carries.
+    sign_ins_refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIGN_IN_REFUSALS, 0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,29 +167,30 @@ class TokenStore:
 
     async def find(self, token: str) -> Actor | None:
         """The actor a presented token stands for, or None (malformed, unknown, revoked, expired, or its
-        user deactivated). A refused token that names a row (revoked, expired, deactivated) is audited."""
+        user deactivated), each refusal counted in `stats`. A refused token that names a row (revoked,
+        expired, deactivated) is audited as `token.refused`; an unknown one is only counted."""
         if not well_formed(token):
             self.stats.malformed += 1  # refused by its form: no lookup
             return None
         digest = token_digest(token)
         cached = self._cache.get(digest)
-        if cached is not None and cached.until > self.clock():
-            return cached.actor if _alive(cached.expires_at, now_us()) else None
-        self.stats.lookups += 1
+        if cached is not None and cached.until > self.clock() and _alive(cached.expires_at, now_us()):
+            return cached.actor
+        self.stats.lookups += 1  # a cached token that expired since is looked up: its refusal is audited
         now = now_us()
         async with self.db.transaction() as tx:
             row = await tx.fetchrow(f"SELECT {_COLUMNS} FROM admin_tokens WHERE token_hash = $1", digest)
             refused = _refusal(row, now)
             grants = None if row is None or refused else await token_grants(tx, row)
             if row is not None and grants is None:
-                refused = refused or "its user is deactivated"
-                self.stats.refused += 1
+                refused = refused or "user_deactivated"
                 itself = Actor(token_id=row["id"], name=row["name"], role=row["role"], user_id=row["user_id"])
                 await record_audit(tx, itself, "token.refused", now, [
                     (row["org_id"], row["team_id"], None, None,
-                     {"token_id": row["id"], "name": row["name"], "reason": refused})
+                     {"token_id": row["id"], "name": row["name"], "reason": _REASONS[refused]})
                 ])  # fmt: skip
         if row is None or grants is None:
+            self.stats.refused[refused or "unknown"] += 1
             self._cache.pop(digest, None)
             return None
         label = row["name"]
@@ -272,6 +285,10 @@ class TokenStore:
 
 def _alive(expires_at: int | None, now: int) -> bool:
     return expires_at is None or expires_at > now
+
+
+# What the audit trail says for each refusal (REFUSALS) of a token that exists.
+_REASONS = {"revoked": "revoked", "expired": "expired", "user_deactivated": "its user is deactivated"}
 
 
 def _refusal(row: Row | None, now: int) -> str | None:

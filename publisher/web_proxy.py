@@ -58,5 +58,17 @@ async def proxy_actor(request: web.Request) -> Actor | None:
     user = await services.people.user_by_email(email)
     actor = None if user is None else await user_actor(services, user, "portal")
     if actor is None:
+        await _refused(services, user)
         raise Unauthorized("the proxy names no active keyrelay user: an organization admin adds users by email")
     return actor
+
+
+async def _refused(services: Services, user: User | None) -> None:
+    """Count a refused sign-in; audit it when it names a user (as a refused token that exists is), so the user's
+    trail shows it. One that names nobody is only counted: it has no trail to go in (docs/permissions.md)."""
+    reason = "unknown_user" if user is None else "user_deactivated"
+    services.tokens.stats.sign_ins_refused[reason] += 1
+    if user is not None:
+        itself = Actor(token_id=NIL_UUID, name=user.label, role="personal", user_id=user.id, source="portal")
+        details = {"user_id": user.id, "email": user.email, "via": "proxy", "reason": "its user is deactivated"}
+        await services.store.record(itself, "signin.refused", (None, None, None, None, details))

@@ -44,9 +44,10 @@ class Shell:
 
     publisher: Publisher
 
-    async def run(self, *argv: str, auth: bool = True, stdin: str = "") -> Ran:
-        """The command, with --url and --token of the test publisher unless `auth` is False."""
-        flags = ["--url", self.publisher.url, "--token", ADMIN_TOKEN] if auth else []
+    async def run(self, *argv: str, auth: bool = True, stdin: str = "", token: str = ADMIN_TOKEN) -> Ran:
+        """The command, with --url and --token (the admin's, or `token`) of the test publisher unless `auth`
+        is False."""
+        flags = ["--url", self.publisher.url, "--token", token] if auth else []
         return await asyncio.to_thread(run_cli, [*argv, *flags], stdin)
 
     async def ok(self, *argv: str, stdin: str = "") -> str:

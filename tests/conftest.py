@@ -146,9 +146,27 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         return
     name = await _create_pg_database()
     try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        yield _pg_url(name)
     finally:
         await _drop_pg_database(name)
+
+
+@contextlib.contextmanager
+def database_for_module(kind: str, directory: Path) -> Iterator[str]:
+    """A fresh, empty database for a module's fixture (outside any event loop): a SQLite file in `directory`, or
+    a new PostgreSQL database dropped afterwards."""
+    if kind == "sqlite":
+        yield f"sqlite:///{directory / 'keyrelay.db'}"
+        return
+    name = asyncio.run(_create_pg_database())
+    try:
+        yield _pg_url(name)
+    finally:
+        asyncio.run(_drop_pg_database(name))
+
+
+def _pg_url(name: str) -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture

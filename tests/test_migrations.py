@@ -226,6 +226,52 @@ async def test_migration_4_renames_token_roles_keeps_keys_owned_by_their_project
         await db.close()
 
 
+async def test_after_migration_6_a_decommissioned_teams_name_is_free_and_what_refers_to_teams_survives(
+    database_url: str,
+) -> None:
+    old = await _previous_release_database(database_url)
+    db = await _open(database_url)
+    try:
+        assert await migrate(db, migrations=MIGRATIONS[:5]) == [2, 3, 4, 5]
+        now, user = now_us(), _id()
+        async with db.transaction() as tx:  # what migration 5's release wrote: a member, a team token, a decommission
+            await tx.execute("INSERT INTO users (id, email, created_at) VALUES ($1, $2, $3)", user, "a@example.com",
+                             now)  # fmt: skip
+            await tx.execute("INSERT INTO team_members (team_id, user_id, role, created_at) VALUES ($1, $2, $3, $4)",
+                             old["team"], user, "viewer", now)  # fmt: skip
+            await tx.execute("UPDATE admin_tokens SET team_id = $1, role = 'viewer' WHERE id = $2", old["team"],
+                             old["ci"])  # fmt: skip
+            await tx.execute("UPDATE api_keys SET owner_team_id = $1 WHERE id = $2", old["team"], old["key"])
+            await tx.execute("UPDATE teams SET decommissioned_at = $1, external_id = $2 WHERE id = $3", now,
+                             "scim-group-7", old["team"])  # fmt: skip
+        assert await migrate(db) == [6]
+
+        store = KeyStore(db)
+        admin = Actor(token_id=old["bootstrap"], name="bootstrap", role="platform-admin")
+        reused = await store.create_team(admin, old["org"], "platform")
+        teams = await store.list_teams(old["org"], limit=10)
+        assert [(t.id, t.name, t.decommissioned_at is None) for t in teams] == [
+            (old["team"], "platform", False),
+            (reused.id, "platform", True),
+        ]
+        assert (await store.get_key(old["key"])).owner_team == old["team"]
+        async with db.transaction() as tx:
+            members = await tx.fetch("SELECT team_id, user_id FROM team_members")
+            token_team = await tx.fetchval("SELECT team_id FROM admin_tokens WHERE id = $1", old["ci"])
+            external = await tx.fetchval("SELECT external_id FROM teams WHERE id = $1", old["team"])
+        assert external == "scim-group-7"
+        assert ([tuple(r.values()) for r in members], token_team) == ([(old["team"], user)], old["team"])
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"):  # the index holds even without the check
+            async with db.transaction() as tx:
+                await tx.execute("INSERT INTO teams (id, organization_id, name, created_at) VALUES ($1, $2, $3, $4)",
+                                 _id(), old["org"], "platform", now_us())  # fmt: skip
+        with pytest.raises(Exception, match=r"(?i)foreign key"):  # what refers to teams still must name one
+            async with db.transaction() as tx:
+                await tx.execute("UPDATE api_keys SET team_id = $1 WHERE id = $2", _id(), old["key"])
+    finally:
+        await db.close()
+
+
 async def _newer_release_database(url: str) -> None:
     db = await _open(url)
     try:

@@ -1,7 +1,7 @@
 """The permission table (publisher/policy.py) is docs/permissions.md's, and the authorization matrix generated
 from it holds against a real publisher: every admin route x every role x own org (own team, a sibling team) /
 other org / no membership, each answered with the status the table says (201/200, 403, or 404 when the caller
-may not even see the thing). One publisher (SQLite) for the module; a token per role and place."""
+may not even see the thing). One publisher for the module, on SQLite and on PostgreSQL; a token per role and place."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from keyrelay.natsd import NatsServer, NatsSpec
 from publisher.app import create_app
 from publisher.policy import ORG_ROLES, PERMISSIONS, SEES, SELF, TEAM_ROLES, markdown_table
 from publisher.settings import PublisherSettings
+from tests.conftest import database_for_module
 from tests.support import ADMIN_TOKEN, SIGNER, key_file
 from tests.threaded import ThreadedApp
 
@@ -212,23 +213,28 @@ class Matrix:
         return self.tokens[(role, relation, place)]
 
 
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def matrix(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
     data = tmp_path_factory.mktemp("permissions")
     nats = NatsServer(NatsSpec(name="permissions", store_dir=data / "nats"))
     nats.start()
-    settings = PublisherSettings(database_url=f"sqlite:///{data / 'keyrelay.db'}", init=True, nats_url=(nats.url,),
-                                 admin_token=ADMIN_TOKEN, data_dir=data, publish_wait=2.0, token_cache_ttl=0,
-                                 signing_key=key_file(data / "signing-key", SIGNER))  # fmt: skip
     try:
-        with ThreadedApp(lambda: create_app(settings), access_log=None) as url:
-            api = Api(url)
-            own, other = World.make(api), World.make(api)
-            loner = api.ok("POST", "/users", {"email": f"{_name()}@example.com"})["id"]
-            nobody = api.token("personal", user_id=loner)
-            yield Matrix(api, own, other, nobody)
+        with database_for_module(request.param, data) as database_url:
+            yield from _served_matrix(database_url, nats.url, data)
     finally:
         nats.stop()
+
+
+def _served_matrix(database_url: str, nats_url: str, data: Path) -> Iterator[Matrix]:
+    settings = PublisherSettings(database_url=database_url, init=True, nats_url=(nats_url,), admin_token=ADMIN_TOKEN,
+                                 data_dir=data, publish_wait=2.0, token_cache_ttl=0,
+                                 signing_key=key_file(data / "signing-key", SIGNER))  # fmt: skip
+    with ThreadedApp(lambda: create_app(settings), access_log=None) as url:
+        api = Api(url)
+        own, other = World.make(api), World.make(api)
+        loner = api.ok("POST", "/users", {"email": f"{_name()}@example.com"})["id"]
+        nobody = api.token("personal", user_id=loner)
+        yield Matrix(api, own, other, nobody)
 
 
 def test_every_route_answers_every_role_in_every_place_as_the_permission_table_says(matrix: Matrix) -> None:

@@ -115,7 +115,10 @@ async def test_a_token_past_its_expiry_is_refused_with_401(start_publisher: Star
     listed = {t["name"]: t for t in (await admin.ok("GET", "/tokens"))["tokens"]}
     assert listed["short-lived"]["status"] == "expired"
     entries = (await admin.ok("GET", "/audit"))["entries"]
-    assert entries[0]["details"]["expires_at"] == created["expires_at"]
+    refused = entries[0]  # newest first: the refusal (an expired token's cached lookup is looked up again)
+    made = next(e for e in entries if e["action"] == "token.create" and e["details"]["name"] == "short-lived")
+    assert (refused["action"], refused["details"]["reason"]) == ("token.refused", "expired")
+    assert (made["action"], made["details"]["expires_at"]) == ("token.create", created["expires_at"])
 
     for bad in ("soon", "0s", -5, "11000d", True):
         status, answer = await admin.call("POST", "/tokens", {"name": f"bad-{bad}", "expires_in": bad})

@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import Publisher, StartPublisher
+from tests.support import Publisher, Scrape, StartPublisher
 
 TRUSTED = (ip_network("127.0.0.2/32"),)
 
@@ -93,6 +93,28 @@ async def test_the_header_names_are_configurable_and_the_defaults_then_ignored(
     _, _, email = await _member(publisher)
     assert (await _get(from_proxy, publisher, "/orgs", {"X-Forwarded-Email": email}))[0] == 401
     assert (await _get(from_proxy, publisher, "/orgs", {"X-Auth-Request-Email": email}))[0] == 200
+
+
+async def test_a_refused_sign_in_is_audited_under_its_user_and_one_naming_nobody_is_only_counted(
+    start_publisher: StartPublisher, from_proxy: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher(trusted_proxies=TRUSTED)
+    _, user, email = await _member(publisher)
+    entries = len((await publisher.admin.ok("GET", "/audit", limit=1000))["entries"])
+    for _ in range(2):
+        assert (await _get(from_proxy, publisher, "/orgs", {"X-Forwarded-Email": "nobody@example.com"}))[0] == 401
+    assert len((await publisher.admin.ok("GET", "/audit", limit=1000))["entries"]) == entries
+    await publisher.admin.ok("POST", f"/users/{user}/deactivate")
+    assert (await _get(from_proxy, publisher, "/orgs", {"X-Forwarded-Email": email}))[0] == 401
+
+    refused = (await publisher.admin.ok("GET", "/audit", actor=user, limit=1))["entries"][0]
+    assert (refused["action"], refused["actor_kind"], refused["source"]) == ("signin.refused", "user", "portal")
+    assert (refused["details"]["via"], refused["details"]["reason"]) == ("proxy", "its user is deactivated")
+    async with from_proxy.get(publisher.url + "/metrics") as resp:
+        scrape = Scrape.parse(await resp.text())
+    assert scrape.family("keyrelay_sign_ins_refused_total") == {
+        '{reason="unknown_user"}': 2, '{reason="user_deactivated"}': 1
+    }  # fmt: skip
 
 
 def test_trusted_proxies_take_cidrs_and_refuse_anything_else() -> None:
