@@ -42,11 +42,13 @@ class SignInRefused(PublisherError):
     status = 403
     code = "signin_refused"
 
-    def __init__(self, message: str, *, reason: str, status: int = 403, email: str | None = None) -> None:
+    def __init__(self, message: str, *, reason: str, status: int = 403, email: str | None = None,
+                 user: User | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.reason = reason
         self.status = status
-        self.email = email
+        self.email = email  # set once the provider vouched for the person: the refusal is then audited
+        self.user = user
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +88,7 @@ async def sign_in(services: Services, groups: GroupMap | None, person: Person) -
     user = await people.user_by_email(person.email)
     if user is not None and user.deactivated_at is not None:
         raise SignInRefused("your keyrelay account is deactivated: an organization owner can tell you why",
-                            reason="deactivated", email=person.email)  # fmt: skip
+                            reason="user_deactivated", email=person.email, user=user)  # fmt: skip
     wanted = await _resolve(services, groups, person.groups)
     if user is None:
         user = await _just_in_time(services, person, wanted)
@@ -97,7 +99,7 @@ async def sign_in(services: Services, groups: GroupMap | None, person: Person) -
         raise SignInRefused(f"you signed in as {person.email}, but you hold no role in any keyrelay organization. "
                             f"Your identity provider lists your groups as: {shown}. An organization's owner gives "
                             "you a role, or your administrator adds you to a group the publisher's group map "
-                            "names", reason="no_role", email=person.email)  # fmt: skip
+                            "names", reason="no_role", email=person.email, user=user)  # fmt: skip
     return actor
 
 
@@ -112,7 +114,7 @@ async def _just_in_time(services: Services, person: Person, wanted: dict[str, Wa
             else "the organizations your groups are mapped to do not create users at sign-in (policy jit_users)"
         )
         raise SignInRefused(f"there is no keyrelay user {person.email}, and {why}. Ask an organization owner to "
-                            "add you", reason="no_user", email=person.email)  # fmt: skip
+                            "add you", reason="unknown_user", email=person.email)  # fmt: skip
     try:
         user = await people.create_user(CLAIMS_ACTOR, person.email, person.name, None)
     except Conflict:  # signed in twice at once: the other sign-in made the user

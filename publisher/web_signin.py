@@ -25,7 +25,9 @@ from .errors import NotFound, PublisherError
 from .models import Actor, iso, now_us
 from .oidc_client import OidcClient, Pkce
 from .oidc_signin import CLAIMS_ACTOR, SignInRefused, person_of, sign_in
+from .oidc_tokens import IdTokenError
 from .settings import PublisherSettings
+from .store import NIL_UUID
 from .web_pages import escape, page, redirect
 from .web_proxy import user_actor
 from .web_sessions import (
@@ -114,8 +116,7 @@ async def callback(request: web.Request) -> web.Response:
     try:
         actor = await _signed_in(request, services, names)
     except SignInRefused as exc:
-        await services.store.record(CLAIMS_ACTOR, "signin.refused",
-                                    (None, None, None, None, {"reason": exc.reason, "email": exc.email}))  # fmt: skip
+        await _refused(services, exc)
         response = page("You are not signed in" if exc.status != 403 else "No access to keyrelay",
                         f"<p>{escape(exc.message)}</p>{_SIGN_IN_LINK}", status=exc.status)  # fmt: skip
         response.del_cookie(names.state, path="/")
@@ -130,6 +131,20 @@ async def callback(request: web.Request) -> web.Response:
     response.del_cookie(names.state, path="/")
     log.info("signed in: user %s, session %s", session.user_id, session.id)
     return response
+
+
+async def _refused(services: Services, refusal: SignInRefused) -> None:
+    """Count a refused sign-in; audit it once the provider vouched for the person (under the user, if there is
+    one). Refusals before that (a state, a code, an id token) are only counted: anyone can make them, and
+    auditing each would let them fill the audit log (docs/permissions.md, Refusals)."""
+    services.tokens.stats.sign_ins_refused[refusal.reason] += 1
+    if refusal.email is None:
+        return
+    user = refusal.user
+    actor = CLAIMS_ACTOR if user is None else Actor(token_id=NIL_UUID, name=user.label, role="personal",
+                                                    user_id=user.id, source="portal")  # fmt: skip
+    details = {"email": refusal.email, "via": "oidc", "reason": refusal.reason}
+    await services.store.record(actor, "signin.refused", (None, None, None, None, details))
 
 
 def _param(request: web.Request, name: str) -> str | None:
@@ -160,7 +175,8 @@ async def _signed_in(request: web.Request, services: Services, names: CookieName
     except PublisherError as exc:  # IdTokenError (401), ProviderError (502)
         log.warning("sign-in refused: %s", exc.message)
         raise SignInRefused(f"keyrelay could not confirm who you are: {exc.message}. Start again at the sign-in link",
-                            reason=exc.code, status=exc.status) from None  # fmt: skip
+                            reason="id_token_refused" if isinstance(exc, IdTokenError) else "identity_provider",
+                            status=exc.status) from None  # fmt: skip
     return await sign_in(services, services.settings.oidc_group_map, person_of(claims))
 
 
