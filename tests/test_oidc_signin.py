@@ -309,6 +309,12 @@ async def test_sessions_are_listed_and_revoked_by_whom_the_policy_says_and_end_w
     (deactivated,) = await _audit(world, "signin.refused")
     assert (deactivated["actor_id"], deactivated["details"]["reason"]) == (ann[0]["user_id"], "user_deactivated")
 
+    assert (await _api(gil, world, "GET", "/orgs"))[0] == 200
+    async with world.publisher.services.people.db.transaction() as tx:  # --session-ttl has passed for gil's
+        await tx.execute("UPDATE web_sessions SET expires_at = $1", now_us() - 1)
+    assert (await _api(gil, world, "GET", "/orgs"))[0] == 401
+    assert (await admin.ok("GET", "/sessions"))["sessions"] == []
+
 
 async def _user(world: World, email: str) -> str:
     users = (await world.publisher.admin.ok("GET", "/users", limit=1000))["users"]
