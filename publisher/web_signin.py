@@ -82,6 +82,11 @@ def _set_cookie(response: web.Response, names: CookieNames, name: str, value: st
                         httponly=not script or None, samesite="Lax")  # fmt: skip
 
 
+def _clear(response: web.Response, names: CookieNames, name: str) -> None:
+    # A __Host- cookie is only replaced by one that is Secure too, the expired one included.
+    response.del_cookie(name, path="/", secure=names.secure or None, samesite="Lax")
+
+
 # -- sign-in -----------------------------------------------------------------------------------
 
 
@@ -119,7 +124,7 @@ async def callback(request: web.Request) -> web.Response:
         await _refused(services, exc)
         response = page("You are not signed in" if exc.status != 403 else "No access to keyrelay",
                         f"<p>{escape(exc.message)}</p>{_SIGN_IN_LINK}", status=exc.status)  # fmt: skip
-        response.del_cookie(names.state, path="/")
+        _clear(response, names, names.state)
         return response
     session, token = await SessionStore(services.people.db).create(
         actor, actor.user_id or "", services.settings.session_ttl, "oidc", request.headers.get("User-Agent", "")
@@ -128,7 +133,7 @@ async def callback(request: web.Request) -> web.Response:
     ttl = int(services.settings.session_ttl)
     _set_cookie(response, names, names.session, token, ttl)
     _set_cookie(response, names, names.csrf, csrf_token(token), ttl, script=True)
-    response.del_cookie(names.state, path="/")
+    _clear(response, names, names.state)
     log.info("signed in: user %s, session %s", session.user_id, session.id)
     return response
 
@@ -221,7 +226,7 @@ async def logout(request: web.Request) -> web.Response:
         await SessionStore(services.people.db).end(actor or CLAIMS_ACTOR, found[0], "signout")
     response = page("Signed out", "<p>Your keyrelay session has ended.</p>" + _SIGN_IN_LINK)
     for name in (names.session, names.csrf):
-        response.del_cookie(name, path="/")
+        _clear(response, names, name)
     return response
 
 

@@ -469,3 +469,8 @@ async def test_under_an_https_public_url_the_cookies_are_secure_and_host_prefixe
         header = resp.headers["Set-Cookie"]
     assert header.startswith("__Host-keyrelay_signin=")
     assert {"secure", "httponly", "samesite=lax", "path=/"} <= {p.strip().lower() for p in header.split(";")[1:]}
+    async with http.get(publisher.url + "/auth/callback", params={"error": "access_denied"}) as resp:
+        assert resp.status == 400
+        cleared = resp.headers["Set-Cookie"]
+    assert cleared.startswith('__Host-keyrelay_signin="";')  # a __Host- cookie is cleared by a Secure one only
+    assert {"secure", "max-age=0", "path=/"} <= {p.strip().lower() for p in cleared.split(";")[1:]}
