@@ -27,6 +27,7 @@ from .access import (
     team_target,
 )
 from .api_people import PEOPLE_ROUTES
+from .api_sessions import SESSION_ROUTES
 from .errors import Invalid, NotFound, PublisherError, Unauthorized, Unavailable
 from .models import ApiKey, AuditEntry, Org, Project, Team, new_id
 from .openapi import OPENAPI_PATH, PAGE, Param, Route, openapi_json
@@ -35,6 +36,7 @@ from .reconcile import reconcile
 from .resign import resign
 from .store import Change, Created, Revocation
 from .web_proxy import proxy_actor
+from .web_sessions import session_actor
 
 __all__ = ["ROUTES", "SERVICES", "UNAUTHENTICATED", "Services", "auth_middleware", "error_middleware"]
 
@@ -77,7 +79,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if not request.path.startswith("/v1/") or (request.method == "GET" and request.path in UNAUTHENTICATED):
         return await handler(request)
     header = request.headers.get("Authorization", "")
-    proxied = None if header else await proxy_actor(request)  # a trusted proxy's user; other peers' headers: none
+    # Without a token: a trusted proxy's user (other peers' headers: none), else a browser session's (CSRF-checked).
+    proxied = None if header else await proxy_actor(request) or await session_actor(request)
     scheme, _, token = header.partition(" ")
     if proxied is None and (scheme.lower() != "bearer" or not token.strip()):
         raise Unauthorized("send Authorization: Bearer <admin token>")
@@ -85,7 +88,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     actor = proxied or await request.app[SERVICES].tokens.find(token.strip())
     if actor is None:
         raise Unauthorized("the admin token is not valid")
-    source = request.headers.get("Keyrelay-Source", "api")
+    source = request.headers.get("Keyrelay-Source", "api") if proxied is None else "portal"
     request_id = request.headers.get("X-Request-Id", "")
     if _REQUEST_ID.fullmatch(request_id) is None:
         request_id = new_id()
@@ -488,6 +491,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/signing-keys", signing_keys, "The public keys bucket values are signed with",
           {200: s.SIGNING_KEYS}, tags=_OPS),
     *PEOPLE_ROUTES,
+    *SESSION_ROUTES,
     Route("GET", OPENAPI_PATH, openapi_json, "This document (no token needed)", {200: {"type": "object"}},
           tags=_OPS),
 )  # fmt: skip

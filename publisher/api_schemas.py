@@ -169,6 +169,15 @@ MEMBER = _component("Member", obj({
     "role": {"type": "string", "enum": [*ORG_ROLES, *TEAM_ROLES]}, "since": TIME,
 }, description="a user's role in an organization or a team"))  # fmt: skip
 MEMBER_PAGE = page("MemberPage", "members", MEMBER)
+_SESSION: dict[str, Schema] = {
+    "id": ID, "user_id": ID, "email": {"type": "string"},
+    "via": {"type": "string", "description": "how it was signed in: oidc"}, "user_agent": nullable({"type": "string"}),
+    "created_at": TIME, "expires_at": TIME, "last_seen_at": {**TIME, "description": "to within a minute"},
+    "current": {"type": "boolean", "description": "the session this request came with"},
+}  # fmt: skip
+SESSION = _component("Session", obj(_SESSION, description="a browser session (never its secret)"))
+SESSION_PAGE = page("SessionPage", "sessions", SESSION)
+REVOKED_SESSION = _component("RevokedSession", obj({**_SESSION, "revoked": {"const": True}}))
 ORG_POLICY = _component("OrgPolicy", obj({
     "org_id": ID,
     "developers_may_create_keys": {"type": "boolean", "description": "team developers may create keys in their "

@@ -32,6 +32,7 @@ from .signing import load_signing_keys
 from .store import KeyStore
 from .token_format import check_configured_token
 from .tokens import TokenRevoked, TokenStore, generate_token
+from .web_signin import add_signin_routes
 
 __all__ = ["create_app", "open_services", "run", "serve", "tls_context"]
 
@@ -170,8 +171,8 @@ async def metrics(request: web.Request) -> web.Response:
     checks = services.tokens.stats
     refused = family("keyrelay_admin_tokens_refused_total", "counter", "Well-formed admin tokens refused, by reason "
                      "(unknown ones are counted, not audited)", _by_reason(checks.refused))  # fmt: skip
-    refused += family("keyrelay_sign_ins_refused_total", "counter", "Sign-ins refused behind a trusted proxy, by "
-                      "reason (unknown users are counted, not audited)",
+    refused += family("keyrelay_sign_ins_refused_total", "counter", "Sign-ins refused (behind a trusted proxy, or "
+                      "with OpenID Connect), by reason (those naming no user are counted, not audited)",
                       _by_reason(checks.sign_ins_refused))  # fmt: skip
     text = exposition([*singles(samples), *refused]) + malformed_metric(request.app)
     return web.Response(text=text, content_type="text/plain")
@@ -203,6 +204,7 @@ def create_app(settings: PublisherSettings) -> web.Application:
     app.cleanup_ctx.append(_lifecycle)
     register(app, (*PROBES, *ROUTES), public=UNAUTHENTICATED)
     add_scim_routes(app)
+    add_signin_routes(app, settings)
     return harden(app)
 
 

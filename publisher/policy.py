@@ -170,12 +170,15 @@ PERMISSIONS: dict[str, dict[str, Rule]] = {
     "signing_keys.read": _rules("both", _each(ORG_ROLES, _ORG), _each(TEAM_ROLES, _ORG)),
     # SCIM (/scim/v2/): an org's identity provider provisions its users and teams with a provisioner token.
     "scim.provision": _rules("", _each("provisioner", _ORG)),
+    # Browser sessions (OpenID Connect sign-in): a user's own; an org owner's, of the org's members.
+    "session.read": _rules("both", _each("owner", _ORG), own=True),
+    "session.revoke": _rules("admin", _each("owner", _ORG), own=True),
 }
 ACTIONS = tuple(PERMISSIONS)
 
 # The action that decides whether a resource of each kind is visible at all.
 SEES = {"org": "org.read", "team": "team.read", "project": "project.read", "key": "key.read",
-        "token": "token.read", "user": "user.read", "audit": "audit.read"}  # fmt: skip
+        "token": "token.read", "user": "user.read", "audit": "audit.read", "session": "session.read"}  # fmt: skip
 
 
 def role_scope(role: str) -> str:

@@ -93,8 +93,11 @@ class AdminToken:
 
 # Why a well-formed token was refused: the `reason` label of keyrelay_admin_tokens_refused_total.
 REFUSALS = ("unknown", "revoked", "expired", "user_deactivated")
-# Why a sign-in was refused: the `reason` label of keyrelay_sign_ins_refused_total.
-SIGN_IN_REFUSALS = ("unknown_user", "user_deactivated")
+# Why a sign-in was refused: the `reason` label of keyrelay_sign_ins_refused_total. After the first two (a trusted
+# proxy's too), OpenID Connect's: the callback's state, the provider's answer, the id token, then the person.
+SIGN_IN_REFUSALS = ("unknown_user", "user_deactivated", "no_state", "state_mismatch", "state_unknown", "state_expired",
+                    "provider_refused", "identity_provider", "id_token_refused", "no_email", "email_unverified",
+                    "no_role")  # fmt: skip
 
 
 @dataclass(slots=True)

@@ -193,7 +193,8 @@ async def _publishers(
             "init": True,
             **overrides,
         })  # fmt: skip
-        server = TestServer(create_publisher_app(settings), host="127.0.0.1", port=0)
+        # A port given is served (a public URL names it); else a free one.
+        server = TestServer(create_publisher_app(settings), host="127.0.0.1", port=overrides.get("port", 0))
         await server.start_server()
         servers.append(server)
         url = str(server.make_url("")).rstrip("/")

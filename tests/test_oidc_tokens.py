@@ -112,3 +112,26 @@ async def test_a_rotated_signing_key_is_followed_by_fetching_the_jwks_again_once
     stranger = RSAKey.generate_key(2048, {"kid": "k9"})
     with pytest.raises(IdTokenError):
         await _validate(provider, jwt.encode({"alg": "RS256", "kid": "k9"}, _claims(), stranger), jwks)
+
+
+async def test_a_provider_that_names_no_key_id_is_followed_through_a_rotation_too() -> None:
+    provider = Provider()
+    jwks = Jwks(provider.jwks, refetch_after=0.0)
+
+    def unnamed(claims: dict[str, Any], key: RSAKey) -> str:
+        return jwt.encode({"alg": "RS256"}, claims, key)
+
+    await _validate(provider, unnamed(_claims(), provider.keys[0]), jwks)
+    provider.keys = [RSAKey.generate_key(2048, {"kid": "k2", "use": "sig"})]  # the old key is gone at once
+    await _validate(provider, unnamed(_claims(), provider.keys[0]), jwks)
+    assert provider.fetches == 2
+    provider.keys.append(RSAKey.generate_key(2048, {"kid": "k3", "use": "sig"}))
+    await _validate(provider, unnamed(_claims(), provider.keys[1]), jwks)  # two keys now: each one is tried
+    with pytest.raises(IdTokenError, match="signature"):
+        await _validate(provider, unnamed(_claims(), RSAKey.generate_key(2048)), jwks)
+    slow = Jwks(provider.jwks, refetch_after=3600.0)
+    await _validate(provider, unnamed(_claims(), provider.keys[1]), slow)
+    fetched = provider.fetches
+    with pytest.raises(IdTokenError, match="signature"):
+        await _validate(provider, unnamed(_claims(), RSAKey.generate_key(2048)), slow)
+    assert provider.fetches == fetched  # fetched again at most once per refetch_after, whatever tokens come

@@ -153,6 +153,7 @@ CASES = [
     Case("POST", "/users/{user}/deactivate", "user.deactivate", "user", "org", fresh=True),
     Case("POST", "/reconcile", "operations.run", None, "platform", body=lambda w: {"dry_run": True}),
     Case("GET", "/signing-keys", None, None, "platform"),
+    Case("GET", "/sessions", None, None, "platform"),
 ]  # fmt: skip
 
 

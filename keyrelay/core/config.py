@@ -36,6 +36,7 @@ __all__ = [
     "parse_bool",
     "parse_duration",
     "parse_optional_path",
+    "read_bounded",
     "read_secret_file",
     "write_private",
 ]
@@ -274,6 +275,18 @@ def _secret(opt: Option, given: Mapping[str, Any], env: Mapping[str, str], *, ar
     return None if path is None else read_secret_file(opt, Path(path))
 
 
+def read_bounded(path: Path, limit: int) -> bytes:
+    """The bytes of a settings file of at most `limit` bytes; ValueError saying why not (unreadable, too large)."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(limit + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes; is it the right file?")
+    return data
+
+
 def read_secret_file(opt: Option, path: Path) -> str:
     """The secret in `path`: its text without the trailing newline; errors name the file, never its content."""
 
@@ -281,12 +294,9 @@ def read_secret_file(opt: Option, path: Path) -> str:
         return SettingsError(flag=opt.file_flag, env=opt.file_env, value=str(path), reason=reason)
 
     try:
-        with path.open("rb") as file:
-            data = file.read(MAX_SECRET_FILE + 1)
-    except OSError as exc:
-        raise refuse(f"cannot read it: {exc.strerror or exc}") from None
-    if len(data) > MAX_SECRET_FILE:
-        raise refuse(f"larger than {MAX_SECRET_FILE} bytes; is it the right file?")
+        data = read_bounded(path, MAX_SECRET_FILE)
+    except ValueError as exc:
+        raise refuse(str(exc)) from None
     try:
         text = data.decode().rstrip("\r\n")
     except UnicodeDecodeError:
