@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import add_options
+from keyrelay.core.config import add_options
 
 from .answers import client_of, confirm, create_named, listing, show
 from .client import ClientSettings
-from .errors import KeyrelayError
-from .names import Resolver
+from .errors import ApiError, KeyrelayError
+from .names import Resolver, is_id
 from .output import Column, details, table
+from .parsing import Handler, Subcommands, add_command, add_group
 
 __all__ = ["add_admin_commands"]
+
+# The roles a token may hold (publisher/policy.py), and `personal` for a user's token that holds what they hold.
+ROLES = ("platform-admin", "platform-reader", "owner", "admin", "member", "provisioner", "maintainer", "developer",
+         "viewer", "personal")  # fmt: skip
 
 KEY_COLUMNS: list[Column] = [
     ("id", "id"), ("name", "name"), ("display", "display"), ("status", "status"), ("scopes", "scopes"),
@@ -28,8 +32,6 @@ KEY_DETAILS: list[Column] = [
     ("metadata", "metadata"), ("created", "created_at"), ("expires", "expires_at"), ("last used", "last_used_at"),
     ("revoked", "revoked_at"), ("reason", "revoked_reason"), ("rotated to", "rotated_to"),
 ]  # fmt: skip
-
-Handler = Callable[[argparse.Namespace], int]
 
 
 def _created_key(args: argparse.Namespace, answer: dict[str, Any]) -> int:
@@ -139,7 +141,12 @@ def _keys_list(args: argparse.Namespace) -> int:
     keys: list[dict[str, Any]] = []
     projects = Resolver(client).projects(team=args.team, org=args.org)
     for project in projects:
-        keys += client.collect(f"/projects/{project['id']}/keys", "keys", limit=limit - len(keys))["keys"]
+        try:
+            keys += client.collect(f"/projects/{project['id']}/keys", "keys", limit=limit - len(keys))["keys"]
+        except ApiError as exc:
+            if exc.code != "forbidden":
+                raise
+            continue  # a project the token sees but whose keys it may not read (an org member's, another team's)
         if len(keys) >= limit:
             break
     more = len(keys) >= limit and not args.all
@@ -210,13 +217,23 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 TOKEN_COLUMNS: list[Column] = [
-    ("id", "id"), ("name", "name"), ("role", "role"), ("status", "status"), ("display", "display"),
+    ("id", "id"), ("name", "name"), ("role", "role"), ("org", "org_id"), ("team", "team_id"), ("user", "user_id"),
+    ("status", "status"), ("display", "display"),
     ("created", "created_at"), ("expires", "expires_at"), ("revoked", "revoked_at"),
 ]  # fmt: skip
 
 
 def _tokens_create(args: argparse.Namespace) -> int:
-    body = {"name": args.name, "role": args.role}
+    resolver = Resolver(client_of(args))
+    body: dict[str, Any] = {"name": args.name}
+    if args.role:
+        body["role"] = args.role
+    if args.team:
+        body["team_id"] = resolver.team(args.team, org=args.org)
+    elif args.org:
+        body["org_id"] = resolver.org(args.org)
+    if args.user:
+        body["user_id"] = _user(args, args.user)
     if args.expires_in is not None:
         body["expires_in"] = args.expires_in
     answer = client_of(args).call("POST", "/tokens", body)
@@ -225,12 +242,136 @@ def _tokens_create(args: argparse.Namespace) -> int:
 
 
 def _tokens_list(args: argparse.Namespace) -> int:
-    return listing(args, "/tokens", "tokens", TOKEN_COLUMNS)
+    code = listing(args, "/tokens", "tokens", TOKEN_COLUMNS)
+    if not args.json and not args.print:
+        tokens = client_of(args).collect("/tokens", "tokens", limit=1000)["tokens"]
+        readers = [t["name"] for t in tokens if t["role"] == "platform-reader" and t["status"] == "active"]
+        if readers:
+            print(f"keyrelay: warning: {len(readers)} active platform-reader token(s) ({', '.join(readers[:5])}) "
+                  "read every organization's keys and audit trail (cross-tenant); scope them with --org or "
+                  "--team where you can", file=sys.stderr)  # fmt: skip
+    return code
 
 
 def _tokens_revoke(args: argparse.Namespace) -> int:
     token = client_of(args).call("DELETE", f"/tokens/{args.token_id}")
     return show(args, token, f"revoked token {token['id']} ({token['name']}, {token['role']})")
+
+
+# -- people ------------------------------------------------------------------------------------
+
+MEMBER_ROLES = ("owner", "admin", "member", "maintainer", "developer", "viewer")
+USER_COLUMNS: list[Column] = [("id", "id"), ("email", "email"), ("name", "display_name"), ("status", "status"),
+                              ("created", "created_at")]  # fmt: skip
+MEMBER_COLUMNS: list[Column] = [("user", "user_id"), ("email", "email"), ("name", "display_name"), ("role", "role"),
+                                ("status", "status"), ("since", "since")]  # fmt: skip
+
+
+def _user(args: argparse.Namespace, value: str) -> str:
+    """A user's id from an id or an email address."""
+    if is_id(value):
+        return value
+    users = client_of(args).collect("/users", "users", limit=1_000_000)["users"]
+    found = [u for u in users if u["email"].lower() == value.lower()]
+    if not found:
+        raise KeyrelayError(f"no user with the email {value!r} that this token may see")
+    return str(found[0]["id"])
+
+
+def _users_add(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"email": args.email}
+    if args.name:
+        body["display_name"] = args.name
+    if args.org:
+        body["org_id"] = Resolver(client_of(args)).org(args.org)
+        body["role"] = args.role
+    user = client_of(args).call("POST", "/users", body)
+    return show(args, user, details(user, USER_COLUMNS))
+
+
+def _users_list(args: argparse.Namespace) -> int:
+    return listing(args, "/users", "users", USER_COLUMNS)
+
+
+def _users_show(args: argparse.Namespace) -> int:
+    user = client_of(args).call("GET", f"/users/{_user(args, args.user)}")
+    return show(args, user, details(user, USER_COLUMNS))
+
+
+def _dry_run_or_confirm(args: argparse.Namespace, change: str, ident: str) -> int | None:
+    """With --dry-run, print what would change and return the exit code; else ask (or take --yes) and go on."""
+    if args.dry_run:
+        return show(args, {"id": ident, "dry_run": True}, f"would {change}")
+    confirm(args, change)
+    return None
+
+
+def _revoked(answer: dict[str, Any]) -> str:
+    """What a change's answer says it revoked, and whether the sidecars have heard."""
+    return f"{len(answer['revoked'])} key(s) revoked ({answer['propagation']})"
+
+
+def _users_deactivate(args: argparse.Namespace) -> int:
+    user_id = _user(args, args.user)
+    change = f"deactivate user {args.user} ({user_id}): their tokens stop, their keys follow the offboarding policy"
+    if (planned := _dry_run_or_confirm(args, change, user_id)) is not None:
+        return planned
+    answer = client_of(args).call("POST", f"/users/{user_id}/deactivate")
+    return show(args, answer, f"deactivated {answer['email']}; {_revoked(answer)}")
+
+
+def _scope_path(args: argparse.Namespace) -> str:
+    resolver = Resolver(client_of(args))
+    if args.team:
+        return f"/teams/{resolver.team(args.team, org=args.org)}/members"
+    if args.org:
+        return f"/orgs/{resolver.org(args.org)}/members"
+    raise KeyrelayError("give --org (organization members) or --team (team members)")
+
+
+def _members_list(args: argparse.Namespace) -> int:
+    return listing(args, _scope_path(args), "members", MEMBER_COLUMNS)
+
+
+def _members_add(args: argparse.Namespace) -> int:
+    key = "user_id" if is_id(args.user) else "email"
+    member = client_of(args).call("POST", _scope_path(args), {key: args.user, "role": args.role})
+    return show(args, member, f"{member['email']} is now {member['role']}")
+
+
+def _members_remove(args: argparse.Namespace) -> int:
+    path = _scope_path(args)
+    user_id = _user(args, args.user)
+    if not args.team:  # leaving an organization: the keys the user made there follow its offboarding policy
+        change = f"remove {args.user} ({user_id}) from organization {args.org}: their keys there follow its policy"
+        if (planned := _dry_run_or_confirm(args, change, user_id)) is not None:
+            return planned
+    answer = client_of(args).call("DELETE", f"{path}/{user_id}")
+    return show(args, answer, f"removed {args.user}; {_revoked(answer)}")
+
+
+def _rename(kind: str) -> Handler:
+    def rename(args: argparse.Namespace) -> int:
+        resolver = Resolver(client_of(args))
+        ident = resolver.org(args.current) if kind == "orgs" else resolver.team(args.current, org=args.org)
+        answer = client_of(args).call("PATCH", f"/{kind}/{ident}", {"name": args.name})
+        return show(args, answer, f"renamed {args.current} to {answer['name']} ({answer['id']})")
+
+    return rename
+
+
+def _delete(kind: str) -> Handler:
+    def delete(args: argparse.Namespace) -> int:
+        resolver = Resolver(client_of(args))
+        ident = resolver.org(args.current) if kind == "orgs" else resolver.team(args.current, org=args.org)
+        what = "organization" if kind == "orgs" else "team"
+        change = f"decommission {what} {args.current} ({ident}): every project of it, revoking every key"
+        if (planned := _dry_run_or_confirm(args, change, ident)) is not None:
+            return planned
+        answer = client_of(args).call("DELETE", f"/{kind}/{ident}")
+        return show(args, answer, f"{what} {ident} decommissioned; {_revoked(answer)}")
+
+    return delete
 
 
 def _signing_keys(args: argparse.Namespace) -> int:
@@ -272,7 +413,7 @@ def _where(parser: argparse.ArgumentParser, *levels: str) -> None:
         parser.add_argument(f"--{level}", help=f"the {kind} (id or name) to look a name up in")
 
 
-def add_admin_commands(commands: Any) -> None:
+def add_admin_commands(commands: Subcommands) -> None:
     """Register orgs, teams, projects, keys, audit, tokens and signing-keys under the `keyrelay` parser."""
     common = argparse.ArgumentParser(add_help=False)
     add_options(common, ClientSettings)
@@ -281,15 +422,11 @@ def add_admin_commands(commands: Any) -> None:
     output.add_argument("--print", metavar="FIELD[,FIELD]",
                         help="print only these fields of the answer, space separated (for scripts)")  # fmt: skip
 
-    def group(name: str, help_text: str) -> Any:
-        parser = commands.add_parser(name, help=help_text, description=help_text)
-        return parser.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
+    def group(name: str, help_text: str) -> Subcommands:
+        return add_group(commands, name, help=help_text)
 
-    def action(sub: Any, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
-        parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text,
-                                                         parents=[common])  # fmt: skip
-        parser.set_defaults(handler=handler)
-        return parser
+    def action(sub: Subcommands, name: str, help_text: str, handler: Handler) -> argparse.ArgumentParser:
+        return add_command(sub, name, help=help_text, handler=handler, parents=[common])
 
     exists = "with --if-not-exists, one of that name is handed back (and named on stderr) instead of a conflict"
     orgs = group("orgs", "organizations: the top of the hierarchy")
@@ -297,6 +434,12 @@ def add_admin_commands(commands: Any) -> None:
     p.add_argument("name", help="unique name")
     p.add_argument("--if-not-exists", action="store_true", help=exists)
     _list_options(action(orgs, "list", "list organizations, oldest first", _orgs_list), "organizations")
+    p = action(orgs, "rename", "rename an organization", _rename("orgs"))
+    p.add_argument("current", metavar="ORG", help="organization (id or name)")
+    p.add_argument("name", help="its new name")
+    p = _destructive(action(orgs, "delete", "decommission an organization: every team and project of it, "
+                            "revoking every key; asks first", _delete("orgs")))  # fmt: skip
+    p.add_argument("current", metavar="ORG", help="organization (id or name)")
 
     teams = group("teams", "teams: own projects, belong to an organization")
     p = action(teams, "create", "create a team in an organization", _teams_create)
@@ -305,6 +448,14 @@ def add_admin_commands(commands: Any) -> None:
     p.add_argument("--if-not-exists", action="store_true", help=exists)
     p = _list_options(action(teams, "list", "list an organization's teams, oldest first", _teams_list), "teams")
     p.add_argument("--org", required=True, help="organization (id or name)")
+    p = action(teams, "rename", "rename a team", _rename("teams"))
+    p.add_argument("current", metavar="TEAM", help="team (id or name)")
+    p.add_argument("name", help="its new name")
+    _where(p, "org")
+    p = _destructive(action(teams, "delete", "decommission a team: every project of it, revoking every key; asks "
+                            "first", _delete("teams")))  # fmt: skip
+    p.add_argument("current", metavar="TEAM", help="team (id or name)")
+    _where(p, "org")
 
     projects = group("projects", "projects (services): hold keys")
     p = action(projects, "create", "create a project in a team", _projects_create)
@@ -347,35 +498,75 @@ def add_admin_commands(commands: Any) -> None:
                    "all in one transaction")  # fmt: skip
     p.add_argument("--reason", help="why (kept in the audit trail)")
 
-    p = commands.add_parser(
+    p = add_command(
+        commands,
         "audit",
+        handler=_audit,
         help="show the audit trail, newest first",
         parents=[common],
         description="Show who changed what and when, filtered by org, team, project or key.",
     )
-    p.set_defaults(handler=_audit)
     for flag in ("org", "team", "project"):
         p.add_argument(f"--{flag}", help=f"only entries of this {flag} (id or name)")
     p.add_argument("--key", help="only entries of this key id")
     p.add_argument("--before", type=int, metavar="ENTRY_ID", help="only entries older than this entry id")
     _list_options(p, "entries", default=100)
 
-    p = commands.add_parser(
+    p = add_command(
+        commands,
         "signing-keys",
+        handler=_signing_keys,
         help="list the public keys the publisher signs bucket values with, the current one first",
         parents=[common],
         description="List the publisher's signing keys (current first, then earlier ones still listed during a "
         "rotation): what the sidecars' --trusted-keys take. `--print public_key` prints the current one.",
     )
-    p.set_defaults(handler=_signing_keys)
 
     tokens = group("tokens", "admin tokens for the API: create, list, revoke")
     p = action(tokens, "create", "create a token (shown once)", _tokens_create)
     p.add_argument("name", help="unique token name, e.g. ci-pipeline")
-    p.add_argument("--role", choices=("admin", "member"), default="member",
-                   help="admin may change things, member may only read (default member)")  # fmt: skip
+    p.add_argument("--role", choices=ROLES, metavar="ROLE",
+                   help="platform-admin may change anything, platform-reader read everything (both across every "
+                   f"organization); with --org or --team, a role there ({', '.join(ROLES[2:])}); personal: every "
+                   "role its --user holds (default: personal with --user, else platform-reader)")  # fmt: skip
     p.add_argument("--expires-in", help="lifetime, e.g. 90d, 24h, 15m (default: never expires)")
+    p.add_argument("--org", help="the organization (id or name) an org role is held in")
+    p.add_argument("--team", help="the team (id or name) a team role is held in")
+    p.add_argument("--user", help="the user (id or email) the token belongs to: a personal access token, never "
+                   "more than the user may")  # fmt: skip
     _list_options(action(tokens, "list", "list tokens (never their secrets): status, expiry, revocation",
                          _tokens_list), "tokens")  # fmt: skip
     action(tokens, "revoke", "revoke a token: every publisher replica refuses it within --token-cache-ttl",
            _tokens_revoke).add_argument("token_id", help="token id (from `keyrelay tokens list`)")  # fmt: skip
+
+    users = group("users", "people: add by email, list, show, deactivate")
+    p = action(users, "add", "add a user by email (into --org with --role)", _users_add)
+    p.add_argument("email", help="email address (unique, whatever its case)")
+    p.add_argument("--name", help="display name")
+    p.add_argument("--org", help="organization (id or name) to add the user to")
+    p.add_argument("--role", choices=("owner", "admin", "member"), default="member", help="role in --org")
+    _list_options(action(users, "list", "list the users this token may see", _users_list), "users")
+    action(users, "show", "show a user", _users_show).add_argument("user", help="user (id or email)")
+    p = _destructive(action(users, "deactivate", "deactivate a user: their tokens stop, their keys follow "
+                            "the offboarding policy; asks first", _users_deactivate))  # fmt: skip
+    p.add_argument("user", help="user (id or email)")
+
+    members = group("members", "org and team members: list, add (or change a role), remove")
+    for name, handler, text in (
+        ("list", _members_list, "list the members of --org or --team"),
+        ("add", _members_add, "give a user (by email or id) a role in --org or --team"),
+        ("remove", _members_remove, "take a user's role in --team, or in --org and its teams away (their keys "
+                                    "there follow its offboarding policy: asks first)"),
+    ):  # fmt: skip
+        p = action(members, name, text, handler)
+        if name == "remove":
+            _destructive(p)  # leaving an organization may revoke the keys the user made there
+        p.add_argument("--org", help="organization (id or name)")
+        p.add_argument("--team", help="team (id or name)")
+        if name != "list":
+            p.add_argument("user", help="user (email or id)")
+        if name == "add":
+            p.add_argument("--role", required=True, choices=MEMBER_ROLES, help="org role with --org, team role "
+                           "with --team")  # fmt: skip
+        if name == "list":
+            _list_options(p, "members")

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from sidecar.config import load
+from keyrelay.core.config import load
 
 from .client import PAGE_MAX, AdminClient, ClientSettings
 from .errors import ApiError, ExitCode, KeyrelayError

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, cast
 
-from sidecar.config import add_options, load
+from keyrelay.core.config import add_options, load
+from keyrelay.core.errors import CoreError
 from sidecar.errors import SidecarError
 from sidecar.settings import SidecarSettings
 
@@ -17,12 +19,18 @@ from .admin import add_admin_commands
 from .client import ClientSettings
 from .errors import ExitCode, KeyrelayError, describe_os_error
 from .login import add_login_commands
-from .parsing import Parser, VersionAction, share_global_options
+from .parsing import (
+    Commands,
+    Handler,
+    Parser,
+    Subcommands,
+    VersionAction,
+    add_command,
+    add_group,
+    share_global_options,
+)
 
 __all__ = ["build_parser", "main"]
-
-Handler = Callable[[argparse.Namespace], int]
-Subcommands = argparse._SubParsersAction  # what add_subparsers returns
 
 
 def _run_sidecar(args: argparse.Namespace) -> int:
@@ -82,77 +90,18 @@ def _nats_config(args: argparse.Namespace) -> int:
     return nats_config_command(args)
 
 
-def _loadtest(args: argparse.Namespace) -> int:
-    from loadtest.multiregion import loadtest_command
+def _add_installed_commands(commands: Subcommands, parser: argparse.ArgumentParser) -> None:
+    """The commands other installed packages add (`keyrelay loadtest`); the product never imports them."""
+    from .plugins import add_installed_commands
 
-    return loadtest_command(args)
-
-
-LOADTEST_MISSING = "keyrelay loadtest needs a source checkout: pip install -e '.[loadtest]'"
-
-
-def _loadtest_missing(args: argparse.Namespace) -> int:
-    raise KeyrelayError(LOADTEST_MISSING)
-
-
-def _add_loadtest(commands: Subcommands[Parser]) -> None:
-    """`keyrelay loadtest`: the load test where its package is installed, a clear refusal where not."""
-    help_text = "multi-region load test on loopback: WAN delays, verify load, key churn, a partition"
-    try:
-        from loadtest.multiregion import add_arguments
-    except ModuleNotFoundError as exc:
-        # The images install sidecar/, publisher/ and keyrelay/ only; any other missing module is a real bug.
-        if exc.name is None or exc.name.partition(".")[0] != "loadtest":
-            raise
-        # No option prefix: every argument, --help included, lands in `ignored`, so whatever follows
-        # `keyrelay loadtest` the answer is this message rather than an argparse error about an option.
-        missing = commands.add_parser(
-            "loadtest",
-            help=f"{help_text} (source checkout only)",
-            description=f"{LOADTEST_MISSING}.",
-            prefix_chars="\0",
-            add_help=False,
-        )
-        missing.add_argument("ignored", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        missing.set_defaults(handler=_loadtest_missing)
-        return
-    loadtest = commands.add_parser(
-        "loadtest",
-        help=help_text,
-        description="Build a hub and one NATS leaf per region behind delaying links, preload keys, drive open-loop "
-        "verify load at every region while churning keys, and report throughput, latency, revocation "
-        "propagation, false accepts and false rejects (report.json, plot.png).",
-    )
-    add_arguments(loadtest)
-    loadtest.set_defaults(handler=_loadtest)
+    add_installed_commands(commands)
+    share_global_options(parser)
 
 
 def _up(args: argparse.Namespace) -> int:
     from .up import up_command
 
     return up_command(args)
-
-
-def _command(
-    parent: Subcommands[Parser],
-    name: str,
-    *,
-    help: str,
-    description: str,
-    settings: type[Any],
-    handler: Handler,
-) -> argparse.ArgumentParser:
-    """One command: its help, its settings as options, and what runs it."""
-    command = parent.add_parser(name, help=help, description=description)
-    add_options(command, settings)
-    command.set_defaults(handler=handler)
-    return command
-
-
-def _group(parent: Subcommands[Parser], name: str, *, help: str, description: str) -> Subcommands[Parser]:
-    """A command that is only a group of actions (`keyrelay region init`): where its actions go."""
-    group = parent.add_parser(name, help=help, description=description)
-    return group.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)
 
 
 def _offline_pass_options(command: argparse.ArgumentParser, publisher_settings: type[Any]) -> None:
@@ -186,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=VersionAction, help="print the installed version and exit")
     add_options(parser, ClientSettings, title="the admin API, for every command that calls it")
     parser.add_argument("--json", action="store_true", help="print answers and reports as JSON")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = cast(Commands, parser.add_subparsers(dest="command", metavar="COMMAND", required=True, action=Commands))
+    commands.more = functools.partial(_add_installed_commands, commands, parser)
 
-    _command(
+    add_command(
         commands,
         "up",
         settings=UpSettings,
@@ -197,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start nats-server (JetStream), the publisher on SQLite and one sidecar per region under "
         "one supervisor, wait until all are ready and print how to use them. Ctrl-C stops everything.",
     )
-    _command(
+    add_command(
         commands,
         "sidecar",
         settings=SidecarSettings,
@@ -207,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and answers /auth and /v1/keys/verify from memory.",
     )
 
-    publisher = _command(
+    publisher = add_command(
         commands,
         "publisher",
         settings=PublisherSettings,
@@ -217,8 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         "once, repair it and exit; with `resign`, sign the bucket's old values afresh and exit.",
     )
     publisher_actions = publisher.add_subparsers(dest="publisher_command", metavar="ACTION")
-    reconcile = publisher_actions.add_parser(
+    reconcile = add_command(
+        publisher_actions,
         "reconcile",
+        handler=_reconcile,
         help="compare the bucket with the database, show the plan, repair what differs (bounded), and exit",
         description="Compare the key bucket with the database (count and keyed BLAKE2b digest per shard, "
         "every value's signature verified) and print the plan: entries to add, signed entries to change or "
@@ -230,9 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
     reconcile.add_argument("--force", action="store_true", help="apply a plan over the bound or from an empty database")
     _offline_pass_options(reconcile, PublisherSettings)
-    reconcile.set_defaults(handler=_reconcile)
-    resign = publisher_actions.add_parser(
+    resign = add_command(
+        publisher_actions,
         "resign",
+        handler=_resign,
         help="sign bucket values signed over half the replay horizon ago (or not by the current key) afresh",
         description="Verify every value in the key bucket with the current signing key; queue those signed "
         "more than half the replay horizon ago, unsigned or signed by another key through the outbox at "
@@ -242,33 +195,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resign.add_argument("--all", action="store_true", help="re-sign every value (after a signing key rotation)")
     _offline_pass_options(resign, PublisherSettings)
-    resign.set_defaults(handler=_resign)
 
-    signing_actions = _group(
+    signing_actions = add_group(
         commands,
         "signing-key",
         help="make the publisher's Ed25519 signing key",
         description="The publisher signs every value it writes to the key bucket; sidecars verify them "
         "against its public key (docs/signing.md).",
     )
-    generate = signing_actions.add_parser(
+    generate = add_command(
+        signing_actions,
         "generate",
+        handler=_generate_signing_key,
         help="write a new signing key to a file (0600) and print its public key and key id",
         description="Write a new Ed25519 signing key (krsk1_...) to FILE, readable by its owner only, and print "
         "the public key (for the sidecars' --trusted-keys) and its key id. Never overwrites a file.",
     )
     generate.add_argument("--out", required=True, metavar="FILE", help="where to write the key (must not exist)")
     generate.add_argument("--json", action="store_true", help="print file, key id and public key as JSON")
-    generate.set_defaults(handler=_generate_signing_key)
 
-    region_actions = _group(
+    region_actions = add_group(
         commands,
         "region",
         help="set up a region: its NATS leaf node's filtered mirror of the key bucket, and its first snapshot",
         description="Regions run their own NATS leaf node (own JetStream domain); sidecars there read a mirror "
         "of the hub's bucket that carries only global keys and the region's own keys.",
     )
-    _command(
+    add_command(
         region_actions,
         "init",
         settings=RegionSettings,
@@ -280,14 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         "Running it again checks the mirror and leaves a fresh snapshot as it is.",
     )
 
-    snapshot_actions = _group(
+    snapshot_actions = add_group(
         commands,
         "snapshot",
         help="seed or list the sidecars' table snapshots, so a region's first sidecar need not replay the bucket",
         description="Sidecars start from their region's table snapshot (an object store on their NATS), which "
         "they only read. `seed` writes it, with the region's region-init credentials; `show` lists them.",
     )
-    _command(
+    add_command(
         snapshot_actions,
         "seed",
         settings=SnapshotSettings,
@@ -297,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "region's snapshot, unless it is fresh. Safe to run again. Needs memory for the table: about 200 MiB "
         "at its peak for a million keys.",
     )
-    show = _command(
+    show = add_command(
         snapshot_actions,
         "show",
         settings=SnapshotStoreSettings,
@@ -307,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--json", action="store_true", help="print the list as JSON")
 
-    _command(
+    add_command(
         commands,
         "nats-config",
         settings=NatsConfigSettings,
@@ -318,7 +271,6 @@ def build_parser() -> argparse.ArgumentParser:
         "each public key read from $KEYRELAY_NKEY_<IDENTITY> when the server loads it. keyrelay up uses the "
         "same blocks; docs/nats-security.md explains them.",
     )
-    _add_loadtest(commands)
     add_admin_commands(commands)
     add_login_commands(commands)
     share_global_options(parser)
@@ -335,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = handler(args)
         sys.stdout.flush()  # a reader that went away shows here, not as a traceback at the interpreter's exit
         return code
-    except (KeyrelayError, SidecarError, PublisherError) as exc:
+    except (KeyrelayError, CoreError, SidecarError, PublisherError) as exc:
         return _fail(str(exc))
     except BrokenPipeError:
         # The reader went away (`keyrelay keys list | head -1`): nobody is left to tell.

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sidecar.config import option
+from keyrelay.core.config import option
 
 from .credentials import recall
 from .errors import ApiError, KeyrelayError
@@ -59,6 +59,13 @@ class ClientSettings:
                 token = Path(data["admin_token_file"]).read_text().strip()
         return (url or DEFAULT_URL).rstrip("/"), token
 
+    def login_url(self) -> str:
+        """Where `keyrelay login` checks a token: flag, then variable, then a running `keyrelay up`'s publisher,
+        then the default (never a previous login's: logging in replaces it)."""
+        state = stack_file(self.data_dir)
+        url = self.url or (_stack_state(state).get("publisher_url", "") if state.exists() else "")
+        return (url or DEFAULT_URL).rstrip("/")
+
 
 class AdminClient:
     """Calls /v1 with the admin token; API errors become ApiError with the API's message."""
@@ -81,6 +88,7 @@ class AdminClient:
             raise KeyrelayError(f"--url {self.url!r} is not an http:// or https:// URL")
         request = urllib.request.Request(url, data=data, method=method)
         request.add_header("Accept", "application/json")
+        request.add_header("Keyrelay-Source", "cli")  # the audit trail says where a change came from
         if data is not None:
             request.add_header("Content-Type", "application/json")
         if self.token:

@@ -6,11 +6,13 @@ import errno
 from enum import IntEnum
 from typing import Any
 
-__all__ = ["ApiError", "ExitCode", "KeyrelayError", "describe_os_error"]
+from keyrelay.core.config import format_duration
+
+__all__ = ["ApiError", "ExitCode", "KeyrelayError", "SyncTimeout", "describe_os_error"]
 
 
 class ExitCode(IntEnum):
-    """What `keyrelay`'s exit status means (the README's CLI section documents the same list)."""
+    """What `keyrelay`'s exit status means (docs/cli-tour.md documents the same list)."""
 
     OK = 0
     FAILURE = 1  # an API error, a refusal, a service out of reach, a file that cannot be read or written
@@ -21,6 +23,24 @@ class ExitCode(IntEnum):
 
 class KeyrelayError(Exception):
     """Root of every error the `keyrelay` command raises on purpose."""
+
+
+class SyncTimeout(KeyrelayError):
+    """A table did not finish its initial sync in time (seeding a snapshot, say)."""
+
+    def __init__(
+        self, *, servers: tuple[str, ...], stream: str, waited: float, connected: bool, keys: int, pending: int
+    ) -> None:
+        self.servers, self.stream, self.waited = servers, stream, waited
+        self.connected, self.keys, self.pending = connected, keys, pending
+        where = ",".join(servers)
+        if not connected:
+            hint = f"NATS at {where} was not reachable: check --nats-url"
+        elif keys == 0 and pending == 0:
+            hint = f"is there a stream {stream} on {where}? (the publisher makes it; in a region, region init)"
+        else:
+            hint = f"{keys} keys loaded, {pending} still pending: give it longer (--timeout)"
+        super().__init__(f"the initial sync of {stream} did not finish within {format_duration(round(waited))}: {hint}")
 
 
 class ApiError(KeyrelayError):

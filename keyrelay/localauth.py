@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.config import write_private
+from keyrelay.core.config import write_private
 
 __all__ = ["LocalCredentials", "write_private"]
 

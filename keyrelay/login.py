@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import os
 import sys
-from typing import Any
 
-from .client import DEFAULT_URL, AdminClient
+from keyrelay.core.config import load
+
+from .client import DEFAULT_URL, AdminClient, ClientSettings
 from .credentials import Credentials, credentials_path, forget, remember
 from .errors import KeyrelayError
+from .parsing import Subcommands, add_command
 
 __all__ = ["add_login_commands"]
 
@@ -26,8 +27,9 @@ def _read_token() -> str:
 
 
 def _login(args: argparse.Namespace) -> int:
-    # --url may come before `login` or after it, or not at all (then the parser leaves no attribute).
-    url = (getattr(args, "url", None) or os.environ.get("KEYRELAY_URL") or DEFAULT_URL).rstrip("/")
+    # --url may come before `login` or after it, or not at all (then the parser leaves no attribute). The token
+    # is read from standard input below, never from the settings.
+    url = load(ClientSettings, {"url": getattr(args, "url", None)}, token="").login_url()
     token = _read_token()
     if not token:
         raise KeyrelayError("no token given: type it at the prompt, or pipe it in (`keyrelay login < token-file`)")
@@ -43,21 +45,24 @@ def _logout(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_login_commands(commands: Any) -> None:
+def add_login_commands(commands: Subcommands) -> None:
     """Register `keyrelay login` and `keyrelay logout`."""
-    login = commands.add_parser(
+    login = add_command(
+        commands,
         "login",
+        handler=_login,
         help="check an admin token and keep it, with the publisher URL, for the admin commands",
         description="Read an admin token from standard input (or a hidden prompt), check it against the "
         "publisher and write URL and token to $XDG_CONFIG_HOME/keyrelay/credentials (0600). The admin "
         "commands then use them unless --token / KEYRELAY_TOKEN is given. The token is never an argument.",
     )
-    login.add_argument("--url", help=f"publisher URL (default: $KEYRELAY_URL, else {DEFAULT_URL})")
-    login.set_defaults(handler=_login)
-    logout = commands.add_parser(
+    login.add_argument("--url", help="publisher URL (default: $KEYRELAY_URL, else a running `keyrelay up`'s, else "
+                       f"{DEFAULT_URL})")  # fmt: skip
+    add_command(
+        commands,
         "logout",
+        handler=_logout,
         help="forget the URL and token `keyrelay login` kept",
         description="Remove $XDG_CONFIG_HOME/keyrelay/credentials. The token itself stays valid: revoke it "
         "with `keyrelay tokens revoke` if it should stop working.",
     )
-    logout.set_defaults(handler=_logout)

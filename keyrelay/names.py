@@ -45,11 +45,12 @@ class Resolver:
                     [o["name"] for o in orgs])  # fmt: skip
 
     def team(self, value: str, *, org: str | None = None) -> str:
-        """The id of the team `value`, looked for in `org` (id or name) if given, else in every organization."""
+        """The id of the team `value`, looked for in `org` (id or name) if given, else in every organization;
+        active ones first (a decommissioned team's name can be reused)."""
         if is_id(value):
             return value
         teams = self._teams(org)
-        return _one("team", value, [(t, t["org"]) for t in teams if t["name"] == value],
+        return _one("team", value, _active_first([(t, t["org"]) for t in teams if t["name"] == value]),
                     [t["name"] for t in teams], narrow="--org")  # fmt: skip
 
     def project(self, value: str, *, team: str | None = None, org: str | None = None) -> str:
@@ -57,9 +58,8 @@ class Resolver:
         if is_id(value):
             return value
         projects = self._projects(team, org)
-        matches = [(p, p["where"]) for p in projects if p["name"] == value]
-        active = [m for m in matches if not m[0].get("decommissioned_at")]
-        return _one("project", value, active or matches, [p["name"] for p in projects], narrow="--team or --org")
+        matches = _active_first([(p, p["where"]) for p in projects if p["name"] == value])
+        return _one("project", value, matches, [p["name"] for p in projects], narrow="--team or --org")
 
     def projects(self, *, team: str | None = None, org: str | None = None) -> list[dict[str, Any]]:
         """Every project in `team` or `org` (ids or names) if given, else every one the token may list."""
@@ -80,6 +80,11 @@ class Resolver:
             path = f"/teams/{t['id']}/projects"
             projects += [{**p, "where": where} for p in _everything(self.client, path, "projects")]
         return projects
+
+
+def _active_first(matches: list[tuple[dict[str, Any], str]]) -> list[tuple[dict[str, Any], str]]:
+    """The matches that are not decommissioned, if any; else all of them."""
+    return [m for m in matches if not m[0].get("decommissioned_at")] or matches
 
 
 def _one(kind: str, name: str, matches: list[tuple[dict[str, Any], str]], known: list[str], *,

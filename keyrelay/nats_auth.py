@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.nats_connect import identity_name, inbox_prefix
-from sidecar.wire import DEFAULT_BUCKET, GLOBAL_SCOPE, snapshot_store_name, stream_name, subject_prefix
+from keyrelay.core.nats_connect import identity_name, inbox_prefix
+from keyrelay.core.wire import DEFAULT_BUCKET, GLOBAL_SCOPE, snapshot_store_name, stream_name, subject_prefix
 
 __all__ = [
     "ACCOUNT",

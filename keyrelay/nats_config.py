@@ -15,10 +15,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.config import load, option
-from sidecar.nats_connect import identity_name
-from sidecar.settings import parse_region, parse_regions
-from sidecar.wire import DEFAULT_BUCKET
+from keyrelay.core.config import load, option
+from keyrelay.core.nats_connect import identity_name
+from keyrelay.core.options import parse_region, parse_regions
+from keyrelay.core.wire import DEFAULT_BUCKET
 
 from .errors import KeyrelayError
 from .nats_auth import EnvRef, Grants, env_name, hub_settings, leaf_remote, leaf_settings, render_conf

@@ -9,8 +9,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sidecar.config import load
-from sidecar.trust import key_id, parse_public_key, write_signing_key
+from keyrelay.core.config import load
+from keyrelay.core.trust import key_id, parse_public_key, write_signing_key
 
 from .errors import ApiError, ExitCode, KeyrelayError
 from .output import details, dump_json

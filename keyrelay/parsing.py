@@ -10,10 +10,23 @@ from __future__ import annotations
 
 import argparse
 import difflib
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["GLOBAL_FLAGS", "Parser", "VersionAction", "closest", "share_global_options"]
+from keyrelay.core.config import add_options
+
+__all__ = [
+    "GLOBAL_FLAGS",
+    "Commands",
+    "Handler",
+    "Parser",
+    "Subcommands",
+    "VersionAction",
+    "add_command",
+    "add_group",
+    "closest",
+    "share_global_options",
+]
 
 # Options the top-level parser declares that every subcommand may repeat after its name
 # (`keyrelay --url X orgs list` is `keyrelay orgs list --url X`).
@@ -30,16 +43,53 @@ def closest(word: str, candidates: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+# Subcommands: where a command's subcommands (or a group's actions) go, what add_subparsers returns.
+if TYPE_CHECKING:
+    _SubParsers = argparse._SubParsersAction["Parser"]
+    Subcommands = argparse._SubParsersAction[Any]
+else:
+    _SubParsers = Subcommands = argparse._SubParsersAction
+
+Handler = Callable[[argparse.Namespace], int]  # what runs a command; its exit status
+
+
+class Commands(_SubParsers):
+    """Subcommands that grow once: `more` adds the rest (commands of other installed packages, say).
+
+    It runs the first time a command is not among those already added, or the list is shown (--help),
+    so a command built in (and `--version`) never pays for finding the others.
+    """
+
+    more: Callable[[], None] | None = None
+
+    def add_more(self) -> bool:
+        """Add the rest of the commands, once; whether anything ran."""
+        more, self.more = self.more, None
+        if more is None:
+            return False
+        more()
+        return True
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose usage errors suggest the closest command, choice or flag (exit code 2)."""
 
     def _check_value(self, action: argparse.Action, value: Any) -> None:
         if action.choices is None or value in action.choices:
             return
+        if isinstance(action, Commands) and action.add_more() and value in action.choices:
+            return
         choices = ", ".join(map(repr, action.choices))
         guess = closest(value, map(str, action.choices)) if isinstance(value, str) else None
         hint = f", did you mean {guess!r}?" if guess is not None else ""
         raise argparse.ArgumentError(action, f"invalid choice: {value!r}{hint} (choose from {choices})")
+
+    def format_help(self) -> str:
+        """As argparse, listing every command: those added on demand (:class:`Commands`) are added first."""
+        for action in self._actions:
+            if isinstance(action, Commands):
+                action.add_more()
+        return super().format_help()
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -107,3 +157,30 @@ def share_global_options(parser: argparse.ArgumentParser) -> None:
                     if GLOBAL_FLAGS.intersection(own.option_strings):
                         own.default = argparse.SUPPRESS
                 share_global_options(sub)
+
+
+def add_command(
+    parent: Subcommands,
+    name: str,
+    *,
+    help: str,
+    handler: Handler,
+    description: str | None = None,
+    settings: type[Any] | None = None,
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> argparse.ArgumentParser:
+    """One command, or one action of a group: its help (also its description unless one is given), the
+    options of `parents`, its `settings` as options, and the handler that runs it."""
+    command: argparse.ArgumentParser = parent.add_parser(
+        name, help=help, description=description or help, parents=list(parents)
+    )
+    if settings is not None:
+        add_options(command, settings)
+    command.set_defaults(handler=handler)
+    return command
+
+
+def add_group(parent: Subcommands, name: str, *, help: str, description: str | None = None) -> Subcommands:
+    """A command that is only a group of actions (`keyrelay keys create`): where its actions go."""
+    group: argparse.ArgumentParser = parent.add_parser(name, help=help, description=description or help)
+    return group.add_subparsers(dest=f"{name}_command", metavar="ACTION", required=True)

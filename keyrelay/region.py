@@ -10,16 +10,16 @@ same thing in every region.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sidecar.config import format_duration, load, option, parse_bool, parse_optional_path
-from sidecar.nats_connect import NatsConnect, identity_name, nats_option
-from sidecar.settings import (
+from keyrelay.core.config import format_duration, load, option, parse_bool, parse_optional_path
+from keyrelay.core.jetstream import jetstream_api
+from keyrelay.core.nats_connect import NatsConnect, identity_name, nats_option
+from keyrelay.core.options import (
     deployment_option,
     horizon_option,
     insecure_option,
@@ -29,10 +29,11 @@ from sidecar.settings import (
     publish_delay_option,
     trusted_keys_option,
 )
-from sidecar.wire import DEFAULT_BUCKET, region_subjects, stream_name
+from keyrelay.core.wire import DEFAULT_BUCKET, region_subjects, stream_name
 
 from .errors import KeyrelayError
 from .nats_auth import mirror_deliver_prefix
+from .nats_client import connect_nats
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
 __all__ = [
     "HUB_DOMAIN",
     "RegionSettings",
-    "connect_nats",
     "ensure_region_mirror",
     "init_region",
     "mirror_config",
@@ -81,7 +81,7 @@ async def ensure_region_mirror(nc: Client, *, region: str, bucket: str, hub_doma
     """Create the region's mirror on the NATS `nc` is connected to; a no-op when it is already right."""
     name = stream_name(bucket)
     wanted = mirror_config(region=region, bucket=bucket, hub_domain=hub_domain, replicas=replicas)
-    info = await _api(nc, f"STREAM.INFO.{name}", None, timeout)
+    info = await jetstream_api(nc, f"STREAM.INFO.{name}", timeout=timeout)
     if "error" not in info:
         mirror = info["config"].get("mirror") or {}
         have = sorted(t["src"] for t in mirror.get("subject_transforms") or [])
@@ -94,16 +94,10 @@ async def ensure_region_mirror(nc: Client, *, region: str, bucket: str, hub_doma
             f"delivered to {mirror_deliver_prefix(region)}: delete it (nats stream rm {name}, as this region's "
             "region-init identity) and run this again"
         )
-    created = await _api(nc, f"STREAM.CREATE.{name}", wanted, timeout)
+    created = await jetstream_api(nc, f"STREAM.CREATE.{name}", wanted, timeout=timeout)
     if "error" in created:
         raise KeyrelayError(f"cannot create the mirror {name} for region {region}: {created['error']['description']}")
     return created
-
-
-async def _api(nc: Client, subject: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
-    reply = await nc.request(f"$JS.API.{subject}", json.dumps(body).encode() if body else b"", timeout=timeout)
-    data: dict[str, Any] = json.loads(reply.data)
-    return data
 
 
 # A mirror counts as in touch with the hub when it heard from it this recently (nanoseconds): its
@@ -128,7 +122,7 @@ async def wait_for_mirror(
     state = "has not answered yet"
     while True:
         try:
-            info = await _api(nc, f"STREAM.INFO.{name}", None, 5.0)
+            info = await jetstream_api(nc, f"STREAM.INFO.{name}", timeout=5.0)
         except Exception as exc:  # a slow or restarting server: asked again until the deadline
             info, state = {}, f"did not answer STREAM.INFO ({type(exc).__name__})"
         mirror = info.get("mirror")
@@ -251,16 +245,6 @@ async def seed_region_snapshot(settings: RegionSettings) -> None:
 
 def _nats(settings: RegionSettings) -> NatsConnect:
     return NatsConnect.of(settings, identity=identity_name("region-init", settings.region))
-
-
-async def connect_nats(nats_connect: NatsConnect, *, what: str) -> Client:
-    """A connection to `what` (the region's NATS, say); KeyrelayError naming its servers if unreachable."""
-    import nats
-
-    try:
-        return await nats.connect(**nats_connect.kwargs(), connect_timeout=5, max_reconnect_attempts=2)
-    except Exception as exc:
-        raise KeyrelayError(f"cannot reach {what} at {nats_connect.describe()}: {exc}") from None
 
 
 async def init_region(settings: RegionSettings) -> dict[str, Any]:

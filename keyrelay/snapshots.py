@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sidecar.config import format_duration, load, option, parse_bool
-from sidecar.nats_connect import NatsConnect, identity_name, nats_option
-from sidecar.settings import (
+from keyrelay.core.config import format_duration, load, option, parse_bool, parse_optional_path
+from keyrelay.core.nats_connect import NatsConnect, identity_name, nats_option
+from keyrelay.core.options import (
     LOG_LEVELS,
     deployment_option,
     horizon_option,
     insecure_option,
-    parse_optional_path,
     parse_positive_duration,
     parse_public_keys,
     parse_region,
@@ -27,16 +26,17 @@ from sidecar.settings import (
     publish_delay_option,
     trusted_keys_option,
 )
-from sidecar.wire import DEFAULT_BUCKET, snapshot_store_name
+from keyrelay.core.wire import DEFAULT_BUCKET, snapshot_store_name
 
 from .errors import KeyrelayError
-from .region import connect_nats
+from .nats_client import connect_nats
 
 if TYPE_CHECKING:  # asyncio and the seeder (nats-py, NaCl) load when a command runs, not with the CLI's parser
     import asyncio
 
-    from sidecar.seed import SeedProgress, SeedResult
-    from sidecar.trust import Signer, Trust
+    from keyrelay.core.trust import Signer, Trust
+
+    from .seeder import SeedProgress, SeedResult
 
 __all__ = [
     "SnapshotSettings",
@@ -135,7 +135,7 @@ def print_progress(prefix: str = "  ") -> Callable[[SeedProgress], None]:
 
 def seeder_trust(settings: SnapshotSettings) -> tuple[Trust, Signer]:
     """The seeder's trust (the publisher's keys) and its snapshot signer; KeyrelayError saying what is missing."""
-    from sidecar.trust import Trust, load_signer
+    from keyrelay.core.trust import Trust, load_signer
 
     if settings.snapshot_signing_key is None:
         raise KeyrelayError("--snapshot-signing-key (or KEYRELAY_SNAPSHOT_SIGNING_KEY) is required: the file of this "
@@ -161,7 +161,7 @@ async def seed(
     keep_fresh: asyncio.Event | None = None,
 ) -> SeedResult:
     """Seed the region's snapshot as `settings` say (and, with `keep_fresh`, keep it fresh until it is set)."""
-    from sidecar.seed import seed_snapshot
+    from .seeder import seed_snapshot
 
     trust, signer = seeder_trust(settings)
     return await seed_snapshot(nats=settings.nats(), bucket=settings.bucket, region=settings.region,

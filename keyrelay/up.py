@@ -26,12 +26,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from keyrelay.core.config import environ_without_settings, load
+from keyrelay.core.nats_connect import identity_name
+from keyrelay.core.options import DEFAULT_DEPLOYMENT
+from keyrelay.core.trust import load_signer, write_signing_key
 from publisher.lock import FileLock
 from publisher.token_format import generate_token
-from sidecar.config import load
-from sidecar.nats_connect import identity_name
-from sidecar.settings import DEFAULT_DEPLOYMENT
-from sidecar.trust import load_signer, write_signing_key
 
 from .client import AdminClient, stack_file
 from .errors import KeyrelayError
@@ -238,7 +238,7 @@ class Stack:
 
     def _child(self, name: str, args: list[str], port: int, env_extra: dict[str, str] | None = None) -> _Component:
         log = self.data_dir / "logs" / f"{name}.log"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")} | (env_extra or {})
+        env = environ_without_settings() | (env_extra or {})
         command = [sys.executable, "-m", "keyrelay", *args, "--log-level", self.settings.log_level]
         process = spawn(command, log=log, env=env)
         component = _Component(name=name, url=f"http://127.0.0.1:{port}", process=process, log=log, command=command,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sidecar.config import option, parse_bool
-from sidecar.settings import LOG_LEVELS, parse_port, parse_regions
+from keyrelay.core.config import option, parse_bool
+from keyrelay.core.options import LOG_LEVELS, parse_port, parse_regions
 
 __all__ = ["UpSettings"]
 

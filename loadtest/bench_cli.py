@@ -17,7 +17,7 @@ Two settings of the bytecode cache, each a block of figures:
 It also lists which of the modules only a running component needs (aiohttp, nats, asyncpg, nacl,
 asyncio, urllib.request, importlib.metadata) `--version` and `--help` import: none is the goal.
 
-    python -m loadtest.bench_cli --runs 40 --json docs/benchmarks/cli-startup.json
+    python -m loadtest.bench_cli --runs 40 --json docs/benchmarks/cli-startup-YYYY-MM-DD.json
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .figures import run_and_write, say
+from .figures import percentile, run_and_write, say
 
 __all__ = ["COMMANDS", "HEAVY", "main", "run"]
 
@@ -64,11 +64,6 @@ def _once(argv: list[str], env: dict[str, str]) -> float:
     return elapsed
 
 
-def _percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
-
-
 def _block(env: dict[str, str], runs: int) -> dict[str, Any]:
     """Every command `runs` times, round-robin after a warm-up round; figures in milliseconds."""
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
@@ -83,8 +78,8 @@ def _block(env: dict[str, str], runs: int) -> dict[str, Any]:
         median = statistics.median(values)
         figures[name] = {
             "median_ms": round(median, 1),
-            "p10_ms": round(_percentile(values, 0.1), 1),
-            "p90_ms": round(_percentile(values, 0.9), 1),
+            "p10_ms": round(percentile(values, 0.1), 1),
+            "p90_ms": round(percentile(values, 0.9), 1),
             "ratio_to_python": round(median / base, 2),
             "over_python_ms": round(median - base, 1),
         }

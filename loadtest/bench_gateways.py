@@ -2,7 +2,7 @@
 
 One run starts a nats-server, fills the `KEYS` bucket with `--keys` records,
 starts a sidecar (with a route-scopes file, as the shipped configs expect) and
-the echo upstream (loadtest.upstream) as child processes, and then, gateway by
+the echo upstream (testbed.upstream) as child processes, and then, gateway by
 gateway, starts the gateway from its deploy/gateways config and measures two
 routes through it to the same upstream: `/public/…` (no auth) and `/api/…`
 (every request checked by the sidecar), both sent the same key headers:
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import json
 import platform
 import statistics
@@ -40,17 +39,18 @@ from typing import Any
 
 import uvloop
 
+from keyrelay.core.wire import DEFAULT_BUCKET
 from keyrelay.errors import KeyrelayError
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import spawn, stop, wait_http_ok
-from sidecar.wire import DEFAULT_BUCKET
+from testbed.gateways import GATEWAYS, Addresses, gateway_version, start_gateway
 
-from .gateways import GATEWAYS, Addresses, gateway_version, start_gateway
+from .figures import ms, say
 from .keyfill import create_bucket, fill_bucket
 from .openloop import LoadResult, collector_paused, percentiles, render_get, run_open_loop
 from .procs import keyrelay_command, machine_cpu, wait_quiet, wait_time_wait
 from .signing import BENCH_SIGNER, Heartbeats, sidecar_trust_args
-from .wrk import WrkResult, header_pool_script, run_wrk, wrk_binary
+from .wrk import WrkResult, header_pool_script, pool_statuses, run_wrk, wrk_binary
 
 __all__ = ["main"]
 
@@ -145,30 +145,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _say(text: str = "") -> None:
-    print(text, flush=True)
-
-
 def _gateways(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in GATEWAYS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown gateway(s) {', '.join(unknown)}; choose from {', '.join(GATEWAYS)}")
     return names
-
-
-def _statuses(port: int, path: str, keys: list[str]) -> dict[int, int]:
-    seen: dict[int, int] = {}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        for key in keys:
-            conn.request("GET", path, headers={"Authorization": f"Bearer {key}"})
-            resp = conn.getresponse()
-            resp.read()
-            seen[resp.status] = seen.get(resp.status, 0) + 1
-    finally:
-        conn.close()
-    return seen
 
 
 def _open_loop(port: int, path: str, keys: list[str], *, rate: float, duration: float) -> OpenLoop:
@@ -200,7 +182,7 @@ def _open_loop(port: int, path: str, keys: list[str], *, rate: float, duration: 
 def _quiet(args: argparse.Namespace) -> None:
     load, waited = wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
     if waited >= 1:
-        _say(f"    (waited {waited:.0f}s for a quiet machine; {load:.2f} cores busy)")
+        say(f"    (waited {waited:.0f}s for a quiet machine; {load:.2f} cores busy)")
 
 
 def _measure(name: str, port: int, keys: list[str], script: Path, args: argparse.Namespace) -> GatewayFigures:
@@ -219,7 +201,7 @@ def _measure(name: str, port: int, keys: list[str], script: Path, args: argparse
             _quiet(args)
             paced = _open_loop(port, path, keys, rate=args.rate, duration=args.duration)
             figures.paced[route].append(paced)
-            _say(
+            say(
                 f"  {name:<8} {route:<4} open loop {paced.throughput:>9,.0f} req/s  p50 {paced.p50 * 1e3:.3f} ms  "
                 f"p99 {paced.p99 * 1e3:.3f} ms  errors {paced.errors}  non-200 {paced.non_200}  "
                 f"steal {paced.steal:.2f} cores  sent late p99 {paced.late_p99 * 1e3:.2f} ms"
@@ -229,12 +211,8 @@ def _measure(name: str, port: int, keys: list[str], script: Path, args: argparse
             _quiet(args)
             wrk = run_wrk(base + path, connections=args.connections, duration=args.duration, script=script)
             figures.saturated[route].append(wrk)
-            _say(f"  {name:<8} {route:<4} wrk       {wrk.requests_per_second:>9,.0f} req/s  errors {wrk.errors}")
+            say(f"  {name:<8} {route:<4} wrk       {wrk.requests_per_second:>9,.0f} req/s  errors {wrk.errors}")
     return figures
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f}"
 
 
 def table(results: list[GatewayFigures], rate: float) -> str:
@@ -249,9 +227,9 @@ def table(results: list[GatewayFigures], rate: float) -> str:
         verdict = f.verdict()
         lines.append(
             f"| {f.name} | {f.version} | {f.rps('none'):,.0f} | {f.rps('auth'):,.0f} "
-            f"| {_ms(f.latency('none', 'p50'))} / {_ms(f.latency('none', 'p99'))} "
-            f"| {_ms(f.latency('auth', 'p50'))} / {_ms(f.latency('auth', 'p99'))} "
-            f"| {_ms(f.added('p50'))} / {_ms(f.added('p99'))} | {f.steal():.2f} | {verdict} |"
+            f"| {ms(f.latency('none', 'p50'), unit='')} / {ms(f.latency('none', 'p99'), unit='')} "
+            f"| {ms(f.latency('auth', 'p50'), unit='')} / {ms(f.latency('auth', 'p99'), unit='')} "
+            f"| {ms(f.added('p50'), unit='')} / {ms(f.added('p99'), unit='')} | {f.steal():.2f} | {verdict} |"
         )
     return "\n".join(lines)
 
@@ -310,7 +288,7 @@ def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
         try:
             asyncio.run(create_bucket(nats_server.url))
             heartbeats.start()  # signed publisher heartbeats: what keeps the sidecar fresh
-            _say(f"filling {DEFAULT_BUCKET} with {args.keys:,} signed records")
+            say(f"filling {DEFAULT_BUCKET} with {args.keys:,} signed records")
             filling = fill_bucket(nats_server.url, DEFAULT_BUCKET, args.keys, pool_size=min(args.pool, args.keys),
                                   seed=1, signer=BENCH_SIGNER)  # fmt: skip
             fill = asyncio.run(filling)
@@ -327,12 +305,10 @@ def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
             children.append(sidecar_proc)
             wait_http_ok(sidecar_proc, sidecar_port, "/readyz", timeout=120, log=sidecar_log)
             upstream_log = work / "upstream.log"
-            upstream = spawn(
-                [sys.executable, "-m", "loadtest.upstream", "--port", str(upstream_port)], log=upstream_log
-            )
+            upstream = spawn([sys.executable, "-m", "testbed.upstream", "--port", str(upstream_port)], log=upstream_log)
             children.append(upstream)
             wait_http_ok(upstream, upstream_port, "/", timeout=30, log=upstream_log)
-            _say(f"sidecar :{sidecar_port} ({args.keys:,} keys, route map {_ROUTE_SCOPES.splitlines()[1].strip()!r}), "
+            say(f"sidecar :{sidecar_port} ({args.keys:,} keys, route map {_ROUTE_SCOPES.splitlines()[1].strip()!r}), "
                  f"upstream :{upstream_port}, pool of {len(keys):,} valid keys")  # fmt: skip
             script = header_pool_script(work / "wrk", "Authorization", keys, prefix="Bearer ")
             for name in names:
@@ -340,14 +316,14 @@ def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
                 # sockets, which slow every connect on the machine until they expire (60 s).
                 count, waited = wait_time_wait(below=_TIME_WAIT_BELOW, longest=_TIME_WAIT_LONGEST)
                 if waited >= 1:
-                    _say(f"  (waited {waited:.0f}s for TIME_WAIT sockets to expire; {count:,} left)")
+                    say(f"  (waited {waited:.0f}s for TIME_WAIT sockets to expire; {count:,} left)")
                 addresses = Addresses(gateway_port=free_port(), sidecar_port=sidecar_port, upstream_port=upstream_port)
                 gateway = start_gateway(name, addresses, work / name)
                 try:
-                    checked = _statuses(gateway.port, AUTH_PATH, keys[:200])
+                    checked = pool_statuses(gateway.port, keys[:200], path=AUTH_PATH)
                     if set(checked) != {200}:
                         raise RuntimeError(f"{name}: pool keys did not all pass through: {checked}")
-                    if _statuses(gateway.port, AUTH_PATH, ["kr_live_nope"]) != {401: 1}:
+                    if pool_statuses(gateway.port, ["kr_live_nope"], path=AUTH_PATH) != {401: 1}:
                         raise RuntimeError(f"{name}: a malformed key was not refused")
                     results.append(_measure(name, gateway.port, keys, script, args))
                 finally:
@@ -374,17 +350,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run(args, names)
     except (KeyrelayError, RuntimeError, OSError) as exc:
-        _say(f"benchmark failed: {type(exc).__name__}: {exc}")
+        say(f"benchmark failed: {type(exc).__name__}: {exc}")
         return 1
-    _say("")
-    _say(
+    say("")
+    say(
         f"keyrelay gateway benchmark: {args.keys:,} keys, wrk {args.connections} connections, open loop at "
         f"{args.rate:,.0f} req/s, {args.duration:g}s per run, {args.rounds} round(s), "
         f"{len(names)} gateway(s) in {time.monotonic() - started:.0f}s"
     )
-    _say(f"machine: {platform.platform()}, Python {platform.python_version()}, nothing pinned")
-    _say("")
-    _say(table(results, args.rate))
+    say(f"machine: {platform.platform()}, Python {platform.python_version()}, nothing pinned")
+    say("")
+    say(table(results, args.rate))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         document = {
@@ -393,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             "gateways": {f.name: _as_json(f) for f in results},
         }
         args.json.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-        _say(f"figures written to {args.json}")
+        say(f"figures written to {args.json}")
     return 0
 
 

@@ -48,10 +48,13 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from keyrelay.core.config import environ_without_settings
+from keyrelay.core.trust import write_signing_key
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
 from publisher.token_format import generate_token
-from sidecar.trust import write_signing_key
+
+from .figures import ms, percentile, say
 
 __all__ = ["main"]
 
@@ -166,15 +169,16 @@ class BackendResult:
 
     def targets(self) -> list[tuple[str, str, str, bool]]:
         """(what, value, target, met) for each target of the issue."""
-        p99 = _percentile(self.sequential.propagation, 0.99)
-        p99_concurrent = _percentile(self.concurrent.propagation, 0.99)
+        p99 = percentile(self.sequential.propagation, 0.99)
+        p99_concurrent = percentile(self.concurrent.propagation, 0.99)
+        bound = f"<= {ms(TARGET_REVOKE_P99, digits=1)}"
         return [
             ("bulk keys/s", f"{self.bulk.rate:,.0f}", f">= {TARGET_BULK_RATE:,.0f}",
              self.bulk.rate >= TARGET_BULK_RATE and self.bulk.failed == 0),
-            ("revocation p99, sequential", _ms(p99), f"<= {_ms(TARGET_REVOKE_P99)}",
+            ("revocation p99, sequential", ms(p99, digits=1), bound,
              p99 <= TARGET_REVOKE_P99 and self.sequential.failed == 0),
-            (f"revocation p99, {self.concurrent.concurrency} concurrent", _ms(p99_concurrent),
-             f"<= {_ms(TARGET_REVOKE_P99)}", p99_concurrent <= TARGET_REVOKE_P99 and self.concurrent.failed == 0),
+            (f"revocation p99, {self.concurrent.concurrency} concurrent", ms(p99_concurrent, digits=1), bound,
+             p99_concurrent <= TARGET_REVOKE_P99 and self.concurrent.failed == 0),
         ]  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
@@ -193,34 +197,18 @@ class BackendResult:
 # -- numbers -----------------------------------------------------------------------------------
 
 
-def _percentile(samples: list[float], q: float) -> float:
-    """Nearest-rank percentile; NaN without samples."""
-    if not samples:
-        return math.nan
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 def _stats_ms(samples: list[float]) -> dict[str, float | int]:
     return {
         "count": len(samples),
-        "p50": _percentile(samples, 0.50) * 1000,
-        "p90": _percentile(samples, 0.90) * 1000,
-        "p99": _percentile(samples, 0.99) * 1000,
+        "p50": percentile(samples, 0.50) * 1000,
+        "p90": percentile(samples, 0.90) * 1000,
+        "p99": percentile(samples, 0.99) * 1000,
         "max": (max(samples) if samples else math.nan) * 1000,
     }
 
 
-def _ms(seconds: float) -> str:
-    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.1f} ms"
-
-
 def _count(errors: dict[str, int], what: str) -> None:
     errors[what] = errors.get(what, 0) + 1
-
-
-def _say(text: str = "") -> None:
-    print(text, flush=True)
 
 
 class _Progress:
@@ -240,7 +228,7 @@ class _Progress:
         if now - self.last >= _PROGRESS_EVERY:
             self.last = now
             rate = self.done / (now - self.started)
-            _say(f"    {self.label}: {self.done:,}/{self.total:,}  ({rate:,.0f}/s)")
+            say(f"    {self.label}: {self.done:,}/{self.total:,}  ({rate:,.0f}/s)")
 
 
 # -- HTTP clients ------------------------------------------------------------------------------
@@ -296,18 +284,14 @@ class Endpoints:
     token: str
 
 
-def _child_env() -> dict[str, str]:
-    # KEYRELAY_* from the caller's shell must not change what is measured.
-    return {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
-
-
 def _start_component(
     stack: contextlib.ExitStack, name: str, args: list[str], port: int, logs: Path,
     env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], Path]:  # fmt: skip
     log = logs / f"{name}.log"
-    # Secrets go in the child's environment: a command line is readable by every local user.
-    process = spawn([sys.executable, "-m", "keyrelay", *args], log=log, env=_child_env() | (env or {}))
+    # Secrets go in the child's environment: a command line is readable by every local user. The
+    # caller's KEYRELAY_* variables must not change what is measured.
+    process = spawn([sys.executable, "-m", "keyrelay", *args], log=log, env=environ_without_settings() | (env or {}))
     stack.callback(stop, process)
     wait_http_ok(process, port, "/readyz", timeout=_READY_TIMEOUT, log=log)
     return process, log
@@ -547,11 +531,11 @@ async def measure(backend: str, ends: Endpoints, config: Config) -> BackendResul
         project = await _setup_project(api, "throughput")
         tag = f"[{backend}]"
 
-        _say(f"  {tag} single-key API: {config.api_keys:,} keys, {config.concurrency} clients")
+        say(f"  {tag} single-key API: {config.api_keys:,} keys, {config.concurrency} clients")
         singles = await create_singles(
             api, project, config.api_keys, config.concurrency, config.phase_timeout, f"{tag} api"
         )
-        _say(f"  {tag} bulk: {config.keys:,} keys, {config.bulk_size} per call, {config.bulk_concurrency} in flight")
+        say(f"  {tag} bulk: {config.keys:,} keys, {config.bulk_size} per call, {config.bulk_concurrency} in flight")
         bulk = await create_bulk(
             api, project, config.keys, config.bulk_size, config.bulk_concurrency, config.phase_timeout, f"{tag} bulk"
         )
@@ -567,9 +551,9 @@ async def measure(backend: str, ends: Endpoints, config: Config) -> BackendResul
         await until_valid(sidecar, revocable, timeout=30.0)
 
         first, second = revocable[: config.revocations], revocable[config.revocations :]
-        _say(f"  {tag} revocations: {len(first):,} one at a time")
+        say(f"  {tag} revocations: {len(first):,} one at a time")
         sequential = await revoke(api, sidecar, first, 1, config.phase_timeout, f"{tag} revoke x1")
-        _say(f"  {tag} revocations: {len(second):,} with {config.concurrency} in flight")
+        say(f"  {tag} revocations: {len(second):,} with {config.concurrency} in flight")
         concurrent = await revoke(
             api, sidecar, second, config.concurrency, config.phase_timeout, f"{tag} revoke x{config.concurrency}"
         )
@@ -604,7 +588,7 @@ def run_backend(backend: str, config: Config) -> BackendResult:
             database_url = f"sqlite:///{work / 'keyrelay.db'}"
         else:
             database_url = stack.enter_context(pg_database(config.pg_url))
-        _say(f"{backend}: starting nats-server, publisher and sidecar (work dir {work})")
+        say(f"{backend}: starting nats-server, publisher and sidecar (work dir {work})")
         ends = start_stack(stack, work, database_url, config.log_level)
         return _run_async(measure(backend, ends, config))
 
@@ -617,7 +601,7 @@ def _table(results: list[BackendResult], config: Config) -> list[str]:
         return f"  {label:<44}" + "".join(f"{cell(r):>16}" for r in results)
 
     def pct(samples: Callable[[BackendResult], list[float]], q: float) -> Callable[[BackendResult], str]:
-        return lambda r: _ms(_percentile(samples(r), q))
+        return lambda r: ms(percentile(samples(r), q), digits=1)
 
     def rate(pick: Callable[[BackendResult], Throughput | Revocations]) -> Callable[[BackendResult], str]:
         return lambda r: f"{pick(r).rate:,.0f}/s" + ("" if pick(r).failed == 0 else f" ({pick(r).failed} failed)")
@@ -754,19 +738,19 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 results.append(run_backend(backend, config))
             except Exception as exc:
-                _say(f"benchmark failed on {backend}: {type(exc).__name__}: {exc}")
+                say(f"benchmark failed on {backend}: {type(exc).__name__}: {exc}")
                 failed = True
     except KeyboardInterrupt:
-        _say("interrupted; everything it started is stopped and removed")
+        say("interrupted; everything it started is stopped and removed")
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
     if results:
         for line in report(results, config):
-            _say(line)
+            say(line)
         if config.json is not None:
             _write_json(config.json, results, config)
-            _say(f"figures written to {config.json}")
+            say(f"figures written to {config.json}")
     return 1 if failed else 0
 
 

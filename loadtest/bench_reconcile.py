@@ -9,7 +9,7 @@ the event loop's longest stall (a 10 ms ticker's worst lateness), which is what
 the admin API and the heartbeat would feel. Prints the figures and writes them
 as JSON.
 
-    python -m loadtest.bench_reconcile --keys 1000000 --out docs/benchmarks/reconcile-1m.json
+    python -m loadtest.bench_reconcile --keys 1000000 --out docs/benchmarks/reconcile-1m-YYYY-MM-DD.json
 """
 
 from __future__ import annotations
@@ -29,9 +29,11 @@ from typing import Any
 
 import nats
 
+from keyrelay.core.trust import KIND_RECORD, Signer, load_signer, write_signing_key
+from keyrelay.core.wire import subject_prefix
 from keyrelay.natsd import NatsServer, NatsSpec
 from publisher.broker import Broker
-from publisher.db import open_database
+from publisher.db_open import open_database
 from publisher.models import Actor
 from publisher.outbox import OutboxRelay
 from publisher.reconcile import reconcile
@@ -39,8 +41,6 @@ from publisher.resign import resign
 from publisher.signing import SigningKeys
 from publisher.store import KeySpec, KeyStore
 from publisher.tokens import TokenStore, generate_token
-from sidecar.trust import KIND_RECORD, Signer, load_signer, write_signing_key
-from sidecar.wire import subject_prefix
 
 __all__ = ["main"]
 

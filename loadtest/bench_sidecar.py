@@ -55,16 +55,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keyrelay.core.wire import DEFAULT_BUCKET, stream_name
 from keyrelay.natsd import NatsServer, NatsSpec, free_port, wait_for_port
 from keyrelay.procs import tail
-from sidecar.wire import DEFAULT_BUCKET, stream_name
 
 from .callgrind import count_instructions
-from .figures import run_and_write, say
+from .figures import ms, run_and_write, say
 from .keyfill import FillResult, connect, create_bucket, fill_bucket
 from .procs import cpu_seconds, keyrelay_command, machine_cpu, memory_of, spawn, stop, wait_http_ok, wait_quiet
 from .signing import BENCH_SIGNER, BENCH_SNAPSHOT_SIGNER, Heartbeats, sidecar_trust_args, write_key_file
-from .wrk import WrkResult, header_pool_script, run_wrk, wrk_binary
+from .wrk import WrkResult, header_pool_script, pool_statuses, run_wrk, wrk_binary
 
 __all__ = ["main"]
 
@@ -276,22 +276,6 @@ def _progress(total: int) -> Any:
     return report
 
 
-def _check_pool(port: int, keys: list[str]) -> dict[int, int]:
-    import http.client
-
-    seen: dict[int, int] = {}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        for key in keys:
-            conn.request("GET", "/auth", headers={"Authorization": f"Bearer {key}"})
-            resp = conn.getresponse()
-            resp.read()
-            seen[resp.status] = seen.get(resp.status, 0) + 1
-    finally:
-        conn.close()
-    return seen
-
-
 def _measure(
     target: Target, script: Path, args: argparse.Namespace, pin: Pinning, *, nats_pid: int, label: str
 ) -> Measured:
@@ -350,14 +334,6 @@ def _was_delivered(by_server: dict[str, list[Measured]], rate: float, connection
     return True
 
 
-def _median_run(runs: list[Measured]) -> Measured:
-    return sorted(runs, key=lambda m: m.wrk.requests_per_second)[len(runs) // 2]
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.2f} ms"
-
-
 def _row(name: str, runs: list[Measured]) -> str:
     rps = statistics.median(m.wrk.requests_per_second for m in runs)
     p50 = statistics.median(m.wrk.p50 for m in runs)
@@ -366,9 +342,7 @@ def _row(name: str, runs: list[Measured]) -> str:
     errors = sum(m.wrk.non_2xx_3xx for m in runs)
     sockets = sum(sum(m.wrk.socket_errors.values()) for m in runs)
     other = max(m.other_cores for m in runs)
-    return (
-        f"  {name:<16} {rps:>10,.0f} {_ms(p50):>10} {_ms(p99):>10} {cpu:>9.1f} {errors:>8} {sockets:>8} {other:>8.2f}"
-    )
+    return f"  {name:<16} {rps:>10,.0f} {ms(p50):>10} {ms(p99):>10} {cpu:>9.1f} {errors:>8} {sockets:>8} {other:>8.2f}"
 
 
 def _runs_json(runs: list[Measured]) -> dict[str, Any]:
@@ -478,7 +452,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{loaded.status.get('synced_after_seconds')}s, machine load before start {load_before:.2f} cores), "
                 f"RSS {loaded.rss / 2**20:.1f} MiB"
             )
-            sample = _check_pool(port, fill.pool[:200])
+            sample = pool_statuses(port, fill.pool[:200])
             if set(sample) != {200}:
                 raise RuntimeError(f"pool keys did not all verify: {sample}")
             replay = _replay_start(nats_server.url, args, pin, work)
@@ -710,7 +684,7 @@ def _report(
         f"sidecar start to /readyz 200: {sidecar['ready_seconds']:.2f}s for the region's first sidecar, from the "
         f"seeded snapshot; {sidecar['replay_ready_seconds']:.2f}s for one with no snapshot, replaying the bucket "
         f"(initial sync {sidecar['replay_sync_seconds']}s)",
-        f"at saturation Little's law puts the mean /auth latency at {_ms(floor)} "
+        f"at saturation Little's law puts the mean /auth latency at {ms(floor)} "
         f"({config['connections']} connections / throughput), whatever the server",
         "",
         "summary",

@@ -56,17 +56,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keyrelay.core.config import environ_without_settings
+from keyrelay.core.trust import KIND_RECORD, Trust
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import spawn as spawn_env
 from keyrelay.procs import tail
-from sidecar.trust import KIND_RECORD, Trust
+from testbed.cpus import pinned
 
 from .callgrind import count_instructions
 from .figures import run_and_write, say
 from .keyfill import FillResult, KeyMix, create_bucket, fill_bucket
 from .procs import memory_of, stop, wait_http_ok, wait_quiet
 from .signing import BENCH_SIGNER, BENCH_SNAPSHOT_SIGNER, Heartbeats, write_key_file
-from .wrk import header_pool_script, pinned, run_wrk, wrk_binary
+from .wrk import header_pool_script, run_wrk, wrk_binary
 
 __all__ = ["main", "parse_seed_summary", "ratio_verdict", "write_records"]
 
@@ -130,7 +132,7 @@ class Tree:
     @property
     def signs(self) -> bool:
         """Whether this tree has the trust chain."""
-        return (self.path / "sidecar" / "trust.py").exists()
+        return any((self.path / where / "trust.py").exists() for where in ("keyrelay/core", "sidecar"))
 
     def keyrelay(self) -> list[str]:
         """`python -m keyrelay` with this tree first on sys.path (an editable install must not win)."""
@@ -155,7 +157,7 @@ def _baseline(args: argparse.Namespace, work: Path) -> Tree:
     if not (path / "sidecar" / "snapshot.py").exists():
         raise RuntimeError(f"{path} is no keyrelay checkout")
     if tree.signs:
-        raise RuntimeError(f"{path} has sidecar/trust.py: not a baseline from before the trust chain")
+        raise RuntimeError(f"{path} has a trust.py: not a baseline from before the trust chain")
     return tree
 
 
@@ -569,7 +571,7 @@ def _publisher(trees: Sequence[Tree], args: argparse.Namespace) -> dict[str, Any
         for n, tree in enumerate(_alternating(trees, args.publisher_rounds)):
             wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
             out, log = Path(tmp) / f"publisher-{n}.json", Path(tmp) / f"publisher-{n}.log"
-            env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+            env = environ_without_settings()
             env["PYTHONPATH"] = str(tree.path)
             command = [sys.executable, "-m", "loadtest.bench_publisher", "--backend", "sqlite", "--keys",
                        str(args.publisher_keys), "--api-keys", "200", "--revocations", "50",

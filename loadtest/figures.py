@@ -1,13 +1,27 @@
-"""What every benchmark does with its figures: run, say why it failed, and write them as JSON when asked."""
+"""What every benchmark does with its figures: percentiles, milliseconds, console lines, JSON when asked."""
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["run_and_write", "say"]
+__all__ = ["ms", "percentile", "run_and_write", "say"]
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The nearest-rank `q` percentile (`0.99`: p99) of the samples; NaN without samples."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def ms(seconds: float, *, digits: int = 2, unit: str = " ms") -> str:
+    """Seconds shown as milliseconds (`1.25 ms`); `n/a` for NaN (a percentile of no samples)."""
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1000:.{digits}f}{unit}"
 
 
 def say(text: str = "") -> None:

@@ -5,7 +5,7 @@ The mix, per key: an org/team/project tree (1 org per 1000 keys, 1 team per
 expiry months ahead, 2% expired, 2% revoked, 20% with metadata drawn from 500
 variants. Every record goes to `$KV.<bucket>.global.<key_id>` with JetStream
 publish acks, a bounded number in flight, each signed as the publisher signs
-it (`Keyrelay-Sig`, sidecar/trust.py) when a signer is given.
+it (`Keyrelay-Sig`, keyrelay/core/trust.py) when a signer is given.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, PubAck
 
-from sidecar.nats_connect import NatsConnect
-from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Signer
-from sidecar.wire import DEFAULT_BUCKET, KeyRecord, generate_key, key_digest, subject_prefix
+from keyrelay.core.nats_connect import NatsConnect
+from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Signer
+from keyrelay.core.wire import DEFAULT_BUCKET, KeyRecord, generate_key, key_digest, subject_prefix
 
 __all__ = ["FillResult", "KeyMix", "connect", "create_bucket", "fill_bucket"]
 

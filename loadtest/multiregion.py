@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import add_options, load, option, parse_bool, parse_duration
-from sidecar.settings import parse_region
+from keyrelay.core.config import add_options, load, option, parse_bool, parse_duration
+from keyrelay.core.options import parse_region
 
 _MAX_NODE_FAULTS = 10
 
@@ -127,9 +127,10 @@ def _say(text: str) -> None:
 
 async def run(settings: LoadtestSettings) -> dict[str, Any]:
     """Build, load, judge and tear down; returns the report."""
+    from testbed.topology import Topology
+
     from .openloop import collector_paused
     from .report import judge, plot, write_json
-    from .topology import Topology
     from .workload import NodeFault, Partition, Workload
 
     delays = settings.link_delays()

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import cast
 
+from .figures import percentile
+
 __all__ = ["NO_ANSWER", "LoadResult", "Percentiles", "collector_paused", "percentiles", "render_get", "run_open_loop"]
 
 _MIN_SLEEP = 0.001
@@ -72,11 +74,7 @@ def percentiles(values: list[float]) -> Percentiles:
     if not values:
         return Percentiles(0.0, 0.0, 0.0, 0.0)
     ordered = sorted(values)
-
-    def rank(q: float) -> float:
-        return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
-
-    return Percentiles(rank(0.50), rank(0.99), rank(0.999), ordered[-1])
+    return Percentiles(percentile(ordered, 0.50), percentile(ordered, 0.99), percentile(ordered, 0.999), ordered[-1])
 
 
 @dataclass(slots=True)

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from keyrelay.procs import ProcessError, stop, wait_http_ok
 from keyrelay.procs import spawn as _spawn
-
-from .wrk import pinned
+from testbed.cpus import pinned
 
 __all__ = [
     "ProcessError",

@@ -1,7 +1,7 @@
 """The benchmarks' stand-in for the publisher's keys: fixed signers, key files, and signed heartbeats.
 
 A benchmark fills the key bucket itself, so it signs what it writes as the
-publisher does (sidecar/trust.py) with a fixed bench key (deployment
+publisher does (keyrelay/core/trust.py) with a fixed bench key (deployment
 `default`), seeds snapshots with a fixed bench snapshot key, and keeps the
 sidecars it starts fresh with the publisher's signed heartbeat (entry
 `global.heartbeat`, kind `h`) — a sidecar's freshness is that heartbeat's age.
@@ -22,8 +22,8 @@ from types import TracebackType
 import nats
 from nacl.signing import SigningKey
 
-from sidecar.trust import KIND_HEARTBEAT, SIGNATURE_HEADER, SIGNING_KEY_PREFIX, Signer
-from sidecar.wire import HEARTBEAT_ENTRY, encode_heartbeat, subject_prefix
+from keyrelay.core.trust import KIND_HEARTBEAT, SIGNATURE_HEADER, SIGNING_KEY_PREFIX, Signer
+from keyrelay.core.wire import HEARTBEAT_ENTRY, encode_heartbeat, subject_prefix
 
 __all__ = [
     "BENCH_SIGNER",

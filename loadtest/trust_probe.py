@@ -5,7 +5,7 @@
 TREE is a checkout of keyrelay (this one, or the baseline's worktree): its
 directory goes first on sys.path, so `sidecar` is that tree's code whatever
 the interpreter's environment has installed. The same file runs against the
-current code (with sidecar/trust.py) and against the baseline (without): it
+current code (with keyrelay/core/trust.py) and against the baseline (without): it
 looks the API up at run time. It writes its figures as JSON to PARAMS' `out`.
 
 Modes:
@@ -13,10 +13,11 @@ Modes:
             snapshot (signed when the tree signs), then time `decode` of it
             into a fresh table `repeats` times.
   replay    a real KeySync replays a real bucket from the start until synced
-            (wall and process CPU, worker threads included); its `_apply` (the
-            per-record path: verify, decode, apply) is timed where the catch-up
-            goes through it (a sync that verifies batches on worker threads
-            uses it only for live deliveries: then its figure is left out).
+            (wall and process CPU, worker threads included); its `_apply`, or
+            the applier's `apply` (the per-record path: verify, decode, apply),
+            is timed where the catch-up goes through it (a sync that verifies
+            batches on worker threads uses it only for live deliveries: then
+            its figure is left out).
 """
 
 from __future__ import annotations
@@ -59,9 +60,15 @@ def read_records(path: Path) -> list[bytes]:
     return records
 
 
+def _core(name: str) -> str:
+    """The module `name` of the shared core in the tree under test: keyrelay.core, or sidecar in older trees."""
+    tree = Path(sys.path[0])
+    return f"keyrelay.core.{name}" if (tree / "keyrelay" / "core" / f"{name}.py").exists() else f"sidecar.{name}"
+
+
 def _tree_signs() -> bool:
     """Whether the tree under test has the trust chain (its own file: no finder may answer for it)."""
-    return (Path(sys.path[0]) / "sidecar" / "trust.py").exists()
+    return any((Path(sys.path[0]) / where / "trust.py").exists() for where in ("keyrelay/core", "sidecar"))
 
 
 def _signing(tree_signs: bool, label: str) -> Any:
@@ -69,15 +76,21 @@ def _signing(tree_signs: bool, label: str) -> Any:
         return None
     from nacl.signing import SigningKey
 
-    trust = importlib.import_module("sidecar.trust")
+    trust = importlib.import_module(_core("trust"))
     return trust.Signer(SigningKey(hashlib.sha256(label.encode()).digest()), "default")
+
+
+def _snapshot_codec() -> Any:
+    """The module of the tree's whole-snapshot `encode` and `decode`: testbed's, or sidecar's in older trees."""
+    found = (Path(sys.path[0]) / "testbed" / "snapshot_oracle.py").exists()
+    return importlib.import_module("testbed.snapshot_oracle" if found else "sidecar.snapshot")
 
 
 def snapshot(params: dict[str, Any]) -> dict[str, Any]:
     """Build, encode, then time decoding the snapshot `repeats` times."""
-    wire = importlib.import_module("sidecar.wire")
+    wire = importlib.import_module(_core("wire"))
     table_mod = importlib.import_module("sidecar.table")
-    snap = importlib.import_module("sidecar.snapshot")
+    snap = _snapshot_codec()
     signs = _tree_signs()
     records = read_records(Path(params["records"]))
     table = table_mod.KeyTable()
@@ -93,7 +106,7 @@ def snapshot(params: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if signs:
         signer = _signing(True, params["snapshot_label"])
-        trust = importlib.import_module("sidecar.trust").Trust.of(snapshots=[signer.public_key])
+        trust = importlib.import_module(_core("trust")).Trust.of(snapshots=[signer.public_key])
         data = snap.encode(table, signer=signer, stream_created="bench", **common)
         extra = {"trust": trust, "stream_created": "bench"}
     else:
@@ -140,8 +153,11 @@ async def _replay(params: dict[str, Any]) -> dict[str, Any]:
     table_mod = importlib.import_module("sidecar.table")
     signs = _tree_signs()
     cls = sync_mod.KeySync
+    # The per-record path: the applier's in trees whose sync is split by job, else the sync's own.
+    split = hasattr(sync_mod, "SyncConfig")
+    timed_class, timed_name = (importlib.import_module("sidecar.apply").Applier, "apply") if split else (cls, "_apply")
     spent = [0.0, 0]
-    original = cls._apply
+    original = getattr(timed_class, timed_name)
 
     def timed(*args: Any) -> None:
         started = time.perf_counter()
@@ -151,12 +167,14 @@ async def _replay(params: dict[str, Any]) -> dict[str, Any]:
             spent[0] += time.perf_counter() - started
             spent[1] += 1
 
-    cls._apply = timed
+    setattr(timed_class, timed_name, timed)
     kwargs: dict[str, Any] = {}
     if signs:
-        kwargs["trust"] = importlib.import_module("sidecar.trust").Trust.of(records=[params["trusted_key"]])
+        kwargs["trust"] = importlib.import_module(_core("trust")).Trust.of(records=[params["trusted_key"]])
     table = table_mod.KeyTable()
-    sync = cls(table=table, servers=[params["url"]], bucket=params["bucket"], name="bench-trust-replay", **kwargs)
+    where = {"servers": [params["url"]], "bucket": params["bucket"], "name": "bench-trust-replay", **kwargs}
+    # A frozen configuration and the table, or (older trees) one dataclass of both.
+    sync = cls(sync_mod.SyncConfig(**where), table) if split else cls(table=table, **where)
     rss0, cpu0 = _rss(), _cpu()
     started = time.perf_counter()
     await sync.start()
@@ -194,7 +212,7 @@ def main(argv: list[str]) -> int:
     """Run one mode in one tree; the figures go to PARAMS' `out`."""
     tree, mode, raw = argv
     sys.path.insert(0, str(Path(tree).resolve()))
-    # An editable install's finder would answer for modules the tree lacks (sidecar.trust in the baseline).
+    # An editable install's finder would answer for modules the tree lacks (the trust module in the baseline).
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "").lower()]
     params: dict[str, Any] = json.loads(raw)
     figures = {"snapshot": snapshot, "replay": replay}[mode](params)

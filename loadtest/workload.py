@@ -20,10 +20,10 @@ from typing import Any
 
 import aiohttp
 
-from sidecar.wire import generate_key
+from keyrelay.core.wire import generate_key
+from testbed.topology import Topology
 
 from .openloop import NO_ANSWER, percentiles, render_get, run_open_loop
-from .topology import Topology
 
 __all__ = ["KeyLife", "NodeFault", "Partition", "Verify", "Workload"]
 

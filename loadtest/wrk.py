@@ -6,15 +6,18 @@ goes through here, so they pin, run and parse wrk the same way.
 
 from __future__ import annotations
 
+import http.client
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-__all__ = ["WrkError", "WrkResult", "header_pool_script", "parse_wrk", "pinned", "run_wrk", "wrk_binary"]
+from testbed.cpus import pinned
+
+__all__ = ["WrkError", "WrkResult", "header_pool_script", "parse_wrk", "pool_statuses", "run_wrk", "wrk_binary"]
 
 _UNITS: Final = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _TIME = r"([\d.]+)(us|ms|s|m|h)"
@@ -99,17 +102,6 @@ def wrk_binary() -> str:
     return found
 
 
-def pinned(command: Sequence[str], cpus: str | None) -> list[str]:
-    """`command` prefixed with `taskset -c cpus` when a CPU list is given and taskset exists."""
-    if cpus is None:
-        return list(command)
-    taskset = shutil.which("taskset")
-    if taskset is None:
-        raise WrkError("taskset not found (util-linux): install it or run without pinning")
-    # taskset execs the command, so the child's pid stays the command's pid.
-    return [taskset, "-c", cpus, *command]
-
-
 def _seconds(value: str, unit: str) -> float:
     return float(value) * _UNITS[unit]
 
@@ -165,6 +157,21 @@ def header_pool_script(
         }
     )
     return script
+
+
+def pool_statuses(port: int, keys: Iterable[str], *, path: str = "/auth") -> dict[int, int]:
+    """How many of `keys` each status answers on one keep-alive connection: a pool checked before wrk sends it."""
+    seen: dict[int, int] = {}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        for key in keys:
+            conn.request("GET", path, headers={"Authorization": f"Bearer {key}"})
+            resp = conn.getresponse()
+            resp.read()
+            seen[resp.status] = seen.get(resp.status, 0) + 1
+    finally:
+        conn.close()
+    return seen
 
 
 def run_wrk(

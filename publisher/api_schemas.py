@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sidecar.config import DURATION_HELP, duration_pattern
-from sidecar.wire import ENVS
+from keyrelay.core.config import DURATION_HELP, duration_pattern
+from keyrelay.core.wire import ENVS
 
+from .models import SOURCES
 from .pagination import MAX_LIMIT
+from .people import MEMBERSHIP_SOURCES, OFFBOARDING
+from .policy import ORG_ROLES, TEAM_ROLES
 from .tokens import ROLES
 from .validation import MAX_BULK, MAX_METADATA_ENTRIES, MAX_NAME, MAX_SCOPES
 
@@ -84,8 +87,10 @@ ERROR = _component("Error", obj({"error": obj({
 
 # -- objects -----------------------------------------------------------------------------------
 
-ORG = _component("Org", obj({"id": ID, "name": {"type": "string"}, "created_at": TIME}))
-TEAM = _component("Team", obj({"id": ID, "org_id": ID, "name": {"type": "string"}, "created_at": TIME}))
+ORG = _component("Org", obj({"id": ID, "name": {"type": "string"}, "created_at": TIME,
+                             "decommissioned_at": nullable(TIME)}))  # fmt: skip
+TEAM = _component("Team", obj({"id": ID, "org_id": ID, "name": {"type": "string"}, "created_at": TIME,
+                               "decommissioned_at": nullable(TIME)}))  # fmt: skip
 PROJECT = _component("Project", obj({"id": ID, "team_id": ID, "org_id": ID, "name": {"type": "string"},
                                      "created_at": TIME, "decommissioned_at": nullable(TIME)}))  # fmt: skip
 _KEY: dict[str, Schema] = {
@@ -96,6 +101,8 @@ _KEY: dict[str, Schema] = {
     "status": {"type": "string", "enum": ["active", "revoked", "expired"]},
     "created_at": TIME, "expires_at": nullable(TIME), "last_used_at": nullable(TIME), "revoked_at": nullable(TIME),
     "revoked_reason": nullable({"type": "string"}), "rotated_to": nullable(ID), "created_by": nullable(ID),
+    "created_by_user": nullable({**ID, "description": "the user whose personal token created the key"}),
+    "owner_team_id": {**ID, "description": "the team that owns the key (its project's team)"},
     "version": {"type": "integer", "minimum": 1},
 }  # fmt: skip
 _PLAINTEXT = {"type": "string", "description": "the key in plaintext: shown in this answer only"}
@@ -114,6 +121,10 @@ AUDIT_ENTRY = _component("AuditEntry", obj({
     "id": {"type": "integer"}, "at": TIME, "actor": {"type": "string"}, "action": {"type": "string"},
     "org_id": nullable(ID), "team_id": nullable(ID), "project_id": nullable(ID), "key_id": nullable(ID),
     "details": {"type": "object"},
+    "actor_kind": nullable({"type": "string", "enum": ["user", "token", "system"]}),
+    "actor_id": nullable({**ID, "description": "the user's id (actor_kind user), else the token's"}),
+    "source": nullable({"type": "string", "enum": list(SOURCES)}),
+    "request_id": nullable({"type": "string"}),
 }))  # fmt: skip
 
 
@@ -132,6 +143,54 @@ AUDIT_PAGE = page("AuditPage", "entries", AUDIT_ENTRY, next_before=nullable({"ty
 
 DECOMMISSIONED = _component("Decommissioned", obj({"project_id": ID, "revoked": {"type": "array", "items": ID},
                                                    "propagation": PROPAGATION}))  # fmt: skip
+TEAM_DECOMMISSIONED = _component("TeamDecommissioned", obj({"team_id": ID, "revoked": {"type": "array", "items": ID},
+                                                            "propagation": PROPAGATION}))  # fmt: skip
+ORG_DECOMMISSIONED = _component("OrgDecommissioned", obj({"org_id": ID, "revoked": {"type": "array", "items": ID},
+                                                          "propagation": PROPAGATION}))  # fmt: skip
+_STATUS = {"type": "string", "enum": ["active", "deactivated"]}
+_USER: dict[str, Schema] = {
+    "id": ID, "email": {"type": "string"}, "display_name": nullable({"type": "string"}),
+    "external_id": nullable({"type": "string"}), "status": _STATUS, "created_at": TIME,
+    "deactivated_at": nullable(TIME),
+}  # fmt: skip
+USER = _component("User", obj(_USER, description="a person"))
+USER_PAGE = page("UserPage", "users", USER)
+_OFFBOARDED: dict[str, Schema] = {
+    "revoked": {"type": "array", "items": ID, "description": "keys the user created, revoked by their "
+                                                            "organizations' offboarding policy"},
+    "propagation": PROPAGATION,
+}  # fmt: skip
+DEACTIVATED_USER = _component("DeactivatedUser", obj({**_USER, **_OFFBOARDED}))
+REMOVED_MEMBER = _component("RemovedMember", obj({"org_id": ID, "team_id": ID, "user_id": ID,
+                                                  "removed": {"const": True}, **_OFFBOARDED},
+                                                 optional=("org_id", "team_id")))  # fmt: skip
+MEMBER = _component("Member", obj({
+    "user_id": ID, "email": {"type": "string"}, "display_name": nullable({"type": "string"}), "status": _STATUS,
+    "role": {"type": "string", "enum": [*ORG_ROLES, *TEAM_ROLES]}, "since": TIME,
+}, description="a user's role in an organization or a team"))  # fmt: skip
+MEMBER_PAGE = page("MemberPage", "members", MEMBER)
+_SESSION: dict[str, Schema] = {
+    "id": ID, "user_id": ID, "email": {"type": "string"},
+    "via": {"type": "string", "description": "how it was signed in: oidc"}, "user_agent": nullable({"type": "string"}),
+    "created_at": TIME, "expires_at": TIME, "last_seen_at": {**TIME, "description": "to within a minute"},
+    "current": {"type": "boolean", "description": "the session this request came with"},
+}  # fmt: skip
+SESSION = _component("Session", obj(_SESSION, description="a browser session (never its secret)"))
+SESSION_PAGE = page("SessionPage", "sessions", SESSION)
+REVOKED_SESSION = _component("RevokedSession", obj({**_SESSION, "revoked": {"const": True}}))
+ORG_POLICY = _component("OrgPolicy", obj({
+    "org_id": ID,
+    "developers_may_create_keys": {"type": "boolean", "description": "team developers may create keys in their "
+                                                                     "team's projects (default true)"},
+    "offboarding": {"type": "string", "enum": list(OFFBOARDING), "description": "what happens to the keys a "
+                    "user created when they are deactivated or leave the organization: revoke them (default), "
+                    "reassign them to their team, or keep them"},
+    "memberships": {"type": "string", "enum": list(MEMBERSHIP_SOURCES), "description": "where memberships come "
+                    "from: manual (the admin API, default), scim (the identity provider's SCIM pushes) or claims "
+                    "(the groups claim at each sign-in); those a provider manages are read-only elsewhere"},
+    "jit_users": {"type": "boolean", "description": "a person signing in for the first time with a group mapped "
+                                                    "to this organization becomes a user (default false)"},
+}))  # fmt: skip
 BULK_CREATED = _component("BulkCreated", obj({"keys": {"type": "array", "items": NEW_KEY},
                                               "propagation": PROPAGATION}))  # fmt: skip
 BULK_REVOKED = _component("BulkRevoked", obj({"revoked": {"type": "array", "items": ID},
@@ -184,9 +243,28 @@ BULK_REVOKE_REQUEST = _component("BulkRevokeRequest", obj({
     "ids": {"type": "array", "items": ID, "minItems": 1, "maxItems": MAX_BULK}, "reason": nullable(NAME),
 }, optional=("reason",)))  # fmt: skip
 ROTATE_REQUEST = _component("RotateRequest", obj({"grace": nullable(DURATION)}, optional=("grace",)))
-TOKEN_REQUEST = _component("TokenRequest", obj({"name": NAME, "role": {"type": "string", "enum": list(ROLES)},
-                                                "expires_in": nullable(DURATION)},
-                                               optional=("role", "expires_in")))  # fmt: skip
+TOKEN_REQUEST = _component("TokenRequest", obj({
+    "name": NAME,
+    "role": {"type": "string", "enum": list(ROLES), "description": "platform roles span organizations; org roles "
+             "need org_id, team roles team_id; personal: every role the user holds. admin and member without "
+             "org_id are the previous release's names of platform-admin and platform-reader"},
+    "expires_in": nullable(DURATION), "org_id": nullable(ID), "team_id": nullable(ID),
+    "user_id": nullable({**ID, "description": "the user the token belongs to (a personal access token: it never "
+                                              "holds more than the user); a user's own calls make theirs"}),
+}, optional=("role", "expires_in", "org_id", "team_id", "user_id")))  # fmt: skip
+USER_REQUEST = _component("UserRequest", obj({
+    "email": {"type": "string", "minLength": 3, "maxLength": 320, "pattern": "^\\s*[^@\\s]+@[^@\\s]+\\s*$"},
+    "display_name": nullable(NAME), "external_id": nullable(NAME), "org_id": nullable(ID),
+    "role": {"type": "string", "enum": ["owner", "admin", "member"]},
+}, optional=("display_name", "external_id", "org_id", "role")))  # fmt: skip
+MEMBER_REQUEST = _component("MemberRequest", obj({
+    "email": {"type": "string", "minLength": 3, "maxLength": 320, "pattern": "^\\s*[^@\\s]+@[^@\\s]+\\s*$"},
+    "user_id": ID, "display_name": nullable(NAME), "role": {"type": "string", "enum": [*ORG_ROLES, *TEAM_ROLES]},
+}, optional=("email", "user_id", "display_name")))  # fmt: skip
+POLICY_REQUEST = _component("PolicyRequest", obj({
+    "developers_may_create_keys": {"type": "boolean"}, "offboarding": {"type": "string", "enum": list(OFFBOARDING)},
+    "memberships": {"type": "string", "enum": list(MEMBERSHIP_SOURCES)}, "jit_users": {"type": "boolean"},
+}, optional=("developers_may_create_keys", "offboarding", "memberships", "jit_users")))  # fmt: skip
 RECONCILE_REQUEST = _component("ReconcileRequest", obj({"dry_run": {"type": "boolean"}, "force": {"type": "boolean"}},
                                                        optional=("dry_run", "force")))  # fmt: skip
 RESIGN_REQUEST = _component("ResignRequest", obj({"all": {"type": "boolean"}}, optional=("all",)))

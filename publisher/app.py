@@ -10,25 +10,29 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from sidecar.config import write_private
-from sidecar.errors import SettingsError
-from sidecar.nats_connect import NatsConnect, redact
-from sidecar.serving import harden, malformed_metric, run_forever, serve_app, server_tls_context
+from keyrelay.core.config import write_private
+from keyrelay.core.errors import SettingsError
+from keyrelay.core.nats_connect import NatsConnect, redact
+from keyrelay.core.prometheus import Single, exposition, family, singles
+from keyrelay.core.serving import harden, healthz, malformed_metric, run_forever, serve_app, server_tls_context
 
 from . import api_schemas as s
 from .api import ROUTES, SERVICES, UNAUTHENTICATED, Services, auth_middleware, error_middleware
 from .broker import Broker
-from .db import open_database
+from .db_open import open_database
 from .errors import PublisherError
 from .heartbeat import Heartbeat
 from .maintenance import Maintenance
 from .openapi import Route, register
 from .outbox import OutboxRelay
+from .people import PeopleStore
+from .scim_api import add_scim_routes
 from .settings import PublisherSettings
 from .signing import load_signing_keys
 from .store import KeyStore
 from .token_format import check_configured_token
 from .tokens import TokenRevoked, TokenStore, generate_token
+from .web_signin import add_signin_routes
 
 __all__ = ["create_app", "open_services", "run", "serve", "tls_context"]
 
@@ -64,7 +68,7 @@ async def open_services(settings: PublisherSettings, *, bootstrap: bool = True) 
         await heartbeat.start()
         yield Services(
             settings=settings, store=KeyStore(db, key_prefix=settings.key_prefix), tokens=tokens, broker=broker,
-            relay=outbox, keys=keys, heartbeat=heartbeat,
+            relay=outbox, keys=keys, heartbeat=heartbeat, people=PeopleStore(db, on_change=tokens.forget),
         )  # fmt: skip
     finally:
         await heartbeat.close()
@@ -80,7 +84,7 @@ async def _bootstrap_token(tokens: TokenStore, settings: PublisherSettings) -> N
         except ValueError as exc:  # settings read from flags and variables were checked already
             raise PublisherError(f"--admin-token (or KEYRELAY_ADMIN_TOKEN): {exc}") from None
         try:
-            await tokens.ensure(BOOTSTRAP_TOKEN_NAME, settings.admin_token, "admin")
+            await tokens.ensure(BOOTSTRAP_TOKEN_NAME, settings.admin_token, "platform-admin")
         except TokenRevoked:
             log.warning("the configured admin token (%r) was revoked and stays so: set a new value to have a "
                         "configuration token again", BOOTSTRAP_TOKEN_NAME)  # fmt: skip
@@ -90,7 +94,7 @@ async def _bootstrap_token(tokens: TokenStore, settings: PublisherSettings) -> N
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Never into the log (logs are shipped and kept): into a file only this user can read, once.
         write_private(path, token + "\n")
-        await tokens.ensure(BOOTSTRAP_TOKEN_NAME, token, "admin")
+        await tokens.ensure(BOOTSTRAP_TOKEN_NAME, token, "platform-admin")
         log.warning("no admin token was configured: generated one into %s (mode 0600, stored hashed); "
                     "read it, keep it in a secret store and delete the file", path)  # fmt: skip
 
@@ -104,11 +108,6 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         maintenance.start(reconcile_on_start=settings.reconcile_on_start)
         yield
         await maintenance.close()
-
-
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process answers."""
-    return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -137,7 +136,7 @@ async def metrics(request: web.Request) -> web.Response:
     health = services.relay.health
     beats = services.heartbeat.stats
     maintenance = request.app[MAINTENANCE]
-    samples = [
+    samples: list[Single] = [
         ("keyrelay_outbox_depth", "gauge", "Committed changes not yet published", await services.relay.depth()),
         ("keyrelay_outbox_published_total", "counter", "Outbox entries published and acked", stats.published),
         ("keyrelay_outbox_publish_failures_total", "counter", "Publishes that failed and stay queued",
@@ -171,11 +170,18 @@ async def metrics(request: web.Request) -> web.Response:
         ("keyrelay_admin_tokens_malformed_total", "counter", "Admin tokens refused by their form, with no lookup",
          services.tokens.stats.malformed),
     ]  # fmt: skip
-    lines: list[str] = []
-    for name, kind, help_text, value in samples:
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-    text = "\n".join(lines) + "\n" + malformed_metric(request.app)
+    checks = services.tokens.stats
+    refused = family("keyrelay_admin_tokens_refused_total", "counter", "Well-formed admin tokens refused, by reason "
+                     "(unknown ones are counted, not audited)", _by_reason(checks.refused))  # fmt: skip
+    refused += family("keyrelay_sign_ins_refused_total", "counter", "Sign-ins refused (behind a trusted proxy, or "
+                      "with OpenID Connect), by reason (those naming no user are counted, not audited)",
+                      _by_reason(checks.sign_ins_refused))  # fmt: skip
+    text = exposition([*singles(samples), *refused]) + malformed_metric(request.app)
     return web.Response(text=text, content_type="text/plain")
+
+
+def _by_reason(counts: dict[str, int]) -> list[tuple[str, int]]:
+    return [(f'reason="{reason}"', n) for reason, n in counts.items()]
 
 
 _READY = s.obj({"ready": {"const": True}, "nats_connected": {"type": "boolean"}, "bucket_ready": {"type": "boolean"},
@@ -199,6 +205,8 @@ def create_app(settings: PublisherSettings) -> web.Application:
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_lifecycle)
     register(app, (*PROBES, *ROUTES), public=UNAUTHENTICATED)
+    add_scim_routes(app)
+    add_signin_routes(app, settings)
     return harden(app)
 
 

@@ -5,26 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import json
 import logging
 from collections.abc import Sequence
 
-import nats
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from sidecar.nats_connect import NatsConnect
-from sidecar.server_choice import ServerChoice, stream_serves
-from sidecar.wire import stream_name
+from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
+from keyrelay.core.nats_connect import NatsConnect, connect_retrying
+from keyrelay.core.server_choice import ServerChoice, stream_serves
+from keyrelay.core.wire import stream_name
 
 __all__ = ["Broker", "StreamState"]
 
 log = logging.getLogger("keyrelay.publisher.broker")
 
 _MAX_BACKOFF = 2.0
-_STREAM_NOT_FOUND = 10059  # JetStream's error code for "stream not found" (and only that)
 _PROBE_TIMEOUT = 1.0
 
 
@@ -119,15 +117,14 @@ class Broker:
         if nc is None or not nc.is_connected:
             return StreamState.UNAVAILABLE
         try:
-            reply = await nc.request(f"$JS.API.STREAM.INFO.{stream_name(self.bucket)}", b"", timeout=timeout)
-            answer = json.loads(reply.data)
+            answer = await jetstream_api(nc, f"STREAM.INFO.{stream_name(self.bucket)}", timeout=timeout)
         except Exception:  # no responders, a timeout, a reconnect in progress, an unreadable answer
             return StreamState.UNAVAILABLE
         error = answer.get("error") if isinstance(answer, dict) else None
         if error is None:
             # A leader cut off from its followers answers too, but takes no publish: not PRESENT.
             return StreamState.PRESENT if stream_serves(answer) else StreamState.UNAVAILABLE
-        if isinstance(error, dict) and error.get("err_code") == _STREAM_NOT_FOUND:
+        if isinstance(error, dict) and error.get("err_code") == STREAM_NOT_FOUND:
             return StreamState.MISSING
         return StreamState.UNAVAILABLE
 
@@ -174,32 +171,21 @@ class Broker:
             return state
 
     async def _connect_loop(self) -> None:
+        self.nc = await connect_retrying(
+            self.connect,
+            Client,
+            name=self.name,
+            closing=lambda: self._closing,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnect,
+            reconnected_cb=self._on_reconnect,
+            choice=self.choice,
+        )
+        if self.nc is None:
+            return
+        self._js = self.nc.jetstream(timeout=5.0, publish_async_max_pending=10_000)
+        self.connected_event.set()
         backoff = 0.1
-        options = self.connect.kwargs(
-            error_cb=self._on_error
-        )  # a missing or malformed credentials file fails here, once
-        while not self._closing:
-            try:
-                self.nc = await nats.connect(
-                    **options,
-                    name=self.name,
-                    connect_timeout=2,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=self.choice.wait,
-                    reconnect_to_server_handler=self.choice,
-                    ping_interval=5,
-                    max_outstanding_pings=2,
-                    disconnected_cb=self._on_disconnect,
-                    reconnected_cb=self._on_reconnect,
-                )
-            except Exception as exc:
-                log.warning("cannot reach NATS at %s: %s (retrying)", self.connect.describe(), exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-                continue
-            self._js = self.nc.jetstream(timeout=5.0, publish_async_max_pending=10_000)
-            self.connected_event.set()
-            break
         while not self._closing and not self.bucket_ready.is_set():
             try:
                 await self.ensure_bucket()

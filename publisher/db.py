@@ -3,20 +3,16 @@
 SQL is written once, in PostgreSQL's `$1` placeholder style; the SQLite back end
 rewrites the placeholders. Values cross the interface as plain Python: ids are
 UUID strings, times are integer epoch microseconds (exact in both back ends),
-scopes are lists, metadata dicts.
+scopes are lists, metadata dicts. publisher/db_open.py opens one of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol
 
-from sidecar.nats_connect import redact
-
-from .errors import NotInitialised, StoreError
-
-__all__ = ["Database", "Dialect", "Row", "Tx", "open_database"]
+__all__ = ["Database", "Dialect", "Row", "Tx"]
 
 Row = dict[str, Any]
 Dialect = Literal["sqlite", "postgresql"]
@@ -55,42 +51,3 @@ class Database(Protocol):
 
     async def close(self) -> None:
         """Close every connection."""
-
-
-async def open_database(
-    url: str,
-    *,
-    pool_size: int = 10,
-    options: Mapping[str, Any] | None = None,
-    create: bool = True,
-    holder: Mapping[str, Any] | None = None,
-) -> Database:
-    """Open `sqlite:///path` or `postgresql://...` and apply pending migrations.
-
-    With `create` false, a database keyrelay has not initialised (a missing SQLite file, or no schema
-    in it or in the PostgreSQL database) is a NotInitialised error instead of a new, empty store: a
-    publisher pointed at the wrong place must not look like a deployment whose keys were all deleted.
-    With `holder` (what this process is, where it listens), a SQLite file is locked for this process:
-    PostgreSQL serves many publishers, a SQLite file exactly one.
-    """
-    from .schema import initialised, migrate
-
-    db: Database
-    if url.startswith("sqlite:"):
-        from .db_sqlite import SqliteDatabase
-
-        db = SqliteDatabase.open(url, create=create, holder=holder)
-    elif url.startswith(("postgresql:", "postgres:")):
-        from .db_postgres import PostgresDatabase
-
-        db = await PostgresDatabase.open(url, pool_size=pool_size)
-    else:
-        raise StoreError(f"unsupported database URL {redact(url)!r}: use sqlite:///PATH or postgresql://...")
-    try:
-        if not create and not await initialised(db):
-            raise NotInitialised(redact(url))
-        await migrate(db)
-    except BaseException:
-        await db.close()
-        raise
-    return db

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from sidecar.nats_connect import redact
+from keyrelay.core.nats_connect import redact
 
 from .db import Dialect, Row
 from .errors import StoreError

@@ -16,8 +16,8 @@ import logging
 import time
 from dataclasses import dataclass
 
-from sidecar.trust import KIND_HEARTBEAT, SIGNATURE_HEADER, Signer
-from sidecar.wire import HEARTBEAT_ENTRY, encode_heartbeat, subject_prefix
+from keyrelay.core.trust import KIND_HEARTBEAT, SIGNATURE_HEADER, Signer
+from keyrelay.core.wire import HEARTBEAT_ENTRY, encode_heartbeat, subject_prefix
 
 from .broker import Broker
 from .outbox import OutboxRelay

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sidecar.wire import KeyRecord
+from keyrelay.core.wire import KeyRecord
 
 from .db import Row
+from .policy import Grant
 
 __all__ = [
+    "SOURCES",
     "Actor",
     "ApiKey",
     "AuditEntry",
@@ -63,13 +65,39 @@ def _seconds(micros: int | None) -> float | None:
     return None if micros is None else micros / 1_000_000
 
 
+SOURCES = ("api", "cli", "portal", "scim", "scheduler")
+
+
 @dataclass(frozen=True, slots=True)
 class Actor:
-    """Who makes a change: an admin token's id, name and role."""
+    """Who makes a change: a token (its id, name and role), the user it belongs to, and what they may do.
+
+    `name` is what the audit trail shows (the user's display name or email, else the token's name); `grants`
+    are the roles held, already limited to what the token may hold (publisher/policy.py decides with them);
+    `source` and `request_id` say where the request came from.
+    """
 
     token_id: str
     name: str
     role: str
+    user_id: str | None = None
+    grants: tuple[Grant, ...] = ()
+    source: str = "api"
+    request_id: str | None = None
+    org_id: str | None = None
+    team_id: str | None = None
+
+    @property
+    def kind(self) -> str:
+        """`user` (a personal token acts for its user), `token`, or `system` (the publisher itself)."""
+        if self.user_id is not None:
+            return "user"
+        return "system" if self.token_id == "00000000-0000-0000-0000-000000000000" else "token"
+
+    @property
+    def actor_id(self) -> str:
+        """The id the audit trail files this actor under: the user's, else the token's."""
+        return self.user_id or self.token_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,15 +107,18 @@ class Org:
     id: str
     name: str
     created_at: int
+    decommissioned_at: int | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> Org:
         """Build from a database row."""
-        return cls(id=row["id"], name=row["name"], created_at=row["created_at"])
+        return cls(id=row["id"], name=row["name"], created_at=row["created_at"],
+                   decommissioned_at=row.get("decommissioned_at"))  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         """The API form."""
-        return {"id": self.id, "name": self.name, "created_at": iso(self.created_at)}
+        return {"id": self.id, "name": self.name, "created_at": iso(self.created_at),
+                "decommissioned_at": iso(self.decommissioned_at)}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,15 +129,18 @@ class Team:
     org_id: str
     name: str
     created_at: int
+    decommissioned_at: int | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> Team:
         """Build from a database row."""
-        return cls(id=row["id"], org_id=row["organization_id"], name=row["name"], created_at=row["created_at"])
+        return cls(id=row["id"], org_id=row["organization_id"], name=row["name"], created_at=row["created_at"],
+                   decommissioned_at=row.get("decommissioned_at"))  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
         """The API form."""
-        return {"id": self.id, "org_id": self.org_id, "name": self.name, "created_at": iso(self.created_at)}
+        return {"id": self.id, "org_id": self.org_id, "name": self.name, "created_at": iso(self.created_at),
+                "decommissioned_at": iso(self.decommissioned_at)}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +201,13 @@ class ApiKey:
     rotated_to: str | None
     created_by: str
     version: int
+    created_by_user: str | None = None
+    owner_team_id: str | None = None  # None in rows from before owners: the project's team owns the key
+
+    @property
+    def owner_team(self) -> str:
+        """The team that owns the key: its own owner, else its project's team."""
+        return self.owner_team_id or self.team_id
 
     @classmethod
     def from_row(cls, row: Row) -> ApiKey:
@@ -191,6 +232,8 @@ class ApiKey:
             rotated_to=row["rotated_to"],
             created_by=row["created_by"],
             version=row["version"],
+            created_by_user=row.get("created_by_user"),
+            owner_team_id=row.get("owner_team_id"),
         )
 
     def status(self, now: int | None = None) -> str:
@@ -235,6 +278,8 @@ class ApiKey:
             "revoked_reason": self.revoked_reason,
             "rotated_to": self.rotated_to,
             "created_by": self.created_by,
+            "created_by_user": self.created_by_user,
+            "owner_team_id": self.owner_team,
             "version": self.version,
         }
 
@@ -252,6 +297,10 @@ class AuditEntry:
     project_id: str | None
     key_id: str | None
     details: dict[str, Any] = field(default_factory=dict)
+    actor_kind: str | None = None
+    actor_id: str | None = None
+    source: str | None = None
+    request_id: str | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> AuditEntry:
@@ -266,6 +315,10 @@ class AuditEntry:
             project_id=row["project_id"],
             key_id=row["key_id"],
             details=dict(row["details"] or {}),
+            actor_kind=row.get("actor_kind"),
+            actor_id=row.get("actor_id"),
+            source=row.get("source"),
+            request_id=row.get("request_id"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -280,6 +333,10 @@ class AuditEntry:
             "project_id": self.project_id,
             "key_id": self.key_id,
             "details": self.details,
+            "actor_kind": self.actor_kind,
+            "actor_id": self.actor_id,
+            "source": self.source,
+            "request_id": self.request_id,
         }
 
 

@@ -15,9 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from .api_schemas import COMPONENTS, ERROR, ID
+from .api_schemas import COMPONENTS, CURSOR, ERROR, ID, LIMIT
 
-__all__ = ["DOCUMENT", "OPENAPI_PATH", "Param", "Route", "document", "openapi_json", "register"]
+__all__ = ["DOCUMENT", "OPENAPI_PATH", "PAGE", "Param", "Route", "document", "openapi_json", "register"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Schema = Mapping[str, Any]
@@ -30,8 +30,8 @@ _PATH_PARAM = re.compile(r"\{([a-z_]+)\}")
 _ERRORS = {
     400: "invalid input (the error names the field); nothing was changed",
     401: "no valid admin token (sent before any 404, so routes cannot be probed)",
-    403: "the token's role (member) may only read",
-    404: "an id in the path names nothing",
+    403: "the caller's roles do not allow this (docs/permissions.md); the refusal is audited",
+    404: "an id in the path names nothing the caller may see",
     409: "the change contradicts current state (a duplicate name, a decommissioned project, a revoked key)",
     413: "the body is over 4 MiB",
     503: "a dependency (NATS) is unreachable; try again",
@@ -46,6 +46,12 @@ class Param:
     schema: Schema
     description: str
     deprecated: bool = False
+
+
+PAGE = (
+    Param("limit", LIMIT, "at most this many items (1-1000, default 100)"),
+    Param("cursor", CURSOR, "next_cursor of the previous page; omit for the first page"),
+)
 
 
 @dataclass(frozen=True, slots=True)

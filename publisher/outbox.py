@@ -21,8 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.trust import KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer
-from sidecar.wire import MAX_VERSION, encode_tombstone, is_canonical_id, subject_prefix
+from keyrelay.core.trust import KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer
+from keyrelay.core.wire import MAX_VERSION, encode_tombstone, is_canonical_id, subject_prefix
 
 from .broker import Broker
 from .db import Database

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from sidecar.wire import MAX_VERSION, is_canonical_id
+from keyrelay.core.wire import MAX_VERSION, is_canonical_id
 
 from . import validation as v
 from .errors import Invalid

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.errors import RecordError
-from sidecar.settings import DEFAULT_MAX_PUBLISH_DELAY
-from sidecar.wire import KeyRecord, is_canonical_id
+from keyrelay.core.errors import RecordError
+from keyrelay.core.options import DEFAULT_MAX_PUBLISH_DELAY
+from keyrelay.core.wire import KeyRecord, is_canonical_id
 
 from .broker import Broker
 from .models import Actor
@@ -39,7 +39,7 @@ from .store import NIL_UUID, KeyStore
 __all__ = ["RECONCILE", "ROUND_ENTRIES", "ReconcileReport", "reconcile"]
 
 # The audit trail's actor for repairs: reconciliation runs on its own (at start-up) as well as on request.
-RECONCILE = Actor(token_id=NIL_UUID, name="reconcile", role="admin")
+RECONCILE = Actor(token_id=NIL_UUID, name="reconcile", role="platform-admin", source="scheduler")
 
 log = logging.getLogger("keyrelay.publisher.reconcile")
 

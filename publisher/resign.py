@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.settings import DEFAULT_MAX_PUBLISH_DELAY
-from sidecar.wire import is_canonical_id
+from keyrelay.core.options import DEFAULT_MAX_PUBLISH_DELAY
+from keyrelay.core.wire import is_canonical_id
 
 from .broker import Broker
 from .models import Actor
@@ -29,7 +29,7 @@ from .store import NIL_UUID, KeyStore
 
 __all__ = ["RESIGN", "ResignReport", "resign"]
 
-RESIGN = Actor(token_id=NIL_UUID, name="resign", role="admin")
+RESIGN = Actor(token_id=NIL_UUID, name="resign", role="platform-admin", source="scheduler")
 
 log = logging.getLogger("keyrelay.publisher.resign")
 

@@ -23,9 +23,9 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from sidecar.config import format_duration
-from sidecar.trust import SIGNATURE_HEADER
-from sidecar.wire import HEARTBEAT_ENTRY, stream_name, subject_prefix
+from keyrelay.core.config import format_duration
+from keyrelay.core.trust import SIGNATURE_HEADER
+from keyrelay.core.wire import HEARTBEAT_ENTRY, stream_name, subject_prefix
 
 from .broker import Broker
 from .errors import PublisherError

@@ -70,6 +70,22 @@ class Migration:
 _ACTIVE_PROJECT_NAMES = (
     "CREATE UNIQUE INDEX idx_projects_active_name ON projects (team_id, name) WHERE decommissioned_at IS NULL"
 )
+_ACTIVE_TEAM_NAMES = (
+    "CREATE UNIQUE INDEX idx_teams_active_name ON teams (organization_id, name) WHERE decommissioned_at IS NULL"
+)
+_TEAM_COLUMNS = "id, organization_id, name, created_at, decommissioned_at, external_id"
+_TEAMS_BY_ORG = "CREATE INDEX idx_teams_org ON teams (organization_id, created_at, id)"  # listings: every team
+
+
+def _memberships(table: str, column: str, parent: str) -> tuple[str, str]:
+    """A membership table (one role per user in each org or team), and its index by user."""
+    return (
+        f"CREATE TABLE {table} ({column} {{uuid}} NOT NULL REFERENCES {parent}(id), "
+        "user_id {uuid} NOT NULL REFERENCES users(id), role VARCHAR(16) NOT NULL, created_at {ts} NOT NULL, "
+        f"PRIMARY KEY ({column}, user_id))",
+        f"CREATE INDEX idx_{table}_user ON {table} (user_id)",
+    )
+
 
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -202,6 +218,97 @@ MIGRATIONS: tuple[Migration, ...] = (
             "SELECT id, team_id, organization_id, name, created_at, decommissioned_at FROM projects_v2",
             "DROP TABLE projects_v2",
             _ACTIVE_PROJECT_NAMES,
+        ),
+    ),
+    Migration(
+        4,
+        "people: users, org and team memberships, org policies; tenant roles for tokens (admin -> platform-admin, "
+        "member -> platform-reader); who created a key and which team owns it; the audit actor, source and request",
+        (
+            """CREATE TABLE users (
+                id {uuid} PRIMARY KEY,
+                email VARCHAR(320) NOT NULL,
+                display_name VARCHAR(255),
+                external_id VARCHAR(255) UNIQUE,
+                created_at {ts} NOT NULL,
+                deactivated_at {ts}
+            )""",
+            "CREATE UNIQUE INDEX idx_users_email ON users (lower(email))",
+            *_memberships("org_members", "organization_id", "organizations"),
+            *_memberships("team_members", "team_id", "teams"),
+            """CREATE TABLE org_policies (
+                organization_id {uuid} PRIMARY KEY REFERENCES organizations(id),
+                policy {json} NOT NULL DEFAULT {json_empty},
+                updated_at {ts} NOT NULL
+            )""",
+            "CREATE INDEX idx_admin_tokens_user ON admin_tokens (user_id)",
+            "ALTER TABLE organizations ADD COLUMN decommissioned_at {ts}",
+            "ALTER TABLE teams ADD COLUMN decommissioned_at {ts}",
+            # Old rows keep NULL: a key without an owner_team_id is owned by its project's team (read as such).
+            "ALTER TABLE api_keys ADD COLUMN created_by_user {uuid} REFERENCES users(id)",
+            "ALTER TABLE api_keys ADD COLUMN owner_team_id {uuid} REFERENCES teams(id)",
+            "CREATE INDEX idx_api_keys_team ON api_keys (team_id, id)",
+            "ALTER TABLE audit_log ADD COLUMN actor_kind VARCHAR(8)",
+            "ALTER TABLE audit_log ADD COLUMN actor_id {uuid}",
+            "ALTER TABLE audit_log ADD COLUMN source VARCHAR(16)",
+            "ALTER TABLE audit_log ADD COLUMN request_id VARCHAR(64)",
+            "CREATE INDEX idx_audit_actor ON audit_log (actor_id, id)",
+            # Tokens are few: renamed here, so every replica of this release reads one vocabulary.
+            "UPDATE admin_tokens SET role = 'platform-admin' WHERE role = 'admin'",
+            "UPDATE admin_tokens SET role = 'platform-reader' WHERE role = 'member'",
+        ),
+    ),
+    Migration(
+        5,
+        "sign-in and provisioning: browser sessions (hashed), OpenID Connect sign-ins in progress (hashed state), "
+        "the identity provider's id of a team (a SCIM group)",
+        (
+            """CREATE TABLE web_sessions (
+                id {uuid} PRIMARY KEY,
+                token_hash {bytes} NOT NULL UNIQUE,
+                user_id {uuid} NOT NULL REFERENCES users(id),
+                created_at {ts} NOT NULL,
+                expires_at {ts} NOT NULL,
+                last_seen_at {ts} NOT NULL,
+                via VARCHAR(16) NOT NULL,
+                user_agent VARCHAR(255)
+            )""",
+            "CREATE INDEX idx_web_sessions_user ON web_sessions (user_id)",
+            """CREATE TABLE oidc_logins (
+                state_hash {bytes} PRIMARY KEY,
+                nonce VARCHAR(128) NOT NULL,
+                code_verifier VARCHAR(128) NOT NULL,
+                created_at {ts} NOT NULL
+            )""",
+            "ALTER TABLE teams ADD COLUMN external_id VARCHAR(255)",
+        ),
+    ),
+    Migration(
+        6,
+        "teams: a name is unique among an organization's teams that are not decommissioned, so it can be reused",
+        (),
+        postgresql_only=(
+            "ALTER TABLE teams DROP CONSTRAINT teams_organization_id_name_key",
+            _ACTIVE_TEAM_NAMES,
+            _TEAMS_BY_ORG,
+        ),
+        # As migration 3 does for projects: SQLite rebuilds the table, its foreign keys checked at COMMIT.
+        sqlite_only=(
+            "PRAGMA defer_foreign_keys = ON",
+            f"CREATE TABLE teams_v2 AS SELECT {_TEAM_COLUMNS} FROM teams",
+            "DROP TABLE teams",
+            """CREATE TABLE teams (
+                id {uuid} PRIMARY KEY,
+                organization_id {uuid} NOT NULL REFERENCES organizations(id),
+                name VARCHAR(255) NOT NULL,
+                created_at {ts} NOT NULL,
+                decommissioned_at {ts},
+                external_id VARCHAR(255)
+            )""",
+            f"INSERT INTO teams ({_TEAM_COLUMNS}) SELECT {_TEAM_COLUMNS} FROM teams_v2",
+            "DROP TABLE teams_v2",
+            _ACTIVE_TEAM_NAMES,
+            _TEAMS_BY_ORG,
         ),
     ),
 )

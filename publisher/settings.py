@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from sidecar.config import ENV_PREFIX, format_duration, option, parse_bool, parse_duration, parse_optional_path
-from sidecar.errors import SettingsError
-from sidecar.nats_connect import nats_option
-from sidecar.settings import (
+from keyrelay.core.config import ENV_PREFIX, format_duration, option, parse_bool, parse_duration, parse_optional_path
+from keyrelay.core.errors import SettingsError
+from keyrelay.core.nats_connect import nats_option
+from keyrelay.core.options import (
     LOG_LEVELS,
     parse_key_prefix,
     parse_port,
@@ -18,8 +20,9 @@ from sidecar.settings import (
     parse_regions,
     parse_servers,
 )
-from sidecar.wire import DEFAULT_BUCKET, DEFAULT_PREFIX, GLOBAL_SCOPE
+from keyrelay.core.wire import DEFAULT_BUCKET, DEFAULT_PREFIX, GLOBAL_SCOPE
 
+from .oidc_groups import GroupMap, load_group_map
 from .token_format import check_configured_token
 
 __all__ = [
@@ -27,6 +30,8 @@ __all__ = [
     "RECONCILE_INTERVAL",
     "PublisherSettings",
     "parse_count",
+    "parse_networks",
+    "parse_public_url",
     "parse_served_regions",
 ]
 
@@ -36,6 +41,8 @@ DEFAULT_RECONCILE_MAX_CHANGES = 100
 # (loadtest/bench_reconcile.py, docs/signing.md), so every 30 minutes costs the relay leader about a tenth
 # of a CPU on average, and a replayed old value is put back within half an hour.
 RECONCILE_INTERVAL = 1800.0
+# A browser session is signed in again at least this often (the identity provider decides again).
+MAX_SESSION_TTL = 30 * 86400.0
 
 
 def parse_count(text: str) -> int:
@@ -66,6 +73,72 @@ def _deployment(text: str) -> str:
     if not name or len(name) > 64 or not name.isascii() or not name.isprintable():
         raise ValueError("1 to 64 printable ASCII characters")
     return name
+
+
+def parse_networks(text: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """Networks in CIDR notation (127.0.0.1/32, 10.0.0.0/8, ::1/128), comma separated; empty for none."""
+    try:
+        return tuple(ip_network(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise ValueError(f"{exc}: give networks such as 10.0.0.0/8,127.0.0.1/32 (host bits zero)") from None
+
+
+def _header_name(text: str) -> str:
+    name = text.strip()
+    if not 1 <= len(name) <= 64 or not all(c.isascii() and (c.isalnum() or c == "-") for c in name):
+        raise ValueError("a header name: 1 to 64 letters, digits and dashes")
+    return name
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_public_url(text: str, *, what: str = "the URL browsers reach the publisher at") -> str:
+    """An http(s) URL without user, query or fragment (an origin, for the public URL), its trailing slash
+    removed; empty for unset."""
+    url = text.strip()
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.query or parts.fragment or "@" in url:
+        raise ValueError(f"{what}: give an https:// URL without user, query or fragment (https://keys.example.com)")
+    if what.startswith("the URL browsers") and parts.path not in ("", "/"):
+        raise ValueError(f"{what}: give the origin only (https://keys.example.com): the browser routes are at its root")
+    if len(url) > 512 or not url.isascii() or not url.isprintable() or " " in url:
+        raise ValueError(f"{what}: at most 512 printable ASCII characters")
+    return url.rstrip("/")
+
+
+def _issuer(text: str) -> str:
+    url = parse_public_url(text, what="the OpenID Connect issuer")
+    if url and urlsplit(url).scheme == "http" and not _loopback(urlsplit(url).hostname or ""):
+        raise ValueError("the OpenID Connect issuer must be https:// (http only on a loopback address)")
+    return text.strip()  # as the provider writes it: id tokens' iss must equal it exactly (trailing slash too)
+
+
+def _client_id(text: str) -> str:
+    value = text.strip()
+    if len(value) > 255 or not value.isascii() or not value.isprintable():
+        raise ValueError("1 to 255 printable ASCII characters")
+    return value
+
+
+def _scopes(text: str) -> tuple[str, ...]:
+    scopes = tuple(dict.fromkeys(s for s in text.replace(",", " ").split() if s))
+    if "openid" not in scopes or any(not s.isascii() or not s.isprintable() or '"' in s for s in scopes):
+        raise ValueError("scopes separated by spaces or commas, openid among them (openid email profile groups)")
+    return scopes
+
+
+def _session_ttl(text: str) -> float:
+    seconds = parse_positive_duration(text)
+    if not 60 <= seconds <= MAX_SESSION_TTL:
+        raise ValueError(f"from 1m to {format_duration(MAX_SESSION_TTL)}")
+    return seconds
 
 
 def _duration(default: float, *, help: str) -> Any:
@@ -175,23 +248,79 @@ class PublisherSettings:
         RECONCILE_INTERVAL,
         help="how often the relay leader compares the bucket with the database and repairs it",
     )
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = option(
+        (),
+        parse=parse_networks,
+        help="networks of the authenticating proxies whose identity headers are believed, comma separated CIDRs "
+        "(judged by the TCP peer address only; the headers of any other peer are ignored); unset: none",
+    )
+    proxy_user_header: str = option(
+        "X-Forwarded-User", parse=_header_name, help="header a trusted proxy names the signed-in user in"
+    )
+    proxy_email_header: str = option(
+        "X-Forwarded-Email", parse=_header_name, help="header a trusted proxy gives the user's email in"
+    )
+    proxy_groups_header: str = option(
+        "X-Forwarded-Groups", parse=_header_name, help="header a trusted proxy lists the user's groups in"
+    )
+    public_url: str = option(
+        "",
+        parse=parse_public_url,
+        help="the URL browsers reach the publisher at (https://keys.example.com): the OpenID Connect redirect URI is "
+        "PUBLIC_URL/auth/callback, cookie-authenticated changes must come from its origin, and https makes the "
+        "session cookie Secure",
+    )
+    oidc_issuer: str = option(
+        "",
+        parse=_issuer,
+        help="the OpenID Connect provider's issuer URL, exactly as its id tokens' iss says (discovery at "
+        "ISSUER/.well-known/openid-configuration); unset: no browser sign-in (docs/sign-in.md)",
+    )
+    oidc_client_id: str = option("", parse=_client_id, help="the client id keyrelay is registered with at the provider")
+    oidc_client_secret: str = option(
+        "",
+        secret=True,
+        help="the client secret keyrelay authenticates to the provider with (unset: a public client, PKCE alone)",
+    )
+    oidc_scopes: tuple[str, ...] = option(
+        ("openid", "email", "profile"),
+        parse=_scopes,
+        help="the scopes a sign-in asks for, space or comma separated (add the one your provider puts the groups "
+        "claim under, e.g. groups)",
+    )
+    oidc_group_map: GroupMap | None = option(
+        None,
+        parse=load_group_map,
+        help="TOML file mapping the provider's groups claim to organizations, teams and roles (docs/sign-in.md), "
+        "checked at start-up; unset: groups give no roles",
+    )
+    session_ttl: float = option(
+        43200.0,
+        parse=_session_ttl,
+        duration=True,
+        help="how long a browser session lasts after sign-in (at most 30d)",
+    )
     log_level: str = option("info", choices=LOG_LEVELS, help="logging level")
 
     def __post_init__(self) -> None:
-        """HTTPS needs both the certificate and its key: SettingsError, naming the one missing, for one alone."""
-        if (self.tls_cert_file is None) == (self.tls_key_file is None):
-            return
-        missing, given = (
-            ("tls_key_file", "tls_cert_file") if self.tls_key_file is None else ("tls_cert_file", "tls_key_file")
-        )
-        raise SettingsError(
-            flag="--" + missing.replace("_", "-"),
-            env=ENV_PREFIX + missing.upper(),
-            value="",
-            reason=f"--{given.replace('_', '-')} is set: HTTPS needs the certificate and its private key "
-            "(or neither, for plain HTTP)",
-        )
+        """SettingsError naming the setting missing: HTTPS needs the certificate and its key, one alone is an
+        error; OpenID Connect sign-in needs the client id and the public URL besides the issuer."""
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing, given = (
+                ("tls_key_file", "tls_cert_file") if self.tls_key_file is None else ("tls_cert_file", "tls_key_file")
+            )
+            _missing(missing, f"--{given.replace('_', '-')} is set: HTTPS needs the certificate and its private key "
+                     "(or neither, for plain HTTP)")  # fmt: skip
+        if self.oidc_issuer:
+            for name in ("oidc_client_id", "public_url"):
+                if not getattr(self, name):
+                    _missing(name, "--oidc-issuer is set: OpenID Connect sign-in needs the client id and the URL "
+                             "browsers reach the publisher at (the redirect URI's base)")  # fmt: skip
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite in the data directory."""
         return self.database_url or f"sqlite:///{self.data_dir / 'keyrelay.db'}"
+
+
+def _missing(name: str, reason: str) -> None:
+    raise SettingsError(flag="--" + name.replace("_", "-"), env=ENV_PREFIX + name.upper(), value="", reason=reason)

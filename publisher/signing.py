@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from sidecar.errors import SignatureError
-from sidecar.trust import Signer, TrustedKeys, Verified, key_id, load_signer, parse_public_key, verify
+from keyrelay.core.errors import SignatureError
+from keyrelay.core.trust import Signer, TrustedKeys, Verified, key_id, load_signer, parse_public_key, verify
 
 from .errors import SigningKeyError
 from .settings import PublisherSettings

@@ -11,22 +11,24 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from sidecar.wire import DEFAULT_PREFIX, MAX_VERSION, display_form, generate_key, is_canonical_id, key_digest
+from keyrelay.core.wire import DEFAULT_PREFIX, MAX_VERSION, display_form, generate_key, is_canonical_id, key_digest
 
 from .db import Database, Tx
 from .errors import Conflict, NotFound
 from .models import Actor, ApiKey, AuditEntry, Org, Project, Team, new_id, now_us
 
-__all__ = ["AuditRow", "Change", "KeySpec", "KeyStore", "placeholders", "record_audit"]
+__all__ = ["AuditRow", "Change", "KeySpec", "KeyStore", "placeholders", "record_audit", "revoke_in"]
 
 T = TypeVar("T")
 
 KEY_COLUMNS = (
     "id, key_prefix, key_hash, organization_id, team_id, project_id, name, scopes, env, region, metadata, "
-    "created_at, expires_at, last_used_at, revoked_at, revoked_reason, rotated_to, created_by, version"
+    "created_at, expires_at, last_used_at, revoked_at, revoked_reason, rotated_to, created_by, version, "
+    "created_by_user, owner_team_id"
 )
 _KEY_COLUMN_NAMES = tuple(c.strip() for c in KEY_COLUMNS.split(","))
-_AUDIT_COLUMNS = ("at", "actor", "action", "organization_id", "team_id", "project_id", "key_id", "details")
+_AUDIT_COLUMNS = ("at", "actor", "action", "organization_id", "team_id", "project_id", "key_id", "details",
+                  "actor_kind", "actor_id", "source", "request_id")  # fmt: skip
 _CHUNK = 500  # rows per multi-row statement: well under both back ends' parameter limits
 _AUDIT_IDS = 100  # ids a repair's audit entry names; a lost bucket repairs every key, the counts say how many
 
@@ -114,17 +116,23 @@ class KeyStore:
         return org
 
     async def create_team(self, actor: Actor, org_id: str, name: str) -> Team:
-        """A new team in an org; names are unique within the org (Conflict with the existing one's id)."""
+        """A new team in an org; names are unique among the org's teams that are not decommissioned (Conflict
+        with the existing one's id)."""
         team = Team(id=new_id(), org_id=org_id, name=name, created_at=now_us())
         async with self.db.transaction() as tx:
-            await self._org(tx, org_id)
+            if (await self._org(tx, org_id)).decommissioned_at is not None:
+                raise Conflict("the organization is decommissioned; it cannot hold new teams")
+            # As for projects: a decommissioned team keeps its name in the audit trail, and frees it for reuse.
             existing = await _insert_unless_named(
                 tx, "teams (id, organization_id, name, created_at)", (team.id, org_id, name, team.created_at),
-                "SELECT id FROM teams WHERE organization_id = $1 AND name = $2", (org_id, name),
+                "SELECT id FROM teams WHERE organization_id = $1 AND name = $2 AND decommissioned_at IS NULL",
+                (org_id, name),
             )  # fmt: skip
             if existing is not None:
                 raise Conflict(
-                    f"a team named {name!r} already exists in this organization (id {existing})", existing_id=existing
+                    f"a team named {name!r} already exists in this organization (id {existing}); decommission it "
+                    "first to reuse the name",
+                    existing_id=existing,
                 )
             await record_audit(
                 tx, actor, "team.create", team.created_at, [(org_id, team.id, None, None, {"name": name})]
@@ -135,6 +143,8 @@ class KeyStore:
         """A new project in a team; names are unique among the team's projects that are not decommissioned."""
         async with self.db.transaction() as tx:
             team = await self._team(tx, team_id)
+            if team.decommissioned_at is not None:
+                raise Conflict("the team is decommissioned; it cannot hold new projects")
             project = Project(
                 id=new_id(), team_id=team_id, org_id=team.org_id, name=name, created_at=now_us(), decommissioned_at=None
             )
@@ -157,22 +167,30 @@ class KeyStore:
             )  # fmt: skip
         return project
 
-    async def list_orgs(self, *, limit: int, after: tuple[int, str] | None = None) -> list[Org]:
-        """Organizations, oldest first: `limit` of them after the sort key `after` (created_at, id)."""
+    async def list_orgs(
+        self, *, limit: int, after: tuple[int, str] | None = None, only: frozenset[str] | None = None
+    ) -> list[Org]:
+        """Organizations, oldest first: `limit` of them after the sort key `after` (created_at, id); with
+        `only`, just those (what the caller may see)."""
         where, args = _after_created(after)
+        where, args = _only(where, args, "id", only)
         async with self.db.transaction() as tx:
             rows = await tx.fetch(
                 f"SELECT * FROM organizations {where} ORDER BY created_at, id LIMIT ${len(args) + 1}", *args, limit
             )
         return [Org.from_row(r) for r in rows]
 
-    async def list_teams(self, org_id: str, *, limit: int, after: tuple[int, str] | None = None) -> list[Team]:
-        """The teams of an org, oldest first: `limit` of them after the sort key `after` (created_at, id)."""
+    async def list_teams(
+        self, org_id: str, *, limit: int, after: tuple[int, str] | None = None, only: frozenset[str] | None = None
+    ) -> list[Team]:
+        """The teams of an org, oldest first: `limit` of them after the sort key `after` (created_at, id);
+        with `only`, just those."""
         where, args = _after_created(after, start=2)
+        where, args = _only(where, args, "id", only, start=2)
         async with self.db.transaction() as tx:
             await self._org(tx, org_id)
             rows = await tx.fetch(
-                f"SELECT * FROM teams WHERE organization_id = $1 {where.replace('WHERE', 'AND')} "
+                f"SELECT * FROM teams WHERE organization_id = $1 {where.replace('WHERE', 'AND', 1)} "
                 f"ORDER BY created_at, id LIMIT ${len(args) + 2}",
                 org_id, *args, limit,
             )  # fmt: skip
@@ -195,23 +213,117 @@ class KeyStore:
         now = now_us()
         async with self.db.transaction() as tx:
             project = await self._project(tx, project_id, lock=True)
-            if project.decommissioned_at is None:
-                await tx.execute("UPDATE projects SET decommissioned_at = $1 WHERE id = $2", now, project_id)
-            rows = await tx.fetch(
-                f"UPDATE api_keys SET revoked_at = $1, revoked_reason = $2, version = version + 1 "
-                f"WHERE project_id = $3 AND revoked_at IS NULL RETURNING {KEY_COLUMNS}",
-                now, "project decommissioned", project_id,
-            )  # fmt: skip
-            keys = [ApiKey.from_row(r) for r in rows]
-            outbox = await _enqueue(tx, keys, now)
-            await record_audit(
-                tx, actor, "project.decommission", now,
-                [(project.org_id, project.team_id, project_id, None, {"keys_revoked": len(keys)})],
-            )  # fmt: skip
-            await record_audit(
-                tx, actor, "key.revoke", now, [_key_audit(k, {"reason": "project decommissioned"}) for k in keys]
-            )
+            keys, outbox = await self._decommission(tx, actor, project, now, "project decommissioned")
         return Change(Revocation(revoked=tuple(keys), already_revoked=()), outbox)
+
+    async def decommission_team(self, actor: Actor, team_id: str) -> Change[Revocation]:
+        """Mark a team decommissioned, and each of its projects as a project's decommission does, in one
+        transaction: every key of the team is revoked."""
+        now = now_us()
+        async with self.db.transaction() as tx:
+            team = await self._team(tx, team_id)
+            keys, outbox = await self._decommission_team(tx, actor, team, now, "team decommissioned")
+        return Change(Revocation(revoked=tuple(keys), already_revoked=()), outbox)
+
+    async def decommission_org(self, actor: Actor, org_id: str) -> Change[Revocation]:
+        """Mark an organization and every team of it decommissioned, revoking every key, in one transaction."""
+        now = now_us()
+        async with self.db.transaction() as tx:
+            org = await self._org(tx, org_id)
+            keys: list[ApiKey] = []
+            outbox: tuple[int, ...] = ()
+            for row in await tx.fetch("SELECT * FROM teams WHERE organization_id = $1 ORDER BY id", org_id):
+                revoked, queued = await self._decommission_team(tx, actor, Team.from_row(row), now,
+                                                                "organization decommissioned")  # fmt: skip
+                keys += revoked
+                outbox += queued
+            if org.decommissioned_at is None:
+                await tx.execute("UPDATE organizations SET decommissioned_at = $1 WHERE id = $2", now, org_id)
+            await record_audit(tx, actor, "org.decommission", now,
+                               [(org_id, None, None, None, {"keys_revoked": len(keys)})])  # fmt: skip
+        return Change(Revocation(revoked=tuple(keys), already_revoked=()), outbox)
+
+    async def rename(self, actor: Actor, kind: str, ident: str, name: str) -> Org | Team:
+        """Rename an organization or a team (Conflict with the holder's id when the name is taken)."""
+        table = {"org": "organizations", "team": "teams"}[kind]
+        now = now_us()
+        async with self.db.transaction() as tx:
+            current = await (self._org(tx, ident) if kind == "org" else self._team(tx, ident))
+            # Org names are unique for good; a team's only among the org's teams that are not decommissioned.
+            parent = ("", ()) if kind == "org" else (" AND organization_id = $2 AND decommissioned_at IS NULL",
+                                                     (current.org_id,))  # type: ignore[union-attr]  # fmt: skip
+            holder = await tx.fetchval(f"SELECT id FROM {table} WHERE name = $1{parent[0]}", name, *parent[1])
+            if holder is not None and holder != ident:
+                raise Conflict(f"the name {name!r} is taken (id {holder})", existing_id=str(holder))
+            await tx.execute(f"UPDATE {table} SET name = $1 WHERE id = $2", name, ident)
+            org_id, team_id = (ident, None) if kind == "org" else (current.org_id, ident)  # type: ignore[union-attr]
+            await record_audit(tx, actor, f"{kind}.rename", now,
+                               [(org_id, team_id, None, None, {"from": current.name, "to": name})])  # fmt: skip
+            return await (self._org(tx, ident) if kind == "org" else self._team(tx, ident))
+
+    async def get_org(self, org_id: str) -> Org:
+        """One organization; NotFound if there is none."""
+        async with self.db.transaction() as tx:
+            return await self._org(tx, org_id)
+
+    async def get_team(self, team_id: str) -> Team:
+        """One team; NotFound if there is none."""
+        async with self.db.transaction() as tx:
+            return await self._team(tx, team_id)
+
+    async def get_project(self, project_id: str) -> Project:
+        """One project; NotFound if there is none."""
+        async with self.db.transaction() as tx:
+            return await self._project(tx, project_id)
+
+    async def get_keys(self, key_ids: Sequence[str]) -> list[ApiKey]:
+        """The keys of these ids that exist."""
+        keys: list[ApiKey] = []
+        async with self.db.transaction() as tx:
+            for chunk in _chunks(key_ids):
+                rows = await tx.fetch(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id IN ({placeholders(len(chunk))})",
+                                      *chunk)  # fmt: skip
+                keys += [ApiKey.from_row(r) for r in rows]
+        return keys
+
+    async def record(self, actor: Actor, action: str, row: AuditRow) -> None:
+        """One audit entry on its own (a refused request, say)."""
+        async with self.db.transaction() as tx:
+            await record_audit(tx, actor, action, now_us(), [row])
+
+    async def _decommission_team(self, tx: Tx, actor: Actor, team: Team, now: int,
+                                 reason: str) -> tuple[list[ApiKey], tuple[int, ...]]:  # fmt: skip
+        keys: list[ApiKey] = []
+        outbox: tuple[int, ...] = ()
+        rows = await tx.fetch(f"SELECT * FROM projects WHERE team_id = $1 ORDER BY id{self._for_update}", team.id)
+        for row in rows:
+            revoked, queued = await self._decommission(tx, actor, Project.from_row(row), now, reason)
+            keys += revoked
+            outbox += queued
+        if team.decommissioned_at is None:
+            await tx.execute("UPDATE teams SET decommissioned_at = $1 WHERE id = $2", now, team.id)
+        await record_audit(tx, actor, "team.decommission", now,
+                           [(team.org_id, team.id, None, None, {"keys_revoked": len(keys)})])  # fmt: skip
+        return keys, outbox
+
+    async def _decommission(self, tx: Tx, actor: Actor, project: Project, now: int,
+                            reason: str) -> tuple[list[ApiKey], tuple[int, ...]]:  # fmt: skip
+        """Mark a project decommissioned and revoke its keys, in the caller's transaction."""
+        if project.decommissioned_at is None:
+            await tx.execute("UPDATE projects SET decommissioned_at = $1 WHERE id = $2", now, project.id)
+        rows = await tx.fetch(
+            f"UPDATE api_keys SET revoked_at = $1, revoked_reason = $2, version = version + 1 "
+            f"WHERE project_id = $3 AND revoked_at IS NULL RETURNING {KEY_COLUMNS}",
+            now, reason, project.id,
+        )  # fmt: skip
+        keys = [ApiKey.from_row(r) for r in rows]
+        outbox = await _enqueue(tx, keys, now)
+        await record_audit(
+            tx, actor, "project.decommission", now,
+            [(project.org_id, project.team_id, project.id, None, {"keys_revoked": len(keys)})],
+        )  # fmt: skip
+        await record_audit(tx, actor, "key.revoke", now, [_key_audit(k, {"reason": reason}) for k in keys])
+        return keys, outbox
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -259,18 +371,7 @@ class KeyStore:
             missing = [k for k in key_ids if k not in found]
             if missing:
                 raise NotFound("key", missing[0]) if len(missing) == 1 else NotFound("keys", ", ".join(missing))
-            keys: list[ApiKey] = []
-            for chunk in _chunks(key_ids):
-                rows = await tx.fetch(
-                    f"UPDATE api_keys SET revoked_at = $1, revoked_reason = $2, version = version + 1 "
-                    f"WHERE id IN ({placeholders(len(chunk), start=3)}) AND revoked_at IS NULL "
-                    f"RETURNING {KEY_COLUMNS}",
-                    now, reason, *chunk,
-                )  # fmt: skip
-                keys += [ApiKey.from_row(r) for r in rows]
-            outbox = await _enqueue(tx, keys, now)
-            details = {"reason": reason} if reason else {}
-            await record_audit(tx, actor, "key.revoke", now, [_key_audit(k, details) for k in keys])
+            keys, outbox = await revoke_in(tx, actor, key_ids, reason, now)
         revoked_ids = {k.id for k in keys}
         already = tuple(k for k in dict.fromkeys(key_ids) if k not in revoked_ids)
         return Change(Revocation(revoked=tuple(keys), already_revoked=already), outbox)
@@ -316,10 +417,13 @@ class KeyStore:
         team_id: str | None = None,
         project_id: str | None = None,
         key_id: str | None = None,
+        actor_id: str | None = None,
         limit: int = 100,
         before: int | None = None,
+        within: tuple[frozenset[str], frozenset[str]] | None = None,
     ) -> list[AuditEntry]:
-        """Audit entries, newest first, filtered by any of org, team, project and key."""
+        """Audit entries, newest first, filtered by any of org, team, project, key and actor (a user's or a
+        token's id); with `within` (orgs, teams), only entries of those orgs or teams."""
         conditions: list[str] = []
         args: list[Any] = []
         for column, value in (
@@ -327,12 +431,20 @@ class KeyStore:
             ("team_id", team_id),
             ("project_id", project_id),
             ("key_id", key_id),
+            ("actor_id", actor_id),
             ("id <", before),
         ):
             if value is not None:
                 args.append(value)
                 op = "" if column.endswith("<") else " ="
                 conditions.append(f"{column}{op} ${len(args)}")
+        if within is not None:
+            scoped: list[str] = []
+            for column, values in (("organization_id", within[0]), ("team_id", within[1])):
+                if values:
+                    scoped.append(f"{column} IN ({placeholders(len(values), start=len(args) + 1)})")
+                    args += sorted(values)
+            conditions.append(f"({' OR '.join(scoped) or 'FALSE'})")
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         args.append(limit)
         async with self.db.transaction() as tx:
@@ -428,6 +540,8 @@ class KeyStore:
             rotated_to=None,
             created_by=actor.token_id,
             version=1,
+            created_by_user=actor.user_id,
+            owner_team_id=project.team_id,
         )
         return Created(key=key, plaintext=plaintext)
 
@@ -456,6 +570,17 @@ class KeyStore:
         if row is None:
             raise NotFound("key", key_id)
         return ApiKey.from_row(row)
+
+
+def _only(where: str, args: list[Any], column: str, only: frozenset[str] | None, *,
+          start: int = 1) -> tuple[str, list[Any]]:  # fmt: skip
+    """`where` narrowed to rows whose `column` is one of `only` (None: no narrowing; empty: nothing)."""
+    if only is None:
+        return where, args
+    first = start + len(args)
+    condition = f"{column} IN ({placeholders(len(only), start=first)})" if only else "FALSE"
+    joined = f"{where} AND {condition}" if where else f"WHERE {condition}"
+    return joined, [*args, *sorted(only)]
 
 
 def _after_created(after: tuple[int, str] | None, *, start: int = 1) -> tuple[str, list[Any]]:
@@ -490,10 +615,29 @@ async def _insert_keys(tx: Tx, keys: Sequence[ApiKey]) -> None:
         (
             k.id, k.display, k.key_hash, k.org_id, k.team_id, k.project_id, k.name, list(k.scopes), k.env,
             k.region, k.metadata, k.created_at, k.expires_at, k.last_used_at, k.revoked_at, k.revoked_reason,
-            k.rotated_to, k.created_by, k.version,
+            k.rotated_to, k.created_by, k.version, k.created_by_user, k.owner_team_id,
         )
         for k in keys
     ])  # fmt: skip
+
+
+async def revoke_in(tx: Tx, actor: Actor, key_ids: Sequence[str], reason: str | None,
+                    now: int) -> tuple[list[ApiKey], tuple[int, ...]]:  # fmt: skip
+    """Revoke the keys of these ids not revoked yet, in the caller's transaction: their outbox entries queued,
+    each audited. Returns the keys it revoked and the outbox ids that publish them."""
+    keys: list[ApiKey] = []
+    for chunk in _chunks(key_ids):
+        rows = await tx.fetch(
+            f"UPDATE api_keys SET revoked_at = $1, revoked_reason = $2, version = version + 1 "
+            f"WHERE id IN ({placeholders(len(chunk), start=3)}) AND revoked_at IS NULL "
+            f"RETURNING {KEY_COLUMNS}",
+            now, reason, *chunk,
+        )  # fmt: skip
+        keys += [ApiKey.from_row(r) for r in rows]
+    outbox = await _enqueue(tx, keys, now)
+    details = {"reason": reason} if reason else {}
+    await record_audit(tx, actor, "key.revoke", now, [_key_audit(k, details) for k in keys])
+    return keys, outbox
 
 
 async def _unpublish(tx: Tx, entries: Sequence[tuple[str, str]], now: int) -> _Queued:
@@ -547,5 +691,21 @@ async def record_audit(tx: Tx, actor: Actor, action: str, now: int, rows: Sequen
     await tx.insert_many(
         "audit_log",
         _AUDIT_COLUMNS,
-        [(now, actor.name, action, org, team, project, key, details) for org, team, project, key, details in rows],
+        [
+            (
+                now,
+                actor.name,
+                action,
+                org,
+                team,
+                project,
+                key,
+                details,
+                actor.kind,
+                actor.actor_id,
+                actor.source,
+                actor.request_id,
+            )
+            for org, team, project, key, details in rows
+        ],
     )

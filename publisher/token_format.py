@@ -12,7 +12,7 @@ import hashlib
 import re
 from typing import Final
 
-from sidecar.wire import CHECK_LEN, SECRET_LEN, check_chars, random_base62
+from keyrelay.core.wire import CHECK_LEN, SECRET_LEN, check_chars, random_base62
 
 __all__ = [
     "LEGACY_TOKEN_PREFIX",

@@ -8,8 +8,8 @@ from typing import Any
 
 import msgpack
 
-from sidecar.config import DURATION_HELP, format_duration, parse_duration
-from sidecar.wire import ENVS, MAX_METADATA_BYTES, is_region_code, is_uuid
+from keyrelay.core.config import DURATION_HELP, format_duration, parse_duration
+from keyrelay.core.wire import ENVS, MAX_METADATA_BYTES, is_region_code, is_uuid
 
 from .errors import Invalid, NotFound
 from .store import KeySpec
@@ -18,13 +18,16 @@ __all__ = [
     "MAX_BULK",
     "MAX_GRACE",
     "MAX_LIFETIME",
+    "body_id",
     "boolean",
     "duration",
+    "email",
     "fields",
     "grace",
     "key_ids",
     "key_spec",
     "name",
+    "optional_name",
     "path_id",
     "query_id",
     "query_int",
@@ -46,6 +49,31 @@ _SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._/*-]{0,63}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # Decimal ASCII digits only: str.isdigit() also takes `²`, which int() then refuses.
 _QUERY_INT = re.compile(r"[0-9]{1,19}")
+
+
+MAX_EMAIL = 320
+_EMAIL = re.compile(r"[^@\s]{1,64}@[^@\s]{1,255}")
+
+
+def email(value: Any, field: str = "email") -> str:
+    """An email address: local@domain, at most 320 characters, no spaces or control characters."""
+    if not isinstance(value, str) or _EMAIL.fullmatch(value.strip()) is None or len(value.strip()) > MAX_EMAIL:
+        raise Invalid(f"{field} must be an email address such as ann@example.com", field=field)
+    return text(value.strip(), field)
+
+
+def optional_name(value: Any, field: str) -> str | None:
+    """An optional display name (null or absent: none)."""
+    return None if value is None else name(value, field)
+
+
+def body_id(value: Any, field: str) -> str | None:
+    """An optional id in a body: null or a UUID (canonical), else a 400 naming the field."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not is_uuid(value):
+        raise Invalid(f"{field} must be an id (a UUID) or null", field=field)
+    return value.lower()
 
 
 def boolean(value: Any, field: str) -> bool:

@@ -1,46 +1,9 @@
 """keyrelay sidecar: a replicated key table that verifies API keys locally, pushed by NATS JetStream.
 
-The names below load their module on first use (PEP 562): importing `sidecar.config` or
-`sidecar.errors`, as the `keyrelay` command does to build its parser, then costs no msgpack or NaCl.
+Import what you need from its modules (`sidecar.app`, `sidecar.settings`, ...): the package itself
+exports nothing, so importing `sidecar.settings`, as the `keyrelay` command does to build its
+parser, costs no msgpack or NaCl. The contract it shares with the publisher (wire format,
+signatures, settings machinery) is keyrelay.core.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-from .lazy import lazy_exports
-
-if TYPE_CHECKING:
-    from .errors import BucketNotFound, RecordError, SettingsError, SidecarError
-    from .settings import SidecarSettings
-    from .table import KeyTable, KeyView
-    from .verify import Code, Verifier
-    from .wire import KeyRecord, ParsedKey, display_form, generate_key, key_digest, parse_key
-
-__all__ = [
-    "BucketNotFound",
-    "Code",
-    "KeyRecord",
-    "KeyTable",
-    "KeyView",
-    "ParsedKey",
-    "RecordError",
-    "SettingsError",
-    "SidecarError",
-    "SidecarSettings",
-    "Verifier",
-    "display_form",
-    "generate_key",
-    "key_digest",
-    "parse_key",
-]
-
-_HOME = {
-    **dict.fromkeys(("BucketNotFound", "RecordError", "SettingsError", "SidecarError"), "errors"),
-    "SidecarSettings": "settings",
-    **dict.fromkeys(("KeyTable", "KeyView"), "table"),
-    **dict.fromkeys(("Code", "Verifier"), "verify"),
-    **dict.fromkeys(("KeyRecord", "ParsedKey", "display_form", "generate_key", "key_digest", "parse_key"), "wire"),
-}
-
-__getattr__ = lazy_exports(__name__, _HOME)
+__all__: list[str] = []

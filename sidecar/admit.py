@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from .errors import RecordError, SignatureError
-from .trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Trust, Verified
-from .wire import (
+from keyrelay.core.errors import RecordError, SignatureError
+from keyrelay.core.trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Trust, Verified
+from keyrelay.core.wire import (
     HEARTBEAT_ENTRY,
     RecordFields,
     decode_fields,

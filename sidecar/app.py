@@ -8,16 +8,18 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from .errors import SettingsError
-from .http import STATE, SidecarState, add_routes
+from keyrelay.core.errors import SettingsError
+from keyrelay.core.nats_connect import NatsConnect, identity_name
+from keyrelay.core.serving import harden, run_forever, serve_app
+from keyrelay.core.trust import Trust
+from keyrelay.core.wire import snapshot_store_name
+
+from .http import STATE, SidecarState, add_routes, identity_block
 from .metrics import Metrics
-from .nats_connect import NatsConnect, identity_name
-from .serving import harden, run_forever, serve_app
+from .routes import RouteScopes
 from .settings import SidecarSettings
-from .snapshot import snapshot_store_name
-from .sync import KeySync
+from .sync import KeySync, SyncConfig
 from .table import KeyTable
-from .trust import Trust
 from .verify import Verifier
 
 __all__ = ["create_app", "run", "serve", "trust_of"]
@@ -51,8 +53,7 @@ def create_app(settings: SidecarSettings) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
     table = KeyTable()
     nats = NatsConnect.of(settings, identity=identity_name("sidecar", settings.region))
-    sync = KeySync(
-        table=table,
+    config = SyncConfig(
         servers=settings.nats_url,
         connect=nats,
         bucket=settings.bucket,
@@ -62,12 +63,12 @@ def create_app(settings: SidecarSettings) -> web.Application:
         snapshot_store=snapshot_store_name(settings.bucket, settings.snapshot_bucket) if settings.snapshots else None,
         trust=trust,
     )
-    app[STATE] = SidecarState(
-        settings=settings,
-        verifier=Verifier(table=table, region=settings.region, prefixes=settings.key_prefixes()),
-        sync=sync,
-        metrics=Metrics(),
-    )
+    sync = KeySync(config, table)
+    # Read once, at app creation: a bad file stops the start, naming its line.
+    path = settings.route_scopes
+    routes = RouteScopes.load(path, ignore_case=settings.route_scopes_ignore_case) if path is not None else None
+    verifier = Verifier(table=table, region=settings.region, prefixes=settings.key_prefixes(), derive=identity_block)
+    app[STATE] = SidecarState(settings=settings, verifier=verifier, sync=sync, metrics=Metrics(), routes=routes)
     app.cleanup_ctx.append(_sync_lifecycle)
     add_routes(app)
     return harden(app)

@@ -2,49 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = [
-    "BucketNotFound",
-    "RecordError",
-    "SettingsError",
-    "SidecarError",
-    "SignatureError",
-    "SnapshotError",
-    "SyncTimeout",
-]
+__all__ = ["BucketNotFound", "SidecarError", "SnapshotError"]
 
 
 class SidecarError(Exception):
     """Root of every error the sidecar package raises on purpose."""
-
-
-class SettingsError(SidecarError):
-    """A setting's value could not be used; names the flag and variable to fix."""
-
-    def __init__(self, *, flag: str, env: str, value: str, reason: str) -> None:
-        self.flag, self.env, self.value, self.reason = flag, env, value, reason
-        super().__init__(f"{flag} (or {env}) = {value!r}: {reason}")
-
-
-class RecordError(SidecarError):
-    """A key record from the bucket could not be decoded; it is skipped and counted."""
-
-    def __init__(self, reason: str, *, entry: str = "") -> None:
-        self.reason, self.entry = reason, entry
-        where = f" at {entry}" if entry else ""
-        super().__init__(f"undecodable key record{where}: {reason}")
-
-
-class SignatureError(RecordError):
-    """A value from NATS is not signed by a trusted key for where it was found; refused and counted.
-
-    `reason` is a short code, the label of keyrelay_record_rejected_total: unsigned, malformed,
-    unknown_signer, bad_signature, expired (signed longer ago than the replay horizon), future.
-    """
-
-    def __init__(self, reason: str, *, entry: str = "") -> None:
-        self.reason, self.entry = reason, entry
-        where = f" at {entry!r}" if entry else ""
-        SidecarError.__init__(self, f"refused a value{where}: {reason}")
 
 
 class BucketNotFound(SidecarError):
@@ -64,23 +26,3 @@ class SnapshotError(SidecarError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(f"unusable snapshot: {reason}")
-
-
-class SyncTimeout(SidecarError):
-    """A table did not finish its initial sync in time (seeding a snapshot, say)."""
-
-    def __init__(
-        self, *, servers: tuple[str, ...], stream: str, waited: float, connected: bool, keys: int, pending: int
-    ) -> None:
-        self.servers, self.stream, self.waited = servers, stream, waited
-        self.connected, self.keys, self.pending = connected, keys, pending
-        where = ",".join(servers)
-        if not connected:
-            hint = f"NATS at {where} was not reachable: check --nats-url"
-        elif keys == 0 and pending == 0:
-            hint = f"is there a stream {stream} on {where}? (the publisher makes it; in a region, region init)"
-        else:
-            hint = f"{keys} keys loaded, {pending} still pending: give it longer (--timeout)"
-        from .config import format_duration  # here: config imports this module's SettingsError
-
-        super().__init__(f"the initial sync of {stream} did not finish within {format_duration(round(waited))}: {hint}")

@@ -16,16 +16,17 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http_writer import HttpVersion10, HttpVersion11, StreamWriter
 from multidict import CIMultiDictProxy, istr
 
+from keyrelay.core.serving import SERVER, healthz, malformed_metric
+
 from .metrics import LATENCY_BUCKETS, Metrics
 from .routes import RouteScopes
-from .serving import SERVER, malformed_metric
 from .settings import SidecarSettings
 from .snapshot import snapshot_summary
 from .sync import KeySync
 from .table import KeyTable
 from .verify import NO_SCOPES, Code, Verifier, parse_scopes
 
-__all__ = ["STATE", "SidecarState", "add_routes"]
+__all__ = ["STATE", "SidecarState", "add_routes", "identity_block"]
 
 _JSON = "application/json"
 _DENY_STATUS = {Code.INSUFFICIENT_SCOPE: 403, Code.WRONG_REGION: 403}
@@ -84,13 +85,17 @@ _NOT_READY_HEADERS = {hdrs.CONTENT_TYPE: _JSON, hdrs.RETRY_AFTER: "1", _CODE: "N
 
 @dataclass(slots=True)
 class SidecarState:
-    """What the handlers share: the verifier, the sync, the counters and the settings."""
+    """What the handlers share: the verifier, the sync, the counters, the settings and the route scopes.
+
+    create_app builds each part and hands it in: the verifier deriving `identity_block`, the route
+    scopes read from --route-scopes (None: none).
+    """
 
     settings: SidecarSettings
     verifier: Verifier
     sync: KeySync
     metrics: Metrics
-    routes: RouteScopes | None = field(init=False)
+    routes: RouteScopes | None
     # The (URI, method) header pairs the original request is read from, in order (--original-uri-header).
     uri_headers: tuple[tuple[istr, istr], ...] = field(init=False)
     # Until when (time.perf_counter, the clock /auth reads anyway) the replica is known to be
@@ -100,11 +105,6 @@ class SidecarState:
     ready_until: float = field(default=0.0, init=False)
 
     def __post_init__(self) -> None:
-        # Read once, at app creation: a bad file stops the start, naming its line.
-        path = self.settings.route_scopes
-        ignore_case = self.settings.route_scopes_ignore_case
-        self.routes = RouteScopes.load(path, ignore_case=ignore_case) if path is not None else None
-        self.verifier.derive = identity_block
         self.uri_headers = _URI_HEADERS[self.settings.original_uri_header]
 
     def ready(self) -> bool:
@@ -214,8 +214,7 @@ async def auth(state: SidecarState, request: web.Request) -> web.StreamResponse:
     else:
         # The key first: a route is looked up (and cached) only for a key that exists and is valid.
         code, hot = state.verifier.check(key, NO_SCOPES)
-        if code is _VALID:
-            assert hot is not None
+        if code is _VALID and hot is not None:  # check hands a hot entry with every VALID
             required = routes.required(*_original_request(request, headers, state.uri_headers), wanted)
             if required and not required <= hot[3]:
                 code = Code.INSUFFICIENT_SCOPE
@@ -225,9 +224,8 @@ async def auth(state: SidecarState, request: web.Request) -> web.StreamResponse:
     elapsed = perf_counter() - started
     metrics.buckets[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
     metrics.seconds += elapsed
-    if code is not _VALID:
+    if code is not _VALID or hot is None:  # (never VALID without its hot entry)
         return _deny(code)
-    assert hot is not None
     # No body: gateways read a 2xx's headers only, and Go clients (Traefik, Caddy) drop a
     # connection whose body went unread.
     response = _Granted()
@@ -297,11 +295,6 @@ async def verify(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: the process answers."""
-    return web.json_response({"status": "ok"})
-
-
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: 200 only when synced and within the staleness bound."""
     state = request.app[STATE]
@@ -345,7 +338,7 @@ async def status(request: web.Request) -> web.Response:
             "route_rules": len(state.routes) if state.routes is not None else None,
             "decode_errors": sync.stats.decode_errors,
             "loaded_snapshot": snapshot_summary(sync.loaded_snapshot) if sync.loaded_snapshot else None,
-            "written_snapshot": snapshot_summary(sync.written_snapshot) if sync.written_snapshot else None,
+            "written_snapshot": None,  # sidecars only read snapshots: the region's seeder writes them
             "trust": trust_status(sync),
         }
     )
@@ -362,10 +355,10 @@ def trust_status(sync: KeySync) -> dict[str, Any]:
         "replay_horizon_seconds": trust.horizon,
         "rejected": dict(sync.stats.rejected),
         "quarantined": sync.stats.quarantined,
-        "recent_quarantines": list(sync.recent_quarantines),
+        "recent_quarantines": list(sync.applier.recent_quarantines),
         "version_floors": sync.table.floors(),
-        "heartbeat_signed_at": sync.heartbeat_at,
-        "heartbeat_acked_revision": sync.heartbeat_acked,
+        "heartbeat_signed_at": sync.freshness.heartbeat_at,
+        "heartbeat_acked_revision": sync.freshness.heartbeat_acked,
     }
 
 

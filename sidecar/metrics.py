@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
-from collections.abc import Iterable
+
+from keyrelay.core.prometheus import exposition, family, singles
 
 from .sync import KeySync
 from .verify import Code
@@ -42,9 +43,7 @@ class Metrics:
 
     def render(self, sync: KeySync, *, ready: bool) -> str:
         """The whole exposition, with the sync's state as gauges."""
-        lines: list[str] = []
-        _family(
-            lines,
+        lines = family(
             "keyrelay_verify_total",
             "counter",
             "Verifications answered, by route and result code",
@@ -54,8 +53,7 @@ class Metrics:
                 for code, count in sorted(counts.items())
             ),
         )
-        _family(
-            lines,
+        lines += family(
             "keyrelay_bad_requests_total",
             "counter",
             "Requests refused for their shape",
@@ -74,12 +72,13 @@ class Metrics:
         lines.append(f"keyrelay_verify_duration_seconds_count {cumulative}")
         since_event = time.time() - sync.last_event if sync.last_event else -1.0
         stats = sync.stats
+        mirror_lag = sync.freshness.mirror_lag
         gauges = [
             ("keyrelay_keys", "gauge", "Keys held in the replica", len(sync.table)),
             ("keyrelay_table_bytes", "gauge", "Bytes held by the key table's arrays", sync.table.nbytes()),
             ("keyrelay_last_revision", "gauge", "Last applied stream sequence", sync.last_revision),
             ("keyrelay_pending", "gauge", "Changes known to be waiting to be applied", sync.pending),
-            ("keyrelay_mirror_lag", "gauge", "Messages the regional mirror is behind the hub", sync.mirror_lag),
+            ("keyrelay_mirror_lag", "gauge", "Messages the regional mirror is behind the hub", mirror_lag),
             (
                 "keyrelay_snapshot_loaded_revision",
                 "gauge",
@@ -90,7 +89,7 @@ class Metrics:
                 "keyrelay_snapshots_written_total",
                 "counter",
                 "Region snapshots this sidecar wrote",
-                sync.snapshots_written,
+                0,  # sidecars only read snapshots: the region's seeder writes them
             ),
             (
                 "keyrelay_seconds_since_upstream",
@@ -136,14 +135,9 @@ class Metrics:
             ("keyrelay_insecure", "gauge", "1 when values are taken unsigned (--insecure-accept-unsigned)",
              int(sync.trust.accept_unsigned)),
         ]  # fmt: skip
-        for name, kind, help_text, value in gauges:
-            _family(lines, name, kind, help_text, [("", value)])
-        _family(lines, "keyrelay_record_rejected_total", "counter", "Values refused by verification, by reason",
-                [(f'reason="{reason}"', count) for reason, count in sorted(stats.rejected.items())])  # fmt: skip
-        return "\n".join(lines) + "\n"
-
-
-def _family(lines: list[str], name: str, kind: str, help_text: str, samples: Iterable[tuple[str, float | int]]) -> None:
-    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    for labels, value in samples:
-        lines.append(f"{name}{{{labels}}} {value}" if labels else f"{name} {value}")
+        lines += singles(gauges)
+        rejected = [(f'reason="{reason}"', count) for reason, count in sorted(stats.rejected.items())]
+        lines += family(
+            "keyrelay_record_rejected_total", "counter", "Values refused by verification, by reason", rejected
+        )
+        return exposition(lines)

@@ -6,14 +6,15 @@ at a stream revision; a sidecar that loads one resumes its consumer at the
 next revision, so it ends exactly where a full replay would (the bucket keeps
 every key's latest record and delete markers). Snapshots live in an object
 store on the NATS the sidecar reads — the region's own, for a regional
-sidecar — under the region's name. The region's seeder writes them, with the
-region-init NATS identity and the region's snapshot key (`keyrelay region
-init`, `keyrelay snapshot seed`); sidecars hold neither, and only read them.
+sidecar — under the region's name. The region's seeder writes them
+(keyrelay/snapshot_writer.py), with the region-init NATS identity and the
+region's snapshot key (`keyrelay region init`, `keyrelay snapshot seed`);
+sidecars hold neither, and only read them: this module loads them.
 
 Format: MAGIC, a 4-byte header length, a msgpack header (revision, bucket,
 region, the stream's identity, the table's header with its version floors),
 the table's arrays back to back, then the signature: a 4-byte length and a
-`Keyrelay-Sig` value (sidecar/trust.py) of kind `s` over the SHA-256 of
+`Keyrelay-Sig` value (keyrelay/core/trust.py) of kind `s` over the SHA-256 of
 everything before it, for the entry `snapshot.<bucket>.<region or global>`.
 Sidecars load only snapshots signed by a key in their `--trusted-snapshot-keys`,
 signed within the replay horizon, made from the stream they read.
@@ -21,7 +22,6 @@ signed within the replay horizon, made from the stream they read.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import hashlib
@@ -29,22 +29,31 @@ import logging
 import struct
 import time
 from array import array
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
-from .errors import SignatureError, SnapshotError
-from .table import ALL, RECORD_WIDTHS, KeyTable, array_sizes
-from .trust import KIND_SNAPSHOT, Signer, Trust
-from .wire import snapshot_store_name  # named with the other streams and stores; still importable from here
+from keyrelay.core.errors import SignatureError
+from keyrelay.core.trust import Trust
 
-__all__ = ["FORMAT", "Snapshot", "SnapshotStore", "decode", "encode", "snapshot_entry", "snapshot_store_name"]
+from .errors import SnapshotError
+from .snapshot_layout import array_sizes, restore
+from .table import KeyTable, TableArrays
+
+__all__ = [
+    "FORMAT",
+    "LENGTH",
+    "MAGIC",
+    "Snapshot",
+    "SnapshotSink",
+    "SnapshotStore",
+    "snapshot_entry",
+    "snapshot_summary",
+]
 
 log = logging.getLogger("keyrelay.sidecar.snapshot")
 
@@ -53,9 +62,7 @@ FORMAT = 2
 _MAX_SIGNATURE = 256
 # A header is the interned values (5 MB at a million keys) and the version floors: far below this.
 _MAX_HEAD = 256 * 2**20
-# Chunks stay well under NATS's default 1 MB max_payload.
-_CHUNK = 512 * 1024
-_LENGTH = struct.Struct(">I")
+LENGTH = struct.Struct(">I")
 
 
 def snapshot_entry(bucket: str, region: str | None) -> str:
@@ -74,128 +81,6 @@ class Snapshot:
     stream_created: str = ""
 
 
-def _pieces(
-    table: KeyTable, *, revision: int, bucket: str, region: str | None, stream_created: str, arrays: bool = True
-) -> list[bytes | memoryview]:
-    """A snapshot's parts in order: magic, header length, header, then (unless not `arrays`) the table's arrays."""
-    table_header, values, count = table.export_packed()
-    outer = {"format": FORMAT, "revision": revision, "bucket": bucket, "region": region, "created": time.time(),
-             "keys": len(table), "stream_created": stream_created}  # fmt: skip
-    # The header is the msgpack map {**outer, "table": {**table_header, "values": [...]}}, put
-    # together around the values the table packed already (most of the header's bytes).
-    packer = msgpack.Packer()
-    pack = packer.pack
-    head = bytearray(packer.pack_map_header(len(outer) + 1))
-    for name, value in outer.items():
-        head += pack(name) + pack(value)
-    head += pack("table") + packer.pack_map_header(len(table_header) + 1)
-    for name, value in table_header.items():
-        head += pack(name) + pack(value)
-    head += pack("values") + packer.pack_array_header(count)
-    parts: list[bytes | memoryview] = [MAGIC, _LENGTH.pack(len(head) + len(values)), bytes(head), values]
-    if arrays:
-        parts.extend(table.array_views())
-    return parts
-
-
-def _signature_trailer(signer: Signer, digest: bytes, *, bucket: str, region: str | None) -> bytes:
-    signature = signer.sign(KIND_SNAPSHOT, snapshot_entry(bucket, region), digest).encode()
-    return _LENGTH.pack(len(signature)) + signature
-
-
-def encode(
-    table: KeyTable, *, revision: int, bucket: str, region: str | None, signer: Signer, stream_created: str = ""
-) -> bytes:
-    """One signed snapshot of `table` as of stream `revision` (a copy: the table may change right after)."""
-    body = b"".join(_pieces(table, revision=revision, bucket=bucket, region=region, stream_created=stream_created))
-    return body + _signature_trailer(signer, hashlib.sha256(body).digest(), bucket=bucket, region=region)
-
-
-_VALUES_PER_TURN = 2_000  # interned values packed between two turns of the event loop (a few ms)
-_BLOCK = 4_096  # records a change during an upload saves at once (all five arrays: 424 KB)
-
-
-class _LiveReader:
-    """A snapshot of the table as it was when made, read from its live arrays (readinto), copy on write.
-
-    Copying the arrays up front doubled the table's memory for the length of the upload (100 MB
-    more at 1M keys) and held the event loop while it copied. Instead the reader hands out the
-    live arrays chunk by chunk, and watches the table: before a record of the snapshot changes,
-    its block's bytes are saved, if part of them is still to be sent, and sent from there.
-    """
-
-    def __init__(self, table: KeyTable, head: bytes, trailer: Callable[[bytes], bytes]) -> None:
-        self._table = table
-        self._head = head
-        self._hash = hashlib.sha256()
-        self._trailer = trailer  # the signature's bytes, from the digest of all before it
-        self._tail = b""
-        self._records = records = table.records()
-        # Where each array starts in the snapshot, after the head.
-        self._starts = [len(head)]
-        for width in RECORD_WIDTHS:
-            self._starts.append(self._starts[-1] + records * width)
-        self.size = self._starts[-1]
-        self._saved: dict[int, list[bytes]] = {}  # block → its bytes in every array, before a change
-        self._position = 0
-        self._replaced = False
-        table.watch(self._before_change)
-
-    def close(self) -> None:
-        """Stop watching the table."""
-        self._table.unwatch(self._before_change)
-
-    def _before_change(self, n: int) -> None:
-        if n == ALL:
-            self._replaced = True
-            return
-        block = n // _BLOCK
-        if n >= self._records or block in self._saved:
-            return
-        last = len(RECORD_WIDTHS) - 1
-        if self._position >= self._starts[last] + min((block + 1) * _BLOCK, self._records) * RECORD_WIDTHS[last]:
-            return  # all of it sent already
-        self._saved[block] = [self._block(which, block) for which in range(len(RECORD_WIDTHS))]
-
-    def _block(self, which: int, block: int) -> bytes:
-        width = RECORD_WIDTHS[which]
-        return self._table.read_array(which, block * _BLOCK * width, min((block + 1) * _BLOCK, self._records) * width)
-
-    def _piece(self, position: int) -> bytes:
-        """The snapshot's bytes from `position` to the end of the head or of a block."""
-        if position < len(self._head):
-            return self._head[position:]
-        which = next(i for i in range(len(RECORD_WIDTHS)) if position < self._starts[i + 1])
-        offset = position - self._starts[which]
-        span = _BLOCK * RECORD_WIDTHS[which]
-        block, within = divmod(offset, span)
-        saved = self._saved.get(block)
-        data = saved[which] if saved is not None else self._block(which, block)
-        return data[within:]
-
-    def readinto(self, buffer: bytearray) -> int:
-        """Fill `buffer` with the next bytes of the snapshot, its signature last; 0 at its end."""
-        if self._replaced:
-            raise SnapshotError("the table was replaced during the upload")
-        body = self._starts[-1]
-        filled = 0
-        while filled < len(buffer) and self._position < body:
-            piece = self._piece(self._position)[: len(buffer) - filled]
-            buffer[filled : filled + len(piece)] = piece
-            self._hash.update(piece)
-            filled += len(piece)
-            self._position += len(piece)
-        if self._position >= body and filled < len(buffer):
-            if not self._tail:
-                self._tail = self._trailer(self._hash.digest())
-                self.size = body + len(self._tail)
-            piece = self._tail[self._position - body :][: len(buffer) - filled]
-            buffer[filled : filled + len(piece)] = piece
-            filled += len(piece)
-            self._position += len(piece)
-        return filled
-
-
 def _return_free_memory() -> None:
     """Give the heap's free pages back to the system (glibc only; elsewhere nothing happens).
 
@@ -207,7 +92,7 @@ def _return_free_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
-class _Sink:
+class SnapshotSink:
     """Takes a snapshot's bytes as they arrive, straight into new table arrays: never a copy of the whole.
 
     Loading through one buffer held the snapshot twice beside the table it became (360 MiB at
@@ -228,7 +113,7 @@ class _Sink:
         self._trailer = bytearray()
         self._head = bytearray()
         self._header: dict[str, Any] | None = None
-        self._arrays: list[bytearray | array[Any]] = []
+        self._arrays: TableArrays | None = None  # made, to fill, once the header is read
         self._views: list[memoryview] = []  # each array as bytes, written in place
         self._filled = 0  # bytes of the current array taken so far
         self._which = 0  # the array being filled
@@ -259,7 +144,7 @@ class _Sink:
             self._filled += len(piece)
             self._next_array()
         if data:
-            if len(self._trailer) + len(data) > _LENGTH.size + _MAX_SIGNATURE:
+            if len(self._trailer) + len(data) > LENGTH.size + _MAX_SIGNATURE:
                 raise SnapshotError("longer than its header and a signature")
             self._trailer += data
 
@@ -270,7 +155,7 @@ class _Sink:
 
     def _take_head(self, data: memoryview) -> memoryview:
         """Gather magic, length and header; the bytes after the header (empty while it is incomplete)."""
-        fixed = len(MAGIC) + _LENGTH.size
+        fixed = len(MAGIC) + LENGTH.size
         if len(self._head) < fixed:
             taken = data[: fixed - len(self._head)]
             self._head += taken
@@ -279,12 +164,12 @@ class _Sink:
                 return data
             if not self._head.startswith(MAGIC):
                 raise SnapshotError("not a keyrelay snapshot")
-            (length,) = _LENGTH.unpack_from(self._head, len(MAGIC))
+            (length,) = LENGTH.unpack_from(self._head, len(MAGIC))
             if not 0 < length <= min(self._expected - fixed, _MAX_HEAD):
                 raise SnapshotError(
                     f"unreadable header (announced as {length} bytes of a {self._expected}-byte object)"
                 )
-        wanted = fixed + _LENGTH.unpack_from(self._head, len(MAGIC))[0]
+        wanted = fixed + LENGTH.unpack_from(self._head, len(MAGIC))[0]
         taken = data[: wanted - len(self._head)]
         self._head += taken
         data = data[len(taken) :]
@@ -322,22 +207,26 @@ class _Sink:
             raise SnapshotError(f"its header announces {records:,} records, more than the stream could have made "
                                 f"({self._max_records:,})")  # fmt: skip
         signature = self._expected - head - sum(sizes)
-        if not _LENGTH.size < signature <= _LENGTH.size + _MAX_SIGNATURE:
+        if not LENGTH.size < signature <= LENGTH.size + _MAX_SIGNATURE:
             # Checked before allocating: a damaged record count must not claim gigabytes.
             raise SnapshotError(f"its header announces {head + sum(sizes)} bytes of the object's {self._expected}: "
                                 f"not a whole signed snapshot (unsigned ones are not loaded)")  # fmt: skip
         self._header = header
         # Allocated whole up front: arrays grown chunk by chunk keep their growth slack (20 MiB at
         # a million keys) for the sidecar's life.
-        numbers = [array(code, [0]) * (size // array(code).itemsize)
-                   for code, size in zip("Idq", sizes[2:], strict=True)]  # fmt: skip
-        self._arrays = [bytearray(sizes[0]), bytearray(sizes[1]), *numbers]
-        self._views = [memoryview(a).cast("B") for a in self._arrays]
+        # (`array * n` allocates exactly n items; `*=` would resize, with slack.)
+        fields, times, versions = array("I", [0]), array("d", [0.0]), array("q", [0])
+        fields = fields * (sizes[2] // fields.itemsize)
+        times = times * (sizes[3] // times.itemsize)
+        versions = versions * (sizes[4] // versions.itemsize)
+        self._arrays = arrays = (bytearray(sizes[0]), bytearray(sizes[1]), fields, times, versions)
+        self._views = [memoryview(a).cast("B") for a in arrays]
         self._next_array()
 
     def load_into(self, table: KeyTable) -> Snapshot:
         """Hand the arrays to `table`; SnapshotError (table untouched) when the snapshot was not whole or not ours."""
-        if self.error is None and self._header is None:
+        header, arrays = self._header, self._arrays
+        if self.error is None and (header is None or arrays is None):
             self.error = f"truncated in its header ({len(self._head)} bytes)"
         elif self.error is None and self._which < len(self._views):
             taken = sum(len(v) for v in self._views[: self._which]) + self._filled
@@ -347,35 +236,26 @@ class _Sink:
         self._views = []
         if self.error is None:
             self.error = self._check_signature()
-        if self.error is not None:
-            self._arrays = []
-            raise SnapshotError(self.error)
-        assert self._header is not None
-        digests, ids, fields, times, versions = self._arrays
-        assert isinstance(digests, bytearray)
-        assert isinstance(ids, bytearray)
-        assert isinstance(fields, array)
-        assert isinstance(times, array)
-        assert isinstance(versions, array)
+        self._arrays = None
+        if self.error is not None or header is None or arrays is None:  # the header read means the arrays made
+            raise SnapshotError(self.error or "no header")
         try:
-            table.restore_arrays(self._header["table"], (digests, ids, fields, times, versions))
+            restore(table, header["table"], arrays)
         except (ValueError, KeyError, TypeError) as exc:
             raise SnapshotError(str(exc)) from None
-        self._arrays = []
         _return_free_memory()
-        return Snapshot(revision=int(self._header["revision"]), keys=len(table),
-                        created=float(self._header["created"]), size=self.size,
-                        stream_created=self._stream_created)  # fmt: skip
+        return Snapshot(revision=int(header["revision"]), keys=len(table), created=float(header["created"]),
+                        size=self.size, stream_created=self._stream_created)  # fmt: skip
 
     def _check_signature(self) -> str | None:
         """Why the signature does not vouch for these bytes (None: it does)."""
-        if len(self._trailer) < _LENGTH.size:
+        if len(self._trailer) < LENGTH.size:
             return "no signature (unsigned snapshots are not loaded)"
-        (length,) = _LENGTH.unpack_from(self._trailer)
-        if length != len(self._trailer) - _LENGTH.size:
+        (length,) = LENGTH.unpack_from(self._trailer)
+        if length != len(self._trailer) - LENGTH.size:
             return "its signature is not whole"
         try:
-            signature = bytes(self._trailer[_LENGTH.size :]).decode("ascii")
+            signature = bytes(self._trailer[LENGTH.size :]).decode("ascii")
             self._trust.verify_snapshot(
                 signature, self._hash.digest(), entry=snapshot_entry(self._bucket, self._region)
             )
@@ -386,16 +266,8 @@ class _Sink:
         return None
 
 
-def decode(data: bytes, table: KeyTable, *, bucket: str, region: str | None, trust: Trust,
-           stream_created: str = "") -> Snapshot:  # fmt: skip
-    """Load a snapshot into `table`; SnapshotError (table untouched) when it is not one for here."""
-    sink = _Sink(bucket=bucket, region=region, size=len(data), trust=trust, stream_created=stream_created)
-    sink.write(data)
-    return sink.load_into(table)
-
-
 class SnapshotStore:
-    """A region's snapshot in an object store bucket (created on first use) on the sidecar's NATS."""
+    """A region's snapshot in an object store bucket on the sidecar's NATS, to load (the seeder writes it)."""
 
     def __init__(self, js: JetStreamContext, *, bucket: str, store: str, region: str | None) -> None:
         self.js = js
@@ -405,34 +277,13 @@ class SnapshotStore:
         self.name = region or "global"
         self._store: ObjectStore | None = None
 
-    async def _open(self, *, create: bool) -> ObjectStore | None:
+    async def _open(self) -> ObjectStore | None:
         if self._store is None:
             try:
                 self._store = await self.js.object_store(self.store_name)
             except (BucketNotFoundError, NotFoundError):
-                if not create:
-                    return None
-                self._store = await self.js.create_object_store(
-                    self.store_name,
-                    ObjectStoreConfig(description="keyrelay sidecar table snapshots, one per region",
-                                      storage=StorageType.FILE),
-                )  # fmt: skip
+                return None
         return self._store
-
-    async def current(self) -> tuple[float, int] | None:
-        """Age in seconds and revision of the region's snapshot (None: there is none)."""
-        store = await self._open(create=False)
-        if store is None:
-            return None
-        try:
-            info = await store.get_info(self.name)
-        except (ObjectNotFoundError, NotFoundError):
-            return None
-        headers = info.headers or {}
-        created, revision = headers.get("Keyrelay-Created"), headers.get("Keyrelay-Revision")
-        if not created or not revision:
-            return None
-        return time.time() - float(created), int(revision)
 
     async def load(self, table: KeyTable, *, trust: Trust, stream_created: str,
                    max_records: int | None = None) -> Snapshot | None:  # fmt: skip
@@ -441,14 +292,14 @@ class SnapshotStore:
         Used only when signed by one of `trust`'s snapshot keys within its horizon, for this
         bucket and region, from the stream created at `stream_created`, and valid throughout.
         """
-        store = await self._open(create=False)
+        store = await self._open()
         if store is None:
             return None
         # Through `writeinto`: without it, nats-py grows the object by bytes concatenation, which is
         # quadratic (8.7 s instead of under one for a million keys' 100 MB).
         try:
             info = await store.get_info(self.name)
-            sink = _Sink(bucket=self.bucket, region=self.region, size=info.size or 0, trust=trust,
+            sink = SnapshotSink(bucket=self.bucket, region=self.region, size=info.size or 0, trust=trust,
                          stream_created=stream_created, max_records=max_records)  # fmt: skip
             await store.get(self.name, writeinto=sink)  # type: ignore[arg-type]  # it only calls write
         except (ObjectNotFoundError, NotFoundError):
@@ -458,38 +309,6 @@ class SnapshotStore:
         except SnapshotError as exc:
             log.warning("ignored the snapshot %s/%s: %s", self.store_name, self.name, exc)
             return None
-
-    async def save(self, table: KeyTable, revision: Callable[[], int], *, signer: Signer,
-                   stream_created: str) -> Snapshot:  # fmt: skip
-        """Write the table as the region's snapshot, signed by `signer`, as of the revision `revision()` names."""
-        store = await self._open(create=True)
-        assert store is not None
-        # Most of the header is the interned values, which only grow: packed now, a slice per turn
-        # of the loop, they leave the step below only those interned since.
-        left = table.pack_values(limit=_VALUES_PER_TURN)
-        while left:
-            await asyncio.sleep(0)
-            left = table.pack_values(limit=_VALUES_PER_TURN)
-        # No await between reading the revision and starting the reader: they describe one state.
-        at = revision()
-        head = b"".join(_pieces(table, revision=at, bucket=self.bucket, region=self.region,
-                                stream_created=stream_created, arrays=False))  # fmt: skip
-        reader = _LiveReader(table, head, lambda digest: _signature_trailer(signer, digest, bucket=self.bucket,
-                                                                            region=self.region))  # fmt: skip
-        revision_text = str(at)
-        created = time.time()
-        meta = ObjectMeta(
-            name=self.name,
-            description=f"{len(table)} keys at revision {revision_text}",
-            headers={"Keyrelay-Revision": revision_text, "Keyrelay-Created": repr(created)},
-            options=ObjectMetaOptions(max_chunk_size=_CHUNK),
-        )
-        try:
-            # nats-py reads any object with readinto (its annotation says BufferedIOBase).
-            await store.put(self.name, reader, meta=meta)  # type: ignore[arg-type]
-        finally:
-            reader.close()
-        return Snapshot(revision=at, keys=len(table), created=created, size=reader.size, stream_created=stream_created)
 
 
 def snapshot_summary(snapshot: Snapshot) -> dict[str, Any]:

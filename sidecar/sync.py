@@ -6,16 +6,15 @@ heartbeats, started at the last applied stream sequence + 1. A gap in the
 consumer sequence, missed heartbeats, a reconnect or a server restart all lead
 to the same cure: a new consumer from the last applied revision.
 
-Every value must carry the publisher's signature (sidecar/trust.py) for its
-entry; what a value says is decided by sidecar/admit.py (on two worker threads
-for a run of deliveries while catching up) and committed here in stream order.
-A record that fails verification quarantines its key (refused until a valid
-record at least as new as the one held arrives); an unsigned delete or purge
-marker is refused, the key kept as held while caught up and quarantined while
-catching up; only signed tombstones remove keys, leaving a version floor. No
-path lowers a key's version: not a resync, a reconnect, a recreated stream, nor
-a snapshot. Freshness is the age of the publisher's last signed heartbeat,
-which the stream delivers in order after everything before it
+This module is the connection and the consumers' lifecycle. What it builds on,
+one job each: sidecar/snapshot_start.py starts from the region's snapshot,
+sidecar/deliveries.py takes a consumer's deliveries in order (verified in batches
+on worker threads while catching up), sidecar/apply.py commits what each value
+says to the table, and sidecar/replica.py says where the replica is and how
+fresh. Every value must carry the publisher's signature (keyrelay/core/trust.py)
+for its entry; no path lowers a key's version: not a resync, a reconnect, a
+recreated stream, nor a snapshot. Freshness is the age of the publisher's last
+signed heartbeat, which the stream delivers in order after everything before it
 (docs/trust-model.md).
 """
 
@@ -24,231 +23,175 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
-import random
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from nats.aio.subscription import Subscription
+from nats.aio.client import Client
 
-from .admit import Elsewhere, Heartbeat, Record, Refused, Tombstone, Verdict, examine
+from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
+from keyrelay.core.nats_connect import NatsConnect, connect_retrying, identity_name
+from keyrelay.core.server_choice import ServerChoice, stream_serves
+from keyrelay.core.trust import Trust
+from keyrelay.core.wire import GLOBAL_SCOPE, region_subjects, stream_name, subject_prefix
+
+from .apply import Applier, SyncStats
+from .deliveries import Deliveries, Generation
 from .direct import DirectClient
-from .errors import BucketNotFound, RecordError
-from .nats_connect import NatsConnect, identity_name
-from .server_choice import ServerChoice, stream_serves
-from .snapshot import Snapshot, SnapshotStore
+from .errors import BucketNotFound
+from .replica import Freshness, Position
+from .snapshot import Snapshot
+from .snapshot_start import start_from_snapshot
 from .table import KeyTable
-from .trust import Signer, Trust
-from .wire import (
-    GLOBAL_SCOPE,
-    HEARTBEAT_ENTRY,
-    RecordFields,
-    decode_fields,
-    decode_heartbeat,
-    entry_name,
-    region_subjects,
-    stream_name,
-    subject_prefix,
-)
 
-__all__ = ["KeySync", "SyncStats"]
+__all__ = ["KeySync", "SyncConfig", "SyncStats"]
 
 log = logging.getLogger("keyrelay.sidecar.sync")
 
 _NS = 1_000_000_000
-_STREAM_NOT_FOUND = 10059
 _MAX_BACKOFF = 2.0
 _MISSED_HEARTBEATS = 3
-# How often the publisher is taken to beat until two heartbeats told (its --heartbeat-interval default).
-_ASSUMED_HEARTBEAT_INTERVAL = 2.0
-_MAX_HEARTBEAT_GAP = 60.0  # a gap this long is an outage, not the publisher's interval
 _MAX_DELETING = 4  # deletions of replaced consumers in flight at once
 _PROBE_TIMEOUT = 1.0  # a stream's leader answers STREAM.INFO in milliseconds: longer is no answer
-# The age of a replica whose mirror has not (yet) reported hearing from the hub: stale, finite for JSON.
-_UNKNOWN_AGE = 1e9
-# A snapshot more than this many revisions (or a tenth of the table) behind is replaced early.
-_SNAPSHOT_MIN_CHANGES = 10_000
-# Rejections are logged at most this many times a minute (then counted only): forged traffic
-# must not flood the log.
-_REJECTION_LOGS_PER_MINUTE = 10
-_RECENT_QUARANTINES = 20
-# Deliveries verified together while catching up: half on each of two threads, then committed in
-# order. Large enough that a thread hop is a small part of it, small enough to apply promptly.
-_BATCH = 128
 _FLOOR_PRUNE_EVERY = 60.0
 
 
-@dataclass(slots=True)
-class SyncStats:
-    """Counters the sidecar exports as metrics."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SyncConfig:
+    """What a sync reads and how: the bucket, the region's view of it, whose signatures count."""
 
-    applied: int = 0
-    stale_skipped: int = 0
-    removed: int = 0
-    decode_errors: int = 0
-    consumer_resets: int = 0
-    reconnects: int = 0
-    sync_errors: int = 0
-    # Values refused by verification, by reason (keyrelay_record_rejected_total{reason}).
-    rejected: dict[str, int] = field(default_factory=dict)
-    quarantined: int = 0
-    apply_errors: int = 0
-    heartbeats: int = 0
-
-
-@dataclass(slots=True)
-class _Generation:
-    """One consumer's life: its subscription and the next consumer sequence it must deliver."""
-
-    sub: Subscription | None = None
-    consumer: str = ""
-    expected: int = 1
-    # Set when its stream went wrong (a gap, a status): later messages are ignored until
-    # _open_consumer drops it (unsubscribes, deletes the consumer) and starts the next one.
-    abandoned: bool = False
-    # Deliveries received, not yet verified and committed (while catching up).
-    batch: list[_Delivered] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class _Delivered:
-    """One delivery waiting in a batch: what `_apply` takes, and where it leaves the replica."""
-
-    subject: bytes
-    data: bytes
-    headers: dict[str, str] | None
-    stream_seq: int
-    pending: int
-    stored: float
-
-
-def _parse_ack_reply(reply: bytes) -> tuple[int, int, int, int]:
-    """Stream sequence, consumer sequence, pending count and stored time (ns) from a delivery's reply subject."""
-    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>, or the v2 form with
-    # <domain>.<account hash> after $JS.ACK and a random token at the end.
-    if reply.count(b".") == 8:  # the v1 form, what a server without a domain sends: five tokens split off
-        _, stream_seq, consumer_seq, stored, pending = reply.rsplit(b".", 4)
-        return int(stream_seq), int(consumer_seq), int(pending), int(stored)
-    tokens = reply.split(b".")
-    return int(tokens[7]), int(tokens[8]), int(tokens[10]), int(tokens[9])
-
-
-@dataclass(slots=True)
-class KeySync:
-    """Mirrors one region's view of the key bucket into a table, and says how fresh it is."""
-
-    table: KeyTable
     servers: Sequence[str]
     bucket: str
     region: str | None = None
-    heartbeat: float = 1.0
+    heartbeat: float = 1.0  # the consumer's idle heartbeat (seconds); three missed start a new consumer
     api_timeout: float = 2.0
-    name: str = "keyrelay-sidecar"
-    on_change: Callable[[], None] | None = None
+    name: str = "keyrelay-sidecar"  # the NATS connection's name
     # Whose signatures count. The default takes values as they are: only for tests of the sync
     # itself; the sidecar and the seeder always pass their configured trust.
     trust: Trust = field(default_factory=lambda: Trust.of(accept_unsigned=True))
     # Credentials, TLS and inbox prefix (None: `servers` as they are, the identity of a sidecar of `region`).
     connect: NatsConnect | None = None
-
-    stats: SyncStats = field(default_factory=SyncStats)
-    # Which server to reconnect to; leaving one whose JetStream does not serve (cut off from its cluster).
-    choice: ServerChoice = field(default_factory=ServerChoice)
-    last_revision: int = 0
-    pending: int = 0
-    connected: bool = False
-    synced: bool = False
-    last_contact: float = field(default_factory=time.monotonic)
-    last_event: float | None = None
-    started: float = field(default_factory=time.monotonic)
-    synced_after: float | None = None
-
-    # A regional sidecar reads a mirror: its replica is only as fresh as the mirror's last word
-    # from the hub. None until known; the mirror's own lag in messages.
-    mirror: bool = False
-    upstream_contact: float | None = None
-    mirror_lag: int = 0
-    # Snapshots: the object store holding them (None: off), how often a seeder writes a new one.
+    # The object store of the region's snapshots, to start from (None: replay the bucket).
     snapshot_store: str | None = None
-    snapshot_interval: float = 600.0
-    loaded_snapshot: Snapshot | None = None
-    written_snapshot: Snapshot | None = None
-    snapshots_written: int = 0
-    # Writes the region's snapshots (the seeder's key); sidecars have none and never write.
-    snapshot_signer: Signer | None = None
-    # The stream's identity (its creation time): another one means another incarnation of the bucket.
-    stream_created: str = ""
-    # The publisher's last verified heartbeat: when it was signed (wall clock), what it had acked.
-    heartbeat_at: float | None = None
-    heartbeat_acked: int = 0
-    heartbeat_gap: float = 0.0  # seconds between the last two heartbeats: how often the publisher beats (0: unknown)
-    recent_quarantines: list[dict[str, Any]] = field(default_factory=list)
 
-    _nc: DirectClient | None = None
-    _gen: _Generation = field(default_factory=_Generation)
-    _reset: asyncio.Event = field(default_factory=asyncio.Event)
-    _synced_event: asyncio.Event = field(default_factory=asyncio.Event)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _closing: bool = False
-    # Two threads: a replay's signatures are checked two at a time (libsodium releases the GIL).
-    _verifiers: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(max_workers=2, thread_name_prefix="keyrelay-verify")
+    @property
+    def stream(self) -> str:
+        """The stream this sync reads."""
+        return stream_name(self.bucket)
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """The entry scopes this sync's keys are written under: global, and its region's."""
+        return (GLOBAL_SCOPE, self.region) if self.region else (GLOBAL_SCOPE,)
+
+
+class KeySync:
+    """Mirrors one region's view of the key bucket into a table, and says how fresh it is."""
+
+    __slots__ = (
+        "_closing",
+        "_deleting",
+        "_deliveries",
+        "_floors_pruned",
+        "_nc",
+        "_next_probe",
+        "_reset",
+        "_stream_created",
+        "_tasks",
+        "applier",
+        "choice",
+        "config",
+        "connected",
+        "freshness",
+        "loaded_snapshot",
+        "position",
+        "stats",
+        "table",
     )
-    _log_window: tuple[float, int] = (0.0, 0)  # start of this minute's rejection log lines, and their count
-    _next_probe: float = 0.0  # when a late heartbeat may next make the sidecar ask its server for the stream
-    _deleting: set[asyncio.Task[None]] = field(default_factory=set)  # old consumers being deleted
-    _floors_pruned: float = 0.0
+
+    def __init__(self, config: SyncConfig, table: KeyTable) -> None:
+        self.config = config
+        self.table = table
+        self.stats = SyncStats()
+        self.position = Position(table)
+        self.freshness = Freshness(verifying=not config.trust.accept_unsigned)
+        self.applier = Applier(table, trust=config.trust, scopes=config.scopes, prefix=subject_prefix(config.bucket),
+                               position=self.position, freshness=self.freshness, stats=self.stats)  # fmt: skip
+        self.connected = False
+        # Which server to reconnect to; leaving one whose JetStream does not serve (cut off from its cluster).
+        self.choice = ServerChoice()
+        self.loaded_snapshot: Snapshot | None = None  # the snapshot the table started from
+        self._reset = asyncio.Event()  # set: drop the consumer, start the next one from the last revision
+        self._deliveries = Deliveries(self.applier, position=self.position, freshness=self.freshness,
+                                      reset=self._reset)  # fmt: skip
+        self._nc: DirectClient | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        # The stream's identity (its creation time): another one means another incarnation of the bucket.
+        self._stream_created = ""
+        self._floors_pruned = 0.0
+        self._next_probe = 0.0  # when a late heartbeat may next make the sidecar ask its server for the stream
+        self._deleting: set[asyncio.Task[None]] = set()  # old consumers being deleted
+
+    # -- what the sidecar and the seeder read ------------------------------------------------
 
     @property
     def stream(self) -> str:
         """The stream this sidecar reads."""
-        return stream_name(self.bucket)
+        return self.config.stream
 
     @property
-    def _prefix(self) -> str:
-        return subject_prefix(self.bucket)
+    def trust(self) -> Trust:
+        """Whose signatures count."""
+        return self.config.trust
 
     @property
-    def _scopes(self) -> tuple[str, ...]:
-        """The entry scopes this sidecar's keys are written under: global, and its region's."""
-        return (GLOBAL_SCOPE, self.region) if self.region else (GLOBAL_SCOPE,)
+    def last_revision(self) -> int:
+        """The last stream sequence applied."""
+        return self.position.last_revision
 
     @property
-    def verifying(self) -> bool:
-        """True unless values are taken unsigned (--insecure-accept-unsigned)."""
-        return not self.trust.accept_unsigned
+    def pending(self) -> int:
+        """Deliveries the consumer last said were waiting."""
+        return self.position.pending
+
+    @property
+    def synced(self) -> bool:
+        """Whether the initial load is done."""
+        return self.position.synced
+
+    @property
+    def synced_after(self) -> float | None:
+        """Seconds the initial load took (None until done)."""
+        return self.position.synced_after
+
+    @property
+    def last_event(self) -> float | None:
+        """Wall-clock time of the last change to the table (None: none yet)."""
+        return self.applier.last_event
+
+    @property
+    def stream_created(self) -> str:
+        """The identity (creation time) of the stream the table was read from ("" until known)."""
+        return self._stream_created
+
+    @property
+    def connection(self) -> Client | None:
+        """The NATS connection, once made (the seeder writes its snapshots through it)."""
+        return self._nc
 
     def seconds_since_contact(self) -> float:
-        """Age of the replica's freshest proof that it holds the publisher's latest word.
-
-        Verifying: the age of the publisher's last verified heartbeat (the stream delivered
-        everything before it first). Otherwise the later of the stream's and (for a mirror)
-        the hub's last word.
-        """
-        if self.verifying:
-            if self.heartbeat_at is None:
-                return _UNKNOWN_AGE
-            return max(0.0, time.time() - self.heartbeat_at)
-        local = self._since_local_contact()
-        if not self.mirror:
-            return local
-        if self.upstream_contact is None:
-            return _UNKNOWN_AGE
-        return max(local, time.monotonic() - self.upstream_contact)
+        """Age of the replica's freshest proof that it holds the publisher's latest word (replica.Freshness)."""
+        return self.freshness.seconds_since_contact()
 
     def seconds_since_upstream(self) -> float | None:
         """For a mirror: seconds since it last heard from the hub (None when not a mirror or unknown)."""
-        if not self.mirror or self.upstream_contact is None:
-            return None
-        return time.monotonic() - self.upstream_contact
+        return self.freshness.seconds_since_upstream()
 
-    def _since_local_contact(self) -> float:
-        return time.monotonic() - self.last_contact
+    # -- start and stop ----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start connecting and syncing in the background; returns at once."""
@@ -259,7 +202,7 @@ class KeySync:
 
     async def wait_synced(self, timeout: float | None = None) -> None:
         """Wait until the initial load has finished."""
-        await asyncio.wait_for(self._synced_event.wait(), timeout)
+        await self.position.wait_synced(timeout)
 
     async def close(self) -> None:
         """Stop syncing and close the connection."""
@@ -273,19 +216,19 @@ class KeySync:
             await asyncio.wait(self._tasks, timeout=2.0)
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(Exception):
-                await self._drop_consumer(self._gen)
+                await self._drop_consumer(self._deliveries.current)
             for task in list(self._deleting):
                 task.cancel()
             await self._nc.close()
-        self._verifiers.shutdown(wait=False, cancel_futures=True)
+        self._deliveries.close()
 
     # -- connection and consumer lifecycle ---------------------------------------------------
 
     async def _run(self) -> None:
         self._nc = await self._connect()
         self.connected = True
-        if self.snapshot_store:
-            await self._load_snapshot(self._nc)
+        if self.config.snapshot_store:
+            await self._start_from_snapshot(self._nc, self.config.snapshot_store)
         backoff = 0.1
         while not self._closing:
             self._reset.clear()
@@ -308,164 +251,30 @@ class KeySync:
                 self.stats.consumer_resets += 1
 
     async def _connect(self) -> DirectClient:
-        backoff = 0.1
-        nats = self.connect or NatsConnect(tuple(self.servers), identity=identity_name("sidecar", self.region))
-        options = nats.kwargs(
-            error_cb=self._on_error
-        )  # a missing or malformed credentials file is said once, not retried
-        while not self._closing:
-            nc = DirectClient()
-            try:
-                await nc.connect(
-                    **options,
-                    name=self.name,
-                    connect_timeout=2,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=self.choice.wait,  # type: ignore[arg-type]  # seconds; nats-py says int
-                    reconnect_to_server_handler=self.choice,
-                    ping_interval=5,
-                    max_outstanding_pings=2,
-                    disconnected_cb=self._on_disconnect,
-                    reconnected_cb=self._on_reconnect,
-                )
-                return nc
-            except Exception as exc:
-                log.warning("cannot reach NATS at %s: %s (retrying)", nats.describe(), exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-        raise asyncio.CancelledError
-
-    def _snapshots(self, nc: DirectClient) -> SnapshotStore:
-        assert self.snapshot_store is not None
-        return SnapshotStore(nc.jetstream(timeout=30.0), bucket=self.bucket, store=self.snapshot_store,
-                             region=self.region)  # fmt: skip
-
-    async def _load_snapshot(self, nc: DirectClient) -> None:
-        """Start from the region's snapshot when there is a usable one; else the consumer replays everything."""
-        if not self.trust.snapshots:
-            log.info("no trusted snapshot keys (--trusted-snapshot-keys): replaying the bucket")
-            return
-        started = time.monotonic()
-        try:
-            info = await self._api(nc, f"STREAM.INFO.{self.stream}")
-            if "error" in info:
-                return
-            self.stream_created = str(info.get("created", ""))
-            # Records come from the stream's messages (a freed one from a tombstone's): no more than these.
-            most = 2 * int(info["state"]["messages"]) + 65_536
-            snapshot = await self._snapshots(nc).load(self.table, trust=self.trust, stream_created=self.stream_created,
-                                                      max_records=most)  # fmt: skip
-        except Exception as exc:
-            self.table.clear()
-            log.warning("could not load a snapshot (%s); replaying the bucket instead", exc)
-            return
-        if snapshot is None:
-            return
-        last_seq = int(info["state"]["last_seq"])
-        if snapshot.revision > last_seq:
-            # The stream is younger than the snapshot: the bucket was recreated since it was taken.
-            self.table.clear()
-            log.warning("ignored a snapshot at revision %d: the bucket only reaches %d", snapshot.revision, last_seq)
-            return
-        self.last_revision = snapshot.revision
-        self.loaded_snapshot = snapshot
-        with contextlib.suppress(Exception):  # without it, the next heartbeat the stream delivers will do
-            await self._recall_heartbeat(nc)
-        log.info(
-            "loaded a snapshot of %d keys at revision %d (%d MB) in %.2fs; replaying from %d",
-            snapshot.keys,
-            snapshot.revision,
-            snapshot.size // 2**20,
-            time.monotonic() - started,
-            snapshot.revision + 1,
+        config = self.config
+        nats = config.connect or NatsConnect(tuple(config.servers), identity=identity_name("sidecar", config.region))
+        nc = await connect_retrying(
+            nats,
+            DirectClient,
+            name=config.name,
+            closing=lambda: self._closing,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnect,
+            reconnected_cb=self._on_reconnect,
+            choice=self.choice,
         )
+        if nc is None:
+            raise asyncio.CancelledError
+        return nc
 
-    async def _recall_heartbeat(self, nc: DirectClient) -> None:
-        """Read the publisher's latest heartbeat once, when the snapshot just loaded already covers it.
-
-        The consumer resumes after the snapshot's revision, so it would not deliver that heartbeat
-        again: a sidecar started from a snapshot while its region is cut off from the hub would
-        never be ready, though it holds everything the publisher had said by then.
-        """
-        subject = self._prefix + HEARTBEAT_ENTRY
-        inbox = nc.new_inbox()
-        received: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        async def take(msg: Any) -> None:
-            if not received.done():
-                received.set_result(msg)
-
-        sub = await nc.subscribe(inbox, cb=take, max_msgs=1)
-        name = f"keyrelay-heartbeat-{secrets.token_hex(8)}"
-        config = {"name": name, "deliver_subject": inbox, "deliver_policy": "last_per_subject",
-                  "filter_subject": subject, "ack_policy": "none", "max_deliver": 1, "mem_storage": True,
-                  "num_replicas": 1, "inactive_threshold": 5 * _NS}  # fmt: skip
-        try:
-            created = await self._api(nc, f"CONSUMER.CREATE.{self.stream}.{name}.{subject}",
-                                      {"stream_name": self.stream, "config": config})  # fmt: skip
-            if "error" in created or not created.get("num_pending"):
-                return
-            msg = await asyncio.wait_for(received, self.api_timeout)
-            stream_seq, _, _, stored = _parse_ack_reply(msg.reply.encode())
-            if stream_seq <= self.last_revision:  # a later one is the stream's to deliver, in order
-                self._apply(subject.encode(), msg.data, msg.headers, stored / _NS)
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-            with contextlib.suppress(Exception):
-                await self._api(nc, f"CONSUMER.DELETE.{self.stream}.{name}")
-
-    def _snapshot_due(self, current: tuple[float, int] | None) -> bool:
-        """A region's snapshot is due when missing, older than the interval, or far behind this replica."""
-        if current is None:
-            return True
-        age, revision = current
-        behind = self.last_revision - revision
-        return age >= self.snapshot_interval or behind > max(_SNAPSHOT_MIN_CHANGES, len(self.table) // 10)
-
-    def keep_snapshots_fresh(self) -> None:
-        """From now on, write the region's snapshot whenever it is due (the seeder's loop; needs a signer)."""
-        if self.snapshot_signer is None:
-            raise RuntimeError("keep_snapshots_fresh needs a snapshot signer")
-        self._tasks.append(asyncio.create_task(self._refresh_snapshots(), name="keyrelay-snapshots"))
-
-    async def _refresh_snapshots(self) -> None:
-        """Write the region's snapshot whenever it is missing, older than the interval or far behind (with jitter)."""
-        await self._synced_event.wait()
-        backoff = 1.0
-        delay = self.snapshot_interval * random.uniform(0.5, 1.0)  # whoever started the loop has just written one
-        while not self._closing:
-            await asyncio.sleep(delay)
-            # Jitter, so that a region's seeders (one per cluster, say) do not all check at once.
-            delay = self.snapshot_interval * random.uniform(0.5, 1.0)
-            nc = self._nc
-            fresh = self.pending == 0 and self.seconds_since_contact() <= max(5.0, _MISSED_HEARTBEATS * self.heartbeat)
-            if nc is None or not nc.is_connected or not fresh:
-                # Not now is not never: a replica that is catching up or reconnecting is asked again soon.
-                delay = min(delay, 1.0)
-                continue
-            try:
-                await self.write_snapshot()
-                backoff = 1.0
-            except Exception as exc:
-                log.warning("could not write a snapshot: %s: %s (retrying in %.0fs)", type(exc).__name__, exc,
-                            backoff)  # fmt: skip
-                delay = min(delay, backoff)
-                backoff = min(backoff * 2, 15.0)
-
-    async def write_snapshot(self, *, force: bool = False) -> Snapshot | None:
-        """Write the region's snapshot from this replica if it is due (or `force`); None when it was not due."""
-        if self._nc is None or self.snapshot_store is None or self.snapshot_signer is None:
-            raise RuntimeError("write_snapshot needs a started sync with a snapshot store and a snapshot signer")
-        store = self._snapshots(self._nc)
-        if not force and not self._snapshot_due(await store.current()):
-            return None
-        self.written_snapshot = await store.save(self.table, lambda: self.last_revision, signer=self.snapshot_signer,
-                                                 stream_created=self.stream_created)  # fmt: skip
-        self.snapshots_written += 1
-        log.info("wrote a snapshot of %d keys at revision %d", self.written_snapshot.keys,
-                 self.written_snapshot.revision)  # fmt: skip
-        return self.written_snapshot
+    async def _start_from_snapshot(self, nc: Client, store: str) -> None:
+        """Start from the region's snapshot when there is a usable one; else the consumer replays everything."""
+        config = self.config
+        started = await start_from_snapshot(nc, applier=self.applier, position=self.position, bucket=config.bucket,
+                                            region=config.region, store=store, trust=config.trust,
+                                            timeout=config.api_timeout)  # fmt: skip
+        self._stream_created = started.stream_created
+        self.loaded_snapshot = started.snapshot
 
     async def _on_disconnect(self) -> None:
         self.connected = False
@@ -482,33 +291,24 @@ class KeySync:
         log.debug("NATS client error: %s", exc)
 
     async def _watchdog(self) -> None:
+        freshness = self.freshness
         while not self._closing:
-            await asyncio.sleep(self.heartbeat)
+            await asyncio.sleep(self.config.heartbeat)
             now = time.time()
             if now - self._floors_pruned > _FLOOR_PRUNE_EVERY:
                 self._floors_pruned = now
                 self.table.prune_floors(now)
-            if self._gen.sub is not None and self._since_local_contact() > _MISSED_HEARTBEATS * self.heartbeat:
+            missed = freshness.since_local_contact() > _MISSED_HEARTBEATS * self.config.heartbeat
+            if self._deliveries.current.sub is not None and missed:
                 self._reset.set()
             nc = self._nc
-            late = self._heartbeat_late()
+            late = freshness.heartbeat_late(self.config.heartbeat)
             if late and nc is not None and nc.is_connected and time.monotonic() >= self._next_probe:
                 self._next_probe = time.monotonic() + late
                 await self._probe_server(nc)
-            if self.mirror and self._nc is not None and self._nc.is_connected:
+            if freshness.mirror and self._nc is not None and self._nc.is_connected:
                 with contextlib.suppress(Exception):  # the next tick tries again; staleness grows meanwhile
-                    self._note_mirror(await self._api(self._nc, f"STREAM.INFO.{self.stream}"))
-
-    def _heartbeat_late(self) -> float:
-        """The publisher's heartbeat interval once three of them passed without one (0 until then).
-
-        The interval is the gap between the last two heartbeats (the publisher's default until two arrived),
-        never less than the consumer's own idle heartbeat.
-        """
-        every = max(self.heartbeat_gap or _ASSUMED_HEARTBEAT_INTERVAL, self.heartbeat)
-        last = self.heartbeat_at
-        age = time.time() - last if last is not None else time.monotonic() - self.started
-        return every if age > _MISSED_HEARTBEATS * every else 0.0
+                    freshness.note_mirror(await self._api(self._nc, f"STREAM.INFO.{self.stream}"))
 
     async def _probe_server(self, nc: DirectClient) -> None:
         """The publisher's heartbeat is late: does this server still answer for the stream?
@@ -518,10 +318,11 @@ class KeySync:
         copy of the stream, and answers nothing for it or (as its leader still) hears from no quorum: the
         sidecar then moves to another server.
         """
+        timeout = min(self.config.api_timeout, _PROBE_TIMEOUT)
         try:
-            info = await self._api(nc, f"STREAM.INFO.{self.stream}", timeout=min(self.api_timeout, _PROBE_TIMEOUT))
+            info = await jetstream_api(nc, f"STREAM.INFO.{self.stream}", timeout=timeout)
             error = info.get("error")
-            serves = stream_serves(info) if error is None else error.get("err_code") == _STREAM_NOT_FOUND
+            serves = stream_serves(info) if error is None else error.get("err_code") == STREAM_NOT_FOUND
         except Exception:  # a timeout, no responders
             serves = False
         if serves:
@@ -529,58 +330,44 @@ class KeySync:
         else:
             await self.choice.failed(nc, f"serve the stream {self.stream} while the publisher's heartbeat is late")
 
-    def _note_mirror(self, info: dict[str, Any]) -> None:
-        """Record how recently a mirror heard from its source (`active`: nanoseconds ago, -1 never)."""
-        mirror = info.get("mirror")
-        self.mirror = mirror is not None
-        if mirror is None:
-            return
-        active = mirror.get("active", -1)
-        self.mirror_lag = int(mirror.get("lag", 0))
-        if isinstance(active, int) and active >= 0:
-            self.upstream_contact = time.monotonic() - active / _NS
-
-    async def _api(self, nc: DirectClient, subject: str, body: dict[str, Any] | None = None, *,
-                   timeout: float | None = None) -> dict[str, Any]:  # fmt: skip
-        payload = json.dumps(body).encode() if body is not None else b""
-        reply = await nc.request(f"$JS.API.{subject}", payload, timeout=timeout or self.api_timeout)
-        data: dict[str, Any] = json.loads(reply.data)
-        return data
+    async def _api(self, nc: Client, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        return await jetstream_api(nc, subject, body, timeout=self.config.api_timeout)
 
     async def _open_consumer(self, nc: DirectClient) -> None:
-        await self._drop_consumer(self._gen, wait=False)
+        await self._drop_consumer(self._deliveries.current, wait=False)
         self.connected = nc.is_connected
         info = await self._api(nc, f"STREAM.INFO.{self.stream}")
         if "error" in info:
-            if info["error"].get("err_code") == _STREAM_NOT_FOUND:
+            if info["error"].get("err_code") == STREAM_NOT_FOUND:
                 raise BucketNotFound(
                     stream=self.stream, server=str(nc.connected_url.netloc if nc.connected_url else "?")
                 )
             raise RuntimeError(info["error"].get("description", "stream info failed"))
-        self._note_mirror(info)
+        self.freshness.note_mirror(info)
         last_seq = int(info["state"]["last_seq"])
         incarnation = str(info.get("created", ""))
-        gen = _Generation()
-        if self.last_revision > last_seq or (self.stream_created and incarnation != self.stream_created):
+        gen = Generation(nc=nc)
+        position = self.position
+        if position.last_revision > last_seq or (self._stream_created and incarnation != self._stream_created):
             # Another incarnation of the stream (recreated, or younger than our replica): its revisions
             # mean other records. Read it all again; versions and floors keep anything older out.
             log.warning("bucket %s is another stream now (created %s, at revision %d; held %d): full resync",
-                        self.bucket, incarnation, last_seq, self.last_revision)  # fmt: skip
-            self.last_revision = 0
-        self.stream_created = incarnation
-        start = self.last_revision + 1
+                        self.config.bucket, incarnation, last_seq, position.last_revision)  # fmt: skip
+            position.last_revision = 0
+        self._stream_created = incarnation
+        start = position.last_revision + 1
         inbox = nc.new_inbox()
-        gen.sub = await nc.subscribe_direct(inbox, functools.partial(self._on_message, gen))
-        self._gen = gen
-        subjects = region_subjects(self.bucket, self.region)
+        gen.sub = await nc.subscribe_direct(inbox, functools.partial(self._deliveries.on_message, gen))
+        self._deliveries.current = gen
+        subjects = region_subjects(self.config.bucket, self.config.region)
         config: dict[str, Any] = {
             "deliver_subject": inbox,
             "deliver_policy": "by_start_sequence" if start > 1 else "all",
             "ack_policy": "none",
             "max_deliver": 1,
             "flow_control": True,
-            "idle_heartbeat": int(self.heartbeat * _NS),
-            "inactive_threshold": int(max(30.0, 10 * self.heartbeat) * _NS),
+            "idle_heartbeat": int(self.config.heartbeat * _NS),
+            "inactive_threshold": int(max(30.0, 10 * self.config.heartbeat) * _NS),
             "mem_storage": True,
             "num_replicas": 1,
             "replay_policy": "instant",
@@ -602,7 +389,7 @@ class KeySync:
             gen.sub = None
             raise RuntimeError(created["error"].get("description", "consumer create failed"))
         gen.consumer = created["name"]
-        self.last_contact = time.monotonic()
+        self.freshness.last_contact = time.monotonic()
         pending = int(created.get("num_pending", 0))
         log.info("consumer %s on %s from revision %d, %d pending", gen.consumer, self.stream, start, pending)
         if gen.expected > 1:
@@ -611,11 +398,11 @@ class KeySync:
             return
         if pending:
             self.table.reserve(len(self.table) + pending)
-        self.pending = pending
+        position.pending = pending
         if pending == 0:
-            self._caught_up()
+            position.caught_up()
 
-    async def _drop_consumer(self, gen: _Generation, *, wait: bool = True) -> None:
+    async def _drop_consumer(self, gen: Generation, *, wait: bool = True) -> None:
         """Unsubscribe from a consumer's deliveries and delete it (in the background unless `wait`).
 
         The next consumer must not wait for the deletion: after a lost node or a leader election the
@@ -641,256 +428,3 @@ class KeySync:
     async def _delete_consumer(self, nc: DirectClient, consumer: str) -> None:
         with contextlib.suppress(Exception):
             await self._api(nc, f"CONSUMER.DELETE.{self.stream}.{consumer}")
-
-    def _caught_up(self) -> None:
-        if not self.synced:
-            self.synced = True
-            self.synced_after = time.monotonic() - self.started
-            self._synced_event.set()
-            log.info(
-                "initial sync done: %d keys at revision %d in %.2fs",
-                len(self.table),
-                self.last_revision,
-                self.synced_after,
-            )
-
-    # -- messages ----------------------------------------------------------------------------
-
-    def _on_message(
-        self, gen: _Generation, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
-    ) -> Awaitable[None] | None:
-        if gen is not self._gen or gen.abandoned or gen.sub is None:
-            return None  # a message for a consumer replaced or about to be
-        if headers and "Status" in headers:
-            if gen.batch:  # what came before the status first, in order
-                return self._commit_batch(gen, then=self._on_status(gen, reply, headers))
-            return self._on_status(gen, reply, headers)
-        stream_seq, consumer_seq, pending, stored = _parse_ack_reply(reply)
-        if consumer_seq != gen.expected:
-            log.info(
-                "consumer sequence gap (got %d, expected %d): resuming from revision %d",
-                consumer_seq,
-                gen.expected,
-                self.last_revision,
-            )
-            gen.abandoned = True
-            self._reset.set()
-            return None
-        gen.expected += 1
-        self.last_contact = time.monotonic()
-        if self.verifying and (pending or gen.batch):
-            # Catching up: verify the values of a run on worker threads, then commit them in order.
-            gen.batch.append(_Delivered(subject, data, headers, stream_seq, pending, stored / _NS))
-            if pending and len(gen.batch) < _BATCH:
-                return None
-            return self._commit_batch(gen)
-        self._commit_one(gen, subject, data, headers, stream_seq, pending, stored / _NS)
-        return None
-
-    def _commit_one(self, gen: _Generation, subject: bytes, data: bytes, headers: dict[str, str] | None,
-                    stream_seq: int, pending: int, stored: float) -> None:  # fmt: skip
-        """Apply one delivery and advance the replica to it (or start over, on a fault of ours)."""
-        try:
-            self._apply(subject, data, headers, stored)
-        except Exception as exc:
-            self._fault(gen, f"apply the value at revision {stream_seq}", exc)
-            return
-        self._advance(stream_seq, pending)
-
-    def _fault(self, gen: _Generation, what: str, exc: Exception) -> None:
-        """A fault of ours, not a bad value (those are refused and counted): counted, and the stream read again
-        from the last revision, where versions and floors still hold, so nothing is skipped."""
-        self.stats.apply_errors += 1
-        log.exception("could not %s: %s: resyncing", what, type(exc).__name__)
-        gen.abandoned = True
-        self._reset.set()
-
-    def _advance(self, stream_seq: int, pending: int) -> None:
-        self.last_revision = stream_seq
-        self.pending = pending
-        if pending == 0 and not self.synced:
-            self._caught_up()
-
-    async def _commit_batch(self, gen: _Generation, then: Awaitable[None] | None = None) -> None:
-        """Verify a run of deliveries on worker threads, commit their verdicts in stream order, then await `then`."""
-        await self._commit_verdicts(gen)
-        if then is not None:
-            await then
-
-    async def _commit_verdicts(self, gen: _Generation) -> None:
-        batch, gen.batch = gen.batch, []
-        entries = [d.subject.decode(errors="replace").removeprefix(self._prefix) for d in batch]
-        half = (len(batch) + 1) // 2
-        loop = asyncio.get_running_loop()
-        try:
-            examined = await asyncio.gather(*(
-                loop.run_in_executor(self._verifiers, self._examine_all, entries[part], batch[part])
-                for part in (slice(0, half), slice(half, None))
-            ))  # fmt: skip
-        except Exception as exc:  # examine refuses bad values; it raises only on a fault of ours
-            self._fault(gen, f"examine {len(batch)} values", exc)
-            return
-        for delivery, verdict in zip(batch, (v for part in examined for v in part), strict=True):
-            if gen is not self._gen or gen.abandoned:
-                return  # replaced meanwhile: the next consumer delivers these again
-            try:
-                self._commit(verdict)
-            except Exception as exc:
-                self._fault(gen, f"apply the value at revision {delivery.stream_seq}", exc)
-                return
-            self._advance(delivery.stream_seq, delivery.pending)
-
-    def _examine_all(self, entries: list[str], batch: list[_Delivered]) -> list[Verdict]:
-        """The verdicts on a part of a batch (on a worker thread: examine reads nothing but its arguments)."""
-        scopes = self._scopes
-        return [examine(self.trust, scopes, entry, d.data, d.headers, d.stored)
-                for entry, d in zip(entries, batch, strict=True)]  # fmt: skip
-
-    async def _on_status(self, gen: _Generation, reply: bytes, headers: dict[str, str]) -> None:
-        assert self._nc is not None
-        status = headers.get("Status")
-        if status == "100":
-            self.last_contact = time.monotonic()
-            if reply:  # flow control request
-                await self._nc.publish(reply.decode())
-                return
-            stalled = headers.get("Nats-Consumer-Stalled")
-            if stalled:
-                await self._nc.publish(stalled)
-            last = headers.get("Nats-Last-Consumer")
-            if last is not None and int(last) != gen.expected - 1:
-                gen.abandoned = True
-                self._reset.set()
-            return
-        log.info(
-            "consumer status %s %s: resuming from revision %d",
-            status,
-            headers.get("Description", ""),
-            self.last_revision,
-        )
-        gen.abandoned = True
-        self._reset.set()
-
-    def _apply(self, subject: bytes, data: bytes, headers: dict[str, str] | None, stored: float) -> None:
-        entry = subject.decode(errors="replace").removeprefix(self._prefix)
-        if self.verifying:
-            self._commit(examine(self.trust, self._scopes, entry, data, headers, stored))
-            return
-        operation = headers.get("KV-Operation") if headers else None
-        self._apply_unsigned(entry, data, operation in ("DEL", "PURGE"))
-
-    def _commit(self, verdict: Verdict) -> None:
-        """Do to the table what a value's verdict says, in stream order."""
-        match verdict:
-            case Record(fields):
-                self._take(fields)
-            case Tombstone(key_id, version, until):
-                if self.table.tombstone(key_id, version, until=until):
-                    self.stats.removed += 1
-                    self._changed()
-            case Heartbeat(signed_at, acked):
-                self._note_heartbeat(signed_at, acked)
-            case Refused():
-                self._refuse(verdict)
-            case Elsewhere(entry):
-                # No key of this sidecar is ever written there: nothing to apply, nothing to quarantine.
-                self._count_refusal("bad_entry")
-                self._log_refusal("refused the value at %r (bad_entry): not an entry of this region's keys", entry)
-
-    def _take(self, fields: RecordFields) -> None:
-        """Apply a record that passed every check (a held version as new or newer wins)."""
-        if self.table.apply_fields(fields):
-            self.stats.applied += 1
-            self._changed()
-        else:
-            self.stats.stale_skipped += 1
-
-    def _apply_unsigned(self, entry: str, data: bytes, deleting: bool) -> None:
-        """--insecure-accept-unsigned: values as they are, deletes included (versions still only rise)."""
-        key_id = entry[entry.rfind(".") + 1 :]
-        if entry == HEARTBEAT_ENTRY:
-            with contextlib.suppress(RecordError):
-                self._note_heartbeat(time.time(), decode_heartbeat(data))
-            return
-        if deleting:
-            with contextlib.suppress(ValueError):
-                if self.table.remove(key_id):
-                    self.stats.removed += 1
-            self._changed()
-            return
-        try:
-            fields = decode_fields(data)  # no KeyRecord object: this runs once per key on a full load
-            if fields[0] != key_id and fields[0] != key_id.lower():  # the id comes back canonical
-                raise RecordError("id does not match the entry name")
-        except RecordError as exc:
-            self.stats.decode_errors += 1
-            self._log_refusal("skipped record at %r: %s", self._prefix + entry, exc.reason)
-            return
-        self._take(fields)
-
-    def _refuse(self, refused: Refused) -> None:
-        """Count and log a refused value, and quarantine the key when the refusal says so.
-
-        A refused record quarantines its key: its latest word cannot be verified. A refused delete
-        marker keeps what the sidecar held while it is caught up (it has applied the record the marker
-        replaced), and quarantines it while catching up (the marker may have replaced a record, a
-        revocation say, that this sidecar never saw). A genuine record stored long after its signing
-        (a replay) is refused and changes nothing; so is a refused heartbeat.
-        """
-        reason = refused.reason
-        if reason == "undecodable":
-            self.stats.decode_errors += 1
-        self._count_refusal(reason)
-        if refused.entry == HEARTBEAT_ENTRY:
-            self._log_refusal("refused the heartbeat at %r (%s)", refused.entry, reason)
-            return
-        catching_up = not self.synced or self.pending > 0
-        quarantine = reason != "replayed" and (not refused.deleting or catching_up)
-        if quarantine and self._quarantine(refused.entry, refused.key_id, reason):
-            outcome = ": its key is refused until a valid record at least as new as the one held arrives"
-        else:
-            outcome = ": the key stays as held"
-        self._log_refusal("refused the value at %r (%s)%s", refused.entry, reason, outcome)
-
-    def _count_refusal(self, reason: str) -> None:
-        self.stats.rejected[reason] = self.stats.rejected.get(reason, 0) + 1
-
-    def _quarantine(self, entry: str, key_id: str, reason: str) -> bool:
-        """Quarantine a held key whose own entry (its scope's) this is; False when it was not held there."""
-        n = self.table.find_id(key_id)
-        if n < 0 or entry != entry_name(key_id, self.table.view(n).region):
-            return False
-        self.table.quarantine(key_id)
-        self.stats.quarantined += 1
-        self.recent_quarantines = [*self.recent_quarantines[-(_RECENT_QUARANTINES - 1) :],
-                                   {"entry": entry, "reason": reason, "at": round(time.time(), 3)}]  # fmt: skip
-        self._changed()
-        return True
-
-    def _log_refusal(self, message: str, *args: object) -> None:
-        """Log at most _REJECTION_LOGS_PER_MINUTE refusals a minute; the metrics count every one."""
-        now = time.monotonic()
-        start, count = self._log_window
-        if now - start >= 60.0:
-            start, count = now, 0
-        self._log_window = (start, count + 1)
-        if count < _REJECTION_LOGS_PER_MINUTE:
-            log.warning(message, *args)
-        elif count == _REJECTION_LOGS_PER_MINUTE:
-            log.warning("more refused values this minute: counted (keyrelay_record_rejected_total), not logged")
-
-    def _note_heartbeat(self, signed_at: float, acked: int) -> None:
-        """The publisher's heartbeat proves the replica fresh as of its signing time (the stream delivered
-        everything before it first)."""
-        # Never fresher than now: a publisher clock running ahead must not stretch the bound.
-        signed_at = min(signed_at, time.time())
-        if self.heartbeat_at is None or signed_at >= self.heartbeat_at:
-            if self.heartbeat_at is not None and signed_at > self.heartbeat_at:
-                self.heartbeat_gap = min(signed_at - self.heartbeat_at, _MAX_HEARTBEAT_GAP)
-            self.heartbeat_at, self.heartbeat_acked = signed_at, acked
-        self.stats.heartbeats += 1
-
-    def _changed(self) -> None:
-        self.last_event = time.time()
-        if self.on_change is not None:
-            self.on_change()

@@ -5,14 +5,13 @@ in flat arrays indexed by a record number (104 bytes: digest, key id, three
 interned fields, expiry, revocation, version), found through two
 open-addressing indexes (by digest for verification, by key id for updates
 and deletes). Repeated values — profiles (org, team, project, env, region),
-scope sets, metadata — are interned.
+scope sets, metadata — are interned, each with its kind. A snapshot carries
+a table's `state()` (sidecar/snapshot_layout.py checks one and `adopt`s it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 import sys
 import uuid
 from array import array
@@ -20,11 +19,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-import msgpack
+from keyrelay.core.wire import MAX_VERSION, KeyRecord, RecordFields, is_canonical_id
 
-from .wire import MAX_VERSION, KeyRecord, RecordFields, header_safe
-
-__all__ = ["ALL", "RECORD_WIDTHS", "KeyTable", "KeyView", "array_sizes"]
+__all__ = [
+    "ALL",
+    "FIELD_KINDS",
+    "KIND_META",
+    "KIND_PROFILE",
+    "KIND_SCOPES",
+    "RECORD_WIDTHS",
+    "KeyTable",
+    "KeyView",
+    "TableArrays",
+    "TableState",
+]
 
 _EMPTY: Final = 0
 _TOMBSTONE: Final = -1
@@ -32,21 +40,42 @@ _DIGEST: Final = 32
 # Key ids are kept in their canonical text form: /auth sends them as they are, and the bulk load
 # stores them without parsing a UUID. 20 bytes a key more than the 16 raw bytes.
 _ID: Final = 36
-_CANONICAL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 # Per-record fields, as indexes into the interner: the profile (org, team, project, env, region),
 # shared by every key of a project and env, so one lookup finds all five; the scope set; metadata.
 _PROFILE, _SCOPES, _META = range(3)
 _NFIELDS: Final = 3
+# The kind of each interned value, a byte each, by the field that refers to it: a profile (its five
+# strings), a scope set (the frozenset and its header form, space-joined), metadata (sorted pairs).
+KIND_PROFILE: Final = b"p"
+KIND_SCOPES: Final = b"s"
+KIND_META: Final = b"m"
+FIELD_KINDS: Final = (KIND_PROFILE, KIND_SCOPES, KIND_META)  # in field order
+_NO_KIND: Final = b"-"  # slot 0, "none"
 _MAX_LOAD: Final = 0.6
-_I_SIZE, _D_SIZE, _Q_SIZE = array("I").itemsize, array("d").itemsize, array("q").itemsize
-# What a snapshot's arrays must match to be loaded by this build.
-_LAYOUT: Final = {"digest": _DIGEST, "id": _ID, "fields": _NFIELDS, "I": _I_SIZE, "d": _D_SIZE, "q": _Q_SIZE,
-                  "byteorder": sys.byteorder}  # fmt: skip
 _MISSING: Final = (-1, 0.0, 0.0)
 ALL: Final = -1  # what watchers are told when every record may have changed (cleared, restored)
-# Bytes a record takes in each array, in export's order: digest, id, fields, times, version.
-RECORD_WIDTHS: Final = (_DIGEST, _ID, _NFIELDS * _I_SIZE, 2 * _D_SIZE, _Q_SIZE)
+# Bytes a record takes in each array of TableArrays: digest, id, fields, times (expiry, revocation), version.
+RECORD_WIDTHS: Final = (_DIGEST, _ID, _NFIELDS * array("I").itemsize, 2 * array("d").itemsize, array("q").itemsize)
 _RESIZE_BLOCK: Final = 65_536  # records whose digests and ids a rebuild of the indexes copies at once
+
+# The per-record arrays: digests, ids, fields (interned value numbers), times, versions.
+TableArrays = tuple[bytearray, bytearray, "array[int]", "array[float]", "array[int]"]
+
+
+@dataclass(frozen=True, slots=True)
+class TableState:
+    """A table's records without its indexes, which hash with hash() (it differs per process) and are rebuilt.
+
+    `arrays` hold the records (RECORD_WIDTHS bytes each); `values` the interned values, slot 0 None,
+    and `kinds` the kind of each (FIELD_KINDS, slot 0 b"-"); `free` the freed record numbers; `floors`
+    the version floors, key id → (version, until).
+    """
+
+    arrays: TableArrays
+    values: list[Any]
+    kinds: bytearray
+    free: list[int]
+    floors: dict[str, tuple[int, float]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,21 +96,27 @@ class KeyView:
 
 
 class _Interner:
-    """Maps repeated values to small integers; index 0 is reserved for 'none'."""
+    """Maps repeated values to small integers, and keeps each one's kind; index 0 is reserved for 'none'.
 
-    __slots__ = ("index", "values")
+    Values of different kinds never compare equal (a profile is a tuple of strings, a scope set a
+    frozenset and its text, metadata a tuple of pairs), so one index serves all three.
+    """
+
+    __slots__ = ("index", "kinds", "values")
 
     def __init__(self) -> None:
         self.values: list[Any] = [None]
+        self.kinds = bytearray(_NO_KIND)  # the kind of each value, by number
         self.index: dict[object, int] = {}  # value → its number (never 0)
 
-    def intern(self, value: object) -> int:
+    def intern(self, value: object, kind: bytes) -> int:
         if value is None:
             return 0
         found = self.index.get(value)
         if found is None:
             found = self.index[value] = len(self.values)
             self.values.append(value)
+            self.kinds += kind
         return found
 
 
@@ -91,7 +126,7 @@ def _share(text: str | None) -> str | None:
 
 def _id_bytes(key_id: str) -> bytes:
     """A key id as stored: lowercase with dashes, whatever form of the UUID it came in; ValueError if none."""
-    if _CANONICAL_ID.fullmatch(key_id) is None:
+    if not is_canonical_id(key_id):
         key_id = str(uuid.UUID(key_id))
     return key_id.encode()
 
@@ -109,8 +144,6 @@ class KeyTable:
         "_ids",
         "_live",
         "_mask",
-        "_packed",
-        "_packed_count",
         "_scope_sets",
         "_strings",
         "_times",
@@ -118,10 +151,6 @@ class KeyTable:
         "_versions",
         "_watchers",
     )
-
-    # What export_packed hands out: the first _packed_count interned values, packed.
-    _packed: bytearray
-    _packed_count: int
 
     def __init__(self, capacity: int = 1024) -> None:
         self._watchers: tuple[Callable[[int], None], ...] = ()
@@ -155,7 +184,6 @@ class KeyTable:
         self._times = array("d")
         self._versions = array("q")
         self._strings = _Interner()
-        self._forget_packed()
         self._scope_sets: dict[tuple[str, ...], int] = {}  # scopes as sent → their interned set
         self._free: list[int] = []
         self._live = 0
@@ -187,10 +215,6 @@ class KeyTable:
         )
 
     # -- lookups -------------------------------------------------------------------------------
-
-    def find(self, digest: bytes) -> int:
-        """The record number holding `digest`, or -1."""
-        return self.lookup(digest)[0]
 
     def lookup(self, digest: bytes) -> tuple[int, float, float]:
         """The record number holding `digest` (or -1), its expiry and its revocation time (0.0: none)."""
@@ -298,14 +322,14 @@ class KeyTable:
         scope_set = self._scope_sets.get(scopes)
         if scope_set is None:
             # Interned with its header form, so /auth never joins scopes per request.
-            scope_set = intern((frozenset(scopes), " ".join(sorted(set(scopes)))))
+            scope_set = intern((frozenset(scopes), " ".join(sorted(set(scopes)))), KIND_SCOPES)
             self._scope_sets[scopes] = scope_set
         profile = (org, team, project, env, region)
         profile_id = known(profile)
         if profile_id is None:
             # Share the strings too: every profile of an org then holds the same org string.
-            profile_id = intern(tuple(map(_share, profile)))
-        values = (profile_id, scope_set, intern(tuple(sorted(meta.items()))) if meta else 0)
+            profile_id = intern(tuple(map(_share, profile)), KIND_PROFILE)
+        values = (profile_id, scope_set, intern(tuple(sorted(meta.items())), KIND_META) if meta else 0)
         if n < 0:
             self._allocate(raw_id, key_hash, values, expires or 0.0, revoked or 0.0, version)
         else:
@@ -382,95 +406,37 @@ class KeyTable:
         """Every held key id (for resynchronisation sweeps and tests)."""
         return [self._ids[(e - 1) * _ID : e * _ID].decode() for e in self._by_id if e > 0]
 
-    # -- snapshots -----------------------------------------------------------------------------
+    # -- state, for snapshots ------------------------------------------------------------------
 
-    def export(self) -> tuple[dict[str, Any], list[memoryview]]:
-        """The table's state for a snapshot: a small header and its arrays (views, valid until changed)."""
-        header, _, _ = self.export_packed()
-        header["values"] = [_value_form(value) for value in self._strings.values[1:]]
-        return header, self.array_views()
+    def state(self) -> TableState:
+        """The table's records as they are (not a copy: read only, and only until the table changes)."""
+        strings = self._strings
+        return TableState(self._arrays(), strings.values, strings.kinds, self._free, self._floors)
 
-    def export_packed(self) -> tuple[dict[str, Any], bytes, int]:
-        """`export`'s header without "values", and the values as their msgpack items and count.
+    def adopt(self, state: TableState) -> None:
+        """Replace every record with `state`'s, taken over as they are (not copied), and rebuild the indexes.
 
-        The interned values only ever grow, so what pack_values() packed earlier stays valid: a
-        snapshot packs the bulk of them with the event loop free and only the rest here.
+        The caller has checked `state` as strictly as records from NATS are (sidecar/snapshot_layout.py
+        does): ids canonical, values fit for headers, every field of the right kind.
         """
-        self.pack_values()
-        floors = [[key_id, version, until] for key_id, (version, until) in self._floors.items()]
-        header = {"records": len(self._versions), "live": self._live, "free": list(self._free), "layout": _LAYOUT,
-                  "floors": floors}  # fmt: skip
-        return header, bytes(self._packed), self._packed_count
-
-    def pack_values(self, limit: int | None = None) -> int:
-        """Pack up to `limit` more interned values (all when None) for export_packed; returns how many are left."""
-        values = self._strings.values
-        stop = len(values) - 1 if limit is None else min(len(values) - 1, self._packed_count + limit)
-        pack = msgpack.Packer().pack
-        for value in values[self._packed_count + 1 : stop + 1]:
-            self._packed += pack(_value_form(value))
-        self._packed_count = stop
-        return len(values) - 1 - stop
-
-    def _forget_packed(self) -> None:
-        self._packed = bytearray()
-        self._packed_count = 0
-
-    def records(self) -> int:
-        """Record numbers in use or freed: what the arrays hold, each RECORD_WIDTHS[i] bytes a record."""
-        return len(self._versions)
-
-    def read_array(self, which: int, start: int, stop: int) -> bytes:
-        """Bytes [start, stop) of array `which` (in export's order), copied."""
-        with memoryview(self._arrays()[which]) as view, view.cast("B") as flat:
-            return flat[start:stop].tobytes()
-
-    def array_views(self) -> list[memoryview]:
-        """The arrays a snapshot copies (views, valid until the table changes)."""
-        return [memoryview(a).cast("B") for a in self._arrays()]
-
-    def _arrays(self) -> tuple[bytearray, bytearray, array[int], array[float], array[int]]:
-        """The per-record arrays, in export's order (RECORD_WIDTHS')."""
-        return self._digests, self._ids, self._fields, self._times, self._versions
-
-    def restore(self, header: dict[str, Any], payload: memoryview) -> None:
-        """Replace the state with an exported one; ValueError if it does not fit this build."""
-        sizes = array_sizes(header)
-        if len(payload) != sum(sizes):
-            raise ValueError(f"snapshot holds {len(payload)} bytes of arrays, expected {sum(sizes)}")
-        offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-        fields, times, versions = array("I"), array("d"), array("q")
-        fields.frombytes(payload[offsets[2] : offsets[3]])
-        times.frombytes(payload[offsets[3] : offsets[4]])
-        versions.frombytes(payload[offsets[4] : offsets[5]])
-        arrays = (bytearray(payload[offsets[0] : offsets[1]]), bytearray(payload[offsets[1] : offsets[2]]), fields,
-                  times, versions)  # fmt: skip
-        self.restore_arrays(header, arrays)
-
-    def restore_arrays(
-        self, header: dict[str, Any], arrays: tuple[bytearray, bytearray, array[int], array[float], array[int]]
-    ) -> None:
-        """`restore` from the arrays themselves (in export's order), taken over as they are, not copied."""
-        sizes = array_sizes(header)
-        got = [len(a) * a.itemsize if isinstance(a, array) else len(a) for a in arrays]
-        if got != sizes:
-            raise ValueError(f"snapshot arrays hold {got} bytes, expected {sizes}")
-        strings, kinds = _restore_values(header["values"])
-        digests, ids, fields, times, versions = arrays
-        free, live, floors = _check_arrays(header, ids, fields, times, versions, kinds)
         self._changed(ALL)
-        self._digests, self._ids, self._fields, self._times, self._versions = digests, ids, fields, times, versions
-        self._strings = strings
-        self._forget_packed()
-        self._scope_sets = {tuple(sorted(v[0])): i for i, v in enumerate(strings.values) if i and
-                            isinstance(v[0], frozenset)}  # fmt: skip
-        self._free = free
-        self._live = live
-        self._floors = floors
+        self._digests, self._ids, self._fields, self._times, self._versions = state.arrays
+        strings = self._strings = _Interner()
+        strings.values, strings.kinds = state.values, state.kinds
+        strings.index = {value: n for n, value in enumerate(state.values) if n}
+        scopes = KIND_SCOPES[0]
+        self._scope_sets = {tuple(sorted(v[0])): n for n, v in enumerate(state.values) if state.kinds[n] == scopes}
+        self._free = sorted(state.free)
+        self._live = len(self._versions) - len(self._free)
+        self._floors = state.floors
         # The indexes hash with hash(), which differs per process: they are rebuilt, not stored.
         self._resize(_capacity_for(self._live))
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _arrays(self) -> TableArrays:
+        """The per-record arrays, in RECORD_WIDTHS' order."""
+        return self._digests, self._ids, self._fields, self._times, self._versions
 
     def _find_id(self, raw_id: bytes) -> int:
         mask = self._mask
@@ -565,113 +531,6 @@ class KeyTable:
                     slot = (slot + 1) & mask
                 by_id[slot] = n + 1
         self._used = self._live
-
-
-_PROFILE_WIDTH: Final = 5  # org, team, project, env, region
-_DASHES: Final = (8, 13, 18, 23)  # where a canonical UUID has its dashes
-
-
-def _canonical_ids(ids: bytearray) -> bool:
-    """Whether `ids` is canonical UUIDs back to back: lowercase hex, dashes exactly where they belong.
-
-    Whole-buffer operations (a regex over a million ids takes a second; this, 30 ms).
-    """
-    records, rest = divmod(len(ids), _ID)
-    if rest or ids.translate(None, b"0123456789abcdef-"):
-        return False
-    return ids.count(b"-") == 4 * records and all(ids[at::_ID].count(b"-") == records for at in _DASHES)
-
-
-def _text_or_none(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and header_safe(value))
-
-
-def _restore_values(forms: Any) -> tuple[_Interner, bytes]:
-    """The interned values of a snapshot, and each one's kind (b"-" for slot 0); ValueError if any is malformed."""
-    if not isinstance(forms, list):
-        raise ValueError("snapshot values are not a list")
-    strings = _Interner()
-    kinds = bytearray(b"-")
-    for form in forms:
-        if not (isinstance(form, list) and len(form) == 2 and form[0] in ("s", "m", "p")):
-            raise ValueError("snapshot holds an interned value of unknown form")
-        kind, data = form
-        value: Any
-        # Each as decode_fields demands of a record: scopes and profiles become /auth headers as they are.
-        if kind == "s" and isinstance(data, str) and header_safe(data):
-            value = (frozenset(data.split()), data)
-        elif (
-            kind == "m"
-            and isinstance(data, list)
-            and all(
-                isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair) for pair in data
-            )
-        ):
-            value = tuple((k, v) for k, v in data)
-        elif kind == "p" and isinstance(data, list) and len(data) == _PROFILE_WIDTH and all(map(_text_or_none, data)):
-            value = tuple(map(_share, data))
-        else:
-            raise ValueError(f"snapshot holds a malformed interned value of kind {kind!r} (not printable ASCII?)")
-        strings.index[value] = len(strings.values)
-        strings.values.append(value)
-        kinds += kind.encode()
-    return strings, bytes(kinds)
-
-
-def _check_arrays(
-    header: dict[str, Any], ids: bytearray, fields: array[int], times: array[float], versions: array[int], kinds: bytes
-) -> tuple[list[int], int, dict[str, tuple[int, float]]]:
-    """Free list, live count and floors of a snapshot, each record checked as strictly as a record from NATS.
-
-    Done with whole-array operations (the ids' characters and dashes, min and a sum over the numbers,
-    the distinct field values): a million records are checked in about a tenth of a second.
-    """
-    records = len(versions)
-    free = header.get("free")
-    if not isinstance(free, list) or not all(isinstance(n, int) and 0 <= n < records for n in free) \
-            or len(set(free)) != len(free):  # fmt: skip
-        raise ValueError("snapshot's free list is not a set of its record numbers")
-    live = header.get("live")
-    if live != records - len(free):
-        raise ValueError(f"snapshot says {live} live records, its arrays and free list make {records - len(free)}")
-    if not _canonical_ids(ids):
-        raise ValueError("snapshot holds a key id that is not a canonical UUID")
-    if versions and (min(versions) < 0):
-        raise ValueError("snapshot holds a negative version")
-    # NaN and infinities make the sum non-finite; every time is a finite, non-negative number of seconds.
-    if times and (min(times) < 0 or not math.isfinite(math.fsum(times))):
-        raise ValueError("snapshot holds a time that is negative or not finite")
-    expected = (b"p", b"s", b"m")
-    for which in range(_NFIELDS):
-        for index in set(fields[which::_NFIELDS]):
-            kind = kinds[index : index + 1] if index < len(kinds) else b"?"
-            if kind != expected[which] and not (which == _META and index == 0):
-                raise ValueError("snapshot records refer to interned values they do not hold, or of the wrong kind")
-    floors: dict[str, tuple[int, float]] = {}
-    for item in header.get("floors", []):
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-                and _CANONICAL_ID.fullmatch(item[0]) and isinstance(item[1], int) and 0 <= item[1] <= MAX_VERSION
-                and isinstance(item[2], float | int) and item[2] >= 0):  # fmt: skip
-            raise ValueError("snapshot holds a malformed version floor")
-        floors[item[0]] = (item[1], float(item[2]))
-    return sorted(free), records - len(free), floors
-
-
-def _value_form(value: Any) -> list[Any]:
-    """An interned value as a snapshot holds it: ["s", scopes text], ["m", metadata pairs], ["p", profile]."""
-    if isinstance(value[0], frozenset):
-        return ["s", value[1]]
-    if value and isinstance(value[0], tuple):
-        return ["m", [list(pair) for pair in value]]
-    return ["p", list(value)]
-
-
-def array_sizes(header: dict[str, Any]) -> list[int]:
-    """The byte size of each array (in export's order) an exported table's header announces; ValueError if foreign."""
-    if header.get("layout") != _LAYOUT:
-        raise ValueError(f"snapshot layout {header.get('layout')} is not this table's {_LAYOUT}")
-    records = int(header["records"])
-    return [records * width for width in RECORD_WIDTHS]
 
 
 def _capacity_for(count: int) -> int:

@@ -11,8 +11,9 @@ from functools import lru_cache
 from hashlib import blake2s, sha256
 from typing import Any, Final
 
+from keyrelay.core.wire import DEFAULT_PREFIXES, match_key
+
 from .table import ALL, KeyTable
-from .wire import DEFAULT_PREFIXES, match_key
 
 __all__ = ["NO_SCOPES", "Code", "Hot", "Verifier", "parse_scopes"]
 

@@ -17,7 +17,7 @@ from nats.js.api import ConsumerConfig
 from nats.js.client import JetStreamContext
 
 from keyrelay.natsd import NatsServer, NatsSpec
-from loadtest.linkproxy import LinkProcess
+from testbed.linkproxy import LinkProcess
 
 __all__ = ["NatsCluster", "cluster_client"]
 

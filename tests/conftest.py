@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,22 @@ from publisher.settings import PublisherSettings
 from sidecar.app import create_app
 from sidecar.http import STATE, SidecarState
 from sidecar.settings import SidecarSettings
-from tests.support import ADMIN_TOKEN, SIGNER, SNAPSHOT_SIGNER, TRUSTED, Admin, Publisher, Sidecar, heartbeat, key_file
+from tests.cli_support import Shell
+from tests.support import (
+    ADMIN_TOKEN,
+    PG_ADMIN_URL,
+    SIGNER,
+    SNAPSHOT_SIGNER,
+    TRUSTED,
+    Admin,
+    Publisher,
+    Sidecar,
+    StartPublisher,
+    StartSidecar,
+    heartbeat,
+    key_file,
+)
 from tests.up_support import Stack, StartStack, start_stack_process
-
-PG_ADMIN_URL = os.environ.get("KEYRELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 @pytest.fixture
@@ -75,9 +87,6 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """An HTTP client for the servers under test."""
     async with aiohttp.ClientSession() as session:
         yield session
-
-
-StartSidecar = Callable[..., Awaitable[Sidecar]]
 
 
 @pytest.fixture
@@ -137,9 +146,27 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         return
     name = await _create_pg_database()
     try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        yield _pg_url(name)
     finally:
         await _drop_pg_database(name)
+
+
+@contextlib.contextmanager
+def database_for_module(kind: str, directory: Path) -> Iterator[str]:
+    """A fresh, empty database for a module's fixture (outside any event loop): a SQLite file in `directory`, or
+    a new PostgreSQL database dropped afterwards."""
+    if kind == "sqlite":
+        yield f"sqlite:///{directory / 'keyrelay.db'}"
+        return
+    name = asyncio.run(_create_pg_database())
+    try:
+        yield _pg_url(name)
+    finally:
+        asyncio.run(_drop_pg_database(name))
+
+
+def _pg_url(name: str) -> str:
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture
@@ -148,14 +175,11 @@ def signing_key(tmp_path: Path) -> Path:
     return key_file(tmp_path / "signing-key", SIGNER)
 
 
-StartPublisher = Callable[..., Awaitable[Publisher]]
-
-
-@pytest.fixture
-async def start_publisher(
+@contextlib.asynccontextmanager
+async def _publishers(
     nats_server: NatsServer, database_url: str, tmp_path: Path, http: aiohttp.ClientSession, signing_key: Path
 ) -> AsyncIterator[StartPublisher]:
-    """Start in-process publishers on free ports against the test NATS and database."""
+    """Start in-process publishers on free ports against the test NATS and `database_url`; all stopped at the end."""
     servers: list[TestServer] = []
 
     async def start(**overrides: Any) -> Publisher:
@@ -169,7 +193,8 @@ async def start_publisher(
             "init": True,
             **overrides,
         })  # fmt: skip
-        server = TestServer(create_publisher_app(settings), host="127.0.0.1", port=0)
+        # A port given is served (a public URL names it); else a free one.
+        server = TestServer(create_publisher_app(settings), host="127.0.0.1", port=overrides.get("port", 0))
         await server.start_server()
         servers.append(server)
         url = str(server.make_url("")).rstrip("/")
@@ -180,10 +205,40 @@ async def start_publisher(
         await asyncio.wait_for(publisher.maintenance.settled.wait(), 30)
         return publisher
 
-    yield start
-    for server in reversed(servers):
-        with contextlib.suppress(Exception):
-            await server.close()
+    try:
+        yield start
+    finally:
+        for server in reversed(servers):
+            with contextlib.suppress(Exception):
+                await server.close()
+
+
+@pytest.fixture
+async def start_publisher(
+    nats_server: NatsServer, database_url: str, tmp_path: Path, http: aiohttp.ClientSession, signing_key: Path
+) -> AsyncIterator[StartPublisher]:
+    """Start in-process publishers on free ports against the test NATS and database."""
+    async with _publishers(nats_server, database_url, tmp_path, http, signing_key) as start:
+        yield start
+
+
+@pytest.fixture
+async def shell(
+    nats_server: NatsServer,
+    tmp_path: Path,
+    http: aiohttp.ClientSession,
+    signing_key: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Shell]:
+    """A publisher on SQLite, and a shell where no KEYRELAY_* variable, login or `keyrelay up` state file is found
+    by accident. SQLite only: the commands talk HTTP, and both back ends are tested under the API."""
+    for name in ("KEYRELAY_URL", "KEYRELAY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KEYRELAY_DATA_DIR", str(tmp_path / "no-stack-here"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    sqlite = f"sqlite:///{tmp_path / 'keyrelay.db'}"
+    async with _publishers(nats_server, sqlite, tmp_path, http, signing_key) as start:
+        yield Shell(await start())
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from loadtest.gateways import GatewayError, gateway_binary
+from testbed.gateways import GatewayError, gateway_binary
 
 __all__ = ["Answer", "call", "require_gateway"]
 

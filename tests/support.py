@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import ssl as ssl_module
 import time
 import uuid
@@ -22,17 +23,8 @@ from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from keyrelay.natsd import free_port
-from publisher.api import Services
-from publisher.app import serve as serve_publisher
-from publisher.maintenance import Maintenance
-from publisher.settings import PublisherSettings
-from sidecar.app import serve
-from sidecar.http import SidecarState
-from sidecar.nats_connect import NatsConnect, identity_name
-from sidecar.seed import SeedResult, seed_snapshot
-from sidecar.settings import SidecarSettings
-from sidecar.trust import (
+from keyrelay.core.nats_connect import NatsConnect, identity_name
+from keyrelay.core.trust import (
     KIND_HEARTBEAT,
     KIND_RECORD,
     KIND_TOMBSTONE,
@@ -44,7 +36,7 @@ from sidecar.trust import (
     Verified,
     verify,
 )
-from sidecar.wire import (
+from keyrelay.core.wire import (
     HEARTBEAT_ENTRY,
     MAX_VERSION,
     KeyRecord,
@@ -54,10 +46,22 @@ from sidecar.wire import (
     key_digest,
     subject_prefix,
 )
+from keyrelay.natsd import free_port
+from keyrelay.seeder import SeedResult, seed_snapshot
+from publisher.api import Services
+from publisher.app import serve as serve_publisher
+from publisher.maintenance import Maintenance
+from publisher.settings import PublisherSettings
+from sidecar.app import serve
+from sidecar.http import SidecarState
+from sidecar.settings import SidecarSettings
+from sidecar.table import KeyTable
 
 T = TypeVar("T")
 
 ADMIN_TOKEN = "krt_test-admin-token-for-the-suite"
+# The PostgreSQL server the publisher tests create their databases on (conftest.database_url).
+PG_ADMIN_URL = os.environ.get("KEYRELAY_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 ORG = "0190c0de-0000-7000-8000-000000000001"
 TEAM = "0190c0de-0000-7000-8000-000000000002"
 PROJECT = "0190c0de-0000-7000-8000-000000000003"
@@ -105,6 +109,11 @@ async def seed(nats_url: str, *, region: str | None = None, force: bool = True, 
     return await seed_snapshot(nats=NatsConnect((nats_url,), identity=identity_name("region-init", region)),
                                bucket="KEYS", region=region, store="KEYS_SNAPSHOTS", trust=trust, signer=signer,
                                force=force, timeout=30.0)  # fmt: skip
+
+
+def find(table: KeyTable, digest: bytes) -> int:
+    """The record number holding `digest` in `table`, or -1."""
+    return table.lookup(digest)[0]
 
 
 def key_file(path: Path, signer: Signer) -> Path:
@@ -163,8 +172,19 @@ async def heartbeat(bucket: KeyValue, acked: int = 0, *, signer: Signer | None =
                          signed_at=signed_at)  # fmt: skip
 
 
+# How soon "at once" is in a functional test: generous, so that a loaded two-core machine never trips it,
+# yet it tells a change pushed or a request refused at once from one that waits out a TTL, a timeout or a
+# quadratic blow-up. The real figures are measured by the benchmarks (loadtest/bench_publisher.py:
+# revocation p99 from the API's answer to a sidecar's 401), against their targets, not asserted here.
+PROMPTLY = 5.0
+
+
 async def eventually(
-    probe: Callable[[], Awaitable[T]], accept: Callable[[T], bool], *, timeout: float = 5.0, interval: float = 0.002
+    probe: Callable[[], Awaitable[T]],
+    accept: Callable[[T], bool],
+    *,
+    timeout: float = PROMPTLY,
+    interval: float = 0.002,
 ) -> tuple[T, float]:
     """Poll `probe` until `accept` holds; returns the last value and the seconds it took."""
     started = time.monotonic()
@@ -289,6 +309,11 @@ class Publisher:
     async def stop(self) -> None:
         """Shut it down as SIGTERM would: the relay gives its lease up."""
         await self.server.close()
+
+
+# The conftest fixtures start_sidecar and start_publisher: keyword settings in, a running server out.
+StartSidecar = Callable[..., Awaitable[Sidecar]]
+StartPublisher = Callable[..., Awaitable[Publisher]]
 
 
 @dataclass

@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 from nats.js.kv import KeyValue
 
-from sidecar.config import parse_duration
-from sidecar.wire import is_uuid
-from tests.conftest import StartPublisher, StartSidecar
-from tests.support import Admin, Publisher
+from keyrelay.core.config import parse_duration
+from keyrelay.core.wire import is_uuid
+from tests.support import PROMPTLY, Admin, Publisher, StartPublisher, StartSidecar
 
 DEEP = b"[" * 5000
 
@@ -44,7 +43,7 @@ def test_the_duration_parser_is_linear_and_refuses_padding_and_foreign_digits() 
     for text in ("1" + " " * 1_000_000 + "x", " " * 4_000_000, "1" * 100_000 + "s"):
         with pytest.raises(ValueError, match="not a duration"):
             parse_duration(text)
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < PROMPTLY  # linear: a quadratic parser takes hours on these
     for text in ("\uff13\uff10s", "٣s", "30 s", "1e3", "-1s", "", "s"):
         with pytest.raises(ValueError, match="not a duration"):
             parse_duration(text)
@@ -62,8 +61,9 @@ async def test_a_padded_duration_is_refused_at_once_and_the_publisher_keeps_answ
     before = await _state(admin)
     started = time.perf_counter()
     status, answer = await admin.call("POST", f"/projects/{project['id']}/keys",
-                                      {"name": "k", "expires_in": "1" + " " * 30000 + "x"})  # fmt: skip
-    assert time.perf_counter() - started < 1.0  # was 4.2 s (review M2)
+                                      {"name": "k", "expires_in": "1" + " " * 300_000 + "x"})  # fmt: skip
+    # At once: a pattern that backtracks over the padding took 4.2 s on a tenth of it (review M2), so minutes here.
+    assert time.perf_counter() - started < PROMPTLY
     assert (status, answer["error"]["field"]) == (400, "expires_in")
     assert len(answer["error"]["message"]) < 200
     assert await _state(admin) == before
@@ -76,7 +76,7 @@ async def test_a_member_asking_for_a_superscript_limit_gets_400_not_500(
     publisher = await _started(start_publisher, caplog)
     admin = publisher.admin
     project = await admin.project()
-    member = (await admin.ok("POST", "/tokens", {"name": "m1", "role": "member"}))["token"]
+    member = (await admin.ok("POST", "/tokens", {"name": "m1", "role": "platform-reader"}))["token"]
     before = await _state(admin)
     cases: list[tuple[str, dict[str, Any]]] = [
         ("/audit", {"limit": "²"}), ("/audit", {"before": "¹"}), (f"/projects/{project['id']}/keys", {"limit": "²"}),
@@ -93,7 +93,7 @@ async def test_a_member_asking_for_a_superscript_limit_gets_400_not_500(
     ("path", "body", "field"),
     [
         ("/orgs", '{"name": "a\\ud800"}', "name"),
-        ("/tokens", '{"name": "\\udfff", "role": "member"}', "name"),
+        ("/tokens", '{"name": "\\udfff", "role": "platform-reader"}', "name"),
         ("KEYS", '{"name": "k", "metadata": {"owner\\ud800": "x"}}', "metadata"),
         ("KEYS", '{"name": "k", "metadata": {"owner": "x\\udc00y"}}', "metadata"),
         ("REVOKE", '{"reason": "leaked \\ud800"}', "reason"),

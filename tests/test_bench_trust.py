@@ -7,12 +7,12 @@ from pathlib import Path
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from keyrelay.core.trust import KIND_HEARTBEAT, SIGNATURE_HEADER, Trust, load_signer
+from keyrelay.core.wire import HEARTBEAT_ENTRY, decode_heartbeat
 from keyrelay.natsd import NatsServer
 from loadtest.bench_trust import parse_seed_summary, ratio_verdict, write_records
 from loadtest.signing import BENCH_SIGNER, BENCH_SNAPSHOT_SIGNER, Heartbeats, sidecar_trust_args, write_key_file
 from loadtest.trust_probe import read_records
-from sidecar.trust import KIND_HEARTBEAT, SIGNATURE_HEADER, Trust, load_signer
-from sidecar.wire import HEARTBEAT_ENTRY, decode_heartbeat
 from tests.support import make_key
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from publisher.db import open_database
+from publisher.db_open import open_database
 from publisher.store import KeySpec, KeyStore
 from publisher.tokens import TokenStore
 from tests.support import ADMIN_TOKEN

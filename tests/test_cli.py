@@ -3,110 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from keyrelay.cli import main
 from keyrelay.natsd import free_port
-from tests.conftest import StartPublisher
-from tests.support import ADMIN_TOKEN, Publisher
+from tests.cli_support import Ran, Shell, table_columns, table_rows
+from tests.support import ADMIN_TOKEN
 
 GHOST = "0190c0de-0000-7000-8000-00000000beef"
 KEYS_TABLE = ["ID", "NAME", "DISPLAY", "STATUS", "SCOPES", "REGION", "EXPIRES", "LAST USED"]
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """SQLite only: the commands talk HTTP, and both back ends are tested under the API."""
-    return f"sqlite:///{tmp_path / 'keyrelay.db'}"
-
-
-@dataclass(frozen=True, slots=True)
-class Ran:
-    """One command's exit code and output."""
-
-    code: int
-    out: str
-    err: str
-
-
-def _run(argv: list[str], stdin: str) -> Ran:
-    out, err = io.StringIO(), io.StringIO()
-    saved, sys.stdin = sys.stdin, io.StringIO(stdin)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main(argv)
-    finally:
-        sys.stdin = saved
-    return Ran(code, out.getvalue(), err.getvalue())
-
-
-@dataclass(frozen=True, slots=True)
-class Shell:
-    """Runs `keyrelay ...` in a thread (the publisher serves on this test's event loop meanwhile)."""
-
-    publisher: Publisher
-
-    async def run(self, *argv: str, auth: bool = True, stdin: str = "") -> Ran:
-        """The command, with --url and --token of the test publisher unless `auth` is False."""
-        flags = ["--url", self.publisher.url, "--token", ADMIN_TOKEN] if auth else []
-        return await asyncio.to_thread(_run, [*argv, *flags], stdin)
-
-    async def ok(self, *argv: str, stdin: str = "") -> str:
-        """A command that must succeed and print nothing on stderr; its stdout."""
-        ran = await self.run(*argv, stdin=stdin)
-        assert (ran.code, ran.err) == (0, ""), ran
-        return ran.out
-
-    async def json(self, *argv: str) -> Any:
-        """A command's --json answer, parsed."""
-        return json.loads(await self.ok(*argv, "--json"))
-
-    async def fails(self, *argv: str, auth: bool = True) -> str:
-        """A command that must fail with a message on stderr and nothing on stdout; the message."""
-        ran = await self.run(*argv, auth=auth)
-        assert ran.code != 0, ran
-        assert ran.out == "", ran
-        return ran.err
-
-
-@pytest.fixture
-async def shell(start_publisher: StartPublisher, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Shell:
-    """A publisher, and a shell where no KEYRELAY_* variable, login or `keyrelay up` state file is found by accident."""
-    for name in ("KEYRELAY_URL", "KEYRELAY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("KEYRELAY_DATA_DIR", str(tmp_path / "no-stack-here"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    return Shell(await start_publisher())
-
-
-def _table(text: str) -> list[dict[str, str]]:
-    """A printed table as rows keyed by header; asserts the columns line up under their headers."""
-    header, *rows = text.rstrip("\n").splitlines()
-    starts = [(m.start(), m.group()) for m in re.finditer(r"\S+(?: \S+)*", header)]
-    parsed = []
-    for row in rows:
-        if row == "(none)":
-            continue
-        cells = {}
-        for i, (start, name) in enumerate(starts):
-            end = starts[i + 1][0] if i + 1 < len(starts) else None
-            assert start == 0 or row[start - 1] == " ", (header, row)  # a cell begins under its header
-            cells[name] = row[start:end].strip()
-        parsed.append(cells)
-    return parsed
-
-
-def _columns(text: str) -> list[str]:
-    return re.split(r" {2,}", text.splitlines()[0].strip())
 
 
 def _details(text: str) -> dict[str, str]:
@@ -134,12 +43,12 @@ async def test_orgs_teams_and_projects_are_created_and_listed_and_decommissionin
     assert list(shown) == ["id", "name", "created"]
     assert shown["name"] == "globex"
     listed = await shell.ok("orgs", "list")
-    assert _columns(listed) == ["ID", "NAME", "CREATED"]
-    assert [(r["ID"], r["NAME"]) for r in _table(listed)] == [(org, "acme"), (shown["id"], "globex")]
+    assert table_columns(listed) == ["ID", "NAME", "CREATED"]
+    assert [(r["ID"], r["NAME"]) for r in table_rows(listed)] == [(org, "acme"), (shown["id"], "globex")]
     assert await shell.json("orgs", "list") == await admin.ok("GET", "/orgs")
     team_answer = await shell.json("teams", "create", "--org", org, "search")
     assert team_answer in (await admin.ok("GET", f"/orgs/{org}/teams"))["teams"]
-    assert [r["NAME"] for r in _table(await shell.ok("teams", "list", "--org", org))] == ["platform", "search"]
+    assert [r["NAME"] for r in table_rows(await shell.ok("teams", "list", "--org", org))] == ["platform", "search"]
 
     keys = [(await shell.ok("keys", "create", "--project", project, "--name", f"k{i}", "--print", "id")).strip()
             for i in range(2)]  # fmt: skip
@@ -147,8 +56,8 @@ async def test_orgs_teams_and_projects_are_created_and_listed_and_decommissionin
     assert said.strip() == f"project {project} decommissioned; 2 key(s) revoked (published)"
     assert {(await admin.ok("GET", f"/keys/{k}"))["status"] for k in keys} == {"revoked"}
     projects = await shell.ok("projects", "list", "--team", team)
-    assert _columns(projects) == ["ID", "NAME", "DECOMMISSIONED"]
-    assert _table(projects)[0]["DECOMMISSIONED"].startswith("20")
+    assert table_columns(projects) == ["ID", "NAME", "DECOMMISSIONED"]
+    assert table_rows(projects)[0]["DECOMMISSIONED"].startswith("20")
     assert await shell.json("projects", "list", "--team", team) == await admin.ok("GET", f"/teams/{team}/projects")
 
 
@@ -167,8 +76,8 @@ async def test_a_key_is_created_listed_shown_rotated_and_revoked_from_the_shell(
     key_id = fields["id"]
 
     listed = await shell.ok("keys", "list", "--project", project)
-    assert _columns(listed) == KEYS_TABLE
-    (row,) = _table(listed)
+    assert table_columns(listed) == KEYS_TABLE
+    (row,) = table_rows(listed)
     assert (row["ID"], row["NAME"], row["STATUS"]) == (key_id, "payments-prod", "active")
     assert row["DISPLAY"] == f"kr_live_…{plaintext[-4:]}"
     assert (row["REGION"], row["LAST USED"]) == ("-", "-")
@@ -223,8 +132,8 @@ async def test_the_audit_trail_is_printed_as_a_table_or_as_the_apis_json(shell: 
     await shell.ok("keys", "revoke", key_id, "--reason", "done")
 
     trail = await shell.ok("audit", "--project", project)
-    assert _columns(trail) == ["AT", "ACTOR", "ACTION", "PROJECT", "KEY", "DETAILS"]
-    rows = _table(trail)
+    assert table_columns(trail) == ["AT", "ACTOR", "ACTION", "PROJECT", "KEY", "DETAILS"]
+    rows = table_rows(trail)
     assert [(r["ACTOR"], r["ACTION"], r["KEY"]) for r in rows] == [
         ("bootstrap", "key.revoke", key_id), ("bootstrap", "key.create", key_id), ("bootstrap", "project.create", "-"),
     ]  # fmt: skip
@@ -242,8 +151,8 @@ async def test_signing_keys_prints_the_publishers_public_keys_as_a_table_json_or
     assert (await shell.ok("signing-keys", "--print", "public_key")).strip() == signer.public_key
     assert await shell.json("signing-keys") == await shell.publisher.admin.ok("GET", "/signing-keys")
     listed = await shell.ok("signing-keys")
-    assert _columns(listed) == ["ID", "ALGORITHM", "PUBLIC KEY"]
-    assert _table(listed) == [{"ID": signer.kid, "ALGORITHM": "Ed25519", "PUBLIC KEY": signer.public_key}]
+    assert table_columns(listed) == ["ID", "ALGORITHM", "PUBLIC KEY"]
+    assert table_rows(listed) == [{"ID": signer.kid, "ALGORITHM": "Ed25519", "PUBLIC KEY": signer.public_key}]
 
 
 async def test_print_gives_just_the_fields_asked_for_or_says_which_one_is_missing(shell: Shell) -> None:
@@ -325,11 +234,11 @@ async def test_an_api_error_is_printed_on_stderr_with_the_apis_message_and_a_non
 
     bad_token = await shell.fails("orgs", "list", "--url", shell.publisher.url, "--token", "krt_wrong", auth=False)
     assert bad_token == "keyrelay: the admin token is not valid (unauthorized, HTTP 401)\n"
-    member = (await shell.ok("tokens", "create", "dashboard", "--role", "member", "--print", "token")).strip()
+    member = (await shell.ok("tokens", "create", "dashboard", "--role", "platform-reader", "--print", "token")).strip()
     read = await shell.run("orgs", "list", "--json", "--url", shell.publisher.url, "--token", member, auth=False)
     assert read.code == 0
     refused = await shell.fails("orgs", "create", "x", "--url", shell.publisher.url, "--token", member, auth=False)
-    assert refused.endswith("only admin tokens may change things (forbidden, HTTP 403)\n")
+    assert refused.endswith("may not org.create here; docs/permissions.md lists who may (forbidden, HTTP 403)\n")
     assert (await admin.ok("GET", "/orgs"))["orgs"] == []  # a refused command changed nothing
     nobody = await shell.fails("orgs", "list", "--url", f"http://127.0.0.1:{free_port()}", auth=False)
     assert "cannot reach the publisher" in nobody
@@ -363,7 +272,7 @@ async def test_listing_commands_follow_cursors_page_after_page_up_to_their_limit
     assert listed["next_cursor"] is None
     assert len((await shell.json("keys", "list", "--project", project))["keys"]) == 100  # the default limit
     cut = await shell.run("audit", "--org", org, "--limit", "2")
-    assert (cut.code, len(_table(cut.out))) == (0, 2)
+    assert (cut.code, len(table_rows(cut.out))) == (0, 2)
     assert "2 entries shown, and there are more: --all for every one, or --cursor " in cut.err  # never silently
     assert "at least 1" in await shell.fails("orgs", "list", "--limit", "0")
 
@@ -445,6 +354,6 @@ async def test_keys_list_without_a_project_lists_every_key_the_token_may_see_pro
         k["id"] for k in listed["keys"]
     ]
     cut = await shell.run("keys", "list", "--limit", "2")
-    assert len(_table(cut.out)) == 2
+    assert len(table_rows(cut.out)) == 2
     assert "2 keys shown, and there may be more: --all for every one, or --project" in cut.err
     assert "--cursor goes on within one project's keys" in await shell.fails("keys", "list", "--cursor", "x")

@@ -9,25 +9,8 @@ from pathlib import Path
 import pytest
 
 from keyrelay.cli import main
-from tests.conftest import StartPublisher
+from tests.cli_support import Shell, table_columns, table_rows
 from tests.support import ADMIN_TOKEN
-from tests.test_cli import Shell, _columns, _table
-
-
-@pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    """SQLite only: the commands talk HTTP, and both back ends are tested under the API."""
-    return f"sqlite:///{tmp_path / 'keyrelay.db'}"
-
-
-@pytest.fixture
-async def shell(start_publisher: StartPublisher, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Shell:
-    """A publisher, and a shell with its own config directory and no KEYRELAY_* variable or stack file."""
-    for name in ("KEYRELAY_URL", "KEYRELAY_TOKEN"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("KEYRELAY_DATA_DIR", str(tmp_path / "no-stack-here"))
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
-    return Shell(await start_publisher())
 
 
 def _credentials(tmp_path: Path) -> Path:
@@ -35,15 +18,22 @@ def _credentials(tmp_path: Path) -> Path:
 
 
 async def test_tokens_are_created_with_an_expiry_listed_and_revoked_from_the_cli(shell: Shell) -> None:
-    created = await shell.json("tokens", "create", "ci", "--role", "admin", "--expires-in", "1h")
-    assert (created["name"], created["role"], created["status"]) == ("ci", "admin", "active")
+    created = await shell.json("tokens", "create", "ci", "--role", "platform-admin", "--expires-in", "1h")
+    assert (created["name"], created["role"], created["status"]) == ("ci", "platform-admin", "active")
     assert created["expires_at"] is not None
     said = await shell.ok("tokens", "create", "dashboard")
-    assert said.startswith("token for dashboard (member), shown once: krat_")
+    assert said.startswith("token for dashboard (platform-reader), shown once: krat_")
 
-    listed = await shell.ok("tokens", "list")
-    assert _columns(listed) == ["ID", "NAME", "ROLE", "STATUS", "DISPLAY", "CREATED", "EXPIRES", "REVOKED"]
-    rows = {r["NAME"]: r for r in _table(listed)}
+    ran = await shell.run("tokens", "list")
+    listed = ran.out
+    # A platform-reader token reads every organization: the listing says so (on stderr, tables stay clean).
+    assert ran.err == (
+        "keyrelay: warning: 1 active platform-reader token(s) (dashboard) read every organization's "
+        "keys and audit trail (cross-tenant); scope them with --org or --team where you can\n"
+    )
+    assert table_columns(listed) == ["ID", "NAME", "ROLE", "ORG", "TEAM", "USER", "STATUS", "DISPLAY", "CREATED",
+                                "EXPIRES", "REVOKED"]  # fmt: skip
+    rows = {r["NAME"]: r for r in table_rows(listed)}
     assert set(rows) == {"bootstrap", "ci", "dashboard"}
     assert rows["ci"]["DISPLAY"] == f"krat_…{created['token'][-4:]}"
     assert rows["ci"]["EXPIRES"].startswith("20")
@@ -54,8 +44,8 @@ async def test_tokens_are_created_with_an_expiry_listed_and_revoked_from_the_cli
     assert [t["name"] for t in few["tokens"]] == ["bootstrap", "ci"]
 
     revoked = await shell.ok("tokens", "revoke", created["id"])
-    assert revoked.strip() == f"revoked token {created['id']} (ci, admin)"
-    assert {r["NAME"]: r["STATUS"] for r in _table(await shell.ok("tokens", "list"))}["ci"] == "revoked"
+    assert revoked.strip() == f"revoked token {created['id']} (ci, platform-admin)"
+    assert {r["NAME"]: r["STATUS"] for r in table_rows((await shell.run("tokens", "list")).out)}["ci"] == "revoked"
     refused = await shell.fails("orgs", "list", "--url", shell.publisher.url, "--token", created["token"], auth=False)
     assert refused == "keyrelay: the admin token is not valid (unauthorized, HTTP 401)\n"
     missing = await shell.fails("tokens", "revoke", "0190c0de-0000-7000-8000-00000000beef")
@@ -116,7 +106,9 @@ async def test_a_variable_wins_over_the_login_and_the_login_over_a_running_stack
     assert (await shell.run("login", "--url", url, auth=False, stdin=member)).code == 0
     assert (await shell.run("orgs", "list", auth=False)).code == 0  # the login, over the stack file
     refused = await shell.run("orgs", "create", "x", auth=False)
-    assert refused.err.endswith("only admin tokens may change things (forbidden, HTTP 403)\n")  # the member
+    assert refused.err.endswith(
+        "may not org.create here; docs/permissions.md lists who may (forbidden, HTTP 403)\n"
+    )  # the member
 
     monkeypatch.setenv("KEYRELAY_TOKEN", ADMIN_TOKEN)  # the variable, over the login
     assert (await shell.run("orgs", "create", "globex", auth=False)).code == 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,12 +17,12 @@ from pathlib import Path
 import pytest
 
 from keyrelay.cli import build_parser
+from keyrelay.core.config import environ_without_settings
 from keyrelay.errors import ExitCode
 from keyrelay.natsd import free_port
 from keyrelay.operations import _print_report
 from keyrelay.parsing import GLOBAL_FLAGS
-from tests.conftest import StartPublisher
-from tests.support import ADMIN_TOKEN
+from tests.support import ADMIN_TOKEN, StartPublisher
 
 # Modules that only running a component needs; `keyrelay --version` and `--help` must load none of them.
 HEAVY = ("aiohttp", "nats", "asyncpg", "nacl", "asyncio", "urllib.request", "importlib.metadata")
@@ -40,7 +39,7 @@ class Ran:
 
 def keyrelay(*argv: str, home: Path, python_flags: tuple[str, ...] = ()) -> Ran:
     """`python -m keyrelay ARGV` with no KEYRELAY_* variable, login or stack found by accident."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+    env = environ_without_settings()
     env |= {"XDG_CONFIG_HOME": str(home / "config"), "KEYRELAY_DATA_DIR": str(home / "no-stack-here")}
     done = subprocess.run([sys.executable, *python_flags, "-m", "keyrelay", *argv], env=env, cwd=home,
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
@@ -164,7 +163,7 @@ def test_a_missing_file_or_a_bad_argument_is_one_line_on_stderr_and_exit_1(
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly_with_exit_1(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+    env = environ_without_settings()
     process = subprocess.Popen([sys.executable, "-m", "keyrelay", "nats-config", "--role", "hub"], env=env,
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     assert process.stdout is not None

@@ -22,11 +22,10 @@ import pytest
 from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
+from keyrelay.core.wire import stream_name
 from keyrelay.natsd import NatsServer
-from sidecar.wire import stream_name
 from tests.cluster_support import NatsCluster, cluster_client
-from tests.conftest import StartPublisher, StartSidecar
-from tests.support import Publisher, Sidecar, eventually
+from tests.support import Publisher, Sidecar, StartPublisher, StartSidecar, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -164,7 +163,9 @@ async def deployment(
     d.keys = (await publisher.admin.ok("POST", f"/projects/{project}/keys/bulk", body))["keys"]
     await d.wait_verdicts(d.keys, "VALID", timeout=20)
     # Each sidecar has seen two heartbeats: it knows how often the publisher beats.
-    await eventually(lambda: asyncio.sleep(0, [s.state.sync.heartbeat_gap for s in d.sidecars]), all, timeout=10)
+    await eventually(
+        lambda: asyncio.sleep(0, [s.state.sync.freshness.heartbeat_gap for s in d.sidecars]), all, timeout=10
+    )
     return d
 
 
@@ -317,7 +318,7 @@ async def test_a_sidecar_is_fresh_no_longer_than_max_staleness_while_the_stream_
     answer = await d.revoke(key)
     await eventually(lambda: strict.get("/readyz"), lambda r: r[0] == 503, timeout=max_staleness + 10, interval=0.02)
     unready_at = time.time()
-    last_heartbeat = strict.state.sync.heartbeat_at
+    last_heartbeat = strict.state.sync.freshness.heartbeat_at
     assert last_heartbeat is not None
     stale_after = unready_at - last_heartbeat
     # Fresh exactly until the last heartbeat the sidecar verified is --max-staleness old; then it fails closed.
@@ -358,10 +359,10 @@ async def test_a_consumer_placed_on_a_lost_node_is_replaced_within_a_few_heartbe
         pytest.skip(f"JetStream placed every consumer on its sidecar's node or the leader: {placed}")
     on, at = found[0]
     sidecar = d.sidecar_on(on)
-    consumer = sidecar.state.sync._gen.consumer
+    consumer = sidecar.state.sync._deliveries.current.consumer
     killed = time.monotonic()
     d.cluster.node(at).stop(kill=True)
-    await eventually(lambda: asyncio.sleep(0, sidecar.state.sync._gen.consumer), lambda c: c != consumer,
+    await eventually(lambda: asyncio.sleep(0, sidecar.state.sync._deliveries.current.consumer), lambda c: c != consumer,
                      timeout=_FAULT_TIMEOUT, interval=0.02)  # fmt: skip
     replaced = time.monotonic() - killed
     revoked = d.keys[:3]
@@ -376,7 +377,7 @@ async def test_a_consumer_placed_on_a_lost_node_is_replaced_within_a_few_heartbe
 
 
 async def _consumer_node(d: Deployment, sidecar: Sidecar) -> str:
-    info = await d.js.consumer_info(d.stream, sidecar.state.sync._gen.consumer)
+    info = await d.js.consumer_info(d.stream, sidecar.state.sync._deliveries.current.consumer)
     assert info.cluster is not None
     assert info.cluster.leader is not None
     return str(info.cluster.leader)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,47 +13,13 @@ import aiohttp
 import pytest
 from nats.js.client import JetStreamContext
 
-from keyrelay.natsd import NatsServer, free_port
-from keyrelay.procs import spawn, stop, wait_http_ok
-from publisher.db import open_database
-from publisher.store import KeyStore
-from tests.conftest import StartSidecar
-from tests.support import ADMIN_TOKEN, Admin, eventually
+from keyrelay.core.config import environ_without_settings
+from keyrelay.natsd import NatsServer
+from publisher.db_open import open_database
+from tests.process_support import PublisherProcess, bucket_equals_database, outbox_depth
+from tests.support import Admin, StartSidecar, eventually
 
 pytestmark = pytest.mark.slow
-
-
-class PublisherProcess:
-    """`keyrelay publisher` in its own process, restartable on the same port and database."""
-
-    def __init__(self, database_url: str, nats_url: str, log: Path, signing_key: Path) -> None:
-        self.port = free_port()
-        self.command = [
-            sys.executable, "-m", "keyrelay", "publisher", "--port", str(self.port), "--database-url", database_url,
-            "--nats-url", nats_url, "--data-dir", str(log.parent), "--init",
-            "--publish-wait", "1s", "--signing-key", str(signing_key),
-        ]  # fmt: skip
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
-        env["KEYRELAY_ADMIN_TOKEN"] = ADMIN_TOKEN  # a secret goes by environment, never argv
-        self.process = spawn(self.command, log=self.log, env=env)
-        wait_http_ok(self.process, self.port, "/readyz", timeout=30, log=self.log)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            stop(self.process)
 
 
 @pytest.fixture
@@ -68,17 +32,6 @@ def publisher_process(
         yield process
     finally:
         process.stop()
-
-
-async def _bucket_equals_database(database_url: str, js: JetStreamContext) -> None:
-    db = await open_database(database_url)
-    try:
-        keys = await KeyStore(db).scan_keys(limit=10_000)
-    finally:
-        await db.close()
-    kv = await js.key_value("KEYS")
-    for key in keys:
-        assert (await kv.get(key.record().entry)).value == key.record().encode()
 
 
 async def test_a_publisher_killed_after_commit_before_publish_publishes_on_restart(
@@ -117,20 +70,11 @@ async def test_a_publisher_killed_after_commit_before_publish_publishes_on_resta
     assert await sidecar.status_of(rotate["key"]) == 200  # the old one, within its grace
     assert await sidecar.status_of(answers[2]["key"]) == 200
     assert await sidecar.status_of(keep["key"]) == 200
-    await eventually(lambda: _outbox_depth(database_url), lambda n: n == 0)
-    await _bucket_equals_database(database_url, js)
+    await eventually(lambda: outbox_depth(database_url), lambda n: n == 0)
+    await bucket_equals_database(database_url, js)
     held = sidecar.state.sync.table.get(rotate["id"])
     assert held is not None
     assert held.expires_at is not None
-
-
-async def _outbox_depth(database_url: str) -> int:
-    db = await open_database(database_url)
-    try:
-        async with db.transaction() as tx:
-            return int(await tx.fetchval("SELECT count(*) FROM outbox"))
-    finally:
-        await db.close()
 
 
 async def test_the_reconcile_command_repairs_a_lost_bucket(
@@ -142,7 +86,7 @@ async def test_the_reconcile_command_repairs_a_lost_bucket(
     await admin.ok("POST", f"/projects/{project['id']}/keys/bulk", {"keys": [{"name": f"k{i}"} for i in range(30)]})
     await js.delete_key_value("KEYS")
     await asyncio.to_thread(publisher_process.stop)  # offline: the command opens the database itself, alone
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+    env = environ_without_settings()
     env["KEYRELAY_DATABASE_URL"] = database_url
     result = await asyncio.to_thread(
         subprocess.run,
@@ -157,4 +101,4 @@ async def test_the_reconcile_command_repairs_a_lost_bucket(
     assert report["republished"] == 30
     assert report["propagation"] == "published"
     assert "reconcile: done" in result.stderr
-    await _bucket_equals_database(database_url, js)
+    await bucket_equals_database(database_url, js)

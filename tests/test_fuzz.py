@@ -37,6 +37,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from keyrelay.core.errors import RecordError
+from keyrelay.core.wire import KeyRecord, decode_fields, decode_heartbeat, decode_tombstone
 from keyrelay.natsd import NatsServer, NatsSpec
 from publisher.api import ROUTES, UNAUTHENTICATED
 from publisher.app import PROBES
@@ -44,9 +46,7 @@ from publisher.app import create_app as create_publisher_app
 from publisher.openapi import OPENAPI_PATH, document
 from publisher.settings import PublisherSettings
 from sidecar.app import create_app as create_sidecar_app
-from sidecar.errors import RecordError
 from sidecar.settings import SidecarSettings
-from sidecar.wire import KeyRecord, decode_fields, decode_heartbeat, decode_tombstone
 from tests.support import ADMIN_TOKEN, SIGNER, SNAPSHOT_SIGNER, TRUSTED, heartbeat, key_file, make_key, put
 from tests.threaded import ThreadedApp
 
@@ -208,7 +208,7 @@ def _no_traceback_but_parser_errors(caplog: pytest.LogCaptureFixture) -> None:
     how they are logged is the serving layer's (one line, no traceback: security review M1/L6, branch
     hard-serve); once merged, this can assert on every record."""
     tracebacks = [r for r in caplog.records if r.exc_info and r.levelno >= logging.ERROR]
-    assert [r for r in tracebacks if not isinstance(r.exc_info[1], HttpProcessingError)] == []  # type: ignore[index]
+    assert [r for r in tracebacks if r.exc_info and not isinstance(r.exc_info[1], HttpProcessingError)] == []
 
 
 _JSON = st.recursive(

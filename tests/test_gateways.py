@@ -20,16 +20,15 @@ import pytest
 from aiohttp.test_utils import TestServer
 from nats.js.kv import KeyValue
 
+from keyrelay.core.wire import generate_key
 from keyrelay.natsd import NatsServer, free_port
-from loadtest.gateways import DEPLOY_DIR, GATEWAYS, Addresses, Gateway, gateway_version, start_gateway
-from loadtest.upstream import HITS, Hits
-from loadtest.upstream import create_app as create_upstream
-from sidecar.wire import generate_key
-from tests.conftest import StartSidecar
+from testbed.gateways import DEPLOY_DIR, GATEWAYS, Addresses, Gateway, gateway_version, start_gateway
+from testbed.upstream import HITS, Hits
+from testbed.upstream import create_app as create_upstream
 from tests.gateway_support import Answer, call, require_gateway
 from tests.nginx_conf import Directive
 from tests.nginx_conf import parse as parse_nginx
-from tests.support import eventually, make_key, put, revoked
+from tests.support import StartSidecar, eventually, make_key, put, revoked
 
 pytestmark = pytest.mark.slow
 

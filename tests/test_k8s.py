@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,17 +36,17 @@ from packaging.version import Version
 
 import keyrelay
 from keyrelay.cli import build_parser
+from keyrelay.core.config import environ_without_settings, load, options_of
+from keyrelay.core.trust import write_signing_key
 from keyrelay.nats_config import NatsConfigSettings, helm_values
+from keyrelay.natsd import free_port
 from keyrelay.region import HUB_DOMAIN, RegionSettings
 from keyrelay.snapshots import SnapshotSettings
 from loadtest.multiregion import LoadtestSettings
 from publisher.app import create_app as create_publisher_app
 from publisher.settings import PublisherSettings
 from sidecar.app import create_app as create_sidecar_app
-from sidecar.config import load, options_of
 from sidecar.settings import SidecarSettings
-from sidecar.trust import write_signing_key
-from tests.conftest import StartSidecar
 from tests.k8s_support import (
     DOCKERFILE,
     K8S,
@@ -78,7 +77,7 @@ from tests.k8s_support import (
     selects,
     tool,
 )
-from tests.support import SNAPSHOT_SIGNER, TRUSTED, key_file, make_key, put, revoked
+from tests.support import SNAPSHOT_SIGNER, TRUSTED, StartSidecar, key_file, make_key, put, revoked
 
 # Native sidecars (initContainers with restartPolicy: Always) are GA from 1.33: the oldest version
 # the manifests support; and the newest schemas the pinned kubernetes-validate bundles.
@@ -233,12 +232,6 @@ def _nats_egress(policy: Obj) -> list[dict[str, str]]:
                 "instance": peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
             })  # fmt: skip
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ---- rendering and schemas -------------------------------------------------------------------
@@ -869,8 +862,10 @@ def test_the_images_hold_only_the_packages_their_dockerfile_stages_copy_and_inst
     sidecar, absent_from_sidecar = _image_modules("sidecar")
     publisher, absent_from_publisher = _image_modules("publisher")
     assert {"sidecar", "publisher", "keyrelay", "aiohttp", "nats", "msgpack", "xxhash", "uvloop"} <= sidecar
-    assert {"loadtest", "asyncpg", "matplotlib", "pytest", "yaml"} <= absent_from_sidecar
-    assert publisher == sidecar | {"asyncpg"}
+    # The publisher's extra: PostgreSQL's driver, and joserfc (over cryptography) for OpenID Connect id tokens.
+    publisher_extra = {"asyncpg", "joserfc", "cryptography"}
+    assert publisher_extra | {"loadtest", "matplotlib", "pytest", "yaml"} <= absent_from_sidecar
+    assert publisher == sidecar | publisher_extra
     assert {"loadtest", "matplotlib", "pytest", "yaml"} <= absent_from_publisher
     assert set(_image_commands("sidecar")) == {("sidecar",), ("region", "init"), ("snapshot", "seed")}
     assert set(_image_commands("publisher")) == {("publisher",)}
@@ -904,12 +899,12 @@ def test_a_source_checkout_has_the_whole_loadtest_command(capsys: pytest.Capture
 def test_each_images_commands_start_with_only_what_the_image_holds(target: str, tmp_path: Path) -> None:
     """What each image runs starts without the packages the image lacks, and with NATS unreachable."""
     _, absent = _image_modules(target)
-    closed = f"nats://127.0.0.1:{_free_port()}"  # nothing listens: NATS stays unreachable
+    closed = f"nats://127.0.0.1:{free_port()}"  # nothing listens: NATS stays unreachable
     for path, argv in _image_commands(target).items():
         argv = [closed if i and argv[i - 1] == "--nats-url" else a for i, a in enumerate(argv)]
         log = tmp_path / f"{'-'.join(path)}.log"
         if path in SERVERS:
-            port = _free_port()
+            port = free_port()
             key = tmp_path / f"signing-key-{'-'.join(path)}"
             write_signing_key(key)
             env = {"KEYRELAY_HOST": "127.0.0.1", "KEYRELAY_PORT": str(port), "KEYRELAY_NATS_URL": closed,
@@ -942,7 +937,7 @@ def _run(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """The target's ENTRYPOINT with `argv`, in a subprocess that cannot import what the image lacks."""
     script = Path(image(STAGES, target).entrypoint[0]).name
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+    clean = environ_without_settings()
     with log.open("wb") as out:
         command = [sys.executable, "-c", _IMAGE_PYTHON, ",".join(sorted(absent)), script, *argv]
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**clean, **env},
@@ -1080,7 +1075,7 @@ async def test_the_example_gateway_authorises_through_a_real_sidecar(
     await sidecar.ready()
 
     # The pod's addresses become free local ports; everything else runs as rendered.
-    front, backend = _free_port(), _free_port()
+    front, backend = free_port(), free_port()
     replacements = [
         (f"server 127.0.0.1:{settings.port};", f"server 127.0.0.1:{urlsplit(sidecar.url).port};"),
         ("listen 8080;", f"listen 127.0.0.1:{front};"),

@@ -14,16 +14,16 @@ from typing import Any
 
 import pytest
 
+from keyrelay.core.wire import KeyRecord, display_form, generate_key, key_digest
 from publisher.db import Database
 from publisher.errors import SchemaTooNew
 from publisher.models import Actor, now_us
+from publisher.policy import Grant
 from publisher.schema import MIGRATIONS, migrate
 from publisher.store import KeyStore
 from publisher.token_format import token_digest
 from publisher.tokens import TokenStore
-from sidecar.wire import KeyRecord, display_form, generate_key, key_digest
-from tests.conftest import StartPublisher
-from tests.support import ADMIN_TOKEN
+from tests.support import ADMIN_TOKEN, StartPublisher
 
 PREVIOUS_RELEASE = 1
 OLD_TOKEN = "krt_" + "Zq3-_" * 8 + "abc"  # a `krt_` token as the previous release made them
@@ -96,7 +96,7 @@ async def test_a_previous_release_database_is_migrated_with_every_row_intact_and
     old = await _previous_release_database(database_url)
     db = await _open(database_url)
     try:
-        assert await migrate(db) == [2, 3]
+        assert await migrate(db) == [m.version for m in MIGRATIONS[1:]]
         assert await migrate(db) == []  # a second start changes nothing
         async with db.transaction() as tx:
             versions = [r["version"] for r in await tx.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
@@ -112,8 +112,8 @@ async def test_a_previous_release_database_is_migrated_with_every_row_intact_and
             ("bootstrap", "key.create", old["key"], {"name": "k"})
         ]
         assert [tuple(r.values()) for r in tokens] == [
-            ("bootstrap", "admin", None, None, None, None, None),
-            ("ci", "member", None, None, None, None, None),
+            ("bootstrap", "platform-admin", None, None, None, None, None),
+            ("ci", "platform-reader", None, None, None, None, None),
         ]
 
         store = KeyStore(db)
@@ -123,10 +123,12 @@ async def test_a_previous_release_database_is_migrated_with_every_row_intact_and
 
         tokens_store = TokenStore(db)
         ci = await tokens_store.find(OLD_TOKEN)
-        assert ci == Actor(token_id=old["ci"], name="ci", role="member")
+        assert ci is not None
+        assert (ci.token_id, ci.name, ci.role, ci.grants) == (old["ci"], "ci", "platform-reader",
+                                                               (Grant("platform-reader"),))  # fmt: skip
         admin = await tokens_store.find(ADMIN_TOKEN)
         assert admin is not None
-        created, _ = await tokens_store.create(admin, "expiring", "member", expires_in=3600)
+        created, _ = await tokens_store.create(admin, "expiring", "platform-reader", expires_in=3600)
         assert created.expires_at is not None
         async with db.transaction() as tx:  # the columns access control will use take the ids they name
             await tx.execute("UPDATE admin_tokens SET org_id = $1, team_id = $2, user_id = $3 WHERE id = $4",
@@ -149,10 +151,12 @@ async def test_after_migration_3_a_decommissioned_projects_name_is_free_and_an_a
         async with db.transaction() as tx:  # what migration 2's release did to decommission a project
             await tx.execute("UPDATE projects SET decommissioned_at = $1 WHERE id = $2", now_us(), old["project"])
             await tx.execute("UPDATE api_keys SET revoked_at = $1, version = 2 WHERE id = $2", now_us(), old["key"])
-        assert await migrate(db) == [3]
+        assert await migrate(db) == [
+            m.version for m in MIGRATIONS[2:]
+        ]  # the store of this release needs the later ones too
 
         store = KeyStore(db)
-        admin = Actor(token_id=old["bootstrap"], name="bootstrap", role="admin")
+        admin = Actor(token_id=old["bootstrap"], name="bootstrap", role="platform-admin")
         reused = await store.create_project(admin, old["team"], "payments")
         assert reused.id != old["project"]
         projects = await store.list_projects(old["team"], limit=10)
@@ -186,6 +190,86 @@ async def test_a_publisher_of_this_release_serves_a_migrated_database_and_its_ol
     assert listed == {"bootstrap": "active", "ci": "active"}
     audit = (await admin.ok("GET", "/audit", key_id=old["key"]))["entries"]
     assert [e["action"] for e in audit] == ["key.create"]
+
+
+async def test_migration_4_renames_token_roles_keeps_keys_owned_by_their_projects_team_and_knows_people(
+    database_url: str,
+) -> None:
+    old = await _previous_release_database(database_url)
+    db = await _open(database_url)
+    try:
+        assert await migrate(db, migrations=MIGRATIONS[:3]) == [2, 3]
+        assert await migrate(db) == [m.version for m in MIGRATIONS[3:]]
+        async with db.transaction() as tx:
+            roles = {r["name"]: r["role"] for r in await tx.fetch("SELECT name, role FROM admin_tokens")}
+        assert roles == {"bootstrap": "platform-admin", "ci": "platform-reader"}
+        key = await KeyStore(db).get_key(old["key"])
+        assert (key.owner_team_id, key.owner_team, key.created_by_user) == (None, old["team"], None)
+        assert key.to_json()["owner_team_id"] == old["team"]
+        assert key.record() == old["record"]  # what sidecars hold is unchanged
+        now = now_us()
+        async with db.transaction() as tx:
+            await tx.execute("INSERT INTO users (id, email, created_at) VALUES ($1, $2, $3)", _id(), "Ann@Example.com",
+                             now)  # fmt: skip
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"):  # emails are unique whatever their case
+            async with db.transaction() as tx:
+                await tx.execute("INSERT INTO users (id, email, created_at) VALUES ($1, $2, $3)", _id(),
+                                 "ann@EXAMPLE.com", now)  # fmt: skip
+        with pytest.raises(Exception, match=r"(?i)foreign key"):  # a membership names a user that exists
+            async with db.transaction() as tx:
+                await tx.execute("INSERT INTO org_members (organization_id, user_id, role, created_at) "
+                                 "VALUES ($1, $2, $3, $4)", old["org"], _id(), "member", now)  # fmt: skip
+        async with db.transaction() as tx:
+            audit = await tx.fetch("SELECT actor, actor_kind, actor_id, source, request_id FROM audit_log")
+        assert [tuple(r.values()) for r in audit] == [("bootstrap", None, None, None, None)]
+    finally:
+        await db.close()
+
+
+async def test_after_migration_6_a_decommissioned_teams_name_is_free_and_what_refers_to_teams_survives(
+    database_url: str,
+) -> None:
+    old = await _previous_release_database(database_url)
+    db = await _open(database_url)
+    try:
+        assert await migrate(db, migrations=MIGRATIONS[:5]) == [2, 3, 4, 5]
+        now, user = now_us(), _id()
+        async with db.transaction() as tx:  # what migration 5's release wrote: a member, a team token, a decommission
+            await tx.execute("INSERT INTO users (id, email, created_at) VALUES ($1, $2, $3)", user, "a@example.com",
+                             now)  # fmt: skip
+            await tx.execute("INSERT INTO team_members (team_id, user_id, role, created_at) VALUES ($1, $2, $3, $4)",
+                             old["team"], user, "viewer", now)  # fmt: skip
+            await tx.execute("UPDATE admin_tokens SET team_id = $1, role = 'viewer' WHERE id = $2", old["team"],
+                             old["ci"])  # fmt: skip
+            await tx.execute("UPDATE api_keys SET owner_team_id = $1 WHERE id = $2", old["team"], old["key"])
+            await tx.execute("UPDATE teams SET decommissioned_at = $1, external_id = $2 WHERE id = $3", now,
+                             "scim-group-7", old["team"])  # fmt: skip
+        assert await migrate(db) == [6]
+
+        store = KeyStore(db)
+        admin = Actor(token_id=old["bootstrap"], name="bootstrap", role="platform-admin")
+        reused = await store.create_team(admin, old["org"], "platform")
+        teams = await store.list_teams(old["org"], limit=10)
+        assert [(t.id, t.name, t.decommissioned_at is None) for t in teams] == [
+            (old["team"], "platform", False),
+            (reused.id, "platform", True),
+        ]
+        assert (await store.get_key(old["key"])).owner_team == old["team"]
+        async with db.transaction() as tx:
+            members = await tx.fetch("SELECT team_id, user_id FROM team_members")
+            token_team = await tx.fetchval("SELECT team_id FROM admin_tokens WHERE id = $1", old["ci"])
+            external = await tx.fetchval("SELECT external_id FROM teams WHERE id = $1", old["team"])
+        assert external == "scim-group-7"
+        assert ([tuple(r.values()) for r in members], token_team) == ([(old["team"], user)], old["team"])
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"):  # the index holds even without the check
+            async with db.transaction() as tx:
+                await tx.execute("INSERT INTO teams (id, organization_id, name, created_at) VALUES ($1, $2, $3, $4)",
+                                 _id(), old["org"], "platform", now_us())  # fmt: skip
+        with pytest.raises(Exception, match=r"(?i)foreign key"):  # what refers to teams still must name one
+            async with db.transaction() as tx:
+                await tx.execute("UPDATE api_keys SET team_id = $1 WHERE id = $2", _id(), old["key"])
+    finally:
+        await db.close()
 
 
 async def _newer_release_database(url: str) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,8 +14,8 @@ import pytest
 
 from loadtest.multiregion import LoadtestSettings, main, run
 from loadtest.openloop import NO_ANSWER, render_get, run_open_loop
-from loadtest.topology import Topology
-from tests.support import Admin
+from testbed.topology import Topology
+from tests.support import PROMPTLY, Admin, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def test_a_partitioned_region_keeps_serving_and_refuses_the_keys_revoked_during_
     part = report["partition"]
     assert code == 0, shown
     assert part["region"] == "eu"
-    assert 1.9 <= part["seconds"] <= 2.5
+    assert 1.9 <= part["seconds"] < 2.0 + PROMPTLY  # as long as asked for; healed when asked, give or take load
     assert part["valid_answers_during_cut"] >= 60  # 75% of 60/s for 2s, less what was revoked meanwhile
     assert part["valid_accepted_during_cut"] == part["valid_answers_during_cut"]  # served from the mirror
     assert part["valid_errors_during_cut"] == 0
@@ -58,7 +58,7 @@ def test_a_partitioned_region_keeps_serving_and_refuses_the_keys_revoked_during_
     assert part["revoked_during_cut"] >= 2
     assert part["refused_after_heal"] == part["revoked_during_cut"]
     assert part["catch_up_s"] is not None
-    assert 0 <= part["catch_up_s"] < 2.0  # after the heal, not before: the cut held the revocations back
+    assert 0 <= part["catch_up_s"] < PROMPTLY  # after the heal, not before (the cut held them back); by itself
     assert (report["false_accepts"], report["false_rejects"], report["errors"]) == (0, 0, 0)
     assert f"partition eu for {part['seconds']}s" in shown
     assert "FAILED" not in shown
@@ -137,14 +137,6 @@ async def _status(http: aiohttp.ClientSession, topology: Topology, region: str, 
         return response.status
 
 
-async def _until(probe, accept, timeout: float) -> float:  # type: ignore[no-untyped-def]
-    started = time.monotonic()
-    while not accept(await probe()):
-        assert time.monotonic() - started < timeout, f"not within {timeout}s"
-        await asyncio.sleep(0.01)
-    return time.monotonic() - started
-
-
 @pytest.mark.parametrize("reset", [False, True], ids=["silent-cut", "connections-dropped"])
 async def test_a_region_cut_from_the_hub_keeps_serving_restarts_and_catches_up(regions: Topology, reset: bool) -> None:
     async with aiohttp.ClientSession() as http:
@@ -154,12 +146,12 @@ async def test_a_region_cut_from_the_hub_keeps_serving_restarts_and_catches_up(r
         doomed = await admin.create_key(project["id"], name="doomed")
         local = await admin.create_key(project["id"], name="local", region="eu")
         for key in (kept, doomed, local):
-            await _until(lambda k=key: _status(http, regions, "eu", k["key"]), lambda s: s == 200, 5)
+            await eventually(functools.partial(_status, http, regions, "eu", key["key"]), lambda s: s == 200, timeout=5)
 
         regions.cut("eu", reset=reset)
         revoked = await admin.ok("POST", f"/keys/{doomed['id']}/revoke")
         assert revoked["propagation"] == "published"  # the hub has it; eu cannot hear of it yet
-        await _until(lambda: _status(http, regions, "us", doomed["key"]), lambda s: s == 401, 5)
+        await eventually(lambda: _status(http, regions, "us", doomed["key"]), lambda s: s == 401, timeout=5)
         await asyncio.sleep(0.5)
         assert await _status(http, regions, "eu", doomed["key"]) == 200
         assert await _status(http, regions, "eu", kept["key"]) == 200
@@ -172,8 +164,8 @@ async def test_a_region_cut_from_the_hub_keeps_serving_restarts_and_catches_up(r
         assert await _status(http, regions, "eu", local["key"]) == 200
 
         regions.heal("eu")
-        took = await _until(lambda: _status(http, regions, "eu", doomed["key"]), lambda s: s == 401, 2.0)
-        assert took < 2.0
+        # Caught up by itself promptly after the heal (the load test's partition run measures how soon).
+        await eventually(lambda: _status(http, regions, "eu", doomed["key"]), lambda s: s == 401, timeout=PROMPTLY)
         assert await _status(http, regions, "eu", kept["key"]) == 200
 
 
@@ -189,7 +181,7 @@ async def test_a_region_cut_longer_than_the_staleness_bound_is_not_ready_and_rec
             admin = Admin(url=topology.publisher_url, http=http, token=topology.token)
             project = await admin.project()
             key = await admin.create_key(project["id"])
-            await _until(lambda: _status(http, topology, "eu", key["key"]), lambda s: s == 200, 5)
+            await eventually(lambda: _status(http, topology, "eu", key["key"]), lambda s: s == 200, timeout=5)
             ready = f"http://127.0.0.1:{topology.sidecar_port('eu')}/readyz"
 
             async def readiness() -> int:
@@ -197,7 +189,7 @@ async def test_a_region_cut_longer_than_the_staleness_bound_is_not_ready_and_rec
                     return response.status
 
             topology.cut("eu")
-            await _until(readiness, lambda s: s == 503, 10)
+            await eventually(readiness, lambda s: s == 503, timeout=10)
             async with http.get(ready) as response:
                 body = await response.json()
             # Not before the publisher's last heartbeat that reached the region is older than the bound.
@@ -205,7 +197,7 @@ async def test_a_region_cut_longer_than_the_staleness_bound_is_not_ready_and_rec
             expected = 503 if policy == "closed" else 200
             assert await _status(http, topology, "eu", key["key"]) == expected
             topology.heal("eu")
-            await _until(readiness, lambda s: s == 200, 5)
+            await eventually(readiness, lambda s: s == 200, timeout=5)
             assert await _status(http, topology, "eu", key["key"]) == 200
     finally:
         await topology.stop()
@@ -221,7 +213,9 @@ async def test_a_clustered_hub_losing_a_node_keeps_a_region_verifying_and_revoki
             project = await admin.project()
             kept, doomed, cut_off = [await admin.create_key(project["id"], name=n) for n in ("kept", "doomed", "cut")]
             for key in (kept, doomed, cut_off):
-                await _until(lambda k=key: _status(http, topology, "eu", k["key"]), lambda s: s == 200, 10)
+                await eventually(
+                    functools.partial(_status, http, topology, "eu", key["key"]), lambda s: s == 200, timeout=10
+                )
             # The leaf reaches the hub through its links only: cut them (dropping its connection, so that it
             # dials again) and nothing gets through.
             topology.cut("eu", reset=True)
@@ -229,13 +223,15 @@ async def test_a_clustered_hub_losing_a_node_keeps_a_region_verifying_and_revoki
             await asyncio.sleep(1.0)
             assert await _status(http, topology, "eu", cut_off["key"]) == 200
             topology.heal("eu")
-            await _until(lambda: _status(http, topology, "eu", cut_off["key"]), lambda s: s == 401, 20)
+            await eventually(lambda: _status(http, topology, "eu", cut_off["key"]), lambda s: s == 401, timeout=20)
 
             first = topology.hub[0]
             await topology.kill(first)  # the node the leaf and the publisher dialled first
             await admin.ok("POST", f"/keys/{doomed['id']}/revoke")
             # NATS retries the region's mirror on its own schedule (10 s checks): a generous bound.
-            took = await _until(lambda: _status(http, topology, "eu", doomed["key"]), lambda s: s == 401, 60)
+            _, took = await eventually(
+                lambda: _status(http, topology, "eu", doomed["key"]), lambda s: s == 401, timeout=60
+            )
             print(f"HA: clustered hub, {first.spec.name} killed: a revocation reached eu after {took:.2f}s")
             assert await _status(http, topology, "eu", kept["key"]) == 200
             await topology.revive(first)
@@ -260,6 +256,6 @@ async def test_records_a_region_receives_long_after_their_signing_are_taken_mirr
             key = await admin.create_key(project["id"], region="eu")
             await asyncio.sleep(2.5)  # the record is now older than the sidecar's --max-publish-delay
             topology.heal("eu")
-            await _until(lambda: _status(http, topology, "eu", key["key"]), lambda s: s == 200, 10)
+            await eventually(lambda: _status(http, topology, "eu", key["key"]), lambda s: s == 200, timeout=10)
     finally:
         await topology.stop()

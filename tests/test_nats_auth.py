@@ -21,14 +21,14 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NoStreamResponseError
 
+from keyrelay.core.nats_connect import NatsConnect, identity_name
+from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Trust, load_signer
+from keyrelay.core.wire import subject_prefix
 from keyrelay.nats_auth import leaf_remote
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import http_get
 from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
 from keyrelay.up import Stack, UpSettings
-from sidecar.nats_connect import NatsConnect, identity_name
-from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Trust, load_signer
-from sidecar.wire import subject_prefix
 from tests.support import make_key
 
 pytestmark = pytest.mark.slow
@@ -276,8 +276,8 @@ async def test_the_legitimate_paths_work_with_accounts_on(stack: Stack, connect:
 
 
 async def test_a_sidecar_starts_from_the_seeded_snapshot_with_read_only_credentials(stack: Stack, connect: Any) -> None:
-    from sidecar.seed import seed_snapshot
-    from sidecar.sync import KeySync
+    from keyrelay.seeder import seed_snapshot
+    from sidecar.sync import KeySync, SyncConfig
     from sidecar.table import KeyTable
 
     eu_url = _url(stack, "leaf-eu")
@@ -288,8 +288,9 @@ async def test_a_sidecar_starts_from_the_seeded_snapshot_with_read_only_credenti
     await seed_snapshot(nats=seeder, bucket="KEYS", region="eu", store="KEYS_SNAPSHOTS", trust=trust, signer=signer,
                         force=True, timeout=60.0)  # fmt: skip
     reader = NatsConnect((eu_url,), identity="sidecar-eu", creds=stack.creds("sidecar", "eu"))
-    sync = KeySync(table=KeyTable(), servers=reader.servers, connect=reader, bucket="KEYS", region="eu",
-                   snapshot_store="KEYS_SNAPSHOTS", trust=trust)  # fmt: skip
+    config = SyncConfig(servers=reader.servers, connect=reader, bucket="KEYS", region="eu",
+                        snapshot_store="KEYS_SNAPSHOTS", trust=trust)  # fmt: skip
+    sync = KeySync(config, KeyTable())
     await sync.start()
     try:
         await sync.wait_synced(30.0)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 
 import nkeys
 import pytest
+from nats.aio.client import Client
 
+from keyrelay.core.config import load
+from keyrelay.core.errors import SettingsError
+from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
+from keyrelay.core.nats_connect import NatsConnect, connect_retrying, identity_name, inbox_prefix, redact
 from keyrelay.localauth import LocalCredentials
+from keyrelay.natsd import NatsServer, NatsSpec
 from publisher.settings import PublisherSettings
-from sidecar.config import load
-from sidecar.errors import SettingsError
-from sidecar.nats_connect import NatsConnect, identity_name, inbox_prefix, redact
 
 
 def test_a_seed_file_and_a_creds_file_are_told_apart_by_their_content(tmp_path: Path) -> None:
@@ -66,3 +70,36 @@ def test_every_component_reads_its_credentials_and_ca_from_settings(tmp_path: Pa
     connect = NatsConnect.of(settings, identity="publisher")
     assert connect.creds == tmp_path / "p.nk"
     assert connect.tls_ca == tmp_path / "ca.crt"
+
+
+async def test_a_service_keeps_trying_to_reach_nats_and_connects_once_it_is_up(tmp_path: Path) -> None:
+    server = NatsServer(NatsSpec(name="late", store_dir=tmp_path / "nats"))
+    reconnected = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    connecting = asyncio.create_task(
+        connect_retrying(
+            NatsConnect((server.url,), identity="publisher"),
+            Client,
+            name="test",
+            closing=lambda: False,
+            reconnected_cb=on_reconnect,
+        )
+    )
+    await asyncio.sleep(0.5)  # a few refused attempts, each retried
+    assert not connecting.done()
+    await asyncio.to_thread(server.start)
+    try:
+        nc = await asyncio.wait_for(connecting, 10)
+        assert nc is not None
+        assert nc.is_connected
+        assert (await jetstream_api(nc, "INFO", timeout=5))["type"] == "io.nats.jetstream.api.v1.account_info_response"
+        missing = await jetstream_api(nc, "STREAM.INFO.NOPE", timeout=5)
+        assert missing["error"]["err_code"] == STREAM_NOT_FOUND
+        await asyncio.to_thread(server.restart)
+        await asyncio.wait_for(reconnected.wait(), 10)  # the connection it hands back reconnects by itself
+        await nc.close()
+    finally:
+        server.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,12 @@ import asyncpg
 import pytest
 from nats.js.client import JetStreamContext
 
+from keyrelay.core.config import environ_without_settings
+from keyrelay.core.trust import KIND_TOMBSTONE
 from keyrelay.natsd import NatsServer
-from publisher.db import open_database
+from publisher.db_open import open_database
 from publisher.errors import NotInitialised
-from sidecar.trust import KIND_TOMBSTONE
-from tests.conftest import StartPublisher
-from tests.support import ADMIN_TOKEN, SIGNER, Publisher, bucket_entries, last_message, plant
+from tests.support import ADMIN_TOKEN, SIGNER, Publisher, StartPublisher, bucket_entries, last_message, plant
 from tests.up_support import StartStack, start_stack_process
 
 
@@ -50,7 +49,7 @@ async def test_a_database_keyrelay_never_initialised_is_an_error_naming_it_and_n
 
 
 def _keyrelay(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+    env = environ_without_settings()
     return subprocess.run([sys.executable, "-m", "keyrelay", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
 

@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 from nats.js.kv import KeyValue
 
-from sidecar.config import load
-from sidecar.errors import SettingsError
+from keyrelay.core.config import load
+from keyrelay.core.errors import SettingsError
 from sidecar.settings import SidecarSettings
-from tests.conftest import StartSidecar
-from tests.support import Sidecar, make_key, put
+from tests.support import Sidecar, StartSidecar, make_key, put
 
 RULES = "POST /api/orders orders:write\n"
 # The gateway asks about POST /api/orders; a client adds the other gateway's headers, naming a route without rules.

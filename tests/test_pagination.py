@@ -11,8 +11,7 @@ import pytest
 
 from publisher.errors import Invalid
 from publisher.pagination import Order, decode_cursor, encode_cursor
-from tests.conftest import StartPublisher
-from tests.support import Admin
+from tests.support import Admin, StartPublisher
 
 COUNT = 7
 

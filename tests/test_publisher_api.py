@@ -11,14 +11,11 @@ import nats
 import pytest
 from nats.aio.msg import Msg
 
+from keyrelay.core.wire import HEARTBEAT_ENTRY, KeyRecord
 from keyrelay.natsd import NatsServer
-from sidecar.wire import HEARTBEAT_ENTRY, KeyRecord
-from tests.conftest import StartPublisher, StartSidecar
-from tests.support import Publisher, bucket_entries, eventually
+from tests.support import PROMPTLY, Publisher, StartPublisher, StartSidecar, bucket_entries, eventually
 
 T = TypeVar("T")
-
-PUSH_BOUND = 0.1
 
 
 async def test_a_key_is_created_shown_once_and_listed_masked(start_publisher: StartPublisher) -> None:
@@ -65,7 +62,7 @@ async def test_only_the_sha256_of_a_key_is_stored(start_publisher: StartPublishe
     assert secret not in str(audit)
 
 
-async def test_a_created_key_works_at_a_sidecar_and_a_revocation_reaches_it_within_100ms(
+async def test_a_created_key_works_at_a_sidecar_and_a_revocation_reaches_it_promptly(
     start_publisher: StartPublisher, start_sidecar: StartSidecar
 ) -> None:
     publisher = await start_publisher()
@@ -81,12 +78,11 @@ async def test_a_created_key_works_at_a_sidecar_and_a_revocation_reaches_it_with
     assert headers["X-Project-Id"] == project["id"]
 
     revoked = await publisher.admin.ok("POST", f"/keys/{created['id']}/revoke", {"reason": "leaked"})
-    returned = time.monotonic()
     assert revoked["propagation"] == "published"
     assert revoked["status"] == "revoked"
     assert revoked["revoked_reason"] == "leaked"
-    (_, _, body), _ = await eventually(lambda: sidecar.auth(created["key"]), lambda r: r[0] == 401)
-    assert time.monotonic() - returned < PUSH_BOUND
+    # Refused promptly after the API answered (pushed, not waited out; the benchmark measures how soon).
+    (_, _, body), _ = await eventually(lambda: sidecar.auth(created["key"]), lambda r: r[0] == 401, timeout=PROMPTLY)
     assert body["code"] == "REVOKED"
 
 
@@ -262,14 +258,14 @@ async def test_every_change_leaves_an_audit_entry(start_publisher: StartPublishe
 async def test_creating_a_token_leaves_an_audit_entry_naming_who_created_it(start_publisher: StartPublisher) -> None:
     publisher = await start_publisher()
     admin = publisher.admin
-    created = await admin.ok("POST", "/tokens", {"name": "ci-pipeline", "role": "member"})
+    created = await admin.ok("POST", "/tokens", {"name": "ci-pipeline", "role": "platform-reader"})
     assert (await admin.call("POST", "/tokens", {"name": "ci-pipeline"}))[0] == 409
 
     entries = (await admin.ok("GET", "/audit"))["entries"]
     tokens = [(e["actor"], e["action"], e["details"]["name"], e["details"]["role"]) for e in entries]
     assert tokens == [
-        ("bootstrap", "token.create", "ci-pipeline", "member"),  # who: the token that called POST /v1/tokens
-        ("configuration", "token.create", "bootstrap", "admin"),  # the start-up token, set by configuration
+        ("bootstrap", "token.create", "ci-pipeline", "platform-reader"),  # who: the token that called POST /v1/tokens
+        ("configuration", "token.create", "bootstrap", "platform-admin"),  # the start-up token, set by configuration
     ]
     assert all(e["at"] and e["details"]["token_id"] for e in entries)
     assert created["token"] not in str(entries)
@@ -351,7 +347,7 @@ async def test_the_api_needs_a_valid_token_and_members_may_only_read(start_publi
     assert (await admin.call("GET", "/orgs", token=""))[0] == 401
     status, answer = await admin.call("GET", "/orgs", token="krt_wrong")
     assert (status, answer["error"]["code"]) == (401, "unauthorized")
-    member = await admin.ok("POST", "/tokens", {"name": "dashboard", "role": "member"})
+    member = await admin.ok("POST", "/tokens", {"name": "dashboard", "role": "platform-reader"})
     assert (await admin.call("GET", "/orgs", token=member["token"]))[0] == 200
     status, answer = await admin.call("POST", "/orgs", {"name": "x"}, token=member["token"])
     assert (status, answer["error"]["code"]) == (403, "forbidden")

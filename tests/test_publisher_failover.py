@@ -19,9 +19,8 @@ from nats.js.client import JetStreamContext
 
 from keyrelay.natsd import NatsServer
 from publisher.outbox import LEASE_TTL
-from tests.conftest import StartSidecar
-from tests.support import Admin, eventually
-from tests.test_crash import PublisherProcess, _bucket_equals_database, _outbox_depth
+from tests.process_support import PublisherProcess, bucket_equals_database, outbox_depth
+from tests.support import Admin, StartSidecar, eventually
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -77,7 +76,7 @@ async def test_killing_the_replica_that_holds_the_relay_lease_hands_it_over_with
     born = await admin.create_key(project["id"], name="born-during-handover")
     await eventually(lambda: _leads(http, survivor), bool, timeout=LEASE_TTL + 5, interval=0.05)
     took_over = time.monotonic() - killed
-    await eventually(lambda: _outbox_depth(database_url), lambda n: n == 0, timeout=10)
+    await eventually(lambda: outbox_depth(database_url), lambda n: n == 0, timeout=10)
     drained = time.monotonic() - killed
     await eventually(lambda: asyncio.gather(*(sidecar.code_of(k["key"]) for k in revoked)),
                      lambda codes: set(codes) == {"REVOKED"}, timeout=10)  # fmt: skip
@@ -88,4 +87,4 @@ async def test_killing_the_replica_that_holds_the_relay_lease_hands_it_over_with
     assert [await sidecar.status_of(k["key"]) for k in keys[10:]] == [200] * 10
     assert await sidecar.status_of(born["key"]) == 200
     assert (await admin.create_key(project["id"]))["propagation"] == "published"
-    await _bucket_equals_database(database_url, js)
+    await bucket_equals_database(database_url, js)

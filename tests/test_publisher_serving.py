@@ -11,14 +11,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from keyrelay.core.config import load
+from keyrelay.core.errors import SettingsError
 from keyrelay.localtls import LocalTls
 from keyrelay.natsd import NatsServer
 from publisher.app import tls_context
 from publisher.settings import PublisherSettings
-from sidecar.config import load
-from sidecar.errors import SettingsError
-from tests.conftest import PG_ADMIN_URL, StartPublisher
-from tests.support import ADMIN_TOKEN, served_publisher
+from tests.support import ADMIN_TOKEN, PG_ADMIN_URL, StartPublisher, served_publisher
 
 
 @pytest.fixture

@@ -11,11 +11,21 @@ import msgpack
 from nacl.signing import SigningKey
 from nats.js.client import JetStreamContext
 
+from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Signer
+from keyrelay.core.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord
 from publisher.reconcile import reconcile
-from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Signer
-from sidecar.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord
-from tests.conftest import StartPublisher, StartSidecar
-from tests.support import BucketMessage, Publisher, bucket_entries, eventually, last_message, make_key, plant, put
+from tests.support import (
+    BucketMessage,
+    Publisher,
+    StartPublisher,
+    StartSidecar,
+    bucket_entries,
+    eventually,
+    last_message,
+    make_key,
+    plant,
+    put,
+)
 
 
 async def _bucket_matches_database(publisher: Publisher, js: JetStreamContext) -> None:

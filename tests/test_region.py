@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 
+from keyrelay.core.jetstream import jetstream_api
 from keyrelay.errors import KeyrelayError
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.region import RegionSettings, init_region
@@ -39,9 +39,7 @@ def hub_and_leaves(tmp_path: Path) -> Iterator[tuple[NatsServer, dict[str, NatsS
 
 
 async def _stream_info(nc: Client, query: dict[str, Any] | None = None) -> dict[str, Any]:
-    reply = await nc.request("$JS.API.STREAM.INFO.KV_KEYS", json.dumps(query).encode() if query else b"")
-    info: dict[str, Any] = json.loads(reply.data)
-    return info
+    return await jetstream_api(nc, "STREAM.INFO.KV_KEYS", query, timeout=5)
 
 
 async def test_a_region_mirror_carries_global_and_regional_keys_only_and_init_is_idempotent(
@@ -98,12 +96,10 @@ async def test_a_regional_key_reaches_its_own_regions_mirror_and_never_another_r
                 foreign = await _stream_info(leaf_nc, {"subjects_filter": f"$KV.KEYS.{other}.>"})
                 assert foreign["state"].get("subjects", {}) == {}
                 # Not even stored and filtered out of the listing: the other region's sequence is a gap.
-                reply = await leaf_nc.request("$JS.API.STREAM.MSG.GET.KV_KEYS",
-                                              json.dumps({"seq": revisions[other]}).encode())  # fmt: skip
-                assert json.loads(reply.data)["error"]["err_code"] == 10037  # no message found
-                reply = await leaf_nc.request("$JS.API.STREAM.MSG.GET.KV_KEYS",
-                                              json.dumps({"seq": revisions[region]}).encode())  # fmt: skip
-                assert json.loads(reply.data)["message"]["subject"] == f"$KV.KEYS.{records[region].entry}"
+                gap = await jetstream_api(leaf_nc, "STREAM.MSG.GET.KV_KEYS", {"seq": revisions[other]}, timeout=5)
+                assert gap["error"]["err_code"] == 10037  # no message found
+                own = await jetstream_api(leaf_nc, "STREAM.MSG.GET.KV_KEYS", {"seq": revisions[region]}, timeout=5)
+                assert own["message"]["subject"] == f"$KV.KEYS.{records[region].entry}"
             finally:
                 await leaf_nc.close()
     finally:

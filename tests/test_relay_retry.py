@@ -14,9 +14,8 @@ from nats.js.client import JetStreamContext
 from keyrelay.natsd import NatsServer
 from publisher.broker import StreamState
 from publisher.relay_health import MAX_BACKOFF
-from tests.conftest import StartPublisher, StartSidecar
-from tests.support import Publisher, Scrape, eventually
-from tests.test_crash import _bucket_equals_database
+from tests.process_support import bucket_equals_database
+from tests.support import Publisher, Scrape, StartPublisher, StartSidecar, eventually
 
 _OUTBOX_LOG = "keyrelay.publisher.outbox"
 
@@ -127,7 +126,7 @@ async def test_a_stream_lost_while_nothing_changes_is_made_again_by_the_heartbea
 
 async def _bucket_holds_database(database_url: str, js: JetStreamContext) -> bool:
     try:
-        await _bucket_equals_database(database_url, js)
+        await bucket_equals_database(database_url, js)
     except Exception:  # not there yet (no bucket, an entry missing or older)
         return False
     return True

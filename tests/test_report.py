@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+from loadtest.figures import ms, percentile
+from loadtest.openloop import percentiles
 from loadtest.report import failures, judge, summary_table
-from loadtest.topology import Topology
 from loadtest.workload import KeyLife, NodeFault, Partition, Verify, Workload
+from testbed.topology import Topology
 
 REGIONS = ("eu", "us")
 DELAYS = {"eu": 0.04, "us": 0.06}
@@ -178,3 +181,13 @@ def test_a_hub_node_lost_reports_propagation_while_it_was_down_and_after_it_was_
     # The steady-state figures leave out what was revoked while the node was down.
     assert report["regions"]["eu"]["revocations_observed"] == 1
     assert "hub node hub-2 killed at 1.0s for 3.0s: 1 revocations meanwhile" in summary_table(report)
+
+
+def test_every_benchmark_takes_nearest_rank_percentiles_and_shows_milliseconds_one_way() -> None:
+    hundred = [float(n) for n in range(100, 0, -1)]
+    assert [percentile(hundred, q) for q in (0.5, 0.9, 0.99, 0.999, 1.0)] == [50, 90, 99, 100, 100]
+    assert percentile([3.0], 0.01) == 3.0
+    assert math.isnan(percentile([], 0.5))
+    spread = percentiles(hundred)
+    assert (spread.p50, spread.p99, spread.p999, spread.max) == (50, 99, 100, 100)
+    assert (ms(0.0013), ms(0.0013, digits=1, unit=""), ms(math.nan)) == ("1.30 ms", "1.3", "n/a")

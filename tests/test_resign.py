@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,15 +14,16 @@ from typing import Any
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from keyrelay.core.config import environ_without_settings
+from keyrelay.core.errors import SignatureError
+from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Signer, load_signer
+from keyrelay.core.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord, decode_tombstone
 from keyrelay.natsd import NatsServer
-from sidecar.errors import SignatureError
-from sidecar.trust import KIND_RECORD, SIGNATURE_HEADER, Signer, load_signer
-from sidecar.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord, decode_tombstone
-from tests.conftest import StartPublisher
 from tests.support import (
     ADMIN_TOKEN,
     BucketMessage,
     Publisher,
+    StartPublisher,
     eventually,
     every_message,
     last_message,
@@ -72,7 +72,7 @@ def _secret_file(directory: Path, secret: str) -> str:
 
 
 async def _run_resign(*args: str) -> tuple[dict[str, Any], str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
+    env = environ_without_settings()
     result = await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "keyrelay", "publisher", "resign", "--json", *args],
         capture_output=True, text=True, timeout=120, env=env,

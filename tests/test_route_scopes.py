@@ -10,11 +10,10 @@ import pytest
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from sidecar.config import load
+from keyrelay.core.config import load
 from sidecar.routes import RouteScopes, RouteScopesError, normalize_path
 from sidecar.settings import SidecarSettings
-from tests.conftest import StartSidecar
-from tests.support import TRUSTED, make_key, put
+from tests.support import TRUSTED, StartSidecar, make_key, put
 
 RULES = """\
 # METHOD  PREFIX          SCOPES

@@ -16,10 +16,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keyrelay.core.config import (
+    DURATION_HELP,
+    DURATION_NOTE,
+    format_duration,
+    markdown_table,
+    options_of,
+    parse_duration,
+)
 from publisher.settings import PublisherSettings, parse_served_regions
-from sidecar.config import DURATION_HELP, DURATION_NOTE, format_duration, markdown_table, options_of, parse_duration
 from sidecar.settings import SidecarSettings
-from tests.conftest import StartPublisher
+from tests.support import PROMPTLY, StartPublisher
 
 
 def _timestamp(text: str) -> float:
@@ -47,7 +54,7 @@ def test_a_duration_parser_stays_linear_on_long_compound_looking_input() -> None
     for text in ("1h" * 16, "1" * 31 + "x", "1." * 16, "9" * 10_000 + "ms", "1d" + " " * 1_000_000 + "1h"):
         with pytest.raises(ValueError, match="not a duration"):
             parse_duration(text)
-    assert time.perf_counter() - started < 0.5
+    assert time.perf_counter() - started < PROMPTLY  # linear: a backtracking parser takes hours on these
 
 
 def test_every_duration_is_shown_in_one_canonical_compound_form() -> None:

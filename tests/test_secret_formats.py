@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from keyrelay.core.config import load
+from keyrelay.core.errors import SettingsError
+from keyrelay.core.trust import generate_signing_key
+from keyrelay.core.wire import CHECK_LEN, check_chars, generate_key
 from publisher.settings import PublisherSettings
 from publisher.token_format import generate_token, well_formed
-from sidecar.config import load
-from sidecar.errors import SettingsError
 from sidecar.settings import SidecarSettings
-from sidecar.trust import generate_signing_key
-from sidecar.wire import CHECK_LEN, check_chars, generate_key
-from tests.conftest import StartPublisher, StartSidecar
-from tests.support import eventually
+from tests.support import StartPublisher, StartSidecar, eventually
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "secret-formats.md"
 
@@ -98,9 +97,8 @@ def test_the_gitleaks_rules_are_the_documented_patterns_and_find_secrets_in_text
     }
     key, token, signing = generate_key(region="eu"), generate_token(), generate_signing_key()
     text = f'export API_KEY="{key}"\nKEYRELAY_TOKEN={token}\n{signing}\n'
-    assert re.search(rules["keyrelay-api-key"], text)[0] == key  # type: ignore[index]
-    assert re.search(rules["keyrelay-admin-token"], text)[0] == token  # type: ignore[index]
-    assert re.search(rules["keyrelay-signing-key"], text)[0] == signing  # type: ignore[index]
+    found = {name: [m[0] for m in re.finditer(rules[name], text)] for name in rules}
+    assert found == {"keyrelay-api-key": [key], "keyrelay-admin-token": [token], "keyrelay-signing-key": [signing]}
     assert re.search(rules["keyrelay-api-key"], f"x {key}Z y") is None  # one character too many
     assert re.search(rules["keyrelay-admin-token"], f"x {token}Z y") is None
 

@@ -13,17 +13,26 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from keyrelay.cli import main
-from keyrelay.errors import KeyrelayError
+from keyrelay.core.nats_connect import NatsConnect
+from keyrelay.errors import KeyrelayError, SyncTimeout
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.region import RegionSettings, init_region, seed_region_snapshot
+from keyrelay.seeder import seed_snapshot
 from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
-from sidecar.errors import SyncTimeout
-from sidecar.nats_connect import NatsConnect
-from sidecar.seed import seed_snapshot
-from sidecar.sync import KeySync
+from sidecar.sync import KeySync, SyncConfig
 from sidecar.table import KeyTable
-from tests.conftest import StartSidecar
-from tests.support import SNAPSHOT_SIGNER, TRUST, TRUSTED, eventually, heartbeat, key_file, make_key, put, revoked
+from tests.support import (
+    SNAPSHOT_SIGNER,
+    TRUST,
+    TRUSTED,
+    StartSidecar,
+    eventually,
+    heartbeat,
+    key_file,
+    make_key,
+    put,
+    revoked,
+)
 
 
 @pytest.fixture
@@ -154,8 +163,10 @@ async def test_region_init_seeds_the_regions_snapshot_once_its_mirror_has_caught
 
         [row] = await list_snapshots(SnapshotSettings(nats_url=(leaf.url,)))
         assert (row["name"], row["revision"]) == ("eu", 500)
-        sync = KeySync(table=KeyTable(), servers=[leaf.url], bucket="KEYS", region="eu",
-                       snapshot_store="KEYS_SNAPSHOTS", trust=TRUST)  # fmt: skip
+        config = SyncConfig(
+            servers=[leaf.url], bucket="KEYS", region="eu", snapshot_store="KEYS_SNAPSHOTS", trust=TRUST
+        )
+        sync = KeySync(config, KeyTable())
         await sync.start()
         try:
             await sync.wait_synced(10)

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from nats.aio.client import Server
 
-from sidecar.server_choice import ServerChoice, stream_serves
+from keyrelay.core.server_choice import ServerChoice, stream_serves
 
 _S = 1_000_000_000
 

@@ -1,4 +1,4 @@
-"""How both services serve HTTP (sidecar/serving.py): malformed requests, the Server header, the aiohttp it relies on.
+"""How both services serve HTTP (keyrelay/core/serving.py): malformed requests, the Server header, its aiohttp.
 
 Each service runs as `keyrelay sidecar` / `keyrelay publisher` run it (their
 `serve`, on a free port); malformed requests go over raw sockets, since no
@@ -22,9 +22,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from aiohttp.web_protocol import RequestHandler
 
+from keyrelay.core import serving
+from keyrelay.core.prometheus import exposition, family, singles
 from keyrelay.natsd import NatsServer
 from publisher.settings import PublisherSettings
-from sidecar import serving
 from sidecar.settings import SidecarSettings
 from tests.support import ADMIN_TOKEN, TRUSTED, Scrape, served_publisher, served_sidecar
 
@@ -160,12 +161,14 @@ async def test_every_answer_of_both_services_says_server_keyrelay_and_no_version
 
 
 def test_the_aiohttp_internals_serving_overrides_are_the_ones_it_was_checked_against() -> None:
-    # sidecar/serving.py overrides RequestHandler.handle_error and AppRunner._make_server and reads
+    # keyrelay/core/serving.py overrides RequestHandler.handle_error and AppRunner._make_server and reads
     # web.Server's _loop and _kwargs: when aiohttp changes any of that, this fails before a request does.
     with (Path(__file__).parent.parent / "pyproject.toml").open("rb") as f:
         deps = tomllib.load(f)["project"]["dependencies"]
     (spec,) = [d for d in deps if d.startswith("aiohttp")]
-    low, high = re.fullmatch(r"aiohttp>=([\d.]+),<([\d.]+)", spec.split(";")[0].strip()).groups()  # type: ignore[union-attr]
+    pinned = re.fullmatch(r"aiohttp>=([\d.]+),<([\d.]+)", spec.split(";")[0].strip())
+    assert pinned is not None, spec
+    low, high = pinned.groups()
     installed = tuple(map(int, importlib.metadata.version("aiohttp").split(".")[:3]))
     assert tuple(map(int, low.split("."))) <= installed < tuple(map(int, high.split("."))), spec
     assert list(inspect.signature(RequestHandler.handle_error).parameters) == ["self", "request", "status", "exc",
@@ -175,3 +178,18 @@ def test_the_aiohttp_internals_serving_overrides_are_the_ones_it_was_checked_aga
     assert inspect.iscoroutinefunction(web.AppRunner._make_server)
     assert "return self._app._make_handler(" in inspect.getsource(web.AppRunner._make_server)
     assert "headers.setdefault(hdrs.SERVER, SERVER_SOFTWARE)" in inspect.getsource(web.StreamResponse._prepare_headers)
+
+
+def test_both_services_write_metrics_in_the_prometheus_text_format() -> None:
+    labelled = family("keyrelay_x_total", "counter", "Xs by code", [('code="a"', 1), ('code="b"', 2)])
+    text = exposition([*labelled, *singles([("keyrelay_y", "gauge", "Y now", 0.5)])])
+    assert text == (
+        "# HELP keyrelay_x_total Xs by code\n# TYPE keyrelay_x_total counter\n"
+        'keyrelay_x_total{code="a"} 1\nkeyrelay_x_total{code="b"} 2\n'
+        "# HELP keyrelay_y Y now\n# TYPE keyrelay_y gauge\nkeyrelay_y 0.5\n"
+    )
+    scraped = Scrape.parse(text)
+    assert (scraped.family("keyrelay_x_total"), scraped.types["keyrelay_y"]) == (
+        {'{code="a"}': 1, '{code="b"}': 2},
+        "gauge",
+    )

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from keyrelay.cli import build_parser
+from keyrelay.core.config import environ_without_settings, load
+from keyrelay.core.errors import SettingsError
 from publisher.settings import PublisherSettings
-from sidecar.config import load
-from sidecar.errors import SettingsError
 from sidecar.settings import SidecarSettings
 
 
@@ -145,3 +145,8 @@ def test_an_unusable_secret_file_is_refused_naming_the_file_never_its_content(
     )
     assert reason in caught.value.reason
     assert "xxxx" not in str(caught.value)
+
+
+def test_a_child_process_is_given_the_environment_without_any_keyrelay_setting() -> None:
+    environ = {"KEYRELAY_BUCKET": "X", "KEYRELAY_ADMIN_TOKEN_FILE": "/t", "PATH": "/bin", "MY_KEYRELAY_NOTE": "kept"}
+    assert environ_without_settings(environ) == {"PATH": "/bin", "MY_KEYRELAY_NOTE": "kept"}

@@ -15,13 +15,12 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from keyrelay.cli import main
+from keyrelay.core.config import load
+from keyrelay.core.errors import SettingsError, SignatureError
+from keyrelay.core.trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, Signer, TrustedKeys, load_signer, verify
+from keyrelay.core.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord, decode_heartbeat, decode_tombstone
 from publisher.settings import PublisherSettings
-from sidecar.config import load
-from sidecar.errors import SettingsError, SignatureError
-from sidecar.trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, Signer, TrustedKeys, load_signer, verify
-from sidecar.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord, decode_heartbeat, decode_tombstone
-from tests.conftest import StartPublisher
-from tests.support import Publisher, Scrape, eventually, last_message, make_key, plant
+from tests.support import Publisher, Scrape, StartPublisher, eventually, last_message, make_key, plant
 
 
 def _another_key_with_the_same_id(signer: Signer) -> TrustedKeys:
@@ -179,7 +178,8 @@ async def test_the_signing_keys_route_lists_the_current_key_first_then_the_previ
         {"id": current.kid, "algorithm": "Ed25519", "public_key": current.public_key},
         {"id": previous.kid, "algorithm": "Ed25519", "public_key": previous.public_key},
     ]}  # fmt: skip
-    member = await publisher.admin.ok("POST", "/tokens", {"name": f"m-{uuid.uuid4().hex[:6]}", "role": "member"})
+    reader = {"name": f"m-{uuid.uuid4().hex[:6]}", "role": "platform-reader"}
+    member = await publisher.admin.ok("POST", "/tokens", reader)
     assert (await publisher.admin.call("GET", "/signing-keys", token=member["token"]))[0] == 200
     assert (await publisher.admin.call("GET", "/signing-keys", token=""))[0] == 401
 

@@ -9,13 +9,15 @@ import pytest
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from keyrelay.core.wire import KeyRecord, key_digest
 from keyrelay.natsd import NatsServer
+from keyrelay.snapshot_writer import _BLOCK, LiveReader, ValuePacker, signature_trailer, snapshot_due, snapshot_head
+from keyrelay.snapshots import SnapshotStoreSettings, list_snapshots
 from sidecar.errors import SnapshotError
-from sidecar.snapshot import _BLOCK, _LiveReader, _pieces, _signature_trailer, _Sink, decode, encode
+from sidecar.snapshot import SnapshotSink
 from sidecar.table import KeyTable
-from sidecar.wire import KeyRecord, key_digest
-from tests.conftest import StartSidecar
-from tests.support import SNAPSHOT_SIGNER, TRUST, delete, heartbeat, make_key, put, revoked, seed
+from testbed.snapshot_oracle import decode, encode, records
+from tests.support import SNAPSHOT_SIGNER, TRUST, StartSidecar, delete, find, heartbeat, make_key, put, revoked, seed
 
 
 def _filled() -> tuple[KeyTable, list[tuple[str, KeyRecord]]]:
@@ -42,41 +44,43 @@ def test_a_snapshot_restores_the_table_exactly() -> None:
     assert (snapshot.revision, snapshot.keys) == (42, len(table))
     assert sorted(copy.key_ids()) == sorted(table.key_ids())
     for key, _ in keys:
-        n = table.find(key_digest(key))
-        m = copy.find(key_digest(key))
+        n = find(table, key_digest(key))
+        m = find(copy, key_digest(key))
         assert (n >= 0) == (m >= 0)
         if n >= 0:
             assert copy.view(m) == table.view(n)
             assert copy.identity(m) == table.identity(n)
     fresh, record = make_key(scopes=("a", "b"))
     assert copy.apply(record)  # the restored table keeps working: freed records, interned sets
-    assert copy.view(copy.find(key_digest(fresh))).scopes == {"a", "b"}
+    assert copy.view(find(copy, key_digest(fresh))).scopes == {"a", "b"}
     assert len(copy) == len(table) + 1
 
 
 def test_values_packed_ahead_of_a_snapshot_and_those_interned_since_make_the_same_snapshot() -> None:
     table, keys = _filled()
-    assert table.pack_values(limit=5) > 0  # what a snapshot packs ahead, a slice at a time
+    packer = ValuePacker(table)
+    assert packer.pack(limit=5) > 0  # what a snapshot packs ahead, a slice at a time
     later = [make_key(metadata={"late": str(i)}) for i in range(20)]  # new interned values since
     for _, record in later:
         table.apply(record)
     copy = KeyTable()
     copy.apply(make_key(metadata={"gone": "after the restore"})[1])
-    copy.pack_values()
+    copy_packer = ValuePacker(copy)
+    copy_packer.pack()
     decode(
-        encode(table, revision=9, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER),
+        encode(table, revision=9, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER, packer=packer),
         copy,
         bucket="KEYS",
         region=None,
         trust=TRUST,
     )
     for key, _ in keys + later:
-        n = table.find(key_digest(key))
+        n = find(table, key_digest(key))
         if n >= 0:
-            assert copy.view(copy.find(key_digest(key))) == table.view(n)
+            assert copy.view(find(copy, key_digest(key))) == table.view(n)
     # What the copy packs comes from its own values, not from what the restored-over table had.
-    assert copy.pack_values() == 0
-    assert copy.export_packed()[1:] == table.export_packed()[1:]
+    assert copy_packer.pack() == 0
+    assert copy_packer.packed() == packer.packed()
 
 
 @pytest.mark.parametrize(
@@ -113,7 +117,7 @@ def test_a_damaged_snapshot_is_refused_and_the_table_left_alone(mutate, reason: 
 def test_a_snapshot_read_in_chunks_of_any_size_restores_the_same_table(chunk: int) -> None:
     table, keys = _filled()
     data = encode(table, revision=9, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
-    sink = _Sink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="")
+    sink = SnapshotSink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="")
     for start in range(0, len(data), chunk):
         sink.write(data[start : start + chunk])
     copy = KeyTable()
@@ -121,13 +125,13 @@ def test_a_snapshot_read_in_chunks_of_any_size_restores_the_same_table(chunk: in
     assert (snapshot.revision, snapshot.keys, snapshot.size) == (9, len(table), len(data))
     assert sorted(copy.key_ids()) == sorted(table.key_ids())
     for key, _ in keys:
-        n = table.find(key_digest(key))
-        assert (copy.view(copy.find(key_digest(key))) if n >= 0 else None) == (table.view(n) if n >= 0 else None)
+        n = find(table, key_digest(key))
+        assert (copy.view(find(copy, key_digest(key))) if n >= 0 else None) == (table.view(n) if n >= 0 else None)
     late_key = ""
     for _ in range(len(table._free) + 3):  # past the freed records: the loaded arrays grow, no view holds them
         late_key, late = make_key()
         assert copy.apply(late)
-    assert copy.find(key_digest(late_key)) >= 0
+    assert find(copy, key_digest(late_key)) >= 0
 
 
 def test_a_snapshot_of_an_empty_table_restores_an_empty_table() -> None:
@@ -146,7 +150,7 @@ def test_a_snapshot_of_an_empty_table_restores_an_empty_table() -> None:
 def test_a_snapshot_cut_short_in_its_arrays_is_refused() -> None:
     table, _ = _filled()
     data = encode(table, revision=1, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
-    sink = _Sink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="")
+    sink = SnapshotSink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="")
     sink.write(data[:-1000])
     with pytest.raises(SnapshotError, match=r"truncated: \d+ of \d+ bytes of arrays"):
         sink.load_into(KeyTable())
@@ -191,7 +195,9 @@ async def test_a_new_sidecar_starts_from_the_snapshot_and_replays_only_later_cha
     assert (await sidecar.auth(keys[2][0], scopes="admin"))[0] == 200
     assert await sidecar.status_of(keys[3][0]) == 200
     assert len(sync.table) == 200
-    assert sync.snapshots_written == 0  # a sidecar never writes one: it holds no snapshot key
+    # A sidecar never writes one: it holds no snapshot key. The region's is still the one seeded.
+    rows = await list_snapshots(SnapshotStoreSettings(nats_url=(nats_server.url,)))
+    assert [row["revision"] for row in rows] == [201]
 
 
 async def test_a_snapshot_of_another_incarnation_of_the_stream_is_ignored(
@@ -231,23 +237,22 @@ async def _value(value: object) -> object:
 
 
 def test_a_snapshot_is_due_when_missing_old_or_far_behind() -> None:
-    from sidecar.sync import KeySync
+    def due(current: tuple[float, int] | None) -> bool:  # a replica of an empty table at revision 50,000
+        return snapshot_due(current, revision=50_000, keys=len(KeyTable()), interval=600.0)
 
-    sync = KeySync(table=KeyTable(), servers=["nats://127.0.0.1:1"], bucket="KEYS", snapshot_interval=600.0)
-    sync.last_revision = 50_000
-    assert sync._snapshot_due(None)
-    assert not sync._snapshot_due((10.0, 49_000))
-    assert sync._snapshot_due((10.0, 30_000))  # 20,000 revisions behind
-    assert sync._snapshot_due((601.0, 50_000))
-
-
-def _live_reader(table: KeyTable) -> _LiveReader:
-    head = b"".join(_pieces(table, revision=5, bucket="KEYS", region=None, stream_created="", arrays=False))
-    return _LiveReader(table, head, lambda digest: _signature_trailer(SNAPSHOT_SIGNER, digest, bucket="KEYS",
-                                                                      region=None))  # fmt: skip
+    assert due(None)
+    assert not due((10.0, 49_000))
+    assert due((10.0, 30_000))  # 20,000 revisions behind
+    assert due((601.0, 50_000))
 
 
-def _read(reader: _LiveReader, chunk: int, stop: int | None = None) -> bytes:
+def _live_reader(table: KeyTable) -> LiveReader:
+    head = snapshot_head(table, ValuePacker(table), revision=5, bucket="KEYS", region=None, stream_created="")
+    return LiveReader(table, head, lambda digest: signature_trailer(SNAPSHOT_SIGNER, digest, bucket="KEYS",
+                                                                    region=None))  # fmt: skip
+
+
+def _read(reader: LiveReader, chunk: int, stop: int | None = None) -> bytes:
     read, buffer = bytearray(), bytearray(chunk)
     while (stop is None or len(read) < stop) and (count := reader.readinto(buffer)):
         read += buffer[:count]
@@ -283,7 +288,7 @@ def test_a_snapshot_read_from_the_live_table_is_the_table_as_it_was_when_the_rea
     copy = KeyTable()
     decode(data, copy, bucket="KEYS", region=None, trust=TRUST)
     assert _views(copy) == before
-    assert table.records() > copy.records()
+    assert records(table) > records(copy)
 
 
 def test_a_snapshot_whose_table_is_replaced_during_the_upload_fails() -> None:
@@ -325,7 +330,7 @@ async def test_a_sidecar_started_from_a_snapshot_covering_the_last_heartbeat_is_
 def test_a_snapshot_claiming_more_records_than_its_stream_could_have_made_is_refused_before_allocating() -> None:
     table, _ = _filled()
     data = encode(table, revision=1, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
-    sink = _Sink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="", max_records=100)
+    sink = SnapshotSink(bucket="KEYS", region=None, size=len(data), trust=TRUST, stream_created="", max_records=100)
     sink.write(data)
     with pytest.raises(SnapshotError, match="more than the stream could have made"):
         sink.load_into(KeyTable())

@@ -11,16 +11,16 @@ from nacl.signing import SigningKey
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
+from keyrelay.core.trust import Signer
+from keyrelay.core.wire import KeyRecord
 from keyrelay.natsd import NatsServer
 from publisher.broker import Broker
-from publisher.db import open_database
+from publisher.db_open import open_database
 from publisher.models import Actor, OutboxEntry
 from publisher.outbox import OutboxRelay, message_name
 from publisher.schema import MIGRATIONS, PARTITIONS, migrate
 from publisher.store import KeySpec, KeyStore
 from publisher.tokens import TokenStore
-from sidecar.trust import Signer
-from sidecar.wire import KeyRecord
 from tests.support import ADMIN_TOKEN, eventually
 
 SIGNER = Signer(SigningKey.generate(), "default")

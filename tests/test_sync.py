@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
-from nats.js.api import ConsumerInfo
+import pytest
+from nats.js.api import ConsumerInfo, KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from keyrelay.core.wire import key_digest
 from keyrelay.natsd import NatsServer
-from sidecar.sync import KeySync
+from sidecar.sync import KeySync, SyncConfig
 from sidecar.table import KeyTable
-from tests.support import eventually
+from tests.support import TRUST, eventually, heartbeat, make_key, put, put_raw
+from tests.withholding_proxy import WithholdingProxy
+
+T = TypeVar("T")
 
 
 async def _consumers(js: JetStreamContext) -> AsyncIterator[ConsumerInfo]:
@@ -21,7 +28,7 @@ async def _consumers(js: JetStreamContext) -> AsyncIterator[ConsumerInfo]:
 
 def _current(sync: KeySync, old: object) -> Callable[[], Awaitable[bool]]:
     async def replaced() -> bool:
-        return sync._gen is not old and bool(sync._gen.consumer)
+        return sync._deliveries.current is not old and bool(sync._deliveries.current.consumer)
 
     return replaced
 
@@ -29,16 +36,108 @@ def _current(sync: KeySync, old: object) -> Callable[[], Awaitable[bool]]:
 async def test_a_consumer_abandoned_after_a_bad_status_is_deleted_when_the_next_one_starts(
     nats_server: NatsServer, bucket: KeyValue, js: JetStreamContext
 ) -> None:
-    sync = KeySync(table=KeyTable(), servers=[nats_server.url], bucket="KEYS", heartbeat=0.2)
+    sync = KeySync(SyncConfig(servers=[nats_server.url], bucket="KEYS", heartbeat=0.2), KeyTable())
     await sync.start()
     try:
         await sync.wait_synced(timeout=10)
-        first = sync._gen
+        first = sync._deliveries.current
         # What the server sends a push consumer it gave up on, handed to the sync as it arrives.
-        await sync._on_status(first, b"", {"Status": "409", "Description": "Consumer Deleted"})
+        await sync._deliveries.on_status(first, b"", {"Status": "409", "Description": "Consumer Deleted"})
         await eventually(_current(sync, first), bool)
         names = [info.name async for info in _consumers(js)]
-        assert names == [sync._gen.consumer]
+        assert names == [sync._deliveries.current.consumer]
         assert sync.stats.consumer_resets == 1
     finally:
         await sync.close()
+
+
+async def test_a_full_resync_keeps_a_key_whose_entry_names_it_in_uppercase(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    """Values taken unsigned may name their key in any case; the table knows every key by its canonical id.
+
+    A recreated bucket is read again from its first revision (a full resync): a key it still holds
+    must stay held, whatever the case its entry is written in.
+    """
+    shouted_key, shouted = make_key()
+    entry = f"global.{shouted.key_id.upper()}"
+    first = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+    await put_raw(first, entry, shouted.encode(), signer=None)
+    for _, record in [make_key() for _ in range(3)]:  # the new stream will be shorter than this one
+        await put(first, record, signer=None)
+    table = KeyTable()
+    sync = KeySync(SyncConfig(servers=[nats_server.url], bucket="KEYS", heartbeat=0.2), table)
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        assert table.lookup(key_digest(shouted_key))[0] >= 0
+        await js.delete_key_value("KEYS")
+        fresh = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+        await put_raw(fresh, entry, shouted.encode(), signer=None)
+        _, last = make_key()
+        await put(fresh, last, signer=None)
+        await eventually(lambda: _async(table.find_id(last.key_id)), lambda n: n >= 0, timeout=10)  # read to its end
+        assert table.find_id(shouted.key_id) >= 0
+        assert table.lookup(key_digest(shouted_key))[0] >= 0
+    finally:
+        await sync.close()
+
+
+async def _async(value: T) -> T:
+    return value
+
+
+async def test_a_delivery_lost_on_the_way_is_noticed_by_the_next_ones_consumer_sequence_and_read_again(
+    nats_server: NatsServer, js: JetStreamContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="keyrelay.sidecar.sync")
+    proxy = WithholdingProxy(target_port=nats_server.port)
+    await proxy.start()
+    bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+    await heartbeat(bucket)
+    table = KeyTable()
+    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.5, trust=TRUST), table)
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        proxy.lose_deliveries(1)
+        _, lost = make_key()
+        await put(bucket, lost)  # never reaches the sync: the stream keeps it
+        _, next_one = make_key()
+        await put(bucket, next_one)  # its consumer sequence is one past the one the sync expects
+        await eventually(lambda: _async(table.find_id(lost.key_id)), lambda n: n >= 0, timeout=10)
+        assert table.find_id(next_one.key_id) >= 0
+        assert proxy.dropped == 1
+        assert "consumer sequence gap (got 3, expected 2)" in caplog.text
+        assert sync.stats.consumer_resets >= 1
+    finally:
+        await sync.close()
+        await proxy.close()
+
+
+async def test_a_consumer_stalled_by_a_lost_flow_control_reply_is_resumed_when_its_heartbeat_says_so(
+    nats_server: NatsServer, js: JetStreamContext
+) -> None:
+    bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+    # About 2 KB a delivery, 3 MB in all: past the server's first flow-control window (2 MiB of a
+    # 32 MiB limit in nats-server 2.15, a request at half of it).
+    wide = tuple(f"scope-{n:02d}-" + "x" * 180 for n in range(8))
+    records = [make_key(scopes=wide, metadata={"note": "y" * 400})[1] for _ in range(1500)]
+    for record in records:
+        await put(bucket, record)
+    await heartbeat(bucket)
+    proxy = WithholdingProxy(target_port=nats_server.port)
+    await proxy.start()
+    proxy.lose_flow_control_replies(1)  # the server waits for it, then stops delivering
+    table = KeyTable()
+    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.5, trust=TRUST), table)
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=30)
+        assert len(table) == len(records)
+        assert proxy.replies_dropped == 1
+        assert proxy.stalled_heartbeats >= 1  # the consumer stalled, and said so
+        assert sync.stats.consumer_resets == 0  # answering the stall resumed it: no new consumer
+    finally:
+        await sync.close()
+        await proxy.close()

@@ -9,17 +9,18 @@ from typing import Any
 
 import pytest
 
+from keyrelay.core.wire import KeyRecord, decode_fields, key_digest
 from sidecar.table import ALL, KeyTable
 from sidecar.verify import Code, Verifier
-from sidecar.wire import KeyRecord, decode_fields, key_digest
-from tests.support import make_key, revoked
+from testbed.snapshot_oracle import export, restore
+from tests.support import find, make_key, revoked
 
 
 def test_a_held_key_is_found_by_its_digest_and_reads_back_intact() -> None:
     table = KeyTable()
     key, record = make_key(scopes=("read", "write"), metadata={"team": "payments"})
     assert table.apply(record)
-    n = table.find(key_digest(key))
+    n = find(table, key_digest(key))
     assert n >= 0
     view = table.view(n)
     assert view.key_id == record.key_id
@@ -31,7 +32,7 @@ def test_a_held_key_is_found_by_its_digest_and_reads_back_intact() -> None:
 def test_an_unknown_digest_is_not_found() -> None:
     table = KeyTable()
     table.apply(make_key()[1])
-    assert table.find(key_digest(make_key()[0])) == -1
+    assert find(table, key_digest(make_key()[0])) == -1
 
 
 def test_an_older_or_equal_version_does_not_replace_a_newer_one() -> None:
@@ -55,7 +56,7 @@ def test_removal_frees_the_key_and_others_stay_findable() -> None:
     assert not table.remove(keys[0][1].key_id)
     assert len(table) == 25
     for i, (key, _) in enumerate(keys):
-        assert (table.find(key_digest(key)) >= 0) == (i % 2 == 1)
+        assert (find(table, key_digest(key)) >= 0) == (i % 2 == 1)
 
 
 def test_the_table_grows_past_its_initial_capacity_and_reuses_freed_records() -> None:
@@ -68,7 +69,7 @@ def test_the_table_grows_past_its_initial_capacity_and_reuses_freed_records() ->
     for _, record in [make_key() for _ in range(2500)]:
         table.apply(record)
     assert len(table) == 5000
-    assert all(table.find(key_digest(key)) >= 0 for key, _ in keys[2500:])
+    assert all(find(table, key_digest(key)) >= 0 for key, _ in keys[2500:])
 
 
 def test_a_record_with_a_new_hash_for_the_same_id_retires_the_old_hash() -> None:
@@ -77,8 +78,8 @@ def test_a_record_with_a_new_hash_for_the_same_id_retires_the_old_hash() -> None
     new_key, other = make_key()
     table.apply(record)
     table.apply(dataclasses.replace(record, key_hash=other.key_hash, version=2))
-    assert table.find(key_digest(old_key)) == -1
-    assert table.find(key_digest(new_key)) >= 0
+    assert find(table, key_digest(old_key)) == -1
+    assert find(table, key_digest(new_key)) >= 0
 
 
 def test_repeated_strings_are_stored_once() -> None:
@@ -228,15 +229,14 @@ def test_a_remembered_key_is_forgotten_when_the_table_is_cleared_or_restored() -
     verifier = Verifier(table=table)
     key, record = make_key()
     table.apply(record)
-    header, arrays = table.export()
-    payload = memoryview(b"".join(bytes(a) for a in arrays))
+    header, payload = export(table)
     assert verifier.verify(key)[0] is Code.VALID
 
     table.clear()
     assert verifier.verify(key)[0] is Code.NOT_FOUND
-    table.restore(header, payload)
+    restore(table, header, payload)
     assert verifier.verify(key)[0] is Code.VALID
-    table.restore(KeyTable().export()[0], memoryview(b""))  # an empty snapshot
+    restore(table, export(KeyTable())[0], b"")  # an empty snapshot
     assert verifier.verify(key)[0] is Code.NOT_FOUND
 
 
@@ -270,22 +270,22 @@ def test_a_snapshot_with_values_unfit_for_a_header_is_refused(kind: str, value: 
     table = KeyTable()
     _, record = make_key()
     table.apply(record)
-    header, arrays = table.export()
+    header, payload = export(table)
     header["values"].append([kind, value])
     with pytest.raises(ValueError, match="printable ASCII"):
-        KeyTable().restore(header, memoryview(b"".join(bytes(a) for a in arrays)))
+        restore(KeyTable(), header, payload)
 
 
 def applied_to(table: KeyTable, record: KeyRecord) -> int:
     assert table.apply(record)
-    return table.find(record.key_hash)
+    return find(table, record.key_hash)
 
 
 def test_a_record_keyed_by_an_uppercase_id_is_found_by_its_canonical_one() -> None:
     table = KeyTable()
     _, record = make_key()
     assert table.apply(dataclasses.replace(record, key_id=record.key_id.upper()))
-    assert table.find_id(record.key_id) == table.find(record.key_hash) >= 0
+    assert table.find_id(record.key_id) == find(table, record.key_hash) >= 0
 
 
 def test_fields_with_an_id_that_is_not_canonical_are_refused() -> None:

@@ -13,8 +13,7 @@ import pytest
 from keyrelay.cli import main
 from publisher.models import new_id, now_us
 from publisher.token_format import token_digest
-from tests.conftest import StartPublisher
-from tests.support import ADMIN_TOKEN, Publisher, Scrape, eventually
+from tests.support import ADMIN_TOKEN, Publisher, Scrape, StartPublisher, eventually
 
 TOKEN_RE = re.compile(r"krat_[0-9A-Za-z]{49}")
 GHOST = "0190c0de-0000-7000-8000-00000000beef"
@@ -30,10 +29,10 @@ async def test_a_new_token_has_the_krat_form_and_is_listed_with_its_hint_but_nev
 ) -> None:
     publisher = await start_publisher()
     admin = publisher.admin
-    created = await admin.ok("POST", "/tokens", {"name": "ci", "role": "admin"})
+    created = await admin.ok("POST", "/tokens", {"name": "ci", "role": "platform-admin"})
     token = created["token"]
     assert TOKEN_RE.fullmatch(token)
-    assert (created["name"], created["role"], created["status"]) == ("ci", "admin", "active")
+    assert (created["name"], created["role"], created["status"]) == ("ci", "platform-admin", "active")
     assert created["display"] == f"krat_…{token[-4:]}"
     assert created["expires_at"] is None
     assert await _status(publisher, token) == 200
@@ -81,8 +80,8 @@ async def test_a_revoked_token_is_refused_with_401_and_its_revocation_is_audited
 ) -> None:
     publisher = await start_publisher()
     admin = publisher.admin
-    created = await admin.ok("POST", "/tokens", {"name": "laptop", "role": "admin"})
-    member = await admin.ok("POST", "/tokens", {"name": "dashboard", "role": "member"})
+    created = await admin.ok("POST", "/tokens", {"name": "laptop", "role": "platform-admin"})
+    member = await admin.ok("POST", "/tokens", {"name": "dashboard", "role": "platform-reader"})
     assert await _status(publisher, created["token"]) == 200
 
     status, answer = await admin.call("DELETE", f"/tokens/{created['id']}", token=member["token"])
@@ -99,7 +98,7 @@ async def test_a_revoked_token_is_refused_with_401_and_its_revocation_is_audited
     entries = (await admin.ok("GET", "/audit"))["entries"]
     revocations = [e for e in entries if e["action"] == "token.revoke"]
     assert [(e["actor"], e["details"]) for e in revocations] == [
-        ("bootstrap", {"token_id": created["id"], "name": "laptop", "role": "admin"})
+        ("bootstrap", {"token_id": created["id"], "name": "laptop", "role": "platform-admin"})
     ]
     for missing in (GHOST, "not-an-id"):
         status, answer = await admin.call("DELETE", f"/tokens/{missing}")
@@ -116,7 +115,10 @@ async def test_a_token_past_its_expiry_is_refused_with_401(start_publisher: Star
     listed = {t["name"]: t for t in (await admin.ok("GET", "/tokens"))["tokens"]}
     assert listed["short-lived"]["status"] == "expired"
     entries = (await admin.ok("GET", "/audit"))["entries"]
-    assert entries[0]["details"]["expires_at"] == created["expires_at"]
+    refused = entries[0]  # newest first: the refusal (an expired token's cached lookup is looked up again)
+    made = next(e for e in entries if e["action"] == "token.create" and e["details"]["name"] == "short-lived")
+    assert (refused["action"], refused["details"]["reason"]) == ("token.refused", "expired")
+    assert (made["action"], made["details"]["expires_at"]) == ("token.create", created["expires_at"])
 
     for bad in ("soon", "0s", -5, "11000d", True):
         status, answer = await admin.call("POST", "/tokens", {"name": f"bad-{bad}", "expires_in": bad})
@@ -132,7 +134,7 @@ async def test_a_token_revoked_through_one_replica_is_refused_by_another_within_
     ttl = 0.5
     first = await start_publisher(token_cache_ttl=ttl)
     second = await start_publisher(token_cache_ttl=ttl)  # the same database: another replica
-    created = await first.admin.ok("POST", "/tokens", {"name": "shared", "role": "admin"})
+    created = await first.admin.ok("POST", "/tokens", {"name": "shared", "role": "platform-admin"})
     assert await _status(second, created["token"]) == 200  # now in the second replica's cache
 
     await first.admin.ok("DELETE", f"/tokens/{created['id']}")
@@ -149,7 +151,7 @@ async def test_with_a_cache_ttl_of_zero_every_replica_refuses_a_revoked_token_at
 ) -> None:
     first = await start_publisher(token_cache_ttl=0.0)
     second = await start_publisher(token_cache_ttl=0.0)
-    created = await first.admin.ok("POST", "/tokens", {"name": "shared", "role": "admin"})
+    created = await first.admin.ok("POST", "/tokens", {"name": "shared", "role": "platform-admin"})
     assert await _status(second, created["token"]) == 200
     lookups = second.services.tokens.stats.lookups
     assert await _status(second, created["token"]) == 200
@@ -186,7 +188,7 @@ async def test_a_token_of_the_older_krt_form_stored_in_the_database_keeps_workin
     async with publisher.services.tokens.db.transaction() as tx:  # as the previous release stored it
         await tx.execute(
             "INSERT INTO admin_tokens (id, name, token_hash, role, created_at) VALUES ($1, $2, $3, $4, $5)",
-            new_id(), "old-ci", token_digest(old), "admin", now_us(),
+            new_id(), "old-ci", token_digest(old), "platform-admin", now_us(),
         )  # fmt: skip
     assert await _status(publisher, old) == 200
     listed = {t["name"]: t for t in (await publisher.admin.ok("GET", "/tokens"))["tokens"]}
@@ -200,7 +202,7 @@ async def test_the_bootstrap_token_can_be_revoked_and_a_restart_with_the_same_va
 ) -> None:
     publisher = await start_publisher()
     admin = publisher.admin
-    spare = (await admin.ok("POST", "/tokens", {"name": "spare", "role": "admin"}))["token"]
+    spare = (await admin.ok("POST", "/tokens", {"name": "spare", "role": "platform-admin"}))["token"]
     bootstrap = next(t for t in (await admin.ok("GET", "/tokens"))["tokens"] if t["name"] == "bootstrap")
     await admin.ok("DELETE", f"/tokens/{bootstrap['id']}")
     assert await _status(publisher, ADMIN_TOKEN) == 401
@@ -214,7 +216,9 @@ async def test_the_bootstrap_token_can_be_revoked_and_a_restart_with_the_same_va
     assert await _status(renewed, new_value) == 200
     assert await _status(renewed, spare) == 200
     actions = [e["action"] for e in (await renewed.admin.call("GET", "/audit", token=spare))[1]["entries"]]
-    assert actions[:2] == ["token.replace", "token.revoke"]
+    # The refused bootstrap token was audited each time it was presented after its revocation.
+    assert [a for a in actions if a != "token.refused"][:2] == ["token.replace", "token.revoke"]
+    assert actions.count("token.refused") == 2
 
 
 def test_a_bootstrap_token_shorter_than_32_characters_stops_the_publisher_with_a_clear_error(

@@ -16,15 +16,15 @@ from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from keyrelay.core.errors import SettingsError, SignatureError
+from keyrelay.core.trust import KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Trust, verify
+from keyrelay.core.wire import MAX_VERSION, KeyRecord, encode_tombstone
 from keyrelay.natsd import NatsServer
 from sidecar.app import create_app
-from sidecar.errors import SettingsError, SignatureError, SnapshotError
+from sidecar.errors import SnapshotError
 from sidecar.settings import SidecarSettings
-from sidecar.snapshot import decode, encode
 from sidecar.table import RECORD_WIDTHS, KeyTable
-from sidecar.trust import KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Trust, verify
-from sidecar.wire import MAX_VERSION, KeyRecord, encode_tombstone
-from tests.conftest import StartSidecar
+from testbed.snapshot_oracle import decode, encode, records
 from tests.support import (
     FORGER,
     SIGNER,
@@ -33,6 +33,7 @@ from tests.support import (
     TRUSTED,
     Scrape,
     Sidecar,
+    StartSidecar,
     delete,
     eventually,
     heartbeat,
@@ -332,7 +333,7 @@ def test_a_snapshot_written_before_signing_is_discarded() -> None:
     table.apply(make_key()[1])
     signed = encode(table, revision=3, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
     (head,) = struct.unpack_from(">I", signed, 8)  # after the magic
-    unsigned = signed[: 12 + head + table.records() * sum(RECORD_WIDTHS)]  # no signature: as written before signing
+    unsigned = signed[: 12 + head + records(table) * sum(RECORD_WIDTHS)]  # no signature: as written before signing
     old_format = unsigned.replace(b"\xa6format\x02", b"\xa6format\x01", 1)
     for data, reason in ((old_format, "format 1 is not 2"), (unsigned, "not a whole signed snapshot")):
         with pytest.raises(SnapshotError, match=reason):
@@ -445,20 +446,20 @@ async def test_tombstones_outside_a_keys_own_entry_or_for_keys_never_held_change
 async def test_a_fault_while_verifying_a_batch_is_counted_and_the_batch_read_again_not_skipped(
     bucket: KeyValue, start_sidecar: StartSidecar, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import sidecar.sync
+    import sidecar.deliveries
 
     keys = [make_key() for _ in range(300)]
     for _, record in keys:
         await put(bucket, record)  # a replay: verified in batches on worker threads
     faults = [RuntimeError("a bug of ours")]
-    original = sidecar.sync.examine  # type: ignore[attr-defined]  # the name sync calls, replaced below
+    original = sidecar.deliveries.examine  # type: ignore[attr-defined]  # the name a batch calls, replaced below
 
     def faulty(*args: Any) -> Any:
         if faults:
             raise faults.pop()
         return original(*args)
 
-    monkeypatch.setattr(sidecar.sync, "examine", faulty)
+    monkeypatch.setattr(sidecar.deliveries, "examine", faulty)
     started = await start_sidecar()
     await started.ready()
     assert started.state.sync.stats.apply_errors == 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from sidecar.errors import RecordError
-from sidecar.wire import (
+from keyrelay.core.errors import RecordError
+from keyrelay.core.wire import (
     ALPHABET,
     KeyRecord,
     decode_fields,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,7 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Stack", "StartStack", "alive", "children_of", "port_of", "stack_env", "start_stack_process"]
+from keyrelay.core.config import environ_without_settings
+
+__all__ = ["Stack", "StartStack", "alive", "children_of", "port_of", "start_stack_process"]
 
 
 def children_of(pid: int) -> set[int]:
@@ -71,7 +72,7 @@ class Stack:
     def cli(self, *args: str) -> str:
         result = subprocess.run(
             [sys.executable, "-m", "keyrelay", *args, "--data-dir", str(self.data_dir)],
-            capture_output=True, text=True, timeout=60, env=stack_env(),
+            capture_output=True, text=True, timeout=60, env=environ_without_settings(),
         )  # fmt: skip
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()
@@ -102,10 +103,6 @@ def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
-def stack_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("KEYRELAY_")}
-
-
 StartStack = Callable[..., Stack]
 
 
@@ -114,7 +111,7 @@ def start_stack_process(data_dir: Path, *flags: str) -> Stack:
     process = subprocess.Popen(
         [sys.executable, "-m", "keyrelay", "up", "--data-dir", str(data_dir), "--publisher-port", "0",
          "--sidecar-port", "0", "--nats-port", "0", *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stack_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ_without_settings(),
         start_new_session=True,  # its own process group, so a Ctrl-C can go to it alone
     )  # fmt: skip
     return Stack(process, data_dir)

@@ -1,15 +1,19 @@
-"""A NATS link that keeps the connection alive but can withhold every JetStream delivery.
+"""A NATS link that keeps the connection alive but can lose what matters: JetStream deliveries, flow-control replies.
 
-It stands in for a leaf node or link under an attacker's control that passes
-PING/PONG, idle heartbeats and API replies (so the client looks connected and
-its consumer healthy) but drops the messages that matter: every delivery with
-a `$JS.ACK` reply subject, key records and the publisher's heartbeats alike.
+It stands in for a leaf node or link under an attacker's control, or simply a lossy one, that
+passes PING/PONG, idle heartbeats and API replies (so the client looks connected and its consumer
+healthy) but drops JetStream deliveries on their way to the client (every one with a `$JS.ACK`
+reply subject, key records and the publisher's heartbeats alike: all from `withhold()` on, or the
+next few with `lose_deliveries`), or the client's replies to the consumer's flow-control requests
+on their way to the server (`lose_flow_control_replies`). It counts the idle heartbeats that say
+their consumer is stalled, waiting for such a reply (`Nats-Consumer-Stalled`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 __all__ = ["WithholdingProxy"]
@@ -22,7 +26,11 @@ class WithholdingProxy:
     target_port: int
     port: int = 0
     withholding: bool = False
-    dropped: int = 0
+    dropped: int = 0  # JetStream deliveries dropped
+    to_lose: int = 0  # deliveries still to drop (lose_deliveries)
+    replies_to_lose: int = 0  # flow-control replies still to drop (lose_flow_control_replies)
+    replies_dropped: int = 0
+    stalled_heartbeats: int = 0  # idle heartbeats passed that name a stalled consumer
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -32,9 +40,22 @@ class WithholdingProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
+    @property
+    def url(self) -> str:
+        """The NATS URL clients connect to."""
+        return f"nats://127.0.0.1:{self.port}"
+
     def withhold(self) -> None:
         """From now on, drop every JetStream delivery on its way to the client."""
         self.withholding = True
+
+    def lose_deliveries(self, count: int) -> None:
+        """Drop the next `count` JetStream deliveries on their way to the client, then pass them again."""
+        self.to_lose = count
+
+    def lose_flow_control_replies(self, count: int) -> None:
+        """Drop the client's next `count` replies to flow-control requests ($JS.FC.…) on their way to the server."""
+        self.replies_to_lose = count
 
     async def close(self) -> None:
         """Stop listening and drop every connection."""
@@ -50,30 +71,44 @@ class WithholdingProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers |= {writer, up_writer}
-        for task in (asyncio.create_task(self._pipe(reader, up_writer)),
-                     asyncio.create_task(self._filter(up_reader, writer))):  # fmt: skip
+        for task in (asyncio.create_task(_relay(reader, up_writer, self._to_server)),
+                     asyncio.create_task(_relay(up_reader, writer, self._to_client))):  # fmt: skip
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-        dst.transport.abort()
+    def _to_server(self, words: list[bytes], frame: bytes) -> bool:
+        """Whether a client's operation goes on to the server (not a flow-control reply to lose)."""
+        if self.replies_to_lose and words[:1] == [b"PUB"] and words[1].startswith(b"$JS.FC."):
+            self.replies_to_lose -= 1
+            self.replies_dropped += 1
+            return False
+        return True
 
-    async def _filter(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        """Server to client, one protocol operation at a time: MSG and HMSG frames read whole."""
-        with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError):
-            while line := await src.readuntil(b"\r\n"):
-                frame = line
-                words = line.split()
-                if words and words[0] in (b"MSG", b"HMSG"):
-                    frame += await src.readexactly(int(words[-1]) + 2)
-                    reply = words[3] if len(words) == (5 if words[0] == b"MSG" else 6) else b""
-                    if self.withholding and reply.startswith(b"$JS.ACK."):
-                        self.dropped += 1
-                        continue
+    def _to_client(self, words: list[bytes], frame: bytes) -> bool:
+        """Whether a server's operation goes on to the client (not a JetStream delivery to drop)."""
+        if words[:1] not in ([b"MSG"], [b"HMSG"]):
+            return True
+        reply = words[3] if len(words) == (5 if words[0] == b"MSG" else 6) else b""
+        if reply.startswith(b"$JS.ACK.") and (self.withholding or self.to_lose):
+            self.to_lose = max(0, self.to_lose - 1)
+            self.dropped += 1
+            return False
+        if b"\r\nNats-Consumer-Stalled:" in frame:
+            self.stalled_heartbeats += 1
+        return True
+
+
+async def _relay(
+    src: asyncio.StreamReader, dst: asyncio.StreamWriter, passes: Callable[[list[bytes], bytes], bool]
+) -> None:
+    """Forward one protocol operation at a time (those with a payload read whole) when `passes` says so."""
+    with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError):
+        while line := await src.readuntil(b"\r\n"):
+            frame = line
+            words = line.split()
+            if words and words[0] in (b"PUB", b"HPUB", b"MSG", b"HMSG"):
+                frame += await src.readexactly(int(words[-1]) + 2)
+            if passes(words, frame):
                 dst.write(frame)
                 await dst.drain()
-        dst.transport.abort()
+    dst.transport.abort()

@@ -1,0 +1,183 @@
+"""Who a validated id token's person is in keyrelay, and what their groups give them.
+
+The person is found by email (any case). An unknown person becomes a user only when an organization their
+groups map to allows it (policy `jit_users`), and joins those organizations whose memberships are `manual`
+with the roles the map gives (the admin API manages them from then on); a deactivated user is refused. At each
+sign-in, in every organization whose policy says memberships come from `claims`, the user's org and team roles
+are set to what the group map gives their groups now (removed where it gives nothing). A user who then holds
+no role anywhere is refused with an explanation: signing in would show them nothing."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from keyrelay.core.wire import is_uuid
+
+from . import validation as v
+from .access import Services
+from .errors import Conflict, Invalid, PublisherError
+from .models import Actor
+from .oidc_groups import GroupMap, Wanted
+from .people import User
+from .store import NIL_UUID
+from .web_proxy import user_actor
+
+__all__ = ["CLAIMS_ACTOR", "Person", "SignInRefused", "person_of", "sign_in"]
+
+log = logging.getLogger("keyrelay.publisher.oidc")
+
+# The publisher itself, acting on what the identity provider said (JIT users, claims memberships, refusals).
+CLAIMS_ACTOR = Actor(token_id=NIL_UUID, name="OpenID Connect sign-in", role="system", source="portal")
+_MAX_GROUPS = 1000
+_MAX_GROUP = 255
+
+
+class SignInRefused(PublisherError):
+    """A sign-in keyrelay will not complete; `reason` is what the audit trail records, `message` what the person
+    reads (what happened and what to do)."""
+
+    status = 403
+    code = "signin_refused"
+
+    def __init__(self, message: str, *, reason: str, status: int = 403, email: str | None = None,
+                 user: User | None = None) -> None:  # fmt: skip
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+        self.email = email  # set once the provider vouched for the person: the refusal is then audited
+        self.user = user
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    """What the id token says of the person: subject, email, name and groups."""
+
+    subject: str
+    email: str
+    name: str | None
+    groups: tuple[str, ...] = field(default_factory=tuple)
+
+
+def person_of(claims: Mapping[str, Any]) -> Person:
+    """The person an id token's claims describe; SignInRefused without a usable, verified email."""
+    try:
+        email = v.email(claims.get("email"), "email")
+    except Invalid:
+        raise SignInRefused("the identity provider sent no email address for you: keyrelay knows people by email. "
+                            "Ask your administrator to release the email claim (scope email) to keyrelay",
+                            reason="no_email") from None  # fmt: skip
+    if claims.get("email_verified") is False:
+        raise SignInRefused("the identity provider says your email address is not verified: verify it there, then "
+                            "sign in again", reason="email_unverified", email=email)  # fmt: skip
+    name = claims.get("name")
+    if not isinstance(name, str) or not name.strip() or len(name) > 255 or not name.isprintable():
+        name = None
+    raw = claims.get("groups", [])
+    listed = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
+    groups = tuple(g for g in listed[:_MAX_GROUPS] if isinstance(g, str) and 0 < len(g) <= _MAX_GROUP)
+    return Person(str(claims["sub"]), email, name.strip() if name else None, groups)
+
+
+async def sign_in(services: Services, groups: GroupMap | None, person: Person) -> Actor:
+    """The user `person` is (created just in time where allowed), memberships applied, acting with its roles now;
+    SignInRefused when the person may not sign in or would hold no role."""
+    people = services.people
+    user = await people.user_by_email(person.email)
+    if user is not None and user.deactivated_at is not None:
+        raise SignInRefused("your keyrelay account is deactivated: an organization owner can tell you why",
+                            reason="user_deactivated", email=person.email, user=user)  # fmt: skip
+    wanted = await _resolve(services, groups, person.groups)
+    if user is None:
+        user = await _just_in_time(services, person, wanted)
+    await _apply_claims(services, user, wanted)
+    actor = await user_actor(services, user, "portal")
+    if actor is None or not actor.grants:
+        shown = ", ".join(person.groups[:20]) or "none"
+        raise SignInRefused(f"you signed in as {person.email}, but you hold no role in any keyrelay organization. "
+                            f"Your identity provider lists your groups as: {shown}. An organization's owner gives "
+                            "you a role, or your administrator adds you to a group the publisher's group map "
+                            "names", reason="no_role", email=person.email, user=user)  # fmt: skip
+    return actor
+
+
+async def _just_in_time(services: Services, person: Person, wanted: dict[str, Wanted]) -> User:
+    people = services.people
+    policies = {org: await people.policy(org) for org in wanted}
+    allowing = [org for org, document in policies.items() if document["jit_users"]]
+    if not allowing:
+        why = (
+            "none of your groups is mapped to a keyrelay organization"
+            if not wanted
+            else "the organizations your groups are mapped to do not create users at sign-in (policy jit_users)"
+        )
+        raise SignInRefused(f"there is no keyrelay user {person.email}, and {why}. Ask an organization owner to "
+                            "add you", reason="unknown_user", email=person.email)  # fmt: skip
+    try:
+        user = await people.create_user(CLAIMS_ACTOR, person.email, person.name, None)
+    except Conflict:  # signed in twice at once: the other sign-in made the user
+        made = await people.user_by_email(person.email)
+        assert made is not None
+        return made
+    for org in allowing:
+        if policies[org]["memberships"] == "manual":
+            await _set_roles(services, user, org, wanted[org])
+    return user
+
+
+async def _resolve(services: Services, groups: GroupMap | None, claimed: tuple[str, ...]) -> dict[str, Wanted]:
+    """The group map's answer for `claimed`, by org id, with team references resolved to ids (names that name
+    nothing are logged and left out: the map may name an organization not made yet)."""
+    if groups is None:
+        return {}
+    resolved: dict[str, Wanted] = {}
+    async with services.people.db.transaction() as tx:
+        for ref, wanted in groups.wanted(claimed).items():
+            column = "id" if is_uuid(ref) else "name"
+            org = await tx.fetchval(f"SELECT id FROM organizations WHERE {column} = $1 AND decommissioned_at IS NULL",
+                                    ref)  # fmt: skip
+            if org is None:
+                log.warning("the group map names the organization %r, which does not exist: ignored", ref)
+                continue
+            teams = {}
+            for team_ref, role in wanted.teams.items():
+                team_column = "id" if is_uuid(team_ref) else "name"
+                team = await tx.fetchval(f"SELECT id FROM teams WHERE organization_id = $1 AND {team_column} = $2 "
+                                         "AND decommissioned_at IS NULL", org, team_ref)  # fmt: skip
+                if team is None:
+                    log.warning("the group map names the team %r of %r, which does not exist: ignored", team_ref, ref)
+                    continue
+                teams[str(team)] = role
+            resolved[str(org)] = Wanted(wanted.org_role, teams)
+    return resolved
+
+
+async def _apply_claims(services: Services, user: User, wanted: dict[str, Wanted]) -> None:
+    """In each organization whose memberships come from `claims`, make the user's roles what `wanted` says."""
+    people = services.people
+    for org in {*await people.user_orgs(user.id), *wanted}:
+        if (await people.policy(org))["memberships"] == "claims":
+            await _set_roles(services, user, org, wanted.get(org))
+
+
+async def _set_roles(services: Services, user: User, org: str, want: Wanted | None) -> None:
+    """Make the user's roles in `org` and its teams exactly `want` (none at all for None)."""
+    people = services.people
+    held = await people.member_role("org", org, user.id)
+    if want is None:
+        if held is not None:
+            await people.remove_member(CLAIMS_ACTOR, "org", org, user.id)  # and its teams
+        return
+    if held != want.org_role:
+        await people.put_member(CLAIMS_ACTOR, "org", org, user.id, want.org_role)
+    async with people.db.transaction() as tx:
+        rows = await tx.fetch("SELECT m.team_id, m.role FROM team_members m JOIN teams t ON t.id = m.team_id "
+                              "WHERE m.user_id = $1 AND t.organization_id = $2", user.id, org)  # fmt: skip
+    teams = {r["team_id"]: r["role"] for r in rows}
+    for team in teams.keys() - want.teams.keys():
+        await people.remove_member(CLAIMS_ACTOR, "team", team, user.id)
+    for team, role in want.teams.items():
+        if teams.get(team) != role:
+            await people.put_member(CLAIMS_ACTOR, "team", team, user.id, role)

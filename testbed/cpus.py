@@ -1,0 +1,23 @@
+"""Pin a child process to a CPU list, so a gateway, a sidecar and a load generator need not share cores."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+
+__all__ = ["PinningError", "pinned"]
+
+
+class PinningError(RuntimeError):
+    """A CPU list was given but the process cannot be pinned to it."""
+
+
+def pinned(command: Sequence[str], cpus: str | None) -> list[str]:
+    """`command` prefixed with `taskset -c cpus` when a CPU list is given and taskset exists."""
+    if cpus is None:
+        return list(command)
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise PinningError("taskset not found (util-linux): install it or run without pinning")
+    # taskset execs the command, so the child's pid stays the command's pid.
+    return [taskset, "-c", cpus, *command]

@@ -1,0 +1,242 @@
+"""SCIM 2.0 at /scim/v2/ against a real publisher (SQLite and PostgreSQL), over HTTP: the request sequences
+Okta and Microsoft Entra ID document (tests/scim_fixtures.py), replayed until the deactivated user's key is
+refused at a sidecar; the provisioner token's org is the one provisioned; memberships a provider manages are
+read-only to the admin API; malformed input answers a SCIM error body, never a 500."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests import scim_fixtures as fx
+from tests.support import Publisher, StartPublisher, StartSidecar, eventually
+
+SCIM_JSON = "application/scim+json"
+
+
+class Scim:
+    """The SCIM API of one publisher, with one bearer token."""
+
+    def __init__(self, publisher: Publisher, http: aiohttp.ClientSession, token: str) -> None:
+        self.url, self.http, self.token = publisher.url + "/scim/v2", http, token
+
+    async def call(self, method: str, path: str, body: Any = None, *, token: str | None = None,
+                   raw: bytes | None = None) -> tuple[int, str, Any]:  # fmt: skip
+        headers = {"Authorization": f"Bearer {self.token if token is None else token}",
+                   "Content-Type": "application/scim+json"}  # fmt: skip
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        async with self.http.request(method, self.url + path, data=data, headers=headers) as resp:
+            text = await resp.text()
+            return resp.status, resp.content_type, json.loads(text) if text else None
+
+
+async def _org_with_provisioner(publisher: Publisher, memberships: str = "scim") -> tuple[str, str]:
+    admin = publisher.admin
+    org = await admin.ok("POST", "/orgs", {"name": f"org-{uuid.uuid4().hex[:8]}"})
+    await admin.ok("PUT", f"/orgs/{org['id']}/policy", {"memberships": memberships})
+    token = await admin.ok("POST", "/tokens", {"name": f"scim-{uuid.uuid4().hex[:8]}", "role": "provisioner",
+                                               "org_id": org["id"]})  # fmt: skip
+    return org["id"], token["token"]
+
+
+async def _replay(scim: Scim, steps: list[fx.Step], names: dict[str, str]) -> list[Any]:
+    answers = []
+    for method, path, body, expected in steps:
+        status, content_type, answer = await scim.call(method, fx.fill(path, names), fx.fill(body, names))
+        assert status == expected, (method, path, status, answer)
+        if answer is not None:
+            assert content_type == SCIM_JSON
+        if method == "POST" and "/Users" in path:
+            names["USER_ID"] = answer["id"]
+        if method == "POST" and "/Groups" in path:
+            names["GROUP_ID"] = answer["id"]
+        answers.append(answer)
+    return answers
+
+
+async def _key_of_user(publisher: Publisher, org: str, team: str, user: str) -> tuple[str, str]:
+    """A project in the team and a key the user made with a personal token: (key plaintext, personal token)."""
+    admin = publisher.admin
+    project = await admin.ok("POST", f"/teams/{team}/projects", {"name": "payments"})
+    personal = await admin.ok("POST", "/tokens", {"name": f"pat-{uuid.uuid4().hex[:8]}", "user_id": user})
+    status, key = await admin.call("POST", f"/projects/{project['id']}/keys", {"name": "k"}, token=personal["token"])
+    assert status == 201, key
+    return key["key"], personal["token"]
+
+
+@pytest.mark.parametrize("provider", ["okta", "entra"])
+async def test_an_identity_providers_documented_sequence_provisions_and_its_deactivation_revokes_at_the_sidecar(
+    provider: str, start_publisher: StartPublisher, start_sidecar: StartSidecar, http: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher()
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    org, token = await _org_with_provisioner(publisher)
+    scim = Scim(publisher, http, token)
+    names = {"EMAIL": f"ann-{uuid.uuid4().hex[:6]}@example.com", "GROUP": "payments-team"}
+    steps = fx.OKTA if provider == "okta" else fx.ENTRA
+    answers = await _replay(scim, steps, names)
+    assert answers[0]["totalResults"] == 0  # the filter before the create finds nobody
+    filtered = [a for (m, p, _, _), a in zip(steps, answers, strict=True) if m == "GET" and "userName" in p][-1]
+    assert filtered["totalResults"] == 1
+    assert filtered["Resources"][0]["id"] == names["USER_ID"]
+    if provider == "entra":
+        assert answers[4]["displayName"] == "Ryan Leenay"  # Entra's capitalised Replace applied
+        assert "members" not in answers[5]["Resources"][0] if answers[5]["Resources"] else True
+        assert answers[-1]["totalResults"] == 1  # `id eq … and members[value eq …]`: the member is in it
+    user, team = names["USER_ID"], names["GROUP_ID"]
+    members = await publisher.admin.ok("GET", f"/teams/{team}/members")
+    assert [(m["user_id"], m["role"]) for m in members["members"]] == [(user, "developer")]
+
+    # The admin API cannot change what the provider manages.
+    status, refused = await publisher.admin.call("DELETE", f"/teams/{team}/members/{user}")
+    assert status == 409
+    assert "identity provider" in refused["error"]["message"]
+
+    key, personal = await _key_of_user(publisher, org, team, user)
+    await eventually(lambda: sidecar.status_of(key), lambda s: s == 200, timeout=5)
+
+    remove = fx.OKTA_REMOVE_MEMBER if provider == "okta" else fx.ENTRA_REMOVE_MEMBER
+    await _replay(scim, [remove], names)
+    assert (await publisher.admin.ok("GET", f"/teams/{team}/members"))["members"] == []
+    deactivate = fx.OKTA_DEACTIVATE if provider == "okta" else fx.ENTRA_DEACTIVATE
+    (deactivated,) = await _replay(scim, [deactivate], names)
+    assert deactivated["active"] is False
+
+    await eventually(lambda: sidecar.code_of(key), lambda c: c == "REVOKED", timeout=5)
+    status, _ = await publisher.admin.call("GET", "/orgs", token=personal)
+    assert status == 401  # the personal token stopped with its user
+    audit = await publisher.admin.ok("GET", "/audit", limit=100)
+    deactivations = [e for e in audit["entries"] if e["action"] == "user.deactivate"]
+    assert [(e["source"], e["actor_kind"]) for e in deactivations] == [("scim", "token")]
+
+
+async def test_scim_delete_offboards_the_user_by_the_orgs_policy_and_a_second_get_is_404(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher()
+    org, token = await _org_with_provisioner(publisher)
+    await publisher.admin.ok("PUT", f"/orgs/{org}/policy", {"memberships": "scim", "offboarding": "keep"})
+    scim = Scim(publisher, http, token)
+    names = {"EMAIL": "bo@example.com", "GROUP": "ops"}
+    await _replay(scim, [fx.OKTA_CREATE, fx.OKTA[4], fx.OKTA[6]], names)
+    key, _ = await _key_of_user(publisher, org, names["GROUP_ID"], names["USER_ID"])
+    status, _, body = await scim.call("DELETE", f"/Users/{names['USER_ID']}")
+    assert (status, body) == (204, None)
+    user = await publisher.admin.ok("GET", f"/users/{names['USER_ID']}")
+    assert user["status"] == "deactivated"
+    keys = await publisher.admin.ok("GET", f"/projects/{(await _project_of(publisher, names['GROUP_ID']))}/keys")
+    assert [k["status"] for k in keys["keys"]] == ["active"]  # offboarding: keep
+    assert key
+
+
+async def _project_of(publisher: Publisher, team: str) -> str:
+    return str((await publisher.admin.ok("GET", f"/teams/{team}/projects"))["projects"][0]["id"])
+
+
+async def test_only_an_orgs_provisioner_token_reaches_scim_and_sees_only_its_org(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher()
+    org, token = await _org_with_provisioner(publisher)
+    other, other_token = await _org_with_provisioner(publisher)
+    scim = Scim(publisher, http, token)
+    status, content_type, body = await scim.call("GET", "/Users", token="")
+    assert (status, content_type, body["schemas"]) == (401, SCIM_JSON, ["urn:ietf:params:scim:api:messages:2.0:Error"])
+    status, _, body = await scim.call("GET", "/Users", token="kr_adm_" + "x" * 40)
+    assert status == 401
+    owner = await publisher.admin.ok("POST", "/tokens", {"name": "o", "role": "owner", "org_id": org})
+    status, _, body = await scim.call("GET", "/Users", token=owner["token"])
+    assert status == 403
+    assert "provisioner" in body["detail"]
+    status, _, created = await scim.call("POST", "/Users", {"userName": "cy@example.com"})
+    assert status == 201
+    status, _, listed = await scim.call("GET", "/Users", token=other_token)
+    assert (status, listed["totalResults"]) == (200, 0)
+    status, _, _ = await scim.call("GET", f"/Users/{created['id']}", token=other_token)
+    assert status == 404
+    del other
+
+
+async def test_lists_page_by_start_index_and_count(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher()
+    _, token = await _org_with_provisioner(publisher)
+    scim = Scim(publisher, http, token)
+    for i in range(5):
+        assert (await scim.call("POST", "/Users", {"userName": f"p{i}@example.com"}))[0] == 201
+    seen = []
+    for start in (1, 3, 5):
+        status, _, page = await scim.call("GET", f"/Users?startIndex={start}&count=2")
+        assert (status, page["totalResults"], page["startIndex"]) == (200, 5, start)
+        seen += [r["userName"] for r in page["Resources"]]
+    assert sorted(seen) == [f"p{i}@example.com" for i in range(5)]
+    status, _, none = await scim.call("GET", "/Users?count=0")
+    assert (none["totalResults"], none["Resources"]) == (5, [])
+    status, _, again = await scim.call("POST", "/Users", {"userName": "P0@example.com"})
+    assert (status, again["scimType"]) == (409, "uniqueness")
+
+
+async def test_discovery_documents_describe_users_and_groups(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher()
+    _, token = await _org_with_provisioner(publisher)
+    scim = Scim(publisher, http, token)
+    _, _, config = await scim.call("GET", "/ServiceProviderConfig")
+    assert config["patch"]["supported"] is True
+    assert config["bulk"]["supported"] is False
+    _, _, types = await scim.call("GET", "/ResourceTypes")
+    assert {t["endpoint"] for t in types["Resources"]} == {"/Users", "/Groups"}
+    _, _, schemas = await scim.call("GET", "/Schemas")
+    assert {s["id"] for s in schemas["Resources"]} == {fx.USER, fx.GROUP}
+    assert (await scim.call("GET", f"/Schemas/{fx.USER}"))[2]["name"] == "User"
+    assert (await scim.call("GET", "/Schemas/nope"))[0] == 404
+
+
+BAD: list[tuple[str, str, Any]] = [
+    ("POST", "/Users", b"{not json"),
+    ("POST", "/Users", []),
+    ("POST", "/Users", {"userName": "not-an-email"}),
+    ("POST", "/Users", {"userName": "x" * 300 + "@example.com"}),
+    ("POST", "/Users", {"userName": "a@example.com", "active": "maybe"}),
+    ("POST", "/Users", {"userName": "a\u0000b@example.com"}),
+    ("GET", "/Users?filter=userName%20co%20%22a%22", None),
+    ("GET", "/Users?filter=" + "x" * 600, None),
+    ("GET", "/Users?startIndex=abc", None),
+    ("PATCH", "/Users/USER_ID", {"Operations": "nope"}),
+    ("PATCH", "/Users/USER_ID", {"Operations": []}),
+    ("PATCH", "/Users/USER_ID", {"Operations": [{"op": "explode", "path": "active", "value": True}]}),
+    ("PATCH", "/Users/USER_ID", {"Operations": [{"op": "replace", "path": "active", "value": "perhaps"}]}),
+    ("PATCH", "/Users/USER_ID", {"Operations": [{"op": "remove", "path": "userName"}]}),
+    ("PATCH", "/Users/USER_ID", {"Operations": [{"op": "replace", "value": 3}]}),
+    ("PATCH", "/Users/USER_ID", {"Operations": [{"op": "add", "path": "x"}] * 101}),
+    ("PATCH", "/Groups/GROUP_ID", {"Operations": [{"op": "add", "path": "members", "value": [{"value": "nobody"}]}]}),
+    ("PATCH", "/Groups/GROUP_ID", {"Operations": [{"op": "add", "path": "members", "value": "x"}]}),
+    ("PATCH", "/Groups/GROUP_ID", {"Operations": [{"op": "replace", "path": "owner", "value": "x"}]}),
+    ("POST", "/Groups", {"displayName": ""}),
+    ("GET", "/Users/not-a-uuid", None),
+    ("GET", "/Groups/00000000-0000-7000-8000-000000000000", None),
+]
+
+
+async def test_malformed_requests_answer_scim_errors_and_change_nothing(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher()
+    _, token = await _org_with_provisioner(publisher)
+    scim = Scim(publisher, http, token)
+    names = {"EMAIL": "dee@example.com", "GROUP": "g"}
+    await _replay(scim, [fx.OKTA_CREATE, fx.OKTA[4]], names)
+    before = await scim.call("GET", "/Users")
+    for method, path, body in BAD:
+        raw = body if isinstance(body, bytes) else None
+        status, content_type, answer = await scim.call(method, fx.fill(path, names), None if raw else body, raw=raw)
+        assert 400 <= status < 500, (method, path, status, answer)
+        assert (content_type, answer["status"]) == (SCIM_JSON, str(status)), (method, path, answer)
+    assert await scim.call("GET", "/Users") == before
