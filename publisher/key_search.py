@@ -33,7 +33,7 @@ _FAR: dict[Dialect, str] = {"postgresql": "'infinity'::timestamptz", "sqlite": "
 _TEAM = "COALESCE(owner_team_id, team_id)"  # the owning team (rows from before owners: the project's team)
 _USED = "COALESCE(last_used_at, created_at)"
 _MAX_CODE_POINT = 0x10FFFF
-CursorKind = Literal["int", "int?", "text"]
+CursorKind = Literal["time", "time?", "text"]
 
 
 def _expires(dialect: Dialect) -> str:
@@ -60,10 +60,10 @@ class Sort:
 
     @property
     def kind(self) -> CursorKind:
-        """What the sort value is in a cursor: `text` (a name), `int?` (a time; null: never expires), `int`."""
+        """What the sort value is in a cursor: `text` (a name), `time?` (null: never expires) or `time`."""
         if self.field == "name":
             return "text"
-        return "int?" if self.field == "expires" else "int"
+        return "time?" if self.field == "expires" else "time"
 
     def __str__(self) -> str:
         return ("-" if self.descending else "") + self.field

@@ -38,8 +38,10 @@ _CURSOR_CHARS = re.compile(r"[A-Za-z0-9_-]+")
 
 T = TypeVar("T")
 SortKey = tuple[int | str | None, ...]
-# int: 0 to 2**63-1; int?: that or null; id: a canonical UUID; text: a string of at most MAX_TEXT_KEY characters.
-Kind = Literal["int", "int?", "id", "text"]
+MAX_TIME = 253_402_300_800_000_000  # epoch microseconds of the year 10000: every stored time is before it
+# int: 0 to 2**63-1; time: epoch microseconds before MAX_TIME; time?: that or null; id: a canonical UUID;
+# text: at most MAX_TEXT_KEY characters that both back ends store (no NUL, no lone surrogate).
+Kind = Literal["int", "time", "time?", "id", "text"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +80,22 @@ def decode_cursor(order: Order, text: str) -> SortKey:
 
 
 def _valid(kind: Kind, item: Any) -> bool:
-    if kind == "int?" and item is None:
+    if kind == "time?" and item is None:
         return True
-    if kind in ("int", "int?"):
-        return isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= MAX_VERSION
+    if kind in ("int", "time", "time?"):
+        highest = MAX_VERSION if kind == "int" else MAX_TIME - 1
+        return isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= highest
     if kind == "text":
-        return isinstance(item, str) and len(item) <= MAX_TEXT_KEY
+        return isinstance(item, str) and len(item) <= MAX_TEXT_KEY and "\x00" not in item and _encodes(item)
     return isinstance(item, str) and is_canonical_id(item)
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,8 @@ stays exact across pages in every order, who sees what, 400s naming the paramete
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import re
 from collections.abc import Callable
@@ -240,6 +242,14 @@ async def test_a_bad_filter_sort_or_parameter_is_a_400_naming_the_parameter(star
         assert (status, answer["error"]["field"]) == (400, "env")
         status, answer = await publisher.admin.call("GET", path, unused_for="4000d")
         assert (status, answer["error"]["field"]) == (400, "unused_for")
+        ident = "0190c0de-0000-7000-8000-000000000001"
+        crafted: list[tuple[str, str | int]] = [("name", "a\x00"), ("name", "\ud800"), ("created", 2**62),
+                                                ("expires", "x")]  # fmt: skip
+        for sort, position in crafted:
+            raw = json.dumps([f"keys:{sort}", position, ident]).encode()  # well formed, but no list hands it out
+            cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+            status, answer = await publisher.admin.call("GET", path, sort=sort, cursor=cursor)
+            assert (status, answer["error"]["code"]) == (400, "invalid_cursor"), (sort, position)
 
 
 _PG_SORT_NODE = re.compile(r"(^|->\s+)(Incremental )?Sort\s+\(cost")
