@@ -31,6 +31,7 @@ ALLOWED = {
 # The tests of the benchmarks and the load test themselves: the only ones that import loadtest/.
 # test_docs and test_k8s check the load test's settings table and its `keyrelay loadtest --help`.
 LOADTEST_TESTS = {
+    "tests.test_bench_find",
     "tests.test_bench_trust",
     "tests.test_docs",
     "tests.test_k8s",
