@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.architecture_doc import PAGE, render
 from testbed.imports import Import, component, cycles, read_imports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,3 +94,8 @@ def test_the_graph_counts_lazy_imports_and_leaves_out_type_checking_ones(tmp_pat
         ("pkg.d", "pkg.c", False),
     }
     assert cycles((i.source, i.target) for i in found if not i.typing_only) == [["pkg.a", "pkg.b"]]
+
+
+def test_the_architecture_page_names_every_module_with_its_docstring() -> None:
+    # docs/architecture.md is the map of the tree; a module added or given a new job must show there.
+    assert (ROOT / PAGE).read_text(encoding="utf-8") == render(ROOT), "run: python -m testbed.architecture_doc"
