@@ -11,7 +11,8 @@ from keyrelay.core.config import add_options
 
 from .answers import client_of, confirm, create_named, listing, show
 from .client import ClientSettings
-from .errors import ApiError, KeyrelayError
+from .errors import KeyrelayError
+from .key_listing import add_key_filters, keys_list
 from .names import Resolver, is_id
 from .output import Column, details, table
 from .parsing import Handler, Subcommands, add_command, add_group
@@ -22,10 +23,6 @@ __all__ = ["add_admin_commands"]
 ROLES = ("platform-admin", "platform-reader", "owner", "admin", "member", "provisioner", "maintainer", "developer",
          "viewer", "personal")  # fmt: skip
 
-KEY_COLUMNS: list[Column] = [
-    ("id", "id"), ("name", "name"), ("display", "display"), ("status", "status"), ("scopes", "scopes"),
-    ("region", "region"), ("expires", "expires_at"), ("last used", "last_used_at"),
-]  # fmt: skip
 KEY_DETAILS: list[Column] = [
     ("id", "id"), ("name", "name"), ("display", "display"), ("status", "status"), ("org", "org_id"),
     ("team", "team_id"), ("project", "project_id"), ("scopes", "scopes"), ("env", "env"), ("region", "region"),
@@ -128,33 +125,6 @@ def _keys_create(args: argparse.Namespace) -> int:
     if not args.json and not args.print:
         print("keys (shown once, store them now):")
     return show(args, result, table(created, [("id", "id"), ("name", "name"), ("key", "key")]), items="keys")
-
-
-def _keys_list(args: argparse.Namespace) -> int:
-    if args.project:
-        return listing(args, f"/projects/{_project(args, args.project)}/keys", "keys", KEY_COLUMNS)
-    # Every project the token may see (within --team/--org if given), project after project.
-    if args.cursor:
-        raise KeyrelayError("--cursor goes on within one project's keys: give --project too")
-    client = client_of(args)
-    limit = 10**9 if args.all else args.limit
-    keys: list[dict[str, Any]] = []
-    projects = Resolver(client).projects(team=args.team, org=args.org)
-    for project in projects:
-        try:
-            keys += client.collect(f"/projects/{project['id']}/keys", "keys", limit=limit - len(keys))["keys"]
-        except ApiError as exc:
-            if exc.code != "forbidden":
-                raise
-            continue  # a project the token sees but whose keys it may not read (an org member's, another team's)
-        if len(keys) >= limit:
-            break
-    more = len(keys) >= limit and not args.all
-    code = show(args, {"keys": keys}, table(keys, [("project", "project_id"), *KEY_COLUMNS]), items="keys")
-    if more and not args.json:
-        print(f"keyrelay: {len(keys)} keys shown, and there may be more: --all for every one, or --project",
-              file=sys.stderr)  # fmt: skip
-    return code
 
 
 def _keys_show(args: argparse.Namespace) -> int:
@@ -269,13 +239,7 @@ MEMBER_COLUMNS: list[Column] = [("user", "user_id"), ("email", "email"), ("name"
 
 def _user(args: argparse.Namespace, value: str) -> str:
     """A user's id from an id or an email address."""
-    if is_id(value):
-        return value
-    users = client_of(args).collect("/users", "users", limit=1_000_000)["users"]
-    found = [u for u in users if u["email"].lower() == value.lower()]
-    if not found:
-        raise KeyrelayError(f"no user with the email {value!r} that this token may see")
-    return str(found[0]["id"])
+    return Resolver(client_of(args)).user(value)
 
 
 def _users_add(args: argparse.Namespace) -> int:
@@ -483,10 +447,13 @@ def add_admin_commands(commands: Subcommands) -> None:
     p.add_argument("--region", help="region code: the key then works only in that region (default: global)")
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata entry (repeatable)")
     p.add_argument("--count", type=int, default=1, help="create this many keys through the bulk path")
-    p = _list_options(action(keys, "list", "list keys (masked), oldest first: a project's, or every one the token "
-                             "may see, project by project", _keys_list), "keys")  # fmt: skip
-    p.add_argument("--project", help="project (id or name); without it, every project's (within --team/--org)")
-    _where(p, "team", "org")
+    p = _list_options(action(keys, "list", "list keys (masked): an organization's or a team's, filtered and sorted "
+                             "(oldest first by default), a project's, or every one the token may read",
+                             keys_list), "keys")  # fmt: skip
+    p.add_argument("--project", help="project (id or name): its keys, oldest first (no filters)")
+    p.add_argument("--team", help="team (id or name): the keys it owns; with --org, the team is looked up there")
+    p.add_argument("--org", help="organization (id or name): its keys (those the token may read)")
+    add_key_filters(p)
     action(keys, "show", "show one key (masked)", _keys_show).add_argument("key_id", help="key id")
     p = action(keys, "rotate", "rotate a key: a new key now, the old one expires after the grace", _keys_rotate)
     p.add_argument("key_id", help="key id")

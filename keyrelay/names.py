@@ -61,6 +61,16 @@ class Resolver:
         matches = _active_first([(p, p["where"]) for p in projects if p["name"] == value])
         return _one("project", value, matches, [p["name"] for p in projects], narrow="--team or --org")
 
+    def user(self, value: str) -> str:
+        """The id of the user `value`: an id, or an email address (in any case)."""
+        if is_id(value):
+            return value
+        users = _everything(self.client, "/users", "users")
+        found = [u for u in users if u["email"].lower() == value.lower()]
+        if not found:
+            raise KeyrelayError(f"no user with the email {value!r} that this token may see")
+        return str(found[0]["id"])
+
     def projects(self, *, team: str | None = None, org: str | None = None) -> list[dict[str, Any]]:
         """Every project in `team` or `org` (ids or names) if given, else every one the token may list."""
         return self._projects(team, org)

@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -309,19 +309,22 @@ def _wait_bucket(process: subprocess.Popen[bytes], port: int, log: Path) -> None
     raise ProcessError(f"the publisher did not create the bucket in time; log:\n{tail(log)}")
 
 
-def start_stack(stack: contextlib.ExitStack, work: Path, database_url: str, log_level: str) -> Endpoints:
-    """nats-server, the publisher and a sidecar, each stopped when `stack` closes."""
+def start_stack(stack: contextlib.ExitStack, work: Path, database_url: str, log_level: str, *,
+                publisher_args: Sequence[str] = (), token: str | None = None) -> Endpoints:  # fmt: skip
+    """nats-server, the publisher (with `publisher_args` besides its own, `token` its admin token or a new one)
+    and a sidecar, each stopped when `stack` closes."""
     logs = work / "logs"
     nats_server = NatsServer(NatsSpec(name="bench-hub", store_dir=work / "nats"), log_dir=logs)
     stack.callback(nats_server.stop)
     nats_server.start()
-    token = generate_token()
+    token = token or generate_token()
     signing_key = work / "signing-key"
     public_key = write_signing_key(signing_key)
     publisher_port = free_port()
     process, log = _start_component(stack, "publisher", [
         "publisher", "--port", str(publisher_port), "--nats-url", nats_server.url,
         "--data-dir", str(work / "publisher"), "--log-level", log_level, "--signing-key", str(signing_key), "--init",
+        *publisher_args,
     ], publisher_port, logs, {"KEYRELAY_ADMIN_TOKEN": token, "KEYRELAY_DATABASE_URL": database_url})  # fmt: skip
     _wait_bucket(process, publisher_port, log)
     sidecar_port = free_port()

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
@@ -26,6 +26,7 @@ from .access import (
     propagation,
     team_target,
 )
+from .api_find import FIND_ROUTES
 from .api_people import PEOPLE_ROUTES
 from .api_sessions import SESSION_ROUTES
 from .errors import Invalid, NotFound, PublisherError, Unauthorized, Unavailable
@@ -114,7 +115,7 @@ MAX_AUDIT_ID = 2**62
 
 
 def _created_key(page: PageRequest) -> tuple[int, str] | None:
-    return None if page.after is None else (int(page.after[0]), str(page.after[1]))
+    return None if page.after is None else (cast(int, page.after[0]), str(page.after[1]))  # an "int" kind
 
 
 async def _org(request: web.Request, param: str = "org_id") -> Org:
@@ -374,7 +375,7 @@ async def audit(request: web.Request) -> web.Response:
     if query.get("actor"):
         filters["actor_id"] = v.query_id(query["actor"], "actor")
     page = page_request(query, AUDIT, legacy=("before", lambda text: (_audit_id(text),)))
-    before = None if page.after is None else int(page.after[0])
+    before = None if page.after is None else cast(int, page.after[0])
     reach = policy.reach(actor_of(request), "audit.read")
     within = None if reach.everywhere else (reach.orgs, reach.teams)
     entries = await request.app[SERVICES].store.audit(**filters, limit=page.fetch, before=before, within=within)
@@ -469,6 +470,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/v1/projects/{project_id}/keys", list_keys, "List a project's keys, masked", {200: s.KEY_PAGE},
           query=(*_PAGE, Param("after", s.ID, "deprecated: use cursor (a key id: the keys after it)", True)),
           errors=(400, 404), tags=_KEYS),
+    *FIND_ROUTES,
     Route("POST", "/v1/keys/revoke", revoke_keys, "Revoke many keys in one transaction", {200: s.BULK_REVOKED},
           s.BULK_REVOKE_REQUEST, errors=(404,), tags=_KEYS),
     Route("GET", "/v1/keys/{key_id}", show_key, "Show a key, masked", {200: s.KEY}, errors=(404,), tags=_KEYS),

@@ -12,7 +12,7 @@ from keyrelay.core.config import DURATION_HELP, duration_pattern
 from keyrelay.core.wire import ENVS
 
 from .models import SOURCES
-from .pagination import MAX_LIMIT
+from .pagination import MAX_CURSOR_CHARS, MAX_LIMIT
 from .people import MEMBERSHIP_SOURCES, OFFBOARDING
 from .policy import ORG_ROLES, TEAM_ROLES
 from .tokens import ROLES
@@ -74,7 +74,7 @@ PROPAGATION = _component("Propagation", {
     "type": "string", "enum": ["published", "pending"],
     "description": "published: JetStream acknowledged the change; pending: the outbox publishes it once NATS is back",
 })  # fmt: skip
-CURSOR = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "^[A-Za-z0-9_-]+$"}
+CURSOR = {"type": "string", "minLength": 1, "maxLength": MAX_CURSOR_CHARS, "pattern": "^[A-Za-z0-9_-]+$"}
 NEXT_CURSOR = nullable({"type": "string"})
 LIMIT = {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": 100}
 
@@ -139,6 +139,7 @@ ORG_PAGE = page("OrgPage", "orgs", ORG)
 TEAM_PAGE = page("TeamPage", "teams", TEAM)
 PROJECT_PAGE = page("ProjectPage", "projects", PROJECT)
 KEY_PAGE = page("KeyPage", "keys", KEY, next_after=nullable(ID))
+FOUND_KEYS = page("FoundKeys", "keys", KEY)
 AUDIT_PAGE = page("AuditPage", "entries", AUDIT_ENTRY, next_before=nullable({"type": "integer"}))
 
 DECOMMISSIONED = _component("Decommissioned", obj({"project_id": ID, "revoked": {"type": "array", "items": ID},

@@ -49,5 +49,8 @@ class Database(Protocol):
     def transaction(self) -> AbstractAsyncContextManager[Tx]:
         """A read-write transaction, committed on normal exit and rolled back on error."""
 
+    async def refresh_statistics(self) -> None:
+        """Bring the query planner's statistics up to date, cheaply (PostgreSQL's autovacuum does it by itself)."""
+
     async def close(self) -> None:
         """Close every connection."""

@@ -131,6 +131,9 @@ class PostgresDatabase:
         async with self._pool.acquire() as conn, conn.transaction():
             yield _PostgresTx(conn)
 
+    async def refresh_statistics(self) -> None:
+        """Nothing: autovacuum keeps PostgreSQL's statistics current."""
+
     async def close(self) -> None:
         """Close the pool."""
         await self._pool.close()

@@ -17,13 +17,14 @@ from .api import Services
 from .reconcile import reconcile
 from .resign import resign
 
-__all__ = ["RESIGN_EVERY", "Maintenance", "resign_every"]
+__all__ = ["RESIGN_EVERY", "STATISTICS_EVERY", "Maintenance", "resign_every"]
 
 log = logging.getLogger("keyrelay.publisher.maintenance")
 
 RESIGN_EVERY = 6 * 3600.0
 _DRAIN = 60.0  # how long a pass waits for the outbox to empty before it gives this round up
 _IDLE = 1.0  # how often a replica that does not lead looks again
+STATISTICS_EVERY = 600.0
 
 
 def resign_every(horizon: float) -> float:
@@ -60,6 +61,7 @@ class Maintenance:
             name="keyrelay-resign",
         ))  # fmt: skip
         self._tasks.append(asyncio.create_task(self._refill(), name="keyrelay-refill"))
+        self._tasks.append(asyncio.create_task(self._statistics(), name="keyrelay-statistics"))
 
     async def close(self) -> None:
         """Stop every pass."""
@@ -88,6 +90,16 @@ class Maintenance:
         self.resigns += 1
         if report.outbox_ids:
             s.relay.wake()
+
+    async def _statistics(self) -> None:
+        """The database's planner statistics, at start and every STATISTICS_EVERY: on every replica (no bucket
+        involved), cheap (publisher/db_sqlite.py), and what keeps finding keys on its indexes as keys pile up."""
+        while True:
+            try:
+                await self.services.store.db.refresh_statistics()
+            except Exception as exc:  # an old plan is slower, never wrong: try again next time
+                log.warning("refreshing the database's statistics failed: %s", exc)
+            await asyncio.sleep(STATISTICS_EVERY)
 
     async def _ready(self) -> bool:
         await self.services.broker.bucket_ready.wait()

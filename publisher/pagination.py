@@ -32,12 +32,16 @@ __all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "Order", "PageRequest", "SortKey", "dec
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-MAX_CURSOR_CHARS = 256  # far above any cursor handed out; refused before decoding anything
+MAX_CURSOR_CHARS = 2048  # above any cursor handed out (a 255-character name in UTF-8, base64); refused before decoding
+MAX_TEXT_KEY = 255  # characters of a text sort key (a name)
 _CURSOR_CHARS = re.compile(r"[A-Za-z0-9_-]+")
 
 T = TypeVar("T")
-SortKey = tuple[int | str, ...]
-Kind = Literal["int", "id"]
+SortKey = tuple[int | str | None, ...]
+MAX_TIME = 253_402_300_800_000_000  # epoch microseconds of the year 10000: every stored time is before it
+# int: 0 to 2**63-1; time: epoch microseconds before MAX_TIME; time?: that or null; id: a canonical UUID;
+# text: at most MAX_TEXT_KEY characters that both back ends store (no NUL, no lone surrogate).
+Kind = Literal["int", "time", "time?", "id", "text"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +54,7 @@ class Order:
 
 def encode_cursor(order: Order, key: SortKey) -> str:
     """The opaque cursor that continues `order`'s list after the item whose sort key is `key`."""
-    raw = json.dumps([order.name, *key], separators=(",", ":")).encode()
+    raw = json.dumps([order.name, *key], separators=(",", ":"), ensure_ascii=False).encode()
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
@@ -70,15 +74,28 @@ def decode_cursor(order: Order, text: str) -> SortKey:
     if not isinstance(value, list) or len(value) != len(order.kinds) + 1 or value[0] != order.name:
         raise _bad_cursor()
     key = tuple(value[1:])
-    for kind, item in zip(order.kinds, key, strict=True):
-        valid = (
-            isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= MAX_VERSION
-            if kind == "int"
-            else isinstance(item, str) and is_canonical_id(item)
-        )
-        if not valid:
-            raise _bad_cursor()
+    if not all(_valid(kind, item) for kind, item in zip(order.kinds, key, strict=True)):
+        raise _bad_cursor()
     return key
+
+
+def _valid(kind: Kind, item: Any) -> bool:
+    if kind == "time?" and item is None:
+        return True
+    if kind in ("int", "time", "time?"):
+        highest = MAX_VERSION if kind == "int" else MAX_TIME - 1
+        return isinstance(item, int) and not isinstance(item, bool) and 0 <= item <= highest
+    if kind == "text":
+        return isinstance(item, str) and len(item) <= MAX_TEXT_KEY and "\x00" not in item and _encodes(item)
+    return isinstance(item, str) and is_canonical_id(item)
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)

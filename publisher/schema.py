@@ -33,6 +33,8 @@ _TYPES: dict[Dialect, dict[str, str]] = {
         "bytes": "BYTEA",
         "serial_pk": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
         "partitioned": "PARTITION BY HASH (id)",
+        "far": "'infinity'::timestamptz",  # after every time: how a key that never expires sorts
+        "by_code_point": ' COLLATE "C"',  # names compare by code point, as SQLite's do, whatever the locale
     },
     "sqlite": {
         "uuid": "TEXT",
@@ -45,6 +47,8 @@ _TYPES: dict[Dialect, dict[str, str]] = {
         # AUTOINCREMENT: ids are never reused, so an outbox id stays a unique Nats-Msg-Id.
         "serial_pk": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "partitioned": "",
+        "far": "9223372036854775807",
+        "by_code_point": "",
     },
 }
 
@@ -75,6 +79,22 @@ _ACTIVE_TEAM_NAMES = (
 )
 _TEAM_COLUMNS = "id, organization_id, name, created_at, decommissioned_at, external_id"
 _TEAMS_BY_ORG = "CREATE INDEX idx_teams_org ON teams (organization_id, created_at, id)"  # listings: every team
+
+
+# Finding keys (publisher/key_search.py): each sort of an org's keys, and each filter not answered by one of those
+# scans, has an index; the expressions are the ones key_search.py orders and filters by, verbatim.
+_FIND_INDEXES = (
+    "CREATE INDEX idx_api_keys_org_created ON api_keys (organization_id, created_at, id)",
+    "CREATE INDEX idx_api_keys_org_used ON api_keys (organization_id, (COALESCE(last_used_at, created_at)), id)",
+    "CREATE INDEX idx_api_keys_org_expires ON api_keys (organization_id, (COALESCE(expires_at, {far})), id)",
+    "CREATE INDEX idx_api_keys_org_name ON api_keys (organization_id, name{by_code_point}, id)",
+    "CREATE INDEX idx_api_keys_org_display ON api_keys (organization_id, key_prefix{by_code_point}, id)",
+    "CREATE INDEX idx_api_keys_org_region ON api_keys (organization_id, region, created_at, id)",
+    "CREATE INDEX idx_api_keys_org_revoked ON api_keys (organization_id, created_at, id) WHERE revoked_at IS NOT NULL",
+    "CREATE INDEX idx_api_keys_owner ON api_keys ((COALESCE(owner_team_id, team_id)), created_at, id)",
+    "CREATE INDEX idx_api_keys_creator_user ON api_keys (created_by_user, created_at, id)",
+    "CREATE INDEX idx_api_keys_creator_token ON api_keys (created_by, created_at, id)",
+)
 
 
 def _memberships(table: str, column: str, parent: str) -> tuple[str, str]:
@@ -310,6 +330,13 @@ MIGRATIONS: tuple[Migration, ...] = (
             _ACTIVE_TEAM_NAMES,
             _TEAMS_BY_ORG,
         ),
+    ),
+    Migration(
+        7,
+        "finding keys: an index per sort of an organization's keys (created, last used, expires, name), by display "
+        "form, region, owning team, creator, and of revoked keys; on PostgreSQL, of scopes (GIN)",
+        _FIND_INDEXES,
+        postgresql_only=("CREATE INDEX idx_api_keys_scopes ON api_keys USING GIN (scopes)",),
     ),
 )
 

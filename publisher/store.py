@@ -17,7 +17,7 @@ from .db import Database, Tx
 from .errors import Conflict, NotFound
 from .models import Actor, ApiKey, AuditEntry, Org, Project, Team, new_id, now_us
 
-__all__ = ["AuditRow", "Change", "KeySpec", "KeyStore", "placeholders", "record_audit", "revoke_in"]
+__all__ = ["KEY_COLUMNS", "AuditRow", "Change", "KeySpec", "KeyStore", "placeholders", "record_audit", "revoke_in"]
 
 T = TypeVar("T")
 

@@ -1,4 +1,4 @@
-"""Admin tokens: stored as SHA-256 only, each with a role (admin changes things, member reads).
+"""Admin tokens: stored as SHA-256 only, each with a role and, for scoped and personal tokens, an org, team or user.
 
 A token can expire and be revoked. Lookups are cached for `cache_ttl` seconds at most, so a token
 revoked through one publisher replica is refused by every replica within that time.

@@ -33,6 +33,7 @@ __all__ = [
     "query_int",
     "reason",
     "region",
+    "scope",
     "text",
 ]
 
@@ -128,13 +129,17 @@ def scopes(value: Any) -> tuple[str, ...]:
         raise Invalid("scopes must be a list of strings", field="scopes")
     if len(value) > MAX_SCOPES:
         raise Invalid(f"at most {MAX_SCOPES} scopes", field="scopes")
-    for scope in value:
-        if not isinstance(scope, str) or not _SCOPE.fullmatch(scope):
-            raise Invalid(
-                f"bad scope {scope!r}: 1-64 of letters, digits and : . / - _ *, starting with a letter or digit",
-                field="scopes",
-            )
-    return tuple(dict.fromkeys(value))
+    return tuple(dict.fromkeys(scope(item, "scopes") for item in value))
+
+
+def scope(value: Any, field: str) -> str:
+    """One scope name such as `orders:read`."""
+    if not isinstance(value, str) or not _SCOPE.fullmatch(value):
+        raise Invalid(
+            f"bad scope {value!r}: 1-64 of letters, digits and : . / - _ *, starting with a letter or digit",
+            field=field,
+        )
+    return value
 
 
 def duration(value: Any, field: str, *, maximum: float, minimum: float = 0.0) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.architecture_doc import PAGE, render
 from testbed.imports import Import, component, cycles, read_imports
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,7 @@ ALLOWED = {
 # The tests of the benchmarks and the load test themselves: the only ones that import loadtest/.
 # test_docs and test_k8s check the load test's settings table and its `keyrelay loadtest --help`.
 LOADTEST_TESTS = {
+    "tests.test_bench_find",
     "tests.test_bench_trust",
     "tests.test_docs",
     "tests.test_k8s",
@@ -92,3 +94,8 @@ def test_the_graph_counts_lazy_imports_and_leaves_out_type_checking_ones(tmp_pat
         ("pkg.d", "pkg.c", False),
     }
     assert cycles((i.source, i.target) for i in found if not i.typing_only) == [["pkg.a", "pkg.b"]]
+
+
+def test_the_architecture_page_names_every_module_with_its_docstring() -> None:
+    # docs/architecture.md is the map of the tree; a module added or given a new job must show there.
+    assert (ROOT / PAGE).read_text(encoding="utf-8") == render(ROOT), "run: python -m testbed.architecture_doc"

@@ -341,7 +341,7 @@ async def test_creating_what_exists_can_hand_back_the_existing_one(shell: Shell)
     assert (team_again.out.strip(), project_again.out.strip()) == (team, project)
 
 
-async def test_keys_list_without_a_project_lists_every_key_the_token_may_see_project_by_project(
+async def test_keys_list_without_a_project_lists_every_key_the_token_may_see_org_by_org(
     shell: Shell,
 ) -> None:
     _, _, payments = await _project(shell)
@@ -355,5 +355,6 @@ async def test_keys_list_without_a_project_lists_every_key_the_token_may_see_pro
     ]
     cut = await shell.run("keys", "list", "--limit", "2")
     assert len(table_rows(cut.out)) == 2
-    assert "2 keys shown, and there may be more: --all for every one, or --project" in cut.err
-    assert "--cursor goes on within one project's keys" in await shell.fails("keys", "list", "--cursor", "x")
+    assert "2 keys shown, and there may be more: --all for every one, or --org" in cut.err
+    assert "--cursor goes on within one organization's or team's keys" in await shell.fails("keys", "list", "--cursor",
+                                                                                           "x")  # fmt: skip

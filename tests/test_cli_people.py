@@ -165,7 +165,7 @@ async def test_tokens_are_scoped_to_an_org_a_team_or_a_user_and_only_platform_re
     assert mine.out.split() == ["lead"]
 
 
-async def test_keys_list_narrows_to_an_org_a_team_or_a_project_and_skips_what_the_token_may_not_read(
+async def test_keys_list_narrows_to_an_org_a_team_or_a_project_and_asks_for_nothing_the_token_may_not_read(
     shell: Shell,
 ) -> None:
     ids = await _bookshop(shell)
@@ -188,13 +188,45 @@ async def test_keys_list_narrows_to_an_org_a_team_or_a_project_and_skips_what_th
                               "viewer")  # fmt: skip
     assert await names(token=viewer["token"]) == ["indexer-key"]
     assert await names("--org", "bookshop", token=viewer["token"]) == ["indexer-key"]
+    audited = len((await shell.publisher.admin.ok("GET", "/audit", limit=1000))["entries"])
     assert await names("--org", "bookshop", token=member["token"]) == []  # sees projects, reads no key
+    assert await names(token=member["token"]) == []
+    assert await names("--team", "payments", "--org", "bookshop", token=member["token"]) == []
+    after = (await shell.publisher.admin.ok("GET", "/audit", limit=1000))["entries"]
+    assert len(after) == audited  # nothing was asked that could be refused: no access.refused entries
     refused = await shell.run("keys", "list", "--project", ids["checkout"], token=member["token"])
     assert (refused.code, "may not key.read here" in refused.err) == (1, True)  # sees the project, not its keys
     hidden = await shell.run("keys", "list", "--project", ids["checkout"], token=viewer["token"])
     assert f"no project with id '{ids['checkout']}' (not_found, HTTP 404)" in hidden.err  # another team's
     hidden = await shell.run("keys", "list", "--org", "globex", token=member["token"])
     assert "no organization named 'globex'; there are: bookshop" in hidden.err  # another org does not exist for it
+
+
+async def test_keys_list_passes_every_filter_and_the_sort_to_the_org_and_team_routes(shell: Shell) -> None:
+    ids = await _bookshop(shell)
+    admin = shell.publisher.admin
+    await shell.ok("keys", "create", "--org", "bookshop", "--team", "payments", "--project", "checkout", "--name",
+                   "checkout-test", "--env", "test", "--scope", "orders:read", "--expires-in", "2d")  # fmt: skip
+    options = ["--status", "active", "--expiring-within", "3d", "--env", "test", "--region", "global", "--scope",
+               "orders:read", "--created-by", "bookshop-admin@example.com", "--prefix", "checkout",
+               "--unused-for", "0s", "--expires-before", "2100-01-01T00:00:00Z", "--sort=-name"]  # fmt: skip
+    await shell.ok("users", "add", "bookshop-admin@example.com", "--org", "bookshop")
+    nobody = await shell.json("keys", "list", "--org", "bookshop", *options)
+    assert nobody["keys"] == []  # that user made nothing
+    options[options.index("bookshop-admin@example.com")] = (await admin.ok("GET", f"/keys/{ids['checkout-key']}"))[
+        "created_by"]  # the bootstrap token's id  # fmt: skip
+    for where, path in ((["--org", "bookshop"], f"/orgs/{ids['bookshop']}/keys"),
+                        (["--team", "payments", "--org", "bookshop"], f"/teams/{ids['payments']}/keys")):  # fmt: skip
+        listed = await shell.json("keys", "list", *where, *options)
+        query = dict(zip([o.lstrip("-").replace("-", "_") for o in options[:-1:2]], options[1:-1:2], strict=True))
+        direct = await admin.ok("GET", path, sort="-name", **query)
+        assert [k["name"] for k in listed["keys"]] == [k["name"] for k in direct["keys"]] == ["checkout-test"]
+    by_name = await shell.ok("keys", "list", "--org", "bookshop", "--sort=-name", "--print", "name")
+    assert by_name.split() == ["indexer-key", "checkout-test", "checkout-key"]
+    refused = await shell.fails("keys", "list", "--project", "checkout", "--org", "bookshop", "--status", "active")
+    assert "give --org or --team instead of --project" in refused
+    bad = await shell.fails("keys", "list", "--org", "bookshop", "--expiring-within", "soon")
+    assert "expiring_within" in bad
 
 
 async def test_login_with_a_personal_token_acts_as_that_person_until_logout(shell: Shell, tmp_path: Path) -> None:

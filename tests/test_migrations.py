@@ -17,6 +17,7 @@ import pytest
 from keyrelay.core.wire import KeyRecord, display_form, generate_key, key_digest
 from publisher.db import Database
 from publisher.errors import SchemaTooNew
+from publisher.key_search import KeyFilter, Sort, Visible, find_keys
 from publisher.models import Actor, now_us
 from publisher.policy import Grant
 from publisher.schema import MIGRATIONS, migrate
@@ -244,7 +245,7 @@ async def test_after_migration_6_a_decommissioned_teams_name_is_free_and_what_re
             await tx.execute("UPDATE api_keys SET owner_team_id = $1 WHERE id = $2", old["team"], old["key"])
             await tx.execute("UPDATE teams SET decommissioned_at = $1, external_id = $2 WHERE id = $3", now,
                              "scim-group-7", old["team"])  # fmt: skip
-        assert await migrate(db) == [6]
+        assert await migrate(db, migrations=MIGRATIONS[:6]) == [6]
 
         store = KeyStore(db)
         admin = Actor(token_id=old["bootstrap"], name="bootstrap", role="platform-admin")
@@ -268,6 +269,30 @@ async def test_after_migration_6_a_decommissioned_teams_name_is_free_and_what_re
         with pytest.raises(Exception, match=r"(?i)foreign key"):  # what refers to teams still must name one
             async with db.transaction() as tx:
                 await tx.execute("UPDATE api_keys SET team_id = $1 WHERE id = $2", _id(), old["key"])
+    finally:
+        await db.close()
+
+
+async def test_after_migration_7_an_older_key_without_an_owner_is_found_in_its_projects_team_from_an_index(
+    database_url: str,
+) -> None:
+    old = await _previous_release_database(database_url)
+    db = await _open(database_url)
+    try:
+        assert await migrate(db) == [2, 3, 4, 5, 6, 7]
+        found = {}
+        for where in ({"org_id": old["org"]}, {"team_id": old["team"]}):
+            keys = await find_keys(db, **where, visible=Visible(teams=frozenset({old["team"]})),
+                                   filters=KeyFilter(now=now_us(), region="eu", scope="orders:read"),
+                                   sort=Sort("last_used"), after=None, limit=10)  # fmt: skip
+            found[next(iter(where))] = [(k.id, k.owner_team_id, k.last_used_at) for k in keys]
+        assert found == {"org_id": [(old["key"], None, None)], "team_id": [(old["key"], None, None)]}
+        async with db.transaction() as tx:
+            if db.dialect == "postgresql":
+                names = await tx.fetch("SELECT indexname AS name FROM pg_indexes WHERE tablename = 'api_keys'")
+            else:
+                names = await tx.fetch("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'api_keys'")
+        assert {"idx_api_keys_org_created", "idx_api_keys_org_used", "idx_api_keys_owner"} <= {r["name"] for r in names}
     finally:
         await db.close()
 

@@ -137,6 +137,8 @@ CASES = [
     Case("POST", "/projects/{project}/keys/bulk", "key.create", "project", "team", 201,
          lambda w: {"keys": [{"name": "a"}, {"name": "b"}]}),
     Case("GET", "/projects/{project}/keys", "key.read", "project", "team"),
+    Case("GET", "/orgs/{org}/keys", "org.read", "org", "org"),  # lists what key.read reaches (test_find_keys)
+    Case("GET", "/teams/{team}/keys", "team.read", "team", "team"),
     Case("GET", "/keys/{key}", "key.read", "key", "team"),
     Case("POST", "/keys/{key}/revoke", "key.revoke", "key", "team", fresh=True),
     Case("POST", "/keys/revoke", "key.revoke", "key", "team", body=lambda w: {"ids": [w.key]}, fresh=True),
