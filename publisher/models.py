@@ -52,10 +52,24 @@ def iso(micros: int | None) -> str | None:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_last_id = (0, 0)  # the (millisecond, sequence) of the last id this process made
+
+
 def new_id() -> str:
-    """A time-ordered UUID (version 7), so new rows land at the end of the primary-key index."""
-    millis = time.time_ns() // 1_000_000
-    raw = bytearray(millis.to_bytes(6, "big") + os.urandom(10))
+    """A time-ordered UUID (version 7), so new rows land at the end of the primary-key index.
+
+    Ids one process makes are strictly increasing (RFC 9562, 6.2, method 1): within one millisecond a
+    12-bit sequence in `rand_a` counts up, so rows made back to back list in the order they were made.
+    """
+    global _last_id
+    millis, sequence = time.time_ns() // 1_000_000, 0
+    last_millis, last_sequence = _last_id
+    if millis <= last_millis:  # the same millisecond, or the clock stepped back: go on from the last id
+        millis, sequence = last_millis, last_sequence + 1
+        if sequence > 0xFFF:
+            millis, sequence = last_millis + 1, 0
+    _last_id = (millis, sequence)
+    raw = bytearray(millis.to_bytes(6, "big") + sequence.to_bytes(2, "big") + os.urandom(8))
     raw[6] = (raw[6] & 0x0F) | 0x70
     raw[8] = (raw[8] & 0x3F) | 0x80
     return str(uuid.UUID(bytes=bytes(raw)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 
 import nats
@@ -16,7 +17,7 @@ from keyrelay.core.wire import KeyRecord
 from keyrelay.natsd import NatsServer
 from publisher.broker import Broker
 from publisher.db_open import open_database
-from publisher.models import Actor, OutboxEntry
+from publisher.models import Actor, OutboxEntry, new_id
 from publisher.outbox import OutboxRelay, message_name
 from publisher.schema import MIGRATIONS, PARTITIONS, migrate
 from publisher.store import KeySpec, KeyStore
@@ -214,3 +215,11 @@ async def test_whoever_publishes_first_under_a_guessed_message_id_cannot_have_a_
         kv = await js.key_value("KEYS")
         record = created[0].key.record()
         assert (await kv.get(record.entry)).value == record.encode()
+
+
+def test_ids_made_back_to_back_sort_in_the_order_they_were_made() -> None:
+    # Within one millisecond the version-7 id counts up, so lists ordered by id follow creation order.
+    ids = [new_id() for _ in range(10_000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert {uuid.UUID(i).version for i in ids} == {7}
