@@ -181,7 +181,10 @@ async def auth(state: SidecarState, request: web.Request) -> web.StreamResponse:
         return _deny(code)
     # No body: gateways read a 2xx's headers only, and Go clients (Traefik, Caddy) drop a
     # connection whose body went unread.
-    return grant.grant(hot[4], stale=not ready)
+    response = grant.Grant()
+    response.block = hot[4]
+    response.stale = not ready
+    return response
 
 
 def _original_request(
