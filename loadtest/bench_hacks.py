@@ -11,7 +11,8 @@ beside this checkout, so that both are measured on the same machine state.
 Replay (unless --no-replay): a bucket of `--replay-keys` signed records is
 replayed from its start by a real KeySync (loadtest/trust_probe.py replay),
 `--replay-rounds` times per variant, the variants alternating; wall and CPU
-time (the sync's verifying threads included) to synced. The variants:
+time (the sync's verifying threads included) to synced, and the process's
+peak resident set. The variants:
 
   baseline/parser    the baseline as its sidecar runs (with sidecar/direct.py: its parser and delivery)
   baseline/delivery  its direct delivery behind nats-py's own parser: without _DirectParser
@@ -151,12 +152,14 @@ def _replay(trees: dict[str, Tree], url: str, args: argparse.Namespace, work: Pa
                 raise RuntimeError(f"{variant} replay holds {figures['keys']} keys (rejected {figures['rejected']})")
             runs[variant].append(figures)
             say(f"  replay {args.replay_keys:,}, {variant:<17}: synced in {figures['sync_seconds']:.2f}s "
-                 f"({figures['sync_cpu_seconds']:.2f}s CPU, {figures['consumer_resets']} consumer resets)")  # fmt: skip
+                 f"({figures['sync_cpu_seconds']:.2f}s CPU, peak RSS {figures['peak_rss_bytes'] / 2**20:.1f} MiB, "
+                 f"{figures['consumer_resets']} consumer resets)")  # fmt: skip
     result: dict[str, Any] = {"records": args.replay_keys, "runs": runs}
     for variant in variants:
         result[variant] = {
             "sync_seconds": statistics.median(f["sync_seconds"] for f in runs[variant]),
             "sync_cpu_seconds": statistics.median(f["sync_cpu_seconds"] for f in runs[variant]),
+            "peak_rss_bytes": statistics.median(f.get("peak_rss_bytes", 0) for f in runs[variant]),
         }
     return result
 
@@ -332,7 +335,8 @@ def _report(results: dict[str, Any]) -> None:
             row = replay[variant]
             wall, cpu = row["sync_seconds"], row["sync_cpu_seconds"]
             line = (f"  {variant:<18} {wall:7.2f} s wall ({wall / base['sync_seconds']:.3f})"
-                    f"  {cpu:7.2f} s CPU ({cpu / base['sync_cpu_seconds']:.3f})")  # fmt: skip
+                    f"  {cpu:7.2f} s CPU ({cpu / base['sync_cpu_seconds']:.3f})"
+                    f"  peak RSS {row['peak_rss_bytes'] / 2**20:6.1f} MiB")  # fmt: skip
             if variant in counted:
                 per = counted[variant]["instructions_per_record"]
                 ref = counted["baseline/parser"]["instructions_per_record"]

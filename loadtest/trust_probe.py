@@ -20,10 +20,10 @@ Modes:
             its figure is left out).
             PARAMS' `direct` says how deliveries reach the sync in a tree with
             sidecar/direct.py (loadtest/bench_hacks.py compares them):
-            "parser" (the default: as the sidecar runs), "delivery" (its direct
-            delivery behind nats-py's own parser: no _DirectParser) or "nats-py"
-            (no sidecar/direct.py at all: a nats-py subscription whose callback
-            hands each message to the sync).
+            "parser" (the default: as the tree's sidecar runs), "delivery" (its
+            direct delivery behind nats-py's own parser: no _DirectParser, where
+            the tree has one) or "nats-py" (no sidecar/direct.py at all: a
+            nats-py subscription whose callback hands each message to the sync).
 """
 
 from __future__ import annotations
@@ -43,9 +43,10 @@ from typing import Any
 _LENGTH = struct.Struct(">I")
 
 
-def _rss() -> int:
+def _rss(field: str = "VmRSS") -> int:
+    """This process's resident set now (VmRSS) or at its peak (VmHWM), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -236,6 +237,7 @@ async def _replay(params: dict[str, Any]) -> dict[str, Any]:
         "apply_seconds": spent[0],
         "apply_calls": spent[1],
         "rss_growth_bytes": _rss() - rss0,
+        "peak_rss_bytes": _rss("VmHWM"),
     }
 
 
