@@ -1,12 +1,12 @@
 """What the sidecar's two protocol hacks buy, and /auth before and after a change: one run, alternating.
 
 The hacks: sidecar/grant.py writes /auth's 200 head in one piece instead of
-aiohttp's Response; sidecar/direct.py (where a tree has it) hands JetStream
-deliveries to the sync from nats-py's reader, its `_DirectParser` taking the
-message frames off the read buffer without nats-py's parser. The baseline is
-another tree (default: commit `main`, extracted with `git archive` into the
-run's temporary directory; or `--baseline DIR`), run under this interpreter
-beside this checkout, so that both are measured on the same machine state.
+aiohttp's Response; sidecar/direct.py hands JetStream deliveries to the sync
+from nats-py's reader (and, in a baseline that has it, `_DirectParser` takes
+the message frames off the read buffer without nats-py's parser). The
+baseline is another tree (default: commit `main`, extracted with `git
+archive` into the run's temporary directory; or `--baseline DIR`), run under
+this interpreter beside this checkout, so both meet the same machine state.
 
 Replay (unless --no-replay): a bucket of `--replay-keys` signed records is
 replayed from its start by a real KeySync (loadtest/trust_probe.py replay),
