@@ -24,7 +24,7 @@ from keyrelay.procs import spawn, stop, wait_http_ok
 
 from .wrk import run_wrk
 
-__all__ = ["CallgrindError", "Instructions", "count_instructions"]
+__all__ = ["CallgrindError", "Instructions", "count_instructions", "count_run"]
 
 _SUMMARY = re.compile(r"^summary: (\d+)", re.M)
 
@@ -84,3 +84,18 @@ def count_instructions(
     if found is None or measured.requests == 0 or measured.errors:
         raise CallgrindError(f"no usable count (requests {measured.requests}, errors {measured.errors})")
     return Instructions(requests=measured.requests, instructions=int(found.group(1)))
+
+
+def count_run(command: Sequence[str], *, work: Path, name: str, timeout: float) -> int:
+    """Run `command` to its end under callgrind; the user-space instructions it executed, every thread's."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise CallgrindError("valgrind not found: install it (Debian: apt-get install -y valgrind)")
+    out, log = work / f"callgrind.{name}", work / f"callgrind.{name}.log"
+    with log.open("ab") as sink:
+        done = subprocess.run([valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", *command], stdout=sink,
+                              stderr=subprocess.STDOUT, timeout=timeout, check=False)  # fmt: skip
+    found = _SUMMARY.search(out.read_text(errors="replace")) if out.exists() else None
+    if done.returncode != 0 or found is None:
+        raise CallgrindError(f"{name} under callgrind exited with {done.returncode}: see {log}")
+    return int(found.group(1))

@@ -18,6 +18,12 @@ Modes:
             is timed where the catch-up goes through it (a sync that verifies
             batches on worker threads uses it only for live deliveries: then
             its figure is left out).
+            PARAMS' `direct` says how deliveries reach the sync in a tree with
+            sidecar/direct.py (loadtest/bench_hacks.py compares them):
+            "parser" (the default: as the tree's sidecar runs), "delivery" (its
+            direct delivery behind nats-py's own parser: no _DirectParser, where
+            the tree has one) or "nats-py" (no sidecar/direct.py at all: a
+            nats-py subscription whose callback hands each message to the sync).
 """
 
 from __future__ import annotations
@@ -37,9 +43,10 @@ from typing import Any
 _LENGTH = struct.Struct(">I")
 
 
-def _rss() -> int:
+def _rss(field: str = "VmRSS") -> int:
+    """This process's resident set now (VmRSS) or at its peak (VmHWM), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -148,8 +155,41 @@ def snapshot(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _deliver_by(mode: str, sync_mod: Any) -> None:
+    """Make the tree's sync receive its deliveries the way `mode` says (the module docstring's `direct`)."""
+    if mode == "parser":
+        return
+    from nats.aio.client import Client
+    from nats.protocol.parser import Parser
+
+    if mode == "delivery":
+        direct = importlib.import_module("sidecar.direct").DirectClient
+        made = direct.__init__
+
+        def init(self: Any) -> None:
+            made(self)
+            self._ps = Parser(self)
+
+        direct.__init__ = init
+        return
+    if mode != "nats-py":
+        raise ValueError(f"direct: parser, delivery or nats-py, not {mode!r}")
+
+    class NatsPyClient(Client):
+        async def subscribe_direct(self, subject: str, handler: Any) -> Any:
+            async def deliver(msg: Any) -> None:
+                result = handler(msg.subject.encode(), msg.reply.encode(), msg.data, msg.headers)
+                if result is not None:
+                    await result
+
+            return await self.subscribe(subject, cb=deliver)
+
+    sync_mod.DirectClient = NatsPyClient
+
+
 async def _replay(params: dict[str, Any]) -> dict[str, Any]:
     sync_mod = importlib.import_module("sidecar.sync")
+    _deliver_by(params.get("direct", "parser"), sync_mod)
     table_mod = importlib.import_module("sidecar.table")
     signs = _tree_signs()
     cls = sync_mod.KeySync
@@ -190,12 +230,14 @@ async def _replay(params: dict[str, Any]) -> dict[str, Any]:
         "keys": len(table),
         "applied": stats.applied,
         "decode_errors": stats.decode_errors,
+        "consumer_resets": getattr(stats, "consumer_resets", None),
         "rejected": dict(getattr(stats, "rejected", {})),
         "sync_seconds": seconds,
         "sync_cpu_seconds": cpu,
         "apply_seconds": spent[0],
         "apply_calls": spent[1],
         "rss_growth_bytes": _rss() - rss0,
+        "peak_rss_bytes": _rss("VmHWM"),
     }
 
 

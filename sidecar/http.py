@@ -11,13 +11,11 @@ from time import perf_counter
 from typing import Any
 
 from aiohttp import hdrs, web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.helpers import rfc822_formatted_time
-from aiohttp.http_writer import HttpVersion10, HttpVersion11, StreamWriter
 from multidict import CIMultiDictProxy, istr
 
 from keyrelay.core.serving import SERVER, healthz, malformed_metric
 
+from . import grant
 from .metrics import LATENCY_BUCKETS, Metrics
 from .routes import RouteScopes
 from .settings import SidecarSettings
@@ -46,8 +44,6 @@ _VALID = Code.VALID
 # Header names as istr: multidict then skips case-folding them on every request.
 _API_KEY, _REQUIRED_SCOPES = istr("X-API-Key"), istr("X-Required-Scopes")
 _IDENTITY = ("X-Key-Id", "X-Org-Id", "X-Team-Id", "X-Project-Id", "X-Key-Scopes", "X-Key-Env")
-_STALE = "X-Keyrelay-Stale"
-_OK_11 = "HTTP/1.1 200 OK\r\n"
 # Where gateways put the original request: nginx sets X-Original-*, Traefik and Caddy X-Forwarded-*.
 # --original-uri-header names the one pair to read (or none: the path after /auth, Envoy's way);
 # unset, the first pair present is taken.
@@ -126,53 +122,10 @@ STATE = web.AppKey("keyrelay_sidecar_state", SidecarState)
 
 
 def identity_block(table: KeyTable, n: int) -> bytes:
-    """Record `n`'s identity headers, serialized as they go on the wire, ending the header block."""
+    """Record `n`'s grant headers (Server, then the identity), serialized as they go on the wire."""
     # The table only holds values that are printable ASCII without CR or LF (wire.decode_fields
     # and KeyTable.restore refuse others), so the block cannot smuggle a header in.
-    lines = "".join(f"{name}: {value}\r\n" for name, value in zip(_IDENTITY, table.identity(n), strict=True))
-    return f"{lines}\r\n".encode()
-
-
-class _Granted(web.StreamResponse):
-    """A 200 with no body whose head is written in one piece: status line, Date, Server, identity headers.
-
-    aiohttp's Response would build a header multidict, work out body, length and connection
-    headers and serialize them on every 200; the identity headers are serialized once per key
-    (when first verified) and the rest of the head is the same for every grant. What varies is
-    only what aiohttp itself would vary: the HTTP version, the Date, keep-alive, and no
-    Content-Length for HEAD. Of what may be set on a response, it honours force_close() only;
-    it runs no on_response_prepare signal (the one the sidecar registers, serving.harden's,
-    sets the Server header this head has already).
-    """
-
-    __slots__ = ("identity", "stale")
-    identity: bytes
-    stale: bool  # answered from a replica past its staleness bound (--stale-policy open)
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if self._eof_sent:
-            return None
-        if self._payload_writer is not None:
-            return self._payload_writer
-        writer = request._payload_writer
-        assert isinstance(writer, StreamWriter)
-        self._req, self._payload_writer = request, writer
-        version = request.version
-        keep_alive = self._keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
-        head = _OK_11 if version == HttpVersion11 else f"HTTP/{version[0]}.{version[1]} 200 OK\r\n"
-        head += f"Date: {rfc822_formatted_time()}\r\nServer: {SERVER}\r\n"
-        if request.method != hdrs.METH_HEAD:
-            head += "Content-Length: 0\r\n"
-        if keep_alive and version == HttpVersion10:
-            head += "Connection: keep-alive\r\n"
-        elif not keep_alive and version == HttpVersion11:
-            head += "Connection: close\r\n"
-        if self.stale:
-            head += f"{_STALE}: true\r\n"
-        # Sent with write_eof, as aiohttp sends a head it buffered (http_writer.StreamWriter).
-        writer._headers_buf = head.encode() + self.identity
-        writer._headers_written = False
-        return writer
+    return grant.header_block(((hdrs.SERVER, SERVER), *zip(_IDENTITY, table.identity(n), strict=True)))
 
 
 def _presented_key(headers: CIMultiDictProxy[str]) -> str | None:
@@ -228,8 +181,8 @@ async def auth(state: SidecarState, request: web.Request) -> web.StreamResponse:
         return _deny(code)
     # No body: gateways read a 2xx's headers only, and Go clients (Traefik, Caddy) drop a
     # connection whose body went unread.
-    response = _Granted()
-    response.identity = hot[4]
+    response = grant.Grant()
+    response.block = hot[4]
     response.stale = not ready
     return response
 
@@ -340,6 +293,7 @@ async def status(request: web.Request) -> web.Response:
             "loaded_snapshot": snapshot_summary(sync.loaded_snapshot) if sync.loaded_snapshot else None,
             "written_snapshot": None,  # sidecars only read snapshots: the region's seeder writes them
             "trust": trust_status(sync),
+            "grant_fallback": grant.fallback(),
         }
     )
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from nats.errors import ProtocolError
 
 from keyrelay.natsd import NatsServer
 from sidecar.direct import DirectClient
@@ -104,6 +103,30 @@ async def test_a_direct_subscription_with_a_limit_ends_after_that_many_messages(
     assert nc.stats["in_msgs"] >= 2
 
 
+async def test_the_reader_reads_nothing_more_until_a_handlers_awaitable_is_done(nc: DirectClient) -> None:
+    # What keeps a replay's backlog in the server, not in the sidecar's memory.
+    seen: list[bytes] = []
+    release = asyncio.Event()
+
+    async def held() -> None:
+        await release.wait()
+
+    def handler(subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None) -> Awaitable[None] | None:
+        seen.append(data)
+        return held() if data == b"0" else None
+
+    await nc.subscribe_direct("direct.p", handler)
+    for i in range(100):
+        await nc.publish("direct.p", str(i).encode())
+    await nc.flush()
+    await _until(lambda: seen == [b"0"])
+    await asyncio.sleep(0.2)  # time for the reader to run ahead, were it free to
+    assert (seen, nc.stats["in_msgs"]) == ([b"0"], 1)
+    release.set()
+    await _until(lambda: len(seen) == 100)
+    assert seen == [str(i).encode() for i in range(100)]
+
+
 async def test_many_messages_of_every_size_arrive_whole_and_in_order_across_reads(nc: DirectClient) -> None:
     seen: list[tuple[bytes, bytes, dict[str, str] | None]] = []
     others: list[bytes] = []
@@ -127,55 +150,3 @@ async def test_many_messages_of_every_size_arrive_whole_and_in_order_across_read
     assert [i for i, (_, _, h) in enumerate(seen) if h and h.get("KV-Operation") == "DEL"] == list(range(0, 3000, 97))
     await _until(lambda: len(others) == 30)
     assert others == [str(i).encode() for i in range(0, 3000, 101)]
-
-
-async def test_a_stream_of_frames_cut_at_any_byte_gives_the_same_messages() -> None:
-    # The parser alone, fed by hand: a client with no connection, so no read loop parses beside the test.
-    seen: list[tuple[bytes, bytes, bytes]] = []
-    client = DirectClient()
-    sid = 7
-    client._direct[sid] = lambda subject, reply, data, headers: seen.append((subject, reply, data))
-    stream = (
-        f"MSG cut.a {sid} reply.to 3\r\nabc\r\n+OK\r\nHMSG cut.h {sid} 12 15\r\nNATS/1.0\r\n\r\nxyz\r\n"
-        f"MSG cut.b {sid} 2\r\nhi\r\nMSG other 999999 1\r\nz\r\n+OK\r\nMSG cut.e {sid} 0\r\n\r\n"
-    ).encode()
-    expected = [(b"cut.a", b"reply.to", b"abc"), (b"cut.h", b"", b"xyz"), (b"cut.b", b"", b"hi"), (b"cut.e", b"", b"")]
-    for cut in range(len(stream) + 1):
-        for second in (cut, (cut + len(stream)) // 2):
-            seen.clear()
-            for piece in (stream[:cut], stream[cut:second], stream[second:]):
-                await client._ps.parse(piece)
-            assert seen == expected, (cut, second)
-            assert not client._ps.buf
-
-
-async def test_an_operation_nats_py_cannot_parse_ends_the_connection_instead_of_stalling_the_reader() -> None:
-    client = DirectClient()
-    client._direct[1] = lambda *parts: None
-    with pytest.raises(ProtocolError):
-        await asyncio.wait_for(client._ps.parse(b"MSG a 1 x y 5000\r\n" + b"z" * 5000 + b"\r\n"), 5)
-
-
-async def test_headered_frames_take_the_short_way_with_the_headers_nats_py_would_give_and_status_ones_its_way() -> None:
-    seen: list[tuple[bytes, bytes, dict[str, str] | None]] = []
-    client = DirectClient()
-    sid = 3
-    client._direct[sid] = lambda subject, reply, data, headers: seen.append((subject, data, headers))
-    plain = b"NATS/1.0\r\nKeyrelay-Sig: 1.r.abc.5.sig\r\nKV-Operation: DEL\r\n\r\n"
-    status = b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 4\r\n\r\n"
-    stream = b"HMSG a.b %d $JS.ACK.x %d %d\r\n%sbody\r\n" % (
-        sid,
-        len(plain),
-        len(plain) + 4,
-        plain,
-    ) + b"HMSG hb %d %d %d\r\n%s\r\n" % (sid, len(status), len(status), status)
-    for cut in range(len(stream) + 1):
-        seen.clear()
-        for piece in (stream[:cut], stream[cut:]):
-            await client._ps.parse(piece)
-        assert seen[0] == (b"a.b", b"body", {"Keyrelay-Sig": "1.r.abc.5.sig", "KV-Operation": "DEL"}), cut
-        assert len(seen) == 2
-        status_headers = seen[1][2]
-        assert status_headers is not None
-        assert status_headers["Status"] == "100", cut  # an inline status: nats-py's parse
-        assert status_headers["Nats-Last-Consumer"] == "4"
