@@ -20,15 +20,38 @@ from .parsing import Handler, Subcommands, add_command, add_group
 __all__ = ["add_admin_commands"]
 
 # The roles a token may hold (publisher/policy.py), and `personal` for a user's token that holds what they hold.
-ROLES = ("platform-admin", "platform-reader", "owner", "admin", "member", "provisioner", "maintainer", "developer",
-         "viewer", "personal")  # fmt: skip
+ROLES = (
+    "platform-admin",
+    "platform-reader",
+    "owner",
+    "admin",
+    "member",
+    "provisioner",
+    "maintainer",
+    "developer",
+    "viewer",
+    "personal",
+)
 
 KEY_DETAILS: list[Column] = [
-    ("id", "id"), ("name", "name"), ("display", "display"), ("status", "status"), ("org", "org_id"),
-    ("team", "team_id"), ("project", "project_id"), ("scopes", "scopes"), ("env", "env"), ("region", "region"),
-    ("metadata", "metadata"), ("created", "created_at"), ("expires", "expires_at"), ("last used", "last_used_at"),
-    ("revoked", "revoked_at"), ("reason", "revoked_reason"), ("rotated to", "rotated_to"),
-]  # fmt: skip
+    ("id", "id"),
+    ("name", "name"),
+    ("display", "display"),
+    ("status", "status"),
+    ("org", "org_id"),
+    ("team", "team_id"),
+    ("project", "project_id"),
+    ("scopes", "scopes"),
+    ("env", "env"),
+    ("region", "region"),
+    ("metadata", "metadata"),
+    ("created", "created_at"),
+    ("expires", "expires_at"),
+    ("last used", "last_used_at"),
+    ("revoked", "revoked_at"),
+    ("reason", "revoked_reason"),
+    ("rotated to", "rotated_to"),
+]
 
 
 def _created_key(args: argparse.Namespace, answer: dict[str, Any]) -> int:
@@ -180,17 +203,40 @@ def _audit(args: argparse.Namespace) -> int:
     org = resolver.org(args.org) if args.org else None
     team = resolver.team(args.team, org=args.org) if args.team else None
     project = resolver.project(args.project, team=args.team, org=args.org) if args.project else None
-    columns: list[Column] = [("at", "at"), ("actor", "actor"), ("action", "action"), ("project", "project_id"),
-                             ("key", "key_id"), ("details", "details")]  # fmt: skip
-    return listing(args, "/audit", "entries", columns, org_id=org, team_id=team, project_id=project, key_id=args.key,
-                    before=args.before)  # fmt: skip
+    columns: list[Column] = [
+        ("at", "at"),
+        ("actor", "actor"),
+        ("action", "action"),
+        ("project", "project_id"),
+        ("key", "key_id"),
+        ("details", "details"),
+    ]
+    return listing(
+        args,
+        "/audit",
+        "entries",
+        columns,
+        org_id=org,
+        team_id=team,
+        project_id=project,
+        key_id=args.key,
+        before=args.before,
+    )
 
 
 TOKEN_COLUMNS: list[Column] = [
-    ("id", "id"), ("name", "name"), ("role", "role"), ("org", "org_id"), ("team", "team_id"), ("user", "user_id"),
-    ("status", "status"), ("display", "display"),
-    ("created", "created_at"), ("expires", "expires_at"), ("revoked", "revoked_at"),
-]  # fmt: skip
+    ("id", "id"),
+    ("name", "name"),
+    ("role", "role"),
+    ("org", "org_id"),
+    ("team", "team_id"),
+    ("user", "user_id"),
+    ("status", "status"),
+    ("display", "display"),
+    ("created", "created_at"),
+    ("expires", "expires_at"),
+    ("revoked", "revoked_at"),
+]
 
 
 def _tokens_create(args: argparse.Namespace) -> int:
@@ -217,9 +263,12 @@ def _tokens_list(args: argparse.Namespace) -> int:
         tokens = client_of(args).collect("/tokens", "tokens", limit=1000)["tokens"]
         readers = [t["name"] for t in tokens if t["role"] == "platform-reader" and t["status"] == "active"]
         if readers:
-            print(f"keyrelay: warning: {len(readers)} active platform-reader token(s) ({', '.join(readers[:5])}) "
-                  "read every organization's keys and audit trail (cross-tenant); scope them with --org or "
-                  "--team where you can", file=sys.stderr)  # fmt: skip
+            print(
+                f"keyrelay: warning: {len(readers)} active platform-reader token(s) ({', '.join(readers[:5])}) "
+                "read every organization's keys and audit trail (cross-tenant); scope them with --org or "
+                "--team where you can",
+                file=sys.stderr,
+            )
     return code
 
 
@@ -231,10 +280,21 @@ def _tokens_revoke(args: argparse.Namespace) -> int:
 # -- people ------------------------------------------------------------------------------------
 
 MEMBER_ROLES = ("owner", "admin", "member", "maintainer", "developer", "viewer")
-USER_COLUMNS: list[Column] = [("id", "id"), ("email", "email"), ("name", "display_name"), ("status", "status"),
-                              ("created", "created_at")]  # fmt: skip
-MEMBER_COLUMNS: list[Column] = [("user", "user_id"), ("email", "email"), ("name", "display_name"), ("role", "role"),
-                                ("status", "status"), ("since", "since")]  # fmt: skip
+USER_COLUMNS: list[Column] = [
+    ("id", "id"),
+    ("email", "email"),
+    ("name", "display_name"),
+    ("status", "status"),
+    ("created", "created_at"),
+]
+MEMBER_COLUMNS: list[Column] = [
+    ("user", "user_id"),
+    ("email", "email"),
+    ("name", "display_name"),
+    ("role", "role"),
+    ("status", "status"),
+    ("since", "since"),
+]
 
 
 def _user(args: argparse.Namespace, value: str) -> str:
@@ -351,9 +411,13 @@ def _signing_keys(args: argparse.Namespace) -> int:
 
 def _list_options(parser: argparse.ArgumentParser, items: str, *, default: int = 100) -> argparse.ArgumentParser:
     """A listing command's paging: `--limit N`, `--all` (streamed), `--cursor C` (where the last one stopped)."""
-    parser.add_argument("--limit", type=int, default=default,
-                        help=f"at most this many {items}, fetched a page at a time (default {default}); when there "
-                        "are more, a note on stderr says how to go on")  # fmt: skip
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=default,
+        help=f"at most this many {items}, fetched a page at a time (default {default}); when there "
+        "are more, a note on stderr says how to go on",
+    )
     parser.add_argument("--all", action="store_true", help=f"every one of the {items}, printed page by page")
     parser.add_argument("--cursor", help="go on from where a listing stopped (its next_cursor)")
     return parser
@@ -383,8 +447,9 @@ def add_admin_commands(commands: Subcommands) -> None:
     add_options(common, ClientSettings)
     output = common.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print the API's JSON answer instead of a table")
-    output.add_argument("--print", metavar="FIELD[,FIELD]",
-                        help="print only these fields of the answer, space separated (for scripts)")  # fmt: skip
+    output.add_argument(
+        "--print", metavar="FIELD[,FIELD]", help="print only these fields of the answer, space separated (for scripts)"
+    )
 
     def group(name: str, help_text: str) -> Subcommands:
         return add_group(commands, name, help=help_text)
@@ -401,8 +466,14 @@ def add_admin_commands(commands: Subcommands) -> None:
     p = action(orgs, "rename", "rename an organization", _rename("orgs"))
     p.add_argument("current", metavar="ORG", help="organization (id or name)")
     p.add_argument("name", help="its new name")
-    p = _destructive(action(orgs, "delete", "decommission an organization: every team and project of it, "
-                            "revoking every key; asks first", _delete("orgs")))  # fmt: skip
+    p = _destructive(
+        action(
+            orgs,
+            "delete",
+            "decommission an organization: every team and project of it, revoking every key; asks first",
+            _delete("orgs"),
+        )
+    )
     p.add_argument("current", metavar="ORG", help="organization (id or name)")
 
     teams = group("teams", "teams: own projects, belong to an organization")
@@ -416,8 +487,14 @@ def add_admin_commands(commands: Subcommands) -> None:
     p.add_argument("current", metavar="TEAM", help="team (id or name)")
     p.add_argument("name", help="its new name")
     _where(p, "org")
-    p = _destructive(action(teams, "delete", "decommission a team: every project of it, revoking every key; asks "
-                            "first", _delete("teams")))  # fmt: skip
+    p = _destructive(
+        action(
+            teams,
+            "delete",
+            "decommission a team: every project of it, revoking every key; asks first",
+            _delete("teams"),
+        )
+    )
     p.add_argument("current", metavar="TEAM", help="team (id or name)")
     _where(p, "org")
 
@@ -430,8 +507,14 @@ def add_admin_commands(commands: Subcommands) -> None:
     p = _list_options(action(projects, "list", "list a team's projects, oldest first", _projects_list), "projects")
     p.add_argument("--team", required=True, help="team (id or name)")
     _where(p, "org")
-    p = _destructive(action(projects, "decommission", "decommission a project: every key of it is revoked; asks "
-                            "first", _projects_decommission))  # fmt: skip
+    p = _destructive(
+        action(
+            projects,
+            "decommission",
+            "decommission a project: every key of it is revoked; asks first",
+            _projects_decommission,
+        )
+    )
     p.add_argument("project", help="project (id or name)")
     _where(p, "team", "org")
 
@@ -440,16 +523,28 @@ def add_admin_commands(commands: Subcommands) -> None:
     p.add_argument("--project", required=True, help="project (id or name)")
     _where(p, "team", "org")
     p.add_argument("--name", required=True, help="key name (with --count: the prefix of each name)")
-    p.add_argument("--scope", action="append", default=[], metavar="SCOPE",
-                   help="a scope the key grants (repeat, or comma separate), e.g. orders:read")  # fmt: skip
+    p.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        metavar="SCOPE",
+        help="a scope the key grants (repeat, or comma separate), e.g. orders:read",
+    )
     p.add_argument("--expires-in", help="lifetime, e.g. 90d, 24h, 15m (default: never expires)")
     p.add_argument("--env", choices=("live", "test"), help="environment (default live)")
     p.add_argument("--region", help="region code: the key then works only in that region (default: global)")
     p.add_argument("--meta", action="append", metavar="KEY=VALUE", help="metadata entry (repeatable)")
     p.add_argument("--count", type=int, default=1, help="create this many keys through the bulk path")
-    p = _list_options(action(keys, "list", "list keys (masked): an organization's or a team's, filtered and sorted "
-                             "(oldest first by default), a project's, or every one the token may read",
-                             keys_list), "keys")  # fmt: skip
+    p = _list_options(
+        action(
+            keys,
+            "list",
+            "list keys (masked): an organization's or a team's, filtered and sorted "
+            "(oldest first by default), a project's, or every one the token may read",
+            keys_list,
+        ),
+        "keys",
+    )
     p.add_argument("--project", help="project (id or name): its keys, oldest first (no filters)")
     p.add_argument("--team", help="team (id or name): the keys it owns; with --org, the team is looked up there")
     p.add_argument("--org", help="organization (id or name): its keys (those the token may read)")
@@ -458,11 +553,11 @@ def add_admin_commands(commands: Subcommands) -> None:
     p = action(keys, "rotate", "rotate a key: a new key now, the old one expires after the grace", _keys_rotate)
     p.add_argument("key_id", help="key id")
     p.add_argument("--grace", help="how long the old key keeps working (default 24h, at most 7d)")
-    p = _destructive(action(keys, "revoke", "revoke keys at once, everywhere; more than one: asks first",
-                            _keys_revoke))  # fmt: skip
+    p = _destructive(action(keys, "revoke", "revoke keys at once, everywhere; more than one: asks first", _keys_revoke))
     p.add_argument("key_ids", nargs="*", metavar="KEY_ID", help="key ids")
-    p.add_argument("--bulk", metavar="FILE", help="also revoke the ids in FILE (one per line, - for stdin), "
-                   "all in one transaction")  # fmt: skip
+    p.add_argument(
+        "--bulk", metavar="FILE", help="also revoke the ids in FILE (one per line, - for stdin), all in one transaction"
+    )
     p.add_argument("--reason", help="why (kept in the audit trail)")
 
     p = add_command(
@@ -492,19 +587,27 @@ def add_admin_commands(commands: Subcommands) -> None:
     tokens = group("tokens", "admin tokens for the API: create, list, revoke")
     p = action(tokens, "create", "create a token (shown once)", _tokens_create)
     p.add_argument("name", help="unique token name, e.g. ci-pipeline")
-    p.add_argument("--role", choices=ROLES, metavar="ROLE",
-                   help="platform-admin may change anything, platform-reader read everything (both across every "
-                   f"organization); with --org or --team, a role there ({', '.join(ROLES[2:])}); personal: every "
-                   "role its --user holds (default: personal with --user, else platform-reader)")  # fmt: skip
+    p.add_argument(
+        "--role",
+        choices=ROLES,
+        metavar="ROLE",
+        help="platform-admin may change anything, platform-reader read everything (both across every "
+        f"organization); with --org or --team, a role there ({', '.join(ROLES[2:])}); personal: every "
+        "role its --user holds (default: personal with --user, else platform-reader)",
+    )
     p.add_argument("--expires-in", help="lifetime, e.g. 90d, 24h, 15m (default: never expires)")
     p.add_argument("--org", help="the organization (id or name) an org role is held in")
     p.add_argument("--team", help="the team (id or name) a team role is held in")
-    p.add_argument("--user", help="the user (id or email) the token belongs to: a personal access token, never "
-                   "more than the user may")  # fmt: skip
-    _list_options(action(tokens, "list", "list tokens (never their secrets): status, expiry, revocation",
-                         _tokens_list), "tokens")  # fmt: skip
-    action(tokens, "revoke", "revoke a token: every publisher replica refuses it within --token-cache-ttl",
-           _tokens_revoke).add_argument("token_id", help="token id (from `keyrelay tokens list`)")  # fmt: skip
+    p.add_argument(
+        "--user",
+        help="the user (id or email) the token belongs to: a personal access token, never more than the user may",
+    )
+    _list_options(
+        action(tokens, "list", "list tokens (never their secrets): status, expiry, revocation", _tokens_list), "tokens"
+    )
+    action(
+        tokens, "revoke", "revoke a token: every publisher replica refuses it within --token-cache-ttl", _tokens_revoke
+    ).add_argument("token_id", help="token id (from `keyrelay tokens list`)")
 
     users = group("users", "people: add by email, list, show, deactivate")
     p = action(users, "add", "add a user by email (into --org with --role)", _users_add)
@@ -514,17 +617,27 @@ def add_admin_commands(commands: Subcommands) -> None:
     p.add_argument("--role", choices=("owner", "admin", "member"), default="member", help="role in --org")
     _list_options(action(users, "list", "list the users this token may see", _users_list), "users")
     action(users, "show", "show a user", _users_show).add_argument("user", help="user (id or email)")
-    p = _destructive(action(users, "deactivate", "deactivate a user: their tokens stop, their keys follow "
-                            "the offboarding policy; asks first", _users_deactivate))  # fmt: skip
+    p = _destructive(
+        action(
+            users,
+            "deactivate",
+            "deactivate a user: their tokens stop, their keys follow the offboarding policy; asks first",
+            _users_deactivate,
+        )
+    )
     p.add_argument("user", help="user (id or email)")
 
     members = group("members", "org and team members: list, add (or change a role), remove")
     for name, handler, text in (
         ("list", _members_list, "list the members of --org or --team"),
         ("add", _members_add, "give a user (by email or id) a role in --org or --team"),
-        ("remove", _members_remove, "take a user's role in --team, or in --org and its teams away (their keys "
-                                    "there follow its offboarding policy: asks first)"),
-    ):  # fmt: skip
+        (
+            "remove",
+            _members_remove,
+            "take a user's role in --team, or in --org and its teams away (their keys "
+            "there follow its offboarding policy: asks first)",
+        ),
+    ):
         p = action(members, name, text, handler)
         if name == "remove":
             _destructive(p)  # leaving an organization may revoke the keys the user made there
@@ -533,7 +646,8 @@ def add_admin_commands(commands: Subcommands) -> None:
         if name != "list":
             p.add_argument("user", help="user (email or id)")
         if name == "add":
-            p.add_argument("--role", required=True, choices=MEMBER_ROLES, help="org role with --org, team role "
-                           "with --team")  # fmt: skip
+            p.add_argument(
+                "--role", required=True, choices=MEMBER_ROLES, help="org role with --org, team role with --team"
+            )
         if name == "list":
             _list_options(p, "members")

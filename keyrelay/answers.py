@@ -70,8 +70,11 @@ def listing(args: argparse.Namespace, path: str, items: str, columns: list[Colum
     answer = client.collect(path, items, limit=limit, **query)
     code = show(args, answer, table(answer[items], columns), items=items)
     if answer.get("next_cursor") and not args.json:
-        print(f"keyrelay: {len(answer[items])} {items} shown, and there are more: --all for every one, or "
-              f"--cursor {answer['next_cursor']} for the next", file=sys.stderr)  # fmt: skip
+        print(
+            f"keyrelay: {len(answer[items])} {items} shown, and there are more: --all for every one, or "
+            f"--cursor {answer['next_cursor']} for the next",
+            file=sys.stderr,
+        )
     return code
 
 
@@ -89,8 +92,9 @@ def confirm(args: argparse.Namespace, change: str) -> None:
     if args.yes:
         return
     if not sys.stdin.isatty():
-        raise KeyrelayError(f"refusing to {change} without --yes: there is no terminal to ask on "
-                            "(--dry-run shows what would change)")  # fmt: skip
+        raise KeyrelayError(
+            f"refusing to {change} without --yes: there is no terminal to ask on (--dry-run shows what would change)"
+        )
     print(f"About to {change}. This cannot be undone. Continue? [y/N] ", end="", file=sys.stderr, flush=True)
     if sys.stdin.readline().strip().lower() not in ("y", "yes"):
         raise KeyrelayError("nothing changed")

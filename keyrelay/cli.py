@@ -108,9 +108,12 @@ def _offline_pass_options(command: argparse.ArgumentParser, publisher_settings: 
     """A bucket pass's options: the running publisher to ask, or with --offline the database and NATS."""
     from .client import ClientSettings
 
-    command.add_argument("--offline", action="store_true",
-                         help="work on the database and NATS directly (the publisher settings below), not through "
-                         "a running publisher; a SQLite database must not be in use")  # fmt: skip
+    command.add_argument(
+        "--offline",
+        action="store_true",
+        help="work on the database and NATS directly (the publisher settings below), not through "
+        "a running publisher; a SQLite database must not be in use",
+    )
     command.add_argument("--json", action="store_true", help="print the report as JSON")
     add_options(command, ClientSettings, title="the running publisher")
     add_options(command, publisher_settings, title="with --offline: the database and NATS", exclude={"data_dir"})

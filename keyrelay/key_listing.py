@@ -17,9 +17,15 @@ from .output import Column, table
 __all__ = ["FILTERS", "KEY_COLUMNS", "add_key_filters", "keys_list"]
 
 KEY_COLUMNS: list[Column] = [
-    ("id", "id"), ("name", "name"), ("display", "display"), ("status", "status"), ("scopes", "scopes"),
-    ("region", "region"), ("expires", "expires_at"), ("last used", "last_used_at"),
-]  # fmt: skip
+    ("id", "id"),
+    ("name", "name"),
+    ("display", "display"),
+    ("status", "status"),
+    ("scopes", "scopes"),
+    ("region", "region"),
+    ("expires", "expires_at"),
+    ("last used", "last_used_at"),
+]
 
 SORTS = ("created", "last_used", "expires", "name")
 # flag → (query parameter, help); each is the parameter of the same name in docs/api.md.
@@ -41,9 +47,11 @@ def add_key_filters(parser: argparse.ArgumentParser) -> None:
     """The filter and sort options of `keys list` (with --org or --team)."""
     for flag, (dest, help_text) in FILTERS.items():
         parser.add_argument(flag, dest=dest, choices=_CHOICES.get(flag), help=help_text)
-    parser.add_argument("--sort", choices=[f"{sign}{s}" for s in SORTS for sign in ("", "-")],
-                        help="created (the default), last_used, expires or name; descending with a leading - "
-                        "(written --sort=-expires)")  # fmt: skip
+    parser.add_argument(
+        "--sort",
+        choices=[f"{sign}{s}" for s in SORTS for sign in ("", "-")],
+        help="created (the default), last_used, expires or name; descending with a leading - (written --sort=-expires)",
+    )
 
 
 def _query(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,8 +69,10 @@ def keys_list(args: argparse.Namespace) -> int:
     resolver = Resolver(client_of(args))
     if args.project:
         if query:
-            raise KeyrelayError("the filters and --sort find keys in an organization or a team: give --org or "
-                                "--team instead of --project")  # fmt: skip
+            raise KeyrelayError(
+                "the filters and --sort find keys in an organization or a team: give --org or "
+                "--team instead of --project"
+            )
         project = resolver.project(args.project, team=args.team, org=args.org)
         return listing(args, f"/projects/{project}/keys", "keys", KEY_COLUMNS)
     if args.team:
@@ -80,6 +90,7 @@ def keys_list(args: argparse.Namespace) -> int:
             break
     code = show(args, {"keys": keys}, table(keys, columns), items="keys")
     if len(keys) >= limit and not args.all and not args.json:
-        print(f"keyrelay: {len(keys)} keys shown, and there may be more: --all for every one, or --org",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"keyrelay: {len(keys)} keys shown, and there may be more: --all for every one, or --org", file=sys.stderr
+        )
     return code

@@ -58,25 +58,35 @@ class LocalTls:
         now = datetime.datetime.now(datetime.UTC)
 
         def certificate(subject: str, public: ec.EllipticCurvePublicKey, issuer: str) -> x509.CertificateBuilder:
-            return (x509.CertificateBuilder()
-                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-                    .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-                    .public_key(public).serial_number(x509.random_serial_number())
-                    .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + _VALID))  # fmt: skip
+            return (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                .public_key(public)
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + _VALID)
+            )
 
         ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca = (certificate("keyrelay up local CA", ca_key.public_key(), "keyrelay up local CA")
-              .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-              .sign(ca_key, hashes.SHA256()))  # fmt: skip
+        ca = (
+            certificate("keyrelay up local CA", ca_key.public_key(), "keyrelay up local CA")
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
         server_key = ec.generate_private_key(ec.SECP256R1())
         names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        server = (certificate("keyrelay up NATS", server_key.public_key(), "keyrelay up local CA")
-                  .add_extension(x509.SubjectAlternativeName(names), critical=False)
-                  .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                  .sign(ca_key, hashes.SHA256()))  # fmt: skip
+        server = (
+            certificate("keyrelay up NATS", server_key.public_key(), "keyrelay up local CA")
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .sign(ca_key, hashes.SHA256())
+        )
         pem = serialization.Encoding.PEM
-        write_private(self.key, server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                         serialization.NoEncryption()).decode())  # fmt: skip
+        write_private(
+            self.key,
+            server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode(),
+        )
         self.cert.write_bytes(server.public_bytes(pem))
         self.ca.write_bytes(ca.public_bytes(pem))
         return self

@@ -56,8 +56,9 @@ def add_login_commands(commands: Subcommands) -> None:
         "publisher and write URL and token to $XDG_CONFIG_HOME/keyrelay/credentials (0600). The admin "
         "commands then use them unless --token / KEYRELAY_TOKEN is given. The token is never an argument.",
     )
-    login.add_argument("--url", help="publisher URL (default: $KEYRELAY_URL, else a running `keyrelay up`'s, else "
-                       f"{DEFAULT_URL})")  # fmt: skip
+    login.add_argument(
+        "--url", help=f"publisher URL (default: $KEYRELAY_URL, else a running `keyrelay up`'s, else {DEFAULT_URL})"
+    )
     add_command(
         commands,
         "logout",

@@ -41,8 +41,7 @@ class Resolver:
         if is_id(value):
             return value
         orgs = _everything(self.client, "/orgs", "orgs")
-        return _one("organization", value, [(o, "") for o in orgs if o["name"] == value],
-                    [o["name"] for o in orgs])  # fmt: skip
+        return _one("organization", value, [(o, "") for o in orgs if o["name"] == value], [o["name"] for o in orgs])
 
     def team(self, value: str, *, org: str | None = None) -> str:
         """The id of the team `value`, looked for in `org` (id or name) if given, else in every organization;
@@ -50,8 +49,13 @@ class Resolver:
         if is_id(value):
             return value
         teams = self._teams(org)
-        return _one("team", value, _active_first([(t, t["org"]) for t in teams if t["name"] == value]),
-                    [t["name"] for t in teams], narrow="--org")  # fmt: skip
+        return _one(
+            "team",
+            value,
+            _active_first([(t, t["org"]) for t in teams if t["name"] == value]),
+            [t["name"] for t in teams],
+            narrow="--org",
+        )
 
     def project(self, value: str, *, team: str | None = None, org: str | None = None) -> str:
         """The id of the project `value`, in `team` or `org` if given, else anywhere; active ones first."""
@@ -97,13 +101,13 @@ def _active_first(matches: list[tuple[dict[str, Any], str]]) -> list[tuple[dict[
     return [m for m in matches if not m[0].get("decommissioned_at")] or matches
 
 
-def _one(kind: str, name: str, matches: list[tuple[dict[str, Any], str]], known: list[str], *,
-         narrow: str = "") -> str:  # fmt: skip
+def _one(kind: str, name: str, matches: list[tuple[dict[str, Any], str]], known: list[str], *, narrow: str = "") -> str:
     if len(matches) == 1:
         return str(matches[0][0]["id"])
     if not matches:
         listed = ", ".join(sorted(set(known))[:_SHOWN]) or "none"
         raise KeyrelayError(f"no {kind} named {name!r}; there are: {listed}")
     candidates = "; ".join(f"{where + '/' if where else ''}{m['name']} ({m['id']})" for m, where in matches[:_SHOWN])
-    raise KeyrelayError(f"{len(matches)} {kind}s are named {name!r}: {candidates}. Give the id, or narrow it with "
-                        f"{narrow}")  # fmt: skip
+    raise KeyrelayError(
+        f"{len(matches)} {kind}s are named {name!r}: {candidates}. Give the id, or narrow it with {narrow}"
+    )

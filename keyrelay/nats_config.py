@@ -62,8 +62,10 @@ def server_blocks(settings: NatsConfigSettings, *, ref: Any = EnvRef) -> dict[st
         return hub_settings(settings.regions, nkey, _grants(settings))
     if settings.region is None:
         raise KeyrelayError("--role leaf needs --region")
-    return {**leaf_settings(settings.region, nkey, _grants(settings)),
-            "leaf_remote": leaf_remote(settings.region, ref(_leaf_seed(settings.region)))}  # fmt: skip
+    return {
+        **leaf_settings(settings.region, nkey, _grants(settings)),
+        "leaf_remote": leaf_remote(settings.region, ref(_leaf_seed(settings.region))),
+    }
 
 
 def _helm_ref(name: str) -> str:

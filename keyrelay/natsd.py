@@ -109,8 +109,13 @@ class NatsSpec:
         if self.http_port:
             lines.append(f"http_port: {self.http_port}")
         if self.cluster_name:
-            lines += ["cluster {", f'  name: "{self.cluster_name}"', f'  host: "{self.host}"',
-                      f"  port: {self.cluster_port}", render_conf({"routes": self.routes})]  # fmt: skip
+            lines += [
+                "cluster {",
+                f'  name: "{self.cluster_name}"',
+                f'  host: "{self.host}"',
+                f"  port: {self.cluster_port}",
+                render_conf({"routes": self.routes}),
+            ]
             if self.cluster_advertise:
                 lines.append(f'  advertise: "{self.cluster_advertise}"')
             lines.append("}")

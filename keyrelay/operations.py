@@ -32,9 +32,16 @@ def reconcile_command(args: argparse.Namespace) -> int:
     async def run(services: Services, say: Callable[[str], None]) -> tuple[dict[str, Any], tuple[int, ...]]:
         from publisher.reconcile import reconcile
 
-        report = await reconcile(store=services.store, broker=services.broker, keys=services.keys,
-                                 horizon=services.settings.replay_horizon, progress=say, dry_run=args.dry_run,
-                                 force=args.force, max_changes=services.settings.reconcile_max_changes)  # fmt: skip
+        report = await reconcile(
+            store=services.store,
+            broker=services.broker,
+            keys=services.keys,
+            horizon=services.settings.replay_horizon,
+            progress=say,
+            dry_run=args.dry_run,
+            force=args.force,
+            max_changes=services.settings.reconcile_max_changes,
+        )
         return report.to_json(), report.outbox_ids
 
     return _one_pass(args, run)
@@ -80,8 +87,14 @@ def resign_command(args: argparse.Namespace) -> int:
     async def run(services: Services, say: Callable[[str], None]) -> tuple[dict[str, Any], tuple[int, ...]]:
         from publisher.resign import resign
 
-        report = await resign(store=services.store, broker=services.broker, keys=services.keys,
-                              horizon=services.settings.replay_horizon, everything=args.all, progress=say)  # fmt: skip
+        report = await resign(
+            store=services.store,
+            broker=services.broker,
+            keys=services.keys,
+            horizon=services.settings.replay_horizon,
+            everything=args.all,
+            progress=say,
+        )
         return report.to_json(), report.outbox_ids
 
     return _one_pass(args, run)
@@ -122,8 +135,14 @@ def generate_key_command(args: argparse.Namespace) -> int:
     if args.json:
         print(dump_json(answer))
     else:
-        print(details(answer, [("file", "file"), ("key id", "id"), ("algorithm", "algorithm"),
-                               ("public key", "public_key")]))  # fmt: skip
-        print("The file is the private key: give it to every publisher replica (--signing-key), and the public key "
-              "to every sidecar (--trusted-keys).", file=sys.stderr)  # fmt: skip
+        print(
+            details(
+                answer, [("file", "file"), ("key id", "id"), ("algorithm", "algorithm"), ("public key", "public_key")]
+            )
+        )
+        print(
+            "The file is the private key: give it to every publisher replica (--signing-key), and the public key "
+            "to every sidecar (--trusted-keys).",
+            file=sys.stderr,
+        )
     return 0

@@ -31,8 +31,9 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def spawn(command: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None,
-          die_with_parent: bool = True) -> subprocess.Popen[bytes]:  # fmt: skip
+def spawn(
+    command: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None, die_with_parent: bool = True
+) -> subprocess.Popen[bytes]:
     """Start `command` with stdout and stderr appended to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     preexec = _die_with_parent if die_with_parent and sys.platform == "linux" else None
@@ -66,8 +67,9 @@ def http_status(port: int, path: str, *, host: str = "127.0.0.1", timeout: float
     return None if answer is None else answer[0]
 
 
-def wait_http_ok(process: subprocess.Popen[bytes], port: int, path: str, *, timeout: float, log: Path,
-                 interval: float = 0.02) -> float:  # fmt: skip
+def wait_http_ok(
+    process: subprocess.Popen[bytes], port: int, path: str, *, timeout: float, log: Path, interval: float = 0.02
+) -> float:
     """Poll `path` until it answers 200; returns the monotonic time it first did."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

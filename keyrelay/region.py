@@ -76,8 +76,9 @@ def mirror_config(*, region: str, bucket: str, hub_domain: str = HUB_DOMAIN, rep
     }
 
 
-async def ensure_region_mirror(nc: Client, *, region: str, bucket: str, hub_domain: str = HUB_DOMAIN,
-                               replicas: int = 1, timeout: float = 5.0) -> dict[str, Any]:  # fmt: skip
+async def ensure_region_mirror(
+    nc: Client, *, region: str, bucket: str, hub_domain: str = HUB_DOMAIN, replicas: int = 1, timeout: float = 5.0
+) -> dict[str, Any]:
     """Create the region's mirror on the NATS `nc` is connected to; a no-op when it is already right."""
     name = stream_name(bucket)
     wanted = mirror_config(region=region, bucket=bucket, hub_domain=hub_domain, replicas=replicas)
@@ -86,8 +87,11 @@ async def ensure_region_mirror(nc: Client, *, region: str, bucket: str, hub_doma
         mirror = info["config"].get("mirror") or {}
         have = sorted(t["src"] for t in mirror.get("subject_transforms") or [])
         deliver = (mirror.get("external") or {}).get("deliver")
-        if mirror.get("name") == name and have == sorted(region_subjects(bucket, region)) \
-                and deliver == mirror_deliver_prefix(region):  # fmt: skip
+        if (
+            mirror.get("name") == name
+            and have == sorted(region_subjects(bucket, region))
+            and deliver == mirror_deliver_prefix(region)
+        ):
             return info
         raise KeyrelayError(
             f"stream {name} on this region's NATS exists but is not a mirror of {bucket} for region {region} "
@@ -207,11 +211,17 @@ def region_init_command(args: argparse.Namespace) -> int:
         raise KeyrelayError("--region (or KEYRELAY_REGION) is required")
     info = asyncio.run(init_region(settings))
     state = info.get("state", {})
-    print(f"region {settings.region}: mirror {info['config']['name']} of {settings.bucket} from domain "
-          f"{settings.hub_domain} is in place ({state.get('messages', 0)} entries so far)", flush=True)  # fmt: skip
+    print(
+        f"region {settings.region}: mirror {info['config']['name']} of {settings.bucket} from domain "
+        f"{settings.hub_domain} is in place ({state.get('messages', 0)} entries so far)",
+        flush=True,
+    )
     if settings.seed_snapshot and settings.snapshot_signing_key is None:
-        print(f"region {settings.region}: no --snapshot-signing-key, so no snapshot seeded: the region's first "
-              "sidecar replays the bucket", flush=True)  # fmt: skip
+        print(
+            f"region {settings.region}: no --snapshot-signing-key, so no snapshot seeded: the region's first "
+            "sidecar replays the bucket",
+            flush=True,
+        )
     elif settings.seed_snapshot:
         asyncio.run(seed_region_snapshot(settings))
     return 0
@@ -230,15 +240,23 @@ async def seed_region_snapshot(settings: RegionSettings) -> None:
     finally:
         await nc.close()
     print(f"region {settings.region}: the mirror has caught up; seeding the region's snapshot", flush=True)
-    snapshot = SnapshotSettings(nats_url=settings.nats_url, nats_creds=settings.nats_creds,
-                                nats_tls_ca=settings.nats_tls_ca, nats_tls_cert=settings.nats_tls_cert,
-                                nats_tls_key=settings.nats_tls_key, bucket=settings.bucket, region=settings.region,
-                                snapshot_bucket=settings.snapshot_bucket, timeout=settings.timeout,
-                                snapshot_signing_key=settings.snapshot_signing_key,
-                                trusted_keys=settings.trusted_keys, deployment_id=settings.deployment_id,
-                                replay_horizon=settings.replay_horizon,
-                                insecure_accept_unsigned=settings.insecure_accept_unsigned,
-                                max_publish_delay=settings.max_publish_delay)  # fmt: skip
+    snapshot = SnapshotSettings(
+        nats_url=settings.nats_url,
+        nats_creds=settings.nats_creds,
+        nats_tls_ca=settings.nats_tls_ca,
+        nats_tls_cert=settings.nats_tls_cert,
+        nats_tls_key=settings.nats_tls_key,
+        bucket=settings.bucket,
+        region=settings.region,
+        snapshot_bucket=settings.snapshot_bucket,
+        timeout=settings.timeout,
+        snapshot_signing_key=settings.snapshot_signing_key,
+        trusted_keys=settings.trusted_keys,
+        deployment_id=settings.deployment_id,
+        replay_horizon=settings.replay_horizon,
+        insecure_accept_unsigned=settings.insecure_accept_unsigned,
+        max_publish_delay=settings.max_publish_delay,
+    )
     result = await seed(snapshot, progress=print_progress())
     print(describe_seed(result, region=settings.region))
 
@@ -251,7 +269,12 @@ async def init_region(settings: RegionSettings) -> dict[str, Any]:
     """Connect to the region's NATS and make sure its mirror is in place."""
     nc = await connect_nats(_nats(settings), what="the region's NATS")
     try:
-        return await ensure_region_mirror(nc, region=settings.region, bucket=settings.bucket,
-                                          hub_domain=settings.hub_domain, replicas=settings.replicas)  # fmt: skip
+        return await ensure_region_mirror(
+            nc,
+            region=settings.region,
+            bucket=settings.bucket,
+            hub_domain=settings.hub_domain,
+            replicas=settings.replicas,
+        )
     finally:
         await nc.close()

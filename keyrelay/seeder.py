@@ -81,13 +81,20 @@ class Seeder:
         if nc is None:
             raise RuntimeError("a snapshot is written from a started sync")
         config = sync.config
-        writer = SnapshotWriter(nc.jetstream(timeout=30.0), bucket=config.bucket, store=self.store,
-                                region=config.region)  # fmt: skip
-        if not force and not snapshot_due(await writer.current(), revision=sync.last_revision, keys=len(sync.table),
-                                          interval=self.interval):  # fmt: skip
+        writer = SnapshotWriter(
+            nc.jetstream(timeout=30.0), bucket=config.bucket, store=self.store, region=config.region
+        )
+        if not force and not snapshot_due(
+            await writer.current(), revision=sync.last_revision, keys=len(sync.table), interval=self.interval
+        ):
             return None
-        self.written = await writer.save(sync.table, lambda: sync.last_revision, signer=self.signer,
-                                         stream_created=sync.stream_created, packer=self._packer)  # fmt: skip
+        self.written = await writer.save(
+            sync.table,
+            lambda: sync.last_revision,
+            signer=self.signer,
+            stream_created=sync.stream_created,
+            packer=self._packer,
+        )
         log.info("wrote a snapshot of %d keys at revision %d", self.written.keys, self.written.revision)
         return self.written
 
@@ -113,8 +120,7 @@ class Seeder:
                 await self.write()
                 backoff = 1.0
             except Exception as exc:
-                log.warning("could not write a snapshot: %s: %s (retrying in %.0fs)", type(exc).__name__, exc,
-                            backoff)  # fmt: skip
+                log.warning("could not write a snapshot: %s: %s (retrying in %.0fs)", type(exc).__name__, exc, backoff)
                 delay = min(delay, backoff)
                 backoff = min(backoff * 2, 15.0)
 
@@ -144,14 +150,26 @@ async def seed_snapshot(
     # The seeder loads the region's current snapshot too: one it signed itself is trusted.
     own = TrustedKeys.of([signer.public_key])
     trust = dataclasses.replace(trust, snapshots=TrustedKeys({**trust.snapshots.keys, **own.keys}))
-    config = SyncConfig(servers=nats.servers, connect=nats, bucket=bucket, region=region,
-                        name=f"keyrelay-seed-{region or 'global'}", snapshot_store=store, trust=trust)  # fmt: skip
+    config = SyncConfig(
+        servers=nats.servers,
+        connect=nats,
+        bucket=bucket,
+        region=region,
+        name=f"keyrelay-seed-{region or 'global'}",
+        snapshot_store=store,
+        trust=trust,
+    )
     sync = KeySync(config, KeyTable())
     seeder = Seeder(sync, store=store, signer=signer, interval=interval)
     await sync.start()
     try:
-        await _wait_synced(sync, timeout=timeout, connect_timeout=min(timeout, connect_timeout), progress=progress,
-                           every=progress_every)  # fmt: skip
+        await _wait_synced(
+            sync,
+            timeout=timeout,
+            connect_timeout=min(timeout, connect_timeout),
+            progress=progress,
+            every=progress_every,
+        )
         synced = time.monotonic() - started
         written = await seeder.write(force=force)
         if keep_fresh is not None:
@@ -192,13 +210,25 @@ async def _wait_synced(
         left = deadline - now
         # An unreachable NATS is said soon; a slow sync gets the whole timeout.
         if left <= 0 or (not sync.connected and now - started >= connect_timeout):
-            raise SyncTimeout(servers=tuple(sync.config.servers), stream=sync.stream, waited=now - started,
-                              connected=sync.connected, keys=len(sync.table), pending=sync.pending)  # fmt: skip
+            raise SyncTimeout(
+                servers=tuple(sync.config.servers),
+                stream=sync.stream,
+                waited=now - started,
+                connected=sync.connected,
+                keys=len(sync.table),
+                pending=sync.pending,
+            )
         try:
             await sync.wait_synced(min(every, left, max(0.05, connect_timeout - (now - started))))
             return
         except TimeoutError:
             if progress is not None:
-                progress(SeedProgress(seconds=time.monotonic() - started, keys=len(sync.table),
-                                      applied=sync.stats.applied, pending=sync.pending,
-                                      connected=sync.connected))  # fmt: skip
+                progress(
+                    SeedProgress(
+                        seconds=time.monotonic() - started,
+                        keys=len(sync.table),
+                        applied=sync.stats.applied,
+                        pending=sync.pending,
+                        connected=sync.connected,
+                    )
+                )

@@ -104,8 +104,15 @@ def snapshot_head(
     """A snapshot's bytes before the table's arrays: magic, header length, header (values from `packer`)."""
     table_header = _table_header(table)
     values, count = packer.packed()
-    outer = {"format": FORMAT, "revision": revision, "bucket": bucket, "region": region, "created": time.time(),
-             "keys": len(table), "stream_created": stream_created}  # fmt: skip
+    outer = {
+        "format": FORMAT,
+        "revision": revision,
+        "bucket": bucket,
+        "region": region,
+        "created": time.time(),
+        "keys": len(table),
+        "stream_created": stream_created,
+    }
     # The header is the msgpack map {**outer, "table": {**table_header, "values": [...]}}, put
     # together around the values packed already (most of the header's bytes).
     msg = msgpack.Packer()
@@ -217,8 +224,9 @@ class SnapshotWriter(SnapshotStore):
     async def _create(self) -> ObjectStore:
         store = await self._open()
         if store is None:
-            config = ObjectStoreConfig(description="keyrelay sidecar table snapshots, one per region",
-                                       storage=StorageType.FILE)  # fmt: skip
+            config = ObjectStoreConfig(
+                description="keyrelay sidecar table snapshots, one per region", storage=StorageType.FILE
+            )
             store = self._store = await self.js.create_object_store(self.store_name, config)
         return store
 
@@ -237,8 +245,9 @@ class SnapshotWriter(SnapshotStore):
             return None
         return time.time() - float(created), int(revision)
 
-    async def save(self, table: KeyTable, revision: Callable[[], int], *, signer: Signer, stream_created: str,
-                   packer: ValuePacker) -> Snapshot:  # fmt: skip
+    async def save(
+        self, table: KeyTable, revision: Callable[[], int], *, signer: Signer, stream_created: str, packer: ValuePacker
+    ) -> Snapshot:
         """Write the table as the region's snapshot, signed by `signer`, as of the revision `revision()` names.
 
         `packer` packs the table's values (kept from one snapshot of the table to the next).
@@ -252,10 +261,12 @@ class SnapshotWriter(SnapshotStore):
             left = packer.pack(limit=_VALUES_PER_TURN)
         # No await between reading the revision and starting the reader: they describe one state.
         at = revision()
-        head = snapshot_head(table, packer, revision=at, bucket=self.bucket, region=self.region,
-                             stream_created=stream_created)  # fmt: skip
-        reader = LiveReader(table, head, lambda digest: signature_trailer(signer, digest, bucket=self.bucket,
-                                                                          region=self.region))  # fmt: skip
+        head = snapshot_head(
+            table, packer, revision=at, bucket=self.bucket, region=self.region, stream_created=stream_created
+        )
+        reader = LiveReader(
+            table, head, lambda digest: signature_trailer(signer, digest, bucket=self.bucket, region=self.region)
+        )
         revision_text = str(at)
         created = time.time()
         meta = ObjectMeta(

@@ -127,8 +127,10 @@ def print_progress(prefix: str = "  ") -> Callable[[SeedProgress], None]:
             print(f"{prefix}{step.seconds:5.0f}s: loading the region's current snapshot...", flush=True)
             return
         rate = step.applied / step.seconds if step.seconds > 0 else 0.0
-        print(f"{prefix}{step.seconds:5.0f}s: {step.keys:,} keys, {step.pending:,} records to go "
-              f"({rate:,.0f} records/s)", flush=True)  # fmt: skip
+        print(
+            f"{prefix}{step.seconds:5.0f}s: {step.keys:,} keys, {step.pending:,} records to go ({rate:,.0f} records/s)",
+            flush=True,
+        )
 
     return report
 
@@ -138,19 +140,27 @@ def seeder_trust(settings: SnapshotSettings) -> tuple[Trust, Signer]:
     from keyrelay.core.trust import Trust, load_signer
 
     if settings.snapshot_signing_key is None:
-        raise KeyrelayError("--snapshot-signing-key (or KEYRELAY_SNAPSHOT_SIGNING_KEY) is required: the file of this "
-                            "region's snapshot key (`keyrelay signing-key generate --out FILE` makes one)")  # fmt: skip
+        raise KeyrelayError(
+            "--snapshot-signing-key (or KEYRELAY_SNAPSHOT_SIGNING_KEY) is required: the file of this "
+            "region's snapshot key (`keyrelay signing-key generate --out FILE` makes one)"
+        )
     if not settings.trusted_keys and not settings.insecure_accept_unsigned:
-        raise KeyrelayError("--trusted-keys (or KEYRELAY_TRUSTED_KEYS) is required: the publisher's public keys "
-                            "(`keyrelay signing-keys`); a snapshot holds only what they signed")  # fmt: skip
+        raise KeyrelayError(
+            "--trusted-keys (or KEYRELAY_TRUSTED_KEYS) is required: the publisher's public keys "
+            "(`keyrelay signing-keys`); a snapshot holds only what they signed"
+        )
     try:
         signer = load_signer(settings.snapshot_signing_key, settings.deployment_id)
     except ValueError as exc:
         raise KeyrelayError(f"--snapshot-signing-key: {exc}") from None
-    trust = Trust.of(records=settings.trusted_keys, snapshots=settings.trusted_snapshot_keys,
-                     deployment=settings.deployment_id, horizon=settings.replay_horizon,
-                     accept_unsigned=settings.insecure_accept_unsigned,
-                     max_publish_delay=settings.max_publish_delay)  # fmt: skip
+    trust = Trust.of(
+        records=settings.trusted_keys,
+        snapshots=settings.trusted_snapshot_keys,
+        deployment=settings.deployment_id,
+        horizon=settings.replay_horizon,
+        accept_unsigned=settings.insecure_accept_unsigned,
+        max_publish_delay=settings.max_publish_delay,
+    )
     return trust, signer
 
 
@@ -164,24 +174,40 @@ async def seed(
     from .seeder import seed_snapshot
 
     trust, signer = seeder_trust(settings)
-    return await seed_snapshot(nats=settings.nats(), bucket=settings.bucket, region=settings.region,
-                               store=snapshot_store_name(settings.bucket, settings.snapshot_bucket), trust=trust,
-                               signer=signer, interval=settings.snapshot_interval, force=settings.force,
-                               timeout=settings.timeout, progress=progress, keep_fresh=keep_fresh)  # fmt: skip
+    return await seed_snapshot(
+        nats=settings.nats(),
+        bucket=settings.bucket,
+        region=settings.region,
+        store=snapshot_store_name(settings.bucket, settings.snapshot_bucket),
+        trust=trust,
+        signer=signer,
+        interval=settings.snapshot_interval,
+        force=settings.force,
+        timeout=settings.timeout,
+        progress=progress,
+        keep_fresh=keep_fresh,
+    )
 
 
 def describe_seed(result: SeedResult, *, region: str | None) -> str:
     """One line saying what seeding did."""
     name = region or "global"
-    start = (f"from the snapshot at revision {result.loaded.revision:,} plus {result.replayed:,} records"
-             if result.loaded is not None else f"replaying {result.replayed:,} records")  # fmt: skip
+    start = (
+        f"from the snapshot at revision {result.loaded.revision:,} plus {result.replayed:,} records"
+        if result.loaded is not None
+        else f"replaying {result.replayed:,} records"
+    )
     errors = f"; {result.decode_errors:,} undecodable records skipped" if result.decode_errors else ""
     if result.written is None:
-        return (f"snapshot {name}: fresh ({result.keys:,} keys, revision {result.revision:,}), left as it is "
-                f"(--force writes a new one){errors}")  # fmt: skip
-    return (f"snapshot {name}: wrote {result.keys:,} keys at revision {result.revision:,} "
-            f"({result.written.size / 2**20:.1f} MiB) in {result.seconds:.1f}s, {start} in {result.sync_seconds:.1f}s"
-            f"{errors}; the region's sidecars now start from it")  # fmt: skip
+        return (
+            f"snapshot {name}: fresh ({result.keys:,} keys, revision {result.revision:,}), left as it is "
+            f"(--force writes a new one){errors}"
+        )
+    return (
+        f"snapshot {name}: wrote {result.keys:,} keys at revision {result.revision:,} "
+        f"({result.written.size / 2**20:.1f} MiB) in {result.seconds:.1f}s, {start} in {result.sync_seconds:.1f}s"
+        f"{errors}; the region's sidecars now start from it"
+    )
 
 
 def seed_command(args: argparse.Namespace) -> int:
@@ -190,8 +216,10 @@ def seed_command(args: argparse.Namespace) -> int:
 
     settings = load(SnapshotSettings, args)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(f"seeding snapshot {settings.region or 'global'} of {settings.bucket} from {settings.nats().describe()}",
-          flush=True)  # fmt: skip
+    print(
+        f"seeding snapshot {settings.region or 'global'} of {settings.bucket} from {settings.nats().describe()}",
+        flush=True,
+    )
     if not settings.keep_running:
         print(describe_seed(asyncio.run(seed(settings, progress=print_progress())), region=settings.region))
         return 0
@@ -203,9 +231,11 @@ def seed_command(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         return await seed(settings, progress=print_progress(), keep_fresh=stop)
 
-    print(f"keeping snapshot {settings.region or 'global'} fresh (a new one every "
-          f"{format_duration(settings.snapshot_interval)}, or sooner when far behind); SIGTERM or Ctrl-C stops",
-          flush=True)  # fmt: skip
+    print(
+        f"keeping snapshot {settings.region or 'global'} fresh (a new one every "
+        f"{format_duration(settings.snapshot_interval)}, or sooner when far behind); SIGTERM or Ctrl-C stops",
+        flush=True,
+    )
     print(describe_seed(asyncio.run(keep_fresh()), region=settings.region) + "; stopped")
     return 0
 
@@ -228,13 +258,15 @@ async def list_snapshots(settings: SnapshotStoreSettings) -> list[dict[str, Any]
     for info in sorted(infos, key=lambda i: i.name):
         headers = info.headers or {}
         created = headers.get("Keyrelay-Created")
-        rows.append({
-            "name": info.name,
-            "description": info.description,
-            "revision": int(headers["Keyrelay-Revision"]) if "Keyrelay-Revision" in headers else None,
-            "age_seconds": round(time.time() - float(created), 1) if created else None,
-            "bytes": info.size,
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": info.name,
+                "description": info.description,
+                "revision": int(headers["Keyrelay-Revision"]) if "Keyrelay-Revision" in headers else None,
+                "age_seconds": round(time.time() - float(created), 1) if created else None,
+                "bytes": info.size,
+            }
+        )
     return rows
 
 

@@ -145,9 +145,16 @@ class Stack:
         for i, region in enumerate(regions):
             nats_url = leaves[i].url if region else hub_url
             if region:
-                asyncio.run(init_region(RegionSettings(region=region, nats_url=(nats_url,),
-                                                       nats_creds=self.creds("region-init", region),
-                                                       nats_tls_ca=self.tls.ca if self.tls else None)))  # fmt: skip
+                asyncio.run(
+                    init_region(
+                        RegionSettings(
+                            region=region,
+                            nats_url=(nats_url,),
+                            nats_creds=self.creds("region-init", region),
+                            nats_tls_ca=self.tls.ca if self.tls else None,
+                        )
+                    )
+                )
             self._start_sidecar(region, nats_url)
         for component in self.components:
             if component.name.startswith("sidecar"):
@@ -180,16 +187,23 @@ class Stack:
         """The hub (its nodes, routed to each other when it is a cluster), then a leaf per region; the hub's nodes."""
         logs = self.data_dir / "logs"
         count = self.settings.hub_nodes
-        leaf_ports = [self.ports.pick(7422 if i == 0 else 0, "hub leaf-node listener") for i in range(count)
-                      ] if self.settings.regions else []  # fmt: skip
+        leaf_ports = (
+            [self.ports.pick(7422 if i == 0 else 0, "hub leaf-node listener") for i in range(count)]
+            if self.settings.regions
+            else []
+        )
         specs = [
-            NatsSpec(name="hub" if count == 1 else f"hub-{i + 1}", store_dir=self.data_dir / "nats" / f"hub{i or ''}",
-                     port=self.ports.pick(self.settings.nats_port if i == 0 else 0, "hub NATS"), domain=HUB_DOMAIN,
-                     leafnode_port=leaf_ports[i] if leaf_ports else None,
-                     blocks={**hub_settings(self.settings.regions, self.credentials.public_key), **self._tls_block()},
-                     leafnode_tls=self.tls.server_block() if self.tls else None)
+            NatsSpec(
+                name="hub" if count == 1 else f"hub-{i + 1}",
+                store_dir=self.data_dir / "nats" / f"hub{i or ''}",
+                port=self.ports.pick(self.settings.nats_port if i == 0 else 0, "hub NATS"),
+                domain=HUB_DOMAIN,
+                leafnode_port=leaf_ports[i] if leaf_ports else None,
+                blocks={**hub_settings(self.settings.regions, self.credentials.public_key), **self._tls_block()},
+                leafnode_tls=self.tls.server_block() if self.tls else None,
+            )
             for i in range(count)
-        ]  # fmt: skip
+        ]
         if count > 1:
             for spec in specs:
                 spec.cluster_name = "keyrelay-hub"
@@ -205,15 +219,20 @@ class Stack:
         for region in self.settings.regions:
             dial = [self.leaf_link(region, port) if self.leaf_link else port for port in leaf_ports]
             leaf = NatsServer(
-                NatsSpec(name=f"leaf-{region}", store_dir=self.data_dir / "nats" / region,
-                         port=self.ports.pick(self.settings.nats_port and self.settings.nats_port + 1,
-                                              f"{region} NATS"), domain=region,
-                         remotes=[f"nats-leaf://127.0.0.1:{port}" for port in dial],
-                         blocks={**leaf_settings(region, self.credentials.public_key), **self._tls_block()},
-                         remote_options={**leaf_remote(region, self.credentials.seed(identity_name("leaf", region))),
-                                         **({"tls": self.tls.remote_block()} if self.tls else {})}),
+                NatsSpec(
+                    name=f"leaf-{region}",
+                    store_dir=self.data_dir / "nats" / region,
+                    port=self.ports.pick(self.settings.nats_port and self.settings.nats_port + 1, f"{region} NATS"),
+                    domain=region,
+                    remotes=[f"nats-leaf://127.0.0.1:{port}" for port in dial],
+                    blocks={**leaf_settings(region, self.credentials.public_key), **self._tls_block()},
+                    remote_options={
+                        **leaf_remote(region, self.credentials.seed(identity_name("leaf", region))),
+                        **({"tls": self.tls.remote_block()} if self.tls else {}),
+                    },
+                ),
                 log_dir=logs,
-            )  # fmt: skip
+            )
             leaf.start()
             self.nats.append(leaf)
         return hubs
@@ -241,26 +260,43 @@ class Stack:
         env = environ_without_settings() | (env_extra or {})
         command = [sys.executable, "-m", "keyrelay", *args, "--log-level", self.settings.log_level]
         process = spawn(command, log=log, env=env)
-        component = _Component(name=name, url=f"http://127.0.0.1:{port}", process=process, log=log, command=command,
-                               env=env)  # fmt: skip
+        component = _Component(
+            name=name, url=f"http://127.0.0.1:{port}", process=process, log=log, command=command, env=env
+        )
         self.components.append(component)
         return component
 
     def _start_publisher(self, nats_url: str) -> None:
         port = self.ports.pick(self.settings.publisher_port, "publisher")
         database = self.data_dir / "keyrelay.db"
-        component = self._child("publisher", [
-            "publisher", "--port", str(port), "--nats-url", nats_url, *self.nats_args("publisher"),
-            "--data-dir", str(self.data_dir),
-            "--database-url", f"sqlite:///{database}",
-            # The regions this stack has sidecars for (global only without --regions): keys for others are refused.
-            "--regions", ",".join(self.settings.regions) or "global",
-            "--bucket-replicas", str(min(self.settings.hub_nodes, 3)),
-            # The first run creates the database; later runs find it, and a lost one is an error, not a new start.
-            *(["--init"] if self.first_run else []),
-        ], port, {"KEYRELAY_SIGNING_KEY": str(self._signing_key()),
-                  # In the child's environment, never its command line, which every local user can read.
-                  "KEYRELAY_ADMIN_TOKEN": self.token})  # fmt: skip
+        component = self._child(
+            "publisher",
+            [
+                "publisher",
+                "--port",
+                str(port),
+                "--nats-url",
+                nats_url,
+                *self.nats_args("publisher"),
+                "--data-dir",
+                str(self.data_dir),
+                "--database-url",
+                f"sqlite:///{database}",
+                # The regions this stack has sidecars for (global only without --regions): keys for others are refused.
+                "--regions",
+                ",".join(self.settings.regions) or "global",
+                "--bucket-replicas",
+                str(min(self.settings.hub_nodes, 3)),
+                # The first run creates the database; later runs find it, and a lost one is an error, not a new start.
+                *(["--init"] if self.first_run else []),
+            ],
+            port,
+            {
+                "KEYRELAY_SIGNING_KEY": str(self._signing_key()),
+                # In the child's environment, never its command line, which every local user can read.
+                "KEYRELAY_ADMIN_TOKEN": self.token,
+            },
+        )
         wait_http_ok(component.process, port, "/readyz", timeout=_READY_TIMEOUT, log=component.log)
         self.publisher_url = component.url
 
@@ -280,17 +316,32 @@ class Stack:
         wanted = self.settings.sidecar_port and self.settings.sidecar_port + len(self.sidecars)
         port = self.ports.pick(wanted, f"sidecar {region or 'global'}")
         # KEY=VALUE: a base64url key may start with '-', which argparse would take for an option.
-        args = ["sidecar", "--port", str(port), "--nats-url", nats_url, f"--trusted-keys={self.public_key}",
-                f"--trusted-snapshot-keys={self.snapshot_public_key}", *self.nats_args("sidecar", region),
-                *self.sidecar_args]  # fmt: skip
+        args = [
+            "sidecar",
+            "--port",
+            str(port),
+            "--nats-url",
+            nats_url,
+            f"--trusted-keys={self.public_key}",
+            f"--trusted-snapshot-keys={self.snapshot_public_key}",
+            *self.nats_args("sidecar", region),
+            *self.sidecar_args,
+        ]
         if region:
             args += ["--region", region]
         component = self._child(f"sidecar-{region or 'global'}", args, port)
         self.sidecars[region or "global"] = component.url
 
     def _start_seeder(self, region: str | None, nats_url: str, key: Path) -> None:
-        args = ["snapshot", "seed", "--keep-running", "--nats-url", nats_url, f"--trusted-keys={self.public_key}",
-                *self.nats_args("region-init", region)]  # fmt: skip
+        args = [
+            "snapshot",
+            "seed",
+            "--keep-running",
+            "--nats-url",
+            nats_url,
+            f"--trusted-keys={self.public_key}",
+            *self.nats_args("region-init", region),
+        ]
         if region:
             args += ["--region", region]
         self._child(f"seeder-{region or 'global'}", args, 0, {"KEYRELAY_SNAPSHOT_SIGNING_KEY": str(key)})
@@ -334,8 +385,12 @@ class Stack:
         lines += [f"  admin API   {self.publisher_url}", f"  admin token in {self.token_file}"]
         lines += [f"  sidecar     {url}   ({region})" for region, url in self.sidecars.items()]
         lines += [f"  NATS        {n.url}   ({n.spec.name}, JetStream domain {n.spec.domain})" for n in self.nats]
-        lines += ["", f"The {cli} CLI run from this directory finds the stack by itself; elsewhere:",
-                  f"  export KEYRELAY_URL={self.publisher_url} KEYRELAY_TOKEN_FILE={self.token_file}", ""]  # fmt: skip
+        lines += [
+            "",
+            f"The {cli} CLI run from this directory finds the stack by itself; elsewhere:",
+            f"  export KEYRELAY_URL={self.publisher_url} KEYRELAY_TOKEN_FILE={self.token_file}",
+            "",
+        ]
         if self.demo:
             lines += [
                 f"Demo key (project {self.demo['project_id']}, shown once): {self.demo['key']}",
@@ -367,8 +422,11 @@ class Stack:
         while True:
             for component in self.components:
                 if component.process.poll() is not None:
-                    print(f"keyrelay up: {component.name} exited with {component.process.returncode}; "
-                          f"log tail:\n{tail(component.log)}", file=sys.stderr)  # fmt: skip
+                    print(
+                        f"keyrelay up: {component.name} exited with {component.process.returncode}; "
+                        f"log tail:\n{tail(component.log)}",
+                        file=sys.stderr,
+                    )
                     return 1
             for server in self.nats:
                 if not server.running:
@@ -434,8 +492,13 @@ def _seed_demo(client: AdminClient) -> dict[str, Any]:
         else client.call("POST", f"/teams/{team['id']}/projects", {"name": f"payments-{len(projects) + 1}"})
     )
     key = client.call("POST", f"/projects/{project['id']}/keys", {"name": "demo", "scopes": ["orders:read"]})
-    return {"org_id": org["id"], "team_id": team["id"], "project_id": project["id"], "key_id": key["id"],
-            "key": key["key"]}  # fmt: skip
+    return {
+        "org_id": org["id"],
+        "team_id": team["id"],
+        "project_id": project["id"],
+        "key_id": key["id"],
+        "key": key["key"],
+    }
 
 
 def up_command(args: argparse.Namespace) -> int:
@@ -453,8 +516,9 @@ def up_command(args: argparse.Namespace) -> int:
     try:
         print("keyrelay up: starting NATS, the publisher and the sidecars ...", file=sys.stderr, flush=True)
         stack.start()
-        lock.describe({"what": "keyrelay up", "admin API": stack.publisher_url,
-                       "sidecars": " ".join(stack.sidecars.values())})  # fmt: skip
+        lock.describe(
+            {"what": "keyrelay up", "admin API": stack.publisher_url, "sidecars": " ".join(stack.sidecars.values())}
+        )
         print(stack.describe(), flush=True)
         code = stack.supervise()
     except _Stop:

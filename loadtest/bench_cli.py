@@ -56,8 +56,9 @@ MAX_RUNS = 1000  # a bound on the loop, whatever --runs says
 def _once(argv: list[str], env: dict[str, str]) -> float:
     """Seconds from spawning `python ARGV` to its exit; fails if the command does."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False
+    )
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"python {' '.join(argv)} exited with {done.returncode}: {done.stderr.decode()[-500:]}")
@@ -91,8 +92,9 @@ def _block(env: dict[str, str], runs: int) -> dict[str, Any]:
 
 def _heavy_imports(argv: list[str], env: dict[str, str]) -> list[str]:
     """The modules in HEAVY (or under them) that `python -X importtime ARGV` imported."""
-    done = subprocess.run([sys.executable, "-X", "importtime", *argv], env=env, capture_output=True, text=True,
-                          check=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", *argv], env=env, capture_output=True, text=True, check=True
+    )
     loaded = {m.group(1) for m in re.finditer(r"^import time:.*\|\s*(\S+)$", done.stderr, re.M)}
     return sorted(name for name in loaded if name in HEAVY or name.split(".")[0] in HEAVY)
 
@@ -115,8 +117,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             figures[label] = block
             for name in COMMANDS:
                 row = block[name]
-                say(f"  {name:30} median {row['median_ms']:6.1f} ms (p10 {row['p10_ms']:6.1f}, p90 "
-                    f"{row['p90_ms']:6.1f})  {row['ratio_to_python']:.2f} x python -c pass")  # fmt: skip
+                say(
+                    f"  {name:30} median {row['median_ms']:6.1f} ms (p10 {row['p10_ms']:6.1f}, p90 "
+                    f"{row['p90_ms']:6.1f})  {row['ratio_to_python']:.2f} x python -c pass"
+                )
             say(f"  target <= {TARGET_MS:.0f} ms: " + ", ".join(f"{n} {block['target'][n]}" for n in TARGETS))
         figures["heavy_imports"] = {name: _heavy_imports(COMMANDS[name], cached) for name in TARGETS}
     say(f"heavy modules imported: {figures['heavy_imports']}")
@@ -125,8 +129,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run, print and (with --json) write the figures."""
-    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_cli", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench_cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=30, help=f"rounds per setting (default 30, at most {MAX_RUNS})")
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args(argv)

@@ -55,11 +55,21 @@ __all__ = ["TARGET_P95", "Case", "cases", "main", "run"]
 TARGET_P95 = 0.200  # seconds, at 1M keys in one org
 _DAY = 86_400 * 1_000_000
 _CHUNK = 20_000  # keys per transaction while filling
-_SCOPE_SETS = (["read"], ["read", "write"], ["orders:read"], ["orders:read", "orders:write"],
-               ["billing:read", "orders:read"], ["admin"], ["analytics:read", "read"],
-               ["deploy", "read", "write"])  # fmt: skip
-_SERVICES = tuple(f"{word}-{n}" for word in ("billing", "checkout", "search", "ledger", "mailer", "ingest", "report",
-                                              "gateway") for n in range(5))  # fmt: skip
+_SCOPE_SETS = (
+    ["read"],
+    ["read", "write"],
+    ["orders:read"],
+    ["orders:read", "orders:write"],
+    ["billing:read", "orders:read"],
+    ["admin"],
+    ["analytics:read", "read"],
+    ["deploy", "read", "write"],
+)
+_SERVICES = tuple(
+    f"{word}-{n}"
+    for word in ("billing", "checkout", "search", "ledger", "mailer", "ingest", "report", "gateway")
+    for n in range(5)
+)
 _COLUMNS = tuple(c.strip() for c in KEY_COLUMNS.split(","))
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -101,10 +111,20 @@ class Measured:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form."""
-        return {"name": self.case.name, "query": self.case.query, "where": self.case.where, "page": self.case.page,
-                "token": self.case.token, "requests": len(self.seconds), "errors": self.errors, "found": self.found,
-                "p50_ms": percentile(self.seconds, 0.5) * 1000, "p95_ms": percentile(self.seconds, 0.95) * 1000,
-                "max_ms": max(self.seconds, default=float("nan")) * 1000, "plan": self.plan}  # fmt: skip
+        return {
+            "name": self.case.name,
+            "query": self.case.query,
+            "where": self.case.where,
+            "page": self.case.page,
+            "token": self.case.token,
+            "requests": len(self.seconds),
+            "errors": self.errors,
+            "found": self.found,
+            "p50_ms": percentile(self.seconds, 0.5) * 1000,
+            "p95_ms": percentile(self.seconds, 0.95) * 1000,
+            "max_ms": max(self.seconds, default=float("nan")) * 1000,
+            "plan": self.plan,
+        }
 
 
 def cases(world: World, now: int) -> list[Case]:
@@ -114,21 +134,42 @@ def cases(world: World, now: int) -> list[Case]:
     found = [Case("no filter (baseline)", {})]
     for sort in ("created", "last_used", "expires", "name"):
         for sign in ("", "-"):
-            found += [Case(f"sort={sign}{sort}", {"sort": sign + sort}),
-                      Case(f"sort={sign}{sort}, page 2", {"sort": sign + sort}, page=2)]  # fmt: skip
-    filters = [("status", "active"), ("status", "revoked"), ("status", "expired"), ("expiring_within", "7d"),
-               ("env", "test"), ("region", "eu"), ("region", "global"), ("scope", "deploy"),
-               ("created_by", world.user), ("created_by", world.creator_token), ("prefix", "ledger-3"),
-               ("prefix", "kr_test_eu_"), ("unused_for", "90d"), ("expires_before", soon)]  # fmt: skip
-    found += [Case(f"{name}={value if name != 'created_by' else 'a ' + ('user' if value == world.user else 'token')}",
-                   {name: value}) for name, value in filters]  # fmt: skip
+            found += [
+                Case(f"sort={sign}{sort}", {"sort": sign + sort}),
+                Case(f"sort={sign}{sort}, page 2", {"sort": sign + sort}, page=2),
+            ]
+    filters = [
+        ("status", "active"),
+        ("status", "revoked"),
+        ("status", "expired"),
+        ("expiring_within", "7d"),
+        ("env", "test"),
+        ("region", "eu"),
+        ("region", "global"),
+        ("scope", "deploy"),
+        ("created_by", world.user),
+        ("created_by", world.creator_token),
+        ("prefix", "ledger-3"),
+        ("prefix", "kr_test_eu_"),
+        ("unused_for", "90d"),
+        ("expires_before", soon),
+    ]
     found += [
-        Case("status=active&scope=orders:read&sort=-last_used", {"status": "active", "scope": "orders:read",
-                                                                  "sort": "-last_used"}),
+        Case(
+            f"{name}={value if name != 'created_by' else 'a ' + ('user' if value == world.user else 'token')}",
+            {name: value},
+        )
+        for name, value in filters
+    ]
+    found += [
+        Case(
+            "status=active&scope=orders:read&sort=-last_used",
+            {"status": "active", "scope": "orders:read", "sort": "-last_used"},
+        ),
         Case("team: no filter", {}, where="team"),
         Case("team: status=active&sort=-expires", {"status": "active", "sort": "-expires"}, where="team"),
         Case("maintainer of one team: org, no filter", {}, token="maintainer"),
-    ]  # fmt: skip
+    ]
     return found
 
 
@@ -142,8 +183,17 @@ def _uuid7(micros: int, rng: random.Random) -> str:
     return str(uuid.UUID(bytes=bytes(raw)))
 
 
-def _rows(start: int, count: int, total: int, now: int, org: str, projects: list[tuple[str, str]], users: list[str],
-          tokens: list[str], rng: random.Random) -> list[tuple[Any, ...]]:  # fmt: skip
+def _rows(
+    start: int,
+    count: int,
+    total: int,
+    now: int,
+    org: str,
+    projects: list[tuple[str, str]],
+    users: list[str],
+    tokens: list[str],
+    rng: random.Random,
+) -> list[tuple[Any, ...]]:
     rows: list[tuple[Any, ...]] = []
     span = 730 * _DAY
     for i in range(start, start + count):
@@ -160,9 +210,31 @@ def _rows(start: int, count: int, total: int, now: int, org: str, projects: list
         user = users[i % len(users)] if i % 2 else None
         display = f"kr_{env}_{region + '_' if region else ''}…{''.join(rng.choices(_ALPHABET, k=4))}"
         name = f"{_SERVICES[rng.randrange(len(_SERVICES))]}-{env}-{i}"
-        rows.append((_uuid7(created, rng), display, rng.randbytes(32), org, team, project, name,
-                     _SCOPE_SETS[i % len(_SCOPE_SETS)], env, region, {}, created, expires, used, revoked,
-                     "bench" if revoked else None, None, tokens[i % len(tokens)], 1, user, team))  # fmt: skip
+        rows.append(
+            (
+                _uuid7(created, rng),
+                display,
+                rng.randbytes(32),
+                org,
+                team,
+                project,
+                name,
+                _SCOPE_SETS[i % len(_SCOPE_SETS)],
+                env,
+                region,
+                {},
+                created,
+                expires,
+                used,
+                revoked,
+                "bench" if revoked else None,
+                None,
+                tokens[i % len(tokens)],
+                1,
+                user,
+                team,
+            )
+        )
     return rows
 
 
@@ -179,19 +251,27 @@ async def _fill(db: Database, count: int, timeout: float) -> World:
         team = await store.create_team(admin, org.id, f"team-{t}")
         for p in range(5):
             projects.append((team.id, (await store.create_project(admin, team.id, f"project-{p}")).id))
-    tokens = [(await tokens_store.ensure(f"creator-{i}", generate_token(), "platform-admin")).token_id
-              for i in range(20)]  # fmt: skip
+    tokens = [
+        (await tokens_store.ensure(f"creator-{i}", generate_token(), "platform-admin")).token_id for i in range(20)
+    ]
     now = now_us()
     users = [new_id() for _ in range(100)]
     async with db.transaction() as tx:
-        await tx.insert_many("users", ("id", "email", "created_at"),
-                             [(u, f"user-{i}@example.com", now) for i, u in enumerate(users)])  # fmt: skip
+        await tx.insert_many(
+            "users", ("id", "email", "created_at"), [(u, f"user-{i}@example.com", now) for i, u in enumerate(users)]
+        )
     maintainer = generate_token()
     await tokens_store.ensure("maintainer", maintainer, "maintainer")
     async with db.transaction() as tx:
         await tx.execute("UPDATE admin_tokens SET team_id = $1 WHERE name = 'maintainer'", projects[0][0])
-    world = World(org=org.id, team=projects[0][0], user=users[1], creator_token=tokens[3], admin_token=admin_token,
-                  maintainer_token=maintainer)  # fmt: skip
+    world = World(
+        org=org.id,
+        team=projects[0][0],
+        user=users[1],
+        creator_token=tokens[3],
+        admin_token=admin_token,
+        maintainer_token=maintainer,
+    )
     rng = random.Random(19)
     started = time.monotonic()
     last_said = started
@@ -215,9 +295,16 @@ async def _plan(db: Database, world: World, case: Case, now: int) -> str:
     query = MultiDict(case.query)
     team = world.team if case.where == "team" else None
     visible = Visible(teams=frozenset({world.team})) if case.token == "maintainer" else Visible()
-    statement, args = key_query(db.dialect, org_id=None if team else world.org, team_id=team, visible=visible,
-                                filters=key_filter(query, now), sort=key_sort(query.get("sort")), after=None,
-                                limit=101)  # fmt: skip
+    statement, args = key_query(
+        db.dialect,
+        org_id=None if team else world.org,
+        team_id=team,
+        visible=visible,
+        filters=key_filter(query, now),
+        sort=key_sort(query.get("sort")),
+        after=None,
+        limit=101,
+    )
     async with db.transaction() as tx:
         if db.dialect == "postgresql":
             lines = [r["QUERY PLAN"] for r in await tx.fetch("EXPLAIN " + statement, *args)]
@@ -227,8 +314,12 @@ async def _plan(db: Database, world: World, case: Case, now: int) -> str:
     if "Seq Scan" in text or any(line.strip() == "SCAN api_keys" for line in lines):
         return "SEQUENTIAL SCAN"
     # SQLite names the index; PostgreSQL each partition's (api_keys_p03_organization_id_created_at_id_idx).
-    used = [line.split()[i + 1] for line in lines for i, word in enumerate(line.split()[:-1])
-            if word.lower() == "using" or word == "INDEX"]  # fmt: skip
+    used = [
+        line.split()[i + 1]
+        for line in lines
+        for i, word in enumerate(line.split()[:-1])
+        if word.lower() == "using" or word == "INDEX"
+    ]
     names = sorted({re.sub(r"^api_keys_p\d+_", "", name) for name in used if "_" in name})
     return "index " + ",".join(names) if names else "index"
 
@@ -264,8 +355,10 @@ async def _measure(url: str, world: World, case_list: list[Case], requests: int,
                 if attempt >= 2:
                     measured.seconds.append(elapsed)
             results.append(measured)
-            say(f"  {case.name:<52} p50 {ms(percentile(measured.seconds, 0.5)):>10}  p95 "
-                f"{ms(percentile(measured.seconds, 0.95)):>10}  {measured.found:>3} keys  {measured.plan}")  # fmt: skip
+            say(
+                f"  {case.name:<52} p50 {ms(percentile(measured.seconds, 0.5)):>10}  p95 "
+                f"{ms(percentile(measured.seconds, 0.95)):>10}  {measured.found:>3} keys  {measured.plan}"
+            )
     return results
 
 
@@ -280,8 +373,10 @@ def _database(backend: str, work: Path, pg_url: str) -> Iterator[str]:
 
 def _backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     say(f"{backend}: filling {args.keys:,} keys in one organization")
-    with tempfile.TemporaryDirectory(prefix="keyrelay-bench-find-") as tmp, _database(backend, Path(tmp),
-                                                                                     args.pg_url) as url:  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory(prefix="keyrelay-bench-find-") as tmp,
+        _database(backend, Path(tmp), args.pg_url) as url,
+    ):
 
         async def prepare() -> World:
             db = await open_database(url, create=True)
@@ -293,9 +388,14 @@ def _backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         world = asyncio.run(prepare())
         say(f"  {world.keys:,} keys in {world.fill_seconds:.0f}s ({world.keys / max(world.fill_seconds, 1e-9):,.0f}/s)")
         with contextlib.ExitStack() as stack:
-            endpoints = start_stack(stack, Path(tmp), url, "warning", token=world.admin_token,
-                                    publisher_args=["--no-reconcile-on-start", "--reconcile-interval",
-                                                    "24h"])  # fmt: skip
+            endpoints = start_stack(
+                stack,
+                Path(tmp),
+                url,
+                "warning",
+                token=world.admin_token,
+                publisher_args=["--no-reconcile-on-start", "--reconcile-interval", "24h"],
+            )
 
             async def measure() -> list[Measured]:
                 db = await open_database(url)
@@ -308,38 +408,48 @@ def _backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
     baseline = percentile(results[0].seconds, 0.95)
     worst = max(results, key=lambda m: percentile(m.seconds, 0.95))
     return {
-        "keys": world.keys, "fill_seconds": world.fill_seconds, "requests_per_case": args.requests,
+        "keys": world.keys,
+        "fill_seconds": world.fill_seconds,
+        "requests_per_case": args.requests,
         "cases": [{**m.to_json(), "p95_vs_baseline": percentile(m.seconds, 0.95) / baseline} for m in results],
-        "worst_case": worst.case.name, "worst_p95_ms": percentile(worst.seconds, 0.95) * 1000,
+        "worst_case": worst.case.name,
+        "worst_p95_ms": percentile(worst.seconds, 0.95) * 1000,
         "errors": sum(m.errors for m in results),
         "sequential_scans": [m.case.name for m in results if m.plan == "SEQUENTIAL SCAN"],
-    }  # fmt: skip
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every back end asked for; the figures, with a verdict against TARGET_P95 when the fill reached 1M keys."""
-    figures: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                               "target_p95_ms": TARGET_P95 * 1000, "backends": {}}  # fmt: skip
+    figures: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "target_p95_ms": TARGET_P95 * 1000,
+        "backends": {},
+    }
     for backend in args.backends:
         result = _backend(backend, args)
         at_scale = result["keys"] >= 1_000_000
         result["meets_target"] = result["worst_p95_ms"] <= TARGET_P95 * 1000 if at_scale else None
         figures["backends"][backend] = result
         verdict = {True: "meets", False: "MISSES", None: "(not judged below 1M keys)"}[result["meets_target"]]
-        say(f"{backend}: worst p95 {result['worst_p95_ms']:.1f} ms ({result['worst_case']}) at {result['keys']:,} "
+        say(
+            f"{backend}: worst p95 {result['worst_p95_ms']:.1f} ms ({result['worst_case']}) at {result['keys']:,} "
             f"keys; target {TARGET_P95 * 1000:.0f} ms: {verdict}; errors {result['errors']}; sequential scans: "
-            f"{', '.join(result['sequential_scans']) or 'none'}")  # fmt: skip
+            f"{', '.join(result['sequential_scans']) or 'none'}"
+        )
     return figures
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m loadtest.bench_find`."""
-    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_find", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench_find", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--keys", type=int, default=1_000_000, help="keys in the organization (default 1000000)")
     parser.add_argument("--requests", type=int, default=40, help="requests per case (default 40; p95 over them)")
-    parser.add_argument("--backends", type=lambda t: tuple(t.split(",")), default=BACKENDS,
-                        help="sqlite,postgresql (default both)")  # fmt: skip
+    parser.add_argument(
+        "--backends", type=lambda t: tuple(t.split(",")), default=BACKENDS, help="sqlite,postgresql (default both)"
+    )
     parser.add_argument(
         "--fill-timeout",
         type=float,

@@ -289,8 +289,14 @@ def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
             asyncio.run(create_bucket(nats_server.url))
             heartbeats.start()  # signed publisher heartbeats: what keeps the sidecar fresh
             say(f"filling {DEFAULT_BUCKET} with {args.keys:,} signed records")
-            filling = fill_bucket(nats_server.url, DEFAULT_BUCKET, args.keys, pool_size=min(args.pool, args.keys),
-                                  seed=1, signer=BENCH_SIGNER)  # fmt: skip
+            filling = fill_bucket(
+                nats_server.url,
+                DEFAULT_BUCKET,
+                args.keys,
+                pool_size=min(args.pool, args.keys),
+                seed=1,
+                signer=BENCH_SIGNER,
+            )
             fill = asyncio.run(filling)
             keys = fill.pool
             routes = work / "route-scopes.txt"
@@ -298,18 +304,31 @@ def run(args: argparse.Namespace, names: list[str]) -> list[GatewayFigures]:
             sidecar_port, upstream_port = free_port(), free_port()
             sidecar_log = work / "sidecar.log"
             sidecar_proc = spawn(
-                [*keyrelay_command(), "sidecar", "--nats-url", nats_server.url, "--port", str(sidecar_port),
-                 "--route-scopes", str(routes), "--log-level", "warning", *sidecar_trust_args(snapshots=None)],
+                [
+                    *keyrelay_command(),
+                    "sidecar",
+                    "--nats-url",
+                    nats_server.url,
+                    "--port",
+                    str(sidecar_port),
+                    "--route-scopes",
+                    str(routes),
+                    "--log-level",
+                    "warning",
+                    *sidecar_trust_args(snapshots=None),
+                ],
                 log=sidecar_log,
-            )  # fmt: skip
+            )
             children.append(sidecar_proc)
             wait_http_ok(sidecar_proc, sidecar_port, "/readyz", timeout=120, log=sidecar_log)
             upstream_log = work / "upstream.log"
             upstream = spawn([sys.executable, "-m", "testbed.upstream", "--port", str(upstream_port)], log=upstream_log)
             children.append(upstream)
             wait_http_ok(upstream, upstream_port, "/", timeout=30, log=upstream_log)
-            say(f"sidecar :{sidecar_port} ({args.keys:,} keys, route map {_ROUTE_SCOPES.splitlines()[1].strip()!r}), "
-                 f"upstream :{upstream_port}, pool of {len(keys):,} valid keys")  # fmt: skip
+            say(
+                f"sidecar :{sidecar_port} ({args.keys:,} keys, route map {_ROUTE_SCOPES.splitlines()[1].strip()!r}), "
+                f"upstream :{upstream_port}, pool of {len(keys):,} valid keys"
+            )
             script = header_pool_script(work / "wrk", "Authorization", keys, prefix="Bearer ")
             for name in names:
                 # A gateway that churns connections (Traefik) leaves tens of thousands of TIME_WAIT

@@ -104,8 +104,9 @@ def _extract(commit: str, work: Path) -> Path:
 
 
 def _commit(ref: str) -> str:
-    done = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", ref], capture_output=True, text=True,
-                          check=True, timeout=30)  # fmt: skip
+    done = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", ref], capture_output=True, text=True, check=True, timeout=30
+    )
     return done.stdout.strip()
 
 
@@ -151,9 +152,11 @@ def _replay(trees: dict[str, Tree], url: str, args: argparse.Namespace, work: Pa
             if figures["keys"] != args.replay_keys or figures["rejected"]:
                 raise RuntimeError(f"{variant} replay holds {figures['keys']} keys (rejected {figures['rejected']})")
             runs[variant].append(figures)
-            say(f"  replay {args.replay_keys:,}, {variant:<17}: synced in {figures['sync_seconds']:.2f}s "
-                 f"({figures['sync_cpu_seconds']:.2f}s CPU, peak RSS {figures['peak_rss_bytes'] / 2**20:.1f} MiB, "
-                 f"{figures['consumer_resets']} consumer resets)")  # fmt: skip
+            say(
+                f"  replay {args.replay_keys:,}, {variant:<17}: synced in {figures['sync_seconds']:.2f}s "
+                f"({figures['sync_cpu_seconds']:.2f}s CPU, peak RSS {figures['peak_rss_bytes'] / 2**20:.1f} MiB, "
+                f"{figures['consumer_resets']} consumer resets)"
+            )
     result: dict[str, Any] = {"records": args.replay_keys, "runs": runs}
     for variant in variants:
         result[variant] = {
@@ -176,11 +179,15 @@ def _replay_instructions(trees: dict[str, Tree], url: str, args: argparse.Namesp
             params = {"url": url, "bucket": bucket, "timeout": 3600, "trusted_key": BENCH_SIGNER.public_key}
             out = work / f"cg-{variant.replace('/', '-')}-{bucket}.json"
             command = _probe_command(trees, variant, params, out)
-            totals[bucket] = count_run(command, work=work, name=f"replay-{variant.replace('/', '-')}-{bucket}",
-                                       timeout=4 * 3600)  # fmt: skip
+            totals[bucket] = count_run(
+                command, work=work, name=f"replay-{variant.replace('/', '-')}-{bucket}", timeout=4 * 3600
+            )
         per_record = (totals["CG_REPLAY"] - totals["CG_EMPTY"]) / count
-        result[variant] = {"instructions_total": totals["CG_REPLAY"], "instructions_empty": totals["CG_EMPTY"],
-                           "instructions_per_record": per_record}  # fmt: skip
+        result[variant] = {
+            "instructions_total": totals["CG_REPLAY"],
+            "instructions_empty": totals["CG_EMPTY"],
+            "instructions_per_record": per_record,
+        }
         say(f"  callgrind replay {count:,}, {variant:<17}: {per_record:,.0f} instructions per record")
     return result
 
@@ -192,8 +199,18 @@ def _auth_commands(trees: dict[str, Tree], url: str, bucket: str) -> dict[str, l
     """The servers under test, by name: a command taking `--port N` last (None: the bare handler's)."""
     commands: dict[str, list[str] | None] = {"bare": None}
     for name in ("baseline", "current"):
-        commands[name] = [*trees[name].keyrelay(), "sidecar", "--nats-url", url, "--bucket", bucket, "--no-snapshots",
-                          "--log-level", "warning", *sidecar_trust_args(snapshots=None)]  # fmt: skip
+        commands[name] = [
+            *trees[name].keyrelay(),
+            "sidecar",
+            "--nats-url",
+            url,
+            "--bucket",
+            bucket,
+            "--no-snapshots",
+            "--log-level",
+            "warning",
+            *sidecar_trust_args(snapshots=None),
+        ]
     if _has(trees["current"], "grant"):
         python, flag, launcher = trees["current"].keyrelay()
         force = f"__import__('sidecar.grant').grant.check(pretend_missing=[{_FORCED!r}]); "
@@ -229,8 +246,13 @@ def _auth(trees: dict[str, Tree], url: str, args: argparse.Namespace, work: Path
             port = free_port()
             process = spawn(_command(command, port), cpus=server_cpu, log=work / f"auth-{name.replace('/', '-')}.log")
             running[name] = (process, port)
-            wait_http_ok(process, port, "/auth" if command is None else "/readyz", timeout=args.ready_timeout,
-                         log=work / f"auth-{name.replace('/', '-')}.log")  # fmt: skip
+            wait_http_ok(
+                process,
+                port,
+                "/auth" if command is None else "/readyz",
+                timeout=args.ready_timeout,
+                log=work / f"auth-{name.replace('/', '-')}.log",
+            )
             if command is not None:
                 fallback = _status(port).get("grant_fallback")
                 say(f"  {name} sidecar ready (grant_fallback {fallback})")
@@ -239,14 +261,24 @@ def _auth(trees: dict[str, Tree], url: str, args: argparse.Namespace, work: Path
         script = header_pool_script(work / "wrk", "Authorization", fill.pool, prefix="Bearer ")
         names = list(running)
         for name in names:
-            run_wrk(f"http://127.0.0.1:{running[name][1]}/auth", connections=args.connections, duration=1.0,
-                    script=script, cpus=wrk_cpu)  # fmt: skip
+            run_wrk(
+                f"http://127.0.0.1:{running[name][1]}/auth",
+                connections=args.connections,
+                duration=1.0,
+                script=script,
+                cpus=wrk_cpu,
+            )
         rps: dict[str, list[float]] = {n: [] for n in names}
         for n in range(args.wrk_rounds):
             for name in names if n % 2 == 0 else names[::-1]:
                 wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
-                measured = run_wrk(f"http://127.0.0.1:{running[name][1]}/auth", connections=args.connections,
-                                   duration=args.wrk_duration, script=script, cpus=wrk_cpu)  # fmt: skip
+                measured = run_wrk(
+                    f"http://127.0.0.1:{running[name][1]}/auth",
+                    connections=args.connections,
+                    duration=args.wrk_duration,
+                    script=script,
+                    cpus=wrk_cpu,
+                )
                 if measured.errors:
                     raise RuntimeError(f"{name}: {measured.errors} errors (answers of 400 and more, socket errors)")
                 rps[name].append(measured.requests_per_second)
@@ -268,9 +300,15 @@ def _auth_instructions(trees: dict[str, Tree], url: str, args: argparse.Namespac
     result: dict[str, Any] = {"keys": args.instruction_keys, "pool": len(keys)}
     for name, command in _auth_commands(trees, url, "IKEYS").items():
         port = free_port()
-        counted = count_instructions(_command(command, port), port=port, url_path="/auth", script=script, work=work,
-                                     ready_path="/auth" if command is None else "/readyz",
-                                     ready_timeout=args.ready_timeout)  # fmt: skip
+        counted = count_instructions(
+            _command(command, port),
+            port=port,
+            url_path="/auth",
+            script=script,
+            work=work,
+            ready_path="/auth" if command is None else "/readyz",
+            ready_timeout=args.ready_timeout,
+        )
         result[name] = {"per_request": counted.per_request, "requests": counted.requests}
         say(f"  callgrind /auth, {name:<25}: {counted.per_request:,.0f} instructions per request")
     return result
@@ -334,9 +372,11 @@ def _report(results: dict[str, Any]) -> None:
         for variant in [v for v in replay if v not in ("records", "runs")]:
             row = replay[variant]
             wall, cpu = row["sync_seconds"], row["sync_cpu_seconds"]
-            line = (f"  {variant:<18} {wall:7.2f} s wall ({wall / base['sync_seconds']:.3f})"
-                    f"  {cpu:7.2f} s CPU ({cpu / base['sync_cpu_seconds']:.3f})"
-                    f"  peak RSS {row['peak_rss_bytes'] / 2**20:6.1f} MiB")  # fmt: skip
+            line = (
+                f"  {variant:<18} {wall:7.2f} s wall ({wall / base['sync_seconds']:.3f})"
+                f"  {cpu:7.2f} s CPU ({cpu / base['sync_cpu_seconds']:.3f})"
+                f"  peak RSS {row['peak_rss_bytes'] / 2**20:6.1f} MiB"
+            )
             if variant in counted:
                 per = counted[variant]["instructions_per_record"]
                 ref = counted["baseline/parser"]["instructions_per_record"]
@@ -357,8 +397,14 @@ def _report(results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when it completed, 1 on failure, 2 on bad options."""
     args = _parser().parse_args(argv)
-    counts = (args.replay_keys, args.replay_rounds, args.auth_keys, args.instruction_keys, args.wrk_rounds,
-              args.connections)  # fmt: skip
+    counts = (
+        args.replay_keys,
+        args.replay_rounds,
+        args.auth_keys,
+        args.instruction_keys,
+        args.wrk_rounds,
+        args.connections,
+    )
     if min(counts) < 1 or args.callgrind_replay_keys < 0 or args.wrk_duration <= 0:
         say("counts, rounds and durations must be positive")
         return 2

@@ -173,13 +173,25 @@ class BackendResult:
         p99_concurrent = percentile(self.concurrent.propagation, 0.99)
         bound = f"<= {ms(TARGET_REVOKE_P99, digits=1)}"
         return [
-            ("bulk keys/s", f"{self.bulk.rate:,.0f}", f">= {TARGET_BULK_RATE:,.0f}",
-             self.bulk.rate >= TARGET_BULK_RATE and self.bulk.failed == 0),
-            ("revocation p99, sequential", ms(p99, digits=1), bound,
-             p99 <= TARGET_REVOKE_P99 and self.sequential.failed == 0),
-            (f"revocation p99, {self.concurrent.concurrency} concurrent", ms(p99_concurrent, digits=1), bound,
-             p99_concurrent <= TARGET_REVOKE_P99 and self.concurrent.failed == 0),
-        ]  # fmt: skip
+            (
+                "bulk keys/s",
+                f"{self.bulk.rate:,.0f}",
+                f">= {TARGET_BULK_RATE:,.0f}",
+                self.bulk.rate >= TARGET_BULK_RATE and self.bulk.failed == 0,
+            ),
+            (
+                "revocation p99, sequential",
+                ms(p99, digits=1),
+                bound,
+                p99 <= TARGET_REVOKE_P99 and self.sequential.failed == 0,
+            ),
+            (
+                f"revocation p99, {self.concurrent.concurrency} concurrent",
+                ms(p99_concurrent, digits=1),
+                bound,
+                p99_concurrent <= TARGET_REVOKE_P99 and self.concurrent.failed == 0,
+            ),
+        ]
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form."""
@@ -285,9 +297,13 @@ class Endpoints:
 
 
 def _start_component(
-    stack: contextlib.ExitStack, name: str, args: list[str], port: int, logs: Path,
+    stack: contextlib.ExitStack,
+    name: str,
+    args: list[str],
+    port: int,
+    logs: Path,
     env: dict[str, str] | None = None,
-) -> tuple[subprocess.Popen[bytes], Path]:  # fmt: skip
+) -> tuple[subprocess.Popen[bytes], Path]:
     log = logs / f"{name}.log"
     # Secrets go in the child's environment: a command line is readable by every local user. The
     # caller's KEYRELAY_* variables must not change what is measured.
@@ -309,8 +325,15 @@ def _wait_bucket(process: subprocess.Popen[bytes], port: int, log: Path) -> None
     raise ProcessError(f"the publisher did not create the bucket in time; log:\n{tail(log)}")
 
 
-def start_stack(stack: contextlib.ExitStack, work: Path, database_url: str, log_level: str, *,
-                publisher_args: Sequence[str] = (), token: str | None = None) -> Endpoints:  # fmt: skip
+def start_stack(
+    stack: contextlib.ExitStack,
+    work: Path,
+    database_url: str,
+    log_level: str,
+    *,
+    publisher_args: Sequence[str] = (),
+    token: str | None = None,
+) -> Endpoints:
     """nats-server, the publisher (with `publisher_args` besides its own, `token` its admin token or a new one)
     and a sidecar, each stopped when `stack` closes."""
     logs = work / "logs"
@@ -321,17 +344,46 @@ def start_stack(stack: contextlib.ExitStack, work: Path, database_url: str, log_
     signing_key = work / "signing-key"
     public_key = write_signing_key(signing_key)
     publisher_port = free_port()
-    process, log = _start_component(stack, "publisher", [
-        "publisher", "--port", str(publisher_port), "--nats-url", nats_server.url,
-        "--data-dir", str(work / "publisher"), "--log-level", log_level, "--signing-key", str(signing_key), "--init",
-        *publisher_args,
-    ], publisher_port, logs, {"KEYRELAY_ADMIN_TOKEN": token, "KEYRELAY_DATABASE_URL": database_url})  # fmt: skip
+    process, log = _start_component(
+        stack,
+        "publisher",
+        [
+            "publisher",
+            "--port",
+            str(publisher_port),
+            "--nats-url",
+            nats_server.url,
+            "--data-dir",
+            str(work / "publisher"),
+            "--log-level",
+            log_level,
+            "--signing-key",
+            str(signing_key),
+            "--init",
+            *publisher_args,
+        ],
+        publisher_port,
+        logs,
+        {"KEYRELAY_ADMIN_TOKEN": token, "KEYRELAY_DATABASE_URL": database_url},
+    )
     _wait_bucket(process, publisher_port, log)
     sidecar_port = free_port()
-    _start_component(stack, "sidecar", [
-        "sidecar", "--port", str(sidecar_port), "--nats-url", nats_server.url, "--log-level", log_level,
-        f"--trusted-keys={public_key}",  # KEY=VALUE: a base64url key may start with '-'
-    ], sidecar_port, logs)  # fmt: skip
+    _start_component(
+        stack,
+        "sidecar",
+        [
+            "sidecar",
+            "--port",
+            str(sidecar_port),
+            "--nats-url",
+            nats_server.url,
+            "--log-level",
+            log_level,
+            f"--trusted-keys={public_key}",  # KEY=VALUE: a base64url key may start with '-'
+        ],
+        sidecar_port,
+        logs,
+    )
     return Endpoints(
         publisher_url=f"http://127.0.0.1:{publisher_port}",
         publisher_port=publisher_port,
@@ -377,8 +429,9 @@ def _key_request(name: str) -> dict[str, Any]:
     return {"name": name, "scopes": _SCOPES}
 
 
-async def create_singles(api: AdminApi, project_id: str, total: int, concurrency: int, timeout: float,
-                         label: str) -> Throughput:  # fmt: skip
+async def create_singles(
+    api: AdminApi, project_id: str, total: int, concurrency: int, timeout: float, label: str
+) -> Throughput:
     """`total` keys through the single-key route, `concurrency` calls in flight."""
     result = Throughput()
     todo = iter(range(total))  # shared: each index is taken by exactly one worker
@@ -407,8 +460,17 @@ async def create_singles(api: AdminApi, project_id: str, total: int, concurrency
     return result
 
 
-async def create_bulk(api: AdminApi, project_id: str, total: int, size: int, concurrency: int, timeout: float,
-                      label: str, *, keep: list[tuple[str, str]] | None = None) -> Throughput:  # fmt: skip
+async def create_bulk(
+    api: AdminApi,
+    project_id: str,
+    total: int,
+    size: int,
+    concurrency: int,
+    timeout: float,
+    label: str,
+    *,
+    keep: list[tuple[str, str]] | None = None,
+) -> Throughput:
     """`total` keys through the bulk route, `size` per call; `keep` collects (id, plaintext) when given."""
     result = Throughput()
     batches = iter(range(math.ceil(total / size)))
@@ -486,8 +548,9 @@ async def _revoke_one(api: AdminApi, sidecar: SidecarAuth, key_id: str, key: str
         result.refused_at_first_poll += 1
 
 
-async def revoke(api: AdminApi, sidecar: SidecarAuth, keys: list[tuple[str, str]], concurrency: int,
-                 timeout: float, label: str) -> Revocations:  # fmt: skip
+async def revoke(
+    api: AdminApi, sidecar: SidecarAuth, keys: list[tuple[str, str]], concurrency: int, timeout: float, label: str
+) -> Revocations:
     """Revoke each key and time it until the sidecar refuses it; `concurrency` revocations in flight."""
     result = Revocations(concurrency=concurrency)
     todo = iter(keys)
@@ -546,9 +609,15 @@ async def measure(backend: str, ends: Endpoints, config: Config) -> BackendResul
         revocable: list[tuple[str, str]] = []
         doomed = await _setup_project(api, "revocations")
         prepared = await create_bulk(
-            api, doomed, 2 * config.revocations, config.bulk_size, 1, config.phase_timeout, f"{tag} prepare",
+            api,
+            doomed,
+            2 * config.revocations,
+            config.bulk_size,
+            1,
+            config.phase_timeout,
+            f"{tag} prepare",
             keep=revocable,
-        )  # fmt: skip
+        )
         if prepared.failed or len(revocable) != 2 * config.revocations:
             raise RuntimeError(f"could not create the keys to revoke: {prepared.errors}")
         await until_valid(sidecar, revocable, timeout=30.0)
@@ -653,8 +722,16 @@ def report(results: list[BackendResult], config: Config) -> list[str]:
     for result in results:
         for what, value, target, ok in result.targets():
             lines.append(f"  {result.backend:<12} {what:<34} {value:>12}   {target:<12} {'PASS' if ok else 'FAIL'}")
-        incomplete = [n for n, p in (("api", result.api), ("bulk", result.bulk), ("revoke x1", result.sequential),
-                                     ("revoke xC", result.concurrent)) if not p.complete]  # fmt: skip
+        incomplete = [
+            n
+            for n, p in (
+                ("api", result.api),
+                ("bulk", result.bulk),
+                ("revoke x1", result.sequential),
+                ("revoke xC", result.concurrent),
+            )
+            if not p.complete
+        ]
         if incomplete:
             lines.append(f"  {result.backend:<12} phases cut short by --phase-timeout: {', '.join(incomplete)}")
     lines.append("=" * 96)
@@ -677,18 +754,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--backend", choices=[*BACKENDS, "both"], default="both", help="database (default both)")
     parser.add_argument("--keys", type=_positive, default=20_000, help="keys through the bulk path (default 20000)")
-    parser.add_argument("--api-keys", type=_positive, default=2_000,
-                        help="keys through the single-key API (default 2000)")  # fmt: skip
+    parser.add_argument(
+        "--api-keys", type=_positive, default=2_000, help="keys through the single-key API (default 2000)"
+    )
     parser.add_argument("--bulk-size", type=_positive, default=1000, help="keys per bulk call, at most 1000")
     parser.add_argument("--bulk-concurrency", type=_positive, default=1, help="bulk calls in flight (default 1)")
-    parser.add_argument("--revocations", type=_positive, default=500,
-                        help="revocations per mode, sequential and concurrent (default 500)")  # fmt: skip
-    parser.add_argument("--concurrency", type=_positive, default=16,
-                        help="API clients, and revocations in flight in the concurrent mode (default 16)")  # fmt: skip
+    parser.add_argument(
+        "--revocations",
+        type=_positive,
+        default=500,
+        help="revocations per mode, sequential and concurrent (default 500)",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=16,
+        help="API clients, and revocations in flight in the concurrent mode (default 16)",
+    )
     parser.add_argument("--phase-timeout", type=float, default=300.0, help="cut any phase short after this (s)")
     parser.add_argument("--pg-url", default=DEFAULT_PG, help=f"PostgreSQL admin URL (default {DEFAULT_PG})")
-    parser.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
-                        help="log level of the publisher and sidecar (default warning)")  # fmt: skip
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="log level of the publisher and sidecar (default warning)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
     return parser
 

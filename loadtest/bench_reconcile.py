@@ -85,9 +85,12 @@ async def _timed(what: str, step: Step, figures: dict[str, Any]) -> Any:
     started, cpu = time.perf_counter(), time.process_time()
     with _loop_stalls() as worst:
         result = await step()
-    figures[what] = {"seconds": round(time.perf_counter() - started, 2),
-                     "cpu_seconds": round(time.process_time() - cpu, 2),
-                     "worst_loop_stall_ms": round(worst[0] * 1000, 1), "peak_rss_mib": _peak_rss_mib()}  # fmt: skip
+    figures[what] = {
+        "seconds": round(time.perf_counter() - started, 2),
+        "cpu_seconds": round(time.process_time() - cpu, 2),
+        "worst_loop_stall_ms": round(worst[0] * 1000, 1),
+        "peak_rss_mib": _peak_rss_mib(),
+    }
     print(f"{what}: {figures[what]}", flush=True)
     return result
 
@@ -100,8 +103,10 @@ def _sign_cost(signer: Signer, keys: SigningKeys, payload: bytes, rounds: int = 
     for _ in range(rounds):
         keys.check(header, payload, entry="global.x")
     verified = time.perf_counter()
-    return {"sign_us": round((signed - started) / rounds * 1e6, 1),
-            "verify_us": round((verified - signed) / rounds * 1e6, 1)}  # fmt: skip
+    return {
+        "sign_us": round((signed - started) / rounds * 1e6, 1),
+        "verify_us": round((verified - signed) / rounds * 1e6, 1),
+    }
 
 
 async def _fill(store: KeyStore, actor: Actor, project_id: str, count: int, relay: OutboxRelay) -> None:
@@ -144,16 +149,23 @@ async def run(count: int, work: Path) -> dict[str, Any]:
         payload = (await store.scan_keys(limit=1))[0].record().encode()
         figures["per_value"] = _sign_cost(keys.signer, keys, payload)
         print(f"per value: {figures['per_value']}", flush=True)
-        report = await _timed("reconcile, consistent", lambda: reconcile(store=store, broker=broker, keys=keys,
-                                                                          horizon=7 * 86400), figures)  # fmt: skip
+        report = await _timed(
+            "reconcile, consistent",
+            lambda: reconcile(store=store, broker=broker, keys=keys, horizon=7 * 86400),
+            figures,
+        )
         figures["reconcile, consistent"]["report"] = report.to_json()
         await _tamper(server.url, store)
-        report = await _timed("reconcile, 1000 tampered", lambda: reconcile(store=store, broker=broker, keys=keys,
-                                                                             horizon=7 * 86400), figures)  # fmt: skip
+        report = await _timed(
+            "reconcile, 1000 tampered",
+            lambda: reconcile(store=store, broker=broker, keys=keys, horizon=7 * 86400),
+            figures,
+        )
         figures["reconcile, 1000 tampered"]["report"] = report.to_json()
         await relay.drain(timeout=600)
-        report = await _timed("resign, nothing due", lambda: resign(store=store, broker=broker, keys=keys,
-                                                                     horizon=7 * 86400), figures)  # fmt: skip
+        report = await _timed(
+            "resign, nothing due", lambda: resign(store=store, broker=broker, keys=keys, horizon=7 * 86400), figures
+        )
         figures["resign, nothing due"]["report"] = report.to_json()
     finally:
         await relay.close()
@@ -165,8 +177,9 @@ async def run(count: int, work: Path) -> dict[str, Any]:
 
 def main() -> None:
     """Parse the command line, run, print and write the figures."""
-    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_reconcile", description=__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench_reconcile", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--keys", type=int, default=100_000, help="keys to create (default 100000)")
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()

@@ -178,8 +178,17 @@ def _fractions(text: str) -> tuple[float, ...]:
 
 
 def _sidecar_command(nats_url: str, port: int) -> list[str]:
-    return [*keyrelay_command(), "sidecar", "--nats-url", nats_url, "--port", str(port), "--log-level", "warning",
-            *sidecar_trust_args()]  # fmt: skip
+    return [
+        *keyrelay_command(),
+        "sidecar",
+        "--nats-url",
+        nats_url,
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *sidecar_trust_args(),
+    ]
 
 
 def _bare_command(port: int) -> list[str]:
@@ -221,8 +230,18 @@ def _seed(nats_url: str, pin: Pinning, work: Path, *, timeout: float) -> SeedRun
     log = work / "seed.log"
     started = time.monotonic()
     key = write_key_file(work / "snapshot-signing-key", BENCH_SNAPSHOT_SIGNER)
-    command = [*keyrelay_command(), "snapshot", "seed", "--nats-url", nats_url, "--timeout", f"{timeout:g}s",
-               "--snapshot-signing-key", str(key), f"--trusted-keys={BENCH_SIGNER.public_key}"]  # fmt: skip
+    command = [
+        *keyrelay_command(),
+        "snapshot",
+        "seed",
+        "--nats-url",
+        nats_url,
+        "--timeout",
+        f"{timeout:g}s",
+        "--snapshot-signing-key",
+        str(key),
+        f"--trusted-keys={BENCH_SIGNER.public_key}",
+    ]
     process = spawn(command, cpus=pin.server, log=log)
     # wait4, not wait: the child's own peak RSS, which getrusage would mix with every other child's.
     while True:
@@ -237,21 +256,30 @@ def _seed(nats_url: str, pin: Pinning, work: Path, *, timeout: float) -> SeedRun
     seconds = time.monotonic() - started
     if process.returncode != 0:
         raise RuntimeError(f"keyrelay snapshot seed exited with {process.returncode}: {tail(log)}")
-    say(f"seeded the region's snapshot (keyrelay snapshot seed, what region init runs) in {seconds:.2f}s, "
-         f"peak RSS {usage.ru_maxrss / 2**10:.1f} MiB: {tail(log, lines=1)}")  # fmt: skip
+    say(
+        f"seeded the region's snapshot (keyrelay snapshot seed, what region init runs) in {seconds:.2f}s, "
+        f"peak RSS {usage.ru_maxrss / 2**10:.1f} MiB: {tail(log, lines=1)}"
+    )
     return SeedRun(seconds=seconds, peak_rss=usage.ru_maxrss * 1024)
 
 
 def _replay_start(nats_url: str, args: argparse.Namespace, pin: Pinning, work: Path) -> SidecarRun:
     """A sidecar that finds no snapshot (--no-snapshots) and replays the bucket: the fallback, measured."""
     wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
-    process, _, run = _start_sidecar(nats_url, cpus=pin.server, log=work / "sidecar-replay.log",
-                                     ready_timeout=args.ready_timeout, extra=["--no-snapshots"])  # fmt: skip
+    process, _, run = _start_sidecar(
+        nats_url,
+        cpus=pin.server,
+        log=work / "sidecar-replay.log",
+        ready_timeout=args.ready_timeout,
+        extra=["--no-snapshots"],
+    )
     stop(process)
     if run.status.get("keys") != args.keys:
         raise RuntimeError(f"the replaying sidecar holds {run.status.get('keys')} keys, expected {args.keys}")
-    say(f"sidecar without a snapshot, replaying the bucket: ready in {run.ready_seconds:.2f}s "
-         f"(sync {run.status.get('synced_after_seconds')}s), RSS {run.rss / 2**20:.1f} MiB")  # fmt: skip
+    say(
+        f"sidecar without a snapshot, replaying the bucket: ready in {run.ready_seconds:.2f}s "
+        f"(sync {run.status.get('synced_after_seconds')}s), RSS {run.rss / 2**20:.1f} MiB"
+    )
     return run
 
 
@@ -430,9 +458,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             # Without snapshots: an empty table's snapshot would pass for the region's one.
             empty_proc, _, empty = _start_sidecar(
-                nats_server.url, cpus=pin.server, log=work / "sidecar-empty.log", ready_timeout=args.ready_timeout,
+                nats_server.url,
+                cpus=pin.server,
+                log=work / "sidecar-empty.log",
+                ready_timeout=args.ready_timeout,
                 extra=["--no-snapshots"],
-            )  # fmt: skip
+            )
             stop(empty_proc)
             say(f"empty-bucket sidecar: ready in {empty.ready_seconds:.2f}s, RSS {empty.rss / 2**20:.1f} MiB")
 

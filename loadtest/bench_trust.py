@@ -150,8 +150,9 @@ def _baseline(args: argparse.Namespace, work: Path) -> Tree:
     else:
         path = work / "baseline"
         path.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", args.baseline_commit], capture_output=True,
-                                 check=True, timeout=120)  # fmt: skip
+        archive = subprocess.run(
+            ["git", "-C", str(REPO), "archive", args.baseline_commit], capture_output=True, check=True, timeout=120
+        )
         subprocess.run(["tar", "-x", "-C", str(path)], input=archive.stdout, check=True, timeout=120)
     tree = Tree("baseline", path)
     if not (path / "sidecar" / "snapshot.py").exists():
@@ -271,9 +272,11 @@ def _snapshot_load(trees: Sequence[Tree], args: argparse.Namespace, work: Path) 
         if figures["loaded_keys"] != args.keys:
             raise RuntimeError(f"{tree.name} loaded {figures['loaded_keys']} keys of {args.keys}")
         runs[tree.name].append(figures)
-        say(f"  snapshot load, {tree.name:<8}: decode {_list(figures['decode_seconds'])} s wall, "
-             f"{_list(figures['decode_cpu_seconds'])} s CPU ({figures['snapshot_bytes'] / 2**20:.1f} MiB snapshot; "
-             f"table built in {figures['build_seconds']:.1f}s)")  # fmt: skip
+        say(
+            f"  snapshot load, {tree.name:<8}: decode {_list(figures['decode_seconds'])} s wall, "
+            f"{_list(figures['decode_cpu_seconds'])} s CPU ({figures['snapshot_bytes'] / 2**20:.1f} MiB snapshot; "
+            f"table built in {figures['build_seconds']:.1f}s)"
+        )
     records.unlink()
     result: dict[str, Any] = {"runs": runs}
     for tree in trees:
@@ -300,8 +303,10 @@ def _fill(url: str, bucket: str, count: int, *, seed: int, signed: bool, pool: i
     fill = asyncio.run(
         fill_bucket(url, bucket, count, pool_size=min(pool, count), seed=seed, signer=BENCH_SIGNER if signed else None)
     )
-    say(f"filled {bucket} with {count:,} {'signed' if signed else 'unsigned'} records in {fill.seconds:.1f}s "
-         f"({count / fill.seconds:,.0f}/s)")  # fmt: skip
+    say(
+        f"filled {bucket} with {count:,} {'signed' if signed else 'unsigned'} records in {fill.seconds:.1f}s "
+        f"({count / fill.seconds:,.0f}/s)"
+    )
     return fill
 
 
@@ -313,16 +318,22 @@ def _replay(trees: Sequence[Tree], url: str, args: argparse.Namespace, work: Pat
     runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in trees}
     for tree in _alternating(trees, args.replay_rounds):
         wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
-        params = {"url": url, "bucket": buckets[tree.name], "timeout": args.ready_timeout,
-                  "trusted_key": BENCH_SIGNER.public_key}  # fmt: skip
+        params = {
+            "url": url,
+            "bucket": buckets[tree.name],
+            "timeout": args.ready_timeout,
+            "trusted_key": BENCH_SIGNER.public_key,
+        }
         figures = _probe(tree, "replay", params, work, timeout=args.ready_timeout + 60)
         if figures["keys"] != args.replay_keys or figures["rejected"]:
             raise RuntimeError(f"{tree.name} replay holds {figures['keys']} keys (rejected {figures['rejected']})")
         runs[tree.name].append(figures)
         apply = _apply_cost(figures, args.replay_keys)
-        say(f"  replay {args.replay_keys:,}, {tree.name:<8}: synced in {figures['sync_seconds']:.2f}s "
-             f"({figures['sync_cpu_seconds']:.2f}s CPU), _apply "
-             f"{'not on the catch-up path' if apply is None else f'{apply:.1f} us/record'}")  # fmt: skip
+        say(
+            f"  replay {args.replay_keys:,}, {tree.name:<8}: synced in {figures['sync_seconds']:.2f}s "
+            f"({figures['sync_cpu_seconds']:.2f}s CPU), _apply "
+            f"{'not on the catch-up path' if apply is None else f'{apply:.1f} us/record'}"
+        )
     result: dict[str, Any] = {"runs": runs, "records": args.replay_keys}
     for tree in trees:
         got = runs[tree.name]
@@ -361,8 +372,18 @@ def _us(value: float | None) -> str:
 
 
 def _seed_command(tree: Tree, url: str, work: Path) -> list[str]:
-    command = [*tree.keyrelay(), "snapshot", "seed", "--nats-url", url, "--bucket", _BUCKET, "--force",
-               "--timeout", "600s"]  # fmt: skip
+    command = [
+        *tree.keyrelay(),
+        "snapshot",
+        "seed",
+        "--nats-url",
+        url,
+        "--bucket",
+        _BUCKET,
+        "--force",
+        "--timeout",
+        "600s",
+    ]
     if tree.signs:
         key = write_key_file(work / "snapshot-signing-key", BENCH_SNAPSHOT_SIGNER)
         return [*command, "--snapshot-signing-key", str(key), f"--trusted-keys={BENCH_SIGNER.public_key}"]
@@ -370,13 +391,27 @@ def _seed_command(tree: Tree, url: str, work: Path) -> list[str]:
 
 
 def _sidecar_command(tree: Tree, url: str, port: int, bucket: str, *, snapshots: bool) -> list[str]:
-    command = [*tree.keyrelay(), "sidecar", "--nats-url", url, "--port", str(port), "--bucket", bucket,
-               "--log-level", "warning"]  # fmt: skip
+    command = [
+        *tree.keyrelay(),
+        "sidecar",
+        "--nats-url",
+        url,
+        "--port",
+        str(port),
+        "--bucket",
+        bucket,
+        "--log-level",
+        "warning",
+    ]
     if not snapshots:
         command.append("--no-snapshots")
     if tree.signs:
-        command += ["--trusted-keys", BENCH_SIGNER.public_key, "--trusted-snapshot-keys",
-                    BENCH_SNAPSHOT_SIGNER.public_key]  # fmt: skip
+        command += [
+            "--trusted-keys",
+            BENCH_SIGNER.public_key,
+            "--trusted-snapshot-keys",
+            BENCH_SNAPSHOT_SIGNER.public_key,
+        ]
     else:
         command += ["--snapshot-bucket", _BASE_SNAPSHOTS]
     return command
@@ -424,8 +459,9 @@ def _e2e(trees: Sequence[Tree], url: str, fill: FillResult, args: argparse.Names
         result[tree.name]["seed_summary"] = parse_seed_summary(log.read_text(errors="replace"))
         say(f"  seeded the {tree.name} snapshot in {result[tree.name]['seed_seconds']:.1f}s: {tail(log, lines=1)}")
     for tree in trees:
-        process, _, ready = _start(tree, url, "EMPTY", work, snapshots=False, cpus=server_cpu,
-                                   timeout=args.ready_timeout, tag="empty")  # fmt: skip
+        process, _, ready = _start(
+            tree, url, "EMPTY", work, snapshots=False, cpus=server_cpu, timeout=args.ready_timeout, tag="empty"
+        )
         time.sleep(1.0)
         result[tree.name]["empty_rss_bytes"] = memory_of(process.pid)["VmRSS"]
         stop(process)
@@ -434,13 +470,15 @@ def _e2e(trees: Sequence[Tree], url: str, fill: FillResult, args: argparse.Names
     try:
         for n, tree in enumerate(_alternating(trees, 2)):
             wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
-            process, port, ready = _start(tree, url, _BUCKET, work, snapshots=True, cpus=server_cpu,
-                                          timeout=args.ready_timeout, tag=f"loaded-{n}")  # fmt: skip
+            process, port, ready = _start(
+                tree, url, _BUCKET, work, snapshots=True, cpus=server_cpu, timeout=args.ready_timeout, tag=f"loaded-{n}"
+            )
             status = _status(port)
             if status.get("keys") != args.keys or not status.get("loaded_snapshot"):
                 stop(process)
-                raise RuntimeError(f"{tree.name} sidecar: {status.get('keys')} keys, snapshot "
-                                   f"{status.get('loaded_snapshot')}")  # fmt: skip
+                raise RuntimeError(
+                    f"{tree.name} sidecar: {status.get('keys')} keys, snapshot {status.get('loaded_snapshot')}"
+                )
             starts[tree.name].append(ready)
             say(f"  {tree.name} sidecar from its seeded snapshot: ready in {ready:.2f}s")
             if tree.name in running:
@@ -450,21 +488,33 @@ def _e2e(trees: Sequence[Tree], url: str, fill: FillResult, args: argparse.Names
             process, _ = running[tree.name]
             time.sleep(2.0)
             rss = memory_of(process.pid)["VmRSS"]
-            result[tree.name].update({
-                "ready_seconds": starts[tree.name],
-                "ready_seconds_median": statistics.median(starts[tree.name]),
-                "rss_bytes": rss,
-                "bytes_per_key": (rss - result[tree.name]["empty_rss_bytes"]) / args.keys,
-            })  # fmt: skip
+            result[tree.name].update(
+                {
+                    "ready_seconds": starts[tree.name],
+                    "ready_seconds_median": statistics.median(starts[tree.name]),
+                    "rss_bytes": rss,
+                    "bytes_per_key": (rss - result[tree.name]["empty_rss_bytes"]) / args.keys,
+                }
+            )
         script = header_pool_script(work / "wrk", "Authorization", fill.pool, prefix="Bearer ")
         for tree in trees:
-            run_wrk(f"http://127.0.0.1:{running[tree.name][1]}/auth", connections=args.connections, duration=1.0,
-                    script=script, cpus=wrk_cpu)  # fmt: skip
+            run_wrk(
+                f"http://127.0.0.1:{running[tree.name][1]}/auth",
+                connections=args.connections,
+                duration=1.0,
+                script=script,
+                cpus=wrk_cpu,
+            )
         rps: dict[str, list[float]] = {t.name: [] for t in trees}
         for tree in _alternating(trees, args.wrk_rounds):
             wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
-            measured = run_wrk(f"http://127.0.0.1:{running[tree.name][1]}/auth", connections=args.connections,
-                               duration=args.wrk_duration, script=script, cpus=wrk_cpu)  # fmt: skip
+            measured = run_wrk(
+                f"http://127.0.0.1:{running[tree.name][1]}/auth",
+                connections=args.connections,
+                duration=args.wrk_duration,
+                script=script,
+                cpus=wrk_cpu,
+            )
             if measured.errors:
                 raise RuntimeError(f"{tree.name} sidecar answered {measured.errors} requests with errors")
             rps[tree.name].append(measured.requests_per_second)
@@ -489,8 +539,14 @@ def _instructions(trees: Sequence[Tree], url: str, pool: list[str], work: Path) 
     for tree in trees:
         port = free_port()
         say(f"  callgrind -> {tree.name} sidecar")
-        counted = count_instructions(_sidecar_command(tree, url, port, "IKEYS", snapshots=False), port=port,
-                                     ready_path="/readyz", url_path="/auth", script=script, work=work)  # fmt: skip
+        counted = count_instructions(
+            _sidecar_command(tree, url, port, "IKEYS", snapshots=False),
+            port=port,
+            ready_path="/readyz",
+            url_path="/auth",
+            script=script,
+            work=work,
+        )
         result[tree.name] = counted.per_request
         result[f"{tree.name}_requests"] = counted.requests
         say(f"    {counted.per_request:,.0f} instructions per request ({counted.requests} requests)")
@@ -515,8 +571,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         current, baseline = Tree("current", REPO), _baseline(args, work)
         trees = [baseline, current]
-        results["baseline"] = {"path": str(baseline.path), "commit": args.baseline_commit if args.baseline is None
-                               else None}  # fmt: skip
+        results["baseline"] = {
+            "path": str(baseline.path),
+            "commit": args.baseline_commit if args.baseline is None else None,
+        }
         say(f"baseline tree {baseline.path}; current tree {current.path}")
 
         say(f"signing and verifying {args.sign_records:,} records (PyNaCl)")
@@ -573,12 +631,25 @@ def _publisher(trees: Sequence[Tree], args: argparse.Namespace) -> dict[str, Any
             out, log = Path(tmp) / f"publisher-{n}.json", Path(tmp) / f"publisher-{n}.log"
             env = environ_without_settings()
             env["PYTHONPATH"] = str(tree.path)
-            command = [sys.executable, "-m", "loadtest.bench_publisher", "--backend", "sqlite", "--keys",
-                       str(args.publisher_keys), "--api-keys", "200", "--revocations", "50",
-                       "--json", str(out)]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "loadtest.bench_publisher",
+                "--backend",
+                "sqlite",
+                "--keys",
+                str(args.publisher_keys),
+                "--api-keys",
+                "200",
+                "--revocations",
+                "50",
+                "--json",
+                str(out),
+            ]
             with log.open("wb") as sink:
-                done = subprocess.run(command, cwd=tree.path, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                      timeout=900, check=False)  # fmt: skip
+                done = subprocess.run(
+                    command, cwd=tree.path, env=env, stdout=sink, stderr=subprocess.STDOUT, timeout=900, check=False
+                )
             if done.returncode != 0 or not out.exists():
                 raise RuntimeError(f"{tree.name} bench_publisher exited with {done.returncode}: {tail(log)}")
             bulk = json.loads(out.read_text())["backends"]["sqlite"]["bulk"]
@@ -613,22 +684,33 @@ def _targets(results: dict[str, Any]) -> dict[str, Any]:
     snapshot, replay = results["snapshot"], results["replay"]
     replay_1m = replay["current"]["estimated_1m_seconds"]
     targets: dict[str, Any] = {
-        "snapshot_load_ratio": {"target": TARGET_SNAPSHOT_RATIO, "value": snapshot["ratio_cpu"],
-                                "pass": ratio_verdict(snapshot["ratio_cpu"], TARGET_SNAPSHOT_RATIO)},
-        "replay_1m_seconds": {"target": TARGET_REPLAY_1M, "value": replay_1m,
-                              "pass": ratio_verdict(replay_1m, TARGET_REPLAY_1M)},
-    }  # fmt: skip
+        "snapshot_load_ratio": {
+            "target": TARGET_SNAPSHOT_RATIO,
+            "value": snapshot["ratio_cpu"],
+            "pass": ratio_verdict(snapshot["ratio_cpu"], TARGET_SNAPSHOT_RATIO),
+        },
+        "replay_1m_seconds": {
+            "target": TARGET_REPLAY_1M,
+            "value": replay_1m,
+            "pass": ratio_verdict(replay_1m, TARGET_REPLAY_1M),
+        },
+    }
     e2e = results.get("e2e")
     per_key = e2e["current"]["bytes_per_key"] if e2e else None
-    targets["bytes_per_key"] = {"target": TARGET_BYTES_PER_KEY, "value": per_key,
-                                "pass": ratio_verdict(per_key, TARGET_BYTES_PER_KEY)}  # fmt: skip
+    targets["bytes_per_key"] = {
+        "target": TARGET_BYTES_PER_KEY,
+        "value": per_key,
+        "pass": ratio_verdict(per_key, TARGET_BYTES_PER_KEY),
+    }
     counted = results.get("instructions")
     ratio = counted["ratio"] if counted else None
-    targets["instructions_ratio"] = {"target": TARGET_INSTRUCTIONS_RATIO, "value": ratio,
-                                     "pass": ratio_verdict(ratio, TARGET_INSTRUCTIONS_RATIO)}  # fmt: skip
+    targets["instructions_ratio"] = {
+        "target": TARGET_INSTRUCTIONS_RATIO,
+        "value": ratio,
+        "pass": ratio_verdict(ratio, TARGET_INSTRUCTIONS_RATIO),
+    }
     publisher = results.get("publisher")
-    targets["publisher_bulk_ratio"] = {"target": None, "value": publisher["ratio"] if publisher else None,
-                                       "pass": None}  # fmt: skip
+    targets["publisher_bulk_ratio"] = {"target": None, "value": publisher["ratio"] if publisher else None, "pass": None}
     return targets
 
 
@@ -639,49 +721,117 @@ def _report(results: dict[str, Any]) -> None:
     rows: list[tuple[str, str, str, str, str, str]] = [
         ("sign per record (PyNaCl Ed25519)", "-", f"{sv['sign_us']:.1f} us", "-", "-", "info"),
         ("verify per record", "-", f"{sv['verify_us']:.1f} us", "-", "-", "info"),
-        (f"snapshot load {keys:,} keys, CPU", f"{snapshot['baseline']['decode_cpu_seconds']:.2f} s",
-         f"{snapshot['current']['decode_cpu_seconds']:.2f} s", f"{snapshot['ratio_cpu']:.2f}",
-         f"<= {TARGET_SNAPSHOT_RATIO}", _verdict(targets["snapshot_load_ratio"]["pass"])),
-        ("  same, wall", f"{snapshot['baseline']['decode_wall_seconds']:.2f} s",
-         f"{snapshot['current']['decode_wall_seconds']:.2f} s", f"{snapshot['ratio_wall']:.2f}", "-", "info"),
-        (f"replay _apply per record ({replay['records']:,})", _us(replay["baseline"]["apply_us_per_record"]),
-         _us(replay["current"]["apply_us_per_record"]),
-         "-" if replay["apply_ratio"] is None else f"{replay['apply_ratio']:.2f}", "-", "info"),
-        ("replay CPU per record (threads included)", _us(replay["baseline"]["sync_cpu_us_per_record"]),
-         _us(replay["current"]["sync_cpu_us_per_record"]), f"{replay['cpu_ratio']:.2f}", "-", "info"),
-        (f"replay {replay['records']:,} to synced", f"{replay['baseline']['sync_seconds']:.1f} s",
-         f"{replay['current']['sync_seconds']:.1f} s",
-         f"{replay['current']['sync_seconds'] / replay['baseline']['sync_seconds']:.2f}", "-", "info"),
-        ("replay 1M (linear estimate)", f"{replay['baseline']['estimated_1m_seconds']:.0f} s",
-         f"{replay['current']['estimated_1m_seconds']:.0f} s", "-", f"<= {TARGET_REPLAY_1M:g} s",
-         _verdict(targets["replay_1m_seconds"]["pass"])),
-    ]  # fmt: skip
+        (
+            f"snapshot load {keys:,} keys, CPU",
+            f"{snapshot['baseline']['decode_cpu_seconds']:.2f} s",
+            f"{snapshot['current']['decode_cpu_seconds']:.2f} s",
+            f"{snapshot['ratio_cpu']:.2f}",
+            f"<= {TARGET_SNAPSHOT_RATIO}",
+            _verdict(targets["snapshot_load_ratio"]["pass"]),
+        ),
+        (
+            "  same, wall",
+            f"{snapshot['baseline']['decode_wall_seconds']:.2f} s",
+            f"{snapshot['current']['decode_wall_seconds']:.2f} s",
+            f"{snapshot['ratio_wall']:.2f}",
+            "-",
+            "info",
+        ),
+        (
+            f"replay _apply per record ({replay['records']:,})",
+            _us(replay["baseline"]["apply_us_per_record"]),
+            _us(replay["current"]["apply_us_per_record"]),
+            "-" if replay["apply_ratio"] is None else f"{replay['apply_ratio']:.2f}",
+            "-",
+            "info",
+        ),
+        (
+            "replay CPU per record (threads included)",
+            _us(replay["baseline"]["sync_cpu_us_per_record"]),
+            _us(replay["current"]["sync_cpu_us_per_record"]),
+            f"{replay['cpu_ratio']:.2f}",
+            "-",
+            "info",
+        ),
+        (
+            f"replay {replay['records']:,} to synced",
+            f"{replay['baseline']['sync_seconds']:.1f} s",
+            f"{replay['current']['sync_seconds']:.1f} s",
+            f"{replay['current']['sync_seconds'] / replay['baseline']['sync_seconds']:.2f}",
+            "-",
+            "info",
+        ),
+        (
+            "replay 1M (linear estimate)",
+            f"{replay['baseline']['estimated_1m_seconds']:.0f} s",
+            f"{replay['current']['estimated_1m_seconds']:.0f} s",
+            "-",
+            f"<= {TARGET_REPLAY_1M:g} s",
+            _verdict(targets["replay_1m_seconds"]["pass"]),
+        ),
+    ]
     if e2e and e2e["baseline"].get("seed_summary") and e2e["current"].get("seed_summary"):
         base, cur = e2e["baseline"]["seed_summary"], e2e["current"]["seed_summary"]
-        rows.append((f"seeder's replay, {cur['replayed']:,.0f} records", f"{base['replay_seconds']:.1f} s",
-                     f"{cur['replay_seconds']:.1f} s", f"{cur['replay_seconds'] / base['replay_seconds']:.2f}",
-                     f"<= {TARGET_REPLAY_1M:g} s" if cur["replayed"] >= MILLION else "-",
-                     _verdict(cur["replay_seconds"] <= TARGET_REPLAY_1M) if cur["replayed"] >= MILLION
-                     else "info"))  # fmt: skip
+        rows.append(
+            (
+                f"seeder's replay, {cur['replayed']:,.0f} records",
+                f"{base['replay_seconds']:.1f} s",
+                f"{cur['replay_seconds']:.1f} s",
+                f"{cur['replay_seconds'] / base['replay_seconds']:.2f}",
+                f"<= {TARGET_REPLAY_1M:g} s" if cur["replayed"] >= MILLION else "-",
+                _verdict(cur["replay_seconds"] <= TARGET_REPLAY_1M) if cur["replayed"] >= MILLION else "info",
+            )
+        )
     if e2e:
         rows += [
-            ("first sidecar ready, seeded snapshot", f"{e2e['baseline']['ready_seconds_median']:.2f} s",
-             f"{e2e['current']['ready_seconds_median']:.2f} s", f"{e2e['ready_ratio']:.2f}", "-", "info"),
-            ("bytes per key (sidecar RSS)", f"{e2e['baseline']['bytes_per_key']:.0f}",
-             f"{e2e['current']['bytes_per_key']:.0f}", "-", f"<= {TARGET_BYTES_PER_KEY:g}",
-             _verdict(targets["bytes_per_key"]["pass"])),
-            ("/auth throughput (wrk, medians)", f"{e2e['baseline']['requests_per_second_median']:,.0f}/s",
-             f"{e2e['current']['requests_per_second_median']:,.0f}/s", f"{e2e['throughput_ratio']:.3f}", "-", "info"),
-        ]  # fmt: skip
+            (
+                "first sidecar ready, seeded snapshot",
+                f"{e2e['baseline']['ready_seconds_median']:.2f} s",
+                f"{e2e['current']['ready_seconds_median']:.2f} s",
+                f"{e2e['ready_ratio']:.2f}",
+                "-",
+                "info",
+            ),
+            (
+                "bytes per key (sidecar RSS)",
+                f"{e2e['baseline']['bytes_per_key']:.0f}",
+                f"{e2e['current']['bytes_per_key']:.0f}",
+                "-",
+                f"<= {TARGET_BYTES_PER_KEY:g}",
+                _verdict(targets["bytes_per_key"]["pass"]),
+            ),
+            (
+                "/auth throughput (wrk, medians)",
+                f"{e2e['baseline']['requests_per_second_median']:,.0f}/s",
+                f"{e2e['current']['requests_per_second_median']:,.0f}/s",
+                f"{e2e['throughput_ratio']:.3f}",
+                "-",
+                "info",
+            ),
+        ]
     if counted:
-        rows.append(("/auth instructions per request", f"{counted['baseline']:,.0f}", f"{counted['current']:,.0f}",
-                     f"{counted['ratio']:.3f}", f"<= {TARGET_INSTRUCTIONS_RATIO}",
-                     _verdict(targets["instructions_ratio"]["pass"])))  # fmt: skip
+        rows.append(
+            (
+                "/auth instructions per request",
+                f"{counted['baseline']:,.0f}",
+                f"{counted['current']:,.0f}",
+                f"{counted['ratio']:.3f}",
+                f"<= {TARGET_INSTRUCTIONS_RATIO}",
+                _verdict(targets["instructions_ratio"]["pass"]),
+            )
+        )
     publisher = results.get("publisher")
     if publisher:
-        rows.append(("publisher bulk create (SQLite)", f"{publisher['baseline']['bulk_keys_per_second']:,.0f}/s",
-                     f"{publisher['current']['bulk_keys_per_second']:,.0f}/s", f"{publisher['ratio']:.2f}", "-",
-                     "info"))  # fmt: skip
+        rows.append(
+            (
+                "publisher bulk create (SQLite)",
+                f"{publisher['baseline']['bulk_keys_per_second']:,.0f}/s",
+                f"{publisher['current']['bulk_keys_per_second']:,.0f}/s",
+                f"{publisher['ratio']:.2f}",
+                "-",
+                "info",
+            )
+        )
     header = ("measure", "baseline", "current", "ratio", "target", "verdict")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
     say("")
@@ -695,9 +845,19 @@ def _report(results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when it completed (targets are reported, not enforced), 1 on failure, 2 on bad options."""
     args = _parser().parse_args(argv)
-    counts = (args.keys, args.replay_keys, args.replay_rounds, args.snapshot_rounds, args.snapshot_repeats,
-              args.sign_records, args.instruction_keys, args.wrk_rounds, args.connections, args.publisher_keys,
-              args.publisher_rounds)  # fmt: skip
+    counts = (
+        args.keys,
+        args.replay_keys,
+        args.replay_rounds,
+        args.snapshot_rounds,
+        args.snapshot_repeats,
+        args.sign_records,
+        args.instruction_keys,
+        args.wrk_rounds,
+        args.connections,
+        args.publisher_keys,
+        args.publisher_rounds,
+    )
     if min(counts) < 1 or args.wrk_duration <= 0:
         say("counts, rounds and durations must be positive")
         return 2

@@ -93,8 +93,13 @@ def count_run(command: Sequence[str], *, work: Path, name: str, timeout: float) 
         raise CallgrindError("valgrind not found: install it (Debian: apt-get install -y valgrind)")
     out, log = work / f"callgrind.{name}", work / f"callgrind.{name}.log"
     with log.open("ab") as sink:
-        done = subprocess.run([valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", *command], stdout=sink,
-                              stderr=subprocess.STDOUT, timeout=timeout, check=False)  # fmt: skip
+        done = subprocess.run(
+            [valgrind, "--tool=callgrind", f"--callgrind-out-file={out}", *command],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+            check=False,
+        )
     found = _SUMMARY.search(out.read_text(errors="replace")) if out.exists() else None
     if done.returncode != 0 or found is None:
         raise CallgrindError(f"{name} under callgrind exited with {done.returncode}: see {log}")

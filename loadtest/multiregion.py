@@ -105,9 +105,11 @@ class LoadtestSettings:
             raise SystemExit("--node-faults needs --hub-nodes 3 or 5: a hub of one node has nothing to fail over to")
         spacing = self.duration * 0.6 / max(self.node_faults, 1)
         if self.node_faults and spacing < self.node_down + 5:
-            raise SystemExit(f"--node-faults {self.node_faults} with --node-down {self.node_down:.0f}s do not fit "
-                             f"in --duration {self.duration:.0f}s: each needs its downtime plus 5s, in 60% of the "
-                             "run")  # fmt: skip
+            raise SystemExit(
+                f"--node-faults {self.node_faults} with --node-down {self.node_down:.0f}s do not fit "
+                f"in --duration {self.duration:.0f}s: each needs its downtime plus 5s, in 60% of the "
+                "run"
+            )
         return [(i % self.hub_nodes, self.duration * 0.2 + i * spacing) for i in range(self.node_faults)]
 
     def link_delays(self) -> dict[str, float]:
@@ -146,8 +148,9 @@ async def run(settings: LoadtestSettings) -> dict[str, Any]:
     started = time.perf_counter()
     await topology.start()
     _say(f"topology up in {time.perf_counter() - started:.1f}s")
-    workload = Workload(topology, rate=settings.rate, duration=settings.duration, churn_rate=settings.churn,
-                        seed=settings.seed)  # fmt: skip
+    workload = Workload(
+        topology, rate=settings.rate, duration=settings.duration, churn_rate=settings.churn, seed=settings.seed
+    )
     if settings.partition:
         region, seconds = settings.partition
         if region not in settings.regions:
@@ -168,8 +171,12 @@ async def run(settings: LoadtestSettings) -> dict[str, Any]:
             if partition and partition.cut_at and not partition.healed_at:
                 cut = f" | {partition.region} CUT"
             cut += "".join(f" | {f.node} DOWN" for f in workload.node_faults if f.killed_at and not f.revived_at)
-            print(f"\r\033[K{elapsed:5.0f}/{settings.duration:.0f}s | {' | '.join(parts)} | revoked {revoked}{cut}",
-                  end="", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"\r\033[K{elapsed:5.0f}/{settings.duration:.0f}s | {' | '.join(parts)} | revoked {revoked}{cut}",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
 
         with collector_paused():
             await workload.run(progress)

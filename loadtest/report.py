@@ -46,8 +46,13 @@ def _verdict(record: Verify) -> str | None:
 
 def _in_cut(workload: Workload, region: str, moment: float) -> bool:
     plan = workload.partition
-    return (plan is not None and plan.region == region and plan.cut_at is not None and plan.healed_at is not None
-            and plan.cut_at <= moment <= plan.healed_at)  # fmt: skip
+    return (
+        plan is not None
+        and plan.region == region
+        and plan.cut_at is not None
+        and plan.healed_at is not None
+        and plan.cut_at <= moment <= plan.healed_at
+    )
 
 
 def _in_fault(workload: Workload, moment: float) -> bool:
@@ -60,9 +65,11 @@ def _propagation(workload: Workload, region: str) -> list[float]:
     return [
         key.refused[region] - key.revoked
         for key in workload.keys
-        if key.revoked is not None and region in key.refused and not _in_cut(workload, region, key.revoked)
+        if key.revoked is not None
+        and region in key.refused
+        and not _in_cut(workload, region, key.revoked)
         and not _in_fault(workload, key.revoked)
-    ]  # fmt: skip
+    ]
 
 
 def judge(workload: Workload, delays: dict[str, float]) -> dict[str, Any]:
@@ -131,8 +138,7 @@ def judge(workload: Workload, delays: dict[str, float]) -> dict[str, Any]:
         "errors": sum(r["errors"] for r in regions.values()),
     }
     if plan is not None and plan.cut_at is not None and plan.healed_at is not None:
-        report["partition"] = _partition_figures(workload, plan.region, plan.cut_at, plan.healed_at,
-                                                 plan.readiness)  # fmt: skip
+        report["partition"] = _partition_figures(workload, plan.region, plan.cut_at, plan.healed_at, plan.readiness)
     if workload.node_faults:
         report["node_faults"] = _node_fault_figures(workload)
     return report
@@ -142,18 +148,28 @@ def _node_fault_figures(workload: Workload) -> list[dict[str, Any]]:
     """Per hub node lost: revocation propagation (API call returned → first 401, every region it applies to)
     for revocations made while the node was down, and for those made after it was back until the next loss."""
     end = workload.started + workload.duration
-    windows = [(f.node, f.killed_at, f.revived_at) for f in workload.node_faults
-               if f.killed_at is not None and f.revived_at is not None]  # fmt: skip
+    windows = [
+        (f.node, f.killed_at, f.revived_at)
+        for f in workload.node_faults
+        if f.killed_at is not None and f.revived_at is not None
+    ]
     figures = []
     for i, (node, killed, revived) in enumerate(windows):
         after_until = windows[i + 1][1] if i + 1 < len(windows) else end
         phases = {"during": (killed, revived), "after": (revived, after_until)}
-        entry: dict[str, Any] = {"node": node, "killed_at_s": round(killed - workload.started, 2),
-                                 "down_s": round(revived - killed, 2)}  # fmt: skip
+        entry: dict[str, Any] = {
+            "node": node,
+            "killed_at_s": round(killed - workload.started, 2),
+            "down_s": round(revived - killed, 2),
+        }
         for phase, (start, stop) in phases.items():
             revoked = [k for k in workload.keys if k.revoked is not None and start <= k.revoked < stop]
-            seen = [k.refused[r] - k.revoked for k in revoked for r in workload.regions
-                    if k.applies_to(r) and r in k.refused and k.revoked is not None]  # fmt: skip
+            seen = [
+                k.refused[r] - k.revoked
+                for k in revoked
+                for r in workload.regions
+                if k.applies_to(r) and r in k.refused and k.revoked is not None
+            ]
             unseen = sum(1 for k in revoked for r in workload.regions if k.applies_to(r) and r not in k.refused)
             spread = percentiles(seen)
             records = [r for r in workload.records if start <= r.sent < stop]
@@ -170,12 +186,14 @@ def _node_fault_figures(workload: Workload) -> list[dict[str, Any]]:
     return figures
 
 
-def _partition_figures(workload: Workload, region: str, cut: float, healed: float,
-                       readiness: list[tuple[float, int]]) -> dict[str, Any]:  # fmt: skip
+def _partition_figures(
+    workload: Workload, region: str, cut: float, healed: float, readiness: list[tuple[float, int]]
+) -> dict[str, Any]:
     during = [r for r in workload.records if r.region == region and cut <= r.sent <= healed and r.kind == "valid"]
     answered = [r for r in during if r.status != NO_ANSWER]
-    revoked_in_cut = [k for k in workload.keys if k.revoked is not None and cut <= k.revoked <= healed
-                      and k.applies_to(region)]  # fmt: skip
+    revoked_in_cut = [
+        k for k in workload.keys if k.revoked is not None and cut <= k.revoked <= healed and k.applies_to(region)
+    ]
     caught_up = [k.refused[region] - healed for k in revoked_in_cut if region in k.refused]
     return {
         "region": region,
@@ -193,8 +211,10 @@ def _partition_figures(workload: Workload, region: str, cut: float, healed: floa
 
 def summary_table(report: dict[str, Any]) -> str:
     """The end-of-run table."""
-    header = (f"{'region':8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p999 ms':>8} {'revoked':>8} {'prop p50':>9} "
-              f"{'prop p99':>9} {'prop max':>9} {'bound':>7} {'FA':>4} {'FR':>4} {'err':>5}")  # fmt: skip
+    header = (
+        f"{'region':8} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'p999 ms':>8} {'revoked':>8} {'prop p50':>9} "
+        f"{'prop p99':>9} {'prop max':>9} {'bound':>7} {'FA':>4} {'FR':>4} {'err':>5}"
+    )
     lines = [header, "-" * len(header)]
     for region, f in report["regions"].items():
         lat, prop = f["latency_ms"], f["propagation_ms"]
@@ -205,9 +225,11 @@ def summary_table(report: dict[str, Any]) -> str:
             f"{f['propagation_bound_ms']:>7.0f} {f['false_accepts']:>4} {f['false_rejects']:>4} {f['errors']:>5}{ok}"
         )
     unserved = sum(f["errors_by_kind"]["valid"] for f in report["regions"].values())
-    lines.append(f"false accepts: {report['false_accepts']}   false rejects: {report['false_rejects']}   "
-                 f"errors: {report['errors']} (valid keys unserved: {unserved})   "
-                 f"revocations: {report['revocations']} (unobserved: {report['revocations_unobserved']})")  # fmt: skip
+    lines.append(
+        f"false accepts: {report['false_accepts']}   false rejects: {report['false_rejects']}   "
+        f"errors: {report['errors']} (valid keys unserved: {unserved})   "
+        f"revocations: {report['revocations']} (unobserved: {report['revocations_unobserved']})"
+    )
     part = report.get("partition")
     if part:
         lines.append(
@@ -241,8 +263,9 @@ def failures(report: dict[str, Any]) -> list[str]:
     for region, f in report["regions"].items():
         if f["errors"]:
             kinds = ", ".join(f"{n} for {kind} keys" for kind, n in f["errors_by_kind"].items() if n)
-            reasons.append(f"{region}: {f['errors']} verify requests got no answer (connection error or "
-                           f"timeout): {kinds}")  # fmt: skip
+            reasons.append(
+                f"{region}: {f['errors']} verify requests got no answer (connection error or timeout): {kinds}"
+            )
     if report["revocations_unobserved"]:
         reasons.append(f"{report['revocations_unobserved']} revocations never refused in a region they apply to")
     return reasons

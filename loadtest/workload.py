@@ -77,8 +77,11 @@ class NodeFault:
 
     def spans(self, moment: float, *, settle: float = 0.0) -> bool:
         """Whether `moment` falls between the kill and `settle` seconds after the restart."""
-        return (self.killed_at is not None and self.revived_at is not None
-                and self.killed_at <= moment <= self.revived_at + settle)  # fmt: skip
+        return (
+            self.killed_at is not None
+            and self.revived_at is not None
+            and self.killed_at <= moment <= self.revived_at + settle
+        )
 
 
 @dataclass(slots=True)
@@ -245,8 +248,13 @@ class Workload:
             kind, key = chosen.pop(index)
             self.records.append(Verify(region, kind, key, sent, status, latency))
 
-        await run_open_loop(port=self.topology.sidecar_port(region), rate=self.rate, duration=self.duration,
-                            make_request=request, on_result=answered)  # fmt: skip
+        await run_open_loop(
+            port=self.topology.sidecar_port(region),
+            rate=self.rate,
+            duration=self.duration,
+            make_request=request,
+            on_result=answered,
+        )
 
     async def _churn(self) -> None:
         if self.churn_rate <= 0:
@@ -384,6 +392,9 @@ class Workload:
     def last_second(self, region: str) -> tuple[int, float]:
         """Answers in the last second for a region and their p99 (for the live progress line)."""
         cutoff = time.perf_counter() - 1.0
-        recent = [r.latency for r in self.records[-int(self.rate * len(self.regions) * 2) :]
-                  if r.region == region and r.sent >= cutoff and r.status != NO_ANSWER]  # fmt: skip
+        recent = [
+            r.latency
+            for r in self.records[-int(self.rate * len(self.regions) * 2) :]
+            if r.region == region and r.sent >= cutoff and r.status != NO_ANSWER
+        ]
         return len(recent), percentiles(recent).p99

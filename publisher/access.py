@@ -72,8 +72,9 @@ async def body_of(request: web.Request) -> Any:
         raise Invalid("the body is not valid JSON (or nested too deep)", code="invalid_json") from None
 
 
-async def guard(request: web.Request, action: str, target: policy.Target, *, kind: str | None = None,
-                ident: str | None = None) -> None:  # fmt: skip
+async def guard(
+    request: web.Request, action: str, target: policy.Target, *, kind: str | None = None, ident: str | None = None
+) -> None:
     """Return if the caller may take `action` on `target`; else NotFound when it may not even see the `kind`
     of thing there (nothing outside its tenancy shows), else Forbidden, audited as `access.refused`."""
     actor = actor_of(request)
@@ -86,8 +87,9 @@ async def guard(request: web.Request, action: str, target: policy.Target, *, kin
     await refuse(request, action, target, ident, message)
 
 
-async def refuse(request: web.Request, action: str, target: policy.Target, ident: str | None, message: str,
-                 **details: str) -> NoReturn:  # fmt: skip
+async def refuse(
+    request: web.Request, action: str, target: policy.Target, ident: str | None, message: str, **details: str
+) -> NoReturn:
     """Audit the refusal of `action` on `target` (`access.refused`, with `details`), then raise Forbidden."""
     row = (target.org_id, target.team_id, None, None, {"action": action, "target": ident, **details})
     await request.app[SERVICES].store.record(actor_of(request), "access.refused", row)
@@ -121,11 +123,13 @@ def project_target(project: Project, policy_document: dict[str, Any] | None = No
 
 def key_target(key: ApiKey) -> policy.Target:
     """A key as a target: its owning team, and who created it."""
-    return policy.Target(org_id=key.org_id, team_id=key.owner_team, creator_token=key.created_by,
-                         creator_user=key.created_by_user)  # fmt: skip
+    return policy.Target(
+        org_id=key.org_id, team_id=key.owner_team, creator_token=key.created_by, creator_user=key.created_by_user
+    )
 
 
 def token_target(token: AdminToken, team_org: str | None) -> policy.Target:
     """A token as a target: where it is scoped, and whose it is (itself, or its user)."""
-    return policy.Target(org_id=token.org_id or team_org, team_id=token.team_id, creator_token=token.id,
-                         creator_user=token.user_id)  # fmt: skip
+    return policy.Target(
+        org_id=token.org_id or team_org, team_id=token.team_id, creator_token=token.id, creator_user=token.user_id
+    )

@@ -59,8 +59,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except PublisherError as exc:
-        return _error(exc.status, exc.code, exc.message, field=getattr(exc, "field", None),
-                      existing_id=getattr(exc, "existing_id", None))  # fmt: skip
+        return _error(
+            exc.status,
+            exc.code,
+            exc.message,
+            field=getattr(exc, "field", None),
+            existing_id=getattr(exc, "existing_id", None),
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -93,8 +98,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     request_id = request.headers.get("X-Request-Id", "")
     if _REQUEST_ID.fullmatch(request_id) is None:
         request_id = new_id()
-    request[ACTOR] = dataclasses.replace(actor, source=source if source in _HEADER_SOURCES else "api",
-                                         request_id=request_id)  # fmt: skip
+    request[ACTOR] = dataclasses.replace(
+        actor, source=source if source in _HEADER_SOURCES else "api", request_id=request_id
+    )
     response = await handler(request)
     response.headers["X-Request-Id"] = request_id
     return response
@@ -208,8 +214,7 @@ async def list_teams(request: web.Request) -> web.Response:
     page = page_request(request.query, TEAMS)
     reach = policy.reach(actor_of(request), "team.read")
     only = None if reach.everywhere or org.id in reach.orgs else reach.teams
-    teams = await request.app[SERVICES].store.list_teams(org.id, limit=page.fetch, after=_created_key(page),
-                                                         only=only)  # fmt: skip
+    teams = await request.app[SERVICES].store.list_teams(org.id, limit=page.fetch, after=_created_key(page), only=only)
     return web.json_response(page.answer("teams", teams, lambda t: (t.created_at, t.id), Team.to_json))
 
 
@@ -251,11 +256,13 @@ async def decommission_project(request: web.Request) -> web.Response:
 
 
 async def _decommissioned(services: Services, what: dict[str, str], change: Change[Revocation]) -> web.Response:
-    return web.json_response({
-        **what,
-        "revoked": [k.id for k in change.value.revoked],
-        "propagation": await propagation(services, change.outbox_ids),
-    })  # fmt: skip
+    return web.json_response(
+        {
+            **what,
+            "revoked": [k.id for k in change.value.revoked],
+            "propagation": await propagation(services, change.outbox_ids),
+        }
+    )
 
 
 # -- keys --------------------------------------------------------------------------------------
@@ -343,11 +350,13 @@ async def revoke_keys(request: web.Request) -> web.Response:
     for key in keys.values():
         await guard(request, "key.revoke", key_target(key), kind="key", ident=key.id)
     revoked, result, propagation = await _revoke(request, ids, v.reason(body.get("reason")))
-    return web.json_response({
-        "revoked": [k.id for k in revoked],
-        "already_revoked": list(result.already_revoked),
-        "propagation": propagation,
-    })  # fmt: skip
+    return web.json_response(
+        {
+            "revoked": [k.id for k in revoked],
+            "already_revoked": list(result.already_revoked),
+            "propagation": propagation,
+        }
+    )
 
 
 async def rotate_key(request: web.Request) -> web.Response:
@@ -370,8 +379,11 @@ async def audit(request: web.Request) -> web.Response:
     """GET /v1/audit?org_id=&team_id=&project_id=&key_id=&actor=&limit=&cursor=: newest first, only entries of
     the orgs and teams whose audit trail the caller may read (`before`: deprecated)."""
     query = request.query
-    filters = {param: v.query_id(query[param], param) for param in ("org_id", "team_id", "project_id", "key_id")
-               if query.get(param)}  # fmt: skip
+    filters = {
+        param: v.query_id(query[param], param)
+        for param in ("org_id", "team_id", "project_id", "key_id")
+        if query.get(param)
+    }
     if query.get("actor"):
         filters["actor_id"] = v.query_id(query["actor"], "actor")
     page = page_request(query, AUDIT, legacy=("before", lambda text: (_audit_id(text),)))
@@ -400,13 +412,20 @@ async def reconcile_now(request: web.Request) -> web.Response:
     dry_run, force = (v.boolean(body.get(name, False), name) for name in ("dry_run", "force"))
     if not services.broker.bucket_ready.is_set():
         raise Unavailable("NATS is not reachable; reconciliation needs the bucket: try again once it is")
-    report = await reconcile(store=services.store, broker=services.broker, keys=services.keys,
-                             horizon=services.settings.replay_horizon, dry_run=dry_run, force=force,
-                             max_changes=services.settings.reconcile_max_changes)  # fmt: skip
+    report = await reconcile(
+        store=services.store,
+        broker=services.broker,
+        keys=services.keys,
+        horizon=services.settings.replay_horizon,
+        dry_run=dry_run,
+        force=force,
+        max_changes=services.settings.reconcile_max_changes,
+    )
     answer = report.to_json()
     if report.refused is not None:
-        return _error(409, "reconcile_refused", f"{report.refused}; nothing changed. Send force: true to apply it",
-                      plan=answer)  # fmt: skip
+        return _error(
+            409, "reconcile_refused", f"{report.refused}; nothing changed. Send force: true to apply it", plan=answer
+        )
     answer["propagation"] = await propagation(services, report.outbox_ids)
     return web.json_response(answer)
 
@@ -419,8 +438,13 @@ async def resign_now(request: web.Request) -> web.Response:
     everything = v.boolean(body.get("all", False), "all")
     if not services.broker.bucket_ready.is_set():
         raise Unavailable("NATS is not reachable; re-signing needs the bucket: try again once it is")
-    report = await resign(store=services.store, broker=services.broker, keys=services.keys,
-                          horizon=services.settings.replay_horizon, everything=everything)  # fmt: skip
+    report = await resign(
+        store=services.store,
+        broker=services.broker,
+        keys=services.keys,
+        horizon=services.settings.replay_horizon,
+        everything=everything,
+    )
     answer = report.to_json()
     answer["propagation"] = await propagation(services, report.outbox_ids)
     return web.json_response(answer)
@@ -441,59 +465,227 @@ _PAGE = PAGE
 _HIERARCHY, _KEYS, _OPS = ("hierarchy",), ("keys",), ("operations",)
 
 ROUTES: tuple[Route, ...] = (
-    Route("POST", "/v1/orgs", create_org, "Create an organization", {201: s.ORG}, s.NAME_BODY,
-          errors=(409,), tags=_HIERARCHY),
-    Route("GET", "/v1/orgs", list_orgs, "List organizations", {200: s.ORG_PAGE}, query=_PAGE, errors=(400,),
-          tags=_HIERARCHY),
-    Route("POST", "/v1/orgs/{org_id}/teams", create_team, "Create a team in an organization", {201: s.TEAM},
-          s.NAME_BODY, errors=(404, 409), tags=_HIERARCHY),
-    Route("PATCH", "/v1/orgs/{org_id}", rename_org, "Rename an organization", {200: s.ORG}, s.NAME_BODY,
-          errors=(404, 409), tags=_HIERARCHY),
-    Route("DELETE", "/v1/orgs/{org_id}", decommission_org, "Decommission an organization: every team and project "
-          "of it, revoking every key", {200: s.ORG_DECOMMISSIONED}, errors=(404,), tags=_HIERARCHY),
-    Route("PATCH", "/v1/teams/{team_id}", rename_team, "Rename a team", {200: s.TEAM}, s.NAME_BODY,
-          errors=(404, 409), tags=_HIERARCHY),
-    Route("DELETE", "/v1/teams/{team_id}", decommission_team, "Decommission a team: every project of it, revoking "
-          "every key", {200: s.TEAM_DECOMMISSIONED}, errors=(404,), tags=_HIERARCHY),
-    Route("GET", "/v1/orgs/{org_id}/teams", list_teams, "List an organization's teams", {200: s.TEAM_PAGE},
-          query=_PAGE, errors=(400, 404), tags=_HIERARCHY),
-    Route("POST", "/v1/teams/{team_id}/projects", create_project, "Create a project in a team", {201: s.PROJECT},
-          s.NAME_BODY, errors=(404, 409), tags=_HIERARCHY),
-    Route("GET", "/v1/teams/{team_id}/projects", list_projects, "List a team's projects", {200: s.PROJECT_PAGE},
-          query=_PAGE, errors=(400, 404), tags=_HIERARCHY),
-    Route("DELETE", "/v1/projects/{project_id}", decommission_project, "Decommission a project, revoking its keys",
-          {200: s.DECOMMISSIONED}, errors=(404,), tags=_HIERARCHY),
-    Route("POST", "/v1/projects/{project_id}/keys", create_key, "Create a key (its plaintext is in this answer only)",
-          {201: s.CREATED_KEY}, s.KEY_REQUEST, errors=(404, 409), tags=_KEYS),
-    Route("POST", "/v1/projects/{project_id}/keys/bulk", create_keys_bulk, "Create up to 1000 keys at once",
-          {201: s.BULK_CREATED}, s.BULK_REQUEST, errors=(404, 409), tags=_KEYS),
-    Route("GET", "/v1/projects/{project_id}/keys", list_keys, "List a project's keys, masked", {200: s.KEY_PAGE},
-          query=(*_PAGE, Param("after", s.ID, "deprecated: use cursor (a key id: the keys after it)", True)),
-          errors=(400, 404), tags=_KEYS),
+    Route(
+        "POST",
+        "/v1/orgs",
+        create_org,
+        "Create an organization",
+        {201: s.ORG},
+        s.NAME_BODY,
+        errors=(409,),
+        tags=_HIERARCHY,
+    ),
+    Route(
+        "GET",
+        "/v1/orgs",
+        list_orgs,
+        "List organizations",
+        {200: s.ORG_PAGE},
+        query=_PAGE,
+        errors=(400,),
+        tags=_HIERARCHY,
+    ),
+    Route(
+        "POST",
+        "/v1/orgs/{org_id}/teams",
+        create_team,
+        "Create a team in an organization",
+        {201: s.TEAM},
+        s.NAME_BODY,
+        errors=(404, 409),
+        tags=_HIERARCHY,
+    ),
+    Route(
+        "PATCH",
+        "/v1/orgs/{org_id}",
+        rename_org,
+        "Rename an organization",
+        {200: s.ORG},
+        s.NAME_BODY,
+        errors=(404, 409),
+        tags=_HIERARCHY,
+    ),
+    Route(
+        "DELETE",
+        "/v1/orgs/{org_id}",
+        decommission_org,
+        "Decommission an organization: every team and project of it, revoking every key",
+        {200: s.ORG_DECOMMISSIONED},
+        errors=(404,),
+        tags=_HIERARCHY,
+    ),
+    Route(
+        "PATCH",
+        "/v1/teams/{team_id}",
+        rename_team,
+        "Rename a team",
+        {200: s.TEAM},
+        s.NAME_BODY,
+        errors=(404, 409),
+        tags=_HIERARCHY,
+    ),
+    Route(
+        "DELETE",
+        "/v1/teams/{team_id}",
+        decommission_team,
+        "Decommission a team: every project of it, revoking every key",
+        {200: s.TEAM_DECOMMISSIONED},
+        errors=(404,),
+        tags=_HIERARCHY,
+    ),
+    Route(
+        "GET",
+        "/v1/orgs/{org_id}/teams",
+        list_teams,
+        "List an organization's teams",
+        {200: s.TEAM_PAGE},
+        query=_PAGE,
+        errors=(400, 404),
+        tags=_HIERARCHY,
+    ),
+    Route(
+        "POST",
+        "/v1/teams/{team_id}/projects",
+        create_project,
+        "Create a project in a team",
+        {201: s.PROJECT},
+        s.NAME_BODY,
+        errors=(404, 409),
+        tags=_HIERARCHY,
+    ),
+    Route(
+        "GET",
+        "/v1/teams/{team_id}/projects",
+        list_projects,
+        "List a team's projects",
+        {200: s.PROJECT_PAGE},
+        query=_PAGE,
+        errors=(400, 404),
+        tags=_HIERARCHY,
+    ),
+    Route(
+        "DELETE",
+        "/v1/projects/{project_id}",
+        decommission_project,
+        "Decommission a project, revoking its keys",
+        {200: s.DECOMMISSIONED},
+        errors=(404,),
+        tags=_HIERARCHY,
+    ),
+    Route(
+        "POST",
+        "/v1/projects/{project_id}/keys",
+        create_key,
+        "Create a key (its plaintext is in this answer only)",
+        {201: s.CREATED_KEY},
+        s.KEY_REQUEST,
+        errors=(404, 409),
+        tags=_KEYS,
+    ),
+    Route(
+        "POST",
+        "/v1/projects/{project_id}/keys/bulk",
+        create_keys_bulk,
+        "Create up to 1000 keys at once",
+        {201: s.BULK_CREATED},
+        s.BULK_REQUEST,
+        errors=(404, 409),
+        tags=_KEYS,
+    ),
+    Route(
+        "GET",
+        "/v1/projects/{project_id}/keys",
+        list_keys,
+        "List a project's keys, masked",
+        {200: s.KEY_PAGE},
+        query=(*_PAGE, Param("after", s.ID, "deprecated: use cursor (a key id: the keys after it)", True)),
+        errors=(400, 404),
+        tags=_KEYS,
+    ),
     *FIND_ROUTES,
-    Route("POST", "/v1/keys/revoke", revoke_keys, "Revoke many keys in one transaction", {200: s.BULK_REVOKED},
-          s.BULK_REVOKE_REQUEST, errors=(404,), tags=_KEYS),
+    Route(
+        "POST",
+        "/v1/keys/revoke",
+        revoke_keys,
+        "Revoke many keys in one transaction",
+        {200: s.BULK_REVOKED},
+        s.BULK_REVOKE_REQUEST,
+        errors=(404,),
+        tags=_KEYS,
+    ),
     Route("GET", "/v1/keys/{key_id}", show_key, "Show a key, masked", {200: s.KEY}, errors=(404,), tags=_KEYS),
-    Route("POST", "/v1/keys/{key_id}/revoke", revoke_key, "Revoke a key everywhere", {200: s.REVOKED_KEY},
-          s.REVOKE_REQUEST, errors=(404,), tags=_KEYS),
-    Route("POST", "/v1/keys/{key_id}/rotate", rotate_key, "Rotate a key: a new one now, the old one after a grace",
-          {201: s.ROTATED_KEY}, s.ROTATE_REQUEST, errors=(404, 409), tags=_KEYS),
-    Route("GET", "/v1/audit", audit, "The audit trail, newest first", {200: s.AUDIT_PAGE}, query=(
-        *(Param(name, s.ID, f"only entries of this {name[:-3]}") for name in ("org_id", "team_id", "project_id",
-                                                                             "key_id")),
-        Param("actor", s.ID, "only entries of this actor: a user's id, or a token's"),
-        *_PAGE,
-        Param("before", {"type": "integer", "minimum": 1, "maximum": MAX_AUDIT_ID},
-              "deprecated: use cursor (an entry id: the entries before it)", True),
-    ), errors=(400,), tags=_OPS),
-    Route("POST", "/v1/reconcile", reconcile_now, "Plan, then repair, the bucket from the database (bounded)",
-          {200: s.RECONCILE_REPORT}, s.RECONCILE_REQUEST, errors=(409, 503), tags=_OPS),
-    Route("POST", "/v1/resign", resign_now, "Sign old, unsigned or foreign-key values (all with `all`) afresh",
-          {200: s.RESIGN_REPORT}, s.RESIGN_REQUEST, errors=(503,), tags=_OPS),
-    Route("GET", "/v1/signing-keys", signing_keys, "The public keys bucket values are signed with",
-          {200: s.SIGNING_KEYS}, tags=_OPS),
+    Route(
+        "POST",
+        "/v1/keys/{key_id}/revoke",
+        revoke_key,
+        "Revoke a key everywhere",
+        {200: s.REVOKED_KEY},
+        s.REVOKE_REQUEST,
+        errors=(404,),
+        tags=_KEYS,
+    ),
+    Route(
+        "POST",
+        "/v1/keys/{key_id}/rotate",
+        rotate_key,
+        "Rotate a key: a new one now, the old one after a grace",
+        {201: s.ROTATED_KEY},
+        s.ROTATE_REQUEST,
+        errors=(404, 409),
+        tags=_KEYS,
+    ),
+    Route(
+        "GET",
+        "/v1/audit",
+        audit,
+        "The audit trail, newest first",
+        {200: s.AUDIT_PAGE},
+        query=(
+            *(
+                Param(name, s.ID, f"only entries of this {name[:-3]}")
+                for name in ("org_id", "team_id", "project_id", "key_id")
+            ),
+            Param("actor", s.ID, "only entries of this actor: a user's id, or a token's"),
+            *_PAGE,
+            Param(
+                "before",
+                {"type": "integer", "minimum": 1, "maximum": MAX_AUDIT_ID},
+                "deprecated: use cursor (an entry id: the entries before it)",
+                True,
+            ),
+        ),
+        errors=(400,),
+        tags=_OPS,
+    ),
+    Route(
+        "POST",
+        "/v1/reconcile",
+        reconcile_now,
+        "Plan, then repair, the bucket from the database (bounded)",
+        {200: s.RECONCILE_REPORT},
+        s.RECONCILE_REQUEST,
+        errors=(409, 503),
+        tags=_OPS,
+    ),
+    Route(
+        "POST",
+        "/v1/resign",
+        resign_now,
+        "Sign old, unsigned or foreign-key values (all with `all`) afresh",
+        {200: s.RESIGN_REPORT},
+        s.RESIGN_REQUEST,
+        errors=(503,),
+        tags=_OPS,
+    ),
+    Route(
+        "GET",
+        "/v1/signing-keys",
+        signing_keys,
+        "The public keys bucket values are signed with",
+        {200: s.SIGNING_KEYS},
+        tags=_OPS,
+    ),
     *PEOPLE_ROUTES,
     *SESSION_ROUTES,
-    Route("GET", OPENAPI_PATH, openapi_json, "This document (no token needed)", {200: {"type": "object"}},
-          tags=_OPS),
-)  # fmt: skip
+    Route("GET", OPENAPI_PATH, openapi_json, "This document (no token needed)", {200: {"type": "object"}}, tags=_OPS),
+)

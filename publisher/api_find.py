@@ -30,8 +30,17 @@ __all__ = ["FIND_ROUTES", "key_filter", "key_sort"]
 
 _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 _SORT_VALUES = [f"{sign}{name}" for name in SORTS for sign in ("", "-")]
-_FILTERS = ("status", "expiring_within", "env", "region", "scope", "created_by", "prefix", "unused_for",
-            "expires_before")  # fmt: skip
+_FILTERS = (
+    "status",
+    "expiring_within",
+    "env",
+    "region",
+    "scope",
+    "created_by",
+    "prefix",
+    "unused_for",
+    "expires_before",
+)
 _KNOWN = {*_FILTERS, "sort", "limit", "cursor"}
 
 
@@ -50,8 +59,11 @@ def key_filter(query: Mapping[str, str], now: int) -> KeyFilter:
     """The filters of a key search's query string; Invalid (400, naming the parameter) for a bad value."""
     unknown = sorted(set(query) - _KNOWN)
     if unknown:
-        raise Invalid(f"unknown query parameter {unknown[0]!r}; the filters are {', '.join(_FILTERS)}",
-                      field=unknown[0], code="unknown_parameter")  # fmt: skip
+        raise Invalid(
+            f"unknown query parameter {unknown[0]!r}; the filters are {', '.join(_FILTERS)}",
+            field=unknown[0],
+            code="unknown_parameter",
+        )
     get = query.get
     status = get("status")
     if status is not None and status not in STATUSES:
@@ -81,9 +93,8 @@ def key_filter(query: Mapping[str, str], now: int) -> KeyFilter:
         created_by=None if get("created_by") is None else v.query_id(get("created_by", ""), "created_by"),
         prefix=None if prefix is None else v.text(prefix, "prefix"),
         unused_since=None if unused is None else now - unused,
-        expires_before=None if get("expires_before") is None else _instant(get("expires_before", ""),
-                                                                             "expires_before"),
-    )  # fmt: skip
+        expires_before=None if get("expires_before") is None else _instant(get("expires_before", ""), "expires_before"),
+    )
 
 
 def key_sort(text: str | None) -> Sort:
@@ -103,8 +114,9 @@ def _visible(actor: Actor, org_id: str, team_id: str | None = None) -> Visible:
     return Visible(teams=reach.teams, own_teams=reach.own_teams, token_id=actor.token_id, user_id=actor.user_id)
 
 
-async def _found(request: web.Request, visible: Visible, *, org_id: str | None = None,
-                 team_id: str | None = None) -> web.Response:  # fmt: skip
+async def _found(
+    request: web.Request, visible: Visible, *, org_id: str | None = None, team_id: str | None = None
+) -> web.Response:
     query = request.query
     for name in query:
         if len(query.getall(name)) > 1:
@@ -113,8 +125,16 @@ async def _found(request: web.Request, visible: Visible, *, org_id: str | None =
     sort = key_sort(query.get("sort"))
     page = page_request(query, Order(f"keys:{sort}", (sort.kind, "id")))
     after = None if page.after is None else (page.after[0], str(page.after[1]))
-    keys = await find_keys(request.app[SERVICES].store.db, org_id=org_id, team_id=team_id, visible=visible,
-                           filters=filters, sort=sort, after=after, limit=page.fetch)  # fmt: skip
+    keys = await find_keys(
+        request.app[SERVICES].store.db,
+        org_id=org_id,
+        team_id=team_id,
+        visible=visible,
+        filters=filters,
+        sort=sort,
+        after=after,
+        limit=page.fetch,
+    )
     return web.json_response(page.answer("keys", keys, sort.key, ApiKey.to_json))
 
 
@@ -145,18 +165,40 @@ _QUERY = (
     Param("scope", s.SCOPE, "only keys that hold this scope"),
     Param("created_by", s.ID, "only keys created by this user, or by this token"),
     Param("prefix", _TEXT, "only keys whose name, or display form (kr_live_…abcd), starts with this (case counts)"),
-    Param("unused_for", s.DURATION, "only keys not used for at least this long (a key never used: since it was "
-          "created)"),
-    Param("expires_before", {"type": "string", "format": "date-time"}, "only keys that expire before this RFC 3339 "
-          "time"),
-    Param("sort", {"type": "string", "enum": _SORT_VALUES, "default": "created"}, "created, last_used (a key never "
-          "used: as used when created), expires (never: last), name; a leading - for descending"),
+    Param(
+        "unused_for", s.DURATION, "only keys not used for at least this long (a key never used: since it was created)"
+    ),
+    Param(
+        "expires_before", {"type": "string", "format": "date-time"}, "only keys that expire before this RFC 3339 time"
+    ),
+    Param(
+        "sort",
+        {"type": "string", "enum": _SORT_VALUES, "default": "created"},
+        "created, last_used (a key never "
+        "used: as used when created), expires (never: last), name; a leading - for descending",
+    ),
     *PAGE,
-)  # fmt: skip
+)
 
 FIND_ROUTES = (
-    Route("GET", "/v1/orgs/{org_id}/keys", list_org_keys, "Find an organization's keys: filtered, sorted, masked",
-          {200: s.FOUND_KEYS}, query=_QUERY, errors=(400, 404), tags=("keys",)),
-    Route("GET", "/v1/teams/{team_id}/keys", list_team_keys, "Find a team's keys: filtered, sorted, masked",
-          {200: s.FOUND_KEYS}, query=_QUERY, errors=(400, 404), tags=("keys",)),
-)  # fmt: skip
+    Route(
+        "GET",
+        "/v1/orgs/{org_id}/keys",
+        list_org_keys,
+        "Find an organization's keys: filtered, sorted, masked",
+        {200: s.FOUND_KEYS},
+        query=_QUERY,
+        errors=(400, 404),
+        tags=("keys",),
+    ),
+    Route(
+        "GET",
+        "/v1/teams/{team_id}/keys",
+        list_team_keys,
+        "Find a team's keys: filtered, sorted, masked",
+        {200: s.FOUND_KEYS},
+        query=_QUERY,
+        errors=(400, 404),
+        tags=("keys",),
+    ),
+)

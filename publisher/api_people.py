@@ -93,8 +93,9 @@ async def create_token(request: web.Request) -> web.Response:
         if user.id != actor.user_id:  # acting as someone else: an org owner's (or a platform admin's) call only
             target, kind, ident = dataclasses.replace(target, team_id=None), kind and "org", target.org_id
     await guard(request, "token.create", target, kind=kind, ident=ident)
-    created, token = await services.tokens.create(actor, name, role, expires_in, org_id=org_id, team_id=team_id,
-                                                  user_id=user_id)  # fmt: skip
+    created, token = await services.tokens.create(
+        actor, name, role, expires_in, org_id=org_id, team_id=team_id, user_id=user_id
+    )
     return web.json_response({**created.to_json(), "token": token}, status=201)
 
 
@@ -103,8 +104,9 @@ async def list_tokens(request: web.Request) -> web.Response:
     actor = actor_of(request)
     page = page_request(request.query, TOKENS)
     reach = policy.reach(actor, "token.read")
-    tokens = await request.app[SERVICES].tokens.page(limit=page.fetch, after=_after(page), reach=reach,
-                                                     me=(actor.token_id, actor.user_id))  # fmt: skip
+    tokens = await request.app[SERVICES].tokens.page(
+        limit=page.fetch, after=_after(page), reach=reach, me=(actor.token_id, actor.user_id)
+    )
     return web.json_response(page.answer("tokens", tokens, lambda t: (t.id,), AdminToken.to_json))
 
 
@@ -168,8 +170,9 @@ async def create_user(request: web.Request) -> web.Response:
     role = _member_role(body.get("role", "member"), "org")
     if org is not None:
         await _may_grant(request, role, org.id)
-    user = await services.people.create_user(actor_of(request), email, display_name, external_id,
-                                             org=None if org is None else (org.id, role))  # fmt: skip
+    user = await services.people.create_user(
+        actor_of(request), email, display_name, external_id, org=None if org is None else (org.id, role)
+    )
     return web.json_response(user.to_json(), status=201)
 
 
@@ -276,8 +279,9 @@ async def _remove_member(request: web.Request, kind: str) -> web.Response:
     await require_manual(services, actor_of(request), scope.id if isinstance(scope, Org) else scope.org_id)
     await _protect_owner(request, kind, scope.id, user_id)
     revoked, propagation = await leave(services, actor_of(request), kind, scope.id, user_id)
-    return web.json_response({f"{kind}_id": scope.id, "user_id": user_id, "removed": True, "revoked": revoked,
-                              "propagation": propagation})  # fmt: skip
+    return web.json_response(
+        {f"{kind}_id": scope.id, "user_id": user_id, "removed": True, "revoked": revoked, "propagation": propagation}
+    )
 
 
 async def list_org_members(request: web.Request) -> web.Response:
@@ -343,35 +347,141 @@ _PEOPLE, _OPS = ("people",), ("operations",)
 _REMOVED = {200: s.REMOVED_MEMBER}
 
 PEOPLE_ROUTES: tuple[Route, ...] = (
-    Route("POST", "/v1/tokens", create_token, "Create a token (shown once): platform-wide, scoped to an org or a "
-          "team, or a user's personal access token", {201: s.NEW_TOKEN}, s.TOKEN_REQUEST, errors=(404, 409),
-          tags=_OPS),
-    Route("GET", "/v1/tokens", list_tokens, "List the tokens the caller may see (revoked and expired too), never a "
-          "secret", {200: s.TOKEN_PAGE}, query=PAGE, errors=(400,), tags=_OPS),
+    Route(
+        "POST",
+        "/v1/tokens",
+        create_token,
+        "Create a token (shown once): platform-wide, scoped to an org or a team, or a user's personal access token",
+        {201: s.NEW_TOKEN},
+        s.TOKEN_REQUEST,
+        errors=(404, 409),
+        tags=_OPS,
+    ),
+    Route(
+        "GET",
+        "/v1/tokens",
+        list_tokens,
+        "List the tokens the caller may see (revoked and expired too), never a secret",
+        {200: s.TOKEN_PAGE},
+        query=PAGE,
+        errors=(400,),
+        tags=_OPS,
+    ),
     Route("GET", "/v1/tokens/{token_id}", show_token, "Show a token", {200: s.TOKEN}, errors=(404,), tags=_OPS),
-    Route("DELETE", "/v1/tokens/{token_id}", revoke_token, "Revoke a token (every replica within the cache TTL)",
-          {200: s.TOKEN}, errors=(404,), tags=_OPS),
-    Route("POST", "/v1/users", create_user, "Add a user by email (into an organization with org_id)",
-          {201: s.USER}, s.USER_REQUEST, errors=(404, 409), tags=_PEOPLE),
-    Route("GET", "/v1/users", list_users, "List the users the caller may see", {200: s.USER_PAGE}, query=PAGE,
-          errors=(400,), tags=_PEOPLE),
+    Route(
+        "DELETE",
+        "/v1/tokens/{token_id}",
+        revoke_token,
+        "Revoke a token (every replica within the cache TTL)",
+        {200: s.TOKEN},
+        errors=(404,),
+        tags=_OPS,
+    ),
+    Route(
+        "POST",
+        "/v1/users",
+        create_user,
+        "Add a user by email (into an organization with org_id)",
+        {201: s.USER},
+        s.USER_REQUEST,
+        errors=(404, 409),
+        tags=_PEOPLE,
+    ),
+    Route(
+        "GET",
+        "/v1/users",
+        list_users,
+        "List the users the caller may see",
+        {200: s.USER_PAGE},
+        query=PAGE,
+        errors=(400,),
+        tags=_PEOPLE,
+    ),
     Route("GET", "/v1/users/{user_id}", show_user, "Show a user", {200: s.USER}, errors=(404,), tags=_PEOPLE),
-    Route("POST", "/v1/users/{user_id}/deactivate", deactivate_user, "Deactivate a user: their tokens stop, their "
-          "keys follow the offboarding policy", {200: s.DEACTIVATED_USER}, errors=(404,), tags=_PEOPLE),
-    Route("GET", "/v1/orgs/{org_id}/members", list_org_members, "List an organization's members",
-          {200: s.MEMBER_PAGE}, query=PAGE, errors=(400, 404), tags=_PEOPLE),
-    Route("POST", "/v1/orgs/{org_id}/members", put_org_member, "Add a member by email, or change a member's role",
-          {200: s.MEMBER}, s.MEMBER_REQUEST, errors=(404, 409), tags=_PEOPLE),
-    Route("DELETE", "/v1/orgs/{org_id}/members/{user_id}", remove_org_member, "Remove a member from an "
-          "organization and its teams", _REMOVED, errors=(404,), tags=_PEOPLE),
-    Route("GET", "/v1/teams/{team_id}/members", list_team_members, "List a team's members", {200: s.MEMBER_PAGE},
-          query=PAGE, errors=(400, 404), tags=_PEOPLE),
-    Route("POST", "/v1/teams/{team_id}/members", put_team_member, "Give a member of the organization a team role",
-          {200: s.MEMBER}, s.MEMBER_REQUEST, errors=(404, 409), tags=_PEOPLE),
-    Route("DELETE", "/v1/teams/{team_id}/members/{user_id}", remove_team_member, "Remove a member from a team",
-          _REMOVED, errors=(404,), tags=_PEOPLE),
-    Route("GET", "/v1/orgs/{org_id}/policy", show_policy, "An organization's policy document",
-          {200: s.ORG_POLICY}, errors=(404,), tags=_PEOPLE),
-    Route("PUT", "/v1/orgs/{org_id}/policy", put_policy, "Change an organization's policy document",
-          {200: s.ORG_POLICY}, s.POLICY_REQUEST, errors=(404,), tags=_PEOPLE),
-)  # fmt: skip
+    Route(
+        "POST",
+        "/v1/users/{user_id}/deactivate",
+        deactivate_user,
+        "Deactivate a user: their tokens stop, their keys follow the offboarding policy",
+        {200: s.DEACTIVATED_USER},
+        errors=(404,),
+        tags=_PEOPLE,
+    ),
+    Route(
+        "GET",
+        "/v1/orgs/{org_id}/members",
+        list_org_members,
+        "List an organization's members",
+        {200: s.MEMBER_PAGE},
+        query=PAGE,
+        errors=(400, 404),
+        tags=_PEOPLE,
+    ),
+    Route(
+        "POST",
+        "/v1/orgs/{org_id}/members",
+        put_org_member,
+        "Add a member by email, or change a member's role",
+        {200: s.MEMBER},
+        s.MEMBER_REQUEST,
+        errors=(404, 409),
+        tags=_PEOPLE,
+    ),
+    Route(
+        "DELETE",
+        "/v1/orgs/{org_id}/members/{user_id}",
+        remove_org_member,
+        "Remove a member from an organization and its teams",
+        _REMOVED,
+        errors=(404,),
+        tags=_PEOPLE,
+    ),
+    Route(
+        "GET",
+        "/v1/teams/{team_id}/members",
+        list_team_members,
+        "List a team's members",
+        {200: s.MEMBER_PAGE},
+        query=PAGE,
+        errors=(400, 404),
+        tags=_PEOPLE,
+    ),
+    Route(
+        "POST",
+        "/v1/teams/{team_id}/members",
+        put_team_member,
+        "Give a member of the organization a team role",
+        {200: s.MEMBER},
+        s.MEMBER_REQUEST,
+        errors=(404, 409),
+        tags=_PEOPLE,
+    ),
+    Route(
+        "DELETE",
+        "/v1/teams/{team_id}/members/{user_id}",
+        remove_team_member,
+        "Remove a member from a team",
+        _REMOVED,
+        errors=(404,),
+        tags=_PEOPLE,
+    ),
+    Route(
+        "GET",
+        "/v1/orgs/{org_id}/policy",
+        show_policy,
+        "An organization's policy document",
+        {200: s.ORG_POLICY},
+        errors=(404,),
+        tags=_PEOPLE,
+    ),
+    Route(
+        "PUT",
+        "/v1/orgs/{org_id}/policy",
+        put_policy,
+        "Change an organization's policy document",
+        {200: s.ORG_POLICY},
+        s.POLICY_REQUEST,
+        errors=(404,),
+        tags=_PEOPLE,
+    ),
+)

@@ -25,11 +25,15 @@ async def list_sessions(request: web.Request) -> web.Response:
     page = page_request(request.query, SESSIONS)
     user_id = v.query_id(request.query["user_id"], "user_id") if request.query.get("user_id") else None
     sessions = await SessionStore(request.app[SERVICES].people.db).page(
-        policy.reach(actor, "session.read"), actor.user_id, user_id=user_id, limit=page.fetch,
+        policy.reach(actor, "session.read"),
+        actor.user_id,
+        user_id=user_id,
+        limit=page.fetch,
         after=None if page.after is None else str(page.after[0]),
-    )  # fmt: skip
-    return web.json_response(page.answer("sessions", sessions, lambda x: (x.id,),
-                                         lambda x: x.to_json(current=x.id == actor.token_id)))  # fmt: skip
+    )
+    return web.json_response(
+        page.answer("sessions", sessions, lambda x: (x.id,), lambda x: x.to_json(current=x.id == actor.token_id))
+    )
 
 
 async def revoke_session(request: web.Request) -> web.Response:
@@ -40,22 +44,40 @@ async def revoke_session(request: web.Request) -> web.Response:
     sessions = SessionStore(services.people.db)
     session = await sessions.get(v.path_id(request.match_info["session_id"], "session"))
     targets = [policy.Target(creator_user=session.user_id)]
-    targets += [policy.Target(org_id=o, creator_user=session.user_id)
-                for o in await services.people.user_orgs(session.user_id)]  # fmt: skip
+    targets += [
+        policy.Target(org_id=o, creator_user=session.user_id) for o in await services.people.user_orgs(session.user_id)
+    ]
     if not any(policy.allowed(actor, "session.read", t) for t in targets):
         raise NotFound("session", session.id)
     if not any(policy.allowed(actor, "session.revoke", t) for t in targets):
         refused = {"action": "session.revoke", "target": session.id}
         await services.store.record(actor, "access.refused", (None, None, None, None, refused))
-        raise Forbidden("only the session's user, an owner of one of its organizations or a platform admin may "
-                        "revoke it; docs/permissions.md lists who may")  # fmt: skip
+        raise Forbidden(
+            "only the session's user, an owner of one of its organizations or a platform admin may "
+            "revoke it; docs/permissions.md lists who may"
+        )
     await sessions.end(actor, session, "session.revoke")
     return web.json_response({**WebSession.to_json(session, current=session.id == actor.token_id), "revoked": True})
 
 
 SESSION_ROUTES: tuple[Route, ...] = (
-    Route("GET", "/v1/sessions", list_sessions, "List the browser sessions the caller may see", {200: s.SESSION_PAGE},
-          query=(Param("user_id", s.ID, "only this user's sessions"), *PAGE), errors=(400,), tags=("people",)),
-    Route("DELETE", "/v1/sessions/{session_id}", revoke_session, "Revoke a browser session: its cookie stops at "
-          "once", {200: s.REVOKED_SESSION}, errors=(404,), tags=("people",)),
-)  # fmt: skip
+    Route(
+        "GET",
+        "/v1/sessions",
+        list_sessions,
+        "List the browser sessions the caller may see",
+        {200: s.SESSION_PAGE},
+        query=(Param("user_id", s.ID, "only this user's sessions"), *PAGE),
+        errors=(400,),
+        tags=("people",),
+    ),
+    Route(
+        "DELETE",
+        "/v1/sessions/{session_id}",
+        revoke_session,
+        "Revoke a browser session: its cookie stops at once",
+        {200: s.REVOKED_SESSION},
+        errors=(404,),
+        tags=("people",),
+    ),
+)

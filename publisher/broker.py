@@ -37,8 +37,15 @@ class StreamState(enum.Enum):
 class Broker:
     """Owns one NATS connection; the API keeps working while it is down."""
 
-    def __init__(self, *, servers: Sequence[str], bucket: str, replicas: int = 1, name: str = "keyrelay-publisher",
-                 connect: NatsConnect | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        servers: Sequence[str],
+        bucket: str,
+        replicas: int = 1,
+        name: str = "keyrelay-publisher",
+        connect: NatsConnect | None = None,
+    ) -> None:
         self.servers = list(servers)
         # Credentials, TLS and inbox prefix; None: the servers as they are, with the publisher's inbox prefix.
         self.connect = connect or NatsConnect(tuple(servers), identity="publisher")
@@ -156,14 +163,21 @@ class Broker:
                 return state  # present (a slow ack), or not answering (a leader election): retrying is the cure
             # Said once per fault: a stream that cannot be made (no quorum for its replicas) is retried quietly.
             say = log.debug if self._repair_failing else log.warning
-            say("the key bucket's stream %s does not exist: creating it again (a reconciliation then refills it "
-                "from the database)", stream_name(self.bucket))  # fmt: skip
+            say(
+                "the key bucket's stream %s does not exist: creating it again (a reconciliation then refills it "
+                "from the database)",
+                stream_name(self.bucket),
+            )
             try:
                 await self.ensure_bucket()
             except Exception as exc:
                 self._repair_failing = True
-                say("could not create the key bucket %s: %s (the next failed publish tries again; check that the "
-                    "NATS cluster has --bucket-replicas nodes with JetStream)", self.bucket, exc)  # fmt: skip
+                say(
+                    "could not create the key bucket %s: %s (the next failed publish tries again; check that the "
+                    "NATS cluster has --bucket-replicas nodes with JetStream)",
+                    self.bucket,
+                    exc,
+                )
                 return state
             self._repair_failing = False
             self.stream_repairs += 1

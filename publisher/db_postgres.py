@@ -58,10 +58,10 @@ def _decode_jsonb(raw: bytes) -> Any:
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # Binary codecs: COPY (insert_many) only speaks the binary format.
-    await conn.set_type_codec("uuid", encoder=_encode_uuid, decoder=_decode_uuid, schema="pg_catalog",
-                              format="binary")  # fmt: skip
-    await conn.set_type_codec("jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog",
-                              format="binary")  # fmt: skip
+    await conn.set_type_codec("uuid", encoder=_encode_uuid, decoder=_decode_uuid, schema="pg_catalog", format="binary")
+    await conn.set_type_codec(
+        "jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog", format="binary"
+    )
     await conn.set_type_codec(
         "timestamptz", encoder=_encode_time, decoder=_decode_time, schema="pg_catalog", format="tuple"
     )

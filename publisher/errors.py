@@ -68,8 +68,11 @@ class NotFound(PublisherError):
         # `ident` None: what was asked for is no id at all (a key pasted where its id belongs, say), so
         # it is not repeated: an error body is no place for what may be a secret.
         self.kind, self.ident = kind, ident
-        super().__init__(f"no {kind} with id {ident!r}" if ident is not None else f"no {kind} has that id: an id is "
-                         "a UUID such as 0190c0de-0000-7000-8000-000000000001")  # fmt: skip
+        super().__init__(
+            f"no {kind} with id {ident!r}"
+            if ident is not None
+            else f"no {kind} has that id: an id is a UUID such as 0190c0de-0000-7000-8000-000000000001"
+        )
 
 
 class Conflict(PublisherError):
@@ -121,8 +124,10 @@ class InUse(StoreError):
         what = holder.get("what", "another keyrelay process")
         pid = f"PID {holder['pid']}" if "pid" in holder else "PID unknown"
         where = ", ".join(f"{k} {v}" for k, v in holder.items() if k not in ("what", "pid"))
-        super().__init__(f"{path} is in use by {what} ({pid}{', ' + where if where else ''}): stop it first, or "
-                         "point this one at another data directory or database")  # fmt: skip
+        super().__init__(
+            f"{path} is in use by {what} ({pid}{', ' + where if where else ''}): stop it first, or "
+            "point this one at another data directory or database"
+        )
 
 
 class SchemaTooNew(StoreError):

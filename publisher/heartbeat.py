@@ -67,16 +67,21 @@ class Heartbeat:
         headers = {SIGNATURE_HEADER: self.signer.sign(KIND_HEARTBEAT, HEARTBEAT_ENTRY, body)}
         try:
             ack = await self.broker.js.publish(
-                subject_prefix(self.broker.bucket) + HEARTBEAT_ENTRY, body, headers=headers,
+                subject_prefix(self.broker.bucket) + HEARTBEAT_ENTRY,
+                body,
+                headers=headers,
                 timeout=max(self.interval, 1.0),
-            )  # fmt: skip
+            )
         except Exception as exc:
             self.stats.failures += 1
             # One line when beating stops (and one when it resumes), not one per interval of a long fault.
             if self._failing_since is None:
                 self._failing_since = time.monotonic()
-                log.warning("heartbeat not published: %s (sidecars grow stale until it is; retrying every %.1fs)",
-                            str(exc) or type(exc).__name__, self.interval)  # fmt: skip
+                log.warning(
+                    "heartbeat not published: %s (sidecars grow stale until it is; retrying every %.1fs)",
+                    str(exc) or type(exc).__name__,
+                    self.interval,
+                )
             # A stream lost while the outbox is empty, or a server cut off from its cluster: nothing else would
             # notice until the next change.
             await self.broker.publish_failed()

@@ -185,15 +185,26 @@ def _visible(sql: _Sql, visible: Visible) -> None:
         return
     allowed = [f"{_TEAM} IN ({sql.ids(visible.teams)})"] if visible.teams else []
     if visible.own_teams:
-        mine = (f"created_by_user = {sql.arg(visible.user_id)}" if visible.user_id is not None
-                else f"created_by = {sql.arg(visible.token_id)}")  # fmt: skip
+        mine = (
+            f"created_by_user = {sql.arg(visible.user_id)}"
+            if visible.user_id is not None
+            else f"created_by = {sql.arg(visible.token_id)}"
+        )
         allowed.append(f"({_TEAM} IN ({sql.ids(visible.own_teams)}) AND {mine})")
     sql.where(f"({' OR '.join(allowed)})")
 
 
-def key_query(dialect: Dialect, *, org_id: str | None = None, team_id: str | None = None, visible: Visible,
-              filters: KeyFilter, sort: Sort, after: tuple[int | str | None, str] | None,
-              limit: int) -> tuple[str, list[Any]]:  # fmt: skip
+def key_query(
+    dialect: Dialect,
+    *,
+    org_id: str | None = None,
+    team_id: str | None = None,
+    visible: Visible,
+    filters: KeyFilter,
+    sort: Sort,
+    after: tuple[int | str | None, str] | None,
+    limit: int,
+) -> tuple[str, list[Any]]:
     """The SELECT (and its arguments) of `find_keys`: publisher/schema.py's indexes are made for these."""
     sql = _Sql(dialect)
     sql.where(f"organization_id = {sql.arg(org_id)}" if team_id is None else f"{_TEAM} = {sql.arg(team_id)}")
@@ -210,20 +221,38 @@ def key_query(dialect: Dialect, *, org_id: str | None = None, team_id: str | Non
         # The first condition alone is what SQLite narrows an expression index's range by; the second is exact.
         sql.where(f"{expression} {'<=' if sort.descending else '>='} {value}")
         sql.where(f"({expression}, id) {'<' if sort.descending else '>'} ({value}, {sql.arg(after[1])})")
-    statement = (f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {' AND '.join(sql.conditions)} "
-                 f"ORDER BY {expression}{direction}, id{direction} LIMIT {sql.arg(limit)}")  # fmt: skip
+    statement = (
+        f"SELECT {KEY_COLUMNS} FROM api_keys WHERE {' AND '.join(sql.conditions)} "
+        f"ORDER BY {expression}{direction}, id{direction} LIMIT {sql.arg(limit)}"
+    )
     return statement, sql.args
 
 
-async def find_keys(db: Database, *, org_id: str | None = None, team_id: str | None = None, visible: Visible,
-                    filters: KeyFilter, sort: Sort, after: tuple[int | str | None, str] | None,
-                    limit: int) -> list[ApiKey]:  # fmt: skip
+async def find_keys(
+    db: Database,
+    *,
+    org_id: str | None = None,
+    team_id: str | None = None,
+    visible: Visible,
+    filters: KeyFilter,
+    sort: Sort,
+    after: tuple[int | str | None, str] | None,
+    limit: int,
+) -> list[ApiKey]:
     """Up to `limit` keys of the org (or of the team) that `visible` allows and `filters` match, in `sort`'s
     order after the position `after` (a sort value and an id, as `Sort.key` gives)."""
     if visible.nothing:
         return []
-    statement, args = key_query(db.dialect, org_id=org_id, team_id=team_id, visible=visible, filters=filters,
-                                sort=sort, after=after, limit=limit)  # fmt: skip
+    statement, args = key_query(
+        db.dialect,
+        org_id=org_id,
+        team_id=team_id,
+        visible=visible,
+        filters=filters,
+        sort=sort,
+        after=after,
+        limit=limit,
+    )
     async with db.transaction() as tx:
         rows = await tx.fetch(statement, *args)
     return [ApiKey.from_row(r) for r in rows]

@@ -126,13 +126,18 @@ class Org:
     @classmethod
     def from_row(cls, row: Row) -> Org:
         """Build from a database row."""
-        return cls(id=row["id"], name=row["name"], created_at=row["created_at"],
-                   decommissioned_at=row.get("decommissioned_at"))  # fmt: skip
+        return cls(
+            id=row["id"], name=row["name"], created_at=row["created_at"], decommissioned_at=row.get("decommissioned_at")
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The API form."""
-        return {"id": self.id, "name": self.name, "created_at": iso(self.created_at),
-                "decommissioned_at": iso(self.decommissioned_at)}  # fmt: skip
+        return {
+            "id": self.id,
+            "name": self.name,
+            "created_at": iso(self.created_at),
+            "decommissioned_at": iso(self.decommissioned_at),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,13 +153,23 @@ class Team:
     @classmethod
     def from_row(cls, row: Row) -> Team:
         """Build from a database row."""
-        return cls(id=row["id"], org_id=row["organization_id"], name=row["name"], created_at=row["created_at"],
-                   decommissioned_at=row.get("decommissioned_at"))  # fmt: skip
+        return cls(
+            id=row["id"],
+            org_id=row["organization_id"],
+            name=row["name"],
+            created_at=row["created_at"],
+            decommissioned_at=row.get("decommissioned_at"),
+        )
 
     def to_json(self) -> dict[str, Any]:
         """The API form."""
-        return {"id": self.id, "org_id": self.org_id, "name": self.name, "created_at": iso(self.created_at),
-                "decommissioned_at": iso(self.decommissioned_at)}  # fmt: skip
+        return {
+            "id": self.id,
+            "org_id": self.org_id,
+            "name": self.name,
+            "created_at": iso(self.created_at),
+            "decommissioned_at": iso(self.decommissioned_at),
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,8 +65,16 @@ class Pkce:
 class OidcClient:
     """One provider, one client registration, one redirect URI."""
 
-    def __init__(self, *, issuer: str, client_id: str, client_secret: str, redirect_uri: str,
-                 scopes: tuple[str, ...], jwks_refetch_after: float = 10.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        client_id: str,
+        client_secret: str,
+        redirect_uri: str,
+        scopes: tuple[str, ...],
+        jwks_refetch_after: float = 10.0,
+    ) -> None:
         self.issuer = issuer
         self.client_id = client_id
         self._secret = client_secret
@@ -87,8 +95,10 @@ class OidcClient:
         if self._metadata is None or time.monotonic() - self._discovered_at >= DISCOVERY_TTL:
             document = await self._get_json(self.issuer.rstrip("/") + "/.well-known/openid-configuration")
             if document.get("issuer") != self.issuer:
-                raise ProviderError(f"the provider's discovery document names the issuer {document.get('issuer')!r}, "
-                                    f"not {self.issuer!r}: --oidc-issuer must be exactly the provider's")  # fmt: skip
+                raise ProviderError(
+                    f"the provider's discovery document names the issuer {document.get('issuer')!r}, "
+                    f"not {self.issuer!r}: --oidc-issuer must be exactly the provider's"
+                )
             fields = ("authorization_endpoint", "token_endpoint", "jwks_uri")
             urls = {name: document.get(name) for name in fields}
             for name, url in urls.items():
@@ -101,20 +111,34 @@ class OidcClient:
     async def authorization_url(self, pkce: Pkce) -> str:
         """Where to send the browser: the provider's authorization endpoint with this sign-in's parameters."""
         endpoint = (await self.metadata()).authorization_endpoint
-        query = urlencode({"response_type": "code", "client_id": self.client_id, "redirect_uri": self.redirect_uri,
-                           "scope": " ".join(self.scopes), "state": pkce.state, "nonce": pkce.nonce,
-                           "code_challenge": pkce.challenge, "code_challenge_method": "S256"})  # fmt: skip
+        query = urlencode(
+            {
+                "response_type": "code",
+                "client_id": self.client_id,
+                "redirect_uri": self.redirect_uri,
+                "scope": " ".join(self.scopes),
+                "state": pkce.state,
+                "nonce": pkce.nonce,
+                "code_challenge": pkce.challenge,
+                "code_challenge_method": "S256",
+            }
+        )
         return endpoint + ("&" if urlsplit(endpoint).query else "?") + query
 
     async def exchange(self, code: str, verifier: str, nonce: str) -> dict[str, Any]:
         """The id token's claims for an authorization code, once the token is validated in full."""
         metadata = await self.metadata()
-        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": self.redirect_uri,
-                "code_verifier": verifier}  # fmt: skip
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": self.redirect_uri,
+            "code_verifier": verifier,
+        }
         headers = {}
         if self._secret:  # client_secret_basic (RFC 6749 §2.3.1: each part form-encoded first)
-            headers["Authorization"] = aiohttp.encode_basic_auth(quote(self.client_id, safe=""),
-                                                                 quote(self._secret, safe=""))  # fmt: skip
+            headers["Authorization"] = aiohttp.encode_basic_auth(
+                quote(self.client_id, safe=""), quote(self._secret, safe="")
+            )
         else:
             form["client_id"] = self.client_id
         answer = await self._request("POST", metadata.token_endpoint, data=form, headers=headers)

@@ -110,8 +110,10 @@ def parse_group_map(data: bytes) -> GroupMap:
     for i, m in enumerate(mappings, start=1):
         where = (m.group, m.org, m.team)
         if where in seen:
-            raise ValueError(f"[[map]] {i} (group {m.group!r}): maps the same group to the same place as "
-                             f"[[map]] {seen[where]}: keep one")  # fmt: skip
+            raise ValueError(
+                f"[[map]] {i} (group {m.group!r}): maps the same group to the same place as "
+                f"[[map]] {seen[where]}: keep one"
+            )
         seen[where] = i
     return GroupMap(mappings)
 

@@ -42,8 +42,9 @@ class SignInRefused(PublisherError):
     status = 403
     code = "signin_refused"
 
-    def __init__(self, message: str, *, reason: str, status: int = 403, email: str | None = None,
-                 user: User | None = None) -> None:  # fmt: skip
+    def __init__(
+        self, message: str, *, reason: str, status: int = 403, email: str | None = None, user: User | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.status = status
@@ -66,12 +67,17 @@ def person_of(claims: Mapping[str, Any]) -> Person:
     try:
         email = v.email(claims.get("email"), "email")
     except Invalid:
-        raise SignInRefused("the identity provider sent no email address for you: keyrelay knows people by email. "
-                            "Ask your administrator to release the email claim (scope email) to keyrelay",
-                            reason="no_email") from None  # fmt: skip
+        raise SignInRefused(
+            "the identity provider sent no email address for you: keyrelay knows people by email. "
+            "Ask your administrator to release the email claim (scope email) to keyrelay",
+            reason="no_email",
+        ) from None
     if claims.get("email_verified") is False:
-        raise SignInRefused("the identity provider says your email address is not verified: verify it there, then "
-                            "sign in again", reason="email_unverified", email=email)  # fmt: skip
+        raise SignInRefused(
+            "the identity provider says your email address is not verified: verify it there, then sign in again",
+            reason="email_unverified",
+            email=email,
+        )
     name = claims.get("name")
     if not isinstance(name, str) or not name.strip() or len(name) > 255 or not name.isprintable():
         name = None
@@ -87,8 +93,12 @@ async def sign_in(services: Services, groups: GroupMap | None, person: Person) -
     people = services.people
     user = await people.user_by_email(person.email)
     if user is not None and user.deactivated_at is not None:
-        raise SignInRefused("your keyrelay account is deactivated: an organization owner can tell you why",
-                            reason="user_deactivated", email=person.email, user=user)  # fmt: skip
+        raise SignInRefused(
+            "your keyrelay account is deactivated: an organization owner can tell you why",
+            reason="user_deactivated",
+            email=person.email,
+            user=user,
+        )
     wanted = await _resolve(services, groups, person.groups)
     if user is None:
         user = await _just_in_time(services, person, wanted)
@@ -96,10 +106,15 @@ async def sign_in(services: Services, groups: GroupMap | None, person: Person) -
     actor = await user_actor(services, user, "portal")
     if actor is None or not actor.grants:
         shown = ", ".join(person.groups[:20]) or "none"
-        raise SignInRefused(f"you signed in as {person.email}, but you hold no role in any keyrelay organization. "
-                            f"Your identity provider lists your groups as: {shown}. An organization's owner gives "
-                            "you a role, or your administrator adds you to a group the publisher's group map "
-                            "names", reason="no_role", email=person.email, user=user)  # fmt: skip
+        raise SignInRefused(
+            f"you signed in as {person.email}, but you hold no role in any keyrelay organization. "
+            f"Your identity provider lists your groups as: {shown}. An organization's owner gives "
+            "you a role, or your administrator adds you to a group the publisher's group map "
+            "names",
+            reason="no_role",
+            email=person.email,
+            user=user,
+        )
     return actor
 
 
@@ -113,8 +128,11 @@ async def _just_in_time(services: Services, person: Person, wanted: dict[str, Wa
             if not wanted
             else "the organizations your groups are mapped to do not create users at sign-in (policy jit_users)"
         )
-        raise SignInRefused(f"there is no keyrelay user {person.email}, and {why}. Ask an organization owner to "
-                            "add you", reason="unknown_user", email=person.email)  # fmt: skip
+        raise SignInRefused(
+            f"there is no keyrelay user {person.email}, and {why}. Ask an organization owner to add you",
+            reason="unknown_user",
+            email=person.email,
+        )
     try:
         user = await people.create_user(CLAIMS_ACTOR, person.email, person.name, None)
     except Conflict:  # signed in twice at once: the other sign-in made the user
@@ -136,16 +154,21 @@ async def _resolve(services: Services, groups: GroupMap | None, claimed: tuple[s
     async with services.people.db.transaction() as tx:
         for ref, wanted in groups.wanted(claimed).items():
             column = "id" if is_uuid(ref) else "name"
-            org = await tx.fetchval(f"SELECT id FROM organizations WHERE {column} = $1 AND decommissioned_at IS NULL",
-                                    ref)  # fmt: skip
+            org = await tx.fetchval(
+                f"SELECT id FROM organizations WHERE {column} = $1 AND decommissioned_at IS NULL", ref
+            )
             if org is None:
                 log.warning("the group map names the organization %r, which does not exist: ignored", ref)
                 continue
             teams = {}
             for team_ref, role in wanted.teams.items():
                 team_column = "id" if is_uuid(team_ref) else "name"
-                team = await tx.fetchval(f"SELECT id FROM teams WHERE organization_id = $1 AND {team_column} = $2 "
-                                         "AND decommissioned_at IS NULL", org, team_ref)  # fmt: skip
+                team = await tx.fetchval(
+                    f"SELECT id FROM teams WHERE organization_id = $1 AND {team_column} = $2 "
+                    "AND decommissioned_at IS NULL",
+                    org,
+                    team_ref,
+                )
                 if team is None:
                     log.warning("the group map names the team %r of %r, which does not exist: ignored", team_ref, ref)
                     continue
@@ -173,8 +196,12 @@ async def _set_roles(services: Services, user: User, org: str, want: Wanted | No
     if held != want.org_role:
         await people.put_member(CLAIMS_ACTOR, "org", org, user.id, want.org_role)
     async with people.db.transaction() as tx:
-        rows = await tx.fetch("SELECT m.team_id, m.role FROM team_members m JOIN teams t ON t.id = m.team_id "
-                              "WHERE m.user_id = $1 AND t.organization_id = $2", user.id, org)  # fmt: skip
+        rows = await tx.fetch(
+            "SELECT m.team_id, m.role FROM team_members m JOIN teams t ON t.id = m.team_id "
+            "WHERE m.user_id = $1 AND t.organization_id = $2",
+            user.id,
+            org,
+        )
     teams = {r["team_id"]: r["role"] for r in rows}
     for team in teams.keys() - want.teams.keys():
         await people.remove_member(CLAIMS_ACTOR, "team", team, user.id)

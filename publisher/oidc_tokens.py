@@ -70,8 +70,9 @@ def _holds(keys: KeySet, kid: str) -> bool:
     return any(key.kid == kid for key in keys.keys)
 
 
-async def validate_id_token(token: str, jwks: Jwks, *, issuer: str, client_id: str, nonce: str,
-                            now: float | None = None) -> dict[str, Any]:  # fmt: skip
+async def validate_id_token(
+    token: str, jwks: Jwks, *, issuer: str, client_id: str, nonce: str, now: float | None = None
+) -> dict[str, Any]:
     """The id token's claims once every check passed; IdTokenError naming the first that failed."""
     if not isinstance(token, str) or not 0 < len(token) <= _MAX_TOKEN or token.count(".") != 2:
         raise IdTokenError("the id token is not a signed JWT (three dot-separated parts)")

@@ -91,17 +91,25 @@ def _operation(route: Route, *, public: bool) -> dict[str, Any]:
         for name in _PATH_PARAM.findall(route.path)
     ]
     params += [
-        {"name": p.name, "in": "query", "required": False, "schema": dict(p.schema), "description": p.description,
-         **({"deprecated": True} if p.deprecated else {})}
+        {
+            "name": p.name,
+            "in": "query",
+            "required": False,
+            "schema": dict(p.schema),
+            "description": p.description,
+            **({"deprecated": True} if p.deprecated else {}),
+        }
         for p in route.query
-    ]  # fmt: skip
+    ]
     responses: dict[str, Any] = {}
     for status, schema in route.responses.items():
         if isinstance(schema, str):
             responses[str(status)] = {"description": schema, "content": {"text/plain": {"schema": {"type": "string"}}}}
         else:
-            responses[str(status)] = {"description": schema.get("description", "success"),
-                                      "content": {"application/json": {"schema": dict(schema)}}}  # fmt: skip
+            responses[str(status)] = {
+                "description": schema.get("description", "success"),
+                "content": {"application/json": {"schema": dict(schema)}},
+            }
     errors = set(route.errors)
     if route.body is not None:
         errors |= {400, 413}

@@ -94,8 +94,17 @@ class _Waiter:
 class OutboxRelay:
     """Drains the outbox into JetStream; wake() it after a commit for an immediate publish."""
 
-    def __init__(self, *, db: Database, broker: Broker, signer: Signer, batch: int = 1000, lease_ttl: float = LEASE_TTL,
-                 poll_interval: float = 0.25, publish_timeout: float = 5.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        db: Database,
+        broker: Broker,
+        signer: Signer,
+        batch: int = 1000,
+        lease_ttl: float = LEASE_TTL,
+        poll_interval: float = 0.25,
+        publish_timeout: float = 5.0,
+    ) -> None:
         self.db = db
         self.broker = broker
         self.signer = signer
@@ -245,8 +254,11 @@ class OutboxRelay:
                 "INSERT INTO relay_lease (name, holder, expires_at) VALUES ($1, $2, $3) "
                 "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at "
                 "WHERE relay_lease.holder = $2 OR relay_lease.expires_at < $4 RETURNING holder",
-                _LEASE, self.holder, stamp + int(self.lease_ttl * 1_000_000), stamp,
-            )  # fmt: skip
+                _LEASE,
+                self.holder,
+                stamp + int(self.lease_ttl * 1_000_000),
+                stamp,
+            )
         was_leader, self.leader = self.leader, row is not None
         self.lease_checked.set()
         if self.leader:

@@ -27,8 +27,16 @@ from keyrelay.core.wire import MAX_VERSION, is_canonical_id
 from . import validation as v
 from .errors import Invalid
 
-__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "Order", "PageRequest", "SortKey", "decode_cursor", "encode_cursor",
-           "page_request"]  # fmt: skip
+__all__ = [
+    "DEFAULT_LIMIT",
+    "MAX_LIMIT",
+    "Order",
+    "PageRequest",
+    "SortKey",
+    "decode_cursor",
+    "encode_cursor",
+    "page_request",
+]
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -59,8 +67,11 @@ def encode_cursor(order: Order, key: SortKey) -> str:
 
 
 def _bad_cursor() -> Invalid:
-    return Invalid("cursor is not one this list handed out: pass back next_cursor unchanged, or start again "
-                   "without a cursor", field="cursor", code="invalid_cursor")  # fmt: skip
+    return Invalid(
+        "cursor is not one this list handed out: pass back next_cursor unchanged, or start again without a cursor",
+        field="cursor",
+        code="invalid_cursor",
+    )
 
 
 def decode_cursor(order: Order, text: str) -> SortKey:
@@ -119,8 +130,9 @@ class PageRequest:
         """Whether another page follows these rows."""
         return len(rows) > self.limit
 
-    def answer(self, items: str, rows: Sequence[T], key: Callable[[T], SortKey],
-               render: Callable[[T], Any]) -> dict[str, Any]:  # fmt: skip
+    def answer(
+        self, items: str, rows: Sequence[T], key: Callable[[T], SortKey], render: Callable[[T], Any]
+    ) -> dict[str, Any]:
         """`{items: [...], "next_cursor": ...}` for the rows the store returned (up to `fetch` of them)."""
         shown = self.shown(rows)
         cursor = encode_cursor(self.order, key(shown[-1])) if self.more(rows) else None

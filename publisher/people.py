@@ -34,8 +34,12 @@ OFFBOARDING = ("revoke", "reassign", "keep")
 # sign-in, or the admin API (manual). Those an identity provider manages are read-only elsewhere.
 MEMBERSHIP_SOURCES = ("manual", "scim", "claims")
 NOT_IN_ORG = "the user is not a member of the team's organization: add them there first"
-DEFAULT_POLICY: dict[str, Any] = {"developers_may_create_keys": True, "offboarding": "revoke",
-                                  "memberships": "manual", "jit_users": False}  # fmt: skip
+DEFAULT_POLICY: dict[str, Any] = {
+    "developers_may_create_keys": True,
+    "offboarding": "revoke",
+    "memberships": "manual",
+    "jit_users": False,
+}
 _USER_COLUMNS = "id, email, display_name, external_id, created_at, deactivated_at"
 
 
@@ -62,9 +66,15 @@ class User:
 
     def to_json(self) -> dict[str, Any]:
         """The API form."""
-        return {"id": self.id, "email": self.email, "display_name": self.display_name,
-                "external_id": self.external_id, "status": "deactivated" if self.deactivated_at else "active",
-                "created_at": iso(self.created_at), "deactivated_at": iso(self.deactivated_at)}  # fmt: skip
+        return {
+            "id": self.id,
+            "email": self.email,
+            "display_name": self.display_name,
+            "external_id": self.external_id,
+            "status": "deactivated" if self.deactivated_at else "active",
+            "created_at": iso(self.created_at),
+            "deactivated_at": iso(self.deactivated_at),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +87,14 @@ class Member:
 
     def to_json(self) -> dict[str, Any]:
         """The API form: the user, flattened, with the role."""
-        return {"user_id": self.user.id, "email": self.user.email, "display_name": self.user.display_name,
-                "status": "deactivated" if self.user.deactivated_at else "active", "role": self.role,
-                "since": iso(self.created_at)}  # fmt: skip
+        return {
+            "user_id": self.user.id,
+            "email": self.user.email,
+            "display_name": self.user.display_name,
+            "status": "deactivated" if self.user.deactivated_at else "active",
+            "role": self.role,
+            "since": iso(self.created_at),
+        }
 
 
 def _cap(token_role: str, user_role: str | None) -> str | None:
@@ -156,8 +171,15 @@ class PeopleStore:
 
     # -- users --------------------------------------------------------------------------------
 
-    async def create_user(self, actor: Actor, email: str, display_name: str | None, external_id: str | None,
-                          *, org: tuple[str, str] | None = None) -> User:  # fmt: skip
+    async def create_user(
+        self,
+        actor: Actor,
+        email: str,
+        display_name: str | None,
+        external_id: str | None,
+        *,
+        org: tuple[str, str] | None = None,
+    ) -> User:
         """A new user (Conflict with the existing one's id when the email is taken, in any case).
 
         With `org` (org id, role), the user is made a member of it in the same transaction.
@@ -168,10 +190,18 @@ class PeopleStore:
             if existing is None and external_id is not None:
                 existing = await tx.fetchval("SELECT id FROM users WHERE external_id = $1", external_id)
             if existing is not None:
-                raise Conflict(f"a user with that email or external id exists already (id {existing})",
-                               existing_id=str(existing))  # fmt: skip
-            await tx.execute(f"INSERT INTO users ({_USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
-                             user.id, email, display_name, external_id, user.created_at, None)  # fmt: skip
+                raise Conflict(
+                    f"a user with that email or external id exists already (id {existing})", existing_id=str(existing)
+                )
+            await tx.execute(
+                f"INSERT INTO users ({_USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
+                user.id,
+                email,
+                display_name,
+                external_id,
+                user.created_at,
+                None,
+            )
             await record_audit(
                 tx,
                 actor,
@@ -215,8 +245,9 @@ class PeopleStore:
             where += f" AND ({' OR '.join(parts) or 'FALSE'})"
         args.append(limit)
         async with self.db.transaction() as tx:
-            rows = await tx.fetch(f"SELECT {_USER_COLUMNS} FROM users WHERE {where} ORDER BY id LIMIT ${len(args)}",
-                                  *args)  # fmt: skip
+            rows = await tx.fetch(
+                f"SELECT {_USER_COLUMNS} FROM users WHERE {where} ORDER BY id LIMIT ${len(args)}", *args
+            )
         return [User.from_row(r) for r in rows]
 
     async def deactivate_user(self, actor: Actor, user_id: str) -> tuple[User, Change[Revocation]]:
@@ -250,17 +281,28 @@ class PeopleStore:
                 f"SELECT u.id, u.email, u.display_name, u.external_id, u.created_at AS user_created_at, "
                 f"u.deactivated_at, m.role, m.created_at FROM {table} m JOIN users u ON u.id = m.user_id "
                 f"WHERE m.{column} = $1 AND u.id > $2 ORDER BY u.id LIMIT $3",
-                scope_id, after or "00000000-0000-0000-0000-000000000000", limit,
-            )  # fmt: skip
-        return [Member(User(r["id"], r["email"], r["display_name"], r["external_id"], r["user_created_at"],
-                            r["deactivated_at"]), r["role"], r["created_at"]) for r in rows]  # fmt: skip
+                scope_id,
+                after or "00000000-0000-0000-0000-000000000000",
+                limit,
+            )
+        return [
+            Member(
+                User(
+                    r["id"], r["email"], r["display_name"], r["external_id"], r["user_created_at"], r["deactivated_at"]
+                ),
+                r["role"],
+                r["created_at"],
+            )
+            for r in rows
+        ]
 
     async def member_role(self, kind: str, scope_id: str, user_id: str) -> str | None:
         """The role a user holds in an org or a team, if any."""
         table, column = _membership(kind)
         async with self.db.transaction() as tx:
-            role = await tx.fetchval(f"SELECT role FROM {table} WHERE {column} = $1 AND user_id = $2",
-                                     scope_id, user_id)  # fmt: skip
+            role = await tx.fetchval(
+                f"SELECT role FROM {table} WHERE {column} = $1 AND user_id = $2", scope_id, user_id
+            )
         return None if role is None else str(role)
 
     async def put_member(self, actor: Actor, kind: str, scope_id: str, user_id: str, role: str) -> Member:
@@ -269,8 +311,9 @@ class PeopleStore:
             user = await _user(tx, user_id)
             if kind == "team":
                 org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
-                if not await tx.fetchval("SELECT 1 FROM org_members WHERE organization_id = $1 AND user_id = $2",
-                                         org_id, user_id):  # fmt: skip
+                if not await tx.fetchval(
+                    "SELECT 1 FROM org_members WHERE organization_id = $1 AND user_id = $2", org_id, user_id
+                ):
                     raise Conflict(NOT_IN_ORG)
             member = await self._put_member(tx, actor, kind, scope_id, user, role)
         self.on_change()
@@ -289,13 +332,18 @@ class PeopleStore:
                 raise NotFound("member", user_id)
             org_id, team_id = scope_id, None
             if kind == "org":
-                await tx.execute("DELETE FROM team_members WHERE user_id = $1 AND team_id IN "
-                                 "(SELECT id FROM teams WHERE organization_id = $2)", user_id, scope_id)  # fmt: skip
+                await tx.execute(
+                    "DELETE FROM team_members WHERE user_id = $1 AND team_id IN "
+                    "(SELECT id FROM teams WHERE organization_id = $2)",
+                    user_id,
+                    scope_id,
+                )
             else:
                 team_id = scope_id
                 org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
-            await record_audit(tx, actor, f"{kind}.member.remove", now,
-                               [(org_id, team_id, None, None, {"user_id": user_id})])  # fmt: skip
+            await record_audit(
+                tx, actor, f"{kind}.member.remove", now, [(org_id, team_id, None, None, {"user_id": user_id})]
+            )
             if kind == "org":
                 offboarded = await _offboard(tx, actor, user_id, org_id, now, "user removed from the organization")
         self.on_change()
@@ -304,19 +352,26 @@ class PeopleStore:
     async def _put_member(self, tx: Tx, actor: Actor, kind: str, scope_id: str, user: User, role: str) -> Member:
         table, column = _membership(kind)
         now = now_us()
-        updated = await tx.execute(f"UPDATE {table} SET role = $1 WHERE {column} = $2 AND user_id = $3",
-                                   role, scope_id, user.id)  # fmt: skip
+        updated = await tx.execute(
+            f"UPDATE {table} SET role = $1 WHERE {column} = $2 AND user_id = $3", role, scope_id, user.id
+        )
         if not updated:
-            await tx.execute(f"INSERT INTO {table} ({column}, user_id, role, created_at) VALUES ($1, $2, $3, $4)",
-                             scope_id, user.id, role, now)  # fmt: skip
+            await tx.execute(
+                f"INSERT INTO {table} ({column}, user_id, role, created_at) VALUES ($1, $2, $3, $4)",
+                scope_id,
+                user.id,
+                role,
+                now,
+            )
         org_id, team_id = scope_id, None
         if kind == "team":
             team_id = scope_id
             org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
         row: AuditRow = (org_id, team_id, None, None, {"user_id": user.id, "email": user.email, "role": role})
         await record_audit(tx, actor, f"{kind}.member.put", now, [row])
-        created = await tx.fetchval(f"SELECT created_at FROM {table} WHERE {column} = $1 AND user_id = $2",
-                                    scope_id, user.id)  # fmt: skip
+        created = await tx.fetchval(
+            f"SELECT created_at FROM {table} WHERE {column} = $1 AND user_id = $2", scope_id, user.id
+        )
         return Member(user, role, int(created))
 
     # -- org policy ---------------------------------------------------------------------------
@@ -335,8 +390,12 @@ class PeopleStore:
                 "UPDATE org_policies SET policy = $1, updated_at = $2 WHERE organization_id = $3", full, now, org_id
             )
             if not updated:
-                await tx.execute("INSERT INTO org_policies (organization_id, policy, updated_at) VALUES ($1, $2, $3)",
-                                 org_id, full, now)  # fmt: skip
+                await tx.execute(
+                    "INSERT INTO org_policies (organization_id, policy, updated_at) VALUES ($1, $2, $3)",
+                    org_id,
+                    full,
+                    now,
+                )
             await record_audit(tx, actor, "org.policy.update", now, [(org_id, None, None, None, dict(full))])
         return full
 
@@ -356,13 +415,13 @@ async def _user(tx: Tx, user_id: str) -> User:
     return User.from_row(row)
 
 
-async def _offboard(tx: Tx, actor: Actor, user_id: str, org_id: str | None, now: int,
-                    why: str) -> Change[Revocation]:  # fmt: skip
+async def _offboard(tx: Tx, actor: Actor, user_id: str, org_id: str | None, now: int, why: str) -> Change[Revocation]:
     """The keys `user_id` created that are not revoked (in `org_id` only, if given), as each one's org policy
     says (`offboarding`): `revoke` them; `reassign` them to their team (no longer the user's own); `keep` them."""
     sql = "SELECT id, organization_id FROM api_keys WHERE created_by_user = $1 AND revoked_at IS NULL"
-    keys = await (tx.fetch(sql, user_id) if org_id is None else tx.fetch(f"{sql} AND organization_id = $2",
-                                                                          user_id, org_id))  # fmt: skip
+    keys = await (
+        tx.fetch(sql, user_id) if org_id is None else tx.fetch(f"{sql} AND organization_id = $2", user_id, org_id)
+    )
     by_org: dict[str, list[str]] = {}
     for key in keys:
         by_org.setdefault(key["organization_id"], []).append(key["id"])
@@ -373,11 +432,18 @@ async def _offboard(tx: Tx, actor: Actor, user_id: str, org_id: str | None, now:
             revoke += ids
         elif rule == "reassign":
             for key_id in ids:
-                await tx.execute("UPDATE api_keys SET created_by_user = NULL, owner_team_id = "
-                                 "COALESCE(owner_team_id, team_id) WHERE id = $1", key_id)  # fmt: skip
-            await record_audit(tx, actor, "key.reassign", now,
-                               [(org, None, None, None, {"user_id": user_id, "keys": ids[:100],
-                                                         "count": len(ids), "why": why})])  # fmt: skip
+                await tx.execute(
+                    "UPDATE api_keys SET created_by_user = NULL, owner_team_id = "
+                    "COALESCE(owner_team_id, team_id) WHERE id = $1",
+                    key_id,
+                )
+            await record_audit(
+                tx,
+                actor,
+                "key.reassign",
+                now,
+                [(org, None, None, None, {"user_id": user_id, "keys": ids[:100], "count": len(ids), "why": why})],
+            )
     revoked, outbox = await revoke_in(tx, actor, revoke, f"{why} (offboarding: revoke)", now)
     return Change(Revocation(tuple(revoked), ()), outbox)
 

@@ -112,8 +112,9 @@ _ANY, _ORG, _TEAM, _OWN = Rule("any"), Rule("org"), Rule("team"), Rule("own")
 _DEV_KEYS = Rule("team", "developers_may_create_keys")
 
 
-def _rules(platform: str = "", org: Mapping[str, Rule] | None = None, team: Mapping[str, Rule] | None = None,
-           own: bool = False) -> dict[str, Rule]:  # fmt: skip
+def _rules(
+    platform: str = "", org: Mapping[str, Rule] | None = None, team: Mapping[str, Rule] | None = None, own: bool = False
+) -> dict[str, Rule]:
     """A row: `platform` "admin", "both" or ""; org and team roles with their rules; own: SELF may act on its own."""
     row: dict[str, Rule] = {}
     if platform in ("admin", "both"):
@@ -177,8 +178,16 @@ PERMISSIONS: dict[str, dict[str, Rule]] = {
 ACTIONS = tuple(PERMISSIONS)
 
 # The action that decides whether a resource of each kind is visible at all.
-SEES = {"org": "org.read", "team": "team.read", "project": "project.read", "key": "key.read",
-        "token": "token.read", "user": "user.read", "audit": "audit.read", "session": "session.read"}  # fmt: skip
+SEES = {
+    "org": "org.read",
+    "team": "team.read",
+    "project": "project.read",
+    "key": "key.read",
+    "token": "token.read",
+    "user": "user.read",
+    "audit": "audit.read",
+    "session": "session.read",
+}
 
 
 def role_scope(role: str) -> str:

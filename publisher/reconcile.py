@@ -216,9 +216,14 @@ class _Plan:
 
 
 async def _plan(
-    store: KeyStore, broker: Broker, keys: SigningKeys, digest: _Digest, group: frozenset[int], horizon: float,
+    store: KeyStore,
+    broker: Broker,
+    keys: SigningKeys,
+    digest: _Digest,
+    group: frozenset[int],
+    horizon: float,
     timeout: float,
-) -> _Plan:  # fmt: skip
+) -> _Plan:
     """Compare the entries of the shards in `group` one by one: what a repair would change."""
     db_detail, key_ids = await _database_side(store, digest, group)
     bucket = await _bucket_side(broker, keys, digest, group, horizon, timeout)
@@ -227,13 +232,15 @@ async def _plan(
     orphans = [(e, e.rsplit(".", 1)[-1]) for e in bucket.entries if e not in db_detail.entries]
     named = [(e, key_id) for e, key_id in orphans if is_canonical_id(key_id)]
     return _Plan(
-        stale=stale, orphans=named, skipped=len(orphans) - len(named),
+        stale=stale,
+        orphans=named,
+        skipped=len(orphans) - len(named),
         added=sum(1 for e in differing if e not in bucket.entries),
         # A forged, unsigned or replayed value (version 0 here) is always put right: only what the
         # publisher signed itself counts against the bound.
         changed=sum(1 for e in differing if bucket.versions.get(e, 0) > 0),
         deleted=sum(1 for e, _ in named if bucket.versions.get(e, 0) > 0),
-    )  # fmt: skip
+    )
 
 
 async def _apply(store: KeyStore, plan: _Plan, digest: _Digest, report: ReconcileReport) -> None:
@@ -241,8 +248,12 @@ async def _apply(store: KeyStore, plan: _Plan, digest: _Digest, report: Reconcil
     if plan.skipped:
         # Nothing is published that a sidecar could not verify, and a tombstone names a key id.
         log.warning("reconcile: %d bucket entries are not named <scope>.<key id>; left alone", plan.skipped)
-    summary = {"differing_shards": report.differing_shards, "shards": digest.shards, "unsigned": report.unsigned,
-               "bad_signature": report.bad_signature}  # fmt: skip
+    summary = {
+        "differing_shards": report.differing_shards,
+        "shards": digest.shards,
+        "unsigned": report.unsigned,
+        "bad_signature": report.bad_signature,
+    }
     republished, deleted = await store.repair(RECONCILE, plan.stale, plan.orphans, summary)
     report.republished += len(republished)
     report.deleted += len(deleted)
@@ -252,11 +263,15 @@ async def _apply(store: KeyStore, plan: _Plan, digest: _Digest, report: Reconcil
 def _refusal(report: ReconcileReport, max_changes: int) -> str | None:
     """Why the plan must not run without --force, or None."""
     if report.keys_in_database == 0 and report.plan_deleted:
-        return (f"the database holds no keys: the plan would delete all {report.plan_deleted} signed entries "
-                "from the bucket. Is this the right database?")  # fmt: skip
+        return (
+            f"the database holds no keys: the plan would delete all {report.plan_deleted} signed entries "
+            "from the bucket. Is this the right database?"
+        )
     if report.plan_changed + report.plan_deleted > max_changes:
-        return (f"the plan changes {report.plan_changed} and deletes {report.plan_deleted} entries the publisher "
-                f"signed, more than the bound of {max_changes} (--reconcile-max-changes)")  # fmt: skip
+        return (
+            f"the plan changes {report.plan_changed} and deletes {report.plan_deleted} entries the publisher "
+            f"signed, more than the bound of {max_changes} (--reconcile-max-changes)"
+        )
     return None
 
 
@@ -290,10 +305,14 @@ async def reconcile(
     say(f"reconcile: {sum(db_side.counts)} keys in the database; summarising and verifying the bucket")
     bucket_side = await _bucket_side(broker, keys, digest, frozenset(), horizon, timeout)
     report = ReconcileReport(
-        keys_in_database=sum(db_side.counts), entries_in_bucket=sum(bucket_side.counts), shards=shards,
-        unsigned=bucket_side.unsigned, bad_signature=bucket_side.bad_signature, late=bucket_side.late,
+        keys_in_database=sum(db_side.counts),
+        entries_in_bucket=sum(bucket_side.counts),
+        shards=shards,
+        unsigned=bucket_side.unsigned,
+        bad_signature=bucket_side.bad_signature,
+        late=bucket_side.late,
         dry_run=dry_run,
-    )  # fmt: skip
+    )
     differing = _differing(db_side, bucket_side)
     report.differing_shards = len(differing)
     rounds = _rounds(differing, db_side, bucket_side, round_entries)
@@ -308,9 +327,11 @@ async def reconcile(
         report.skipped += plan.skipped
         if len(rounds) == 1:
             plans.append(plan)  # one round is small enough to keep: applied without comparing again
-    say(f"reconcile: the plan adds {report.plan_added}, changes {report.plan_changed} and deletes "
+    say(
+        f"reconcile: the plan adds {report.plan_added}, changes {report.plan_changed} and deletes "
         f"{report.plan_deleted} signed entries, and puts right {report.unsigned + report.bad_signature + report.late}"
-        " values not genuinely signed")  # fmt: skip
+        " values not genuinely signed"
+    )
     report.refused = None if force else _refusal(report, max_changes)
     if report.refused is not None:
         say(f"reconcile: refused, nothing changed: {report.refused}; --force runs it anyway")

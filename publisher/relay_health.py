@@ -49,8 +49,14 @@ class PublishHealth:
             self.blockages += 1
             self.reason = reason
             left = "entries wait" if waiting is None else f"{waiting} entries wait"
-            log.warning("outbox relay cannot publish (%s): %s in the outbox; retrying every %.1f-%.0fs until "
-                        "JetStream takes them", reason, left, INITIAL_BACKOFF, MAX_BACKOFF)  # fmt: skip
+            log.warning(
+                "outbox relay cannot publish (%s): %s in the outbox; retrying every %.1f-%.0fs until "
+                "JetStream takes them",
+                reason,
+                left,
+                INITIAL_BACKOFF,
+                MAX_BACKOFF,
+            )
         elif reason != self.reason:
             log.debug("outbox relay still cannot publish, now: %s", reason)
             self.reason = reason
@@ -69,7 +75,11 @@ class PublishHealth:
     def succeeded(self, *, published: int) -> None:
         """An attempt published `published` entries: the blockage, if any, is over."""
         if self.blocked_since is not None:
-            log.info("outbox relay publishes again after %.1fs blocked (%d failed attempts, last: %s); "
-                        "%d entries published", self.blocked_seconds(), self.retries, self.reason,
-                        published)  # fmt: skip
+            log.info(
+                "outbox relay publishes again after %.1fs blocked (%d failed attempts, last: %s); %d entries published",
+                self.blocked_seconds(),
+                self.retries,
+                self.reason,
+                published,
+            )
         self.standby()

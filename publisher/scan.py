@@ -105,9 +105,13 @@ async def scan_bucket(
     # so memory holds two batches however large the bucket (a push consumer outruns verification).
     name = f"keyrelay-scan-{os.urandom(6).hex()}"
     config = ConsumerConfig(
-        name=name, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE,
-        filter_subject=prefix + ">", inactive_threshold=_INACTIVE, mem_storage=True,
-    )  # fmt: skip
+        name=name,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+        ack_policy=AckPolicy.NONE,
+        filter_subject=prefix + ">",
+        inactive_threshold=_INACTIVE,
+        mem_storage=True,
+    )
     await js.add_consumer(stream, config=config)
     deadline = time.monotonic() + timeout
     checking: asyncio.Task[list[BucketValue]] | None = None  # the previous batch, verified meanwhile

@@ -95,8 +95,9 @@ async def _provisioner(request: web.Request) -> Actor:
         raise Unauthorized("the token is not valid")
     org = next((g.org_id for g in actor.grants if g.role == "provisioner" and g.team_id is None), None)
     if org is None or not policy.allowed(actor, "scim.provision", policy.Target(org_id=org)):
-        raise Forbidden("SCIM takes an organization's provisioner token: `keyrelay tokens create --org ORG --role "
-                        "provisioner`")  # fmt: skip
+        raise Forbidden(
+            "SCIM takes an organization's provisioner token: `keyrelay tokens create --org ORG --role provisioner`"
+        )
     return dataclasses.replace(actor, source="scim", request_id=new_id(), org_id=org)
 
 
@@ -148,8 +149,15 @@ def _project(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _listing(resources: list[dict[str, Any]], total: int, start: int) -> web.Response:
-    return _answer({"schemas": [LIST_SCHEMA], "totalResults": total, "startIndex": start,
-                    "itemsPerPage": len(resources), "Resources": resources})  # fmt: skip
+    return _answer(
+        {
+            "schemas": [LIST_SCHEMA],
+            "totalResults": total,
+            "startIndex": start,
+            "itemsPerPage": len(resources),
+            "Resources": resources,
+        }
+    )
 
 
 def _id(value: str, kind: str) -> str:
@@ -163,12 +171,19 @@ def _id(value: str, kind: str) -> str:
 
 def _user_json(user: User, teams: list[tuple[str, str]], base: str) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "schemas": [USER_SCHEMA], "id": user.id, "userName": user.email, "active": user.deactivated_at is None,
+        "schemas": [USER_SCHEMA],
+        "id": user.id,
+        "userName": user.email,
+        "active": user.deactivated_at is None,
         "emails": [{"value": user.email, "type": "work", "primary": True}],
         "groups": [{"value": t, "display": n, "$ref": f"{base}/Groups/{t}"} for t, n in teams],
-        "meta": {"resourceType": "User", "created": iso(user.created_at), "lastModified": iso(user.created_at),
-                 "location": f"{base}/Users/{user.id}"},
-    }  # fmt: skip
+        "meta": {
+            "resourceType": "User",
+            "created": iso(user.created_at),
+            "lastModified": iso(user.created_at),
+            "location": f"{base}/Users/{user.id}",
+        },
+    }
     if user.external_id:
         body["externalId"] = user.external_id
     if user.display_name:
@@ -205,8 +220,9 @@ def _email_of(body: dict[str, Any]) -> str:
             return v.email(candidate, "userName")
         except Invalid:
             continue
-    raise ScimError(400, "userName (or a primary email) must be an email address: keyrelay users are emails",
-                    "invalidValue")  # fmt: skip
+    raise ScimError(
+        400, "userName (or a primary email) must be an email address: keyrelay users are emails", "invalidValue"
+    )
 
 
 def _display_of(body: dict[str, Any]) -> str | None:
@@ -280,15 +296,23 @@ async def replace_user(request: web.Request) -> web.StreamResponse:
     services, scim, actor, _ = _ctx(request)
     user = await _member(request)
     body = await _body(request)
-    changes = {"email": _email_of(body), "display_name": _display_of(body),
-               "external_id": scim_string(body.get("externalId"), "externalId", optional=True)}  # fmt: skip
+    changes = {
+        "email": _email_of(body),
+        "display_name": _display_of(body),
+        "external_id": scim_string(body.get("externalId"), "externalId", optional=True),
+    }
     await scim.update_user(actor, user, changes)
     await _set_active(request, user, scim_bool(body.get("active", True), "active"))
     return await _render_user(request, await services.people.get_user(user.id))
 
 
-_USER_PATHS = {"username": "email", "displayname": "display_name", "name.formatted": "display_name",
-               "externalid": "external_id", "active": "active"}  # fmt: skip
+_USER_PATHS = {
+    "username": "email",
+    "displayname": "display_name",
+    "name.formatted": "display_name",
+    "externalid": "external_id",
+    "active": "active",
+}
 
 
 def _user_change(changes: dict[str, Any], path: str, value: Any, op: str) -> None:
@@ -339,10 +363,16 @@ async def delete_user(request: web.Request) -> web.StreamResponse:
 
 def _group_json(view: TeamView, base: str, *, members: bool = True) -> dict[str, Any]:
     body: dict[str, Any] = {
-        "schemas": [GROUP_SCHEMA], "id": view.team.id, "displayName": view.team.name,
-        "meta": {"resourceType": "Group", "created": iso(view.team.created_at),
-                 "lastModified": iso(view.team.created_at), "location": f"{base}/Groups/{view.team.id}"},
-    }  # fmt: skip
+        "schemas": [GROUP_SCHEMA],
+        "id": view.team.id,
+        "displayName": view.team.name,
+        "meta": {
+            "resourceType": "Group",
+            "created": iso(view.team.created_at),
+            "lastModified": iso(view.team.created_at),
+            "location": f"{base}/Groups/{view.team.id}",
+        },
+    }
     if members:
         body["members"] = [{"value": u, "display": e, "$ref": f"{base}/Users/{u}"} for u, e in view.members]
     if view.external_id:
@@ -371,8 +401,14 @@ async def _render_group(request: web.Request, team_id: str, status: int = 200) -
     return _answer(_project(request, body), status, body["meta"]["location"] if status == 201 else None)
 
 
-async def _set_members(request: web.Request, view: TeamView, *, add: Sequence[str] = (), remove: Sequence[str] = (),
-                       exact: Sequence[str] | None = None) -> None:  # fmt: skip
+async def _set_members(
+    request: web.Request,
+    view: TeamView,
+    *,
+    add: Sequence[str] = (),
+    remove: Sequence[str] = (),
+    exact: Sequence[str] | None = None,
+) -> None:
     services, scim, actor, org = _ctx(request)
     current = {u for u, _ in view.members}
     if exact is not None:
@@ -383,8 +419,9 @@ async def _set_members(request: web.Request, view: TeamView, *, add: Sequence[st
         if user_id in current:
             continue
         if not is_uuid(user_id) or await scim.user(org, user_id.lower()) is None:
-            raise ScimError(400, f"member {user_id[:64]!r} is no user of this organization: provision it first",
-                            "invalidValue")  # fmt: skip
+            raise ScimError(
+                400, f"member {user_id[:64]!r} is no user of this organization: provision it first", "invalidValue"
+            )
         await services.people.put_member(actor, "team", view.team.id, user_id.lower(), SCIM_TEAM_ROLE)
     for user_id in dict.fromkeys(remove):
         if is_uuid(user_id) and user_id.lower() in current:
@@ -468,8 +505,9 @@ async def _group_operation(request: web.Request, view: TeamView, operation: Oper
         external = None if operation.op == "remove" else scim_string(operation.value, "externalId", optional=True)
         await scim.set_external_id(view.team.id, external)
     else:
-        raise ScimError(400, f"groups take displayName, externalId and members, not {operation.path[:64]!r}",
-                        "invalidPath")  # fmt: skip
+        raise ScimError(
+            400, f"groups take displayName, externalId and members, not {operation.path[:64]!r}", "invalidPath"
+        )
 
 
 async def _rename(request: web.Request, view: TeamView, value: Any) -> None:
@@ -499,8 +537,12 @@ async def delete_group(request: web.Request) -> web.StreamResponse:
     view = await _group(request)
     live = await scim.live_keys(view.team.id)
     if live:
-        raise ScimError(409, f"the team still holds {live} active key(s): deleting the group would revoke them; "
-                        "decommission the team with the admin API if that is meant", "mutability")  # fmt: skip
+        raise ScimError(
+            409,
+            f"the team still holds {live} active key(s): deleting the group would revoke them; "
+            "decommission the team with the admin API if that is meant",
+            "mutability",
+        )
     await services.store.decommission_team(actor, view.team.id)
     return web.Response(status=204)
 
@@ -547,16 +589,25 @@ async def unknown(request: web.Request) -> web.StreamResponse:
 
 
 SCIM_ROUTES: tuple[tuple[str, str, Handler], ...] = (
-    ("GET", "/Users", list_users), ("POST", "/Users", create_user), ("GET", "/Users/{user_id}", show_user),
-    ("PUT", "/Users/{user_id}", replace_user), ("PATCH", "/Users/{user_id}", patch_user),
+    ("GET", "/Users", list_users),
+    ("POST", "/Users", create_user),
+    ("GET", "/Users/{user_id}", show_user),
+    ("PUT", "/Users/{user_id}", replace_user),
+    ("PATCH", "/Users/{user_id}", patch_user),
     ("DELETE", "/Users/{user_id}", delete_user),
-    ("GET", "/Groups", list_groups), ("POST", "/Groups", create_group), ("GET", "/Groups/{group_id}", show_group),
-    ("PUT", "/Groups/{group_id}", replace_group), ("PATCH", "/Groups/{group_id}", patch_group),
+    ("GET", "/Groups", list_groups),
+    ("POST", "/Groups", create_group),
+    ("GET", "/Groups/{group_id}", show_group),
+    ("PUT", "/Groups/{group_id}", replace_group),
+    ("PATCH", "/Groups/{group_id}", patch_group),
     ("DELETE", "/Groups/{group_id}", delete_group),
-    ("GET", "/ServiceProviderConfig", service_provider_config), ("GET", "/ResourceTypes", resource_types),
-    ("GET", "/ResourceTypes/{name}", resource_types), ("GET", "/Schemas", schemas), ("GET", "/Schemas/{name}", schemas),
+    ("GET", "/ServiceProviderConfig", service_provider_config),
+    ("GET", "/ResourceTypes", resource_types),
+    ("GET", "/ResourceTypes/{name}", resource_types),
+    ("GET", "/Schemas", schemas),
+    ("GET", "/Schemas/{name}", schemas),
     ("*", "/{tail:.*}", unknown),
-)  # fmt: skip
+)
 
 
 def add_scim_routes(app: web.Application) -> None:

@@ -129,8 +129,9 @@ class Operation:
 def operations(body: Any) -> list[Operation]:
     """A PatchOp body's operations, normalised; ScimError for anything malformed."""
     if not isinstance(body, dict) or not isinstance(body.get("Operations"), list):
-        raise ScimError(400, "a PATCH body is a PatchOp: {\"schemas\": [...PatchOp], \"Operations\": [...]}",
-                        "invalidSyntax")  # fmt: skip
+        raise ScimError(
+            400, 'a PATCH body is a PatchOp: {"schemas": [...PatchOp], "Operations": [...]}', "invalidSyntax"
+        )
     raw = body["Operations"]
     if not 1 <= len(raw) <= MAX_OPERATIONS:
         raise ScimError(400, f"a PATCH holds 1 to {MAX_OPERATIONS} operations", "invalidValue")
@@ -148,8 +149,9 @@ def operations(body: Any) -> list[Operation]:
         if path is not None and (found := _MEMBER_PATH.fullmatch(path)) is not None:
             path, member = "members", found.group(1)
         if path is None and op != "remove" and not isinstance(item.get("value"), dict):
-            raise ScimError(400, "an operation without a path takes an object of attributes as its value",
-                            "invalidValue")  # fmt: skip
+            raise ScimError(
+                400, "an operation without a path takes an object of attributes as its value", "invalidValue"
+            )
         if path is None and op == "remove":
             raise ScimError(400, "remove needs a path", "noTarget")
         result.append(Operation(op, None if path is None else path.strip(), item.get("value"), member))
@@ -160,17 +162,31 @@ def member_ids(value: Any) -> list[str]:
     """The ids a members value names: [{"value": id}, ...] (or one such object)."""
     items = value if isinstance(value, list) else [value]
     if len(items) > MAX_MEMBERS or not all(isinstance(i, dict) and isinstance(i.get("value"), str) for i in items):
-        raise ScimError(400, f"members is a list of up to {MAX_MEMBERS} objects {{\"value\": user id}}",
-                        "invalidValue")  # fmt: skip
+        raise ScimError(400, f'members is a list of up to {MAX_MEMBERS} objects {{"value": user id}}', "invalidValue")
     return [str(i["value"])[:64] for i in items]
 
 
-def _attribute(name: str, kind: str, *, required: bool = False, mutability: str = "readWrite",
-               uniqueness: str = "none", sub: list[dict[str, Any]] | None = None,
-               multi: bool = False) -> dict[str, Any]:  # fmt: skip
-    return {"name": name, "type": "complex" if sub else kind, "multiValued": multi, "required": required,
-            "caseExact": False, "mutability": mutability, "returned": "default", "uniqueness": uniqueness,
-            **({"subAttributes": sub} if sub else {})}  # fmt: skip
+def _attribute(
+    name: str,
+    kind: str,
+    *,
+    required: bool = False,
+    mutability: str = "readWrite",
+    uniqueness: str = "none",
+    sub: list[dict[str, Any]] | None = None,
+    multi: bool = False,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "complex" if sub else kind,
+        "multiValued": multi,
+        "required": required,
+        "caseExact": False,
+        "mutability": mutability,
+        "returned": "default",
+        "uniqueness": uniqueness,
+        **({"subAttributes": sub} if sub else {}),
+    }
 
 
 def discovery(base: str) -> dict[str, Any]:

@@ -16,8 +16,12 @@ from .store import record_audit
 __all__ = ["ScimStore", "TeamView"]
 
 _USER = "u.id, u.email, u.display_name, u.external_id, u.created_at, u.deactivated_at"
-_USER_FILTERS = {"userName": "lower(u.email) = lower($2)", "externalId": "u.external_id = $2", "id": "u.id = $2",
-                 "displayName": "u.display_name = $2"}  # fmt: skip
+_USER_FILTERS = {
+    "userName": "lower(u.email) = lower($2)",
+    "externalId": "u.external_id = $2",
+    "id": "u.id = $2",
+    "displayName": "u.display_name = $2",
+}
 _TEAM_FILTERS = {"displayName": "name = $2", "externalId": "external_id = $2", "id": "id = $2"}
 
 
@@ -73,29 +77,44 @@ class ScimStore:
                 taken = await tx.fetchval("SELECT id FROM users WHERE external_id = $1 AND id <> $2", external, user.id)
             if taken is not None:
                 raise Conflict("another user has that userName (email) or externalId")
-            await tx.execute("UPDATE users SET email = $1, display_name = $2, external_id = $3 WHERE id = $4", email,
-                             changes.get("display_name", user.display_name), external, user.id)  # fmt: skip
-            await record_audit(tx, actor, "user.update", now, [
-                (actor.org_id, None, None, None, {"user_id": user.id, "changed": sorted(changes)})])  # fmt: skip
+            await tx.execute(
+                "UPDATE users SET email = $1, display_name = $2, external_id = $3 WHERE id = $4",
+                email,
+                changes.get("display_name", user.display_name),
+                external,
+                user.id,
+            )
+            await record_audit(
+                tx,
+                actor,
+                "user.update",
+                now,
+                [(actor.org_id, None, None, None, {"user_id": user.id, "changed": sorted(changes)})],
+            )
 
     async def reactivate(self, actor: Actor, user_id: str) -> None:
         """Make a deactivated user active again (its revoked keys and tokens stay revoked)."""
         now = now_us()
         async with self.db.transaction() as tx:
-            if await tx.execute("UPDATE users SET deactivated_at = NULL WHERE id = $1 AND deactivated_at IS NOT NULL",
-                                user_id):  # fmt: skip
-                await record_audit(tx, actor, "user.reactivate", now,
-                                   [(actor.org_id, None, None, None, {"user_id": user_id})])  # fmt: skip
+            if await tx.execute(
+                "UPDATE users SET deactivated_at = NULL WHERE id = $1 AND deactivated_at IS NOT NULL", user_id
+            ):
+                await record_audit(
+                    tx, actor, "user.reactivate", now, [(actor.org_id, None, None, None, {"user_id": user_id})]
+                )
 
-    async def teams(self, org_id: str, where: tuple[str, str] | None, start: int, count: int,
-                    *, members: bool = True) -> tuple[int, list[TeamView]]:  # fmt: skip
+    async def teams(
+        self, org_id: str, where: tuple[str, str] | None, start: int, count: int, *, members: bool = True
+    ) -> tuple[int, list[TeamView]]:
         """The org's teams (not decommissioned) matching `where`, `count` from the 1-based `start`, and the total."""
         clause, args = _where(org_id, where, _TEAM_FILTERS)
         base = f"FROM teams WHERE organization_id = $1 AND decommissioned_at IS NULL{clause}"
         async with self.db.transaction() as tx:
             total, rows = await _window(tx, "*", base, "id", args, start, count)
-            views = [TeamView(Team.from_row(r), r["external_id"], await _members(tx, r["id"]) if members else [])
-                     for r in rows]  # fmt: skip
+            views = [
+                TeamView(Team.from_row(r), r["external_id"], await _members(tx, r["id"]) if members else [])
+                for r in rows
+            ]
         return total, views
 
     async def team(self, org_id: str, team_id: str) -> TeamView | None:
@@ -111,16 +130,18 @@ class ScimStore:
     async def live_keys(self, team_id: str) -> int:
         """How many keys of the team are not revoked."""
         async with self.db.transaction() as tx:
-            return int(await tx.fetchval("SELECT count(*) FROM api_keys WHERE team_id = $1 AND revoked_at IS NULL",
-                                         team_id))  # fmt: skip
+            return int(
+                await tx.fetchval("SELECT count(*) FROM api_keys WHERE team_id = $1 AND revoked_at IS NULL", team_id)
+            )
 
 
 def _where(org_id: str, where: tuple[str, str] | None, filters: dict[str, str]) -> tuple[str, list[str]]:
     return ("", [org_id]) if where is None else (f" AND {filters[where[0]]}", [org_id, where[1]])
 
 
-async def _window(tx: Tx, columns: str, base: str, order: str, args: list[str], start: int,
-                  count: int) -> tuple[int, list[Row]]:  # fmt: skip
+async def _window(
+    tx: Tx, columns: str, base: str, order: str, args: list[str], start: int, count: int
+) -> tuple[int, list[Row]]:
     """The total of `base` and `count` rows of it from the 1-based `start` (both ints: checked by the caller)."""
     total = int(await tx.fetchval(f"SELECT count(*) {base}", *args))
     rows = await tx.fetch(f"SELECT {columns} {base} ORDER BY {order} LIMIT {int(count)} OFFSET {int(start) - 1}", *args)
@@ -128,6 +149,8 @@ async def _window(tx: Tx, columns: str, base: str, order: str, args: list[str], 
 
 
 async def _members(tx: Tx, team_id: str) -> list[tuple[str, str]]:
-    rows = await tx.fetch("SELECT u.id, u.email FROM team_members m JOIN users u ON u.id = m.user_id "
-                          "WHERE m.team_id = $1 ORDER BY u.id", team_id)  # fmt: skip
+    rows = await tx.fetch(
+        "SELECT u.id, u.email FROM team_members m JOIN users u ON u.id = m.user_id WHERE m.team_id = $1 ORDER BY u.id",
+        team_id,
+    )
     return [(r["id"], r["email"]) for r in rows]

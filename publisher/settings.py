@@ -309,13 +309,19 @@ class PublisherSettings:
             missing, given = (
                 ("tls_key_file", "tls_cert_file") if self.tls_key_file is None else ("tls_cert_file", "tls_key_file")
             )
-            _missing(missing, f"--{given.replace('_', '-')} is set: HTTPS needs the certificate and its private key "
-                     "(or neither, for plain HTTP)")  # fmt: skip
+            _missing(
+                missing,
+                f"--{given.replace('_', '-')} is set: HTTPS needs the certificate and its private key "
+                "(or neither, for plain HTTP)",
+            )
         if self.oidc_issuer:
             for name in ("oidc_client_id", "public_url"):
                 if not getattr(self, name):
-                    _missing(name, "--oidc-issuer is set: OpenID Connect sign-in needs the client id and the URL "
-                             "browsers reach the publisher at (the redirect URI's base)")  # fmt: skip
+                    _missing(
+                        name,
+                        "--oidc-issuer is set: OpenID Connect sign-in needs the client id and the URL "
+                        "browsers reach the publisher at (the redirect URI's base)",
+                    )
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite in the data directory."""

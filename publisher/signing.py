@@ -42,12 +42,20 @@ class SigningKeys:
         publics = [self.signer.public_key, *(k for k in self.previous if k != self.signer.public_key)]
         return [{"id": key_id(parse_public_key(k)), "algorithm": ALGORITHM, "public_key": k} for k in publics]
 
-    def check(self, header: str | None, body: bytes, *, entry: str, horizon: float = math.inf,
-              now: float | None = None) -> Check:  # fmt: skip
+    def check(
+        self, header: str | None, body: bytes, *, entry: str, horizon: float = math.inf, now: float | None = None
+    ) -> Check:
         """Verify a value found at `entry` against the current key (within `horizon` seconds, when finite)."""
         try:
-            verified = verify(header, body, entry=entry, trusted=self.current, deployment=self.signer.deployment,
-                              horizon=horizon, now=now)  # fmt: skip
+            verified = verify(
+                header,
+                body,
+                entry=entry,
+                trusted=self.current,
+                deployment=self.signer.deployment,
+                horizon=horizon,
+                now=now,
+            )
         except SignatureError as exc:
             return Check(None, exc.reason)
         return Check(verified, "")

@@ -27,8 +27,20 @@ KEY_COLUMNS = (
     "created_by_user, owner_team_id"
 )
 _KEY_COLUMN_NAMES = tuple(c.strip() for c in KEY_COLUMNS.split(","))
-_AUDIT_COLUMNS = ("at", "actor", "action", "organization_id", "team_id", "project_id", "key_id", "details",
-                  "actor_kind", "actor_id", "source", "request_id")  # fmt: skip
+_AUDIT_COLUMNS = (
+    "at",
+    "actor",
+    "action",
+    "organization_id",
+    "team_id",
+    "project_id",
+    "key_id",
+    "details",
+    "actor_kind",
+    "actor_id",
+    "source",
+    "request_id",
+)
 _CHUNK = 500  # rows per multi-row statement: well under both back ends' parameter limits
 _AUDIT_IDS = 100  # ids a repair's audit entry names; a lost bucket repairs every key, the counts say how many
 
@@ -107,9 +119,12 @@ class KeyStore:
         org = Org(id=new_id(), name=name, created_at=now_us())
         async with self.db.transaction() as tx:
             existing = await _insert_unless_named(
-                tx, "organizations (id, name, created_at)", (org.id, name, org.created_at),
-                "SELECT id FROM organizations WHERE name = $1", (name,),
-            )  # fmt: skip
+                tx,
+                "organizations (id, name, created_at)",
+                (org.id, name, org.created_at),
+                "SELECT id FROM organizations WHERE name = $1",
+                (name,),
+            )
             if existing is not None:
                 raise Conflict(f"an organization named {name!r} already exists (id {existing})", existing_id=existing)
             await record_audit(tx, actor, "org.create", org.created_at, [(org.id, None, None, None, {"name": name})])
@@ -124,10 +139,12 @@ class KeyStore:
                 raise Conflict("the organization is decommissioned; it cannot hold new teams")
             # As for projects: a decommissioned team keeps its name in the audit trail, and frees it for reuse.
             existing = await _insert_unless_named(
-                tx, "teams (id, organization_id, name, created_at)", (team.id, org_id, name, team.created_at),
+                tx,
+                "teams (id, organization_id, name, created_at)",
+                (team.id, org_id, name, team.created_at),
                 "SELECT id FROM teams WHERE organization_id = $1 AND name = $2 AND decommissioned_at IS NULL",
                 (org_id, name),
-            )  # fmt: skip
+            )
             if existing is not None:
                 raise Conflict(
                     f"a team named {name!r} already exists in this organization (id {existing}); decommission it "
@@ -150,11 +167,12 @@ class KeyStore:
             )
             # A decommissioned project keeps its name in the audit trail but not to itself: it can be reused.
             existing = await _insert_unless_named(
-                tx, "projects (id, team_id, organization_id, name, created_at)",
+                tx,
+                "projects (id, team_id, organization_id, name, created_at)",
                 (project.id, team_id, team.org_id, name, project.created_at),
                 "SELECT id FROM projects WHERE team_id = $1 AND name = $2 AND decommissioned_at IS NULL",
                 (team_id, name),
-            )  # fmt: skip
+            )
             if existing is not None:
                 raise Conflict(
                     f"a project named {name!r} already exists in this team (id {existing}); decommission it first "
@@ -162,9 +180,12 @@ class KeyStore:
                     existing_id=existing,
                 )
             await record_audit(
-                tx, actor, "project.create", project.created_at,
+                tx,
+                actor,
+                "project.create",
+                project.created_at,
                 [(team.org_id, team_id, project.id, None, {"name": name})],
-            )  # fmt: skip
+            )
         return project
 
     async def list_orgs(
@@ -192,8 +213,10 @@ class KeyStore:
             rows = await tx.fetch(
                 f"SELECT * FROM teams WHERE organization_id = $1 {where.replace('WHERE', 'AND', 1)} "
                 f"ORDER BY created_at, id LIMIT ${len(args) + 2}",
-                org_id, *args, limit,
-            )  # fmt: skip
+                org_id,
+                *args,
+                limit,
+            )
         return [Team.from_row(r) for r in rows]
 
     async def list_projects(self, team_id: str, *, limit: int, after: tuple[int, str] | None = None) -> list[Project]:
@@ -204,8 +227,10 @@ class KeyStore:
             rows = await tx.fetch(
                 f"SELECT * FROM projects WHERE team_id = $1 {where.replace('WHERE', 'AND')} "
                 f"ORDER BY created_at, id LIMIT ${len(args) + 2}",
-                team_id, *args, limit,
-            )  # fmt: skip
+                team_id,
+                *args,
+                limit,
+            )
         return [Project.from_row(r) for r in rows]
 
     async def decommission_project(self, actor: Actor, project_id: str) -> Change[Revocation]:
@@ -233,14 +258,16 @@ class KeyStore:
             keys: list[ApiKey] = []
             outbox: tuple[int, ...] = ()
             for row in await tx.fetch("SELECT * FROM teams WHERE organization_id = $1 ORDER BY id", org_id):
-                revoked, queued = await self._decommission_team(tx, actor, Team.from_row(row), now,
-                                                                "organization decommissioned")  # fmt: skip
+                revoked, queued = await self._decommission_team(
+                    tx, actor, Team.from_row(row), now, "organization decommissioned"
+                )
                 keys += revoked
                 outbox += queued
             if org.decommissioned_at is None:
                 await tx.execute("UPDATE organizations SET decommissioned_at = $1 WHERE id = $2", now, org_id)
-            await record_audit(tx, actor, "org.decommission", now,
-                               [(org_id, None, None, None, {"keys_revoked": len(keys)})])  # fmt: skip
+            await record_audit(
+                tx, actor, "org.decommission", now, [(org_id, None, None, None, {"keys_revoked": len(keys)})]
+            )
         return Change(Revocation(revoked=tuple(keys), already_revoked=()), outbox)
 
     async def rename(self, actor: Actor, kind: str, ident: str, name: str) -> Org | Team:
@@ -250,15 +277,19 @@ class KeyStore:
         async with self.db.transaction() as tx:
             current = await (self._org(tx, ident) if kind == "org" else self._team(tx, ident))
             # Org names are unique for good; a team's only among the org's teams that are not decommissioned.
-            parent = ("", ()) if kind == "org" else (" AND organization_id = $2 AND decommissioned_at IS NULL",
-                                                     (current.org_id,))  # type: ignore[union-attr]  # fmt: skip
+            parent = (
+                ("", ())
+                if kind == "org"
+                else (" AND organization_id = $2 AND decommissioned_at IS NULL", (current.org_id,))  # type: ignore[union-attr]
+            )
             holder = await tx.fetchval(f"SELECT id FROM {table} WHERE name = $1{parent[0]}", name, *parent[1])
             if holder is not None and holder != ident:
                 raise Conflict(f"the name {name!r} is taken (id {holder})", existing_id=str(holder))
             await tx.execute(f"UPDATE {table} SET name = $1 WHERE id = $2", name, ident)
             org_id, team_id = (ident, None) if kind == "org" else (current.org_id, ident)  # type: ignore[union-attr]
-            await record_audit(tx, actor, f"{kind}.rename", now,
-                               [(org_id, team_id, None, None, {"from": current.name, "to": name})])  # fmt: skip
+            await record_audit(
+                tx, actor, f"{kind}.rename", now, [(org_id, team_id, None, None, {"from": current.name, "to": name})]
+            )
             return await (self._org(tx, ident) if kind == "org" else self._team(tx, ident))
 
     async def get_org(self, org_id: str) -> Org:
@@ -281,8 +312,9 @@ class KeyStore:
         keys: list[ApiKey] = []
         async with self.db.transaction() as tx:
             for chunk in _chunks(key_ids):
-                rows = await tx.fetch(f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id IN ({placeholders(len(chunk))})",
-                                      *chunk)  # fmt: skip
+                rows = await tx.fetch(
+                    f"SELECT {KEY_COLUMNS} FROM api_keys WHERE id IN ({placeholders(len(chunk))})", *chunk
+                )
                 keys += [ApiKey.from_row(r) for r in rows]
         return keys
 
@@ -291,8 +323,9 @@ class KeyStore:
         async with self.db.transaction() as tx:
             await record_audit(tx, actor, action, now_us(), [row])
 
-    async def _decommission_team(self, tx: Tx, actor: Actor, team: Team, now: int,
-                                 reason: str) -> tuple[list[ApiKey], tuple[int, ...]]:  # fmt: skip
+    async def _decommission_team(
+        self, tx: Tx, actor: Actor, team: Team, now: int, reason: str
+    ) -> tuple[list[ApiKey], tuple[int, ...]]:
         keys: list[ApiKey] = []
         outbox: tuple[int, ...] = ()
         rows = await tx.fetch(f"SELECT * FROM projects WHERE team_id = $1 ORDER BY id{self._for_update}", team.id)
@@ -302,26 +335,33 @@ class KeyStore:
             outbox += queued
         if team.decommissioned_at is None:
             await tx.execute("UPDATE teams SET decommissioned_at = $1 WHERE id = $2", now, team.id)
-        await record_audit(tx, actor, "team.decommission", now,
-                           [(team.org_id, team.id, None, None, {"keys_revoked": len(keys)})])  # fmt: skip
+        await record_audit(
+            tx, actor, "team.decommission", now, [(team.org_id, team.id, None, None, {"keys_revoked": len(keys)})]
+        )
         return keys, outbox
 
-    async def _decommission(self, tx: Tx, actor: Actor, project: Project, now: int,
-                            reason: str) -> tuple[list[ApiKey], tuple[int, ...]]:  # fmt: skip
+    async def _decommission(
+        self, tx: Tx, actor: Actor, project: Project, now: int, reason: str
+    ) -> tuple[list[ApiKey], tuple[int, ...]]:
         """Mark a project decommissioned and revoke its keys, in the caller's transaction."""
         if project.decommissioned_at is None:
             await tx.execute("UPDATE projects SET decommissioned_at = $1 WHERE id = $2", now, project.id)
         rows = await tx.fetch(
             f"UPDATE api_keys SET revoked_at = $1, revoked_reason = $2, version = version + 1 "
             f"WHERE project_id = $3 AND revoked_at IS NULL RETURNING {KEY_COLUMNS}",
-            now, reason, project.id,
-        )  # fmt: skip
+            now,
+            reason,
+            project.id,
+        )
         keys = [ApiKey.from_row(r) for r in rows]
         outbox = await _enqueue(tx, keys, now)
         await record_audit(
-            tx, actor, "project.decommission", now,
+            tx,
+            actor,
+            "project.decommission",
+            now,
             [(project.org_id, project.team_id, project.id, None, {"keys_revoked": len(keys)})],
-        )  # fmt: skip
+        )
         await record_audit(tx, actor, "key.revoke", now, [_key_audit(k, {"reason": reason}) for k in keys])
         return keys, outbox
 
@@ -356,8 +396,10 @@ class KeyStore:
             else:
                 rows = await tx.fetch(
                     f"SELECT {KEY_COLUMNS} FROM api_keys WHERE project_id = $1 AND id > $2 ORDER BY id LIMIT $3",
-                    project_id, after, limit,
-                )  # fmt: skip
+                    project_id,
+                    after,
+                    limit,
+                )
         return [ApiKey.from_row(r) for r in rows]
 
     async def revoke_keys(self, actor: Actor, key_ids: Sequence[str], reason: str | None) -> Change[Revocation]:
@@ -399,15 +441,20 @@ class KeyStore:
             row = await tx.fetchrow(
                 f"UPDATE api_keys SET expires_at = $1, rotated_to = $2, version = version + 1 "
                 f"WHERE id = $3 RETURNING {KEY_COLUMNS}",
-                expires, new.key.id, key_id,
-            )  # fmt: skip
+                expires,
+                new.key.id,
+                key_id,
+            )
             assert row is not None  # locked above
             old = ApiKey.from_row(row)
             outbox = await _enqueue(tx, [new.key, old], now)
             await record_audit(
-                tx, actor, "key.rotate", now,
+                tx,
+                actor,
+                "key.rotate",
+                now,
                 [_key_audit(old, {"new_key_id": new.key.id, "old_expires_at": expires})],
-            )  # fmt: skip
+            )
         return Change(Rotation(new=new, old=old), outbox)
 
     async def audit(
@@ -487,9 +534,13 @@ class KeyStore:
             republished, key_ids = await self._republish(tx, bucket_versions, now)
             deleted, entries = await _unpublish(tx, orphans, now)
             if republished or deleted:
-                details = {**summary, "republished": len(republished), "deleted": len(deleted),
-                           "republished_key_ids": key_ids[:_AUDIT_IDS],
-                           "deleted_entries": entries[:_AUDIT_IDS]}  # fmt: skip
+                details = {
+                    **summary,
+                    "republished": len(republished),
+                    "deleted": len(deleted),
+                    "republished_key_ids": key_ids[:_AUDIT_IDS],
+                    "deleted_entries": entries[:_AUDIT_IDS],
+                }
                 await record_audit(tx, actor, action, now, [(None, None, None, None, details)])
         return republished, deleted
 
@@ -572,8 +623,9 @@ class KeyStore:
         return ApiKey.from_row(row)
 
 
-def _only(where: str, args: list[Any], column: str, only: frozenset[str] | None, *,
-          start: int = 1) -> tuple[str, list[Any]]:  # fmt: skip
+def _only(
+    where: str, args: list[Any], column: str, only: frozenset[str] | None, *, start: int = 1
+) -> tuple[str, list[Any]]:
     """`where` narrowed to rows whose `column` is one of `only` (None: no narrowing; empty: nothing)."""
     if only is None:
         return where, args
@@ -611,18 +663,41 @@ async def _insert_unless_named(
 
 
 async def _insert_keys(tx: Tx, keys: Sequence[ApiKey]) -> None:
-    await tx.insert_many("api_keys", _KEY_COLUMN_NAMES, [
-        (
-            k.id, k.display, k.key_hash, k.org_id, k.team_id, k.project_id, k.name, list(k.scopes), k.env,
-            k.region, k.metadata, k.created_at, k.expires_at, k.last_used_at, k.revoked_at, k.revoked_reason,
-            k.rotated_to, k.created_by, k.version, k.created_by_user, k.owner_team_id,
-        )
-        for k in keys
-    ])  # fmt: skip
+    await tx.insert_many(
+        "api_keys",
+        _KEY_COLUMN_NAMES,
+        [
+            (
+                k.id,
+                k.display,
+                k.key_hash,
+                k.org_id,
+                k.team_id,
+                k.project_id,
+                k.name,
+                list(k.scopes),
+                k.env,
+                k.region,
+                k.metadata,
+                k.created_at,
+                k.expires_at,
+                k.last_used_at,
+                k.revoked_at,
+                k.revoked_reason,
+                k.rotated_to,
+                k.created_by,
+                k.version,
+                k.created_by_user,
+                k.owner_team_id,
+            )
+            for k in keys
+        ],
+    )
 
 
-async def revoke_in(tx: Tx, actor: Actor, key_ids: Sequence[str], reason: str | None,
-                    now: int) -> tuple[list[ApiKey], tuple[int, ...]]:  # fmt: skip
+async def revoke_in(
+    tx: Tx, actor: Actor, key_ids: Sequence[str], reason: str | None, now: int
+) -> tuple[list[ApiKey], tuple[int, ...]]:
     """Revoke the keys of these ids not revoked yet, in the caller's transaction: their outbox entries queued,
     each audited. Returns the keys it revoked and the outbox ids that publish them."""
     keys: list[ApiKey] = []
@@ -631,8 +706,10 @@ async def revoke_in(tx: Tx, actor: Actor, key_ids: Sequence[str], reason: str | 
             f"UPDATE api_keys SET revoked_at = $1, revoked_reason = $2, version = version + 1 "
             f"WHERE id IN ({placeholders(len(chunk), start=3)}) AND revoked_at IS NULL "
             f"RETURNING {KEY_COLUMNS}",
-            now, reason, *chunk,
-        )  # fmt: skip
+            now,
+            reason,
+            *chunk,
+        )
         keys += [ApiKey.from_row(r) for r in rows]
     outbox = await _enqueue(tx, keys, now)
     details = {"reason": reason} if reason else {}
@@ -654,8 +731,10 @@ async def _unpublish(tx: Tx, entries: Sequence[tuple[str, str]], now: int) -> _Q
             outbox_id = await tx.fetchval(
                 "INSERT INTO outbox (key_id, entry, operation, payload, created_at) "
                 "VALUES ($1, $2, 'delete', NULL, $3) RETURNING id",
-                key_id, entry, now,
-            )  # fmt: skip
+                key_id,
+                entry,
+                now,
+            )
             outbox.append(outbox_id)
             queued.append(entry)
     return tuple(outbox), queued

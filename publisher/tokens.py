@@ -95,9 +95,20 @@ class AdminToken:
 REFUSALS = ("unknown", "revoked", "expired", "user_deactivated")
 # Why a sign-in was refused: the `reason` label of keyrelay_sign_ins_refused_total. After the first two (a trusted
 # proxy's too), OpenID Connect's: the callback's state, the provider's answer, the id token, then the person.
-SIGN_IN_REFUSALS = ("unknown_user", "user_deactivated", "no_state", "state_mismatch", "state_unknown", "state_expired",
-                    "provider_refused", "identity_provider", "id_token_refused", "no_email", "email_unverified",
-                    "no_role")  # fmt: skip
+SIGN_IN_REFUSALS = (
+    "unknown_user",
+    "user_deactivated",
+    "no_state",
+    "state_mismatch",
+    "state_unknown",
+    "state_expired",
+    "provider_refused",
+    "identity_provider",
+    "id_token_refused",
+    "no_email",
+    "email_unverified",
+    "no_role",
+)
 
 
 @dataclass(slots=True)
@@ -188,10 +199,21 @@ class TokenStore:
             if row is not None and grants is None:
                 refused = refused or "user_deactivated"
                 itself = Actor(token_id=row["id"], name=row["name"], role=row["role"], user_id=row["user_id"])
-                await record_audit(tx, itself, "token.refused", now, [
-                    (row["org_id"], row["team_id"], None, None,
-                     {"token_id": row["id"], "name": row["name"], "reason": _REASONS[refused]})
-                ])  # fmt: skip
+                await record_audit(
+                    tx,
+                    itself,
+                    "token.refused",
+                    now,
+                    [
+                        (
+                            row["org_id"],
+                            row["team_id"],
+                            None,
+                            None,
+                            {"token_id": row["id"], "name": row["name"], "reason": _REASONS[refused]},
+                        )
+                    ],
+                )
         if row is None or grants is None:
             self.stats.refused[refused or "unknown"] += 1
             self._cache.pop(digest, None)
@@ -199,8 +221,15 @@ class TokenStore:
         label = row["name"]
         if row["user_id"] is not None:
             label = await self._user_label(row["user_id"]) or label
-        actor = Actor(token_id=row["id"], name=label, role=row["role"], user_id=row["user_id"], grants=grants,
-                      org_id=row["org_id"], team_id=row["team_id"])  # fmt: skip
+        actor = Actor(
+            token_id=row["id"],
+            name=label,
+            role=row["role"],
+            user_id=row["user_id"],
+            grants=grants,
+            org_id=row["org_id"],
+            team_id=row["team_id"],
+        )
         if self.cache_ttl > 0:
             if len(self._cache) >= _CACHE_MAX:
                 self._cache.clear()
@@ -265,12 +294,26 @@ class TokenStore:
             token = await _token(tx, token_id)
             if token.revoked_at is None:
                 await tx.execute("UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2", now, token_id)
-                team_org = None if token.team_id is None else await tx.fetchval(
-                    "SELECT organization_id FROM teams WHERE id = $1", token.team_id)  # fmt: skip
-                await record_audit(tx, actor, "token.revoke", now, [
-                    (token.org_id or team_org, token.team_id, None, None,
-                     {"token_id": token_id, "name": token.name, "role": token.role})
-                ])  # fmt: skip
+                team_org = (
+                    None
+                    if token.team_id is None
+                    else await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", token.team_id)
+                )
+                await record_audit(
+                    tx,
+                    actor,
+                    "token.revoke",
+                    now,
+                    [
+                        (
+                            token.org_id or team_org,
+                            token.team_id,
+                            None,
+                            None,
+                            {"token_id": token_id, "name": token.name, "role": token.role},
+                        )
+                    ],
+                )
                 token = await _token(tx, token_id)
         self._cache.clear()  # this replica refuses it at once; the others within cache_ttl
         return token
@@ -309,8 +352,15 @@ async def _token(tx: Tx, token_id: str) -> AdminToken:
     return AdminToken.from_row(row)
 
 
-async def _put(tx: Tx, actor: Actor, name: str, token: str, role: str, expires_at: int | None,
-               scope: tuple[str | None, str | None, str | None] = (None, None, None)) -> Actor | None:  # fmt: skip
+async def _put(
+    tx: Tx,
+    actor: Actor,
+    name: str,
+    token: str,
+    role: str,
+    expires_at: int | None,
+    scope: tuple[str | None, str | None, str | None] = (None, None, None),
+) -> Actor | None:
     """Insert or replace the token `name`, with an audit entry when anything changed; None if it is revoked."""
     digest = token_digest(token)
     org_id, team_id, user_id = scope
@@ -318,15 +368,25 @@ async def _put(tx: Tx, actor: Actor, name: str, token: str, role: str, expires_a
         "SELECT id, token_hash, role, revoked_at, expires_at FROM admin_tokens WHERE name = $1", name
     )
     now = now_us()
-    made = Actor(token_id="", name=name, role=role, grants=(policy.Grant(role),) if role in policy.PLATFORM_ROLES
-                 else ())  # fmt: skip
+    made = Actor(
+        token_id="", name=name, role=role, grants=(policy.Grant(role),) if role in policy.PLATFORM_ROLES else ()
+    )
     if row is None:
         token_id, action = new_id(), "token.create"
         await tx.execute(
             "INSERT INTO admin_tokens (id, name, token_hash, role, created_at, expires_at, hint, org_id, team_id, "
             "user_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            token_id, name, digest, role, now, expires_at, token_hint(token), org_id, team_id, user_id,
-        )  # fmt: skip
+            token_id,
+            name,
+            digest,
+            role,
+            now,
+            expires_at,
+            token_hint(token),
+            org_id,
+            team_id,
+            user_id,
+        )
     else:
         token_id, action = row["id"], "token.replace"
         if bytes(row["token_hash"]) == digest:
@@ -337,8 +397,12 @@ async def _put(tx: Tx, actor: Actor, name: str, token: str, role: str, expires_a
         await tx.execute(
             "UPDATE admin_tokens SET token_hash = $1, role = $2, revoked_at = NULL, expires_at = $3, hint = $4 "
             "WHERE id = $5",
-            digest, role, expires_at, token_hint(token), token_id,
-        )  # fmt: skip
+            digest,
+            role,
+            expires_at,
+            token_hint(token),
+            token_id,
+        )
     # Never the token or its hash: the id and name identify it.
     details: dict[str, Any] = {"token_id": token_id, "name": name, "role": role}
     for field_name, value in (("org_id", org_id), ("team_id", team_id), ("user_id", user_id)):
@@ -346,7 +410,8 @@ async def _put(tx: Tx, actor: Actor, name: str, token: str, role: str, expires_a
             details[field_name] = value
     if expires_at is not None:
         details["expires_at"] = iso(expires_at)
-    team_org = None if team_id is None else await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1",
-                                                               team_id)  # fmt: skip
+    team_org = (
+        None if team_id is None else await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", team_id)
+    )
     await record_audit(tx, actor, action, now, [(org_id or team_org, team_id, None, None, details)])
     return dataclasses.replace(made, token_id=token_id)

@@ -194,10 +194,11 @@ def key_spec(body: Any, *, regions: Collection[str] | None = None) -> KeySpec:
         scopes=scopes(data.get("scopes", [])),
         env=env,
         region=region(data.get("region"), regions),
-        expires_in=None if expires_in is None else duration(expires_in, "expires_in", maximum=MAX_LIFETIME,
-                                                              minimum=1.0),
+        expires_in=None
+        if expires_in is None
+        else duration(expires_in, "expires_in", maximum=MAX_LIFETIME, minimum=1.0),
         metadata=metadata(data.get("metadata")),
-    )  # fmt: skip
+    )
 
 
 def region(value: Any, known: Collection[str] | None = None) -> str | None:

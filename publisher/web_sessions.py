@@ -106,10 +106,17 @@ class WebSession:
 
     def to_json(self, current: bool = False) -> dict[str, Any]:
         """The API form; `current`: the session the request came with."""
-        return {"id": self.id, "user_id": self.user_id, "email": self.email, "via": self.via,
-                "user_agent": self.user_agent, "created_at": iso(self.created_at),
-                "expires_at": iso(self.expires_at), "last_seen_at": iso(self.last_seen_at),
-                "current": current}  # fmt: skip
+        return {
+            "id": self.id,
+            "user_id": self.user_id,
+            "email": self.email,
+            "via": self.via,
+            "user_agent": self.user_agent,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "last_seen_at": iso(self.last_seen_at),
+            "current": current,
+        }
 
 
 class SessionStore:
@@ -130,8 +137,15 @@ class SessionStore:
             await tx.execute(
                 "INSERT INTO web_sessions (id, token_hash, user_id, created_at, expires_at, last_seen_at, via, "
                 "user_agent) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                session_id, _digest(token), user_id, now, now + int(ttl * 1_000_000), now, via, agent,
-            )  # fmt: skip
+                session_id,
+                _digest(token),
+                user_id,
+                now,
+                now + int(ttl * 1_000_000),
+                now,
+                via,
+                agent,
+            )
             await record_audit(tx, actor, "signin", now, [_audited(user_id, session_id)])
         return await self.get(session_id), token
 
@@ -144,8 +158,9 @@ class SessionStore:
             row = await tx.fetchrow(
                 f"SELECT {_COLUMNS} FROM web_sessions s JOIN users u ON u.id = s.user_id "
                 "WHERE s.token_hash = $1 AND s.expires_at > $2 AND u.deactivated_at IS NULL",
-                _digest(token), now,
-            )  # fmt: skip
+                _digest(token),
+                now,
+            )
             if row is not None and now - row["last_seen_at"] >= _SEEN_EVERY_US:
                 await tx.execute("UPDATE web_sessions SET last_seen_at = $1 WHERE id = $2", now, row["id"])
         return None if row is None else WebSession.from_row(row)
@@ -160,8 +175,9 @@ class SessionStore:
             raise NotFound("session", session_id)
         return WebSession.from_row(row)
 
-    async def page(self, reach: policy.Reach, me: str | None, *, user_id: str | None, limit: int,
-                   after: str | None) -> list[WebSession]:  # fmt: skip
+    async def page(
+        self, reach: policy.Reach, me: str | None, *, user_id: str | None, limit: int, after: str | None
+    ) -> list[WebSession]:
         """Unexpired sessions in id order after `after`: every one, or those of the reached orgs' members (and
         `me`'s own); only `user_id`'s when given."""
         args: list[Any] = [after or _NIL, now_us()]
@@ -180,8 +196,11 @@ class SessionStore:
             where += f" AND ({' OR '.join(parts) or 'FALSE'})"
         args.append(limit)
         async with self.db.transaction() as tx:
-            rows = await tx.fetch(f"SELECT {_COLUMNS} FROM web_sessions s JOIN users u ON u.id = s.user_id "
-                                  f"WHERE {where} ORDER BY s.id LIMIT ${len(args)}", *args)  # fmt: skip
+            rows = await tx.fetch(
+                f"SELECT {_COLUMNS} FROM web_sessions s JOIN users u ON u.id = s.user_id "
+                f"WHERE {where} ORDER BY s.id LIMIT ${len(args)}",
+                *args,
+            )
         return [WebSession.from_row(r) for r in rows]
 
     async def end(self, actor: Actor, session: WebSession, action: str) -> None:
@@ -212,13 +231,17 @@ def check_csrf(request: web.Request, session_token: str, sent: str | None) -> No
     settings = request.app[SERVICES].settings
     origin = request.headers.get("Origin")
     if origin is not None and origin != _origin(settings.public_url):
-        raise CsrfRefused("a change made with a session cookie must come from the publisher's own pages "
-                          f"({_origin(settings.public_url)}); this one came from another origin")  # fmt: skip
+        raise CsrfRefused(
+            "a change made with a session cookie must come from the publisher's own pages "
+            f"({_origin(settings.public_url)}); this one came from another origin"
+        )
     if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
         raise CsrfRefused("a change made with a session cookie must come from the publisher's own pages")
     if not sent or not hmac.compare_digest(sent.encode(), csrf_token(session_token).encode()):
-        raise CsrfRefused(f"a change made with a session cookie needs the {CSRF_HEADER} header holding the "
-                          "keyrelay_csrf cookie's value (or use a bearer token)")  # fmt: skip
+        raise CsrfRefused(
+            f"a change made with a session cookie needs the {CSRF_HEADER} header holding the "
+            "keyrelay_csrf cookie's value (or use a bearer token)"
+        )
 
 
 async def session_actor(request: web.Request) -> Actor | None:
@@ -232,12 +255,20 @@ async def session_actor(request: web.Request) -> Actor | None:
         return None
     session = await SessionStore(services.people.db).find(token)
     if session is None:
-        raise Unauthorized("the session has ended (it expired, was signed out or revoked, or its user was "
-                           "deactivated): sign in again at /auth/login")  # fmt: skip
+        raise Unauthorized(
+            "the session has ended (it expired, was signed out or revoked, or its user was "
+            "deactivated): sign in again at /auth/login"
+        )
     if request.method not in SAFE_METHODS:
         check_csrf(request, token, request.headers.get(CSRF_HEADER))
     actor = await user_actor(services, await services.people.get_user(session.user_id), "portal")
     if actor is None:
         raise Unauthorized("the user is deactivated")
-    return Actor(token_id=session.id, name=actor.name, role=actor.role, user_id=actor.user_id, grants=actor.grants,
-                 source="portal")  # fmt: skip
+    return Actor(
+        token_id=session.id,
+        name=actor.name,
+        role=actor.role,
+        user_id=actor.user_id,
+        grants=actor.grants,
+        source="portal",
+    )

@@ -58,17 +58,25 @@ def add_signin_routes(app: web.Application, settings: PublisherSettings) -> None
     """Register the browser routes and the OpenID Connect client, when `settings` configure a provider."""
     if not settings.oidc_issuer:
         return
-    app[OIDC] = OidcClient(issuer=settings.oidc_issuer, client_id=settings.oidc_client_id,
-                           client_secret=settings.oidc_client_secret, scopes=settings.oidc_scopes,
-                           redirect_uri=settings.public_url + "/auth/callback")  # fmt: skip
+    app[OIDC] = OidcClient(
+        issuer=settings.oidc_issuer,
+        client_id=settings.oidc_client_id,
+        client_secret=settings.oidc_client_secret,
+        scopes=settings.oidc_scopes,
+        redirect_uri=settings.public_url + "/auth/callback",
+    )
 
     async def client(app: web.Application) -> AsyncIterator[None]:
         yield
         await app[OIDC].close()
 
     app.cleanup_ctx.append(client)
-    for method, path, handler in (("GET", "/auth/login", login), ("GET", "/auth/callback", callback),
-                                  ("POST", "/auth/logout", logout), ("GET", "/me", me)):  # fmt: skip
+    for method, path, handler in (
+        ("GET", "/auth/login", login),
+        ("GET", "/auth/callback", callback),
+        ("POST", "/auth/logout", logout),
+        ("GET", "/me", me),
+    ):
         app.router.add_route(method, path, handler)
 
 
@@ -76,10 +84,12 @@ def _state_hash(state: str) -> bytes:
     return hashlib.sha256(state.encode()).digest()
 
 
-def _set_cookie(response: web.Response, names: CookieNames, name: str, value: str, max_age: int, *,
-                script: bool = False) -> None:  # fmt: skip
-    response.set_cookie(name, value, max_age=max_age, path="/", secure=names.secure or None,
-                        httponly=not script or None, samesite="Lax")  # fmt: skip
+def _set_cookie(
+    response: web.Response, names: CookieNames, name: str, value: str, max_age: int, *, script: bool = False
+) -> None:
+    response.set_cookie(
+        name, value, max_age=max_age, path="/", secure=names.secure or None, httponly=not script or None, samesite="Lax"
+    )
 
 
 def _clear(response: web.Response, names: CookieNames, name: str) -> None:
@@ -98,16 +108,23 @@ async def login(request: web.Request) -> web.Response:
         location = await request.app[OIDC].authorization_url(pkce)
     except PublisherError as exc:
         log.warning("sign-in not started: %s", exc.message)
-        return page("Sign-in is unavailable", f"<p>{escape(exc.message)}</p><p>Try again in a minute.</p>",
-                    status=exc.status)  # fmt: skip
+        return page(
+            "Sign-in is unavailable", f"<p>{escape(exc.message)}</p><p>Try again in a minute.</p>", status=exc.status
+        )
     now = now_us()
     async with services.people.db.transaction() as tx:
         await tx.execute("DELETE FROM oidc_logins WHERE created_at < $1", now - LOGIN_TTL * 1_000_000)
         if await tx.fetchval("SELECT count(*) FROM oidc_logins") >= _MAX_PENDING:
-            return page("Sign-in is busy", "<p>Too many sign-ins are in progress; try again in a few minutes.</p>",
-                        status=503)  # fmt: skip
-        await tx.execute("INSERT INTO oidc_logins (state_hash, nonce, code_verifier, created_at) VALUES ($1, $2, $3, "
-                         "$4)", _state_hash(pkce.state), pkce.nonce, pkce.verifier, now)  # fmt: skip
+            return page(
+                "Sign-in is busy", "<p>Too many sign-ins are in progress; try again in a few minutes.</p>", status=503
+            )
+        await tx.execute(
+            "INSERT INTO oidc_logins (state_hash, nonce, code_verifier, created_at) VALUES ($1, $2, $3, $4)",
+            _state_hash(pkce.state),
+            pkce.nonce,
+            pkce.verifier,
+            now,
+        )
     response = redirect(location, 302)
     names = session_cookies(request)[0]
     _set_cookie(response, names, names.state, pkce.state, LOGIN_TTL)
@@ -122,8 +139,11 @@ async def callback(request: web.Request) -> web.Response:
         actor = await _signed_in(request, services, names)
     except SignInRefused as exc:
         await _refused(services, exc)
-        response = page("You are not signed in" if exc.status != 403 else "No access to keyrelay",
-                        f"<p>{escape(exc.message)}</p>{_SIGN_IN_LINK}", status=exc.status)  # fmt: skip
+        response = page(
+            "You are not signed in" if exc.status != 403 else "No access to keyrelay",
+            f"<p>{escape(exc.message)}</p>{_SIGN_IN_LINK}",
+            status=exc.status,
+        )
         _clear(response, names, names.state)
         return response
     session, token = await SessionStore(services.people.db).create(
@@ -146,8 +166,11 @@ async def _refused(services: Services, refusal: SignInRefused) -> None:
     if refusal.email is None:
         return
     user = refusal.user
-    actor = CLAIMS_ACTOR if user is None else Actor(token_id=NIL_UUID, name=user.label, role="personal",
-                                                    user_id=user.id, source="portal")  # fmt: skip
+    actor = (
+        CLAIMS_ACTOR
+        if user is None
+        else Actor(token_id=NIL_UUID, name=user.label, role="personal", user_id=user.id, source="portal")
+    )
     details = {"email": refusal.email, "via": "oidc", "reason": refusal.reason}
     await services.store.record(actor, "signin.refused", (None, None, None, None, details))
 
@@ -163,39 +186,55 @@ async def _signed_in(request: web.Request, services: Services, names: CookieName
     """The signed-in user, acting with its roles; SignInRefused saying why not."""
     error = _param(request, "error")
     if error is not None:
-        raise SignInRefused(f"the identity provider did not sign you in ({error[:64]}).", reason="provider_refused",
-                            status=400)  # fmt: skip
+        raise SignInRefused(
+            f"the identity provider did not sign you in ({error[:64]}).", reason="provider_refused", status=400
+        )
     state, code = _param(request, "state"), _param(request, "code")
     if state is None or code is None:
-        raise SignInRefused("this address is where the identity provider sends you back after signing in; it was "
-                            "opened without a sign-in's state and code. Start at the sign-in link",
-                            reason="no_state", status=400)  # fmt: skip
+        raise SignInRefused(
+            "this address is where the identity provider sends you back after signing in; it was "
+            "opened without a sign-in's state and code. Start at the sign-in link",
+            reason="no_state",
+            status=400,
+        )
     cookie = request.cookies.get(names.state, "")
     if not hmac.compare_digest(cookie.encode(), state.encode()):
-        raise SignInRefused("this sign-in was not started in this browser (or its cookie expired). Start again at "
-                            "the sign-in link", reason="state_mismatch", status=400)  # fmt: skip
+        raise SignInRefused(
+            "this sign-in was not started in this browser (or its cookie expired). Start again at the sign-in link",
+            reason="state_mismatch",
+            status=400,
+        )
     nonce, verifier = await _use_up(services, state)
     try:
         claims = await request.app[OIDC].exchange(code, verifier, nonce)
     except PublisherError as exc:  # IdTokenError (401), ProviderError (502)
         log.warning("sign-in refused: %s", exc.message)
-        raise SignInRefused(f"keyrelay could not confirm who you are: {exc.message}. Start again at the sign-in link",
-                            reason="id_token_refused" if isinstance(exc, IdTokenError) else "identity_provider",
-                            status=exc.status) from None  # fmt: skip
+        raise SignInRefused(
+            f"keyrelay could not confirm who you are: {exc.message}. Start again at the sign-in link",
+            reason="id_token_refused" if isinstance(exc, IdTokenError) else "identity_provider",
+            status=exc.status,
+        ) from None
     return await sign_in(services, services.settings.oidc_group_map, person_of(claims))
 
 
 async def _use_up(services: Services, state: str) -> tuple[str, str]:
     """The nonce and PKCE verifier of the sign-in `state` names, deleted in the same transaction (single use)."""
     async with services.people.db.transaction() as tx:
-        row = await tx.fetchrow("SELECT nonce, code_verifier, created_at FROM oidc_logins WHERE state_hash = $1",
-                                _state_hash(state))  # fmt: skip
+        row = await tx.fetchrow(
+            "SELECT nonce, code_verifier, created_at FROM oidc_logins WHERE state_hash = $1", _state_hash(state)
+        )
         if row is None or not await tx.execute("DELETE FROM oidc_logins WHERE state_hash = $1", _state_hash(state)):
-            raise SignInRefused("this sign-in is unknown or was used already (a reload, or a replay). Start again at "
-                                "the sign-in link", reason="state_unknown", status=400)  # fmt: skip
+            raise SignInRefused(
+                "this sign-in is unknown or was used already (a reload, or a replay). Start again at the sign-in link",
+                reason="state_unknown",
+                status=400,
+            )
     if now_us() - row["created_at"] > LOGIN_TTL * 1_000_000:
-        raise SignInRefused(f"this sign-in took longer than {LOGIN_TTL // 60} minutes. Start again at the sign-in "
-                            "link", reason="state_expired", status=400)  # fmt: skip
+        raise SignInRefused(
+            f"this sign-in took longer than {LOGIN_TTL // 60} minutes. Start again at the sign-in link",
+            reason="state_expired",
+            status=400,
+        )
     return str(row["nonce"]), str(row["code_verifier"])
 
 
@@ -238,18 +277,23 @@ async def me(request: web.Request) -> web.Response:
     if found is not None:
         actor = await user_actor(services, await services.people.get_user(found[0].user_id), "portal")
     if found is None or actor is None:
-        return page("Not signed in", "<p>You are not signed in to keyrelay (or your session ended).</p>"
-                    + _SIGN_IN_LINK, status=401)  # fmt: skip
+        return page(
+            "Not signed in",
+            "<p>You are not signed in to keyrelay (or your session ended).</p>" + _SIGN_IN_LINK,
+            status=401,
+        )
     session, token = found
     roles = []
     for grant in actor.grants[:200]:
         roles.append(f"<li>{escape(grant.role)} of {await _place(services, grant.org_id, grant.team_id)}</li>")
-    body = (f"<p>Signed in as <strong>{escape(session.email)}</strong> until {escape(iso(session.expires_at))}."
-            f"</p><h2>Roles</h2><ul>{''.join(roles)}</ul>"
-            "<p>Scripts on this origin call the admin API (<code>/v1</code>) with this session; changes carry the "
-            f"<code>{CSRF_HEADER}</code> header.</p>"
-            f'<form method="post" action="/auth/logout"><input type="hidden" name="{CSRF_FIELD}" '
-            f'value="{escape(csrf_token(token))}"><button type="submit">Sign out</button></form>')  # fmt: skip
+    body = (
+        f"<p>Signed in as <strong>{escape(session.email)}</strong> until {escape(iso(session.expires_at))}."
+        f"</p><h2>Roles</h2><ul>{''.join(roles)}</ul>"
+        "<p>Scripts on this origin call the admin API (<code>/v1</code>) with this session; changes carry the "
+        f"<code>{CSRF_HEADER}</code> header.</p>"
+        f'<form method="post" action="/auth/logout"><input type="hidden" name="{CSRF_FIELD}" '
+        f'value="{escape(csrf_token(token))}"><button type="submit">Sign out</button></form>'
+    )
     return page("keyrelay", body)
 
 

@@ -123,18 +123,38 @@ class Metrics:
                 stats.consumer_resets,
             ),
             ("keyrelay_reconnects_total", "counter", "Reconnections to NATS", stats.reconnects),
-            ("keyrelay_nats_server_moves_total", "counter", "Servers left because their JetStream did not serve the "
-             "stream (cut off from their cluster)", sync.choice.moves),
-            ("keyrelay_quarantined_total", "counter", "Keys refused because their newest record failed verification",
-             stats.quarantined),
-            ("keyrelay_apply_errors_total", "counter", "Faults while applying a value (each led to a resync)",
-             stats.apply_errors),
+            (
+                "keyrelay_nats_server_moves_total",
+                "counter",
+                "Servers left because their JetStream did not serve the stream (cut off from their cluster)",
+                sync.choice.moves,
+            ),
+            (
+                "keyrelay_quarantined_total",
+                "counter",
+                "Keys refused because their newest record failed verification",
+                stats.quarantined,
+            ),
+            (
+                "keyrelay_apply_errors_total",
+                "counter",
+                "Faults while applying a value (each led to a resync)",
+                stats.apply_errors,
+            ),
             ("keyrelay_heartbeats_total", "counter", "Publisher heartbeats verified", stats.heartbeats),
-            ("keyrelay_version_floors", "gauge", "Version floors kept for removed or quarantined keys",
-             sync.table.floors()),
-            ("keyrelay_insecure", "gauge", "1 when values are taken unsigned (--insecure-accept-unsigned)",
-             int(sync.trust.accept_unsigned)),
-        ]  # fmt: skip
+            (
+                "keyrelay_version_floors",
+                "gauge",
+                "Version floors kept for removed or quarantined keys",
+                sync.table.floors(),
+            ),
+            (
+                "keyrelay_insecure",
+                "gauge",
+                "1 when values are taken unsigned (--insecure-accept-unsigned)",
+                int(sync.trust.accept_unsigned),
+            ),
+        ]
         lines += singles(gauges)
         rejected = [(f'reason="{reason}"', count) for reason, count in sorted(stats.rejected.items())]
         lines += family(

@@ -100,8 +100,16 @@ class SnapshotSink:
     calls `write` in an executor thread, and the object store read should run to its end.
     """
 
-    def __init__(self, *, bucket: str, region: str | None, size: int, trust: Trust, stream_created: str,
-                 max_records: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        bucket: str,
+        region: str | None,
+        size: int,
+        trust: Trust,
+        stream_created: str,
+        max_records: int | None = None,
+    ) -> None:
         self._bucket, self._region = bucket, region
         # The signature is checked at the end; what the header may make us allocate before that is
         # bounded by what the stream could have filled (records come from its messages).
@@ -190,8 +198,10 @@ class SnapshotSink:
             raise SnapshotError(f"made for bucket {header.get('bucket')!r} region {header.get('region')!r}")
         if header.get("stream_created") != self._stream_created:
             # Another incarnation of the stream: its revisions mean other records.
-            raise SnapshotError(f"made from a stream created at {header.get('stream_created')!r}, not the one this "
-                                f"sidecar reads ({self._stream_created!r})")  # fmt: skip
+            raise SnapshotError(
+                f"made from a stream created at {header.get('stream_created')!r}, not the one this "
+                f"sidecar reads ({self._stream_created!r})"
+            )
         for name, kind in (("revision", int), ("created", float | int)):
             if not isinstance(header.get(name), kind) or isinstance(header.get(name), bool) or header[name] < 0:
                 raise SnapshotError(f"its {name} is not a non-negative number")
@@ -204,13 +214,17 @@ class SnapshotSink:
             raise SnapshotError(f"unreadable table header ({exc})") from None
         records = int(header["table"]["records"])
         if self._max_records is not None and records > self._max_records:
-            raise SnapshotError(f"its header announces {records:,} records, more than the stream could have made "
-                                f"({self._max_records:,})")  # fmt: skip
+            raise SnapshotError(
+                f"its header announces {records:,} records, more than the stream could have made "
+                f"({self._max_records:,})"
+            )
         signature = self._expected - head - sum(sizes)
         if not LENGTH.size < signature <= LENGTH.size + _MAX_SIGNATURE:
             # Checked before allocating: a damaged record count must not claim gigabytes.
-            raise SnapshotError(f"its header announces {head + sum(sizes)} bytes of the object's {self._expected}: "
-                                f"not a whole signed snapshot (unsigned ones are not loaded)")  # fmt: skip
+            raise SnapshotError(
+                f"its header announces {head + sum(sizes)} bytes of the object's {self._expected}: "
+                f"not a whole signed snapshot (unsigned ones are not loaded)"
+            )
         self._header = header
         # Allocated whole up front: arrays grown chunk by chunk keep their growth slack (20 MiB at
         # a million keys) for the sidecar's life.
@@ -244,8 +258,13 @@ class SnapshotSink:
         except (ValueError, KeyError, TypeError) as exc:
             raise SnapshotError(str(exc)) from None
         _return_free_memory()
-        return Snapshot(revision=int(header["revision"]), keys=len(table), created=float(header["created"]),
-                        size=self.size, stream_created=self._stream_created)  # fmt: skip
+        return Snapshot(
+            revision=int(header["revision"]),
+            keys=len(table),
+            created=float(header["created"]),
+            size=self.size,
+            stream_created=self._stream_created,
+        )
 
     def _check_signature(self) -> str | None:
         """Why the signature does not vouch for these bytes (None: it does)."""
@@ -285,8 +304,9 @@ class SnapshotStore:
                 return None
         return self._store
 
-    async def load(self, table: KeyTable, *, trust: Trust, stream_created: str,
-                   max_records: int | None = None) -> Snapshot | None:  # fmt: skip
+    async def load(
+        self, table: KeyTable, *, trust: Trust, stream_created: str, max_records: int | None = None
+    ) -> Snapshot | None:
         """Fill `table` from the region's snapshot; None when there is none or it cannot be used.
 
         Used only when signed by one of `trust`'s snapshot keys within its horizon, for this
@@ -299,8 +319,14 @@ class SnapshotStore:
         # quadratic (8.7 s instead of under one for a million keys' 100 MB).
         try:
             info = await store.get_info(self.name)
-            sink = SnapshotSink(bucket=self.bucket, region=self.region, size=info.size or 0, trust=trust,
-                         stream_created=stream_created, max_records=max_records)  # fmt: skip
+            sink = SnapshotSink(
+                bucket=self.bucket,
+                region=self.region,
+                size=info.size or 0,
+                trust=trust,
+                stream_created=stream_created,
+                max_records=max_records,
+            )
             await store.get(self.name, writeinto=sink)  # type: ignore[arg-type]  # it only calls write
         except (ObjectNotFoundError, NotFoundError):
             return None
@@ -313,5 +339,9 @@ class SnapshotStore:
 
 def snapshot_summary(snapshot: Snapshot) -> dict[str, Any]:
     """A snapshot as shown in /v1/status."""
-    return {"revision": snapshot.revision, "keys": snapshot.keys, "bytes": snapshot.size,
-            "age_seconds": round(time.time() - snapshot.created, 1)}  # fmt: skip
+    return {
+        "revision": snapshot.revision,
+        "keys": snapshot.keys,
+        "bytes": snapshot.size,
+        "age_seconds": round(time.time() - snapshot.created, 1),
+    }

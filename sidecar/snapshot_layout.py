@@ -131,8 +131,11 @@ def _check_arrays(
     """
     records = len(versions)
     free = header.get("free")
-    if not isinstance(free, list) or not all(isinstance(n, int) and 0 <= n < records for n in free) \
-            or len(set(free)) != len(free):  # fmt: skip
+    if (
+        not isinstance(free, list)
+        or not all(isinstance(n, int) and 0 <= n < records for n in free)
+        or len(set(free)) != len(free)
+    ):
         raise ValueError("snapshot's free list is not a set of its record numbers")
     live = header.get("live")
     if live != records - len(free):
@@ -151,9 +154,16 @@ def _check_arrays(
                 raise ValueError("snapshot records refer to interned values they do not hold, or of the wrong kind")
     floors: dict[str, tuple[int, float]] = {}
     for item in header.get("floors", []):
-        if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
-                and is_canonical_id(item[0]) and isinstance(item[1], int) and 0 <= item[1] <= MAX_VERSION
-                and isinstance(item[2], float | int) and item[2] >= 0):  # fmt: skip
+        if not (
+            isinstance(item, list)
+            and len(item) == 3
+            and isinstance(item[0], str)
+            and is_canonical_id(item[0])
+            and isinstance(item[1], int)
+            and 0 <= item[1] <= MAX_VERSION
+            and isinstance(item[2], float | int)
+            and item[2] >= 0
+        ):
             raise ValueError("snapshot holds a malformed version floor")
         floors[item[0]] = (item[1], float(item[2]))
     return sorted(free), floors

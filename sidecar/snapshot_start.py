@@ -85,8 +85,9 @@ async def start_from_snapshot(
         return Started(stream_created, None)
     position.last_revision = snapshot.revision
     with contextlib.suppress(Exception):  # without it, the next heartbeat the stream delivers will do
-        await _recall_heartbeat(nc, applier, stream=stream, prefix=subject_prefix(bucket), upto=snapshot.revision,
-                                timeout=timeout)  # fmt: skip
+        await _recall_heartbeat(
+            nc, applier, stream=stream, prefix=subject_prefix(bucket), upto=snapshot.revision, timeout=timeout
+        )
     log.info(
         "loaded a snapshot of %d keys at revision %d (%d MB) in %.2fs; replaying from %d",
         snapshot.keys,
@@ -117,12 +118,21 @@ async def _recall_heartbeat(
 
     sub = await nc.subscribe(inbox, cb=take, max_msgs=1)
     name = f"keyrelay-heartbeat-{secrets.token_hex(8)}"
-    config = {"name": name, "deliver_subject": inbox, "deliver_policy": "last_per_subject",
-              "filter_subject": subject, "ack_policy": "none", "max_deliver": 1, "mem_storage": True,
-              "num_replicas": 1, "inactive_threshold": 5 * _NS}  # fmt: skip
+    config = {
+        "name": name,
+        "deliver_subject": inbox,
+        "deliver_policy": "last_per_subject",
+        "filter_subject": subject,
+        "ack_policy": "none",
+        "max_deliver": 1,
+        "mem_storage": True,
+        "num_replicas": 1,
+        "inactive_threshold": 5 * _NS,
+    }
     try:
-        created = await jetstream_api(nc, f"CONSUMER.CREATE.{stream}.{name}.{subject}",
-                                      {"stream_name": stream, "config": config}, timeout=timeout)  # fmt: skip
+        created = await jetstream_api(
+            nc, f"CONSUMER.CREATE.{stream}.{name}.{subject}", {"stream_name": stream, "config": config}, timeout=timeout
+        )
         if "error" in created or not created.get("num_pending"):
             return
         msg = await asyncio.wait_for(received, timeout)

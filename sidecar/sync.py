@@ -118,15 +118,21 @@ class KeySync:
         self.stats = SyncStats()
         self.position = Position(table)
         self.freshness = Freshness(verifying=not config.trust.accept_unsigned)
-        self.applier = Applier(table, trust=config.trust, scopes=config.scopes, prefix=subject_prefix(config.bucket),
-                               position=self.position, freshness=self.freshness, stats=self.stats)  # fmt: skip
+        self.applier = Applier(
+            table,
+            trust=config.trust,
+            scopes=config.scopes,
+            prefix=subject_prefix(config.bucket),
+            position=self.position,
+            freshness=self.freshness,
+            stats=self.stats,
+        )
         self.connected = False
         # Which server to reconnect to; leaving one whose JetStream does not serve (cut off from its cluster).
         self.choice = ServerChoice()
         self.loaded_snapshot: Snapshot | None = None  # the snapshot the table started from
         self._reset = asyncio.Event()  # set: drop the consumer, start the next one from the last revision
-        self._deliveries = Deliveries(self.applier, position=self.position, freshness=self.freshness,
-                                      reset=self._reset)  # fmt: skip
+        self._deliveries = Deliveries(self.applier, position=self.position, freshness=self.freshness, reset=self._reset)
         self._nc: DirectClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -270,9 +276,16 @@ class KeySync:
     async def _start_from_snapshot(self, nc: Client, store: str) -> None:
         """Start from the region's snapshot when there is a usable one; else the consumer replays everything."""
         config = self.config
-        started = await start_from_snapshot(nc, applier=self.applier, position=self.position, bucket=config.bucket,
-                                            region=config.region, store=store, trust=config.trust,
-                                            timeout=config.api_timeout)  # fmt: skip
+        started = await start_from_snapshot(
+            nc,
+            applier=self.applier,
+            position=self.position,
+            bucket=config.bucket,
+            region=config.region,
+            store=store,
+            trust=config.trust,
+            timeout=config.api_timeout,
+        )
         self._stream_created = started.stream_created
         self.loaded_snapshot = started.snapshot
 
@@ -351,8 +364,13 @@ class KeySync:
         if position.last_revision > last_seq or (self._stream_created and incarnation != self._stream_created):
             # Another incarnation of the stream (recreated, or younger than our replica): its revisions
             # mean other records. Read it all again; versions and floors keep anything older out.
-            log.warning("bucket %s is another stream now (created %s, at revision %d; held %d): full resync",
-                        self.config.bucket, incarnation, last_seq, position.last_revision)  # fmt: skip
+            log.warning(
+                "bucket %s is another stream now (created %s, at revision %d; held %d): full resync",
+                self.config.bucket,
+                incarnation,
+                last_seq,
+                position.last_revision,
+            )
             position.last_revision = 0
         self._stream_created = incarnation
         start = position.last_revision + 1

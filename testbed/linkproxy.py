@@ -140,8 +140,20 @@ class LinkProcess:
     def spawn(cls, target_port: int, *, log: Path, delay: float = 0.0) -> LinkProcess:
         """Start a link to 127.0.0.1:`target_port`, its output appended to `log`; returns once it listens."""
         port = free_port()
-        process = spawn([sys.executable, "-m", "testbed.linkproxy", "--target-port", str(target_port),
-                         "--delay", str(delay), "--listen-port", str(port)], log=log)  # fmt: skip
+        process = spawn(
+            [
+                sys.executable,
+                "-m",
+                "testbed.linkproxy",
+                "--target-port",
+                str(target_port),
+                "--delay",
+                str(delay),
+                "--listen-port",
+                str(port),
+            ],
+            log=log,
+        )
         try:
             wait_for_port(port, process=process)
         except KeyrelayError:

@@ -36,8 +36,15 @@ class Topology:
 
     async def start(self) -> None:
         """Start everything; returns once every sidecar is ready."""
-        settings = UpSettings(data_dir=self.data_dir, regions=self.regions, publisher_port=0, sidecar_port=0,
-                              nats_port=0, log_level="warning", hub_nodes=self.hub_nodes)  # fmt: skip
+        settings = UpSettings(
+            data_dir=self.data_dir,
+            regions=self.regions,
+            publisher_port=0,
+            sidecar_port=0,
+            nats_port=0,
+            log_level="warning",
+            hub_nodes=self.hub_nodes,
+        )
         self.stack = Stack(settings, leaf_link=self._link, sidecar_args=self.sidecar_args)
         # On the loop's default executor, whose threads live as long as the run: the children die with the
         # thread that started them.
@@ -45,8 +52,11 @@ class Topology:
 
     def _link(self, region: str, hub_leaf_port: int) -> int:
         links = self.proxies.setdefault(region, [])
-        links.append(LinkProcess.spawn(hub_leaf_port, delay=self.delays.get(region, 0.0),
-                                       log=self.data_dir / f"link-{region}-{len(links)}.log"))  # fmt: skip
+        links.append(
+            LinkProcess.spawn(
+                hub_leaf_port, delay=self.delays.get(region, 0.0), log=self.data_dir / f"link-{region}-{len(links)}.log"
+            )
+        )
         return links[-1].port
 
     async def stop(self) -> None:

@@ -57,8 +57,16 @@ class NatsCluster:
     def create(cls, root: Path, size: int = 3, *, linked: bool = False) -> NatsCluster:
         """Nodes n1..n<size> under `root`, on free client and route ports (not started; the links are)."""
         ports = _distinct_free_ports(2 * size)
-        specs = [NatsSpec(name=f"n{i + 1}", store_dir=root / f"n{i + 1}", cluster_name=CLUSTER_NAME,
-                          port=ports[2 * i], cluster_port=ports[2 * i + 1]) for i in range(size)]  # fmt: skip
+        specs = [
+            NatsSpec(
+                name=f"n{i + 1}",
+                store_dir=root / f"n{i + 1}",
+                cluster_name=CLUSTER_NAME,
+                port=ports[2 * i],
+                cluster_port=ports[2 * i + 1],
+            )
+            for i in range(size)
+        ]
         nodes = [NatsServer(spec, log_dir=root / "logs") for spec in specs]
         cluster = cls(nodes)
         for spec in specs:
@@ -154,8 +162,9 @@ class NatsCluster:
                 raise AssertionError(f"no consumer could be created on {stream} in {timeout}s")
             await asyncio.sleep(0.05)
 
-    async def any_stream_leader(self, js: JetStreamContext, stream: str, timeout: float = 30.0, *,
-                                not_in: Collection[str] = ()) -> tuple[str, float]:  # fmt: skip
+    async def any_stream_leader(
+        self, js: JetStreamContext, stream: str, timeout: float = 30.0, *, not_in: Collection[str] = ()
+    ) -> tuple[str, float]:
         """The name of the node leading `stream` as soon as one (not in `not_in`) is elected; the seconds it took."""
         started = time.monotonic()
         while True:
@@ -191,8 +200,14 @@ async def cluster_client(
     """A test's own connection to the cluster (every URL but those of the nodes to `avoid`), which rides out the
     loss of a node."""
     urls = [node.url for node in cluster.nodes if node.spec.name not in avoid]
-    nc = await nats.connect(urls, max_reconnect_attempts=-1, reconnect_time_wait=0.1, connect_timeout=2,
-                            error_cb=_quiet, disconnected_cb=_quiet)  # fmt: skip
+    nc = await nats.connect(
+        urls,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.1,
+        connect_timeout=2,
+        error_cb=_quiet,
+        disconnected_cb=_quiet,
+    )
     try:
         yield nc, nc.jetstream(timeout=2.0)
     finally:

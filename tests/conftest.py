@@ -95,8 +95,15 @@ async def start_sidecar(nats_server: NatsServer, http: aiohttp.ClientSession) ->
     servers: list[TestServer] = []
 
     async def start(**overrides: Any) -> Sidecar:
-        settings = SidecarSettings(**{"nats_url": (nats_server.url,), "heartbeat": 0.5, "trusted_keys": TRUSTED,
-                                      "trusted_snapshot_keys": (SNAPSHOT_SIGNER.public_key,), **overrides})  # fmt: skip
+        settings = SidecarSettings(
+            **{
+                "nats_url": (nats_server.url,),
+                "heartbeat": 0.5,
+                "trusted_keys": TRUSTED,
+                "trusted_snapshot_keys": (SNAPSHOT_SIGNER.public_key,),
+                **overrides,
+            }
+        )
         server = TestServer(create_app(settings), host="127.0.0.1", port=0)
         # Runner options go to start_server: TestServer's constructor drops them silently.
         await server.start_server(max_field_size=settings.max_header_size, max_line_size=settings.max_header_size)
@@ -183,23 +190,30 @@ async def _publishers(
     servers: list[TestServer] = []
 
     async def start(**overrides: Any) -> Publisher:
-        settings = PublisherSettings(**{
-            "database_url": database_url,
-            "nats_url": (nats_server.url,),
-            "admin_token": ADMIN_TOKEN,
-            "data_dir": tmp_path / "publisher",
-            "publish_wait": 2.0,
-            "signing_key": signing_key,
-            "init": True,
-            **overrides,
-        })  # fmt: skip
+        settings = PublisherSettings(
+            **{
+                "database_url": database_url,
+                "nats_url": (nats_server.url,),
+                "admin_token": ADMIN_TOKEN,
+                "data_dir": tmp_path / "publisher",
+                "publish_wait": 2.0,
+                "signing_key": signing_key,
+                "init": True,
+                **overrides,
+            }
+        )
         # A port given is served (a public URL names it); else a free one.
         server = TestServer(create_publisher_app(settings), host="127.0.0.1", port=overrides.get("port", 0))
         await server.start_server()
         servers.append(server)
         url = str(server.make_url("")).rstrip("/")
-        publisher = Publisher(url=url, admin=Admin(url=url, http=http), services=server.app[SERVICES],
-                              maintenance=server.app[MAINTENANCE], server=server)  # fmt: skip
+        publisher = Publisher(
+            url=url,
+            admin=Admin(url=url, http=http),
+            services=server.app[SERVICES],
+            maintenance=server.app[MAINTENANCE],
+            server=server,
+        )
         await publisher.services.broker.bucket_ready.wait()
         # The start-up passes (the leader's re-signing, the reconciliation) end before the test plants anything.
         await asyncio.wait_for(publisher.maintenance.settled.wait(), 30)

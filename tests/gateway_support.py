@@ -47,9 +47,15 @@ class Answer:
 
 
 async def call(
-    http: aiohttp.ClientSession, base: str, path: str, *, method: str = "GET", key: str | None = None,
-    api_key: str | None = None, headers: dict[str, str] | None = None,
-) -> Answer:  # fmt: skip
+    http: aiohttp.ClientSession,
+    base: str,
+    path: str,
+    *,
+    method: str = "GET",
+    key: str | None = None,
+    api_key: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Answer:
     """One request through the gateway; `path` is sent exactly as given (no normalisation)."""
     sent = dict(headers or {})
     if key is not None:

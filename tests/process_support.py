@@ -25,10 +25,24 @@ class PublisherProcess:
     def __init__(self, database_url: str, nats_url: str, log: Path, signing_key: Path) -> None:
         self.port = free_port()
         self.command = [
-            sys.executable, "-m", "keyrelay", "publisher", "--port", str(self.port), "--database-url", database_url,
-            "--nats-url", nats_url, "--data-dir", str(log.parent), "--init",
-            "--publish-wait", "1s", "--signing-key", str(signing_key),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "keyrelay",
+            "publisher",
+            "--port",
+            str(self.port),
+            "--database-url",
+            database_url,
+            "--nats-url",
+            nats_url,
+            "--data-dir",
+            str(log.parent),
+            "--init",
+            "--publish-wait",
+            "1s",
+            "--signing-key",
+            str(signing_key),
+        ]
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 

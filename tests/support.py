@@ -103,12 +103,25 @@ TRUSTED = (SIGNER.public_key,)
 TRUST = Trust.of(records=TRUSTED, snapshots=(SNAPSHOT_SIGNER.public_key,))
 
 
-async def seed(nats_url: str, *, region: str | None = None, force: bool = True, trust: Trust = TRUST,
-               signer: Signer = SNAPSHOT_SIGNER) -> SeedResult:  # fmt: skip
+async def seed(
+    nats_url: str,
+    *,
+    region: str | None = None,
+    force: bool = True,
+    trust: Trust = TRUST,
+    signer: Signer = SNAPSHOT_SIGNER,
+) -> SeedResult:
     """Seed the region's snapshot with the suite's snapshot key, as `keyrelay snapshot seed` does."""
-    return await seed_snapshot(nats=NatsConnect((nats_url,), identity=identity_name("region-init", region)),
-                               bucket="KEYS", region=region, store="KEYS_SNAPSHOTS", trust=trust, signer=signer,
-                               force=force, timeout=30.0)  # fmt: skip
+    return await seed_snapshot(
+        nats=NatsConnect((nats_url,), identity=identity_name("region-init", region)),
+        bucket="KEYS",
+        region=region,
+        store="KEYS_SNAPSHOTS",
+        trust=trust,
+        signer=signer,
+        force=force,
+        timeout=30.0,
+    )
 
 
 def find(table: KeyTable, digest: bytes) -> int:
@@ -158,18 +171,27 @@ async def put_raw(
     return int(ack.seq)
 
 
-async def delete(bucket: KeyValue, record: KeyRecord, *, signer: Signer | None = SIGNER,
-                 version: int = MAX_VERSION) -> int:  # fmt: skip
+async def delete(
+    bucket: KeyValue, record: KeyRecord, *, signer: Signer | None = SIGNER, version: int = MAX_VERSION
+) -> int:
     """Delete a record's entry with a signed tombstone, as the publisher does; the bucket revision."""
-    return await put_raw(bucket, record.entry, encode_tombstone(record.key_id, version), signer=signer,
-                         kind=KIND_TOMBSTONE, headers={"KV-Operation": "DEL"})  # fmt: skip
+    return await put_raw(
+        bucket,
+        record.entry,
+        encode_tombstone(record.key_id, version),
+        signer=signer,
+        kind=KIND_TOMBSTONE,
+        headers={"KV-Operation": "DEL"},
+    )
 
 
-async def heartbeat(bucket: KeyValue, acked: int = 0, *, signer: Signer | None = SIGNER,
-                    signed_at: float | None = None) -> int:  # fmt: skip
+async def heartbeat(
+    bucket: KeyValue, acked: int = 0, *, signer: Signer | None = SIGNER, signed_at: float | None = None
+) -> int:
     """The publisher's signed heartbeat; the bucket revision."""
-    return await put_raw(bucket, HEARTBEAT_ENTRY, encode_heartbeat(acked), signer=signer, kind=KIND_HEARTBEAT,
-                         signed_at=signed_at)  # fmt: skip
+    return await put_raw(
+        bucket, HEARTBEAT_ENTRY, encode_heartbeat(acked), signer=signer, kind=KIND_HEARTBEAT, signed_at=signed_at
+    )
 
 
 # How soon "at once" is in a functional test: generous, so that a loaded two-core machine never trips it,
@@ -410,8 +432,14 @@ class BucketMessage:
 
     def verify(self, signer: Signer, *, horizon: float = 7 * 86400) -> Verified:
         """Verify it with `signer`'s public key alone, as a sidecar trusting only that key would."""
-        return verify(self.signature, self.data, entry=self.entry, trusted=TrustedKeys.of([signer.public_key]),
-                      deployment=signer.deployment, horizon=horizon)  # fmt: skip
+        return verify(
+            self.signature,
+            self.data,
+            entry=self.entry,
+            trusted=TrustedKeys.of([signer.public_key]),
+            deployment=signer.deployment,
+            horizon=horizon,
+        )
 
 
 async def every_message(js: JetStreamContext) -> dict[str, BucketMessage]:
@@ -422,13 +450,15 @@ async def every_message(js: JetStreamContext) -> dict[str, BucketMessage]:
 
     async def collect(msg: Msg) -> None:
         entry = msg.subject.removeprefix(prefix)
-        found[entry] = BucketMessage(entry=entry, data=msg.data, headers=dict(msg.headers or {}),
-                                     seq=msg.metadata.sequence.stream)  # fmt: skip
+        found[entry] = BucketMessage(
+            entry=entry, data=msg.data, headers=dict(msg.headers or {}), seq=msg.metadata.sequence.stream
+        )
         if msg.metadata.num_pending == 0:
             done.set()
 
-    sub = await js.subscribe(prefix + ">", cb=collect, ordered_consumer=True,
-                             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT)  # fmt: skip
+    sub = await js.subscribe(
+        prefix + ">", cb=collect, ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT
+    )
     try:
         await asyncio.wait_for(done.wait(), 10)
     finally:

@@ -48,8 +48,14 @@ def test_the_duration_parser_is_linear_and_refuses_padding_and_foreign_digits() 
         with pytest.raises(ValueError, match="not a duration"):
             parse_duration(text)
     assert [parse_duration(t) for t in ("90d", " 24h ", "15m", "30s", "250ms", "1.5", "7")] == [
-        90 * 86400.0, 86400.0, 900.0, 30.0, 0.25, 1.5, 7.0,
-    ]  # fmt: skip
+        90 * 86400.0,
+        86400.0,
+        900.0,
+        30.0,
+        0.25,
+        1.5,
+        7.0,
+    ]
 
 
 async def test_a_padded_duration_is_refused_at_once_and_the_publisher_keeps_answering(
@@ -60,8 +66,9 @@ async def test_a_padded_duration_is_refused_at_once_and_the_publisher_keeps_answ
     project = await admin.project()
     before = await _state(admin)
     started = time.perf_counter()
-    status, answer = await admin.call("POST", f"/projects/{project['id']}/keys",
-                                      {"name": "k", "expires_in": "1" + " " * 300_000 + "x"})  # fmt: skip
+    status, answer = await admin.call(
+        "POST", f"/projects/{project['id']}/keys", {"name": "k", "expires_in": "1" + " " * 300_000 + "x"}
+    )
     # At once: a pattern that backtracks over the padding took 4.2 s on a tenth of it (review M2), so minutes here.
     assert time.perf_counter() - started < PROMPTLY
     assert (status, answer["error"]["field"]) == (400, "expires_in")
@@ -79,9 +86,12 @@ async def test_a_member_asking_for_a_superscript_limit_gets_400_not_500(
     member = (await admin.ok("POST", "/tokens", {"name": "m1", "role": "platform-reader"}))["token"]
     before = await _state(admin)
     cases: list[tuple[str, dict[str, Any]]] = [
-        ("/audit", {"limit": "²"}), ("/audit", {"before": "¹"}), (f"/projects/{project['id']}/keys", {"limit": "²"}),
-        ("/audit", {"limit": "٣"}), ("/audit", {"limit": "1" * 30}),
-    ]  # fmt: skip
+        ("/audit", {"limit": "²"}),
+        ("/audit", {"before": "¹"}),
+        (f"/projects/{project['id']}/keys", {"limit": "²"}),
+        ("/audit", {"limit": "٣"}),
+        ("/audit", {"limit": "1" * 30}),
+    ]
     for path, query in cases:
         status, answer = await admin.call("GET", path, token=member, **query)
         assert (status, answer["error"]["field"]) == (400, next(iter(query))), (path, query, answer)
@@ -187,9 +197,14 @@ async def test_a_non_canonical_uuid_in_a_path_is_404_and_never_reaches_the_datab
     publisher = await _started(start_publisher, caplog)
     admin = publisher.admin
     before = await _state(admin)
-    for method, path in (("GET", f"/keys/{ident}"), ("GET", f"/orgs/{ident}/teams"),
-                         ("GET", f"/teams/{ident}/projects"), ("GET", f"/projects/{ident}/keys"),
-                         ("POST", f"/keys/{ident}/revoke"), ("DELETE", f"/projects/{ident}")):  # fmt: skip
+    for method, path in (
+        ("GET", f"/keys/{ident}"),
+        ("GET", f"/orgs/{ident}/teams"),
+        ("GET", f"/teams/{ident}/projects"),
+        ("GET", f"/projects/{ident}/keys"),
+        ("POST", f"/keys/{ident}/revoke"),
+        ("DELETE", f"/projects/{ident}"),
+    ):
         status, answer = await admin.call(method, path, {} if method == "POST" else None)
         assert (status, answer["error"]["code"]) == (404, "not_found"), (method, path, answer)
     status, answer = await admin.call("GET", "/audit", key_id=ident)

@@ -37,8 +37,12 @@ def test_a_bench_key_file_loads_as_the_same_signer(tmp_path: Path) -> None:
 
 
 def test_sidecar_trust_flags_name_the_bench_keys() -> None:
-    assert sidecar_trust_args() == ["--trusted-keys", BENCH_SIGNER.public_key, "--trusted-snapshot-keys",
-                                    BENCH_SNAPSHOT_SIGNER.public_key]  # fmt: skip
+    assert sidecar_trust_args() == [
+        "--trusted-keys",
+        BENCH_SIGNER.public_key,
+        "--trusted-snapshot-keys",
+        BENCH_SNAPSHOT_SIGNER.public_key,
+    ]
     assert sidecar_trust_args(snapshots=None) == ["--trusted-keys", BENCH_SIGNER.public_key]
 
 
@@ -59,10 +63,16 @@ async def test_heartbeats_are_signed_heartbeats_a_sidecar_verifies(
 
 
 def test_the_seeders_summary_line_gives_its_replay() -> None:
-    line = ("snapshot global: wrote 1,000,000 keys at revision 1,000,404 (103.9 MiB) in 169.0s, replaying 1,000,000 "
-            "records in 167.6s; the region's sidecars now start from it")  # fmt: skip
+    line = (
+        "snapshot global: wrote 1,000,000 keys at revision 1,000,404 (103.9 MiB) in 169.0s, replaying 1,000,000 "
+        "records in 167.6s; the region's sidecars now start from it"
+    )
     assert parse_seed_summary("starting\n" + line + "\n") == {
-        "keys": 1_000_000, "revision": 1_000_404, "mib": 103.9, "seconds": 169.0, "replayed": 1_000_000,
+        "keys": 1_000_000,
+        "revision": 1_000_404,
+        "mib": 103.9,
+        "seconds": 169.0,
+        "replayed": 1_000_000,
         "replay_seconds": 167.6,
-    }  # fmt: skip
+    }
     assert parse_seed_summary("snapshot global is fresh: nothing written") is None

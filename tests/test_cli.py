@@ -50,8 +50,10 @@ async def test_orgs_teams_and_projects_are_created_and_listed_and_decommissionin
     assert team_answer in (await admin.ok("GET", f"/orgs/{org}/teams"))["teams"]
     assert [r["NAME"] for r in table_rows(await shell.ok("teams", "list", "--org", org))] == ["platform", "search"]
 
-    keys = [(await shell.ok("keys", "create", "--project", project, "--name", f"k{i}", "--print", "id")).strip()
-            for i in range(2)]  # fmt: skip
+    keys = [
+        (await shell.ok("keys", "create", "--project", project, "--name", f"k{i}", "--print", "id")).strip()
+        for i in range(2)
+    ]
     said = await shell.ok("projects", "decommission", project, "--yes")
     assert said.strip() == f"project {project} decommissioned; 2 key(s) revoked (published)"
     assert {(await admin.ok("GET", f"/keys/{k}"))["status"] for k in keys} == {"revoked"}
@@ -65,8 +67,20 @@ async def test_a_key_is_created_listed_shown_rotated_and_revoked_from_the_shell(
     admin = shell.publisher.admin
     _, _, project = await _project(shell)
 
-    created = await shell.ok("keys", "create", "--project", project, "--name", "payments-prod", "--scope",
-                             "orders:read,orders:write", "--expires-in", "90d", "--meta", "owner=billing")  # fmt: skip
+    created = await shell.ok(
+        "keys",
+        "create",
+        "--project",
+        project,
+        "--name",
+        "payments-prod",
+        "--scope",
+        "orders:read,orders:write",
+        "--expires-in",
+        "90d",
+        "--meta",
+        "owner=billing",
+    )
     first, rest = created.split("\n", 1)
     plaintext = first.removeprefix("key (shown once, store it now): ")
     assert plaintext.startswith("kr_live_"), first
@@ -135,8 +149,10 @@ async def test_the_audit_trail_is_printed_as_a_table_or_as_the_apis_json(shell: 
     assert table_columns(trail) == ["AT", "ACTOR", "ACTION", "PROJECT", "KEY", "DETAILS"]
     rows = table_rows(trail)
     assert [(r["ACTOR"], r["ACTION"], r["KEY"]) for r in rows] == [
-        ("bootstrap", "key.revoke", key_id), ("bootstrap", "key.create", key_id), ("bootstrap", "project.create", "-"),
-    ]  # fmt: skip
+        ("bootstrap", "key.revoke", key_id),
+        ("bootstrap", "key.create", key_id),
+        ("bootstrap", "project.create", "-"),
+    ]
     assert rows[0]["DETAILS"] == "reason=done"
     assert {r["PROJECT"] for r in rows} == {project}
     audit = await admin.ok("GET", "/audit", key_id=key_id)
@@ -206,14 +222,24 @@ async def test_the_url_and_token_come_from_flags_before_variables_before_the_sta
 
 
 async def test_the_installed_command_reads_its_url_and_token_from_the_environment(shell: Shell, tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "KEYRELAY_URL": shell.publisher.url, "KEYRELAY_TOKEN": ADMIN_TOKEN,
-           "KEYRELAY_DATA_DIR": str(tmp_path / "no-stack-here"),
-           "XDG_CONFIG_HOME": str(tmp_path / "config")}  # fmt: skip
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "KEYRELAY_URL": shell.publisher.url,
+        "KEYRELAY_TOKEN": ADMIN_TOKEN,
+        "KEYRELAY_DATA_DIR": str(tmp_path / "no-stack-here"),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }
     command = Path(sys.executable).parent / "keyrelay"
     process = await asyncio.create_subprocess_exec(
-        str(command), "orgs", "create", "from-env", "--json", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        str(command),
+        "orgs",
+        "create",
+        "from-env",
+        "--json",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert (process.returncode, err) == (0, b"")
     assert json.loads(out) in (await shell.publisher.admin.ok("GET", "/orgs"))["orgs"]
@@ -282,8 +308,10 @@ async def test_destructive_commands_ask_need_yes_without_a_terminal_and_dry_run_
 ) -> None:
     admin = shell.publisher.admin
     _, _, project = await _project(shell)
-    ids = [(await shell.ok("keys", "create", "--project", project, "--name", f"k{i}", "--print", "id")).strip()
-           for i in range(3)]  # fmt: skip
+    ids = [
+        (await shell.ok("keys", "create", "--project", project, "--name", f"k{i}", "--print", "id")).strip()
+        for i in range(3)
+    ]
     audit = await admin.ok("GET", "/audit")
 
     for argv in (("projects", "decommission", project), ("keys", "revoke", *ids)):
@@ -317,12 +345,15 @@ async def test_names_work_wherever_ids_do_and_an_ambiguous_name_lists_the_candid
 
 async def test_print_gives_one_tab_separated_line_per_item_and_no_python_reprs(shell: Shell) -> None:
     _, _, project = await _project(shell)
-    created = await shell.ok("keys", "create", "--project", project, "--name", "b", "--count", "3",
-                             "--print", "id,name,scopes,region")  # fmt: skip
+    created = await shell.ok(
+        "keys", "create", "--project", project, "--name", "b", "--count", "3", "--print", "id,name,scopes,region"
+    )
     lines = [line.split("\t") for line in created.splitlines()]
     assert [(name, scopes, region) for _, name, scopes, region in lines] == [
-        ("b-1", "", ""), ("b-2", "", ""), ("b-3", "", ""),  # an empty list and a null are empty, never [] or None
-    ]  # fmt: skip
+        ("b-1", "", ""),
+        ("b-2", "", ""),
+        ("b-3", "", ""),  # an empty list and a null are empty, never [] or None
+    ]
     listed = await shell.ok("keys", "list", "--project", project, "--print", "id,status")
     assert sorted(listed.splitlines()) == sorted(f"{key_id}\tactive" for key_id, *_ in lines)
     every = await shell.ok("keys", "list", "--project", project, "--all", "--print", "name")
@@ -336,8 +367,9 @@ async def test_creating_what_exists_can_hand_back_the_existing_one(shell: Shell)
     assert (again.code, again.out.strip()) == (0, org)
     assert again.err == f"keyrelay: the organization 'acme' exists already ({org})\n"
     team_again = await shell.run("teams", "create", "--org", "acme", "platform", "--if-not-exists", "--print", "id")
-    project_again = await shell.run("projects", "create", "--team", team, "payments", "--if-not-exists",
-                                    "--print", "id")  # fmt: skip
+    project_again = await shell.run(
+        "projects", "create", "--team", team, "payments", "--if-not-exists", "--print", "id"
+    )
     assert (team_again.out.strip(), project_again.out.strip()) == (team, project)
 
 
@@ -346,8 +378,10 @@ async def test_keys_list_without_a_project_lists_every_key_the_token_may_see_org
 ) -> None:
     _, _, payments = await _project(shell)
     search = await shell.json("projects", "create", "--team", "platform", "search")
-    made = {(await shell.json("keys", "create", "--project", project, "--name", name))["id"]: project
-            for project, name in ((payments, "p"), (search["id"], "s1"), (search["id"], "s2"))}  # fmt: skip
+    made = {
+        (await shell.json("keys", "create", "--project", project, "--name", name))["id"]: project
+        for project, name in ((payments, "p"), (search["id"], "s1"), (search["id"], "s2"))
+    }
     listed = await shell.json("keys", "list")
     assert {k["id"]: k["project_id"] for k in listed["keys"]} == made
     assert [k["id"] for k in (await shell.json("keys", "list", "--team", "platform", "--org", "acme"))["keys"]] == [
@@ -356,5 +390,6 @@ async def test_keys_list_without_a_project_lists_every_key_the_token_may_see_org
     cut = await shell.run("keys", "list", "--limit", "2")
     assert len(table_rows(cut.out)) == 2
     assert "2 keys shown, and there may be more: --all for every one, or --org" in cut.err
-    assert "--cursor goes on within one organization's or team's keys" in await shell.fails("keys", "list", "--cursor",
-                                                                                           "x")  # fmt: skip
+    assert "--cursor goes on within one organization's or team's keys" in await shell.fails(
+        "keys", "list", "--cursor", "x"
+    )

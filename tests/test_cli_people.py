@@ -23,10 +23,23 @@ async def _bookshop(shell: Shell) -> dict[str, str]:
     ids = {"bookshop": (await shell.ok("orgs", "create", "bookshop", "--print", "id")).strip()}
     for team, project in (("payments", "checkout"), ("search", "indexer")):
         ids[team] = (await shell.ok("teams", "create", "--org", "bookshop", team, "--print", "id")).strip()
-        ids[project] = (await shell.ok("projects", "create", "--org", "bookshop", "--team", team, project, "--print",
-                                       "id")).strip()  # fmt: skip
-        made = await shell.ok("keys", "create", "--org", "bookshop", "--team", team, "--project", project, "--name",
-                              f"{project}-key", "--print", "id")  # fmt: skip
+        ids[project] = (
+            await shell.ok("projects", "create", "--org", "bookshop", "--team", team, project, "--print", "id")
+        ).strip()
+        made = await shell.ok(
+            "keys",
+            "create",
+            "--org",
+            "bookshop",
+            "--team",
+            team,
+            "--project",
+            project,
+            "--name",
+            f"{project}-key",
+            "--print",
+            "id",
+        )
         ids[f"{project}-key"] = made.strip()
     return ids
 
@@ -75,8 +88,9 @@ async def test_members_are_added_listed_and_removed_in_orgs_and_teams_and_leavin
         "members", "add", "--team", "payments", "--org", "bookshop", "bob@example.com", "--role", "viewer"
     )
     await shell.ok("members", "add", "--org", "bookshop", "bob@example.com", "--role", "admin")
-    await shell.ok("members", "add", "--team", "payments", "--org", "bookshop", "ann@example.com", "--role",
-                   "developer")  # fmt: skip
+    await shell.ok(
+        "members", "add", "--team", "payments", "--org", "bookshop", "ann@example.com", "--role", "developer"
+    )
     promoted = await shell.json("members", "add", "--team", "payments", "ann@example.com", "--role", "maintainer")
     assert promoted["role"] == "maintainer"  # a second add changes the role
     team = await shell.ok("members", "list", "--team", "payments", "--org", "bookshop")
@@ -119,8 +133,9 @@ async def test_orgs_and_teams_are_renamed_and_deleted_and_a_deleted_teams_name_i
 
     assert "without --yes" in await shell.fails("teams", "delete", "--org", "books", "payments")
     plan = await shell.ok("teams", "delete", "--org", "books", "payments", "--dry-run")
-    assert plan.strip() == (f"would decommission team payments ({ids['payments']}): every project of it, revoking "
-                            "every key")  # fmt: skip
+    assert plan.strip() == (
+        f"would decommission team payments ({ids['payments']}): every project of it, revoking every key"
+    )
     said = await shell.ok("teams", "delete", "--org", "books", "payments", "--yes")
     assert said.strip() == f"team {ids['payments']} decommissioned; 1 key(s) revoked (published)"
     assert (await admin.ok("GET", f"/keys/{ids['checkout-key']}"))["status"] == "revoked"
@@ -140,10 +155,10 @@ async def test_tokens_are_scoped_to_an_org_a_team_or_a_user_and_only_platform_re
     ids = await _bookshop(shell)
     await shell.ok("members", "add", "--org", "bookshop", "ann@example.com", "--role", "owner")
     owner = await shell.json("tokens", "create", "owner", "--org", "bookshop", "--role", "owner")
-    lead = await shell.json("tokens", "create", "lead", "--team", "search", "--org", "bookshop", "--role",
-                            "maintainer")  # fmt: skip
-    ann = await shell.json("tokens", "create", "ann", "--user", "ann@example.com", "--org", "bookshop", "--role",
-                           "admin")  # fmt: skip
+    lead = await shell.json("tokens", "create", "lead", "--team", "search", "--org", "bookshop", "--role", "maintainer")
+    ann = await shell.json(
+        "tokens", "create", "ann", "--user", "ann@example.com", "--org", "bookshop", "--role", "admin"
+    )
     assert (owner["org_id"], owner["team_id"], owner["role"]) == (ids["bookshop"], None, "owner")
     assert (lead["org_id"], lead["team_id"], lead["role"]) == (None, ids["search"], "maintainer")
     assert (ann["org_id"], ann["user_id"] is not None, ann["role"]) == (ids["bookshop"], True, "admin")
@@ -184,8 +199,7 @@ async def test_keys_list_narrows_to_an_org_a_team_or_a_project_and_asks_for_noth
     assert await names("--org", "bookshop", "--team", "search") == ["indexer-key"]
     assert await names("--project", "checkout", "--org", "bookshop") == ["checkout-key"]
     member = await shell.json("tokens", "create", "org-member", "--org", "bookshop", "--role", "member")
-    viewer = await shell.json("tokens", "create", "viewer", "--team", "search", "--org", "bookshop", "--role",
-                              "viewer")  # fmt: skip
+    viewer = await shell.json("tokens", "create", "viewer", "--team", "search", "--org", "bookshop", "--role", "viewer")
     assert await names(token=viewer["token"]) == ["indexer-key"]
     assert await names("--org", "bookshop", token=viewer["token"]) == ["indexer-key"]
     audited = len((await shell.publisher.admin.ok("GET", "/audit", limit=1000))["entries"])
@@ -205,18 +219,55 @@ async def test_keys_list_narrows_to_an_org_a_team_or_a_project_and_asks_for_noth
 async def test_keys_list_passes_every_filter_and_the_sort_to_the_org_and_team_routes(shell: Shell) -> None:
     ids = await _bookshop(shell)
     admin = shell.publisher.admin
-    await shell.ok("keys", "create", "--org", "bookshop", "--team", "payments", "--project", "checkout", "--name",
-                   "checkout-test", "--env", "test", "--scope", "orders:read", "--expires-in", "2d")  # fmt: skip
-    options = ["--status", "active", "--expiring-within", "3d", "--env", "test", "--region", "global", "--scope",
-               "orders:read", "--created-by", "bookshop-admin@example.com", "--prefix", "checkout",
-               "--unused-for", "0s", "--expires-before", "2100-01-01T00:00:00Z", "--sort=-name"]  # fmt: skip
+    await shell.ok(
+        "keys",
+        "create",
+        "--org",
+        "bookshop",
+        "--team",
+        "payments",
+        "--project",
+        "checkout",
+        "--name",
+        "checkout-test",
+        "--env",
+        "test",
+        "--scope",
+        "orders:read",
+        "--expires-in",
+        "2d",
+    )
+    options = [
+        "--status",
+        "active",
+        "--expiring-within",
+        "3d",
+        "--env",
+        "test",
+        "--region",
+        "global",
+        "--scope",
+        "orders:read",
+        "--created-by",
+        "bookshop-admin@example.com",
+        "--prefix",
+        "checkout",
+        "--unused-for",
+        "0s",
+        "--expires-before",
+        "2100-01-01T00:00:00Z",
+        "--sort=-name",
+    ]
     await shell.ok("users", "add", "bookshop-admin@example.com", "--org", "bookshop")
     nobody = await shell.json("keys", "list", "--org", "bookshop", *options)
     assert nobody["keys"] == []  # that user made nothing
     options[options.index("bookshop-admin@example.com")] = (await admin.ok("GET", f"/keys/{ids['checkout-key']}"))[
-        "created_by"]  # the bootstrap token's id  # fmt: skip
-    for where, path in ((["--org", "bookshop"], f"/orgs/{ids['bookshop']}/keys"),
-                        (["--team", "payments", "--org", "bookshop"], f"/teams/{ids['payments']}/keys")):  # fmt: skip
+        "created_by"
+    ]  # the bootstrap token's id
+    for where, path in (
+        (["--org", "bookshop"], f"/orgs/{ids['bookshop']}/keys"),
+        (["--team", "payments", "--org", "bookshop"], f"/teams/{ids['payments']}/keys"),
+    ):
         listed = await shell.json("keys", "list", *where, *options)
         query = dict(zip([o.lstrip("-").replace("-", "_") for o in options[:-1:2]], options[1:-1:2], strict=True))
         direct = await admin.ok("GET", path, sort="-name", **query)
@@ -235,10 +286,14 @@ async def test_login_with_a_personal_token_acts_as_that_person_until_logout(shel
     ids = await _bookshop(shell)
     globex = (await shell.ok("orgs", "create", "globex", "--print", "id")).strip()
     await shell.ok("members", "add", "--org", "bookshop", "ann@example.com", "--role", "member")
-    await shell.ok("members", "add", "--team", "payments", "--org", "bookshop", "ann@example.com", "--role",
-                   "developer")  # fmt: skip
-    token = (await shell.ok("tokens", "create", "ann-laptop", "--user", "ann@example.com", "--role", "personal",
-                            "--print", "token")).strip()  # fmt: skip
+    await shell.ok(
+        "members", "add", "--team", "payments", "--org", "bookshop", "ann@example.com", "--role", "developer"
+    )
+    token = (
+        await shell.ok(
+            "tokens", "create", "ann-laptop", "--user", "ann@example.com", "--role", "personal", "--print", "token"
+        )
+    ).strip()
 
     ran = await shell.run("login", "--url", url, auth=False, stdin=token + "\n")
     assert (ran.code, ran.err) == (0, "")
@@ -251,8 +306,20 @@ async def test_login_with_a_personal_token_acts_as_that_person_until_logout(shel
         done = await shell.run(*argv, auth=False)
         return done.code, done.out, done.err
 
-    made = await as_ann("keys", "create", "--org", "bookshop", "--team", "payments", "--project", "checkout",
-                        "--name", "ann-dev", "--print", "id")  # fmt: skip
+    made = await as_ann(
+        "keys",
+        "create",
+        "--org",
+        "bookshop",
+        "--team",
+        "payments",
+        "--project",
+        "checkout",
+        "--name",
+        "ann-dev",
+        "--print",
+        "id",
+    )
     assert made[0] == 0
     code, out, _ = await as_ann("keys", "list", "--print", "name")
     assert (code, sorted(out.split())) == (0, ["ann-dev", "checkout-key"])  # her team's keys, not search's

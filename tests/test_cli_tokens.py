@@ -31,8 +31,19 @@ async def test_tokens_are_created_with_an_expiry_listed_and_revoked_from_the_cli
         "keyrelay: warning: 1 active platform-reader token(s) (dashboard) read every organization's "
         "keys and audit trail (cross-tenant); scope them with --org or --team where you can\n"
     )
-    assert table_columns(listed) == ["ID", "NAME", "ROLE", "ORG", "TEAM", "USER", "STATUS", "DISPLAY", "CREATED",
-                                "EXPIRES", "REVOKED"]  # fmt: skip
+    assert table_columns(listed) == [
+        "ID",
+        "NAME",
+        "ROLE",
+        "ORG",
+        "TEAM",
+        "USER",
+        "STATUS",
+        "DISPLAY",
+        "CREATED",
+        "EXPIRES",
+        "REVOKED",
+    ]
     rows = {r["NAME"]: r for r in table_rows(listed)}
     assert set(rows) == {"bootstrap", "ci", "dashboard"}
     assert rows["ci"]["DISPLAY"] == f"krat_…{created['token'][-4:]}"

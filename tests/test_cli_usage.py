@@ -41,8 +41,15 @@ def keyrelay(*argv: str, home: Path, python_flags: tuple[str, ...] = ()) -> Ran:
     """`python -m keyrelay ARGV` with no KEYRELAY_* variable, login or stack found by accident."""
     env = environ_without_settings()
     env |= {"XDG_CONFIG_HOME": str(home / "config"), "KEYRELAY_DATA_DIR": str(home / "no-stack-here")}
-    done = subprocess.run([sys.executable, *python_flags, "-m", "keyrelay", *argv], env=env, cwd=home,
-                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, *python_flags, "-m", "keyrelay", *argv],
+        env=env,
+        cwd=home,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     return Ran(done.returncode, done.stdout, done.stderr)
 
 
@@ -164,8 +171,13 @@ def test_a_missing_file_or_a_bad_argument_is_one_line_on_stderr_and_exit_1(
 
 def test_a_reader_that_goes_away_ends_the_command_quietly_with_exit_1(tmp_path: Path) -> None:
     env = environ_without_settings()
-    process = subprocess.Popen([sys.executable, "-m", "keyrelay", "nats-config", "--role", "hub"], env=env,
-                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "keyrelay", "nats-config", "--role", "hub"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     assert process.stdout is not None
     process.stdout.close()  # `| head -0`: nobody reads what it prints
     _, err = process.communicate(timeout=60)

@@ -117,8 +117,12 @@ class Deployment:
 
     async def wait_verdicts(self, keys: list[dict[str, Any]], expected: str, timeout: float) -> float:
         """Wait until every sidecar answers `expected` for every key; the seconds it took."""
-        _, took = await eventually(lambda: self.verdicts(keys), lambda v: all(c == expected for s in v for c in s),
-                                   timeout=timeout, interval=0.05)  # fmt: skip
+        _, took = await eventually(
+            lambda: self.verdicts(keys),
+            lambda v: all(c == expected for s in v for c in s),
+            timeout=timeout,
+            interval=0.05,
+        )
         return took
 
     async def revoke(self, key: dict[str, Any]) -> str:
@@ -144,8 +148,9 @@ async def deployment(
 ) -> Deployment:
     """A publisher (a bucket of its own at 3 replicas) and a sidecar on each node; 30 keys accepted by all."""
     bucket = f"HA_{uuid.uuid4().hex[:10]}"
-    publisher = await start_publisher(nats_url=cluster.urls, bucket_replicas=3, heartbeat_interval=_HEARTBEAT,
-                                      bucket=bucket)  # fmt: skip
+    publisher = await start_publisher(
+        nats_url=cluster.urls, bucket_replicas=3, heartbeat_interval=_HEARTBEAT, bucket=bucket
+    )
     project = (await publisher.admin.project())["id"]
     d = Deployment(cluster, client, bucket, publisher, project, start_sidecar)
     await cluster.stream_leader(client, d.stream)
@@ -195,12 +200,18 @@ async def _ride_out(d: Deployment, fault: str, lost: Collection[str], started: f
     assert after == "published"
     assert relay.health.blocked_seconds() == 0.0
     assert broker.stream_repairs == repairs, "the relay recreated a stream that only lacked a leader"
-    figures = {"recovered": recovered_after, "refused_everywhere": refused_after,
-               "after_recovery": refused_after - recovered_after, "changes_took": changes_took,
-               "pending_answers": answers.count("pending"),
-               "relay_blockages": relay.health.blockages - blockages}  # fmt: skip
-    print(f"HA: {fault} (sidecars on {sidecar_nodes}, now on {[d.node_of(s) for s in d.sidecars]}; publisher on "
-          f"{d.publisher_node()}): " + ", ".join(f"{k}={v:.2f}" for k, v in figures.items()))  # fmt: skip
+    figures = {
+        "recovered": recovered_after,
+        "refused_everywhere": refused_after,
+        "after_recovery": refused_after - recovered_after,
+        "changes_took": changes_took,
+        "pending_answers": answers.count("pending"),
+        "relay_blockages": relay.health.blockages - blockages,
+    }
+    print(
+        f"HA: {fault} (sidecars on {sidecar_nodes}, now on {[d.node_of(s) for s in d.sidecars]}; publisher on "
+        f"{d.publisher_node()}): " + ", ".join(f"{k}={v:.2f}" for k, v in figures.items())
+    )
     return figures
 
 
@@ -281,8 +292,9 @@ async def test_every_node_restarted_one_by_one_loses_no_revocation(deployment: D
         await asyncio.to_thread(node.stop)  # SIGTERM: the node shuts down cleanly
         restart = asyncio.create_task(_start_later(node, 2.0))  # back after 2 s, as a pod would be
         try:
-            await _ride_out(d, f"rolling restart: {name}{' (stream leader)' if name == leader else ''} restarted",
-                            {name}, started)  # fmt: skip
+            await _ride_out(
+                d, f"rolling restart: {name}{' (stream leader)' if name == leader else ''} restarted", {name}, started
+            )
         finally:
             await restart
         # The next node goes only once this one is current again, as a careful rollout waits.
@@ -324,9 +336,11 @@ async def test_a_sidecar_is_fresh_no_longer_than_max_staleness_while_the_stream_
     # Fresh exactly until the last heartbeat the sidecar verified is --max-staleness old; then it fails closed.
     assert max_staleness <= stale_after <= max_staleness + 3, stale_after
     assert await strict.status_of(d.keys[1]["key"]) == 503
-    print(f"HA: no quorum ({[n.spec.name for n in lost]} killed): revocation answered {answer}; a sidecar with "
-          f"--max-staleness {max_staleness:.0f}s went unready {stale_after:.2f}s after the last heartbeat it "
-          f"verified ({time.monotonic() - killed:.2f}s after the kill)")  # fmt: skip
+    print(
+        f"HA: no quorum ({[n.spec.name for n in lost]} killed): revocation answered {answer}; a sidecar with "
+        f"--max-staleness {max_staleness:.0f}s went unready {stale_after:.2f}s after the last heartbeat it "
+        f"verified ({time.monotonic() - killed:.2f}s after the kill)"
+    )
 
     restarted = time.monotonic()
     for node in lost:
@@ -336,8 +350,10 @@ async def test_a_sidecar_is_fresh_no_longer_than_max_staleness_while_the_stream_
     await d.wait_verdicts([key], "REVOKED", timeout=_FAULT_TIMEOUT)
     await eventually(lambda: strict.code_of(key["key"]), lambda c: c == "REVOKED", timeout=_AFTER_RECOVERY)
     refused = time.monotonic() - restarted
-    print(f"HA: quorum back: the sidecar ready again {ready_again:.2f}s after the restart, the revocation refused "
-          f"everywhere after {refused:.2f}s")  # fmt: skip
+    print(
+        f"HA: quorum back: the sidecar ready again {ready_again:.2f}s after the restart, the revocation refused "
+        f"everywhere after {refused:.2f}s"
+    )
     assert await d.verdicts(d.keys[1:]) == [["VALID"] * len(d.keys[1:])] * len(d.sidecars)
     await eventually(d.publisher.services.relay.depth, lambda n: n == 0, timeout=_AFTER_RECOVERY)
 
@@ -362,16 +378,22 @@ async def test_a_consumer_placed_on_a_lost_node_is_replaced_within_a_few_heartbe
     consumer = sidecar.state.sync._deliveries.current.consumer
     killed = time.monotonic()
     d.cluster.node(at).stop(kill=True)
-    await eventually(lambda: asyncio.sleep(0, sidecar.state.sync._deliveries.current.consumer), lambda c: c != consumer,
-                     timeout=_FAULT_TIMEOUT, interval=0.02)  # fmt: skip
+    await eventually(
+        lambda: asyncio.sleep(0, sidecar.state.sync._deliveries.current.consumer),
+        lambda c: c != consumer,
+        timeout=_FAULT_TIMEOUT,
+        interval=0.02,
+    )
     replaced = time.monotonic() - killed
     revoked = d.keys[:3]
     for key in revoked:
         await d.revoke(key)
     await d.wait_verdicts(revoked, "REVOKED", timeout=_AFTER_RECOVERY)
-    print(f"HA: consumer placements (sidecar's node: consumer's node) {placed}, stream leader {leader}: {at} killed, "
-          f"the consumer of the sidecar on {on} replaced after {replaced:.2f}s "
-          f"({replaced / _HEARTBEAT:.1f} idle heartbeats)")  # fmt: skip
+    print(
+        f"HA: consumer placements (sidecar's node: consumer's node) {placed}, stream leader {leader}: {at} killed, "
+        f"the consumer of the sidecar on {on} replaced after {replaced:.2f}s "
+        f"({replaced / _HEARTBEAT:.1f} idle heartbeats)"
+    )
     assert replaced < 10 * _HEARTBEAT + 5  # a few heartbeats, with slack for a loaded machine
     assert d.node_of(sidecar) == on
 

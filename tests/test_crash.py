@@ -35,9 +35,13 @@ def publisher_process(
 
 
 async def test_a_publisher_killed_after_commit_before_publish_publishes_on_restart(
-    publisher_process: PublisherProcess, nats_server: NatsServer, database_url: str, js: JetStreamContext,
-    start_sidecar: StartSidecar, http: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+    publisher_process: PublisherProcess,
+    nats_server: NatsServer,
+    database_url: str,
+    js: JetStreamContext,
+    start_sidecar: StartSidecar,
+    http: aiohttp.ClientSession,
+) -> None:
     admin = Admin(url=publisher_process.url, http=http)
     sidecar = await start_sidecar()
     await sidecar.ready()
@@ -78,9 +82,13 @@ async def test_a_publisher_killed_after_commit_before_publish_publishes_on_resta
 
 
 async def test_the_reconcile_command_repairs_a_lost_bucket(
-    publisher_process: PublisherProcess, database_url: str, nats_server: NatsServer, js: JetStreamContext,
-    http: aiohttp.ClientSession, signing_key: Path,
-) -> None:  # fmt: skip
+    publisher_process: PublisherProcess,
+    database_url: str,
+    nats_server: NatsServer,
+    js: JetStreamContext,
+    http: aiohttp.ClientSession,
+    signing_key: Path,
+) -> None:
     admin = Admin(url=publisher_process.url, http=http)
     project = await admin.project()
     await admin.ok("POST", f"/projects/{project['id']}/keys/bulk", {"keys": [{"name": f"k{i}"} for i in range(30)]})
@@ -90,10 +98,24 @@ async def test_the_reconcile_command_repairs_a_lost_bucket(
     env["KEYRELAY_DATABASE_URL"] = database_url
     result = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "keyrelay", "publisher", "reconcile", "--offline",
-         "--nats-url", nats_server.url, "--signing-key", str(signing_key), "--json"],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "keyrelay",
+            "publisher",
+            "reconcile",
+            "--offline",
+            "--nats-url",
+            nats_server.url,
+            "--signing-key",
+            str(signing_key),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     import json
 

@@ -193,8 +193,12 @@ def test_the_readmes_test_command_is_what_ci_runs() -> None:
     commands = re.findall(r"```sh\n(.*?)\n```", quickstart, re.DOTALL)
     assert len(commands) >= 2, "the Quickstart shows two commands: one starts the stack, one runs every test"
     ci = (ROOT / ".ci" / "run").read_text()
-    ci_command = " ".join(ci.split("# The README's Quickstart test command, verbatim:\n", 1)[1].replace("\\\n", " ")
-                          .splitlines()[0].split())  # fmt: skip
+    ci_command = " ".join(
+        ci.split("# The README's Quickstart test command, verbatim:\n", 1)[1]
+        .replace("\\\n", " ")
+        .splitlines()[0]
+        .split()
+    )
     readme_command = " ".join(commands[1].split()).replace("python3.11", "$PYTHON", 1)
     assert ci_command == readme_command
 

@@ -69,8 +69,9 @@ async def _acme(publisher: Publisher) -> Acme:
     await admin.ok("POST", f"/keys/{rotated['id']}/rotate", {"grace": "0s"})  # the old one expired: now
     member = await admin.ok("POST", f"/orgs/{org}/members", {"email": "dev@example.com", "role": "member"})
     await admin.ok("POST", f"/teams/{search}/members", {"user_id": member["user_id"], "role": "developer"})
-    personal = (await admin.ok("POST", "/tokens", {"name": "dev", "role": "personal",
-                                                   "user_id": member["user_id"]}))["token"]  # fmt: skip
+    personal = (await admin.ok("POST", "/tokens", {"name": "dev", "role": "personal", "user_id": member["user_id"]}))[
+        "token"
+    ]
     status, _ = await admin.call("POST", f"/projects/{indexer}/keys", {"name": "search-dev"}, token=personal)
     assert status == 201
     await admin.create_key(indexer, name="search-ops", scopes=["orders:read"], expires_in="1d")
@@ -115,8 +116,10 @@ def _filters(acme: Acme, now: int) -> dict[str, tuple[dict[str, str], Callable[[
         "active": ({"status": "active"}, lambda k: _status(k, now) == "active"),
         "revoked": ({"status": "revoked"}, lambda k: _status(k, now) == "revoked"),
         "expired": ({"status": "expired"}, lambda k: _status(k, now) == "expired"),
-        "expiring within 3d": ({"expiring_within": "3d"},
-                               lambda k: _status(k, now) == "active" and expires(k) <= now + 3 * DAY),
+        "expiring within 3d": (
+            {"expiring_within": "3d"},
+            lambda k: _status(k, now) == "active" and expires(k) <= now + 3 * DAY,
+        ),
         "env test": ({"env": "test"}, lambda k: k.env == "test"),
         "region eu": ({"region": "eu"}, lambda k: k.region == "eu"),
         "global": ({"region": "global"}, lambda k: k.region is None),
@@ -129,9 +132,11 @@ def _filters(acme: Acme, now: int) -> dict[str, tuple[dict[str, str], Callable[[
         "unused for 7d": ({"unused_for": "7d"}, lambda k: idle_since(k) <= now - 7 * DAY),
         "unused for 1m": ({"unused_for": "1m"}, lambda k: idle_since(k) <= now - 60_000_000),
         "expires before": ({"expires_before": cutoff}, lambda k: expires(k) < _at(cutoff)),
-        "two at once": ({"status": "active", "scope": "orders:read"},
-                        lambda k: _status(k, now) == "active" and "orders:read" in k.scopes),
-    }  # fmt: skip
+        "two at once": (
+            {"status": "active", "scope": "orders:read"},
+            lambda k: _status(k, now) == "active" and "orders:read" in k.scopes,
+        ),
+    }
 
 
 def _ordered(keys: list[ApiKey], sort: str) -> list[str]:
@@ -203,8 +208,11 @@ async def test_callers_see_only_the_keys_their_roles_let_them_read_and_other_org
     start_publisher: StartPublisher,
 ) -> None:
     acme = await _acme(await start_publisher(regions=("eu", "us")))
-    org_path, payments_path, search_path = (f"/orgs/{acme.org}/keys", f"/teams/{acme.payments}/keys",
-                                            f"/teams/{acme.search}/keys")  # fmt: skip
+    org_path, payments_path, search_path = (
+        f"/orgs/{acme.org}/keys",
+        f"/teams/{acme.payments}/keys",
+        f"/teams/{acme.search}/keys",
+    )
     payments_keys = _ordered([k for k in acme.keys.values() if k.owner_team == acme.payments], "created")
     outsider = await acme.token("owner", org_id=acme.globex)
     for path in (org_path, payments_path):
@@ -217,10 +225,12 @@ async def test_callers_see_only_the_keys_their_roles_let_them_read_and_other_org
     assert await acme.ids(org_path, maintainer) == payments_keys
     assert await acme.ids(payments_path, maintainer) == payments_keys
     assert (await acme.admin.call("GET", search_path, token=maintainer))[0] == 404
-    assert await acme.ids(org_path, await acme.token("platform-reader")) == _ordered(list(acme.keys.values()),
-                                                                                     "created")  # fmt: skip
+    assert await acme.ids(org_path, await acme.token("platform-reader")) == _ordered(
+        list(acme.keys.values()), "created"
+    )
     assert await acme.ids(org_path, await acme.token("admin", org_id=acme.org), sort="name") == _ordered(
-        list(acme.keys.values()), "name")  # fmt: skip
+        list(acme.keys.values()), "name"
+    )
     audit = (await acme.admin.ok("GET", "/audit", org_id=acme.org, limit=1000))["entries"]
     assert [e for e in audit if e["action"] == "access.refused"] == []  # nobody was refused anything
 
@@ -228,9 +238,21 @@ async def test_callers_see_only_the_keys_their_roles_let_them_read_and_other_org
 async def test_a_bad_filter_sort_or_parameter_is_a_400_naming_the_parameter(start_publisher: StartPublisher) -> None:
     publisher = await start_publisher()
     project = await publisher.admin.project()
-    bad = {"status": "gone", "expiring_within": "soon", "env": "prod", "region": "EU", "scope": "a b",
-           "created_by": "ann", "prefix": "", "unused_for": "-1d", "expires_before": "2030-01-01",
-           "sort": "size", "limit": "0", "cursor": "!", "colour": "red"}  # fmt: skip
+    bad = {
+        "status": "gone",
+        "expiring_within": "soon",
+        "env": "prod",
+        "region": "EU",
+        "scope": "a b",
+        "created_by": "ann",
+        "prefix": "",
+        "unused_for": "-1d",
+        "expires_before": "2030-01-01",
+        "sort": "size",
+        "limit": "0",
+        "cursor": "!",
+        "colour": "red",
+    }
     for path in (f"/orgs/{project['org_id']}/keys", f"/teams/{project['team_id']}/keys"):
         for name, value in bad.items():
             status, answer = await publisher.admin.call("GET", f"{path}?{urlencode({name: value})}")
@@ -243,8 +265,12 @@ async def test_a_bad_filter_sort_or_parameter_is_a_400_naming_the_parameter(star
         status, answer = await publisher.admin.call("GET", path, unused_for="4000d")
         assert (status, answer["error"]["field"]) == (400, "unused_for")
         ident = "0190c0de-0000-7000-8000-000000000001"
-        crafted: list[tuple[str, str | int]] = [("name", "a\x00"), ("name", "\ud800"), ("created", 2**62),
-                                                ("expires", "x")]  # fmt: skip
+        crafted: list[tuple[str, str | int]] = [
+            ("name", "a\x00"),
+            ("name", "\ud800"),
+            ("created", 2**62),
+            ("expires", "x"),
+        ]
         for sort, position in crafted:
             raw = json.dumps([f"keys:{sort}", position, ident]).encode()  # well formed, but no list hands it out
             cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -258,16 +284,29 @@ _PG_SORT_NODE = re.compile(r"(^|->\s+)(Incremental )?Sort\s+\(cost")
 async def test_every_documented_filter_and_sort_is_answered_from_an_index(start_publisher: StartPublisher) -> None:
     publisher = await start_publisher()
     db = publisher.services.store.db
-    org, team, ident = "0190c0de-0000-7000-8000-000000000001", "0190c0de-0000-7000-8000-000000000002", \
-        "0190c0de-0000-7000-8000-000000000003"  # fmt: skip
+    org, team, ident = (
+        "0190c0de-0000-7000-8000-000000000001",
+        "0190c0de-0000-7000-8000-000000000002",
+        "0190c0de-0000-7000-8000-000000000003",
+    )
     now = now_us()
     filters = [KeyFilter(now=now)] + [
         KeyFilter(now=now, **{name: value})  # type: ignore[arg-type]
-        for name, value in (("status", "active"), ("status", "revoked"), ("status", "expired"),
-                            ("expiring_by", now + DAY), ("env", "test"), ("region", "eu"), ("region", "global"),
-                            ("scope", "orders:read"), ("created_by", ident), ("prefix", "ab"),
-                            ("unused_since", now - DAY), ("expires_before", now + DAY))
-    ]  # fmt: skip
+        for name, value in (
+            ("status", "active"),
+            ("status", "revoked"),
+            ("status", "expired"),
+            ("expiring_by", now + DAY),
+            ("env", "test"),
+            ("region", "eu"),
+            ("region", "global"),
+            ("scope", "orders:read"),
+            ("created_by", ident),
+            ("prefix", "ab"),
+            ("unused_since", now - DAY),
+            ("expires_before", now + DAY),
+        )
+    ]
     cases: list[tuple[KeyFilter, Sort, tuple[int | str | None, str] | None]] = [(f, Sort(), None) for f in filters]
     for field in SORTS:
         for descending in (False, True):
@@ -275,8 +314,9 @@ async def test_every_documented_filter_and_sort_is_answered_from_an_index(start_
             cases += [(KeyFilter(now=now), sort, None), (KeyFilter(now=now), sort, position)]
     for filters_, sort, after in cases:
         for where in ({"org_id": org}, {"team_id": team}):
-            statement, args = key_query(db.dialect, **where, visible=Visible(), filters=filters_, sort=sort,
-                                        after=after, limit=101)  # fmt: skip
+            statement, args = key_query(
+                db.dialect, **where, visible=Visible(), filters=filters_, sort=sort, after=after, limit=101
+            )
             async with db.transaction() as tx:
                 if db.dialect == "postgresql":
                     await tx.execute("SET LOCAL enable_seqscan = off")

@@ -51,8 +51,9 @@ from tests.support import ADMIN_TOKEN, SIGNER, SNAPSHOT_SIGNER, TRUSTED, heartbe
 from tests.threaded import ThreadedApp
 
 # Fixed and bounded so CI adds seconds, not minutes: the same examples every run, no example database.
-FUZZ = settings(max_examples=25, derandomize=True, deadline=None, database=None,
-                suppress_health_check=list(HealthCheck))  # fmt: skip
+FUZZ = settings(
+    max_examples=25, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+)
 SIDECAR_FUZZ = settings(FUZZ, max_examples=150)
 DECODER_FUZZ = settings(FUZZ, max_examples=400)
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -73,9 +74,15 @@ def fuzz_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
 def live_publisher(fuzz_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The publisher on SQLite, served on 127.0.0.1 from its own thread, and one org → team → project → key in it."""
     data = tmp_path_factory.mktemp("publisher")
-    settings = PublisherSettings(database_url=f"sqlite:///{data / 'keyrelay.db'}", init=True, nats_url=(fuzz_nats.url,),
-                                 admin_token=ADMIN_TOKEN, data_dir=data, publish_wait=2.0,
-                                 signing_key=key_file(data / "signing-key", SIGNER))  # fmt: skip
+    settings = PublisherSettings(
+        database_url=f"sqlite:///{data / 'keyrelay.db'}",
+        init=True,
+        nats_url=(fuzz_nats.url,),
+        admin_token=ADMIN_TOKEN,
+        data_dir=data,
+        publish_wait=2.0,
+        signing_key=key_file(data / "signing-key", SIGNER),
+    )
     with ThreadedApp(lambda: create_publisher_app(settings), access_log=None) as url:
         with requests.Session() as http:
             http.headers.update(AUTH)
@@ -143,10 +150,18 @@ def live_sidecar(fuzz_nats: NatsServer) -> Iterator[dict[str, str]]:
             await nc.close()
 
     asyncio.run(prepare())
-    settings = SidecarSettings(nats_url=(fuzz_nats.url,), heartbeat=0.5, trusted_keys=TRUSTED, max_staleness=3600.0,
-                               trusted_snapshot_keys=(SNAPSHOT_SIGNER.public_key,))  # fmt: skip
-    with ThreadedApp(lambda: create_sidecar_app(settings), max_field_size=settings.max_header_size,
-                     max_line_size=settings.max_header_size) as url:  # fmt: skip
+    settings = SidecarSettings(
+        nats_url=(fuzz_nats.url,),
+        heartbeat=0.5,
+        trusted_keys=TRUSTED,
+        max_staleness=3600.0,
+        trusted_snapshot_keys=(SNAPSHOT_SIGNER.public_key,),
+    )
+    with ThreadedApp(
+        lambda: create_sidecar_app(settings),
+        max_field_size=settings.max_header_size,
+        max_line_size=settings.max_header_size,
+    ) as url:
         deadline = time.monotonic() + 20
         while requests.get(url + "/readyz", timeout=5).status_code != 200:
             assert time.monotonic() < deadline, "the sidecar did not become ready"
@@ -170,8 +185,18 @@ def _raw(url: str, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
     return status, answer.partition(b"\r\n\r\n")[2]
 
 
-_HEADER_NAMES = ["Authorization", "X-API-Key", "X-Required-Scopes", "X-Original-URI", "X-Original-Method",
-                 "X-Forwarded-Uri", "X-Forwarded-Method", "Content-Length", "Host", "Transfer-Encoding"]  # fmt: skip
+_HEADER_NAMES = [
+    "Authorization",
+    "X-API-Key",
+    "X-Required-Scopes",
+    "X-Original-URI",
+    "X-Original-Method",
+    "X-Forwarded-Uri",
+    "X-Forwarded-Method",
+    "Content-Length",
+    "Host",
+    "Transfer-Encoding",
+]
 # Any bytes but CR and LF (which end a header line: that is the framing, not a value).
 _VALUE = st.binary(max_size=200).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
 
@@ -255,13 +280,31 @@ def test_verify_answers_every_body_with_200_or_400_and_never_a_traceback(
 # -- the record decoders ------------------------------------------------------------------------
 
 _MSGPACK = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=40)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=40)
     | st.binary(max_size=40),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
     max_leaves=20,
-)  # fmt: skip
-_RECORD_FIELDS = ("v", "id", "hash", "org", "team", "project", "scopes", "env", "region", "expires", "revoked", "ver",
-                  "meta", "acked")  # fmt: skip
+)
+_RECORD_FIELDS = (
+    "v",
+    "id",
+    "hash",
+    "org",
+    "team",
+    "project",
+    "scopes",
+    "env",
+    "region",
+    "expires",
+    "revoked",
+    "ver",
+    "meta",
+    "acked",
+)
 # Maps with the record's own field names and values of any type: past the "is it a map" check, into each field's.
 _RECORD_LIKE = st.dictionaries(st.sampled_from(_RECORD_FIELDS), _MSGPACK, max_size=len(_RECORD_FIELDS)).map(
     lambda fields: msgpack.packb(fields, use_bin_type=True)
@@ -273,8 +316,9 @@ _MUTATED = st.builds(
     st.integers(0, len(_GOOD_BYTES) - 1),
     st.integers(0, 255),
 )
-_BYTES = st.one_of(st.binary(max_size=400), _MSGPACK.map(lambda v: msgpack.packb(v, use_bin_type=True)),
-                   _RECORD_LIKE, _MUTATED)  # fmt: skip
+_BYTES = st.one_of(
+    st.binary(max_size=400), _MSGPACK.map(lambda v: msgpack.packb(v, use_bin_type=True)), _RECORD_LIKE, _MUTATED
+)
 
 
 @DECODER_FUZZ

@@ -34,8 +34,12 @@ pytestmark = pytest.mark.slow
 
 ROUTE_SCOPES = DEPLOY_DIR / "route-scopes.txt"
 # Where each shipped config puts the original request (deploy/gateways/README.md): the sidecar reads only that.
-ORIGINAL_URI_HEADER = {"nginx": "X-Original-URI", "envoy": "none", "traefik": "X-Forwarded-Uri",
-                       "caddy": "X-Forwarded-Uri"}  # fmt: skip
+ORIGINAL_URI_HEADER = {
+    "nginx": "X-Original-URI",
+    "envoy": "none",
+    "traefik": "X-Forwarded-Uri",
+    "caddy": "X-Forwarded-Uri",
+}
 ROOT = Path(__file__).resolve().parent.parent
 K8S_GATEWAY = ROOT / "deploy" / "k8s" / "base" / "gateway"
 IDENTITY = ("X-Key-Id", "X-Org-Id", "X-Team-Id", "X-Project-Id", "X-Key-Scopes", "X-Key-Env")
@@ -79,8 +83,9 @@ async def test_the_gateway_lets_through_exactly_the_keys_the_sidecar_accepts(
     doomed_key, doomed = make_key()
     for record in (reader, writer, admin, billing, revoked(gone), old, doomed):
         await put(bucket, record)
-    sidecar = await start_sidecar(route_scopes=ROUTE_SCOPES, max_staleness=1.0,
-                                  original_uri_header=ORIGINAL_URI_HEADER[name])  # fmt: skip
+    sidecar = await start_sidecar(
+        route_scopes=ROUTE_SCOPES, max_staleness=1.0, original_uri_header=ORIGINAL_URI_HEADER[name]
+    )
     await sidecar.ready()
     sidecar_port = urlsplit(sidecar.url).port
     assert sidecar_port is not None
@@ -191,9 +196,10 @@ def test_the_kubernetes_example_runs_the_shipped_nginx_config_with_its_own_addre
     (http,) = [d for d in k8s if d.name == "http"]
     assert http.block is not None
     stand_ins = [
-        d for d in http.block
+        d
+        for d in http.block
         if d.name == "server" and any(x.name == "listen" and x.args == ["127.0.0.1:8082"] for x in d.block or [])
-    ]  # fmt: skip
+    ]
     assert len(stand_ins) == 1, "the k8s example's stand-in backend (listen 127.0.0.1:8082) is gone"
     http.block.remove(stand_ins[0])
     assert _without_addresses(k8s) == _without_addresses(shipped)

@@ -70,8 +70,10 @@ async def _exchange(sidecar: Sidecar, asked: Asked, keys: dict[str, str]) -> byt
     assert port is not None
     connection = f"Connection: {asked.connection}\r\n" if asked.connection else ""
     scopes = "X-Required-Scopes: orders:write\r\n" if asked.key == "scope" else ""
-    request = (f"{asked.method} /auth HTTP/{asked.version}\r\nHost: x\r\n{connection}{scopes}"
-               f"Authorization: Bearer {keys[asked.key]}\r\n\r\n")  # fmt: skip
+    request = (
+        f"{asked.method} /auth HTTP/{asked.version}\r\nHost: x\r\n{connection}{scopes}"
+        f"Authorization: Bearer {keys[asked.key]}\r\n\r\n"
+    )
     # The follow-up closes the connection after its answer (HTTP/1.1 close), so reading to EOF ends.
     follow_up = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     reader, writer = await asyncio.open_connection(host, port)

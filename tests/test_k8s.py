@@ -227,10 +227,12 @@ def _nats_egress(policy: Obj) -> list[dict[str, str]]:
         if not any(p.get("port") == 4222 for p in rule.get("ports", [])):
             continue
         for peer in rule.get("to", []):
-            out.append({
-                "namespace": peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
-                "instance": peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
-            })  # fmt: skip
+            out.append(
+                {
+                    "namespace": peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+                    "instance": peer["podSelector"]["matchLabels"]["app.kubernetes.io/instance"],
+                }
+            )
     return out
 
 
@@ -275,8 +277,10 @@ def _validate(obj: Obj, where: str) -> None:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as exc:
             at = ".".join(str(p) for p in exc.path)
-            raise AssertionError(f"{where}: {obj['kind']}/{obj['metadata']['name']} is invalid for Kubernetes "
-                                 f"{version} at {at}: {exc.message}") from None  # fmt: skip
+            raise AssertionError(
+                f"{where}: {obj['kind']}/{obj['metadata']['name']} is invalid for Kubernetes "
+                f"{version} at {at}: {exc.message}"
+            ) from None
         except kubernetes_validate.SchemaNotFoundError as exc:
             raise AssertionError(f"{where}: {exc.message}") from None
 
@@ -286,12 +290,16 @@ def _validate(obj: Obj, where: str) -> None:
 def test_each_optional_component_renders_on_each_kustomization(name: str, component: str, tmp_path: Path) -> None:
     """Core objects against the schemas; the Prometheus Operator's CRDs against rules of their own."""
     # Kustomize refuses absolute paths; relative ones may leave the root (directories only).
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": [os.path.relpath(K8S / name, tmp_path)],
-        "components": [os.path.relpath(K8S / component, tmp_path)],
-    }))  # fmt: skip
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S / name, tmp_path)],
+                "components": [os.path.relpath(K8S / component, tmp_path)],
+            }
+        )
+    )
     objs = tuple(kustomize(tmp_path))
     monitors = [o for o in objs if (o["apiVersion"], o["kind"]) in CRD_KINDS]
     assert monitors, f"{component} adds no monitor"
@@ -320,8 +328,11 @@ def _check_monitor(monitor: Obj, objs: tuple[Obj, ...]) -> int:
             assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
             for service in services:
                 port = next(p for p in service["spec"]["ports"] if p["name"] == endpoint["port"])
-                pods = [o for o in objs if pod_spec(o) and selects({"matchLabels": service["spec"]["selector"]},
-                                                                   pod_labels(o))]  # fmt: skip
+                pods = [
+                    o
+                    for o in objs
+                    if pod_spec(o) and selects({"matchLabels": service["spec"]["selector"]}, pod_labels(o))
+                ]
                 for pod in pods:
                     _check_scrape(objs, pod, port["targetPort"], endpoint["path"])
                     scraped += 1
@@ -561,8 +572,10 @@ def test_each_kustomization_points_at_its_regions_nats_and_nothing_else(name: st
         port = want.get("config", {}).get("nats", {}).get("port", 4222)
         # Every server of the release (the chart's StatefulSet pods behind its headless Service), so that a
         # client whose server is lost or cut off from its cluster has the others to move to.
-        pods = [f"nats://{service}-{i}.{service}-headless.{namespace}.svc.cluster.local:{port}"
-                for i in range(want["config"]["cluster"]["replicas"])]  # fmt: skip
+        pods = [
+            f"nats://{service}-{i}.{service}-headless.{namespace}.svc.cluster.local:{port}"
+            for i in range(want["config"]["cluster"]["replicas"])
+        ]
         assert list(settings.nats_url) == pods, f"{name}: {path} is given {settings.nats_url}"
         assert {urlsplit(url).scheme for url in settings.nats_url} == {"nats"}
         if path == ("region", "init"):
@@ -605,8 +618,11 @@ def test_the_nats_values_match_the_domains_the_code_uses() -> None:
     assert hub["config"]["leafnodes"]["enabled"]
     assert hub["config"]["jetstream"]["merge"]["domain"] == HUB_DOMAIN == RegionSettings().hub_domain
     leaf_port = hub["config"]["leafnodes"].get("port", 7422)
-    replicas = {int(c["data"]["KEYRELAY_BUCKET_REPLICAS"]) for c in find(rendered("overlays/hub"), "ConfigMap")
-                if "KEYRELAY_BUCKET_REPLICAS" in c["data"]}  # fmt: skip
+    replicas = {
+        int(c["data"]["KEYRELAY_BUCKET_REPLICAS"])
+        for c in find(rendered("overlays/hub"), "ConfigMap")
+        if "KEYRELAY_BUCKET_REPLICAS" in c["data"]
+    }
     assert replicas, "the hub overlay sets KEYRELAY_BUCKET_REPLICAS"
     assert max(replicas) <= hub["config"]["cluster"]["replicas"], "more bucket replicas than servers"
     regions = {k.removeprefix("overlays/") for k in KUSTOMIZATIONS if k.startswith("overlays/")} - {"hub"}
@@ -626,10 +642,27 @@ def test_the_nats_values_match_the_domains_the_code_uses() -> None:
 # The top-level keys of the official nats chart's values (1.x); a misspelt key is silently ignored
 # by Helm, so it is caught here.
 NATS_CHART_KEYS = {
-    "global", "fullnameOverride", "namespaceOverride", "nameOverride", "config", "container", "reloader",
-    "promExporter", "service", "statefulSet", "podTemplate", "headlessService", "configMap", "natsBox",
-    "podDisruptionBudget", "serviceAccount", "ingress", "extraResources", "imagePullSecrets", "tlsCA",
-}  # fmt: skip
+    "global",
+    "fullnameOverride",
+    "namespaceOverride",
+    "nameOverride",
+    "config",
+    "container",
+    "reloader",
+    "promExporter",
+    "service",
+    "statefulSet",
+    "podTemplate",
+    "headlessService",
+    "configMap",
+    "natsBox",
+    "podDisruptionBudget",
+    "serviceAccount",
+    "ingress",
+    "extraResources",
+    "imagePullSecrets",
+    "tlsCA",
+}
 
 
 def test_the_nats_values_use_the_charts_keys_and_the_readme_installs_them_under_their_names() -> None:
@@ -790,16 +823,22 @@ def test_the_manifests_run_the_dockerfiles_images_as_its_user(name: str) -> None
 
 
 def test_hadolint_passes() -> None:
-    proc = subprocess.run([str(tool("hadolint")), "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [str(tool("hadolint")), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_the_dockerignore_keeps_local_state_out_of_the_build_context() -> None:
     lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()]
     assert "**" in lines, "ignore everything by default, then allow what the build copies"
-    copied = {src.rstrip("/") for s in STAGES.values() for rest in s.all("COPY") if "--from" not in rest
-              for src in rest.split()[:-1]}  # fmt: skip
+    copied = {
+        src.rstrip("/")
+        for s in STAGES.values()
+        for rest in s.all("COPY")
+        if "--from" not in rest
+        for src in rest.split()[:-1]
+    }
     allowed = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     assert copied == allowed, f"copied but ignored: {copied - allowed}; allowed but never copied: {allowed - copied}"
 
@@ -907,9 +946,15 @@ def test_each_images_commands_start_with_only_what_the_image_holds(target: str, 
             port = free_port()
             key = tmp_path / f"signing-key-{'-'.join(path)}"
             write_signing_key(key)
-            env = {"KEYRELAY_HOST": "127.0.0.1", "KEYRELAY_PORT": str(port), "KEYRELAY_NATS_URL": closed,
-                   "KEYRELAY_DATA_DIR": str(tmp_path / "data"), "KEYRELAY_SIGNING_KEY": str(key),
-                   "KEYRELAY_INIT": "true", "KEYRELAY_TRUSTED_KEYS": TRUSTED[0]}  # fmt: skip
+            env = {
+                "KEYRELAY_HOST": "127.0.0.1",
+                "KEYRELAY_PORT": str(port),
+                "KEYRELAY_NATS_URL": closed,
+                "KEYRELAY_DATA_DIR": str(tmp_path / "data"),
+                "KEYRELAY_SIGNING_KEY": str(key),
+                "KEYRELAY_INIT": "true",
+                "KEYRELAY_TRUSTED_KEYS": TRUSTED[0],
+            }
             with _run(target, argv, absent, env, log) as proc:
                 # The publisher is ready on its database alone; a sidecar without NATS is alive, not ready.
                 _wait_http(f"http://127.0.0.1:{port}/{'readyz' if path == ('publisher',) else 'healthz'}", proc, log)
@@ -917,8 +962,11 @@ def test_each_images_commands_start_with_only_what_the_image_holds(target: str, 
                 assert proc.wait(timeout=15) == 0, log.read_text()
         elif path == ("snapshot", "seed"):
             key = key_file(tmp_path / "snapshot-key", SNAPSHOT_SIGNER)
-            env = {"KEYRELAY_SNAPSHOT_SIGNING_KEY": str(key), "KEYRELAY_TRUSTED_KEYS": TRUSTED[0],
-                   "KEYRELAY_TIMEOUT": "2s"}  # fmt: skip
+            env = {
+                "KEYRELAY_SNAPSHOT_SIGNING_KEY": str(key),
+                "KEYRELAY_TRUSTED_KEYS": TRUSTED[0],
+                "KEYRELAY_TIMEOUT": "2s",
+            }
             with _run(target, argv, absent, env, log) as proc:
                 assert proc.wait(timeout=60) == 1
             assert "was not reachable: check --nats-url" in log.read_text(), log.read_text()
@@ -940,8 +988,9 @@ def _run(
     clean = environ_without_settings()
     with log.open("wb") as out:
         command = [sys.executable, "-c", _IMAGE_PYTHON, ",".join(sorted(absent)), script, *argv]
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**clean, **env},
-                                cwd=str(log.parent))  # fmt: skip
+        proc = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env={**clean, **env}, cwd=str(log.parent)
+        )
         try:
             yield proc
         finally:
@@ -967,8 +1016,12 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: floa
 
 
 def test_yamllint_passes_on_every_deployment_file() -> None:
-    proc = subprocess.run([str(tool("yamllint")), "--strict", "-c", str(ROOT / ".yamllint.yaml"), str(ROOT / "deploy")],
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [str(tool("yamllint")), "--strict", "-c", str(ROOT / ".yamllint.yaml"), str(ROOT / "deploy")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -1090,9 +1143,16 @@ async def test_the_example_gateway_authorises_through_a_real_sidecar(
     command = [nginx if a == "nginx" else a for a in nginx_container["command"]]
     log = (tmp_path / "nginx.log").open("wb")
     proc = await asyncio.create_subprocess_exec(
-        *command, "-e", "stderr", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), stdout=log,
+        *command,
+        "-e",
+        "stderr",
+        "-p",
+        str(tmp_path),
+        "-c",
+        str(tmp_path / "nginx.conf"),
+        stdout=log,
         stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    )
     try:
         url = f"http://127.0.0.1:{front}"
         async with aiohttp.ClientSession() as http:

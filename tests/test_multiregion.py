@@ -21,8 +21,16 @@ pytestmark = pytest.mark.slow
 
 
 async def test_the_load_test_runs_end_to_end_with_no_false_accepts_or_rejects(tmp_path: Path) -> None:
-    settings = LoadtestSettings(regions=("eu", "us"), keys=500, duration=6.0, rate=100.0, churn=6.0,
-                                delays=(("eu", 0.02), ("us", 0.03)), out=tmp_path, plot=True)  # fmt: skip
+    settings = LoadtestSettings(
+        regions=("eu", "us"),
+        keys=500,
+        duration=6.0,
+        rate=100.0,
+        churn=6.0,
+        delays=(("eu", 0.02), ("us", 0.03)),
+        out=tmp_path,
+        plot=True,
+    )
     report = await run(settings)
     assert report["false_accepts"] == 0
     assert report["false_rejects"] == 0
@@ -42,8 +50,27 @@ def test_a_partitioned_region_keeps_serving_and_refuses_the_keys_revoked_during_
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Through the command line, so the option's parsing, the summary and the exit code are exercised too.
-    code = main(["--regions", "eu,us", "--keys", "200", "--duration", "6s", "--rate", "60", "--churn", "12", "--delays",
-                 "eu:10ms,us:10ms", "--partition", "eu:2s", "--out", str(tmp_path), "--no-plot"])  # fmt: skip
+    code = main(
+        [
+            "--regions",
+            "eu,us",
+            "--keys",
+            "200",
+            "--duration",
+            "6s",
+            "--rate",
+            "60",
+            "--churn",
+            "12",
+            "--delays",
+            "eu:10ms,us:10ms",
+            "--partition",
+            "eu:2s",
+            "--out",
+            str(tmp_path),
+            "--no-plot",
+        ]
+    )
     shown = capsys.readouterr().out
     report = json.loads((tmp_path / "report.json").read_text())
     part = report["partition"]
@@ -105,8 +132,15 @@ async def test_the_generator_reports_every_request_it_made_including_those_that_
         reported[index] = status
 
     try:
-        result = await run_open_loop(port=port, rate=100, duration=0.3, make_request=request, timeout=0.3,
-                                     max_connections=max_connections, on_result=on_result)  # fmt: skip
+        result = await run_open_loop(
+            port=port,
+            rate=100,
+            duration=0.3,
+            make_request=request,
+            timeout=0.3,
+            max_connections=max_connections,
+            on_result=on_result,
+        )
     finally:
         server.close()
         await asyncio.wait(handlers, timeout=2)
@@ -173,8 +207,9 @@ async def test_a_region_cut_from_the_hub_keeps_serving_restarts_and_catches_up(r
 async def test_a_region_cut_longer_than_the_staleness_bound_is_not_ready_and_recovers(
     tmp_path: Path, policy: str
 ) -> None:
-    topology = Topology(("eu",), {"eu": 0.005}, tmp_path / "stack",
-                        sidecar_args=["--max-staleness", "2s", "--stale-policy", policy])  # fmt: skip
+    topology = Topology(
+        ("eu",), {"eu": 0.005}, tmp_path / "stack", sidecar_args=["--max-staleness", "2s", "--stale-policy", policy]
+    )
     await topology.start()
     try:
         async with aiohttp.ClientSession() as http:
@@ -245,8 +280,9 @@ async def test_records_a_region_receives_long_after_their_signing_are_taken_mirr
     # A sidecar refuses a value stored longer after its signing than --max-publish-delay (a replay).
     # A region cut off for longer than that must still take what it missed: the mirror stores each
     # record with the hub's time, not the time it arrived.
-    topology = Topology(("eu",), {"eu": 0.005}, tmp_path / "stack",
-                        sidecar_args=["--max-publish-delay", "1s", "--max-staleness", "30s"])  # fmt: skip
+    topology = Topology(
+        ("eu",), {"eu": 0.005}, tmp_path / "stack", sidecar_args=["--max-publish-delay", "1s", "--max-staleness", "30s"]
+    )
     await topology.start()
     try:
         async with aiohttp.ClientSession() as http:

@@ -39,8 +39,14 @@ _REFUSED = (NatsTimeout, NoRespondersError, NoStreamResponseError, TimeoutError)
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`keyrelay up --regions eu,us` on free ports, accounts on (the default)."""
-    settings = UpSettings(data_dir=tmp_path_factory.mktemp("up"), publisher_port=0, sidecar_port=0, nats_port=0,
-                          regions=("eu", "us"), log_level="warning")  # fmt: skip
+    settings = UpSettings(
+        data_dir=tmp_path_factory.mktemp("up"),
+        publisher_port=0,
+        sidecar_port=0,
+        nats_port=0,
+        regions=("eu", "us"),
+        log_level="warning",
+    )
     running = Stack(settings)
     try:
         running.start()
@@ -104,8 +110,9 @@ async def _put(stack: Stack, connect: Any, *, region: str | None) -> str:
     publisher = await connect("hub", "publisher")
     _, record = make_key(region=region)
     signature = load_signer(stack.data_dir / "signing-key", "default").sign(KIND_RECORD, record.entry, record.encode())
-    await publisher.nc.jetstream().publish(subject_prefix("KEYS") + record.entry, record.encode(),
-                                           headers={SIGNATURE_HEADER: signature})  # fmt: skip
+    await publisher.nc.jetstream().publish(
+        subject_prefix("KEYS") + record.entry, record.encode(), headers={SIGNATURE_HEADER: signature}
+    )
     return str(record.entry)
 
 
@@ -135,8 +142,9 @@ async def test_a_us_leaf_client_cannot_create_a_hub_consumer_filtered_to_eu(
     config = {"deliver_subject": f"_INBOX.{identity_name(role, 'us')}.x", "filter_subject": "$KV.KEYS.eu.>"}
     await us.refused("$JS.hub.API.CONSUMER.CREATE.KV_KEYS", {"stream_name": "KV_KEYS", "config": config})
     named = {**config, "name": "steal"}
-    await us.refused("$JS.hub.API.CONSUMER.CREATE.KV_KEYS.steal.$KV.KEYS.eu.>", {"stream_name": "KV_KEYS",
-                                                                                   "config": named})  # fmt: skip
+    await us.refused(
+        "$JS.hub.API.CONSUMER.CREATE.KV_KEYS.steal.$KV.KEYS.eu.>", {"stream_name": "KV_KEYS", "config": named}
+    )
 
 
 @pytest.mark.parametrize("role", ["sidecar", "region-init"])
@@ -161,8 +169,11 @@ async def test_a_us_leaf_client_cannot_delete_the_eu_mirror(stack: Stack, connec
 async def test_a_us_leaf_client_cannot_add_sources_to_the_hub_bucket(stack: Stack, connect: Any, role: str) -> None:
     before = (await _hub_bucket(connect))["config"]
     us = await connect("leaf-us", role, "us")
-    evil = {"name": "EVIL", "external": {"api": "$JS.us.API"},
-            "subject_transforms": [{"src": "evil.>", "dest": "$KV.KEYS.eu.>"}]}  # fmt: skip
+    evil = {
+        "name": "EVIL",
+        "external": {"api": "$JS.us.API"},
+        "subject_transforms": [{"src": "evil.>", "dest": "$KV.KEYS.eu.>"}],
+    }
     hijacked = {**before, "sources": [evil]}
     await us.refused("$JS.hub.API.STREAM.UPDATE.KV_KEYS", hijacked)
     await us.refused("$JS.hub.API.STREAM.DELETE.KV_KEYS")
@@ -199,12 +210,14 @@ async def test_a_sidecars_credentials_read_only_global_keys_on_the_hub(stack: St
     config = {"deliver_subject": "_INBOX.sidecar-global.x", "filter_subjects": ["$KV.KEYS.eu.>"]}
     await sidecar.refused("$JS.API.CONSUMER.CREATE.KV_KEYS", {"stream_name": "KV_KEYS", "config": config})
     named = {"name": "steal", "deliver_subject": "_INBOX.sidecar-global.y", "filter_subject": "$KV.KEYS.eu.>"}
-    await sidecar.refused("$JS.API.CONSUMER.CREATE.KV_KEYS.steal.$KV.KEYS.eu.>", {"stream_name": "KV_KEYS",
-                                                                                  "config": named})  # fmt: skip
+    await sidecar.refused(
+        "$JS.API.CONSUMER.CREATE.KV_KEYS.steal.$KV.KEYS.eu.>", {"stream_name": "KV_KEYS", "config": named}
+    )
     # The filter in the subject is the one the server holds the request to.
     mismatch = {**named, "name": "sly", "filter_subject": "$KV.KEYS.eu.>"}
-    answer = await sidecar.api("$JS.API.CONSUMER.CREATE.KV_KEYS.sly.$KV.KEYS.global.>",
-                               {"stream_name": "KV_KEYS", "config": mismatch})  # fmt: skip
+    answer = await sidecar.api(
+        "$JS.API.CONSUMER.CREATE.KV_KEYS.sly.$KV.KEYS.global.>", {"stream_name": "KV_KEYS", "config": mismatch}
+    )
     assert "error" in answer
     await sidecar.refused("$JS.API.DIRECT.GET.KV_KEYS", {"seq": 1})
 
@@ -215,15 +228,26 @@ async def test_a_rogue_leaf_node_with_a_regions_link_credentials_cannot_change_t
     # A leaf server someone runs with the us link's seed and no local permissions at all.
     leaf_port = int(next(n for n in stack.nats if n.spec.name == "hub").spec.leafnode_port or 0)
     remote = {**leaf_remote("us", stack.credentials.seed("leaf-us")), "account": "$G"}
-    rogue = NatsServer(NatsSpec(name="rogue", store_dir=tmp_path / "rogue", domain="rogue",
-                                remotes=[f"nats-leaf://127.0.0.1:{leaf_port}"], remote_options=remote))  # fmt: skip
+    rogue = NatsServer(
+        NatsSpec(
+            name="rogue",
+            store_dir=tmp_path / "rogue",
+            domain="rogue",
+            remotes=[f"nats-leaf://127.0.0.1:{leaf_port}"],
+            remote_options=remote,
+        )
+    )
     rogue.start()
     try:
         nc = await nats.connect(rogue.url, max_reconnect_attempts=0)
         try:
             before = (await _hub_bucket(connect))["config"]
-            for subject in ("$JS.hub.API.STREAM.UPDATE.KV_KEYS", "$JS.hub.API.STREAM.DELETE.KV_KEYS",
-                            "$JS.hub.API.DIRECT.GET.KV_KEYS", "$JS.hub.API.STREAM.MSG.GET.KV_KEYS"):  # fmt: skip
+            for subject in (
+                "$JS.hub.API.STREAM.UPDATE.KV_KEYS",
+                "$JS.hub.API.STREAM.DELETE.KV_KEYS",
+                "$JS.hub.API.DIRECT.GET.KV_KEYS",
+                "$JS.hub.API.STREAM.MSG.GET.KV_KEYS",
+            ):
                 with pytest.raises(_REFUSED):
                     await nc.request(subject, json.dumps({**before, "seq": 1}).encode(), timeout=1.0)
             with pytest.raises(_REFUSED):
@@ -243,8 +267,10 @@ async def test_the_publisher_cannot_reach_a_regions_mirror(stack: Stack, connect
 
 async def test_the_legitimate_paths_work_with_accounts_on(stack: Stack, connect: Any) -> None:
     # The publisher writes; each region's mirror carries global keys and its own, nothing else.
-    entries = {scope: await _put(stack, connect, region=None if scope == "global" else scope)
-               for scope in ("global", "eu", "us")}  # fmt: skip
+    entries = {
+        scope: await _put(stack, connect, region=None if scope == "global" else scope)
+        for scope in ("global", "eu", "us")
+    }
     for region, other in (("eu", "us"), ("us", "eu")):
         init = await connect(f"leaf-{region}", "region-init", region)
         for scope, present in (("global", True), (region, True), (other, False)):
@@ -260,9 +286,15 @@ async def test_the_legitimate_paths_work_with_accounts_on(stack: Stack, connect:
 
     eu_url = _url(stack, "leaf-eu")
     await init_region(RegionSettings(region="eu", nats_url=(eu_url,), nats_creds=stack.creds("region-init", "eu")))
-    settings = SnapshotSettings(nats_url=(eu_url,), nats_creds=stack.creds("region-init", "eu"), region="eu",
-                                force=True, timeout=60.0, snapshot_signing_key=stack.data_dir / "snapshot-key",
-                                trusted_keys=(stack.public_key,))  # fmt: skip
+    settings = SnapshotSettings(
+        nats_url=(eu_url,),
+        nats_creds=stack.creds("region-init", "eu"),
+        region="eu",
+        force=True,
+        timeout=60.0,
+        snapshot_signing_key=stack.data_dir / "snapshot-key",
+        trusted_keys=(stack.public_key,),
+    )
     result = await seed(settings)
     assert result.written is not None
     assert result.keys >= 2
@@ -285,11 +317,20 @@ async def test_a_sidecar_starts_from_the_seeded_snapshot_with_read_only_credenti
     seeder = NatsConnect((eu_url,), identity="region-init-eu", creds=stack.creds("region-init", "eu"))
     trust = Trust.of(records=(stack.public_key,), snapshots=(stack.snapshot_public_key,))
     signer = load_signer(stack.data_dir / "snapshot-key", "default")
-    await seed_snapshot(nats=seeder, bucket="KEYS", region="eu", store="KEYS_SNAPSHOTS", trust=trust, signer=signer,
-                        force=True, timeout=60.0)  # fmt: skip
+    await seed_snapshot(
+        nats=seeder,
+        bucket="KEYS",
+        region="eu",
+        store="KEYS_SNAPSHOTS",
+        trust=trust,
+        signer=signer,
+        force=True,
+        timeout=60.0,
+    )
     reader = NatsConnect((eu_url,), identity="sidecar-eu", creds=stack.creds("sidecar", "eu"))
-    config = SyncConfig(servers=reader.servers, connect=reader, bucket="KEYS", region="eu",
-                        snapshot_store="KEYS_SNAPSHOTS", trust=trust)  # fmt: skip
+    config = SyncConfig(
+        servers=reader.servers, connect=reader, bucket="KEYS", region="eu", snapshot_store="KEYS_SNAPSHOTS", trust=trust
+    )
     sync = KeySync(config, KeyTable())
     await sync.start()
     try:
@@ -314,8 +355,15 @@ def test_the_stack_keeps_each_seed_private(stack: Stack) -> None:
 
 
 async def test_with_nats_tls_the_stack_serves_and_a_client_without_the_local_ca_is_refused(tmp_path: Path) -> None:
-    settings = UpSettings(data_dir=tmp_path / "up", publisher_port=0, sidecar_port=0, nats_port=0, regions=("eu",),
-                          nats_tls=True, log_level="warning")  # fmt: skip
+    settings = UpSettings(
+        data_dir=tmp_path / "up",
+        publisher_port=0,
+        sidecar_port=0,
+        nats_port=0,
+        regions=("eu",),
+        nats_tls=True,
+        log_level="warning",
+    )
     running = Stack(settings)
     try:
         await asyncio.to_thread(running.start)
@@ -324,8 +372,12 @@ async def test_with_nats_tls_the_stack_serves_and_a_client_without_the_local_ca_
             answer = http_get(int(url.rsplit(":", 1)[1]), "/readyz")
             assert answer is not None
             assert answer[0] == 200
-        eu = NatsConnect((_url(running, "leaf-eu"),), identity="region-init-eu",
-                         creds=running.creds("region-init", "eu"), tls_ca=running.tls.ca)  # fmt: skip
+        eu = NatsConnect(
+            (_url(running, "leaf-eu"),),
+            identity="region-init-eu",
+            creds=running.creds("region-init", "eu"),
+            tls_ca=running.tls.ca,
+        )
         nc = await nats.connect(**eu.kwargs(), max_reconnect_attempts=0)
         try:
             reply = await nc.request("$JS.API.STREAM.INFO.KV_KEYS", b"", timeout=5.0)
@@ -333,12 +385,14 @@ async def test_with_nats_tls_the_stack_serves_and_a_client_without_the_local_ca_
         finally:
             await nc.close()
         # The system's roots do not know the local CA; without TLS the server refuses too.
-        untrusted = NatsConnect((f"tls://{_url(running, 'hub').removeprefix('nats://')}",), identity="publisher",
-                                creds=running.creds("publisher"))  # fmt: skip
+        untrusted = NatsConnect(
+            (f"tls://{_url(running, 'hub').removeprefix('nats://')}",),
+            identity="publisher",
+            creds=running.creds("publisher"),
+        )
         with pytest.raises(Exception, match=r"(?i)certificate"):
             await nats.connect(**untrusted.kwargs(), max_reconnect_attempts=0, allow_reconnect=False)
         with pytest.raises(Exception):  # noqa: B017, PT011  # nats-py raises several kinds here
-            await nats.connect(_url(running, "hub"), max_reconnect_attempts=0, allow_reconnect=False,
-                               connect_timeout=2)  # fmt: skip
+            await nats.connect(_url(running, "hub"), max_reconnect_attempts=0, allow_reconnect=False, connect_timeout=2)
     finally:
         await asyncio.to_thread(running.stop)

@@ -65,8 +65,11 @@ def test_urls_are_logged_without_passwords_or_tokens() -> None:
 
 
 def test_every_component_reads_its_credentials_and_ca_from_settings(tmp_path: Path) -> None:
-    settings = load(PublisherSettings, {}, {"KEYRELAY_NATS_CREDS": str(tmp_path / "p.nk"),
-                                            "KEYRELAY_NATS_TLS_CA": str(tmp_path / "ca.crt")})  # fmt: skip
+    settings = load(
+        PublisherSettings,
+        {},
+        {"KEYRELAY_NATS_CREDS": str(tmp_path / "p.nk"), "KEYRELAY_NATS_TLS_CA": str(tmp_path / "ca.crt")},
+    )
     connect = NatsConnect.of(settings, identity="publisher")
     assert connect.creds == tmp_path / "p.nk"
     assert connect.tls_ca == tmp_path / "ca.crt"

@@ -98,8 +98,10 @@ def test_keys_and_tokens_in_good_and_malformed_requests_reach_no_log_no_body_and
         assert status < 500, (name, status)
 
     # Malformed requests, each quoting a secret where aiohttp's parser error would quote it.
-    for secret_name, header in {"key": b"X-API-Key: " + key.encode(),
-                                "admin token": b"Authorization: Bearer " + token.encode()}.items():  # fmt: skip
+    for secret_name, header in {
+        "key": b"X-API-Key: " + key.encode(),
+        "admin token": b"Authorization: Bearer " + token.encode(),
+    }.items():
         for service, port in (("sidecar", sidecar), ("publisher", publisher)):
             for what, request in _malformed(header).items():
                 answer = _raw(port, request)
@@ -112,8 +114,12 @@ def test_keys_and_tokens_in_good_and_malformed_requests_reach_no_log_no_body_and
     logs = sorted((stack.data_dir / "logs").iterdir())
     names = {log.name for log in logs}
     assert {"publisher.log", "sidecar-global.log", "hub.log"} <= names  # hub.log: nats-server's
-    texts = {**{str(p): p.read_bytes() for p in logs}, "up's stdout": (stack.output + out).encode(),
-             "up's stderr": err.encode(), **bodies}  # fmt: skip
+    texts = {
+        **{str(p): p.read_bytes() for p in logs},
+        "up's stdout": (stack.output + out).encode(),
+        "up's stderr": err.encode(),
+        **bodies,
+    }
     leaks = [(where, what) for where, text in texts.items() for what, secret in secrets.items() if secret in text]
     assert leaks == []
     # Each malformed request is one line in its service's log, without a traceback.

@@ -59,8 +59,9 @@ async def browsers() -> AsyncIterator[Callable[[], Browser]]:
     made: list[Browser] = []
 
     def browser() -> Browser:
-        made.append(aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True),
-                                          headers={"User-Agent": "test-browser/1.0"}))  # fmt: skip
+        made.append(
+            aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True), headers={"User-Agent": "test-browser/1.0"})
+        )
         return made[-1]
 
     yield browser
@@ -83,12 +84,19 @@ class World:
         return self.publisher.url
 
 
-async def _world(start_publisher: StartPublisher, provider: Provider, *, jit: bool = True,
-                 memberships: str = "claims") -> World:  # fmt: skip
+async def _world(
+    start_publisher: StartPublisher, provider: Provider, *, jit: bool = True, memberships: str = "claims"
+) -> World:
     port = free_port()
-    publisher = await start_publisher(port=port, public_url=f"http://127.0.0.1:{port}", oidc_issuer=provider.issuer,
-                                      oidc_client_id="keyrelay", oidc_client_secret="a-client-secret-for-tests",
-                                      oidc_group_map=parse_group_map(GROUP_MAP), token_cache_ttl=0)  # fmt: skip
+    publisher = await start_publisher(
+        port=port,
+        public_url=f"http://127.0.0.1:{port}",
+        oidc_issuer=provider.issuer,
+        oidc_client_id="keyrelay",
+        oidc_client_secret="a-client-secret-for-tests",
+        oidc_group_map=parse_group_map(GROUP_MAP),
+        token_cache_ttl=0,
+    )
     admin = publisher.admin
     acme = (await admin.ok("POST", "/orgs", {"name": "acme"}))["id"]
     globex = (await admin.ok("POST", "/orgs", {"name": "globex"}))["id"]
@@ -156,8 +164,9 @@ def _csrf(browser: Browser, world: World) -> dict[str, str]:
     return {"X-CSRF-Token": _cookies(browser, world)["keyrelay_csrf"].value}
 
 
-async def _api(browser: Browser, world: World, method: str, path: str, body: Any = None,
-               headers: dict[str, str] | None = None) -> tuple[int, Any]:  # fmt: skip
+async def _api(
+    browser: Browser, world: World, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
     async with browser.request(method, world.url + "/v1" + path, json=body, headers=headers or {}) as resp:
         return resp.status, await resp.json()
 
@@ -171,8 +180,9 @@ async def test_a_person_signs_in_at_the_provider_and_their_session_acts_as_them_
     start_publisher: StartPublisher, provider: Provider, browsers: Callable[[], Browser], http: aiohttp.ClientSession
 ) -> None:
     world = await _world(start_publisher, provider)
-    await provider.set_user(http, "ann", email="ann@example.com", name="Ann Example",
-                            groups=["acme-admins", "acme-payments", "not-mapped"])  # fmt: skip
+    await provider.set_user(
+        http, "ann", email="ann@example.com", name="Ann Example", groups=["acme-admins", "acme-payments", "not-mapped"]
+    )
     browser = browsers()
 
     page = await sign_in(browser, world, "ann")
@@ -196,23 +206,42 @@ async def test_a_person_signs_in_at_the_provider_and_their_session_acts_as_them_
     # A change made with the cookie needs the CSRF token, and an Origin (when sent) that is the publisher's.
     status, body = await _api(browser, world, "POST", f"/orgs/{world.acme}/teams", {"name": "web"})
     assert (status, body["error"]["code"]) == (403, "csrf_refused")
-    status, body = await _api(browser, world, "POST", f"/orgs/{world.acme}/teams", {"name": "web"},
-                              {**_csrf(browser, world), "Origin": EVIL})  # fmt: skip
+    status, body = await _api(
+        browser, world, "POST", f"/orgs/{world.acme}/teams", {"name": "web"}, {**_csrf(browser, world), "Origin": EVIL}
+    )
     assert (status, body["error"]["code"]) == (403, "csrf_refused")
-    status, body = await _api(browser, world, "POST", f"/orgs/{world.acme}/teams", {"name": "web"},
-                              {**_csrf(browser, world), "Sec-Fetch-Site": "cross-site"})  # fmt: skip
+    status, body = await _api(
+        browser,
+        world,
+        "POST",
+        f"/orgs/{world.acme}/teams",
+        {"name": "web"},
+        {**_csrf(browser, world), "Sec-Fetch-Site": "cross-site"},
+    )
     assert (status, body["error"]["code"]) == (403, "csrf_refused")
-    status, body = await _api(browser, world, "POST", f"/orgs/{world.acme}/teams", {"name": "web"},
-                              {"X-CSRF-Token": "A" * 43})  # fmt: skip
+    status, body = await _api(
+        browser, world, "POST", f"/orgs/{world.acme}/teams", {"name": "web"}, {"X-CSRF-Token": "A" * 43}
+    )
     assert (status, body["error"]["code"]) == (403, "csrf_refused")
-    status, _ = await _api(browser, world, "POST", f"/orgs/{world.acme}/teams", {"name": "web"},
-                           {**_csrf(browser, world), "Origin": world.url})  # fmt: skip
+    status, _ = await _api(
+        browser,
+        world,
+        "POST",
+        f"/orgs/{world.acme}/teams",
+        {"name": "web"},
+        {**_csrf(browser, world), "Origin": world.url},
+    )
     assert status == 201
     assert [t["name"] for t in (await world.publisher.admin.ok("GET", f"/orgs/{world.acme}/teams"))["teams"]] == [
-        "payments", "web"]  # fmt: skip
+        "payments",
+        "web",
+    ]
     # Bearer-token requests are not cookie requests: no CSRF token, any Origin.
-    async with http.post(world.url + "/v1/orgs", json={"name": "initech"},
-                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Origin": EVIL}) as resp:  # fmt: skip
+    async with http.post(
+        world.url + "/v1/orgs",
+        json={"name": "initech"},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Origin": EVIL},
+    ) as resp:
         assert resp.status == 201
 
     signins = await _audit(world, "signin")
@@ -227,13 +256,15 @@ async def test_a_person_signs_in_at_the_provider_and_their_session_acts_as_them_
     status, body = await _api(browser, world, "GET", "/sessions")
     assert status == 200
     assert [(s["email"], s["current"], s["via"], s["user_agent"]) for s in body["sessions"]] == [
-        ("ann@example.com", True, "oidc", "test-browser/1.0")]  # fmt: skip
+        ("ann@example.com", True, "oidc", "test-browser/1.0")
+    ]
 
     async with browser.post(world.url + "/auth/logout", data={"csrf_token": "wrong"}) as resp:
         assert resp.status == 403  # not signed out by a forged form
     assert (await _api(browser, world, "GET", "/orgs"))[0] == 200
-    async with browser.post(world.url + "/auth/logout",
-                            data={"csrf_token": _csrf(browser, world)["X-CSRF-Token"]}) as resp:  # fmt: skip
+    async with browser.post(
+        world.url + "/auth/logout", data={"csrf_token": _csrf(browser, world)["X-CSRF-Token"]}
+    ) as resp:
         assert (resp.status, "Signed out" in await resp.text()) == (200, True)
     assert (await _api(browser, world, "GET", "/orgs"))[0] == 401
     async with browser.get(world.url + "/me") as resp:
@@ -293,8 +324,9 @@ async def test_sessions_are_listed_and_revoked_by_whom_the_policy_says_and_end_w
     assert (await _api(ann_phone, world, "GET", "/orgs"))[0] == 401
     assert (await _api(ann_laptop, world, "GET", "/orgs"))[0] == 200
     bobs = (await admin.call("GET", "/sessions", token=owner))[1]["sessions"]
-    status, _ = await admin.call("DELETE", f"/sessions/{next(s['id'] for s in bobs if s['email'].startswith('bob'))}",
-                                 token=owner)  # fmt: skip
+    status, _ = await admin.call(
+        "DELETE", f"/sessions/{next(s['id'] for s in bobs if s['email'].startswith('bob'))}", token=owner
+    )
     assert status == 200
     assert (await _api(bob, world, "GET", "/orgs"))[0] == 401
     assert [e["actor_id"] for e in await _audit(world, "session.revoke")][-1] is not None
@@ -426,15 +458,19 @@ async def test_people_without_a_mapped_group_or_a_role_are_told_why_and_just_in_
     await provider.set_user(http, "fay", email="fay@example.com", groups=["globex-owners"])
     assert (await sign_in(browsers(), world, "fay")).status == 200
     members = (await admin.ok("GET", f"/orgs/{world.globex}/members"))["members"]
-    assert sorted((m["email"], m["role"]) for m in members) == [("eve@example.com", "member"),
-                                                                 ("fay@example.com", "owner")]  # fmt: skip
+    assert sorted((m["email"], m["role"]) for m in members) == [
+        ("eve@example.com", "member"),
+        ("fay@example.com", "owner"),
+    ]
     await provider.set_user(http, "fay", email="fay@example.com", groups=[])
     assert (await sign_in(browsers(), world, "fay")).status == 200  # manual: the groups claim changes nothing now
 
     refused = list(reversed(await _audit(world, "signin.refused")))
     assert [(e["details"]["reason"], e["details"]["email"], e["source"]) for e in refused] == [
-        ("unknown_user", "cy@example.com", "portal"), ("unknown_user", "dee@example.com", "portal"),
-        ("no_role", "dee@example.com", "portal")]  # fmt: skip
+        ("unknown_user", "cy@example.com", "portal"),
+        ("unknown_user", "dee@example.com", "portal"),
+        ("no_role", "dee@example.com", "portal"),
+    ]
     assert refused[2]["actor_id"] == user["id"]  # filed under the user, once there is one
     assert await _refusals(world) == {"unknown_user": 2, "no_role": 1}
     removed = await _audit(world, "org.member.remove")
@@ -461,8 +497,9 @@ async def test_the_providers_signing_key_rotated_while_it_runs_is_followed(
 async def test_under_an_https_public_url_the_cookies_are_secure_and_host_prefixed(
     start_publisher: StartPublisher, provider: Provider, http: aiohttp.ClientSession
 ) -> None:
-    publisher = await start_publisher(public_url="https://keys.example.com", oidc_issuer=provider.issuer,
-                                      oidc_client_id="keyrelay")  # fmt: skip
+    publisher = await start_publisher(
+        public_url="https://keys.example.com", oidc_issuer=provider.issuer, oidc_client_id="keyrelay"
+    )
     async with http.get(publisher.url + "/auth/login", allow_redirects=False) as resp:
         assert resp.status == 302
         assert "redirect_uri=https%3A%2F%2Fkeys.example.com%2Fauth%2Fcallback" in resp.headers["Location"]

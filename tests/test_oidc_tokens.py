@@ -23,8 +23,15 @@ ISSUER, CLIENT, NONCE = "https://idp.example.com", "keyrelay", "n-0123456789"
 
 def _claims(**changes: Any) -> dict[str, Any]:
     now = int(time.time())
-    claims = {"iss": ISSUER, "aud": CLIENT, "sub": "ann", "exp": now + 300, "iat": now, "nonce": NONCE,
-              "email": "ann@example.com"}  # fmt: skip
+    claims = {
+        "iss": ISSUER,
+        "aud": CLIENT,
+        "sub": "ann",
+        "exp": now + 300,
+        "iat": now,
+        "nonce": NONCE,
+        "email": "ann@example.com",
+    }
     claims.update(changes)
     return {k: val for k, val in claims.items() if val is not None}
 
@@ -94,7 +101,7 @@ async def test_each_forged_or_wrong_token_is_refused(case: str, message: str) ->
         # The classic confusion: the provider's public key (PEM) used as an HMAC secret.
         "hs256-with-public-key": _hs256(_claims(), provider.keys[0].as_pem(private=False)),
         "garbage": "not-a-token",
-    }  # fmt: skip
+    }
     with pytest.raises(IdTokenError, match=message):
         await _validate(provider, tokens[case])
 

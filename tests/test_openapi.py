@@ -87,12 +87,24 @@ async def test_every_other_v1_route_and_any_unknown_v1_path_answers_401_without_
 ) -> None:
     publisher = await start_publisher()
     document = await _document(publisher, http)
-    calls = [(m, re.sub(r"\{[a-z_]+\}", str(uuid.uuid4()), p)) for m, p in sorted(_operations(document))
-             if p.startswith("/v1/") and p not in UNAUTHENTICATED]  # fmt: skip
+    calls = [
+        (m, re.sub(r"\{[a-z_]+\}", str(uuid.uuid4()), p))
+        for m, p in sorted(_operations(document))
+        if p.startswith("/v1/") and p not in UNAUTHENTICATED
+    ]
     assert len(calls) >= 18
-    unknown = [("GET", "/v1/nope"), ("POST", "/v1/orgs/x/y"), ("DELETE", "/v1/orgs"), ("PUT", "/v1/orgs"),
-               ("GET", OPENAPI_PATH + "/"), ("GET", OPENAPI_PATH + "x"), ("GET", "/v1//openapi.json"),
-               ("POST", OPENAPI_PATH), ("DELETE", OPENAPI_PATH), ("GET", "/v1/OPENAPI.json")]  # fmt: skip
+    unknown = [
+        ("GET", "/v1/nope"),
+        ("POST", "/v1/orgs/x/y"),
+        ("DELETE", "/v1/orgs"),
+        ("PUT", "/v1/orgs"),
+        ("GET", OPENAPI_PATH + "/"),
+        ("GET", OPENAPI_PATH + "x"),
+        ("GET", "/v1//openapi.json"),
+        ("POST", OPENAPI_PATH),
+        ("DELETE", OPENAPI_PATH),
+        ("GET", "/v1/OPENAPI.json"),
+    ]
     for method, path in calls + unknown:
         for headers in ({}, {"Authorization": "Bearer krt_wrong"}, {"Authorization": "Basic eDp5"}):
             async with http.request(method, publisher.url + path, headers=headers, json={"name": "x"}) as resp:

@@ -50,15 +50,17 @@ async def test_a_database_keyrelay_never_initialised_is_an_error_naming_it_and_n
 
 def _keyrelay(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = environ_without_settings()
-    return subprocess.run([sys.executable, "-m", "keyrelay", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "keyrelay", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_a_publisher_started_in_the_wrong_directory_refuses_instead_of_starting_empty(
     tmp_path: Path, nats_server: NatsServer, signing_key: Path
 ) -> None:
-    ran = _keyrelay("publisher", "--nats-url", nats_server.url, "--port", "0", "--signing-key", str(signing_key),
-                    cwd=tmp_path)  # fmt: skip
+    ran = _keyrelay(
+        "publisher", "--nats-url", nats_server.url, "--port", "0", "--signing-key", str(signing_key), cwd=tmp_path
+    )
     assert ran.returncode == 1
     assert "holds no keyrelay database" in ran.stderr
     assert str(Path(".keyrelay") / "keyrelay.db") in ran.stderr
@@ -99,8 +101,9 @@ async def test_a_plan_changing_more_signed_values_than_the_bound_is_refused_and_
 ) -> None:
     live = await start_publisher(reconcile_on_start=False)
     await _keys(live, 12)
-    other = await start_publisher(reconcile_on_start=False, database_url=f"sqlite:///{tmp_path / 'other.db'}",
-                                  reconcile_max_changes=5)  # fmt: skip
+    other = await start_publisher(
+        reconcile_on_start=False, database_url=f"sqlite:///{tmp_path / 'other.db'}", reconcile_max_changes=5
+    )
     await _keys(other, 1)  # not empty: the bound alone decides
     before = await bucket_entries(js)
 
@@ -113,8 +116,9 @@ async def test_a_plan_changing_more_signed_values_than_the_bound_is_refused_and_
     assert await bucket_entries(js) == before
 
     await other.server.close()  # one publisher to a SQLite file
-    within = await start_publisher(reconcile_on_start=False, database_url=f"sqlite:///{tmp_path / 'other.db'}",
-                                   reconcile_max_changes=12)  # fmt: skip
+    within = await start_publisher(
+        reconcile_on_start=False, database_url=f"sqlite:///{tmp_path / 'other.db'}", reconcile_max_changes=12
+    )
     assert (await within.admin.ok("POST", "/reconcile"))["deleted"] == 12
 
 
@@ -192,8 +196,16 @@ def test_a_second_up_on_a_data_directory_in_use_refuses_naming_the_first_which_k
     assert first.auth("global", first.demo_key) == 200
 
     # A publisher started by hand on the same data directory is refused the SQLite file the same way.
-    publisher = _keyrelay("publisher", "--data-dir", str(first.data_dir), "--port", "0", "--signing-key",
-                          str(first.data_dir / "signing-key"), cwd=tmp_path)  # fmt: skip
+    publisher = _keyrelay(
+        "publisher",
+        "--data-dir",
+        str(first.data_dir),
+        "--port",
+        "0",
+        "--signing-key",
+        str(first.data_dir / "signing-key"),
+        cwd=tmp_path,
+    )
     assert publisher.returncode == 1
     assert "keyrelay.db is in use by a keyrelay publisher (PID" in publisher.stderr
     assert first.auth("global", first.demo_key) == 200

@@ -14,13 +14,18 @@ from tests.support import Sidecar, StartSidecar, make_key, put
 
 RULES = "POST /api/orders orders:write\n"
 # The gateway asks about POST /api/orders; a client adds the other gateway's headers, naming a route without rules.
-SPOOFED = {"X-Original-Method": "GET", "X-Original-URI": "/public", "X-Forwarded-Method": "GET",
-           "X-Forwarded-Uri": "/public"}  # fmt: skip
+SPOOFED = {
+    "X-Original-Method": "GET",
+    "X-Original-URI": "/public",
+    "X-Forwarded-Method": "GET",
+    "X-Forwarded-Uri": "/public",
+}
 
 
 async def _status(sidecar: Sidecar, key: str, path: str = "/auth", method: str = "GET", **headers: str) -> int:
-    async with sidecar.http.request(method, sidecar.url + path, headers={"Authorization": f"Bearer {key}",
-                                                                          **headers}) as resp:  # fmt: skip
+    async with sidecar.http.request(
+        method, sidecar.url + path, headers={"Authorization": f"Bearer {key}", **headers}
+    ) as resp:
         return resp.status
 
 

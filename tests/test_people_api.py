@@ -73,8 +73,9 @@ async def test_leaving_an_org_revokes_the_keys_made_there_and_deactivation_the_r
     assert await sidecar.status_of(there["key"]) == 200  # another org's key: its org still has the user
     shown = await admin.ok("GET", f"/keys/{here['id']}")
     assert (shown["status"], shown["revoked_reason"]) == (
-        "revoked", "user removed from the organization (offboarding: revoke)"
-    )  # fmt: skip
+        "revoked",
+        "user removed from the organization (offboarding: revoke)",
+    )
     audit = (await admin.ok("GET", "/audit", org_id=left["org_id"], limit=3))["entries"]
     assert [e["action"] for e in audit] == ["key.revoke", "org.member.remove", "key.create"]
     assert audit[0]["actor"] == "bootstrap"  # who removed the user, not the user
@@ -126,8 +127,10 @@ async def test_a_decommissioned_teams_name_is_free_for_a_new_team_and_an_active_
     assert (await admin.ok("PATCH", f"/teams/{other['id']}", {"name": "platform"}))["name"] == "platform"
     teams = (await admin.ok("GET", f"/orgs/{org}/teams"))["teams"]
     assert [(t["id"], t["name"], t["decommissioned_at"] is None) for t in teams] == [
-        (old, "platform", False), (new["id"], "payments", True), (other["id"], "platform", True)
-    ]  # fmt: skip
+        (old, "platform", False),
+        (new["id"], "payments", True),
+        (other["id"], "platform", True),
+    ]
     assert (await admin.ok("GET", f"/keys/{key['id']}"))["status"] == "revoked"
 
 
@@ -179,8 +182,10 @@ async def test_giving_a_role_above_ones_own_is_refused_and_the_refusal_audited(s
     project = await admin.project()
     org = project["org_id"]
     org_admin = await admin.ok("POST", "/tokens", {"name": "org-admin", "role": "admin", "org_id": org})
-    for path, body in ((f"/orgs/{org}/members", {"email": "boss@example.com", "role": "owner"}),
-                       ("/users", {"email": "boss@example.com", "org_id": org, "role": "owner"})):  # fmt: skip
+    for path, body in (
+        (f"/orgs/{org}/members", {"email": "boss@example.com", "role": "owner"}),
+        ("/users", {"email": "boss@example.com", "org_id": org, "role": "owner"}),
+    ):
         status, answer = await admin.call("POST", path, body, token=org_admin["token"])
         assert (status, answer["error"]["code"]) == (403, "forbidden")
     entries = (await admin.ok("GET", "/audit", org_id=org, actor=org_admin["id"]))["entries"]

@@ -43,11 +43,15 @@ def test_the_people_tour_runs_as_written_and_the_user_sees_only_what_she_may(
     work = tmp_path / "tour"
     work.mkdir()
     env = environ_without_settings()
-    env |= {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "KEYRELAY_DATA_DIR": str(stack.data_dir),
-            "XDG_CONFIG_HOME": str(tmp_path / "config")}  # fmt: skip
+    env |= {
+        "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
+        "KEYRELAY_DATA_DIR": str(stack.data_dir),
+        "XDG_CONFIG_HOME": str(tmp_path / "config"),
+    }
     for _ in range(2):
-        ran = subprocess.run(["bash", "-euo", "pipefail", "-c", tour()], cwd=work, env=env, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
+        ran = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", tour()], cwd=work, env=env, capture_output=True, text=True, timeout=300
+        )
         assert ran.returncode == 0, ran.stderr
         assert "Traceback" not in ran.stderr
         lines = ran.stdout.splitlines()

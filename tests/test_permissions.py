@@ -44,8 +44,9 @@ class Api:
     http: requests.Session = field(default_factory=requests.Session)
 
     def call(self, method: str, path: str, body: Any = None, token: str = ADMIN_TOKEN) -> tuple[int, Any]:
-        answer = self.http.request(method, f"{self.url}/v1{path}", json=body, timeout=30,
-                                   headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        answer = self.http.request(
+            method, f"{self.url}/v1{path}", json=body, timeout=30, headers={"Authorization": f"Bearer {token}"}
+        )
         return answer.status_code, answer.json()
 
     def ok(self, method: str, path: str, body: Any = None, token: str = ADMIN_TOKEN) -> Any:
@@ -82,13 +83,19 @@ class World:
         return cls(org, team, sibling, project, key, user, token_id)
 
     def fill(self, path: str) -> str:
-        return path.format(org=self.org, team=self.team, project=self.project, key=self.key, user=self.user,
-                           token=self.token_id)  # fmt: skip
+        return path.format(
+            org=self.org, team=self.team, project=self.project, key=self.key, user=self.user, token=self.token_id
+        )
 
 
 # Where a caller's role is held, relative to the world a route acts on.
-RELATIONS = {"platform": ("platform-admin", "platform-reader"), "own": (*ORG_ROLES, *TEAM_ROLES),
-             "sibling-team": TEAM_ROLES, "other-org": (*ORG_ROLES, *TEAM_ROLES), "none": ("personal",)}  # fmt: skip
+RELATIONS = {
+    "platform": ("platform-admin", "platform-reader"),
+    "own": (*ORG_ROLES, *TEAM_ROLES),
+    "sibling-team": TEAM_ROLES,
+    "other-org": (*ORG_ROLES, *TEAM_ROLES),
+    "none": ("personal",),
+}
 CALLERS = [(role, relation) for relation, roles in RELATIONS.items() for role in roles]
 
 
@@ -116,26 +123,51 @@ CASES = [
     Case("PATCH", "/orgs/{org}", "org.update", "org", "org", body=lambda w: {"name": _name()}),
     Case("DELETE", "/orgs/{org}", "org.delete", "org", "org", fresh=True),
     Case("GET", "/orgs/{org}/policy", "org.policy.read", "org", "org"),
-    Case("PUT", "/orgs/{org}/policy", "org.policy.update", "org", "org",
-         body=lambda w: {"developers_may_create_keys": True}),
+    Case(
+        "PUT",
+        "/orgs/{org}/policy",
+        "org.policy.update",
+        "org",
+        "org",
+        body=lambda w: {"developers_may_create_keys": True},
+    ),
     Case("GET", "/orgs/{org}/members", "org.members.read", "org", "org"),
-    Case("POST", "/orgs/{org}/members", "org.members.update", "org", "org",
-         body=lambda w: {"user_id": w.user, "role": "member"}),
+    Case(
+        "POST",
+        "/orgs/{org}/members",
+        "org.members.update",
+        "org",
+        "org",
+        body=lambda w: {"user_id": w.user, "role": "member"},
+    ),
     Case("DELETE", "/orgs/{org}/members/{user}", "org.members.update", "org", "org", fresh=True),
     Case("POST", "/orgs/{org}/teams", "team.create", "org", "org", 201, lambda w: {"name": _name()}),
     Case("GET", "/orgs/{org}/teams", "org.read", "org", "org"),
     Case("PATCH", "/teams/{team}", "team.update", "team", "team", body=lambda w: {"name": _name()}),
     Case("DELETE", "/teams/{team}", "team.delete", "team", "team", fresh=True),
     Case("GET", "/teams/{team}/members", "team.members.read", "team", "team"),
-    Case("POST", "/teams/{team}/members", "team.members.update", "team", "team",
-         body=lambda w: {"user_id": w.user, "role": "viewer"}),
+    Case(
+        "POST",
+        "/teams/{team}/members",
+        "team.members.update",
+        "team",
+        "team",
+        body=lambda w: {"user_id": w.user, "role": "viewer"},
+    ),
     Case("DELETE", "/teams/{team}/members/{user}", "team.members.update", "team", "team", fresh=True),
     Case("POST", "/teams/{team}/projects", "project.create", "team", "team", 201, lambda w: {"name": _name()}),
     Case("GET", "/teams/{team}/projects", "project.read", "team", "team"),
     Case("DELETE", "/projects/{project}", "project.delete", "project", "team", fresh=True),
     Case("POST", "/projects/{project}/keys", "key.create", "project", "team", 201, lambda w: {"name": "k"}),
-    Case("POST", "/projects/{project}/keys/bulk", "key.create", "project", "team", 201,
-         lambda w: {"keys": [{"name": "a"}, {"name": "b"}]}),
+    Case(
+        "POST",
+        "/projects/{project}/keys/bulk",
+        "key.create",
+        "project",
+        "team",
+        201,
+        lambda w: {"keys": [{"name": "a"}, {"name": "b"}]},
+    ),
     Case("GET", "/projects/{project}/keys", "key.read", "project", "team"),
     Case("GET", "/orgs/{org}/keys", "org.read", "org", "org"),  # lists what key.read reaches (test_find_keys)
     Case("GET", "/teams/{team}/keys", "team.read", "team", "team"),
@@ -144,8 +176,16 @@ CASES = [
     Case("POST", "/keys/revoke", "key.revoke", "key", "team", body=lambda w: {"ids": [w.key]}, fresh=True),
     Case("POST", "/keys/{key}/rotate", "key.rotate", "key", "team", 201, fresh=True),
     Case("GET", "/audit", None, None, "platform"),
-    Case("POST", "/tokens", "token.create", "team", "team", 201,
-         lambda w: {"name": _name(), "role": "viewer", "team_id": w.team}, for_self=True),
+    Case(
+        "POST",
+        "/tokens",
+        "token.create",
+        "team",
+        "team",
+        201,
+        lambda w: {"name": _name(), "role": "viewer", "team_id": w.team},
+        for_self=True,
+    ),
     Case("GET", "/tokens", None, None, "platform"),
     Case("GET", "/tokens/{token}", "token.read", "token", "org"),
     Case("DELETE", "/tokens/{token}", "token.revoke", "token", "org", fresh=True),
@@ -156,7 +196,7 @@ CASES = [
     Case("POST", "/reconcile", "operations.run", None, "platform", body=lambda w: {"dry_run": True}),
     Case("GET", "/signing-keys", None, None, "platform"),
     Case("GET", "/sessions", None, None, "platform"),
-]  # fmt: skip
+]
 
 
 def _permitted(action: str, role: str, relation: str, level: str, for_self: bool) -> bool:
@@ -228,9 +268,16 @@ def matrix(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def _served_matrix(database_url: str, nats_url: str, data: Path) -> Iterator[Matrix]:
-    settings = PublisherSettings(database_url=database_url, init=True, nats_url=(nats_url,), admin_token=ADMIN_TOKEN,
-                                 data_dir=data, publish_wait=2.0, token_cache_ttl=0,
-                                 signing_key=key_file(data / "signing-key", SIGNER))  # fmt: skip
+    settings = PublisherSettings(
+        database_url=database_url,
+        init=True,
+        nats_url=(nats_url,),
+        admin_token=ADMIN_TOKEN,
+        data_dir=data,
+        publish_wait=2.0,
+        token_cache_ttl=0,
+        signing_key=key_file(data / "signing-key", SIGNER),
+    )
     with ThreadedApp(lambda: create_app(settings), access_log=None) as url:
         api = Api(url)
         own, other = World.make(api), World.make(api)

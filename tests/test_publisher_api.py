@@ -71,8 +71,9 @@ async def test_a_created_key_works_at_a_sidecar_and_a_revocation_reaches_it_prom
     project = await publisher.admin.project()
     created = await publisher.admin.create_key(project["id"], scopes=["orders:read"])
     # Acked by JetStream when the API answered; at the sidecar a moment later.
-    (status, headers, _), _ = await eventually(lambda: sidecar.auth(created["key"], scopes="orders:read"),
-                                               lambda r: r[0] == 200, timeout=5)  # fmt: skip
+    (status, headers, _), _ = await eventually(
+        lambda: sidecar.auth(created["key"], scopes="orders:read"), lambda r: r[0] == 200, timeout=5
+    )
     assert status == 200
     assert headers["X-Key-Id"] == created["id"]
     assert headers["X-Project-Id"] == project["id"]
@@ -325,8 +326,14 @@ async def test_wrong_parent_ids_give_404_and_change_nothing(start_publisher: Sta
     admin = publisher.admin
     ghost = "0190c0de-0000-7000-8000-00000000beef"
     audit_before = await admin.ok("GET", "/audit")
-    for path in (f"/orgs/{ghost}/teams", f"/teams/{ghost}/projects", f"/projects/{ghost}/keys",
-                 "/orgs/not-an-id/teams", f"/keys/{ghost}/revoke", f"/keys/{ghost}/rotate"):  # fmt: skip
+    for path in (
+        f"/orgs/{ghost}/teams",
+        f"/teams/{ghost}/projects",
+        f"/projects/{ghost}/keys",
+        "/orgs/not-an-id/teams",
+        f"/keys/{ghost}/revoke",
+        f"/keys/{ghost}/rotate",
+    ):
         status, answer = await admin.call("POST", path, {"name": "x"} if "keys/" not in path else {})
         assert (status, answer["error"]["code"]) == (404, "not_found"), path
     status, _ = await admin.call("GET", f"/keys/{ghost}")
@@ -435,8 +442,9 @@ async def _set_lease(publisher: Publisher, *, holder: str, seconds: float) -> No
     async with publisher.services.store.db.transaction() as tx:
         await tx.execute(
             "UPDATE relay_lease SET holder = $1, expires_at = $2 WHERE name = 'outbox'",
-            holder, time.time_ns() // 1000 + int(seconds * 1_000_000),
-        )  # fmt: skip
+            holder,
+            time.time_ns() // 1000 + int(seconds * 1_000_000),
+        )
 
 
 async def _value(value: T) -> T:

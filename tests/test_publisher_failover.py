@@ -52,20 +52,30 @@ async def _leads(http: aiohttp.ClientSession, process: PublisherProcess) -> bool
 # PostgreSQL only: a SQLite file is locked to one publisher.
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_killing_the_replica_that_holds_the_relay_lease_hands_it_over_within_its_ttl(
-    replicas: list[PublisherProcess], database_url: str, js: JetStreamContext, start_sidecar: StartSidecar,
+    replicas: list[PublisherProcess],
+    database_url: str,
+    js: JetStreamContext,
+    start_sidecar: StartSidecar,
     http: aiohttp.ClientSession,
-) -> None:  # fmt: skip
+) -> None:
     sidecar = await start_sidecar()
     await sidecar.ready()
-    leaders, _ = await eventually(lambda: asyncio.gather(*(_leads(http, p) for p in replicas)),
-                                  lambda flags: sum(flags) == 1, timeout=LEASE_TTL + 5, interval=0.05)  # fmt: skip
+    leaders, _ = await eventually(
+        lambda: asyncio.gather(*(_leads(http, p) for p in replicas)),
+        lambda flags: sum(flags) == 1,
+        timeout=LEASE_TTL + 5,
+        interval=0.05,
+    )
     holder, survivor = (replicas[0], replicas[1]) if leaders[0] else (replicas[1], replicas[0])
     admin = Admin(url=survivor.url, http=http)
     project = await admin.project()
     body = {"keys": [{"name": f"k{i}"} for i in range(20)]}
     keys = (await admin.ok("POST", f"/projects/{project['id']}/keys/bulk", body))["keys"]
-    await eventually(lambda: asyncio.gather(*(sidecar.status_of(k["key"]) for k in keys)),
-                     lambda codes: set(codes) == {200}, timeout=10)  # fmt: skip
+    await eventually(
+        lambda: asyncio.gather(*(sidecar.status_of(k["key"]) for k in keys)),
+        lambda codes: set(codes) == {200},
+        timeout=10,
+    )
 
     holder.kill()
     killed = time.monotonic()
@@ -78,11 +88,16 @@ async def test_killing_the_replica_that_holds_the_relay_lease_hands_it_over_with
     took_over = time.monotonic() - killed
     await eventually(lambda: outbox_depth(database_url), lambda n: n == 0, timeout=10)
     drained = time.monotonic() - killed
-    await eventually(lambda: asyncio.gather(*(sidecar.code_of(k["key"]) for k in revoked)),
-                     lambda codes: set(codes) == {"REVOKED"}, timeout=10)  # fmt: skip
+    await eventually(
+        lambda: asyncio.gather(*(sidecar.code_of(k["key"]) for k in revoked)),
+        lambda codes: set(codes) == {"REVOKED"},
+        timeout=10,
+    )
     refused = time.monotonic() - killed
-    print(f"HA: relay lease holder killed: survivor led after {took_over:.2f}s, outbox drained after "
-          f"{drained:.2f}s, revocations refused after {refused:.2f}s (lease TTL {LEASE_TTL}s)")  # fmt: skip
+    print(
+        f"HA: relay lease holder killed: survivor led after {took_over:.2f}s, outbox drained after "
+        f"{drained:.2f}s, revocations refused after {refused:.2f}s (lease TTL {LEASE_TTL}s)"
+    )
     assert took_over <= LEASE_TTL + 2  # the lease expires, the survivor checks every TTL/3
     assert [await sidecar.status_of(k["key"]) for k in keys[10:]] == [200] * 10
     assert await sidecar.status_of(born["key"]) == 200

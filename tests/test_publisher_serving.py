@@ -29,9 +29,16 @@ def certificate(tmp_path: Path) -> LocalTls:
 @pytest.fixture
 def settings(nats_server: NatsServer, tmp_path: Path, signing_key: Path, certificate: LocalTls) -> PublisherSettings:
     """A publisher on SQLite that serves HTTPS with `certificate`."""
-    return PublisherSettings(database_url=f"sqlite:///{tmp_path / 'keyrelay.db'}", nats_url=(nats_server.url,),
-                             admin_token=ADMIN_TOKEN, data_dir=tmp_path, signing_key=signing_key, init=True,
-                             tls_cert_file=certificate.cert, tls_key_file=certificate.key)  # fmt: skip
+    return PublisherSettings(
+        database_url=f"sqlite:///{tmp_path / 'keyrelay.db'}",
+        nats_url=(nats_server.url,),
+        admin_token=ADMIN_TOKEN,
+        data_dir=tmp_path,
+        signing_key=signing_key,
+        init=True,
+        tls_cert_file=certificate.cert,
+        tls_key_file=certificate.key,
+    )
 
 
 @pytest.fixture

@@ -177,8 +177,12 @@ async def test_forged_records_unsigned_or_badly_signed_are_counted_and_repaired(
     forged = dataclasses.replace(moved, scopes=("admin",))
     await plant(js, moved.entry, forged.encode(), {SIGNATURE_HEADER: stolen})
     _, minted = make_key(scopes=("admin",))
-    await plant(js, minted.entry, minted.encode(), {SIGNATURE_HEADER: Signer(SigningKey.generate(), "default").sign(
-        KIND_RECORD, minted.entry, minted.encode())})  # fmt: skip
+    await plant(
+        js,
+        minted.entry,
+        minted.encode(),
+        {SIGNATURE_HEADER: Signer(SigningKey.generate(), "default").sign(KIND_RECORD, minted.entry, minted.encode())},
+    )
 
     report = await publisher.admin.ok("POST", "/reconcile")
     assert (report["unsigned"], report["bad_signature"]) == (1, 2)
@@ -239,10 +243,15 @@ async def test_a_genuine_record_newer_than_the_database_is_exceeded_and_one_at_t
     newer, top = await _keys(publisher, 2)
     for key, version in ((newer, 50), (top, MAX_VERSION)):
         # As after restoring the database from an old backup: the bucket holds later genuine versions.
-        record = dataclasses.replace(KeyRecord.decode((await _genuine(publisher, js, key["id"])).data),
-                                     scopes=("old",), version=version)  # fmt: skip
-        await plant(js, record.entry, record.encode(), {SIGNATURE_HEADER: signer.sign(KIND_RECORD, record.entry,
-                                                                                      record.encode())})  # fmt: skip
+        record = dataclasses.replace(
+            KeyRecord.decode((await _genuine(publisher, js, key["id"])).data), scopes=("old",), version=version
+        )
+        await plant(
+            js,
+            record.entry,
+            record.encode(),
+            {SIGNATURE_HEADER: signer.sign(KIND_RECORD, record.entry, record.encode())},
+        )
 
     report = await publisher.admin.ok("POST", "/reconcile")
     assert (report["unsigned"], report["bad_signature"], report["republished"]) == (0, 0, 2)
@@ -295,8 +304,9 @@ async def test_many_differing_shards_are_compared_in_rounds_of_bounded_size(
     services = publisher.services
 
     lines: list[str] = []
-    report = await reconcile(store=services.store, broker=services.broker, keys=services.keys, round_entries=10,
-                             progress=lines.append)  # fmt: skip
+    report = await reconcile(
+        store=services.store, broker=services.broker, keys=services.keys, round_entries=10, progress=lines.append
+    )
     assert report.republished == 40
     rounds = [line for line in lines if "comparing the entries of" in line]
     assert len(rounds) >= 4

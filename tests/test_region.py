@@ -25,8 +25,10 @@ def hub_and_leaves(tmp_path: Path) -> Iterator[tuple[NatsServer, dict[str, NatsS
     leaf_port = free_port()
     hub = NatsServer(NatsSpec(name="hub", store_dir=tmp_path / "hub", domain="hub", leafnode_port=leaf_port))
     remotes = [f"nats-leaf://127.0.0.1:{leaf_port}"]
-    leaves = {r: NatsServer(NatsSpec(name=f"leaf-{r}", store_dir=tmp_path / r, domain=r, remotes=remotes))
-              for r in ("eu", "us")}  # fmt: skip
+    leaves = {
+        r: NatsServer(NatsSpec(name=f"leaf-{r}", store_dir=tmp_path / r, domain=r, remotes=remotes))
+        for r in ("eu", "us")
+    }
     hub.start()
     try:
         for leaf in leaves.values():
@@ -88,8 +90,9 @@ async def test_a_regional_key_reaches_its_own_regions_mirror_and_never_another_r
             try:
                 # Mirrors keep the hub's order: once the global key, put last, is there, the mirror has
                 # seen every earlier entry and kept or dropped each.
-                await eventually(partial(_stream_info, leaf_nc), lambda info: info["state"]["last_seq"] == last,
-                                 interval=0.05)  # fmt: skip
+                await eventually(
+                    partial(_stream_info, leaf_nc), lambda info: info["state"]["last_seq"] == last, interval=0.05
+                )
                 held = (await _stream_info(leaf_nc, {"subjects_filter": ">"}))["state"].get("subjects", {})
                 assert sorted(held) == sorted(f"$KV.KEYS.{records[s].entry}" for s in ("global", region)), region
                 assert not any(subject.startswith(f"$KV.KEYS.{other}.") for subject in held)

@@ -113,15 +113,21 @@ async def test_a_stream_lost_while_nothing_changes_is_made_again_by_the_heartbea
     assert maintenance.reconciles == passes + 1
     # The running sidecar reads the new stream from its start and is fresh on it; a new one finds every key.
     sync = sidecar.state.sync
-    await eventually(lambda: asyncio.sleep(0, (sync.stream_created, sync.seconds_since_contact())),
-                     lambda s: s[0] != incarnation and s[1] < 2.0, timeout=15, interval=0.05)  # fmt: skip
+    await eventually(
+        lambda: asyncio.sleep(0, (sync.stream_created, sync.seconds_since_contact())),
+        lambda s: s[0] != incarnation and s[1] < 2.0,
+        timeout=15,
+        interval=0.05,
+    )
     resynced = loop.time() - lost
     late = await start_sidecar()
     await late.ready()
     for each in (sidecar, late):
         assert [await each.code_of(k["key"]) for k in keys] == expected
-    print(f"HA: stream deleted with an empty outbox: recreated and refilled after {refilled:.2f}s, the sidecar on "
-          f"the new stream after {resynced:.2f}s")  # fmt: skip
+    print(
+        f"HA: stream deleted with an empty outbox: recreated and refilled after {refilled:.2f}s, the sidecar on "
+        f"the new stream after {resynced:.2f}s"
+    )
 
 
 async def _bucket_holds_database(database_url: str, js: JetStreamContext) -> bool:

@@ -122,8 +122,9 @@ def test_a_request_that_got_no_answer_is_an_error_per_region_and_kind_and_fails_
     assert (eu["requests"], eu["answered"]) == (4, 1)
     assert us["errors"] == 0
     assert (report["errors"], report["false_accepts"], report["false_rejects"]) == (3, 0, 0)
-    assert any("3 verify requests got no answer" in reason and "2 for valid keys" in reason
-               for reason in failures(report))  # fmt: skip
+    assert any(
+        "3 verify requests got no answer" in reason and "2 for valid keys" in reason for reason in failures(report)
+    )
     header, _, eu_row, *_ = summary_table(report).splitlines()
     assert header.endswith(" err")
     assert eu_row[len(header) - 5 : len(header)].strip() == "3"
@@ -131,8 +132,9 @@ def test_a_request_that_got_no_answer_is_an_error_per_region_and_kind_and_fails_
 
 def test_a_clean_run_has_no_failures() -> None:
     key = _key("good", revoke_started=T0 + 1.0, revoked=T0 + 1.01, refused={"eu": T0 + 1.05, "us": T0 + 1.06})
-    report = _judged(_workload(key), _verify("eu", "valid", key, T0 + 0.5, 200), _verify("us", "revoked", key,
-                     T0 + 2, 401))  # fmt: skip
+    report = _judged(
+        _workload(key), _verify("eu", "valid", key, T0 + 0.5, 200), _verify("us", "revoked", key, T0 + 2, 401)
+    )
     assert failures(report) == []
 
 
@@ -142,8 +144,9 @@ def test_a_partition_reports_serving_during_the_cut_and_the_catch_up_after_the_h
     doomed = _key("doomed", revoke_started=T0 + 2.5, revoked=T0 + 2.51, refused={"eu": T0 + 4.3, "us": T0 + 2.6})
     lost = _key("lost", revoke_started=T0 + 3.0, revoked=T0 + 3.01, refused={"us": T0 + 3.1})  # eu never refused it
     workload = _workload(kept, doomed, lost)
-    workload.partition = Partition("eu", 2.0, cut_at=cut, healed_at=healed,
-                                   readiness=[(T0 + 1.9, 200), (T0 + 3.0, 503), (T0 + 4.5, 200)])  # fmt: skip
+    workload.partition = Partition(
+        "eu", 2.0, cut_at=cut, healed_at=healed, readiness=[(T0 + 1.9, 200), (T0 + 3.0, 503), (T0 + 4.5, 200)]
+    )
     report = _judged(
         workload,
         _verify("eu", "valid", kept, T0 + 3.0, 200),
@@ -170,8 +173,9 @@ def test_a_hub_node_lost_reports_propagation_while_it_was_down_and_after_it_was_
     workload = _workload(during, after, lost)
     workload.started = T0
     workload.node_faults = [NodeFault("hub-2", at=1.0, down=3.0, killed_at=T0 + 1.0, revived_at=T0 + 4.0)]
-    report = _judged(workload, _verify("eu", "valid", during, T0 + 2.5, 200), _verify("eu", "valid", during,
-                     T0 + 5.5, 200))  # fmt: skip
+    report = _judged(
+        workload, _verify("eu", "valid", during, T0 + 2.5, 200), _verify("eu", "valid", during, T0 + 5.5, 200)
+    )
     fault = report["node_faults"][0]
     assert (fault["node"], fault["killed_at_s"], fault["down_s"]) == ("hub-2", 1.0, 3.0)
     assert fault["during"]["revocations"] == 1

@@ -42,8 +42,16 @@ async def _keys(publisher: Publisher, count: int) -> list[dict[str, Any]]:
 
 async def _resign(database_url: str, nats: NatsServer, key: Path, *flags: str) -> tuple[dict[str, Any], str]:
     """`keyrelay publisher resign --offline` in its own process (no publisher running); report and progress."""
-    return await _run_resign("--offline", "--database-url-file", _secret_file(key.parent, database_url),
-                             "--nats-url", nats.url, "--signing-key", str(key), *flags)  # fmt: skip
+    return await _run_resign(
+        "--offline",
+        "--database-url-file",
+        _secret_file(key.parent, database_url),
+        "--nats-url",
+        nats.url,
+        "--signing-key",
+        str(key),
+        *flags,
+    )
 
 
 async def _resign_by(publisher: Publisher, *flags: str) -> tuple[dict[str, Any], str]:
@@ -74,9 +82,13 @@ def _secret_file(directory: Path, secret: str) -> str:
 async def _run_resign(*args: str) -> tuple[dict[str, Any], str]:
     env = environ_without_settings()
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "keyrelay", "publisher", "resign", "--json", *args],
-        capture_output=True, text=True, timeout=120, env=env,
-    )  # fmt: skip
+        subprocess.run,
+        [sys.executable, "-m", "keyrelay", "publisher", "resign", "--json", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr
     report: dict[str, Any] = json.loads(result.stdout)
     return report, result.stderr
@@ -95,9 +107,12 @@ def _signed_by_only(messages: dict[str, BucketMessage], signer: Signer, others: 
 
 
 async def test_values_signed_long_ago_or_stored_long_after_signing_are_signed_again_at_the_same_version(
-    start_publisher: StartPublisher, js: JetStreamContext, database_url: str, nats_server: NatsServer,
+    start_publisher: StartPublisher,
+    js: JetStreamContext,
+    database_url: str,
+    nats_server: NatsServer,
     signing_key: Path,
-) -> None:  # fmt: skip
+) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
     signer = publisher.services.keys.signer
     keys = await _keys(publisher, 4)
@@ -105,8 +120,9 @@ async def test_values_signed_long_ago_or_stored_long_after_signing_are_signed_ag
     for key, age in [*((k, 4 * DAY) for k in old), (late, 1 * DAY)]:
         entry = f"global.{key['id']}"
         data = (await last_message(js, entry)).data
-        await plant(js, entry, data, {SIGNATURE_HEADER: signer.sign(KIND_RECORD, entry, data,
-                                                                    signed_at=time.time() - age)})  # fmt: skip
+        await plant(
+            js, entry, data, {SIGNATURE_HEADER: signer.sign(KIND_RECORD, entry, data, signed_at=time.time() - age)}
+        )
     recent_signature = (await last_message(js, f"global.{recent['id']}")).signature
 
     report, output = await _resign_by(publisher)
@@ -124,9 +140,12 @@ async def test_values_signed_long_ago_or_stored_long_after_signing_are_signed_ag
 
 
 async def test_resign_all_after_a_key_rotation_signs_every_value_with_the_new_key(
-    start_publisher: StartPublisher, js: JetStreamContext, database_url: str, nats_server: NatsServer,
+    start_publisher: StartPublisher,
+    js: JetStreamContext,
+    database_url: str,
+    nats_server: NatsServer,
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     first = await start_publisher(reconcile_on_start=False)
     old = first.services.keys.signer
     keys = await _keys(first, 5)
@@ -142,8 +161,9 @@ async def test_resign_all_after_a_key_rotation_signs_every_value_with_the_new_ke
     ).returncode == 0
     new = load_signer(new_key, "default")
     # The replacement lists the old key for operators while the sidecars move over; it signs with the new one.
-    second = await start_publisher(reconcile_on_start=False, signing_key=new_key,
-                                   previous_signing_keys=(old.public_key,))  # fmt: skip
+    second = await start_publisher(
+        reconcile_on_start=False, signing_key=new_key, previous_signing_keys=(old.public_key,)
+    )
     assert [k["id"] for k in (await second.admin.ok("GET", "/signing-keys"))["keys"]] == [new.kid, old.kid]
     signed_before = {e: m.signature for e, m in (await every_message(js)).items()}
 
@@ -157,9 +177,12 @@ async def test_resign_all_after_a_key_rotation_signs_every_value_with_the_new_ke
 
 
 async def test_the_compromised_key_runbook_leaves_a_bucket_that_verifies_with_the_new_key_only(
-    start_publisher: StartPublisher, js: JetStreamContext, database_url: str, nats_server: NatsServer,
+    start_publisher: StartPublisher,
+    js: JetStreamContext,
+    database_url: str,
+    nats_server: NatsServer,
     tmp_path: Path,
-) -> None:  # fmt: skip
+) -> None:
     first = await start_publisher(reconcile_on_start=False)
     stolen = first.services.keys.signer
     keys = await _keys(first, 4)
@@ -167,11 +190,16 @@ async def test_the_compromised_key_runbook_leaves_a_bucket_that_verifies_with_th
     # Whoever holds the stolen key mints an admin key and un-revokes a revoked one, signed as the publisher.
     _, minted = make_key(scopes=("admin",))
     revived = KeyRecord.decode((await last_message(js, f"global.{keys[1]['id']}")).data)
-    revived = KeyRecord(**{**{f: getattr(revived, f) for f in revived.__dataclass_fields__}, "revoked_at": None,
-                           "version": 1000})  # fmt: skip
+    revived = KeyRecord(
+        **{**{f: getattr(revived, f) for f in revived.__dataclass_fields__}, "revoked_at": None, "version": 1000}
+    )
     for record in (minted, revived):
-        await plant(js, record.entry, record.encode(),
-                    {SIGNATURE_HEADER: stolen.sign(KIND_RECORD, record.entry, record.encode())})  # fmt: skip
+        await plant(
+            js,
+            record.entry,
+            record.encode(),
+            {SIGNATURE_HEADER: stolen.sign(KIND_RECORD, record.entry, record.encode())},
+        )
 
     # The runbook: a new key, the publisher restarted on it (the stolen one listed nowhere), resign --all.
     await first.stop()
@@ -199,9 +227,12 @@ async def test_the_compromised_key_runbook_leaves_a_bucket_that_verifies_with_th
 
 
 async def test_resign_signs_a_whole_bucket_written_before_signing(
-    start_publisher: StartPublisher, js: JetStreamContext, database_url: str, nats_server: NatsServer,
+    start_publisher: StartPublisher,
+    js: JetStreamContext,
+    database_url: str,
+    nats_server: NatsServer,
     signing_key: Path,
-) -> None:  # fmt: skip
+) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
     signer = publisher.services.keys.signer
     keys = await _keys(publisher, 6)

@@ -125,10 +125,23 @@ def test_the_sidecar_will_not_start_on_a_bad_or_missing_file(tmp_path: Path) -> 
     bad.write_text("* /api/ read\nPOST orders write\n")
     for path, expected in ((bad, f"{bad}:2: 'orders' is not a path prefix"), (tmp_path / "gone.txt", "cannot read")):
         done = subprocess.run(
-            [sys.executable, "-m", "keyrelay", "sidecar", "--route-scopes", str(path), "--port", "0", "--trusted-keys",
-                 TRUSTED[0]],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "keyrelay",
+                "sidecar",
+                "--route-scopes",
+                str(path),
+                "--port",
+                "0",
+                "--trusted-keys",
+                TRUSTED[0],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert done.returncode == 1, done.stderr
         assert expected in done.stderr
 

@@ -37,8 +37,19 @@ def _timestamp(text: str) -> float:
 
 
 def test_durations_are_read_in_compound_units_weeks_and_years_and_a_bare_number_is_seconds() -> None:
-    spelled = {"1h30m": 5400.0, "2w": 14 * 86400.0, "1y": 365 * 86400.0, "90d": 90 * 86400.0, "250ms": 0.25,
-               "1.5s": 1.5, "1d12h": 129600.0, "1m30.5s": 90.5, "90": 90.0, "1.5": 1.5, " 24h ": 86400.0}  # fmt: skip
+    spelled = {
+        "1h30m": 5400.0,
+        "2w": 14 * 86400.0,
+        "1y": 365 * 86400.0,
+        "90d": 90 * 86400.0,
+        "250ms": 0.25,
+        "1.5s": 1.5,
+        "1d12h": 129600.0,
+        "1m30.5s": 90.5,
+        "90": 90.0,
+        "1.5": 1.5,
+        " 24h ": 86400.0,
+    }
     assert {text: parse_duration(text) for text in spelled} == spelled
 
 
@@ -58,8 +69,19 @@ def test_a_duration_parser_stays_linear_on_long_compound_looking_input() -> None
 
 
 def test_every_duration_is_shown_in_one_canonical_compound_form() -> None:
-    shown = {5400: "1h30m", 7776000: "90d", 1.5: "1.5s", 0.25: "250ms", 0: "0s", 86400: "1d", 604800: "7d",
-             3650 * 86400: "3650d", 90.5: "1m30.5s", 1: "1s", 129600: "1d12h"}  # fmt: skip
+    shown = {
+        5400: "1h30m",
+        7776000: "90d",
+        1.5: "1.5s",
+        0.25: "250ms",
+        0: "0s",
+        86400: "1d",
+        604800: "7d",
+        3650 * 86400: "3650d",
+        90.5: "1m30.5s",
+        1: "1s",
+        129600: "1d12h",
+    }
     assert {seconds: format_duration(seconds) for seconds in shown} == shown
 
 
@@ -151,8 +173,9 @@ async def test_a_publisher_serving_global_keys_only_refuses_every_regional_key_a
 ) -> None:
     only_global = await start_publisher(regions=())
     project = await only_global.admin.project()
-    status, answer = await only_global.admin.call("POST", f"/projects/{project['id']}/keys",
-                                                  {"name": "k", "region": "eu"})  # fmt: skip
+    status, answer = await only_global.admin.call(
+        "POST", f"/projects/{project['id']}/keys", {"name": "k", "region": "eu"}
+    )
     assert (status, answer["error"]["field"]) == (400, "region")
     assert "it serves global keys only" in answer["error"]["message"]
     await only_global.server.close()
@@ -174,8 +197,11 @@ async def test_creating_an_org_team_or_project_that_exists_answers_409_with_the_
     team = await admin.ok("POST", f"/orgs/{org['id']}/teams", {"name": "platform"})
     project = await admin.ok("POST", f"/teams/{team['id']}/projects", {"name": "payments"})
     audit_before = await admin.ok("GET", "/audit")
-    for path, existing in (("/orgs", org), (f"/orgs/{org['id']}/teams", team), (f"/teams/{team['id']}/projects",
-                                                                                  project)):  # fmt: skip
+    for path, existing in (
+        ("/orgs", org),
+        (f"/orgs/{org['id']}/teams", team),
+        (f"/teams/{team['id']}/projects", project),
+    ):
         status, answer = await admin.call("POST", path, {"name": f"  {existing['name']} "})
         assert status == 409, answer
         assert (answer["error"]["code"], answer["error"]["existing_id"]) == ("conflict", existing["id"])
@@ -194,8 +220,11 @@ async def test_creating_one_name_many_times_at_once_makes_one_and_answers_the_re
     admin = publisher.admin
     org = await admin.ok("POST", "/orgs", {"name": "acme"})
     team = await admin.ok("POST", f"/orgs/{org['id']}/teams", {"name": "platform"})
-    for path, name in (("/orgs", "initech"), (f"/orgs/{org['id']}/teams", "payments"),
-                       (f"/teams/{team['id']}/projects", "checkout")):  # fmt: skip
+    for path, name in (
+        ("/orgs", "initech"),
+        (f"/orgs/{org['id']}/teams", "payments"),
+        (f"/teams/{team['id']}/projects", "checkout"),
+    ):
         answers = await asyncio.gather(*(admin.call("POST", path, {"name": name}) for _ in range(8)))
         made = [answer["id"] for status, answer in answers if status == 201]
         assert len(made) == 1, answers
@@ -238,6 +267,8 @@ async def test_revoking_a_revoked_key_says_it_already_was_and_changes_nothing(st
     again = await admin.ok("POST", f"/keys/{key['id']}/revoke", {"reason": "second thoughts"})
     assert (again["status"], again["already_revoked"]) == ("revoked", True)
     assert (again["revoked_at"], again["revoked_reason"], again["version"]) == (
-        first["revoked_at"], "leaked", first["version"],
-    )  # fmt: skip
+        first["revoked_at"],
+        "leaked",
+        first["version"],
+    )
     assert await admin.ok("GET", "/audit", key_id=key["id"]) == audit_before

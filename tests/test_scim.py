@@ -24,10 +24,13 @@ class Scim:
     def __init__(self, publisher: Publisher, http: aiohttp.ClientSession, token: str) -> None:
         self.url, self.http, self.token = publisher.url + "/scim/v2", http, token
 
-    async def call(self, method: str, path: str, body: Any = None, *, token: str | None = None,
-                   raw: bytes | None = None) -> tuple[int, str, Any]:  # fmt: skip
-        headers = {"Authorization": f"Bearer {self.token if token is None else token}",
-                   "Content-Type": "application/scim+json"}  # fmt: skip
+    async def call(
+        self, method: str, path: str, body: Any = None, *, token: str | None = None, raw: bytes | None = None
+    ) -> tuple[int, str, Any]:
+        headers = {
+            "Authorization": f"Bearer {self.token if token is None else token}",
+            "Content-Type": "application/scim+json",
+        }
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         async with self.http.request(method, self.url + path, data=data, headers=headers) as resp:
             text = await resp.text()
@@ -38,8 +41,9 @@ async def _org_with_provisioner(publisher: Publisher, memberships: str = "scim")
     admin = publisher.admin
     org = await admin.ok("POST", "/orgs", {"name": f"org-{uuid.uuid4().hex[:8]}"})
     await admin.ok("PUT", f"/orgs/{org['id']}/policy", {"memberships": memberships})
-    token = await admin.ok("POST", "/tokens", {"name": f"scim-{uuid.uuid4().hex[:8]}", "role": "provisioner",
-                                               "org_id": org["id"]})  # fmt: skip
+    token = await admin.ok(
+        "POST", "/tokens", {"name": f"scim-{uuid.uuid4().hex[:8]}", "role": "provisioner", "org_id": org["id"]}
+    )
     return org["id"], token["token"]
 
 

@@ -38,9 +38,14 @@ KNOWN_REFUSALS = re.compile(
 def provisioner_client(tmp_path: Path) -> Iterator[SyncSCIMClient]:
     nats = NatsServer(NatsSpec(name="scim-tester", store_dir=tmp_path / "nats"))
     nats.start()
-    settings = PublisherSettings(database_url=f"sqlite:///{tmp_path / 'keyrelay.db'}", init=True,
-                                 nats_url=(nats.url,), admin_token=ADMIN_TOKEN, data_dir=tmp_path,
-                                 signing_key=key_file(tmp_path / "signing-key", SIGNER))  # fmt: skip
+    settings = PublisherSettings(
+        database_url=f"sqlite:///{tmp_path / 'keyrelay.db'}",
+        init=True,
+        nats_url=(nats.url,),
+        admin_token=ADMIN_TOKEN,
+        data_dir=tmp_path,
+        signing_key=key_file(tmp_path / "signing-key", SIGNER),
+    )
     try:
         with ThreadedApp(lambda: create_app(settings), access_log=None) as url:
             admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -61,5 +66,13 @@ def test_the_scim2_tester_checks_pass_but_for_keyrelays_documented_refusals(
     failed = [f"{r.title}: {r.reason}" for r in results if r.status not in (Status.SUCCESS, Status.SKIPPED)]
     assert [f for f in failed if not KNOWN_REFUSALS.fullmatch(f)] == []
     titles = {r.title for r in passed}
-    assert {"service_provider_config_endpoint", "query_all_resource_types", "query_all_schemas", "random_url",
-            "object_creation", "object_query", "object_deletion", "check_replace_attribute"} <= titles  # fmt: skip
+    assert {
+        "service_provider_config_endpoint",
+        "query_all_resource_types",
+        "query_all_schemas",
+        "random_url",
+        "object_creation",
+        "object_query",
+        "object_deletion",
+        "check_replace_attribute",
+    } <= titles

@@ -42,8 +42,7 @@ def snapshot_key(tmp_path: Path) -> Path:
 
 
 def _settings(server: NatsServer, key: Path, **overrides: object) -> SnapshotSettings:
-    return SnapshotSettings(nats_url=(server.url,), snapshot_signing_key=key, trusted_keys=TRUSTED,
-                            **overrides)  # type: ignore[arg-type]  # fmt: skip
+    return SnapshotSettings(nats_url=(server.url,), snapshot_signing_key=key, trusted_keys=TRUSTED, **overrides)  # type: ignore[arg-type]
 
 
 async def test_a_seeded_snapshot_lets_the_first_sidecar_start_without_replaying_the_bucket(
@@ -105,8 +104,16 @@ async def test_seeding_a_bucket_that_does_not_exist_gives_up_and_says_where_to_l
 
 async def test_seeding_without_a_reachable_nats_gives_up_soon_and_says_so() -> None:
     unreachable = NatsConnect((f"nats://127.0.0.1:{free_port()}",), identity="region-init-global")
-    seeding = seed_snapshot(nats=unreachable, bucket="KEYS", region=None, store="S", trust=TRUST,
-                            signer=SNAPSHOT_SIGNER, timeout=600.0, connect_timeout=1.0)  # fmt: skip
+    seeding = seed_snapshot(
+        nats=unreachable,
+        bucket="KEYS",
+        region=None,
+        store="S",
+        trust=TRUST,
+        signer=SNAPSHOT_SIGNER,
+        timeout=600.0,
+        connect_timeout=1.0,
+    )
     with pytest.raises(SyncTimeout, match="was not reachable: check --nats-url"):
         await asyncio.wait_for(seeding, 15)  # long before the sync's own timeout
 
@@ -125,8 +132,10 @@ async def test_the_snapshot_commands_seed_and_list_from_the_shell(
             code = main(["snapshot", *argv, "--nats-url", nats_server.url, *extra])
         return code, out.getvalue()
 
-    assert await asyncio.to_thread(run, "show") == (0, "no snapshots in KEYS_SNAPSHOTS: sidecars replay the bucket "
-                                                       "(keyrelay snapshot seed writes one)\n")  # fmt: skip
+    assert await asyncio.to_thread(run, "show") == (
+        0,
+        "no snapshots in KEYS_SNAPSHOTS: sidecars replay the bucket (keyrelay snapshot seed writes one)\n",
+    )
     code, out = await asyncio.to_thread(run, "seed")
     assert code == 0
     assert "snapshot global: wrote 5 keys at revision 6" in out  # the heartbeat and 5 keys
@@ -143,8 +152,9 @@ async def test_region_init_seeds_the_regions_snapshot_once_its_mirror_has_caught
 ) -> None:
     leaf_port = free_port()
     hub = NatsServer(NatsSpec(name="hub", store_dir=tmp_path / "hub", domain="hub", leafnode_port=leaf_port))
-    leaf = NatsServer(NatsSpec(name="leaf-eu", store_dir=tmp_path / "eu", domain="eu",
-                               remotes=[f"nats-leaf://127.0.0.1:{leaf_port}"]))  # fmt: skip
+    leaf = NatsServer(
+        NatsSpec(name="leaf-eu", store_dir=tmp_path / "eu", domain="eu", remotes=[f"nats-leaf://127.0.0.1:{leaf_port}"])
+    )
     hub.start()
     try:
         leaf.start()
@@ -156,8 +166,9 @@ async def test_region_init_seeds_the_regions_snapshot_once_its_mirror_has_caught
                 await put(bucket, record)
         finally:
             await nc.close()
-        settings = RegionSettings(region="eu", nats_url=(leaf.url,), timeout=30.0, snapshot_signing_key=snapshot_key,
-                                  trusted_keys=TRUSTED)  # fmt: skip
+        settings = RegionSettings(
+            region="eu", nats_url=(leaf.url,), timeout=30.0, snapshot_signing_key=snapshot_key, trusted_keys=TRUSTED
+        )
         await init_region(settings)
         await seed_region_snapshot(settings)  # waits for the mirror: 500 records were just put on the hub
 
@@ -183,8 +194,11 @@ async def test_region_init_seeds_the_regions_snapshot_once_its_mirror_has_caught
 
 async def test_region_init_gives_up_on_a_mirror_that_never_hears_from_the_hub(tmp_path: Path) -> None:
     # A leaf whose hub is not there: the mirror is created, and never catches up.
-    leaf = NatsServer(NatsSpec(name="leaf-eu", store_dir=tmp_path / "eu", domain="eu",
-                               remotes=[f"nats-leaf://127.0.0.1:{free_port()}"]))  # fmt: skip
+    leaf = NatsServer(
+        NatsSpec(
+            name="leaf-eu", store_dir=tmp_path / "eu", domain="eu", remotes=[f"nats-leaf://127.0.0.1:{free_port()}"]
+        )
+    )
     leaf.start()
     try:
         settings = RegionSettings(region="eu", nats_url=(leaf.url,), timeout=1.0)
@@ -201,10 +215,18 @@ async def test_a_seeder_that_keeps_running_writes_a_new_snapshot_whenever_the_re
 ) -> None:
     await put(bucket, make_key()[1])
     stop = asyncio.Event()
-    seeding = asyncio.create_task(seed_snapshot(nats=NatsConnect((nats_server.url,), identity="region-init-global"),
-                                                bucket="KEYS", region=None,
-                                                store="KEYS_SNAPSHOTS", trust=TRUST, signer=SNAPSHOT_SIGNER,
-                                                interval=0.5, keep_fresh=stop))  # fmt: skip
+    seeding = asyncio.create_task(
+        seed_snapshot(
+            nats=NatsConnect((nats_server.url,), identity="region-init-global"),
+            bucket="KEYS",
+            region=None,
+            store="KEYS_SNAPSHOTS",
+            trust=TRUST,
+            signer=SNAPSHOT_SIGNER,
+            interval=0.5,
+            keep_fresh=stop,
+        )
+    )
     try:
         settings = SnapshotSettings(nats_url=(nats_server.url,))
         await eventually(lambda: list_snapshots(settings), lambda rows: len(rows) == 1 and rows[0]["revision"] == 2)

@@ -16,8 +16,12 @@ _S = 1_000_000_000
 
 
 def _info(leader: str, *replicas: tuple[str, bool, float]) -> dict[str, Any]:
-    return {"cluster": {"leader": leader, "replicas": [{"name": n, "current": c, "active": int(a * _S)}
-                                                       for n, c, a in replicas]}}  # fmt: skip
+    return {
+        "cluster": {
+            "leader": leader,
+            "replicas": [{"name": n, "current": c, "active": int(a * _S)} for n, c, a in replicas],
+        }
+    }
 
 
 def test_a_leader_that_hears_from_a_quorum_serves_and_one_cut_off_from_it_does_not() -> None:

@@ -50,9 +50,14 @@ async def services(
 ) -> AsyncIterator[dict[str, str]]:
     """The sidecar and the publisher, served as their commands serve them; their URLs by name."""
     sidecar = SidecarSettings(nats_url=(nats_server.url,), trusted_keys=TRUSTED)
-    publisher = PublisherSettings(database_url=f"sqlite:///{tmp_path / 'keyrelay.db'}", init=True,
-                                  nats_url=(nats_server.url,), admin_token=ADMIN_TOKEN, data_dir=tmp_path,
-                                  signing_key=signing_key)  # fmt: skip
+    publisher = PublisherSettings(
+        database_url=f"sqlite:///{tmp_path / 'keyrelay.db'}",
+        init=True,
+        nats_url=(nats_server.url,),
+        admin_token=ADMIN_TOKEN,
+        data_dir=tmp_path,
+        signing_key=signing_key,
+    )
     async with served_sidecar(sidecar, http) as sidecar_url, served_publisher(publisher, http) as publisher_url:
         yield {"sidecar": sidecar_url, "publisher": publisher_url}
 
@@ -171,8 +176,13 @@ def test_the_aiohttp_internals_serving_overrides_are_the_ones_it_was_checked_aga
     low, high = pinned.groups()
     installed = tuple(map(int, importlib.metadata.version("aiohttp").split(".")[:3]))
     assert tuple(map(int, low.split("."))) <= installed < tuple(map(int, high.split("."))), spec
-    assert list(inspect.signature(RequestHandler.handle_error).parameters) == ["self", "request", "status", "exc",
-                                                                               "message"]  # fmt: skip
+    assert list(inspect.signature(RequestHandler.handle_error).parameters) == [
+        "self",
+        "request",
+        "status",
+        "exc",
+        "message",
+    ]
     assert "self.handle_error(" in inspect.getsource(RequestHandler._make_error_handler)
     assert "RequestHandler(self, loop=self._loop, **self._kwargs)" in inspect.getsource(web.Server.__call__)
     assert inspect.iscoroutinefunction(web.AppRunner._make_server)

@@ -324,8 +324,9 @@ async def test_an_oversized_header_gets_400_as_documented_not_431_or_a_500(
     nats_server: NatsServer, bucket: KeyValue, http: aiohttp.ClientSession
 ) -> None:
     # Served as `keyrelay sidecar` serves it: the limit is an option of the server, not of the app.
-    settings = SidecarSettings(nats_url=(nats_server.url,), heartbeat=0.5, max_header_size=1024, snapshots=False,
-                               trusted_keys=TRUSTED)  # fmt: skip
+    settings = SidecarSettings(
+        nats_url=(nats_server.url,), heartbeat=0.5, max_header_size=1024, snapshots=False, trusted_keys=TRUSTED
+    )
     async with served_sidecar(settings, http) as url:
         await eventually(lambda: _status(http, url + "/readyz"), lambda s: s == 200)
         assert await _status(http, url + "/auth", {"Authorization": "Bearer " + "a" * 5000}) == 400

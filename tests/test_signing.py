@@ -54,8 +54,14 @@ async def test_every_value_the_relay_publishes_verifies_with_the_publishers_key_
             message.verify(Signer(SigningKey.generate(), signer.deployment))
         assert refused.value.reason == "unknown_signer"
         with pytest.raises(SignatureError) as forged:
-            verify(message.signature, message.data, entry=message.entry, deployment=signer.deployment,
-                   trusted=_another_key_with_the_same_id(signer), horizon=3600)  # fmt: skip
+            verify(
+                message.signature,
+                message.data,
+                entry=message.entry,
+                deployment=signer.deployment,
+                trusted=_another_key_with_the_same_id(signer),
+                horizon=3600,
+            )
         assert forged.value.reason == "bad_signature"
     revoked = KeyRecord.decode((await last_message(js, f"global.{keys[0]['id']}")).data)
     assert revoked.revoked_at is not None
@@ -102,8 +108,9 @@ async def test_the_leader_publishes_a_signed_heartbeat_every_interval_with_the_l
     later, _ = await eventually(heartbeat, lambda h: h[1] > seq, timeout=10, interval=0.05)
     assert later[0] >= seq  # the next one counts the previous heartbeat's own ack
 
-    beats, _ = await eventually(lambda: _scrape(publisher),
-                                lambda s: s.samples["keyrelay_heartbeats_total"] >= 3, timeout=10)  # fmt: skip
+    beats, _ = await eventually(
+        lambda: _scrape(publisher), lambda s: s.samples["keyrelay_heartbeats_total"] >= 3, timeout=10
+    )
     assert beats.types["keyrelay_heartbeats_total"] == "counter"
     assert beats.samples["keyrelay_last_heartbeat_timestamp_seconds"] > 0
     assert beats.samples["keyrelay_last_acked_sequence"] >= later[1]
@@ -118,8 +125,9 @@ async def test_a_replica_that_does_not_hold_the_relay_lease_publishes_no_heartbe
     await eventually(lambda: _scrape(leader), lambda s: s.samples["keyrelay_heartbeats_total"] >= 1, timeout=10)
     standby = await start_publisher(heartbeat_interval=0.1, reconcile_on_start=False)
     before = leader.services.heartbeat.stats.published
-    await eventually(lambda: _scrape(leader), lambda s: s.samples["keyrelay_heartbeats_total"] >= before + 3,
-                     timeout=10)  # fmt: skip
+    await eventually(
+        lambda: _scrape(leader), lambda s: s.samples["keyrelay_heartbeats_total"] >= before + 3, timeout=10
+    )
     assert not standby.services.relay.leader
     assert standby.services.heartbeat.stats.published == 0
 
@@ -174,10 +182,12 @@ async def test_the_signing_keys_route_lists_the_current_key_first_then_the_previ
     publisher = await start_publisher(previous_signing_keys=(previous.public_key,))
     current = publisher.services.keys.signer
     answer = await publisher.admin.ok("GET", "/signing-keys")
-    assert answer == {"keys": [
-        {"id": current.kid, "algorithm": "Ed25519", "public_key": current.public_key},
-        {"id": previous.kid, "algorithm": "Ed25519", "public_key": previous.public_key},
-    ]}  # fmt: skip
+    assert answer == {
+        "keys": [
+            {"id": current.kid, "algorithm": "Ed25519", "public_key": current.public_key},
+            {"id": previous.kid, "algorithm": "Ed25519", "public_key": previous.public_key},
+        ]
+    }
     reader = {"name": f"m-{uuid.uuid4().hex[:6]}", "role": "platform-reader"}
     member = await publisher.admin.ok("POST", "/tokens", reader)
     assert (await publisher.admin.call("GET", "/signing-keys", token=member["token"]))[0] == 200
@@ -188,11 +198,18 @@ def test_the_signing_settings_are_read_from_the_environment_and_bad_values_are_r
     tmp_path: Path,
 ) -> None:
     previous = Signer(SigningKey.generate(), "default").public_key
-    settings = load(PublisherSettings, {}, {
-        "KEYRELAY_SIGNING_KEY": str(tmp_path / "k"), "KEYRELAY_PREVIOUS_SIGNING_KEYS": f" {previous} ,",
-        "KEYRELAY_DEPLOYMENT_ID": "prod-eu", "KEYRELAY_REPLAY_HORIZON": "3d", "KEYRELAY_HEARTBEAT_INTERVAL": "500ms",
-        "KEYRELAY_RECONCILE_INTERVAL": "5m",
-    })  # fmt: skip
+    settings = load(
+        PublisherSettings,
+        {},
+        {
+            "KEYRELAY_SIGNING_KEY": str(tmp_path / "k"),
+            "KEYRELAY_PREVIOUS_SIGNING_KEYS": f" {previous} ,",
+            "KEYRELAY_DEPLOYMENT_ID": "prod-eu",
+            "KEYRELAY_REPLAY_HORIZON": "3d",
+            "KEYRELAY_HEARTBEAT_INTERVAL": "500ms",
+            "KEYRELAY_RECONCILE_INTERVAL": "5m",
+        },
+    )
     assert (settings.signing_key, settings.previous_signing_keys, settings.deployment_id) == (
         tmp_path / "k",
         (previous,),
@@ -202,8 +219,11 @@ def test_the_signing_settings_are_read_from_the_environment_and_bad_values_are_r
     defaults = PublisherSettings()
     assert (defaults.signing_key, defaults.deployment_id, defaults.replay_horizon) == (None, "default", 7 * 86400)
     assert (defaults.heartbeat_interval, defaults.reconcile_interval) == (2.0, 1800.0)
-    for variable, value in (("KEYRELAY_PREVIOUS_SIGNING_KEYS", "not-a-public-key"), ("KEYRELAY_DEPLOYMENT_ID", " "),
-                            ("KEYRELAY_HEARTBEAT_INTERVAL", "0s")):  # fmt: skip
+    for variable, value in (
+        ("KEYRELAY_PREVIOUS_SIGNING_KEYS", "not-a-public-key"),
+        ("KEYRELAY_DEPLOYMENT_ID", " "),
+        ("KEYRELAY_HEARTBEAT_INTERVAL", "0s"),
+    ):
         with pytest.raises(SettingsError) as refused:
             load(PublisherSettings, {}, {variable: value})
         assert refused.value.env == variable

@@ -248,8 +248,9 @@ def test_a_snapshot_is_due_when_missing_old_or_far_behind() -> None:
 
 def _live_reader(table: KeyTable) -> LiveReader:
     head = snapshot_head(table, ValuePacker(table), revision=5, bucket="KEYS", region=None, stream_created="")
-    return LiveReader(table, head, lambda digest: signature_trailer(SNAPSHOT_SIGNER, digest, bucket="KEYS",
-                                                                    region=None))  # fmt: skip
+    return LiveReader(
+        table, head, lambda digest: signature_trailer(SNAPSHOT_SIGNER, digest, bucket="KEYS", region=None)
+    )
 
 
 def _read(reader: LiveReader, chunk: int, stop: int | None = None) -> bytes:

@@ -147,8 +147,13 @@ async def test_a_republished_entry_is_dropped_as_a_duplicate(
             await tx.execute(
                 "INSERT INTO outbox (id, key_id, entry, operation, payload, created_at)"
                 f"{override} VALUES ($1, $2, $3, $4, $5, $6)",
-                row["id"], row["key_id"], row["entry"], row["operation"], row["payload"], row["created_at"],
-            )  # fmt: skip
+                row["id"],
+                row["key_id"],
+                row["entry"],
+                row["operation"],
+                row["payload"],
+                row["created_at"],
+            )
         relay.wake()
         await eventually(relay.depth, lambda d: d == 0)
         assert (await js.stream_info("KV_KEYS")).state.last_seq == last

@@ -43,8 +43,19 @@ async def test_a_new_token_has_the_krat_form_and_is_listed_with_its_hint_but_nev
     bootstrap, ci = listed["tokens"]
     assert bootstrap["display"] is None  # a configured token's last characters are secret: no hint
     assert ci == {k: v for k, v in created.items() if k != "token"}
-    assert set(ci) == {"id", "name", "role", "display", "status", "created_at", "expires_at", "revoked_at",
-                       "org_id", "team_id", "user_id"}  # fmt: skip
+    assert set(ci) == {
+        "id",
+        "name",
+        "role",
+        "display",
+        "status",
+        "created_at",
+        "expires_at",
+        "revoked_at",
+        "org_id",
+        "team_id",
+        "user_id",
+    }
     assert token[5:-6] not in str(listed)
     assert token_digest(token).hex() not in str(listed)
     assert await admin.ok("GET", f"/tokens/{ci['id']}") == ci
@@ -188,8 +199,12 @@ async def test_a_token_of_the_older_krt_form_stored_in_the_database_keeps_workin
     async with publisher.services.tokens.db.transaction() as tx:  # as the previous release stored it
         await tx.execute(
             "INSERT INTO admin_tokens (id, name, token_hash, role, created_at) VALUES ($1, $2, $3, $4, $5)",
-            new_id(), "old-ci", token_digest(old), "platform-admin", now_us(),
-        )  # fmt: skip
+            new_id(),
+            "old-ci",
+            token_digest(old),
+            "platform-admin",
+            now_us(),
+        )
     assert await _status(publisher, old) == 200
     listed = {t["name"]: t for t in (await publisher.admin.ok("GET", "/tokens"))["tokens"]}
     assert (listed["old-ci"]["status"], listed["old-ci"]["display"]) == ("active", None)

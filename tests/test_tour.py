@@ -51,12 +51,21 @@ def test_the_tour_runs_as_written_and_runs_again(start_stack: StartStack, tmp_pa
     work = tmp_path / "tour"
     work.mkdir()
     env = environ_without_settings()
-    env |= {"PATH": f"{Path(sys.executable).parent}:{env['PATH']}", "KEYRELAY_DATA_DIR": str(stack.data_dir),
-            "SIDECAR": stack.state["sidecars"]["global"]}  # fmt: skip
+    env |= {
+        "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
+        "KEYRELAY_DATA_DIR": str(stack.data_dir),
+        "SIDECAR": stack.state["sidecars"]["global"],
+    }
     runs = []
     for _ in range(2):
-        ran = subprocess.run(["bash", "-euo", "pipefail", "-c", script.replace(ACTIVATE, ":", 1)], cwd=work,
-                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        ran = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script.replace(ACTIVATE, ":", 1)],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert ran.returncode == 0, ran.stderr
         assert "Traceback" not in ran.stderr
         runs.append(ran)

@@ -60,8 +60,9 @@ class Captured:
         return cls(record, data, SIGNER.sign(KIND_RECORD, record.entry, data))
 
     async def replay(self, bucket: KeyValue) -> int:
-        return await put_raw(bucket, self.record.entry, self.data, signer=None,
-                             headers={SIGNATURE_HEADER: self.signature})  # fmt: skip
+        return await put_raw(
+            bucket, self.record.entry, self.data, signer=None, headers={SIGNATURE_HEADER: self.signature}
+        )
 
 
 async def _issued_then_revoked(bucket: KeyValue) -> tuple[str, Captured, str]:
@@ -303,13 +304,21 @@ def test_a_value_signed_for_another_entry_kind_or_too_long_ago_does_not_verify()
     cases = {
         "another entry": (signature, data, "global.00000000-0000-4000-8000-000000000000", "bad_signature"),
         "another kind": (signature.replace(".r.", ".d.", 1), data, record.entry, "bad_signature"),
-        "too old": (SIGNER.sign(KIND_RECORD, record.entry, data, signed_at=time.time() - 7200), data, record.entry,
-                    "expired"),
-        "from the future": (SIGNER.sign(KIND_RECORD, record.entry, data, signed_at=time.time() + 3600), data,
-                            record.entry, "future"),
+        "too old": (
+            SIGNER.sign(KIND_RECORD, record.entry, data, signed_at=time.time() - 7200),
+            data,
+            record.entry,
+            "expired",
+        ),
+        "from the future": (
+            SIGNER.sign(KIND_RECORD, record.entry, data, signed_at=time.time() + 3600),
+            data,
+            record.entry,
+            "future",
+        ),
         "garbage": ("1.r.x.y.z", data, record.entry, "malformed"),
         "huge": ("1.r." + "a" * 5000, data, record.entry, "malformed"),
-    }  # fmt: skip
+    }
     for name, (sig, body, entry, reason) in cases.items():
         with pytest.raises(SignatureError) as raised:
             verify(sig, body, entry=entry, trusted=trust.records, deployment="default", horizon=3600.0)
@@ -433,8 +442,13 @@ async def test_tombstones_outside_a_keys_own_entry_or_for_keys_never_held_change
     await sidecar.ready()
     # Signed by the publisher, but at an entry no key is written to (its id in upper case).
     upper = f"global.{record.key_id.upper()}"
-    await put_raw(bucket, upper, encode_tombstone(record.key_id.upper(), MAX_VERSION), kind=KIND_TOMBSTONE,
-                  headers={"KV-Operation": "DEL"})  # fmt: skip
+    await put_raw(
+        bucket,
+        upper,
+        encode_tombstone(record.key_id.upper(), MAX_VERSION),
+        kind=KIND_TOMBSTONE,
+        headers={"KV-Operation": "DEL"},
+    )
     never_held = make_key()[1]
     await delete(bucket, never_held)
     await _marker(bucket, sidecar)

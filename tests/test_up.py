@@ -69,8 +69,18 @@ def test_up_with_a_demo_key_prints_how_to_use_it_and_a_revocation_reaches_the_si
     assert "key" not in demo
     assert _files_holding(stack.data_dir, key) == []
 
-    key_id, cli_key = stack.cli("keys", "create", "--project", demo["project_id"], "--name", "cli",
-                                "--scope", "orders:read", "--print", "id,key").split()  # fmt: skip
+    key_id, cli_key = stack.cli(
+        "keys",
+        "create",
+        "--project",
+        demo["project_id"],
+        "--name",
+        "cli",
+        "--scope",
+        "orders:read",
+        "--print",
+        "id,key",
+    ).split()
     assert stack.auth("global", cli_key) == 200
     with pytest.raises(AssertionError, match=r"it serves global keys only"):  # a global sidecar only
         stack.api("POST", f"/projects/{demo['project_id']}/keys", {"name": "e", "region": "eu"})
@@ -95,10 +105,12 @@ def test_up_with_two_regions_keeps_regional_keys_regional_and_revokes_everywhere
     assert set(stack.state["sidecars"]) == {"eu", "us"}
     assert set(stack.state["nats"]) == {"hub", "leaf-eu", "leaf-us"}
 
-    global_id, global_key = stack.cli("keys", "create", "--project", project, "--name", "g",
-                                      "--print", "id,key").split()  # fmt: skip
-    _, eu_key = stack.cli("keys", "create", "--project", project, "--name", "e", "--region", "eu",
-                          "--print", "id,key").split()  # fmt: skip
+    global_id, global_key = stack.cli(
+        "keys", "create", "--project", project, "--name", "g", "--print", "id,key"
+    ).split()
+    _, eu_key = stack.cli(
+        "keys", "create", "--project", project, "--name", "e", "--region", "eu", "--print", "id,key"
+    ).split()
     _until(lambda: stack.auth("eu", global_key) == 200 and stack.auth("us", global_key) == 200)
     _until(lambda: stack.auth("eu", eu_key) == 200)
     assert stack.auth("us", eu_key) == 403
@@ -120,8 +132,14 @@ def test_up_moves_off_taken_ports_to_the_next_free_ones_and_says_so(start_stack:
             sock.bind(("127.0.0.1", 0))
             sock.listen()
             taken[what] = sock.getsockname()[1]
-        stack = start_stack("--publisher-port", str(taken["publisher"]), "--sidecar-port", str(taken["sidecar"]),
-                            "--nats-port", str(taken["nats"]))  # fmt: skip
+        stack = start_stack(
+            "--publisher-port",
+            str(taken["publisher"]),
+            "--sidecar-port",
+            str(taken["sidecar"]),
+            "--nats-port",
+            str(taken["nats"]),
+        )
 
         used = {
             "publisher": port_of(stack.state["publisher_url"]),

@@ -72,8 +72,11 @@ class Stack:
     def cli(self, *args: str) -> str:
         result = subprocess.run(
             [sys.executable, "-m", "keyrelay", *args, "--data-dir", str(self.data_dir)],
-            capture_output=True, text=True, timeout=60, env=environ_without_settings(),
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=environ_without_settings(),
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()
 
@@ -109,9 +112,25 @@ StartStack = Callable[..., Stack]
 def start_stack_process(data_dir: Path, *flags: str) -> Stack:
     """`keyrelay up` on free ports with `data_dir`, just started: call `wait_up` next."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "keyrelay", "up", "--data-dir", str(data_dir), "--publisher-port", "0",
-         "--sidecar-port", "0", "--nats-port", "0", *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ_without_settings(),
+        [
+            sys.executable,
+            "-m",
+            "keyrelay",
+            "up",
+            "--data-dir",
+            str(data_dir),
+            "--publisher-port",
+            "0",
+            "--sidecar-port",
+            "0",
+            "--nats-port",
+            "0",
+            *flags,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ_without_settings(),
         start_new_session=True,  # its own process group, so a Ctrl-C can go to it alone
-    )  # fmt: skip
+    )
     return Stack(process, data_dir)

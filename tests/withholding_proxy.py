@@ -71,8 +71,10 @@ class WithholdingProxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers |= {writer, up_writer}
-        for task in (asyncio.create_task(_relay(reader, up_writer, self._to_server)),
-                     asyncio.create_task(_relay(up_reader, writer, self._to_client))):  # fmt: skip
+        for task in (
+            asyncio.create_task(_relay(reader, up_writer, self._to_server)),
+            asyncio.create_task(_relay(up_reader, writer, self._to_client)),
+        ):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -213,13 +213,23 @@ def add_options(
         # SUPPRESS: an option not given leaves no attribute, so a subcommand's parser cannot
         # overwrite its parent's value with a default.
         if isinstance(opt.default, bool):
-            group.add_argument(opt.flag, dest=opt.name, default=argparse.SUPPRESS, help=help_text,
-                               action=argparse.BooleanOptionalAction)  # fmt: skip
+            group.add_argument(
+                opt.flag,
+                dest=opt.name,
+                default=argparse.SUPPRESS,
+                help=help_text,
+                action=argparse.BooleanOptionalAction,
+            )
             continue
         if opt.secret:
             # The value itself on a command line is readable by every local user (/proc/PID/cmdline).
-            group.add_argument(opt.file_flag, dest=_file_dest(opt), default=argparse.SUPPRESS, metavar="FILE",
-                               help=f"{opt.help}, read from FILE [env {opt.file_env} or {opt.env}]")  # fmt: skip
+            group.add_argument(
+                opt.file_flag,
+                dest=_file_dest(opt),
+                default=argparse.SUPPRESS,
+                metavar="FILE",
+                help=f"{opt.help}, read from FILE [env {opt.file_env} or {opt.env}]",
+            )
             help_text = f"deprecated: the secret is visible in the process list; use {opt.file_flag} or {opt.env}"
         group.add_argument(
             opt.flag, dest=opt.name, default=argparse.SUPPRESS, metavar=opt.name.split("_")[-1].upper(), help=help_text
@@ -263,8 +273,13 @@ def _secret(opt: Option, given: Mapping[str, Any], env: Mapping[str, str], *, ar
     """A secret's value: flag, then its file flag, then variable, then its file variable."""
     if given.get(opt.name) is not None:
         if argv:
-            log.warning("%s on the command line is deprecated: every local user can read it in the process list; "
-                        "use %s or the variable %s", opt.flag, opt.file_flag, opt.env)  # fmt: skip
+            log.warning(
+                "%s on the command line is deprecated: every local user can read it in the process list; "
+                "use %s or the variable %s",
+                opt.flag,
+                opt.file_flag,
+                opt.env,
+            )
         return given[opt.name]
     path = given.get(_file_dest(opt))
     if path is not None:

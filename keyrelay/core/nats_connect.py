@@ -111,9 +111,14 @@ class NatsConnect:
     @classmethod
     def of(cls, settings: NatsClientSettings, *, identity: str) -> NatsConnect:
         """From a component's settings."""
-        return cls(servers=settings.nats_url, identity=identity, creds=settings.nats_creds,
-                   tls_ca=settings.nats_tls_ca, tls_cert=settings.nats_tls_cert,
-                   tls_key=settings.nats_tls_key)  # fmt: skip
+        return cls(
+            servers=settings.nats_url,
+            identity=identity,
+            creds=settings.nats_creds,
+            tls_ca=settings.nats_tls_ca,
+            tls_cert=settings.nats_tls_cert,
+            tls_key=settings.nats_tls_key,
+        )
 
     def describe(self) -> str:
         """The servers, comma separated, credentials in URLs hidden."""
@@ -122,8 +127,11 @@ class NatsConnect:
     def kwargs(self, *, error_cb: ErrorCallback | None = None) -> dict[str, Any]:
         """Arguments of nats-py's `connect`: servers, inbox prefix, credentials, TLS and the error callback
         (by default one log line per error)."""
-        args: dict[str, Any] = {"servers": list(self.servers), "inbox_prefix": inbox_prefix(self.identity),
-                                "error_cb": error_cb or _one_line}  # fmt: skip
+        args: dict[str, Any] = {
+            "servers": list(self.servers),
+            "inbox_prefix": inbox_prefix(self.identity),
+            "error_cb": error_cb or _one_line,
+        }
         if self.creds is not None:
             args.update(_credentials(self.creds))
         context = self.tls_context()
@@ -201,11 +209,16 @@ def _credentials(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise SettingsError(flag="--nats-creds", env="KEYRELAY_NATS_CREDS", value=str(path),
-                            reason=f"cannot read it: {exc.strerror}") from None  # fmt: skip
+        raise SettingsError(
+            flag="--nats-creds", env="KEYRELAY_NATS_CREDS", value=str(path), reason=f"cannot read it: {exc.strerror}"
+        ) from None
     if "BEGIN NATS USER JWT" in text:
         return {"user_credentials": str(path)}
     if text.strip().startswith("SU"):
         return {"nkeys_seed": str(path)}
-    raise SettingsError(flag="--nats-creds", env="KEYRELAY_NATS_CREDS", value=str(path),
-                        reason="neither a .creds file nor an NKEY user seed (SU...)")  # fmt: skip
+    raise SettingsError(
+        flag="--nats-creds",
+        env="KEYRELAY_NATS_CREDS",
+        value=str(path),
+        reason="neither a .creds file nor an NKEY user seed (SU...)",
+    )

@@ -68,8 +68,9 @@ class ServerChoice:
         recently tried; the one left on purpose last while others have not failed."""
         now = time.monotonic()
         avoid = self._avoid if now < self._avoid_until else ""
-        chosen = min(servers, key=lambda s: (s.reconnects > 0, s.uri.netloc == avoid,
-                                             self._tried.get(s.uri.netloc, 0.0)))  # fmt: skip
+        chosen = min(
+            servers, key=lambda s: (s.reconnects > 0, s.uri.netloc == avoid, self._tried.get(s.uri.netloc, 0.0))
+        )
         last = self._tried.get(chosen.uri.netloc)
         delay = 0.0 if last is None else max(0.0, last + self.wait - now)
         self._tried[chosen.uri.netloc] = now + delay
@@ -93,8 +94,12 @@ class ServerChoice:
             return False  # not connected (nats-py is reconnecting already), or nowhere else to go
         # Said once per fault: while the whole cluster fails, a client moves every few seconds.
         say = log.warning if now >= self._avoid_until else log.debug
-        say("NATS server %s has failed to %s for %.1fs: reconnecting to another server of the cluster", url.netloc,
-            what, now - self._failing_since)  # fmt: skip
+        say(
+            "NATS server %s has failed to %s for %.1fs: reconnecting to another server of the cluster",
+            url.netloc,
+            what,
+            now - self._failing_since,
+        )
         self._avoid, self._avoid_until = url.netloc, now + self.hold
         self.moves += 1
         self.served()

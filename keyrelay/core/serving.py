@@ -169,9 +169,13 @@ class _Server(web.Server):
     """A `web.Server` whose connections are served by :class:`_Handler`."""
 
     def __init__(self, server: web.Server, malformed: MalformedRequests) -> None:
-        super().__init__(server.request_handler, request_factory=server.request_factory,
-                         handler_cancellation=server.handler_cancellation, loop=server._loop,
-                         **server._kwargs)  # fmt: skip
+        super().__init__(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=server._loop,
+            **server._kwargs,
+        )
         self.malformed = malformed
 
     def __call__(self) -> RequestHandler:

@@ -220,18 +220,33 @@ class Trust:
         max_publish_delay: float = 60.0,
     ) -> Trust:
         """Trust from base64url public keys."""
-        return cls(TrustedKeys.of(records), TrustedKeys.of(snapshots), deployment, horizon, accept_unsigned,
-                   max_publish_delay)  # fmt: skip
+        return cls(
+            TrustedKeys.of(records), TrustedKeys.of(snapshots), deployment, horizon, accept_unsigned, max_publish_delay
+        )
 
     def verify(self, signature: str | None, body: bytes, *, entry: str, kinds: frozenset[str] = KINDS) -> Verified:
         """`verify` a bucket value with the record keys."""
-        return verify(signature, body, entry=entry, trusted=self.records, deployment=self.deployment,
-                      horizon=self.horizon, kinds=kinds)  # fmt: skip
+        return verify(
+            signature,
+            body,
+            entry=entry,
+            trusted=self.records,
+            deployment=self.deployment,
+            horizon=self.horizon,
+            kinds=kinds,
+        )
 
     def verify_snapshot(self, signature: str | None, digest: bytes, *, entry: str) -> Verified:
         """`verify` a snapshot's digest with the snapshot keys."""
-        return verify(signature, digest, entry=entry, trusted=self.snapshots, deployment=self.deployment,
-                      horizon=self.horizon, kinds=frozenset({KIND_SNAPSHOT}))  # fmt: skip
+        return verify(
+            signature,
+            digest,
+            entry=entry,
+            trusted=self.snapshots,
+            deployment=self.deployment,
+            horizon=self.horizon,
+            kinds=frozenset({KIND_SNAPSHOT}),
+        )
 
 
 def parse_trusted_keys(text: str) -> tuple[str, ...]:
@@ -271,8 +286,14 @@ def verify(
     if len(body) > MAX_BODY or len(signature) > _MAX_HEADER:
         raise SignatureError("malformed", entry=entry)
     parts = signature.split(".")
-    if len(parts) != 5 or parts[0] != SIGNATURE_VERSION or parts[1] not in kinds or not parts[3].isascii() \
-            or not parts[3].isdigit() or len(parts[3]) > 18:  # fmt: skip
+    if (
+        len(parts) != 5
+        or parts[0] != SIGNATURE_VERSION
+        or parts[1] not in kinds
+        or not parts[3].isascii()
+        or not parts[3].isdigit()
+        or len(parts[3]) > 18
+    ):
         raise SignatureError("malformed", entry=entry)
     _, kind, kid, at_text, sig_text = parts
     try:

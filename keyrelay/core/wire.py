@@ -367,8 +367,9 @@ def decode_fields(data: bytes) -> RecordFields:
             or sum(len(k) + len(v) for k, v in meta.items()) > MAX_METADATA_BYTES
         )
     ):
-        raise RecordError(f"meta must map at most {MAX_METADATA_ENTRIES} strings to strings, {MAX_METADATA_BYTES} "
-                          "characters in all")  # fmt: skip
+        raise RecordError(
+            f"meta must map at most {MAX_METADATA_ENTRIES} strings to strings, {MAX_METADATA_BYTES} characters in all"
+        )
     org, team, project = get("org"), get("team"), get("project")
     if not (isinstance(org, str) and org and isinstance(team, str) and team and isinstance(project, str) and project):
         org, team, project = _text(org, "org"), _text(team, "team"), _text(project, "project")  # raises
