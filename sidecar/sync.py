@@ -57,9 +57,11 @@ _MISSED_HEARTBEATS = 3
 _MAX_DELETING = 4  # deletions of replaced consumers in flight at once
 _PROBE_TIMEOUT = 1.0  # a stream's leader answers STREAM.INFO in milliseconds: longer is no answer
 # A live node creates a consumer in milliseconds; JetStream may place a new one on a node that died but is
-# not yet marked offline, which never answers. So the first two attempts wait this long, each later one twice
-# as long as the one before (up to SyncConfig.api_timeout); each attempt, under a new name, is placed anew.
+# not yet marked offline, which never answers, and may do so several times in a row. So the first
+# _CREATE_SHORT attempts wait this long, each later one twice as long as the one before (up to
+# SyncConfig.api_timeout); each attempt, under a new name, is placed anew.
 _CREATE_TIMEOUT = 0.5
+_CREATE_SHORT = 3
 _FLOOR_PRUNE_EVERY = 60.0
 
 
@@ -311,8 +313,13 @@ class KeySync:
 
     async def _watchdog(self) -> None:
         freshness = self.freshness
+        heartbeat = self.config.heartbeat
         while not self._closing:
-            await asyncio.sleep(self.config.heartbeat)
+            # A tick every idle heartbeat, and one just after the third missed: a consumer on a lost node is
+            # replaced 3 heartbeats after its last word, not up to 4 (a live consumer keeps this at `heartbeat`).
+            # Once that is past (no contact for long), every heartbeat again: never a busy loop.
+            missing_in = _MISSED_HEARTBEATS * heartbeat - freshness.since_local_contact()
+            await asyncio.sleep(missing_in + 0.01 if 0 < missing_in < heartbeat else heartbeat)
             now = time.time()
             if now - self._floors_pruned > _FLOOR_PRUNE_EVERY:
                 self._floors_pruned = now
@@ -432,7 +439,7 @@ class KeySync:
         A create that timed out may still make its consumer late, on the node that did not answer: that
         one delivers to an inbox the next attempt has dropped, and its inactivity threshold removes it.
         """
-        timeout = min(_CREATE_TIMEOUT * 2 ** max(0, self._create_timeouts - 1), self.config.api_timeout)
+        timeout = min(_CREATE_TIMEOUT * 2 ** max(0, self._create_timeouts - _CREATE_SHORT + 1), self.config.api_timeout)
         try:
             created = await jetstream_api(nc, subject, body, timeout=timeout)
         except Exception:
