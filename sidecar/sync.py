@@ -56,6 +56,12 @@ _MAX_BACKOFF = 2.0
 _MISSED_HEARTBEATS = 3
 _MAX_DELETING = 4  # deletions of replaced consumers in flight at once
 _PROBE_TIMEOUT = 1.0  # a stream's leader answers STREAM.INFO in milliseconds: longer is no answer
+# A live node creates a consumer in milliseconds; JetStream may place a new one on a node that died but is
+# not yet marked offline, which never answers, and may do so several times in a row. So the first
+# _CREATE_SHORT attempts wait this long, each later one twice as long as the one before (up to
+# SyncConfig.api_timeout); each attempt, under a new name, is placed anew.
+_CREATE_TIMEOUT = 0.5
+_CREATE_SHORT = 3
 _FLOOR_PRUNE_EVERY = 60.0
 
 
@@ -93,6 +99,7 @@ class KeySync:
 
     __slots__ = (
         "_closing",
+        "_create_timeouts",
         "_deleting",
         "_deliveries",
         "_floors_pruned",
@@ -141,6 +148,7 @@ class KeySync:
         self._floors_pruned = 0.0
         self._next_probe = 0.0  # when a late heartbeat may next make the sidecar ask its server for the stream
         self._deleting: set[asyncio.Task[None]] = set()  # old consumers being deleted
+        self._create_timeouts = 0  # CONSUMER.CREATE requests timed out in a row
 
     # -- what the sidecar and the seeder read ------------------------------------------------
 
@@ -305,8 +313,13 @@ class KeySync:
 
     async def _watchdog(self) -> None:
         freshness = self.freshness
+        heartbeat = self.config.heartbeat
         while not self._closing:
-            await asyncio.sleep(self.config.heartbeat)
+            # A tick every idle heartbeat, and one just after the third missed: a consumer on a lost node is
+            # replaced 3 heartbeats after its last word, not up to 4 (a live consumer keeps this at `heartbeat`).
+            # Once that is past (no contact for long), every heartbeat again: never a busy loop.
+            missing_in = _MISSED_HEARTBEATS * heartbeat - freshness.since_local_contact()
+            await asyncio.sleep(missing_in + 0.01 if 0 < missing_in < heartbeat else heartbeat)
             now = time.time()
             if now - self._floors_pruned > _FLOOR_PRUNE_EVERY:
                 self._floors_pruned = now
@@ -401,7 +414,7 @@ class KeySync:
         else:
             config["filter_subjects"] = subjects
             create = f"CONSUMER.CREATE.{self.stream}"
-        created = await self._api(nc, create, {"stream_name": self.stream, "config": config})
+        created = await self._create(nc, create, {"stream_name": self.stream, "config": config})
         if "error" in created:
             await gen.sub.unsubscribe()
             gen.sub = None
@@ -419,6 +432,21 @@ class KeySync:
         position.pending = pending
         if pending == 0:
             position.caught_up()
+
+    async def _create(self, nc: Client, subject: str, body: dict[str, Any]) -> dict[str, Any]:
+        """CONSUMER.CREATE, waiting short at first and longer after each attempt that timed out.
+
+        A create that timed out may still make its consumer late, on the node that did not answer: that
+        one delivers to an inbox the next attempt has dropped, and its inactivity threshold removes it.
+        """
+        timeout = min(_CREATE_TIMEOUT * 2 ** max(0, self._create_timeouts - _CREATE_SHORT + 1), self.config.api_timeout)
+        try:
+            created = await jetstream_api(nc, subject, body, timeout=timeout)
+        except Exception:
+            self._create_timeouts += 1
+            raise
+        self._create_timeouts = 0
+        return created
 
     async def _drop_consumer(self, gen: Generation, *, wait: bool = True) -> None:
         """Unsubscribe from a consumer's deliveries and delete it (in the background unless `wait`).

@@ -376,8 +376,14 @@ async def test_a_consumer_placed_on_a_lost_node_is_replaced_within_a_few_heartbe
     on, at = found[0]
     sidecar = d.sidecar_on(on)
     consumer = sidecar.state.sync._deliveries.current.consumer
+    errors = [s.state.sync.stats.sync_errors for s in d.sidecars]
     killed = time.monotonic()
     d.cluster.node(at).stop(kill=True)
+    # Consumers can be created again at once, or once a meta leader is elected if the node killed was it.
+    recovered = asyncio.create_task(_recovery(d, {at}))
+    revoked = d.keys[:3]
+    for key in revoked:
+        await d.revoke(key)
     await eventually(
         lambda: asyncio.sleep(0, sidecar.state.sync._deliveries.current.consumer),
         lambda c: c != consumer,
@@ -385,17 +391,24 @@ async def test_a_consumer_placed_on_a_lost_node_is_replaced_within_a_few_heartbe
         interval=0.02,
     )
     replaced = time.monotonic() - killed
-    revoked = d.keys[:3]
-    for key in revoked:
-        await d.revoke(key)
     await d.wait_verdicts(revoked, "REVOKED", timeout=_AFTER_RECOVERY)
+    refused = time.monotonic() - killed
+    recovered_after = await asyncio.wait_for(recovered, _FAULT_TIMEOUT) - killed
     print(
         f"HA: consumer placements (sidecar's node: consumer's node) {placed}, stream leader {leader}: {at} killed, "
         f"the consumer of the sidecar on {on} replaced after {replaced:.2f}s "
-        f"({replaced / _HEARTBEAT:.1f} idle heartbeats)"
+        f"({replaced / _HEARTBEAT:.1f} idle heartbeats), the revocations made meanwhile refused everywhere after "
+        f"{refused:.2f}s, recovery after {recovered_after:.2f}s (failed consumer openings per sidecar "
+        f"{[s.state.sync.stats.sync_errors - e for s, e in zip(d.sidecars, errors, strict=True)]})"
     )
     assert replaced < 10 * _HEARTBEAT + 5  # a few heartbeats, with slack for a loaded machine
     assert d.node_of(sidecar) == on
+
+
+async def _recovery(d: Deployment, lost: Collection[str]) -> float:
+    """When the nodes not in `lost` serve the stream again (time.monotonic())."""
+    await d.cluster.serves_again(d.stream, lost=lost, timeout=_FAULT_TIMEOUT)
+    return time.monotonic()
 
 
 async def _consumer_node(d: Deployment, sidecar: Sidecar) -> str:
