@@ -32,6 +32,7 @@ from .signing import load_signing_keys
 from .store import KeyStore
 from .token_format import check_configured_token
 from .tokens import TokenRevoked, TokenStore, generate_token
+from .web_proxy import APPLIED_GROUPS
 from .web_signin import add_signin_routes
 
 __all__ = ["create_app", "open_services", "run", "serve", "tls_context"]
@@ -203,6 +204,7 @@ def create_app(settings: PublisherSettings) -> web.Application:
     """The publisher as an aiohttp application."""
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=4 * 1024 * 1024)
     app[SETTINGS] = settings
+    app[APPLIED_GROUPS] = {}
     app.cleanup_ctx.append(_lifecycle)
     register(app, (*PROBES, *ROUTES), public=UNAUTHENTICATED)
     add_scim_routes(app)

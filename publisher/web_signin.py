@@ -23,8 +23,9 @@ from aiohttp import web
 from .access import SERVICES, Services
 from .errors import NotFound, PublisherError
 from .models import Actor, iso, now_us
+from .oidc_claims import CLAIMS_ACTOR
 from .oidc_client import OidcClient, Pkce
-from .oidc_signin import CLAIMS_ACTOR, SignInRefused, person_of, sign_in
+from .oidc_signin import SignInRefused, person_of, sign_in
 from .oidc_tokens import IdTokenError
 from .settings import PublisherSettings
 from .store import NIL_UUID
