@@ -26,13 +26,14 @@ from .maintenance import Maintenance
 from .openapi import Route, register
 from .outbox import OutboxRelay
 from .people import PeopleStore
-from .scim_api import add_scim_routes
+from .scim_api import SCIM_ROUTES, add_scim_catch_all
 from .settings import PublisherSettings
 from .signing import load_signing_keys
 from .store import KeyStore
 from .token_format import check_configured_token
 from .tokens import TokenRevoked, TokenStore, generate_token
-from .web_signin import add_signin_routes
+from .web_proxy import APPLIED_GROUPS
+from .web_signin import BROWSER_PATHS, add_signin_routes
 
 __all__ = ["create_app", "open_services", "run", "serve", "tls_context"]
 
@@ -203,10 +204,11 @@ def create_app(settings: PublisherSettings) -> web.Application:
     """The publisher as an aiohttp application."""
     app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=4 * 1024 * 1024)
     app[SETTINGS] = settings
+    app[APPLIED_GROUPS] = {}
     app.cleanup_ctx.append(_lifecycle)
-    register(app, (*PROBES, *ROUTES), public=UNAUTHENTICATED)
-    add_scim_routes(app)
-    add_signin_routes(app, settings)
+    browser = add_signin_routes(app, settings)
+    register(app, (*PROBES, *ROUTES, *SCIM_ROUTES, *browser), public={*UNAUTHENTICATED, *BROWSER_PATHS})
+    add_scim_catch_all(app)
     return harden(app)
 
 

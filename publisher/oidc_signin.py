@@ -9,30 +9,20 @@ no role anywhere is refused with an explanation: signing in would show them noth
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-from keyrelay.core.wire import is_uuid
 
 from . import validation as v
 from .access import Services
 from .errors import Conflict, Invalid, PublisherError
 from .models import Actor
+from .oidc_claims import CLAIMS_ACTOR, apply_wanted, bounded_groups, resolve, set_roles
 from .oidc_groups import GroupMap, Wanted
 from .people import User
-from .store import NIL_UUID
 from .web_proxy import user_actor
 
 __all__ = ["CLAIMS_ACTOR", "Person", "SignInRefused", "person_of", "sign_in"]
-
-log = logging.getLogger("keyrelay.publisher.oidc")
-
-# The publisher itself, acting on what the identity provider said (JIT users, claims memberships, refusals).
-CLAIMS_ACTOR = Actor(token_id=NIL_UUID, name="OpenID Connect sign-in", role="system", source="portal")
-_MAX_GROUPS = 1000
-_MAX_GROUP = 255
 
 
 class SignInRefused(PublisherError):
@@ -83,7 +73,7 @@ def person_of(claims: Mapping[str, Any]) -> Person:
         name = None
     raw = claims.get("groups", [])
     listed = [raw] if isinstance(raw, str) else raw if isinstance(raw, list) else []
-    groups = tuple(g for g in listed[:_MAX_GROUPS] if isinstance(g, str) and 0 < len(g) <= _MAX_GROUP)
+    groups = bounded_groups(listed)
     return Person(str(claims["sub"]), email, name.strip() if name else None, groups)
 
 
@@ -99,10 +89,10 @@ async def sign_in(services: Services, groups: GroupMap | None, person: Person) -
             email=person.email,
             user=user,
         )
-    wanted = await _resolve(services, groups, person.groups)
+    wanted = await resolve(services, groups, person.groups)
     if user is None:
         user = await _just_in_time(services, person, wanted)
-    await _apply_claims(services, user, wanted)
+    await apply_wanted(services, user, wanted)
     actor = await user_actor(services, user, "portal")
     if actor is None or not actor.grants:
         shown = ", ".join(person.groups[:20]) or "none"
@@ -141,70 +131,5 @@ async def _just_in_time(services: Services, person: Person, wanted: dict[str, Wa
         return made
     for org in allowing:
         if policies[org]["memberships"] == "manual":
-            await _set_roles(services, user, org, wanted[org])
+            await set_roles(services, user, org, wanted[org])
     return user
-
-
-async def _resolve(services: Services, groups: GroupMap | None, claimed: tuple[str, ...]) -> dict[str, Wanted]:
-    """The group map's answer for `claimed`, by org id, with team references resolved to ids (names that name
-    nothing are logged and left out: the map may name an organization not made yet)."""
-    if groups is None:
-        return {}
-    resolved: dict[str, Wanted] = {}
-    async with services.people.db.transaction() as tx:
-        for ref, wanted in groups.wanted(claimed).items():
-            column = "id" if is_uuid(ref) else "name"
-            org = await tx.fetchval(
-                f"SELECT id FROM organizations WHERE {column} = $1 AND decommissioned_at IS NULL", ref
-            )
-            if org is None:
-                log.warning("the group map names the organization %r, which does not exist: ignored", ref)
-                continue
-            teams = {}
-            for team_ref, role in wanted.teams.items():
-                team_column = "id" if is_uuid(team_ref) else "name"
-                team = await tx.fetchval(
-                    f"SELECT id FROM teams WHERE organization_id = $1 AND {team_column} = $2 "
-                    "AND decommissioned_at IS NULL",
-                    org,
-                    team_ref,
-                )
-                if team is None:
-                    log.warning("the group map names the team %r of %r, which does not exist: ignored", team_ref, ref)
-                    continue
-                teams[str(team)] = role
-            resolved[str(org)] = Wanted(wanted.org_role, teams)
-    return resolved
-
-
-async def _apply_claims(services: Services, user: User, wanted: dict[str, Wanted]) -> None:
-    """In each organization whose memberships come from `claims`, make the user's roles what `wanted` says."""
-    people = services.people
-    for org in {*await people.user_orgs(user.id), *wanted}:
-        if (await people.policy(org))["memberships"] == "claims":
-            await _set_roles(services, user, org, wanted.get(org))
-
-
-async def _set_roles(services: Services, user: User, org: str, want: Wanted | None) -> None:
-    """Make the user's roles in `org` and its teams exactly `want` (none at all for None)."""
-    people = services.people
-    held = await people.member_role("org", org, user.id)
-    if want is None:
-        if held is not None:
-            await people.remove_member(CLAIMS_ACTOR, "org", org, user.id)  # and its teams
-        return
-    if held != want.org_role:
-        await people.put_member(CLAIMS_ACTOR, "org", org, user.id, want.org_role)
-    async with people.db.transaction() as tx:
-        rows = await tx.fetch(
-            "SELECT m.team_id, m.role FROM team_members m JOIN teams t ON t.id = m.team_id "
-            "WHERE m.user_id = $1 AND t.organization_id = $2",
-            user.id,
-            org,
-        )
-    teams = {r["team_id"]: r["role"] for r in rows}
-    for team in teams.keys() - want.teams.keys():
-        await people.remove_member(CLAIMS_ACTOR, "team", team, user.id)
-    for team, role in want.teams.items():
-        if teams.get(team) != role:
-            await people.put_member(CLAIMS_ACTOR, "team", team, user.id, role)

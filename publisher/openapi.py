@@ -58,8 +58,10 @@ PAGE = (
 class Route:
     """One route: what registers it and everything its OpenAPI operation says.
 
-    `responses` are the success answers (status → JSON schema, or a `text/plain` description string);
-    `errors` the error statuses it can answer besides 401/403, which authentication adds by itself.
+    `responses` are the success answers (status → schema, or a description string of a `text/plain` answer);
+    `errors` the error statuses it can answer besides 401/403, which authentication adds by itself. `media` is
+    the content type of its body and answers (`application/scim+json` for SCIM, `text/html` for browser pages,
+    whose string answers are then of that type), `error` the schema of its error answers (the API's by default).
     """
 
     method: str
@@ -71,6 +73,8 @@ class Route:
     query: Sequence[Param] = ()
     errors: Sequence[int] = ()
     tags: Sequence[str] = field(default_factory=tuple)
+    media: str = "application/json"
+    error: Schema | None = None
 
 
 def register(app: web.Application, routes: Sequence[Route], *, public: Collection[str]) -> None:
@@ -87,8 +91,7 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 def _operation(route: Route, *, public: bool) -> dict[str, Any]:
     params: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": ID, "description": f"the {name[:-3]}'s id"}
-        for name in _PATH_PARAM.findall(route.path)
+        {"name": name, "in": "path", "required": True, **_path_param(name)} for name in _PATH_PARAM.findall(route.path)
     ]
     params += [
         {
@@ -102,13 +105,14 @@ def _operation(route: Route, *, public: bool) -> dict[str, Any]:
         for p in route.query
     ]
     responses: dict[str, Any] = {}
+    text = "text/plain" if route.media == "application/json" else route.media
     for status, schema in route.responses.items():
         if isinstance(schema, str):
-            responses[str(status)] = {"description": schema, "content": {"text/plain": {"schema": {"type": "string"}}}}
+            responses[str(status)] = {"description": schema, "content": {text: {"schema": {"type": "string"}}}}
         else:
             responses[str(status)] = {
                 "description": schema.get("description", "success"),
-                "content": {"application/json": {"schema": dict(schema)}},
+                "content": {route.media: {"schema": dict(schema)}},
             }
     errors = set(route.errors)
     if route.body is not None:
@@ -116,7 +120,8 @@ def _operation(route: Route, *, public: bool) -> dict[str, Any]:
     if not public:
         errors |= {401} if route.method == "GET" else {401, 403}
     for status in sorted(errors):
-        responses[str(status)] = {"description": _ERRORS[status], "content": {"application/json": {"schema": ERROR}}}
+        error = dict(route.error) if route.error is not None else ERROR
+        responses[str(status)] = {"description": _ERRORS[status], "content": {route.media: {"schema": error}}}
     operation: dict[str, Any] = {
         "operationId": route.handler.__name__,
         "summary": route.summary,
@@ -129,10 +134,16 @@ def _operation(route: Route, *, public: bool) -> dict[str, Any]:
     if params:
         operation["parameters"] = params
     if route.body is not None:
-        operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": dict(route.body)}}}
+        operation["requestBody"] = {"required": False, "content": {route.media: {"schema": dict(route.body)}}}
     if public:
         operation["security"] = []
     return operation
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    if name.endswith("_id"):
+        return {"schema": ID, "description": f"the {name[:-3]}'s id"}
+    return {"schema": {"type": "string", "minLength": 1}, "description": f"the {name}"}
 
 
 def document(routes: Sequence[Route], *, public: Collection[str]) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +20,7 @@ from .access import ACTOR, SERVICES, Services, actor_of
 from .errors import Conflict, Forbidden, Invalid, NotFound, PublisherError, Unauthorized
 from .models import Actor, iso, new_id
 from .offboard import leave, offboard, require_manual
+from .openapi import Param, Route
 from .people import User
 from .scim_protocol import (
     GROUP_SCHEMA,
@@ -37,7 +38,7 @@ from .scim_protocol import (
 )
 from .scim_store import ScimStore, TeamView
 
-__all__ = ["SCIM_PREFIX", "add_scim_routes"]
+__all__ = ["SCIM_PREFIX", "SCIM_ROUTES", "add_scim_catch_all"]
 
 log = logging.getLogger("keyrelay.publisher.scim")
 
@@ -65,7 +66,7 @@ def _translate(exc: PublisherError) -> ScimError:
     return ScimError(exc.status, exc.message)
 
 
-def _scim(handler: Handler) -> Handler:
+def _scim(handler: Handler, suffix: str = "") -> Handler:
     """The provisioner's token checked (401/403), and every failure answered as a SCIM error body."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
@@ -81,7 +82,7 @@ def _scim(handler: Handler) -> Handler:
             log.exception("unhandled error on SCIM %s %s", request.method, request.path)
             return _answer(ScimError(500, "internal error; the publisher log has the details").body(), 500)
 
-    wrapped.__name__ = handler.__name__
+    wrapped.__name__ = f"scim_{handler.__name__}{suffix}"  # operationIds: unique beside the admin API's
     wrapped.__doc__ = handler.__doc__
     return wrapped
 
@@ -588,29 +589,61 @@ async def unknown(request: web.Request) -> web.StreamResponse:
     raise ScimError(404, "no such SCIM endpoint: /Users, /Groups, /ServiceProviderConfig, /ResourceTypes, /Schemas")
 
 
-SCIM_ROUTES: tuple[tuple[str, str, Handler], ...] = (
-    ("GET", "/Users", list_users),
-    ("POST", "/Users", create_user),
-    ("GET", "/Users/{user_id}", show_user),
-    ("PUT", "/Users/{user_id}", replace_user),
-    ("PATCH", "/Users/{user_id}", patch_user),
-    ("DELETE", "/Users/{user_id}", delete_user),
-    ("GET", "/Groups", list_groups),
-    ("POST", "/Groups", create_group),
-    ("GET", "/Groups/{group_id}", show_group),
-    ("PUT", "/Groups/{group_id}", replace_group),
-    ("PATCH", "/Groups/{group_id}", patch_group),
-    ("DELETE", "/Groups/{group_id}", delete_group),
-    ("GET", "/ServiceProviderConfig", service_provider_config),
-    ("GET", "/ResourceTypes", resource_types),
-    ("GET", "/ResourceTypes/{name}", resource_types),
-    ("GET", "/Schemas", schemas),
-    ("GET", "/Schemas/{name}", schemas),
-    ("*", "/{tail:.*}", unknown),
+_RESOURCE = {"type": "object", "description": "a SCIM resource (RFC 7643)"}
+_LIST = {"type": "object", "description": "a SCIM ListResponse (RFC 7644 section 3.4.2)"}
+_SCIM_ERROR = {
+    "type": "object",
+    "description": "a SCIM error (RFC 7644 section 3.12)",
+    "required": ["schemas", "status"],
+    "properties": {"schemas": {"type": "array", "items": {"type": "string"}}, "status": {"type": "string"},
+                   "scimType": {"type": "string"}, "detail": {"type": "string"}},
+}  # fmt: skip
+_SCIM_PAGE = (
+    Param("filter", {"type": "string"}, "userName eq, externalId eq or displayName eq"),
+    Param("startIndex", {"type": "integer"}, "the first result, from 1"),
+    Param("count", {"type": "integer"}, "at most this many results"),
 )
 
 
-def add_scim_routes(app: web.Application) -> None:
-    """Register /scim/v2/ (documented in docs/scim.md; its own protocol, outside the OpenAPI document)."""
-    for method, path, handler in SCIM_ROUTES:
-        app.router.add_route(method, SCIM_PREFIX + path, _scim(handler))
+def _route(method: str, path: str, handler: Handler) -> Route:
+    """The SCIM route as the OpenAPI document shows it (tag `scim`, application/scim+json, SCIM error bodies)."""
+    listing = method == "GET" and path in ("/Users", "/Groups")
+    responses: dict[int, Mapping[str, Any] | str] = {200: _LIST if listing else _RESOURCE}
+    if method in ("POST", "DELETE"):
+        responses = {201: _RESOURCE} if method == "POST" else {204: "deleted (no body)"}
+    body = _RESOURCE if method in ("POST", "PUT", "PATCH") else None
+    errors = (403, 404) if "{" in path else (403, 400) if listing else (403, 409) if method == "POST" else (403,)
+    summary = (handler.__doc__ or handler.__name__).strip().splitlines()[0]
+    one = "_one" if path.endswith("/{name}") else ""  # resource_types and schemas answer both paths
+    return Route(method, SCIM_PREFIX + path, _scim(handler, one), summary, responses, body,
+                 _SCIM_PAGE if listing else (), errors, ("scim",), _CONTENT_TYPE, _SCIM_ERROR)  # fmt: skip
+
+
+SCIM_ROUTES: tuple[Route, ...] = tuple(
+    _route(method, path, handler)
+    for method, path, handler in (
+        ("GET", "/Users", list_users),
+        ("POST", "/Users", create_user),
+        ("GET", "/Users/{user_id}", show_user),
+        ("PUT", "/Users/{user_id}", replace_user),
+        ("PATCH", "/Users/{user_id}", patch_user),
+        ("DELETE", "/Users/{user_id}", delete_user),
+        ("GET", "/Groups", list_groups),
+        ("POST", "/Groups", create_group),
+        ("GET", "/Groups/{group_id}", show_group),
+        ("PUT", "/Groups/{group_id}", replace_group),
+        ("PATCH", "/Groups/{group_id}", patch_group),
+        ("DELETE", "/Groups/{group_id}", delete_group),
+        ("GET", "/ServiceProviderConfig", service_provider_config),
+        ("GET", "/ResourceTypes", resource_types),
+        ("GET", "/ResourceTypes/{name}", resource_types),
+        ("GET", "/Schemas", schemas),
+        ("GET", "/Schemas/{name}", schemas),
+    )
+)
+
+
+def add_scim_catch_all(app: web.Application) -> None:
+    """Register SCIM's answer to any other /scim/v2/ path (a SCIM 404): after SCIM_ROUTES, which it would hide.
+    It is the one route outside the OpenAPI document: no method or path template there can say "anything"."""
+    app.router.add_route("*", SCIM_PREFIX + "/{tail:.*}", _scim(unknown))

@@ -1,10 +1,14 @@
 """Behind an authenticating proxy (oauth2-proxy, a gateway's SSO): a request from a trusted proxy that names a
 user in its identity headers acts as that user, with the user's roles as they are now (a personal access token's
 grants). Trust is judged by the TCP peer address alone (`--trusted-proxies`), never by a forwarded-for header:
-the same headers from any other peer are ignored, so a client cannot name itself."""
+the same headers from any other peer are ignored, so a client cannot name itself. In every organization whose
+memberships come from `claims`, the groups header (comma-separated) is applied through the group map like an
+id token's groups claim, whenever its value changed for that user (remembered by hash); a request without the
+header changes no membership."""
 
 from __future__ import annotations
 
+import hashlib
 from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Any
 
@@ -14,10 +18,15 @@ from . import validation as v
 from .access import SERVICES, Services
 from .errors import Invalid, Unauthorized
 from .models import Actor
+from .oidc_claims import apply_claims, bounded_groups
 from .people import User, token_grants
 from .store import NIL_UUID
 
-__all__ = ["peer_trusted", "proxy_actor", "user_actor"]
+__all__ = ["APPLIED_GROUPS", "peer_trusted", "proxy_actor", "user_actor"]
+
+# By user id, the hash of the groups header last applied: a header that did not change costs no query.
+APPLIED_GROUPS = web.AppKey("keyrelay_proxy_applied_groups", dict[str, bytes])
+_MAX_REMEMBERED = 100_000
 
 
 def peer_trusted(request: web.Request, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool:
@@ -56,11 +65,29 @@ async def proxy_actor(request: web.Request) -> Actor | None:
     except Invalid:
         raise Unauthorized(f"the proxy's {settings.proxy_email_header} is not an email address") from None
     user = await services.people.user_by_email(email)
+    if user is not None and user.deactivated_at is None:
+        await _apply_groups(request, services, user)
     actor = None if user is None else await user_actor(services, user, "portal")
     if actor is None:
         await _refused(services, user)
         raise Unauthorized("the proxy names no active keyrelay user: an organization admin adds users by email")
     return actor
+
+
+async def _apply_groups(request: web.Request, services: Services, user: User) -> None:
+    """Apply the proxy's groups header to `user`'s `claims` memberships when it changed since last applied."""
+    header = request.headers.get(services.settings.proxy_groups_header)
+    if header is None:
+        return
+    applied = request.app[APPLIED_GROUPS]
+    digest = hashlib.sha256(header.encode(errors="surrogateescape")).digest()
+    if applied.get(user.id) == digest:
+        return
+    groups = bounded_groups(g.strip() for g in header.split(","))
+    await apply_claims(services, services.settings.oidc_group_map, user, groups)
+    if len(applied) >= _MAX_REMEMBERED:  # bounded: forgetting only costs one more application
+        applied.clear()
+    applied[user.id] = digest
 
 
 async def _refused(services: Services, user: User | None) -> None:

@@ -23,9 +23,11 @@ from aiohttp import web
 from .access import SERVICES, Services
 from .errors import NotFound, PublisherError
 from .models import Actor, iso, now_us
+from .oidc_claims import CLAIMS_ACTOR
 from .oidc_client import OidcClient, Pkce
-from .oidc_signin import CLAIMS_ACTOR, SignInRefused, person_of, sign_in
+from .oidc_signin import SignInRefused, person_of, sign_in
 from .oidc_tokens import IdTokenError
+from .openapi import Route
 from .settings import PublisherSettings
 from .store import NIL_UUID
 from .web_pages import escape, page, redirect
@@ -47,6 +49,7 @@ __all__ = ["BROWSER_PATHS", "LOGIN_TTL", "OIDC", "add_signin_routes"]
 log = logging.getLogger("keyrelay.publisher.oidc")
 
 OIDC = web.AppKey("keyrelay_oidc_client", OidcClient)
+_PAGE = {"type": "string", "description": "an HTML page"}
 BROWSER_PATHS = ("/auth/login", "/auth/callback", "/auth/logout", "/me")
 LOGIN_TTL = 600  # seconds a sign-in may take at the provider
 _MAX_PENDING = 10_000  # sign-ins in progress at once: more is someone starting them in a loop
@@ -54,10 +57,10 @@ _MAX_PARAM = 2048
 _SIGN_IN_LINK = '<p><a href="/auth/login">Sign in</a></p>'
 
 
-def add_signin_routes(app: web.Application, settings: PublisherSettings) -> None:
-    """Register the browser routes and the OpenID Connect client, when `settings` configure a provider."""
+def add_signin_routes(app: web.Application, settings: PublisherSettings) -> tuple[Route, ...]:
+    """The OpenID Connect client, and the browser routes to register, when `settings` configure a provider."""
     if not settings.oidc_issuer:
-        return
+        return ()
     app[OIDC] = OidcClient(
         issuer=settings.oidc_issuer,
         client_id=settings.oidc_client_id,
@@ -71,13 +74,16 @@ def add_signin_routes(app: web.Application, settings: PublisherSettings) -> None
         await app[OIDC].close()
 
     app.cleanup_ctx.append(client)
-    for method, path, handler in (
-        ("GET", "/auth/login", login),
-        ("GET", "/auth/callback", callback),
-        ("POST", "/auth/logout", logout),
-        ("GET", "/me", me),
-    ):
-        app.router.add_route(method, path, handler)
+    no = "a page saying why, and what to do"
+    return tuple(
+        Route(method, path, handler, summary, responses, tags=("browser",), media="text/html", error=_PAGE)
+        for method, path, handler, summary, responses in (
+            ("GET", "/auth/login", login, "Sign in", {303: "to the identity provider", 503: no}),
+            ("GET", "/auth/callback", callback, "The provider's answer", {303: "signed in: to /me", 400: no, 403: no}),
+            ("POST", "/auth/logout", logout, "Sign out (CSRF-protected)", {303: "signed out: to sign-in", 403: no}),
+            ("GET", "/me", me, "The signed-in user", {200: "who you are, your roles, a sign-out button"}),
+        )
+    )  # fmt: skip
 
 
 def _state_hash(state: str) -> bytes:

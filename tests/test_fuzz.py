@@ -44,7 +44,9 @@ from publisher.api import ROUTES, UNAUTHENTICATED
 from publisher.app import PROBES
 from publisher.app import create_app as create_publisher_app
 from publisher.openapi import OPENAPI_PATH, document
+from publisher.scim_api import SCIM_PREFIX, SCIM_ROUTES
 from publisher.settings import PublisherSettings
+from publisher.web_signin import BROWSER_PATHS
 from sidecar.app import create_app as create_sidecar_app
 from sidecar.settings import SidecarSettings
 from tests.support import ADMIN_TOKEN, SIGNER, SNAPSHOT_SIGNER, TRUSTED, heartbeat, key_file, make_key, put
@@ -103,10 +105,13 @@ def live_publisher(fuzz_nats: NatsServer, tmp_path_factory: pytest.TempPathFacto
 
 def _document() -> dict[str, Any]:
     """The publisher's document, built as create_app builds it (the live one is checked to be the same)."""
-    return document((*PROBES, *ROUTES), public=UNAUTHENTICATED)
+    return document((*PROBES, *ROUTES, *SCIM_ROUTES), public={*UNAUTHENTICATED, *BROWSER_PATHS})
 
 
-schema = schemathesis.openapi.from_dict(_document())
+# Not the SCIM routes: they take an organization's provisioner token, which this run does not hold (its admin
+# token is refused there by design), so every case would stop at the token check; tests/test_scim*.py replay
+# what identity providers send instead. (The browser routes are not served here: no OpenID provider is set.)
+schema = schemathesis.openapi.from_dict(_document()).exclude(path_regex=f"^{SCIM_PREFIX}/")
 
 
 @schema.parametrize()

@@ -12,9 +12,11 @@ import aiohttp
 import pytest
 from openapi_spec_validator import validate
 
+from keyrelay.natsd import free_port
 from publisher.api import UNAUTHENTICATED
 from publisher.openapi import OPENAPI_PATH
 from publisher.scim_api import SCIM_PREFIX
+from publisher.web_signin import BROWSER_PATHS
 from tests.support import Publisher, StartPublisher
 
 METHODS = {"get", "post", "put", "patch", "delete", "head", "options"}
@@ -48,7 +50,11 @@ async def test_the_document_is_valid_openapi_3_1_and_needs_no_token(
         assert operation["summary"], (method, path)
         assert operation["operationId"], (method, path)
         for status, response in operation["responses"].items():
-            if int(status) >= 400 and path != "/readyz":  # a 503 from /readyz says what is not ready
+            if int(status) < 400 or path == "/readyz":  # a 503 from /readyz says what is not ready
+                continue
+            if path.startswith(SCIM_PREFIX + "/"):  # SCIM's own error body (RFC 7644 section 3.12)
+                assert "schemas" in response["content"]["application/scim+json"]["schema"]["required"]
+            else:
                 assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
 
 
@@ -61,11 +67,40 @@ async def test_every_registered_route_is_documented_and_every_documented_route_i
 ) -> None:
     publisher = await start_publisher()
     registered = {(r.method, r.resource.canonical) for r in publisher.server.app.router.routes() if r.resource}
-    # SCIM is its own protocol with its own discovery documents (/scim/v2/Schemas; docs/scim.md).
-    scim = {(method, path) for method, path in registered if path.startswith(SCIM_PREFIX + "/")}
-    assert scim
-    assert _operations(await _document(publisher, http)) == registered - scim
+    # SCIM's answer to any other path under it: no OpenAPI method or path template says "anything".
+    catch_all = ("*", SCIM_PREFIX + "/{tail}")
+    assert catch_all in registered
+    document = await _document(publisher, http)
+    assert _operations(document) == registered - {catch_all}
     assert ("GET", "/v1/orgs") in registered
+    scim = {op["operationId"]: op for (_, path), op in _each(document) if path.startswith(SCIM_PREFIX + "/")}
+    assert len(scim) == 17
+    assert all(op["tags"] == ["scim"] for op in scim.values())
+    assert "application/scim+json" in scim["scim_create_user"]["requestBody"]["content"]
+    assert "application/scim+json" in scim["scim_list_users"]["responses"]["200"]["content"]
+    ids = [op["operationId"] for _, op in _each(document)]
+    assert len(ids) == len(set(ids))
+
+
+async def test_the_browser_routes_are_documented_when_sign_in_is_configured(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    port = free_port()
+    publisher = await start_publisher(
+        port=port,
+        public_url=f"http://127.0.0.1:{port}",
+        oidc_issuer=f"http://127.0.0.1:{free_port()}",  # never asked: the document is built from declarations
+        oidc_client_id="keyrelay",
+        oidc_client_secret="a-client-secret-for-tests",
+    )
+    registered = {(r.method, r.resource.canonical) for r in publisher.server.app.router.routes() if r.resource}
+    document = await _document(publisher, http)
+    browser = {(m, p): op for (m, p), op in _each(document) if op.get("tags") == ["browser"]}
+    assert {path for _, path in browser} == set(BROWSER_PATHS)
+    assert set(browser) <= registered
+    assert all(op["security"] == [] for op in browser.values())  # a session cookie, not a bearer token
+    assert "text/html" in browser["GET", "/me"]["responses"]["200"]["content"]
+    validate(document)
 
 
 async def test_the_unauthenticated_routes_are_exactly_the_listed_ones(
@@ -75,8 +110,12 @@ async def test_the_unauthenticated_routes_are_exactly_the_listed_ones(
     document = await _document(publisher, http)
     public = {path for (_, path), op in _each(document) if op.get("security") == []}
     assert public == set(UNAUTHENTICATED)
-    outside_v1 = {path for _, path in _operations(document) if not path.startswith("/v1/")}
+    scim = {(m, p) for m, p in _operations(document) if p.startswith(SCIM_PREFIX + "/")}
+    outside_v1 = {path for _, path in _operations(document) - scim if not path.startswith("/v1/")}
     assert outside_v1 <= UNAUTHENTICATED  # nothing outside /v1 escapes the token without being listed
+    for method, path in sorted(scim):  # SCIM checks its provisioner token itself, and answers in its own way
+        async with http.request(method, publisher.url + path.replace("{", "").replace("}", "")) as resp:
+            assert (resp.status, resp.content_type) == (401, "application/scim+json"), (method, path)
     for path in sorted(UNAUTHENTICATED):
         async with http.get(publisher.url + path) as resp:
             assert resp.status == 200, path

@@ -1,6 +1,7 @@
 """Behind an authenticating proxy: the identity headers are believed from a trusted TCP peer only. The publisher
 trusts 127.0.0.2/32; the same request sent from 127.0.0.1 (a client naming itself) is refused, whatever
-X-Forwarded-For says, and from 127.0.0.2 acts as the named user with that user's roles."""
+X-Forwarded-For says, and from 127.0.0.2 acts as the named user with that user's roles; its groups header sets
+the user's memberships in an organization whose memberships come from `claims`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from publisher.oidc_groups import parse_group_map
 from tests.support import Publisher, Scrape, StartPublisher
+from tests.test_oidc_signin import GROUP_MAP  # the group map sign-in uses: acme-admins, acme-payments
 
 TRUSTED = (ip_network("127.0.0.2/32"),)
 
@@ -114,6 +117,49 @@ async def test_a_refused_sign_in_is_audited_under_its_user_and_one_naming_nobody
         scrape = Scrape.parse(await resp.text())
     refusals = {reason: n for reason, n in scrape.family("keyrelay_sign_ins_refused_total").items() if n}
     assert refusals == {'{reason="unknown_user"}': 2, '{reason="user_deactivated"}': 1}  # the others: OIDC's
+
+
+async def test_the_groups_header_sets_claims_memberships_from_the_proxy_only(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession, from_proxy: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher(trusted_proxies=TRUSTED, oidc_group_map=parse_group_map(GROUP_MAP))
+    admin = publisher.admin
+    home, user, email = await _member(publisher)  # admin of `home`, whose memberships are manual
+    acme = (await admin.ok("POST", "/orgs", {"name": "acme"}))["id"]
+    payments = (await admin.ok("POST", f"/orgs/{acme}/teams", {"name": "payments"}))["id"]
+    await admin.ok("PUT", f"/orgs/{acme}/policy", {"memberships": "claims", "jit_users": False})
+
+    async def roles() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        org = (await admin.ok("GET", f"/orgs/{acme}/members"))["members"]
+        team = (await admin.ok("GET", f"/teams/{payments}/members"))["members"]
+        return [(m["user_id"], m["role"]) for m in org], [(m["user_id"], m["role"]) for m in team]
+
+    def groups(value: str) -> dict[str, str]:
+        return {"X-Forwarded-Email": email, "X-Forwarded-Groups": value}
+
+    # An untrusted peer's groups header changes nothing (and is refused).
+    assert (await _get(http, publisher, "/orgs", groups("acme-admins, acme-payments")))[0] == 401
+    assert await roles() == ([], [])
+
+    status, body = await _get(from_proxy, publisher, "/orgs", groups("acme-admins, acme-payments"))
+    assert status == 200
+    assert sorted(o["id"] for o in body["orgs"]) == sorted([home, acme])  # the new role counts at once
+    assert await roles() == ([(user, "admin")], [(user, "developer")])
+
+    # A group removed: its role goes; the org role stays while a group still maps to it.
+    assert (await _get(from_proxy, publisher, "/orgs", groups("acme-admins")))[0] == 200
+    assert await roles() == ([(user, "admin")], [])
+    # A request without the header changes nothing; an empty one removes every claims membership.
+    assert (await _get(from_proxy, publisher, "/orgs", {"X-Forwarded-Email": email}))[0] == 200
+    assert await roles() == ([(user, "admin")], [])
+    assert (await _get(from_proxy, publisher, "/orgs", groups("acme-payments")))[0] == 200
+    assert await roles() == ([(user, "member")], [(user, "developer")])  # a team alone makes a member
+    status, body = await _get(from_proxy, publisher, "/orgs", groups(""))
+    assert (status, [o["id"] for o in body["orgs"]]) == (200, [home])
+    assert await roles() == ([], [])
+    # The manual organization was never touched.
+    members = (await admin.ok("GET", f"/orgs/{home}/members"))["members"]
+    assert [(m["user_id"], m["role"]) for m in members] == [(user, "admin")]
 
 
 def test_trusted_proxies_take_cidrs_and_refuse_anything_else() -> None:
