@@ -19,6 +19,7 @@ from .settings import SidecarSettings
 from .snapshot import snapshot_store_name
 from .sync import KeySync
 from .table import KeyTable
+from .usage import USAGE, UsageCounter, UsageReporter, host_sidecar_id
 from .verify import Verifier
 
 __all__ = ["create_app", "run", "serve", "trust_of"]
@@ -63,13 +64,19 @@ def create_app(settings: SidecarSettings) -> web.Application:
         snapshot_store=snapshot_store_name(settings.bucket, settings.snapshot_bucket) if settings.snapshots else None,
         trust=trust,
     )
+    usage = UsageCounter(table, settings.key_prefixes()) if settings.usage_interval > 0 else None
     app[STATE] = SidecarState(
         settings=settings,
         verifier=Verifier(table=table, region=settings.region, prefixes=settings.key_prefixes()),
         sync=sync,
         metrics=Metrics(),
+        usage=usage,
     )
     app.cleanup_ctx.append(_sync_lifecycle)
+    if usage is not None:
+        app[USAGE] = UsageReporter(counter=usage, connect=nats, sidecar=settings.sidecar_id or host_sidecar_id(),
+                                   region=settings.region, interval=settings.usage_interval)  # fmt: skip
+        app.cleanup_ctx.append(_usage_lifecycle)
     add_routes(app)
     return harden(app)
 
@@ -79,6 +86,13 @@ async def _sync_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await sync.start()
     yield
     await sync.close()
+
+
+async def _usage_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    reporter = app[USAGE]
+    await reporter.start()
+    yield
+    await reporter.close()
 
 
 async def serve(settings: SidecarSettings, *, stop: asyncio.Event | None = None) -> None:
