@@ -32,6 +32,7 @@ from .signing import load_signing_keys
 from .store import KeyStore
 from .token_format import check_configured_token
 from .tokens import TokenRevoked, TokenStore, generate_token
+from .usage_consumer import UsageConsumer
 
 __all__ = ["create_app", "open_services", "run", "serve", "tls_context"]
 
@@ -104,8 +105,12 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         app[SERVICES] = services
         maintenance = Maintenance(services)
         app[MAINTENANCE] = maintenance
+        usage = app[USAGE_CONSUMER] = UsageConsumer(db=services.store.db, broker=services.broker,
+                                                    regions=settings.regions or ())  # fmt: skip
         maintenance.start(reconcile_on_start=settings.reconcile_on_start)
+        await usage.start()
         yield
+        await usage.close()
         await maintenance.close()
 
 
@@ -135,6 +140,7 @@ async def metrics(request: web.Request) -> web.Response:
     health = services.relay.health
     beats = services.heartbeat.stats
     maintenance = request.app[MAINTENANCE]
+    usage = request.app[USAGE_CONSUMER]
     samples: list[Single] = [
         ("keyrelay_outbox_depth", "gauge", "Committed changes not yet published", await services.relay.depth()),
         ("keyrelay_outbox_published_total", "counter", "Outbox entries published and acked", stats.published),
@@ -162,6 +168,16 @@ async def metrics(request: web.Request) -> web.Response:
         ("keyrelay_reconcile_refused_total", "counter", "Automatic reconciliations refused: their plan changed or "
          "deleted more signed values than --reconcile-max-changes", maintenance.refusals),
         ("keyrelay_resign_passes_total", "counter", "Periodic re-signing passes completed", maintenance.resigns),
+        ("keyrelay_usage_consumer_lag", "gauge", "Usage batches in the USAGE stream not yet delivered to a publisher",
+         usage.lag),
+        ("keyrelay_usage_batches_applied_total", "counter", "Usage batches applied by this publisher",
+         usage.stats.applied),
+        ("keyrelay_usage_batches_duplicate_total", "counter", "Usage batches found applied already (skipped)",
+         usage.stats.duplicates),
+        ("keyrelay_usage_batches_refused_total", "counter", "USAGE messages refused: no batch, or a subject naming "
+         "another region or sidecar", usage.refused),
+        ("keyrelay_usage_entries_dropped_total", "counter", "Usage entries dropped: a key of another region than its "
+         "sidecar's, or unknown", usage.stats.dropped_foreign + usage.stats.dropped_unknown),
         ("keyrelay_admin_token_lookups_total", "counter", "Admin tokens looked up in the database (cache misses)",
          services.tokens.stats.lookups),
         ("keyrelay_admin_tokens_malformed_total", "counter", "Admin tokens refused by their form, with no lookup",
@@ -194,6 +210,7 @@ PROBES = (
 
 SETTINGS = web.AppKey("keyrelay_publisher_settings", PublisherSettings)
 MAINTENANCE = web.AppKey("keyrelay_publisher_maintenance", Maintenance)
+USAGE_CONSUMER = web.AppKey("keyrelay_publisher_usage", UsageConsumer)
 
 
 def create_app(settings: PublisherSettings) -> web.Application:

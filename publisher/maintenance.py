@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from .api import Services
 from .reconcile import reconcile
 from .resign import resign
+from .usage_store import prune_usage
 
 __all__ = ["RESIGN_EVERY", "Maintenance", "resign_every"]
 
@@ -23,6 +24,7 @@ log = logging.getLogger("keyrelay.publisher.maintenance")
 RESIGN_EVERY = 6 * 3600.0
 _DRAIN = 60.0  # how long a pass waits for the outbox to empty before it gives this round up
 _IDLE = 1.0  # how often a replica that does not lead looks again
+_PRUNE_EVERY = 3600.0  # usage retention: the finest series kept is minutes for 48 hours
 
 
 def resign_every(horizon: float) -> float:
@@ -41,6 +43,7 @@ class Maintenance:
         self.reconciles = 0
         self.refusals = 0  # reconciliations whose plan exceeded the bound: changed nothing
         self.resigns = 0
+        self.usage_prunes = 0
         self.resigned = asyncio.Event()  # set after each re-signing pass, the start-up one first
         self.settled = asyncio.Event()  # set once this replica's start-up passes are over
         self._tasks: list[asyncio.Task[None]] = []
@@ -53,6 +56,9 @@ class Maintenance:
         self._tasks.append(asyncio.create_task(
             self._every(settings.reconcile_interval, self.reconcile, first=settings.reconcile_interval),
             name="keyrelay-reconcile",
+        ))  # fmt: skip
+        self._tasks.append(asyncio.create_task(
+            self._every(_PRUNE_EVERY, self.prune_usage, first=_PRUNE_EVERY), name="keyrelay-usage-retention"
         ))  # fmt: skip
         self._tasks.append(asyncio.create_task(
             self._every(resign_every(settings.replay_horizon), self.resign, first=0.0, done=self.resigned),
@@ -86,6 +92,13 @@ class Maintenance:
         self.resigns += 1
         if report.outbox_ids:
             s.relay.wake()
+
+    async def prune_usage(self) -> None:
+        """Drop usage older than each series keeps (hours 30 days, days a year, minutes 48 hours)."""
+        removed = await prune_usage(self.services.store.db)
+        self.usage_prunes += 1
+        if any(removed.values()):
+            log.info("usage retention: removed %s", ", ".join(f"{n} from {t}" for t, n in removed.items() if n))
 
     async def _ready(self) -> bool:
         await self.services.broker.bucket_ready.wait()
