@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyrelay.core.nats_connect import identity_name, inbox_prefix
+from keyrelay.core.usage_wire import USAGE_CONSUMER, USAGE_STREAM
 from keyrelay.core.wire import DEFAULT_BUCKET, GLOBAL_SCOPE, snapshot_store_name, stream_name, subject_prefix
 
 __all__ = [
@@ -125,6 +126,17 @@ class Grants:
                       f"CONSUMER.DELETE.{kv}.*", f"CONSUMER.INFO.{kv}.*"),
                 f"{subject_prefix(self.bucket)}>", f"$JS.FC.{kv}.>"]  # fmt: skip
 
+    def usage_publish(self, region: str | None) -> list[str]:
+        """A sidecar's usage batches: its own region's subjects only (the ack comes to its inbox)."""
+        return [f"usage.{region or GLOBAL_SCOPE}.>"]
+
+    def usage_owner(self) -> list[str]:
+        """The hub's USAGE stream (sourcing each region's) and its durable consumer: the publisher's."""
+        stream, consumer = USAGE_STREAM, f"{USAGE_STREAM}.{USAGE_CONSUMER}"
+        return [*_api(f"STREAM.CREATE.{stream}", f"STREAM.UPDATE.{stream}", f"STREAM.INFO.{stream}",
+                      f"CONSUMER.CREATE.{consumer}", f"CONSUMER.INFO.{consumer}", f"CONSUMER.MSG.NEXT.{consumer}"),
+                f"$JS.ACK.{stream}.>"]  # fmt: skip
+
     def mirror_owner(self) -> list[str]:
         """Create, replace and delete a region's mirror of the bucket (on its leaf node)."""
         kv = self.kv
@@ -155,9 +167,9 @@ def permissions(role: str, region: str | None, grants: Grants | None = None) -> 
             raise ValueError("a leaf link belongs to a region")
         return g.leaf_link(region)
     if role == "publisher":
-        publish = g.publisher()
+        publish = [*g.publisher(), *g.usage_owner()]
     elif role == "sidecar":
-        publish = [*g.kv_read(region), *g.snapshot_read()]
+        publish = [*g.kv_read(region), *g.snapshot_read(), *g.usage_publish(region)]
     elif role == "region-init":
         # On a leaf it owns the mirror; on the hub the bucket is the publisher's, read like a global sidecar.
         publish = [*g.kv_read(region), *(g.mirror_owner() if region else []), *g.snapshot_write()]

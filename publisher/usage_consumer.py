@@ -19,7 +19,7 @@ from typing import Any, Final
 
 from keyrelay.core.errors import RecordError
 from keyrelay.core.jetstream import jetstream_api
-from keyrelay.core.usage_wire import USAGE_STREAM, decode_batch
+from keyrelay.core.usage_wire import USAGE_CONSUMER, USAGE_STREAM, decode_batch
 
 from .broker import Broker
 from .db import Database
@@ -29,7 +29,7 @@ __all__ = ["CONSUMER", "UsageConsumer", "usage_deliver_prefix", "usage_stream_co
 
 log = logging.getLogger("keyrelay.publisher.usage")
 
-CONSUMER: Final = "usage-aggregator"
+CONSUMER: Final = USAGE_CONSUMER
 _NS: Final = 1_000_000_000
 _MAX_AGE: Final = 7 * 86400 * _NS  # how long the hub keeps batches: a publisher down for less catches up
 _FETCH: Final = 100

@@ -28,6 +28,7 @@ __all__ = [
     "KEY_OUTCOMES",
     "MAX_BATCH_BYTES",
     "MISS_OUTCOMES",
+    "USAGE_CONSUMER",
     "USAGE_STREAM",
     "UsageBatch",
     "decode_batch",
@@ -37,6 +38,7 @@ __all__ = [
 ]
 
 USAGE_STREAM: Final = "USAGE"
+USAGE_CONSUMER: Final = "usage-aggregator"  # the publishers' durable consumer on USAGE
 KEY_OUTCOMES: Final = ("valid", "revoked", "expired", "insufficient_scope")
 MISS_OUTCOMES: Final = ("not_found", "malformed", "wrong_region")
 MAX_BATCH_BYTES: Final = 900_000  # under NATS's default 1 MB max_payload
