@@ -14,7 +14,7 @@ from keyrelay.core.usage_wire import UsageBatch, encode_batch
 from publisher.app import USAGE_CONSUMER
 from publisher.db import Database
 from publisher.usage_store import read_key_usage
-from tests.support import Publisher, StartPublisher, StartSidecar, eventually
+from tests.support import Publisher, Sidecar, StartPublisher, StartSidecar, eventually
 
 INTERVAL = 0.2
 _HOUR_US = 3600 * 1_000_000
@@ -31,13 +31,20 @@ async def _key(publisher: Publisher, **fields: Any) -> dict[str, Any]:
     return await publisher.admin.create_key(project["id"], **fields)
 
 
+async def _serving(start_publisher: StartPublisher, start_sidecar: StartSidecar, sidecar_id: str,
+                   **fields: Any) -> tuple[Publisher, dict[str, Any], Sidecar]:  # fmt: skip
+    """A publisher, a key of a fresh project, and a counting sidecar that serves the key."""
+    publisher = await start_publisher()
+    key = await _key(publisher, **fields)
+    sidecar = await start_sidecar(usage_interval=INTERVAL, sidecar_id=sidecar_id)
+    await eventually(lambda: sidecar.status_of(key["key"]), lambda s: s == 200, timeout=10)
+    return publisher, key, sidecar
+
+
 async def test_traffic_through_a_sidecar_shows_up_as_last_used_and_buckets_within_a_few_intervals(
     start_publisher: StartPublisher, start_sidecar: StartSidecar
 ) -> None:
-    publisher = await start_publisher()
-    key = await _key(publisher, scopes=["read"])
-    sidecar = await start_sidecar(usage_interval=INTERVAL, sidecar_id="edge-1")
-    await eventually(lambda: sidecar.status_of(key["key"]), lambda s: s == 200, timeout=10)
+    publisher, key, sidecar = await _serving(start_publisher, start_sidecar, "edge-1", scopes=["read"])
     for _ in range(9):
         assert await sidecar.status_of(key["key"]) == 200
     assert (await sidecar.auth(key["key"], scopes="write"))[0] == 403
@@ -56,26 +63,20 @@ async def test_traffic_through_a_sidecar_shows_up_as_last_used_and_buckets_withi
 async def test_a_revoked_keys_attempts_are_counted_as_revoked(
     start_publisher: StartPublisher, start_sidecar: StartSidecar
 ) -> None:
-    publisher = await start_publisher()
-    key = await _key(publisher)
-    sidecar = await start_sidecar(usage_interval=INTERVAL, sidecar_id="edge-2")
-    await eventually(lambda: sidecar.status_of(key["key"]), lambda s: s == 200, timeout=10)
+    publisher, key, sidecar = await _serving(start_publisher, start_sidecar, "edge-2")
     await publisher.admin.ok("POST", f"/keys/{key['id']}/revoke")
     await eventually(lambda: sidecar.status_of(key["key"]), lambda s: s == 401)
     for _ in range(4):
         assert await sidecar.status_of(key["key"]) == 401
     usage, _ = await eventually(lambda: _usage(publisher.services.store.db, key["id"]),
                                 lambda u: u["totals"]["revoked"] >= 5, timeout=10)  # fmt: skip
-    assert usage["totals"]["valid"] == 1
+    assert usage["totals"]["valid"] >= 1  # before the revocation arrived
 
 
 async def test_batches_published_while_the_publisher_is_down_are_applied_after_it_returns_exactly_once(
     start_publisher: StartPublisher, start_sidecar: StartSidecar
 ) -> None:
-    publisher = await start_publisher()
-    key = await _key(publisher)
-    sidecar = await start_sidecar(usage_interval=INTERVAL, sidecar_id="edge-3")
-    await eventually(lambda: sidecar.status_of(key["key"]), lambda s: s == 200, timeout=10)
+    publisher, key, sidecar = await _serving(start_publisher, start_sidecar, "edge-3")
     db = publisher.services.store.db
     await eventually(lambda: _usage(db, key["id"]), lambda u: u["totals"]["valid"] == 1, timeout=10)
     await publisher.stop()
