@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyrelay.core.nats_connect import identity_name, inbox_prefix
+from keyrelay.core.usage_wire import USAGE_CONSUMER, USAGE_STREAM
 from keyrelay.core.wire import DEFAULT_BUCKET, GLOBAL_SCOPE, snapshot_store_name, stream_name, subject_prefix
 
 __all__ = [
@@ -96,8 +97,10 @@ class Grants:
             create = [f"CONSUMER.CREATE.{kv}.*.{subject_prefix(self.bucket)}{GLOBAL_SCOPE}.>"]
         else:
             create = [f"CONSUMER.CREATE.{kv}", f"CONSUMER.CREATE.{kv}.>"]
-        return [*_api(f"STREAM.INFO.{kv}", *create, f"CONSUMER.DELETE.{kv}.*", f"CONSUMER.INFO.{kv}.*"),
-                f"$JS.FC.{kv}.>"]  # fmt: skip
+        return [
+            *_api(f"STREAM.INFO.{kv}", *create, f"CONSUMER.DELETE.{kv}.*", f"CONSUMER.INFO.{kv}.*"),
+            f"$JS.FC.{kv}.>",
+        ]
 
     def snapshot_read(self) -> list[str]:
         """Read the snapshot store: its info, metadata and chunks (through ordered consumers).
@@ -106,24 +109,71 @@ class Grants:
         names of the account's streams, nothing in them.
         """
         obj = self.obj
-        return [*_api("STREAM.NAMES", f"STREAM.INFO.{obj}", f"STREAM.MSG.GET.{obj}", f"DIRECT.GET.{obj}",
-                      f"DIRECT.GET.{obj}.>", f"CONSUMER.CREATE.{obj}", f"CONSUMER.CREATE.{obj}.>",
-                      f"CONSUMER.DELETE.{obj}.*", f"CONSUMER.INFO.{obj}.*"), f"$JS.FC.{obj}.>"]  # fmt: skip
+        return [
+            *_api(
+                "STREAM.NAMES",
+                f"STREAM.INFO.{obj}",
+                f"STREAM.MSG.GET.{obj}",
+                f"DIRECT.GET.{obj}",
+                f"DIRECT.GET.{obj}.>",
+                f"CONSUMER.CREATE.{obj}",
+                f"CONSUMER.CREATE.{obj}.>",
+                f"CONSUMER.DELETE.{obj}.*",
+                f"CONSUMER.INFO.{obj}.*",
+            ),
+            f"$JS.FC.{obj}.>",
+        ]
 
     def snapshot_write(self) -> list[str]:
         """Own the snapshot store: create, replace and delete it, and put objects."""
         obj = self.obj
-        owner = _api(f"STREAM.CREATE.{obj}", f"STREAM.UPDATE.{obj}", f"STREAM.DELETE.{obj}", f"STREAM.PURGE.{obj}",
-                     f"STREAM.MSG.DELETE.{obj}")  # fmt: skip
+        owner = _api(
+            f"STREAM.CREATE.{obj}",
+            f"STREAM.UPDATE.{obj}",
+            f"STREAM.DELETE.{obj}",
+            f"STREAM.PURGE.{obj}",
+            f"STREAM.MSG.DELETE.{obj}",
+        )
         return [*self.snapshot_read(), *owner, f"$O.{snapshot_store_name(self.bucket, self.snapshot_bucket)}.>"]
 
     def publisher(self) -> list[str]:
         """Own the key bucket: create and check it, write every entry, read it back for reconcile."""
         kv = self.kv
-        return [*_api(f"STREAM.CREATE.{kv}", f"STREAM.UPDATE.{kv}", f"STREAM.INFO.{kv}", f"STREAM.MSG.GET.{kv}",
-                      f"DIRECT.GET.{kv}", f"DIRECT.GET.{kv}.>", f"CONSUMER.CREATE.{kv}", f"CONSUMER.CREATE.{kv}.>",
-                      f"CONSUMER.DELETE.{kv}.*", f"CONSUMER.INFO.{kv}.*"),
-                f"{subject_prefix(self.bucket)}>", f"$JS.FC.{kv}.>"]  # fmt: skip
+        return [
+            *_api(
+                f"STREAM.CREATE.{kv}",
+                f"STREAM.UPDATE.{kv}",
+                f"STREAM.INFO.{kv}",
+                f"STREAM.MSG.GET.{kv}",
+                f"DIRECT.GET.{kv}",
+                f"DIRECT.GET.{kv}.>",
+                f"CONSUMER.CREATE.{kv}",
+                f"CONSUMER.CREATE.{kv}.>",
+                f"CONSUMER.DELETE.{kv}.*",
+                f"CONSUMER.INFO.{kv}.*",
+            ),
+            f"{subject_prefix(self.bucket)}>",
+            f"$JS.FC.{kv}.>",
+        ]
+
+    def usage_publish(self, region: str | None) -> list[str]:
+        """A sidecar's usage batches: its own region's subjects only (the ack comes to its inbox)."""
+        return [f"usage.{region or GLOBAL_SCOPE}.>"]
+
+    def usage_owner(self) -> list[str]:
+        """The hub's USAGE stream (sourcing each region's) and its durable consumer: the publisher's."""
+        stream, consumer = USAGE_STREAM, f"{USAGE_STREAM}.{USAGE_CONSUMER}"
+        return [
+            *_api(
+                f"STREAM.CREATE.{stream}",
+                f"STREAM.UPDATE.{stream}",
+                f"STREAM.INFO.{stream}",
+                f"CONSUMER.CREATE.{consumer}",
+                f"CONSUMER.INFO.{consumer}",
+                f"CONSUMER.MSG.NEXT.{consumer}",
+            ),
+            f"$JS.ACK.{stream}.>",
+        ]
 
     def mirror_owner(self) -> list[str]:
         """Create, replace and delete a region's mirror of the bucket (on its leaf node)."""
@@ -155,9 +205,9 @@ def permissions(role: str, region: str | None, grants: Grants | None = None) -> 
             raise ValueError("a leaf link belongs to a region")
         return g.leaf_link(region)
     if role == "publisher":
-        publish = g.publisher()
+        publish = [*g.publisher(), *g.usage_owner()]
     elif role == "sidecar":
-        publish = [*g.kv_read(region), *g.snapshot_read()]
+        publish = [*g.kv_read(region), *g.snapshot_read(), *g.usage_publish(region)]
     elif role == "region-init":
         # On a leaf it owns the mirror; on the hub the bucket is the publisher's, read like a global sidecar.
         publish = [*g.kv_read(region), *(g.mirror_owner() if region else []), *g.snapshot_write()]
@@ -188,12 +238,14 @@ def _account(identities: list[tuple[str, str | None]], nkey: NkeyOf, grants: Gra
     users = []
     for role, region in identities:
         identity = identity_name(role, region)
-        users.append({
-            "nkey": nkey(identity),
-            "permissions": permissions(role, region, grants),
-            # A leaf link's user cannot log in as a client, nor a client's as a leaf node.
-            "allowed_connection_types": ["LEAFNODE"] if role == _LEAF_ROLE else ["STANDARD"],
-        })  # fmt: skip
+        users.append(
+            {
+                "nkey": nkey(identity),
+                "permissions": permissions(role, region, grants),
+                # A leaf link's user cannot log in as a client, nor a client's as a leaf node.
+                "allowed_connection_types": ["LEAFNODE"] if role == _LEAF_ROLE else ["STANDARD"],
+            }
+        )
     return {"accounts": {ACCOUNT: {"jetstream": "enabled", "users": users}}}
 
 

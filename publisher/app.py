@@ -32,6 +32,7 @@ from .signing import load_signing_keys
 from .store import KeyStore
 from .token_format import check_configured_token
 from .tokens import TokenRevoked, TokenStore, generate_token
+from .usage_consumer import UsageConsumer
 from .web_proxy import APPLIED_GROUPS
 from .web_signin import BROWSER_PATHS, add_signin_routes
 
@@ -68,9 +69,15 @@ async def open_services(settings: PublisherSettings, *, bootstrap: bool = True) 
         await outbox.start()
         await heartbeat.start()
         yield Services(
-            settings=settings, store=KeyStore(db, key_prefix=settings.key_prefix), tokens=tokens, broker=broker,
-            relay=outbox, keys=keys, heartbeat=heartbeat, people=PeopleStore(db, on_change=tokens.forget),
-        )  # fmt: skip
+            settings=settings,
+            store=KeyStore(db, key_prefix=settings.key_prefix),
+            tokens=tokens,
+            broker=broker,
+            relay=outbox,
+            keys=keys,
+            heartbeat=heartbeat,
+            people=PeopleStore(db, on_change=tokens.forget),
+        )
     finally:
         await heartbeat.close()
         await outbox.close()
@@ -87,8 +94,11 @@ async def _bootstrap_token(tokens: TokenStore, settings: PublisherSettings) -> N
         try:
             await tokens.ensure(BOOTSTRAP_TOKEN_NAME, settings.admin_token, "platform-admin")
         except TokenRevoked:
-            log.warning("the configured admin token (%r) was revoked and stays so: set a new value to have a "
-                        "configuration token again", BOOTSTRAP_TOKEN_NAME)  # fmt: skip
+            log.warning(
+                "the configured admin token (%r) was revoked and stays so: set a new value to have a "
+                "configuration token again",
+                BOOTSTRAP_TOKEN_NAME,
+            )
     elif await tokens.count() == 0:
         token = generate_token()
         path = settings.data_dir / GENERATED_TOKEN_FILE
@@ -96,8 +106,11 @@ async def _bootstrap_token(tokens: TokenStore, settings: PublisherSettings) -> N
         # Never into the log (logs are shipped and kept): into a file only this user can read, once.
         write_private(path, token + "\n")
         await tokens.ensure(BOOTSTRAP_TOKEN_NAME, token, "platform-admin")
-        log.warning("no admin token was configured: generated one into %s (mode 0600, stored hashed); "
-                    "read it, keep it in a secret store and delete the file", path)  # fmt: skip
+        log.warning(
+            "no admin token was configured: generated one into %s (mode 0600, stored hashed); "
+            "read it, keep it in a secret store and delete the file",
+            path,
+        )
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -106,8 +119,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         app[SERVICES] = services
         maintenance = Maintenance(services)
         app[MAINTENANCE] = maintenance
+        usage = app[USAGE_CONSUMER] = UsageConsumer(
+            db=services.store.db, broker=services.broker, regions=settings.regions or ()
+        )
         maintenance.start(reconcile_on_start=settings.reconcile_on_start)
+        await usage.start()
         yield
+        await usage.close()
         await maintenance.close()
 
 
@@ -120,14 +138,16 @@ async def readyz(request: web.Request) -> web.Response:
         # The error's text may name the database's host and user: the log has it, the probe a fixed reason.
         log.warning("readiness: the database did not answer: %s", exc)
         return web.json_response({"ready": False, "database": "database unreachable"}, status=503)
-    return web.json_response({
-        "ready": True,
-        "nats_connected": services.broker.connected,
-        "bucket_ready": services.broker.bucket_ready.is_set(),
-        "outbox_depth": depth,
-        "relay_leader": services.relay.leader,
-        "publish_blocked_seconds": round(services.relay.health.blocked_seconds(), 3),
-    })  # fmt: skip
+    return web.json_response(
+        {
+            "ready": True,
+            "nats_connected": services.broker.connected,
+            "bucket_ready": services.broker.bucket_ready.is_set(),
+            "outbox_depth": depth,
+            "relay_leader": services.relay.leader,
+            "publish_blocked_seconds": round(services.relay.health.blocked_seconds(), 3),
+        }
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -137,46 +157,134 @@ async def metrics(request: web.Request) -> web.Response:
     health = services.relay.health
     beats = services.heartbeat.stats
     maintenance = request.app[MAINTENANCE]
+    usage = request.app[USAGE_CONSUMER]
     samples: list[Single] = [
         ("keyrelay_outbox_depth", "gauge", "Committed changes not yet published", await services.relay.depth()),
         ("keyrelay_outbox_published_total", "counter", "Outbox entries published and acked", stats.published),
-        ("keyrelay_outbox_publish_failures_total", "counter", "Publishes that failed and stay queued",
-         stats.publish_failures),
-        ("keyrelay_outbox_publish_blocked_seconds", "gauge", "How long the relay has been unable to publish "
-         "(0 while it publishes; it retries every 0.1-2s meanwhile)", round(health.blocked_seconds(), 3)),
-        ("keyrelay_outbox_publish_blockages_total", "counter", "Times the relay began failing to publish",
-         health.blockages),
-        ("keyrelay_outbox_stream_repairs_total", "counter", "Times the bucket's stream was found missing and made "
-         "again", services.broker.stream_repairs),
+        (
+            "keyrelay_outbox_publish_failures_total",
+            "counter",
+            "Publishes that failed and stay queued",
+            stats.publish_failures,
+        ),
+        (
+            "keyrelay_outbox_publish_blocked_seconds",
+            "gauge",
+            "How long the relay has been unable to publish (0 while it publishes; it retries every 0.1-2s meanwhile)",
+            round(health.blocked_seconds(), 3),
+        ),
+        (
+            "keyrelay_outbox_publish_blockages_total",
+            "counter",
+            "Times the relay began failing to publish",
+            health.blockages,
+        ),
+        (
+            "keyrelay_outbox_stream_repairs_total",
+            "counter",
+            "Times the bucket's stream was found missing and made again",
+            services.broker.stream_repairs,
+        ),
         ("keyrelay_outbox_batch_seconds", "gauge", "Duration of the last publish batch", stats.last_publish_seconds),
         ("keyrelay_relay_leader", "gauge", "1 when this publisher holds the relay lease", int(services.relay.leader)),
         ("keyrelay_nats_connected", "gauge", "1 while connected to NATS", int(services.broker.connected)),
-        ("keyrelay_nats_server_moves_total", "counter", "Servers left because their JetStream did not serve the "
-         "stream (cut off from their cluster)", services.broker.choice.moves),
-        ("keyrelay_outbox_skipped_total", "counter", "Deletes dropped unpublished: their entry names no key",
-         stats.skipped),
-        ("keyrelay_last_acked_sequence", "gauge", "Highest stream sequence JetStream acknowledged to this publisher",
-         stats.last_acked_seq),
+        (
+            "keyrelay_nats_server_moves_total",
+            "counter",
+            "Servers left because their JetStream did not serve the stream (cut off from their cluster)",
+            services.broker.choice.moves,
+        ),
+        (
+            "keyrelay_outbox_skipped_total",
+            "counter",
+            "Deletes dropped unpublished: their entry names no key",
+            stats.skipped,
+        ),
+        (
+            "keyrelay_last_acked_sequence",
+            "gauge",
+            "Highest stream sequence JetStream acknowledged to this publisher",
+            stats.last_acked_seq,
+        ),
         ("keyrelay_heartbeats_total", "counter", "Signed heartbeats published and acked", beats.published),
         ("keyrelay_heartbeat_failures_total", "counter", "Heartbeats NATS did not take", beats.failures),
-        ("keyrelay_last_heartbeat_timestamp_seconds", "gauge", "When the last heartbeat was acked (epoch seconds)",
-         beats.last_published),
-        ("keyrelay_reconcile_passes_total", "counter", "Periodic and start-up reconciliations completed",
-         maintenance.reconciles),
-        ("keyrelay_reconcile_refused_total", "counter", "Automatic reconciliations refused: their plan changed or "
-         "deleted more signed values than --reconcile-max-changes", maintenance.refusals),
+        (
+            "keyrelay_last_heartbeat_timestamp_seconds",
+            "gauge",
+            "When the last heartbeat was acked (epoch seconds)",
+            beats.last_published,
+        ),
+        (
+            "keyrelay_reconcile_passes_total",
+            "counter",
+            "Periodic and start-up reconciliations completed",
+            maintenance.reconciles,
+        ),
+        (
+            "keyrelay_reconcile_refused_total",
+            "counter",
+            "Automatic reconciliations refused: their plan changed or "
+            "deleted more signed values than --reconcile-max-changes",
+            maintenance.refusals,
+        ),
         ("keyrelay_resign_passes_total", "counter", "Periodic re-signing passes completed", maintenance.resigns),
-        ("keyrelay_admin_token_lookups_total", "counter", "Admin tokens looked up in the database (cache misses)",
-         services.tokens.stats.lookups),
-        ("keyrelay_admin_tokens_malformed_total", "counter", "Admin tokens refused by their form, with no lookup",
-         services.tokens.stats.malformed),
-    ]  # fmt: skip
+        (
+            "keyrelay_usage_consumer_lag",
+            "gauge",
+            "Usage batches in the USAGE stream not yet delivered to a publisher",
+            usage.lag,
+        ),
+        (
+            "keyrelay_usage_batches_applied_total",
+            "counter",
+            "Usage batches applied by this publisher",
+            usage.stats.applied,
+        ),
+        (
+            "keyrelay_usage_batches_duplicate_total",
+            "counter",
+            "Usage batches found applied already (skipped)",
+            usage.stats.duplicates,
+        ),
+        (
+            "keyrelay_usage_batches_refused_total",
+            "counter",
+            "USAGE messages refused: no batch, or a subject naming another region or sidecar",
+            usage.refused,
+        ),
+        (
+            "keyrelay_usage_entries_dropped_total",
+            "counter",
+            "Usage entries dropped: a key of another region than its sidecar's, or unknown",
+            usage.stats.dropped_foreign + usage.stats.dropped_unknown,
+        ),
+        (
+            "keyrelay_admin_token_lookups_total",
+            "counter",
+            "Admin tokens looked up in the database (cache misses)",
+            services.tokens.stats.lookups,
+        ),
+        (
+            "keyrelay_admin_tokens_malformed_total",
+            "counter",
+            "Admin tokens refused by their form, with no lookup",
+            services.tokens.stats.malformed,
+        ),
+    ]
     checks = services.tokens.stats
-    refused = family("keyrelay_admin_tokens_refused_total", "counter", "Well-formed admin tokens refused, by reason "
-                     "(unknown ones are counted, not audited)", _by_reason(checks.refused))  # fmt: skip
-    refused += family("keyrelay_sign_ins_refused_total", "counter", "Sign-ins refused (behind a trusted proxy, or "
-                      "with OpenID Connect), by reason (those naming no user are counted, not audited)",
-                      _by_reason(checks.sign_ins_refused))  # fmt: skip
+    refused = family(
+        "keyrelay_admin_tokens_refused_total",
+        "counter",
+        "Well-formed admin tokens refused, by reason (unknown ones are counted, not audited)",
+        _by_reason(checks.refused),
+    )
+    refused += family(
+        "keyrelay_sign_ins_refused_total",
+        "counter",
+        "Sign-ins refused (behind a trusted proxy, or "
+        "with OpenID Connect), by reason (those naming no user are counted, not audited)",
+        _by_reason(checks.sign_ins_refused),
+    )
     text = exposition([*singles(samples), *refused]) + malformed_metric(request.app)
     return web.Response(text=text, content_type="text/plain")
 
@@ -185,19 +293,28 @@ def _by_reason(counts: dict[str, int]) -> list[tuple[str, int]]:
     return [(f'reason="{reason}"', n) for reason, n in counts.items()]
 
 
-_READY = s.obj({"ready": {"const": True}, "nats_connected": {"type": "boolean"}, "bucket_ready": {"type": "boolean"},
-               "outbox_depth": {"type": "integer"}, "relay_leader": {"type": "boolean"},
-               "publish_blocked_seconds": {"type": "number"}})  # fmt: skip
+_READY = s.obj(
+    {
+        "ready": {"const": True},
+        "nats_connected": {"type": "boolean"},
+        "bucket_ready": {"type": "boolean"},
+        "outbox_depth": {"type": "integer"},
+        "relay_leader": {"type": "boolean"},
+        "publish_blocked_seconds": {"type": "number"},
+    }
+)
 _NOT_READY = s.obj({"ready": {"const": False}, "database": {"type": "string"}})
 PROBES = (
     Route("GET", "/healthz", healthz, "Liveness", {200: s.obj({"status": {"const": "ok"}})}, tags=("probes",)),
-    Route("GET", "/readyz", readyz, "Readiness: the database answers", {200: _READY, 503: _NOT_READY},
-          tags=("probes",)),
+    Route(
+        "GET", "/readyz", readyz, "Readiness: the database answers", {200: _READY, 503: _NOT_READY}, tags=("probes",)
+    ),
     Route("GET", "/metrics", metrics, "Prometheus metrics", {200: "Prometheus text exposition"}, tags=("probes",)),
-)  # fmt: skip
+)
 
 SETTINGS = web.AppKey("keyrelay_publisher_settings", PublisherSettings)
 MAINTENANCE = web.AppKey("keyrelay_publisher_maintenance", Maintenance)
+USAGE_CONSUMER = web.AppKey("keyrelay_publisher_usage", UsageConsumer)
 
 
 def create_app(settings: PublisherSettings) -> web.Application:
@@ -218,12 +335,19 @@ async def serve(settings: PublisherSettings, *, stop: asyncio.Event | None = Non
     context = tls_context(settings)
 
     def started(port: int) -> None:
-        log.info("publisher listening on %s://%s:%d (database %s, NATS %s, bucket %s)",
-                 "https" if context else "http", settings.host, port, redact(settings.resolved_database_url()),
-                 NatsConnect.of(settings, identity="publisher").describe(), settings.bucket)  # fmt: skip
+        log.info(
+            "publisher listening on %s://%s:%d (database %s, NATS %s, bucket %s)",
+            "https" if context else "http",
+            settings.host,
+            port,
+            redact(settings.resolved_database_url()),
+            NatsConnect.of(settings, identity="publisher").describe(),
+            settings.bucket,
+        )
 
-    await serve_app(create_app(settings), host=settings.host, port=settings.port, stop=stop, on_started=started,
-                    ssl_context=context)  # fmt: skip
+    await serve_app(
+        create_app(settings), host=settings.host, port=settings.port, stop=stop, on_started=started, ssl_context=context
+    )
 
 
 def tls_context(settings: PublisherSettings) -> ssl.SSLContext | None:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from .api import Services
 from .reconcile import reconcile
 from .resign import resign
+from .usage_store import prune_usage
 
 __all__ = ["RESIGN_EVERY", "STATISTICS_EVERY", "Maintenance", "resign_every"]
 
@@ -25,6 +26,7 @@ RESIGN_EVERY = 6 * 3600.0
 _DRAIN = 60.0  # how long a pass waits for the outbox to empty before it gives this round up
 _IDLE = 1.0  # how often a replica that does not lead looks again
 STATISTICS_EVERY = 600.0
+_PRUNE_EVERY = 3600.0  # usage retention: the finest series kept is minutes for 48 hours
 
 
 def resign_every(horizon: float) -> float:
@@ -43,6 +45,7 @@ class Maintenance:
         self.reconciles = 0
         self.refusals = 0  # reconciliations whose plan exceeded the bound: changed nothing
         self.resigns = 0
+        self.usage_prunes = 0
         self.resigned = asyncio.Event()  # set after each re-signing pass, the start-up one first
         self.settled = asyncio.Event()  # set once this replica's start-up passes are over
         self._tasks: list[asyncio.Task[None]] = []
@@ -52,14 +55,23 @@ class Maintenance:
         """Run in the background."""
         settings = self.services.settings
         self._tasks.append(asyncio.create_task(self._at_start(reconcile_on_start), name="keyrelay-at-start"))
-        self._tasks.append(asyncio.create_task(
-            self._every(settings.reconcile_interval, self.reconcile, first=settings.reconcile_interval),
-            name="keyrelay-reconcile",
-        ))  # fmt: skip
-        self._tasks.append(asyncio.create_task(
-            self._every(resign_every(settings.replay_horizon), self.resign, first=0.0, done=self.resigned),
-            name="keyrelay-resign",
-        ))  # fmt: skip
+        self._tasks.append(
+            asyncio.create_task(
+                self._every(settings.reconcile_interval, self.reconcile, first=settings.reconcile_interval),
+                name="keyrelay-reconcile",
+            )
+        )
+        self._tasks.append(
+            asyncio.create_task(
+                self._every(_PRUNE_EVERY, self.prune_usage, first=_PRUNE_EVERY), name="keyrelay-usage-retention"
+            )
+        )
+        self._tasks.append(
+            asyncio.create_task(
+                self._every(resign_every(settings.replay_horizon), self.resign, first=0.0, done=self.resigned),
+                name="keyrelay-resign",
+            )
+        )
         self._tasks.append(asyncio.create_task(self._refill(), name="keyrelay-refill"))
         self._tasks.append(asyncio.create_task(self._statistics(), name="keyrelay-statistics"))
 
@@ -73,13 +85,21 @@ class Maintenance:
     async def reconcile(self) -> None:
         """One reconciliation, its fixes then published."""
         s = self.services
-        report = await reconcile(store=s.store, broker=s.broker, keys=s.keys, horizon=s.settings.replay_horizon,
-                                 max_changes=s.settings.reconcile_max_changes)  # fmt: skip
+        report = await reconcile(
+            store=s.store,
+            broker=s.broker,
+            keys=s.keys,
+            horizon=s.settings.replay_horizon,
+            max_changes=s.settings.reconcile_max_changes,
+        )
         self.reconciles += 1
         if report.refused is not None:
             self.refusals += 1
-            log.error("reconciliation refused, the bucket is left as it is: %s. Look at the plan with "
-                      "`keyrelay publisher reconcile --dry-run`; `--force` applies it", report.refused)  # fmt: skip
+            log.error(
+                "reconciliation refused, the bucket is left as it is: %s. Look at the plan with "
+                "`keyrelay publisher reconcile --dry-run`; `--force` applies it",
+                report.refused,
+            )
         if report.outbox_ids:
             s.relay.wake()
 
@@ -100,6 +120,13 @@ class Maintenance:
             except Exception as exc:  # an old plan is slower, never wrong: try again next time
                 log.warning("refreshing the database's statistics failed: %s", exc)
             await asyncio.sleep(STATISTICS_EVERY)
+
+    async def prune_usage(self) -> None:
+        """Drop usage older than each series keeps (hours 30 days, days a year, minutes 48 hours)."""
+        removed = await prune_usage(self.services.store.db)
+        self.usage_prunes += 1
+        if any(removed.values()):
+            log.info("usage retention: removed %s", ", ".join(f"{n} from {t}" for t, n in removed.items() if n))
 
     async def _ready(self) -> bool:
         await self.services.broker.bucket_ready.wait()
@@ -142,8 +169,11 @@ class Maintenance:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("reconciliation after the bucket was recreated failed: %s (run `keyrelay publisher "
-                            "reconcile`; the periodic pass retries too)", exc)  # fmt: skip
+                log.warning(
+                    "reconciliation after the bucket was recreated failed: %s (run `keyrelay publisher "
+                    "reconcile`; the periodic pass retries too)",
+                    exc,
+                )
 
     async def _every(self, interval: float, job: Job, *, first: float, done: asyncio.Event | None = None) -> None:
         due = time.monotonic() + first

@@ -95,6 +95,8 @@ _FIND_INDEXES = (
     "CREATE INDEX idx_api_keys_creator_user ON api_keys (created_by_user, created_at, id)",
     "CREATE INDEX idx_api_keys_creator_token ON api_keys (created_by, created_at, id)",
 )
+# A usage row's counts, one column per outcome (keyrelay/core/usage_wire.py, KEY_OUTCOMES).
+_COUNTS = "valid BIGINT NOT NULL, revoked BIGINT NOT NULL, expired BIGINT NOT NULL, insufficient_scope BIGINT NOT NULL"
 
 
 def _memberships(table: str, column: str, parent: str) -> tuple[str, str]:
@@ -337,6 +339,34 @@ MIGRATIONS: tuple[Migration, ...] = (
         "form, region, owning team, creator, and of revoked keys; on PostgreSQL, of scopes (GIN)",
         _FIND_INDEXES,
         postgresql_only=("CREATE INDEX idx_api_keys_scopes ON api_keys USING GIN (scopes)",),
+    ),
+    Migration(
+        8,
+        "usage: applied batches, each key's last use, per-key hour and day buckets, per-org and per-region minutes",
+        (
+            "CREATE TABLE usage_batches (sidecar_id VARCHAR(64) NOT NULL, batch_id VARCHAR(128) NOT NULL, "
+            "applied_at {ts} NOT NULL, PRIMARY KEY (sidecar_id, batch_id))",
+            "CREATE INDEX idx_usage_batches_applied ON usage_batches (applied_at)",
+            "CREATE TABLE key_last_use (key_id {uuid} PRIMARY KEY, last_used_at {ts} NOT NULL, "
+            "region VARCHAR(16) NOT NULL, sidecar_id VARCHAR(64) NOT NULL)",
+            "CREATE TABLE key_usage_hour (key_id {uuid} NOT NULL, bucket {ts} NOT NULL, region VARCHAR(16) NOT NULL, "
+            + _COUNTS
+            + ", PRIMARY KEY (key_id, bucket, region))",
+            "CREATE INDEX idx_key_usage_hour_bucket ON key_usage_hour (bucket)",
+            "CREATE TABLE key_usage_day (key_id {uuid} NOT NULL, bucket {ts} NOT NULL, region VARCHAR(16) NOT NULL, "
+            + _COUNTS
+            + ", PRIMARY KEY (key_id, bucket, region))",
+            "CREATE INDEX idx_key_usage_day_bucket ON key_usage_day (bucket)",
+            "CREATE TABLE org_usage_minute (organization_id {uuid} NOT NULL, bucket {ts} NOT NULL, "
+            + _COUNTS
+            + ", PRIMARY KEY (organization_id, bucket))",
+            "CREATE INDEX idx_org_usage_minute_bucket ON org_usage_minute (bucket)",
+            "CREATE TABLE region_usage_minute (region VARCHAR(16) NOT NULL, bucket {ts} NOT NULL, "
+            + _COUNTS
+            + ", not_found BIGINT NOT NULL, malformed BIGINT NOT NULL, wrong_region BIGINT NOT NULL, "
+            "PRIMARY KEY (region, bucket))",
+            "CREATE INDEX idx_region_usage_minute_bucket ON region_usage_minute (bucket)",
+        ),
     ),
 )
 

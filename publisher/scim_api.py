@@ -595,9 +595,13 @@ _SCIM_ERROR = {
     "type": "object",
     "description": "a SCIM error (RFC 7644 section 3.12)",
     "required": ["schemas", "status"],
-    "properties": {"schemas": {"type": "array", "items": {"type": "string"}}, "status": {"type": "string"},
-                   "scimType": {"type": "string"}, "detail": {"type": "string"}},
-}  # fmt: skip
+    "properties": {
+        "schemas": {"type": "array", "items": {"type": "string"}},
+        "status": {"type": "string"},
+        "scimType": {"type": "string"},
+        "detail": {"type": "string"},
+    },
+}
 _SCIM_PAGE = (
     Param("filter", {"type": "string"}, "userName eq, externalId eq or displayName eq"),
     Param("startIndex", {"type": "integer"}, "the first result, from 1"),
@@ -615,8 +619,19 @@ def _route(method: str, path: str, handler: Handler) -> Route:
     errors = (403, 404) if "{" in path else (403, 400) if listing else (403, 409) if method == "POST" else (403,)
     summary = (handler.__doc__ or handler.__name__).strip().splitlines()[0]
     one = "_one" if path.endswith("/{name}") else ""  # resource_types and schemas answer both paths
-    return Route(method, SCIM_PREFIX + path, _scim(handler, one), summary, responses, body,
-                 _SCIM_PAGE if listing else (), errors, ("scim",), _CONTENT_TYPE, _SCIM_ERROR)  # fmt: skip
+    return Route(
+        method,
+        SCIM_PREFIX + path,
+        _scim(handler, one),
+        summary,
+        responses,
+        body,
+        _SCIM_PAGE if listing else (),
+        errors,
+        ("scim",),
+        _CONTENT_TYPE,
+        _SCIM_ERROR,
+    )
 
 
 SCIM_ROUTES: tuple[Route, ...] = tuple(

@@ -83,7 +83,7 @@ def add_signin_routes(app: web.Application, settings: PublisherSettings) -> tupl
             ("POST", "/auth/logout", logout, "Sign out (CSRF-protected)", {303: "signed out: to sign-in", 403: no}),
             ("GET", "/me", me, "The signed-in user", {200: "who you are, your roles, a sign-out button"}),
         )
-    )  # fmt: skip
+    )
 
 
 def _state_hash(state: str) -> bytes:

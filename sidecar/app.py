@@ -20,6 +20,7 @@ from .routes import RouteScopes
 from .settings import SidecarSettings
 from .sync import KeySync, SyncConfig
 from .table import KeyTable
+from .usage import USAGE, UsageCounter, UsageReporter, host_sidecar_id
 from .verify import Verifier
 
 __all__ = ["create_app", "run", "serve", "trust_of"]
@@ -39,12 +40,18 @@ def trust_of(settings: SidecarSettings) -> Trust:
             "write to NATS can then mint keys, --insecure-accept-unsigned)",
         )
     if settings.insecure_accept_unsigned:
-        log.warning("--insecure-accept-unsigned: serving values nobody signed; anyone who can write to NATS can mint "
-                    "keys that this sidecar accepts")  # fmt: skip
-    return Trust.of(records=settings.trusted_keys, snapshots=settings.trusted_snapshot_keys,
-                    deployment=settings.deployment_id, horizon=settings.replay_horizon,
-                    accept_unsigned=settings.insecure_accept_unsigned,
-                    max_publish_delay=settings.max_publish_delay)  # fmt: skip
+        log.warning(
+            "--insecure-accept-unsigned: serving values nobody signed; anyone who can write to NATS can mint "
+            "keys that this sidecar accepts"
+        )
+    return Trust.of(
+        records=settings.trusted_keys,
+        snapshots=settings.trusted_snapshot_keys,
+        deployment=settings.deployment_id,
+        horizon=settings.replay_horizon,
+        accept_unsigned=settings.insecure_accept_unsigned,
+        max_publish_delay=settings.max_publish_delay,
+    )
 
 
 def create_app(settings: SidecarSettings) -> web.Application:
@@ -68,8 +75,20 @@ def create_app(settings: SidecarSettings) -> web.Application:
     path = settings.route_scopes
     routes = RouteScopes.load(path, ignore_case=settings.route_scopes_ignore_case) if path is not None else None
     verifier = Verifier(table=table, region=settings.region, prefixes=settings.key_prefixes(), derive=identity_block)
-    app[STATE] = SidecarState(settings=settings, verifier=verifier, sync=sync, metrics=Metrics(), routes=routes)
+    usage = UsageCounter(table, settings.key_prefixes()) if settings.usage_interval > 0 else None
+    app[STATE] = SidecarState(
+        settings=settings, verifier=verifier, sync=sync, metrics=Metrics(), routes=routes, usage=usage
+    )
     app.cleanup_ctx.append(_sync_lifecycle)
+    if usage is not None:
+        app[USAGE] = UsageReporter(
+            counter=usage,
+            connect=nats,
+            sidecar=settings.sidecar_id or host_sidecar_id(),
+            region=settings.region,
+            interval=settings.usage_interval,
+        )
+        app.cleanup_ctx.append(_usage_lifecycle)
     add_routes(app)
     return harden(app)
 
@@ -81,13 +100,25 @@ async def _sync_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await sync.close()
 
 
+async def _usage_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    reporter = app[USAGE]
+    await reporter.start()
+    yield
+    await reporter.close()
+
+
 async def serve(settings: SidecarSettings, *, stop: asyncio.Event | None = None) -> None:
     """Serve the sidecar until `stop` is set, or SIGTERM/SIGINT arrives."""
 
     def started(port: int) -> None:
-        log.info("sidecar listening on http://%s:%d (region %s, bucket %s, NATS %s)", settings.host, port,
-                 settings.region or "global", settings.bucket,
-                 NatsConnect.of(settings, identity=identity_name("sidecar", settings.region)).describe())  # fmt: skip
+        log.info(
+            "sidecar listening on http://%s:%d (region %s, bucket %s, NATS %s)",
+            settings.host,
+            port,
+            settings.region or "global",
+            settings.bucket,
+            NatsConnect.of(settings, identity=identity_name("sidecar", settings.region)).describe(),
+        )
 
     await serve_app(
         create_app(settings),

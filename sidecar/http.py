@@ -22,6 +22,7 @@ from .settings import SidecarSettings
 from .snapshot import snapshot_summary
 from .sync import KeySync
 from .table import KeyTable
+from .usage import UsageCounter
 from .verify import NO_SCOPES, Code, Verifier, parse_scopes
 
 __all__ = ["STATE", "SidecarState", "add_routes", "identity_block"]
@@ -92,6 +93,7 @@ class SidecarState:
     sync: KeySync
     metrics: Metrics
     routes: RouteScopes | None
+    usage: UsageCounter | None = None  # None: usage is not counted (--usage-interval 0)
     # The (URI, method) header pairs the original request is read from, in order (--original-uri-header).
     uri_headers: tuple[tuple[istr, istr], ...] = field(init=False)
     # Until when (time.perf_counter, the clock /auth reads anyway) the replica is known to be
@@ -177,6 +179,8 @@ async def auth(state: SidecarState, request: web.Request) -> web.StreamResponse:
     elapsed = perf_counter() - started
     metrics.buckets[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
     metrics.seconds += elapsed
+    if state.usage is not None:
+        state.usage.count(code, hot, key)
     if code is not _VALID or hot is None:  # (never VALID without its hot entry)
         return _deny(code)
     # No body: gateways read a 2xx's headers only, and Go clients (Traefik, Caddy) drop a
@@ -230,8 +234,11 @@ async def verify(request: web.Request) -> web.Response:
     if not state.may_answer():
         return web.Response(status=503, body=_NOT_READY, headers=_NOT_READY_HEADERS)
     started = time.perf_counter()
-    code, n = state.verifier.verify(key, frozenset(scopes))
+    code, hot = state.verifier.check(key, frozenset(scopes))
+    n = hot[0] if hot is not None else -1
     state.metrics.observe("verify", code, time.perf_counter() - started)
+    if state.usage is not None:
+        state.usage.count(code, hot, key)
     answer: dict[str, Any] = {"valid": code is Code.VALID, "code": code.value}
     if n >= 0:
         view = state.verifier.table.view(n)

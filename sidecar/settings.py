@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from keyrelay.core.config import option, parse_bool, parse_optional_path
+from keyrelay.core.config import option, parse_bool, parse_duration, parse_optional_path
 from keyrelay.core.nats_connect import nats_option
 from keyrelay.core.options import (
     LOG_LEVELS,
@@ -22,11 +22,26 @@ from keyrelay.core.options import (
     publish_delay_option,
     trusted_keys_option,
 )
+from keyrelay.core.usage_wire import is_sidecar_id
 from keyrelay.core.wire import DEFAULT_BUCKET, DEFAULT_PREFIX
 
-__all__ = ["ORIGINAL_URI_HEADERS", "SidecarSettings"]
+__all__ = ["ORIGINAL_URI_HEADERS", "SidecarSettings", "parse_sidecar_id"]
 
 ORIGINAL_URI_HEADERS = ("X-Original-URI", "X-Forwarded-Uri", "none")
+
+
+def parse_sidecar_id(text: str) -> str:
+    """A sidecar id (one NATS subject token), or empty: the host name."""
+    if text and not is_sidecar_id(text):
+        raise ValueError("a sidecar id is letters, digits, '-' and '_', up to 63 characters")
+    return text
+
+
+def _parse_interval(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds < 0:
+        raise ValueError("must be zero (off) or more")
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +132,17 @@ class SidecarSettings:
         False,
         parse=parse_bool,
         help="match --route-scopes paths without regard to case, for upstreams that do (IIS, some frameworks)",
+    )
+    usage_interval: float = option(
+        5.0,
+        parse=_parse_interval,
+        duration=True,
+        help="how often the verifications counted per key are published to the USAGE stream (0: not counted)",
+    )
+    sidecar_id: str = option(
+        "",
+        parse=parse_sidecar_id,
+        help="this sidecar's name in usage batches and their subject usage.<region>.<id> (unset: the host name)",
     )
 
     def key_prefixes(self) -> frozenset[str]:

@@ -53,39 +53,87 @@ async def _previous_release_database(url: str) -> dict[str, Any]:
         now = now_us()
         ids = {"org": _id(), "team": _id(), "project": _id(), "bootstrap": _id(), "ci": _id(), "key": _id()}
         key = generate_key(region="eu")
-        record = KeyRecord(key_id=ids["key"], key_hash=key_digest(key), org_id=ids["org"], team_id=ids["team"],
-                           project_id=ids["project"], scopes=("orders:read",), env="live", region="eu",
-                           expires_at=None, revoked_at=None, version=1, metadata={"owner": "payments"})  # fmt: skip
+        record = KeyRecord(
+            key_id=ids["key"],
+            key_hash=key_digest(key),
+            org_id=ids["org"],
+            team_id=ids["team"],
+            project_id=ids["project"],
+            scopes=("orders:read",),
+            env="live",
+            region="eu",
+            expires_at=None,
+            revoked_at=None,
+            version=1,
+            metadata={"owner": "payments"},
+        )
         async with db.transaction() as tx:
             for name, token, role in (("bootstrap", ADMIN_TOKEN, "admin"), ("ci", OLD_TOKEN, "member")):
                 await tx.execute(
                     "INSERT INTO admin_tokens (id, name, token_hash, role, created_at) VALUES ($1, $2, $3, $4, $5)",
-                    ids[name], name, token_digest(token), role, now,
-                )  # fmt: skip
-            await tx.execute("INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3)",
-                             ids["org"], "acme", now)  # fmt: skip
-            await tx.execute("INSERT INTO teams (id, organization_id, name, created_at) VALUES ($1, $2, $3, $4)",
-                             ids["team"], ids["org"], "platform", now)  # fmt: skip
+                    ids[name],
+                    name,
+                    token_digest(token),
+                    role,
+                    now,
+                )
+            await tx.execute(
+                "INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3)", ids["org"], "acme", now
+            )
+            await tx.execute(
+                "INSERT INTO teams (id, organization_id, name, created_at) VALUES ($1, $2, $3, $4)",
+                ids["team"],
+                ids["org"],
+                "platform",
+                now,
+            )
             await tx.execute(
                 "INSERT INTO projects (id, team_id, organization_id, name, created_at) VALUES ($1, $2, $3, $4, $5)",
-                ids["project"], ids["team"], ids["org"], "payments", now,
-            )  # fmt: skip
+                ids["project"],
+                ids["team"],
+                ids["org"],
+                "payments",
+                now,
+            )
             await tx.execute(
                 "INSERT INTO api_keys (id, key_prefix, key_hash, organization_id, team_id, project_id, name, scopes, "
                 "env, region, metadata, created_at, created_by, version) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-                ids["key"], display_form(key), key_digest(key), ids["org"], ids["team"], ids["project"], "k",
-                ["orders:read"], "live", "eu", {"owner": "payments"}, now, ids["bootstrap"], 1,
-            )  # fmt: skip
+                ids["key"],
+                display_form(key),
+                key_digest(key),
+                ids["org"],
+                ids["team"],
+                ids["project"],
+                "k",
+                ["orders:read"],
+                "live",
+                "eu",
+                {"owner": "payments"},
+                now,
+                ids["bootstrap"],
+                1,
+            )
             await tx.execute(
                 "INSERT INTO audit_log (at, actor, action, organization_id, team_id, project_id, key_id, details) "
                 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                now, "bootstrap", "key.create", ids["org"], ids["team"], ids["project"], ids["key"], {"name": "k"},
-            )  # fmt: skip
+                now,
+                "bootstrap",
+                "key.create",
+                ids["org"],
+                ids["team"],
+                ids["project"],
+                ids["key"],
+                {"name": "k"},
+            )
             await tx.execute(
                 "INSERT INTO outbox (key_id, entry, operation, payload, created_at) VALUES ($1, $2, $3, $4, $5)",
-                ids["key"], record.entry, "put", record.encode(), now,
-            )  # fmt: skip
+                ids["key"],
+                record.entry,
+                "put",
+                record.encode(),
+                now,
+            )
         return {**ids, "plaintext": key, "record": record}
     finally:
         await db.close()
@@ -103,8 +151,9 @@ async def test_a_previous_release_database_is_migrated_with_every_row_intact_and
             versions = [r["version"] for r in await tx.fetch("SELECT version FROM schema_migrations ORDER BY 1")]
             outbox = await tx.fetch("SELECT key_id, entry, operation, payload FROM outbox")
             audit = await tx.fetch("SELECT actor, action, key_id, details FROM audit_log")
-            tokens = await tx.fetch("SELECT name, role, expires_at, org_id, team_id, user_id, hint FROM admin_tokens "
-                                    "ORDER BY name")  # fmt: skip
+            tokens = await tx.fetch(
+                "SELECT name, role, expires_at, org_id, team_id, user_id, hint FROM admin_tokens ORDER BY name"
+            )
         assert versions == [m.version for m in MIGRATIONS]
         assert [(r["key_id"], r["entry"], r["operation"], bytes(r["payload"])) for r in outbox] == [
             (old["key"], old["record"].entry, "put", old["record"].encode())
@@ -125,15 +174,24 @@ async def test_a_previous_release_database_is_migrated_with_every_row_intact_and
         tokens_store = TokenStore(db)
         ci = await tokens_store.find(OLD_TOKEN)
         assert ci is not None
-        assert (ci.token_id, ci.name, ci.role, ci.grants) == (old["ci"], "ci", "platform-reader",
-                                                               (Grant("platform-reader"),))  # fmt: skip
+        assert (ci.token_id, ci.name, ci.role, ci.grants) == (
+            old["ci"],
+            "ci",
+            "platform-reader",
+            (Grant("platform-reader"),),
+        )
         admin = await tokens_store.find(ADMIN_TOKEN)
         assert admin is not None
         created, _ = await tokens_store.create(admin, "expiring", "platform-reader", expires_in=3600)
         assert created.expires_at is not None
         async with db.transaction() as tx:  # the columns access control will use take the ids they name
-            await tx.execute("UPDATE admin_tokens SET org_id = $1, team_id = $2, user_id = $3 WHERE id = $4",
-                             old["org"], old["team"], _id(), old["ci"])  # fmt: skip
+            await tx.execute(
+                "UPDATE admin_tokens SET org_id = $1, team_id = $2, user_id = $3 WHERE id = $4",
+                old["org"],
+                old["team"],
+                _id(),
+                old["ci"],
+            )
         assert (await tokens_store.get(old["ci"])).org_id == old["org"]
         with pytest.raises(Exception, match=r"(?i)foreign key"):
             async with db.transaction() as tx:
@@ -168,8 +226,12 @@ async def test_after_migration_3_a_decommissioned_projects_name_is_free_and_an_a
             async with db.transaction() as tx:
                 await tx.execute(
                     "INSERT INTO projects (id, team_id, organization_id, name, created_at) VALUES ($1, $2, $3, $4, $5)",
-                    _id(), old["team"], old["org"], "payments", now_us(),
-                )  # fmt: skip
+                    _id(),
+                    old["team"],
+                    old["org"],
+                    "payments",
+                    now_us(),
+                )
         with pytest.raises(Exception, match=r"(?i)foreign key"):  # keys still refer to projects that exist
             async with db.transaction() as tx:
                 await tx.execute("UPDATE api_keys SET project_id = $1 WHERE id = $2", _id(), old["key"])
@@ -210,16 +272,23 @@ async def test_migration_4_renames_token_roles_keeps_keys_owned_by_their_project
         assert key.record() == old["record"]  # what sidecars hold is unchanged
         now = now_us()
         async with db.transaction() as tx:
-            await tx.execute("INSERT INTO users (id, email, created_at) VALUES ($1, $2, $3)", _id(), "Ann@Example.com",
-                             now)  # fmt: skip
+            await tx.execute(
+                "INSERT INTO users (id, email, created_at) VALUES ($1, $2, $3)", _id(), "Ann@Example.com", now
+            )
         with pytest.raises(Exception, match=r"(?i)unique|duplicate"):  # emails are unique whatever their case
             async with db.transaction() as tx:
-                await tx.execute("INSERT INTO users (id, email, created_at) VALUES ($1, $2, $3)", _id(),
-                                 "ann@EXAMPLE.com", now)  # fmt: skip
+                await tx.execute(
+                    "INSERT INTO users (id, email, created_at) VALUES ($1, $2, $3)", _id(), "ann@EXAMPLE.com", now
+                )
         with pytest.raises(Exception, match=r"(?i)foreign key"):  # a membership names a user that exists
             async with db.transaction() as tx:
-                await tx.execute("INSERT INTO org_members (organization_id, user_id, role, created_at) "
-                                 "VALUES ($1, $2, $3, $4)", old["org"], _id(), "member", now)  # fmt: skip
+                await tx.execute(
+                    "INSERT INTO org_members (organization_id, user_id, role, created_at) VALUES ($1, $2, $3, $4)",
+                    old["org"],
+                    _id(),
+                    "member",
+                    now,
+                )
         async with db.transaction() as tx:
             audit = await tx.fetch("SELECT actor, actor_kind, actor_id, source, request_id FROM audit_log")
         assert [tuple(r.values()) for r in audit] == [("bootstrap", None, None, None, None)]
@@ -236,15 +305,26 @@ async def test_after_migration_6_a_decommissioned_teams_name_is_free_and_what_re
         assert await migrate(db, migrations=MIGRATIONS[:5]) == [2, 3, 4, 5]
         now, user = now_us(), _id()
         async with db.transaction() as tx:  # what migration 5's release wrote: a member, a team token, a decommission
-            await tx.execute("INSERT INTO users (id, email, created_at) VALUES ($1, $2, $3)", user, "a@example.com",
-                             now)  # fmt: skip
-            await tx.execute("INSERT INTO team_members (team_id, user_id, role, created_at) VALUES ($1, $2, $3, $4)",
-                             old["team"], user, "viewer", now)  # fmt: skip
-            await tx.execute("UPDATE admin_tokens SET team_id = $1, role = 'viewer' WHERE id = $2", old["team"],
-                             old["ci"])  # fmt: skip
+            await tx.execute(
+                "INSERT INTO users (id, email, created_at) VALUES ($1, $2, $3)", user, "a@example.com", now
+            )
+            await tx.execute(
+                "INSERT INTO team_members (team_id, user_id, role, created_at) VALUES ($1, $2, $3, $4)",
+                old["team"],
+                user,
+                "viewer",
+                now,
+            )
+            await tx.execute(
+                "UPDATE admin_tokens SET team_id = $1, role = 'viewer' WHERE id = $2", old["team"], old["ci"]
+            )
             await tx.execute("UPDATE api_keys SET owner_team_id = $1 WHERE id = $2", old["team"], old["key"])
-            await tx.execute("UPDATE teams SET decommissioned_at = $1, external_id = $2 WHERE id = $3", now,
-                             "scim-group-7", old["team"])  # fmt: skip
+            await tx.execute(
+                "UPDATE teams SET decommissioned_at = $1, external_id = $2 WHERE id = $3",
+                now,
+                "scim-group-7",
+                old["team"],
+            )
         assert await migrate(db, migrations=MIGRATIONS[:6]) == [6]
 
         store = KeyStore(db)
@@ -264,8 +344,13 @@ async def test_after_migration_6_a_decommissioned_teams_name_is_free_and_what_re
         assert ([tuple(r.values()) for r in members], token_team) == ([(old["team"], user)], old["team"])
         with pytest.raises(Exception, match=r"(?i)unique|duplicate"):  # the index holds even without the check
             async with db.transaction() as tx:
-                await tx.execute("INSERT INTO teams (id, organization_id, name, created_at) VALUES ($1, $2, $3, $4)",
-                                 _id(), old["org"], "platform", now_us())  # fmt: skip
+                await tx.execute(
+                    "INSERT INTO teams (id, organization_id, name, created_at) VALUES ($1, $2, $3, $4)",
+                    _id(),
+                    old["org"],
+                    "platform",
+                    now_us(),
+                )
         with pytest.raises(Exception, match=r"(?i)foreign key"):  # what refers to teams still must name one
             async with db.transaction() as tx:
                 await tx.execute("UPDATE api_keys SET team_id = $1 WHERE id = $2", _id(), old["key"])
@@ -279,12 +364,18 @@ async def test_after_migration_7_an_older_key_without_an_owner_is_found_in_its_p
     old = await _previous_release_database(database_url)
     db = await _open(database_url)
     try:
-        assert await migrate(db) == [2, 3, 4, 5, 6, 7]
+        assert await migrate(db) == [m.version for m in MIGRATIONS[1:]]
         found = {}
         for where in ({"org_id": old["org"]}, {"team_id": old["team"]}):
-            keys = await find_keys(db, **where, visible=Visible(teams=frozenset({old["team"]})),
-                                   filters=KeyFilter(now=now_us(), region="eu", scope="orders:read"),
-                                   sort=Sort("last_used"), after=None, limit=10)  # fmt: skip
+            keys = await find_keys(
+                db,
+                **where,
+                visible=Visible(teams=frozenset({old["team"]})),
+                filters=KeyFilter(now=now_us(), region="eu", scope="orders:read"),
+                sort=Sort("last_used"),
+                after=None,
+                limit=10,
+            )
             found[next(iter(where))] = [(k.id, k.owner_team_id, k.last_used_at) for k in keys]
         assert found == {"org_id": [(old["key"], None, None)], "team_id": [(old["key"], None, None)]}
         async with db.transaction() as tx:
@@ -302,8 +393,12 @@ async def _newer_release_database(url: str) -> None:
     try:
         await migrate(db)
         async with db.transaction() as tx:
-            await tx.execute("INSERT INTO schema_migrations (version, description, applied_at) VALUES ($1, $2, $3)",
-                             99, "something a later release added", now_us())  # fmt: skip
+            await tx.execute(
+                "INSERT INTO schema_migrations (version, description, applied_at) VALUES ($1, $2, $3)",
+                99,
+                "something a later release added",
+                now_us(),
+            )
     finally:
         await db.close()
 
@@ -329,10 +424,20 @@ async def test_the_publisher_does_not_start_on_a_database_of_a_newer_release(
     await _newer_release_database(database_url)
     env = {"PATH": "/usr/bin:/bin", "KEYRELAY_ADMIN_TOKEN": ADMIN_TOKEN, "KEYRELAY_DATABASE_URL": database_url}
     process = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "keyrelay"), "publisher", "--signing-key", str(signing_key),
-        "--data-dir", str(tmp_path), "--port", "0", "--nats-url", "nats://127.0.0.1:1",
-        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        str(Path(sys.executable).parent / "keyrelay"),
+        "publisher",
+        "--signing-key",
+        str(signing_key),
+        "--data-dir",
+        str(tmp_path),
+        "--port",
+        "0",
+        "--nats-url",
+        "nats://127.0.0.1:1",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 1
     assert "keyrelay: the database has schema version 99" in err.decode()
