@@ -132,6 +132,7 @@ class UsageReporter:
     _pending: deque[tuple[UsageBatch, int]] = field(default_factory=deque, init=False)
     _pending_entries: int = field(default=0, init=False)
     _nc: Client | None = field(default=None, init=False)
+    _failing: bool = field(default=False, init=False)  # the last publish failed: its line is logged once
     _task: asyncio.Task[None] | None = field(default=None, init=False)
     _closing: bool = field(default=False, init=False)
 
@@ -208,10 +209,18 @@ class UsageReporter:
                 await self._publish(nc, batch)
             except Exception as exc:
                 self.failures += 1
-                log.warning(
-                    "usage: cannot publish batch %s: %s (kept; %d waiting)", batch.batch_id, exc, len(self._pending)
-                )
+                if not self._failing:  # one line per outage, not one per interval: the counters say the rest
+                    self._failing = True
+                    log.warning(
+                        "usage: cannot publish batch %s: %s (kept, sent again later; %d waiting)",
+                        batch.batch_id,
+                        exc,
+                        len(self._pending),
+                    )
                 return
+            if self._failing:
+                self._failing = False
+                log.info("usage: publishing again (%d batches waiting)", len(self._pending))
             self._pending.popleft()
             self._pending_entries -= size
             self.published += 1
