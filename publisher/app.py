@@ -34,7 +34,6 @@ from .token_format import check_configured_token
 from .tokens import TokenRevoked, TokenStore, generate_token
 from .usage_consumer import UsageConsumer
 from .web_proxy import APPLIED_GROUPS
-from .web_signin import BROWSER_PATHS, add_signin_routes
 
 __all__ = ["create_app", "open_services", "run", "serve", "tls_context"]
 
@@ -323,8 +322,16 @@ def create_app(settings: PublisherSettings) -> web.Application:
     app[SETTINGS] = settings
     app[APPLIED_GROUPS] = {}
     app.cleanup_ctx.append(_lifecycle)
-    browser = add_signin_routes(app, settings)
-    register(app, (*PROBES, *ROUTES, *SCIM_ROUTES, *browser), public={*UNAUTHENTICATED, *BROWSER_PATHS})
+    browser: tuple[Route, ...] = ()
+    public = set(UNAUTHENTICATED)
+    if settings.oidc_issuer:
+        # Only with a provider: OpenID Connect needs joserfc, which the `publisher` extra brings and a plain
+        # install (the Quickstart's `keyrelay up`) does not have.
+        from .web_signin import BROWSER_PATHS, add_signin_routes
+
+        browser = add_signin_routes(app, settings)
+        public.update(BROWSER_PATHS)
+    register(app, (*PROBES, *ROUTES, *SCIM_ROUTES, *browser), public=public)
     add_scim_catch_all(app)
     return harden(app)
 

@@ -8,6 +8,8 @@ anything but the tests. Lazy imports inside functions count as dependencies; imp
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,17 @@ def test_the_graph_counts_lazy_imports_and_leaves_out_type_checking_ones(tmp_pat
 def test_the_architecture_page_names_every_module_with_its_docstring() -> None:
     # docs/architecture.md is the map of the tree; a module added or given a new job must show there.
     assert (ROOT / PAGE).read_text(encoding="utf-8") == render(ROOT), "run: python -m testbed.architecture_doc"
+
+
+def test_the_publisher_runs_without_its_extras_until_a_setting_needs_them() -> None:
+    # The Quickstart installs no extra: `keyrelay up` must start the publisher on SQLite without asyncpg or
+    # joserfc (OpenID Connect) loaded, and building its app without a provider configured must not import them.
+    probe = (
+        "import sys, publisher.app as app_module\n"
+        "from keyrelay.core.config import load\n"
+        "from publisher.settings import PublisherSettings\n"
+        "app_module.create_app(load(PublisherSettings, {}, {}))\n"
+        "print(sorted(m for m in ('joserfc', 'asyncpg', 'cryptography') if m in sys.modules))\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert (ran.returncode, ran.stdout.strip()) == (0, "[]"), ran.stderr[-2000:]
