@@ -94,7 +94,7 @@ class Stack:
     public_key: str = ""  # the publisher's signing key's public half: what sidecars trust
     sidecars: dict[str, str] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)
-    first_run: bool = False  # no database and no token in the data directory yet: the publisher creates them
+    first_run: bool = False  # no database in the data directory yet: the publisher creates it
     # Hooks for the load test: route a region's leaf link (hub leaf port → port to dial), add sidecar flags.
     leaf_link: Callable[[str, int], int] | None = None
     sidecar_args: list[str] = field(default_factory=list)
@@ -132,7 +132,10 @@ class Stack:
             self.tls.ensure()
         # A data directory with neither a database nor a token is new; one with a token but no
         # database lost it, which the publisher reports rather than starting empty.
-        self.first_run = not (self.data_dir / "keyrelay.db").exists() and not self.token_file.exists()
+        # The database alone decides: a first run that stopped early (the token written, the publisher not yet
+        # started) must not leave a data directory that every later run refuses. The directory is up's own,
+        # and an empty database beside a full bucket is refused by reconciliation, never used to empty it.
+        self.first_run = not (self.data_dir / "keyrelay.db").exists()
         self.token = self.settings.admin_token or self._stored_token()
         if self.settings.admin_token:
             write_private(self.token_file, self.token + "\n")  # where the CLI looks for it

@@ -15,6 +15,7 @@ import pytest
 
 from keyrelay.core.trust import load_signer
 from keyrelay.procs import http_get
+from publisher.token_format import generate_token
 from tests.support import PROMPTLY
 from tests.up_support import Stack, StartStack, alive, children_of, port_of
 
@@ -164,6 +165,20 @@ def test_a_second_run_reuses_the_data_directory(start_stack: StartStack) -> None
     assert second.token == token
     assert second.state["trusted_keys"] == trusted  # the same signing key: what sidecars trust stays true
     _until(lambda: second.auth("global", key) == 200)
+
+
+def test_a_first_run_that_stopped_before_the_publisher_made_its_database_is_not_held_against_the_next(
+    start_stack: StartStack, tmp_path: Path
+) -> None:
+    # What a first run leaves when the publisher never got to create its database (it failed to start):
+    # the data directory with the admin token in it. The next run creates the database instead of refusing.
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "admin-token").write_text(generate_token() + "\n")
+    (state / "admin-token").chmod(0o600)
+    stack = start_stack("--demo")
+    assert (state / "keyrelay.db").exists()
+    _until(lambda: stack.auth("global", stack.demo_key) == 200)
 
 
 def test_up_makes_the_publishers_signing_key_once_passes_it_by_environment_and_publishes_its_public_key(
