@@ -479,3 +479,23 @@ async def test_a_fault_while_verifying_a_batch_is_counted_and_the_batch_read_aga
     assert started.state.sync.stats.apply_errors == 1
     assert [await started.status_of(key) for key, _ in keys[::25]] == [200] * 12
     assert len(started.state.sync.table) == 300
+
+
+async def test_refusals_are_logged_at_most_ten_times_a_minute_with_their_entry_escaped(
+    bucket: KeyValue, start_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    caplog.set_level("WARNING", logger="keyrelay.sidecar.sync")
+    hostile = "global.\x1b[2J\x07evil"  # a terminal escape in the entry name: it must reach the log escaped
+    await put_raw(bucket, hostile, b"junk", signer=None)
+    for _ in range(24):
+        _, record = make_key()
+        await put(bucket, record, signer=FORGER)
+    await _marker(bucket, sidecar)
+    assert sum(sidecar.state.sync.stats.rejected.values()) == 25  # every one counted
+    lines = [r.getMessage() for r in caplog.records if r.name == "keyrelay.sidecar.sync"]
+    assert len(lines) == 11  # ten refusals, then one line saying the rest are counted only
+    assert "more refused values this minute" in lines[-1]
+    assert "\\x1b[2J\\x07evil" in lines[0]
+    assert not any("\x1b" in line or "\x07" in line for line in lines)
