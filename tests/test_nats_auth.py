@@ -8,28 +8,32 @@ authorization error) and the state it aimed at is unchanged afterwards.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats
 import pytest
+from nacl.signing import SigningKey
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NoStreamResponseError
 
 from keyrelay.core.nats_connect import NatsConnect, identity_name
-from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Trust, load_signer
-from keyrelay.core.wire import subject_prefix
+from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Signer, Trust, load_signer
+from keyrelay.core.wire import KeyRecord, subject_prefix
 from keyrelay.nats_auth import leaf_remote
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import http_get
 from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
 from keyrelay.up import Stack, UpSettings
-from tests.support import make_key
+from tests.support import Scrape, eventually, make_key
 
 pytestmark = pytest.mark.slow
 
@@ -257,6 +261,82 @@ async def test_a_rogue_leaf_node_with_a_regions_link_credentials_cannot_change_t
             await nc.close()
     finally:
         rogue.stop()
+
+
+async def _answers(url: str, key: str) -> int:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{url}/auth", headers={"Authorization": f"Bearer {key}"}) as r,
+    ):
+        return r.status
+
+
+async def _rejected(url: str) -> dict[str, float]:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as r:
+        return Scrape.parse(await r.text()).family("keyrelay_record_rejected_total")
+
+
+async def test_the_publishers_stolen_nats_credentials_cannot_mint_revive_or_rescope_a_key_at_a_regions_sidecar(
+    stack: Stack, connect: Any
+) -> None:
+    signer = load_signer(stack.data_dir / "signing-key", "default")
+    publisher = (await connect("hub", "publisher")).nc.jetstream()
+    sidecar = stack.sidecars["eu"]
+
+    async def publish(record: KeyRecord, data: bytes | None = None, **headers: str) -> None:
+        body = record.encode() if data is None else data
+        await publisher.publish(subject_prefix("KEYS") + record.entry, body, headers=headers or None)
+
+    async def signed(record: KeyRecord) -> None:
+        await publish(record, **{SIGNATURE_HEADER: signer.sign(KIND_RECORD, record.entry, record.encode())})
+
+    async def delivered() -> None:
+        """Wait until the eu sidecar has applied everything published so far (a new key, last in the stream)."""
+        key, record = make_key(region="eu")
+        await signed(record)
+        await eventually(lambda: _answers(sidecar, key), lambda s: s == 200, timeout=10)
+
+    # What the publisher said: a key issued (its record captured on the way), then revoked; another key issued.
+    revoked_key, issued = make_key(region="eu", scopes=("orders:read",))
+    captured = signer.sign(KIND_RECORD, issued.entry, issued.encode())
+    await publish(issued, **{SIGNATURE_HEADER: captured})
+    revocation = dataclasses.replace(issued, revoked_at=time.time(), version=2)
+    await signed(revocation)
+    issued_key, other = make_key(region="eu")
+    await signed(other)
+    await delivered()
+    before = await _rejected(sidecar)
+
+    # The thief holds the publisher's NATS seed, not its signing key; each attack is delivered before the next.
+    minted_key, minted = make_key(region="eu", scopes=("admin",))
+    forger = Signer(SigningKey.generate(), "default")
+    cleared = dataclasses.replace(revocation, revoked_at=None, scopes=("admin",), version=3)
+    attacks: list[tuple[KeyRecord, bytes | None, dict[str, str]]] = [
+        (minted, None, {}),  # unsigned
+        (minted, None, {SIGNATURE_HEADER: forger.sign(KIND_RECORD, minted.entry, minted.encode())}),
+        (cleared, None, {SIGNATURE_HEADER: captured}),  # tampered under a genuine signature
+        (issued, None, {SIGNATURE_HEADER: captured}),  # the captured pre-revocation record, replayed
+        (issued, b"", {"KV-Operation": "DEL"}),  # an unsigned delete ...
+        (issued, None, {SIGNATURE_HEADER: captured}),  # ... then the replay
+        (issued, b"", {"KV-Operation": "PURGE", "Nats-Rollup": "sub"}),  # a purge ...
+        (issued, None, {SIGNATURE_HEADER: captured}),  # ... then the replay
+    ]
+    for record, data, headers in attacks:
+        await publish(record, data, **headers)
+        await delivered()
+        assert await _answers(sidecar, revoked_key) == 401, headers
+        assert await _answers(sidecar, minted_key) == 401, headers
+        assert await _answers(sidecar, issued_key) == 200, headers
+
+    after = await _rejected(sidecar)
+    counted = {reason: after[reason] - before.get(reason, 0) for reason in after if after[reason] != before.get(reason)}
+    # The replays are older than the revocation the sidecar holds: not applied, and not a failure to count.
+    assert counted == {
+        '{reason="unsigned"}': 1,
+        '{reason="unknown_signer"}': 1,
+        '{reason="bad_signature"}': 1,
+        '{reason="unsigned_delete"}': 2,
+    }
 
 
 async def test_the_publisher_cannot_reach_a_regions_mirror(stack: Stack, connect: Any) -> None:
