@@ -2,7 +2,9 @@
 
 Each identity's credentials are the seed files `keyrelay up` wrote. An attack
 "fails" when the server refuses it (a permissions violation, or an
-authorization error) and the state it aimed at is unchanged afterwards.
+authorization error) and the state it aimed at is unchanged afterwards. Each
+ends with the regions' sidecars still refusing what the publisher revoked and
+accepting what it issued.
 """
 
 from __future__ import annotations
@@ -111,13 +113,58 @@ async def connect(stack: Stack) -> AsyncIterator[Any]:
 
 async def _put(stack: Stack, connect: Any, *, region: str | None) -> str:
     """Publish a key record of `region` as the publisher does, signed with the stack's key; its entry name."""
-    publisher = await connect("hub", "publisher")
     _, record = make_key(region=region)
+    await _publish(stack, connect, record)
+    return str(record.entry)
+
+
+async def _publish(stack: Stack, connect: Any, record: KeyRecord) -> None:
+    """Publish `record` as the publisher does, signed with the stack's key."""
+    publisher = await connect("hub", "publisher")
     signature = load_signer(stack.data_dir / "signing-key", "default").sign(KIND_RECORD, record.entry, record.encode())
     await publisher.nc.jetstream().publish(
         subject_prefix("KEYS") + record.entry, record.encode(), headers={SIGNATURE_HEADER: signature}
     )
-    return str(record.entry)
+
+
+async def _answers(url: str, key: str) -> int:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{url}/auth", headers={"Authorization": f"Bearer {key}"}) as r,
+    ):
+        return r.status
+
+
+@dataclasses.dataclass(frozen=True)
+class PublisherWord:
+    """In each region, a key the publisher revoked and one it issued: what no attack may change at the sidecars."""
+
+    stack: Stack
+    keys: dict[str, tuple[str, str]]  # region: (revoked key, issued key)
+
+    async def still_holds(self) -> None:
+        """The sidecars still refuse what the publisher revoked and accept what it issued, in every region."""
+        for region, (revoked_key, issued_key) in self.keys.items():
+            assert await _answers(self.stack.sidecars[region], revoked_key) == 401, region
+            assert await _answers(self.stack.sidecars[region], issued_key) == 200, region
+
+
+@pytest.fixture
+async def word(stack: Stack, connect: Any) -> PublisherWord:
+    """The publisher's word before an attack: in eu and us, a key issued then revoked, and a key issued."""
+    keys = {}
+    for region in ("eu", "us"):
+        revoked_key, record = make_key(region=region)
+        await _publish(stack, connect, record)
+        await _publish(stack, connect, dataclasses.replace(record, revoked_at=time.time(), version=2))
+        issued_key, issued = make_key(region=region)
+        await _publish(stack, connect, issued)
+        url = stack.sidecars[region]
+        await eventually(lambda: _answers(url, issued_key), lambda s: s == 200, timeout=10)  # noqa: B023
+        keys[region] = (revoked_key, issued_key)
+    held = PublisherWord(stack, keys)
+    await held.still_holds()
+    return held
 
 
 async def _hub_bucket(connect: Any) -> dict[str, Any]:
@@ -126,21 +173,23 @@ async def _hub_bucket(connect: Any) -> dict[str, Any]:
     return info
 
 
-async def test_an_anonymous_client_is_refused_by_the_hub_and_by_every_leaf(stack: Stack) -> None:
+async def test_an_anonymous_client_is_refused_by_the_hub_and_by_every_leaf(stack: Stack, word: PublisherWord) -> None:
     for server in ("hub", "leaf-eu", "leaf-us"):
         with pytest.raises(Exception, match=r"(?i)authorization"):
             await nats.connect(_url(stack, server), max_reconnect_attempts=0, allow_reconnect=False)
+    await word.still_holds()
 
 
-async def test_a_leaf_links_credentials_cannot_log_in_as_a_client(stack: Stack) -> None:
+async def test_a_leaf_links_credentials_cannot_log_in_as_a_client(stack: Stack, word: PublisherWord) -> None:
     link = NatsConnect((_url(stack, "hub"),), identity="leaf-us", creds=stack.creds("leaf", "us"))
     with pytest.raises(Exception, match=r"(?i)authorization"):
         await nats.connect(**link.kwargs(), max_reconnect_attempts=0, allow_reconnect=False)
+    await word.still_holds()
 
 
 @pytest.mark.parametrize("role", ["sidecar", "region-init"])
 async def test_a_us_leaf_client_cannot_create_a_hub_consumer_filtered_to_eu(
-    stack: Stack, connect: Any, role: str
+    stack: Stack, connect: Any, role: str, word: PublisherWord
 ) -> None:
     us = await connect("leaf-us", role, "us")
     config = {"deliver_subject": f"_INBOX.{identity_name(role, 'us')}.x", "filter_subject": "$KV.KEYS.eu.>"}
@@ -149,28 +198,37 @@ async def test_a_us_leaf_client_cannot_create_a_hub_consumer_filtered_to_eu(
     await us.refused(
         "$JS.hub.API.CONSUMER.CREATE.KV_KEYS.steal.$KV.KEYS.eu.>", {"stream_name": "KV_KEYS", "config": named}
     )
+    await word.still_holds()
 
 
 @pytest.mark.parametrize("role", ["sidecar", "region-init"])
-async def test_a_us_leaf_client_cannot_direct_get_an_eu_entry(stack: Stack, connect: Any, role: str) -> None:
+async def test_a_us_leaf_client_cannot_direct_get_an_eu_entry(
+    stack: Stack, connect: Any, role: str, word: PublisherWord
+) -> None:
     entry = await _put(stack, connect, region="eu")
     us = await connect("leaf-us", role, "us")
     await us.refused(f"$JS.hub.API.DIRECT.GET.KV_KEYS.$KV.KEYS.{entry}")
     await us.refused("$JS.hub.API.DIRECT.GET.KV_KEYS", {"last_by_subj": f"$KV.KEYS.{entry}"})
     await us.refused("$JS.hub.API.STREAM.MSG.GET.KV_KEYS", {"last_by_subj": f"$KV.KEYS.{entry}"})
+    await word.still_holds()
 
 
 @pytest.mark.parametrize("role", ["sidecar", "region-init"])
-async def test_a_us_leaf_client_cannot_delete_the_eu_mirror(stack: Stack, connect: Any, role: str) -> None:
+async def test_a_us_leaf_client_cannot_delete_the_eu_mirror(
+    stack: Stack, connect: Any, role: str, word: PublisherWord
+) -> None:
     us = await connect("leaf-us", role, "us")
     await us.refused("$JS.eu.API.STREAM.DELETE.KV_KEYS")
     await us.refused("$JS.eu.API.STREAM.INFO.KV_KEYS")
     eu = await connect("leaf-eu", "region-init", "eu")
     assert (await eu.api("$JS.API.STREAM.INFO.KV_KEYS"))["config"]["mirror"]["name"] == "KV_KEYS"
+    await word.still_holds()
 
 
 @pytest.mark.parametrize("role", ["sidecar", "region-init"])
-async def test_a_us_leaf_client_cannot_add_sources_to_the_hub_bucket(stack: Stack, connect: Any, role: str) -> None:
+async def test_a_us_leaf_client_cannot_add_sources_to_the_hub_bucket(
+    stack: Stack, connect: Any, role: str, word: PublisherWord
+) -> None:
     before = (await _hub_bucket(connect))["config"]
     us = await connect("leaf-us", role, "us")
     evil = {
@@ -185,11 +243,12 @@ async def test_a_us_leaf_client_cannot_add_sources_to_the_hub_bucket(stack: Stac
     after = (await _hub_bucket(connect))["config"]
     assert "sources" not in after
     assert after == before
+    await word.still_holds()
 
 
 @pytest.mark.parametrize(("server", "region"), [("hub", None), ("leaf-eu", "eu")])
 async def test_a_sidecars_credentials_cannot_write_anything(
-    stack: Stack, connect: Any, server: str, region: str | None
+    stack: Stack, connect: Any, server: str, region: str | None, word: PublisherWord
 ) -> None:
     sidecar = await connect(server, "sidecar", region)
     _, record = make_key(region=region)
@@ -207,9 +266,12 @@ async def test_a_sidecars_credentials_cannot_write_anything(
         await sidecar.refused(f"$JS.API.STREAM.{action}.OBJ_KEYS_SNAPSHOTS", {"name": "OBJ_KEYS_SNAPSHOTS"})
     # Nor any other domain's API: the hub's from a leaf, a region's from the hub.
     await sidecar.refused(f"$JS.{'eu' if region is None else 'hub'}.API.STREAM.INFO.KV_KEYS")
+    await word.still_holds()
 
 
-async def test_a_sidecars_credentials_read_only_global_keys_on_the_hub(stack: Stack, connect: Any) -> None:
+async def test_a_sidecars_credentials_read_only_global_keys_on_the_hub(
+    stack: Stack, connect: Any, word: PublisherWord
+) -> None:
     sidecar = await connect("hub", "sidecar")
     config = {"deliver_subject": "_INBOX.sidecar-global.x", "filter_subjects": ["$KV.KEYS.eu.>"]}
     await sidecar.refused("$JS.API.CONSUMER.CREATE.KV_KEYS", {"stream_name": "KV_KEYS", "config": config})
@@ -224,10 +286,11 @@ async def test_a_sidecars_credentials_read_only_global_keys_on_the_hub(stack: St
     )
     assert "error" in answer
     await sidecar.refused("$JS.API.DIRECT.GET.KV_KEYS", {"seq": 1})
+    await word.still_holds()
 
 
 async def test_a_rogue_leaf_node_with_a_regions_link_credentials_cannot_change_the_hub(
-    stack: Stack, connect: Any, tmp_path: Path
+    stack: Stack, connect: Any, tmp_path: Path, word: PublisherWord
 ) -> None:
     # A leaf server someone runs with the us link's seed and no local permissions at all.
     leaf_port = int(next(n for n in stack.nats if n.spec.name == "hub").spec.leafnode_port or 0)
@@ -261,14 +324,7 @@ async def test_a_rogue_leaf_node_with_a_regions_link_credentials_cannot_change_t
             await nc.close()
     finally:
         rogue.stop()
-
-
-async def _answers(url: str, key: str) -> int:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(f"{url}/auth", headers={"Authorization": f"Bearer {key}"}) as r,
-    ):
-        return r.status
+    await word.still_holds()
 
 
 async def _rejected(url: str) -> dict[str, float]:
@@ -283,12 +339,12 @@ async def test_the_publishers_stolen_nats_credentials_cannot_mint_revive_or_resc
     publisher = (await connect("hub", "publisher")).nc.jetstream()
     sidecar = stack.sidecars["eu"]
 
-    async def publish(record: KeyRecord, data: bytes | None = None, **headers: str) -> None:
+    async def publish(record: KeyRecord, data: bytes | None, headers: dict[str, str]) -> None:
         body = record.encode() if data is None else data
         await publisher.publish(subject_prefix("KEYS") + record.entry, body, headers=headers or None)
 
     async def signed(record: KeyRecord) -> None:
-        await publish(record, **{SIGNATURE_HEADER: signer.sign(KIND_RECORD, record.entry, record.encode())})
+        await publish(record, None, {SIGNATURE_HEADER: signer.sign(KIND_RECORD, record.entry, record.encode())})
 
     async def delivered() -> None:
         """Wait until the eu sidecar has applied everything published so far (a new key, last in the stream)."""
@@ -299,7 +355,7 @@ async def test_the_publishers_stolen_nats_credentials_cannot_mint_revive_or_resc
     # What the publisher said: a key issued (its record captured on the way), then revoked; another key issued.
     revoked_key, issued = make_key(region="eu", scopes=("orders:read",))
     captured = signer.sign(KIND_RECORD, issued.entry, issued.encode())
-    await publish(issued, **{SIGNATURE_HEADER: captured})
+    await publish(issued, None, {SIGNATURE_HEADER: captured})
     revocation = dataclasses.replace(issued, revoked_at=time.time(), version=2)
     await signed(revocation)
     issued_key, other = make_key(region="eu")
@@ -322,7 +378,7 @@ async def test_the_publishers_stolen_nats_credentials_cannot_mint_revive_or_resc
         (issued, None, {SIGNATURE_HEADER: captured}),  # ... then the replay
     ]
     for record, data, headers in attacks:
-        await publish(record, data, **headers)
+        await publish(record, data, headers)
         await delivered()
         assert await _answers(sidecar, revoked_key) == 401, headers
         assert await _answers(sidecar, minted_key) == 401, headers
@@ -339,10 +395,11 @@ async def test_the_publishers_stolen_nats_credentials_cannot_mint_revive_or_resc
     }
 
 
-async def test_the_publisher_cannot_reach_a_regions_mirror(stack: Stack, connect: Any) -> None:
+async def test_the_publisher_cannot_reach_a_regions_mirror(stack: Stack, connect: Any, word: PublisherWord) -> None:
     publisher = await connect("hub", "publisher")
     await publisher.refused("$JS.eu.API.STREAM.DELETE.KV_KEYS")
     await publisher.refused("$JS.API.STREAM.DELETE.KV_KEYS")
+    await word.still_holds()
 
 
 async def test_the_legitimate_paths_work_with_accounts_on(stack: Stack, connect: Any) -> None:
