@@ -406,6 +406,15 @@ _NO_KEY = "abcdef00-0000-4000-8000-000000000000"
         (lambda t: t["floors"].append([_NO_KEY, 3, -1.0]), None, "malformed version floor"),
         (lambda t: t["values"].append(["s", "read\r\nX-Admin: yes"]), None, "malformed interned value"),
         (lambda t: t["values"].append(["x", "anything"]), None, "unknown form"),
+        # Values bounded as a record's fields are, though every one of them is printable ASCII.
+        (lambda t: t["values"].append(["s", " ".join(f"s{i}" for i in range(65))]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["s", "s" * 257]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["p", ["o", "t", "p", "prod", None]]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["p", ["o", "t", "p", "live", "EU"]]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["p", ["", "t", "p", "live", None]]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["p", ["o" * 257, "t", "p", "live", None]]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["m", [[f"k{i}", "v"] for i in range(33)]]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["m", [["k", "v" * 600]]]), None, "malformed interned value"),
     ],
 )
 def test_a_signed_snapshot_with_a_field_a_record_could_not_hold_is_refused(
