@@ -499,3 +499,22 @@ async def test_refusals_are_logged_at_most_ten_times_a_minute_with_their_entry_e
     assert "more refused values this minute" in lines[-1]
     assert "\\x1b[2J\\x07evil" in lines[0]
     assert not any("\x1b" in line or "\x07" in line for line in lines)
+
+
+async def test_a_captured_record_replayed_after_the_sidecar_reconnects_to_a_restarted_server_is_refused(
+    nats_server: NatsServer, js: JetStreamContext, bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar()
+    key, captured, issued_key = await _issued_then_revoked(bucket)
+    await sidecar.ready()
+    assert await sidecar.code_of(key) == "REVOKED"
+    resets = sidecar.state.sync.stats.consumer_resets
+    nats_server.stop()
+    nats_server.start()  # the same store: the sidecar reconnects and reads on from where it was
+    await eventually(
+        lambda: asyncio.sleep(0, sidecar.state.sync.stats.consumer_resets), lambda n: n > resets, timeout=15
+    )
+    fresh = await js.key_value("KEYS")
+    await captured.replay(fresh)
+    await _marker(fresh, sidecar)
+    await _refuses_revoked_accepts_issued(sidecar, key, issued_key)
