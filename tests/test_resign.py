@@ -275,3 +275,24 @@ async def test_resign_signs_a_whole_bucket_written_before_signing(
     assert sidecar.state.sync.stats.rejected == {}
     assert await sidecar.code_of(keys[2]["key"]) == "REVOKED"
     assert [await sidecar.status_of(k["key"]) for k in keys if k is not keys[2]] == [200] * 5
+
+
+async def test_the_relay_leader_re_signs_values_past_half_the_horizon_on_its_own(
+    start_publisher: StartPublisher, js: JetStreamContext
+) -> None:
+    # A horizon of 16 s: the leader re-signs every 2 s whatever was signed more than 8 s ago.
+    publisher = await start_publisher(reconcile_on_start=False, replay_horizon=16.0)
+    signer = publisher.services.keys.signer
+    (key,) = await _keys(publisher, 1)
+    entry = f"global.{key['id']}"
+    data = (await last_message(js, entry)).data
+    aged = signer.sign(KIND_RECORD, entry, data, signed_at=time.time() - 12)
+    await plant(js, entry, data, {SIGNATURE_HEADER: aged})
+    passes = publisher.maintenance.resigns
+
+    async def signed_at() -> float:
+        return (await last_message(js, entry)).verify(signer, horizon=16).signed_at
+
+    await eventually(signed_at, lambda at: at > time.time() - 8, timeout=10)  # nobody asked: the leader's pass
+    assert publisher.maintenance.resigns > passes
+    assert KeyRecord.decode((await last_message(js, entry)).data) == KeyRecord.decode(data)  # the same record
