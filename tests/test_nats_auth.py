@@ -33,7 +33,7 @@ from keyrelay.core.wire import KeyRecord, subject_prefix
 from keyrelay.nats_auth import leaf_remote
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import http_get
-from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
+from keyrelay.snapshots import SnapshotSettings, SnapshotStoreSettings, list_snapshots, seed
 from keyrelay.up import Stack, UpSettings
 from tests.support import Scrape, eventually, make_key
 
@@ -476,6 +476,18 @@ async def test_a_sidecar_starts_from_the_seeded_snapshot_with_read_only_credenti
         assert sync.stats.sync_errors == 0
     finally:
         await sync.close()
+
+
+async def test_keyrelay_up_keeps_a_signed_snapshot_of_each_region_on_its_own(stack: Stack) -> None:
+    for region in ("eu", "us"):
+        settings = SnapshotStoreSettings(
+            nats_url=(_url(stack, f"leaf-{region}"),), nats_creds=stack.creds("region-init", region), region=region
+        )
+
+        async def names(settings: SnapshotStoreSettings = settings) -> list[str]:
+            return [row["name"] for row in await list_snapshots(settings)]
+
+        await eventually(names, lambda found: region in found, timeout=60, interval=0.5)  # noqa: B023
 
 
 def test_the_stack_keeps_each_seed_private(stack: Stack) -> None:
