@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import nats
+import nkeys
 import pytest
 from nacl.signing import SigningKey
 from nats.aio.client import Client
@@ -286,6 +288,45 @@ async def test_a_sidecars_credentials_read_only_global_keys_on_the_hub(
     )
     assert "error" in answer
     await sidecar.refused("$JS.API.DIRECT.GET.KV_KEYS", {"seq": 1})
+    await word.still_holds()
+
+
+def _links_up(server: NatsServer) -> int:
+    """How many leaf-node links `server` has up (its monitoring endpoint's /leafz)."""
+    answer = http_get(int(server.spec.http_port or 0), "/leafz")
+    return len(json.loads(answer[1]).get("leafs") or []) if answer is not None and answer[0] == 200 else -1
+
+
+@pytest.mark.parametrize("seed", ["none", "a made-up one", "the link's own"])
+async def test_a_leaf_link_must_authenticate_with_its_regions_seed(
+    stack: Stack, tmp_path: Path, seed: str, word: PublisherWord
+) -> None:
+    leaf_port = int(next(n for n in stack.nats if n.spec.name == "hub").spec.leafnode_port or 0)
+    options: dict[str, Any] = {"account": "$G"}
+    if seed == "a made-up one":
+        options |= leaf_remote("us", nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode())
+    elif seed == "the link's own":  # the control: the same leaf with the link's seed links up
+        options |= leaf_remote("us", stack.credentials.seed("leaf-us"))
+    options["account"] = "$G"  # the leaf's own side: no accounts of its own
+    leaf = NatsServer(
+        NatsSpec(
+            name=f"leaf-{uuid.uuid4().hex[:6]}",
+            store_dir=tmp_path / "leaf",
+            domain="rogue",
+            http_port=free_port(),
+            remotes=[f"nats-leaf://127.0.0.1:{leaf_port}"],
+            remote_options=options,
+        )
+    )
+    leaf.start()
+    try:
+        if seed == "the link's own":
+            await eventually(lambda: asyncio.sleep(0, _links_up(leaf)), lambda n: n == 1, timeout=10)
+        else:
+            await asyncio.sleep(2.0)  # several attempts to link: each refused
+            assert _links_up(leaf) == 0
+    finally:
+        leaf.stop()
     await word.still_holds()
 
 
