@@ -271,6 +271,25 @@ async def test_a_sidecars_credentials_cannot_write_anything(
     await word.still_holds()
 
 
+@pytest.mark.parametrize(("server", "region"), [("hub", None), ("leaf-eu", "eu")])
+async def test_a_region_init_identity_writes_no_record_and_cannot_change_the_hubs_bucket(
+    stack: Stack, connect: Any, server: str, region: str | None, word: PublisherWord
+) -> None:
+    before = (await _hub_bucket(connect))["config"]
+    init = await connect(server, "region-init", region)
+    _, record = make_key(region=region)
+    entry = f"$KV.KEYS.{record.entry}"
+    await init.refused(entry, record.encode())
+    await init.refused(entry, b"", headers={"KV-Operation": "DEL"})
+    await init.refused(entry, b"", headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
+    api = "$JS.API" if region is None else "$JS.hub.API"
+    for action in ("DELETE", "PURGE", "UPDATE"):
+        await init.refused(f"{api}.STREAM.{action}.KV_KEYS", {"name": "KV_KEYS"})
+    await init.refused(f"{api}.STREAM.MSG.DELETE.KV_KEYS", {"seq": 1})
+    assert (await _hub_bucket(connect))["config"] == before
+    await word.still_holds()
+
+
 async def test_a_sidecars_credentials_read_only_global_keys_on_the_hub(
     stack: Stack, connect: Any, word: PublisherWord
 ) -> None:
