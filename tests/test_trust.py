@@ -97,6 +97,7 @@ async def test_forged_and_unsigned_records_are_refused_counted_and_shown(
     bucket: KeyValue, start_sidecar: StartSidecar
 ) -> None:
     sidecar = await start_sidecar()
+    revoked_key, _, issued_key = await _issued_then_revoked(bucket)
     await sidecar.ready()
     held_key, held = make_key()
     await put(bucket, held)
@@ -120,6 +121,7 @@ async def test_forged_and_unsigned_records_are_refused_counted_and_shown(
     assert status["trust"]["quarantined"] == 1  # the held key: the others were never served
     assert [q["entry"] for q in status["trust"]["recent_quarantines"]] == [held.entry]
     assert status["trust"]["trusted_keys"] == [SIGNER.kid]
+    await _refuses_revoked_accepts_issued(sidecar, revoked_key, issued_key)
 
 
 async def test_a_tampered_genuine_record_quarantines_its_key_until_a_newer_valid_record(
