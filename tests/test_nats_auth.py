@@ -248,16 +248,21 @@ async def test_a_us_leaf_client_cannot_add_sources_to_the_hub_bucket(
     await word.still_holds()
 
 
+async def _writes_no_record(client: Client_, region: str | None) -> None:
+    """`client` may not write a record of `region`, nor a delete or purge marker."""
+    _, record = make_key(region=region)
+    entry = f"$KV.KEYS.{record.entry}"
+    await client.refused(entry, record.encode())
+    await client.refused(entry, b"", headers={"KV-Operation": "DEL"})
+    await client.refused(entry, b"", headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
+
+
 @pytest.mark.parametrize(("server", "region"), [("hub", None), ("leaf-eu", "eu")])
 async def test_a_sidecars_credentials_cannot_write_anything(
     stack: Stack, connect: Any, server: str, region: str | None, word: PublisherWord
 ) -> None:
     sidecar = await connect(server, "sidecar", region)
-    _, record = make_key(region=region)
-    entry = f"$KV.KEYS.{record.entry}"
-    await sidecar.refused(entry, record.encode())
-    await sidecar.refused(entry, b"", headers={"KV-Operation": "DEL"})
-    await sidecar.refused(entry, b"", headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
+    await _writes_no_record(sidecar, region)
     for action in ("DELETE", "PURGE", "UPDATE", "CREATE"):
         await sidecar.refused(f"$JS.API.STREAM.{action}.KV_KEYS", {"name": "KV_KEYS"})
     await sidecar.refused("$JS.API.STREAM.MSG.DELETE.KV_KEYS", {"seq": 1})
@@ -277,11 +282,7 @@ async def test_a_region_init_identity_writes_no_record_and_cannot_change_the_hub
 ) -> None:
     before = (await _hub_bucket(connect))["config"]
     init = await connect(server, "region-init", region)
-    _, record = make_key(region=region)
-    entry = f"$KV.KEYS.{record.entry}"
-    await init.refused(entry, record.encode())
-    await init.refused(entry, b"", headers={"KV-Operation": "DEL"})
-    await init.refused(entry, b"", headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
+    await _writes_no_record(init, region)
     api = "$JS.API" if region is None else "$JS.hub.API"
     for action in ("DELETE", "PURGE", "UPDATE"):
         await init.refused(f"{api}.STREAM.{action}.KV_KEYS", {"name": "KV_KEYS"})
