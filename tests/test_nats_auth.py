@@ -35,6 +35,7 @@ from keyrelay.core.wire import KeyRecord, subject_prefix
 from keyrelay.nats_auth import leaf_remote
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import http_get
+from keyrelay.region import RegionSettings, init_region
 from keyrelay.snapshots import SnapshotSettings, SnapshotStoreSettings, list_snapshots, seed
 from keyrelay.up import Stack, UpSettings
 from tests.support import Scrape, eventually, make_key
@@ -407,11 +408,11 @@ async def test_the_publishers_stolen_nats_credentials_cannot_mint_revive_or_resc
     async def signed(record: KeyRecord) -> None:
         await publish(record, None, {SIGNATURE_HEADER: signer.sign(KIND_RECORD, record.entry, record.encode())})
 
-    async def delivered() -> None:
+    async def delivered(timeout: float = 10) -> None:
         """Wait until the eu sidecar has applied everything published so far (a new key, last in the stream)."""
         key, record = make_key(region="eu")
         await signed(record)
-        await eventually(lambda: _answers(sidecar, key), lambda s: s == 200, timeout=10)
+        await eventually(lambda: _answers(sidecar, key), lambda s: s == 200, timeout=timeout, interval=0.05)
 
     # What the publisher said: a key issued (its record captured on the way), then revoked; another key issued.
     revoked_key, issued = make_key(region="eu", scopes=("orders:read",))
@@ -455,6 +456,23 @@ async def test_the_publishers_stolen_nats_credentials_cannot_mint_revive_or_resc
         '{reason="unsigned_delete"}': 2,
     }
 
+    # (e) The region's mirror deleted and made again (the region-init identity may): the new mirror's only record
+    # of the revoked key is the replayed one. The running sidecar reads the new mirror and keeps what it holds.
+    init = await connect("leaf-eu", "region-init", "eu")
+    created = (await init.api("$JS.API.STREAM.INFO.KV_KEYS"))["created"]
+    assert "error" not in await init.api("$JS.API.STREAM.DELETE.KV_KEYS")
+    await init_region(
+        RegionSettings(region="eu", nats_url=(_url(stack, "leaf-eu"),), nats_creds=stack.creds("region-init", "eu"))
+    )
+    assert (await init.api("$JS.API.STREAM.INFO.KV_KEYS"))["created"] != created
+    await delivered(timeout=30)
+    # It read the new mirror from its start: the forged record is refused again, the replay is older than it holds.
+    reread = await _rejected(sidecar)
+    assert reread['{reason="unknown_signer"}'] == after['{reason="unknown_signer"}'] + 1
+    assert await _answers(sidecar, revoked_key) == 401
+    assert await _answers(sidecar, minted_key) == 401
+    assert await _answers(sidecar, issued_key) == 200
+
 
 async def test_the_publisher_cannot_reach_a_regions_mirror(stack: Stack, connect: Any, word: PublisherWord) -> None:
     publisher = await connect("hub", "publisher")
@@ -480,7 +498,6 @@ async def test_the_legitimate_paths_work_with_accounts_on(stack: Stack, connect:
                 await asyncio.sleep(0.02)
             assert bool(info["state"].get("subjects")) == present, (region, scope)
     # Region init (idempotent) and a snapshot seeded with the region's region-init credentials.
-    from keyrelay.region import RegionSettings, init_region
 
     eu_url = _url(stack, "leaf-eu")
     await init_region(RegionSettings(region="eu", nats_url=(eu_url,), nats_creds=stack.creds("region-init", "eu")))
