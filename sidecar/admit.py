@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from keyrelay.core import digest as set_digest
 from keyrelay.core.errors import RecordError, SignatureError
 from keyrelay.core.trust import KIND_HEARTBEAT, KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Trust, Verified
 from keyrelay.core.wire import (
     HEARTBEAT_ENTRY,
+    LEGACY,
     RecordFields,
     decode_fields,
-    decode_heartbeat,
+    decode_heartbeat_digests,
     decode_tombstone,
     is_canonical_id,
 )
@@ -48,10 +50,13 @@ class Tombstone:
 
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
-    """The publisher's verified heartbeat: when it was signed, and the last sequence it had acknowledged."""
+    """The publisher's verified heartbeat: when it was signed, the last sequence it had acknowledged, and the digest
+    of this sidecar's scopes' records as of that sequence (None: the publisher did not know it; -1: a heartbeat
+    from a publisher before digests, which says nothing of them)."""
 
     signed_at: float
     acked: int
+    digest: int | None = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +100,13 @@ def examine(
         try:
             verified = trust.verify(signature, data, entry=entry, kinds=_HEARTBEAT_KINDS)
             _check_stored(trust, verified, stored, entry)
-            return Heartbeat(verified.signed_at, decode_heartbeat(data))
+            acked, digests = decode_heartbeat_digests(data)
+            if digests == LEGACY:
+                return Heartbeat(verified.signed_at, acked)
+            if digests is None or isinstance(digests, str):
+                return Heartbeat(verified.signed_at, acked, None)
+            terms = {scope: set_digest.from_bytes(value) for scope, value in digests.items()}
+            return Heartbeat(verified.signed_at, acked, set_digest.combine(terms, scopes))
         except RecordError as exc:
             return Refused(entry, "", exc, deleting=False)
     scope, _, key_id = entry.partition(".")

@@ -1,7 +1,7 @@
 """How a key table lies in a snapshot, and the strict check of one before a table adopts it.
 
 A snapshot's header carries the table's header: its record count, live count, freed record
-numbers, version floors, the layout of its arrays (which must match this build's: widths, item
+numbers, version floors, the digest of its live records (keyrelay/core/digest.py), the layout of its arrays (which must match this build's: widths, item
 sizes, byte order), and its interned values, each as [kind, data]: ["p", [org, team, project,
 env, region]], ["s", "space-joined scopes"], ["m", [[name, value], ...]]. The arrays follow the
 header back to back, in RECORD_WIDTHS' order. A snapshot is checked as strictly as records from
@@ -17,6 +17,7 @@ import sys
 from array import array
 from typing import Any, Final
 
+from keyrelay.core.digest import DIGEST_BYTES, from_bytes
 from keyrelay.core.wire import (
     ENVS,
     MAX_FIELD_CHARS,
@@ -72,7 +73,17 @@ def restore(table: KeyTable, header: dict[str, Any], arrays: TableArrays) -> Non
     values, kinds = _restore_values(header["values"])
     _, ids, fields, times, versions = arrays
     free, floors = _check_arrays(header, ids, fields, times, versions, kinds)
-    table.adopt(TableState(arrays, values, kinds, free, floors))
+    table.adopt(TableState(arrays, values, kinds, free, floors, _digest(header)))
+
+
+def _digest(header: dict[str, Any]) -> int | None:
+    """The digest of the snapshot's live records (None: a snapshot from before digests; the table sums them)."""
+    carried = header.get("digest")
+    if carried is None:
+        return None
+    if not isinstance(carried, bytes) or len(carried) != DIGEST_BYTES:
+        raise ValueError("snapshot's digest is not 32 bytes")
+    return from_bytes(carried)
 
 
 def _canonical_ids(ids: bytearray) -> bool:

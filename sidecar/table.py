@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+from keyrelay.core.digest import MASK, record_term
 from keyrelay.core.wire import MAX_VERSION, KeyRecord, RecordFields, is_canonical_id
 
 __all__ = [
@@ -68,7 +69,8 @@ class TableState:
 
     `arrays` hold the records (RECORD_WIDTHS bytes each); `values` the interned values, slot 0 None,
     and `kinds` the kind of each (FIELD_KINDS, slot 0 b"-"); `free` the freed record numbers; `floors`
-    the version floors, key id → (version, until).
+    the version floors, key id → (version, until); `digest` the sum of its live records' terms
+    (keyrelay/core/digest.py; None: not known, computed when adopted).
     """
 
     arrays: TableArrays
@@ -76,6 +78,7 @@ class TableState:
     kinds: bytearray
     free: list[int]
     floors: dict[str, tuple[int, float]]
+    digest: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +149,7 @@ class KeyTable:
         "_mask",
         "_scope_sets",
         "_strings",
+        "_sum",
         "_times",
         "_used",
         "_versions",
@@ -187,6 +191,7 @@ class KeyTable:
         self._scope_sets: dict[tuple[str, ...], int] = {}  # scopes as sent → their interned set
         self._free: list[int] = []
         self._live = 0
+        self._sum = 0  # the digest of every live record (keyrelay/core/digest.py), kept as records change
         self._used = 0  # live entries plus tombstones in the indexes
         self._by_hash = array("i")
         self._by_id = array("i")
@@ -206,6 +211,21 @@ class KeyTable:
         wanted = _capacity_for(count)
         if wanted > self._mask + 1:
             self._resize(wanted)
+
+    @property
+    def digest(self) -> int:
+        """Σ H(key id, version) mod 2^256 over the live records: what the publisher's heartbeat must match."""
+        return self._sum
+
+    def recompute_digest(self) -> int:
+        """Sum the live records' terms afresh (a resync does, in case a snapshot carried a wrong sum); the digest."""
+        total = 0
+        ids, versions, free = self._ids, self._versions, set(self._free)
+        for n in range(len(versions)):
+            if n not in free:
+                total += record_term(ids[n * _ID : (n + 1) * _ID], versions[n])
+        self._sum = total & MASK
+        return self._sum
 
     def nbytes(self) -> int:
         """Bytes held by the flat arrays (the interned strings are shared and not counted)."""
@@ -334,6 +354,7 @@ class KeyTable:
             self._allocate(raw_id, key_hash, values, expires or 0.0, revoked or 0.0, version)
         else:
             self._changed(n)
+            self._sum = (self._sum - record_term(raw_id, self._versions[n]) + record_term(raw_id, version)) & MASK
             self._fields[n * _NFIELDS : (n + 1) * _NFIELDS] = array("I", values)
             self._times[2 * n] = expires or 0.0
             self._times[2 * n + 1] = revoked or 0.0
@@ -411,7 +432,7 @@ class KeyTable:
     def state(self) -> TableState:
         """The table's records as they are (not a copy: read only, and only until the table changes)."""
         strings = self._strings
-        return TableState(self._arrays(), strings.values, strings.kinds, self._free, self._floors)
+        return TableState(self._arrays(), strings.values, strings.kinds, self._free, self._floors, self._sum)
 
     def adopt(self, state: TableState) -> None:
         """Replace every record with `state`'s, taken over as they are (not copied), and rebuild the indexes.
@@ -431,6 +452,11 @@ class KeyTable:
         self._floors = state.floors
         # The indexes hash with hash(), which differs per process: they are rebuilt, not stored.
         self._resize(_capacity_for(self._live))
+        # The snapshot's signer vouches for its sum as for its records; summing a million again costs a second.
+        if state.digest is None:
+            self.recompute_digest()
+        else:
+            self._sum = state.digest
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -487,6 +513,7 @@ class KeyTable:
         index[slot] = n + 1
         self._live += 1
         self._used += 1
+        self._sum = (self._sum + record_term(raw_id, version)) & MASK
 
     def _remove(self, n: int, raw_id: bytes) -> None:
         self._changed(n)
@@ -495,6 +522,7 @@ class KeyTable:
         self._tombstone(self._by_hash, hash(digest), n)
         self._tombstone(self._by_id, hash(raw_id), n)
         self._digests[offset : offset + _DIGEST] = bytes(_DIGEST)
+        self._sum = (self._sum - record_term(raw_id, self._versions[n])) & MASK
         self._versions[n] = 0
         self._free.append(n)
         self._live -= 1

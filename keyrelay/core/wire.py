@@ -31,6 +31,8 @@ __all__ = [
     "ENVS",
     "GLOBAL_SCOPE",
     "HEARTBEAT_ENTRY",
+    "LEGACY",
+    "MAX_HEARTBEAT_SCOPES",
     "MAX_VERSION",
     "SCHEMA_VERSION",
     "SECRET_LEN",
@@ -40,6 +42,7 @@ __all__ = [
     "check_chars",
     "decode_fields",
     "decode_heartbeat",
+    "decode_heartbeat_digests",
     "decode_tombstone",
     "display_form",
     "encode_heartbeat",
@@ -412,18 +415,58 @@ def decode_tombstone(data: bytes) -> tuple[str, int]:
     return _canonical_id(raw.get("id")), ver
 
 
-def encode_heartbeat(acked: int) -> bytes:
-    """The payload of the publisher's heartbeat: the last stream sequence JetStream acknowledged to it."""
-    packed: bytes = msgpack.packb({"v": SCHEMA_VERSION, "acked": acked}, use_bin_type=True)
+def encode_heartbeat(acked: int, digests: Mapping[str, bytes] | None = None, *, legacy: bool = False) -> bytes:
+    """The payload of the publisher's heartbeat: the last stream sequence JetStream acknowledged to it, and the
+    digest (keyrelay/core/digest.py) of each scope's records as of that sequence.
+
+    `digests` None says the publisher does not know them right now (a sidecar then takes no freshness from
+    it); `legacy` leaves the field out, as publishers before digests did (tests and benchmarks only).
+    """
+    body: dict[str, Any] = {"v": SCHEMA_VERSION, "acked": acked}
+    if not legacy:
+        body["d"] = None if digests is None else dict(digests)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
     return packed
+
+
+# Scopes a heartbeat may carry digests for: global and every region.
+MAX_HEARTBEAT_SCOPES: Final = 1024
+LEGACY: Final = "legacy"  # decode_heartbeat's digests for a heartbeat without the field
 
 
 def decode_heartbeat(data: bytes) -> int:
     """The acknowledged sequence a heartbeat's payload reports; RecordError if it is not one."""
-    acked = _small_map(data).get("acked")
+    return decode_heartbeat_digests(data)[0]
+
+
+def decode_heartbeat_digests(data: bytes) -> tuple[int, dict[str, bytes] | None | str]:
+    """A heartbeat's acknowledged sequence and its digests: scope → 32 bytes, None (the publisher did not know
+    them), or LEGACY (a heartbeat from before digests); RecordError if it is not a heartbeat."""
+    try:
+        raw = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, max_map_len=MAX_HEARTBEAT_SCOPES, max_str_len=256, max_bin_len=32
+        )
+    except Exception:  # msgpack raises several unrelated types
+        raise RecordError("not msgpack") from None
+    if not isinstance(raw, dict) or len(raw) > 16:
+        raise RecordError("not a map")
+    acked = raw.get("acked")
     if isinstance(acked, bool) or not isinstance(acked, int) or not 0 <= acked <= MAX_VERSION:
         raise RecordError("acked must be a stream sequence")
-    return acked
+    if "d" not in raw:
+        return acked, LEGACY
+    digests = raw["d"]
+    if digests is None:
+        return acked, None
+    if not isinstance(digests, dict) or not all(
+        isinstance(scope, str)
+        and (scope == GLOBAL_SCOPE or is_region_code(scope))
+        and isinstance(digest, bytes)
+        and len(digest) == 32
+        for scope, digest in digests.items()
+    ):
+        raise RecordError("d must map scopes to 32-byte digests")
+    return acked, digests
 
 
 def _small_map(data: bytes) -> dict[str, Any]:
