@@ -1,7 +1,8 @@
 """Do to the table what each value from the key bucket says, in stream order, and count what was refused.
 
 A verified record is applied unless the table holds its version or newer; a signed tombstone
-removes its key and leaves a version floor; the publisher's heartbeat proves the replica fresh. A
+removes its key and leaves a version floor; the publisher's heartbeat proves the replica fresh when
+the digest it signs matches the table's (sidecar/digest_check.py). A
 value that fails verification at a key's own entry quarantines the key (refused until a valid record
 at least as new as the one held arrives); an unsigned delete or purge marker is refused, the key kept
 as held while caught up and quarantined while catching up. With `--insecure-accept-unsigned`, values
@@ -23,6 +24,7 @@ from keyrelay.core.trust import Trust
 from keyrelay.core.wire import HEARTBEAT_ENTRY, RecordFields, decode_fields, decode_heartbeat, entry_name
 
 from .admit import Elsewhere, Heartbeat, Record, Refused, Tombstone, Verdict, examine
+from .digest_check import DigestCheck
 from .replica import Freshness, Position
 from .table import KeyTable
 
@@ -61,6 +63,7 @@ class Applier:
         "_freshness",
         "_log_window",
         "_position",
+        "digests",
         "last_event",
         "prefix",
         "recent_quarantines",
@@ -88,21 +91,25 @@ class Applier:
         self.stats = stats
         self.last_event: float | None = None  # wall-clock time of the last change to the table
         self.recent_quarantines: list[dict[str, Any]] = []
+        self.digests = DigestCheck()
         self._position = position
         self._freshness = freshness
         self._log_window = (0.0, 0)  # start of this minute's rejection log lines, and their count
 
-    def apply(self, subject: bytes, data: bytes, headers: dict[str, str] | None, stored: float) -> None:
-        """Verify and commit one value the stream stored at `stored` (seconds) under `subject`."""
+    def apply(
+        self, subject: bytes, data: bytes, headers: dict[str, str] | None, stored: float, waiting: int | None = None
+    ) -> None:
+        """Verify and commit one value the stream stored at `stored` (seconds) under `subject`, `waiting` values
+        behind it (None: unknown)."""
         entry = subject.decode(errors="replace").removeprefix(self.prefix)
         if not self.trust.accept_unsigned:
-            self.commit(examine(self.trust, self.scopes, entry, data, headers, stored))
+            self.commit(examine(self.trust, self.scopes, entry, data, headers, stored), waiting)
             return
         operation = headers.get("KV-Operation") if headers else None
         self._apply_unsigned(entry, data, operation in ("DEL", "PURGE"))
 
-    def commit(self, verdict: Verdict) -> None:
-        """Do to the table what a value's verdict says, in stream order."""
+    def commit(self, verdict: Verdict, waiting: int | None = None) -> None:
+        """Do to the table what a value's verdict says, in stream order (`waiting`: values behind it, if known)."""
         match verdict:
             case Record(fields):
                 self._take(fields)
@@ -110,15 +117,24 @@ class Applier:
                 if self.table.tombstone(key_id, version, until=until):
                     self.stats.removed += 1
                     self._changed()
-            case Heartbeat(signed_at, acked):
-                self._freshness.note_heartbeat(signed_at, acked)
+            case Heartbeat(signed_at, acked, digest):
                 self.stats.heartbeats += 1
+                # -1: a publisher from before digests (its heartbeat says nothing of them; trusted as it was).
+                if digest == -1 or self._judge(digest, waiting):
+                    self._freshness.note_heartbeat(signed_at, acked)
             case Refused():
                 self._refuse(verdict)
             case Elsewhere(entry):
                 # No key of this sidecar is ever written there: nothing to apply, nothing to quarantine.
                 self._count_refusal("bad_entry")
                 self._log_refusal("refused the value at %r (bad_entry): not an entry of this region's keys", entry)
+
+    def _judge(self, digest: int | None, waiting: int | None) -> bool:
+        """Whether a heartbeat signing `digest` proves the replica fresh: the table holds exactly that."""
+        judgement = self.digests.judge(digest, self.table.digest, waiting=waiting)
+        if judgement.counted:
+            self._count_refusal("digest_mismatch")
+        return judgement.fresh
 
     def _take(self, fields: RecordFields) -> None:
         """Apply a record that passed every check (a held version as new or newer wins)."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from .admit import Verdict, examine
 from .apply import Applier
+from .digest_check import RESYNC_AFTER
 from .replica import Freshness, Position
 
 if TYPE_CHECKING:
@@ -163,11 +164,13 @@ class Deliveries:
     ) -> None:
         """Apply one delivery and advance the replica to it (or start over, on a fault of ours)."""
         try:
-            self._applier.apply(subject, data, headers, stored)
+            self._applier.apply(subject, data, headers, stored, pending)
         except Exception as exc:
             self._fault(gen, f"apply the value at revision {stream_seq}", exc)
             return
         self._position.advance(stream_seq, pending)
+        if self._applier.digests.resync_due:
+            self._resync(gen)
 
     def _fault(self, gen: Generation, what: str, exc: Exception) -> None:
         """A fault of ours, not a bad value (those are refused and counted): counted, and the stream read again
@@ -175,6 +178,23 @@ class Deliveries:
         self._applier.stats.apply_errors += 1
         log.exception("could not %s: %s: resyncing", what, type(exc).__name__)
         gen.abandoned = True
+        self._reset.set()
+
+    def _resync(self, gen: Generation) -> None:
+        """The publisher's heartbeats keep not matching the table: read the whole stream again, once.
+
+        What a dropped delivery withheld is then read, if the stream still holds it; versions and floors
+        keep anything older out. The table's digest is summed afresh too, in case a snapshot carried a
+        wrong one. If the heartbeats still do not match, the replica stays stale (fails closed).
+        """
+        self._applier.digests.resync_started()
+        log.warning(
+            "the publisher's heartbeats have not matched this replica %d times in a row: full resync",
+            RESYNC_AFTER,
+        )
+        self._applier.table.recompute_digest()
+        gen.abandoned = True
+        self._position.rewind()
         self._reset.set()
 
     async def _commit_batch(self, gen: Generation, then: Awaitable[None] | None = None) -> None:
@@ -204,11 +224,14 @@ class Deliveries:
             if gen is not self.current or gen.abandoned:
                 return  # replaced meanwhile: the next consumer delivers these again
             try:
-                commit(verdict)
+                commit(verdict, delivery.pending)
             except Exception as exc:
                 self._fault(gen, f"apply the value at revision {delivery.stream_seq}", exc)
                 return
             advance(delivery.stream_seq, delivery.pending)
+            if self._applier.digests.resync_due:
+                self._resync(gen)
+                return
 
     def _examine_all(self, entries: list[str], batch: list[Delivered]) -> list[Verdict]:
         """The verdicts on a part of a batch (on a worker thread: examine reads nothing but its arguments)."""

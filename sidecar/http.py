@@ -320,6 +320,7 @@ def trust_status(sync: KeySync) -> dict[str, Any]:
         "version_floors": sync.table.floors(),
         "heartbeat_signed_at": sync.freshness.heartbeat_at,
         "heartbeat_acked_revision": sync.freshness.heartbeat_acked,
+        "digest": sync.applier.digests.status(),
     }
 
 

@@ -143,6 +143,12 @@ class Metrics:
             ),
             ("keyrelay_heartbeats_total", "counter", "Publisher heartbeats verified", stats.heartbeats),
             (
+                "keyrelay_digest_resyncs_total",
+                "counter",
+                "Full resyncs after the publisher's heartbeats kept not matching the table's digest",
+                sync.applier.digests.resyncs,
+            ),
+            (
                 "keyrelay_version_floors",
                 "gauge",
                 "Version floors kept for removed or quarantined keys",

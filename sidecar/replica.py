@@ -54,6 +54,10 @@ class Position:
         if pending == 0 and not self.synced:
             self.caught_up()
 
+    def rewind(self) -> None:
+        """Read the stream again from its start (a resync); versions and floors keep anything older out."""
+        self.last_revision = 0
+
     def caught_up(self) -> None:
         """The initial load is done (once; later calls change nothing)."""
         if self.synced:

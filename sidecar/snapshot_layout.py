@@ -1,13 +1,14 @@
 """How a key table lies in a snapshot, and the strict check of one before a table adopts it.
 
 A snapshot's header carries the table's header: its record count, live count, freed record
-numbers, version floors, the digest of its live records (keyrelay/core/digest.py), the layout of its arrays (which must match this build's: widths, item
-sizes, byte order), and its interned values, each as [kind, data]: ["p", [org, team, project,
-env, region]], ["s", "space-joined scopes"], ["m", [[name, value], ...]]. The arrays follow the
-header back to back, in RECORD_WIDTHS' order. A snapshot is checked as strictly as records from
-NATS are before the table takes it over: every id a canonical UUID, every value printable ASCII
-fit for a header and bounded as a record's field is, every field referring to a value of its
-kind. keyrelay/snapshot_writer.py writes this layout.
+numbers, version floors, the digest of its live records (keyrelay/core/digest.py), the layout of
+its arrays (which must match this build's: widths, item sizes, byte order), and its interned
+values, each as [kind, data]: ["p", [org, team, project, env, region]], ["s", "space-joined
+scopes"], ["m", [[name, value], ...]]. The arrays follow the header back to back, in
+RECORD_WIDTHS' order. A snapshot is checked as strictly as records from NATS are before the table
+takes it over: every id a canonical UUID, every value printable ASCII fit for a header and bounded
+as a record's field is, every field referring to a value of its kind. keyrelay/snapshot_writer.py
+writes this layout.
 """
 
 from __future__ import annotations

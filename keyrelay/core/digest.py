@@ -21,7 +21,7 @@ MASK: Final = (1 << 256) - 1
 _PREFIX: Final = b"keyrelay-digest-v1\0"
 
 
-def record_term(key_id: bytes, version: int) -> int:
+def record_term(key_id: bytes | bytearray, version: int) -> int:
     """H(key id, version): one live record's term of its scope's digest; `key_id` canonical, as ASCII bytes."""
     data = _PREFIX + key_id + version.to_bytes(8, "big")
     return int.from_bytes(hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest(), "big")

@@ -439,7 +439,7 @@ def decode_heartbeat(data: bytes) -> int:
     return decode_heartbeat_digests(data)[0]
 
 
-def decode_heartbeat_digests(data: bytes) -> tuple[int, dict[str, bytes] | None | str]:
+def decode_heartbeat_digests(data: bytes) -> tuple[int, dict[str, bytes] | str | None]:
     """A heartbeat's acknowledged sequence and its digests: scope → 32 bytes, None (the publisher did not know
     them), or LEGACY (a heartbeat from before digests); RecordError if it is not a heartbeat."""
     try:
