@@ -66,7 +66,7 @@ async def publish_heartbeat(url: str, bucket: str, signer: Signer = BENCH_SIGNER
     """One signed publisher heartbeat in `bucket`; its stream sequence."""
     nc = await nats.connect(url, connect_timeout=5, max_reconnect_attempts=0)
     try:
-        data = encode_heartbeat(acked)
+        data = encode_heartbeat(acked, legacy=True)
         headers = {SIGNATURE_HEADER: signer.sign(KIND_HEARTBEAT, HEARTBEAT_ENTRY, data)}
         ack = await nc.jetstream().publish(subject_prefix(bucket) + HEARTBEAT_ENTRY, data, headers=headers)
         return int(ack.seq)
@@ -127,7 +127,7 @@ class Heartbeats:
             deadline = time.monotonic() + self.longest
             while not self._stop.is_set() and time.monotonic() < deadline:
                 for bucket in self.buckets:
-                    data = encode_heartbeat(0)
+                    data = encode_heartbeat(0, legacy=True)
                     headers = {SIGNATURE_HEADER: self.signer.sign(KIND_HEARTBEAT, HEARTBEAT_ENTRY, data)}
                     try:
                         await js.publish(subject_prefix(bucket) + HEARTBEAT_ENTRY, data, headers=headers, timeout=5)
