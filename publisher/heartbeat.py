@@ -2,9 +2,14 @@
 
 While this replica holds the relay lease and NATS answers, it publishes to
 `<bucket>.global.heartbeat` every interval the last stream sequence JetStream
-acknowledged to it, signed (kind `h`). A sidecar measures its staleness as the
-age of the last heartbeat it verified; the heartbeat runs beside the relay, so
-a long outbox backlog does not hold it back. A beat that fails because the
+acknowledged to it and each scope's digest of the records acknowledged
+(publisher/stream_digest.py), signed (kind `h`). It takes the relay's
+`publishing` lock first, so no record publish is in flight and the digests
+describe the stream up to the heartbeat's own place in it. A sidecar measures
+its staleness as the age of the last heartbeat it verified whose digests match
+its table; the heartbeat runs beside the relay, so a long outbox backlog holds
+it back one batch at most (after waiting an interval for the lock it beats
+without digests, which proves nothing to sidecars). A beat that fails because the
 stream is gone (JetStream error 10059) has it made again, and the maintenance
 then refills it from the database.
 """
@@ -21,6 +26,7 @@ from keyrelay.core.wire import HEARTBEAT_ENTRY, encode_heartbeat, subject_prefix
 
 from .broker import Broker
 from .outbox import OutboxRelay
+from .stream_digest import as_payload
 
 __all__ = ["Heartbeat", "HeartbeatStats"]
 
@@ -36,6 +42,7 @@ class HeartbeatStats:
     published: int = 0
     failures: int = 0
     last_published: float = 0.0  # epoch seconds of the last acknowledged heartbeat (0: none yet)
+    without_digests: int = 0  # beats sent without digests: the relay held its lock for a whole interval
 
 
 class Heartbeat:
@@ -62,8 +69,21 @@ class Heartbeat:
 
     async def beat(self) -> bool:
         """Publish one heartbeat now and wait for its ack; False when NATS did not take it."""
+        publishing = self.relay.publishing
+        try:
+            await asyncio.wait_for(publishing.acquire(), max(self.interval, 1.0))
+        except TimeoutError:
+            self.stats.without_digests += 1
+            return await self._publish(digests=False)
+        try:
+            return await self._publish(digests=True)
+        finally:
+            publishing.release()
+
+    async def _publish(self, *, digests: bool) -> bool:
         sent_at = time.monotonic()
-        body = encode_heartbeat(self.relay.stats.last_acked_seq)
+        known = self.relay.digests if digests else None
+        body = encode_heartbeat(self.relay.stats.last_acked_seq, None if known is None else as_payload(known))
         headers = {SIGNATURE_HEADER: self.signer.sign(KIND_HEARTBEAT, HEARTBEAT_ENTRY, body)}
         try:
             ack = await self.broker.js.publish(

@@ -15,6 +15,7 @@ from .db import Row
 from .policy import Grant
 
 __all__ = [
+    "NO_RECORD",
     "SOURCES",
     "Actor",
     "ApiKey",
@@ -369,15 +370,24 @@ class AuditEntry:
         }
 
 
+# An outbox entry's prior version when the stream held no record of its key (a new key).
+NO_RECORD = -1
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxEntry:
-    """A committed change waiting to be published: a KV put (payload) or delete (None)."""
+    """A committed change waiting to be published: a KV put (payload) or delete (None).
+
+    `prior_version` is the version of its key the stream holds before it (NO_RECORD: none; None: not
+    known), which moves the stream's digest (publisher/stream_digest.py).
+    """
 
     id: int
     key_id: str
     entry: str
     operation: str
     payload: bytes | None
+    prior_version: int | None = None
 
     @classmethod
     def from_row(cls, row: Row) -> OutboxEntry:
@@ -389,4 +399,5 @@ class OutboxEntry:
             entry=row["entry"],
             operation=row["operation"],
             payload=None if payload is None else bytes(payload),
+            prior_version=row.get("prior_version"),
         )

@@ -5,7 +5,10 @@ entries are published one after another (each after the previous one's ack),
 so the bucket never ends on an older state; `Nats-Msg-Id` is derived from the
 entry id with the signing key (unguessable, so nobody can claim it first), so a
 republish after a crash is dropped as a duplicate. One relay per database
-publishes at a time (a lease row); others stand by.
+publishes at a time (a lease row); others stand by. As it forgets published
+entries it moves each scope's digest of the stream (publisher/stream_digest.py),
+in the same transaction; the heartbeat signs those digests, and takes the
+`publishing` lock so that no record publish is in flight when it is sent.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 from keyrelay.core.trust import KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer
 from keyrelay.core.wire import MAX_VERSION, encode_tombstone, is_canonical_id, subject_prefix
 
+from . import stream_digest
 from .broker import Broker
 from .db import Database
 from .models import OutboxEntry, now_us
@@ -123,6 +127,13 @@ class OutboxRelay:
         self._lease_renewed = 0.0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # Each scope's digest of the records JetStream acknowledged, as stored (None: not known now, summed
+        # afresh at the next empty outbox). Held while this relay leads; the heartbeat signs it.
+        self.digests: stream_digest.Digests | None = None
+        # Held from a batch's first publish until its entries are forgotten (and the digests moved): a
+        # heartbeat sent meanwhile would sign digests that miss records stored before it.
+        self.publishing = asyncio.Lock()
+        self._repairs_seen = 0  # the broker's stream repairs already accounted for (a new stream is empty)
 
     def wake(self) -> None:
         """New entries were committed: publish now rather than at the next poll."""
@@ -204,8 +215,11 @@ class OutboxRelay:
                     self.health.standby()
                     await self._sleep(self.lease_ttl / 3)
                     continue
+                await self._note_stream_repairs()
                 entries = await self._next_batch()
                 if not entries:
+                    if self.digests is None and self.broker.bucket_ready.is_set():
+                        self.digests = await stream_digest.rebuild(self.db)
                     await self._sleep(min(self.poll_interval, self.lease_ttl / 3))
                     continue
                 if not self.broker.connected or not self.broker.bucket_ready.is_set():
@@ -214,8 +228,9 @@ class OutboxRelay:
                     await asyncio.sleep(self.health.failed(reason, waiting=len(entries)))
                     continue
                 sent_at = time.monotonic()
-                done = await self._publish(entries)
-                await self._forget(done)
+                async with self.publishing:
+                    done = await self._publish(entries)
+                    await self._forget(done)
                 if len(done) < len(entries):
                     # Never give up and never stop: the next attempt after a bounded pause. A stream that
                     # is gone is made again first; one that merely has no leader for now is left alone.
@@ -259,6 +274,9 @@ class OutboxRelay:
                 stamp + int(self.lease_ttl * 1_000_000),
                 stamp,
             )
+            if row is not None and not self.leader:
+                # Where the previous leader left the digests (or None: summed afresh at the next empty outbox).
+                self.digests = await stream_digest.load(self.db, tx)
         was_leader, self.leader = self.leader, row is not None
         self.lease_checked.set()
         if self.leader:
@@ -266,13 +284,24 @@ class OutboxRelay:
             if not was_leader:
                 log.info("outbox relay %s holds the lease", self.holder)
         elif was_leader:
+            self.digests = None
             log.warning("outbox relay %s lost the lease", self.holder)
         return self.leader
+
+    async def _note_stream_repairs(self) -> None:
+        """The broker made the stream again: it is empty, so the digests no longer describe it."""
+        repairs = self.broker.stream_repairs
+        if repairs == self._repairs_seen:
+            return
+        async with self.db.transaction() as tx:
+            await stream_digest.invalidate(tx)
+        self._repairs_seen, self.digests = repairs, None
 
     async def _next_batch(self) -> list[OutboxEntry]:
         async with self.db.transaction() as tx:
             rows = await tx.fetch(
-                "SELECT id, key_id, entry, operation, payload FROM outbox ORDER BY id LIMIT $1", self.batch
+                "SELECT id, key_id, entry, operation, payload, prior_version FROM outbox ORDER BY id LIMIT $1",
+                self.batch,
             )
         return [OutboxEntry.from_row(r) for r in rows]
 
@@ -349,14 +378,22 @@ class OutboxRelay:
         headers[SIGNATURE_HEADER] = self.signer.sign(KIND_TOMBSTONE, entry.entry, body)
         return body, headers
 
-    async def _forget(self, done: Iterable[OutboxEntry]) -> None:
+    async def _forget(self, done: Sequence[OutboxEntry]) -> None:
+        """Delete published entries, and move the digests by those this transaction deleted (a relay that lost
+        the lease meanwhile may have deleted some: they moved the digests once, then)."""
         ids = [e.id for e in done]
         if not ids:
             return
         async with self.db.transaction() as tx:
+            deleted: set[int] = set()
             for i in range(0, len(ids), 500):
                 chunk = ids[i : i + 500]
-                await tx.execute(f"DELETE FROM outbox WHERE id IN ({placeholders(len(chunk))})", *chunk)
+                rows = await tx.fetch(
+                    f"DELETE FROM outbox WHERE id IN ({placeholders(len(chunk))}) RETURNING id", *chunk
+                )
+                deleted.update(r["id"] for r in rows)
+            digests = await stream_digest.advance(self.db, tx, [e for e in done if e.id in deleted])
+        self.digests = digests
         self.stats.published += len(ids)
         gone = set(ids)
         for waiter in self._waiters:

@@ -368,6 +368,15 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX idx_region_usage_minute_bucket ON region_usage_minute (bucket)",
         ),
     ),
+    Migration(
+        9,
+        "stream digests: each outbox entry's prior version of its key in the stream, and each scope's digest of "
+        "the records JetStream acknowledged (what the heartbeat signs)",
+        (
+            "ALTER TABLE outbox ADD COLUMN prior_version BIGINT",
+            "CREATE TABLE stream_digests (scope VARCHAR(64) PRIMARY KEY, digest VARCHAR(64) NOT NULL)",
+        ),
+    ),
 )
 
 

@@ -15,7 +15,7 @@ from keyrelay.core.wire import DEFAULT_PREFIX, MAX_VERSION, display_form, genera
 
 from .db import Database, Tx
 from .errors import Conflict, NotFound
-from .models import Actor, ApiKey, AuditEntry, Org, Project, Team, new_id, now_us
+from .models import NO_RECORD, Actor, ApiKey, AuditEntry, Org, Project, Team, new_id, now_us
 
 __all__ = ["KEY_COLUMNS", "AuditRow", "Change", "KeySpec", "KeyStore", "placeholders", "record_audit", "revoke_in"]
 
@@ -354,7 +354,7 @@ class KeyStore:
             project.id,
         )
         keys = [ApiKey.from_row(r) for r in rows]
-        outbox = await _enqueue(tx, keys, now)
+        outbox = await _enqueue(tx, keys, now, [k.version - 1 for k in keys])
         await record_audit(
             tx,
             actor,
@@ -376,7 +376,7 @@ class KeyStore:
                 raise Conflict("the project is decommissioned; it cannot hold new keys")
             created = [self._new_key(actor, project, spec, now) for spec in specs]
             await _insert_keys(tx, [c.key for c in created])
-            outbox = await _enqueue(tx, [c.key for c in created], now)
+            outbox = await _enqueue(tx, [c.key for c in created], now, [NO_RECORD] * len(created))
             await record_audit(tx, actor, "key.create", now, [_key_audit(c.key, {"name": c.key.name}) for c in created])
         return Change(created, outbox)
 
@@ -447,7 +447,7 @@ class KeyStore:
             )
             assert row is not None  # locked above
             old = ApiKey.from_row(row)
-            outbox = await _enqueue(tx, [new.key, old], now)
+            outbox = await _enqueue(tx, [new.key, old], now, [NO_RECORD, old.version - 1])
             await record_audit(
                 tx,
                 actor,
@@ -531,7 +531,7 @@ class KeyStore:
         # does not know (tombstoned).
         now = now_us()
         async with self.db.transaction() as tx:
-            republished, key_ids = await self._republish(tx, bucket_versions, now)
+            republished, key_ids = await self._republish(tx, bucket_versions, now, resigning=action == "bucket.resign")
             deleted, entries = await _unpublish(tx, orphans, now)
             if republished or deleted:
                 details = {
@@ -544,10 +544,12 @@ class KeyStore:
                 await record_audit(tx, actor, action, now, [(None, None, None, None, details)])
         return republished, deleted
 
-    async def _republish(self, tx: Tx, bucket_versions: Mapping[str, int], now: int) -> _Queued:
+    async def _republish(self, tx: Tx, bucket_versions: Mapping[str, int], now: int, *, resigning: bool) -> _Queued:
         # A genuine record newer than the database (a database restored from a backup) is held by sidecars,
         # and they only take newer ones: go above it. Unverified claims never count (reconcile passes 0), and
         # a version at the very top cannot be exceeded: the database's own goes out, sidecars sort it out.
+        # The stream's prior version (its digest moves by it): re-signing's own (the same record signed again);
+        # else unknown (a repair: the relay sums its digests afresh once it is published).
         key_ids = list(bucket_versions)
         outbox: list[int] = []
         found: list[str] = []
@@ -557,13 +559,16 @@ class KeyStore:
                 *chunk,
             )
             keys = []
+            priors: list[int | None] = []
             for key in map(ApiKey.from_row, rows):
+                prior: int | None = key.version if resigning else None
                 if key.version <= bucket_versions[key.id] < MAX_VERSION:
-                    version = bucket_versions[key.id] + 1
+                    version, prior = bucket_versions[key.id] + 1, None
                     await tx.execute("UPDATE api_keys SET version = $1 WHERE id = $2", version, key.id)
                     key = dataclasses.replace(key, version=version)
                 keys.append(key)
-            outbox += await _enqueue(tx, keys, now)
+                priors.append(prior)
+            outbox += await _enqueue(tx, keys, now, priors)
             found += [k.id for k in keys]
         return tuple(outbox), found
 
@@ -711,7 +716,7 @@ async def revoke_in(
             *chunk,
         )
         keys += [ApiKey.from_row(r) for r in rows]
-    outbox = await _enqueue(tx, keys, now)
+    outbox = await _enqueue(tx, keys, now, [k.version - 1 for k in keys])
     details = {"reason": reason} if reason else {}
     await record_audit(tx, actor, "key.revoke", now, [_key_audit(k, details) for k in keys])
     return keys, outbox
@@ -740,19 +745,20 @@ async def _unpublish(tx: Tx, entries: Sequence[tuple[str, str]], now: int) -> _Q
     return tuple(outbox), queued
 
 
-async def _enqueue(tx: Tx, keys: Sequence[ApiKey], now: int) -> tuple[int, ...]:
-    """Outbox entries carrying each key's record exactly as committed; returns their ids."""
+async def _enqueue(tx: Tx, keys: Sequence[ApiKey], now: int, priors: Sequence[int | None]) -> tuple[int, ...]:
+    """Outbox entries carrying each key's record exactly as committed, with the version of it the stream holds
+    before (`priors`, in `keys`' order: NO_RECORD for a new key, None when not known); returns their ids."""
     ids: list[int] = []
-    for chunk in _chunks(keys):
-        values = ", ".join(
-            f"(${5 * i + 1}, ${5 * i + 2}, ${5 * i + 3}, ${5 * i + 4}, ${5 * i + 5})" for i in range(len(chunk))
-        )
+    for chunk, chunk_priors in zip(_chunks(keys), _chunks(priors), strict=True):
+        values = ", ".join("(" + ", ".join(f"${6 * i + j}" for j in range(1, 7)) + ")" for i in range(len(chunk)))
         args: list[Any] = []
-        for key in chunk:
+        for key, prior in zip(chunk, chunk_priors, strict=True):
             record = key.record()
-            args += [key.id, record.entry, "put", record.encode(), now]
+            args += [key.id, record.entry, "put", record.encode(), now, prior]
         rows = await tx.fetch(
-            f"INSERT INTO outbox (key_id, entry, operation, payload, created_at) VALUES {values} RETURNING id", *args
+            f"INSERT INTO outbox (key_id, entry, operation, payload, created_at, prior_version) VALUES {values} "
+            "RETURNING id",
+            *args,
         )
         ids += [r["id"] for r in rows]
     return tuple(ids)
