@@ -1,0 +1,177 @@
+"""The heartbeat's digests: a sidecar that missed a record is not fresh, whoever made it miss it (#14, freezing).
+
+Real publisher, real nats-server, real sidecars. A record taken out of the stream before a sidecar
+read it (STREAM.MSG.DELETE by a privileged client, as a compromised leaf or NATS operator could)
+leaves the sidecar's table short of what the publisher's heartbeat signs: the sidecar is not ready
+and does not serve the key as fresh. Everything the product does by itself never makes a mismatch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from nats.js.client import JetStreamContext
+
+from keyrelay.core.digest import MASK, record_term
+from keyrelay.core.wire import HEARTBEAT_ENTRY, decode_heartbeat_digests
+from publisher.stream_digest import rebuild
+from sidecar.table import KeyTable
+from tests.conftest import StartPublisher, StartSidecar
+from tests.support import Publisher, Sidecar, eventually, seed
+from tests.withholding_proxy import WithholdingProxy
+
+_BEAT = 0.25  # the publisher's heartbeat interval in these tests
+
+
+async def _keys(publisher: Publisher, count: int, region: str | None = None) -> list[dict[str, Any]]:
+    project = await publisher.admin.project()
+    body = {"keys": [{"name": f"k{region}{i}", "scopes": ["read"], "region": region} for i in range(count)]}
+    answer = await publisher.admin.ok("POST", f"/projects/{project['id']}/keys/bulk", body)
+    return list(answer["keys"])
+
+
+async def _revoke(publisher: Publisher, *key_ids: str) -> None:
+    answer = await publisher.admin.ok("POST", "/keys/revoke", {"ids": list(key_ids)})
+    assert answer["propagation"] == "published"
+
+
+async def _digest(sidecar: Sidecar) -> dict[str, Any]:
+    status, body = await sidecar.get("/v1/status")
+    assert status == 200
+    return dict(body["trust"]["digest"])
+
+
+async def _matched_since(sidecar: Sidecar, moment: float) -> None:
+    """Wait until a heartbeat signed after `moment` matched the sidecar's table, with no mismatch counted."""
+    digest, _ = await eventually(
+        lambda: _digest(sidecar), lambda d: (d["last_match"] or 0) > moment or d["mismatches"] > 0, timeout=10
+    )
+    assert digest["mismatches"] == 0, digest
+    assert (await sidecar.get("/readyz"))[0] == 200
+
+
+def _table_sum(table: KeyTable) -> int:
+    total = 0
+    for key_id in table.key_ids():
+        view = table.get(key_id)
+        assert view is not None
+        total += record_term(key_id.encode(), view.version)
+    return total & MASK
+
+
+async def test_a_revocation_deleted_from_the_stream_leaves_the_sidecar_that_missed_it_unready_and_refusing_the_key(
+    start_publisher: StartPublisher, start_sidecar: StartSidecar, js: JetStreamContext, nats_url: str
+) -> None:
+    publisher = await start_publisher(heartbeat_interval=_BEAT)
+    keys = await _keys(publisher, 3)
+    assert (await seed(nats_url)).written is not None  # a snapshot holding the keys as issued
+    target = keys[0]
+    await _revoke(publisher, target["id"])
+    revocation = await js.get_last_msg("KV_KEYS", f"$KV.KEYS.global.{target['id']}")
+    await js.delete_msg("KV_KEYS", revocation.seq)  # gone before any sidecar read it
+
+    sidecar = await start_sidecar()
+    sync = sidecar.state.sync
+    await sync.wait_synced(10)
+    assert sync.loaded_snapshot is not None
+    held = sync.table.get(target["id"])
+    assert held is not None and held.revoked_at is None  # the snapshot's word; the revocation never came
+    # Three heartbeats that do not match, then the one full resync, which cannot find the record either.
+    digest, _ = await eventually(lambda: _digest(sidecar), lambda d: d["resyncs"] == 1, timeout=10)
+    assert digest["matches"] is False and digest["mismatches"] >= 3
+    await eventually(lambda: _digest(sidecar), lambda d: d["mismatches"] >= 5, timeout=10)
+    assert (await _digest(sidecar))["resyncs"] == 1  # one resync per run of mismatches, not one per heartbeat
+    status, body = await sidecar.get("/readyz")
+    assert (status, body["ready"]) == (503, False)
+    assert await sidecar.code_of(target["key"]) == "NOT_READY"  # not served as fresh
+    metrics = (await sidecar.get("/metrics"))[1]
+    assert 'keyrelay_record_rejected_total{reason="digest_mismatch"}' in metrics
+    assert "keyrelay_digest_resyncs_total 1" in metrics
+
+    # The publisher's word again (re-signing publishes every value anew): the sidecar matches and serves it.
+    await publisher.admin.ok("POST", "/resign", {"all": True})
+    await sidecar.ready(timeout=10)
+    assert await sidecar.code_of(target["key"]) == "REVOKED"
+    assert await sidecar.status_of(keys[1]["key"]) == 200
+
+
+async def test_a_link_that_loses_a_revocation_and_renumbers_nothing_makes_the_running_sidecar_not_ready(
+    start_publisher: StartPublisher, start_sidecar: StartSidecar, js: JetStreamContext, nats_port: int
+) -> None:
+    publisher = await start_publisher(heartbeat_interval=_BEAT)
+    keys = await _keys(publisher, 2)
+    proxy = WithholdingProxy(target_port=nats_port)
+    await proxy.start()
+    try:
+        sidecar = await start_sidecar(nats_url=(f"nats://127.0.0.1:{proxy.port}",), max_staleness=2.0)
+        await sidecar.ready()
+        assert await sidecar.status_of(keys[0]["key"]) == 200
+        proxy.withhold()
+        await _revoke(publisher, keys[0]["id"])
+        revocation = await js.get_last_msg("KV_KEYS", f"$KV.KEYS.global.{keys[0]['id']}")
+        await js.delete_msg("KV_KEYS", revocation.seq)
+        proxy.withholding = False  # deliveries flow again, the revocation gone from what the link serves
+        lost = time.monotonic()
+        # The sidecar resumes from its last revision: heartbeats arrive, fresh and genuine, but not matching.
+        await eventually(lambda: _digest(sidecar), lambda d: d["mismatches"] >= 1, timeout=10)
+        status, _ = await eventually(lambda: sidecar.get("/readyz"), lambda r: r[0] == 503, timeout=10)
+        assert time.monotonic() - lost < 2.0 + 5.0  # within --max-staleness (and a heartbeat or two)
+        assert await sidecar.code_of(keys[0]["key"]) == "NOT_READY"
+        await asyncio.sleep(2 * _BEAT)
+        assert (await sidecar.get("/readyz"))[0] == 503  # and it stays so
+    finally:
+        await proxy.close()
+
+
+async def test_creating_revoking_rotating_resigning_reconciling_and_a_lease_handover_never_make_a_mismatch(
+    start_publisher: StartPublisher, start_sidecar: StartSidecar, js: JetStreamContext, nats_url: str
+) -> None:
+    first = await start_publisher(heartbeat_interval=_BEAT, regions=("eu",))
+    everywhere = await start_sidecar()
+    eu = await start_sidecar(region="eu")
+    await everywhere.ready()
+    await eu.ready()
+    sidecars = (everywhere, eu)
+
+    async def settled() -> None:
+        moment = time.time()
+        for sidecar in sidecars:
+            await _matched_since(sidecar, moment)
+
+    global_keys = await _keys(first, 5)
+    eu_keys = await _keys(first, 4, region="eu")
+    await settled()
+    await _revoke(first, global_keys[0]["id"], eu_keys[0]["id"])
+    await first.admin.ok("POST", f"/keys/{eu_keys[1]['id']}/rotate", {"grace": 60})
+    await settled()
+    await first.admin.ok("POST", "/resign", {"all": True})
+    await settled()
+    assert (await first.admin.ok("POST", "/reconcile"))["differing_shards"] == 0
+    await settled()
+    assert len(eu.state.sync.table) == 5 + 4 + 1  # global keys, eu keys, the successor
+    assert eu.state.sync.table.digest == _table_sum(eu.state.sync.table)
+
+    # A second replica takes the relay lease over, digests and all, from where the first left them.
+    second = await start_publisher(heartbeat_interval=_BEAT, regions=("eu",))
+    await first.server.close()
+    await eventually(lambda: asyncio.sleep(0, second.services.relay.leader), bool, timeout=15)
+    more = await _keys(second, 3, region="eu")
+    await _revoke(second, more[0]["id"], global_keys[1]["id"])
+    await settled()
+    # What the relay moved change by change is what summing the database afresh gives.
+    assert second.services.relay.digests == await rebuild(second.services.store.db)
+
+    # A sidecar started from the region's snapshot takes the snapshot's digest and matches at once.
+    assert (await seed(nats_url, region="eu")).written is not None
+    late = await start_sidecar(region="eu")
+    await late.ready()
+    assert late.state.sync.loaded_snapshot is not None
+    assert late.state.sync.table.digest == _table_sum(late.state.sync.table)
+    assert (await _digest(late))["mismatches"] == 0
+    heartbeat = await js.get_last_msg("KV_KEYS", f"$KV.KEYS.{HEARTBEAT_ENTRY}")
+    _, digests = decode_heartbeat_digests(heartbeat.data or b"")
+    assert isinstance(digests, dict) and set(digests) == {"global", "eu"}
+    for sidecar in sidecars:
+        assert (await _digest(sidecar))["mismatches"] == 0
