@@ -208,6 +208,18 @@ async def metrics(request: web.Request) -> web.Response:
         ("keyrelay_heartbeats_total", "counter", "Signed heartbeats published and acked", beats.published),
         ("keyrelay_heartbeat_failures_total", "counter", "Heartbeats NATS did not take", beats.failures),
         (
+            "keyrelay_heartbeats_without_digests_total",
+            "counter",
+            "Heartbeats sent without digests: the relay held its publish lock for a whole interval",
+            beats.without_digests,
+        ),
+        (
+            "keyrelay_stream_digests_known",
+            "gauge",
+            "1 while the relay leader knows each scope's digest of the stream (its heartbeats prove freshness)",
+            int(services.relay.digests is not None),
+        ),
+        (
             "keyrelay_last_heartbeat_timestamp_seconds",
             "gauge",
             "When the last heartbeat was acked (epoch seconds)",

@@ -19,8 +19,7 @@ from keyrelay.core.wire import HEARTBEAT_ENTRY, decode_heartbeat_digests
 from keyrelay.natsd import NatsServer
 from publisher.stream_digest import rebuild
 from sidecar.table import KeyTable
-from tests.conftest import StartPublisher, StartSidecar
-from tests.support import Publisher, Sidecar, eventually, seed
+from tests.support import Publisher, Sidecar, StartPublisher, StartSidecar, eventually, seed
 from tests.withholding_proxy import WithholdingProxy
 
 _BEAT = 0.25  # the publisher's heartbeat interval in these tests
