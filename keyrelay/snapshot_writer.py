@@ -98,7 +98,9 @@ def _table_header(table: KeyTable) -> dict[str, Any]:
     records = len(state.arrays[-1])
     header: dict[str, Any] = {"records": records, "live": len(table), "free": list(state.free), "layout": LAYOUT}
     # The sum of the live records' terms (keyrelay/core/digest.py): a sidecar takes it rather than summing again.
-    return {**header, "floors": floors, "digest": to_bytes(table.digest)}
+    mark = table.heartbeat_mark
+    heartbeat = None if mark is None else [mark[0], to_bytes(mark[1])]
+    return {**header, "floors": floors, "digest": to_bytes(table.digest), "heartbeat": heartbeat}
 
 
 def snapshot_head(

@@ -120,8 +120,9 @@ class Applier:
             case Heartbeat(signed_at, acked, digest):
                 self.stats.heartbeats += 1
                 # -1: a publisher from before digests (its heartbeat says nothing of them; trusted as it was).
-                if digest == -1 or self._judge(digest, waiting):
+                if digest == -1 or self._judge(signed_at, digest, waiting):
                     self._freshness.note_heartbeat(signed_at, acked)
+                self.table.mark_heartbeat(signed_at)
             case Refused():
                 self._refuse(verdict)
             case Elsewhere(entry):
@@ -129,9 +130,13 @@ class Applier:
                 self._count_refusal("bad_entry")
                 self._log_refusal("refused the value at %r (bad_entry): not an entry of this region's keys", entry)
 
-    def _judge(self, digest: int | None, waiting: int | None) -> bool:
-        """Whether a heartbeat signing `digest` proves the replica fresh: the table holds exactly that."""
-        judgement = self.digests.judge(digest, self.table.digest, waiting=waiting)
+    def _judge(self, signed_at: float, digest: int | None, waiting: int | None) -> bool:
+        """Whether a heartbeat signing `digest` proves the replica fresh: the table holds exactly that, or held it
+        when this very heartbeat was applied to it (a snapshot taken after it says so; its signer vouches)."""
+        held = self.table.digest
+        if digest is not None and self.table.heartbeat_mark == (signed_at, digest):
+            held = digest
+        judgement = self.digests.judge(digest, held, waiting=waiting)
         if judgement.counted:
             self._count_refusal("digest_mismatch")
         return judgement.fresh

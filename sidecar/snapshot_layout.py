@@ -74,12 +74,24 @@ def restore(table: KeyTable, header: dict[str, Any], arrays: TableArrays) -> Non
     values, kinds = _restore_values(header["values"])
     _, ids, fields, times, versions = arrays
     free, floors = _check_arrays(header, ids, fields, times, versions, kinds)
-    table.adopt(TableState(arrays, values, kinds, free, floors, _digest(header)))
+    table.adopt(TableState(arrays, values, kinds, free, floors, _digest(header.get("digest")), _heartbeat(header)))
 
 
-def _digest(header: dict[str, Any]) -> int | None:
-    """The digest of the snapshot's live records (None: a snapshot from before digests; the table sums them)."""
-    carried = header.get("digest")
+def _heartbeat(header: dict[str, Any]) -> tuple[float, int] | None:
+    """The last heartbeat applied to the snapshot's table (its signing time) and the table's digest then."""
+    mark = header.get("heartbeat")
+    if mark is None:
+        return None
+    if not (isinstance(mark, list) and len(mark) == 2 and isinstance(mark[0], float | int) and 0 <= mark[0] < 2**53):
+        raise ValueError("snapshot's heartbeat mark is not [signing time, digest]")
+    digest = _digest(mark[1])
+    if digest is None:
+        raise ValueError("snapshot's heartbeat mark has no digest")
+    return float(mark[0]), digest
+
+
+def _digest(carried: Any) -> int | None:
+    """A digest the snapshot carries (None: a snapshot from before digests; the table sums its records)."""
     if carried is None:
         return None
     if not isinstance(carried, bytes) or len(carried) != DIGEST_BYTES:

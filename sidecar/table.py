@@ -70,7 +70,8 @@ class TableState:
     `arrays` hold the records (RECORD_WIDTHS bytes each); `values` the interned values, slot 0 None,
     and `kinds` the kind of each (FIELD_KINDS, slot 0 b"-"); `free` the freed record numbers; `floors`
     the version floors, key id → (version, until); `digest` the sum of its live records' terms
-    (keyrelay/core/digest.py; None: not known, computed when adopted).
+    (keyrelay/core/digest.py; None: not known, computed when adopted); `heartbeat` the signing time of the
+    last heartbeat applied to it and the digest it held then (None: none).
     """
 
     arrays: TableArrays
@@ -79,6 +80,7 @@ class TableState:
     free: list[int]
     floors: dict[str, tuple[int, float]]
     digest: int | None = None
+    heartbeat: tuple[float, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,7 @@ class KeyTable:
         "_fields",
         "_floors",
         "_free",
+        "_heartbeat",
         "_ids",
         "_live",
         "_mask",
@@ -192,6 +195,7 @@ class KeyTable:
         self._free: list[int] = []
         self._live = 0
         self._sum = 0  # the digest of every live record (keyrelay/core/digest.py), kept as records change
+        self._heartbeat: tuple[float, int] | None = None
         self._used = 0  # live entries plus tombstones in the indexes
         self._by_hash = array("i")
         self._by_id = array("i")
@@ -216,6 +220,15 @@ class KeyTable:
     def digest(self) -> int:
         """Σ H(key id, version) mod 2^256 over the live records: what the publisher's heartbeat must match."""
         return self._sum
+
+    @property
+    def heartbeat_mark(self) -> tuple[float, int] | None:
+        """The signing time of the last heartbeat applied to the table and the digest the table held then."""
+        return self._heartbeat
+
+    def mark_heartbeat(self, signed_at: float) -> None:
+        """A heartbeat signed at `signed_at` was applied here, now: snapshots carry what the table held then."""
+        self._heartbeat = (signed_at, self._sum)
 
     def recompute_digest(self) -> int:
         """Sum the live records' terms afresh (a resync does, in case a snapshot carried a wrong sum); the digest."""
@@ -432,7 +445,9 @@ class KeyTable:
     def state(self) -> TableState:
         """The table's records as they are (not a copy: read only, and only until the table changes)."""
         strings = self._strings
-        return TableState(self._arrays(), strings.values, strings.kinds, self._free, self._floors, self._sum)
+        return TableState(
+            self._arrays(), strings.values, strings.kinds, self._free, self._floors, self._sum, self._heartbeat
+        )
 
     def adopt(self, state: TableState) -> None:
         """Replace every record with `state`'s, taken over as they are (not copied), and rebuild the indexes.
@@ -457,6 +472,7 @@ class KeyTable:
             self.recompute_digest()
         else:
             self._sum = state.digest
+        self._heartbeat = state.heartbeat
 
     # -- internals -----------------------------------------------------------------------------
 
