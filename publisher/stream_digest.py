@@ -18,9 +18,10 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 
+import msgpack
+
 from keyrelay.core.digest import MASK, record_term, to_bytes
-from keyrelay.core.errors import RecordError
-from keyrelay.core.wire import GLOBAL_SCOPE, KeyRecord, is_canonical_id
+from keyrelay.core.wire import GLOBAL_SCOPE, is_canonical_id
 
 from .db import Database, Tx
 from .models import NO_RECORD, OutboxEntry
@@ -62,10 +63,8 @@ async def advance(db: Database, tx: Tx, forgotten: Sequence[OutboxEntry]) -> Dig
             continue  # nothing was published: a delete of an entry that names no key
         term = 0
         if entry.operation != "delete":
-            try:
-                term = record_term(key_id.encode(), KeyRecord.decode(entry.payload or b"").version)
-            except RecordError:
-                term = -1
+            version = _version(entry.payload)
+            term = -1 if version is None else record_term(key_id.encode(), version)
         if term < 0 or entry.prior_version is None:
             await invalidate(tx)
             return None
@@ -111,6 +110,17 @@ async def rebuild(db: Database) -> Digests | None:
             await tx.execute("INSERT INTO stream_digests (scope, digest) VALUES ($1, $2)", scope, format(value, "064x"))
     log.info("stream digests summed from %d keys in %.2fs", keys, time.perf_counter() - started)
     return digests
+
+
+def _version(payload: bytes | None) -> int | None:
+    """The `ver` of a record the publisher encoded itself (None if it holds none): only the field, not the whole
+    record's validation, which would cost the relay as much again as signing."""
+    try:
+        raw = msgpack.unpackb(payload or b"", raw=False)
+    except Exception:  # msgpack raises several unrelated types
+        return None
+    version = raw.get("ver") if isinstance(raw, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) and version >= 0 else None
 
 
 def as_payload(digests: Mapping[str, int]) -> dict[str, bytes]:
