@@ -2,9 +2,12 @@
 
 The sidecar runs its own ordered consumer on the bucket's stream (nats-py's KV
 watch cannot resume): an ephemeral push consumer with flow control and idle
-heartbeats, started at the last applied stream sequence + 1. A gap in the
-consumer sequence, missed heartbeats, a reconnect or a server restart all lead
-to the same cure: a new consumer from the last applied revision.
+heartbeats, started at the last applied stream sequence + 1, and direct: made by
+the node leading the stream (as a mirror's is), never placed by the meta leader
+on a node that may be dead. A gap in the consumer sequence, missed heartbeats
+(one, when another node leads the stream now; else three), a reconnect or a
+server restart all lead to the same cure: a new consumer from the last applied
+revision.
 
 This module is the connection and the consumers' lifecycle. What it builds on,
 one job each: sidecar/snapshot_start.py starts from the region's snapshot,
@@ -58,10 +61,9 @@ _MISSED_HEARTBEATS = 3
 _HEARTBEAT_LATE = 0.25
 _MAX_DELETING = 4  # deletions of replaced consumers in flight at once
 _PROBE_TIMEOUT = 1.0  # a stream's leader answers STREAM.INFO in milliseconds: longer is no answer
-# A live node creates a consumer in milliseconds; JetStream may place a new one on a node that died but is
-# not yet marked offline, which never answers, and may do so several times in a row. So the first
-# _CREATE_SHORT attempts wait this long, each later one twice as long as the one before (up to
-# SyncConfig.api_timeout); each attempt, under a new name, is placed anew.
+# The stream's leader creates a (direct) consumer in milliseconds; none answers while the stream has no
+# leader (one that just died, or an election). So the first _CREATE_SHORT attempts wait this long, each
+# later one twice as long as the one before (up to SyncConfig.api_timeout), each under a new name.
 _CREATE_TIMEOUT = 0.5
 _CREATE_SHORT = 3
 _FLOOR_PRUNE_EVERY = 60.0
@@ -74,7 +76,7 @@ class SyncConfig:
     servers: Sequence[str]
     bucket: str
     region: str | None = None
-    heartbeat: float = 1.0  # the consumer's idle heartbeat (seconds); three missed start a new consumer
+    heartbeat: float = 1.0  # the consumer's idle heartbeat (seconds); see KeySync._watchdog
     api_timeout: float = 2.0
     name: str = "keyrelay-sidecar"  # the NATS connection's name
     # Whose signatures count. The default takes values as they are: only for tests of the sync

@@ -156,7 +156,9 @@ def heartbeats() -> tuple[float, float]:
 
 def _default(settings: type, name: str) -> float:
     """A setting's default, as an operator who sets nothing gets it."""
-    return float(next(f.default for f in dataclasses.fields(settings) if f.name == name))
+    default = next(f.default for f in dataclasses.fields(settings) if f.name == name)
+    assert isinstance(default, float)
+    return default
 
 
 _DEFAULT_HEARTBEATS = (_default(PublisherSettings, "heartbeat_interval"), _default(SidecarSettings, "heartbeat"))
