@@ -147,3 +147,25 @@ async def test_a_consumer_stalled_by_a_lost_flow_control_reply_is_resumed_when_i
     finally:
         await sync.close()
         await proxy.close()
+
+
+async def test_a_consumer_that_missed_a_heartbeat_moves_only_when_another_node_leads_the_stream(
+    nats_server: NatsServer, bucket: KeyValue
+) -> None:
+    sync = KeySync(SyncConfig(servers=[nats_server.url], bucket="KEYS", heartbeat=5.0), KeyTable())
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        nc, gen = sync._nc, sync._deliveries.current
+        assert nc is not None
+        # The consumer was made by the node leading the stream, which STREAM.INFO named.
+        assert gen.node == "test-hub"
+        await sync._check_consumer(nc, gen)
+        assert not sync._reset.is_set(), "its node still leads the stream: the consumer stays"
+        # As if the lead had moved on since the consumer was made: the node it lives on may be gone.
+        gen.node = "another-node"
+        await sync._check_consumer(nc, gen)
+        await eventually(_current(sync, gen), bool)
+        assert sync._deliveries.current.node == "test-hub"
+    finally:
+        await sync.close()
