@@ -77,8 +77,9 @@ async def start(request: web.Request) -> web.Response:
     now = now_us()
     async with services.people.db.transaction() as tx:
         await tx.execute("DELETE FROM oidc_device_logins WHERE expires_at <= $1", now)
-        if await tx.fetchval("SELECT count(*) FROM oidc_device_logins") >= _MAX_PENDING:
-            raise Unavailable("too many device sign-ins are in progress; try again in a few minutes")
+        pending = await tx.fetchval("SELECT count(*) FROM oidc_device_logins")
+    if pending >= _MAX_PENDING:
+        raise Unavailable("too many device sign-ins are in progress; try again in a few minutes")
     nonce = secrets.token_urlsafe(32)
     try:
         started = await request.app[OIDC].start_device(nonce)
@@ -143,8 +144,9 @@ async def token(request: web.Request) -> web.Response:
 
 async def _due(services: Services, digest: bytes) -> tuple[str, str]:
     """The device code and nonce of the sign-in `digest` names, when it may poll the provider now (its poll time
-    recorded); else the RFC 8628 error the CLI is to see."""
+    recorded); else the RFC 8628 error the CLI is to see (raised once the transaction recording it committed)."""
     now = now_us()
+    refusal: Invalid | None = None
     async with services.people.db.transaction() as tx:
         row = await tx.fetchrow(
             "SELECT device_code, nonce, poll_interval, polled_at, expires_at FROM oidc_device_logins "
@@ -153,19 +155,21 @@ async def _due(services: Services, digest: bytes) -> tuple[str, str]:
         )
         if row is None:
             raise Invalid("this device sign-in is unknown or finished: start again", code="invalid_grant")
+        interval = int(row["poll_interval"])
         if row["expires_at"] <= now:
             await tx.execute("DELETE FROM oidc_device_logins WHERE handle_hash = $1", digest)
-            raise _expired()
-        interval = int(row["poll_interval"])
-        if row["polled_at"] is not None and now - row["polled_at"] < interval * 1_000_000 - _SLACK_US:
-            await tx.execute(
-                "UPDATE oidc_device_logins SET poll_interval = $1, polled_at = $2 WHERE handle_hash = $3",
-                interval + 5,
-                now,
-                digest,
-            )
-            raise Invalid(f"polled sooner than every {interval} s: wait {interval + 5} s now", code="slow_down")
-        await tx.execute("UPDATE oidc_device_logins SET polled_at = $1 WHERE handle_hash = $2", now, digest)
+            refusal = _expired()
+        elif row["polled_at"] is not None and now - row["polled_at"] < interval * 1_000_000 - _SLACK_US:
+            interval += 5
+            refusal = Invalid(f"polled too soon: wait {interval} s between polls from now on", code="slow_down")
+        await tx.execute(
+            "UPDATE oidc_device_logins SET poll_interval = $1, polled_at = $2 WHERE handle_hash = $3",
+            interval,
+            now,
+            digest,
+        )
+    if refusal is not None:
+        raise refusal
     return str(row["device_code"]), str(row["nonce"])
 
 

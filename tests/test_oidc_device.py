@@ -172,6 +172,8 @@ async def test_polls_keep_the_interval_and_a_slow_down_makes_every_later_poll_5_
             answers.append((resp.status, (await resp.json())["error"]["code"]))
     assert answers == [(400, "authorization_pending"), (400, "slow_down")]
     assert len(provider.device.polls) == 1
+    async with publisher.services.people.db.transaction() as tx:  # from now on 5 s longer
+        assert await tx.fetchval("SELECT poll_interval FROM oidc_device_logins") == 6
 
     # The provider says slow_down on the CLI's first poll: the next one comes 1 + 5 s after it, not 1 s.
     provider.device.polls.clear()
