@@ -141,10 +141,10 @@ def add_device_flow(app: flask.Flask, *, interval: int, expires_in: int) -> Devi
         code = (flask.request.values.get("user_code") or "").strip().upper()
         if flask.request.method == "GET":
             return (
-                '<form method="post"><input name="user_code" value="{}"><input name="sub">'
+                f'<form method="post"><input name="user_code" value="{html.escape(code)}"><input name="sub">'
                 '<button name="action" value="approve">Approve</button>'
                 '<button name="action" value="deny">Deny</button></form>'
-            ).format(html.escape(code))
+            )
         sub, action = flask.request.form.get("sub", ""), flask.request.form.get("action")
         storage = flask.g.oidc_provider_mock_storage
         with flow.lock:

@@ -93,7 +93,8 @@ class Provider:
         """What a person does at the verification page: open it with the user code, then approve or deny as
         `sub`."""
         async with http.get(f"{self.issuer}/device", params={"user_code": user_code}) as resp:
-            assert resp.status == 200 and user_code in await resp.text()
+            assert resp.status == 200
+            assert user_code in await resp.text()
         form = {"user_code": user_code, "sub": sub, "action": action}
         async with http.post(f"{self.issuer}/device", data=form) as resp:
             assert resp.status == 200, await resp.text()

@@ -84,6 +84,13 @@ async def _codes(provider: Provider) -> list[str]:
     return provider.device.user_codes()
 
 
+def _kept(credentials: Path) -> Any:
+    """What `keyrelay login` stored and the file's mode, or None when it stored nothing."""
+    if not credentials.exists():
+        return None
+    return json.loads(credentials.read_text()), stat.S_IMODE(credentials.stat().st_mode)
+
+
 async def _audit(publisher: Publisher, action: str) -> list[dict[str, Any]]:
     entries = (await publisher.admin.ok("GET", "/audit", limit=1000))["entries"]
     return [e for e in entries if e["action"] == action]
@@ -102,8 +109,8 @@ async def test_a_person_approves_at_the_provider_and_the_cli_keeps_a_personal_to
     assert (ran.code, "logged in to" in ran.out, "as ann@example.com" in ran.out) == (0, True, True), ran
     assert f"enter the code {code}" in ran.err
     assert f"{provider.issuer}/device" in ran.err  # the verification URI, and the one with the code filled in
-    stored = json.loads(credentials.read_text())
-    assert stat.S_IMODE(credentials.stat().st_mode) == 0o600
+    stored, mode = _kept(credentials)
+    assert mode == 0o600
     assert stored["url"] == publisher.url
     assert stored["token"].startswith(TOKEN_PREFIX)
     assert stored["token"] not in ran.out + ran.err  # the token is stored, never printed
@@ -149,7 +156,7 @@ async def test_a_denied_or_expired_device_sign_in_stores_nothing_and_says_why(
         expired = await (await _login(publisher))  # nobody approves within the code's 3 s
         assert (expired.code, expired.out) == (1, "")
         assert "the code expired before the sign-in was approved" in expired.err
-        assert not credentials.exists()
+        assert _kept(credentials) is None
         assert await _audit(publisher, "signin") == []
         refused = publisher.services.tokens.stats.sign_ins_refused
         assert refused["provider_refused"] == 1
@@ -209,7 +216,7 @@ async def test_without_a_device_endpoint_at_the_provider_the_cli_says_how_to_log
         assert (ran.code, ran.out) == (1, "")
         assert f"identity provider ({provider.issuer}) does not offer the device flow" in ran.err
         assert "keyrelay login --with-token" in ran.err
-        assert not credentials.exists()
+        assert _kept(credentials) is None
 
 
 async def test_a_publisher_without_openid_connect_has_no_device_flow_and_the_cli_says_so(
@@ -233,7 +240,7 @@ async def test_a_deactivated_user_approving_at_the_provider_is_refused_and_the_r
     ran = await running
     assert (ran.code, ran.out) == (1, "")
     assert "keyrelay refused the sign-in: your keyrelay account is deactivated" in ran.err
-    assert not credentials.exists()
+    assert _kept(credentials) is None
     (refused,) = await _audit(publisher, "signin.refused")
     assert (refused["actor_id"], refused["details"]["via"], refused["details"]["reason"]) == (
         ann["id"],
@@ -242,4 +249,3 @@ async def test_a_deactivated_user_approving_at_the_provider_is_refused_and_the_r
     )
     tokens = (await publisher.admin.ok("GET", "/tokens"))["tokens"]
     assert [t for t in tokens if t["user_id"] is not None] == []
-
