@@ -28,9 +28,12 @@ import flask
 import oidc_provider_mock
 import werkzeug.serving
 
+from keyrelay.natsd import free_port
+from publisher.oidc_groups import parse_group_map
 from tests.oidc_device import DeviceFlow, add_device_flow
+from tests.support import Publisher, StartPublisher
 
-__all__ = ["Provider", "running_provider"]
+__all__ = ["Provider", "running_provider", "start_relying_party"]
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -139,3 +142,18 @@ def running_provider(
         server.shutdown()
         thread.join(10)
         server.server_close()
+
+
+async def start_relying_party(start_publisher: StartPublisher, provider: Provider, group_map: bytes) -> Publisher:
+    """A publisher signing in with `provider` (as client `keyrelay`, with a secret), `group_map` its group map,
+    its public URL its own address, and every token looked up at each request (no cache)."""
+    port = free_port()
+    return await start_publisher(
+        port=port,
+        public_url=f"http://127.0.0.1:{port}",
+        oidc_issuer=provider.issuer,
+        oidc_client_id="keyrelay",
+        oidc_client_secret="a-client-secret-for-tests",
+        oidc_group_map=parse_group_map(group_map),
+        token_cache_ttl=0,
+    )

@@ -20,6 +20,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -75,19 +76,24 @@ def fuzz_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def live_publisher(fuzz_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The publisher on SQLite, served on 127.0.0.1 from its own thread, and one org → team → project → key in it."""
-    data = tmp_path_factory.mktemp("publisher")
-    settings = PublisherSettings(
+def _publisher_settings(nats_server: NatsServer, data: Path, **extra: Any) -> PublisherSettings:
+    """A publisher on SQLite in `data`, with the test admin token and a signing key of its own."""
+    return PublisherSettings(
         database_url=f"sqlite:///{data / 'keyrelay.db'}",
         init=True,
-        nats_url=(fuzz_nats.url,),
+        nats_url=(nats_server.url,),
         admin_token=ADMIN_TOKEN,
         data_dir=data,
         publish_wait=2.0,
         signing_key=key_file(data / "signing-key", SIGNER),
+        **extra,
     )
+
+
+@pytest.fixture(scope="module")
+def live_publisher(fuzz_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The publisher on SQLite, served on 127.0.0.1 from its own thread, and one org → team → project → key in it."""
+    settings = _publisher_settings(fuzz_nats, tmp_path_factory.mktemp("publisher"))
     with ThreadedApp(lambda: create_publisher_app(settings), access_log=None) as url:
         with requests.Session() as http:
             http.headers.update(AUTH)
@@ -139,16 +145,10 @@ def test_the_live_publisher_never_answers_5xx_and_every_answer_matches_its_docum
 @pytest.fixture(scope="module")
 def live_device_publisher(fuzz_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A publisher signing in with the loopback OpenID provider (device flow served), from its own thread."""
-    data = tmp_path_factory.mktemp("device-publisher")
     with running_provider() as provider:
-        settings = PublisherSettings(
-            database_url=f"sqlite:///{data / 'keyrelay.db'}",
-            init=True,
-            nats_url=(fuzz_nats.url,),
-            admin_token=ADMIN_TOKEN,
-            data_dir=data,
-            publish_wait=2.0,
-            signing_key=key_file(data / "signing-key", SIGNER),
+        settings = _publisher_settings(
+            fuzz_nats,
+            tmp_path_factory.mktemp("device-publisher"),
             public_url="http://127.0.0.1:8080",
             oidc_issuer=provider.issuer,
             oidc_client_id="keyrelay",

@@ -15,11 +15,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from keyrelay.natsd import free_port
-from publisher.oidc_groups import parse_group_map
 from publisher.token_format import TOKEN_PREFIX
 from tests.cli_support import Ran, Shell, run_cli
-from tests.oidc_provider import Provider, running_provider
+from tests.oidc_provider import Provider, running_provider, start_relying_party
 from tests.support import Publisher, StartPublisher, eventually
 
 GROUP_MAP = b"""
@@ -50,16 +48,7 @@ def provider() -> Iterator[Provider]:
 async def _publisher(start_publisher: StartPublisher, provider: Provider) -> tuple[Publisher, str, str]:
     """A publisher signing in with `provider`, and its organizations acme (memberships from the groups claim,
     users made at sign-in) and globex; the publisher and the two orgs' ids."""
-    port = free_port()
-    publisher = await start_publisher(
-        port=port,
-        public_url=f"http://127.0.0.1:{port}",
-        oidc_issuer=provider.issuer,
-        oidc_client_id="keyrelay",
-        oidc_client_secret="a-client-secret-for-tests",
-        oidc_group_map=parse_group_map(GROUP_MAP),
-        token_cache_ttl=0,
-    )
+    publisher = await start_relying_party(start_publisher, provider, GROUP_MAP)
     acme = (await publisher.admin.ok("POST", "/orgs", {"name": "acme"}))["id"]
     globex = (await publisher.admin.ok("POST", "/orgs", {"name": "globex"}))["id"]
     await publisher.admin.ok("PUT", f"/orgs/{acme}/policy", {"memberships": "claims", "jit_users": True})
@@ -70,6 +59,13 @@ async def _login(publisher: Publisher, *flags: str) -> asyncio.Task[Ran]:
     """`keyrelay login --device` running in a thread (the test serves the publisher meanwhile)."""
     argv = ["login", "--url", publisher.url, "--device", *flags]
     return asyncio.create_task(asyncio.to_thread(run_cli, argv, ""))
+
+
+async def _decided(publisher: Publisher, provider: Provider, http: aiohttp.ClientSession, action: str) -> Ran:
+    """`keyrelay login --device` while ann does `action` (approve, deny) with its code at the provider's page."""
+    running = await _login(publisher)
+    await provider.verify_device(http, await _user_code(provider), "ann", action)
+    return await running
 
 
 async def _user_code(provider: Provider, count: int = 1) -> str:
@@ -147,9 +143,7 @@ async def test_a_denied_or_expired_device_sign_in_stores_nothing_and_says_why(
     with running_provider(device_expires_in=3) as provider:
         publisher, _, _ = await _publisher(start_publisher, provider)
         await provider.set_user(http, "ann", email="ann@example.com", groups=["acme-admins"])
-        running = await _login(publisher)
-        await provider.verify_device(http, await _user_code(provider), "ann", "deny")
-        denied = await running
+        denied = await _decided(publisher, provider, http, "deny")
         assert (denied.code, denied.out) == (1, "")
         assert "denied at the identity provider; nothing was stored" in denied.err
 
@@ -235,9 +229,7 @@ async def test_a_deactivated_user_approving_at_the_provider_is_refused_and_the_r
     ann = await publisher.admin.ok("POST", "/users", {"email": "ann@example.com"})
     await publisher.admin.ok("POST", f"/users/{ann['id']}/deactivate")
     await provider.set_user(http, "ann", email="ann@example.com", groups=["acme-admins"])
-    running = await _login(publisher)
-    await provider.verify_device(http, await _user_code(provider), "ann", "approve")
-    ran = await running
+    ran = await _decided(publisher, provider, http, "approve")
     assert (ran.code, ran.out) == (1, "")
     assert "keyrelay refused the sign-in: your keyrelay account is deactivated" in ran.err
     assert _kept(credentials) is None
