@@ -55,10 +55,11 @@ async def _publisher(start_publisher: StartPublisher, provider: Provider) -> tup
     return publisher, acme, globex
 
 
-async def _login(publisher: Publisher, *flags: str) -> asyncio.Task[Ran]:
-    """`keyrelay login --device` running in a thread (the test serves the publisher meanwhile)."""
-    argv = ["login", "--url", publisher.url, "--device", *flags]
-    return asyncio.create_task(asyncio.to_thread(run_cli, argv, ""))
+async def _login(publisher: Publisher, *, device: bool = True, terminal: bool = False) -> asyncio.Task[Ran]:
+    """`keyrelay login` (--device unless told otherwise) running in a thread (the test serves the publisher
+    meanwhile), its standard input empty (or a terminal)."""
+    argv = ["login", "--url", publisher.url, *(["--device"] if device else [])]
+    return asyncio.create_task(asyncio.to_thread(run_cli, argv, "", terminal=terminal))
 
 
 async def _decided(publisher: Publisher, provider: Provider, http: aiohttp.ClientSession, action: str) -> Ran:
@@ -135,6 +136,22 @@ async def test_a_person_approves_at_the_provider_and_the_cli_keeps_a_personal_to
     )
     listed = await asyncio.to_thread(run_cli, ["orgs", "list", "--json"], "")  # the login's URL and token
     assert [o["name"] for o in json.loads(listed.out)["orgs"]] == ["acme"]
+
+
+async def test_at_a_terminal_login_signs_in_with_the_device_flow_when_offered_and_piped_input_stays_a_token(
+    start_publisher: StartPublisher, provider: Provider, credentials: Path, http: aiohttp.ClientSession
+) -> None:
+    publisher, _, _ = await _publisher(start_publisher, provider)
+    await provider.set_user(http, "ann", email="ann@example.com", groups=["acme-admins"])
+    running = await _login(publisher, device=False, terminal=True)  # no --device, no --with-token
+    await provider.verify_device(http, await _user_code(provider), "ann", "approve")
+    ran = await running
+    assert (ran.code, "as ann@example.com" in ran.out, "enter the code" in ran.err) == (0, True, True), ran
+
+    piped = await (await _login(publisher, device=False))  # not a terminal: a token is read, none came
+    assert (piped.code, "no token given" in piped.err) == (1, True)
+    assert provider.device is not None
+    assert len(provider.device.user_codes()) == 0  # the device code was used up; no other was asked for
 
 
 async def test_a_denied_or_expired_device_sign_in_stores_nothing_and_says_why(
