@@ -148,9 +148,11 @@ async def _due(services: Services, digest: bytes) -> tuple[str, str]:
     now = now_us()
     refusal: Invalid | None = None
     async with services.people.db.transaction() as tx:
+        # On PostgreSQL two polls of one handle at once take turns here, so only one of them reaches the provider.
+        lock = " FOR UPDATE" if services.people.db.dialect == "postgresql" else ""
         row = await tx.fetchrow(
             "SELECT device_code, nonce, poll_interval, polled_at, expires_at FROM oidc_device_logins "
-            "WHERE handle_hash = $1",
+            f"WHERE handle_hash = $1{lock}",
             digest,
         )
         if row is None:
@@ -183,6 +185,8 @@ async def _provider_said(services: Services, digest: bytes, exc: ProviderError) 
                 "UPDATE oidc_device_logins SET poll_interval = poll_interval + 5 WHERE handle_hash = $1", digest
             )
         return Invalid("the identity provider asks to poll less often: wait 5 s longer", code=exc.error)
+    if exc.error is None:  # unreachable, or no OAuth answer: the sign-in may still be polled again
+        return exc
     await _finish(services, digest)
     if exc.error == "access_denied":
         services.tokens.stats.sign_ins_refused["provider_refused"] += 1
