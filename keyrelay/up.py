@@ -143,8 +143,8 @@ class Stack:
         leaves = self.nats[self.settings.hub_nodes :]
         # Each region's USAGE stream before the publisher, whose hub USAGE stream sources them: a source
         # that finds its stream at once starts at once, one that does not retries only after a backoff.
-        for region, leaf in zip(self.settings.regions, leaves, strict=True):
-            asyncio.run(init_region_usage(self._region_settings(region, leaf.url)))
+        for code, leaf in zip(self.settings.regions, leaves, strict=True):
+            asyncio.run(init_region_usage(self._region_settings(code, leaf.url)))
         self._start_publisher(hub_url)
         self._wait_bucket()
         regions = self.settings.regions or (None,)

@@ -30,6 +30,7 @@ from keyrelay.procs import http_get
 from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
 from keyrelay.up import Stack, UpSettings
 from tests.support import make_key
+from tests.up_support import running_regions
 
 pytestmark = pytest.mark.slow
 
@@ -39,20 +40,8 @@ _REFUSED = (NatsTimeout, NoRespondersError, NoStreamResponseError, TimeoutError)
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`keyrelay up --regions eu,us` on free ports, accounts on (the default)."""
-    settings = UpSettings(
-        data_dir=tmp_path_factory.mktemp("up"),
-        publisher_port=0,
-        sidecar_port=0,
-        nats_port=0,
-        regions=("eu", "us"),
-        log_level="warning",
-    )
-    running = Stack(settings)
-    try:
-        running.start()
+    with running_regions(tmp_path_factory.mktemp("up")) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _url(stack: Stack, server: str) -> str:

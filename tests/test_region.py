@@ -13,9 +13,9 @@ from nats.aio.client import Client
 from nats.js.api import KeyValueConfig
 
 from keyrelay.core.jetstream import jetstream_api
+from keyrelay.core.usage_streams import hub_usage_stream_config, region_usage_stream_config
 from keyrelay.errors import KeyrelayError
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
-from keyrelay.core.usage_streams import hub_usage_stream_config, region_usage_stream_config
 from keyrelay.region import RegionSettings, init_region
 from tests.support import eventually, make_key, put
 
@@ -120,7 +120,7 @@ async def test_the_hubs_usage_source_files_what_a_region_sends_under_that_region
     try:
         forged = {**region_usage_stream_config("eu", hub_domain="hub"), "subjects": ["usage.>"]}
         assert "error" not in await jetstream_api(leaf_nc, "STREAM.CREATE.USAGE", forged, timeout=5)
-        with pytest.raises(KeyrelayError, match="does not hold usage.eu.> alone"):
+        with pytest.raises(KeyrelayError, match=r"does not hold usage\.eu\.> alone"):
             await init_region(RegionSettings(region="eu", nats_url=(leaves["eu"].url,)))
         assert "error" not in await jetstream_api(nc, "STREAM.CREATE.USAGE", hub_usage_stream_config(["eu"]), timeout=5)
         for subject in ("usage.us.web-1", "usage.eu.web-2"):

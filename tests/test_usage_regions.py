@@ -16,11 +16,12 @@ from nats.aio.client import Client
 
 from keyrelay.core.nats_connect import NatsConnect, identity_name
 from keyrelay.core.usage_wire import UsageBatch, encode_batch
-from keyrelay.up import Stack, UpSettings
+from keyrelay.up import Stack
 from publisher.db import Database
 from publisher.db_open import open_database
 from publisher.usage_store import read_key_usage
 from tests.support import Admin, Scrape, eventually
+from tests.up_support import running_regions
 
 pytestmark = pytest.mark.slow
 
@@ -31,20 +32,8 @@ _HOUR_US = 3600 * 1_000_000
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`keyrelay up --regions eu,us`, accounts on, sidecars counting every 0.3 s."""
-    settings = UpSettings(
-        data_dir=tmp_path_factory.mktemp("up"),
-        publisher_port=0,
-        sidecar_port=0,
-        nats_port=0,
-        regions=("eu", "us"),
-        log_level="warning",
-    )
-    running = Stack(settings, sidecar_args=["--usage-interval", f"{INTERVAL}s"])
-    try:
-        running.start()
+    with running_regions(tmp_path_factory.mktemp("up"), sidecar_args=("--usage-interval", f"{INTERVAL}s")) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

@@ -18,12 +18,13 @@ from nats.js.kv import KeyValue
 
 from keyrelay.core.config import environ_without_settings
 from keyrelay.core.usage_wire import UsageBatch, decode_batch
+from keyrelay.core.wire import KeyRecord
 from keyrelay.natsd import NatsServer, free_port
 from keyrelay.procs import spawn, stop, wait_http_ok
 from sidecar.app import create_app
 from sidecar.settings import SidecarSettings
 from sidecar.usage import USAGE
-from tests.support import SNAPSHOT_SIGNER, TRUSTED, StartSidecar, eventually, make_key, put, revoked
+from tests.support import SNAPSHOT_SIGNER, TRUSTED, Sidecar, StartSidecar, eventually, make_key, put, revoked
 
 
 async def _batches(js: JetStreamContext) -> list[UsageBatch]:
@@ -88,15 +89,23 @@ async def test_verifications_are_counted_per_key_and_outcome_and_published_on_th
     assert subjects == {"usage.global.web-1"}
 
 
+async def _verified(
+    bucket: KeyValue, start_sidecar: StartSidecar, sidecar_id: str, times: int
+) -> tuple[str, KeyRecord, Sidecar]:
+    """A key, and an in-process sidecar counting every 0.2 s that verified it `times` times."""
+    key, record = make_key()
+    await put(bucket, record)
+    sidecar = await start_sidecar(usage_interval=0.2, sidecar_id=sidecar_id)
+    await sidecar.ready()
+    for _ in range(times):
+        assert await sidecar.status_of(key) == 200
+    return key, record, sidecar
+
+
 async def test_counts_that_could_not_be_published_are_kept_and_sent_later_exactly_once(
     bucket: KeyValue, js: JetStreamContext, start_sidecar: StartSidecar
 ) -> None:
-    key, record = make_key()
-    await put(bucket, record)
-    sidecar = await start_sidecar(usage_interval=0.2, sidecar_id="web-2")
-    await sidecar.ready()
-    for _ in range(7):
-        assert await sidecar.status_of(key) == 200
+    key, record, sidecar = await _verified(bucket, start_sidecar, "web-2", 7)
     reporter = sidecar.server.app[USAGE]
     await eventually(lambda: asyncio.sleep(0, reporter.failures), lambda f: f >= 2, timeout=10)
     assert reporter.pending >= 1  # no stream yet: kept
@@ -136,12 +145,7 @@ async def test_counts_made_while_nats_is_down_are_kept_bounded_and_sent_when_it_
     bucket: KeyValue, js: JetStreamContext, start_sidecar: StartSidecar, nats_server: NatsServer
 ) -> None:
     await js.add_stream(StreamConfig(name="USAGE", subjects=["usage.>"]))
-    key, record = make_key()
-    await put(bucket, record)
-    sidecar = await start_sidecar(usage_interval=0.2, sidecar_id="web-4")
-    await sidecar.ready()
-    for _ in range(5):
-        assert await sidecar.status_of(key) == 200
+    key, record, sidecar = await _verified(bucket, start_sidecar, "web-4", 5)
     await eventually(lambda: _batches(js), lambda b: _totals(b).get(record.key_id) == [5, 0, 0, 0], timeout=10)
     reporter = sidecar.server.app[USAGE]
     reporter.max_pending = 3  # batches of one entry each: three wait, older ones are dropped and counted
@@ -235,15 +239,22 @@ async def _settled_total(js: JetStreamContext, key_id: str) -> int:
     return now
 
 
+async def _under_load(
+    bucket: KeyValue, js: JetStreamContext, sidecars: SidecarProcesses, name: str, seconds: float
+) -> tuple[str, KeyRecord, list[float]]:
+    """A USAGE stream, a key, and a sidecar process `name` that verified it for `seconds`: key, record, answers."""
+    await js.add_stream(StreamConfig(name="USAGE", subjects=["usage.>"]))
+    key, record = make_key()
+    await put(bucket, record)
+    port = sidecars.start(name)
+    return key, record, await _traffic(port, key, seconds)
+
+
 @pytest.mark.slow
 async def test_a_killed_sidecar_loses_at_most_the_interval_it_was_in(
     bucket: KeyValue, js: JetStreamContext, sidecars: SidecarProcesses
 ) -> None:
-    await js.add_stream(StreamConfig(name="USAGE", subjects=["usage.>"]))
-    key, record = make_key()
-    await put(bucket, record)
-    port = sidecars.start("killed")
-    answered = await _traffic(port, key, 3.5 * INTERVAL)
+    key, record, answered = await _under_load(bucket, js, sidecars, "killed", 3.5 * INTERVAL)
     process = sidecars.started[-1]
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -268,11 +279,7 @@ async def test_a_killed_sidecar_loses_at_most_the_interval_it_was_in(
 async def test_a_sidecar_stopped_cleanly_publishes_what_it_counted_last_and_loses_nothing(
     bucket: KeyValue, js: JetStreamContext, sidecars: SidecarProcesses
 ) -> None:
-    await js.add_stream(StreamConfig(name="USAGE", subjects=["usage.>"]))
-    key, record = make_key()
-    await put(bucket, record)
-    port = sidecars.start("stopped")
-    answered = await _traffic(port, key, 2.5 * INTERVAL)
+    _, record, answered = await _under_load(bucket, js, sidecars, "stopped", 2.5 * INTERVAL)
     stop(sidecars.started[-1])  # SIGTERM
     counted = await _settled_total(js, record.key_id)
     assert counted == len(answered)
