@@ -264,7 +264,8 @@ def region_init_command(args: argparse.Namespace) -> int:
     waiting = streams.usage.get("state", {}).get("messages", 0)
     print(
         f"region {settings.region}: stream {USAGE_STREAM} takes the sidecars' usage on "
-        f"{', '.join(region_usage_subjects(settings.region))} ({waiting} batches held), sourced by the hub's",
+        f"{', '.join(region_usage_subjects(settings.region))} ({waiting} batches held), "
+        f"which the hub's {USAGE_STREAM} stream sources",
         flush=True,
     )
     if settings.seed_snapshot and settings.snapshot_signing_key is None:
