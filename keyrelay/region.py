@@ -127,7 +127,8 @@ async def ensure_region_usage(
         ):
             raise KeyrelayError(
                 f"stream {USAGE_STREAM} on this region's NATS exists but does not hold usage.{region}.> alone: "
-                f"delete it (nats stream rm {USAGE_STREAM}, as this region's region-init identity) and run this again"
+                f"delete it (nats stream rm {USAGE_STREAM}, with an operator's credentials: no keyrelay identity "
+                "may delete it) and run this again"
             )
         if all(have.get(k) == v for k, v in wanted.items() if k != "num_replicas"):
             return info
