@@ -42,7 +42,7 @@ def sent_per_region(workload: Workload) -> dict[str, Sent]:
     sent = {}
     for region in workload.regions:
         records = [r for r in workload.records if r.region == region]
-        probes = workload.probes.get(region, [0, 0])
+        probes = workload.probes.get(region, [0, 0, 0])  # sent, answered and counted, answered
         sent[region] = Sent(
             counted=sum(1 for r in records if r.status not in _NOT_COUNTED) + probes[1],
             in_doubt=sum(1 for r in records if r.status == NO_ANSWER) + probes[0] - probes[2],
