@@ -370,6 +370,22 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         9,
+        "sign-in: OpenID Connect device-flow sign-ins in progress (the CLI's handle hashed, the provider's device "
+        "code, nonce, poll interval, last poll, expiry)",
+        (
+            """CREATE TABLE oidc_device_logins (
+                handle_hash {bytes} PRIMARY KEY,
+                device_code VARCHAR(1024) NOT NULL,
+                nonce VARCHAR(128) NOT NULL,
+                poll_interval INTEGER NOT NULL,
+                polled_at {ts},
+                created_at {ts} NOT NULL,
+                expires_at {ts} NOT NULL
+            )""",
+        ),
+    ),
+    Migration(
+        10,
         "stream digests: each outbox entry's prior version of its key in the stream, and each scope's digest of "
         "the records JetStream acknowledged (what the heartbeat signs)",
         (

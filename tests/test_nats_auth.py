@@ -39,6 +39,7 @@ from keyrelay.region import RegionSettings, init_region
 from keyrelay.snapshots import SnapshotSettings, SnapshotStoreSettings, list_snapshots, seed
 from keyrelay.up import Stack, UpSettings
 from tests.support import Scrape, eventually, make_key
+from tests.up_support import running_regions
 
 pytestmark = pytest.mark.slow
 
@@ -48,20 +49,8 @@ _REFUSED = (NatsTimeout, NoRespondersError, NoStreamResponseError, TimeoutError)
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """`keyrelay up --regions eu,us` on free ports, accounts on (the default)."""
-    settings = UpSettings(
-        data_dir=tmp_path_factory.mktemp("up"),
-        publisher_port=0,
-        sidecar_port=0,
-        nats_port=0,
-        regions=("eu", "us"),
-        log_level="warning",
-    )
-    running = Stack(settings)
-    try:
-        running.start()
+    with running_regions(tmp_path_factory.mktemp("up")) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _url(stack: Stack, server: str) -> str:
@@ -351,6 +340,51 @@ async def test_a_leaf_link_must_authenticate_with_its_regions_seed(
     await word.still_holds()
 
 
+async def _hub_usage(connect: Any) -> dict[str, Any]:
+    publisher = await connect("hub", "publisher")
+    info: dict[str, Any] = await publisher.api("$JS.API.STREAM.INFO.USAGE")
+    return info
+
+
+@pytest.mark.parametrize(("server", "region"), [("leaf-eu", "eu"), ("hub", None)])
+async def test_a_sidecar_publishes_usage_only_under_its_own_regions_subject(
+    stack: Stack, connect: Any, server: str, region: str | None
+) -> None:
+    sidecar = await connect(server, "sidecar", region)
+    for other in ("us", "global", "eu"):
+        if other != (region or "global"):
+            await sidecar.refused(f"usage.{other}.web-1", b"batch")
+    # Not the region's own stream's deliveries to the hub either.
+    await sidecar.refused(f"keyrelay.usage.{region or 'eu'}.S.x", b"batch")
+
+
+@pytest.mark.parametrize("role", ["sidecar", "region-init"])
+async def test_nothing_connected_to_a_leaf_touches_the_hubs_usage_stream(stack: Stack, connect: Any, role: str) -> None:
+    before = (await _hub_usage(connect))["config"]
+    eu = await connect("leaf-eu", role, "eu")
+    evil = {**before, "sources": [*before["sources"], {"name": "USAGE", "external": {"api": "$JS.eu.API"}}]}
+    for subject in ("$JS.hub.API.STREAM.UPDATE.USAGE", "$JS.hub.API.STREAM.CREATE.USAGE"):
+        await eu.refused(subject, evil)
+    for action in ("DELETE", "PURGE", "INFO"):
+        await eu.refused(f"$JS.hub.API.STREAM.{action}.USAGE")
+    await eu.refused("$JS.hub.API.CONSUMER.CREATE.USAGE.usage-aggregator", {"stream_name": "USAGE", "config": {}})
+    await eu.refused("$JS.hub.API.CONSUMER.MSG.NEXT.USAGE.usage-aggregator", {"batch": 1})
+    # Nor another region's USAGE stream, nor its own beyond creating and updating it.
+    await eu.refused("$JS.us.API.STREAM.DELETE.USAGE")
+    for action in ("DELETE", "PURGE"):
+        await eu.refused(f"$JS.API.STREAM.{action}.USAGE")
+    after = (await _hub_usage(connect))["config"]
+    assert after == before
+    assert [s["external"]["api"] for s in after["sources"]] == ["$JS.eu.API", "$JS.us.API"]
+
+
+async def test_the_publisher_cannot_reach_a_regions_usage_stream(stack: Stack, connect: Any) -> None:
+    publisher = await connect("hub", "publisher")
+    await publisher.refused("$JS.eu.API.STREAM.INFO.USAGE")
+    await publisher.refused("$JS.eu.API.CONSUMER.CREATE.USAGE", {"stream_name": "USAGE", "config": {}})
+    await publisher.refused("$JS.API.STREAM.DELETE.USAGE")
+
+
 async def test_a_rogue_leaf_node_with_a_regions_link_credentials_cannot_change_the_hub(
     stack: Stack, connect: Any, tmp_path: Path, word: PublisherWord
 ) -> None:
@@ -371,17 +405,22 @@ async def test_a_rogue_leaf_node_with_a_regions_link_credentials_cannot_change_t
         nc = await nats.connect(rogue.url, max_reconnect_attempts=0)
         try:
             before = (await _hub_bucket(connect))["config"]
+            usage = (await _hub_usage(connect))["config"]
             for subject in (
                 "$JS.hub.API.STREAM.UPDATE.KV_KEYS",
                 "$JS.hub.API.STREAM.DELETE.KV_KEYS",
                 "$JS.hub.API.DIRECT.GET.KV_KEYS",
                 "$JS.hub.API.STREAM.MSG.GET.KV_KEYS",
+                "$JS.hub.API.STREAM.UPDATE.USAGE",
+                "$JS.hub.API.STREAM.DELETE.USAGE",
+                "$JS.hub.API.STREAM.PURGE.USAGE",
             ):
                 with pytest.raises(_REFUSED):
                     await nc.request(subject, json.dumps({**before, "seq": 1}).encode(), timeout=1.0)
             with pytest.raises(_REFUSED):
                 await nc.jetstream(domain="hub").publish("$KV.KEYS.global.x", b"forged", timeout=1.0)
             assert (await _hub_bucket(connect))["config"] == before
+            assert (await _hub_usage(connect))["config"] == usage
         finally:
             await nc.close()
     finally:
