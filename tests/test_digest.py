@@ -9,17 +9,38 @@ and does not serve the key as fresh. Everything the product does by itself never
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
+import msgpack
+import pytest
 from nats.js.client import JetStreamContext
 
-from keyrelay.core.digest import MASK, record_term
-from keyrelay.core.wire import HEARTBEAT_ENTRY, decode_heartbeat_digests
+from keyrelay.core.digest import MASK, combine, record_term, to_bytes
+from keyrelay.core.errors import RecordError
+from keyrelay.core.wire import (
+    HEARTBEAT_ENTRY,
+    LEGACY,
+    MAX_VERSION,
+    decode_heartbeat,
+    decode_heartbeat_digests,
+    encode_heartbeat,
+)
 from keyrelay.natsd import NatsServer
 from publisher.stream_digest import rebuild
+from sidecar.digest_check import RESYNC_AFTER, DigestCheck, Judgement
 from sidecar.table import KeyTable
-from tests.support import Publisher, Sidecar, StartPublisher, StartSidecar, eventually, seed
+from tests.support import (
+    Publisher,
+    Sidecar,
+    StartPublisher,
+    StartSidecar,
+    eventually,
+    make_key,
+    revoked,
+    seed,
+)
 from tests.withholding_proxy import WithholdingProxy
 
 _BEAT = 0.25  # the publisher's heartbeat interval in these tests
@@ -183,3 +204,57 @@ async def test_creating_revoking_rotating_resigning_reconciling_and_a_lease_hand
     assert set(digests) == {"global", "eu"}
     for sidecar in sidecars:
         assert (await _digest(sidecar))["mismatches"] == 0
+
+
+def test_a_mismatch_with_values_waiting_behind_it_is_not_counted_and_three_in_a_row_ask_for_one_resync() -> None:
+    check = DigestCheck()
+    assert check.judge(7, 7, waiting=0).fresh
+    assert check.judge(None, 7, waiting=0) == Judgement(fresh=False)  # the publisher did not know its digests
+    assert check.judge(8, 7, waiting=3) == Judgement(fresh=False)  # perhaps innocent: not counted
+    assert check.judge(8, 7, waiting=None) == Judgement(fresh=False)
+    assert (check.mismatches, check.unknown, check.resync_due) == (0, 1, False)
+    for _ in range(RESYNC_AFTER):
+        assert check.judge(8, 7, waiting=0) == Judgement(fresh=False, counted=True)
+    assert check.resync_due
+    check.resync_started()
+    for _ in range(2 * RESYNC_AFTER):
+        check.judge(8, 7, waiting=0)
+    assert (check.resync_due, check.resyncs, check.status()["matches"]) == (False, 1, False)  # one per run
+    assert check.judge(9, 9, waiting=0).fresh  # a match ends the run: the next one may resync again
+    for _ in range(RESYNC_AFTER):
+        check.judge(8, 7, waiting=0)
+    assert check.resync_due
+
+
+def test_a_heartbeat_says_its_digests_or_that_it_knows_none_and_an_old_one_says_nothing_of_them() -> None:
+    digests = {"global": to_bytes(5), "eu": to_bytes(MASK)}
+    assert decode_heartbeat_digests(encode_heartbeat(3, digests)) == (3, digests)
+    assert decode_heartbeat_digests(encode_heartbeat(3, None)) == (3, None)
+    assert decode_heartbeat_digests(encode_heartbeat(3, legacy=True)) == (3, LEGACY)
+    assert decode_heartbeat(encode_heartbeat(4, digests)) == 4
+    for bad in ({"global": b"short"}, {"Not A Region": to_bytes(1)}, {"global": "text"}):
+        with pytest.raises(RecordError):
+            decode_heartbeat_digests(msgpack.packb({"v": 1, "acked": 1, "d": bad}))
+    assert combine({"global": MASK, "eu": 2}, ("global", "eu")) == 1  # sums wrap at 2^256
+    assert combine({"global": 5, "us": 2}, ("global", "eu")) == 5  # another region's digest is not this one's
+
+
+def test_the_table_keeps_its_digest_through_every_change_and_a_snapshot_state_carries_it() -> None:
+    table = KeyTable()
+    records = [make_key()[1] for _ in range(5)]
+    for record in records:
+        table.apply(record)
+    table.apply(revoked(records[0]))
+    table.tombstone(records[1].key_id, MAX_VERSION, until=time.time() + 60)
+    table.quarantine(records[2].key_id)
+    table.apply(dataclasses.replace(records[3], key_hash=bytes(32), version=records[3].version + 1))  # new hash
+    assert table.digest == _table_sum(table) != 0
+    table.mark_heartbeat(1234.5)
+    copy = KeyTable()
+    copy.adopt(table.state())
+    assert (copy.digest, copy.heartbeat_mark) == (table.digest, (1234.5, table.digest))
+    wrong = KeyTable()
+    wrong.adopt(dataclasses.replace(table.state(), digest=None))  # a snapshot from before digests: summed
+    assert wrong.digest == table.digest
+    table.clear()
+    assert table.digest == 0
