@@ -258,3 +258,20 @@ def test_the_table_keeps_its_digest_through_every_change_and_a_snapshot_state_ca
     assert wrong.digest == table.digest
     table.clear()
     assert table.digest == 0
+
+
+async def test_a_bucket_lost_and_made_again_is_refilled_and_the_sidecar_matches_the_publisher_again(
+    start_publisher: StartPublisher, start_sidecar: StartSidecar, js: JetStreamContext
+) -> None:
+    publisher = await start_publisher(heartbeat_interval=_BEAT)
+    keys = await _keys(publisher, 4)
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    await js.delete_key_value("KEYS")
+    # The next heartbeat finds the stream gone and makes it again; the reconciliation refills it, and the
+    # relay, whose digests described the old stream, sums them afresh once the refill is published.
+    await eventually(lambda: asyncio.sleep(0, publisher.services.broker.stream_repairs), bool, timeout=10)
+    await eventually(lambda: asyncio.sleep(0, publisher.services.relay.digests), lambda d: bool(d), timeout=20)
+    await _matched_since(sidecar, time.time())
+    assert await sidecar.status_of(keys[0]["key"]) == 200
+    assert publisher.services.relay.digests == await rebuild(publisher.services.store.db)
