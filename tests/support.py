@@ -10,7 +10,7 @@ import os
 import ssl as ssl_module
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +23,6 @@ from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
-from keyrelay.core.digest import MASK, record_term, to_bytes
 from keyrelay.core.nats_connect import NatsConnect, identity_name
 from keyrelay.core.trust import (
     KIND_HEARTBEAT,
@@ -38,7 +37,6 @@ from keyrelay.core.trust import (
     verify,
 )
 from keyrelay.core.wire import (
-    GLOBAL_SCOPE,
     HEARTBEAT_ENTRY,
     MAX_VERSION,
     KeyRecord,
@@ -188,38 +186,12 @@ async def delete(
 
 
 async def heartbeat(
-    bucket: KeyValue,
-    acked: int = 0,
-    *,
-    signer: Signer | None = SIGNER,
-    signed_at: float | None = None,
-    digests: Mapping[str, int] | None = None,
+    bucket: KeyValue, acked: int = 0, *, signer: Signer | None = SIGNER, signed_at: float | None = None
 ) -> int:
-    """The publisher's signed heartbeat; the bucket revision.
-
-    With `digests` (scope → digest, keyrelay/core/digest.py) it signs them as the publisher does; without,
-    it is a heartbeat of a publisher from before digests, which sidecars take as proving freshness alone.
-    """
-    payload = (
-        encode_heartbeat(acked, legacy=True)
-        if digests is None
-        else encode_heartbeat(acked, {scope: to_bytes(value) for scope, value in digests.items()})
-    )
+    """The publisher's signed heartbeat, as a publisher from before digests wrote it (no digests: sidecars take it
+    as proving freshness alone); the bucket revision. A real publisher (start_publisher) signs digests."""
+    payload = encode_heartbeat(acked, legacy=True)
     return await put_raw(bucket, HEARTBEAT_ENTRY, payload, signer=signer, kind=KIND_HEARTBEAT, signed_at=signed_at)
-
-
-def scope_digests(records: Iterable[KeyRecord]) -> dict[str, int]:
-    """Each scope's digest over `records` (each key's newest, live): what the publisher's heartbeat would sign."""
-    newest: dict[str, KeyRecord] = {}
-    for record in records:
-        held = newest.get(record.key_id)
-        if held is None or held.version < record.version:
-            newest[record.key_id] = record
-    digests: dict[str, int] = {}
-    for record in newest.values():
-        scope = record.region or GLOBAL_SCOPE
-        digests[scope] = (digests.get(scope, 0) + record_term(record.key_id.encode(), record.version)) & MASK
-    return digests
 
 
 # How soon "at once" is in a functional test: generous, so that a loaded two-core machine never trips it,
