@@ -4,6 +4,8 @@ read its usage and nobody else; every bad parameter is a 400 naming it."""
 
 from __future__ import annotations
 
+import itertools
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -11,8 +13,10 @@ from typing import Any
 
 import pytest
 
+from keyrelay.chart import BLOCKS, chart_rows, squeeze
 from keyrelay.core.usage_wire import UsageBatch
 from publisher.usage_store import ApplyStats, apply_batch
+from tests.cli_support import Shell, table_rows
 from tests.support import Publisher, StartPublisher
 
 HOUR = 3600
@@ -66,13 +70,15 @@ async def test_the_last_day_comes_back_per_hour_with_every_bucket_and_the_totals
     assert usage["region"] is None
     assert len(usage["series"]) in (24, 25)  # the hour holding `from`, up to now
     starts = [datetime.fromisoformat(p["at"].replace("Z", "+00:00")).timestamp() for p in usage["series"]]
-    assert all(b - a == HOUR for a, b in zip(starts, starts[1:], strict=False))
-    assert starts[0] % HOUR == 0 and starts[0] <= now - DAY < starts[0] + HOUR
+    assert all(b - a == HOUR for a, b in itertools.pairwise(starts))
+    assert starts[0] % HOUR == 0
+    assert starts[0] <= now - DAY < starts[0] + HOUR
     assert usage["totals"] == _counts(12, 2, 0, 1)
     assert usage["regions"] == {"eu": _counts(7, 2), "global": _counts(5, 0, 0, 1)}
     used = [p for p in usage["series"] if any(p[c] for c in _counts())]
     assert [p["valid"] for p in used] == [5, 7]
-    assert usage["last_used_region"] == "eu" and usage["last_used_sidecar"] == "edge-eu"
+    assert usage["last_used_region"] == "eu"
+    assert usage["last_used_sidecar"] == "edge-eu"
     assert usage["last_used_at"] is not None
 
     only_eu = await publisher.admin.ok("GET", f"/keys/{key['id']}/usage", region="eu")
@@ -162,10 +168,11 @@ async def test_a_bad_parameter_is_a_400_naming_it(
     key = await publisher.admin.create_key((await publisher.admin.project())["id"])
     now = time.time()
     relative = {"d": DAY, "h": HOUR}
-    for name, value in list(query.items()):
+    asked: dict[str, Any] = dict(query)
+    for name, value in query.items():
         if value[0] in "+-" and value[-1] in relative:  # relative to now, written here as RFC 3339
-            query[name] = _iso(now + int(value[:-1]) * relative[value[-1]])
-    status, answer = await publisher.admin.call("GET", f"/keys/{key['id']}/usage", **query)
+            asked[name] = _iso(now + int(value[:-1]) * relative[value[-1]])
+    status, answer = await publisher.admin.call("GET", f"/keys/{key['id']}/usage", **asked)
     assert (status, answer["error"].get("field")) == (400, field), answer
 
 
@@ -176,3 +183,55 @@ async def test_a_parameter_given_twice_is_a_400(start_publisher: StartPublisher)
     async with publisher.admin.http.get(url, headers={"Authorization": f"Bearer {publisher.admin.token}"}) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"]["field"] == "region"
+
+
+async def test_keys_usage_prints_the_used_buckets_and_totals_and_a_chart_that_fits_80_columns(shell: Shell) -> None:
+    key, _ = await _used_key(shell.publisher)
+    out = await shell.ok("keys", "usage", key["id"])
+    head, *lines = out.rstrip("\n").splitlines()
+    assert head.startswith("hour buckets from ")
+    assert head.endswith("UTC, every region")
+    end = next(i for i, line in enumerate(lines) if line.startswith("("))
+    rows = table_rows("\n".join(lines[:end]))
+    assert [(r["VALID"], r["REVOKED"], r["INSUFFICIENT SCOPE"]) for r in rows] == [
+        ("5", "0", "1"),
+        ("7", "2", "0"),
+        ("12", "2", "1"),
+    ]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:00", r["AT"]) for r in rows[:2])
+    assert rows[2]["AT"] == "total"
+    assert "by region: eu 9, global 6" in lines
+    assert any(line.startswith("last used ") and "in eu (sidecar edge-eu)" in line for line in lines)
+
+    year = await shell.ok("keys", "usage", key["id"], "--from", "200d", "--chart")
+    assert year.startswith("day buckets from ")
+    chart = year.split("\n\n", 1)[1].rstrip("\n").splitlines()
+    assert chart[0].startswith("each column: ")
+    assert chart[0].endswith("a full block: 13 verifications")
+    drawn = {line.split()[0]: line for line in chart[1:5]}
+    assert list(drawn) == ["valid", "revoked", "expired", "insufficient_scope"]
+    assert all(len(line) <= 80 for line in year.splitlines())
+    assert drawn["valid"].count("█") == 1  # the day of 13
+    assert sum(drawn["valid"].count(block) for block in BLOCKS[1:]) in (
+        3,
+        4,
+    )  # and the days with fewer (two, or three when the hours of today's straddle midnight UTC)
+    assert set(drawn["expired"].split(None, 1)[1]) == {"▁"}  # a single 1 still shows
+    assert chart[-1].strip().startswith(year.split()[3])  # the axis names the first bucket
+
+    answer = await shell.json("keys", "usage", key["id"], "--region", "eu", "--granularity", "day", "--from", "7d")
+    assert (answer["granularity"], answer["region"], answer["totals"]["revoked"]) == ("day", "eu", 2)
+    err = await shell.fails("keys", "usage", key["id"], "--from", "last tuesday")
+    assert "from must be an RFC 3339 time" in err
+
+
+def test_a_sparkline_sums_what_it_squeezes_and_never_draws_a_count_as_blank() -> None:
+    values = [0] * 700 + [1] + [0] * 40 + [1000]
+    assert sum(squeeze(values, 60)) == 1001
+    assert len(squeeze(values, 60)) == 60
+    assert squeeze([3, 4], 60) == [3, 4]
+    lines, top = chart_rows([("a", values), ("bb", [0, 0, 500])], width=60)
+    assert top == 1000
+    assert lines[0].startswith("a   ")
+    assert lines[0].endswith("▁  █")
+    assert lines[1] == "bb    ▄"  # three columns: no squeezing, and the 500 half of the 1000
