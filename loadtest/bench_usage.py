@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import platform
 import statistics
 import sys
@@ -87,16 +88,22 @@ def _sidecar(url: str, port: int, interval: str) -> list[str]:
         "--usage-interval",
         interval,
         "--sidecar-id",
-        f"bench-{'off' if interval == '0' else 'on'}",
+        f"bench-{interval}",
         *sidecar_trust_args(),
     ]
 
 
-_MODES = {"counting": "5s", "off": "0"}
+# counting: as deployed (a batch every 5s); request path: counting, but no batch within the measured stretch
+# (under callgrind a sidecar answers ~100 times fewer requests a second, so each 5s batch is shared by ~100
+# times fewer requests than natively: that mode shows what the request path alone costs); off: no counting.
+_MODES = {"counting": "5s", "request_path": "1h", "off": "0"}
+_IDLE = 5.0  # seconds of each sidecar counted unloaded under callgrind
 
 
 def bench_sidecar(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Instructions per /auth request, and throughput, with usage counting on and off, alternating."""
+    # One string hash seed for every sidecar: dict layouts, and so instruction counts, do not differ by chance.
+    os.environ["PYTHONHASHSEED"] = "0"
     nats_server = NatsServer(NatsSpec(name="bench-usage", store_dir=work / "nats"))
     nats_server.start()
     heartbeats = Heartbeats(nats_server.url, [DEFAULT_BUCKET])
@@ -110,6 +117,7 @@ def bench_sidecar(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         )
         script = header_pool_script(work / "wrk", "Authorization", fill.pool, prefix="Bearer ")
         counted: dict[str, list[float]] = {mode: [] for mode in _MODES}
+        raw: dict[str, list[float]] = {mode: [] for mode in _MODES}
         for round_ in range(args.instruction_rounds):
             for mode, interval in _MODES.items():
                 port = free_port()
@@ -124,22 +132,30 @@ def bench_sidecar(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     connections=_CONNECTIONS,
                     warmup=args.warmup,
                     duration=args.instruction_seconds,
+                    idle=_IDLE,
                 )
-                counted[mode].append(found.per_request)
-                say(f"    {found.per_request:,.0f} instructions a request ({found.requests:,} requests)")
+                counted[mode].append(found.per_request_under_load)
+                raw[mode].append(found.per_request)
+                say(
+                    f"    {found.per_request_under_load:,.0f} instructions a request under load "
+                    f"({found.per_request:,.0f} with the background; {found.requests:,} requests, "
+                    f"{found.idle_per_second:,.0f} a second unloaded)"
+                )
         rps = _throughput(nats_server.url, script, args, work)
     finally:
         heartbeats.close()
         nats_server.stop()
-    on, off = statistics.median(counted["counting"]), statistics.median(counted["off"])
+    median = {mode: statistics.median(values) for mode, values in counted.items()}
     rps_on, rps_off = statistics.median(rps["counting"]), statistics.median(rps["off"])
     return {
-        "instructions": {"counting": counted["counting"], "off": counted["off"], "median_counting": on},
-        "instructions_off": off,
-        "instruction_ratio": on / off,
+        "instructions": counted,
+        "instructions_with_background": raw,
+        "median_instructions": median,
+        "instruction_ratio": median["counting"] / median["off"],
+        "request_path_ratio": median["request_path"] / median["off"],
         "requests_per_second": rps,
         "throughput_ratio": rps_off / rps_on,
-        "pass": on / off <= TARGET_INSTRUCTION_RATIO,
+        "pass": median["counting"] / median["off"] <= TARGET_INSTRUCTION_RATIO,
     }
 
 
@@ -268,16 +284,16 @@ def _sqlite_sizes(path: Path) -> dict[str, int]:
 
 
 def _per_key(sizes: dict[str, int], keys: int, hours: int) -> dict[str, Any]:
-    days = hours / 24
+    days = hours / 24  # of hour buckets; the simulated hours all fall in one day bucket
     hour, day, last = (sizes[t] / keys for t in _KEY_TABLES)
     return {
         "tables": sizes,
-        "bytes_per_key_day": (hour + day) / days,  # the day's buckets of one active key
+        "bytes_per_key_day": hour / days + day,  # the day's buckets of one active key
         "hour_buckets_per_key_day": hour / days,
-        "day_bucket_per_key_day": day / days,
+        "day_bucket_per_key_day": day,
         "last_use_per_key": last,
         # Kept: hour buckets 30 days, day buckets a year; the last use once.
-        "bytes_per_active_key_kept": hour / days * 30 + day / days * 366 + last,
+        "bytes_per_active_key_kept": hour / days * 30 + day * 366 + last,
         "usage_batches_per_sidecar_day": sizes["usage_batches"] / (hours * 60) * _BATCHES_A_DAY,
         "org_minutes_per_org_day": sizes["org_usage_minute"] / days,
         "region_minutes_per_region_day": sizes["region_usage_minute"] / days,
@@ -326,11 +342,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "sidecar" in args.parts:
         with tempfile.TemporaryDirectory(prefix="keyrelay-bench-usage-") as tmp:
             results["sidecar"] = bench_sidecar(args, Path(tmp))
-        s = results["sidecar"]
+        s, m = results["sidecar"], results["sidecar"]["median_instructions"]
         say(
-            f"sidecar /auth, usage counting on / off: {s['instruction_ratio']:.4f} times the instructions "
-            f"({s['instructions']['median_counting']:,.0f} / {s['instructions_off']:,.0f}; target "
-            f"≤ {TARGET_INSTRUCTION_RATIO}), throughput off / on {s['throughput_ratio']:.3f}"
+            f"sidecar /auth instructions a request, usage counting / off: {s['instruction_ratio']:.4f} "
+            f"({m['counting']:,.0f} / {m['off']:,.0f}; target <= {TARGET_INSTRUCTION_RATIO}); the request path "
+            f"alone {s['request_path_ratio']:.4f} ({m['request_path']:,.0f}); throughput off / on "
+            f"{s['throughput_ratio']:.3f}"
         )
     if "publisher" in args.parts:
         results["publisher"] = {}
@@ -351,7 +368,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=float, default=5.0, help="unmeasured wrk under callgrind first (5)")
     parser.add_argument("--rounds", type=int, default=3, help="native wrk rounds, alternating (3)")
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per native wrk run (5)")
-    parser.add_argument("--hours", type=int, default=24, help="hours of the simulated day (24)")
+    parser.add_argument(
+        "--hours", type=int, choices=range(1, 25), default=24, metavar="1-24", help="hours of the simulated day (24)"
+    )
     parser.add_argument(
         "--backends", default="sqlite,postgresql", type=lambda t: t.split(","), help="default sqlite,postgresql"
     )
