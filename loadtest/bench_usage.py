@@ -97,6 +97,7 @@ def _sidecar(url: str, port: int, interval: str) -> list[str]:
 # (under callgrind a sidecar answers ~100 times fewer requests a second, so each 5s batch is shared by ~100
 # times fewer requests than natively: that mode shows what the request path alone costs); off: no counting.
 _MODES = {"counting": "5s", "request_path": "1h", "off": "0"}
+_FLUSH_EVERY = 5.0  # the counting mode's --usage-interval, in seconds
 _IDLE = 5.0  # seconds of each sidecar counted unloaded under callgrind
 
 
@@ -118,6 +119,7 @@ def bench_sidecar(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         script = header_pool_script(work / "wrk", "Authorization", fill.pool, prefix="Bearer ")
         counted: dict[str, list[float]] = {mode: [] for mode in _MODES}
         raw: dict[str, list[float]] = {mode: [] for mode in _MODES}
+        stretches: dict[str, list[tuple[int, float]]] = {mode: [] for mode in _MODES}
         for round_ in range(args.instruction_rounds):
             for mode, interval in _MODES.items():
                 port = free_port()
@@ -136,6 +138,7 @@ def bench_sidecar(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 )
                 counted[mode].append(found.per_request_under_load)
                 raw[mode].append(found.per_request)
+                stretches[mode].append((found.requests, found.seconds))
                 say(
                     f"    {found.per_request_under_load:,.0f} instructions a request under load "
                     f"({found.per_request:,.0f} with the background; {found.requests:,} requests, "
@@ -147,15 +150,31 @@ def bench_sidecar(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         nats_server.stop()
     median = {mode: statistics.median(values) for mode, values in counted.items()}
     rps_on, rps_off = statistics.median(rps["counting"]), statistics.median(rps["off"])
+    # A batch's cost per entry: what counting ran beyond the request path alone, shared by the entries of the
+    # batches cut in the stretch (one every 5s, each holding every key of the pool: far more requests than keys).
+    per_entry = statistics.median(
+        (on - path) * requests / (seconds / _FLUSH_EVERY * _POOL)
+        for on, path, (requests, seconds) in zip(
+            counted["counting"], counted["request_path"], stretches["counting"], strict=True
+        )
+    )
+    # Natively a batch is shared by the requests of 5s at full speed: what counting costs a request there.
+    entries_per_request = _POOL / (rps_on * _FLUSH_EVERY)
+    native = (median["request_path"] + per_entry * entries_per_request) / median["off"]
     return {
         "instructions": counted,
         "instructions_with_background": raw,
+        "stretches": stretches,
         "median_instructions": median,
-        "instruction_ratio": median["counting"] / median["off"],
+        "instruction_ratio_under_callgrind": median["counting"] / median["off"],
         "request_path_ratio": median["request_path"] / median["off"],
+        "batch_instructions_per_entry": per_entry,
+        "entries_per_request_native": entries_per_request,
+        "instruction_ratio": native,
+        "instruction_ratio_every_request_a_new_key": (median["request_path"] + per_entry) / median["off"],
         "requests_per_second": rps,
         "throughput_ratio": rps_off / rps_on,
-        "pass": median["counting"] / median["off"] <= TARGET_INSTRUCTION_RATIO,
+        "pass": native <= TARGET_INSTRUCTION_RATIO,
     }
 
 
@@ -344,10 +363,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results["sidecar"] = bench_sidecar(args, Path(tmp))
         s, m = results["sidecar"], results["sidecar"]["median_instructions"]
         say(
-            f"sidecar /auth instructions a request, usage counting / off: {s['instruction_ratio']:.4f} "
-            f"({m['counting']:,.0f} / {m['off']:,.0f}; target <= {TARGET_INSTRUCTION_RATIO}); the request path "
-            f"alone {s['request_path_ratio']:.4f} ({m['request_path']:,.0f}); throughput off / on "
-            f"{s['throughput_ratio']:.3f}"
+            f"sidecar /auth instructions a request, counting / off: request path {s['request_path_ratio']:.4f} "
+            f"({m['request_path']:,.0f} / {m['off']:,.0f}); a batch {s['batch_instructions_per_entry']:,.0f} an "
+            f"entry; at the native rate {s['instruction_ratio']:.4f} (target <= {TARGET_INSTRUCTION_RATIO}); "
+            f"under callgrind's slowed rate {s['instruction_ratio_under_callgrind']:.4f}; every request a new key "
+            f"{s['instruction_ratio_every_request_a_new_key']:.4f}; throughput off / on {s['throughput_ratio']:.3f}"
         )
     if "publisher" in args.parts:
         results["publisher"] = {}
