@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
-from nats.js.api import ConsumerInfo, KeyValueConfig
+from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from keyrelay.core.wire import key_digest
@@ -21,9 +22,12 @@ from tests.withholding_proxy import WithholdingProxy
 T = TypeVar("T")
 
 
-async def _consumers(js: JetStreamContext) -> AsyncIterator[ConsumerInfo]:
-    for info in await js.consumers_info("KV_KEYS"):
-        yield info
+async def _exists(js: JetStreamContext, consumer: str) -> bool:
+    try:
+        await js.consumer_info("KV_KEYS", consumer)
+    except NotFoundError:
+        return False
+    return True
 
 
 def _current(sync: KeySync, old: object) -> Callable[[], Awaitable[bool]]:
@@ -44,8 +48,10 @@ async def test_a_consumer_abandoned_after_a_bad_status_is_deleted_when_the_next_
         # What the server sends a push consumer it gave up on, handed to the sync as it arrives.
         await sync._deliveries.on_status(first, b"", {"Status": "409", "Description": "Consumer Deleted"})
         await eventually(_current(sync, first), bool)
-        names = [info.name async for info in _consumers(js)]
-        assert names == [sync._deliveries.current.consumer]
+        # The sidecar's consumers are direct (made by the stream's leader, left out of consumer listings): asked
+        # for by name, the new one is there and the abandoned one is gone.
+        assert (await js.consumer_info("KV_KEYS", sync._deliveries.current.consumer)).name
+        await eventually(lambda: _exists(js, first.consumer), lambda there: not there)
         assert sync.stats.consumer_resets == 1
     finally:
         await sync.close()
@@ -141,3 +147,25 @@ async def test_a_consumer_stalled_by_a_lost_flow_control_reply_is_resumed_when_i
     finally:
         await sync.close()
         await proxy.close()
+
+
+async def test_a_consumer_that_missed_a_heartbeat_moves_only_when_another_node_leads_the_stream(
+    nats_server: NatsServer, bucket: KeyValue
+) -> None:
+    sync = KeySync(SyncConfig(servers=[nats_server.url], bucket="KEYS", heartbeat=5.0), KeyTable())
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        nc, gen = sync._nc, sync._deliveries.current
+        assert nc is not None
+        # The consumer was made by the node leading the stream, which STREAM.INFO named.
+        assert gen.node == "test-hub"
+        await sync._check_consumer(nc, gen)
+        assert not sync._reset.is_set(), "its node still leads the stream: the consumer stays"
+        # As if the lead had moved on since the consumer was made: the node it lives on may be gone.
+        gen.node = "another-node"
+        await sync._check_consumer(nc, gen)
+        await eventually(_current(sync, gen), bool)
+        assert sync._deliveries.current.node == "test-hub"
+    finally:
+        await sync.close()
