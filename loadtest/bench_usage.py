@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from keyrelay.core.jetstream import jetstream_api
+from keyrelay.core.usage_streams import hub_usage_stream_config
 from keyrelay.core.usage_wire import UsageBatch, encode_batch
 from keyrelay.core.wire import DEFAULT_BUCKET
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
-from publisher.usage_consumer import usage_stream_config
 
 from .bench_publisher import DEFAULT_PG, AdminApi, Endpoints, create_bulk, pg_database, start_stack
 from .callgrind import count_instructions
@@ -72,7 +72,7 @@ _BATCHES_A_DAY = 86400 // 5  # a sidecar at the default --usage-interval
 async def _create_usage_stream(url: str) -> None:
     nc = await connect(url)
     try:
-        answer = await jetstream_api(nc, "STREAM.CREATE.USAGE", usage_stream_config([]), timeout=5.0)
+        answer = await jetstream_api(nc, "STREAM.CREATE.USAGE", hub_usage_stream_config([]), timeout=5.0)
         if "error" in answer:
             raise RuntimeError(f"cannot create the USAGE stream: {answer['error']}")
     finally:
