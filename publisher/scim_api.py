@@ -15,6 +15,7 @@ from aiohttp import web
 from keyrelay.core.wire import is_uuid
 
 from . import policy
+from . import scim_schemas as S
 from . import validation as v
 from .access import ACTOR, SERVICES, Services, actor_of
 from .errors import Conflict, Forbidden, Invalid, NotFound, PublisherError, Unauthorized
@@ -277,10 +278,10 @@ async def create_user(request: web.Request) -> web.StreamResponse:
         user = await services.people.create_user(actor, email, display, external, org=(org, "member"))
     elif await scim.user(org, user.id) is not None:
         raise ScimError(409, "a user with that userName is already in this organization", "uniqueness")
-    else:
-        await services.people.put_member(actor, "org", org, user.id, "member")
+    else:  # its externalId first: taken by another user, that refuses the request before it joins
         if external and not user.external_id:
             await scim.update_user(actor, user, {"external_id": external})
+        await services.people.put_member(actor, "org", org, user.id, "member")
     services.tokens.forget()
     current = await services.people.get_user(user.id)
     await _set_active(request, current, active)
@@ -402,32 +403,60 @@ async def _render_group(request: web.Request, team_id: str, status: int = 200) -
     return _answer(_project(request, body), status, body["meta"]["location"] if status == 201 else None)
 
 
-async def _set_members(
-    request: web.Request,
-    view: TeamView,
-    *,
-    add: Sequence[str] = (),
-    remove: Sequence[str] = (),
-    exact: Sequence[str] | None = None,
-) -> None:
-    services, scim, actor, org = _ctx(request)
-    current = {u for u, _ in view.members}
-    if exact is not None:
-        add, remove = [u for u in exact if u not in current], [u for u in current if u not in set(exact)]
-    if add or remove:
-        await require_manual(services, actor, org)
-    for user_id in dict.fromkeys(add):
-        if user_id in current:
-            continue
+@dataclasses.dataclass(slots=True)
+class _GroupPlan:
+    """What a group is to become: every operation of a request is applied here first and validated, so a refused
+    request changes nothing; `_apply` then makes the changes."""
+
+    name: str
+    external_id: str | None
+    members: list[str]  # user ids, in the order given
+
+
+def _plan(view: TeamView) -> _GroupPlan:
+    return _GroupPlan(view.team.name, view.external_id, [u for u, _ in view.members])
+
+
+async def _known(request: web.Request, ids: Sequence[str]) -> list[str]:
+    """`ids` as the org's user ids (lower case, once each); ScimError when one names no user of the org."""
+    _, scim, _, org = _ctx(request)
+    found = []
+    for user_id in dict.fromkeys(ids):
         if not is_uuid(user_id) or await scim.user(org, user_id.lower()) is None:
             raise ScimError(
                 400, f"member {user_id[:64]!r} is no user of this organization: provision it first", "invalidValue"
             )
-        await services.people.put_member(actor, "team", view.team.id, user_id.lower(), SCIM_TEAM_ROLE)
-    for user_id in dict.fromkeys(remove):
-        if is_uuid(user_id) and user_id.lower() in current:
-            await services.people.remove_member(actor, "team", view.team.id, user_id.lower())
-    services.tokens.forget()
+        found.append(user_id.lower())
+    return list(dict.fromkeys(found))
+
+
+def _group_name(value: Any) -> str:
+    name = v.name(scim_string(value, "displayName"), "displayName")
+    assert name is not None
+    return name
+
+
+async def _apply(request: web.Request, view: TeamView, plan: _GroupPlan) -> None:
+    """Make the team what `plan` says. The checks that can refuse come first (memberships managed elsewhere, a
+    name or externalId taken), before anything changes."""
+    services, scim, actor, org = _ctx(request)
+    current = [u for u, _ in view.members]
+    add = [u for u in plan.members if u not in current]
+    remove = [u for u in current if u not in plan.members]
+    if add or remove:
+        await require_manual(services, actor, org)
+    if plan.external_id != view.external_id:
+        await scim.check_external_id(view.team.id, plan.external_id)
+    if plan.name != view.team.name:
+        await services.store.rename(actor, "team", view.team.id, plan.name)
+    if plan.external_id != view.external_id:
+        await scim.set_external_id(view.team.id, plan.external_id)
+    for user_id in add:
+        await services.people.put_member(actor, "team", view.team.id, user_id, SCIM_TEAM_ROLE)
+    for user_id in remove:
+        await services.people.remove_member(actor, "team", view.team.id, user_id)
+    if add or remove:
+        services.tokens.forget()
 
 
 async def list_groups(request: web.Request) -> web.StreamResponse:
@@ -449,15 +478,17 @@ async def create_group(request: web.Request) -> web.StreamResponse:
     """POST /scim/v2/Groups: a new team of the organization, with its members."""
     services, scim, actor, org = _ctx(request)
     body = await _body(request)
-    name = v.name(scim_string(body.get("displayName"), "displayName"), "displayName")
+    name = _group_name(body.get("displayName"))
     external = scim_string(body.get("externalId"), "externalId", optional=True)
-    team = await services.store.create_team(actor, org, name)
+    members = await _known(request, member_ids(body["members"])) if body.get("members") else []
+    if members:
+        await require_manual(services, actor, org)
     if external:
-        await scim.set_external_id(team.id, external)
-    if body.get("members"):
-        view = await scim.team(org, team.id)
-        assert view is not None
-        await _set_members(request, view, add=member_ids(body["members"]))
+        await scim.check_external_id(None, external)
+    team = await services.store.create_team(actor, org, name)
+    view = await scim.team(org, team.id)
+    assert view is not None
+    await _apply(request, view, _GroupPlan(name, external, members))
     return await _render_group(request, team.id, 201)
 
 
@@ -468,65 +499,57 @@ async def show_group(request: web.Request) -> web.StreamResponse:
 
 async def replace_group(request: web.Request) -> web.StreamResponse:
     """PUT /scim/v2/Groups/{group_id}: displayName, externalId and exactly the members given."""
-    services, scim, actor, _ = _ctx(request)
     view = await _group(request)
     body = await _body(request)
-    name = v.name(scim_string(body.get("displayName"), "displayName"), "displayName")
-    if name != view.team.name:
-        await services.store.rename(actor, "team", view.team.id, name)
-    await scim.set_external_id(view.team.id, scim_string(body.get("externalId"), "externalId", optional=True))
-    await _set_members(request, view, exact=member_ids(body.get("members") or []))
+    plan = _GroupPlan(
+        _group_name(body.get("displayName")),
+        scim_string(body.get("externalId"), "externalId", optional=True),
+        await _known(request, member_ids(body.get("members") or [])),
+    )
+    await _apply(request, view, plan)
     return await _render_group(request, view.team.id)
 
 
-async def _group_operation(request: web.Request, view: TeamView, operation: Operation) -> None:
-    _, scim, _, _ = _ctx(request)
+async def _operate(request: web.Request, plan: _GroupPlan, operation: Operation) -> None:
+    """One PATCH operation applied to `plan` (validated, nothing changed yet)."""
     path = (operation.path or "").lower()
     if operation.path is None:
         attributes = {str(k).lower(): val for k, val in operation.value.items()}
         if "displayname" in attributes:
-            await _rename(request, view, attributes["displayname"])
+            plan.name = _group_name(attributes["displayname"])
         if "externalid" in attributes:
-            await scim.set_external_id(view.team.id, scim_string(attributes["externalid"], "externalId", optional=True))
+            plan.external_id = scim_string(attributes["externalid"], "externalId", optional=True)
         if "members" in attributes:
-            ids = member_ids(attributes["members"])
-            await _set_members(request, view, **({"exact": ids} if operation.op == "replace" else {"add": ids}))
+            ids = await _known(request, member_ids(attributes["members"]))
+            plan.members = ids if operation.op == "replace" else list(dict.fromkeys(plan.members + ids))
     elif path == "members":
         if operation.op == "remove":
             named = [operation.member] if operation.member else None
-            ids = named or (member_ids(operation.value) if operation.value else [u for u, _ in view.members])
-            await _set_members(request, view, remove=ids)
-        elif operation.op == "add":
-            await _set_members(request, view, add=member_ids(operation.value))
+            gone = {u.lower() for u in named or (member_ids(operation.value) if operation.value else plan.members)}
+            plan.members = [u for u in plan.members if u not in gone]
         else:
-            await _set_members(request, view, exact=member_ids(operation.value))
+            ids = await _known(request, member_ids(operation.value))
+            plan.members = list(dict.fromkeys(plan.members + ids)) if operation.op == "add" else ids
     elif path == "displayname" and operation.op != "remove":
-        await _rename(request, view, operation.value)
+        plan.name = _group_name(operation.value)
     elif path == "externalid":
-        external = None if operation.op == "remove" else scim_string(operation.value, "externalId", optional=True)
-        await scim.set_external_id(view.team.id, external)
+        plan.external_id = (
+            None if operation.op == "remove" else scim_string(operation.value, "externalId", optional=True)
+        )
     else:
         raise ScimError(
             400, f"groups take displayName, externalId and members, not {operation.path[:64]!r}", "invalidPath"
         )
 
 
-async def _rename(request: web.Request, view: TeamView, value: Any) -> None:
-    services, _, actor, _ = _ctx(request)
-    name = v.name(scim_string(value, "displayName"), "displayName")
-    if name != view.team.name:
-        await services.store.rename(actor, "team", view.team.id, name)
-
-
 async def patch_group(request: web.Request) -> web.StreamResponse:
-    """PATCH /scim/v2/Groups/{group_id}: members added, removed (`members[value eq "…"]` too), replaced."""
-    _, scim, _, org = _ctx(request)
+    """PATCH /scim/v2/Groups/{group_id}: members added, removed (`members[value eq "…"]` too), replaced; all the
+    operations or none."""
     view = await _group(request)
+    plan = _plan(view)
     for operation in operations(await _body(request)):
-        await _group_operation(request, view, operation)
-        fresh = await scim.team(org, view.team.id)
-        assert fresh is not None
-        view = fresh
+        await _operate(request, plan, operation)
+    await _apply(request, view, plan)
     if request.query.get("attributes") or request.query.get("excludedAttributes"):
         return await _render_group(request, view.team.id)
     return web.Response(status=204)
@@ -589,34 +612,27 @@ async def unknown(request: web.Request) -> web.StreamResponse:
     raise ScimError(404, "no such SCIM endpoint: /Users, /Groups, /ServiceProviderConfig, /ResourceTypes, /Schemas")
 
 
-_RESOURCE = {"type": "object", "description": "a SCIM resource (RFC 7643)"}
-_LIST = {"type": "object", "description": "a SCIM ListResponse (RFC 7644 section 3.4.2)"}
-_SCIM_ERROR = {
-    "type": "object",
-    "description": "a SCIM error (RFC 7644 section 3.12)",
-    "required": ["schemas", "status"],
-    "properties": {
-        "schemas": {"type": "array", "items": {"type": "string"}},
-        "status": {"type": "string"},
-        "scimType": {"type": "string"},
-        "detail": {"type": "string"},
-    },
-}
 _SCIM_PAGE = (
-    Param("filter", {"type": "string"}, "userName eq, externalId eq or displayName eq"),
+    Param("filter", {"type": "string"}, 'userName eq "…", externalId eq "…", displayName eq "…" or id eq "…"'),
     Param("startIndex", {"type": "integer"}, "the first result, from 1"),
-    Param("count", {"type": "integer"}, "at most this many results"),
+    Param("count", {"type": "integer"}, f"at most this many results (up to {MAX_COUNT})"),
+)
+_PROJECTION = (
+    Param("attributes", {"type": "string"}, "only these attributes (and id, schemas, meta), comma-separated"),
+    Param("excludedAttributes", {"type": "string"}, "not these attributes, comma-separated"),
 )
 
 
-def _route(method: str, path: str, handler: Handler) -> Route:
+def _route(
+    method: str,
+    path: str,
+    handler: Handler,
+    responses: Mapping[int, Mapping[str, Any] | str],
+    errors: tuple[int, ...] = (),
+    body: Mapping[str, Any] | None = None,
+    query: tuple[Param, ...] = (),
+) -> Route:
     """The SCIM route as the OpenAPI document shows it (tag `scim`, application/scim+json, SCIM error bodies)."""
-    listing = method == "GET" and path in ("/Users", "/Groups")
-    responses: dict[int, Mapping[str, Any] | str] = {200: _LIST if listing else _RESOURCE}
-    if method in ("POST", "DELETE"):
-        responses = {201: _RESOURCE} if method == "POST" else {204: "deleted (no body)"}
-    body = _RESOURCE if method in ("POST", "PUT", "PATCH") else None
-    errors = (403, 404) if "{" in path else (403, 400) if listing else (403, 409) if method == "POST" else (403,)
     summary = (handler.__doc__ or handler.__name__).strip().splitlines()[0]
     one = "_one" if path.endswith("/{name}") else ""  # resource_types and schemas answer both paths
     return Route(
@@ -626,35 +642,42 @@ def _route(method: str, path: str, handler: Handler) -> Route:
         summary,
         responses,
         body,
-        _SCIM_PAGE if listing else (),
+        query,
         errors,
         ("scim",),
         _CONTENT_TYPE,
-        _SCIM_ERROR,
+        S.ERROR,
     )
 
 
-SCIM_ROUTES: tuple[Route, ...] = tuple(
-    _route(method, path, handler)
-    for method, path, handler in (
-        ("GET", "/Users", list_users),
-        ("POST", "/Users", create_user),
-        ("GET", "/Users/{user_id}", show_user),
-        ("PUT", "/Users/{user_id}", replace_user),
-        ("PATCH", "/Users/{user_id}", patch_user),
-        ("DELETE", "/Users/{user_id}", delete_user),
-        ("GET", "/Groups", list_groups),
-        ("POST", "/Groups", create_group),
-        ("GET", "/Groups/{group_id}", show_group),
-        ("PUT", "/Groups/{group_id}", replace_group),
-        ("PATCH", "/Groups/{group_id}", patch_group),
-        ("DELETE", "/Groups/{group_id}", delete_group),
-        ("GET", "/ServiceProviderConfig", service_provider_config),
-        ("GET", "/ResourceTypes", resource_types),
-        ("GET", "/ResourceTypes/{name}", resource_types),
-        ("GET", "/Schemas", schemas),
-        ("GET", "/Schemas/{name}", schemas),
-    )
+_GONE = "deleted (no body)"
+_LISTED = (*_SCIM_PAGE, *_PROJECTION)
+SCIM_ROUTES: tuple[Route, ...] = (
+    _route("GET", "/Users", list_users, {200: S.USER_LIST}, (400,), query=_LISTED),
+    _route("POST", "/Users", create_user, {201: S.USER}, (409,), S.USER_BODY, _PROJECTION),
+    _route("GET", "/Users/{user_id}", show_user, {200: S.USER}, (404,), query=_PROJECTION),
+    _route("PUT", "/Users/{user_id}", replace_user, {200: S.USER}, (404, 409), S.USER_BODY, _PROJECTION),
+    _route("PATCH", "/Users/{user_id}", patch_user, {200: S.USER}, (404, 409), S.PATCH, _PROJECTION),
+    _route("DELETE", "/Users/{user_id}", delete_user, {204: _GONE}, (404,)),
+    _route("GET", "/Groups", list_groups, {200: S.GROUP_LIST}, (400,), query=_LISTED),
+    _route("POST", "/Groups", create_group, {201: S.GROUP}, (409,), S.GROUP_BODY, _PROJECTION),
+    _route("GET", "/Groups/{group_id}", show_group, {200: S.GROUP}, (404,), query=_PROJECTION),
+    _route("PUT", "/Groups/{group_id}", replace_group, {200: S.GROUP}, (404, 409), S.GROUP_BODY, _PROJECTION),
+    _route(
+        "PATCH",
+        "/Groups/{group_id}",
+        patch_group,
+        {200: S.GROUP, 204: "changed (no body)"},
+        (404, 409),
+        S.PATCH,
+        _PROJECTION,
+    ),
+    _route("DELETE", "/Groups/{group_id}", delete_group, {204: _GONE}, (404, 409)),
+    _route("GET", "/ServiceProviderConfig", service_provider_config, {200: S.CONFIG}),
+    _route("GET", "/ResourceTypes", resource_types, {200: S.RESOURCE_TYPE_LIST}),
+    _route("GET", "/ResourceTypes/{name}", resource_types, {200: S.RESOURCE_TYPE}, (404,)),
+    _route("GET", "/Schemas", schemas, {200: S.SCHEMA_LIST}),
+    _route("GET", "/Schemas/{name}", schemas, {200: S.SCHEMA}, (404,)),
 )
 
 

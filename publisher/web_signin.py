@@ -43,7 +43,7 @@ from .web_sessions import (
     session_cookies,
 )
 
-__all__ = ["BROWSER_PATHS", "LOGIN_TTL", "OIDC", "add_signin_routes"]
+__all__ = ["BROWSER_PATHS", "BROWSER_ROUTES", "LOGIN_TTL", "OIDC", "add_signin_routes"]
 
 log = logging.getLogger("keyrelay.publisher.oidc")
 
@@ -73,16 +73,7 @@ def add_signin_routes(app: web.Application, settings: PublisherSettings) -> tupl
         await app[OIDC].close()
 
     app.cleanup_ctx.append(client)
-    no = "a page saying why, and what to do"
-    return tuple(
-        Route(method, path, handler, summary, responses, tags=("browser",), media="text/html", error=_PAGE)
-        for method, path, handler, summary, responses in (
-            ("GET", "/auth/login", login, "Sign in", {303: "to the identity provider", 503: no}),
-            ("GET", "/auth/callback", callback, "The provider's answer", {303: "signed in: to /me", 400: no, 403: no}),
-            ("POST", "/auth/logout", logout, "Sign out (CSRF-protected)", {303: "signed out: to sign-in", 403: no}),
-            ("GET", "/me", me, "The signed-in user", {200: "who you are, your roles, a sign-out button"}),
-        )
-    )
+    return BROWSER_ROUTES
 
 
 def _state_hash(state: str) -> bytes:
@@ -293,3 +284,51 @@ async def _place(services: Services, org_id: str | None, team_id: str | None) ->
         return f"the team <strong>{escape((await services.store.get_team(team_id)).name)}</strong> of {org}"
     except NotFound:
         return "(removed)"
+
+
+_NO = "a page saying why, and what to do"
+_LOGOUT_FORM = {
+    "type": "object",
+    "properties": {CSRF_FIELD: {"type": "string", "description": "the keyrelay_csrf cookie's value"}},
+}
+BROWSER_ROUTES: tuple[Route, ...] = tuple(
+    Route(
+        method,
+        path,
+        handler,
+        summary,
+        responses,
+        body,
+        tags=("browser",),
+        media="text/html",
+        error=_PAGE,
+        body_media="application/x-www-form-urlencoded",
+    )
+    for method, path, handler, summary, responses, body in (
+        ("GET", "/auth/login", login, "Sign in", {302: "to the identity provider", 503: _NO}, None),
+        (
+            "GET",
+            "/auth/callback",
+            callback,
+            "The provider's answer",
+            {303: "signed in: to /me", 400: _NO, 403: _NO},
+            None,
+        ),
+        (
+            "POST",
+            "/auth/logout",
+            logout,
+            "Sign out (CSRF-protected)",
+            {200: "signed out (or not signed in): a page saying so", 403: _NO},
+            _LOGOUT_FORM,
+        ),
+        (
+            "GET",
+            "/me",
+            me,
+            "The signed-in user",
+            {200: "who you are, your roles, a sign-out button", 401: "not signed in: a sign-in link"},
+            None,
+        ),
+    )
+)

@@ -1,0 +1,218 @@
+"""JSON Schemas of what SCIM (/scim/v2/) takes and answers, for its routes in the OpenAPI document: users,
+groups, PatchOp, ListResponse, the discovery documents and SCIM error bodies (RFC 7643, RFC 7644).
+
+Answers are described as publisher/scim_api.py writes them; request schemas state what identity providers
+send and keyrelay takes (anything else in a body is accepted and ignored, as SCIM clients expect)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .scim_protocol import (
+    ERROR_SCHEMA,
+    GROUP_SCHEMA,
+    LIST_SCHEMA,
+    MAX_COUNT,
+    MAX_OPERATIONS,
+    MAX_STRING,
+    PATCH_SCHEMA,
+    USER_SCHEMA,
+)
+
+__all__ = [
+    "CONFIG",
+    "ERROR",
+    "GROUP",
+    "GROUP_BODY",
+    "GROUP_LIST",
+    "PATCH",
+    "RESOURCE_TYPE",
+    "RESOURCE_TYPE_LIST",
+    "SCHEMA",
+    "SCHEMA_LIST",
+    "USER",
+    "USER_BODY",
+    "USER_LIST",
+]
+
+Schema = dict[str, Any]
+
+
+def _closed(properties: Schema, required: tuple[str, ...], description: str = "") -> Schema:
+    schema: Schema = {
+        "type": "object",
+        "properties": properties,
+        "required": list(required),
+        "additionalProperties": False,
+    }
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _schemas(urn: str) -> Schema:
+    return {"type": "array", "items": {"const": urn}, "minItems": 1, "maxItems": 1}
+
+
+_STRING = {"type": "string"}
+_TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_STRING}
+_UUID = {"type": "string", "format": "uuid"}
+_META = _closed(
+    {"resourceType": _STRING, "created": _STRING, "lastModified": _STRING, "location": _STRING},
+    ("resourceType", "location"),
+    "where the resource lives, and when it was made",
+)
+_REFERENCE = _closed({"value": _UUID, "display": _STRING, "$ref": _STRING}, ("value", "display", "$ref"))
+
+# Answers name `id`, `schemas` and `meta` always; `attributes`/`excludedAttributes` may leave out the rest.
+USER = _closed(
+    {
+        "schemas": _schemas(USER_SCHEMA),
+        "id": _UUID,
+        "userName": {"type": "string", "format": "email"},
+        "externalId": _STRING,
+        "displayName": _STRING,
+        "name": _closed({"formatted": _STRING}, ("formatted",)),
+        "active": {"type": "boolean"},
+        "emails": {
+            "type": "array",
+            "items": _closed(
+                {"value": _STRING, "type": {"const": "work"}, "primary": {"const": True}}, ("value", "type", "primary")
+            ),
+        },
+        "groups": {"type": "array", "items": _REFERENCE},
+        "meta": _META,
+    },
+    ("schemas", "id", "meta"),
+    "a user of the organization (its email is its userName)",
+)
+GROUP = _closed(
+    {
+        "schemas": _schemas(GROUP_SCHEMA),
+        "id": _UUID,
+        "displayName": _STRING,
+        "externalId": _STRING,
+        "members": {"type": "array", "items": _REFERENCE},
+        "meta": _META,
+    },
+    ("schemas", "id", "meta"),
+    "a team of the organization",
+)
+
+_BOOLEAN = {
+    "anyOf": [{"type": "boolean"}, {"enum": ["True", "False", "true", "false"]}],
+    "description": "a boolean, or Entra ID's string for one",
+}
+USER_BODY = {
+    "type": "object",
+    "description": "a user: userName (or a primary email) is the person's email address",
+    "properties": {
+        "schemas": {"type": "array", "items": _STRING},
+        "userName": {"type": "string", "format": "email"},
+        "externalId": _TEXT,
+        "displayName": _TEXT,
+        "name": {
+            "type": "object",
+            "properties": {"formatted": _TEXT, "givenName": _TEXT, "familyName": _TEXT},
+        },
+        "emails": {
+            "type": "array",
+            "maxItems": 20,
+            "items": {
+                "type": "object",
+                "properties": {"value": {"type": "string", "format": "email"}, "type": _STRING, "primary": _BOOLEAN},
+            },
+        },
+        "active": _BOOLEAN,
+    },
+    "required": ["userName"],
+}
+_MEMBERS = {
+    "type": "array",
+    "items": {"type": "object", "properties": {"value": _UUID}, "required": ["value"]},
+    "description": "users of the organization, by id",
+}
+GROUP_BODY = {
+    "type": "object",
+    "description": "a group: its displayName is the team's name",
+    "properties": {
+        "schemas": {"type": "array", "items": _STRING},
+        "displayName": _TEXT,
+        "externalId": _TEXT,
+        "members": _MEMBERS,
+    },
+    "required": ["displayName"],
+}
+PATCH = {
+    "type": "object",
+    "description": "a PatchOp (RFC 7644 section 3.5.2): operations applied all or none",
+    "properties": {
+        "schemas": {"type": "array", "items": {"const": PATCH_SCHEMA}},
+        "Operations": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": MAX_OPERATIONS,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "op": {"enum": ["add", "replace", "remove", "Add", "Replace", "Remove"]},
+                    "path": {"type": "string", "minLength": 1, "maxLength": 512},
+                    "value": {},
+                },
+                "required": ["op"],
+            },
+        },
+    },
+    "required": ["Operations"],
+}
+
+
+def _list(item: Schema, description: str) -> Schema:
+    return _closed(
+        {
+            "schemas": _schemas(LIST_SCHEMA),
+            "totalResults": {"type": "integer", "minimum": 0},
+            "startIndex": {"type": "integer", "minimum": 1},
+            "itemsPerPage": {"type": "integer", "minimum": 0, "maximum": MAX_COUNT},
+            "Resources": {"type": "array", "items": item, "maxItems": MAX_COUNT},
+        },
+        ("schemas", "totalResults", "startIndex", "itemsPerPage", "Resources"),
+        description,
+    )
+
+
+_DOCUMENT = {"type": "object", "required": ["schemas", "id", "meta"]}
+RESOURCE_TYPE = {**_DOCUMENT, "description": "a SCIM ResourceType (RFC 7643 section 6)"}
+SCHEMA = {**_DOCUMENT, "description": "a SCIM Schema (RFC 7643 section 7)"}
+CONFIG = {
+    "type": "object",
+    "required": ["schemas", "patch", "bulk", "filter", "authenticationSchemes", "meta"],
+    "description": "the ServiceProviderConfig (RFC 7643 section 5)",
+}
+USER_LIST = _list(USER, "users (RFC 7644 section 3.4.2)")
+GROUP_LIST = _list(GROUP, "groups (RFC 7644 section 3.4.2)")
+RESOURCE_TYPE_LIST = _list(RESOURCE_TYPE, "the resource types")
+SCHEMA_LIST = _list(SCHEMA, "the schemas")
+ERROR = _closed(
+    {
+        "schemas": _schemas(ERROR_SCHEMA),
+        "status": {"type": "string", "pattern": "^[45][0-9][0-9]$"},
+        "scimType": {
+            "enum": [
+                "invalidFilter",
+                "tooMany",
+                "uniqueness",
+                "mutability",
+                "invalidSyntax",
+                "invalidPath",
+                "noTarget",
+                "invalidValue",
+                "invalidVers",
+                "sensitive",
+            ]
+        },
+        "detail": _STRING,
+    },
+    ("schemas", "status", "detail"),
+    "a SCIM error (RFC 7644 section 3.12)",
+)
