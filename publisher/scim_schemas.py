@@ -25,7 +25,7 @@ __all__ = [
     "GROUP",
     "GROUP_BODY",
     "GROUP_LIST",
-    "PATCH",
+    "GROUP_PATCH",
     "RESOURCE_TYPE",
     "RESOURCE_TYPE_LIST",
     "SCHEMA",
@@ -33,6 +33,7 @@ __all__ = [
     "USER",
     "USER_BODY",
     "USER_LIST",
+    "USER_PATCH",
 ]
 
 Schema = dict[str, Any]
@@ -126,6 +127,17 @@ USER_BODY = {
         "active": _BOOLEAN,
     },
     "required": ["userName"],
+    "examples": [
+        {
+            "schemas": [USER_SCHEMA],
+            "userName": "ada@example.com",
+            "externalId": "00u1ada",
+            "name": {"givenName": "Ada", "familyName": "Lovelace"},
+            "emails": [{"value": "ada@example.com", "type": "work", "primary": True}],
+            "active": True,
+        },
+        {"schemas": [USER_SCHEMA], "userName": "grace@example.com", "displayName": "Grace", "active": "False"},
+    ],
 }
 _MEMBERS = {
     "type": "array",
@@ -142,29 +154,51 @@ GROUP_BODY = {
         "members": _MEMBERS,
     },
     "required": ["displayName"],
+    "examples": [{"schemas": [GROUP_SCHEMA], "displayName": "payments", "externalId": "grp-payments", "members": []}],
 }
-PATCH = {
-    "type": "object",
-    "description": "a PatchOp (RFC 7644 section 3.5.2): operations applied all or none",
-    "properties": {
-        "schemas": {"type": "array", "items": {"const": PATCH_SCHEMA}},
-        "Operations": {
-            "type": "array",
-            "minItems": 1,
-            "maxItems": MAX_OPERATIONS,
-            "items": {
-                "type": "object",
-                "properties": {
-                    "op": {"enum": ["add", "replace", "remove", "Add", "Replace", "Remove"]},
-                    "path": {"type": "string", "minLength": 1, "maxLength": 512},
-                    "value": {},
+
+
+def _patch(examples: list[Schema]) -> Schema:
+    return {
+        "type": "object",
+        "description": "a PatchOp (RFC 7644 section 3.5.2): its operations are applied all or none",
+        "properties": {
+            "schemas": {"type": "array", "items": {"const": PATCH_SCHEMA}},
+            "Operations": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_OPERATIONS,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "op": {"enum": ["add", "replace", "remove", "Add", "Replace", "Remove"]},
+                        "path": {"type": "string", "minLength": 1, "maxLength": 512},
+                        "value": {},
+                    },
+                    "required": ["op"],
                 },
-                "required": ["op"],
             },
         },
-    },
-    "required": ["Operations"],
-}
+        "required": ["Operations"],
+        "examples": [{"schemas": [PATCH_SCHEMA], "Operations": operations} for operations in examples],
+    }
+
+
+# What Entra ID and Okta send (tests/scim_fixtures.py cites them).
+USER_PATCH = _patch(
+    [
+        [{"op": "Replace", "path": "displayName", "value": "Ada L."}],
+        [{"op": "replace", "value": {"active": "False"}}],
+        [{"op": "Replace", "path": "active", "value": "True"}],
+    ]
+)
+GROUP_PATCH = _patch(
+    [
+        [{"op": "Replace", "path": "displayName", "value": "payments-eu"}],
+        [{"op": "Remove", "path": 'members[value eq "00000000-0000-4000-8000-000000000000"]'}],
+        [{"op": "add", "path": "externalId", "value": "grp-eu"}, {"op": "remove", "path": "members"}],
+    ]
+)
 
 
 def _list(item: Schema, description: str) -> Schema:

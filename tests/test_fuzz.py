@@ -150,14 +150,14 @@ def _signed_in(url: str, issuer: str, provisioner: str) -> dict[str, str]:
         url + SCIM_PREFIX + "/Users", json={"userName": "browser@example.com"}, headers=scim, timeout=30
     )
     assert made.status_code == 201, made.text
-    claims = {"email": "browser@example.com", "email_verified": True, "name": "Browser"}
+    claims: dict[str, Any] = {"email": "browser@example.com", "email_verified": True, "name": "Browser"}
     assert requests.put(f"{issuer}/users/browser", json=claims, timeout=30).status_code == 204
     with requests.Session() as browser:
         form = browser.get(url + "/auth/login", allow_redirects=False, timeout=30).headers["Location"]
         signed_in = browser.post(form, data={"sub": "browser"}, timeout=30)
         assert signed_in.status_code == 200, signed_in.text
         assert signed_in.url == url + "/me"
-        return dict(browser.cookies)
+        return {cookie.name: cookie.value or "" for cookie in browser.cookies}
 
 
 def _document() -> dict[str, Any]:
