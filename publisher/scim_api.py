@@ -303,8 +303,9 @@ async def replace_user(request: web.Request) -> web.StreamResponse:
         "display_name": _display_of(body),
         "external_id": scim_string(body.get("externalId"), "externalId", optional=True),
     }
+    active = scim_bool(body.get("active", True), "active")  # checked before anything changes
     await scim.update_user(actor, user, changes)
-    await _set_active(request, user, scim_bool(body.get("active", True), "active"))
+    await _set_active(request, user, active)
     return await _render_user(request, await services.people.get_user(user.id))
 
 
