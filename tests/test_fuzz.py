@@ -1,8 +1,10 @@
 """Property-based fuzzing with a fixed, bounded profile (derandomized, a few dozen examples per target):
 
-- Schemathesis against the live publisher (a real aiohttp server on 127.0.0.1, SQLite, NATS, a real admin
-  token): no 5xx, and every answer conforms to GET /v1/openapi.json (status code, content type, schema); the
-  same against `keyrelay login`'s device-flow routes of a publisher signing in with the loopback OpenID provider;
+- Schemathesis against the live publisher (a real aiohttp server on 127.0.0.1, SQLite, NATS, signing in with
+  the loopback OpenID provider), over every route of GET /v1/openapi.json: the admin API with a real admin
+  token, SCIM with an organization's provisioner token, the browser and device sign-in routes with a signed-in
+  browser's cookies. No 5xx, every answer conforms to the document (status code, content type, schema), and a
+  refused SCIM change leaves the provisioned organization as it was;
 - Hypothesis against the sidecar's HTTP routes (/auth with arbitrary header bytes, POST /v1/keys/verify with
   arbitrary bodies): a documented 2xx/4xx with its JSON body, never a 5xx, never a logged traceback;
 - Hypothesis against the record decoders: arbitrary bytes raise RecordError or decode, nothing else.
