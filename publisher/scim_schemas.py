@@ -158,7 +158,7 @@ GROUP_BODY = {
 }
 
 
-def _patch(examples: list[Schema]) -> Schema:
+def _patch(examples: list[list[Schema]]) -> Schema:
     return {
         "type": "object",
         "description": "a PatchOp (RFC 7644 section 3.5.2): its operations are applied all or none",
