@@ -27,7 +27,7 @@ from .oidc_claims import CLAIMS_ACTOR
 from .oidc_client import OidcClient, Pkce
 from .oidc_signin import SignInRefused, person_of, record_refusal, sign_in
 from .oidc_tokens import IdTokenError
-from .openapi import Route
+from .openapi import Param, Route
 from .settings import PublisherSettings
 from .web_pages import escape, page, redirect
 from .web_proxy import user_actor
@@ -287,6 +287,16 @@ async def _place(services: Services, org_id: str | None, team_id: str | None) ->
 
 
 _NO = "a page saying why, and what to do"
+_CALLBACK = tuple(
+    # Printable ASCII, as the provider sends (anything else is taken as absent); documented up to 512 characters
+    # so that a request line of all three stays within the HTTP server's 8190 bytes.
+    Param(name, {"type": "string", "minLength": 1, "maxLength": 512, "pattern": "^[!-~]+$"}, description)
+    for name, description in (
+        ("code", "the authorization code the provider issued"),
+        ("state", "the sign-in's state, as in the browser's cookie"),
+        ("error", "the provider's refusal, instead of a code"),
+    )
+)
 _LOGOUT_FORM = {
     "type": "object",
     "properties": {CSRF_FIELD: {"type": "string", "description": "the keyrelay_csrf cookie's value"}},
@@ -303,6 +313,7 @@ BROWSER_ROUTES: tuple[Route, ...] = tuple(
         media="text/html",
         error=_PAGE,
         body_media="application/x-www-form-urlencoded",
+        query=_CALLBACK if path == "/auth/callback" else (),
     )
     for method, path, handler, summary, responses, body in (
         ("GET", "/auth/login", login, "Sign in", {302: "to the identity provider", 503: _NO}, None),
@@ -311,7 +322,7 @@ BROWSER_ROUTES: tuple[Route, ...] = tuple(
             "/auth/callback",
             callback,
             "The provider's answer",
-            {303: "signed in: to /me", 400: _NO, 403: _NO},
+            {303: "signed in: to /me", 400: _NO, 401: _NO, 403: _NO, 502: _NO},
             None,
         ),
         (
