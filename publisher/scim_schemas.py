@@ -104,18 +104,22 @@ _BOOLEAN = {
     "anyOf": [{"type": "boolean"}, {"enum": ["True", "False", "true", "false"]}],
     "description": "a boolean, or Entra ID's string for one",
 }
-USER_BODY = {
-    "type": "object",
-    "description": "a user: userName (or a primary email) is the person's email address",
-    "properties": {
-        "schemas": {"type": "array", "items": _STRING},
+
+
+def _request(description: str, properties: Schema, required: str, examples: list[Schema]) -> Schema:
+    """A resource as a request body: open (attributes keyrelay does not keep are ignored), `required` named."""
+    schema: Schema = {"type": "object", "description": description, "required": [required], "examples": examples}
+    schema["properties"] = {"schemas": {"type": "array", "items": _STRING}, **properties}
+    return schema
+
+
+USER_BODY = _request(
+    "a user: userName (or a primary email) is the person's email address",
+    {
         "userName": {"type": "string", "format": "email"},
         "externalId": _TEXT,
         "displayName": _TEXT,
-        "name": {
-            "type": "object",
-            "properties": {"formatted": _TEXT, "givenName": _TEXT, "familyName": _TEXT},
-        },
+        "name": {"type": "object", "properties": {"formatted": _TEXT, "givenName": _TEXT, "familyName": _TEXT}},
         "emails": {
             "type": "array",
             "maxItems": 20,
@@ -126,8 +130,8 @@ USER_BODY = {
         },
         "active": _BOOLEAN,
     },
-    "required": ["userName"],
-    "examples": [
+    "userName",
+    [
         {
             "schemas": [USER_SCHEMA],
             "userName": "ada@example.com",
@@ -138,24 +142,19 @@ USER_BODY = {
         },
         {"schemas": [USER_SCHEMA], "userName": "grace@example.com", "displayName": "Grace", "active": "False"},
     ],
-}
+)
+
 _MEMBERS = {
     "type": "array",
     "items": {"type": "object", "properties": {"value": _UUID}, "required": ["value"]},
     "description": "users of the organization, by id",
 }
-GROUP_BODY = {
-    "type": "object",
-    "description": "a group: its displayName is the team's name",
-    "properties": {
-        "schemas": {"type": "array", "items": _STRING},
-        "displayName": _TEXT,
-        "externalId": _TEXT,
-        "members": _MEMBERS,
-    },
-    "required": ["displayName"],
-    "examples": [{"schemas": [GROUP_SCHEMA], "displayName": "payments", "externalId": "grp-payments", "members": []}],
-}
+GROUP_BODY = _request(
+    "a group: its displayName is the team's name",
+    {"displayName": _TEXT, "externalId": _TEXT, "members": _MEMBERS},
+    "displayName",
+    [{"schemas": [GROUP_SCHEMA], "displayName": "payments", "externalId": "grp-payments", "members": []}],
+)
 
 
 def _patch(examples: list[list[Schema]]) -> Schema:
