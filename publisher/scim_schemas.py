@@ -1,8 +1,9 @@
 """JSON Schemas of what SCIM (/scim/v2/) takes and answers, for its routes in the OpenAPI document: users,
 groups, PatchOp, ListResponse, the discovery documents and SCIM error bodies (RFC 7643, RFC 7644).
 
-Answers are described as publisher/scim_api.py writes them; request schemas state what identity providers
-send and keyrelay takes (anything else in a body is accepted and ignored, as SCIM clients expect)."""
+Answers are described as publisher/scim_api.py and publisher/scim_groups.py write them; request schemas state
+what identity providers send and keyrelay takes (anything else in a body is accepted and ignored, as SCIM
+clients expect)."""
 
 from __future__ import annotations
 
