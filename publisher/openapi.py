@@ -58,10 +58,12 @@ PAGE = (
 class Route:
     """One route: what registers it and everything its OpenAPI operation says.
 
-    `responses` are the success answers (status → schema, or a description string of a `text/plain` answer);
+    `responses` are the success answers (status → schema, or a description string of a `text/plain` answer,
+    or of one with no body: a 204 or a redirect);
     `errors` the error statuses it can answer besides 401/403, which authentication adds by itself. `media` is
     the content type of its body and answers (`application/scim+json` for SCIM, `text/html` for browser pages,
-    whose string answers are then of that type), `error` the schema of its error answers (the API's by default).
+    whose string answers are then of that type), `error` the schema of its error answers (the API's by default),
+    `body_media` the content type of its body when that differs from `media` (a browser form's).
     """
 
     method: str
@@ -75,6 +77,7 @@ class Route:
     tags: Sequence[str] = field(default_factory=tuple)
     media: str = "application/json"
     error: Schema | None = None
+    body_media: str | None = None
 
 
 def register(app: web.Application, routes: Sequence[Route], *, public: Collection[str]) -> None:
@@ -107,7 +110,9 @@ def _operation(route: Route, *, public: bool) -> dict[str, Any]:
     responses: dict[str, Any] = {}
     text = "text/plain" if route.media == "application/json" else route.media
     for status, schema in route.responses.items():
-        if isinstance(schema, str):
+        if isinstance(schema, str) and (status == 204 or 300 <= status < 400):  # no body: no content type
+            responses[str(status)] = {"description": schema}
+        elif isinstance(schema, str):
             responses[str(status)] = {"description": schema, "content": {text: {"schema": {"type": "string"}}}}
         else:
             responses[str(status)] = {
@@ -134,7 +139,8 @@ def _operation(route: Route, *, public: bool) -> dict[str, Any]:
     if params:
         operation["parameters"] = params
     if route.body is not None:
-        operation["requestBody"] = {"required": False, "content": {route.media: {"schema": dict(route.body)}}}
+        media = route.body_media or route.media
+        operation["requestBody"] = {"required": False, "content": {media: {"schema": dict(route.body)}}}
     if public:
         operation["security"] = []
     return operation

@@ -16,6 +16,7 @@ __all__ = [
     "LIST_SCHEMA",
     "MAX_COUNT",
     "MAX_OPERATIONS",
+    "MAX_STRING",
     "PATCH_SCHEMA",
     "USER_SCHEMA",
     "Filter",

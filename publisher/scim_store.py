@@ -122,6 +122,15 @@ class ScimStore:
         total, found = await self.teams(org_id, ("id", team_id), 1, 1)
         return found[0] if total else None
 
+    async def check_external_id(self, team_id: str | None, external_id: str | None) -> None:
+        """Conflict when another team (of any org: the column is unique) has `external_id`."""
+        if external_id is None:
+            return
+        async with self.db.transaction() as tx:
+            holder = await tx.fetchval("SELECT id FROM teams WHERE external_id = $1", external_id)
+        if holder is not None and holder != team_id:
+            raise Conflict("another group has that externalId")
+
     async def set_external_id(self, team_id: str, external_id: str | None) -> None:
         """Record the identity provider's id of a team."""
         async with self.db.transaction() as tx:

@@ -27,7 +27,7 @@ from .oidc_claims import CLAIMS_ACTOR
 from .oidc_client import OidcClient, Pkce
 from .oidc_signin import SignInRefused, person_of, record_refusal, sign_in
 from .oidc_tokens import IdTokenError
-from .openapi import Route
+from .openapi import Param, Route
 from .settings import PublisherSettings
 from .web_pages import escape, page, redirect
 from .web_proxy import user_actor
@@ -43,7 +43,7 @@ from .web_sessions import (
     session_cookies,
 )
 
-__all__ = ["BROWSER_PATHS", "LOGIN_TTL", "OIDC", "add_signin_routes"]
+__all__ = ["BROWSER_PATHS", "BROWSER_ROUTES", "LOGIN_TTL", "OIDC", "add_signin_routes"]
 
 log = logging.getLogger("keyrelay.publisher.oidc")
 
@@ -73,16 +73,7 @@ def add_signin_routes(app: web.Application, settings: PublisherSettings) -> tupl
         await app[OIDC].close()
 
     app.cleanup_ctx.append(client)
-    no = "a page saying why, and what to do"
-    return tuple(
-        Route(method, path, handler, summary, responses, tags=("browser",), media="text/html", error=_PAGE)
-        for method, path, handler, summary, responses in (
-            ("GET", "/auth/login", login, "Sign in", {303: "to the identity provider", 503: no}),
-            ("GET", "/auth/callback", callback, "The provider's answer", {303: "signed in: to /me", 400: no, 403: no}),
-            ("POST", "/auth/logout", logout, "Sign out (CSRF-protected)", {303: "signed out: to sign-in", 403: no}),
-            ("GET", "/me", me, "The signed-in user", {200: "who you are, your roles, a sign-out button"}),
-        )
-    )
+    return BROWSER_ROUTES
 
 
 def _state_hash(state: str) -> bytes:
@@ -293,3 +284,62 @@ async def _place(services: Services, org_id: str | None, team_id: str | None) ->
         return f"the team <strong>{escape((await services.store.get_team(team_id)).name)}</strong> of {org}"
     except NotFound:
         return "(removed)"
+
+
+_NO = "a page saying why, and what to do"
+_CALLBACK = tuple(
+    # Printable ASCII, as the provider sends (anything else is taken as absent); documented up to 512 characters
+    # so that a request line of all three stays within the HTTP server's 8190 bytes.
+    Param(name, {"type": "string", "minLength": 1, "maxLength": 512, "pattern": "^[!-~]+$"}, description)
+    for name, description in (
+        ("code", "the authorization code the provider issued"),
+        ("state", "the sign-in's state, as in the browser's cookie"),
+        ("error", "the provider's refusal, instead of a code"),
+    )
+)
+_LOGOUT_FORM = {
+    "type": "object",
+    "properties": {CSRF_FIELD: {"type": "string", "description": "the keyrelay_csrf cookie's value"}},
+}
+BROWSER_ROUTES: tuple[Route, ...] = tuple(
+    Route(
+        method,
+        path,
+        handler,
+        summary,
+        responses,
+        body,
+        tags=("browser",),
+        media="text/html",
+        error=_PAGE,
+        body_media="application/x-www-form-urlencoded",
+        query=_CALLBACK if path == "/auth/callback" else (),
+    )
+    for method, path, handler, summary, responses, body in (
+        ("GET", "/auth/login", login, "Sign in", {302: "to the identity provider", 503: _NO}, None),
+        (
+            "GET",
+            "/auth/callback",
+            callback,
+            "The provider's answer",
+            {303: "signed in: to /me", 400: _NO, 401: _NO, 403: _NO, 502: _NO},
+            None,
+        ),
+        (
+            "POST",
+            "/auth/logout",
+            logout,
+            "Sign out (CSRF-protected)",
+            {200: "signed out (or not signed in): a page saying so", 403: _NO},
+            _LOGOUT_FORM,
+        ),
+        (
+            "GET",
+            "/me",
+            me,
+            "The signed-in user",
+            {200: "who you are, your roles, a sign-out button", 401: "not signed in: a sign-in link"},
+            None,
+        ),
+    )
+)

@@ -1,8 +1,10 @@
 """Property-based fuzzing with a fixed, bounded profile (derandomized, a few dozen examples per target):
 
-- Schemathesis against the live publisher (a real aiohttp server on 127.0.0.1, SQLite, NATS, a real admin
-  token): no 5xx, and every answer conforms to GET /v1/openapi.json (status code, content type, schema); the
-  same against `keyrelay login`'s device-flow routes of a publisher signing in with the loopback OpenID provider;
+- Schemathesis against the live publisher (a real aiohttp server on 127.0.0.1, SQLite, NATS, signing in with
+  the loopback OpenID provider), over every route of GET /v1/openapi.json: the admin API with a real admin
+  token, SCIM with an organization's provisioner token, the browser and device sign-in routes with a signed-in
+  browser's cookies. No 5xx, every answer conforms to the document (status code, content type, schema), and a
+  refused SCIM change leaves the provisioned organization as it was;
 - Hypothesis against the sidecar's HTTP routes (/auth with arbitrary header bytes, POST /v1/keys/verify with
   arbitrary bodies): a documented 2xx/4xx with its JSON body, never a 5xx, never a logged traceback;
 - Hypothesis against the record decoders: arbitrary bytes raise RecordError or decode, nothing else.
@@ -38,10 +40,11 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.core import NotSet
 
 from keyrelay.core.errors import RecordError
 from keyrelay.core.wire import KeyRecord, decode_fields, decode_heartbeat, decode_tombstone
-from keyrelay.natsd import NatsServer, NatsSpec
+from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from publisher.api import ROUTES, UNAUTHENTICATED
 from publisher.app import PROBES
 from publisher.app import create_app as create_publisher_app
@@ -49,7 +52,7 @@ from publisher.openapi import OPENAPI_PATH, document
 from publisher.scim_api import SCIM_PREFIX, SCIM_ROUTES
 from publisher.settings import PublisherSettings
 from publisher.web_device import DEVICE_PATHS, DEVICE_ROUTES
-from publisher.web_signin import BROWSER_PATHS
+from publisher.web_signin import BROWSER_PATHS, BROWSER_ROUTES
 from sidecar.app import create_app as create_sidecar_app
 from sidecar.settings import SidecarSettings
 from tests.oidc_provider import running_provider
@@ -92,35 +95,82 @@ def _publisher_settings(nats_server: NatsServer, data: Path, **extra: Any) -> Pu
 
 @pytest.fixture(scope="module")
 def live_publisher(fuzz_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The publisher on SQLite, served on 127.0.0.1 from its own thread, and one org → team → project → key in it."""
-    settings = _publisher_settings(fuzz_nats, tmp_path_factory.mktemp("publisher"))
-    with ThreadedApp(lambda: create_publisher_app(settings), access_log=None) as url:
-        with requests.Session() as http:
-            http.headers.update(AUTH)
+    """The publisher on SQLite signing in with the loopback OpenID provider, served on 127.0.0.1 from its own
+    thread; in it one org → team → project → key, another org with a provisioner token and a user and a group it
+    provisioned, and a second user of that org signed in with a browser (its session cookies)."""
+    port = free_port()
+    with running_provider() as provider:
+        settings = _publisher_settings(
+            fuzz_nats,
+            tmp_path_factory.mktemp("publisher"),
+            public_url=f"http://127.0.0.1:{port}",
+            oidc_issuer=provider.issuer,
+            oidc_client_id="keyrelay",
+            oidc_client_secret="a-client-secret-for-tests",
+        )
+        with ThreadedApp(lambda: create_publisher_app(settings), port=port, access_log=None) as url:
+            live = _populate(url)
+            live["cookies"] = _signed_in(url, provider.issuer, live["provisioner"])
+            assert requests.get(url + OPENAPI_PATH, timeout=30).json() == _document()
+            yield live
 
-            def made(path: str, body: dict[str, Any]) -> dict[str, Any]:
-                answer = http.post(url + "/v1" + path, json=body, timeout=30)
-                assert answer.status_code == 201, answer.text
-                created: dict[str, Any] = answer.json()
-                return created
 
-            org = made("/orgs", {"name": "fuzz"})
-            team = made(f"/orgs/{org['id']}/teams", {"name": "fuzz"})
-            project = made(f"/teams/{team['id']}/projects", {"name": "fuzz"})
-            key = made(f"/projects/{project['id']}/keys", {"name": "fuzz"})
-        assert requests.get(url + OPENAPI_PATH, timeout=30).json() == _document()
-        yield {"url": url, "org_id": org["id"], "team_id": team["id"], "project_id": project["id"], "key_id": key["id"]}
+def _populate(url: str) -> dict[str, Any]:
+    """The things the fuzzing names by id (path parameters), made with the admin API and SCIM. SCIM provisions
+    an org of its own: the admin API's cases decommission theirs."""
+    with requests.Session() as http:
+        http.headers.update(AUTH)
+
+        def made(path: str, body: dict[str, Any], token: str | None = None) -> dict[str, Any]:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            answer = http.post(url + path, json=body, headers=headers, timeout=30)
+            assert answer.status_code == 201, answer.text
+            created: dict[str, Any] = answer.json()
+            return created
+
+        org = made("/v1/orgs", {"name": "fuzz"})
+        team = made(f"/v1/orgs/{org['id']}/teams", {"name": "fuzz"})
+        project = made(f"/v1/teams/{team['id']}/projects", {"name": "fuzz"})
+        key = made(f"/v1/projects/{project['id']}/keys", {"name": "fuzz"})
+        provisioned = made("/v1/orgs", {"name": "fuzz-scim"})
+        token = made("/v1/tokens", {"name": "fuzz-scim", "role": "provisioner", "org_id": provisioned["id"]})["token"]
+        user = made(SCIM_PREFIX + "/Users", {"userName": "fuzz@example.com"}, token)
+        group = made(SCIM_PREFIX + "/Groups", {"displayName": "fuzz", "members": [{"value": user["id"]}]}, token)
+    return {
+        "url": url,
+        "provisioner": token,
+        "ids": {"org_id": org["id"], "team_id": team["id"], "project_id": project["id"], "key_id": key["id"]},
+        "scim_ids": {"user_id": user["id"], "group_id": group["id"], "name": "User"},
+    }
+
+
+def _signed_in(url: str, issuer: str, provisioner: str) -> dict[str, str]:
+    """The cookies of a browser signed in as a second SCIM-provisioned user (its own: the fuzzing may deactivate
+    the first), through the provider's authorization form."""
+    scim = {"Authorization": f"Bearer {provisioner}"}
+    made = requests.post(
+        url + SCIM_PREFIX + "/Users", json={"userName": "browser@example.com"}, headers=scim, timeout=30
+    )
+    assert made.status_code == 201, made.text
+    claims: dict[str, Any] = {"email": "browser@example.com", "email_verified": True, "name": "Browser"}
+    assert requests.put(f"{issuer}/users/browser", json=claims, timeout=30).status_code == 204
+    with requests.Session() as browser:
+        form = browser.get(url + "/auth/login", allow_redirects=False, timeout=30).headers["Location"]
+        signed_in = browser.post(form, data={"sub": "browser"}, timeout=30)
+        assert signed_in.status_code == 200, signed_in.text
+        assert signed_in.url == url + "/me"
+        return {cookie.name: cookie.value or "" for cookie in browser.cookies}
 
 
 def _document() -> dict[str, Any]:
     """The publisher's document, built as create_app builds it (the live one is checked to be the same)."""
-    return document((*PROBES, *ROUTES, *SCIM_ROUTES), public={*UNAUTHENTICATED, *BROWSER_PATHS})
+    return document(
+        (*PROBES, *ROUTES, *SCIM_ROUTES, *BROWSER_ROUTES, *DEVICE_ROUTES),
+        public={*UNAUTHENTICATED, *BROWSER_PATHS, *DEVICE_PATHS},
+    )
 
 
-# Not the SCIM routes: they take an organization's provisioner token, which this run does not hold (its admin
-# token is refused there by design), so every case would stop at the token check; tests/test_scim*.py replay
-# what identity providers send instead. (The browser routes are not served here: no OpenID provider is set.)
-schema = schemathesis.openapi.from_dict(_document()).exclude(path_regex=f"^{SCIM_PREFIX}/")
+schema = schemathesis.openapi.from_dict(_document())
 
 
 @schema.parametrize()
@@ -130,48 +180,45 @@ def test_the_live_publisher_never_answers_5xx_and_every_answer_matches_its_docum
 ) -> None:
     # Random UUIDs only ever reach 404s: most cases name the ids of real things instead, so the fuzzing gets
     # past the lookups (a fixed seed per case keeps the run derandomized).
-    if random.Random(repr((case.path_parameters, case.query, case.body))).random() < 0.7:
+    path = case.operation.path
+    scim = path.startswith(SCIM_PREFIX + "/")
+    body = None if isinstance(case.body, NotSet) else case.body  # NotSet's repr holds its address: not stable
+    if random.Random(repr((case.path_parameters, case.query, body))).random() < 0.7:
+        ids = live_publisher["scim_ids" if scim else "ids"]
         for name in case.path_parameters or {}:
-            case.path_parameters[name] = live_publisher.get(name, case.path_parameters[name])
-    case.call_and_validate(
+            case.path_parameters[name] = ids.get(name, case.path_parameters[name])
+    if scim:  # SCIM takes the organization's provisioner token, nothing else
+        headers = {"Authorization": f"Bearer {live_publisher['provisioner']}"}
+    elif path in BROWSER_PATHS:  # a browser's: its session cookies (a change must also prove it is no CSRF)
+        headers = {"Cookie": "; ".join(f"{name}={value}" for name, value in live_publisher["cookies"].items())}
+    else:
+        headers = AUTH
+    response = case.call_and_validate(
         base_url=live_publisher["url"],
-        headers=AUTH,
+        headers=headers,
         checks=[not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance],
         timeout=30,
+        allow_redirects=False,
     )
     assert not [r for r in caplog.records if r.exc_info], "a request logged a traceback"
+    if (case.method, path) == ("POST", "/auth/logout"):  # signed in, but no case can know the CSRF token
+        assert response.status_code == 403
+    if scim and case.method != "GET":
+        _refused_changes_nothing(live_publisher, response.status_code, case)
 
 
-@pytest.fixture(scope="module")
-def live_device_publisher(fuzz_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A publisher signing in with the loopback OpenID provider (device flow served), from its own thread."""
-    with running_provider() as provider:
-        settings = _publisher_settings(
-            fuzz_nats,
-            tmp_path_factory.mktemp("device-publisher"),
-            public_url="http://127.0.0.1:8080",
-            oidc_issuer=provider.issuer,
-            oidc_client_id="keyrelay",
-            oidc_client_secret="a-client-secret-for-tests",
-        )
-        with ThreadedApp(lambda: create_publisher_app(settings), access_log=None) as url:
-            yield url
-
-
-device_schema = schemathesis.openapi.from_dict(document(DEVICE_ROUTES, public=DEVICE_PATHS))
-
-
-@device_schema.parametrize()
-@FUZZ
-def test_the_device_flow_routes_never_answer_5xx_and_every_answer_matches_their_document(
-    case: Any, live_device_publisher: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    case.call_and_validate(
-        base_url=live_device_publisher,
-        checks=[not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance],
-        timeout=30,
-    )
-    assert not [r for r in caplog.records if r.exc_info], "a request logged a traceback"
+def _refused_changes_nothing(live: dict[str, Any], status: int, case: Any) -> None:
+    """A SCIM change answered 4xx left the provisioned org as it was (SCIM's view of it: its users, groups,
+    their attributes and memberships). Only SCIM cases change that org, so the state after the previous one is
+    the state before this one."""
+    scim = {"Authorization": f"Bearer {live['provisioner']}"}
+    state = [
+        requests.get(f"{live['url']}{SCIM_PREFIX}/{kind}?count=200", headers=scim, timeout=30).json()
+        for kind in ("Users", "Groups")
+    ]
+    before, live["scim_state"] = live.get("scim_state"), state
+    if 400 <= status < 500 and before is not None:
+        assert state == before, f"a refused SCIM change changed something: {case.method} {case.formatted_path}"
 
 
 # -- the sidecar --------------------------------------------------------------------------------

@@ -244,3 +244,42 @@ async def test_malformed_requests_answer_scim_errors_and_change_nothing(
         assert 400 <= status < 500, (method, path, status, answer)
         assert (content_type, answer["status"]) == (SCIM_JSON, str(status)), (method, path, answer)
     assert await scim.call("GET", "/Users") == before
+
+
+async def test_a_refused_change_changes_nothing_and_a_taken_group_external_id_is_a_conflict(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher()
+    _, token = await _org_with_provisioner(publisher, "manual")
+    scim = Scim(publisher, http, token)
+    _, _, user = await scim.call("POST", "/Users", {"userName": "dee@example.com", "displayName": "Dee"})
+    _, _, group = await scim.call("POST", "/Groups", {"displayName": "ops", "externalId": "g-ops"})
+    _, _, other = await scim.call("POST", "/Groups", {"displayName": "dev"})
+    before = [(await scim.call("GET", path))[2] for path in ("/Users", "/Groups")]
+    stranger = {"value": str(uuid.uuid4())}
+    refused = [
+        ("PUT", f"/Users/{user['id']}", {"userName": "dee2@example.com", "displayName": "D", "active": "maybe"}),
+        ("PUT", f"/Groups/{group['id']}", {"displayName": "ops2", "externalId": "g2", "members": [stranger]}),
+        (
+            "PATCH",
+            f"/Groups/{group['id']}",
+            {
+                "Operations": [
+                    {"op": "replace", "path": "displayName", "value": "ops3"},
+                    {"op": "add", "path": "members", "value": [{"value": user["id"]}]},
+                    {"op": "add", "path": "members", "value": [stranger]},
+                ]
+            },
+        ),
+        ("POST", "/Groups", {"displayName": "new", "members": [{"value": user["id"]}, stranger]}),
+        ("PUT", f"/Groups/{other['id']}", {"displayName": "dev2", "externalId": "g-ops"}),
+        ("POST", "/Groups", {"displayName": "newer", "externalId": "g-ops"}),
+    ]
+    for method, path, body in refused:
+        status, content_type, error = await scim.call(method, path, body)
+        assert (status, content_type) in ((400, SCIM_JSON), (409, SCIM_JSON)), (method, path, status, error)
+        assert error["schemas"] == ["urn:ietf:params:scim:api:messages:2.0:Error"]
+    assert [(await scim.call("GET", path))[2] for path in ("/Users", "/Groups")] == before
+    assert (await scim.call("POST", "/Groups", {"displayName": "newest", "externalId": "g-ops"}))[2]["scimType"] == (
+        "uniqueness"
+    )

@@ -15,10 +15,14 @@ __all__ = ["ThreadedApp"]
 
 
 class ThreadedApp:
-    """`with ThreadedApp(make_app) as url:` serves the app that `make_app` builds (in the server's thread) at `url`."""
+    """`with ThreadedApp(make_app) as url:` serves the app that `make_app` builds (in the server's thread) at `url`
+    (on `port`, or a free one)."""
 
-    def __init__(self, make_app: Callable[[], web.Application], *, timeout: float = 30.0, **runner_options: Any):
+    def __init__(
+        self, make_app: Callable[[], web.Application], *, timeout: float = 30.0, port: int = 0, **runner_options: Any
+    ):
         self._make_app = make_app
+        self._port = port
         self._options = runner_options
         self._timeout = timeout
         self._ready = threading.Event()
@@ -55,7 +59,7 @@ class ThreadedApp:
         runner = web.AppRunner(self._make_app(), **self._options)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, "127.0.0.1", 0)
+            site = web.TCPSite(runner, "127.0.0.1", self._port)
             await site.start()
             self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
             self._ready.set()
