@@ -1,0 +1,155 @@
+"""What opening a consumer costs the server on a big key bucket: fill once, then time CONSUMER.CREATE.
+
+    python -m loadtest.bench_consumers fill --keys 10000000 --store /work/tenm-data/10m
+    python -m loadtest.bench_consumers time --store /work/tenm-data/10m --out docs/benchmarks/tenm-<date>.json
+
+`fill` writes `--keys` unsigned records straight into the bucket's stream (core publishes, kept at
+most a bounded number ahead of what the stream has stored), half under `global.`, a quarter each
+under `eu.` and `us.`, so that a store can be kept and timed many times. `time` starts a
+nats-server on the store and times the creations a replica's reader may ask for: one wildcard
+filter, two, none from the start, none from near the end, and the reads keyrelay makes (a hub
+sidecar on the global stream, a regional sidecar on its unfiltered mirror).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+
+from keyrelay.core.jetstream import jetstream_api
+from keyrelay.core.wire import DEFAULT_BUCKET, stream_name, subject_prefix
+from keyrelay.natsd import NatsServer, NatsSpec
+
+__all__ = ["fill", "main", "time_creates"]
+
+_NS = 1_000_000_000
+_BATCH = 20_000
+_AHEAD = 400_000  # published but not yet stored: at most this many
+_SCOPES = ("global", "global", "eu", "us")
+
+
+async def _stream_state(nc: Client, stream: str) -> dict[str, Any]:
+    info = await jetstream_api(nc, f"STREAM.INFO.{stream}", timeout=30.0)
+    state: dict[str, Any] = info["state"]
+    return state
+
+
+async def fill(url: str, keys: int, *, bucket: str = DEFAULT_BUCKET, deadline: float = 900.0) -> dict[str, Any]:
+    """Write `keys` unsigned records into `bucket` (made with history 1 when missing); what it took."""
+    nc = await nats.connect(url, pending_size=64 * 2**20)
+    stream, prefix = stream_name(bucket), subject_prefix(bucket)
+    js = nc.jetstream(timeout=30.0)
+    from nats.js.api import KeyValueConfig, StorageType
+
+    await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
+    started = time.monotonic()
+    payload = secrets.token_bytes(90).hex().encode()[:120]
+    have = int((await _stream_state(nc, stream))["messages"])
+    sent = have
+    while sent < keys:
+        if time.monotonic() - started > deadline:
+            raise TimeoutError(f"filled {sent:,} of {keys:,} in {deadline:.0f}s")
+        for i in range(sent, min(sent + _BATCH, keys)):
+            await nc.publish(f"{prefix}{_SCOPES[i % 4]}.k{i:09d}", payload)
+        sent = min(sent + _BATCH, keys)
+        await nc.flush(timeout=30)
+        while sent - int((await _stream_state(nc, stream))["messages"]) > _AHEAD:
+            await asyncio.sleep(0.05)
+    while int((await _stream_state(nc, stream))["messages"]) < keys:
+        await asyncio.sleep(0.2)
+    seconds = time.monotonic() - started
+    state = await _stream_state(nc, stream)
+    await nc.close()
+    return {"keys": keys, "seconds": round(seconds, 1), "rate": round((keys - have) / seconds), "bytes": state["bytes"]}
+
+
+async def _time_create(nc: Client, stream: str, config: dict[str, Any], *, subject: str = "") -> dict[str, Any]:
+    """Create one consumer (ephemeral push, like the sidecar's), time the answer, delete it."""
+    name = f"bench-{secrets.token_hex(4)}"
+    body = {
+        "deliver_subject": nc.new_inbox(),
+        "ack_policy": "none",
+        "max_deliver": 1,
+        "flow_control": True,
+        "idle_heartbeat": _NS,
+        "inactive_threshold": 30 * _NS,
+        "mem_storage": True,
+        "num_replicas": 1,
+        "name": name,
+        **config,
+    }
+    started = time.perf_counter()
+    created = await jetstream_api(
+        nc, f"CONSUMER.CREATE.{stream}.{name}{subject}", {"stream_name": stream, "config": body}, timeout=120.0
+    )
+    seconds = time.perf_counter() - started
+    await jetstream_api(nc, f"CONSUMER.DELETE.{stream}.{name}", timeout=60.0)
+    if "error" in created:
+        raise RuntimeError(created["error"])
+    return {"seconds": round(seconds, 4), "num_pending": created.get("num_pending")}
+
+
+async def time_creates(url: str, *, bucket: str = DEFAULT_BUCKET, repeat: int = 2) -> dict[str, Any]:
+    """The creation time of each way of opening a consumer on the bucket's stream (best of `repeat`)."""
+    nc = await nats.connect(url)
+    stream, prefix = stream_name(bucket), subject_prefix(bucket)
+    state = await _stream_state(nc, stream)
+    last = int(state["last_seq"])
+    near_end = {"deliver_policy": "by_start_sequence", "opt_start_seq": max(1, last - 1000)}
+    cases: dict[str, tuple[dict[str, Any], str]] = {
+        "one_filter_from_start": ({"filter_subject": f"{prefix}global.>"}, f".{prefix}global.>"),
+        "one_filter_near_end": ({**near_end, "filter_subject": f"{prefix}global.>"}, f".{prefix}global.>"),
+        "two_filters_near_end": ({**near_end, "filter_subjects": [f"{prefix}global.>", f"{prefix}eu.>"]}, ""),
+        "no_filter_from_start": ({"deliver_policy": "all"}, ""),
+        "no_filter_near_end": (near_end, ""),
+    }
+    result: dict[str, Any] = {"messages": state["messages"], "bytes": state["bytes"], "creates": {}}
+    for case, (config, subject) in cases.items():
+        runs = [await _time_create(nc, stream, config, subject=subject) for _ in range(repeat)]
+        result["creates"][case] = {"seconds": min(r["seconds"] for r in runs), "num_pending": runs[0]["num_pending"]}
+        print(f"  {state['messages']:>10,} {case:<24} {result['creates'][case]['seconds']:.4f}s", flush=True)
+    await nc.close()
+    return result
+
+
+def _server(store: Path) -> NatsServer:
+    return NatsServer(NatsSpec(name="bench-consumers", store_dir=store))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`fill` a store once, or `time` consumer creation on one."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_consumers", description=__doc__)
+    parser.add_argument("what", choices=("fill", "time"))
+    parser.add_argument("--store", type=Path, required=True, help="the nats-server store directory (kept)")
+    parser.add_argument("--keys", type=int, default=10_000, help="fill: records to write")
+    parser.add_argument("--out", type=Path, help="time: write the figures here as JSON")
+    args = parser.parse_args(argv)
+    server = _server(args.store)
+    started = time.monotonic()
+    server.start(timeout=600.0)
+    up = time.monotonic() - started
+    try:
+        if args.what == "fill":
+            print(json.dumps(asyncio.run(fill(server.url, args.keys))), flush=True)
+        else:
+            result = {"server_start_seconds": round(up, 2), **asyncio.run(time_creates(server.url))}
+            text = json.dumps(result, indent=2)
+            print(text)
+            if args.out:
+                args.out.write_text(text + "\n")
+    finally:
+        server.stop(timeout=120.0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
