@@ -16,9 +16,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-
-import secrets
 import random
+import secrets
 import time
 import uuid
 from pathlib import Path
@@ -45,6 +44,12 @@ async def _stream_state(nc: Client, stream: str) -> dict[str, Any]:
     return state
 
 
+async def _stored(nc: Client, stream: str, count: int) -> None:
+    """Wait until the stream holds at least `count` messages (polling: JetStream has no event for it)."""
+    while int((await _stream_state(nc, stream))["messages"]) < count:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
 async def fill(url: str, keys: int, *, bucket: str = DEFAULT_BUCKET, deadline: float = 900.0) -> dict[str, Any]:
     """Write `keys` unsigned records into `bucket` (made with history 1 when missing); what it took."""
     nc = await nats.connect(url, pending_size=64 * 2**20)
@@ -66,10 +71,8 @@ async def fill(url: str, keys: int, *, bucket: str = DEFAULT_BUCKET, deadline: f
             await nc.publish(f"{prefix}{_SCOPES[i % 4]}.{uuid.UUID(int=rng.getrandbits(128), version=4)}", payload)
         sent = min(sent + _BATCH, keys)
         await nc.flush(timeout=30)
-        while sent - int((await _stream_state(nc, stream))["messages"]) > _AHEAD:
-            await asyncio.sleep(0.05)
-    while int((await _stream_state(nc, stream))["messages"]) < keys:
-        await asyncio.sleep(0.2)
+        await _stored(nc, stream, sent - _AHEAD)
+    await _stored(nc, stream, keys)
     seconds = time.monotonic() - started
     state = await _stream_state(nc, stream)
     await nc.close()

@@ -34,14 +34,15 @@ from nats.aio.client import Client
 
 from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
 from keyrelay.core.nats_connect import NatsConnect, connect_retrying, identity_name
+from keyrelay.core.replica_streams import holds_exactly
 from keyrelay.core.server_choice import ServerChoice, stream_serves
 from keyrelay.core.trust import Trust
-from keyrelay.core.wire import GLOBAL_SCOPE, region_subjects, stream_name, subject_prefix
+from keyrelay.core.wire import GLOBAL_SCOPE, region_subjects, replica_stream, subject_prefix
 
 from .apply import Applier, SyncStats
 from .deliveries import Deliveries, Generation
 from .direct import DirectClient
-from .errors import BucketNotFound
+from .errors import BucketNotFound, CreateTimeout
 from .replica import Freshness, Position
 from .snapshot import Snapshot
 from .snapshot_start import start_from_snapshot
@@ -56,12 +57,15 @@ _MAX_BACKOFF = 2.0
 _MISSED_HEARTBEATS = 3
 _MAX_DELETING = 4  # deletions of replaced consumers in flight at once
 _PROBE_TIMEOUT = 1.0  # a stream's leader answers STREAM.INFO in milliseconds: longer is no answer
-# A live node creates a consumer in milliseconds; JetStream may place a new one on a node that died but is
-# not yet marked offline, which never answers, and may do so several times in a row. So the first
-# _CREATE_SHORT attempts wait this long, each later one twice as long as the one before (up to
-# SyncConfig.api_timeout); each attempt, under a new name, is placed anew.
+# A live node creates an unfiltered consumer in a millisecond at any stream size; JetStream may place a new
+# one on a node that died but is not yet marked offline, which never answers, and may do so several times in
+# a row. So the first _CREATE_SHORT attempts wait this long, each later one twice as long as the one before
+# (up to _CREATE_LONGEST: a slow server is waited for longer, never asked more often); each attempt, under a
+# new name, is placed anew, and the one before it is deleted.
 _CREATE_TIMEOUT = 0.5
 _CREATE_SHORT = 3
+_CREATE_LONGEST = 60.0
+_SAY_WAITING_EVERY = 2.0  # seconds between "opening a consumer ...: waiting" lines while a create is unanswered
 _FLOOR_PRUNE_EVERY = 60.0
 
 
@@ -85,8 +89,8 @@ class SyncConfig:
 
     @property
     def stream(self) -> str:
-        """The stream this sync reads."""
-        return stream_name(self.bucket)
+        """The stream this sync reads: its region's mirror, or the hub's mirror of global keys."""
+        return replica_stream(self.bucket, self.region)
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -105,6 +109,8 @@ class KeySync:
         "_floors_pruned",
         "_nc",
         "_next_probe",
+        "_opened",
+        "_opening",
         "_reset",
         "_stream_created",
         "_tasks",
@@ -115,6 +121,7 @@ class KeySync:
         "freshness",
         "loaded_snapshot",
         "position",
+        "replica_id",
         "stats",
         "table",
     )
@@ -149,6 +156,10 @@ class KeySync:
         self._next_probe = 0.0  # when a late heartbeat may next make the sidecar ask its server for the stream
         self._deleting: set[asyncio.Task[None]] = set()  # old consumers being deleted
         self._create_timeouts = 0  # CONSUMER.CREATE requests timed out in a row
+        self._opened = 0  # consumers asked for
+        self._opening: float | None = None  # when the unanswered CONSUMER.CREATE was sent (monotonic)
+        # Names this replica's consumers, `keyrelay-<replica_id>-<n>`: an abandoned create is deleted by name.
+        self.replica_id = secrets.token_hex(6)
 
     # -- what the sidecar and the seeder read ------------------------------------------------
 
@@ -196,6 +207,14 @@ class KeySync:
     def connection(self) -> Client | None:
         """The NATS connection, once made (the seeder writes its snapshots through it)."""
         return self._nc
+
+    def activity(self) -> str | None:
+        """What the sync waits on, when it waits on the server: "opening a consumer on KV_KEYS: waiting 6 s"."""
+        if self._opening is None:
+            return None
+        waited = time.monotonic() - self._opening
+        retried = f", attempt {self._create_timeouts + 1}" if self._create_timeouts else ""
+        return f"opening a consumer on {self.stream}: waiting {waited:.0f} s{retried}"
 
     def seconds_since_contact(self) -> float:
         """Age of the replica's freshest proof that it holds the publisher's latest word (replica.Freshness)."""
@@ -391,7 +410,13 @@ class KeySync:
         gen.sub = await nc.subscribe_direct(inbox, functools.partial(self._deliveries.on_message, gen))
         self._deliveries.current = gen
         subjects = region_subjects(self.config.bucket, self.config.region)
+        # A stream holding exactly this replica's subjects needs no filter, and a consumer without one costs
+        # the server the same at any size; one holding more (a bucket read directly) is filtered.
+        filters = [] if holds_exactly(info, subjects) else subjects
+        self._opened += 1
+        gen.consumer = f"keyrelay-{self.replica_id}-{self._opened}"
         config: dict[str, Any] = {
+            "name": gen.consumer,
             "deliver_subject": inbox,
             "deliver_policy": "by_start_sequence" if start > 1 else "all",
             "ack_policy": "none",
@@ -405,21 +430,19 @@ class KeySync:
         }
         if start > 1:
             config["opt_start_seq"] = start
-        if len(subjects) == 1:
-            # The filter in the subject (CONSUMER.CREATE.<stream>.<name>.<filter>), which the server holds
-            # to the body's: NATS permissions can then admit a global sidecar to global keys only.
-            config["name"] = f"keyrelay-{secrets.token_hex(8)}"
-            config["filter_subject"] = subjects[0]
-            create = f"CONSUMER.CREATE.{self.stream}.{config['name']}.{subjects[0]}"
-        else:
-            config["filter_subjects"] = subjects
-            create = f"CONSUMER.CREATE.{self.stream}"
+        create = f"CONSUMER.CREATE.{self.stream}.{gen.consumer}"
+        if len(filters) == 1:
+            # The filter in the subject too (CONSUMER.CREATE.<stream>.<name>.<filter>): the server holds both equal.
+            config["filter_subject"] = filters[0]
+            create += f".{filters[0]}"
+        elif filters:
+            config["filter_subjects"] = filters
+        # The consumer is named before it is asked for: if the create goes unanswered, the next open deletes it.
         created = await self._create(nc, create, {"stream_name": self.stream, "config": config})
         if "error" in created:
             await gen.sub.unsubscribe()
             gen.sub = None
             raise RuntimeError(created["error"].get("description", "consumer create failed"))
-        gen.consumer = created["name"]
         self.freshness.last_contact = time.monotonic()
         pending = int(created.get("num_pending", 0))
         log.info("consumer %s on %s from revision %d, %d pending", gen.consumer, self.stream, start, pending)
@@ -436,17 +459,34 @@ class KeySync:
     async def _create(self, nc: Client, subject: str, body: dict[str, Any]) -> dict[str, Any]:
         """CONSUMER.CREATE, waiting short at first and longer after each attempt that timed out.
 
-        A create that timed out may still make its consumer late, on the node that did not answer: that
-        one delivers to an inbox the next attempt has dropped, and its inactivity threshold removes it.
+        A create that timed out may still make its consumer late, on the node that did not answer: the
+        next open deletes it by name (its inactivity threshold removes it if that fails too).
         """
-        timeout = min(_CREATE_TIMEOUT * 2 ** max(0, self._create_timeouts - _CREATE_SHORT + 1), self.config.api_timeout)
+        longest = max(_CREATE_LONGEST, self.config.api_timeout)
+        timeout = min(_CREATE_TIMEOUT * 2 ** max(0, self._create_timeouts - _CREATE_SHORT + 1), longest)
+        self._opening = time.monotonic()
+        saying = asyncio.create_task(self._say_waiting(), name="keyrelay-sync-opening")
         try:
             created = await jetstream_api(nc, subject, body, timeout=timeout)
+        except TimeoutError:
+            self._create_timeouts += 1
+            raise CreateTimeout(stream=self.stream, waited=timeout, attempts=self._create_timeouts) from None
         except Exception:
             self._create_timeouts += 1
             raise
+        finally:
+            self._opening = None
+            saying.cancel()
         self._create_timeouts = 0
         return created
+
+    async def _say_waiting(self) -> None:
+        """Say, every few seconds, that a consumer's creation is still unanswered (and for how long)."""
+        while True:
+            await asyncio.sleep(_SAY_WAITING_EVERY)
+            activity = self.activity()
+            if activity is not None:
+                log.info("%s", activity)
 
     async def _drop_consumer(self, gen: Generation, *, wait: bool = True) -> None:
         """Unsubscribe from a consumer's deliveries and delete it (in the background unless `wait`).

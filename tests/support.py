@@ -24,6 +24,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from keyrelay.core.nats_connect import NatsConnect, identity_name
+from keyrelay.core.replica_streams import ensure_global_stream
 from keyrelay.core.trust import (
     KIND_HEARTBEAT,
     KIND_RECORD,
@@ -464,6 +465,16 @@ async def every_message(js: JetStreamContext) -> dict[str, BucketMessage]:
     finally:
         await sub.unsubscribe()
     return found
+
+
+async def key_bucket(js: JetStreamContext, bucket: str = "KEYS") -> KeyValue:
+    """A key bucket as the publisher makes it: history 1, with the hub's mirror of its global keys (made anew
+    when the bucket is)."""
+    from nats.js.api import KeyValueConfig
+
+    kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
+    await ensure_global_stream(js._nc, bucket)
+    return kv
 
 
 async def bucket_entries(js: JetStreamContext) -> set[str]:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import nats
 import pytest
-from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from keyrelay.cli import main
@@ -28,6 +27,7 @@ from tests.support import (
     StartSidecar,
     eventually,
     heartbeat,
+    key_bucket,
     key_file,
     make_key,
     put,
@@ -160,7 +160,7 @@ async def test_region_init_seeds_the_regions_snapshot_once_its_mirror_has_caught
         leaf.start()
         nc = await nats.connect(hub.url)
         try:
-            bucket = await nc.jetstream().create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+            bucket = await key_bucket(nc.jetstream())
             held = [make_key(region="eu")[1] for _ in range(100)] + [make_key()[1] for _ in range(300)]
             for record in [make_key(region="us")[1] for _ in range(100)] + held:  # a global key last
                 await put(bucket, record)
