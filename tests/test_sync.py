@@ -21,8 +21,8 @@ from tests.withholding_proxy import WithholdingProxy
 T = TypeVar("T")
 
 
-async def _consumers(js: JetStreamContext) -> AsyncIterator[ConsumerInfo]:
-    for info in await js.consumers_info("KV_KEYS"):
+async def _consumers(js: JetStreamContext, stream: str) -> AsyncIterator[ConsumerInfo]:
+    for info in await js.consumers_info(stream):
         yield info
 
 
@@ -44,8 +44,11 @@ async def test_a_consumer_abandoned_after_a_bad_status_is_deleted_when_the_next_
         # What the server sends a push consumer it gave up on, handed to the sync as it arrives.
         await sync._deliveries.on_status(first, b"", {"Status": "409", "Description": "Consumer Deleted"})
         await eventually(_current(sync, first), bool)
-        names = [info.name async for info in _consumers(js)]
-        assert names == [sync._deliveries.current.consumer]
+
+        async def names() -> list[str]:
+            return [info.name async for info in _consumers(js, sync.stream)]
+
+        await eventually(names, lambda held: held == [sync._deliveries.current.consumer])
         assert sync.stats.consumer_resets == 1
     finally:
         await sync.close()
