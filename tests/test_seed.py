@@ -96,7 +96,7 @@ async def test_seeding_again_leaves_a_fresh_snapshot_alone_and_force_writes_one_
 async def test_seeding_a_bucket_that_does_not_exist_gives_up_and_says_where_to_look(
     nats_server: NatsServer, snapshot_key: Path
 ) -> None:
-    with pytest.raises(SyncTimeout, match="is there a stream KV_KEYS") as raised:
+    with pytest.raises(SyncTimeout, match="is there a stream KEYS_global") as raised:
         await seed(_settings(nats_server, snapshot_key, timeout=1.0))
     assert raised.value.connected
     assert raised.value.keys == 0
