@@ -98,6 +98,16 @@ class SyncConfig:
         return (GLOBAL_SCOPE, self.region) if self.region else (GLOBAL_SCOPE,)
 
 
+@dataclass(frozen=True, slots=True)
+class _Retry:
+    """A CONSUMER.CREATE that went unanswered: its consumer's generation and the request, to send again as it was."""
+
+    gen: Generation
+    subject: str
+    body: dict[str, Any]
+    start: int
+
+
 class KeySync:
     """Mirrors one region's view of the key bucket into a table, and says how fresh it is."""
 
@@ -112,6 +122,7 @@ class KeySync:
         "_opened",
         "_opening",
         "_reset",
+        "_retry",
         "_stream_created",
         "_tasks",
         "applier",
@@ -157,6 +168,7 @@ class KeySync:
         self._deleting: set[asyncio.Task[None]] = set()  # old consumers being deleted
         self._create_timeouts = 0  # CONSUMER.CREATE requests timed out in a row
         self._opened = 0  # consumers asked for
+        self._retry: _Retry | None = None  # a create that went unanswered, to ask again once
         self._opening: float | None = None  # when the unanswered CONSUMER.CREATE was sent (monotonic)
         # Names this replica's consumers, `keyrelay-<replica_id>-<n>`: an abandoned create is deleted by name.
         self.replica_id = secrets.token_hex(6)
@@ -379,7 +391,10 @@ class KeySync:
         return await jetstream_api(nc, subject, body, timeout=self.config.api_timeout)
 
     async def _open_consumer(self, nc: DirectClient) -> None:
-        await self._drop_consumer(self._deliveries.current, wait=False)
+        retry, self._retry = self._retry, None
+        if retry is None or retry.gen is not self._deliveries.current or retry.gen.nc is not nc:
+            await self._drop_consumer(self._deliveries.current, wait=False)
+            retry = None
         self.connected = nc.is_connected
         info = await self._api(nc, f"STREAM.INFO.{self.stream}")
         if "error" in info:
@@ -406,6 +421,13 @@ class KeySync:
             position.last_revision = 0
         self._stream_created = incarnation
         start = position.last_revision + 1
+        if retry is not None and retry.start == start:
+            # The last create went unanswered: ask again for the same consumer, identically, waiting longer.
+            # Whichever of the two the server carries out first makes it; the other finds it made (one consumer).
+            await self._created(retry.gen, await self._create(nc, retry.subject, retry.body), start)
+            return
+        if retry is not None:
+            await self._drop_consumer(retry.gen, wait=False)
         inbox = nc.new_inbox()
         gen.sub = await nc.subscribe_direct(inbox, functools.partial(self._deliveries.on_message, gen))
         self._deliveries.current = gen
@@ -437,11 +459,23 @@ class KeySync:
             create += f".{filters[0]}"
         elif filters:
             config["filter_subjects"] = filters
-        # The consumer is named before it is asked for: if the create goes unanswered, the next open deletes it.
-        created = await self._create(nc, create, {"stream_name": self.stream, "config": config})
+        # The consumer is named before it is asked for: if the create goes unanswered, the next open asks for it
+        # again by that name (and, unanswered twice, deletes it and names another).
+        body = {"stream_name": self.stream, "config": config}
+        try:
+            created = await self._create(nc, create, body)
+        except CreateTimeout:
+            self._retry = _Retry(gen=gen, subject=create, body=body, start=start)
+            raise
+        await self._created(gen, created, start)
+
+    async def _created(self, gen: Generation, created: dict[str, Any], start: int) -> None:
+        """The server's answer to a consumer's creation: take the consumer, or drop its subscription."""
+        position = self.position
         if "error" in created:
-            await gen.sub.unsubscribe()
-            gen.sub = None
+            if gen.sub is not None:
+                await gen.sub.unsubscribe()
+                gen.sub = None
             raise RuntimeError(created["error"].get("description", "consumer create failed"))
         self.freshness.last_contact = time.monotonic()
         pending = int(created.get("num_pending", 0))

@@ -144,3 +144,30 @@ async def test_a_consumer_stalled_by_a_lost_flow_control_reply_is_resumed_when_i
     finally:
         await sync.close()
         await proxy.close()
+
+
+async def test_a_consumer_create_answered_late_is_asked_again_identically_and_leaves_one_consumer(
+    nats_server: NatsServer, bucket: KeyValue, js: JetStreamContext
+) -> None:
+    """A server slow to answer CONSUMER.CREATE: the sync asks again for the same consumer, waiting longer,
+    and the late first request, carried out after the second, makes no other consumer."""
+    proxy = WithholdingProxy(target_port=nats_server.port)
+    await proxy.start()
+    proxy.delay_consumer_creates(1.5)  # past the first attempt's wait
+    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.5), KeyTable())
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        await eventually(lambda: _async(proxy.creates_released), lambda n: n == 1)  # the late one reached the server
+
+        async def names() -> list[str]:
+            return [info.name async for info in _consumers(js, sync.stream)]
+
+        first = f"keyrelay-{sync.replica_id}-1"  # what the late request asks for
+        await eventually(names, lambda held: first in held)
+        assert await names() == [sync._deliveries.current.consumer] == [first]
+        assert proxy.creates_seen == 2
+        assert sync.stats.sync_errors == 1
+    finally:
+        await sync.close()
+        await proxy.close()
