@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import random
 import secrets
 import time
@@ -27,8 +28,12 @@ import nats
 from nats.aio.client import Client
 
 from keyrelay.core.jetstream import jetstream_api
-from keyrelay.core.wire import DEFAULT_BUCKET, stream_name, subject_prefix
+from keyrelay.core.replica_streams import ensure_global_stream
+from keyrelay.core.wire import DEFAULT_BUCKET, replica_stream, stream_name, subject_prefix
 from keyrelay.natsd import NatsServer, NatsSpec
+from sidecar.snapshot_start import _recall_heartbeat
+from sidecar.sync import KeySync, SyncConfig
+from sidecar.table import KeyTable
 
 __all__ = ["fill", "main", "time_creates"]
 
@@ -129,6 +134,67 @@ async def time_creates(url: str, *, bucket: str = DEFAULT_BUCKET, repeat: int = 
     return result
 
 
+async def _mirrored(nc: Client, bucket: str, *, deadline: float) -> float:
+    """Make the hub's mirror of global keys when missing and wait until it holds them all; the seconds it took."""
+    started = time.monotonic()
+    source = await _stream_state(nc, stream_name(bucket))
+    await ensure_global_stream(nc, bucket, timeout=60.0)
+    mirror = replica_stream(bucket, None)
+    while True:
+        info = await jetstream_api(nc, f"STREAM.INFO.{mirror}", timeout=30.0)
+        if int(info["state"]["last_seq"]) >= int(source["last_seq"]) - len(_SCOPES):
+            return time.monotonic() - started
+        if time.monotonic() - started > deadline:
+            raise TimeoutError(f"the mirror {mirror} holds {info['state']['messages']:,} after {deadline:.0f}s")
+        await asyncio.sleep(0.5)
+
+
+async def time_opens(url: str, *, bucket: str = DEFAULT_BUCKET, repeat: int = 3) -> dict[str, Any]:
+    """How long the sync takes to open its consumer (STREAM.INFO and CONSUMER.CREATE, as it sends them) on the
+    hub's mirror of global keys: replaying (the seeder, a sidecar without a snapshot), from a snapshot's
+    revision near the end, and reopening (a reconnect); and reading the heartbeat a snapshot covers."""
+    logging.getLogger("keyrelay").setLevel(logging.ERROR)  # the unsigned filler records are refused, noisily
+    nc = await nats.connect(url)
+    mirror_seconds = await _mirrored(nc, bucket, deadline=900.0)
+    mirror = replica_stream(bucket, None)
+    state = await _stream_state(nc, mirror)
+    await nc.close()
+    last = int(state["last_seq"])
+    result: dict[str, Any] = {
+        "mirror": mirror,
+        "messages": state["messages"],
+        "mirror_ready_seconds": round(mirror_seconds, 2),
+    }
+    sync = KeySync(SyncConfig(servers=[url], bucket=bucket, heartbeat=5.0), KeyTable())
+    client = await sync._connect()
+    sync._nc = client
+    opens: dict[str, list[float]] = {"replaying": [], "from_snapshot": [], "reconnect": []}
+    try:
+        for _ in range(repeat):
+            for case in opens:
+                if case != "reconnect":
+                    sync.position.last_revision = 0 if case == "replaying" else max(0, last - 1000)
+                started = time.perf_counter()
+                await sync._open_consumer(client)
+                opens[case].append(round(time.perf_counter() - started, 4))
+                # What a replay would deliver is not read: the consumer is dropped (and deleted) at once.
+                await sync._drop_consumer(sync._deliveries.current)
+        recall: list[float] = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            await _recall_heartbeat(
+                client, sync.applier, stream=mirror, prefix=subject_prefix(bucket), upto=last, timeout=30.0
+            )
+            recall.append(round(time.perf_counter() - started, 4))
+        await sync._drop_consumer(sync._deliveries.current)
+    finally:
+        await client.close()
+    result["opens"] = {**opens, "heartbeat_recall": recall}
+    for case, seconds in result["opens"].items():
+        print(f"  {state['messages']:>10,} open {case:<19} {' '.join(f'{s:.4f}s' for s in seconds)}", flush=True)
+    return result
+
+
 def _server(store: Path) -> NatsServer:
     return NatsServer(NatsSpec(name="bench-consumers", store_dir=store))
 
@@ -149,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.what == "fill":
             print(json.dumps(asyncio.run(fill(server.url, args.keys))), flush=True)
         else:
-            result = {"server_start_seconds": round(up, 2), **asyncio.run(time_creates(server.url))}
+            result = {
+                "server_start_seconds": round(up, 2),
+                **asyncio.run(time_creates(server.url)),
+                "sync": asyncio.run(time_opens(server.url)),
+            }
             text = json.dumps(result, indent=2)
             print(text)
             if args.out:

@@ -360,7 +360,8 @@ async def test_a_sidecar_is_fresh_no_longer_than_max_staleness_while_the_stream_
 
 async def test_a_consumer_placed_on_a_lost_node_is_replaced_within_a_few_heartbeats(deployment: Deployment) -> None:
     d = deployment
-    leader, _ = await d.cluster.stream_leader(d.js, d.stream)
+    # The stream the sidecars read (the hub's mirror of global keys), whose followers hold their consumers.
+    leader, _ = await d.cluster.stream_leader(d.js, d.sidecars[0].state.sync.stream)
     # A sidecar whose consumer lives on a follower it is not connected to: the node lost takes only the consumer.
     placed: dict[str, str] = {}
     for _ in range(20):
@@ -412,7 +413,8 @@ async def _recovery(d: Deployment, lost: Collection[str]) -> float:
 
 
 async def _consumer_node(d: Deployment, sidecar: Sidecar) -> str:
-    info = await d.js.consumer_info(d.stream, sidecar.state.sync._deliveries.current.consumer)
+    sync = sidecar.state.sync
+    info = await d.js.consumer_info(sync.stream, sync._deliveries.current.consumer)
     assert info.cluster is not None
     assert info.cluster.leader is not None
     return str(info.cluster.leader)
