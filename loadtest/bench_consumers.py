@@ -31,6 +31,7 @@ from keyrelay.core.jetstream import jetstream_api
 from keyrelay.core.replica_streams import ensure_global_stream
 from keyrelay.core.wire import DEFAULT_BUCKET, replica_stream, stream_name, subject_prefix
 from keyrelay.natsd import NatsServer, NatsSpec
+from sidecar.errors import CreateTimeout
 from sidecar.snapshot_start import _recall_heartbeat
 from sidecar.sync import KeySync, SyncConfig
 from sidecar.table import KeyTable
@@ -169,13 +170,19 @@ async def time_opens(url: str, *, bucket: str = DEFAULT_BUCKET, repeat: int = 3)
     client = await sync._connect()
     sync._nc = client
     opens: dict[str, list[float]] = {"replaying": [], "from_snapshot": [], "reconnect": []}
+    retries = dict.fromkeys(opens, 0)
     try:
         for _ in range(repeat):
             for case in opens:
                 if case != "reconnect":
                     sync.position.last_revision = 0 if case == "replaying" else max(0, last - 1000)
                 started = time.perf_counter()
-                await sync._open_consumer(client)
+                while True:  # as the sync's loop does: an unanswered create is asked again, waiting longer
+                    try:
+                        await sync._open_consumer(client)
+                        break
+                    except CreateTimeout:
+                        retries[case] += 1
                 opens[case].append(round(time.perf_counter() - started, 4))
                 # What a replay would deliver is not read: the consumer is dropped (and deleted) at once.
                 await sync._drop_consumer(sync._deliveries.current)
@@ -190,6 +197,7 @@ async def time_opens(url: str, *, bucket: str = DEFAULT_BUCKET, repeat: int = 3)
     finally:
         await client.close()
     result["opens"] = {**opens, "heartbeat_recall": recall}
+    result["unanswered_creates"] = retries
     for case, seconds in result["opens"].items():
         print(f"  {state['messages']:>10,} open {case:<19} {' '.join(f'{s:.4f}s' for s in seconds)}", flush=True)
     return result
