@@ -16,12 +16,27 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from .jetstream import STREAM_NOT_FOUND, jetstream_api
-from .wire import region_subjects, replica_stream, stream_name
+from .wire import GLOBAL_SCOPE, region_subjects, replica_stream, stream_name
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
-__all__ = ["created_ns", "ensure_global_stream", "global_stream_config", "holds_exactly"]
+__all__ = [
+    "GLOBAL_FEED",
+    "created_ns",
+    "ensure_global_stream",
+    "global_feed_config",
+    "global_stream_config",
+    "holds_exactly",
+]
+
+# The durable consumer on the bucket's stream that feeds the hub's mirror of global keys, and where it delivers.
+# Durable and replicated like the bucket, it outlives the loss of a node: the mirror resumes as soon as the
+# consumer has a new leader, not when NATS's retry schedule for an ephemeral mirror consumer comes round.
+GLOBAL_FEED = "keyrelay-global-mirror"
+_FEED_DELIVER = "keyrelay.mirror.global"
+_NS = 1_000_000_000
+_FEED_CREATE_TIMEOUT = 120.0  # its filter costs the server a walk of the bucket's subjects (~0.3 s at 10M idle)
 
 _CREATED = re.compile(r"^(?P<base>[^.]+?)(?:\.(?P<frac>\d+))?(?P<tz>Z|[+-]\d\d:\d\d)$")
 
@@ -37,12 +52,30 @@ def created_ns(created: str) -> int:
 
 
 def holds_exactly(info: dict[str, Any], subjects: list[str]) -> bool:
-    """Whether the stream of `info` (its STREAM.INFO) is a mirror holding exactly `subjects`."""
+    """Whether the stream of `info` (its STREAM.INFO) is a mirror holding exactly `subjects`: filtered by subject
+    (a region's), or fed by the global feed (the hub's mirror of global keys, whose filter is the feed's)."""
     mirror = (info.get("config") or {}).get("mirror") or {}
     held = [t.get("src") for t in mirror.get("subject_transforms") or []]
     if not held and mirror.get("filter_subject"):
         held = [mirror["filter_subject"]]
+    if not held and (mirror.get("consumer") or {}).get("name") == GLOBAL_FEED:
+        held = [f"$KV.{mirror['name'].removeprefix('KV_')}.{GLOBAL_SCOPE}.>"]
     return bool(mirror) and sorted(held) == sorted(subjects)
+
+
+def global_feed_config(bucket: str) -> dict[str, Any]:
+    """The durable consumer on the bucket's stream that feeds the hub's mirror (durable sourcing, NATS 2.14+)."""
+    return {
+        "name": GLOBAL_FEED,
+        "durable_name": GLOBAL_FEED,
+        "deliver_subject": _FEED_DELIVER,
+        "deliver_policy": "all",
+        "ack_policy": "flow_control",
+        "flow_control": True,
+        "idle_heartbeat": _NS,
+        "max_deliver": -1,
+        "filter_subject": region_subjects(bucket, None)[0],
+    }
 
 
 def global_stream_config(bucket: str, *, replicas: int = 1) -> dict[str, Any]:
@@ -57,10 +90,7 @@ def global_stream_config(bucket: str, *, replicas: int = 1) -> dict[str, Any]:
         "deny_delete": True,
         "allow_rollup_hdrs": True,
         "discard": "new",
-        "mirror": {
-            "name": stream_name(bucket),
-            "subject_transforms": [{"src": s, "dest": s} for s in region_subjects(bucket, None)],
-        },
+        "mirror": {"name": stream_name(bucket), "consumer": {"name": GLOBAL_FEED, "deliver_subject": _FEED_DELIVER}},
     }
 
 
@@ -71,24 +101,38 @@ async def ensure_global_stream(nc: Client, bucket: str, *, replicas: int = 1, ti
     stream's records under revisions the new one reuses. Made again, it has a new creation time, by which
     its readers know to read it all again. True when it was (re)made.
     """
-    name = replica_stream(bucket, None)
+    name, source = replica_stream(bucket, None), stream_name(bucket)
     wanted = global_stream_config(bucket, replicas=replicas)
     info = await jetstream_api(nc, f"STREAM.INFO.{name}", timeout=timeout)
     error = info.get("error")
     if error is None:
-        source = await jetstream_api(nc, f"STREAM.INFO.{stream_name(bucket)}", timeout=timeout)
-        if "error" in source:
-            raise RuntimeError(f"cannot check the stream {stream_name(bucket)}: {source['error'].get('description')}")
-        current = holds_exactly(info, region_subjects(bucket, None)) and info["config"]["mirror"].get(
-            "name"
-        ) == stream_name(bucket)
-        if current and created_ns(str(info["created"])) >= created_ns(str(source["created"])):
+        bucket_info = await jetstream_api(nc, f"STREAM.INFO.{source}", timeout=timeout)
+        if "error" in bucket_info:
+            raise RuntimeError(f"cannot check the stream {source}: {bucket_info['error'].get('description')}")
+        feed = await jetstream_api(nc, f"CONSUMER.INFO.{source}.{GLOBAL_FEED}", timeout=timeout)
+        current = (
+            holds_exactly(info, region_subjects(bucket, None))
+            and info["config"]["mirror"].get("name") == source
+            and "error" not in feed
+        )
+        if current and created_ns(str(info["created"])) >= created_ns(str(bucket_info["created"])):
             return False
         deleted = await jetstream_api(nc, f"STREAM.DELETE.{name}", timeout=timeout)
         if "error" in deleted:
             raise RuntimeError(f"cannot delete the stale mirror {name}: {deleted['error'].get('description')}")
     elif error.get("err_code") != STREAM_NOT_FOUND:
         raise RuntimeError(f"cannot check the mirror {name}: {error.get('description')}")
+    # A feed left by an older mirror would deliver from where that one stopped: made anew, from the start.
+    await jetstream_api(nc, f"CONSUMER.DELETE.{source}.{GLOBAL_FEED}", timeout=timeout)
+    feed_config = global_feed_config(bucket)
+    made = await jetstream_api(
+        nc,
+        f"CONSUMER.CREATE.{source}.{GLOBAL_FEED}.{feed_config['filter_subject']}",
+        {"stream_name": source, "config": feed_config},
+        timeout=max(timeout, _FEED_CREATE_TIMEOUT),
+    )
+    if "error" in made:
+        raise RuntimeError(f"cannot create the consumer feeding {name}: {made['error'].get('description')}")
     created = await jetstream_api(nc, f"STREAM.CREATE.{name}", wanted, timeout=timeout)
     if "error" in created:
         raise RuntimeError(f"cannot create the mirror {name}: {created['error'].get('description')}")
