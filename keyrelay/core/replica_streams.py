@@ -34,7 +34,6 @@ __all__ = [
 # Durable and replicated like the bucket, it outlives the loss of a node: the mirror resumes as soon as the
 # consumer has a new leader, not when NATS's retry schedule for an ephemeral mirror consumer comes round.
 GLOBAL_FEED = "keyrelay-global-mirror"
-_FEED_DELIVER = "keyrelay.mirror.global"
 _NS = 1_000_000_000
 _FEED_CREATE_TIMEOUT = 120.0  # its filter costs the server a walk of the bucket's subjects (~0.3 s at 10M idle)
 
@@ -63,12 +62,17 @@ def holds_exactly(info: dict[str, Any], subjects: list[str]) -> bool:
     return bool(mirror) and sorted(held) == sorted(subjects)
 
 
+def _feed_deliver(bucket: str) -> str:
+    # One subject per bucket: two buckets' feeds delivering to one would mix their records in both mirrors.
+    return f"keyrelay.feed.{bucket}.{GLOBAL_SCOPE}"
+
+
 def global_feed_config(bucket: str) -> dict[str, Any]:
     """The durable consumer on the bucket's stream that feeds the hub's mirror (durable sourcing, NATS 2.14+)."""
     return {
         "name": GLOBAL_FEED,
         "durable_name": GLOBAL_FEED,
-        "deliver_subject": _FEED_DELIVER,
+        "deliver_subject": _feed_deliver(bucket),
         "deliver_policy": "all",
         "ack_policy": "flow_control",
         "flow_control": True,
@@ -90,7 +94,7 @@ def global_stream_config(bucket: str, *, replicas: int = 1) -> dict[str, Any]:
         "deny_delete": True,
         "allow_rollup_hdrs": True,
         "discard": "new",
-        "mirror": {"name": stream_name(bucket), "consumer": {"name": GLOBAL_FEED, "deliver_subject": _FEED_DELIVER}},
+        "mirror": {"name": stream_name(bucket), "consumer": {"name": GLOBAL_FEED, "deliver_subject": _feed_deliver(bucket)}},
     }
 
 
