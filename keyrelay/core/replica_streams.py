@@ -94,7 +94,10 @@ def global_stream_config(bucket: str, *, replicas: int = 1) -> dict[str, Any]:
         "deny_delete": True,
         "allow_rollup_hdrs": True,
         "discard": "new",
-        "mirror": {"name": stream_name(bucket), "consumer": {"name": GLOBAL_FEED, "deliver_subject": _feed_deliver(bucket)}},
+        "mirror": {
+            "name": stream_name(bucket),
+            "consumer": {"name": GLOBAL_FEED, "deliver_subject": _feed_deliver(bucket)},
+        },
     }
 
 
