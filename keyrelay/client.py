@@ -75,14 +75,14 @@ class AdminClient:
         self.token = token
         self.timeout = timeout
 
-    def call(self, method: str, path: str, body: Any = None, **query: Any) -> Any:
-        """One API call; returns the decoded JSON answer."""
+    def call(self, method: str, path: str, body: Any = None, *, base: str = "/v1", **query: Any) -> Any:
+        """One API call (`base` "" for the publisher's routes outside /v1); returns the decoded JSON answer."""
         # Imported here: http.client and email cost the CLI's start-up more than a call's first use.
         import urllib.error
         import urllib.request
 
         params = {k: v for k, v in query.items() if v is not None}
-        url = f"{self.url}/v1{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        url = f"{self.url}{base}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
         data = None if body is None else json.dumps(body).encode()
         if urllib.parse.urlsplit(self.url).scheme not in ("http", "https"):
             raise KeyrelayError(f"--url {self.url!r} is not an http:// or https:// URL")
@@ -99,7 +99,7 @@ class AdminClient:
             return json.loads(raw or b"null")
         except ValueError:  # JSONDecodeError or UnicodeDecodeError: whatever answered is not the admin API
             raise KeyrelayError(
-                f"{self.url} answered {method} /v1{path} with something other than JSON: is --url (or "
+                f"{self.url} answered {method} {base}{path} with something other than JSON: is --url (or "
                 "KEYRELAY_URL) the publisher's admin API?"
             ) from None
         except urllib.error.HTTPError as exc:

@@ -7,13 +7,14 @@ tests/test_nats_auth.py holds them to), and the tests attack them.
 
 One account, `KEYRELAY`, on the hub and on each region's leaf node. Users:
 
-- on the hub: `publisher` (owns the bucket and its global keys' mirror),
-  `sidecar-global` (reads that mirror only), `region-init-global` (writes the
-  global snapshot), and `leaf-<region>`
-  per region: the leaf node's link, which may only run its mirror's consumer;
+- on the hub: `publisher` (owns the bucket, its global keys' mirror and the
+  hub's USAGE stream), `sidecar-global` (reads the global keys' mirror only),
+  `region-init-global` (writes the global snapshot), and `leaf-<region>` per
+  region: the leaf node's link, which may only run its mirror's consumer and
+  carry the hub's source of its USAGE stream;
 - on a region's leaf node: `sidecar-<region>` (reads the region's mirror and
-  snapshot) and `region-init-<region>` (creates the mirror and the snapshot
-  store, writes snapshots).
+  snapshot, publishes its usage) and `region-init-<region>` (creates the mirror,
+  the snapshot store and the region's USAGE stream, writes snapshots).
 
 No one connected to a leaf node may publish into another JetStream domain's
 API (`$JS.<domain>.API.>`): their permissions only name the local `$JS.API`.
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyrelay.core.nats_connect import identity_name, inbox_prefix
+from keyrelay.core.usage_streams import SOURCE_FILTER, usage_deliver_prefix
 from keyrelay.core.usage_wire import USAGE_CONSUMER, USAGE_STREAM
 from keyrelay.core.wire import (
     DEFAULT_BUCKET,
@@ -191,6 +193,11 @@ class Grants:
             f"$JS.ACK.{stream}.>",
         ]
 
+    def region_usage_owner(self) -> list[str]:
+        """Create and update a region's own USAGE stream (on its leaf node); never delete or purge it."""
+        stream = USAGE_STREAM
+        return _api(f"STREAM.CREATE.{stream}", f"STREAM.UPDATE.{stream}", f"STREAM.INFO.{stream}")
+
     def mirror_owner(self) -> list[str]:
         """Create, replace and delete a region's mirror of the bucket (on its leaf node)."""
         kv = self.kv
@@ -202,10 +209,23 @@ class Grants:
         A mirror with two subject filters creates its consumer with the plain
         CONSUMER.CREATE (the filters are in the body, out of the permissions'
         reach); it receives on its own deliver prefix and `$JSC.R` replies.
+
+        The other way round, the hub's USAGE stream sources the region's: the hub
+        sends the consumer's create (filtered, in the subject) and delete into the
+        region's domain and answers its flow control; the leaf answers on `$JSC.R.*`
+        and delivers on the region's usage deliver prefix. Nothing here lets the
+        leaf touch a hub stream: the source is the hub's, configured by the publisher.
         """
         api = f"$JS.{self.hub_domain}.API."
         publish = [f"{api}CONSUMER.CREATE.{self.kv}", f"{api}CONSUMER.DELETE.{self.kv}.*", f"$JS.FC.{self.kv}.>"]
         receive = ["$JSC.R.>", f"{mirror_deliver_prefix(region)}.>"]
+        usage_api = f"$JS.{region}.API."
+        receive += [
+            f"{usage_api}CONSUMER.CREATE.{USAGE_STREAM}.*.{SOURCE_FILTER}",
+            f"{usage_api}CONSUMER.DELETE.{USAGE_STREAM}.*",
+            f"$JS.FC.{USAGE_STREAM}.>",
+        ]
+        publish += ["$JSC.R.*", f"{usage_deliver_prefix(region)}.>"]
         return {"publish": {"allow": publish}, "subscribe": {"allow": receive}}
 
 
@@ -226,7 +246,8 @@ def permissions(role: str, region: str | None, grants: Grants | None = None) -> 
         publish = [*g.kv_read(region), *g.snapshot_read(), *g.usage_publish(region)]
     elif role == "region-init":
         # On a leaf it owns the mirror; on the hub the bucket is the publisher's, read like a global sidecar.
-        publish = [*g.kv_read(region), *(g.mirror_owner() if region else []), *g.snapshot_write()]
+        owns = [*g.mirror_owner(), *g.region_usage_owner()] if region else []
+        publish = [*g.kv_read(region), *owns, *g.snapshot_write()]
     else:
         raise ValueError(f"no such role: {role}")
     identity = identity_name(role, region)

@@ -1,10 +1,13 @@
-"""A region's copy of the key bucket: a JetStream mirror on the region's leaf node, filtered by subject.
+"""A region's streams on its leaf node: a filtered mirror of the key bucket, and its own USAGE stream.
 
 The mirror has the bucket's stream name in the region's own JetStream domain,
 so sidecars there read and watch it locally. Its subject filters carry only
 global keys and that region's keys: another region's key hashes never arrive.
 Mirrors keep the hub's sequence numbers, so a sidecar's revision means the
 same thing in every region.
+
+The region's `USAGE` stream takes its sidecars' usage batches (`usage.<region>.>`);
+the hub's `USAGE` stream, the publisher's, sources it from the region's domain.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from keyrelay.core.options import (
     publish_delay_option,
     trusted_keys_option,
 )
+from keyrelay.core.usage_streams import region_usage_stream_config, region_usage_subjects
+from keyrelay.core.usage_wire import USAGE_STREAM
 from keyrelay.core.wire import DEFAULT_BUCKET, region_subjects, stream_name
 
 from .errors import KeyrelayError
@@ -41,8 +46,11 @@ if TYPE_CHECKING:
 __all__ = [
     "HUB_DOMAIN",
     "RegionSettings",
+    "RegionStreams",
     "ensure_region_mirror",
+    "ensure_region_usage",
     "init_region",
+    "init_region_usage",
     "mirror_config",
     "region_init_command",
     "seed_region_snapshot",
@@ -101,6 +109,42 @@ async def ensure_region_mirror(
     created = await jetstream_api(nc, f"STREAM.CREATE.{name}", wanted, timeout=timeout)
     if "error" in created:
         raise KeyrelayError(f"cannot create the mirror {name} for region {region}: {created['error']['description']}")
+    return created
+
+
+async def ensure_region_usage(
+    nc: Client, *, region: str, hub_domain: str = HUB_DOMAIN, replicas: int = 1, timeout: float = 5.0
+) -> dict[str, Any]:
+    """Create the region's own USAGE stream on the NATS `nc` is connected to, or bring its limits up to date."""
+    wanted = region_usage_stream_config(region, hub_domain=hub_domain, replicas=replicas)
+    info = await jetstream_api(nc, f"STREAM.INFO.{USAGE_STREAM}", timeout=timeout)
+    if "error" not in info:
+        have = info["config"]
+        if (
+            sorted(have.get("subjects") or []) != region_usage_subjects(region)
+            or have.get("sources")
+            or have.get("mirror")
+        ):
+            raise KeyrelayError(
+                f"stream {USAGE_STREAM} on this region's NATS exists but does not hold usage.{region}.> alone: "
+                f"delete it (nats stream rm {USAGE_STREAM}, with an operator's credentials: no keyrelay identity "
+                "may delete it) and run this again"
+            )
+        if all(have.get(k) == v for k, v in wanted.items() if k != "num_replicas"):
+            return info
+        # Limits changed in a later release: the stream keeps its batches, only its limits move.
+        updated = await jetstream_api(
+            nc,
+            f"STREAM.UPDATE.{USAGE_STREAM}",
+            {**wanted, "num_replicas": have.get("num_replicas", replicas)},
+            timeout=timeout,
+        )
+        if "error" in updated:
+            raise KeyrelayError(f"cannot update {USAGE_STREAM} for region {region}: {updated['error']['description']}")
+        return updated
+    created = await jetstream_api(nc, f"STREAM.CREATE.{USAGE_STREAM}", wanted, timeout=timeout)
+    if "error" in created:
+        raise KeyrelayError(f"cannot create {USAGE_STREAM} for region {region}: {created['error']['description']}")
     return created
 
 
@@ -176,7 +220,9 @@ class RegionSettings:
     nats_tls_key: Path | None = nats_option("nats_tls_key")
     bucket: str = option(DEFAULT_BUCKET, help="the key bucket on the hub")
     hub_domain: str = option(HUB_DOMAIN, help="the hub's JetStream domain")
-    replicas: int = option(1, parse=int, help="replicas of the mirror (3 on a 3-server leaf cluster)")
+    replicas: int = option(
+        1, parse=int, help="replicas of the mirror and the USAGE stream (3 on a 3-server leaf cluster)"
+    )
     seed_snapshot: bool = option(
         True,
         parse=parse_bool,
@@ -203,17 +249,24 @@ class RegionSettings:
 
 
 def region_init_command(args: argparse.Namespace) -> int:
-    """`keyrelay region init`: create (or check) the region's filtered mirror of the bucket."""
+    """`keyrelay region init`: create (or check) the region's filtered mirror of the bucket and its USAGE stream."""
     import asyncio
 
     settings = load(RegionSettings, args)
     if not settings.region:
         raise KeyrelayError("--region (or KEYRELAY_REGION) is required")
-    info = asyncio.run(init_region(settings))
-    state = info.get("state", {})
+    streams = asyncio.run(init_region(settings))
+    state = streams.mirror.get("state", {})
     print(
-        f"region {settings.region}: mirror {info['config']['name']} of {settings.bucket} from domain "
+        f"region {settings.region}: mirror {streams.mirror['config']['name']} of {settings.bucket} from domain "
         f"{settings.hub_domain} is in place ({state.get('messages', 0)} entries so far)",
+        flush=True,
+    )
+    waiting = streams.usage.get("state", {}).get("messages", 0)
+    print(
+        f"region {settings.region}: stream {USAGE_STREAM} takes the sidecars' usage on "
+        f"{', '.join(region_usage_subjects(settings.region))} ({waiting} batches held), "
+        f"which the hub's {USAGE_STREAM} stream sources",
         flush=True,
     )
     if settings.seed_snapshot and settings.snapshot_signing_key is None:
@@ -265,16 +318,39 @@ def _nats(settings: RegionSettings) -> NatsConnect:
     return NatsConnect.of(settings, identity=identity_name("region-init", settings.region))
 
 
-async def init_region(settings: RegionSettings) -> dict[str, Any]:
-    """Connect to the region's NATS and make sure its mirror is in place."""
+@dataclass(frozen=True, slots=True)
+class RegionStreams:
+    """What `keyrelay region init` made sure of: the stream info of the mirror and of the region's USAGE."""
+
+    mirror: dict[str, Any]
+    usage: dict[str, Any]
+
+
+async def init_region(settings: RegionSettings) -> RegionStreams:
+    """Connect to the region's NATS and make sure its mirror and its USAGE stream are in place."""
     nc = await connect_nats(_nats(settings), what="the region's NATS")
     try:
-        return await ensure_region_mirror(
+        mirror = await ensure_region_mirror(
             nc,
             region=settings.region,
             bucket=settings.bucket,
             hub_domain=settings.hub_domain,
             replicas=settings.replicas,
+        )
+        usage = await ensure_region_usage(
+            nc, region=settings.region, hub_domain=settings.hub_domain, replicas=settings.replicas
+        )
+        return RegionStreams(mirror=mirror, usage=usage)
+    finally:
+        await nc.close()
+
+
+async def init_region_usage(settings: RegionSettings) -> dict[str, Any]:
+    """Connect to the region's NATS and make sure its USAGE stream is in place (the mirror left alone)."""
+    nc = await connect_nats(_nats(settings), what="the region's NATS")
+    try:
+        return await ensure_region_usage(
+            nc, region=settings.region, hub_domain=settings.hub_domain, replicas=settings.replicas
         )
     finally:
         await nc.close()

@@ -40,7 +40,7 @@ from .localtls import LocalTls
 from .nats_auth import hub_settings, leaf_remote, leaf_settings
 from .natsd import NatsServer, NatsSpec, free_port, port_is_free
 from .procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
-from .region import HUB_DOMAIN, RegionSettings, init_region
+from .region import HUB_DOMAIN, RegionSettings, init_region, init_region_usage
 from .up_settings import UpSettings
 
 __all__ = ["Stack", "UpSettings", "make_private", "private_files", "up_command"]
@@ -140,24 +140,19 @@ class Stack:
         if self.settings.admin_token:
             write_private(self.token_file, self.token + "\n")  # where the CLI looks for it
         hub_url = ",".join(node.url for node in self._start_nats())
+        leaves = self.nats[self.settings.hub_nodes :]
+        # Each region's USAGE stream before the publisher, whose hub USAGE stream sources them: a source
+        # that finds its stream at once starts at once, one that does not retries only after a backoff.
+        for code, leaf in zip(self.settings.regions, leaves, strict=True):
+            asyncio.run(init_region_usage(self._region_settings(code, leaf.url)))
         self._start_publisher(hub_url)
         self._wait_bucket()
         regions = self.settings.regions or (None,)
         snapshot_key = self._key_file("snapshot-key")
-        leaves = self.nats[self.settings.hub_nodes :]
         for i, region in enumerate(regions):
             nats_url = leaves[i].url if region else hub_url
             if region:
-                asyncio.run(
-                    init_region(
-                        RegionSettings(
-                            region=region,
-                            nats_url=(nats_url,),
-                            nats_creds=self.creds("region-init", region),
-                            nats_tls_ca=self.tls.ca if self.tls else None,
-                        )
-                    )
-                )
+                asyncio.run(init_region(self._region_settings(region, nats_url)))
             self._start_sidecar(region, nats_url)
         for component in self.components:
             if component.name.startswith("sidecar"):
@@ -171,6 +166,15 @@ class Stack:
         if self.settings.demo:
             self.demo = _seed_demo(AdminClient(self.publisher_url, self.token))
         write_private(stack_file(self.data_dir), json.dumps(self.describe_json(), indent=2))
+
+    def _region_settings(self, region: str, nats_url: str) -> RegionSettings:
+        """`keyrelay region init`'s settings for `region`, as its region-init identity on its leaf node."""
+        return RegionSettings(
+            region=region,
+            nats_url=(nats_url,),
+            nats_creds=self.creds("region-init", region),
+            nats_tls_ca=self.tls.ca if self.tls else None,
+        )
 
     @property
     def token_file(self) -> Path:

@@ -5,7 +5,8 @@ one-way delay), the publisher and a sidecar per region; preloads N keys; then
 for S seconds drives R verify requests per second at every region's sidecar
 (valid, revoked, unknown and malformed keys) while creating, rotating and
 revoking keys through the API, optionally cutting a region off (--partition) or
-killing hub nodes of a clustered hub (--hub-nodes 3 --node-faults N). Prints a
+killing hub nodes of a clustered hub (--hub-nodes 3 --node-faults N); then waits
+until the publisher's usage tables hold every region's verifications. Prints a
 live progress line, then a summary; writes report.json and plot.png.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from keyrelay.core.config import add_options, load, option, parse_bool, parse_duration
-from keyrelay.core.options import parse_region
+from keyrelay.core.options import parse_positive_duration, parse_region
 
 _MAX_NODE_FAULTS = 10
 
@@ -93,6 +94,12 @@ class LoadtestSettings:
         "again after --node-down; spread over the middle of the run (needs --hub-nodes 3 or 5)",
     )
     node_down: float = option(3.0, parse=parse_duration, duration=True, help="how long each killed hub node stays down")
+    usage_interval: float = option(
+        5.0,
+        parse=parse_positive_duration,
+        duration=True,
+        help="the sidecars' --usage-interval: how often they publish usage",
+    )
     max_staleness: str = option("", help="the sidecars' --max-staleness (default: theirs)")
     stale_policy: str = option("", help="the sidecars' --stale-policy (default: theirs)")
     out: Path = option(Path("loadtest/results/latest"), parse=Path, help="where report.json, plot.png and logs go")
@@ -133,10 +140,11 @@ async def run(settings: LoadtestSettings) -> dict[str, Any]:
 
     from .openloop import collector_paused
     from .report import judge, plot, write_json
+    from .usage_figures import UsageBaseline, settle_usage
     from .workload import NodeFault, Partition, Workload
 
     delays = settings.link_delays()
-    sidecar_args = []
+    sidecar_args = ["--usage-interval", f"{settings.usage_interval}s"]
     if settings.max_staleness:
         sidecar_args += ["--max-staleness", settings.max_staleness]
     if settings.stale_policy:
@@ -178,10 +186,17 @@ async def run(settings: LoadtestSettings) -> dict[str, Any]:
                 flush=True,
             )
 
+        assert topology.stack is not None
+        baseline = UsageBaseline.take(topology.stack.data_dir / "keyrelay.db")
         with collector_paused():
             await workload.run(progress)
         print(file=sys.stderr)
+        _say("waiting for the publisher to record the run's usage")
+        usage = await settle_usage(
+            workload, baseline, interval=settings.usage_interval, timeout=4 * settings.usage_interval + 30.0
+        )
         report = judge(workload, delays)
+        report["usage"] = usage
         report["preload_s"] = round(preload, 2)
         report["keys_preloaded"] = settings.keys
         report["topology"] = topology.describe()

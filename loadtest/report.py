@@ -240,6 +240,24 @@ def summary_table(report: dict[str, Any]) -> str:
             f"{part['revoked_during_cut']} keys revoked during the cut refused after heal, catch-up "
             f"{part['catch_up_s']}s"
         )
+    usage = report.get("usage")
+    if usage:
+        for region, f in usage["regions"].items():
+            took = f"{f['settled_s']}s after the load" if f["match"] else "NOT MATCHED"
+            lines.append(
+                f"usage {region}: publisher recorded {f['recorded']} of {f['answered']} verifications answered "
+                f"(+{f['unanswered']} unanswered), {took}"
+            )
+        settled = usage["last_used_settled_s"]
+        lines.append(
+            f"last_used_at of the {usage['keys_used']} keys used reflected their last use "
+            + (
+                f"{settled}s after the load"
+                if settled is not None
+                else f"NOT YET ({usage['last_used_unreflected']} behind)"
+            )
+            + f" (usage interval {usage['interval_s']}s)"
+        )
     for fault in report.get("node_faults", []):
         during, after = fault["during"], fault["after"]
         lines.append(
@@ -266,6 +284,15 @@ def failures(report: dict[str, Any]) -> list[str]:
             reasons.append(
                 f"{region}: {f['errors']} verify requests got no answer (connection error or timeout): {kinds}"
             )
+    usage = report.get("usage", {})
+    for region, f in usage.get("regions", {}).items():
+        if not f["match"]:
+            reasons.append(
+                f"usage {region}: the publisher recorded {f['recorded']} verifications, the region answered "
+                f"{f['answered']} (+{f['unanswered']} unanswered)"
+            )
+    if usage.get("last_used_unreflected"):
+        reasons.append(f"usage: last_used_at of {usage['last_used_unreflected']} keys missed their last use")
     if report["revocations_unobserved"]:
         reasons.append(f"{report['revocations_unobserved']} revocations never refused in a region they apply to")
     return reasons

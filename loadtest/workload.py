@@ -133,6 +133,8 @@ class Workload:
     keys: list[KeyLife] = field(default_factory=list)
     records: list[Verify] = field(default_factory=list)
     visibility: dict[str, list[float]] = field(default_factory=dict)
+    # Per region, the probes' /auth requests: sent, answered and counted by the sidecar (not a 503), answered.
+    probes: dict[str, list[int]] = field(default_factory=dict)
     partition: Partition | None = None
     node_faults: list[NodeFault] = field(default_factory=list)
     churn_errors: int = 0
@@ -328,8 +330,12 @@ class Workload:
         headers = {"Authorization": f"Bearer {key.key}"}
         started = time.perf_counter()
         deadline = started + self._probe_timeout()
+        sent = self.probes.setdefault(region, [0, 0, 0])
         while (now := time.perf_counter()) < deadline:
+            sent[0] += 1
             async with self._http.get(url, headers=headers) as response:
+                sent[1] += response.status != 503
+                sent[2] += 1
                 if accept(response.status):
                     return time.perf_counter()
             await asyncio.sleep(_PROBE_INTERVAL if now - started < _FAST_PROBE_SECONDS else _SLOW_PROBE_INTERVAL)

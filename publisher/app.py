@@ -327,10 +327,11 @@ def create_app(settings: PublisherSettings) -> web.Application:
     if settings.oidc_issuer:
         # Only with a provider: OpenID Connect needs joserfc, which the `publisher` extra brings and a plain
         # install (the Quickstart's `keyrelay up`) does not have.
+        from .web_device import DEVICE_PATHS, DEVICE_ROUTES
         from .web_signin import BROWSER_PATHS, add_signin_routes
 
-        browser = add_signin_routes(app, settings)
-        public.update(BROWSER_PATHS)
+        browser = (*add_signin_routes(app, settings), *DEVICE_ROUTES)
+        public.update(BROWSER_PATHS, DEVICE_PATHS)
     register(app, (*PROBES, *ROUTES, *SCIM_ROUTES, *browser), public=public)
     add_scim_catch_all(app)
     return harden(app)

@@ -20,9 +20,10 @@ from .models import Actor
 from .oidc_claims import CLAIMS_ACTOR, apply_wanted, bounded_groups, resolve, set_roles
 from .oidc_groups import GroupMap, Wanted
 from .people import User
+from .store import NIL_UUID
 from .web_proxy import user_actor
 
-__all__ = ["CLAIMS_ACTOR", "Person", "SignInRefused", "person_of", "sign_in"]
+__all__ = ["CLAIMS_ACTOR", "Person", "SignInRefused", "person_of", "record_refusal", "sign_in"]
 
 
 class SignInRefused(PublisherError):
@@ -133,3 +134,20 @@ async def _just_in_time(services: Services, person: Person, wanted: dict[str, Wa
         if policies[org]["memberships"] == "manual":
             await set_roles(services, user, org, wanted[org])
     return user
+
+
+async def record_refusal(services: Services, refusal: SignInRefused, *, via: str) -> None:
+    """Count a refused sign-in; audit it once the provider vouched for the person (under the user, if there is
+    one). Refusals before that (a state, a code, an id token) are only counted: anyone can make them, and
+    auditing each would let them fill the audit log (docs/permissions.md, Refusals)."""
+    services.tokens.stats.sign_ins_refused[refusal.reason] += 1
+    if refusal.email is None:
+        return
+    user = refusal.user
+    actor = (
+        CLAIMS_ACTOR
+        if user is None
+        else Actor(token_id=NIL_UUID, name=user.label, role="personal", user_id=user.id, source="portal")
+    )
+    details = {"email": refusal.email, "via": via, "reason": refusal.reason}
+    await services.store.record(actor, "signin.refused", (None, None, None, None, details))

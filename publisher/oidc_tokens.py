@@ -2,7 +2,8 @@
 provider's JWKS with an asymmetric algorithm (`alg: none`, and HS256 made with the public key as its secret,
 are refused by the algorithm list before any key is tried), issued by the configured issuer, for this client
 (`aud` holds the client id; with several audiences `azp` must be the client), not expired (60 s of clock skew),
-and carrying the nonce of this sign-in. A token signed by a key the JWKS does not hold yet makes the caller
+and carrying the nonce of this sign-in (RFC 8628's device flow defines no nonce: there a nonce is only checked
+when the token carries one, `nonce_required=False`). A token signed by a key the JWKS does not hold yet makes the caller
 fetch the JWKS again once (the provider rotated its keys), never more often than `refetch_after`; a token that
 names no key (`kid`) is tried against each key of the set, and the set fetched again once when none verifies."""
 
@@ -71,7 +72,14 @@ def _holds(keys: KeySet, kid: str) -> bool:
 
 
 async def validate_id_token(
-    token: str, jwks: Jwks, *, issuer: str, client_id: str, nonce: str, now: float | None = None
+    token: str,
+    jwks: Jwks,
+    *,
+    issuer: str,
+    client_id: str,
+    nonce: str,
+    nonce_required: bool = True,
+    now: float | None = None,
 ) -> dict[str, Any]:
     """The id token's claims once every check passed; IdTokenError naming the first that failed."""
     if not isinstance(token, str) or not 0 < len(token) <= _MAX_TOKEN or token.count(".") != 2:
@@ -95,7 +103,8 @@ async def validate_id_token(
     if decoded.header.get("alg") not in ASYMMETRIC:
         raise IdTokenError("the id token's algorithm is not an asymmetric one")
     claims = dict(decoded.claims)
-    _check_claims(claims, issuer=issuer, client_id=client_id, nonce=nonce, now=time.time() if now is None else now)
+    bound = nonce if nonce_required or "nonce" in claims else None  # the device flow: the provider bound none
+    _check_claims(claims, issuer=issuer, client_id=client_id, nonce=bound, now=time.time() if now is None else now)
     return claims
 
 
@@ -114,7 +123,7 @@ def _decode(token: str, keys: KeySet, kid: str | None) -> jwt.Token:
     return jwt.decode(token, candidates[-1], algorithms=list(ASYMMETRIC))
 
 
-def _check_claims(claims: dict[str, Any], *, issuer: str, client_id: str, nonce: str, now: float) -> None:
+def _check_claims(claims: dict[str, Any], *, issuer: str, client_id: str, nonce: str | None, now: float) -> None:
     if claims.get("iss") != issuer:
         raise IdTokenError("the id token was issued by another issuer")
     audience = claims.get("aud")
@@ -128,7 +137,7 @@ def _check_claims(claims: dict[str, Any], *, issuer: str, client_id: str, nonce:
         raise IdTokenError("the id token has expired")
     if isinstance(iat, int | float) and iat - SKEW > now:
         raise IdTokenError("the id token was issued in the future")
-    if not isinstance(claims.get("nonce"), str) or claims["nonce"] != nonce:
+    if nonce is not None and (not isinstance(claims.get("nonce"), str) or claims["nonce"] != nonce):
         raise IdTokenError("the id token's nonce is not this sign-in's (a replay?)")
     if not isinstance(claims.get("sub"), str) or not claims["sub"]:
         raise IdTokenError("the id token names no subject")

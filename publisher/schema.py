@@ -368,6 +368,22 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX idx_region_usage_minute_bucket ON region_usage_minute (bucket)",
         ),
     ),
+    Migration(
+        9,
+        "sign-in: OpenID Connect device-flow sign-ins in progress (the CLI's handle hashed, the provider's device "
+        "code, nonce, poll interval, last poll, expiry)",
+        (
+            """CREATE TABLE oidc_device_logins (
+                handle_hash {bytes} PRIMARY KEY,
+                device_code VARCHAR(1024) NOT NULL,
+                nonce VARCHAR(128) NOT NULL,
+                poll_interval INTEGER NOT NULL,
+                polled_at {ts},
+                created_at {ts} NOT NULL,
+                expires_at {ts} NOT NULL
+            )""",
+        ),
+    ),
 )
 
 

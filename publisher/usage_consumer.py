@@ -19,43 +19,20 @@ from typing import Any, Final
 
 from keyrelay.core.errors import RecordError
 from keyrelay.core.jetstream import jetstream_api
+from keyrelay.core.usage_streams import hub_usage_stream_config
 from keyrelay.core.usage_wire import USAGE_CONSUMER, USAGE_STREAM, decode_batch
 
 from .broker import Broker
 from .db import Database
 from .usage_store import ApplyStats, apply_batch
 
-__all__ = ["CONSUMER", "UsageConsumer", "usage_deliver_prefix", "usage_stream_config"]
+__all__ = ["CONSUMER", "UsageConsumer"]
 
 log = logging.getLogger("keyrelay.publisher.usage")
 
 CONSUMER: Final = USAGE_CONSUMER
 _NS: Final = 1_000_000_000
-_MAX_AGE: Final = 7 * 86400 * _NS  # how long the hub keeps batches: a publisher down for less catches up
 _FETCH: Final = 100
-
-
-def usage_deliver_prefix(region: str) -> str:
-    """Where the hub's source of a region's USAGE stream is delivered: that region's leaf link alone sends there."""
-    return f"keyrelay.usage.{region}"
-
-
-def _source(region: str) -> dict[str, Any]:
-    return {"name": USAGE_STREAM, "external": {"api": f"$JS.{region}.API", "deliver": usage_deliver_prefix(region)}}
-
-
-def usage_stream_config(regions: Sequence[str], *, replicas: int = 1) -> dict[str, Any]:
-    """The hub's USAGE stream: global sidecars' batches, and a source per region."""
-    return {
-        "name": USAGE_STREAM,
-        "description": "keyrelay: usage batches from every sidecar (regions' by source from their domains)",
-        "subjects": ["usage.global.>"],
-        "storage": "file",
-        "num_replicas": replicas,
-        "max_age": _MAX_AGE,
-        "duplicate_window": 120 * _NS,
-        "sources": [_source(r) for r in regions],
-    }
 
 
 @dataclass(slots=True)
@@ -84,7 +61,7 @@ class UsageConsumer:
         """Create (or bring up to date) the hub's USAGE stream and the durable consumer."""
         nc = self.broker.nc
         assert nc is not None
-        wanted = usage_stream_config(self.regions, replicas=self.broker.replicas)
+        wanted = hub_usage_stream_config(self.regions, replicas=self.broker.replicas)
         info = await jetstream_api(nc, f"STREAM.INFO.{USAGE_STREAM}", timeout=5.0)
         verb = "CREATE" if "error" in info else "UPDATE"
         if verb == "CREATE" or info["config"].get("sources") != wanted["sources"]:

@@ -25,11 +25,10 @@ from .errors import NotFound, PublisherError
 from .models import Actor, iso, now_us
 from .oidc_claims import CLAIMS_ACTOR
 from .oidc_client import OidcClient, Pkce
-from .oidc_signin import SignInRefused, person_of, sign_in
+from .oidc_signin import SignInRefused, person_of, record_refusal, sign_in
 from .oidc_tokens import IdTokenError
 from .openapi import Route
 from .settings import PublisherSettings
-from .store import NIL_UUID
 from .web_pages import escape, page, redirect
 from .web_proxy import user_actor
 from .web_sessions import (
@@ -144,7 +143,7 @@ async def callback(request: web.Request) -> web.Response:
     try:
         actor = await _signed_in(request, services, names)
     except SignInRefused as exc:
-        await _refused(services, exc)
+        await record_refusal(services, exc, via="oidc")
         response = page(
             "You are not signed in" if exc.status != 403 else "No access to keyrelay",
             f"<p>{escape(exc.message)}</p>{_SIGN_IN_LINK}",
@@ -162,23 +161,6 @@ async def callback(request: web.Request) -> web.Response:
     _clear(response, names, names.state)
     log.info("signed in: user %s, session %s", session.user_id, session.id)
     return response
-
-
-async def _refused(services: Services, refusal: SignInRefused) -> None:
-    """Count a refused sign-in; audit it once the provider vouched for the person (under the user, if there is
-    one). Refusals before that (a state, a code, an id token) are only counted: anyone can make them, and
-    auditing each would let them fill the audit log (docs/permissions.md, Refusals)."""
-    services.tokens.stats.sign_ins_refused[refusal.reason] += 1
-    if refusal.email is None:
-        return
-    user = refusal.user
-    actor = (
-        CLAIMS_ACTOR
-        if user is None
-        else Actor(token_id=NIL_UUID, name=user.label, role="personal", user_id=user.id, source="portal")
-    )
-    details = {"email": refusal.email, "via": "oidc", "reason": refusal.reason}
-    await services.store.record(actor, "signin.refused", (None, None, None, None, details))
 
 
 def _param(request: web.Request, name: str) -> str | None:

@@ -43,6 +43,7 @@ class Generation:
     nc: Client | None = None  # the connection it delivers on (flow-control replies go back on it)
     sub: Subscription | None = None
     consumer: str = ""
+    node: str = ""  # the server it lives on: the stream's leader when it was made ("" unknown)
     expected: int = 1
     # Set when its stream went wrong (a gap, a status): later messages are ignored until the sync
     # drops it (unsubscribes, deletes the consumer) and starts the next one.

@@ -101,7 +101,8 @@ class SidecarSettings:
         1.0,
         parse=parse_positive_duration,
         duration=True,
-        help="JetStream idle heartbeat; three missed ones make the sidecar resubscribe",
+        help="JetStream idle heartbeat; one missed makes the sidecar ask whether its consumer's node still "
+        "leads the stream (a new consumer on the leader if not), three missed a new consumer",
     )
     max_header_size: int = option(
         8190,

@@ -6,8 +6,8 @@ sizes, byte order), and its interned values, each as [kind, data]: ["p", [org, t
 env, region]], ["s", "space-joined scopes"], ["m", [[name, value], ...]]. The arrays follow the
 header back to back, in RECORD_WIDTHS' order. A snapshot is checked as strictly as records from
 NATS are before the table takes it over: every id a canonical UUID, every value printable ASCII
-fit for a header, every field referring to a value of its kind. keyrelay/snapshot_writer.py
-writes this layout.
+fit for a header and bounded as a record's field is, every field referring to a value of its
+kind. keyrelay/snapshot_writer.py writes this layout.
 """
 
 from __future__ import annotations
@@ -17,7 +17,17 @@ import sys
 from array import array
 from typing import Any, Final
 
-from keyrelay.core.wire import MAX_VERSION, header_safe, is_canonical_id
+from keyrelay.core.wire import (
+    ENVS,
+    MAX_FIELD_CHARS,
+    MAX_METADATA_BYTES,
+    MAX_METADATA_ENTRIES,
+    MAX_SCOPES,
+    MAX_VERSION,
+    header_safe,
+    is_canonical_id,
+    is_region_code,
+)
 
 from .table import FIELD_KINDS, KIND_META, KIND_PROFILE, KIND_SCOPES, RECORD_WIDTHS, KeyTable, TableArrays, TableState
 
@@ -76,8 +86,41 @@ def _canonical_ids(ids: bytearray) -> bool:
     return ids.count(b"-") == 4 * records and all(ids[at::_ID].count(b"-") == records for at in _DASHES)
 
 
-def _text_or_none(value: Any) -> bool:
-    return value is None or (isinstance(value, str) and header_safe(value))
+def _name(value: Any) -> bool:
+    """An org, team or project as decode_fields takes it: a non-empty bounded string, printable ASCII."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_FIELD_CHARS and header_safe(value)
+
+
+def _profile(data: Any) -> bool:
+    """[org, team, project, env, region], each as decode_fields takes it."""
+    if not (isinstance(data, list) and len(data) == _PROFILE_WIDTH):
+        return False
+    org, team, project, env, region = data
+    return (
+        _name(org)
+        and _name(team)
+        and _name(project)
+        and env in ENVS
+        and (region is None or (isinstance(region, str) and is_region_code(region)))
+    )
+
+
+def _scopes(data: Any) -> bool:
+    """Space-joined scopes as decode_fields takes them: printable ASCII, at most MAX_SCOPES, each bounded."""
+    if not (isinstance(data, str) and header_safe(data)):
+        return False
+    scopes = data.split()
+    return len(scopes) <= MAX_SCOPES and all(len(scope) <= MAX_FIELD_CHARS for scope in scopes)
+
+
+def _metadata(data: Any) -> bool:
+    """[[name, value], ...] as decode_fields takes metadata: strings, bounded in number and in characters."""
+    return (
+        isinstance(data, list)
+        and len(data) <= MAX_METADATA_ENTRIES
+        and all(isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair) for pair in data)
+        and sum(len(k) + len(v) for k, v in data) <= MAX_METADATA_BYTES
+    )
 
 
 def _restore_values(forms: Any) -> tuple[list[Any], bytearray]:
@@ -91,26 +134,19 @@ def _restore_values(forms: Any) -> tuple[list[Any], bytearray]:
             raise ValueError("snapshot holds an interned value of unknown form")
         kind, data = form
         value: Any
-        # Each as decode_fields demands of a record: scopes and profiles become /auth headers as they are.
-        if kind == _SCOPES_FORM and isinstance(data, str) and header_safe(data):
+        # Each as decode_fields demands of a record (bounded, and printable ASCII where it becomes an /auth header):
+        # a snapshot key mints keys in its region's snapshots, but none that a record could not describe.
+        if kind == _SCOPES_FORM and _scopes(data):
             value = (frozenset(data.split()), data)
-        elif (
-            kind == _META_FORM
-            and isinstance(data, list)
-            and all(
-                isinstance(pair, list) and len(pair) == 2 and all(isinstance(t, str) for t in pair) for pair in data
-            )
-        ):
+        elif kind == _META_FORM and _metadata(data):
             value = tuple((k, v) for k, v in data)
-        elif (
-            kind == _PROFILE_FORM
-            and isinstance(data, list)
-            and len(data) == _PROFILE_WIDTH
-            and all(map(_text_or_none, data))
-        ):
+        elif kind == _PROFILE_FORM and _profile(data):
             value = tuple(sys.intern(t) if t is not None else None for t in data)
         else:
-            raise ValueError(f"snapshot holds a malformed interned value of kind {kind!r} (not printable ASCII?)")
+            raise ValueError(
+                f"snapshot holds a malformed interned value of kind {kind!r} (not as a record holds it: "
+                "bounded, printable ASCII)"
+            )
         values.append(value)
         kinds += kind.encode()
     return values, kinds

@@ -2,9 +2,12 @@
 
 The sidecar runs its own ordered consumer on the bucket's stream (nats-py's KV
 watch cannot resume): an ephemeral push consumer with flow control and idle
-heartbeats, started at the last applied stream sequence + 1. A gap in the
-consumer sequence, missed heartbeats, a reconnect or a server restart all lead
-to the same cure: a new consumer from the last applied revision.
+heartbeats, started at the last applied stream sequence + 1, and direct: made by
+the node leading the stream (as a mirror's is), never placed by the meta leader
+on a node that may be dead. A gap in the consumer sequence, missed heartbeats
+(one, when another node leads the stream now; else three), a reconnect or a
+server restart all lead to the same cure: a new consumer from the last applied
+revision.
 
 This module is the connection and the consumers' lifecycle. What it builds on,
 one job each: sidecar/snapshot_start.py starts from the region's snapshot,
@@ -55,13 +58,15 @@ log = logging.getLogger("keyrelay.sidecar.sync")
 _NS = 1_000_000_000
 _MAX_BACKOFF = 2.0
 _MISSED_HEARTBEATS = 3
+# How late an idle heartbeat may be before the sidecar asks whether its consumer's node still leads the stream.
+_HEARTBEAT_LATE = 0.25
 _MAX_DELETING = 4  # deletions of replaced consumers in flight at once
 _PROBE_TIMEOUT = 1.0  # a stream's leader answers STREAM.INFO in milliseconds: longer is no answer
-# A live node creates an unfiltered consumer in a millisecond at any stream size; JetStream may place a new
-# one on a node that died but is not yet marked offline, which never answers, and may do so several times in
-# a row. So the first _CREATE_SHORT attempts wait this long, each later one twice as long as the one before
-# (up to _CREATE_LONGEST: a slow server is waited for longer, never asked more often); each attempt, under a
-# new name, is placed anew, and the one before it is deleted.
+# The stream's leader creates a (direct) consumer without a filter in a millisecond at any stream size; none
+# answers while the stream has no leader (one that just died, or an election). So the first _CREATE_SHORT
+# attempts wait this long, each later one twice as long as the one before (up to _CREATE_LONGEST: a slow
+# server is waited for longer, never asked more often). An unanswered create is sent again once, as it was;
+# unanswered twice, it is deleted and the next attempt names another.
 _CREATE_TIMEOUT = 0.5
 _CREATE_SHORT = 3
 _CREATE_LONGEST = 60.0
@@ -76,7 +81,7 @@ class SyncConfig:
     servers: Sequence[str]
     bucket: str
     region: str | None = None
-    heartbeat: float = 1.0  # the consumer's idle heartbeat (seconds); three missed start a new consumer
+    heartbeat: float = 1.0  # the consumer's idle heartbeat (seconds); see KeySync._watchdog
     api_timeout: float = 2.0
     name: str = "keyrelay-sidecar"  # the NATS connection's name
     # Whose signatures count. The default takes values as they are: only for tests of the sync
@@ -112,6 +117,7 @@ class KeySync:
     """Mirrors one region's view of the key bucket into a table, and says how fresh it is."""
 
     __slots__ = (
+        "_checked_silence",
         "_closing",
         "_create_timeouts",
         "_deleting",
@@ -167,10 +173,11 @@ class KeySync:
         self._next_probe = 0.0  # when a late heartbeat may next make the sidecar ask its server for the stream
         self._deleting: set[asyncio.Task[None]] = set()  # old consumers being deleted
         self._create_timeouts = 0  # CONSUMER.CREATE requests timed out in a row
+        self._checked_silence = 0.0  # the last contact whose silence made the watchdog check the consumer's node
         self._opened = 0  # consumers asked for
         self._retry: _Retry | None = None  # a create that went unanswered, to ask again once
         self._opening: float | None = None  # when the unanswered CONSUMER.CREATE was sent (monotonic)
-        # Names this replica's consumers, `keyrelay-<replica_id>-<n>`: an abandoned create is deleted by name.
+        # Names this replica's consumers, `keyrelay-<replica_id>-<n>`: an unanswered create is deleted by name.
         self.replica_id = secrets.token_hex(6)
 
     # -- what the sidecar and the seeder read ------------------------------------------------
@@ -346,19 +353,23 @@ class KeySync:
         freshness = self.freshness
         heartbeat = self.config.heartbeat
         while not self._closing:
-            # A tick every idle heartbeat, and one just after the third missed: a consumer on a lost node is
-            # replaced 3 heartbeats after its last word, not up to 4 (a live consumer keeps this at `heartbeat`).
-            # Once that is past (no contact for long), every heartbeat again: never a busy loop.
-            missing_in = _MISSED_HEARTBEATS * heartbeat - freshness.since_local_contact()
-            await asyncio.sleep(missing_in + 0.01 if 0 < missing_in < heartbeat else heartbeat)
+            await asyncio.sleep(self._next_look())
             now = time.time()
             if now - self._floors_pruned > _FLOOR_PRUNE_EVERY:
                 self._floors_pruned = now
                 self.table.prune_floors(now)
-            missed = freshness.since_local_contact() > _MISSED_HEARTBEATS * self.config.heartbeat
-            if self._deliveries.current.sub is not None and missed:
+            nc, gen, silent = self._nc, self._deliveries.current, freshness.since_local_contact()
+            if gen.sub is not None and silent > _MISSED_HEARTBEATS * heartbeat:
                 self._reset.set()
-            nc = self._nc
+            elif (
+                gen.sub is not None
+                and silent > heartbeat + _HEARTBEAT_LATE
+                and self._checked_silence != freshness.last_contact
+                and nc is not None
+                and nc.is_connected
+            ):
+                self._checked_silence = freshness.last_contact  # once per silence
+                await self._check_consumer(nc, gen)
             late = freshness.heartbeat_late(self.config.heartbeat)
             if late and nc is not None and nc.is_connected and time.monotonic() >= self._next_probe:
                 self._next_probe = time.monotonic() + late
@@ -366,6 +377,39 @@ class KeySync:
             if freshness.mirror and self._nc is not None and self._nc.is_connected:
                 with contextlib.suppress(Exception):  # the next tick tries again; staleness grows meanwhile
                     freshness.note_mirror(await self._api(self._nc, f"STREAM.INFO.{self.stream}"))
+
+    def _next_look(self) -> float:
+        """Seconds to the watchdog's next look: every idle heartbeat, and just after the first and the third
+        missed one (a live consumer keeps its silence under `heartbeat`); never a busy loop."""
+        heartbeat = self.config.heartbeat
+        silent = self.freshness.since_local_contact()
+        due = [at - silent for at in (heartbeat + _HEARTBEAT_LATE, _MISSED_HEARTBEATS * heartbeat) if at > silent]
+        return min(due) + 0.01 if due and min(due) < heartbeat else heartbeat
+
+    async def _check_consumer(self, nc: DirectClient, gen: Generation) -> None:
+        """The consumer missed an idle heartbeat: does the node it lives on still lead the stream?
+
+        A direct consumer is made by the node leading the stream and stays on that node when the lead moves
+        on, so it is lost with that node even while the stream keeps a leader, and then never speaks again.
+        A new consumer on the leader costs milliseconds, against two more heartbeats' wait: the sidecar makes
+        one as soon as it sees another node lead. No answer (the stream has no leader, perhaps lost with the
+        consumer) leaves it to the three missed heartbeats: a new leader takes longer than that to elect.
+        """
+        timeout = min(self.config.api_timeout, _PROBE_TIMEOUT)
+        try:
+            info = await jetstream_api(nc, f"STREAM.INFO.{self.stream}", timeout=timeout)
+        except Exception:  # a timeout, no responders
+            return
+        leader = str((info.get("cluster") or {}).get("leader") or "")
+        if leader and gen.node and leader != gen.node and gen is self._deliveries.current and gen.sub is not None:
+            log.info(
+                "consumer %s on %s missed a heartbeat and %s leads %s now: a new consumer on the leader",
+                gen.consumer,
+                gen.node,
+                leader,
+                self.stream,
+            )
+            self._reset.set()
 
     async def _probe_server(self, nc: DirectClient) -> None:
         """The publisher's heartbeat is late: does this server still answer for the stream?
@@ -406,7 +450,8 @@ class KeySync:
         self.freshness.note_mirror(info)
         last_seq = int(info["state"]["last_seq"])
         incarnation = str(info.get("created", ""))
-        gen = Generation(nc=nc)
+        # A direct consumer is made by the node leading the stream, which STREAM.INFO just named.
+        gen = Generation(nc=nc, node=str((info.get("cluster") or {}).get("leader") or ""))
         position = self.position
         if position.last_revision > last_seq or (self._stream_created and incarnation != self._stream_created):
             # Another incarnation of the stream (recreated, or younger than our replica): its revisions
@@ -449,6 +494,9 @@ class KeySync:
             "mem_storage": True,
             "num_replicas": 1,
             "replay_policy": "instant",
+            # Made by the stream's leader itself, as a mirror's consumer is, never placed by the meta leader on
+            # a node that may be dead (_watchdog says what happens when the leader moves on).
+            "direct": True,
         }
         if start > 1:
             config["opt_start_seq"] = start

@@ -26,10 +26,18 @@ class Ran:
     err: str
 
 
-def run_cli(argv: list[str], stdin: str) -> Ran:
-    """`keyrelay ARGV` in this process, `stdin` as its standard input."""
+class _Terminal(io.StringIO):
+    """Standard input that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def run_cli(argv: list[str], stdin: str, *, terminal: bool = False) -> Ran:
+    """`keyrelay ARGV` in this process, `stdin` as its standard input (one that says it is a terminal if
+    `terminal`)."""
     out, err = io.StringIO(), io.StringIO()
-    saved, sys.stdin = sys.stdin, io.StringIO(stdin)
+    saved, sys.stdin = sys.stdin, (_Terminal if terminal else io.StringIO)(stdin)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(argv)

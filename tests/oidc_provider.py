@@ -8,7 +8,8 @@ Two things the package lacks are added around it, not mocked: its authorization 
 authlib's PKCE extension (code_challenge is ignored), so a WSGI layer records each code's S256 challenge from
 the authorization redirect and refuses (400 invalid_grant) a token request whose code_verifier does not hash to
 it, or that has none; and `POST /test/rotate-key` replaces the provider's signing key while it runs, so its JWKS
-serves the new key only and every id token after it is signed with it."""
+serves the new key only and every id token after it is signed with it. Unless told otherwise it also serves
+RFC 8628's device flow (tests/oidc_device.py), with authlib's own endpoint and grant."""
 
 from __future__ import annotations
 
@@ -27,7 +28,12 @@ import flask
 import oidc_provider_mock
 import werkzeug.serving
 
-__all__ = ["Provider", "running_provider"]
+from keyrelay.natsd import free_port
+from publisher.oidc_groups import parse_group_map
+from tests.oidc_device import DeviceFlow, add_device_flow
+from tests.support import Publisher, StartPublisher
+
+__all__ = ["Provider", "running_provider", "start_relying_party"]
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -53,6 +59,8 @@ class _Pkce:
             body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
             environ["wsgi.input"] = io.BytesIO(body)
             form = parse_qs(body.decode())
+            if form.get("grant_type") != ["authorization_code"]:  # the device code grant has no PKCE
+                return self.app(environ, start_response)
             code, verifier = form.get("code", [""])[0], form.get("code_verifier", [""])[0]
             if not verifier or _s256(verifier) != self.challenges.pop(code, None):
                 self.refused += 1
@@ -77,11 +85,22 @@ class _Pkce:
 
 
 class Provider:
-    """The running provider: its issuer URL and the PKCE layer's counts."""
+    """The running provider: its issuer URL, the PKCE layer's counts, and its device flow (None: not served)."""
 
-    def __init__(self, issuer: str, pkce: _Pkce) -> None:
+    def __init__(self, issuer: str, pkce: _Pkce, device: DeviceFlow | None) -> None:
         self.issuer = issuer
         self.pkce = pkce
+        self.device = device
+
+    async def verify_device(self, http: aiohttp.ClientSession, user_code: str, sub: str, action: str) -> None:
+        """What a person does at the verification page: open it with the user code, then approve or deny as
+        `sub`."""
+        async with http.get(f"{self.issuer}/device", params={"user_code": user_code}) as resp:
+            assert resp.status == 200
+            assert user_code in await resp.text()
+        form = {"user_code": user_code, "sub": sub, "action": action}
+        async with http.post(f"{self.issuer}/device", data=form) as resp:
+            assert resp.status == 200, await resp.text()
 
     async def set_user(self, http: aiohttp.ClientSession, sub: str, **claims: Any) -> None:
         """The claims the provider puts into `sub`'s id tokens from now on."""
@@ -99,9 +118,13 @@ class Provider:
 
 
 @contextmanager
-def running_provider() -> Iterator[Provider]:
-    """oidc-provider-mock on 127.0.0.1 (a free port), nonces required, until the block ends."""
+def running_provider(
+    *, device: bool = True, device_interval: int = 1, device_expires_in: int = 120
+) -> Iterator[Provider]:
+    """oidc-provider-mock on 127.0.0.1 (a free port), nonces required, with the device flow unless `device` is
+    False (its poll interval and codes' lifetime in seconds as given), until the block ends."""
     app = oidc_provider_mock.app(require_nonce=True)
+    flow = add_device_flow(app, interval=device_interval, expires_in=device_expires_in) if device else None
 
     def rotate_key() -> tuple[str, int]:
         storage = flask.g.oidc_provider_mock_storage
@@ -114,8 +137,23 @@ def running_provider() -> Iterator[Provider]:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield Provider(f"http://127.0.0.1:{server.server_port}", pkce)
+        yield Provider(f"http://127.0.0.1:{server.server_port}", pkce, flow)
     finally:
         server.shutdown()
         thread.join(10)
         server.server_close()
+
+
+async def start_relying_party(start_publisher: StartPublisher, provider: Provider, group_map: bytes) -> Publisher:
+    """A publisher signing in with `provider` (as client `keyrelay`, with a secret), `group_map` its group map,
+    its public URL its own address, and every token looked up at each request (no cache)."""
+    port = free_port()
+    return await start_publisher(
+        port=port,
+        public_url=f"http://127.0.0.1:{port}",
+        oidc_issuer=provider.issuer,
+        oidc_client_id="keyrelay",
+        oidc_client_secret="a-client-secret-for-tests",
+        oidc_group_map=parse_group_map(group_map),
+        token_cache_ttl=0,
+    )

@@ -1,7 +1,8 @@
 """Property-based fuzzing with a fixed, bounded profile (derandomized, a few dozen examples per target):
 
 - Schemathesis against the live publisher (a real aiohttp server on 127.0.0.1, SQLite, NATS, a real admin
-  token): no 5xx, and every answer conforms to GET /v1/openapi.json (status code, content type, schema);
+  token): no 5xx, and every answer conforms to GET /v1/openapi.json (status code, content type, schema); the
+  same against `keyrelay login`'s device-flow routes of a publisher signing in with the loopback OpenID provider;
 - Hypothesis against the sidecar's HTTP routes (/auth with arbitrary header bytes, POST /v1/keys/verify with
   arbitrary bodies): a documented 2xx/4xx with its JSON body, never a 5xx, never a logged traceback;
 - Hypothesis against the record decoders: arbitrary bytes raise RecordError or decode, nothing else.
@@ -19,6 +20,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -45,9 +47,11 @@ from publisher.app import create_app as create_publisher_app
 from publisher.openapi import OPENAPI_PATH, document
 from publisher.scim_api import SCIM_PREFIX, SCIM_ROUTES
 from publisher.settings import PublisherSettings
+from publisher.web_device import DEVICE_PATHS, DEVICE_ROUTES
 from publisher.web_signin import BROWSER_PATHS
 from sidecar.app import create_app as create_sidecar_app
 from sidecar.settings import SidecarSettings
+from tests.oidc_provider import running_provider
 from tests.support import ADMIN_TOKEN, SIGNER, SNAPSHOT_SIGNER, TRUSTED, heartbeat, key_bucket, key_file, make_key, put
 from tests.threaded import ThreadedApp
 
@@ -71,19 +75,24 @@ def fuzz_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def live_publisher(fuzz_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The publisher on SQLite, served on 127.0.0.1 from its own thread, and one org → team → project → key in it."""
-    data = tmp_path_factory.mktemp("publisher")
-    settings = PublisherSettings(
+def _publisher_settings(nats_server: NatsServer, data: Path, **extra: Any) -> PublisherSettings:
+    """A publisher on SQLite in `data`, with the test admin token and a signing key of its own."""
+    return PublisherSettings(
         database_url=f"sqlite:///{data / 'keyrelay.db'}",
         init=True,
-        nats_url=(fuzz_nats.url,),
+        nats_url=(nats_server.url,),
         admin_token=ADMIN_TOKEN,
         data_dir=data,
         publish_wait=2.0,
         signing_key=key_file(data / "signing-key", SIGNER),
+        **extra,
     )
+
+
+@pytest.fixture(scope="module")
+def live_publisher(fuzz_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The publisher on SQLite, served on 127.0.0.1 from its own thread, and one org → team → project → key in it."""
+    settings = _publisher_settings(fuzz_nats, tmp_path_factory.mktemp("publisher"))
     with ThreadedApp(lambda: create_publisher_app(settings), access_log=None) as url:
         with requests.Session() as http:
             http.headers.update(AUTH)
@@ -126,6 +135,38 @@ def test_the_live_publisher_never_answers_5xx_and_every_answer_matches_its_docum
     case.call_and_validate(
         base_url=live_publisher["url"],
         headers=AUTH,
+        checks=[not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance],
+        timeout=30,
+    )
+    assert not [r for r in caplog.records if r.exc_info], "a request logged a traceback"
+
+
+@pytest.fixture(scope="module")
+def live_device_publisher(fuzz_nats: NatsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A publisher signing in with the loopback OpenID provider (device flow served), from its own thread."""
+    with running_provider() as provider:
+        settings = _publisher_settings(
+            fuzz_nats,
+            tmp_path_factory.mktemp("device-publisher"),
+            public_url="http://127.0.0.1:8080",
+            oidc_issuer=provider.issuer,
+            oidc_client_id="keyrelay",
+            oidc_client_secret="a-client-secret-for-tests",
+        )
+        with ThreadedApp(lambda: create_publisher_app(settings), access_log=None) as url:
+            yield url
+
+
+device_schema = schemathesis.openapi.from_dict(document(DEVICE_ROUTES, public=DEVICE_PATHS))
+
+
+@device_schema.parametrize()
+@FUZZ
+def test_the_device_flow_routes_never_answer_5xx_and_every_answer_matches_their_document(
+    case: Any, live_device_publisher: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    case.call_and_validate(
+        base_url=live_device_publisher,
         checks=[not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance],
         timeout=30,
     )

@@ -611,6 +611,35 @@ def test_a_region_overlay_runs_region_init_for_its_region(name: str) -> None:
     assert settings.region == region
 
 
+@pytest.mark.parametrize("name", [k for k in KUSTOMIZATIONS if k.startswith("overlays/")])
+def test_a_region_overlay_keeps_its_regions_signed_snapshot_fresh_on_a_schedule(name: str) -> None:
+    objs = rendered(name)
+    regional = [c for c in find(objs, "ConfigMap") if c["data"].get("KEYRELAY_REGION")]
+    if not regional:
+        assert not find(objs, "CronJob"), f"{name} has no region but seeds snapshots"
+        return
+    region = regional[0]["data"]["KEYRELAY_REGION"]
+    cron = one(objs, "CronJob", "keyrelay-snapshot-seeder")
+    assert cron["spec"]["schedule"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    path, settings, env = _settings(c, objs)
+    assert path == ("snapshot", "seed")
+    assert settings.region == region
+    assert settings.trusted_keys  # it syncs as a sidecar does: every record verified
+    # Signed with the region's snapshot key, written with the region-init identity: no sidecar holds either.
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"]}
+    assert secrets[mounts[str(Path(env["KEYRELAY_SNAPSHOT_SIGNING_KEY"]).parent)]] == "keyrelay-snapshot-key"
+    assert secrets[mounts[str(Path(env["KEYRELAY_NATS_CREDS"]).parent)]] == "keyrelay-nats-region-init"
+    for obj, spec, _, _ in _keyrelay_containers(objs):
+        if obj["kind"] != "CronJob" and obj["metadata"]["name"] != "keyrelay-region-init":
+            assert "keyrelay-snapshot-key" not in {
+                v.get("secret", {}).get("secretName") for v in spec.get("volumes", [])
+            }
+
+
 def test_the_nats_values_match_the_domains_the_code_uses() -> None:
     values = _nats_values()
     hub = values.pop("values-hub.yaml")

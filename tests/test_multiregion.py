@@ -30,6 +30,7 @@ async def test_the_load_test_runs_end_to_end_with_no_false_accepts_or_rejects(tm
         delays=(("eu", 0.02), ("us", 0.03)),
         out=tmp_path,
         plot=True,
+        usage_interval=1.0,
     )
     report = await run(settings)
     assert report["false_accepts"] == 0
@@ -44,6 +45,15 @@ async def test_the_load_test_runs_end_to_end_with_no_false_accepts_or_rejects(tm
         assert figures["statuses"].get("401", 0) > 0, region
     assert (tmp_path / "report.json").exists()
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+    # The publisher recorded every verification each region answered, the probes' too, soon after the load.
+    usage = report["usage"]
+    for region, figures in usage["regions"].items():
+        assert figures["match"], (region, figures)
+        assert figures["recorded"] == figures["answered"] >= report["regions"][region]["requests"], region
+        assert figures["settled_s"] < 4 * usage["interval_s"] + 5, region
+    assert usage["keys_used"] > 0
+    assert usage["last_used_unreflected"] == 0
+    assert usage["last_used_settled_s"] is not None
 
 
 def test_a_partitioned_region_keeps_serving_and_refuses_the_keys_revoked_during_the_cut_soon_after_the_heal(
@@ -69,6 +79,8 @@ def test_a_partitioned_region_keeps_serving_and_refuses_the_keys_revoked_during_
             "--out",
             str(tmp_path),
             "--no-plot",
+            "--usage-interval",
+            "1s",
         ]
     )
     shown = capsys.readouterr().out
@@ -87,6 +99,9 @@ def test_a_partitioned_region_keeps_serving_and_refuses_the_keys_revoked_during_
     assert part["catch_up_s"] is not None
     assert 0 <= part["catch_up_s"] < PROMPTLY  # after the heal, not before (the cut held them back); by itself
     assert (report["false_accepts"], report["false_rejects"], report["errors"]) == (0, 0, 0)
+    # Usage counted during the cut waited in eu's own USAGE stream and reached the publisher after the heal.
+    assert report["usage"]["regions"]["eu"]["match"]
+    assert "usage eu: publisher recorded" in shown
     assert f"partition eu for {part['seconds']}s" in shown
     assert "FAILED" not in shown
 

@@ -17,12 +17,10 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from keyrelay.natsd import free_port
 from publisher.models import now_us
-from publisher.oidc_groups import parse_group_map
 from publisher.scim_api import SCIM_PREFIX
 from publisher.web_signin import BROWSER_PATHS, LOGIN_TTL, OIDC
-from tests.oidc_provider import Provider, running_provider
+from tests.oidc_provider import Provider, running_provider, start_relying_party
 from tests.support import ADMIN_TOKEN, Publisher, Scrape, StartPublisher
 
 GROUP_MAP = b"""
@@ -87,16 +85,7 @@ class World:
 async def _world(
     start_publisher: StartPublisher, provider: Provider, *, jit: bool = True, memberships: str = "claims"
 ) -> World:
-    port = free_port()
-    publisher = await start_publisher(
-        port=port,
-        public_url=f"http://127.0.0.1:{port}",
-        oidc_issuer=provider.issuer,
-        oidc_client_id="keyrelay",
-        oidc_client_secret="a-client-secret-for-tests",
-        oidc_group_map=parse_group_map(GROUP_MAP),
-        token_cache_ttl=0,
-    )
+    publisher = await start_relying_party(start_publisher, provider, GROUP_MAP)
     admin = publisher.admin
     acme = (await admin.ok("POST", "/orgs", {"name": "acme"}))["id"]
     globex = (await admin.ok("POST", "/orgs", {"name": "globex"}))["id"]

@@ -62,6 +62,23 @@ async def test_a_token_signed_by_the_provider_for_this_client_and_sign_in_passes
     assert claims["email"] == "ann@example.com"
 
 
+async def test_in_the_device_flow_a_token_without_a_nonce_passes_and_one_with_another_nonce_is_refused() -> None:
+    provider = Provider()
+    jwks = Jwks(provider.jwks)
+
+    async def device(token: str) -> dict[str, Any]:
+        return await validate_id_token(token, jwks, issuer=ISSUER, client_id=CLIENT, nonce=NONCE, nonce_required=False)
+
+    assert (await device(provider.sign(_claims(nonce=None))))["sub"] == "ann"  # RFC 8628 binds no nonce
+    assert (await device(provider.sign(_claims())))["sub"] == "ann"  # the provider bound the one sent along
+    with pytest.raises(IdTokenError, match="nonce"):
+        await device(provider.sign(_claims(nonce="an-earlier-sign-in")))
+    with pytest.raises(IdTokenError, match="another client"):  # everything else is checked as ever
+        await device(provider.sign(_claims(nonce=None, aud="another-app")))
+    with pytest.raises(IdTokenError, match="nonce"):  # the code flow still requires it
+        await _validate(provider, provider.sign(_claims(nonce=None)))
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 

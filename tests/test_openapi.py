@@ -16,6 +16,7 @@ from keyrelay.natsd import free_port
 from publisher.api import UNAUTHENTICATED
 from publisher.openapi import OPENAPI_PATH
 from publisher.scim_api import SCIM_PREFIX
+from publisher.web_device import DEVICE_PATHS
 from publisher.web_signin import BROWSER_PATHS
 from tests.support import Publisher, StartPublisher
 
@@ -100,6 +101,12 @@ async def test_the_browser_routes_are_documented_when_sign_in_is_configured(
     assert set(browser) <= registered
     assert all(op["security"] == [] for op in browser.values())  # a session cookie, not a bearer token
     assert "text/html" in browser["GET", "/me"]["responses"]["200"]["content"]
+    device = {(m, p): op for (m, p), op in _each(document) if op.get("tags") == ["device"]}
+    assert {path for _, path in device} == set(DEVICE_PATHS)  # `keyrelay login --device`, JSON, no token
+    assert set(device) == {("GET", "/auth/device"), ("POST", "/auth/device"), ("POST", "/auth/device/token")}
+    assert set(device) <= registered
+    assert all(op["security"] == [] for op in device.values())
+    assert "application/json" in device["POST", "/auth/device/token"]["responses"]["200"]["content"]
     validate(document)
 
 

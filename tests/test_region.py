@@ -12,6 +12,7 @@ import pytest
 from nats.aio.client import Client
 
 from keyrelay.core.jetstream import jetstream_api
+from keyrelay.core.usage_streams import hub_usage_stream_config, region_usage_stream_config
 from keyrelay.errors import KeyrelayError
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.region import RegionSettings, init_region
@@ -106,3 +107,53 @@ async def test_a_regional_key_reaches_its_own_regions_mirror_and_never_another_r
                 await leaf_nc.close()
     finally:
         await nc.close()
+
+
+async def test_the_hubs_usage_source_files_what_a_region_sends_under_that_region_whatever_its_subject(
+    hub_and_leaves: tuple[NatsServer, dict[str, NatsServer]],
+) -> None:
+    # A leaf node someone changed: its USAGE stream takes any usage subject, and a batch there names us.
+    hub, leaves = hub_and_leaves
+    nc = await nats.connect(hub.url)
+    leaf_nc = await nats.connect(leaves["eu"].url)
+    try:
+        forged = {**region_usage_stream_config("eu", hub_domain="hub"), "subjects": ["usage.>"]}
+        assert "error" not in await jetstream_api(leaf_nc, "STREAM.CREATE.USAGE", forged, timeout=5)
+        with pytest.raises(KeyrelayError, match=r"does not hold usage\.eu\.> alone"):
+            await init_region(RegionSettings(region="eu", nats_url=(leaves["eu"].url,)))
+        assert "error" not in await jetstream_api(nc, "STREAM.CREATE.USAGE", hub_usage_stream_config(["eu"]), timeout=5)
+        for subject in ("usage.us.web-1", "usage.eu.web-2"):
+            await leaf_nc.request(subject, b"batch", timeout=5)
+
+        async def stored() -> list[str]:
+            info = await jetstream_api(nc, "STREAM.INFO.USAGE", {"subjects_filter": ">"}, timeout=5)
+            return sorted(info["state"].get("subjects") or {})
+
+        subjects, _ = await eventually(stored, lambda s: len(s) == 2, timeout=10)
+        assert subjects == ["usage.eu.web-1", "usage.eu.web-2"]
+    finally:
+        await leaf_nc.close()
+        await nc.close()
+
+
+async def test_region_init_creates_the_regions_usage_stream_once_and_keeps_its_batches(
+    hub_and_leaves: tuple[NatsServer, dict[str, NatsServer]],
+) -> None:
+    _, leaves = hub_and_leaves
+    settings = RegionSettings(region="us", nats_url=(leaves["us"].url,))
+    first = await init_region(settings)
+    leaf_nc = await nats.connect(leaves["us"].url)
+    try:
+        await leaf_nc.request("usage.us.web-1", b"batch", timeout=5, headers={"Nats-Msg-Id": "a/b/1"})
+        again = await init_region(settings)
+        assert again.usage["created"] == first.usage["created"]
+        assert again.usage["state"]["messages"] == 1
+        assert again.usage["config"]["subjects"] == ["usage.us.>"]
+        assert again.usage["config"]["discard"] == "new"
+        # The duplicate window, as long as the hub's: a batch sent again is stored once.
+        dup = await leaf_nc.request("usage.us.web-1", b"batch", timeout=5, headers={"Nats-Msg-Id": "a/b/1"})
+        assert b"duplicate" in dup.data
+        with pytest.raises(nats.errors.NoRespondersError):  # not this region's subject: no stream takes it
+            await leaf_nc.request("usage.eu.web-1", b"batch", timeout=1)
+    finally:
+        await leaf_nc.close()

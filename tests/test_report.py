@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.figures import ms, percentile
-from loadtest.openloop import percentiles
+from loadtest.openloop import NO_ANSWER, percentiles
 from loadtest.report import failures, judge, summary_table
+from loadtest.usage_figures import OUTCOMES, sent_per_region
 from loadtest.workload import KeyLife, NodeFault, Partition, Verify, Workload
 from testbed.topology import Topology
 
@@ -185,6 +186,60 @@ def test_a_hub_node_lost_reports_propagation_while_it_was_down_and_after_it_was_
     # The steady-state figures leave out what was revoked while the node was down.
     assert report["regions"]["eu"]["revocations_observed"] == 1
     assert "hub node hub-2 killed at 1.0s for 3.0s: 1 revocations meanwhile" in summary_table(report)
+
+
+def test_what_a_region_counted_is_every_answer_but_a_503_and_a_request_without_answer_is_in_doubt() -> None:
+    key = _key("used")
+    workload = _workload(key)
+    workload.records = [
+        _verify("eu", "valid", key, T0 + 1, 200),
+        _verify("eu", "unknown", None, T0 + 2, 401),
+        _verify("eu", "valid", key, T0 + 3, 503),  # not ready: the sidecar does not count it
+        _verify("eu", "valid", key, T0 + 4, NO_ANSWER),  # counted or not: nobody can tell
+        _verify("us", "malformed", None, T0 + 1, 401),
+    ]
+    workload.probes = {"eu": [5, 3, 4]}  # sent 5, 4 answered of which 3 not a 503, 1 never answered
+    sent = sent_per_region(workload)
+    assert (sent["eu"].counted, sent["eu"].in_doubt) == (2 + 3, 1 + 1)
+    assert (sent["us"].counted, sent["us"].in_doubt) == (1, 0)
+
+
+def test_a_region_whose_usage_the_publisher_did_not_record_fails_the_run_and_the_table_says_so() -> None:
+    report = _judged(_workload())
+    recorded = dict.fromkeys(OUTCOMES, 0)
+    report["usage"] = {
+        "interval_s": 5.0,
+        "regions": {
+            "eu": {
+                "answered": 10,
+                "unanswered": 0,
+                "recorded": 10,
+                "recorded_by_outcome": recorded,
+                "match": True,
+                "settled_s": 2.5,
+            },
+            "us": {
+                "answered": 10,
+                "unanswered": 1,
+                "recorded": 7,
+                "recorded_by_outcome": recorded,
+                "match": False,
+                "settled_s": None,
+            },
+        },
+        "keys_used": 3,
+        "last_used_unreflected": 1,
+        "last_used_settled_s": None,
+    }
+    reasons = failures(report)
+    assert reasons == [
+        "usage us: the publisher recorded 7 verifications, the region answered 10 (+1 unanswered)",
+        "usage: last_used_at of 1 keys missed their last use",
+    ]
+    table = summary_table(report)
+    assert "usage eu: publisher recorded 10 of 10 verifications answered (+0 unanswered), 2.5s after the load" in table
+    assert "usage us: publisher recorded 7 of 10 verifications answered (+1 unanswered), NOT MATCHED" in table
+    assert "NOT YET (1 behind)" in table
 
 
 def test_every_benchmark_takes_nearest_rank_percentiles_and_shows_milliseconds_one_way() -> None:

@@ -24,6 +24,7 @@ from tests.support import (
     BucketMessage,
     Publisher,
     StartPublisher,
+    StartSidecar,
     eventually,
     every_message,
     last_message,
@@ -178,6 +179,7 @@ async def test_resign_all_after_a_key_rotation_signs_every_value_with_the_new_ke
 
 async def test_the_compromised_key_runbook_leaves_a_bucket_that_verifies_with_the_new_key_only(
     start_publisher: StartPublisher,
+    start_sidecar: StartSidecar,
     js: JetStreamContext,
     database_url: str,
     nats_server: NatsServer,
@@ -188,7 +190,7 @@ async def test_the_compromised_key_runbook_leaves_a_bucket_that_verifies_with_th
     keys = await _keys(first, 4)
     await first.admin.ok("POST", f"/keys/{keys[1]['id']}/revoke")
     # Whoever holds the stolen key mints an admin key and un-revokes a revoked one, signed as the publisher.
-    _, minted = make_key(scopes=("admin",))
+    minted_key, minted = make_key(scopes=("admin",))
     revived = KeyRecord.decode((await last_message(js, f"global.{keys[1]['id']}")).data)
     revived = KeyRecord(
         **{**{f: getattr(revived, f) for f in revived.__dataclass_fields__}, "revoked_at": None, "version": 1000}
@@ -225,9 +227,21 @@ async def test_the_compromised_key_runbook_leaves_a_bucket_that_verifies_with_th
     assert decode_tombstone(messages[minted.entry].data) == (minted.key_id, MAX_VERSION)
     assert KeyRecord.decode(messages[revived.entry].data).revoked_at is not None
 
+    # Step 4: a sidecar trusting the new key only, replaying the bucket: neither forgery is served, the rest is.
+    sidecar = await start_sidecar(trusted_keys=(new.public_key,), snapshots=False)
+    await sidecar.ready()
+    assert await sidecar.code_of(minted_key) == "NOT_FOUND"
+    assert await sidecar.code_of(keys[1]["key"]) == "REVOKED"
+    assert [await sidecar.status_of(k["key"]) for k in (keys[0], *keys[2:])] == [200] * 3
+    assert (await sidecar.auth(keys[0]["key"], scopes="admin"))[0] == 403
+    # Step 5: reconcile finds nothing unsigned or badly signed.
+    report = await restarted.admin.ok("POST", "/reconcile")
+    assert (report["unsigned"], report["bad_signature"]) == (0, 0)
+
 
 async def test_resign_signs_a_whole_bucket_written_before_signing(
     start_publisher: StartPublisher,
+    start_sidecar: StartSidecar,
     js: JetStreamContext,
     database_url: str,
     nats_server: NatsServer,
@@ -254,3 +268,31 @@ async def test_resign_signs_a_whole_bucket_written_before_signing(
     assert set(messages) - {HEARTBEAT_ENTRY} == {gone.entry, *(f"global.{k['id']}" for k in keys)}
     _signed_by_only({e: m for e, m in messages.items() if e != HEARTBEAT_ENTRY}, signer, [])
     assert decode_tombstone(messages[gone.entry].data) == (gone.key_id, MAX_VERSION)
+    # Then the sidecars, with --trusted-keys: every key served as the database says, the revoked one refused.
+    await start_publisher(reconcile_on_start=False)  # publishers first: its heartbeat tells sidecars they are current
+    sidecar = await start_sidecar(trusted_keys=(signer.public_key,), snapshots=False)
+    await sidecar.ready()
+    assert sidecar.state.sync.stats.rejected == {}
+    assert await sidecar.code_of(keys[2]["key"]) == "REVOKED"
+    assert [await sidecar.status_of(k["key"]) for k in keys if k is not keys[2]] == [200] * 5
+
+
+async def test_the_relay_leader_re_signs_values_past_half_the_horizon_on_its_own(
+    start_publisher: StartPublisher, js: JetStreamContext
+) -> None:
+    # A horizon of 16 s: the leader re-signs every 2 s whatever was signed more than 8 s ago.
+    publisher = await start_publisher(reconcile_on_start=False, replay_horizon=16.0)
+    signer = publisher.services.keys.signer
+    (key,) = await _keys(publisher, 1)
+    entry = f"global.{key['id']}"
+    data = (await last_message(js, entry)).data
+    aged = signer.sign(KIND_RECORD, entry, data, signed_at=time.time() - 12)
+    await plant(js, entry, data, {SIGNATURE_HEADER: aged})
+    passes = publisher.maintenance.resigns
+
+    async def signed_at() -> float:
+        return (await last_message(js, entry)).verify(signer, horizon=16).signed_at
+
+    await eventually(signed_at, lambda at: at > time.time() - 8, timeout=10)  # nobody asked: the leader's pass
+    assert publisher.maintenance.resigns > passes
+    assert KeyRecord.decode((await last_message(js, entry)).data) == KeyRecord.decode(data)  # the same record

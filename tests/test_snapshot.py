@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
+from array import array
+from collections.abc import Callable
+from typing import Any
 
+import msgpack
 import pytest
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
+from keyrelay.core.trust import KIND_SNAPSHOT
 from keyrelay.core.wire import KeyRecord, key_digest
 from keyrelay.natsd import NatsServer
 from keyrelay.snapshot_writer import _BLOCK, LiveReader, ValuePacker, signature_trailer, snapshot_due, snapshot_head
 from keyrelay.snapshots import SnapshotStoreSettings, list_snapshots
 from sidecar.errors import SnapshotError
-from sidecar.snapshot import SnapshotSink
+from sidecar.snapshot import LENGTH, MAGIC, SnapshotSink, snapshot_entry
+from sidecar.snapshot_layout import array_sizes
 from sidecar.table import KeyTable
 from testbed.snapshot_oracle import decode, encode, records
 from tests.support import (
@@ -345,3 +352,122 @@ def test_a_snapshot_claiming_more_records_than_its_stream_could_have_made_is_ref
     sink.write(data)
     with pytest.raises(SnapshotError, match="more than the stream could have made"):
         sink.load_into(KeyTable())
+
+
+def _resigned(
+    data: bytes,
+    *,
+    table_edit: Callable[[dict[str, Any]], None] = lambda _: None,
+    arrays_edit: Callable[[list[bytearray]], None] = lambda _: None,
+    signed_at: float | None = None,
+) -> bytes:
+    """`data` with its table's header or arrays changed, signed again by the snapshot key: what only the holder of a
+    region's snapshot key could write."""
+    (length,) = LENGTH.unpack_from(data, len(MAGIC))
+    start = len(MAGIC) + LENGTH.size
+    header = msgpack.unpackb(data[start : start + length])
+    sizes = array_sizes(header["table"])
+    arrays, at = [], start + length
+    for size in sizes:
+        arrays.append(bytearray(data[at : at + size]))
+        at += size
+    table_edit(header["table"])
+    arrays_edit(arrays)
+    head: bytes = msgpack.packb(header, use_bin_type=True)
+    body = MAGIC + LENGTH.pack(len(head)) + head + b"".join(arrays)
+    digest = hashlib.sha256(body).digest()
+    signature = SNAPSHOT_SIGNER.sign(KIND_SNAPSHOT, snapshot_entry("KEYS", None), digest, signed_at=signed_at).encode()
+    return body + LENGTH.pack(len(signature)) + signature
+
+
+def _set_item(array_index: int, typecode: str, value: object) -> Callable[[list[bytearray]], None]:
+    """An edit of the arrays: the first item of one array set to `value`."""
+
+    def edit(arrays: list[bytearray]) -> None:
+        items = array(typecode)
+        items.frombytes(bytes(arrays[array_index]))
+        items[0] = value  # type: ignore[call-overload]
+        arrays[array_index] = bytearray(items.tobytes())
+
+    return edit
+
+
+def _upper_first_id(arrays: list[bytearray]) -> None:
+    arrays[1][:36] = arrays[1][:36].upper()
+
+
+_NO_KEY = "abcdef00-0000-4000-8000-000000000000"
+
+
+@pytest.mark.parametrize(
+    ("table_edit", "arrays_edit", "reason"),
+    [
+        (None, _upper_first_id, "not a canonical UUID"),
+        (None, _set_item(4, "q", -1), "negative version"),
+        (None, _set_item(3, "d", float("nan")), "negative or not finite"),
+        (None, _set_item(3, "d", float("inf")), "negative or not finite"),
+        (None, _set_item(3, "d", -1.0), "negative or not finite"),
+        (None, _set_item(2, "I", 10**6), "interned values they do not hold"),
+        (lambda t: t.update(live=t["live"] + 1), None, "live records"),
+        (lambda t: t["free"].append(t["free"][0]), None, "free list"),
+        (lambda t: t["free"].append(t["records"]), None, "free list"),
+        (lambda t: t["floors"].append([_NO_KEY.upper(), 3, 0.0]), None, "malformed version floor"),
+        (lambda t: t["floors"].append([_NO_KEY, 2**63, 0.0]), None, "malformed version floor"),
+        (lambda t: t["floors"].append([_NO_KEY, 3, -1.0]), None, "malformed version floor"),
+        (lambda t: t["values"].append(["s", "read\r\nX-Admin: yes"]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["x", "anything"]), None, "unknown form"),
+        # Values bounded as a record's fields are, though every one of them is printable ASCII.
+        (lambda t: t["values"].append(["s", " ".join(f"s{i}" for i in range(65))]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["s", "s" * 257]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["p", ["o", "t", "p", "prod", None]]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["p", ["o", "t", "p", "live", "EU"]]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["p", ["", "t", "p", "live", None]]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["p", ["o" * 257, "t", "p", "live", None]]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["m", [[f"k{i}", "v"] for i in range(33)]]), None, "malformed interned value"),
+        (lambda t: t["values"].append(["m", [["k", "v" * 600]]]), None, "malformed interned value"),
+    ],
+)
+def test_a_signed_snapshot_with_a_field_a_record_could_not_hold_is_refused(
+    table_edit: Callable[[dict[str, Any]], None] | None,
+    arrays_edit: Callable[[list[bytearray]], None] | None,
+    reason: str,
+) -> None:
+    table, _ = _filled()
+    data = encode(table, revision=1, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
+    assert decode(_resigned(data), KeyTable(), bucket="KEYS", region=None, trust=TRUST).keys == len(table)
+    target = KeyTable()
+    _, record = make_key()
+    target.apply(record)
+    damaged = _resigned(data, table_edit=table_edit or (lambda _: None), arrays_edit=arrays_edit or (lambda _: None))
+    with pytest.raises(SnapshotError, match=reason):
+        decode(damaged, target, bucket="KEYS", region=None, trust=TRUST)
+    assert target.key_ids() == [record.key_id]
+
+
+def test_a_snapshot_signed_longer_ago_than_the_replay_horizon_is_refused() -> None:
+    table, _ = _filled()
+    data = encode(table, revision=1, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER)
+    old = _resigned(data, signed_at=time.time() - TRUST.horizon - 60)
+    with pytest.raises(SnapshotError, match="expired"):
+        decode(old, KeyTable(), bucket="KEYS", region=None, trust=TRUST)
+
+
+def test_a_snapshot_carries_the_version_floors_so_the_restored_table_still_refuses_older_records() -> None:
+    table, keys = _filled()
+    tombstoned, quarantined = keys[100][1], keys[101][1]
+    assert table.tombstone(tombstoned.key_id, 5, until=time.time() + 3600)
+    assert table.quarantine(quarantined.key_id)
+    copy = KeyTable()
+    decode(
+        encode(table, revision=7, bucket="KEYS", region=None, signer=SNAPSHOT_SIGNER),
+        copy,
+        bucket="KEYS",
+        region=None,
+        trust=TRUST,
+    )
+    assert copy.floors() == table.floors() == 2
+    assert copy.floor(tombstoned.key_id) == table.floor(tombstoned.key_id)
+    assert copy.floor(quarantined.key_id) == table.floor(quarantined.key_id)
+    assert not copy.apply(dataclasses.replace(tombstoned, version=5))  # the tombstone's version and older: refused
+    assert not copy.apply(dataclasses.replace(quarantined, version=0))  # older than the version it held: refused
+    assert copy.apply(dataclasses.replace(tombstoned, version=6))

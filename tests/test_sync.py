@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
-from nats.js.api import ConsumerInfo
 from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from keyrelay.core.wire import key_digest
@@ -21,9 +21,12 @@ from tests.withholding_proxy import WithholdingProxy
 T = TypeVar("T")
 
 
-async def _consumers(js: JetStreamContext, stream: str) -> AsyncIterator[ConsumerInfo]:
-    for info in await js.consumers_info(stream):
-        yield info
+async def _exists(js: JetStreamContext, consumer: str, stream: str) -> bool:
+    try:
+        await js.consumer_info(stream, consumer)
+    except NotFoundError:
+        return False
+    return True
 
 
 def _current(sync: KeySync, old: object) -> Callable[[], Awaitable[bool]]:
@@ -44,11 +47,10 @@ async def test_a_consumer_abandoned_after_a_bad_status_is_deleted_when_the_next_
         # What the server sends a push consumer it gave up on, handed to the sync as it arrives.
         await sync._deliveries.on_status(first, b"", {"Status": "409", "Description": "Consumer Deleted"})
         await eventually(_current(sync, first), bool)
-
-        async def names() -> list[str]:
-            return [info.name async for info in _consumers(js, sync.stream)]
-
-        await eventually(names, lambda held: held == [sync._deliveries.current.consumer])
+        # The sidecar's consumers are direct (made by the stream's leader, left out of consumer listings): asked
+        # for by name, the new one is there and the abandoned one is gone.
+        assert (await js.consumer_info(sync.stream, sync._deliveries.current.consumer)).name
+        await eventually(lambda: _exists(js, first.consumer, sync.stream), lambda there: not there)
         assert sync.stats.consumer_resets == 1
     finally:
         await sync.close()
@@ -160,14 +162,36 @@ async def test_a_consumer_create_answered_late_is_asked_again_identically_and_le
         await sync.wait_synced(timeout=10)
         await eventually(lambda: _async(proxy.creates_released), lambda n: n == 1)  # the late one reached the server
 
-        async def names() -> list[str]:
-            return [info.name async for info in _consumers(js, sync.stream)]
-
-        first = f"keyrelay-{sync.replica_id}-1"  # what the late request asks for
-        await eventually(names, lambda held: first in held)
-        assert await names() == [sync._deliveries.current.consumer] == [first]
+        # Direct consumers are left out of listings: asked for by name, the one the late request names is the
+        # sidecar's, and no other was made.
+        first, second = (f"keyrelay-{sync.replica_id}-{n}" for n in (1, 2))
+        assert sync._deliveries.current.consumer == first
+        assert await _exists(js, first, sync.stream)
+        assert not await _exists(js, second, sync.stream)
         assert proxy.creates_seen == 2
         assert sync.stats.sync_errors == 1
     finally:
         await sync.close()
         await proxy.close()
+
+
+async def test_a_consumer_that_missed_a_heartbeat_moves_only_when_another_node_leads_the_stream(
+    nats_server: NatsServer, bucket: KeyValue
+) -> None:
+    sync = KeySync(SyncConfig(servers=[nats_server.url], bucket="KEYS", heartbeat=5.0), KeyTable())
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        nc, gen = sync._nc, sync._deliveries.current
+        assert nc is not None
+        # The consumer was made by the node leading the stream, which STREAM.INFO named.
+        assert gen.node == "test-hub"
+        await sync._check_consumer(nc, gen)
+        assert not sync._reset.is_set(), "its node still leads the stream: the consumer stays"
+        # As if the lead had moved on since the consumer was made: the node it lives on may be gone.
+        gen.node = "another-node"
+        await sync._check_consumer(nc, gen)
+        await eventually(_current(sync, gen), bool)
+        assert sync._deliveries.current.node == "test-hub"
+    finally:
+        await sync.close()

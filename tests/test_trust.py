@@ -97,6 +97,7 @@ async def test_forged_and_unsigned_records_are_refused_counted_and_shown(
     bucket: KeyValue, start_sidecar: StartSidecar
 ) -> None:
     sidecar = await start_sidecar()
+    revoked_key, _, issued_key = await _issued_then_revoked(bucket)
     await sidecar.ready()
     held_key, held = make_key()
     await put(bucket, held)
@@ -120,6 +121,7 @@ async def test_forged_and_unsigned_records_are_refused_counted_and_shown(
     assert status["trust"]["quarantined"] == 1  # the held key: the others were never served
     assert [q["entry"] for q in status["trust"]["recent_quarantines"]] == [held.entry]
     assert status["trust"]["trusted_keys"] == [SIGNER.kid]
+    await _refuses_revoked_accepts_issued(sidecar, revoked_key, issued_key)
 
 
 async def test_a_tampered_genuine_record_quarantines_its_key_until_a_newer_valid_record(
@@ -479,3 +481,42 @@ async def test_a_fault_while_verifying_a_batch_is_counted_and_the_batch_read_aga
     assert started.state.sync.stats.apply_errors == 1
     assert [await started.status_of(key) for key, _ in keys[::25]] == [200] * 12
     assert len(started.state.sync.table) == 300
+
+
+async def test_refusals_are_logged_at_most_ten_times_a_minute_with_their_entry_escaped(
+    bucket: KeyValue, start_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    caplog.set_level("WARNING", logger="keyrelay.sidecar.sync")
+    hostile = "global.\x1b[2J\x07evil"  # a terminal escape in the entry name: it must reach the log escaped
+    await put_raw(bucket, hostile, b"junk", signer=None)
+    for _ in range(24):
+        _, record = make_key()
+        await put(bucket, record, signer=FORGER)
+    await _marker(bucket, sidecar)
+    assert sum(sidecar.state.sync.stats.rejected.values()) == 25  # every one counted
+    lines = [r.getMessage() for r in caplog.records if r.name == "keyrelay.sidecar.sync"]
+    assert len(lines) == 11  # ten refusals, then one line saying the rest are counted only
+    assert "more refused values this minute" in lines[-1]
+    assert "\\x1b[2J\\x07evil" in lines[0]
+    assert not any("\x1b" in line or "\x07" in line for line in lines)
+
+
+async def test_a_captured_record_replayed_after_the_sidecar_reconnects_to_a_restarted_server_is_refused(
+    nats_server: NatsServer, js: JetStreamContext, bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
+    sidecar = await start_sidecar()
+    key, captured, issued_key = await _issued_then_revoked(bucket)
+    await sidecar.ready()
+    assert await sidecar.code_of(key) == "REVOKED"
+    resets = sidecar.state.sync.stats.consumer_resets
+    nats_server.stop()
+    nats_server.start()  # the same store: the sidecar reconnects and reads on from where it was
+    await eventually(
+        lambda: asyncio.sleep(0, sidecar.state.sync.stats.consumer_resets), lambda n: n > resets, timeout=15
+    )
+    fresh = await js.key_value("KEYS")
+    await captured.replay(fresh)
+    await _marker(fresh, sidecar)
+    await _refuses_revoked_accepts_issued(sidecar, key, issued_key)

@@ -120,6 +120,21 @@ def test_unknown_record_fields_are_ignored() -> None:
         ("project", "caf\u00e9"),
         ("scopes", ["read\r\nX-Admin: yes"]),
         ("scopes", ["read write"]),
+        # Every field bounded: versions in 0..2**63-1, times finite and non-negative, scopes and metadata bounded.
+        ("ver", 2**63),
+        ("ver", 2**64 - 1),
+        ("ver", True),
+        ("expires", float("nan")),
+        ("expires", float("inf")),
+        ("expires", -1.0),
+        ("revoked", float("-inf")),
+        ("revoked", -5),
+        ("scopes", [f"s{i}" for i in range(65)]),
+        ("scopes", ["s" * 257]),
+        ("org", "o" * 257),
+        ("meta", {f"k{i}": "v" for i in range(33)}),
+        ("meta", {"k": "v" * 600}),
+        ("meta", {"k": 1}),
     ],
 )
 def test_a_record_with_a_bad_field_is_refused(field: str, value: object) -> None:
@@ -128,6 +143,21 @@ def test_a_record_with_a_bad_field_is_refused(field: str, value: object) -> None
     raw[field] = value
     with pytest.raises(RecordError):
         KeyRecord.decode(msgpack.packb(raw))
+
+
+def test_a_record_at_every_bound_is_taken() -> None:
+    _, record = make_key()
+    raw = msgpack.unpackb(record.encode())
+    raw.update(
+        ver=2**63 - 1,
+        expires=0.0,
+        revoked=2.0**52,
+        scopes=[f"s{i}" for i in range(64)],
+        meta={f"k{i}": "v" for i in range(32)},
+        org="o" * 256,
+    )
+    decoded = KeyRecord.decode(msgpack.packb(raw))
+    assert (decoded.version, len(decoded.scopes), len(decoded.metadata)) == (2**63 - 1, 64, 32)
 
 
 @pytest.mark.parametrize("data", [b"", b"\xc1", b"not msgpack at all", msgpack.packb([1, 2, 3])])

@@ -2,18 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import re
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from keyrelay import up
 from keyrelay.core.config import environ_without_settings
 
-__all__ = ["Stack", "StartStack", "alive", "children_of", "port_of", "start_stack_process"]
+__all__ = ["Stack", "StartStack", "alive", "children_of", "port_of", "running_regions", "start_stack_process"]
+
+
+@contextlib.contextmanager
+def running_regions(data_dir: Path, *, sidecar_args: tuple[str, ...] = ()) -> Iterator[up.Stack]:
+    """`keyrelay up --regions eu,us` in this process, on free ports, accounts on (the default); stopped after."""
+    settings = up.UpSettings(
+        data_dir=data_dir,
+        publisher_port=0,
+        sidecar_port=0,
+        nats_port=0,
+        regions=("eu", "us"),
+        log_level="warning",
+    )
+    running = up.Stack(settings, sidecar_args=list(sidecar_args))
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
 
 
 def children_of(pid: int) -> set[int]:
