@@ -7,11 +7,10 @@ tests/test_nats_auth.py holds them to), and the tests attack them.
 
 One account, `KEYRELAY`, on the hub and on each region's leaf node. Users:
 
-- on the hub: `publisher` (owns the bucket, its global keys' mirror and the
-  hub's USAGE stream), `sidecar-global` (reads the global keys' mirror only),
-  `region-init-global` (writes the global snapshot), and `leaf-<region>` per
-  region: the leaf node's link, which may only run its mirror's consumer and
-  carry the hub's source of its USAGE stream;
+- on the hub: `publisher` (owns the bucket and the hub's USAGE stream),
+  `sidecar-global` (global keys only), `region-init-global` (writes the global
+  snapshot), and `leaf-<region>` per region: the leaf node's link, which may
+  only run its mirror's consumer and carry the hub's source of its USAGE stream;
 - on a region's leaf node: `sidecar-<region>` (reads the region's mirror and
   snapshot, publishes its usage) and `region-init-<region>` (creates the mirror,
   the snapshot store and the region's USAGE stream, writes snapshots).
@@ -32,14 +31,7 @@ from typing import Any
 from keyrelay.core.nats_connect import identity_name, inbox_prefix
 from keyrelay.core.usage_streams import SOURCE_FILTER, usage_deliver_prefix
 from keyrelay.core.usage_wire import USAGE_CONSUMER, USAGE_STREAM
-from keyrelay.core.wire import (
-    DEFAULT_BUCKET,
-    GLOBAL_SCOPE,
-    replica_stream,
-    snapshot_store_name,
-    stream_name,
-    subject_prefix,
-)
+from keyrelay.core.wire import DEFAULT_BUCKET, GLOBAL_SCOPE, snapshot_store_name, stream_name, subject_prefix
 
 __all__ = [
     "ACCOUNT",
@@ -100,20 +92,15 @@ class Grants:
         return f"OBJ_{snapshot_store_name(self.bucket, self.snapshot_bucket)}"
 
     def kv_read(self, region: str | None) -> list[str]:
-        """Read a region's records: on a leaf its mirror; on the hub (region None) the mirror of global keys only.
-
-        Each is the whole of its stream (keyrelay/core/replica_streams.py): consumers need no filter, and
-        a hub reader is held to global keys by the stream it may read, not by a filter it may choose.
-        """
-        kv = replica_stream(self.bucket, region)
+        """Read a region's records: on a leaf its whole mirror; on the hub (region None) global keys only."""
+        kv = self.kv
+        if region is None:
+            # Only the extended create, whose subject carries the filter the server holds the request to.
+            create = [f"CONSUMER.CREATE.{kv}.*.{subject_prefix(self.bucket)}{GLOBAL_SCOPE}.>"]
+        else:
+            create = [f"CONSUMER.CREATE.{kv}", f"CONSUMER.CREATE.{kv}.>"]
         return [
-            *_api(
-                f"STREAM.INFO.{kv}",
-                f"CONSUMER.CREATE.{kv}",
-                f"CONSUMER.CREATE.{kv}.>",
-                f"CONSUMER.DELETE.{kv}.*",
-                f"CONSUMER.INFO.{kv}.*",
-            ),
+            *_api(f"STREAM.INFO.{kv}", *create, f"CONSUMER.DELETE.{kv}.*", f"CONSUMER.INFO.{kv}.*"),
             f"$JS.FC.{kv}.>",
         ]
 
@@ -152,13 +139,10 @@ class Grants:
         return [*self.snapshot_read(), *owner, f"$O.{snapshot_store_name(self.bucket, self.snapshot_bucket)}.>"]
 
     def publisher(self) -> list[str]:
-        """Own the key bucket and its global keys' mirror: create and check them, write every entry, read it back."""
-        kv, mirror = self.kv, replica_stream(self.bucket, None)
+        """Own the key bucket: create and check it, write every entry, read it back for reconcile."""
+        kv = self.kv
         return [
             *_api(
-                f"STREAM.CREATE.{mirror}",
-                f"STREAM.DELETE.{mirror}",
-                f"STREAM.INFO.{mirror}",
                 f"STREAM.CREATE.{kv}",
                 f"STREAM.UPDATE.{kv}",
                 f"STREAM.INFO.{kv}",

@@ -7,8 +7,9 @@
 most a bounded number ahead of what the stream has stored), half under `global.`, a quarter each
 under `eu.` and `us.`, so that a store can be kept and timed many times. `time` starts a
 nats-server on the store and times the creations a replica's reader may ask for: one wildcard
-filter, two, none from the start, none from near the end, and the reads keyrelay makes (a hub
-sidecar on the global stream, a regional sidecar on its unfiltered mirror).
+filter, two, none from the start, none from near the end; then the sync's own opening of its
+consumer on a mirror of the bucket's global keys (`KEYS_global`, made on the same server: a
+stand-in for a region's mirror on its leaf node, which a regional sidecar reads without a filter).
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ import nats
 from nats.aio.client import Client
 
 from keyrelay.core.jetstream import jetstream_api
-from keyrelay.core.replica_streams import ensure_global_stream
-from keyrelay.core.wire import DEFAULT_BUCKET, replica_stream, stream_name, subject_prefix
+from keyrelay.core.wire import DEFAULT_BUCKET, region_subjects, stream_name, subject_prefix
 from keyrelay.natsd import NatsServer, NatsSpec
 from sidecar.errors import CreateTimeout
 from sidecar.snapshot_start import _recall_heartbeat
@@ -42,6 +42,8 @@ _NS = 1_000_000_000
 _BATCH = 20_000
 _AHEAD = 400_000  # published but not yet stored: at most this many
 _SCOPES = ("global", "global", "eu", "us")
+# A mirror of the bucket's global keys on the same server: a stand-in for a region's mirror on its leaf node.
+_MIRROR = "KEYS_global"
 
 
 async def _stream_state(nc: Client, stream: str) -> dict[str, Any]:
@@ -138,12 +140,24 @@ async def time_creates(url: str, *, bucket: str = DEFAULT_BUCKET, repeat: int = 
 async def _mirrored(nc: Client, bucket: str, *, deadline: float, rebuild: bool) -> float:
     """Make the hub's mirror of global keys when missing (or `rebuild`) and wait until it holds them all; the
     seconds it took."""
+    mirror = _MIRROR
     if rebuild:
-        await jetstream_api(nc, f"STREAM.DELETE.{replica_stream(bucket, None)}", timeout=60.0)
+        await jetstream_api(nc, f"STREAM.DELETE.{mirror}", timeout=60.0)
+        # A durable feed an older version of this benchmark left on the bucket's stream.
+        await jetstream_api(nc, f"CONSUMER.DELETE.{stream_name(bucket)}.keyrelay-global-mirror", timeout=60.0)
     started = time.monotonic()
     source = await _stream_state(nc, stream_name(bucket))
-    await ensure_global_stream(nc, bucket, timeout=60.0)
-    mirror = replica_stream(bucket, None)
+    config = {
+        "name": mirror,
+        "storage": "file",
+        "max_msgs_per_subject": 1,
+        "mirror": {
+            "name": stream_name(bucket),
+            "subject_transforms": [{"src": s, "dest": s} for s in region_subjects(bucket, None)],
+        },
+    }
+    if "error" in await jetstream_api(nc, f"STREAM.INFO.{mirror}", timeout=60.0):
+        await jetstream_api(nc, f"STREAM.CREATE.{mirror}", config, timeout=60.0)
     while True:
         try:
             info = await jetstream_api(nc, f"STREAM.INFO.{mirror}", timeout=30.0)
@@ -166,7 +180,7 @@ async def time_opens(
     nc = await nats.connect(url)
     mirror_seconds = await _mirrored(nc, bucket, deadline=900.0, rebuild=rebuild)
     print(f"  the mirror of global keys ready after {mirror_seconds:.1f}s", flush=True)
-    mirror = replica_stream(bucket, None)
+    mirror = _MIRROR
     state = await _stream_state(nc, mirror)
     await nc.close()
     last = int(state["last_seq"])
@@ -175,7 +189,7 @@ async def time_opens(
         "messages": state["messages"],
         "mirror_ready_seconds": round(mirror_seconds, 2),
     }
-    sync = KeySync(SyncConfig(servers=[url], bucket=bucket, heartbeat=5.0), KeyTable())
+    sync = _MirrorSync(SyncConfig(servers=[url], bucket=bucket, heartbeat=5.0), KeyTable())
     client = await sync._connect()
     sync._nc = client
     opens: dict[str, list[float]] = {"replaying": [], "from_snapshot": [], "reconnect": []}
@@ -210,6 +224,15 @@ async def time_opens(
     for case, seconds in result["opens"].items():
         print(f"  {state['messages']:>10,} open {case:<19} {' '.join(f'{s:.4f}s' for s in seconds)}", flush=True)
     return result
+
+
+class _MirrorSync(KeySync):
+    """A sync reading the benchmark's mirror, which holds exactly its subjects, as a region's sidecar reads its
+    leaf node's mirror (one server cannot hold two streams named KV_KEYS)."""
+
+    @property
+    def stream(self) -> str:
+        return _MIRROR
 
 
 def _server(store: Path) -> NatsServer:

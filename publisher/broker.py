@@ -15,9 +15,8 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
 from keyrelay.core.nats_connect import NatsConnect, connect_retrying
-from keyrelay.core.replica_streams import ensure_global_stream
 from keyrelay.core.server_choice import ServerChoice, stream_serves
-from keyrelay.core.wire import replica_stream, stream_name
+from keyrelay.core.wire import stream_name
 
 __all__ = ["Broker", "StreamState"]
 
@@ -97,11 +96,7 @@ class Broker:
                 await asyncio.wait_for(self.nc.close(), 5.0)
 
     async def ensure_bucket(self) -> None:
-        """Create the key bucket (history 1, file storage) when it does not exist, and its global keys' mirror.
-
-        The mirror (keyrelay/core/replica_streams.py) is what the hub's global sidecars read: made when
-        missing, and again when the bucket's stream is younger than it (the bucket was made again).
-        """
+        """Create the key bucket (history 1, file storage) when it does not exist."""
         js = self.js
         try:
             await js.key_value(self.bucket)
@@ -116,9 +111,6 @@ class Broker:
                 )
             )
             log.info("created key bucket %s", self.bucket)
-        assert self.nc is not None  # js exists only once connected
-        if await ensure_global_stream(self.nc, self.bucket, replicas=self.replicas):
-            log.info("created %s, the mirror of the bucket's global keys", replica_stream(self.bucket, None))
         self.bucket_ready.set()
 
     async def stream_state(self, timeout: float = _PROBE_TIMEOUT) -> StreamState:

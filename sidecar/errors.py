@@ -15,8 +15,8 @@ class BucketNotFound(SidecarError):
     def __init__(self, *, stream: str, server: str) -> None:
         self.stream, self.server = stream, server
         super().__init__(
-            f"stream {stream} not found on {server}: start the publisher (it creates the bucket and its global "
-            "keys' mirror) or, in a region, run `keyrelay region init`"
+            f"stream {stream} not found on {server}: start the publisher (it creates the bucket) "
+            f"or, in a region, run `keyrelay region init`"
         )
 
 

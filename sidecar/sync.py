@@ -40,7 +40,7 @@ from keyrelay.core.nats_connect import NatsConnect, connect_retrying, identity_n
 from keyrelay.core.replica_streams import holds_exactly
 from keyrelay.core.server_choice import ServerChoice, stream_serves
 from keyrelay.core.trust import Trust
-from keyrelay.core.wire import GLOBAL_SCOPE, region_subjects, replica_stream, subject_prefix
+from keyrelay.core.wire import GLOBAL_SCOPE, region_subjects, stream_name, subject_prefix
 
 from .apply import Applier, SyncStats
 from .deliveries import Deliveries, Generation
@@ -94,8 +94,8 @@ class SyncConfig:
 
     @property
     def stream(self) -> str:
-        """The stream this sync reads: its region's mirror, or the hub's mirror of global keys."""
-        return replica_stream(self.bucket, self.region)
+        """The stream this sync reads: the bucket's on the hub, its region's mirror on a leaf node (same name)."""
+        return stream_name(self.bucket)
 
     @property
     def scopes(self) -> tuple[str, ...]:
@@ -477,8 +477,8 @@ class KeySync:
         gen.sub = await nc.subscribe_direct(inbox, functools.partial(self._deliveries.on_message, gen))
         self._deliveries.current = gen
         subjects = region_subjects(self.config.bucket, self.config.region)
-        # A stream holding exactly this replica's subjects needs no filter, and a consumer without one costs
-        # the server the same at any size; one holding more (a bucket read directly) is filtered.
+        # A stream holding exactly this replica's subjects (a region's mirror) needs no filter, and a consumer
+        # without one costs the server the same at any size; one holding more (the hub's bucket) is filtered.
         filters = [] if holds_exactly(info, subjects) else subjects
         self._opened += 1
         gen.consumer = f"keyrelay-{self.replica_id}-{self._opened}"

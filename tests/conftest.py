@@ -14,6 +14,7 @@ import aiohttp
 import nats
 import pytest
 from aiohttp.test_utils import TestServer
+from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -38,7 +39,6 @@ from tests.support import (
     StartPublisher,
     StartSidecar,
     heartbeat,
-    key_bucket,
     key_file,
 )
 from tests.up_support import Stack, StartStack, start_stack_process
@@ -77,7 +77,7 @@ async def bucket(js: JetStreamContext) -> KeyValue:
 
     The heartbeat (revision 1) keeps a sidecar fresh for its --max-staleness; tests of staleness send their own.
     """
-    kv = await key_bucket(js)
+    kv = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     await heartbeat(kv)
     return kv
 

@@ -24,7 +24,6 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from keyrelay.core.nats_connect import NatsConnect, identity_name
-from keyrelay.core.replica_streams import ensure_global_stream
 from keyrelay.core.trust import (
     KIND_HEARTBEAT,
     KIND_RECORD,
@@ -38,7 +37,6 @@ from keyrelay.core.trust import (
     verify,
 )
 from keyrelay.core.wire import (
-    GLOBAL_SCOPE,
     HEARTBEAT_ENTRY,
     MAX_VERSION,
     KeyRecord,
@@ -46,7 +44,6 @@ from keyrelay.core.wire import (
     encode_tombstone,
     generate_key,
     key_digest,
-    replica_stream,
     subject_prefix,
 )
 from keyrelay.natsd import free_port
@@ -171,21 +168,7 @@ async def put_raw(
         headers[SIGNATURE_HEADER] = signer.sign(kind, entry, data, signed_at=signed_at)
     # KeyValue.put takes no headers: published on the entry's subject as KeyValue itself does (its _js).
     ack = await bucket._js.publish(_subject(bucket, entry), data, headers=headers or None)
-    if entry.startswith(f"{GLOBAL_SCOPE}."):
-        await _mirrored(bucket, int(ack.seq))
     return int(ack.seq)
-
-
-async def _mirrored(bucket: KeyValue, seq: int, timeout: float = 5.0) -> None:
-    """Wait until the hub's mirror of global keys, when there is one, holds revision `seq` (as a sync
-    started next would find it); a test of a stuck mirror is not held up past `timeout`."""
-    nc, stream = bucket._js._nc, replica_stream(bucket._name, None)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = json.loads((await nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=timeout)).data)
-        if "error" in info or info["state"]["last_seq"] >= seq:
-            return
-        await asyncio.sleep(0.005)
 
 
 async def delete(
@@ -481,16 +464,6 @@ async def every_message(js: JetStreamContext) -> dict[str, BucketMessage]:
     finally:
         await sub.unsubscribe()
     return found
-
-
-async def key_bucket(js: JetStreamContext, bucket: str = "KEYS") -> KeyValue:
-    """A key bucket as the publisher makes it: history 1, with the hub's mirror of its global keys (made anew
-    when the bucket is)."""
-    from nats.js.api import KeyValueConfig
-
-    kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
-    await ensure_global_stream(js._nc, bucket)
-    return kv
 
 
 async def bucket_entries(js: JetStreamContext) -> set[str]:

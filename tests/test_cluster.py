@@ -389,17 +389,15 @@ async def test_consumers_left_on_a_lost_node_are_replaced_on_the_stream_leader_w
 ) -> None:
     """At the default heartbeats: consumers on a node that no longer leads the stream, the node killed."""
     d = deployment
-    # Every consumer is made by the leader of the stream the sidecars read (the hub's mirror of global keys); a
-    # node other than the publisher's leads it.
-    read = d.sidecars[0].state.sync.stream
+    # Every consumer is made by the stream's leader; a node other than the publisher's leads it.
     victim = next(n.spec.name for n in d.cluster.nodes if n.spec.name != d.publisher_node())
-    await d.cluster.move_leader(d.js, read, victim)
+    await d.cluster.move_leader(d.js, d.stream, victim)
     for sidecar in d.sidecars:
         sidecar.state.sync._reset.set()
     await eventually(lambda: asyncio.sleep(0, _consumer_nodes(d)), lambda nodes: set(nodes) == {victim}, timeout=10)
     # The lead moves on and the consumers stay where they were made, on what is now a follower: then it dies.
     leader = next(n.spec.name for n in d.cluster.nodes if n.spec.name not in (victim, d.publisher_node()))
-    await d.cluster.move_leader(d.js, read, leader)
+    await d.cluster.move_leader(d.js, d.stream, leader)
     placed = {d.node_of(s): node for s, node in zip(d.sidecars, _consumer_nodes(d), strict=True)}
     consumers = [s.state.sync._deliveries.current for s in d.sidecars]
     killed = time.monotonic()

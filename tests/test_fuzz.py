@@ -31,6 +31,7 @@ import schemathesis
 from aiohttp.http_exceptions import HttpProcessingError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from nats.js.api import KeyValueConfig
 from schemathesis.checks import (
     content_type_conformance,
     not_a_server_error,
@@ -52,7 +53,7 @@ from publisher.web_signin import BROWSER_PATHS
 from sidecar.app import create_app as create_sidecar_app
 from sidecar.settings import SidecarSettings
 from tests.oidc_provider import running_provider
-from tests.support import ADMIN_TOKEN, SIGNER, SNAPSHOT_SIGNER, TRUSTED, heartbeat, key_bucket, key_file, make_key, put
+from tests.support import ADMIN_TOKEN, SIGNER, SNAPSHOT_SIGNER, TRUSTED, heartbeat, key_file, make_key, put
 from tests.threaded import ThreadedApp
 
 # Fixed and bounded so CI adds seconds, not minutes: the same examples every run, no example database.
@@ -188,7 +189,7 @@ def live_sidecar(fuzz_nats: NatsServer) -> Iterator[dict[str, str]]:
             try:
                 bucket = await js.key_value("KEYS")
             except Exception:  # not made by a publisher in this module yet
-                bucket = await key_bucket(js)
+                bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
             await put(bucket, record)
             await heartbeat(bucket)
         finally:

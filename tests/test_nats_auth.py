@@ -30,7 +30,6 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NoStreamResponseError
 
 from keyrelay.core.nats_connect import NatsConnect, identity_name
-from keyrelay.core.replica_streams import holds_exactly
 from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Signer, Trust, load_signer
 from keyrelay.core.wire import KeyRecord, subject_prefix
 from keyrelay.nats_auth import leaf_remote
@@ -286,24 +285,19 @@ async def test_a_sidecars_credentials_read_only_global_keys_on_the_hub(
     stack: Stack, connect: Any, word: PublisherWord
 ) -> None:
     sidecar = await connect("hub", "sidecar")
-    # Nothing of the bucket's stream itself, whatever filter is asked for.
     config = {"deliver_subject": "_INBOX.sidecar-global.x", "filter_subjects": ["$KV.KEYS.eu.>"]}
     await sidecar.refused("$JS.API.CONSUMER.CREATE.KV_KEYS", {"stream_name": "KV_KEYS", "config": config})
-    named = {"name": "steal", "deliver_subject": "_INBOX.sidecar-global.y", "filter_subject": "$KV.KEYS.global.>"}
+    named = {"name": "steal", "deliver_subject": "_INBOX.sidecar-global.y", "filter_subject": "$KV.KEYS.eu.>"}
     await sidecar.refused(
-        "$JS.API.CONSUMER.CREATE.KV_KEYS.steal.$KV.KEYS.global.>", {"stream_name": "KV_KEYS", "config": named}
+        "$JS.API.CONSUMER.CREATE.KV_KEYS.steal.$KV.KEYS.eu.>", {"stream_name": "KV_KEYS", "config": named}
     )
-    await sidecar.refused("$JS.API.STREAM.INFO.KV_KEYS")
-    await sidecar.refused("$JS.API.DIRECT.GET.KV_KEYS", {"seq": 1})
-    # Only the mirror of global keys, which holds nothing else: a consumer on it needs no filter.
-    info = await sidecar.api("$JS.API.STREAM.INFO.KEYS_global")
-    assert holds_exactly(info, ["$KV.KEYS.global.>"])
-    whole = {"name": "whole", "deliver_subject": "_INBOX.sidecar-global.z", "mem_storage": True}
+    # The filter in the subject is the one the server holds the request to.
+    mismatch = {**named, "name": "sly", "filter_subject": "$KV.KEYS.eu.>"}
     answer = await sidecar.api(
-        "$JS.API.CONSUMER.CREATE.KEYS_global.whole", {"stream_name": "KEYS_global", "config": whole}
+        "$JS.API.CONSUMER.CREATE.KV_KEYS.sly.$KV.KEYS.global.>", {"stream_name": "KV_KEYS", "config": mismatch}
     )
-    assert "error" not in answer
-    await sidecar.refused("$JS.API.STREAM.DELETE.KEYS_global")
+    assert "error" in answer
+    await sidecar.refused("$JS.API.DIRECT.GET.KV_KEYS", {"seq": 1})
     await word.still_holds()
 
 

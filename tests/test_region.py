@@ -10,13 +10,14 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.js.api import KeyValueConfig
 
 from keyrelay.core.jetstream import jetstream_api
 from keyrelay.core.usage_streams import hub_usage_stream_config, region_usage_stream_config
 from keyrelay.errors import KeyrelayError
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.region import RegionSettings, init_region
-from tests.support import eventually, key_bucket, make_key, put
+from tests.support import eventually, make_key, put
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ async def test_a_region_mirror_carries_global_and_regional_keys_only_and_init_is
     leaf = leaves["eu"]
     nc = await nats.connect(hub.url)
     try:
-        bucket = await key_bucket(nc.jetstream())
+        bucket = await nc.jetstream().create_key_value(KeyValueConfig(bucket="KEYS", history=1))
         records = [make_key()[1], make_key(region="eu")[1], make_key(region="us")[1]]
         for record in records:
             await put(bucket, record)
@@ -77,7 +78,7 @@ async def test_a_regional_key_reaches_its_own_regions_mirror_and_never_another_r
     hub, leaves = hub_and_leaves
     nc = await nats.connect(hub.url)
     try:
-        bucket = await key_bucket(nc.jetstream())
+        bucket = await nc.jetstream().create_key_value(KeyValueConfig(bucket="KEYS", history=1))
         records = {scope: make_key(region=region)[1] for scope, region in (("eu", "eu"), ("us", "us"))}
         records["global"] = make_key()[1]
         revisions = {scope: await put(bucket, record) for scope, record in records.items()}

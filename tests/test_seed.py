@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from keyrelay.cli import main
@@ -27,7 +28,6 @@ from tests.support import (
     StartSidecar,
     eventually,
     heartbeat,
-    key_bucket,
     key_file,
     make_key,
     put,
@@ -96,7 +96,7 @@ async def test_seeding_again_leaves_a_fresh_snapshot_alone_and_force_writes_one_
 async def test_seeding_a_bucket_that_does_not_exist_gives_up_and_says_where_to_look(
     nats_server: NatsServer, snapshot_key: Path
 ) -> None:
-    with pytest.raises(SyncTimeout, match="is there a stream KEYS_global") as raised:
+    with pytest.raises(SyncTimeout, match="is there a stream KV_KEYS") as raised:
         await seed(_settings(nats_server, snapshot_key, timeout=1.0))
     assert raised.value.connected
     assert raised.value.keys == 0
@@ -160,7 +160,7 @@ async def test_region_init_seeds_the_regions_snapshot_once_its_mirror_has_caught
         leaf.start()
         nc = await nats.connect(hub.url)
         try:
-            bucket = await key_bucket(nc.jetstream())
+            bucket = await nc.jetstream().create_key_value(KeyValueConfig(bucket="KEYS", history=1))
             held = [make_key(region="eu")[1] for _ in range(100)] + [make_key()[1] for _ in range(300)]
             for record in [make_key(region="us")[1] for _ in range(100)] + held:  # a global key last
                 await put(bucket, record)

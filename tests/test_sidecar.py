@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import aiohttp
 import pytest
+from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -26,7 +27,6 @@ from tests.support import (
     delete,
     eventually,
     heartbeat,
-    key_bucket,
     make_key,
     put,
     put_raw,
@@ -340,7 +340,7 @@ async def test_metrics_and_status_report_every_documented_field_after_a_known_se
     sidecar = await start_sidecar(region="eu", heartbeat=0.2)
     sync = sidecar.state.sync
     await eventually(lambda: _async(sync.stats.sync_errors), lambda n: n >= 1)  # no bucket yet
-    bucket = await key_bucket(js)
+    bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     await heartbeat(bucket)  # revision 1
     await put(bucket, make_key(region="us")[1])  # revision 2: another region's, never delivered here
     valid_key, valid = make_key(region="eu")
@@ -427,7 +427,7 @@ async def test_a_sidecar_that_has_applied_every_change_reports_no_lag(
 async def test_a_sidecar_on_another_bucket_syncs_from_that_bucket_only(
     js: JetStreamContext, bucket: KeyValue, start_sidecar: StartSidecar
 ) -> None:
-    team = await key_bucket(js, "TEAM_KEYS")
+    team = await js.create_key_value(KeyValueConfig(bucket="TEAM_KEYS", history=1))
     await heartbeat(team)
     ours_key, ours = make_key()
     theirs_key, theirs = make_key()
@@ -500,7 +500,7 @@ async def test_a_sidecar_is_not_ready_until_the_bucket_exists_and_is_loaded(
     status, _, body = await sidecar.auth(make_key()[0])
     assert (status, body["code"]) == (503, "NOT_READY")
 
-    bucket = await key_bucket(js)
+    bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     key, record = make_key()
     await put(bucket, record)
     await eventually(lambda: _async(sidecar.state.sync.synced), bool)
@@ -560,7 +560,7 @@ async def test_a_recreated_bucket_is_read_again_and_no_version_goes_down(
     sidecar = await start_sidecar(heartbeat=0.2)
     await sidecar.ready()
     await js.delete_key_value("KEYS")
-    fresh = await key_bucket(js)
+    fresh = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     await put(fresh, rolled)  # the genuine record from before its revocation
     await delete(fresh, gone)
     await eventually(lambda: sidecar.status_of(gone_key), lambda s: s == 401, timeout=10)

@@ -24,19 +24,7 @@ from sidecar.snapshot import LENGTH, MAGIC, SnapshotSink, snapshot_entry
 from sidecar.snapshot_layout import array_sizes
 from sidecar.table import KeyTable
 from testbed.snapshot_oracle import decode, encode, records
-from tests.support import (
-    SNAPSHOT_SIGNER,
-    TRUST,
-    StartSidecar,
-    delete,
-    find,
-    heartbeat,
-    key_bucket,
-    make_key,
-    put,
-    revoked,
-    seed,
-)
+from tests.support import SNAPSHOT_SIGNER, TRUST, StartSidecar, delete, find, heartbeat, make_key, put, revoked, seed
 
 
 def _filled() -> tuple[KeyTable, list[tuple[str, KeyRecord]]]:
@@ -222,11 +210,13 @@ async def test_a_new_sidecar_starts_from_the_snapshot_and_replays_only_later_cha
 async def test_a_snapshot_of_another_incarnation_of_the_stream_is_ignored(
     nats_server: NatsServer, js: JetStreamContext, bucket: KeyValue, start_sidecar: StartSidecar
 ) -> None:
+    from nats.js.api import KeyValueConfig
+
     for _, record in [make_key() for _ in range(20)]:
         await put(bucket, record)
     await seed(nats_server.url)
     await js.delete_key_value("KEYS")
-    fresh = await key_bucket(js)
+    fresh = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     for _, record in [make_key() for _ in range(30)]:  # past the snapshot's revision: only the identity tells
         await put(fresh, record)
     key, record = make_key()

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
+from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
@@ -15,7 +16,7 @@ from keyrelay.core.wire import key_digest
 from keyrelay.natsd import NatsServer
 from sidecar.sync import KeySync, SyncConfig
 from sidecar.table import KeyTable
-from tests.support import TRUST, eventually, heartbeat, key_bucket, make_key, put, put_raw
+from tests.support import TRUST, eventually, heartbeat, make_key, put, put_raw
 from tests.withholding_proxy import WithholdingProxy
 
 T = TypeVar("T")
@@ -66,7 +67,7 @@ async def test_a_full_resync_keeps_a_key_whose_entry_names_it_in_uppercase(
     """
     shouted_key, shouted = make_key()
     entry = f"global.{shouted.key_id.upper()}"
-    first = await key_bucket(js)
+    first = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     await put_raw(first, entry, shouted.encode(), signer=None)
     for _, record in [make_key() for _ in range(3)]:  # the new stream will be shorter than this one
         await put(first, record, signer=None)
@@ -77,7 +78,7 @@ async def test_a_full_resync_keeps_a_key_whose_entry_names_it_in_uppercase(
         await sync.wait_synced(timeout=10)
         assert table.lookup(key_digest(shouted_key))[0] >= 0
         await js.delete_key_value("KEYS")
-        fresh = await key_bucket(js)
+        fresh = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
         await put_raw(fresh, entry, shouted.encode(), signer=None)
         _, last = make_key()
         await put(fresh, last, signer=None)
@@ -98,7 +99,7 @@ async def test_a_delivery_lost_on_the_way_is_noticed_by_the_next_ones_consumer_s
     caplog.set_level(logging.INFO, logger="keyrelay.sidecar.sync")
     proxy = WithholdingProxy(target_port=nats_server.port)
     await proxy.start()
-    bucket = await key_bucket(js)
+    bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     await heartbeat(bucket)
     table = KeyTable()
     sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.5, trust=TRUST), table)
@@ -123,7 +124,7 @@ async def test_a_delivery_lost_on_the_way_is_noticed_by_the_next_ones_consumer_s
 async def test_a_consumer_stalled_by_a_lost_flow_control_reply_is_resumed_when_its_heartbeat_says_so(
     nats_server: NatsServer, js: JetStreamContext
 ) -> None:
-    bucket = await key_bucket(js)
+    bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     # About 2 KB a delivery, 3 MB in all: past the server's first flow-control window (2 MiB of a
     # 32 MiB limit in nats-server 2.15, a request at half of it).
     wide = tuple(f"scope-{n:02d}-" + "x" * 180 for n in range(8))

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 import pytest
+from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
@@ -36,7 +37,6 @@ from tests.support import (
     delete,
     eventually,
     heartbeat,
-    key_bucket,
     make_key,
     put,
     put_raw,
@@ -201,7 +201,7 @@ async def test_a_captured_record_replayed_into_a_recreated_stream_is_refused_by_
     await running.ready()
     await asyncio.sleep(1.2)
     await js.delete_key_value("KEYS")  # (e) the stream deleted and recreated
-    fresh = await key_bucket(js)
+    fresh = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     await captured.replay(fresh)
     await heartbeat(fresh)
     await _marker(fresh, running)

@@ -56,7 +56,6 @@ __all__ = [
     "parse_key",
     "random_base62",
     "region_subjects",
-    "replica_stream",
     "snapshot_store_name",
     "stream_name",
     "subject_prefix",
@@ -212,15 +211,6 @@ def subject_prefix(bucket: str) -> str:
 def entry_name(key_id: str, region: str | None) -> str:
     """The KV entry of one key: `<scope>.<key_id>`, scope `global` or the region code."""
     return f"{region or GLOBAL_SCOPE}.{key_id}"
-
-
-def replica_stream(bucket: str, region: str | None) -> str:
-    """The stream a replica of `region` reads, which holds exactly its subjects (`region_subjects`).
-
-    A region's is its leaf node's mirror, named like the bucket's stream; the hub's global keys
-    are the hub's mirror `<bucket>_global`, kept by the publisher (keyrelay/core/replica_streams.py).
-    """
-    return stream_name(bucket) if region else f"{bucket}_{GLOBAL_SCOPE}"
 
 
 def region_subjects(bucket: str, region: str | None) -> list[str]:
