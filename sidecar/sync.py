@@ -63,10 +63,10 @@ _HEARTBEAT_LATE = 0.25
 _MAX_DELETING = 4  # deletions of replaced consumers in flight at once
 _PROBE_TIMEOUT = 1.0  # a stream's leader answers STREAM.INFO in milliseconds: longer is no answer
 # The stream's leader creates a (direct) consumer without a filter in a millisecond at any stream size; none
-# answers while the stream has no leader (one that just died, or an election). So the first _CREATE_SHORT
-# attempts wait this long, each later one twice as long as the one before (up to _CREATE_LONGEST: a slow
-# server is waited for longer, never asked more often). An unanswered create is sent again once, as it was;
-# unanswered twice, it is deleted and the next attempt names another.
+# answers while the stream has no leader (one that just died, or an election). So the first _CREATE_SHORT - 1
+# attempts in a row wait this long, each later one twice as long as the one before (up to _CREATE_LONGEST: a
+# slow server is waited for longer, never asked more often). An unanswered create is sent again once, as it
+# was; unanswered twice, it is deleted and the next attempt names another.
 _CREATE_TIMEOUT = 0.5
 _CREATE_SHORT = 3
 _CREATE_LONGEST = 60.0
