@@ -466,9 +466,11 @@ class KeySync:
             position.last_revision = 0
         self._stream_created = incarnation
         start = position.last_revision + 1
-        if retry is not None and retry.start == start:
+        if retry is not None and retry.start == start and retry.gen.node == gen.node:
             # The last create went unanswered: ask again for the same consumer, identically, waiting longer.
             # Whichever of the two the server carries out first makes it; the other finds it made (one consumer).
+            # Only of the same leader: a direct consumer is its maker's alone, so another leader would make a
+            # second one under the name (the first, if made late, is left to its inactivity threshold).
             await self._created(retry.gen, await self._create(nc, retry.subject, retry.body), start)
             return
         if retry is not None:
