@@ -13,6 +13,7 @@ from .answers import client_of, confirm, create_named, listing, show
 from .client import ClientSettings
 from .errors import KeyrelayError
 from .key_listing import add_key_filters, keys_list
+from .key_usage import add_usage_options, keys_usage
 from .names import Resolver, is_id
 from .output import Column, details, table
 from .parsing import Handler, Subcommands, add_command, add_group
@@ -518,7 +519,7 @@ def add_admin_commands(commands: Subcommands) -> None:
     p.add_argument("project", help="project (id or name)")
     _where(p, "team", "org")
 
-    keys = group("keys", "API keys: create, list, show, rotate, revoke")
+    keys = group("keys", "API keys: create, list, show, usage, rotate, revoke")
     p = action(keys, "create", "create a key (or --count N keys in bulk); the plaintext is shown once", _keys_create)
     p.add_argument("--project", required=True, help="project (id or name)")
     _where(p, "team", "org")
@@ -550,6 +551,14 @@ def add_admin_commands(commands: Subcommands) -> None:
     p.add_argument("--org", help="organization (id or name): its keys (those the token may read)")
     add_key_filters(p)
     action(keys, "show", "show one key (masked)", _keys_show).add_argument("key_id", help="key id")
+    add_usage_options(
+        action(
+            keys,
+            "usage",
+            "a key's verifications per hour or day as its sidecars counted them, and its last use (--chart: drawn)",
+            keys_usage,
+        )
+    )
     p = action(keys, "rotate", "rotate a key: a new key now, the old one expires after the grace", _keys_rotate)
     p.add_argument("key_id", help="key id")
     p.add_argument("--grace", help="how long the old key keeps working (default 24h, at most 7d)")

@@ -294,6 +294,7 @@ class Endpoints:
     sidecar_url: str
     sidecar_port: int
     token: str
+    nats_url: str = ""
 
 
 def _start_component(
@@ -391,6 +392,7 @@ def start_stack(
         sidecar_url=f"http://127.0.0.1:{sidecar_port}",
         sidecar_port=sidecar_port,
         token=token,
+        nats_url=nats_server.url,
     )
 
 

@@ -13,6 +13,7 @@ live progress line, then a summary; writes report.json and plot.png.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from typing import Any
 
 from keyrelay.core.config import add_options, load, option, parse_bool, parse_duration
 from keyrelay.core.options import parse_positive_duration, parse_region
+from publisher.errors import InUse
+from publisher.lock import FileLock
 
 _MAX_NODE_FAULTS = 10
 
@@ -134,6 +137,21 @@ def _say(text: str) -> None:
     print(f"\r\033[K{text}", file=sys.stderr, flush=True)
 
 
+def _claim_stack(stack: Path) -> FileLock:
+    """Hold `stack` (under `--out`) for this run, first removing an earlier run's: its database and bucket
+    hold that run's keys, which this run's workload does not know (their answers would count as false
+    rejects). A run still using it stops this one instead."""
+    lock = stack.parent / "stack.lock"
+    try:
+        held = FileLock.acquire(lock, {"what": "keyrelay loadtest"}, guarded=stack)
+    except InUse as exc:
+        raise SystemExit(f"{exc}: give this run another --out") from None
+    if stack.exists():
+        _say(f"removing the previous run's stack at {stack}")
+        shutil.rmtree(stack)
+    return held
+
+
 async def run(settings: LoadtestSettings) -> dict[str, Any]:
     """Build, load, judge and tear down; returns the report."""
     from testbed.topology import Topology
@@ -151,6 +169,8 @@ async def run(settings: LoadtestSettings) -> dict[str, Any]:
         sidecar_args += ["--stale-policy", settings.stale_policy]
     out = settings.out.resolve()
     plan = settings.fault_plan()
+    out.mkdir(parents=True, exist_ok=True)
+    claim = _claim_stack(out / "stack")
     topology = Topology(settings.regions, delays, out / "stack", sidecar_args, hub_nodes=settings.hub_nodes)
     _say(f"building {len(settings.regions)} regions ({', '.join(f'{r} {d * 1000:.0f}ms' for r, d in delays.items())})")
     started = time.perf_counter()
@@ -207,6 +227,7 @@ async def run(settings: LoadtestSettings) -> dict[str, Any]:
     finally:
         await workload.close()
         await topology.stop()
+        claim.release()
 
 
 def loadtest_command(args: argparse.Namespace) -> int:

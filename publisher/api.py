@@ -29,6 +29,7 @@ from .access import (
 from .api_find import FIND_ROUTES
 from .api_people import PEOPLE_ROUTES
 from .api_sessions import SESSION_ROUTES
+from .api_usage import USAGE_ROUTES
 from .errors import Invalid, NotFound, PublisherError, Unauthorized, Unavailable
 from .models import ApiKey, AuditEntry, Org, Project, Team, new_id
 from .openapi import OPENAPI_PATH, PAGE, Param, Route, openapi_json
@@ -603,6 +604,7 @@ ROUTES: tuple[Route, ...] = (
         tags=_KEYS,
     ),
     *FIND_ROUTES,
+    *USAGE_ROUTES,
     Route(
         "POST",
         "/v1/keys/revoke",

@@ -8,9 +8,7 @@ parameter; so is a parameter these routes do not know (a misspelt filter would o
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
-from datetime import datetime
 
 from aiohttp import web
 
@@ -28,7 +26,6 @@ from .pagination import Order, page_request
 
 __all__ = ["FIND_ROUTES", "key_filter", "key_sort"]
 
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
 _SORT_VALUES = [f"{sign}{name}" for name in SORTS for sign in ("", "-")]
 _FILTERS = (
     "status",
@@ -42,17 +39,6 @@ _FILTERS = (
     "expires_before",
 )
 _KNOWN = {*_FILTERS, "sort", "limit", "cursor"}
-
-
-def _instant(value: str, field: str) -> int:
-    """An RFC 3339 time with its offset (`2030-01-31T00:00:00Z`), in epoch microseconds."""
-    if len(value) > 40 or _RFC3339.fullmatch(value) is None:
-        raise Invalid(f"{field} must be an RFC 3339 time with its offset, such as 2030-01-31T00:00:00Z", field=field)
-    try:
-        moment = datetime.fromisoformat(value.upper())
-    except ValueError:
-        raise Invalid(f"{field} is not a valid date and time (month, day or hour out of range)", field=field) from None
-    return int(moment.timestamp() * 1_000_000)
 
 
 def key_filter(query: Mapping[str, str], now: int) -> KeyFilter:
@@ -93,7 +79,9 @@ def key_filter(query: Mapping[str, str], now: int) -> KeyFilter:
         created_by=None if get("created_by") is None else v.query_id(get("created_by", ""), "created_by"),
         prefix=None if prefix is None else v.text(prefix, "prefix"),
         unused_since=None if unused is None else now - unused,
-        expires_before=None if get("expires_before") is None else _instant(get("expires_before", ""), "expires_before"),
+        expires_before=None
+        if get("expires_before") is None
+        else v.instant(get("expires_before", ""), "expires_before"),
     )
 
 

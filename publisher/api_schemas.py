@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from keyrelay.core.config import DURATION_HELP, duration_pattern
+from keyrelay.core.usage_wire import KEY_OUTCOMES
 from keyrelay.core.wire import ENVS
 
 from .models import SOURCES
@@ -516,3 +517,33 @@ RECONCILE_REQUEST = _component(
     obj({"dry_run": {"type": "boolean"}, "force": {"type": "boolean"}}, optional=("dry_run", "force")),
 )
 RESIGN_REQUEST = _component("ResignRequest", obj({"all": {"type": "boolean"}}, optional=("all",)))
+
+_COUNTS = {outcome: {"type": "integer", "minimum": 0} for outcome in KEY_OUTCOMES}
+_USAGE_POINT = obj({"at": {**TIME, "description": "the bucket's start"}, **_COUNTS})
+KEY_USAGE = _component(
+    "KeyUsage",
+    obj(
+        {
+            "key_id": ID,
+            "from": {**TIME, "description": "the first bucket's start (`from`, rounded down to the granularity)"},
+            "to": {**TIME, "description": "buckets start before this"},
+            "granularity": {"type": "string", "enum": ["hour", "day"]},
+            "region": nullable({"type": "string", "description": "the region asked for; null: every region"}),
+            "series": {
+                "type": "array",
+                "items": _USAGE_POINT,
+                "description": "every bucket of the range, oldest first, zeros included",
+            },
+            "totals": obj(_COUNTS, description="the series summed, per outcome"),
+            "regions": {
+                "type": "object",
+                "additionalProperties": obj(_COUNTS),
+                "description": "the series summed per region where it was seen (`global`: global sidecars)",
+            },
+            "last_used_at": nullable(TIME),
+            "last_used_region": nullable({"type": "string"}),
+            "last_used_sidecar": nullable({"type": "string", "description": "the --sidecar-id that saw it last"}),
+        },
+        description="a key's verifications as its sidecars counted them (advisory: docs/usage.md)",
+    ),
+)

@@ -107,6 +107,10 @@ class UsageConsumer:
             except nats.errors.TimeoutError:
                 messages = []
             for msg in messages:
+                # What JetStream had still to deliver when it sent this one: the lag stays true while a
+                # batch waits on the database (a lock, a slow disk), not only between fetches.
+                with contextlib.suppress(Exception):
+                    self.lag = int(msg.metadata.num_pending)
                 await self.take(msg.subject, msg.data)
                 await msg.ack()
             with contextlib.suppress(Exception):

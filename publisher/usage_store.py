@@ -162,20 +162,32 @@ async def prune_usage(db: Database, now: float | None = None) -> dict[str, int]:
 async def read_key_usage(
     db: Database, key_id: str, *, start: int, end: int, granularity: str, region: str | None
 ) -> dict[str, Any]:
-    """A key's series between `start` and `end` (epoch microseconds), totals per outcome, and its last use."""
+    """A key's series between `start` and `end` (epoch microseconds): every bucket from the one holding `start` to
+    the last starting before `end`, zeros included; totals per outcome, per region (`global`: global sidecars),
+    and its last use. `region` (`global` for global sidecars) narrows it to what one region's sidecars saw."""
     table, width = GRANULARITIES[granularity]
-    sql = (
-        f"SELECT bucket, {', '.join(f'SUM({c}) AS {c}' for c in KEY_OUTCOMES)} FROM {table} "
-        "WHERE key_id = $1 AND bucket >= $2 AND bucket < $3"
-    )
-    args: list[Any] = [key_id, start - start % width, end]
+    first = start - start % width
+    sql = f"SELECT bucket, region, {_COLUMNS} FROM {table} WHERE key_id = $1 AND bucket >= $2 AND bucket < $3"
+    args: list[Any] = [key_id, first, end]
     if region is not None:
         sql += " AND region = $4"
-        args.append(region)
-    sql += " GROUP BY bucket ORDER BY bucket"
+        args.append("" if region == "global" else region)  # global sidecars' rows carry no region
     async with db.transaction() as tx:
         rows = await tx.fetch(sql, *args)
         last = await tx.fetchrow("SELECT last_used_at, region, sidecar_id FROM key_last_use WHERE key_id = $1", key_id)
-    series = [{"at": int(r["bucket"]), **{c: int(r[c]) for c in KEY_OUTCOMES}} for r in rows]
-    totals = {c: sum(point[c] for point in series) for c in KEY_OUTCOMES}
-    return {"series": series, "totals": totals, "last_used": last}
+    buckets = {at: [0] * len(KEY_OUTCOMES) for at in range(first, end, width)}
+    regions: dict[str, list[int]] = {}
+    for row in rows:
+        counts = [int(row[c]) for c in KEY_OUTCOMES]
+        point = buckets.setdefault(int(row["bucket"]), [0] * len(KEY_OUTCOMES))
+        seen = regions.setdefault(row["region"] or "global", [0] * len(KEY_OUTCOMES))
+        for i, count in enumerate(counts):
+            point[i] += count
+            seen[i] += count
+    series = [{"at": at, **dict(zip(KEY_OUTCOMES, counts, strict=True))} for at, counts in sorted(buckets.items())]
+    return {
+        "series": series,
+        "totals": {c: sum(point[c] for point in series) for c in KEY_OUTCOMES},
+        "regions": {name: dict(zip(KEY_OUTCOMES, counts, strict=True)) for name, counts in sorted(regions.items())},
+        "last_used": None if last is None else dict(last),
+    }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from datetime import datetime
 from typing import Any
 
 import msgpack
@@ -24,6 +25,7 @@ __all__ = [
     "email",
     "fields",
     "grace",
+    "instant",
     "key_ids",
     "key_spec",
     "name",
@@ -258,3 +260,17 @@ def query_int(value: str | None, field: str, *, default: int, maximum: int) -> i
     if _QUERY_INT.fullmatch(value) is None or not 1 <= int(value) <= maximum:
         raise Invalid(f"{field} must be an integer from 1 to {maximum}", field=field)
     return int(value)
+
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def instant(value: str, field: str) -> int:
+    """An RFC 3339 time with its offset (`2030-01-31T00:00:00Z`), in epoch microseconds."""
+    if len(value) > 40 or _RFC3339.fullmatch(value) is None:
+        raise Invalid(f"{field} must be an RFC 3339 time with its offset, such as 2030-01-31T00:00:00Z", field=field)
+    try:
+        moment = datetime.fromisoformat(value.upper())
+    except ValueError:
+        raise Invalid(f"{field} is not a valid date and time (month, day or hour out of range)", field=field) from None
+    return int(moment.timestamp() * 1_000_000)

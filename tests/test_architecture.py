@@ -36,6 +36,7 @@ ALLOWED = {
 LOADTEST_TESTS = {
     "tests.test_bench_find",
     "tests.test_bench_trust",
+    "tests.test_bench_usage",
     "tests.test_docs",
     "tests.test_k8s",
     "tests.test_multiregion",

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from loadtest.multiregion import LoadtestSettings, main, run
+from loadtest.multiregion import LoadtestSettings, _claim_stack, main, run
 from loadtest.openloop import NO_ANSWER, render_get, run_open_loop
 from testbed.topology import Topology
 from tests.support import PROMPTLY, Admin, eventually
@@ -310,3 +310,17 @@ async def test_records_a_region_receives_long_after_their_signing_are_taken_mirr
             await eventually(lambda: _status(http, topology, "eu", key["key"]), lambda s: s == 200, timeout=10)
     finally:
         await topology.stop()
+
+
+def test_a_run_removes_an_earlier_runs_stack_and_refuses_an_out_directory_another_run_holds(tmp_path: Path) -> None:
+    stack = tmp_path / "stack"
+    (stack / "nats").mkdir(parents=True)
+    (stack / "keyrelay.db").write_bytes(b"an earlier run's keys")
+    claim = _claim_stack(stack)
+    try:
+        assert not stack.exists()
+        with pytest.raises(SystemExit, match="another --out"):
+            _claim_stack(stack)
+    finally:
+        claim.release()
+    _claim_stack(stack).release()  # free again once the first run let go
