@@ -26,8 +26,8 @@ class CreateTimeout(SidecarError):
     def __init__(self, *, stream: str, waited: float, attempts: int) -> None:
         self.stream, self.waited, self.attempts = stream, waited, attempts
         super().__init__(
-            f"no answer to creating a consumer on {stream} within {waited:.1f}s ({attempts} in a row; the next "
-            "attempt asks again for the same consumer, waiting longer)"
+            f"no answer to creating a consumer on {stream} within {waited:.1f}s ({attempts} in a row; asking "
+            "again, each wait after the first two twice as long)"
         )
 
 
