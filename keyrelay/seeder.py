@@ -47,6 +47,7 @@ class SeedProgress:
     applied: int
     pending: int
     connected: bool
+    activity: str | None = None  # what the sync waits on the server for: "opening a consumer on KV_KEYS: waiting 6 s"
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,5 +231,6 @@ async def _wait_synced(
                         applied=sync.stats.applied,
                         pending=sync.pending,
                         connected=sync.connected,
+                        activity=sync.activity(),
                     )
                 )

@@ -116,15 +116,33 @@ class SnapshotSettings(SnapshotStoreSettings):
     )
 
 
+_STALLED = 10.0  # seconds without a record applied, records pending, before a report calls it a stall
+
+
 def print_progress(prefix: str = "  ") -> Callable[[SeedProgress], None]:
     """A progress callback that prints one line per report."""
 
+    moved = [0.0, -1.0]  # when the applied count last changed, and to what
+
     def report(step: SeedProgress) -> None:
+        if step.applied != moved[1]:
+            moved[:] = [step.seconds, step.applied]
         if not step.connected:
             print(f"{prefix}{step.seconds:5.0f}s: connecting to NATS...", flush=True)
             return
+        if step.activity is not None:
+            print(f"{prefix}{step.seconds:5.0f}s: {step.activity}", flush=True)
+            return
         if step.keys == 0 and step.pending == 0:
             print(f"{prefix}{step.seconds:5.0f}s: loading the region's current snapshot...", flush=True)
+            return
+        still = step.seconds - moved[0]
+        if step.pending and still >= _STALLED:
+            print(
+                f"{prefix}{step.seconds:5.0f}s: stalled: no record for {still:.0f} s with {step.pending:,} to go "
+                "(the sync starts a new consumer after missed heartbeats; see the log)",
+                flush=True,
+            )
             return
         rate = step.applied / step.seconds if step.seconds > 0 else 0.0
         print(

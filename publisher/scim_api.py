@@ -29,6 +29,7 @@ from .scim_http import (
     answer,
     base_url,
     context,
+    found,
     listing,
     page_of,
     project,
@@ -133,10 +134,7 @@ async def _render_user(request: web.Request, user: User, status: int = 200) -> w
 
 async def _member(request: web.Request) -> User:
     _, scim, _, org = context(request)
-    user = await scim.user(org, resource_id(request.match_info["user_id"], "user"))
-    if user is None:
-        raise ScimError(404, "no user with that id in this organization")
-    return user
+    return found(await scim.user(org, resource_id(request.match_info["user_id"], "user")), "user")
 
 
 def _email_of(body: dict[str, Any]) -> str:

@@ -14,7 +14,7 @@ from keyrelay.core.wire import is_uuid
 from . import validation as v
 from .models import iso
 from .offboard import require_manual
-from .scim_http import answer, base_url, context, listing, page_of, project, read_body, resource_id
+from .scim_http import answer, base_url, context, found, listing, page_of, project, read_body, resource_id
 from .scim_protocol import GROUP_SCHEMA, Operation, ScimError, member_ids, operations, parse_filter, scim_string
 from .scim_store import TeamView
 
@@ -57,10 +57,7 @@ def _wants_members(request: web.Request) -> bool:
 
 async def _group(request: web.Request) -> TeamView:
     _, scim, _, org = context(request)
-    view = await scim.team(org, resource_id(request.match_info["group_id"], "group"))
-    if view is None:
-        raise ScimError(404, "no group with that id in this organization")
-    return view
+    return found(await scim.team(org, resource_id(request.match_info["group_id"], "group")), "group")
 
 
 async def _render_group(request: web.Request, team_id: str, status: int = 200) -> web.Response:

@@ -4,7 +4,7 @@ provisioner, the public base URL, paging by position, and `attributes`/`excluded
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -22,6 +22,7 @@ __all__ = [
     "answer",
     "base_url",
     "context",
+    "found",
     "listing",
     "page_of",
     "project",
@@ -32,6 +33,8 @@ __all__ = [
 SCIM_PREFIX = "/scim/v2"
 MAX_BODY = 1024 * 1024
 CONTENT_TYPE = "application/scim+json"
+
+_T = TypeVar("_T")
 
 
 def answer(body: Any, status: int = 200, location: str | None = None) -> web.Response:
@@ -112,3 +115,10 @@ def resource_id(value: str, kind: str) -> str:
     if not is_uuid(value):
         raise ScimError(404, f"no {kind} with that id")
     return value.lower()
+
+
+def found(thing: _T | None, kind: str) -> _T:
+    """`thing`, or ScimError 404 when the organization has no such `kind` (user, group)."""
+    if thing is None:
+        raise ScimError(404, f"no {kind} with that id in this organization")
+    return thing

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BucketNotFound", "SidecarError", "SnapshotError"]
+__all__ = ["BucketNotFound", "CreateTimeout", "SidecarError", "SnapshotError"]
 
 
 class SidecarError(Exception):
@@ -17,6 +17,17 @@ class BucketNotFound(SidecarError):
         super().__init__(
             f"stream {stream} not found on {server}: start the publisher (it creates the bucket) "
             f"or, in a region, run `keyrelay region init`"
+        )
+
+
+class CreateTimeout(SidecarError):
+    """No answer to a CONSUMER.CREATE within its timeout; the next attempt waits longer."""
+
+    def __init__(self, *, stream: str, waited: float, attempts: int) -> None:
+        self.stream, self.waited, self.attempts = stream, waited, attempts
+        super().__init__(
+            f"no answer to creating a consumer on {stream} within {waited:.1f}s ({attempts} in a row; asking "
+            "again, each wait after the first two twice as long)"
         )
 
 

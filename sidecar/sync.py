@@ -37,6 +37,7 @@ from nats.aio.client import Client
 
 from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
 from keyrelay.core.nats_connect import NatsConnect, connect_retrying, identity_name
+from keyrelay.core.replica_streams import holds_exactly
 from keyrelay.core.server_choice import ServerChoice, stream_serves
 from keyrelay.core.trust import Trust
 from keyrelay.core.wire import GLOBAL_SCOPE, region_subjects, stream_name, subject_prefix
@@ -44,7 +45,7 @@ from keyrelay.core.wire import GLOBAL_SCOPE, region_subjects, stream_name, subje
 from .apply import Applier, SyncStats
 from .deliveries import Deliveries, Generation
 from .direct import DirectClient
-from .errors import BucketNotFound
+from .errors import BucketNotFound, CreateTimeout
 from .replica import Freshness, Position
 from .snapshot import Snapshot
 from .snapshot_start import start_from_snapshot
@@ -61,11 +62,15 @@ _MISSED_HEARTBEATS = 3
 _HEARTBEAT_LATE = 0.25
 _MAX_DELETING = 4  # deletions of replaced consumers in flight at once
 _PROBE_TIMEOUT = 1.0  # a stream's leader answers STREAM.INFO in milliseconds: longer is no answer
-# The stream's leader creates a (direct) consumer in milliseconds; none answers while the stream has no
-# leader (one that just died, or an election). So the first _CREATE_SHORT attempts wait this long, each
-# later one twice as long as the one before (up to SyncConfig.api_timeout), each under a new name.
+# The stream's leader creates a (direct) consumer without a filter in a millisecond at any stream size; none
+# answers while the stream has no leader (one that just died, or an election). So the first _CREATE_SHORT - 1
+# attempts in a row wait this long, each later one twice as long as the one before (up to _CREATE_LONGEST: a
+# slow server is waited for longer, never asked more often). An unanswered create is sent again once, as it
+# was; unanswered twice, it is deleted and the next attempt names another.
 _CREATE_TIMEOUT = 0.5
 _CREATE_SHORT = 3
+_CREATE_LONGEST = 60.0
+_SAY_WAITING_EVERY = 2.0  # seconds between "opening a consumer ...: waiting" lines while a create is unanswered
 _FLOOR_PRUNE_EVERY = 60.0
 
 
@@ -89,13 +94,23 @@ class SyncConfig:
 
     @property
     def stream(self) -> str:
-        """The stream this sync reads."""
+        """The stream this sync reads: the bucket's on the hub, its region's mirror on a leaf node (same name)."""
         return stream_name(self.bucket)
 
     @property
     def scopes(self) -> tuple[str, ...]:
         """The entry scopes this sync's keys are written under: global, and its region's."""
         return (GLOBAL_SCOPE, self.region) if self.region else (GLOBAL_SCOPE,)
+
+
+@dataclass(frozen=True, slots=True)
+class _Retry:
+    """A CONSUMER.CREATE that went unanswered: its consumer's generation and the request, to send again as it was."""
+
+    gen: Generation
+    subject: str
+    body: dict[str, Any]
+    start: int
 
 
 class KeySync:
@@ -110,7 +125,10 @@ class KeySync:
         "_floors_pruned",
         "_nc",
         "_next_probe",
+        "_opened",
+        "_opening",
         "_reset",
+        "_retry",
         "_stream_created",
         "_tasks",
         "applier",
@@ -120,6 +138,7 @@ class KeySync:
         "freshness",
         "loaded_snapshot",
         "position",
+        "replica_id",
         "stats",
         "table",
     )
@@ -155,6 +174,11 @@ class KeySync:
         self._deleting: set[asyncio.Task[None]] = set()  # old consumers being deleted
         self._create_timeouts = 0  # CONSUMER.CREATE requests timed out in a row
         self._checked_silence = 0.0  # the last contact whose silence made the watchdog check the consumer's node
+        self._opened = 0  # consumers asked for
+        self._retry: _Retry | None = None  # a create that went unanswered, to ask again once
+        self._opening: float | None = None  # when the unanswered CONSUMER.CREATE was sent (monotonic)
+        # Names this replica's consumers, `keyrelay-<replica_id>-<n>`: an unanswered create is deleted by name.
+        self.replica_id = secrets.token_hex(6)
 
     # -- what the sidecar and the seeder read ------------------------------------------------
 
@@ -202,6 +226,14 @@ class KeySync:
     def connection(self) -> Client | None:
         """The NATS connection, once made (the seeder writes its snapshots through it)."""
         return self._nc
+
+    def activity(self) -> str | None:
+        """What the sync waits on, when it waits on the server: "opening a consumer on KV_KEYS: waiting 6 s"."""
+        if self._opening is None:
+            return None
+        waited = time.monotonic() - self._opening
+        retried = f", attempt {self._create_timeouts + 1}" if self._create_timeouts else ""
+        return f"opening a consumer on {self.stream}: waiting {waited:.0f} s{retried}"
 
     def seconds_since_contact(self) -> float:
         """Age of the replica's freshest proof that it holds the publisher's latest word (replica.Freshness)."""
@@ -403,7 +435,10 @@ class KeySync:
         return await jetstream_api(nc, subject, body, timeout=self.config.api_timeout)
 
     async def _open_consumer(self, nc: DirectClient) -> None:
-        await self._drop_consumer(self._deliveries.current, wait=False)
+        retry, self._retry = self._retry, None
+        if retry is None or retry.gen is not self._deliveries.current or retry.gen.nc is not nc:
+            await self._drop_consumer(self._deliveries.current, wait=False)
+            retry = None
         self.connected = nc.is_connected
         info = await self._api(nc, f"STREAM.INFO.{self.stream}")
         if "error" in info:
@@ -431,11 +466,26 @@ class KeySync:
             position.last_revision = 0
         self._stream_created = incarnation
         start = position.last_revision + 1
+        if retry is not None and retry.start == start and retry.gen.node == gen.node:
+            # The last create went unanswered: ask again for the same consumer, identically, waiting longer.
+            # Whichever of the two the server carries out first makes it; the other finds it made (one consumer).
+            # Only of the same leader: a direct consumer is its maker's alone, so another leader would make a
+            # second one under the name (the first, if made late, is left to its inactivity threshold).
+            await self._created(retry.gen, await self._create(nc, retry.subject, retry.body), start)
+            return
+        if retry is not None:
+            await self._drop_consumer(retry.gen, wait=False)
         inbox = nc.new_inbox()
         gen.sub = await nc.subscribe_direct(inbox, functools.partial(self._deliveries.on_message, gen))
         self._deliveries.current = gen
         subjects = region_subjects(self.config.bucket, self.config.region)
+        # A stream holding exactly this replica's subjects (a region's mirror) needs no filter, and a consumer
+        # without one costs the server the same at any size; one holding more (the hub's bucket) is filtered.
+        filters = [] if holds_exactly(info, subjects) else subjects
+        self._opened += 1
+        gen.consumer = f"keyrelay-{self.replica_id}-{self._opened}"
         config: dict[str, Any] = {
+            "name": gen.consumer,
             "deliver_subject": inbox,
             "deliver_policy": "by_start_sequence" if start > 1 else "all",
             "ack_policy": "none",
@@ -452,21 +502,31 @@ class KeySync:
         }
         if start > 1:
             config["opt_start_seq"] = start
-        if len(subjects) == 1:
-            # The filter in the subject (CONSUMER.CREATE.<stream>.<name>.<filter>), which the server holds
-            # to the body's: NATS permissions can then admit a global sidecar to global keys only.
-            config["name"] = f"keyrelay-{secrets.token_hex(8)}"
-            config["filter_subject"] = subjects[0]
-            create = f"CONSUMER.CREATE.{self.stream}.{config['name']}.{subjects[0]}"
-        else:
-            config["filter_subjects"] = subjects
-            create = f"CONSUMER.CREATE.{self.stream}"
-        created = await self._create(nc, create, {"stream_name": self.stream, "config": config})
+        create = f"CONSUMER.CREATE.{self.stream}.{gen.consumer}"
+        if len(filters) == 1:
+            # The filter in the subject too (CONSUMER.CREATE.<stream>.<name>.<filter>): the server holds both equal.
+            config["filter_subject"] = filters[0]
+            create += f".{filters[0]}"
+        elif filters:
+            config["filter_subjects"] = filters
+        # The consumer is named before it is asked for: if the create goes unanswered, the next open asks for it
+        # again by that name (and, unanswered twice, deletes it and names another).
+        body = {"stream_name": self.stream, "config": config}
+        try:
+            created = await self._create(nc, create, body)
+        except CreateTimeout:
+            self._retry = _Retry(gen=gen, subject=create, body=body, start=start)
+            raise
+        await self._created(gen, created, start)
+
+    async def _created(self, gen: Generation, created: dict[str, Any], start: int) -> None:
+        """The server's answer to a consumer's creation: take the consumer, or drop its subscription."""
+        position = self.position
         if "error" in created:
-            await gen.sub.unsubscribe()
-            gen.sub = None
+            if gen.sub is not None:
+                await gen.sub.unsubscribe()
+                gen.sub = None
             raise RuntimeError(created["error"].get("description", "consumer create failed"))
-        gen.consumer = created["name"]
         self.freshness.last_contact = time.monotonic()
         pending = int(created.get("num_pending", 0))
         log.info("consumer %s on %s from revision %d, %d pending", gen.consumer, self.stream, start, pending)
@@ -483,17 +543,34 @@ class KeySync:
     async def _create(self, nc: Client, subject: str, body: dict[str, Any]) -> dict[str, Any]:
         """CONSUMER.CREATE, waiting short at first and longer after each attempt that timed out.
 
-        A create that timed out may still make its consumer late, on the node that did not answer: that
-        one delivers to an inbox the next attempt has dropped, and its inactivity threshold removes it.
+        A create that timed out may still make its consumer late, on the node that did not answer: the
+        next open deletes it by name (its inactivity threshold removes it if that fails too).
         """
-        timeout = min(_CREATE_TIMEOUT * 2 ** max(0, self._create_timeouts - _CREATE_SHORT + 1), self.config.api_timeout)
+        longest = max(_CREATE_LONGEST, self.config.api_timeout)
+        timeout = min(_CREATE_TIMEOUT * 2 ** max(0, self._create_timeouts - _CREATE_SHORT + 1), longest)
+        self._opening = time.monotonic()
+        saying = asyncio.create_task(self._say_waiting(), name="keyrelay-sync-opening")
         try:
             created = await jetstream_api(nc, subject, body, timeout=timeout)
+        except TimeoutError:
+            self._create_timeouts += 1
+            raise CreateTimeout(stream=self.stream, waited=timeout, attempts=self._create_timeouts) from None
         except Exception:
             self._create_timeouts += 1
             raise
+        finally:
+            self._opening = None
+            saying.cancel()
         self._create_timeouts = 0
         return created
+
+    async def _say_waiting(self) -> None:
+        """Say, every few seconds, that a consumer's creation is still unanswered (and for how long)."""
+        while True:
+            await asyncio.sleep(_SAY_WAITING_EVERY)
+            activity = self.activity()
+            if activity is not None:
+                log.info("%s", activity)
 
     async def _drop_consumer(self, gen: Generation, *, wait: bool = True) -> None:
         """Unsubscribe from a consumer's deliveries and delete it (in the background unless `wait`).

@@ -17,6 +17,8 @@ from keyrelay.core.usage_streams import hub_usage_stream_config, region_usage_st
 from keyrelay.errors import KeyrelayError
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.region import RegionSettings, init_region
+from sidecar.sync import KeySync, SyncConfig
+from sidecar.table import KeyTable
 from tests.support import eventually, make_key, put
 
 
@@ -158,3 +160,33 @@ async def test_region_init_creates_the_regions_usage_stream_once_and_keeps_its_b
             await leaf_nc.request("usage.eu.web-1", b"batch", timeout=1)
     finally:
         await leaf_nc.close()
+
+
+async def test_a_regional_sync_reads_its_mirror_with_no_filter_and_the_hubs_bucket_with_both(
+    hub_and_leaves: tuple[NatsServer, dict[str, NatsServer]],
+) -> None:
+    """A consumer with a wildcard filter costs the server a walk of the stream's subjects: none is asked for
+    on a mirror that holds exactly the region's keys; the hub's bucket, which holds more, is filtered."""
+    hub, leaves = hub_and_leaves
+    nc = await nats.connect(hub.url)
+    try:
+        bucket = await nc.jetstream().create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+        await put(bucket, make_key(region="eu")[1])
+        await init_region(RegionSettings(region="eu", nats_url=(leaves["eu"].url,)))
+        for server, filters in ((leaves["eu"], []), (hub, ["$KV.KEYS.global.>", "$KV.KEYS.eu.>"])):
+            sync = KeySync(SyncConfig(servers=[server.url], bucket="KEYS", region="eu"), KeyTable())
+            await sync.start()
+            try:
+                await sync.wait_synced(timeout=10)
+                reader = sync.connection
+                assert reader is not None
+                answer = await jetstream_api(
+                    reader, f"CONSUMER.INFO.KV_KEYS.{sync._deliveries.current.consumer}", timeout=5
+                )
+                config = answer["config"]
+                held = [config["filter_subject"]] if config.get("filter_subject") else config.get("filter_subjects")
+                assert (held or []) == filters, server.spec.name
+            finally:
+                await sync.close()
+    finally:
+        await nc.close()

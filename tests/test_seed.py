@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import io
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from keyrelay.core.nats_connect import NatsConnect
 from keyrelay.errors import KeyrelayError, SyncTimeout
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.region import RegionSettings, init_region, seed_region_snapshot
-from keyrelay.seeder import seed_snapshot
-from keyrelay.snapshots import SnapshotSettings, list_snapshots, seed
+from keyrelay.seeder import SeedProgress, seed_snapshot
+from keyrelay.snapshots import SnapshotSettings, list_snapshots, print_progress, seed
 from sidecar.sync import KeySync, SyncConfig
 from sidecar.table import KeyTable
 from tests.support import (
@@ -238,3 +239,20 @@ async def test_a_seeder_that_keeps_running_writes_a_new_snapshot_whenever_the_re
         result = await asyncio.wait_for(seeding, 10)
     assert result.written is not None
     assert result.written.revision == 2  # what it reports: the first write, before it kept going
+
+
+def test_seeding_progress_says_what_the_sync_waits_on_and_calls_a_stall_one(capsys: pytest.CaptureFixture[str]) -> None:
+    report = print_progress()
+    step = SeedProgress(seconds=4.0, keys=0, applied=0, pending=0, connected=True)
+    report(dataclasses.replace(step, activity="opening a consumer on KV_KEYS: waiting 4 s"))
+    report(dataclasses.replace(step, seconds=6.0, keys=10, applied=10, pending=90))
+    report(dataclasses.replace(step, seconds=12.0, keys=10, applied=10, pending=90))  # 6 s without a record
+    report(dataclasses.replace(step, seconds=17.0, keys=10, applied=10, pending=90))  # 11 s: a stall
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("4s: opening a consumer on KV_KEYS: waiting 4 s")
+    assert "records to go" in lines[1]
+    assert "records to go" in lines[2]
+    assert lines[3].endswith(
+        "17s: stalled: no record for 11 s with 90 to go (the sync starts a new consumer after "
+        "missed heartbeats; see the log)"
+    )

@@ -22,9 +22,9 @@ from tests.withholding_proxy import WithholdingProxy
 T = TypeVar("T")
 
 
-async def _exists(js: JetStreamContext, consumer: str) -> bool:
+async def _exists(js: JetStreamContext, consumer: str, stream: str) -> bool:
     try:
-        await js.consumer_info("KV_KEYS", consumer)
+        await js.consumer_info(stream, consumer)
     except NotFoundError:
         return False
     return True
@@ -50,8 +50,8 @@ async def test_a_consumer_abandoned_after_a_bad_status_is_deleted_when_the_next_
         await eventually(_current(sync, first), bool)
         # The sidecar's consumers are direct (made by the stream's leader, left out of consumer listings): asked
         # for by name, the new one is there and the abandoned one is gone.
-        assert (await js.consumer_info("KV_KEYS", sync._deliveries.current.consumer)).name
-        await eventually(lambda: _exists(js, first.consumer), lambda there: not there)
+        assert (await js.consumer_info(sync.stream, sync._deliveries.current.consumer)).name
+        await eventually(lambda: _exists(js, first.consumer, sync.stream), lambda there: not there)
         assert sync.stats.consumer_resets == 1
     finally:
         await sync.close()
@@ -144,6 +144,33 @@ async def test_a_consumer_stalled_by_a_lost_flow_control_reply_is_resumed_when_i
         assert proxy.replies_dropped == 1
         assert proxy.stalled_heartbeats >= 1  # the consumer stalled, and said so
         assert sync.stats.consumer_resets == 0  # answering the stall resumed it: no new consumer
+    finally:
+        await sync.close()
+        await proxy.close()
+
+
+async def test_a_consumer_create_answered_late_is_asked_again_identically_and_leaves_one_consumer(
+    nats_server: NatsServer, bucket: KeyValue, js: JetStreamContext
+) -> None:
+    """A server slow to answer CONSUMER.CREATE: the sync asks again for the same consumer, waiting longer,
+    and the late first request, carried out after the second, makes no other consumer."""
+    proxy = WithholdingProxy(target_port=nats_server.port)
+    await proxy.start()
+    proxy.delay_consumer_creates(1.5)  # past the first attempt's wait
+    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.5), KeyTable())
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        await eventually(lambda: _async(proxy.creates_released), lambda n: n == 1)  # the late one reached the server
+
+        # Direct consumers are left out of listings: asked for by name, the one the late request names is the
+        # sidecar's, and no other was made.
+        first, second = (f"keyrelay-{sync.replica_id}-{n}" for n in (1, 2))
+        assert sync._deliveries.current.consumer == first
+        assert await _exists(js, first, sync.stream)
+        assert not await _exists(js, second, sync.stream)
+        assert proxy.creates_seen == 2
+        assert sync.stats.sync_errors == 1
     finally:
         await sync.close()
         await proxy.close()

@@ -6,7 +6,8 @@ healthy) but drops JetStream deliveries on their way to the client (every one wi
 reply subject, key records and the publisher's heartbeats alike: all from `withhold()` on, or the
 next few with `lose_deliveries`), or the client's replies to the consumer's flow-control requests
 on their way to the server (`lose_flow_control_replies`). It counts the idle heartbeats that say
-their consumer is stalled, waiting for such a reply (`Nats-Consumer-Stalled`).
+their consumer is stalled, waiting for such a reply (`Nats-Consumer-Stalled`). It can also hold a
+client's next consumer creations back for a while (`delay_consumer_creates`): a server slow to answer.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ class WithholdingProxy:
     to_lose: int = 0  # deliveries still to drop (lose_deliveries)
     replies_to_lose: int = 0  # flow-control replies still to drop (lose_flow_control_replies)
     replies_dropped: int = 0
+    creates_to_delay: int = 0  # CONSUMER.CREATE requests still to hold back (delay_consumer_creates)
+    create_delay: float = 0.0
+    creates_seen: int = 0  # CONSUMER.CREATE requests from the client
+    creates_released: int = 0  # held-back ones since passed on to the server
     stalled_heartbeats: int = 0  # idle heartbeats passed that name a stalled consumer
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -57,6 +62,10 @@ class WithholdingProxy:
         """Drop the client's next `count` replies to flow-control requests ($JS.FC.…) on their way to the server."""
         self.replies_to_lose = count
 
+    def delay_consumer_creates(self, seconds: float, count: int = 1) -> None:
+        """Hold the client's next `count` CONSUMER.CREATE requests back `seconds` before they reach the server."""
+        self.creates_to_delay, self.create_delay = count, seconds
+
     async def close(self) -> None:
         """Stop listening and drop every connection."""
         if self._server is not None:
@@ -72,14 +81,22 @@ class WithholdingProxy:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers |= {writer, up_writer}
         for task in (
-            asyncio.create_task(_relay(reader, up_writer, self._to_server)),
+            asyncio.create_task(_relay(reader, up_writer, self._to_server, self._released)),
             asyncio.create_task(_relay(up_reader, writer, self._to_client)),
         ):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _to_server(self, words: list[bytes], frame: bytes) -> bool:
-        """Whether a client's operation goes on to the server (not a flow-control reply to lose)."""
+    def _released(self) -> None:
+        self.creates_released += 1
+
+    def _to_server(self, words: list[bytes], frame: bytes) -> bool | float:
+        """Whether a client's operation goes on to the server (not a flow-control reply to lose), or in how long."""
+        if words[:1] in ([b"PUB"], [b"HPUB"]) and b".API.CONSUMER.CREATE." in words[1]:
+            self.creates_seen += 1
+            if self.creates_to_delay:
+                self.creates_to_delay -= 1
+                return self.create_delay
         if self.replies_to_lose and words[:1] == [b"PUB"] and words[1].startswith(b"$JS.FC."):
             self.replies_to_lose -= 1
             self.replies_dropped += 1
@@ -101,16 +118,29 @@ class WithholdingProxy:
 
 
 async def _relay(
-    src: asyncio.StreamReader, dst: asyncio.StreamWriter, passes: Callable[[list[bytes], bytes], bool]
+    src: asyncio.StreamReader,
+    dst: asyncio.StreamWriter,
+    passes: Callable[[list[bytes], bytes], bool | float],
+    released: Callable[[], None] = lambda: None,
 ) -> None:
-    """Forward one protocol operation at a time (those with a payload read whole) when `passes` says so."""
+    """Forward one protocol operation at a time (those with a payload read whole) when `passes` says so (True:
+    now, a float: that many seconds later)."""
     with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError):
         while line := await src.readuntil(b"\r\n"):
             frame = line
             words = line.split()
             if words and words[0] in (b"PUB", b"HPUB", b"MSG", b"HMSG"):
                 frame += await src.readexactly(int(words[-1]) + 2)
-            if passes(words, frame):
+            verdict = passes(words, frame)
+            if isinstance(verdict, float):
+                asyncio.get_running_loop().call_later(verdict, _write_later, dst, frame, released)
+            elif verdict:
                 dst.write(frame)
                 await dst.drain()
     dst.transport.abort()
+
+
+def _write_later(dst: asyncio.StreamWriter, frame: bytes, released: Callable[[], None]) -> None:
+    if not dst.is_closing():
+        dst.write(frame)
+        released()

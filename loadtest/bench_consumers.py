@@ -1,0 +1,274 @@
+"""What opening a consumer costs the server on a big key bucket: fill once, then time CONSUMER.CREATE.
+
+    python -m loadtest.bench_consumers fill --keys 10000000 --store /work/tenm-data/10m
+    python -m loadtest.bench_consumers time --store /work/tenm-data/10m --out docs/benchmarks/tenm-<date>.json
+
+`fill` writes `--keys` unsigned records straight into the bucket's stream (core publishes, kept at
+most a bounded number ahead of what the stream has stored), half under `global.`, a quarter each
+under `eu.` and `us.`, so that a store can be kept and timed many times. `time` starts a
+nats-server on the store and times the creations a replica's reader may ask for: one wildcard
+filter, two, none from the start, none from near the end; then the sync's own opening of its
+consumer on a mirror of the bucket's global keys (`KEYS_global`, made on the same server: a
+stand-in for a region's mirror on its leaf node, which a regional sidecar reads without a filter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import secrets
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+
+from keyrelay.core.jetstream import jetstream_api
+from keyrelay.core.wire import DEFAULT_BUCKET, region_subjects, stream_name, subject_prefix
+from keyrelay.natsd import NatsServer, NatsSpec
+from sidecar.errors import CreateTimeout
+from sidecar.snapshot_start import _recall_heartbeat
+from sidecar.sync import KeySync, SyncConfig
+from sidecar.table import KeyTable
+
+__all__ = ["fill", "main", "time_creates"]
+
+_NS = 1_000_000_000
+_BATCH = 20_000
+_AHEAD = 400_000  # published but not yet stored: at most this many
+_SCOPES = ("global", "global", "eu", "us")
+# A mirror of the bucket's global keys on the same server: a stand-in for a region's mirror on its leaf node.
+_MIRROR = "KEYS_global"
+
+
+async def _stream_state(nc: Client, stream: str) -> dict[str, Any]:
+    info = await jetstream_api(nc, f"STREAM.INFO.{stream}", timeout=30.0)
+    state: dict[str, Any] = info["state"]
+    return state
+
+
+async def _stored(nc: Client, stream: str, count: int) -> None:
+    """Wait until the stream holds at least `count` messages (polling: JetStream has no event for it)."""
+    while int((await _stream_state(nc, stream))["messages"]) < count:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+
+
+async def fill(url: str, keys: int, *, bucket: str = DEFAULT_BUCKET, deadline: float = 900.0) -> dict[str, Any]:
+    """Write `keys` unsigned records into `bucket` (made with history 1 when missing); what it took."""
+    nc = await nats.connect(url, pending_size=64 * 2**20)
+    stream, prefix = stream_name(bucket), subject_prefix(bucket)
+    js = nc.jetstream(timeout=30.0)
+    from nats.js.api import KeyValueConfig, StorageType
+
+    await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
+    started = time.monotonic()
+    payload = secrets.token_bytes(125).hex().encode()  # about a signed record's size
+    rng = random.Random(keys)
+    have = int((await _stream_state(nc, stream))["messages"])
+    sent = have
+    while sent < keys:
+        if time.monotonic() - started > deadline:
+            raise TimeoutError(f"filled {sent:,} of {keys:,} in {deadline:.0f}s")
+        for i in range(sent, min(sent + _BATCH, keys)):
+            # Key ids are UUIDs, as the publisher's: random order in the subject tree, as in production.
+            await nc.publish(f"{prefix}{_SCOPES[i % 4]}.{uuid.UUID(int=rng.getrandbits(128), version=4)}", payload)
+        sent = min(sent + _BATCH, keys)
+        await nc.flush(timeout=30)
+        await _stored(nc, stream, sent - _AHEAD)
+    await _stored(nc, stream, keys)
+    seconds = time.monotonic() - started
+    state = await _stream_state(nc, stream)
+    await nc.close()
+    return {"keys": keys, "seconds": round(seconds, 1), "rate": round((keys - have) / seconds), "bytes": state["bytes"]}
+
+
+async def _time_create(nc: Client, stream: str, config: dict[str, Any], *, subject: str = "") -> dict[str, Any]:
+    """Create one consumer (ephemeral push, like the sidecar's), time the answer, delete it."""
+    name = f"bench-{secrets.token_hex(4)}"
+    body = {
+        "deliver_subject": nc.new_inbox(),
+        "ack_policy": "none",
+        "max_deliver": 1,
+        "flow_control": True,
+        "idle_heartbeat": _NS,
+        "inactive_threshold": 30 * _NS,
+        "mem_storage": True,
+        "num_replicas": 1,
+        "name": name,
+        **config,
+    }
+    started = time.perf_counter()
+    created = await jetstream_api(
+        nc, f"CONSUMER.CREATE.{stream}.{name}{subject}", {"stream_name": stream, "config": body}, timeout=120.0
+    )
+    seconds = time.perf_counter() - started
+    await jetstream_api(nc, f"CONSUMER.DELETE.{stream}.{name}", timeout=60.0)
+    if "error" in created:
+        raise RuntimeError(created["error"])
+    return {"seconds": round(seconds, 4), "num_pending": created.get("num_pending")}
+
+
+async def time_creates(url: str, *, bucket: str = DEFAULT_BUCKET, repeat: int = 2) -> dict[str, Any]:
+    """The creation time of each way of opening a consumer on the bucket's stream (each of `repeat` tries)."""
+    nc = await nats.connect(url)
+    stream, prefix = stream_name(bucket), subject_prefix(bucket)
+    state = await _stream_state(nc, stream)
+    last = int(state["last_seq"])
+    near_end = {"deliver_policy": "by_start_sequence", "opt_start_seq": max(1, last - 1000)}
+    cases: dict[str, tuple[dict[str, Any], str]] = {
+        "one_filter_from_start": ({"filter_subject": f"{prefix}global.>"}, f".{prefix}global.>"),
+        "one_filter_near_end": ({**near_end, "filter_subject": f"{prefix}global.>"}, f".{prefix}global.>"),
+        "two_filters_near_end": ({**near_end, "filter_subjects": [f"{prefix}global.>", f"{prefix}eu.>"]}, ""),
+        "no_filter_from_start": ({"deliver_policy": "all"}, ""),
+        "no_filter_near_end": (near_end, ""),
+    }
+    result: dict[str, Any] = {"messages": state["messages"], "bytes": state["bytes"], "creates": {}}
+    for case, (config, subject) in cases.items():
+        runs = [await _time_create(nc, stream, config, subject=subject) for _ in range(repeat)]
+        seconds = [r["seconds"] for r in runs]
+        result["creates"][case] = {"seconds": seconds, "num_pending": runs[0]["num_pending"]}
+        print(f"  {state['messages']:>10,} {case:<24} {' '.join(f'{s:.4f}s' for s in seconds)}", flush=True)
+    await nc.close()
+    return result
+
+
+async def _mirrored(nc: Client, bucket: str, *, deadline: float, rebuild: bool) -> float:
+    """Make the hub's mirror of global keys when missing (or `rebuild`) and wait until it holds them all; the
+    seconds it took."""
+    mirror = _MIRROR
+    if rebuild:
+        await jetstream_api(nc, f"STREAM.DELETE.{mirror}", timeout=60.0)
+        # A durable feed an older version of this benchmark left on the bucket's stream.
+        await jetstream_api(nc, f"CONSUMER.DELETE.{stream_name(bucket)}.keyrelay-global-mirror", timeout=60.0)
+    started = time.monotonic()
+    source = await _stream_state(nc, stream_name(bucket))
+    config = {
+        "name": mirror,
+        "storage": "file",
+        "max_msgs_per_subject": 1,
+        "mirror": {
+            "name": stream_name(bucket),
+            "subject_transforms": [{"src": s, "dest": s} for s in region_subjects(bucket, None)],
+        },
+    }
+    if "error" in await jetstream_api(nc, f"STREAM.INFO.{mirror}", timeout=60.0):
+        await jetstream_api(nc, f"STREAM.CREATE.{mirror}", config, timeout=60.0)
+    while True:
+        try:
+            info = await jetstream_api(nc, f"STREAM.INFO.{mirror}", timeout=30.0)
+        except TimeoutError:  # a server busy copying: asked again
+            info = {"error": "timeout", "state": {"messages": "?"}}
+        if "error" not in info and int(info["state"]["last_seq"]) >= int(source["last_seq"]) - len(_SCOPES):
+            return time.monotonic() - started
+        if time.monotonic() - started > deadline:
+            raise TimeoutError(f"the mirror {mirror} holds {info['state']['messages']:,} after {deadline:.0f}s")
+        await asyncio.sleep(0.5)
+
+
+async def time_opens(
+    url: str, *, bucket: str = DEFAULT_BUCKET, repeat: int = 3, rebuild: bool = False
+) -> dict[str, Any]:
+    """How long the sync takes to open its consumer (STREAM.INFO and CONSUMER.CREATE, as it sends them) on the
+    hub's mirror of global keys: replaying (the seeder, a sidecar without a snapshot), from a snapshot's
+    revision near the end, and reopening (a reconnect); and reading the heartbeat a snapshot covers."""
+    logging.getLogger("keyrelay").setLevel(logging.ERROR)  # the unsigned filler records are refused, noisily
+    nc = await nats.connect(url)
+    mirror_seconds = await _mirrored(nc, bucket, deadline=900.0, rebuild=rebuild)
+    print(f"  the mirror of global keys ready after {mirror_seconds:.1f}s", flush=True)
+    mirror = _MIRROR
+    state = await _stream_state(nc, mirror)
+    await nc.close()
+    last = int(state["last_seq"])
+    result: dict[str, Any] = {
+        "mirror": mirror,
+        "messages": state["messages"],
+        "mirror_ready_seconds": round(mirror_seconds, 2),
+    }
+    sync = _MirrorSync(SyncConfig(servers=[url], bucket=bucket, heartbeat=5.0), KeyTable())
+    client = await sync._connect()
+    sync._nc = client
+    opens: dict[str, list[float]] = {"replaying": [], "from_snapshot": [], "reconnect": []}
+    retries = dict.fromkeys(opens, 0)
+    try:
+        for _ in range(repeat):
+            for case in opens:
+                # A reconnect resumes a little further on than the snapshot's revision it started from.
+                sync.position.last_revision = {"replaying": 0, "from_snapshot": last - 1000}.get(case, last - 500)
+                started = time.perf_counter()
+                while True:  # as the sync's loop does: an unanswered create is asked again, waiting longer
+                    try:
+                        await sync._open_consumer(client)
+                        break
+                    except (CreateTimeout, TimeoutError):  # STREAM.INFO's too: the sync's loop asks again
+                        retries[case] += 1
+                opens[case].append(round(time.perf_counter() - started, 4))
+                # What a replay would deliver is not read: the consumer is dropped (and deleted) at once.
+                await sync._drop_consumer(sync._deliveries.current)
+        recall: list[float] = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            await _recall_heartbeat(
+                client, sync.applier, stream=mirror, prefix=subject_prefix(bucket), upto=last, timeout=30.0
+            )
+            recall.append(round(time.perf_counter() - started, 4))
+        await sync._drop_consumer(sync._deliveries.current)
+    finally:
+        await client.close()
+    result["opens"] = {**opens, "heartbeat_recall": recall}
+    result["unanswered_creates"] = retries
+    for case, seconds in result["opens"].items():
+        print(f"  {state['messages']:>10,} open {case:<19} {' '.join(f'{s:.4f}s' for s in seconds)}", flush=True)
+    return result
+
+
+class _MirrorSync(KeySync):
+    """A sync reading the benchmark's mirror, which holds exactly its subjects, as a region's sidecar reads its
+    leaf node's mirror (one server cannot hold two streams named KV_KEYS)."""
+
+    @property
+    def stream(self) -> str:
+        return _MIRROR
+
+
+def _server(store: Path) -> NatsServer:
+    return NatsServer(NatsSpec(name="bench-consumers", store_dir=store))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`fill` a store once, or `time` consumer creation on one."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_consumers", description=__doc__)
+    parser.add_argument("what", choices=("fill", "time"))
+    parser.add_argument("--store", type=Path, required=True, help="the nats-server store directory (kept)")
+    parser.add_argument("--keys", type=int, default=10_000, help="fill: records to write")
+    parser.add_argument("--out", type=Path, help="time: write the figures here as JSON")
+    parser.add_argument("--rebuild-mirror", action="store_true", help="time: make the mirror of global keys anew")
+    args = parser.parse_args(argv)
+    server = _server(args.store)
+    started = time.monotonic()
+    server.start(timeout=600.0)
+    up = time.monotonic() - started
+    try:
+        if args.what == "fill":
+            print(json.dumps(asyncio.run(fill(server.url, args.keys))), flush=True)
+        else:
+            result = {
+                "server_start_seconds": round(up, 2),
+                **asyncio.run(time_creates(server.url)),
+                "sync": asyncio.run(time_opens(server.url, rebuild=args.rebuild_mirror)),
+            }
+            text = json.dumps(result, indent=2)
+            print(text)
+            if args.out:
+                args.out.write_text(text + "\n")
+    finally:
+        server.stop(timeout=120.0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
