@@ -58,6 +58,8 @@ ALL: Final = -1  # what watchers are told when every record may have changed (cl
 # Bytes a record takes in each array of TableArrays: digest, id, fields, times (expiry, revocation), version.
 RECORD_WIDTHS: Final = (_DIGEST, _ID, _NFIELDS * array("I").itemsize, 2 * array("d").itemsize, array("q").itemsize)
 _RESIZE_BLOCK: Final = 65_536  # records whose digests and ids a rebuild of the indexes copies at once
+# The `until` of a quarantined key's floor: until a newer record of it is taken.
+_QUARANTINED: Final = float("inf")
 
 # The per-record arrays: digests, ids, fields (interned value numbers), times, versions.
 TableArrays = tuple[bytearray, bytearray, "array[int]", "array[float]", "array[int]"]
@@ -237,6 +239,8 @@ class KeyTable:
         for n in range(len(versions)):
             if n not in free:
                 total += record_term(ids[n * _ID : (n + 1) * _ID], versions[n])
+        for key_id, floor in self._floors.items():
+            total += _quarantined_term(key_id, floor)
         self._sum = total & MASK
         return self._sum
 
@@ -343,6 +347,7 @@ class KeyTable:
                 if version <= floor[0]:
                     return False
                 del self._floors[key_id]  # a newer record: the floor has done its work
+                self._sum = (self._sum - _quarantined_term(key_id, floor)) & MASK
         if n >= 0:
             if self._versions[n] >= version:
                 return False
@@ -399,6 +404,10 @@ class KeyTable:
             # Never held here: no floor (whoever sends tombstones for keys nobody has must not grow the
             # table); an older record of it, replayed, is refused for its stored time or its age.
             return False
+        if floor is not None and floor[1] == _QUARANTINED and floor[0] < version:
+            # The publisher deleted the quarantined key: its term leaves the sum, a tombstone's floor follows.
+            self._sum = (self._sum - _quarantined_term(canonical, floor)) & MASK
+            floor = None
         if floor is None or floor[0] < version or floor[1] < until:
             self._floors[canonical] = (max(version, floor[0] if floor else 0), max(until, floor[1] if floor else 0))
         if n < 0:
@@ -414,11 +423,15 @@ class KeyTable:
         if n < 0:
             return False
         canonical = raw_id.decode()
-        below = self._versions[n] - 1  # floors refuse their own version and older
+        held = self._versions[n]
+        below = held - 1  # floors refuse their own version and older
         floor = self._floors.get(canonical)
-        if below >= 0 and (floor is None or floor[0] < below):
-            self._floors[canonical] = (below, float("inf"))
         self._remove(n, raw_id)
+        if below >= 0 and (floor is None or floor[0] < below):
+            self._floors[canonical] = (below, _QUARANTINED)
+            # The publisher's word for the key is still the record held (a forged or tampered value is not its
+            # word): its term stays in the digest, so one bad value refuses its key, not the whole table.
+            self._sum = (self._sum + record_term(raw_id, held)) & MASK
         return True
 
     def floor(self, key_id: str) -> tuple[int, float] | None:
@@ -582,3 +595,8 @@ def _capacity_for(count: int) -> int:
     while capacity * _MAX_LOAD < count + 1:
         capacity *= 2
     return capacity
+
+
+def _quarantined_term(key_id: str, floor: tuple[int, float]) -> int:
+    """The digest term a quarantined key keeps (the record it held, one above its floor); 0 for other floors."""
+    return record_term(key_id.encode(), floor[0] + 1) if floor[1] == _QUARANTINED else 0

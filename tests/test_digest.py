@@ -86,6 +86,9 @@ def _table_sum(table: KeyTable) -> int:
         view = table.get(key_id)
         assert view is not None
         total += record_term(key_id.encode(), view.version)
+    for key_id, (below, until) in table.state().floors.items():
+        if until == float("inf"):  # quarantined: the record it held is still the publisher's word
+            total += record_term(key_id.encode(), below + 1)
     return total & MASK
 
 
@@ -258,6 +261,26 @@ def test_the_table_keeps_its_digest_through_every_change_and_a_snapshot_state_ca
     assert wrong.digest == table.digest
     table.clear()
     assert table.digest == 0
+
+
+def test_a_quarantined_key_keeps_its_term_until_a_newer_record_or_a_tombstone_ends_the_quarantine() -> None:
+    # A forged or tampered value refuses its key, not the whole table: the record the key held is still the
+    # publisher's word, so the digest keeps its term and the next heartbeat still matches.
+    table = KeyTable()
+    first, second = make_key()[1], make_key()[1]
+    table.apply(first)
+    table.apply(second)
+    before = table.digest
+    assert table.quarantine(first.key_id)
+    assert table.quarantine(second.key_id)
+    assert table.get(first.key_id) is None
+    assert table.digest == before == _table_sum(table) == table.recompute_digest()
+    newer = dataclasses.replace(first, version=first.version + 1)
+    table.apply(newer)  # the publisher's next word ends the quarantine
+    assert table.get(first.key_id) is not None
+    table.tombstone(second.key_id, second.version + 1, until=time.time() + 60)  # and so does its delete
+    want = record_term(first.key_id.encode(), newer.version) & MASK
+    assert table.digest == want == _table_sum(table) == table.recompute_digest()
 
 
 async def test_a_bucket_lost_and_made_again_is_refilled_and_the_sidecar_matches_the_publisher_again(

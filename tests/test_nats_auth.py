@@ -31,14 +31,14 @@ from nats.js.errors import NoStreamResponseError
 
 from keyrelay.core.nats_connect import NatsConnect, identity_name
 from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Signer, Trust, load_signer
-from keyrelay.core.wire import KeyRecord, subject_prefix
+from keyrelay.core.wire import KeyRecord, entry_name, subject_prefix
 from keyrelay.nats_auth import leaf_remote
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import http_get
 from keyrelay.region import RegionSettings, init_region
 from keyrelay.snapshots import SnapshotSettings, SnapshotStoreSettings, list_snapshots, seed
 from keyrelay.up import Stack, UpSettings
-from tests.support import Scrape, eventually, make_key
+from tests.support import Admin, Scrape, eventually, make_key
 from tests.up_support import running_regions
 
 pytestmark = pytest.mark.slow
@@ -103,11 +103,24 @@ async def connect(stack: Stack) -> AsyncIterator[Any]:
         await nc.close()
 
 
+async def _issue(stack: Stack, *, region: str | None, revoke: bool = False) -> tuple[str, str]:
+    """A key of `region` created (and revoked, if asked) through the stack's publisher: its plaintext, its entry.
+
+    Through the API, not written to the bucket: the publisher's signed heartbeat vouches for a digest of what
+    it published, and a sidecar whose table holds anything else is not fresh.
+    """
+    async with aiohttp.ClientSession() as http:
+        admin = Admin(stack.publisher_url, http, token=stack.token)
+        project = await admin.project()
+        key = await admin.create_key(project["id"], **({"region": region} if region else {}))
+        if revoke:
+            await admin.ok("POST", f"/keys/{key['id']}/revoke", {"reason": "test"})
+    return key["key"], entry_name(key["id"], region)
+
+
 async def _put(stack: Stack, connect: Any, *, region: str | None) -> str:
-    """Publish a key record of `region` as the publisher does, signed with the stack's key; its entry name."""
-    _, record = make_key(region=region)
-    await _publish(stack, connect, record)
-    return str(record.entry)
+    """A key of `region` issued by the publisher; its entry name."""
+    return (await _issue(stack, region=region))[1]
 
 
 async def _publish(stack: Stack, connect: Any, record: KeyRecord) -> None:
@@ -146,11 +159,8 @@ async def word(stack: Stack, connect: Any) -> PublisherWord:
     """The publisher's word before an attack: in eu and us, a key issued then revoked, and a key issued."""
     keys = {}
     for region in ("eu", "us"):
-        revoked_key, record = make_key(region=region)
-        await _publish(stack, connect, record)
-        await _publish(stack, connect, dataclasses.replace(record, revoked_at=time.time(), version=2))
-        issued_key, issued = make_key(region=region)
-        await _publish(stack, connect, issued)
+        revoked_key, _ = await _issue(stack, region=region, revoke=True)
+        issued_key, _ = await _issue(stack, region=region)
         url = stack.sidecars[region]
         await eventually(lambda: _answers(url, issued_key), lambda s: s == 200, timeout=10)  # noqa: B023
         keys[region] = (revoked_key, issued_key)
