@@ -35,6 +35,7 @@ from keyrelay.core.wire import DEFAULT_BUCKET, GLOBAL_SCOPE, snapshot_store_name
 
 __all__ = [
     "ACCOUNT",
+    "HUB_LEAFNODES",
     "HUB_ROLES",
     "LEAF_ROLES",
     "EnvRef",
@@ -54,6 +55,11 @@ ACCOUNT = "KEYRELAY"
 HUB_ROLES = ("publisher", "sidecar", "region-init")
 LEAF_ROLES = ("sidecar", "region-init")
 _LEAF_ROLE = "leaf"
+# The hub's `leafnodes` settings. Each link may answer `$JSC.R` replies (see Grants.leaf_link),
+# and nats-server tells a link of every subscription it may publish to: isolated, a link is not
+# told of the other links' subscriptions, so one region's link never learns another's pending
+# `$JSC.R` reply subjects (random, not guessable) and cannot answer them first.
+HUB_LEAFNODES: dict[str, Any] = {"isolate_leafnode_interest": True}
 
 
 @dataclass(frozen=True, slots=True)
