@@ -203,7 +203,9 @@ class Grants:
         The other way round, the hub's USAGE stream sources the region's: the hub
         sends the consumer's create (filtered, in the subject) and delete into the
         region's domain and answers its flow control; the leaf answers on `$JSC.R.*`
-        and delivers on the region's usage deliver prefix. Nothing here lets the
+        (response permissions do not carry over a leaf link; HUB_LEAFNODES keeps a link
+        from learning another link's pending replies) and delivers on the region's
+        usage deliver prefix. Nothing here lets the
         leaf touch a hub stream: the source is the hub's, configured by the publisher.
         """
         api = f"$JS.{self.hub_domain}.API."

@@ -12,8 +12,8 @@ from nats.js.client import JetStreamContext
 
 from keyrelay.core.usage_wire import UsageBatch, encode_batch
 from publisher.app import USAGE_CONSUMER
-from publisher.usage_consumer import MAX_CLOCK_SKEW, OLDEST
 from publisher.db import Database
+from publisher.usage_consumer import MAX_CLOCK_SKEW, OLDEST
 from publisher.usage_store import read_key_usage
 from tests.support import Publisher, Scrape, Sidecar, StartPublisher, StartSidecar, eventually
 
