@@ -127,7 +127,7 @@ class UsageConsumer:
                 info = await sub.consumer_info()
                 self.lag = int(info.num_pending or 0)
 
-    async def take(self, subject: str, data: bytes, now: float | None = None) -> bool:
+    async def take(self, subject: str, data: bytes) -> bool:
         """Apply one message; False when it is refused (logged, counted) or was applied before."""
         try:
             batch = decode_batch(data)
@@ -142,9 +142,9 @@ class UsageConsumer:
                 "usage: refused batch %s: its subject %s names another region or sidecar", batch.batch_id, subject
             )
             return False
-        now = time.time() if now is None else now
-        if batch.ended > now + MAX_CLOCK_SKEW or batch.started < now - OLDEST:
-            reason = "future" if batch.ended > now + MAX_CLOCK_SKEW else "stale"
+        now = time.time()
+        reason = "future" if batch.ended > now + MAX_CLOCK_SKEW else "stale" if batch.started < now - OLDEST else None
+        if reason is not None:
             self.refused[reason] += 1
             log.warning(
                 "usage: refused batch %s: its window %.0f..%.0f is %s (now %.0f)",
