@@ -35,6 +35,7 @@ from keyrelay.core.wire import DEFAULT_BUCKET, GLOBAL_SCOPE, snapshot_store_name
 
 __all__ = [
     "ACCOUNT",
+    "HUB_LEAFNODES",
     "HUB_ROLES",
     "LEAF_ROLES",
     "EnvRef",
@@ -54,6 +55,11 @@ ACCOUNT = "KEYRELAY"
 HUB_ROLES = ("publisher", "sidecar", "region-init")
 LEAF_ROLES = ("sidecar", "region-init")
 _LEAF_ROLE = "leaf"
+# The hub's `leafnodes` settings. Each link may answer `$JSC.R` replies (see Grants.leaf_link),
+# and nats-server tells a link of every subscription it may publish to: isolated, a link is not
+# told of the other links' subscriptions, so one region's link never learns another's pending
+# `$JSC.R` reply subjects (random, not guessable) and cannot answer them first.
+HUB_LEAFNODES: dict[str, Any] = {"isolate_leafnode_interest": True}
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +203,9 @@ class Grants:
         The other way round, the hub's USAGE stream sources the region's: the hub
         sends the consumer's create (filtered, in the subject) and delete into the
         region's domain and answers its flow control; the leaf answers on `$JSC.R.*`
-        and delivers on the region's usage deliver prefix. Nothing here lets the
+        (response permissions do not carry over a leaf link; HUB_LEAFNODES keeps a link
+        from learning another link's pending replies) and delivers on the region's
+        usage deliver prefix. Nothing here lets the
         leaf touch a hub stream: the source is the hub's, configured by the publisher.
         """
         api = f"$JS.{self.hub_domain}.API."

@@ -21,7 +21,7 @@ from keyrelay.core.options import parse_region, parse_regions
 from keyrelay.core.wire import DEFAULT_BUCKET
 
 from .errors import KeyrelayError
-from .nats_auth import EnvRef, Grants, env_name, hub_settings, leaf_remote, leaf_settings, render_conf
+from .nats_auth import HUB_LEAFNODES, EnvRef, Grants, env_name, hub_settings, leaf_remote, leaf_settings, render_conf
 from .region import HUB_DOMAIN
 
 __all__ = ["NatsConfigSettings", "helm_values", "nats_config_command", "server_blocks"]
@@ -74,12 +74,14 @@ def _helm_ref(name: str) -> str:
 
 
 def helm_values(settings: NatsConfigSettings) -> dict[str, Any]:
-    """The part of the NATS chart's values these blocks make: `config.merge.accounts` (and a leaf's remote)."""
+    """The part of the NATS chart's values these blocks make: `config.merge.accounts`, `config.leafnodes.merge`."""
     blocks = server_blocks(settings, ref=_helm_ref)
     remote = blocks.pop("leaf_remote", None)
     config: dict[str, Any] = {"merge": blocks}
     if remote is not None:
         config["leafnodes"] = {"merge": {"remotes": [remote]}}
+    if settings.role == "hub":
+        config["leafnodes"] = {"merge": dict(HUB_LEAFNODES)}
     return {"config": config}
 
 
@@ -96,4 +98,7 @@ def nats_config_command(args: argparse.Namespace) -> int:
     if remote is not None:
         print("# and in each leafnodes.remotes entry (its url, tls ...):")
         print("\n".join(f"# {line}" for line in render_conf(remote).splitlines()))
+    if settings.role == "hub":
+        print("# and in the leafnodes block (its port, tls ...):")
+        print("\n".join(f"# {line}" for line in render_conf(HUB_LEAFNODES).splitlines()))
     return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import KeyrelayError
-from .nats_auth import render_conf
+from .nats_auth import HUB_LEAFNODES, render_conf
 from .procs import ProcessError, spawn, stop, tail
 
 __all__ = ["NatsServer", "NatsSpec", "free_port", "nats_server_binary", "port_is_free", "wait_for_port"]
@@ -122,7 +122,7 @@ class NatsSpec:
         if self.leafnode_port is not None or self.remotes:
             lines.append("leafnodes {")
             if self.leafnode_port is not None:
-                lines += [f'  host: "{self.host}"', f"  port: {self.leafnode_port}"]
+                lines += [f'  host: "{self.host}"', f"  port: {self.leafnode_port}", render_conf(HUB_LEAFNODES)]
                 if not self.leafnode_advertise:
                     lines.append("  no_advertise: true")
             if self.leafnode_tls is not None:

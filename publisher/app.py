@@ -258,12 +258,6 @@ async def metrics(request: web.Request) -> web.Response:
             usage.stats.duplicates,
         ),
         (
-            "keyrelay_usage_batches_refused_total",
-            "counter",
-            "USAGE messages refused: no batch, or a subject naming another region or sidecar",
-            usage.refused,
-        ),
-        (
             "keyrelay_usage_entries_dropped_total",
             "counter",
             "Usage entries dropped: a key of another region than its sidecar's, or unknown",
@@ -295,6 +289,13 @@ async def metrics(request: web.Request) -> web.Response:
         "Sign-ins refused (behind a trusted proxy, or "
         "with OpenID Connect), by reason (those naming no user are counted, not audited)",
         _by_reason(checks.sign_ins_refused),
+    )
+    refused += family(
+        "keyrelay_usage_batches_refused_total",
+        "counter",
+        "USAGE messages refused, by reason: no batch (malformed), a subject naming another region or sidecar"
+        " (subject), a window ending in the future (future) or older than the streams keep (stale)",
+        _by_reason(usage.refused),
     )
     text = exposition([*singles(samples), *refused]) + malformed_metric(request.app)
     return web.Response(text=text, content_type="text/plain")

@@ -13,26 +13,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from keyrelay.core.errors import RecordError
 from keyrelay.core.jetstream import jetstream_api
-from keyrelay.core.usage_streams import hub_usage_stream_config
+from keyrelay.core.usage_streams import HUB_MAX_AGE, REGION_MAX_AGE, hub_usage_stream_config
 from keyrelay.core.usage_wire import USAGE_CONSUMER, USAGE_STREAM, decode_batch
 
 from .broker import Broker
 from .db import Database
 from .usage_store import ApplyStats, apply_batch
 
-__all__ = ["CONSUMER", "UsageConsumer"]
+__all__ = ["CONSUMER", "MAX_CLOCK_SKEW", "OLDEST", "REFUSALS", "UsageConsumer"]
 
 log = logging.getLogger("keyrelay.publisher.usage")
 
 CONSUMER: Final = USAGE_CONSUMER
 _NS: Final = 1_000_000_000
 _FETCH: Final = 100
+# How far past the time it is applied a batch's window may end (the sidecar's clock ahead of the
+# publisher's): later, and it would pin its keys' last use in the future, so a leaked key never looks unused.
+MAX_CLOCK_SKEW: Final = 300.0
+# How long ago a batch's window may start: a batch waits at most in its region's stream and then the
+# hub's; older ones no stream holds, and their dedup rows may be gone (applied twice).
+OLDEST: Final = REGION_MAX_AGE + HUB_MAX_AGE
+# Why a USAGE message is refused: no batch; its subject names another region or sidecar; its window
+# ends in the future or starts before the streams' retention.
+REFUSALS: Final = ("malformed", "subject", "future", "stale")
 
 
 @dataclass(slots=True)
@@ -43,7 +53,7 @@ class UsageConsumer:
     broker: Broker
     regions: Sequence[str] = ()
     stats: ApplyStats = field(default_factory=ApplyStats)
-    refused: int = field(default=0, init=False)  # messages that are no batch, or whose subject belies it
+    refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSALS, 0), init=False)  # by reason
     lag: int = field(default=0, init=False)  # batches in the stream not yet delivered to any replica
     _task: asyncio.Task[None] | None = field(default=None, init=False)
 
@@ -122,14 +132,27 @@ class UsageConsumer:
         try:
             batch = decode_batch(data)
         except RecordError as exc:
-            self.refused += 1
+            self.refused["malformed"] += 1
             log.warning("usage: refused a message on %s: %s", subject, exc)
             return False
         parts = subject.split(".")
         if len(parts) != 3 or parts[1] != (batch.region or "global") or parts[2] != batch.sidecar:
-            self.refused += 1
+            self.refused["subject"] += 1
             log.warning(
                 "usage: refused batch %s: its subject %s names another region or sidecar", batch.batch_id, subject
+            )
+            return False
+        now = time.time()
+        reason = "future" if batch.ended > now + MAX_CLOCK_SKEW else "stale" if batch.started < now - OLDEST else None
+        if reason is not None:
+            self.refused[reason] += 1
+            log.warning(
+                "usage: refused batch %s: its window %.0f..%.0f is %s (now %.0f)",
+                batch.batch_id,
+                batch.started,
+                batch.ended,
+                "in the future" if reason == "future" else "older than the streams keep",
+                now,
             )
             return False
         return await apply_batch(self.db, batch, self.stats)

@@ -714,6 +714,8 @@ def test_the_nats_values_hold_the_accounts_and_permissions_the_code_writes() -> 
     regions = tuple(_leaf_regions())
     hub = helm_values(NatsConfigSettings(role="hub", regions=regions))
     assert values["values-hub.yaml"]["config"]["merge"]["accounts"] == hub["config"]["merge"]["accounts"]
+    hub_leafnodes = values["values-hub.yaml"]["config"]["leafnodes"]["merge"]
+    assert {k: hub_leafnodes.get(k) for k in hub["config"]["leafnodes"]["merge"]} == hub["config"]["leafnodes"]["merge"]
     for region in regions:
         leaf = values[f"values-leaf-{region}.yaml"]
         want = helm_values(NatsConfigSettings(role="leaf", region=region))

@@ -672,3 +672,64 @@ async def test_with_nats_tls_the_stack_serves_and_a_client_without_the_local_ca_
             await nats.connect(_url(running, "hub"), max_reconnect_attempts=0, allow_reconnect=False, connect_timeout=2)
     finally:
         await asyncio.to_thread(running.stop)
+
+
+def _rogue_leaf(stack: Stack, tmp_path: Path, region: str) -> NatsServer:
+    """A leaf server someone runs with `region`'s link seed and no local permissions at all."""
+    leaf_port = int(next(n for n in stack.nats if n.spec.name == "hub").spec.leafnode_port or 0)
+    remote = {**leaf_remote(region, stack.credentials.seed(f"leaf-{region}")), "account": "$G"}
+    return NatsServer(
+        NatsSpec(
+            name=f"rogue-{region}",
+            store_dir=tmp_path / f"rogue-{region}",
+            domain=f"rogue-{region}",
+            http_port=free_port(),
+            remotes=[f"nats-leaf://127.0.0.1:{leaf_port}"],
+            remote_options=remote,
+        )
+    )
+
+
+def _interest(server: NatsServer) -> set[str]:
+    """The subjects the hub told `server` (a leaf) it has interest in (its /leafz)."""
+    answer = http_get(int(server.spec.http_port or 0), "/leafz?subs=1")
+    if answer is None or answer[0] != 200:
+        return set()
+    return {s for leaf in json.loads(answer[1]).get("leafs") or [] for s in leaf.get("subscriptions_list") or []}
+
+
+async def test_a_rogue_leaf_with_one_regions_link_seed_never_learns_nor_answers_another_links_pending_reply(
+    stack: Stack, tmp_path: Path, word: PublisherWord
+) -> None:
+    # A pending `$JSC.R` reply subject of the us link, as when its mirror creates its consumer on the
+    # hub: a forged answer with a high `delivered.stream_seq` would make the mirror skip records.
+    pending = f"$JSC.R.{uuid.uuid4().hex[:8]}"
+    forged = json.dumps(
+        {"type": "io.nats.jetstream.api.v1.consumer_create_response", "delivered": {"stream_seq": 1 << 40}}
+    ).encode()
+    us, eu = _rogue_leaf(stack, tmp_path, "us"), _rogue_leaf(stack, tmp_path, "eu")
+    us.start()
+    eu.start()
+    try:
+        await eventually(lambda: asyncio.sleep(0, (_links_up(us), _links_up(eu))), lambda n: n == (1, 1), timeout=10)
+        waiting = await nats.connect(us.url, max_reconnect_attempts=0)
+        forger = await nats.connect(eu.url, max_reconnect_attempts=0)
+        try:
+            answers = await waiting.subscribe(pending)
+            await waiting.flush()
+            # The hub tells a link of what it may publish to; not of another link's pending reply,
+            # which the eu link's server would otherwise learn within milliseconds.
+            for _ in range(20):
+                assert pending not in _interest(eu)
+                await forger.publish(pending, forged)
+                await forger.flush()
+                await asyncio.sleep(0.05)
+            with pytest.raises(NatsTimeout):
+                await answers.next_msg(timeout=0.5)
+        finally:
+            await forger.close()
+            await waiting.close()
+    finally:
+        eu.stop()
+        us.stop()
+    await word.still_holds()

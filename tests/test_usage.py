@@ -13,8 +13,9 @@ from nats.js.client import JetStreamContext
 from keyrelay.core.usage_wire import UsageBatch, encode_batch
 from publisher.app import USAGE_CONSUMER
 from publisher.db import Database
+from publisher.usage_consumer import MAX_CLOCK_SKEW, OLDEST
 from publisher.usage_store import read_key_usage
-from tests.support import Publisher, Sidecar, StartPublisher, StartSidecar, eventually
+from tests.support import Publisher, Scrape, Sidecar, StartPublisher, StartSidecar, eventually
 
 INTERVAL = 0.2
 _HOUR_US = 3600 * 1_000_000
@@ -133,3 +134,47 @@ async def test_two_publishers_consuming_at_once_apply_each_batch_once(
     assert (await _usage(first.services.store.db, key["id"]))["totals"]["valid"] == 40
     assert sum(s.applied for s in stats) == 40
     assert sum(s.duplicates for s in stats) == 10
+
+
+@pytest.mark.parametrize(
+    ("reason", "started", "ended"),
+    [
+        ("future", -1.0, 365 * 86400.0),  # would pin the key's last use a year ahead
+        ("future", -1.0, MAX_CLOCK_SKEW + 60),
+        ("stale", -OLDEST - 60, -OLDEST - 59),
+    ],
+)
+async def test_a_batch_whose_window_is_in_the_future_or_past_the_streams_retention_is_refused_and_counted(
+    start_publisher: StartPublisher, js: JetStreamContext, reason: str, started: float, ended: float
+) -> None:
+    publisher = await start_publisher()
+    key = await _key(publisher)
+    consumer = publisher.server.app[USAGE_CONSUMER]
+    now = time.time()
+
+    def batch(seq: int, started: float, ended: float) -> bytes:
+        keys = ((key["id"], (1, 0, 0, 0)),)
+        return encode_batch(
+            UsageBatch(
+                sidecar="skewed",
+                boot="b" * 16,
+                seq=seq,
+                region=None,
+                started=started,
+                ended=ended,
+                keys=keys,
+                misses=(),
+            )
+        )
+
+    await js.publish("usage.global.skewed", batch(1, now + started, now + ended))
+    await js.publish("usage.global.skewed", batch(2, now - 1, now + MAX_CLOCK_SKEW - 60))  # the control: skewed, within
+    await eventually(lambda: asyncio.sleep(0, consumer.stats.applied), lambda n: n == 1, timeout=10)
+    await eventually(lambda: _lag(publisher), lambda lag: lag == 0, timeout=10)
+    assert consumer.refused == {"malformed": 0, "subject": 0, "future": 0, "stale": 0} | {reason: 1}
+    async with publisher.services.store.db.transaction() as tx:
+        last = await tx.fetchval("SELECT last_used_at FROM api_keys WHERE id = $1", key["id"])
+    assert last / 1e6 < now + MAX_CLOCK_SKEW
+    async with publisher.admin.http.get(publisher.url + "/metrics") as resp:
+        metrics = Scrape.parse(await resp.text())
+    assert metrics.samples[f'keyrelay_usage_batches_refused_total{{reason="{reason}"}}'] == 1

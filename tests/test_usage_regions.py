@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 
 INTERVAL = 0.3
 _HOUR_US = 3600 * 1_000_000
+_REFUSED_SUBJECT = 'keyrelay_usage_batches_refused_total{reason="subject"}'
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,7 @@ async def test_an_entry_for_another_regions_key_is_dropped_and_counted_and_the_r
 async def test_a_batch_an_eu_sidecar_says_is_us_is_refused_whole(stack: Stack, admin: Admin, db: Database) -> None:
     project = await admin.project()
     us_key = await admin.create_key(project["id"], region="us")
-    before = (await _scrape(admin, stack)).samples["keyrelay_usage_batches_refused_total"]
+    before = (await _scrape(admin, stack)).samples[_REFUSED_SUBJECT]
     nc = await _as(stack, "leaf-eu", "sidecar", "eu")
     try:
         batch = _batch("liar", "us", [(us_key["id"], 9)])  # says us, comes through eu's stream and source
@@ -154,7 +155,7 @@ async def test_a_batch_an_eu_sidecar_says_is_us_is_refused_whole(stack: Stack, a
         await nc.close()
     await eventually(
         lambda: _scrape(admin, stack),
-        lambda s: s.samples["keyrelay_usage_batches_refused_total"] == before + 1,
+        lambda s: s.samples[_REFUSED_SUBJECT] == before + 1,
         timeout=15,
     )
     assert (await _usage(db, us_key["id"]))["totals"]["valid"] == 0
