@@ -79,6 +79,31 @@ class ApiProbe:
         )
         return error is None
 
+    async def _every(self, deadline: float, step: Any, nc: Any) -> None:
+        number = 0
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            number += 1
+            await step(nc, number)
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+
+    async def _info(self, nc: Any, number: int) -> None:
+        await self._timed(nc, "stream_info", f"STREAM.INFO.{self.stream}", None)
+
+    async def _consumer(self, nc: Any, number: int) -> None:
+        name = f"{PROBE_PREFIX}{number}"
+        config = {
+            "name": name,
+            "filter_subject": f"$KV.storm-probe.{number}",
+            "deliver_policy": "new",
+            "ack_policy": "none",
+            "inactive_threshold": 5 * _NS,
+            "mem_storage": True,
+        }
+        subject = f"CONSUMER.CREATE.{self.stream}.{name}"
+        if await self._timed(nc, "consumer_create", subject, {"stream_name": self.stream, "config": config}):
+            await self._timed(nc, "consumer_delete", f"CONSUMER.DELETE.{self.stream}.{name}", None)
+
     async def _loop(self) -> None:
         # Reconnect at once and forever (the probe is bounded by `longest`): the restart is what it watches.
         nc = await nats.connect(
@@ -90,25 +115,9 @@ class ApiProbe:
             error_cb=self._quiet,
         )
         deadline = time.monotonic() + self.longest
-        number = 0
         try:
-            while not self._stop.is_set() and time.monotonic() < deadline:
-                started = time.monotonic()
-                await self._timed(nc, "stream_info", f"STREAM.INFO.{self.stream}", None)
-                number += 1
-                name = f"{PROBE_PREFIX}{number}"
-                config = {
-                    "name": name,
-                    "filter_subject": f"$KV.storm-probe.{number}",
-                    "deliver_policy": "new",
-                    "ack_policy": "none",
-                    "inactive_threshold": 5 * _NS,
-                    "mem_storage": True,
-                }
-                subject = f"CONSUMER.CREATE.{self.stream}.{name}"
-                if await self._timed(nc, "consumer_create", subject, {"stream_name": self.stream, "config": config}):
-                    await self._timed(nc, "consumer_delete", f"CONSUMER.DELETE.{self.stream}.{name}", None)
-                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+            # Two loops, so that a slow create does not thin out the STREAM.INFO samples, nor the reverse.
+            await asyncio.gather(self._every(deadline, self._info, nc), self._every(deadline, self._consumer, nc))
         finally:
             await nc.close()
 

@@ -45,7 +45,7 @@ from .api_probe import ApiProbe, summarize
 from .bench_sidecar import Pinning, _fill, _seed, _sidecar_command
 from .figures import percentile, run_and_write, say
 from .keyfill import connect, create_bucket
-from .procs import memory_of, spawn, stop
+from .procs import memory_of, spawn, stop, wait_quiet
 from .signing import BENCH_SIGNER, Heartbeats
 
 __all__ = ["main"]
@@ -55,6 +55,8 @@ TARGET_SIDECARS = 50
 TARGET_KEYS = 1_000_000
 _REFUSED = (401, 403)
 _NAMES_CHECKED = 100  # consumer names looked up per sidecar, at most
+_BASELINE = 5.0  # seconds of API probing before the restart and after the recovery
+_QUIET_CORES = 0.5  # busy CPU (in cores) below which the machine counts as settled before the restart
 _POLL = 0.25  # seconds between two looks at one sidecar: 50 sidecars cost 200 requests/s
 # Memory a sidecar needs: measured ~150 B/key loaded (docs/benchmarks), plus its empty process and load peak.
 _BYTES_PER_KEY = 220
@@ -272,8 +274,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"{max(start_ready):.1f}s; RSS {sum(rss) / 2**30:.2f} GiB in all"
             )
 
+            opened_before = sum(_get_json(w.port, "/v1/status")["consumers"]["opened"] for w in watches)
+            # The 50 catch-ups leave the server busy a while: the baseline is taken on a settled machine.
+            load, waited = wait_quiet(threshold=_QUIET_CORES, longest=120.0)
+            say(f"machine load {load:.2f} cores after waiting {waited:.0f}s; probing the API for {_BASELINE:g}s")
             probe.start()
-            time.sleep(3.0)  # a baseline of API latency before the restart
+            time.sleep(_BASELINE)  # a baseline of API latency before the restart
             assert server.process is not None
             nats_before = memory_of(server.process.pid)
             restart = time.monotonic()
@@ -293,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             _failed("recovered", storm, sidecars, work)
             recovered = time.monotonic()
             ready_now = sum(_ready(w.port) for w in storm)
-            time.sleep(3.0)  # a baseline after the storm
+            time.sleep(_BASELINE)  # a baseline after the storm
             probe.close()
             consumers = _consumers_left(server.url, [w.port for w in storm])
             jsz = _jsz(http_port)
@@ -324,14 +330,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "ready_after_recovery": ready_now,
             },
             "api_latency": {
-                "before": summarize(probe.samples, restart - 3.0, restart),
+                "before": summarize(probe.samples, restart - _BASELINE, restart),
                 "storm": summarize(probe.samples, restart, recovered),
-                "after": summarize(probe.samples, recovered, recovered + 10.0),
+                "after": summarize(probe.samples, recovered, recovered + _BASELINE + 5.0),
             },
-            "consumers_after": {**consumers, "sidecars": args.sidecars},
+            "consumers_after": {**consumers, "opened_before_restart": opened_before, "sidecars": args.sidecars},
             "jsz_after_restart": jsz,
             "nats_server": {
-                "peak_rss_bytes_before_restart": nats_before["VmHWM"],
+                "peak_rss_bytes_before_restart": nats_before["VmHWM"],  # the fill's and the 50 catch-ups' peak
+                "rss_bytes_before_restart": nats_before["VmRSS"],
                 "peak_rss_bytes_after_restart": nats_after["VmHWM"],
                 "rss_bytes_after": nats_after["VmRSS"],
             },
@@ -387,9 +394,11 @@ def _report(results: dict[str, Any]) -> None:
         "JetStream API latency (probe every 100 ms):",
         *(_latency_line(phase, figures) for phase, figures in results["api_latency"].items()),
         f"sidecar consumers on the stream afterwards: {left['existing']} ({left['current']} current ones, "
-        f"{left['opened']} asked for in all by {config['sidecars']} sidecars); other consumers: {left['listed']}",
+        f"{left['opened']} asked for in all by {config['sidecars']} sidecars, {left['opened_before_restart']} of them "
+        f"before the restart); other consumers: {left['listed']}",
         f"nats-server peak RSS: {nats['peak_rss_bytes_before_restart'] / 2**20:.0f} MiB before the restart, "
-        f"{nats['peak_rss_bytes_after_restart'] / 2**20:.0f} MiB after",
+        f"{nats['peak_rss_bytes_after_restart'] / 2**20:.0f} MiB after (RSS at the restart "
+        f"{nats['rss_bytes_before_restart'] / 2**20:.0f} MiB)",
         f"/jsz api after the restart: {results['jsz_after_restart']['api']}",
         "",
         "summary",
