@@ -1,4 +1,4 @@
-"""A JetStream API latency probe: STREAM.INFO, CONSUMER.CREATE and CONSUMER.DELETE timed every interval, from a thread.
+"""A JetStream API latency probe: STREAM.INFO and a consumer's create and delete, each sent on schedule and timed.
 
 The probe is a client of its own that reconnects at once when its server goes away, so
 its samples show how long the server takes to answer API requests while a storm of
@@ -25,6 +25,7 @@ __all__ = ["PROBE_PREFIX", "ApiProbe", "Sample", "summarize"]
 
 PROBE_PREFIX = "storm-probe-"
 _NS = 1_000_000_000
+_IN_FLIGHT = 100  # requests of one kind awaiting their answer at once, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +81,21 @@ class ApiProbe:
         return error is None
 
     async def _every(self, deadline: float, step: Any, nc: Any) -> None:
+        # Each request is sent on schedule, not after the last one's answer: a server that answers late
+        # still gets (and times) one every interval. At most _IN_FLIGHT wait at once.
+        waiting: set[asyncio.Task[None]] = set()
         number = 0
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            started = time.monotonic()
-            number += 1
-            await step(nc, number)
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+        try:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                started = time.monotonic()
+                number += 1
+                if len(waiting) >= _IN_FLIGHT:
+                    _, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                waiting.add(asyncio.create_task(step(nc, number)))
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+        finally:
+            if waiting:
+                await asyncio.wait(waiting)
 
     async def _info(self, nc: Any, number: int) -> None:
         await self._timed(nc, "stream_info", f"STREAM.INFO.{self.stream}", None)
