@@ -120,8 +120,12 @@ class Heartbeats:
     def _main(self) -> None:
         asyncio.run(self._loop())
 
+    async def _quiet(self, exc: Exception) -> None:
+        """A refused reconnect while a benchmark restarts the server is expected: no traceback (errors counts
+        the heartbeats it cost)."""
+
     async def _loop(self) -> None:
-        nc = await nats.connect(self.url, connect_timeout=5, max_reconnect_attempts=-1)
+        nc = await nats.connect(self.url, connect_timeout=5, max_reconnect_attempts=-1, error_cb=self._quiet)
         try:
             js = nc.jetstream()
             deadline = time.monotonic() + self.longest

@@ -297,6 +297,7 @@ async def status(request: web.Request) -> web.Response:
             "stale_policy": state.settings.stale_policy,
             "route_rules": len(state.routes) if state.routes is not None else None,
             "decode_errors": sync.stats.decode_errors,
+            "consumers": sync.consumers,
             "loaded_snapshot": snapshot_summary(sync.loaded_snapshot) if sync.loaded_snapshot else None,
             "written_snapshot": None,  # sidecars only read snapshots: the region's seeder writes them
             "trust": trust_status(sync),

@@ -223,6 +223,12 @@ class KeySync:
         return self._stream_created
 
     @property
+    def consumers(self) -> dict[str, Any]:
+        """This replica's consumers: the current one's name, and how many it has asked for (each named
+        `keyrelay-<replica_id>-<n>`, n from 1), so an operator can tell whether any but the current one is left."""
+        return {"current": self._deliveries.current.consumer or None, "opened": self._opened}
+
+    @property
     def connection(self) -> Client | None:
         """The NATS connection, once made (the seeder writes its snapshots through it)."""
         return self._nc

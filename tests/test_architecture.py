@@ -35,6 +35,7 @@ ALLOWED = {
 # test_docs and test_k8s check the load test's settings table and its `keyrelay loadtest --help`.
 LOADTEST_TESTS = {
     "tests.test_bench_find",
+    "tests.test_bench_storm",
     "tests.test_bench_trust",
     "tests.test_bench_usage",
     "tests.test_docs",

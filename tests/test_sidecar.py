@@ -48,6 +48,8 @@ async def test_a_sidecar_loads_every_key_already_in_the_bucket(bucket: KeyValue,
     assert status["keys"] == 200
     assert status["last_revision"] == 201  # the heartbeat, then 200 keys
     assert status["synced"] is True
+    assert status["consumers"]["opened"] == 1
+    assert status["consumers"]["current"].endswith("-1")
 
 
 async def test_a_put_a_revocation_and_a_delete_each_reach_auth_promptly(
