@@ -308,46 +308,56 @@ class PeopleStore:
     async def put_member(self, actor: Actor, kind: str, scope_id: str, user_id: str, role: str) -> Member:
         """Give a user a role in an org or a team (replacing the one held); a team's user must be in its org."""
         async with self.db.transaction() as tx:
-            user = await _user(tx, user_id)
-            if kind == "team":
-                org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
-                if not await tx.fetchval(
-                    "SELECT 1 FROM org_members WHERE organization_id = $1 AND user_id = $2", org_id, user_id
-                ):
-                    raise Conflict(NOT_IN_ORG)
-            member = await self._put_member(tx, actor, kind, scope_id, user, role)
+            member = await self.put_member_in(tx, actor, kind, scope_id, user_id, role)
         self.on_change()
         return member
+
+    async def put_member_in(self, tx: Tx, actor: Actor, kind: str, scope_id: str, user_id: str, role: str) -> Member:
+        """`put_member` within the caller's transaction `tx` (the caller calls `on_change` once it committed)."""
+        user = await _user(tx, user_id)
+        if kind == "team":
+            org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
+            if not await tx.fetchval(
+                "SELECT 1 FROM org_members WHERE organization_id = $1 AND user_id = $2", org_id, user_id
+            ):
+                raise Conflict(NOT_IN_ORG)
+        return await self._put_member(tx, actor, kind, scope_id, user, role)
 
     async def remove_member(self, actor: Actor, kind: str, scope_id: str, user_id: str) -> Change[Revocation]:
         """Take a user's role in an org (and its teams) or a team away; NotFound if they held none. Leaving an
         org, the keys the user created in it follow its offboarding policy, in the same transaction: returns
         the keys revoked (`revoke`). Leaving a team changes no key: the team owns them."""
-        table, column = _membership(kind)
-        now = now_us()
-        offboarded: Change[Revocation] = Change(Revocation((), ()), ())
         async with self.db.transaction() as tx:
-            removed = await tx.execute(f"DELETE FROM {table} WHERE {column} = $1 AND user_id = $2", scope_id, user_id)
-            if not removed:
-                raise NotFound("member", user_id)
-            org_id, team_id = scope_id, None
-            if kind == "org":
-                await tx.execute(
-                    "DELETE FROM team_members WHERE user_id = $1 AND team_id IN "
-                    "(SELECT id FROM teams WHERE organization_id = $2)",
-                    user_id,
-                    scope_id,
-                )
-            else:
-                team_id = scope_id
-                org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
-            await record_audit(
-                tx, actor, f"{kind}.member.remove", now, [(org_id, team_id, None, None, {"user_id": user_id})]
-            )
-            if kind == "org":
-                offboarded = await _offboard(tx, actor, user_id, org_id, now, "user removed from the organization")
+            offboarded = await self.remove_member_in(tx, actor, kind, scope_id, user_id)
         self.on_change()
         return offboarded
+
+    async def remove_member_in(
+        self, tx: Tx, actor: Actor, kind: str, scope_id: str, user_id: str
+    ) -> Change[Revocation]:
+        """`remove_member` within the caller's transaction `tx` (the caller calls `on_change` once it committed)."""
+        table, column = _membership(kind)
+        now = now_us()
+        removed = await tx.execute(f"DELETE FROM {table} WHERE {column} = $1 AND user_id = $2", scope_id, user_id)
+        if not removed:
+            raise NotFound("member", user_id)
+        org_id, team_id = scope_id, None
+        if kind == "org":
+            await tx.execute(
+                "DELETE FROM team_members WHERE user_id = $1 AND team_id IN "
+                "(SELECT id FROM teams WHERE organization_id = $2)",
+                user_id,
+                scope_id,
+            )
+        else:
+            team_id = scope_id
+            org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
+        await record_audit(
+            tx, actor, f"{kind}.member.remove", now, [(org_id, team_id, None, None, {"user_id": user_id})]
+        )
+        if kind == "org":
+            return await _offboard(tx, actor, user_id, org_id, now, "user removed from the organization")
+        return Change(Revocation((), ()), ())
 
     async def _put_member(self, tx: Tx, actor: Actor, kind: str, scope_id: str, user: User, role: str) -> Member:
         table, column = _membership(kind)
@@ -380,6 +390,10 @@ class PeopleStore:
         """The org's policy document, defaults filled in."""
         async with self.db.transaction() as tx:
             return await _policy(tx, org_id)
+
+    async def policy_in(self, tx: Tx, org_id: str) -> dict[str, Any]:
+        """`policy`, read within the caller's transaction `tx`."""
+        return await _policy(tx, org_id)
 
     async def put_policy(self, actor: Actor, org_id: str, document: dict[str, Any]) -> dict[str, Any]:
         """Replace the org's policy document (fields left out keep their defaults)."""

@@ -393,6 +393,22 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE TABLE stream_digests (scope VARCHAR(64) PRIMARY KEY, digest VARCHAR(64) NOT NULL)",
         ),
     ),
+    Migration(
+        11,
+        "a SCIM group's externalId is unique within its organization (among teams not decommissioned), not across "
+        "all; device-flow sign-ins in progress record the client address that started them",
+        (
+            # Two of one org's active teams sharing an id (a race the old check lost): the older keeps it.
+            "UPDATE teams SET external_id = NULL WHERE decommissioned_at IS NULL AND external_id IS NOT NULL AND "
+            "EXISTS (SELECT 1 FROM teams t WHERE t.organization_id = teams.organization_id AND "
+            "t.external_id = teams.external_id AND t.decommissioned_at IS NULL AND (t.created_at < teams.created_at "
+            "OR (t.created_at = teams.created_at AND t.id < teams.id)))",
+            "CREATE UNIQUE INDEX idx_teams_org_external_id ON teams (organization_id, external_id) "
+            "WHERE decommissioned_at IS NULL",
+            "ALTER TABLE oidc_device_logins ADD COLUMN client VARCHAR(64)",
+            "CREATE INDEX idx_oidc_device_logins_client ON oidc_device_logins (client)",
+        ),
+    ),
 )
 
 

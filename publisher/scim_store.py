@@ -107,34 +107,40 @@ class ScimStore:
         self, org_id: str, where: tuple[str, str] | None, start: int, count: int, *, members: bool = True
     ) -> tuple[int, list[TeamView]]:
         """The org's teams (not decommissioned) matching `where`, `count` from the 1-based `start`, and the total."""
-        clause, args = _where(org_id, where, _TEAM_FILTERS)
-        base = f"FROM teams WHERE organization_id = $1 AND decommissioned_at IS NULL{clause}"
         async with self.db.transaction() as tx:
-            total, rows = await _window(tx, "*", base, "id", args, start, count)
-            views = [
-                TeamView(Team.from_row(r), r["external_id"], await _members(tx, r["id"]) if members else [])
-                for r in rows
-            ]
-        return total, views
+            return await _teams(tx, org_id, where, start, count, members=members)
 
     async def team(self, org_id: str, team_id: str) -> TeamView | None:
         """The team, if it is one of the org's (and not decommissioned)."""
         total, found = await self.teams(org_id, ("id", team_id), 1, 1)
         return found[0] if total else None
 
-    async def check_external_id(self, team_id: str | None, external_id: str | None) -> None:
-        """Conflict when another team (of any org: the column is unique) has `external_id`."""
-        if external_id is None:
-            return
-        async with self.db.transaction() as tx:
-            holder = await tx.fetchval("SELECT id FROM teams WHERE external_id = $1", external_id)
-        if holder is not None and holder != team_id:
-            raise Conflict("another group has that externalId")
+    async def team_in(self, tx: Tx, org_id: str, team_id: str) -> TeamView | None:
+        """`team`, read within the caller's transaction `tx`."""
+        total, found = await _teams(tx, org_id, ("id", team_id), 1, 1, members=True)
+        return found[0] if total else None
 
-    async def set_external_id(self, team_id: str, external_id: str | None) -> None:
-        """Record the identity provider's id of a team."""
-        async with self.db.transaction() as tx:
-            await tx.execute("UPDATE teams SET external_id = $1 WHERE id = $2", external_id, team_id)
+    async def lock_groups(self, tx: Tx, org_id: str) -> None:
+        """Hold the org's group changes until `tx` ends: a group's externalId checked free stays free until set.
+        (SQLite's write transactions already run one at a time.)"""
+        if self.db.dialect == "postgresql":
+            # NO KEY UPDATE: rows referencing the org (new teams, keys) only take KEY SHARE, which it lets through.
+            await tx.fetchval("SELECT 1 FROM organizations WHERE id = $1 FOR NO KEY UPDATE", org_id)
+
+    async def set_external_id(self, tx: Tx, org_id: str, team_id: str, external_id: str | None) -> None:
+        """Record the identity provider's id of a team, within `tx`; Conflict when another of the org's teams (not
+        decommissioned) has it. Other organizations' ids are theirs: each org's provider names its own groups."""
+        if external_id is not None:
+            holder = await tx.fetchval(
+                "SELECT id FROM teams WHERE organization_id = $1 AND external_id = $2 AND decommissioned_at IS NULL "
+                "AND id <> $3",
+                org_id,
+                external_id,
+                team_id,
+            )
+            if holder is not None:
+                raise Conflict("another group has that externalId")
+        await tx.execute("UPDATE teams SET external_id = $1 WHERE id = $2", external_id, team_id)
 
     async def live_keys(self, team_id: str) -> int:
         """How many keys of the team are not revoked."""
@@ -142,6 +148,16 @@ class ScimStore:
             return int(
                 await tx.fetchval("SELECT count(*) FROM api_keys WHERE team_id = $1 AND revoked_at IS NULL", team_id)
             )
+
+
+async def _teams(
+    tx: Tx, org_id: str, where: tuple[str, str] | None, start: int, count: int, *, members: bool
+) -> tuple[int, list[TeamView]]:
+    clause, args = _where(org_id, where, _TEAM_FILTERS)
+    base = f"FROM teams WHERE organization_id = $1 AND decommissioned_at IS NULL{clause}"
+    total, rows = await _window(tx, "*", base, "id", args, start, count)
+    views = [TeamView(Team.from_row(r), r["external_id"], await _members(tx, r["id"]) if members else []) for r in rows]
+    return total, views
 
 
 def _where(org_id: str, where: tuple[str, str] | None, filters: dict[str, str]) -> tuple[str, list[str]]:

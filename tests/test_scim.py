@@ -5,6 +5,7 @@ read-only to the admin API; malformed input answers a SCIM error body, never a 5
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -283,3 +284,53 @@ async def test_a_refused_change_changes_nothing_and_a_taken_group_external_id_is
     assert (await scim.call("POST", "/Groups", {"displayName": "newest", "externalId": "g-ops"}))[2]["scimType"] == (
         "uniqueness"
     )
+
+
+async def test_a_group_external_id_belongs_to_its_organization_and_is_free_again_once_its_group_is_deleted(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher()
+    (_, a_token), (_, b_token) = [await _org_with_provisioner(publisher, "manual") for _ in range(2)]
+    a, b = Scim(publisher, http, a_token), Scim(publisher, http, b_token)
+    status, _, a_group = await a.call("POST", "/Groups", {"displayName": "ops", "externalId": "grp-1"})
+    assert status == 201
+    # Another organization's provisioner neither sees nor is stopped by it: its provider names its own groups.
+    status, _, b_group = await b.call("POST", "/Groups", {"displayName": "ops", "externalId": "grp-1"})
+    assert (status, b_group["externalId"]) == (201, "grp-1")
+    _, _, b_other = await b.call("POST", "/Groups", {"displayName": "dev"})
+    assert (await b.call("PATCH", f"/Groups/{b_other['id']}", _external("grp-2")))[0] == 204
+    assert (await a.call("POST", "/Groups", {"displayName": "dev", "externalId": "grp-2"}))[0] == 201
+    for scim, group in ((a, a_group), (b, b_group)):
+        _, _, listed = await scim.call("GET", "/Groups?filter=externalId%20eq%20%22grp-1%22")
+        assert [g["id"] for g in listed["Resources"]] == [group["id"]]
+    # Within one organization it stays unique, until its holder is deleted.
+    status, _, error = await a.call("POST", "/Groups", {"displayName": "ops2", "externalId": "grp-1"})
+    assert (status, error["scimType"]) == (409, "uniqueness")
+    assert (await a.call("DELETE", f"/Groups/{a_group['id']}"))[0] == 204
+    assert (await a.call("POST", "/Groups", {"displayName": "ops2", "externalId": "grp-1"}))[0] == 201
+
+
+def _external(value: str) -> dict[str, Any]:
+    return {"Operations": [{"op": "replace", "path": "externalId", "value": value}]}
+
+
+async def test_groups_created_and_changed_at_once_with_one_external_id_give_one_holder_and_conflicts_never_a_500(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher()
+    _, token = await _org_with_provisioner(publisher, "manual")
+    scim = Scim(publisher, http, token)
+    created = await asyncio.gather(
+        *(scim.call("POST", "/Groups", {"displayName": f"g{n}", "externalId": "grp-x"}) for n in range(8))
+    )
+    assert sorted(status for status, _, _ in created) == [201] + [409] * 7
+    others = [(await scim.call("POST", "/Groups", {"displayName": f"h{n}"}))[2]["id"] for n in range(8)]
+    patched = await asyncio.gather(*(scim.call("PATCH", f"/Groups/{g}", _external("grp-y")) for g in others))
+    assert sorted(status for status, _, _ in patched) == [204] + [409] * 7
+    _, _, listed = await scim.call("GET", "/Groups")
+    held = sorted(g.get("externalId", "") for g in listed["Resources"])
+    assert held == [""] * 7 + ["grp-x", "grp-y"]
+    # A refused create leaves no team behind: the team and its externalId are made together or not at all.
+    assert sorted(g["displayName"] for g in listed["Resources"] if g["displayName"].startswith("g")) == [
+        next(g["displayName"] for _, _, g in created if "id" in g)
+    ]
