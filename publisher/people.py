@@ -184,33 +184,47 @@ class PeopleStore:
 
         With `org` (org id, role), the user is made a member of it in the same transaction.
         """
-        user = User(new_id(), email, display_name, external_id, now_us(), None)
         async with self.db.transaction() as tx:
-            existing = await tx.fetchval("SELECT id FROM users WHERE lower(email) = lower($1)", email)
-            if existing is None and external_id is not None:
-                existing = await tx.fetchval("SELECT id FROM users WHERE external_id = $1", external_id)
-            if existing is not None:
-                raise Conflict(
-                    f"a user with that email or external id exists already (id {existing})", existing_id=str(existing)
-                )
-            await tx.execute(
-                f"INSERT INTO users ({_USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
-                user.id,
-                email,
-                display_name,
-                external_id,
-                user.created_at,
-                None,
+            return await self.create_user_in(tx, actor, email, display_name, external_id, org=org)
+
+    async def create_user_in(
+        self,
+        tx: Tx,
+        actor: Actor,
+        email: str,
+        display_name: str | None,
+        external_id: str | None,
+        *,
+        org: tuple[str, str] | None = None,
+    ) -> User:
+        """`create_user` within the caller's transaction `tx`."""
+        user = User(new_id(), email, display_name, external_id, now_us(), None)
+        existing = await tx.fetchval("SELECT id FROM users WHERE lower(email) = lower($1)", email)
+        if existing is None and external_id is not None:
+            existing = await tx.fetchval("SELECT id FROM users WHERE external_id = $1", external_id)
+        if existing is not None:
+            raise Conflict(
+                f"a user with that email or external id exists already (id {existing})", existing_id=str(existing)
             )
-            await record_audit(
-                tx,
-                actor,
-                "user.create",
-                user.created_at,
-                [(org[0] if org else None, None, None, None, {"user_id": user.id, "email": email})],
-            )
-            if org is not None:
-                await self._put_member(tx, actor, "org", org[0], user, org[1])
+        await tx.execute(
+            f"INSERT INTO users ({_USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
+            user.id,
+            email,
+            display_name,
+            external_id,
+            user.created_at,
+            None,
+        )
+        await record_audit(
+            tx,
+            actor,
+            "user.create",
+            user.created_at,
+            [(org[0] if org else None, None, None, None, {"user_id": user.id, "email": email})],
+        )
+        if org is not None:
+            await self._put_member(tx, actor, "org", org[0], user, org[1])
+
         return user
 
     async def get_user(self, user_id: str) -> User:

@@ -395,8 +395,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     ),
     Migration(
         11,
-        "a SCIM group's externalId is unique within its organization (among teams not decommissioned), not across "
-        "all; device-flow sign-ins in progress record the client address that started them",
+        "SCIM externalIds are each organization's: a group's unique within its organization (among teams not "
+        "decommissioned), a user's kept per membership; device-flow sign-ins in progress record the client address "
+        "that started them",
         (
             # Two of one org's active teams sharing an id (a race the old check lost): the older keeps it.
             "UPDATE teams SET external_id = NULL WHERE decommissioned_at IS NULL AND external_id IS NOT NULL AND "
@@ -405,6 +406,11 @@ MIGRATIONS: tuple[Migration, ...] = (
             "OR (t.created_at = teams.created_at AND t.id < teams.id)))",
             "CREATE UNIQUE INDEX idx_teams_org_external_id ON teams (organization_id, external_id) "
             "WHERE decommissioned_at IS NULL",
+            # A user's SCIM externalId becomes its membership's, each organization's own; what SCIM showed stays.
+            "ALTER TABLE org_members ADD COLUMN external_id VARCHAR(255)",
+            "UPDATE org_members SET external_id = (SELECT u.external_id FROM users u WHERE u.id = org_members.user_id) "
+            "WHERE user_id IN (SELECT id FROM users WHERE external_id IS NOT NULL)",
+            "CREATE UNIQUE INDEX idx_org_members_external_id ON org_members (organization_id, external_id)",
             "ALTER TABLE oidc_device_logins ADD COLUMN client VARCHAR(64)",
             "CREATE INDEX idx_oidc_device_logins_client ON oidc_device_logins (client)",
         ),

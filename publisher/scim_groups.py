@@ -106,7 +106,7 @@ async def _apply(request: web.Request, team_id: str | None, plan: _GroupPlan) ->
     managed elsewhere, a name or externalId taken) changes nothing. Returns the team's id."""
     services, scim, actor, org = context(request)
     async with services.people.db.transaction() as tx:
-        await scim.lock_groups(tx, org)
+        await scim.lock_org(tx, org)
         if team_id is None:
             view = TeamView(await services.store.create_team_in(tx, actor, org, plan.name), None, [])
         else:

@@ -1,5 +1,6 @@
 """What SCIM reads and writes beyond the people store: one organization's users and teams as SCIM sees them
-(filtered and paged by position), a user's attributes changed, a user reactivated, a team's external id.
+(filtered and paged by position), a user's attributes changed, a user reactivated, a member's and a team's
+external id (each unique within its organization only).
 Every change is audited with the provisioner as actor (source `scim`) in the transaction that makes it."""
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from .store import record_audit
 
 __all__ = ["ScimStore", "TeamView"]
 
-_USER = "u.id, u.email, u.display_name, u.external_id, u.created_at, u.deactivated_at"
+# A user's externalId is its membership's: each organization's provider names its own people.
+_USER = "u.id, u.email, u.display_name, m.external_id, u.created_at, u.deactivated_at"
 _USER_FILTERS = {
     "userName": "lower(u.email) = lower($2)",
-    "externalId": "u.external_id = $2",
+    "externalId": "m.external_id = $2",
     "id": "u.id = $2",
     "displayName": "u.display_name = $2",
 }
@@ -65,23 +67,21 @@ class ScimStore:
         return [(r["id"], r["name"]) for r in rows]
 
     async def update_user(self, actor: Actor, user: User, changes: dict[str, Any]) -> None:
-        """Set the user's email, display_name and external_id where `changes` has them (Conflict: taken)."""
+        """Set the user's email, display_name, and its externalId in the provisioner's org, where `changes` has
+        them (Conflict: the email is another user's, or the externalId another member's of the org)."""
+        assert actor.org_id is not None
         now = now_us()
         async with self.db.transaction() as tx:
+            await self.lock_org(tx, actor.org_id)
             email = changes.get("email", user.email)
-            taken = await tx.fetchval(
-                "SELECT id FROM users WHERE lower(email) = lower($1) AND id <> $2", email, user.id
-            )
-            external = changes.get("external_id", user.external_id)
-            if taken is None and external is not None:
-                taken = await tx.fetchval("SELECT id FROM users WHERE external_id = $1 AND id <> $2", external, user.id)
-            if taken is not None:
-                raise Conflict("another user has that userName (email) or externalId")
+            if await tx.fetchval("SELECT id FROM users WHERE lower(email) = lower($1) AND id <> $2", email, user.id):
+                raise Conflict("another user has that userName (email)")
+            if "external_id" in changes:
+                await self.set_member_external_id(tx, actor.org_id, user.id, changes["external_id"])
             await tx.execute(
-                "UPDATE users SET email = $1, display_name = $2, external_id = $3 WHERE id = $4",
+                "UPDATE users SET email = $1, display_name = $2 WHERE id = $3",
                 email,
                 changes.get("display_name", user.display_name),
-                external,
                 user.id,
             )
             await record_audit(
@@ -91,6 +91,23 @@ class ScimStore:
                 now,
                 [(actor.org_id, None, None, None, {"user_id": user.id, "changed": sorted(changes)})],
             )
+
+    async def set_member_external_id(self, tx: Tx, org_id: str, user_id: str, external_id: str | None) -> None:
+        """Record the identity provider's id of a member of the org, within `tx`; Conflict when another member of
+        the org has it (other organizations' ids are theirs)."""
+        if external_id is not None and await tx.fetchval(
+            "SELECT user_id FROM org_members WHERE organization_id = $1 AND external_id = $2 AND user_id <> $3",
+            org_id,
+            external_id,
+            user_id,
+        ):
+            raise Conflict("another user of this organization has that externalId")
+        await tx.execute(
+            "UPDATE org_members SET external_id = $1 WHERE organization_id = $2 AND user_id = $3",
+            external_id,
+            org_id,
+            user_id,
+        )
 
     async def reactivate(self, actor: Actor, user_id: str) -> None:
         """Make a deactivated user active again (its revoked keys and tokens stay revoked)."""
@@ -120,8 +137,8 @@ class ScimStore:
         total, found = await _teams(tx, org_id, ("id", team_id), 1, 1, members=True)
         return found[0] if total else None
 
-    async def lock_groups(self, tx: Tx, org_id: str) -> None:
-        """Hold the org's group changes until `tx` ends: a group's externalId checked free stays free until set.
+    async def lock_org(self, tx: Tx, org_id: str) -> None:
+        """Hold the org's SCIM changes until `tx` ends: an externalId checked free stays free until set.
         (SQLite's write transactions already run one at a time.)"""
         if self.db.dialect == "postgresql":
             # NO KEY UPDATE: rows referencing the org (new teams, keys) only take KEY SHARE, which it lets through.

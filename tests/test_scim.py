@@ -334,3 +334,27 @@ async def test_groups_created_and_changed_at_once_with_one_external_id_give_one_
     assert sorted(g["displayName"] for g in listed["Resources"] if g["displayName"].startswith("g")) == [
         next(g["displayName"] for _, _, g in created if "id" in g)
     ]
+
+
+async def test_a_user_external_id_is_its_organizations_so_another_org_neither_learns_of_it_nor_is_stopped(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    publisher = await start_publisher()
+    (_, a_token), (_, b_token) = [await _org_with_provisioner(publisher, "manual") for _ in range(2)]
+    a, b = Scim(publisher, http, a_token), Scim(publisher, http, b_token)
+    status, _, ann = await a.call("POST", "/Users", {"userName": "ann@example.com", "externalId": "00u-1"})
+    assert (status, ann["externalId"]) == (201, "00u-1")
+    # Org B's provider uses the same id for someone else, and gives ann (who joins B) an id of its own.
+    status, _, bob = await b.call("POST", "/Users", {"userName": "bob@example.com", "externalId": "00u-1"})
+    assert (status, bob["externalId"]) == (201, "00u-1")
+    status, _, ann_in_b = await b.call("POST", "/Users", {"userName": "ann@example.com", "externalId": "b-ann"})
+    assert (status, ann_in_b["id"], ann_in_b["externalId"]) == (201, ann["id"], "b-ann")
+    assert (await a.call("GET", f"/Users/{ann['id']}"))[2]["externalId"] == "00u-1"
+    _, _, listed = await b.call("GET", "/Users?filter=externalId%20eq%20%2200u-1%22")
+    assert [u["id"] for u in listed["Resources"]] == [bob["id"]]
+    # Within one organization the id is unique: a taken one is refused, and the refused user joins nothing.
+    status, _, error = await a.call("POST", "/Users", {"userName": "bob@example.com", "externalId": "00u-1"})
+    assert (status, error["scimType"]) == (409, "uniqueness")
+    assert (await a.call("GET", "/Users?filter=userName%20eq%20%22bob@example.com%22"))[2]["totalResults"] == 0
+    status, _, error = await b.call("PATCH", f"/Users/{ann['id']}", _external("00u-1"))
+    assert (status, error["scimType"]) == (409, "uniqueness")
