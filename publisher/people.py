@@ -179,25 +179,16 @@ class PeopleStore:
         external_id: str | None,
         *,
         org: tuple[str, str] | None = None,
+        tx: Tx | None = None,
     ) -> User:
         """A new user (Conflict with the existing one's id when the email is taken, in any case).
 
-        With `org` (org id, role), the user is made a member of it in the same transaction.
+        With `org` (org id, role), the user is made a member of it in the same transaction: the caller's `tx`
+        when given, else one of its own.
         """
-        async with self.db.transaction() as tx:
-            return await self.create_user_in(tx, actor, email, display_name, external_id, org=org)
-
-    async def create_user_in(
-        self,
-        tx: Tx,
-        actor: Actor,
-        email: str,
-        display_name: str | None,
-        external_id: str | None,
-        *,
-        org: tuple[str, str] | None = None,
-    ) -> User:
-        """`create_user` within the caller's transaction `tx`."""
+        if tx is None:
+            async with self.db.transaction() as own:
+                return await self.create_user(actor, email, display_name, external_id, org=org, tx=own)
         user = User(new_id(), email, display_name, external_id, now_us(), None)
         existing = await tx.fetchval("SELECT id FROM users WHERE lower(email) = lower($1)", email)
         if existing is None and external_id is not None:

@@ -208,7 +208,7 @@ async def create_user(request: web.Request) -> web.StreamResponse:
     async with services.people.db.transaction() as tx:  # joined with its externalId, or not at all
         await scim.lock_org(tx, org)
         if user is None:
-            user = await services.people.create_user_in(tx, actor, email, display, None, org=(org, "member"))
+            user = await services.people.create_user(actor, email, display, None, org=(org, "member"), tx=tx)
         else:
             await services.people.put_member_in(tx, actor, "org", org, user.id, "member")
         await scim.set_member_external_id(tx, org, user.id, external)

@@ -289,9 +289,7 @@ async def test_a_refused_change_changes_nothing_and_a_taken_group_external_id_is
 async def test_a_group_external_id_belongs_to_its_organization_and_is_free_again_once_its_group_is_deleted(
     start_publisher: StartPublisher, http: aiohttp.ClientSession
 ) -> None:
-    publisher = await start_publisher()
-    (_, a_token), (_, b_token) = [await _org_with_provisioner(publisher, "manual") for _ in range(2)]
-    a, b = Scim(publisher, http, a_token), Scim(publisher, http, b_token)
+    a, b = await _two_orgs(await start_publisher(), http)
     status, _, a_group = await a.call("POST", "/Groups", {"displayName": "ops", "externalId": "grp-1"})
     assert status == 201
     # Another organization's provisioner neither sees nor is stopped by it: its provider names its own groups.
@@ -310,6 +308,16 @@ async def test_a_group_external_id_belongs_to_its_organization_and_is_free_again
     assert (await a.call("POST", "/Groups", {"displayName": "ops2", "externalId": "grp-1"}))[0] == 201
 
 
+async def _new_org(publisher: Publisher, http: aiohttp.ClientSession) -> Scim:
+    """A new organization's SCIM API (memberships manual), with its provisioner's token."""
+    return Scim(publisher, http, (await _org_with_provisioner(publisher, "manual"))[1])
+
+
+async def _two_orgs(publisher: Publisher, http: aiohttp.ClientSession) -> tuple[Scim, Scim]:
+    """Two organizations' SCIM APIs, each with its own provisioner's token."""
+    return await _new_org(publisher, http), await _new_org(publisher, http)
+
+
 def _external(value: str) -> dict[str, Any]:
     return {"Operations": [{"op": "replace", "path": "externalId", "value": value}]}
 
@@ -317,9 +325,7 @@ def _external(value: str) -> dict[str, Any]:
 async def test_groups_created_and_changed_at_once_with_one_external_id_give_one_holder_and_conflicts_never_a_500(
     start_publisher: StartPublisher, http: aiohttp.ClientSession
 ) -> None:
-    publisher = await start_publisher()
-    _, token = await _org_with_provisioner(publisher, "manual")
-    scim = Scim(publisher, http, token)
+    scim = await _new_org(await start_publisher(), http)
     created = await asyncio.gather(
         *(scim.call("POST", "/Groups", {"displayName": f"g{n}", "externalId": "grp-x"}) for n in range(8))
     )
@@ -339,9 +345,7 @@ async def test_groups_created_and_changed_at_once_with_one_external_id_give_one_
 async def test_a_user_external_id_is_its_organizations_so_another_org_neither_learns_of_it_nor_is_stopped(
     start_publisher: StartPublisher, http: aiohttp.ClientSession
 ) -> None:
-    publisher = await start_publisher()
-    (_, a_token), (_, b_token) = [await _org_with_provisioner(publisher, "manual") for _ in range(2)]
-    a, b = Scim(publisher, http, a_token), Scim(publisher, http, b_token)
+    a, b = await _two_orgs(await start_publisher(), http)
     status, _, ann = await a.call("POST", "/Users", {"userName": "ann@example.com", "externalId": "00u-1"})
     assert (status, ann["externalId"]) == (201, "00u-1")
     # Org B's provider uses the same id for someone else, and gives ann (who joins B) an id of its own.
