@@ -317,3 +317,18 @@ async def test_sign_ins_in_progress_are_capped_per_address_and_in_all_even_when_
     assert (refused["client_pending"], refused["all_pending"], refused["client_rate"]) == (1, 18, 0)
     assert provider.device is not None
     assert len(provider.device.user_codes()) == 5
+
+
+async def test_an_ipv6_client_is_counted_by_its_64_so_one_host_cannot_be_many_addresses(
+    start_publisher: StartPublisher,
+    provider: Provider,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(web_device, "CLIENT_PENDING", 2)
+    publisher = await start_relying_party(start_publisher, provider, GROUP_MAP, trusted_proxies=LOOPBACK_PROXY)
+    clients = ["2001:db8:0:7::1", "2001:db8:0:7::2", "2001:db8:0:7:ffff::3", "2001:db8:0:8::1", "::ffff:192.0.2.7"]
+    assert [(await _start(publisher, http, c))[0] for c in clients] == [200, 200, 429, 200, 200]
+    async with publisher.services.people.db.transaction() as tx:
+        counted = sorted(r["client"] for r in await tx.fetch("SELECT client FROM oidc_device_logins"))
+    assert counted == ["192.0.2.7", "2001:db8:0:7::/64", "2001:db8:0:7::/64", "2001:db8:0:8::/64"]
