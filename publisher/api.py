@@ -60,13 +60,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except PublisherError as exc:
-        return _error(
+        response = _error(
             exc.status,
             exc.code,
             exc.message,
             field=getattr(exc, "field", None),
             existing_id=getattr(exc, "existing_id", None),
         )
+        if getattr(exc, "retry_after", None) is not None:  # a limit's refusal says when to come back (429)
+            response.headers["Retry-After"] = str(exc.retry_after)  # type: ignore[attr-defined]
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

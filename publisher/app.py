@@ -297,6 +297,12 @@ async def metrics(request: web.Request) -> web.Response:
         " (subject), a window ending in the future (future) or older than the streams keep (stale)",
         _by_reason(usage.refused),
     )
+    refused += family(
+        "keyrelay_device_starts_refused_total",
+        "counter",
+        "Device sign-ins (POST /auth/device) refused by the limits on starts, by reason",
+        _by_reason(checks.device_starts_refused),
+    )
     text = exposition([*singles(samples), *refused]) + malformed_metric(request.app)
     return web.Response(text=text, content_type="text/plain")
 
@@ -340,9 +346,11 @@ def create_app(settings: PublisherSettings) -> web.Application:
     if settings.oidc_issuer:
         # Only with a provider: OpenID Connect needs joserfc, which the `publisher` extra brings and a plain
         # install (the Quickstart's `keyrelay up`) does not have.
+        from .device_limits import DEVICE_RATE, ClientRate
         from .web_device import DEVICE_PATHS, DEVICE_ROUTES
         from .web_signin import BROWSER_PATHS, add_signin_routes
 
+        app[DEVICE_RATE] = ClientRate()
         browser = (*add_signin_routes(app, settings), *DEVICE_ROUTES)
         public.update(BROWSER_PATHS, DEVICE_PATHS)
     register(app, (*PROBES, *ROUTES, *SCIM_ROUTES, *browser), public=public)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .access import Services, propagation
+from .db import Tx
 from .errors import Conflict
 from .models import Actor
 from .people import User
@@ -47,9 +48,11 @@ async def _published(services: Services, change: Change[Revocation]) -> tuple[li
     return [k.id for k in change.value.revoked], await propagation(services, change.outbox_ids)
 
 
-async def require_manual(services: Services, actor: Actor, org_id: str) -> None:
-    """Conflict when `org_id`'s memberships come from an identity provider and this change does not."""
-    source = (await services.people.policy(org_id))["memberships"]
+async def require_manual(services: Services, actor: Actor, org_id: str, tx: Tx | None = None) -> None:
+    """Conflict when `org_id`'s memberships come from an identity provider and this change does not (the policy
+    read within `tx` when given)."""
+    people = services.people
+    source = (await (people.policy(org_id) if tx is None else people.policy_in(tx, org_id)))["memberships"]
     if source == "manual" or (source == "scim" and actor.source == "scim"):
         return
     raise Conflict(

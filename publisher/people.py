@@ -179,38 +179,43 @@ class PeopleStore:
         external_id: str | None,
         *,
         org: tuple[str, str] | None = None,
+        tx: Tx | None = None,
     ) -> User:
         """A new user (Conflict with the existing one's id when the email is taken, in any case).
 
-        With `org` (org id, role), the user is made a member of it in the same transaction.
+        With `org` (org id, role), the user is made a member of it in the same transaction: the caller's `tx`
+        when given, else one of its own.
         """
+        if tx is None:
+            async with self.db.transaction() as own:
+                return await self.create_user(actor, email, display_name, external_id, org=org, tx=own)
         user = User(new_id(), email, display_name, external_id, now_us(), None)
-        async with self.db.transaction() as tx:
-            existing = await tx.fetchval("SELECT id FROM users WHERE lower(email) = lower($1)", email)
-            if existing is None and external_id is not None:
-                existing = await tx.fetchval("SELECT id FROM users WHERE external_id = $1", external_id)
-            if existing is not None:
-                raise Conflict(
-                    f"a user with that email or external id exists already (id {existing})", existing_id=str(existing)
-                )
-            await tx.execute(
-                f"INSERT INTO users ({_USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
-                user.id,
-                email,
-                display_name,
-                external_id,
-                user.created_at,
-                None,
+        existing = await tx.fetchval("SELECT id FROM users WHERE lower(email) = lower($1)", email)
+        if existing is None and external_id is not None:
+            existing = await tx.fetchval("SELECT id FROM users WHERE external_id = $1", external_id)
+        if existing is not None:
+            raise Conflict(
+                f"a user with that email or external id exists already (id {existing})", existing_id=str(existing)
             )
-            await record_audit(
-                tx,
-                actor,
-                "user.create",
-                user.created_at,
-                [(org[0] if org else None, None, None, None, {"user_id": user.id, "email": email})],
-            )
-            if org is not None:
-                await self._put_member(tx, actor, "org", org[0], user, org[1])
+        await tx.execute(
+            f"INSERT INTO users ({_USER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
+            user.id,
+            email,
+            display_name,
+            external_id,
+            user.created_at,
+            None,
+        )
+        await record_audit(
+            tx,
+            actor,
+            "user.create",
+            user.created_at,
+            [(org[0] if org else None, None, None, None, {"user_id": user.id, "email": email})],
+        )
+        if org is not None:
+            await self._put_member(tx, actor, "org", org[0], user, org[1])
+
         return user
 
     async def get_user(self, user_id: str) -> User:
@@ -308,46 +313,56 @@ class PeopleStore:
     async def put_member(self, actor: Actor, kind: str, scope_id: str, user_id: str, role: str) -> Member:
         """Give a user a role in an org or a team (replacing the one held); a team's user must be in its org."""
         async with self.db.transaction() as tx:
-            user = await _user(tx, user_id)
-            if kind == "team":
-                org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
-                if not await tx.fetchval(
-                    "SELECT 1 FROM org_members WHERE organization_id = $1 AND user_id = $2", org_id, user_id
-                ):
-                    raise Conflict(NOT_IN_ORG)
-            member = await self._put_member(tx, actor, kind, scope_id, user, role)
+            member = await self.put_member_in(tx, actor, kind, scope_id, user_id, role)
         self.on_change()
         return member
+
+    async def put_member_in(self, tx: Tx, actor: Actor, kind: str, scope_id: str, user_id: str, role: str) -> Member:
+        """`put_member` within the caller's transaction `tx` (the caller calls `on_change` once it committed)."""
+        user = await _user(tx, user_id)
+        if kind == "team":
+            org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
+            if not await tx.fetchval(
+                "SELECT 1 FROM org_members WHERE organization_id = $1 AND user_id = $2", org_id, user_id
+            ):
+                raise Conflict(NOT_IN_ORG)
+        return await self._put_member(tx, actor, kind, scope_id, user, role)
 
     async def remove_member(self, actor: Actor, kind: str, scope_id: str, user_id: str) -> Change[Revocation]:
         """Take a user's role in an org (and its teams) or a team away; NotFound if they held none. Leaving an
         org, the keys the user created in it follow its offboarding policy, in the same transaction: returns
         the keys revoked (`revoke`). Leaving a team changes no key: the team owns them."""
-        table, column = _membership(kind)
-        now = now_us()
-        offboarded: Change[Revocation] = Change(Revocation((), ()), ())
         async with self.db.transaction() as tx:
-            removed = await tx.execute(f"DELETE FROM {table} WHERE {column} = $1 AND user_id = $2", scope_id, user_id)
-            if not removed:
-                raise NotFound("member", user_id)
-            org_id, team_id = scope_id, None
-            if kind == "org":
-                await tx.execute(
-                    "DELETE FROM team_members WHERE user_id = $1 AND team_id IN "
-                    "(SELECT id FROM teams WHERE organization_id = $2)",
-                    user_id,
-                    scope_id,
-                )
-            else:
-                team_id = scope_id
-                org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
-            await record_audit(
-                tx, actor, f"{kind}.member.remove", now, [(org_id, team_id, None, None, {"user_id": user_id})]
-            )
-            if kind == "org":
-                offboarded = await _offboard(tx, actor, user_id, org_id, now, "user removed from the organization")
+            offboarded = await self.remove_member_in(tx, actor, kind, scope_id, user_id)
         self.on_change()
         return offboarded
+
+    async def remove_member_in(
+        self, tx: Tx, actor: Actor, kind: str, scope_id: str, user_id: str
+    ) -> Change[Revocation]:
+        """`remove_member` within the caller's transaction `tx` (the caller calls `on_change` once it committed)."""
+        table, column = _membership(kind)
+        now = now_us()
+        removed = await tx.execute(f"DELETE FROM {table} WHERE {column} = $1 AND user_id = $2", scope_id, user_id)
+        if not removed:
+            raise NotFound("member", user_id)
+        org_id, team_id = scope_id, None
+        if kind == "org":
+            await tx.execute(
+                "DELETE FROM team_members WHERE user_id = $1 AND team_id IN "
+                "(SELECT id FROM teams WHERE organization_id = $2)",
+                user_id,
+                scope_id,
+            )
+        else:
+            team_id = scope_id
+            org_id = await tx.fetchval("SELECT organization_id FROM teams WHERE id = $1", scope_id)
+        await record_audit(
+            tx, actor, f"{kind}.member.remove", now, [(org_id, team_id, None, None, {"user_id": user_id})]
+        )
+        if kind == "org":
+            return await _offboard(tx, actor, user_id, org_id, now, "user removed from the organization")
+        return Change(Revocation((), ()), ())
 
     async def _put_member(self, tx: Tx, actor: Actor, kind: str, scope_id: str, user: User, role: str) -> Member:
         table, column = _membership(kind)
@@ -380,6 +395,10 @@ class PeopleStore:
         """The org's policy document, defaults filled in."""
         async with self.db.transaction() as tx:
             return await _policy(tx, org_id)
+
+    async def policy_in(self, tx: Tx, org_id: str) -> dict[str, Any]:
+        """`policy`, read within the caller's transaction `tx`."""
+        return await _policy(tx, org_id)
 
     async def put_policy(self, actor: Actor, org_id: str, document: dict[str, Any]) -> dict[str, Any]:
         """Replace the org's policy document (fields left out keep their defaults)."""

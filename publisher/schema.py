@@ -393,6 +393,28 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE TABLE stream_digests (scope VARCHAR(64) PRIMARY KEY, digest VARCHAR(64) NOT NULL)",
         ),
     ),
+    Migration(
+        11,
+        "SCIM externalIds are each organization's: a group's unique within its organization (among teams not "
+        "decommissioned), a user's kept per membership; device-flow sign-ins in progress record the client address "
+        "that started them",
+        (
+            # Two of one org's active teams sharing an id (a race the old check lost): the older keeps it.
+            "UPDATE teams SET external_id = NULL WHERE decommissioned_at IS NULL AND external_id IS NOT NULL AND "
+            "EXISTS (SELECT 1 FROM teams t WHERE t.organization_id = teams.organization_id AND "
+            "t.external_id = teams.external_id AND t.decommissioned_at IS NULL AND (t.created_at < teams.created_at "
+            "OR (t.created_at = teams.created_at AND t.id < teams.id)))",
+            "CREATE UNIQUE INDEX idx_teams_org_external_id ON teams (organization_id, external_id) "
+            "WHERE decommissioned_at IS NULL",
+            # A user's SCIM externalId becomes its membership's, each organization's own; what SCIM showed stays.
+            "ALTER TABLE org_members ADD COLUMN external_id VARCHAR(255)",
+            "UPDATE org_members SET external_id = (SELECT u.external_id FROM users u WHERE u.id = org_members.user_id) "
+            "WHERE user_id IN (SELECT id FROM users WHERE external_id IS NOT NULL)",
+            "CREATE UNIQUE INDEX idx_org_members_external_id ON org_members (organization_id, external_id)",
+            "ALTER TABLE oidc_device_logins ADD COLUMN client VARCHAR(64)",
+            "CREATE INDEX idx_oidc_device_logins_client ON oidc_device_logins (client)",
+        ),
+    ),
 )
 
 

@@ -203,18 +203,27 @@ async def create_user(request: web.Request) -> web.StreamResponse:
     external = scim_string(body.get("externalId"), "externalId", optional=True)
     active = scim_bool(body.get("active", True), "active")
     user = await services.people.user_by_email(email)
-    if user is None:
-        user = await services.people.create_user(actor, email, display, external, org=(org, "member"))
-    elif await scim.user(org, user.id) is not None:
+    if user is not None and await scim.user(org, user.id) is not None:
         raise ScimError(409, "a user with that userName is already in this organization", "uniqueness")
-    else:  # its externalId first: taken by another user, that refuses the request before it joins
-        if external and not user.external_id:
-            await scim.update_user(actor, user, {"external_id": external})
-        await services.people.put_member(actor, "org", org, user.id, "member")
+    async with services.people.db.transaction() as tx:  # joined with its externalId, or not at all
+        await scim.lock_org(tx, org)
+        if user is None:
+            user = await services.people.create_user(actor, email, display, None, org=(org, "member"), tx=tx)
+        else:
+            await services.people.put_member_in(tx, actor, "org", org, user.id, "member")
+        await scim.set_member_external_id(tx, org, user.id, external)
+    services.people.on_change()
     services.tokens.forget()
-    current = await services.people.get_user(user.id)
-    await _set_active(request, current, active)
-    return await _render_user(request, await services.people.get_user(user.id), 201)
+    await _set_active(request, await services.people.get_user(user.id), active)
+    return await _render_user(request, await _current(request, user.id), 201)
+
+
+async def _current(request: web.Request, user_id: str) -> User:
+    """The user as the org sees it now; one that just left the org has no externalId of the org's any more."""
+    services, scim, _, org = context(request)
+    return await scim.user(org, user_id) or dataclasses.replace(
+        await services.people.get_user(user_id), external_id=None
+    )
 
 
 async def show_user(request: web.Request) -> web.StreamResponse:
@@ -224,7 +233,7 @@ async def show_user(request: web.Request) -> web.StreamResponse:
 
 async def replace_user(request: web.Request) -> web.StreamResponse:
     """PUT /scim/v2/Users/{user_id}: userName, displayName, externalId and active as given."""
-    services, scim, actor, _ = context(request)
+    _, scim, actor, _ = context(request)
     user = await _member(request)
     body = await read_body(request)
     changes = {
@@ -235,7 +244,7 @@ async def replace_user(request: web.Request) -> web.StreamResponse:
     active = scim_bool(body.get("active", True), "active")  # checked before anything changes
     await scim.update_user(actor, user, changes)
     await _set_active(request, user, active)
-    return await _render_user(request, await services.people.get_user(user.id))
+    return await _render_user(request, await _current(request, user.id))
 
 
 _USER_PATHS = {
@@ -265,7 +274,7 @@ def _user_change(changes: dict[str, Any], path: str, value: Any, op: str) -> Non
 
 async def patch_user(request: web.Request) -> web.StreamResponse:
     """PATCH /scim/v2/Users/{user_id}: add, replace and remove (Entra's `Replace` and `"False"` too)."""
-    services, scim, actor, _ = context(request)
+    _, scim, actor, _ = context(request)
     user = await _member(request)
     changes: dict[str, Any] = {}
     for operation in operations(await read_body(request)):
@@ -279,7 +288,7 @@ async def patch_user(request: web.Request) -> web.StreamResponse:
         await scim.update_user(actor, user, changes)
     if active is not None:
         await _set_active(request, user, active)
-    return await _render_user(request, await services.people.get_user(user.id))
+    return await _render_user(request, await _current(request, user.id))
 
 
 async def delete_user(request: web.Request) -> web.StreamResponse:

@@ -101,27 +101,33 @@ def _group_name(value: Any) -> str:
     return name
 
 
-async def _apply(request: web.Request, view: TeamView, plan: _GroupPlan) -> None:
-    """Make the team what `plan` says. The checks that can refuse come first (memberships managed elsewhere, a
-    name or externalId taken), before anything changes."""
+async def _apply(request: web.Request, team_id: str | None, plan: _GroupPlan) -> str:
+    """Make the team what `plan` says (a new team when `team_id` is None), in one transaction: a refusal (memberships
+    managed elsewhere, a name or externalId taken) changes nothing. Returns the team's id."""
     services, scim, actor, org = context(request)
-    current = [u for u, _ in view.members]
-    add = [u for u in plan.members if u not in current]
-    remove = [u for u in current if u not in plan.members]
+    async with services.people.db.transaction() as tx:
+        await scim.lock_org(tx, org)
+        if team_id is None:
+            view = TeamView(await services.store.create_team_in(tx, actor, org, plan.name), None, [])
+        else:
+            view = found(await scim.team_in(tx, org, team_id), "group")
+        current = [u for u, _ in view.members]
+        add = [u for u in plan.members if u not in current]
+        remove = [u for u in current if u not in plan.members]
+        if add or remove:
+            await require_manual(services, actor, org, tx)
+        if plan.external_id != view.external_id:
+            await scim.set_external_id(tx, org, view.team.id, plan.external_id)
+        if plan.name != view.team.name:
+            await services.store.rename_in(tx, actor, "team", view.team.id, plan.name)
+        for user_id in add:
+            await services.people.put_member_in(tx, actor, "team", view.team.id, user_id, SCIM_TEAM_ROLE)
+        for user_id in remove:
+            await services.people.remove_member_in(tx, actor, "team", view.team.id, user_id)
     if add or remove:
-        await require_manual(services, actor, org)
-    if plan.external_id != view.external_id:
-        await scim.check_external_id(view.team.id, plan.external_id)
-    if plan.name != view.team.name:
-        await services.store.rename(actor, "team", view.team.id, plan.name)
-    if plan.external_id != view.external_id:
-        await scim.set_external_id(view.team.id, plan.external_id)
-    for user_id in add:
-        await services.people.put_member(actor, "team", view.team.id, user_id, SCIM_TEAM_ROLE)
-    for user_id in remove:
-        await services.people.remove_member(actor, "team", view.team.id, user_id)
-    if add or remove:
+        services.people.on_change()
         services.tokens.forget()
+    return view.team.id
 
 
 async def list_groups(request: web.Request) -> web.StreamResponse:
@@ -141,20 +147,12 @@ async def list_groups(request: web.Request) -> web.StreamResponse:
 
 async def create_group(request: web.Request) -> web.StreamResponse:
     """POST /scim/v2/Groups: a new team of the organization, with its members."""
-    services, scim, actor, org = context(request)
     body = await read_body(request)
     name = _group_name(body.get("displayName"))
     external = scim_string(body.get("externalId"), "externalId", optional=True)
     members = await _known(request, member_ids(body["members"])) if body.get("members") else []
-    if members:
-        await require_manual(services, actor, org)
-    if external:
-        await scim.check_external_id(None, external)
-    team = await services.store.create_team(actor, org, name)
-    view = await scim.team(org, team.id)
-    assert view is not None
-    await _apply(request, view, _GroupPlan(name, external, members))
-    return await _render_group(request, team.id, 201)
+    team_id = await _apply(request, None, _GroupPlan(name, external, members))
+    return await _render_group(request, team_id, 201)
 
 
 async def show_group(request: web.Request) -> web.StreamResponse:
@@ -171,7 +169,7 @@ async def replace_group(request: web.Request) -> web.StreamResponse:
         scim_string(body.get("externalId"), "externalId", optional=True),
         await _known(request, member_ids(body.get("members") or [])),
     )
-    await _apply(request, view, plan)
+    await _apply(request, view.team.id, plan)
     return await _render_group(request, view.team.id)
 
 
@@ -214,7 +212,7 @@ async def patch_group(request: web.Request) -> web.StreamResponse:
     plan = _plan(view)
     for operation in operations(await read_body(request)):
         await _operate(request, plan, operation)
-    await _apply(request, view, plan)
+    await _apply(request, view.team.id, plan)
     if request.query.get("attributes") or request.query.get("excludedAttributes"):
         return await _render_group(request, view.team.id)
     return web.Response(status=204)

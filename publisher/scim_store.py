@@ -1,5 +1,6 @@
 """What SCIM reads and writes beyond the people store: one organization's users and teams as SCIM sees them
-(filtered and paged by position), a user's attributes changed, a user reactivated, a team's external id.
+(filtered and paged by position), a user's attributes changed, a user reactivated, a member's and a team's
+external id (each unique within its organization only).
 Every change is audited with the provisioner as actor (source `scim`) in the transaction that makes it."""
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from .store import record_audit
 
 __all__ = ["ScimStore", "TeamView"]
 
-_USER = "u.id, u.email, u.display_name, u.external_id, u.created_at, u.deactivated_at"
+# A user's externalId is its membership's: each organization's provider names its own people.
+_USER = "u.id, u.email, u.display_name, m.external_id, u.created_at, u.deactivated_at"
 _USER_FILTERS = {
     "userName": "lower(u.email) = lower($2)",
-    "externalId": "u.external_id = $2",
+    "externalId": "m.external_id = $2",
     "id": "u.id = $2",
     "displayName": "u.display_name = $2",
 }
@@ -65,23 +67,21 @@ class ScimStore:
         return [(r["id"], r["name"]) for r in rows]
 
     async def update_user(self, actor: Actor, user: User, changes: dict[str, Any]) -> None:
-        """Set the user's email, display_name and external_id where `changes` has them (Conflict: taken)."""
+        """Set the user's email, display_name, and its externalId in the provisioner's org, where `changes` has
+        them (Conflict: the email is another user's, or the externalId another member's of the org)."""
+        assert actor.org_id is not None
         now = now_us()
         async with self.db.transaction() as tx:
+            await self.lock_org(tx, actor.org_id)
             email = changes.get("email", user.email)
-            taken = await tx.fetchval(
-                "SELECT id FROM users WHERE lower(email) = lower($1) AND id <> $2", email, user.id
-            )
-            external = changes.get("external_id", user.external_id)
-            if taken is None and external is not None:
-                taken = await tx.fetchval("SELECT id FROM users WHERE external_id = $1 AND id <> $2", external, user.id)
-            if taken is not None:
-                raise Conflict("another user has that userName (email) or externalId")
+            if await tx.fetchval("SELECT id FROM users WHERE lower(email) = lower($1) AND id <> $2", email, user.id):
+                raise Conflict("another user has that userName (email)")
+            if "external_id" in changes:
+                await self.set_member_external_id(tx, actor.org_id, user.id, changes["external_id"])
             await tx.execute(
-                "UPDATE users SET email = $1, display_name = $2, external_id = $3 WHERE id = $4",
+                "UPDATE users SET email = $1, display_name = $2 WHERE id = $3",
                 email,
                 changes.get("display_name", user.display_name),
-                external,
                 user.id,
             )
             await record_audit(
@@ -91,6 +91,23 @@ class ScimStore:
                 now,
                 [(actor.org_id, None, None, None, {"user_id": user.id, "changed": sorted(changes)})],
             )
+
+    async def set_member_external_id(self, tx: Tx, org_id: str, user_id: str, external_id: str | None) -> None:
+        """Record the identity provider's id of a member of the org, within `tx`; Conflict when another member of
+        the org has it (other organizations' ids are theirs)."""
+        if external_id is not None and await tx.fetchval(
+            "SELECT user_id FROM org_members WHERE organization_id = $1 AND external_id = $2 AND user_id <> $3",
+            org_id,
+            external_id,
+            user_id,
+        ):
+            raise Conflict("another user of this organization has that externalId")
+        await tx.execute(
+            "UPDATE org_members SET external_id = $1 WHERE organization_id = $2 AND user_id = $3",
+            external_id,
+            org_id,
+            user_id,
+        )
 
     async def reactivate(self, actor: Actor, user_id: str) -> None:
         """Make a deactivated user active again (its revoked keys and tokens stay revoked)."""
@@ -107,34 +124,40 @@ class ScimStore:
         self, org_id: str, where: tuple[str, str] | None, start: int, count: int, *, members: bool = True
     ) -> tuple[int, list[TeamView]]:
         """The org's teams (not decommissioned) matching `where`, `count` from the 1-based `start`, and the total."""
-        clause, args = _where(org_id, where, _TEAM_FILTERS)
-        base = f"FROM teams WHERE organization_id = $1 AND decommissioned_at IS NULL{clause}"
         async with self.db.transaction() as tx:
-            total, rows = await _window(tx, "*", base, "id", args, start, count)
-            views = [
-                TeamView(Team.from_row(r), r["external_id"], await _members(tx, r["id"]) if members else [])
-                for r in rows
-            ]
-        return total, views
+            return await _teams(tx, org_id, where, start, count, members=members)
 
     async def team(self, org_id: str, team_id: str) -> TeamView | None:
         """The team, if it is one of the org's (and not decommissioned)."""
         total, found = await self.teams(org_id, ("id", team_id), 1, 1)
         return found[0] if total else None
 
-    async def check_external_id(self, team_id: str | None, external_id: str | None) -> None:
-        """Conflict when another team (of any org: the column is unique) has `external_id`."""
-        if external_id is None:
-            return
-        async with self.db.transaction() as tx:
-            holder = await tx.fetchval("SELECT id FROM teams WHERE external_id = $1", external_id)
-        if holder is not None and holder != team_id:
-            raise Conflict("another group has that externalId")
+    async def team_in(self, tx: Tx, org_id: str, team_id: str) -> TeamView | None:
+        """`team`, read within the caller's transaction `tx`."""
+        total, found = await _teams(tx, org_id, ("id", team_id), 1, 1, members=True)
+        return found[0] if total else None
 
-    async def set_external_id(self, team_id: str, external_id: str | None) -> None:
-        """Record the identity provider's id of a team."""
-        async with self.db.transaction() as tx:
-            await tx.execute("UPDATE teams SET external_id = $1 WHERE id = $2", external_id, team_id)
+    async def lock_org(self, tx: Tx, org_id: str) -> None:
+        """Hold the org's SCIM changes until `tx` ends: an externalId checked free stays free until set.
+        (SQLite's write transactions already run one at a time.)"""
+        if self.db.dialect == "postgresql":
+            # NO KEY UPDATE: rows referencing the org (new teams, keys) only take KEY SHARE, which it lets through.
+            await tx.fetchval("SELECT 1 FROM organizations WHERE id = $1 FOR NO KEY UPDATE", org_id)
+
+    async def set_external_id(self, tx: Tx, org_id: str, team_id: str, external_id: str | None) -> None:
+        """Record the identity provider's id of a team, within `tx`; Conflict when another of the org's teams (not
+        decommissioned) has it. Other organizations' ids are theirs: each org's provider names its own groups."""
+        if external_id is not None:
+            holder = await tx.fetchval(
+                "SELECT id FROM teams WHERE organization_id = $1 AND external_id = $2 AND decommissioned_at IS NULL "
+                "AND id <> $3",
+                org_id,
+                external_id,
+                team_id,
+            )
+            if holder is not None:
+                raise Conflict("another group has that externalId")
+        await tx.execute("UPDATE teams SET external_id = $1 WHERE id = $2", external_id, team_id)
 
     async def live_keys(self, team_id: str) -> int:
         """How many keys of the team are not revoked."""
@@ -142,6 +165,16 @@ class ScimStore:
             return int(
                 await tx.fetchval("SELECT count(*) FROM api_keys WHERE team_id = $1 AND revoked_at IS NULL", team_id)
             )
+
+
+async def _teams(
+    tx: Tx, org_id: str, where: tuple[str, str] | None, start: int, count: int, *, members: bool
+) -> tuple[int, list[TeamView]]:
+    clause, args = _where(org_id, where, _TEAM_FILTERS)
+    base = f"FROM teams WHERE organization_id = $1 AND decommissioned_at IS NULL{clause}"
+    total, rows = await _window(tx, "*", base, "id", args, start, count)
+    views = [TeamView(Team.from_row(r), r["external_id"], await _members(tx, r["id"]) if members else []) for r in rows]
+    return total, views
 
 
 def _where(org_id: str, where: tuple[str, str] | None, filters: dict[str, str]) -> tuple[str, list[str]]:

@@ -133,27 +133,29 @@ class KeyStore:
     async def create_team(self, actor: Actor, org_id: str, name: str) -> Team:
         """A new team in an org; names are unique among the org's teams that are not decommissioned (Conflict
         with the existing one's id)."""
-        team = Team(id=new_id(), org_id=org_id, name=name, created_at=now_us())
         async with self.db.transaction() as tx:
-            if (await self._org(tx, org_id)).decommissioned_at is not None:
-                raise Conflict("the organization is decommissioned; it cannot hold new teams")
-            # As for projects: a decommissioned team keeps its name in the audit trail, and frees it for reuse.
-            existing = await _insert_unless_named(
-                tx,
-                "teams (id, organization_id, name, created_at)",
-                (team.id, org_id, name, team.created_at),
-                "SELECT id FROM teams WHERE organization_id = $1 AND name = $2 AND decommissioned_at IS NULL",
-                (org_id, name),
+            return await self.create_team_in(tx, actor, org_id, name)
+
+    async def create_team_in(self, tx: Tx, actor: Actor, org_id: str, name: str) -> Team:
+        """`create_team` within the caller's transaction `tx`."""
+        team = Team(id=new_id(), org_id=org_id, name=name, created_at=now_us())
+        if (await self._org(tx, org_id)).decommissioned_at is not None:
+            raise Conflict("the organization is decommissioned; it cannot hold new teams")
+        # As for projects: a decommissioned team keeps its name in the audit trail, and frees it for reuse.
+        existing = await _insert_unless_named(
+            tx,
+            "teams (id, organization_id, name, created_at)",
+            (team.id, org_id, name, team.created_at),
+            "SELECT id FROM teams WHERE organization_id = $1 AND name = $2 AND decommissioned_at IS NULL",
+            (org_id, name),
+        )
+        if existing is not None:
+            raise Conflict(
+                f"a team named {name!r} already exists in this organization (id {existing}); decommission it "
+                "first to reuse the name",
+                existing_id=existing,
             )
-            if existing is not None:
-                raise Conflict(
-                    f"a team named {name!r} already exists in this organization (id {existing}); decommission it "
-                    "first to reuse the name",
-                    existing_id=existing,
-                )
-            await record_audit(
-                tx, actor, "team.create", team.created_at, [(org_id, team.id, None, None, {"name": name})]
-            )
+        await record_audit(tx, actor, "team.create", team.created_at, [(org_id, team.id, None, None, {"name": name})])
         return team
 
     async def create_project(self, actor: Actor, team_id: str, name: str) -> Project:
@@ -272,25 +274,29 @@ class KeyStore:
 
     async def rename(self, actor: Actor, kind: str, ident: str, name: str) -> Org | Team:
         """Rename an organization or a team (Conflict with the holder's id when the name is taken)."""
+        async with self.db.transaction() as tx:
+            return await self.rename_in(tx, actor, kind, ident, name)
+
+    async def rename_in(self, tx: Tx, actor: Actor, kind: str, ident: str, name: str) -> Org | Team:
+        """`rename` within the caller's transaction `tx`."""
         table = {"org": "organizations", "team": "teams"}[kind]
         now = now_us()
-        async with self.db.transaction() as tx:
-            current = await (self._org(tx, ident) if kind == "org" else self._team(tx, ident))
-            # Org names are unique for good; a team's only among the org's teams that are not decommissioned.
-            parent = (
-                ("", ())
-                if kind == "org"
-                else (" AND organization_id = $2 AND decommissioned_at IS NULL", (current.org_id,))  # type: ignore[union-attr]
-            )
-            holder = await tx.fetchval(f"SELECT id FROM {table} WHERE name = $1{parent[0]}", name, *parent[1])
-            if holder is not None and holder != ident:
-                raise Conflict(f"the name {name!r} is taken (id {holder})", existing_id=str(holder))
-            await tx.execute(f"UPDATE {table} SET name = $1 WHERE id = $2", name, ident)
-            org_id, team_id = (ident, None) if kind == "org" else (current.org_id, ident)  # type: ignore[union-attr]
-            await record_audit(
-                tx, actor, f"{kind}.rename", now, [(org_id, team_id, None, None, {"from": current.name, "to": name})]
-            )
-            return await (self._org(tx, ident) if kind == "org" else self._team(tx, ident))
+        current = await (self._org(tx, ident) if kind == "org" else self._team(tx, ident))
+        # Org names are unique for good; a team's only among the org's teams that are not decommissioned.
+        parent = (
+            ("", ())
+            if kind == "org"
+            else (" AND organization_id = $2 AND decommissioned_at IS NULL", (current.org_id,))  # type: ignore[union-attr]
+        )
+        holder = await tx.fetchval(f"SELECT id FROM {table} WHERE name = $1{parent[0]}", name, *parent[1])
+        if holder is not None and holder != ident:
+            raise Conflict(f"the name {name!r} is taken (id {holder})", existing_id=str(holder))
+        await tx.execute(f"UPDATE {table} SET name = $1 WHERE id = $2", name, ident)
+        org_id, team_id = (ident, None) if kind == "org" else (current.org_id, ident)  # type: ignore[union-attr]
+        await record_audit(
+            tx, actor, f"{kind}.rename", now, [(org_id, team_id, None, None, {"from": current.name, "to": name})]
+        )
+        return await (self._org(tx, ident) if kind == "org" else self._team(tx, ident))
 
     async def get_org(self, org_id: str) -> Org:
         """One organization; NotFound if there is none."""

@@ -25,6 +25,7 @@ __all__ = [
     "REFUSALS",
     "ROLES",
     "SIGN_IN_REFUSALS",
+    "START_REFUSALS",
     "AdminToken",
     "TokenRevoked",
     "TokenStats",
@@ -110,6 +111,10 @@ SIGN_IN_REFUSALS = (
     "no_role",
 )
 
+# Why a device sign-in was not started: the `reason` label of keyrelay_device_starts_refused_total
+# (publisher/device_limits.py): the client's rate, the client's sign-ins in progress, everyone's.
+START_REFUSALS = ("client_rate", "client_pending", "all_pending")
+
 
 @dataclass(slots=True)
 class TokenStats:
@@ -122,6 +127,8 @@ class TokenStats:
     refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REFUSALS, 0))
     # Sign-ins refused (behind a trusted proxy): counted with the tokens, the other credential a request carries.
     sign_ins_refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SIGN_IN_REFUSALS, 0))
+    # Device sign-ins not started, by the limit refusing them (publisher/device_limits.py, START_REFUSALS).
+    device_starts_refused: dict[str, int] = field(default_factory=lambda: dict.fromkeys(START_REFUSALS, 0))
 
 
 @dataclass(frozen=True, slots=True)

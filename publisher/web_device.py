@@ -23,13 +23,15 @@ import dataclasses
 import hashlib
 import re
 import secrets
+import time
 from datetime import UTC, datetime
 
 from aiohttp import web
 
 from . import api_schemas as s
 from .access import SERVICES, Services, body_of
-from .errors import Invalid, PublisherError, Unavailable
+from .device_limits import ALL_PENDING, CLIENT_PENDING, DEVICE_RATE, TooManyStarts, client_of
+from .errors import Invalid, PublisherError
 from .models import Actor, iso, now_us
 from .oidc_client import ProviderError
 from .oidc_signin import SignInRefused, person_of, record_refusal, sign_in
@@ -40,7 +42,8 @@ from .web_signin import OIDC
 __all__ = ["DEVICE_PATHS", "DEVICE_ROUTES", "DeviceFlowUnavailable"]
 
 DEVICE_PATHS = ("/auth/device", "/auth/device/token")
-_MAX_PENDING = 10_000  # device sign-ins in progress at once: more is someone starting them in a loop
+_RESERVED_S = 60  # how long a start may wait for the provider's answer before its place is given back
+_START_LOCK = 0x6B72_6473  # "krds": PostgreSQL's starts of device sign-ins take turns under it
 _HANDLE = re.compile(r"[A-Za-z0-9_-]{43}")
 _SLACK_US = 100_000  # a poll this much early is on time: the CLI's timer and ours are not the same clock
 _WAITING = ("authorization_pending", "slow_down")
@@ -72,34 +75,37 @@ async def offered(request: web.Request) -> web.Response:
 
 async def start(request: web.Request) -> web.Response:
     """POST /auth/device: a device sign-in started at the identity provider; what the person is to be shown, and
-    the handle (`device_code`) to poll `/auth/device/token` with every `interval` seconds."""
+    the handle (`device_code`) to poll `/auth/device/token` with every `interval` seconds. 429 with Retry-After
+    past the limits on starts (publisher/device_limits.py)."""
     services = request.app[SERVICES]
-    now = now_us()
-    async with services.people.db.transaction() as tx:
-        await tx.execute("DELETE FROM oidc_device_logins WHERE expires_at <= $1", now)
-        pending = await tx.fetchval("SELECT count(*) FROM oidc_device_logins")
-    if pending >= _MAX_PENDING:
-        raise Unavailable("too many device sign-ins are in progress; try again in a few minutes")
+    handle = secrets.token_urlsafe(32)
+    try:
+        client = client_of(request, services.settings.trusted_proxies)
+        request.app[DEVICE_RATE].admit(client, time.monotonic())
+        await _reserve(services, _hash(handle), client)
+    except TooManyStarts as exc:
+        services.tokens.stats.device_starts_refused[exc.reason] += 1
+        raise
     nonce = secrets.token_urlsafe(32)
     try:
         started = await request.app[OIDC].start_device(nonce)
-    except ProviderError as exc:
-        if exc.error == "device_flow_unavailable":
+    except BaseException as exc:
+        await _finish(services, _hash(handle))  # the reservation is freed at once, not when it lapses
+        if isinstance(exc, ProviderError) and exc.error == "device_flow_unavailable":
             raise DeviceFlowUnavailable(
                 f"{exc.message}: log in with an admin or personal token instead (`keyrelay login --with-token`)"
             ) from None
         raise
-    handle = secrets.token_urlsafe(32)
+    now = now_us()
     async with services.people.db.transaction() as tx:
         await tx.execute(
-            "INSERT INTO oidc_device_logins (handle_hash, device_code, nonce, poll_interval, polled_at, created_at, "
-            "expires_at) VALUES ($1, $2, $3, $4, NULL, $5, $6)",
-            _hash(handle),
+            "UPDATE oidc_device_logins SET device_code = $1, nonce = $2, poll_interval = $3, expires_at = $4 "
+            "WHERE handle_hash = $5",
             started.device_code,
             nonce,
             started.interval,
-            now,
-            now + started.expires_in * 1_000_000,
+            now + started.expires_in * 1_000_000,  # the provider's lifetime, capped (publisher/oidc_client.py)
+            _hash(handle),
         )
     return web.json_response(
         {
@@ -111,6 +117,36 @@ async def start(request: web.Request) -> web.Response:
             "interval": started.interval,
         }
     )
+
+
+async def _reserve(services: Services, digest: bytes, client: str) -> None:
+    """A row for the sign-in `digest` names, from `client`, counted against the pending limits in the same
+    transaction (TooManyStarts past one); it lapses after _RESERVED_S unless the provider's answer fills it in."""
+    now = now_us()
+    async with services.people.db.transaction() as tx:
+        if services.people.db.dialect == "postgresql":  # starts take turns, so two cannot both take the last place
+            await tx.execute(f"SELECT pg_advisory_xact_lock({_START_LOCK})")
+        await tx.execute("DELETE FROM oidc_device_logins WHERE expires_at <= $1", now)
+        for where, args, limit, reason in (
+            ("", (), ALL_PENDING, "all_pending"),
+            (" WHERE client = $1", (client,), CLIENT_PENDING, "client_pending"),
+        ):
+            pending = await tx.fetchrow(
+                f"SELECT count(*) AS n, min(expires_at) AS first FROM oidc_device_logins{where}", *args
+            )
+            assert pending is not None
+            if pending["n"] >= limit:
+                who = "device sign-ins are" if reason == "all_pending" else "device sign-ins from this address are"
+                wait = (int(pending["first"]) - now) // 1_000_000 + 1
+                raise TooManyStarts(f"too many {who} in progress", reason=reason, retry_after=wait)
+        await tx.execute(
+            "INSERT INTO oidc_device_logins (handle_hash, device_code, nonce, poll_interval, polled_at, created_at, "
+            "expires_at, client) VALUES ($1, '', '', 5, NULL, $2, $3, $4)",
+            digest,
+            now,
+            now + _RESERVED_S * 1_000_000,
+            client,
+        )
 
 
 async def token(request: web.Request) -> web.Response:
@@ -255,6 +291,11 @@ _SIGNED_IN = s.obj(
 _POLL = s.obj({"device_code": {"type": "string", "description": "the handle POST /auth/device answered"}})
 _PROVIDER = {**s.ERROR, "description": "the identity provider is unreachable or answered out of the protocol"}
 _UNAVAILABLE = {**s.ERROR, "description": "the identity provider offers no device flow (device_flow_unavailable)"}
+_LIMITED = {
+    **s.ERROR,
+    "description": "too many device sign-ins started by this address or in progress (too_many_requests); "
+    "Retry-After says when to try again",
+}
 DEVICE_ROUTES: tuple[Route, ...] = (
     Route(
         "GET",
@@ -269,8 +310,7 @@ DEVICE_ROUTES: tuple[Route, ...] = (
         "/auth/device",
         start,
         "Start a device sign-in (RFC 8628, relayed)",
-        {200: _STARTED, 409: _UNAVAILABLE, 502: _PROVIDER},
-        errors=(503,),
+        {200: _STARTED, 409: _UNAVAILABLE, 429: _LIMITED, 502: _PROVIDER},
         tags=("device",),
     ),
     Route(

@@ -144,9 +144,11 @@ def running_provider(
         server.server_close()
 
 
-async def start_relying_party(start_publisher: StartPublisher, provider: Provider, group_map: bytes) -> Publisher:
+async def start_relying_party(
+    start_publisher: StartPublisher, provider: Provider, group_map: bytes, **settings: Any
+) -> Publisher:
     """A publisher signing in with `provider` (as client `keyrelay`, with a secret), `group_map` its group map,
-    its public URL its own address, and every token looked up at each request (no cache)."""
+    its public URL its own address, every token looked up at each request (no cache), and `settings` besides."""
     port = free_port()
     return await start_publisher(
         port=port,
@@ -156,4 +158,5 @@ async def start_relying_party(start_publisher: StartPublisher, provider: Provide
         oidc_client_secret="a-client-secret-for-tests",
         oidc_group_map=parse_group_map(group_map),
         token_cache_ttl=0,
+        **settings,
     )

@@ -388,6 +388,66 @@ async def test_after_migration_7_an_older_key_without_an_owner_is_found_in_its_p
         await db.close()
 
 
+async def test_after_migration_11_external_ids_are_each_organizations_and_a_shared_group_id_is_kept_once(
+    database_url: str,
+) -> None:
+    old = await _previous_release_database(database_url)
+    db = await _open(database_url)
+    try:
+        assert await migrate(db, migrations=MIGRATIONS[:10]) == list(range(2, 11))
+        other_org, teams, user = _id(), {name: _id() for name in ("older", "newer", "gone")}, _id()
+        async with db.transaction() as tx:  # what migration 10's release could hold: one org's id shared by a race
+            now = now_us()
+            await tx.execute(  # and a member whose provider gave it an id, kept on the user then
+                "INSERT INTO users (id, email, external_id, created_at) VALUES ($1, $2, $3, $4)",
+                user,
+                "ann@example.com",
+                "00u-1",
+                now,
+            )
+            await tx.execute(
+                "INSERT INTO org_members (organization_id, user_id, role, created_at) VALUES ($1, $2, $3, $4)",
+                old["org"],
+                user,
+                "member",
+                now,
+            )
+            await tx.execute(
+                "INSERT INTO organizations (id, name, created_at) VALUES ($1, $2, $3)", other_org, "b", now
+            )
+            for n, (name, team) in enumerate(teams.items()):
+                await tx.execute(
+                    "INSERT INTO teams (id, organization_id, name, created_at, external_id, decommissioned_at) "
+                    "VALUES ($1, $2, $3, $4, $5, $6)",
+                    team,
+                    old["org"],
+                    name,
+                    now + n,
+                    "grp-1",
+                    now if name == "gone" else None,
+                )
+        assert await migrate(db) == [11]
+        async with db.transaction() as tx:
+            held = {r["id"]: r["external_id"] for r in await tx.fetch("SELECT id, external_id FROM teams")}
+            member = await tx.fetchval("SELECT external_id FROM org_members WHERE user_id = $1", user)
+            # Another organization may now hold the same id.
+            await tx.execute(
+                "INSERT INTO teams (id, organization_id, name, created_at, external_id) VALUES ($1, $2, $3, $4, $5)",
+                _id(),
+                other_org,
+                "ops",
+                now_us(),
+                "grp-1",
+            )
+        assert (held[teams["older"]], held[teams["newer"]], held[teams["gone"]]) == ("grp-1", None, "grp-1")
+        assert member == "00u-1"  # what SCIM showed of the member, now its organization's
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"):  # the index holds even without the check
+            async with db.transaction() as tx:
+                await tx.execute("UPDATE teams SET external_id = $1 WHERE id = $2", "grp-1", teams["newer"])
+    finally:
+        await db.close()
+
+
 async def _newer_release_database(url: str) -> None:
     db = await _open(url)
     try:

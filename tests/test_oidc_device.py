@@ -9,16 +9,18 @@ import asyncio
 import json
 import stat
 from collections.abc import Iterator
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from publisher import web_device
 from publisher.token_format import TOKEN_PREFIX
 from tests.cli_support import Ran, Shell, run_cli
 from tests.oidc_provider import Provider, running_provider, start_relying_party
-from tests.support import Publisher, StartPublisher, eventually
+from tests.support import Publisher, Scrape, StartPublisher, eventually
 
 GROUP_MAP = b"""
 [[map]]
@@ -27,6 +29,7 @@ org = "acme"
 role = "admin"
 """
 DEVICE_POLL = "/auth/device/token"
+LOOPBACK_PROXY = (ip_network("127.0.0.1/32"),)  # the test's own address: it forwards whichever client it plays
 
 
 @pytest.fixture
@@ -258,3 +261,74 @@ async def test_a_deactivated_user_approving_at_the_provider_is_refused_and_the_r
     )
     tokens = (await publisher.admin.ok("GET", "/tokens"))["tokens"]
     assert [t for t in tokens if t["user_id"] is not None] == []
+
+
+async def _start(publisher: Publisher, http: aiohttp.ClientSession, client: str | None = None) -> tuple[int, Any]:
+    """POST /auth/device, as `client` (forwarded in X-Forwarded-For) when given: the status, body and Retry-After."""
+    headers = {} if client is None else {"X-Forwarded-For": f"198.51.100.250, {client}"}
+    async with http.post(publisher.url + "/auth/device", headers=headers) as resp:
+        return resp.status, (await resp.json(), resp.headers.get("Retry-After"))
+
+
+async def test_one_address_starting_device_sign_ins_in_a_loop_is_refused_429_and_the_provider_is_not_asked(
+    start_publisher: StartPublisher,
+    provider: Provider,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(web_device, "CLIENT_PENDING", 100)  # the rate alone is under test here
+    publisher = await start_relying_party(start_publisher, provider, GROUP_MAP)
+    answers = [await _start(publisher, http) for _ in range(12)]
+    assert [status for status, _ in answers] == [200] * 10 + [429] * 2
+    (error, retry_after) = answers[-1][1]
+    assert error["error"]["code"] == "too_many_requests"
+    assert 1 <= int(retry_after or 0) <= 60
+    # The peer is no trusted proxy: the address it claims to forward for does not make it another client.
+    assert (await _start(publisher, http, "203.0.113.9"))[0] == 429
+    assert provider.device is not None
+    assert len(provider.device.user_codes()) == 10
+    assert publisher.services.tokens.stats.device_starts_refused["client_rate"] == 3
+    async with http.get(publisher.url + "/metrics") as resp:
+        metrics = Scrape.parse(await resp.text()).family("keyrelay_device_starts_refused_total")
+    assert metrics == {'{reason="client_rate"}': 3, '{reason="client_pending"}': 0, '{reason="all_pending"}': 0}
+
+
+async def test_sign_ins_in_progress_are_capped_per_address_and_in_all_even_when_started_at_once(
+    start_publisher: StartPublisher,
+    provider: Provider,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(web_device, "CLIENT_PENDING", 3)
+    monkeypatch.setattr(web_device, "ALL_PENDING", 5)
+    publisher = await start_relying_party(start_publisher, provider, GROUP_MAP, trusted_proxies=LOOPBACK_PROXY)
+    # One client, behind the trusted proxy: three in progress, then 429 until the oldest expires (120 s codes).
+    first = [await _start(publisher, http, "192.0.2.1") for _ in range(4)]
+    assert [status for status, _ in first] == [200, 200, 200, 429]
+    retry_after = first[-1][1][1]
+    assert 100 <= int(retry_after or 0) <= 121
+    # Everyone's: twenty clients at once take the two places left, and no more (counted and taken together).
+    rush = await asyncio.gather(*(_start(publisher, http, f"192.0.2.{n}") for n in range(10, 30)))
+    assert sorted(status for status, _ in rush) == [200] * 2 + [429] * 18
+    async with publisher.services.people.db.transaction() as tx:
+        assert await tx.fetchval("SELECT count(*) FROM oidc_device_logins") == 5
+        assert await tx.fetchval("SELECT count(*) FROM oidc_device_logins WHERE client = '192.0.2.1'") == 3
+    refused = publisher.services.tokens.stats.device_starts_refused
+    assert (refused["client_pending"], refused["all_pending"], refused["client_rate"]) == (1, 18, 0)
+    assert provider.device is not None
+    assert len(provider.device.user_codes()) == 5
+
+
+async def test_an_ipv6_client_is_counted_by_its_64_so_one_host_cannot_be_many_addresses(
+    start_publisher: StartPublisher,
+    provider: Provider,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(web_device, "CLIENT_PENDING", 2)
+    publisher = await start_relying_party(start_publisher, provider, GROUP_MAP, trusted_proxies=LOOPBACK_PROXY)
+    clients = ["2001:db8:0:7::1", "2001:db8:0:7::2", "2001:db8:0:7:ffff::3", "2001:db8:0:8::1", "::ffff:192.0.2.7"]
+    assert [(await _start(publisher, http, c))[0] for c in clients] == [200, 200, 429, 200, 200]
+    async with publisher.services.people.db.transaction() as tx:
+        counted = sorted(r["client"] for r in await tx.fetch("SELECT client FROM oidc_device_logins"))
+    assert counted == ["192.0.2.7", "2001:db8:0:7::/64", "2001:db8:0:7::/64", "2001:db8:0:8::/64"]

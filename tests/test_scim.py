@@ -5,6 +5,7 @@ read-only to the admin API; malformed input answers a SCIM error body, never a 5
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import Any
@@ -283,3 +284,81 @@ async def test_a_refused_change_changes_nothing_and_a_taken_group_external_id_is
     assert (await scim.call("POST", "/Groups", {"displayName": "newest", "externalId": "g-ops"}))[2]["scimType"] == (
         "uniqueness"
     )
+
+
+async def test_a_group_external_id_belongs_to_its_organization_and_is_free_again_once_its_group_is_deleted(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    a, b = await _two_orgs(await start_publisher(), http)
+    status, _, a_group = await a.call("POST", "/Groups", {"displayName": "ops", "externalId": "grp-1"})
+    assert status == 201
+    # Another organization's provisioner neither sees nor is stopped by it: its provider names its own groups.
+    status, _, b_group = await b.call("POST", "/Groups", {"displayName": "ops", "externalId": "grp-1"})
+    assert (status, b_group["externalId"]) == (201, "grp-1")
+    _, _, b_other = await b.call("POST", "/Groups", {"displayName": "dev"})
+    assert (await b.call("PATCH", f"/Groups/{b_other['id']}", _external("grp-2")))[0] == 204
+    assert (await a.call("POST", "/Groups", {"displayName": "dev", "externalId": "grp-2"}))[0] == 201
+    for scim, group in ((a, a_group), (b, b_group)):
+        _, _, listed = await scim.call("GET", "/Groups?filter=externalId%20eq%20%22grp-1%22")
+        assert [g["id"] for g in listed["Resources"]] == [group["id"]]
+    # Within one organization it stays unique, until its holder is deleted.
+    status, _, error = await a.call("POST", "/Groups", {"displayName": "ops2", "externalId": "grp-1"})
+    assert (status, error["scimType"]) == (409, "uniqueness")
+    assert (await a.call("DELETE", f"/Groups/{a_group['id']}"))[0] == 204
+    assert (await a.call("POST", "/Groups", {"displayName": "ops2", "externalId": "grp-1"}))[0] == 201
+
+
+async def _new_org(publisher: Publisher, http: aiohttp.ClientSession) -> Scim:
+    """A new organization's SCIM API (memberships manual), with its provisioner's token."""
+    return Scim(publisher, http, (await _org_with_provisioner(publisher, "manual"))[1])
+
+
+async def _two_orgs(publisher: Publisher, http: aiohttp.ClientSession) -> tuple[Scim, Scim]:
+    """Two organizations' SCIM APIs, each with its own provisioner's token."""
+    return await _new_org(publisher, http), await _new_org(publisher, http)
+
+
+def _external(value: str) -> dict[str, Any]:
+    return {"Operations": [{"op": "replace", "path": "externalId", "value": value}]}
+
+
+async def test_groups_created_and_changed_at_once_with_one_external_id_give_one_holder_and_conflicts_never_a_500(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    scim = await _new_org(await start_publisher(), http)
+    created = await asyncio.gather(
+        *(scim.call("POST", "/Groups", {"displayName": f"g{n}", "externalId": "grp-x"}) for n in range(8))
+    )
+    assert sorted(status for status, _, _ in created) == [201] + [409] * 7
+    others = [(await scim.call("POST", "/Groups", {"displayName": f"h{n}"}))[2]["id"] for n in range(8)]
+    patched = await asyncio.gather(*(scim.call("PATCH", f"/Groups/{g}", _external("grp-y")) for g in others))
+    assert sorted(status for status, _, _ in patched) == [204] + [409] * 7
+    _, _, listed = await scim.call("GET", "/Groups")
+    held = sorted(g.get("externalId", "") for g in listed["Resources"])
+    assert held == [""] * 7 + ["grp-x", "grp-y"]
+    # A refused create leaves no team behind: the team and its externalId are made together or not at all.
+    assert sorted(g["displayName"] for g in listed["Resources"] if g["displayName"].startswith("g")) == [
+        next(g["displayName"] for _, _, g in created if "id" in g)
+    ]
+
+
+async def test_a_user_external_id_is_its_organizations_so_another_org_neither_learns_of_it_nor_is_stopped(
+    start_publisher: StartPublisher, http: aiohttp.ClientSession
+) -> None:
+    a, b = await _two_orgs(await start_publisher(), http)
+    status, _, ann = await a.call("POST", "/Users", {"userName": "ann@example.com", "externalId": "00u-1"})
+    assert (status, ann["externalId"]) == (201, "00u-1")
+    # Org B's provider uses the same id for someone else, and gives ann (who joins B) an id of its own.
+    status, _, bob = await b.call("POST", "/Users", {"userName": "bob@example.com", "externalId": "00u-1"})
+    assert (status, bob["externalId"]) == (201, "00u-1")
+    status, _, ann_in_b = await b.call("POST", "/Users", {"userName": "ann@example.com", "externalId": "b-ann"})
+    assert (status, ann_in_b["id"], ann_in_b["externalId"]) == (201, ann["id"], "b-ann")
+    assert (await a.call("GET", f"/Users/{ann['id']}"))[2]["externalId"] == "00u-1"
+    _, _, listed = await b.call("GET", "/Users?filter=externalId%20eq%20%2200u-1%22")
+    assert [u["id"] for u in listed["Resources"]] == [bob["id"]]
+    # Within one organization the id is unique: a taken one is refused, and the refused user joins nothing.
+    status, _, error = await a.call("POST", "/Users", {"userName": "bob@example.com", "externalId": "00u-1"})
+    assert (status, error["scimType"]) == (409, "uniqueness")
+    assert (await a.call("GET", "/Users?filter=userName%20eq%20%22bob@example.com%22"))[2]["totalResults"] == 0
+    status, _, error = await b.call("PATCH", f"/Users/{ann['id']}", _external("00u-1"))
+    assert (status, error["scimType"]) == (409, "uniqueness")
