@@ -334,9 +334,10 @@ def start_stack(
     *,
     publisher_args: Sequence[str] = (),
     token: str | None = None,
+    sidecar: bool = True,
 ) -> Endpoints:
     """nats-server, the publisher (with `publisher_args` besides its own, `token` its admin token or a new one)
-    and a sidecar, each stopped when `stack` closes."""
+    and, if `sidecar`, a sidecar (port 0 without), each stopped when `stack` closes."""
     logs = work / "logs"
     nats_server = NatsServer(NatsSpec(name="bench-hub", store_dir=work / "nats"), log_dir=logs)
     stack.callback(nats_server.stop)
@@ -368,23 +369,9 @@ def start_stack(
         {"KEYRELAY_ADMIN_TOKEN": token, "KEYRELAY_DATABASE_URL": database_url},
     )
     _wait_bucket(process, publisher_port, log)
-    sidecar_port = free_port()
-    _start_component(
-        stack,
-        "sidecar",
-        [
-            "sidecar",
-            "--port",
-            str(sidecar_port),
-            "--nats-url",
-            nats_server.url,
-            "--log-level",
-            log_level,
-            f"--trusted-keys={public_key}",  # KEY=VALUE: a base64url key may start with '-'
-        ],
-        sidecar_port,
-        logs,
-    )
+    sidecar_port = free_port() if sidecar else 0
+    if sidecar:
+        _start_sidecar(stack, nats_server.url, sidecar_port, log_level, public_key, logs)
     return Endpoints(
         publisher_url=f"http://127.0.0.1:{publisher_port}",
         publisher_port=publisher_port,
@@ -393,6 +380,27 @@ def start_stack(
         sidecar_port=sidecar_port,
         token=token,
         nats_url=nats_server.url,
+    )
+
+
+def _start_sidecar(
+    stack: contextlib.ExitStack, nats_url: str, port: int, log_level: str, public_key: str, logs: Path
+) -> None:
+    _start_component(
+        stack,
+        "sidecar",
+        [
+            "sidecar",
+            "--port",
+            str(port),
+            "--nats-url",
+            nats_url,
+            "--log-level",
+            log_level,
+            f"--trusted-keys={public_key}",  # KEY=VALUE: a base64url key may start with '-'
+        ],
+        port,
+        logs,
     )
 
 

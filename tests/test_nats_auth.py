@@ -67,13 +67,21 @@ class Client_:
     async def refused(self, subject: str, body: Any = b"", *, headers: dict[str, str] | None = None) -> None:
         """Send `subject` as a request; the server must refuse it as a permissions violation."""
         payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-        with pytest.raises(_REFUSED):
-            await self.nc.request(subject, payload, timeout=1.0, headers=headers)
-        for _ in range(100):
-            if any("permissions violation" in e.lower() and subject.lower() in e.lower() for e in self.errors):
-                return
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"no permissions violation for {subject}: {self.errors}")
+        inbox = self.nc.new_inbox()
+        answers = await self.nc.subscribe(inbox)
+        try:
+            await self.nc.publish(subject, payload, reply=inbox, headers=headers)
+            for _ in range(100):
+                if any("permissions violation" in e.lower() and subject.lower() in e.lower() for e in self.errors):
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError(f"no permissions violation for {subject}: {self.errors}")
+            # The server dropped the request when it reported the violation: no answer can follow.
+            with pytest.raises(NatsTimeout):
+                await answers.next_msg(timeout=0.05)
+        finally:
+            await answers.unsubscribe()
 
     async def api(self, subject: str, body: Any = None) -> dict[str, Any]:
         """A JetStream API request that must be answered."""
