@@ -63,7 +63,8 @@ def _chart(usage: dict[str, Any]) -> list[str]:
     indent = " " * (len(OUTCOMES[-1]) + 2)
     # The first bucket under the first column, the last under the last (past it when the chart is narrower).
     axis = f"{indent}{first}" + last.rjust(max(min(len(series), _CHART_WIDTH) - len(first), len(last) + 1))
-    return [f"each column: {per}; a full block: {top:,} verifications", *lines, axis.rstrip()]
+    noun = "verification" if top == 1 else "verifications"
+    return [f"each column: {per}; a full block: {top:,} {noun}", *lines, axis.rstrip()]
 
 
 def usage_text(usage: dict[str, Any], *, chart: bool = False) -> str:
