@@ -66,7 +66,7 @@ from .procs import cpu_seconds, keyrelay_command, machine_cpu, memory_of, spawn,
 from .signing import BENCH_SIGNER, BENCH_SNAPSHOT_SIGNER, Heartbeats, sidecar_trust_args, write_key_file
 from .wrk import WrkResult, header_pool_script, pool_statuses, run_wrk, wrk_binary
 
-__all__ = ["main"]
+__all__ = ["Pinning", "fill_records", "main", "seed_region", "sidecar_command"]
 
 TARGET_RATIO = 0.85
 # Under callgrind: keys cycled (few enough that the warm-up sees each several times) and connections.
@@ -177,7 +177,7 @@ def _fractions(text: str) -> tuple[float, ...]:
     return fractions
 
 
-def _sidecar_command(nats_url: str, port: int) -> list[str]:
+def sidecar_command(nats_url: str, port: int) -> list[str]:
     return [
         *keyrelay_command(),
         "sidecar",
@@ -206,7 +206,7 @@ def _start_sidecar(
 ) -> tuple[subprocess.Popen[bytes], int, SidecarRun]:
     port = free_port()
     started = time.monotonic()
-    process = spawn([*_sidecar_command(nats_url, port), *extra], cpus=cpus, log=log)
+    process = spawn([*sidecar_command(nats_url, port), *extra], cpus=cpus, log=log)
     try:
         ready = wait_http_ok(process, port, "/readyz", timeout=ready_timeout, log=log)
         memory = memory_of(process.pid)
@@ -225,7 +225,7 @@ class SeedRun:
     peak_rss: int
 
 
-def _seed(nats_url: str, pin: Pinning, work: Path, *, timeout: float) -> SeedRun:
+def seed_region(nats_url: str, pin: Pinning, work: Path, *, timeout: float) -> SeedRun:
     """Seed the region's snapshot as `keyrelay region init` does before a region's first sidecar starts."""
     log = work / "seed.log"
     started = time.monotonic()
@@ -403,7 +403,8 @@ def _verdict(ok: bool | None) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def _fill(url: str, args: argparse.Namespace) -> FillResult:
+def fill_records(url: str, args: argparse.Namespace) -> FillResult:
+    """Fill the bench bucket with `args.keys` signed records (the mix `args` sets), saying how it went."""
     say(f"filling bucket {DEFAULT_BUCKET} with {args.keys:,} records")
     fill: FillResult = asyncio.run(
         fill_bucket(
@@ -467,8 +468,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stop(empty_proc)
             say(f"empty-bucket sidecar: ready in {empty.ready_seconds:.2f}s, RSS {empty.rss / 2**20:.1f} MiB")
 
-            fill = _fill(nats_server.url, args)
-            seeded = _seed(nats_server.url, pin, work, timeout=args.ready_timeout)
+            fill = fill_records(nats_server.url, args)
+            seeded = seed_region(nats_server.url, pin, work, timeout=args.ready_timeout)
             load_before, _ = wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
             proc, port, loaded = _start_sidecar(
                 nats_server.url, cpus=pin.server, log=work / "sidecar.log", ready_timeout=args.ready_timeout
@@ -627,7 +628,7 @@ def _count_instructions(nats_url: str, pool: list[str], work: Path) -> dict[str,
     figures: dict[str, Any] = {"pool": len(keys), "connections": _INSTRUCTION_CONNECTIONS}
     for name in ("bare", "sidecar"):
         port = free_port()
-        command = _bare_command(port) if name == "bare" else _sidecar_command(nats_url, port)
+        command = _bare_command(port) if name == "bare" else sidecar_command(nats_url, port)
         say(f"  callgrind -> {name}")
         counted = count_instructions(
             command,

@@ -42,7 +42,7 @@ from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import tail
 
 from .api_probe import ApiProbe, summarize
-from .bench_sidecar import Pinning, _fill, _seed, _sidecar_command
+from .bench_sidecar import Pinning, fill_records, seed_region, sidecar_command
 from .figures import percentile, run_and_write, say
 from .keyfill import connect, create_bucket
 from .procs import memory_of, spawn, stop, wait_quiet
@@ -255,8 +255,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             asyncio.run(create_bucket(server.url))
             heartbeats.start()
-            fill = _fill(server.url, args)
-            seeded = _seed(server.url, Pinning(None, None), work, timeout=args.start_timeout)
+            fill = fill_records(server.url, args)
+            seeded = seed_region(server.url, Pinning(None, None), work, timeout=args.start_timeout)
             key, key_id = generate_key(env="live"), str(uuid.uuid4())
             asyncio.run(_publish(server.url, *_canary(revoked=False, key=key, key_id=key_id), longest=10))
 
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             watches = [Watch(free_port()) for _ in range(args.sidecars)]
             for i, watch in enumerate(watches):
                 log = work / f"sidecar-{i}.log"
-                sidecars.append(spawn(_sidecar_command(server.url, watch.port), cpus=None, log=log))
+                sidecars.append(spawn(sidecar_command(server.url, watch.port), cpus=None, log=log))
             asyncio.run(_watch(watches, key, (200,), since=started, longest=args.start_timeout))
             _failed("started", watches, sidecars, work)
             start_ready = [w.done_at or 0.0 for w in watches]
