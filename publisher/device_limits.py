@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from .errors import PublisherError
-from .web_proxy import peer_trusted
+from .web_proxy import peer_address, peer_trusted
 
 __all__ = [
     "ALL_PENDING",
@@ -49,8 +49,7 @@ class TooManyStarts(PublisherError):
 
 def client_of(request: web.Request, trusted: tuple[IPv4Network | IPv6Network, ...]) -> str:
     """The client address `request` is counted under (see the module's docstring); "" when it has none."""
-    peer: Any = request.transport.get_extra_info("peername") if request.transport else None
-    address = _address(peer[0] if peer else "")
+    address: Any = peer_address(request)
     if address is not None and peer_trusted(request, trusted):
         forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", 1)[-1].strip()
         address = _address(forwarded) or address

@@ -9,7 +9,7 @@ header changes no membership."""
 from __future__ import annotations
 
 import hashlib
-from ipaddress import IPv4Network, IPv6Network, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
 from aiohttp import web
@@ -22,23 +22,28 @@ from .oidc_claims import apply_claims, bounded_groups
 from .people import User, token_grants
 from .store import NIL_UUID
 
-__all__ = ["APPLIED_GROUPS", "peer_trusted", "proxy_actor", "user_actor"]
+__all__ = ["APPLIED_GROUPS", "peer_address", "peer_trusted", "proxy_actor", "user_actor"]
 
 # By user id, the hash of the groups header last applied: a header that did not change costs no query.
 APPLIED_GROUPS = web.AppKey("keyrelay_proxy_applied_groups", dict[str, bytes])
 _MAX_REMEMBERED = 100_000
 
 
+def peer_address(request: web.Request) -> IPv4Address | IPv6Address | None:
+    """The IP address of `request`'s TCP peer; None without one (a Unix socket, a closed transport)."""
+    peer: Any = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return None
+    try:
+        return ip_address(peer[0])
+    except ValueError:
+        return None
+
+
 def peer_trusted(request: web.Request, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool:
     """Whether the TCP peer of `request` is in one of `networks`."""
-    peer: Any = request.transport.get_extra_info("peername") if request.transport else None
-    if not networks or not peer:
-        return False
-    try:
-        address = ip_address(peer[0])
-    except ValueError:
-        return False
-    return any(address in network for network in networks)
+    address = peer_address(request) if networks else None
+    return address is not None and any(address in network for network in networks)
 
 
 async def user_actor(services: Services, user: User, source: str) -> Actor | None:
