@@ -401,10 +401,8 @@ class KeySync:
         one as soon as it sees another node lead. No answer (the stream has no leader, perhaps lost with the
         consumer) leaves it to the three missed heartbeats: a new leader takes longer than that to elect.
         """
-        timeout = min(self.config.api_timeout, _PROBE_TIMEOUT)
-        try:
-            info = await jetstream_api(nc, f"STREAM.INFO.{self.stream}", timeout=timeout)
-        except Exception:  # a timeout, no responders
+        info = await self._quick_stream_info(nc)
+        if info is None:
             return
         leader = str((info.get("cluster") or {}).get("leader") or "")
         if leader and gen.node and leader != gen.node and gen is self._deliveries.current and gen.sub is not None:
@@ -425,17 +423,25 @@ class KeySync:
         copy of the stream, and answers nothing for it or (as its leader still) hears from no quorum: the
         sidecar then moves to another server.
         """
-        timeout = min(self.config.api_timeout, _PROBE_TIMEOUT)
-        try:
-            info = await jetstream_api(nc, f"STREAM.INFO.{self.stream}", timeout=timeout)
+        info = await self._quick_stream_info(nc)
+        if info is None:
+            serves = False
+        else:
             error = info.get("error")
             serves = stream_serves(info) if error is None else error.get("err_code") == STREAM_NOT_FOUND
-        except Exception:  # a timeout, no responders
-            serves = False
         if serves:
             self.choice.served()
         else:
             await self.choice.failed(nc, f"serve the stream {self.stream} while the publisher's heartbeat is late")
+
+    async def _quick_stream_info(self, nc: DirectClient) -> dict[str, Any] | None:
+        """STREAM.INFO waited for briefly (a leader answers in milliseconds); None for a timeout or no responders."""
+        try:
+            return await jetstream_api(
+                nc, f"STREAM.INFO.{self.stream}", timeout=min(self.config.api_timeout, _PROBE_TIMEOUT)
+            )
+        except Exception:  # a timeout, no responders
+            return None
 
     async def _api(self, nc: Client, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         return await jetstream_api(nc, subject, body, timeout=self.config.api_timeout)
