@@ -31,7 +31,15 @@ from typing import Any
 from keyrelay.core.nats_connect import identity_name, inbox_prefix
 from keyrelay.core.usage_streams import SOURCE_FILTER, usage_deliver_prefix
 from keyrelay.core.usage_wire import USAGE_CONSUMER, USAGE_STREAM
-from keyrelay.core.wire import DEFAULT_BUCKET, GLOBAL_SCOPE, snapshot_store_name, stream_name, subject_prefix
+from keyrelay.core.wire import (
+    DEFAULT_BUCKET,
+    EXPRESS_PREFIX,
+    GLOBAL_SCOPE,
+    express_subjects,
+    snapshot_store_name,
+    stream_name,
+    subject_prefix,
+)
 
 __all__ = [
     "ACCOUNT",
@@ -145,7 +153,8 @@ class Grants:
         return [*self.snapshot_read(), *owner, f"$O.{snapshot_store_name(self.bucket, self.snapshot_bucket)}.>"]
 
     def publisher(self) -> list[str]:
-        """Own the key bucket: create and check it, write every entry, read it back for reconcile."""
+        """Own the key bucket: create and check it, write every entry, read it back for reconcile; repeat changes on
+        the express subjects."""
         kv = self.kv
         return [
             *_api(
@@ -162,7 +171,12 @@ class Grants:
             ),
             f"{subject_prefix(self.bucket)}>",
             f"$JS.FC.{kv}.>",
+            f"{EXPRESS_PREFIX}.{self.bucket}.>",
         ]
+
+    def express_receive(self, region: str | None) -> list[str]:
+        """The express subjects of a region's keys (global and its own), which its sidecars and leaf link receive."""
+        return express_subjects(self.bucket, region)
 
     def usage_publish(self, region: str | None) -> list[str]:
         """A sidecar's usage batches: its own region's subjects only (the ack comes to its inbox)."""
@@ -207,10 +221,12 @@ class Grants:
         from learning another link's pending replies) and delivers on the region's
         usage deliver prefix. Nothing here lets the
         leaf touch a hub stream: the source is the hub's, configured by the publisher.
+        The link also receives its region's express subjects (the publisher's repeats
+        of changes, sidecar/express.py), and may send none.
         """
         api = f"$JS.{self.hub_domain}.API."
         publish = [f"{api}CONSUMER.CREATE.{self.kv}", f"{api}CONSUMER.DELETE.{self.kv}.*", f"$JS.FC.{self.kv}.>"]
-        receive = ["$JSC.R.>", f"{mirror_deliver_prefix(region)}.>"]
+        receive = ["$JSC.R.>", f"{mirror_deliver_prefix(region)}.>", *self.express_receive(region)]
         usage_api = f"$JS.{region}.API."
         receive += [
             f"{usage_api}CONSUMER.CREATE.{USAGE_STREAM}.*.{SOURCE_FILTER}",
@@ -243,7 +259,10 @@ def permissions(role: str, region: str | None, grants: Grants | None = None) -> 
     else:
         raise ValueError(f"no such role: {role}")
     identity = identity_name(role, region)
-    return {"publish": {"allow": _unique(publish)}, "subscribe": {"allow": [f"{inbox_prefix(identity)}.>"]}}
+    receive = [f"{inbox_prefix(identity)}.>"]
+    if role == "sidecar":
+        receive += g.express_receive(region)
+    return {"publish": {"allow": _unique(publish)}, "subscribe": {"allow": receive}}
 
 
 def _unique(subjects: Iterable[str]) -> list[str]:

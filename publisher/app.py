@@ -58,7 +58,7 @@ async def open_services(settings: PublisherSettings, *, bootstrap: bool = True) 
         replicas=settings.bucket_replicas,
         connect=NatsConnect.of(settings, identity="publisher"),
     )
-    outbox = OutboxRelay(db=db, broker=broker, signer=keys.signer)
+    outbox = OutboxRelay(db=db, broker=broker, signer=keys.signer, express=settings.express)
     heartbeat = Heartbeat(broker=broker, relay=outbox, signer=keys.signer, interval=settings.heartbeat_interval)
     try:
         tokens = TokenStore(db, cache_ttl=settings.token_cache_ttl)
@@ -198,6 +198,18 @@ async def metrics(request: web.Request) -> web.Response:
             "counter",
             "Deletes dropped unpublished: their entry names no key",
             stats.skipped,
+        ),
+        (
+            "keyrelay_express_published_total",
+            "counter",
+            "Acknowledged changes to existing keys repeated on the express subjects for sidecars",
+            stats.expressed,
+        ),
+        (
+            "keyrelay_express_failures_total",
+            "counter",
+            "Express repeats the NATS connection did not take (sidecars wait for the stream)",
+            stats.express_failures,
         ),
         (
             "keyrelay_last_acked_sequence",

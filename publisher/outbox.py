@@ -9,6 +9,10 @@ publishes at a time (a lease row); others stand by. As it forgets published
 entries it moves each scope's digest of the stream (publisher/stream_digest.py),
 in the same transaction; the heartbeat signs those digests, and takes the
 `publishing` lock so that no record publish is in flight when it is sent.
+Once JetStream acknowledged a change to an existing key (not a new key), the
+relay repeats the same signed value on core NATS (`keyrelay.express.<bucket>.
+<entry>`), which sidecars apply before the stream or a region's mirror brings it
+(sidecar/express.py): a revocation then reaches a region whose mirror is stalled.
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from keyrelay.core.trust import KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer
-from keyrelay.core.wire import MAX_VERSION, encode_tombstone, is_canonical_id, subject_prefix
+from keyrelay.core.wire import MAX_VERSION, encode_tombstone, express_subject, is_canonical_id, subject_prefix
 
 from . import stream_digest
 from .broker import Broker
 from .db import Database
-from .models import OutboxEntry, now_us
+from .models import NO_RECORD, OutboxEntry, now_us
 from .relay_health import PublishHealth
 from .store import placeholders
 
@@ -59,6 +63,8 @@ _FOLLOWER_POLL = 0.05  # how often a waiter looks at the database while another 
 _LEADER_RECHECK = 0.25  # ... and while this process publishes (it is told; this only covers a lost lease)
 _ACK_RECHECK = 0.25  # how often a wait for acks looks whether a later publish was acknowledged meanwhile
 
+_Message = tuple[bytes, dict[str, str]]  # a value's payload and headers, as published
+
 
 @dataclass(slots=True)
 class RelayStats:
@@ -70,6 +76,8 @@ class RelayStats:
     last_publish_seconds: float = 0.0
     skipped: int = 0  # deletes of entries not named <scope>.<key id>: nothing a sidecar could verify
     last_acked_seq: int = 0  # the highest stream sequence JetStream acknowledged to this publisher
+    expressed: int = 0  # acknowledged changes repeated on the express subjects
+    express_failures: int = 0  # ... that the connection did not take (sidecars wait for the stream)
 
     def acked(self, results: Iterable[object]) -> None:
         """Note the sequences of the publish acks among `results`."""
@@ -108,6 +116,7 @@ class OutboxRelay:
         lease_ttl: float = LEASE_TTL,
         poll_interval: float = 0.25,
         publish_timeout: float = 5.0,
+        express: bool = True,
     ) -> None:
         self.db = db
         self.broker = broker
@@ -116,6 +125,7 @@ class OutboxRelay:
         self.lease_ttl = lease_ttl
         self.poll_interval = poll_interval
         self.publish_timeout = publish_timeout
+        self.express = express  # repeat acknowledged changes to existing keys on core NATS (sidecar/express.py)
         self.holder = f"{socket.gethostname()[:40]}:{os.getpid()}:{os.urandom(3).hex()}"
         self.stats = RelayStats()
         self.health = PublishHealth()
@@ -320,23 +330,24 @@ class OutboxRelay:
                 (rest if entry.key_id in in_wave else wave).append(entry)
                 in_wave.add(entry.key_id)
             futures = []
-            sent: list[OutboxEntry] = []
+            sent: list[tuple[OutboxEntry, _Message]] = []
             for entry in wave:
                 message = self._signed(entry)
                 if message is None:
                     done.append(entry)
                     continue
                 futures.append(await js.publish_async(prefix + entry.entry, message[0], headers=message[1]))
-                sent.append(entry)
-            wave = sent
+                sent.append((entry, message))
             results = await self._acks(futures, sent_at=time.monotonic())
             self.stats.acked(results)
-            failed = {e.key_id for e, r in zip(wave, results, strict=True) if isinstance(r, BaseException)}
-            done += [e for e, r in zip(wave, results, strict=True) if not isinstance(r, BaseException)]
+            acked = [item for item, r in zip(sent, results, strict=True) if not isinstance(r, BaseException)]
+            await self._express(acked)
+            failed = {e.key_id for (e, _), r in zip(sent, results, strict=True) if isinstance(r, BaseException)}
+            done += [e for e, _ in acked]
             if failed:
                 self.stats.publish_failures += len(failed)
                 first = next(r for r in results if isinstance(r, BaseException))
-                self._last_failure = f"{len(failed)} of {len(wave)} publishes failed: {_describe(first)}"
+                self._last_failure = f"{len(failed)} of {len(sent)} publishes failed: {_describe(first)}"
                 # Logged once per blockage by PublishHealth; each failed attempt only at debug level.
                 log.debug("%s; they stay in the outbox", self._last_failure)
             pending = [e for e in rest if e.key_id not in failed]
@@ -360,7 +371,25 @@ class OutboxRelay:
             _, waiting = await asyncio.wait(waiting, timeout=min(left, _ACK_RECHECK))
         return _outcomes(futures)
 
-    def _signed(self, entry: OutboxEntry) -> tuple[bytes, dict[str, str]] | None:
+    async def _express(self, acked: Sequence[tuple[OutboxEntry, _Message]]) -> None:
+        """Repeat each acknowledged change to an existing key on its express subject (a new key has nothing to
+        overtake: the stream alone brings it). Core NATS, at most once: the stream stays the sidecars' authority."""
+        nc = self.broker.nc
+        if not self.express or nc is None:
+            return
+        for entry, (body, headers) in acked:
+            if entry.prior_version == NO_RECORD:
+                continue
+            plain = {name: value for name, value in headers.items() if name != "Nats-Msg-Id"}
+            try:
+                await nc.publish(express_subject(self.broker.bucket, entry.entry), body, headers=plain)
+            except Exception as exc:  # closed or reconnecting: the stream brings it all the same
+                self.stats.express_failures += 1
+                log.debug("express publish not taken: %s", _describe(exc))
+                return
+            self.stats.expressed += 1
+
+    def _signed(self, entry: OutboxEntry) -> _Message | None:
         """The payload and headers to publish for `entry`, signed now; None for a delete nobody could verify."""
         headers = {"Nats-Msg-Id": self.signer.message_id(message_name(entry))}
         if entry.operation != "delete":

@@ -216,6 +216,12 @@ class PublisherSettings:
     reconcile_on_start: bool = option(
         True, parse=parse_bool, help="compare the bucket with the database at start-up and repair it"
     )
+    express: bool = option(
+        True,
+        parse=parse_bool,
+        help="once JetStream acknowledged a change to an existing key, repeat it on core NATS "
+        "(keyrelay.express.<bucket>.<entry>), so sidecars apply it before a stalled stream or mirror brings it",
+    )
     signing_key: Path | None = option(
         None,
         parse=parse_optional_path,

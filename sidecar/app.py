@@ -69,6 +69,7 @@ def create_app(settings: SidecarSettings) -> web.Application:
         name=f"keyrelay-sidecar-{settings.region or 'global'}",
         snapshot_store=snapshot_store_name(settings.bucket, settings.snapshot_bucket) if settings.snapshots else None,
         trust=trust,
+        express=True,
     )
     sync = KeySync(config, table)
     # Read once, at app creation: a bad file stops the start, naming its line.

@@ -19,11 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from keyrelay.core.digest import record_term
 from keyrelay.core.errors import RecordError
 from keyrelay.core.trust import Trust
 from keyrelay.core.wire import HEARTBEAT_ENTRY, RecordFields, decode_fields, decode_heartbeat, entry_name
 
 from .admit import Elsewhere, Heartbeat, Record, Refused, Tombstone, Verdict, examine
+from .ahead import Ahead
 from .digest_check import DigestCheck
 from .replica import Freshness, Position
 from .table import KeyTable
@@ -63,6 +65,7 @@ class Applier:
         "_freshness",
         "_log_window",
         "_position",
+        "ahead",
         "digests",
         "last_event",
         "prefix",
@@ -92,6 +95,7 @@ class Applier:
         self.last_event: float | None = None  # wall-clock time of the last change to the table
         self.recent_quarantines: list[dict[str, Any]] = []
         self.digests = DigestCheck()
+        self.ahead = Ahead()  # keys an express value brought before the stream (sidecar/express.py)
         self._position = position
         self._freshness = freshness
         self._log_window = (0.0, 0)  # start of this minute's rejection log lines, and their count
@@ -113,16 +117,19 @@ class Applier:
         match verdict:
             case Record(fields):
                 self._take(fields)
+                if self.ahead and fields[0] in self.ahead:
+                    self.ahead.delivered(fields[0], fields[10], record_term(fields[0].encode(), fields[10]))
             case Tombstone(key_id, version, until):
-                if self.table.tombstone(key_id, version, until=until):
-                    self.stats.removed += 1
-                    self._changed()
+                self._tombstone(key_id, version, until)
+                if self.ahead:
+                    self.ahead.delivered(key_id, version, 0)
             case Heartbeat(signed_at, acked, digest):
                 self.stats.heartbeats += 1
+                held = self.ahead.stream_digest(self.table) if self.ahead else None
                 # -1: a publisher from before digests (its heartbeat says nothing of them; trusted as it was).
-                if digest == -1 or self._judge(signed_at, digest, waiting):
+                if digest == -1 or self._judge(signed_at, digest, waiting, held):
                     self._freshness.note_heartbeat(signed_at, acked)
-                self.table.mark_heartbeat(signed_at)
+                self.table.mark_heartbeat(signed_at, held)
             case Refused():
                 self._refuse(verdict)
             case Elsewhere(entry):
@@ -130,10 +137,30 @@ class Applier:
                 self._count_refusal("bad_entry")
                 self._log_refusal("refused the value at %r (bad_entry): not an entry of this region's keys", entry)
 
-    def _judge(self, signed_at: float, digest: int | None, waiting: int | None) -> bool:
-        """Whether a heartbeat signing `digest` proves the replica fresh: the table holds exactly that, or held it
-        when this very heartbeat was applied to it (a snapshot taken after it says so; its signer vouches)."""
-        held = self.table.digest
+    def commit_ahead(self, verdict: Record | Tombstone) -> bool | None:
+        """Apply a verified express value before the stream delivers it: True when it changed the table, False
+        when the table held it already, None when too many keys lead the stream already (the stream brings it)."""
+        if isinstance(verdict, Record):
+            key_id, version = verdict.fields[0], verdict.fields[10]
+        else:
+            key_id, version = verdict.key_id, verdict.version
+        if not self.ahead.room_for(key_id):
+            return None
+        stream_term = self.table.term_of(key_id)
+        if isinstance(verdict, Record):
+            changed = self._take(verdict.fields)
+        else:
+            changed = self._tombstone(key_id, version, verdict.until)
+        if changed:
+            self.ahead.took(key_id, version, stream_term)
+        return changed
+
+    def _judge(self, signed_at: float, digest: int | None, waiting: int | None, held: int | None) -> bool:
+        """Whether a heartbeat signing `digest` proves the replica fresh: the table holds exactly that (`held`: the
+        stream's part of it, when express values lead the stream), or held it when this very heartbeat was applied to
+        it (a snapshot taken after it says so; its signer vouches)."""
+        if held is None:
+            held = self.table.digest
         if digest is not None and self.table.heartbeat_mark == (signed_at, digest):
             held = digest
         judgement = self.digests.judge(digest, held, waiting=waiting)
@@ -141,13 +168,22 @@ class Applier:
             self._count_refusal("digest_mismatch")
         return judgement.fresh
 
-    def _take(self, fields: RecordFields) -> None:
-        """Apply a record that passed every check (a held version as new or newer wins)."""
+    def _take(self, fields: RecordFields) -> bool:
+        """Apply a record that passed every check (a held version as new or newer wins); whether it did."""
         if self.table.apply_fields(fields):
             self.stats.applied += 1
             self._changed()
-        else:
-            self.stats.stale_skipped += 1
+            return True
+        self.stats.stale_skipped += 1
+        return False
+
+    def _tombstone(self, key_id: str, version: int, until: float) -> bool:
+        """Apply a verified delete; whether it removed a key."""
+        if self.table.tombstone(key_id, version, until=until):
+            self.stats.removed += 1
+            self._changed()
+            return True
+        return False
 
     def _apply_unsigned(self, entry: str, data: bytes, deleting: bool) -> None:
         """--insecure-accept-unsigned: values as they are, deletes included (versions still only rise)."""

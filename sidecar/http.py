@@ -298,6 +298,7 @@ async def status(request: web.Request) -> web.Response:
             "route_rules": len(state.routes) if state.routes is not None else None,
             "decode_errors": sync.stats.decode_errors,
             "consumers": sync.consumers,
+            "express": sync.express.status() if sync.express is not None else None,
             "loaded_snapshot": snapshot_summary(sync.loaded_snapshot) if sync.loaded_snapshot else None,
             "written_snapshot": None,  # sidecars only read snapshots: the region's seeder writes them
             "trust": trust_status(sync),

@@ -7,6 +7,7 @@ from bisect import bisect_left
 
 from keyrelay.core.prometheus import exposition, family, singles
 
+from .express import OUTCOMES as EXPRESS_OUTCOMES
 from .sync import KeySync
 from .verify import Code
 
@@ -160,10 +161,24 @@ class Metrics:
                 "1 when values are taken unsigned (--insecure-accept-unsigned)",
                 int(sync.trust.accept_unsigned),
             ),
+            (
+                "keyrelay_express_ahead_keys",
+                "gauge",
+                "Keys whose express value the table holds before the stream delivered it",
+                len(sync.applier.ahead),
+            ),
         ]
         lines += singles(gauges)
         rejected = [(f'reason="{reason}"', count) for reason, count in sorted(stats.rejected.items())]
         lines += family(
             "keyrelay_record_rejected_total", "counter", "Values refused by verification, by reason", rejected
+        )
+        express = sync.express.counts if sync.express is not None else dict.fromkeys(EXPRESS_OUTCOMES, 0)
+        lines += family(
+            "keyrelay_express_values_total",
+            "counter",
+            "The publisher's express repeats of changes, by outcome (applied ahead of the stream, held already, "
+            "refused, dropped)",
+            [(f'outcome="{outcome}"', count) for outcome, count in express.items()],
         )
         return exposition(lines)

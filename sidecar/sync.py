@@ -46,6 +46,7 @@ from .apply import Applier, SyncStats
 from .deliveries import Deliveries, Generation
 from .direct import DirectClient
 from .errors import BucketNotFound, CreateTimeout
+from .express import Express
 from .replica import Freshness, Position
 from .snapshot import Snapshot
 from .snapshot_start import start_from_snapshot
@@ -91,6 +92,9 @@ class SyncConfig:
     connect: NatsConnect | None = None
     # The object store of the region's snapshots, to start from (None: replay the bucket).
     snapshot_store: str | None = None
+    # Apply the publisher's express repeats of changes before the stream brings them (sidecar/express.py); only
+    # with signatures verified. The seeder leaves it off: its snapshots hold exactly a stream position.
+    express: bool = False
 
     @property
     def stream(self) -> str:
@@ -135,6 +139,7 @@ class KeySync:
         "choice",
         "config",
         "connected",
+        "express",
         "freshness",
         "loaded_snapshot",
         "position",
@@ -164,6 +169,11 @@ class KeySync:
         self.loaded_snapshot: Snapshot | None = None  # the snapshot the table started from
         self._reset = asyncio.Event()  # set: drop the consumer, start the next one from the last revision
         self._deliveries = Deliveries(self.applier, position=self.position, freshness=self.freshness, reset=self._reset)
+        self.express = (
+            Express(self.applier, position=self.position, bucket=config.bucket, region=config.region)
+            if config.express and not config.trust.accept_unsigned
+            else None
+        )
         self._nc: DirectClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -287,6 +297,8 @@ class KeySync:
         self.connected = True
         if self.config.snapshot_store:
             await self._start_from_snapshot(self._nc, self.config.snapshot_store)
+        if self.express is not None:
+            await self.express.subscribe(self._nc)
         backoff = 0.1
         while not self._closing:
             self._reset.clear()

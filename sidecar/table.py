@@ -228,9 +228,19 @@ class KeyTable:
         """The signing time of the last heartbeat applied to the table and the digest the table held then."""
         return self._heartbeat
 
-    def mark_heartbeat(self, signed_at: float) -> None:
-        """A heartbeat signed at `signed_at` was applied here, now: snapshots carry what the table held then."""
-        self._heartbeat = (signed_at, self._sum)
+    def mark_heartbeat(self, signed_at: float, digest: int | None = None) -> None:
+        """A heartbeat signed at `signed_at` was applied here, now: snapshots carry what the table held then
+        (`digest`: the stream's part of it, when the table holds values ahead of the stream)."""
+        self._heartbeat = (signed_at, self._sum if digest is None else digest)
+
+    def term_of(self, key_id: str) -> int:
+        """A key's term of the table's digest: its live record's, a quarantined key's held record's, else 0."""
+        raw_id = _id_bytes(key_id)
+        n = self._find_id(raw_id)
+        if n >= 0:
+            return record_term(raw_id, self._versions[n])
+        floor = self._floors.get(raw_id.decode())
+        return 0 if floor is None else _quarantined_term(raw_id.decode(), floor)
 
     def recompute_digest(self) -> int:
         """Sum the live records' terms afresh (a resync does, in case a snapshot carried a wrong sum); the digest."""

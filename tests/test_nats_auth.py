@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from nats.js.errors import NoStreamResponseError
 
 from keyrelay.core.nats_connect import NatsConnect, identity_name
 from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Signer, Trust, load_signer
-from keyrelay.core.wire import KeyRecord, entry_name, subject_prefix
+from keyrelay.core.wire import KeyRecord, entry_name, express_subject, subject_prefix
 from keyrelay.nats_auth import leaf_remote
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import http_get
@@ -257,10 +258,11 @@ async def test_a_us_leaf_client_cannot_add_sources_to_the_hub_bucket(
 
 
 async def _writes_no_record(client: Client_, region: str | None) -> None:
-    """`client` may not write a record of `region`, nor a delete or purge marker."""
+    """`client` may not write a record of `region`, nor a delete or purge marker, nor send one express."""
     _, record = make_key(region=region)
     entry = f"$KV.KEYS.{record.entry}"
     await client.refused(entry, record.encode())
+    await client.refused(express_subject("KEYS", record.entry), record.encode())
     await client.refused(entry, b"", headers={"KV-Operation": "DEL"})
     await client.refused(entry, b"", headers={"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
 
@@ -437,6 +439,16 @@ async def test_a_rogue_leaf_node_with_a_regions_link_credentials_cannot_change_t
                     await nc.request(subject, json.dumps({**before, "seq": 1}).encode(), timeout=1.0)
             with pytest.raises(_REFUSED):
                 await nc.jetstream(domain="hub").publish("$KV.KEYS.global.x", b"forged", timeout=1.0)
+            # Nor send an express value: the hub's global sidecars would hear only the publisher's.
+            listener = await connect("hub", "sidecar")
+            heard = await listener.nc.subscribe(express_subject("KEYS", "global.*"))
+            await listener.nc.flush()
+            await nc.publish(express_subject("KEYS", f"global.{uuid.uuid4()}"), b"forged")
+            await nc.flush()
+            with pytest.raises(NatsTimeout):
+                await heard.next_msg(timeout=0.5)
+            await (await connect("hub", "publisher")).nc.publish(express_subject("KEYS", "global.x"), b"genuine")
+            assert (await heard.next_msg(timeout=5.0)).data == b"genuine"
             assert (await _hub_bucket(connect))["config"] == before
             assert (await _hub_usage(connect))["config"] == usage
         finally:
@@ -444,6 +456,33 @@ async def test_a_rogue_leaf_node_with_a_regions_link_credentials_cannot_change_t
     finally:
         rogue.stop()
     await word.still_holds()
+
+
+async def _express_counts(url: str) -> dict[str, int]:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/v1/status") as r:
+        express = (await r.json())["express"]
+    return {k: express[k] for k in ("applied", "held", "refused", "dropped")}
+
+
+async def test_changes_come_express_to_the_regions_that_hold_their_keys_and_to_no_other(stack: Stack) -> None:
+    before = {region: await _express_counts(url) for region, url in stack.sidecars.items()}
+    for scope in ("global", "eu", "us"):
+        await _issue(stack, region=None if scope == "global" else scope, revoke=True)
+
+    def taken(counts: dict[str, int], region: str) -> int:
+        return counts["applied"] + counts["held"] - before[region]["applied"] - before[region]["held"]
+
+    for region, url in stack.sidecars.items():
+        # The global revocation and the region's own, each applied ahead of the mirror or held already.
+        await eventually(functools.partial(_express_counts, url), functools.partial(_took_two, taken, region))
+        await asyncio.sleep(0.5)
+        after = await _express_counts(url)
+        assert taken(after, region) == 2, (region, after)
+        assert after["refused"] == before[region]["refused"], region
+
+
+def _took_two(taken: Callable[[dict[str, int], str], int], region: str, counts: dict[str, int]) -> bool:
+    return taken(counts, region) >= 2
 
 
 async def _rejected(url: str) -> dict[str, float]:
@@ -455,12 +494,18 @@ async def test_the_publishers_stolen_nats_credentials_cannot_mint_revive_or_resc
     stack: Stack, connect: Any
 ) -> None:
     signer = load_signer(stack.data_dir / "signing-key", "default")
-    publisher = (await connect("hub", "publisher")).nc.jetstream()
+    publisher_nc = (await connect("hub", "publisher")).nc
+    publisher = publisher_nc.jetstream()
     sidecar = stack.sidecars["eu"]
 
     async def publish(record: KeyRecord, data: bytes | None, headers: dict[str, str]) -> None:
         body = record.encode() if data is None else data
         await publisher.publish(subject_prefix("KEYS") + record.entry, body, headers=headers or None)
+
+    async def express(record: KeyRecord, data: bytes | None, headers: dict[str, str]) -> None:
+        """The same value, sent on the record's express subject (which the stolen seed may publish to)."""
+        body = record.encode() if data is None else data
+        await publisher_nc.publish(express_subject("KEYS", record.entry), body, headers=headers or None)
 
     async def signed(record: KeyRecord) -> None:
         await publish(record, None, {SIGNATURE_HEADER: signer.sign(KIND_RECORD, record.entry, record.encode())})
@@ -481,8 +526,10 @@ async def test_the_publishers_stolen_nats_credentials_cannot_mint_revive_or_resc
     await signed(other)
     await delivered()
     before = await _rejected(sidecar)
+    express_before = await _express_counts(sidecar)
 
-    # The thief holds the publisher's NATS seed, not its signing key; each attack is delivered before the next.
+    # The thief holds the publisher's NATS seed, not its signing key; each attack is delivered before the next,
+    # sent both ways: into the stream, and express.
     minted_key, minted = make_key(region="eu", scopes=("admin",))
     forger = Signer(SigningKey.generate(), "default")
     cleared = dataclasses.replace(revocation, revoked_at=None, scopes=("admin",), version=3)
@@ -497,6 +544,7 @@ async def test_the_publishers_stolen_nats_credentials_cannot_mint_revive_or_resc
         (issued, None, {SIGNATURE_HEADER: captured}),  # ... then the replay
     ]
     for record, data, headers in attacks:
+        await express(record, data, headers)
         await publish(record, data, headers)
         await delivered()
         assert await _answers(sidecar, revoked_key) == 401, headers
@@ -511,6 +559,14 @@ async def test_the_publishers_stolen_nats_credentials_cannot_mint_revive_or_resc
         '{reason="unknown_signer"}': 1,
         '{reason="bad_signature"}': 1,
         '{reason="unsigned_delete"}': 2,
+    }
+    # Express, each forgery is refused and dropped; each replay is older than what the sidecar holds.
+    express_after = await _express_counts(sidecar)
+    assert {k: express_after[k] - express_before[k] for k in express_after} == {
+        "applied": 0,
+        "held": 3,
+        "refused": 5,
+        "dropped": 0,
     }
 
     # (e) The region's mirror deleted and made again (the region-init identity may): the new mirror's only record

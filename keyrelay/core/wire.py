@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_PREFIXES",
     "ENVS",
+    "EXPRESS_PREFIX",
     "GLOBAL_SCOPE",
     "HEARTBEAT_ENTRY",
     "LEGACY",
@@ -48,6 +49,8 @@ __all__ = [
     "encode_heartbeat",
     "encode_tombstone",
     "entry_name",
+    "express_subject",
+    "express_subjects",
     "generate_key",
     "header_safe",
     "is_canonical_id",
@@ -69,6 +72,8 @@ DEFAULT_PREFIX: Final = "kr"
 DEFAULT_PREFIXES: Final = frozenset({DEFAULT_PREFIX})
 DEFAULT_BUCKET: Final = "KEYS"
 GLOBAL_SCOPE: Final = "global"
+# Core NATS subjects on which the relay repeats acknowledged changes to existing keys (express_subject).
+EXPRESS_PREFIX: Final = "keyrelay.express"
 ENVS: Final = ("live", "test")
 SCHEMA_VERSION: Final = 1
 
@@ -223,6 +228,17 @@ def region_subjects(bucket: str, region: str | None) -> list[str]:
     if region:
         subjects.append(f"{prefix}{region}.>")
     return subjects
+
+
+def express_subject(bucket: str, entry: str) -> str:
+    """Where the publisher repeats an acknowledged change to an existing key on core NATS, for sidecars to apply
+    before the stream (or a region's mirror) brings it (sidecar/express.py): `keyrelay.express.<bucket>.<entry>`."""
+    return f"{EXPRESS_PREFIX}.{bucket}.{entry}"
+
+
+def express_subjects(bucket: str, region: str | None) -> list[str]:
+    """The express subjects a region's sidecar (or its leaf node's link) receives: global keys plus its region's."""
+    return [express_subject(bucket, f"{scope}.*") for scope in (GLOBAL_SCOPE, region) if scope]
 
 
 def _optional_time(value: Any, name: str) -> float | None:
