@@ -149,18 +149,19 @@ def _node_fault_figures(workload: Workload) -> list[dict[str, Any]]:
     for revocations made while the node was down, and for those made after it was back until the next loss."""
     end = workload.started + workload.duration
     windows = [
-        (f.node, f.killed_at, f.revived_at)
+        (f.node, f.killed_at, f.revived_at, f.recovered_at)
         for f in workload.node_faults
         if f.killed_at is not None and f.revived_at is not None
     ]
     figures = []
-    for i, (node, killed, revived) in enumerate(windows):
+    for i, (node, killed, revived, recovered) in enumerate(windows):
         after_until = windows[i + 1][1] if i + 1 < len(windows) else end
         phases = {"during": (killed, revived), "after": (revived, after_until)}
         entry: dict[str, Any] = {
             "node": node,
             "killed_at_s": round(killed - workload.started, 2),
             "down_s": round(revived - killed, 2),
+            "stream_recovered_s": None if recovered is None else round(recovered - killed, 2),
         }
         for phase, (start, stop) in phases.items():
             revoked = [k for k in workload.keys if k.revoked is not None and start <= k.revoked < stop]
@@ -172,11 +173,20 @@ def _node_fault_figures(workload: Workload) -> list[dict[str, Any]]:
             ]
             unseen = sum(1 for k in revoked for r in workload.regions if k.applies_to(r) and r not in k.refused)
             spread = percentiles(seen)
+            # From when the revocation could first be published: the later of its API call and the stream's recovery.
+            ready = [
+                k.refused[r] - max(k.revoke_started or k.revoked or 0.0, recovered or killed)
+                for k in revoked
+                for r in workload.regions
+                if k.applies_to(r) and r in k.refused
+            ]
+            since = percentiles(ready)
             records = [r for r in workload.records if start <= r.sent < stop]
             verdicts = [_verdict(r) for r in records]
             entry[phase] = {
                 "revocations": len(revoked),
                 "propagation_ms": {"p50": _ms(spread.p50), "p99": _ms(spread.p99), "max": _ms(spread.max)},
+                "after_stream_recovery_ms": {"p50": _ms(since.p50), "max": _ms(since.max)},
                 "unobserved": unseen,
                 "false_accepts": verdicts.count("false_accept"),
                 "not_ready_answers": verdicts.count("not_ready"),
@@ -260,10 +270,13 @@ def summary_table(report: dict[str, Any]) -> str:
         )
     for fault in report.get("node_faults", []):
         during, after = fault["during"], fault["after"]
+        recovered = fault.get("stream_recovered_s")
         lines.append(
-            f"hub node {fault['node']} killed at {fault['killed_at_s']}s for {fault['down_s']}s: "
+            f"hub node {fault['node']} killed at {fault['killed_at_s']}s for {fault['down_s']}s, the stream "
+            f"acknowledging again after {'?' if recovered is None else f'{recovered:.2f}'}s: "
             f"{during['revocations']} revocations meanwhile, refused everywhere within "
-            f"{during['propagation_ms']['max'] / 1000:.2f}s (p50 {during['propagation_ms']['p50']:.0f}ms); "
+            f"{during['propagation_ms']['max'] / 1000:.2f}s (p50 {during['propagation_ms']['p50']:.0f}ms), "
+            f"{during['after_stream_recovery_ms']['max'] / 1000:.2f}s after they could be published; "
             f"{after['revocations']} after it was back, within {after['propagation_ms']['max'] / 1000:.2f}s "
             f"(p50 {after['propagation_ms']['p50']:.0f}ms); false accepts {during['false_accepts']} during, "
             f"{after['false_accepts']} after"

@@ -33,6 +33,7 @@ _PROBE_INTERVAL = 0.002
 _FAST_PROBE_SECONDS = 1.0
 _SLOW_PROBE_INTERVAL = 0.025
 _GRACE = "1h"  # rotated-out keys stay valid for the whole run
+_RECOVERY_WATCH = 60.0  # seconds after a hub node's kill to watch for the stream acknowledging again
 
 
 @dataclass(slots=True)
@@ -74,6 +75,9 @@ class NodeFault:
     down: float
     killed_at: float | None = None
     revived_at: float | None = None
+    # When the hub's stream first acknowledged the publisher again after the kill (its last acked sequence
+    # moved): the stream's recovery, which revocations made meanwhile wait for.
+    recovered_at: float | None = None
 
     def spans(self, moment: float, *, settle: float = 0.0) -> bool:
         """Whether `moment` falls between the kill and `settle` seconds after the restart."""
@@ -374,11 +378,34 @@ class Workload:
         nodes = {node.spec.name: node for node in self.topology.hub}
         for fault in plan:
             await asyncio.sleep(max(0.0, self.started + fault.at - time.perf_counter()))
+            acked = await self._last_acked()
             fault.killed_at = time.perf_counter()
             await self.topology.kill(nodes[fault.node])
+            self._spawn(self._watch_recovery(fault, acked))
             await asyncio.sleep(fault.down)
             await self.topology.revive(nodes[fault.node])
             fault.revived_at = time.perf_counter()
+
+    async def _last_acked(self) -> float:
+        """The highest stream sequence JetStream acknowledged to the publisher (its metric; -1: unknown)."""
+        assert self._http is not None
+        try:
+            async with self._http.get(f"{self.topology.publisher_url}/metrics") as response:
+                text = await response.text()
+        except aiohttp.ClientError:
+            return -1.0
+        for line in text.splitlines():
+            if line.startswith("keyrelay_last_acked_sequence "):
+                return float(line.split()[1])
+        return -1.0
+
+    async def _watch_recovery(self, fault: NodeFault, acked_before: float) -> None:
+        """Note when the stream acknowledges the publisher again after `fault`'s kill (polled every 0.1 s)."""
+        while fault.killed_at is not None and time.perf_counter() - fault.killed_at < _RECOVERY_WATCH:
+            if await self._last_acked() > acked_before:
+                fault.recovered_at = time.perf_counter()
+                return
+            await asyncio.sleep(0.1)
 
     async def _sample_readiness(self, plan: Partition, port: int) -> None:
         assert self._http is not None

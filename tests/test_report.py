@@ -173,19 +173,31 @@ def test_a_hub_node_lost_reports_propagation_while_it_was_down_and_after_it_was_
     lost = _key("lost", revoke_started=T0 + 7.0, revoked=T0 + 7.1, refused={"us": T0 + 7.2})  # eu never refused it
     workload = _workload(during, after, lost)
     workload.started = T0
-    workload.node_faults = [NodeFault("hub-2", at=1.0, down=3.0, killed_at=T0 + 1.0, revived_at=T0 + 4.0)]
+    workload.node_faults = [
+        NodeFault("hub-2", at=1.0, down=3.0, killed_at=T0 + 1.0, revived_at=T0 + 4.0, recovered_at=T0 + 4.5)
+    ]
     report = _judged(
         workload, _verify("eu", "valid", during, T0 + 2.5, 200), _verify("eu", "valid", during, T0 + 5.5, 200)
     )
     fault = report["node_faults"][0]
-    assert (fault["node"], fault["killed_at_s"], fault["down_s"]) == ("hub-2", 1.0, 3.0)
+    assert (fault["node"], fault["killed_at_s"], fault["down_s"], fault["stream_recovered_s"]) == (
+        "hub-2",
+        1.0,
+        3.0,
+        3.5,
+    )
     assert fault["during"]["revocations"] == 1
     assert fault["during"]["propagation_ms"]["max"] == 3000.0  # eu refused it 3 s after the API call returned
+    # ... and 0.6 s after the stream took publishes again (the revocation waited in the outbox until then).
+    assert fault["during"]["after_stream_recovery_ms"]["max"] == 600.0
     assert (fault["during"]["false_accepts"], fault["after"]["false_accepts"]) == (0, 1)  # after eu had refused it
     assert (fault["after"]["revocations"], fault["after"]["unobserved"]) == (2, 1)
     # The steady-state figures leave out what was revoked while the node was down.
     assert report["regions"]["eu"]["revocations_observed"] == 1
-    assert "hub node hub-2 killed at 1.0s for 3.0s: 1 revocations meanwhile" in summary_table(report)
+    assert (
+        "hub node hub-2 killed at 1.0s for 3.0s, the stream acknowledging again after 3.50s: 1 revocations meanwhile"
+        in summary_table(report)
+    )
 
 
 def test_what_a_region_counted_is_every_answer_but_a_503_and_a_request_without_answer_is_in_doubt() -> None:
