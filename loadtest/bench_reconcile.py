@@ -10,6 +10,12 @@ the admin API and the heartbeat would feel. Prints the figures and writes them
 as JSON.
 
     python -m loadtest.bench_reconcile --keys 1000000 --out docs/benchmarks/reconcile-1m-YYYY-MM-DD.json
+
+At ten million keys the passes after the first reconciliation take an hour or more on a 2-core
+machine: `--passes reconcile` runs that one only. The create rate is reported over the first and
+the last tenth of the keys (does the database slow down as it grows?), and after the fill the
+sizes that grow with the key count: the SQLite file, the bucket's stream (its messages, bytes and
+store directory) and nats-server's resident memory.
 """
 
 from __future__ import annotations
@@ -42,11 +48,14 @@ from publisher.signing import SigningKeys
 from publisher.store import KeySpec, KeyStore
 from publisher.tokens import TokenStore, generate_token
 
+from .procs import memory_of
+
 __all__ = ["main"]
 
 Step = Callable[[], Awaitable[Any]]
 _BATCH = 5000
 _TAMPERED = 1000
+PASSES = ("reconcile", "tampered", "resign")
 
 
 @contextlib.contextmanager
@@ -109,12 +118,42 @@ def _sign_cost(signer: Signer, keys: SigningKeys, payload: bytes, rounds: int = 
     }
 
 
-async def _fill(store: KeyStore, actor: Actor, project_id: str, count: int, relay: OutboxRelay) -> None:
+async def _fill(
+    store: KeyStore, actor: Actor, project_id: str, count: int, relay: OutboxRelay, rates: dict[str, float]
+) -> None:
+    """Create `count` keys, 5,000 a transaction, while the relay signs and publishes them; the create rate of the
+    first and the last tenth goes into `rates` (keys a second, the relay publishing all along)."""
+    tenth = max(_BATCH, count // 10)
+    started = mark = time.perf_counter()
     for start in range(0, count, _BATCH):
         specs = [KeySpec(name=f"k{i}", scopes=("orders:read",)) for i in range(start, min(count, start + _BATCH))]
         await store.create_keys(actor, project_id, specs)
         relay.wake()
-    await relay.drain(timeout=3600)
+        done = start + len(specs)
+        if done == tenth:
+            rates["first_tenth_keys_per_s"] = round(tenth / (time.perf_counter() - started), 1)
+        if done == count - tenth:
+            mark = time.perf_counter()
+        if done % 1_000_000 == 0:
+            print(f"  created {done:,} / {count:,} ({done / (time.perf_counter() - started):,.0f}/s)", flush=True)
+    rates["last_tenth_keys_per_s"] = round(tenth / (time.perf_counter() - mark), 1)
+    await relay.drain(timeout=4 * 3600)
+
+
+def _sizes(work: Path, server: NatsServer) -> dict[str, Any]:
+    """What grows with the key count: the SQLite file, the store directory, nats-server's memory."""
+
+    def size(path: Path) -> int:
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+    database = sum(size(p) for p in work.glob("keyrelay.db*"))
+    memory = memory_of(server.process.pid) if server.process is not None else {}
+    return {
+        "sqlite_bytes": database,
+        "nats_store_bytes": size(work / "nats"),
+        "nats_rss_bytes": memory.get("VmRSS"),
+        "nats_peak_rss_bytes": memory.get("VmHWM"),
+    }
 
 
 async def _tamper(nats_url: str, store: KeyStore) -> None:
@@ -126,7 +165,7 @@ async def _tamper(nats_url: str, store: KeyStore) -> None:
     await nc.close()
 
 
-async def run(count: int, work: Path) -> dict[str, Any]:
+async def run(count: int, work: Path, passes: tuple[str, ...] = PASSES) -> dict[str, Any]:
     """Every figure of one run over `count` keys, in `work`."""
     figures: dict[str, Any] = {"keys": count, "python": platform.python_version(), "machine": platform.processor()}
     server = NatsServer(NatsSpec(name="bench", store_dir=work / "nats"), log_dir=work / "logs")
@@ -145,7 +184,13 @@ async def run(count: int, work: Path) -> dict[str, Any]:
         org = await store.create_org(actor, "bench")
         team = await store.create_team(actor, org.id, "bench")
         project = await store.create_project(actor, team.id, "bench")
-        await _timed("create, sign and publish", lambda: _fill(store, actor, project.id, count, relay), figures)
+        rates: dict[str, float] = {}
+        await _timed("create, sign and publish", lambda: _fill(store, actor, project.id, count, relay, rates), figures)
+        figures["create, sign and publish"].update(rates)
+        figures["sizes"] = _sizes(work, server)
+        info = await broker.js.stream_info("KV_KEYS")
+        figures["sizes"].update(stream_messages=info.state.messages, stream_bytes=info.state.bytes)
+        print(f"sizes: {figures['sizes']}", flush=True)
         payload = (await store.scan_keys(limit=1))[0].record().encode()
         figures["per_value"] = _sign_cost(keys.signer, keys, payload)
         print(f"per value: {figures['per_value']}", flush=True)
@@ -155,6 +200,8 @@ async def run(count: int, work: Path) -> dict[str, Any]:
             figures,
         )
         figures["reconcile, consistent"]["report"] = report.to_json()
+        if "tampered" not in passes:
+            return figures
         await _tamper(server.url, store)
         report = await _timed(
             "reconcile, 1000 tampered",
@@ -163,6 +210,8 @@ async def run(count: int, work: Path) -> dict[str, Any]:
         )
         figures["reconcile, 1000 tampered"]["report"] = report.to_json()
         await relay.drain(timeout=600)
+        if "resign" not in passes:
+            return figures
         report = await _timed(
             "resign, nothing due", lambda: resign(store=store, broker=broker, keys=keys, horizon=7 * 86400), figures
         )
@@ -182,14 +231,23 @@ def main() -> None:
     )
     parser.add_argument("--keys", type=int, default=100_000, help="keys to create (default 100000)")
     parser.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    parser.add_argument(
+        "--passes",
+        default=",".join(PASSES),
+        help="passes after the fill, comma separated, in this order: reconcile (of the consistent bucket), "
+        "tampered (reconcile after tampering with 1,000 entries), resign (default all)",
+    )
     args = parser.parse_args()
+    passes = tuple(p.strip() for p in args.passes.split(",") if p.strip())
+    if not set(passes) <= set(PASSES):
+        parser.error(f"--passes: choose from {', '.join(PASSES)}")
     with tempfile.TemporaryDirectory(prefix="keyrelay-bench-reconcile-") as work:
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a dependency everywhere but Windows
-            figures = asyncio.run(run(args.keys, Path(work)))
+            figures = asyncio.run(run(args.keys, Path(work), passes))
         else:
-            figures = uvloop.run(run(args.keys, Path(work)))
+            figures = uvloop.run(run(args.keys, Path(work), passes))
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2) + "\n")
 
