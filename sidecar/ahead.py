@@ -75,7 +75,3 @@ class Ahead:
         for key_id, lead in self._keys.items():
             total += lead.stream_term - table.term_of(key_id)
         return total & MASK
-
-    def clear(self) -> None:
-        """Forget every key (the table was replaced)."""
-        self._keys.clear()
