@@ -10,7 +10,9 @@ directly on a table (sidecar/ahead.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +63,28 @@ async def _keys(publisher: Publisher, count: int) -> list[dict[str, Any]]:
     return list((await publisher.admin.ok("POST", f"/projects/{project['id']}/keys/bulk", body))["keys"])
 
 
-async def test_a_sidecar_whose_stream_is_stalled_refuses_a_revocation_and_the_streams_copy_later_changes_nothing(
-    start_publisher: StartPublisher, start_sidecar: StartSidecar, nats_server: NatsServer
-) -> None:
-    publisher = await start_publisher(heartbeat_interval=_BEAT)
-    keys = await _keys(publisher, 3)
+@contextlib.asynccontextmanager
+async def _behind_a_link(
+    start_sidecar: StartSidecar, nats_server: NatsServer, keys: list[dict[str, Any]]
+) -> AsyncIterator[tuple[Sidecar, WithholdingProxy]]:
+    """A sidecar reaching NATS through a link that can withhold its stream, ready and holding `keys`."""
     proxy = WithholdingProxy(target_port=nats_server.port)
     await proxy.start()
     try:
         sidecar = await start_sidecar(nats_url=(proxy.url,), max_staleness=30.0)
         await sidecar.ready()
-        await eventually(lambda: sidecar.status_of(keys[2]["key"]), lambda s: s == 200)
+        await eventually(lambda: sidecar.status_of(keys[-1]["key"]), lambda s: s == 200)
+        yield sidecar, proxy
+    finally:
+        await proxy.close()
+
+
+async def test_a_sidecar_whose_stream_is_stalled_refuses_a_revocation_and_the_streams_copy_later_changes_nothing(
+    start_publisher: StartPublisher, start_sidecar: StartSidecar, nats_server: NatsServer
+) -> None:
+    publisher = await start_publisher(heartbeat_interval=_BEAT)
+    keys = await _keys(publisher, 3)
+    async with _behind_a_link(start_sidecar, nats_server, keys) as (sidecar, proxy):
         proxy.withhold()  # the stream stalls: not one delivery reaches the sidecar from now on
         project = await publisher.admin.project()
         new = await publisher.admin.create_key(project["id"], name="during the stall")
@@ -98,8 +111,6 @@ async def test_a_sidecar_whose_stream_is_stalled_refuses_a_revocation_and_the_st
         assert metrics.family("keyrelay_express_values_total")['{outcome="applied"}'] == 1
         assert metrics.samples["keyrelay_express_ahead_keys"] == 0
         assert publisher.services.relay.stats.expressed == 1  # the revocation, not the creations
-    finally:
-        await proxy.close()
 
 
 async def test_with_express_off_a_stalled_stream_holds_the_revocation_back_until_it_flows(
@@ -107,12 +118,7 @@ async def test_with_express_off_a_stalled_stream_holds_the_revocation_back_until
 ) -> None:
     publisher = await start_publisher(heartbeat_interval=_BEAT, express=False)
     keys = await _keys(publisher, 2)
-    proxy = WithholdingProxy(target_port=nats_server.port)
-    await proxy.start()
-    try:
-        sidecar = await start_sidecar(nats_url=(proxy.url,), max_staleness=30.0)
-        await sidecar.ready()
-        await eventually(lambda: sidecar.status_of(keys[1]["key"]), lambda s: s == 200)
+    async with _behind_a_link(start_sidecar, nats_server, keys) as (sidecar, proxy):
         proxy.withhold()
         await publisher.admin.ok("POST", f"/keys/{keys[0]['id']}/revoke")
         marker = await publisher.admin.ok("POST", f"/keys/{keys[1]['id']}/revoke")
@@ -122,8 +128,6 @@ async def test_with_express_off_a_stalled_stream_holds_the_revocation_back_until
         assert publisher.services.relay.stats.expressed == 0
         proxy.withholding = False
         await eventually(lambda: sidecar.code_of(keys[0]["key"]), lambda c: c == "REVOKED", timeout=10)
-    finally:
-        await proxy.close()
 
 
 def _express_of(sidecar: Sidecar) -> Any:
