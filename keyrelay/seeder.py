@@ -219,8 +219,11 @@ async def _wait_synced(
                 keys=len(sync.table),
                 pending=sync.pending,
             )
+        wait = min(every, left)
+        if not sync.connected:  # an unreachable NATS is said once connect_timeout is up, not an interval later
+            wait = min(wait, max(0.05, connect_timeout - (now - started)))
         try:
-            await sync.wait_synced(min(every, left, max(0.05, connect_timeout - (now - started))))
+            await sync.wait_synced(wait)
             return
         except TimeoutError:
             if progress is not None:

@@ -103,6 +103,26 @@ async def test_seeding_a_bucket_that_does_not_exist_gives_up_and_says_where_to_l
     assert raised.value.keys == 0
 
 
+async def test_a_seed_that_waits_long_reports_its_progress_once_an_interval(nats_server: NatsServer) -> None:
+    # Connected, but there is no bucket to read: the seed waits out its timeout, well past connect_timeout.
+    reports: list[SeedProgress] = []
+    seeding = seed_snapshot(
+        nats=NatsConnect((nats_server.url,), identity="region-init-global"),
+        bucket="KEYS",
+        region=None,
+        store="S",
+        trust=TRUST,
+        signer=SNAPSHOT_SIGNER,
+        timeout=2.0,
+        connect_timeout=0.2,
+        progress=reports.append,
+        progress_every=0.5,
+    )
+    with pytest.raises(SyncTimeout):
+        await seeding
+    assert 2 <= len(reports) <= 5, [round(r.seconds, 2) for r in reports]  # 2 s at one a 0.5 s, not one a 0.05 s
+
+
 async def test_seeding_without_a_reachable_nats_gives_up_soon_and_says_so() -> None:
     unreachable = NatsConnect((f"nats://127.0.0.1:{free_port()}",), identity="region-init-global")
     seeding = seed_snapshot(
