@@ -28,8 +28,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from keyrelay.core.errors import RecordError
 from keyrelay.core.trust import KIND_RECORD, KIND_TOMBSTONE, SIGNATURE_HEADER, Signer
-from keyrelay.core.wire import MAX_VERSION, encode_tombstone, express_subject, is_canonical_id, subject_prefix
+from keyrelay.core.wire import (
+    MAX_VERSION,
+    decode_fields,
+    encode_tombstone,
+    express_subject,
+    is_canonical_id,
+    subject_prefix,
+)
 
 from . import stream_digest
 from .broker import Broker
@@ -372,19 +380,21 @@ class OutboxRelay:
         return _outcomes(futures)
 
     async def _express(self, acked: Sequence[tuple[OutboxEntry, _Message]]) -> None:
-        """Repeat each acknowledged change to an existing key on its express subject (a new key has nothing to
-        overtake: the stream alone brings it). Core NATS, at most once: the stream stays the sidecars' authority."""
+        """Repeat each acknowledged change to an existing key on its express subject. Core NATS, at most once: the
+        stream stays the sidecars' authority, and brings whatever is not repeated or not taken."""
         nc = self.broker.nc
         if not self.express or nc is None:
             return
-        for entry, (body, headers) in acked:
-            if entry.prior_version == NO_RECORD:
-                continue
+        changes = [(entry, message) for entry, message in acked if _changes_a_key(entry, message[0])]
+        if changes and not nc.is_connected:  # reconnecting: the reconnect buffer is the stream publishes' own
+            self.stats.express_failures += len(changes)
+            return
+        for sent, (entry, (body, headers)) in enumerate(changes):
             plain = {name: value for name, value in headers.items() if name != "Nats-Msg-Id"}
             try:
                 await nc.publish(express_subject(self.broker.bucket, entry.entry), body, headers=plain)
-            except Exception as exc:  # closed or reconnecting: the stream brings it all the same
-                self.stats.express_failures += 1
+            except Exception as exc:  # closed meanwhile: the stream brings them all the same
+                self.stats.express_failures += len(changes) - sent
                 log.debug("express publish not taken: %s", _describe(exc))
                 return
             self.stats.expressed += 1
@@ -433,6 +443,25 @@ class OutboxRelay:
         async with self.db.transaction() as tx:
             rows = await tx.fetch(f"SELECT id FROM outbox WHERE id IN ({placeholders(len(ordered))})", *ordered)
         return {r["id"] for r in rows}
+
+
+def _changes_a_key(entry: OutboxEntry, body: bytes) -> bool:
+    """Whether an entry changes what the stream held for its key: worth repeating express.
+
+    Not a new key (the stream alone brings it: there is nothing to overtake), not a re-signing of the
+    version the stream holds (`keyrelay publisher resign`, after a signing key's rotation: it changes
+    nothing a sidecar serves), not a reconciliation's repair (its prior version is not known: repairs
+    come with the stream).
+    """
+    prior = entry.prior_version
+    if prior is None or prior == NO_RECORD:
+        return False
+    if entry.operation == "delete":
+        return True
+    try:
+        return prior < decode_fields(body)[10]
+    except RecordError:
+        return False
 
 
 def _describe(error: object) -> str:

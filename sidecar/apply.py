@@ -95,7 +95,9 @@ class Applier:
         self.last_event: float | None = None  # wall-clock time of the last change to the table
         self.recent_quarantines: list[dict[str, Any]] = []
         self.digests = DigestCheck()
-        self.ahead = Ahead()  # keys an express value brought before the stream (sidecar/express.py)
+        # Keys an express value brought before the stream (sidecar/express.py); none older than an express value
+        # may be.
+        self.ahead = Ahead(lifetime=trust.max_publish_delay)
         self._position = position
         self._freshness = freshness
         self._log_window = (0.0, 0)  # start of this minute's rejection log lines, and their count
@@ -146,12 +148,12 @@ class Applier:
             key_id, version = verdict.key_id, verdict.version
         if not self.ahead.room_for(key_id):
             return None
-        stream_term = self.table.term_of(key_id)
+        stream_term, before = self.table.term_of(key_id), self.table.digest
         if isinstance(verdict, Record):
             changed = self._take(verdict.fields)
         else:
             changed = self._tombstone(key_id, version, verdict.until)
-        if changed:
+        if changed or self.table.digest != before:  # a quarantined key's delete moves the digest, serving nothing new
             self.ahead.took(key_id, version, stream_term)
         return changed
 

@@ -43,6 +43,10 @@ log = logging.getLogger("keyrelay.sidecar.sync")
 # refused by a check; dropped (still loading, or too many keys ahead of the stream).
 OUTCOMES: Final = ("applied", "held", "refused", "dropped")
 _LOG_REFUSALS_EVERY: Final = 60.0
+# What may wait to be checked on each subscription: beyond it nats-py drops values (a slow consumer), which the
+# stream brings anyway. Bounds what whoever may publish there (the publisher's credential) can make a sidecar hold.
+_PENDING_MESSAGES: Final = 4_096
+_PENDING_BYTES: Final = 8 * 2**20
 
 
 class Express:
@@ -67,7 +71,15 @@ class Express:
 
     async def subscribe(self, nc: Client) -> None:
         """Receive this sidecar's express subjects on `nc` (nats-py subscribes again after a reconnect)."""
-        self.subscriptions = [await nc.subscribe(subject, cb=self._on_message) for subject in self.subjects]
+        self.subscriptions = [
+            await nc.subscribe(
+                subject,
+                cb=self._on_message,
+                pending_msgs_limit=_PENDING_MESSAGES,
+                pending_bytes_limit=_PENDING_BYTES,
+            )
+            for subject in self.subjects
+        ]
 
     async def _on_message(self, msg: Msg) -> None:
         self.take(msg.subject, msg.data, msg.headers)

@@ -258,3 +258,51 @@ def test_no_more_keys_than_the_limit_lead_the_stream() -> None:
     assert [applier.commit_ahead(Record(r.fields())) for r in records] == [True, True, None]
     assert applier.commit_ahead(Record(revoked(records[0]).fields())) is True  # a key that leads already
     assert len(table) == 2
+
+
+async def test_re_signing_and_repairs_are_not_repeated_express_only_changes_are(
+    start_publisher: StartPublisher, js: JetStreamContext
+) -> None:
+    publisher = await start_publisher(heartbeat_interval=_BEAT)
+    keys = await _keys(publisher, 3)
+    stats = publisher.services.relay.stats
+    assert stats.expressed == 0  # new keys: the stream alone brings them
+    await publisher.admin.ok("POST", f"/keys/{keys[0]['id']}/revoke")
+    await publisher.admin.ok("POST", f"/keys/{keys[1]['id']}/rotate", {"grace": 60})
+    assert stats.expressed == 2  # the revocation, and the old key's shortened expiry (its successor is new)
+    await publisher.admin.ok("POST", "/resign", {"all": True})
+    await eventually(publisher.services.relay.depth, lambda n: n == 0)
+    _, record = make_key()
+    await js.publish(f"$KV.KEYS.global.{keys[2]['id']}", record.encode())  # an unsigned value the repair replaces
+    assert (await publisher.admin.ok("POST", "/reconcile"))["republished"] == 1
+    await eventually(publisher.services.relay.depth, lambda n: n == 0)
+    assert stats.expressed == 2
+
+
+def test_a_lead_the_stream_never_catches_up_with_expires_and_the_heartbeats_then_tell() -> None:
+    table = KeyTable()
+    applier = _applier(table)
+    applier.ahead.lifetime = 0.05
+    _, record = make_key()
+    applier.commit(Record(record.fields()))
+    stream_digest = table.digest
+    assert applier.commit_ahead(Record(revoked(record).fields())) is True
+    assert applier.ahead.stream_digest(table) == stream_digest
+    time.sleep(0.1)
+    # The stream never brought the revocation: the table is judged as it is, and a heartbeat without it mismatches.
+    assert applier.ahead.stream_digest(table) == table.digest != stream_digest
+    assert len(applier.ahead) == 0
+    applier.commit(Heartbeat(time.time(), 1, stream_digest), waiting=0)
+    assert applier.digests.mismatches == 1
+
+
+def test_an_express_delete_of_a_quarantined_key_leads_the_stream_too() -> None:
+    table = KeyTable()
+    applier = _applier(table)
+    _, record = make_key()
+    applier.commit(Record(record.fields()))
+    table.quarantine(record.key_id)  # its newest stream value failed a check: refused, its term kept
+    stream_digest = table.digest
+    assert applier.commit_ahead(Tombstone(record.key_id, MAX_VERSION, until=time.time() + 60)) is False
+    assert table.digest != stream_digest  # the delete took the quarantined term out, serving nothing new
+    assert applier.ahead.stream_digest(table) == stream_digest
