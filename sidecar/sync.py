@@ -43,6 +43,7 @@ from keyrelay.core.trust import Trust
 from keyrelay.core.wire import GLOBAL_SCOPE, region_subjects, stream_name, subject_prefix
 
 from .apply import Applier, SyncStats
+from .consumer_request import consumer_request
 from .deliveries import Deliveries, Generation
 from .direct import DirectClient
 from .errors import BucketNotFound, CreateTimeout
@@ -56,7 +57,6 @@ __all__ = ["KeySync", "SyncConfig", "SyncStats"]
 
 log = logging.getLogger("keyrelay.sidecar.sync")
 
-_NS = 1_000_000_000
 _MAX_BACKOFF = 2.0
 _MISSED_HEARTBEATS = 3
 # How late an idle heartbeat may be before the sidecar asks whether its consumer's node still leads the stream.
@@ -508,34 +508,11 @@ class KeySync:
         filters = [] if holds_exactly(info, subjects) else subjects
         self._opened += 1
         gen.consumer = f"keyrelay-{self.replica_id}-{self._opened}"
-        config: dict[str, Any] = {
-            "name": gen.consumer,
-            "deliver_subject": inbox,
-            "deliver_policy": "by_start_sequence" if start > 1 else "all",
-            "ack_policy": "none",
-            "max_deliver": 1,
-            "flow_control": True,
-            "idle_heartbeat": int(self.config.heartbeat * _NS),
-            "inactive_threshold": int(max(30.0, 10 * self.config.heartbeat) * _NS),
-            "mem_storage": True,
-            "num_replicas": 1,
-            "replay_policy": "instant",
-            # Made by the stream's leader itself, as a mirror's consumer is, never placed by the meta leader on
-            # a node that may be dead (_watchdog says what happens when the leader moves on).
-            "direct": True,
-        }
-        if start > 1:
-            config["opt_start_seq"] = start
-        create = f"CONSUMER.CREATE.{self.stream}.{gen.consumer}"
-        if len(filters) == 1:
-            # The filter in the subject too (CONSUMER.CREATE.<stream>.<name>.<filter>): the server holds both equal.
-            config["filter_subject"] = filters[0]
-            create += f".{filters[0]}"
-        elif filters:
-            config["filter_subjects"] = filters
         # The consumer is named before it is asked for: if the create goes unanswered, the next open asks for it
         # again by that name (and, unanswered twice, deletes it and names another).
-        body = {"stream_name": self.stream, "config": config}
+        create, body = consumer_request(
+            self.stream, gen.consumer, deliver=inbox, start=start, heartbeat=self.config.heartbeat, filters=filters
+        )
         try:
             created = await self._create(nc, create, body)
         except CreateTimeout:
