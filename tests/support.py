@@ -332,6 +332,12 @@ class Publisher:
         """Shut it down as SIGTERM would: the relay gives its lease up."""
         await self.server.close()
 
+    async def bulk_keys(self, count: int, region: str | None = None) -> list[dict[str, Any]]:
+        """`count` keys with scope `read` (of `region`, else global) made in one bulk call; the API's answers."""
+        project = await self.admin.project()
+        body = {"keys": [{"name": f"k{region or ''}{i}", "scopes": ["read"], "region": region} for i in range(count)]}
+        return list((await self.admin.ok("POST", f"/projects/{project['id']}/keys/bulk", body))["keys"])
+
 
 # The conftest fixtures start_sidecar and start_publisher: keyword settings in, a running server out.
 StartSidecar = Callable[..., Awaitable[Sidecar]]

@@ -46,13 +46,6 @@ from tests.withholding_proxy import WithholdingProxy
 _BEAT = 0.25  # the publisher's heartbeat interval in these tests
 
 
-async def _keys(publisher: Publisher, count: int, region: str | None = None) -> list[dict[str, Any]]:
-    project = await publisher.admin.project()
-    body = {"keys": [{"name": f"k{region}{i}", "scopes": ["read"], "region": region} for i in range(count)]}
-    answer = await publisher.admin.ok("POST", f"/projects/{project['id']}/keys/bulk", body)
-    return list(answer["keys"])
-
-
 async def _revoke(publisher: Publisher, *key_ids: str) -> None:
     answer = await publisher.admin.ok("POST", "/keys/revoke", {"ids": list(key_ids)})
     assert answer["propagation"] == "published"
@@ -96,7 +89,7 @@ async def test_a_revocation_deleted_from_the_stream_leaves_the_sidecar_that_miss
     start_publisher: StartPublisher, start_sidecar: StartSidecar, js: JetStreamContext, nats_server: NatsServer
 ) -> None:
     publisher = await start_publisher(heartbeat_interval=_BEAT)
-    keys = await _keys(publisher, 3)
+    keys = await publisher.bulk_keys(3)
     assert (await seed(nats_server.url)).written is not None  # a snapshot holding the keys as issued
     target = keys[0]
     await _revoke(publisher, target["id"])
@@ -133,7 +126,7 @@ async def test_a_link_that_loses_a_revocation_and_renumbers_nothing_makes_the_ru
     start_publisher: StartPublisher, start_sidecar: StartSidecar, js: JetStreamContext, nats_server: NatsServer
 ) -> None:
     publisher = await start_publisher(heartbeat_interval=_BEAT)
-    keys = await _keys(publisher, 2)
+    keys = await publisher.bulk_keys(2)
     proxy = WithholdingProxy(target_port=nats_server.port)
     await proxy.start()
     try:
@@ -171,8 +164,8 @@ async def test_creating_revoking_rotating_resigning_reconciling_and_a_lease_hand
         for sidecar in sidecars:
             await _matched_since(sidecar, moment)
 
-    global_keys = await _keys(first, 5)
-    eu_keys = await _keys(first, 4, region="eu")
+    global_keys = await first.bulk_keys(5)
+    eu_keys = await first.bulk_keys(4, region="eu")
     await settled()
     await _revoke(first, global_keys[0]["id"], eu_keys[0]["id"])
     await first.admin.ok("POST", f"/keys/{eu_keys[1]['id']}/rotate", {"grace": 60})
@@ -188,7 +181,7 @@ async def test_creating_revoking_rotating_resigning_reconciling_and_a_lease_hand
     await first.server.close()
     second = await start_publisher(heartbeat_interval=_BEAT, regions=("eu",))
     await eventually(lambda: asyncio.sleep(0, second.services.relay.leader), bool, timeout=15)
-    more = await _keys(second, 3, region="eu")
+    more = await second.bulk_keys(3, region="eu")
     await _revoke(second, more[0]["id"], global_keys[1]["id"])
     await settled()
     # What the relay moved change by change is what summing the database afresh gives.
@@ -287,7 +280,7 @@ async def test_a_bucket_lost_and_made_again_is_refilled_and_the_sidecar_matches_
     start_publisher: StartPublisher, start_sidecar: StartSidecar, js: JetStreamContext
 ) -> None:
     publisher = await start_publisher(heartbeat_interval=_BEAT)
-    keys = await _keys(publisher, 4)
+    keys = await publisher.bulk_keys(4)
     sidecar = await start_sidecar()
     await sidecar.ready()
     await js.delete_key_value("KEYS")

@@ -31,7 +31,6 @@ from tests.support import (
     FORGER,
     SIGNER,
     TRUST,
-    Publisher,
     Scrape,
     Sidecar,
     StartPublisher,
@@ -57,12 +56,6 @@ async def _express(sidecar: Sidecar) -> dict[str, Any]:
     return status["express"]
 
 
-async def _keys(publisher: Publisher, count: int) -> list[dict[str, Any]]:
-    project = await publisher.admin.project()
-    body = {"keys": [{"name": f"k{i}", "scopes": ["read"]} for i in range(count)]}
-    return list((await publisher.admin.ok("POST", f"/projects/{project['id']}/keys/bulk", body))["keys"])
-
-
 @contextlib.asynccontextmanager
 async def _behind_a_link(
     start_sidecar: StartSidecar, nats_server: NatsServer, keys: list[dict[str, Any]]
@@ -83,7 +76,7 @@ async def test_a_sidecar_whose_stream_is_stalled_refuses_a_revocation_and_the_st
     start_publisher: StartPublisher, start_sidecar: StartSidecar, nats_server: NatsServer
 ) -> None:
     publisher = await start_publisher(heartbeat_interval=_BEAT)
-    keys = await _keys(publisher, 3)
+    keys = await publisher.bulk_keys(3)
     async with _behind_a_link(start_sidecar, nats_server, keys) as (sidecar, proxy):
         proxy.withhold()  # the stream stalls: not one delivery reaches the sidecar from now on
         project = await publisher.admin.project()
@@ -117,7 +110,7 @@ async def test_with_express_off_a_stalled_stream_holds_the_revocation_back_until
     start_publisher: StartPublisher, start_sidecar: StartSidecar, nats_server: NatsServer
 ) -> None:
     publisher = await start_publisher(heartbeat_interval=_BEAT, express=False)
-    keys = await _keys(publisher, 2)
+    keys = await publisher.bulk_keys(2)
     async with _behind_a_link(start_sidecar, nats_server, keys) as (sidecar, proxy):
         proxy.withhold()
         await publisher.admin.ok("POST", f"/keys/{keys[0]['id']}/revoke")
@@ -148,7 +141,7 @@ async def test_an_express_value_that_fails_a_check_is_dropped_and_never_quaranti
     publisher = await start_publisher(heartbeat_interval=_BEAT)
     sidecar = await start_sidecar()
     await sidecar.ready()
-    key = (await _keys(publisher, 1))[0]
+    key = (await publisher.bulk_keys(1))[0]
     await eventually(lambda: sidecar.status_of(key["key"]), lambda s: s == 200)
     record_entry = f"global.{key['id']}"
     subject = express_subject("KEYS", record_entry)
@@ -264,7 +257,7 @@ async def test_re_signing_and_repairs_are_not_repeated_express_only_changes_are(
     start_publisher: StartPublisher, js: JetStreamContext
 ) -> None:
     publisher = await start_publisher(heartbeat_interval=_BEAT)
-    keys = await _keys(publisher, 3)
+    keys = await publisher.bulk_keys(3)
     stats = publisher.services.relay.stats
     assert stats.expressed == 0  # new keys: the stream alone brings them
     await publisher.admin.ok("POST", f"/keys/{keys[0]['id']}/revoke")

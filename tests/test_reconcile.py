@@ -38,17 +38,10 @@ async def _bucket_matches_database(publisher: Publisher, js: JetStreamContext) -
     assert await bucket_entries(js) == {key.record().entry for key in keys}
 
 
-async def _keys(publisher: Publisher, count: int) -> list[dict[str, str]]:
-    project = await publisher.admin.project()
-    body = {"keys": [{"name": f"k{i}", "scopes": ["read"]} for i in range(count)]}
-    answer = await publisher.admin.ok("POST", f"/projects/{project['id']}/keys/bulk", body)
-    return list(answer["keys"])
-
-
 async def _lost_bucket(start_publisher: StartPublisher, js: JetStreamContext, count: int) -> Publisher:
     """A publisher (not reconciling at start) with `count` keys, whose bucket was then deleted."""
     publisher = await start_publisher(reconcile_on_start=False)
-    await _keys(publisher, count)
+    await publisher.bulk_keys(count)
     await js.delete_key_value("KEYS")
     return publisher
 
@@ -65,7 +58,7 @@ async def _repair_entry(publisher: Publisher) -> dict[str, Any]:
 
 async def test_a_consistent_bucket_needs_nothing(start_publisher: StartPublisher) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
-    await _keys(publisher, 50)
+    await publisher.bulk_keys(50)
     audit_before = await publisher.admin.ok("GET", "/audit")
     report = await publisher.admin.ok("POST", "/reconcile")
     assert report["keys_in_database"] == report["entries_in_bucket"] == 50
@@ -79,7 +72,7 @@ async def test_a_lost_bucket_is_recreated_and_refilled(
     publisher = await start_publisher(reconcile_on_start=False)
     sidecar = await start_sidecar(heartbeat=0.2)
     await sidecar.ready()
-    keys = await _keys(publisher, 40)
+    keys = await publisher.bulk_keys(40)
     await publisher.admin.ok("POST", f"/keys/{keys[0]['id']}/revoke")
     await js.delete_key_value("KEYS")
 
@@ -98,7 +91,7 @@ async def test_an_unsigned_entry_edited_by_hand_is_put_back_at_the_database_vers
     start_publisher: StartPublisher, start_sidecar: StartSidecar, js: JetStreamContext
 ) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
-    keys = await _keys(publisher, 10)
+    keys = await publisher.bulk_keys(10)
     target = keys[3]
     await publisher.admin.ok("POST", f"/keys/{target['id']}/revoke")
     kv = await js.key_value("KEYS")
@@ -126,7 +119,7 @@ async def test_entries_of_keys_the_database_does_not_know_are_deleted(
     start_publisher: StartPublisher, start_sidecar: StartSidecar, js: JetStreamContext
 ) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
-    await _keys(publisher, 5)
+    await publisher.bulk_keys(5)
     kv = await js.key_value("KEYS")
     stray_key, stray = make_key()
     await put(kv, stray)
@@ -173,7 +166,7 @@ async def test_forged_records_unsigned_or_badly_signed_are_counted_and_repaired(
     start_publisher: StartPublisher, js: JetStreamContext
 ) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
-    keys = await _keys(publisher, 6)
+    keys = await publisher.bulk_keys(6)
     signer = publisher.services.keys.signer
     unsigned_target, badly_signed_target = keys[0]["id"], keys[1]["id"]
     genuine = KeyRecord.decode((await _genuine(publisher, js, unsigned_target)).data)
@@ -212,7 +205,7 @@ async def test_a_genuine_record_with_its_scopes_raised_is_put_back(
     start_publisher: StartPublisher, start_sidecar: StartSidecar, js: JetStreamContext
 ) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
-    target = (await _keys(publisher, 3))[2]
+    target = (await publisher.bulk_keys(3))[2]
     genuine = await _genuine(publisher, js, target["id"])
     record = KeyRecord.decode(genuine.data)
     tampered = dataclasses.replace(record, scopes=("admin", "read"))
@@ -231,7 +224,7 @@ async def test_a_record_claiming_version_2_to_the_63_is_repaired_without_a_500(
     start_publisher: StartPublisher, js: JetStreamContext
 ) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
-    target = (await _keys(publisher, 4))[1]
+    target = (await publisher.bulk_keys(4))[1]
     raw = msgpack.unpackb((await _genuine(publisher, js, target["id"])).data, raw=False)
     raw.update(ver=2**63, scopes=["admin"])
     await plant(js, f"global.{target['id']}", msgpack.packb(raw, use_bin_type=True))
@@ -249,7 +242,7 @@ async def test_a_genuine_record_newer_than_the_database_is_exceeded_and_one_at_t
 ) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
     signer = publisher.services.keys.signer
-    newer, top = await _keys(publisher, 2)
+    newer, top = await publisher.bulk_keys(2)
     for key, version in ((newer, 50), (top, MAX_VERSION)):
         # As after restoring the database from an old backup: the bucket holds later genuine versions.
         record = dataclasses.replace(
@@ -274,7 +267,7 @@ async def test_the_heartbeat_entry_is_not_an_orphan_and_names_that_are_no_key_ar
     start_publisher: StartPublisher, js: JetStreamContext
 ) -> None:
     publisher = await start_publisher(reconcile_on_start=False, heartbeat_interval=0.1)
-    await _keys(publisher, 3)
+    await publisher.bulk_keys(3)
 
     async def heartbeats() -> int:
         return publisher.services.heartbeat.stats.published
@@ -292,7 +285,7 @@ async def test_the_relay_leader_reconciles_every_interval_on_its_own(
     start_publisher: StartPublisher, js: JetStreamContext
 ) -> None:
     publisher = await start_publisher(reconcile_on_start=False, reconcile_interval=0.3)
-    target = (await _keys(publisher, 2))[0]
+    target = (await publisher.bulk_keys(2))[0]
     genuine = await _genuine(publisher, js, target["id"])
     forged = dataclasses.replace(KeyRecord.decode(genuine.data), scopes=("admin",))
     await plant(js, forged.entry, forged.encode())
@@ -333,7 +326,7 @@ async def test_a_current_record_published_again_long_after_its_signing_is_put_ba
     start_publisher: StartPublisher, js: JetStreamContext
 ) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
-    keys = await _keys(publisher, 3)
+    keys = await publisher.bulk_keys(3)
     signer = publisher.services.keys.signer
     target = await _genuine(publisher, js, keys[0]["id"])
     entry = f"global.{keys[0]['id']}"

@@ -35,12 +35,6 @@ from tests.support import (
 DAY = 86400.0
 
 
-async def _keys(publisher: Publisher, count: int) -> list[dict[str, Any]]:
-    project = await publisher.admin.project()
-    body = {"keys": [{"name": f"k{i}", "scopes": ["read"]} for i in range(count)]}
-    return list((await publisher.admin.ok("POST", f"/projects/{project['id']}/keys/bulk", body))["keys"])
-
-
 async def _resign(database_url: str, nats: NatsServer, key: Path, *flags: str) -> tuple[dict[str, Any], str]:
     """`keyrelay publisher resign --offline` in its own process (no publisher running); report and progress."""
     return await _run_resign(
@@ -116,7 +110,7 @@ async def test_values_signed_long_ago_or_stored_long_after_signing_are_signed_ag
 ) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
     signer = publisher.services.keys.signer
-    keys = await _keys(publisher, 4)
+    keys = await publisher.bulk_keys(4)
     old, recent, late = keys[:2], keys[2], keys[3]
     for key, age in [*((k, 4 * DAY) for k in old), (late, 1 * DAY)]:
         entry = f"global.{key['id']}"
@@ -149,7 +143,7 @@ async def test_resign_all_after_a_key_rotation_signs_every_value_with_the_new_ke
 ) -> None:
     first = await start_publisher(reconcile_on_start=False)
     old = first.services.keys.signer
-    keys = await _keys(first, 5)
+    keys = await first.bulk_keys(5)
     await first.admin.ok("POST", f"/keys/{keys[0]['id']}/revoke")
     await first.stop()
     new_key = tmp_path / "signing-key-2"
@@ -187,7 +181,7 @@ async def test_the_compromised_key_runbook_leaves_a_bucket_that_verifies_with_th
 ) -> None:
     first = await start_publisher(reconcile_on_start=False)
     stolen = first.services.keys.signer
-    keys = await _keys(first, 4)
+    keys = await first.bulk_keys(4)
     await first.admin.ok("POST", f"/keys/{keys[1]['id']}/revoke")
     # Whoever holds the stolen key mints an admin key and un-revokes a revoked one, signed as the publisher.
     minted_key, minted = make_key(scopes=("admin",))
@@ -249,7 +243,7 @@ async def test_resign_signs_a_whole_bucket_written_before_signing(
 ) -> None:
     publisher = await start_publisher(reconcile_on_start=False)
     signer = publisher.services.keys.signer
-    keys = await _keys(publisher, 6)
+    keys = await publisher.bulk_keys(6)
     await publisher.admin.ok("POST", f"/keys/{keys[2]['id']}/revoke")
     await publisher.stop()
     # The old publisher wrote records without Keyrelay-Sig, and deletes as bare KV delete markers.
@@ -283,7 +277,7 @@ async def test_the_relay_leader_re_signs_values_past_half_the_horizon_on_its_own
     # A horizon of 16 s: the leader re-signs every 2 s whatever was signed more than 8 s ago.
     publisher = await start_publisher(reconcile_on_start=False, replay_horizon=16.0)
     signer = publisher.services.keys.signer
-    (key,) = await _keys(publisher, 1)
+    (key,) = await publisher.bulk_keys(1)
     entry = f"global.{key['id']}"
     data = (await last_message(js, entry)).data
     aged = signer.sign(KIND_RECORD, entry, data, signed_at=time.time() - 12)
