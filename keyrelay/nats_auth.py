@@ -33,8 +33,8 @@ from keyrelay.core.usage_streams import SOURCE_FILTER, usage_deliver_prefix
 from keyrelay.core.usage_wire import USAGE_CONSUMER, USAGE_STREAM
 from keyrelay.core.wire import (
     DEFAULT_BUCKET,
-    EXPRESS_PREFIX,
     GLOBAL_SCOPE,
+    express_subject,
     express_subjects,
     snapshot_store_name,
     stream_name,
@@ -171,7 +171,7 @@ class Grants:
             ),
             f"{subject_prefix(self.bucket)}>",
             f"$JS.FC.{kv}.>",
-            f"{EXPRESS_PREFIX}.{self.bucket}.>",
+            express_subject(self.bucket, ">"),
         ]
 
     def express_receive(self, region: str | None) -> list[str]:

@@ -48,6 +48,7 @@ from publisher.signing import SigningKeys
 from publisher.store import KeySpec, KeyStore
 from publisher.tokens import TokenStore, generate_token
 
+from .figures import disk_bytes
 from .procs import memory_of
 
 __all__ = ["main"]
@@ -142,15 +143,11 @@ async def _fill(
 
 def _sizes(work: Path, server: NatsServer) -> dict[str, Any]:
     """What grows with the key count: the SQLite file, the store directory, nats-server's memory."""
-
-    def size(path: Path) -> int:
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
-
-    database = sum(size(p) for p in work.glob("keyrelay.db*"))
+    database = sum(disk_bytes(p) for p in work.glob("keyrelay.db*"))
     memory = memory_of(server.process.pid) if server.process is not None else {}
     return {
         "sqlite_bytes": database,
-        "nats_store_bytes": size(work / "nats"),
+        "nats_store_bytes": disk_bytes(work / "nats"),
         "nats_rss_bytes": memory.get("VmRSS"),
         "nats_peak_rss_bytes": memory.get("VmHWM"),
     }

@@ -41,6 +41,7 @@ from keyrelay.core.trust import SIGNATURE_HEADER
 from keyrelay.core.wire import DEFAULT_BUCKET, KeyRecord, stream_name, subject_prefix
 from keyrelay.natsd import NatsServer, NatsSpec
 
+from .figures import disk_bytes
 from .procs import cpu_seconds, memory_of
 
 __all__ = ["main", "run"]
@@ -133,10 +134,6 @@ async def _replay(nc: Client, stream: str, keys: int) -> float:
     return seconds
 
 
-def _du(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
 async def _variant(compression: str, keys: int, work: Path) -> dict[str, Any]:
     store = work / f"nats-{compression}"
     server = NatsServer(NatsSpec(name=f"bench-{compression}", store_dir=store), log_dir=work / "logs")
@@ -166,7 +163,7 @@ async def _variant(compression: str, keys: int, work: Path) -> dict[str, Any]:
             fill_seconds=round(fill_seconds, 1),
             fill_rate=round(keys / fill_seconds),
             stream_bytes=state["bytes"],
-            store_bytes=_du(store),
+            store_bytes=disk_bytes(store),
             nats_rss_after_fill=memory_of(server.process.pid)["VmRSS"],
         )
         await nc.close()

@@ -1,4 +1,4 @@
-"""What every benchmark does with its figures: percentiles, milliseconds, console lines, JSON when asked."""
+"""What every benchmark does with its figures: percentiles, milliseconds, sizes on disk, console lines, JSON."""
 
 from __future__ import annotations
 
@@ -6,9 +6,17 @@ import argparse
 import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["ms", "percentile", "run_and_write", "say"]
+__all__ = ["disk_bytes", "ms", "percentile", "run_and_write", "say"]
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    if not path.is_dir():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def percentile(samples: Sequence[float], q: float) -> float:

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
-from keyrelay.core.wire import EXPRESS_PREFIX, express_subjects
+from keyrelay.core.wire import express_subject, express_subjects
 
 from .admit import Record, Tombstone, examine
 from .apply import Applier
@@ -59,7 +59,7 @@ class Express:
         self._position = position
         self._bucket = bucket
         self._region = region
-        self._prefix = f"{EXPRESS_PREFIX}.{bucket}."
+        self._prefix = express_subject(bucket, "")
         self._logged_at = 0.0
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self.subscriptions: list[Subscription] = []

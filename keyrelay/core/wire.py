@@ -29,7 +29,6 @@ __all__ = [
     "DEFAULT_PREFIX",
     "DEFAULT_PREFIXES",
     "ENVS",
-    "EXPRESS_PREFIX",
     "GLOBAL_SCOPE",
     "HEARTBEAT_ENTRY",
     "LEGACY",
@@ -73,7 +72,7 @@ DEFAULT_PREFIXES: Final = frozenset({DEFAULT_PREFIX})
 DEFAULT_BUCKET: Final = "KEYS"
 GLOBAL_SCOPE: Final = "global"
 # Core NATS subjects on which the relay repeats acknowledged changes to existing keys (express_subject).
-EXPRESS_PREFIX: Final = "keyrelay.express"
+_EXPRESS_PREFIX: Final = "keyrelay.express"
 ENVS: Final = ("live", "test")
 SCHEMA_VERSION: Final = 1
 
@@ -233,7 +232,7 @@ def region_subjects(bucket: str, region: str | None) -> list[str]:
 def express_subject(bucket: str, entry: str) -> str:
     """Where the publisher repeats an acknowledged change to an existing key on core NATS, for sidecars to apply
     before the stream (or a region's mirror) brings it (sidecar/express.py): `keyrelay.express.<bucket>.<entry>`."""
-    return f"{EXPRESS_PREFIX}.{bucket}.{entry}"
+    return f"{_EXPRESS_PREFIX}.{bucket}.{entry}"
 
 
 def express_subjects(bucket: str, region: str | None) -> list[str]:
