@@ -4,7 +4,7 @@
 #   docker build --target sidecar   -t keyrelay/sidecar:0.1.0 .
 #   docker build --target publisher -t keyrelay/publisher:0.1.0 .
 #
-# The sidecar image holds the base install only (aiohttp, nats-py, nkeys, msgpack, xxhash,
+# The sidecar image holds the base install only (aiohttp, nats-py, nkeys, msgpack, xxhash, numpy,
 # uvloop); the publisher's database driver (the `publisher` extra) is only in the publisher image.
 # Both run as an unprivileged user and write nothing outside mounted volumes, so they run with
 # a read-only root filesystem (deploy/k8s sets readOnlyRootFilesystem: true).

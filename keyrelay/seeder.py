@@ -82,9 +82,7 @@ class Seeder:
         if nc is None:
             raise RuntimeError("a snapshot is written from a started sync")
         config = sync.config
-        writer = SnapshotWriter(
-            nc.jetstream(timeout=30.0), bucket=config.bucket, store=self.store, region=config.region
-        )
+        writer = SnapshotWriter(nc, bucket=config.bucket, store=self.store, region=config.region)
         if not force and not snapshot_due(
             await writer.current(), revision=sync.last_revision, keys=len(sync.table), interval=self.interval
         ):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -81,6 +83,7 @@ def create_app(settings: SidecarSettings) -> web.Application:
         settings=settings, verifier=verifier, sync=sync, metrics=Metrics(), routes=routes, usage=usage
     )
     app.cleanup_ctx.append(_sync_lifecycle)
+    app.cleanup_ctx.append(_freeze_lifecycle)
     if usage is not None:
         app[USAGE] = UsageReporter(
             counter=usage,
@@ -99,6 +102,27 @@ async def _sync_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await sync.start()
     yield
     await sync.close()
+
+
+async def _freeze_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(_freeze_when_synced(app[STATE].sync))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _freeze_when_synced(sync: KeySync) -> None:
+    """Once the initial load is done, take what it made out of the garbage collector's sight (gc.freeze).
+
+    The table's interned values are hundreds of thousands of long-lived objects at ten million
+    keys; each full collection walked them all (230 ms, a pause every /auth waiting then felt),
+    though none is ever garbage. Objects made later are collected as usual.
+    """
+    await sync.position.wait_synced()
+    gc.collect()
+    gc.freeze()
+    log.info("initial load done: %d objects moved out of the garbage collector's sight", gc.get_freeze_count())
 
 
 async def _usage_lifecycle(app: web.Application) -> AsyncIterator[None]:

@@ -13,10 +13,11 @@ writes this layout.
 
 from __future__ import annotations
 
-import math
 import sys
 from array import array
 from typing import Any, Final
+
+import numpy as np
 
 from keyrelay.core.digest import DIGEST_BYTES, from_bytes
 from keyrelay.core.wire import (
@@ -176,6 +177,33 @@ def _restore_values(forms: Any) -> tuple[list[Any], bytearray]:
     return values, kinds
 
 
+def _numbers_fit(fields: array[int], times: array[float], versions: array[int], kinds: bytearray) -> bool:
+    """Whether every version is non-negative, every time finite and non-negative, every field of its kind.
+
+    Whole-array operations on views of the arrays (numpy): ten million records in a fraction of a second.
+    """
+    if versions and int(np.frombuffer(versions, dtype=np.int64).min()) < 0:
+        return False
+    spans = np.frombuffer(times, dtype=np.float64)
+    # NaN fails both comparisons; infinities fail the first.
+    if spans.size and not bool((np.isfinite(spans) & (spans >= 0)).all()):
+        return False
+    known = np.frombuffer(bytes(kinds), dtype=np.uint8)
+    by_record = np.frombuffer(fields, dtype=np.uint32).reshape(-1, _NFIELDS)
+    for which, expected in enumerate(FIELD_KINDS):
+        refs = by_record[:, which]
+        if not refs.size:
+            continue
+        if int(refs.max()) >= known.size:
+            return False
+        right = known[refs] == expected[0]
+        if expected == KIND_META:
+            right |= refs == 0  # no metadata
+        if not bool(right.all()):
+            return False
+    return True
+
+
 def _check_arrays(
     header: dict[str, Any],
     ids: bytearray,
@@ -186,8 +214,7 @@ def _check_arrays(
 ) -> tuple[list[int], dict[str, tuple[int, float]]]:
     """Free list and floors of a snapshot, each record checked as strictly as a record from NATS.
 
-    Done with whole-array operations (the ids' characters and dashes, min and a sum over the numbers,
-    the distinct field values): a million records are checked in about a tenth of a second.
+    Done with whole-array operations (the ids' characters and dashes; numpy over the numbers).
     """
     records = len(versions)
     free = header.get("free")
@@ -202,16 +229,11 @@ def _check_arrays(
         raise ValueError(f"snapshot says {live} live records, its arrays and free list make {records - len(free)}")
     if not _canonical_ids(ids):
         raise ValueError("snapshot holds a key id that is not a canonical UUID")
-    if versions and (min(versions) < 0):
-        raise ValueError("snapshot holds a negative version")
-    # NaN and infinities make the sum non-finite; every time is a finite, non-negative number of seconds.
-    if times and (min(times) < 0 or not math.isfinite(math.fsum(times))):
-        raise ValueError("snapshot holds a time that is negative or not finite")
-    for which, expected in enumerate(FIELD_KINDS):
-        for index in set(fields[which::_NFIELDS]):
-            kind = kinds[index : index + 1] if index < len(kinds) else b"?"
-            if kind != expected and not (expected == KIND_META and index == 0):
-                raise ValueError("snapshot records refer to interned values they do not hold, or of the wrong kind")
+    if not _numbers_fit(fields, times, versions, kinds):
+        raise ValueError(
+            "snapshot holds a negative version, a time that is negative or not finite, or records that refer to "
+            "interned values they do not hold or of the wrong kind"
+        )
     floors: dict[str, tuple[int, float]] = {}
     for item in header.get("floors", []):
         if not (

@@ -69,7 +69,7 @@ async def start_from_snapshot(
         stream_created = str(info.get("created", ""))
         # Records come from the stream's messages (a freed one from a tombstone's): no more than these.
         most = 2 * int(info["state"]["messages"]) + _RECORDS_SLACK
-        snapshots = SnapshotStore(nc.jetstream(timeout=30.0), bucket=bucket, store=store, region=region)
+        snapshots = SnapshotStore(nc, bucket=bucket, store=store, region=region)
         snapshot = await snapshots.load(table, trust=trust, stream_created=stream_created, max_records=most)
     except Exception as exc:
         table.clear()

@@ -22,6 +22,8 @@ from typing import Any, Final
 from keyrelay.core.digest import MASK, record_term
 from keyrelay.core.wire import MAX_VERSION, KeyRecord, RecordFields, is_canonical_id
 
+from .table_index import build_index
+
 __all__ = [
     "ALL",
     "FIELD_KINDS",
@@ -57,7 +59,6 @@ _MISSING: Final = (-1, 0.0, 0.0)
 ALL: Final = -1  # what watchers are told when every record may have changed (cleared, restored)
 # Bytes a record takes in each array of TableArrays: digest, id, fields, times (expiry, revocation), version.
 RECORD_WIDTHS: Final = (_DIGEST, _ID, _NFIELDS * array("I").itemsize, 2 * array("d").itemsize, array("q").itemsize)
-_RESIZE_BLOCK: Final = 65_536  # records whose digests and ids a rebuild of the indexes copies at once
 # The `until` of a quarantined key's floor: until a newer record of it is taken.
 _QUARANTINED: Final = float("inf")
 
@@ -574,29 +575,10 @@ class KeyTable:
         index[slot] = _TOMBSTONE
 
     def _resize(self, capacity: int) -> None:
-        self._mask = mask = capacity - 1
-        self._by_hash = by_hash = array("i", bytes(4 * capacity))
-        self._by_id = by_id = array("i", bytes(4 * capacity))
-        free = set(self._free)
-        # Immutable copies of a block of digests and ids at a time, so each key's is one hashable
-        # slice (a restored million-key table rebuilds its indexes here) and the copy stays small.
+        self._mask = capacity - 1
         records = len(self._versions)
-        for first in range(0, records, _RESIZE_BLOCK):
-            last = min(records, first + _RESIZE_BLOCK)
-            digests = bytes(self._digests[first * _DIGEST : last * _DIGEST])
-            ids = bytes(self._ids[first * _ID : last * _ID])
-            for n in range(first, last):
-                if free and n in free:
-                    continue
-                i = n - first
-                slot = hash(digests[i * _DIGEST : (i + 1) * _DIGEST]) & mask
-                while by_hash[slot] > 0:
-                    slot = (slot + 1) & mask
-                by_hash[slot] = n + 1
-                slot = hash(ids[i * _ID : (i + 1) * _ID]) & mask
-                while by_id[slot] > 0:
-                    slot = (slot + 1) & mask
-                by_id[slot] = n + 1
+        self._by_hash = build_index(self._digests, _DIGEST, records, self._free, capacity)
+        self._by_id = build_index(self._ids, _ID, records, self._free, capacity)
         self._used = self._live
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import time
 import uuid
@@ -50,6 +51,24 @@ async def test_a_sidecar_loads_every_key_already_in_the_bucket(bucket: KeyValue,
     assert status["synced"] is True
     assert status["consumers"]["opened"] == 1
     assert status["consumers"]["current"].endswith("-1")
+
+
+async def test_what_the_initial_load_made_is_frozen_out_of_the_collectors_sight(
+    bucket: KeyValue, start_sidecar: StartSidecar
+) -> None:
+    for _, record in [make_key(metadata={"n": str(i)}) for i in range(50)]:
+        await put(bucket, record)
+    gc.unfreeze()  # whatever an earlier sidecar of this process froze
+    try:
+        sidecar = await start_sidecar()
+        await sidecar.ready()
+
+        async def frozen() -> int:
+            return gc.get_freeze_count()
+
+        await eventually(frozen, lambda count: count > 0)
+    finally:
+        gc.unfreeze()
 
 
 async def test_a_put_a_revocation_and_a_delete_each_reach_auth_promptly(
