@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from keyrelay.core.wire import KeyRecord, decode_fields, key_digest
+from sidecar import table_index
 from sidecar.table import ALL, KeyTable
 from sidecar.verify import Code, Verifier
 from testbed.snapshot_oracle import export, restore
@@ -70,6 +71,30 @@ def test_the_table_grows_past_its_initial_capacity_and_reuses_freed_records() ->
         table.apply(record)
     assert len(table) == 5000
     assert all(find(table, key_digest(key)) >= 0 for key, _ in keys[2500:])
+
+
+def test_indexes_rebuilt_block_by_block_find_every_live_key_and_no_freed_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(table_index, "_BLOCK", 700)  # several blocks, freed records in each
+    table = KeyTable()
+    keys = [make_key() for _ in range(5000)]
+    for _, record in keys:
+        table.apply(record)
+    gone = keys[::3]
+    for _, record in gone:
+        table.remove(record.key_id)
+    copy = KeyTable()
+    restore(copy, *export(table))  # adopts the records and rebuilds both indexes at once
+    held = [k for i, k in enumerate(keys) if i % 3]
+    assert all(find(copy, key_digest(key)) == find(table, key_digest(key)) >= 0 for key, _ in held)
+    assert all(copy.get(record.key_id) is not None for _, record in held)
+    assert all(find(copy, key_digest(key)) == -1 and copy.get(record.key_id) is None for key, record in gone)
+    # The rebuilt table goes on changing like any other: a removal, then a new key in the freed record.
+    copy.remove(held[0][1].key_id)
+    key, record = make_key()
+    copy.apply(record)
+    assert find(copy, key_digest(key)) >= 0
+    assert find(copy, key_digest(held[0][0])) == -1
+    assert len(copy) == len(held)
 
 
 def test_a_record_with_a_new_hash_for_the_same_id_retires_the_old_hash() -> None:
