@@ -57,6 +57,7 @@ async def test_an_object_read_in_batches_arrives_whole_and_in_order(
 async def test_an_object_missing_a_chunk_is_refused_as_truncated(nats_server: NatsServer, js: JetStreamContext) -> None:
     _, subject = await _stored(js)
     chunk = await js.get_last_msg("OBJ_chunks", subject)  # the last chunk: the read runs out before the size
+    assert chunk.seq is not None
     await js.delete_msg("OBJ_chunks", chunk.seq)
     with pytest.raises(SnapshotError, match="truncated"):
         await _read(nats_server, subject)
