@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import os
 import platform
 import tempfile
 import time
@@ -49,7 +50,7 @@ from publisher.store import KeySpec, KeyStore
 from publisher.tokens import TokenStore, generate_token
 
 from .figures import disk_bytes
-from .procs import memory_of
+from .procs import memory_of, reset_peak
 
 __all__ = ["main"]
 
@@ -77,21 +78,14 @@ def _loop_stalls() -> Iterator[list[float]]:
         task.cancel()
 
 
-def _peak_rss_mib(reset: bool = False) -> float:
-    """The process's peak resident memory since the last reset (Linux; 0 elsewhere)."""
-    with contextlib.suppress(OSError):
-        if reset:
-            Path("/proc/self/clear_refs").write_text("5")
-            return 0.0
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
+def _peak_rss_mib() -> float:
+    """The process's peak resident memory since the last reset_peak (MiB)."""
+    return round(memory_of(os.getpid()).get("VmHWM", 0) / 2**20, 1)
 
 
 async def _timed(what: str, step: Step, figures: dict[str, Any]) -> Any:
     gc.collect()
-    _peak_rss_mib(reset=True)
+    reset_peak(os.getpid())
     started, cpu = time.perf_counter(), time.process_time()
     with _loop_stalls() as worst:
         result = await step()

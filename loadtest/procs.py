@@ -20,6 +20,7 @@ __all__ = [
     "keyrelay_command",
     "machine_cpu",
     "memory_of",
+    "reset_peak",
     "spawn",
     "stop",
     "time_wait_sockets",
@@ -51,6 +52,12 @@ def memory_of(pid: int) -> dict[str, int]:
                 raise ProcessError(f"unexpected unit {unit!r} in /proc/{pid}/status")
             found[name] = int(number) * 1024
     return found
+
+
+def reset_peak(pid: int) -> None:
+    """Start the process's peak resident memory (VmHWM) over from its present size (Linux; else nothing)."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
