@@ -119,26 +119,25 @@ class Grants:
         ]
 
     def snapshot_read(self) -> list[str]:
-        """Read the snapshot store: its info, metadata and chunks (through ordered consumers).
+        """Load a snapshot as a sidecar does: the store's info, an object's metadata, its chunks by direct gets.
 
-        nats-py's object store looks its stream up by subject first (STREAM.NAMES): that lists the
-        names of the account's streams, nothing in them.
+        No consumer: sidecar/object_chunks.py reads the chunks with batched direct gets.
         """
         obj = self.obj
-        return [
-            *_api(
-                "STREAM.NAMES",
-                f"STREAM.INFO.{obj}",
-                f"STREAM.MSG.GET.{obj}",
-                f"DIRECT.GET.{obj}",
-                f"DIRECT.GET.{obj}.>",
-                f"CONSUMER.CREATE.{obj}",
-                f"CONSUMER.CREATE.{obj}.>",
-                f"CONSUMER.DELETE.{obj}.*",
-                f"CONSUMER.INFO.{obj}.*",
-            ),
-            f"$JS.FC.{obj}.>",
-        ]
+        return _api(f"STREAM.INFO.{obj}", f"STREAM.MSG.GET.{obj}", f"DIRECT.GET.{obj}", f"DIRECT.GET.{obj}.>")
+
+    def snapshot_list(self) -> list[str]:
+        """List the store's objects (`keyrelay snapshot show`): nats-py reads their metadata with an ordered consumer,
+        after looking the stream up by subject (STREAM.NAMES: the names of the account's streams, nothing in them)."""
+        obj = self.obj
+        consumers = _api(
+            "STREAM.NAMES",
+            f"CONSUMER.CREATE.{obj}",
+            f"CONSUMER.CREATE.{obj}.>",
+            f"CONSUMER.DELETE.{obj}.*",
+            f"CONSUMER.INFO.{obj}.*",
+        )
+        return [*self.snapshot_read(), *consumers, f"$JS.FC.{obj}.>"]
 
     def snapshot_write(self) -> list[str]:
         """Own the snapshot store: create, replace and delete it, and put objects."""
@@ -150,7 +149,7 @@ class Grants:
             f"STREAM.PURGE.{obj}",
             f"STREAM.MSG.DELETE.{obj}",
         )
-        return [*self.snapshot_read(), *owner, f"$O.{snapshot_store_name(self.bucket, self.snapshot_bucket)}.>"]
+        return [*self.snapshot_list(), *owner, f"$O.{snapshot_store_name(self.bucket, self.snapshot_bucket)}.>"]
 
     def publisher(self) -> list[str]:
         """Own the key bucket: create and check it, write every entry, read it back for reconcile; repeat changes on
