@@ -133,6 +133,7 @@ class KeySync:
         "_opening",
         "_reset",
         "_retry",
+        "_stall_said",
         "_stream_created",
         "_tasks",
         "applier",
@@ -184,6 +185,7 @@ class KeySync:
         self._deleting: set[asyncio.Task[None]] = set()  # old consumers being deleted
         self._create_timeouts = 0  # CONSUMER.CREATE requests timed out in a row
         self._checked_silence = 0.0  # the last contact whose silence made the watchdog check the consumer's node
+        self._stall_said = 0.0  # the last contact whose silence was logged as a stall
         self._opened = 0  # consumers asked for
         self._retry: _Retry | None = None  # a create that went unanswered, to ask again once
         self._opening: float | None = None  # when the unanswered CONSUMER.CREATE was sent (monotonic)
@@ -378,7 +380,8 @@ class KeySync:
                 self.table.prune_floors(now)
             nc, gen, silent = self._nc, self._deliveries.current, freshness.since_local_contact()
             if gen.sub is not None and silent > _MISSED_HEARTBEATS * heartbeat:
-                self._reset.set()
+                if await self._consumer_lost(nc, gen, silent):
+                    self._reset.set()
             elif (
                 gen.sub is not None
                 and silent > heartbeat + _HEARTBEAT_LATE
@@ -426,6 +429,34 @@ class KeySync:
                 self.stream,
             )
             self._reset.set()
+
+    async def _consumer_lost(self, nc: DirectClient | None, gen: Generation, silent: float) -> bool:
+        """Idle heartbeats missed: is the consumer gone (ask for another), or is its server only slow to send?
+
+        Another consumer costs the server more than the one it has (a filtered one on a stream of ten
+        million keys: seconds), so a server still holding this one, bound to this sidecar, is waited for
+        and said to stall, not asked for another; nor is one that does not answer (busy, or its stream
+        has no leader: another consumer could not be made either). Gone: not connected, the server
+        says it is not there or not bound, or another node leads the stream (_check_consumer).
+        """
+        if nc is None or not nc.is_connected or not gen.consumer:
+            return True
+        try:
+            info = await self._api(nc, f"CONSUMER.INFO.{self.stream}.{gen.consumer}")
+        except Exception:  # no answer within the API timeout
+            info = None
+        alive = info is None or ("error" not in info and info.get("push_bound", True))
+        if alive and self._stall_said != self.freshness.last_contact:
+            self._stall_said = self.freshness.last_contact  # once per silence
+            log.warning(
+                "consumer %s on %s has sent nothing for %.0fs (no idle heartbeat), and the server %s: waiting for "
+                "it rather than asking a slow server for another consumer",
+                gen.consumer,
+                self.stream,
+                silent,
+                "does not answer" if info is None else "still holds it",
+            )
+        return not alive
 
     async def _probe_server(self, nc: DirectClient) -> None:
         """The publisher's heartbeat is late: does this server still answer for the stream?
