@@ -15,7 +15,10 @@ At ten million keys the passes after the first reconciliation take an hour or mo
 machine: `--passes reconcile` runs that one only. The create rate is reported over the first and
 the last tenth of the keys (does the database slow down as it grows?), and after the fill the
 sizes that grow with the key count: the SQLite file, the bucket's stream (its messages, bytes and
-store directory) and nats-server's resident memory.
+store directory) and nats-server's resident memory. Every 10 s during the fill it prints the keys
+created, the entries published and the relay's backlog (sampled from a thread: a blocked event loop
+shows as publishing stopping); the figures say how much the relay published while keys were still
+being created, at what rate, and at what rate it drained the backlog after.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import json
 import os
 import platform
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -57,6 +61,7 @@ __all__ = ["main"]
 Step = Callable[[], Awaitable[Any]]
 _BATCH = 5000
 _TAMPERED = 1000
+_PROGRESS_EVERY = 10.0  # seconds between samples of the relay's progress
 PASSES = ("reconcile", "tampered", "resign")
 
 
@@ -113,26 +118,93 @@ def _sign_cost(signer: Signer, keys: SigningKeys, payload: bytes, rounds: int = 
     }
 
 
+class _Progress:
+    """Samples, from a thread of its own (so a blocked event loop is seen too), keys created, outbox entries
+    published and the event loop's worst stall every `_PROGRESS_EVERY` seconds, and prints each sample: the
+    relay's backlog over time."""
+
+    def __init__(self, relay: OutboxRelay, stalls: list[float]) -> None:
+        self.relay = relay
+        self.stalls = stalls  # _loop_stalls()'s worst lateness, reset at each sample
+        self.created = 0  # keys committed so far (each one outbox entry); set by the fill
+        self.samples: list[dict[str, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-progress", daemon=True)
+        self._started = 0.0
+
+    def __enter__(self) -> _Progress:
+        self._started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_PROGRESS_EVERY):
+            self._sample()
+
+    def _sample(self) -> None:
+        last = self.samples[-1] if self.samples else {"s": 0.0, "created": 0, "published": 0}
+        now = round(time.perf_counter() - self._started, 1)
+        created, published = self.created, self.relay.stats.published
+        stall, self.stalls[0] = self.stalls[0], 0.0
+        span = max(now - last["s"], 1e-9)
+        sample = {
+            "s": now,
+            "created": created,
+            "published": published,
+            "backlog": created - published,
+            "create_per_s": round((created - last["created"]) / span),
+            "publish_per_s": round((published - last["published"]) / span),
+            "worst_loop_stall_ms": round(stall * 1000, 1),
+        }
+        self.samples.append(sample)
+        print(f"  progress: {sample}", flush=True)
+
+    def summary(self, created_at: float) -> dict[str, Any]:
+        """Publishing while keys were being created (until `created_at`, seconds into the fill) and after."""
+        during = [s for s in self.samples if s["s"] <= created_at]
+        end = self.samples[-1]
+        at_creation_end = during[-1] if during else {"s": 0.0, "published": 0}
+        after = max(end["s"] - at_creation_end["s"], 1e-9)
+        return {
+            "creation_seconds": round(created_at, 1),
+            "published_during_creation": at_creation_end["published"],
+            "publish_per_s_during_creation": round(at_creation_end["published"] / max(at_creation_end["s"], 1e-9)),
+            "publish_per_s_after_creation": round((end["published"] - at_creation_end["published"]) / after),
+            "max_backlog": max(s["backlog"] for s in self.samples),
+            "publish_failures": self.relay.stats.publish_failures,  # e.g. acks not in time: retried
+            "batches": self.relay.stats.batches,
+            "samples": self.samples,
+        }
+
+
 async def _fill(
-    store: KeyStore, actor: Actor, project_id: str, count: int, relay: OutboxRelay, rates: dict[str, float]
+    store: KeyStore, actor: Actor, project_id: str, count: int, relay: OutboxRelay, rates: dict[str, Any]
 ) -> None:
     """Create `count` keys, 5,000 a transaction, while the relay signs and publishes them; the create rate of the
     first and the last tenth goes into `rates` (keys a second, the relay publishing all along)."""
     tenth = max(_BATCH, count // 10)
-    started = mark = time.perf_counter()
-    for start in range(0, count, _BATCH):
-        specs = [KeySpec(name=f"k{i}", scopes=("orders:read",)) for i in range(start, min(count, start + _BATCH))]
-        await store.create_keys(actor, project_id, specs)
-        relay.wake()
-        done = start + len(specs)
-        if done == tenth:
-            rates["first_tenth_keys_per_s"] = round(tenth / (time.perf_counter() - started), 1)
-        if done == count - tenth:
-            mark = time.perf_counter()
-        if done % 1_000_000 == 0:
-            print(f"  created {done:,} / {count:,} ({done / (time.perf_counter() - started):,.0f}/s)", flush=True)
-    rates["last_tenth_keys_per_s"] = round(tenth / (time.perf_counter() - mark), 1)
-    await relay.drain(timeout=4 * 3600)
+    with _loop_stalls() as stalls, _Progress(relay, stalls) as progress:
+        started = mark = time.perf_counter()
+        for start in range(0, count, _BATCH):
+            specs = [KeySpec(name=f"k{i}", scopes=("orders:read",)) for i in range(start, min(count, start + _BATCH))]
+            await store.create_keys(actor, project_id, specs)
+            relay.wake()
+            done = progress.created = start + len(specs)
+            if done == tenth:
+                rates["first_tenth_keys_per_s"] = round(tenth / (time.perf_counter() - started), 1)
+            if done == count - tenth:
+                mark = time.perf_counter()
+            if done % 1_000_000 == 0:
+                print(f"  created {done:,} / {count:,} ({done / (time.perf_counter() - started):,.0f}/s)", flush=True)
+        created_at = time.perf_counter() - started
+        rates["last_tenth_keys_per_s"] = round(tenth / (time.perf_counter() - mark), 1)
+        await relay.drain(timeout=4 * 3600)
+    rates["relay"] = progress.summary(created_at)
 
 
 def _sizes(work: Path, server: NatsServer) -> dict[str, Any]:
@@ -175,7 +247,7 @@ async def run(count: int, work: Path, passes: tuple[str, ...] = PASSES) -> dict[
         org = await store.create_org(actor, "bench")
         team = await store.create_team(actor, org.id, "bench")
         project = await store.create_project(actor, team.id, "bench")
-        rates: dict[str, float] = {}
+        rates: dict[str, Any] = {}
         await _timed("create, sign and publish", lambda: _fill(store, actor, project.id, count, relay, rates), figures)
         figures["create, sign and publish"].update(rates)
         figures["sizes"] = _sizes(work, server)

@@ -3,7 +3,9 @@
 Statements run on the event loop thread: each is well under a millisecond
 under WAL, cheaper than a hop to a worker thread. Transactions are serialised
 by an asyncio lock and `BEGIN IMMEDIATE`, so a second process on the same file
-waits for the write lock instead of failing later.
+waits for the write lock instead of failing later; each first lets the event
+loop run whatever else is ready, so back-to-back transactions take turns with
+other tasks.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .lock import FileLock, lock_file_of
 __all__ = ["SqliteDatabase"]
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
+_INSERT_STEP = 1000  # rows insert_many writes between turns of the event loop
 
 sqlite3.register_converter("JSON", json.loads)
 
@@ -69,7 +72,13 @@ class _SqliteTx:
     async def insert_many(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         # One prepared statement stepped per row in C is already SQLite's bulk path.
         sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        self._conn.executemany(sql, (_bind(r) for r in rows))
+        for start in range(0, len(rows), _INSERT_STEP):
+            if start:
+                # Thousands of rows hold the event loop for most of a second: let other tasks run in between
+                # (the relay signing and publishing, the NATS client reading acks and answering pings). Only
+                # work outside the database can: other transactions wait for this one's lock.
+                await asyncio.sleep(0)
+            self._conn.executemany(sql, (_bind(r) for r in rows[start : start + _INSERT_STEP]))
 
 
 _ANALYSIS_ROWS = 1000
@@ -121,6 +130,10 @@ class SqliteDatabase:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_SqliteTx]:
         """BEGIN IMMEDIATE … COMMIT, or ROLLBACK on any error."""
+        # Nothing in a SQLite transaction awaits anything real: without this, a caller running transaction
+        # after transaction (a bulk load, a pass over every key) would never let another task run, so the
+        # relay would publish nothing and NATS's pings would go unanswered until it stopped.
+        await asyncio.sleep(0)
         async with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:

@@ -70,6 +70,10 @@ _BLOCKED_FOR = 0.5
 _FOLLOWER_POLL = 0.05  # how often a waiter looks at the database while another process publishes
 _LEADER_RECHECK = 0.25  # ... and while this process publishes (it is told; this only covers a lost lease)
 _ACK_RECHECK = 0.25  # how often a wait for acks looks whether a later publish was acknowledged meanwhile
+_COUNTED = 10_000  # depth() counts up to this many waiting entries exactly
+# Publishes signed and sent between turns of the event loop: a batch of thousands would hold it for most of a
+# second (signing is ~30 us each), and meanwhile the NATS client could not even read the acks of the first.
+_PUBLISHES_A_TURN = 1000
 
 _Message = tuple[bytes, dict[str, str]]  # a value's payload and headers, as published
 
@@ -121,6 +125,7 @@ class OutboxRelay:
         broker: Broker,
         signer: Signer,
         batch: int = 1000,
+        max_batch: int = 8000,
         lease_ttl: float = LEASE_TTL,
         poll_interval: float = 0.25,
         publish_timeout: float = 5.0,
@@ -130,6 +135,9 @@ class OutboxRelay:
         self.broker = broker
         self.signer = signer
         self.batch = batch
+        # Below the broker's 10,000 publishes awaiting an ack (publisher/broker.py), so a wave is never held up.
+        self.max_batch = max(batch, max_batch)
+        self._batch_now = batch  # the next batch's size (_size_next_batch)
         self.lease_ttl = lease_ttl
         self.poll_interval = poll_interval
         self.publish_timeout = publish_timeout
@@ -174,9 +182,18 @@ class OutboxRelay:
                     await tx.execute("DELETE FROM relay_lease WHERE name = $1 AND holder = $2", _LEASE, self.holder)
 
     async def depth(self) -> int:
-        """Entries waiting to be published."""
+        """Entries waiting to be published: exact up to `_COUNTED`, beyond that the span of their ids (an upper
+        bound: entries published out of turn, or ids a rolled-back transaction took, leave gaps in it)."""
+        # A count reads every entry: at millions waiting (a bulk load) each readiness probe, scrape or drain poll
+        # would hold the event loop for seconds. Both bounds below are read off the primary key's ends.
         async with self.db.transaction() as tx:
-            return int(await tx.fetchval("SELECT count(*) FROM outbox"))
+            counted = int(
+                await tx.fetchval(f"SELECT count(*) FROM (SELECT 1 FROM outbox ORDER BY id LIMIT {_COUNTED + 1}) AS o")
+            )
+            if counted <= _COUNTED:
+                return counted
+            # Two subqueries: SQLite reads min() or max() off the key's end only when it is a query's sole column.
+            return int(await tx.fetchval("SELECT (SELECT max(id) FROM outbox) - (SELECT min(id) FROM outbox) + 1"))
 
     async def wait_published(self, ids: Sequence[int], timeout: float) -> bool:
         """Wait until every entry in `ids` is published; False on timeout or when NATS is unreachable.
@@ -217,7 +234,7 @@ class OutboxRelay:
     async def drain(self, timeout: float) -> bool:
         """Wait until the outbox is empty (used before reconciling and by the CLI)."""
         deadline = time.monotonic() + timeout
-        while await self.depth():
+        while not await stream_digest.outbox_empty(self.db):
             if time.monotonic() > deadline:
                 return False
             self.wake()
@@ -257,6 +274,7 @@ class OutboxRelay:
                 else:
                     self.broker.published(sent_at)
                     self.health.succeeded(published=len(done))
+                self._size_next_batch(fetched=len(entries), failed=len(done) < len(entries))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -319,9 +337,17 @@ class OutboxRelay:
         async with self.db.transaction() as tx:
             rows = await tx.fetch(
                 "SELECT id, key_id, entry, operation, payload, prior_version FROM outbox ORDER BY id LIMIT $1",
-                self.batch,
+                self._batch_now,
             )
         return [OutboxEntry.from_row(r) for r in rows]
+
+    def _size_next_batch(self, *, fetched: int, failed: bool) -> None:
+        """Double the next batch after a full one that was published, up to `max_batch`; else back to `batch`."""
+        # Each batch takes a few turns on the event loop among everything else ready: under a bulk load that is
+        # a transaction of thousands of keys each time, and a relay publishing `batch` entries a turn falls
+        # ever further behind. With no backlog, small batches keep each change's publish and each stall short.
+        grow = fetched >= self._batch_now and not failed
+        self._batch_now = min(self.max_batch, self._batch_now * 2) if grow else self.batch
 
     async def _publish(self, entries: list[OutboxEntry]) -> list[OutboxEntry]:
         """Publish in waves holding at most one entry per key; a key whose entry fails stops there."""
@@ -346,6 +372,8 @@ class OutboxRelay:
                     continue
                 futures.append(await js.publish_async(prefix + entry.entry, message[0], headers=message[1]))
                 sent.append((entry, message))
+                if len(sent) % _PUBLISHES_A_TURN == 0:
+                    await asyncio.sleep(0)
             results = await self._acks(futures, sent_at=time.monotonic())
             self.stats.acked(results)
             acked = [item for item, r in zip(sent, results, strict=True) if not isinstance(r, BaseException)]

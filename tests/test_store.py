@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import nats
+import pytest
 from nacl.signing import SigningKey
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
@@ -15,6 +16,7 @@ from nats.js.client import JetStreamContext
 from keyrelay.core.trust import Signer
 from keyrelay.core.wire import KeyRecord
 from keyrelay.natsd import NatsServer
+from publisher import outbox, stream_digest
 from publisher.broker import Broker
 from publisher.db_open import open_database
 from publisher.models import Actor, OutboxEntry, new_id
@@ -228,3 +230,57 @@ def test_ids_made_back_to_back_sort_in_the_order_they_were_made() -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     assert {uuid.UUID(i).version for i in ids} == {7}
+
+
+async def test_back_to_back_sqlite_transactions_let_other_tasks_run(database_url: str) -> None:
+    # A bulk load is transaction after transaction: the relay and the NATS client must get turns in between.
+    db = await open_database(database_url)
+    ran = asyncio.Event()
+
+    async def other() -> None:
+        ran.set()
+
+    task = asyncio.create_task(other())
+    try:
+        for _ in range(3):
+            async with db.transaction() as tx:
+                await tx.fetchval("SELECT 1")
+        assert ran.is_set()
+    finally:
+        await task
+        await db.close()
+
+
+async def test_the_outbox_depth_is_exact_up_to_a_bound_then_the_span_of_ids(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, actor, project = await _store(database_url)
+    relay = OutboxRelay(db=store.db, broker=Broker(servers=["nats://127.0.0.1:1"], bucket="KEYS"), signer=SIGNER)
+    monkeypatch.setattr(outbox, "_COUNTED", 3)
+    try:
+        await store.create_keys(actor, project, [KeySpec(f"k{i}", ()) for i in range(5)])
+        async with store.db.transaction() as tx:
+            first = await tx.fetchval("SELECT min(id) FROM outbox")
+            await tx.execute("DELETE FROM outbox WHERE id = $1", first + 2)
+        assert await relay.depth() == 5  # four waiting, counted past the bound: the span, an upper bound
+        async with store.db.transaction() as tx:
+            await tx.execute("DELETE FROM outbox WHERE id > $1", first + 1)
+        assert await relay.depth() == 2
+        assert not await stream_digest.outbox_empty(store.db)
+        async with store.db.transaction() as tx:
+            await tx.execute("DELETE FROM outbox")
+        assert await relay.depth() == 0
+        assert await stream_digest.outbox_empty(store.db)
+    finally:
+        await store.db.close()
+
+
+def test_the_relay_batch_doubles_under_a_backlog_and_falls_back_when_it_is_gone() -> None:
+    relay = OutboxRelay(db=None, broker=None, signer=SIGNER, batch=100, max_batch=500)  # type: ignore[arg-type]
+    sizes = []
+    for fetched, failed in [(100, False), (200, False), (400, False), (500, False), (499, False)]:
+        relay._size_next_batch(fetched=fetched, failed=failed)
+        sizes.append(relay._batch_now)
+    relay._size_next_batch(fetched=100, failed=False)
+    relay._size_next_batch(fetched=200, failed=True)  # a failed batch is retried small
+    assert (sizes, relay._batch_now) == ([200, 400, 500, 500, 100], 100)
