@@ -102,7 +102,8 @@ class SidecarSettings:
         parse=parse_positive_duration,
         duration=True,
         help="JetStream idle heartbeat; one missed makes the sidecar ask whether its consumer's node still "
-        "leads the stream (a new consumer on the leader if not), three missed a new consumer",
+        "leads the stream (a new consumer on the leader if not), three missed whether the server still holds it "
+        "(a new consumer if not; if it does, or does not answer, the sidecar waits and logs the stall)",
     )
     max_header_size: int = option(
         8190,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -174,6 +175,53 @@ async def test_a_consumer_create_answered_late_is_asked_again_identically_and_le
     finally:
         await sync.close()
         await proxy.close()
+
+
+async def test_a_consumer_silent_while_its_server_holds_it_is_waited_for_and_not_replaced(
+    nats_server: NatsServer, bucket: KeyValue, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server too busy to send even idle heartbeats, still holding the consumer: another consumer would only
+    add to its load, so the sync waits and says so once; nothing is lost when the server speaks again."""
+    proxy = WithholdingProxy(target_port=nats_server.port)
+    await proxy.start()
+    table = KeyTable()
+    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.2, trust=TRUST), table)
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        creates = proxy.creates_seen
+        proxy.silence()
+        await asyncio.sleep(10 * 0.2)  # three missed heartbeats, several times over
+        assert proxy.creates_seen == creates
+        assert sync.stats.consumer_resets == 0
+        stalls = [r for r in caplog.records if "rather than asking a slow server for another consumer" in r.message]
+        assert len(stalls) == 1  # once per silence
+        proxy.silence(False)
+        _, record = make_key()
+        await put(bucket, record)
+        await eventually(lambda: _async(table.get(record.key_id)), lambda view: view is not None)
+        assert proxy.creates_seen == creates
+    finally:
+        await sync.close()
+        await proxy.close()
+
+
+async def test_a_consumer_the_server_no_longer_holds_is_replaced_after_three_missed_heartbeats(
+    nats_server: NatsServer, bucket: KeyValue, js: JetStreamContext
+) -> None:
+    table = KeyTable()
+    sync = KeySync(SyncConfig(servers=[nats_server.url], bucket="KEYS", heartbeat=0.2, trust=TRUST), table)
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        gone = sync._deliveries.current.consumer
+        await js.delete_consumer(sync.stream, gone)
+        await eventually(lambda: _async(sync._deliveries.current.consumer), lambda name: name not in ("", gone))
+        _, record = make_key()
+        await put(bucket, record)
+        await eventually(lambda: _async(table.get(record.key_id)), lambda view: view is not None)
+    finally:
+        await sync.close()
 
 
 async def test_a_consumer_that_missed_a_heartbeat_moves_only_when_another_node_leads_the_stream(

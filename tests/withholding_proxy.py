@@ -7,7 +7,8 @@ reply subject, key records and the publisher's heartbeats alike: all from `withh
 next few with `lose_deliveries`), or the client's replies to the consumer's flow-control requests
 on their way to the server (`lose_flow_control_replies`). It counts the idle heartbeats that say
 their consumer is stalled, waiting for such a reply (`Nats-Consumer-Stalled`). It can also hold a
-client's next consumer creations back for a while (`delay_consumer_creates`): a server slow to answer.
+client's next consumer creations back for a while (`delay_consumer_creates`): a server slow to answer;
+or drop idle heartbeats too (`silence()`): a server holding the consumer but too busy to send anything.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class WithholdingProxy:
     target_port: int
     port: int = 0
     withholding: bool = False
+    silent: bool = False  # idle heartbeats dropped too (silence)
     dropped: int = 0  # JetStream deliveries dropped
     to_lose: int = 0  # deliveries still to drop (lose_deliveries)
     replies_to_lose: int = 0  # flow-control replies still to drop (lose_flow_control_replies)
@@ -53,6 +55,10 @@ class WithholdingProxy:
     def withhold(self) -> None:
         """From now on, drop every JetStream delivery on its way to the client."""
         self.withholding = True
+
+    def silence(self, on: bool = True) -> None:
+        """Drop every delivery and every idle heartbeat on its way to the client (or, `on` False, pass them again)."""
+        self.withholding = self.silent = on
 
     def lose_deliveries(self, count: int) -> None:
         """Drop the next `count` JetStream deliveries on their way to the client, then pass them again."""
@@ -111,6 +117,8 @@ class WithholdingProxy:
         if reply.startswith(b"$JS.ACK.") and (self.withholding or self.to_lose):
             self.to_lose = max(0, self.to_lose - 1)
             self.dropped += 1
+            return False
+        if self.silent and b"100 Idle Heartbeat" in frame:
             return False
         if b"\r\nNats-Consumer-Stalled:" in frame:
             self.stalled_heartbeats += 1
