@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--start-timeout", type=float, default=900.0, help="longest wait for all to start (s)")
     parser.add_argument("--storm-timeout", type=float, default=300.0, help="longest wait for all to recover (s)")
     parser.add_argument("--probe-interval", type=float, default=0.1, help="seconds between API probes (default 0.1)")
+    parser.add_argument(
+        "--quiet-wait", type=float, default=120.0, help="longest wait for a quiet machine before the baseline (s)"
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed of the record mix")
     parser.add_argument("--pool", type=int, default=100, help="valid keys sampled (checked on every sidecar)")
     parser.add_argument("--json", type=Path, help="also write the figures here as JSON")
@@ -276,7 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             opened_before = sum(_get_json(w.port, "/v1/status")["consumers"]["opened"] for w in watches)
             # The 50 catch-ups leave the server busy a while: the baseline is taken on a settled machine.
-            load, waited = wait_quiet(threshold=_QUIET_CORES, longest=120.0)
+            load, waited = wait_quiet(threshold=_QUIET_CORES, longest=args.quiet_wait)
             say(f"machine load {load:.2f} cores after waiting {waited:.0f}s; probing the API for {_BASELINE:g}s")
             probe.start()
             time.sleep(_BASELINE)  # a baseline of API latency before the restart

@@ -246,7 +246,7 @@ async def test_a_region_cut_longer_than_the_staleness_bound_is_not_ready_and_rec
             async with http.get(ready) as response:
                 body = await response.json()
             # Not before the publisher's last heartbeat that reached the region is older than the bound.
-            assert body["seconds_since_contact"] > body["max_staleness"] == 2.0
+            assert body["seconds_since_contact"] >= body["max_staleness"] == 2.0  # shown rounded to the millisecond
             expected = 503 if policy == "closed" else 200
             assert await _status(http, topology, "eu", key["key"]) == expected
             topology.heal("eu")
