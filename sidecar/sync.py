@@ -73,6 +73,7 @@ _CREATE_SHORT = 3
 _CREATE_LONGEST = 60.0
 _SAY_WAITING_EVERY = 2.0  # seconds between "opening a consumer ...: waiting" lines while a create is unanswered
 _FLOOR_PRUNE_EVERY = 60.0
+_SAY_STALL_EVERY = 60.0  # seconds between log lines about consumers that went silent on a busy server
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -133,7 +134,9 @@ class KeySync:
         "_opening",
         "_reset",
         "_retry",
+        "_stall_logged_at",
         "_stall_said",
+        "_stalls",
         "_stream_created",
         "_tasks",
         "applier",
@@ -185,7 +188,9 @@ class KeySync:
         self._deleting: set[asyncio.Task[None]] = set()  # old consumers being deleted
         self._create_timeouts = 0  # CONSUMER.CREATE requests timed out in a row
         self._checked_silence = 0.0  # the last contact whose silence made the watchdog check the consumer's node
-        self._stall_said = 0.0  # the last contact whose silence was logged as a stall
+        self._stall_said = 0.0  # the last contact whose silence was counted as a stall
+        self._stalls = 0  # silences of a consumer its server still held
+        self._stall_logged_at = -_SAY_STALL_EVERY
         self._opened = 0  # consumers asked for
         self._retry: _Retry | None = None  # a create that went unanswered, to ask again once
         self._opening: float | None = None  # when the unanswered CONSUMER.CREATE was sent (monotonic)
@@ -447,15 +452,19 @@ class KeySync:
             info = None
         alive = info is None or ("error" not in info and info.get("push_bound", True))
         if alive and self._stall_said != self.freshness.last_contact:
-            self._stall_said = self.freshness.last_contact  # once per silence
-            log.warning(
-                "consumer %s on %s has sent nothing for %.0fs (no idle heartbeat), and the server %s: waiting for "
-                "it rather than asking a slow server for another consumer",
-                gen.consumer,
-                self.stream,
-                silent,
-                "does not answer" if info is None else "still holds it",
-            )
+            self._stall_said = self.freshness.last_contact  # counted once per silence
+            self._stalls += 1
+            if time.monotonic() - self._stall_logged_at >= _SAY_STALL_EVERY:
+                self._stall_logged_at = time.monotonic()
+                log.warning(
+                    "consumer %s on %s has sent nothing for %.0fs (no idle heartbeat), and the server %s: waiting "
+                    "for it rather than asking a slow server for another consumer (%d such silences so far)",
+                    gen.consumer,
+                    self.stream,
+                    silent,
+                    "does not answer" if info is None else "still holds it",
+                    self._stalls,
+                )
         return not alive
 
     async def _probe_server(self, nc: DirectClient) -> None:
