@@ -26,9 +26,9 @@ if TYPE_CHECKING:
 
 __all__ = ["read_chunks"]
 
-# Bytes asked for per request: well under the 64 MB a server queues for one client before it
-# calls it slow, and under nats-py's 64 MB pending limit for one subscription.
-_BATCH_BYTES: Final = 16 * 2**20
+# Bytes asked for per request: well under the 64 MB a server queues for one client before it calls it
+# slow and nats-py's 64 MB pending limit for one subscription, and little beside a sidecar's table.
+_BATCH_BYTES: Final = 8 * 2**20
 _MAX_BATCH: Final = 1024
 _END_OF_BATCH: Final = "204"
 _NOT_FOUND: Final = "404"

@@ -50,7 +50,7 @@ async def test_an_object_read_in_batches_arrives_whole_and_in_order(
 ) -> None:
     _, subject = await _stored(js)
     assert await _read(nats_server, subject) == (_DATA, 17)  # one batch
-    # A larger announced chunk size makes batches of 4 chunks (16 MB asked for a batch): five of them.
+    # A larger announced chunk size makes batches of 2 chunks (8 MB asked for a batch): nine of them.
     assert await _read(nats_server, subject, chunk_size=4 * 2**20) == (_DATA, 17)
 
 
