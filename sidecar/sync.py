@@ -38,7 +38,7 @@ from nats.aio.client import Client
 from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
 from keyrelay.core.nats_connect import NatsConnect, connect_retrying, identity_name
 from keyrelay.core.replica_streams import holds_exactly
-from keyrelay.core.server_choice import ServerChoice, stream_serves
+from keyrelay.core.server_choice import ServerChoice
 from keyrelay.core.trust import Trust
 from keyrelay.core.wire import GLOBAL_SCOPE, region_subjects, stream_name, subject_prefix
 
@@ -52,17 +52,14 @@ from .replica import Freshness, Position
 from .snapshot import Snapshot
 from .snapshot_start import start_from_snapshot
 from .table import KeyTable
+from .watchdog import Watchdog
 
 __all__ = ["KeySync", "SyncConfig", "SyncStats"]
 
 log = logging.getLogger("keyrelay.sidecar.sync")
 
 _MAX_BACKOFF = 2.0
-_MISSED_HEARTBEATS = 3
-# How late an idle heartbeat may be before the sidecar asks whether its consumer's node still leads the stream.
-_HEARTBEAT_LATE = 0.25
 _MAX_DELETING = 4  # deletions of replaced consumers in flight at once
-_PROBE_TIMEOUT = 1.0  # a stream's leader answers STREAM.INFO in milliseconds: longer is no answer
 # The stream's leader creates a (direct) consumer without a filter in a millisecond at any stream size; none
 # answers while the stream has no leader (one that just died, or an election). So the first _CREATE_SHORT - 1
 # attempts in a row wait this long, each later one twice as long as the one before (up to _CREATE_LONGEST: a
@@ -72,8 +69,6 @@ _CREATE_TIMEOUT = 0.5
 _CREATE_SHORT = 3
 _CREATE_LONGEST = 60.0
 _SAY_WAITING_EVERY = 2.0  # seconds between "opening a consumer ...: waiting" lines while a create is unanswered
-_FLOOR_PRUNE_EVERY = 60.0
-_SAY_STALL_EVERY = 60.0  # seconds between log lines about consumers that went silent on a busy server
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -83,7 +78,7 @@ class SyncConfig:
     servers: Sequence[str]
     bucket: str
     region: str | None = None
-    heartbeat: float = 1.0  # the consumer's idle heartbeat (seconds); see KeySync._watchdog
+    heartbeat: float = 1.0  # the consumer's idle heartbeat (seconds); see sidecar/watchdog.py
     api_timeout: float = 2.0
     name: str = "keyrelay-sidecar"  # the NATS connection's name
     # Whose signatures count. The default takes values as they are: only for tests of the sync
@@ -122,23 +117,18 @@ class KeySync:
     """Mirrors one region's view of the key bucket into a table, and says how fresh it is."""
 
     __slots__ = (
-        "_checked_silence",
         "_closing",
         "_create_timeouts",
         "_deleting",
         "_deliveries",
-        "_floors_pruned",
         "_nc",
-        "_next_probe",
         "_opened",
         "_opening",
         "_reset",
         "_retry",
-        "_stall_logged_at",
-        "_stall_said",
-        "_stalls",
         "_stream_created",
         "_tasks",
+        "_watchdog",
         "applier",
         "choice",
         "config",
@@ -179,18 +169,23 @@ class KeySync:
             else None
         )
         self._nc: DirectClient | None = None
+        self._watchdog = Watchdog(
+            stream=config.stream,
+            heartbeat=config.heartbeat,
+            api_timeout=config.api_timeout,
+            table=table,
+            freshness=self.freshness,
+            deliveries=self._deliveries,
+            choice=self.choice,
+            reset=self._reset,
+            client=lambda: self._nc,
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         # The stream's identity (its creation time): another one means another incarnation of the bucket.
         self._stream_created = ""
-        self._floors_pruned = 0.0
-        self._next_probe = 0.0  # when a late heartbeat may next make the sidecar ask its server for the stream
         self._deleting: set[asyncio.Task[None]] = set()  # old consumers being deleted
         self._create_timeouts = 0  # CONSUMER.CREATE requests timed out in a row
-        self._checked_silence = 0.0  # the last contact whose silence made the watchdog check the consumer's node
-        self._stall_said = 0.0  # the last contact whose silence was counted as a stall
-        self._stalls = 0  # silences of a consumer its server still held
-        self._stall_logged_at = -_SAY_STALL_EVERY
         self._opened = 0  # consumers asked for
         self._retry: _Retry | None = None  # a create that went unanswered, to ask again once
         self._opening: float | None = None  # when the unanswered CONSUMER.CREATE was sent (monotonic)
@@ -241,9 +236,14 @@ class KeySync:
 
     @property
     def consumers(self) -> dict[str, Any]:
-        """This replica's consumers: the current one's name, and how many it has asked for (each named
-        `keyrelay-<replica_id>-<n>`, n from 1), so an operator can tell whether any but the current one is left."""
-        return {"current": self._deliveries.current.consumer or None, "opened": self._opened}
+        """This replica's consumers: the current one's name, how many it has asked for (each named
+        `keyrelay-<replica_id>-<n>`, n from 1), so an operator can tell whether any but the current one is left,
+        and how many times one went silent while its server still held it (`stalls`: waited for, not replaced)."""
+        return {
+            "current": self._deliveries.current.consumer or None,
+            "opened": self._opened,
+            "stalls": self._watchdog.stalls,
+        }
 
     @property
     def connection(self) -> Client | None:
@@ -272,7 +272,7 @@ class KeySync:
         """Start connecting and syncing in the background; returns at once."""
         self._tasks = [
             asyncio.create_task(self._run(), name="keyrelay-sync"),
-            asyncio.create_task(self._watchdog(), name="keyrelay-sync-watchdog"),
+            asyncio.create_task(self._watchdog.run(lambda: self._closing), name="keyrelay-sync-watchdog"),
         ]
 
     async def wait_synced(self, timeout: float | None = None) -> None:
@@ -373,127 +373,6 @@ class KeySync:
 
     async def _on_error(self, exc: Exception) -> None:
         log.debug("NATS client error: %s", exc)
-
-    async def _watchdog(self) -> None:
-        freshness = self.freshness
-        heartbeat = self.config.heartbeat
-        while not self._closing:
-            await asyncio.sleep(self._next_look())
-            now = time.time()
-            if now - self._floors_pruned > _FLOOR_PRUNE_EVERY:
-                self._floors_pruned = now
-                self.table.prune_floors(now)
-            nc, gen, silent = self._nc, self._deliveries.current, freshness.since_local_contact()
-            if gen.sub is not None and silent > _MISSED_HEARTBEATS * heartbeat:
-                if await self._consumer_lost(nc, gen, silent):
-                    self._reset.set()
-            elif (
-                gen.sub is not None
-                and silent > heartbeat + _HEARTBEAT_LATE
-                and self._checked_silence != freshness.last_contact
-                and nc is not None
-                and nc.is_connected
-            ):
-                self._checked_silence = freshness.last_contact  # once per silence
-                await self._check_consumer(nc, gen)
-            late = freshness.heartbeat_late(self.config.heartbeat)
-            if late and nc is not None and nc.is_connected and time.monotonic() >= self._next_probe:
-                self._next_probe = time.monotonic() + late
-                await self._probe_server(nc)
-            if freshness.mirror and self._nc is not None and self._nc.is_connected:
-                with contextlib.suppress(Exception):  # the next tick tries again; staleness grows meanwhile
-                    freshness.note_mirror(await self._api(self._nc, f"STREAM.INFO.{self.stream}"))
-
-    def _next_look(self) -> float:
-        """Seconds to the watchdog's next look: every idle heartbeat, and just after the first and the third
-        missed one (a live consumer keeps its silence under `heartbeat`); never a busy loop."""
-        heartbeat = self.config.heartbeat
-        silent = self.freshness.since_local_contact()
-        due = [at - silent for at in (heartbeat + _HEARTBEAT_LATE, _MISSED_HEARTBEATS * heartbeat) if at > silent]
-        return min(due) + 0.01 if due and min(due) < heartbeat else heartbeat
-
-    async def _check_consumer(self, nc: DirectClient, gen: Generation) -> None:
-        """The consumer missed an idle heartbeat: does the node it lives on still lead the stream?
-
-        A direct consumer is made by the node leading the stream and stays on that node when the lead moves
-        on, so it is lost with that node even while the stream keeps a leader, and then never speaks again.
-        A new consumer on the leader costs milliseconds, against two more heartbeats' wait: the sidecar makes
-        one as soon as it sees another node lead. No answer (the stream has no leader, perhaps lost with the
-        consumer) leaves it to the three missed heartbeats: a new leader takes longer than that to elect.
-        """
-        info = await self._quick_stream_info(nc)
-        if info is None:
-            return
-        leader = str((info.get("cluster") or {}).get("leader") or "")
-        if leader and gen.node and leader != gen.node and gen is self._deliveries.current and gen.sub is not None:
-            log.info(
-                "consumer %s on %s missed a heartbeat and %s leads %s now: a new consumer on the leader",
-                gen.consumer,
-                gen.node,
-                leader,
-                self.stream,
-            )
-            self._reset.set()
-
-    async def _consumer_lost(self, nc: DirectClient | None, gen: Generation, silent: float) -> bool:
-        """Idle heartbeats missed: is the consumer gone (ask for another), or is its server only slow to send?
-
-        Another consumer costs the server more than the one it has (a filtered one on a stream of ten
-        million keys: seconds), so a server still holding this one, bound to this sidecar, is waited for
-        and said to stall, not asked for another; nor is one that does not answer (busy, or its stream
-        has no leader: another consumer could not be made either). Gone: not connected, the server
-        says it is not there or not bound, or another node leads the stream (_check_consumer).
-        """
-        if nc is None or not nc.is_connected or not gen.consumer:
-            return True
-        try:
-            info = await self._api(nc, f"CONSUMER.INFO.{self.stream}.{gen.consumer}")
-        except Exception:  # no answer within the API timeout
-            info = None
-        alive = info is None or ("error" not in info and info.get("push_bound", True))
-        if alive and self._stall_said != self.freshness.last_contact:
-            self._stall_said = self.freshness.last_contact  # counted once per silence
-            self._stalls += 1
-            if time.monotonic() - self._stall_logged_at >= _SAY_STALL_EVERY:
-                self._stall_logged_at = time.monotonic()
-                log.warning(
-                    "consumer %s on %s has sent nothing for %.0fs (no idle heartbeat), and the server %s: waiting "
-                    "for it rather than asking a slow server for another consumer (%d such silences so far)",
-                    gen.consumer,
-                    self.stream,
-                    silent,
-                    "does not answer" if info is None else "still holds it",
-                    self._stalls,
-                )
-        return not alive
-
-    async def _probe_server(self, nc: DirectClient) -> None:
-        """The publisher's heartbeat is late: does this server still answer for the stream?
-
-        The publisher may simply be down; then the server answers, and the sidecar stays. A server cut
-        off from the rest of its cluster (a partition) keeps delivering idle heartbeats from its own stale
-        copy of the stream, and answers nothing for it or (as its leader still) hears from no quorum: the
-        sidecar then moves to another server.
-        """
-        info = await self._quick_stream_info(nc)
-        if info is None:
-            serves = False
-        else:
-            error = info.get("error")
-            serves = stream_serves(info) if error is None else error.get("err_code") == STREAM_NOT_FOUND
-        if serves:
-            self.choice.served()
-        else:
-            await self.choice.failed(nc, f"serve the stream {self.stream} while the publisher's heartbeat is late")
-
-    async def _quick_stream_info(self, nc: DirectClient) -> dict[str, Any] | None:
-        """STREAM.INFO waited for briefly (a leader answers in milliseconds); None for a timeout or no responders."""
-        try:
-            return await jetstream_api(
-                nc, f"STREAM.INFO.{self.stream}", timeout=min(self.config.api_timeout, _PROBE_TIMEOUT)
-            )
-        except Exception:  # a timeout, no responders
-            return None
 
     async def _api(self, nc: Client, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         return await jetstream_api(nc, subject, body, timeout=self.config.api_timeout)

@@ -196,6 +196,7 @@ async def test_a_consumer_silent_while_its_server_holds_it_is_waited_for_and_not
         assert sync.stats.consumer_resets == 0
         stalls = [r for r in caplog.records if "rather than asking a slow server for another consumer" in r.message]
         assert len(stalls) == 1  # once per silence
+        assert sync.consumers["stalls"] == 1
         proxy.silence(False)
         _, record = make_key()
         await put(bucket, record)
@@ -235,11 +236,11 @@ async def test_a_consumer_that_missed_a_heartbeat_moves_only_when_another_node_l
         assert nc is not None
         # The consumer was made by the node leading the stream, which STREAM.INFO named.
         assert gen.node == "test-hub"
-        await sync._check_consumer(nc, gen)
+        await sync._watchdog.check_consumer(nc, gen)
         assert not sync._reset.is_set(), "its node still leads the stream: the consumer stays"
         # As if the lead had moved on since the consumer was made: the node it lives on may be gone.
         gen.node = "another-node"
-        await sync._check_consumer(nc, gen)
+        await sync._watchdog.check_consumer(nc, gen)
         await eventually(_current(sync, gen), bool)
         assert sync._deliveries.current.node == "test-hub"
     finally:
