@@ -120,8 +120,7 @@ async def _freeze_when_synced(sync: KeySync) -> None:
     though none is ever garbage. Objects made later are collected as usual.
     """
     await sync.position.wait_synced()
-    gc.collect()
-    gc.freeze()
+    gc.freeze()  # no collection first: one would walk them all once more, a pause the sidecar, ready now, would feel
     log.info("initial load done: %d objects moved out of the garbage collector's sight", gc.get_freeze_count())
 
 

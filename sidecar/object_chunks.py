@@ -73,9 +73,11 @@ async def read_chunks(
                     raise SnapshotError(f"truncated: {stream} holds {read} of its {size} bytes ({got})")
                 if headers.get("Nats-Subject") != subject:
                     raise SnapshotError(f"a reply from {stream} is not a chunk of this object")
-                at = int(headers.get("Nats-Sequence", "0"))
+                at = _sequence(headers.get("Nats-Sequence", ""))
                 if at < seq:
                     raise SnapshotError(f"{stream} answered with chunk {at} before {seq}")
+                if not msg.data:
+                    raise SnapshotError(f"{stream} answered with an empty chunk")
                 if len(msg.data) > chunk_size or read + len(msg.data) > size:
                     raise SnapshotError(f"{stream} holds more than the object's {size} bytes or a chunk too large")
                 write(msg.data)
@@ -88,3 +90,10 @@ async def read_chunks(
     finally:
         await sub.unsubscribe()
     return read
+
+
+def _sequence(text: str) -> int:
+    """A reply's stream sequence; SnapshotError when it is not a number."""
+    if not text.isdigit() or len(text) > 20:
+        raise SnapshotError(f"a chunk's stream sequence {text[:24]!r} is not a number")
+    return int(text)

@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import hashlib
 import logging
+import re
 import struct
 import time
 from array import array
@@ -68,6 +69,7 @@ _MAX_HEAD = 256 * 2**20
 LENGTH = struct.Struct(">I")
 _DEFAULT_CHUNK = 128 * 1024  # nats-py's, for an object whose info names no chunk size
 _MAX_CHUNK = 8 * 2**20  # NATS's largest max_payload: no chunk can be larger
+_NUID = re.compile(r"[A-Za-z0-9]{1,64}")  # what names an object's chunks ($O.<store>.C.<nuid>)
 
 
 def snapshot_entry(bucket: str, region: str | None) -> str:
@@ -336,7 +338,7 @@ class SnapshotStore:
                 stream_created=stream_created,
                 max_records=max_records,
             )
-            if not info.nuid.isalnum():
+            if not isinstance(info.nuid, str) or not _NUID.fullmatch(info.nuid):
                 raise SnapshotError(f"its object names chunks {info.nuid!r}, not a NUID")
             chunk_size = (info.options.max_chunk_size if info.options else None) or _DEFAULT_CHUNK
             await read_chunks(

@@ -189,7 +189,7 @@ def _numbers_fit(fields: array[int], times: array[float], versions: array[int], 
     if spans.size and not bool((np.isfinite(spans) & (spans >= 0)).all()):
         return False
     known = np.frombuffer(bytes(kinds), dtype=np.uint8)
-    by_record = np.frombuffer(fields, dtype=np.uint32).reshape(-1, _NFIELDS)
+    by_record = np.frombuffer(fields, dtype=f"u{fields.itemsize}").reshape(-1, _NFIELDS)  # array("I"): 4 bytes here
     for which, expected in enumerate(FIELD_KINDS):
         refs = by_record[:, which]
         if not refs.size:

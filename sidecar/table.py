@@ -575,10 +575,11 @@ class KeyTable:
         index[slot] = _TOMBSTONE
 
     def _resize(self, capacity: int) -> None:
-        self._mask = capacity - 1
         records = len(self._versions)
-        self._by_hash = build_index(self._digests, _DIGEST, records, self._free, capacity)
-        self._by_id = build_index(self._ids, _ID, records, self._free, capacity)
+        # Both built before either is kept: a failure (memory) leaves the table as it was.
+        by_hash = build_index(self._digests, _DIGEST, records, self._free, capacity)
+        by_id = build_index(self._ids, _ID, records, self._free, capacity)
+        self._by_hash, self._by_id, self._mask = by_hash, by_id, capacity - 1
         self._used = self._live
 
 

@@ -44,9 +44,8 @@ def build_index(
     try:
         for first in range(0, records, _BLOCK):
             last = min(records, first + _BLOCK)
-            block = memoryview(values)[first * width : last * width]
-            hashes = np.fromiter(map(hash, map(_FIRST, unpack(block))), dtype=np.int64, count=last - first)
-            block.release()
+            with memoryview(values) as whole, whole[first * width : last * width] as block:
+                hashes = np.fromiter(map(hash, map(_FIRST, unpack(block))), dtype=np.int64, count=last - first)
             numbers = np.arange(first + 1, last + 1, dtype=np.int32)
             if skipped is not None:
                 keep = np.ones(last - first, dtype=bool)

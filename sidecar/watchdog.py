@@ -6,7 +6,7 @@ Every idle heartbeat (`--heartbeat`) it looks at the consumer:
   another does, a new consumer on the leader (a direct consumer stays on the node that made it);
 - three missed: does the server still hold the consumer? A new one only if not; a server that
   still holds it, or does not answer, is waited for and the stall counted and logged (a new
-  consumer costs a busy server more than the one it has);
+  consumer costs a busy server more than the one it has), up to 30 idle heartbeats of silence;
 - the publisher's heartbeat late: does this server still serve the stream? If not (cut off from
   its cluster), the client moves to another server.
 
@@ -40,6 +40,7 @@ _HEARTBEAT_LATE: Final = 0.25
 _PROBE_TIMEOUT: Final = 1.0  # a stream's leader answers STREAM.INFO in milliseconds: longer is no answer
 _FLOOR_PRUNE_EVERY: Final = 60.0
 _SAY_STALL_EVERY: Final = 60.0  # seconds between log lines about consumers that went silent on a busy server
+_GIVE_UP: Final = 30  # idle heartbeats of silence after which a consumer is replaced whatever its server says
 
 
 class Watchdog:
@@ -157,7 +158,8 @@ class Watchdog:
         million keys: seconds), so a server still holding this one, bound to this sidecar, is waited for
         and said to stall, not asked for another; nor is one that does not answer (busy, or its stream
         has no leader: another consumer could not be made either). Gone: not connected, the server
-        says it is not there or not bound, or another node leads the stream (check_consumer).
+        says it is not there or not bound, another node leads the stream (check_consumer), or the
+        silence has lasted 30 idle heartbeats.
         """
         if nc is None or not nc.is_connected or not gen.consumer:
             return True
@@ -165,7 +167,11 @@ class Watchdog:
             info = await jetstream_api(nc, f"CONSUMER.INFO.{self._stream}.{gen.consumer}", timeout=self._api_timeout)
         except Exception:  # no answer within the API timeout
             info = None
-        alive = info is None or ("error" not in info and info.get("push_bound", True))
+        # The server leaves push_bound out of an unbound consumer's info. Past _GIVE_UP heartbeats of silence the
+        # consumer is replaced whatever the server says: a server that never answers, or answers that it still holds
+        # a consumer it never sends from, would otherwise keep the sidecar on it for good.
+        held = info is None or ("error" not in info and info.get("push_bound") is True)
+        alive = held and silent <= _GIVE_UP * self._heartbeat
         if alive and self._stall_said != self._freshness.last_contact:
             self._stall_said = self._freshness.last_contact  # counted once per silence
             self.stalls += 1

@@ -67,3 +67,16 @@ async def test_a_chunk_larger_than_the_object_says_is_refused(nats_server: NatsS
     _, subject = await _stored(js)
     with pytest.raises(SnapshotError, match="chunk too large"):
         await _read(nats_server, subject, chunk_size=_CHUNK // 2)
+
+
+async def test_an_empty_chunk_is_refused(nats_server: NatsServer, js: JetStreamContext) -> None:
+    _, subject = await _stored(js)
+    await js.publish(subject, b"")  # after the object's chunks, as a writer to the store could add one
+    nc = await nats.connect(nats_server.url)
+    try:
+        with pytest.raises(SnapshotError, match="empty chunk"):
+            await read_chunks(
+                nc, stream="OBJ_chunks", subject=subject, size=len(_DATA) + 1, chunk_size=_CHUNK, write=len, timeout=5
+            )
+    finally:
+        await nc.close()

@@ -207,6 +207,42 @@ async def test_a_consumer_silent_while_its_server_holds_it_is_waited_for_and_not
         await proxy.close()
 
 
+async def test_a_consumer_silent_for_thirty_heartbeats_is_replaced_whatever_its_server_says(
+    nats_server: NatsServer, bucket: KeyValue
+) -> None:
+    proxy = WithholdingProxy(target_port=nats_server.port)
+    await proxy.start()
+    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.1, trust=TRUST), KeyTable())
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        creates = proxy.creates_seen
+        proxy.silence()  # the server says it holds the consumer, and never sends from it
+        await eventually(lambda: _async(proxy.creates_seen), lambda n: n > creates, timeout=10)
+        assert sync.consumers["stalls"] >= 1  # waited for first
+    finally:
+        await sync.close()
+        await proxy.close()
+
+
+async def test_a_consumer_no_longer_bound_to_the_sidecar_is_replaced_after_three_missed_heartbeats(
+    nats_server: NatsServer, bucket: KeyValue
+) -> None:
+    sync = KeySync(SyncConfig(servers=[nats_server.url], bucket="KEYS", heartbeat=0.2, trust=TRUST), KeyTable())
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        unbound = sync._deliveries.current
+        assert unbound.sub is not None
+        await unbound.sub.unsubscribe()  # the server keeps the consumer, with nobody to deliver to
+        await eventually(
+            lambda: _async(sync._deliveries.current.consumer), lambda name: name not in ("", unbound.consumer)
+        )
+        assert sync.consumers["stalls"] == 0
+    finally:
+        await sync.close()
+
+
 async def test_a_consumer_the_server_no_longer_holds_is_replaced_after_three_missed_heartbeats(
     nats_server: NatsServer, bucket: KeyValue, js: JetStreamContext
 ) -> None:
