@@ -103,7 +103,8 @@ class SidecarSettings:
         duration=True,
         help="JetStream idle heartbeat; one missed makes the sidecar ask whether its consumer's node still "
         "leads the stream (a new consumer on the leader if not), three missed whether the server still holds it "
-        "(a new consumer if not; if it does, or does not answer, the sidecar waits and logs the stall)",
+        "(a new consumer if not; if it does, or does not answer, the sidecar waits and logs the stall, up to 30 "
+        "heartbeats of silence)",
     )
     max_header_size: int = option(
         8190,
