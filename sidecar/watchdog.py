@@ -40,6 +40,7 @@ _HEARTBEAT_LATE: Final = 0.25
 _PROBE_TIMEOUT: Final = 1.0  # a stream's leader answers STREAM.INFO in milliseconds: longer is no answer
 _FLOOR_PRUNE_EVERY: Final = 60.0
 _SAY_STALL_EVERY: Final = 60.0  # seconds between log lines about consumers that went silent on a busy server
+_CONSUMER_NOT_FOUND: Final = 10014  # JetStream's error code for "consumer not found"
 _GIVE_UP: Final = 30  # idle heartbeats of silence after which a consumer is replaced whatever its server says
 
 
@@ -167,6 +168,13 @@ class Watchdog:
             info = await jetstream_api(nc, f"CONSUMER.INFO.{self._stream}.{gen.consumer}", timeout=self._api_timeout)
         except Exception:  # no answer within the API timeout
             info = None
+        if info is not None and (info.get("error") or {}).get("err_code") == _CONSUMER_NOT_FOUND and gen.node:
+            # In a cluster the meta leader answers, and it knows nothing of direct consumers (they live on the node
+            # that made them): one whose node still leads the stream is unknown, not gone.
+            stream = await self._quick_stream_info(nc)
+            cluster = (stream or {}).get("cluster") or {}
+            if cluster.get("name") and cluster.get("leader") == gen.node:
+                info = None
         # The server leaves push_bound out of an unbound consumer's info. Past _GIVE_UP heartbeats of silence the
         # consumer is replaced whatever the server says: a server that never answers, or answers that it still holds
         # a consumer it never sends from, would otherwise keep the sidecar on it for good.
