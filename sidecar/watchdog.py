@@ -173,7 +173,8 @@ class Watchdog:
             # that made them): one whose node still leads the stream is unknown, not gone.
             stream = await self._quick_stream_info(nc)
             cluster = (stream or {}).get("cluster") or {}
-            if cluster.get("name") and cluster.get("leader") == gen.node:
+            # Only a clustered stream names its raft group (a single server names a cluster too, with leaf nodes).
+            if cluster.get("raft_group") and cluster.get("leader") == gen.node:
                 info = None
         # The server leaves push_bound out of an unbound consumer's info. Past _GIVE_UP heartbeats of silence the
         # consumer is replaced whatever the server says: a server that never answers, or answers that it still holds
