@@ -42,6 +42,8 @@ BATCH = 500  # values verified per hand-off to the worker thread: ~30 ms of its 
 
 _FETCH_TIMEOUT = 10.0  # a batch the server has not delivered by then: NATS is in trouble, the pass fails
 _INACTIVE = 60.0  # a scan consumer left behind by a crash is removed by the server after this
+# The longest a pass may take per value in the bucket: five times what reading and verifying one costs (~0.2 ms).
+_SECONDS_A_VALUE = 0.001
 
 _Raw = tuple[str, bytes, str | None, bool, float]  # entry, payload, signature header, deleted, stored (s)
 
@@ -89,7 +91,8 @@ async def scan_bucket(
     """Feed every entry's latest value (those `want` accepts; never the heartbeat) to `consume`, in batches.
 
     Signatures are checked against the publisher's current key within `horizon` seconds. Returns False
-    when the bucket's stream is missing (it is then created again, empty).
+    when the bucket's stream is missing (it is then created again, empty). The pass may take `timeout`
+    seconds, or longer for a large bucket: _SECONDS_A_VALUE for each of its messages.
     """
     js = broker.js
     stream = stream_name(broker.bucket)
@@ -113,6 +116,8 @@ async def scan_bucket(
         mem_storage=True,
     )
     await js.add_consumer(stream, config=config)
+    # Sized to the bucket: ten million values take half an hour on a 2-core machine (docs/benchmarks/README.md).
+    timeout = max(timeout, info.state.messages * _SECONDS_A_VALUE)
     deadline = time.monotonic() + timeout
     checking: asyncio.Task[list[BucketValue]] | None = None  # the previous batch, verified meanwhile
     try:

@@ -8,11 +8,14 @@ import uuid
 from typing import Any
 
 import msgpack
+import pytest
 from nacl.signing import SigningKey
 from nats.js.client import JetStreamContext
 
 from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Signer
 from keyrelay.core.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord
+from publisher import scan
+from publisher.errors import PublisherError
 from publisher.reconcile import reconcile
 from tests.support import (
     BucketMessage,
@@ -64,6 +67,21 @@ async def test_a_consistent_bucket_needs_nothing(start_publisher: StartPublisher
     assert report["keys_in_database"] == report["entries_in_bucket"] == 50
     assert (report["differing_shards"], report["republished"], report["deleted"]) == (0, 0, 0)
     assert await publisher.admin.ok("GET", "/audit") == audit_before  # nothing repaired: nothing to audit
+
+
+async def test_a_pass_may_take_longer_the_larger_the_bucket(
+    start_publisher: StartPublisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publisher = await start_publisher(reconcile_on_start=False)
+    await publisher.bulk_keys(50)
+    services = publisher.services
+    # No time at all for the pass as such: only the bucket's size (51 values, a minute each here) leaves any.
+    monkeypatch.setattr(scan, "_SECONDS_A_VALUE", 60.0)
+    report = await reconcile(store=services.store, broker=services.broker, keys=services.keys, timeout=0.0)
+    assert report.keys_in_database == report.entries_in_bucket == 50
+    monkeypatch.setattr(scan, "_SECONDS_A_VALUE", 0.0)
+    with pytest.raises(PublisherError, match="took over"):
+        await reconcile(store=services.store, broker=services.broker, keys=services.keys, timeout=0.0)
 
 
 async def test_a_lost_bucket_is_recreated_and_refilled(
