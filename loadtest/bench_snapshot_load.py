@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import platform
 import random
@@ -36,13 +35,13 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
 
-from keyrelay.core.trust import Signer, Trust
+from keyrelay.core.trust import Trust
 from keyrelay.natsd import NatsServer, NatsSpec
-from keyrelay.snapshot_writer import ValuePacker, signature_trailer, snapshot_head
 from sidecar.object_chunks import read_chunks
 from sidecar.snapshot import SnapshotStore
-from sidecar.table import KeyTable
+from sidecar.table import KeyTable, capacity_for
 from sidecar.table_index import build_index
+from testbed.snapshot_oracle import encode
 
 from .figures import run_and_write, say
 from .keyfill import KeyMix
@@ -75,13 +74,6 @@ def _table(keys: int, seed: int) -> KeyTable:
         if (n + 1) % 1_000_000 == 0:
             say(f"  built {n + 1:,} / {keys:,} ({(n + 1) / (time.perf_counter() - started):,.0f} keys/s)")
     return table
-
-
-def _snapshot(table: KeyTable, signer: Signer) -> bytes:
-    """The table's signed snapshot, whole (the seeder streams the same bytes)."""
-    head = snapshot_head(table, ValuePacker(table), revision=len(table), bucket=_BUCKET, region=None, stream_created="")
-    body = head + b"".join(bytes(a) for a in table.state().arrays)
-    return body + signature_trailer(signer, hashlib.sha256(body).digest(), bucket=_BUCKET, region=None)
 
 
 def _python_index(values: bytes | bytearray, width: int, records: int, capacity: int) -> array[int]:
@@ -133,9 +125,7 @@ async def _transfer(nc: Client, size: int, repeat: int) -> dict[str, Any]:
 
 def _rebuild(table: KeyTable, repeat: int) -> dict[str, Any]:
     digests, ids, _, _, versions = table.state().arrays
-    records, capacity = len(versions), 1
-    while capacity * 0.6 < records + 1:  # the table's load factor (sidecar/table.py)
-        capacity *= 2
+    records, capacity = len(versions), capacity_for(len(table))
 
     def timed(build: Callable[[bytes | bytearray, int], array[int]]) -> float:
         best = float("inf")
@@ -176,7 +166,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
         table = _table(args.keys, args.seed)
         rebuild = _rebuild(table, args.repeat)
         say(f"index rebuild: {rebuild}")
-        data = _snapshot(table, signer)
+        data = encode(table, revision=len(table), bucket=_BUCKET, region=None, signer=signer)
         del table
         server = NatsServer(NatsSpec(name="bench-snapshot", store_dir=work / "nats"), log_dir=work / "logs")
         server.start()

@@ -35,6 +35,7 @@ __all__ = [
     "KeyView",
     "TableArrays",
     "TableState",
+    "capacity_for",
 ]
 
 _EMPTY: Final = 0
@@ -203,7 +204,7 @@ class KeyTable:
         self._by_hash = array("i")
         self._by_id = array("i")
         self._mask = 0
-        self._resize(_capacity_for(capacity))
+        self._resize(capacity_for(capacity))
 
     def __len__(self) -> int:
         return self._live
@@ -215,7 +216,7 @@ class KeyTable:
 
     def reserve(self, count: int) -> None:
         """Grow the indexes once for `count` keys, so a bulk load does not rehash repeatedly."""
-        wanted = _capacity_for(count)
+        wanted = capacity_for(count)
         if wanted > self._mask + 1:
             self._resize(wanted)
 
@@ -490,7 +491,7 @@ class KeyTable:
         self._live = len(self._versions) - len(self._free)
         self._floors = state.floors
         # The indexes hash with hash(), which differs per process: they are rebuilt, not stored.
-        self._resize(_capacity_for(self._live))
+        self._resize(capacity_for(self._live))
         # The snapshot's signer vouches for its sum as for its records; summing a million again costs a second.
         if state.digest is None:
             self.recompute_digest()
@@ -521,7 +522,7 @@ class KeyTable:
         self, raw_id: bytes, digest: bytes, values: tuple[int, ...], expires: float, revoked: float, version: int
     ) -> None:
         if (self._used + 1) > _MAX_LOAD * (self._mask + 1):
-            self._resize(_capacity_for(self._live + 1))
+            self._resize(capacity_for(self._live + 1))
         if self._free:
             n = self._free.pop()
             self._changed(n)  # a freed record refilled: whoever copies records (snapshots) must know
@@ -583,7 +584,8 @@ class KeyTable:
         self._used = self._live
 
 
-def _capacity_for(count: int) -> int:
+def capacity_for(count: int) -> int:
+    """The index capacity a table of `count` keys takes: a power of two, at most _MAX_LOAD full."""
     capacity = 1024
     while capacity * _MAX_LOAD < count + 1:
         capacity *= 2

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
+from keyrelay.core.jetstream import CONSUMER_NOT_FOUND, STREAM_NOT_FOUND, jetstream_api
 from keyrelay.core.server_choice import ServerChoice, stream_serves
 
 from .deliveries import Deliveries, Generation
@@ -40,7 +40,6 @@ _HEARTBEAT_LATE: Final = 0.25
 _PROBE_TIMEOUT: Final = 1.0  # a stream's leader answers STREAM.INFO in milliseconds: longer is no answer
 _FLOOR_PRUNE_EVERY: Final = 60.0
 _SAY_STALL_EVERY: Final = 60.0  # seconds between log lines about consumers that went silent on a busy server
-_CONSUMER_NOT_FOUND: Final = 10014  # JetStream's error code for "consumer not found"
 _GIVE_UP: Final = 30  # idle heartbeats of silence after which a consumer is replaced whatever its server says
 
 
@@ -168,7 +167,7 @@ class Watchdog:
             info = await jetstream_api(nc, f"CONSUMER.INFO.{self._stream}.{gen.consumer}", timeout=self._api_timeout)
         except Exception:  # no answer within the API timeout
             info = None
-        if info is not None and (info.get("error") or {}).get("err_code") == _CONSUMER_NOT_FOUND and gen.node:
+        if info is not None and (info.get("error") or {}).get("err_code") == CONSUMER_NOT_FOUND and gen.node:
             # In a cluster the meta leader answers, and it knows nothing of direct consumers (they live on the node
             # that made them): one whose node still leads the stream is unknown, not gone.
             stream = await self._quick_stream_info(nc)

@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
-__all__ = ["STREAM_NOT_FOUND", "jetstream_api"]
+__all__ = ["CONSUMER_NOT_FOUND", "STREAM_NOT_FOUND", "jetstream_api"]
 
 STREAM_NOT_FOUND = 10059  # JetStream's error code for "stream not found" (and only that)
+CONSUMER_NOT_FOUND = 10014  # ... for "consumer not found"
 
 
 async def jetstream_api(
