@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import pytest
 from nats.js.api import KeyValueConfig
@@ -90,6 +91,24 @@ async def test_a_full_resync_keeps_a_key_whose_entry_names_it_in_uppercase(
         await sync.close()
 
 
+@contextlib.asynccontextmanager
+async def _through_a_proxy(
+    nats_server: NatsServer, prepare: Callable[[WithholdingProxy], object] = lambda _: None, **config: Any
+) -> AsyncIterator[tuple[WithholdingProxy, KeySync]]:
+    """A started sync of its own table, reading the bucket through a WithholdingProxy that `prepare` sets up
+    first; `config` is the rest of its SyncConfig."""
+    proxy = WithholdingProxy(target_port=nats_server.port)
+    await proxy.start()
+    prepare(proxy)
+    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", **config), KeyTable())
+    await sync.start()
+    try:
+        yield proxy, sync
+    finally:
+        await sync.close()
+        await proxy.close()
+
+
 async def _async(value: T) -> T:
     return value
 
@@ -98,14 +117,10 @@ async def test_a_delivery_lost_on_the_way_is_noticed_by_the_next_ones_consumer_s
     nats_server: NatsServer, js: JetStreamContext, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="keyrelay.sidecar.sync")
-    proxy = WithholdingProxy(target_port=nats_server.port)
-    await proxy.start()
     bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     await heartbeat(bucket)
-    table = KeyTable()
-    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.5, trust=TRUST), table)
-    await sync.start()
-    try:
+    async with _through_a_proxy(nats_server, heartbeat=0.5, trust=TRUST) as (proxy, sync):
+        table = sync.table
         await sync.wait_synced(timeout=10)
         proxy.lose_deliveries(1)
         _, lost = make_key()
@@ -117,9 +132,6 @@ async def test_a_delivery_lost_on_the_way_is_noticed_by_the_next_ones_consumer_s
         assert proxy.dropped == 1
         assert "consumer sequence gap (got 3, expected 2)" in caplog.text
         assert sync.stats.consumer_resets >= 1
-    finally:
-        await sync.close()
-        await proxy.close()
 
 
 async def test_a_consumer_stalled_by_a_lost_flow_control_reply_is_resumed_when_its_heartbeat_says_so(
@@ -133,21 +145,16 @@ async def test_a_consumer_stalled_by_a_lost_flow_control_reply_is_resumed_when_i
     for record in records:
         await put(bucket, record)
     await heartbeat(bucket)
-    proxy = WithholdingProxy(target_port=nats_server.port)
-    await proxy.start()
-    proxy.lose_flow_control_replies(1)  # the server waits for it, then stops delivering
-    table = KeyTable()
-    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.5, trust=TRUST), table)
-    await sync.start()
-    try:
+
+    def lose_one(proxy: WithholdingProxy) -> None:
+        proxy.lose_flow_control_replies(1)  # the server waits for it, then stops delivering
+
+    async with _through_a_proxy(nats_server, lose_one, heartbeat=0.5, trust=TRUST) as (proxy, sync):
         await sync.wait_synced(timeout=30)
-        assert len(table) == len(records)
+        assert len(sync.table) == len(records)
         assert proxy.replies_dropped == 1
         assert proxy.stalled_heartbeats >= 1  # the consumer stalled, and said so
         assert sync.stats.consumer_resets == 0  # answering the stall resumed it: no new consumer
-    finally:
-        await sync.close()
-        await proxy.close()
 
 
 async def test_a_consumer_create_answered_late_is_asked_again_identically_and_leaves_one_consumer(
@@ -155,12 +162,11 @@ async def test_a_consumer_create_answered_late_is_asked_again_identically_and_le
 ) -> None:
     """A server slow to answer CONSUMER.CREATE: the sync asks again for the same consumer, waiting longer,
     and the late first request, carried out after the second, makes no other consumer."""
-    proxy = WithholdingProxy(target_port=nats_server.port)
-    await proxy.start()
-    proxy.delay_consumer_creates(1.5)  # past the first attempt's wait
-    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.5), KeyTable())
-    await sync.start()
-    try:
+
+    def delay(proxy: WithholdingProxy) -> None:
+        proxy.delay_consumer_creates(1.5)  # past the first attempt's wait
+
+    async with _through_a_proxy(nats_server, delay, heartbeat=0.5) as (proxy, sync):
         await sync.wait_synced(timeout=10)
         await eventually(lambda: _async(proxy.creates_released), lambda n: n == 1)  # the late one reached the server
 
@@ -172,9 +178,6 @@ async def test_a_consumer_create_answered_late_is_asked_again_identically_and_le
         assert not await _exists(js, second, sync.stream)
         assert proxy.creates_seen == 2
         assert sync.stats.sync_errors == 1
-    finally:
-        await sync.close()
-        await proxy.close()
 
 
 async def test_a_consumer_silent_while_its_server_holds_it_is_waited_for_and_not_replaced(
@@ -182,12 +185,7 @@ async def test_a_consumer_silent_while_its_server_holds_it_is_waited_for_and_not
 ) -> None:
     """A server too busy to send even idle heartbeats, still holding the consumer: another consumer would only
     add to its load, so the sync waits and says so once; nothing is lost when the server speaks again."""
-    proxy = WithholdingProxy(target_port=nats_server.port)
-    await proxy.start()
-    table = KeyTable()
-    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.2, trust=TRUST), table)
-    await sync.start()
-    try:
+    async with _through_a_proxy(nats_server, heartbeat=0.2, trust=TRUST) as (proxy, sync):
         await sync.wait_synced(timeout=10)
         creates = proxy.creates_seen
         proxy.silence()
@@ -200,29 +198,19 @@ async def test_a_consumer_silent_while_its_server_holds_it_is_waited_for_and_not
         proxy.silence(False)
         _, record = make_key()
         await put(bucket, record)
-        await eventually(lambda: _async(table.get(record.key_id)), lambda view: view is not None)
+        await eventually(lambda: _async(sync.table.get(record.key_id)), lambda view: view is not None)
         assert proxy.creates_seen == creates
-    finally:
-        await sync.close()
-        await proxy.close()
 
 
 async def test_a_consumer_silent_for_thirty_heartbeats_is_replaced_whatever_its_server_says(
     nats_server: NatsServer, bucket: KeyValue
 ) -> None:
-    proxy = WithholdingProxy(target_port=nats_server.port)
-    await proxy.start()
-    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", heartbeat=0.1, trust=TRUST), KeyTable())
-    await sync.start()
-    try:
+    async with _through_a_proxy(nats_server, heartbeat=0.1, trust=TRUST) as (proxy, sync):
         await sync.wait_synced(timeout=10)
         creates = proxy.creates_seen
         proxy.silence()  # the server says it holds the consumer, and never sends from it
         await eventually(lambda: _async(proxy.creates_seen), lambda n: n > creates, timeout=10)
         assert sync.consumers["stalls"] >= 1  # waited for first
-    finally:
-        await sync.close()
-        await proxy.close()
 
 
 async def test_a_consumer_no_longer_bound_to_the_sidecar_is_replaced_after_three_missed_heartbeats(
