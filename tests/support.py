@@ -55,7 +55,9 @@ from publisher.settings import PublisherSettings
 from sidecar.app import serve
 from sidecar.http import SidecarState
 from sidecar.settings import SidecarSettings
+from sidecar.sync import KeySync, SyncConfig
 from sidecar.table import KeyTable
+from tests.withholding_proxy import WithholdingProxy
 
 T = TypeVar("T")
 
@@ -199,6 +201,24 @@ async def heartbeat(
 # quadratic blow-up. The real figures are measured by the benchmarks (loadtest/bench_publisher.py:
 # revocation p99 from the API's answer to a sidecar's 401), against their targets, not asserted here.
 PROMPTLY = 5.0
+
+
+@contextlib.asynccontextmanager
+async def sync_through_proxy(
+    port: int, prepare: Callable[[WithholdingProxy], object] = lambda _: None, bucket: str = "KEYS", **config: Any
+) -> AsyncIterator[tuple[WithholdingProxy, KeySync]]:
+    """A started sync of its own table, reading `bucket` on the server at 127.0.0.1:`port` through a
+    WithholdingProxy that `prepare` sets up first; `config` is the rest of its SyncConfig."""
+    proxy = WithholdingProxy(target_port=port)
+    await proxy.start()
+    prepare(proxy)
+    sync = KeySync(SyncConfig(servers=[proxy.url], bucket=bucket, **config), KeyTable())
+    await sync.start()
+    try:
+        yield proxy, sync
+    finally:
+        await sync.close()
+        await proxy.close()
 
 
 async def eventually(

@@ -21,15 +21,28 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client
+from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 
+from keyrelay.core.jetstream import CONSUMER_NOT_FOUND, jetstream_api
 from keyrelay.core.wire import stream_name
 from keyrelay.natsd import NatsServer
 from publisher.settings import PublisherSettings
 from sidecar.deliveries import Generation
 from sidecar.settings import SidecarSettings
 from tests.cluster_support import NatsCluster, cluster_client
-from tests.support import Publisher, Sidecar, StartPublisher, StartSidecar, eventually
+from tests.support import (
+    TRUST,
+    Publisher,
+    Sidecar,
+    StartPublisher,
+    StartSidecar,
+    eventually,
+    heartbeat,
+    make_key,
+    put,
+    sync_through_proxy,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -440,3 +453,35 @@ async def _recovery(d: Deployment, lost: Collection[str]) -> float:
 def _consumer_nodes(d: Deployment) -> list[str]:
     """The node each sidecar's consumer lives on (the stream's leader when it was made)."""
     return [s.state.sync._deliveries.current.node for s in d.sidecars]
+
+
+async def test_a_silent_consumer_its_cluster_does_not_list_is_waited_for_while_its_node_leads_the_stream(
+    cluster: NatsCluster, client: JetStreamContext
+) -> None:
+    """In a cluster, CONSUMER.INFO for a sidecar's direct consumer says "not found" (the meta leader answers, and
+    direct consumers live only on the node that made them): a silence is waited for while that node still leads
+    the stream, not answered with another consumer."""
+    bucket = f"W_{uuid.uuid4().hex[:10]}"
+    kv = await client.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=3))
+    stream = stream_name(bucket)
+    leader, _ = await cluster.stream_leader(client, stream)
+    await heartbeat(kv)
+    async with (
+        sync_through_proxy(cluster.node(leader).port, bucket=bucket, heartbeat=0.2, trust=TRUST) as (proxy, sync),
+        cluster_client(cluster) as (nc, _),
+    ):
+        await sync.wait_synced(timeout=10)
+        consumer = sync._deliveries.current
+        assert consumer.node == leader
+        info = await jetstream_api(nc, f"CONSUMER.INFO.{stream}.{consumer.consumer}", timeout=2)
+        assert info["error"]["err_code"] == CONSUMER_NOT_FOUND, info  # what the watchdog's cluster rule is for
+        creates = proxy.creates_seen
+        proxy.silence()
+        await asyncio.sleep(10 * 0.2)  # three missed heartbeats, several times over
+        assert proxy.creates_seen == creates
+        assert sync.consumers["stalls"] == 1
+        proxy.silence(False)
+        _, record = make_key()
+        await put(kv, record)
+        await eventually(lambda: asyncio.sleep(0, sync.table.get(record.key_id)), lambda view: view is not None)
+        assert sync._deliveries.current is consumer

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 from nats.js.api import KeyValueConfig
@@ -18,7 +17,7 @@ from keyrelay.core.wire import key_digest
 from keyrelay.natsd import NatsServer
 from sidecar.sync import KeySync, SyncConfig
 from sidecar.table import KeyTable
-from tests.support import TRUST, eventually, heartbeat, make_key, put, put_raw
+from tests.support import TRUST, eventually, heartbeat, make_key, put, put_raw, sync_through_proxy
 from tests.withholding_proxy import WithholdingProxy
 
 T = TypeVar("T")
@@ -91,24 +90,6 @@ async def test_a_full_resync_keeps_a_key_whose_entry_names_it_in_uppercase(
         await sync.close()
 
 
-@contextlib.asynccontextmanager
-async def _through_a_proxy(
-    nats_server: NatsServer, prepare: Callable[[WithholdingProxy], object] = lambda _: None, **config: Any
-) -> AsyncIterator[tuple[WithholdingProxy, KeySync]]:
-    """A started sync of its own table, reading the bucket through a WithholdingProxy that `prepare` sets up
-    first; `config` is the rest of its SyncConfig."""
-    proxy = WithholdingProxy(target_port=nats_server.port)
-    await proxy.start()
-    prepare(proxy)
-    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", **config), KeyTable())
-    await sync.start()
-    try:
-        yield proxy, sync
-    finally:
-        await sync.close()
-        await proxy.close()
-
-
 async def _async(value: T) -> T:
     return value
 
@@ -119,7 +100,7 @@ async def test_a_delivery_lost_on_the_way_is_noticed_by_the_next_ones_consumer_s
     caplog.set_level(logging.INFO, logger="keyrelay.sidecar.sync")
     bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     await heartbeat(bucket)
-    async with _through_a_proxy(nats_server, heartbeat=0.5, trust=TRUST) as (proxy, sync):
+    async with sync_through_proxy(nats_server.port, heartbeat=0.5, trust=TRUST) as (proxy, sync):
         table = sync.table
         await sync.wait_synced(timeout=10)
         proxy.lose_deliveries(1)
@@ -149,7 +130,7 @@ async def test_a_consumer_stalled_by_a_lost_flow_control_reply_is_resumed_when_i
     def lose_one(proxy: WithholdingProxy) -> None:
         proxy.lose_flow_control_replies(1)  # the server waits for it, then stops delivering
 
-    async with _through_a_proxy(nats_server, lose_one, heartbeat=0.5, trust=TRUST) as (proxy, sync):
+    async with sync_through_proxy(nats_server.port, lose_one, heartbeat=0.5, trust=TRUST) as (proxy, sync):
         await sync.wait_synced(timeout=30)
         assert len(sync.table) == len(records)
         assert proxy.replies_dropped == 1
@@ -166,7 +147,7 @@ async def test_a_consumer_create_answered_late_is_asked_again_identically_and_le
     def delay(proxy: WithholdingProxy) -> None:
         proxy.delay_consumer_creates(1.5)  # past the first attempt's wait
 
-    async with _through_a_proxy(nats_server, delay, heartbeat=0.5) as (proxy, sync):
+    async with sync_through_proxy(nats_server.port, delay, heartbeat=0.5) as (proxy, sync):
         await sync.wait_synced(timeout=10)
         await eventually(lambda: _async(proxy.creates_released), lambda n: n == 1)  # the late one reached the server
 
@@ -185,7 +166,7 @@ async def test_a_consumer_silent_while_its_server_holds_it_is_waited_for_and_not
 ) -> None:
     """A server too busy to send even idle heartbeats, still holding the consumer: another consumer would only
     add to its load, so the sync waits and says so once; nothing is lost when the server speaks again."""
-    async with _through_a_proxy(nats_server, heartbeat=0.2, trust=TRUST) as (proxy, sync):
+    async with sync_through_proxy(nats_server.port, heartbeat=0.2, trust=TRUST) as (proxy, sync):
         await sync.wait_synced(timeout=10)
         creates = proxy.creates_seen
         proxy.silence()
@@ -205,7 +186,7 @@ async def test_a_consumer_silent_while_its_server_holds_it_is_waited_for_and_not
 async def test_a_consumer_silent_for_thirty_heartbeats_is_replaced_whatever_its_server_says(
     nats_server: NatsServer, bucket: KeyValue
 ) -> None:
-    async with _through_a_proxy(nats_server, heartbeat=0.1, trust=TRUST) as (proxy, sync):
+    async with sync_through_proxy(nats_server.port, heartbeat=0.1, trust=TRUST) as (proxy, sync):
         await sync.wait_synced(timeout=10)
         creates = proxy.creates_seen
         proxy.silence()  # the server says it holds the consumer, and never sends from it
