@@ -62,7 +62,17 @@ from keyrelay.procs import tail
 from .callgrind import count_instructions
 from .figures import ms, run_and_write, say
 from .keyfill import FillResult, connect, create_bucket, fill_bucket
-from .procs import cpu_seconds, keyrelay_command, machine_cpu, memory_of, spawn, stop, wait_http_ok, wait_quiet
+from .procs import (
+    cpu_seconds,
+    keyrelay_command,
+    machine_cpu,
+    memory_of,
+    preemptions,
+    spawn,
+    stop,
+    wait_http_ok,
+    wait_quiet,
+)
 from .signing import BENCH_SIGNER, BENCH_SNAPSHOT_SIGNER, Heartbeats, sidecar_trust_args, write_key_file
 from .wrk import WrkResult, header_pool_script, pool_statuses, run_wrk, wrk_binary
 
@@ -116,6 +126,8 @@ class Measured:
     wrk: WrkResult
     server_cpu_us: float  # server CPU per request, microseconds
     other_cores: float  # CPU used by everything but wrk, the server and nats-server, in cores
+    nats_cores: float  # CPU nats-server used meanwhile, in cores (unpinned: it may run on the server's core)
+    preempted: int  # times the server was taken off its core while it could run (involuntary switches)
     steal_cores: float
     quiet_wait: float  # seconds spent waiting for a quiet machine first
     load_before: float  # busy cores just before the run
@@ -318,7 +330,7 @@ def _measure(
     note = f" (waited {waited:.0f}s for a quiet machine)" if waited >= 1 else ""
     say(f"  wrk -> {target.name:<8} {label}{note}")
     busy0, steal0 = machine_cpu()
-    server0, nats0 = cpu_seconds(target.pid), cpu_seconds(nats_pid)
+    server0, nats0, preempted0 = cpu_seconds(target.pid), cpu_seconds(nats_pid), preemptions(target.pid)
     children0 = os.times()
     started = time.monotonic()
     result = run_wrk(
@@ -336,11 +348,14 @@ def _measure(
     wrk_cpu = (children1.children_user + children1.children_system) - (
         children0.children_user + children0.children_system
     )
-    other = (busy1 - busy0) - server - wrk_cpu - (cpu_seconds(nats_pid) - nats0)
+    nats = cpu_seconds(nats_pid) - nats0
+    other = (busy1 - busy0) - server - wrk_cpu - nats
     return Measured(
         wrk=result,
         server_cpu_us=server / max(result.requests, 1) * 1e6,
         other_cores=max(0.0, other) / elapsed,
+        nats_cores=nats / elapsed,
+        preempted=preemptions(target.pid) - preempted0,
         steal_cores=(steal1 - steal0) / elapsed,
         quiet_wait=waited,
         load_before=load_before,
@@ -377,7 +392,12 @@ def _row(name: str, runs: list[Measured]) -> str:
     errors = sum(m.wrk.non_2xx_3xx for m in runs)
     sockets = sum(sum(m.wrk.socket_errors.values()) for m in runs)
     other = max(m.other_cores for m in runs)
-    return f"  {name:<16} {rps:>10,.0f} {ms(p50):>10} {ms(p99):>10} {cpu:>9.1f} {errors:>8} {sockets:>8} {other:>8.2f}"
+    nats = max(m.nats_cores for m in runs)
+    preempted = max(m.preempted for m in runs)
+    return (
+        f"  {name:<16} {rps:>10,.0f} {ms(p50):>10} {ms(p99):>10} {cpu:>9.1f} {errors:>8} {sockets:>8} {other:>8.2f}"
+        f" {nats:>6.2f} {preempted:>9,}"
+    )
 
 
 def _runs_json(runs: list[Measured]) -> dict[str, Any]:
@@ -396,6 +416,8 @@ def _runs_json(runs: list[Measured]) -> dict[str, Any]:
                 "socket_errors": m.wrk.socket_errors,
                 "server_cpu_us_per_request": m.server_cpu_us,
                 "other_cpu_cores": m.other_cores,
+                "nats_cpu_cores": m.nats_cores,
+                "server_preempted": m.preempted,
                 "steal_cores": m.steal_cores,
                 "quiet_wait_seconds": m.quiet_wait,
             }
@@ -663,16 +685,17 @@ def _report(
     mib = 2**20
     header = (
         f"  {'':<16} {'requests/s':>10} {'p50':>10} {'p99':>10} {'cpu us/req':>9} {'non-2xx':>8} {'sockerr':>8} "
-        f"{'other':>8}"
+        f"{'other':>8} {'nats':>6} {'preempted':>9}"
     )
     lines = [
         "",
-        "=" * 96,
+        "=" * 114,
         f"keyrelay sidecar benchmark: {config['keys']:,} keys, {config['connections']} connections, "
         f"{config['duration']:g}s per run, {config['rounds']} alternating round(s), wrk {config['threads']} thread(s)",
         f"pinning: {pin.describe()}",
         "medians over the rounds; cpu us/req is the server's own CPU per request; other is the most CPU (in cores)",
-        "that anything else on the machine used during one of the runs",
+        "that anything else on the machine used during one of the runs, nats the most nats-server used (unpinned),",
+        "preempted the most times the server was taken off its core while it could run (involuntary switches)",
         "",
         "saturated (closed loop, each connection sends as soon as its answer arrives):",
         header,

@@ -69,6 +69,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def preemptions(pid: int) -> int:
+    """Times the process has been taken off its CPU while it could still run (all its threads' involuntary
+    context switches, from /proc/<pid>/task/*/status): another process or thread on its core."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("nonvoluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
 def machine_cpu() -> tuple[float, float]:
     """CPU seconds the whole machine has been busy, and stolen by the hypervisor, since boot."""
     fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
