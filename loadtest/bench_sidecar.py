@@ -510,7 +510,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 raise RuntimeError("the region's first sidecar did not start from the seeded snapshot")
             say(
                 f"the region's first sidecar, from the seeded snapshot: ready in {loaded.ready_seconds:.2f}s (sync "
-                f"{loaded.status.get('synced_after_seconds')}s, machine load before start {load_before:.2f} cores), "
+                f"{loaded.status.get('synced_after_seconds')}s; steps {loaded.status.get('start_steps')}; machine load "
+                f"before start {load_before:.2f} cores), "
                 f"RSS {loaded.rss / 2**20:.1f} MiB"
             )
             sample = pool_statuses(port, fill.pool[:200])
@@ -592,6 +593,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "sidecar": {
                 "ready_seconds": loaded.ready_seconds,
                 "sync_seconds": loaded.status.get("synced_after_seconds"),
+                "start_steps": loaded.status.get("start_steps"),
                 "loaded_snapshot": loaded.status.get("loaded_snapshot"),
                 "machine_load_before_start": load_before,
                 "rss_bytes": loaded.rss,

@@ -294,6 +294,7 @@ async def status(request: web.Request) -> web.Response:
             "seconds_since_last_event": round(time.time() - sync.last_event, 3) if sync.last_event else None,
             "seconds_since_contact": round(sync.seconds_since_contact(), 3),
             "synced_after_seconds": round(sync.synced_after, 3) if sync.synced_after is not None else None,
+            "start_steps": sync.position.steps,
             "stale_policy": state.settings.stale_policy,
             "route_rules": len(state.routes) if state.routes is not None else None,
             "decode_errors": sync.stats.decode_errors,

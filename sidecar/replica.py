@@ -32,7 +32,7 @@ _MAX_HEARTBEAT_GAP = 60.0  # a gap this long is an outage, not the publisher's i
 class Position:
     """Where the replica of `table` is in its stream, and whether its initial load is done."""
 
-    __slots__ = ("_started", "_synced", "_table", "last_revision", "pending", "synced", "synced_after")
+    __slots__ = ("_started", "_synced", "_table", "last_revision", "pending", "steps", "synced", "synced_after")
 
     def __init__(self, table: Sized) -> None:
         self._table = table
@@ -40,8 +40,13 @@ class Position:
         self.pending = 0  # what the consumer last said was still to be delivered
         self.synced = False
         self.synced_after: float | None = None  # seconds from start to the end of the initial load
+        self.steps: dict[str, float] = {}  # seconds from start to each start-up step's end (reached)
         self._started = time.monotonic()
         self._synced = asyncio.Event()
+
+    def reached(self, step: str) -> None:
+        """A start-up step is done (`snapshot_loaded`, `consumer_opened`): its first time is kept, for /v1/status."""
+        self.steps.setdefault(step, round(time.monotonic() - self._started, 3))
 
     def catching_up(self) -> bool:
         """Whether deliveries are known to be waiting (or the initial load is not done)."""

@@ -359,6 +359,8 @@ class KeySync:
         )
         self._stream_created = started.stream_created
         self.loaded_snapshot = started.snapshot
+        if started.snapshot is not None:
+            self.position.reached("snapshot_loaded")
 
     async def _on_disconnect(self) -> None:
         self.connected = False
@@ -448,6 +450,7 @@ class KeySync:
                 gen.sub = None
             raise RuntimeError(created["error"].get("description", "consumer create failed"))
         self.freshness.last_contact = time.monotonic()
+        position.reached("consumer_opened")
         pending = int(created.get("num_pending", 0))
         log.info("consumer %s on %s from revision %d, %d pending", gen.consumer, self.stream, start, pending)
         if gen.expected > 1:
