@@ -152,7 +152,10 @@ class SqliteDatabase:
             self._conn.execute("ANALYZE")
 
     async def close(self) -> None:
-        """Close the file, then let others have it."""
-        self._conn.close()
+        """Close the file once the transaction under way (if any) has ended, then let others have it."""
+        # A bulk insert yields between its steps (insert_many): closing under it would fail its next step. The
+        # PostgreSQL pool's close waits for its connections likewise.
+        async with self._lock:
+            self._conn.close()
         if self._file_lock is not None:
             self._file_lock.release()

@@ -251,6 +251,29 @@ async def test_back_to_back_sqlite_transactions_let_other_tasks_run(database_url
         await db.close()
 
 
+async def test_closing_the_database_during_a_bulk_insert_lets_the_insert_finish_first(database_url: str) -> None:
+    db = await open_database(database_url)
+    table = f"bulk_{uuid.uuid4().hex[:8]}"
+    async with db.transaction() as tx:
+        await tx.execute(f"CREATE TABLE {table} (n INTEGER)")
+
+    async def insert() -> None:
+        async with db.transaction() as tx:
+            await tx.insert_many(table, ["n"], [(n,) for n in range(5000)])  # in steps, yielding between them
+
+    inserting = asyncio.create_task(insert())
+    await asyncio.sleep(0.001)  # under way
+    await db.close()
+    await inserting  # finished, not failed by the close
+    db = await open_database(database_url)
+    try:
+        async with db.transaction() as tx:
+            assert await tx.fetchval(f"SELECT count(*) FROM {table}") == 5000
+            await tx.execute(f"DROP TABLE {table}")
+    finally:
+        await db.close()
+
+
 async def test_the_outbox_depth_is_exact_up_to_a_bound_then_the_span_of_ids(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
