@@ -45,7 +45,8 @@ class Position:
         self._synced = asyncio.Event()
 
     def reached(self, step: str) -> None:
-        """A start-up step is done (`snapshot_loaded`, `consumer_opened`): its first time is kept, for /v1/status."""
+        """A start-up step is done (`snapshot_loaded`, `heartbeat_recalled`, `consumer_opened`): its first time is
+        kept, for /v1/status."""
         self.steps.setdefault(step, round(time.monotonic() - self._started, 3))
 
     def catching_up(self) -> bool:

@@ -84,10 +84,12 @@ async def start_from_snapshot(
         log.warning("ignored a snapshot at revision %d: the bucket only reaches %d", snapshot.revision, last_seq)
         return Started(stream_created, None)
     position.last_revision = snapshot.revision
+    position.reached("snapshot_loaded")
     with contextlib.suppress(Exception):  # without it, the next heartbeat the stream delivers will do
         await _recall_heartbeat(
             nc, applier, stream=stream, prefix=subject_prefix(bucket), upto=snapshot.revision, timeout=timeout
         )
+    position.reached("heartbeat_recalled")
     log.info(
         "loaded a snapshot of %d keys at revision %d (%d MB) in %.2fs; replaying from %d",
         snapshot.keys,

@@ -359,8 +359,6 @@ class KeySync:
         )
         self._stream_created = started.stream_created
         self.loaded_snapshot = started.snapshot
-        if started.snapshot is not None:
-            self.position.reached("snapshot_loaded")
 
     async def _on_disconnect(self) -> None:
         self.connected = False

@@ -71,7 +71,8 @@ async def test_a_seeded_snapshot_lets_the_first_sidecar_start_without_replaying_
     _, status = await sidecar.get("/v1/status")
     assert (status["loaded_snapshot"]["revision"], status["loaded_snapshot"]["keys"]) == (202, 200)
     steps = status["start_steps"]  # where its start-up went: the snapshot, then its consumer
-    assert 0 < steps["snapshot_loaded"] <= min(steps["consumer_opened"], status["synced_after_seconds"])
+    assert 0 < steps["snapshot_loaded"] <= steps["heartbeat_recalled"]
+    assert steps["heartbeat_recalled"] <= min(steps["consumer_opened"], status["synced_after_seconds"])
     assert status["written_snapshot"] is None  # the seeded one is fresh: no sidecar rewrites it
 
 
