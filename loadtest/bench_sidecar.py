@@ -29,6 +29,10 @@ judged on the paced run at the highest fraction that wrk kept pace with (both
 servers answering at least 90% of what connections alternating think time and
 request can send; beyond that, the latency is wrk's own backlog).
 
+For the measured runs nats-server moves to wrk's CPU (`--nats-cpu`), so the server under test has
+its core to itself; each run reports the CPU nats-server used and how often the server was taken off
+its core (involuntary context switches).
+
 On a shared machine other work skews the figures: before each measured run the
 benchmark waits (bounded) for the machine to be quiet, and it reports the CPU
 used by everything else during each run, and the server's CPU per request. On a
@@ -58,6 +62,7 @@ from typing import Any
 from keyrelay.core.wire import DEFAULT_BUCKET, stream_name
 from keyrelay.natsd import NatsServer, NatsSpec, free_port, wait_for_port
 from keyrelay.procs import tail
+from testbed.cpus import pin_running
 
 from .callgrind import count_instructions
 from .figures import ms, run_and_write, say
@@ -111,12 +116,14 @@ class Pinning:
 
     wrk: str | None
     server: str | None
+    nats: str | None = None  # nats-server's, from the first measured run on
 
     def describe(self) -> str:
         """One line for the report."""
         if self.wrk is None and self.server is None:
             return "not pinned (scheduler decides)"
-        return f"wrk on CPU {self.wrk}, server under test on CPU {self.server} (taskset), nats-server unpinned"
+        nats = f"on CPU {self.nats} during the measured runs" if self.nats else "unpinned"
+        return f"wrk on CPU {self.wrk}, server under test on CPU {self.server} (taskset), nats-server {nats}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +133,7 @@ class Measured:
     wrk: WrkResult
     server_cpu_us: float  # server CPU per request, microseconds
     other_cores: float  # CPU used by everything but wrk, the server and nats-server, in cores
-    nats_cores: float  # CPU nats-server used meanwhile, in cores (unpinned: it may run on the server's core)
+    nats_cores: float  # CPU nats-server used meanwhile, in cores
     preempted: int  # times the server was taken off its core while it could run (involuntary switches)
     steal_cores: float
     quiet_wait: float  # seconds spent waiting for a quiet machine first
@@ -162,6 +169,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--wrk-cpu", default="0", help="CPU list for wrk (default 0)")
     parser.add_argument("--server-cpu", default="1", help="CPU list for the server under test (default 1)")
+    parser.add_argument(
+        "--nats-cpu",
+        default="0",
+        help="CPU list nats-server moves to before the measured runs (default 0, beside wrk: the server under test "
+        "keeps its core to itself, as a sidecar in a pod of its own does, and what nats-server does meanwhile shows "
+        "in the report's nats column rather than in the server's latency); empty: leave it unpinned",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin anything")
     parser.add_argument(
         "--quiet-wait", type=float, default=60.0, help="longest wait for a quiet machine before each run (s)"
@@ -460,7 +474,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole benchmark; returns the figures."""
     wrk_binary()  # fail before minutes of filling if wrk is missing
     cpus = os.cpu_count() or 1
-    pin = Pinning(None, None) if args.no_pin or cpus < 2 else Pinning(args.wrk_cpu, args.server_cpu)
+    pin = Pinning(None, None) if args.no_pin or cpus < 2 else Pinning(args.wrk_cpu, args.server_cpu, args.nats_cpu)
     results: dict[str, Any] = {
         "config": {
             "keys": args.keys,
@@ -535,6 +549,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             children.append(bare)
             wait_for_port(bare_port, timeout=20, process=bare)
 
+            if pin.nats:
+                pin_running(nats_server.process.pid, pin.nats)
             targets = [
                 Target("bare", f"http://127.0.0.1:{bare_port}/auth", bare.pid),
                 Target("sidecar", f"http://127.0.0.1:{port}/auth", proc.pid),
@@ -696,7 +712,7 @@ def _report(
         f"{config['duration']:g}s per run, {config['rounds']} alternating round(s), wrk {config['threads']} thread(s)",
         f"pinning: {pin.describe()}",
         "medians over the rounds; cpu us/req is the server's own CPU per request; other is the most CPU (in cores)",
-        "that anything else on the machine used during one of the runs, nats the most nats-server used (unpinned),",
+        "that anything else on the machine used during one of the runs, nats the most nats-server used,",
         "preempted the most times the server was taken off its core while it could run (involuntary switches)",
         "",
         "saturated (closed loop, each connection sends as soon as its answer arrives):",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from collections.abc import Sequence
 
-__all__ = ["PinningError", "pinned"]
+__all__ = ["PinningError", "pin_running", "pinned"]
 
 
 class PinningError(RuntimeError):
@@ -21,3 +22,13 @@ def pinned(command: Sequence[str], cpus: str | None) -> list[str]:
         raise PinningError("taskset not found (util-linux): install it or run without pinning")
     # taskset execs the command, so the child's pid stays the command's pid.
     return [taskset, "-c", cpus, *command]
+
+
+def pin_running(pid: int, cpus: str) -> None:
+    """Move a running process, every thread of it, to the CPU list `cpus` (threads it starts later inherit it)."""
+    taskset = shutil.which("taskset")
+    if taskset is None:
+        raise PinningError("taskset not found (util-linux): install it or run without pinning")
+    done = subprocess.run([taskset, "-a", "-p", "-c", cpus, str(pid)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise PinningError(f"taskset could not move process {pid} to CPUs {cpus}: {done.stderr.strip()}")
