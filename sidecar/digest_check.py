@@ -20,6 +20,8 @@ from typing import Any, Final
 
 from keyrelay.core.digest import to_bytes
 
+from .log_limit import Every
+
 __all__ = ["RESYNC_AFTER", "DigestCheck", "Judgement"]
 
 log = logging.getLogger("keyrelay.sidecar.sync")
@@ -40,7 +42,7 @@ class DigestCheck:
     """Compares each verified heartbeat's digest with the table's; counts, logs and asks for a resync."""
 
     __slots__ = (
-        "_logged_at",
+        "_log",
         "heartbeat_digest",
         "in_a_row",
         "last_match",
@@ -64,7 +66,7 @@ class DigestCheck:
         self.last_mismatch: float | None = None
         self.heartbeat_digest: int | None = None  # the last judged heartbeat's, and the table's then
         self.table_digest: int | None = None
-        self._logged_at = 0.0
+        self._log = Every(_LOG_EVERY)
 
     def judge(self, expected: int | None, held: int, *, waiting: int | None) -> Judgement:
         """A heartbeat that says `expected` (None: the publisher did not know) of a table holding `held`, with
@@ -83,8 +85,7 @@ class DigestCheck:
         self.in_a_row += 1
         self.last_mismatch = time.time()
         self.heartbeat_digest, self.table_digest = expected, held
-        if time.monotonic() - self._logged_at >= _LOG_EVERY:
-            self._logged_at = time.monotonic()
+        if self._log.due():
             log.warning(
                 "the publisher's heartbeat does not match this replica (digest %s…, held %s…): a record did not "
                 "arrive; the heartbeat does not count toward freshness%s",

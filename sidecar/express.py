@@ -28,6 +28,7 @@ from keyrelay.core.wire import express_subject, express_subjects
 
 from .admit import Record, Tombstone, examine
 from .apply import Applier
+from .log_limit import Every
 from .replica import Position
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ _PENDING_BYTES: Final = 8 * 2**20
 class Express:
     """Applies a sidecar's express values to its table; subscribe() on each new connection."""
 
-    __slots__ = ("_applier", "_bucket", "_logged_at", "_position", "_prefix", "_region", "counts", "subscriptions")
+    __slots__ = ("_applier", "_bucket", "_log", "_position", "_prefix", "_region", "counts", "subscriptions")
 
     def __init__(self, applier: Applier, *, position: Position, bucket: str, region: str | None) -> None:
         self._applier = applier
@@ -60,7 +61,7 @@ class Express:
         self._bucket = bucket
         self._region = region
         self._prefix = express_subject(bucket, "")
-        self._logged_at = 0.0
+        self._log = Every(_LOG_REFUSALS_EVERY)
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self.subscriptions: list[Subscription] = []
 
@@ -106,10 +107,8 @@ class Express:
 
     def _log_refusal(self, entry: str, verdict: object) -> None:
         """One line a minute at most: whoever can publish there is already counted."""
-        now = time.monotonic()
-        if now - self._logged_at < _LOG_REFUSALS_EVERY:
+        if not self._log.due():
             return
-        self._logged_at = now
         reason = getattr(verdict, "reason", type(verdict).__name__.lower())
         log.warning(
             "refused an express value at %r (%s): dropped, the stream's copy decides "

@@ -27,6 +27,7 @@ from keyrelay.core.server_choice import ServerChoice, stream_serves
 
 from .deliveries import Deliveries, Generation
 from .direct import DirectClient
+from .log_limit import Every
 from .replica import Freshness
 from .table import KeyTable
 
@@ -57,7 +58,7 @@ class Watchdog:
         "_heartbeat",
         "_next_probe",
         "_reset",
-        "_stall_logged_at",
+        "_stall_log",
         "_stall_said",
         "_stream",
         "_table",
@@ -84,7 +85,7 @@ class Watchdog:
         self._next_probe = 0.0  # when a late heartbeat may next make the sidecar ask its server for the stream
         self._checked_silence = 0.0  # the last contact whose silence made the watchdog check the consumer's node
         self._stall_said = 0.0  # the last contact whose silence was counted as a stall
-        self._stall_logged_at = -_SAY_STALL_EVERY
+        self._stall_log = Every(_SAY_STALL_EVERY)
         self.stalls = 0  # silences of a consumer its server still held (or did not answer for)
 
     async def run(self, closing: Callable[[], bool]) -> None:
@@ -183,8 +184,7 @@ class Watchdog:
         if alive and self._stall_said != self._freshness.last_contact:
             self._stall_said = self._freshness.last_contact  # counted once per silence
             self.stalls += 1
-            if time.monotonic() - self._stall_logged_at >= _SAY_STALL_EVERY:
-                self._stall_logged_at = time.monotonic()
+            if self._stall_log.due():
                 log.warning(
                     "consumer %s on %s has sent nothing for %.0fs (no idle heartbeat), and the server %s: waiting "
                     "for it rather than asking a slow server for another consumer (%d such silences so far)",

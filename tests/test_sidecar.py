@@ -17,6 +17,7 @@ from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from keyrelay.natsd import NatsServer
+from sidecar.log_limit import Every
 from sidecar.settings import SidecarSettings
 from sidecar.verify import Code
 from testbed.linkproxy import LinkProxy
@@ -623,3 +624,12 @@ async def test_a_key_that_is_not_text_is_malformed_never_a_500(bucket: KeyValue,
     writer.close()
     assert answer.startswith(b"HTTP/1.1 401 ")
     assert b"MALFORMED" in answer
+
+
+async def test_a_repeated_log_line_is_due_the_first_time_then_once_an_interval() -> None:
+    every = Every(0.2)
+    assert every.due()
+    assert not every.due()
+    await asyncio.sleep(0.25)
+    assert every.due()
+    assert not every.due()
