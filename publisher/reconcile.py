@@ -162,11 +162,22 @@ async def _database_side(store: KeyStore, digest: _Digest, keep: frozenset[int])
 
 
 async def _bucket_side(
-    broker: Broker, keys: SigningKeys, digest: _Digest, keep: frozenset[int], horizon: float, timeout: float
+    broker: Broker,
+    keys: SigningKeys,
+    digest: _Digest,
+    keep: frozenset[int],
+    horizon: float,
+    timeout: float,
+    say: Progress | None = None,
 ) -> _Side:
     side = _Side(digest, keep)
     want = (lambda entry: digest.shard(entry) in keep) if keep else None
-    await scan_bucket(broker, keys, side.add_values, want=want, horizon=horizon, timeout=timeout)
+
+    def how_far(read: int, total: int) -> None:
+        if say is not None:
+            say(f"reconcile: {read:,} of the bucket's {total:,} values read and verified")
+
+    await scan_bucket(broker, keys, side.add_values, want=want, horizon=horizon, timeout=timeout, progress=how_far)
     return side
 
 
@@ -303,7 +314,7 @@ async def reconcile(
     say("reconcile: summarising the database")
     db_side, _ = await _database_side(store, digest, frozenset())
     say(f"reconcile: {sum(db_side.counts)} keys in the database; summarising and verifying the bucket")
-    bucket_side = await _bucket_side(broker, keys, digest, frozenset(), horizon, timeout)
+    bucket_side = await _bucket_side(broker, keys, digest, frozenset(), horizon, timeout, say)
     report = ReconcileReport(
         keys_in_database=sum(db_side.counts),
         entries_in_bucket=sum(bucket_side.counts),

@@ -34,7 +34,6 @@ RESIGN = Actor(token_id=NIL_UUID, name="resign", role="platform-admin", source="
 log = logging.getLogger("keyrelay.publisher.resign")
 
 Progress = Callable[[str], None]
-_REPORT_EVERY = 100_000  # values between progress lines
 _QUEUE_EVERY = 5000  # keys queued a transaction (and an audit entry)
 
 
@@ -99,9 +98,6 @@ class _Pass:
             self.gone.append((value.entry, key_id))
         if len(self.gone) >= _QUEUE_EVERY:
             await self.flush()
-        seen = self.report.entries_in_bucket
-        if seen // _REPORT_EVERY != (seen - len(values)) // _REPORT_EVERY:
-            self.say(f"resign: {seen} values checked, {len(self.outbox)} queued")
 
     async def flush(self) -> None:
         """Queue what has gathered, with one audit entry, in one transaction."""
@@ -130,7 +126,11 @@ async def resign(
     started = time.perf_counter()
     run = _Pass(store, horizon, everything, say)
     say("resign: verifying every value in the bucket" + (" (re-signing all of them)" if everything else ""))
-    await scan_bucket(broker, keys, run.consume, timeout=timeout)
+
+    def how_far(read: int, total: int) -> None:
+        say(f"resign: {read:,} of the bucket's {total:,} values checked, {len(run.outbox):,} queued")
+
+    await scan_bucket(broker, keys, run.consume, timeout=timeout, progress=how_far)
     await run.flush()
     report = run.report
     report.outbox_ids = tuple(run.outbox)

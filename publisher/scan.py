@@ -34,11 +34,14 @@ from .signing import Check, SigningKeys
 __all__ = [
     "BATCH",
     "BucketValue",
+    "ScanProgress",
     "report_json",
     "scan_bucket",
 ]
 
 BATCH = 500  # values verified per hand-off to the worker thread: ~30 ms of its work, and of the loop's after it
+
+_PROGRESS_EVERY = 10.0  # seconds between progress reports during a pass
 
 _FETCH_TIMEOUT = 10.0  # a batch the server has not delivered by then: NATS is in trouble, the pass fails
 _INACTIVE = 60.0  # a scan consumer left behind by a crash is removed by the server after this
@@ -46,6 +49,7 @@ _INACTIVE = 60.0  # a scan consumer left behind by a crash is removed by the ser
 _SECONDS_A_VALUE = 0.001
 
 _Raw = tuple[str, bytes, str | None, bool, float]  # entry, payload, signature header, deleted, stored (s)
+ScanProgress = Callable[[int, int], None]  # (messages read so far, messages in the stream when the pass began)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +91,14 @@ async def scan_bucket(
     want: Callable[[str], bool] | None = None,
     horizon: float = math.inf,
     timeout: float = 600.0,
+    progress: ScanProgress | None = None,
 ) -> bool:
     """Feed every entry's latest value (those `want` accepts; never the heartbeat) to `consume`, in batches.
 
     Signatures are checked against the publisher's current key within `horizon` seconds. Returns False
     when the bucket's stream is missing (it is then created again, empty). The pass may take `timeout`
-    seconds, or longer for a large bucket: _SECONDS_A_VALUE for each of its messages.
+    seconds, or longer for a large bucket: _SECONDS_A_VALUE for each of its messages. `progress` hears how
+    far the pass is every _PROGRESS_EVERY seconds (ten million values take half an hour).
     """
     js = broker.js
     stream = stream_name(broker.bucket)
@@ -119,6 +125,7 @@ async def scan_bucket(
     # Sized to the bucket: ten million values take half an hour on a 2-core machine (docs/benchmarks/README.md).
     timeout = max(timeout, info.state.messages * _SECONDS_A_VALUE)
     deadline = time.monotonic() + timeout
+    read, reported = 0, time.monotonic()
     checking: asyncio.Task[list[BucketValue]] | None = None  # the previous batch, verified meanwhile
     try:
         sub = await js.pull_subscribe_bind(consumer=name, stream=stream)
@@ -135,6 +142,10 @@ async def scan_bucket(
                         "check that it is reachable"
                     ) from None
                 raw = _wanted(messages, prefix, want)
+                read += len(messages)
+                if progress is not None and time.monotonic() - reported >= _PROGRESS_EVERY:
+                    reported = time.monotonic()
+                    progress(read, info.state.messages)
                 if checking is not None:
                     await consume(await checking)
                     checking = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import uuid
 from typing import Any
@@ -17,6 +18,7 @@ from keyrelay.core.wire import HEARTBEAT_ENTRY, MAX_VERSION, KeyRecord
 from publisher import scan
 from publisher.errors import PublisherError
 from publisher.reconcile import reconcile
+from publisher.resign import resign
 from tests.support import (
     BucketMessage,
     Publisher,
@@ -82,6 +84,25 @@ async def test_a_pass_may_take_longer_the_larger_the_bucket(
     monkeypatch.setattr(scan, "_SECONDS_A_VALUE", 0.0)
     with pytest.raises(PublisherError, match="took over"):
         await reconcile(store=services.store, broker=services.broker, keys=services.keys, timeout=0.0)
+
+
+async def test_a_long_pass_says_how_far_it_has_read_the_bucket(
+    start_publisher: StartPublisher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publisher = await start_publisher(reconcile_on_start=False)
+    await publisher.bulk_keys(700)
+    await publisher.bulk_keys(500)  # past two of the scan's fetches
+    services = publisher.services
+    monkeypatch.setattr(scan, "_PROGRESS_EVERY", 0.0)  # as if each fetch took ten seconds
+    said: list[str] = []
+    await reconcile(store=services.store, broker=services.broker, keys=services.keys, progress=said.append)
+    await resign(store=services.store, broker=services.broker, keys=services.keys, horizon=86400, progress=said.append)
+    for name, verb in (("reconcile", "read and verified"), ("resign", "checked")):
+        lines = [line for line in said if re.match(rf"{name}: [\d,]+ of the bucket's [\d,]+ values {verb}", line)]
+        counts = [int(line.split()[1].replace(",", "")) for line in lines]
+        assert len(counts) >= 3, said
+        assert counts == sorted(counts)
+        assert counts[-1] >= 1200
 
 
 async def test_a_lost_bucket_is_recreated_and_refilled(
