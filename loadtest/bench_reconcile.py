@@ -259,7 +259,7 @@ async def run(count: int, work: Path, passes: tuple[str, ...] = PASSES) -> dict[
         print(f"per value: {figures['per_value']}", flush=True)
         report = await _timed(
             "reconcile, consistent",
-            lambda: reconcile(store=store, broker=broker, keys=keys, horizon=7 * 86400),
+            lambda: reconcile(store=store, broker=broker, keys=keys, horizon=7 * 86400, progress=_say),
             figures,
         )
         figures["reconcile, consistent"]["report"] = report.to_json()
@@ -268,7 +268,7 @@ async def run(count: int, work: Path, passes: tuple[str, ...] = PASSES) -> dict[
         await _tamper(server.url, store)
         report = await _timed(
             "reconcile, 1000 tampered",
-            lambda: reconcile(store=store, broker=broker, keys=keys, horizon=7 * 86400),
+            lambda: reconcile(store=store, broker=broker, keys=keys, horizon=7 * 86400, progress=_say),
             figures,
         )
         figures["reconcile, 1000 tampered"]["report"] = report.to_json()
@@ -276,7 +276,9 @@ async def run(count: int, work: Path, passes: tuple[str, ...] = PASSES) -> dict[
         if "resign" not in passes:
             return figures
         report = await _timed(
-            "resign, nothing due", lambda: resign(store=store, broker=broker, keys=keys, horizon=7 * 86400), figures
+            "resign, nothing due",
+            lambda: resign(store=store, broker=broker, keys=keys, horizon=7 * 86400, progress=_say),
+            figures,
         )
         figures["resign, nothing due"]["report"] = report.to_json()
     finally:
@@ -285,6 +287,11 @@ async def run(count: int, work: Path, passes: tuple[str, ...] = PASSES) -> dict[
         await db.close()
         server.stop()
     return figures
+
+
+def _say(text: str) -> None:
+    """A pass's progress line, as it comes."""
+    print(f"  {text}", flush=True)
 
 
 def main() -> None:
