@@ -25,9 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from nats.js.errors import NotFoundError
+
 from keyrelay.core.errors import RecordError
 from keyrelay.core.options import DEFAULT_MAX_PUBLISH_DELAY
-from keyrelay.core.wire import KeyRecord, is_canonical_id
+from keyrelay.core.wire import KeyRecord, is_canonical_id, stream_name
 
 from .broker import Broker
 from .models import Actor
@@ -188,6 +190,18 @@ def _version(payload: bytes) -> int:
         return 0
 
 
+async def _bucket_messages(broker: Broker) -> int:
+    """The bucket's messages (about its entries; 0 when it is missing): what sizes the shards.
+
+    The stream knows its size at once; SQLite counts ten million keys for seconds, holding the event loop.
+    """
+    try:
+        info = await broker.js.stream_info(stream_name(broker.bucket))
+    except NotFoundError:
+        return 0
+    return int(info.state.messages)
+
+
 def _differing(a: _Side, b: _Side) -> frozenset[int]:
     return frozenset(i for i in range(a.digest.shards) if a.counts[i] != b.counts[i] or a.sums[i] != b.sums[i])
 
@@ -309,7 +323,7 @@ async def reconcile(
     say = progress or (lambda text: log.info("%s", text))
     started = time.perf_counter()
     if shards is None:
-        shards = max(_MIN_SHARDS, await store.count_keys() // _PER_SHARD)
+        shards = max(_MIN_SHARDS, await _bucket_messages(broker) // _PER_SHARD)
     digest = _Digest(shards)
     say("reconcile: summarising the database")
     db_side, _ = await _database_side(store, digest, frozenset())

@@ -506,11 +506,6 @@ class KeyStore:
 
     # -- reconciliation -----------------------------------------------------------------------
 
-    async def count_keys(self) -> int:
-        """How many keys there are (every one has a bucket entry)."""
-        async with self.db.transaction() as tx:
-            return int(await tx.fetchval("SELECT count(*) FROM api_keys"))
-
     async def scan_keys(self, *, after: str = NIL_UUID, limit: int = 1000) -> list[ApiKey]:
         """Keys in id order after `after`: one page of a full scan."""
         async with self.db.transaction() as tx:
