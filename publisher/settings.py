@@ -252,7 +252,8 @@ class PublisherSettings:
     )
     reconcile_interval: float = _duration(
         RECONCILE_INTERVAL,
-        help="how often the relay leader compares the bucket with the database and repairs it",
+        help="how long after one pass ends the relay leader compares the bucket with the database again, and repairs "
+        "it (a pass takes about 3 minutes a million keys on 2 cores: at ten million, a few hours suits)",
     )
     trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = option(
         (),
