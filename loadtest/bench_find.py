@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import platform
 import random
 import re
 import tempfile
@@ -48,7 +46,7 @@ from publisher.token_format import generate_token
 from publisher.tokens import TokenStore
 
 from .bench_publisher import BACKENDS, DEFAULT_PG, pg_database, start_stack
-from .figures import ms, percentile, run_and_write, say
+from .figures import machine, ms, percentile, run_and_write, say
 
 __all__ = ["TARGET_P95", "Case", "cases", "main", "run"]
 
@@ -425,7 +423,7 @@ def _backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every back end asked for; the figures, with a verdict against TARGET_P95 when the fill reached 1M keys."""
     figures: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),
         "target_p95_ms": TARGET_P95 * 1000,
         "backends": {},
     }

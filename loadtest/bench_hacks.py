@@ -41,7 +41,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -55,7 +54,7 @@ from keyrelay.natsd import NatsServer, NatsSpec, free_port
 
 from .bench_trust import PROBE, REPO, Tree
 from .callgrind import count_instructions, count_run
-from .figures import run_and_write, say
+from .figures import machine, run_and_write, say
 from .keyfill import FillResult, create_bucket, fill_bucket
 from .procs import spawn, stop, wait_http_ok, wait_quiet
 from .signing import BENCH_SIGNER, Heartbeats, sidecar_trust_args
@@ -325,7 +324,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError("valgrind not found (or pass --callgrind-replay-keys 0 --no-instructions)")
     results: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
         "current_commit": _commit("HEAD"),
     }
     with tempfile.TemporaryDirectory(prefix="keyrelay-bench-hacks-") as tmp:

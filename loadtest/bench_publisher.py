@@ -54,7 +54,7 @@ from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import ProcessError, http_get, spawn, stop, tail, wait_http_ok
 from publisher.token_format import generate_token
 
-from .figures import ms, percentile, say
+from .figures import machine, ms, percentile, say
 
 __all__ = ["main"]
 
@@ -817,7 +817,7 @@ def _config(parser: argparse.ArgumentParser, argv: list[str] | None) -> Config:
 def _write_json(path: Path, results: list[BackendResult], config: Config) -> None:
     document = {
         "config": {k: getattr(config, k) for k in Config.__dataclass_fields__ if k not in ("pg_url", "json")},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
         "targets": {"bulk_keys_per_second": TARGET_BULK_RATE, "revocation_p99_ms": TARGET_REVOKE_P99 * 1000},
         "backends": {r.backend: r.to_json() for r in results},
     }

@@ -53,7 +53,7 @@ from publisher.signing import SigningKeys
 from publisher.store import KeySpec, KeyStore
 from publisher.tokens import TokenStore, generate_token
 
-from .figures import disk_bytes
+from .figures import disk_bytes, machine
 from .procs import memory_of, reset_peak
 
 __all__ = ["main"]
@@ -230,7 +230,7 @@ async def _tamper(nats_url: str, store: KeyStore) -> None:
 
 async def run(count: int, work: Path, passes: tuple[str, ...] = PASSES) -> dict[str, Any]:
     """Every figure of one run over `count` keys, in `work`."""
-    figures: dict[str, Any] = {"keys": count, "python": platform.python_version(), "machine": platform.processor()}
+    figures: dict[str, Any] = {"keys": count, "python": platform.python_version(), "machine": machine()}
     server = NatsServer(NatsSpec(name="bench", store_dir=work / "nats"), log_dir=work / "logs")
     server.start()
     db = await open_database(f"sqlite:///{work / 'keyrelay.db'}")

@@ -47,7 +47,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -65,7 +64,7 @@ from keyrelay.procs import tail
 from testbed.cpus import pin_running
 
 from .callgrind import count_instructions
-from .figures import ms, run_and_write, say
+from .figures import machine, ms, run_and_write, say
 from .keyfill import FillResult, connect, create_bucket, fill_bucket
 from .procs import (
     cpu_seconds,
@@ -486,7 +485,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "paced_fractions": list(args.paced),
             "pinning": pin.describe(),
         },
-        "machine": {"cpus": cpus, "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
     }
     with tempfile.TemporaryDirectory(prefix="keyrelay-bench-") as tmp:
         work = Path(tmp)

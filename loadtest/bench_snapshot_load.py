@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import random
 import tempfile
 import time
@@ -43,7 +42,7 @@ from sidecar.table import KeyTable, capacity_for
 from sidecar.table_index import build_index
 from testbed.snapshot_oracle import encode
 
-from .figures import run_and_write, say
+from .figures import machine, run_and_write, say
 from .keyfill import KeyMix
 from .procs import memory_of, reset_peak
 from .signing import BENCH_SNAPSHOT_SIGNER
@@ -193,7 +192,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "loadtest.bench_snapshot_load",
         "keys": args.keys,
-        "machine": {"python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
         "transfer": transfer,
         "index_rebuild": rebuild,
         "load": load,

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import signal
 import subprocess
 import sys
@@ -43,7 +41,7 @@ from keyrelay.procs import tail
 
 from .api_probe import ApiProbe, summarize
 from .bench_sidecar import Pinning, fill_records, seed_region, sidecar_command
-from .figures import percentile, run_and_write, say
+from .figures import machine, percentile, run_and_write, say
 from .keyfill import connect, create_bucket
 from .procs import memory_of, spawn, stop, wait_quiet
 from .signing import BENCH_SIGNER, Heartbeats
@@ -245,7 +243,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     results: dict[str, Any] = {
         "config": {"sidecars": args.sidecars, "keys": args.keys, "probe_interval": args.probe_interval},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine(),
     }
     with tempfile.TemporaryDirectory(prefix="keyrelay-storm-") as tmp:
         work = Path(tmp)

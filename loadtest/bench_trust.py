@@ -41,7 +41,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -64,7 +63,7 @@ from keyrelay.procs import tail
 from testbed.cpus import pinned
 
 from .callgrind import count_instructions
-from .figures import run_and_write, say
+from .figures import machine, run_and_write, say
 from .keyfill import FillResult, KeyMix, create_bucket, fill_bucket
 from .procs import memory_of, stop, wait_http_ok, wait_quiet
 from .signing import BENCH_SIGNER, BENCH_SNAPSHOT_SIGNER, Heartbeats, write_key_file
@@ -565,7 +564,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError("valgrind not found (or pass --no-instructions)")
     results: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
     }
     with tempfile.TemporaryDirectory(prefix="keyrelay-bench-trust-") as tmp:
         work = Path(tmp)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["disk_bytes", "ms", "percentile", "run_and_write", "say"]
+__all__ = ["disk_bytes", "machine", "ms", "percentile", "run_and_write", "say"]
 
 
 def disk_bytes(path: Path) -> int:
@@ -17,6 +19,11 @@ def disk_bytes(path: Path) -> int:
     if not path.is_dir():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def machine() -> dict[str, Any]:
+    """The machine a benchmark ran on, for its JSON: CPUs, Python, platform."""
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
