@@ -13,8 +13,10 @@ from pathlib import Path
 
 import nats
 from nats.aio.client import Client
-from nats.js.api import ConsumerConfig
+from nats.js.api import ConsumerConfig, KeyValueConfig
 from nats.js.client import JetStreamContext
+from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
 
 from keyrelay.natsd import NatsServer, NatsSpec
 from testbed.linkproxy import LinkProcess
@@ -40,6 +42,9 @@ async def _quiet(*_: object) -> None:
 # Where a node tells others to reach it when they learn of it from a third node: nowhere (nothing listens
 # on port 1), so linked nodes route only through their links, never around a cut one.
 _NOWHERE = "127.0.0.1:1"
+
+
+_NO_PEERS = 10005  # JetStream's "no suitable peers for placement"
 
 
 @dataclass
@@ -131,6 +136,18 @@ class NatsCluster:
                 if time.monotonic() - started > timeout:
                     raise
                 await asyncio.sleep(0.1)
+
+    async def create_bucket(self, js: JetStreamContext, bucket: str, timeout: float = 30.0) -> KeyValue:
+        """A key bucket at 3 replicas, made once every node is placeable again (a node restarted by the test before
+        is refused as offline for a while: "no suitable peers for placement")."""
+        started = time.monotonic()
+        while True:
+            try:
+                return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=len(self.nodes)))
+            except BadRequestError as exc:
+                if exc.err_code != _NO_PEERS or time.monotonic() - started > timeout:
+                    raise
+                await asyncio.sleep(0.2)
 
     async def stream_leader(self, js: JetStreamContext, stream: str, timeout: float = 30.0) -> tuple[str, float]:
         """The name of the node leading `stream` once it has one with every replica current; the seconds it took."""

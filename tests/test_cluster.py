@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client
-from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 
 from keyrelay.core.jetstream import CONSUMER_NOT_FOUND, jetstream_api
@@ -462,7 +461,7 @@ async def test_a_silent_consumer_its_cluster_does_not_list_is_waited_for_while_i
     direct consumers live only on the node that made them): a silence is waited for while that node still leads
     the stream, not answered with another consumer."""
     bucket = f"W_{uuid.uuid4().hex[:10]}"
-    kv = await client.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=3))
+    kv = await cluster.create_bucket(client, bucket)
     stream = stream_name(bucket)
     leader, _ = await cluster.stream_leader(client, stream)
     await heartbeat(kv)
