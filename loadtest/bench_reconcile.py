@@ -30,7 +30,6 @@ import dataclasses
 import gc
 import json
 import os
-import platform
 import tempfile
 import threading
 import time
@@ -230,7 +229,7 @@ async def _tamper(nats_url: str, store: KeyStore) -> None:
 
 async def run(count: int, work: Path, passes: tuple[str, ...] = PASSES) -> dict[str, Any]:
     """Every figure of one run over `count` keys, in `work`."""
-    figures: dict[str, Any] = {"keys": count, "python": platform.python_version(), "machine": machine()}
+    figures: dict[str, Any] = {"keys": count, "machine": machine()}
     server = NatsServer(NatsSpec(name="bench", store_dir=work / "nats"), log_dir=work / "logs")
     server.start()
     db = await open_database(f"sqlite:///{work / 'keyrelay.db'}")

@@ -60,11 +60,10 @@ class ResignReport:
 class _Pass:
     """One pass's state: counts, and the entries waiting to be queued."""
 
-    def __init__(self, store: KeyStore, horizon: float, everything: bool, say: Progress) -> None:
+    def __init__(self, store: KeyStore, horizon: float, everything: bool) -> None:
         self.store = store
         self.cutoff = time.time() - horizon / 2
         self.everything = everything
-        self.say = say
         self.report = ResignReport()
         self.outbox: list[int] = []
         # What to sign again: each key id's record when the database has it, else a tombstone for its entry.
@@ -124,7 +123,7 @@ async def resign(
     """Queue a fresh signature for every bucket value that needs one (all with `everything`); wake the relay after."""
     say = progress or (lambda text: log.info("%s", text))
     started = time.perf_counter()
-    run = _Pass(store, horizon, everything, say)
+    run = _Pass(store, horizon, everything)
     say("resign: verifying every value in the bucket" + (" (re-signing all of them)" if everything else ""))
 
     def how_far(read: int, total: int) -> None:

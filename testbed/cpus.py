@@ -17,18 +17,19 @@ def pinned(command: Sequence[str], cpus: str | None) -> list[str]:
     """`command` prefixed with `taskset -c cpus` when a CPU list is given and taskset exists."""
     if cpus is None:
         return list(command)
-    taskset = shutil.which("taskset")
-    if taskset is None:
-        raise PinningError("taskset not found (util-linux): install it or run without pinning")
     # taskset execs the command, so the child's pid stays the command's pid.
-    return [taskset, "-c", cpus, *command]
+    return [_taskset(), "-c", cpus, *command]
 
 
 def pin_running(pid: int, cpus: str) -> None:
     """Move a running process, every thread of it, to the CPU list `cpus` (threads it starts later inherit it)."""
+    done = subprocess.run([_taskset(), "-a", "-p", "-c", cpus, str(pid)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise PinningError(f"taskset could not move process {pid} to CPUs {cpus}: {done.stderr.strip()}")
+
+
+def _taskset() -> str:
     taskset = shutil.which("taskset")
     if taskset is None:
         raise PinningError("taskset not found (util-linux): install it or run without pinning")
-    done = subprocess.run([taskset, "-a", "-p", "-c", cpus, str(pid)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise PinningError(f"taskset could not move process {pid} to CPUs {cpus}: {done.stderr.strip()}")
+    return taskset
