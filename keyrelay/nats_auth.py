@@ -36,6 +36,7 @@ from keyrelay.core.wire import (
     GLOBAL_SCOPE,
     express_subject,
     express_subjects,
+    global_stream_name,
     snapshot_store_name,
     stream_name,
     subject_prefix,
@@ -101,22 +102,25 @@ class Grants:
         return stream_name(self.bucket)
 
     @property
+    def global_kv(self) -> str:
+        """The hub's mirror of the bucket's global keys."""
+        return global_stream_name(self.bucket)
+
+    @property
     def obj(self) -> str:
         """The snapshot store's stream."""
         return f"OBJ_{snapshot_store_name(self.bucket, self.snapshot_bucket)}"
 
     def kv_read(self, region: str | None) -> list[str]:
-        """Read a region's records: on a leaf its whole mirror; on the hub (region None) global keys only."""
+        """Read a region's records: on a leaf its whole mirror; on the hub (region None) global keys only, from
+        the mirror of global keys (whole) or the bucket's own stream (through the global filter)."""
         kv = self.kv
         if region is None:
             # Only the extended create, whose subject carries the filter the server holds the request to.
-            create = [f"CONSUMER.CREATE.{kv}.*.{subject_prefix(self.bucket)}{GLOBAL_SCOPE}.>"]
-        else:
-            create = [f"CONSUMER.CREATE.{kv}", f"CONSUMER.CREATE.{kv}.>"]
-        return [
-            *_api(f"STREAM.INFO.{kv}", *create, f"CONSUMER.DELETE.{kv}.*", f"CONSUMER.INFO.{kv}.*"),
-            f"$JS.FC.{kv}.>",
-        ]
+            read = _stream_read(kv, f"CONSUMER.CREATE.{kv}.*.{subject_prefix(self.bucket)}{GLOBAL_SCOPE}.>")
+            mirror = self.global_kv
+            return [*read, *_stream_read(mirror, f"CONSUMER.CREATE.{mirror}", f"CONSUMER.CREATE.{mirror}.>")]
+        return _stream_read(kv, f"CONSUMER.CREATE.{kv}", f"CONSUMER.CREATE.{kv}.>")
 
     def snapshot_read(self) -> list[str]:
         """Load a snapshot as a sidecar does: the store's info, an object's metadata, its chunks by direct gets.
@@ -152,8 +156,8 @@ class Grants:
         return [*self.snapshot_list(), *owner, f"$O.{snapshot_store_name(self.bucket, self.snapshot_bucket)}.>"]
 
     def publisher(self) -> list[str]:
-        """Own the key bucket: create and check it, write every entry, read it back for reconcile; repeat changes on
-        the express subjects."""
+        """Own the key bucket: create and check it, write every entry, read it back for reconcile; make the mirror of
+        its global keys (made again with the bucket); repeat changes on the express subjects."""
         kv = self.kv
         return [
             *_api(
@@ -167,6 +171,9 @@ class Grants:
                 f"CONSUMER.CREATE.{kv}.>",
                 f"CONSUMER.DELETE.{kv}.*",
                 f"CONSUMER.INFO.{kv}.*",
+            ),
+            *_api(
+                f"STREAM.CREATE.{self.global_kv}", f"STREAM.INFO.{self.global_kv}", f"STREAM.DELETE.{self.global_kv}"
             ),
             f"{subject_prefix(self.bucket)}>",
             f"$JS.FC.{kv}.>",
@@ -234,6 +241,12 @@ class Grants:
         ]
         publish += ["$JSC.R.*", f"{usage_deliver_prefix(region)}.>"]
         return {"publish": {"allow": publish}, "subscribe": {"allow": receive}}
+
+
+def _stream_read(stream: str, *create: str) -> list[str]:
+    """Read `stream`: look at it, open consumers by the `create` subjects, drop them, answer their flow control."""
+    looks = (f"STREAM.INFO.{stream}", f"CONSUMER.DELETE.{stream}.*", f"CONSUMER.INFO.{stream}.*")
+    return [*_api(looks[0], *create, *looks[1:]), f"$JS.FC.{stream}.>"]
 
 
 def _api(*subjects: str) -> list[str]:

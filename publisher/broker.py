@@ -13,10 +13,12 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
+from keyrelay.core.errors import ReplicaStreamError
 from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
 from keyrelay.core.nats_connect import NatsConnect, connect_retrying
+from keyrelay.core.replica_streams import ensure_global_mirror
 from keyrelay.core.server_choice import ServerChoice, stream_serves
-from keyrelay.core.wire import stream_name
+from keyrelay.core.wire import global_stream_name, stream_name
 
 __all__ = ["Broker", "StreamState"]
 
@@ -96,8 +98,10 @@ class Broker:
                 await asyncio.wait_for(self.nc.close(), 5.0)
 
     async def ensure_bucket(self) -> None:
-        """Create the key bucket (history 1, file storage) when it does not exist."""
+        """Create the key bucket (history 1, file storage) when it does not exist, and the hub's mirror of its
+        global keys (keyrelay/core/replica_streams.py), made again whenever the bucket is."""
         js = self.js
+        made = False
         try:
             await js.key_value(self.bucket)
         except (BucketNotFoundError, NotFoundError):
@@ -110,8 +114,21 @@ class Broker:
                     description="keyrelay key records: one entry per key, <scope>.<key id>",
                 )
             )
+            made = True
             log.info("created key bucket %s", self.bucket)
+        await self._ensure_global_mirror(replace=made)
         self.bucket_ready.set()
+
+    async def _ensure_global_mirror(self, *, replace: bool) -> None:
+        nc = self.nc
+        if nc is None:
+            return
+        try:
+            await ensure_global_mirror(nc, bucket=self.bucket, replicas=self.replicas, replace=replace)
+        except ReplicaStreamError as exc:  # global sidecars then read the bucket through a filter: slower, still right
+            log.warning("%s", exc)
+        except Exception as exc:  # no answer: a leader election; the next connection or repair tries again
+            log.warning("%s", ReplicaStreamError(global_stream_name(self.bucket), f"no answer ({type(exc).__name__})"))
 
     async def stream_state(self, timeout: float = _PROBE_TIMEOUT) -> StreamState:
         """Ask JetStream for the bucket's stream: present, missing, or not answering right now.

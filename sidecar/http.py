@@ -285,6 +285,7 @@ async def status(request: web.Request) -> web.Response:
         {
             "region": state.settings.region,
             "bucket": state.settings.bucket,
+            "stream": sync.stream,
             "keys": len(sync.table),
             "last_revision": sync.last_revision,
             "connected": sync.connected,

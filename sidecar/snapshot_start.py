@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from keyrelay.core.jetstream import jetstream_api
 from keyrelay.core.trust import Trust
-from keyrelay.core.wire import HEARTBEAT_ENTRY, stream_name, subject_prefix
+from keyrelay.core.wire import HEARTBEAT_ENTRY, subject_prefix
 
 from .apply import Applier
 from .deliveries import parse_ack_reply
@@ -50,6 +50,7 @@ async def start_from_snapshot(
     applier: Applier,
     position: Position,
     bucket: str,
+    stream: str,
     region: str | None,
     store: str,
     trust: Trust,
@@ -59,7 +60,7 @@ async def start_from_snapshot(
     if not trust.snapshots:
         log.info("no trusted snapshot keys (--trusted-snapshot-keys): replaying the bucket")
         return Started("", None)
-    table, stream = applier.table, stream_name(bucket)
+    table = applier.table
     started = time.monotonic()
     stream_created = ""
     try:

@@ -37,7 +37,7 @@ from nats.aio.client import Client
 
 from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
 from keyrelay.core.nats_connect import NatsConnect, connect_retrying, identity_name
-from keyrelay.core.replica_streams import holds_exactly
+from keyrelay.core.replica_streams import holds_exactly, replica_stream
 from keyrelay.core.server_choice import ServerChoice
 from keyrelay.core.trust import Trust
 from keyrelay.core.wire import GLOBAL_SCOPE, region_subjects, stream_name, subject_prefix
@@ -94,7 +94,10 @@ class SyncConfig:
 
     @property
     def stream(self) -> str:
-        """The stream this sync reads: the bucket's on the hub, its region's mirror on a leaf node (same name)."""
+        """The bucket's stream: the publisher's on the hub, a region's mirror on a leaf node (same name).
+
+        The hub's global replicas read the mirror of global keys beside it when there is one (KeySync.stream).
+        """
         return stream_name(self.bucket)
 
     @property
@@ -126,6 +129,7 @@ class KeySync:
         "_opening",
         "_reset",
         "_retry",
+        "_stream",
         "_stream_created",
         "_tasks",
         "_watchdog",
@@ -170,7 +174,7 @@ class KeySync:
         )
         self._nc: DirectClient | None = None
         self._watchdog = Watchdog(
-            stream=config.stream,
+            stream=lambda: self.stream,
             heartbeat=config.heartbeat,
             api_timeout=config.api_timeout,
             table=table,
@@ -184,6 +188,7 @@ class KeySync:
         self._closing = False
         # The stream's identity (its creation time): another one means another incarnation of the bucket.
         self._stream_created = ""
+        self._stream: str | None = None  # chosen at the first connection (keyrelay/core/replica_streams.py)
         self._deleting: set[asyncio.Task[None]] = set()  # old consumers being deleted
         self._create_timeouts = 0  # CONSUMER.CREATE requests timed out in a row
         self._opened = 0  # consumers asked for
@@ -196,8 +201,8 @@ class KeySync:
 
     @property
     def stream(self) -> str:
-        """The stream this sidecar reads."""
-        return self.config.stream
+        """The stream this sidecar reads: on the hub, the mirror of global keys when the publisher made one."""
+        return self._stream or self.config.stream
 
     @property
     def trust(self) -> Trust:
@@ -302,6 +307,7 @@ class KeySync:
     async def _run(self) -> None:
         self._nc = await self._connect()
         self.connected = True
+        await self._choose_stream(self._nc)
         if self.config.snapshot_store:
             await self._start_from_snapshot(self._nc, self.config.snapshot_store)
         if self.express is not None:
@@ -344,6 +350,22 @@ class KeySync:
             raise asyncio.CancelledError
         return nc
 
+    async def _choose_stream(self, nc: Client) -> None:
+        """Find the stream to read, once: it holds the replica's revisions, so it stays the one read."""
+        backoff = 0.1
+        while not self._closing:
+            try:
+                self._stream = await replica_stream(
+                    nc, bucket=self.config.bucket, region=self.config.region, timeout=self.config.api_timeout
+                )
+                log.info("reading %s", self._stream)
+                return
+            except Exception as exc:  # no answer (a restart, an election): asked again, as an open would be
+                self.stats.sync_errors += 1
+                log.warning("cannot find the stream to read: %s (retrying in %.1fs)", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+
     async def _start_from_snapshot(self, nc: Client, store: str) -> None:
         """Start from the region's snapshot when there is a usable one; else the consumer replays everything."""
         config = self.config
@@ -352,6 +374,7 @@ class KeySync:
             applier=self.applier,
             position=self.position,
             bucket=config.bucket,
+            stream=self.stream,
             region=config.region,
             store=store,
             trust=config.trust,

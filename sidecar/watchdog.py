@@ -60,7 +60,7 @@ class Watchdog:
         "_reset",
         "_stall_log",
         "_stall_said",
-        "_stream",
+        "_stream_of",
         "_table",
         "stalls",
     )
@@ -68,7 +68,7 @@ class Watchdog:
     def __init__(
         self,
         *,
-        stream: str,
+        stream: Callable[[], str],
         heartbeat: float,
         api_timeout: float,
         table: KeyTable,
@@ -78,7 +78,7 @@ class Watchdog:
         reset: asyncio.Event,
         client: Callable[[], DirectClient | None],
     ) -> None:
-        self._stream, self._heartbeat, self._api_timeout = stream, heartbeat, api_timeout
+        self._stream_of, self._heartbeat, self._api_timeout = stream, heartbeat, api_timeout
         self._table, self._freshness, self._deliveries = table, freshness, deliveries
         self._choice, self._reset, self._client = choice, reset, client
         self._floors_pruned = 0.0
@@ -118,7 +118,7 @@ class Watchdog:
             if freshness.mirror and nc is not None and nc.is_connected:
                 with contextlib.suppress(Exception):  # the next tick tries again; staleness grows meanwhile
                     freshness.note_mirror(
-                        await jetstream_api(nc, f"STREAM.INFO.{self._stream}", timeout=self._api_timeout)
+                        await jetstream_api(nc, f"STREAM.INFO.{self._stream_of()}", timeout=self._api_timeout)
                     )
 
     def _next_look(self) -> float:
@@ -148,7 +148,7 @@ class Watchdog:
                 gen.consumer,
                 gen.node,
                 leader,
-                self._stream,
+                self._stream_of(),
             )
             self._reset.set()
 
@@ -165,7 +165,9 @@ class Watchdog:
         if nc is None or not nc.is_connected or not gen.consumer:
             return True
         try:
-            info = await jetstream_api(nc, f"CONSUMER.INFO.{self._stream}.{gen.consumer}", timeout=self._api_timeout)
+            info = await jetstream_api(
+                nc, f"CONSUMER.INFO.{self._stream_of()}.{gen.consumer}", timeout=self._api_timeout
+            )
         except Exception:  # no answer within the API timeout
             info = None
         if info is not None and (info.get("error") or {}).get("err_code") == CONSUMER_NOT_FOUND and gen.node:
@@ -189,7 +191,7 @@ class Watchdog:
                     "consumer %s on %s has sent nothing for %.0fs (no idle heartbeat), and the server %s: waiting "
                     "for it rather than asking a slow server for another consumer (%d such silences so far)",
                     gen.consumer,
-                    self._stream,
+                    self._stream_of(),
                     silent,
                     "does not answer" if info is None else "still holds it",
                     self.stalls,
@@ -213,13 +215,15 @@ class Watchdog:
         if serves:
             self._choice.served()
         else:
-            await self._choice.failed(nc, f"serve the stream {self._stream} while the publisher's heartbeat is late")
+            await self._choice.failed(
+                nc, f"serve the stream {self._stream_of()} while the publisher's heartbeat is late"
+            )
 
     async def _quick_stream_info(self, nc: DirectClient) -> dict[str, Any] | None:
         """STREAM.INFO waited for briefly (a leader answers in milliseconds); None for a timeout or no responders."""
         try:
             return await jetstream_api(
-                nc, f"STREAM.INFO.{self._stream}", timeout=min(self._api_timeout, _PROBE_TIMEOUT)
+                nc, f"STREAM.INFO.{self._stream_of()}", timeout=min(self._api_timeout, _PROBE_TIMEOUT)
             )
         except Exception:  # a timeout, no responders
             return None

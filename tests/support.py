@@ -221,6 +221,11 @@ async def sync_through_proxy(
         await proxy.close()
 
 
+async def value(of: T) -> T:
+    """`of` as an awaitable, for `eventually` to poll what is already at hand: `eventually(lambda: value(x.n), ...)`."""
+    return of
+
+
 async def eventually(
     probe: Callable[[], Awaitable[T]],
     accept: Callable[[T], bool],

@@ -55,7 +55,21 @@ async def _drop(js: JetStreamContext, key_id: str) -> None:
     """Take a global key's latest record out of the stream, as a compromised NATS operator or leaf server can."""
     subject = f"$KV.KEYS.global.{key_id}"
     await js.get_last_msg("KV_KEYS", subject)  # it is there...
-    await js.purge_stream("KV_KEYS", subject=subject)  # ...and then it is not, and nothing says so
+    # ...and then it is not, and nothing says so: neither in the bucket nor in the hub's mirror of its global keys,
+    # which global sidecars read.
+    await js.purge_stream("KV_KEYS", subject=subject)
+    await js.purge_stream("KV_KEYS_global", subject=subject)
+
+
+async def _mirrored(js: JetStreamContext) -> None:
+    """Wait until the hub's mirror of global keys (what the seeder and global sidecars read) holds the bucket's last
+    record."""
+
+    async def behind() -> int:
+        bucket, mirror = await js.stream_info("KV_KEYS"), await js.stream_info("KV_KEYS_global")
+        return int(bucket.state.last_seq or 0) - int(mirror.state.last_seq or 0)
+
+    await eventually(behind, lambda records: records == 0)
 
 
 async def _digest(sidecar: Sidecar) -> dict[str, Any]:
@@ -90,6 +104,7 @@ async def test_a_revocation_deleted_from_the_stream_leaves_the_sidecar_that_miss
 ) -> None:
     publisher = await start_publisher(heartbeat_interval=_BEAT)
     keys = await publisher.bulk_keys(3)
+    await _mirrored(js)
     assert (await seed(nats_server.url)).written is not None  # a snapshot holding the keys as issued
     target = keys[0]
     await _revoke(publisher, target["id"])

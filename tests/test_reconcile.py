@@ -30,6 +30,7 @@ from tests.support import (
     make_key,
     plant,
     put,
+    value,
 )
 
 
@@ -113,6 +114,8 @@ async def test_a_lost_bucket_is_recreated_and_refilled(
     await sidecar.ready()
     keys = await publisher.bulk_keys(40)
     await publisher.admin.ok("POST", f"/keys/{keys[0]['id']}/revoke")
+    mirror = await js.stream_info("KV_KEYS_global")  # the hub's mirror of global keys, which the sidecar reads
+    assert (await sidecar.get("/v1/status"))[1]["stream"] == "KV_KEYS_global"
     await js.delete_key_value("KEYS")
 
     report = await publisher.admin.ok("POST", "/reconcile")
@@ -124,6 +127,11 @@ async def test_a_lost_bucket_is_recreated_and_refilled(
     await _bucket_matches_database(publisher, js)
     await eventually(lambda: sidecar.status_of(keys[1]["key"]), lambda s: s == 200, timeout=10)
     assert (await sidecar.auth(keys[0]["key"]))[2]["code"] == "REVOKED"
+    # The mirror was made again with the bucket (the old one would wait for revisions the new bucket reaches
+    # only much later): a key made now reaches the sidecar through it.
+    assert (await js.stream_info("KV_KEYS_global")).created != mirror.created
+    [late] = await publisher.bulk_keys(1)
+    await eventually(lambda: sidecar.status_of(late["key"]), lambda s: s == 200, timeout=10)
 
 
 async def test_an_unsigned_entry_edited_by_hand_is_put_back_at_the_database_version_whatever_it_claims(
@@ -165,9 +173,9 @@ async def test_entries_of_keys_the_database_does_not_know_are_deleted(
     await kv.put(f"global.{uuid.uuid4()}", b"not even a record")
     sidecar = await start_sidecar()
     await sidecar.state.sync.wait_synced(10)
-    # The sidecar holds a genuinely signed record the publisher never published: the publisher's heartbeats
-    # sign digests without it, so they prove nothing and the sidecar is not ready.
-    assert sidecar.state.sync.table.get(stray.key_id) is not None
+    # The sidecar holds a genuinely signed record the publisher never published (once the hub's mirror of global
+    # keys has it): the publisher's heartbeats sign digests without it, so they prove nothing and it is not ready.
+    await eventually(lambda: value(sidecar.state.sync.table.get(stray.key_id)), lambda held: held is not None)
     digest = await eventually(
         lambda: sidecar.get("/v1/status"), lambda r: r[1]["trust"]["digest"]["mismatches"] > 0, timeout=10
     )

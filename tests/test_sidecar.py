@@ -8,7 +8,6 @@ import gc
 import logging
 import time
 import uuid
-from typing import TypeVar
 
 import aiohttp
 import pytest
@@ -34,9 +33,8 @@ from tests.support import (
     put_raw,
     revoked,
     served_sidecar,
+    value,
 )
-
-T = TypeVar("T")
 
 
 async def test_a_sidecar_loads_every_key_already_in_the_bucket(bucket: KeyValue, start_sidecar: StartSidecar) -> None:
@@ -175,7 +173,7 @@ async def test_a_sidecar_resumes_after_nats_server_restarts_and_replays_nothing_
 
         proxy.cut(reset=True)
         nats_server.stop()
-        await eventually(lambda: _async(sync.connected), lambda c: not c)
+        await eventually(lambda: value(sync.connected), lambda c: not c)
         assert await sidecar.status_of(before[0][0]) == 200  # still answering from the replica
         nats_server.start()
         await eventually(lambda: _alive(bucket), bool, timeout=10)
@@ -361,7 +359,7 @@ async def test_metrics_and_status_report_every_documented_field_after_a_known_se
 ) -> None:
     sidecar = await start_sidecar(region="eu", heartbeat=0.2)
     sync = sidecar.state.sync
-    await eventually(lambda: _async(sync.stats.sync_errors), lambda n: n >= 1)  # no bucket yet
+    await eventually(lambda: value(sync.stats.sync_errors), lambda n: n >= 1)  # no bucket yet
     bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     await heartbeat(bucket)  # revision 1
     await put(bucket, make_key(region="us")[1])  # revision 2: another region's, never delivered here
@@ -372,7 +370,7 @@ async def test_metrics_and_status_report_every_documented_field_after_a_known_se
     await put(bucket, revoked(gone))
     await put_raw(bucket, f"global.{uuid.uuid4()}", b"\x93 not a record")  # revision 5, signed, refused
     await sidecar.ready()
-    await eventually(lambda: _async(sync.last_revision), lambda r: r == 5)
+    await eventually(lambda: value(sync.last_revision), lambda r: r == 5)
     assert await sidecar.status_of(valid_key) == 200
     assert (await sidecar.auth(gone_key))[2]["code"] == "REVOKED"
     assert (await sidecar.auth())[2]["code"] == "MISSING"
@@ -525,7 +523,7 @@ async def test_a_sidecar_is_not_ready_until_the_bucket_exists_and_is_loaded(
     bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
     key, record = make_key()
     await put(bucket, record)
-    await eventually(lambda: _async(sidecar.state.sync.synced), bool)
+    await eventually(lambda: value(sidecar.state.sync.synced), bool)
     assert (await sidecar.get("/readyz"))[0] == 503  # loaded, but no word from the publisher yet
     await heartbeat(bucket)
     await sidecar.ready()
@@ -589,10 +587,6 @@ async def test_a_recreated_bucket_is_read_again_and_no_version_goes_down(
     assert (await sidecar.auth(rolled_key))[2]["code"] == "REVOKED"  # an older version is never taken
     assert await sidecar.status_of(kept_key) == 200  # only a signed tombstone removes a key
     assert len(sidecar.state.sync.table) == 7
-
-
-async def _async(value: T) -> T:
-    return value
 
 
 async def _alive(bucket: KeyValue) -> bool:

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any
 
+import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
+from keyrelay.core.replica_streams import ensure_global_mirror
 from keyrelay.core.wire import key_digest
 from keyrelay.natsd import NatsServer
 from sidecar.sync import KeySync, SyncConfig
 from sidecar.table import KeyTable
-from tests.support import TRUST, eventually, heartbeat, make_key, put, put_raw, sync_through_proxy
+from tests.support import TRUST, eventually, heartbeat, make_key, put, put_raw, revoked, sync_through_proxy, value
 from tests.withholding_proxy import WithholdingProxy
-
-T = TypeVar("T")
 
 
 async def _exists(js: JetStreamContext, consumer: str, stream: str) -> bool:
@@ -36,6 +38,46 @@ def _current(sync: KeySync, old: object) -> Callable[[], Awaitable[bool]]:
         return sync._deliveries.current is not old and bool(sync._deliveries.current.consumer)
 
     return replaced
+
+
+async def test_on_a_hub_with_the_mirror_of_global_keys_a_global_replica_reads_it_whole_at_the_buckets_revisions(
+    nats_server: NatsServer, bucket: KeyValue
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    creates: list[tuple[str, dict[str, Any]]] = []  # every CONSUMER.CREATE the server receives
+
+    async def seen(msg: Msg) -> None:
+        creates.append((msg.subject, json.loads(msg.data)["config"]))
+
+    await nc.subscribe("$JS.API.CONSUMER.CREATE.>", cb=seen)
+    await ensure_global_mirror(nc, bucket="KEYS")
+    keys = [make_key() for _ in range(3)]
+    for _, record in keys:
+        await put(bucket, record)
+    _, eu_record = make_key(region="eu")
+    await put(bucket, eu_record)
+    last = await heartbeat(bucket)
+    sync = KeySync(SyncConfig(servers=[nats_server.url], bucket="KEYS", trust=TRUST, heartbeat=0.2), KeyTable())
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        assert sync.stream == "KV_KEYS_global"
+        await eventually(lambda: value(sync.last_revision), lambda revision: revision == last)  # the bucket's
+        assert [sync.table.lookup(key_digest(key))[0] >= 0 for key, _ in keys] == [True] * 3
+        assert sync.table.find_id(eu_record.key_id) == -1  # the mirror does not hold the eu key: it never came
+        # A change to a global key arrives through the mirror, in order, at the bucket's revision.
+        revision = await put(bucket, revoked(keys[0][1]))
+        await eventually(lambda: value(sync.last_revision), lambda at: at == revision)
+        # Its consumers name no filter: the stream holds exactly its keys, so the server walks no subjects.
+        mine = [(subject, config) for subject, config in creates if sync.replica_id in subject]
+        assert mine
+        for subject, config in mine:
+            assert subject == f"$JS.API.CONSUMER.CREATE.KV_KEYS_global.{config['name']}"
+            assert "filter_subject" not in config
+            assert "filter_subjects" not in config
+    finally:
+        await sync.close()
+        await nc.close()
 
 
 async def test_a_consumer_abandoned_after_a_bad_status_is_deleted_when_the_next_one_starts(
@@ -83,15 +125,11 @@ async def test_a_full_resync_keeps_a_key_whose_entry_names_it_in_uppercase(
         await put_raw(fresh, entry, shouted.encode(), signer=None)
         _, last = make_key()
         await put(fresh, last, signer=None)
-        await eventually(lambda: _async(table.find_id(last.key_id)), lambda n: n >= 0, timeout=10)  # read to its end
+        await eventually(lambda: value(table.find_id(last.key_id)), lambda n: n >= 0, timeout=10)  # read to its end
         assert table.find_id(shouted.key_id) >= 0
         assert table.lookup(key_digest(shouted_key))[0] >= 0
     finally:
         await sync.close()
-
-
-async def _async(value: T) -> T:
-    return value
 
 
 async def test_a_delivery_lost_on_the_way_is_noticed_by_the_next_ones_consumer_sequence_and_read_again(
@@ -108,7 +146,7 @@ async def test_a_delivery_lost_on_the_way_is_noticed_by_the_next_ones_consumer_s
         await put(bucket, lost)  # never reaches the sync: the stream keeps it
         _, next_one = make_key()
         await put(bucket, next_one)  # its consumer sequence is one past the one the sync expects
-        await eventually(lambda: _async(table.find_id(lost.key_id)), lambda n: n >= 0, timeout=10)
+        await eventually(lambda: value(table.find_id(lost.key_id)), lambda n: n >= 0, timeout=10)
         assert table.find_id(next_one.key_id) >= 0
         assert proxy.dropped == 1
         assert "consumer sequence gap (got 3, expected 2)" in caplog.text
@@ -149,7 +187,7 @@ async def test_a_consumer_create_answered_late_is_asked_again_identically_and_le
 
     async with sync_through_proxy(nats_server.port, delay, heartbeat=0.5) as (proxy, sync):
         await sync.wait_synced(timeout=10)
-        await eventually(lambda: _async(proxy.creates_released), lambda n: n == 1)  # the late one reached the server
+        await eventually(lambda: value(proxy.creates_released), lambda n: n == 1)  # the late one reached the server
 
         # Direct consumers are left out of listings: asked for by name, the one the late request names is the
         # sidecar's, and no other was made.
@@ -179,7 +217,7 @@ async def test_a_consumer_silent_while_its_server_holds_it_is_waited_for_and_not
         proxy.silence(False)
         _, record = make_key()
         await put(bucket, record)
-        await eventually(lambda: _async(sync.table.get(record.key_id)), lambda view: view is not None)
+        await eventually(lambda: value(sync.table.get(record.key_id)), lambda view: view is not None)
         assert proxy.creates_seen == creates
 
 
@@ -190,7 +228,7 @@ async def test_a_consumer_silent_for_thirty_heartbeats_is_replaced_whatever_its_
         await sync.wait_synced(timeout=10)
         creates = proxy.creates_seen
         proxy.silence()  # the server says it holds the consumer, and never sends from it
-        await eventually(lambda: _async(proxy.creates_seen), lambda n: n > creates, timeout=10)
+        await eventually(lambda: value(proxy.creates_seen), lambda n: n > creates, timeout=10)
         assert sync.consumers["stalls"] >= 1  # waited for first
 
 
@@ -205,7 +243,7 @@ async def test_a_consumer_no_longer_bound_to_the_sidecar_is_replaced_after_three
         assert unbound.sub is not None
         await unbound.sub.unsubscribe()  # the server keeps the consumer, with nobody to deliver to
         await eventually(
-            lambda: _async(sync._deliveries.current.consumer), lambda name: name not in ("", unbound.consumer)
+            lambda: value(sync._deliveries.current.consumer), lambda name: name not in ("", unbound.consumer)
         )
         assert sync.consumers["stalls"] == 0
     finally:
@@ -222,10 +260,10 @@ async def test_a_consumer_the_server_no_longer_holds_is_replaced_after_three_mis
         await sync.wait_synced(timeout=10)
         gone = sync._deliveries.current.consumer
         await js.delete_consumer(sync.stream, gone)
-        await eventually(lambda: _async(sync._deliveries.current.consumer), lambda name: name not in ("", gone))
+        await eventually(lambda: value(sync._deliveries.current.consumer), lambda name: name not in ("", gone))
         _, record = make_key()
         await put(bucket, record)
-        await eventually(lambda: _async(table.get(record.key_id)), lambda view: view is not None)
+        await eventually(lambda: value(table.get(record.key_id)), lambda view: view is not None)
     finally:
         await sync.close()
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CoreError", "RecordError", "SettingsError", "SignatureError"]
+__all__ = ["CoreError", "RecordError", "ReplicaStreamError", "SettingsError", "SignatureError"]
 
 
 class CoreError(Exception):
@@ -37,3 +37,15 @@ class SignatureError(RecordError):
         self.reason, self.entry = reason, entry
         where = f" at {entry!r}" if entry else ""
         CoreError.__init__(self, f"refused a value{where}: {reason}")
+
+
+class ReplicaStreamError(CoreError):
+    """The hub's stream of global keys could not be made or checked; `description` is JetStream's answer."""
+
+    def __init__(self, stream: str, description: str) -> None:
+        self.stream, self.description = stream, description
+        super().__init__(
+            f"cannot make or read the hub's stream of global keys {stream}: {description} (global sidecars read "
+            "the bucket's own stream through a filter meanwhile; check that the publisher's NATS identity may "
+            f"create it: keyrelay nats-config)"
+        )

@@ -51,6 +51,7 @@ __all__ = [
     "express_subject",
     "express_subjects",
     "generate_key",
+    "global_stream_name",
     "header_safe",
     "is_canonical_id",
     "is_key_prefix",
@@ -208,6 +209,11 @@ def snapshot_store_name(bucket: str, configured: str = "") -> str:
 def stream_name(bucket: str) -> str:
     """The JetStream stream behind a KV bucket."""
     return f"KV_{bucket}"
+
+
+def global_stream_name(bucket: str) -> str:
+    """The hub's stream holding exactly a bucket's global keys: a mirror of its stream, read by global sidecars."""
+    return f"{stream_name(bucket)}_{GLOBAL_SCOPE}"
 
 
 def subject_prefix(bucket: str) -> str:
