@@ -112,15 +112,17 @@ class Grants:
         return f"OBJ_{snapshot_store_name(self.bucket, self.snapshot_bucket)}"
 
     def kv_read(self, region: str | None) -> list[str]:
-        """Read a region's records: on a leaf its whole mirror; on the hub (region None) global keys only, from
-        the mirror of global keys (whole) or the bucket's own stream (through the global filter)."""
+        """Read a region's records: on a leaf its whole mirror; on the hub (region None) global keys only, from the
+        mirror of global keys (whole) or the bucket's own stream (through the global filter). Direct gets only of
+        a stream holding nothing else (sidecar/range_gets.py)."""
         kv = self.kv
         if region is None:
             # Only the extended create, whose subject carries the filter the server holds the request to.
             read = _stream_read(kv, f"CONSUMER.CREATE.{kv}.*.{subject_prefix(self.bucket)}{GLOBAL_SCOPE}.>")
             mirror = self.global_kv
-            return [*read, *_stream_read(mirror, f"CONSUMER.CREATE.{mirror}", f"CONSUMER.CREATE.{mirror}.>")]
-        return _stream_read(kv, f"CONSUMER.CREATE.{kv}", f"CONSUMER.CREATE.{kv}.>")
+            whole = _stream_read(mirror, f"CONSUMER.CREATE.{mirror}", f"CONSUMER.CREATE.{mirror}.>")
+            return [*read, *whole, *_api(f"DIRECT.GET.{mirror}")]
+        return [*_stream_read(kv, f"CONSUMER.CREATE.{kv}", f"CONSUMER.CREATE.{kv}.>"), *_api(f"DIRECT.GET.{kv}")]
 
     def snapshot_read(self) -> list[str]:
         """Load a snapshot as a sidecar does: the store's info, an object's metadata, its chunks by direct gets.

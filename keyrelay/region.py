@@ -32,6 +32,7 @@ from keyrelay.core.options import (
     publish_delay_option,
     trusted_keys_option,
 )
+from keyrelay.core.replica_streams import in_touch
 from keyrelay.core.usage_streams import region_usage_stream_config, region_usage_subjects
 from keyrelay.core.usage_wire import USAGE_STREAM
 from keyrelay.core.wire import DEFAULT_BUCKET, region_subjects, stream_name
@@ -148,11 +149,6 @@ async def ensure_region_usage(
     return created
 
 
-# A mirror counts as in touch with the hub when it heard from it this recently (nanoseconds): its
-# lag is only updated by what arrives, so a mirror cut off long ago still reports its last lag.
-_RECENT_CONTACT_NS = 5_000_000_000
-
-
 async def wait_for_mirror(
     nc: Client,
     *,
@@ -178,7 +174,7 @@ async def wait_for_mirror(
             state = f"is not there ({info['error'].get('description', info['error'])})"
         elif mirror is not None:
             active, lag = mirror.get("active", -1), mirror.get("lag", 0)
-            if 0 <= active < _RECENT_CONTACT_NS and lag == 0:
+            if in_touch(info) and lag == 0:
                 return info
             error = mirror.get("error")
             problem = f" ({error.get('description', error)})" if isinstance(error, dict) else ""

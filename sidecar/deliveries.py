@@ -51,6 +51,9 @@ class Generation:
     abandoned: bool = False
     # Deliveries received, not yet verified and committed (while catching up).
     batch: list[Delivered] = field(default_factory=list)
+    # While not None, what arrives is kept here as it came (subject, reply, data, headers), to be taken once the
+    # values before the consumer's start are in (Deliveries.fill, then release).
+    held: list[tuple[bytes, bytes, bytes, dict[str, str] | None]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,10 @@ class Deliveries:
         """Take one message of `gen`'s subscription; an awaitable when it must be awaited before the next."""
         if gen is not self.current or gen.abandoned or gen.sub is None:
             return None  # a message for a consumer replaced or about to be
+        if gen.held is not None:
+            gen.held.append((subject, reply, data, headers))
+            self._freshness.last_contact = time.monotonic()
+            return None
         if headers and "Status" in headers:
             if gen.batch:  # what came before the status first, in order
                 return self._commit_batch(gen, then=self.on_status(gen, reply, headers))
@@ -125,6 +132,40 @@ class Deliveries:
             return self._commit_batch(gen)
         self._commit_one(gen, subject, data, headers, stream_seq, pending, stored / _NS)
         return None
+
+    async def fill(self, gen: Generation, values: list[Delivered]) -> bool:
+        """Take values read before `gen`'s consumer starts (sidecar/range_gets.py), in order, as deliveries are
+        taken; False when `gen` was abandoned or replaced meanwhile (the sync starts over from the last revision)."""
+        if gen is not self.current or gen.abandoned:
+            return False
+        self._freshness.last_contact = time.monotonic()
+        if self._applier.trust.accept_unsigned:
+            for d in values:
+                self._commit_one(gen, d.subject, d.data, d.headers, d.stream_seq, d.pending, d.stored)
+        else:
+            gen.batch = values
+            await self._commit_verdicts(gen)
+        return gen is self.current and not gen.abandoned
+
+    async def release(self, gen: Generation) -> None:
+        """Take what `gen`'s consumer delivered while its values before were read, then what comes as it comes."""
+        held = gen.held or []
+        while held:
+            subject, reply, data, headers = held.pop(0)
+            taking = self.on_message_released(gen, subject, reply, data, headers)
+            if taking is not None:
+                await taking
+        gen.held = None  # no await since the list was last seen empty: nothing arrives in between
+
+    def on_message_released(
+        self, gen: Generation, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
+    ) -> Awaitable[None] | None:
+        """on_message for a message that was held: taken now, in the order it came."""
+        held, gen.held = gen.held, None
+        try:
+            return self.on_message(gen, subject, reply, data, headers)
+        finally:
+            gen.held = held
 
     async def on_status(self, gen: Generation, reply: bytes, headers: dict[str, str]) -> None:
         """A status message of `gen`'s consumer: a heartbeat, a flow-control request, or the end of it."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["BucketNotFound", "CreateTimeout", "SidecarError", "SnapshotError"]
+__all__ = ["BucketNotFound", "CreateTimeout", "RangeReadError", "SidecarError", "SnapshotError"]
 
 
 class SidecarError(Exception):
@@ -28,6 +28,17 @@ class CreateTimeout(SidecarError):
         super().__init__(
             f"no answer to creating a consumer on {stream} within {waited:.1f}s ({attempts} in a row; asking "
             "again, each wait after the first two twice as long)"
+        )
+
+
+class RangeReadError(SidecarError):
+    """A stream's values could not be read by direct gets; the sync opens a consumer where the range starts."""
+
+    def __init__(self, *, stream: str, seq: int, reason: str) -> None:
+        self.stream, self.seq, self.reason = stream, seq, reason
+        super().__init__(
+            f"cannot read {stream} at {seq} by direct get: {reason} (reading from there with a consumer instead; "
+            "check that this identity may DIRECT.GET the stream: keyrelay nats-config)"
         )
 
 

@@ -37,7 +37,7 @@ from nats.aio.client import Client
 
 from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
 from keyrelay.core.nats_connect import NatsConnect, connect_retrying, identity_name
-from keyrelay.core.replica_streams import holds_exactly, replica_stream
+from keyrelay.core.replica_streams import holds_exactly
 from keyrelay.core.server_choice import ServerChoice
 from keyrelay.core.trust import Trust
 from keyrelay.core.wire import GLOBAL_SCOPE, region_subjects, stream_name, subject_prefix
@@ -46,11 +46,13 @@ from .apply import Applier, SyncStats
 from .consumer_request import consumer_request
 from .deliveries import Deliveries, Generation
 from .direct import DirectClient
-from .errors import BucketNotFound, CreateTimeout
+from .errors import BucketNotFound, CreateTimeout, RangeReadError
 from .express import Express
+from .range_gets import read_range
 from .replica import Freshness, Position
 from .snapshot import Snapshot
 from .snapshot_start import start_from_snapshot
+from .stream_choice import StreamChoice
 from .table import KeyTable
 from .watchdog import Watchdog
 
@@ -68,7 +70,10 @@ _MAX_DELETING = 4  # deletions of replaced consumers in flight at once
 _CREATE_TIMEOUT = 0.5
 _CREATE_SHORT = 3
 _CREATE_LONGEST = 60.0
-_SAY_WAITING_EVERY = 2.0  # seconds between "opening a consumer ...: waiting" lines while a create is unanswered
+_SAY_WAITING_EVERY = 2.0
+# The most values a replica reads by direct gets before its consumer's start (about 34,000 a second) rather than
+# have the server walk the stream's subjects for a consumer started there (seconds at ten million keys).
+_GAP_BY_GETS = 250_000  # seconds between "opening a consumer ...: waiting" lines while a create is unanswered
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -114,6 +119,7 @@ class _Retry:
     subject: str
     body: dict[str, Any]
     start: int
+    stream: str
 
 
 class KeySync:
@@ -122,15 +128,15 @@ class KeySync:
     __slots__ = (
         "_closing",
         "_create_timeouts",
+        "_created_of",
         "_deleting",
         "_deliveries",
+        "_gets_failed",
         "_nc",
         "_opened",
         "_opening",
         "_reset",
         "_retry",
-        "_stream",
-        "_stream_created",
         "_tasks",
         "_watchdog",
         "applier",
@@ -143,6 +149,7 @@ class KeySync:
         "position",
         "replica_id",
         "stats",
+        "streams",
         "table",
     )
 
@@ -152,6 +159,7 @@ class KeySync:
         self.stats = SyncStats()
         self.position = Position(table)
         self.freshness = Freshness(verifying=not config.trust.accept_unsigned)
+        self.streams = StreamChoice(bucket=config.bucket, region=config.region)
         self.applier = Applier(
             table,
             trust=config.trust,
@@ -183,12 +191,13 @@ class KeySync:
             choice=self.choice,
             reset=self._reset,
             client=lambda: self._nc,
+            mirror_stalled=self._mirror_stalled if self.streams.mirror else None,
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
-        # The stream's identity (its creation time): another one means another incarnation of the bucket.
-        self._stream_created = ""
-        self._stream: str | None = None  # chosen at the first connection (keyrelay/core/replica_streams.py)
+        # The creation time of each stream read (its identity): another one means another incarnation of it.
+        self._created_of: dict[str, str] = {}
+        self._gets_failed = False  # direct gets were refused once: consumers start where the replica is
         self._deleting: set[asyncio.Task[None]] = set()  # old consumers being deleted
         self._create_timeouts = 0  # CONSUMER.CREATE requests timed out in a row
         self._opened = 0  # consumers asked for
@@ -202,7 +211,7 @@ class KeySync:
     @property
     def stream(self) -> str:
         """The stream this sidecar reads: on the hub, the mirror of global keys when the publisher made one."""
-        return self._stream or self.config.stream
+        return self.streams.current
 
     @property
     def trust(self) -> Trust:
@@ -237,7 +246,7 @@ class KeySync:
     @property
     def stream_created(self) -> str:
         """The identity (creation time) of the stream the table was read from ("" until known)."""
-        return self._stream_created
+        return self._created_of.get(self.stream, "")
 
     @property
     def consumers(self) -> dict[str, Any]:
@@ -307,8 +316,9 @@ class KeySync:
     async def _run(self) -> None:
         self._nc = await self._connect()
         self.connected = True
-        await self._choose_stream(self._nc)
         if self.config.snapshot_store:
+            with contextlib.suppress(Exception):  # no answer: the bucket's stream is where the snapshot is looked for
+                await self.streams.choose(functools.partial(self._api, self._nc), revision=0)
             await self._start_from_snapshot(self._nc, self.config.snapshot_store)
         if self.express is not None:
             await self.express.subscribe(self._nc)
@@ -350,22 +360,6 @@ class KeySync:
             raise asyncio.CancelledError
         return nc
 
-    async def _choose_stream(self, nc: Client) -> None:
-        """Find the stream to read, once: it holds the replica's revisions, so it stays the one read."""
-        backoff = 0.1
-        while not self._closing:
-            try:
-                self._stream = await replica_stream(
-                    nc, bucket=self.config.bucket, region=self.config.region, timeout=self.config.api_timeout
-                )
-                log.info("reading %s", self._stream)
-                return
-            except Exception as exc:  # no answer (a restart, an election): asked again, as an open would be
-                self.stats.sync_errors += 1
-                log.warning("cannot find the stream to read: %s (retrying in %.1fs)", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF)
-
     async def _start_from_snapshot(self, nc: Client, store: str) -> None:
         """Start from the region's snapshot when there is a usable one; else the consumer replays everything."""
         config = self.config
@@ -380,7 +374,7 @@ class KeySync:
             trust=config.trust,
             timeout=config.api_timeout,
         )
-        self._stream_created = started.stream_created
+        self._created_of[self.stream] = started.stream_created
         self.loaded_snapshot = started.snapshot
 
     async def _on_disconnect(self) -> None:
@@ -406,7 +400,8 @@ class KeySync:
             await self._drop_consumer(self._deliveries.current, wait=False)
             retry = None
         self.connected = nc.is_connected
-        info = await self._api(nc, f"STREAM.INFO.{self.stream}")
+        position = self.position
+        info = await self.streams.choose(functools.partial(self._api, nc), revision=position.last_revision)
         if "error" in info:
             if info["error"].get("err_code") == STREAM_NOT_FOUND:
                 raise BucketNotFound(
@@ -414,56 +409,109 @@ class KeySync:
                 )
             raise RuntimeError(info["error"].get("description", "stream info failed"))
         self.freshness.note_mirror(info)
-        last_seq = int(info["state"]["last_seq"])
-        incarnation = str(info.get("created", ""))
+        first_seq, last_seq = int(info["state"]["first_seq"]), int(info["state"]["last_seq"])
+        incarnation, held = str(info.get("created", "")), self._created_of.get(self.stream)
         # A direct consumer is made by the node leading the stream, which STREAM.INFO just named.
         gen = Generation(nc=nc, node=str((info.get("cluster") or {}).get("leader") or ""))
-        position = self.position
-        if position.last_revision > last_seq or (self._stream_created and incarnation != self._stream_created):
+        if position.last_revision > last_seq or (held and incarnation != held):
             # Another incarnation of the stream (recreated, or younger than our replica): its revisions
             # mean other records. Read it all again; versions and floors keep anything older out.
             log.warning(
-                "bucket %s is another stream now (created %s, at revision %d; held %d): full resync",
-                self.config.bucket,
+                "%s is another stream now (created %s, at revision %d; held %d): full resync",
+                self.stream,
                 incarnation,
                 last_seq,
                 position.last_revision,
             )
             position.last_revision = 0
-        self._stream_created = incarnation
+        self._created_of[self.stream] = incarnation
         start = position.last_revision + 1
-        if retry is not None and retry.start == start and retry.gen.node == gen.node:
+        if retry is not None and (retry.start, retry.stream, retry.gen.node) == (start, self.stream, gen.node):
             # The last create went unanswered: ask again for the same consumer, identically, waiting longer.
             # Whichever of the two the server carries out first makes it; the other finds it made (one consumer).
             # Only of the same leader: a direct consumer is its maker's alone, so another leader would make a
             # second one under the name (the first, if made late, is left to its inactivity threshold).
-            await self._created(retry.gen, await self._create(nc, retry.subject, retry.body), start)
+            await self._take(retry.gen, await self._create(nc, retry.subject, retry.body), start)
             return
         if retry is not None:
             await self._drop_consumer(retry.gen, wait=False)
         inbox = nc.new_inbox()
+        subjects = region_subjects(self.config.bucket, self.config.region)
+        # A stream holding exactly this replica's subjects (a region's mirror, the hub's mirror of global keys) needs
+        # no filter; one holding more (the hub's bucket) is filtered.
+        filters = [] if holds_exactly(info, subjects) else subjects
+        # Started inside the stream, a consumer costs the server a walk of its subjects (seconds at ten million
+        # keys), started at its end a millisecond: where the replica's stream answers direct gets, its consumer
+        # starts at the end and the values before are read by direct gets, held deliveries taken after them.
+        by_gets = (
+            first_seq < start <= last_seq + 1
+            and last_seq + 1 - start <= _GAP_BY_GETS
+            and not filters
+            and (info.get("config") or {}).get("allow_direct") is True
+            and not self._gets_failed
+        )
+        if by_gets:
+            gen.held = []
         gen.sub = await nc.subscribe_direct(inbox, functools.partial(self._deliveries.on_message, gen))
         self._deliveries.current = gen
-        subjects = region_subjects(self.config.bucket, self.config.region)
-        # A stream holding exactly this replica's subjects (a region's mirror) needs no filter, and a consumer
-        # without one costs the server the same at any size; one holding more (the hub's bucket) is filtered.
-        filters = [] if holds_exactly(info, subjects) else subjects
         self._opened += 1
         gen.consumer = f"keyrelay-{self.replica_id}-{self._opened}"
         # The consumer is named before it is asked for: if the create goes unanswered, the next open asks for it
         # again by that name (and, unanswered twice, deletes it and names another).
         create, body = consumer_request(
-            self.stream, gen.consumer, deliver=inbox, start=start, heartbeat=self.config.heartbeat, filters=filters
+            self.stream,
+            gen.consumer,
+            deliver=inbox,
+            start=None if by_gets else start,
+            heartbeat=self.config.heartbeat,
+            filters=filters,
         )
         try:
             created = await self._create(nc, create, body)
         except CreateTimeout:
-            self._retry = _Retry(gen=gen, subject=create, body=body, start=start)
+            self._retry = _Retry(gen=gen, subject=create, body=body, start=start, stream=self.stream)
             raise
-        await self._created(gen, created, start)
+        await self._take(gen, created, start)
 
-    async def _created(self, gen: Generation, created: dict[str, Any], start: int) -> None:
-        """The server's answer to a consumer's creation: take the consumer, or drop its subscription."""
+    async def _take(self, gen: Generation, created: dict[str, Any], start: int) -> None:
+        """Take the consumer the server made (or refused); with deliveries held, read what comes before them first."""
+        if gen.held is None or "error" in created:
+            await self._created(gen, created, start)
+            return
+        before = int((created.get("delivered") or {}).get("stream_seq", 0))  # the last value before its first
+        await self._created(gen, created, start, waiting=max(0, before - start + 1))
+        try:
+            async for values in read_range(
+                gen.nc or self._nc,  # type: ignore[arg-type]
+                stream=self.stream,
+                first=start,
+                last=before,
+                prefix=self.applier.prefix,
+                timeout=self.config.api_timeout,
+            ):
+                if not await self._deliveries.fill(gen, values):
+                    return  # abandoned meanwhile: the sync starts over from the last revision
+        except RangeReadError as exc:
+            self._gets_failed = True
+            log.warning("%s", exc)
+            gen.abandoned = True
+            self._reset.set()
+            return
+        if self.position.last_revision < before:
+            self.position.advance(before, 0)  # the last ones were deleted: nothing more before the consumer's first
+        await self._deliveries.release(gen)
+
+    def _mirror_stalled(self) -> None:
+        """The watchdog found the hub's mirror of global keys out of touch with the bucket while the publisher's
+        heartbeat is late: read the bucket from the next consumer on."""
+        if self.stream == self.streams.mirror:
+            log.warning("%s is out of touch with the bucket: reading %s", self.stream, stream_name(self.config.bucket))
+            self.streams.avoid_mirror()
+            self._reset.set()
+
+    async def _created(self, gen: Generation, created: dict[str, Any], start: int, waiting: int = 0) -> None:
+        """The server's answer to a consumer's creation: take the consumer, or drop its subscription; `waiting`
+        values before its first are still to be read."""
         position = self.position
         if "error" in created:
             if gen.sub is not None:
@@ -472,7 +520,7 @@ class KeySync:
             raise RuntimeError(created["error"].get("description", "consumer create failed"))
         self.freshness.last_contact = time.monotonic()
         position.reached("consumer_opened")
-        pending = int(created.get("num_pending", 0))
+        pending = int(created.get("num_pending", 0)) + waiting
         log.info("consumer %s on %s from revision %d, %d pending", gen.consumer, self.stream, start, pending)
         if gen.expected > 1:
             # Deliveries can overtake CONSUMER.CREATE's reply; each carries a fresher pending count

@@ -8,7 +8,9 @@ Every idle heartbeat (`--heartbeat`) it looks at the consumer:
   still holds it, or does not answer, is waited for and the stall counted and logged (a new
   consumer costs a busy server more than the one it has), up to 30 idle heartbeats of silence;
 - the publisher's heartbeat late: does this server still serve the stream? If not (cut off from
-  its cluster), the client moves to another server.
+  its cluster), the client moves to another server. If the stream is the hub's mirror of global
+  keys and it is out of touch with the bucket, the sync reads the bucket itself instead
+  (sidecar/stream_choice.py).
 
 It also prunes the table's expired version floors, and notes a regional mirror's state.
 """
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from keyrelay.core.jetstream import CONSUMER_NOT_FOUND, STREAM_NOT_FOUND, jetstream_api
+from keyrelay.core.replica_streams import in_touch
 from keyrelay.core.server_choice import ServerChoice, stream_serves
 
 from .deliveries import Deliveries, Generation
@@ -56,6 +59,7 @@ class Watchdog:
         "_floors_pruned",
         "_freshness",
         "_heartbeat",
+        "_mirror_stalled",
         "_next_probe",
         "_reset",
         "_stall_log",
@@ -77,10 +81,12 @@ class Watchdog:
         choice: ServerChoice,
         reset: asyncio.Event,
         client: Callable[[], DirectClient | None],
+        mirror_stalled: Callable[[], None] | None = None,
     ) -> None:
         self._stream_of, self._heartbeat, self._api_timeout = stream, heartbeat, api_timeout
         self._table, self._freshness, self._deliveries = table, freshness, deliveries
         self._choice, self._reset, self._client = choice, reset, client
+        self._mirror_stalled = mirror_stalled  # the sync's, on the hub: a mirror it reads is out of touch
         self._floors_pruned = 0.0
         self._next_probe = 0.0  # when a late heartbeat may next make the sidecar ask its server for the stream
         self._checked_silence = 0.0  # the last contact whose silence made the watchdog check the consumer's node
@@ -212,6 +218,8 @@ class Watchdog:
         else:
             error = info.get("error")
             serves = stream_serves(info) if error is None else error.get("err_code") == STREAM_NOT_FOUND
+        if serves and self._mirror_stalled is not None and info and "mirror" in info and not in_touch(info):
+            self._mirror_stalled()  # the hub's mirror of global keys: the bucket itself is read instead
         if serves:
             self._choice.served()
         else:

@@ -57,6 +57,9 @@ async def test_on_a_hub_with_the_mirror_of_global_keys_a_global_replica_reads_it
     _, eu_record = make_key(region="eu")
     await put(bucket, eu_record)
     last = await heartbeat(bucket)
+    js = nc.jetstream()
+    # Read once it has heard from the bucket (a mirror just made has not: the bucket is read meanwhile).
+    await eventually(lambda: js.stream_info("KV_KEYS_global"), lambda info: info.state.last_seq == last)
     sync = KeySync(SyncConfig(servers=[nats_server.url], bucket="KEYS", trust=TRUST, heartbeat=0.2), KeyTable())
     await sync.start()
     try:
@@ -77,6 +80,65 @@ async def test_on_a_hub_with_the_mirror_of_global_keys_a_global_replica_reads_it
             assert "filter_subjects" not in config
     finally:
         await sync.close()
+        await nc.close()
+
+
+async def test_a_replica_resuming_inside_the_stream_opens_its_consumer_at_the_end_and_reads_the_rest_by_direct_gets(
+    nats_server: NatsServer, bucket: KeyValue
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    seen: dict[str, list[dict[str, Any]]] = {"create": [], "get": []}  # requests as the server receives them
+
+    async def watch(msg: Msg) -> None:
+        seen["create" if ".CONSUMER.CREATE." in msg.subject else "get"].append(json.loads(msg.data))
+
+    await nc.subscribe("$JS.API.CONSUMER.CREATE.>", cb=watch)
+    await nc.subscribe("$JS.API.DIRECT.GET.KV_KEYS_global", cb=watch)
+    await ensure_global_mirror(nc, bucket="KEYS")
+    js = nc.jetstream()
+
+    async def mirrored(revision: int) -> None:
+        await eventually(lambda: js.stream_info("KV_KEYS_global"), lambda info: info.state.last_seq == revision)
+
+    keys = [make_key() for _ in range(70)]
+    for _, record in keys[:30]:
+        await put(bucket, record)
+    await mirrored(await heartbeat(bucket))
+    table, config = KeyTable(), SyncConfig(servers=[nats_server.url], bucket="KEYS", trust=TRUST, heartbeat=0.2)
+    first = KeySync(config, table)
+    await first.start()
+    await first.wait_synced(timeout=10)
+    held = first.last_revision
+    await first.close()
+    # While no replica reads: 40 more keys, one revoked, a key written twice (its first value deleted by the stream).
+    for _, record in keys[30:]:
+        await put(bucket, record)
+    await put(bucket, revoked(keys[0][1]))
+    await put(bucket, revoked(keys[31][1]))
+    last = await heartbeat(bucket)
+    await mirrored(last)
+
+    second = KeySync(config, table)  # the table as a snapshot at revision `held` would leave it
+    second.position.last_revision = held
+    seen["create"].clear()
+    await second.start()
+    try:
+        await second.wait_synced(timeout=10)
+        await eventually(lambda: value(second.last_revision), lambda revision: revision == last)
+        assert [table.find_id(record.key_id) >= 0 for _, record in keys] == [True] * 70
+        for _, record in (keys[0], keys[31]):
+            assert table.get(record.key_id).revoked_at is not None  # type: ignore[union-attr]
+        # Its consumer started at the stream's end; every sequence before it, after `held`, came by a direct get.
+        [create] = seen["create"]
+        assert create["config"]["deliver_policy"] == "new"
+        assert sorted(get["seq"] for get in seen["get"]) == list(range(held + 1, last + 1))
+        # And the consumer delivers what comes next.
+        revision = await put(bucket, revoked(keys[1][1]))
+        await eventually(lambda: value(second.last_revision), lambda at: at == revision)
+        assert table.get(keys[1][1].key_id).revoked_at is not None  # type: ignore[union-attr]
+        assert second.stats.sync_errors == 0
+    finally:
+        await second.close()
         await nc.close()
 
 

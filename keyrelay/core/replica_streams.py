@@ -9,9 +9,10 @@ size. So every replica reads a stream holding exactly its keys:
 - the hub's global sidecars (and the global seeder) read `KV_<bucket>_global`, a mirror of the
   bucket's stream on the hub filtered to global keys, which the publisher makes beside the bucket.
 
-A hub without that mirror (a publisher of an earlier release) is read as before: the bucket's own
-stream, through the global filter. Mirrors keep their origin's sequence numbers, so a revision
-means the same record in every stream.
+A hub without that mirror (a publisher of an earlier release), or with one out of touch with the
+bucket (10 to 20 s after the hub loses the node feeding it: docs/high-availability.md), is read as
+before: the bucket's own stream, through the global filter (sidecar/stream_choice.py). Mirrors
+keep their origin's sequence numbers, so a revision means the same record in every stream.
 """
 
 from __future__ import annotations
@@ -26,9 +27,26 @@ from .wire import GLOBAL_SCOPE, global_stream_name, stream_name, subject_prefix
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
-__all__ = ["ensure_global_mirror", "global_mirror_config", "holds_exactly", "replica_stream"]
+__all__ = [
+    "MIRROR_IN_TOUCH_NS",
+    "ensure_global_mirror",
+    "global_mirror_config",
+    "holds_exactly",
+    "in_touch",
+]
 
 log = logging.getLogger("keyrelay.replica_streams")
+
+# A mirror counts as in touch with its source when it heard from it this recently (nanoseconds): its
+# lag is only updated by what arrives, so a mirror cut off long ago still reports its last lag. Its
+# consumer on the source sends an idle heartbeat every second (nats-server's sourceHealthHB).
+MIRROR_IN_TOUCH_NS = 5_000_000_000
+
+
+def in_touch(info: dict[str, Any]) -> bool:
+    """Whether the mirror of `info` (its STREAM.INFO) heard from its source within MIRROR_IN_TOUCH_NS."""
+    active = (info.get("mirror") or {}).get("active", -1)
+    return isinstance(active, int) and 0 <= active < MIRROR_IN_TOUCH_NS
 
 
 def holds_exactly(info: dict[str, Any], subjects: list[str]) -> bool:
@@ -48,7 +66,10 @@ def global_mirror_config(bucket: str, *, replicas: int = 1) -> dict[str, Any]:
         "storage": "file",
         "num_replicas": replicas,
         "max_msgs_per_subject": 1,
-        # No mirror_direct: the mirror would answer the bucket's own direct gets, for keys it does not hold.
+        # Its sidecars read the values before their consumer's start by direct gets (sidecar/range_gets.py).
+        # mirror_direct (answering the bucket's own direct gets) is the server's to copy from the bucket's
+        # allow_direct, which keyrelay leaves off: the mirror would answer 404 for keys it does not hold.
+        "allow_direct": True,
         "deny_delete": True,
         "allow_rollup_hdrs": True,
         "discard": "new",
@@ -85,28 +106,3 @@ async def ensure_global_mirror(
         raise ReplicaStreamError(name, str(created["error"].get("description", created["error"])))
     log.info("made %s, the hub's stream of %s's global keys (a mirror of %s)", name, bucket, stream_name(bucket))
     return created
-
-
-async def replica_stream(nc: Client, *, bucket: str, region: str | None, timeout: float) -> str:
-    """The stream a replica of `region` reads on the NATS `nc` is connected to.
-
-    On a leaf node (a region) its mirror, named like the bucket's stream; on the hub the mirror of
-    global keys when the publisher made it, else the bucket's own stream. Raises what the request
-    raises (a timeout, no responders): the caller asks again.
-    """
-    if region:
-        return stream_name(bucket)
-    name = global_stream_name(bucket)
-    info = await jetstream_api(nc, f"STREAM.INFO.{name}", timeout=timeout)
-    error = info.get("error")
-    if error is None:
-        return name
-    if error.get("err_code") == STREAM_NOT_FOUND:
-        log.warning(
-            "the hub has no %s (made by the publisher): reading %s through the global filter, which costs the "
-            "server a walk of its subjects at every consumer opened",
-            name,
-            stream_name(bucket),
-        )
-        return stream_name(bucket)
-    raise ReplicaStreamError(name, str(error.get("description", error)))

@@ -1,0 +1,64 @@
+"""Which stream a replica reads, asked again at every consumer it opens.
+
+A region's replica reads its leaf node's mirror, named like the bucket's stream. A replica on the
+hub (global keys) reads the hub's mirror of global keys (keyrelay/core/replica_streams.py) while
+that mirror is in touch with the bucket and holds at least the replica's revision, and the bucket
+itself, through the global filter, otherwise: a mirror stalls 10 to 20 s after the hub loses the
+node feeding it, the bucket does not. The watchdog has the sync leave a stalled mirror at once
+(`avoid_mirror`); it is tried again at the first consumer opened a minute later. Both streams
+number their records alike (a mirror keeps its source's sequences), so the replica's revision
+carries over.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from keyrelay.core.replica_streams import in_touch
+from keyrelay.core.wire import global_stream_name, stream_name
+
+__all__ = ["StreamChoice"]
+
+_AVOID_FOR: Final = 60.0  # seconds a stalled mirror is left alone before it is tried again
+
+Api = Callable[[str], Awaitable[dict[str, Any]]]
+
+
+class StreamChoice:
+    """The stream a replica of `region` reads, and its STREAM.INFO, chosen at each consumer opened."""
+
+    __slots__ = ("_avoid_until", "bucket", "current", "region")
+
+    def __init__(self, *, bucket: str, region: str | None) -> None:
+        self.bucket, self.region = bucket, region
+        self.current = stream_name(bucket)  # the stream read since the last choice
+        self._avoid_until = 0.0
+
+    @property
+    def mirror(self) -> str | None:
+        """The hub's mirror of global keys, for a replica on the hub; None in a region."""
+        return None if self.region else global_stream_name(self.bucket)
+
+    def avoid_mirror(self) -> None:
+        """The mirror read stalled: read the bucket from the next consumer on, for a while."""
+        self._avoid_until = time.monotonic() + _AVOID_FOR
+
+    async def choose(self, api: Api, *, revision: int) -> dict[str, Any]:
+        """STREAM.INFO of the stream to read from after `revision`, which becomes `current`.
+
+        The mirror when there is one, in touch with the bucket and not behind `revision`; else the
+        bucket's stream (its answer as it is: an error included, for the caller to report).
+        """
+        mirror = self.mirror
+        if mirror is not None and time.monotonic() >= self._avoid_until:
+            try:
+                info = await api(f"STREAM.INFO.{mirror}")
+            except Exception:  # no answer: its leader is being elected; the bucket's may answer
+                info = {}
+            if "state" in info and in_touch(info) and int(info["state"].get("last_seq", 0)) >= revision:
+                self.current = mirror
+                return info
+        self.current = stream_name(self.bucket)
+        return await api(f"STREAM.INFO.{self.current}")
