@@ -2,14 +2,18 @@
 
     python -m loadtest.bench_consumers fill --keys 10000000 --store /work/tenm-data/10m
     python -m loadtest.bench_consumers time --store /work/tenm-data/10m --out docs/benchmarks/tenm-<date>.json
+    python -m loadtest.bench_consumers fill-time --keys 3000000 --store /tmp/3m --out 3m.json
 
 `fill` writes `--keys` unsigned records straight into the bucket's stream (core publishes, kept at
 most a bounded number ahead of what the stream has stored), half under `global.`, a quarter each
 under `eu.` and `us.`, so that a store can be kept and timed many times. `time` starts a
 nats-server on the store and times the creations a replica's reader may ask for: one wildcard
-filter, two, none from the start, none from near the end; then the sync's own opening of its
-consumer on a mirror of the bucket's global keys (`KEYS_global`, made on the same server: a
-stand-in for a region's mirror on its leaf node, which a regional sidecar reads without a filter).
+filter, two, none from the start, none from near the end, none from the end (`deliver_policy: new`); then the
+sync's own opening of its consumer on the hub's mirror of global keys (`KV_KEYS_global`, as the
+publisher makes it; a region's mirror on its leaf node is read alike), a resume reading the values
+before the consumer's start by direct gets. `fill-time` does both on one server: a server that has
+just written the bucket walks its subject index several times slower than one restarted on it, and a
+hub in service is the former.
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ import nats
 from nats.aio.client import Client
 
 from keyrelay.core.jetstream import jetstream_api
-from keyrelay.core.wire import DEFAULT_BUCKET, region_subjects, stream_name, subject_prefix
+from keyrelay.core.replica_streams import ensure_global_mirror, in_touch
+from keyrelay.core.wire import DEFAULT_BUCKET, global_stream_name, stream_name, subject_prefix
 from keyrelay.natsd import NatsServer, NatsSpec
+from loadtest.figures import machine
 from sidecar.errors import CreateTimeout
 from sidecar.snapshot_start import _recall_heartbeat
 from sidecar.sync import KeySync, SyncConfig
@@ -42,8 +48,6 @@ _NS = 1_000_000_000
 _BATCH = 20_000
 _AHEAD = 400_000  # published but not yet stored: at most this many
 _SCOPES = ("global", "global", "eu", "us")
-# A mirror of the bucket's global keys on the same server: a stand-in for a region's mirror on its leaf node.
-_MIRROR = "KEYS_global"
 
 
 async def _stream_state(nc: Client, stream: str) -> dict[str, Any]:
@@ -126,6 +130,7 @@ async def time_creates(url: str, *, bucket: str = DEFAULT_BUCKET, repeat: int = 
         "two_filters_near_end": ({**near_end, "filter_subjects": [f"{prefix}global.>", f"{prefix}eu.>"]}, ""),
         "no_filter_from_start": ({"deliver_policy": "all"}, ""),
         "no_filter_near_end": (near_end, ""),
+        "no_filter_from_the_end": ({"deliver_policy": "new"}, ""),
     }
     result: dict[str, Any] = {"messages": state["messages"], "bytes": state["bytes"], "creates": {}}
     for case, (config, subject) in cases.items():
@@ -138,49 +143,39 @@ async def time_creates(url: str, *, bucket: str = DEFAULT_BUCKET, repeat: int = 
 
 
 async def _mirrored(nc: Client, bucket: str, *, deadline: float, rebuild: bool) -> float:
-    """Make the hub's mirror of global keys when missing (or `rebuild`) and wait until it holds them all; the
-    seconds it took."""
-    mirror = _MIRROR
+    """Make the hub's mirror of global keys when missing (or `rebuild`), as the publisher does, and wait until it
+    holds them all; the seconds it took."""
     if rebuild:
-        await jetstream_api(nc, f"STREAM.DELETE.{mirror}", timeout=60.0)
-        # A durable feed an older version of this benchmark left on the bucket's stream.
-        await jetstream_api(nc, f"CONSUMER.DELETE.{stream_name(bucket)}.keyrelay-global-mirror", timeout=60.0)
+        await jetstream_api(nc, f"STREAM.DELETE.{global_stream_name(bucket)}", timeout=60.0)
     started = time.monotonic()
     source = await _stream_state(nc, stream_name(bucket))
-    config = {
-        "name": mirror,
-        "storage": "file",
-        "max_msgs_per_subject": 1,
-        "mirror": {
-            "name": stream_name(bucket),
-            "subject_transforms": [{"src": s, "dest": s} for s in region_subjects(bucket, None)],
-        },
-    }
-    if "error" in await jetstream_api(nc, f"STREAM.INFO.{mirror}", timeout=60.0):
-        await jetstream_api(nc, f"STREAM.CREATE.{mirror}", config, timeout=60.0)
+    await ensure_global_mirror(nc, bucket=bucket, timeout=60.0)
     while True:
         try:
-            info = await jetstream_api(nc, f"STREAM.INFO.{mirror}", timeout=30.0)
+            info = await jetstream_api(nc, f"STREAM.INFO.{global_stream_name(bucket)}", timeout=30.0)
         except TimeoutError:  # a server busy copying: asked again
             info = {"error": "timeout", "state": {"messages": "?"}}
-        if "error" not in info and int(info["state"]["last_seq"]) >= int(source["last_seq"]) - len(_SCOPES):
+        # In touch too: a server started on the store restarts the mirror's feed seconds later.
+        caught_up = "error" not in info and int(info["state"]["last_seq"]) >= int(source["last_seq"]) - len(_SCOPES)
+        if caught_up and in_touch(info):
             return time.monotonic() - started
         if time.monotonic() - started > deadline:
-            raise TimeoutError(f"the mirror {mirror} holds {info['state']['messages']:,} after {deadline:.0f}s")
+            raise TimeoutError(f"the mirror holds {info['state']['messages']:,} after {deadline:.0f}s")
         await asyncio.sleep(0.5)
 
 
 async def time_opens(
     url: str, *, bucket: str = DEFAULT_BUCKET, repeat: int = 3, rebuild: bool = False
 ) -> dict[str, Any]:
-    """How long the sync takes to open its consumer (STREAM.INFO and CONSUMER.CREATE, as it sends them) on the
-    hub's mirror of global keys: replaying (the seeder, a sidecar without a snapshot), from a snapshot's
-    revision near the end, and reopening (a reconnect); and reading the heartbeat a snapshot covers."""
+    """How long the sync takes to open its consumer on the hub's mirror of global keys (STREAM.INFO, CONSUMER.CREATE
+    and the direct gets of what comes before its start, as it sends them): replaying (the seeder, a sidecar without
+    a snapshot), from a snapshot's revision 1,000 before the end, and reopening 500 before it (a reconnect); and
+    reading the heartbeat a snapshot covers."""
     logging.getLogger("keyrelay").setLevel(logging.ERROR)  # the unsigned filler records are refused, noisily
     nc = await nats.connect(url)
     mirror_seconds = await _mirrored(nc, bucket, deadline=900.0, rebuild=rebuild)
     print(f"  the mirror of global keys ready after {mirror_seconds:.1f}s", flush=True)
-    mirror = _MIRROR
+    mirror = global_stream_name(bucket)
     state = await _stream_state(nc, mirror)
     await nc.close()
     last = int(state["last_seq"])
@@ -189,7 +184,7 @@ async def time_opens(
         "messages": state["messages"],
         "mirror_ready_seconds": round(mirror_seconds, 2),
     }
-    sync = _MirrorSync(SyncConfig(servers=[url], bucket=bucket, heartbeat=5.0), KeyTable())
+    sync = KeySync(SyncConfig(servers=[url], bucket=bucket, heartbeat=5.0), KeyTable())
     client = await sync._connect()
     sync._nc = client
     opens: dict[str, list[float]] = {"replaying": [], "from_snapshot": [], "reconnect": []}
@@ -207,6 +202,8 @@ async def time_opens(
                     except (CreateTimeout, TimeoutError):  # STREAM.INFO's too: the sync's loop asks again
                         retries[case] += 1
                 opens[case].append(round(time.perf_counter() - started, 4))
+                if sync.stream != mirror:
+                    raise RuntimeError(f"the sync read {sync.stream}, not the mirror {mirror}")
                 # What a replay would deliver is not read: the consumer is dropped (and deleted) at once.
                 await sync._drop_consumer(sync._deliveries.current)
         recall: list[float] = []
@@ -226,23 +223,14 @@ async def time_opens(
     return result
 
 
-class _MirrorSync(KeySync):
-    """A sync reading the benchmark's mirror, which holds exactly its subjects, as a region's sidecar reads its
-    leaf node's mirror (one server cannot hold two streams named KV_KEYS)."""
-
-    @property
-    def stream(self) -> str:
-        return _MIRROR
-
-
 def _server(store: Path) -> NatsServer:
     return NatsServer(NatsSpec(name="bench-consumers", store_dir=store))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`fill` a store once, or `time` consumer creation on one."""
+    """`fill` a store once, `time` consumer creation on one, or both on one server (`fill-time`)."""
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench_consumers", description=__doc__)
-    parser.add_argument("what", choices=("fill", "time"))
+    parser.add_argument("what", choices=("fill", "time", "fill-time"))
     parser.add_argument("--store", type=Path, required=True, help="the nats-server store directory (kept)")
     parser.add_argument("--keys", type=int, default=10_000, help="fill: records to write")
     parser.add_argument("--out", type=Path, help="time: write the figures here as JSON")
@@ -253,10 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     server.start(timeout=600.0)
     up = time.monotonic() - started
     try:
-        if args.what == "fill":
-            print(json.dumps(asyncio.run(fill(server.url, args.keys))), flush=True)
-        else:
+        filled = asyncio.run(fill(server.url, args.keys)) if args.what != "time" else None
+        if filled is not None:
+            print(json.dumps(filled), flush=True)
+        if args.what != "fill":
             result = {
+                "machine": machine(),
+                "server": "the one that wrote the bucket" if filled else "started on the store",
+                "fill": filled,
                 "server_start_seconds": round(up, 2),
                 **asyncio.run(time_creates(server.url)),
                 "sync": asyncio.run(time_opens(server.url, rebuild=args.rebuild_mirror)),
