@@ -34,7 +34,7 @@ from nats.aio.client import Client
 
 from keyrelay.core.jetstream import jetstream_api
 from keyrelay.core.replica_streams import ensure_global_mirror, in_touch
-from keyrelay.core.wire import DEFAULT_BUCKET, global_stream_name, stream_name, subject_prefix
+from keyrelay.core.wire import DEFAULT_BUCKET, HEARTBEAT_ENTRY, global_stream_name, stream_name, subject_prefix
 from keyrelay.natsd import NatsServer, NatsSpec
 from loadtest.figures import machine
 from sidecar.errors import CreateTimeout
@@ -73,7 +73,7 @@ async def fill(url: str, keys: int, *, bucket: str = DEFAULT_BUCKET, deadline: f
     started = time.monotonic()
     payload = secrets.token_bytes(125).hex().encode()  # about a signed record's size
     rng = random.Random(keys)
-    have = int((await _stream_state(nc, stream))["messages"])
+    have = max(0, int((await _stream_state(nc, stream))["messages"]) - 1)  # less the heartbeat
     sent = have
     while sent < keys:
         if time.monotonic() - started > deadline:
@@ -81,10 +81,13 @@ async def fill(url: str, keys: int, *, bucket: str = DEFAULT_BUCKET, deadline: f
         for i in range(sent, min(sent + _BATCH, keys)):
             # Key ids are UUIDs, as the publisher's: random order in the subject tree, as in production.
             await nc.publish(f"{prefix}{_SCOPES[i % 4]}.{uuid.UUID(int=rng.getrandbits(128), version=4)}", payload)
+        # The publisher's heartbeat, written again and again: as in production, the stream has deleted sequences
+        # inside it (without them the server counts a consumer's pending without walking anything).
+        await nc.publish(f"{prefix}{HEARTBEAT_ENTRY}", payload)
         sent = min(sent + _BATCH, keys)
         await nc.flush(timeout=30)
         await _stored(nc, stream, sent - _AHEAD)
-    await _stored(nc, stream, keys)
+    await _stored(nc, stream, keys + 1)
     seconds = time.monotonic() - started
     state = await _stream_state(nc, stream)
     await nc.close()
@@ -177,13 +180,19 @@ async def time_opens(
     print(f"  the mirror of global keys ready after {mirror_seconds:.1f}s", flush=True)
     mirror = global_stream_name(bucket)
     state = await _stream_state(nc, mirror)
-    await nc.close()
     last = int(state["last_seq"])
     result: dict[str, Any] = {
         "mirror": mirror,
         "messages": state["messages"],
         "mirror_ready_seconds": round(mirror_seconds, 2),
     }
+    # The baseline, on the same stream in the same run: a consumer started 1,000 before the end, and one at the end.
+    near_end = {"deliver_policy": "by_start_sequence", "opt_start_seq": max(1, last - 1000)}
+    result["creates"] = {
+        case: [(await _time_create(nc, mirror, config))["seconds"] for _ in range(repeat)]
+        for case, config in (("near_end", near_end), ("from_the_end", {"deliver_policy": "new"}))
+    }
+    await nc.close()
     sync = KeySync(SyncConfig(servers=[url], bucket=bucket, heartbeat=5.0), KeyTable())
     client = await sync._connect()
     sync._nc = client
@@ -218,8 +227,9 @@ async def time_opens(
         await client.close()
     result["opens"] = {**opens, "heartbeat_recall": recall}
     result["unanswered_creates"] = retries
-    for case, seconds in result["opens"].items():
-        print(f"  {state['messages']:>10,} open {case:<19} {' '.join(f'{s:.4f}s' for s in seconds)}", flush=True)
+    for what, cases in (("create", result["creates"]), ("open", result["opens"])):
+        for case, seconds in cases.items():
+            print(f"  {state['messages']:>10,} {what} {case:<17} {' '.join(f'{s:.4f}s' for s in seconds)}", flush=True)
     return result
 
 

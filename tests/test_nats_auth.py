@@ -318,6 +318,12 @@ async def test_a_sidecars_credentials_read_only_global_keys_on_the_hub(
     )
     assert "error" in answer
     await sidecar.refused("$JS.API.DIRECT.GET.KV_KEYS", {"seq": 1})
+    # The hub's mirror of global keys holds nothing else: read whole, by consumer or direct get.
+    info = await sidecar.api("$JS.API.STREAM.INFO.KV_KEYS_global")
+    assert info["config"]["mirror"]["filter_subject"] == "$KV.KEYS.global.>"
+    got = await sidecar.nc.request("$JS.API.DIRECT.GET.KV_KEYS_global", json.dumps({"seq": 1}).encode(), timeout=5.0)
+    assert (got.headers or {}).get("Status") in (None, "404")  # a value, or none at that sequence: answered
+    assert not [error for error in sidecar.errors if "KV_KEYS_global" in error]
     await word.still_holds()
 
 

@@ -414,9 +414,10 @@ async def test_metrics_and_status_report_every_documented_field_after_a_known_se
 
     _, status = await sidecar.get("/v1/status")
     read = time.time()
-    assert {name: status[name] for name in ("region", "bucket", "keys", "last_revision", "connected")} == {
+    assert {name: status[name] for name in ("region", "bucket", "stream", "keys", "last_revision", "connected")} == {
         "region": "eu",
         "bucket": "KEYS",
+        "stream": "KV_KEYS",  # its region's mirror (here the bucket itself, on one server)
         "keys": 2,
         "last_revision": 5,
         "connected": True,
