@@ -24,6 +24,7 @@ from nats.aio.client import Client
 from nats.js.api import KeyValueConfig, PubAck
 
 from keyrelay.core.nats_connect import NatsConnect
+from keyrelay.core.replica_streams import ensure_global_mirror
 from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER, Signer
 from keyrelay.core.wire import DEFAULT_BUCKET, KeyRecord, generate_key, key_digest, subject_prefix
 
@@ -117,10 +118,11 @@ async def connect(url: str, *, creds: Path | None = None) -> Client:
 
 
 async def create_bucket(url: str, bucket: str = DEFAULT_BUCKET, *, creds: Path | None = None) -> None:
-    """Create the key bucket as the publisher does (history 1)."""
+    """Create the key bucket as the publisher does (history 1), and the hub's mirror of its global keys."""
     nc = await connect(url, creds=creds)
     try:
         await nc.jetstream().create_key_value(KeyValueConfig(bucket=bucket, history=1))
+        await ensure_global_mirror(nc, bucket=bucket)
     finally:
         await nc.close()
 

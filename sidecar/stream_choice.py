@@ -12,6 +12,7 @@ carries over.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -21,9 +22,14 @@ from keyrelay.core.wire import global_stream_name, stream_name
 
 __all__ = ["StreamChoice"]
 
-_AVOID_FOR: Final = 60.0  # seconds a stalled mirror is left alone before it is tried again
+_AVOID_FOR: Final = 60.0  # seconds a stalled or missing mirror is left alone before it is tried again
+# A stream's leader answers STREAM.INFO in milliseconds; in a cluster that lost its meta leader, a request for a
+# stream that does not exist waits for the next one (seconds): the bucket is asked after this long.
+_MIRROR_INFO_TIMEOUT: Final = 0.5
+_CATCH_UP_LOOKS: Final = 4  # a mirror in touch but behind the replica is looked at this many times,
+_CATCH_UP_EVERY: Final = 0.1  # this far apart, before the bucket is read instead
 
-Api = Callable[[str], Awaitable[dict[str, Any]]]
+Api = Callable[[str, float], Awaitable[dict[str, Any]]]
 
 
 class StreamChoice:
@@ -42,23 +48,30 @@ class StreamChoice:
         return None if self.region else global_stream_name(self.bucket)
 
     def avoid_mirror(self) -> None:
-        """The mirror read stalled: read the bucket from the next consumer on, for a while."""
+        """The mirror stalled, or is not there: read the bucket from the next consumer on, for a while."""
         self._avoid_until = time.monotonic() + _AVOID_FOR
 
     async def choose(self, api: Api, *, revision: int) -> dict[str, Any]:
-        """STREAM.INFO of the stream to read from after `revision`, which becomes `current`.
+        """STREAM.INFO of the stream to read from after `revision`, which becomes `current`; `api(subject, timeout)`
+        asks JetStream (timeout 0: the caller's own).
 
         The mirror when there is one, in touch with the bucket and not behind `revision`; else the
         bucket's stream (its answer as it is: an error included, for the caller to report).
         """
         mirror = self.mirror
         if mirror is not None and time.monotonic() >= self._avoid_until:
-            try:
-                info = await api(f"STREAM.INFO.{mirror}")
-            except Exception:  # no answer: its leader is being elected; the bucket's may answer
-                info = {}
-            if "state" in info and in_touch(info) and int(info["state"].get("last_seq", 0)) >= revision:
-                self.current = mirror
-                return info
+            for _ in range(_CATCH_UP_LOOKS):
+                try:
+                    info = await api(f"STREAM.INFO.{mirror}", _MIRROR_INFO_TIMEOUT)
+                except Exception:  # no answer: its leader is being elected; the bucket's may answer
+                    info = {}
+                if "state" not in info or not in_touch(info):
+                    break
+                if int(info["state"].get("last_seq", 0)) >= revision:
+                    self.current = mirror
+                    return info
+                await asyncio.sleep(_CATCH_UP_EVERY)  # in touch and a moment behind the replica: it follows in ms
+            if "error" in info:
+                self.avoid_mirror()  # not there (a publisher of an earlier release): asked again in a minute
         self.current = stream_name(self.bucket)
-        return await api(f"STREAM.INFO.{self.current}")
+        return await api(f"STREAM.INFO.{self.current}", 0.0)

@@ -318,7 +318,7 @@ class KeySync:
         self.connected = True
         if self.config.snapshot_store:
             with contextlib.suppress(Exception):  # no answer: the bucket's stream is where the snapshot is looked for
-                await self.streams.choose(functools.partial(self._api, self._nc), revision=0)
+                await self.streams.choose(functools.partial(self._info, self._nc), revision=0)
             await self._start_from_snapshot(self._nc, self.config.snapshot_store)
         if self.express is not None:
             await self.express.subscribe(self._nc)
@@ -394,6 +394,11 @@ class KeySync:
     async def _api(self, nc: Client, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         return await jetstream_api(nc, subject, body, timeout=self.config.api_timeout)
 
+    async def _info(self, nc: Client, subject: str, timeout: float) -> dict[str, Any]:
+        return await jetstream_api(
+            nc, subject, timeout=min(timeout, self.config.api_timeout) or self.config.api_timeout
+        )
+
     async def _open_consumer(self, nc: DirectClient) -> None:
         retry, self._retry = self._retry, None
         if retry is None or retry.gen is not self._deliveries.current or retry.gen.nc is not nc:
@@ -401,7 +406,7 @@ class KeySync:
             retry = None
         self.connected = nc.is_connected
         position = self.position
-        info = await self.streams.choose(functools.partial(self._api, nc), revision=position.last_revision)
+        info = await self.streams.choose(functools.partial(self._info, nc), revision=position.last_revision)
         if "error" in info:
             if info["error"].get("err_code") == STREAM_NOT_FOUND:
                 raise BucketNotFound(

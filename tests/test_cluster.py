@@ -24,6 +24,7 @@ from nats.aio.client import Client
 from nats.js.client import JetStreamContext
 
 from keyrelay.core.jetstream import CONSUMER_NOT_FOUND, jetstream_api
+from keyrelay.core.replica_streams import in_touch
 from keyrelay.core.wire import stream_name
 from keyrelay.natsd import NatsServer
 from publisher.settings import PublisherSettings
@@ -397,20 +398,31 @@ async def test_a_sidecar_is_fresh_no_longer_than_max_staleness_while_the_stream_
 
 
 @pytest.mark.parametrize("heartbeats", [_DEFAULT_HEARTBEATS])
+@pytest.mark.parametrize("read", ["the bucket", "the mirror of global keys"])
 async def test_consumers_left_on_a_lost_node_are_replaced_on_the_stream_leader_within_two_seconds(
-    deployment: Deployment,
+    deployment: Deployment, read: str
 ) -> None:
-    """At the default heartbeats: consumers on a node that no longer leads the stream, the node killed."""
+    """At the default heartbeats: consumers on a node that no longer leads the stream they read, the node killed."""
     d = deployment
-    # Every consumer is made by the stream's leader; a node other than the publisher's leads it.
+    mirror = f"{d.stream}_global"
+    if read == "the bucket":
+        await d.js.delete_stream(mirror)  # as a hub without it (a publisher of an earlier release)
+    stream = d.stream if read == "the bucket" else mirror
+    # Every consumer is made by the stream's leader; a node other than the publisher's leads it (and the bucket, which
+    # feeds the mirror, is led by neither the victim nor the publisher's node).
     victim = next(n.spec.name for n in d.cluster.nodes if n.spec.name != d.publisher_node())
-    await d.cluster.move_leader(d.js, d.stream, victim)
+    leader = next(n.spec.name for n in d.cluster.nodes if n.spec.name not in (victim, d.publisher_node()))
+    if stream == mirror:
+        await d.cluster.move_leader(d.js, d.stream, leader)
+    await d.cluster.move_leader(d.js, stream, victim)
+    if stream == mirror:  # a mirror's new leader sets its feed up again: read once it is in touch
+        await eventually(lambda: d.js.stream_info(mirror), lambda info: in_touch(info.as_dict()), timeout=20)
     for sidecar in d.sidecars:
         sidecar.state.sync._reset.set()
     await eventually(lambda: asyncio.sleep(0, _consumer_nodes(d)), lambda nodes: set(nodes) == {victim}, timeout=10)
+    assert {s.state.sync.stream for s in d.sidecars} == {stream}
     # The lead moves on and the consumers stay where they were made, on what is now a follower: then it dies.
-    leader = next(n.spec.name for n in d.cluster.nodes if n.spec.name not in (victim, d.publisher_node()))
-    await d.cluster.move_leader(d.js, d.stream, leader)
+    await d.cluster.move_leader(d.js, stream, leader)
     placed = {d.node_of(s): node for s, node in zip(d.sidecars, _consumer_nodes(d), strict=True)}
     consumers = [s.state.sync._deliveries.current for s in d.sidecars]
     killed = time.monotonic()
