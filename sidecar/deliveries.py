@@ -151,21 +151,13 @@ class Deliveries:
         """Take what `gen`'s consumer delivered while its values before were read, then what comes as it comes."""
         held = gen.held or []
         while held:
-            subject, reply, data, headers = held.pop(0)
-            taking = self.on_message_released(gen, subject, reply, data, headers)
+            message = held.pop(0)
+            gen.held = None  # taken now, not held again (no await until it is held once more)
+            taking = self.on_message(gen, *message)
+            gen.held = held  # what arrives while this one is taken waits behind it
             if taking is not None:
                 await taking
         gen.held = None  # no await since the list was last seen empty: nothing arrives in between
-
-    def on_message_released(
-        self, gen: Generation, subject: bytes, reply: bytes, data: bytes, headers: dict[str, str] | None
-    ) -> Awaitable[None] | None:
-        """on_message for a message that was held: taken now, in the order it came."""
-        held, gen.held = gen.held, None
-        try:
-            return self.on_message(gen, subject, reply, data, headers)
-        finally:
-            gen.held = held
 
     async def on_status(self, gen: Generation, reply: bytes, headers: dict[str, str]) -> None:
         """A status message of `gen`'s consumer: a heartbeat, a flow-control request, or the end of it."""

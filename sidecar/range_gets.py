@@ -15,10 +15,11 @@ Every reply is checked: the sequence and stream it names, a subject under the bu
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Final
+
+from keyrelay.core.jetstream import nats_time
 
 from .deliveries import Delivered
 from .errors import RangeReadError
@@ -92,18 +93,11 @@ def _delivered(msg: Msg | None, *, stream: str, seq: int, last: int, prefix: str
     subject = headers.get("Nats-Subject", "")
     if named != (stream, str(seq)) or not subject.startswith(prefix):
         raise RangeReadError(stream=stream, seq=seq, reason=f"the reply is {named[1]} of {named[0]}, at {subject!r}")
-    stored = _timestamp(headers.get("Nats-Time-Stamp", ""), stream=stream, seq=seq)
+    try:
+        stored = nats_time(headers.get("Nats-Time-Stamp", ""))
+    except ValueError:
+        raise RangeReadError(stream=stream, seq=seq, reason="no readable Nats-Time-Stamp") from None
     for name in _ORIGINAL:
         headers.pop(name, None)
     data = msg.data if msg is not None else b""
     return Delivered(subject.encode(), data, headers or None, seq, last - seq, stored)
-
-
-def _timestamp(text: str, *, stream: str, seq: int) -> float:
-    """Seconds since the epoch of a `Nats-Time-Stamp` (RFC 3339, nanoseconds, UTC)."""
-    try:
-        whole, _, fraction = text.removesuffix("Z").partition(".")
-        moment = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.UTC)
-        return moment.timestamp() + (float(f"0.{fraction}") if fraction.isdigit() else 0.0)
-    except ValueError:
-        raise RangeReadError(stream=stream, seq=seq, reason=f"unreadable time stamp {text!r}") from None

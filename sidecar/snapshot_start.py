@@ -55,8 +55,13 @@ async def start_from_snapshot(
     store: str,
     trust: Trust,
     timeout: float,
+    also: tuple[str, ...] = (),
 ) -> Started:
-    """Fill the applier's table from the region's snapshot, when there is a usable one, and move `position` to it."""
+    """Fill the applier's table from the region's snapshot, when there is a usable one, and move `position` to it.
+
+    A snapshot names the stream it was made from by its creation time: `stream`'s, or one of `also` (the other
+    stream of the hub's pair, sidecar/stream_choice.py), whose revisions are `stream`'s.
+    """
     if not trust.snapshots:
         log.info("no trusted snapshot keys (--trusted-snapshot-keys): replaying the bucket")
         return Started("", None)
@@ -71,7 +76,7 @@ async def start_from_snapshot(
         # Records come from the stream's messages (a freed one from a tombstone's): no more than these.
         most = 2 * int(info["state"]["messages"]) + _RECORDS_SLACK
         snapshots = SnapshotStore(nc, bucket=bucket, store=store, region=region)
-        snapshot = await snapshots.load(table, trust=trust, stream_created=stream_created, max_records=most)
+        snapshot = await snapshots.load(table, trust=trust, stream_created=stream_created, also=also, max_records=most)
     except Exception as exc:
         table.clear()
         log.warning("could not load a snapshot (%s); replaying the bucket instead", exc)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
+from keyrelay.core.jetstream import nats_time
 from keyrelay.core.replica_streams import in_touch
 from keyrelay.core.wire import global_stream_name, stream_name
 
@@ -50,6 +51,29 @@ class StreamChoice:
     def avoid_mirror(self) -> None:
         """The mirror stalled, or is not there: read the bucket from the next consumer on, for a while."""
         self._avoid_until = time.monotonic() + _AVOID_FOR
+
+    async def for_snapshot(self, api: Api) -> tuple[str, ...]:
+        """Make the stream to load a snapshot against `current` (the mirror whenever it is there: a snapshot's
+        revision is one it held); the identities (creation times) of streams whose revisions a snapshot may name.
+
+        Besides the stream's own, on the hub, the other stream of the pair, when the mirror was made after the
+        bucket (so from it: the publisher makes the mirror again with every bucket): both number records alike.
+        """
+        mirror = self.mirror
+        bucket = await api(f"STREAM.INFO.{stream_name(self.bucket)}", 0.0)
+        self.current = stream_name(self.bucket)
+        if mirror is None or "error" in bucket:
+            return (str(bucket.get("created", "")),)
+        info = await api(f"STREAM.INFO.{mirror}", 0.0)
+        if "error" in info:
+            return (str(bucket.get("created", "")),)
+        self.current = mirror
+        made, source = str(info.get("created", "")), str(bucket.get("created", ""))
+        try:
+            paired = nats_time(made) > nats_time(source)
+        except ValueError:
+            paired = False
+        return (made, source) if paired else (made,)
 
     async def choose(self, api: Api, *, revision: int) -> dict[str, Any]:
         """STREAM.INFO of the stream to read from after `revision`, which becomes `current`; `api(subject, timeout)`

@@ -317,9 +317,10 @@ class KeySync:
         self._nc = await self._connect()
         self.connected = True
         if self.config.snapshot_store:
+            pair: tuple[str, ...] = ()
             with contextlib.suppress(Exception):  # no answer: the bucket's stream is where the snapshot is looked for
-                await self.streams.choose(functools.partial(self._info, self._nc), revision=0)
-            await self._start_from_snapshot(self._nc, self.config.snapshot_store)
+                pair = await self.streams.for_snapshot(functools.partial(self._info, self._nc))
+            await self._start_from_snapshot(self._nc, self.config.snapshot_store, also=pair[1:])
         if self.express is not None:
             await self.express.subscribe(self._nc)
         backoff = 0.1
@@ -360,7 +361,7 @@ class KeySync:
             raise asyncio.CancelledError
         return nc
 
-    async def _start_from_snapshot(self, nc: Client, store: str) -> None:
+    async def _start_from_snapshot(self, nc: Client, store: str, *, also: tuple[str, ...]) -> None:
         """Start from the region's snapshot when there is a usable one; else the consumer replays everything."""
         config = self.config
         started = await start_from_snapshot(
@@ -373,6 +374,7 @@ class KeySync:
             store=store,
             trust=config.trust,
             timeout=config.api_timeout,
+            also=also,
         )
         self._created_of[self.stream] = started.stream_created
         self.loaded_snapshot = started.snapshot
@@ -436,7 +438,7 @@ class KeySync:
             # Whichever of the two the server carries out first makes it; the other finds it made (one consumer).
             # Only of the same leader: a direct consumer is its maker's alone, so another leader would make a
             # second one under the name (the first, if made late, is left to its inactivity threshold).
-            await self._take(retry.gen, await self._create(nc, retry.subject, retry.body), start)
+            await self._take(nc, retry.gen, await self._create(nc, retry.subject, retry.body), start)
             return
         if retry is not None:
             await self._drop_consumer(retry.gen, wait=False)
@@ -476,9 +478,9 @@ class KeySync:
         except CreateTimeout:
             self._retry = _Retry(gen=gen, subject=create, body=body, start=start, stream=self.stream)
             raise
-        await self._take(gen, created, start)
+        await self._take(nc, gen, created, start)
 
-    async def _take(self, gen: Generation, created: dict[str, Any], start: int) -> None:
+    async def _take(self, nc: Client, gen: Generation, created: dict[str, Any], start: int) -> None:
         """Take the consumer the server made (or refused); with deliveries held, read what comes before them first."""
         if gen.held is None or "error" in created:
             await self._created(gen, created, start)
@@ -487,7 +489,7 @@ class KeySync:
         await self._created(gen, created, start, waiting=max(0, before - start + 1))
         try:
             async for values in read_range(
-                gen.nc or self._nc,  # type: ignore[arg-type]
+                nc,
                 stream=self.stream,
                 first=start,
                 last=before,

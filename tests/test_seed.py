@@ -11,10 +11,12 @@ from pathlib import Path
 import nats
 import pytest
 from nats.js.api import KeyValueConfig
+from nats.js.client import JetStreamContext
 from nats.js.kv import KeyValue
 
 from keyrelay.cli import main
 from keyrelay.core.nats_connect import NatsConnect
+from keyrelay.core.replica_streams import ensure_global_mirror
 from keyrelay.errors import KeyrelayError, SyncTimeout
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.region import RegionSettings, init_region, seed_region_snapshot
@@ -74,6 +76,33 @@ async def test_a_seeded_snapshot_lets_the_first_sidecar_start_without_replaying_
     assert 0 < steps["snapshot_loaded"] <= steps["heartbeat_recalled"]
     assert steps["heartbeat_recalled"] <= min(steps["consumer_opened"], status["synced_after_seconds"])
     assert status["written_snapshot"] is None  # the seeded one is fresh: no sidecar rewrites it
+
+
+async def test_a_snapshot_of_the_bucket_is_loaded_by_a_sidecar_reading_the_mirror_of_global_keys_made_after_it(
+    nats_server: NatsServer, bucket: KeyValue, js: JetStreamContext, start_sidecar: StartSidecar, snapshot_key: Path
+) -> None:
+    """A publisher upgraded to make the hub's mirror of global keys: the snapshot seeded from the bucket before still
+    starts its sidecars (the mirror was made from that bucket, and numbers its records alike)."""
+    keys = [make_key() for _ in range(50)]
+    for _, record in keys:
+        await put(bucket, record)
+    result = await seed(_settings(nats_server, snapshot_key))
+    assert result.written is not None
+    nc = await nats.connect(nats_server.url)
+    try:
+        await ensure_global_mirror(nc, bucket="KEYS")
+    finally:
+        await nc.close()
+    last = await heartbeat(bucket)
+    await eventually(lambda: js.stream_info("KV_KEYS_global"), lambda info: info.state.last_seq == last)
+
+    sidecar = await start_sidecar()
+    await sidecar.ready()
+    sync = sidecar.state.sync
+    assert sync.loaded_snapshot is not None
+    assert sync.loaded_snapshot.revision == result.written.revision
+    assert (sync.stats.applied, sync.stream) == (0, "KV_KEYS_global")
+    assert await sidecar.status_of(keys[7][0]) == 200
 
 
 async def test_seeding_again_leaves_a_fresh_snapshot_alone_and_force_writes_one_from_it(

@@ -7,13 +7,14 @@ exist), so it sends the requests itself, on `$JS.API.<subject>`.
 
 from __future__ import annotations
 
+import datetime
 import json
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
 
-__all__ = ["CONSUMER_NOT_FOUND", "STREAM_NOT_FOUND", "jetstream_api"]
+__all__ = ["CONSUMER_NOT_FOUND", "STREAM_NOT_FOUND", "jetstream_api", "nats_time"]
 
 STREAM_NOT_FOUND = 10059  # JetStream's error code for "stream not found" (and only that)
 CONSUMER_NOT_FOUND = 10014  # ... for "consumer not found"
@@ -31,3 +32,13 @@ async def jetstream_api(
     reply = await nc.request(f"$JS.API.{subject}", payload, timeout=timeout)
     answer: dict[str, Any] = json.loads(reply.data)
     return answer
+
+
+def nats_time(text: str) -> float:
+    """Seconds since the epoch of a JetStream time (RFC 3339 in UTC, up to nanoseconds: a stream's `created`,
+    a message's `Nats-Time-Stamp`); ValueError when it is not one."""
+    whole, _, fraction = text.removesuffix("Z").partition(".")
+    moment = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.UTC)
+    if fraction and not fraction.isdigit():
+        raise ValueError(f"not a JetStream time: {text!r}")
+    return moment.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
