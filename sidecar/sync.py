@@ -70,10 +70,11 @@ _MAX_DELETING = 4  # deletions of replaced consumers in flight at once
 _CREATE_TIMEOUT = 0.5
 _CREATE_SHORT = 3
 _CREATE_LONGEST = 60.0
-_SAY_WAITING_EVERY = 2.0
-# The most values a replica reads by direct gets before its consumer's start (about 34,000 a second) rather than
+_SAY_WAITING_EVERY = 2.0  # seconds between "opening a consumer ...: waiting" lines while a create is unanswered
+# The most values a replica reads by direct gets before its consumer's start (about 50,000 a second) rather than
 # have the server walk the stream's subjects for a consumer started there (seconds at ten million keys).
-_GAP_BY_GETS = 250_000  # seconds between "opening a consumer ...: waiting" lines while a create is unanswered
+_GAP_BY_GETS = 250_000
+_NO_GETS_FOR = 600.0  # seconds consumers start where the replica is after direct gets failed (refused, unanswered)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -131,8 +132,8 @@ class KeySync:
         "_created_of",
         "_deleting",
         "_deliveries",
-        "_gets_failed",
         "_nc",
+        "_no_gets_until",
         "_opened",
         "_opening",
         "_reset",
@@ -197,7 +198,7 @@ class KeySync:
         self._closing = False
         # The creation time of each stream read (its identity): another one means another incarnation of it.
         self._created_of: dict[str, str] = {}
-        self._gets_failed = False  # direct gets were refused once: consumers start where the replica is
+        self._no_gets_until = 0.0  # until then (direct gets failed), consumers start where the replica is
         self._deleting: set[asyncio.Task[None]] = set()  # old consumers being deleted
         self._create_timeouts = 0  # CONSUMER.CREATE requests timed out in a row
         self._opened = 0  # consumers asked for
@@ -397,9 +398,8 @@ class KeySync:
         return await jetstream_api(nc, subject, body, timeout=self.config.api_timeout)
 
     async def _info(self, nc: Client, subject: str, timeout: float) -> dict[str, Any]:
-        return await jetstream_api(
-            nc, subject, timeout=min(timeout, self.config.api_timeout) or self.config.api_timeout
-        )
+        api_timeout = self.config.api_timeout
+        return await jetstream_api(nc, subject, timeout=min(timeout, api_timeout) if timeout else api_timeout)
 
     async def _open_consumer(self, nc: DirectClient) -> None:
         retry, self._retry = self._retry, None
@@ -455,7 +455,7 @@ class KeySync:
             and last_seq + 1 - start <= _GAP_BY_GETS
             and not filters
             and (info.get("config") or {}).get("allow_direct") is True
-            and not self._gets_failed
+            and time.monotonic() >= self._no_gets_until
         )
         if by_gets:
             gen.held = []
@@ -499,7 +499,7 @@ class KeySync:
                 if not await self._deliveries.fill(gen, values):
                     return  # abandoned meanwhile: the sync starts over from the last revision
         except RangeReadError as exc:
-            self._gets_failed = True
+            self._no_gets_until = time.monotonic() + _NO_GETS_FOR
             log.warning("%s", exc)
             gen.abandoned = True
             self._reset.set()
