@@ -115,23 +115,30 @@ async def test_a_replica_resuming_inside_the_stream_opens_its_consumer_at_the_en
         await put(bucket, record)
     await put(bucket, revoked(keys[0][1]))
     await put(bucket, revoked(keys[31][1]))
-    last = await heartbeat(bucket)
+    last = before_writes = await heartbeat(bucket)
     await mirrored(last)
 
     second = KeySync(config, table)  # the table as a snapshot at revision `held` would leave it
     second.position.last_revision = held
     seen["create"].clear()
     await second.start()
+    # Changes while it opens: the consumer delivers them, held until what comes before is read, then in order.
+    for _, record in keys[40:60]:
+        last = await put(bucket, revoked(record))
     try:
         await second.wait_synced(timeout=10)
         await eventually(lambda: value(second.last_revision), lambda revision: revision == last)
         assert [table.find_id(record.key_id) >= 0 for _, record in keys] == [True] * 70
-        for _, record in (keys[0], keys[31]):
+        for _, record in (keys[0], keys[31], *keys[40:60]):
             assert table.get(record.key_id).revoked_at is not None  # type: ignore[union-attr]
         # Its consumer started at the stream's end; every sequence before it, after `held`, came by a direct get.
         [create] = seen["create"]
         assert create["config"]["deliver_policy"] == "new"
-        assert sorted(get["seq"] for get in seen["get"]) == list(range(held + 1, last + 1))
+        first_delivered = int(create.get("opt_start_seq", 0))  # none: "new" names no start
+        gets = sorted(get["seq"] for get in seen["get"])
+        assert first_delivered == 0
+        assert gets == list(range(held + 1, gets[-1] + 1))  # every sequence up to the consumer's first
+        assert gets[-1] >= before_writes
         # And the consumer delivers what comes next.
         revision = await put(bucket, revoked(keys[1][1]))
         await eventually(lambda: value(second.last_revision), lambda at: at == revision)
