@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import signal
 import subprocess
@@ -35,7 +36,15 @@ import aiohttp
 
 from keyrelay.core.jetstream import jetstream_api
 from keyrelay.core.trust import KIND_RECORD, SIGNATURE_HEADER
-from keyrelay.core.wire import DEFAULT_BUCKET, KeyRecord, generate_key, key_digest, stream_name, subject_prefix
+from keyrelay.core.wire import (
+    DEFAULT_BUCKET,
+    KeyRecord,
+    generate_key,
+    global_stream_name,
+    key_digest,
+    stream_name,
+    subject_prefix,
+)
 from keyrelay.natsd import NatsServer, NatsSpec, free_port
 from keyrelay.procs import tail
 
@@ -170,22 +179,25 @@ def _consumers_left(url: str, ports: list[int]) -> dict[str, int]:
     async def count() -> dict[str, int]:
         nc = await connect(url)
         found = {"existing": 0, "opened": 0, "current": 0, "listed": 0}
+        # A sidecar reads the hub's mirror of global keys or the bucket itself (sidecar/stream_choice.py), and may
+        # have moved between them: its consumers are looked for on both.
+        streams = (stream_name(DEFAULT_BUCKET), global_stream_name(DEFAULT_BUCKET))
         try:
-            stream = stream_name(DEFAULT_BUCKET)
             for port in ports:
-                consumers = _get_json(port, "/v1/status")["consumers"]
-                current, opened = consumers["current"], int(consumers["opened"])
+                status = _get_json(port, "/v1/status")
+                current, opened = status["consumers"]["current"], int(status["consumers"]["opened"])
                 found["opened"] += opened
                 if not current:
                     continue
                 prefix = current.rsplit("-", 1)[0]
-                for n in range(1, min(opened, _NAMES_CHECKED) + 1):
+                for n, stream in itertools.product(range(1, min(opened, _NAMES_CHECKED) + 1), streams):
                     info = await jetstream_api(nc, f"CONSUMER.INFO.{stream}.{prefix}-{n}", timeout=10)
                     if "error" not in info:
                         found["existing"] += 1
-                        found["current"] += f"{prefix}-{n}" == current
-            names = await jetstream_api(nc, f"CONSUMER.NAMES.{stream}", {"offset": 0}, timeout=10)
-            found["listed"] = int(names.get("total", 0))  # public consumers: the probe's, if it left any
+                        found["current"] += (f"{prefix}-{n}", stream) == (current, status["stream"])
+            for stream in streams:  # public consumers: the probe's, if it left any
+                names = await jetstream_api(nc, f"CONSUMER.NAMES.{stream}", {"offset": 0}, timeout=10)
+                found["listed"] += int(names.get("total", 0))
         finally:
             await nc.close()
         return found

@@ -417,9 +417,16 @@ async def test_consumers_left_on_a_lost_node_are_replaced_on_the_stream_leader_w
     await d.cluster.move_leader(d.js, stream, victim)
     if stream == mirror:  # a mirror's new leader sets its feed up again: read once it is in touch
         await eventually(lambda: d.js.stream_info(mirror), lambda info: in_touch(info.as_dict()), timeout=20)
+    before = [s.state.sync._deliveries.current for s in d.sidecars]
     for sidecar in d.sidecars:
         sidecar.state.sync._reset.set()
-    await eventually(lambda: asyncio.sleep(0, _consumer_nodes(d)), lambda nodes: set(nodes) == {victim}, timeout=10)
+
+    def made_again(current: list[Generation]) -> bool:
+        return all(now is not old and now.node == victim for now, old in zip(current, before, strict=True))
+
+    await eventually(
+        lambda: asyncio.sleep(0, [s.state.sync._deliveries.current for s in d.sidecars]), made_again, timeout=10
+    )
     assert {s.state.sync.stream for s in d.sidecars} == {stream}
     # The lead moves on and the consumers stay where they were made, on what is now a follower: then it dies.
     await d.cluster.move_leader(d.js, stream, leader)
