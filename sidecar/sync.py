@@ -1,13 +1,14 @@
 """Keep a KeyTable equal to the key bucket: initial load, then every change as JetStream pushes it.
 
-The sidecar runs its own ordered consumer on the bucket's stream (nats-py's KV
-watch cannot resume): an ephemeral push consumer with flow control and idle
-heartbeats, started at the last applied stream sequence + 1, and direct: made by
-the node leading the stream (as a mirror's is), never placed by the meta leader
-on a node that may be dead. A gap in the consumer sequence, missed heartbeats
-(one, when another node leads the stream now; else three), a reconnect or a
-server restart all lead to the same cure: a new consumer from the last applied
-revision.
+The sidecar runs its own ordered consumer on a stream holding exactly its keys
+(sidecar/stream_choice.py; nats-py's KV watch cannot resume): an ephemeral push
+consumer with flow control and idle heartbeats, direct (made by the node leading
+the stream, as a mirror's is, never placed by the meta leader on a node that may
+be dead), started at the stream's start, or at its end with the values from the
+last applied stream sequence + 1 up to it read by direct gets
+(sidecar/range_gets.py). A gap in the consumer sequence, missed heartbeats (one,
+when another node leads the stream now; else three), a reconnect or a server
+restart all lead to the same cure: a new consumer from the last applied revision.
 
 This module is the connection and the consumers' lifecycle. What it builds on,
 one job each: sidecar/snapshot_start.py starts from the region's snapshot,
