@@ -116,10 +116,8 @@ class SnapshotSink:
         trust: Trust,
         stream_created: str,
         max_records: int | None = None,
-        also: tuple[str, ...] = (),
     ) -> None:
         self._bucket, self._region = bucket, region
-        self._also = also  # the identities of streams numbering records as this one does (the hub's pair)
         # The signature is checked at the end; what the header may make us allocate before that is
         # bounded by what the stream could have filled (records come from its messages).
         self._max_records = max_records
@@ -209,7 +207,7 @@ class SnapshotSink:
             raise SnapshotError(f"format {header.get('format') if isinstance(header, dict) else '?'} is not {FORMAT}")
         if header.get("bucket") != self._bucket or header.get("region") != self._region:
             raise SnapshotError(f"made for bucket {header.get('bucket')!r} region {header.get('region')!r}")
-        if header.get("stream_created") not in (self._stream_created, *self._also):
+        if header.get("stream_created") != self._stream_created:
             # Another incarnation of the stream: its revisions mean other records.
             raise SnapshotError(
                 f"made from a stream created at {header.get('stream_created')!r}, not the one this "
@@ -320,19 +318,12 @@ class SnapshotStore:
         return self._store
 
     async def load(
-        self,
-        table: KeyTable,
-        *,
-        trust: Trust,
-        stream_created: str,
-        max_records: int | None = None,
-        also: tuple[str, ...] = (),
+        self, table: KeyTable, *, trust: Trust, stream_created: str, max_records: int | None = None
     ) -> Snapshot | None:
         """Fill `table` from the region's snapshot; None when there is none or it cannot be used.
 
         Used only when signed by one of `trust`'s snapshot keys within its horizon, for this
-        bucket and region, from the stream created at `stream_created` (or at one of `also`, streams numbering
-        records alike), and valid throughout.
+        bucket and region, from the stream created at `stream_created`, and valid throughout.
         """
         store = await self._open()
         if store is None:
@@ -346,7 +337,6 @@ class SnapshotStore:
                 trust=trust,
                 stream_created=stream_created,
                 max_records=max_records,
-                also=also,
             )
             if not isinstance(info.nuid, str) or not _NUID.fullmatch(info.nuid):
                 raise SnapshotError(f"its object names chunks {info.nuid!r}, not a NUID")

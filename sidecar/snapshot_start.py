@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from keyrelay.core.jetstream import jetstream_api
 from keyrelay.core.trust import Trust
-from keyrelay.core.wire import HEARTBEAT_ENTRY, subject_prefix
+from keyrelay.core.wire import HEARTBEAT_ENTRY, stream_name, subject_prefix
 
 from .apply import Applier
 from .deliveries import parse_ack_reply
@@ -50,22 +50,21 @@ async def start_from_snapshot(
     applier: Applier,
     position: Position,
     bucket: str,
-    stream: str,
     region: str | None,
     store: str,
     trust: Trust,
     timeout: float,
-    also: tuple[str, ...] = (),
 ) -> Started:
     """Fill the applier's table from the region's snapshot, when there is a usable one, and move `position` to it.
 
-    A snapshot names the stream it was made from by its creation time: `stream`'s, or one of `also` (the other
-    stream of the hub's pair, sidecar/stream_choice.py), whose revisions are `stream`'s.
+    Against the bucket's stream, named alike on the hub and on a leaf node (the region's mirror): on the hub a
+    sidecar may go on to read the mirror of global keys, which numbers records as the bucket does
+    (sidecar/stream_choice.py), and a snapshot's revisions are the bucket's whichever stream it was made from.
     """
     if not trust.snapshots:
         log.info("no trusted snapshot keys (--trusted-snapshot-keys): replaying the bucket")
         return Started("", None)
-    table = applier.table
+    table, stream = applier.table, stream_name(bucket)
     started = time.monotonic()
     stream_created = ""
     try:
@@ -76,7 +75,7 @@ async def start_from_snapshot(
         # Records come from the stream's messages (a freed one from a tombstone's): no more than these.
         most = 2 * int(info["state"]["messages"]) + _RECORDS_SLACK
         snapshots = SnapshotStore(nc, bucket=bucket, store=store, region=region)
-        snapshot = await snapshots.load(table, trust=trust, stream_created=stream_created, also=also, max_records=most)
+        snapshot = await snapshots.load(table, trust=trust, stream_created=stream_created, max_records=most)
     except Exception as exc:
         table.clear()
         log.warning("could not load a snapshot (%s); replaying the bucket instead", exc)

@@ -130,7 +130,6 @@ class KeySync:
     __slots__ = (
         "_closing",
         "_create_timeouts",
-        "_created_of",
         "_deleting",
         "_deliveries",
         "_nc",
@@ -139,6 +138,7 @@ class KeySync:
         "_opening",
         "_reset",
         "_retry",
+        "_stream_created",
         "_tasks",
         "_watchdog",
         "applier",
@@ -197,8 +197,8 @@ class KeySync:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
-        # The creation time of each stream read (its identity): another one means another incarnation of it.
-        self._created_of: dict[str, str] = {}
+        # The identity of the stream the revisions belong to (sidecar/stream_choice.py): another one, another bucket.
+        self._stream_created = ""
         self._no_gets_until = 0.0  # until then (direct gets failed), consumers start where the replica is
         self._deleting: set[asyncio.Task[None]] = set()  # old consumers being deleted
         self._create_timeouts = 0  # CONSUMER.CREATE requests timed out in a row
@@ -248,7 +248,7 @@ class KeySync:
     @property
     def stream_created(self) -> str:
         """The identity (creation time) of the stream the table was read from ("" until known)."""
-        return self._created_of.get(self.stream, "")
+        return self._stream_created
 
     @property
     def consumers(self) -> dict[str, Any]:
@@ -319,10 +319,7 @@ class KeySync:
         self._nc = await self._connect()
         self.connected = True
         if self.config.snapshot_store:
-            pair: tuple[str, ...] = ()
-            with contextlib.suppress(Exception):  # no answer: the bucket's stream is where the snapshot is looked for
-                pair = await self.streams.for_snapshot(functools.partial(self._info, self._nc))
-            await self._start_from_snapshot(self._nc, self.config.snapshot_store, also=pair[1:])
+            await self._start_from_snapshot(self._nc, self.config.snapshot_store)
         if self.express is not None:
             await self.express.subscribe(self._nc)
         backoff = 0.1
@@ -363,7 +360,7 @@ class KeySync:
             raise asyncio.CancelledError
         return nc
 
-    async def _start_from_snapshot(self, nc: Client, store: str, *, also: tuple[str, ...]) -> None:
+    async def _start_from_snapshot(self, nc: Client, store: str) -> None:
         """Start from the region's snapshot when there is a usable one; else the consumer replays everything."""
         config = self.config
         started = await start_from_snapshot(
@@ -371,14 +368,12 @@ class KeySync:
             applier=self.applier,
             position=self.position,
             bucket=config.bucket,
-            stream=self.stream,
             region=config.region,
             store=store,
             trust=config.trust,
             timeout=config.api_timeout,
-            also=also,
         )
-        self._created_of[self.stream] = started.stream_created
+        self._stream_created = started.stream_created
         self.loaded_snapshot = started.snapshot
 
     async def _on_disconnect(self) -> None:
@@ -418,21 +413,22 @@ class KeySync:
             raise RuntimeError(info["error"].get("description", "stream info failed"))
         self.freshness.note_mirror(info)
         first_seq, last_seq = int(info["state"]["first_seq"]), int(info["state"]["last_seq"])
-        incarnation, held = str(info.get("created", "")), self._created_of.get(self.stream)
+        incarnation, held = self.streams.identity, self._stream_created
         # A direct consumer is made by the node leading the stream, which STREAM.INFO just named.
         gen = Generation(nc=nc, node=str((info.get("cluster") or {}).get("leader") or ""))
         if position.last_revision > last_seq or (held and incarnation != held):
             # Another incarnation of the stream (recreated, or younger than our replica): its revisions
             # mean other records. Read it all again; versions and floors keep anything older out.
             log.warning(
-                "%s is another stream now (created %s, at revision %d; held %d): full resync",
-                self.stream,
+                "bucket %s is another stream now (created %s, %s at revision %d; held %d): full resync",
+                self.config.bucket,
                 incarnation,
+                self.stream,
                 last_seq,
                 position.last_revision,
             )
             position.last_revision = 0
-        self._created_of[self.stream] = incarnation
+        self._stream_created = incarnation
         start = position.last_revision + 1
         if retry is not None and (retry.start, retry.stream, retry.gen.node) == (start, self.stream, gen.node):
             # The last create went unanswered: ask again for the same consumer, identically, waiting longer.
