@@ -11,6 +11,7 @@ verdicts committed in stream order.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable
@@ -45,6 +46,7 @@ class Generation:
     sub: Subscription | None = None
     consumer: str = ""
     node: str = ""  # the server it lives on: the stream's leader when it was made ("" unknown)
+    stream: str = ""  # the stream it reads
     expected: int = 1
     # Set when its stream went wrong (a gap, a status): later messages are ignored until the sync
     # drops it (unsubscribes, deletes the consumer) and starts the next one.
@@ -53,7 +55,7 @@ class Generation:
     batch: list[Delivered] = field(default_factory=list)
     # While not None, what arrives is kept here as it came (subject, reply, data, headers), to be taken once the
     # values before the consumer's start are in (Deliveries.fill, then release).
-    held: list[tuple[bytes, bytes, bytes, dict[str, str] | None]] | None = None
+    held: collections.deque[tuple[bytes, bytes, bytes, dict[str, str] | None]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,9 @@ class Deliveries:
             return None
         gen.expected += 1
         self._freshness.last_contact = time.monotonic()
+        if stream_seq <= self._position.last_revision:
+            # Read already, by direct gets: a create answered late reports a start past what it delivered.
+            return None
         if not self._applier.trust.accept_unsigned and (pending or gen.batch):
             # Catching up: verify the values of a run on worker threads, then commit them in order.
             gen.batch.append(Delivered(subject, data, headers, stream_seq, pending, stored / _NS))
@@ -136,22 +141,28 @@ class Deliveries:
     async def fill(self, gen: Generation, values: list[Delivered]) -> bool:
         """Take values read before `gen`'s consumer starts (sidecar/range_gets.py), in order, as deliveries are
         taken; False when `gen` was abandoned or replaced meanwhile (the sync starts over from the last revision)."""
-        if gen is not self.current or gen.abandoned:
+        if not self._live(gen):
             return False
         self._freshness.last_contact = time.monotonic()
         if self._applier.trust.accept_unsigned:
             for d in values:
                 self._commit_one(gen, d.subject, d.data, d.headers, d.stream_seq, d.pending, d.stored)
+                if not self._live(gen):  # a fault of ours, or a resync: the sync starts over
+                    break
         else:
             gen.batch = values
             await self._commit_verdicts(gen)
+        return self._live(gen)
+
+    def _live(self, gen: Generation) -> bool:
+        """Whether `gen` is the current consumer's, and not given up."""
         return gen is self.current and not gen.abandoned
 
     async def release(self, gen: Generation) -> None:
         """Take what `gen`'s consumer delivered while its values before were read, then what comes as it comes."""
-        held = gen.held or []
+        held = gen.held or collections.deque()
         while held:
-            message = held.pop(0)
+            message = held.popleft()
             gen.held = None  # taken now, not held again (no await until it is held once more)
             taking = self.on_message(gen, *message)
             gen.held = held  # what arrives while this one is taken waits behind it

@@ -25,6 +25,7 @@ signed heartbeat, which the stream delivers in order after everything before it
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -75,7 +76,7 @@ _SAY_WAITING_EVERY = 2.0  # seconds between "opening a consumer ...: waiting" li
 # The most values a replica reads by direct gets before its consumer's start (about 50,000 a second) rather than
 # have the server walk the stream's subjects for a consumer started there (seconds at ten million keys).
 _GAP_BY_GETS = 250_000
-_NO_GETS_FOR = 600.0  # seconds consumers start where the replica is after direct gets failed (refused, unanswered)
+_NO_GETS_FOR = 60.0  # seconds consumers start where the replica is after direct gets failed (refused, unanswered)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -415,7 +416,7 @@ class KeySync:
         first_seq, last_seq = int(info["state"]["first_seq"]), int(info["state"]["last_seq"])
         incarnation, held = self.streams.identity, self._stream_created
         # A direct consumer is made by the node leading the stream, which STREAM.INFO just named.
-        gen = Generation(nc=nc, node=str((info.get("cluster") or {}).get("leader") or ""))
+        gen = Generation(nc=nc, node=str((info.get("cluster") or {}).get("leader") or ""), stream=self.stream)
         if position.last_revision > last_seq or (held and incarnation != held):
             # Another incarnation of the stream (recreated, or younger than our replica): its revisions
             # mean other records. Read it all again; versions and floors keep anything older out.
@@ -455,7 +456,7 @@ class KeySync:
             and time.monotonic() >= self._no_gets_until
         )
         if by_gets:
-            gen.held = []
+            gen.held = collections.deque()
         gen.sub = await nc.subscribe_direct(inbox, functools.partial(self._deliveries.on_message, gen))
         self._deliveries.current = gen
         self._opened += 1
@@ -482,7 +483,14 @@ class KeySync:
         if gen.held is None or "error" in created:
             await self._created(gen, created, start)
             return
-        before = int((created.get("delivered") or {}).get("stream_seq", 0))  # the last value before its first
+        try:
+            before = int(created["delivered"]["stream_seq"])  # the last value before its first
+        except (KeyError, TypeError, ValueError):
+            before = -1
+        if before < 0:  # a server that says not where the consumer starts: the gap cannot be known
+            self._gets_failed(RangeReadError(stream=self.stream, seq=start, reason="the consumer's start unsaid"))
+            gen.abandoned = True
+            return
         await self._created(gen, created, start, waiting=max(0, before - start + 1))
         try:
             async for values in read_range(
@@ -496,22 +504,28 @@ class KeySync:
                 if not await self._deliveries.fill(gen, values):
                     return  # abandoned meanwhile: the sync starts over from the last revision
         except RangeReadError as exc:
-            self._no_gets_until = time.monotonic() + _NO_GETS_FOR
-            log.warning("%s", exc)
+            self._gets_failed(exc)
             gen.abandoned = True
-            self._reset.set()
             return
         if self.position.last_revision < before:
             self.position.advance(before, 0)  # the last ones were deleted: nothing more before the consumer's first
         await self._deliveries.release(gen)
 
-    def _mirror_stalled(self) -> None:
-        """The watchdog found the hub's mirror of global keys out of touch with the bucket while the publisher's
-        heartbeat is late: read the bucket from the next consumer on."""
-        if self.stream == self.streams.mirror:
-            log.warning("%s is out of touch with the bucket: reading %s", self.stream, stream_name(self.config.bucket))
-            self.streams.avoid_mirror()
-            self._reset.set()
+    def _gets_failed(self, exc: RangeReadError) -> None:
+        """Direct gets failed: consumers start where the replica is for a while, from the next one on."""
+        self._no_gets_until = time.monotonic() + _NO_GETS_FOR
+        log.warning("%s", exc)
+        self._reset.set()
+
+    def _mirror_stalled(self) -> bool:
+        """The publisher's heartbeat is late and the stream read does not serve or is out of touch: if it is the hub's
+        mirror of global keys, read the bucket from the next consumer on (True)."""
+        if self.stream != self.streams.mirror:
+            return False
+        log.warning("%s does not serve or is out of touch: reading %s", self.stream, stream_name(self.config.bucket))
+        self.streams.avoid_mirror()
+        self._reset.set()
+        return True
 
     async def _created(self, gen: Generation, created: dict[str, Any], start: int, waiting: int = 0) -> None:
         """The server's answer to a consumer's creation: take the consumer, or drop its subscription; `waiting`
@@ -581,7 +595,7 @@ class KeySync:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
         if gen.consumer and self._nc is not None and self._nc.is_connected:
-            deleting = self._delete_consumer(self._nc, gen.consumer)
+            deleting = self._delete_consumer(self._nc, gen.stream, gen.consumer)
             if wait:
                 await deleting
             elif len(self._deleting) < _MAX_DELETING:
@@ -591,6 +605,6 @@ class KeySync:
             else:
                 deleting.close()  # enough deletions wait already: the inactivity threshold removes this one
 
-    async def _delete_consumer(self, nc: DirectClient, consumer: str) -> None:
+    async def _delete_consumer(self, nc: DirectClient, stream: str, consumer: str) -> None:
         with contextlib.suppress(Exception):
-            await self._api(nc, f"CONSUMER.DELETE.{self.stream}.{consumer}")
+            await self._api(nc, f"CONSUMER.DELETE.{stream}.{consumer}")

@@ -81,12 +81,13 @@ class Watchdog:
         choice: ServerChoice,
         reset: asyncio.Event,
         client: Callable[[], DirectClient | None],
-        mirror_stalled: Callable[[], None] | None = None,
+        mirror_stalled: Callable[[], bool] | None = None,
     ) -> None:
         self._stream_of, self._heartbeat, self._api_timeout = stream, heartbeat, api_timeout
         self._table, self._freshness, self._deliveries = table, freshness, deliveries
         self._choice, self._reset, self._client = choice, reset, client
-        self._mirror_stalled = mirror_stalled  # the sync's, on the hub: a mirror it reads is out of touch
+        # The sync's, on the hub: the stream it reads does not serve or is out of touch; True if it was the mirror.
+        self._mirror_stalled = mirror_stalled
         self._floors_pruned = 0.0
         self._next_probe = 0.0  # when a late heartbeat may next make the sidecar ask its server for the stream
         self._checked_silence = 0.0  # the last contact whose silence made the watchdog check the consumer's node
@@ -213,13 +214,14 @@ class Watchdog:
         sidecar then moves to another server.
         """
         info = await self._quick_stream_info(nc)
+        stalled = self._mirror_stalled
+        if stalled is not None and (info is None or "error" in info or not _mirror_serves(info)) and stalled():
+            return  # it was the hub's mirror of global keys, not the server: the bucket is read instead
         if info is None:
             serves = False
         else:
             error = info.get("error")
             serves = stream_serves(info) if error is None else error.get("err_code") == STREAM_NOT_FOUND
-        if serves and self._mirror_stalled is not None and info and "mirror" in info and not in_touch(info):
-            self._mirror_stalled()  # the hub's mirror of global keys: the bucket itself is read instead
         if serves:
             self._choice.served()
         else:
@@ -235,3 +237,8 @@ class Watchdog:
             )
         except Exception:  # a timeout, no responders
             return None
+
+
+def _mirror_serves(info: dict[str, Any]) -> bool:
+    """Whether the stream of `info` serves and, if a mirror, is in touch with its source."""
+    return stream_serves(info) and ("mirror" not in info or in_touch(info))

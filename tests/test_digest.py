@@ -54,9 +54,9 @@ async def _revoke(publisher: Publisher, *key_ids: str) -> None:
 async def _drop(js: JetStreamContext, key_id: str) -> None:
     """Take a global key's latest record out of the stream, as a compromised NATS operator or leaf server can."""
     subject = f"$KV.KEYS.global.{key_id}"
-    await js.get_last_msg("KV_KEYS", subject)  # it is there...
-    # ...and then it is not, and nothing says so: neither in the bucket nor in the hub's mirror of its global keys,
-    # which global sidecars read.
+    there = (await js.get_last_msg("KV_KEYS", subject)).seq  # it is there, and in the mirror global sidecars read...
+    await eventually(lambda: js.get_last_msg("KV_KEYS_global", subject), lambda msg: msg.seq == there)
+    # ...and then it is not, and nothing says so: neither in the bucket nor in the mirror.
     await js.purge_stream("KV_KEYS", subject=subject)
     await js.purge_stream("KV_KEYS_global", subject=subject)
 
