@@ -99,9 +99,8 @@ class Broker:
 
     async def ensure_bucket(self) -> None:
         """Create the key bucket (history 1, file storage) when it does not exist, and the hub's mirror of its
-        global keys (keyrelay/core/replica_streams.py), made again whenever the bucket is."""
+        global keys (keyrelay/core/replica_streams.py) when it is missing or not this bucket's."""
         js = self.js
-        made = False
         try:
             await js.key_value(self.bucket)
         except (BucketNotFoundError, NotFoundError):
@@ -114,20 +113,21 @@ class Broker:
                     description="keyrelay key records: one entry per key, <scope>.<key id>",
                 )
             )
-            made = True
             log.info("created key bucket %s", self.bucket)
-        await self._ensure_global_mirror(replace=made)
+        await self._ensure_global_mirror()
         self.bucket_ready.set()
 
-    async def _ensure_global_mirror(self, *, replace: bool) -> None:
+    async def _ensure_global_mirror(self) -> None:
+        """Global sidecars read the bucket through a filter while the mirror is not right: slower, still right. It
+        is looked at again at the next connection and the next repair of the bucket."""
         nc = self.nc
         if nc is None:
             return
         try:
-            await ensure_global_mirror(nc, bucket=self.bucket, replicas=self.replicas, replace=replace)
-        except ReplicaStreamError as exc:  # global sidecars then read the bucket through a filter: slower, still right
+            await ensure_global_mirror(nc, bucket=self.bucket, replicas=self.replicas)
+        except ReplicaStreamError as exc:
             log.warning("%s", exc)
-        except Exception as exc:  # no answer: a leader election; the next connection or repair tries again
+        except Exception as exc:  # no answer: a leader election
             log.warning("%s", ReplicaStreamError(global_stream_name(self.bucket), f"no answer ({type(exc).__name__})"))
 
     async def stream_state(self, timeout: float = _PROBE_TIMEOUT) -> StreamState:

@@ -21,9 +21,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
-from keyrelay.core.jetstream import nats_time
-from keyrelay.core.replica_streams import holds_exactly, in_touch
-from keyrelay.core.wire import global_stream_name, region_subjects, stream_name
+from keyrelay.core.replica_streams import in_touch, mirrors_bucket
+from keyrelay.core.wire import global_stream_name, stream_name
 
 __all__ = ["StreamChoice"]
 
@@ -89,15 +88,8 @@ class StreamChoice:
 
     def _usable(self, info: dict[str, Any], bucket: dict[str, Any], revision: int) -> bool:
         """Whether the mirror of `info` may be read instead of the bucket of `bucket`, from `revision`."""
-        if "state" not in info or not in_touch(info) or _at(info) < revision:
-            return False
-        source = ((info.get("config") or {}).get("mirror") or {}).get("name")
-        if source != stream_name(self.bucket) or not holds_exactly(info, region_subjects(self.bucket, None)):
-            return False  # not a mirror of this bucket's global keys alone: never read whole
-        try:
-            return nats_time(str(info.get("created", ""))) > nats_time(str(bucket.get("created", "")))
-        except ValueError:
-            return False
+        in_step = "state" in info and in_touch(info) and _at(info) >= revision
+        return in_step and mirrors_bucket(info, bucket, bucket=self.bucket)
 
 
 def _at(info: dict[str, Any]) -> int:

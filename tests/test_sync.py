@@ -16,7 +16,8 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
-from keyrelay.core.replica_streams import ensure_global_mirror
+from keyrelay.core.jetstream import jetstream_api
+from keyrelay.core.replica_streams import ensure_global_mirror, global_mirror_config
 from keyrelay.core.wire import key_digest
 from keyrelay.natsd import NatsServer
 from sidecar.sync import KeySync, SyncConfig
@@ -81,6 +82,38 @@ async def test_on_a_hub_with_the_mirror_of_global_keys_a_global_replica_reads_it
     finally:
         await sync.close()
         await nc.close()
+
+
+@pytest.mark.parametrize("wrong", ["made before the bucket", "holding every key"])
+async def test_a_mirror_that_is_not_the_buckets_own_of_global_keys_is_never_read(
+    nats_server: NatsServer, bucket: KeyValue, js: JetStreamContext, wrong: str
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    config = global_mirror_config("KEYS")
+    if wrong == "holding every key":
+        del config["mirror"]["filter_subject"]
+    answer = await jetstream_api(nc, "STREAM.CREATE.KV_KEYS_global", config, timeout=5.0)
+    assert "error" not in answer
+    if wrong == "made before the bucket":  # the bucket made again since: the mirror waits on its old revisions
+        await js.delete_key_value("KEYS")
+        bucket = await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1))
+    _, eu_record = make_key(region="eu")
+    await put(bucket, eu_record)
+    last = await heartbeat(bucket)
+    sync = KeySync(SyncConfig(servers=[nats_server.url], bucket="KEYS", trust=TRUST, heartbeat=0.2), KeyTable())
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        await eventually(lambda: value(sync.last_revision), lambda revision: revision == last)
+        assert sync.stream == "KV_KEYS"  # the bucket itself, through the global filter
+        assert sync.table.find_id(eu_record.key_id) == -1
+    finally:
+        await sync.close()
+    # The publisher replaces it (here as it does at its start): a mirror of this bucket's global keys.
+    made = await ensure_global_mirror(nc, bucket="KEYS")
+    assert made["config"]["mirror"]["filter_subject"] == "$KV.KEYS.global.>"
+    assert made["created"] != answer["created"]
+    await nc.close()
 
 
 async def test_a_replica_resuming_inside_the_stream_opens_its_consumer_at_the_end_and_reads_the_rest_by_direct_gets(

@@ -40,12 +40,12 @@ class SignatureError(RecordError):
 
 
 class ReplicaStreamError(CoreError):
-    """The hub's stream of global keys could not be made or checked; `description` is JetStream's answer."""
+    """The hub's mirror of global keys could not be made or replaced; `description` is JetStream's answer."""
 
     def __init__(self, stream: str, description: str) -> None:
         self.stream, self.description = stream, description
         super().__init__(
-            f"cannot make or read the hub's stream of global keys {stream}: {description} (global sidecars read "
-            "the bucket's own stream through a filter meanwhile; check that the publisher's NATS identity may "
-            f"create it: keyrelay nats-config)"
+            f"cannot make the hub's mirror of global keys {stream}: {description} (global sidecars read the "
+            "bucket's own stream through a filter while it is missing or not the bucket's; check that the "
+            "publisher's NATS identity may create and delete it: keyrelay nats-config)"
         )

@@ -21,7 +21,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .errors import ReplicaStreamError
-from .jetstream import STREAM_NOT_FOUND, jetstream_api
+from .jetstream import STREAM_NOT_FOUND, jetstream_api, nats_time
 from .wire import GLOBAL_SCOPE, global_stream_name, stream_name, subject_prefix
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ __all__ = [
     "global_mirror_config",
     "holds_exactly",
     "in_touch",
+    "mirrors_bucket",
 ]
 
 log = logging.getLogger("keyrelay.replica_streams")
@@ -77,28 +78,39 @@ def global_mirror_config(bucket: str, *, replicas: int = 1) -> dict[str, Any]:
     }
 
 
-async def ensure_global_mirror(
-    nc: Client, *, bucket: str, replicas: int = 1, replace: bool = False, timeout: float = 5.0
-) -> dict[str, Any]:
-    """Make the hub's mirror of the bucket's global keys when missing; `replace`: delete it first (the bucket is new).
+def mirrors_bucket(info: dict[str, Any], bucket_info: dict[str, Any], *, bucket: str) -> bool:
+    """Whether the stream of `info` is the hub's mirror of the global keys of the bucket of `bucket_info` (both
+    STREAM.INFO answers): a mirror of that stream holding global keys alone, made after it (so from it)."""
+    source = ((info.get("config") or {}).get("mirror") or {}).get("name")
+    if source != stream_name(bucket) or not holds_exactly(info, [f"{subject_prefix(bucket)}{GLOBAL_SCOPE}.>"]):
+        return False
+    try:
+        return nats_time(str(info.get("created", ""))) > nats_time(str(bucket_info.get("created", "")))
+    except ValueError:
+        return False
+
+
+async def ensure_global_mirror(nc: Client, *, bucket: str, replicas: int = 1, timeout: float = 5.0) -> dict[str, Any]:
+    """Make the hub's mirror of the bucket's global keys when missing, or made before the bucket, or holding more.
 
     A mirror of a bucket made again would wait for sequence numbers the new bucket only reaches
-    much later, so the publisher replaces it whenever it recreates the bucket. One whose
-    configuration differs (another release's) is left as it is: sidecars only read it.
+    much later, and one holding more than global keys must not be read whole: both are replaced
+    (sidecars never read them meanwhile: sidecar/stream_choice.py).
     """
     name = global_stream_name(bucket)
-    if replace:
-        deleted = await jetstream_api(nc, f"STREAM.DELETE.{name}", timeout=timeout)
-        error = deleted.get("error")
-        if error and error.get("err_code") != STREAM_NOT_FOUND:
+    source = await jetstream_api(nc, f"STREAM.INFO.{stream_name(bucket)}", timeout=timeout)
+    info = await jetstream_api(nc, f"STREAM.INFO.{name}", timeout=timeout)
+    for answer in (source, info):
+        error = answer.get("error")
+        if error is not None and (answer is source or error.get("err_code") != STREAM_NOT_FOUND):
             raise ReplicaStreamError(name, str(error.get("description", error)))
-    else:
-        info = await jetstream_api(nc, f"STREAM.INFO.{name}", timeout=timeout)
-        error = info.get("error")
-        if error is None:
+    if "error" not in info:
+        if mirrors_bucket(info, source, bucket=bucket):
             return info
-        if error.get("err_code") != STREAM_NOT_FOUND:
-            raise ReplicaStreamError(name, str(error.get("description", error)))
+        deleted = await jetstream_api(nc, f"STREAM.DELETE.{name}", timeout=timeout)
+        if "error" in deleted:
+            raise ReplicaStreamError(name, str(deleted["error"].get("description", deleted["error"])))
+        log.warning("replaced %s: it was made before the bucket %s, or held more than its global keys", name, bucket)
     created = await jetstream_api(
         nc, f"STREAM.CREATE.{name}", global_mirror_config(bucket, replicas=replicas), timeout=timeout
     )
