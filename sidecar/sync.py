@@ -185,7 +185,7 @@ class KeySync:
         )
         self._nc: DirectClient | None = None
         self._watchdog = Watchdog(
-            stream=lambda: self.stream,
+            stream_of=lambda: self.stream,
             heartbeat=config.heartbeat,
             api_timeout=config.api_timeout,
             table=table,

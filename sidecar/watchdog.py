@@ -72,7 +72,7 @@ class Watchdog:
     def __init__(
         self,
         *,
-        stream: Callable[[], str],
+        stream_of: Callable[[], str],
         heartbeat: float,
         api_timeout: float,
         table: KeyTable,
@@ -83,7 +83,7 @@ class Watchdog:
         client: Callable[[], DirectClient | None],
         mirror_stalled: Callable[[], bool] | None = None,
     ) -> None:
-        self._stream_of, self._heartbeat, self._api_timeout = stream, heartbeat, api_timeout
+        self._stream_of, self._heartbeat, self._api_timeout = stream_of, heartbeat, api_timeout
         self._table, self._freshness, self._deliveries = table, freshness, deliveries
         self._choice, self._reset, self._client = choice, reset, client
         # The sync's, on the hub: the stream it reads does not serve or is out of touch; True if it was the mirror.

@@ -38,7 +38,7 @@ def nats_time(text: str) -> float:
     """Seconds since the epoch of a JetStream time (RFC 3339 in UTC, up to nanoseconds: a stream's `created`,
     a message's `Nats-Time-Stamp`); ValueError when it is not one."""
     whole, _, fraction = text.removesuffix("Z").partition(".")
-    moment = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.UTC)
-    if fraction and not fraction.isdigit():
+    moment = datetime.datetime.fromisoformat(whole)
+    if moment.tzinfo is not None or not text.endswith("Z") or (fraction and not fraction.isdigit()):
         raise ValueError(f"not a JetStream time: {text!r}")
-    return moment.timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
+    return moment.replace(tzinfo=datetime.UTC).timestamp() + (float(f"0.{fraction}") if fraction else 0.0)
