@@ -64,14 +64,14 @@ class StreamChoice:
         error included, for the caller to report).
         """
         mirror = self.mirror
-        looked: list[dict[str, Any]] = []
+        looked: dict[str, Any] | None = None  # the mirror's STREAM.INFO, when asked for
         if mirror is not None and time.monotonic() >= self._avoid_until:
             for _ in range(_CATCH_UP_LOOKS):
                 try:
-                    looked = [await api(f"STREAM.INFO.{mirror}", _MIRROR_INFO_TIMEOUT)]
+                    looked = await api(f"STREAM.INFO.{mirror}", _MIRROR_INFO_TIMEOUT)
                 except Exception:  # no answer: its leader is being elected; the bucket's may answer
-                    looked = [{}]
-                if "state" not in looked[0] or not in_touch(looked[0]) or _at(looked[0]) >= revision:
+                    looked = {}
+                if "state" not in looked or not in_touch(looked) or _at(looked) >= revision:
                     break
                 await asyncio.sleep(_CATCH_UP_EVERY)  # in touch and a moment behind the replica: it follows in ms
         bucket = await api(f"STREAM.INFO.{stream_name(self.bucket)}", 0.0)
@@ -79,10 +79,10 @@ class StreamChoice:
         if "error" in bucket:
             return bucket
         self.identity = str(bucket.get("created", ""))
-        if looked and self._usable(looked[0], bucket, revision):
+        if looked is not None and self._usable(looked, bucket, revision):
             self.current = str(mirror)
-            return looked[0]
-        if looked and "error" in looked[0]:
+            return looked
+        if looked is not None and "error" in looked:
             self.avoid_mirror()  # not there (a publisher of an earlier release): asked again in a minute
         return bucket
 

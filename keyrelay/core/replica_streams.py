@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ReplicaStreamError
 from .jetstream import STREAM_NOT_FOUND, jetstream_api, nats_time
-from .wire import GLOBAL_SCOPE, global_stream_name, stream_name, subject_prefix
+from .wire import global_stream_name, region_subjects, stream_name
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -74,7 +74,7 @@ def global_mirror_config(bucket: str, *, replicas: int = 1) -> dict[str, Any]:
         "deny_delete": True,
         "allow_rollup_hdrs": True,
         "discard": "new",
-        "mirror": {"name": stream_name(bucket), "filter_subject": f"{subject_prefix(bucket)}{GLOBAL_SCOPE}.>"},
+        "mirror": {"name": stream_name(bucket), "filter_subject": region_subjects(bucket, None)[0]},
     }
 
 
@@ -82,7 +82,7 @@ def mirrors_bucket(info: dict[str, Any], bucket_info: dict[str, Any], *, bucket:
     """Whether the stream of `info` is the hub's mirror of the global keys of the bucket of `bucket_info` (both
     STREAM.INFO answers): a mirror of that stream holding global keys alone, made after it (so from it)."""
     source = ((info.get("config") or {}).get("mirror") or {}).get("name")
-    if source != stream_name(bucket) or not holds_exactly(info, [f"{subject_prefix(bucket)}{GLOBAL_SCOPE}.>"]):
+    if source != stream_name(bucket) or not holds_exactly(info, region_subjects(bucket, None)):
         return False
     try:
         return nats_time(str(info.get("created", ""))) > nats_time(str(bucket_info.get("created", "")))
@@ -100,21 +100,23 @@ async def ensure_global_mirror(nc: Client, *, bucket: str, replicas: int = 1, ti
     name = global_stream_name(bucket)
     source = await jetstream_api(nc, f"STREAM.INFO.{stream_name(bucket)}", timeout=timeout)
     info = await jetstream_api(nc, f"STREAM.INFO.{name}", timeout=timeout)
-    for answer in (source, info):
-        error = answer.get("error")
-        if error is not None and (answer is source or error.get("err_code") != STREAM_NOT_FOUND):
-            raise ReplicaStreamError(name, str(error.get("description", error)))
-    if "error" not in info:
+    _refused(name, source)
+    if (info.get("error") or {}).get("err_code") != STREAM_NOT_FOUND:
+        _refused(name, info)
         if mirrors_bucket(info, source, bucket=bucket):
             return info
-        deleted = await jetstream_api(nc, f"STREAM.DELETE.{name}", timeout=timeout)
-        if "error" in deleted:
-            raise ReplicaStreamError(name, str(deleted["error"].get("description", deleted["error"])))
+        _refused(name, await jetstream_api(nc, f"STREAM.DELETE.{name}", timeout=timeout))
         log.warning("replaced %s: it was made before the bucket %s, or held more than its global keys", name, bucket)
     created = await jetstream_api(
         nc, f"STREAM.CREATE.{name}", global_mirror_config(bucket, replicas=replicas), timeout=timeout
     )
-    if "error" in created:
-        raise ReplicaStreamError(name, str(created["error"].get("description", created["error"])))
+    _refused(name, created)
     log.info("made %s, the hub's stream of %s's global keys (a mirror of %s)", name, bucket, stream_name(bucket))
     return created
+
+
+def _refused(name: str, answer: dict[str, Any]) -> None:
+    """Raise ReplicaStreamError when JetStream's `answer` about the mirror `name` is an error."""
+    error = answer.get("error")
+    if error is not None:
+        raise ReplicaStreamError(name, str(error.get("description", error)))
