@@ -101,14 +101,6 @@ class SyncConfig:
     express: bool = False
 
     @property
-    def stream(self) -> str:
-        """The bucket's stream: the publisher's on the hub, a region's mirror on a leaf node (same name).
-
-        The hub's global replicas read the mirror of global keys beside it when there is one (KeySync.stream).
-        """
-        return stream_name(self.bucket)
-
-    @property
     def scopes(self) -> tuple[str, ...]:
         """The entry scopes this sync's keys are written under: global, and its region's."""
         return (GLOBAL_SCOPE, self.region) if self.region else (GLOBAL_SCOPE,)
