@@ -78,7 +78,7 @@ async def read_range(
                 left = deadline - time.monotonic()
                 if left <= 0:
                     if asked_again:
-                        raise RangeReadError(stream=stream, seq=taken, reason=f"no answer within {timeout:.0f}s twice")
+                        raise RangeReadError(stream=stream, seq=taken, reason=f"no answer within {timeout:g}s twice")
                     await ask(taken)  # lost on the way (a reconnect, a leader election): asked once more
                     asked_again, deadline = True, time.monotonic() + timeout
                     continue

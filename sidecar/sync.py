@@ -506,7 +506,8 @@ class KeySync:
     def _gets_failed(self, exc: RangeReadError) -> None:
         """Direct gets failed: consumers start where the replica is for a while, from the next one on."""
         self._no_gets_until = time.monotonic() + _NO_GETS_FOR
-        log.warning("%s", exc)
+        self.stats.sync_errors += 1
+        log.warning("%s (for the next %.0fs)", exc, _NO_GETS_FOR)
         self._reset.set()
 
     def _mirror_stalled(self) -> bool:

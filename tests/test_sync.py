@@ -182,6 +182,58 @@ async def test_a_replica_resuming_inside_the_stream_opens_its_consumer_at_the_en
         await nc.close()
 
 
+async def test_a_replica_whose_direct_gets_go_unanswered_reads_the_rest_with_a_consumer_started_at_its_revision(
+    nats_server: NatsServer, bucket: KeyValue, js: JetStreamContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    nc = await nats.connect(nats_server.url)
+    creates: list[dict[str, Any]] = []
+
+    async def seen(msg: Msg) -> None:
+        creates.append(json.loads(msg.data)["config"])
+
+    await nc.subscribe("$JS.API.CONSUMER.CREATE.>", cb=seen)
+    await ensure_global_mirror(nc, bucket="KEYS")
+    keys = [make_key() for _ in range(20)]
+    for _, record in keys[:10]:
+        await put(bucket, record)
+    held = await heartbeat(bucket)
+    for _, record in keys[10:]:
+        await put(bucket, record)
+    await put(bucket, revoked(keys[3][1]))
+    last = await heartbeat(bucket)
+    await eventually(lambda: js.stream_info("KV_KEYS_global"), lambda info: info.state.last_seq == last)
+
+    table = KeyTable()
+    for _, record in keys[:10]:  # the table as a snapshot at revision `held` would leave it
+        table.apply(record)
+    caplog.set_level(logging.WARNING, logger="keyrelay.sidecar.sync")
+    proxy = WithholdingProxy(target_port=nats_server.port)
+    await proxy.start()
+    proxy.lose_direct_gets(10_000)  # every one: a stream whose direct gets are refused or lost
+    sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", trust=TRUST, heartbeat=0.2, api_timeout=0.3), table)
+    sync.position.last_revision = held
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        await eventually(lambda: value(sync.last_revision), lambda revision: revision == last)
+        assert [table.find_id(record.key_id) >= 0 for _, record in keys] == [True] * 20
+        assert table.get(keys[3][1].key_id).revoked_at is not None  # type: ignore[union-attr]
+        # The first consumer started at the end; its gap went unanswered (asked twice), so the next one started at
+        # the revision after the replica's, and the abandoned one was deleted.
+        assert proxy.gets_dropped > 0
+        mine = [config for config in creates if sync.replica_id in config["name"]]
+        assert [config["deliver_policy"] for config in mine] == ["new", "by_start_sequence"]
+        assert mine[1]["opt_start_seq"] == held + 1
+        assert sync.stream == "KV_KEYS_global"
+        assert not await _exists(js, mine[0]["name"], "KV_KEYS_global")
+        assert sync.stats.sync_errors == 1
+        assert any("by direct get: no answer within 0.3s twice" in r.getMessage() for r in caplog.records)
+    finally:
+        await sync.close()
+        await proxy.close()
+        await nc.close()
+
+
 async def test_a_consumer_abandoned_after_a_bad_status_is_deleted_when_the_next_one_starts(
     nats_server: NatsServer, bucket: KeyValue, js: JetStreamContext
 ) -> None:

@@ -8,6 +8,7 @@ next few with `lose_deliveries`), or the client's replies to the consumer's flow
 on their way to the server (`lose_flow_control_replies`). It counts the idle heartbeats that say
 their consumer is stalled, waiting for such a reply (`Nats-Consumer-Stalled`). It can also hold a
 client's next consumer creations back for a while (`delay_consumer_creates`): a server slow to answer;
+drop the client's next direct gets (`lose_direct_gets`): a stream whose replies never come;
 or drop idle heartbeats too (`silence()`): a server holding the consumer but too busy to send anything.
 """
 
@@ -37,6 +38,8 @@ class WithholdingProxy:
     create_delay: float = 0.0
     creates_seen: int = 0  # CONSUMER.CREATE requests from the client
     creates_released: int = 0  # held-back ones since passed on to the server
+    gets_to_lose: int = 0  # DIRECT.GET requests still to drop (lose_direct_gets)
+    gets_dropped: int = 0
     stalled_heartbeats: int = 0  # idle heartbeats passed that name a stalled consumer
     _server: asyncio.Server | None = None
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
@@ -72,6 +75,10 @@ class WithholdingProxy:
         """Hold the client's next `count` CONSUMER.CREATE requests back `seconds` before they reach the server."""
         self.creates_to_delay, self.create_delay = count, seconds
 
+    def lose_direct_gets(self, count: int) -> None:
+        """Drop the client's next `count` DIRECT.GET requests on their way to the server, then pass them again."""
+        self.gets_to_lose = count
+
     async def close(self) -> None:
         """Stop listening and drop every connection."""
         if self._server is not None:
@@ -103,6 +110,10 @@ class WithholdingProxy:
             if self.creates_to_delay:
                 self.creates_to_delay -= 1
                 return self.create_delay
+        if self.gets_to_lose and words[:1] == [b"PUB"] and words[1].startswith(b"$JS.API.DIRECT.GET."):
+            self.gets_to_lose -= 1
+            self.gets_dropped += 1
+            return False
         if self.replies_to_lose and words[:1] == [b"PUB"] and words[1].startswith(b"$JS.FC."):
             self.replies_to_lose -= 1
             self.replies_dropped += 1
