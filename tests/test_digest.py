@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 import pytest
 from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from keyrelay.core.digest import MASK, combine, record_term, to_bytes
 from keyrelay.core.errors import RecordError
@@ -51,14 +52,24 @@ async def _revoke(publisher: Publisher, *key_ids: str) -> None:
     assert answer["propagation"] == "published"
 
 
-async def _drop(js: JetStreamContext, key_id: str) -> None:
-    """Take a global key's latest record out of the stream, as a compromised NATS operator or leaf server can."""
+async def _drop(js: JetStreamContext, key_id: str) -> int:
+    """Take a global key's latest record out of the stream, as a compromised NATS operator or leaf server can;
+    the sequence it was at."""
     subject = f"$KV.KEYS.global.{key_id}"
     there = (await js.get_last_msg("KV_KEYS", subject)).seq  # it is there, and in the mirror global sidecars read...
     await eventually(lambda: js.get_last_msg("KV_KEYS_global", subject), lambda msg: msg.seq == there)
     # ...and then it is not, and nothing says so: neither in the bucket nor in the mirror.
     await js.purge_stream("KV_KEYS", subject=subject)
     await js.purge_stream("KV_KEYS_global", subject=subject)
+    return int(there or 0)
+
+
+async def _last_heartbeat(js: JetStreamContext) -> int:
+    """The sequence of the publisher's last heartbeat in the hub's mirror of global keys (0: none yet)."""
+    try:
+        return int((await js.get_last_msg("KV_KEYS_global", f"$KV.KEYS.{HEARTBEAT_ENTRY}")).seq or 0)
+    except NotFoundError:
+        return 0
 
 
 async def _mirrored(js: JetStreamContext) -> None:
@@ -108,7 +119,10 @@ async def test_a_revocation_deleted_from_the_stream_leaves_the_sidecar_that_miss
     assert (await seed(nats_server.url)).written is not None  # a snapshot holding the keys as issued
     target = keys[0]
     await _revoke(publisher, target["id"])
-    await _drop(js, target["id"])  # gone before any sidecar read it
+    dropped = await _drop(js, target["id"])  # gone before any sidecar read it
+    # A heartbeat signed before the revocation proves, rightly, the sidecar fresh as of then: the sidecar starts once
+    # the stream's last heartbeat is a later one.
+    await eventually(lambda: _last_heartbeat(js), lambda seq: seq > dropped)
 
     sidecar = await start_sidecar()
     sync = sidecar.state.sync
