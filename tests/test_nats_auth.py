@@ -558,7 +558,13 @@ async def test_the_publishers_stolen_nats_credentials_cannot_mint_revive_or_resc
         assert await _answers(sidecar, issued_key) == 200, headers
 
     after = await _rejected(sidecar)
-    counted = {reason: after[reason] - before.get(reason, 0) for reason in after if after[reason] != before.get(reason)}
+    # The records this test signed itself are not the publisher's: a heartbeat judged meanwhile mismatches (counted
+    # as digest_mismatch, 0 or 1 of them by the timing), which is not what is looked at here.
+    counted = {
+        reason: after[reason] - before.get(reason, 0)
+        for reason in after
+        if after[reason] != before.get(reason) and reason != '{reason="digest_mismatch"}'
+    }
     # The replays are older than the revocation the sidecar holds: not applied, and not a failure to count.
     assert counted == {
         '{reason="unsigned"}': 1,
