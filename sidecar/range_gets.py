@@ -8,12 +8,17 @@ consumer started after the stream's end (`deliver_policy: new`) and single direc
 reads r + 1 up to the consumer's first sequence here, and then takes the consumer's deliveries
 (sidecar/sync.py, `python -m loadtest.bench_consumers`).
 
-Every request has its own reply subject (`<inbox>.<seq>`): a deleted sequence's 404 says nothing
-of which one it was. Every request names the range's last sequence as `min_last_seq`, so a
-replica of the stream that has not stored it yet does not answer (a 404 from it would pass for a
-deleted value). Replies are handed on in sequence order, `_WINDOW` requests in flight at most;
-one not answered within the timeout is asked once more. Every reply is checked: the sequence and
-stream it names, a subject under the bucket's prefix.
+Every request asks for the first value at or after its sequence (`{"seq": n, "next_by_subj": ">"}`)
+and has its own reply subject (`<inbox>.<n>`). A deleted sequence is answered with the next value
+the stream holds, so the reader steps over it; a 404 then only says that the replica answering
+holds nothing from there on: a follower of a replicated stream that has not stored the range's
+end yet (nats-server answers direct gets from every replica that is nearly caught up, and takes no
+"at least this sequence" condition: `min_last_seq` is ignored by nats-server 2.15), or a range
+whose end was purged. It is asked again a few times, then the read fails and the sync reads the
+range with a consumer: a 404 is never taken for a deleted value. Replies are handed on in sequence
+order, `_WINDOW` requests in flight at most; one not answered within the timeout is asked once
+more. Every reply is checked: the stream it names, a sequence at or after the one asked, a subject
+under the bucket's prefix.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ __all__ = ["read_range"]
 
 _WINDOW: Final = 512  # requests in flight: about 50,000 sequences a second on loopback (2 cores)
 _CHUNK: Final = 128  # values handed on together (Deliveries verifies a chunk on two threads)
-_NOT_FOUND: Final = "404"  # a deleted or purged sequence (a key written again since, or a tombstone's rollup)
+_NOT_FOUND: Final = "404"  # nothing at or after the sequence asked, on the replica that answered
+_NOT_FOUND_TRIES: Final = 10  # 404s for one sequence before the read fails (a follower catching up takes ms)
+_NOT_FOUND_PAUSE: Final = 0.02  # seconds before asking again after a 404
 _ORIGINAL: Final = ("Nats-Stream", "Nats-Sequence", "Nats-Subject", "Nats-Time-Stamp")
 
 
@@ -47,29 +54,34 @@ async def read_range(
 ) -> AsyncIterator[list[Delivered]]:
     """The values stored at sequences `first` .. `last` of `stream`, in order, in chunks; deleted ones skipped.
 
-    RangeReadError when a reply is not the value asked for, or a sequence is not answered within
-    `timeout` twice.
+    RangeReadError when a reply is not a value asked for, a sequence is not answered within `timeout`
+    twice, or no replica answering holds it (404 `_NOT_FOUND_TRIES` times).
     """
     if last < first:
         return
     inbox = nc.new_inbox()
     replies: dict[int, Msg] = {}
     arrived = asyncio.Event()
+    at = [first]  # the next sequence to hand on; replies for earlier ones are stepped over
 
     async def take(msg: Msg) -> None:
-        replies[int(msg.subject.rsplit(".", 1)[1])] = msg
-        arrived.set()
+        seq = int(msg.subject.rsplit(".", 1)[1])
+        if seq >= at[0]:
+            replies[seq] = msg
+            arrived.set()
 
     async def ask(seq: int) -> None:
-        body = json.dumps({"seq": seq, "min_last_seq": last}).encode()
-        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, f"{inbox}.{seq}")
+        await nc.publish(
+            f"$JS.API.DIRECT.GET.{stream}", json.dumps({"seq": seq, "next_by_subj": ">"}).encode(), f"{inbox}.{seq}"
+        )
 
     sub = await nc.subscribe(f"{inbox}.*", cb=take)
-    sent, taken, asked_again = first, first, False
+    sent, asked_again, not_found = first, False, 0
     deadline = time.monotonic() + timeout
     chunk: list[Delivered] = []
     try:
-        while taken <= last:
+        while (taken := at[0]) <= last:
+            sent = max(sent, taken)
             while sent <= last and sent - taken < _WINDOW:
                 await ask(sent)
                 sent += 1
@@ -85,10 +97,24 @@ async def read_range(
                 with contextlib.suppress(TimeoutError):  # the deadline is looked at again above
                     await asyncio.wait_for(arrived.wait(), left)
                 continue
-            value = _delivered(replies.pop(taken), stream=stream, seq=taken, last=last, prefix=prefix)
-            taken, asked_again, deadline = taken + 1, False, time.monotonic() + timeout
-            if value is not None:
-                chunk.append(value)
+            msg = replies.pop(taken)
+            if (msg.headers or {}).get("Status") == _NOT_FOUND:  # this replica holds nothing from `taken` on
+                not_found += 1
+                if not_found >= _NOT_FOUND_TRIES:
+                    raise RangeReadError(
+                        stream=stream, seq=taken, reason=f"no replica answering holds it ({not_found} times 404)"
+                    )
+                await asyncio.sleep(_NOT_FOUND_PAUSE)
+                await ask(taken)
+                deadline = time.monotonic() + timeout
+                continue
+            value = _delivered(msg, stream=stream, asked=taken, last=last, prefix=prefix)
+            if value.stream_seq > last:
+                break  # `taken` .. `last` deleted
+            chunk.append(value)
+            for seq in range(taken + 1, value.stream_seq + 1):  # asked already, answered by this one
+                replies.pop(seq, None)
+            at[0], asked_again, not_found, deadline = value.stream_seq + 1, False, 0, time.monotonic() + timeout
             if len(chunk) >= _CHUNK:
                 yield chunk
                 chunk = []
@@ -98,22 +124,25 @@ async def read_range(
         await sub.unsubscribe()
 
 
-def _delivered(msg: Msg, *, stream: str, seq: int, last: int, prefix: str) -> Delivered | None:
-    """The value of one reply, as a consumer would have delivered it; None for a deleted sequence."""
+def _delivered(msg: Msg, *, stream: str, asked: int, last: int, prefix: str) -> Delivered:
+    """The value of one reply to the request for `asked`, as a consumer would have delivered it."""
     headers = dict(msg.headers or {})
     status = headers.get("Status")
-    if status == _NOT_FOUND:
-        return None
     if status is not None:
-        raise RangeReadError(stream=stream, seq=seq, reason=f"status {status} {headers.get('Description', '')}")
-    named = (headers.get("Nats-Stream"), headers.get("Nats-Sequence"))
-    subject = headers.get("Nats-Subject", "")
-    if named != (stream, str(seq)) or not subject.startswith(prefix):
-        raise RangeReadError(stream=stream, seq=seq, reason=f"the reply is {named[1]} of {named[0]}, at {subject!r}")
+        raise RangeReadError(stream=stream, seq=asked, reason=f"status {status} {headers.get('Description', '')}")
+    named, subject = headers.get("Nats-Stream"), headers.get("Nats-Subject", "")
+    try:
+        seq = int(headers.get("Nats-Sequence", ""))
+    except ValueError:
+        seq = -1
+    if named != stream or seq < asked or not subject.startswith(prefix):
+        raise RangeReadError(
+            stream=stream, seq=asked, reason=f"the reply is {headers.get('Nats-Sequence')} of {named}, at {subject!r}"
+        )
     try:
         stored = nats_time(headers.get("Nats-Time-Stamp", ""))
     except ValueError:
-        raise RangeReadError(stream=stream, seq=seq, reason="no readable Nats-Time-Stamp") from None
+        raise RangeReadError(stream=stream, seq=asked, reason="no readable Nats-Time-Stamp") from None
     for name in _ORIGINAL:
         headers.pop(name, None)
-    return Delivered(subject.encode(), msg.data, headers or None, seq, last - seq, stored)
+    return Delivered(subject.encode(), msg.data, headers or None, seq, max(0, last - seq), stored)

@@ -234,6 +234,49 @@ async def test_a_replica_whose_direct_gets_go_unanswered_reads_the_rest_with_a_c
         await nc.close()
 
 
+async def test_a_direct_get_answered_not_found_is_never_taken_for_a_deleted_value(
+    nats_server: NatsServer, bucket: KeyValue, js: JetStreamContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 404 says only that the replica answering holds nothing from there on (a follower behind, as here a range
+    whose end was purged): the read is given up and the range read with a consumer, which tells deleted from not
+    yet stored."""
+    nc = await nats.connect(nats_server.url)
+    creates: list[dict[str, Any]] = []
+
+    async def seen(msg: Msg) -> None:
+        creates.append(json.loads(msg.data)["config"])
+
+    await nc.subscribe("$JS.API.CONSUMER.CREATE.>", cb=seen)
+    await ensure_global_mirror(nc, bucket="KEYS")
+    keys = [make_key() for _ in range(12)]
+    for _, record in keys[:6]:
+        await put(bucket, record)
+    held = await heartbeat(bucket)
+    table = KeyTable()
+    for _, record in keys[:6]:
+        table.apply(record)
+    for _, record in keys[6:]:
+        last = await put(bucket, record)
+    await eventually(lambda: js.stream_info("KV_KEYS_global"), lambda info: info.state.last_seq == last)
+    await js.purge_stream("KV_KEYS_global", subject=f"$KV.KEYS.{keys[-1][1].entry}")  # the stream's last value
+
+    caplog.set_level(logging.WARNING, logger="keyrelay.sidecar.sync")
+    sync = KeySync(SyncConfig(servers=[nats_server.url], bucket="KEYS", trust=TRUST, heartbeat=0.2), table)
+    sync.position.last_revision = held
+    await sync.start()
+    try:
+        await sync.wait_synced(timeout=10)
+        assert [table.find_id(record.key_id) >= 0 for _, record in keys[:-1]] == [True] * 11
+        assert table.find_id(keys[-1][1].key_id) == -1  # purged: the consumer never delivers it either
+        mine = [config for config in creates if sync.replica_id in config["name"]]
+        assert [config["deliver_policy"] for config in mine] == ["new", "by_start_sequence"]
+        assert mine[1]["opt_start_seq"] == held + 1
+        assert any(f"cannot read KV_KEYS_global at {last} by direct get" in r.getMessage() for r in caplog.records)
+    finally:
+        await sync.close()
+        await nc.close()
+
+
 async def test_a_consumer_abandoned_after_a_bad_status_is_deleted_when_the_next_one_starts(
     nats_server: NatsServer, bucket: KeyValue, js: JetStreamContext
 ) -> None:
