@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from nats.aio.client import Client
+from nats.js.api import StreamConfig
 from nats.js.client import JetStreamContext
 
 from keyrelay.core.jetstream import CONSUMER_NOT_FOUND, jetstream_api
@@ -29,6 +30,7 @@ from keyrelay.core.wire import stream_name
 from keyrelay.natsd import NatsServer
 from publisher.settings import PublisherSettings
 from sidecar.deliveries import Generation
+from sidecar.range_gets import read_range
 from sidecar.settings import SidecarSettings
 from tests.cluster_support import NatsCluster, cluster_client
 from tests.support import (
@@ -503,3 +505,36 @@ async def test_a_silent_consumer_its_cluster_does_not_list_is_waited_for_while_i
         await put(kv, record)
         await eventually(lambda: asyncio.sleep(0, sync.table.get(record.key_id)), lambda view: view is not None)
         assert sync._deliveries.current is consumer
+
+
+async def test_a_value_just_stored_is_read_by_direct_gets_even_when_a_follower_that_lacks_it_answers(
+    cluster: NatsCluster,
+) -> None:
+    """Every replica of a replicated stream answers direct gets, each a third of them, and a follower a few
+    milliseconds behind answers 404 for the newest sequences (nats-server takes no "at least this sequence"
+    condition). A gap's read asks again rather than take that for a deleted value: each value read right after its
+    ack comes, in every round."""
+    async with cluster_client(cluster) as (nc, js):
+        await cluster.wait_jetstream(js)
+        name = f"GAPS{uuid.uuid4().hex[:8]}"
+        await js.add_stream(StreamConfig(name=name, subjects=[f"{name}.>"], num_replicas=3, allow_direct=True))
+        await cluster.stream_leader(js, name)
+        made, missed, rounds = time.monotonic(), [], 0
+        # Followers join the direct gets' queue group once current, about 2 s after the stream is made: the rounds
+        # go on until well after that (and at least 300 of them).
+        while rounds < 300 or time.monotonic() - made < 5.0:
+            rounds += 1
+            ack = await js.publish(f"{name}.k{rounds}", b"v")
+            read = [
+                v
+                async for chunk in read_range(
+                    nc, stream=name, first=ack.seq, last=ack.seq, prefix=f"{name}.", timeout=2.0
+                )
+                for v in chunk
+            ]
+            if [v.stream_seq for v in read] != [ack.seq]:
+                missed.append(ack.seq)
+            assert rounds < 5000
+        print(f"HA: {rounds} values read right after their ack, {len(missed)} missed")
+        assert missed == []
+        await js.delete_stream(name)
