@@ -303,7 +303,9 @@ class KeySync:
                 await self._drop_consumer(self._deliveries.current)
             for task in list(self._deleting):
                 task.cancel()
-            await self._nc.close()
+            # A connection lost meanwhile (NATS gone while the sidecar stops) fails its last flush: nothing to keep.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.close(), 2.0)
         self._deliveries.close()
 
     # -- connection and consumer lifecycle ---------------------------------------------------

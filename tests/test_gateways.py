@@ -83,8 +83,9 @@ async def test_the_gateway_lets_through_exactly_the_keys_the_sidecar_accepts(
     doomed_key, doomed = make_key()
     for record in (reader, writer, admin, billing, revoked(gone), old, doomed):
         await put(bucket, record)
+    # Stale soon after NATS is gone (below), not when an idle heartbeat comes late on a loaded machine.
     sidecar = await start_sidecar(
-        route_scopes=ROUTE_SCOPES, max_staleness=1.0, original_uri_header=ORIGINAL_URI_HEADER[name]
+        route_scopes=ROUTE_SCOPES, max_staleness=3.0, original_uri_header=ORIGINAL_URI_HEADER[name]
     )
     await sidecar.ready()
     sidecar_port = urlsplit(sidecar.url).port
