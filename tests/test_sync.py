@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -10,6 +11,7 @@ from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
 from nats.js.client import JetStreamContext
@@ -18,7 +20,7 @@ from nats.js.kv import KeyValue
 
 from keyrelay.core.jetstream import jetstream_api
 from keyrelay.core.replica_streams import ensure_global_mirror, global_mirror_config
-from keyrelay.core.wire import key_digest
+from keyrelay.core.wire import KeyRecord, key_digest
 from keyrelay.natsd import NatsServer
 from sidecar.sync import KeySync, SyncConfig
 from sidecar.table import KeyTable
@@ -182,10 +184,26 @@ async def test_a_replica_resuming_inside_the_stream_opens_its_consumer_at_the_en
         await nc.close()
 
 
-async def test_a_replica_whose_direct_gets_go_unanswered_reads_the_rest_with_a_consumer_started_at_its_revision(
-    nats_server: NatsServer, bucket: KeyValue, js: JetStreamContext, caplog: pytest.LogCaptureFixture
-) -> None:
-    nc = await nats.connect(nats_server.url)
+@dataclasses.dataclass
+class _Resuming:
+    """A replica about to resume inside the hub's mirror of global keys: what it holds, and what the server saw."""
+
+    nc: Client
+    creates: list[dict[str, Any]]  # every CONSUMER.CREATE's config, as the server received it
+    keys: list[tuple[str, KeyRecord]]
+    held: int  # the revision the table is at
+    last: int  # the stream's last revision
+    table: KeyTable
+
+    def opened(self, sync: KeySync) -> list[tuple[str, int]]:
+        """How each of `sync`'s consumers started: its deliver policy and start sequence."""
+        mine = [config for config in self.creates if sync.replica_id in config["name"]]
+        return [(config["deliver_policy"], config.get("opt_start_seq", 0)) for config in mine]
+
+
+async def _resuming(url: str, bucket: KeyValue, js: JetStreamContext, *, held: int, more: int) -> _Resuming:
+    """`held` keys in a table as a snapshot after them would leave it, `more` keys written since (and mirrored)."""
+    nc = await nats.connect(url)
     creates: list[dict[str, Any]] = []
 
     async def seen(msg: Msg) -> None:
@@ -193,45 +211,48 @@ async def test_a_replica_whose_direct_gets_go_unanswered_reads_the_rest_with_a_c
 
     await nc.subscribe("$JS.API.CONSUMER.CREATE.>", cb=seen)
     await ensure_global_mirror(nc, bucket="KEYS")
-    keys = [make_key() for _ in range(20)]
-    for _, record in keys[:10]:
-        await put(bucket, record)
-    held = await heartbeat(bucket)
-    for _, record in keys[10:]:
-        await put(bucket, record)
-    await put(bucket, revoked(keys[3][1]))
-    last = await heartbeat(bucket)
-    await eventually(lambda: js.stream_info("KV_KEYS_global"), lambda info: info.state.last_seq == last)
-
+    keys = [make_key() for _ in range(held + more)]
     table = KeyTable()
-    for _, record in keys[:10]:  # the table as a snapshot at revision `held` would leave it
+    for _, record in keys[:held]:
+        await put(bucket, record)
         table.apply(record)
+    revision = last = await heartbeat(bucket)
+    for _, record in keys[held:]:
+        last = await put(bucket, record)
+    await eventually(lambda: js.stream_info("KV_KEYS_global"), lambda info: info.state.last_seq == last)
+    return _Resuming(nc, creates, keys, revision, last, table)
+
+
+async def test_a_replica_whose_direct_gets_go_unanswered_reads_the_rest_with_a_consumer_started_at_its_revision(
+    nats_server: NatsServer, bucket: KeyValue, js: JetStreamContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    resuming = await _resuming(nats_server.url, bucket, js, held=10, more=10)
+    keys, table = resuming.keys, resuming.table
+    last = await put(bucket, revoked(keys[3][1]))
     caplog.set_level(logging.WARNING, logger="keyrelay.sidecar.sync")
     proxy = WithholdingProxy(target_port=nats_server.port)
     await proxy.start()
     proxy.lose_direct_gets(10_000)  # every one: a stream whose direct gets are refused or lost
     sync = KeySync(SyncConfig(servers=[proxy.url], bucket="KEYS", trust=TRUST, heartbeat=0.2, api_timeout=0.3), table)
-    sync.position.last_revision = held
+    sync.position.last_revision = resuming.held
     await sync.start()
     try:
         await sync.wait_synced(timeout=10)
-        await eventually(lambda: value(sync.last_revision), lambda revision: revision == last)
+        await eventually(lambda: value(sync.last_revision), lambda revision: revision >= last)
         assert [table.find_id(record.key_id) >= 0 for _, record in keys] == [True] * 20
         assert table.get(keys[3][1].key_id).revoked_at is not None  # type: ignore[union-attr]
         # The first consumer started at the end; its gap went unanswered (asked twice), so the next one started at
         # the revision after the replica's, and the abandoned one was deleted.
         assert proxy.gets_dropped > 0
-        mine = [config for config in creates if sync.replica_id in config["name"]]
-        assert [config["deliver_policy"] for config in mine] == ["new", "by_start_sequence"]
-        assert mine[1]["opt_start_seq"] == held + 1
+        assert resuming.opened(sync) == [("new", 0), ("by_start_sequence", resuming.held + 1)]
         assert sync.stream == "KV_KEYS_global"
-        assert not await _exists(js, mine[0]["name"], "KV_KEYS_global")
+        assert not await _exists(js, f"keyrelay-{sync.replica_id}-1", "KV_KEYS_global")
         assert sync.stats.sync_errors == 1
         assert any("by direct get: no answer within 0.3s twice" in r.getMessage() for r in caplog.records)
     finally:
         await sync.close()
         await proxy.close()
-        await nc.close()
+        await resuming.nc.close()
 
 
 async def test_a_direct_get_answered_not_found_is_never_taken_for_a_deleted_value(
@@ -240,41 +261,23 @@ async def test_a_direct_get_answered_not_found_is_never_taken_for_a_deleted_valu
     """A 404 says only that the replica answering holds nothing from there on (a follower behind, as here a range
     whose end was purged): the read is given up and the range read with a consumer, which tells deleted from not
     yet stored."""
-    nc = await nats.connect(nats_server.url)
-    creates: list[dict[str, Any]] = []
-
-    async def seen(msg: Msg) -> None:
-        creates.append(json.loads(msg.data)["config"])
-
-    await nc.subscribe("$JS.API.CONSUMER.CREATE.>", cb=seen)
-    await ensure_global_mirror(nc, bucket="KEYS")
-    keys = [make_key() for _ in range(12)]
-    for _, record in keys[:6]:
-        await put(bucket, record)
-    held = await heartbeat(bucket)
-    table = KeyTable()
-    for _, record in keys[:6]:
-        table.apply(record)
-    for _, record in keys[6:]:
-        last = await put(bucket, record)
-    await eventually(lambda: js.stream_info("KV_KEYS_global"), lambda info: info.state.last_seq == last)
+    resuming = await _resuming(nats_server.url, bucket, js, held=6, more=6)
+    keys, table = resuming.keys, resuming.table
     await js.purge_stream("KV_KEYS_global", subject=f"$KV.KEYS.{keys[-1][1].entry}")  # the stream's last value
-
     caplog.set_level(logging.WARNING, logger="keyrelay.sidecar.sync")
     sync = KeySync(SyncConfig(servers=[nats_server.url], bucket="KEYS", trust=TRUST, heartbeat=0.2), table)
-    sync.position.last_revision = held
+    sync.position.last_revision = resuming.held
     await sync.start()
     try:
         await sync.wait_synced(timeout=10)
         assert [table.find_id(record.key_id) >= 0 for _, record in keys[:-1]] == [True] * 11
         assert table.find_id(keys[-1][1].key_id) == -1  # purged: the consumer never delivers it either
-        mine = [config for config in creates if sync.replica_id in config["name"]]
-        assert [config["deliver_policy"] for config in mine] == ["new", "by_start_sequence"]
-        assert mine[1]["opt_start_seq"] == held + 1
-        assert any(f"cannot read KV_KEYS_global at {last} by direct get" in r.getMessage() for r in caplog.records)
+        assert resuming.opened(sync) == [("new", 0), ("by_start_sequence", resuming.held + 1)]
+        message = f"cannot read KV_KEYS_global at {resuming.last} by direct get"
+        assert any(message in r.getMessage() for r in caplog.records)
     finally:
         await sync.close()
-        await nc.close()
+        await resuming.nc.close()
 
 
 async def test_a_consumer_abandoned_after_a_bad_status_is_deleted_when_the_next_one_starts(
