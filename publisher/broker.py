@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from keyrelay.core.errors import ReplicaStreamError
 from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
-from keyrelay.core.nats_connect import NatsConnect, connect_retrying
+from keyrelay.core.nats_connect import NatsConnect, close_quietly, connect_retrying
 from keyrelay.core.replica_streams import ensure_global_mirror
 from keyrelay.core.server_choice import ServerChoice, stream_serves
 from keyrelay.core.wire import global_stream_name, stream_name
@@ -93,9 +92,7 @@ class Broker:
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task], timeout=2.0)
-        if self.nc is not None and not self.nc.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.close(), 5.0)
+        await close_quietly(self.nc, 5.0)
 
     async def ensure_bucket(self) -> None:
         """Create the key bucket (history 1, file storage) when it does not exist, and the hub's mirror of its

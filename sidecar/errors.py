@@ -34,11 +34,18 @@ class CreateTimeout(SidecarError):
 class RangeReadError(SidecarError):
     """A stream's values could not be read by direct gets; the sync opens a consumer where the range starts."""
 
-    def __init__(self, *, stream: str, seq: int, reason: str) -> None:
-        self.stream, self.seq, self.reason = stream, seq, reason
+    def __init__(
+        self,
+        *,
+        stream: str,
+        seq: int,
+        reason: str,
+        hint: str = "check that this identity may DIRECT.GET the stream: keyrelay nats-config",
+    ) -> None:
+        self.stream, self.seq, self.reason, self.hint = stream, seq, reason, hint
         super().__init__(
             f"cannot read {stream} at {seq} by direct get: {reason} (reading from there with a consumer instead; "
-            "check that this identity may DIRECT.GET the stream: keyrelay nats-config)"
+            f"{hint})"
         )
 
 

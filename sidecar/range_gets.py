@@ -3,8 +3,8 @@
 A consumer started inside a big stream costs the server a walk of the stream's per-subject index
 when it is made (`fileStore.NumPending`, nats-server 2.15: seconds at ten million keys on a
 server that has been writing, whatever the filter), and so does every *batched* direct get. A
-consumer started after the stream's end (`deliver_policy: new`) and single direct gets
-(`{"seq": n}`) do not: a replica resuming at revision r opens its consumer at the stream's end,
+consumer started after the stream's end (`deliver_policy: new`) and single (not batched) direct
+gets do not: a replica resuming at revision r opens its consumer at the stream's end,
 reads r + 1 up to the consumer's first sequence here, and then takes the consumer's deliveries
 (sidecar/sync.py, `python -m loadtest.bench_consumers`).
 
@@ -16,9 +16,9 @@ end yet (nats-server answers direct gets from every replica that is nearly caugh
 "at least this sequence" condition: `min_last_seq` is ignored by nats-server 2.15), or a range
 whose end was purged. It is asked again a few times, then the read fails and the sync reads the
 range with a consumer: a 404 is never taken for a deleted value. Replies are handed on in sequence
-order, `_WINDOW` requests in flight at most; one not answered within the timeout is asked once
-more. Every reply is checked: the stream it names, a sequence at or after the one asked, a subject
-under the bucket's prefix.
+order, `_WINDOW` requests ahead of the next to hand on (those stepped over may still be in flight);
+one not answered within the timeout is asked once more. Every reply is checked: the stream it
+names, a sequence at or after the one asked, a subject under the bucket's prefix.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Final
 
 from keyrelay.core.jetstream import nats_time
@@ -41,17 +41,17 @@ if TYPE_CHECKING:
 
 __all__ = ["read_range"]
 
-_WINDOW: Final = 512  # requests in flight: about 50,000 sequences a second on loopback (2 cores)
+_WINDOW: Final = 512  # requests sent ahead of the next sequence to hand on
 _CHUNK: Final = 128  # values handed on together (Deliveries verifies a chunk on two threads)
 _NOT_FOUND: Final = "404"  # nothing at or after the sequence asked, on the replica that answered
 _NOT_FOUND_TRIES: Final = 10  # 404s for one sequence before the read fails (a follower catching up takes ms)
-_NOT_FOUND_PAUSE: Final = 0.02  # seconds before asking again after a 404
+_NOT_FOUND_PAUSE: Final = 0.02  # seconds before asking again after a 404 (every 404 held then, at once)
 _ORIGINAL: Final = ("Nats-Stream", "Nats-Sequence", "Nats-Subject", "Nats-Time-Stamp")
 
 
 async def read_range(
     nc: Client, *, stream: str, first: int, last: int, prefix: str, timeout: float
-) -> AsyncIterator[list[Delivered]]:
+) -> AsyncGenerator[list[Delivered], None]:
     """The values stored at sequences `first` .. `last` of `stream`, in order, in chunks; deleted ones skipped.
 
     RangeReadError when a reply is not a value asked for, a sequence is not answered within `timeout`
@@ -62,25 +62,24 @@ async def read_range(
     inbox = nc.new_inbox()
     replies: dict[int, Msg] = {}
     arrived = asyncio.Event()
-    at = [first]  # the next sequence to hand on; replies for earlier ones are stepped over
+    taken = first  # the next sequence to hand on; replies for earlier ones are stepped over
 
     async def take(msg: Msg) -> None:
         seq = int(msg.subject.rsplit(".", 1)[1])
-        if seq >= at[0]:
+        if seq >= taken:
             replies[seq] = msg
             arrived.set()
 
     async def ask(seq: int) -> None:
-        await nc.publish(
-            f"$JS.API.DIRECT.GET.{stream}", json.dumps({"seq": seq, "next_by_subj": ">"}).encode(), f"{inbox}.{seq}"
-        )
+        body = json.dumps({"seq": seq, "next_by_subj": ">"}).encode()
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", body, f"{inbox}.{seq}")
 
     sub = await nc.subscribe(f"{inbox}.*", cb=take)
     sent, asked_again, not_found = first, False, 0
     deadline = time.monotonic() + timeout
     chunk: list[Delivered] = []
     try:
-        while (taken := at[0]) <= last:
+        while taken <= last:
             sent = max(sent, taken)
             while sent <= last and sent - taken < _WINDOW:
                 await ask(sent)
@@ -97,24 +96,29 @@ async def read_range(
                 with contextlib.suppress(TimeoutError):  # the deadline is looked at again above
                     await asyncio.wait_for(arrived.wait(), left)
                 continue
-            msg = replies.pop(taken)
-            if (msg.headers or {}).get("Status") == _NOT_FOUND:  # this replica holds nothing from `taken` on
+            if _not_found(replies[taken]):  # the replica that answered holds nothing from `taken` on
                 not_found += 1
                 if not_found >= _NOT_FOUND_TRIES:
                     raise RangeReadError(
-                        stream=stream, seq=taken, reason=f"no replica answering holds it ({not_found} times 404)"
+                        stream=stream,
+                        seq=taken,
+                        reason=f"no replica answering holds it ({not_found} times 404)",
+                        hint="a replica behind, or the range's end purged",
                     )
                 await asyncio.sleep(_NOT_FOUND_PAUSE)
-                await ask(taken)
-                deadline = time.monotonic() + timeout
+                # Every 404 held now is as old: all are asked again after this one pause, not one pause each.
+                for seq in [seq for seq, reply in replies.items() if _not_found(reply)]:
+                    del replies[seq]
+                    await ask(seq)
+                asked_again, deadline = False, time.monotonic() + timeout
                 continue
-            value = _delivered(msg, stream=stream, asked=taken, last=last, prefix=prefix)
+            value = _delivered(replies.pop(taken), stream=stream, asked=taken, last=last, prefix=prefix)
             if value.stream_seq > last:
                 break  # `taken` .. `last` deleted
             chunk.append(value)
             for seq in range(taken + 1, value.stream_seq + 1):  # asked already, answered by this one
                 replies.pop(seq, None)
-            at[0], asked_again, not_found, deadline = value.stream_seq + 1, False, 0, time.monotonic() + timeout
+            taken, asked_again, not_found, deadline = value.stream_seq + 1, False, 0, time.monotonic() + timeout
             if len(chunk) >= _CHUNK:
                 yield chunk
                 chunk = []
@@ -122,6 +126,10 @@ async def read_range(
             yield chunk
     finally:
         await sub.unsubscribe()
+
+
+def _not_found(msg: Msg) -> bool:
+    return (msg.headers or {}).get("Status") == _NOT_FOUND
 
 
 def _delivered(msg: Msg, *, stream: str, asked: int, last: int, prefix: str) -> Delivered:

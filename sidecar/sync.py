@@ -38,7 +38,7 @@ from typing import Any
 from nats.aio.client import Client
 
 from keyrelay.core.jetstream import STREAM_NOT_FOUND, jetstream_api
-from keyrelay.core.nats_connect import NatsConnect, connect_retrying, identity_name
+from keyrelay.core.nats_connect import NatsConnect, close_quietly, connect_retrying, identity_name
 from keyrelay.core.replica_streams import holds_exactly
 from keyrelay.core.server_choice import ServerChoice
 from keyrelay.core.trust import Trust
@@ -303,9 +303,7 @@ class KeySync:
                 await self._drop_consumer(self._deliveries.current)
             for task in list(self._deleting):
                 task.cancel()
-            # A connection lost meanwhile (NATS gone while the sidecar stops) fails its last flush: nothing to keep.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._nc.close(), 2.0)
+            await close_quietly(self._nc, 2.0)
         self._deliveries.close()
 
     # -- connection and consumer lifecycle ---------------------------------------------------
@@ -486,17 +484,13 @@ class KeySync:
             gen.abandoned = True
             return
         await self._created(gen, created, start, waiting=max(0, before - start + 1))
+        timeout, prefix = self.config.api_timeout, self.applier.prefix
+        reading = read_range(nc, stream=self.stream, first=start, last=before, prefix=prefix, timeout=timeout)
         try:
-            async for values in read_range(
-                nc,
-                stream=self.stream,
-                first=start,
-                last=before,
-                prefix=self.applier.prefix,
-                timeout=self.config.api_timeout,
-            ):
-                if not await self._deliveries.fill(gen, values):
-                    return  # abandoned meanwhile: the sync starts over from the last revision
+            async with contextlib.aclosing(reading):  # left early: its subscription ends now, not when collected
+                async for values in reading:
+                    if not await self._deliveries.fill(gen, values):
+                        return  # abandoned meanwhile: the sync starts over from the last revision
         except RangeReadError as exc:
             self._gets_failed(exc)
             gen.abandoned = True

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from keyrelay.core.nats_connect import NatsConnect, connect_retrying
+from keyrelay.core.nats_connect import NatsConnect, close_quietly, connect_retrying
 from keyrelay.core.usage_wire import UsageBatch, encode_batch, is_sidecar_id, usage_subject
 from keyrelay.core.wire import match_key
 
@@ -155,9 +155,7 @@ class UsageReporter:
         if self._nc is not None and self._nc.is_connected:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.flush(), 2.0)
-        if self._nc is not None and not self._nc.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._nc.close(), 2.0)
+        await close_quietly(self._nc, 2.0)
 
     async def _run(self) -> None:
         from nats.aio.client import Client

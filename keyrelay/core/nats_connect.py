@@ -11,6 +11,8 @@ paths, and URLs are logged through :func:`redact`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "NatsClientSettings",
     "NatsConnect",
+    "close_quietly",
     "connect_retrying",
     "identity_name",
     "inbox_prefix",
@@ -149,6 +152,15 @@ class NatsConnect:
         if self.tls_cert is not None:
             context.load_cert_chain(str(self.tls_cert), str(self.tls_key) if self.tls_key else None)
         return context
+
+
+async def close_quietly(nc: Client | None, within: float) -> None:
+    """Close `nc` (if open) within `within` seconds, whatever its state: a connection lost meanwhile fails its last
+    flush, and a service stopping has nothing left to keep."""
+    if nc is None or nc.is_closed:
+        return
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(nc.close(), within)
 
 
 async def connect_retrying(
