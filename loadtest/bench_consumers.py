@@ -47,6 +47,7 @@ __all__ = ["fill", "main", "time_creates"]
 _NS = 1_000_000_000
 _BATCH = 20_000
 _AHEAD = 400_000  # published but not yet stored: at most this many
+_STILL = 3.0  # seconds a stream short of its count may hold as many before the fill makes up what was dropped
 _SCOPES = ("global", "global", "eu", "us")
 
 
@@ -56,10 +57,20 @@ async def _stream_state(nc: Client, stream: str) -> dict[str, Any]:
     return state
 
 
-async def _stored(nc: Client, stream: str, count: int) -> None:
-    """Wait until the stream holds at least `count` messages (polling: JetStream has no event for it)."""
-    while int((await _stream_state(nc, stream))["messages"]) < count:  # noqa: ASYNC110
+async def _stored(nc: Client, stream: str, count: int, *, until: float) -> int:
+    """Wait until the stream holds at least `count` messages (polling: JetStream has no event for it), or has held
+    as many for `_STILL` seconds (core publishes the server dropped: "excessive stream ingest rate"); how many it
+    holds. TimeoutError after the monotonic time `until`."""
+    held, since = -1, time.monotonic()
+    while (now := int((await _stream_state(nc, stream))["messages"])) < count:
+        if time.monotonic() > until:
+            raise TimeoutError(f"{stream} holds {now:,} messages, not {count:,}, by the fill's deadline")
+        if now != held:
+            held, since = now, time.monotonic()
+        elif time.monotonic() - since > _STILL:
+            return now
         await asyncio.sleep(0.05)
+    return now
 
 
 async def fill(url: str, keys: int, *, bucket: str = DEFAULT_BUCKET, deadline: float = 900.0) -> dict[str, Any]:
@@ -86,8 +97,12 @@ async def fill(url: str, keys: int, *, bucket: str = DEFAULT_BUCKET, deadline: f
         await nc.publish(f"{prefix}{HEARTBEAT_ENTRY}", payload)
         sent = min(sent + _BATCH, keys)
         await nc.flush(timeout=30)
-        await _stored(nc, stream, sent - _AHEAD)
-    await _stored(nc, stream, keys + 1)
+        await _stored(nc, stream, sent - _AHEAD, until=started + deadline)
+    # Publishes the server dropped under the load are made up with as many more keys (no key is special).
+    while (held := await _stored(nc, stream, keys + 1, until=started + deadline)) < keys + 1:
+        for _ in range(keys + 1 - held):
+            await nc.publish(f"{prefix}{_SCOPES[0]}.{uuid.UUID(int=rng.getrandbits(128), version=4)}", payload)
+        await nc.flush(timeout=30)
     seconds = time.monotonic() - started
     state = await _stream_state(nc, stream)
     await nc.close()
