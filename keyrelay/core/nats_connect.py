@@ -11,7 +11,6 @@ paths, and URLs are logged through :func:`redact`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
@@ -157,6 +156,8 @@ class NatsConnect:
 async def close_quietly(nc: Client | None, within: float) -> None:
     """Close `nc` (if open) within `within` seconds, whatever its state: a connection lost meanwhile fails its last
     flush, and a service stopping has nothing left to keep."""
+    import asyncio  # here, not at the top: the CLI imports this module to build its parser
+
     if nc is None or nc.is_closed:
         return
     with contextlib.suppress(Exception):
