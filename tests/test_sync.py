@@ -488,3 +488,33 @@ async def test_a_consumer_that_missed_a_heartbeat_moves_only_when_another_node_l
         assert sync._deliveries.current.node == "test-hub"
     finally:
         await sync.close()
+
+
+async def test_a_bucket_that_answers_direct_gets_is_named_and_its_mirror_replaced_once_it_no_longer_does(
+    nats_server: NatsServer, js: JetStreamContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-server gives the mirror the bucket's allow_direct as mirror_direct: the mirror then answers the bucket's
+    own direct gets, 'not found' for a regional key. The publisher says so, naming what to change, and once it is
+    changed replaces the mirror with one that does not."""
+    await js.create_key_value(KeyValueConfig(bucket="KEYS", history=1, direct=True))
+    nc = await nats.connect(nats_server.url)
+    caplog.set_level(logging.WARNING, logger="keyrelay.replica_streams")
+    try:
+        made = await ensure_global_mirror(nc, bucket="KEYS")
+        assert made["config"].get("mirror_direct") is True  # the server's doing, whatever was asked
+        [warning] = [r.getMessage() for r in caplog.records if r.name == "keyrelay.replica_streams"]
+        assert "KV_KEYS answers direct gets" in warning
+        assert "set allow_direct false on KV_KEYS" in warning
+        kept = await ensure_global_mirror(nc, bucket="KEYS")  # kept while the bucket answers them too
+        assert kept["created"] == made["created"]
+
+        config = (await js.stream_info("KV_KEYS")).config
+        config.allow_direct = False
+        await js.update_stream(config)
+        caplog.clear()
+        again = await ensure_global_mirror(nc, bucket="KEYS")
+        assert again["created"] != made["created"]
+        assert not again["config"].get("mirror_direct")
+        assert [r.getMessage().split(":")[0] for r in caplog.records] == ["replaced KV_KEYS_global"]
+    finally:
+        await nc.close()

@@ -80,9 +80,14 @@ def global_mirror_config(bucket: str, *, replicas: int = 1) -> dict[str, Any]:
 
 def mirrors_bucket(info: dict[str, Any], bucket_info: dict[str, Any], *, bucket: str) -> bool:
     """Whether the stream of `info` is the hub's mirror of the global keys of the bucket of `bucket_info` (both
-    STREAM.INFO answers): a mirror of that stream holding global keys alone, made after it (so from it)."""
-    source = ((info.get("config") or {}).get("mirror") or {}).get("name")
+    STREAM.INFO answers): a mirror of that stream holding global keys alone, made after it (so from it), and not
+    answering the bucket's direct gets unless the bucket does (a mirror made before its allow_direct was turned off
+    keeps answering them)."""
+    config = info.get("config") or {}
+    source = (config.get("mirror") or {}).get("name")
     if source != stream_name(bucket) or not holds_exactly(info, region_subjects(bucket, None)):
+        return False
+    if config.get("mirror_direct") and not (bucket_info.get("config") or {}).get("allow_direct"):
         return False
     try:
         return nats_time(str(info.get("created", ""))) > nats_time(str(bucket_info.get("created", "")))
@@ -101,12 +106,26 @@ async def ensure_global_mirror(nc: Client, *, bucket: str, replicas: int = 1, ti
     source = await jetstream_api(nc, f"STREAM.INFO.{stream_name(bucket)}", timeout=timeout)
     info = await jetstream_api(nc, f"STREAM.INFO.{name}", timeout=timeout)
     _refused(name, source)
+    if (source.get("config") or {}).get("allow_direct"):
+        log.warning(
+            "%s answers direct gets (allow_direct; `nats kv add` makes it so): nats-server has %s, its mirror of "
+            "global keys, answer them too, 'not found' for a regional key; set allow_direct false on %s (keyrelay "
+            "never reads the bucket by direct get)",
+            stream_name(bucket),
+            name,
+            stream_name(bucket),
+        )
     if (info.get("error") or {}).get("err_code") != STREAM_NOT_FOUND:
         _refused(name, info)
         if mirrors_bucket(info, source, bucket=bucket):
             return info
         _refused(name, await jetstream_api(nc, f"STREAM.DELETE.{name}", timeout=timeout))
-        log.warning("replaced %s: it was made before the bucket %s, or held more than its global keys", name, bucket)
+        log.warning(
+            "replaced %s: it was made before the bucket %s, held more than its global keys, or answered the bucket's "
+            "direct gets",
+            name,
+            bucket,
+        )
     created = await jetstream_api(
         nc, f"STREAM.CREATE.{name}", global_mirror_config(bucket, replicas=replicas), timeout=timeout
     )
