@@ -480,7 +480,13 @@ class KeySync:
         except (KeyError, TypeError, ValueError):
             before = -1
         if before < 0:  # a server that says not where the consumer starts: the gap cannot be known
-            self._gets_failed(RangeReadError(stream=self.stream, seq=start, reason="the consumer's start unsaid"))
+            unsaid = RangeReadError(
+                stream=self.stream,
+                seq=start,
+                reason="the consumer's start unsaid",
+                hint="the server's CONSUMER.CREATE answer named no delivered.stream_seq",
+            )
+            self._gets_failed(unsaid)
             gen.abandoned = True
             return
         await self._created(gen, created, start, waiting=max(0, before - start + 1))
